@@ -1,0 +1,84 @@
+"""The one place that knows tenacity: retry one request while it is worth it.
+
+What is retried is decided by :class:`~nanobatch.errors.ApiError` itself
+(``retryable``); how long to wait is the server's hint when it gives one
+(RetryInfo, Retry-After), else exponential backoff with full jitter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
+
+from .errors import ApiError, FatalApiError
+
+__all__ = ["RetryPolicy", "retrying"]
+
+T = TypeVar("T")
+
+
+async def _sleep(seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How often and how long to retry one request.
+
+    ``sleep`` is how waiting is done; tests pass a function that records the
+    delay and returns at once, or run on a virtual clock.
+    """
+
+    max_attempts: int = 6
+    backoff_initial_s: float = 2.0
+    backoff_max_s: float = 120.0
+    no_image_attempts: int = 2
+    sleep: Callable[[float], Awaitable[None]] = _sleep
+
+
+# Called before each wait with (error, seconds to wait, attempt number just failed).
+OnRetry = Callable[[ApiError, float, int], None]
+
+
+async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: OnRetry | None = None) -> T:
+    """Await ``call()`` until it succeeds or fails in a way not worth retrying; the last error propagates.
+
+    A 200 with no image (``no_image``) gets ``policy.no_image_attempts`` extra tries of its own.
+    """
+    no_image_seen = 0
+
+    def worth_retrying(state: RetryCallState) -> bool:
+        nonlocal no_image_seen
+        exc = state.outcome.exception() if state.outcome else None
+        if not isinstance(exc, ApiError) or isinstance(exc, FatalApiError) or not exc.retryable:
+            return False
+        if exc.kind == "no_image":
+            no_image_seen += 1
+            return no_image_seen <= policy.no_image_attempts
+        return state.attempt_number - no_image_seen < policy.max_attempts
+
+    backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(backoff(state))
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if on_retry is not None and isinstance(exc, ApiError) and state.next_action is not None:
+            on_retry(exc, state.next_action.sleep, state.attempt_number)
+
+    retryer = AsyncRetrying(
+        retry=worth_retrying,
+        wait=wait,
+        sleep=policy.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return await retryer(call)

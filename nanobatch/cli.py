@@ -1,0 +1,292 @@
+"""The command line: parse, call the library, print, and map errors to exit codes.
+
+``main(argv) -> int`` does the work (tests call it); ``entrypoint()`` only
+hands it ``sys.argv``. This is the only module that writes to the terminal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+
+from .config import Settings, load_settings, read_api_key
+from .errors import NanobatchError
+from .manifest import load_manifest
+from .runner import CheckResult, RunSummary, check_job, run_job
+
+__all__ = ["cli", "entrypoint", "main"]
+
+logger = logging.getLogger("nanobatch")
+
+
+class _Redact(logging.Filter):
+    """Defence in depth: no log line may carry the API key, whoever wrote it."""
+
+    def __init__(self, secret: str | None) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secret and self.secret in record.getMessage():
+            record.msg = record.getMessage().replace(self.secret, "[redacted]")
+            record.args = ()
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+
+
+def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("nanobatch: %(levelname)s: %(message)s"))
+    root = logging.getLogger("nanobatch")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    root.setLevel(level)
+    if log_format == "json" and not quiet:
+        root.setLevel(min(level, logging.INFO))  # machines want every event
+
+
+def _install_redaction(settings: Settings) -> None:
+    secret = read_api_key(settings)
+    for handler in logging.getLogger("nanobatch").handlers:
+        handler.filters[:] = [_Redact(secret)]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nanobatch")
+@click.option("-v", "--verbose", count=True, help="More log detail on stderr (-vv for debug).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one JSON object per event on stderr, for log collectors.")
+def cli(verbose: int, log_format: str) -> None:
+    """Bulk image edits through Google's Gemini image models (Nano Banana).
+
+    Run `nanobatch run MANIFEST --simulate` to try a job against the built-in
+    simulator: no key and no network needed.
+    """
+    _setup_logging(verbose, False, log_format)
+
+
+def _settings_options(f: Any) -> Any:
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="Config file (default: $NANOBATCH_CONFIG, else ./nanobatch.yaml if present)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False),
+                     help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>)."),
+        click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
+        click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
+        click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most."),
+        click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
+        click.option("--max-cost", type=click.FloatRange(min=0, min_open=True),
+                     help="Stop before the run could spend more than this many US dollars."),
+        click.option("--max-requests", type=click.IntRange(min=1), help="Send at most this many requests."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _settings(config_file: str | None, **flags: Any) -> Settings:
+    return load_settings(
+        config_file,
+        overrides={
+            "api.model": flags.get("model"),
+            "api.base_url": flags.get("base_url"),
+            "limits.concurrency": flags.get("concurrency"),
+            "limits.requests_per_minute": flags.get("rpm"),
+            "limits.grace_s": flags.get("grace"),
+            "budget.max_cost_usd": flags.get("max_cost"),
+            "budget.max_requests": flags.get("max_requests"),
+        },
+    )
+
+
+def _manifest(path: str, settings: Settings, model: str | None) -> Any:
+    manifest = load_manifest(path, default_model=settings.api.model)
+    return dataclasses.replace(manifest, model=model) if model else manifest
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@_settings_options
+@click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network).")
+@click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed or blocked.")
+@click.option("--force", is_flag=True, help="Redo every item, even those already done.")
+@click.option("--dry-run", is_flag=True, help="Check everything and estimate cost; send nothing.")
+@click.option("--grace", type=click.FloatRange(min=0),
+              help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).")
+@click.option("--wait-lock", is_flag=True, help="If another run holds the output folder, wait for it.")
+def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: bool, retry_failed: bool,
+        force: bool, dry_run: bool, wait_lock: bool, **flags: Any) -> None:
+    """Run the job in MANIFEST: send every item not already done, write images and results."""
+    settings = _settings(config_file, **flags)
+    _install_redaction(settings)
+    job = _manifest(manifest, settings, flags.get("model"))
+    if dry_run:
+        _print_check(check_job(job, settings=settings, out_dir=out_dir))
+        return
+    summary = anyio.run(
+        lambda: run_job(
+            job,
+            settings=settings,
+            out_dir=out_dir,
+            force=force,
+            retry_failed=retry_failed,
+            simulate=simulate,
+            wait_lock=wait_lock,
+            handle_signals=True,
+        )
+    )
+    _print_summary(summary)
+    raise SystemExit(summary.exit_code)
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@_settings_options
+def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
+    """Resolve and check every item, estimate cost and duration; send nothing."""
+    settings = _settings(config_file, **flags)
+    _print_check(check_job(_manifest(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
+
+
+def _print_check(result: CheckResult) -> None:
+    rate = f", at most {result.requests_per_minute:g} requests/min" if result.requests_per_minute else ""
+    click.echo(f"{result.manifest}: OK")
+    click.echo(f"  items:     {result.items}")
+    click.echo(f"  requests:  {result.requests} (steps counted)")
+    click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
+    click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
+    click.echo(f"  output:    {result.out_dir}")
+    click.echo("Nothing was sent.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _print_summary(summary: RunSummary) -> None:
+    stats = summary.stats
+    last = summary.summary["last_run"]
+    err = summary.exit_code != 0
+    click.echo(
+        f"{summary.outcome}: {stats.ok} ok, {stats.failed} failed, {stats.blocked} blocked, "
+        f"{stats.skipped} already done; {stats.requests} requests, ${stats.cost_usd:.4f}",
+        err=err,
+    )
+    if summary.reason:
+        click.echo(f"reason: {summary.reason}", err=True)
+    tokens = last["tokens"]
+    if tokens:
+        click.echo(
+            "tokens: prompt {p}, output {c}, thinking {t}".format(
+                p=tokens.get("promptTokenCount", 0), c=tokens.get("candidatesTokenCount", 0),
+                t=tokens.get("thoughtsTokenCount", 0),
+            )
+        )
+    latency = last["latency_s"]
+    if latency["p50"] is not None:
+        click.echo(f"latency: p50 {latency['p50']:.1f} s, p95 {latency['p95']:.1f} s, max {latency['max']:.1f} s")
+    if stats.retries:
+        click.echo("retries: " + ", ".join(f"{k} {v}" for k, v in stats.retries.most_common()))
+    for kind, count in stats.failures.most_common():
+        examples = ", ".join(stats.failure_examples.get(kind, []))
+        click.echo(f"  {kind}: {count} (e.g. {examples})", err=True)
+    out = summary.out_dir
+    click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON, for scripts.")
+def status(out_dir: str, as_json: bool) -> None:
+    """Summarize the results in OUT_DIR: counts, tokens, cost, failures."""
+    from .status import folder_status
+
+    info = folder_status(Path(out_dir))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    counts = info["counts"]
+    click.echo(f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, "
+               f"{counts['blocked']} blocked")
+    tokens = info["tokens"]
+    click.echo(f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
+               f"thinking {tokens['thoughtsTokenCount']}; cost ${info['cost_usd']:.4f}")
+    for kind, count in info["failures_by_kind"].items():
+        click.echo(f"  {kind}: {count}")
+    if info.get("possibly_charged"):
+        click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
+    last = info.get("last_run")
+    if last:
+        click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
+def report(out_dir: str) -> None:
+    """Write OUT_DIR/report.html: a before/after gallery of every item."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(out_dir)}")
+
+
+def _add_simulate() -> None:
+    try:
+        from .simulator._cli import simulate
+    except ImportError:  # pragma: no cover - the simulator ships with the package
+        return
+    cli.add_command(simulate)
+
+
+_add_simulate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI with *argv*; return the exit code instead of exiting."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="nanobatch", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except NanobatchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    return 0
+
+
+def entrypoint() -> None:
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""HTTP: one ``generateContent`` request through httpx, errors translated to :class:`ApiError`.
+
+The API key lives here and only here: it goes into a request header and is
+redacted from every message that leaves this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from .errors import ApiError
+from .gemini import Reply, classify_error, parse_reply
+
+__all__ = ["GeminiClient"]
+
+logger = logging.getLogger("nanobatch")
+
+_CONNECT_TIMEOUT_S = 20.0
+_WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
+
+
+class GeminiClient:
+    """An async client for ``POST {base_url}/{api_version}/models/{model}:generateContent``.
+
+    >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
+    ...                         api_key=key, auth="x-goog-api-key") as client:
+    ...     reply = await client.generate("gemini-2.5-flash-image", body, timeout_s=300)
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        auth: str = "bearer",
+        api_version: str = "v1beta",
+        max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Content-Type": "application/json", "User-Agent": "nanobatch"}
+        if api_key:
+            if auth == "x-goog-api-key":
+                headers["x-goog-api-key"] = api_key
+            else:
+                headers["Authorization"] = f"Bearer {api_key}"
+        self._secret = api_key
+        self._prefix = f"/{api_version.strip('/')}/models/"
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
+        )
+
+    async def __aenter__(self) -> GeminiClient:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._http.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
+        """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
+        content = json.dumps(body, separators=(",", ":")).encode()
+        timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
+        try:
+            response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
+        except httpx.TimeoutException as exc:
+            raise ApiError(
+                self._redact(f"no answer within the time limit ({type(exc).__name__})"), kind="timeout", retryable=True
+            ) from None
+        except httpx.TransportError as exc:
+            raise ApiError(
+                self._redact(f"connection failed: {type(exc).__name__}: {exc}"), kind="connection", retryable=True
+            ) from None
+        if response.status_code == 200:
+            return parse_reply(response.content)
+        error = classify_error(response.status_code, response.headers, response.content)
+        error.message = self._redact(error.message)
+        error.args = (error.message,)
+        raise error
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted]") if self._secret else text

@@ -1,0 +1,202 @@
+"""Settings: built-in defaults < config file < environment < command-line flags.
+
+The config file is YAML (``--config FILE``, else ``$NANOBATCH_CONFIG``, else
+``./nanobatch.yaml`` if present). Every setting can also be given in the
+environment as ``NANOBATCH_<SECTION>_<NAME>``, for example
+``NANOBATCH_LIMITS_CONCURRENCY=16`` or ``NANOBATCH_API_BASE_URL=...``.
+
+The API key is never a setting: it is read from the environment variable
+named by ``api.api_key_env`` (falling back to ``GEMINI_API_KEY``) when a run
+starts, and lives only in the HTTP client.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+__all__ = [
+    "ApiSettings",
+    "BudgetSettings",
+    "LimitSettings",
+    "OutputSettings",
+    "PriceOverride",
+    "RetrySettings",
+    "Settings",
+    "find_config_file",
+    "load_settings",
+    "read_api_key",
+]
+
+FALLBACK_KEY_ENV = "GEMINI_API_KEY"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApiSettings(_Section):
+    base_url: str = "https://api.apiyi.com"
+    api_version: str = "v1beta"
+    auth: Literal["bearer", "x-goog-api-key"] = "bearer"
+    api_key_env: str = "NANOBATCH_API_KEY"
+    model: str = "gemini-3.1-flash-image-preview"
+    timeout_s: float = Field(300.0, gt=0)
+
+
+class LimitSettings(_Section):
+    concurrency: int = Field(8, ge=1, le=1000)
+    requests_per_minute: float | None = Field(None, gt=0)
+    adaptive: bool = True
+    grace_s: float = Field(30.0, ge=0)
+    breaker_threshold: int = Field(10, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    breaker_max_down_s: float = Field(600.0, gt=0)
+
+
+class RetrySettings(_Section):
+    max_attempts: int = Field(6, ge=1)
+    backoff_initial_s: float = Field(2.0, ge=0)
+    backoff_max_s: float = Field(120.0, ge=0)
+    no_image_attempts: int = Field(2, ge=0)
+
+
+class BudgetSettings(_Section):
+    max_cost_usd: float | None = Field(None, gt=0)
+    max_requests: int | None = Field(None, ge=1)
+
+
+class OutputSettings(_Section):
+    dir: str = "out"
+
+
+class PriceOverride(_Section):
+    """US dollars per million tokens; unset fields keep the built-in price."""
+
+    input: float | None = Field(None, ge=0)
+    output_image: float | None = Field(None, ge=0)
+    output_text: float | None = Field(None, ge=0)
+
+
+class Settings(_Section):
+    api: ApiSettings = ApiSettings()
+    limits: LimitSettings = LimitSettings()
+    retry: RetrySettings = RetrySettings()
+    budget: BudgetSettings = BudgetSettings()
+    output: OutputSettings = OutputSettings()
+    pricing: dict[str, PriceOverride] = {}
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """A copy with dotted ``section.name`` values replaced (None values are ignored)."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, name = dotted.split(".", 1)
+            data[section][name] = value
+        return _validate(data, source="command line")
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    """``--config`` if given, else ``$NANOBATCH_CONFIG``, else ``./nanobatch.yaml`` if it exists."""
+    if explicit is not None:
+        return Path(explicit)
+    if env.get("NANOBATCH_CONFIG"):
+        return Path(env["NANOBATCH_CONFIG"])
+    local = Path("nanobatch.yaml")
+    return local if local.is_file() else None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, the config file, the environment and *overrides*.
+
+    *overrides* are command-line values keyed ``"section.name"``; None means "not given".
+
+    >>> load_settings(env={}, overrides={"limits.concurrency": 4}).limits.concurrency
+    4
+    """
+    env = os.environ if env is None else env
+    path = find_config_file(config_file, env)
+    data: dict[str, Any] = _read_config_file(path) if path is not None else {}
+    for section, model in Settings.model_fields.items():
+        annotation = model.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, _Section)):
+            continue
+        for name in annotation.model_fields:
+            value = env.get(f"NANOBATCH_{section}_{name}".upper())
+            if value is not None and value != "":
+                section_data = data.setdefault(section, {})
+                if isinstance(section_data, dict):
+                    section_data[name] = None if value.lower() in ("null", "none") else value
+    settings = _validate(data, source=str(path) if path else "environment")
+    return settings.with_overrides(overrides or {})
+
+
+def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The API key from ``api.api_key_env``, else ``GEMINI_API_KEY``; None if neither is set."""
+    env = os.environ if env is None else env
+    for name in (settings.api.api_key_env, FALLBACK_KEY_ENV):
+        value = env.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config file must be a mapping of sections (api, limits, ...)")
+    return data
+
+
+def _validate(data: dict[str, Any], *, source: str) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(source, err) for err in exc.errors())) from None
+
+
+def _describe(source: str, err: Any) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    message = err["msg"]
+    if err["type"] == "extra_forbidden":
+        message = "unknown setting" + did_you_mean(str(err["loc"][-1]), _known_names(err["loc"][:-1]))
+    return f"{source}: {loc}: {message}"
+
+
+def _known_names(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = Settings
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """``' (did you mean "x"?)'`` when a choice is close to *name*, else ``''``."""
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""

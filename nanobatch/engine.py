@@ -1,0 +1,323 @@
+"""The run: one task group of workers that send requests, and one writer that keeps results.
+
+::
+
+    producer --items--> N workers --finished items--> writer
+                         (Gate)                        images, results.jsonl
+
+Only the writer touches the output folder's files, and it runs outside the
+workers' cancel scope, so whatever finished is written even when the run is
+cut short. Only fatal errors stop the run; an item's failure becomes its record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from . import models
+from ._retry import RetryPolicy, retrying
+from .client import GeminiClient
+from .errors import ApiError, FatalApiError, NanobatchError
+from .gemini import Image, Reply, build_request, check_reply, sum_usage
+from .inputs import load_inputs, work_key
+from .limits import Gate, Stopped
+from .manifest import WorkItem
+from .results import ResultsIndex, ResultsLog, atomic_write
+
+__all__ = ["Engine", "RunStats"]
+
+logger = logging.getLogger("nanobatch")
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Live counters of a run, for progress displays and the summary."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    blocked: int = 0
+    skipped: int = 0
+    requests: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    tokens: Counter[str] = field(default_factory=Counter)
+    cost_usd: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.blocked + self.skipped
+
+    def count(self, record: dict[str, Any]) -> None:
+        status = record["status"]
+        setattr(self, status, getattr(self, status) + 1)
+        for name, value in (record.get("usage") or {}).items():
+            if isinstance(value, int):
+                self.tokens[name] += value
+        self.cost_usd += record.get("cost_usd") or 0.0
+        if record.get("latency_s") is not None:
+            self.latencies.append(record["latency_s"])
+        if record.get("error"):
+            kind = record["error"]["kind"]
+            self.failures[kind] += 1
+            examples = self.failure_examples.setdefault(kind, [])
+            if len(examples) < 5:
+                examples.append(record["id"])
+
+
+@dataclass(frozen=True, slots=True)
+class _Finished:
+    record: dict[str, Any]
+    files: list[tuple[str, bytes]]
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Engine:
+    """Runs work items through one client within one gate, writing into one output folder."""
+
+    def __init__(
+        self,
+        *,
+        client: GeminiClient,
+        gate: Gate,
+        out_dir: Path,
+        index: ResultsIndex,
+        retry: RetryPolicy,
+        timeout_s: float,
+        pricing: dict[str, Any],
+        concurrency: int,
+        force: bool = False,
+        retry_failed: bool = False,
+        stats: RunStats | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.gate = gate
+        self.out_dir = out_dir
+        self.index = index
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self.pricing = pricing
+        self.concurrency = concurrency
+        self.force = force
+        self.retry_failed = retry_failed
+        self.stats = stats or RunStats()
+        self.on_record = on_record
+        self.work_scope = anyio.CancelScope()
+        self.log = ResultsLog(out_dir / "results.jsonl")
+
+    async def run(self, items: Iterable[WorkItem]) -> None:
+        """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
+        items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
+        done_send, done_recv = anyio.create_memory_object_stream[_Finished](self.concurrency)
+        self.log.open()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write, done_recv)
+                with self.work_scope:
+                    async with anyio.create_task_group() as workers, items_recv, done_send:
+                        workers.start_soon(self._produce, items, items_send)
+                        for _ in range(self.concurrency):
+                            workers.start_soon(self._work, items_recv.clone(), done_send.clone())
+        finally:
+            self.log.close()
+
+    def stop(self, reason: BaseException, *, grace_s: float | None = None) -> None:
+        """Send nothing new; cancel requests in flight after *grace_s* (None: let them finish)."""
+        self.gate.stop(reason)
+        if grace_s is not None:
+            self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + grace_s)
+
+    def cancel(self) -> None:
+        """Cancel requests in flight now; what already finished is still written."""
+        self.work_scope.cancel()
+
+    async def _produce(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem]) -> None:
+        async with send:
+            for item in items:
+                if self.gate.stopping:
+                    break
+                self.stats.total += 1
+                await send.send(item)
+
+    async def _work(self, items: ObjectReceiveStream[WorkItem], done: ObjectSendStream[_Finished]) -> None:
+        async with items, done:
+            async for item in items:
+                if self.gate.stopping:
+                    continue
+                try:
+                    finished = await self._process(item)
+                except Stopped:
+                    continue  # never sent: left for the next run, not recorded as failed
+                except FatalApiError as exc:
+                    logger.error("%s: %s; stopping the run", item.id, exc)
+                    self.gate.stop(exc)
+                    continue
+                if finished is not None:
+                    await done.send(finished)
+
+    def _wanted(self, item: WorkItem, key: str) -> bool:
+        entry = self.index.entries.get(item.id)
+        if self.retry_failed:
+            return entry is not None and entry.status in ("failed", "blocked")
+        return self.force or not self.index.is_done(item.id, key, self.out_dir)
+
+    async def _process(self, item: WorkItem) -> _Finished | None:
+        started = time.time()
+        t0 = anyio.current_time()
+        record: dict[str, Any] = {
+            "id": item.id,
+            "status": "failed",
+            "outputs": [],
+            "finish_reason": None,
+            "text": None,
+            "usage": {},
+            "steps": None,
+            "attempts": 0,
+            "latency_s": None,
+            "cost_usd": 0.0,
+            "model": item.model,
+            "model_version": None,
+            "response_id": None,
+            "key": None,
+            "error": None,
+            "instructions": list(item.steps),
+            "inputs": list(item.inputs),
+            "aspect_ratio": item.aspect_ratio,
+            "image_size": item.image_size,
+            "started_at": _utc(started),
+            "finished_at": None,
+        }
+        files: list[tuple[str, bytes]] = []
+        steps: list[dict[str, Any]] = []
+        usages: list[dict[str, Any]] = []
+        try:
+            images = await load_inputs(item.inputs)
+            record["key"] = key = work_key(item, images)
+            if not self._wanted(item, key):
+                self.stats.skipped += 1
+                return None
+            for number, instruction in enumerate(item.steps, 1):
+                step: dict[str, Any] = {"step": number, "instruction": instruction}
+                steps.append(step)
+                reply = await self._send(item, instruction, images, record, step)
+                usages.append(reply.usage)
+                images = list(reply.images)  # the next step edits this step's result
+                if item.keep_steps and number < len(item.steps):
+                    step["outputs"] = self._name_outputs(item, images, step=number)
+                    files += zip(step["outputs"], (i.data for i in images), strict=True)
+            record["outputs"] = self._name_outputs(item, images)
+            files += zip(record["outputs"], (i.data for i in images), strict=True)
+            record["status"] = "ok"
+        except (Stopped, FatalApiError):
+            raise
+        except ApiError as exc:
+            record["status"] = "blocked" if exc.kind == "blocked" else "failed"
+            record["error"] = exc.as_record()
+            if exc.reply is not None and exc.reply.usage:
+                usages.append(exc.reply.usage)  # a withheld answer is billed all the same
+            if len(item.steps) > 1:
+                record["error"]["step"] = len(steps)
+            files = []
+            logger.warning("%s %s: %s", item.id, record["status"], exc.message)
+        record["steps"] = steps if len(item.steps) > 1 else None
+        record["usage"] = sum_usage(usages) if usages else {}
+        record["latency_s"] = round(anyio.current_time() - t0, 3)
+        record["finished_at"] = _utc(time.time())
+        record["cost_usd"] = round(record["cost_usd"], 6)
+        return _Finished(record, files)
+
+    async def _send(
+        self, item: WorkItem, instruction: str, images: list[Image], record: dict[str, Any], step: dict[str, Any]
+    ) -> Reply:
+        body = build_request(
+            instruction,
+            images,
+            response_modalities=item.response_modalities,
+            aspect_ratio=item.aspect_ratio,
+            image_size=item.image_size,
+            thinking_level=item.thinking_level,
+        )
+        pricing = models.pricing_for(item.model, self.pricing)
+        _, worst = models.request_cost_range(
+            item.model, instruction=instruction, n_images=len(images), image_size=item.image_size, pricing=pricing
+        )
+        timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
+
+        async def attempt() -> Reply:
+            async with self.gate.request(worst) as ticket:
+                record["attempts"] += 1
+                self.stats.requests += 1
+                reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                ticket.cost_usd = models.usage_cost(reply.usage, pricing)
+            record["cost_usd"] += ticket.cost_usd
+            self._note_reply(record, step, reply)
+            try:
+                check_reply(reply)
+            except ApiError as exc:
+                exc.reply = reply
+                raise
+            return reply
+
+        def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
+            self.stats.retries[exc.kind] += 1
+            logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
+
+        return await retrying(attempt, self.retry, on_retry=on_retry)
+
+    @staticmethod
+    def _note_reply(record: dict[str, Any], step: dict[str, Any], reply: Reply) -> None:
+        """Keep what the latest answer said, for the record (also when it has no image)."""
+        record["finish_reason"] = step["finish_reason"] = reply.finish_reason or reply.block_reason
+        record["text"] = step["text"] = reply.text
+        record["model_version"] = reply.model_version or record["model_version"]
+        record["response_id"] = reply.response_id
+        step["usage"] = reply.usage
+        if reply.finish_message:
+            record["finish_message"] = reply.finish_message
+
+    def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
+        stem = item.output.replace("{id}", item.id) if item.output else item.id
+        suffix = Path(stem).suffix
+        if suffix and item.output:
+            stem = stem[: -len(suffix)]
+        if step is not None:
+            stem = f"{stem}.step{step}"
+        if len(images) == 1:
+            return [f"{stem}.{images[0].extension}"]
+        return [f"{stem}-{n}.{image.extension}" for n, image in enumerate(images, 1)]
+
+    async def _write(self, done: ObjectReceiveStream[_Finished]) -> None:
+        async with done:
+            async for finished in done:
+                try:
+                    await anyio.to_thread.run_sync(self._persist, finished)
+                except OSError as exc:
+                    error = NanobatchError(f"cannot write results into {self.out_dir}: {exc}")
+                    self.stop(error, grace_s=0)
+                    raise error from exc
+                self.index.add(finished.record)
+                self.stats.count(finished.record)
+                if self.on_record is not None:
+                    self.on_record(finished.record)
+
+    def _persist(self, finished: _Finished) -> None:
+        for name, data in finished.files:
+            atomic_write(self.out_dir / name, data)
+        self.log.append(finished.record)

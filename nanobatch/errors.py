@@ -1,0 +1,133 @@
+"""The exceptions nanobatch raises.
+
+Their hierarchy::
+
+    NanobatchError
+    ├── UsageError            bad command-line use                    (exit 2)
+    ├── ConfigError           bad config file or setting              (exit 2)
+    ├── ManifestError         bad manifest: file, item, field         (exit 2)
+    ├── ApiError              one request failed (kind, status, retryable)
+    │   └── FatalApiError     no request can succeed: stop the run    (exit 3)
+    ├── RunAborted            budget reached, circuit open, fatal API (exit 3)
+    ├── LockHeld              another run holds the output folder     (exit 4)
+    └── Interrupted           SIGINT / SIGTERM                        (exit 130)
+
+Errors of other libraries (yaml, OSError, httpx) are translated where they
+are caught, in ``config``, ``manifest`` and ``client``; nothing else sees them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ApiError",
+    "ConfigError",
+    "FatalApiError",
+    "Interrupted",
+    "LockHeld",
+    "ManifestError",
+    "NanobatchError",
+    "Problem",
+    "RunAborted",
+    "UsageError",
+]
+
+
+class NanobatchError(Exception):
+    """Base class of every error nanobatch raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(NanobatchError):
+    exit_code = 2
+
+
+class ConfigError(NanobatchError):
+    """A config file or setting is wrong. The message names the file and the setting."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a manifest: where it is, and what is wrong."""
+
+    file: str
+    item: str | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.item is not None:
+            where += f": item {self.item!r}"
+        if self.field:
+            where += f", field {self.field!r}"
+        return f"{where}: {self.message}"
+
+
+class ManifestError(NanobatchError):
+    """The manifest has one or more problems; ``problems`` lists every one found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = [str(p) for p in problems[:50]]
+        if len(problems) > 50:
+            lines.append(f"... and {len(problems) - 50} more problems")
+        super().__init__("\n".join(lines))
+
+
+class ApiError(NanobatchError):
+    """A request failed.
+
+    ``kind`` is a short stable word for scripts and reports (``rate_limited``,
+    ``overloaded``, ``server_error``, ``timeout``, ``connection``,
+    ``bad_response``, ``bad_request``, ``blocked``, ``no_image``, ...).
+    ``retry_after`` is the wait the server asked for, in seconds, if it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        status_code: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        reply: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.reply = reply  # the gemini.Reply of a 200 that was blocked or had no image
+        self.message = message
+        self.kind = kind
+        self.status_code = status_code
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+    def as_record(self) -> dict[str, object]:
+        return {"kind": self.kind, "status_code": self.status_code, "message": self.message}
+
+
+class FatalApiError(ApiError):
+    """An answer that means no other request can succeed either (bad key, no such model, daily quota)."""
+
+    exit_code = 3
+
+
+class RunAborted(NanobatchError):
+    """The run stopped early on purpose; finished work is kept, unsent items are left for the next run."""
+
+    exit_code = 3
+
+
+class LockHeld(NanobatchError):
+    exit_code = 4
+
+
+class Interrupted(NanobatchError):
+    exit_code = 130

@@ -1,0 +1,329 @@
+"""The Gemini ``generateContent`` wire protocol, as pure functions (no I/O).
+
+* :func:`build_request` makes the JSON body for one edit or generation.
+* :func:`parse_reply` turns a 200 body into a :class:`Reply`.
+* :func:`check_reply` says whether a reply is a result, blocked, or imageless.
+* :func:`classify_error` turns any other answer into an :class:`ApiError`,
+  deciding whether it is worth retrying and whether it should stop the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ApiError, FatalApiError
+
+__all__ = [
+    "BLOCK_REASONS",
+    "Image",
+    "Reply",
+    "build_request",
+    "check_reply",
+    "classify_error",
+    "parse_reply",
+    "sniff_mime",
+    "sum_usage",
+]
+
+# finishReason values that mean the output was withheld: retrying will not help.
+BLOCK_REASONS = frozenset(
+    {
+        "SAFETY",
+        "IMAGE_SAFETY",
+        "PROHIBITED_CONTENT",
+        "IMAGE_PROHIBITED_CONTENT",
+        "BLOCKLIST",
+        "SPII",
+        "RECITATION",
+        "IMAGE_RECITATION",
+    }
+)
+
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/heic": "heic", "image/heif": "heif"}
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """Image bytes and their mime type."""
+
+    mime_type: str
+    data: bytes = field(repr=False)
+
+    @property
+    def extension(self) -> str:
+        return _EXTENSIONS.get(self.mime_type, "bin")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """What a 200 answer carried. ``images`` are the final images only, never thinking drafts."""
+
+    images: tuple[Image, ...] = ()
+    text: str | None = None
+    finish_reason: str | None = None
+    finish_message: str | None = None
+    block_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    model_version: str | None = None
+    response_id: str | None = None
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type from its first bytes: PNG, JPEG, WEBP, HEIC/HEIF, GIF; None if unknown."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"):
+            return "image/heic"
+        if brand in (b"mif1", b"msf1", b"avif"):
+            return "image/avif" if brand == b"avif" else "image/heif"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def build_request(
+    instruction: str,
+    images: Sequence[Image] = (),
+    *,
+    response_modalities: Sequence[str] = ("IMAGE",),
+    aspect_ratio: str | None = None,
+    image_size: str | None = None,
+    thinking_level: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order."""
+    parts: list[dict[str, Any]] = [{"text": instruction}]
+    for image in images:
+        parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
+    generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
+    image_config = {k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None}
+    if image_config:
+        generation["imageConfig"] = image_config
+    if thinking_level is not None:
+        generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
+    return {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+
+
+def parse_reply(body: bytes) -> Reply:
+    """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            f"the response body is not valid JSON ({len(body)} bytes; truncated?)",
+            kind="bad_response",
+            status_code=200,
+            retryable=True,
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
+    images: list[Image] = []
+    texts: list[str] = []
+    candidates = data.get("candidates") or []
+    first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
+    for part in (first.get("content") or {}).get("parts") or []:
+        if not isinstance(part, dict) or part.get("thought"):
+            continue  # thinking parts, images included, are drafts: never the result
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        inline = part.get("inlineData") or part.get("inline_data")
+        if isinstance(inline, dict) and inline.get("data"):
+            images.append(_decode_image(inline))
+    feedback = data.get("promptFeedback") or {}
+    return Reply(
+        images=tuple(images),
+        text="\n".join(texts) if texts else None,
+        finish_reason=first.get("finishReason"),
+        finish_message=first.get("finishMessage"),
+        block_reason=feedback.get("blockReason") if isinstance(feedback, dict) else None,
+        usage=data.get("usageMetadata") or {},
+        model_version=data.get("modelVersion"),
+        response_id=data.get("responseId"),
+    )
+
+
+def _decode_image(inline: dict[str, Any]) -> Image:
+    try:
+        raw = base64.b64decode(inline["data"], validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise ApiError("an image in the response is not valid base64", kind="bad_response", retryable=True) from None
+    # Trust the bytes over the label: proxies have been seen to send JPEG labelled PNG.
+    return Image(sniff_mime(raw) or str(inline.get("mimeType") or "application/octet-stream"), raw)
+
+
+def check_reply(reply: Reply) -> None:
+    """Raise if *reply* holds no usable image: ``blocked`` (final) or ``no_image`` (worth another try)."""
+    if reply.block_reason or (reply.finish_reason in BLOCK_REASONS):
+        reason = reply.block_reason or reply.finish_reason
+        detail = reply.finish_message or reply.text or ""
+        raise ApiError(
+            f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
+            kind="blocked",
+            status_code=200,
+        )
+    if not reply.images:
+        detail = reply.finish_message or reply.text or "no explanation given"
+        raise ApiError(
+            f"the answer has no image (finishReason {reply.finish_reason}): {detail}",
+            kind="no_image",
+            status_code=200,
+            retryable=True,
+        )
+
+
+# (kind, retryable) for statuses that need no reading of the body.
+_BY_STATUS: dict[int, tuple[str, bool]] = {
+    408: ("timeout", True),
+    429: ("rate_limited", True),
+    500: ("server_error", True),
+    502: ("bad_gateway", True),
+    503: ("overloaded", True),
+    504: ("timeout", True),
+}
+_FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
+_HINTS = {
+    "auth": "check the API key and api.auth (bearer for APIYI, x-goog-api-key for Google)",
+    "permission": "check that the key may use this model and api.auth matches the endpoint",
+    "billing": "add credit or billing to the account",
+    "not_found": "check the model id and api.base_url / api.api_version",
+    "quota_exhausted": "the daily quota will not recover by waiting; run again tomorrow or raise the quota",
+    "location": "the API is not available from this location",
+}
+
+
+def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
+    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page."""
+    data = _json_or_none(body)
+    message, status, details = _error_fields(data)
+    if message is None:
+        message = _plain_message(body)
+    retry_after = _retry_delay(details)
+    if retry_after is None:
+        retry_after = _retry_after_header(headers.get("retry-after"), now=now)
+
+    fatal_kind = _FATAL_STATUS.get(status_code)
+    if status_code == 400 and _mentions_invalid_key(message, details):
+        fatal_kind = "auth"
+    elif status_code == 400 and status == "FAILED_PRECONDITION":
+        fatal_kind = "location"
+    elif status_code == 429 and _daily_quota(details):
+        fatal_kind = "quota_exhausted"
+    if fatal_kind is not None:
+        return FatalApiError(
+            f"HTTP {status_code}: {message} (hint: {_HINTS[fatal_kind]})", kind=fatal_kind, status_code=status_code
+        )
+    kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
+    if status_code >= 500 and status_code not in (501, 505):
+        kind, retryable = _BY_STATUS.get(status_code, ("server_error", True))
+    return ApiError(
+        f"HTTP {status_code}: {message}",
+        kind=kind,
+        status_code=status_code,
+        retryable=retryable,
+        retry_after=retry_after if retryable else None,
+    )
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+    """(message, status, details) from Google's ``{"error": {...}}`` or APIYI's ``{"status_code", "error"}``."""
+    if isinstance(data, list) and data:  # some Google endpoints wrap the error in a list
+        data = data[0]
+    if not isinstance(data, dict):
+        return None, None, []
+    error = data.get("error")
+    if isinstance(error, str):
+        return error, None, []
+    if not isinstance(error, dict):
+        message = data.get("message")
+        return (str(message) if message else None), None, []
+    details = [d for d in error.get("details") or [] if isinstance(d, dict)]
+    status = error.get("status") or error.get("type") or error.get("code")
+    message = error.get("message")
+    return (str(message) if message else None), (str(status) if status else None), details
+
+
+def _plain_message(body: bytes) -> str:
+    """A short readable message from a non-JSON body (a proxy's HTML page, say)."""
+    text = body.decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        text = title.group(1)
+    text = " ".join(re.sub(r"<[^>]+>", " ", text).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
+
+
+def _detail(details: list[dict[str, Any]], type_suffix: str) -> list[dict[str, Any]]:
+    return [d for d in details if str(d.get("@type", "")).endswith(type_suffix)]
+
+
+def _retry_delay(details: list[dict[str, Any]]) -> float | None:
+    for info in _detail(details, "google.rpc.RetryInfo"):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _retry_after_header(value: str | None, *, now: float | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _daily_quota(details: list[dict[str, Any]]) -> bool:
+    for failure in _detail(details, "google.rpc.QuotaFailure"):
+        for violation in failure.get("violations") or []:
+            names = " ".join(str(violation.get(k, "")) for k in ("quotaId", "quotaMetric", "subject"))
+            if re.search(r"per.?day|daily", names, re.IGNORECASE):
+                return True
+    return False
+
+
+def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
+    reasons = {str(d.get("reason")) for d in _detail(details, "google.rpc.ErrorInfo")}
+    return "API_KEY_INVALID" in reasons or "api key not valid" in message.lower()
+
+
+def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality."""
+    if len(usages) == 1:
+        return dict(usages[0])
+    total: dict[str, Any] = {}
+    for usage in usages:
+        for name, value in usage.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[name] = total.get(name, 0) + value
+            elif isinstance(value, list) and name.endswith("TokensDetails"):
+                by_modality: dict[str, int] = {d["modality"]: d["tokenCount"] for d in total.get(name, [])}
+                for d in value:
+                    if isinstance(d, dict) and "modality" in d:
+                        by_modality[d["modality"]] = by_modality.get(d["modality"], 0) + int(d.get("tokenCount") or 0)
+                total[name] = [{"modality": m, "tokenCount": n} for m, n in by_modality.items()]
+    return total

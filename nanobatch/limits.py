@@ -1,0 +1,288 @@
+"""What must agree before a request goes out, in one :class:`Gate`.
+
+In order: the run is not stopping; no server-requested pause is running; the
+circuit breaker is closed (or this is its probe); the budget can cover the
+request's worst case; a concurrency slot is free (its size adapts: halved when
+the server pushes back, grown by one per window of successes); and the rate
+limiter (GCRA, burst 1) says it is time.
+
+Time comes from :func:`anyio.current_time` and waiting from :func:`anyio.sleep`,
+so tests run all of this on trio's virtual clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+
+from .errors import ApiError, RunAborted
+
+__all__ = ["Budget", "Breaker", "Gate", "RateLimiter", "Stopped", "Ticket"]
+
+# Error kinds that mean "too much traffic": they shrink the concurrency window.
+_PUSHBACK = frozenset({"rate_limited", "overloaded"})
+# Error kinds that mean "the service or the path to it is failing": they count towards the breaker.
+_OUTAGE = frozenset({"connection", "timeout", "server_error", "bad_gateway", "overloaded", "bad_response"})
+
+
+class Stopped(Exception):  # noqa: N818 - a signal, not a failure
+    """The run is stopping: the request was not sent and its item stays unrecorded."""
+
+
+class RateLimiter:
+    """Generic cell rate algorithm with a burst of one: requests leave evenly spaced.
+
+    >>> limiter = RateLimiter(per_minute=120)  # one request every 0.5 s
+    """
+
+    def __init__(self, per_minute: float) -> None:
+        self.interval = 60.0 / per_minute
+        self._next = -math.inf
+        self._lock = anyio.Lock()  # FIFO: waiters leave in arrival order
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = anyio.current_time()
+            if self._next > now:
+                await anyio.sleep(self._next - now)
+                now = anyio.current_time()
+            self._next = max(now, self._next) + self.interval
+
+
+class Breaker:
+    """Opens after ``threshold`` outage errors in a row; lets one probe through per ``cooldown_s``."""
+
+    def __init__(self, *, threshold: int, cooldown_s: float, max_down_s: float) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.max_down_s = max_down_s
+        self.failures = 0
+        self.opened_at: float | None = None  # when the current outage began
+        self._retry_at = 0.0
+        self._probing = False
+        self._changed = anyio.Event()
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    async def wait(self) -> bool:
+        """Wait until a request may go out; True if the caller is the probe."""
+        while self.opened_at is not None:
+            now = anyio.current_time()
+            if now - self.opened_at > self.max_down_s:
+                raise RunAborted(
+                    f"the API has failed every request for {now - self.opened_at:.0f} s "
+                    f"(limits.breaker_max_down_s = {self.max_down_s:g}); stopping, unsent items are left for the next run"
+                )
+            if not self._probing and now >= self._retry_at:
+                self._probing = True
+                return True
+            with anyio.move_on_after(max(0.0, self._retry_at - now) if not self._probing else math.inf):
+                await self._changed.wait()
+        return False
+
+    def record(self, *, outage: bool, probe: bool) -> None:
+        now = anyio.current_time()
+        if probe:
+            self._probing = False
+        if not outage:
+            self.failures = 0
+            self.opened_at = None
+        else:
+            self.failures += 1
+            if self.opened_at is None and self.failures >= self.threshold:
+                self.opened_at = now
+            if self.opened_at is not None:
+                self._retry_at = now + self.cooldown_s
+        self._changed.set()
+        self._changed = anyio.Event()
+
+
+class Budget:
+    """Spend caps: money and request count. Each request reserves its worst case, then settles the real cost."""
+
+    def __init__(self, *, max_cost_usd: float | None, max_requests: int | None) -> None:
+        self.max_cost_usd = max_cost_usd
+        self.max_requests = max_requests
+        self.spent_usd = 0.0
+        self.requests = 0
+        self._reserved_usd = 0.0
+        self._outstanding = 0
+        self._settled = anyio.Event()
+
+    async def reserve(self, worst_case_usd: float) -> None:
+        """Wait until the request fits; raise :class:`RunAborted` when it never can."""
+        while True:
+            fits_cost = self.max_cost_usd is None or (
+                self.spent_usd + self._reserved_usd + worst_case_usd <= self.max_cost_usd
+            )
+            fits_count = self.max_requests is None or self.requests < self.max_requests
+            if fits_cost and fits_count:
+                break
+            if self._outstanding == 0 or not fits_count:
+                raise RunAborted(self._exhausted_message(worst_case_usd))
+            await self._settled.wait()  # in-flight requests usually cost less than reserved
+        self.requests += 1
+        self._reserved_usd += worst_case_usd
+        self._outstanding += 1
+
+    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+        self._reserved_usd -= reserved_usd
+        self._outstanding -= 1
+        self.spent_usd += actual_usd
+        self._settled.set()
+        self._settled = anyio.Event()
+
+    def _exhausted_message(self, worst_case_usd: float) -> str:
+        if self.max_requests is not None and self.requests >= self.max_requests:
+            return f"request budget reached: {self.requests} requests sent (--max-requests {self.max_requests})"
+        return (
+            f"cost budget reached: ${self.spent_usd:.4f} spent, the next request could cost up to "
+            f"${worst_case_usd:.4f} (--max-cost {self.max_cost_usd:g})"
+        )
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One admitted request. The caller sets ``cost_usd`` once it knows what the answer cost."""
+
+    reserved_usd: float
+    started_at: float
+    probe: bool
+    cost_usd: float = 0.0
+
+
+class Gate:
+    """Admission control for every request of a run (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        requests_per_minute: float | None = None,
+        adaptive: bool = True,
+        breaker: Breaker | None = None,
+        budget: Budget | None = None,
+    ) -> None:
+        self.max_concurrency = concurrency
+        self.window = float(concurrency)
+        self.adaptive = adaptive
+        self.slots = anyio.CapacityLimiter(concurrency)
+        self.rate = RateLimiter(requests_per_minute) if requests_per_minute else None
+        self.breaker = breaker
+        self.budget = budget or Budget(max_cost_usd=None, max_requests=None)
+        self.paused_until = 0.0
+        self.stop_reason: BaseException | None = None
+        self.in_flight = 0
+        self.pushbacks = 0
+        self._last_cut = -math.inf
+        self._waiting: set[anyio.CancelScope] = set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_reason is not None
+
+    def stop(self, reason: BaseException) -> None:
+        """Let no further request out; requests already sent carry on."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        for scope in self._waiting:
+            scope.cancel()
+
+    def pause(self, seconds: float) -> None:
+        """Hold every new request for *seconds* (the server said when to come back)."""
+        self.paused_until = max(self.paused_until, anyio.current_time() + seconds)
+
+    @asynccontextmanager
+    async def request(self, worst_case_usd: float = 0.0) -> AsyncIterator[Ticket]:
+        """Wait for admission, then hold a slot while the body of the ``async with`` sends the request."""
+        ticket = await self._admit(worst_case_usd)
+        self.in_flight += 1
+        try:
+            yield ticket
+        except ApiError as exc:
+            self._settle(ticket, exc)
+            raise
+        except BaseException:
+            self._settle(ticket, None, cancelled=True)
+            raise
+        else:
+            self._settle(ticket, None)
+        finally:
+            self.in_flight -= 1
+            self.slots.release()
+
+    async def _admit(self, worst_case_usd: float) -> Ticket:
+        probe = False
+        reserved = False
+        acquired = False
+        with anyio.CancelScope() as scope:
+            self._waiting.add(scope)
+            try:
+                if self.stopping:
+                    scope.cancel()
+                await anyio.lowlevel.checkpoint()
+                await self._wait_pause()
+                if self.breaker is not None:
+                    probe = await self.breaker.wait()
+                await self.slots.acquire()
+                acquired = True
+                await self._wait_pause()
+                await self.budget.reserve(worst_case_usd)
+                reserved = True
+                if self.rate is not None:
+                    await self.rate.acquire()
+            except RunAborted as exc:
+                self.stop(exc)
+            finally:
+                self._waiting.discard(scope)
+        if scope.cancel_called or self.stopping:
+            if reserved:
+                self.budget.settle(worst_case_usd, 0.0)
+                self.budget.requests -= 1
+            if acquired:
+                self.slots.release()
+            if probe and self.breaker is not None:
+                self.breaker.record(outage=True, probe=True)
+            raise Stopped
+        return Ticket(reserved_usd=worst_case_usd, started_at=anyio.current_time(), probe=probe)
+
+    async def _wait_pause(self) -> None:
+        while (delay := self.paused_until - anyio.current_time()) > 0:
+            await anyio.sleep(delay)
+
+    def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
+        self.budget.settle(ticket.reserved_usd, ticket.cost_usd)
+        kind = error.kind if error is not None else None
+        if self.breaker is not None and not cancelled:
+            self.breaker.record(outage=kind in _OUTAGE, probe=ticket.probe)
+        elif self.breaker is not None and ticket.probe:
+            self.breaker.record(outage=True, probe=True)
+        if kind in _PUSHBACK:
+            self.pushbacks += 1
+            if error is not None and error.retry_after is not None:
+                self.pause(error.retry_after)
+            self._cut(ticket.started_at)
+        elif error is None and not cancelled:
+            self._grow()
+
+    def _cut(self, started_at: float) -> None:
+        """Multiplicative decrease, at most once per round trip: answers to requests sent before
+        the last cut were already in flight and say nothing about the new window."""
+        if not self.adaptive or started_at < self._last_cut:
+            return
+        self._last_cut = anyio.current_time()
+        self.window = max(1.0, self.window / 2)
+        self.slots.total_tokens = max(1, int(self.window))
+
+    def _grow(self) -> None:
+        """Additive increase: about one more slot per window's worth of successes."""
+        if not self.adaptive or self.window >= self.max_concurrency:
+            return
+        self.window = min(float(self.max_concurrency), self.window + 1.0 / self.window)
+        self.slots.total_tokens = max(1, int(self.window))

@@ -1,0 +1,80 @@
+"""One run per output folder: an advisory ``flock`` on ``OUT_DIR/.nanobatch.lock``.
+
+The kernel drops the lock when its process dies, however it dies, so a lock
+left by a killed run is never stale: the next run simply gets it. The file
+holds the holder's pid, host and start time, for the message a second run
+prints. (filelock does the locking part too, but cannot tell who holds it.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+
+from .errors import LockHeld
+
+__all__ = ["RunLock"]
+
+LOCK_FILE = ".nanobatch.lock"
+
+
+class RunLock:
+    """``async with RunLock(out_dir):`` holds the folder for this process, or raises :class:`LockHeld`."""
+
+    def __init__(self, out_dir: Path, *, wait: bool = False, poll_s: float = 0.5) -> None:
+        self.path = out_dir / LOCK_FILE
+        self.wait = wait
+        self.poll_s = poll_s
+        self._fd: int | None = None
+
+    async def __aenter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            while not self._try(fd):
+                if not self.wait:
+                    raise LockHeld(
+                        f"another nanobatch run holds {self.path.parent} ({self.holder(fd)}); "
+                        "wait for it to finish, or pass --wait-lock to queue behind it"
+                    )
+                await anyio.sleep(self.poll_s)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def _try(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    @staticmethod
+    def holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            return f"pid {info['pid']} on {info['host']} since {info['since']}"
+        except (ValueError, KeyError, OSError):
+            return "holder unknown"

@@ -1,0 +1,158 @@
+"""The output folder: images, ``results.jsonl``, ``summary.json``, and the index a re-run resumes from.
+
+Durability rules: an image is written to a temporary file and renamed into
+place before its record is appended; each record is one line, flushed and
+fsync'ed; ``summary.json`` is replaced atomically. A torn last line (the
+process died mid-write) is skipped with a warning when the file is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "read_records"]
+
+logger = logging.getLogger("nanobatch")
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write *data* to *path* so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Item records from a results file, oldest first; torn or foreign lines are skipped with a warning."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
+                continue
+            if isinstance(record, dict) and "id" in record and "status" in record:
+                yield record
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """What a re-run and the summary need from an item's latest record."""
+
+    status: str
+    key: str | None
+    outputs: tuple[str, ...]
+    tokens: tuple[int, int, int, int]
+    cost_usd: float
+    error_kind: str | None
+
+
+@dataclass(slots=True)
+class ResultsIndex:
+    """The latest record of each item id in an output folder."""
+
+    entries: dict[str, IndexEntry] = field(default_factory=dict)
+    ok_keys: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> ResultsIndex:
+        index = cls()
+        for record in read_records(out_dir / RESULTS_FILE):
+            index.add(record)
+        return index
+
+    def add(self, record: dict[str, Any]) -> None:
+        usage = record.get("usage") or {}
+        entry = IndexEntry(
+            status=str(record["status"]),
+            key=record.get("key"),
+            outputs=tuple(record.get("outputs") or ()),
+            tokens=tuple(int(usage.get(name) or 0) for name in TOKEN_FIELDS),  # type: ignore[arg-type]
+            cost_usd=float(record.get("cost_usd") or 0.0),
+            error_kind=(record.get("error") or {}).get("kind"),
+        )
+        self.entries[str(record["id"])] = entry
+        if entry.status == "ok" and entry.key:
+            self.ok_keys.add(entry.key)
+
+    def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
+        """True when the latest record of *item_id* is ``ok`` for exactly this *key* and its files exist."""
+        entry = self.entries.get(item_id)
+        return (
+            entry is not None
+            and entry.status == "ok"
+            and entry.key == key
+            and all((out_dir / name).is_file() for name in entry.outputs)
+        )
+
+    def totals(self) -> dict[str, Any]:
+        counts = Counter(e.status for e in self.entries.values())
+        tokens = [sum(e.tokens[i] for e in self.entries.values()) for i in range(len(TOKEN_FIELDS))]
+        return {
+            "items": len(self.entries),
+            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
+            "tokens": dict(zip(TOKEN_FIELDS, tokens, strict=True)),
+            "cost_usd": round(sum(e.cost_usd for e in self.entries.values()), 6),
+            "failures_by_kind": dict(
+                Counter(e.error_kind or "unknown" for e in self.entries.values() if e.status != "ok")
+            ),
+        }
+
+
+class ResultsLog:
+    """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("ab")
+        self._mend_torn_tail()
+
+    def _mend_torn_tail(self) -> None:
+        # A line torn by a crash must not swallow the next record: end it first.
+        assert self._file is not None
+        size = self.path.stat().st_size
+        if size:
+            with self.path.open("rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    logger.warning("%s ends with a torn line (a crash mid-write?); it will be ignored", self.path)
+                    self._file.write(b"\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        assert self._file is not None, "open() first"
+        self._file.write(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

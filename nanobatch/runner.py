@@ -1,0 +1,327 @@
+"""The library's front door: :func:`run_job` and :func:`check_job`.
+
+Set-up and tear-down around the engine: settings, manifest validation (a bad
+manifest sends nothing), the output folder and its lock, the API key, the
+HTTP client (or the built-in simulator), signals, and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import httpx
+
+from . import models
+from ._retry import RetryPolicy
+from .client import GeminiClient
+from .config import Settings, load_settings, read_api_key
+from .engine import Engine, RunStats
+from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunAborted
+from .limits import Breaker, Budget, Gate
+from .lock import RunLock
+from .manifest import Manifest, WorkItem, load_manifest
+from .results import SUMMARY_FILE, ResultsIndex, atomic_write
+
+__all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
+
+logger = logging.getLogger("nanobatch")
+
+# For duration estimates only: a typical generateContent image edit.
+TYPICAL_LATENCY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent."""
+
+    manifest: Path
+    out_dir: Path
+    items: int
+    requests: int
+    cost_likely_usd: float
+    cost_worst_usd: float
+    duration_s: float
+    concurrency: int
+    requests_per_minute: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSummary:
+    """How a run ended, with its live counters and the folder-wide totals that went into summary.json."""
+
+    out_dir: Path
+    outcome: Literal["complete", "aborted", "interrupted"]
+    reason: str | None
+    stats: RunStats
+    summary: dict[str, Any] = field(repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok, 1 some failed or blocked, 3 aborted, 130 interrupted (the CLI's exit codes)."""
+        if self.outcome == "interrupted":
+            return 130
+        if self.outcome == "aborted":
+            return 3
+        return 1 if (self.stats.failed or self.stats.blocked) else 0
+
+
+def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.PathLike[str] | None) -> Path:
+    """``--out`` wins, then the manifest's ``output_dir``, then ``<output.dir>/<name>``."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if manifest.output_dir is not None:
+        return manifest.output_dir
+    return Path(settings.output.dir) / manifest.name
+
+
+def _load(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
+    settings = settings if settings is not None else load_settings()
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, default_model=settings.api.model)
+    return manifest, settings
+
+
+def check_job(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> CheckResult:
+    """Resolve and check every item and estimate cost and duration; sends nothing.
+
+    Raises :class:`ManifestError` listing every problem found.
+    """
+    manifest, settings = _load(manifest, settings)
+    likely = worst = 0.0
+
+    def add_cost(item: WorkItem) -> None:
+        nonlocal likely, worst
+        pricing = models.pricing_for(item.model, settings.pricing)
+        n_images = len(item.inputs)
+        for instruction in item.steps:
+            low, high = models.request_cost_range(
+                item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
+            )
+            likely += low
+            worst += high
+            n_images = 1  # later steps edit the previous output
+
+    report = manifest.check(visit=add_cost)
+    if report.problems:
+        raise ManifestError(report.problems)
+    limits = settings.limits
+    duration = report.requests * TYPICAL_LATENCY_S / limits.concurrency
+    if limits.requests_per_minute:
+        duration = max(duration, report.requests / limits.requests_per_minute * 60)
+    return CheckResult(
+        manifest=manifest.path,
+        out_dir=resolve_out_dir(manifest, settings, out_dir),
+        items=report.items,
+        requests=report.requests,
+        cost_likely_usd=likely,
+        cost_worst_usd=worst,
+        duration_s=duration,
+        concurrency=limits.concurrency,
+        requests_per_minute=limits.requests_per_minute,
+    )
+
+
+async def run_job(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    simulate: bool = False,
+    wait_lock: bool = False,
+    handle_signals: bool = False,
+    transport: httpx.AsyncBaseTransport | None = None,
+    retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+    stats: RunStats | None = None,
+) -> RunSummary:
+    """Run a job manifest to the end and return how it went.
+
+    The manifest is checked whole before anything is sent (:class:`ManifestError`
+    otherwise). Items already done with the same work key are skipped, so a
+    re-run finishes what is missing. *transport* replaces the network (tests);
+    *simulate* runs against the built-in simulator; *handle_signals* makes
+    SIGINT/SIGTERM stop the run gracefully (the CLI sets it); *retry_sleep*
+    replaces the waiting between retries (tests pass one that returns at once).
+
+    >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
+    >>> summary.stats.ok
+    """
+    if force and retry_failed:
+        raise ConfigError("--force and --retry-failed contradict each other: choose one")
+    manifest, settings = _load(manifest, settings)
+    check_job(manifest, settings=settings)
+    target = resolve_out_dir(manifest, settings, out_dir)
+    api_key = read_api_key(settings)
+    if api_key is None and not simulate and transport is None:
+        raise ConfigError(
+            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
+            "or try the built-in simulator with --simulate"
+        )
+    stats = stats if stats is not None else RunStats()
+    started = time.time()
+    async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
+        index = ResultsIndex.load(target)
+        base_url = settings.api.base_url
+        if simulate:
+            from .simulator import SimulatorConfig, run_in_thread
+
+            base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
+            api_key = None
+        client = await stack.enter_async_context(
+            GeminiClient(
+                base_url=base_url,
+                api_key=api_key,
+                auth=settings.api.auth,
+                api_version=settings.api.api_version,
+                max_connections=settings.limits.concurrency,
+                transport=transport,
+            )
+        )
+        engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats)
+        logger.info("running %s into %s (%d items)", manifest.path, target, len(manifest.raw_items))
+        async with anyio.create_task_group() as tg:
+            if handle_signals:
+                tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+            await engine.run(manifest.items(check_files=False))
+            tg.cancel_scope.cancel()
+        reason = engine.gate.stop_reason
+        outcome: Literal["complete", "aborted", "interrupted"] = (
+            "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
+        )
+        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started)
+        atomic_write(target / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+    if reason is not None:
+        logger.warning("run %s: %s", outcome, reason)
+    return RunSummary(
+        out_dir=target, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
+    )
+
+
+def _engine(
+    settings: Settings,
+    client: GeminiClient,
+    target: Path,
+    index: ResultsIndex,
+    force: bool,
+    retry_failed: bool,
+    retry_sleep: Callable[[float], Awaitable[None]] | None,
+    stats: RunStats,
+) -> Engine:
+    limits, retry = settings.limits, settings.retry
+    gate = Gate(
+        concurrency=limits.concurrency,
+        requests_per_minute=limits.requests_per_minute,
+        adaptive=limits.adaptive,
+        breaker=Breaker(
+            threshold=limits.breaker_threshold,
+            cooldown_s=limits.breaker_cooldown_s,
+            max_down_s=limits.breaker_max_down_s,
+        ),
+        budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
+    )
+    policy = RetryPolicy(
+        max_attempts=retry.max_attempts,
+        backoff_initial_s=retry.backoff_initial_s,
+        backoff_max_s=retry.backoff_max_s,
+        no_image_attempts=retry.no_image_attempts,
+        **({"sleep": retry_sleep} if retry_sleep is not None else {}),
+    )
+    return Engine(
+        client=client,
+        gate=gate,
+        out_dir=target,
+        index=index,
+        retry=policy,
+        timeout_s=settings.api.timeout_s,
+        pricing=dict(settings.pricing),
+        concurrency=limits.concurrency,
+        force=force,
+        retry_failed=retry_failed,
+        stats=stats,
+    )
+
+
+async def _watch_signals(engine: Engine, grace_s: float) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                logger.warning(
+                    "%s: sending nothing new; waiting up to %g s for %d requests in flight (again to cancel them)",
+                    signal.Signals(signum).name,
+                    grace_s,
+                    engine.gate.in_flight,
+                )
+                engine.stop(Interrupted(f"interrupted by {signal.Signals(signum).name}"), grace_s=grace_s)
+            else:
+                logger.warning("cancelling the requests in flight; finished results are kept")
+                engine.cancel()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+
+
+def _summary(
+    manifest: Manifest,
+    out_dir: Path,
+    outcome: str,
+    reason: BaseException | None,
+    stats: RunStats,
+    index: ResultsIndex,
+    gate: Gate,
+    started: float,
+) -> dict[str, Any]:
+    folder = index.totals()
+    finished = time.time()
+    return {
+        "job": manifest.name,
+        "manifest": str(manifest.path),
+        "out_dir": str(out_dir),
+        **folder,
+        "wall_s": round(finished - started, 3),
+        "last_run": {
+            "outcome": outcome,
+            "reason": str(reason) if reason else None,
+            "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
+            "aborted": isinstance(reason, RunAborted),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "items_seen": stats.total,
+            "ok": stats.ok,
+            "failed": stats.failed,
+            "blocked": stats.blocked,
+            "skipped": stats.skipped,
+            "requests": stats.requests,
+            "retries": dict(stats.retries),
+            "tokens": dict(stats.tokens),
+            "cost_usd": round(stats.cost_usd, 6),
+            "spent_usd": round(gate.budget.spent_usd, 6),
+            "latency_s": {
+                "p50": _percentile(stats.latencies, 0.5),
+                "p95": _percentile(stats.latencies, 0.95),
+                "max": max(stats.latencies, default=None),
+            },
+        },
+    }

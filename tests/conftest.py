@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import pytest
+
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No test sees the developer's keys, config or current folder."""
+    for name in list(os.environ):
+        if name.startswith("NANOBATCH_") or name in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+            monkeypatch.delenv(name)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    yield
+
+
+def run_virtual(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run *fn* on trio's virtual clock: sleeps take no real time, and time only moves when all tasks wait."""
+    from trio.testing import MockClock
+
+    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+
+
+@pytest.fixture
+def virtual() -> Callable[[Callable[[], Awaitable[Any]]], Any]:
+    return run_virtual
