@@ -1,0 +1,283 @@
+"""End to end through run_job with a scripted fake API (httpx.MockTransport), on trio's virtual clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import nanobatch
+from nanobatch.errors import ConfigError, LockHeld, ManifestError
+from nanobatch.lock import RunLock
+
+from .conftest import run_virtual
+from .fakes import FakeGemini, google_error, image_bytes, inline, ok_body, quota_failure, retry_info, write_job
+
+
+def run(job: Path, fake: FakeGemini, **options: Any) -> nanobatch.RunSummary:
+    options.setdefault("out_dir", job.parent / "out")
+    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_edits_are_saved_with_a_record_each(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/a.png"}, {"id": "sku-2", "image": "images/b.png"}])
+    summary = run(job, FakeGemini())
+    out = tmp_path / "out"
+    assert summary.exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["sku-1.png", "sku-2.png"]
+    recs = {r["id"]: r for r in records(out)}
+    rec = recs["sku-1"]
+    assert rec["status"] == "ok" and rec["outputs"] == ["sku-1.png"] and rec["error"] is None
+    assert rec["usage"]["totalTokenCount"] == 2432 and rec["attempts"] == 1 and rec["finish_reason"] == "STOP"
+    assert rec["key"].startswith("sha256:") and rec["model"] == "gemini-3.1-flash-image-preview"
+    assert rec["cost_usd"] > 0 and rec["started_at"].endswith("Z") and rec["finished_at"].endswith("Z")
+    summary_file = json.loads((out / "summary.json").read_text())
+    assert summary_file["counts"] == {"ok": 2, "failed": 0, "blocked": 0}
+    assert summary_file["tokens"]["totalTokenCount"] == 2 * 2432
+
+
+def test_a_thinking_image_is_not_taken_for_the_result(tmp_path: Path) -> None:
+    draft, final = image_bytes((0, 0, 255)), image_bytes((0, 255, 0), fmt="JPEG")
+    body = ok_body({"text": "planning", "thought": True}, inline(draft, thought=True), inline(final, "image/jpeg"))
+    job = write_job(tmp_path, [{"id": "hero", "image": "images/a.png"}])
+    run(job, FakeGemini({"make the background white": [body]}))
+    out = tmp_path / "out"
+    assert [p.name for p in out.glob("hero*")] == ["hero.jpg"]
+    assert (out / "hero.jpg").read_bytes() == final
+
+
+def test_several_images_are_numbered(tmp_path: Path) -> None:
+    body = ok_body(inline(image_bytes()), inline(image_bytes(fmt="JPEG"), "image/jpeg"))
+    job = write_job(tmp_path, [{"id": "pair", "image": "images/a.png"}])
+    run(job, FakeGemini({"make the background white": [body]}))
+    assert records(tmp_path / "out")[0]["outputs"] == ["pair-1.png", "pair-2.jpg"]
+    assert (tmp_path / "out" / "pair-2.jpg").exists()
+
+
+def test_request_carries_instruction_images_and_settings(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        [{"id": "x", "images": ["images/a.png", "images/b.png"], "aspect_ratio": "16:9", "image_size": "2K"}],
+    )
+    fake = FakeGemini()
+    run(job, fake)
+    body = json.loads(fake.requests[0].content)
+    parts = body["contents"][0]["parts"]
+    assert parts[0] == {"text": "make the background white"}
+    assert [p["inlineData"]["mimeType"] for p in parts[1:]] == ["image/png", "image/png"]
+    assert body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9", "imageSize": "2K"}
+    assert fake.requests[0].url.path == "/v1beta/models/gemini-3.1-flash-image-preview:generateContent"
+
+
+@pytest.mark.parametrize(
+    ("answers", "status", "attempts", "kind"),
+    [
+        pytest.param([google_error(503, "UNAVAILABLE", "The model is overloaded"), ok_body()], "ok", 2, None,
+                     id="503-then-ok"),
+        pytest.param([httpx.Response(502, text="<html><title>502 Bad Gateway</title></html>"), ok_body()], "ok", 2,
+                     None, id="proxy-html-502-then-ok"),
+        pytest.param([google_error(400, "INVALID_ARGUMENT", "Unsupported image")], "failed", 1, "bad_request",
+                     id="400-fails-without-retry"),
+        pytest.param([ok_body({"text": "I can't"}, finish="IMAGE_SAFETY")], "blocked", 1, "blocked", id="image-safety"),
+        pytest.param([{"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}], "blocked", 1, "blocked",
+                     id="prompt-blocked"),
+        pytest.param([ok_body({"text": "Here is a description instead"})], "failed", 3, "no_image",
+                     id="text-only-retried-then-failed"),
+        pytest.param([google_error(500, "INTERNAL", "boom")], "failed", 6, "server_error", id="500-until-max-attempts"),
+    ],
+)
+def test_outcomes_by_answer(tmp_path: Path, answers: list[Any], status: str, attempts: int, kind: str | None) -> None:
+    job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
+    summary = run(job, FakeGemini({"make the background white": answers}))
+    rec = records(tmp_path / "out")[0]
+    assert (rec["status"], rec["attempts"]) == (status, attempts)
+    assert (rec["error"] or {}).get("kind") == kind
+    assert summary.exit_code == (0 if status == "ok" else 1)
+    assert [p.name for p in (tmp_path / "out").glob("one.*")] == (["one.png"] if status == "ok" else [])
+
+
+def test_failures_keep_the_model_text_and_the_api_message(tmp_path: Path) -> None:
+    job = write_job(
+        tmp_path,
+        [{"id": "a", "image": "images/a.png", "instruction": "talk"}, {"id": "b", "instruction": "bad"}],
+    )
+    fake = FakeGemini(
+        {
+            "talk": [ok_body({"text": "I cannot edit people"}, finish="IMAGE_OTHER")],
+            "bad": [google_error(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")],
+        }
+    )
+    run(job, fake)
+    recs = {r["id"]: r for r in records(tmp_path / "out")}
+    assert recs["a"]["text"] == "I cannot edit people" and recs["a"]["finish_reason"] == "IMAGE_OTHER"
+    assert "invalid argument" in recs["b"]["error"]["message"] and recs["b"]["error"]["status_code"] == 400
+
+
+def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
+    throttled = google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", retry_info("45.837906927s"),
+                             quota_failure("GenerateRequestsPerMinutePerProjectPerModel"))
+    fake = FakeGemini({"make the background white": [throttled, ok_body()]})
+    times: list[float] = []
+
+    def stamp(request: httpx.Request) -> httpx.Response:
+        times.append(anyio.current_time())
+        return fake(request)
+
+    async def go() -> nanobatch.RunSummary:
+        return await nanobatch.run_job(job, transport=httpx.MockTransport(stamp), out_dir=tmp_path / "out")
+
+    summary = run_virtual(go)
+    assert summary.exit_code == 0
+    assert len(times) == 2
+    assert times[1] - times[0] == pytest.approx(45.837906927, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "fatal",
+    [
+        pytest.param(google_error(401, "UNAUTHENTICATED", "API key not valid"), id="401"),
+        pytest.param(google_error(403, "PERMISSION_DENIED", "no access"), id="403"),
+        pytest.param(google_error(404, "NOT_FOUND", "models/x is not found"), id="404"),
+        pytest.param(httpx.Response(402, json={"status_code": 402, "error": {"message": "insufficient balance",
+                                                                               "type": "billing", "code": "402"}}),
+                     id="402-apiyi"),
+        pytest.param(google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", retry_info("3600s"),
+                                  quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier")), id="daily-429"),
+    ],
+)
+def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: Path, fatal: httpx.Response) -> None:
+    items = [{"id": f"sku-{n}", "instruction": f"edit {n}"} for n in range(40)]
+    job = write_job(tmp_path, items)
+    fake = FakeGemini({f"edit {n}": [fatal] for n in range(40)})
+    summary = run(job, fake)
+    assert summary.exit_code == 3 and summary.outcome == "aborted"
+    assert len(fake.requests) <= 8  # at most the requests already in flight
+    out = tmp_path / "out"
+    assert not (out / "results.jsonl").read_text().strip()  # nothing recorded as failed
+    # Once the problem is fixed, the next run does all the work.
+    summary = run(job, FakeGemini())
+    assert summary.exit_code == 0 and summary.stats.ok == 40
+
+
+def test_the_api_key_is_never_written_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    secret = "AIzaSy-very-secret-key-123"
+    monkeypatch.setenv("NANOBATCH_API_KEY", secret)
+    job = write_job(tmp_path, [{"id": "a", "instruction": "echo"}, {"id": "b", "instruction": "fine"},
+                               {"id": "c", "instruction": "die"}])
+    seen_headers: list[str] = []
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        seen_headers.append(request.headers["authorization"])
+        return google_error(400, "INVALID_ARGUMENT", f"bad key? you sent {secret}")
+
+    fake = FakeGemini({"echo": [echo], "die": [google_error(401, "UNAUTHENTICATED", f"key {secret} rejected")]})
+    with caplog.at_level(logging.DEBUG):
+        run(job, fake)
+    assert seen_headers == [f"Bearer {secret}"]  # it was used...
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path  # ...and written nowhere
+    assert secret not in caplog.text
+
+
+def test_rerun_skips_done_work_and_redoes_what_changed(tmp_path: Path) -> None:
+    items = [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}]
+    job = write_job(tmp_path, items)
+    run(job, FakeGemini())
+    fake = FakeGemini()
+    summary = run(job, fake)
+    assert fake.requests == [] and summary.stats.skipped == 2 and summary.exit_code == 0
+
+    (tmp_path / "images" / "b.png").write_bytes(image_bytes((1, 2, 3)))  # a new picture for b
+    fake = FakeGemini()
+    summary = run(job, fake)
+    assert len(fake.requests) == 1 and summary.stats.ok == 1 and summary.stats.skipped == 1
+
+    fake = FakeGemini()
+    run(job, fake, force=True)
+    assert len(fake.requests) == 2
+
+
+def test_retry_failed_runs_only_failed_and_blocked_items(tmp_path: Path) -> None:
+    items = [{"id": "a", "instruction": "fine"}, {"id": "b", "instruction": "bad"}, {"id": "c", "instruction": "nsfw"}]
+    job = write_job(tmp_path, items)
+    run(job, FakeGemini({"bad": [google_error(400, "INVALID_ARGUMENT", "no")],
+                         "nsfw": [ok_body(finish="IMAGE_SAFETY")]}))
+    fake = FakeGemini()
+    summary = run(job, fake, retry_failed=True)
+    assert sorted(fake.instructions()) == ["bad", "nsfw"] and summary.exit_code == 0
+
+
+def test_a_deleted_output_is_made_again(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    run(job, FakeGemini())
+    (tmp_path / "out" / "a.png").unlink()
+    fake = FakeGemini()
+    run(job, fake)
+    assert len(fake.requests) == 1 and (tmp_path / "out" / "a.png").exists()
+
+
+def test_a_bad_manifest_sends_nothing(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/missing.png"}])
+    (tmp_path / "images" / "missing.png").unlink(missing_ok=True)
+    text = job.read_text().replace("images/missing.png", "images/nope.png")
+    job.write_text(text)
+    fake = FakeGemini()
+    with pytest.raises(ManifestError) as err:
+        run(job, fake)
+    assert "item 'b'" in str(err.value) and "image" in str(err.value) and "nope.png" in str(err.value)
+    assert fake.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_no_key_is_a_config_error_before_anything_happens(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    with pytest.raises(ConfigError, match="NANOBATCH_API_KEY"):
+        anyio.run(lambda: nanobatch.run_job(job, out_dir=tmp_path / "out"))
+
+
+def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+
+    async def go() -> None:
+        async with RunLock(out):
+            await nanobatch.run_job(job, transport=FakeGemini().transport, out_dir=out)
+
+    with pytest.raises(LockHeld, match=r"pid \d+"):
+        anyio.run(go)
+
+
+def test_multi_step_items_chain_outputs_and_sum_usage(tmp_path: Path) -> None:
+    first, second = image_bytes((10, 10, 10)), image_bytes((250, 250, 250))
+    job = write_job(tmp_path, [{"id": "hero", "image": "images/a.png", "steps": ["one", "two"], "keep_steps": True}])
+    fake = FakeGemini({"one": [ok_body(inline(first))], "two": [ok_body(inline(second))]})
+    run(job, fake)
+    second_request = json.loads(fake.requests[1].content)
+    sent = second_request["contents"][0]["parts"][1]["inlineData"]["data"]
+    import base64
+
+    assert base64.b64decode(sent) == first  # step two edits step one's output
+    rec = records(tmp_path / "out")[0]
+    assert rec["outputs"] == ["hero.png"] and (tmp_path / "out" / "hero.png").read_bytes() == second
+    assert [s["instruction"] for s in rec["steps"]] == ["one", "two"]
+    assert rec["usage"]["totalTokenCount"] == 2 * 2432
+    assert rec["steps"][0]["outputs"] == ["hero.step1.png"] and (tmp_path / "out" / "hero.step1.png").exists()
+
+
+def test_a_failed_step_fails_the_item_and_names_the_step(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "hero", "instruction": None, "steps": ["one", "two"]}])
+    fake = FakeGemini({"two": [google_error(400, "INVALID_ARGUMENT", "nope")]})
+    run(job, fake)
+    rec = records(tmp_path / "out")[0]
+    assert rec["status"] == "failed" and rec["error"]["step"] == 2 and rec["outputs"] == []
