@@ -32,7 +32,7 @@ from .gemini import Image, Reply, build_request, check_reply, sum_usage
 from .inputs import load_inputs, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
-from .results import ResultsIndex, ResultsLog, atomic_write
+from .results import Journal, ResultsIndex, ResultsLog, atomic_write
 
 __all__ = ["Engine", "RunStats"]
 
@@ -106,6 +106,7 @@ class Engine:
         retry_failed: bool = False,
         stats: RunStats | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None,
+        run_id: str = "",
     ) -> None:
         self.client = client
         self.gate = gate
@@ -120,13 +121,16 @@ class Engine:
         self.stats = stats or RunStats()
         self.on_record = on_record
         self.work_scope = anyio.CancelScope()
+        self.run_id = run_id
         self.log = ResultsLog(out_dir / "results.jsonl")
+        self.journal = Journal(out_dir, run_id)
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
         items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
         done_send, done_recv = anyio.create_memory_object_stream[_Finished](self.concurrency)
         self.log.open()
+        self.journal.open()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._write, done_recv)
@@ -137,6 +141,7 @@ class Engine:
                             workers.start_soon(self._work, items_recv.clone(), done_send.clone())
         finally:
             self.log.close()
+            self.journal.close()
 
     def stop(self, reason: BaseException, *, grace_s: float | None = None) -> None:
         """Send nothing new; cancel requests in flight after *grace_s* (None: let them finish)."""
@@ -183,6 +188,7 @@ class Engine:
         t0 = anyio.current_time()
         record: dict[str, Any] = {
             "id": item.id,
+            "run": self.run_id,
             "status": "failed",
             "outputs": [],
             "finish_reason": None,
@@ -264,6 +270,7 @@ class Engine:
             async with self.gate.request(worst) as ticket:
                 record["attempts"] += 1
                 self.stats.requests += 1
+                self.journal.dispatched(item.id, record["key"], record["attempts"])
                 reply = await self.client.generate(item.model, body, timeout_s=timeout)
                 ticket.cost_usd = models.usage_cost(reply.usage, pricing)
             record["cost_usd"] += ticket.cost_usd

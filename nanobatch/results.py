@@ -156,3 +156,68 @@ class ResultsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+JOURNAL_FILE = "journal.jsonl"
+
+
+class Journal:
+    """``journal.jsonl``: a line per request, written just before it is sent.
+
+    A request whose line has no matching result record (same run, same item)
+    was in flight when a run died: it may have been charged without a saved
+    result. The line is flushed to the kernel, so it survives the process being
+    killed; it is not fsync'ed (a power cut may lose it).
+    """
+
+    def __init__(self, out_dir: Path, run_id: str) -> None:
+        self.path = out_dir / JOURNAL_FILE
+        self.run_id = run_id
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        self._file = self.path.open("ab")
+
+    def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
+        assert self._file is not None, "open() first"
+        line = {"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt}
+        self._file.write(json.dumps(line).encode() + b"\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def orphaned_requests(out_dir: Path) -> list[dict[str, Any]]:
+    """Requests the journal says were sent whose item has no result from that run (the run died)."""
+    path = out_dir / JOURNAL_FILE
+    if not path.exists():
+        return []
+    finished = {(r.get("run"), r["id"]) for r in read_records(out_dir / RESULTS_FILE)}
+    orphans: dict[tuple[str, str], dict[str, Any]] = {}
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # torn by the crash it is there to report
+            if isinstance(entry, dict) and (entry.get("run"), entry.get("id")) not in finished:
+                orphans[(entry["run"], entry["id"])] = entry
+    return list(orphans.values())
+
+
+def reset_journal(out_dir: Path) -> list[dict[str, Any]]:
+    """Report and clear what a dead run left in flight; called by a new run that holds the lock."""
+    orphans = orphaned_requests(out_dir)
+    if orphans:
+        ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
+        logger.warning(
+            "a previous run died with %d requests in flight (items %s): they may have been charged "
+            "without a saved result; they will be sent again",
+            len(orphans),
+            ids,
+        )
+    (out_dir / JOURNAL_FILE).unlink(missing_ok=True)
+    return orphans

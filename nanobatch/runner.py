@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunA
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
-from .results import SUMMARY_FILE, ResultsIndex, atomic_write
+from .results import SUMMARY_FILE, ResultsIndex, atomic_write, reset_journal
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -178,6 +179,7 @@ async def run_job(
     started = time.time()
     async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
         index = ResultsIndex.load(target)
+        orphans = reset_journal(target)
         base_url = settings.api.base_url
         if simulate:
             from .simulator import SimulatorConfig, run_in_thread
@@ -194,7 +196,8 @@ async def run_job(
                 transport=transport,
             )
         )
-        engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats)
+        run_id = uuid.uuid4().hex[:12]
+        engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats, run_id)
         logger.info("running %s into %s (%d items)", manifest.path, target, len(manifest.raw_items))
         async with anyio.create_task_group() as tg:
             if handle_signals:
@@ -206,6 +209,8 @@ async def run_job(
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )
         summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started)
+        summary["last_run"]["run"] = run_id
+        summary["last_run"]["recovered_in_flight"] = len(orphans)
         atomic_write(target / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
@@ -223,6 +228,7 @@ def _engine(
     retry_failed: bool,
     retry_sleep: Callable[[float], Awaitable[None]] | None,
     stats: RunStats,
+    run_id: str,
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
     gate = Gate(
@@ -255,6 +261,7 @@ def _engine(
         force=force,
         retry_failed=retry_failed,
         stats=stats,
+        run_id=run_id,
     )
 
 

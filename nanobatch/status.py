@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .results import SUMMARY_FILE, ResultsIndex
+from .results import SUMMARY_FILE, ResultsIndex, orphaned_requests
 
 __all__ = ["folder_status"]
 
@@ -19,4 +19,7 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         summary = {}
     info["last_run"] = summary.get("last_run")
+    orphans = orphaned_requests(out_dir)
+    info["possibly_charged"] = len(orphans)
+    info["possibly_charged_ids"] = sorted({o["id"] for o in orphans})
     return info
