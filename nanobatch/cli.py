@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import click
 from .config import Settings, load_settings, read_api_key
 from .errors import NanobatchError
 from .manifest import load_manifest
+from .engine import RunStats
+from .progress import LiveProgress, PlainProgress
 from .runner import CheckResult, RunSummary, check_job, run_job
 
 __all__ = ["cli", "entrypoint", "main"]
@@ -137,8 +140,13 @@ def _manifest(path: str, settings: Settings, model: str | None) -> Any:
 @click.option("--grace", type=click.FloatRange(min=0),
               help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).")
 @click.option("--wait-lock", is_flag=True, help="If another run holds the output folder, wait for it.")
+@click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
+@click.option("--progress-interval", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="Seconds between plain progress lines when stderr is not a terminal.")
 def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: bool, retry_failed: bool,
-        force: bool, dry_run: bool, wait_lock: bool, **flags: Any) -> None:
+        force: bool, dry_run: bool, wait_lock: bool, write_html: bool, quiet: bool, progress_interval: float,
+        **flags: Any) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
     settings = _settings(config_file, **flags)
     _install_redaction(settings)
@@ -146,20 +154,53 @@ def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: b
     if dry_run:
         _print_check(check_job(job, settings=settings, out_dir=out_dir))
         return
-    summary = anyio.run(
-        lambda: run_job(
-            job,
-            settings=settings,
-            out_dir=out_dir,
-            force=force,
-            retry_failed=retry_failed,
-            simulate=simulate,
-            wait_lock=wait_lock,
-            handle_signals=True,
-        )
-    )
-    _print_summary(summary)
+    display = _display(quiet, progress_interval)
+    stats = RunStats()
+
+    async def go() -> RunSummary:
+        async with anyio.create_task_group() as tg:
+            if display is not None:
+                tg.start_soon(display.run, stats)
+            try:
+                return await run_job(
+                    job,
+                    settings=settings,
+                    out_dir=out_dir,
+                    force=force,
+                    retry_failed=retry_failed,
+                    simulate=simulate,
+                    wait_lock=wait_lock,
+                    handle_signals=True,
+                    stats=stats,
+                )
+            finally:
+                tg.cancel_scope.cancel()
+
+    summary = anyio.run(go)
+    if write_html:
+        from .report import write_report
+
+        logger.info("wrote %s", write_report(summary.out_dir))
+    if not quiet:
+        _print_summary(summary)
     raise SystemExit(summary.exit_code)
+
+
+def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | None:
+    """A live display on a terminal, plain lines in logs and cron mail, nothing with --quiet."""
+    if quiet:
+        logging.getLogger("nanobatch").setLevel(logging.ERROR)
+        return None
+    logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+        live = LiveProgress()
+        root = logging.getLogger("nanobatch")
+        handler = live.log_handler()
+        handler.filters[:] = [f for h in root.handlers for f in h.filters]
+        if not isinstance(root.handlers[0].formatter, _JsonFormatter):
+            root.handlers[:] = [handler]
+        return live
+    return PlainProgress(interval_s)
 
 
 @cli.command()
@@ -282,10 +323,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NanobatchError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
+    except BaseExceptionGroup as group:  # from a task group: report the error that matters
+        matched, _ = group.split(NanobatchError)
+        if matched is None:
+            raise
+        first = _leaves(matched)[0]
+        click.echo(f"error: {first}", err=True)
+        return first.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[NanobatchError]) -> list[NanobatchError]:
+    leaves: list[NanobatchError] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 def entrypoint() -> None:

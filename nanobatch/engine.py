@@ -56,6 +56,9 @@ class RunStats:
     cost_usd: float = 0.0
     latencies: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+    concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
+    rpm_limit: float | None = None
 
     @property
     def done(self) -> int:
@@ -158,7 +161,6 @@ class Engine:
             for item in items:
                 if self.gate.stopping:
                     break
-                self.stats.total += 1
                 await send.send(item)
 
     async def _work(self, items: ObjectReceiveStream[WorkItem], done: ObjectSendStream[_Finished]) -> None:
@@ -271,7 +273,12 @@ class Engine:
                 record["attempts"] += 1
                 self.stats.requests += 1
                 self.journal.dispatched(item.id, record["key"], record["attempts"])
-                reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                self.stats.in_flight = self.gate.in_flight
+                self.stats.concurrency = self.gate.window
+                try:
+                    reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                finally:
+                    self.stats.in_flight = self.gate.in_flight - 1
                 ticket.cost_usd = models.usage_cost(reply.usage, pricing)
             record["cost_usd"] += ticket.cost_usd
             self._note_reply(record, step, reply)

@@ -167,7 +167,7 @@ async def run_job(
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
-    check_job(manifest, settings=settings)
+    checked = check_job(manifest, settings=settings)
     target = resolve_out_dir(manifest, settings, out_dir)
     api_key = read_api_key(settings)
     if api_key is None and not simulate and transport is None:
@@ -176,6 +176,9 @@ async def run_job(
             "or try the built-in simulator with --simulate"
         )
     stats = stats if stats is not None else RunStats()
+    stats.total = checked.items
+    stats.rpm_limit = settings.limits.requests_per_minute
+    stats.concurrency = settings.limits.concurrency
     started = time.time()
     async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
         index = ResultsIndex.load(target)
@@ -198,7 +201,7 @@ async def run_job(
         )
         run_id = uuid.uuid4().hex[:12]
         engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats, run_id)
-        logger.info("running %s into %s (%d items)", manifest.path, target, len(manifest.raw_items))
+        logger.info("running %s into %s (%d items)", manifest.path, target, checked.items)
         async with anyio.create_task_group() as tg:
             if handle_signals:
                 tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
@@ -315,7 +318,7 @@ def _summary(
             "aborted": isinstance(reason, RunAborted),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
-            "items_seen": stats.total,
+            "items": stats.total,
             "ok": stats.ok,
             "failed": stats.failed,
             "blocked": stats.blocked,

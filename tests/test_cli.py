@@ -1,0 +1,149 @@
+"""The command line as users run it: exit codes, messages, files, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import respx
+
+from nanobatch.cli import main
+from nanobatch.lock import RunLock
+
+from .fakes import google_error, ok_body, write_job
+
+API = "http://api.test"
+ROUTE = r"http://api\.test/v1beta/models/[^/]+:generateContent"
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "test-key-0123")
+    return "test-key-0123"
+
+
+def test_help_lists_every_command_and_run_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("run", "validate", "status", "report", "simulate"):
+        assert command in out
+    assert main(["run", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--config", "--out", "--concurrency", "--rpm", "--model", "--base-url", "--simulate",
+                   "--retry-failed", "--force", "--max-cost", "--max-requests", "--dry-run", "--grace", "--wait-lock",
+                   "--report", "--quiet"):
+        assert option in out, option
+
+
+def test_python_dash_m_runs_the_same_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "nanobatch", "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and "validate" in done.stdout
+
+
+def test_run_against_the_simulator_exits_0_and_writes_everything(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "instruction": "a lemon"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 0
+    assert (out / "a.png").is_file() and (out / "b.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["counts"]["ok"] == 2
+    # A second run has nothing left to do, and says so with exit 0.
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 0
+
+
+def test_bad_manifest_exits_2_naming_file_item_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x", "aspect_ratio": "7:3"}, {"id": "b", "instrction": "y"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(job) in err
+    assert "item 'a', field 'aspect_ratio'" in err and "item 'b', field 'instrction'" in err
+    assert 'did you mean "instruction"' in err
+    assert not out.exists()
+
+
+def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    config = tmp_path / "nanobatch.yaml"
+    config.write_text("limits:\n  concurency: 4\n")
+    assert main(["run", str(job), "--config", str(config), "--simulate"]) == 2
+    assert 'did you mean "concurrency"' in capsys.readouterr().err
+
+
+def test_missing_key_exits_2_and_suggests_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    assert main(["run", str(job), "--base-url", API]) == 2
+    assert "NANOBATCH_API_KEY" in capsys.readouterr().err
+
+
+@respx.mock
+def test_bad_key_exits_3(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    route = respx.post(url__regex=ROUTE).mock(return_value=google_error(401, "UNAUTHENTICATED", "bad key"))
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "x"} for n in range(30)])
+    assert main(["run", str(job), "--base-url", API, "--out", str(tmp_path / "out"), "--concurrency", "2"]) == 3
+    assert route.call_count <= 2
+    assert route.calls[0].request.headers["authorization"] == f"Bearer {key}"
+    assert "hint" in capsys.readouterr().err
+
+
+@respx.mock
+def test_failed_items_exit_1_and_google_auth_style(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if b"bad" in request.content:
+            return google_error(400, "INVALID_ARGUMENT", "Unable to process input image")
+        return httpx.Response(200, json=ok_body())
+
+    route = respx.post(url__regex=ROUTE).mock(side_effect=answer)
+    job = write_job(tmp_path, [{"id": "good", "instruction": "fine"}, {"id": "bad", "instruction": "bad"}])
+    config = tmp_path / "google.yaml"
+    config.write_text(f"api:\n  base_url: {API}\n  auth: x-goog-api-key\n")
+    assert main(["run", str(job), "--config", str(config), "--out", str(tmp_path / "out")]) == 1
+    assert all(call.request.headers["x-goog-api-key"] == key for call in route.calls)
+    assert all("authorization" not in call.request.headers for call in route.calls)
+    assert "bad_request: 1 (e.g. bad)" in capsys.readouterr().err
+
+
+@respx.mock
+def test_validate_and_dry_run_send_nothing(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    route = respx.post(url__regex=ROUTE)
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}, {"id": "b", "steps": ["one", "two"]}])
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "items:     2" in out and "requests:  3" in out and "$" in out
+    assert main(["run", str(job), "--dry-run", "--base-url", API]) == 0
+    assert route.call_count == 0
+
+
+def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a b", "instruction": "x"}, {"id": "c", "image": "images/none.png"},
+                               {"id": "d", "image_size": "8K"}])
+    (tmp_path / "images" / "none.png").unlink()
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "item 'a b'" in err and "item 'c'" in err and "item 'd'" in err
+
+
+def test_status_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"] == {"ok": 1, "failed": 0, "blocked": 0} and info["possibly_charged"] == 0
+
+
+def test_a_held_output_folder_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+
+    async def hold_and_run() -> int:
+        async with RunLock(out):
+            return await anyio.to_thread.run_sync(lambda: main(["run", str(job), "--simulate", "--out", str(out)]))
+
+    assert anyio.run(hold_and_run) == 4
+    assert "another nanobatch run holds" in capsys.readouterr().err
