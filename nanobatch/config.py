@@ -168,7 +168,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config file must be a mapping of sections (api, limits, ...)")
-    return data
+    return {section: value for section, value in data.items() if value is not None}  # "pricing:" alone = empty
 
 
 def _validate(data: dict[str, Any], *, source: str) -> Settings:
