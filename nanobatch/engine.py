@@ -177,7 +177,9 @@ class Engine:
                     self.gate.stop(exc)
                     continue
                 if finished is not None:
-                    await done.send(finished)
+                    # Paid for and finished: the hand-off to the writer must survive the grace deadline.
+                    with anyio.CancelScope(shield=True):
+                        await done.send(finished)
 
     def _wanted(self, item: WorkItem, key: str) -> bool:
         entry = self.index.entries.get(item.id)

@@ -23,11 +23,15 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     yield
 
 
-def run_virtual(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run *fn* on trio's virtual clock: sleeps take no real time, and time only moves when all tasks wait."""
+def run_virtual(fn: Callable[[], Awaitable[T]], *, settle_s: float = 0.0) -> T:
+    """Run *fn* on trio's virtual clock: sleeps take no real time, and time only moves when all tasks wait.
+
+    A task waiting for a worker thread (file writes) counts as waiting; *settle_s* is how much real time
+    the clock lets such threads have before it jumps, for tests where an early jump would change the outcome.
+    """
     from trio.testing import MockClock
 
-    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=0)})
+    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=settle_s)})
 
 
 @pytest.fixture

@@ -1,0 +1,83 @@
+"""SIGINT / SIGTERM: nothing new is sent, requests in flight get a grace period, finished work is kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+import nanobatch
+
+from .conftest import run_virtual
+from .fakes import ok_body, write_job
+
+LATENCY_S = 10.0
+
+
+async def slow_api(request: httpx.Request) -> httpx.Response:
+    await anyio.sleep(LATENCY_S)
+    return httpx.Response(200, json=ok_body())
+
+
+def run_and_signal(job: Path, signals: list[tuple[float, int]], grace_s: float) -> nanobatch.RunSummary:
+    """Run the job with 4 workers on the virtual clock, sending ourselves *signals* at the given times."""
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 4, "limits.grace_s": grace_s})
+
+    async def go() -> nanobatch.RunSummary:
+        async with anyio.create_task_group() as tg:
+
+            async def send_signals() -> None:
+                start = anyio.current_time()
+                for at, signum in signals:
+                    await anyio.sleep(start + at - anyio.current_time())
+                    os.kill(os.getpid(), signum)
+
+            tg.start_soon(send_signals)
+            summary = await nanobatch.run_job(
+                job, settings=settings, transport=httpx.MockTransport(slow_api), out_dir=job.parent / "out",
+                handle_signals=True,
+            )
+            tg.cancel_scope.cancel()
+        return summary
+
+    return run_virtual(go, settle_s=0.2)
+
+
+def ids(out: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_first_signal_lets_requests_in_flight_finish(tmp_path: Path, signum: int) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    summary = run_and_signal(job, [(15.0, signum)], grace_s=30)
+    out = tmp_path / "out"
+    # 4 finished at t=10; the 4 in flight at t=15 finished at t=20 within the grace; nothing else was sent.
+    assert summary.exit_code == 130 and summary.outcome == "interrupted"
+    assert len(ids(out)) == 8 and summary.stats.requests == 8
+    assert all((out / f"{i}.png").is_file() for i in ids(out))
+    # The next run does the other 12 and only those.
+    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx.MockTransport(slow_api), out_dir=out))
+    assert rerun.stats.ok == 12 and rerun.stats.skipped == 8
+
+
+def test_grace_period_ends_by_cancelling_what_is_still_in_flight(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    summary = run_and_signal(job, [(15.0, signal.SIGTERM)], grace_s=2)
+    # The 4 requests in flight at t=15 would end at t=20, after the 2 s grace: they are cancelled, not recorded.
+    assert summary.exit_code == 130
+    assert len(ids(tmp_path / "out")) == 4
+
+
+def test_second_signal_cancels_at_once_but_keeps_what_finished(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    summary = run_and_signal(job, [(15.0, signal.SIGINT), (16.0, signal.SIGINT)], grace_s=30)
+    out = tmp_path / "out"
+    assert summary.exit_code == 130
+    assert len(ids(out)) == 4 and summary.stats.ok == 4
+    assert json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "interrupted"
