@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from nanobatch import report
 from nanobatch.report import write_report
 
 CARD_RE = re.compile(r'<article class="card [^"]*" data-status="([^"]*)" data-id="([^"]*)">')
@@ -240,7 +240,7 @@ def test_written_atomically(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_report(out_dir)
     assert (out_dir / "report.html").read_text() == "previous report"  # never half-written

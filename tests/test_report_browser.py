@@ -26,10 +26,13 @@ LAUNCH_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+pytestmark = pytest.mark.browser
 STATUSES = {"sku-1": "ok", "sku-2": "ok", "sku-3": "failed", "sku-4": "blocked", "sku-5": "ok"}
 
 sync_api = pytest.importorskip(
-    "playwright.sync_api", reason="playwright is not installed (CI installs it: pip install playwright)"
+    "playwright.sync_api",
+    reason="playwright is not importable (CI installs it: pip install playwright)",
+    exc_type=ImportError,  # a broken install skips too, not only a missing one
 )
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (CI installs it: apt-get install chromium)", allow_module_level=True)
