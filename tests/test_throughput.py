@@ -1,0 +1,109 @@
+"""Throughput control against a server that pushes back, on trio's virtual clock."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import anyio
+import httpx
+
+import nanobatch
+
+from .conftest import run_virtual
+from .fakes import google_error, ok_body, quota_failure, retry_info, write_job
+
+# The writer's fsyncs run in a thread; let them finish before the virtual clock jumps, or the
+# clock races ahead while the disk works and the writer looks slow in virtual time.
+SETTLE_S = 0.005
+
+
+class HiddenRpmServer:
+    """Answers 429 with RetryInfo once more than *rpm* requests arrived in the last 60 s."""
+
+    def __init__(self, rpm: int, latency_s: float) -> None:
+        self.rpm = rpm
+        self.latency_s = latency_s
+        self.arrivals: collections.deque[float] = collections.deque()
+        self.answers: collections.Counter[int] = collections.Counter()
+        self.sent_at: list[float] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        now = anyio.current_time()
+        self.sent_at.append(now)
+        while self.arrivals and now - self.arrivals[0] >= 60:
+            self.arrivals.popleft()
+        if len(self.arrivals) >= self.rpm:
+            self.answers[429] += 1
+            wait = 60 - (now - self.arrivals[0])
+            return google_error(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted",
+                                retry_info(f"{wait:.3f}s"), quota_failure("GenerateRequestsPerMinutePerProjectPerModel"))
+        self.arrivals.append(now)
+        await anyio.sleep(self.latency_s)
+        self.answers[200] += 1
+        return httpx.Response(200, json=ok_body())
+
+
+def test_hidden_rpm_limit_with_32_workers_ends_all_ok_with_few_429s(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(600)])
+    server = HiddenRpmServer(rpm=300, latency_s=2.0)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 32})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
+                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    assert summary.exit_code == 0 and summary.stats.ok == 600
+    share_429 = server.answers[429] / (server.answers[429] + server.answers[200])
+    assert share_429 < 0.05, server.answers
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(400)])
+    server = HiddenRpmServer(rpm=10_000, latency_s=3.0)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 64, "limits.requests_per_minute": 120})
+    run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
+                                          out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    times = sorted(server.sent_at)
+    assert len(times) == 400
+    worst = max(sum(1 for t in times if start <= t < start + 10) for start in times)
+    assert worst <= 120 / 6  # no 10-second window over its share
+    achieved = (len(times) - 1) / (times[-1] - times[0]) * 60
+    assert achieved >= 0.98 * 120
+
+
+def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(50)])
+    server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
+    settings = nanobatch.load_settings(overrides={"budget.max_cost_usd": 0.5, "limits.concurrency": 4})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
+                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    assert summary.exit_code == 3 and "budget" in (summary.reason or "")
+    spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
+    assert 0.4 < spent <= 0.5
+    assert summary.stats.ok == server.answers[200] < 50  # everything sent was kept; the rest is left for later
+
+
+def test_max_requests_is_a_hard_cap(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(30)])
+    server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
+    settings = nanobatch.load_settings(overrides={"budget.max_requests": 7})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
+                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    assert summary.exit_code == 3 and server.answers[200] == 7 and summary.stats.ok == 7
+
+
+def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(30)])
+    calls: list[float] = []
+
+    def down(request: httpx.Request) -> httpx.Response:
+        calls.append(anyio.current_time())
+        return httpx.Response(503, text="<html><title>503 Service Unavailable</title></html>")
+
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 4, "limits.breaker_threshold": 5,
+                                                  "limits.breaker_cooldown_s": 30, "limits.breaker_max_down_s": 300})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(down),
+                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    assert summary.exit_code == 3 and "failed every request" in (summary.reason or "")
+    # While open, the breaker lets one probe through per cool-down instead of hammering the API.
+    assert len(calls) < 40
