@@ -42,6 +42,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete half-written temporary files a killed run left behind (call with the folder's lock held)."""
+    removed = 0
+    for path in out_dir.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d half-written temporary files left by an interrupted run", removed)
+    return removed
+
+
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """Item records from a results file, oldest first; torn or foreign lines are skipped with a warning."""
     if not path.exists():
@@ -136,15 +148,31 @@ class ResultsLog:
         self._mend_torn_tail()
 
     def _mend_torn_tail(self) -> None:
-        # A line torn by a crash must not swallow the next record: end it first.
+        """Cut off a line torn by a crash mid-write, so that every line of the file stays parseable.
+
+        The torn record was never complete, so its item has no result and will be sent again.
+        """
         assert self._file is not None
-        size = self.path.stat().st_size
-        if size:
-            with self.path.open("rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    logger.warning("%s ends with a torn line (a crash mid-write?); it will be ignored", self.path)
-                    self._file.write(b"\n")
+        with self.path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            keep = 0  # after the last newline, found by reading backwards a block at a time
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                f.seek(start)
+                block = f.read(end - start)
+                if b"\n" in block:
+                    keep = start + block.rfind(b"\n") + 1
+                    break
+                end = start
+            logger.warning("%s: removing a line torn by a crash (%d bytes); its item will run again", self.path,
+                           size - keep)
+            f.truncate(keep)
 
     def append(self, record: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"

@@ -29,10 +29,11 @@ from .client import GeminiClient
 from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
 from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunAborted
+from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
-from .results import SUMMARY_FILE, ResultsIndex, atomic_write, reset_journal
+from .results import SUMMARY_FILE, ResultsIndex, atomic_write, remove_stale_temp_files, reset_journal
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -98,12 +99,17 @@ def check_job(
     *,
     settings: Settings | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    check_urls: bool = True,
+    transport: httpx.BaseTransport | None = None,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
-    Raises :class:`ManifestError` listing every problem found.
+    With *check_urls*, image URLs are asked for their headers (*transport* replaces
+    the network in tests). Raises :class:`ManifestError` listing every problem found.
     """
     manifest, settings = _load(manifest, settings)
+    target = resolve_out_dir(manifest, settings, out_dir)
+    urls = UrlChecklist()
     likely = worst = 0.0
 
     def add_cost(item: WorkItem) -> None:
@@ -117,17 +123,19 @@ def check_job(
             likely += low
             worst += high
             n_images = 1  # later steps edit the previous output
+        urls.add(item)
 
-    report = manifest.check(visit=add_cost)
-    if report.problems:
-        raise ManifestError(report.problems)
+    report = manifest.check(visit=add_cost, out_dir=target)
+    problems = report.problems + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+    if problems:
+        raise ManifestError(problems)
     limits = settings.limits
     duration = report.requests * TYPICAL_LATENCY_S / limits.concurrency
     if limits.requests_per_minute:
         duration = max(duration, report.requests / limits.requests_per_minute * 60)
     return CheckResult(
         manifest=manifest.path,
-        out_dir=resolve_out_dir(manifest, settings, out_dir),
+        out_dir=target,
         items=report.items,
         requests=report.requests,
         cost_likely_usd=likely,
@@ -167,7 +175,7 @@ async def run_job(
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
-    checked = check_job(manifest, settings=settings)
+    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False)
     target = resolve_out_dir(manifest, settings, out_dir)
     api_key = read_api_key(settings)
     if api_key is None and not simulate and transport is None:
@@ -183,6 +191,7 @@ async def run_job(
     async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
         index = ResultsIndex.load(target)
         orphans = reset_journal(target)
+        remove_stale_temp_files(target)
         base_url = settings.api.base_url
         if simulate:
             from .simulator import SimulatorConfig, run_in_thread
@@ -201,6 +210,7 @@ async def run_job(
         )
         run_id = uuid.uuid4().hex[:12]
         engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats, run_id)
+        engine.inputs = await stack.enter_async_context(InputLoader(transport=transport))
         logger.info("running %s into %s (%d items)", manifest.path, target, checked.items)
         async with anyio.create_task_group() as tg:
             if handle_signals:
