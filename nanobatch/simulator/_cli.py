@@ -1,0 +1,174 @@
+"""``nanobatch simulate``: serve the simulator on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, TypedDict
+
+import click
+
+from .config import FAULT_KINDS, SimulatorConfig
+from .server import serve
+
+__all__ = ["FAULT_MIX", "LatencyOptions", "parse_fault_rates", "parse_latency", "simulate"]
+
+# How a bare ``--fault-rate 0.1`` is split across kinds: mostly transient
+# server errors, as seen from a busy model.
+FAULT_MIX: dict[str, float] = {
+    "429": 0.30,
+    "503": 0.30,
+    "500": 0.08,
+    "504": 0.07,
+    "drop": 0.05,
+    "image_safety": 0.08,
+    "no_image": 0.06,
+    "text_only": 0.04,
+    "blocked": 0.02,
+}
+_LATENCY_HELP = "SECONDS, uniform:LOW,HIGH or lognormal:MEDIAN,SIGMA (e.g. 0.2, uniform:1,5, lognormal:40,0.5)"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class LatencyOptions(TypedDict):
+    """SimulatorConfig's latency fields."""
+
+    latency: str
+    latency_s: float
+    latency_spread: float
+
+
+def parse_latency(text: str) -> LatencyOptions:
+    """Parse a ``--latency`` value.
+
+    >>> parse_latency("uniform:1,5")
+    {'latency': 'uniform', 'latency_s': 3.0, 'latency_spread': 2.0}
+    """
+    kind, _, args = text.strip().partition(":") if ":" in text else ("fixed", "", text.strip())
+    try:
+        numbers = [float(x) for x in args.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected {_LATENCY_HELP}; got {text!r}") from None
+    if any(n < 0 for n in numbers):
+        raise click.BadParameter(f"latency values must not be negative; got {text!r}")
+    if kind == "fixed" and len(numbers) == 1:
+        return LatencyOptions(latency="fixed", latency_s=numbers[0], latency_spread=0.0)
+    if kind == "uniform" and len(numbers) == 2 and numbers[0] <= numbers[1]:
+        low, high = numbers
+        return LatencyOptions(latency="uniform", latency_s=(low + high) / 2, latency_spread=(high - low) / 2)
+    if kind == "lognormal" and len(numbers) == 2 and numbers[0] > 0:
+        return LatencyOptions(latency="lognormal", latency_s=numbers[0], latency_spread=numbers[1])
+    raise click.BadParameter(f"expected {_LATENCY_HELP} (LOW <= HIGH, MEDIAN > 0); got {text!r}")
+
+
+def parse_fault_rates(values: Iterable[str]) -> dict[str, float]:
+    """Parse ``--fault-rate`` values into SimulatorConfig field names (``rate_429``...).
+
+    A bare number is a total rate split by FAULT_MIX; ``KIND=RATE`` sets one
+    kind (and wins over the mix). Values may also be comma-separated.
+
+    >>> parse_fault_rates(["0.1", "drop=0.02"])["rate_drop"]
+    0.02
+    """
+    rates: dict[str, float] = {}
+    for item in (part.strip() for value in values for part in value.split(",")):
+        if not item:
+            continue
+        kind, sep, number = item.partition("=")
+        if not sep:
+            total = _rate(item, item)
+            for mix_kind, share in FAULT_MIX.items():
+                rates.setdefault(FAULT_KINDS[mix_kind], total * share)
+            continue
+        name = FAULT_KINDS.get(kind.strip().lower().replace("-", "_"))
+        if name is None:
+            raise click.BadParameter(f"unknown fault kind {kind!r}; choose from {', '.join(FAULT_KINDS)}")
+        rates[name] = _rate(number, item)
+    if sum(rates.values()) > 1.0 + 1e-9:
+        raise click.BadParameter(f"fault rates add up to {sum(rates.values()):g}; they must total at most 1")
+    return rates
+
+
+def _rate(number: str, item: str) -> float:
+    try:
+        rate = float(number)
+    except ValueError:
+        raise click.BadParameter(f"expected a rate between 0 and 1, or KIND=RATE; got {item!r}") from None
+    if not 0.0 <= rate <= 1.0:
+        raise click.BadParameter(f"a rate must be between 0 and 1; got {item!r}")
+    return rate
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (keep it loopback).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0 picks a free port.")
+@click.option(
+    "--latency",
+    default="0",
+    show_default=True,
+    callback=lambda _ctx, _param, value: parse_latency(value),
+    help=f"Simulated latency: {_LATENCY_HELP}.",
+)
+@click.option(
+    "--time-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Multiply every wait, quota window and retryDelay (0.01 turns 40 s into 0.4 s).",
+)
+@click.option(
+    "--fault-rate",
+    "fault_rates",
+    multiple=True,
+    metavar="RATE|KIND=RATE",
+    callback=lambda _ctx, _param, value: parse_fault_rates(value),
+    help=f"A total rate (split in a realistic mix) or KIND=RATE; repeatable. KIND: {', '.join(FAULT_KINDS)}.",
+)
+@click.option("--rpm-limit", type=click.IntRange(min=1), help="Requests per minute before 429 (sliding window).")
+@click.option("--daily-limit", type=click.IntRange(min=1), help="Successful (HTTP 200) requests before a per-day 429.")
+@click.option("--seed", default=0, show_default=True, help="Seed for latencies and faults (same seed, same run).")
+@click.option("--api-key-env", metavar="NAME", help="Require the API key held by this environment variable.")
+@click.option("--image-format", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
+@click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
+def simulate(
+    *,
+    host: str,
+    port: int,
+    latency: LatencyOptions,
+    time_scale: float,
+    fault_rates: dict[str, float],
+    rpm_limit: int | None,
+    daily_limit: int | None,
+    seed: int,
+    api_key_env: str | None,
+    image_format: str,
+    verbose: bool,
+) -> None:
+    """Serve the built-in Gemini simulator (no key, no network, real edited images)."""
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
+    rates: dict[str, Any] = dict(fault_rates)
+    config = SimulatorConfig(
+        seed=seed,
+        time_scale=time_scale,
+        rpm_limit=rpm_limit,
+        daily_limit=daily_limit,
+        api_key=api_key,
+        image_format=image_format,
+        **latency,
+        **rates,
+    )
+    if host not in _LOOPBACK and not host.startswith("127."):
+        click.echo(f"warning: {host} is reachable from other machines; the simulator is meant for loopback", err=True)
+    auth = f" with the key from ${api_key_env}" if api_key_env else ""
+
+    def ready(url: str) -> None:
+        click.echo(f"Simulator listening on {url}; run: nanobatch run MANIFEST --base-url {url}{auth} (Ctrl-C stops)")
+
+    try:
+        serve(config, host, port, verbose=verbose, on_ready=ready)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None

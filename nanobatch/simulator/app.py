@@ -1,0 +1,255 @@
+"""The ASGI app: routing, auth, quotas, faults, latency, then the edited image."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from nanobatch.models import lookup
+
+from .config import SimulatorConfig
+from .errors import (
+    RATE_LIMITS_URL,
+    InvalidRequest,
+    SimulatedDrop,
+    google_error,
+    quota_failure,
+    retry_info,
+)
+from .faults import DailyQuota, Draw, SlidingWindow, draw
+from .imaging import render
+from .responses import Usage, blocked_body, finish_body, image_body, text_body
+from .validation import ParsedRequest, parse_request
+
+__all__ = ["SimulatorStats", "create_app"]
+
+logger = logging.getLogger("nanobatch.simulator")
+
+API_VERSIONS = ("v1", "v1beta", "v1alpha")
+FAULT_429_RETRY_S = 2.0
+TEXT_ONLY_REPLY = "Sure! Here is the image with the requested change:"
+_UNAUTHENTICATED = (
+    "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other "
+    "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
+)
+_ERRORS = {
+    "503": (503, "The model is overloaded. Please try again later."),
+    "500": (
+        500,
+        "An internal error has occurred. Please retry or report in "
+        "https://developers.generativeai.google/guide/troubleshooting",
+    ),
+    "504": (504, "Deadline expired before operation could complete."),
+}
+
+
+@dataclass(slots=True)
+class SimulatorStats:
+    """Live counters, read by tests and benchmarks (mutable on purpose: requests update them)."""
+
+    received: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    dropped: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    images: int = 0
+    tokens: int = 0  # sum of the totalTokenCount of every 200
+    in_flight: int = 0
+    max_in_flight: int = 0
+
+
+class _Dropped(Response):
+    """Stands for "no response": the connection was aborted."""
+
+
+def create_app(
+    config: SimulatorConfig | None = None,
+    *,
+    clock: Callable[[], float] = anyio.current_time,
+    sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+) -> Starlette:
+    """A Starlette app serving ``POST /{version}/models/{model}:generateContent``.
+
+    ``app.state.stats`` holds a SimulatorStats. *clock* (read only inside
+    requests) and *sleep* let tests drive time by hand; the defaults follow the
+    event loop, so a virtual clock (trio's MockClock) drives them too.
+
+    >>> import httpx
+    >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://sim")
+    """
+    config = config or SimulatorConfig()
+    simulator = _Simulator(config, clock, sleep)
+    app = Starlette(routes=[Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
+    app.state.config = config
+    app.state.stats = simulator.stats
+    # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
+    app.state.abort_connection = None
+    return app
+
+
+class _Simulator:
+    def __init__(
+        self, config: SimulatorConfig, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]
+    ) -> None:
+        self.config = config
+        self.stats = SimulatorStats()
+        self._rng = random.Random(config.seed)
+        self._sleep = sleep
+        self._rpm = SlidingWindow(config.rpm_limit, 60.0 * config.time_scale, clock) if config.rpm_limit else None
+        self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
+
+    async def handle(self, request: Request) -> Response:
+        stats = self.stats
+        stats.received += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            response = await self._respond(request)
+        except SimulatedDrop:
+            stats.dropped += 1
+            raise
+        finally:
+            stats.in_flight -= 1
+        if isinstance(response, _Dropped):
+            stats.dropped += 1
+            logger.debug("%s %s -> connection dropped", request.method, request.url.path)
+        else:
+            stats.by_status[response.status_code] += 1
+            logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
+        return response
+
+    async def _respond(self, request: Request) -> Response:
+        version = request.path_params["version"]
+        model_id, _, method = request.path_params["target"].partition(":")
+        if method != "generateContent":
+            return google_error(404, f"models/{model_id}:{method} is not supported by the simulator")
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        model = lookup(model_id)
+        if model is None or version not in API_VERSIONS:
+            return google_error(
+                404,
+                f"models/{model_id} is not found for API version {version}, or is not supported for "
+                "generateContent. Call ListModels to see the list of available models and their supported methods.",
+            )
+        try:
+            parsed = parse_request(await request.body(), model=model, model_id=model_id)
+        except InvalidRequest as exc:
+            return google_error(exc.code, exc.message)
+        if (refused := self._check_quota(parsed)) is not None:
+            return refused
+        return await self._generate(request, parsed, draw(self.config, self._rng))
+
+    def _check_key(self, request: Request) -> Response | None:
+        expected = self.config.api_key
+        if expected is None:
+            return None
+        authorization = request.headers.get("authorization", "")
+        bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        given = request.headers.get("x-goog-api-key") or bearer or request.query_params.get("key") or ""
+        if not given:
+            return google_error(401, _UNAUTHENTICATED)
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return google_error(403, "API key not valid. Please pass a valid API key.")
+        return None
+
+    def _check_quota(self, parsed: ParsedRequest) -> Response | None:
+        if self._daily is not None and self._daily.exhausted:
+            return self._quota_error(
+                parsed, "GenerateRequestsPerDayPerProjectPerModel", "generate_requests_per_model_per_day",
+                self._daily.limit, None,
+            )  # fmt: skip
+        if self._rpm is not None and (wait := self._rpm.acquire()) is not None:
+            return self._quota_error(
+                parsed, "GenerateRequestsPerMinutePerProjectPerModel", "generate_requests_per_model",
+                self._rpm.limit, wait,
+            )  # fmt: skip
+        return None
+
+    def _quota_error(
+        self, parsed: ParsedRequest, quota_id: str, metric: str, limit: int, wait: float | None
+    ) -> Response:
+        model = parsed.model.id
+        message = (
+            "You exceeded your current quota, please check your plan and billing details. For more information on "
+            f"this error, head to: {RATE_LIMITS_URL}.\n* Quota exceeded for metric: "
+            f"generativelanguage.googleapis.com/{metric}, limit: {limit}, model: {model}"
+        )
+        details = quota_failure(quota_id=quota_id, metric=f"generativelanguage.googleapis.com/{metric}",
+                                model=model, limit=limit)  # fmt: skip
+        if wait is not None:
+            info = retry_info(wait)
+            message += f"\nPlease retry in {info['retryDelay']}."
+            details.append(info)
+        return google_error(429, message, details)
+
+    async def _generate(self, request: Request, parsed: ParsedRequest, chance: Draw) -> Response:
+        fault = chance.fault
+        if fault is not None:
+            self.stats.faults[fault] += 1
+        if fault == "429":
+            return google_error(
+                429,
+                "Resource has been exhausted (e.g. check quota).",
+                [retry_info(FAULT_429_RETRY_S * self.config.time_scale)],
+            )
+        if fault == "503":
+            return google_error(*_ERRORS[fault])
+        if fault == "blocked":
+            return self._ok(*blocked_body(parsed, chance))
+        seconds = chance.latency_s * self.config.time_scale
+        if seconds > 0:
+            await self._sleep(seconds)
+        if fault in ("500", "504"):
+            return google_error(*_ERRORS[fault])
+        if fault == "drop":
+            return await self._drop(request)
+        if fault == "image_safety":
+            return self._ok(*finish_body(parsed, chance, "IMAGE_SAFETY"))
+        if fault == "no_image":
+            return self._ok(*finish_body(parsed, chance, "NO_IMAGE"))
+        if fault == "text_only":
+            return self._ok(*text_body(parsed, chance, TEXT_ONLY_REPLY))
+        if "IMAGE" not in parsed.modalities:
+            return self._ok(*text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
+        job = functools.partial(
+            render,
+            parsed,
+            image_format=self.config.image_format,
+            seed=chance.image_seed,
+            thought_image=chance.thought_image and parsed.model.supports_thinking,
+        )
+        try:
+            rendered = await anyio.to_thread.run_sync(job)
+        except InvalidRequest as exc:
+            return google_error(exc.code, exc.message)
+        self.stats.images += 1
+        return self._ok(*image_body(parsed, chance, rendered))
+
+    def _ok(self, body: dict[str, object], usage: Usage) -> Response:
+        if self._daily is not None:
+            self._daily.used += 1
+        self.stats.tokens += usage.total()
+        return JSONResponse(body)
+
+    async def _drop(self, request: Request) -> Response:
+        """Abort the TCP connection (uvicorn), or raise SimulatedDrop (in-process)."""
+        abort = request.app.state.abort_connection
+        if abort is None or not abort(request.client):
+            raise SimulatedDrop()
+        # Wait until the server has noticed, so it sends nothing for this request.
+        with anyio.move_on_after(5):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+        return _Dropped(status_code=500)

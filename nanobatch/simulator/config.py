@@ -1,0 +1,88 @@
+"""Settings of the simulator: latency, faults, quotas, auth."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+__all__ = ["FAULT_KINDS", "LATENCY_MODELS", "SimulatorConfig"]
+
+LATENCY_MODELS = ("fixed", "uniform", "lognormal")
+
+# Fault kind (as written on the command line) -> SimulatorConfig field.
+FAULT_KINDS: dict[str, str] = {
+    "429": "rate_429",
+    "503": "rate_503",
+    "500": "rate_500",
+    "504": "rate_504",
+    "drop": "rate_drop",
+    "image_safety": "rate_image_safety",
+    "no_image": "rate_no_image",
+    "text_only": "rate_text_only",
+    "blocked": "rate_blocked",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SimulatorConfig:
+    """How the simulator behaves. The defaults give a fast, fault-free server.
+
+    Every duration is simulated time: real sleeps, the per-minute window and
+    ``retryDelay`` values are multiplied by ``time_scale`` (0 = never wait; the
+    window is then empty too, so ``rpm_limit`` needs a time_scale above 0).
+    ``daily_limit`` counts HTTP 200 answers. Fault rates are per request and
+    add up to at most 1.
+
+    >>> SimulatorConfig(latency="lognormal", latency_s=40, latency_spread=0.5, rate_503=0.05)  # doctest: +ELLIPSIS
+    SimulatorConfig(seed=0, latency='lognormal', ...)
+    """
+
+    seed: int = 0
+    latency: str = "fixed"
+    # fixed: the latency; uniform: the middle; lognormal: the median. Seconds.
+    latency_s: float = 0.0
+    # uniform: +/- this many seconds; lognormal: sigma of the underlying normal.
+    latency_spread: float = 0.0
+    time_scale: float = 1.0
+    rate_429: float = 0.0
+    rate_503: float = 0.0
+    rate_500: float = 0.0
+    rate_504: float = 0.0
+    rate_drop: float = 0.0
+    rate_image_safety: float = 0.0
+    rate_no_image: float = 0.0
+    rate_text_only: float = 0.0
+    # 200 with promptFeedback.blockReason and no candidates.
+    rate_blocked: float = 0.0
+    rpm_limit: int | None = None
+    daily_limit: int | None = None
+    api_key: str | None = None
+    image_format: str = "png"
+
+    def __post_init__(self) -> None:
+        if self.latency not in LATENCY_MODELS:
+            raise ValueError(f"latency must be one of {', '.join(LATENCY_MODELS)}, not {self.latency!r}")
+        if self.latency_s < 0 or self.latency_spread < 0 or self.time_scale < 0:
+            raise ValueError("latency_s, latency_spread and time_scale must not be negative")
+        for name, rate in self.fault_rates().items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, not {rate}")
+        if sum(self.fault_rates().values()) > 1.0 + 1e-9:
+            raise ValueError("fault rates must add up to at most 1")
+        for name in ("rpm_limit", "daily_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for no limit)")
+        if self.image_format not in ("png", "jpeg"):
+            raise ValueError(f"image_format must be 'png' or 'jpeg', not {self.image_format!r}")
+
+    def fault_rates(self) -> dict[str, float]:
+        """Each fault kind's rate, keyed like FAULT_KINDS."""
+        return {kind: float(getattr(self, name)) for kind, name in FAULT_KINDS.items()}
+
+    def __repr__(self) -> str:
+        # Never show the API key, even in a traceback.
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'api_key' and self.api_key else repr(getattr(self, f.name))}"
+            for f in fields(self)
+        )
+        return f"SimulatorConfig({shown})"
