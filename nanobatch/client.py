@@ -81,6 +81,10 @@ class GeminiClient:
             raise ApiError(
                 self._redact(f"connection failed: {type(exc).__name__}: {exc}"), kind="connection", retryable=True
             ) from None
+        except httpx.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
+            raise ApiError(
+                self._redact(f"the response body could not be decoded: {exc}"), kind="bad_response", retryable=True
+            ) from None
         if response.status_code == 200:
             return parse_reply(response.content)
         error = classify_error(response.status_code, response.headers, response.content)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -131,17 +132,20 @@ def load_settings(
     env = os.environ if env is None else env
     path = find_config_file(config_file, env)
     data: dict[str, Any] = _read_config_file(path) if path is not None else {}
+    from_env: dict[tuple[str, str], str] = {}
     for section, model in Settings.model_fields.items():
         annotation = model.annotation
         if not (isinstance(annotation, type) and issubclass(annotation, _Section)):
             continue
         for name in annotation.model_fields:
-            value = env.get(f"NANOBATCH_{section}_{name}".upper())
+            variable = f"NANOBATCH_{section}_{name}".upper()
+            value = env.get(variable)
             if value is not None and value != "":
                 section_data = data.setdefault(section, {})
                 if isinstance(section_data, dict):
                     section_data[name] = None if value.lower() in ("null", "none") else value
-    settings = _validate(data, source=str(path) if path else "environment")
+                    from_env[(section, name)] = variable
+    settings = _validate(data, source=str(path) if path else "environment", from_env=from_env)
     return settings.with_overrides(overrides or {})
 
 
@@ -171,14 +175,19 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return {section: value for section, value in data.items() if value is not None}  # "pricing:" alone = empty
 
 
-def _validate(data: dict[str, Any], *, source: str) -> Settings:
+def _validate(data: dict[str, Any], *, source: str, from_env: Mapping[tuple[str, str], str] | None = None) -> Settings:
+    """*from_env* maps the (section, name) of values taken from the environment to their variable."""
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_describe(source, err) for err in exc.errors())) from None
+        raise ConfigError("\n".join(_describe(source, err, from_env or {}) for err in exc.errors())) from None
 
 
-def _describe(source: str, err: Any) -> str:
+def _describe(source: str, err: Any, from_env: Mapping[tuple[str, str], str]) -> str:
+    parts = [str(part) for part in err["loc"]]
+    variable = from_env.get((parts[0], parts[1])) if len(parts) >= 2 else None
+    if variable is not None:
+        source = f"environment variable {variable}"
     loc = ".".join(str(part) for part in err["loc"])
     message = err["msg"]
     if err["type"] == "extra_forbidden":
@@ -189,6 +198,9 @@ def _describe(source: str, err: Any) -> str:
 def _known_names(loc: tuple[Any, ...]) -> list[str]:
     model: Any = Settings
     for part in loc:
+        if typing.get_origin(model) is dict:  # ``pricing``: any model id, then a PriceOverride
+            model = typing.get_args(model)[1]
+            continue
         field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if field is None:
             return []

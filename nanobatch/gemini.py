@@ -133,8 +133,14 @@ def parse_reply(body: bytes) -> Reply:
     images: list[Image] = []
     texts: list[str] = []
     candidates = data.get("candidates") or []
-    first = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
-    for part in (first.get("content") or {}).get("parts") or []:
+    first = candidates[0] if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict) else {}
+    content = first.get("content") or {}
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(candidates, list) or not isinstance(content, dict) or not isinstance(parts or [], list):
+        raise ApiError(
+            "the response body is not a generateContent answer", kind="bad_response", status_code=200, retryable=True
+        )
+    for part in parts or []:
         if not isinstance(part, dict) or part.get("thought"):
             continue  # thinking parts, images included, are drafts: never the result
         if isinstance(part.get("text"), str):
@@ -166,16 +172,18 @@ def _decode_image(inline: dict[str, Any]) -> Image:
 
 def check_reply(reply: Reply) -> None:
     """Raise if *reply* holds no usable image: ``blocked`` (final) or ``no_image`` (worth another try)."""
+    # Both the finishMessage and the model's own text can explain; keep each one that was sent.
+    said = " / ".join(dict.fromkeys(s for s in (reply.finish_message, reply.text) if s))
     if reply.block_reason or (reply.finish_reason in BLOCK_REASONS):
         reason = reply.block_reason or reply.finish_reason
-        detail = reply.finish_message or reply.text or ""
+        detail = said
         raise ApiError(
             f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
             kind="blocked",
             status_code=200,
         )
     if not reply.images:
-        detail = reply.finish_message or reply.text or "no explanation given"
+        detail = said or "no explanation given"
         raise ApiError(
             f"the answer has no image (finishReason {reply.finish_reason}): {detail}",
             kind="no_image",

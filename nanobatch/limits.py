@@ -1,9 +1,9 @@
 """What must agree before a request goes out, in one :class:`Gate`.
 
-In order: the run is not stopping; no server-requested pause is running; the
-circuit breaker is closed (or this is its probe); the budget can cover the
-request's worst case; a concurrency slot is free (its size adapts: halved when
-the server pushes back, grown by one per window of successes); and the rate
+In order: the run is not stopping; no server-requested pause is running; a
+concurrency slot is free (its size adapts: halved when the server pushes back,
+grown by one per window of successes); the circuit breaker is closed (or this
+is its probe); the budget can cover the request's worst case; and the rate
 limiter (GCRA, burst 1) says it is time.
 
 Time comes from :func:`anyio.current_time` and waiting from :func:`anyio.sleep`,
@@ -46,11 +46,14 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         async with self._lock:
-            now = anyio.current_time()
-            if self._next > now:
-                await anyio.sleep(self._next - now)
-                now = anyio.current_time()
-            self._next = max(now, self._next) + self.interval
+            # A loop, not one sleep: defer() may move the next slot while we wait for it.
+            while (delay := self._next - anyio.current_time()) > 0:  # noqa: ASYNC110 - waiting for a time
+                await anyio.sleep(delay)
+            self._next = anyio.current_time() + self.interval
+
+    def defer(self, until: float) -> None:
+        """Let no request out before *until* (the server asked for a pause)."""
+        self._next = max(self._next, until)
 
 
 class Breaker:
@@ -197,6 +200,8 @@ class Gate:
     def pause(self, seconds: float) -> None:
         """Hold every new request for *seconds* (the server said when to come back)."""
         self.paused_until = max(self.paused_until, anyio.current_time() + seconds)
+        if self.rate is not None:
+            self.rate.defer(self.paused_until)
 
     @asynccontextmanager
     async def request(self, worst_case_usd: float = 0.0) -> AsyncIterator[Ticket]:
@@ -221,27 +226,32 @@ class Gate:
         probe = False
         reserved = False
         acquired = False
-        with anyio.CancelScope() as scope:
-            self._waiting.add(scope)
-            try:
-                if self.stopping:
-                    scope.cancel()
-                await anyio.lowlevel.checkpoint()
-                await self._wait_pause()
-                if self.breaker is not None:
-                    probe = await self.breaker.wait()
-                await self.slots.acquire()
-                acquired = True
-                await self._wait_pause()
-                await self.budget.reserve(worst_case_usd)
-                reserved = True
-                if self.rate is not None:
-                    await self.rate.acquire()
-            except RunAborted as exc:
-                self.stop(exc)
-            finally:
-                self._waiting.discard(scope)
-        if scope.cancel_called or self.stopping:
+        try:
+            with anyio.CancelScope() as scope:
+                self._waiting.add(scope)
+                try:
+                    if self.stopping:
+                        scope.cancel()
+                    await anyio.lowlevel.checkpoint()
+                    await self._wait_pause()
+                    await self.slots.acquire()
+                    acquired = True
+                    # The breaker is asked only once a slot is held: a request that queued for a slot
+                    # while the breaker was still closed must not slip out after it opened.
+                    if self.breaker is not None:
+                        probe = await self.breaker.wait()
+                    await self.budget.reserve(worst_case_usd)
+                    reserved = True
+                    await self._wait_pause()
+                    if self.rate is not None:
+                        await self.rate.acquire()  # a pause also defers the rate limiter's next slot
+                except RunAborted as exc:
+                    self.stop(exc)
+                finally:
+                    self._waiting.discard(scope)
+            if scope.cancel_called or self.stopping:
+                raise Stopped
+        except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken
             if reserved:
                 self.budget.settle(worst_case_usd, 0.0)
                 self.budget.requests -= 1
@@ -249,7 +259,7 @@ class Gate:
                 self.slots.release()
             if probe and self.breaker is not None:
                 self.breaker.record(outage=True, probe=True)
-            raise Stopped
+            raise
         return Ticket(reserved_usd=worst_case_usd, started_at=anyio.current_time(), probe=probe)
 
     async def _wait_pause(self) -> None:
