@@ -29,7 +29,7 @@ from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, NanobatchError
 from .gemini import Image, Reply, build_request, check_reply, sum_usage
-from .inputs import load_inputs, work_key
+from .inputs import InputLoader, load_inputs, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
 from .results import Journal, ResultsIndex, ResultsLog, atomic_write
@@ -110,6 +110,7 @@ class Engine:
         stats: RunStats | None = None,
         on_record: Callable[[dict[str, Any]], None] | None = None,
         run_id: str = "",
+        inputs: InputLoader | None = None,
     ) -> None:
         self.client = client
         self.gate = gate
@@ -125,6 +126,7 @@ class Engine:
         self.on_record = on_record
         self.work_scope = anyio.CancelScope()
         self.run_id = run_id
+        self.inputs = inputs  # the run's downloader and cache; None: a one-off loader per item
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
 
@@ -218,7 +220,7 @@ class Engine:
         steps: list[dict[str, Any]] = []
         usages: list[dict[str, Any]] = []
         try:
-            images = await load_inputs(item.inputs)
+            images = await load_inputs(item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry)
             record["key"] = key = work_key(item, images)
             if not self._wanted(item, key):
                 self.stats.skipped += 1

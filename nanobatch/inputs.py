@@ -1,49 +1,384 @@
-"""Reading an item's input images when it is dispatched (never before)."""
+"""Input images, read when an item is dispatched (never before): local files and http(s) URLs.
+
+* :class:`InputLoader`, one per run: one ``httpx.AsyncClient`` for downloads,
+  which never carries the API key; downloads are streamed under a size limit,
+  retried like API calls, and cached, so a URL that many items share is fetched
+  once. Pictures too big to send inline are refused, or downscaled with Pillow
+  when the item says ``resize_inputs: true``.
+* :func:`check_urls`, for ``nanobatch validate``: does each URL answer 2xx?
+* :func:`work_key`: a digest of everything that decides an item's output.
+
+A picture that cannot be loaded fails its item (error kind ``input``), not the run.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
 
 import anyio
+import httpx
 
-from .errors import ApiError
+from ._retry import RetryPolicy, retrying
+from .errors import ApiError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
 
-__all__ = ["load_inputs", "work_key"]
+__all__ = [
+    "MAX_DOWNLOAD_BYTES",
+    "MAX_INPUT_BYTES",
+    "MAX_TOTAL_INPUT_BYTES",
+    "InputError",
+    "InputLoader",
+    "UrlChecklist",
+    "check_urls",
+    "is_url",
+    "load_inputs",
+    "work_key",
+]
+
+logger = logging.getLogger("nanobatch")
+
+MB = 1024 * 1024
+# Gemini takes at most 20 MB of inline data per request, and base64 adds a third:
+# one picture may be 7 MB raw, and all of one request's pictures 14 MB (~18.7 MB encoded).
+MAX_INPUT_BYTES = 7 * MB
+MAX_TOTAL_INPUT_BYTES = 14 * MB
+# A download larger than this is refused without reading it whole (even with resize_inputs).
+MAX_DOWNLOAD_BYTES = 20 * MB
+# validate checks the URLs only when there are at most this many distinct ones.
+URL_CHECK_LIMIT = 2000
 
 _ACCEPTED = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
+_RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_TIMEOUT = httpx.Timeout(60.0, connect=20.0)
+_CACHE_ENTRIES = 32
+_CACHE_BYTES = 256 * MB
 
 
 class InputError(ApiError):
-    """An input image could not be read: the item fails, nothing is sent."""
+    """An input image could not be loaded: the item fails (kind ``input``), nothing is sent."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, kind="input")
+    def __init__(
+        self, message: str, *, retryable: bool = False, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, kind="input", retryable=retryable, status_code=status_code, retry_after=retry_after)
 
 
-def _read_local(path: str) -> Image:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
+def is_url(ref: str) -> bool:
+    return ref[:8].lower().startswith(("http://", "https://"))
+
+
+class _Cache:
+    """Least-recently-used downloads, bounded by count and by bytes."""
+
+    def __init__(self, entries: int, max_bytes: int) -> None:
+        self.entries, self.max_bytes = entries, max_bytes
+        self.items: OrderedDict[str, Image | InputError] = OrderedDict()
+        self.size = 0
+
+    def get(self, url: str) -> Image | InputError | None:
+        value = self.items.get(url)
+        if value is not None:
+            self.items.move_to_end(url)
+        return value
+
+    def put(self, url: str, value: Image | InputError) -> None:
+        self.size += _weight(value)
+        self.items[url] = value
+        while self.items and (len(self.items) > self.entries or self.size > self.max_bytes):
+            _, dropped = self.items.popitem(last=False)
+            self.size -= _weight(dropped)
+
+
+def _weight(value: Image | InputError) -> int:
+    return len(value.data) if isinstance(value, Image) else 0
+
+
+class InputLoader:
+    """Loads items' input images for one run; an async context manager (it owns a lazily made HTTP client).
+
+    >>> async with InputLoader() as loader:
+    ...     images = await loader.load(item.inputs, resize=item.resize_inputs)
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_input_bytes: int = MAX_INPUT_BYTES,
+        max_total_bytes: int = MAX_TOTAL_INPUT_BYTES,
+        max_download_bytes: int = MAX_DOWNLOAD_BYTES,
+        cache_entries: int = _CACHE_ENTRIES,
+        cache_bytes: int = _CACHE_BYTES,
+    ) -> None:
+        self.transport = transport
+        self.max_input_bytes = max_input_bytes
+        self.max_total_bytes = max_total_bytes
+        self.max_download_bytes = max_download_bytes
+        self.cache = _Cache(cache_entries, cache_bytes)
+        self.downloads = 0  # URLs fetched (not counting retries); cache hits are not downloads
+        self._http: httpx.AsyncClient | None = None
+        self._pending: dict[str, anyio.Event] = {}
+
+    async def __aenter__(self) -> InputLoader:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def load(self, refs: Sequence[str], *, resize: bool = False, retry: RetryPolicy | None = None) -> list[Image]:
+        """The images of *refs*, in order, within the inline size limits; raises :class:`InputError`."""
+        policy = retry if retry is not None else RetryPolicy()
+        images = []
+        for ref in refs:
+            if is_url(ref):
+                images.append(await self._fetch(ref, policy))
+            else:
+                images.append(await anyio.to_thread.run_sync(self._read_local, ref, resize))
+        if not images:
+            return images
+        return await anyio.to_thread.run_sync(self._fit, list(refs), images, resize)
+
+    def _read_local(self, path: str, resize: bool) -> Image:
+        try:
+            size = Path(path).stat().st_size
+            if size > self.max_input_bytes and not resize:
+                raise InputError(_too_big(path, size, self.max_input_bytes))
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
+        return _as_image(path, data)
+
+    def _fit(self, refs: list[str], images: list[Image], resize: bool) -> list[Image]:
+        """Refuse (or downscale) pictures over the per-image limit, or together over the per-request one."""
+        total = sum(len(i.data) for i in images)
+        share = min(self.max_input_bytes, self.max_total_bytes // len(images))
+        if not resize:
+            for ref, image in zip(refs, images, strict=True):
+                if len(image.data) > self.max_input_bytes:
+                    raise InputError(_too_big(ref, len(image.data), self.max_input_bytes))
+            if total > self.max_total_bytes:
+                raise InputError(
+                    f"the {len(images)} input images take {total / MB:.1f} MB together, but one request can carry "
+                    f"{self.max_total_bytes / MB:.0f} MB of images: set resize_inputs: true to downscale them"
+                )
+            return images
+        if all(len(i.data) <= self.max_input_bytes for i in images) and total <= self.max_total_bytes:
+            return images
+        return [
+            _downscale(ref, image, share) if len(image.data) > share else image
+            for ref, image in zip(refs, images, strict=True)
+        ]
+
+    async def _fetch(self, url: str, policy: RetryPolicy) -> Image:
+        while True:
+            hit = self.cache.get(url)
+            if isinstance(hit, Image):
+                return hit
+            if isinstance(hit, InputError):
+                raise InputError(hit.message, status_code=hit.status_code)
+            pending = self._pending.get(url)
+            if pending is None:
+                break
+            await pending.wait()  # another item is fetching the same URL: share its result
+
+        async def attempt() -> Image:  # a coroutine function: tenacity would not await a lambda's coroutine
+            return await self._download(url)
+
+        done = self._pending[url] = anyio.Event()
+        try:
+            self.downloads += 1
+            image = await retrying(attempt, policy, on_retry=_log_retry)
+        except InputError as exc:
+            if not exc.retryable:
+                self.cache.put(url, exc)  # a 404 stays a 404 for this run
+            raise
+        finally:
+            del self._pending[url]
+            done.set()
+        self.cache.put(url, image)
+        return image
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # Its own client, so the API key (a header of the API client) can never reach an image host.
+            self._http = httpx.AsyncClient(
+                transport=self.transport,
+                headers={"User-Agent": "nanobatch"},
+                follow_redirects=True,
+                timeout=_TIMEOUT,
+                limits=httpx.Limits(max_connections=16),
+            )
+        return self._http
+
+    async def _download(self, url: str) -> Image:
+        limit = self.max_download_bytes
+        try:
+            async with self._client().stream("GET", url) as response:
+                if not response.is_success:
+                    raise _status_error(url, response)
+                length = response.headers.get("content-length", "")
+                if length.isdigit() and int(length) > limit:
+                    raise InputError(_too_big(url, int(length), limit, download=True))
+                chunks, size = [], 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise InputError(_too_big(url, size, limit, download=True, at_least=True))
+                    chunks.append(chunk)
+                content_type = response.headers.get("content-type")
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as exc:
+            raise InputError(f"cannot download {url}: {exc}") from None
+        except httpx.TimeoutException as exc:
+            raise InputError(f"downloading {url} timed out ({type(exc).__name__})", retryable=True) from None
+        except httpx.TransportError as exc:
+            raise InputError(f"downloading {url} failed: {type(exc).__name__}: {exc}", retryable=True) from None
+        return _as_image(url, b"".join(chunks), content_type)
+
+
+async def load_inputs(
+    refs: Sequence[str], *, resize: bool = False, loader: InputLoader | None = None, retry: RetryPolicy | None = None
+) -> list[Image]:
+    """The bytes of each input, in order: through the run's *loader*, or a one-off loader when None."""
+    if loader is not None:
+        return await loader.load(refs, resize=resize, retry=retry)
+    async with InputLoader() as one_off:
+        return await one_off.load(refs, resize=resize, retry=retry)
+
+
+def _log_retry(exc: ApiError, wait: float, attempt: int) -> None:
+    logger.info("download attempt %d: %s; retrying in %.1f s", attempt, exc.message, wait)
+
+
+def _status_error(url: str, response: httpx.Response) -> InputError:
+    status = response.status_code
+    retry_after = response.headers.get("retry-after", "")
+    hint = ""
+    if status in (401, 403):
+        hint = ": is the URL public (or its signature expired)?"
+    elif status in (404, 410):
+        hint = ": no such picture"
+    return InputError(
+        f"downloading {url} failed: HTTP {status}{hint}",
+        retryable=status in _RETRYABLE_STATUS,
+        status_code=status,
+        retry_after=min(float(retry_after), 300.0) if retry_after.isdigit() else None,
+    )
+
+
+def _too_big(name: str, size: int, limit: int, *, download: bool = False, at_least: bool = False) -> str:
+    more = "more than " if at_least else ""
+    if download:
+        return f"{name} is {more}{size / MB:.1f} MB, over the {limit / MB:.0f} MB download limit: refused"
+    return (
+        f"{name} is {size / MB:.1f} MB, but an input image can be at most {limit / MB:.0f} MB (Gemini takes "
+        "20 MB of inline data per request): set resize_inputs: true to downscale it, or make it smaller"
+    )
+
+
+def _as_image(name: str, data: bytes, content_type: str | None = None) -> Image:
     mime = sniff_mime(data)
     if mime not in _ACCEPTED:
-        raise InputError(f"{path} is not a PNG, JPEG, WEBP or HEIC/HEIF image")
+        sent = f" (it is {mime})" if mime else f" (the server said {content_type})" if content_type else ""
+        raise InputError(f"{name} is not a PNG, JPEG, WEBP or HEIC/HEIF image{sent}")
     return Image(mime, data)
 
 
-async def load_inputs(refs: Sequence[str]) -> list[Image]:
-    """The bytes of each input, in order, read in a worker thread."""
-    images = []
-    for ref in refs:
-        if ref.startswith(("http://", "https://")):
-            raise InputError(f"{ref}: image URLs are not supported yet")
-        images.append(await anyio.to_thread.run_sync(_read_local, ref))
-    return images
+def _downscale(name: str, image: Image, limit: int) -> Image:
+    """*image* re-encoded (JPEG, or PNG when it has transparency) and shrunk until it takes at most *limit* bytes."""
+    from PIL import Image as Pillow
+    from PIL import ImageOps, UnidentifiedImageError
+
+    try:
+        with Pillow.open(io.BytesIO(image.data)) as opened:
+            picture = ImageOps.exif_transpose(opened)  # re-encoding drops EXIF: apply the rotation first
+            alpha = picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info
+            picture = picture.convert("RGBA" if alpha else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Pillow.DecompressionBombError) as exc:
+        raise InputError(f"{name} ({image.mime_type}) is too big and cannot be downscaled: {exc}") from None
+    fmt, mime = ("PNG", "image/png") if alpha else ("JPEG", "image/jpeg")
+    # A photo kept as PNG often fits as JPEG at full size; otherwise shrink by area, then by steps.
+    scales = [1.0] if mime != image.mime_type else []
+    scales += [math.sqrt(limit / len(image.data)) * 0.95 * 0.8**n for n in range(8)]
+    for scale in scales:
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        buffer = io.BytesIO()
+        resized = picture if scale == 1.0 else picture.resize(size, Pillow.Resampling.LANCZOS)
+        resized.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {"optimize": True}))
+        if buffer.tell() <= limit:
+            logger.info("%s: downscaled from %d to %d bytes (%dx%d %s)", name, len(image.data), buffer.tell(),
+                        *size, fmt)
+            return Image(mime, buffer.getvalue())
+    raise InputError(f"{name} could not be downscaled under {limit / MB:.1f} MB")
+
+
+class UrlChecklist:
+    """The distinct image URLs of a manifest, gathered while it is checked (up to *limit*; beyond, none are kept)."""
+
+    def __init__(self, limit: int = URL_CHECK_LIMIT) -> None:
+        self.limit = limit
+        self.first_use: dict[str, tuple[str, str]] = {}  # url -> (item id, field)
+        self.too_many = False
+
+    def add(self, item: WorkItem) -> None:
+        if self.too_many:
+            return
+        for n, ref in enumerate(item.inputs):
+            if is_url(ref) and ref not in self.first_use:
+                self.first_use[ref] = (item.id, "image" if len(item.inputs) == 1 else f"images[{n}]")
+        if len(self.first_use) > self.limit:
+            self.too_many = True
+            self.first_use.clear()
+
+    def problems(self, manifest_file: str, *, transport: httpx.BaseTransport | None = None) -> list[Problem]:
+        """One problem per URL that does not answer 2xx (named by the first item that uses it)."""
+        if self.too_many:
+            logger.warning("more than %d distinct image URLs: not checking them now; each is checked when "
+                           "its item runs", self.limit)
+            return []
+        failed = check_urls(list(self.first_use), transport=transport)
+        return [Problem(manifest_file, *self.first_use[url], message) for url, message in failed.items()]
+
+
+def check_urls(
+    urls: Sequence[str], *, transport: httpx.BaseTransport | None = None, concurrency: int = 8
+) -> dict[str, str]:
+    """What is wrong with each URL that does not answer 2xx (a GET that stops after the headers), by URL."""
+    if not urls:
+        return {}
+    failed: dict[str, str] = {}
+    with httpx.Client(
+        transport=transport, headers={"User-Agent": "nanobatch"}, follow_redirects=True, timeout=_TIMEOUT
+    ) as client:
+
+        def probe(url: str) -> None:
+            try:
+                # HEAD is refused by many image hosts and signed URLs: ask for the body, read only the headers.
+                with client.stream("GET", url) as response:
+                    if not response.is_success:
+                        failed[url] = f"{url} answered HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                failed[url] = f"{url} cannot be reached: {type(exc).__name__}: {exc}"
+
+        with ThreadPoolExecutor(max_workers=concurrency) as pool:
+            list(pool.map(probe, urls))
+    return {url: failed[url] for url in urls if url in failed}
 
 
 def work_key(item: WorkItem, inputs: Sequence[Image]) -> str:

@@ -1,10 +1,12 @@
 """Job manifests: a YAML file -> a validated stream of :class:`WorkItem`.
 
 The YAML document itself is parsed once, but items are resolved one at a time
-as they are consumed: no image is read and no request is built here. A run
-first walks the whole stream with :meth:`Manifest.check` (which stats each
-input file and collects every problem, not just the first) and sends nothing
-unless it is clean.
+as they are consumed, from ``items:`` and then from each ``items_from:`` source
+(CSV, JSONL, glob; see :mod:`nanobatch.sources`), which are read as streams:
+no image is read, no request is built and no catalog is loaded whole here. A
+run first walks the whole stream with :meth:`Manifest.check` (which stats each
+input file and collects every problem, not just the first, keeping only the set
+of ids) and sends nothing unless it is clean.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +25,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from . import models
 from .config import did_you_mean
 from .errors import ManifestError, Problem
+from .sources import InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
 
-__all__ = ["Manifest", "WorkItem", "load_manifest"]
+__all__ = ["THINKING_LEVELS", "Manifest", "WorkItem", "load_manifest"]
 
 logger = logging.getLogger("nanobatch")
 
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+THINKING_LEVELS = ("minimal", "low", "medium", "high")
+# Beyond this many, check() lists no more problems (a broken template in a million-row CSV).
+MAX_PROBLEMS = 1000
 
 
 class ItemFields(BaseModel):
-    """Every field an item (or ``defaults:``) may set."""
+    """Every field an item (or ``defaults:``, or an ``items_from:`` source) may set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +56,29 @@ class ItemFields(BaseModel):
     thinking_level: str | None = None
     output: str | None = None
     keep_steps: bool | None = None
+    resize_inputs: bool | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Merged:
+    """An item's fields with the defaults merged in: the same names as :class:`ItemFields`, already validated.
+
+    A plain dataclass because it is built once per item, a million times for a large catalog.
+    """
+
+    id: str | None = None
+    image: str | None = None
+    images: list[str] | None = None
+    instruction: str | None = None
+    steps: list[str] | None = None
+    model: str | None = None
+    aspect_ratio: str | None = None
+    image_size: str | None = None
+    response_modalities: list[str] | None = None
+    thinking_level: str | None = None
+    output: str | None = None
+    keep_steps: bool | None = None
+    resize_inputs: bool | None = None
 
 
 class ManifestFields(BaseModel):
@@ -58,14 +88,17 @@ class ManifestFields(BaseModel):
     model: str | None = None
     output_dir: str | None = None
     defaults: dict[str, Any] = {}
-    items: list[Any] = []
+    items: list[Any] | None = None
+    items_from: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkItem:
     """One unit of work, fully resolved: what to send, in order, and where the result goes.
 
-    ``inputs`` are absolute paths (or URLs); ``steps`` has one instruction per request.
+    ``inputs`` are absolute paths or http(s) URLs; ``steps`` has one instruction per
+    request; ``output`` is the output name relative to the output folder (placeholders
+    filled), or None for ``<id>.<ext>``.
     """
 
     id: str
@@ -78,6 +111,7 @@ class WorkItem:
     thinking_level: str | None = None
     output: str | None = None
     keep_steps: bool = False
+    resize_inputs: bool = False
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the input bytes that decides the output (part of the work key)."""
@@ -110,85 +144,169 @@ class Manifest:
     model: str
     output_dir: Path | None
     defaults: ItemFields
-    raw_items: list[Any] = field(repr=False)
+    sources: tuple[Source, ...] = field(default=(), repr=False)
+    # Worked out once, not once per item: the absolute folder inputs resolve against, the defaults as a dict.
+    _base: str = field(init=False, repr=False, compare=False)
+    _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
+        object.__setattr__(self, "_defaults", _given(self.defaults))
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
 
     def items(self, *, check_files: bool = True) -> Iterator[WorkItem]:
-        """The work items in manifest order; raises :class:`ManifestError` at the first bad one."""
-        for index, raw in enumerate(self.raw_items):
-            item, problems = self._resolve(index, raw, check_files=check_files)
+        """The work items in manifest order, read lazily; raises :class:`ManifestError` at the first bad one."""
+        for raw in self._raw_items():
+            item, problems = self._resolve(raw, check_files=check_files)
             if problems:
                 raise ManifestError(problems)
             assert item is not None
             yield item
 
-    def check(self, *, check_files: bool = True, visit: Callable[[WorkItem], None] | None = None) -> CheckReport:
-        """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...)."""
-        problems: list[Problem] = []
+    def check(
+        self,
+        *,
+        check_files: bool = True,
+        visit: Callable[[WorkItem], None] | None = None,
+        out_dir: Path | None = None,
+    ) -> CheckReport:
+        """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
+
+        Items are not kept: only their ids, to find duplicates. With *out_dir*, output
+        names are also checked not to lead out of it through a symbolic link.
+        """
+        problems = _Problems(self.path)
         seen: set[str] = set()
         count = requests = images_in = 0
         warned: set[str] = set()
-        for index, raw in enumerate(self.raw_items):
-            item, found = self._resolve(index, raw, check_files=check_files)
+        confine = _Confinement(out_dir) if out_dir is not None else None
+        for raw in self._raw_items():
+            item, found = self._resolve(raw, check_files=check_files)
             problems.extend(found)
+            # A bad item's id still counts: its duplicate is a problem of its own.
+            item_id = item.id if item is not None else _id_of(raw)
+            if item_id in seen:
+                problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
+            elif item_id is not None:
+                seen.add(item_id)
             if item is None:
                 continue
-            if item.id in seen:
-                problems.append(self._problem(item.id, "id", f"duplicate id {item.id!r}: ids must be unique"))
-            seen.add(item.id)
+            if confine is not None and item.output is not None and (message := confine.check(item.output)):
+                problems.add(Problem(raw.file, item.id, "output", message))
             if models.lookup(item.model) is None and item.model not in warned:
                 warned.add(item.model)
-                logger.warning("unknown model %r: sending it as is, without local checks of ratios and sizes", item.model)
+                logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", item.model)
             if visit is not None:
                 visit(item)
             count += 1
             requests += len(item.steps)
             images_in += len(item.inputs)
-        return CheckReport(items=count, requests=requests, images_in=images_in, problems=problems)
+        if count == 0 and not problems.found:
+            problems.add(Problem(str(self.path), None, "items", "the manifest and its sources yield no items"))
+        return CheckReport(items=count, requests=requests, images_in=images_in, problems=problems.listed())
 
-    def _problem(self, item: str | None, fld: str | None, message: str) -> Problem:
-        return Problem(file=str(self.path), item=item, field=fld, message=message)
+    def _raw_items(self) -> Iterator[RawItem]:
+        for source in self.sources:
+            yield from source.raw_items()
 
-    def _resolve(self, index: int, raw: Any, *, check_files: bool = True) -> tuple[WorkItem | None, list[Problem]]:
-        label = f"#{index + 1}"
-        if not isinstance(raw, dict):
-            return None, [self._problem(label, None, "an item must be a mapping with at least an id")]
-        label = str(raw.get("id", label))
-        fields, problems = _parse_fields(raw, self, label)
+    def _resolve(self, raw: RawItem, *, check_files: bool = True) -> tuple[WorkItem | None, list[Problem]]:
+        if raw.problems or raw.fields is None:
+            return None, list(raw.problems)
+        fields, problems = _parse_fields(raw.fields, raw.file, raw.label)
         if fields is None:
             return None, problems
-        merged = _merge(self.defaults, fields)
-        return _build_item(merged, self, label, check_files=check_files)
+        return _build_item(_merge(self._defaults, fields), self, raw, check_files=check_files)
+
+
+def _id_of(raw: RawItem) -> str | None:
+    value = raw.fields.get("id") if raw.fields is not None else None
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+class _Problems:
+    """Every problem up to :data:`MAX_PROBLEMS`, then only a count."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.kept: list[Problem] = []
+        self.found = 0
+
+    def add(self, problem: Problem) -> None:
+        self.found += 1
+        if len(self.kept) < MAX_PROBLEMS:
+            self.kept.append(problem)
+
+    def extend(self, problems: list[Problem]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    def listed(self) -> list[Problem]:
+        if self.found <= len(self.kept):
+            return self.kept
+        more = f"... and {self.found - len(self.kept)} more problems, not listed: fix these and validate again"
+        return [*self.kept, Problem(str(self.path), None, None, more)]
+
+
+class _Confinement:
+    """Whether an output name stays inside the output folder once symbolic links are followed."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root = out_dir.resolve()
+        self.out_dir = out_dir
+        self.verdicts: dict[str, str | None] = {}  # by parent folder: most items share a handful
+
+    def check(self, name: str) -> str | None:
+        parent = str(Path(name).parent)
+        if parent == ".":
+            return None
+        if parent not in self.verdicts:
+            if len(self.verdicts) > 10_000:
+                self.verdicts.clear()
+            resolved = (self.root / parent).resolve()
+            inside = resolved == self.root or resolved.is_relative_to(self.root)
+            self.verdicts[parent] = None if inside else (
+                f"{name!r} leads out of the output folder {self.out_dir} (through a symbolic link to {resolved})"
+            )
+        return self.verdicts[parent]
 
 
 def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manifest:
-    """Read and check the top level of a manifest; items are resolved later, one by one."""
+    """Read and check the top level of a manifest and its sources; items are resolved later, one by one."""
     path = Path(path)
+    file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ManifestError([Problem(str(path), None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
+        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ManifestError([Problem(str(path), None, None, f"not valid YAML: {exc}")]) from None
+        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
-        raise ManifestError([Problem(str(path), None, None, "a manifest must be a mapping with an items: list")])
+        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    if isinstance(data.get("items_from"), dict):
+        data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
     try:
         top = ManifestFields.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError([_from_pydantic(str(path), None, err, ManifestFields) for err in exc.errors()]) from None
-    probe = Manifest(
-        path=path, name="", model=default_model, output_dir=None, defaults=ItemFields(), raw_items=[]
-    )
-    defaults, problems = _parse_fields(top.defaults, probe, "defaults", where="defaults")
+        raise ManifestError([_from_pydantic(file, None, err, ManifestFields) for err in exc.errors()]) from None
+    defaults, problems = _parse_fields(top.defaults, file, None, where="defaults")
     if defaults is not None and defaults.id is not None:
-        problems.append(Problem(str(path), None, "defaults.id", "defaults cannot set an id"))
-    if not top.items:
-        problems.append(Problem(str(path), None, "items", "the manifest lists no items"))
+        problems.append(Problem(file, None, "defaults.id", "defaults cannot set an id"))
+    if defaults is not None and defaults.output is not None:
+        problems += [Problem(file, None, "defaults.output", m) for m in _template_problems(defaults.output)]
+    sources: list[Source] = [InlineSource(items=top.items, file=file)] if top.items else []
+    if top.items_from:
+        found, source_problems = parse_sources(
+            top.items_from, manifest_file=file, base_dir=path.parent, item_fields=list(ItemFields.model_fields)
+        )
+        sources += found
+        problems += source_problems
+    if not top.items and not top.items_from:
+        problems.append(Problem(file, None, "items", "the manifest lists no items: give items:, items_from:, or both"))
     if problems:
         raise ManifestError(problems)
     assert defaults is not None
@@ -198,38 +316,38 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
         model=top.model or default_model,
         output_dir=(path.parent / top.output_dir) if top.output_dir else None,
         defaults=defaults,
-        raw_items=top.items,
+        sources=tuple(sources),
     )
 
 
 def _parse_fields(
-    raw: dict[str, Any], manifest: Manifest, label: str, *, where: str | None = None
+    raw: Mapping[str, Any], file: str, label: str | None, *, where: str | None = None
 ) -> tuple[ItemFields | None, list[Problem]]:
     item = None if where else label
-    raw = dict(raw)
+    data = dict(raw)
     problems: list[Problem] = []
     for name in ("aspect_ratio", "image_size", "id"):
-        value = raw.get(name)
+        value = data.get(name)
         if name == "aspect_ratio" and isinstance(value, int) and not isinstance(value, bool):
             # YAML 1.1 reads an unquoted 16:9 as the base-60 number 969.
             guess = f"{value // 60}:{value % 60}"
-            problems.append(_at(manifest, item, where, name, f'write the ratio in quotes, as "{guess}"'))
-            raw.pop(name)
+            problems.append(_at(file, item, where, name, f'write the ratio in quotes, as "{guess}"'))
+            data.pop(name)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            raw[name] = str(value)
+            data[name] = str(value)
     try:
-        fields = ItemFields.model_validate(raw)
+        fields = ItemFields.model_validate(data)
     except ValidationError as exc:
         prefix = f"{where}." if where else ""
         for err in exc.errors():
-            problem = _from_pydantic(str(manifest.path), item, err, ItemFields)
+            problem = _from_pydantic(file, item, err, ItemFields)
             problems.append(Problem(problem.file, problem.item, prefix + (problem.field or ""), problem.message))
         return None, problems
     return (None if problems else fields), problems
 
 
-def _at(manifest: Manifest, item: str | None, where: str | None, name: str, message: str) -> Problem:
-    return Problem(str(manifest.path), item, f"{where}.{name}" if where else name, message)
+def _at(file: str, item: str | None, where: str | None, name: str, message: str) -> Problem:
+    return Problem(file, item, f"{where}.{name}" if where else name, message)
 
 
 def _from_pydantic(file: str, item: str | None, err: Any, model: type[BaseModel]) -> Problem:
@@ -240,9 +358,9 @@ def _from_pydantic(file: str, item: str | None, err: Any, model: type[BaseModel]
     return Problem(file, item, loc, message)
 
 
-def _merge(defaults: ItemFields, item: ItemFields) -> ItemFields:
-    data = defaults.model_dump(exclude_none=True)
-    own = item.model_dump(exclude_none=True)
+def _merge(defaults: dict[str, Any], item: ItemFields) -> _Merged:
+    data = dict(defaults)
+    own = _given(item)
     # An item's own image(s) or instruction(s) replace the defaults' as a whole.
     if "image" in own or "images" in own:
         data.pop("image", None)
@@ -251,16 +369,21 @@ def _merge(defaults: ItemFields, item: ItemFields) -> ItemFields:
         data.pop("instruction", None)
         data.pop("steps", None)
     data.update(own)
-    return ItemFields.model_validate(data)
+    return _Merged(**data)
+
+
+def _given(fields: ItemFields) -> dict[str, Any]:
+    return {k: v for k, v in fields.__dict__.items() if v is not None}  # model_dump(), without its cost
 
 
 def _build_item(
-    f: ItemFields, manifest: Manifest, label: str, *, check_files: bool
+    f: _Merged, manifest: Manifest, raw: RawItem, *, check_files: bool
 ) -> tuple[WorkItem | None, list[Problem]]:
     problems: list[Problem] = []
+    label = raw.label
 
     def bad(fld: str | None, message: str) -> None:
-        problems.append(manifest._problem(label, fld, message))
+        problems.append(Problem(raw.file, label, fld, message))
 
     if f.id is None:
         bad("id", "every item needs an id (letters, digits, '.', '_' and '-')")
@@ -276,19 +399,20 @@ def _build_item(
     model = f.model or manifest.model
     info = models.lookup(model)
     inputs: list[str] = []
+    base = manifest._base
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message = _resolve_input(ref, manifest.base_dir, check_files=check_files)
+        resolved, message = _resolve_input(ref, base, check_files=check_files)
         if message:
             bad(fld, message)
         inputs.append(resolved)
     modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
     if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
         bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
-    if info is not None:
-        _check_model_limits(f, info, len(inputs), bad)
-    if f.output is not None:
-        message = _check_output_template(f.output)
+    _check_model_limits(f, info, len(inputs), bad)
+    output = None
+    if f.output is not None and f.id is not None:
+        output, message = _output_name(f.output, f.id, raw.context)
         if message:
             bad("output", message)
     if problems:
@@ -302,44 +426,74 @@ def _build_item(
         aspect_ratio=f.aspect_ratio,
         image_size=f.image_size,
         response_modalities=modalities,
-        thinking_level=f.thinking_level,
-        output=f.output,
+        thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
+        output=output,
         keep_steps=bool(f.keep_steps),
+        resize_inputs=bool(f.resize_inputs),
     ), []
 
 
-def _check_model_limits(f: ItemFields, info: models.ModelInfo, n_inputs: int, bad: Any) -> None:
+def _check_model_limits(f: _Merged, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
+    level = f.thinking_level
+    if level is not None and level.lower() not in THINKING_LEVELS:
+        bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if info is None:
+        return
     if f.aspect_ratio is not None and f.aspect_ratio not in info.aspect_ratios:
-        bad("aspect_ratio", f"{info.id} does not support {f.aspect_ratio!r}; choose one of {', '.join(info.aspect_ratios)}")
+        choices = ", ".join(info.aspect_ratios)
+        bad("aspect_ratio", f"{info.id} does not support {f.aspect_ratio!r}; choose one of {choices}")
     if f.image_size is not None:
         if not info.image_sizes:
             bad("image_size", f"{info.id} takes no image_size (sending one fails); remove it")
         elif f.image_size not in info.image_sizes:
-            bad("image_size", f"{info.id} does not support {f.image_size!r}; choose one of {', '.join(info.image_sizes)}")
+            choices = ", ".join(info.image_sizes)
+            bad("image_size", f"{info.id} does not support {f.image_size!r}; choose one of {choices}")
     if n_inputs > info.max_input_images:
         bad("images", f"{n_inputs} images, but {info.id} takes at most {info.max_input_images}")
     if f.thinking_level is not None and not info.supports_thinking:
-        bad("thinking_level", f"{info.id} has no thinking level")
+        bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(ref: str, base: Path, *, check_files: bool) -> tuple[str, str | None]:
-    if re.match(r"https?://", ref):
-        return ref, None
-    path = Path(ref).expanduser()
-    if not path.is_absolute():
-        path = base / path
-    path = Path(os.path.normpath(path.absolute()))
-    if check_files and not path.is_file():
-        return str(path), f"image file not found: {path}"
-    return str(path), None
+def _resolve_input(ref: str, base: str, *, check_files: bool) -> tuple[str, str | None]:
+    """An absolute path (against *base*, the manifest's folder) or URL, and what is wrong with it."""
+    if not ref.strip():
+        return ref, "the image path is empty"
+    if _SCHEME.match(ref):
+        if ref.lower().startswith(("http://", "https://")):
+            return ref, None
+        return ref, f"cannot fetch {ref}: only http:// and https:// URLs (or local paths) are supported"
+    # os.path rather than pathlib: this runs once per input of every item.
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
+    if check_files and not os.path.isfile(path):
+        return path, f"image file not found: {path}"
+    return path, None
 
 
-def _check_output_template(template: str) -> str | None:
-    if "{id}" not in template:
-        return "the output name must contain {id} so that items do not overwrite each other"
-    sample = template.replace("{id}", "x")
-    if os.path.isabs(sample) or Path(sample).drive:
-        return "the output name must be relative to the output folder"
-    if ".." in Path(sample).parts:
-        return "the output name must stay inside the output folder (no '..')"
-    return None
+def _template_problems(template: str) -> list[str]:
+    try:
+        names = template_fields(template)
+    except ValueError as exc:
+        return [str(exc)]
+    if "id" not in names:
+        return ["the output name must contain {id} so that items do not overwrite each other"]
+    return []
+
+
+def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """The output name with ``{id}`` (and, for items from a CSV or JSONL source, any column) filled in."""
+    problems = _template_problems(template)
+    if problems:
+        return None, problems[0]
+    try:
+        name = str(fill(template, {**(context or {}), "id": item_id}))
+    except MissingPlaceholder as exc:
+        if context is None:
+            return None, f"unknown placeholder {{{exc.name}}}: here only {{id}} can be used (columns, in items_from)"
+        return None, f"the output name uses {{{exc.name}}}, but this row has no such column"
+    if os.path.isabs(name) or Path(name).drive:
+        return None, f"the output name {name!r} must be relative to the output folder"
+    if ".." in Path(name).parts:
+        return None, f"the output name {name!r} must stay inside the output folder (no '..')"
+    if name.endswith(("/", os.sep)) or not Path(name).stem:
+        return None, f"the output name {name!r} must end with a file name"
+    return name, None

@@ -1,0 +1,380 @@
+"""Item sources: where a manifest's items come from, besides ``items:``.
+
+::
+
+    items_from:
+      - csv: catalog.csv              # one item per row; any field may use {column}
+        id: "{sku}"
+        image: "photos/{sku}.jpg"
+        instruction: "Replace the background with {background}"
+      - jsonl: more.jsonl             # one JSON object per line, the same templates
+      - glob: "photos/extra/*.jpg"    # one item per file: id "{stem}", image "{path}"
+
+Every source is a stream: a CSV is read row by row through ``csv.DictReader``
+and a JSONL file line by line, so a million-row catalog is never held in
+memory. Each row becomes a :class:`RawItem`: item fields with the placeholders
+filled in, plus any problem met on the way; ``manifest.py`` merges the defaults
+and validates the rest. In templates ``{id}`` is the item's id (outside the
+``id`` template itself), and ``{{``/``}}`` are literal braces.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import re
+import string
+import sys
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .config import did_you_mean
+from .errors import Problem
+
+__all__ = [
+    "GlobSource",
+    "InlineSource",
+    "MissingPlaceholder",
+    "RawItem",
+    "Source",
+    "TableSource",
+    "fill",
+    "open_text",
+    "parse_sources",
+    "template_fields",
+]
+
+SOURCE_KINDS = ("csv", "jsonl", "glob")
+_OPTIONS: dict[str, tuple[str, ...]] = {"csv": ("delimiter",), "jsonl": (), "glob": ()}
+_SOLE = re.compile(r"\{([^{}]+)\}")
+_BRACES_HINT = "write {{ and }} for literal braces"
+
+# Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open a source file for reading, row by row (tests wrap this to see how much is read)."""
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+class MissingPlaceholder(KeyError):
+    """A template names a column the row does not have (or has empty)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _Values(dict[str, Any]):
+    def __missing__(self, key: str) -> Any:
+        raise MissingPlaceholder(key)
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholder names in *template*; ValueError, with a hint, when it is malformed.
+
+    >>> template_fields("photos/{sku}.jpg")
+    ['sku']
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}; {_BRACES_HINT}") from None
+    names = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            hint = f"name a column, as in {{sku}}; {_BRACES_HINT}"
+            raise ValueError(f"bad placeholder {{{name}}} in {template!r}: {hint}")
+        names.append(name)
+    return names
+
+
+def fill(template: Any, values: Mapping[str, Any]) -> Any:
+    """*template* with its placeholders filled from *values* (strings, and lists of them, recursively).
+
+    A template that is one placeholder alone keeps a list or boolean value as is (JSONL rows).
+    Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None.
+    """
+    present = values if isinstance(values, _Values) else _Values({k: v for k, v in values.items() if v is not None})
+    return _fill(template, present)
+
+
+def _fill(template: Any, present: _Values) -> Any:
+    if isinstance(template, list):
+        return [_fill(part, present) for part in template]
+    if not isinstance(template, str) or ("{" not in template and "}" not in template):
+        return template
+    sole = _SOLE.fullmatch(template)
+    if sole:
+        value = present[sole.group(1)]
+        if isinstance(value, (list, bool)):
+            return value
+    return template.format_map(present)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawItem:
+    """One item as a source produced it, before defaults and validation.
+
+    ``file`` is where problems point (the manifest, or ``catalog.csv:12`` for a row);
+    ``label`` names the item until its id is known; ``context`` holds the row's
+    values for the ``output`` template. ``fields`` is None when the row was unusable.
+    """
+
+    fields: dict[str, Any] | None
+    file: str
+    label: str | None
+    context: Mapping[str, Any] | None = None
+    problems: tuple[Problem, ...] = ()
+
+
+class Source(Protocol):
+    def raw_items(self) -> Iterator[RawItem]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InlineSource:
+    """The manifest's own ``items:`` list."""
+
+    items: list[Any] = field(repr=False)
+    file: str
+
+    def raw_items(self) -> Iterator[RawItem]:
+        for index, raw in enumerate(self.items):
+            label = f"#{index + 1}"
+            if not isinstance(raw, dict):
+                problem = Problem(self.file, label, None, "an item must be a mapping with at least an id")
+                yield RawItem(fields=None, file=self.file, label=label, problems=(problem,))
+                continue
+            yield RawItem(fields=raw, file=self.file, label=str(raw.get("id", label)))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TableSource:
+    """A CSV (one item per row, first row the header) or JSONL file (one JSON object per line)."""
+
+    kind: str
+    path: Path
+    templates: dict[str, Any]
+    delimiter: str = ","
+
+    def raw_items(self) -> Iterator[RawItem]:
+        try:
+            stream = open_text(self.path)
+        except OSError as exc:
+            yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
+            return
+        with stream:
+            rows = self._csv_rows(stream) if self.kind == "csv" else self._jsonl_rows(stream)
+            yield from rows
+
+    def _csv_rows(self, stream: IO[str]) -> Iterator[RawItem]:
+        reader = csv.DictReader(stream, delimiter=self.delimiter)
+        file = str(self.path)
+        try:
+            header = reader.fieldnames
+        except csv.Error as exc:
+            yield _broken(file, None, f"not a readable CSV file: {exc}")
+            return
+        if not header:
+            yield _broken(file, "id", "the CSV file is empty: its first row must name the columns")
+            return
+        missing = self._absent_columns(header)
+        if missing:
+            yield RawItem(fields=None, file=f"{file}:1", label=None, problems=tuple(missing))
+            return
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
+                return
+            where = f"{file}:{reader.line_num}"
+            if None in row:
+                extra = len(row[None])
+                message = f"row {reader.line_num} has {extra} more value(s) than the header has columns"
+                yield _broken(where, None, message)
+                continue
+            yield self._row(row, where, f"row {reader.line_num}")
+
+    def _jsonl_rows(self, stream: IO[str]) -> Iterator[RawItem]:
+        file = str(self.path)
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                yield _broken(where, None, f"line {number} is not valid JSON: {exc}")
+                continue
+            if not isinstance(row, dict):
+                yield _broken(where, None, f"line {number} is not a JSON object")
+                continue
+            yield self._row(row, where, f"line {number}")
+
+    def _absent_columns(self, header: Sequence[str]) -> list[Problem]:
+        """Columns the templates use that the header lacks: reported once, not once per row."""
+        problems = []
+        columns = f"(columns: {', '.join(header)})"
+        if "id" not in self.templates and "id" not in header:
+            message = f"the header (row 1) has no column 'id' {columns}: add one, or write a template: id: \"{{sku}}\""
+            problems.append(Problem(f"{self.path}:1", None, "id", message))
+        for name, template in self.templates.items():
+            for column in _placeholders(template, own_id=name == "id"):
+                if column not in header:
+                    message = (f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
+                               f"{columns}{did_you_mean(column, list(header))}; {_BRACES_HINT}")
+                    problems.append(Problem(f"{self.path}:1", None, name, message))
+        return problems
+
+    def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
+        return _fill_fields(self.templates, row, where, row_name, default_id="{id}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GlobSource:
+    """One item per file matching a pattern: ``{path}``, ``{name}`` and ``{stem}`` describe the file."""
+
+    pattern: str
+    base_dir: Path
+    file: str
+    templates: dict[str, Any]
+
+    def raw_items(self) -> Iterator[RawItem]:
+        # Sorted, so that the order (and the run's log) is the same every time.
+        matches = sorted(
+            p for p in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True) if (self.base_dir / p).is_file()
+        )
+        if not matches:
+            yield _broken(self.file, "glob", f"{self.pattern!r} matches no files (relative to {self.base_dir})")
+            return
+        templates = dict(self.templates)
+        if "image" not in templates and "images" not in templates:
+            templates["image"] = "{path}"
+        for match in matches:
+            path = Path(match)
+            values = {"path": path.as_posix(), "name": path.name, "stem": path.stem}
+            yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}")
+
+
+def _broken(file: str, fld: str | None, message: str) -> RawItem:
+    return RawItem(fields=None, file=file, label=None, problems=(Problem(file, None, fld, message),))
+
+
+def _placeholders(template: Any, *, own_id: bool) -> list[str]:
+    """Column names a template needs; outside the id template, {id} is the item's id, not a column."""
+    if isinstance(template, list):
+        return [name for part in template for name in _placeholders(part, own_id=own_id)]
+    if not isinstance(template, str):
+        return []
+    return [name for name in template_fields(template) if own_id or name != "id"]
+
+
+def _fill_fields(
+    templates: Mapping[str, Any], row: Mapping[str, Any], where: str, row_name: str, *, default_id: str
+) -> RawItem:
+    problems: list[Problem] = []
+
+    def missing(fld: str, name: str) -> None:
+        what = f"no value for column {name!r}" if name in row else f"no column {name!r}"
+        problems.append(Problem(where, item_id, fld, f"{row_name} has {what}"))
+
+    item_id: Any = None
+    present = _Values({k: v for k, v in row.items() if v is not None})
+    try:
+        item_id = fill(templates.get("id", default_id), present)
+    except MissingPlaceholder as exc:
+        missing("id", exc.name)
+    except (ValueError, TypeError) as exc:
+        problems.append(Problem(where, None, "id", f"{row_name}: {exc}"))
+    if item_id is not None:
+        item_id = str(item_id)
+    present["id"] = item_id
+    fields: dict[str, Any] = {"id": item_id}
+    for name, template in templates.items():
+        if name in ("id", "output"):
+            continue  # the output template is filled last, with the defaults' one (see manifest.py)
+        try:
+            fields[name] = fill(template, present)
+        except MissingPlaceholder as exc:
+            missing(name, exc.name)
+        except (ValueError, TypeError) as exc:
+            problems.append(Problem(where, item_id, name, f"{row_name}: {exc}"))
+    if "output" in templates:
+        fields["output"] = templates["output"]
+    if problems:
+        return RawItem(fields=None, file=where, label=item_id, problems=tuple(problems))
+    return RawItem(fields=fields, file=where, label=item_id, context=row)
+
+
+def parse_sources(
+    entries: list[Any], *, manifest_file: str, base_dir: Path, item_fields: Collection[str]
+) -> tuple[list[Source], list[Problem]]:
+    """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...)."""
+    sources: list[Source] = []
+    problems: list[Problem] = []
+    for index, entry in enumerate(entries):
+        where = f"items_from[{index}]"
+        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields)
+        problems += found
+        if source is not None and not found:
+            sources.append(source)
+    return sources, problems
+
+
+def _parse_entry(
+    entry: Any, where: str, manifest_file: str, base_dir: Path, item_fields: Collection[str]
+) -> tuple[Source | None, list[Problem]]:
+    def problem(fld: str | None, message: str) -> Problem:
+        return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
+
+    if not isinstance(entry, dict):
+        return None, [problem(None, "each source must be a mapping with one of csv:, jsonl: or glob:")]
+    kinds = [k for k in SOURCE_KINDS if k in entry]
+    if len(kinds) != 1:
+        found = f"not {', '.join(kinds)} together" if kinds else "none was given"
+        return None, [problem(None, f"give exactly one of csv:, jsonl: or glob: ({found})")]
+    kind = kinds[0]
+    allowed = [*SOURCE_KINDS, *_OPTIONS[kind], *item_fields]
+    problems = []
+    for key in entry:
+        if key not in allowed:
+            problems.append(problem(str(key), "unknown key" + did_you_mean(str(key), allowed)))
+        elif key in SOURCE_KINDS and key != kind:
+            problems.append(problem(str(key), f"a source reads one thing: {key}: cannot go with {kind}:"))
+    target = entry[kind]
+    if not isinstance(target, str) or not target.strip():
+        problems.append(problem(kind, f"{kind}: must be a file name or pattern, relative to the manifest"))
+        return None, problems
+    templates = {k: v for k, v in entry.items() if k in item_fields}
+    for name, template in templates.items():
+        try:
+            _placeholders(template, own_id=True)
+        except ValueError as exc:
+            problems.append(problem(name, str(exc)))
+    delimiter = entry.get("delimiter", ",")
+    if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
+        problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
+    if kind == "glob":
+        for name, template in templates.items():
+            try:
+                unknown = set(_placeholders(template, own_id=name == "id")) - {"path", "name", "stem"}
+            except ValueError:
+                continue
+            if unknown:
+                message = f"a glob source knows {{path}}, {{name}}, {{stem}} and {{id}}, not {{{min(unknown)}}}"
+                problems.append(problem(name, message))
+        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
+    path = base_dir / target
+    if not path.is_file():
+        problems.append(problem(kind, f"{kind} file not found: {path}"))
+    return TableSource(kind=kind, path=path, templates=templates, delimiter=str(delimiter)), problems

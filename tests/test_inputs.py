@@ -1,0 +1,376 @@
+"""Input images: URL downloads (limits, retries, cache, no API key), size limits and resize_inputs, URL checks."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from PIL import Image as Pillow
+
+import nanobatch
+from nanobatch._retry import RetryPolicy
+from nanobatch.errors import ManifestError
+from nanobatch.gemini import Image, sniff_mime
+from nanobatch.inputs import MB, InputError, InputLoader, UrlChecklist, load_inputs
+from nanobatch.manifest import WorkItem
+
+from .conftest import run_virtual
+from .fakes import FakeGemini, image_bytes
+
+PNG = image_bytes()
+JPEG = image_bytes(fmt="JPEG")
+
+
+class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body in chunks that counts how many were read."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.read = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+class Host:
+    """A scripted image host: answers per URL in order, the last one repeating; keeps every request."""
+
+    def __init__(self, answers: dict[str, list[Any]]) -> None:
+        self.answers = answers
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        queue = self.answers.get(str(request.url)) or [httpx.Response(404)]
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, bytes):
+            return httpx.Response(200, content=answer, headers={"content-type": "application/octet-stream"})
+        return answer
+
+    def count(self, url: str) -> int:
+        return sum(str(r.url) == url for r in self.requests)
+
+
+def waits() -> tuple[RetryPolicy, list[float]]:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    return RetryPolicy(max_attempts=4, sleep=sleep), slept
+
+
+def load(host: Host, refs: list[str], **options: Any) -> list[Image]:
+    policy = options.pop("retry", None) or waits()[0]
+    resize = options.pop("resize", False)
+
+    async def go() -> list[Image]:
+        async with InputLoader(transport=httpx.MockTransport(host), **options) as loader:
+            return await loader.load(refs, resize=resize, retry=policy)
+
+    return anyio.run(go)
+
+
+URL = "https://cdn.example.com/p/1.jpg"
+
+
+def test_a_url_is_downloaded_and_its_type_read_from_the_bytes() -> None:
+    host = Host({URL: [JPEG]})
+    (image,) = load(host, [URL])
+    assert image == Image("image/jpeg", JPEG)
+    assert host.requests[0].headers["user-agent"] == "nanobatch"
+
+
+def test_redirects_are_followed() -> None:
+    host = Host({URL: [httpx.Response(302, headers={"location": "https://cdn2.example.com/x.png"})],
+                 "https://cdn2.example.com/x.png": [PNG]})
+    assert load(host, [URL])[0].mime_type == "image/png"
+
+
+def test_a_404_fails_at_once_and_is_remembered_for_the_run() -> None:
+    host = Host({URL: [httpx.Response(404)]})
+
+    async def go() -> list[str]:
+        messages = []
+        async with InputLoader(transport=httpx.MockTransport(host)) as loader:
+            for _ in range(2):
+                with pytest.raises(InputError) as err:
+                    await loader.load([URL], retry=waits()[0])
+                messages.append(err.value.message)
+                assert (err.value.kind, err.value.status_code, err.value.retryable) == ("input", 404, False)
+        return messages
+
+    messages = anyio.run(go)
+    assert len(host.requests) == 1
+    assert URL in messages[0] and "HTTP 404" in messages[0] and messages[1] == messages[0]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(httpx.Response(503), id="503"),
+        pytest.param(httpx.Response(429, headers={"retry-after": "7"}), id="429-retry-after"),
+        pytest.param(httpx.ReadTimeout("slow"), id="timeout"),
+        pytest.param(httpx.ConnectError("refused"), id="connection"),
+    ],
+)
+def test_transient_failures_are_retried(first: Any) -> None:
+    host = Host({URL: [first, PNG]})
+    policy, slept = waits()
+    assert load(host, [URL], retry=policy)[0].data == PNG
+    assert len(host.requests) == 2 and len(slept) == 1
+    if isinstance(first, httpx.Response) and first.status_code == 429:
+        assert slept == [7.0]  # the server's Retry-After
+
+
+def test_retries_stop_at_max_attempts_and_the_last_error_fails_the_load() -> None:
+    host = Host({URL: [httpx.Response(502)]})
+    with pytest.raises(InputError, match="HTTP 502"):
+        load(host, [URL])
+    assert len(host.requests) == 4
+
+
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
+    body = Body([b"x" * 1000] * 100)
+    host = Host({URL: [httpx.Response(200, headers={"content-length": str(100_000)}, stream=body)]})
+    with pytest.raises(InputError, match="over the 0 MB download limit"):
+        load(host, [URL], max_download_bytes=10_000)
+    assert body.read == 0 and len(host.requests) == 1  # not retried
+
+
+def test_a_streamed_body_without_a_length_stops_at_the_limit() -> None:
+    body = Body([b"x" * 1000] * 100)
+    host = Host({URL: [httpx.Response(200, stream=body)]})
+    with pytest.raises(InputError, match="more than"):
+        load(host, [URL], max_download_bytes=10_000)
+    assert body.read == 11
+
+
+def test_something_that_is_not_a_picture_is_refused() -> None:
+    host = Host({URL: [httpx.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})]})
+    with pytest.raises(InputError, match=r"not a PNG, JPEG, WEBP or HEIC/HEIF image \(the server said text/html\)"):
+        load(host, [URL])
+
+
+def test_a_url_used_by_several_items_is_fetched_once() -> None:
+    other = "https://cdn.example.com/logo.png"
+    host = Host({URL: [JPEG], other: [PNG]})
+    release = anyio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        return host(request)
+
+    async def go() -> None:
+        async with InputLoader(transport=httpx.MockTransport(slow)) as loader:
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(loader.load, [URL, other])
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+            assert (await loader.load([other]))[0].data == PNG  # later items: from the cache
+            assert loader.downloads == 2
+
+    anyio.run(go)
+    assert host.count(URL) == 1 and host.count(other) == 1
+
+
+def test_the_cache_is_bounded() -> None:
+    urls = [f"https://cdn.example.com/{n}.png" for n in range(3)]
+    host = Host({url: [PNG] for url in urls})
+    load(host, [*urls, urls[2], urls[0]], cache_entries=2)
+    assert [host.count(url) for url in urls] == [2, 1, 1]  # 0 was pushed out by 2, then fetched again
+
+
+# --- sizes and resize_inputs -----------------------------------------------------------------------------------
+
+
+def noise(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    channels = len(mode)
+    picture = Pillow.frombytes(mode, size, os.urandom(size[0] * size[1] * channels))
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def local(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_a_picture_over_the_inline_limit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    ref = local(tmp_path, "big.png", noise((64, 64)))
+    with pytest.raises(InputError) as err:
+        load(Host({}), [ref], max_input_bytes=4000)
+    assert ref in err.value.message and "resize_inputs: true" in err.value.message
+
+
+def test_resize_inputs_downscales_a_photo_to_a_jpeg_under_the_limit(tmp_path: Path) -> None:
+    ref = local(tmp_path, "big.png", noise((64, 64)))
+    (image,) = load(Host({}), [ref], max_input_bytes=4000, resize=True)
+    assert image.mime_type == "image/jpeg" == sniff_mime(image.data) and len(image.data) <= 4000
+    with Pillow.open(io.BytesIO(image.data)) as picture:
+        assert picture.width < 64 and picture.width == picture.height  # shrunk, proportions kept
+
+
+def test_resize_inputs_keeps_transparency_as_png(tmp_path: Path) -> None:
+    ref = local(tmp_path, "logo.png", noise((64, 64), "RGBA"))
+    (image,) = load(Host({}), [ref], max_input_bytes=6000, resize=True)
+    assert image.mime_type == "image/png" and len(image.data) <= 6000
+    with Pillow.open(io.BytesIO(image.data)) as picture:
+        assert picture.mode == "RGBA"
+
+
+def test_resize_inputs_applies_to_downloads_too() -> None:
+    host = Host({URL: [noise((64, 64))]})
+    (image,) = load(host, [URL], max_input_bytes=4000, resize=True)
+    assert image.mime_type == "image/jpeg" and len(image.data) <= 4000
+
+
+def test_pictures_that_fit_alone_but_not_together(tmp_path: Path) -> None:
+    refs = [local(tmp_path, f"{n}.png", noise((36, 36))) for n in range(3)]  # ~4 KB each
+    with pytest.raises(InputError, match="together"):
+        load(Host({}), refs, max_input_bytes=5000, max_total_bytes=9000)
+    images = load(Host({}), refs, max_input_bytes=5000, max_total_bytes=9000, resize=True)
+    assert sum(len(i.data) for i in images) <= 9000
+
+
+def test_small_pictures_are_sent_as_they_are(tmp_path: Path) -> None:
+    ref = local(tmp_path, "small.png", PNG)
+    assert load(Host({}), [ref], resize=True) == [Image("image/png", PNG)]
+
+
+def test_a_huge_local_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jpg"
+    with path.open("wb") as f:
+        f.write(JPEG[:16])
+        f.truncate(9 * MB)  # sparse: costs nothing
+    with pytest.raises(InputError, match=r"9\.0 MB, but an input image can be at most 7 MB"):
+        anyio.run(lambda: load_inputs([str(path)]))
+
+
+@pytest.mark.parametrize(
+    ("data", "mime"),
+    [
+        pytest.param(PNG, "image/png", id="png"),
+        pytest.param(JPEG, "image/jpeg", id="jpeg"),
+        pytest.param(image_bytes(fmt="WEBP"), "image/webp", id="webp"),
+        pytest.param(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "image/heic", id="heic"),
+        pytest.param(b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic", "image/heif", id="heif"),
+    ],
+)
+def test_the_type_comes_from_the_bytes_not_the_name(tmp_path: Path, data: bytes, mime: str) -> None:
+    ref = local(tmp_path, "picture.bin", data)
+    assert anyio.run(lambda: load_inputs([ref])) == [Image(mime, data)]
+
+
+def test_a_file_that_is_not_a_picture_fails(tmp_path: Path) -> None:
+    ref = local(tmp_path, "notes.png", b"GIF89a....")
+    with pytest.raises(InputError, match="it is image/gif"):
+        anyio.run(lambda: load_inputs([ref]))
+
+
+# --- through a run -----------------------------------------------------------------------------------------------
+
+
+def write_job(folder: Path, items: list[dict[str, Any]]) -> Path:
+    import yaml
+
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"instruction": "make it white"}, "items": items}))
+    return path
+
+
+def routed(api: FakeGemini, host: Host) -> httpx.MockTransport:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return host(request) if request.url.host == "cdn.example.com" else api(request)
+
+    return httpx.MockTransport(handler)
+
+
+def test_a_run_downloads_each_url_once_without_the_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "secret-key")
+    missing = "https://cdn.example.com/gone.jpg"
+    host = Host({URL: [JPEG], missing: [httpx.Response(404)]})
+    api = FakeGemini()
+    job = write_job(tmp_path, [{"id": "a", "image": URL}, {"id": "b", "images": [URL, URL]},
+                               {"id": "c", "image": missing}])
+
+    async def go() -> nanobatch.RunSummary:
+        return await nanobatch.run_job(job, transport=routed(api, host), out_dir=tmp_path / "out")
+
+    summary = run_virtual(go)
+    assert (summary.stats.ok, summary.stats.failed, summary.exit_code) == (2, 1, 1)  # the item fails, not the run
+    assert host.count(URL) == 1
+    for request in host.requests:
+        assert "authorization" not in request.headers and "x-goog-api-key" not in request.headers
+    assert all(r.headers["authorization"] == "Bearer secret-key" for r in api.requests)
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert records["c"]["error"]["kind"] == "input" and missing in records["c"]["error"]["message"]
+    sent = json.loads(api.requests[0].content)["contents"][0]["parts"][1]["inlineData"]
+    assert sent["mimeType"] == "image/jpeg"
+
+
+def test_a_picture_too_big_to_send_fails_its_item(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as f:
+        f.write(JPEG[:16])
+        f.truncate(8 * MB)
+    (tmp_path / "ok.png").write_bytes(PNG)
+    job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg"}, {"id": "fine", "image": "ok.png"}])
+    fake = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
+    assert (summary.stats.ok, summary.stats.failed) == (1, 1) and len(fake.requests) == 1
+    assert summary.stats.failures == {"input": 1}
+
+
+# --- validate checks URLs ----------------------------------------------------------------------------------------
+
+
+def test_validate_checks_each_url_once_by_its_headers(tmp_path: Path) -> None:
+    body = Body([JPEG])
+    host = Host({URL: [httpx.Response(200, stream=body)], "https://cdn.example.com/gone.png": [httpx.Response(404)],
+                 "https://cdn.example.com/down.png": [httpx.ConnectError("refused")]})
+    job = write_job(tmp_path, [
+        {"id": "a", "image": URL},
+        {"id": "b", "images": [URL, "https://cdn.example.com/gone.png"]},
+        {"id": "c", "image": "https://cdn.example.com/down.png"},
+    ])
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job, transport=httpx.MockTransport(host))
+    found = [(p.item, p.field) for p in err.value.problems]
+    assert found == [("b", "images[1]"), ("c", "image")]
+    assert "HTTP 404" in err.value.problems[0].message and "ConnectError" in err.value.problems[1].message
+    assert host.count(URL) == 1 and body.read == 0  # headers only
+    host.requests.clear()
+    assert nanobatch.check_job(job, transport=httpx.MockTransport(host), check_urls=False).items == 3
+    assert host.requests == []
+
+
+def test_too_many_urls_are_not_checked_at_validation(caplog: pytest.LogCaptureFixture) -> None:
+    checklist = UrlChecklist(limit=2)
+    for n in range(3):
+        checklist.add(WorkItem(id=f"i{n}", model="m", inputs=(f"https://cdn.example.com/{n}.png",), steps=("x",)))
+    host = Host({})
+    with caplog.at_level(logging.WARNING, logger="nanobatch"):
+        assert checklist.problems("job.yaml", transport=httpx.MockTransport(host)) == []
+    assert host.requests == [] and "more than 2 distinct image URLs" in caplog.text
+

@@ -1,0 +1,299 @@
+"""Manifest validation: every problem with its file, item and field; streaming; the example jobs."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import io
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+import nanobatch
+from nanobatch import sources
+from nanobatch.errors import ManifestError, Problem
+from nanobatch.manifest import ItemFields, Manifest, _Merged, load_manifest
+
+from .fakes import image_bytes
+
+MODEL = "gemini-3.1-flash-image-preview"
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def write(folder: Path, text: str, images: tuple[str, ...] = ("a.png", "b.png", "c.png", "d.png")) -> Path:
+    for name in images:
+        (folder / name).write_bytes(image_bytes())
+    path = folder / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def load(path: Path) -> Manifest:
+    return load_manifest(path, default_model=MODEL)
+
+
+def problems(path: Path) -> list[Problem]:
+    try:
+        manifest = load(path)
+    except ManifestError as exc:
+        return exc.problems
+    return manifest.check().problems
+
+
+ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a.png\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "item", "field", "message"),
+    [
+        pytest.param(ITEM + "    instrucion: x\n", "a", "instrucion", 'unknown field (did you mean "instruction"?)',
+                     id="unknown-item-key"),
+        pytest.param("item:\n  - id: a\n", None, "item", 'did you mean "items"', id="unknown-top-key"),
+        pytest.param("defaults:\n  aspect_raito: '1:1'\nitems: [{id: a, instruction: x}]\n", None,
+                     "defaults.aspect_raito", 'did you mean "aspect_ratio"', id="unknown-defaults-key"),
+        pytest.param(ITEM.replace("a.png", "missing.png"), "a", "image", "image file not found", id="missing-image"),
+        pytest.param(ITEM + "  - id: a\n    image: b.png\n", "a", "id", "duplicate id 'a'", id="duplicate-id"),
+        pytest.param(ITEM.replace("id: a", "id: a/b"), "a/b", "id", "not a valid id", id="slash-in-id"),
+        pytest.param(ITEM.replace("id: a", "id: -a"), "-a", "id", "not starting with", id="id-starts-with-dash"),
+        pytest.param("defaults:\n  instruction: x\nitems:\n  - image: a.png\n", "#1", "id", "every item needs an id",
+                     id="no-id"),
+        pytest.param("items:\n  - not a mapping\n", "#1", None, "must be a mapping", id="item-not-a-mapping"),
+        pytest.param(ITEM + "    aspect_ratio: '7:3'\n", "a", "aspect_ratio", "does not support '7:3'",
+                     id="unsupported-ratio"),
+        pytest.param(ITEM + "    aspect_ratio: '1:8'\n    model: gemini-3-pro-image-preview\n", "a", "aspect_ratio",
+                     "gemini-3-pro-image does not support '1:8'", id="ratio-of-another-model"),
+        pytest.param(ITEM + "    aspect_ratio: 16:9\n", "a", "aspect_ratio", 'write the ratio in quotes, as "16:9"',
+                     id="unquoted-16:9"),
+        pytest.param(ITEM + "    image_size: 8K\n", "a", "image_size", "does not support '8K'", id="unsupported-size"),
+        pytest.param(ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n", "a", "image_size",
+                     "takes no image_size", id="size-on-2.5-flash"),
+        pytest.param(ITEM + "    image_size: 512\n    model: gemini-3-pro-image\n", "a", "image_size",
+                     "does not support '512'", id="512-on-3-pro"),
+        pytest.param(ITEM.replace("image: a.png", "images: [a.png, b.png, c.png, d.png]")
+                     + "    model: gemini-2.5-flash-image\n", "a", "images",
+                     "4 images, but gemini-2.5-flash-image takes at most 3", id="too-many-images-2.5"),
+        pytest.param(ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]")
+                     + "    model: gemini-3-pro-image-preview\n", "a", "images", "15 images, but gemini-3-pro-image "
+                     "takes at most 14", id="too-many-images-3-pro"),
+        pytest.param(ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]"), "a", "images",
+                     "takes at most 14", id="too-many-images-3.1-flash"),
+        pytest.param(ITEM + "    thinking_level: high\n    model: gemini-2.5-flash-image\n", "a", "thinking_level",
+                     "gemini-2.5-flash-image has no thinking level", id="thinking-on-2.5"),
+        pytest.param(ITEM + "    thinking_level: extreme\n", "a", "thinking_level",
+                     "choose one of minimal, low, medium, high", id="unknown-thinking-level"),
+        pytest.param(ITEM + "    images: [b.png]\n", "a", "images", "either image or images", id="image-and-images"),
+        pytest.param(ITEM + "    instruction: z\n    steps: [x, y]\n", "a", "steps", "either instruction or steps",
+                     id="instruction-and-steps"),
+        pytest.param("items:\n  - id: a\n", "a", "instruction", "no instruction", id="no-instruction"),
+        pytest.param(ITEM + "    response_modalities: [TEXT]\n", "a", "response_modalities", "[TEXT, IMAGE]",
+                     id="text-only"),
+        pytest.param(ITEM + "    image: ''\n", "a", "image", "empty", id="empty-image"),
+        pytest.param(ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http:// and https://",
+                     id="ftp-url"),
+        pytest.param(ITEM + "    output: final.png\n", "a", "output", "must contain {id}", id="output-without-id"),
+        pytest.param(ITEM + "    output: /tmp/{id}.png\n", "a", "output", "relative to the output folder",
+                     id="absolute-output"),
+        pytest.param(ITEM + "    output: ../{id}.png\n", "a", "output", "no '..'", id="output-with-dotdot"),
+        pytest.param(ITEM + "    output: '{id}/'\n", "a", "output", "end with a file name", id="output-a-folder"),
+        pytest.param(ITEM + "    output: '{category}/{id}.png'\n", "a", "output", "unknown placeholder {category}",
+                     id="output-column-outside-a-source"),
+        pytest.param(ITEM + "    output: '{id'\n", "a", "output", "bad template", id="output-bad-template"),
+        pytest.param("defaults:\n  id: x\nitems: [{instruction: y}]\n", None, "defaults.id", "cannot set an id",
+                     id="id-in-defaults"),
+        pytest.param("defaults:\n  output: out.png\nitems: [{id: a, instruction: y}]\n", None, "defaults.output",
+                     "must contain {id}", id="defaults-output-without-id"),
+        pytest.param("name: x\nitems: []\n", None, "items", "no items", id="no-items"),
+        pytest.param(ITEM + "    keep_steps: maybe\n", "a", "keep_steps", "valid boolean", id="bad-boolean"),
+    ],
+)
+def test_validation_problems(tmp_path: Path, text: str, item: str | None, field: str | None, message: str) -> None:
+    path = write(tmp_path, text)
+    found = problems(path)
+    assert len(found) == 1, found
+    problem = found[0]
+    assert (problem.file, problem.item, problem.field) == (str(path), item, field)
+    assert message in problem.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        pytest.param("    thinking_level: HIGH\n", {"thinking_level": "high"}, id="thinking-level-any-case"),
+        pytest.param("    thinking_level: minimal\n    model: gemini-3-pro-image\n", {"thinking_level": "minimal"},
+                     id="minimal-on-3-pro"),
+        pytest.param("    aspect_ratio: '1:8'\n    image_size: 512\n", {"aspect_ratio": "1:8", "image_size": "512"},
+                     id="3.1-flash-ratios-and-512"),
+        pytest.param("    resize_inputs: true\n", {"resize_inputs": True}, id="resize-inputs"),
+        pytest.param("    output: 'white/{id}.png'\n", {"output": "white/a.png"}, id="output-template"),
+        pytest.param("    output: '{{raw}}-{id}.png'\n", {"output": "{raw}-a.png"}, id="output-literal-braces"),
+    ],
+)
+def test_accepted_settings(tmp_path: Path, extra: str, expected: dict[str, Any]) -> None:
+    (item,) = load(write(tmp_path, ITEM + extra)).items()
+    assert {name: getattr(item, name) for name in expected} == expected
+
+
+def test_fourteen_references_are_fine_for_gemini_3(tmp_path: Path) -> None:
+    text = ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 14) + "]")
+    (item,) = load(write(tmp_path, text)).items()
+    assert len(item.inputs) == 14
+
+
+def test_every_problem_is_listed_not_just_the_first(tmp_path: Path) -> None:
+    text = (
+        "defaults:\n  instruction: x\nitems:\n"
+        "  - {id: a, image: nope.png}\n"
+        "  - {id: b, aspect_ratio: '7:3'}\n"
+        "  - {id: c, image_size: 3K}\n"
+        "  - {id: a}\n"
+    )
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write(tmp_path, text))
+    assert [(p.item, p.field) for p in err.value.problems] == [
+        ("a", "image"), ("b", "aspect_ratio"), ("c", "image_size"), ("a", "id"),
+    ]
+    assert "item 'b', field 'aspect_ratio'" in str(err.value)
+
+
+def test_a_flood_of_problems_is_cut_short_with_a_count(tmp_path: Path) -> None:
+    rows = "sku\n" + "".join(f"S{n}\n" for n in range(1500))
+    (tmp_path / "c.csv").write_text(rows)
+    path = write(tmp_path, "items_from:\n  - csv: c.csv\n    id: '{sku}'\n    image: '{sku}.png'\n"
+                           "    instruction: x\n", images=())
+    found = problems(path)
+    assert len(found) == 1001 and "and 500 more problems" in found[-1].message
+
+
+def test_the_merged_fields_mirror_the_item_fields() -> None:
+    assert [f.name for f in dataclasses.fields(_Merged)] == list(ItemFields.model_fields)
+
+
+def test_unknown_models_are_sent_as_is_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, ITEM + "    model: gemini-9-image\n    aspect_ratio: '7:3'\n")
+    report = load(path).check()
+    assert report.problems == [] and "unknown model 'gemini-9-image'" in caplog.text
+
+
+# --- output names stay in the output folder ---------------------------------------------------------------
+
+
+def test_an_output_folder_that_is_a_symlink_out_is_refused(tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "white").symlink_to(elsewhere)
+    (out / "inside").symlink_to(out / "sub", target_is_directory=True)  # a link that stays inside is fine
+    text = ITEM + "    output: 'white/{id}.png'\n  - {id: b, image: b.png, output: 'inside/{id}.png'}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(path, out_dir=out)
+    (problem,) = err.value.problems
+    assert (problem.item, problem.field) == ("a", "output") and "symbolic link" in problem.message
+    assert nanobatch.check_job(path, out_dir=tmp_path / "other").items == 2
+
+
+# --- streaming ---------------------------------------------------------------------------------------------
+
+
+class Watched:
+    """A text file that counts the characters read through it."""
+
+    def __init__(self, stream: IO[str], log: dict[str, int]) -> None:
+        self.stream, self.log = stream, log
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.stream)
+        self.log["read"] += len(line)
+        return line
+
+    def read(self, size: int = -1) -> str:
+        text = self.stream.read(size)
+        self.log["read"] += len(text)
+        return text
+
+    def __enter__(self) -> Watched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+        self.log["closed"] += 1
+
+
+def big_catalog(folder: Path, rows: int) -> Path:
+    (folder / "photo.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    with (folder / "big.csv").open("w") as f:
+        f.write("sku,background\n")
+        f.writelines(f"SKU-{n:07d},colour {n}\n" for n in range(rows))
+    return write(folder, "items_from:\n  - csv: big.csv\n    id: '{sku}'\n    image: photo.jpg\n"
+                         "    instruction: Replace the background with {background}\n", images=())
+
+
+def test_a_large_csv_is_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = big_catalog(tmp_path, 100_000)
+    log = {"read": 0, "closed": 0}
+    real_open = sources.open_text
+    monkeypatch.setattr(sources, "open_text", lambda p: Watched(real_open(p), log))
+    manifest = load(path)
+    stream = manifest.items()
+    first = list(itertools.islice(stream, 3))
+    assert [i.id for i in first] == ["SKU-0000000", "SKU-0000001", "SKU-0000002"]
+    assert first[2].steps == ("Replace the background with colour 2",)
+    size = (tmp_path / "big.csv").stat().st_size
+    assert 0 < log["read"] < size / 100  # three rows, not the file
+    stream.close()
+    assert log["closed"] == 1
+
+
+def test_validating_a_large_csv_reads_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = big_catalog(tmp_path, 10_000)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)
+    result = nanobatch.check_job(path, out_dir=tmp_path / "out")
+    assert (result.items, result.requests) == (10_000, 10_000)
+    assert str(tmp_path / "big.csv") in opened and not any(name.endswith("photo.jpg") for name in opened)
+
+
+# --- the example jobs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "items", "requests"),
+    [
+        pytest.param("catalog.yaml", 5, 5, id="catalog"),
+        pytest.param("multistep.yaml", 2, 4, id="multistep"),
+        pytest.param("example.yaml", None, None, id="example"),
+    ],
+)
+def test_the_example_jobs_are_valid(tmp_path: Path, name: str, items: int | None, requests: int | None) -> None:
+    path = JOBS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    result = nanobatch.check_job(path, out_dir=tmp_path / "out")
+    assert result.items > 0 and result.cost_worst_usd >= result.cost_likely_usd > 0
+    if items is not None:
+        assert (result.items, result.requests) == (items, requests)
+
+
+def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
+    manifest = load(JOBS / "catalog.yaml")
+    by_id = {item.id: item for item in manifest.items()}
+    assert by_id["MUG-1001"].output == "kitchen/MUG-1001.png" and by_id["MUG-1001"].resize_inputs
+    assert by_id["SNK-2040"].steps == ("Replace the background with light grey studio; keep the product unchanged",)
+    assert all(Path(p).is_file() for item in by_id.values() for p in item.inputs)
+    multistep = {item.id: item for item in load(JOBS / "multistep.yaml").items()}
+    assert len(multistep["sneaker-campaign"].steps) == 3 and multistep["sneaker-campaign"].keep_steps
+    assert len(multistep["model-with-logo"].inputs) == 3

@@ -1,0 +1,292 @@
+"""items_from: CSV, JSONL and glob sources, their templates, and where their problems point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import nanobatch
+from nanobatch.errors import ManifestError, Problem
+from nanobatch.manifest import Manifest, WorkItem, load_manifest
+from nanobatch.sources import fill, template_fields
+
+from .conftest import run_virtual
+from .fakes import FakeGemini, image_bytes
+
+MODEL = "gemini-3.1-flash-image-preview"
+
+
+def job(folder: Path, doc: dict[str, Any], files: dict[str, str] | None = None, images: list[str] = ()) -> Path:
+    """A manifest in *folder* with the given data files and (tiny) images."""
+    for name, text in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    for name in images:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image_bytes())
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def load(path: Path) -> Manifest:
+    return load_manifest(path, default_model=MODEL)
+
+
+def problems(path: Path) -> list[Problem]:
+    try:
+        manifest = load(path)
+    except ManifestError as exc:
+        return exc.problems
+    return manifest.check().problems
+
+
+def items(path: Path) -> list[WorkItem]:
+    return list(load(path).items())
+
+
+CATALOG = "sku,background,category\nMUG-1,pure white,kitchen\nSNK-2,light grey,shoes\n"
+CSV_SOURCE = {
+    "csv": "catalog.csv",
+    "id": "{sku}",
+    "image": "photos/{sku}.jpg",
+    "instruction": "Replace the background with {background}; keep the product unchanged",
+}
+
+
+def test_a_csv_row_becomes_an_item_with_its_templates_filled(tmp_path: Path) -> None:
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": CATALOG},
+               ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    got = items(path)
+    assert [i.id for i in got] == ["MUG-1", "SNK-2"]
+    assert got[0].inputs == (str(tmp_path / "photos" / "MUG-1.jpg"),)  # relative to the manifest's folder
+    assert got[1].steps == ("Replace the background with light grey; keep the product unchanged",)
+    assert got[0].model == MODEL
+
+
+def test_items_and_sources_combine_and_defaults_apply_to_both(tmp_path: Path) -> None:
+    doc = {
+        "defaults": {"aspect_ratio": "1:1", "instruction": "make it white"},
+        "items": [{"id": "hero", "image": "photos/MUG-1.jpg"}],
+        "items_from": [{"csv": "catalog.csv", "id": "{sku}", "image": "photos/{sku}.jpg"},
+                       {"glob": "extra/*.png"}],
+    }
+    path = job(tmp_path, doc, {"catalog.csv": CATALOG},
+               ["photos/MUG-1.jpg", "photos/SNK-2.jpg", "extra/b.png", "extra/a.png"])
+    got = items(path)
+    assert [i.id for i in got] == ["hero", "MUG-1", "SNK-2", "a", "b"]  # items:, then each source; globs sorted
+    assert {i.aspect_ratio for i in got} == {"1:1"} and {i.steps for i in got} == {("make it white",)}
+    report = load(path).check()
+    assert (report.items, report.requests, report.problems) == (5, 5, [])
+
+
+def test_a_jsonl_source_keeps_lists_and_booleans_of_a_lone_placeholder(tmp_path: Path) -> None:
+    rows = [
+        {"sku": 1001, "refs": ["a.png", "b.png"], "keep": True, "note": "a {brace}"},
+        {"sku": 1002, "refs": ["b.png"], "keep": False, "note": "plain"},
+    ]
+    source = {"jsonl": "rows.jsonl", "id": "sku-{sku}", "images": "{refs}", "keep_steps": "{keep}",
+              "steps": ["Clean it ({note})", "Brighten it"]}
+    path = job(tmp_path, {"items_from": [source]},
+               {"rows.jsonl": "\n".join(json.dumps(r) for r in rows) + "\n\n"}, ["a.png", "b.png"])
+    first, second = items(path)
+    assert first.id == "sku-1001" and len(first.inputs) == 2 and first.keep_steps is True
+    assert first.steps == ("Clean it (a {brace})", "Brighten it")  # a value's braces are not a template
+    assert second.inputs == (str(tmp_path / "b.png"),) and second.keep_steps is False
+
+
+def test_a_glob_source_makes_one_item_per_file_with_the_fields_it_carries(tmp_path: Path) -> None:
+    source = {"glob": "photos/**/*.jpg", "instruction": "Remove the sticker from {name}", "output": "clean/{id}.png"}
+    path = job(tmp_path, {"items_from": [source]}, images=["photos/x1.jpg", "photos/more/x2.jpg", "photos/x3.png"])
+    got = items(path)
+    assert [(i.id, Path(i.inputs[0]).name, i.output) for i in got] == [
+        ("x2", "x2.jpg", "clean/x2.png"),  # "more/x2.jpg" sorts before "x1.jpg"
+        ("x1", "x1.jpg", "clean/x1.png"),
+    ]
+    assert got[1].steps == ("Remove the sticker from x1.jpg",)
+
+
+def test_a_glob_source_can_add_reference_images_to_the_matched_file(tmp_path: Path) -> None:
+    source = {"glob": "photos/*.jpg", "id": "branded-{stem}", "images": ["{path}", "logo.png"],
+              "instruction": "Put the logo on the box"}
+    path = job(tmp_path, {"items_from": [source]}, images=["photos/box.jpg", "logo.png"])
+    (item,) = items(path)
+    assert item.id == "branded-box"
+    assert [Path(p).name for p in item.inputs] == ["box.jpg", "logo.png"]
+
+
+def test_output_templates_may_use_columns(tmp_path: Path) -> None:
+    source = {**CSV_SOURCE, "output": "{category}/{id}-white.png"}
+    path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    assert [i.output for i in items(path)] == ["kitchen/MUG-1-white.png", "shoes/SNK-2-white.png"]
+    # ...and so may the defaults' output, for items that come from a CSV
+    doc = {"defaults": {"output": "{category}/{id}.png"}, "items_from": [CSV_SOURCE]}
+    path = job(tmp_path, doc, {"catalog.csv": CATALOG})
+    assert [i.output for i in items(path)] == ["kitchen/MUG-1.png", "shoes/SNK-2.png"]
+
+
+def test_csv_options_delimiter_bom_and_an_id_column(tmp_path: Path) -> None:
+    csv_text = "\ufeffid;photo;what\nA-1;p.png;make it blue\n"  # Excel's BOM and semicolons
+    source = {"csv": "c.csv", "delimiter": ";", "image": "{photo}", "instruction": "{what}"}
+    path = job(tmp_path, {"items_from": [source]}, {"c.csv": csv_text}, ["p.png"])
+    (item,) = items(path)
+    assert (item.id, item.steps) == ("A-1", ("make it blue",))
+
+
+def test_a_sources_items_run_end_to_end(tmp_path: Path) -> None:
+    source = {**CSV_SOURCE, "output": "{category}/{id}.png"}
+    path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    fake = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
+    assert summary.exit_code == 0 and summary.stats.ok == 2
+    assert sorted(fake.instructions()) == [
+        "Replace the background with light grey; keep the product unchanged",
+        "Replace the background with pure white; keep the product unchanged",
+    ]
+    assert (tmp_path / "out" / "kitchen" / "MUG-1.png").exists() and (tmp_path / "out" / "shoes" / "SNK-2.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "expected"),
+    [
+        pytest.param("photos/{sku}.jpg", {"sku": "A1"}, "photos/A1.jpg", id="column"),
+        pytest.param("a {{literal}} {x}", {"x": "b"}, "a {literal} b", id="literal-braces"),
+        pytest.param("{n}", {"n": 7}, "7", id="number-becomes-text"),
+        pytest.param("{refs}", {"refs": ["a", "b"]}, ["a", "b"], id="lone-placeholder-keeps-a-list"),
+        pytest.param(["{a}", "x"], {"a": "1"}, ["1", "x"], id="list-of-templates"),
+        pytest.param(True, {}, True, id="not-a-template"),
+    ],
+)
+def test_fill(template: Any, values: dict[str, Any], expected: Any) -> None:
+    assert fill(template, values) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        pytest.param("photos/{sku.jpg", "expected '}'", id="unclosed"),
+        pytest.param("a } b", "Single '}'", id="stray-close"),
+        pytest.param("{}", "name a column", id="empty"),
+        pytest.param("{0}", "name a column", id="positional"),
+        pytest.param("{row.sku}", "name a column", id="attribute"),
+    ],
+)
+def test_bad_templates_are_refused_with_a_hint(template: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as err:
+        template_fields(template)
+    assert "{{" in str(err.value)
+
+
+def one(found: list[Problem]) -> Problem:
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_missing_column_in_the_header_is_one_problem_not_one_per_row(tmp_path: Path) -> None:
+    source = {**CSV_SOURCE, "instruction": "Use {backgruond}"}
+    rows = "sku,background\n" + "".join(f"S{n},white\n" for n in range(50))
+    problem = one(problems(job(tmp_path, {"items_from": [source]}, {"catalog.csv": rows})))
+    assert problem.file == f"{tmp_path / 'catalog.csv'}:1" and problem.field == "instruction"
+    assert "no column 'backgruond'" in problem.message and 'did you mean "background"' in problem.message
+    assert "row 1" in problem.message
+
+
+def test_a_short_row_names_its_row_and_column(tmp_path: Path) -> None:
+    rows = "sku,background\nS1,white\nS2\nS3,grey\n"
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, ["photos/S1.jpg", "photos/S3.jpg"])
+    problem = one(problems(path))
+    assert (problem.file, problem.item, problem.field) == (f"{tmp_path / 'catalog.csv'}:3", "S2", "instruction")
+    assert problem.message == "row 3 has no value for column 'background'"
+    assert "catalog.csv:3: item 'S2', field 'instruction': row 3" in str(problem)
+
+
+def test_a_jsonl_row_without_a_key_names_its_line(tmp_path: Path) -> None:
+    text = '{"sku": "S1", "background": "white"}\n{"sku": "S2"}\nnot json\n[1, 2]\n'
+    source = {"jsonl": "rows.jsonl", **{k: v for k, v in CSV_SOURCE.items() if k != "csv"}}
+    path = job(tmp_path, {"items_from": [source]}, {"rows.jsonl": text})
+    found = problems(path)
+    assert [(Path(p.file).name, p.field) for p in found] == [
+        ("rows.jsonl:1", "image"),  # photos/S1.jpg does not exist: the row is named all the same
+        ("rows.jsonl:2", "instruction"),
+        ("rows.jsonl:3", None),
+        ("rows.jsonl:4", None),
+    ]
+    assert found[1].message == "line 2 has no column 'background'" and found[1].item == "S2"
+    assert "not valid JSON" in found[2].message and "not a JSON object" in found[3].message
+
+
+def test_row_problems_are_all_listed_by_validate(tmp_path: Path) -> None:
+    rows = "sku,background\nS1,white\nbad id!,grey\nS1,blue\nS4,red,extra\n"
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, ["photos/S1.jpg"])
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(path)
+    found = [(Path(p.file).name, p.item, p.field) for p in err.value.problems]
+    assert found == [
+        ("catalog.csv:3", "bad id!", "id"),
+        ("catalog.csv:3", "bad id!", "image"),
+        ("catalog.csv:4", "S1", "id"),  # duplicate
+        ("catalog.csv:5", None, None),  # more values than columns
+    ]
+
+
+def test_ids_must_be_unique_across_items_and_sources(tmp_path: Path) -> None:
+    doc = {"defaults": {"instruction": "x"}, "items": [{"id": "a"}], "items_from": [{"glob": "*.png"}]}
+    problem = one(problems(job(tmp_path, doc, images=["a.png"])))
+    assert (problem.item, problem.field) == ("a", "id") and "duplicate id" in problem.message
+
+
+def test_a_csv_without_an_id_column_or_template_says_how_to_name_items(tmp_path: Path) -> None:
+    source = {"csv": "catalog.csv", "image": "photos/{sku}.jpg", "instruction": "x"}
+    problem = one(problems(job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG})))
+    assert problem.field == "id" and 'id: "{sku}"' in problem.message
+
+
+@pytest.mark.parametrize(
+    ("source", "field", "message"),
+    [
+        pytest.param({"csv": "catalog.csv", "imgae": "x"}, "items_from[0].imgae", 'did you mean "image"',
+                     id="unknown-key"),
+        pytest.param({"csv": "catalog.csv", "delimeter": ";"}, "items_from[0].delimeter", 'did you mean "delimiter"',
+                     id="unknown-option"),
+        pytest.param({"glob": "*.jpg", "delimiter": ";"}, "items_from[0].delimiter", "unknown key",
+                     id="csv-option-on-a-glob"),
+        pytest.param({"id": "{sku}"}, "items_from[0]", "give exactly one of csv:, jsonl: or glob:", id="no-kind"),
+        pytest.param({"csv": "catalog.csv", "glob": "*.jpg"}, "items_from[0]", "not csv, glob together",
+                     id="two-kinds"),
+        pytest.param({"csv": "nope.csv"}, "items_from[0].csv", "csv file not found", id="missing-file"),
+        pytest.param({"csv": ""}, "items_from[0].csv", "must be a file name", id="empty-name"),
+        pytest.param({"csv": "catalog.csv", "instruction": "Use {color"}, "items_from[0].instruction",
+                     "expected '}'", id="bad-template"),
+        pytest.param({"glob": "*.jpg", "instruction": "Make it {color}"}, "items_from[0].instruction",
+                     "{path}, {name}, {stem} and {id}", id="glob-unknown-placeholder"),
+        pytest.param({"csv": "catalog.csv", "delimiter": ";;"}, "items_from[0].delimiter", "one character",
+                     id="long-delimiter"),
+        pytest.param("catalog.csv", "items_from[0]", "must be a mapping", id="not-a-mapping"),
+    ],
+)
+def test_source_entry_problems(tmp_path: Path, source: Any, field: str, message: str) -> None:
+    path = job(tmp_path, {"defaults": {"instruction": "x"}, "items_from": [source]}, {"catalog.csv": CATALOG})
+    problem = one(problems(path))
+    assert (problem.file, problem.item, problem.field) == (str(path), None, field)
+    assert message in problem.message
+
+
+def test_a_glob_that_matches_nothing_is_a_problem(tmp_path: Path) -> None:
+    path = job(tmp_path, {"defaults": {"instruction": "x"}, "items_from": [{"glob": "photos/*.jpg"}]})
+    problem = one(problems(path))
+    assert problem.field == "glob" and "matches no files" in problem.message
+
+
+def test_a_source_without_rows_leaves_a_manifest_without_items(tmp_path: Path) -> None:
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": "sku,background\n"})
+    problem = one(problems(path))
+    assert problem.field == "items" and "no items" in problem.message
+
+
+def test_a_single_source_may_be_written_without_the_list(tmp_path: Path) -> None:
+    path = job(tmp_path, {"items_from": CSV_SOURCE}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    assert [i.id for i in items(path)] == ["MUG-1", "SNK-2"]
