@@ -81,6 +81,9 @@ class RunStats:
                 examples.append(record["id"])
 
 
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Finished:
     record: dict[str, Any]
@@ -311,10 +314,10 @@ class Engine:
             record["finish_message"] = reply.finish_message
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
-        stem = item.output.replace("{id}", item.id) if item.output else item.id
+        stem = item.output or item.id  # the manifest has filled in the output template
         suffix = Path(stem).suffix
-        if suffix and item.output:
-            stem = stem[: -len(suffix)]
+        if item.output and suffix.lower() in _IMAGE_SUFFIXES:
+            stem = stem[: -len(suffix)]  # the real extension follows the returned image type
         if step is not None:
             stem = f"{stem}.step{step}"
         if len(images) == 1:

@@ -281,3 +281,21 @@ def test_a_failed_step_fails_the_item_and_names_the_step(tmp_path: Path) -> None
     run(job, fake)
     rec = records(tmp_path / "out")[0]
     assert rec["status"] == "failed" and rec["error"]["step"] == 2 and rec["outputs"] == []
+
+
+@pytest.mark.parametrize(
+    ("item_id", "output", "expected"),
+    [
+        pytest.param("sku.1001", None, "sku.1001.png", id="dotted-id"),
+        pytest.param("sku.1001", "{id}", "sku.1001.png", id="dotted-id-template"),
+        pytest.param("a", "{id}/final.jpg", "a/final.png", id="extension-follows-the-image"),
+    ],
+)
+def test_output_names(tmp_path: Path, item_id: str, output: str | None, expected: str) -> None:
+    item: dict[str, Any] = {"id": item_id, "instruction": "x"}
+    if output:
+        item["output"] = output
+    job = write_job(tmp_path, [item])
+    run(job, FakeGemini())
+    assert records(tmp_path / "out")[0]["outputs"] == [expected]
+    assert (tmp_path / "out" / expected).is_file()
