@@ -29,7 +29,7 @@ from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, NanobatchError
 from .gemini import Image, Reply, build_request, check_reply, sum_usage
-from .inputs import InputLoader, load_inputs, work_key
+from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
 from .results import Journal, ResultsIndex, ResultsLog, atomic_write
@@ -223,11 +223,20 @@ class Engine:
         steps: list[dict[str, Any]] = []
         usages: list[dict[str, Any]] = []
         try:
+            # Local inputs are fingerprinted from their stamps first, so done work is skipped unread.
+            stamps = await local_stamps(item.inputs, self.index.stamps(item.id))
+            if stamps is not None:
+                record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
+                record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
+                if not self._wanted(item, key):
+                    self.stats.skipped += 1
+                    return None
             images = await load_inputs(item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry)
-            record["key"] = key = work_key(item, images)
-            if not self._wanted(item, key):
-                self.stats.skipped += 1
-                return None
+            if stamps is None:
+                record["key"] = key = work_key(item, [image_digest(image) for image in images])
+                if not self._wanted(item, key):
+                    self.stats.skipped += 1
+                    return None
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)

@@ -122,6 +122,7 @@ class WorkItem:
             "image_size": self.image_size,
             "response_modalities": list(self.response_modalities),
             "thinking_level": self.thinking_level,
+            "resize_inputs": self.resize_inputs,
         }
 
 

@@ -81,6 +81,8 @@ class IndexEntry:
     tokens: tuple[int, int, int, int]
     cost_usd: float
     error_kind: str | None
+    # (path, size, mtime_ns, sha256) of each local input, so an unchanged file need not be read again.
+    stamps: tuple[tuple[str, int, int, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -106,10 +108,16 @@ class ResultsIndex:
             tokens=tuple(int(usage.get(name) or 0) for name in TOKEN_FIELDS),  # type: ignore[arg-type]
             cost_usd=float(record.get("cost_usd") or 0.0),
             error_kind=(record.get("error") or {}).get("kind"),
+            stamps=_stamps(record),
         )
         self.entries[str(record["id"])] = entry
         if entry.status == "ok" and entry.key:
             self.ok_keys.add(entry.key)
+
+    def stamps(self, item_id: str) -> dict[str, tuple[int, int, str]]:
+        """The input file stamps the latest record of *item_id* saw (empty if none)."""
+        entry = self.entries.get(item_id)
+        return {path: (size, mtime, sha) for path, size, mtime, sha in entry.stamps} if entry else {}
 
     def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
         """True when the latest record of *item_id* is ``ok`` for exactly this *key* and its files exist."""
@@ -133,6 +141,14 @@ class ResultsIndex:
                 Counter(e.error_kind or "unknown" for e in self.entries.values() if e.status != "ok")
             ),
         }
+
+
+def _stamps(record: dict[str, Any]) -> tuple[tuple[str, int, int, str], ...]:
+    inputs, stamps = record.get("inputs") or [], record.get("input_stamps") or []
+    try:
+        return tuple((str(p), int(s[0]), int(s[1]), str(s[2])) for p, s in zip(inputs, stamps, strict=True))
+    except (ValueError, TypeError, IndexError):
+        return ()  # an old or hand-edited record: the files will simply be read again
 
 
 class ResultsLog:

@@ -299,3 +299,38 @@ def test_output_names(tmp_path: Path, item_id: str, output: str | None, expected
     run(job, FakeGemini())
     assert records(tmp_path / "out")[0]["outputs"] == [expected]
     assert (tmp_path / "out" / expected).is_file()
+
+
+def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    import nanobatch.inputs
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/p{n}.png"} for n in range(5)])
+    run(job, FakeGemini())
+    opened: list[str] = []
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+    def spy_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    def spy_read_bytes(self: Path) -> bytes:
+        opened.append(str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(nanobatch.inputs, "open", spy_open, raising=False)
+    monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
+    summary = run(job, FakeGemini())
+    assert summary.stats.skipped == 5
+    assert [p for p in opened if "images" in p] == []
+
+    # Touching a file makes it be read again, but the same bytes are still the same work.
+    (tmp_path / "images" / "p0.png").touch()
+    import os
+
+    os.utime(tmp_path / "images" / "p0.png", ns=(1, 1))
+    fake = FakeGemini()
+    summary = run(job, fake)
+    assert fake.requests == [] and summary.stats.skipped == 5
+    assert [p for p in opened if p.endswith("p0.png")]
