@@ -183,7 +183,7 @@ def test_the_api_key_is_never_written_anywhere(tmp_path: Path, monkeypatch: pyte
 
     fake = FakeGemini({"echo": [echo], "die": [google_error(401, "UNAUTHENTICATED", f"key {secret} rejected")]})
     with caplog.at_level(logging.DEBUG):
-        run(job, fake)
+        run(job, fake, settings=nanobatch.load_settings(overrides={"limits.concurrency": 1}))  # a, b, then c
     assert seen_headers == [f"Bearer {secret}"]  # it was used...
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():

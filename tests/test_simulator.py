@@ -8,6 +8,7 @@ import io
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -391,3 +392,19 @@ async def test_stats_count_requests_by_status() -> None:
     stats = app.state.stats
     assert stats.received == 3 and stats.by_status == {200: 1, 401: 1, 400: 1}
     assert stats.images == 1 and stats.tokens > 0 and stats.in_flight == 0 and stats.max_in_flight == 1
+
+
+async def test_canned_image_answers_every_request_with_the_same_bytes(tmp_path: Path) -> None:
+    canned = png((64, 40), (200, 10, 10))
+    (tmp_path / "canned.png").write_bytes(canned)
+    app = create_app(SimulatorConfig(canned=str(tmp_path / "canned.png")))
+    async with client_for(app) as client:
+        edit = await generate(client, body("Make it pop", png()))
+        generation = await generate(client, body("A lemon on a blue table", size="2K"))
+    for response in (edit, generation):
+        (image,) = answer_parts(response)
+        assert image["inlineData"]["mimeType"] == "image/png"
+        assert base64.b64decode(image["inlineData"]["data"]) == canned
+    # The accounting still follows the request, not the file.
+    assert generation.json()["usageMetadata"]["candidatesTokenCount"] == lookup(FLASH_31).output_tokens("2K")
+    assert app.state.stats.images == 2

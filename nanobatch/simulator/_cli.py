@@ -129,6 +129,12 @@ def _rate(number: str, item: str) -> float:
 @click.option("--seed", default=0, show_default=True, help="Seed for latencies and faults (same seed, same run).")
 @click.option("--api-key-env", metavar="NAME", help="Require the API key held by this environment variable.")
 @click.option("--image-format", type=click.Choice(["png", "jpeg"]), default="png", show_default=True)
+@click.option(
+    "--canned",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Answer every image request with this image file (read once) instead of editing the input: for benchmarks.",
+)
 @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
 def simulate(
     *,
@@ -142,6 +148,7 @@ def simulate(
     seed: int,
     api_key_env: str | None,
     image_format: str,
+    canned: str | None,
     verbose: bool,
 ) -> None:
     """Serve the built-in Gemini simulator (no key, no network, real edited images)."""
@@ -158,6 +165,7 @@ def simulate(
         daily_limit=daily_limit,
         api_key=api_key,
         image_format=image_format,
+        canned=canned,
         **latency,
         **rates,
     )

@@ -29,7 +29,7 @@ from .errors import (
     retry_info,
 )
 from .faults import DailyQuota, Draw, SlidingWindow, draw
-from .imaging import render
+from .imaging import load_canned, render
 from .responses import Usage, blocked_body, finish_body, image_body, text_body
 from .validation import ParsedRequest, parse_request
 
@@ -108,6 +108,7 @@ class _Simulator:
         self._sleep = sleep
         self._rpm = SlidingWindow(config.rpm_limit, 60.0 * config.time_scale, clock) if config.rpm_limit else None
         self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
+        self._canned = load_canned(config.canned) if config.canned else None
 
     async def handle(self, request: Request) -> Response:
         stats = self.stats
@@ -223,17 +224,19 @@ class _Simulator:
             return self._ok(*text_body(parsed, chance, TEXT_ONLY_REPLY))
         if "IMAGE" not in parsed.modalities:
             return self._ok(*text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
-        job = functools.partial(
-            render,
-            parsed,
-            image_format=self.config.image_format,
-            seed=chance.image_seed,
-            thought_image=chance.thought_image and parsed.model.supports_thinking,
-        )
-        try:
-            rendered = await anyio.to_thread.run_sync(job)
-        except InvalidRequest as exc:
-            return google_error(exc.code, exc.message)
+        rendered = self._canned
+        if rendered is None:
+            job = functools.partial(
+                render,
+                parsed,
+                image_format=self.config.image_format,
+                seed=chance.image_seed,
+                thought_image=chance.thought_image and parsed.model.supports_thinking,
+            )
+            try:
+                rendered = await anyio.to_thread.run_sync(job)
+            except InvalidRequest as exc:
+                return google_error(exc.code, exc.message)
         self.stats.images += 1
         return self._ok(*image_body(parsed, chance, rendered))
 

@@ -57,6 +57,9 @@ class SimulatorConfig:
     daily_limit: int | None = None
     api_key: str | None = None
     image_format: str = "png"
+    # An image file to answer every image request with (read once), instead of editing the
+    # input with Pillow: for benchmarks, where the simulator's CPU must not be the bottleneck.
+    canned: str | None = None
 
     def __post_init__(self) -> None:
         if self.latency not in LATENCY_MODELS:

@@ -25,7 +25,7 @@ from nanobatch.models import pixel_size
 from .errors import UNPROCESSABLE_IMAGE, InvalidRequest
 from .validation import InputImage, ParsedRequest
 
-__all__ = ["Rendered", "choose_aspect_ratio", "edits_for", "render"]
+__all__ = ["Rendered", "choose_aspect_ratio", "edits_for", "load_canned", "render"]
 
 _WHITE = (255, 255, 255)
 _EDITS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -91,6 +91,17 @@ def render(request: ParsedRequest, *, image_format: str, seed: int, thought_imag
         aspect_ratio=ratio,
         thought=thought,
     )
+
+
+def load_canned(path: str) -> Rendered:
+    """The image file at *path* as a ready answer, sent as it is whatever the request asks (no draft)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        size, mime_type = image.size, Image.MIME.get(image.format or "", "image/png")
+    divisor = math.gcd(*size)
+    ratio = f"{size[0] // divisor}:{size[1] // divisor}"
+    return Rendered(data=data, mime_type=mime_type, size=size, aspect_ratio=ratio, thought=None)
 
 
 def _ratio(ratio: str) -> float:
