@@ -147,3 +147,20 @@ def test_a_held_output_folder_exits_4(tmp_path: Path, capsys: pytest.CaptureFixt
 
     assert anyio.run(hold_and_run) == 4
     assert "another nanobatch run holds" in capsys.readouterr().err
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y"}])
+    assert main(["--log-format", "json", "run", str(job), "--simulate", "--out", str(tmp_path / "out")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    events = [json.loads(line) for line in lines]  # every stderr line is JSON
+    assert events and all({"time", "level", "message"} <= set(e) for e in events)
+    assert any("running" in e["message"] for e in events)
+
+
+def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--report"]) == 0
+    html = (out / "report.html").read_text()
+    assert 'data-id="a"' in html

@@ -1,0 +1,56 @@
+"""What an operator sees while a run goes."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+
+import anyio
+import pytest
+from rich.console import Console
+
+from nanobatch.engine import RunStats
+from nanobatch.progress import LiveProgress, PlainProgress, describe
+
+from .conftest import run_virtual
+
+
+def busy_stats() -> RunStats:
+    return RunStats(total=100, ok=40, failed=2, blocked=1, skipped=7, requests=55, in_flight=8, concurrency=16,
+                    rpm_limit=120, retries=Counter({"overloaded": 3}), tokens=Counter({"totalTokenCount": 123456}),
+                    cost_usd=4.5)
+
+
+def test_the_line_shows_outcomes_traffic_and_spend() -> None:
+    line = describe(busy_stats(), rate=118.0)
+    for part in ("ok 40", "failed 2", "blocked 1", "skipped 7", "in flight 8/16", "118 req/min (limit 120)",
+                 "retries 3", "123,456 tokens", "$4.50"):
+        assert part in line
+
+
+def test_plain_progress_logs_a_line_every_interval(caplog: pytest.LogCaptureFixture) -> None:
+    stats = busy_stats()
+
+    async def watch() -> None:
+        with anyio.move_on_after(95):
+            await PlainProgress(30).run(stats)
+
+    with caplog.at_level(logging.INFO, logger="nanobatch.progress"):
+        run_virtual(watch)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nanobatch.progress"]
+    assert len(lines) == 3 and all("50/100 done" in line for line in lines)
+
+
+def test_live_progress_draws_a_bar_with_the_counts() -> None:
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200, color_system=None)
+    stats = busy_stats()
+
+    async def watch() -> None:
+        with anyio.move_on_after(0.2):
+            await LiveProgress(console).run(stats)
+
+    anyio.run(watch)
+    screen = buffer.getvalue()
+    assert "50/100" in screen and "ok 40" in screen and "$4.50" in screen
