@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/nanobatch run jobs/example.yaml --simulate --force; \
-	  code=$$?; echo; echo "Images, results.jsonl and summary.json are in out/example/"; exit $$code
+	$(BIN)/nanobatch run jobs/example.yaml --simulate --force --report; \
+	  code=$$?; echo; echo "Images, results.jsonl, summary.json and report.html are in out/example/"; exit $$code
 
 test: install
 	$(BIN)/python -m pytest

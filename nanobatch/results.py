@@ -27,11 +27,22 @@ SUMMARY_FILE = "summary.json"
 TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (single-threaded): os.umask can only be read by setting it.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a result file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -334,3 +334,14 @@ def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch
     summary = run(job, fake)
     assert fake.requests == [] and summary.stats.skipped == 5
     assert [p for p in opened if p.endswith("p0.png")]
+
+
+def test_images_get_the_usual_file_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    run(job, FakeGemini())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out" / "a.png").stat().st_mode) == 0o666 & ~umask
