@@ -19,9 +19,9 @@ import anyio
 import click
 
 from .config import Settings, load_settings, read_api_key
+from .engine import RunStats
 from .errors import NanobatchError
 from .manifest import load_manifest
-from .engine import RunStats
 from .progress import LiveProgress, PlainProgress
 from .runner import CheckResult, RunSummary, check_job, run_job
 
@@ -80,8 +80,13 @@ def _install_redaction(settings: Settings) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nanobatch")
 @click.option("-v", "--verbose", count=True, help="More log detail on stderr (-vv for debug).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="json: one JSON object per event on stderr, for log collectors.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per event on stderr, for log collectors.",
+)
 def cli(verbose: int, log_format: str) -> None:
     """Bulk image edits through Google's Gemini image models (Nano Banana).
 
@@ -93,16 +98,27 @@ def cli(verbose: int, log_format: str) -> None:
 
 def _settings_options(f: Any) -> Any:
     options = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="Config file (default: $NANOBATCH_CONFIG, else ./nanobatch.yaml if present)."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False),
-                     help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>)."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="Config file (default: $NANOBATCH_CONFIG, else ./nanobatch.yaml if present).",
+        ),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(file_okay=False),
+            help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>).",
+        ),
         click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most."),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
-        click.option("--max-cost", type=click.FloatRange(min=0, min_open=True),
-                     help="Stop before the run could spend more than this many US dollars."),
+        click.option(
+            "--max-cost",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Stop before the run could spend more than this many US dollars.",
+        ),
         click.option("--max-requests", type=click.IntRange(min=1), help="Send at most this many requests."),
     ]
     for option in reversed(options):
@@ -137,16 +153,35 @@ def _manifest(path: str, settings: Settings, model: str | None) -> Any:
 @click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed or blocked.")
 @click.option("--force", is_flag=True, help="Redo every item, even those already done.")
 @click.option("--dry-run", is_flag=True, help="Check everything and estimate cost; send nothing.")
-@click.option("--grace", type=click.FloatRange(min=0),
-              help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).",
+)
 @click.option("--wait-lock", is_flag=True, help="If another run holds the output folder, wait for it.")
 @click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
-@click.option("--progress-interval", type=click.FloatRange(min=1), default=30, show_default=True,
-              help="Seconds between plain progress lines when stderr is not a terminal.")
-def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: bool, retry_failed: bool,
-        force: bool, dry_run: bool, wait_lock: bool, write_html: bool, quiet: bool, progress_interval: float,
-        **flags: Any) -> None:
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=1),
+    default=30,
+    show_default=True,
+    help="Seconds between plain progress lines when stderr is not a terminal.",
+)
+def run(
+    manifest: str,
+    config_file: str | None,
+    out_dir: str | None,
+    simulate: bool,
+    retry_failed: bool,
+    force: bool,
+    dry_run: bool,
+    wait_lock: bool,
+    write_html: bool,
+    quiet: bool,
+    progress_interval: float,
+    **flags: Any,
+) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
     settings = _settings(config_file, **flags)
     _install_redaction(settings)
@@ -162,7 +197,7 @@ def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: b
             if display is not None:
                 tg.start_soon(display.run, stats)
             try:
-                return await run_job(
+                summary = await run_job(
                     job,
                     settings=settings,
                     out_dir=out_dir,
@@ -175,6 +210,7 @@ def run(manifest: str, config_file: str | None, out_dir: str | None, simulate: b
                 )
             finally:
                 tg.cancel_scope.cancel()
+        return summary
 
     summary = anyio.run(go)
     if write_html:
@@ -246,7 +282,8 @@ def _print_summary(summary: RunSummary) -> None:
     if tokens:
         click.echo(
             "tokens: prompt {p}, output {c}, thinking {t}".format(
-                p=tokens.get("promptTokenCount", 0), c=tokens.get("candidatesTokenCount", 0),
+                p=tokens.get("promptTokenCount", 0),
+                c=tokens.get("candidatesTokenCount", 0),
                 t=tokens.get("thoughtsTokenCount", 0),
             )
         )
@@ -274,11 +311,14 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     counts = info["counts"]
-    click.echo(f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, "
-               f"{counts['blocked']} blocked")
+    click.echo(
+        f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, {counts['blocked']} blocked"
+    )
     tokens = info["tokens"]
-    click.echo(f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
-               f"thinking {tokens['thoughtsTokenCount']}; cost ${info['cost_usd']:.4f}")
+    click.echo(
+        f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
+        f"thinking {tokens['thoughtsTokenCount']}; cost ${info['cost_usd']:.4f}"
+    )
     for kind, count in info["failures_by_kind"].items():
         click.echo(f"  {kind}: {count}")
     if info.get("possibly_charged"):

@@ -326,8 +326,9 @@ def _downscale(name: str, image: Image, limit: int) -> Image:
         resized = picture if scale == 1.0 else picture.resize(size, Pillow.Resampling.LANCZOS)
         resized.save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {"optimize": True}))
         if buffer.tell() <= limit:
-            logger.info("%s: downscaled from %d to %d bytes (%dx%d %s)", name, len(image.data), buffer.tell(),
-                        *size, fmt)
+            logger.info(
+                "%s: downscaled from %d to %d bytes (%dx%d %s)", name, len(image.data), buffer.tell(), *size, fmt
+            )
             return Image(mime, buffer.getvalue())
     raise InputError(f"{name} could not be downscaled under {limit / MB:.1f} MB")
 
@@ -353,8 +354,10 @@ class UrlChecklist:
     def problems(self, manifest_file: str, *, transport: httpx.BaseTransport | None = None) -> list[Problem]:
         """One problem per URL that does not answer 2xx (named by the first item that uses it)."""
         if self.too_many:
-            logger.warning("more than %d distinct image URLs: not checking them now; each is checked when "
-                           "its item runs", self.limit)
+            logger.warning(
+                "more than %d distinct image URLs: not checking them now; each is checked when its item runs",
+                self.limit,
+            )
             return []
         failed = check_urls(list(self.first_use), transport=transport)
         return [Problem(manifest_file, *self.first_use[url], message) for url, message in failed.items()]

@@ -80,7 +80,8 @@ class Breaker:
             if now - self.opened_at > self.max_down_s:
                 raise RunAborted(
                     f"the API has failed every request for {now - self.opened_at:.0f} s "
-                    f"(limits.breaker_max_down_s = {self.max_down_s:g}); stopping, unsent items are left for the next run"
+                    f"(limits.breaker_max_down_s = {self.max_down_s:g}); "
+                    "stopping, unsent items are left for the next run"
                 )
             if not self._probing and now >= self._retry_at:
                 self._probing = True
@@ -263,7 +264,8 @@ class Gate:
         return Ticket(reserved_usd=worst_case_usd, started_at=anyio.current_time(), probe=probe)
 
     async def _wait_pause(self) -> None:
-        while (delay := self.paused_until - anyio.current_time()) > 0:
+        # A deadline that later 429s may push back: sleep to it, then look again.
+        while (delay := self.paused_until - anyio.current_time()) > 0:  # noqa: ASYNC110
             await anyio.sleep(delay)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:

@@ -268,8 +268,10 @@ class _Confinement:
                 self.verdicts.clear()
             resolved = (self.root / parent).resolve()
             inside = resolved == self.root or resolved.is_relative_to(self.root)
-            self.verdicts[parent] = None if inside else (
-                f"{name!r} leads out of the output folder {self.out_dir} (through a symbolic link to {resolved})"
+            self.verdicts[parent] = (
+                None
+                if inside
+                else (f"{name!r} leads out of the output folder {self.out_dir} (through a symbolic link to {resolved})")
             )
         return self.verdicts[parent]
 

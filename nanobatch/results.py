@@ -197,8 +197,9 @@ class ResultsLog:
                     keep = start + block.rfind(b"\n") + 1
                     break
                 end = start
-            logger.warning("%s: removing a line torn by a crash (%d bytes); its item will run again", self.path,
-                           size - keep)
+            logger.warning(
+                "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
+            )
             f.truncate(keep)
 
     def append(self, record: dict[str, Any]) -> None:

@@ -231,8 +231,10 @@ class TableSource:
         for name, template in self.templates.items():
             for column in _placeholders(template, own_id=name == "id"):
                 if column not in header:
-                    message = (f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
-                               f"{columns}{did_you_mean(column, list(header))}; {_BRACES_HINT}")
+                    message = (
+                        f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
+                        f"{columns}{did_you_mean(column, list(header))}; {_BRACES_HINT}"
+                    )
                     problems.append(Problem(f"{self.path}:1", None, name, message))
         return problems
 

@@ -15,7 +15,9 @@ from PIL import Image as PILImage
 USAGE = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "totalTokenCount": 2432}
 
 
-def image_bytes(color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG", size: tuple[int, int] = (16, 16)) -> bytes:
+def image_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG", size: tuple[int, int] = (16, 16)
+) -> bytes:
     buf = io.BytesIO()
     PILImage.new("RGB", size, color).save(buf, fmt)
     return buf.getvalue()
@@ -43,8 +45,9 @@ def ok_body(
 
 
 def google_error(code: int, status: str, message: str, *details: dict[str, Any]) -> httpx.Response:
-    return httpx.Response(code, json={"error": {"code": code, "message": message, "status": status,
-                                                "details": list(details)}})
+    return httpx.Response(
+        code, json={"error": {"code": code, "message": message, "status": status, "details": list(details)}}
+    )
 
 
 def retry_info(delay: str) -> dict[str, Any]:

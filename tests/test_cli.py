@@ -34,9 +34,24 @@ def test_help_lists_every_command_and_run_option(capsys: pytest.CaptureFixture[s
         assert command in out
     assert main(["run", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--config", "--out", "--concurrency", "--rpm", "--model", "--base-url", "--simulate",
-                   "--retry-failed", "--force", "--max-cost", "--max-requests", "--dry-run", "--grace", "--wait-lock",
-                   "--report", "--quiet"):
+    for option in (
+        "--config",
+        "--out",
+        "--concurrency",
+        "--rpm",
+        "--model",
+        "--base-url",
+        "--simulate",
+        "--retry-failed",
+        "--force",
+        "--max-cost",
+        "--max-requests",
+        "--dry-run",
+        "--grace",
+        "--wait-lock",
+        "--report",
+        "--quiet",
+    ):
         assert option in out, option
 
 
@@ -91,7 +106,9 @@ def test_bad_key_exits_3(tmp_path: Path, key: str, capsys: pytest.CaptureFixture
 
 
 @respx.mock
-def test_failed_items_exit_1_and_google_auth_style(tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_failed_items_exit_1_and_google_auth_style(
+    tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         if b"bad" in request.content:
             return google_error(400, "INVALID_ARGUMENT", "Unable to process input image")
@@ -119,8 +136,10 @@ def test_validate_and_dry_run_send_nothing(tmp_path: Path, key: str, capsys: pyt
 
 
 def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    job = write_job(tmp_path, [{"id": "a b", "instruction": "x"}, {"id": "c", "image": "images/none.png"},
-                               {"id": "d", "image_size": "8K"}])
+    job = write_job(
+        tmp_path,
+        [{"id": "a b", "instruction": "x"}, {"id": "c", "image": "images/none.png"}, {"id": "d", "image_size": "8K"}],
+    )
     (tmp_path / "images" / "none.png").unlink()
     assert main(["validate", str(job)]) == 2
     err = capsys.readouterr().err

@@ -35,9 +35,23 @@ def api() -> Iterator[str]:
 def start_run(job: Path, out: Path, api: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
     return subprocess.Popen(
-        [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", api, "--out", str(out),
-         "--concurrency", "4", "--quiet"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "nanobatch",
+            "run",
+            str(job),
+            "--base-url",
+            api,
+            "--out",
+            str(out),
+            "--concurrency",
+            "4",
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -64,8 +78,10 @@ def ok_ids(out: Path) -> set[str]:
 
 
 def test_sigkill_at_any_moment_then_rerun_ends_with_every_item_ok_exactly_once(tmp_path: Path, api: str) -> None:
-    job = write_job(tmp_path, [{"id": f"sku-{n:03d}", "image": f"images/p{n % 3}.png", "instruction": f"edit {n}"}
-                               for n in range(ITEMS)])
+    job = write_job(
+        tmp_path,
+        [{"id": f"sku-{n:03d}", "image": f"images/p{n % 3}.png", "instruction": f"edit {n}"} for n in range(ITEMS)],
+    )
     out = tmp_path / "out"
     # Kill points: as the first request leaves, after some results, with many requests in flight, mid-run.
     kill_points = [("journal", 1), ("results", 3), ("journal", 10), ("results", 6)]
@@ -77,9 +93,9 @@ def test_sigkill_at_any_moment_then_rerun_ends_with_every_item_ok_exactly_once(t
         old_runs = {e["run"] for e in dispatched(journal)}
         proc = start_run(job, out, api)
         if source == "journal":
-            wait_until(lambda: len(dispatched(journal, besides=old_runs)) >= count or proc.poll() is not None)
+            wait_until(lambda: len(dispatched(journal, besides=old_runs)) >= count or proc.poll() is not None)  # noqa: B023 - called at once
         else:
-            wait_until(lambda: len(lines(out / "results.jsonl")) >= results_before + count or proc.poll() is not None)
+            wait_until(lambda: len(lines(out / "results.jsonl")) >= results_before + count or proc.poll() is not None)  # noqa: B023 - called at once
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished
         sent = {e["id"] for e in dispatched(journal, besides=old_runs)}
@@ -98,8 +114,9 @@ def test_sigkill_at_any_moment_then_rerun_ends_with_every_item_ok_exactly_once(t
             image.verify()  # whole, valid images
     assert not list(out.glob(".*.tmp"))
 
-    status = subprocess.run([sys.executable, "-m", "nanobatch", "status", str(out), "--json"],
-                            capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "nanobatch", "status", str(out), "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(status.stdout)["counts"]["ok"] == ITEMS
 
 
@@ -107,11 +124,12 @@ def test_status_after_a_crash_counts_requests_that_may_have_been_charged(tmp_pat
     job = write_job(tmp_path, [{"id": f"sku-{n:03d}", "instruction": f"edit {n}"} for n in range(ITEMS)])
     out = tmp_path / "out"
     proc = start_run(job, out, api)
-    wait_until(lambda: len(lines(out / "journal.jsonl")) >= 4 or proc.poll() is not None)
+    wait_until(lambda: len(lines(out / "journal.jsonl")) >= 4 or proc.poll() is not None)  # noqa: B023 - called at once
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    status = subprocess.run([sys.executable, "-m", "nanobatch", "status", str(out), "--json"],
-                            capture_output=True, text=True, check=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "nanobatch", "status", str(out), "--json"], capture_output=True, text=True, check=True
+    )
     info = json.loads(status.stdout)
     finished = len(lines(out / "results.jsonl"))
     sent = len({json.loads(line)["id"] for line in lines(out / "journal.jsonl") if line.endswith("}")})

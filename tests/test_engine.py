@@ -81,17 +81,34 @@ def test_request_carries_instruction_images_and_settings(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("answers", "status", "attempts", "kind"),
     [
-        pytest.param([google_error(503, "UNAVAILABLE", "The model is overloaded"), ok_body()], "ok", 2, None,
-                     id="503-then-ok"),
-        pytest.param([httpx.Response(502, text="<html><title>502 Bad Gateway</title></html>"), ok_body()], "ok", 2,
-                     None, id="proxy-html-502-then-ok"),
-        pytest.param([google_error(400, "INVALID_ARGUMENT", "Unsupported image")], "failed", 1, "bad_request",
-                     id="400-fails-without-retry"),
+        pytest.param(
+            [google_error(503, "UNAVAILABLE", "The model is overloaded"), ok_body()], "ok", 2, None, id="503-then-ok"
+        ),
+        pytest.param(
+            [httpx.Response(502, text="<html><title>502 Bad Gateway</title></html>"), ok_body()],
+            "ok",
+            2,
+            None,
+            id="proxy-html-502-then-ok",
+        ),
+        pytest.param(
+            [google_error(400, "INVALID_ARGUMENT", "Unsupported image")],
+            "failed",
+            1,
+            "bad_request",
+            id="400-fails-without-retry",
+        ),
         pytest.param([ok_body({"text": "I can't"}, finish="IMAGE_SAFETY")], "blocked", 1, "blocked", id="image-safety"),
-        pytest.param([{"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}], "blocked", 1, "blocked",
-                     id="prompt-blocked"),
-        pytest.param([ok_body({"text": "Here is a description instead"})], "failed", 3, "no_image",
-                     id="text-only-retried-then-failed"),
+        pytest.param(
+            [{"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}], "blocked", 1, "blocked", id="prompt-blocked"
+        ),
+        pytest.param(
+            [ok_body({"text": "Here is a description instead"})],
+            "failed",
+            3,
+            "no_image",
+            id="text-only-retried-then-failed",
+        ),
         pytest.param([google_error(500, "INTERNAL", "boom")], "failed", 6, "server_error", id="500-until-max-attempts"),
     ],
 )
@@ -124,8 +141,13 @@ def test_failures_keep_the_model_text_and_the_api_message(tmp_path: Path) -> Non
 
 def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
-    throttled = google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", retry_info("45.837906927s"),
-                             quota_failure("GenerateRequestsPerMinutePerProjectPerModel"))
+    throttled = google_error(
+        429,
+        "RESOURCE_EXHAUSTED",
+        "Quota exceeded",
+        retry_info("45.837906927s"),
+        quota_failure("GenerateRequestsPerMinutePerProjectPerModel"),
+    )
     fake = FakeGemini({"make the background white": [throttled, ok_body()]})
     times: list[float] = []
 
@@ -148,11 +170,26 @@ def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
         pytest.param(google_error(401, "UNAUTHENTICATED", "API key not valid"), id="401"),
         pytest.param(google_error(403, "PERMISSION_DENIED", "no access"), id="403"),
         pytest.param(google_error(404, "NOT_FOUND", "models/x is not found"), id="404"),
-        pytest.param(httpx.Response(402, json={"status_code": 402, "error": {"message": "insufficient balance",
-                                                                               "type": "billing", "code": "402"}}),
-                     id="402-apiyi"),
-        pytest.param(google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", retry_info("3600s"),
-                                  quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier")), id="daily-429"),
+        pytest.param(
+            httpx.Response(
+                402,
+                json={
+                    "status_code": 402,
+                    "error": {"message": "insufficient balance", "type": "billing", "code": "402"},
+                },
+            ),
+            id="402-apiyi",
+        ),
+        pytest.param(
+            google_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Quota exceeded",
+                retry_info("3600s"),
+                quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+            ),
+            id="daily-429",
+        ),
     ],
 )
 def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: Path, fatal: httpx.Response) -> None:
@@ -169,12 +206,15 @@ def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: P
     assert summary.exit_code == 0 and summary.stats.ok == 40
 
 
-def test_the_api_key_is_never_written_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_the_api_key_is_never_written_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = "AIzaSy-very-secret-key-123"
     monkeypatch.setenv("NANOBATCH_API_KEY", secret)
-    job = write_job(tmp_path, [{"id": "a", "instruction": "echo"}, {"id": "b", "instruction": "fine"},
-                               {"id": "c", "instruction": "die"}])
+    job = write_job(
+        tmp_path,
+        [{"id": "a", "instruction": "echo"}, {"id": "b", "instruction": "fine"}, {"id": "c", "instruction": "die"}],
+    )
     seen_headers: list[str] = []
 
     def echo(request: httpx.Request) -> httpx.Response:
@@ -212,8 +252,10 @@ def test_rerun_skips_done_work_and_redoes_what_changed(tmp_path: Path) -> None:
 def test_retry_failed_runs_only_failed_and_blocked_items(tmp_path: Path) -> None:
     items = [{"id": "a", "instruction": "fine"}, {"id": "b", "instruction": "bad"}, {"id": "c", "instruction": "nsfw"}]
     job = write_job(tmp_path, items)
-    run(job, FakeGemini({"bad": [google_error(400, "INVALID_ARGUMENT", "no")],
-                         "nsfw": [ok_body(finish="IMAGE_SAFETY")]}))
+    run(
+        job,
+        FakeGemini({"bad": [google_error(400, "INVALID_ARGUMENT", "no")], "nsfw": [ok_body(finish="IMAGE_SAFETY")]}),
+    )
     fake = FakeGemini()
     summary = run(job, fake, retry_failed=True)
     assert sorted(fake.instructions()) == ["bad", "nsfw"] and summary.exit_code == 0

@@ -99,8 +99,12 @@ def test_a_url_is_downloaded_and_its_type_read_from_the_bytes() -> None:
 
 
 def test_redirects_are_followed() -> None:
-    host = Host({URL: [httpx.Response(302, headers={"location": "https://cdn2.example.com/x.png"})],
-                 "https://cdn2.example.com/x.png": [PNG]})
+    host = Host(
+        {
+            URL: [httpx.Response(302, headers={"location": "https://cdn2.example.com/x.png"})],
+            "https://cdn2.example.com/x.png": [PNG],
+        }
+    )
     assert load(host, [URL])[0].mime_type == "image/png"
 
 
@@ -311,8 +315,9 @@ def test_a_run_downloads_each_url_once_without_the_api_key(tmp_path: Path, monke
     missing = "https://cdn.example.com/gone.jpg"
     host = Host({URL: [JPEG], missing: [httpx.Response(404)]})
     api = FakeGemini()
-    job = write_job(tmp_path, [{"id": "a", "image": URL}, {"id": "b", "images": [URL, URL]},
-                               {"id": "c", "image": missing}])
+    job = write_job(
+        tmp_path, [{"id": "a", "image": URL}, {"id": "b", "images": [URL, URL]}, {"id": "c", "image": missing}]
+    )
 
     async def go() -> nanobatch.RunSummary:
         return await nanobatch.run_job(job, transport=routed(api, host), out_dir=tmp_path / "out")
@@ -347,13 +352,21 @@ def test_a_picture_too_big_to_send_fails_its_item(tmp_path: Path) -> None:
 
 def test_validate_checks_each_url_once_by_its_headers(tmp_path: Path) -> None:
     body = Body([JPEG])
-    host = Host({URL: [httpx.Response(200, stream=body)], "https://cdn.example.com/gone.png": [httpx.Response(404)],
-                 "https://cdn.example.com/down.png": [httpx.ConnectError("refused")]})
-    job = write_job(tmp_path, [
-        {"id": "a", "image": URL},
-        {"id": "b", "images": [URL, "https://cdn.example.com/gone.png"]},
-        {"id": "c", "image": "https://cdn.example.com/down.png"},
-    ])
+    host = Host(
+        {
+            URL: [httpx.Response(200, stream=body)],
+            "https://cdn.example.com/gone.png": [httpx.Response(404)],
+            "https://cdn.example.com/down.png": [httpx.ConnectError("refused")],
+        }
+    )
+    job = write_job(
+        tmp_path,
+        [
+            {"id": "a", "image": URL},
+            {"id": "b", "images": [URL, "https://cdn.example.com/gone.png"]},
+            {"id": "c", "image": "https://cdn.example.com/down.png"},
+        ],
+    )
     with pytest.raises(ManifestError) as err:
         nanobatch.check_job(job, transport=httpx.MockTransport(host))
     found = [(p.item, p.field) for p in err.value.problems]
@@ -373,4 +386,3 @@ def test_too_many_urls_are_not_checked_at_validation(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
         assert checklist.problems("job.yaml", transport=httpx.MockTransport(host)) == []
     assert host.requests == [] and "more than 2 distinct image URLs" in caplog.text
-

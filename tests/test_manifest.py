@@ -50,62 +50,142 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
 @pytest.mark.parametrize(
     ("text", "item", "field", "message"),
     [
-        pytest.param(ITEM + "    instrucion: x\n", "a", "instrucion", 'unknown field (did you mean "instruction"?)',
-                     id="unknown-item-key"),
+        pytest.param(
+            ITEM + "    instrucion: x\n",
+            "a",
+            "instrucion",
+            'unknown field (did you mean "instruction"?)',
+            id="unknown-item-key",
+        ),
         pytest.param("item:\n  - id: a\n", None, "item", 'did you mean "items"', id="unknown-top-key"),
-        pytest.param("defaults:\n  aspect_raito: '1:1'\nitems: [{id: a, instruction: x}]\n", None,
-                     "defaults.aspect_raito", 'did you mean "aspect_ratio"', id="unknown-defaults-key"),
+        pytest.param(
+            "defaults:\n  aspect_raito: '1:1'\nitems: [{id: a, instruction: x}]\n",
+            None,
+            "defaults.aspect_raito",
+            'did you mean "aspect_ratio"',
+            id="unknown-defaults-key",
+        ),
         pytest.param(ITEM.replace("a.png", "missing.png"), "a", "image", "image file not found", id="missing-image"),
         pytest.param(ITEM + "  - id: a\n    image: b.png\n", "a", "id", "duplicate id 'a'", id="duplicate-id"),
         pytest.param(ITEM.replace("id: a", "id: a/b"), "a/b", "id", "not a valid id", id="slash-in-id"),
         pytest.param(ITEM.replace("id: a", "id: -a"), "-a", "id", "not starting with", id="id-starts-with-dash"),
-        pytest.param("defaults:\n  instruction: x\nitems:\n  - image: a.png\n", "#1", "id", "every item needs an id",
-                     id="no-id"),
+        pytest.param(
+            "defaults:\n  instruction: x\nitems:\n  - image: a.png\n", "#1", "id", "every item needs an id", id="no-id"
+        ),
         pytest.param("items:\n  - not a mapping\n", "#1", None, "must be a mapping", id="item-not-a-mapping"),
-        pytest.param(ITEM + "    aspect_ratio: '7:3'\n", "a", "aspect_ratio", "does not support '7:3'",
-                     id="unsupported-ratio"),
-        pytest.param(ITEM + "    aspect_ratio: '1:8'\n    model: gemini-3-pro-image-preview\n", "a", "aspect_ratio",
-                     "gemini-3-pro-image does not support '1:8'", id="ratio-of-another-model"),
-        pytest.param(ITEM + "    aspect_ratio: 16:9\n", "a", "aspect_ratio", 'write the ratio in quotes, as "16:9"',
-                     id="unquoted-16:9"),
+        pytest.param(
+            ITEM + "    aspect_ratio: '7:3'\n", "a", "aspect_ratio", "does not support '7:3'", id="unsupported-ratio"
+        ),
+        pytest.param(
+            ITEM + "    aspect_ratio: '1:8'\n    model: gemini-3-pro-image-preview\n",
+            "a",
+            "aspect_ratio",
+            "gemini-3-pro-image does not support '1:8'",
+            id="ratio-of-another-model",
+        ),
+        pytest.param(
+            ITEM + "    aspect_ratio: 16:9\n",
+            "a",
+            "aspect_ratio",
+            'write the ratio in quotes, as "16:9"',
+            id="unquoted-16:9",
+        ),
         pytest.param(ITEM + "    image_size: 8K\n", "a", "image_size", "does not support '8K'", id="unsupported-size"),
-        pytest.param(ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n", "a", "image_size",
-                     "takes no image_size", id="size-on-2.5-flash"),
-        pytest.param(ITEM + "    image_size: 512\n    model: gemini-3-pro-image\n", "a", "image_size",
-                     "does not support '512'", id="512-on-3-pro"),
-        pytest.param(ITEM.replace("image: a.png", "images: [a.png, b.png, c.png, d.png]")
-                     + "    model: gemini-2.5-flash-image\n", "a", "images",
-                     "4 images, but gemini-2.5-flash-image takes at most 3", id="too-many-images-2.5"),
-        pytest.param(ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]")
-                     + "    model: gemini-3-pro-image-preview\n", "a", "images", "15 images, but gemini-3-pro-image "
-                     "takes at most 14", id="too-many-images-3-pro"),
-        pytest.param(ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]"), "a", "images",
-                     "takes at most 14", id="too-many-images-3.1-flash"),
-        pytest.param(ITEM + "    thinking_level: high\n    model: gemini-2.5-flash-image\n", "a", "thinking_level",
-                     "gemini-2.5-flash-image has no thinking level", id="thinking-on-2.5"),
-        pytest.param(ITEM + "    thinking_level: extreme\n", "a", "thinking_level",
-                     "choose one of minimal, low, medium, high", id="unknown-thinking-level"),
+        pytest.param(
+            ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n",
+            "a",
+            "image_size",
+            "takes no image_size",
+            id="size-on-2.5-flash",
+        ),
+        pytest.param(
+            ITEM + "    image_size: 512\n    model: gemini-3-pro-image\n",
+            "a",
+            "image_size",
+            "does not support '512'",
+            id="512-on-3-pro",
+        ),
+        pytest.param(
+            ITEM.replace("image: a.png", "images: [a.png, b.png, c.png, d.png]")
+            + "    model: gemini-2.5-flash-image\n",
+            "a",
+            "images",
+            "4 images, but gemini-2.5-flash-image takes at most 3",
+            id="too-many-images-2.5",
+        ),
+        pytest.param(
+            ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]")
+            + "    model: gemini-3-pro-image-preview\n",
+            "a",
+            "images",
+            "15 images, but gemini-3-pro-image takes at most 14",
+            id="too-many-images-3-pro",
+        ),
+        pytest.param(
+            ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 15) + "]"),
+            "a",
+            "images",
+            "takes at most 14",
+            id="too-many-images-3.1-flash",
+        ),
+        pytest.param(
+            ITEM + "    thinking_level: high\n    model: gemini-2.5-flash-image\n",
+            "a",
+            "thinking_level",
+            "gemini-2.5-flash-image has no thinking level",
+            id="thinking-on-2.5",
+        ),
+        pytest.param(
+            ITEM + "    thinking_level: extreme\n",
+            "a",
+            "thinking_level",
+            "choose one of minimal, low, medium, high",
+            id="unknown-thinking-level",
+        ),
         pytest.param(ITEM + "    images: [b.png]\n", "a", "images", "either image or images", id="image-and-images"),
-        pytest.param(ITEM + "    instruction: z\n    steps: [x, y]\n", "a", "steps", "either instruction or steps",
-                     id="instruction-and-steps"),
+        pytest.param(
+            ITEM + "    instruction: z\n    steps: [x, y]\n",
+            "a",
+            "steps",
+            "either instruction or steps",
+            id="instruction-and-steps",
+        ),
         pytest.param("items:\n  - id: a\n", "a", "instruction", "no instruction", id="no-instruction"),
-        pytest.param(ITEM + "    response_modalities: [TEXT]\n", "a", "response_modalities", "[TEXT, IMAGE]",
-                     id="text-only"),
+        pytest.param(
+            ITEM + "    response_modalities: [TEXT]\n", "a", "response_modalities", "[TEXT, IMAGE]", id="text-only"
+        ),
         pytest.param(ITEM + "    image: ''\n", "a", "image", "empty", id="empty-image"),
-        pytest.param(ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http:// and https://",
-                     id="ftp-url"),
+        pytest.param(
+            ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http:// and https://", id="ftp-url"
+        ),
         pytest.param(ITEM + "    output: final.png\n", "a", "output", "must contain {id}", id="output-without-id"),
-        pytest.param(ITEM + "    output: /tmp/{id}.png\n", "a", "output", "relative to the output folder",
-                     id="absolute-output"),
+        pytest.param(
+            ITEM + "    output: /tmp/{id}.png\n", "a", "output", "relative to the output folder", id="absolute-output"
+        ),
         pytest.param(ITEM + "    output: ../{id}.png\n", "a", "output", "no '..'", id="output-with-dotdot"),
         pytest.param(ITEM + "    output: '{id}/'\n", "a", "output", "end with a file name", id="output-a-folder"),
-        pytest.param(ITEM + "    output: '{category}/{id}.png'\n", "a", "output", "unknown placeholder {category}",
-                     id="output-column-outside-a-source"),
+        pytest.param(
+            ITEM + "    output: '{category}/{id}.png'\n",
+            "a",
+            "output",
+            "unknown placeholder {category}",
+            id="output-column-outside-a-source",
+        ),
         pytest.param(ITEM + "    output: '{id'\n", "a", "output", "bad template", id="output-bad-template"),
-        pytest.param("defaults:\n  id: x\nitems: [{instruction: y}]\n", None, "defaults.id", "cannot set an id",
-                     id="id-in-defaults"),
-        pytest.param("defaults:\n  output: out.png\nitems: [{id: a, instruction: y}]\n", None, "defaults.output",
-                     "must contain {id}", id="defaults-output-without-id"),
+        pytest.param(
+            "defaults:\n  id: x\nitems: [{instruction: y}]\n",
+            None,
+            "defaults.id",
+            "cannot set an id",
+            id="id-in-defaults",
+        ),
+        pytest.param(
+            "defaults:\n  output: out.png\nitems: [{id: a, instruction: y}]\n",
+            None,
+            "defaults.output",
+            "must contain {id}",
+            id="defaults-output-without-id",
+        ),
         pytest.param("name: x\nitems: []\n", None, "items", "no items", id="no-items"),
         pytest.param(ITEM + "    keep_steps: maybe\n", "a", "keep_steps", "valid boolean", id="bad-boolean"),
     ],
@@ -123,10 +203,16 @@ def test_validation_problems(tmp_path: Path, text: str, item: str | None, field:
     ("extra", "expected"),
     [
         pytest.param("    thinking_level: HIGH\n", {"thinking_level": "high"}, id="thinking-level-any-case"),
-        pytest.param("    thinking_level: minimal\n    model: gemini-3-pro-image\n", {"thinking_level": "minimal"},
-                     id="minimal-on-3-pro"),
-        pytest.param("    aspect_ratio: '1:8'\n    image_size: 512\n", {"aspect_ratio": "1:8", "image_size": "512"},
-                     id="3.1-flash-ratios-and-512"),
+        pytest.param(
+            "    thinking_level: minimal\n    model: gemini-3-pro-image\n",
+            {"thinking_level": "minimal"},
+            id="minimal-on-3-pro",
+        ),
+        pytest.param(
+            "    aspect_ratio: '1:8'\n    image_size: 512\n",
+            {"aspect_ratio": "1:8", "image_size": "512"},
+            id="3.1-flash-ratios-and-512",
+        ),
         pytest.param("    resize_inputs: true\n", {"resize_inputs": True}, id="resize-inputs"),
         pytest.param("    output: 'white/{id}.png'\n", {"output": "white/a.png"}, id="output-template"),
         pytest.param("    output: '{{raw}}-{id}.png'\n", {"output": "{raw}-a.png"}, id="output-literal-braces"),
@@ -154,7 +240,10 @@ def test_every_problem_is_listed_not_just_the_first(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as err:
         nanobatch.check_job(write(tmp_path, text))
     assert [(p.item, p.field) for p in err.value.problems] == [
-        ("a", "image"), ("b", "aspect_ratio"), ("c", "image_size"), ("a", "id"),
+        ("a", "image"),
+        ("b", "aspect_ratio"),
+        ("c", "image_size"),
+        ("a", "id"),
     ]
     assert "item 'b', field 'aspect_ratio'" in str(err.value)
 
@@ -162,8 +251,11 @@ def test_every_problem_is_listed_not_just_the_first(tmp_path: Path) -> None:
 def test_a_flood_of_problems_is_cut_short_with_a_count(tmp_path: Path) -> None:
     rows = "sku\n" + "".join(f"S{n}\n" for n in range(1500))
     (tmp_path / "c.csv").write_text(rows)
-    path = write(tmp_path, "items_from:\n  - csv: c.csv\n    id: '{sku}'\n    image: '{sku}.png'\n"
-                           "    instruction: x\n", images=())
+    path = write(
+        tmp_path,
+        "items_from:\n  - csv: c.csv\n    id: '{sku}'\n    image: '{sku}.png'\n    instruction: x\n",
+        images=(),
+    )
     found = problems(path)
     assert len(found) == 1001 and "and 500 more problems" in found[-1].message
 
@@ -231,8 +323,12 @@ def big_catalog(folder: Path, rows: int) -> Path:
     with (folder / "big.csv").open("w") as f:
         f.write("sku,background\n")
         f.writelines(f"SKU-{n:07d},colour {n}\n" for n in range(rows))
-    return write(folder, "items_from:\n  - csv: big.csv\n    id: '{sku}'\n    image: photo.jpg\n"
-                         "    instruction: Replace the background with {background}\n", images=())
+    return write(
+        folder,
+        "items_from:\n  - csv: big.csv\n    id: '{sku}'\n    image: photo.jpg\n"
+        "    instruction: Replace the background with {background}\n",
+        images=(),
+    )
 
 
 def test_a_large_csv_is_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,15 +17,35 @@ from .conftest import run_virtual
 
 
 def busy_stats() -> RunStats:
-    return RunStats(total=100, ok=40, failed=2, blocked=1, skipped=7, requests=55, in_flight=8, concurrency=16,
-                    rpm_limit=120, retries=Counter({"overloaded": 3}), tokens=Counter({"totalTokenCount": 123456}),
-                    cost_usd=4.5)
+    return RunStats(
+        total=100,
+        ok=40,
+        failed=2,
+        blocked=1,
+        skipped=7,
+        requests=55,
+        in_flight=8,
+        concurrency=16,
+        rpm_limit=120,
+        retries=Counter({"overloaded": 3}),
+        tokens=Counter({"totalTokenCount": 123456}),
+        cost_usd=4.5,
+    )
 
 
 def test_the_line_shows_outcomes_traffic_and_spend() -> None:
     line = describe(busy_stats(), rate=118.0)
-    for part in ("ok 40", "failed 2", "blocked 1", "skipped 7", "in flight 8/16", "118 req/min (limit 120)",
-                 "retries 3", "123,456 tokens", "$4.50"):
+    for part in (
+        "ok 40",
+        "failed 2",
+        "blocked 1",
+        "skipped 7",
+        "in flight 8/16",
+        "118 req/min (limit 120)",
+        "retries 3",
+        "123,456 tokens",
+        "$4.50",
+    ):
         assert part in line
 
 

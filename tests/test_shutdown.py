@@ -39,7 +39,10 @@ def run_and_signal(job: Path, signals: list[tuple[float, int]], grace_s: float) 
 
             tg.start_soon(send_signals)
             summary = await nanobatch.run_job(
-                job, settings=settings, transport=httpx.MockTransport(slow_api), out_dir=job.parent / "out",
+                job,
+                settings=settings,
+                transport=httpx.MockTransport(slow_api),
+                out_dir=job.parent / "out",
                 handle_signals=True,
             )
             tg.cancel_scope.cancel()

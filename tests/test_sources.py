@@ -59,8 +59,9 @@ CSV_SOURCE = {
 
 
 def test_a_csv_row_becomes_an_item_with_its_templates_filled(tmp_path: Path) -> None:
-    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": CATALOG},
-               ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    path = job(
+        tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"]
+    )
     got = items(path)
     assert [i.id for i in got] == ["MUG-1", "SNK-2"]
     assert got[0].inputs == (str(tmp_path / "photos" / "MUG-1.jpg"),)  # relative to the manifest's folder
@@ -72,11 +73,11 @@ def test_items_and_sources_combine_and_defaults_apply_to_both(tmp_path: Path) ->
     doc = {
         "defaults": {"aspect_ratio": "1:1", "instruction": "make it white"},
         "items": [{"id": "hero", "image": "photos/MUG-1.jpg"}],
-        "items_from": [{"csv": "catalog.csv", "id": "{sku}", "image": "photos/{sku}.jpg"},
-                       {"glob": "extra/*.png"}],
+        "items_from": [{"csv": "catalog.csv", "id": "{sku}", "image": "photos/{sku}.jpg"}, {"glob": "extra/*.png"}],
     }
-    path = job(tmp_path, doc, {"catalog.csv": CATALOG},
-               ["photos/MUG-1.jpg", "photos/SNK-2.jpg", "extra/b.png", "extra/a.png"])
+    path = job(
+        tmp_path, doc, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg", "extra/b.png", "extra/a.png"]
+    )
     got = items(path)
     assert [i.id for i in got] == ["hero", "MUG-1", "SNK-2", "a", "b"]  # items:, then each source; globs sorted
     assert {i.aspect_ratio for i in got} == {"1:1"} and {i.steps for i in got} == {("make it white",)}
@@ -89,10 +90,19 @@ def test_a_jsonl_source_keeps_lists_and_booleans_of_a_lone_placeholder(tmp_path:
         {"sku": 1001, "refs": ["a.png", "b.png"], "keep": True, "note": "a {brace}"},
         {"sku": 1002, "refs": ["b.png"], "keep": False, "note": "plain"},
     ]
-    source = {"jsonl": "rows.jsonl", "id": "sku-{sku}", "images": "{refs}", "keep_steps": "{keep}",
-              "steps": ["Clean it ({note})", "Brighten it"]}
-    path = job(tmp_path, {"items_from": [source]},
-               {"rows.jsonl": "\n".join(json.dumps(r) for r in rows) + "\n\n"}, ["a.png", "b.png"])
+    source = {
+        "jsonl": "rows.jsonl",
+        "id": "sku-{sku}",
+        "images": "{refs}",
+        "keep_steps": "{keep}",
+        "steps": ["Clean it ({note})", "Brighten it"],
+    }
+    path = job(
+        tmp_path,
+        {"items_from": [source]},
+        {"rows.jsonl": "\n".join(json.dumps(r) for r in rows) + "\n\n"},
+        ["a.png", "b.png"],
+    )
     first, second = items(path)
     assert first.id == "sku-1001" and len(first.inputs) == 2 and first.keep_steps is True
     assert first.steps == ("Clean it (a {brace})", "Brighten it")  # a value's braces are not a template
@@ -111,8 +121,12 @@ def test_a_glob_source_makes_one_item_per_file_with_the_fields_it_carries(tmp_pa
 
 
 def test_a_glob_source_can_add_reference_images_to_the_matched_file(tmp_path: Path) -> None:
-    source = {"glob": "photos/*.jpg", "id": "branded-{stem}", "images": ["{path}", "logo.png"],
-              "instruction": "Put the logo on the box"}
+    source = {
+        "glob": "photos/*.jpg",
+        "id": "branded-{stem}",
+        "images": ["{path}", "logo.png"],
+        "instruction": "Put the logo on the box",
+    }
     path = job(tmp_path, {"items_from": [source]}, images=["photos/box.jpg", "logo.png"])
     (item,) = items(path)
     assert item.id == "branded-box"
@@ -248,23 +262,39 @@ def test_a_csv_without_an_id_column_or_template_says_how_to_name_items(tmp_path:
 @pytest.mark.parametrize(
     ("source", "field", "message"),
     [
-        pytest.param({"csv": "catalog.csv", "imgae": "x"}, "items_from[0].imgae", 'did you mean "image"',
-                     id="unknown-key"),
-        pytest.param({"csv": "catalog.csv", "delimeter": ";"}, "items_from[0].delimeter", 'did you mean "delimiter"',
-                     id="unknown-option"),
-        pytest.param({"glob": "*.jpg", "delimiter": ";"}, "items_from[0].delimiter", "unknown key",
-                     id="csv-option-on-a-glob"),
+        pytest.param(
+            {"csv": "catalog.csv", "imgae": "x"}, "items_from[0].imgae", 'did you mean "image"', id="unknown-key"
+        ),
+        pytest.param(
+            {"csv": "catalog.csv", "delimeter": ";"},
+            "items_from[0].delimeter",
+            'did you mean "delimiter"',
+            id="unknown-option",
+        ),
+        pytest.param(
+            {"glob": "*.jpg", "delimiter": ";"}, "items_from[0].delimiter", "unknown key", id="csv-option-on-a-glob"
+        ),
         pytest.param({"id": "{sku}"}, "items_from[0]", "give exactly one of csv:, jsonl: or glob:", id="no-kind"),
-        pytest.param({"csv": "catalog.csv", "glob": "*.jpg"}, "items_from[0]", "not csv, glob together",
-                     id="two-kinds"),
+        pytest.param(
+            {"csv": "catalog.csv", "glob": "*.jpg"}, "items_from[0]", "not csv, glob together", id="two-kinds"
+        ),
         pytest.param({"csv": "nope.csv"}, "items_from[0].csv", "csv file not found", id="missing-file"),
         pytest.param({"csv": ""}, "items_from[0].csv", "must be a file name", id="empty-name"),
-        pytest.param({"csv": "catalog.csv", "instruction": "Use {color"}, "items_from[0].instruction",
-                     "expected '}'", id="bad-template"),
-        pytest.param({"glob": "*.jpg", "instruction": "Make it {color}"}, "items_from[0].instruction",
-                     "{path}, {name}, {stem} and {id}", id="glob-unknown-placeholder"),
-        pytest.param({"csv": "catalog.csv", "delimiter": ";;"}, "items_from[0].delimiter", "one character",
-                     id="long-delimiter"),
+        pytest.param(
+            {"csv": "catalog.csv", "instruction": "Use {color"},
+            "items_from[0].instruction",
+            "expected '}'",
+            id="bad-template",
+        ),
+        pytest.param(
+            {"glob": "*.jpg", "instruction": "Make it {color}"},
+            "items_from[0].instruction",
+            "{path}, {name}, {stem} and {id}",
+            id="glob-unknown-placeholder",
+        ),
+        pytest.param(
+            {"csv": "catalog.csv", "delimiter": ";;"}, "items_from[0].delimiter", "one character", id="long-delimiter"
+        ),
         pytest.param("catalog.csv", "items_from[0]", "must be a mapping", id="not-a-mapping"),
     ],
 )

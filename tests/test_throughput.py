@@ -37,8 +37,13 @@ class HiddenRpmServer:
         if len(self.arrivals) >= self.rpm:
             self.answers[429] += 1
             wait = 60 - (now - self.arrivals[0])
-            return google_error(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted",
-                                retry_info(f"{wait:.3f}s"), quota_failure("GenerateRequestsPerMinutePerProjectPerModel"))
+            return google_error(
+                429,
+                "RESOURCE_EXHAUSTED",
+                "Resource has been exhausted",
+                retry_info(f"{wait:.3f}s"),
+                quota_failure("GenerateRequestsPerMinutePerProjectPerModel"),
+            )
         self.arrivals.append(now)
         await anyio.sleep(self.latency_s)
         self.answers[200] += 1
@@ -49,8 +54,12 @@ def test_hidden_rpm_limit_with_32_workers_ends_all_ok_with_few_429s(tmp_path: Pa
     job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(600)])
     server = HiddenRpmServer(rpm=300, latency_s=2.0)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 32})
-    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
-                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
     assert summary.exit_code == 0 and summary.stats.ok == 600
     share_429 = server.answers[429] / (server.answers[429] + server.answers[200])
     assert share_429 < 0.05, server.answers
@@ -61,8 +70,12 @@ def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path
     job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(400)])
     server = HiddenRpmServer(rpm=10_000, latency_s=3.0)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 64, "limits.requests_per_minute": 120})
-    run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
-                                          out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
     times = sorted(server.sent_at)
     assert len(times) == 400
     worst = max(sum(1 for t in times if start <= t < start + 10) for start in times)
@@ -75,8 +88,12 @@ def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) ->
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(50)])
     server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
     settings = nanobatch.load_settings(overrides={"budget.max_cost_usd": 0.5, "limits.concurrency": 4})
-    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
-                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
     assert summary.exit_code == 3 and "budget" in (summary.reason or "")
     spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
     assert 0.4 < spent <= 0.5
@@ -87,8 +104,12 @@ def test_max_requests_is_a_hard_cap(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(30)])
     server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
     settings = nanobatch.load_settings(overrides={"budget.max_requests": 7})
-    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(server),
-                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
     assert summary.exit_code == 3 and server.answers[200] == 7 and summary.stats.ok == 7
 
 
@@ -100,10 +121,20 @@ def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
         calls.append(anyio.current_time())
         return httpx.Response(503, text="<html><title>503 Service Unavailable</title></html>")
 
-    settings = nanobatch.load_settings(overrides={"limits.concurrency": 4, "limits.breaker_threshold": 5,
-                                                  "limits.breaker_cooldown_s": 30, "limits.breaker_max_down_s": 300})
-    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=httpx.MockTransport(down),
-                                                    out_dir=tmp_path / "out"), settle_s=SETTLE_S)
+    settings = nanobatch.load_settings(
+        overrides={
+            "limits.concurrency": 4,
+            "limits.breaker_threshold": 5,
+            "limits.breaker_cooldown_s": 30,
+            "limits.breaker_max_down_s": 300,
+        }
+    )
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(down), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
     assert summary.exit_code == 3 and "failed every request" in (summary.reason or "")
     # While open, the breaker lets one probe through per cool-down instead of hammering the API.
     assert len(calls) < 40
