@@ -82,3 +82,13 @@ def test_the_servers_rpm_limit_is_respected_and_every_item_ends_ok(job: Path) ->
 def test_a_wrong_key_aborts_with_exit_3(job: Path) -> None:
     code, records = run(job, SimulatorConfig(api_key="another-key"))
     assert code == 3 and records == []
+
+
+@pytest.mark.parametrize("name", ["example.yaml", "catalog.yaml", "multistep.yaml"])
+def test_the_example_jobs_run_against_the_simulator(tmp_path: Path, name: str) -> None:
+    manifest = Path(__file__).resolve().parent.parent / "jobs" / name
+    out = tmp_path / "out"
+    assert main(["run", str(manifest), "--simulate", "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert records and all(r["status"] == "ok" for r in records)
+    assert all((out / name).is_file() for r in records for name in r["outputs"])
