@@ -1,0 +1,94 @@
+"""The output folder's files: atomic images, the results log, the index a re-run resumes from, the journal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import nanobatch
+from nanobatch.results import Journal, ResultsIndex, ResultsLog, atomic_write, orphaned_requests, read_records
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "out"
+    target = folder / "a.png"
+    atomic_write(target, b"old picture")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nanobatch.results.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(target, b"new picture, half written")
+    assert target.read_bytes() == b"old picture"
+    assert [p.name for p in folder.iterdir()] == ["a.png"]
+
+
+def test_a_torn_last_line_is_skipped_on_read_and_cut_before_appending(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "stat')
+    assert [r["id"] for r in read_records(path)] == ["a"]
+    assert "not valid JSON" in caplog.text
+    log = ResultsLog(path)
+    log.open()
+    log.append({"id": "c", "status": "ok"})
+    log.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "c"]
+
+
+def test_the_latest_record_of_an_id_wins(tmp_path: Path) -> None:
+    lines = [
+        {"id": "a", "status": "failed", "key": "k1", "error": {"kind": "overloaded"}},
+        {"id": "a", "status": "ok", "key": "k1", "outputs": ["a.png"], "usage": {"totalTokenCount": 10}},
+        {"id": "b", "status": "blocked", "key": "k2", "error": {"kind": "blocked"}},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "a.png").write_bytes(b"x")
+    index = ResultsIndex.load(tmp_path)
+    assert index.is_done("a", "k1", tmp_path) and not index.is_done("a", "other-key", tmp_path)
+    totals = index.totals()
+    assert totals["counts"] == {"ok": 1, "failed": 0, "blocked": 1}
+    assert totals["failures_by_kind"] == {"blocked": 1} and totals["tokens"]["totalTokenCount"] == 10
+
+
+def test_journal_entries_without_a_result_are_possibly_charged(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "run1")
+    journal.open()
+    for item in ("a", "b", "c"):
+        journal.dispatched(item, "k", 1)
+    journal.close()
+    (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a", "run": "run1", "status": "ok"}) + "\n")
+    assert sorted(o["id"] for o in orphaned_requests(tmp_path)) == ["b", "c"]
+
+
+def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
+    import anyio
+
+    from nanobatch.lock import RunLock
+
+    from .conftest import run_virtual
+    from .fakes import FakeGemini, write_job
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+
+    async def go() -> tuple[float, nanobatch.RunSummary]:
+        async with anyio.create_task_group() as tg:
+            held = anyio.Event()
+
+            async def holder() -> None:
+                async with RunLock(out):
+                    held.set()
+                    await anyio.sleep(60)
+
+            tg.start_soon(holder)
+            await held.wait()
+            summary = await nanobatch.run_job(job, transport=FakeGemini().transport, out_dir=out, wait_lock=True)
+            return anyio.current_time(), summary
+
+    finished_at, summary = run_virtual(go)
+    assert summary.exit_code == 0 and finished_at >= 60
