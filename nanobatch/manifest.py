@@ -59,28 +59,6 @@ class ItemFields(BaseModel):
     resize_inputs: bool | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Merged:
-    """An item's fields with the defaults merged in: the same names as :class:`ItemFields`, already validated.
-
-    A plain dataclass because it is built once per item, a million times for a large catalog.
-    """
-
-    id: str | None = None
-    image: str | None = None
-    images: list[str] | None = None
-    instruction: str | None = None
-    steps: list[str] | None = None
-    model: str | None = None
-    aspect_ratio: str | None = None
-    image_size: str | None = None
-    response_modalities: list[str] | None = None
-    thinking_level: str | None = None
-    output: str | None = None
-    keep_steps: bool | None = None
-    resize_inputs: bool | None = None
-
-
 class ManifestFields(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -361,7 +339,7 @@ def _from_pydantic(file: str, item: str | None, err: Any, model: type[BaseModel]
     return Problem(file, item, loc, message)
 
 
-def _merge(defaults: dict[str, Any], item: ItemFields) -> _Merged:
+def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
     data = dict(defaults)
     own = _given(item)
     # An item's own image(s) or instruction(s) replace the defaults' as a whole.
@@ -372,7 +350,8 @@ def _merge(defaults: dict[str, Any], item: ItemFields) -> _Merged:
         data.pop("instruction", None)
         data.pop("steps", None)
     data.update(own)
-    return _Merged(**data)
+    # Both halves are validated already: construct skips a second validation per item (a million, in a catalog).
+    return ItemFields.model_construct(**data)
 
 
 def _given(fields: ItemFields) -> dict[str, Any]:
@@ -380,7 +359,7 @@ def _given(fields: ItemFields) -> dict[str, Any]:
 
 
 def _build_item(
-    f: _Merged, manifest: Manifest, raw: RawItem, *, check_files: bool
+    f: ItemFields, manifest: Manifest, raw: RawItem, *, check_files: bool
 ) -> tuple[WorkItem | None, list[Problem]]:
     problems: list[Problem] = []
     label = raw.label
@@ -436,7 +415,7 @@ def _build_item(
     ), []
 
 
-def _check_model_limits(f: _Merged, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
+def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")

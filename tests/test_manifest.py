@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import io
 import itertools
 import os
@@ -16,7 +15,7 @@ import pytest
 import nanobatch
 from nanobatch import sources
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import ItemFields, Manifest, _Merged, load_manifest
+from nanobatch.manifest import Manifest, load_manifest
 
 from .fakes import image_bytes
 
@@ -258,10 +257,6 @@ def test_a_flood_of_problems_is_cut_short_with_a_count(tmp_path: Path) -> None:
     )
     found = problems(path)
     assert len(found) == 1001 and "and 500 more problems" in found[-1].message
-
-
-def test_the_merged_fields_mirror_the_item_fields() -> None:
-    assert [f.name for f in dataclasses.fields(_Merged)] == list(ItemFields.model_fields)
 
 
 def test_unknown_models_are_sent_as_is_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
