@@ -37,6 +37,8 @@ class RetryPolicy:
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 120.0
     no_image_attempts: int = 2
+    # A server asking for a longer wait than this is out of quota for the day, not busy: stop the run.
+    max_server_wait_s: float = 600.0
     sleep: Callable[[float], Awaitable[None]] = _sleep
 
 
@@ -55,6 +57,8 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
         nonlocal no_image_seen
         exc = state.outcome.exception() if state.outcome else None
         if not isinstance(exc, ApiError) or isinstance(exc, FatalApiError) or not exc.retryable:
+            return False
+        if exc.retry_after is not None and exc.retry_after > policy.max_server_wait_s:
             return False
         if exc.kind == "no_image":
             no_image_seen += 1
@@ -81,4 +85,14 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retryer(call)
+    try:
+        return await retryer(call)
+    except ApiError as exc:
+        if isinstance(exc, FatalApiError) or exc.retry_after is None or exc.retry_after <= policy.max_server_wait_s:
+            raise
+        raise FatalApiError(
+            f"{exc.message} (the server asks to wait {exc.retry_after:.0f} s, longer than "
+            f"retry.max_server_wait_s = {policy.max_server_wait_s:g}: the quota will not recover soon)",
+            kind="quota_exhausted",
+            status_code=exc.status_code,
+        ) from None

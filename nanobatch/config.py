@@ -68,6 +68,7 @@ class RetrySettings(_Section):
     backoff_initial_s: float = Field(2.0, ge=0)
     backoff_max_s: float = Field(120.0, ge=0)
     no_image_attempts: int = Field(2, ge=0)
+    max_server_wait_s: float = Field(600.0, gt=0)
 
 
 class BudgetSettings(_Section):

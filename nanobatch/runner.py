@@ -260,6 +260,7 @@ def _engine(
         backoff_initial_s=retry.backoff_initial_s,
         backoff_max_s=retry.backoff_max_s,
         no_image_attempts=retry.no_image_attempts,
+        max_server_wait_s=retry.max_server_wait_s,
         **({"sleep": retry_sleep} if retry_sleep is not None else {}),
     )
     return Engine(

@@ -387,3 +387,12 @@ def test_images_get_the_usual_file_permissions(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "out" / "a.png").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_server_asking_for_an_hour_stops_the_run_instead_of_waiting(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(20)])
+    hour = google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", retry_info("3600s"))
+    fake = FakeGemini({f"edit {n}": [hour] for n in range(20)})
+    summary = run(job, fake)
+    assert summary.exit_code == 3 and "3600 s" in (summary.reason or "")
+    assert len(fake.requests) <= 8 and not (tmp_path / "out" / "results.jsonl").read_text().strip()
