@@ -30,8 +30,19 @@ def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run(job: Path, config: SimulatorConfig) -> tuple[int, list[dict[str, object]]]:
     out = job.parent / "out"
     with run_in_thread(config) as url:
-        code = main(["run", str(job), "--base-url", url, "--out", str(out), "--config", str(job.parent / "nanobatch.yaml"),
-                     "--quiet"])
+        code = main(
+            [
+                "run",
+                str(job),
+                "--base-url",
+                url,
+                "--out",
+                str(out),
+                "--config",
+                str(job.parent / "nanobatch.yaml"),
+                "--quiet",
+            ]
+        )
     lines = (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else []
     return code, [json.loads(line) for line in lines]
 
@@ -44,8 +55,9 @@ def test_a_clean_run_saves_every_edit(job: Path) -> None:
 
 
 def test_a_mix_of_transient_faults_is_recovered(job: Path) -> None:
-    config = SimulatorConfig(seed=3, rate_429=0.1, rate_503=0.1, rate_500=0.05, rate_504=0.05, rate_drop=0.05,
-                             time_scale=0.01)
+    config = SimulatorConfig(
+        seed=3, rate_429=0.1, rate_503=0.1, rate_500=0.05, rate_504=0.05, rate_drop=0.05, time_scale=0.01
+    )
     code, records = run(job, config)
     assert code == 0 and {r["status"] for r in records} == {"ok"}
     assert sum(int(r["attempts"]) for r in records) > 6  # faults did happen and were retried
