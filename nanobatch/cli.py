@@ -321,6 +321,8 @@ def status(out_dir: str, as_json: bool) -> None:
     )
     for kind, count in info["failures_by_kind"].items():
         click.echo(f"  {kind}: {count}")
+    if info.get("running"):
+        click.echo(f"a run is in progress ({info['running']}): {info['in_flight']} requests in flight")
     if info.get("possibly_charged"):
         click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
     last = info.get("last_run")

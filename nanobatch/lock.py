@@ -20,7 +20,7 @@ import anyio
 
 from .errors import LockHeld
 
-__all__ = ["RunLock"]
+__all__ = ["RunLock", "current_holder"]
 
 LOCK_FILE = ".nanobatch.lock"
 
@@ -78,3 +78,20 @@ class RunLock:
             return f"pid {info['pid']} on {info['host']} since {info['since']}"
         except (ValueError, KeyError, OSError):
             return "holder unknown"
+
+
+def current_holder(out_dir: Path) -> str | None:
+    """Who holds *out_dir*'s lock right now (``"pid 12 on host since ..."``), or None if no run does."""
+    path = out_dir / LOCK_FILE
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return RunLock.holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .lock import current_holder
 from .results import SUMMARY_FILE, ResultsIndex, orphaned_requests
 
 __all__ = ["folder_status"]
@@ -19,7 +20,10 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         summary = {}
     info["last_run"] = summary.get("last_run")
+    info["running"] = current_holder(out_dir)
     orphans = orphaned_requests(out_dir)
-    info["possibly_charged"] = len(orphans)
-    info["possibly_charged_ids"] = sorted({o["id"] for o in orphans})
+    # While a run holds the folder, its unanswered requests are simply in flight, not lost.
+    info["in_flight"] = len(orphans) if info["running"] else 0
+    info["possibly_charged"] = 0 if info["running"] else len(orphans)
+    info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info

@@ -92,3 +92,24 @@ def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
 
     finished_at, summary = run_virtual(go)
     assert summary.exit_code == 0 and finished_at >= 60
+
+
+def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
+    import anyio
+
+    from nanobatch.lock import RunLock
+    from nanobatch.status import folder_status
+
+    journal = Journal(tmp_path, "run1")
+    journal.open()
+    journal.dispatched("a", "k", 1)
+    journal.close()
+
+    async def while_held() -> dict[str, object]:
+        async with RunLock(tmp_path):
+            return folder_status(tmp_path)
+
+    live = anyio.run(while_held)
+    assert live["running"] and live["in_flight"] == 1 and live["possibly_charged"] == 0
+    dead = folder_status(tmp_path)
+    assert dead["running"] is None and dead["possibly_charged"] == 1 and dead["possibly_charged_ids"] == ["a"]
