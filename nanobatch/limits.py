@@ -77,7 +77,7 @@ class Breaker:
         """Wait until a request may go out; True if the caller is the probe."""
         while self.opened_at is not None:
             now = anyio.current_time()
-            if now - self.opened_at > self.max_down_s:
+            if now - self.opened_at >= self.max_down_s:
                 raise RunAborted(
                     f"the API has failed every request for {now - self.opened_at:.0f} s "
                     f"(limits.breaker_max_down_s = {self.max_down_s:g}); "
@@ -86,7 +86,10 @@ class Breaker:
             if not self._probing and now >= self._retry_at:
                 self._probing = True
                 return True
-            with anyio.move_on_after(max(0.0, self._retry_at - now) if not self._probing else math.inf):
+            # Wake for the next probe slot, or, while a probe hangs, at the latest when the outage grows too long.
+            give_up_at = self.opened_at + self.max_down_s
+            wake_at = give_up_at if self._probing else min(self._retry_at, give_up_at)
+            with anyio.move_on_after(max(0.0, wake_at - now)):
                 await self._changed.wait()
         return False
 
