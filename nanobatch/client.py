@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from types import TracebackType
 from typing import Any
 
 import httpx
 
+from ._transport import POOL_SIZE, ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
@@ -51,6 +53,8 @@ class GeminiClient:
         self._secret = api_key
         self._prefix = f"/{api_version.strip('/')}/models/"
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        if transport is None and max_connections > POOL_SIZE and not _proxy_configured():
+            transport = ShardedTransport(max_connections)
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
@@ -94,3 +98,8 @@ class GeminiClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "[redacted]") if self._secret else text
+
+
+def _proxy_configured() -> bool:
+    """httpx honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
+    return any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ)

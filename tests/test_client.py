@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -198,3 +199,35 @@ async def test_undecodable_compressed_body_is_a_retryable_bad_response() -> None
     with pytest.raises(ApiError) as info:
         await send(Recorder(answer))
     assert info.value.kind == "bad_response" and info.value.retryable
+
+
+async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> None:
+    from nanobatch._transport import ShardedTransport
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    with run_in_thread(SimulatorConfig(latency_s=0.05)) as url:
+        async with GeminiClient(base_url=url, api_key=None, max_connections=30) as client:
+            transport = client._http._transport
+            assert isinstance(transport, ShardedTransport) and len(transport._pools) == 3
+            body = {
+                "contents": [{"parts": [{"text": "A lemon"}]}],
+                "generationConfig": {"responseModalities": ["IMAGE"]},
+            }
+            replies = []
+
+            async def one() -> None:
+                replies.append(await client.generate("gemini-3.1-flash-image-preview", body, timeout_s=30))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(60):
+                    tg.start_soon(one)
+            assert len(replies) == 60 and all(r.images for r in replies)
+            assert transport._busy == [0, 0, 0]  # every connection was handed back
+
+
+def test_a_proxy_in_the_environment_keeps_httpx_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanobatch._transport import ShardedTransport
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    client = GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
+    assert not isinstance(client._http._transport, ShardedTransport)
