@@ -8,7 +8,6 @@ process died mid-write) is skipped with a warning when the file is read.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -16,7 +15,9 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
+
+import orjson
 
 __all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "read_records"]
 
@@ -74,17 +75,16 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
             if isinstance(record, dict) and "id" in record and "status" in record:
                 yield record
 
 
-@dataclass(frozen=True, slots=True)
-class IndexEntry:
-    """What a re-run and the summary need from an item's latest record."""
+class IndexEntry(NamedTuple):
+    """What a re-run and the summary need from an item's latest record (a tuple: there is one per item)."""
 
     status: str
     key: str | None
@@ -92,8 +92,9 @@ class IndexEntry:
     tokens: tuple[int, int, int, int]
     cost_usd: float
     error_kind: str | None
-    # (path, size, mtime_ns, sha256) of each local input, so an unchanged file need not be read again.
-    stamps: tuple[tuple[str, int, int, str], ...] = ()
+    # (path, [size, mtime_ns, sha256]) of each local input, so an unchanged file need not be read again.
+    stamps: tuple[tuple[str, Any], ...] = ()
+    run: str | None = None
 
 
 @dataclass(slots=True)
@@ -111,24 +112,38 @@ class ResultsIndex:
         return index
 
     def add(self, record: dict[str, Any]) -> None:
+        # Hot when a re-run loads 100,000 records: positional, no conversions (nanobatch wrote these lines).
         usage = record.get("usage") or {}
+        error = record.get("error")
+        stamps = record.get("input_stamps")
         entry = IndexEntry(
-            status=str(record["status"]),
-            key=record.get("key"),
-            outputs=tuple(record.get("outputs") or ()),
-            tokens=tuple(int(usage.get(name) or 0) for name in TOKEN_FIELDS),  # type: ignore[arg-type]
-            cost_usd=float(record.get("cost_usd") or 0.0),
-            error_kind=(record.get("error") or {}).get("kind"),
-            stamps=_stamps(record),
+            record["status"],
+            record.get("key"),
+            tuple(record.get("outputs") or ()),
+            (
+                usage.get("promptTokenCount", 0),
+                usage.get("candidatesTokenCount", 0),
+                usage.get("thoughtsTokenCount", 0),
+                usage.get("totalTokenCount", 0),
+            ),
+            record.get("cost_usd") or 0.0,
+            error.get("kind") if error else None,
+            tuple(zip(record.get("inputs") or (), stamps, strict=False)) if stamps else (),
+            record.get("run"),
         )
-        self.entries[str(record["id"])] = entry
+        self.entries[record["id"]] = entry
         if entry.status == "ok" and entry.key:
             self.ok_keys.add(entry.key)
 
     def stamps(self, item_id: str) -> dict[str, tuple[int, int, str]]:
-        """The input file stamps the latest record of *item_id* saw (empty if none)."""
+        """The input file stamps the latest record of *item_id* saw (empty if none, or if unreadable)."""
         entry = self.entries.get(item_id)
-        return {path: (size, mtime, sha) for path, size, mtime, sha in entry.stamps} if entry else {}
+        if not entry:
+            return {}
+        try:
+            return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in entry.stamps}
+        except (TypeError, ValueError, IndexError):
+            return {}  # an old or hand-edited record: the files will simply be read again
 
     def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
         """True when the latest record of *item_id* is ``ok`` for exactly this *key* and its files exist."""
@@ -152,14 +167,6 @@ class ResultsIndex:
                 Counter(e.error_kind or "unknown" for e in self.entries.values() if e.status != "ok")
             ),
         }
-
-
-def _stamps(record: dict[str, Any]) -> tuple[tuple[str, int, int, str], ...]:
-    inputs, stamps = record.get("inputs") or [], record.get("input_stamps") or []
-    try:
-        return tuple((str(p), int(s[0]), int(s[1]), str(s[2])) for p, s in zip(inputs, stamps, strict=True))
-    except (ValueError, TypeError, IndexError):
-        return ()  # an old or hand-edited record: the files will simply be read again
 
 
 class ResultsLog:
@@ -204,7 +211,7 @@ class ResultsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
-        self._file.write(json.dumps(record, ensure_ascii=False, separators=(", ", ": ")).encode() + b"\n")
+        self._file.write(orjson.dumps(record) + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -237,7 +244,7 @@ class Journal:
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
         assert self._file is not None, "open() first"
         line = {"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt}
-        self._file.write(json.dumps(line).encode() + b"\n")
+        self._file.write(orjson.dumps(line) + b"\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -246,27 +253,34 @@ class Journal:
             self._file = None
 
 
-def orphaned_requests(out_dir: Path) -> list[dict[str, Any]]:
-    """Requests the journal says were sent whose item has no result from that run (the run died)."""
+def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[dict[str, Any]]:
+    """Requests the journal says were sent whose item has no result from that run (the run died).
+
+    *index* is the folder's loaded :class:`ResultsIndex`, if the caller has it (saves reading the results again).
+    """
     path = out_dir / JOURNAL_FILE
     if not path.exists():
         return []
-    finished = {(r.get("run"), r["id"]) for r in read_records(out_dir / RESULTS_FILE)}
-    orphans: dict[tuple[str, str], dict[str, Any]] = {}
+    if index is None:
+        index = ResultsIndex.load(out_dir)
+    orphans: dict[tuple[Any, str], dict[str, Any]] = {}
     with path.open("rb") as f:
         for line in f:
             try:
-                entry = json.loads(line)
-            except ValueError:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
                 continue  # torn by the crash it is there to report
-            if isinstance(entry, dict) and (entry.get("run"), entry.get("id")) not in finished:
-                orphans[(entry["run"], entry["id"])] = entry
+            if not isinstance(entry, dict) or "id" not in entry:
+                continue
+            latest = index.entries.get(entry["id"])
+            if latest is None or latest.run != entry.get("run"):
+                orphans[(entry.get("run"), entry["id"])] = entry
     return list(orphans.values())
 
 
-def reset_journal(out_dir: Path) -> list[dict[str, Any]]:
+def reset_journal(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
     """Report and clear what a dead run left in flight; called by a new run that holds the lock."""
-    orphans = orphaned_requests(out_dir)
+    orphans = orphaned_requests(out_dir, index)
     if orphans:
         ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
         logger.warning(

@@ -190,7 +190,7 @@ async def run_job(
     started = time.time()
     async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
         index = ResultsIndex.load(target)
-        orphans = reset_journal(target)
+        orphans = reset_journal(target, index)
         remove_stale_temp_files(target)
         base_url = settings.api.base_url
         if simulate:
