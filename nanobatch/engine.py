@@ -81,6 +81,7 @@ class RunStats:
                 examples.append(record["id"])
 
 
+_WRITE_QUEUE = 4
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
 
 
@@ -136,7 +137,9 @@ class Engine:
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
         items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
-        done_send, done_recv = anyio.create_memory_object_stream[_Finished](self.concurrency)
+        # A short queue: finished images wait in memory (6 MB each at 2K), so a slow disk slows the workers
+        # down instead of piling results up.
+        done_send, done_recv = anyio.create_memory_object_stream[_Finished](_WRITE_QUEUE)
         self.log.open()
         self.journal.open()
         try:
