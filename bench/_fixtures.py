@@ -1,0 +1,84 @@
+"""Benchmark inputs, made fresh in a temporary folder: images, catalogs and manifests."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["first_items", "input_jpeg", "noise_png", "tiny_png", "write_catalog"]
+
+MODEL = "gemini-3.1-flash-image-preview"
+_LINKS_PER_FILE = 50_000
+INSTRUCTION = "Replace the background with pure white; keep the product unchanged"
+
+
+def tiny_png(path: Path) -> Path:
+    """A 64x64 flat PNG (about 150 bytes): the "small response" the simulator sends back."""
+    _save(Image.new("RGB", (64, 64), (200, 40, 40)), path, "PNG")
+    return path
+
+
+def input_jpeg(path: Path) -> Path:
+    """A 256x256 JPEG (under 2 KB): every item's input, so uploads stay small."""
+    _save(Image.new("RGB", (256, 256), (30, 140, 60)), path, "JPEG")
+    return path
+
+
+def noise_png(path: Path, edge: int = 2048) -> Path:
+    """A 2048x2048 PNG of 3-bit noise: about 5.9 MB, the size of a real 2K answer (7.9 MB in base64)."""
+    raw = random.Random(0).randbytes(edge * edge * 3)
+    image = Image.frombytes("RGB", (edge, edge), raw.translate(bytes((b & 7) + 96 for b in range(256))))
+    _save(image, path, "PNG")
+    return path
+
+
+def _save(image: Image.Image, path: Path, fmt: str) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    path.write_bytes(buffer.getvalue())
+
+
+def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str = "512") -> Path:
+    """A job of *n* edit items read from a CSV, each with its own input file; returns the manifest.
+
+    The inputs are hard links to copies of one small JPEG: every item has a file of its
+    own to stat and read, without writing 100,000 copies.
+    """
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    data = source_image.read_bytes()
+    with (folder / "catalog.csv").open("w") as csv:
+        csv.write("id\n")
+        for number in range(n):
+            item_id = f"sku-{number:06d}"
+            source = folder / f"source-{number // _LINKS_PER_FILE}.jpg"  # ext4 allows 65,000 links per file
+            if number % _LINKS_PER_FILE == 0:
+                source.write_bytes(data)
+            os.link(source, images / f"{item_id}.jpg")
+            csv.write(f"{item_id}\n")
+    manifest = folder / "job.yaml"
+    manifest.write_text(
+        f"name: {folder.name}\n"
+        f"model: {MODEL}\n"
+        "defaults:\n"
+        f"  instruction: {INSTRUCTION}\n"
+        f'  image_size: "{image_size}"\n'
+        "items_from:\n"
+        "  - csv: catalog.csv\n"
+        '    image: "images/{id}.jpg"\n'
+    )
+    return manifest
+
+
+def first_items(manifest: Path, n: int) -> Path:
+    """A manifest beside *manifest* (same folder, same inputs) with only its first *n* items."""
+    with (manifest.parent / "catalog.csv").open() as full, (manifest.parent / "catalog-first.csv").open("w") as part:
+        for _, line in zip(range(n + 1), full, strict=False):  # the header, then n rows
+            part.write(line)
+    first = manifest.with_name("job-first.yaml")
+    first.write_text(manifest.read_text().replace("csv: catalog.csv", "csv: catalog-first.csv"))
+    return first
