@@ -12,6 +12,9 @@ from typing import Any
 import httpx
 from PIL import Image as PILImage
 
+from nanobatch.errors import ManifestError, Problem
+from nanobatch.manifest import load_manifest
+
 USAGE = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "totalTokenCount": 2432}
 
 
@@ -105,3 +108,12 @@ def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image-preview") -> list[Problem]:
+    """Every problem `nanobatch validate` would list for the manifest at *path*."""
+    try:
+        manifest = load_manifest(path, default_model=default_model)
+    except ManifestError as exc:
+        return exc.problems
+    return manifest.check().problems

@@ -14,10 +14,11 @@ import pytest
 
 import nanobatch
 from nanobatch import sources
-from nanobatch.errors import ManifestError, Problem
+from nanobatch.errors import ManifestError
 from nanobatch.manifest import Manifest, load_manifest
 
 from .fakes import image_bytes
+from .fakes import manifest_problems as problems
 
 MODEL = "gemini-3.1-flash-image-preview"
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -33,14 +34,6 @@ def write(folder: Path, text: str, images: tuple[str, ...] = ("a.png", "b.png", 
 
 def load(path: Path) -> Manifest:
     return load_manifest(path, default_model=MODEL)
-
-
-def problems(path: Path) -> list[Problem]:
-    try:
-        manifest = load(path)
-    except ManifestError as exc:
-        return exc.problems
-    return manifest.check().problems
 
 
 ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a.png\n"

@@ -16,6 +16,7 @@ from nanobatch.sources import fill, template_fields
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes
+from .fakes import manifest_problems as problems
 
 MODEL = "gemini-3.1-flash-image-preview"
 
@@ -35,14 +36,6 @@ def job(folder: Path, doc: dict[str, Any], files: dict[str, str] | None = None, 
 
 def load(path: Path) -> Manifest:
     return load_manifest(path, default_model=MODEL)
-
-
-def problems(path: Path) -> list[Problem]:
-    try:
-        manifest = load(path)
-    except ManifestError as exc:
-        return exc.problems
-    return manifest.check().problems
 
 
 def items(path: Path) -> list[WorkItem]:
