@@ -396,35 +396,46 @@ def _is_url(ref: str) -> bool:
     return ref.startswith(("http://", "https://"))
 
 
-def _file_digest(path: str, known: FileStamp | None) -> FileStamp:
-    st = os.stat(path)
-    if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
-        return known
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
+    """*known* if the file still has its size and modification time (a stat, a few microseconds); else None."""
+    if known is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # let the reading path say what is wrong
+    return known if (known[0], known[1]) == (st.st_size, st.st_mtime_ns) else None
+
+
+def _file_digest(path: str) -> FileStamp:
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            digest = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
     return st.st_size, st.st_mtime_ns, digest.hexdigest()
 
 
 async def local_stamps(refs: Sequence[str], known: Mapping[str, FileStamp]) -> dict[str, FileStamp] | None:
     """Stamps of an item's local input files, reading only those changed since *known*; None if any is a URL.
 
-    This is what lets a nightly re-run over a finished catalog skip every item without reading its pictures.
+    This is what lets a nightly re-run over a finished catalog skip every item without reading its pictures:
+    unchanged files cost one stat each, inline; only changed or new files are hashed, in a worker thread.
     """
     if any(_is_url(ref) for ref in refs):
         return None
-
-    def stamp_all() -> dict[str, FileStamp]:
-        stamps = {}
-        for ref in refs:
-            try:
-                stamps[ref] = _file_digest(ref, known.get(ref))
-            except OSError as exc:
-                raise InputError(f"cannot read input image {ref}: {exc.strerror or exc}") from None
-        return stamps
-
-    return await anyio.to_thread.run_sync(stamp_all)
+    stamps: dict[str, FileStamp] = {}
+    for ref in refs:
+        if (same := _unchanged(ref, known.get(ref))) is not None:
+            stamps[ref] = same
+    missing = [ref for ref in refs if ref not in stamps]
+    if missing:
+        hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref) for ref in missing})
+        stamps.update(hashed)
+    return stamps
 
 
 def work_key(item: WorkItem, digests: Sequence[str]) -> str:

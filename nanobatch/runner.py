@@ -208,9 +208,9 @@ async def run_job(
                 transport=transport,
             )
         )
+        loader = await stack.enter_async_context(InputLoader(transport=transport))
         run_id = uuid.uuid4().hex[:12]
-        engine = _engine(settings, client, target, index, force, retry_failed, retry_sleep, stats, run_id)
-        engine.inputs = await stack.enter_async_context(InputLoader(transport=transport))
+        engine = _engine(settings, client, loader, target, index, force, retry_failed, retry_sleep, stats, run_id)
         logger.info("running %s into %s (%d items)", manifest.path, target, checked.items)
         async with anyio.create_task_group() as tg:
             if handle_signals:
@@ -235,6 +235,7 @@ async def run_job(
 def _engine(
     settings: Settings,
     client: GeminiClient,
+    loader: InputLoader,
     target: Path,
     index: ResultsIndex,
     force: bool,
@@ -265,6 +266,7 @@ def _engine(
     )
     return Engine(
         client=client,
+        inputs=loader,
         gate=gate,
         out_dir=target,
         index=index,
