@@ -183,3 +183,30 @@ def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
     assert main(["run", str(job), "--simulate", "--out", str(out), "--report"]) == 0
     html = (out / "report.html").read_text()
     assert 'data-id="a"' in html
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "section", "name", "expected"),
+    [
+        pytest.param("--concurrency", "3", "limits", "concurrency", 3, id="concurrency"),
+        pytest.param("--rpm", "90", "limits", "requests_per_minute", 90.0, id="rpm"),
+        pytest.param("--base-url", "http://x.test", "api", "base_url", "http://x.test", id="base-url"),
+        pytest.param("--max-cost", "12.5", "budget", "max_cost_usd", 12.5, id="max-cost"),
+        pytest.param("--max-requests", "40", "budget", "max_requests", 40, id="max-requests"),
+    ],
+)
+def test_flags_beat_environment_and_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, section: str, name: str, expected: object
+) -> None:
+    import nanobatch.cli
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    config = tmp_path / "nanobatch.yaml"
+    config.write_text("limits: {concurrency: 7, requests_per_minute: 10}\napi: {base_url: http://file.test}\n"
+                      "budget: {max_cost_usd: 1, max_requests: 2}\n")  # fmt: skip
+    monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "5")
+    seen = []
+    real = nanobatch.cli.check_job
+    monkeypatch.setattr(nanobatch.cli, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
+    assert main(["validate", str(job), "--config", str(config), flag, value]) == 0
+    assert getattr(getattr(seen[0], section), name) == expected
