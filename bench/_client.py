@@ -210,7 +210,7 @@ def run_load_index(*, out_dir: str) -> dict[str, Any]:
     before = rss_mb()
     wall = time.perf_counter()
     index = ResultsIndex.load(Path(out_dir))
-    return {"wall_s": time.perf_counter() - wall, "entries": len(index.entries), "rss_growth_mb": rss_mb() - before}
+    return {"wall_s": time.perf_counter() - wall, "entries": len(index), "rss_growth_mb": rss_mb() - before}
 
 
 SCENARIOS = {

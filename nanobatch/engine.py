@@ -13,7 +13,9 @@ cut short. Only fatal errors stop the run; an item's failure becomes its record.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from .gemini import Image, Reply, build_request, check_reply, sum_usage
 from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
-from .results import Journal, ResultsIndex, ResultsLog, atomic_write
+from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, is_done
 
 __all__ = ["Engine", "RunStats"]
 
@@ -54,7 +56,7 @@ class RunStats:
     failure_examples: dict[str, list[str]] = field(default_factory=dict)
     tokens: Counter[str] = field(default_factory=Counter)
     cost_usd: float = 0.0
-    latencies: list[float] = field(default_factory=list)
+    latencies: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes per item, for percentiles
     started: float = field(default_factory=time.monotonic)
     in_flight: int = 0
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
@@ -189,11 +191,10 @@ class Engine:
                     with anyio.CancelScope(shield=True):
                         await done.send(finished)
 
-    def _wanted(self, item: WorkItem, key: str) -> bool:
-        entry = self.index.entries.get(item.id)
+    def _wanted(self, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
             return entry is not None and entry.status in ("failed", "blocked")
-        return self.force or not self.index.is_done(item.id, key, self.out_dir)
+        return self.force or not is_done(entry, key, self.out_dir)
 
     async def _process(self, item: WorkItem) -> _Finished | None:
         started = time.time()
@@ -227,17 +228,18 @@ class Engine:
         usages: list[dict[str, Any]] = []
         try:
             # Local inputs are fingerprinted from their stamps first, so done work is skipped unread.
-            stamps = await local_stamps(item.inputs, self.index.stamps(item.id))
+            entry = self.index.get(item.id)
+            stamps = await local_stamps(item.inputs, entry.stamp_map() if entry else {})
             if stamps is not None:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
-                if not self._wanted(item, key):
+                if not self._wanted(entry, key):
                     self.stats.skipped += 1
                     return None
             images = await load_inputs(item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry)
             if stamps is None:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
-                if not self._wanted(item, key):
+                if not self._wanted(entry, key):
                     self.stats.skipped += 1
                     return None
             for number, instruction in enumerate(item.steps, 1):
@@ -327,7 +329,7 @@ class Engine:
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
         stem = item.output or item.id  # the manifest has filled in the output template
-        suffix = Path(stem).suffix
+        suffix = os.path.splitext(stem)[1]
         if item.output and suffix.lower() in _IMAGE_SUFFIXES:
             stem = stem[: -len(suffix)]  # the real extension follows the returned image type
         if step is not None:
@@ -352,5 +354,5 @@ class Engine:
 
     def _persist(self, finished: _Finished) -> None:
         for name, data in finished.files:
-            atomic_write(self.out_dir / name, data)
+            atomic_write(os.path.join(self.out_dir, name), data)
         self.log.append(finished.record)

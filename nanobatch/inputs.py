@@ -22,7 +22,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 
 import anyio
@@ -161,10 +160,11 @@ class InputLoader:
 
     def _read_local(self, path: str, resize: bool) -> Image:
         try:
-            size = Path(path).stat().st_size
-            if size > self.max_input_bytes and not resize:
-                raise InputError(_too_big(path, size, self.max_input_bytes))
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > self.max_input_bytes and not resize:
+                    raise InputError(_too_big(path, size, self.max_input_bytes))
+                data = f.read()
         except OSError as exc:
             raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
         return _as_image(path, data)

@@ -11,9 +11,11 @@ of ids) and sends nothing unless it is clean.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import models
+from ._scratch import scratch_db
 from .config import did_you_mean
 from .errors import ManifestError, Problem
 from .sources import InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
@@ -154,11 +157,22 @@ class Manifest:
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
-        Items are not kept: only their ids, to find duplicates. With *out_dir*, output
-        names are also checked not to lead out of it through a symbolic link.
+        Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
+        output names are also checked not to lead out of it through a symbolic link.
         """
         problems = _Problems(self.path)
-        seen: set[str] = set()
+        with contextlib.closing(_SeenIds()) as seen:
+            return self._check(problems, seen, check_files=check_files, visit=visit, out_dir=out_dir)
+
+    def _check(
+        self,
+        problems: _Problems,
+        seen: _SeenIds,
+        *,
+        check_files: bool,
+        visit: Callable[[WorkItem], None] | None,
+        out_dir: Path | None,
+    ) -> CheckReport:
         count = requests = images_in = 0
         warned: set[str] = set()
         confine = _Confinement(out_dir) if out_dir is not None else None
@@ -167,10 +181,8 @@ class Manifest:
             problems.extend(found)
             # A bad item's id still counts: its duplicate is a problem of its own.
             item_id = item.id if item is not None else _id_of(raw)
-            if item_id in seen:
+            if item_id is not None and not seen.add(item_id):
                 problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
-            elif item_id is not None:
-                seen.add(item_id)
             if item is None:
                 continue
             if confine is not None and item.output is not None and (message := confine.check(item.output)):
@@ -198,6 +210,25 @@ class Manifest:
         if fields is None:
             return None, problems
         return _build_item(_merge(self._defaults, fields), self, raw, check_files=check_files)
+
+
+class _SeenIds:
+    """The ids met so far, kept in a scratch SQLite table: 100,000 ids do not stay in memory."""
+
+    def __init__(self) -> None:
+        self._db = scratch_db("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID;")
+        self._db.execute("BEGIN")  # never committed: the table is thrown away
+
+    def add(self, item_id: str) -> bool:
+        """Note *item_id*; False if it was already there."""
+        try:
+            self._db.execute("INSERT INTO ids VALUES (?)", (item_id,))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def _id_of(raw: RawItem) -> str | None:
@@ -238,8 +269,8 @@ class _Confinement:
         self.verdicts: dict[str, str | None] = {}  # by parent folder: most items share a handful
 
     def check(self, name: str) -> str | None:
-        parent = str(Path(name).parent)
-        if parent == ".":
+        parent = os.path.dirname(name)
+        if not parent:
             return None
         if parent not in self.verdicts:
             if len(self.verdicts) > 10_000:
@@ -472,10 +503,12 @@ def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None)
         if context is None:
             return None, f"unknown placeholder {{{exc.name}}}: here only {{id}} can be used (columns, in items_from)"
         return None, f"the output name uses {{{exc.name}}}, but this row has no such column"
-    if os.path.isabs(name) or Path(name).drive:
+    # os.path rather than pathlib, here and below: pathlib interns every name it parses, for good,
+    # and this runs for every item of a 100,000-item catalog.
+    if os.path.isabs(name) or os.path.splitdrive(name)[0]:
         return None, f"the output name {name!r} must be relative to the output folder"
-    if ".." in Path(name).parts:
+    if ".." in name.replace(os.sep, "/").split("/"):
         return None, f"the output name {name!r} must stay inside the output folder (no '..')"
-    if name.endswith(("/", os.sep)) or not Path(name).stem:
+    if name.endswith(("/", os.sep)) or os.path.basename(name) in ("", "."):
         return None, f"the output name {name!r} must end with a file name"
     return name, None

@@ -8,19 +8,19 @@ process died mid-write) is skipped with a warning when the file is read.
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import logging
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
 
-__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "read_records"]
+from ._scratch import scratch_db
+
+__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "is_done", "read_records"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -39,10 +39,12 @@ def _read_umask() -> int:
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    folder, name = os.path.split(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder or None, prefix=f".{name}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a result file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -51,7 +53,8 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -85,7 +88,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 class IndexEntry(NamedTuple):
-    """What a re-run and the summary need from an item's latest record (a tuple: there is one per item)."""
+    """What a re-run and the summary need from an item's latest record."""
 
     status: str
     key: str | None
@@ -97,84 +100,139 @@ class IndexEntry(NamedTuple):
     stamps: tuple[tuple[str, Any], ...] = ()
     run: str | None = None
 
+    def stamp_map(self) -> dict[str, tuple[int, int, str]]:
+        """The input file stamps as ``{path: (size, mtime_ns, sha256)}`` (empty if unreadable)."""
+        try:
+            return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in self.stamps}
+        except (TypeError, ValueError, IndexError):
+            return {}  # an old or hand-edited record: the files will simply be read again
 
-@dataclass(slots=True)
+
+_INDEX_SCHEMA = """
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, outputs BLOB NOT NULL,
+    prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
+    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT
+) WITHOUT ROWID;
+"""
+_COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run"
+_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
+
+
+def _row(record: dict[str, Any]) -> tuple[Any, ...]:
+    # Hot when a re-run loads 100,000 records: positional, no conversions (nanobatch wrote these lines).
+    usage = record.get("usage") or {}
+    error = record.get("error")
+    stamps = record.get("input_stamps")
+    return (
+        str(record["id"]),
+        record["status"],
+        record.get("key"),
+        orjson.dumps(record.get("outputs") or []),
+        usage.get("promptTokenCount", 0),
+        usage.get("candidatesTokenCount", 0),
+        usage.get("thoughtsTokenCount", 0),
+        usage.get("totalTokenCount", 0),
+        record.get("cost_usd") or 0.0,
+        error.get("kind") if isinstance(error, dict) else None,
+        orjson.dumps(list(zip(record.get("inputs") or (), stamps, strict=False))) if stamps else None,
+        record.get("run"),
+    )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
 class ResultsIndex:
-    """The latest record of each item id in an output folder."""
+    """The latest record of each item id in an output folder.
 
-    entries: dict[str, IndexEntry] = field(default_factory=dict)
-    ok_keys: set[str] = field(default_factory=set)
+    Kept in a scratch SQLite table, not in Python objects: a re-run of a 100,000-item
+    catalog holds a few MB of page cache instead of a dictionary over 100 MB.
+    Use it from one thread (the event loop's); :meth:`close` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._db = scratch_db(_INDEX_SCHEMA)
 
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
         index = cls()
-        # Building 100,000 entries makes the cyclic GC run over and over for nothing (they hold no cycles).
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            for record in read_records(out_dir / RESULTS_FILE):
-                index.add(record)
-        finally:
-            if was_enabled:
-                gc.enable()
+        with index._db:  # one transaction: 100,000 inserts in one go
+            index._db.execute("BEGIN")
+            index._db.executemany(_UPSERT, map(_row, read_records(out_dir / RESULTS_FILE)))
         return index
 
-    def add(self, record: dict[str, Any]) -> None:
-        # Hot when a re-run loads 100,000 records: positional, no conversions (nanobatch wrote these lines).
-        usage = record.get("usage") or {}
-        error = record.get("error")
-        stamps = record.get("input_stamps")
-        entry = IndexEntry(
-            record["status"],
-            record.get("key"),
-            tuple(record.get("outputs") or ()),
-            (
-                usage.get("promptTokenCount", 0),
-                usage.get("candidatesTokenCount", 0),
-                usage.get("thoughtsTokenCount", 0),
-                usage.get("totalTokenCount", 0),
-            ),
-            record.get("cost_usd") or 0.0,
-            error.get("kind") if error else None,
-            tuple(zip(record.get("inputs") or (), stamps, strict=False)) if stamps else (),
-            record.get("run"),
-        )
-        self.entries[record["id"]] = entry
-        if entry.status == "ok" and entry.key:
-            self.ok_keys.add(entry.key)
+    def close(self) -> None:
+        self._db.close()
 
-    def stamps(self, item_id: str) -> dict[str, tuple[int, int, str]]:
-        """The input file stamps the latest record of *item_id* saw (empty if none, or if unreadable)."""
-        entry = self.entries.get(item_id)
-        if not entry:
-            return {}
+    def __enter__(self) -> ResultsIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return count
+
+    def add(self, record: dict[str, Any]) -> None:
+        self._db.execute(_UPSERT, _row(record))
+
+    def get(self, item_id: str) -> IndexEntry | None:
+        """The latest record of *item_id*, or None if it has none."""
+        row = self._db.execute(_SELECT, (item_id,)).fetchone()
+        if row is None:
+            return None
+        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run = row
         try:
-            return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in entry.stamps}
-        except (TypeError, ValueError, IndexError):
-            return {}  # an old or hand-edited record: the files will simply be read again
+            decoded_stamps = tuple((str(p), st) for p, st in orjson.loads(stamps)) if stamps else ()
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            decoded_stamps = ()
+        return IndexEntry(
+            status,
+            key,
+            tuple(str(name) for name in orjson.loads(outputs)),
+            (_int(prompt), _int(candidates), _int(thoughts), _int(total)),
+            cost if isinstance(cost, float) else 0.0,
+            error_kind,
+            decoded_stamps,
+            run,
+        )
 
     def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
         """True when the latest record of *item_id* is ``ok`` for exactly this *key* and its files exist."""
-        entry = self.entries.get(item_id)
-        return (
-            entry is not None
-            and entry.status == "ok"
-            and entry.key == key
-            and all((out_dir / name).is_file() for name in entry.outputs)
-        )
+        return is_done(self.get(item_id), key, out_dir)
 
     def totals(self) -> dict[str, Any]:
-        counts = Counter(e.status for e in self.entries.values())
-        tokens = [sum(e.tokens[i] for e in self.entries.values()) for i in range(len(TOKEN_FIELDS))]
+        db = self._db
+        counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
+        items, *sums = db.execute(
+            "SELECT COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), TOTAL(total), TOTAL(cost_usd) "
+            "FROM entries"
+        ).fetchone()
+        by_kind = db.execute(
+            "SELECT COALESCE(error_kind, 'unknown') AS kind, COUNT(*) FROM entries WHERE status != 'ok' "
+            "GROUP BY kind ORDER BY COUNT(*) DESC, kind"
+        )
         return {
-            "items": len(self.entries),
+            "items": items,
             "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
-            "tokens": dict(zip(TOKEN_FIELDS, tokens, strict=True)),
-            "cost_usd": round(sum(e.cost_usd for e in self.entries.values()), 6),
-            "failures_by_kind": dict(
-                Counter(e.error_kind or "unknown" for e in self.entries.values() if e.status != "ok")
-            ),
+            "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
+            "cost_usd": round(sums[4], 6),
+            "failures_by_kind": dict(by_kind.fetchall()),
         }
+
+
+def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
+    """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
+    return (
+        entry is not None
+        and entry.status == "ok"
+        and entry.key == key
+        and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
+    )
 
 
 class ResultsLog:
@@ -270,7 +328,8 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[
     if not path.exists():
         return []
     if index is None:
-        index = ResultsIndex.load(out_dir)
+        with ResultsIndex.load(out_dir) as loaded:
+            return orphaned_requests(out_dir, loaded)
     orphans: dict[tuple[Any, str], dict[str, Any]] = {}
     with path.open("rb") as f:
         for line in f:
@@ -280,7 +339,7 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[
                 continue  # torn by the crash it is there to report
             if not isinstance(entry, dict) or "id" not in entry:
                 continue
-            latest = index.entries.get(entry["id"])
+            latest = index.get(entry["id"])
             if latest is None or latest.run != entry.get("run"):
                 orphans[(entry.get("run"), entry["id"])] = entry
     return list(orphans.values())

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +189,7 @@ async def run_job(
     stats.concurrency = settings.limits.concurrency
     started = time.time()
     async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
-        index = ResultsIndex.load(target)
+        index = stack.enter_context(ResultsIndex.load(target))
         orphans = reset_journal(target, index)
         remove_stale_temp_files(target)
         base_url = settings.api.base_url
@@ -299,7 +299,7 @@ async def _watch_signals(engine: Engine, grace_s: float) -> None:
                 engine.cancel()
 
 
-def _percentile(values: list[float], q: float) -> float | None:
+def _percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import re
 import string
 import sys
@@ -254,7 +255,9 @@ class GlobSource:
     def raw_items(self) -> Iterator[RawItem]:
         # Sorted, so that the order (and the run's log) is the same every time.
         matches = sorted(
-            p for p in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True) if (self.base_dir / p).is_file()
+            p
+            for p in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True)
+            if os.path.isfile(os.path.join(self.base_dir, p))
         )
         if not matches:
             yield _broken(self.file, "glob", f"{self.pattern!r} matches no files (relative to {self.base_dir})")
@@ -263,8 +266,8 @@ class GlobSource:
         if "image" not in templates and "images" not in templates:
             templates["image"] = "{path}"
         for match in matches:
-            path = Path(match)
-            values = {"path": path.as_posix(), "name": path.name, "stem": path.stem}
+            name = os.path.basename(match)  # os.path, not pathlib: pathlib interns every name for good
+            values = {"path": match.replace(os.sep, "/"), "name": name, "stem": os.path.splitext(name)[0]}
             yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}")
 
 

@@ -156,6 +156,7 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         ),
         pytest.param(ITEM + "    output: ../{id}.png\n", "a", "output", "no '..'", id="output-with-dotdot"),
         pytest.param(ITEM + "    output: '{id}/'\n", "a", "output", "end with a file name", id="output-a-folder"),
+        pytest.param(ITEM + "    output: '{id}/.'\n", "a", "output", "end with a file name", id="output-a-dot"),
         pytest.param(
             ITEM + "    output: '{category}/{id}.png'\n",
             "a",

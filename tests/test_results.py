@@ -55,6 +55,22 @@ def test_the_latest_record_of_an_id_wins(tmp_path: Path) -> None:
     assert totals["failures_by_kind"] == {"blocked": 1} and totals["tokens"]["totalTokenCount"] == 10
 
 
+def test_the_index_keeps_input_stamps_and_ignores_hand_edited_ones(tmp_path: Path) -> None:
+    lines = [
+        {"id": "a", "status": "ok", "inputs": ["/in/a.png"], "input_stamps": [[3, 7, "ab12"]]},
+        {"id": "b", "status": "ok", "inputs": ["/in/b.png"], "input_stamps": [["three", None]]},
+        {"id": "c", "status": "ok", "inputs": ["/in/c.png"]},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with ResultsIndex.load(tmp_path) as index:
+        assert len(index) == 3
+        entries = {item_id: index.get(item_id) for item_id in "abcd"}
+    assert entries["a"] is not None and entries["a"].stamp_map() == {"/in/a.png": (3, 7, "ab12")}
+    assert entries["b"] is not None and entries["b"].stamp_map() == {}  # its files are simply read again
+    assert entries["c"] is not None and entries["c"].stamp_map() == {}
+    assert entries["d"] is None
+
+
 def test_journal_entries_without_a_result_are_possibly_charged(tmp_path: Path) -> None:
     journal = Journal(tmp_path, "run1")
     journal.open()
