@@ -14,7 +14,7 @@ __all__ = ["scratch_db"]
 
 # Pages of SQLite's cache per scratch database (negative: in KiB). Lookups by primary key touch a
 # handful of B-tree pages, so a small cache costs little speed.
-_CACHE_KIB = 4096
+_CACHE_KIB = 1024
 
 
 def scratch_db(schema: str) -> sqlite3.Connection:
