@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -81,7 +81,8 @@ class RunStats:
                 examples.append(record["id"])
 
 
-_WRITE_QUEUE = 4
+# Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
+_WRITE_QUEUE_BYTES = 32 * 1024 * 1024
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
 
 
@@ -89,6 +90,64 @@ _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif",
 class _Finished:
     record: dict[str, Any]
     files: list[tuple[str, bytes]]
+
+    @property
+    def size(self) -> int:
+        return 1024 + sum(len(data) for _, data in self.files)  # 1 KB: about what a record takes
+
+
+class _WriteQueue:
+    """Finished items on their way to the writer, bounded by their bytes rather than their count.
+
+    The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
+    small results never make the workers wait, and big ones hold at most ``max_bytes`` in memory
+    (queued or being written; one item bigger than that is let through alone).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: deque[_Finished] = deque()
+        self._closed = False  # no more items will come
+        self._writing = True  # False: the writer has stopped, items are dropped
+        self._ready = anyio.Event()
+        self._room = anyio.Event()
+
+    async def put(self, finished: _Finished) -> None:
+        size = finished.size
+        while self._writing and self.bytes and self.bytes + size > self.max_bytes:
+            await self._room.wait()
+        if not self._writing:
+            return  # the writer failed: the run is ending with its error
+        self._items.append(finished)
+        self.bytes += size
+        self._ready.set()
+
+    async def take(self) -> list[_Finished]:
+        """All queued items, oldest first, once there is one; empty when closed and drained."""
+        while not self._items:
+            if self._closed:
+                return []
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        batch = list(self._items)
+        self._items.clear()
+        return batch
+
+    def written(self, batch: list[_Finished]) -> None:
+        """The writer is done with *batch*: its bytes make room."""
+        self.bytes -= sum(finished.size for finished in batch)
+        self._room.set()
+        self._room = anyio.Event()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def stop_writing(self) -> None:
+        self._writing = False
+        self._items.clear()
+        self._room.set()
 
 
 def _utc(ts: float) -> str:
@@ -137,19 +196,21 @@ class Engine:
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
         items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
-        # A short queue: finished images wait in memory (6 MB each at 2K), so a slow disk slows the workers
-        # down instead of piling results up.
-        done_send, done_recv = anyio.create_memory_object_stream[_Finished](_WRITE_QUEUE)
+        # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
+        done = _WriteQueue(_WRITE_QUEUE_BYTES)
         self.log.open()
         self.journal.open()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write, done_recv)
-                with self.work_scope:
-                    async with anyio.create_task_group() as workers, items_recv, done_send:
-                        workers.start_soon(self._produce, items, items_send)
-                        for _ in range(self.concurrency):
-                            workers.start_soon(self._work, items_recv.clone(), done_send.clone())
+                tg.start_soon(self._write, done)
+                try:
+                    with self.work_scope:
+                        async with anyio.create_task_group() as workers, items_recv:
+                            workers.start_soon(self._produce, items, items_send)
+                            for _ in range(self.concurrency):
+                                workers.start_soon(self._work, items_recv.clone(), done)
+                finally:
+                    done.close()
         finally:
             self.log.close()
             self.journal.close()
@@ -171,8 +232,8 @@ class Engine:
                     break
                 await send.send(item)
 
-    async def _work(self, items: ObjectReceiveStream[WorkItem], done: ObjectSendStream[_Finished]) -> None:
-        async with items, done:
+    async def _work(self, items: ObjectReceiveStream[WorkItem], done: _WriteQueue) -> None:
+        async with items:
             async for item in items:
                 if self.gate.stopping:
                     continue
@@ -187,7 +248,7 @@ class Engine:
                 if finished is not None:
                     # Paid for and finished: the hand-off to the writer must survive the grace deadline.
                     with anyio.CancelScope(shield=True):
-                        await done.send(finished)
+                        await done.put(finished)
 
     def _wanted(self, item: WorkItem, key: str) -> bool:
         entry = self.index.entries.get(item.id)
@@ -336,21 +397,40 @@ class Engine:
             return [f"{stem}.{images[0].extension}"]
         return [f"{stem}-{n}.{image.extension}" for n, image in enumerate(images, 1)]
 
-    async def _write(self, done: ObjectReceiveStream[_Finished]) -> None:
-        async with done:
-            async for finished in done:
+    async def _write(self, done: _WriteQueue) -> None:
+        """Persist finished items in arrival order, in batches: whatever queued up while the last batch was
+        written goes into one thread hand-off and one results.jsonl write + fsync (group commit)."""
+        try:
+            while batch := await done.take():
                 try:
-                    await anyio.to_thread.run_sync(self._persist, finished)
+                    written, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:
-                    error = NanobatchError(f"cannot write results into {self.out_dir}: {exc}")
-                    self.stop(error, grace_s=0)
-                    raise error from exc
-                self.index.add(finished.record)
-                self.stats.count(finished.record)
-                if self.on_record is not None:
-                    self.on_record(finished.record)
+                    written, error = 0, exc
+                done.written(batch)
+                for finished in batch[:written]:
+                    self.index.add(finished.record)
+                    self.stats.count(finished.record)
+                    if self.on_record is not None:
+                        self.on_record(finished.record)
+                if error is not None:
+                    failure = NanobatchError(f"cannot write results into {self.out_dir}: {error}")
+                    self.stop(failure, grace_s=0)
+                    raise failure from error
+        finally:
+            done.stop_writing()
 
-    def _persist(self, finished: _Finished) -> None:
-        for name, data in finished.files:
-            atomic_write(self.out_dir / name, data)
-        self.log.append(finished.record)
+    def _persist(self, batch: list[_Finished]) -> tuple[int, OSError | None]:
+        """Write the batch's images, then the records of the items whose images were all written, in one
+        append. Returns how many items (from the start of the batch) are on disk, and the error that
+        stopped the rest; an error appending the records propagates (then none of the batch counts)."""
+        written, error = 0, None
+        try:
+            for finished in batch:
+                for name, data in finished.files:
+                    atomic_write(self.out_dir / name, data)
+                written += 1
+        except OSError as exc:
+            error = exc
+        if written:
+            self.log.append_many([finished.record for finished in batch[:written]])
+        return written, error
