@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from . import models
 from ._retry import RetryPolicy, retrying
@@ -195,7 +194,9 @@ class Engine:
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
-        items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
+        # The workers take the next item from the iterator themselves: next() runs without an await, so
+        # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
+        pending = iter(items)
         # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
         done = _WriteQueue(_WRITE_QUEUE_BYTES)
         self.log.open()
@@ -205,10 +206,9 @@ class Engine:
                 tg.start_soon(self._write, done)
                 try:
                     with self.work_scope:
-                        async with anyio.create_task_group() as workers, items_recv:
-                            workers.start_soon(self._produce, items, items_send)
+                        async with anyio.create_task_group() as workers:
                             for _ in range(self.concurrency):
-                                workers.start_soon(self._work, items_recv.clone(), done)
+                                workers.start_soon(self._work, pending, done)
                 finally:
                     done.close()
         finally:
@@ -225,30 +225,23 @@ class Engine:
         """Cancel requests in flight now; what already finished is still written."""
         self.work_scope.cancel()
 
-    async def _produce(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem]) -> None:
-        async with send:
-            for item in items:
-                if self.gate.stopping:
-                    break
-                await send.send(item)
-
-    async def _work(self, items: ObjectReceiveStream[WorkItem], done: _WriteQueue) -> None:
-        async with items:
-            async for item in items:
-                if self.gate.stopping:
-                    continue
-                try:
-                    finished = await self._process(item)
-                except Stopped:
-                    continue  # never sent: left for the next run, not recorded as failed
-                except FatalApiError as exc:
-                    logger.error("%s: %s; stopping the run", item.id, exc)
-                    self.gate.stop(exc)
-                    continue
-                if finished is not None:
-                    # Paid for and finished: the hand-off to the writer must survive the grace deadline.
-                    with anyio.CancelScope(shield=True):
-                        await done.put(finished)
+    async def _work(self, items: Iterator[WorkItem], done: _WriteQueue) -> None:
+        while not self.gate.stopping and (item := next(items, None)) is not None:
+            try:
+                finished = await self._process(item)
+            except Stopped:
+                continue  # never sent: left for the next run, not recorded as failed
+            except FatalApiError as exc:
+                logger.error("%s: %s; stopping the run", item.id, exc)
+                self.gate.stop(exc)
+                continue
+            if finished is None:
+                # Skipped, maybe without an await (its stamps matched): let the other tasks run.
+                await anyio.lowlevel.checkpoint()
+                continue
+            # Paid for and finished: the hand-off to the writer must survive the grace deadline.
+            with anyio.CancelScope(shield=True):
+                await done.put(finished)
 
     def _wanted(self, item: WorkItem, key: str) -> bool:
         entry = self.index.entries.get(item.id)
