@@ -28,7 +28,7 @@ from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, NanobatchError
 from .gemini import Image, Reply, build_request, check_reply, sum_usage
-from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
+from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
 from .results import Journal, ResultsIndex, ResultsLog, atomic_write
@@ -281,14 +281,19 @@ class Engine:
         usages: list[dict[str, Any]] = []
         try:
             # Local inputs are fingerprinted from their stamps first, so done work is skipped unread.
-            stamps = await local_stamps(item.inputs, self.index.stamps(item.id))
+            # A file hashed here is kept (up to the per-image limit) and not read again to be sent.
+            contents: dict[str, bytes] = {}
+            limit = self.inputs.max_input_bytes if self.inputs is not None else MAX_INPUT_BYTES
+            stamps = await local_stamps(item.inputs, self.index.stamps(item.id), contents=contents, keep_up_to=limit)
             if stamps is not None:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
                 if not self._wanted(item, key):
                     self.stats.skipped += 1
                     return None
-            images = await load_inputs(item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry)
+            images = await load_inputs(
+                item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
+            )
             if stamps is None:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
                 if not self._wanted(item, key):
