@@ -94,6 +94,8 @@ class Breaker:
         return False
 
     def record(self, *, outage: bool, probe: bool) -> None:
+        if not outage and not probe and self.failures == 0 and self.opened_at is None:
+            return  # closed and staying closed: nothing changes, nobody to wake (the usual answer)
         now = anyio.current_time()
         if probe:
             self._probing = False
@@ -120,7 +122,7 @@ class Budget:
         self.requests = 0
         self._reserved_usd = 0.0
         self._outstanding = 0
-        self._settled = anyio.Event()
+        self._settled: anyio.Event | None = None  # made by a reservation that has to wait
 
     async def reserve(self, worst_case_usd: float) -> None:
         """Wait until the request fits; raise :class:`RunAborted` when it never can."""
@@ -133,6 +135,8 @@ class Budget:
                 break
             if self._outstanding == 0 or not fits_count:
                 raise RunAborted(self._exhausted_message(worst_case_usd))
+            if self._settled is None:
+                self._settled = anyio.Event()
             await self._settled.wait()  # in-flight requests usually cost less than reserved
         self.requests += 1
         self._reserved_usd += worst_case_usd
@@ -142,8 +146,9 @@ class Budget:
         self._reserved_usd -= reserved_usd
         self._outstanding -= 1
         self.spent_usd += actual_usd
-        self._settled.set()
-        self._settled = anyio.Event()
+        if self._settled is not None:  # wake whoever waits for room
+            self._settled.set()
+            self._settled = None
 
     def _exhausted_message(self, worst_case_usd: float) -> str:
         if self.max_requests is not None and self.requests >= self.max_requests:
@@ -236,7 +241,7 @@ class Gate:
                 try:
                     if self.stopping:
                         scope.cancel()
-                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # slots.acquire() yields to the loop
                     await self._wait_pause()
                     await self.slots.acquire()
                     acquired = True
