@@ -443,3 +443,26 @@ def test_a_failing_disk_stops_the_run_keeping_what_was_written(tmp_path: Path, m
     out = tmp_path / "out"
     kept = records(out)
     assert len(kept) == 10 and all((out / r["outputs"][0]).is_file() for r in kept)
+
+
+def test_spare_workers_never_put_more_than_the_concurrency_limit_in_flight(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(60)])
+    in_flight = peak = 0
+
+    async def slow_api(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(1.0)
+        in_flight -= 1
+        return httpx.Response(200, json=ok_body())
+
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job,
+            settings=nanobatch.load_settings(overrides={"limits.concurrency": 8}),
+            transport=httpx.MockTransport(slow_api),
+            out_dir=tmp_path / "out",
+        )
+    )
+    assert summary.stats.ok == 60 and peak == 8
