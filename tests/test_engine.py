@@ -463,6 +463,8 @@ def test_spare_workers_never_put_more_than_the_concurrency_limit_in_flight(tmp_p
             settings=nanobatch.load_settings(overrides={"limits.concurrency": 8}),
             transport=httpx.MockTransport(slow_api),
             out_dir=tmp_path / "out",
-        )
+        ),
+        settle_s=0.005,  # let the input reads finish before the virtual clock jumps
     )
-    assert summary.stats.ok == 60 and peak == 8
+    # At most the limit (the guarantee); reaching it needs the threads to keep up with the virtual clock.
+    assert summary.stats.ok == 60 and 1 < peak <= 8
