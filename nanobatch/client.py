@@ -6,13 +6,13 @@ redacted from every message that leaves this module.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from types import TracebackType
 from typing import Any
 
 import httpx
+import orjson
 
 from ._transport import POOL_SIZE, ShardedTransport
 from .errors import ApiError
@@ -73,7 +73,7 @@ class GeminiClient:
 
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
-        content = json.dumps(body, separators=(",", ":")).encode()
+        content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings
         timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         try:
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)

@@ -16,22 +16,21 @@ import logging
 import os
 import time
 from array import array
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from . import models
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, NanobatchError
 from .gemini import Image, Reply, build_request, check_reply, sum_usage
-from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
+from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
 from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, is_done
@@ -83,14 +82,80 @@ class RunStats:
                 examples.append(record["id"])
 
 
-_WRITE_QUEUE = 4
+# Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
+_WRITE_QUEUE_BYTES = 32 * 1024 * 1024
 _IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
+
+
+def _spare_workers(concurrency: int) -> int:
+    """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
+    spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
+    instead of after a worker-thread hand-off (~10 ms on a busy loop). Each holds one item's inputs."""
+    return max(1, concurrency // 8)
 
 
 @dataclass(frozen=True, slots=True)
 class _Finished:
     record: dict[str, Any]
     files: list[tuple[str, bytes]]
+
+    @property
+    def size(self) -> int:
+        return 1024 + sum(len(data) for _, data in self.files)  # 1 KB: about what a record takes
+
+
+class _WriteQueue:
+    """Finished items on their way to the writer, bounded by their bytes rather than their count.
+
+    The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
+    small results never make the workers wait, and big ones hold at most ``max_bytes`` in memory
+    (queued or being written; one item bigger than that is let through alone).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: deque[_Finished] = deque()
+        self._closed = False  # no more items will come
+        self._writing = True  # False: the writer has stopped, items are dropped
+        self._ready = anyio.Event()
+        self._room = anyio.Event()
+
+    async def put(self, finished: _Finished) -> None:
+        size = finished.size
+        while self._writing and self.bytes and self.bytes + size > self.max_bytes:
+            await self._room.wait()
+        if not self._writing:
+            return  # the writer failed: the run is ending with its error
+        self._items.append(finished)
+        self.bytes += size
+        self._ready.set()
+
+    async def take(self) -> list[_Finished]:
+        """All queued items, oldest first, once there is one; empty when closed and drained."""
+        while not self._items:
+            if self._closed:
+                return []
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        batch = list(self._items)
+        self._items.clear()
+        return batch
+
+    def written(self, batch: list[_Finished]) -> None:
+        """The writer is done with *batch*: its bytes make room."""
+        self.bytes -= sum(finished.size for finished in batch)
+        self._room.set()
+        self._room = anyio.Event()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def stop_writing(self) -> None:
+        self._writing = False
+        self._items.clear()
+        self._room.set()
 
 
 def _utc(ts: float) -> str:
@@ -138,20 +203,23 @@ class Engine:
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
-        items_send, items_recv = anyio.create_memory_object_stream[WorkItem](0)
-        # A short queue: finished images wait in memory (6 MB each at 2K), so a slow disk slows the workers
-        # down instead of piling results up.
-        done_send, done_recv = anyio.create_memory_object_stream[_Finished](_WRITE_QUEUE)
+        # The workers take the next item from the iterator themselves: next() runs without an await, so
+        # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
+        pending = iter(items)
+        # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
+        done = _WriteQueue(_WRITE_QUEUE_BYTES)
         self.log.open()
         self.journal.open()
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write, done_recv)
-                with self.work_scope:
-                    async with anyio.create_task_group() as workers, items_recv, done_send:
-                        workers.start_soon(self._produce, items, items_send)
-                        for _ in range(self.concurrency):
-                            workers.start_soon(self._work, items_recv.clone(), done_send.clone())
+                tg.start_soon(self._write, done)
+                try:
+                    with self.work_scope:
+                        async with anyio.create_task_group() as workers:
+                            for _ in range(self.concurrency + _spare_workers(self.concurrency)):
+                                workers.start_soon(self._work, pending, done)
+                finally:
+                    done.close()
         finally:
             self.log.close()
             self.journal.close()
@@ -166,30 +234,23 @@ class Engine:
         """Cancel requests in flight now; what already finished is still written."""
         self.work_scope.cancel()
 
-    async def _produce(self, items: Iterable[WorkItem], send: ObjectSendStream[WorkItem]) -> None:
-        async with send:
-            for item in items:
-                if self.gate.stopping:
-                    break
-                await send.send(item)
-
-    async def _work(self, items: ObjectReceiveStream[WorkItem], done: ObjectSendStream[_Finished]) -> None:
-        async with items, done:
-            async for item in items:
-                if self.gate.stopping:
-                    continue
-                try:
-                    finished = await self._process(item)
-                except Stopped:
-                    continue  # never sent: left for the next run, not recorded as failed
-                except FatalApiError as exc:
-                    logger.error("%s: %s; stopping the run", item.id, exc)
-                    self.gate.stop(exc)
-                    continue
-                if finished is not None:
-                    # Paid for and finished: the hand-off to the writer must survive the grace deadline.
-                    with anyio.CancelScope(shield=True):
-                        await done.send(finished)
+    async def _work(self, items: Iterator[WorkItem], done: _WriteQueue) -> None:
+        while not self.gate.stopping and (item := next(items, None)) is not None:
+            try:
+                finished = await self._process(item)
+            except Stopped:
+                continue  # never sent: left for the next run, not recorded as failed
+            except FatalApiError as exc:
+                logger.error("%s: %s; stopping the run", item.id, exc)
+                self.gate.stop(exc)
+                continue
+            if finished is None:
+                # Skipped, maybe without an await (its stamps matched): let the other tasks run.
+                await anyio.lowlevel.checkpoint()
+                continue
+            # Paid for and finished: the hand-off to the writer must survive the grace deadline.
+            with anyio.CancelScope(shield=True):
+                await done.put(finished)
 
     def _wanted(self, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
@@ -228,15 +289,21 @@ class Engine:
         usages: list[dict[str, Any]] = []
         try:
             # Local inputs are fingerprinted from their stamps first, so done work is skipped unread.
+            # A file hashed here is kept (up to the per-image limit) and not read again to be sent.
             entry = self.index.get(item.id)
-            stamps = await local_stamps(item.inputs, entry.stamp_map() if entry else {})
+            contents: dict[str, bytes] = {}
+            limit = self.inputs.max_input_bytes if self.inputs is not None else MAX_INPUT_BYTES
+            known = entry.stamp_map() if entry else {}
+            stamps = await local_stamps(item.inputs, known, contents=contents, keep_up_to=limit)
             if stamps is not None:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
                 if not self._wanted(entry, key):
                     self.stats.skipped += 1
                     return None
-            images = await load_inputs(item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry)
+            images = await load_inputs(
+                item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
+            )
             if stamps is None:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
                 if not self._wanted(entry, key):
@@ -338,21 +405,40 @@ class Engine:
             return [f"{stem}.{images[0].extension}"]
         return [f"{stem}-{n}.{image.extension}" for n, image in enumerate(images, 1)]
 
-    async def _write(self, done: ObjectReceiveStream[_Finished]) -> None:
-        async with done:
-            async for finished in done:
+    async def _write(self, done: _WriteQueue) -> None:
+        """Persist finished items in arrival order, in batches: whatever queued up while the last batch was
+        written goes into one thread hand-off and one results.jsonl write + fsync (group commit)."""
+        try:
+            while batch := await done.take():
                 try:
-                    await anyio.to_thread.run_sync(self._persist, finished)
+                    written, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:
-                    error = NanobatchError(f"cannot write results into {self.out_dir}: {exc}")
-                    self.stop(error, grace_s=0)
-                    raise error from exc
-                self.index.add(finished.record)
-                self.stats.count(finished.record)
-                if self.on_record is not None:
-                    self.on_record(finished.record)
+                    written, error = 0, exc
+                done.written(batch)
+                for finished in batch[:written]:
+                    self.index.add(finished.record)
+                    self.stats.count(finished.record)
+                    if self.on_record is not None:
+                        self.on_record(finished.record)
+                if error is not None:
+                    failure = NanobatchError(f"cannot write results into {self.out_dir}: {error}")
+                    self.stop(failure, grace_s=0)
+                    raise failure from error
+        finally:
+            done.stop_writing()
 
-    def _persist(self, finished: _Finished) -> None:
-        for name, data in finished.files:
-            atomic_write(os.path.join(self.out_dir, name), data)
-        self.log.append(finished.record)
+    def _persist(self, batch: list[_Finished]) -> tuple[int, OSError | None]:
+        """Write the batch's images, then the records of the items whose images were all written, in one
+        append. Returns how many items (from the start of the batch) are on disk, and the error that
+        stopped the rest; an error appending the records propagates (then none of the batch counts)."""
+        written, error = 0, None
+        try:
+            for finished in batch:
+                for name, data in finished.files:
+                    atomic_write(os.path.join(self.out_dir, name), data)
+                written += 1
+        except OSError as exc:
+            error = exc
+        if written:
+            self.log.append_many([finished.record for finished in batch[:written]])
+        return written, error

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .errors import ApiError, FatalApiError
 
 __all__ = [
@@ -126,7 +128,7 @@ def build_request(
 def parse_reply(body: bytes) -> Reply:
     """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``."""
     try:
-        data = json.loads(body)
+        data = _loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(
             f"the response body is not valid JSON ({len(body)} bytes; truncated?)",
@@ -249,6 +251,15 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         retryable=retryable,
         retry_after=retry_after if retryable else None,
     )
+
+
+def _loads(body: bytes) -> Any:
+    """json.loads, through orjson first (several times faster on big answers); json.loads decides what orjson
+    refuses but it accepts (NaN, integers over 64 bits, lone surrogates), so the same bodies parse."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 def _json_or_none(body: bytes) -> Any:

@@ -145,18 +145,47 @@ class InputLoader:
             await self._http.aclose()
             self._http = None
 
-    async def load(self, refs: Sequence[str], *, resize: bool = False, retry: RetryPolicy | None = None) -> list[Image]:
-        """The images of *refs*, in order, within the inline size limits; raises :class:`InputError`."""
+    async def load(
+        self,
+        refs: Sequence[str],
+        *,
+        resize: bool = False,
+        retry: RetryPolicy | None = None,
+        contents: Mapping[str, bytes] | None = None,
+    ) -> list[Image]:
+        """The images of *refs*, in order, within the inline size limits; raises :class:`InputError`.
+
+        *contents*: bytes of local files already read (by :func:`local_stamps`), not read again.
+        Every other local file is read in one worker thread hand-off; only downscaling takes another.
+        """
         policy = retry if retry is not None else RetryPolicy()
+        known = contents or {}
+        unread = [ref for ref in refs if not is_url(ref) and ref not in known]
+        read: dict[str, Image | InputError] = {}
+        if unread:
+            read = await anyio.to_thread.run_sync(self._read_locals, unread, resize)
         images = []
-        for ref in refs:
+        for ref in refs:  # the first failing input, in order, fails the item (and later URLs are not fetched)
             if is_url(ref):
                 images.append(await self._fetch(ref, policy))
+            elif ref in known:
+                images.append(_as_image(ref, known[ref]))
+            elif isinstance(loaded := read[ref], InputError):
+                raise loaded
             else:
-                images.append(await anyio.to_thread.run_sync(self._read_local, ref, resize))
-        if not images:
+                images.append(loaded)
+        if not images or self._fits(refs, images, resize):
             return images
-        return await anyio.to_thread.run_sync(self._fit, list(refs), images, resize)
+        return await anyio.to_thread.run_sync(self._downscale_all, list(refs), images)
+
+    def _read_locals(self, paths: list[str], resize: bool) -> dict[str, Image | InputError]:
+        found: dict[str, Image | InputError] = {}
+        for path in paths:
+            try:
+                found[path] = self._read_local(path, resize)
+            except InputError as exc:
+                found[path] = exc
+        return found
 
     def _read_local(self, path: str, resize: bool) -> Image:
         try:
@@ -169,10 +198,9 @@ class InputLoader:
             raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
         return _as_image(path, data)
 
-    def _fit(self, refs: list[str], images: list[Image], resize: bool) -> list[Image]:
-        """Refuse (or downscale) pictures over the per-image limit, or together over the per-request one."""
+    def _fits(self, refs: Sequence[str], images: list[Image], resize: bool) -> bool:
+        """True if the pictures fit the per-image and per-request limits; if not, without *resize*, the error."""
         total = sum(len(i.data) for i in images)
-        share = min(self.max_input_bytes, self.max_total_bytes // len(images))
         if not resize:
             for ref, image in zip(refs, images, strict=True):
                 if len(image.data) > self.max_input_bytes:
@@ -182,9 +210,12 @@ class InputLoader:
                     f"the {len(images)} input images take {total / MB:.1f} MB together, but one request can carry "
                     f"{self.max_total_bytes / MB:.0f} MB of images: set resize_inputs: true to downscale them"
                 )
-            return images
-        if all(len(i.data) <= self.max_input_bytes for i in images) and total <= self.max_total_bytes:
-            return images
+            return True
+        return all(len(i.data) <= self.max_input_bytes for i in images) and total <= self.max_total_bytes
+
+    def _downscale_all(self, refs: list[str], images: list[Image]) -> list[Image]:
+        """Downscale the pictures over their share of the limits (Pillow: run in a worker thread)."""
+        share = min(self.max_input_bytes, self.max_total_bytes // len(images))
         return [
             _downscale(ref, image, share) if len(image.data) > share else image
             for ref, image in zip(refs, images, strict=True)
@@ -257,13 +288,21 @@ class InputLoader:
 
 
 async def load_inputs(
-    refs: Sequence[str], *, resize: bool = False, loader: InputLoader | None = None, retry: RetryPolicy | None = None
+    refs: Sequence[str],
+    *,
+    resize: bool = False,
+    loader: InputLoader | None = None,
+    retry: RetryPolicy | None = None,
+    contents: Mapping[str, bytes] | None = None,
 ) -> list[Image]:
-    """The bytes of each input, in order: through the run's *loader*, or a one-off loader when None."""
+    """The bytes of each input, in order: through the run's *loader*, or a one-off loader when None.
+
+    *contents*: local files' bytes already read (see :func:`local_stamps`).
+    """
     if loader is not None:
-        return await loader.load(refs, resize=resize, retry=retry)
+        return await loader.load(refs, resize=resize, retry=retry, contents=contents)
     async with InputLoader() as one_off:
-        return await one_off.load(refs, resize=resize, retry=retry)
+        return await one_off.load(refs, resize=resize, retry=retry, contents=contents)
 
 
 def _log_retry(exc: ApiError, wait: float, attempt: int) -> None:
@@ -407,23 +446,39 @@ def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
     return known if (known[0], known[1]) == (st.st_size, st.st_mtime_ns) else None
 
 
-def _file_digest(path: str) -> FileStamp:
+def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | None]:
+    """The file's stamp, and its bytes when it has at most *keep_up_to* of them (else None)."""
+    data: bytes | None = None
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            digest = hashlib.sha256()
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+            if 0 < st.st_size <= keep_up_to:
+                data = f.read()
+                digest = hashlib.sha256(data)
+                if len(data) > keep_up_to:
+                    data = None  # it grew while being read
+            else:
+                digest = hashlib.sha256()
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
     except OSError as exc:
         raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
-    return st.st_size, st.st_mtime_ns, digest.hexdigest()
+    return (st.st_size, st.st_mtime_ns, digest.hexdigest()), data
 
 
-async def local_stamps(refs: Sequence[str], known: Mapping[str, FileStamp]) -> dict[str, FileStamp] | None:
+async def local_stamps(
+    refs: Sequence[str],
+    known: Mapping[str, FileStamp],
+    *,
+    contents: dict[str, bytes] | None = None,
+    keep_up_to: int = MAX_INPUT_BYTES,
+) -> dict[str, FileStamp] | None:
     """Stamps of an item's local input files, reading only those changed since *known*; None if any is a URL.
 
     This is what lets a nightly re-run over a finished catalog skip every item without reading its pictures:
-    unchanged files cost one stat each, inline; only changed or new files are hashed, in a worker thread.
+    unchanged files cost one stat each, inline; only changed or new files are hashed, in one worker thread
+    hand-off. With *contents*, the bytes of each file hashed (if at most *keep_up_to*) are put there, so
+    that sending the item does not read it again: the bytes sent are the bytes hashed.
     """
     if any(_is_url(ref) for ref in refs):
         return None
@@ -433,8 +488,12 @@ async def local_stamps(refs: Sequence[str], known: Mapping[str, FileStamp]) -> d
             stamps[ref] = same
     missing = [ref for ref in refs if ref not in stamps]
     if missing:
-        hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref) for ref in missing})
-        stamps.update(hashed)
+        keep = keep_up_to if contents is not None else 0
+        hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref, keep) for ref in missing})
+        for ref, (stamp, data) in hashed.items():
+            stamps[ref] = stamp
+            if data is not None and contents is not None:
+                contents[ref] = data
     return stamps
 
 

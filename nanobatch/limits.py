@@ -94,6 +94,8 @@ class Breaker:
         return False
 
     def record(self, *, outage: bool, probe: bool) -> None:
+        if not outage and not probe and self.failures == 0 and self.opened_at is None:
+            return  # closed and staying closed: nothing changes, nobody to wake (the usual answer)
         now = anyio.current_time()
         if probe:
             self._probing = False
@@ -120,30 +122,38 @@ class Budget:
         self.requests = 0
         self._reserved_usd = 0.0
         self._outstanding = 0
-        self._settled = anyio.Event()
+        self._settled: anyio.Event | None = None  # made by a reservation that has to wait
 
     async def reserve(self, worst_case_usd: float) -> None:
         """Wait until the request fits; raise :class:`RunAborted` when it never can."""
-        while True:
-            fits_cost = self.max_cost_usd is None or (
-                self.spent_usd + self._reserved_usd + worst_case_usd <= self.max_cost_usd
-            )
+        while not self.try_reserve(worst_case_usd):
             fits_count = self.max_requests is None or self.requests < self.max_requests
-            if fits_cost and fits_count:
-                break
             if self._outstanding == 0 or not fits_count:
                 raise RunAborted(self._exhausted_message(worst_case_usd))
+            if self._settled is None:
+                self._settled = anyio.Event()
             await self._settled.wait()  # in-flight requests usually cost less than reserved
+
+    def try_reserve(self, worst_case_usd: float) -> bool:
+        """Reserve the request's worst case if it fits now; False (nothing reserved) if not."""
+        fits_cost = self.max_cost_usd is None or (
+            self.spent_usd + self._reserved_usd + worst_case_usd <= self.max_cost_usd
+        )
+        fits_count = self.max_requests is None or self.requests < self.max_requests
+        if not (fits_cost and fits_count):
+            return False
         self.requests += 1
         self._reserved_usd += worst_case_usd
         self._outstanding += 1
+        return True
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         self._reserved_usd -= reserved_usd
         self._outstanding -= 1
         self.spent_usd += actual_usd
-        self._settled.set()
-        self._settled = anyio.Event()
+        if self._settled is not None:  # wake whoever waits for room
+            self._settled.set()
+            self._settled = None
 
     def _exhausted_message(self, worst_case_usd: float) -> str:
         if self.max_requests is not None and self.requests >= self.max_requests:
@@ -227,6 +237,31 @@ class Gate:
             self.slots.release()
 
     async def _admit(self, worst_case_usd: float) -> Ticket:
+        await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled worker writes no journal line
+        ticket = self._admit_now(worst_case_usd)
+        return ticket if ticket is not None else await self._admit_waiting(worst_case_usd)
+
+    def _admit_now(self, worst_case_usd: float) -> Ticket | None:
+        """Admission without waiting, or None: the usual case, checked in the order the slow path waits in.
+
+        Nothing to wait for means: not stopping, no pause, a free slot (none taken ahead of those
+        queued for one), the breaker closed, the budget room, and no rate limit.
+        """
+        now = anyio.current_time()
+        if self.stopping or self.rate is not None or self.paused_until > now:
+            return None
+        if self.breaker is not None and self.breaker.is_open:
+            return None
+        try:
+            self.slots.acquire_nowait()
+        except anyio.WouldBlock:
+            return None
+        if not self.budget.try_reserve(worst_case_usd):
+            self.slots.release()
+            return None
+        return Ticket(reserved_usd=worst_case_usd, started_at=now, probe=False)
+
+    async def _admit_waiting(self, worst_case_usd: float) -> Ticket:
         probe = False
         reserved = False
         acquired = False
@@ -236,7 +271,7 @@ class Gate:
                 try:
                     if self.stopping:
                         scope.cancel()
-                    await anyio.lowlevel.checkpoint()
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # slots.acquire() yields to the loop
                     await self._wait_pause()
                     await self.slots.acquire()
                     acquired = True

@@ -9,9 +9,9 @@ process died mid-write) is skipped with a warning when the file is read.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -29,28 +29,35 @@ SUMMARY_FILE = "summary.json"
 TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once, at import (single-threaded): os.umask can only be read by setting it.
-_FILE_MODE = 0o666 & ~_read_umask()
+# Temporary file names: unique within the process (the pid makes them unique across processes).
+_temp_names = itertools.count()
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write *data* to *path* so that readers see the old file or the whole new one, never a part."""
+    """Write *data* to *path* so that readers see the old file or the whole new one, never a part.
+
+    Five system calls (open, write, fsync, close, rename), the fewest that keep that promise: the
+    writer thread gives the GIL up at each one, and while the event loop is busy, taking it back
+    is what an image's write mostly costs. Paths are strings (os.path, not pathlib, which interns
+    every name it parses for good).
+    """
     folder, name = os.path.split(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder or None, prefix=f".{name}.", suffix=".tmp")
+    # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_temp_names)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a result file gets the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:  # a subfolder from the output template, not made yet
+        os.makedirs(folder or ".", exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -276,8 +283,15 @@ class ResultsLog:
             f.truncate(keep)
 
     def append(self, record: dict[str, Any]) -> None:
+        self.append_many([record])
+
+    def append_many(self, records: list[dict[str, Any]]) -> None:
+        """Append *records* in one write and one fsync (group commit): all are durable when this returns.
+
+        A crash mid-write can tear only the last line, which the next :meth:`open` cuts off.
+        """
         assert self._file is not None, "open() first"
-        self._file.write(orjson.dumps(record) + b"\n")
+        self._file.write(b"".join(orjson.dumps(record) + b"\n" for record in records))
         self._file.flush()
         os.fsync(self._file.fileno())
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import nanobatch
-from nanobatch.errors import ConfigError, LockHeld, ManifestError
+from nanobatch.errors import ConfigError, LockHeld, ManifestError, NanobatchError
 from nanobatch.lock import RunLock
 
 from .conftest import run_virtual
@@ -396,3 +396,75 @@ def test_a_server_asking_for_an_hour_stops_the_run_instead_of_waiting(tmp_path: 
     summary = run(job, fake)
     assert summary.exit_code == 3 and "3600 s" in (summary.reason or "")
     assert len(fake.requests) <= 8 and not (tmp_path / "out" / "results.jsonl").read_text().strip()
+
+
+def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(40)])
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    class Checking(nanobatch.RunStats):
+        def count(self, record: dict[str, Any]) -> None:
+            on_disk = {r["id"] for r in records(out)}
+            assert record["id"] in on_disk and all((out / name).is_file() for name in record["outputs"])
+            seen.append(record["id"])
+            super().count(record)
+
+    summary = run(
+        job, FakeGemini(), stats=Checking(), settings=nanobatch.load_settings(overrides={"limits.concurrency": 8})
+    )
+    assert summary.stats.ok == 40 and sorted(seen) == [f"i{n:02d}" for n in range(40)]
+    assert sorted(r["id"] for r in records(out)) == sorted(seen) and not list(out.glob(".*.tmp"))
+
+
+def test_a_failing_disk_stops_the_run_keeping_what_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nanobatch.engine
+
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(30)])
+    real_write = nanobatch.engine.atomic_write
+    writes = 0
+
+    def failing_write(path: Path, data: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 10:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(nanobatch.engine, "atomic_write", failing_write)
+    with pytest.raises(ExceptionGroup) as caught:  # run_job lets the task groups' wrapping through
+        run(job, FakeGemini(), settings=nanobatch.load_settings(overrides={"limits.concurrency": 4}))
+
+    def leaves(exc: BaseException) -> list[BaseException]:
+        return [leaf for e in exc.exceptions for leaf in leaves(e)] if isinstance(exc, BaseExceptionGroup) else [exc]
+
+    (error,) = leaves(caught.value)  # the writer's error alone: the workers waiting for it are let go
+    assert isinstance(error, NanobatchError) and "No space left on device" in str(error)
+    out = tmp_path / "out"
+    kept = records(out)
+    assert len(kept) == 10 and all((out / r["outputs"][0]).is_file() for r in kept)
+
+
+def test_spare_workers_never_put_more_than_the_concurrency_limit_in_flight(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(60)])
+    in_flight = peak = 0
+
+    async def slow_api(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await anyio.sleep(1.0)
+        in_flight -= 1
+        return httpx.Response(200, json=ok_body())
+
+    summary = run_virtual(
+        lambda: nanobatch.run_job(
+            job,
+            settings=nanobatch.load_settings(overrides={"limits.concurrency": 8}),
+            transport=httpx.MockTransport(slow_api),
+            out_dir=tmp_path / "out",
+        ),
+        settle_s=0.005,  # let the input reads finish before the virtual clock jumps
+    )
+    # At most the limit (the guarantee); reaching it needs the threads to keep up with the virtual clock.
+    assert summary.stats.ok == 60 and 1 < peak <= 8

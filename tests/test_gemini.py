@@ -460,3 +460,10 @@ def test_sum_usage_adds_counts_and_details_by_modality() -> None:
 def test_sum_of_one_usage_is_that_usage() -> None:
     usage = {"promptTokenCount": 5, "totalTokenCount": 7, "trafficType": "ON_DEMAND"}
     assert sum_usage([usage]) == usage
+
+
+def test_a_body_only_the_standard_json_parser_takes_still_parses() -> None:
+    # NaN and a lone surrogate: json.loads takes them, orjson (tried first, for speed) does not.
+    text = body(inline(PNG)).decode().replace('"finishReason"', '"score": NaN, "note": "\\ud800", "finishReason"')
+    reply = parse_reply(text.encode())
+    assert reply.finish_reason == "STOP" and reply.images[0].data == PNG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -345,6 +346,53 @@ def test_a_picture_too_big_to_send_fails_its_item(tmp_path: Path) -> None:
     summary = run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
     assert (summary.stats.ok, summary.stats.failed) == (1, 1) and len(fake.requests) == 1
     assert summary.stats.failures == {"input": 1}
+
+
+def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    import nanobatch.inputs
+
+    pictures = {name: noise((8 + n, 8)) for n, name in enumerate(("a.png", "b.png", "c.png"))}
+    for name, data in pictures.items():
+        (tmp_path / name).write_bytes(data)
+    job = write_job(tmp_path, [{"id": "one", "image": "a.png"}, {"id": "two", "images": ["b.png", "c.png"]}])
+    opened: list[str] = []
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+    def spy_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    def spy_read_bytes(self: Path) -> bytes:
+        opened.append(self.name)
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(nanobatch.inputs, "open", spy_open, raising=False)
+    monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
+    api = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(job, transport=api.transport, out_dir=tmp_path / "out"))
+    assert summary.stats.ok == 2
+    assert sorted(name for name in opened if name in pictures) == ["a.png", "b.png", "c.png"]
+    sent = [
+        [base64.b64decode(part["inlineData"]["data"]) for part in json.loads(r.content)["contents"][0]["parts"][1:]]
+        for r in api.requests
+    ]
+    assert sorted(sent) == sorted([[pictures["a.png"]], [pictures["b.png"], pictures["c.png"]]])
+
+
+def test_an_item_fails_on_its_first_unloadable_input_in_order(tmp_path: Path) -> None:
+    missing = "https://cdn.example.com/gone.jpg"
+    host = Host({missing: [httpx.Response(404)]})
+    (tmp_path / "notes.png").write_bytes(b"GIF89a....")
+    with pytest.raises(InputError, match="HTTP 404"):
+        load(host, [missing, str(tmp_path / "notes.png")])
+    host.requests.clear()
+    with pytest.raises(InputError, match="it is image/gif"):
+        load(host, [str(tmp_path / "notes.png"), missing])
+    assert host.requests == []  # the URL after the failed file is not fetched
 
 
 # --- validate checks URLs ----------------------------------------------------------------------------------------
