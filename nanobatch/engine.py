@@ -33,7 +33,7 @@ from .gemini import Image, Reply, build_request, check_reply, sum_usage
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
-from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, is_done
+from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, fsync_dir, is_done
 
 __all__ = ["Engine", "RunStats"]
 
@@ -432,13 +432,20 @@ class Engine:
         append. Returns how many items (from the start of the batch) are on disk, and the error that
         stopped the rest; an error appending the records propagates (then none of the batch counts)."""
         written, error = 0, None
+        folders: set[str] = set()
         try:
             for finished in batch:
                 for name, data in finished.files:
-                    atomic_write(os.path.join(self.out_dir, name), data)
+                    path = os.path.join(self.out_dir, name)
+                    atomic_write(path, data)
+                    folders.add(os.path.dirname(path))
                 written += 1
         except OSError as exc:
             error = exc
+        # The renames are durable only once their folders are: fsync each once per batch, before the
+        # records that point at the images (a power cut must not leave a record without its image).
+        for folder in folders:
+            fsync_dir(folder)
         if written:
             self.log.append_many([finished.record for finished in batch[:written]])
         return written, error

@@ -20,7 +20,7 @@ import orjson
 
 from ._scratch import scratch_db
 
-__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "is_done", "read_records"]
+__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "fsync_dir", "is_done", "read_records"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -63,6 +63,18 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make the renames and new files in *folder* durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, AttributeError):  # O_DIRECTORY does not exist on Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:

@@ -28,7 +28,7 @@ from ._retry import RetryPolicy
 from .client import GeminiClient
 from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
-from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunAborted
+from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, NanobatchError, RunAborted
 from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
@@ -212,11 +212,18 @@ async def run_job(
         run_id = uuid.uuid4().hex[:12]
         engine = _engine(settings, client, loader, target, index, force, retry_failed, retry_sleep, stats, run_id)
         logger.info("running %s into %s (%d items)", manifest.path, target, checked.items)
-        async with anyio.create_task_group() as tg:
-            if handle_signals:
-                tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
-            await engine.run(manifest.items(check_files=False))
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+                await engine.run(manifest.items(check_files=False))
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The task groups wrap what stopped the run; callers get our error itself, not the wrapping.
+            leaves = _leaves(group)
+            if leaves and all(isinstance(exc, NanobatchError) for exc in leaves):
+                raise leaves[0] from None
+            raise
         reason = engine.gate.stop_reason
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
@@ -297,6 +304,13 @@ async def _watch_signals(engine: Engine, grace_s: float) -> None:
             else:
                 logger.warning("cancelling the requests in flight; finished results are kept")
                 engine.cancel()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
