@@ -20,7 +20,7 @@ import click
 
 from .config import Settings, load_settings, read_api_key
 from .engine import RunStats
-from .errors import NanobatchError
+from .errors import NanobatchError, sole_error
 from .manifest import load_manifest
 from .progress import LiveProgress, PlainProgress
 from .runner import CheckResult, RunSummary, check_job, run_job
@@ -365,24 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NanobatchError as exc:
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except BaseExceptionGroup as group:  # from a task group: report the error that matters
-        matched, _ = group.split(NanobatchError)
-        if matched is None:
+    except BaseExceptionGroup as group:  # from a task group: report our error; anything else is a bug
+        if (error := sole_error(group)) is None:
             raise
-        first = _leaves(matched)[0]
-        click.echo(f"error: {first}", err=True)
-        return first.exit_code
+        click.echo(f"error: {error}", err=True)
+        return error.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[NanobatchError]) -> list[NanobatchError]:
-    leaves: list[NanobatchError] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def entrypoint() -> None:

@@ -28,7 +28,7 @@ import anyio
 from . import models
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
-from .errors import ApiError, FatalApiError, NanobatchError
+from .errors import ApiError, FatalApiError, RunAborted
 from .gemini import Image, Reply, build_request, check_reply, sum_usage
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
@@ -198,6 +198,8 @@ class Engine:
         self.work_scope = anyio.CancelScope()
         self.run_id = run_id
         self.inputs = inputs  # the run's downloader and cache; None: a one-off loader per item
+        # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
+        self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
 
@@ -292,9 +294,8 @@ class Engine:
             # A file hashed here is kept (up to the per-image limit) and not read again to be sent.
             entry = self.index.get(item.id)
             contents: dict[str, bytes] = {}
-            limit = self.inputs.max_input_bytes if self.inputs is not None else MAX_INPUT_BYTES
-            known = entry.stamp_map() if entry else {}
-            stamps = await local_stamps(item.inputs, known, contents=contents, keep_up_to=limit)
+            known = entry.stamps if entry else {}
+            stamps = await local_stamps(item.inputs, known, contents=contents, keep_up_to=self._keep_up_to)
             if stamps is not None:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
@@ -421,7 +422,8 @@ class Engine:
                     if self.on_record is not None:
                         self.on_record(finished.record)
                 if error is not None:
-                    failure = NanobatchError(f"cannot write results into {self.out_dir}: {error}")
+                    # Exit 3, not 1: a cron wrapper must not take a full disk for "some items failed".
+                    failure = RunAborted(f"cannot write results into {self.out_dir}: {error}")
                     self.stop(failure, grace_s=0)
                     raise failure from error
         finally:

@@ -32,6 +32,7 @@ __all__ = [
     "Problem",
     "RunAborted",
     "UsageError",
+    "sole_error",
 ]
 
 
@@ -39,6 +40,27 @@ class NanobatchError(Exception):
     """Base class of every error nanobatch raises on purpose."""
 
     exit_code = 1
+
+
+def sole_error(group: BaseExceptionGroup[BaseException]) -> NanobatchError | None:
+    """The first of *group*'s errors (nested groups flattened) if every one is a :class:`NanobatchError`.
+
+    Task groups wrap what stopped a run; callers want that error itself. A group holding anything
+    else (a bug) gives None: it must propagate whole, traceback and all.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    if leaves and all(isinstance(exc, NanobatchError) for exc in leaves):
+        first = leaves[0]
+        assert isinstance(first, NanobatchError)
+        return first
+    return None
 
 
 class UsageError(NanobatchError):

@@ -127,8 +127,7 @@ class Budget:
     async def reserve(self, worst_case_usd: float) -> None:
         """Wait until the request fits; raise :class:`RunAborted` when it never can."""
         while not self.try_reserve(worst_case_usd):
-            fits_count = self.max_requests is None or self.requests < self.max_requests
-            if self._outstanding == 0 or not fits_count:
+            if self._outstanding == 0 or self._out_of_requests:
                 raise RunAborted(self._exhausted_message(worst_case_usd))
             if self._settled is None:
                 self._settled = anyio.Event()
@@ -139,13 +138,16 @@ class Budget:
         fits_cost = self.max_cost_usd is None or (
             self.spent_usd + self._reserved_usd + worst_case_usd <= self.max_cost_usd
         )
-        fits_count = self.max_requests is None or self.requests < self.max_requests
-        if not (fits_cost and fits_count):
+        if not fits_cost or self._out_of_requests:
             return False
         self.requests += 1
         self._reserved_usd += worst_case_usd
         self._outstanding += 1
         return True
+
+    @property
+    def _out_of_requests(self) -> bool:
+        return self.max_requests is not None and self.requests >= self.max_requests
 
     def settle(self, reserved_usd: float, actual_usd: float) -> None:
         self._reserved_usd -= reserved_usd
@@ -156,7 +158,7 @@ class Budget:
             self._settled = None
 
     def _exhausted_message(self, worst_case_usd: float) -> str:
-        if self.max_requests is not None and self.requests >= self.max_requests:
+        if self._out_of_requests:
             return f"request budget reached: {self.requests} requests sent (--max-requests {self.max_requests})"
         return (
             f"cost budget reached: ${self.spent_usd:.4f} spent, the next request could cost up to "

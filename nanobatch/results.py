@@ -115,16 +115,20 @@ class IndexEntry(NamedTuple):
     tokens: tuple[int, int, int, int]
     cost_usd: float
     error_kind: str | None
-    # (path, [size, mtime_ns, sha256]) of each local input, so an unchanged file need not be read again.
-    stamps: tuple[tuple[str, Any], ...] = ()
+    # {path: (size, mtime_ns, sha256)} of each local input, so an unchanged file need not be read again.
+    stamps: dict[str, tuple[int, int, str]] = {}  # shared default, never mutated
     run: str | None = None
 
-    def stamp_map(self) -> dict[str, tuple[int, int, str]]:
-        """The input file stamps as ``{path: (size, mtime_ns, sha256)}`` (empty if unreadable)."""
-        try:
-            return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in self.stamps}
-        except (TypeError, ValueError, IndexError):
-            return {}  # an old or hand-edited record: the files will simply be read again
+
+def _stamps(encoded: bytes | None) -> dict[str, tuple[int, int, str]]:
+    """Input stamps as stored by :func:`_row`; empty if unreadable (an old or hand-edited record: the files
+    will simply be read again)."""
+    if not encoded:
+        return {}
+    try:
+        return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in orjson.loads(encoded)}
+    except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
+        return {}
 
 
 _INDEX_SCHEMA = """
@@ -205,10 +209,6 @@ class ResultsIndex:
         if row is None:
             return None
         _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run = row
-        try:
-            decoded_stamps = tuple((str(p), st) for p, st in orjson.loads(stamps)) if stamps else ()
-        except (orjson.JSONDecodeError, TypeError, ValueError):
-            decoded_stamps = ()
         return IndexEntry(
             status,
             key,
@@ -216,7 +216,7 @@ class ResultsIndex:
             (_int(prompt), _int(candidates), _int(thoughts), _int(total)),
             cost if isinstance(cost, float) else 0.0,
             error_kind,
-            decoded_stamps,
+            _stamps(stamps),
             run,
         )
 

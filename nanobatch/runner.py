@@ -28,7 +28,7 @@ from ._retry import RetryPolicy
 from .client import GeminiClient
 from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
-from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, NanobatchError, RunAborted
+from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunAborted, sole_error
 from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
@@ -219,10 +219,8 @@ async def run_job(
                 await engine.run(manifest.items(check_files=False))
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            # The task groups wrap what stopped the run; callers get our error itself, not the wrapping.
-            leaves = _leaves(group)
-            if leaves and all(isinstance(exc, NanobatchError) for exc in leaves):
-                raise leaves[0] from None
+            if (error := sole_error(group)) is not None:
+                raise error from None  # callers get our error itself, not the task groups' wrapping
             raise
         reason = engine.gate.stop_reason
         outcome: Literal["complete", "aborted", "interrupted"] = (
@@ -304,13 +302,6 @@ async def _watch_signals(engine: Engine, grace_s: float) -> None:
             else:
                 logger.warning("cancelling the requests in flight; finished results are kept")
                 engine.cancel()
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:

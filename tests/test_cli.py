@@ -210,3 +210,18 @@ def test_flags_beat_environment_and_config_file(
     monkeypatch.setattr(nanobatch.cli, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
     assert main(["validate", str(job), "--config", str(config), flag, value]) == 0
     assert getattr(getattr(seen[0], section), name) == expected
+
+
+def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def disk_full(path: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nanobatch.engine.atomic_write", disk_full)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert f"error: cannot write results into {out}: [Errno 28] No space left on device" in err
+    assert "Traceback" not in err and "ExceptionGroup" not in err

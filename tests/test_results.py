@@ -65,9 +65,9 @@ def test_the_index_keeps_input_stamps_and_ignores_hand_edited_ones(tmp_path: Pat
     with ResultsIndex.load(tmp_path) as index:
         assert len(index) == 3
         entries = {item_id: index.get(item_id) for item_id in "abcd"}
-    assert entries["a"] is not None and entries["a"].stamp_map() == {"/in/a.png": (3, 7, "ab12")}
-    assert entries["b"] is not None and entries["b"].stamp_map() == {}  # its files are simply read again
-    assert entries["c"] is not None and entries["c"].stamp_map() == {}
+    assert entries["a"] is not None and entries["a"].stamps == {"/in/a.png": (3, 7, "ab12")}
+    assert entries["b"] is not None and entries["b"].stamps == {}  # its files are simply read again
+    assert entries["c"] is not None and entries["c"].stamps == {}
     assert entries["d"] is None
 
 
