@@ -261,7 +261,7 @@ class Engine:
 
     async def _process(self, item: WorkItem) -> _Finished | None:
         started = time.time()
-        t0 = anyio.current_time()
+        first_sent: list[float] = []  # when the item's first request went out (the gate let it through)
         record: dict[str, Any] = {
             "id": item.id,
             "run": self.run_id,
@@ -313,7 +313,7 @@ class Engine:
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)
-                reply = await self._send(item, instruction, images, record, step)
+                reply = await self._send(item, instruction, images, record, step, first_sent)
                 usages.append(reply.usage)
                 images = list(reply.images)  # the next step edits this step's result
                 if item.keep_steps and number < len(item.steps):
@@ -335,13 +335,21 @@ class Engine:
             logger.warning("%s %s: %s", item.id, record["status"], exc.message)
         record["steps"] = steps if len(item.steps) > 1 else None
         record["usage"] = sum_usage(usages) if usages else {}
-        record["latency_s"] = round(anyio.current_time() - t0, 3)
+        # From the first request to the last answer: retries and later steps count, waiting for a slot,
+        # the rate limit or the inputs does not (that is queueing, not the API). None: nothing was sent.
+        record["latency_s"] = round(anyio.current_time() - first_sent[0], 3) if first_sent else None
         record["finished_at"] = _utc(time.time())
         record["cost_usd"] = round(record["cost_usd"], 6)
         return _Finished(record, files)
 
     async def _send(
-        self, item: WorkItem, instruction: str, images: list[Image], record: dict[str, Any], step: dict[str, Any]
+        self,
+        item: WorkItem,
+        instruction: str,
+        images: list[Image],
+        record: dict[str, Any],
+        step: dict[str, Any],
+        first_sent: list[float],
     ) -> Reply:
         body = build_request(
             instruction,
@@ -364,6 +372,8 @@ class Engine:
                 self.journal.dispatched(item.id, record["key"], record["attempts"])
                 self.stats.in_flight = self.gate.in_flight
                 self.stats.concurrency = self.gate.window
+                if not first_sent:
+                    first_sent.append(anyio.current_time())
                 try:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
                 finally:

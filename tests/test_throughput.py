@@ -84,6 +84,44 @@ def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path
     assert achieved >= 0.98 * 120
 
 
+
+def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_path: Path) -> None:
+    # 40 workers, one request a second: the last item waits ~39 s for its turn, then the API takes 3 s.
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
+    server = HiddenRpmServer(rpm=10_000, latency_s=3.0)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 40, "limits.requests_per_minute": 60})
+    run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 40
+    assert all(abs(r["latency_s"] - 3.0) < 0.1 for r in records), sorted(r["latency_s"] for r in records)
+    latency = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["latency_s"]
+    assert abs(latency["max"] - 3.0) < 0.1
+
+
+def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "edit"}])
+    answers = [google_error(503, "UNAVAILABLE", "The model is overloaded"), httpx.Response(200, json=ok_body())]
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(2.0)
+        return answers.pop(0)
+
+    settings = nanobatch.load_settings(overrides={"retry.backoff_initial_s": 5, "retry.backoff_max_s": 5})
+    run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["attempts"] == 2
+    assert 4.0 <= record["latency_s"] <= 9.1  # two answers of 2 s each, and a backoff of up to 5 s between them
+
 def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(50)])
     server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
