@@ -13,6 +13,11 @@ Scenarios:
   (sync httpx): read the input, post, decode the image, write it.
 * ``minimal``: the same work as a plain script: ``asyncio.gather`` over every
   request with an ``asyncio.Semaphore(concurrency)`` and one httpx.AsyncClient.
+* ``floor``: the least any client can do against this server: raw asyncio
+  sockets, no HTTP library, ``concurrency`` kept-alive connections each sending
+  its share of the requests one after another and skipping over the answers
+  (no JSON, no image, no file). What it takes over the ideal is the
+  simulator's, the loopback's and the event loop's, not a client's.
 * ``load_index``: ``ResultsIndex.load`` of an output folder.
 """
 
@@ -204,6 +209,42 @@ def run_minimal(
     return result
 
 
+def run_floor(*, base_url: str, n: int, concurrency: int, input_path: str, image_size: str) -> dict[str, Any]:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    body = _body(input_path, image_size)
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    result: dict[str, Any] = {"startup_s": time.perf_counter() - _PROCESS_START}
+
+    async def connection(count: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        for _ in range(count):
+            writer.write(head + body)
+            header = await reader.readuntil(b"\r\n\r\n")
+            if not header.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"the simulator answered {header[:40]!r}")
+            lines = header.lower().split(b"\r\n")
+            length = next(int(line[15:]) for line in lines if line.startswith(b"content-length:"))
+            await reader.readexactly(length)
+        writer.close()
+
+    async def main() -> None:
+        shares = [n // concurrency + (1 if k < n % concurrency else 0) for k in range(concurrency)]
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(connection(share) for share in shares if share))
+        result.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu)
+
+    asyncio.run(main())
+    result["requests"] = n
+    return result
+
+
 def run_load_index(*, out_dir: str) -> dict[str, Any]:
     from nanobatch.results import ResultsIndex
 
@@ -217,6 +258,7 @@ SCENARIOS = {
     "nanobatch": run_nanobatch,
     "sequential": run_sequential,
     "minimal": run_minimal,
+    "floor": run_floor,
     "load_index": run_load_index,
 }
 

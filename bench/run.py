@@ -171,6 +171,13 @@ def bench_dispatch(b: Bench) -> None:
             f"{plain_split['wall_s']:.2f} s = {plain_split['wall_s'] / ideal:.2f}x; client CPU "
             f"{plain_split['cpu_s'] / n * 1000:.2f} ms/req",
         )
+        floors = sorted(b.client("floor", **params)["wall_s"] for _ in range(1 if b.quick else 2))
+        b.add(
+            section,
+            "(c) floor: raw sockets, no HTTP library, answers skipped unread",
+            f"{floors[0]:.2f} s = **{floors[0] / ideal:.3f}x** (runs: {', '.join(f'{w:.2f}' for w in floors)} s): "
+            "what the simulator, loopback and event loop take on this machine, before any client work",
+        )
 
 
 def _check_complete(run: dict[str, Any], n: int) -> None:
@@ -439,7 +446,12 @@ temporary folder on the local disk.
    limited to 100 connections. The "pool split" row is the same script through a
    transport that spreads the requests over ten httpx pools of 10 connections
    (`bench/_transport.py`), as nanobatch's own client does above 10 connections:
-   httpcore's pool costs grow with the square of its size.
+   httpcore's pool costs grow with the square of its size. (c) the floor: 100
+   raw asyncio connections, each sending 20 requests one after another as fast
+   as the answers come, with no HTTP library (a hand-written request, the
+   answer skipped by its Content-Length): no client can beat it on this
+   machine, so its distance from the ideal is the simulator's, the loopback's
+   and the event loop's share, not a client's.
 2. **Rate**: `limits.requests_per_minute` 1200 at concurrency 100 (the limit,
    not the client, sets the pace: 20 requests/s is a tenth of what the client
    can do), for 45 s (20 s with `--quick`): long enough for 35 distinct
