@@ -38,6 +38,10 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
+# File systems take names of up to 255 bytes; nanobatch may add up to 16 to an output name
+# (".step12-3.webp"). Caught here, a name too long costs nothing; at the write, a paid request.
+_NAME_MAX = 255
+_SUFFIX_ROOM = 16
 # Beyond this many, check() lists no more problems (a broken template in a million-row CSV).
 MAX_PROBLEMS = 1000
 
@@ -428,6 +432,10 @@ def _build_item(
         output, message = _output_name(f.output, f.id, raw.context)
         if message:
             bad("output", message)
+        elif output is not None and (message := _name_length_problem(output)):
+            bad("output", message)
+    elif f.id is not None and _ID.fullmatch(f.id) and (message := _name_length_problem(f.id)):
+        bad("id", f"{message}; give a shorter id, or an output name")
     if problems:
         return None, problems
     assert f.id is not None
@@ -490,6 +498,21 @@ def _template_problems(template: str) -> list[str]:
     if "id" not in names:
         return ["the output name must contain {id} so that items do not overwrite each other"]
     return []
+
+
+def _name_length_problem(name: str) -> str | None:
+    """Why the file system would refuse *name* (an output name before its extension), or None."""
+    *folders, last = name.replace(os.sep, "/").split("/")
+    for part in folders:
+        if len(part.encode()) > _NAME_MAX:
+            return f"the folder name {part[:40]!r}... is {len(part.encode())} bytes long: at most {_NAME_MAX}"
+    size = len(last.encode())
+    if size > _NAME_MAX - _SUFFIX_ROOM:
+        return (
+            f"the file name {last[:40]!r}... is {size} bytes long: at most {_NAME_MAX - _SUFFIX_ROOM} "
+            f"({_NAME_MAX} with the extension and step number nanobatch adds)"
+        )
+    return None
 
 
 def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None) -> tuple[str | None, str | None]:

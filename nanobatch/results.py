@@ -43,7 +43,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     """
     folder, name = os.path.split(os.fspath(path))
     # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_temp_names)}.tmp")
+    # Only the first 40 characters of the name: a name near the file system's limit (255 bytes) must
+    # leave room for the dot, the pid, the counter and the suffix.
+    tmp = os.path.join(folder, f".{name[:40]}.{os.getpid()}-{next(_temp_names)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o666)

@@ -270,6 +270,24 @@ def test_a_deleted_output_is_made_again(tmp_path: Path) -> None:
     assert len(fake.requests) == 1 and (tmp_path / "out" / "a.png").exists()
 
 
+def test_the_longest_id_the_manifest_allows_is_written_with_its_steps(tmp_path: Path) -> None:
+    long_id = "sku-" + "x" * 235  # 239 bytes: the longest name the check lets through
+    job = write_job(tmp_path, [{"id": long_id, "image": "images/a.png", "steps": ["one", "two"], "keep_steps": True}])
+    summary = run(job, FakeGemini())
+    out = tmp_path / "out"
+    assert summary.stats.ok == 1
+    assert records(out)[0]["outputs"] == [f"{long_id}.png"]
+    assert (out / f"{long_id}.png").is_file() and (out / f"{long_id}.step1.png").is_file()
+
+
+def test_an_id_too_long_for_a_file_name_sends_nothing(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b" * 250, "image": "images/a.png"}])
+    fake = FakeGemini()
+    with pytest.raises(ManifestError, match="250 bytes long"):
+        run(job, fake)
+    assert fake.requests == []
+
+
 def test_a_bad_manifest_sends_nothing(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/missing.png"}])
     (tmp_path / "images" / "missing.png").unlink(missing_ok=True)

@@ -36,6 +36,7 @@ def load(path: Path) -> Manifest:
     return load_manifest(path, default_model=MODEL)
 
 
+LONG = "x" * 234  # with "a" and ".png": 239 bytes, the longest file name allowed
 ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a.png\n"
 
 
@@ -181,6 +182,19 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         ),
         pytest.param("name: x\nitems: []\n", None, "items", "no items", id="no-items"),
         pytest.param(ITEM + "    keep_steps: maybe\n", "a", "keep_steps", "valid boolean", id="bad-boolean"),
+        pytest.param(
+            ITEM.replace("id: a", "id: " + "a" * 240), "a" * 240, "id", "240 bytes long: at most 239", id="id-too-long"
+        ),
+        pytest.param(
+            ITEM + "    output: '{id}-" + "é" * 120 + ".png'\n",
+            "a",
+            "output",
+            "246 bytes long: at most 239",
+            id="output-name-too-long-in-bytes",
+        ),
+        pytest.param(
+            ITEM + "    output: '" + "f" * 256 + "/{id}.png'\n", "a", "output", "folder name", id="folder-too-long"
+        ),
     ],
 )
 def test_validation_problems(tmp_path: Path, text: str, item: str | None, field: str | None, message: str) -> None:
@@ -209,6 +223,7 @@ def test_validation_problems(tmp_path: Path, text: str, item: str | None, field:
         pytest.param("    resize_inputs: true\n", {"resize_inputs": True}, id="resize-inputs"),
         pytest.param("    output: 'white/{id}.png'\n", {"output": "white/a.png"}, id="output-template"),
         pytest.param("    output: '{{raw}}-{id}.png'\n", {"output": "{raw}-a.png"}, id="output-literal-braces"),
+        pytest.param(f"    output: '{{id}}{LONG}.png'\n", {"output": f"a{LONG}.png"}, id="output-239-bytes"),
     ],
 )
 def test_accepted_settings(tmp_path: Path, extra: str, expected: dict[str, Any]) -> None:

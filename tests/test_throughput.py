@@ -84,7 +84,6 @@ def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path
     assert achieved >= 0.98 * 120
 
 
-
 def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_path: Path) -> None:
     # 40 workers, one request a second: the last item waits ~39 s for its turn, then the API takes 3 s.
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
@@ -121,6 +120,7 @@ def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert record["status"] == "ok" and record["attempts"] == 2
     assert 4.0 <= record["latency_s"] <= 9.1  # two answers of 2 s each, and a backoff of up to 5 s between them
+
 
 def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(50)])
