@@ -121,15 +121,17 @@ class _WriteQueue:
         self._ready = anyio.Event()
         self._room = anyio.Event()
 
-    async def put(self, finished: _Finished) -> None:
+    async def put(self, finished: _Finished) -> bool:
+        """Queue *finished*; False if the writer has stopped (the run is ending with its error)."""
         size = finished.size
         while self._writing and self.bytes and self.bytes + size > self.max_bytes:
             await self._room.wait()
         if not self._writing:
-            return  # the writer failed: the run is ending with its error
+            return False
         self._items.append(finished)
         self.bytes += size
         self._ready.set()
+        return True
 
     async def take(self) -> list[_Finished]:
         """All queued items, oldest first, once there is one; empty when closed and drained."""
@@ -152,10 +154,24 @@ class _WriteQueue:
         self._closed = True
         self._ready.set()
 
-    def stop_writing(self) -> None:
+    def stop_writing(self) -> list[_Finished]:
+        """No more writing: returns what was still queued, for the caller to report lost."""
         self._writing = False
+        left = list(self._items)
         self._items.clear()
         self._room.set()
+        return left
+
+
+def _report_unsaved(lost: list[_Finished]) -> None:
+    """Name the finished items whose results could not be written: they were paid for and will be sent
+    again by the next run (which also warns of them, from the journal)."""
+    if lost:
+        ids = ", ".join(finished.record["id"] for finished in lost[:20])
+        more = f" and {len(lost) - 20} more" if len(lost) > 20 else ""
+        logger.error(
+            "%d finished items could not be saved and will be sent again by the next run: %s%s", len(lost), ids, more
+        )
 
 
 def _utc(ts: float) -> str:
@@ -252,7 +268,8 @@ class Engine:
                 continue
             # Paid for and finished: the hand-off to the writer must survive the grace deadline.
             with anyio.CancelScope(shield=True):
-                await done.put(finished)
+                if not await done.put(finished):
+                    _report_unsaved([finished])
 
     def _wanted(self, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
@@ -419,6 +436,7 @@ class Engine:
     async def _write(self, done: _WriteQueue) -> None:
         """Persist finished items in arrival order, in batches: whatever queued up while the last batch was
         written goes into one thread hand-off and one results.jsonl write + fsync (group commit)."""
+        unsaved: list[_Finished] = []
         try:
             while batch := await done.take():
                 try:
@@ -432,12 +450,13 @@ class Engine:
                     if self.on_record is not None:
                         self.on_record(finished.record)
                 if error is not None:
+                    unsaved = batch[written:]
                     # Exit 3, not 1: a cron wrapper must not take a full disk for "some items failed".
                     failure = RunAborted(f"cannot write results into {self.out_dir}: {error}")
                     self.stop(failure, grace_s=0)
                     raise failure from error
         finally:
-            done.stop_writing()
+            _report_unsaved(unsaved + done.stop_writing())
 
     def _persist(self, batch: list[_Finished]) -> tuple[int, OSError | None]:
         """Write the batch's images, then the records of the items whose images were all written, in one

@@ -435,7 +435,9 @@ def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path:
     assert sorted(r["id"] for r in records(out)) == sorted(seen) and not list(out.glob(".*.tmp"))
 
 
-def test_a_failing_disk_stops_the_run_keeping_what_was_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_disk_stops_the_run_keeping_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import nanobatch.engine
 
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(30)])
@@ -450,12 +452,17 @@ def test_a_failing_disk_stops_the_run_keeping_what_was_written(tmp_path: Path, m
         real_write(path, data)
 
     monkeypatch.setattr(nanobatch.engine, "atomic_write", failing_write)
+    fake = FakeGemini()
     # The writer's error itself, not wrapped in the task groups' ExceptionGroups.
     with pytest.raises(NanobatchError, match="No space left on device"):
-        run(job, FakeGemini(), settings=nanobatch.load_settings(overrides={"limits.concurrency": 4}))
+        run(job, fake, settings=nanobatch.load_settings(overrides={"limits.concurrency": 4}))
     out = tmp_path / "out"
     kept = records(out)
     assert len(kept) == 10 and all((out / r["outputs"][0]).is_file() for r in kept)
+    # The items answered but not saved are named, so the operator knows what was paid for twice.
+    (lost,) = [r.getMessage() for r in caplog.records if "could not be saved" in r.getMessage()]
+    named = set(lost.split(": ", 1)[1].split(", "))
+    assert not named & {r["id"] for r in kept} and len(named) + len(kept) == len(fake.requests)
 
 
 def test_spare_workers_never_put_more_than_the_concurrency_limit_in_flight(tmp_path: Path) -> None:
