@@ -66,6 +66,9 @@ class ItemFields(BaseModel):
     resize_inputs: bool | None = None
 
 
+_NO_FIELDS = ItemFields()
+
+
 class ManifestFields(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -385,8 +388,9 @@ def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
         data.pop("instruction", None)
         data.pop("steps", None)
     data.update(own)
-    # Both halves are validated already: construct skips a second validation per item (a million, in a catalog).
-    return ItemFields.model_construct(**data)
+    # Both halves are validated already: a copy skips a second validation per item (a million, in a
+    # catalog), and costs a quarter of model_construct(), which looks up every unset field's default.
+    return _NO_FIELDS.model_copy(update=data)
 
 
 def _given(fields: ItemFields) -> dict[str, Any]:
