@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -96,6 +98,30 @@ def cli(verbose: int, log_format: str) -> None:
     _setup_logging(verbose, False, log_format)
 
 
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click (we allow 8.1)
+    """Seconds, or hours, minutes and seconds: ``5400``, ``90m``, ``1h30m``, ``1.5h``, ``45s``."""
+
+    name = "duration"
+    _FORM = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            match = self._FORM.fullmatch(text)
+            try:
+                seconds = float(text)
+            except ValueError:
+                if not text or match is None:
+                    self.fail(f"{value!r} is not a duration: give seconds, or e.g. 90m, 4h, 1h30m", param, ctx)
+                hours, minutes, secs = (float(group) if group else 0.0 for group in match.groups())
+                seconds = hours * 3600 + minutes * 60 + secs
+        if not 0 < seconds < math.inf:
+            self.fail(f"{value!r}: the duration must be more than 0 and finite", param, ctx)
+        return seconds
+
+
 def _settings_options(f: Any) -> Any:
     options = [
         click.option(
@@ -120,6 +146,12 @@ def _settings_options(f: Any) -> Any:
             help="Stop before the run could spend more than this many US dollars.",
         ),
         click.option("--max-requests", type=click.IntRange(min=1), help="Send at most this many requests."),
+        click.option(
+            "--max-duration",
+            type=Duration(),
+            help="Start no request later than this after the start (e.g. 3600, 90m, 4h, 1h30m); "
+            "requests in flight then get --grace to finish.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -135,6 +167,7 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
             "limits.concurrency": flags.get("concurrency"),
             "limits.requests_per_minute": flags.get("rpm"),
             "limits.grace_s": flags.get("grace"),
+            "limits.max_duration_s": flags.get("max_duration"),
             "budget.max_cost_usd": flags.get("max_cost"),
             "budget.max_requests": flags.get("max_requests"),
         },

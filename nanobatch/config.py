@@ -58,6 +58,7 @@ class LimitSettings(_Section):
     requests_per_minute: float | None = Field(None, gt=0)
     adaptive: bool = True
     grace_s: float = Field(30.0, ge=0)
+    max_duration_s: float | None = Field(None, gt=0)  # no request starts later than this after the start
     breaker_threshold: int = Field(10, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
     breaker_max_down_s: float = Field(600.0, gt=0)

@@ -183,6 +183,7 @@ async def run_job(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"
         )
+    began = anyio.current_time()  # --max-duration counts from here, waiting for the lock included
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
     stats.rpm_limit = settings.limits.requests_per_minute
@@ -216,6 +217,8 @@ async def run_job(
             async with anyio.create_task_group() as tg:
                 if handle_signals:
                     tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+                if settings.limits.max_duration_s is not None:
+                    tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
                 await engine.run(manifest.items(check_files=False))
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -302,6 +305,18 @@ async def _watch_signals(engine: Engine, grace_s: float) -> None:
             else:
                 logger.warning("cancelling the requests in flight; finished results are kept")
                 engine.cancel()
+
+
+async def _stop_in_time(engine: Engine, began: float, limit_s: float, grace_s: float) -> None:
+    """At ``began + limit_s``: send nothing new; requests in flight get *grace_s* to finish."""
+    await anyio.sleep_until(began + limit_s)
+    logger.warning(
+        "time limit reached: sending nothing new; waiting up to %g s for %d requests in flight",
+        grace_s,
+        engine.gate.in_flight,
+    )
+    reason = f"the time limit was reached (limits.max_duration_s = {limit_s:g}); unsent items are left for the next run"
+    engine.stop(RunAborted(reason), grace_s=grace_s)
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:

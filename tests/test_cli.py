@@ -193,6 +193,10 @@ def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
         pytest.param("--base-url", "http://x.test", "api", "base_url", "http://x.test", id="base-url"),
         pytest.param("--max-cost", "12.5", "budget", "max_cost_usd", 12.5, id="max-cost"),
         pytest.param("--max-requests", "40", "budget", "max_requests", 40, id="max-requests"),
+        pytest.param("--max-duration", "1h30m", "limits", "max_duration_s", 5400.0, id="max-duration-h-m"),
+        pytest.param("--max-duration", "90m", "limits", "max_duration_s", 5400.0, id="max-duration-m"),
+        pytest.param("--max-duration", "2.5h", "limits", "max_duration_s", 9000.0, id="max-duration-fraction"),
+        pytest.param("--max-duration", "600", "limits", "max_duration_s", 600.0, id="max-duration-seconds"),
     ],
 )
 def test_flags_beat_environment_and_config_file(
@@ -225,3 +229,12 @@ def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     err = capsys.readouterr().err
     assert f"error: cannot write results into {out}: [Errno 28] No space left on device" in err
     assert "Traceback" not in err and "ExceptionGroup" not in err
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5m", "1d", "inf", "h"])
+def test_a_bad_duration_is_a_usage_error_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--max-duration", value]) == 2
+    assert "--max-duration" in capsys.readouterr().err and not (tmp_path / "out").exists()

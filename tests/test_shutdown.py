@@ -84,3 +84,37 @@ def test_second_signal_cancels_at_once_but_keeps_what_finished(tmp_path: Path) -
     assert summary.exit_code == 130
     assert len(ids(out)) == 4 and summary.stats.ok == 4
     assert json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "interrupted"
+
+
+def run_for(job: Path, max_duration_s: float, grace_s: float) -> nanobatch.RunSummary:
+    settings = nanobatch.load_settings(
+        overrides={"limits.concurrency": 4, "limits.max_duration_s": max_duration_s, "limits.grace_s": grace_s}
+    )
+    return run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(slow_api), out_dir=job.parent / "out"
+        ),
+        settle_s=0.2,
+    )
+
+
+def test_a_time_limit_stops_sending_and_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    summary = run_for(job, max_duration_s=25, grace_s=30)
+    out = tmp_path / "out"
+    # Rounds of 4 start at t=0, 10, 20; the limit at t=25 lets the third round finish (t=30) and starts no fourth.
+    assert summary.exit_code == 3 and summary.outcome == "aborted" and "time limit" in (summary.reason or "")
+    assert len(ids(out)) == 12 and summary.stats.requests == 12
+    last_run = json.loads((out / "summary.json").read_text())["last_run"]
+    assert last_run["outcome"] == "aborted" and "limits.max_duration_s = 25" in last_run["reason"]
+    # The next run does the other 8 and only those.
+    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx.MockTransport(slow_api), out_dir=out))
+    assert rerun.stats.ok == 8 and rerun.stats.skipped == 12
+
+
+def test_a_time_limit_cancels_what_is_still_in_flight_after_the_grace(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    summary = run_for(job, max_duration_s=25, grace_s=2)
+    # The round sent at t=20 would end at t=30, after the grace (t=27): cancelled, not recorded, left for later.
+    assert summary.exit_code == 3
+    assert len(ids(tmp_path / "out")) == 8
