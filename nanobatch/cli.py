@@ -288,6 +288,13 @@ def _print_check(result: CheckResult) -> None:
     click.echo(f"  requests:  {result.requests} (steps counted)")
     click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
     click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
+    if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
+        click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
+    if result.max_duration_s is not None and result.duration_s > result.max_duration_s:
+        click.echo(
+            f"  time:      limit {_duration(result.max_duration_s)}: the run will likely stop before every item "
+            "is done; the next run goes on from there"
+        )
     click.echo(f"  output:    {result.out_dir}")
     click.echo("Nothing was sent.")
 

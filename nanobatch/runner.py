@@ -56,6 +56,8 @@ class CheckResult:
     duration_s: float
     concurrency: int
     requests_per_minute: float | None
+    max_cost_usd: float | None = None
+    max_duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,6 +145,8 @@ def check_job(
         duration_s=duration,
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
+        max_cost_usd=settings.budget.max_cost_usd,
+        max_duration_s=limits.max_duration_s,
     )
 
 

@@ -135,6 +135,19 @@ def test_validate_and_dry_run_send_nothing(tmp_path: Path, key: str, capsys: pyt
     assert route.call_count == 0
 
 
+def test_validate_warns_when_the_budget_or_the_time_limit_will_cut_the_run_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "x"} for n in range(100)])
+    assert main(["validate", str(job), "--max-cost", "0.5", "--max-duration", "1m"]) == 0
+    out = capsys.readouterr().out
+    assert "budget:    $0.50: the run may stop before every item is done" in out
+    assert "time:      limit 60 s: the run will likely stop" in out
+    assert main(["validate", str(job), "--max-cost", "1000", "--max-duration", "24h"]) == 0
+    out = capsys.readouterr().out
+    assert "budget:" not in out and "time:" not in out
+
+
 def test_validate_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(
         tmp_path,
