@@ -529,6 +529,8 @@ def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None)
     except MissingPlaceholder as exc:
         if context is None:
             return None, f"unknown placeholder {{{exc.name}}}: here only {{id}} can be used (columns, in items_from)"
+        if exc.name in context:
+            return None, f"the output name uses {{{exc.name}}}, but this row has no value for it"
         return None, f"the output name uses {{{exc.name}}}, but this row has no such column"
     # os.path rather than pathlib, here and below: pathlib interns every name it parses, for good,
     # and this runs for every item of a 100,000-item catalog.

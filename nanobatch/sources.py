@@ -100,10 +100,11 @@ def fill(template: Any, values: Mapping[str, Any]) -> Any:
     """*template* with its placeholders filled from *values* (strings, and lists of them, recursively).
 
     A template that is one placeholder alone keeps a list or boolean value as is (JSONL rows).
-    Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None.
+    Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None or "".
     """
-    present = values if isinstance(values, _Values) else _Values({k: v for k, v in values.items() if v is not None})
-    return _fill(template, present)
+    if not isinstance(values, _Values):
+        values = _Values({k: v for k, v in values.items() if v not in (None, "")})
+    return _fill(template, values)
 
 
 def _fill(template: Any, present: _Values) -> Any:
@@ -164,6 +165,8 @@ class TableSource:
     path: Path
     templates: dict[str, Any]
     delimiter: str = ","
+    # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
+    columns_as_fields: frozenset[str] = frozenset()
 
     def raw_items(self) -> Iterator[RawItem]:
         try:
@@ -240,7 +243,12 @@ class TableSource:
         return problems
 
     def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
-        return _fill_fields(self.templates, row, where, row_name, default_id="{id}")
+        templates = self.templates
+        given = [name for name in self.columns_as_fields if name in row and row[name] not in (None, "")]
+        if given:
+            # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
+            templates = {**templates, **{name: f"{{{name}}}" for name in given}}
+        return _fill_fields(templates, row, where, row_name, default_id="{id}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -294,7 +302,8 @@ def _fill_fields(
         problems.append(Problem(where, item_id, fld, f"{row_name} has {what}"))
 
     item_id: Any = None
-    present = _Values({k: v for k, v in row.items() if v is not None})
+    # An empty cell is no value: a template that needs it is a problem, not an instruction cut short.
+    present = _Values({k: v for k, v in row.items() if v not in (None, "")})
     try:
         item_id = fill(templates.get("id", default_id), present)
     except MissingPlaceholder as exc:
@@ -382,4 +391,9 @@ def _parse_entry(
     path = base_dir / target
     if not path.is_file():
         problems.append(problem(kind, f"{kind} file not found: {path}"))
-    return TableSource(kind=kind, path=path, templates=templates, delimiter=str(delimiter)), problems
+    # Not "id" (the default id template is "{id}" already) nor "output" (a template that must contain {id}).
+    from_columns = frozenset(item_fields) - set(templates) - {"id", "output"}
+    source = TableSource(
+        kind=kind, path=path, templates=templates, delimiter=str(delimiter), columns_as_fields=from_columns
+    )
+    return source, problems

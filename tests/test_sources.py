@@ -211,6 +211,43 @@ def test_a_short_row_names_its_row_and_column(tmp_path: Path) -> None:
     assert "catalog.csv:3: item 'S2', field 'instruction': row 3" in str(problem)
 
 
+def test_an_empty_cell_is_no_value_not_an_instruction_cut_short(tmp_path: Path) -> None:
+    rows = "sku,background\nS1,white\nS2,\n"
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, ["photos/S1.jpg", "photos/S2.jpg"])
+    problem = one(problems(path))
+    assert (Path(problem.file).name, problem.item, problem.field) == ("catalog.csv:3", "S2", "instruction")
+    assert problem.message == "row 3 has no value for column 'background'"
+
+
+def test_columns_named_like_item_fields_are_those_fields(tmp_path: Path) -> None:
+    # No templates at all: id, image, instruction and steps come from the rows' own keys and columns.
+    lines = [
+        {"id": "A1", "image": "photos/a.jpg", "instruction": "remove the sticker", "note": "not a field"},
+        {"id": "A2", "images": ["photos/a.jpg", "photos/b.jpg"], "steps": ["one", "two"], "keep_steps": True},
+        {"id": "A3", "image": "photos/b.jpg"},  # no instruction of its own: the defaults' one
+    ]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    csv_text = "id,image,instruction,aspect_ratio\nC1,photos/a.jpg,make it blue,16:9\nC2,photos/b.jpg,,\n"
+    doc = {"defaults": {"instruction": "make it white"}, "items_from": [{"jsonl": "rows.jsonl"}, {"csv": "c.csv"}]}
+    got = {
+        i.id: i
+        for i in items(job(tmp_path, doc, {"rows.jsonl": text, "c.csv": csv_text}, ["photos/a.jpg", "photos/b.jpg"]))
+    }
+    a, b = tmp_path / "photos" / "a.jpg", tmp_path / "photos" / "b.jpg"
+    assert (got["A1"].inputs, got["A1"].steps) == ((str(a),), ("remove the sticker",))
+    assert (got["A2"].inputs, got["A2"].steps, got["A2"].keep_steps) == ((str(a), str(b)), ("one", "two"), True)
+    assert (got["A3"].inputs, got["A3"].steps) == ((str(b),), ("make it white",))
+    assert (got["C1"].steps, got["C1"].aspect_ratio) == (("make it blue",), "16:9")
+    assert (got["C2"].inputs, got["C2"].steps, got["C2"].aspect_ratio) == ((str(b),), ("make it white",), None)
+
+
+def test_a_template_on_the_source_wins_over_a_column_of_the_same_name(tmp_path: Path) -> None:
+    rows = "id,sku,instruction\nX1,MUG-1,ignored\n"
+    source = {"csv": "c.csv", "image": "photos/{sku}.jpg", "instruction": "Make {sku} white"}
+    (item,) = items(job(tmp_path, {"items_from": [source]}, {"c.csv": rows}, ["photos/MUG-1.jpg"]))
+    assert item.steps == ("Make MUG-1 white",)
+
+
 def test_a_jsonl_row_without_a_key_names_its_line(tmp_path: Path) -> None:
     text = '{"sku": "S1", "background": "white"}\n{"sku": "S2"}\nnot json\n[1, 2]\n'
     source = {"jsonl": "rows.jsonl", **{k: v for k, v in CSV_SOURCE.items() if k != "csv"}}
