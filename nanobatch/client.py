@@ -6,6 +6,7 @@ redacted from every message that leaves this module.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from types import TracebackType
@@ -90,7 +91,8 @@ class GeminiClient:
                 self._redact(f"the response body could not be decoded: {exc}"), kind="bad_response", retryable=True
             ) from None
         if response.status_code == 200:
-            return parse_reply(response.content)
+            reply = parse_reply(response.content)
+            return self._redact_reply(reply, self._secret) if self._secret else reply
         error = classify_error(response.status_code, response.headers, response.content)
         error.message = self._redact(error.message)
         error.args = (error.message,)
@@ -98,6 +100,28 @@ class GeminiClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "[redacted]") if self._secret else text
+
+    def _redact_reply(self, reply: Reply, secret: str) -> Reply:
+        """The reply with the key taken out of everything it says in words: a proxy that echoes the
+        request ("low balance on <key>") must not put the key into results.jsonl or the report."""
+        said = (reply.text, reply.finish_reason, reply.finish_message, reply.block_reason, reply.model_version,
+                reply.response_id)  # fmt: skip
+        usage = orjson.dumps(reply.usage).decode()
+        if not any(secret in value for value in said if value) and secret not in usage:
+            return reply  # the usual case: nothing to copy
+        return dataclasses.replace(
+            reply,
+            text=self._redact_maybe(reply.text),
+            finish_reason=self._redact_maybe(reply.finish_reason),
+            finish_message=self._redact_maybe(reply.finish_message),
+            block_reason=self._redact_maybe(reply.block_reason),
+            model_version=self._redact_maybe(reply.model_version),
+            response_id=self._redact_maybe(reply.response_id),
+            usage=orjson.loads(self._redact(usage)),
+        )
+
+    def _redact_maybe(self, text: str | None) -> str | None:
+        return self._redact(text) if text is not None else None
 
 
 def _proxy_configured() -> bool:

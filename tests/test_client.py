@@ -171,6 +171,24 @@ async def test_key_echoed_by_the_server_is_redacted(status: int, payload: dict[s
     assert "[redacted]" in info.value.message
 
 
+async def test_key_echoed_in_a_200_answer_is_redacted_everywhere_it_is_kept() -> None:
+    body = {
+        "candidates": [
+            {
+                "content": {"parts": [{"text": f"low balance on Bearer {KEY}"}]},
+                "finishReason": "STOP",
+                "finishMessage": f"key {KEY} is nearly out of credit",
+            }
+        ],
+        "usageMetadata": {"promptTokenCount": 10, "note": f"billed to {KEY}"},
+        "modelVersion": f"proxy-{KEY}",
+        "responseId": KEY,
+    }
+    reply = await send(Recorder(httpx.Response(200, json=body)))
+    assert KEY not in repr(reply) and "[redacted]" in (reply.text or "")
+    assert reply.usage["promptTokenCount"] == 10 and reply.finish_reason == "STOP"
+
+
 async def test_key_echoed_in_an_html_page_is_redacted() -> None:
     page = f"<html><head><title>Forbidden for {KEY}</title></head></html>"
     with pytest.raises(ApiError) as info:
