@@ -256,6 +256,15 @@ def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
     )
 
 
+def _is_record(line: bytes) -> bool:
+    """Whether *line* is a whole item record (what :func:`read_records` would take)."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and "id" in value and "status" in value
+
+
 class ResultsLog:
     """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
 
@@ -291,6 +300,13 @@ class ResultsLog:
                     keep = start + block.rfind(b"\n") + 1
                     break
                 end = start
+            f.seek(keep)
+            if _is_record(f.read(size - keep)):
+                # Whole, only its newline missing (an editor, a copy): it counts, so it stays.
+                f.seek(size)
+                f.write(b"\n")
+                logger.info("%s: added the newline missing after the last record", self.path)
+                return
             logger.warning(
                 "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
             )

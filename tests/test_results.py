@@ -40,6 +40,17 @@ def test_a_torn_last_line_is_skipped_on_read_and_cut_before_appending(
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "c"]
 
 
+def test_a_whole_last_record_without_its_newline_is_kept_not_cut(tmp_path: Path) -> None:
+    # Saved by an editor that drops the final newline: the record counts for the re-run, so it must stay.
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "status": "ok"}')
+    log = ResultsLog(path)
+    log.open()
+    log.append({"id": "c", "status": "ok"})
+    log.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
 def test_the_latest_record_of_an_id_wins(tmp_path: Path) -> None:
     lines = [
         {"id": "a", "status": "failed", "key": "k1", "error": {"kind": "overloaded"}},
