@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import models
 from ._scratch import scratch_db
+from ._yaml import load_yaml
 from .config import did_you_mean
 from .errors import ManifestError, Problem
 from .sources import InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
@@ -228,8 +229,10 @@ class _SeenIds:
 
     def add(self, item_id: str) -> bool:
         """Note *item_id*; False if it was already there."""
+        # As bytes: an id that is not valid text (a file name's stray byte) is reported elsewhere, not a crash.
+        key = item_id.encode("utf-8", "surrogatepass")
         try:
-            self._db.execute("INSERT INTO ids VALUES (?)", (item_id,))
+            self._db.execute("INSERT INTO ids VALUES (?)", (key,))
         except sqlite3.IntegrityError:
             return False
         return True
@@ -300,8 +303,10 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(file, None, None, f"not UTF-8 text: {_not_utf8(exc)}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
@@ -347,12 +352,8 @@ def _parse_fields(
     problems: list[Problem] = []
     for name in ("aspect_ratio", "image_size", "id"):
         value = data.get(name)
-        if name == "aspect_ratio" and isinstance(value, int) and not isinstance(value, bool):
-            # YAML 1.1 reads an unquoted 16:9 as the base-60 number 969.
-            guess = f"{value // 60}:{value % 60}"
-            problems.append(_at(file, item, where, name, f'write the ratio in quotes, as "{guess}"'))
-            data.pop(name)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        # id: 1001 and image_size: 512 are fine unquoted (and 16:9 or 00123 stay as written: see _yaml.py).
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             data[name] = str(value)
     try:
         fields = ItemFields.model_validate(data)
@@ -406,6 +407,10 @@ def _build_item(
     def bad(fld: str | None, message: str) -> None:
         problems.append(Problem(raw.file, label, fld, message))
 
+    for name, value in _given(f).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (message := _text_problem(text)):
+                bad(name, message)
     if f.id is None:
         bad("id", "every item needs an id (letters, digits, '.', '_' and '-')")
     elif not _ID.fullmatch(f.id):
@@ -504,6 +509,24 @@ def _template_problems(template: str) -> list[str]:
     return []
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; save the file as UTF-8"
+
+
+def _text_problem(text: str) -> str | None:
+    """Why *text* cannot go into a request or a file name, or None."""
+    if "\x00" in text:
+        return f"{text[:40]!r} contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (
+            f"{text[:40]!r} is not valid text: character {exc.start + 1} stands for a byte that is not UTF-8 "
+            "(save the source file as UTF-8)"
+        )
+    return None
+
+
 def _name_length_problem(name: str) -> str | None:
     """Why the file system would refuse *name* (an output name before its extension), or None."""
     *folders, last = name.replace(os.sep, "/").split("/")
@@ -532,6 +555,10 @@ def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None)
         if exc.name in context:
             return None, f"the output name uses {{{exc.name}}}, but this row has no value for it"
         return None, f"the output name uses {{{exc.name}}}, but this row has no such column"
+    except (ValueError, TypeError) as exc:  # a format spec the value does not take, as {price:.2f} on text
+        return None, f"the output name {template!r} cannot be filled: {exc}"
+    if message := _text_problem(name):
+        return None, f"the output name {message}"
     # os.path rather than pathlib, here and below: pathlib interns every name it parses, for good,
     # and this runs for every item of a 100,000-item catalog.
     if os.path.isabs(name) or os.path.splitdrive(name)[0]:

@@ -176,7 +176,14 @@ class TableSource:
             return
         with stream:
             rows = self._csv_rows(stream) if self.kind == "csv" else self._jsonl_rows(stream)
-            yield from rows
+            try:
+                yield from rows
+            except UnicodeDecodeError as exc:
+                bad = exc.object[exc.start : exc.start + 1].hex()
+                message = f'not UTF-8 text (byte 0x{bad}): save it as UTF-8 (in Excel: "CSV UTF-8")'
+                yield _broken(str(self.path), None, message)
+            except RecursionError:
+                yield _broken(str(self.path), None, "a line is nested too deeply to read")
 
     def _csv_rows(self, stream: IO[str]) -> Iterator[RawItem]:
         reader = csv.DictReader(stream, delimiter=self.delimiter)

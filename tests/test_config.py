@@ -248,3 +248,22 @@ def test_a_key_setting_in_the_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
     assert "api.api_key" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        pytest.param(b"limits:\n  concurrency: 4\n# caf\xe9\n", "not UTF-8 text: byte 0xe9", id="latin-1"),
+        pytest.param(b"limits:\n  concurrency: 4\n  concurrency: 8\n", "'concurrency' is given twice", id="dup-key"),
+        pytest.param(b"limits: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply", id="deep"),
+        pytest.param(b"limits: !!python/object/apply:os.system [echo hi]\n", "not valid YAML", id="python-tag"),
+    ],
+)
+def test_a_config_file_that_cannot_be_read_safely_is_a_config_error(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    path = tmp_path / "nanobatch.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(path, env={})
+    assert str(path) in str(info.value)

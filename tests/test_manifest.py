@@ -76,13 +76,6 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
             "gemini-3-pro-image does not support '1:8'",
             id="ratio-of-another-model",
         ),
-        pytest.param(
-            ITEM + "    aspect_ratio: 16:9\n",
-            "a",
-            "aspect_ratio",
-            'write the ratio in quotes, as "16:9"',
-            id="unquoted-16:9",
-        ),
         pytest.param(ITEM + "    image_size: 8K\n", "a", "image_size", "does not support '8K'", id="unsupported-size"),
         pytest.param(
             ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n",
@@ -147,7 +140,8 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param(
             ITEM + "    response_modalities: [TEXT]\n", "a", "response_modalities", "[TEXT, IMAGE]", id="text-only"
         ),
-        pytest.param(ITEM + "    image: ''\n", "a", "image", "empty", id="empty-image"),
+        pytest.param(ITEM.replace("image: a.png", "image: ''"), "a", "image", "empty", id="empty-image"),
+        pytest.param(ITEM + "    image: b.png\n", None, None, "the key 'image' is given twice", id="duplicate-key"),
         pytest.param(
             ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http:// and https://", id="ftp-url"
         ),
@@ -221,6 +215,8 @@ def test_validation_problems(tmp_path: Path, text: str, item: str | None, field:
             id="3.1-flash-ratios-and-512",
         ),
         pytest.param("    resize_inputs: true\n", {"resize_inputs": True}, id="resize-inputs"),
+        # YAML 1.1 would read this as the number 969 (base 60): it stays as written.
+        pytest.param("    aspect_ratio: 16:9\n", {"aspect_ratio": "16:9"}, id="unquoted-16:9"),
         pytest.param("    output: 'white/{id}.png'\n", {"output": "white/a.png"}, id="output-template"),
         pytest.param("    output: '{{raw}}-{id}.png'\n", {"output": "{raw}-a.png"}, id="output-literal-braces"),
         pytest.param(f"    output: '{{id}}{LONG}.png'\n", {"output": f"a{LONG}.png"}, id="output-239-bytes"),
@@ -397,3 +393,46 @@ def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
     multistep = {item.id: item for item in load(JOBS / "multistep.yaml").items()}
     assert len(multistep["sneaker-campaign"].steps) == 3 and multistep["sneaker-campaign"].keep_steps
     assert len(multistep["model-with-logo"].inputs) == 3
+
+
+def test_numbers_yaml_would_change_stay_as_written(tmp_path: Path) -> None:
+    # YAML 1.1 reads 00123 as 83 (octal), 1_000 as 1000 and 12.50 as 12.5: catalog ids must not change.
+    text = "defaults:\n  instruction: x\nitems:\n" + "".join(
+        f"  - id: {raw}\n" for raw in ("00123", "0123", "1_000", "12.50", "1001", "7")
+    )
+    manifest = load_manifest(write(tmp_path, text), default_model="gemini-3.1-flash-image-preview")
+    assert [item.id for item in manifest.items()] == ["00123", "0123", "1_000", "12.50", "1001", "7"]
+
+
+def test_settings_still_read_numbers_written_in_those_forms(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("limits:\n  concurrency: 08\n  requests_per_minute: 1_200\nretry:\n  backoff_initial_s: 0.50\n")
+    settings = nanobatch.load_settings(config, env={})
+    assert (settings.limits.concurrency, settings.limits.requests_per_minute) == (8, 1200)
+    assert settings.retry.backoff_initial_s == 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("items: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply", id="deep"),
+        pytest.param(
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8))
+            + "items: []\n",
+            "expand it to more than 5,000,000 values",
+            id="billion-laughs",
+        ),
+        pytest.param("items: []\nname: x\nname: y\n", "the key 'name' is given twice", id="duplicate-top-level-key"),
+    ],
+)
+def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, message: str) -> None:
+    (problem,) = problems(write(tmp_path, text))
+    assert problem.file == str(tmp_path / "job.yaml") and message in problem.message
+
+
+def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"name: caf\xe9\nitems: [{id: a, instruction: x}]\n")
+    (problem,) = problems(path)
+    assert "not UTF-8 text: byte 0xe9 at offset 9" in problem.message

@@ -350,3 +350,34 @@ def test_a_source_without_rows_leaves_a_manifest_without_items(tmp_path: Path) -
 def test_a_single_source_may_be_written_without_the_list(tmp_path: Path) -> None:
     path = job(tmp_path, {"items_from": CSV_SOURCE}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
     assert [i.id for i in items(path)] == ["MUG-1", "SNK-2"]
+
+
+def test_a_csv_that_is_not_utf8_is_one_clear_problem(tmp_path: Path) -> None:
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, images=["photos/MUG-1.jpg"])
+    (tmp_path / "catalog.csv").write_bytes(b"sku,background\nMUG-1,caf\xe9 white\n")
+    (problem,) = problems(path)
+    assert problem.file == str(tmp_path / "catalog.csv") and "not UTF-8 text (byte 0xe9)" in problem.message
+
+
+def test_text_that_cannot_be_sent_is_refused_where_it_stands(tmp_path: Path) -> None:
+    # JSON can spell a lone surrogate; a NUL cannot be in a file name: either would crash the run after paying.
+    rows = [
+        {"id": "A1", "image": "photos/a.jpg", "instruction": "make it wh\udcffite", "cat": "mugs"},
+        {"id": "A2", "image": "photos/a.jpg", "cat": "ki\u0000tchen"},
+        {"id": "A3", "image": "photos/a.jpg", "price": "9.99"},
+    ]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    source = {"jsonl": "rows.jsonl", "output": "{cat}/{id}.png"}
+    doc = {"defaults": {"instruction": "x"}, "items_from": [source]}
+    found = problems(job(tmp_path, doc, {"rows.jsonl": text}, ["photos/a.jpg"]))
+    assert sorted((p.item, p.field) for p in found) == [("A1", "instruction"), ("A2", "output"), ("A3", "output")]
+    by_item = {p.item: p for p in found}
+    assert "not valid text" in by_item["A1"].message
+    assert "NUL" in by_item["A2"].message and "no such column" in by_item["A3"].message
+
+
+def test_an_output_format_spec_the_value_cannot_take_is_a_problem(tmp_path: Path) -> None:
+    source = {**CSV_SOURCE, "output": "{id}-{background:.2f}.png"}
+    path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    found = problems(path)
+    assert {p.field for p in found} == {"output"} and "cannot be filled" in found[0].message

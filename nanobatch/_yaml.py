@@ -1,0 +1,87 @@
+"""YAML for manifests and config files: PyYAML's safe loader, made stricter where YAML 1.1 surprises.
+
+* Safe: only plain data (mappings, lists, strings, numbers, booleans, null); a
+  ``!!python/...`` tag is an error, as with ``yaml.safe_load``.
+* A key written twice in one mapping is an error (the second would silently win).
+* A number whose text YAML 1.1 would change stays the text the user wrote:
+  ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``.
+  Where a setting wants a number, validation turns the text into one; an id or
+  a ratio keeps what was written.
+* Aliases may not expand a document beyond :data:`MAX_VALUES` values, and
+  nesting too deep for Python is an error, not a crash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = ["MAX_VALUES", "load_yaml"]
+
+MAX_VALUES = 5_000_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Loader(yaml.SafeLoader):
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, ScalarNode):
+                continue  # keys merged in with "<<: *base" may be overridden: that is what merging is for
+            if key_node.value in seen:
+                raise ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"the key {key_node.value!r} is given twice (the second would silently win)",
+                    key_node.start_mark,
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _as_written(constructor: Any) -> Any:
+    def construct(loader: SafeConstructor, node: ScalarNode) -> Any:
+        value = constructor(loader, node)
+        text = str(node.value)
+        return value if str(value) == text.lower() else text
+
+    return construct
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
+
+
+def load_yaml(text: str) -> Any:
+    """The document in *text* as plain data; :class:`yaml.YAMLError` (with a line) when it is not acceptable."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_VALUES:
+            raise yaml.YAMLError(
+                f"its aliases (*name) expand it to more than {MAX_VALUES:,} values; write the values out instead"
+            )
+        return loader.construct_document(node)
+    except RecursionError:
+        raise yaml.YAMLError("it is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node: Node, sizes: dict[int, int]) -> int:
+    """How many values *node* stands for once every alias is expanded (each shared node counted once per use)."""
+    if (known := sizes.get(id(node))) is not None:
+        return known
+    size = 1
+    if isinstance(node, SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size = min(size, MAX_VALUES + 1)
+    return size
