@@ -136,12 +136,14 @@ def load_settings(
     path = find_config_file(config_file, env)
     data: dict[str, Any] = _read_config_file(path) if path is not None else {}
     from_env: dict[tuple[str, str], str] = {}
+    variables = ["NANOBATCH_CONFIG"]
     for section, model in Settings.model_fields.items():
         annotation = model.annotation
         if not (isinstance(annotation, type) and issubclass(annotation, _Section)):
             continue
         for name in annotation.model_fields:
             variable = f"NANOBATCH_{section}_{name}".upper()
+            variables.append(variable)
             value = env.get(variable)
             if value is not None and value != "":
                 section_data = data.setdefault(section, {})
@@ -149,6 +151,14 @@ def load_settings(
                     section_data[name] = None if value.lower() in ("null", "none") else value
                     from_env[(section, name)] = variable
     settings = _validate(data, source=str(path) if path else "environment", from_env=from_env)
+    # A misspelt variable must not silently drop a setting (NANOBATCH_BUDGET_MAX_COST: no budget at all).
+    known = {*variables, "NANOBATCH_API_KEY", settings.api.api_key_env}
+    for name in sorted(env):
+        if name.startswith("NANOBATCH_") and name not in known:
+            raise ConfigError(
+                f"environment variable {name}: not a nanobatch setting{did_you_mean(name, variables)}; "
+                "unset it, or correct its name"
+            )
     return settings.with_overrides(overrides or {})
 
 

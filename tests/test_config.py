@@ -236,11 +236,15 @@ def test_default_key_variable_and_fallback(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_settings_never_hold_the_key(tmp_path: Path) -> None:
     config = write(tmp_path / "c.yaml", "api:\n  api_key_env: MY_KEY\n")
-    env = {"MY_KEY": KEY, "NANOBATCH_API_KEY": KEY, "GEMINI_API_KEY": KEY, "NANOBATCH_API_API_KEY": KEY}
+    env = {"MY_KEY": KEY, "NANOBATCH_API_KEY": KEY, "GEMINI_API_KEY": KEY}
     settings = load_settings(config, env=env)
     assert KEY not in repr(settings.model_dump())
     assert KEY not in settings.model_dump_json()
     assert read_api_key(settings, env) == KEY
+    # The key in a variable named like a setting: refused by name, without its value.
+    with pytest.raises(ConfigError, match="NANOBATCH_API_API_KEY: not a nanobatch setting") as info:
+        load_settings(config, env={**env, "NANOBATCH_API_API_KEY": KEY})
+    assert KEY not in str(info.value)
 
 
 def test_a_key_setting_in_the_file_is_refused(tmp_path: Path) -> None:
@@ -267,3 +271,18 @@ def test_a_config_file_that_cannot_be_read_safely_is_a_config_error(
     with pytest.raises(ConfigError, match=message) as info:
         load_settings(path, env={})
     assert str(path) in str(info.value)
+
+
+def test_a_misspelt_environment_variable_is_an_error_not_a_silently_missing_budget() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r'NANOBATCH_BUDGET_MAX_COST: not a nanobatch setting \(did you mean "NANOBATCH_BUDGET_MAX_COST_USD"\?\)',
+    ):
+        load_settings(env={"NANOBATCH_BUDGET_MAX_COST": "0.01"})
+
+
+def test_the_key_variables_and_the_config_variable_are_not_settings_but_are_known(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("api:\n  api_key_env: NANOBATCH_PROD_KEY\n")
+    env = {"NANOBATCH_API_KEY": "a", "NANOBATCH_PROD_KEY": "b", "NANOBATCH_CONFIG": str(config)}
+    assert load_settings(env=env).api.api_key_env == "NANOBATCH_PROD_KEY"
