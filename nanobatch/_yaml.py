@@ -4,7 +4,8 @@
   ``!!python/...`` tag is an error, as with ``yaml.safe_load``.
 * A key written twice in one mapping is an error (the second would silently win).
 * A number whose text YAML 1.1 would change stays the text the user wrote:
-  ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``.
+  ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``;
+  so do ``yes``, ``no``, ``on`` and ``off`` (only ``true`` and ``false`` are booleans).
   Where a setting wants a number, validation turns the text into one; an id or
   a ratio keeps what was written.
 * Aliases may not expand a document beyond :data:`MAX_VALUES` values, and
@@ -51,6 +52,13 @@ def _as_written(constructor: Any) -> Any:
     return construct
 
 
+def _bool(loader: _Loader, node: ScalarNode) -> Any:
+    # YAML 1.1 also reads yes/no/on/off as booleans: "name: on" or "id: no" would not be text.
+    text = str(node.value)
+    return loader.construct_yaml_bool(node) if text.lower() in ("true", "false") else text
+
+
+_Loader.add_constructor("tag:yaml.org,2002:bool", _bool)
 _Loader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
 _Loader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
 

@@ -398,16 +398,19 @@ def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
 def test_numbers_yaml_would_change_stay_as_written(tmp_path: Path) -> None:
     # YAML 1.1 reads 00123 as 83 (octal), 1_000 as 1000 and 12.50 as 12.5: catalog ids must not change.
     text = "defaults:\n  instruction: x\nitems:\n" + "".join(
-        f"  - id: {raw}\n" for raw in ("00123", "0123", "1_000", "12.50", "1001", "7")
+        f"  - id: {raw}\n" for raw in ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off")
     )
     manifest = load_manifest(write(tmp_path, text), default_model="gemini-3.1-flash-image-preview")
-    assert [item.id for item in manifest.items()] == ["00123", "0123", "1_000", "12.50", "1001", "7"]
+    assert [item.id for item in manifest.items()] == ["00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off"]
 
 
 def test_settings_still_read_numbers_written_in_those_forms(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("limits:\n  concurrency: 08\n  requests_per_minute: 1_200\nretry:\n  backoff_initial_s: 0.50\n")
+    config.write_text(
+        "limits:\n  concurrency: 08\n  requests_per_minute: 1_200\n  adaptive: off\nretry:\n  backoff_initial_s: 0.50\n"
+    )
     settings = nanobatch.load_settings(config, env={})
+    assert settings.limits.adaptive is False
     assert (settings.limits.concurrency, settings.limits.requests_per_minute) == (8, 1200)
     assert settings.retry.backoff_initial_s == 0.5
 
