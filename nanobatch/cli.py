@@ -252,6 +252,8 @@ def run(
         logger.info("wrote %s", write_report(summary.out_dir))
     if not quiet:
         _print_summary(summary)
+    elif summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
+        click.echo(f"error: run {summary.outcome}: {summary.reason}", err=True)
     raise SystemExit(summary.exit_code)
 
 
@@ -376,7 +378,11 @@ def report(out_dir: str) -> None:
     """Write OUT_DIR/report.html: a before/after gallery of every item."""
     from .report import write_report
 
-    click.echo(f"wrote {write_report(out_dir)}")
+    try:
+        written = write_report(out_dir)
+    except FileNotFoundError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"wrote {written}")
 
 
 def _add_simulate() -> None:

@@ -251,3 +251,20 @@ def test_a_bad_duration_is_a_usage_error_naming_the_flag(
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--max-duration", value]) == 2
     assert "--max-duration" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_quiet_still_says_why_a_run_stopped_early(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "x"} for n in range(20)])
+    code = main(["run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--quiet", "--max-requests", "3"])
+    captured = capsys.readouterr()
+    assert code == 3 and captured.out == ""
+    assert captured.err.startswith("error: run aborted: ") and "budget" in captured.err
+
+
+def test_report_on_a_folder_without_results_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "no results.jsonl here" in err and "Traceback" not in err
