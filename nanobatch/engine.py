@@ -278,7 +278,7 @@ class Engine:
 
     async def _process(self, item: WorkItem) -> _Finished | None:
         started = time.time()
-        first_sent: list[float] = []  # when the item's first request went out (the gate let it through)
+        api_s: list[float] = []  # per step: from its first request (the gate let it through) to its last answer
         record: dict[str, Any] = {
             "id": item.id,
             "run": self.run_id,
@@ -330,7 +330,12 @@ class Engine:
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)
-                reply = await self._send(item, instruction, images, record, step, first_sent)
+                sent_at: list[float] = []
+                try:
+                    reply = await self._send(item, instruction, images, record, step, sent_at)
+                finally:
+                    if sent_at:
+                        api_s.append(anyio.current_time() - sent_at[0])
                 usages.append(reply.usage)
                 images = list(reply.images)  # the next step edits this step's result
                 if item.keep_steps and number < len(item.steps):
@@ -352,9 +357,9 @@ class Engine:
             logger.warning("%s %s: %s", item.id, record["status"], exc.message)
         record["steps"] = steps if len(item.steps) > 1 else None
         record["usage"] = sum_usage(usages) if usages else {}
-        # From the first request to the last answer: retries and later steps count, waiting for a slot,
-        # the rate limit or the inputs does not (that is queueing, not the API). None: nothing was sent.
-        record["latency_s"] = round(anyio.current_time() - first_sent[0], 3) if first_sent else None
+        # The API's time: retries count, waiting for a slot, the rate limit, the inputs or between steps does
+        # not (that is queueing). None: nothing was sent.
+        record["latency_s"] = round(sum(api_s), 3) if api_s else None
         record["finished_at"] = _utc(time.time())
         record["cost_usd"] = round(record["cost_usd"], 6)
         return _Finished(record, files)
@@ -366,7 +371,7 @@ class Engine:
         images: list[Image],
         record: dict[str, Any],
         step: dict[str, Any],
-        first_sent: list[float],
+        sent_at: list[float],
     ) -> Reply:
         body = build_request(
             instruction,
@@ -389,8 +394,8 @@ class Engine:
                 self.journal.dispatched(item.id, record["key"], record["attempts"])
                 self.stats.in_flight = self.gate.in_flight
                 self.stats.concurrency = self.gate.window
-                if not first_sent:
-                    first_sent.append(anyio.current_time())
+                if not sent_at:
+                    sent_at.append(anyio.current_time())
                 try:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
                 finally:

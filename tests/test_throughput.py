@@ -102,6 +102,22 @@ def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_
     assert abs(latency["max"] - 3.0) < 0.1
 
 
+def test_latency_of_a_multi_step_item_leaves_out_the_wait_between_its_steps(tmp_path: Path) -> None:
+    # One slot: "hero"'s second step queues behind another item's request before it goes out.
+    items = [{"id": "hero", "steps": ["one", "two"]}, *({"id": f"i{n}", "instruction": f"edit {n}"} for n in range(3))]
+    job = write_job(tmp_path, items)
+    server = HiddenRpmServer(rpm=10_000, latency_s=2.0)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 1})
+    run_virtual(
+        lambda: nanobatch.run_job(
+            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
+        ),
+        settle_s=SETTLE_S,
+    )
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert abs(records["hero"]["latency_s"] - 4.0) < 0.1, records["hero"]
+
+
 def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "edit"}])
     answers = [google_error(503, "UNAVAILABLE", "The model is overloaded"), httpx.Response(200, json=ok_body())]
