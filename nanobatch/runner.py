@@ -132,7 +132,8 @@ def check_job(
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
-    duration = report.requests * TYPICAL_LATENCY_S / limits.concurrency
+    # In rounds of `concurrency` requests: one request still takes a whole latency at concurrency 100.
+    duration = math.ceil(report.requests / limits.concurrency) * TYPICAL_LATENCY_S
     if limits.requests_per_minute:
         duration = max(duration, report.requests / limits.requests_per_minute * 60)
     return CheckResult(

@@ -268,3 +268,9 @@ def test_report_on_a_folder_without_results_is_a_usage_error(
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "no results.jsonl here" in err and "Traceback" not in err
+
+
+def test_validate_estimates_at_least_one_request_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    assert main(["validate", str(job), "--concurrency", "100"]) == 0
+    assert "duration:  about 30 s at concurrency 100" in capsys.readouterr().out
