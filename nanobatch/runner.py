@@ -353,7 +353,7 @@ def _summary(
             "outcome": outcome,
             "reason": str(reason) if reason else None,
             "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
-            "aborted": isinstance(reason, RunAborted),
+            "aborted": outcome == "aborted",  # budget, time limit, breaker, full disk, or a fatal API error
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
             "items": stats.total,

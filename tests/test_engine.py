@@ -201,6 +201,8 @@ def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: P
     assert len(fake.requests) <= 8  # at most the requests already in flight
     out = tmp_path / "out"
     assert not (out / "results.jsonl").read_text().strip()  # nothing recorded as failed
+    last_run = json.loads((out / "summary.json").read_text())["last_run"]
+    assert last_run["aborted"] is True and last_run["fatal"] is not None
     # Once the problem is fixed, the next run does all the work.
     summary = run(job, FakeGemini())
     assert summary.exit_code == 0 and summary.stats.ok == 40
