@@ -431,10 +431,6 @@ def check_urls(
 FileStamp = tuple[int, int, str]
 
 
-def _is_url(ref: str) -> bool:
-    return ref.startswith(("http://", "https://"))
-
-
 def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
     """*known* if the file still has its size and modification time (a stat, a few microseconds); else None."""
     if known is None:
@@ -480,7 +476,7 @@ async def local_stamps(
     hand-off. With *contents*, the bytes of each file hashed (if at most *keep_up_to*) are put there, so
     that sending the item does not read it again: the bytes sent are the bytes hashed.
     """
-    if any(_is_url(ref) for ref in refs):
+    if any(is_url(ref) for ref in refs):
         return None
     stamps: dict[str, FileStamp] = {}
     for ref in refs:

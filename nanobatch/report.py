@@ -30,6 +30,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from nanobatch._report_template import PAGE
+from nanobatch.inputs import is_url
 
 __all__ = ["write_report"]
 
@@ -141,10 +142,6 @@ def _status(rec: Record) -> str:
     return str(rec.get("status") or "unknown")
 
 
-def _is_url(ref: str) -> bool:
-    return ref.lower().startswith(("http://", "https://"))
-
-
 def _local(folder: Path, ref: str) -> Path:
     path = Path(ref)
     return path if path.is_absolute() else folder / path
@@ -156,7 +153,7 @@ def _local(folder: Path, ref: str) -> Path:
 def _image_paths(folder: Path, records: Iterable[Record]) -> list[Path]:
     """Every distinct local image the cards show (inputs and outputs)."""
     refs = (r for rec in records for r in _strs(rec.get("inputs")) + _strs(rec.get("outputs")))
-    return list(dict.fromkeys(_local(folder, r) for r in refs if not _is_url(r)))
+    return list(dict.fromkeys(_local(folder, r) for r in refs if not is_url(r)))
 
 
 def _make_thumbs(paths: list[Path], px: int) -> dict[Path, _Thumb | str]:
@@ -325,7 +322,7 @@ def _render_filters(records: list[Record]) -> str:
 
 
 def _render_image(folder: Path, ref: str, thumbs: Mapping[Path, _Thumb | str]) -> str:
-    if _is_url(ref):
+    if is_url(ref):
         return f'<div class="ph">remote image<small>{_e(ref)}</small></div>'
     thumb = thumbs.get(_local(folder, ref), "missing")
     if isinstance(thumb, str):

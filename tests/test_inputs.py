@@ -335,6 +335,15 @@ def test_a_run_downloads_each_url_once_without_the_api_key(tmp_path: Path, monke
     assert sent["mimeType"] == "image/jpeg"
 
 
+def test_a_url_with_an_upper_case_scheme_is_downloaded_too(tmp_path: Path) -> None:
+    shouted = URL.replace("https://", "HTTPS://")
+    host = Host({URL: [JPEG]})
+    api = FakeGemini()
+    job = write_job(tmp_path, [{"id": "a", "image": shouted}])
+    summary = run_virtual(lambda: nanobatch.run_job(job, transport=routed(api, host), out_dir=tmp_path / "out"))
+    assert summary.stats.ok == 1 and host.count(URL) == 1
+
+
 def test_a_picture_too_big_to_send_fails_its_item(tmp_path: Path) -> None:
     huge = tmp_path / "huge.jpg"
     with huge.open("wb") as f:
