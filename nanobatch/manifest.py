@@ -318,6 +318,8 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
     except ValidationError as exc:
         raise ManifestError([_from_pydantic(file, None, err, ManifestFields) for err in exc.errors()]) from None
     defaults, problems = _parse_fields(top.defaults, file, None, where="defaults")
+    if top.name is not None and (message := _plain_name_problem(top.name)):
+        problems.append(Problem(file, None, "name", message))
     if defaults is not None and defaults.id is not None:
         problems.append(Problem(file, None, "defaults.id", "defaults cannot set an id"))
     if defaults is not None and defaults.output is not None:
@@ -507,6 +509,13 @@ def _template_problems(template: str) -> list[str]:
     if "id" not in names:
         return ["the output name must contain {id} so that items do not overwrite each other"]
     return []
+
+
+def _plain_name_problem(name: str) -> str | None:
+    """Why *name* cannot be the folder under ``output.dir`` that a run writes into, or None."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        return f"{name!r} must be a plain folder name (it goes under output.dir); use output_dir: for a path"
+    return _text_problem(name)
 
 
 def _not_utf8(exc: UnicodeDecodeError) -> str:
