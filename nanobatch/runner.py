@@ -111,6 +111,7 @@ def check_job(
     """
     manifest, settings = _load(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
+    _check_out_dir(target)
     urls = UrlChecklist()
     likely = worst = 0.0
 
@@ -149,6 +150,16 @@ def check_job(
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
     )
+
+
+def _check_out_dir(target: Path) -> None:
+    """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
+    for place in (target, *target.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is a file" if place == target else f"cannot be made: {place} is a file"
+                raise ConfigError(f"the output folder {target} {where}, not a folder")
+            return
 
 
 async def run_job(

@@ -274,3 +274,15 @@ def test_validate_estimates_at_least_one_request_time(tmp_path: Path, capsys: py
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     assert main(["validate", str(job), "--concurrency", "100"]) == 0
     assert "duration:  about 30 s at concurrency 100" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_an_output_folder_under_a_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    (tmp_path / "afile").write_text("not a folder")
+    extra = ["--simulate"] if command == "run" else []
+    assert main([command, str(job), "--out", str(tmp_path / "afile" / "sub"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot be made: {tmp_path / 'afile'} is a file" in err and "Traceback" not in err
