@@ -31,6 +31,7 @@ from ._retry import RetryPolicy, retrying
 from .errors import ApiError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
+from .models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
 
 __all__ = [
     "MAX_DOWNLOAD_BYTES",
@@ -50,11 +51,6 @@ __all__ = [
 
 logger = logging.getLogger("nanobatch")
 
-MB = 1024 * 1024
-# Gemini takes at most 20 MB of inline data per request, and base64 adds a third:
-# one picture may be 7 MB raw, and all of one request's pictures 14 MB (~18.7 MB encoded).
-MAX_INPUT_BYTES = 7 * MB
-MAX_TOTAL_INPUT_BYTES = 14 * MB
 # A download larger than this is refused without reading it whole (even with resize_inputs).
 MAX_DOWNLOAD_BYTES = 20 * MB
 # validate checks the URLs only when there are at most this many distinct ones.

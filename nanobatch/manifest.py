@@ -430,7 +430,7 @@ def _build_item(
     base = manifest._base
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message = _resolve_input(ref, base, check_files=check_files)
+        resolved, message = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
         if message:
             bad(fld, message)
         inputs.append(resolved)
@@ -486,7 +486,7 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(ref: str, base: str, *, check_files: bool) -> tuple[str, str | None]:
+def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None]:
     """An absolute path (against *base*, the manifest's folder) or URL, and what is wrong with it."""
     if not ref.strip():
         return ref, "the image path is empty"
@@ -496,8 +496,18 @@ def _resolve_input(ref: str, base: str, *, check_files: bool) -> tuple[str, str 
         return ref, f"cannot fetch {ref}: only http:// and https:// URLs (or local paths) are supported"
     # os.path rather than pathlib: this runs once per input of every item.
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
-    if check_files and not os.path.isfile(path):
-        return path, f"image file not found: {path}"
+    if check_files:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        if size < 0 or not os.path.isfile(path):
+            return path, f"image file not found: {path}"
+        if size > models.MAX_INPUT_BYTES and not resize:
+            return path, (
+                f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
+                f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, or make it smaller"
+            )
     return path, None
 
 

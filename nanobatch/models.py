@@ -38,6 +38,12 @@ _SIZE_EDGE = {"512": 512, "1K": 1024, "2K": 2048, "4K": 4096}
 # 258 tokens per tile is Google's figure, and an input image is a few tiles).
 INPUT_IMAGE_TOKENS = 1290
 
+MB = 1024 * 1024
+# Gemini takes at most 20 MB of inline data per request, and base64 adds a third:
+# one picture may be 7 MB raw, and all of one request's pictures 14 MB (~18.7 MB encoded).
+MAX_INPUT_BYTES = 7 * MB
+MAX_TOTAL_INPUT_BYTES = 14 * MB
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pricing:

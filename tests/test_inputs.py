@@ -344,17 +344,32 @@ def test_a_url_with_an_upper_case_scheme_is_downloaded_too(tmp_path: Path) -> No
     assert summary.stats.ok == 1 and host.count(URL) == 1
 
 
-def test_a_picture_too_big_to_send_fails_its_item(tmp_path: Path) -> None:
-    huge = tmp_path / "huge.jpg"
-    with huge.open("wb") as f:
+def big_jpeg(path: Path) -> Path:
+    with path.open("wb") as f:
         f.write(JPEG[:16])
         f.truncate(8 * MB)
+    return path
+
+
+def test_a_local_picture_too_big_to_send_is_a_manifest_problem(tmp_path: Path) -> None:
+    big_jpeg(tmp_path / "huge.jpg")
     (tmp_path / "ok.png").write_bytes(PNG)
     job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg"}, {"id": "fine", "image": "ok.png"}])
     fake = FakeGemini()
-    summary = run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
-    assert (summary.stats.ok, summary.stats.failed) == (1, 1) and len(fake.requests) == 1
-    assert summary.stats.failures == {"input": 1}
+    with pytest.raises(ManifestError) as err:
+        run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
+    (problem,) = err.value.problems
+    assert (problem.item, problem.field) == ("big", "image") and "8.0 MB" in problem.message
+    assert "resize_inputs" in problem.message and fake.requests == []
+    # With resize_inputs it is fine: it will be downscaled.
+    job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg", "resize_inputs": True}])
+    assert nanobatch.check_job(job).items == 1
+
+
+def test_a_picture_that_grew_too_big_after_the_check_fails_when_loaded(tmp_path: Path) -> None:
+    huge = big_jpeg(tmp_path / "huge.jpg")
+    with pytest.raises(InputError, match="8.0 MB, but an input image can be at most 7 MB"):
+        anyio.run(lambda: load_inputs([str(huge)]))
 
 
 def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed(
