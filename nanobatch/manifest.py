@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -498,11 +499,12 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
     if check_files:
         try:
-            size = os.stat(path).st_size
-        except OSError:
-            size = -1
-        if size < 0 or not os.path.isfile(path):
+            st = os.stat(path)
+        except (OSError, ValueError):  # ValueError: a NUL in the path
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             return path, f"image file not found: {path}"
+        size = st.st_size
         if size > models.MAX_INPUT_BYTES and not resize:
             return path, (
                 f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
