@@ -13,6 +13,7 @@ starts, and lives only in the HTTP client.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from . import models
 from ._yaml import load_yaml
 from .errors import ConfigError
 
@@ -37,6 +39,8 @@ __all__ = [
     "load_settings",
     "read_api_key",
 ]
+
+logger = logging.getLogger("nanobatch")
 
 FALLBACK_KEY_ENV = "GEMINI_API_KEY"
 
@@ -159,7 +163,17 @@ def load_settings(
                 f"environment variable {name}: not a nanobatch setting{did_you_mean(name, variables)}; "
                 "unset it, or correct its name"
             )
+    _warn_of_unknown_priced_models(settings)
     return settings.with_overrides(overrides or {})
+
+
+def _warn_of_unknown_priced_models(settings: Settings) -> None:
+    """A ``pricing:`` entry for a model id close to a known one is most likely a typo (its prices would
+    then apply to nothing); one for an id like no other is a proxy's own model, and fine."""
+    known = [f"{m}{suffix}" for m in models.MODELS for suffix in ("", "-preview")]
+    for name in settings.pricing:
+        if models.lookup(name) is None and (hint := did_you_mean(name, known)):
+            logger.warning("pricing: %r is not a known model%s; its prices apply only to that exact id", name, hint)
 
 
 def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:

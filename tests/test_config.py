@@ -286,3 +286,14 @@ def test_the_key_variables_and_the_config_variable_are_not_settings_but_are_know
     config.write_text("api:\n  api_key_env: NANOBATCH_PROD_KEY\n")
     env = {"NANOBATCH_API_KEY": "a", "NANOBATCH_PROD_KEY": "b", "NANOBATCH_CONFIG": str(config)}
     assert load_settings(env=env).api.api_key_env == "NANOBATCH_PROD_KEY"
+
+
+def test_a_priced_model_that_looks_like_a_typo_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("pricing:\n  gemini-3.1-flash-imag: {output_image: 1}\n  my-proxy-model: {output_image: 2}\n")
+    load_settings(config, env={})
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "'gemini-3.1-flash-imag' is not a known model" in warned[0]
+    assert 'did you mean "gemini-3.1-flash-image' in warned[0]
