@@ -84,7 +84,6 @@ class RunStats:
 
 # Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
 _WRITE_QUEUE_BYTES = 32 * 1024 * 1024
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
 
 
 def _spare_workers(concurrency: int) -> int:
@@ -428,10 +427,7 @@ class Engine:
             record["finish_message"] = reply.finish_message
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
-        stem = item.output or item.id  # the manifest has filled in the output template
-        suffix = os.path.splitext(stem)[1]
-        if item.output and suffix.lower() in _IMAGE_SUFFIXES:
-            stem = stem[: -len(suffix)]  # the real extension follows the returned image type
+        stem = item.stem
         if step is not None:
             stem = f"{stem}.step{step}"
         if len(images) == 1:

@@ -44,6 +44,8 @@ THINKING_LEVELS = ("minimal", "low", "medium", "high")
 # (".step12-3.webp"). Caught here, a name too long costs nothing; at the write, a paid request.
 _NAME_MAX = 255
 _SUFFIX_ROOM = 16
+# An output name ending in one of these has it replaced by the returned image's own type.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
 # Beyond this many, check() lists no more problems (a broken template in a million-row CSV).
 MAX_PROBLEMS = 1000
 
@@ -102,6 +104,15 @@ class WorkItem:
     output: str | None = None
     keep_steps: bool = False
     resize_inputs: bool = False
+
+    @property
+    def stem(self) -> str:
+        """The output name before its extension, which follows the returned image type: ``<stem>.png``,
+        ``<stem>-2.png`` for a second image, ``<stem>.step1.png`` for a kept step."""
+        if self.output is None:
+            return self.id
+        suffix = os.path.splitext(self.output)[1]
+        return self.output[: -len(suffix)] if suffix.lower() in IMAGE_SUFFIXES else self.output
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the input bytes that decides the output (part of the work key)."""
@@ -170,13 +181,14 @@ class Manifest:
         output names are also checked not to lead out of it through a symbolic link.
         """
         problems = _Problems(self.path)
-        with contextlib.closing(_SeenIds()) as seen:
-            return self._check(problems, seen, check_files=check_files, visit=visit, out_dir=out_dir)
+        with contextlib.closing(_SeenIds()) as seen, contextlib.closing(_OutputNames()) as names:
+            return self._check(problems, seen, names, check_files=check_files, visit=visit, out_dir=out_dir)
 
     def _check(
         self,
         problems: _Problems,
         seen: _SeenIds,
+        names: _OutputNames,
         *,
         check_files: bool,
         visit: Callable[[WorkItem], None] | None,
@@ -192,8 +204,11 @@ class Manifest:
             item_id = item.id if item is not None else _id_of(raw)
             if item_id is not None and not seen.add(item_id):
                 problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
+                continue
             if item is None:
                 continue
+            if message := names.claim(item):
+                problems.add(Problem(raw.file, item.id, "output" if item.output else "id", message))
             if confine is not None and item.output is not None and (message := confine.check(item.output)):
                 problems.add(Problem(raw.file, item.id, "output", message))
             if models.lookup(item.model) is None and item.model not in warned:
@@ -237,6 +252,52 @@ class _SeenIds:
         except sqlite3.IntegrityError:
             return False
         return True
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _OutputNames:
+    """Who writes which output name (before its extension), so that no item overwrites another's image.
+
+    Caught: the same name (``output`` templates that meet), a kept step's name (``shirt.step1``) that
+    is another item's name, and a folder named like another item's image (``b.png/{id}`` beside item
+    ``b``). Not caught: ``<stem>-2`` for a second image in one answer, which no check can foresee.
+    """
+
+    def __init__(self) -> None:
+        self._db = scratch_db(
+            "CREATE TABLE names (name BLOB PRIMARY KEY, owner TEXT, what TEXT) WITHOUT ROWID;"
+            "CREATE TABLE folders (name BLOB, owner TEXT); CREATE INDEX folders_by_name ON folders (name);"
+        )
+        self._db.execute("BEGIN")  # never committed: the tables are thrown away
+
+    def claim(self, item: WorkItem) -> str | None:
+        """Note what *item* writes; why it cannot, if another item got there first."""
+        stem = item.stem.replace(os.sep, "/")
+        steps = range(1, len(item.steps)) if item.keep_steps else range(0)
+        for name, what in [(stem, "its image"), *((f"{stem}.step{n}", f"its step {n}") for n in steps)]:
+            key = name.encode("utf-8", "surrogatepass")
+            try:
+                self._db.execute("INSERT INTO names VALUES (?, ?, ?)", (key, item.id, what))
+            except sqlite3.IntegrityError:
+                owner, theirs = self._db.execute("SELECT owner, what FROM names WHERE name = ?", (key,)).fetchone()
+                return f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the other"
+            row = self._db.execute("SELECT owner FROM folders WHERE name = ? LIMIT 1", (key,)).fetchone()
+            if row is not None:
+                return f"{what} would be {name}.<type>, a file where item {row[0]!r} needs a folder"
+        parts = stem.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            suffix = os.path.splitext(folder)[1]
+            if suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            key = folder[: -len(suffix)].encode("utf-8", "surrogatepass")
+            row = self._db.execute("SELECT owner FROM names WHERE name = ?", (key,)).fetchone()
+            if row is not None:
+                return f"its folder {folder!r} may be the name of item {row[0]!r}'s image"
+            self._db.execute("INSERT INTO folders VALUES (?, ?)", (key, item.id))
+        return None
 
     def close(self) -> None:
         self._db.close()

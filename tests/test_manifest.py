@@ -441,3 +441,50 @@ def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
     path.write_bytes(b"name: caf\xe9\nitems: [{id: a, instruction: x}]\n")
     (problem,) = problems(path)
     assert "not UTF-8 text: byte 0xe9 at offset 9" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("items", "item", "field", "message"),
+    [
+        pytest.param(
+            "  - {id: shirt, steps: [one, two], keep_steps: true}\n  - {id: shirt.step1, instruction: x}\n",
+            "shirt.step1",
+            "id",
+            "its image would be shirt.step1.<type>, as is its step 1 of item 'shirt'",
+            id="kept-step-vs-item",
+        ),
+        pytest.param(
+            "  - {id: a, instruction: x, output: 'same/{id}.png'}\n  - {id: same, instruction: x, output: '{id}/a.png'}\n",
+            "same",
+            "output",
+            "as is its image of item 'a'",
+            id="two-templates-meet",
+        ),
+        pytest.param(
+            "  - {id: b, instruction: x}\n  - {id: c, instruction: x, output: 'b.png/{id}'}\n",
+            "c",
+            "output",
+            "its folder 'b.png' may be the name of item 'b''s image",
+            id="folder-named-like-an-image",
+        ),
+        pytest.param(
+            "  - {id: c, instruction: x, output: 'b.png/{id}'}\n  - {id: b, instruction: x}\n",
+            "b",
+            "id",
+            "a file where item 'c' needs a folder",
+            id="image-named-like-a-folder",
+        ),
+    ],
+)
+def test_items_that_would_overwrite_each_others_images_are_refused(
+    tmp_path: Path, items: str, item: str, field: str, message: str
+) -> None:
+    (problem,) = problems(write(tmp_path, "items:\n" + items))
+    assert (problem.item, problem.field) == (item, field) and message in problem.message
+
+
+def test_distinct_names_and_multi_image_stems_pass(tmp_path: Path) -> None:
+    text = "items:\n" + "".join(
+        f"  - {{id: {i}, instruction: x}}\n" for i in ("sku", "sku-1", "sku.step", "SKU", "sku.png")
+    )
+    assert problems(write(tmp_path, text)) == []
