@@ -12,6 +12,7 @@ of ids) and sends nothing unless it is clean.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -159,12 +160,23 @@ class Manifest:
     def base_dir(self) -> Path:
         return self.path.parent
 
-    def items(self, *, check_files: bool = True) -> Iterator[WorkItem]:
-        """The work items in manifest order, read lazily; raises :class:`ManifestError` at the first bad one."""
-        for raw in self._raw_items():
+    def items(
+        self,
+        *,
+        check_files: bool = True,
+        on_problem: Callable[[list[Problem]], None] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[WorkItem]:
+        """The work items in manifest order, read lazily; raises :class:`ManifestError` at the first bad one,
+        or, with *on_problem*, hands it the bad item's problems and goes on with the next. *limit*: read no
+        more than that many items (good or bad)."""
+        for raw in itertools.islice(self._raw_items(), limit):
             item, problems = self._resolve(raw, check_files=check_files)
             if problems:
-                raise ManifestError(problems)
+                if on_problem is None:
+                    raise ManifestError(problems)
+                on_problem(problems)
+                continue
             assert item is not None
             yield item
 

@@ -28,7 +28,7 @@ from ._retry import RetryPolicy
 from .client import GeminiClient
 from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
-from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, RunAborted, sole_error
+from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, Problem, RunAborted, sole_error
 from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
@@ -152,6 +152,11 @@ def check_job(
     )
 
 
+def _skip_changed(problems: list[Problem]) -> None:
+    for problem in problems:
+        logger.error("%s (changed since the check at the start of the run: skipped)", problem)
+
+
 def _check_out_dir(target: Path) -> None:
     """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
     for place in (target, *target.parents):
@@ -235,7 +240,9 @@ async def run_job(
                     tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
                 if settings.limits.max_duration_s is not None:
                     tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
-                await engine.run(manifest.items(check_files=False))
+                # The items the check passed, and no more: rows added to a source since then wait for the next
+                # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
+                await engine.run(manifest.items(check_files=False, on_problem=_skip_changed, limit=checked.items))
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             if (error := sole_error(group)) is not None:

@@ -157,6 +157,31 @@ def test_a_sources_items_run_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "kitchen" / "MUG-1.png").exists() and (tmp_path / "out" / "shoes" / "SNK-2.png").exists()
 
 
+def test_a_source_edited_during_a_run_sends_only_what_the_check_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nanobatch.runner
+
+    rows = "sku,background\nS1,white\nS2,grey\nS3,blue\n"
+    images = ["photos/S1.jpg", "photos/S2.jpg", "photos/S3.jpg", "photos/S9.jpg"]
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, images)
+    real_check = nanobatch.runner.check_job
+
+    def check_then_edit(*args: Any, **kwargs: Any) -> Any:
+        checked = real_check(*args, **kwargs)
+        # After the check: S2 loses its background (a bad row now), S9 and a duplicate S1 are appended.
+        (tmp_path / "catalog.csv").write_text("sku,background\nS1,white\nS2,\nS3,blue\nS9,red\nS1,red\n")
+        return checked
+
+    monkeypatch.setattr(nanobatch.runner, "check_job", check_then_edit)
+    fake = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
+    # S1 and S3 were checked and are done; the broken S2 is skipped with an error; the new rows wait.
+    assert summary.stats.ok == 2 and len(fake.requests) == 2 and summary.exit_code == 0
+    assert "item 'S2'" in caplog.text and "changed since the check" in caplog.text
+    assert (tmp_path / "out" / "summary.json").exists()
+
+
 @pytest.mark.parametrize(
     ("template", "values", "expected"),
     [
