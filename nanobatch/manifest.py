@@ -12,6 +12,7 @@ of ids) and sends nothing unless it is clean.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ from ._scratch import scratch_db
 from ._yaml import load_yaml
 from .config import did_you_mean
 from .errors import ManifestError, Problem
-from .sources import InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
+from .sources import GlobSource, InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
 
 __all__ = ["THINKING_LEVELS", "Manifest", "WorkItem", "load_manifest"]
 
@@ -159,6 +160,14 @@ class Manifest:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def skipping(self, out_dir: Path) -> Manifest:
+        """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
+        folder = os.path.abspath(out_dir)
+        sources = tuple(
+            dataclasses.replace(s, skip_dir=folder) if isinstance(s, GlobSource) else s for s in self.sources
+        )
+        return dataclasses.replace(self, sources=sources)
 
     def items(
         self,

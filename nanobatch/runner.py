@@ -112,6 +112,7 @@ def check_job(
     manifest, settings = _load(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
     _check_out_dir(target)
+    manifest = manifest.skipping(target)
     urls = UrlChecklist()
     likely = worst = 0.0
 
@@ -198,6 +199,7 @@ async def run_job(
     manifest, settings = _load(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False)
     target = resolve_out_dir(manifest, settings, out_dir)
+    manifest = manifest.skipping(target)
     api_key = read_api_key(settings)
     if api_key is None and not simulate and transport is None:
         raise ConfigError(

@@ -266,13 +266,16 @@ class GlobSource:
     base_dir: Path
     file: str
     templates: dict[str, Any]
+    skip_dir: str | None = None  # the run's output folder (absolute): its images are results, not inputs
 
     def raw_items(self) -> Iterator[RawItem]:
+        skip = None if self.skip_dir is None else self.skip_dir.rstrip(os.sep) + os.sep
         # Sorted, so that the order (and the run's log) is the same every time.
         matches = sorted(
             p
             for p in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True)
-            if os.path.isfile(os.path.join(self.base_dir, p))
+            if os.path.isfile(path := os.path.join(self.base_dir, p))
+            and (skip is None or not os.path.abspath(path).startswith(skip))
         )
         if not matches:
             yield _broken(self.file, "glob", f"{self.pattern!r} matches no files (relative to {self.base_dir})")

@@ -454,7 +454,8 @@ def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
             id="kept-step-vs-item",
         ),
         pytest.param(
-            "  - {id: a, instruction: x, output: 'same/{id}.png'}\n  - {id: same, instruction: x, output: '{id}/a.png'}\n",
+            "  - {id: a, instruction: x, output: 'same/{id}.png'}\n"
+            "  - {id: same, instruction: x, output: '{id}/a.png'}\n",
             "same",
             "output",
             "as is its image of item 'a'",

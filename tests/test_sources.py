@@ -113,6 +113,19 @@ def test_a_glob_source_makes_one_item_per_file_with_the_fields_it_carries(tmp_pa
     assert got[1].steps == ("Remove the sticker from x1.jpg",)
 
 
+def test_a_glob_does_not_take_the_runs_own_results_for_inputs(tmp_path: Path) -> None:
+    # "**/*.png" from the manifest's folder also matches the output folder inside it, from the second run on.
+    source = {"glob": "**/*.png", "instruction": "Make it white", "output": "edited/{id}.png"}
+    doc = {"output_dir": "out", "items_from": [source]}
+    path = job(tmp_path, doc, images=["a.png", "shop/b.png"])
+    first = FakeGemini()
+    assert run_virtual(lambda: nanobatch.run_job(path, transport=first.transport)).stats.ok == 2
+    assert (tmp_path / "out" / "edited" / "a.png").exists()
+    again = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(path, transport=again.transport))
+    assert summary.exit_code == 0 and summary.stats.skipped == 2 and again.requests == []
+
+
 def test_a_glob_source_can_add_reference_images_to_the_matched_file(tmp_path: Path) -> None:
     source = {
         "glob": "photos/*.jpg",
