@@ -33,6 +33,9 @@ class Stopped(Exception):  # noqa: N818 - a signal, not a failure
     """The run is stopping: the request was not sent and its item stays unrecorded."""
 
 
+_MAX_OVERSHOOT_S = 0.005  # a busier loop wakes later still; waking early costs a short spin, so cap it
+
+
 class RateLimiter:
     """Generic cell rate algorithm with a burst of one: requests leave evenly spaced.
 
@@ -43,12 +46,24 @@ class RateLimiter:
         self.interval = 60.0 / per_minute
         self._next = -math.inf
         self._lock = anyio.Lock()  # FIFO: waiters leave in arrival order
+        # How late a sleep usually wakes (the event loop's timer granularity, ~1 ms), learnt as we go:
+        # sleeping that much less keeps each request from leaving ~2% late at 1,200 rpm.
+        self._overshoot = 0.0
 
     async def acquire(self) -> None:
         async with self._lock:
             # A loop, not one sleep: defer() may move the next slot while we wait for it.
             while (delay := self._next - anyio.current_time()) > 0:  # noqa: ASYNC110 - waiting for a time
-                await anyio.sleep(delay)
+                nap = delay - self._overshoot
+                if nap <= 0:  # closer than a sleep's usual lateness: let the loop go round instead
+                    await anyio.lowlevel.checkpoint()
+                    continue
+                wake_at = anyio.current_time() + nap
+                await anyio.sleep(nap)
+                late = min(max(0.0, anyio.current_time() - wake_at), _MAX_OVERSHOOT_S)
+                self._overshoot += 0.2 * (late - self._overshoot)
+            # Spaced from when this request really leaves, never from when it should have: no window
+            # of the limit's length ever holds more than its share.
             self._next = anyio.current_time() + self.interval
 
     def defer(self, until: float) -> None:
