@@ -189,6 +189,12 @@ async def test_key_echoed_in_a_200_answer_is_redacted_everywhere_it_is_kept() ->
     assert reply.usage["promptTokenCount"] == 10 and reply.finish_reason == "STOP"
 
 
+async def test_numbers_where_google_sends_text_are_left_alone_by_the_redaction() -> None:
+    body = {"candidates": [{"content": {"parts": [{"text": f"for {KEY}"}]}, "finishReason": 1}], "responseId": 1234567}
+    reply = await send(Recorder(httpx.Response(200, json=body)))
+    assert reply.text == "for [redacted]" and reply.response_id == 1234567
+
+
 async def test_key_echoed_in_an_html_page_is_redacted() -> None:
     page = f"<html><head><title>Forbidden for {KEY}</title></head></html>"
     with pytest.raises(ApiError) as info:
