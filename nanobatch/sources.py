@@ -289,6 +289,23 @@ class GlobSource:
             yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}")
 
 
+# Never taken from a column of the same name: "id" (the default id template is "{id}" already), "output"
+# (a template that must contain {id}), "model" (in a catalog, more often the product's than Gemini's).
+_NOT_FROM_COLUMNS = frozenset({"id", "output", "model"})
+_EITHER_OR = (("image", "images"), ("instruction", "steps"))
+
+
+def _used_by(templates: Mapping[str, Any]) -> set[str]:
+    """The columns the templates read: data for them, not settings of their own."""
+    used: set[str] = set()
+    for name, template in templates.items():
+        try:
+            used.update(_placeholders(template, own_id=name == "id"))
+        except ValueError:
+            continue  # reported with the source's problems
+    return used
+
+
 def _broken(file: str, fld: str | None, message: str) -> RawItem:
     return RawItem(fields=None, file=file, label=None, problems=(Problem(file, None, fld, message),))
 
@@ -401,8 +418,10 @@ def _parse_entry(
     path = base_dir / target
     if not path.is_file():
         problems.append(problem(kind, f"{kind} file not found: {path}"))
-    # Not "id" (the default id template is "{id}" already) nor "output" (a template that must contain {id}).
-    from_columns = frozenset(item_fields) - set(templates) - {"id", "output"}
+    from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(templates)
+    for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
+        if one in templates or other in templates:
+            from_columns -= {one, other}
     source = TableSource(
         kind=kind, path=path, templates=templates, delimiter=str(delimiter), columns_as_fields=from_columns
     )

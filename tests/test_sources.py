@@ -279,6 +279,26 @@ def test_columns_named_like_item_fields_are_those_fields(tmp_path: Path) -> None
     assert (got["C2"].inputs, got["C2"].steps, got["C2"].aspect_ratio) == ((str(b),), ("make it white",), None)
 
 
+def test_columns_the_templates_use_or_their_counterparts_stay_data(tmp_path: Path) -> None:
+    # "image" and "instruction" feed the images/steps templates; "model" and "image_size" are the product's.
+    rows = "id,image,instruction,model,image_size\nA1,photos/a.jpg,Make it blue,Mug XL,large\n"
+    source = {
+        "csv": "c.csv",
+        "images": ["{image}", "logo.png"],
+        "steps": ["{instruction}", "Photograph the {model} ({image_size}) on white"],
+    }
+    (item,) = items(job(tmp_path, {"items_from": [source]}, {"c.csv": rows}, ["photos/a.jpg", "logo.png"]))
+    assert item.steps == ("Make it blue", "Photograph the Mug XL (large) on white")
+    assert item.model == MODEL and item.image_size is None and len(item.inputs) == 2
+
+
+def test_a_model_column_is_never_taken_for_the_gemini_model(tmp_path: Path) -> None:
+    rows = "id,image,model\nA1,photos/a.jpg,Mug XL\n"
+    doc = {"defaults": {"instruction": "x"}, "items_from": [{"csv": "c.csv"}]}
+    (item,) = items(job(tmp_path, doc, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert item.model == MODEL
+
+
 def test_a_template_on_the_source_wins_over_a_column_of_the_same_name(tmp_path: Path) -> None:
     rows = "id,sku,instruction\nX1,MUG-1,ignored\n"
     source = {"csv": "c.csv", "image": "photos/{sku}.jpg", "instruction": "Make {sku} white"}
