@@ -9,6 +9,7 @@ Their hierarchy::
     ├── ApiError              one request failed (kind, status, retryable)
     │   └── FatalApiError     no request can succeed: stop the run    (exit 3)
     ├── RunAborted            budget reached, circuit open, fatal API (exit 3)
+    │   └── TimeLimitReached  limits.max_duration_s ran out           (exit 3)
     ├── LockHeld              another run holds the output folder     (exit 4)
     └── Interrupted           SIGINT / SIGTERM                        (exit 130)
 
@@ -31,6 +32,7 @@ __all__ = [
     "NanobatchError",
     "Problem",
     "RunAborted",
+    "TimeLimitReached",
     "UsageError",
     "sole_error",
 ]
@@ -145,6 +147,10 @@ class RunAborted(NanobatchError):
     """The run stopped early on purpose; finished work is kept, unsent items are left for the next run."""
 
     exit_code = 3
+
+
+class TimeLimitReached(RunAborted):
+    """``limits.max_duration_s`` ran out: nothing new was sent after it."""
 
 
 class LockHeld(NanobatchError):

@@ -7,6 +7,7 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -28,7 +29,15 @@ from ._retry import RetryPolicy
 from .client import GeminiClient
 from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
-from .errors import ConfigError, FatalApiError, Interrupted, ManifestError, Problem, RunAborted, sole_error
+from .errors import (
+    ConfigError,
+    FatalApiError,
+    Interrupted,
+    ManifestError,
+    Problem,
+    TimeLimitReached,
+    sole_error,
+)
 from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, Gate
 from .lock import RunLock
@@ -153,9 +162,12 @@ def check_job(
     )
 
 
-def _skip_changed(problems: list[Problem]) -> None:
+def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
+    """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
     for problem in problems:
         logger.error("%s (changed since the check at the start of the run: skipped)", problem)
+    stats.failed += 1
+    stats.failures["manifest"] += 1
 
 
 def _check_out_dir(target: Path) -> None:
@@ -194,6 +206,7 @@ async def run_job(
     >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
     >>> summary.stats.ok
     """
+    began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
@@ -206,7 +219,6 @@ async def run_job(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"
         )
-    began = anyio.current_time()  # --max-duration counts from here, waiting for the lock included
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
     stats.rpm_limit = settings.limits.requests_per_minute
@@ -244,13 +256,19 @@ async def run_job(
                     tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
                 # The items the check passed, and no more: rows added to a source since then wait for the next
                 # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
-                await engine.run(manifest.items(check_files=False, on_problem=_skip_changed, limit=checked.items))
+                await engine.run(
+                    manifest.items(
+                        check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=checked.items
+                    )
+                )
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             if (error := sole_error(group)) is not None:
                 raise error from None  # callers get our error itself, not the task groups' wrapping
             raise
         reason = engine.gate.stop_reason
+        if isinstance(reason, TimeLimitReached) and not engine.left_unsent:
+            reason = None  # the limit came, but after the last item had gone out: the run is complete
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )
@@ -341,7 +359,7 @@ async def _stop_in_time(engine: Engine, began: float, limit_s: float, grace_s: f
         engine.gate.in_flight,
     )
     reason = f"the time limit was reached (limits.max_duration_s = {limit_s:g}); unsent items are left for the next run"
-    engine.stop(RunAborted(reason), grace_s=grace_s)
+    engine.stop(TimeLimitReached(reason), grace_s=grace_s)
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:

@@ -118,3 +118,10 @@ def test_a_time_limit_cancels_what_is_still_in_flight_after_the_grace(tmp_path: 
     # The round sent at t=20 would end at t=30, after the grace (t=27): cancelled, not recorded, left for later.
     assert summary.exit_code == 3
     assert len(ids(tmp_path / "out")) == 8
+
+
+def test_a_time_limit_that_comes_after_the_last_item_went_out_is_a_complete_run(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(4)])
+    summary = run_for(job, max_duration_s=5, grace_s=30)
+    # All 4 went out at t=0 and were answered at t=10, within the grace: nothing is left for a next run.
+    assert summary.exit_code == 0 and summary.outcome == "complete" and summary.stats.ok == 4

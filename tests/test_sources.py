@@ -189,8 +189,9 @@ def test_a_source_edited_during_a_run_sends_only_what_the_check_passed(
     monkeypatch.setattr(nanobatch.runner, "check_job", check_then_edit)
     fake = FakeGemini()
     summary = run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
-    # S1 and S3 were checked and are done; the broken S2 is skipped with an error; the new rows wait.
-    assert summary.stats.ok == 2 and len(fake.requests) == 2 and summary.exit_code == 0
+    # S1 and S3 were checked and are done; the broken S2 is skipped with an error (exit 1); the new rows wait.
+    assert summary.stats.ok == 2 and len(fake.requests) == 2
+    assert summary.exit_code == 1 and summary.stats.failures == {"manifest": 1}
     assert "item 'S2'" in caplog.text and "changed since the check" in caplog.text
     assert (tmp_path / "out" / "summary.json").exists()
 
