@@ -609,6 +609,8 @@ def _plain_name_problem(name: str) -> str | None:
     """Why *name* cannot be the folder under ``output.dir`` that a run writes into, or None."""
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
         return f"{name!r} must be a plain folder name (it goes under output.dir); use output_dir: for a path"
+    if len(name.encode("utf-8", "surrogatepass")) > _NAME_MAX:
+        return f"{name[:40]!r}... is longer than a folder name can be ({_NAME_MAX} bytes)"
     return _text_problem(name)
 
 

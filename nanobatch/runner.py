@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -173,11 +174,16 @@ def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
 def _check_out_dir(target: Path) -> None:
     """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
     for place in (target, *target.parents):
-        if place.exists():
-            if not place.is_dir():
-                where = "is a file" if place == target else f"cannot be made: {place} is a file"
-                raise ConfigError(f"the output folder {target} {where}, not a folder")
-            return
+        try:
+            st = place.stat()
+        except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
+            continue
+        except OSError as exc:  # a name too long, a folder we may not enter, ...
+            raise ConfigError(f"the output folder {target} cannot be used: {exc.strerror or exc}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            where = "is a file" if place == target else f"cannot be made: {place} is a file"
+            raise ConfigError(f"the output folder {target} {where}, not a folder")
+        return
 
 
 async def run_job(

@@ -286,3 +286,10 @@ def test_an_output_folder_under_a_file_is_a_usage_error(
     assert main([command, str(job), "--out", str(tmp_path / "afile" / "sub"), *extra]) == 2
     err = capsys.readouterr().err
     assert f"cannot be made: {tmp_path / 'afile'} is a file" in err and "Traceback" not in err
+
+
+def test_an_output_folder_name_too_long_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    assert main(["validate", str(job), "--out", str(tmp_path / ("n" * 300))]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used: File name too long" in err and "Traceback" not in err

@@ -177,6 +177,7 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param("name: x\nitems: []\n", None, "items", "no items", id="no-items"),
         pytest.param("name: ../../etc\n" + ITEM, None, "name", "plain folder name", id="name-climbs-out"),
         pytest.param("name: /tmp/x\n" + ITEM, None, "name", "plain folder name", id="name-absolute"),
+        pytest.param(f"name: {'n' * 300}\n" + ITEM, None, "name", "longer than a folder name", id="name-too-long"),
         pytest.param(ITEM + "    keep_steps: maybe\n", "a", "keep_steps", "valid boolean", id="bad-boolean"),
         pytest.param(
             ITEM.replace("id: a", "id: " + "a" * 240), "a" * 240, "id", "240 bytes long: at most 239", id="id-too-long"
