@@ -3,12 +3,12 @@
 * Safe: only plain data (mappings, lists, strings, numbers, booleans, null); a
   ``!!python/...`` tag is an error, as with ``yaml.safe_load``.
 * A key written twice in one mapping is an error (the second would silently win).
-* A number whose text YAML 1.1 would change stays the text the user wrote:
-  ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``;
-  so do ``yes``, ``no``, ``on`` and ``off`` (only ``true`` and ``false`` are booleans).
-  Where a setting wants a number, validation turns the text into one; an id or
-  a ratio keeps what was written.
-* Aliases may not expand a document beyond :data:`MAX_VALUES` values, and
+* In a manifest, a number whose text YAML 1.1 would change stays the text the
+  user wrote: ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750),
+  ``1.50``, ``0x1A``; so do ``yes``, ``no``, ``on`` and ``off`` (only ``true``
+  and ``false`` are booleans) and dates. An id or a ratio keeps what was written.
+  Config files hold settings, so there numbers stay numbers.
+* Aliases may not add more than :data:`MAX_VALUES` values to a document, and
   nesting too deep for Python is an error, not a crash.
 """
 
@@ -22,11 +22,14 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = ["MAX_VALUES", "load_yaml"]
 
-MAX_VALUES = 5_000_000
+MAX_VALUES = 5_000_000  # what aliases may add to a document
+_COUNT_UP_TO = 100 * MAX_VALUES  # expansion is counted no further (a billion laughs stops here)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _Loader(yaml.SafeLoader):
+    """The safe loader, refusing a key given twice (config files: settings, where numbers are numbers)."""
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[str] = set()
         for key_node, _ in node.value:
@@ -58,22 +61,36 @@ def _bool(loader: _Loader, node: ScalarNode) -> Any:
     return loader.construct_yaml_bool(node) if text.lower() in ("true", "false") else text
 
 
-_Loader.add_constructor("tag:yaml.org,2002:bool", _bool)
-_Loader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
-_Loader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
+def _text(loader: _Loader, node: ScalarNode) -> Any:
+    return str(node.value)
 
 
-def load_yaml(text: str) -> Any:
-    """The document in *text* as plain data; :class:`yaml.YAMLError` (with a line) when it is not acceptable."""
-    loader = _Loader(text)
+class _AsWrittenLoader(_Loader):
+    """Also keeps what YAML 1.1 would turn into another value as the text written (manifests: ids, names,
+    ratios, instructions; none of their fields is a number)."""
+
+
+_AsWrittenLoader.add_constructor("tag:yaml.org,2002:bool", _bool)
+_AsWrittenLoader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
+_AsWrittenLoader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
+_AsWrittenLoader.add_constructor("tag:yaml.org,2002:timestamp", _text)  # id: 2024-01-15 is an id, not a date
+
+
+def load_yaml(text: str, *, as_written: bool = True) -> Any:
+    """The document in *text* as plain data; :class:`yaml.YAMLError` (with a line) when it is not acceptable.
+
+    *as_written* (manifests): numbers, yes/no and dates that YAML 1.1 would change stay the text written.
+    Without it (config files), they are YAML's values, as settings want them."""
+    loader = (_AsWrittenLoader if as_written else _Loader)(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        size = _expanded_size(node, {})
-        if size > MAX_VALUES:
+        sizes: dict[int, int] = {}
+        added = _expanded_size(node, sizes) - len(sizes)  # what the aliases add to the values written
+        if added > MAX_VALUES:
             raise yaml.YAMLError(
-                f"its aliases (*name) expand it to more than {MAX_VALUES:,} values; write the values out instead"
+                f"its aliases (*name) expand it by more than {MAX_VALUES:,} values; write the values out instead"
             )
         return loader.construct_document(node)
     except RecursionError:
@@ -91,5 +108,5 @@ def _expanded_size(node: Node, sizes: dict[int, int]) -> int:
         size += sum(_expanded_size(child, sizes) for child in node.value)
     elif isinstance(node, MappingNode):
         size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
-    sizes[id(node)] = size = min(size, MAX_VALUES + 1)
+    sizes[id(node)] = size = min(size, _COUNT_UP_TO)
     return size

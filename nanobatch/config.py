@@ -196,7 +196,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
             f"{path}: not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start}; save it as UTF-8"
         ) from None
     try:
-        data = load_yaml(text)
+        data = load_yaml(text, as_written=False)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

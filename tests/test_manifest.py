@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import yaml
 
 import nanobatch
 from nanobatch import sources
@@ -398,23 +399,26 @@ def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
     assert len(multistep["model-with-logo"].inputs) == 3
 
 
+IDS = ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off", "2024-01-15")
+
+
 def test_numbers_yaml_would_change_stay_as_written(tmp_path: Path) -> None:
     # YAML 1.1 reads 00123 as 83 (octal), 1_000 as 1000 and 12.50 as 12.5: catalog ids must not change.
-    text = "defaults:\n  instruction: x\nitems:\n" + "".join(
-        f"  - id: {raw}\n" for raw in ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off")
-    )
+    text = "defaults:\n  instruction: x\nitems:\n" + "".join(f"  - id: {raw}\n" for raw in IDS)
     manifest = load_manifest(write(tmp_path, text), default_model="gemini-3.1-flash-image-preview")
-    assert [item.id for item in manifest.items()] == ["00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off"]
+    assert [item.id for item in manifest.items()] == list(IDS)
 
 
-def test_settings_still_read_numbers_written_in_those_forms(tmp_path: Path) -> None:
+def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(
-        "limits:\n  concurrency: 08\n  requests_per_minute: 1_200\n  adaptive: off\nretry:\n  backoff_initial_s: 0.50\n"
+        "limits:\n  concurrency: 0x10\n  requests_per_minute: 1_200\n  adaptive: off\n  grace_s: 1:30\n"
+        "retry:\n  backoff_initial_s: 0.50\n  backoff_max_s: 1.2e+2\n"
     )
     settings = nanobatch.load_settings(config, env={})
-    assert settings.limits.adaptive is False
-    assert (settings.limits.concurrency, settings.limits.requests_per_minute) == (8, 1200)
+    assert settings.limits.adaptive is False and settings.limits.grace_s == 90  # YAML 1.1's base 60
+    assert settings.retry.backoff_max_s == 120
+    assert (settings.limits.concurrency, settings.limits.requests_per_minute) == (16, 1200)
     assert settings.retry.backoff_initial_s == 0.5
 
 
@@ -426,7 +430,7 @@ def test_settings_still_read_numbers_written_in_those_forms(tmp_path: Path) -> N
             "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
             + "".join(f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8))
             + "items: []\n",
-            "expand it to more than 5,000,000 values",
+            "expand it by more than 5,000,000 values",
             id="billion-laughs",
         ),
         pytest.param("items: []\nname: x\nname: y\n", "the key 'name' is given twice", id="duplicate-top-level-key"),
@@ -490,3 +494,14 @@ def test_distinct_names_and_multi_image_stems_pass(tmp_path: Path) -> None:
         f"  - {{id: {i}, instruction: x}}\n" for i in ("sku", "sku-1", "sku.step", "SKU", "sku.png")
     )
     assert problems(write(tmp_path, text)) == []
+
+
+def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanobatch import _yaml
+
+    monkeypatch.setattr(_yaml, "MAX_VALUES", 1000)  # scaled down: 500 items of 5 values each, no alias
+    text = "items:\n" + "".join(f"  - {{id: i{n}, instruction: x}}\n" for n in range(500))
+    assert len(_yaml.load_yaml(text)["items"]) == 500
+    with pytest.raises(yaml.YAMLError, match="aliases"):
+        _yaml.load_yaml("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                        "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n")  # fmt: skip
