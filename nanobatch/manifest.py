@@ -511,12 +511,19 @@ def _build_item(
     info = models.lookup(model)
     inputs: list[str] = []
     base = manifest._base
+    total = 0
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
+        resolved, message, size = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
         if message:
             bad(fld, message)
         inputs.append(resolved)
+        total += size
+    if total > models.MAX_TOTAL_INPUT_BYTES and not f.resize_inputs:
+        bad("images", (
+            f"the item's pictures take {total / models.MB:.1f} MB together, but one request can carry at most "
+            f"{models.MAX_TOTAL_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale them"
+        ))  # fmt: skip
     modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
     if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
         bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
@@ -569,14 +576,15 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None]:
-    """An absolute path (against *base*, the manifest's folder) or URL, and what is wrong with it."""
+def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None, int]:
+    """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and its size
+    (0 when unknown: a URL, or files not checked)."""
     if not ref.strip():
-        return ref, "the image path is empty"
+        return ref, "the image path is empty", 0
     if _SCHEME.match(ref):
         if ref.lower().startswith(("http://", "https://")):
-            return ref, None
-        return ref, f"cannot fetch {ref}: only http:// and https:// URLs (or local paths) are supported"
+            return ref, None, 0
+        return ref, f"cannot fetch {ref}: only http:// and https:// URLs (or local paths) are supported", 0
     # os.path rather than pathlib: this runs once per input of every item.
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
     if check_files:
@@ -585,14 +593,19 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
         except (OSError, ValueError):  # ValueError: a NUL in the path
             st = None
         if st is None or not stat.S_ISREG(st.st_mode):
-            return path, f"image file not found: {path}"
+            return path, f"image file not found: {path}", 0
         size = st.st_size
         if size > models.MAX_INPUT_BYTES and not resize:
-            return path, (
-                f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
-                f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, or make it smaller"
+            return (
+                path,
+                (
+                    f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
+                    f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, or make it smaller"
+                ),
+                size,
             )
-    return path, None
+        return path, None, size
+    return path, None, 0
 
 
 def _template_problems(template: str) -> list[str]:

@@ -366,6 +366,18 @@ def test_a_local_picture_too_big_to_send_is_a_manifest_problem(tmp_path: Path) -
     assert nanobatch.check_job(job).items == 1
 
 
+def test_pictures_too_big_together_are_a_manifest_problem(tmp_path: Path) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        with (tmp_path / name).open("wb") as f:
+            f.write(JPEG[:16])
+            f.truncate(6 * MB)
+    job = write_job(tmp_path, [{"id": "trio", "images": ["a.jpg", "b.jpg", "c.jpg"]}])
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job)
+    (problem,) = err.value.problems
+    assert (problem.item, problem.field) == ("trio", "images") and "18.0 MB together" in problem.message
+
+
 def test_a_picture_that_grew_too_big_after_the_check_fails_when_loaded(tmp_path: Path) -> None:
     huge = big_jpeg(tmp_path / "huge.jpg")
     with pytest.raises(InputError, match="8.0 MB, but an input image can be at most 7 MB"):
