@@ -600,7 +600,8 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
                 path,
                 (
                     f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
-                    f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, or make it smaller"
+                    f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, "
+                    "or make it smaller"
                 ),
                 size,
             )

@@ -270,15 +270,24 @@ class GlobSource:
 
     def raw_items(self) -> Iterator[RawItem]:
         skip = None if self.skip_dir is None else self.skip_dir.rstrip(os.sep) + os.sep
-        # Sorted, so that the order (and the run's log) is the same every time.
-        matches = sorted(
-            p
-            for p in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True)
-            if os.path.isfile(path := os.path.join(self.base_dir, p))
-            and (skip is None or not os.path.abspath(path).startswith(skip))
-        )
+        matches, results = [], 0
+        for match in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True):
+            path = os.path.join(self.base_dir, match)
+            if not os.path.isfile(path):
+                continue
+            if skip is not None and os.path.abspath(path).startswith(skip):
+                results += 1
+            else:
+                matches.append(match)
+        matches.sort()  # so that the order (and the run's log) is the same every time
         if not matches:
-            yield _broken(self.file, "glob", f"{self.pattern!r} matches no files (relative to {self.base_dir})")
+            message = f"{self.pattern!r} matches no files (relative to {self.base_dir})"
+            if results:
+                message = (
+                    f"{self.pattern!r} matches only files inside the output folder {self.skip_dir}: "
+                    "those are results, not inputs"
+                )
+            yield _broken(self.file, "glob", message)
             return
         templates = dict(self.templates)
         if "image" not in templates and "images" not in templates:

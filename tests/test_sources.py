@@ -126,6 +126,13 @@ def test_a_glob_does_not_take_the_runs_own_results_for_inputs(tmp_path: Path) ->
     assert summary.exit_code == 0 and summary.stats.skipped == 2 and again.requests == []
 
 
+def test_a_glob_that_matches_only_the_output_folder_says_so(tmp_path: Path) -> None:
+    source = {"glob": "photos/*.jpg", "instruction": "x", "output": "{id}-edited.png"}
+    path = job(tmp_path, {"items_from": [source]}, images=["photos/a.jpg"])
+    with pytest.raises(ManifestError, match="matches only files inside the output folder"):
+        nanobatch.check_job(path, out_dir=tmp_path / "photos")
+
+
 def test_a_glob_source_can_add_reference_images_to_the_matched_file(tmp_path: Path) -> None:
     source = {
         "glob": "photos/*.jpg",
