@@ -125,9 +125,11 @@ def check_job(
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
     likely = worst = 0.0
+    longest = 0  # steps of the longest item: they go one after another
 
     def add_cost(item: WorkItem) -> None:
-        nonlocal likely, worst
+        nonlocal likely, worst, longest
+        longest = max(longest, len(item.steps))
         pricing = models.pricing_for(item.model, settings.pricing)
         n_images = len(item.inputs)
         for instruction in item.steps:
@@ -144,8 +146,9 @@ def check_job(
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
-    # In rounds of `concurrency` requests: one request still takes a whole latency at concurrency 100.
-    duration = math.ceil(report.requests / limits.concurrency) * TYPICAL_LATENCY_S
+    # In rounds of `concurrency` requests (one request still takes a whole latency at concurrency 100), and
+    # no fewer rounds than the longest item has steps.
+    duration = max(math.ceil(report.requests / limits.concurrency), longest) * TYPICAL_LATENCY_S
     if limits.requests_per_minute:
         duration = max(duration, report.requests / limits.requests_per_minute * 60)
     return CheckResult(

@@ -274,6 +274,9 @@ def test_validate_estimates_at_least_one_request_time(tmp_path: Path, capsys: py
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     assert main(["validate", str(job), "--concurrency", "100"]) == 0
     assert "duration:  about 30 s at concurrency 100" in capsys.readouterr().out
+    job = write_job(tmp_path, [{"id": "a", "steps": ["one", "two", "three"]}])
+    assert main(["validate", str(job), "--concurrency", "100"]) == 0
+    assert "duration:  about 90 s at concurrency 100" in capsys.readouterr().out  # steps go one after another
 
 
 @pytest.mark.parametrize("command", ["run", "validate"])
