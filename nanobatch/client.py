@@ -107,8 +107,8 @@ class GeminiClient:
         said = (reply.text, reply.finish_reason, reply.finish_message, reply.block_reason, reply.model_version,
                 reply.response_id)  # fmt: skip
         usage = orjson.dumps(reply.usage).decode()
-        # Only text can hold the key; a proxy may well send a number where Google sends a string.
-        if not any(isinstance(value, str) and secret in value for value in said) and secret not in usage:
+        # parse_reply made every one of them text (or None), whatever a proxy sent.
+        if not any(value is not None and secret in value for value in said) and secret not in usage:
             return reply  # the usual case: nothing to copy
         return dataclasses.replace(
             reply,
@@ -122,7 +122,7 @@ class GeminiClient:
         )
 
     def _redact_maybe(self, text: str | None) -> str | None:
-        return self._redact(text) if isinstance(text, str) else text
+        return self._redact(text) if text is not None else None
 
 
 def _proxy_configured() -> bool:

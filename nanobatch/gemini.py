@@ -157,16 +157,24 @@ def parse_reply(body: bytes) -> Reply:
         if isinstance(inline, dict) and inline.get("data"):
             images.append(_decode_image(inline))
     feedback = data.get("promptFeedback") or {}
+    usage = data.get("usageMetadata")
     return Reply(
         images=tuple(images),
         text="\n".join(texts) if texts else None,
-        finish_reason=first.get("finishReason"),
-        finish_message=first.get("finishMessage"),
-        block_reason=feedback.get("blockReason") if isinstance(feedback, dict) else None,
-        usage=data.get("usageMetadata") or {},
-        model_version=data.get("modelVersion"),
-        response_id=data.get("responseId"),
+        finish_reason=_as_text(first.get("finishReason")),
+        finish_message=_as_text(first.get("finishMessage")),
+        block_reason=_as_text(feedback.get("blockReason")) if isinstance(feedback, dict) else None,
+        usage=usage if isinstance(usage, dict) else {},
+        model_version=_as_text(data.get("modelVersion")),
+        response_id=_as_text(data.get("responseId")),
     )
+
+
+def _as_text(value: Any) -> str | None:
+    """A field Google sends as text, as text even when a proxy sends a number, a list or an object."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _decode_image(inline: dict[str, Any]) -> Image:

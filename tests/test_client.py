@@ -189,10 +189,12 @@ async def test_key_echoed_in_a_200_answer_is_redacted_everywhere_it_is_kept() ->
     assert reply.usage["promptTokenCount"] == 10 and reply.finish_reason == "STOP"
 
 
-async def test_numbers_where_google_sends_text_are_left_alone_by_the_redaction() -> None:
-    body = {"candidates": [{"content": {"parts": [{"text": f"for {KEY}"}]}, "finishReason": 1}], "responseId": 1234567}
+async def test_fields_a_proxy_sends_as_numbers_lists_or_objects_become_text_and_are_redacted() -> None:
+    candidate = {"content": {"parts": [{"text": "no image"}]}, "finishReason": ["SAFETY"], "finishMessage": 5}
+    body = {"candidates": [candidate], "responseId": 1234567, "modelVersion": {"note": f"low balance on {KEY}"}}
     reply = await send(Recorder(httpx.Response(200, json=body)))
-    assert reply.text == "for [redacted]" and reply.response_id == 1234567
+    assert (reply.response_id, reply.finish_reason, reply.finish_message) == ("1234567", '["SAFETY"]', "5")
+    assert reply.model_version == '{"note": "low balance on [redacted]"}' and KEY not in repr(reply)
 
 
 async def test_key_echoed_in_an_html_page_is_redacted() -> None:
