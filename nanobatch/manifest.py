@@ -410,7 +410,11 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
     sources: list[Source] = [InlineSource(items=top.items, file=file)] if top.items else []
     if top.items_from:
         found, source_problems = parse_sources(
-            top.items_from, manifest_file=file, base_dir=path.parent, item_fields=list(ItemFields.model_fields)
+            top.items_from,
+            manifest_file=file,
+            base_dir=path.parent,
+            item_fields=list(ItemFields.model_fields),
+            default_output=defaults.output if defaults is not None else None,
         )
         sources += found
         problems += source_problems

@@ -367,14 +367,21 @@ def _fill_fields(
 
 
 def parse_sources(
-    entries: list[Any], *, manifest_file: str, base_dir: Path, item_fields: Collection[str]
+    entries: list[Any],
+    *,
+    manifest_file: str,
+    base_dir: Path,
+    item_fields: Collection[str],
+    default_output: str | None = None,
 ) -> tuple[list[Source], list[Problem]]:
-    """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...)."""
+    """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...).
+
+    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data)."""
     sources: list[Source] = []
     problems: list[Problem] = []
     for index, entry in enumerate(entries):
         where = f"items_from[{index}]"
-        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields)
+        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields, default_output)
         problems += found
         if source is not None and not found:
             sources.append(source)
@@ -382,7 +389,12 @@ def parse_sources(
 
 
 def _parse_entry(
-    entry: Any, where: str, manifest_file: str, base_dir: Path, item_fields: Collection[str]
+    entry: Any,
+    where: str,
+    manifest_file: str,
+    base_dir: Path,
+    item_fields: Collection[str],
+    default_output: str | None,
 ) -> tuple[Source | None, list[Problem]]:
     def problem(fld: str | None, message: str) -> Problem:
         return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
@@ -427,7 +439,8 @@ def _parse_entry(
     path = base_dir / target
     if not path.is_file():
         problems.append(problem(kind, f"{kind} file not found: {path}"))
-    from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(templates)
+    read = {**templates, "output": templates.get("output", default_output)}  # the output template used
+    from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(read)
     for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
         if one in templates or other in templates:
             from_columns -= {one, other}

@@ -300,6 +300,13 @@ def test_columns_the_templates_use_or_their_counterparts_stay_data(tmp_path: Pat
     assert item.model == MODEL and item.image_size is None and len(item.inputs) == 2
 
 
+def test_a_column_the_defaults_output_template_reads_stays_data(tmp_path: Path) -> None:
+    rows = "id,image,aspect_ratio\nA1,photos/a.jpg,wide\n"
+    doc = {"defaults": {"instruction": "x", "output": "{id}-{aspect_ratio}.png"}, "items_from": [{"csv": "c.csv"}]}
+    (item,) = items(job(tmp_path, doc, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert item.aspect_ratio is None and item.output == "A1-wide.png"
+
+
 def test_a_model_column_is_never_taken_for_the_gemini_model(tmp_path: Path) -> None:
     rows = "id,image,model\nA1,photos/a.jpg,Mug XL\n"
     doc = {"defaults": {"instruction": "x"}, "items_from": [{"csv": "c.csv"}]}
