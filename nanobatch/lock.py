@@ -18,7 +18,7 @@ from types import TracebackType
 
 import anyio
 
-from .errors import LockHeld
+from .errors import ConfigError, LockHeld
 
 __all__ = ["RunLock", "current_holder"]
 
@@ -35,8 +35,11 @@ class RunLock:
         self._fd: int | None = None
 
     async def __aenter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # not ours to write: a usage problem, before anything is sent
+            raise ConfigError(f"cannot use the output folder {self.path.parent}: {exc.strerror or exc}") from None
         try:
             while not self._try(fd):
                 if not self.wait:

@@ -178,6 +178,11 @@ def _check_out_dir(target: Path) -> None:
     """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
     for place in (target, *target.parents):
         try:
+            if place.is_symlink() and not place.exists():
+                raise ConfigError(
+                    f"the output folder {target} cannot be made: {place} is a symbolic link to "
+                    f"{os.readlink(place)}, which does not exist (a disk not mounted?)"
+                )
             st = place.stat()
         except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
             continue
@@ -186,6 +191,9 @@ def _check_out_dir(target: Path) -> None:
         if not stat.S_ISDIR(st.st_mode):
             where = "is a file" if place == target else f"cannot be made: {place} is a file"
             raise ConfigError(f"the output folder {target} {where}, not a folder")
+        if not os.access(place, os.W_OK | os.X_OK):
+            verb = "is" if place == target else f"cannot be made: {place} is"
+            raise ConfigError(f"the output folder {target} {verb} not writable by this user")
         return
 
 

@@ -296,3 +296,27 @@ def test_an_output_folder_name_too_long_is_a_usage_error(tmp_path: Path, capsys:
     assert main(["validate", str(job), "--out", str(tmp_path / ("n" * 300))]) == 2
     err = capsys.readouterr().err
     assert "cannot be used: File name too long" in err and "Traceback" not in err
+
+
+def test_an_output_folder_behind_a_dangling_link_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    (tmp_path / "outlink").symlink_to(tmp_path / "not-mounted" / "photos")
+    assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "outlink")]) == 2
+    err = capsys.readouterr().err
+    assert "is a symbolic link to" in err and "which does not exist" in err and "Traceback" not in err
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+
+    def refused(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot use the output folder" in err and "Operation not permitted" in err and "Traceback" not in err
