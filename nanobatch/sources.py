@@ -184,6 +184,8 @@ class TableSource:
                 yield _broken(str(self.path), None, message)
             except RecursionError:
                 yield _broken(str(self.path), None, "a line is nested too deeply to read")
+            except OSError as exc:  # the disk or share failed mid-file
+                yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
 
     def _csv_rows(self, stream: IO[str]) -> Iterator[RawItem]:
         reader = csv.DictReader(stream, delimiter=self.delimiter)
