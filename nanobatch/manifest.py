@@ -523,7 +523,8 @@ def _build_item(
             bad(fld, message)
         inputs.append(resolved)
         total += size
-    if total > models.MAX_TOTAL_INPUT_BYTES and not f.resize_inputs:
+    # Together only: one picture too big is reported once, as itself.
+    if total > models.MAX_TOTAL_INPUT_BYTES and not f.resize_inputs and not problems and len(inputs) > 1:
         bad("images", (
             f"the item's pictures take {total / models.MB:.1f} MB together, but one request can carry at most "
             f"{models.MAX_TOTAL_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale them"

@@ -352,14 +352,16 @@ def big_jpeg(path: Path) -> Path:
 
 
 def test_a_local_picture_too_big_to_send_is_a_manifest_problem(tmp_path: Path) -> None:
-    big_jpeg(tmp_path / "huge.jpg")
+    with (tmp_path / "huge.jpg").open("wb") as f:  # over both limits: still one problem, about the picture
+        f.write(JPEG[:16])
+        f.truncate(15 * MB)
     (tmp_path / "ok.png").write_bytes(PNG)
     job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg"}, {"id": "fine", "image": "ok.png"}])
     fake = FakeGemini()
     with pytest.raises(ManifestError) as err:
         run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
     (problem,) = err.value.problems
-    assert (problem.item, problem.field) == ("big", "image") and "8.0 MB" in problem.message
+    assert (problem.item, problem.field) == ("big", "image") and "15.0 MB" in problem.message
     assert "resize_inputs" in problem.message and fake.requests == []
     # With resize_inputs it is fine: it will be downscaled.
     job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg", "resize_inputs": True}])
