@@ -104,25 +104,19 @@ class GeminiClient:
     def _redact_reply(self, reply: Reply, secret: str) -> Reply:
         """The reply with the key taken out of everything it says in words: a proxy that echoes the
         request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-        said = (reply.text, reply.finish_reason, reply.finish_message, reply.block_reason, reply.model_version,
-                reply.response_id)  # fmt: skip
+        # parse_reply made each of these text (or None), whatever a proxy sent.
+        changes: dict[str, Any] = {
+            name: self._redact(value)
+            for name in _REPLY_TEXT_FIELDS
+            if (value := getattr(reply, name)) is not None and secret in value
+        }
         usage = orjson.dumps(reply.usage).decode()
-        # parse_reply made every one of them text (or None), whatever a proxy sent.
-        if not any(value is not None and secret in value for value in said) and secret not in usage:
-            return reply  # the usual case: nothing to copy
-        return dataclasses.replace(
-            reply,
-            text=self._redact_maybe(reply.text),
-            finish_reason=self._redact_maybe(reply.finish_reason),
-            finish_message=self._redact_maybe(reply.finish_message),
-            block_reason=self._redact_maybe(reply.block_reason),
-            model_version=self._redact_maybe(reply.model_version),
-            response_id=self._redact_maybe(reply.response_id),
-            usage=orjson.loads(self._redact(usage)),
-        )
+        if secret in usage:
+            changes["usage"] = orjson.loads(self._redact(usage))
+        return dataclasses.replace(reply, **changes) if changes else reply
 
-    def _redact_maybe(self, text: str | None) -> str | None:
-        return self._redact(text) if text is not None else None
+
+_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
 
 
 def _proxy_configured() -> bool:

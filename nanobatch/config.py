@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import models
 from ._yaml import load_yaml
-from .errors import ConfigError
+from .errors import ConfigError, not_utf8
 
 __all__ = [
     "ApiSettings",
@@ -192,9 +192,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start}; save it as UTF-8"
-        ) from None
+        raise ConfigError(f"{path}: {not_utf8(exc)}") from None
     try:
         data = load_yaml(text, as_written=False)
     except yaml.YAMLError as exc:

@@ -215,8 +215,6 @@ class Engine:
         self.inputs = inputs  # the run's downloader and cache; None: a one-off loader per item
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
-        self._pending: Iterator[WorkItem] = iter(())
-        self._abandoned = 0  # items taken but not done: stopped at the gate, or a fatal answer
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
 
@@ -224,7 +222,7 @@ class Engine:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
         # The workers take the next item from the iterator themselves: next() runs without an await, so
         # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
-        pending = self._pending = iter(items)
+        pending = iter(items)
         # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
         done = _WriteQueue(_WRITE_QUEUE_BYTES)
         self.log.open()
@@ -253,21 +251,13 @@ class Engine:
         """Cancel requests in flight now; what already finished is still written."""
         self.work_scope.cancel()
 
-    @property
-    def left_unsent(self) -> bool:
-        """After :meth:`run`: whether any item was left for the next run (stopped before it was done)."""
-        cancelled = self.work_scope.cancelled_caught  # requests in flight were cut off at the grace deadline
-        return cancelled or self._abandoned > 0 or next(self._pending, None) is not None
-
     async def _work(self, items: Iterator[WorkItem], done: _WriteQueue) -> None:
         while not self.gate.stopping and (item := next(items, None)) is not None:
             try:
                 finished = await self._process(item)
             except Stopped:
-                self._abandoned += 1
                 continue  # never sent: left for the next run, not recorded as failed
             except FatalApiError as exc:
-                self._abandoned += 1
                 logger.error("%s: %s; stopping the run", item.id, exc)
                 self.gate.stop(exc)
                 continue

@@ -34,6 +34,7 @@ __all__ = [
     "RunAborted",
     "TimeLimitReached",
     "UsageError",
+    "not_utf8",
     "sole_error",
 ]
 
@@ -63,6 +64,11 @@ def sole_error(group: BaseExceptionGroup[BaseException]) -> NanobatchError | Non
         assert isinstance(first, NanobatchError)
         return first
     return None
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """What to tell of a file that is not UTF-8 text, by the first byte that is not."""
+    return f"not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start}; save it as UTF-8"
 
 
 class UsageError(NanobatchError):

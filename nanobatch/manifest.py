@@ -31,7 +31,7 @@ from . import models
 from ._scratch import scratch_db
 from ._yaml import load_yaml
 from .config import did_you_mean
-from .errors import ManifestError, Problem
+from .errors import ManifestError, Problem, not_utf8
 from .sources import GlobSource, InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
 
 __all__ = ["THINKING_LEVELS", "Manifest", "WorkItem", "load_manifest"]
@@ -202,14 +202,13 @@ class Manifest:
         output names are also checked not to lead out of it through a symbolic link.
         """
         problems = _Problems(self.path)
-        with contextlib.closing(_SeenIds()) as seen, contextlib.closing(_OutputNames()) as names:
-            return self._check(problems, seen, names, check_files=check_files, visit=visit, out_dir=out_dir)
+        with contextlib.closing(_Claims()) as claims:
+            return self._check(problems, claims, check_files=check_files, visit=visit, out_dir=out_dir)
 
     def _check(
         self,
         problems: _Problems,
-        seen: _SeenIds,
-        names: _OutputNames,
+        claims: _Claims,
         *,
         check_files: bool,
         visit: Callable[[WorkItem], None] | None,
@@ -223,12 +222,12 @@ class Manifest:
             problems.extend(found)
             # A bad item's id still counts: its duplicate is a problem of its own.
             item_id = item.id if item is not None else _id_of(raw)
-            if item_id is not None and not seen.add(item_id):
+            if item_id is not None and not claims.add_id(item_id):
                 problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
                 continue
             if item is None:
                 continue
-            if message := names.claim(item):
+            if message := claims.claim_outputs(item):
                 problems.add(Problem(raw.file, item.id, "output" if item.output else "id", message))
             if confine is not None and item.output is not None and (message := confine.check(item.output)):
                 problems.add(Problem(raw.file, item.id, "output", message))
@@ -257,48 +256,39 @@ class Manifest:
         return _build_item(_merge(self._defaults, fields), self, raw, check_files=check_files)
 
 
-class _SeenIds:
-    """The ids met so far, kept in a scratch SQLite table: 100,000 ids do not stay in memory."""
+class _Claims:
+    """What the items met so far have taken, in a scratch SQLite database (100,000 items do not stay in
+    memory): their ids, and the output names they write (before the extension), so that no item
+    overwrites another's image.
 
-    def __init__(self) -> None:
-        self._db = scratch_db("CREATE TABLE ids (id TEXT PRIMARY KEY) WITHOUT ROWID;")
-        self._db.execute("BEGIN")  # never committed: the table is thrown away
-
-    def add(self, item_id: str) -> bool:
-        """Note *item_id*; False if it was already there."""
-        # As bytes: an id that is not valid text (a file name's stray byte) is reported elsewhere, not a crash.
-        key = item_id.encode("utf-8", "surrogatepass")
-        try:
-            self._db.execute("INSERT INTO ids VALUES (?)", (key,))
-        except sqlite3.IntegrityError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class _OutputNames:
-    """Who writes which output name (before its extension), so that no item overwrites another's image.
-
-    Caught: the same name (``output`` templates that meet), a kept step's name (``shirt.step1``) that
-    is another item's name, and a folder named like another item's image (``b.png/{id}`` beside item
-    ``b``). Not caught: ``<stem>-2`` for a second image in one answer, which no check can foresee.
+    Output names caught: the same name (``output`` templates that meet), a kept step's name
+    (``shirt.step1``) that is another item's name, and a folder named like another item's image
+    (``b.png/{id}`` beside item ``b``). Not caught: ``<stem>-2`` for a second image in one answer,
+    which no check can foresee. Keys are bytes: text that is not valid UTF-8 is reported elsewhere.
     """
 
     def __init__(self) -> None:
         self._db = scratch_db(
+            "CREATE TABLE ids (id BLOB PRIMARY KEY) WITHOUT ROWID;"
             "CREATE TABLE names (name BLOB PRIMARY KEY, owner TEXT, what TEXT) WITHOUT ROWID;"
             "CREATE TABLE folders (name BLOB, owner TEXT); CREATE INDEX folders_by_name ON folders (name);"
         )
         self._db.execute("BEGIN")  # never committed: the tables are thrown away
 
-    def claim(self, item: WorkItem) -> str | None:
+    def add_id(self, item_id: str) -> bool:
+        """Note *item_id*; False if it was already there."""
+        try:
+            self._db.execute("INSERT INTO ids VALUES (?)", (_key(item_id),))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def claim_outputs(self, item: WorkItem) -> str | None:
         """Note what *item* writes; why it cannot, if another item got there first."""
         stem = item.stem.replace(os.sep, "/")
         steps = range(1, len(item.steps)) if item.keep_steps else range(0)
         for name, what in [(stem, "its image"), *((f"{stem}.step{n}", f"its step {n}") for n in steps)]:
-            key = name.encode("utf-8", "surrogatepass")
+            key = _key(name)
             try:
                 self._db.execute("INSERT INTO names VALUES (?, ?, ?)", (key, item.id, what))
             except sqlite3.IntegrityError:
@@ -313,7 +303,7 @@ class _OutputNames:
             suffix = os.path.splitext(folder)[1]
             if suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            key = folder[: -len(suffix)].encode("utf-8", "surrogatepass")
+            key = _key(folder[: -len(suffix)])
             row = self._db.execute("SELECT owner FROM names WHERE name = ?", (key,)).fetchone()
             if row is not None:
                 return f"its folder {folder!r} may be the name of item {row[0]!r}'s image"
@@ -322,6 +312,10 @@ class _OutputNames:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _key(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _id_of(raw: RawItem) -> str | None:
@@ -387,7 +381,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
     except OSError as exc:
         raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(file, None, None, f"not UTF-8 text: {_not_utf8(exc)}")]) from None
+        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -628,13 +622,9 @@ def _plain_name_problem(name: str) -> str | None:
     """Why *name* cannot be the folder under ``output.dir`` that a run writes into, or None."""
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
         return f"{name!r} must be a plain folder name (it goes under output.dir); use output_dir: for a path"
-    if len(name.encode("utf-8", "surrogatepass")) > _NAME_MAX:
+    if len(_key(name)) > _NAME_MAX:
         return f"{name[:40]!r}... is longer than a folder name can be ({_NAME_MAX} bytes)"
     return _text_problem(name)
-
-
-def _not_utf8(exc: UnicodeDecodeError) -> str:
-    return f"byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8; save the file as UTF-8"
 
 
 def _text_problem(text: str) -> str | None:

@@ -104,7 +104,7 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
-            if isinstance(record, dict) and "id" in record and "status" in record:
+            if _is_record(record):
                 yield record
 
 
@@ -256,13 +256,16 @@ def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
     )
 
 
-def _is_record(line: bytes) -> bool:
-    """Whether *line* is a whole item record (what :func:`read_records` would take)."""
+def _is_record(value: Any) -> bool:
+    """Whether a parsed line is an item record (anything else in results.jsonl is skipped)."""
+    return isinstance(value, dict) and "id" in value and "status" in value
+
+
+def _is_record_line(line: bytes) -> bool:
     try:
-        value = orjson.loads(line)
+        return _is_record(orjson.loads(line))
     except orjson.JSONDecodeError:
         return False
-    return isinstance(value, dict) and "id" in value and "status" in value
 
 
 class ResultsLog:
@@ -301,7 +304,7 @@ class ResultsLog:
                     break
                 end = start
             f.seek(keep)
-            if _is_record(f.read(size - keep)):
+            if _is_record_line(f.read(size - keep)):
                 # Whole, only its newline missing (an editor, a copy): it counts, so it stays.
                 f.seek(size)
                 f.write(b"\n")

@@ -228,7 +228,7 @@ async def run_job(
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False)
-    target = resolve_out_dir(manifest, settings, out_dir)
+    target = checked.out_dir
     manifest = manifest.skipping(target)
     api_key = read_api_key(settings)
     if api_key is None and not simulate and transport is None:
@@ -284,8 +284,8 @@ async def run_job(
                 raise error from None  # callers get our error itself, not the task groups' wrapping
             raise
         reason = engine.gate.stop_reason
-        if isinstance(reason, TimeLimitReached) and not engine.left_unsent:
-            reason = None  # the limit came, but after the last item had gone out: the run is complete
+        if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
+            reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )

@@ -320,3 +320,17 @@ def test_an_output_folder_that_cannot_be_created_is_a_usage_error(
     assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "cannot use the output folder" in err and "Operation not permitted" in err and "Traceback" not in err
+
+
+def test_an_output_folder_this_user_cannot_write_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != shared and real_access(path, mode))
+    assert main(["validate", str(job), "--out", str(shared / "out")]) == 2
+    assert f"cannot be made: {shared} is not writable by this user" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -17,6 +18,20 @@ from .fakes import google_error, ok_body, quota_failure, retry_info, write_job
 # The writer's fsyncs run in a thread; let them finish before the virtual clock jumps, or the
 # clock races ahead while the disk works and the writer looks slow in virtual time.
 SETTLE_S = 0.005
+
+
+def run(job: Path, server: Any, overrides: dict[str, Any]) -> nanobatch.RunSummary:
+    """Run *job* into ``out`` beside it against *server* (a MockTransport handler), on the virtual clock."""
+    settings = nanobatch.load_settings(overrides=overrides)
+    transport = httpx.MockTransport(server)
+    return run_virtual(
+        lambda: nanobatch.run_job(job, settings=settings, transport=transport, out_dir=job.parent / "out"),
+        settle_s=SETTLE_S,
+    )
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 class HiddenRpmServer:
@@ -53,13 +68,7 @@ class HiddenRpmServer:
 def test_hidden_rpm_limit_with_32_workers_ends_all_ok_with_few_429s(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(600)])
     server = HiddenRpmServer(rpm=300, latency_s=2.0)
-    settings = nanobatch.load_settings(overrides={"limits.concurrency": 32})
-    summary = run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
+    summary = run(job, server, {"limits.concurrency": 32})
     assert summary.exit_code == 0 and summary.stats.ok == 600
     share_429 = server.answers[429] / (server.answers[429] + server.answers[200])
     assert share_429 < 0.05, server.answers
@@ -69,13 +78,7 @@ def test_hidden_rpm_limit_with_32_workers_ends_all_ok_with_few_429s(tmp_path: Pa
 def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(400)])
     server = HiddenRpmServer(rpm=10_000, latency_s=3.0)
-    settings = nanobatch.load_settings(overrides={"limits.concurrency": 64, "limits.requests_per_minute": 120})
-    run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
+    run(job, server, {"limits.concurrency": 64, "limits.requests_per_minute": 120})
     times = sorted(server.sent_at)
     assert len(times) == 400
     worst = max(sum(1 for t in times if start <= t < start + 10) for start in times)
@@ -88,16 +91,10 @@ def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_
     # 40 workers, one request a second: the last item waits ~39 s for its turn, then the API takes 3 s.
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
     server = HiddenRpmServer(rpm=10_000, latency_s=3.0)
-    settings = nanobatch.load_settings(overrides={"limits.concurrency": 40, "limits.requests_per_minute": 60})
-    run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
-    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 40
-    assert all(abs(r["latency_s"] - 3.0) < 0.1 for r in records), sorted(r["latency_s"] for r in records)
+    run(job, server, {"limits.concurrency": 40, "limits.requests_per_minute": 60})
+    found = records(tmp_path / "out")
+    assert len(found) == 40
+    assert all(abs(r["latency_s"] - 3.0) < 0.1 for r in found), sorted(r["latency_s"] for r in found)
     latency = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["latency_s"]
     assert abs(latency["max"] - 3.0) < 0.1
 
@@ -107,15 +104,9 @@ def test_latency_of_a_multi_step_item_leaves_out_the_wait_between_its_steps(tmp_
     items = [{"id": "hero", "steps": ["one", "two"]}, *({"id": f"i{n}", "instruction": f"edit {n}"} for n in range(3))]
     job = write_job(tmp_path, items)
     server = HiddenRpmServer(rpm=10_000, latency_s=2.0)
-    settings = nanobatch.load_settings(overrides={"limits.concurrency": 1})
-    run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
-    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
-    assert abs(records["hero"]["latency_s"] - 4.0) < 0.1, records["hero"]
+    run(job, server, {"limits.concurrency": 1})
+    by_id = {r["id"]: r for r in records(tmp_path / "out")}
+    assert abs(by_id["hero"]["latency_s"] - 4.0) < 0.1, by_id["hero"]
 
 
 def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
@@ -126,14 +117,8 @@ def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
         await anyio.sleep(2.0)
         return answers.pop(0)
 
-    settings = nanobatch.load_settings(overrides={"retry.backoff_initial_s": 5, "retry.backoff_max_s": 5})
-    run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
-    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    run(job, server, {"retry.backoff_initial_s": 5, "retry.backoff_max_s": 5})
+    (record,) = records(tmp_path / "out")
     assert record["status"] == "ok" and record["attempts"] == 2
     assert 4.0 <= record["latency_s"] <= 9.1  # two answers of 2 s each, and a backoff of up to 5 s between them
 
@@ -141,13 +126,7 @@ def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
 def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(50)])
     server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
-    settings = nanobatch.load_settings(overrides={"budget.max_cost_usd": 0.5, "limits.concurrency": 4})
-    summary = run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
+    summary = run(job, server, {"budget.max_cost_usd": 0.5, "limits.concurrency": 4})
     assert summary.exit_code == 3 and "budget" in (summary.reason or "")
     spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
     assert 0.4 < spent <= 0.5
@@ -157,13 +136,7 @@ def test_budget_stops_before_overspending_and_leaves_the_rest(tmp_path: Path) ->
 def test_max_requests_is_a_hard_cap(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(30)])
     server = HiddenRpmServer(rpm=10_000, latency_s=1.0)
-    settings = nanobatch.load_settings(overrides={"budget.max_requests": 7})
-    summary = run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(server), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
-    )
+    summary = run(job, server, {"budget.max_requests": 7})
     assert summary.exit_code == 3 and server.answers[200] == 7 and summary.stats.ok == 7
 
 
@@ -175,19 +148,15 @@ def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
         calls.append(anyio.current_time())
         return httpx.Response(503, text="<html><title>503 Service Unavailable</title></html>")
 
-    settings = nanobatch.load_settings(
-        overrides={
+    summary = run(
+        job,
+        down,
+        {
             "limits.concurrency": 4,
             "limits.breaker_threshold": 5,
             "limits.breaker_cooldown_s": 30,
             "limits.breaker_max_down_s": 300,
-        }
-    )
-    summary = run_virtual(
-        lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(down), out_dir=tmp_path / "out"
-        ),
-        settle_s=SETTLE_S,
+        },
     )
     assert summary.exit_code == 3 and "failed every request" in (summary.reason or "")
     # While open, the breaker lets one probe through per cool-down instead of hammering the API.
