@@ -182,8 +182,13 @@ class FileStore:
             return google_error(400, f"File size {size} bytes is over the limit of {MAX_FILE_BYTES} bytes.")
         if self.used_bytes() + size > MAX_PROJECT_BYTES:
             return google_error(429, f"The project's file storage of {MAX_PROJECT_BYTES} bytes is full.")
-        mime = meta.get("mimeType") or headers.get("x-goog-upload-header-content-type") or "application/octet-stream"
-        stored = self.new(display_name=meta.get("displayName"), mime_type=mime, size=size, source="UPLOADED")
+        # Proto JSON: camelCase or snake_case names (the SDK sends the latter).
+        mime = (
+            meta.get("mimeType") or meta.get("mime_type") or headers.get("x-goog-upload-header-content-type")
+            or "application/octet-stream"
+        )  # fmt: skip
+        display_name = meta.get("displayName") or meta.get("display_name")
+        stored = self.new(display_name=display_name, mime_type=mime, size=size, source="UPLOADED")
         upload_id = secrets.token_urlsafe(24)
         self._uploads[upload_id] = stored.id
         url = f"{request.base_url}upload/v1beta/files?upload_id={upload_id}&upload_protocol=resumable"
