@@ -35,7 +35,8 @@ def request(text: str) -> dict[str, Any]:
 
 
 def jsonl(keys: list[str]) -> io.BytesIO:
-    return io.BytesIO("".join(json.dumps({"key": k, "request": request(f"make {k} blue")}) + "\n" for k in keys).encode())
+    lines = (json.dumps({"key": k, "request": request(f"make {k} blue")}) + "\n" for k in keys)
+    return io.BytesIO("".join(lines).encode())
 
 
 @pytest.fixture

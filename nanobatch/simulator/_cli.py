@@ -102,7 +102,8 @@ def parse_batch_faults(values: Iterable[str]) -> dict[str, float]:
         kind, sep, number = item.partition("=")
         kind = kind.strip().lower().replace("-", "_")
         if not sep or kind not in BATCH_FAULT_KINDS:
-            raise click.BadParameter(f"expected KIND=RATE with KIND one of {', '.join(BATCH_FAULT_KINDS)}; got {item!r}")
+            kinds = ", ".join(BATCH_FAULT_KINDS)
+            raise click.BadParameter(f"expected KIND=RATE with KIND one of {kinds}; got {item!r}")
         rates[f"batch_rate_{kind}"] = _rate(number, item)
     if rates.get("batch_rate_failed", 0.0) + rates.get("batch_rate_expired", 0.0) > 1.0 + 1e-9:
         raise click.BadParameter("failed and expired rates must total at most 1: a job ends one way")

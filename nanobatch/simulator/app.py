@@ -85,9 +85,10 @@ def create_app(
     """A Starlette app serving ``POST /{version}/models/{model}:generateContent``, and the Files
     and Batch APIs (see :mod:`.batch`).
 
-    ``app.state.stats`` holds a SimulatorStats. *clock* (read only inside
-    requests) and *sleep* let tests drive time by hand; the defaults follow the
-    event loop, so a virtual clock (trio's MockClock) drives them too.
+    ``app.state.stats`` holds a SimulatorStats, ``app.state.batches`` the batch
+    jobs and files. *clock* (read only inside requests) and *sleep* let tests
+    drive time by hand; the defaults follow the event loop, so a virtual clock
+    (trio's MockClock) drives them too.
 
     >>> import httpx
     >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://sim")
@@ -99,6 +100,7 @@ def create_app(
     app = Starlette(routes=[*batches.routes(), Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
     app.state.config = config
     app.state.stats = simulator.stats
+    app.state.batches = batches
     # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
     app.state.abort_connection = None
     return app

@@ -106,10 +106,10 @@ class BatchService:
         return [
             Route("/upload/{version}/files", g(self.files.upload), methods=["POST"]),
             Route("/download/{version}/files/{target}", g(self.files.download_route), methods=["GET"]),
-            Route("/{version}/files", g(self.files.list), methods=["GET"]),
+            Route("/{version}/files", g(self.files.list_files), methods=["GET"]),
             Route("/{version}/files/{target}", g(self.files.file), methods=["GET", "DELETE"]),
             Route("/{version}/models/{model}:batchGenerateContent", g(self.create), methods=["POST"]),
-            Route("/{version}/batches", g(self.list), methods=["GET"]),
+            Route("/{version}/batches", g(self.list_jobs), methods=["GET"]),
             Route("/{version}/batches/{target}", g(self.batch), methods=["GET", "POST", "DELETE"]),
         ]
 
@@ -167,9 +167,9 @@ class BatchService:
         await self._advance(job)
         return JSONResponse(self._operation(job))
 
-    async def list(self, request: Request) -> Response:
+    async def list_jobs(self, request: Request) -> Response:
         """``GET /{version}/batches?pageSize=&pageToken=``: newest first, as ``{"operations": [...]}``."""
-        ids = [j.id for j in sorted(self._jobs.values(), key=lambda j: j.created_at, reverse=True)]
+        ids = list(reversed(self._jobs))  # created in this order
         page, token = paginate(ids, request, default_size=50, max_size=1000)
         operations = []
         for job_id in page:

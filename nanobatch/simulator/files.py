@@ -230,10 +230,10 @@ class FileStore:
             return google_error(404, f"File {file_id} not found.")
         return self.download(stored)
 
-    async def list(self, request: Request) -> Response:
+    async def list_files(self, request: Request) -> Response:
         """``GET /{version}/files?pageSize=&pageToken=``: newest first."""
-        files = sorted((f for f in self._files.values() if f.finalized), key=lambda f: f.created, reverse=True)
-        page, token = paginate([f.id for f in files], request, default_size=10, max_size=100)
+        ids = [file_id for file_id, f in reversed(self._files.items()) if f.finalized]  # created in this order
+        page, token = paginate(ids, request, default_size=10, max_size=100)
         body: dict[str, Any] = {"files": [self._files[i].resource(str(request.base_url)) for i in page]}
         if token:
             body["nextPageToken"] = token
