@@ -74,6 +74,8 @@ def test_upload_create_poll_and_download_through_the_sdk(client_at: Any) -> None
     assert uploaded.name.startswith("files/") and uploaded.state.name == "ACTIVE"
     assert uploaded.display_name == "run-1 chunk 0" and uploaded.size_bytes == len(jsonl(keys).getvalue())
 
+    assert uploaded.name in [f.name for f in client.files.list()]
+
     job = client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "run-1 chunk 0"})
     assert job.name.startswith("batches/") and job.state.name == "JOB_STATE_PENDING"
     assert job.display_name == "run-1 chunk 0" and job.model == f"models/{MODEL}"

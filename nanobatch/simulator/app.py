@@ -143,7 +143,11 @@ class _Simulator:
 
         async def guarded(request: Request) -> Response:
             self.stats.received += 1
-            response = self._check_key(request) or await endpoint(request)
+            version = request.path_params["version"]
+            response = (
+                google_error(404, f"API version {version} is not served here.") if version not in API_VERSIONS
+                else self._check_key(request) or await endpoint(request)
+            )  # fmt: skip
             self.stats.by_status[response.status_code] += 1
             logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
             return response

@@ -30,7 +30,7 @@ from nanobatch.models import lookup
 from .config import SimulatorConfig
 from .errors import InvalidRequest, google_error
 from .faults import Draw, draw
-from .files import FileStore, StoredFile, paginate, rfc3339
+from .files import FILE_LIFETIME_S, FileStore, StoredFile, paginate, rfc3339
 from .responses import Usage
 from .validation import ParsedRequest, parse_request
 
@@ -99,7 +99,9 @@ class BatchService:
         self._rng = random.Random(f"batch-{config.seed}")
         self._jobs: dict[str, _Job] = {}
         self._epoch: tuple[float, datetime] | None = None
-        self.files = FileStore(clock, self._wall, lifetime_s=48 * 3600.0 * config.time_scale)
+        # Files are deleted after 48 hours; time_scale 0 ("never wait") keeps them.
+        lifetime_s = FILE_LIFETIME_S * config.time_scale if config.time_scale > 0 else float("inf")
+        self.files = FileStore(clock, self._wall, lifetime_s=lifetime_s)
 
     def routes(self) -> list[Route]:
         g = self._guard
