@@ -178,9 +178,10 @@ class BatchClient:
                     if not exc.retryable:
                         raise
                     logger.info("upload of %s interrupted (%s); resuming", path, exc)
-                    offset = int((await self._send("POST", url, headers={"X-Goog-Upload-Command": "query"})).headers
-                                 .get("x-goog-upload-size-received", 0))  # fmt: skip
-                    await handle.seek(offset)
+                    query = await self._send("POST", url, headers={"X-Goog-Upload-Command": "query"})
+                    if query.headers.get("x-goog-upload-status") == "final":  # only the last reply was lost
+                        return _file_name(query)
+                    await handle.seek(int(query.headers.get("x-goog-upload-size-received", 0)))
         raise ApiError(f"the upload of {path} failed {_UPLOAD_RESUMES + 1} times", kind="connection", retryable=True)
 
     async def _send_chunks(self, url: str, handle: Any, size: int) -> str:
@@ -198,9 +199,7 @@ class BatchClient:
             if last or status != "active":
                 if status != "final":
                     raise ApiError(f"the upload ended with status {status!r}, not 'final'", kind="bad_response")
-                name = orjson.loads(response.content)["file"]["name"]
-                assert isinstance(name, str)
-                return name
+                return _file_name(response)
 
     async def delete_file(self, name: str) -> None:
         """Delete a file; one that is already gone (403/404, as the API answers) is fine."""
@@ -282,6 +281,17 @@ class BatchClient:
         if response.status_code == 200 or (missing_ok and response.status_code in (403, 404)):
             return response
         raise api_error(response, self._secret)
+
+
+def _file_name(response: httpx.Response) -> str:
+    """The ``files/...`` name in the answer to a finished upload."""
+    try:
+        name = orjson.loads(response.content)["file"]["name"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        name = None
+    if not isinstance(name, str) or not name:
+        raise ApiError("the finished upload's answer names no file", kind="bad_response")
+    return name
 
 
 def _files(name: str) -> str:

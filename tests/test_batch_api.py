@@ -101,6 +101,15 @@ async def test_an_upload_whose_chunk_reply_is_lost_resumes_where_the_server_stan
     assert any(r.headers.get("x-goog-upload-command") == "query" for r in transport.requests)
 
 
+async def test_an_upload_whose_last_reply_is_lost_still_names_its_one_file(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chunk.jsonl", [request_line("k")])
+    last = -(-path.stat().st_size // 256)
+    async with batch_client(chunk_bytes=256, lose_chunk=last) as (client, app, transport):
+        name = await client.upload(path, display_name="run-1 chunk 0")
+    assert stored_bytes(app, name) == path.read_bytes()
+    assert len(transport.chunks()) == last and len(list(app.state.batches.files.folder.iterdir())) == 1
+
+
 async def test_a_job_goes_pending_running_succeeded_and_its_results_stream_back(tmp_path: Path) -> None:
     clock = Clock()
     keys = [f"item-{i}" for i in range(70)]  # more than one block of the simulator's reordering

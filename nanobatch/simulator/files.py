@@ -141,7 +141,7 @@ class FileStore:
             return google_error(404, "Upload session not found or expired.")
         command = {part.strip() for part in request.headers.get("x-goog-upload-command", "").lower().split(",")}
         if command == {"query"}:
-            return _upload_status(stored, "final" if stored.finalized else "active")
+            return self._finished(request, stored) if stored.finalized else _upload_status(stored, "active")
         if stored.finalized or not command or not command <= {"upload", "finalize"}:
             return google_error(400, f"Invalid upload command {request.headers.get('x-goog-upload-command')!r}.")
         offset = request.headers.get("x-goog-upload-offset", "")
@@ -159,7 +159,10 @@ class FileStore:
                 400, f"The upload has {stored.received} bytes but {stored.declared_size} were declared."
             )
         stored.finalized = True
-        self._uploads.pop(upload_id, None)
+        return self._finished(request, stored)
+
+    def _finished(self, request: Request, stored: StoredFile) -> Response:
+        """The answer to the last chunk, and to a query after it (when that answer was lost)."""
         response = JSONResponse({"file": stored.resource(str(request.base_url))})
         response.headers.update(_status_headers(stored, "final"))
         return response
