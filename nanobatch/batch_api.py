@@ -232,7 +232,11 @@ class BatchClient:
             return ResultLine(key=None, error=error)
         key = None if data.get("key") is None else str(data["key"])
         if isinstance(data.get("response"), dict):
-            return ResultLine(key=key, reply=redact_reply(parse_reply(orjson.dumps(data["response"])), self._secret))
+            try:
+                reply = parse_reply(orjson.dumps(data["response"]))
+            except ApiError as exc:  # one malformed answer is that line's failure, not the file's
+                return ResultLine(key=key, error=exc)
+            return ResultLine(key=key, reply=redact_reply(reply, self._secret))
         status = _mapping(data.get("error")) or {"message": "the line has neither a response nor an error"}
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)
@@ -247,18 +251,17 @@ class BatchClient:
         """Create a job over an uploaded file. Not idempotent: see :meth:`find`."""
         body = {"batch": {"displayName": display_name, "inputConfig": {"fileName": file_name}}}
         response = await self._send("POST", f"/{self._version}/models/{model}:batchGenerateContent", json=body)
-        return parse_job(orjson.loads(response.content))
+        return parse_job(_json(response))
 
     async def get(self, name: str) -> BatchJob:
-        response = await self._send("GET", f"/{self._version}/{_batches(name)}")
-        return parse_job(orjson.loads(response.content))
+        return parse_job(_json(await self._send("GET", f"/{self._version}/{_batches(name)}")))
 
     async def jobs(self, *, page_size: int = 100) -> AsyncIterator[BatchJob]:
         """Every job of the project (newest first, as the API lists them), page by page."""
         token: str | None = None
         while True:
             params: dict[str, str | int] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
-            data = orjson.loads((await self._send("GET", f"/{self._version}/batches", params=params)).content)
+            data = _json(await self._send("GET", f"/{self._version}/batches", params=params))
             for operation in data.get("operations") or []:
                 yield parse_job(operation)
             token = data.get("nextPageToken")
@@ -281,6 +284,22 @@ class BatchClient:
         if response.status_code == 200 or (missing_ok and response.status_code in (403, 404)):
             return response
         raise api_error(response, self._secret)
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object a 200 carries; anything else (a proxy's page) is an error naming the endpoint."""
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise ApiError(
+            f"{response.request.method} {response.request.url} answered 200 without a JSON object: "
+            "the endpoint may not offer the Batch API (hint: use --tier flex there)",
+            kind="bad_response",
+            status_code=200,
+        )
+    return data
 
 
 def _file_name(response: httpx.Response) -> str:

@@ -219,6 +219,44 @@ async def test_an_endpoint_without_the_batch_api_fails_before_any_chunk_is_sent(
     assert caught.value.kind == "not_found" and len(seen) == 1
 
 
+async def test_every_kind_of_results_line_becomes_a_reply_or_a_classified_error() -> None:
+    good = {"candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png",
+            "data": base64.b64encode(image_bytes()).decode()}}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"totalTokenCount": 7}}  # fmt: skip
+    quota = {"code": 8, "status": "RESOURCE_EXHAUSTED", "message": "slow down",
+             "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]}  # fmt: skip
+    lines = [
+        json.dumps({"key": "ok", "response": good}),
+        json.dumps({"key": "busy", "error": quota}),
+        json.dumps({"key": "odd", "response": {"candidates": "nope"}}),
+        "not json at all",
+        "",
+    ]
+    body = "\n".join(lines).encode()
+
+    def files(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/download/v1beta/files/out:download" and request.url.params["alt"] == "media"
+        return httpx.Response(200, content=body)
+
+    async with BatchClient(base_url="http://api", api_key=KEY, transport=httpx.MockTransport(files)) as client:
+        results = [line async for line in client.results("files/out")]
+    ok, busy, odd, garbage = results
+    assert ok.key == "ok" and ok.reply is not None and len(ok.reply.images) == 1
+    assert ok.reply.usage == {"totalTokenCount": 7}  # verbatim
+    assert busy.error is not None and busy.error.kind == "rate_limited" and busy.error.retry_after == 30
+    assert odd.error is not None and odd.error.kind == "bad_response"
+    assert garbage.key is None and garbage.error is not None and garbage.error.kind == "bad_response"
+
+
+async def test_a_proxy_answering_200_with_a_web_page_gets_an_error_naming_the_endpoint() -> None:
+    def proxy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="<html>Welcome to our API portal</html>")
+
+    async with BatchClient(base_url="http://proxy", api_key=KEY, transport=httpx.MockTransport(proxy)) as client:
+        with pytest.raises(ApiError, match="http://proxy/v1beta/batches/x.*Batch API"):
+            await client.get("batches/x")
+
+
 @pytest.mark.parametrize(
     ("operation", "expected"),
     [
