@@ -14,7 +14,7 @@ import pytest
 
 from nanobatch.batch_api import BatchClient, BatchJob, ResultLine, parse_job
 from nanobatch.errors import ApiError, FatalApiError
-from nanobatch.simulator import SimulatorConfig, create_app
+from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
 from .fakes import image_bytes
 
@@ -91,6 +91,23 @@ async def test_a_file_is_uploaded_in_chunks_of_the_configured_size(tmp_path: Pat
     chunks = transport.chunks()
     assert len(chunks) == -(-path.stat().st_size // 256) and max(len(c.content) for c in chunks) == 256
     assert [c.headers["x-goog-upload-command"] for c in chunks][-2:] == ["upload", "upload, finalize"]
+
+
+async def test_the_whole_round_over_real_sockets(tmp_path: Path) -> None:
+    keys = [f"k{i}" for i in range(3)]
+    path = write_jsonl(tmp_path / "chunk.jsonl", [request_line(k) for k in keys])
+    with run_in_thread(SimulatorConfig(batch_latency_s=0)) as url:
+        async with BatchClient(base_url=url, api_key=None, chunk_bytes=1024) as client:
+            file_name = await client.upload(path, display_name="run-3 chunk 0")
+            job = await client.create(MODEL, file_name=file_name, display_name="run-3 chunk 0")
+            done = await client.get(job.name)
+            assert done.responses_file is not None
+            keys_back = sorted([line.key async for line in client.results(done.responses_file) if line.reply])
+            await client.delete_file(file_name)
+            await client.delete_file(done.responses_file)
+            await client.delete_job(job.name)
+            assert await client.find("run-3 chunk 0") == []
+    assert done.state == "succeeded" and keys_back == keys
 
 
 async def test_an_upload_whose_chunk_reply_is_lost_resumes_where_the_server_stands(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import lookup
+from nanobatch.models import ModelInfo, lookup
 
 from .config import SimulatorConfig
 from .errors import InvalidRequest, google_error
@@ -62,7 +62,8 @@ Compose = Callable[[ParsedRequest, Draw], Awaitable[tuple[dict[str, Any], Usage]
 class _Job:
     id: str
     display_name: str
-    model: str
+    model: ModelInfo
+    model_id: str
     input_file: str
     created: datetime
     created_at: float
@@ -128,7 +129,8 @@ class BatchService:
     async def create(self, request: Request) -> Response:
         """``POST /{version}/models/{model}:batchGenerateContent``: a job over an uploaded JSONL file."""
         model_id = request.path_params["model"].removeprefix("models/")
-        if lookup(model_id) is None:
+        model = lookup(model_id)
+        if model is None:
             return google_error(404, f"models/{model_id} is not found for batchGenerateContent.")
         try:
             batch = json.loads(await request.body())["batch"]
@@ -144,7 +146,7 @@ class BatchService:
         stored = self.files.get(file_name)
         if stored is None or not stored.finalized:
             return google_error(400, f"File {file_name} not found, or its upload is not finished.")
-        job = self._new_job(display_name, model_id, stored)
+        job = self._new_job(display_name, model, model_id, stored)
         if self._rng.random() < self.config.batch_rate_lost_create:
             logger.debug("batch %s created, its reply lost (fault)", job.name)
             return google_error(500, "An internal error has occurred. Please retry.")
@@ -184,13 +186,13 @@ class BatchService:
 
     # -- the job's life ---------------------------------------------------------
 
-    def _new_job(self, display_name: str, model_id: str, stored: StoredFile) -> _Job:
+    def _new_job(self, display_name: str, model: ModelInfo, model_id: str, stored: StoredFile) -> _Job:
         roll = self._rng.random()
         fate = "failed" if roll < self.config.batch_rate_failed else "succeeded"
         if fate == "succeeded" and roll < self.config.batch_rate_failed + self.config.batch_rate_expired:
             fate = "expired"
         job = _Job(
-            id=secrets.token_hex(8), display_name=display_name, model=f"models/{model_id}", input_file=stored.name,
+            id=secrets.token_hex(8), display_name=display_name, model=model, model_id=model_id, input_file=stored.name,
             created=self._wall(), created_at=self._clock(), fate=fate,
         )  # fmt: skip
         job.counts["request"] = sum(1 for line in self.files.lines(stored) if line.strip())
@@ -267,9 +269,7 @@ class BatchService:
         else:
             chance_error = _LINE_ERRORS.get(chance.fault or "")
         try:
-            model = lookup(job.model.removeprefix("models/"))
-            assert model is not None  # checked at create
-            parsed = parse_request(json.dumps(request).encode(), model=model, model_id=model.id)
+            parsed = parse_request(json.dumps(request).encode(), model=job.model, model_id=job.model_id)
             if chance_error is not None:
                 result["error"] = _status(*chance_error)
             else:
@@ -291,7 +291,7 @@ class BatchService:
             stats["pendingRequestCount"] = str(counts["request"])
         metadata: dict[str, Any] = {
             "@type": _METADATA_TYPE,
-            "model": job.model,
+            "model": f"models/{job.model_id}",
             "displayName": job.display_name,
             "inputConfig": {"fileName": job.input_file},
             "createTime": rfc3339(job.created),
