@@ -78,7 +78,7 @@ def assert_google_error(response: httpx.Response, code: int, status: str) -> str
 
 def test_public_names_match_all() -> None:
     public = {name for name in dir(simulator) if not name.startswith("_")} - {"annotations"}
-    modules = {"app", "config", "errors", "faults", "imaging", "responses", "server", "validation"}
+    modules = {"app", "batch", "config", "errors", "faults", "files", "imaging", "responses", "server", "validation"}
     assert sorted(simulator.__all__) == simulator.__all__
     assert public - modules == set(simulator.__all__)
 

@@ -8,10 +8,10 @@ from typing import Any, TypedDict
 
 import click
 
-from .config import FAULT_KINDS, SimulatorConfig
+from .config import BATCH_FAULT_KINDS, FAULT_KINDS, SimulatorConfig
 from .server import serve
 
-__all__ = ["FAULT_MIX", "LatencyOptions", "parse_fault_rates", "parse_latency", "simulate"]
+__all__ = ["FAULT_MIX", "LatencyOptions", "parse_batch_faults", "parse_fault_rates", "parse_latency", "simulate"]
 
 # How a bare ``--fault-rate 0.1`` is split across kinds: mostly transient
 # server errors, as seen from a busy model.
@@ -89,6 +89,27 @@ def parse_fault_rates(values: Iterable[str]) -> dict[str, float]:
     return rates
 
 
+def parse_batch_faults(values: Iterable[str]) -> dict[str, float]:
+    """Parse ``--batch-fault KIND=RATE`` values into SimulatorConfig field names (``batch_rate_failed``...).
+
+    >>> parse_batch_faults(["failed=0.1,lost_create=0.5"])
+    {'batch_rate_failed': 0.1, 'batch_rate_lost_create': 0.5}
+    """
+    rates: dict[str, float] = {}
+    for item in (part.strip() for value in values for part in value.split(",")):
+        if not item:
+            continue
+        kind, sep, number = item.partition("=")
+        kind = kind.strip().lower().replace("-", "_")
+        if not sep or kind not in BATCH_FAULT_KINDS:
+            kinds = ", ".join(BATCH_FAULT_KINDS)
+            raise click.BadParameter(f"expected KIND=RATE with KIND one of {kinds}; got {item!r}")
+        rates[f"batch_rate_{kind}"] = _rate(number, item)
+    if rates.get("batch_rate_failed", 0.0) + rates.get("batch_rate_expired", 0.0) > 1.0 + 1e-9:
+        raise click.BadParameter("failed and expired rates must total at most 1: a job ends one way")
+    return rates
+
+
 def _rate(number: str, item: str) -> float:
     try:
         rate = float(number)
@@ -124,6 +145,22 @@ def _rate(number: str, item: str) -> float:
     callback=lambda _ctx, _param, value: parse_fault_rates(value),
     help=f"A total rate (split in a realistic mix) or KIND=RATE; repeatable. KIND: {', '.join(FAULT_KINDS)}.",
 )
+@click.option(
+    "--batch-latency",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How long a batch job takes (times --time-scale): pending for a tenth of it, then running, then done.",
+)
+@click.option(
+    "--batch-fault",
+    "batch_faults",
+    multiple=True,
+    metavar="KIND=RATE",
+    callback=lambda _ctx, _param, value: parse_batch_faults(value),
+    help=f"Batch API faults, per job (per line for line_error); repeatable. KIND: {', '.join(BATCH_FAULT_KINDS)}.",
+)
 @click.option("--rpm-limit", type=click.IntRange(min=1), help="Requests per minute before 429 (sliding window).")
 @click.option("--daily-limit", type=click.IntRange(min=1), help="Successful (HTTP 200) requests before a per-day 429.")
 @click.option("--seed", default=0, show_default=True, help="Seed for latencies and faults (same seed, same run).")
@@ -143,6 +180,8 @@ def simulate(
     latency: LatencyOptions,
     time_scale: float,
     fault_rates: dict[str, float],
+    batch_latency: float,
+    batch_faults: dict[str, float],
     rpm_limit: int | None,
     daily_limit: int | None,
     seed: int,
@@ -157,7 +196,7 @@ def simulate(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise click.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
-    rates: dict[str, Any] = dict(fault_rates)
+    rates: dict[str, Any] = {**fault_rates, **batch_faults}
     config = SimulatorConfig(
         seed=seed,
         time_scale=time_scale,
@@ -166,6 +205,7 @@ def simulate(
         api_key=api_key,
         image_format=image_format,
         canned=canned,
+        batch_latency_s=batch_latency,
         **latency,
         **rates,
     )

@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -19,6 +20,7 @@ from starlette.routing import Route
 
 from nanobatch.models import lookup
 
+from .batch import BatchService
 from .config import SimulatorConfig
 from .errors import (
     RATE_LIMITS_URL,
@@ -44,6 +46,7 @@ _UNAUTHENTICATED = (
     "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other "
     "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
+Endpoint = Callable[[Request], Awaitable[Response]]
 _ERRORS = {
     "503": (503, "The model is overloaded. Please try again later."),
     "500": (
@@ -79,20 +82,25 @@ def create_app(
     clock: Callable[[], float] = anyio.current_time,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> Starlette:
-    """A Starlette app serving ``POST /{version}/models/{model}:generateContent``.
+    """A Starlette app serving ``POST /{version}/models/{model}:generateContent``, and the Files
+    and Batch APIs (see :mod:`.batch`).
 
-    ``app.state.stats`` holds a SimulatorStats. *clock* (read only inside
-    requests) and *sleep* let tests drive time by hand; the defaults follow the
-    event loop, so a virtual clock (trio's MockClock) drives them too.
+    ``app.state.stats`` holds a SimulatorStats, ``app.state.batches`` the batch
+    jobs and files. *clock* (read only inside requests) and *sleep* let tests
+    drive time by hand; the defaults follow the event loop, so a virtual clock
+    (trio's MockClock) drives them too.
 
     >>> import httpx
     >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://sim")
     """
     config = config or SimulatorConfig()
     simulator = _Simulator(config, clock, sleep)
-    app = Starlette(routes=[Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
+    batches = BatchService(config, compose=simulator.compose, guard=simulator.guard, clock=clock)
+    # The batch routes come first: "/{version}/models/{target}" would take ":batchGenerateContent" too.
+    app = Starlette(routes=[*batches.routes(), Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
     app.state.config = config
     app.state.stats = simulator.stats
+    app.state.batches = batches
     # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
     app.state.abort_connection = None
     return app
@@ -129,6 +137,22 @@ class _Simulator:
             stats.by_status[response.status_code] += 1
             logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
         return response
+
+    def guard(self, endpoint: Endpoint) -> Endpoint:
+        """*endpoint* behind the API key check, counted in the stats (for the Files and Batch APIs)."""
+
+        async def guarded(request: Request) -> Response:
+            self.stats.received += 1
+            version = request.path_params["version"]
+            response = (
+                google_error(404, f"API version {version} is not served here.") if version not in API_VERSIONS
+                else self._check_key(request) or await endpoint(request)
+            )  # fmt: skip
+            self.stats.by_status[response.status_code] += 1
+            logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
+            return response
+
+        return guarded
 
     async def _respond(self, request: Request) -> Response:
         version = request.path_params["version"]
@@ -208,7 +232,7 @@ class _Simulator:
         if fault == "503":
             return google_error(*_ERRORS[fault])
         if fault == "blocked":
-            return self._ok(*blocked_body(parsed, chance))
+            return self._ok(*blocked_body(parsed, chance))  # answered at once, without the model's latency
         seconds = chance.latency_s * self.config.time_scale
         if seconds > 0:
             await self._sleep(seconds)
@@ -216,14 +240,27 @@ class _Simulator:
             return google_error(*_ERRORS[fault])
         if fault == "drop":
             return await self._drop(request)
+        try:
+            return self._ok(*await self.compose(parsed, chance))
+        except InvalidRequest as exc:
+            return google_error(exc.code, exc.message)
+
+    async def compose(self, parsed: ParsedRequest, chance: Draw) -> tuple[dict[str, Any], Usage]:
+        """The 200 body for *parsed*, with the content faults of *chance*; raises InvalidRequest.
+
+        Shared by generateContent and the batch jobs, so a batch line is answered like a request.
+        """
+        fault = chance.fault
+        if fault == "blocked":
+            return blocked_body(parsed, chance)
         if fault == "image_safety":
-            return self._ok(*finish_body(parsed, chance, "IMAGE_SAFETY"))
+            return finish_body(parsed, chance, "IMAGE_SAFETY")
         if fault == "no_image":
-            return self._ok(*finish_body(parsed, chance, "NO_IMAGE"))
+            return finish_body(parsed, chance, "NO_IMAGE")
         if fault == "text_only":
-            return self._ok(*text_body(parsed, chance, TEXT_ONLY_REPLY))
+            return text_body(parsed, chance, TEXT_ONLY_REPLY)
         if "IMAGE" not in parsed.modalities:
-            return self._ok(*text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
+            return text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}")
         rendered = self._canned
         if rendered is None:
             job = functools.partial(
@@ -233,14 +270,11 @@ class _Simulator:
                 seed=chance.image_seed,
                 thought_image=chance.thought_image and parsed.model.supports_thinking,
             )
-            try:
-                rendered = await anyio.to_thread.run_sync(job)
-            except InvalidRequest as exc:
-                return google_error(exc.code, exc.message)
+            rendered = await anyio.to_thread.run_sync(job)
         self.stats.images += 1
-        return self._ok(*image_body(parsed, chance, rendered))
+        return image_body(parsed, chance, rendered)
 
-    def _ok(self, body: dict[str, object], usage: Usage) -> Response:
+    def _ok(self, body: dict[str, Any], usage: Usage) -> Response:
         if self._daily is not None:
             self._daily.used += 1
         self.stats.tokens += usage.total()
