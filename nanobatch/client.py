@@ -72,6 +72,27 @@ class GeminiClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
+        entries: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(1000):  # a server that never stops paging is not followed forever
+            params: dict[str, Any] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
+            try:
+                response = await self._http.get(self._prefix.rstrip("/"), params=params, timeout=timeout_s)
+            except httpx.HTTPError as exc:
+                raise ApiError(self._redact(f"listing models failed: {type(exc).__name__}: {exc}"),
+                               kind="connection", retryable=True) from None  # fmt: skip
+            if response.status_code != 200:
+                error = classify_error(response.status_code, response.headers, response.content)
+                raise ApiError(self._redact(error.message), kind=error.kind, status_code=response.status_code)
+            data = orjson.loads(response.content)
+            entries += [m for m in data.get("models", []) if isinstance(m, dict)]
+            token = data.get("nextPageToken") or None
+            if token is None:
+                break
+        return entries
+
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import lookup
+from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
 from .config import SimulatorConfig
 from .errors import (
@@ -44,6 +44,10 @@ _UNAUTHENTICATED = (
     "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other "
     "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
+# Unconfirmed wording: Google's flex page says shed requests fail and should be retried or sent at standard.
+FLEX_SHED_MESSAGE = (
+    "The flex tier has no capacity for this request right now. Please retry later or use the standard tier."
+)
 _ERRORS = {
     "503": (503, "The model is overloaded. Please try again later."),
     "500": (
@@ -69,6 +73,28 @@ class SimulatorStats:
     max_in_flight: int = 0
 
 
+def live_model_entries() -> list[dict[str, object]]:
+    """Entries like Google's ``models.list``: every model id that is not shut down, plus a text model."""
+    entries: list[dict[str, object]] = [{
+        "name": "models/gemini-3.5-flash", "displayName": "Gemini 3.5 Flash", "version": "3.5",
+        "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+    }]  # fmt: skip
+    for model_id in (*MODELS, *ALIASES):
+        life = lifecycle(model_id)
+        if life is None or life.status() == "shut down":
+            continue
+        entries.append({
+            "name": f"models/{model_id}",
+            "displayName": model_id.removeprefix("gemini-").replace("-", " ").title(),
+            "version": "001",
+            "inputTokenLimit": 131072 if "lite" not in model_id else 65536,
+            "outputTokenLimit": 32768 if "lite" not in model_id else 4096,
+            "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+            "thinking": bool(MODELS[model_id].supports_thinking) if model_id in MODELS else True,
+        })  # fmt: skip
+    return entries
+
+
 class _Dropped(Response):
     """Stands for "no response": the connection was aborted."""
 
@@ -90,7 +116,12 @@ def create_app(
     """
     config = config or SimulatorConfig()
     simulator = _Simulator(config, clock, sleep)
-    app = Starlette(routes=[Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/{version}/models", simulator.list_models, methods=["GET"]),
+            Route("/{version}/models/{target}", simulator.handle, methods=["POST"]),
+        ]
+    )
     app.state.config = config
     app.state.stats = simulator.stats
     # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
@@ -109,6 +140,21 @@ class _Simulator:
         self._rpm = SlidingWindow(config.rpm_limit, 60.0 * config.time_scale, clock) if config.rpm_limit else None
         self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
         self._canned = load_canned(config.canned) if config.canned else None
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /{version}/models``: the live image models (not shut-down ids), paged by ``nextPageToken``."""
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        entries = live_model_entries()
+        try:
+            size = max(1, min(1000, int(request.query_params.get("pageSize", "50"))))
+            start = int(request.query_params.get("pageToken") or 0)
+        except ValueError:
+            return google_error(400, "Invalid page size or page token.")
+        body: dict[str, object] = {"models": entries[start : start + size]}
+        if start + size < len(entries):
+            body["nextPageToken"] = str(start + size)
+        return JSONResponse(body)
 
     async def handle(self, request: Request) -> Response:
         stats = self.stats
@@ -138,7 +184,8 @@ class _Simulator:
         if (denied := self._check_key(request)) is not None:
             return denied
         model = lookup(model_id)
-        if model is None or version not in API_VERSIONS:
+        life = lifecycle(model_id)
+        if model is None or version not in API_VERSIONS or (life is not None and life.status() == "shut down"):
             return google_error(
                 404,
                 f"models/{model_id} is not found for API version {version}, or is not supported for "
@@ -150,6 +197,9 @@ class _Simulator:
             return google_error(exc.code, exc.message)
         if (refused := self._check_quota(parsed)) is not None:
             return refused
+        if parsed.service_tier == "flex" and self.config.flex_shed and self._rng.random() < self.config.flex_shed:
+            self.stats.faults["flex_shed"] += 1
+            return google_error(503, FLEX_SHED_MESSAGE)
         return await self._generate(request, parsed, draw(self.config, self._rng))
 
     def _check_key(self, request: Request) -> Response | None:
@@ -208,7 +258,7 @@ class _Simulator:
         if fault == "503":
             return google_error(*_ERRORS[fault])
         if fault == "blocked":
-            return self._ok(*blocked_body(parsed, chance))
+            return self._ok(parsed, *blocked_body(parsed, chance))
         seconds = chance.latency_s * self.config.time_scale
         if seconds > 0:
             await self._sleep(seconds)
@@ -217,13 +267,13 @@ class _Simulator:
         if fault == "drop":
             return await self._drop(request)
         if fault == "image_safety":
-            return self._ok(*finish_body(parsed, chance, "IMAGE_SAFETY"))
+            return self._ok(parsed, *finish_body(parsed, chance, "IMAGE_SAFETY"))
         if fault == "no_image":
-            return self._ok(*finish_body(parsed, chance, "NO_IMAGE"))
+            return self._ok(parsed, *finish_body(parsed, chance, "NO_IMAGE"))
         if fault == "text_only":
-            return self._ok(*text_body(parsed, chance, TEXT_ONLY_REPLY))
+            return self._ok(parsed, *text_body(parsed, chance, TEXT_ONLY_REPLY))
         if "IMAGE" not in parsed.modalities:
-            return self._ok(*text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
+            return self._ok(parsed, *text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
         rendered = self._canned
         if rendered is None:
             job = functools.partial(
@@ -238,9 +288,12 @@ class _Simulator:
             except InvalidRequest as exc:
                 return google_error(exc.code, exc.message)
         self.stats.images += 1
-        return self._ok(*image_body(parsed, chance, rendered))
+        return self._ok(parsed, *image_body(parsed, chance, rendered))
 
-    def _ok(self, body: dict[str, object], usage: Usage) -> Response:
+    def _ok(self, parsed: ParsedRequest, body: dict[str, object], usage: Usage) -> Response:
+        metadata = body.get("usageMetadata")
+        if isinstance(metadata, dict):
+            metadata["serviceTier"] = parsed.service_tier.upper()  # which tier served (and billed) it
         if self._daily is not None:
             self._daily.used += 1
         self.stats.tokens += usage.total()
