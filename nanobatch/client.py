@@ -32,7 +32,7 @@ class GeminiClient:
 
     >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
     ...                         api_key=key, auth="x-goog-api-key") as client:
-    ...     reply = await client.generate("gemini-2.5-flash-image", body, timeout_s=300)
+    ...     reply = await client.generate("gemini-nano-banana-2.1", body, timeout_s=300)
     """
 
     def __init__(
