@@ -49,7 +49,8 @@ def test_a_deprecated_model_warns_and_names_its_replacement(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert validate(tmp_path, "gemini-3.1-flash-image", GOOGLE) == 0
-    assert "gemini-3.1-flash-image is deprecated since 2026-10-06; use gemini-nano-banana-2.1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gemini-3.1-flash-image is deprecated since 2026-10-06; use gemini-nano-banana-2.1" in err
 
 
 def test_a_shut_down_id_sent_to_google_is_a_problem_before_anything_is_sent(

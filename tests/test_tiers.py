@@ -132,3 +132,21 @@ def test_pricing_overrides_can_be_set_per_tier(tmp_path: Path) -> None:
 )
 def test_the_reported_tier_is_read_from_usage_metadata(usage: dict[str, Any], tier: str | None) -> None:
     assert models.reported_tier(usage) == tier
+
+
+def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
+    """Asked for flex, served (and billed) at standard: the record says so and costs standard price."""
+    import nanobatch
+
+    from .conftest import run_virtual
+    from .fakes import USAGE, FakeGemini, ok_body
+
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "tier": "flex"}], model="gemini-nano-banana-2.1")
+    served = FakeGemini({"make the background white": [ok_body(usage={**USAGE, "serviceTier": "STANDARD"})]})
+    run_virtual(lambda: nanobatch.run_job(job, transport=served.transport, out_dir=tmp_path / "out"))
+    asked = FakeGemini()
+    run_virtual(lambda: nanobatch.run_job(job, transport=asked.transport, out_dir=tmp_path / "out2"))
+    (billed,), (flex,) = records(tmp_path / "out"), records(tmp_path / "out2")
+    assert json.loads(served.requests[0].content)["serviceTier"] == "FLEX"
+    assert billed["tier"] == "standard" and flex["tier"] == "flex"
+    assert billed["cost_usd"] == pytest.approx(2 * flex["cost_usd"])
