@@ -137,6 +137,11 @@ def _settings_options(f: Any) -> Any:
             help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>).",
         ),
         click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
+        click.option(
+            "--tier",
+            type=click.Choice(["standard", "flex", "priority"]),
+            help="Service tier for items that do not name one: flex costs half (and may be shed), priority more.",
+        ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most."),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
@@ -164,6 +169,7 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
         overrides={
             "api.model": flags.get("model"),
             "api.base_url": flags.get("base_url"),
+            "api.tier": flags.get("tier"),
             "limits.concurrency": flags.get("concurrency"),
             "limits.requests_per_minute": flags.get("rpm"),
             "limits.grace_s": flags.get("grace"),
@@ -383,6 +389,62 @@ def report(out_dir: str) -> None:
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {written}")
+
+
+@cli.command("models")
+@click.option("--live", is_flag=True, help="Also list what the configured endpoint serves, and compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, for scripts.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file (for --live).")
+@click.option("--base-url", help="API base URL (for --live).")
+def models_command(live: bool, as_json: bool, config_file: str | None, base_url: str | None) -> None:
+    """The model table: status, limits, and the price of one image per size and tier."""
+    from .catalog import compare_live, model_rows
+
+    rows = model_rows()
+    result: dict[str, Any] = {"models": rows}
+    if live:
+        settings = _settings(config_file, base_url=base_url)
+        _install_redaction(settings)
+        result["live"] = compare_live(anyio.run(_list_live, settings))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for row in rows:
+        prices = "; ".join(
+            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
+            for tier, by_size in row["image_price_usd"].items()
+        )
+        click.echo(
+            f"{row['id']}: {_status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; {prices}"
+        )
+    if live:
+        found = result["live"]
+        click.echo(f"endpoint lists {len(found['listed'])} models")
+        click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
+        click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
+        click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
+
+
+def _status_text(row: dict[str, Any]) -> str:
+    text = str(row["status"])
+    if row["status"] == "shut down":
+        text += f" at Google since {row['shutdown']}" + (" (proxies map it)" if row["proxies_map"] else "")
+    elif row["status"] == "deprecated":
+        text += f" since {row['deprecated']}"
+    if row["replacement"] and row["status"] in ("deprecated", "shut down"):
+        text += f", use {row['replacement']}"
+    return text
+
+
+async def _list_live(settings: Settings) -> list[dict[str, Any]]:
+    from .client import GeminiClient
+
+    api = settings.api
+    async with GeminiClient(
+        base_url=api.base_url, api_key=read_api_key(settings), auth=api.auth, api_version=api.api_version
+    ) as client:
+        return await client.list_models()
 
 
 def _add_simulate() -> None:

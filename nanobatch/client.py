@@ -34,7 +34,7 @@ class GeminiClient:
 
     >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
     ...                         api_key=key, auth="x-goog-api-key") as client:
-    ...     reply = await client.generate("gemini-2.5-flash-image", body, timeout_s=300)
+    ...     reply = await client.generate("gemini-nano-banana-2.1", body, timeout_s=300)
     """
 
     def __init__(
@@ -68,6 +68,23 @@ class GeminiClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
+        entries: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(1000):  # a server that never stops paging is not followed forever
+            params: dict[str, Any] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
+            with http_errors(self._secret):
+                response = await self._http.get(self._prefix.rstrip("/"), params=params, timeout=timeout_s)
+            if response.status_code != 200:
+                raise api_error(response, self._secret)
+            data = orjson.loads(response.content)
+            entries += [m for m in data.get("models", []) if isinstance(m, dict)]
+            token = data.get("nextPageToken") or None
+            if token is None:
+                break
+        return entries
 
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""

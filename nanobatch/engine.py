@@ -60,6 +60,7 @@ class RunStats:
     in_flight: int = 0
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
     rpm_limit: float | None = None
+    fallbacks: int = 0  # flex items finally sent at standard price
 
     @property
     def done(self) -> int:
@@ -84,6 +85,8 @@ class RunStats:
 
 # Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
 _WRITE_QUEUE_BYTES = 32 * 1024 * 1024
+# What a shed flex request looks like: overload answers (429 without a daily quota, 503), retried on flex first.
+SHED_KINDS = frozenset({"rate_limited", "overloaded"})
 
 
 def _spare_workers(concurrency: int) -> int:
@@ -197,6 +200,8 @@ class Engine:
         on_record: Callable[[dict[str, Any]], None] | None = None,
         run_id: str = "",
         inputs: InputLoader | None = None,
+        tier: str = "standard",
+        flex_fallback: bool = True,
     ) -> None:
         self.client = client
         self.gate = gate
@@ -205,6 +210,8 @@ class Engine:
         self.retry = retry
         self.timeout_s = timeout_s
         self.pricing = pricing
+        self.tier = tier
+        self.flex_fallback = flex_fallback
         self.concurrency = concurrency
         self.force = force
         self.retry_failed = retry_failed
@@ -299,6 +306,8 @@ class Engine:
             "inputs": list(item.inputs),
             "aspect_ratio": item.aspect_ratio,
             "image_size": item.image_size,
+            "tier": item.tier or self.tier,
+            "fallback": False,
             "started_at": _utc(started),
             "finished_at": None,
         }
@@ -372,6 +381,32 @@ class Engine:
         step: dict[str, Any],
         sent_at: list[float],
     ) -> Reply:
+        """One step in the item's tier; a flex request still shed after its retries goes out at standard
+        price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the summary)."""
+        tier = "standard" if record["fallback"] else item.tier or self.tier
+        try:
+            return await self._send_in(tier, item, instruction, images, record, step, sent_at)
+        except FatalApiError:
+            raise
+        except ApiError as exc:
+            if tier != "flex" or not self.flex_fallback or exc.kind not in SHED_KINDS:
+                raise
+            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
+            record["fallback"] = True
+            self.stats.fallbacks += 1
+            return await self._send_in("standard", item, instruction, images, record, step, sent_at)
+
+    async def _send_in(
+        self,
+        tier: str,
+        item: WorkItem,
+        instruction: str,
+        images: list[Image],
+        record: dict[str, Any],
+        step: dict[str, Any],
+        sent_at: list[float],
+    ) -> Reply:
+        record["tier"] = tier
         body = build_request(
             instruction,
             images,
@@ -379,12 +414,15 @@ class Engine:
             aspect_ratio=item.aspect_ratio,
             image_size=item.image_size,
             thinking_level=item.thinking_level,
+            service_tier=tier,
         )
-        pricing = models.pricing_for(item.model, self.pricing)
+        pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(
             item.model, instruction=instruction, n_images=len(images), image_size=item.image_size, pricing=pricing
         )
         timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
+        if tier == "flex":
+            timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
 
         async def attempt() -> Reply:
             async with self.gate.request(worst) as ticket:
@@ -399,7 +437,13 @@ class Engine:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
                 finally:
                     self.stats.in_flight = self.gate.in_flight - 1
-                ticket.cost_usd = models.usage_cost(reply.usage, pricing)
+                served = models.reported_tier(reply.usage)
+                if served is not None and served != tier:
+                    record["tier"] = served
+                ticket.cost_usd = models.usage_cost(
+                    reply.usage,
+                    pricing if served in (None, tier) else models.pricing_for(item.model, self.pricing, served),
+                )
             record["cost_usd"] += ticket.cost_usd
             self._note_reply(record, step, reply)
             try:

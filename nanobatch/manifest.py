@@ -42,6 +42,7 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
+SYNC_TIERS = ("standard", "flex", "priority")
 # File systems take names of up to 255 bytes; nanobatch may add up to 16 to an output name
 # (".step12-3.webp"). Caught here, a name too long costs nothing; at the write, a paid request.
 _NAME_MAX = 255
@@ -67,6 +68,7 @@ class ItemFields(BaseModel):
     image_size: str | None = None
     response_modalities: list[str] | None = None
     thinking_level: str | None = None
+    tier: str | None = None
     output: str | None = None
     keep_steps: bool | None = None
     resize_inputs: bool | None = None
@@ -103,6 +105,7 @@ class WorkItem:
     image_size: str | None = None
     response_modalities: tuple[str, ...] = ("IMAGE",)
     thinking_level: str | None = None
+    tier: str | None = None  # None: the configured api.tier
     output: str | None = None
     keep_steps: bool = False
     resize_inputs: bool = False
@@ -548,6 +551,7 @@ def _build_item(
         image_size=f.image_size,
         response_modalities=modalities,
         thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
+        tier=f.tier.lower() if f.tier is not None else None,
         output=output,
         keep_steps=bool(f.keep_steps),
         resize_inputs=bool(f.resize_inputs),
@@ -558,8 +562,12 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if f.tier is not None and f.tier.lower() not in SYNC_TIERS:
+        bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(SYNC_TIERS)}")
     if info is None:
         return
+    if f.tier is not None and f.tier.lower() in SYNC_TIERS and f.tier.lower() not in info.tiers:
+        bad("tier", f"{info.id} is not sold in the {f.tier.lower()} tier; choose one of {', '.join(info.tiers)}")
     if f.aspect_ratio is not None and f.aspect_ratio not in info.aspect_ratios:
         choices = ", ".join(info.aspect_ratios)
         bad("aspect_ratio", f"{info.id} does not support {f.aspect_ratio!r}; choose one of {choices}")

@@ -127,10 +127,13 @@ def check_job(
     likely = worst = 0.0
     longest = 0  # steps of the longest item: they go one after another
 
+    lifecycle = _LifecycleCheck(str(manifest.path), settings)
+
     def add_cost(item: WorkItem) -> None:
         nonlocal likely, worst, longest
         longest = max(longest, len(item.steps))
-        pricing = models.pricing_for(item.model, settings.pricing)
+        lifecycle.check(item)
+        pricing = models.pricing_for(item.model, settings.pricing, item.tier or settings.api.tier)
         n_images = len(item.inputs)
         for instruction in item.steps:
             low, high = models.request_cost_range(
@@ -142,7 +145,11 @@ def check_job(
         urls.add(item)
 
     report = manifest.check(visit=add_cost, out_dir=target)
-    problems = report.problems + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+    problems = (
+        report.problems
+        + lifecycle.problems
+        + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+    )
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
@@ -164,6 +171,39 @@ def check_job(
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
     )
+
+
+class _LifecycleCheck:
+    """Retired models and unsold tiers, once per model: a shut-down id sent to Google is a problem (it would
+    fail there), to a proxy (which maps old ids) or when deprecated, a warning naming the replacement."""
+
+    def __init__(self, file: str, settings: Settings) -> None:
+        self.file = file
+        self.base_url = settings.api.base_url
+        self.tier = settings.api.tier
+        self.problems: list[Problem] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._models: set[str] = set()
+
+    def check(self, item: WorkItem) -> None:
+        tier = item.tier or self.tier
+        if (item.model, tier) in self._seen:
+            return
+        self._seen.add((item.model, tier))
+        found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
+        self._models.add(item.model)
+        if found is not None:
+            level, message = found
+            if level == "error":
+                self.problems.append(Problem(self.file, item.id, "model", message))
+            else:
+                logger.warning("%s", message)
+        info = models.lookup(item.model)
+        if item.tier is None and info is not None and tier not in info.tiers:
+            self.problems.append(Problem(
+                self.file, item.id, "tier",
+                f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
+            ))  # fmt: skip
 
 
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
@@ -289,7 +329,7 @@ async def run_job(
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )
-        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started)
+        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
         summary["last_run"]["run"] = run_id
         summary["last_run"]["recovered_in_flight"] = len(orphans)
         atomic_write(target / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
@@ -341,6 +381,8 @@ def _engine(
         retry=policy,
         timeout_s=settings.api.timeout_s,
         pricing=dict(settings.pricing),
+        tier=settings.api.tier,
+        flex_fallback=limits.flex_fallback,
         concurrency=limits.concurrency,
         force=force,
         retry_failed=retry_failed,
@@ -395,6 +437,7 @@ def _summary(
     index: ResultsIndex,
     gate: Gate,
     started: float,
+    settings_tier: str = "standard",
 ) -> dict[str, Any]:
     folder = index.totals()
     finished = time.time()
@@ -420,6 +463,8 @@ def _summary(
             "retries": dict(stats.retries),
             "tokens": dict(stats.tokens),
             "cost_usd": round(stats.cost_usd, 6),
+            "tier": settings_tier,
+            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
             "spent_usd": round(gate.budget.spent_usd, 6),
             "latency_s": {
                 "p50": _percentile(stats.latencies, 0.5),

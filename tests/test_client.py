@@ -242,7 +242,7 @@ async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> 
             replies = []
 
             async def one() -> None:
-                replies.append(await client.generate("gemini-3.1-flash-image-preview", body, timeout_s=30))
+                replies.append(await client.generate("gemini-3.1-flash-image", body, timeout_s=30))
 
             async with anyio.create_task_group() as tg:
                 for _ in range(60):

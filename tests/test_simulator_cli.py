@@ -19,7 +19,7 @@ from nanobatch.simulator import _cli as simulate_cli
 from nanobatch.simulator._cli import FAULT_MIX, parse_batch_faults, parse_fault_rates, parse_latency, simulate
 from nanobatch.simulator.faults import sample_latency
 
-PATH = "/v1beta/models/gemini-3.1-flash-image-preview:generateContent"
+PATH = "/v1beta/models/gemini-3.1-flash-image:generateContent"
 
 
 def payload() -> dict[str, Any]:

@@ -172,6 +172,13 @@ def _rate(number: str, item: str) -> float:
     type=click.Path(exists=True, dir_okay=False),
     help="Answer every image request with this image file (read once) instead of editing the input: for benchmarks.",
 )
+@click.option(
+    "--flex-shed",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of flex-tier requests shed with a 503, as Google sheds flex traffic under load.",
+)
 @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
 def simulate(
     *,
@@ -188,6 +195,7 @@ def simulate(
     api_key_env: str | None,
     image_format: str,
     canned: str | None,
+    flex_shed: float,
     verbose: bool,
 ) -> None:
     """Serve the built-in Gemini simulator (no key, no network, real edited images)."""
@@ -206,6 +214,7 @@ def simulate(
         image_format=image_format,
         canned=canned,
         batch_latency_s=batch_latency,
+        flex_shed=flex_shed,
         **latency,
         **rates,
     )

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import lookup
+from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
 from .batch import BatchService
 from .config import SimulatorConfig
@@ -47,6 +47,10 @@ _UNAUTHENTICATED = (
     "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
 Endpoint = Callable[[Request], Awaitable[Response]]
+# Unconfirmed wording: Google's flex page says shed requests fail and should be retried or sent at standard.
+FLEX_SHED_MESSAGE = (
+    "The flex tier has no capacity for this request right now. Please retry later or use the standard tier."
+)
 _ERRORS = {
     "503": (503, "The model is overloaded. Please try again later."),
     "500": (
@@ -70,6 +74,28 @@ class SimulatorStats:
     tokens: int = 0  # sum of the totalTokenCount of every 200
     in_flight: int = 0
     max_in_flight: int = 0
+
+
+def live_model_entries() -> list[dict[str, object]]:
+    """Entries like Google's ``models.list``: every model id that is not shut down, plus a text model."""
+    entries: list[dict[str, object]] = [{
+        "name": "models/gemini-3.5-flash", "displayName": "Gemini 3.5 Flash", "version": "3.5",
+        "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+    }]  # fmt: skip
+    for model_id in (*MODELS, *ALIASES):
+        life = lifecycle(model_id)
+        if life is None or life.status() == "shut down":
+            continue
+        entries.append({
+            "name": f"models/{model_id}",
+            "displayName": model_id.removeprefix("gemini-").replace("-", " ").title(),
+            "version": "001",
+            "inputTokenLimit": 131072 if "lite" not in model_id else 65536,
+            "outputTokenLimit": 32768 if "lite" not in model_id else 4096,
+            "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+            "thinking": bool(MODELS[model_id].supports_thinking) if model_id in MODELS else True,
+        })  # fmt: skip
+    return entries
 
 
 class _Dropped(Response):
@@ -97,7 +123,13 @@ def create_app(
     simulator = _Simulator(config, clock, sleep)
     batches = BatchService(config, compose=simulator.compose, guard=simulator.guard, clock=clock)
     # The batch routes come first: "/{version}/models/{target}" would take ":batchGenerateContent" too.
-    app = Starlette(routes=[*batches.routes(), Route("/{version}/models/{target}", simulator.handle, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            *batches.routes(),
+            Route("/{version}/models", simulator.list_models, methods=["GET"]),
+            Route("/{version}/models/{target}", simulator.handle, methods=["POST"]),
+        ]
+    )
     app.state.config = config
     app.state.stats = simulator.stats
     app.state.batches = batches
@@ -117,6 +149,21 @@ class _Simulator:
         self._rpm = SlidingWindow(config.rpm_limit, 60.0 * config.time_scale, clock) if config.rpm_limit else None
         self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
         self._canned = load_canned(config.canned) if config.canned else None
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /{version}/models``: the live image models (not shut-down ids), paged by ``nextPageToken``."""
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        entries = live_model_entries()
+        try:
+            size = max(1, min(1000, int(request.query_params.get("pageSize", "50"))))
+            start = int(request.query_params.get("pageToken") or 0)
+        except ValueError:
+            return google_error(400, "Invalid page size or page token.")
+        body: dict[str, object] = {"models": entries[start : start + size]}
+        if start + size < len(entries):
+            body["nextPageToken"] = str(start + size)
+        return JSONResponse(body)
 
     async def handle(self, request: Request) -> Response:
         stats = self.stats
@@ -162,7 +209,8 @@ class _Simulator:
         if (denied := self._check_key(request)) is not None:
             return denied
         model = lookup(model_id)
-        if model is None or version not in API_VERSIONS:
+        life = lifecycle(model_id)
+        if model is None or version not in API_VERSIONS or (life is not None and life.status() == "shut down"):
             return google_error(
                 404,
                 f"models/{model_id} is not found for API version {version}, or is not supported for "
@@ -174,6 +222,9 @@ class _Simulator:
             return google_error(exc.code, exc.message)
         if (refused := self._check_quota(parsed)) is not None:
             return refused
+        if parsed.service_tier == "flex" and self.config.flex_shed and self._rng.random() < self.config.flex_shed:
+            self.stats.faults["flex_shed"] += 1
+            return google_error(503, FLEX_SHED_MESSAGE)
         return await self._generate(request, parsed, draw(self.config, self._rng))
 
     def _check_key(self, request: Request) -> Response | None:
@@ -232,7 +283,7 @@ class _Simulator:
         if fault == "503":
             return google_error(*_ERRORS[fault])
         if fault == "blocked":
-            return self._ok(*blocked_body(parsed, chance))  # answered at once, without the model's latency
+            return self._ok(parsed, *blocked_body(parsed, chance))  # answered at once, without the model's latency
         seconds = chance.latency_s * self.config.time_scale
         if seconds > 0:
             await self._sleep(seconds)
@@ -241,7 +292,7 @@ class _Simulator:
         if fault == "drop":
             return await self._drop(request)
         try:
-            return self._ok(*await self.compose(parsed, chance))
+            return self._ok(parsed, *await self.compose(parsed, chance))
         except InvalidRequest as exc:
             return google_error(exc.code, exc.message)
 
@@ -274,7 +325,10 @@ class _Simulator:
         self.stats.images += 1
         return image_body(parsed, chance, rendered)
 
-    def _ok(self, body: dict[str, Any], usage: Usage) -> Response:
+    def _ok(self, parsed: ParsedRequest, body: dict[str, Any], usage: Usage) -> Response:
+        metadata = body.get("usageMetadata")
+        if isinstance(metadata, dict):
+            metadata["serviceTier"] = parsed.service_tier.upper()  # which tier served (and billed) it
         if self._daily is not None:
             self._daily.used += 1
         self.stats.tokens += usage.total()

@@ -71,6 +71,8 @@ class SimulatorConfig:
     batch_rate_expired: float = 0.0
     batch_rate_line_error: float = 0.0
     batch_rate_lost_create: float = 0.0
+    # Share of flex requests shed with a 503 UNAVAILABLE, as Google sheds flex traffic under load.
+    flex_shed: float = 0.0
 
     def __post_init__(self) -> None:
         if self.latency not in LATENCY_MODELS:
@@ -80,6 +82,8 @@ class SimulatorConfig:
         for name, rate in self.fault_rates().items():
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {rate}")
+        if not 0.0 <= self.flex_shed <= 1.0:
+            raise ValueError(f"flex_shed must be between 0 and 1, not {self.flex_shed}")
         if sum(self.fault_rates().values()) > 1.0 + 1e-9:
             raise ValueError("fault rates must add up to at most 1")
         if self.batch_latency_s < 0:
