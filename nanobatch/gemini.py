@@ -115,8 +115,8 @@ def build_request(
 ) -> dict[str, Any]:
     """The JSON body of a ``generateContent`` call: the instruction, then each image, in order.
 
-    *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` (written in capitals, as in
-    Google's REST example for generateContent); standard, the default, is left out.
+    *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
+    google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
     """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
@@ -129,7 +129,7 @@ def build_request(
         generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
     if service_tier is not None and service_tier != "standard":
-        body["serviceTier"] = service_tier.upper()
+        body["serviceTier"] = service_tier.lower()
     return body
 
 

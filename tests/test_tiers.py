@@ -27,8 +27,8 @@ retry: {max_attempts: 3, backoff_initial_s: 0.01, backoff_max_s: 0.02, no_image_
     [
         pytest.param(None, None, id="none"),
         pytest.param("standard", None, id="standard-left-out"),
-        pytest.param("flex", "FLEX", id="flex"),
-        pytest.param("priority", "PRIORITY", id="priority"),
+        pytest.param("flex", "flex", id="flex"),
+        pytest.param("priority", "priority", id="priority"),
     ],
 )
 def test_the_tier_is_the_bodys_top_level_service_tier(tier: str | None, wire: str | None) -> None:
@@ -147,6 +147,6 @@ def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
     asked = FakeGemini()
     run_virtual(lambda: nanobatch.run_job(job, transport=asked.transport, out_dir=tmp_path / "out2"))
     (billed,), (flex,) = records(tmp_path / "out"), records(tmp_path / "out2")
-    assert json.loads(served.requests[0].content)["serviceTier"] == "FLEX"
+    assert json.loads(served.requests[0].content)["serviceTier"] == "flex"
     assert billed["tier"] == "standard" and flex["tier"] == "flex"
     assert billed["cost_usd"] == pytest.approx(2 * flex["cost_usd"])
