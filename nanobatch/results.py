@@ -9,28 +9,60 @@ process died mid-write) is skipped with a warning when the file is read.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
 
 from ._scratch import scratch_db
+from .lock import LOCK_FILE
 
-__all__ = ["IndexEntry", "ResultsIndex", "ResultsLog", "atomic_write", "fsync_dir", "is_done", "read_records"]
+__all__ = [
+    "IndexEntry",
+    "ResultsIndex",
+    "ResultsLog",
+    "atomic_write",
+    "fsync_dir",
+    "is_done",
+    "read_records",
+    "reserved_name_problem",
+]
 
 logger = logging.getLogger("nanobatch")
 
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.json"
+JOURNAL_FILE = "journal.jsonl"
+REPORT_FILE = "report.html"
+# nanobatch's own files at the top of the output folder: no output name may use them, as a file or a folder.
+RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FILE, LOCK_FILE})
+# Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
+RESERVED_PREFIX = ".nanobatch"
+# Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
 
 
-# Temporary file names: unique within the process (the pid makes them unique across processes).
+# Temporary file names: unique within the process (the pid makes them unique across processes), and in
+# nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
 _temp_names = itertools.count()
+_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[0-9]+-[0-9]+\.tmp")
+
+
+def reserved_name_problem(name: str) -> str | None:
+    """Why the output name *name* (relative to the output folder) would fall on nanobatch's own files, or None."""
+    parts = name.replace(os.sep, "/").split("/")
+    if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
+        return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
+    if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):
+        return f"the output name {name!r} starts with {RESERVED_PREFIX!r}: such names are nanobatch's own files"
+    return None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -41,11 +73,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     is what an image's write mostly costs. Paths are strings (os.path, not pathlib, which interns
     every name it parses for good).
     """
-    folder, name = os.path.split(os.fspath(path))
+    folder = os.path.dirname(os.fspath(path))
     # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
-    # Only the first 40 characters of the name: a name near the file system's limit (255 bytes) must
-    # leave room for the dot, the pid, the counter and the suffix.
-    tmp = os.path.join(folder, f".{name[:40]}.{os.getpid()}-{next(_temp_names)}.tmp")
+    tmp = os.path.join(folder, f"{RESERVED_PREFIX}-{os.getpid()}-{next(_temp_names)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o666)
@@ -80,12 +110,19 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 
 
 def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete half-written temporary files a killed run left behind (call with the folder's lock held)."""
+    """Delete half-written temporary files a killed run left behind (call with the folder's lock held).
+
+    Only files named as :func:`atomic_write` names them (``.nanobatch-<pid>-<n>.tmp``), in the output
+    folder's own tree (symbolic links are not followed): nothing of the user's, whatever its name.
+    """
     removed = 0
-    for path in out_dir.rglob(".*.tmp"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed += 1
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            if _TEMP_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                removed += 1
     if removed:
         logger.info("removed %d half-written temporary files left by an interrupted run", removed)
     return removed
@@ -120,6 +157,7 @@ class IndexEntry(NamedTuple):
     # {path: (size, mtime_ns, sha256)} of each local input, so an unchanged file need not be read again.
     stamps: dict[str, tuple[int, int, str]] = {}  # shared default, never mutated
     run: str | None = None
+    files: tuple[str, ...] = ()  # every file the record wrote: its outputs and its kept steps' outputs
 
 
 def _stamps(encoded: bytes | None) -> dict[str, tuple[int, int, str]]:
@@ -137,12 +175,34 @@ _INDEX_SCHEMA = """
 CREATE TABLE entries (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, outputs BLOB NOT NULL,
     prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
-    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT
+    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB
 ) WITHOUT ROWID;
+CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
 """
-_COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run"
-_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files"
+_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
+_OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
+
+
+def record_files(record: dict[str, Any]) -> list[str]:
+    """The files *record* says its item wrote: its outputs, then its kept steps' outputs."""
+    files = [str(name) for name in record.get("outputs") or ()]
+    for step in record.get("steps") or ():
+        if isinstance(step, dict):
+            files += (str(name) for name in step.get("outputs") or ())
+    return files
+
+
+def _owned_rows(records: Iterable[dict[str, Any]]) -> Iterator[tuple[bytes, str]]:
+    for record in records:
+        item_id = str(record["id"])
+        for name in record_files(record):
+            yield _name_key(name), item_id
+
+
+def _name_key(name: str) -> bytes:
+    return name.replace(os.sep, "/").encode("utf-8", "surrogatepass")
 
 
 def _row(record: dict[str, Any]) -> tuple[Any, ...]:
@@ -163,6 +223,7 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
         error.get("kind") if isinstance(error, dict) else None,
         orjson.dumps(list(zip(record.get("inputs") or (), stamps, strict=False))) if stamps else None,
         record.get("run"),
+        orjson.dumps(record_files(record)) if record.get("steps") else None,  # None: the outputs, no steps
     )
 
 
@@ -184,9 +245,12 @@ class ResultsIndex:
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
         index = cls()
+        records = read_records(out_dir / RESULTS_FILE)
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
-            index._db.executemany(_UPSERT, map(_row, read_records(out_dir / RESULTS_FILE)))
+            while chunk := list(itertools.islice(records, 1000)):
+                index._db.executemany(_UPSERT, map(_row, chunk))
+                index._db.executemany(_OWN, _owned_rows(chunk))
         return index
 
     def close(self) -> None:
@@ -204,22 +268,34 @@ class ResultsIndex:
 
     def add(self, record: dict[str, Any]) -> None:
         self._db.execute(_UPSERT, _row(record))
+        self._db.executemany(_OWN, _owned_rows([record]))
+
+    def owned(self, item_id: str, names: Iterable[str]) -> frozenset[str]:
+        """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest):
+        files a new result of that item may replace."""
+        return frozenset(
+            name
+            for name in names
+            if self._db.execute("SELECT id FROM owned WHERE name = ?", (_name_key(name),)).fetchone() == (item_id,)
+        )
 
     def get(self, item_id: str) -> IndexEntry | None:
         """The latest record of *item_id*, or None if it has none."""
         row = self._db.execute(_SELECT, (item_id,)).fetchone()
         if row is None:
             return None
-        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run = row
+        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run, files = row
+        names = tuple(str(name) for name in orjson.loads(outputs))
         return IndexEntry(
             status,
             key,
-            tuple(str(name) for name in orjson.loads(outputs)),
+            names,
             (_int(prompt), _int(candidates), _int(thoughts), _int(total)),
             cost if isinstance(cost, float) else 0.0,
             error_kind,
             _stamps(stamps),
             run,
+            tuple(str(name) for name in orjson.loads(files)) if files else names,
         )
 
     def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
@@ -332,9 +408,6 @@ class ResultsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-JOURNAL_FILE = "journal.jsonl"
 
 
 class Journal:
