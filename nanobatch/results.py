@@ -52,7 +52,7 @@ TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount"
 # Temporary file names: unique within the process (the pid makes them unique across processes), and in
 # nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
 _temp_names = itertools.count()
-_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[0-9]+-[0-9]+\.tmp")
+_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
 
 
 def reserved_name_problem(name: str) -> str | None:
@@ -112,7 +112,7 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 def remove_stale_temp_files(out_dir: Path) -> int:
     """Delete half-written temporary files a killed run left behind (call with the folder's lock held).
 
-    Only files named as :func:`atomic_write` names them (``.nanobatch-<pid>-<n>.tmp``), in the output
+    Only files named as nanobatch names them (``.nanobatch-<pid>-<n>.tmp``, ``.nanobatch-report-*.tmp``), in the output
     folder's own tree (symbolic links are not followed): nothing of the user's, whatever its name.
     """
     removed = 0
