@@ -226,3 +226,21 @@ def test_a_move_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
     assert run(job, fake, None).exit_code == 1 and len(fake.requests) == 1
     assert (out / "sale" / "s1.png").read_bytes() == b"someone else's" and (out / "shoes" / "s1.png").is_file()
     assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
+
+
+def test_a_moved_item_takes_its_kept_steps_along(tmp_path: Path) -> None:
+    job = catalog(tmp_path, [("s1", "shoes")], output_dir="out")
+    text = job.read_text().replace(
+        "    instruction: make the background white\n",
+        "    output: '{category}/{id}.png'\n    keep_steps: true\n    steps: [crop it, make the background white]\n",
+    )
+    job.write_text(text)
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    assert run(job, fake, None).exit_code == 0 and len(fake.requests) == 2
+    catalog(tmp_path, [("s1", "sale")], output_dir="out")
+    job.write_text(text)
+    assert run(job, fake, None).exit_code == 0 and len(fake.requests) == 2
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["sale/s1.png", "sale/s1.step1.png"]
+    record = latest(out)["s1"]
+    assert record["outputs"] == ["sale/s1.png"] and record["steps"][0]["outputs"] == ["sale/s1.step1.png"]
