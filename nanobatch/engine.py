@@ -555,20 +555,24 @@ class Engine:
     def _put_files(self, finished: _Finished, folders: set[str]) -> None:
         """Move and write one item's files; on an error, undo what it did here and raise."""
         undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
+        target = ""
         try:
             for old, new in finished.moves:
                 src, dst = os.path.join(self.out_dir, old), self._claim(new, finished)
+                target = dst
                 _move(src, dst)
                 undo.append((dst, src))
                 folders.update((os.path.dirname(src), os.path.dirname(dst)))
             for name, data in finished.files:
-                path = self._claim(name, finished)
+                target = path = self._claim(name, finished)
                 existed = os.path.lexists(path)
                 atomic_write(path, data)
                 if not existed:
                     undo.append((path, None))
                 folders.add(os.path.dirname(path))
-        except OSError:
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and target:
+                exc.filename = target  # the image's name, not its temporary file's
             for done, origin in reversed(undo):
                 with contextlib.suppress(OSError):
                     if origin is not None:

@@ -325,18 +325,17 @@ class _Claims:
         steps = range(1, len(item.steps)) if item.keep_steps else range(0)
         field = "output" if item.output else "id"
         for n, path in enumerate(item.inputs):
-            if (place := places.of_input(path)) is None:
-                continue
-            db.execute("INSERT OR IGNORE INTO reads VALUES (?, ?, ?)", (place, item.id, path))
-            row = db.execute("SELECT owner FROM writes WHERE place = ?", (place,)).fetchone()
-            if row is not None:  # an earlier item's (its own: below)
-                where = "image" if len(item.inputs) == 1 else f"images[{n}]"
-                return where, f"{path} is where item {row[0]!r} writes its image: the run would write over it"
+            for place in places.of_input(path):
+                db.execute("INSERT OR IGNORE INTO reads VALUES (?, ?, ?)", (place, item.id, path))
+                row = db.execute("SELECT owner FROM writes WHERE place = ?", (place,)).fetchone()
+                if row is not None:  # an earlier item's (its own: below)
+                    where = "image" if len(item.inputs) == 1 else f"images[{n}]"
+                    return where, f"the image of item {row[0]!r} would be written over this input, {path}"
         for stem in [item.stem, *(f"{item.stem}.step{n}" for n in steps)]:
-            if (place := places.of_output(stem)) is None:
+            if (spot := places.of_output(stem)) is None:
                 continue
-            db.execute("INSERT OR IGNORE INTO writes VALUES (?, ?)", (place, item.id))
-            if row := db.execute("SELECT owner, path FROM reads WHERE place = ?", (place,)).fetchone():
+            db.execute("INSERT OR IGNORE INTO writes VALUES (?, ?)", (spot, item.id))
+            if row := db.execute("SELECT owner, path FROM reads WHERE place = ?", (spot,)).fetchone():
                 whose = "its own input" if row[0] == item.id else f"an input of item {row[0]!r}"
                 return field, f"its image would be written over {row[1]}, {whose}: choose another output folder or name"
         return None
@@ -359,13 +358,20 @@ class _Places:
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
-    def of_input(self, path: str) -> bytes | None:
-        """None for a URL, or a file outside the output folder or without an image extension (never written)."""
+    def of_input(self, path: str) -> list[bytes]:
+        """Where a write would replace the local input *path* or its content: its name, and the file it links
+        to (if it is a symbolic link); only those in the output folder with an image extension (the others are
+        never written)."""
         if _SCHEME.match(path):
-            return None
-        folder, name = os.path.split(path)
-        name, suffix = os.path.splitext(name)
-        return self._place(folder, name) if suffix.lower() in IMAGE_SUFFIXES else None
+            return []
+        paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
+        places = []
+        for each in paths:
+            folder, name = os.path.split(each)
+            name, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES and (place := self._place(folder, name)) is not None:
+                places.append(place)
+        return places
 
     def _place(self, folder: str, name: str) -> bytes | None:
         if folder not in self._real:

@@ -45,7 +45,7 @@ RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FIL
 # Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
 RESERVED_PREFIX = ".nanobatch"
 # Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
-FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
 TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
 
 

@@ -80,6 +80,18 @@ def test_an_output_over_another_items_input_is_refused_through_a_symbolic_link(t
     assert (problem.item, problem.field) == ("b", "id") and "an input of item 'a'" in problem.message
 
 
+def test_an_input_linking_to_where_an_output_goes_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b.png").write_bytes(image_bytes())
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").symlink_to(tmp_path / "out" / "b.png")
+    job = write_job(tmp_path, [{"id": "b", "instruction": "a poster"}, {"id": "a", "image": "images/a.png"}])
+    with pytest.raises(ManifestError) as caught:
+        nanobatch.check_job(job, out_dir=tmp_path / "out")
+    (problem,) = caught.value.problems
+    assert (problem.item, problem.field) == ("a", "image") and "item 'b' would be written over" in problem.message
+
+
 def test_inputs_beside_the_outputs_under_other_names_are_fine(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "output": "{id}-edited.png"}])
     assert nanobatch.check_job(job, out_dir=tmp_path / "images").items == 1
