@@ -16,7 +16,7 @@ from nanobatch.cli import main
 from nanobatch.errors import ManifestError
 
 from .conftest import run_virtual
-from .fakes import FakeGemini, google_error, image_bytes, manifest_problems, write_job
+from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, write_job
 
 
 def run(job: Path, fake: FakeGemini, out: Path, **options: Any) -> nanobatch.RunSummary:
@@ -121,14 +121,8 @@ def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(
     denied = FakeGemini({"make the background white": [google_error(400, "INVALID_ARGUMENT", "no")]})
     assert run(job, denied, out, force=True).exit_code == 1  # the latest record is failed, with no outputs
     new = image_bytes((1, 2, 3))
-    fake = FakeGemini({"make the background white": [{**_body(new)}]})
+    fake = FakeGemini({"make the background white": [ok_body(inline(new))]})
     assert run(job, fake, out).exit_code == 0 and (out / "a.png").read_bytes() == new
-
-
-def _body(data: bytes) -> dict[str, Any]:
-    from .fakes import inline, ok_body
-
-    return ok_body(inline(data))
 
 
 # 2. Cleaning up after a killed run
