@@ -46,6 +46,8 @@ from .results import (
     atomic_write,
     fsync_dir,
     is_done,
+    move_file,
+    renamed_files,
 )
 
 __all__ = ["Engine", "RunStats"]
@@ -112,7 +114,7 @@ class _Finished:
     files: list[tuple[str, bytes]]
     # Of the names it writes, those a record of this item says nanobatch wrote: the only files it may replace.
     replaceable: frozenset[str] = frozenset()
-    moves: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # done work, renamed: (old, new)
+    moves: list[tuple[str, str]] = field(default_factory=list)  # done work, renamed: (old, new)
     saved: bool = True  # False: a move that failed; its item keeps its old record and names
 
     @property
@@ -188,21 +190,6 @@ def _report_unsaved(lost: list[_Finished]) -> None:
         logger.error(
             "%d finished items could not be saved and will be sent again by the next run: %s%s", len(lost), ids, more
         )
-
-
-def _renames(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
-    """(old, new) for each file of *entry* (an ok record) whose name follows from an output name other than
-    *stem*: ``<old>.png`` -> ``<stem>.png``, ``<old>-2.png`` -> ``<stem>-2.png``, ``<old>.step1.png`` -> ..."""
-    if not entry.outputs:
-        return []
-    old = os.path.splitext(entry.outputs[0])[0]
-    if len(entry.outputs) > 1:
-        if not old.endswith("-1"):
-            return []  # not a name nanobatch made: leave it be
-        old = old[:-2]
-    if old == stem:
-        return []
-    return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
 
 
 def _utc(ts: float) -> str:
@@ -396,7 +383,9 @@ class Engine:
     def _settled(self, item: WorkItem, entry: IndexEntry | None, key: str, record: dict[str, Any]) -> _Finished | None:
         """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
         ``output`` template's column did), its files to move to the new names, with the record to say so."""
-        moves = _renames(entry, item.stem) if entry is not None and entry.status == "ok" and entry.key == key else []
+        moves = (
+            renamed_files(entry, item.stem) if entry is not None and entry.status == "ok" and entry.key == key else []
+        )
         moves = [(old, new) for old, new in moves if os.path.isfile(os.path.join(self.out_dir, old))]
         if entry is None or not moves:
             self.stats.skipped += 1
@@ -560,7 +549,7 @@ class Engine:
             for old, new in finished.moves:
                 src, dst = os.path.join(self.out_dir, old), self._claim(new, finished)
                 target = dst
-                _move(src, dst)
+                move_file(src, dst)
                 undo.append((dst, src))
                 folders.update((os.path.dirname(src), os.path.dirname(dst)))
             for name, data in finished.files:
@@ -607,16 +596,3 @@ class Engine:
         if record.get("steps"):
             record["steps"] = [{k: v for k, v in step.items() if k != "outputs"} for step in record["steps"]]
         return _Finished(record, [])
-
-
-def _move(src: str, dst: str) -> None:
-    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk)."""
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        with open(src, "rb") as f:
-            atomic_write(dst, f.read())
-        os.unlink(src)

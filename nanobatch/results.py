@@ -30,7 +30,9 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "is_done",
+    "move_file",
     "read_records",
+    "renamed_files",
     "reserved_name_problem",
 ]
 
@@ -126,6 +128,34 @@ def remove_stale_temp_files(out_dir: Path) -> int:
     if removed:
         logger.info("removed %d half-written temporary files left by an interrupted run", removed)
     return removed
+
+
+def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
+    """(old, new) for each file of *entry* (an ok record) whose name follows from an output name other than
+    *stem*: ``<old>.png`` -> ``<stem>.png``, ``<old>-2.png`` -> ``<stem>-2.png``, ``<old>.step1.png`` -> ..."""
+    if not entry.outputs:
+        return []
+    old = os.path.splitext(entry.outputs[0])[0]
+    if len(entry.outputs) > 1:
+        if not old.endswith("-1"):
+            return []  # not a name nanobatch made: leave it be
+        old = old[:-2]
+    if old == stem:
+        return []
+    return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
+
+
+def move_file(src: str, dst: str) -> None:
+    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk)."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(src, "rb") as f:
+            atomic_write(dst, f.read())
+        os.unlink(src)
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
