@@ -63,7 +63,7 @@ def reserved_name_problem(name: str) -> str | None:
     if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
         return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
     if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):
-        return f"the output name {name!r} uses a name starting with {RESERVED_PREFIX!r}: those are nanobatch's own files"
+        return f"the output name {name!r} has a name starting with {RESERVED_PREFIX!r}: nanobatch's own files"
     return None
 
 
