@@ -200,7 +200,7 @@ class Manifest:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
-        output names are also checked not to lead out of it through a symbolic link.
+        output names are also checked not to lead out of it through a symbolic link, nor onto an input.
         """
         problems = _Problems(self.path)
         with contextlib.closing(_Claims()) as claims:
