@@ -485,6 +485,9 @@ class Engine:
         unsaved: list[_Finished] = []
         try:
             while batch := await done.take():
+                for finished in batch:  # first: a run killed before the records must still know them for its own
+                    if names := [name for name, _ in finished.files] + [new for _, new in finished.moves]:
+                        self.journal.writing(finished.record["id"], names)
                 try:
                     handled, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:

@@ -300,6 +300,10 @@ class ResultsIndex:
         self._db.execute(_UPSERT, _row(record))
         self._db.executemany(_OWN, _owned_rows([record]))
 
+    def adopt(self, item_id: str, names: Iterable[str]) -> None:
+        """Count *names* as files nanobatch wrote for *item_id* (the journal says so, though no record does)."""
+        self._db.executemany(_OWN, ((_name_key(name), item_id) for name in names))
+
     def owned(self, item_id: str, names: Iterable[str]) -> frozenset[str]:
         """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest):
         files a new result of that item may replace."""
@@ -441,12 +445,15 @@ class ResultsLog:
 
 
 class Journal:
-    """``journal.jsonl``: a line per request, written just before it is sent.
+    """``journal.jsonl``: a line per request, written just before it is sent, and a line naming an item's
+    files, written just before they are.
 
     A request whose line has no matching result record (same run, same item)
     was in flight when a run died: it may have been charged without a saved
-    result. The line is flushed to the kernel, so it survives the process being
-    killed; it is not fsync'ed (a power cut may lose it).
+    result. A file named in the journal is nanobatch's, even when the run died
+    before the record that names it (:func:`reset_journal` carries such lines
+    over). Lines are flushed to the kernel, so they survive the process being
+    killed; they are not fsync'ed (a power cut may lose them).
     """
 
     def __init__(self, out_dir: Path, run_id: str) -> None:
@@ -460,6 +467,13 @@ class Journal:
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
         assert self._file is not None, "open() first"
         line = {"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt}
+        self._file.write(orjson.dumps(line) + b"\n")
+        self._file.flush()
+
+    def writing(self, item_id: str, names: list[str]) -> None:
+        """Note that nanobatch is about to write (or move) *item_id*'s files *names*: they are its own."""
+        assert self._file is not None, "open() first"
+        line = {"event": "writing", "run": self.run_id, "id": item_id, "files": names}
         self._file.write(orjson.dumps(line) + b"\n")
         self._file.flush()
 
@@ -487,7 +501,7 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue  # torn by the crash it is there to report
-            if not isinstance(entry, dict) or "id" not in entry:
+            if not isinstance(entry, dict) or "id" not in entry or entry.get("event") != "dispatched":
                 continue
             latest = index.get(entry["id"])
             if latest is None or latest.run != entry.get("run"):
@@ -506,5 +520,30 @@ def reset_journal(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
             len(orphans),
             ids,
         )
-    (out_dir / JOURNAL_FILE).unlink(missing_ok=True)
+    carried = _adopt_writes(out_dir / JOURNAL_FILE, index)
+    if carried:
+        atomic_write(out_dir / JOURNAL_FILE, b"".join(carried))
+    else:
+        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)
     return orphans
+
+
+def _adopt_writes(path: Path, index: ResultsIndex) -> list[bytes]:
+    """Files the journal says nanobatch wrote that no record names (the run died between the image and its
+    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
+    if not path.exists():
+        return []
+    carried = []
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if not isinstance(entry, dict) or entry.get("event") != "writing" or not isinstance(entry.get("id"), str):
+                continue
+            names = [str(name) for name in entry.get("files") or ()]
+            if unowned := sorted(set(names) - index.owned(entry["id"], names)):
+                index.adopt(entry["id"], unowned)
+                carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
+    return carried

@@ -14,6 +14,7 @@ import nanobatch
 import nanobatch.engine
 from nanobatch.cli import main
 from nanobatch.errors import ManifestError
+from nanobatch.status import folder_status
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, write_job
@@ -123,6 +124,33 @@ def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(
     new = image_bytes((1, 2, 3))
     fake = FakeGemini({"make the background white": [ok_body(inline(new))]})
     assert run(job, fake, out).exit_code == 0 and (out / "a.png").read_bytes() == new
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+
+    def killed(self: Any, records: list[dict[str, Any]]) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nanobatch.results.ResultsLog, "append_many", killed)
+        with pytest.raises((Killed, BaseExceptionGroup)):
+            run(job, FakeGemini(), out)
+    assert (out / "a.png").is_file() and not (out / "results.jsonl").read_text()
+    new = image_bytes((7, 7, 7))
+    for _ in range(2):  # and again after a run that failed it: the journal keeps the name until a record has it
+        denied = FakeGemini({"make the background white": [google_error(400, "INVALID_ARGUMENT", "no")]})
+        assert run(job, denied, out).exit_code == 1
+    assert run(job, FakeGemini({"make the background white": [ok_body(inline(new))]}), out).exit_code == 0
+    assert (out / "a.png").read_bytes() == new and latest(out)["a"]["status"] == "ok"
+    assert folder_status(out)["possibly_charged"] == 0  # the journal's file lines are not requests
 
 
 # 2. Cleaning up after a killed run
