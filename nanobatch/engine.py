@@ -32,7 +32,7 @@ from . import models
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, RunAborted
-from .gemini import Image, Reply, build_request, check_reply, sum_usage
+from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply, sum_usage
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
@@ -192,6 +192,9 @@ def _report_unsaved(lost: list[_Finished]) -> None:
         )
 
 
+_NOT_OURS = "exists and is not a file nanobatch wrote for this item"
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -343,6 +346,10 @@ class Engine:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
                 if not self._wanted(entry, key):
                     return self._settled(item, entry, key, record)
+            if (taken := self._taken_name(item)) is not None:
+                # Found before paying: the answer could not be saved (the writer would refuse it the same way).
+                raise ApiError(f"{taken} {_NOT_OURS}: nothing was sent (move it away, or change the output name)",
+                               kind="output_exists")  # fmt: skip
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)
@@ -379,6 +386,14 @@ class Engine:
         record["finished_at"] = _utc(time.time())
         record["cost_usd"] = round(record["cost_usd"], 6)
         return _Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    def _taken_name(self, item: WorkItem) -> str | None:
+        """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
+        stems = [item.stem, *(f"{item.stem}.step{n}" for n in range(1, len(item.steps)) if item.keep_steps)]
+        names = [f"{stem}.{ext}" for stem in stems for ext in OUTPUT_EXTENSIONS]
+        there = [name for name in names if os.path.lexists(os.path.join(self.out_dir, name))]
+        foreign = sorted(set(there) - self.index.owned(item.id, there))
+        return os.path.join(self.out_dir, foreign[0]) if foreign else None
 
     def _settled(self, item: WorkItem, entry: IndexEntry | None, key: str, record: dict[str, Any]) -> _Finished | None:
         """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
@@ -586,7 +601,7 @@ class Engine:
         where = str(exc.filename or self.out_dir)
         if isinstance(exc, FileExistsError):
             kind = "output_exists"
-            message = f"{where} exists and is not a file nanobatch wrote for this item: it was left as it is"
+            message = f"{where} {_NOT_OURS}: it was left as it is"
         else:
             kind, message = "write", f"cannot write {where}: {exc.strerror or exc}"
         if finished.moves:

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import nanobatch
@@ -98,21 +99,42 @@ def test_inputs_beside_the_outputs_under_other_names_are_fine(tmp_path: Path) ->
     assert nanobatch.check_job(job, out_dir=tmp_path / "images").items == 1
 
 
-def test_the_writer_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
+def test_a_file_of_the_users_at_an_output_name_fails_the_item_before_anything_is_paid(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/a.png"}])
     out = tmp_path / "out"
     out.mkdir()
-    (out / "a.png").write_bytes(b"the user's own picture")
-    summary = run(job, FakeGemini(), out)
-    assert summary.exit_code == 1 and (out / "a.png").read_bytes() == b"the user's own picture"
+    (out / "a.webp").write_bytes(b"the user's own picture")  # whichever type the answer would have
+    fake = FakeGemini()
+    summary = run(job, fake, out)
+    assert (
+        summary.exit_code == 1
+        and len(fake.requests) == 1
+        and (out / "a.webp").read_bytes() == b"the user's own picture"
+    )
     records = latest(out)
     assert records["b"]["status"] == "ok" and (out / "b.png").is_file()
     assert records["a"]["status"] == "failed" and records["a"]["error"]["kind"] == "output_exists"
-    assert records["a"]["outputs"] == [] and str(out / "a.png") in records["a"]["error"]["message"]
+    assert records["a"]["cost_usd"] == 0 and str(out / "a.webp") in records["a"]["error"]["message"]
     # Moved away by the user: the next run makes it, and sends nothing else.
-    (out / "a.png").rename(tmp_path / "kept.png")
+    (out / "a.webp").rename(tmp_path / "kept.webp")
     fake = FakeGemini()
     assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 1 and latest(out)["a"]["status"] == "ok"
+
+
+def test_the_writer_never_replaces_a_file_that_appeared_while_the_request_was_out(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}])
+    out = tmp_path / "out"
+
+    def answer_and_meanwhile_a_file_appears(request: httpx.Request) -> httpx.Response:
+        if not (out / "a.png").exists():
+            (out / "a.png").write_bytes(b"copied in by hand")
+        return httpx.Response(200, json=ok_body())
+
+    summary = run(job, FakeGemini({"make the background white": [answer_and_meanwhile_a_file_appears]}), out)
+    assert summary.exit_code == 1 and (out / "a.png").read_bytes() == b"copied in by hand"
+    records = latest(out)
+    assert records["a"]["error"]["kind"] == "output_exists" and records["a"]["cost_usd"] > 0
+    assert records["a"]["outputs"] == [] and records["b"]["status"] == "ok"
 
 
 def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(tmp_path: Path) -> None:
