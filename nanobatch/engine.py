@@ -12,6 +12,9 @@ cut short. Only fatal errors stop the run; an item's failure becomes its record.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import time
@@ -29,11 +32,23 @@ from . import models
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, RunAborted
-from .gemini import Image, Reply, build_request, check_reply, sum_usage
+from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply, sum_usage
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
-from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, fsync_dir, is_done
+from .results import (
+    FOLDER_ERRNOS,
+    TOKEN_FIELDS,
+    IndexEntry,
+    Journal,
+    ResultsIndex,
+    ResultsLog,
+    atomic_write,
+    fsync_dir,
+    is_done,
+    move_file,
+    renamed_files,
+)
 
 __all__ = ["Engine", "RunStats"]
 
@@ -100,6 +115,10 @@ def _spare_workers(concurrency: int) -> int:
 class _Finished:
     record: dict[str, Any]
     files: list[tuple[str, bytes]]
+    # Of the names it writes, those a record of this item says nanobatch wrote: the only files it may replace.
+    replaceable: frozenset[str] = frozenset()
+    moves: list[tuple[str, str]] = field(default_factory=list)  # done work, renamed: (old, new)
+    saved: bool = True  # False: a move that failed; its item keeps its old record and names
 
     @property
     def size(self) -> int:
@@ -174,6 +193,9 @@ def _report_unsaved(lost: list[_Finished]) -> None:
         logger.error(
             "%d finished items could not be saved and will be sent again by the next run: %s%s", len(lost), ids, more
         )
+
+
+_NOT_OURS = "exists and is not a file nanobatch wrote for this item"
 
 
 def _utc(ts: float) -> str:
@@ -325,16 +347,18 @@ class Engine:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
                 if not self._wanted(entry, key):
-                    self.stats.skipped += 1
-                    return None
+                    return self._settled(item, entry, key, record)
             images = await load_inputs(
                 item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
             )
             if stamps is None:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
                 if not self._wanted(entry, key):
-                    self.stats.skipped += 1
-                    return None
+                    return self._settled(item, entry, key, record)
+            if (taken := self._taken_name(item)) is not None:
+                # Found before paying: the answer could not be saved (the writer would refuse it the same way).
+                raise ApiError(f"{taken} {_NOT_OURS}: nothing was sent (move it away, or change the output name)",
+                               kind="output_exists")  # fmt: skip
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)
@@ -370,7 +394,43 @@ class Engine:
         record["latency_s"] = round(sum(api_s), 3) if api_s else None
         record["finished_at"] = _utc(time.time())
         record["cost_usd"] = round(record["cost_usd"], 6)
-        return _Finished(record, files)
+        return _Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    def _taken_name(self, item: WorkItem) -> str | None:
+        """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
+        stems = [item.stem, *(f"{item.stem}.step{n}" for n in range(1, len(item.steps)) if item.keep_steps)]
+        names = [f"{stem}.{ext}" for stem in stems for ext in OUTPUT_EXTENSIONS]
+        there = [name for name in names if os.path.lexists(os.path.join(self.out_dir, name))]
+        foreign = sorted(set(there) - self.index.owned(item.id, there))
+        return os.path.join(self.out_dir, foreign[0]) if foreign else None
+
+    def _settled(self, item: WorkItem, entry: IndexEntry | None, key: str, record: dict[str, Any]) -> _Finished | None:
+        """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
+        ``output`` template's column did), its files to move to the new names, with the record to say so."""
+        moves = (
+            renamed_files(entry, item.stem) if entry is not None and entry.status == "ok" and entry.key == key else []
+        )
+        moves = [(old, new) for old, new in moves if os.path.isfile(os.path.join(self.out_dir, old))]
+        if entry is None or not moves:
+            self.stats.skipped += 1
+            return None
+        renamed = dict(moves)
+        record.update(
+            status="ok",
+            outputs=[renamed.get(name, name) for name in entry.outputs],
+            usage={name: n for name, n in zip(TOKEN_FIELDS, entry.tokens, strict=True) if n},
+            cost_usd=entry.cost_usd,  # what the result cost when it was made; this run paid nothing for it
+            moved_from=[old for old, _ in moves],
+            finished_at=_utc(time.time()),
+        )
+        if len(item.steps) > 1:
+            record["steps"] = steps = [{"step": n, "instruction": text} for n, text in enumerate(item.steps, 1)]
+            for step in steps:
+                mark = f"{item.stem}.step{step['step']}"
+                names = [new for _, new in moves if new.startswith((mark + ".", mark + "-"))]
+                if names:
+                    step["outputs"] = names
+        return _Finished(record, [], replaceable=self.index.owned(item.id, renamed.values()), moves=moves)
 
     async def _send(
         self,
@@ -484,18 +544,18 @@ class Engine:
         unsaved: list[_Finished] = []
         try:
             while batch := await done.take():
+                for finished in batch:  # first: a run killed before the records must still know them for its own
+                    if names := [name for name, _ in finished.files] + [new for _, new in finished.moves]:
+                        self.journal.writing(finished.record["id"], names)
                 try:
-                    written, error = await anyio.to_thread.run_sync(self._persist, batch)
+                    handled, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:
-                    written, error = 0, exc
+                    handled, error = [], exc
                 done.written(batch)
-                for finished in batch[:written]:
-                    self.index.add(finished.record)
-                    self.stats.count(finished.record)
-                    if self.on_record is not None:
-                        self.on_record(finished.record)
+                for finished in handled:
+                    self._count(finished)
                 if error is not None:
-                    unsaved = batch[written:]
+                    unsaved = batch[len(handled) :]
                     # Exit 3, not 1: a cron wrapper must not take a full disk for "some items failed".
                     failure = RunAborted(f"cannot write results into {self.out_dir}: {error}")
                     self.stop(failure, grace_s=0)
@@ -503,25 +563,98 @@ class Engine:
         finally:
             _report_unsaved(unsaved + done.stop_writing())
 
-    def _persist(self, batch: list[_Finished]) -> tuple[int, OSError | None]:
+    def _count(self, finished: _Finished) -> None:
+        record = finished.record
+        if not finished.saved:  # a move that failed: the item keeps its old record, and the run exits 1
+            self.stats.failed += 1
+            self.stats.failures["write"] += 1
+            return
+        self.index.add(record)
+        if finished.moves:
+            self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
+        else:
+            self.stats.count(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _persist(self, batch: list[_Finished]) -> tuple[list[_Finished], OSError | None]:
         """Write the batch's images, then the records of the items whose images were all written, in one
-        append. Returns how many items (from the start of the batch) are on disk, and the error that
-        stopped the rest; an error appending the records propagates (then none of the batch counts)."""
-        written, error = 0, None
+        append. An item whose image cannot be written gets a failed record instead (and is sent again by the
+        next run). Returns the items handled, from the start of the batch (as they are to be counted), and
+        the error that stopped the rest: one no other write would escape (a full disk); an error appending
+        the records propagates (then none of the batch counts)."""
+        handled: list[_Finished] = []
+        error = None
         folders: set[str] = set()
-        try:
-            for finished in batch:
-                for name, data in finished.files:
-                    path = os.path.join(self.out_dir, name)
-                    atomic_write(path, data)
-                    folders.add(os.path.dirname(path))
-                written += 1
-        except OSError as exc:
-            error = exc
+        for finished in batch:
+            try:
+                self._put_files(finished, folders)
+                handled.append(finished)
+            except OSError as exc:
+                if exc.errno in FOLDER_ERRNOS:
+                    error = exc
+                    break
+                handled.append(self._write_failed(finished, exc))
         # The renames are durable only once their folders are: fsync each once per batch, before the
         # records that point at the images (a power cut must not leave a record without its image).
         for folder in folders:
             fsync_dir(folder)
-        if written:
-            self.log.append_many([finished.record for finished in batch[:written]])
-        return written, error
+        if records := [finished.record for finished in handled if finished.saved]:
+            self.log.append_many(records)
+        return handled, error
+
+    def _put_files(self, finished: _Finished, folders: set[str]) -> None:
+        """Move and write one item's files; on an error, undo what it did here and raise."""
+        undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
+        target = ""
+        try:
+            for old, new in finished.moves:
+                src, dst = os.path.join(self.out_dir, old), self._claim(new, finished)
+                target = dst
+                move_file(src, dst)
+                undo.append((dst, src))
+                folders.update((os.path.dirname(src), os.path.dirname(dst)))
+            for name, data in finished.files:
+                target = path = self._claim(name, finished)
+                existed = os.path.lexists(path)
+                atomic_write(path, data)
+                if not existed:
+                    undo.append((path, None))
+                folders.add(os.path.dirname(path))
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and target:
+                exc.filename = target  # the image's name, not its temporary file's
+            for done, origin in reversed(undo):
+                with contextlib.suppress(OSError):
+                    if origin is not None:
+                        os.replace(done, origin)
+                    else:
+                        os.unlink(done)
+            raise
+
+    def _claim(self, name: str, finished: _Finished) -> str:
+        """The path of *name*; FileExistsError if something is there that nanobatch did not write for this item."""
+        path = os.path.join(self.out_dir, name)
+        if name not in finished.replaceable and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
+        return path
+
+    def _write_failed(self, finished: _Finished, exc: OSError) -> _Finished:
+        """*finished* with a failed record (its image could not be written), or, for a move, not saved."""
+        item_id = finished.record["id"]
+        where = str(exc.filename or self.out_dir)
+        if isinstance(exc, FileExistsError):
+            kind = "output_exists"
+            message = f"{where} {_NOT_OURS}: it was left as it is"
+        else:
+            kind, message = "write", f"cannot write {where}: {exc.strerror or exc}"
+        if finished.moves:
+            logger.error("%s: its files could not be moved to their new names (%s); they stay where they were",
+                         item_id, message)  # fmt: skip
+            return dataclasses.replace(finished, saved=False)
+        logger.error("%s failed: %s; it will be sent again by the next run", item_id, message)
+        record = {**finished.record, "status": "failed", "outputs": [], "error": {
+            "kind": kind, "status_code": None, "message": message}}  # fmt: skip
+        if record.get("steps"):
+            record["steps"] = [{k: v for k, v in step.items() if k != "outputs"} for step in record["steps"]]
+        return _Finished(record, [])

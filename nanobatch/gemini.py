@@ -56,6 +56,8 @@ _EXTENSIONS = {
     "image/heic": "heic",
     "image/heif": "heif",
 }
+# Every extension an answer's image can be saved under ("bin": a type not listed above).
+OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
 
 
 @dataclass(frozen=True, slots=True)
