@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 from types import TracebackType
 from typing import Any
 
@@ -59,6 +60,8 @@ class GeminiClient:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
+        # Where requests go, for messages: no user name, password or query (a key could hide there).
+        self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
 
     async def __aenter__(self) -> GeminiClient:
         await self._http.__aenter__()
@@ -78,6 +81,14 @@ class GeminiClient:
         timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         try:
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # No connection, so the request never left: say where and why, and that it cost nothing.
+            raise ApiError(
+                self._redact(f"cannot connect to {self.where}: {_connect_failure(exc)}"),
+                kind="timeout" if isinstance(exc, httpx.TimeoutException) else "connection",
+                retryable=True,
+                sent=False,
+            ) from None
         except httpx.TimeoutException as exc:
             raise ApiError(
                 self._redact(f"no answer within the time limit ({type(exc).__name__})"), kind="timeout", retryable=True
@@ -114,6 +125,20 @@ class GeminiClient:
         if secret in usage:
             changes["usage"] = orjson.loads(self._redact(usage))
         return dataclasses.replace(reply, **changes) if changes else reply
+
+
+def _connect_failure(exc: httpx.HTTPError) -> str:
+    """Why a connection could not be made, in words (``connection refused``), from the OS error beneath *exc*."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no connection within {_CONNECT_TIMEOUT_S:g} s ({type(exc).__name__})"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror or cause})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()  # "connection refused", "network is unreachable"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")

@@ -397,6 +397,12 @@ class Engine:
                     sent_at.append(anyio.current_time())
                 try:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                except ApiError as exc:
+                    # An error answer, or no connection at all, is definite: not "possibly charged". Only a
+                    # request with no answer stays open in the journal (and a 200, until its record is written).
+                    if not exc.sent or exc.status_code not in (None, 200):
+                        self.journal.settled(item.id, record["attempts"])
+                    raise
                 finally:
                     self.stats.in_flight = self.gate.in_flight - 1
                 ticket.cost_usd = models.usage_cost(reply.usage, pricing)
