@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from . import models
+from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, RunAborted
@@ -217,6 +218,7 @@ class Engine:
         self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
+        self.failures = FailureLog()
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -417,6 +419,7 @@ class Engine:
 
         def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
             self.stats.retries[exc.kind] += 1
+            self.failures.failed(exc)
             logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
 
         return await retrying(attempt, self.retry, on_retry=on_retry)

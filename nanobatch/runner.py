@@ -40,7 +40,7 @@ from .errors import (
     sole_error,
 )
 from .inputs import InputLoader, UrlChecklist
-from .limits import Breaker, Budget, Gate
+from .limits import Breaker, Budget, FirstContact, Gate
 from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
 from .results import SUMMARY_FILE, ResultsIndex, atomic_write, remove_stale_temp_files, reset_journal
@@ -313,6 +313,7 @@ def _engine(
     run_id: str,
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
+    first_contact = FirstContact(retry.first_contact_s)
     gate = Gate(
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
@@ -321,8 +322,10 @@ def _engine(
             threshold=limits.breaker_threshold,
             cooldown_s=limits.breaker_cooldown_s,
             max_down_s=limits.breaker_max_down_s,
+            first_contact=first_contact,
         ),
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
+        first_contact=first_contact,
     )
     policy = RetryPolicy(
         max_attempts=retry.max_attempts,

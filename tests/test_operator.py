@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
 import nanobatch
+from nanobatch.cli import main
 from nanobatch.status import folder_status
 
 from .conftest import run_virtual
@@ -56,3 +60,80 @@ def test_only_requests_sent_without_an_answer_are_possibly_charged(tmp_path: Pat
     assert summary.exit_code == 3
     info = folder_status(tmp_path / "out")
     assert info["possibly_charged"] == 1 and info["possibly_charged_ids"] == ["a"]
+
+
+def _refused_at_the_socket(request: httpx.Request) -> httpx.Response:
+    # As httpx raises it for a closed port: the OS error is the cause beneath a generic message.
+    cause = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+    raise httpx.ConnectError("All connection attempts failed", request=request) from cause
+
+
+def _run_unreachable(tmp_path: Path, **overrides: object) -> tuple[nanobatch.RunSummary, float, list[str]]:
+    job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": "edit"} for n in range(200)])
+    fake = FakeGemini({"edit": [_refused_at_the_socket]})
+    settings = nanobatch.load_settings(overrides={"api.base_url": "http://wrong.example:8080/", **overrides})
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("nanobatch").addHandler(handler)
+
+    async def go() -> tuple[nanobatch.RunSummary, float]:
+        summary = await nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out", settings=settings)
+        return summary, anyio.current_time()
+
+    try:
+        summary, ended_at = run_virtual(go)
+    finally:
+        logging.getLogger("nanobatch").removeHandler(handler)
+    return summary, ended_at, warnings
+
+
+def test_an_unreachable_api_is_named_at_once_and_the_run_ends_long_before_the_outage_limit(tmp_path: Path) -> None:
+    summary, ended_at, warnings = _run_unreachable(tmp_path)
+    where = "cannot connect to http://wrong.example:8080: connection refused"
+    assert summary.exit_code == 3 and where in (summary.reason or "") and "retry.first_contact_s" in (summary.reason or "")
+    assert 60 <= ended_at < 70  # the default first-contact limit, not limits.breaker_max_down_s (600 s)
+    assert where in warnings[0]  # the first failure, at warning level, before anything else
+    assert len([w for w in warnings if "connection" in w]) <= 5  # repeats summarised, not one line per retry
+
+
+def test_the_first_contact_limit_is_configurable(tmp_path: Path) -> None:
+    summary, ended_at, _ = _run_unreachable(tmp_path, **{"retry.first_contact_s": 10})
+    assert summary.exit_code == 3 and "retry.first_contact_s = 10" in (summary.reason or "") and 10 <= ended_at < 20
+
+
+def test_an_api_that_answered_once_is_left_to_the_breaker() -> None:
+    from nanobatch.errors import ApiError
+    from nanobatch.limits import FirstContact
+
+    async def go() -> object:
+        contact = FirstContact(60)
+        refused = ApiError("cannot connect", kind="connection", retryable=True, sent=False)
+        assert contact.record(refused, 0.0) is None
+        contact.record(None, 0.0)  # an answer: the API is there, later failures are an outage
+        await anyio.sleep(1000)
+        return contact.record(refused, 0.0)
+
+    assert run_virtual(go) is None
+
+
+def test_the_command_line_names_a_refused_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as probe:  # a loopback port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in [("NANOBATCH_API_KEY", "k-123456"), ("NANOBATCH_RETRY_FIRST_CONTACT_S", "0.3"),
+                        ("NANOBATCH_RETRY_BACKOFF_INITIAL_S", "0.01"), ("NANOBATCH_LIMITS_BREAKER_COOLDOWN_S", "0.05")]:
+        monkeypatch.setenv(name, value)  # fmt: skip
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "edit"} for n in range(20)])
+    code = main(["run", str(job), "--base-url", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert f"cannot connect to http://127.0.0.1:{port}: connection refused" in err
+    assert "retry.first_contact_s" in err
