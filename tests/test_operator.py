@@ -137,3 +137,27 @@ def test_the_command_line_names_a_refused_url(
     assert code == 3
     assert f"cannot connect to http://127.0.0.1:{port}: connection refused" in err
     assert "retry.first_contact_s" in err
+
+
+def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptureFixture) -> None:
+    from nanobatch._failures import FailureLog
+    from nanobatch.errors import ApiError
+
+    refused = ApiError("cannot connect to http://x.test: connection refused", kind="connection", retryable=True)
+
+    async def go() -> None:
+        failures = FailureLog(interval_s=60)
+        for _ in range(50):  # a burst: one warning
+            failures.failed(refused)
+            await anyio.sleep(1)
+        failures.failed(ApiError("HTTP 429: slow down", kind="rate_limited", retryable=True))  # the throttle's
+        await anyio.sleep(10)
+        failures.failed(refused)  # a minute on: one line for all the repeats
+
+    with caplog.at_level(logging.WARNING, logger="nanobatch"):
+        run_virtual(go)
+    assert [r.getMessage() for r in caplog.records] == [
+        "the API is failing: cannot connect to http://x.test: connection refused (retrying; repeats are summarised)",
+        "50 more connection failures in the last 60 s, retried (latest: cannot connect to http://x.test: "
+        "connection refused)",
+    ]
