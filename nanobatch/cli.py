@@ -370,6 +370,13 @@ def status(out_dir: str, as_json: bool) -> None:
     last = info.get("last_run")
     if last:
         click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+        if last.get("reason"):
+            click.echo(f"  reason: {last['reason']}")
+    if info.get("left") is not None:
+        click.echo(
+            f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
+            "(new, failed, blocked, or output missing)"
+        )
 
 
 @cli.command()

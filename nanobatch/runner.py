@@ -403,7 +403,7 @@ def _summary(
     finished = time.time()
     return {
         "job": manifest.name,
-        "manifest": str(manifest.path),
+        "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
         "out_dir": str(out_dir),
         **folder,
         "wall_s": round(finished - started, 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_requests_that_got_a_definite_answer_are_not_possibly_charged(tmp_path: 
 
 
 def test_only_requests_sent_without_an_answer_are_possibly_charged(tmp_path: Path) -> None:
-    # a: no answer (a timeout), then a 403 that stops the run. b: answered 200 and saved. Only a's first try is in doubt.
+    # a: no answer (a timeout), then a 403 that stops the run. b: answered and saved. Only a's first try is in doubt.
     job = write_job(tmp_path, [{"id": "a", "instruction": "slow"}, {"id": "b", "instruction": "fine"}])
     fake = FakeGemini({"slow": [_no_answer, google_error(403, "PERMISSION_DENIED", "no access")], "fine": [ok_body()]})
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 1})
@@ -96,7 +97,8 @@ def _run_unreachable(tmp_path: Path, **overrides: object) -> tuple[nanobatch.Run
 def test_an_unreachable_api_is_named_at_once_and_the_run_ends_long_before_the_outage_limit(tmp_path: Path) -> None:
     summary, ended_at, warnings = _run_unreachable(tmp_path)
     where = "cannot connect to http://wrong.example:8080: connection refused"
-    assert summary.exit_code == 3 and where in (summary.reason or "") and "retry.first_contact_s" in (summary.reason or "")
+    reason = summary.reason or ""
+    assert summary.exit_code == 3 and where in reason and "retry.first_contact_s" in reason
     assert 60 <= ended_at < 70  # the default first-contact limit, not limits.breaker_max_down_s (600 s)
     assert where in warnings[0]  # the first failure, at warning level, before anything else
     assert len([w for w in warnings if "connection" in w]) <= 5  # repeats summarised, not one line per retry
@@ -128,8 +130,12 @@ def test_the_command_line_names_a_refused_url(
     with socket.socket() as probe:  # a loopback port with nobody listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for name, value in [("NANOBATCH_API_KEY", "k-123456"), ("NANOBATCH_RETRY_FIRST_CONTACT_S", "0.3"),
-                        ("NANOBATCH_RETRY_BACKOFF_INITIAL_S", "0.01"), ("NANOBATCH_LIMITS_BREAKER_COOLDOWN_S", "0.05")]:
+    for name, value in [
+        ("NANOBATCH_API_KEY", "k-123456"),
+        ("NANOBATCH_RETRY_FIRST_CONTACT_S", "0.3"),
+        ("NANOBATCH_RETRY_BACKOFF_INITIAL_S", "0.01"),
+        ("NANOBATCH_LIMITS_BREAKER_COOLDOWN_S", "0.05"),
+    ]:
         monkeypatch.setenv(name, value)  # fmt: skip
     job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "edit"} for n in range(20)])
     code = main(["run", str(job), "--base-url", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "out")])
@@ -161,3 +167,34 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
         "50 more connection failures in the last 60 s, retried (latest: cannot connect to http://x.test: "
         "connection refused)",
     ]
+
+
+@pytest.mark.parametrize("where", ["empty", "/"])
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_status_of_a_folder_no_run_wrote_into_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, as_json: bool
+) -> None:
+    folder = tmp_path / where if where == "empty" else Path(where)
+    folder.mkdir(exist_ok=True)
+    assert main(["status", str(folder), *(["--json"] if as_json else [])]) == 2
+    captured = capsys.readouterr()
+    assert "is not a nanobatch output folder" in captured.err and captured.out == ""
+
+
+def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(7)])
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "job.yaml", "--simulate", "--out", "out", "--max-requests", "3", "--quiet"]) == 3
+    monkeypatch.chdir(tmp_path / "cwd")  # status from elsewhere still finds the manifest
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "reason: request budget reached: 3 requests sent" in out
+    assert f"left: 4 of 7 items in {tmp_path / 'job.yaml'} not done" in out
+    assert main(["status", str(tmp_path / "out"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["left"] == 4 and info["manifest_items"] == 7
+    (tmp_path / "out" / "i0.png").unlink()  # a deleted output is work left too
+    assert folder_status(tmp_path / "out")["left"] == 5
