@@ -16,8 +16,8 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -241,7 +241,7 @@ async def run_job(
     stats.rpm_limit = settings.limits.requests_per_minute
     stats.concurrency = settings.limits.concurrency
     started = time.time()
-    async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
+    async with _holding(target, wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(target))
         orphans = reset_journal(target, index)
         remove_stale_temp_files(target)
@@ -298,6 +298,41 @@ async def run_job(
     return RunSummary(
         out_dir=target, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+
+
+@asynccontextmanager
+async def _holding(target: Path, *, wait: bool, handle_signals: bool) -> AsyncIterator[None]:
+    """Hold *target*'s run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
+    lock = RunLock(target, wait=wait)
+    if wait and handle_signals:
+        await _acquire_interruptibly(lock)
+    else:
+        await lock.__aenter__()
+    try:
+        yield
+    finally:
+        await lock.__aexit__(None, None, None)
+
+
+async def _acquire_interruptibly(lock: RunLock) -> None:
+    """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
+    received: list[signal.Signals] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signal.Signals(signum))
+                    tg.cancel_scope.cancel()  # stops the wait below
+
+            tg.start_soon(watch)
+            await lock.__aenter__()
+            tg.cancel_scope.cancel()
+    if received:
+        await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
+        raise Interrupted(
+            f"interrupted by {received[0].name} while waiting for the run holding {lock.path.parent}; nothing was sent"
+        )
 
 
 def _engine(

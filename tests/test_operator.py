@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import anyio
 import httpx
@@ -198,3 +206,52 @@ def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
     assert info["left"] == 4 and info["manifest_items"] == 7
     (tmp_path / "out" / "i0.png").unlink()  # a deleted output is work left too
     assert folder_status(tmp_path / "out")["left"] == 5
+
+
+def _read_until(stream: IO[bytes], needle: bytes, timeout_s: float = 30.0) -> bytes:
+    """What *stream* says up to and including the line holding *needle* (the test fails after *timeout_s*)."""
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while needle not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no {needle!r} within {timeout_s} s; got {seen!r}"
+        chunk = os.read(stream.fileno(), 4096)
+        assert chunk, f"the stream ended before {needle!r}; got {seen!r}"
+        seen += chunk
+    return seen
+
+
+def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tmp_path: Path) -> None:
+    from nanobatch.lock import RunLock
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        async with RunLock(out):
+            held.set()
+            await anyio.to_thread.run_sync(release.wait)
+
+    holder = threading.Thread(target=anyio.run, args=(hold,))
+    holder.start()
+    try:
+        assert held.wait(10)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nanobatch", "run", str(job), "--simulate", "--out", str(out), "--wait-lock"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        waiting = _read_until(proc.stderr, b"waiting for it").decode()
+        assert f"another nanobatch run holds {out} (pid {os.getpid()} on " in waiting and " since " in waiting
+        time.sleep(1.2)  # a few more polls of the lock: still one line
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1].decode()
+    finally:
+        release.set()
+        holder.join()
+    assert proc.returncode == 130
+    assert "waiting for it" not in rest  # said once
+    assert "error: interrupted by SIGTERM while waiting for the run holding" in rest
+    assert not (out / "results.jsonl").exists()  # nothing was sent
