@@ -260,7 +260,10 @@ class Engine:
             except Stopped:
                 continue  # never sent: left for the next run, not recorded as failed
             except FatalApiError as exc:
-                logger.error("%s: %s; stopping the run", item.id, exc)
+                # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
+                # the same answer to each other request in flight adds nothing.
+                log = logger.info if self.gate.stopping else logger.warning
+                log("%s: %s; stopping the run", item.id, exc)
                 self.gate.stop(exc)
                 continue
             if finished is None:

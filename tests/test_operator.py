@@ -12,12 +12,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import anyio
 import httpx
 import pytest
+import respx
 
 import nanobatch
 from nanobatch.cli import main
@@ -255,3 +257,96 @@ def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tm
     assert "waiting for it" not in rest  # said once
     assert "error: interrupted by SIGTERM while waiting for the run holding" in rest
     assert not (out / "results.jsonl").exists()  # nothing was sent
+
+
+@pytest.fixture
+def quota_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A loopback simulator whose daily quota runs out after one answer: later requests in flight all get it."""
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-0123456789")
+    with run_in_thread(SimulatorConfig(daily_limit=1, latency_s=0.05)) as url:
+        yield url
+
+
+def test_quiet_says_a_fatal_error_once_not_once_per_request_in_flight(
+    tmp_path: Path, quota_api: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
+    argv = ["run", str(job), "--base-url", quota_api, "--out", str(tmp_path / "out"), "--concurrency", "8", "--quiet"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: run aborted: HTTP 429: You exceeded your current quota")
+    assert err.count("exceeded your current quota") == 1
+
+
+def _stderr_events(err: str) -> list[dict[str, object]]:
+    events = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line of stderr is JSON
+    assert all(isinstance(e, dict) and {"time", "level", "message"} <= set(e) for e in events)
+    return events
+
+
+@respx.mock
+@pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])
+def test_json_logs_stay_json_when_items_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: bool
+) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-0123456789")
+    respx.post(url__regex=r"http://api\.test/.*").mock(
+        return_value=google_error(400, "INVALID_ARGUMENT", "Unable to process input image.")
+    )
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y"}])
+    argv = ["--log-format", "json", "run", str(job), "--base-url", "http://api.test", "--out", str(tmp_path / "out")]
+    assert main(argv + (["--quiet"] if quiet else [])) == 1
+    events = _stderr_events(capsys.readouterr().err)
+    summaries = [e for e in events if e.get("event") == "summary"]
+    if quiet:
+        assert summaries == []
+    else:
+        assert len(summaries) == 1 and summaries[0]["exit_code"] == 1 and summaries[0]["counts"] == {
+            "ok": 0, "failed": 2, "blocked": 0, "skipped": 0
+        }  # fmt: skip
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])
+def test_json_logs_stay_json_when_the_run_is_aborted(
+    tmp_path: Path, quota_api: str, capsys: pytest.CaptureFixture[str], quiet: bool
+) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(20)])
+    argv = ["--log-format", "json", "run", str(job), "--base-url", quota_api, "--out", str(tmp_path / "out")]
+    assert main(argv + (["--quiet"] if quiet else [])) == 3
+    events = _stderr_events(capsys.readouterr().err)
+    errors = [e for e in events if e["level"] == "error"]
+    if quiet:
+        assert len(errors) == 1 and str(errors[0]["message"]).startswith("run aborted: HTTP 429")
+    else:
+        summary = [e for e in events if e.get("event") == "summary"]
+        assert len(summary) == 1 and summary[0]["outcome"] == "aborted" and summary[0]["exit_code"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        pytest.param(["validate", "{job}", "--concurrency", "0"], 2, id="usage-error"),
+        pytest.param(["run", "{bad}", "--simulate"], 2, id="bad-manifest"),
+        pytest.param(["run", "{job}", "--simulate", "--out", "{held}"], 4, id="lock-held"),
+    ],
+)
+def test_json_logs_stay_json_when_nothing_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int
+) -> None:
+    from nanobatch.lock import RunLock
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("items:\n  - id: a\n    instrction: x\n")
+    held = tmp_path / "held"
+    argv = ["--log-format", "json", *(a.format(job=job, bad=bad, held=held) for a in args)]
+
+    async def run_while_held() -> int:
+        async with RunLock(held):
+            return await anyio.to_thread.run_sync(lambda: main(argv))
+
+    assert anyio.run(run_while_held) == code
+    events = _stderr_events(capsys.readouterr().err)
+    assert [e["level"] for e in events if e["level"] == "error"] == ["error"]
