@@ -8,6 +8,7 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import signal
 import stat
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -166,6 +168,18 @@ def check_job(
     )
 
 
+def _on_loopback(base_url: str) -> bool:
+    """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
+    proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
     """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
     for problem in problems:
@@ -231,7 +245,7 @@ async def run_job(
     target = checked.out_dir
     manifest = manifest.skipping(target)
     api_key = read_api_key(settings)
-    if api_key is None and not simulate and transport is None:
+    if api_key is None and not simulate and transport is None and not _on_loopback(settings.api.base_url):
         raise ConfigError(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -14,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import anyio
 import httpx
@@ -27,6 +25,7 @@ from nanobatch.status import folder_status
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, google_error, ok_body, quota_failure, retry_info, write_job
+from .test_docs import read_until
 
 
 def _refused(request: httpx.Request) -> httpx.Response:
@@ -210,19 +209,6 @@ def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
     assert folder_status(tmp_path / "out")["left"] == 5
 
 
-def _read_until(stream: IO[bytes], needle: bytes, timeout_s: float = 30.0) -> bytes:
-    """What *stream* says up to and including the line holding *needle* (the test fails after *timeout_s*)."""
-    seen = b""
-    deadline = time.monotonic() + timeout_s
-    while needle not in seen:
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"no {needle!r} within {timeout_s} s; got {seen!r}"
-        chunk = os.read(stream.fileno(), 4096)
-        assert chunk, f"the stream ended before {needle!r}; got {seen!r}"
-        seen += chunk
-    return seen
-
-
 def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tmp_path: Path) -> None:
     from nanobatch.lock import RunLock
 
@@ -245,7 +231,7 @@ def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tm
             stderr=subprocess.PIPE,
         )
         assert proc.stderr is not None
-        waiting = _read_until(proc.stderr, b"waiting for it").decode()
+        waiting = read_until(proc.stderr, b"waiting for it").decode()
         assert f"another nanobatch run holds {out} (pid {os.getpid()} on " in waiting and " since " in waiting
         time.sleep(1.2)  # a few more polls of the lock: still one line
         proc.send_signal(signal.SIGTERM)
