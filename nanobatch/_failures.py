@@ -32,7 +32,8 @@ class FailureLog:
     >>> failures.failed(error)     # "the API is failing: cannot connect to http://...: connection refused ..."
     """
 
-    def __init__(self, interval_s: float = 60.0) -> None:
+    def __init__(self, where: str = "", *, interval_s: float = 60.0) -> None:
+        self.where = where  # the API's URL, named in the first warning unless the error already says it
         self.interval_s = interval_s
         self._told: set[str] = set()  # kinds whose first failure was told
         self._repeats: Counter[str] = Counter()  # failures not told yet, by kind
@@ -47,7 +48,8 @@ class FailureLog:
         if error.kind not in self._told:
             self._told.add(error.kind)
             self._told_at = now
-            logger.warning("the API is failing: %s (retrying; repeats are summarised)", error.message)
+            at = f" at {self.where}" if self.where and self.where not in error.message else ""
+            logger.warning("the API%s is failing: %s (retrying; repeats are summarised)", at, error.message)
             return
         self._repeats[error.kind] += 1
         self._latest[error.kind] = error.message

@@ -218,7 +218,7 @@ class Engine:
         self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
-        self.failures = FailureLog()
+        self.failures = FailureLog(client.where)
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""

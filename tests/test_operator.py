@@ -161,13 +161,14 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
     refused = ApiError("cannot connect to http://x.test: connection refused", kind="connection", retryable=True)
 
     async def go() -> None:
-        failures = FailureLog(interval_s=60)
+        failures = FailureLog("http://x.test", interval_s=60)
         for _ in range(50):  # a burst: one warning
             failures.failed(refused)
             await anyio.sleep(1)
         failures.failed(ApiError("HTTP 429: slow down", kind="rate_limited", retryable=True))  # the throttle's
         await anyio.sleep(10)
         failures.failed(refused)  # a minute on: one line for all the repeats
+        failures.failed(ApiError("HTTP 503: overloaded", kind="overloaded", retryable=True))  # another kind, where
 
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
         run_virtual(go)
@@ -175,6 +176,7 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
         "the API is failing: cannot connect to http://x.test: connection refused (retrying; repeats are summarised)",
         "50 more connection failures in the last 60 s, retried (latest: cannot connect to http://x.test: "
         "connection refused)",
+        "the API at http://x.test is failing: HTTP 503: overloaded (retrying; repeats are summarised)",
     ]
 
 
