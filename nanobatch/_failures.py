@@ -29,7 +29,7 @@ class FailureLog:
     counted and told together at most once per *interval_s* (at the first failure after it has passed).
 
     >>> failures = FailureLog()
-    >>> failures.failed(error)     # "the API is failing: cannot connect to http://...: connection refused ..."
+    >>> failures.failed(error)     # "a request failed: cannot connect to http://...: connection refused; ..."
     """
 
     def __init__(self, where: str = "", *, interval_s: float = 60.0) -> None:
@@ -48,8 +48,13 @@ class FailureLog:
         if error.kind not in self._told:
             self._told.add(error.kind)
             self._told_at = now
-            at = f" at {self.where}" if self.where and self.where not in error.message else ""
-            logger.warning("the API%s is failing: %s (retrying; repeats are summarised)", at, error.message)
+            to = f" to {self.where}" if self.where and self.where not in error.message else ""
+            logger.warning(
+                "a request%s failed: %s; retrying (more %s failures are summarised, at most once a minute)",
+                to,
+                error.message,
+                error.kind,
+            )
             return
         self._repeats[error.kind] += 1
         self._latest[error.kind] = error.message

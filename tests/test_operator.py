@@ -173,10 +173,12 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
         run_virtual(go)
     assert [r.getMessage() for r in caplog.records] == [
-        "the API is failing: cannot connect to http://x.test: connection refused (retrying; repeats are summarised)",
+        "a request failed: cannot connect to http://x.test: connection refused; retrying (more connection failures "
+        "are summarised, at most once a minute)",
         "50 more connection failures in the last 60 s, retried (latest: cannot connect to http://x.test: "
         "connection refused)",
-        "the API at http://x.test is failing: HTTP 503: overloaded (retrying; repeats are summarised)",
+        "a request to http://x.test failed: HTTP 503: overloaded; retrying (more overloaded failures are summarised, "
+        "at most once a minute)",
     ]
 
 
