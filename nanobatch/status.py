@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -23,10 +24,12 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
 
     Raises :class:`UsageError` for a folder no run has written into.
     """
-    if not any((out_dir / name).exists() for name in _RUN_FILES):
+    if not _is_output_folder(out_dir):
+        inside = _output_folders_in(out_dir)
+        hint = f"; did you mean {' or '.join(inside)}?" if inside else ""
         raise UsageError(
             f"{out_dir} is not a nanobatch output folder (no {RESULTS_FILE}, {SUMMARY_FILE} or {JOURNAL_FILE}); "
-            "give the folder a run wrote into (--out, the manifest's output_dir, or <output.dir>/<name>)"
+            f"give the folder a run wrote into (--out, the manifest's output_dir, or <output.dir>/<name>){hint}"
         )
     try:
         summary = json.loads((out_dir / SUMMARY_FILE).read_text())
@@ -46,6 +49,25 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+def _is_output_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in _RUN_FILES)
+
+
+def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:
+    """Up to *limit* output folders directly inside *folder* (``out`` given for ``out/example``)."""
+    found: list[str] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in itertools.islice(entries, 1000):  # a glance, not a crawl of a huge folder
+                if entry.is_dir(follow_symlinks=False) and _is_output_folder(Path(entry.path)):
+                    found.append(entry.path)
+                    if len(found) == limit:
+                        break
+    except OSError:
+        return []
+    return sorted(found)
 
 
 def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int | None, int | None]:

@@ -194,6 +194,15 @@ def test_status_of_a_folder_no_run_wrote_into_is_a_usage_error(
     assert "is not a nanobatch output folder" in captured.err and captured.out == ""
 
 
+def test_status_of_the_folder_above_an_output_folder_points_at_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out" / "job"), "--quiet"]) == 0
+    assert main(["status", str(tmp_path / "out")]) == 2
+    assert f"did you mean {tmp_path / 'out' / 'job'}?" in capsys.readouterr().err
+
+
 def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
