@@ -54,8 +54,22 @@ class _JsonFormatter(logging.Formatter):
                 "level": record.levelname.lower(),
                 "logger": record.name,
                 "message": record.getMessage(),
+                **getattr(record, "fields", {}),  # logger.info(..., extra={"fields": {...}}): structured data
             }
         )
+
+
+def _json_logs() -> bool:
+    """Whether stderr is for JSON lines only (``--log-format json``)."""
+    return any(isinstance(h.formatter, _JsonFormatter) for h in logging.getLogger("nanobatch").handlers)
+
+
+def _error(text: str, *, prefix: str = "error: ") -> None:
+    """Tell the operator of an error on stderr: ``error: ...``, or one JSON event with ``--log-format json``."""
+    if _json_logs():
+        logger.error("%s", text)
+    else:
+        click.echo(f"{prefix}{text}", err=True)
 
 
 def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
@@ -256,10 +270,13 @@ def run(
         from .report import write_report
 
         logger.info("wrote %s", write_report(summary.out_dir))
-    if not quiet:
+    if quiet:
+        if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
+            _error(f"run {summary.outcome}: {summary.reason}")
+    elif _json_logs():
+        _log_summary(summary)
+    else:
         _print_summary(summary)
-    elif summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
-        click.echo(f"error: run {summary.outcome}: {summary.reason}", err=True)
     raise SystemExit(summary.exit_code)
 
 
@@ -269,13 +286,12 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
         logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
     logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
-    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not _json_logs():
         live = LiveProgress()
         root = logging.getLogger("nanobatch")
         handler = live.log_handler()
         handler.filters[:] = [f for h in root.handlers for f in h.filters]
-        if not isinstance(root.handlers[0].formatter, _JsonFormatter):
-            root.handlers[:] = [handler]
+        root.handlers[:] = [handler]
         return live
     return PlainProgress(interval_s)
 
@@ -347,6 +363,34 @@ def _print_summary(summary: RunSummary) -> None:
     click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
 
 
+def _log_summary(summary: RunSummary) -> None:
+    """The summary as one JSON event (``"event": "summary"``): stderr stays JSON lines, whatever the outcome."""
+    stats = summary.stats
+    last = summary.summary["last_run"]
+    fields = {
+        "event": "summary",
+        "outcome": summary.outcome,
+        "reason": summary.reason,
+        "exit_code": summary.exit_code,
+        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "skipped": stats.skipped},
+        "requests": stats.requests,
+        "cost_usd": round(stats.cost_usd, 6),
+        "tokens": last["tokens"],
+        "latency_s": last["latency_s"],
+        "retries": dict(stats.retries),
+        "failures": {kind: {"count": n, "examples": stats.failure_examples.get(kind, [])}
+                     for kind, n in stats.failures.most_common()},
+        "out_dir": str(summary.out_dir),
+    }  # fmt: skip
+    level = logging.INFO if summary.exit_code == 0 else logging.WARNING
+    logger.log(
+        level,
+        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f",
+        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
+        extra={"fields": fields},
+    )  # fmt: skip
+
+
 @cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON, for scripts.")
@@ -376,6 +420,13 @@ def status(out_dir: str, as_json: bool) -> None:
     last = info.get("last_run")
     if last:
         click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+        if last.get("reason"):
+            click.echo(f"  reason: {last['reason']}")
+    if info.get("left") is not None:
+        click.echo(
+            f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
+            "(new, failed, blocked, or output missing)"
+        )
 
 
 @cli.command()
@@ -464,23 +515,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.main(args=list(argv) if argv is not None else None, prog_name="nanobatch", standalone_mode=False)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted", prefix="")
         return 130
     except click.ClickException as exc:
-        exc.show()
+        if _json_logs():
+            _error(exc.format_message())
+        else:
+            exc.show()
         return 2
     except NanobatchError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         return exc.exit_code
     except BaseExceptionGroup as group:  # from a task group: report our error; anything else is a bug
         if (error := sole_error(group)) is None:
             raise
-        click.echo(f"error: {error}", err=True)
+        _error(str(error))
         return error.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
     return 0
 
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -56,6 +57,8 @@ class GeminiClient:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
+        # Where requests go, for messages: no user name, password or query (a key could hide there).
+        self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
 
     async def __aenter__(self) -> GeminiClient:
         await self._http.__aenter__()
@@ -75,7 +78,7 @@ class GeminiClient:
         token: str | None = None
         for _ in range(1000):  # a server that never stops paging is not followed forever
             params: dict[str, Any] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
-            with http_errors(self._secret):
+            with http_errors(self._secret, self.where):
                 response = await self._http.get(self._prefix.rstrip("/"), params=params, timeout=timeout_s)
             if response.status_code != 200:
                 raise api_error(response, self._secret)
@@ -90,7 +93,7 @@ class GeminiClient:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings
         timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
-        with http_errors(self._secret):
+        with http_errors(self._secret, self.where):
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
         if response.status_code == 200:
             return redact_reply(parse_reply(response.content), self._secret)
@@ -109,10 +112,21 @@ def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def http_errors(secret: str | None) -> Iterator[None]:
-    """Translate httpx's failures to a retryable :class:`ApiError`, the key taken out of the message."""
+def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
+    """Translate httpx's failures to a retryable :class:`ApiError`, the key taken out of the message.
+
+    A connection that could not be made names *where* and why, and is marked ``sent=False``: the request
+    never left, so it cost nothing.
+    """
     try:
         yield
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise ApiError(
+            redact(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            kind="timeout" if isinstance(exc, httpx.TimeoutException) else "connection",
+            retryable=True,
+            sent=False,
+        ) from None
     except httpx.TimeoutException as exc:
         raise ApiError(
             redact(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
@@ -154,6 +168,20 @@ def redact_reply(reply: Reply, secret: str | None) -> Reply:
     if secret in usage:
         changes["usage"] = orjson.loads(redact(usage, secret))
     return dataclasses.replace(reply, **changes) if changes else reply
+
+
+def _connect_failure(exc: httpx.HTTPError) -> str:
+    """Why a connection could not be made, in words (``connection refused``), from the OS error beneath *exc*."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no connection within {_CONNECT_TIMEOUT_S:g} s ({type(exc).__name__})"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror or cause})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()  # "connection refused", "network is unreachable"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")

@@ -79,6 +79,7 @@ class RetrySettings(_Section):
     backoff_max_s: float = Field(120.0, ge=0)
     no_image_attempts: int = Field(2, ge=0)
     max_server_wait_s: float = Field(600.0, gt=0)
+    first_contact_s: float = Field(60.0, gt=0)  # no request has ever reached the API for this long: stop
 
 
 class BudgetSettings(_Section):

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from . import models
+from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, RunAborted
@@ -246,6 +247,7 @@ class Engine:
         self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
+        self.failures = FailureLog(client.where)
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -287,7 +289,10 @@ class Engine:
             except Stopped:
                 continue  # never sent: left for the next run, not recorded as failed
             except FatalApiError as exc:
-                logger.error("%s: %s; stopping the run", item.id, exc)
+                # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
+                # the same answer to each other request in flight adds nothing.
+                log = logger.info if self.gate.stopping else logger.warning
+                log("%s: %s; stopping the run", item.id, exc)
                 self.gate.stop(exc)
                 continue
             if finished is None:
@@ -495,6 +500,12 @@ class Engine:
                     sent_at.append(anyio.current_time())
                 try:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                except ApiError as exc:
+                    # An error answer, or no connection at all, is definite: not "possibly charged". Only a
+                    # request with no answer stays open in the journal (and a 200, until its record is written).
+                    if not exc.sent or exc.status_code not in (None, 200):
+                        self.journal.settled(item.id, record["attempts"])
+                    raise
                 finally:
                     self.stats.in_flight = self.gate.in_flight - 1
                 served = models.reported_tier(reply.usage)
@@ -515,6 +526,7 @@ class Engine:
 
         def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
             self.stats.retries[exc.kind] += 1
+            self.failures.failed(exc)
             logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
 
         return await retrying(attempt, self.retry, on_retry=on_retry)

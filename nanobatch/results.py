@@ -445,15 +445,16 @@ class ResultsLog:
 
 
 class Journal:
-    """``journal.jsonl``: a line per request, written just before it is sent, and a line naming an item's
-    files, written just before they are.
+    """``journal.jsonl``: a line per request, written just before it is sent; one when it got an error
+    answer (settled); and a line naming an item's files, written just before they are.
 
     A request whose line has no matching result record (same run, same item)
-    was in flight when a run died: it may have been charged without a saved
-    result. A file named in the journal is nanobatch's, even when the run died
-    before the record that names it (:func:`reset_journal` carries such lines
-    over). Lines are flushed to the kernel, so they survive the process being
-    killed; they are not fsync'ed (a power cut may lose them).
+    and was not settled (an error answer, or no connection at all) was sent and
+    never answered: it may have been charged without a saved result. A file
+    named in the journal is nanobatch's, even when the run died before the
+    record that names it (:func:`reset_journal` carries such lines over).
+    Lines are flushed to the kernel, so they survive the process being killed;
+    they are not fsync'ed (a power cut may lose them).
     """
 
     def __init__(self, out_dir: Path, run_id: str) -> None:
@@ -465,8 +466,15 @@ class Journal:
         self._file = self.path.open("ab")
 
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
+        self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
+
+    def settled(self, item_id: str, attempt: int) -> None:
+        """The request *attempt* of *item_id* got a definite answer that is not a result (an HTTP error, or
+        no connection): it is not in doubt, whatever becomes of its item."""
+        self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
+
+    def _write(self, line: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
-        line = {"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt}
         self._file.write(orjson.dumps(line) + b"\n")
         self._file.flush()
 
@@ -494,18 +502,24 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[
     if index is None:
         with ResultsIndex.load(out_dir) as loaded:
             return orphaned_requests(out_dir, loaded)
-    orphans: dict[tuple[Any, str], dict[str, Any]] = {}
+    # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
+    open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
     with path.open("rb") as f:
         for line in f:
             try:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue  # torn by the crash it is there to report
-            if not isinstance(entry, dict) or "id" not in entry or entry.get("event") != "dispatched":
+            if not isinstance(entry, dict) or "id" not in entry or entry.get("event") not in ("dispatched", "settled"):
+                continue
+            request = (entry.get("run"), entry["id"], entry.get("attempt"))
+            if entry.get("event") == "settled":
+                open_requests.pop(request, None)
                 continue
             latest = index.get(entry["id"])
             if latest is None or latest.run != entry.get("run"):
-                orphans[(entry.get("run"), entry["id"])] = entry
+                open_requests[request] = entry
+    orphans = {(entry.get("run"), entry["id"]): entry for entry in open_requests.values()}  # one per item and run
     return list(orphans.values())
 
 

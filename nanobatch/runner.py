@@ -8,6 +8,7 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -15,9 +16,10 @@ import os
 import signal
 import stat
 import time
+import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +42,7 @@ from .errors import (
     sole_error,
 )
 from .inputs import InputLoader, UrlChecklist
-from .limits import Breaker, Budget, Gate
+from .limits import Breaker, Budget, FirstContact, Gate
 from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
 from .results import SUMMARY_FILE, ResultsIndex, atomic_write, remove_stale_temp_files, reset_journal
@@ -206,6 +208,18 @@ class _LifecycleCheck:
             ))  # fmt: skip
 
 
+def _on_loopback(base_url: str) -> bool:
+    """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
+    proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
     """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
     for problem in problems:
@@ -271,7 +285,7 @@ async def run_job(
     target = checked.out_dir
     manifest = manifest.skipping(target)
     api_key = read_api_key(settings)
-    if api_key is None and not simulate and transport is None:
+    if api_key is None and not simulate and transport is None and not _on_loopback(settings.api.base_url):
         raise ConfigError(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"
@@ -281,7 +295,7 @@ async def run_job(
     stats.rpm_limit = settings.limits.requests_per_minute
     stats.concurrency = settings.limits.concurrency
     started = time.time()
-    async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
+    async with _holding(target, wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(target))
         orphans = reset_journal(target, index)
         remove_stale_temp_files(target)
@@ -340,6 +354,41 @@ async def run_job(
     )
 
 
+@asynccontextmanager
+async def _holding(target: Path, *, wait: bool, handle_signals: bool) -> AsyncIterator[None]:
+    """Hold *target*'s run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
+    lock = RunLock(target, wait=wait)
+    if wait and handle_signals:
+        await _acquire_interruptibly(lock)
+    else:
+        await lock.__aenter__()
+    try:
+        yield
+    finally:
+        await lock.__aexit__(None, None, None)
+
+
+async def _acquire_interruptibly(lock: RunLock) -> None:
+    """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
+    received: list[signal.Signals] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signal.Signals(signum))
+                    tg.cancel_scope.cancel()  # stops the wait below
+
+            tg.start_soon(watch)
+            await lock.__aenter__()
+            tg.cancel_scope.cancel()
+    if received:
+        await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
+        raise Interrupted(
+            f"interrupted by {received[0].name} while waiting for the run holding {lock.path.parent}; nothing was sent"
+        )
+
+
 def _engine(
     settings: Settings,
     client: GeminiClient,
@@ -353,6 +402,7 @@ def _engine(
     run_id: str,
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
+    first_contact = FirstContact(retry.first_contact_s)
     gate = Gate(
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
@@ -361,8 +411,10 @@ def _engine(
             threshold=limits.breaker_threshold,
             cooldown_s=limits.breaker_cooldown_s,
             max_down_s=limits.breaker_max_down_s,
+            first_contact=first_contact,
         ),
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
+        first_contact=first_contact,
     )
     policy = RetryPolicy(
         max_attempts=retry.max_attempts,
@@ -443,7 +495,7 @@ def _summary(
     finished = time.time()
     return {
         "job": manifest.name,
-        "manifest": str(manifest.path),
+        "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
         "out_dir": str(out_dir),
         **folder,
         "wall_s": round(finished - started, 3),

@@ -103,22 +103,25 @@ def raising(exc_type: type[httpx.TransportError], message: str = "boom") -> Hand
 
 
 @pytest.mark.parametrize(
-    ("exc_type", "kind"),
+    ("exc_type", "kind", "sent"),
     [
-        pytest.param(httpx.ReadTimeout, "timeout", id="read-timeout"),
-        pytest.param(httpx.ConnectTimeout, "timeout", id="connect-timeout"),
-        pytest.param(httpx.WriteTimeout, "timeout", id="write-timeout"),
-        pytest.param(httpx.ConnectError, "connection", id="connect-error"),
-        pytest.param(httpx.RemoteProtocolError, "connection", id="remote-protocol-error"),
-        pytest.param(httpx.ReadError, "connection", id="read-error"),
+        pytest.param(httpx.ReadTimeout, "timeout", True, id="read-timeout"),
+        pytest.param(httpx.ConnectTimeout, "timeout", False, id="connect-timeout"),
+        pytest.param(httpx.WriteTimeout, "timeout", True, id="write-timeout"),
+        pytest.param(httpx.ConnectError, "connection", False, id="connect-error"),
+        pytest.param(httpx.RemoteProtocolError, "connection", True, id="remote-protocol-error"),
+        pytest.param(httpx.ReadError, "connection", True, id="read-error"),
     ],
 )
-async def test_transport_failures_are_retryable_api_errors(exc_type: type[httpx.TransportError], kind: str) -> None:
+async def test_transport_failures_are_retryable_api_errors(
+    exc_type: type[httpx.TransportError], kind: str, sent: bool
+) -> None:
     with pytest.raises(ApiError) as info:
         await send(raising(exc_type))
     assert info.value.kind == kind
     assert info.value.retryable is True
     assert info.value.status_code is None
+    assert info.value.sent is sent  # a request that never had a connection cannot have been charged
 
 
 async def test_non_200_goes_through_classification() -> None:

@@ -28,6 +28,7 @@ FAULT_MIX: dict[str, float] = {
 }
 _LATENCY_HELP = "SECONDS, uniform:LOW,HIGH or lognormal:MEDIAN,SIGMA (e.g. 0.2, uniform:1,5, lognormal:40,0.5)"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_CLIENT_KEYS = ("NANOBATCH_API_KEY", "GEMINI_API_KEY")  # the variables `nanobatch run` reads a key from by default
 
 
 class LatencyOptions(TypedDict):
@@ -118,6 +119,10 @@ def _rate(number: str, item: str) -> float:
     if not 0.0 <= rate <= 1.0:
         raise click.BadParameter(f"a rate must be between 0 and 1; got {item!r}")
     return rate
+
+
+def _on_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
 
 
 @click.command()
@@ -218,12 +223,19 @@ def simulate(
         **latency,
         **rates,
     )
-    if host not in _LOOPBACK and not host.startswith("127."):
+    if not _on_loopback(host):
         click.echo(f"warning: {host} is reachable from other machines; the simulator is meant for loopback", err=True)
-    auth = f" with the key from ${api_key_env}" if api_key_env else ""
+    # The command to type, as it works: `nanobatch run` reads the key from api.api_key_env (NANOBATCH_API_KEY),
+    # else GEMINI_API_KEY; a loopback base URL needs none, and without --api-key-env any key will do.
+    use_key = ""
+    if api_key_env and api_key_env not in _CLIENT_KEYS:
+        use_key = f"NANOBATCH_API_API_KEY_ENV={api_key_env} "
+    elif not api_key_env and not _on_loopback(host):
+        use_key = "NANOBATCH_API_KEY=any "
 
     def ready(url: str) -> None:
-        click.echo(f"Simulator listening on {url}; run: nanobatch run MANIFEST --base-url {url}{auth} (Ctrl-C stops)")
+        command = f"{use_key}nanobatch run MANIFEST --base-url {url}"
+        click.echo(f"Simulator listening on {url}; run: {command} (Ctrl-C stops)")
 
     try:
         serve(config, host, port, verbose=verbose, on_ready=ready)
