@@ -1,6 +1,6 @@
 """The split connection pool, as the package ships it (``nanobatch/_transport.py``).
 
-The benchmark first found httpcore's pool cost growing with the square of its
+The benchmark first found httpcore2's pool cost growing with the square of its
 size here, as an experiment; the package now does this by default. The plain
 ``asyncio.gather`` script uses it for its "pool split" row.
 """

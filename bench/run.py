@@ -160,14 +160,14 @@ def bench_dispatch(b: Bench) -> None:
         plain = b.client("minimal", out_dir=b.out("gather"), **params)
         b.add(
             section,
-            f"(b) asyncio.gather + Semaphore({concurrency}), one httpx.AsyncClient",
+            f"(b) asyncio.gather + Semaphore({concurrency}), one httpx2.AsyncClient",
             f"{plain['wall_s']:.2f} s = **{plain['wall_s'] / ideal:.2f}x**; client CPU "
             f"{plain['cpu_s'] / n * 1000:.2f} ms/req; connection errors {plain['connection_errors']}",
         )
         plain_split = b.client("minimal", out_dir=b.out("gather-split"), split_pool=True, **params)
         b.add(
             section,
-            "  experiment: same, httpx pool split into 10 pools of 10",
+            "  experiment: same, httpx2 pool split into 10 pools of 10",
             f"{plain_split['wall_s']:.2f} s = {plain_split['wall_s'] / ideal:.2f}x; client CPU "
             f"{plain_split['cpu_s'] / n * 1000:.2f} ms/req",
         )
@@ -394,7 +394,7 @@ def machine() -> list[tuple[str, str]]:
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     versions = ", ".join(
-        f"{name} {metadata.version(name)}" for name in ("httpx", "httpcore", "anyio", "h11", "uvicorn", "starlette")
+        f"{name} {metadata.version(name)}" for name in ("httpx2", "httpcore2", "anyio", "h11", "uvicorn", "starlette")
     )
     return [
         ("CPU", f"{cpu}, {os.cpu_count()} cores"),
@@ -440,13 +440,13 @@ temporary folder on the local disk.
 
 1. **Dispatch**: 2,000 requests, 200 ms latency, `limits.concurrency` 100; ideal
    = requests x latency / concurrency = 4.0 s. (a) the Gemini docs' Python example
-   as a loop of sync httpx calls (read, post, decode, write), timed on a few
+   as a loop of sync httpx2 calls (read, post, decode, write), timed on a few
    requests and scaled; (b) the same work as `asyncio.gather` over 2,000
-   coroutines with an `asyncio.Semaphore(100)` and one `httpx.AsyncClient`
+   coroutines with an `asyncio.Semaphore(100)` and one `httpx2.AsyncClient`
    limited to 100 connections. The "pool split" row is the same script through a
-   transport that spreads the requests over ten httpx pools of 10 connections
+   transport that spreads the requests over ten httpx2 pools of 10 connections
    (`bench/_transport.py`), as nanobatch's own client does above 10 connections:
-   httpcore's pool costs grow with the square of its size. (c) the floor: 100
+   httpcore2's pool costs grow with the square of its size. (c) the floor: 100
    raw asyncio connections, each sending 20 requests one after another as fast
    as the answers come, with no HTTP library (a hand-written request, the
    answer skipped by its Content-Length): no client can beat it on this
@@ -460,7 +460,7 @@ temporary folder on the local disk.
    (last - first); the worst window is the most arrivals in any [t, t + 10 s).
 3. **CPU**: the simulator answers with a 2048x2048 PNG of 3-bit noise (5.9 MB,
    7.9 MB in base64, like a real 2K answer), no latency, concurrency 8 for both;
-   the minimal loop is httpx + `response.json()` + `base64.b64decode` + a plain
+   the minimal loop is httpx2 + `response.json()` + `base64.b64decode` + a plain
    file write (no fsync, no temporary file, no results line, no journal).
 4. **Memory**: peak RSS (`ru_maxrss`) of each client process, one process per
    configuration; 400 requests with small answers, 3 x concurrency (at least 24)

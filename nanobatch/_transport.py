@@ -1,35 +1,35 @@
 """Many small connection pools instead of one big one.
 
-httpcore 1.0's ``AsyncConnectionPool`` walks every connection on every request
+httpcore2 1.0's ``AsyncConnectionPool`` walks every connection on every request
 and every release, so its cost per request grows with the square of the pool's
 size: at 100 connections it was half of nanobatch's CPU per request (see the
 README's performance section). Spreading requests over pools of ten keeps
-each walk short. Each pool is httpx's own transport; this only picks one.
+each walk short. Each pool is httpx2's own transport; this only picks one.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
+import httpx2
 
 __all__ = ["ShardedTransport"]
 
 POOL_SIZE = 10
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
+class ShardedTransport(httpx2.AsyncBaseTransport):
     """Sends each request through the least busy of ``ceil(max_connections / POOL_SIZE)`` pools."""
 
     def __init__(self, max_connections: int, per_pool: int = POOL_SIZE) -> None:
         count = max(1, -(-max_connections // per_pool))
-        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        # One TLS context for all pools: each of httpx's own loads the CA bundle (~20-30 ms apiece).
-        context = httpx.create_ssl_context()
-        self._pools = [httpx.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
+        limits = httpx2.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        # One TLS context for all pools: each of httpx2's own loads the CA bundle (~20-30 ms apiece).
+        context = httpx2.create_ssl_context()
+        self._pools = [httpx2.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
         self._busy = [0] * count
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         index = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[index] += 1
         try:
@@ -38,7 +38,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             self._busy[index] -= 1
             raise
         # The connection stays busy until the body has been read and closed.
-        return httpx.Response(
+        return httpx2.Response(
             response.status_code,
             headers=response.headers,
             stream=_Tracked(response.stream, self._busy, index),  # type: ignore[arg-type]
@@ -50,8 +50,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-class _Tracked(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, busy: list[int], index: int) -> None:
+class _Tracked(httpx2.AsyncByteStream):
+    def __init__(self, stream: httpx2.AsyncByteStream, busy: list[int], index: int) -> None:
         self._stream, self._busy, self._index = stream, busy, index
         self._closed = False
 

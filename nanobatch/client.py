@@ -1,4 +1,4 @@
-"""HTTP: one ``generateContent`` request through httpx, errors translated to :class:`ApiError`.
+"""HTTP: one ``generateContent`` request through httpx2, errors translated to :class:`ApiError`.
 
 The API key lives here and only here: it goes into a request header and is
 redacted from every message that leaves this module.
@@ -12,7 +12,7 @@ import os
 from types import TracebackType
 from typing import Any
 
-import httpx
+import httpx2
 import orjson
 
 from ._transport import POOL_SIZE, ShardedTransport
@@ -43,7 +43,7 @@ class GeminiClient:
         auth: str = "bearer",
         api_version: str = "v1beta",
         max_connections: int = 100,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Content-Type": "application/json", "User-Agent": "nanobatch"}
         if api_key:
@@ -53,10 +53,10 @@ class GeminiClient:
                 headers["Authorization"] = f"Bearer {api_key}"
         self._secret = api_key
         self._prefix = f"/{api_version.strip('/')}/models/"
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and max_connections > POOL_SIZE and not _proxy_configured():
             transport = ShardedTransport(max_connections)
-        self._http = httpx.AsyncClient(
+        self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
 
@@ -75,18 +75,18 @@ class GeminiClient:
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings
-        timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
+        timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         try:
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise ApiError(
                 self._redact(f"no answer within the time limit ({type(exc).__name__})"), kind="timeout", retryable=True
             ) from None
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise ApiError(
                 self._redact(f"connection failed: {type(exc).__name__}: {exc}"), kind="connection", retryable=True
             ) from None
-        except httpx.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
+        except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
             raise ApiError(
                 self._redact(f"the response body could not be decoded: {exc}"), kind="bad_response", retryable=True
             ) from None
@@ -120,5 +120,5 @@ _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason",
 
 
 def _proxy_configured() -> bool:
-    """httpx honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
+    """httpx2 honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
     return any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-import httpx
+import httpx2
 
 from . import models
 from ._retry import RetryPolicy
@@ -112,7 +112,7 @@ def check_job(
     settings: Settings | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     check_urls: bool = True,
-    transport: httpx.BaseTransport | None = None,
+    transport: httpx2.BaseTransport | None = None,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
@@ -207,7 +207,7 @@ async def run_job(
     simulate: bool = False,
     wait_lock: bool = False,
     handle_signals: bool = False,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
     retry_sleep: Callable[[float], Awaitable[None]] | None = None,
     stats: RunStats | None = None,
 ) -> RunSummary:
