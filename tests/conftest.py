@@ -53,3 +53,15 @@ def run_virtual(fn: Callable[[], Awaitable[T]], *, settle_s: float = 0.0) -> T:
 @pytest.fixture
 def virtual() -> Callable[[Callable[[], Awaitable[Any]]], Any]:
     return run_virtual
+
+
+@pytest.fixture(params=["libyaml", "pure-python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a YAML test on both parsers: libyaml's (the default where PyYAML has it) and PyYAML's own."""
+    from nanobatch import _yaml
+
+    loaders = _yaml.C_LOADERS if request.param == "libyaml" else _yaml.PURE_LOADERS
+    if loaders is None:
+        pytest.skip("PyYAML was built without libyaml")
+    monkeypatch.setattr(_yaml, "LOADERS", loaders)
+    return str(request.param)
