@@ -316,6 +316,7 @@ def _engine(
     gate = Gate(
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
+        rpm_burst=limits.rpm_burst,
         adaptive=limits.adaptive,
         breaker=Breaker(
             threshold=limits.breaker_threshold,

@@ -87,6 +87,18 @@ def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path
     assert achieved >= 0.98 * 120
 
 
+def test_rpm_burst_uses_a_sliding_window_quota_fully_without_a_429(tmp_path: Path) -> None:
+    """A quota of 120 in any 60 s, --rpm 120: evenly spaced, 200 items take 100 s; with rpm_burst 120, 60 s."""
+    job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(200)])
+    server = HiddenRpmServer(rpm=120, latency_s=1.0)
+    overrides = {"limits.concurrency": 200, "limits.requests_per_minute": 120, "limits.rpm_burst": 120}
+    summary = run(job, server, overrides)
+    assert summary.exit_code == 0 and summary.stats.ok == 200
+    assert server.answers[429] == 0
+    times = sorted(server.sent_at)
+    assert times[-1] - times[0] < 61.0
+
+
 def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_path: Path) -> None:
     # 40 workers, one request a second: the last item waits ~39 s for its turn, then the API takes 3 s.
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
