@@ -138,7 +138,11 @@ def _settings_options(f: Any) -> Any:
         ),
         click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
-        click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once)."),
+        click.option(
+            "--rpm",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once).",
+        ),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
         click.option(
             "--max-cost",
