@@ -152,7 +152,9 @@ def test_failed_items_exit_1_and_google_auth_style(
     assert "bad_request: 1 (e.g. bad)" in capsys.readouterr().err
 
 
-def test_validate_and_dry_run_send_nothing(tmp_path: Path, key: str, api: Api, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_and_dry_run_send_nothing(
+    tmp_path: Path, key: str, api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}, {"id": "b", "steps": ["one", "two"]}])
     assert main(["validate", str(job)]) == 0
     out = capsys.readouterr().out
