@@ -467,3 +467,11 @@ def test_a_body_only_the_standard_json_parser_takes_still_parses() -> None:
     text = body(inline(PNG)).decode().replace('"finishReason"', '"score": NaN, "note": "\\ud800", "finishReason"')
     reply = parse_reply(text.encode())
     assert reply.finish_reason == "STOP" and reply.images[0].data == PNG
+
+
+def test_an_image_in_url_safe_or_unpadded_base64_is_decoded_as_the_sdk_does() -> None:
+    png = b"\x89PNG\r\n\x1a\n\xfb\xff\xfe" + bytes(range(256))
+    for text in (base64.urlsafe_b64encode(png).decode(), base64.b64encode(png).decode().rstrip("=")):
+        body = json.dumps({"candidates": [{"content": {"parts": [{"inlineData": {"data": text}}]}}]}).encode()
+        (image,) = parse_reply(body).images
+        assert image.data == png and image.mime_type == "image/png"
