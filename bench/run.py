@@ -1,4 +1,8 @@
-"""nanobatch benchmarks (issues #4 and #5): ``make bench``, or ``python bench/run.py [--quick]``.
+"""nanobatch benchmarks (issues #4, #5 and #15): ``make bench``, or ``python bench/run.py [--quick]``.
+
+Section 0 ("peers", ``_peers.py``) measures nanobatch against the scripts a user would write instead
+(aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into README.md's
+Performance section, between the ``bench:peers`` markers.
 
 Every measured run is a fresh client process (``_client.py``) talking over
 loopback HTTP to the simulator in another process (``_server.py``), which
@@ -28,10 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import _fixtures as fixtures
+from _peers import SECTION as PEERS_SECTION
+from _peers import bench_peers
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("dispatch", "rate", "cpu", "memory", "resume")
+SECTIONS = ("peers", "dispatch", "rate", "cpu", "memory", "resume")
+README = HERE.parent / "README.md"
+README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
 
 def say(text: str) -> None:
@@ -373,6 +381,7 @@ def bench_resume(b: Bench) -> None:
 
 
 BENCHES: dict[str, Callable[[Bench], None]] = {
+    "peers": bench_peers,
     "dispatch": bench_dispatch,
     "rate": bench_rate,
     "cpu": bench_cpu,
@@ -402,9 +411,20 @@ def machine() -> list[tuple[str, str]]:
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("OS", f"{platform.system()} {platform.release()}"),
         ("libraries", versions),
+        ("peers", _peer_versions()),
         ("network", "loopback only; simulator in its own process (uvicorn, h11)"),
         ("output folder", _filesystem(Path(tempfile.gettempdir()))),
     ]
+
+
+def _peer_versions() -> str:
+    found = []
+    for name in ("aiohttp", "google-genai"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed (pip install -e '.[bench]')")
+    return ", ".join(found)
 
 
 def _filesystem(path: Path) -> str:
@@ -427,6 +447,19 @@ def table(rows: list[Row]) -> str:
 
 METHOD = """\
 ## How each number is measured
+
+0. **Peers**: the same workloads through nanobatch and through what a user
+   would write instead, against one simulator (200 ms latency, canned answers),
+   each run a fresh process, repetitions alternating (3 rounds; 1 with
+   `--quick`): `bench/peer_aiohttp.py` (aiohttp, after the OpenAI cookbook's
+   parallel processor), `bench/peer_genai.py` (the google-genai SDK with its own
+   retries; it sends through aiohttp when aiohttp is installed) and
+   `bench/peer_httpx2.py` (plain httpx2), each with an `asyncio.Semaphore`,
+   `gather` over every item and retries that honour `retryDelay`. Small
+   answers: 2,000 requests at concurrency 100 (ideal 4.0 s); big answers: 300
+   answers of 5.9 MB (a 2K PNG) at concurrency 16, 2 rounds (64 and 1 with
+   `--quick`), then nanobatch alone with 1,000 (200) to see whether its memory
+   grows with the number of requests. Ratios are of medians.
 
 Each client run is a fresh `python bench/_client.py` process; the simulator
 (`nanobatch.simulator.create_app` with `SimulatorConfig(canned=...)`, served by
@@ -495,6 +528,29 @@ def write_results(path: Path, b: Bench, elapsed: float) -> str:
     return text
 
 
+def update_readme(path: Path, b: Bench, elapsed: float) -> bool:
+    """Put the peers' rows between README's markers; False when the markers are not there."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return False
+    mode = "`--quick`" if b.quick else "full"
+    rows = [row for row in b.rows if row.section == PEERS_SECTION]
+    block = "\n".join(
+        [
+            start,
+            f"Measured by `make bench` ({mode} run, {time.strftime('%Y-%m-%d')}; machine in "
+            "[`bench/RESULTS.md`](bench/RESULTS.md)):",
+            "",
+            table(rows),
+            end,
+        ]
+    )
+    before, rest = text.split(start, 1)
+    path.write_text(before + block + rest.split(end, 1)[1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests, 20,000 items instead of 100,000")
@@ -522,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - started
     write_results(Path(args.results), b, elapsed)
+    if any(row.section == PEERS_SECTION for row in b.rows) and update_readme(README, b, elapsed):
+        say(f"peers' rows written into {README}")
     sys.stdout.write("\n" + table(b.rows) + "\n\n")
     sys.stdout.write(f"{elapsed / 60:.1f} minutes; written to {args.results}\n")
     return 0
