@@ -15,7 +15,7 @@ from typing import Any
 import httpx2
 import orjson
 
-from ._transport import POOL_SIZE, ShardedTransport
+from ._transport import ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
@@ -54,7 +54,7 @@ class GeminiClient:
         self._secret = api_key
         self._prefix = f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        if transport is None and max_connections > POOL_SIZE and not _proxy_configured():
+        if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
         self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import httpcore2
 import httpx2
 import pytest
 
@@ -249,6 +250,48 @@ async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> 
                     tg.start_soon(one)
             assert len(replies) == 60 and all(r.images for r in replies)
             assert transport._busy == [0, 0, 0]  # every connection was handed back
+
+
+class RecordingStream(httpcore2.AsyncNetworkStream):
+    """A network stream that records what is written (each call one send()) and answers every read with b"HTTP"."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        self.sent.append(buffer)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return b"HTTP"
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_small_request_leaves_in_one_send_and_a_big_body_uncopied() -> None:
+    """httpcore2 writes a request's head and body apart: on loopback each send() costs as much as the rest."""
+    from nanobatch._transport import _Stream
+
+    inner = RecordingStream()
+    stream = _Stream(inner)
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    await stream.write(b'{"contents": []}')
+    assert inner.sent == []  # held until the answer is awaited
+    assert await stream.read(65536) == b"HTTP"
+    assert inner.sent == [b'POST / HTTP/1.1\r\n\r\n{"contents": []}']
+    big = bytes(10 * 2**20)  # 14 reference images are tens of MB: sent as they are, never joined
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    await stream.write(big)
+    assert inner.sent[1:] == [b"POST / HTTP/1.1\r\n\r\n", big] and inner.sent[2] is big
+
+
+def test_every_pool_sends_through_the_joining_streams() -> None:
+    from nanobatch._transport import ShardedTransport, _Backend
+
+    client = GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=4)
+    transport = client._http._transport
+    assert isinstance(transport, ShardedTransport) and len(transport._pools) == 1
+    assert all(isinstance(pool._pool._network_backend, _Backend) for pool in transport._pools)
 
 
 def test_a_proxy_in_the_environment_keeps_httpx_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
