@@ -8,6 +8,7 @@ peak RSS of each, and nanobatch's ratios to the peer each target names.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -28,6 +29,13 @@ PEERS = {"aiohttp script": "peer_aiohttp.py", "google-genai SDK": "peer_genai.py
 SECTION = "0 peers"
 SMALL = (2000, 100)  # small answers: requests, concurrency
 BIG = {"quick": (64, 200, 16, 1), "full": (300, 1000, 16, 2)}  # requests, then nanobatch alone, concurrency, rounds
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # google itself missing
+        return False
 
 
 def say(text: str) -> None:
@@ -91,6 +99,11 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def bench_peers(b: Bench) -> None:
+    missing = [name for name in ("aiohttp", "google.genai") if not _installed(name)]
+    if missing:
+        say(f"[0] peers skipped: {', '.join(missing)} not installed (pip install -e '.[bench]', or make bench)")
+        b.add(SECTION, "peers", f"skipped: {', '.join(missing)} not installed (`pip install -e '.[bench]'`)")
+        return
     # Small answers: what the client itself costs per request.
     (n, concurrency), reps = SMALL, (1 if b.quick else 3)
     say(f"[0] peers: {n} small answers, 200 ms latency, concurrency {concurrency}, {reps} alternating round(s)")
