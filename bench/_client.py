@@ -52,6 +52,7 @@ def run_nanobatch(
     base_url: str,
     concurrency: int,
     rpm: float | None = None,
+    rpm_burst: int = 1,
     profile: bool = False,
 ) -> dict[str, Any]:
     import anyio
@@ -60,7 +61,12 @@ def run_nanobatch(
 
     settings = nanobatch.load_settings(
         env={},
-        overrides={"api.base_url": base_url, "limits.concurrency": concurrency, "limits.requests_per_minute": rpm},
+        overrides={
+            "api.base_url": base_url,
+            "limits.concurrency": concurrency,
+            "limits.requests_per_minute": rpm,
+            "limits.rpm_burst": rpm_burst,
+        },
     )
     result: dict[str, Any] = {"rss_before_mb": rss_mb(), "startup_s": time.perf_counter() - _PROCESS_START}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,25 @@ def request_body(image: bytes, image_size: str) -> dict[str, Any]:
     }
 
 
+class RequestBudget:
+    """The cookbook's rate limit: a bucket of ``rpm`` requests, refilled continuously at ``rpm`` a minute."""
+
+    def __init__(self, rpm: float | None) -> None:
+        self.rpm = rpm
+        self.available = rpm or 0.0
+        self.updated = time.monotonic()
+
+    async def take(self) -> None:
+        while self.rpm:
+            now = time.monotonic()
+            self.available = min(self.rpm, self.available + (now - self.updated) * self.rpm / 60)
+            self.updated = now
+            if self.available >= 1:
+                self.available -= 1
+                return
+            await asyncio.sleep(0.001)
+
+
 def retry_delay(answer: Any, attempt: int) -> float:
     """The server's RetryInfo if it sent one, else exponential backoff with jitter."""
     try:
@@ -49,9 +69,15 @@ def retry_delay(answer: Any, attempt: int) -> float:
 
 
 async def edit(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], target: Path, stats: dict[str, int]
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    target: Path,
+    stats: dict[str, int],
+    budget: RequestBudget,
 ) -> None:
     for attempt in range(MAX_ATTEMPTS):
+        await budget.take()
         try:
             async with session.post(url, json=body) as response:
                 answer = await response.json(content_type=None)
@@ -74,7 +100,14 @@ async def edit(
 
 
 async def edit_all(
-    *, base_url: str, n: int, concurrency: int, input_path: str, out_dir: str, image_size: str
+    *,
+    base_url: str,
+    n: int,
+    concurrency: int,
+    input_path: str,
+    out_dir: str,
+    image_size: str,
+    rpm: float | None = None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +115,7 @@ async def edit_all(
     headers = {"x-goog-api-key": "bench-not-a-key"}
     semaphore = asyncio.Semaphore(concurrency)
     stats = {"retries": 0, "failed": 0}
+    budget = RequestBudget(rpm)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=timeout) as session:
@@ -90,7 +124,7 @@ async def edit_all(
             async with semaphore:
                 body = request_body(Path(input_path).read_bytes(), image_size)
                 try:
-                    await edit(session, url, body, out / f"aiohttp-{number}.png", stats)
+                    await edit(session, url, body, out / f"aiohttp-{number}.png", stats, budget)
                 except RuntimeError:
                     stats["failed"] += 1
 

@@ -17,13 +17,19 @@ from typing import Any
 
 import httpx2
 from _peer import MODEL, main
-from peer_aiohttp import MAX_ATTEMPTS, RETRYABLE, request_body, retry_delay
+from peer_aiohttp import MAX_ATTEMPTS, RETRYABLE, RequestBudget, request_body, retry_delay
 
 
 async def edit(
-    client: httpx2.AsyncClient, path: str, body: dict[str, Any], target: Path, stats: dict[str, int]
+    client: httpx2.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    target: Path,
+    stats: dict[str, int],
+    budget: RequestBudget,
 ) -> None:
     for attempt in range(MAX_ATTEMPTS):
+        await budget.take()
         try:
             response = await client.post(path, json=body)
             answer = response.json()
@@ -46,13 +52,21 @@ async def edit(
 
 
 async def edit_all(
-    *, base_url: str, n: int, concurrency: int, input_path: str, out_dir: str, image_size: str
+    *,
+    base_url: str,
+    n: int,
+    concurrency: int,
+    input_path: str,
+    out_dir: str,
+    image_size: str,
+    rpm: float | None = None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = f"/v1beta/models/{MODEL}:generateContent"
     semaphore = asyncio.Semaphore(concurrency)
     stats = {"retries": 0, "failed": 0}
+    budget = RequestBudget(rpm)
     limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"x-goog-api-key": "bench-not-a-key"}
     async with httpx2.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=300) as client:
@@ -61,7 +75,7 @@ async def edit_all(
             async with semaphore:
                 body = request_body(Path(input_path).read_bytes(), image_size)
                 try:
-                    await edit(client, path, body, out / f"httpx2-{number}.png", stats)
+                    await edit(client, path, body, out / f"httpx2-{number}.png", stats, budget)
                 except RuntimeError:
                     stats["failed"] += 1
 

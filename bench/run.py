@@ -459,7 +459,13 @@ METHOD = """\
    answers: 2,000 requests at concurrency 100 (ideal 4.0 s); big answers: 300
    answers of 5.9 MB (a 2K PNG) at concurrency 16, 2 rounds (64 and 1 with
    `--quick`), then nanobatch alone with 1,000 (200) to see whether its memory
-   grows with the number of requests. Ratios are of medians.
+   grows with the number of requests. Ratios are of medians. Quota: 1,000
+   requests at concurrency 100 against the simulator's `rpm_limit` 600 (a
+   sliding window) at `time_scale` 0.1, so a minute lasts 6 s: nanobatch with
+   `--rpm` the quota (scaled) and `rpm_burst` 1, then 600; the aiohttp and
+   httpx2 scripts with the OpenAI cookbook's token bucket set to the quota; the
+   SDK with its own retries only (it has no rate limit). Each client starts
+   after a quiet window; "refused" is what the server saw beyond the items done.
 
 Each client run is a fresh `python bench/_client.py` process; the simulator
 (`nanobatch.simulator.create_app` with `SimulatorConfig(canned=...)`, served by

@@ -36,15 +36,17 @@ class Stopped(Exception):  # noqa: N818 - a signal, not a failure
 
 
 _MAX_OVERSHOOT_S = 0.005  # a busier loop wakes later still; waking early costs a short spin, so cap it
+_ARRIVAL_MARGIN = 1 / 60  # of a window, with bursts: see RateLimiter
 
 
 class RateLimiter:
     """At most ``per_minute`` requests in any 60 s, and at most ``burst`` in any ``burst`` intervals of
     ``60 / per_minute`` s. ``burst=1`` (the default) spaces requests evenly; ``burst=per_minute`` lets a
-    sliding-window quota be used fully (a whole minute's share at once, then as each send leaves the window).
+    sliding-window quota be used fully (a whole minute's share at once, then as each send leaves the window,
+    plus a second a minute for the requests' time on the way).
 
     >>> limiter = RateLimiter(per_minute=120)  # one request every 0.5 s
-    >>> limiter = RateLimiter(per_minute=600, burst=600)  # 600 at once, then the 601st a minute after the 1st
+    >>> limiter = RateLimiter(per_minute=600, burst=600)  # 600 at once, then the 601st 61 s after the 1st
     """
 
     def __init__(self, per_minute: float, burst: int = 1) -> None:
@@ -53,6 +55,10 @@ class RateLimiter:
         self._windows = [(burst, burst * self.interval)]
         if per_minute >= 1 and burst > 1:
             self._windows.append((int(per_minute), 60.0))  # a burst that does not divide the rate: still the minute
+        if burst > 1:
+            # The server counts arrivals, not sends: a send a window after another may arrive a little sooner
+            # than that after it (the first was slower on the way). A 1/60 margin (1 s a minute) absorbs that.
+            self._windows = [(count, span * (1 + _ARRIVAL_MARGIN)) for count, span in self._windows]
         self._sent: deque[float] = deque(maxlen=max(count for count, _ in self._windows))
         self._not_before = -math.inf  # a pause the server asked for
         self._lock = anyio.Lock()  # FIFO: waiters leave in arrival order

@@ -205,21 +205,23 @@ def most_in_any_window(times: list[float], span: float) -> int:
 
 
 def test_a_burst_as_big_as_the_rate_uses_a_sliding_window_quota_fully() -> None:
-    """600 rpm against a quota of 600 in any 60 s: 1,000 requests by t = 60 s (evenly spaced: 100 s)."""
+    """600 rpm against a quota of 600 in any 60 s: 1,000 requests by t = 61 s (evenly spaced: 100 s); the extra
+    second is the margin for requests that take longer on the way than the ones a window after them."""
     times = acquire_times(RateLimiter(per_minute=600, burst=600), 1000)
     assert len(times) == 1000
     assert most_in_any_window(times, 60.0) == 600  # the whole quota, and never more
-    assert times[599] == 0.0 and times[-1] == pytest.approx(60.0)
+    assert most_in_any_window(times, 61.0) == 600  # not even with arrivals up to a second early
+    assert times[599] == 0.0 and times[-1] == pytest.approx(61.0)
 
 
 @pytest.mark.parametrize("burst", [pytest.param(7, id="burst-7"), pytest.param(45, id="burst-45")])
 def test_a_burst_that_does_not_divide_the_rate_still_keeps_every_minute_under_it(burst: int) -> None:
-    """100 rpm: at most *burst* in any *burst* intervals, at most 100 in any minute, sooner than evenly spaced."""
+    """100 rpm: at most *burst* in any *burst* intervals, at most 100 in any minute, and nearly the whole rate."""
     times = acquire_times(RateLimiter(per_minute=100, burst=burst), 400)
     assert most_in_any_window(times, 60.0) <= 100
     assert most_in_any_window(times, burst * 0.6) <= burst
     assert most_in_any_window(times, 0.0 + 1e-9) == burst  # that many do leave together
-    assert times[-1] < 399 * 0.6  # sooner than evenly spaced, which is what burst 1 does
+    assert (len(times) - 1) / times[-1] * 60 >= 0.97 * 100  # the rate, less the 1/60 margin for arrival jitter
 
 
 def test_gate_applies_the_rate_limit() -> None:

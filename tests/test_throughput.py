@@ -96,7 +96,7 @@ def test_rpm_burst_uses_a_sliding_window_quota_fully_without_a_429(tmp_path: Pat
     assert summary.exit_code == 0 and summary.stats.ok == 200
     assert server.answers[429] == 0
     times = sorted(server.sent_at)
-    assert times[-1] - times[0] < 61.0
+    assert times[-1] - times[0] < 62.0  # a minute, plus the limiter's second for arrival jitter
 
 
 def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_path: Path) -> None:
