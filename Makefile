@@ -22,8 +22,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest --cov=nanobatch --cov-branch --cov-report=term:skip-covered --cov-fail-under=93
 
-bench: install
-	$(BIN)/python bench/run.py
+$(VENV)/.bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(VENV)/.bench
+
+bench: $(VENV)/.bench
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check nanobatch tests bench

@@ -10,9 +10,9 @@ Scenarios:
   (``time.process_time``: every thread of the process, user + system) and
   main-thread CPU, measured around the ``await`` alone.
 * ``sequential``: the API's own Python example, one request after another
-  (sync httpx): read the input, post, decode the image, write it.
+  (sync httpx2): read the input, post, decode the image, write it.
 * ``minimal``: the same work as a plain script: ``asyncio.gather`` over every
-  request with an ``asyncio.Semaphore(concurrency)`` and one httpx.AsyncClient.
+  request with an ``asyncio.Semaphore(concurrency)`` and one httpx2.AsyncClient.
 * ``floor``: the least any client can do against this server: raw asyncio
   sockets, no HTTP library, ``concurrency`` kept-alive connections each sending
   its share of the requests one after another and skipping over the answers
@@ -52,6 +52,7 @@ def run_nanobatch(
     base_url: str,
     concurrency: int,
     rpm: float | None = None,
+    rpm_burst: int = 1,
     profile: bool = False,
 ) -> dict[str, Any]:
     import anyio
@@ -60,7 +61,12 @@ def run_nanobatch(
 
     settings = nanobatch.load_settings(
         env={},
-        overrides={"api.base_url": base_url, "limits.concurrency": concurrency, "limits.requests_per_minute": rpm},
+        overrides={
+            "api.base_url": base_url,
+            "limits.concurrency": concurrency,
+            "limits.requests_per_minute": rpm,
+            "limits.rpm_burst": rpm_burst,
+        },
     )
     result: dict[str, Any] = {"rss_before_mb": rss_mb(), "startup_s": time.perf_counter() - _PROCESS_START}
 
@@ -135,12 +141,12 @@ def _save_image(answer: dict[str, Any], stem: Path) -> None:
 
 
 def run_sequential(*, base_url: str, n: int, input_path: str, out_dir: str, image_size: str) -> dict[str, Any]:
-    import httpx
+    import httpx2
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"startup_s": time.perf_counter() - _PROCESS_START}
-    with httpx.Client(base_url=base_url, timeout=300) as client:
+    with httpx2.Client(base_url=base_url, timeout=300) as client:
         wall, cpu = time.perf_counter(), time.process_time()
         for number in range(n):
             response = client.post(
@@ -164,7 +170,7 @@ def run_minimal(
 ) -> dict[str, Any]:
     import asyncio
 
-    import httpx
+    import httpx2
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,13 +180,13 @@ def run_minimal(
     async def main() -> None:
         nonlocal errors
         semaphore = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        limits = httpx2.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         transport = None
         if split_pool:
             from _transport import SplitPoolTransport
 
             transport = SplitPoolTransport(concurrency)
-        async with httpx.AsyncClient(base_url=base_url, limits=limits, transport=transport, timeout=300) as client:
+        async with httpx2.AsyncClient(base_url=base_url, limits=limits, transport=transport, timeout=300) as client:
 
             async def one(number: int) -> None:
                 nonlocal errors
@@ -193,7 +199,7 @@ def run_minimal(
                                 headers={"content-type": "application/json"},
                             )
                             break
-                        except httpx.TransportError:
+                        except httpx2.TransportError:
                             errors += 1
                     else:
                         raise RuntimeError("three connection errors in a row")

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
+import httpx2
 
 __all__ = ["SimulatorProcess"]
 
@@ -63,10 +63,10 @@ class SimulatorProcess:
 
     def stamps(self) -> list[float]:
         """Arrival times (time.time()) of the requests since the last call."""
-        return list(httpx.get(f"{self.url}/_bench/stamps", timeout=30).json())
+        return list(httpx2.get(f"{self.url}/_bench/stamps", timeout=30).json())
 
     def cpu_s(self) -> float:
-        return float(httpx.get(f"{self.url}/_bench/cpu", timeout=30).json())
+        return float(httpx2.get(f"{self.url}/_bench/cpu", timeout=30).json())
 
 
 class _BenchRoutes:

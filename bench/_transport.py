@@ -1,7 +1,8 @@
 """The split connection pool, as the package ships it (``nanobatch/_transport.py``).
 
-The benchmark first found httpcore's pool cost growing with the square of its
-size here, as an experiment; the package now does this by default. The plain
+The benchmark first found httpcore 1.0's pool cost growing with the square of its
+size here, as an experiment; the package now does this by default (on httpcore2
+it still saves CPU, less). The plain
 ``asyncio.gather`` script uses it for its "pool split" row.
 """
 

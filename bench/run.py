@@ -1,4 +1,8 @@
-"""nanobatch benchmarks (issues #4 and #5): ``make bench``, or ``python bench/run.py [--quick]``.
+"""nanobatch benchmarks (issues #4, #5 and #15): ``make bench``, or ``python bench/run.py [--quick]``.
+
+Section 0 ("peers", ``_peers.py``) measures nanobatch against the scripts a user would write instead
+(aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into README.md's
+Performance section, between the ``bench:peers`` markers.
 
 Every measured run is a fresh client process (``_client.py``) talking over
 loopback HTTP to the simulator in another process (``_server.py``), which
@@ -28,10 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import _fixtures as fixtures
+from _peers import SECTION as PEERS_SECTION
+from _peers import bench_peers
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("dispatch", "rate", "cpu", "memory", "resume")
+SECTIONS = ("peers", "dispatch", "rate", "cpu", "memory", "resume")
+README = HERE.parent / "README.md"
+README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
 
 def say(text: str) -> None:
@@ -160,14 +168,14 @@ def bench_dispatch(b: Bench) -> None:
         plain = b.client("minimal", out_dir=b.out("gather"), **params)
         b.add(
             section,
-            f"(b) asyncio.gather + Semaphore({concurrency}), one httpx.AsyncClient",
+            f"(b) asyncio.gather + Semaphore({concurrency}), one httpx2.AsyncClient",
             f"{plain['wall_s']:.2f} s = **{plain['wall_s'] / ideal:.2f}x**; client CPU "
             f"{plain['cpu_s'] / n * 1000:.2f} ms/req; connection errors {plain['connection_errors']}",
         )
         plain_split = b.client("minimal", out_dir=b.out("gather-split"), split_pool=True, **params)
         b.add(
             section,
-            "  experiment: same, httpx pool split into 10 pools of 10",
+            "  experiment: same, httpx2 pool split into 10 pools of 10",
             f"{plain_split['wall_s']:.2f} s = {plain_split['wall_s'] / ideal:.2f}x; client CPU "
             f"{plain_split['cpu_s'] / n * 1000:.2f} ms/req",
         )
@@ -373,6 +381,7 @@ def bench_resume(b: Bench) -> None:
 
 
 BENCHES: dict[str, Callable[[Bench], None]] = {
+    "peers": bench_peers,
     "dispatch": bench_dispatch,
     "rate": bench_rate,
     "cpu": bench_cpu,
@@ -394,7 +403,7 @@ def machine() -> list[tuple[str, str]]:
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     versions = ", ".join(
-        f"{name} {metadata.version(name)}" for name in ("httpx", "httpcore", "anyio", "h11", "uvicorn", "starlette")
+        f"{name} {metadata.version(name)}" for name in ("httpx2", "httpcore2", "anyio", "h11", "uvicorn", "starlette")
     )
     return [
         ("CPU", f"{cpu}, {os.cpu_count()} cores"),
@@ -402,9 +411,20 @@ def machine() -> list[tuple[str, str]]:
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("OS", f"{platform.system()} {platform.release()}"),
         ("libraries", versions),
+        ("peers", _peer_versions()),
         ("network", "loopback only; simulator in its own process (uvicorn, h11)"),
         ("output folder", _filesystem(Path(tempfile.gettempdir()))),
     ]
+
+
+def _peer_versions() -> str:
+    found = []
+    for name in ("aiohttp", "google-genai"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed (pip install -e '.[bench]')")
+    return ", ".join(found)
 
 
 def _filesystem(path: Path) -> str:
@@ -428,6 +448,25 @@ def table(rows: list[Row]) -> str:
 METHOD = """\
 ## How each number is measured
 
+0. **Peers**: the same workloads through nanobatch and through what a user
+   would write instead, against one simulator (200 ms latency, canned answers),
+   each run a fresh process, repetitions alternating (3 rounds; 1 with
+   `--quick`): `bench/peer_aiohttp.py` (aiohttp, after the OpenAI cookbook's
+   parallel processor), `bench/peer_genai.py` (the google-genai SDK with its own
+   retries; it sends through aiohttp when aiohttp is installed) and
+   `bench/peer_httpx2.py` (plain httpx2), each with an `asyncio.Semaphore`,
+   `gather` over every item and retries that honour `retryDelay`. Small
+   answers: 2,000 requests at concurrency 100 (ideal 4.0 s); big answers: 300
+   answers of 5.9 MB (a 2K PNG) at concurrency 16, 2 rounds (64 and 1 with
+   `--quick`), then nanobatch alone with 1,000 (200) to see whether its memory
+   grows with the number of requests. Ratios are of medians. Quota: 1,000
+   requests at concurrency 100 against the simulator's `rpm_limit` 600 (a
+   sliding window) at `time_scale` 0.1, so a minute lasts 6 s: nanobatch with
+   `--rpm` the quota (scaled) and `rpm_burst` 1, then 600; the aiohttp and
+   httpx2 scripts with the OpenAI cookbook's token bucket set to the quota; the
+   SDK with its own retries only (it has no rate limit). Each client starts
+   after a quiet window; "refused" is what the server saw beyond the items done.
+
 Each client run is a fresh `python bench/_client.py` process; the simulator
 (`nanobatch.simulator.create_app` with `SimulatorConfig(canned=...)`, served by
 `run_in_thread` in a process of its own) answers every request with one
@@ -440,13 +479,13 @@ temporary folder on the local disk.
 
 1. **Dispatch**: 2,000 requests, 200 ms latency, `limits.concurrency` 100; ideal
    = requests x latency / concurrency = 4.0 s. (a) the Gemini docs' Python example
-   as a loop of sync httpx calls (read, post, decode, write), timed on a few
+   as a loop of sync httpx2 calls (read, post, decode, write), timed on a few
    requests and scaled; (b) the same work as `asyncio.gather` over 2,000
-   coroutines with an `asyncio.Semaphore(100)` and one `httpx.AsyncClient`
+   coroutines with an `asyncio.Semaphore(100)` and one `httpx2.AsyncClient`
    limited to 100 connections. The "pool split" row is the same script through a
-   transport that spreads the requests over ten httpx pools of 10 connections
+   transport that spreads the requests over ten httpx2 pools of 10 connections
    (`bench/_transport.py`), as nanobatch's own client does above 10 connections:
-   httpcore's pool costs grow with the square of its size. (c) the floor: 100
+   httpcore2's pool costs grow with the square of its size. (c) the floor: 100
    raw asyncio connections, each sending 20 requests one after another as fast
    as the answers come, with no HTTP library (a hand-written request, the
    answer skipped by its Content-Length): no client can beat it on this
@@ -460,7 +499,7 @@ temporary folder on the local disk.
    (last - first); the worst window is the most arrivals in any [t, t + 10 s).
 3. **CPU**: the simulator answers with a 2048x2048 PNG of 3-bit noise (5.9 MB,
    7.9 MB in base64, like a real 2K answer), no latency, concurrency 8 for both;
-   the minimal loop is httpx + `response.json()` + `base64.b64decode` + a plain
+   the minimal loop is httpx2 + `response.json()` + `base64.b64decode` + a plain
    file write (no fsync, no temporary file, no results line, no journal).
 4. **Memory**: peak RSS (`ru_maxrss`) of each client process, one process per
    configuration; 400 requests with small answers, 3 x concurrency (at least 24)
@@ -495,6 +534,29 @@ def write_results(path: Path, b: Bench, elapsed: float) -> str:
     return text
 
 
+def update_readme(path: Path, b: Bench, elapsed: float) -> bool:
+    """Put the peers' rows between README's markers; False when the markers are not there."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return False
+    mode = "`--quick`" if b.quick else "full"
+    rows = [row for row in b.rows if row.section == PEERS_SECTION]
+    block = "\n".join(
+        [
+            start,
+            f"Measured by `make bench` ({mode} run, {time.strftime('%Y-%m-%d')}; machine in "
+            "[`bench/RESULTS.md`](bench/RESULTS.md)):",
+            "",
+            table(rows),
+            end,
+        ]
+    )
+    before, rest = text.split(start, 1)
+    path.write_text(before + block + rest.split(end, 1)[1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests, 20,000 items instead of 100,000")
@@ -522,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - started
     write_results(Path(args.results), b, elapsed)
+    if any(row.section == PEERS_SECTION for row in b.rows) and update_readme(README, b, elapsed):
+        say(f"peers' rows written into {README}")
     sys.stdout.write("\n" + table(b.rows) + "\n\n")
     sys.stdout.write(f"{elapsed / 60:.1f} minutes; written to {args.results}\n")
     return 0

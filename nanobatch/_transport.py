@@ -1,35 +1,59 @@
 """Many small connection pools instead of one big one.
 
-httpcore 1.0's ``AsyncConnectionPool`` walks every connection on every request
-and every release, so its cost per request grows with the square of the pool's
-size: at 100 connections it was half of nanobatch's CPU per request (see the
-README's performance section). Spreading requests over pools of ten keeps
-each walk short. Each pool is httpx's own transport; this only picks one.
+httpcore 1.0's ``AsyncConnectionPool`` walked every connection on every request
+and every release, so its cost per request grew with the square of the pool's
+size: at 100 connections it was half of nanobatch's CPU per request. httpcore2
+made that pass linear, but it still visits every connection of the pool on each
+request and release (probing each idle one's socket), so pools of ten still
+pay: measured with plain httpx2, 2,000 requests at concurrency 100, 1.31-1.37 ms
+of CPU per request through ten pools against 1.51-1.79 ms through one (see the
+README's performance section). Each pool is httpx2's own transport; this only
+picks one.
+
+Each pool's network streams are also wrapped (:class:`_Stream`) for the two costs
+httpcore2 adds per request on top of that: it writes a request's head and its
+body with a send() each (on loopback each send costs as much as the client's
+other work on a small request), and it asks anyio whether an idle connection is
+readable through a path that calls getpeername() every time. The wrapper sends a
+small request in one send() and keeps the socket at hand.
 """
+
+# ruff: noqa: ASYNC109 - httpcore2's stream and backend interface takes its timeouts as arguments
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import select
+import socket
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
-import httpx
+import httpcore2
+import httpx2
 
 __all__ = ["ShardedTransport"]
 
 POOL_SIZE = 10
+_JOIN_UP_TO = 64 * 1024  # writes up to this size wait for the next one; bigger ones go out as they are
+
+logger = logging.getLogger("nanobatch")
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
+class ShardedTransport(httpx2.AsyncBaseTransport):
     """Sends each request through the least busy of ``ceil(max_connections / POOL_SIZE)`` pools."""
 
     def __init__(self, max_connections: int, per_pool: int = POOL_SIZE) -> None:
+        per_pool = min(per_pool, max_connections)
         count = max(1, -(-max_connections // per_pool))
-        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        # One TLS context for all pools: each of httpx's own loads the CA bundle (~20-30 ms apiece).
-        context = httpx.create_ssl_context()
-        self._pools = [httpx.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
+        limits = httpx2.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        # One TLS context for all pools: each of httpx2's own loads the CA bundle (~20-30 ms apiece).
+        context = httpx2.create_ssl_context()
+        self._pools = [httpx2.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
+        for pool in self._pools:
+            _wrap_streams(pool)
         self._busy = [0] * count
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         index = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[index] += 1
         try:
@@ -38,7 +62,7 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             self._busy[index] -= 1
             raise
         # The connection stays busy until the body has been read and closed.
-        return httpx.Response(
+        return httpx2.Response(
             response.status_code,
             headers=response.headers,
             stream=_Tracked(response.stream, self._busy, index),  # type: ignore[arg-type]
@@ -50,8 +74,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-class _Tracked(httpx.AsyncByteStream):
-    def __init__(self, stream: httpx.AsyncByteStream, busy: list[int], index: int) -> None:
+class _Tracked(httpx2.AsyncByteStream):
+    def __init__(self, stream: httpx2.AsyncByteStream, busy: list[int], index: int) -> None:
         self._stream, self._busy, self._index = stream, busy, index
         self._closed = False
 
@@ -64,3 +88,92 @@ class _Tracked(httpx.AsyncByteStream):
             self._closed = True
             self._busy[self._index] -= 1
         await self._stream.aclose()
+
+
+def _wrap_streams(transport: httpx2.AsyncHTTPTransport) -> None:
+    """Give *transport*'s connection pool streams that join small writes (httpx2 has no option for a backend)."""
+    pool = getattr(transport, "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    if isinstance(backend, httpcore2.AsyncNetworkBackend):
+        pool._network_backend = _Backend(backend)  # type: ignore[union-attr]
+    else:  # a later httpx2 moved it: everything still works, at httpcore2's own cost per request
+        logger.debug("httpx2's connection pool has no network backend to wrap; sending as httpcore2 does")
+
+
+class _Backend(httpcore2.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore2.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        return _Stream(await self._inner.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore2.AsyncNetworkStream:
+        return _Stream(await self._inner.connect_unix_socket(path, timeout, socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _Stream(httpcore2.AsyncNetworkStream):
+    """A stream whose small writes wait for the next write or read, so that a request leaves in one send().
+
+    httpcore2 reads only once the whole request is written, so every byte is out before an answer is awaited."""
+
+    def __init__(self, inner: httpcore2.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._held = b""
+        self._timeout: float | None = None
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._timeout = timeout
+        if len(self._held) + len(buffer) <= _JOIN_UP_TO:
+            self._held += buffer
+            return
+        await self._flush()
+        await self._inner.write(buffer, timeout)  # a big body as it is: no copy
+
+    async def _flush(self) -> None:
+        if self._held:
+            held, self._held = self._held, b""
+            await self._inner.write(held, self._timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        await self._flush()
+        return await self._inner.read(max_bytes, timeout)
+
+    async def aclose(self) -> None:
+        self._held = b""
+        await self._inner.aclose()
+
+    async def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any:
+        await self._flush()
+        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable" and self._socket is not None:
+            return _readable(self._socket)
+        return self._inner.get_extra_info(info)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a read would return at once (data, or the b"" of a connection the server closed)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return True
+    if not hasattr(select, "poll"):  # Windows
+        return bool(select.select([fd], [], [], 0)[0])
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))

@@ -1,5 +1,9 @@
 """YAML for manifests and config files: PyYAML's safe loader, made stricter where YAML 1.1 surprises.
 
+Parsed by libyaml (``yaml.CSafeLoader``, about five times faster) where PyYAML was built with it, else by
+PyYAML's pure-Python parser; every rule below is applied the same way on both (it lives in the constructor
+and the node walk, which both share).
+
 * Safe: only plain data (mappings, lists, strings, numbers, booleans, null); a
   ``!!python/...`` tag is an error, as with ``yaml.safe_load``.
 * A key written twice in one mapping is an error (the second would silently win).
@@ -20,30 +24,37 @@ import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-__all__ = ["MAX_VALUES", "load_yaml"]
+__all__ = ["C_LOADERS", "LOADERS", "MAX_VALUES", "PURE_LOADERS", "load_yaml"]
 
 MAX_VALUES = 5_000_000  # what aliases may add to a document
 _COUNT_UP_TO = 100 * MAX_VALUES  # expansion is counted no further (a billion laughs stops here)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _Loader(yaml.SafeLoader):
-    """The safe loader, refusing a key given twice (config files: settings, where numbers are numbers)."""
+def _strict(base: type[Any]) -> type[Any]:
+    """*base* (a safe loader), refusing a key given twice (config files: settings, where numbers are numbers)."""
 
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG or not isinstance(key_node, ScalarNode):
-                continue  # keys merged in with "<<: *base" may be overridden: that is what merging is for
-            if key_node.value in seen:
-                raise ConstructorError(
-                    "while reading a mapping",
-                    node.start_mark,
-                    f"the key {key_node.value!r} is given twice (the second would silently win)",
-                    key_node.start_mark,
-                )
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep=deep)
+    class Loader(base):  # type: ignore[misc]
+        def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+            _refuse_duplicate_keys(node)
+            return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+    return Loader
+
+
+def _refuse_duplicate_keys(node: MappingNode) -> None:
+    seen: set[str] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == _MERGE_TAG or not isinstance(key_node, ScalarNode):
+            continue  # keys merged in with "<<: *base" may be overridden: that is what merging is for
+        if key_node.value in seen:
+            raise ConstructorError(
+                "while reading a mapping",
+                node.start_mark,
+                f"the key {key_node.value!r} is given twice (the second would silently win)",
+                key_node.start_mark,
+            )
+        seen.add(key_node.value)
 
 
 def _as_written(constructor: Any) -> Any:
@@ -55,25 +66,39 @@ def _as_written(constructor: Any) -> Any:
     return construct
 
 
-def _bool(loader: _Loader, node: ScalarNode) -> Any:
+def _bool(loader: SafeConstructor, node: ScalarNode) -> Any:
     # YAML 1.1 also reads yes/no/on/off as booleans: "name: on" or "id: no" would not be text.
     text = str(node.value)
     return loader.construct_yaml_bool(node) if text.lower() in ("true", "false") else text
 
 
-def _text(loader: _Loader, node: ScalarNode) -> Any:
+def _text(loader: SafeConstructor, node: ScalarNode) -> Any:
     return str(node.value)
 
 
-class _AsWrittenLoader(_Loader):
+def _keeping_text(base: type[Any]) -> type[Any]:
     """Also keeps what YAML 1.1 would turn into another value as the text written (manifests: ids, names,
     ratios, instructions; none of their fields is a number)."""
 
+    class AsWrittenLoader(base):  # type: ignore[misc]
+        pass
 
-_AsWrittenLoader.add_constructor("tag:yaml.org,2002:bool", _bool)
-_AsWrittenLoader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
-_AsWrittenLoader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
-_AsWrittenLoader.add_constructor("tag:yaml.org,2002:timestamp", _text)  # id: 2024-01-15 is an id, not a date
+    AsWrittenLoader.add_constructor("tag:yaml.org,2002:bool", _bool)
+    AsWrittenLoader.add_constructor("tag:yaml.org,2002:int", _as_written(SafeConstructor.construct_yaml_int))
+    AsWrittenLoader.add_constructor("tag:yaml.org,2002:float", _as_written(SafeConstructor.construct_yaml_float))
+    AsWrittenLoader.add_constructor("tag:yaml.org,2002:timestamp", _text)  # id: 2024-01-15 is an id, not a date
+    return AsWrittenLoader
+
+
+def _loaders(base: type[Any]) -> tuple[type[Any], type[Any]]:
+    """(config loader, manifest loader) on the parser of *base*."""
+    plain = _strict(base)
+    return plain, _keeping_text(plain)
+
+
+PURE_LOADERS = _loaders(yaml.SafeLoader)
+C_LOADERS = _loaders(yaml.CSafeLoader) if getattr(yaml, "__with_libyaml__", False) else None
+LOADERS = C_LOADERS or PURE_LOADERS  # the pair load_yaml uses
 
 
 def load_yaml(text: str, *, as_written: bool = True) -> Any:
@@ -81,7 +106,7 @@ def load_yaml(text: str, *, as_written: bool = True) -> Any:
 
     *as_written* (manifests): numbers, yes/no and dates that YAML 1.1 would change stay the text written.
     Without it (config files), they are YAML's values, as settings want them."""
-    loader = (_AsWrittenLoader if as_written else _Loader)(text)
+    loader = LOADERS[as_written](text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -95,6 +120,12 @@ def load_yaml(text: str, *, as_written: bool = True) -> Any:
         return loader.construct_document(node)
     except RecursionError:
         raise yaml.YAMLError("it is nested too deeply") from None
+    except yaml.MarkedYAMLError as exc:
+        if "nesting depth" not in str(exc.problem):
+            raise
+        # libyaml stops at 1,000 levels, before Python's recursion limit: the same error, said the same way.
+        line = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        raise yaml.YAMLError(f"it is nested too deeply{line}") from None
     finally:
         loader.dispose()
 

@@ -1,4 +1,4 @@
-"""HTTP: Gemini's Batch API and the Files API it reads from, through httpx.
+"""HTTP: Gemini's Batch API and the Files API it reads from, through httpx2.
 
 * :meth:`BatchClient.upload` sends a JSONL file from disk with the resumable
   upload protocol, one chunk in memory at a time; a chunk that fails is resumed
@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import orjson
 
 from .client import api_error, auth_headers, http_errors, redact, redact_reply
@@ -36,7 +36,7 @@ logger = logging.getLogger("nanobatch")
 
 CHUNK_BYTES = 8 * 1024 * 1024  # a multiple of the protocol's 256 KiB granularity
 _UPLOAD_RESUMES = 3
-_TIMEOUT = httpx.Timeout(120.0, connect=20.0)
+_TIMEOUT = httpx2.Timeout(120.0, connect=20.0)
 DONE_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 # google.rpc.Code of a results line's error -> the HTTP status the same error has online.
 _RPC_TO_HTTP = {1: 499, 3: 400, 4: 504, 5: 404, 7: 403, 8: 429, 9: 400, 13: 500, 14: 503, 16: 401}
@@ -130,12 +130,12 @@ class BatchClient:
         auth: str = "bearer",
         api_version: str = "v1beta",
         chunk_bytes: int = CHUNK_BYTES,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         self._secret = api_key
         self._version = api_version.strip("/")
         self._chunk_bytes = chunk_bytes
-        self._http = httpx.AsyncClient(
+        self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
             timeout=_TIMEOUT, follow_redirects=False,
         )  # fmt: skip
@@ -278,7 +278,7 @@ class BatchClient:
     async def delete_job(self, name: str) -> None:
         await self._send("DELETE", f"/{self._version}/{_batches(name)}", missing_ok=True)
 
-    async def _send(self, method: str, url: str, *, missing_ok: bool = False, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, url: str, *, missing_ok: bool = False, **kwargs: Any) -> httpx2.Response:
         with http_errors(self._secret):
             response = await self._http.request(method, url, **kwargs)
         if response.status_code == 200 or (missing_ok and response.status_code in (403, 404)):
@@ -286,7 +286,7 @@ class BatchClient:
         raise api_error(response, self._secret)
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
+def _json(response: httpx2.Response) -> dict[str, Any]:
     """The JSON object a 200 carries; anything else (a proxy's page) is an error naming the endpoint."""
     try:
         data = orjson.loads(response.content)
@@ -302,7 +302,7 @@ def _json(response: httpx.Response) -> dict[str, Any]:
     return data
 
 
-def _file_name(response: httpx.Response) -> str:
+def _file_name(response: httpx2.Response) -> str:
     """The ``files/...`` name in the answer to a finished upload."""
     try:
         name = orjson.loads(response.content)["file"]["name"]

@@ -157,7 +157,11 @@ def _settings_options(f: Any) -> Any:
             help="Service tier for items that do not name one: flex costs half (and may be shed), priority more.",
         ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
-        click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most."),
+        click.option(
+            "--rpm",
+            type=click.FloatRange(min=0, min_open=True),
+            help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once).",
+        ),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
         click.option(
             "--max-cost",

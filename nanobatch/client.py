@@ -1,4 +1,4 @@
-"""HTTP: one ``generateContent`` request through httpx, errors translated to :class:`ApiError`.
+"""HTTP: one ``generateContent`` request through httpx2, errors translated to :class:`ApiError`.
 
 The API key lives here and only here: it goes into a request header and is
 redacted from every message that leaves this module.
@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import httpx
+import httpx2
 import orjson
 
-from ._transport import POOL_SIZE, ShardedTransport
+from ._transport import ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
@@ -46,15 +46,15 @@ class GeminiClient:
         auth: str = "bearer",
         api_version: str = "v1beta",
         max_connections: int = 100,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         headers = auth_headers(api_key, auth)
         self._secret = api_key
         self._prefix = f"/{api_version.strip('/')}/models/"
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        if transport is None and max_connections > POOL_SIZE and not _proxy_configured():
+        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
-        self._http = httpx.AsyncClient(
+        self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
         # Where requests go, for messages: no user name, password or query (a key could hide there).
@@ -92,7 +92,7 @@ class GeminiClient:
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings
-        timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
+        timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         with http_errors(self._secret, self.where):
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
         if response.status_code == 200:
@@ -120,28 +120,28 @@ def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
     """
     try:
         yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+    except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
         raise ApiError(
             redact(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
-            kind="timeout" if isinstance(exc, httpx.TimeoutException) else "connection",
+            kind="timeout" if isinstance(exc, httpx2.TimeoutException) else "connection",
             retryable=True,
             sent=False,
         ) from None
-    except httpx.TimeoutException as exc:
+    except httpx2.TimeoutException as exc:
         raise ApiError(
             redact(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
         ) from None
-    except httpx.TransportError as exc:
+    except httpx2.TransportError as exc:
         raise ApiError(
             redact(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
         ) from None
-    except httpx.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
+    except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
         raise ApiError(
             redact(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
         ) from None
 
 
-def api_error(response: httpx.Response, secret: str | None) -> ApiError:
+def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     """The classified error for a non-200 *response* (its body already read), without the key."""
     error = classify_error(response.status_code, response.headers, response.content)
     error.message = redact(error.message, secret)
@@ -170,9 +170,9 @@ def redact_reply(reply: Reply, secret: str | None) -> Reply:
     return dataclasses.replace(reply, **changes) if changes else reply
 
 
-def _connect_failure(exc: httpx.HTTPError) -> str:
+def _connect_failure(exc: httpx2.HTTPError) -> str:
     """Why a connection could not be made, in words (``connection refused``), from the OS error beneath *exc*."""
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx2.TimeoutException):
         return f"no connection within {_CONNECT_TIMEOUT_S:g} s ({type(exc).__name__})"
     cause: BaseException | None = exc
     while cause is not None:
@@ -188,5 +188,5 @@ _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason",
 
 
 def _proxy_configured() -> bool:
-    """httpx honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
+    """httpx2 honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
     return any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ)

@@ -63,6 +63,7 @@ class ApiSettings(_Section):
 class LimitSettings(_Section):
     concurrency: int = Field(8, ge=1, le=1000)
     requests_per_minute: float | None = Field(None, gt=0)
+    rpm_burst: int = Field(1, ge=1)  # requests that may leave at once; the rate's minute is never exceeded
     adaptive: bool = True
     grace_s: float = Field(30.0, ge=0)
     max_duration_s: float | None = Field(None, gt=0)  # no request starts later than this after the start

@@ -13,7 +13,7 @@ Their hierarchy::
     ├── LockHeld              another run holds the output folder     (exit 4)
     └── Interrupted           SIGINT / SIGTERM                        (exit 130)
 
-Errors of other libraries (yaml, OSError, httpx) are translated where they
+Errors of other libraries (yaml, OSError, httpx2) are translated where they
 are caught, in ``config``, ``manifest`` and ``client``; nothing else sees them.
 """
 

@@ -1,6 +1,6 @@
 """Input images, read when an item is dispatched (never before): local files and http(s) URLs.
 
-* :class:`InputLoader`, one per run: one ``httpx.AsyncClient`` for downloads,
+* :class:`InputLoader`, one per run: one ``httpx2.AsyncClient`` for downloads,
   which never carries the API key; downloads are streamed under a size limit,
   retried like API calls, and cached, so a URL that many items share is fetched
   once. Pictures too big to send inline are refused, or downscaled with Pillow
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 import anyio
-import httpx
+import httpx2
 
 from ._retry import RetryPolicy, retrying
 from .errors import ApiError, Problem
@@ -58,7 +58,7 @@ URL_CHECK_LIMIT = 2000
 
 _ACCEPTED = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_TIMEOUT = httpx.Timeout(60.0, connect=20.0)
+_TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
 _CACHE_ENTRIES = 32
 _CACHE_BYTES = 256 * MB
 
@@ -112,7 +112,7 @@ class InputLoader:
     def __init__(
         self,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
         max_input_bytes: int = MAX_INPUT_BYTES,
         max_total_bytes: int = MAX_TOTAL_INPUT_BYTES,
         max_download_bytes: int = MAX_DOWNLOAD_BYTES,
@@ -125,7 +125,7 @@ class InputLoader:
         self.max_download_bytes = max_download_bytes
         self.cache = _Cache(cache_entries, cache_bytes)
         self.downloads = 0  # URLs fetched (not counting retries); cache hits are not downloads
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx2.AsyncClient | None = None
         self._pending: dict[str, anyio.Event] = {}
 
     async def __aenter__(self) -> InputLoader:
@@ -246,15 +246,15 @@ class InputLoader:
         self.cache.put(url, image)
         return image
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> httpx2.AsyncClient:
         if self._http is None:
             # Its own client, so the API key (a header of the API client) can never reach an image host.
-            self._http = httpx.AsyncClient(
+            self._http = httpx2.AsyncClient(
                 transport=self.transport,
                 headers={"User-Agent": "nanobatch"},
                 follow_redirects=True,
                 timeout=_TIMEOUT,
-                limits=httpx.Limits(max_connections=16),
+                limits=httpx2.Limits(max_connections=16),
             )
         return self._http
 
@@ -274,11 +274,11 @@ class InputLoader:
                         raise InputError(_too_big(url, size, limit, download=True, at_least=True))
                     chunks.append(chunk)
                 content_type = response.headers.get("content-type")
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.TooManyRedirects) as exc:
+        except (httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.TooManyRedirects) as exc:
             raise InputError(f"cannot download {url}: {exc}") from None
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise InputError(f"downloading {url} timed out ({type(exc).__name__})", retryable=True) from None
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise InputError(f"downloading {url} failed: {type(exc).__name__}: {exc}", retryable=True) from None
         return _as_image(url, b"".join(chunks), content_type)
 
@@ -305,7 +305,7 @@ def _log_retry(exc: ApiError, wait: float, attempt: int) -> None:
     logger.info("download attempt %d: %s; retrying in %.1f s", attempt, exc.message, wait)
 
 
-def _status_error(url: str, response: httpx.Response) -> InputError:
+def _status_error(url: str, response: httpx2.Response) -> InputError:
     status = response.status_code
     retry_after = response.headers.get("retry-after", "")
     hint = ""
@@ -386,7 +386,7 @@ class UrlChecklist:
             self.too_many = True
             self.first_use.clear()
 
-    def problems(self, manifest_file: str, *, transport: httpx.BaseTransport | None = None) -> list[Problem]:
+    def problems(self, manifest_file: str, *, transport: httpx2.BaseTransport | None = None) -> list[Problem]:
         """One problem per URL that does not answer 2xx (named by the first item that uses it)."""
         if self.too_many:
             logger.warning(
@@ -399,13 +399,13 @@ class UrlChecklist:
 
 
 def check_urls(
-    urls: Sequence[str], *, transport: httpx.BaseTransport | None = None, concurrency: int = 8
+    urls: Sequence[str], *, transport: httpx2.BaseTransport | None = None, concurrency: int = 8
 ) -> dict[str, str]:
     """What is wrong with each URL that does not answer 2xx (a GET that stops after the headers), by URL."""
     if not urls:
         return {}
     failed: dict[str, str] = {}
-    with httpx.Client(
+    with httpx2.Client(
         transport=transport, headers={"User-Agent": "nanobatch"}, follow_redirects=True, timeout=_TIMEOUT
     ) as client:
 
@@ -415,7 +415,7 @@ def check_urls(
                 with client.stream("GET", url) as response:
                     if not response.is_success:
                         failed[url] = f"{url} answered HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 failed[url] = f"{url} cannot be reached: {type(exc).__name__}: {exc}"
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:

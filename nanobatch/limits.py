@@ -4,7 +4,8 @@ In order: the run is not stopping; no server-requested pause is running; a
 concurrency slot is free (its size adapts: halved when the server pushes back,
 grown by one per window of successes); the circuit breaker is closed (or this
 is its probe); the budget can cover the request's worst case; and the rate
-limiter (GCRA, burst 1) says it is time.
+limiter says it is time (evenly spaced, or in bursts of ``rpm_burst``,
+never more than the limit in any minute).
 
 Time comes from :func:`anyio.current_time` and waiting from :func:`anyio.sleep`,
 so tests run all of this on trio's virtual clock.
@@ -13,6 +14,7 @@ so tests run all of this on trio's virtual clock.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -34,21 +36,45 @@ class Stopped(Exception):  # noqa: N818 - a signal, not a failure
 
 
 _MAX_OVERSHOOT_S = 0.005  # a busier loop wakes later still; waking early costs a short spin, so cap it
+_ARRIVAL_MARGIN = 1 / 60  # of a window, with bursts: see RateLimiter
 
 
 class RateLimiter:
-    """Generic cell rate algorithm with a burst of one: requests leave evenly spaced.
+    """At most ``per_minute`` requests in any 60 s, and at most ``burst`` in any ``burst`` intervals of
+    ``60 / per_minute`` s. ``burst=1`` (the default) spaces requests evenly; ``burst=per_minute`` lets a
+    sliding-window quota be used fully (a whole minute's share at once, then as each send leaves the window,
+    plus a second a minute for the requests' time on the way).
 
     >>> limiter = RateLimiter(per_minute=120)  # one request every 0.5 s
+    >>> limiter = RateLimiter(per_minute=600, burst=600)  # 600 at once, then the 601st 61 s after the 1st
     """
 
-    def __init__(self, per_minute: float) -> None:
+    def __init__(self, per_minute: float, burst: int = 1) -> None:
         self.interval = 60.0 / per_minute
-        self._next = -math.inf
+        # (how many, within how long): each send is checked against the send that many sends back.
+        self._windows = [(burst, burst * self.interval)]
+        if per_minute >= 1 and burst > 1:
+            self._windows.append((int(per_minute), 60.0))  # a burst that does not divide the rate: still the minute
+        if burst > 1:
+            # The server counts arrivals, not sends: a send a window after another may arrive a little sooner
+            # than that after it (the first was slower on the way). A 1/60 margin (1 s a minute) absorbs that.
+            self._windows = [(count, span * (1 + _ARRIVAL_MARGIN)) for count, span in self._windows]
+        self._sent: deque[float] = deque(maxlen=max(count for count, _ in self._windows))
+        self._not_before = -math.inf  # a pause the server asked for
         self._lock = anyio.Lock()  # FIFO: waiters leave in arrival order
         # How late a sleep usually wakes (the event loop's timer granularity, ~1 ms), learnt as we go:
         # sleeping that much less keeps each request from leaving ~2% late at 1,200 rpm.
         self._overshoot = 0.0
+
+    @property
+    def _next(self) -> float:
+        """The earliest time the next request may leave."""
+        sent = self._sent
+        ready = self._not_before
+        for count, span in self._windows:
+            if len(sent) >= count:
+                ready = max(ready, sent[-count] + span)
+        return ready
 
     async def acquire(self) -> None:
         async with self._lock:
@@ -67,13 +93,13 @@ class RateLimiter:
                 await anyio.sleep(nap)
                 late = min(max(0.0, anyio.current_time() - wake_at), _MAX_OVERSHOOT_S)
                 self._overshoot += 0.2 * (late - self._overshoot)
-            # Spaced from when this request really leaves, never from when it should have: no window
+            # Counted from when this request really leaves, never from when it should have: no window
             # of the limit's length ever holds more than its share.
-            self._next = anyio.current_time() + self.interval
+            self._sent.append(anyio.current_time())
 
     def defer(self, until: float) -> None:
         """Let no request out before *until* (the server asked for a pause)."""
-        self._next = max(self._next, until)
+        self._not_before = max(self._not_before, until)
 
 
 class Breaker:
@@ -257,6 +283,7 @@ class Gate:
         *,
         concurrency: int,
         requests_per_minute: float | None = None,
+        rpm_burst: int = 1,
         adaptive: bool = True,
         breaker: Breaker | None = None,
         budget: Budget | None = None,
@@ -267,7 +294,7 @@ class Gate:
         self.window = float(concurrency)
         self.adaptive = adaptive
         self.slots = anyio.CapacityLimiter(concurrency)
-        self.rate = RateLimiter(requests_per_minute) if requests_per_minute else None
+        self.rate = RateLimiter(requests_per_minute, rpm_burst) if requests_per_minute else None
         self.breaker = breaker
         self.budget = budget or Budget(max_cost_usd=None, max_requests=None)
         self.paused_until = 0.0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
-import httpx
+import httpx2
 
 from . import models
 from ._retry import RetryPolicy
@@ -114,7 +114,7 @@ def check_job(
     settings: Settings | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     check_urls: bool = True,
-    transport: httpx.BaseTransport | None = None,
+    transport: httpx2.BaseTransport | None = None,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
@@ -261,7 +261,7 @@ async def run_job(
     simulate: bool = False,
     wait_lock: bool = False,
     handle_signals: bool = False,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
     retry_sleep: Callable[[float], Awaitable[None]] | None = None,
     stats: RunStats | None = None,
 ) -> RunSummary:
@@ -406,6 +406,7 @@ def _engine(
     gate = Gate(
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
+        rpm_burst=limits.rpm_burst,
         adaptive=limits.adaptive,
         breaker=Breaker(
             threshold=limits.breaker_threshold,

@@ -63,3 +63,15 @@ def before_2_5_flash_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     from nanobatch import models
 
     monkeypatch.setattr(models, "today", lambda: datetime.date(2026, 9, 1))
+
+
+@pytest.fixture(params=["libyaml", "pure-python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a YAML test on both parsers: libyaml's (the default where PyYAML has it) and PyYAML's own."""
+    from nanobatch import _yaml
+
+    loaders = _yaml.C_LOADERS if request.param == "libyaml" else _yaml.PURE_LOADERS
+    if loaders is None:
+        pytest.skip("PyYAML was built without libyaml")
+    monkeypatch.setattr(_yaml, "LOADERS", loaders)
+    return str(request.param)

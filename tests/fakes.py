@@ -1,4 +1,4 @@
-"""Fake Gemini answers for httpx.MockTransport: bodies, errors, and a scripted server."""
+"""Fake Gemini answers for httpx2.MockTransport: bodies, errors, and a scripted server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 from PIL import Image as PILImage
 
 from nanobatch.errors import ManifestError, Problem
@@ -47,8 +47,8 @@ def ok_body(
     }
 
 
-def google_error(code: int, status: str, message: str, *details: dict[str, Any]) -> httpx.Response:
-    return httpx.Response(
+def google_error(code: int, status: str, message: str, *details: dict[str, Any]) -> httpx2.Response:
+    return httpx2.Response(
         code, json={"error": {"code": code, "message": message, "status": status, "details": list(details)}}
     )
 
@@ -61,7 +61,7 @@ def quota_failure(quota_id: str) -> dict[str, Any]:
     return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": quota_id}]}
 
 
-Answer = httpx.Response | dict[str, Any] | Callable[[httpx.Request], httpx.Response]
+Answer = httpx2.Response | dict[str, Any] | Callable[[httpx2.Request], httpx2.Response]
 
 
 class FakeGemini:
@@ -72,16 +72,16 @@ class FakeGemini:
 
     def __init__(self, script: dict[str, list[Answer]] | None = None) -> None:
         self.script = {k: list(v) for k, v in (script or {}).items()}
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
 
     @property
-    def transport(self) -> httpx.MockTransport:
-        return httpx.MockTransport(self)
+    def transport(self) -> httpx2.MockTransport:
+        return httpx2.MockTransport(self)
 
     def instructions(self) -> list[str]:
         return [json.loads(r.content)["contents"][0]["parts"][0]["text"] for r in self.requests]
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         text = json.loads(request.content)["contents"][0]["parts"][0]["text"]
         answers = self.script.get(text)
@@ -90,9 +90,9 @@ class FakeGemini:
             answer = answers.pop(0) if len(answers) > 1 else answers[0]
         if callable(answer):
             return answer(request)
-        if isinstance(answer, httpx.Response):
-            return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
-        return httpx.Response(200, json=answer)
+        if isinstance(answer, httpx2.Response):
+            return httpx2.Response(answer.status_code, headers=answer.headers, content=answer.content)
+        return httpx2.Response(200, json=answer)
 
 
 def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:

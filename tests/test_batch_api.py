@@ -1,4 +1,4 @@
-"""BatchClient against the simulator in process (httpx.ASGITransport), on a clock moved by hand."""
+"""BatchClient against the simulator in process (httpx2.ASGITransport), on a clock moved by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from nanobatch.batch_api import BatchClient, BatchJob, ResultLine, parse_job
@@ -30,24 +30,24 @@ class Clock:
         return self.now
 
 
-class Recording(httpx.AsyncBaseTransport):
+class Recording(httpx2.AsyncBaseTransport):
     """Passes requests on to *inner*, remembering them; can lose the reply to the n-th upload chunk."""
 
-    def __init__(self, inner: httpx.AsyncBaseTransport, *, lose_chunk: int | None = None) -> None:
+    def __init__(self, inner: httpx2.AsyncBaseTransport, *, lose_chunk: int | None = None) -> None:
         self.inner = inner
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
         self.lose_chunk = lose_chunk
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         response = await self.inner.handle_async_request(request)
         if request.headers.get("x-goog-upload-command", "").startswith("upload"):
             chunk = sum(1 for r in self.requests if r.headers.get("x-goog-upload-command", "").startswith("upload"))
             if chunk == self.lose_chunk:
-                raise httpx.ReadError("connection reset by peer")
+                raise httpx2.ReadError("connection reset by peer")
         return response
 
-    def chunks(self) -> list[httpx.Request]:
+    def chunks(self) -> list[httpx2.Request]:
         return [r for r in self.requests if r.headers.get("x-goog-upload-command", "").startswith("upload")]
 
 
@@ -72,7 +72,7 @@ async def batch_client(
     config: SimulatorConfig | None = None, *, clock: Clock | None = None, key: str = KEY, **options: Any
 ) -> AsyncIterator[tuple[BatchClient, Any, Recording]]:
     app = create_app(config or SimulatorConfig(api_key=KEY, batch_latency_s=100), clock=clock or Clock())
-    transport = Recording(httpx.ASGITransport(app=app), lose_chunk=options.pop("lose_chunk", None))
+    transport = Recording(httpx2.ASGITransport(app=app), lose_chunk=options.pop("lose_chunk", None))
     async with BatchClient(base_url="http://sim", api_key=key, transport=transport, **options) as client:
         yield client, app, transport
 
@@ -223,14 +223,14 @@ async def test_a_wrong_key_stops_at_the_first_call(tmp_path: Path) -> None:
 
 
 async def test_an_endpoint_without_the_batch_api_fails_before_any_chunk_is_sent(tmp_path: Path) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def proxy(request: httpx.Request) -> httpx.Response:
+    def proxy(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
-        return httpx.Response(404, text="<html>Not Found</html>")
+        return httpx2.Response(404, text="<html>Not Found</html>")
 
     path = write_jsonl(tmp_path / "chunk.jsonl", [request_line("a")])
-    async with BatchClient(base_url="http://proxy", api_key=KEY, transport=httpx.MockTransport(proxy)) as client:
+    async with BatchClient(base_url="http://proxy", api_key=KEY, transport=httpx2.MockTransport(proxy)) as client:
         with pytest.raises(FatalApiError) as caught:
             await client.upload(path, display_name="x")
     assert caught.value.kind == "not_found" and len(seen) == 1
@@ -251,11 +251,11 @@ async def test_every_kind_of_results_line_becomes_a_reply_or_a_classified_error(
     ]
     body = "\n".join(lines).encode()
 
-    def files(request: httpx.Request) -> httpx.Response:
+    def files(request: httpx2.Request) -> httpx2.Response:
         assert request.url.path == "/download/v1beta/files/out:download" and request.url.params["alt"] == "media"
-        return httpx.Response(200, content=body)
+        return httpx2.Response(200, content=body)
 
-    async with BatchClient(base_url="http://api", api_key=KEY, transport=httpx.MockTransport(files)) as client:
+    async with BatchClient(base_url="http://api", api_key=KEY, transport=httpx2.MockTransport(files)) as client:
         results = [line async for line in client.results("files/out")]
     ok, busy, odd, garbage = results
     assert ok.key == "ok" and ok.reply is not None and len(ok.reply.images) == 1
@@ -266,10 +266,10 @@ async def test_every_kind_of_results_line_becomes_a_reply_or_a_classified_error(
 
 
 async def test_a_proxy_answering_200_with_a_web_page_gets_an_error_naming_the_endpoint() -> None:
-    def proxy(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text="<html>Welcome to our API portal</html>")
+    def proxy(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, text="<html>Welcome to our API portal</html>")
 
-    async with BatchClient(base_url="http://proxy", api_key=KEY, transport=httpx.MockTransport(proxy)) as client:
+    async with BatchClient(base_url="http://proxy", api_key=KEY, transport=httpx2.MockTransport(proxy)) as client:
         with pytest.raises(ApiError, match="http://proxy/v1beta/batches/x.*Batch API"):
             await client.get("batches/x")
 

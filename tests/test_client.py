@@ -1,4 +1,4 @@
-"""GeminiClient over httpx.MockTransport: the request it sends, and how failures come back."""
+"""GeminiClient over httpx2.MockTransport: the request it sends, and how failures come back."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-import httpx
+import httpcore2
+import httpx2
 import pytest
 
 from nanobatch.client import GeminiClient
@@ -29,27 +30,27 @@ OK = {
 }
 BODY = build_request("make the background white")
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[httpx2.Request], httpx2.Response]
 
 
 class Recorder:
     """A MockTransport handler that answers with *answer* and keeps every request."""
 
-    def __init__(self, answer: Handler | httpx.Response | None = None) -> None:
+    def __init__(self, answer: Handler | httpx2.Response | None = None) -> None:
         self.answer = answer
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
         if callable(self.answer):
             return self.answer(request)
-        return self.answer if self.answer is not None else httpx.Response(200, json=OK)
+        return self.answer if self.answer is not None else httpx2.Response(200, json=OK)
 
 
 async def send(handler: Handler, **options: Any) -> Any:
     options.setdefault("base_url", "https://api.example.test")
     options.setdefault("api_key", KEY)
-    async with GeminiClient(transport=httpx.MockTransport(handler), **options) as client:
+    async with GeminiClient(transport=httpx2.MockTransport(handler), **options) as client:
         return await client.generate("gemini-2.5-flash-image", BODY, timeout_s=300)
 
 
@@ -95,8 +96,8 @@ async def test_no_key_sends_no_auth_header(key: str | None) -> None:
     assert "authorization" not in headers and "x-goog-api-key" not in headers
 
 
-def raising(exc_type: type[httpx.TransportError], message: str = "boom") -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
+def raising(exc_type: type[httpx2.TransportError], message: str = "boom") -> Handler:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         raise exc_type(message, request=request)
 
     return handler
@@ -105,16 +106,16 @@ def raising(exc_type: type[httpx.TransportError], message: str = "boom") -> Hand
 @pytest.mark.parametrize(
     ("exc_type", "kind", "sent"),
     [
-        pytest.param(httpx.ReadTimeout, "timeout", True, id="read-timeout"),
-        pytest.param(httpx.ConnectTimeout, "timeout", False, id="connect-timeout"),
-        pytest.param(httpx.WriteTimeout, "timeout", True, id="write-timeout"),
-        pytest.param(httpx.ConnectError, "connection", False, id="connect-error"),
-        pytest.param(httpx.RemoteProtocolError, "connection", True, id="remote-protocol-error"),
-        pytest.param(httpx.ReadError, "connection", True, id="read-error"),
+        pytest.param(httpx2.ReadTimeout, "timeout", True, id="read-timeout"),
+        pytest.param(httpx2.ConnectTimeout, "timeout", False, id="connect-timeout"),
+        pytest.param(httpx2.WriteTimeout, "timeout", True, id="write-timeout"),
+        pytest.param(httpx2.ConnectError, "connection", False, id="connect-error"),
+        pytest.param(httpx2.RemoteProtocolError, "connection", True, id="remote-protocol-error"),
+        pytest.param(httpx2.ReadError, "connection", True, id="read-error"),
     ],
 )
 async def test_transport_failures_are_retryable_api_errors(
-    exc_type: type[httpx.TransportError], kind: str, sent: bool
+    exc_type: type[httpx2.TransportError], kind: str, sent: bool
 ) -> None:
     with pytest.raises(ApiError) as info:
         await send(raising(exc_type))
@@ -128,21 +129,21 @@ async def test_non_200_goes_through_classification() -> None:
     retry = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "45.837906927s"}
     error = {"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED", "details": [retry]}
     with pytest.raises(ApiError) as info:
-        await send(Recorder(httpx.Response(429, json={"error": error})))
+        await send(Recorder(httpx2.Response(429, json={"error": error})))
     assert (info.value.kind, info.value.retryable, info.value.retry_after) == ("rate_limited", True, 45.837906927)
     assert info.value.status_code == 429
 
 
 async def test_retry_after_header_reaches_the_error() -> None:
     with pytest.raises(ApiError) as info:
-        await send(Recorder(httpx.Response(503, headers={"Retry-After": "17"}, text="busy")))
+        await send(Recorder(httpx2.Response(503, headers={"Retry-After": "17"}, text="busy")))
     assert info.value.retry_after == 17.0 and info.value.kind == "overloaded"
 
 
 async def test_truncated_200_is_a_retryable_bad_response() -> None:
     raw = json.dumps(OK).encode()[:50]
     with pytest.raises(ApiError) as info:
-        await send(Recorder(httpx.Response(200, content=raw)))
+        await send(Recorder(httpx2.Response(200, content=raw)))
     assert info.value.kind == "bad_response" and info.value.retryable
 
 
@@ -168,7 +169,7 @@ def assert_no_key(exc: ApiError) -> None:
 )  # fmt: skip
 async def test_key_echoed_by_the_server_is_redacted(status: int, payload: dict[str, Any], fatal: bool) -> None:
     with pytest.raises(ApiError) as info:
-        await send(Recorder(httpx.Response(status, json=payload)))
+        await send(Recorder(httpx2.Response(status, json=payload)))
     assert isinstance(info.value, FatalApiError) is fatal
     assert_no_key(info.value)
     assert "[redacted]" in info.value.message
@@ -187,7 +188,7 @@ async def test_key_echoed_in_a_200_answer_is_redacted_everywhere_it_is_kept() ->
         "modelVersion": f"proxy-{KEY}",
         "responseId": KEY,
     }
-    reply = await send(Recorder(httpx.Response(200, json=body)))
+    reply = await send(Recorder(httpx2.Response(200, json=body)))
     assert KEY not in repr(reply) and "[redacted]" in (reply.text or "")
     assert reply.usage["promptTokenCount"] == 10 and reply.finish_reason == "STOP"
 
@@ -195,7 +196,7 @@ async def test_key_echoed_in_a_200_answer_is_redacted_everywhere_it_is_kept() ->
 async def test_fields_a_proxy_sends_as_numbers_lists_or_objects_become_text_and_are_redacted() -> None:
     candidate = {"content": {"parts": [{"text": "no image"}]}, "finishReason": ["SAFETY"], "finishMessage": 5}
     body = {"candidates": [candidate], "responseId": 1234567, "modelVersion": {"note": f"low balance on {KEY}"}}
-    reply = await send(Recorder(httpx.Response(200, json=body)))
+    reply = await send(Recorder(httpx2.Response(200, json=body)))
     assert (reply.response_id, reply.finish_reason, reply.finish_message) == ("1234567", '["SAFETY"]', "5")
     assert reply.model_version == '{"note": "low balance on [redacted]"}' and KEY not in repr(reply)
 
@@ -203,18 +204,18 @@ async def test_fields_a_proxy_sends_as_numbers_lists_or_objects_become_text_and_
 async def test_key_echoed_in_an_html_page_is_redacted() -> None:
     page = f"<html><head><title>Forbidden for {KEY}</title></head></html>"
     with pytest.raises(ApiError) as info:
-        await send(Recorder(httpx.Response(403, text=page)))
+        await send(Recorder(httpx2.Response(403, text=page)))
     assert_no_key(info.value)
 
 
 async def test_key_in_a_transport_error_is_redacted() -> None:
     with pytest.raises(ApiError) as info:
-        await send(raising(httpx.ConnectError, f"proxy refused Bearer {KEY}"))
+        await send(raising(httpx2.ConnectError, f"proxy refused Bearer {KEY}"))
     assert_no_key(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
-class Chunks(httpx.AsyncByteStream):
+class Chunks(httpx2.AsyncByteStream):
     def __init__(self, *chunks: bytes) -> None:
         self.chunks = chunks
 
@@ -224,7 +225,7 @@ class Chunks(httpx.AsyncByteStream):
 
 
 async def test_undecodable_compressed_body_is_a_retryable_bad_response() -> None:
-    answer = httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=Chunks(b"not gzip at all"))
+    answer = httpx2.Response(200, headers={"Content-Encoding": "gzip"}, stream=Chunks(b"not gzip at all"))
     with pytest.raises(ApiError) as info:
         await send(Recorder(answer))
     assert info.value.kind == "bad_response" and info.value.retryable
@@ -252,6 +253,48 @@ async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> 
                     tg.start_soon(one)
             assert len(replies) == 60 and all(r.images for r in replies)
             assert transport._busy == [0, 0, 0]  # every connection was handed back
+
+
+class RecordingStream(httpcore2.AsyncNetworkStream):
+    """A network stream that records what is written (each call one send()) and answers every read with b"HTTP"."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        self.sent.append(buffer)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        return b"HTTP"
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_small_request_leaves_in_one_send_and_a_big_body_uncopied() -> None:
+    """httpcore2 writes a request's head and body apart: on loopback each send() costs as much as the rest."""
+    from nanobatch._transport import _Stream
+
+    inner = RecordingStream()
+    stream = _Stream(inner)
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    await stream.write(b'{"contents": []}')
+    assert inner.sent == []  # held until the answer is awaited
+    assert await stream.read(65536) == b"HTTP"
+    assert inner.sent == [b'POST / HTTP/1.1\r\n\r\n{"contents": []}']
+    big = bytes(10 * 2**20)  # 14 reference images are tens of MB: sent as they are, never joined
+    await stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    await stream.write(big)
+    assert inner.sent[1:] == [b"POST / HTTP/1.1\r\n\r\n", big] and inner.sent[2] is big
+
+
+def test_every_pool_sends_through_the_joining_streams() -> None:
+    from nanobatch._transport import ShardedTransport, _Backend
+
+    client = GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=4)
+    transport = client._http._transport
+    assert isinstance(transport, ShardedTransport) and len(transport._pools) == 1
+    assert all(isinstance(pool._pool._network_backend, _Backend) for pool in transport._pools)
 
 
 def test_a_proxy_in_the_environment_keeps_httpx_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -254,6 +254,7 @@ def test_a_key_setting_in_the_file_is_refused(tmp_path: Path) -> None:
     assert "api.api_key" in str(info.value)
 
 
+@pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -1,4 +1,4 @@
-"""End to end through run_job with a scripted fake API (httpx.MockTransport), on trio's virtual clock."""
+"""End to end through run_job with a scripted fake API (httpx2.MockTransport), on trio's virtual clock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 import nanobatch
@@ -85,7 +85,7 @@ def test_request_carries_instruction_images_and_settings(tmp_path: Path) -> None
             [google_error(503, "UNAVAILABLE", "The model is overloaded"), ok_body()], "ok", 2, None, id="503-then-ok"
         ),
         pytest.param(
-            [httpx.Response(502, text="<html><title>502 Bad Gateway</title></html>"), ok_body()],
+            [httpx2.Response(502, text="<html><title>502 Bad Gateway</title></html>"), ok_body()],
             "ok",
             2,
             None,
@@ -151,12 +151,12 @@ def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
     fake = FakeGemini({"make the background white": [throttled, ok_body()]})
     times: list[float] = []
 
-    def stamp(request: httpx.Request) -> httpx.Response:
+    def stamp(request: httpx2.Request) -> httpx2.Response:
         times.append(anyio.current_time())
         return fake(request)
 
     async def go() -> nanobatch.RunSummary:
-        return await nanobatch.run_job(job, transport=httpx.MockTransport(stamp), out_dir=tmp_path / "out")
+        return await nanobatch.run_job(job, transport=httpx2.MockTransport(stamp), out_dir=tmp_path / "out")
 
     summary = run_virtual(go)
     assert summary.exit_code == 0
@@ -171,7 +171,7 @@ def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
         pytest.param(google_error(403, "PERMISSION_DENIED", "no access"), id="403"),
         pytest.param(google_error(404, "NOT_FOUND", "models/x is not found"), id="404"),
         pytest.param(
-            httpx.Response(
+            httpx2.Response(
                 402,
                 json={
                     "status_code": 402,
@@ -192,7 +192,7 @@ def test_retry_waits_exactly_what_retryinfo_asks(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: Path, fatal: httpx.Response) -> None:
+def test_fatal_answers_stop_the_run_and_leave_unsent_items_for_later(tmp_path: Path, fatal: httpx2.Response) -> None:
     items = [{"id": f"sku-{n}", "instruction": f"edit {n}"} for n in range(40)]
     job = write_job(tmp_path, items)
     fake = FakeGemini({f"edit {n}": [fatal] for n in range(40)})
@@ -219,7 +219,7 @@ def test_the_api_key_is_never_written_anywhere(
     )
     seen_headers: list[str] = []
 
-    def echo(request: httpx.Request) -> httpx.Response:
+    def echo(request: httpx2.Request) -> httpx2.Response:
         seen_headers.append(request.headers["authorization"])
         return google_error(400, "INVALID_ARGUMENT", f"bad key? you sent {secret}")
 
@@ -471,19 +471,19 @@ def test_spare_workers_never_put_more_than_the_concurrency_limit_in_flight(tmp_p
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(60)])
     in_flight = peak = 0
 
-    async def slow_api(request: httpx.Request) -> httpx.Response:
+    async def slow_api(request: httpx2.Request) -> httpx2.Response:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
         await anyio.sleep(1.0)
         in_flight -= 1
-        return httpx.Response(200, json=ok_body())
+        return httpx2.Response(200, json=ok_body())
 
     summary = run_virtual(
         lambda: nanobatch.run_job(
             job,
             settings=nanobatch.load_settings(overrides={"limits.concurrency": 8}),
-            transport=httpx.MockTransport(slow_api),
+            transport=httpx2.MockTransport(slow_api),
             out_dir=tmp_path / "out",
         ),
         settle_s=0.005,  # let the input reads finish before the virtual clock jumps

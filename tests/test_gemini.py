@@ -8,7 +8,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 from nanobatch.errors import ApiError, FatalApiError
@@ -267,7 +267,7 @@ def apiyi(code: int, message: str) -> bytes:
     return json.dumps({"status_code": code, "error": error}).encode()
 
 
-NO_HEADERS = httpx.Headers()
+NO_HEADERS = httpx2.Headers()
 HTML_502 = (
     b"""<!DOCTYPE html><html><head><title>502 Bad Gateway</title><style>body{margin:0}</style></head>
 <body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center>"""
@@ -369,36 +369,36 @@ def test_retry_info_delay_is_taken_exactly(delay: str, seconds: float) -> None:
 
 
 def test_retry_info_beats_retry_after_header() -> None:
-    headers = httpx.Headers({"Retry-After": "5"})
+    headers = httpx2.Headers({"Retry-After": "5"})
     error = classify_error(429, headers, google(429, "RESOURCE_EXHAUSTED", "slow down", retry_info("26s")))
     assert error.retry_after == 26.0
 
 
 def test_retry_after_header_in_seconds() -> None:
-    error = classify_error(503, httpx.Headers({"Retry-After": "120"}), b"")
+    error = classify_error(503, httpx2.Headers({"Retry-After": "120"}), b"")
     assert error.retry_after == 120.0
 
 
 def test_retry_after_header_as_http_date() -> None:
     now = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC).timestamp()
     when = email.utils.formatdate(now + 90, usegmt=True)
-    error = classify_error(429, httpx.Headers({"Retry-After": when}), b"", now=now)
+    error = classify_error(429, httpx2.Headers({"Retry-After": when}), b"", now=now)
     assert error.retry_after == 90.0
 
 
 def test_retry_after_in_the_past_means_now() -> None:
     now = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC).timestamp()
-    error = classify_error(503, httpx.Headers({"Retry-After": email.utils.formatdate(now - 60, usegmt=True)}), b"",
+    error = classify_error(503, httpx2.Headers({"Retry-After": email.utils.formatdate(now - 60, usegmt=True)}), b"",
                            now=now)  # fmt: skip
     assert error.retry_after == 0.0
 
 
 def test_unreadable_retry_after_is_ignored() -> None:
-    assert classify_error(503, httpx.Headers({"Retry-After": "soon"}), b"").retry_after is None
+    assert classify_error(503, httpx2.Headers({"Retry-After": "soon"}), b"").retry_after is None
 
 
 def test_final_errors_carry_no_retry_after() -> None:
-    error = classify_error(400, httpx.Headers({"Retry-After": "30"}), google(400, "INVALID_ARGUMENT", "bad"))
+    error = classify_error(400, httpx2.Headers({"Retry-After": "30"}), google(400, "INVALID_ARGUMENT", "bad"))
     assert error.retry_after is None
 
 
@@ -467,3 +467,11 @@ def test_a_body_only_the_standard_json_parser_takes_still_parses() -> None:
     text = body(inline(PNG)).decode().replace('"finishReason"', '"score": NaN, "note": "\\ud800", "finishReason"')
     reply = parse_reply(text.encode())
     assert reply.finish_reason == "STOP" and reply.images[0].data == PNG
+
+
+def test_an_image_in_url_safe_or_unpadded_base64_is_decoded_as_the_sdk_does() -> None:
+    png = b"\x89PNG\r\n\x1a\n\xfb\xff\xfe" + bytes(range(256))
+    for text in (base64.urlsafe_b64encode(png).decode(), base64.b64encode(png).decode().rstrip("=")):
+        body = json.dumps({"candidates": [{"content": {"parts": [{"inlineData": {"data": text}}]}}]}).encode()
+        (image,) = parse_reply(body).images
+        assert image.data == png and image.mime_type == "image/png"

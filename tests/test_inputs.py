@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import pytest
 from PIL import Image as Pillow
 
@@ -30,7 +30,7 @@ PNG = image_bytes()
 JPEG = image_bytes(fmt="JPEG")
 
 
-class Body(httpx.SyncByteStream, httpx.AsyncByteStream):
+class Body(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     """A response body in chunks that counts how many were read."""
 
     def __init__(self, chunks: list[bytes]) -> None:
@@ -53,16 +53,16 @@ class Host:
 
     def __init__(self, answers: dict[str, list[Any]]) -> None:
         self.answers = answers
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.requests.append(request)
-        queue = self.answers.get(str(request.url)) or [httpx.Response(404)]
+        queue = self.answers.get(str(request.url)) or [httpx2.Response(404)]
         answer = queue.pop(0) if len(queue) > 1 else queue[0]
         if isinstance(answer, Exception):
             raise answer
         if isinstance(answer, bytes):
-            return httpx.Response(200, content=answer, headers={"content-type": "application/octet-stream"})
+            return httpx2.Response(200, content=answer, headers={"content-type": "application/octet-stream"})
         return answer
 
     def count(self, url: str) -> int:
@@ -83,7 +83,7 @@ def load(host: Host, refs: list[str], **options: Any) -> list[Image]:
     resize = options.pop("resize", False)
 
     async def go() -> list[Image]:
-        async with InputLoader(transport=httpx.MockTransport(host), **options) as loader:
+        async with InputLoader(transport=httpx2.MockTransport(host), **options) as loader:
             return await loader.load(refs, resize=resize, retry=policy)
 
     return anyio.run(go)
@@ -102,7 +102,7 @@ def test_a_url_is_downloaded_and_its_type_read_from_the_bytes() -> None:
 def test_redirects_are_followed() -> None:
     host = Host(
         {
-            URL: [httpx.Response(302, headers={"location": "https://cdn2.example.com/x.png"})],
+            URL: [httpx2.Response(302, headers={"location": "https://cdn2.example.com/x.png"})],
             "https://cdn2.example.com/x.png": [PNG],
         }
     )
@@ -110,11 +110,11 @@ def test_redirects_are_followed() -> None:
 
 
 def test_a_404_fails_at_once_and_is_remembered_for_the_run() -> None:
-    host = Host({URL: [httpx.Response(404)]})
+    host = Host({URL: [httpx2.Response(404)]})
 
     async def go() -> list[str]:
         messages = []
-        async with InputLoader(transport=httpx.MockTransport(host)) as loader:
+        async with InputLoader(transport=httpx2.MockTransport(host)) as loader:
             for _ in range(2):
                 with pytest.raises(InputError) as err:
                     await loader.load([URL], retry=waits()[0])
@@ -130,10 +130,10 @@ def test_a_404_fails_at_once_and_is_remembered_for_the_run() -> None:
 @pytest.mark.parametrize(
     "first",
     [
-        pytest.param(httpx.Response(503), id="503"),
-        pytest.param(httpx.Response(429, headers={"retry-after": "7"}), id="429-retry-after"),
-        pytest.param(httpx.ReadTimeout("slow"), id="timeout"),
-        pytest.param(httpx.ConnectError("refused"), id="connection"),
+        pytest.param(httpx2.Response(503), id="503"),
+        pytest.param(httpx2.Response(429, headers={"retry-after": "7"}), id="429-retry-after"),
+        pytest.param(httpx2.ReadTimeout("slow"), id="timeout"),
+        pytest.param(httpx2.ConnectError("refused"), id="connection"),
     ],
 )
 def test_transient_failures_are_retried(first: Any) -> None:
@@ -141,12 +141,12 @@ def test_transient_failures_are_retried(first: Any) -> None:
     policy, slept = waits()
     assert load(host, [URL], retry=policy)[0].data == PNG
     assert len(host.requests) == 2 and len(slept) == 1
-    if isinstance(first, httpx.Response) and first.status_code == 429:
+    if isinstance(first, httpx2.Response) and first.status_code == 429:
         assert slept == [7.0]  # the server's Retry-After
 
 
 def test_retries_stop_at_max_attempts_and_the_last_error_fails_the_load() -> None:
-    host = Host({URL: [httpx.Response(502)]})
+    host = Host({URL: [httpx2.Response(502)]})
     with pytest.raises(InputError, match="HTTP 502"):
         load(host, [URL])
     assert len(host.requests) == 4
@@ -154,7 +154,7 @@ def test_retries_stop_at_max_attempts_and_the_last_error_fails_the_load() -> Non
 
 def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
     body = Body([b"x" * 1000] * 100)
-    host = Host({URL: [httpx.Response(200, headers={"content-length": str(100_000)}, stream=body)]})
+    host = Host({URL: [httpx2.Response(200, headers={"content-length": str(100_000)}, stream=body)]})
     with pytest.raises(InputError, match="over the 0 MB download limit"):
         load(host, [URL], max_download_bytes=10_000)
     assert body.read == 0 and len(host.requests) == 1  # not retried
@@ -162,14 +162,14 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
 
 def test_a_streamed_body_without_a_length_stops_at_the_limit() -> None:
     body = Body([b"x" * 1000] * 100)
-    host = Host({URL: [httpx.Response(200, stream=body)]})
+    host = Host({URL: [httpx2.Response(200, stream=body)]})
     with pytest.raises(InputError, match="more than"):
         load(host, [URL], max_download_bytes=10_000)
     assert body.read == 11
 
 
 def test_something_that_is_not_a_picture_is_refused() -> None:
-    host = Host({URL: [httpx.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})]})
+    host = Host({URL: [httpx2.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})]})
     with pytest.raises(InputError, match=r"not a PNG, JPEG, WEBP or HEIC/HEIF image \(the server said text/html\)"):
         load(host, [URL])
 
@@ -179,12 +179,12 @@ def test_a_url_used_by_several_items_is_fetched_once() -> None:
     host = Host({URL: [JPEG], other: [PNG]})
     release = anyio.Event()
 
-    async def slow(request: httpx.Request) -> httpx.Response:
+    async def slow(request: httpx2.Request) -> httpx2.Response:
         await release.wait()
         return host(request)
 
     async def go() -> None:
-        async with InputLoader(transport=httpx.MockTransport(slow)) as loader:
+        async with InputLoader(transport=httpx2.MockTransport(slow)) as loader:
             async with anyio.create_task_group() as tg:
                 for _ in range(5):
                     tg.start_soon(loader.load, [URL, other])
@@ -304,17 +304,17 @@ def write_job(folder: Path, items: list[dict[str, Any]]) -> Path:
     return path
 
 
-def routed(api: FakeGemini, host: Host) -> httpx.MockTransport:
-    def handler(request: httpx.Request) -> httpx.Response:
+def routed(api: FakeGemini, host: Host) -> httpx2.MockTransport:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         return host(request) if request.url.host == "cdn.example.com" else api(request)
 
-    return httpx.MockTransport(handler)
+    return httpx2.MockTransport(handler)
 
 
 def test_a_run_downloads_each_url_once_without_the_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NANOBATCH_API_KEY", "secret-key")
     missing = "https://cdn.example.com/gone.jpg"
-    host = Host({URL: [JPEG], missing: [httpx.Response(404)]})
+    host = Host({URL: [JPEG], missing: [httpx2.Response(404)]})
     api = FakeGemini()
     job = write_job(
         tmp_path, [{"id": "a", "image": URL}, {"id": "b", "images": [URL, URL]}, {"id": "c", "image": missing}]
@@ -423,7 +423,7 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
 
 def test_an_item_fails_on_its_first_unloadable_input_in_order(tmp_path: Path) -> None:
     missing = "https://cdn.example.com/gone.jpg"
-    host = Host({missing: [httpx.Response(404)]})
+    host = Host({missing: [httpx2.Response(404)]})
     (tmp_path / "notes.png").write_bytes(b"GIF89a....")
     with pytest.raises(InputError, match="HTTP 404"):
         load(host, [missing, str(tmp_path / "notes.png")])
@@ -440,9 +440,9 @@ def test_validate_checks_each_url_once_by_its_headers(tmp_path: Path) -> None:
     body = Body([JPEG])
     host = Host(
         {
-            URL: [httpx.Response(200, stream=body)],
-            "https://cdn.example.com/gone.png": [httpx.Response(404)],
-            "https://cdn.example.com/down.png": [httpx.ConnectError("refused")],
+            URL: [httpx2.Response(200, stream=body)],
+            "https://cdn.example.com/gone.png": [httpx2.Response(404)],
+            "https://cdn.example.com/down.png": [httpx2.ConnectError("refused")],
         }
     )
     job = write_job(
@@ -454,13 +454,13 @@ def test_validate_checks_each_url_once_by_its_headers(tmp_path: Path) -> None:
         ],
     )
     with pytest.raises(ManifestError) as err:
-        nanobatch.check_job(job, transport=httpx.MockTransport(host))
+        nanobatch.check_job(job, transport=httpx2.MockTransport(host))
     found = [(p.item, p.field) for p in err.value.problems]
     assert found == [("b", "images[1]"), ("c", "image")]
     assert "HTTP 404" in err.value.problems[0].message and "ConnectError" in err.value.problems[1].message
     assert host.count(URL) == 1 and body.read == 0  # headers only
     host.requests.clear()
-    assert nanobatch.check_job(job, transport=httpx.MockTransport(host), check_urls=False).items == 3
+    assert nanobatch.check_job(job, transport=httpx2.MockTransport(host), check_urls=False).items == 3
     assert host.requests == []
 
 
@@ -470,5 +470,5 @@ def test_too_many_urls_are_not_checked_at_validation(caplog: pytest.LogCaptureFi
         checklist.add(WorkItem(id=f"i{n}", model="m", inputs=(f"https://cdn.example.com/{n}.png",), steps=("x",)))
     host = Host({})
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
-        assert checklist.problems("job.yaml", transport=httpx.MockTransport(host)) == []
+        assert checklist.problems("job.yaml", transport=httpx2.MockTransport(host)) == []
     assert host.requests == [] and "more than 2 distinct image URLs" in caplog.text

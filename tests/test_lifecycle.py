@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 from nanobatch import models
@@ -79,9 +79,9 @@ def test_the_default_model_is_live_at_google() -> None:
     assert life is not None and life.status(datetime.date(2026, 11, 29)) == "GA"
 
 
-async def _sim(method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-    transport = httpx.ASGITransport(app=create_app())
-    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+async def _sim(method: str, path: str, body: dict[str, Any] | None = None) -> httpx2.Response:
+    transport = httpx2.ASGITransport(app=create_app())
+    async with httpx2.AsyncClient(transport=transport, base_url="http://sim") as client:
         return await client.request(method, path, json=body)
 
 
@@ -109,7 +109,7 @@ def test_the_simulator_knows_each_models_limits(model: str, size: str, code: int
 
 def test_listing_models_follows_every_page() -> None:
     async def listing() -> list[dict[str, Any]]:
-        transport = httpx.ASGITransport(app=create_app())
+        transport = httpx2.ASGITransport(app=create_app())
         async with GeminiClient(base_url="http://sim", api_key=None, transport=transport) as client:
             return await client.list_models(page_size=2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -179,6 +180,48 @@ def test_rate_limiter_does_not_bank_idle_time() -> None:
 
     run_virtual(main)
     assert times == [30.0, 31.0, 32.0]
+
+
+def acquire_times(limiter: RateLimiter, n: int, callers: int = 100) -> list[float]:
+    """When each of *n* acquisitions by *callers* concurrent tasks got through, on the virtual clock."""
+    times: list[float] = []
+
+    async def main() -> None:
+        async def caller(count: int) -> None:
+            for _ in range(count):
+                await limiter.acquire()
+                times.append(anyio.current_time())
+
+        async with anyio.create_task_group() as tg:
+            for k in range(callers):
+                tg.start_soon(caller, n // callers + (k < n % callers))
+
+    run_virtual(main)
+    return times
+
+
+def most_in_any_window(times: list[float], span: float) -> int:
+    return max(bisect.bisect_left(times, start + span) - i for i, start in enumerate(times))
+
+
+def test_a_burst_as_big_as_the_rate_uses_a_sliding_window_quota_fully() -> None:
+    """600 rpm against a quota of 600 in any 60 s: 1,000 requests by t = 61 s (evenly spaced: 100 s); the extra
+    second is the margin for requests that take longer on the way than the ones a window after them."""
+    times = acquire_times(RateLimiter(per_minute=600, burst=600), 1000)
+    assert len(times) == 1000
+    assert most_in_any_window(times, 60.0) == 600  # the whole quota, and never more
+    assert most_in_any_window(times, 61.0) == 600  # not even with arrivals up to a second early
+    assert times[599] == 0.0 and times[-1] == pytest.approx(61.0)
+
+
+@pytest.mark.parametrize("burst", [pytest.param(7, id="burst-7"), pytest.param(45, id="burst-45")])
+def test_a_burst_that_does_not_divide_the_rate_still_keeps_every_minute_under_it(burst: int) -> None:
+    """100 rpm: at most *burst* in any *burst* intervals, at most 100 in any minute, and nearly the whole rate."""
+    times = acquire_times(RateLimiter(per_minute=100, burst=burst), 400)
+    assert most_in_any_window(times, 60.0) <= 100
+    assert most_in_any_window(times, burst * 0.6) <= burst
+    assert most_in_any_window(times, 0.0 + 1e-9) == burst  # that many do leave together
+    assert (len(times) - 1) / times[-1] * 60 >= 0.97 * 100  # the rate, less the 1/60 margin for arrival jitter
 
 
 def test_gate_applies_the_rate_limit() -> None:

@@ -402,6 +402,7 @@ def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
 IDS = ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off", "2024-01-15")
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_numbers_yaml_would_change_stay_as_written(tmp_path: Path) -> None:
     # YAML 1.1 reads 00123 as 83 (octal), 1_000 as 1000 and 12.50 as 12.5: catalog ids must not change.
     text = "defaults:\n  instruction: x\nitems:\n" + "".join(f"  - id: {raw}\n" for raw in IDS)
@@ -409,6 +410,7 @@ def test_numbers_yaml_would_change_stay_as_written(tmp_path: Path) -> None:
     assert [item.id for item in manifest.items()] == list(IDS)
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(
@@ -422,6 +424,7 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
     assert settings.retry.backoff_initial_s == 0.5
 
 
+@pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -496,6 +499,7 @@ def test_distinct_names_and_multi_image_stems_pass(tmp_path: Path) -> None:
     assert problems(write(tmp_path, text)) == []
 
 
+@pytest.mark.usefixtures("yaml_parser")
 def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
     from nanobatch import _yaml
 
@@ -505,3 +509,21 @@ def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypat
     with pytest.raises(yaml.YAMLError, match="aliases"):
         _yaml.load_yaml("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                         "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n")  # fmt: skip
+
+
+def test_manifests_are_parsed_by_libyaml_where_pyyaml_has_it() -> None:
+    from nanobatch import _yaml
+
+    assert _yaml.LOADERS is (_yaml.C_LOADERS if yaml.__with_libyaml__ else _yaml.PURE_LOADERS)
+    if yaml.__with_libyaml__:
+        assert all(issubclass(loader, yaml.CSafeLoader) for loader in _yaml.LOADERS)
+
+
+@pytest.mark.usefixtures("yaml_parser")
+def test_merged_keys_may_be_overridden_but_python_tags_are_refused() -> None:
+    from nanobatch import _yaml
+
+    data = _yaml.load_yaml("base: &b {instruction: x, id: 007}\nitem:\n  <<: *b\n  instruction: y\n")
+    assert data["item"] == {"instruction": "y", "id": "007"}
+    with pytest.raises(yaml.YAMLError):
+        _yaml.load_yaml("a: !!python/object/apply:os.system [echo hi]\n")

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
-import respx
 
 import nanobatch
 from nanobatch.cli import main
@@ -28,12 +27,12 @@ from .fakes import FakeGemini, google_error, ok_body, quota_failure, retry_info,
 from .test_docs import read_until
 
 
-def _refused(request: httpx.Request) -> httpx.Response:
-    raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+def _refused(request: httpx2.Request) -> httpx2.Response:
+    raise httpx2.ConnectError("[Errno 111] Connection refused", request=request)
 
 
-def _no_answer(request: httpx.Request) -> httpx.Response:
-    raise httpx.ReadTimeout("timed out", request=request)
+def _no_answer(request: httpx2.Request) -> httpx2.Response:
+    raise httpx2.ReadTimeout("timed out", request=request)
 
 
 @pytest.mark.parametrize(
@@ -72,10 +71,10 @@ def test_only_requests_sent_without_an_answer_are_possibly_charged(tmp_path: Pat
     assert info["possibly_charged"] == 1 and info["possibly_charged_ids"] == ["a"]
 
 
-def _refused_at_the_socket(request: httpx.Request) -> httpx.Response:
+def _refused_at_the_socket(request: httpx2.Request) -> httpx2.Response:
     # As httpx raises it for a closed port: the OS error is the cause beneath a generic message.
     cause = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
-    raise httpx.ConnectError("All connection attempts failed", request=request) from cause
+    raise httpx2.ConnectError("All connection attempts failed", request=request) from cause
 
 
 def _run_unreachable(tmp_path: Path, **overrides: object) -> tuple[nanobatch.RunSummary, float, list[str]]:
@@ -285,15 +284,16 @@ def _stderr_events(err: str) -> list[dict[str, object]]:
     return events
 
 
-@respx.mock
 @pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])
 def test_json_logs_stay_json_when_items_fail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: bool
 ) -> None:
     monkeypatch.setenv("NANOBATCH_API_KEY", "k-0123456789")
-    respx.post(url__regex=r"http://api\.test/.*").mock(
-        return_value=google_error(400, "INVALID_ARGUMENT", "Unable to process input image.")
-    )
+
+    async def refuse(self: httpx2.AsyncHTTPTransport, request: httpx2.Request) -> httpx2.Response:
+        return google_error(400, "INVALID_ARGUMENT", "Unable to process input image.")
+
+    monkeypatch.setattr(httpx2.AsyncHTTPTransport, "handle_async_request", refuse)
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}, {"id": "b", "instruction": "y"}])
     argv = ["--log-format", "json", "run", str(job), "--base-url", "http://api.test", "--out", str(tmp_path / "out")]
     assert main(argv + (["--quiet"] if quiet else [])) == 1

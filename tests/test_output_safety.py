@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 
 import nanobatch
@@ -128,10 +128,10 @@ def test_the_writer_never_replaces_a_file_that_appeared_while_the_request_was_ou
 
     a_picture = base64.b64encode((tmp_path / "images" / "a.png").read_bytes())
 
-    def answer_and_meanwhile_a_file_appears(request: httpx.Request) -> httpx.Response:
+    def answer_and_meanwhile_a_file_appears(request: httpx2.Request) -> httpx2.Response:
         if a_picture in request.content:  # a's request is out (b's may go first)
             (out / "a.png").write_bytes(b"copied in by hand")
-        return httpx.Response(200, json=ok_body())
+        return httpx2.Response(200, json=ok_body())
 
     summary = run(job, FakeGemini({"make the background white": [answer_and_meanwhile_a_file_appears]}), out)
     assert summary.exit_code == 1 and (out / "a.png").read_bytes() == b"copied in by hand"

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import anyio
-import httpx
+import httpx2
 import pytest
 
 import nanobatch
@@ -19,9 +19,9 @@ from .fakes import ok_body, write_job
 LATENCY_S = 10.0
 
 
-async def slow_api(request: httpx.Request) -> httpx.Response:
+async def slow_api(request: httpx2.Request) -> httpx2.Response:
     await anyio.sleep(LATENCY_S)
-    return httpx.Response(200, json=ok_body())
+    return httpx2.Response(200, json=ok_body())
 
 
 def run_and_signal(job: Path, signals: list[tuple[float, int]], grace_s: float) -> nanobatch.RunSummary:
@@ -41,7 +41,7 @@ def run_and_signal(job: Path, signals: list[tuple[float, int]], grace_s: float) 
             summary = await nanobatch.run_job(
                 job,
                 settings=settings,
-                transport=httpx.MockTransport(slow_api),
+                transport=httpx2.MockTransport(slow_api),
                 out_dir=job.parent / "out",
                 handle_signals=True,
             )
@@ -65,7 +65,7 @@ def test_first_signal_lets_requests_in_flight_finish(tmp_path: Path, signum: int
     assert len(ids(out)) == 8 and summary.stats.requests == 8
     assert all((out / f"{i}.png").is_file() for i in ids(out))
     # The next run does the other 12 and only those.
-    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx.MockTransport(slow_api), out_dir=out))
+    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx2.MockTransport(slow_api), out_dir=out))
     assert rerun.stats.ok == 12 and rerun.stats.skipped == 8
 
 
@@ -92,7 +92,7 @@ def run_for(job: Path, max_duration_s: float, grace_s: float) -> nanobatch.RunSu
     )
     return run_virtual(
         lambda: nanobatch.run_job(
-            job, settings=settings, transport=httpx.MockTransport(slow_api), out_dir=job.parent / "out"
+            job, settings=settings, transport=httpx2.MockTransport(slow_api), out_dir=job.parent / "out"
         ),
         settle_s=0.2,
     )
@@ -108,7 +108,7 @@ def test_a_time_limit_stops_sending_and_lets_requests_in_flight_finish(tmp_path:
     last_run = json.loads((out / "summary.json").read_text())["last_run"]
     assert last_run["outcome"] == "aborted" and "limits.max_duration_s = 25" in last_run["reason"]
     # The next run does the other 8 and only those.
-    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx.MockTransport(slow_api), out_dir=out))
+    rerun = run_virtual(lambda: nanobatch.run_job(job, transport=httpx2.MockTransport(slow_api), out_dir=out))
     assert rerun.stats.ok == 8 and rerun.stats.skipped == 12
 
 

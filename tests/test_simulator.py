@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from PIL import Image
 from starlette.applications import Starlette
@@ -55,23 +55,23 @@ class FakeClock:
 
 
 @asynccontextmanager
-async def client_for(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
+async def client_for(app: Starlette) -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://sim") as client:
         yield client
 
 
 async def generate(
-    client: httpx.AsyncClient, payload: dict[str, Any], model: str = FLASH_31, **kwargs: Any
-) -> httpx.Response:
+    client: httpx2.AsyncClient, payload: dict[str, Any], model: str = FLASH_31, **kwargs: Any
+) -> httpx2.Response:
     return await client.post(f"/v1beta/models/{model}:generateContent", json=payload, **kwargs)
 
 
-def answer_parts(response: httpx.Response) -> list[dict[str, Any]]:
+def answer_parts(response: httpx2.Response) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = response.json()["candidates"][0]["content"]["parts"]
     return [p for p in parts if not p.get("thought")]
 
 
-def assert_google_error(response: httpx.Response, code: int, status: str) -> str:
+def assert_google_error(response: httpx2.Response, code: int, status: str) -> str:
     assert response.status_code == code
     error = response.json()["error"]
     assert error["code"] == code and error["status"] == status
@@ -184,7 +184,7 @@ async def test_api_key_is_required_when_configured(headers: dict[str, str], para
     assert "s3cret-key" not in response.text
 
 
-def quota_details(response: httpx.Response) -> tuple[str, str | None]:
+def quota_details(response: httpx2.Response) -> tuple[str, str | None]:
     """The quotaId of the QuotaFailure, and the retryDelay of the RetryInfo (None when absent)."""
     details = {d["@type"].rsplit(".", 1)[-1]: d for d in response.json()["error"]["details"]}
     delay = details["RetryInfo"]["retryDelay"] if "RetryInfo" in details else None
@@ -242,7 +242,7 @@ async def test_error_faults_answer_in_googles_format(kind: str, code: int, statu
 async def test_drop_fault_raises_the_error_a_socket_client_would_see() -> None:
     app = create_app(SimulatorConfig(rate_drop=1.0))
     async with client_for(app) as client:
-        with pytest.raises(httpx.RemoteProtocolError) as caught:
+        with pytest.raises(httpx2.RemoteProtocolError) as caught:
             await generate(client, body())
     assert isinstance(caught.value, SimulatedDrop)
     assert app.state.stats.dropped == 1 and not app.state.stats.by_status

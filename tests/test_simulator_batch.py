@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
+import httpx2
 
 from nanobatch.simulator import SimulatorConfig, create_app
 
@@ -24,13 +24,13 @@ class Clock:
 
 
 @asynccontextmanager
-async def sim(config: SimulatorConfig | None = None, clock: Clock | None = None) -> AsyncIterator[httpx.AsyncClient]:
+async def sim(config: SimulatorConfig | None = None, clock: Clock | None = None) -> AsyncIterator[httpx2.AsyncClient]:
     app = create_app(config or SimulatorConfig(), clock=clock or Clock())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://sim") as client:
         yield client
 
 
-async def start_upload(client: httpx.AsyncClient, size: int) -> str:
+async def start_upload(client: httpx2.AsyncClient, size: int) -> str:
     response = await client.post(
         "/upload/v1beta/files",
         json={"file": {"displayName": "in"}},
@@ -41,12 +41,12 @@ async def start_upload(client: httpx.AsyncClient, size: int) -> str:
     return response.headers["x-goog-upload-url"]
 
 
-async def chunk(client: httpx.AsyncClient, url: str, data: bytes, offset: int, command: str) -> httpx.Response:
+async def chunk(client: httpx2.AsyncClient, url: str, data: bytes, offset: int, command: str) -> httpx2.Response:
     headers = {"X-Goog-Upload-Command": command, "X-Goog-Upload-Offset": str(offset)}
     return await client.post(url, content=data, headers=headers)
 
 
-async def upload(client: httpx.AsyncClient, data: bytes = LINE) -> dict[str, Any]:
+async def upload(client: httpx2.AsyncClient, data: bytes = LINE) -> dict[str, Any]:
     response = await chunk(client, await start_upload(client, len(data)), data, 0, "upload, finalize")
     assert response.headers["x-goog-upload-status"] == "final"
     file: dict[str, Any] = response.json()["file"]

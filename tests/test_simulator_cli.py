@@ -9,7 +9,7 @@ import statistics
 from typing import Any
 
 import click
-import httpx
+import httpx2
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -177,11 +177,11 @@ def test_serves_over_loopback_and_drops_connections_for_real() -> None:
     with run_in_thread(app=app, port=0) as base_url:
         assert base_url.startswith("http://127.0.0.1:") and not base_url.endswith(":0")
         outcomes = []
-        with httpx.Client(base_url=base_url, timeout=10) as client:
+        with httpx2.Client(base_url=base_url, timeout=10) as client:
             for _ in range(6):
                 try:
                     response = client.post(PATH, json=payload())
-                except httpx.RemoteProtocolError:
+                except httpx2.RemoteProtocolError:
                     outcomes.append("drop")
                     continue
                 assert response.status_code == 200
@@ -193,8 +193,8 @@ def test_serves_over_loopback_and_drops_connections_for_real() -> None:
     assert (
         stats.received == 6 and stats.dropped == outcomes.count("drop") and stats.by_status[200] == outcomes.count("ok")
     )
-    with pytest.raises(httpx.ConnectError):  # shut down on exit
-        httpx.post(base_url + PATH, json=payload(), timeout=2)
+    with pytest.raises(httpx2.ConnectError):  # shut down on exit
+        httpx2.post(base_url + PATH, json=payload(), timeout=2)
 
 
 def test_run_in_thread_reports_a_port_it_cannot_take() -> None:

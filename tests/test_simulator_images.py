@@ -6,7 +6,7 @@ import base64
 import io
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageOps, ImageStat
 
@@ -54,8 +54,8 @@ async def edit(
     contents: list[dict[str, Any]], model: str = FLASH_31, config: SimulatorConfig | None = None, **image_config: Any
 ) -> Image.Image:
     payload = {"contents": contents, "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": image_config}}
-    transport = httpx.ASGITransport(app=create_app(config))
-    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+    transport = httpx2.ASGITransport(app=create_app(config))
+    async with httpx2.AsyncClient(transport=transport, base_url="http://sim") as client:
         response = await client.post(f"/v1beta/models/{model}:generateContent", json=payload)
     assert response.status_code == 200, response.text
     parts = response.json()["candidates"][0]["content"]["parts"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 
 import nanobatch
 
@@ -23,7 +23,7 @@ SETTLE_S = 0.005
 def run(job: Path, server: Any, overrides: dict[str, Any]) -> nanobatch.RunSummary:
     """Run *job* into ``out`` beside it against *server* (a MockTransport handler), on the virtual clock."""
     settings = nanobatch.load_settings(overrides=overrides)
-    transport = httpx.MockTransport(server)
+    transport = httpx2.MockTransport(server)
     return run_virtual(
         lambda: nanobatch.run_job(job, settings=settings, transport=transport, out_dir=job.parent / "out"),
         settle_s=SETTLE_S,
@@ -44,7 +44,7 @@ class HiddenRpmServer:
         self.answers: collections.Counter[int] = collections.Counter()
         self.sent_at: list[float] = []
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx2.Request) -> httpx2.Response:
         now = anyio.current_time()
         self.sent_at.append(now)
         while self.arrivals and now - self.arrivals[0] >= 60:
@@ -62,7 +62,7 @@ class HiddenRpmServer:
         self.arrivals.append(now)
         await anyio.sleep(self.latency_s)
         self.answers[200] += 1
-        return httpx.Response(200, json=ok_body())
+        return httpx2.Response(200, json=ok_body())
 
 
 def test_hidden_rpm_limit_with_32_workers_ends_all_ok_with_few_429s(tmp_path: Path) -> None:
@@ -85,6 +85,18 @@ def test_client_rate_limit_holds_in_every_window_and_reaches_98_percent(tmp_path
     assert worst <= 120 / 6  # no 10-second window over its share
     achieved = (len(times) - 1) / (times[-1] - times[0]) * 60
     assert achieved >= 0.98 * 120
+
+
+def test_rpm_burst_uses_a_sliding_window_quota_fully_without_a_429(tmp_path: Path) -> None:
+    """A quota of 120 in any 60 s, --rpm 120: evenly spaced, 200 items take 100 s; with rpm_burst 120, 60 s."""
+    job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": f"edit {n}"} for n in range(200)])
+    server = HiddenRpmServer(rpm=120, latency_s=1.0)
+    overrides = {"limits.concurrency": 200, "limits.requests_per_minute": 120, "limits.rpm_burst": 120}
+    summary = run(job, server, overrides)
+    assert summary.exit_code == 0 and summary.stats.ok == 200
+    assert server.answers[429] == 0
+    times = sorted(server.sent_at)
+    assert times[-1] - times[0] < 62.0  # a minute, plus the limiter's second for arrival jitter
 
 
 def test_latency_is_the_apis_time_not_the_wait_for_a_slot_or_the_rate_limit(tmp_path: Path) -> None:
@@ -111,9 +123,9 @@ def test_latency_of_a_multi_step_item_leaves_out_the_wait_between_its_steps(tmp_
 
 def test_latency_counts_the_retries_of_an_item(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "edit"}])
-    answers = [google_error(503, "UNAVAILABLE", "The model is overloaded"), httpx.Response(200, json=ok_body())]
+    answers = [google_error(503, "UNAVAILABLE", "The model is overloaded"), httpx2.Response(200, json=ok_body())]
 
-    async def server(request: httpx.Request) -> httpx.Response:
+    async def server(request: httpx2.Request) -> httpx2.Response:
         await anyio.sleep(2.0)
         return answers.pop(0)
 
@@ -144,9 +156,9 @@ def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(30)])
     calls: list[float] = []
 
-    def down(request: httpx.Request) -> httpx.Response:
+    def down(request: httpx2.Request) -> httpx2.Response:
         calls.append(anyio.current_time())
-        return httpx.Response(503, text="<html><title>503 Service Unavailable</title></html>")
+        return httpx2.Response(503, text="<html><title>503 Service Unavailable</title></html>")
 
     summary = run(
         job,

@@ -4,9 +4,9 @@ It validates requests like the real API, answers in Google's formats, and
 injects latency, faults and quota errors on demand, so nanobatch can be
 tested and demonstrated without a key or network.
 
->>> import httpx
+>>> import httpx2
 >>> app = create_app(SimulatorConfig(seed=1, rate_503=0.1))
->>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim")
+>>> client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://sim")
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ def create_app(
     drive time by hand; the defaults follow the event loop, so a virtual clock
     (trio's MockClock) drives them too.
 
-    >>> import httpx
-    >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://sim")
+    >>> import httpx2
+    >>> client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=create_app()), base_url="http://sim")
     """
     config = config or SimulatorConfig()
     simulator = _Simulator(config, clock, sleep)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 from starlette.responses import JSONResponse
 
 __all__ = [
@@ -45,10 +45,10 @@ class InvalidRequest(Exception):
         self.code = code
 
 
-class SimulatedDrop(httpx.RemoteProtocolError):
+class SimulatedDrop(httpx2.RemoteProtocolError):
     """Raised in-process (ASGITransport) where a real server would drop the connection.
 
-    It subclasses httpx's own error, so a client sees the same exception type
+    It subclasses httpx2's own error, so a client sees the same exception type
     in-process as over a socket.
     """
 

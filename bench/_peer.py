@@ -1,0 +1,35 @@
+"""What the peer scripts share: their command line and the measurement around them (not what they do).
+
+``python bench/peer_X.py JSON_PARAMS`` runs ``edit_all(**params)`` of that script in a fresh process
+and prints one JSON object: ``wall_s`` and ``cpu_s`` (``time.process_time``: every thread, user +
+system) around the run alone, ``maxrss_mb`` (peak resident set), ``rss_before_mb``, plus what the
+script returned. Params: ``base_url``, ``n``, ``concurrency``, ``input_path``, ``out_dir``, ``image_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+MODEL = "gemini-3.1-flash-image-preview"
+INSTRUCTION = "Replace the background with pure white; keep the product unchanged"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def main(edit_all: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+    params = json.loads(sys.argv[1])
+    result: dict[str, Any] = {"rss_before_mb": rss_mb()}
+    wall, cpu = time.perf_counter(), time.process_time()
+    result.update(asyncio.run(edit_all(**params)))
+    result.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu)
+    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps(result) + "\n")
