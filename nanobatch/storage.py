@@ -13,7 +13,6 @@ ObjectStamp(url='s3://photos/shoes/001.jpg', size=48213, version='"9b2cf535f2773
 from __future__ import annotations
 
 import importlib
-import logging
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -34,7 +33,6 @@ __all__ = [
     "stat",
 ]
 
-logger = logging.getLogger("nanobatch")
 
 T = TypeVar("T")
 

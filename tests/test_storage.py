@@ -187,6 +187,21 @@ def test_missing_object_and_missing_bucket_are_named(bucket: Bucket) -> None:
     assert listing.value.kind == "no_bucket"
 
 
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_credentials_the_server_refuses_are_access_denied(bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = bucket.url("in/photo.jpg")
+    storage.put(url, b"jpeg bytes")
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks every signature
+
+    for attempt in (storage.stat, storage.read_bytes, lambda u: storage.put(u, b"new")):
+        with pytest.raises(StorageError) as denied:
+            attempt(url)
+        assert denied.value.kind == "denied" and str(denied.value).startswith(f"{url}: access denied")
+        assert SECRET not in str(denied.value) and "AKIATESTING" not in str(denied.value)
+
+
 def test_a_missing_extra_says_which_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real_import = storage.importlib.import_module
 
