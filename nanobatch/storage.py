@@ -31,6 +31,7 @@ __all__ = [
     "put",
     "read_bytes",
     "stat",
+    "stat_many",
 ]
 
 
@@ -146,10 +147,13 @@ def stat(url: str) -> ObjectStamp:
     found = _call(url, info)
     if found.get("type") == "directory":
         raise StorageError(url, "not_found", "this is a folder (prefix), not an object")
-    version = next(
-        (str(found[k]) for k in ("generation", "ETag", "etag", "md5Hash", "LastModified") if found.get(k)), ""
-    )
-    return ObjectStamp(url=url, size=int(found.get("size") or 0), version=version)
+    return _stamp(url, found)
+
+
+def _stamp(url: str, found: dict[str, Any]) -> ObjectStamp:
+    """The stamp from a backend's metadata, the same whether a HEAD or a listing gave it."""
+    version = next((str(found[k]) for k in ("generation", "ETag", "etag", "md5Hash") if found.get(k)), "")
+    return ObjectStamp(url=url, size=int(found.get("size") or found.get("Size") or 0), version=version)
 
 
 def read_bytes(url: str) -> bytes:
@@ -178,95 +182,110 @@ def presign(url: str, *, expires_s: int = 3600) -> str:
 def iter_glob(pattern: str) -> Iterator[str]:
     """The URLs of the objects matching *pattern* (``*``, ``?``, ``[..]``, ``**``), in key order, page by page.
 
-    S3 and Cloud Storage are listed lazily (1,000 keys a request, under the pattern's literal prefix), so a
-    million-object prefix never sits in memory; other backends are listed whole.
+    S3 and Cloud Storage are listed lazily (1,000 keys a request, under the pattern's literal prefix, one
+    folder deep unless the pattern reaches deeper), so a million-object prefix never sits in memory; other
+    backends are listed whole.
     """
     scheme, bucket, key_pattern = _split(pattern)
     from fsspec.utils import glob_translate
 
     literal = _GLOB_CHARS.split(key_pattern, maxsplit=1)[0]
     matches = re.compile(glob_translate(key_pattern)).match if key_pattern != literal else key_pattern.__eq__
-    fs = _filesystem(pattern)
-    keys = _iter_keys(fs, scheme, bucket, literal)
-    while True:
-        try:
-            key = next(keys)
-        except StopIteration:
-            return
-        except Exception as exc:
-            raise _translate(pattern, exc, fs) from None
+    deep = "**" in key_pattern or "/" in key_pattern[len(literal) :]
+    for key, _ in _entries(pattern, scheme, bucket, literal, deep=deep):
         if matches(key):
             yield f"{scheme}://{bucket}/{key}"
 
 
-def _iter_keys(fs: Any, scheme: str, bucket: str, prefix: str) -> Iterator[str]:
-    """Every object key under *prefix* (a plain string prefix, not a folder)."""
+def _entries(url: str, scheme: str, bucket: str, prefix: str, *, deep: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(key, metadata) of the objects under *prefix*; backend errors as StorageErrors naming *url*."""
+    fs = _filesystem(url)
     if scheme == "s3":
-        yield from _iter_s3(fs, bucket, prefix)
+        entries = _iter_s3(fs, bucket, prefix, "" if deep else "/")
     elif scheme in ("gs", "gcs"):
-        yield from _iter_gcs(fs, bucket, prefix)
+        entries = _iter_gcs(fs, bucket, prefix, "" if deep else "/")
     else:
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        for path in sorted(fs.find(f"{bucket}/{folder}".rstrip("/"))):
-            key = path.split("/", 1)[1] if "/" in path else ""
-            if key.startswith(prefix):
-                yield key
+        entries = _iter_other(fs, bucket, prefix)
+    while True:
+        try:
+            entry = next(entries)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise _translate(url, exc, fs) from None
+        yield entry
 
 
-def _iter_s3(fs: Any, bucket: str, prefix: str) -> Iterator[str]:
+def _iter_other(fs: Any, bucket: str, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+    found: dict[str, dict[str, Any]] = fs.find(f"{bucket}/{folder}".rstrip("/"), detail=True)
+    for path in sorted(found):
+        key = path.split("/", 1)[1] if "/" in path else ""
+        if key.startswith(prefix):
+            yield key, found[path]
+
+
+def _iter_s3(fs: Any, bucket: str, prefix: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     from fsspec.asyn import sync
 
-    more: dict[str, str] = {}
+    more: dict[str, str] = {"Delimiter": delimiter} if delimiter else {}
     while True:
         page = sync(fs.loop, fs._call_s3, "list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=PAGE_SIZE, **more)
         for entry in page.get("Contents", []):
-            yield entry["Key"]
+            yield entry["Key"], entry
         if not page.get("IsTruncated"):
             return
-        more = {"ContinuationToken": page["NextContinuationToken"]}
+        more["ContinuationToken"] = page["NextContinuationToken"]
 
 
-def _iter_gcs(fs: Any, bucket: str, prefix: str) -> Iterator[str]:
+def _iter_gcs(fs: Any, bucket: str, prefix: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     from fsspec.asyn import sync
 
-    token: str | None = None
+    more: dict[str, str] = {"delimiter": delimiter} if delimiter else {}
     while True:
-        page = sync(fs.loop, fs._call_list_objects, bucket, prefix=prefix, maxResults=PAGE_SIZE, pageToken=token)
+        page = sync(fs.loop, fs._call_list_objects, bucket, prefix=prefix, maxResults=PAGE_SIZE, **more)
         for item in page.get("items", []):
-            yield item["name"]
-        token = page.get("nextPageToken")
-        if not token:
+            yield item["name"], item
+        if not page.get("nextPageToken"):
             return
+        more["pageToken"] = page["nextPageToken"]
 
 
-def exists_many(urls: Iterable[str]) -> dict[str, bool]:
-    """Whether each object exists, for checking a re-run's uploads without downloading them.
+def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
+    """Each object's stamp, or None where there is no such object; nothing is downloaded.
 
-    Objects that share a folder with many others are found by listing that folder (1,000 keys a
-    request); the rest by concurrent metadata requests (HEAD).
+    A folder holding many of the objects asked about is listed (1,000 stamps a request, one folder
+    deep); the rest are asked about 32 at a time (HEAD). For re-runs over inputs and uploads.
     """
     by_folder: dict[str, set[str]] = defaultdict(set)
     for url in urls:
         _split(url)
         by_folder[url.rsplit("/", 1)[0] + "/"].add(url)
-    found: dict[str, bool] = {}
+    found: dict[str, ObjectStamp | None] = {}
     singles: list[str] = []
     for folder, members in by_folder.items():
-        if len(members) >= LIST_THRESHOLD and _split(folder)[0] in ("s3", "gs", "gcs"):
-            listed = set(iter_glob(folder + "*"))
-            found.update((url, url in listed) for url in members)
-        else:
+        scheme, bucket, prefix = _split(folder)
+        if len(members) < LIST_THRESHOLD or scheme not in ("s3", "gs", "gcs"):
             singles.extend(members)
+            continue
+        found.update(dict.fromkeys(members))
+        for key, entry in _entries(folder, scheme, bucket, prefix, deep=False):
+            if (url := f"{folder}{key[len(prefix) :]}") in members:
+                found[url] = _stamp(url, entry)
     with ThreadPoolExecutor(max_workers=HEAD_CONCURRENCY) as pool:
-        found.update(zip(singles, pool.map(_exists, singles), strict=True))
+        found.update(zip(singles, pool.map(_stat_or_none, singles), strict=True))
     return found
 
 
-def _exists(url: str) -> bool:
+def exists_many(urls: Iterable[str]) -> dict[str, bool]:
+    """Whether each object exists (see :func:`stat_many`), for checking a re-run's uploads."""
+    return {url: stamp is not None for url, stamp in stat_many(urls).items()}
+
+
+def _stat_or_none(url: str) -> ObjectStamp | None:
     try:
-        stat(url)
+        return stat(url)
     except StorageError as exc:
         if exc.kind == "not_found":
-            return False
+            return None
         raise
-    return True

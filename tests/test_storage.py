@@ -159,6 +159,28 @@ def test_exists_many_lists_a_crowded_folder_and_asks_about_the_rest(
     assert bucket.downloads() == 0
 
 
+def test_stat_many_gives_the_same_stamps_as_stat_from_a_few_listings(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "LIST_THRESHOLD", 5)
+    monkeypatch.setattr(storage, "PAGE_SIZE", 4)
+    for i in range(10):
+        storage.put(bucket.url(f"in/{i}.jpg"), b"x" * i)
+    storage.put(bucket.url("in/deeper/0.jpg"), b"not asked about")
+    storage.put(bucket.url("alone.jpg"), b"y")
+    asked = [bucket.url(f"in/{i}.jpg") for i in range(12)] + [bucket.url("alone.jpg")]
+    one_by_one = {url: storage.stat(url) if i not in (10, 11) else None for i, url in enumerate(asked)}
+    bucket.server.log.clear()
+
+    stamps = storage.stat_many(asked)
+
+    assert stamps == one_by_one
+    assert bucket.downloads() == 0
+    one_object = [k for k in bucket.server.log.counts if "/in/" in k or "/in%2F" in k]
+    assert one_object == []  # the crowded folder's objects are not asked about one by one...
+    assert 1 <= _listings(bucket) <= 3  # ...but listed, 4 at a time
+
+
 # Cloud Storage signs only with a service-account key; on Vertex gs:// URIs go as they are.
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
 def test_presigned_url_fetches_the_object_without_credentials(bucket: Bucket) -> None:
