@@ -35,6 +35,8 @@ def s3_env(s3_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTING")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)  # the developer's own AWS setup must not leak in
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
@@ -46,6 +48,7 @@ def gcs_env(gcs_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
     # gcsfs 2026 first probes a bucket's layout over gRPC, which an emulator never answers (3 x 60 s).
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     import gcsfs
 
     gcsfs.GCSFileSystem.clear_instance_cache()

@@ -142,6 +142,19 @@ async def test_a_token_about_to_expire_is_refreshed_before_it_is_sent(
     assert await auth.token() == new
 
 
+async def test_application_default_credentials_find_the_key_file_named_in_the_environment(
+    simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, app = simulator
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(_key_file(tmp_path, f"{base_url}/token")))
+    auth = VertexAuth.application_default()
+    try:
+        assert (await auth.token()).startswith("ya29.sim-")
+    finally:
+        auth.close()
+    assert app.state.tokens.issued == 1
+
+
 async def test_a_refused_token_request_stops_the_run_without_showing_the_key(
     simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth]
 ) -> None:
