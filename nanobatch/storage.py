@@ -13,6 +13,7 @@ ObjectStamp(url='s3://photos/shoes/001.jpg', size=48213, version='"9b2cf535f2773
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -51,9 +52,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 _QUERY = re.compile(r"\?\S*")
 PAGE_SIZE = 1000
 HEAD_CONCURRENCY = 32
-# A folder holding at least this many of the objects asked about is listed (one request per 1,000 keys)
-# instead of asked about object by object.
+# At least this many objects asked about in one bucket are listed (one request per 1,000 keys) rather
+# than asked about one by one, unless the listing holds more than LIST_OVERSCAN times as many objects.
 LIST_THRESHOLD = 64
+LIST_OVERSCAN = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,27 +256,44 @@ def _iter_gcs(fs: Any, bucket: str, prefix: str, delimiter: str) -> Iterator[tup
 def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
     """Each object's stamp, or None where there is no such object; nothing is downloaded.
 
-    A folder holding many of the objects asked about is listed (1,000 stamps a request, one folder
-    deep); the rest are asked about 32 at a time (HEAD). For re-runs over inputs and uploads.
+    Where many of the objects share a bucket, the folder holding them all is listed (1,000 stamps a
+    request); a listing that turns out to hold far more than was asked about stops early, and what it
+    had not reached is asked about 32 at a time (HEAD), like objects too few to be worth a listing.
     """
-    by_folder: dict[str, set[str]] = defaultdict(set)
+    by_bucket: dict[tuple[str, str], set[str]] = defaultdict(set)
     for url in urls:
-        _split(url)
-        by_folder[url.rsplit("/", 1)[0] + "/"].add(url)
+        scheme, bucket, _ = _split(url)
+        by_bucket[scheme, bucket].add(url)
     found: dict[str, ObjectStamp | None] = {}
     singles: list[str] = []
-    for folder, members in by_folder.items():
-        scheme, bucket, prefix = _split(folder)
-        if len(members) < LIST_THRESHOLD or scheme not in ("s3", "gs", "gcs"):
+    for (scheme, bucket), members in by_bucket.items():
+        if len(members) >= LIST_THRESHOLD and scheme in ("s3", "gs", "gcs"):
+            singles.extend(_stat_by_listing(scheme, bucket, members, found))
+        else:
             singles.extend(members)
-            continue
-        found.update(dict.fromkeys(members))
-        for key, entry in _entries(folder, scheme, bucket, prefix, deep=False):
-            if (url := f"{folder}{key[len(prefix) :]}") in members:
-                found[url] = _stamp(url, entry)
     with ThreadPoolExecutor(max_workers=HEAD_CONCURRENCY) as pool:
         found.update(zip(singles, pool.map(_stat_or_none, singles), strict=True))
     return found
+
+
+def _stat_by_listing(scheme: str, bucket: str, members: set[str], found: dict[str, ObjectStamp | None]) -> list[str]:
+    """Fill *found* from a listing of the folder holding all *members*; the members it did not settle."""
+    root = f"{scheme}://{bucket}/"
+    keys = sorted(url[len(root) :] for url in members)
+    common = os.path.commonprefix([keys[0], keys[-1]])
+    folder = common[: common.rfind("/") + 1]
+    budget = LIST_OVERSCAN * len(members) + PAGE_SIZE
+    unsettled = set(members)
+    for scanned, (key, entry) in enumerate(_entries(root + folder, scheme, bucket, folder, deep=True), 1):
+        if (url := root + key) in unsettled:
+            found[url] = _stamp(url, entry)
+            unsettled.discard(url)
+        if not unsettled:
+            return []
+        if scanned >= budget:  # mostly other objects here: ask about the rest one by one
+            return sorted(unsettled)
+    found.update(dict.fromkeys(unsettled))  # listed to the end: these do not exist
+    return []
 
 
 def exists_many(urls: Iterable[str]) -> dict[str, bool]:
