@@ -96,11 +96,15 @@ def test_stat_reads_size_and_version_without_downloading(bucket: Bucket) -> None
     assert bucket.downloads() == 0
 
 
-def test_put_then_read_bytes_round_trips(bucket: Bucket) -> None:
+def test_put_is_one_request_and_read_bytes_returns_it(bucket: Bucket) -> None:
     url = bucket.url("out/a b/é.png")
     storage.put(url, b"\x89PNG old")
-    storage.put(url, b"\x89PNG new")
-    assert storage.read_bytes(url) == b"\x89PNG new"
+    bucket.server.log.clear()
+
+    storage.put(url, b"\x89PNG new" * 10_000)
+
+    assert sum(bucket.server.log.counts.values()) == 1  # one PUT (one upload): atomic, never half an object
+    assert storage.read_bytes(url) == b"\x89PNG new" * 10_000
 
 
 def test_glob_matches_like_a_local_glob_in_key_order(bucket: Bucket) -> None:
