@@ -33,7 +33,7 @@ from typing import Any
 
 _PROCESS_START = time.perf_counter()
 
-MODEL = "gemini-3.1-flash-image-preview"
+MODEL = "gemini-3.1-flash-image"
 INSTRUCTION = "Replace the background with pure white; keep the product unchanged"
 PATH = f"/v1beta/models/{MODEL}:generateContent"
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 __all__ = ["first_items", "input_jpeg", "noise_png", "tiny_png", "write_catalog"]
 
-MODEL = "gemini-3.1-flash-image-preview"
+MODEL = "gemini-3.1-flash-image"
 _LINKS_PER_FILE = 50_000
 INSTRUCTION = "Replace the background with pure white; keep the product unchanged"
 

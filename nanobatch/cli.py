@@ -54,8 +54,22 @@ class _JsonFormatter(logging.Formatter):
                 "level": record.levelname.lower(),
                 "logger": record.name,
                 "message": record.getMessage(),
+                **getattr(record, "fields", {}),  # logger.info(..., extra={"fields": {...}}): structured data
             }
         )
+
+
+def _json_logs() -> bool:
+    """Whether stderr is for JSON lines only (``--log-format json``)."""
+    return any(isinstance(h.formatter, _JsonFormatter) for h in logging.getLogger("nanobatch").handlers)
+
+
+def _error(text: str, *, prefix: str = "error: ") -> None:
+    """Tell the operator of an error on stderr: ``error: ...``, or one JSON event with ``--log-format json``."""
+    if _json_logs():
+        logger.error("%s", text)
+    else:
+        click.echo(f"{prefix}{text}", err=True)
 
 
 def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
@@ -137,6 +151,11 @@ def _settings_options(f: Any) -> Any:
             help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>).",
         ),
         click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
+        click.option(
+            "--tier",
+            type=click.Choice(["standard", "flex", "priority"]),
+            help="Service tier for items that do not name one: flex costs half (and may be shed), priority more.",
+        ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option("--rpm", type=click.FloatRange(min=0, min_open=True), help="Requests per minute at most."),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
@@ -164,6 +183,7 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
         overrides={
             "api.model": flags.get("model"),
             "api.base_url": flags.get("base_url"),
+            "api.tier": flags.get("tier"),
             "limits.concurrency": flags.get("concurrency"),
             "limits.requests_per_minute": flags.get("rpm"),
             "limits.grace_s": flags.get("grace"),
@@ -250,10 +270,13 @@ def run(
         from .report import write_report
 
         logger.info("wrote %s", write_report(summary.out_dir))
-    if not quiet:
+    if quiet:
+        if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
+            _error(f"run {summary.outcome}: {summary.reason}")
+    elif _json_logs():
+        _log_summary(summary)
+    else:
         _print_summary(summary)
-    elif summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
-        click.echo(f"error: run {summary.outcome}: {summary.reason}", err=True)
     raise SystemExit(summary.exit_code)
 
 
@@ -263,13 +286,12 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
         logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
     logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
-    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not _json_logs():
         live = LiveProgress()
         root = logging.getLogger("nanobatch")
         handler = live.log_handler()
         handler.filters[:] = [f for h in root.handlers for f in h.filters]
-        if not isinstance(root.handlers[0].formatter, _JsonFormatter):
-            root.handlers[:] = [handler]
+        root.handlers[:] = [handler]
         return live
     return PlainProgress(interval_s)
 
@@ -341,6 +363,34 @@ def _print_summary(summary: RunSummary) -> None:
     click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
 
 
+def _log_summary(summary: RunSummary) -> None:
+    """The summary as one JSON event (``"event": "summary"``): stderr stays JSON lines, whatever the outcome."""
+    stats = summary.stats
+    last = summary.summary["last_run"]
+    fields = {
+        "event": "summary",
+        "outcome": summary.outcome,
+        "reason": summary.reason,
+        "exit_code": summary.exit_code,
+        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "skipped": stats.skipped},
+        "requests": stats.requests,
+        "cost_usd": round(stats.cost_usd, 6),
+        "tokens": last["tokens"],
+        "latency_s": last["latency_s"],
+        "retries": dict(stats.retries),
+        "failures": {kind: {"count": n, "examples": stats.failure_examples.get(kind, [])}
+                     for kind, n in stats.failures.most_common()},
+        "out_dir": str(summary.out_dir),
+    }  # fmt: skip
+    level = logging.INFO if summary.exit_code == 0 else logging.WARNING
+    logger.log(
+        level,
+        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f",
+        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
+        extra={"fields": fields},
+    )  # fmt: skip
+
+
 @cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON, for scripts.")
@@ -370,6 +420,13 @@ def status(out_dir: str, as_json: bool) -> None:
     last = info.get("last_run")
     if last:
         click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+        if last.get("reason"):
+            click.echo(f"  reason: {last['reason']}")
+    if info.get("left") is not None:
+        click.echo(
+            f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
+            "(new, failed, blocked, or output missing)"
+        )
 
 
 @cli.command()
@@ -383,6 +440,62 @@ def report(out_dir: str) -> None:
     except FileNotFoundError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {written}")
+
+
+@cli.command("models")
+@click.option("--live", is_flag=True, help="Also list what the configured endpoint serves, and compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, for scripts.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file (for --live).")
+@click.option("--base-url", help="API base URL (for --live).")
+def models_command(live: bool, as_json: bool, config_file: str | None, base_url: str | None) -> None:
+    """The model table: status, limits, and the price of one image per size and tier."""
+    from .catalog import compare_live, model_rows
+
+    rows = model_rows()
+    result: dict[str, Any] = {"models": rows}
+    if live:
+        settings = _settings(config_file, base_url=base_url)
+        _install_redaction(settings)
+        result["live"] = compare_live(anyio.run(_list_live, settings))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for row in rows:
+        prices = "; ".join(
+            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
+            for tier, by_size in row["image_price_usd"].items()
+        )
+        click.echo(
+            f"{row['id']}: {_status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; {prices}"
+        )
+    if live:
+        found = result["live"]
+        click.echo(f"endpoint lists {len(found['listed'])} models")
+        click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
+        click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
+        click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
+
+
+def _status_text(row: dict[str, Any]) -> str:
+    text = str(row["status"])
+    if row["status"] == "shut down":
+        text += f" at Google since {row['shutdown']}" + (" (proxies map it)" if row["proxies_map"] else "")
+    elif row["status"] == "deprecated":
+        text += f" since {row['deprecated']}"
+    if row["replacement"] and row["status"] in ("deprecated", "shut down"):
+        text += f", use {row['replacement']}"
+    return text
+
+
+async def _list_live(settings: Settings) -> list[dict[str, Any]]:
+    from .client import GeminiClient
+
+    api = settings.api
+    async with GeminiClient(
+        base_url=api.base_url, api_key=read_api_key(settings), auth=api.auth, api_version=api.api_version
+    ) as client:
+        return await client.list_models()
 
 
 def _add_simulate() -> None:
@@ -402,23 +515,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.main(args=list(argv) if argv is not None else None, prog_name="nanobatch", standalone_mode=False)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted", prefix="")
         return 130
     except click.ClickException as exc:
-        exc.show()
+        if _json_logs():
+            _error(exc.format_message())
+        else:
+            exc.show()
         return 2
     except NanobatchError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         return exc.exit_code
     except BaseExceptionGroup as group:  # from a task group: report our error; anything else is a bug
         if (error := sole_error(group)) is None:
             raise
-        click.echo(f"error: {error}", err=True)
+        _error(str(error))
         return error.exit_code
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        return 130
     return 0
 
 

@@ -6,9 +6,12 @@ redacted from every message that leaves this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -19,7 +22,7 @@ from ._transport import POOL_SIZE, ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
-__all__ = ["GeminiClient"]
+__all__ = ["GeminiClient", "api_error", "auth_headers", "http_errors", "redact", "redact_reply"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -32,7 +35,7 @@ class GeminiClient:
 
     >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
     ...                         api_key=key, auth="x-goog-api-key") as client:
-    ...     reply = await client.generate("gemini-2.5-flash-image", body, timeout_s=300)
+    ...     reply = await client.generate("gemini-nano-banana-2.1", body, timeout_s=300)
     """
 
     def __init__(
@@ -45,12 +48,7 @@ class GeminiClient:
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        headers = {"Content-Type": "application/json", "User-Agent": "nanobatch"}
-        if api_key:
-            if auth == "x-goog-api-key":
-                headers["x-goog-api-key"] = api_key
-            else:
-                headers["Authorization"] = f"Bearer {api_key}"
+        headers = auth_headers(api_key, auth)
         self._secret = api_key
         self._prefix = f"/{api_version.strip('/')}/models/"
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -59,6 +57,8 @@ class GeminiClient:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
         )
+        # Where requests go, for messages: no user name, password or query (a key could hide there).
+        self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
 
     async def __aenter__(self) -> GeminiClient:
         await self._http.__aenter__()
@@ -72,48 +72,116 @@ class GeminiClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
+        entries: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(1000):  # a server that never stops paging is not followed forever
+            params: dict[str, Any] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
+            with http_errors(self._secret, self.where):
+                response = await self._http.get(self._prefix.rstrip("/"), params=params, timeout=timeout_s)
+            if response.status_code != 200:
+                raise api_error(response, self._secret)
+            data = orjson.loads(response.content)
+            entries += [m for m in data.get("models", []) if isinstance(m, dict)]
+            token = data.get("nextPageToken") or None
+            if token is None:
+                break
+        return entries
+
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; several times faster than json.dumps with big base64 strings
         timeout = httpx.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
-        try:
+        with http_errors(self._secret, self.where):
             response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise ApiError(
-                self._redact(f"no answer within the time limit ({type(exc).__name__})"), kind="timeout", retryable=True
-            ) from None
-        except httpx.TransportError as exc:
-            raise ApiError(
-                self._redact(f"connection failed: {type(exc).__name__}: {exc}"), kind="connection", retryable=True
-            ) from None
-        except httpx.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
-            raise ApiError(
-                self._redact(f"the response body could not be decoded: {exc}"), kind="bad_response", retryable=True
-            ) from None
         if response.status_code == 200:
-            reply = parse_reply(response.content)
-            return self._redact_reply(reply, self._secret) if self._secret else reply
-        error = classify_error(response.status_code, response.headers, response.content)
-        error.message = self._redact(error.message)
-        error.args = (error.message,)
-        raise error
+            return redact_reply(parse_reply(response.content), self._secret)
+        raise api_error(response, self._secret)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._secret, "[redacted]") if self._secret else text
 
-    def _redact_reply(self, reply: Reply, secret: str) -> Reply:
-        """The reply with the key taken out of everything it says in words: a proxy that echoes the
-        request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-        # parse_reply made each of these text (or None), whatever a proxy sent.
-        changes: dict[str, Any] = {
-            name: self._redact(value)
-            for name in _REPLY_TEXT_FIELDS
-            if (value := getattr(reply, name)) is not None and secret in value
-        }
-        usage = orjson.dumps(reply.usage).decode()
-        if secret in usage:
-            changes["usage"] = orjson.loads(self._redact(usage))
-        return dataclasses.replace(reply, **changes) if changes else reply
+def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
+    """The headers every request to the API carries: JSON, our name, and the key as *auth* says."""
+    headers = {"Content-Type": "application/json", "User-Agent": "nanobatch"}
+    if api_key:
+        if auth == "x-goog-api-key":
+            headers["x-goog-api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+@contextlib.contextmanager
+def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
+    """Translate httpx's failures to a retryable :class:`ApiError`, the key taken out of the message.
+
+    A connection that could not be made names *where* and why, and is marked ``sent=False``: the request
+    never left, so it cost nothing.
+    """
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise ApiError(
+            redact(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            kind="timeout" if isinstance(exc, httpx.TimeoutException) else "connection",
+            retryable=True,
+            sent=False,
+        ) from None
+    except httpx.TimeoutException as exc:
+        raise ApiError(
+            redact(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
+        ) from None
+    except httpx.TransportError as exc:
+        raise ApiError(
+            redact(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
+        ) from None
+    except httpx.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
+        raise ApiError(
+            redact(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
+        ) from None
+
+
+def api_error(response: httpx.Response, secret: str | None) -> ApiError:
+    """The classified error for a non-200 *response* (its body already read), without the key."""
+    error = classify_error(response.status_code, response.headers, response.content)
+    error.message = redact(error.message, secret)
+    error.args = (error.message,)
+    return error
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+def redact_reply(reply: Reply, secret: str | None) -> Reply:
+    """The reply with the key taken out of everything it says in words: a proxy that echoes the
+    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
+    if not secret:
+        return reply
+    # parse_reply made each of these text (or None), whatever a proxy sent.
+    changes: dict[str, Any] = {
+        name: redact(value, secret)
+        for name in _REPLY_TEXT_FIELDS
+        if (value := getattr(reply, name)) is not None and secret in value
+    }
+    usage = orjson.dumps(reply.usage).decode()
+    if secret in usage:
+        changes["usage"] = orjson.loads(redact(usage, secret))
+    return dataclasses.replace(reply, **changes) if changes else reply
+
+
+def _connect_failure(exc: httpx.HTTPError) -> str:
+    """Why a connection could not be made, in words (``connection refused``), from the OS error beneath *exc*."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no connection within {_CONNECT_TIMEOUT_S:g} s ({type(exc).__name__})"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror or cause})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()  # "connection refused", "network is unreachable"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
 
 
 _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")

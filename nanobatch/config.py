@@ -54,8 +54,10 @@ class ApiSettings(_Section):
     api_version: str = "v1beta"
     auth: Literal["bearer", "x-goog-api-key"] = "bearer"
     api_key_env: str = "NANOBATCH_API_KEY"
-    model: str = "gemini-3.1-flash-image-preview"
+    model: str = models.DEFAULT_MODEL
     timeout_s: float = Field(300.0, gt=0)
+    # The service tier of generateContent calls: flex costs half and may be shed, priority costs more.
+    tier: Literal["standard", "flex", "priority"] = "standard"
 
 
 class LimitSettings(_Section):
@@ -67,6 +69,8 @@ class LimitSettings(_Section):
     breaker_threshold: int = Field(10, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
     breaker_max_down_s: float = Field(600.0, gt=0)
+    # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
+    flex_fallback: bool = True
 
 
 class RetrySettings(_Section):
@@ -75,6 +79,7 @@ class RetrySettings(_Section):
     backoff_max_s: float = Field(120.0, ge=0)
     no_image_attempts: int = Field(2, ge=0)
     max_server_wait_s: float = Field(600.0, gt=0)
+    first_contact_s: float = Field(60.0, gt=0)  # no request has ever reached the API for this long: stop
 
 
 class BudgetSettings(_Section):
@@ -86,12 +91,20 @@ class OutputSettings(_Section):
     dir: str = "out"
 
 
-class PriceOverride(_Section):
-    """US dollars per million tokens; unset fields keep the built-in price."""
+class TierPrice(_Section):
+    """US dollars per million tokens in one service tier; unset fields keep the tier's built-in price."""
 
     input: float | None = Field(None, ge=0)
     output_image: float | None = Field(None, ge=0)
     output_text: float | None = Field(None, ge=0)
+
+
+class PriceOverride(TierPrice):
+    """Standard-tier prices (other tiers scale them), and optionally each tier's own prices."""
+
+    flex: TierPrice | None = None
+    priority: TierPrice | None = None
+    batch: TierPrice | None = None
 
 
 class Settings(_Section):

@@ -12,6 +12,9 @@ cut short. Only fatal errors stop the run; an item's failure becomes its record.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import logging
 import os
 import time
@@ -26,14 +29,27 @@ from typing import Any
 import anyio
 
 from . import models
+from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, RunAborted
-from .gemini import Image, Reply, build_request, check_reply, sum_usage
+from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply, sum_usage
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
-from .results import IndexEntry, Journal, ResultsIndex, ResultsLog, atomic_write, fsync_dir, is_done
+from .results import (
+    FOLDER_ERRNOS,
+    TOKEN_FIELDS,
+    IndexEntry,
+    Journal,
+    ResultsIndex,
+    ResultsLog,
+    atomic_write,
+    fsync_dir,
+    is_done,
+    move_file,
+    renamed_files,
+)
 
 __all__ = ["Engine", "RunStats"]
 
@@ -60,6 +76,7 @@ class RunStats:
     in_flight: int = 0
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
     rpm_limit: float | None = None
+    fallbacks: int = 0  # flex items finally sent at standard price
 
     @property
     def done(self) -> int:
@@ -84,6 +101,8 @@ class RunStats:
 
 # Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
 _WRITE_QUEUE_BYTES = 32 * 1024 * 1024
+# What a shed flex request looks like: overload answers (429 without a daily quota, 503), retried on flex first.
+SHED_KINDS = frozenset({"rate_limited", "overloaded"})
 
 
 def _spare_workers(concurrency: int) -> int:
@@ -97,6 +116,10 @@ def _spare_workers(concurrency: int) -> int:
 class _Finished:
     record: dict[str, Any]
     files: list[tuple[str, bytes]]
+    # Of the names it writes, those a record of this item says nanobatch wrote: the only files it may replace.
+    replaceable: frozenset[str] = frozenset()
+    moves: list[tuple[str, str]] = field(default_factory=list)  # done work, renamed: (old, new)
+    saved: bool = True  # False: a move that failed; its item keeps its old record and names
 
     @property
     def size(self) -> int:
@@ -173,6 +196,9 @@ def _report_unsaved(lost: list[_Finished]) -> None:
         )
 
 
+_NOT_OURS = "exists and is not a file nanobatch wrote for this item"
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -197,6 +223,8 @@ class Engine:
         on_record: Callable[[dict[str, Any]], None] | None = None,
         run_id: str = "",
         inputs: InputLoader | None = None,
+        tier: str = "standard",
+        flex_fallback: bool = True,
     ) -> None:
         self.client = client
         self.gate = gate
@@ -205,6 +233,8 @@ class Engine:
         self.retry = retry
         self.timeout_s = timeout_s
         self.pricing = pricing
+        self.tier = tier
+        self.flex_fallback = flex_fallback
         self.concurrency = concurrency
         self.force = force
         self.retry_failed = retry_failed
@@ -217,6 +247,7 @@ class Engine:
         self._keep_up_to = inputs.max_input_bytes if inputs is not None else MAX_INPUT_BYTES
         self.log = ResultsLog(out_dir / "results.jsonl")
         self.journal = Journal(out_dir, run_id)
+        self.failures = FailureLog(client.where)
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -258,7 +289,10 @@ class Engine:
             except Stopped:
                 continue  # never sent: left for the next run, not recorded as failed
             except FatalApiError as exc:
-                logger.error("%s: %s; stopping the run", item.id, exc)
+                # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
+                # the same answer to each other request in flight adds nothing.
+                log = logger.info if self.gate.stopping else logger.warning
+                log("%s: %s; stopping the run", item.id, exc)
                 self.gate.stop(exc)
                 continue
             if finished is None:
@@ -299,6 +333,8 @@ class Engine:
             "inputs": list(item.inputs),
             "aspect_ratio": item.aspect_ratio,
             "image_size": item.image_size,
+            "tier": item.tier or self.tier,
+            "fallback": False,
             "started_at": _utc(started),
             "finished_at": None,
         }
@@ -316,16 +352,18 @@ class Engine:
                 record["input_stamps"] = [list(stamps[ref]) for ref in item.inputs]
                 record["key"] = key = work_key(item, [stamps[ref][2] for ref in item.inputs])
                 if not self._wanted(entry, key):
-                    self.stats.skipped += 1
-                    return None
+                    return self._settled(item, entry, key, record)
             images = await load_inputs(
                 item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
             )
             if stamps is None:
                 record["key"] = key = work_key(item, [image_digest(image) for image in images])
                 if not self._wanted(entry, key):
-                    self.stats.skipped += 1
-                    return None
+                    return self._settled(item, entry, key, record)
+            if (taken := self._taken_name(item)) is not None:
+                # Found before paying: the answer could not be saved (the writer would refuse it the same way).
+                raise ApiError(f"{taken} {_NOT_OURS}: nothing was sent (move it away, or change the output name)",
+                               kind="output_exists")  # fmt: skip
             for number, instruction in enumerate(item.steps, 1):
                 step: dict[str, Any] = {"step": number, "instruction": instruction}
                 steps.append(step)
@@ -361,7 +399,43 @@ class Engine:
         record["latency_s"] = round(sum(api_s), 3) if api_s else None
         record["finished_at"] = _utc(time.time())
         record["cost_usd"] = round(record["cost_usd"], 6)
-        return _Finished(record, files)
+        return _Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    def _taken_name(self, item: WorkItem) -> str | None:
+        """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
+        stems = [item.stem, *(f"{item.stem}.step{n}" for n in range(1, len(item.steps)) if item.keep_steps)]
+        names = [f"{stem}.{ext}" for stem in stems for ext in OUTPUT_EXTENSIONS]
+        there = [name for name in names if os.path.lexists(os.path.join(self.out_dir, name))]
+        foreign = sorted(set(there) - self.index.owned(item.id, there))
+        return os.path.join(self.out_dir, foreign[0]) if foreign else None
+
+    def _settled(self, item: WorkItem, entry: IndexEntry | None, key: str, record: dict[str, Any]) -> _Finished | None:
+        """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
+        ``output`` template's column did), its files to move to the new names, with the record to say so."""
+        moves = (
+            renamed_files(entry, item.stem) if entry is not None and entry.status == "ok" and entry.key == key else []
+        )
+        moves = [(old, new) for old, new in moves if os.path.isfile(os.path.join(self.out_dir, old))]
+        if entry is None or not moves:
+            self.stats.skipped += 1
+            return None
+        renamed = dict(moves)
+        record.update(
+            status="ok",
+            outputs=[renamed.get(name, name) for name in entry.outputs],
+            usage={name: n for name, n in zip(TOKEN_FIELDS, entry.tokens, strict=True) if n},
+            cost_usd=entry.cost_usd,  # what the result cost when it was made; this run paid nothing for it
+            moved_from=[old for old, _ in moves],
+            finished_at=_utc(time.time()),
+        )
+        if len(item.steps) > 1:
+            record["steps"] = steps = [{"step": n, "instruction": text} for n, text in enumerate(item.steps, 1)]
+            for step in steps:
+                mark = f"{item.stem}.step{step['step']}"
+                names = [new for _, new in moves if new.startswith((mark + ".", mark + "-"))]
+                if names:
+                    step["outputs"] = names
+        return _Finished(record, [], replaceable=self.index.owned(item.id, renamed.values()), moves=moves)
 
     async def _send(
         self,
@@ -372,6 +446,32 @@ class Engine:
         step: dict[str, Any],
         sent_at: list[float],
     ) -> Reply:
+        """One step in the item's tier; a flex request still shed after its retries goes out at standard
+        price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the summary)."""
+        tier = "standard" if record["fallback"] else item.tier or self.tier
+        try:
+            return await self._send_in(tier, item, instruction, images, record, step, sent_at)
+        except FatalApiError:
+            raise
+        except ApiError as exc:
+            if tier != "flex" or not self.flex_fallback or exc.kind not in SHED_KINDS:
+                raise
+            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
+            record["fallback"] = True
+            self.stats.fallbacks += 1
+            return await self._send_in("standard", item, instruction, images, record, step, sent_at)
+
+    async def _send_in(
+        self,
+        tier: str,
+        item: WorkItem,
+        instruction: str,
+        images: list[Image],
+        record: dict[str, Any],
+        step: dict[str, Any],
+        sent_at: list[float],
+    ) -> Reply:
+        record["tier"] = tier
         body = build_request(
             instruction,
             images,
@@ -379,12 +479,15 @@ class Engine:
             aspect_ratio=item.aspect_ratio,
             image_size=item.image_size,
             thinking_level=item.thinking_level,
+            service_tier=tier,
         )
-        pricing = models.pricing_for(item.model, self.pricing)
+        pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(
             item.model, instruction=instruction, n_images=len(images), image_size=item.image_size, pricing=pricing
         )
         timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
+        if tier == "flex":
+            timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
 
         async def attempt() -> Reply:
             async with self.gate.request(worst) as ticket:
@@ -397,9 +500,21 @@ class Engine:
                     sent_at.append(anyio.current_time())
                 try:
                     reply = await self.client.generate(item.model, body, timeout_s=timeout)
+                except ApiError as exc:
+                    # An error answer, or no connection at all, is definite: not "possibly charged". Only a
+                    # request with no answer stays open in the journal (and a 200, until its record is written).
+                    if not exc.sent or exc.status_code not in (None, 200):
+                        self.journal.settled(item.id, record["attempts"])
+                    raise
                 finally:
                     self.stats.in_flight = self.gate.in_flight - 1
-                ticket.cost_usd = models.usage_cost(reply.usage, pricing)
+                served = models.reported_tier(reply.usage)
+                if served is not None and served != tier:
+                    record["tier"] = served
+                ticket.cost_usd = models.usage_cost(
+                    reply.usage,
+                    pricing if served in (None, tier) else models.pricing_for(item.model, self.pricing, served),
+                )
             record["cost_usd"] += ticket.cost_usd
             self._note_reply(record, step, reply)
             try:
@@ -411,6 +526,7 @@ class Engine:
 
         def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
             self.stats.retries[exc.kind] += 1
+            self.failures.failed(exc)
             logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
 
         return await retrying(attempt, self.retry, on_retry=on_retry)
@@ -440,18 +556,18 @@ class Engine:
         unsaved: list[_Finished] = []
         try:
             while batch := await done.take():
+                for finished in batch:  # first: a run killed before the records must still know them for its own
+                    if names := [name for name, _ in finished.files] + [new for _, new in finished.moves]:
+                        self.journal.writing(finished.record["id"], names)
                 try:
-                    written, error = await anyio.to_thread.run_sync(self._persist, batch)
+                    handled, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:
-                    written, error = 0, exc
+                    handled, error = [], exc
                 done.written(batch)
-                for finished in batch[:written]:
-                    self.index.add(finished.record)
-                    self.stats.count(finished.record)
-                    if self.on_record is not None:
-                        self.on_record(finished.record)
+                for finished in handled:
+                    self._count(finished)
                 if error is not None:
-                    unsaved = batch[written:]
+                    unsaved = batch[len(handled) :]
                     # Exit 3, not 1: a cron wrapper must not take a full disk for "some items failed".
                     failure = RunAborted(f"cannot write results into {self.out_dir}: {error}")
                     self.stop(failure, grace_s=0)
@@ -459,25 +575,98 @@ class Engine:
         finally:
             _report_unsaved(unsaved + done.stop_writing())
 
-    def _persist(self, batch: list[_Finished]) -> tuple[int, OSError | None]:
+    def _count(self, finished: _Finished) -> None:
+        record = finished.record
+        if not finished.saved:  # a move that failed: the item keeps its old record, and the run exits 1
+            self.stats.failed += 1
+            self.stats.failures["write"] += 1
+            return
+        self.index.add(record)
+        if finished.moves:
+            self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
+        else:
+            self.stats.count(record)
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def _persist(self, batch: list[_Finished]) -> tuple[list[_Finished], OSError | None]:
         """Write the batch's images, then the records of the items whose images were all written, in one
-        append. Returns how many items (from the start of the batch) are on disk, and the error that
-        stopped the rest; an error appending the records propagates (then none of the batch counts)."""
-        written, error = 0, None
+        append. An item whose image cannot be written gets a failed record instead (and is sent again by the
+        next run). Returns the items handled, from the start of the batch (as they are to be counted), and
+        the error that stopped the rest: one no other write would escape (a full disk); an error appending
+        the records propagates (then none of the batch counts)."""
+        handled: list[_Finished] = []
+        error = None
         folders: set[str] = set()
-        try:
-            for finished in batch:
-                for name, data in finished.files:
-                    path = os.path.join(self.out_dir, name)
-                    atomic_write(path, data)
-                    folders.add(os.path.dirname(path))
-                written += 1
-        except OSError as exc:
-            error = exc
+        for finished in batch:
+            try:
+                self._put_files(finished, folders)
+                handled.append(finished)
+            except OSError as exc:
+                if exc.errno in FOLDER_ERRNOS:
+                    error = exc
+                    break
+                handled.append(self._write_failed(finished, exc))
         # The renames are durable only once their folders are: fsync each once per batch, before the
         # records that point at the images (a power cut must not leave a record without its image).
         for folder in folders:
             fsync_dir(folder)
-        if written:
-            self.log.append_many([finished.record for finished in batch[:written]])
-        return written, error
+        if records := [finished.record for finished in handled if finished.saved]:
+            self.log.append_many(records)
+        return handled, error
+
+    def _put_files(self, finished: _Finished, folders: set[str]) -> None:
+        """Move and write one item's files; on an error, undo what it did here and raise."""
+        undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
+        target = ""
+        try:
+            for old, new in finished.moves:
+                src, dst = os.path.join(self.out_dir, old), self._claim(new, finished)
+                target = dst
+                move_file(src, dst)
+                undo.append((dst, src))
+                folders.update((os.path.dirname(src), os.path.dirname(dst)))
+            for name, data in finished.files:
+                target = path = self._claim(name, finished)
+                existed = os.path.lexists(path)
+                atomic_write(path, data)
+                if not existed:
+                    undo.append((path, None))
+                folders.add(os.path.dirname(path))
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and target:
+                exc.filename = target  # the image's name, not its temporary file's
+            for done, origin in reversed(undo):
+                with contextlib.suppress(OSError):
+                    if origin is not None:
+                        os.replace(done, origin)
+                    else:
+                        os.unlink(done)
+            raise
+
+    def _claim(self, name: str, finished: _Finished) -> str:
+        """The path of *name*; FileExistsError if something is there that nanobatch did not write for this item."""
+        path = os.path.join(self.out_dir, name)
+        if name not in finished.replaceable and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
+        return path
+
+    def _write_failed(self, finished: _Finished, exc: OSError) -> _Finished:
+        """*finished* with a failed record (its image could not be written), or, for a move, not saved."""
+        item_id = finished.record["id"]
+        where = str(exc.filename or self.out_dir)
+        if isinstance(exc, FileExistsError):
+            kind = "output_exists"
+            message = f"{where} {_NOT_OURS}: it was left as it is"
+        else:
+            kind, message = "write", f"cannot write {where}: {exc.strerror or exc}"
+        if finished.moves:
+            logger.error("%s: its files could not be moved to their new names (%s); they stay where they were",
+                         item_id, message)  # fmt: skip
+            return dataclasses.replace(finished, saved=False)
+        logger.error("%s failed: %s; it will be sent again by the next run", item_id, message)
+        record = {**finished.record, "status": "failed", "outputs": [], "error": {
+            "kind": kind, "status_code": None, "message": message}}  # fmt: skip
+        if record.get("steps"):
+            record["steps"] = [{k: v for k, v in step.items() if k != "outputs"} for step in record["steps"]]
+        return _Finished(record, [])

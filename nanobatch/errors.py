@@ -121,6 +121,8 @@ class ApiError(NanobatchError):
     ``overloaded``, ``server_error``, ``timeout``, ``connection``,
     ``bad_response``, ``bad_request``, ``blocked``, ``no_image``, ...).
     ``retry_after`` is the wait the server asked for, in seconds, if it said.
+    ``sent`` is False when the request never left (no connection could be made):
+    the server never saw it, so it cannot have been charged.
     """
 
     def __init__(
@@ -132,8 +134,10 @@ class ApiError(NanobatchError):
         retryable: bool = False,
         retry_after: float | None = None,
         reply: Any = None,
+        sent: bool = True,
     ) -> None:
         super().__init__(message)
+        self.sent = sent
         self.reply = reply  # the gemini.Reply of a 200 that was blocked or had no image
         self.message = message
         self.kind = kind

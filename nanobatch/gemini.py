@@ -56,6 +56,8 @@ _EXTENSIONS = {
     "image/heic": "heic",
     "image/heif": "heif",
 }
+# Every extension an answer's image can be saved under ("bin": a type not listed above).
+OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +113,13 @@ def build_request(
     aspect_ratio: str | None = None,
     image_size: str | None = None,
     thinking_level: str | None = None,
+    service_tier: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order."""
+    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order.
+
+    *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
+    google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
+    """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
         parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
@@ -122,7 +129,10 @@ def build_request(
         generation["imageConfig"] = image_config
     if thinking_level is not None:
         generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
-    return {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+    if service_tier is not None and service_tier != "standard":
+        body["serviceTier"] = service_tier.lower()
+    return body
 
 
 def parse_reply(body: bytes) -> Reply:

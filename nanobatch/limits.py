@@ -21,7 +21,7 @@ import anyio
 
 from .errors import ApiError, RunAborted
 
-__all__ = ["Budget", "Breaker", "Gate", "RateLimiter", "Stopped", "Ticket"]
+__all__ = ["Budget", "Breaker", "FirstContact", "Gate", "RateLimiter", "Stopped", "Ticket"]
 
 # Error kinds that mean "too much traffic": they shrink the concurrency window.
 _PUSHBACK = frozenset({"rate_limited", "overloaded"})
@@ -79,7 +79,10 @@ class RateLimiter:
 class Breaker:
     """Opens after ``threshold`` outage errors in a row; lets one probe through per ``cooldown_s``."""
 
-    def __init__(self, *, threshold: int, cooldown_s: float, max_down_s: float) -> None:
+    def __init__(
+        self, *, threshold: int, cooldown_s: float, max_down_s: float, first_contact: FirstContact | None = None
+    ) -> None:
+        self.first_contact = first_contact  # while no request has ever reached the API, its deadline ends the wait
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.max_down_s = max_down_s
@@ -88,6 +91,7 @@ class Breaker:
         self._retry_at = 0.0
         self._probing = False
         self._changed = anyio.Event()
+        self.last_error: str | None = None  # what the latest failure said, for the message that ends the run
 
     @property
     def is_open(self) -> bool:
@@ -98,16 +102,21 @@ class Breaker:
         while self.opened_at is not None:
             now = anyio.current_time()
             if now - self.opened_at >= self.max_down_s:
+                last = f" (last: {self.last_error})" if self.last_error else ""
                 raise RunAborted(
-                    f"the API has failed every request for {now - self.opened_at:.0f} s "
+                    f"the API has failed every request for {now - self.opened_at:.0f} s{last} "
                     f"(limits.breaker_max_down_s = {self.max_down_s:g}); "
                     "stopping, unsent items are left for the next run"
                 )
+            if self.first_contact is not None and (never := self.first_contact.expired()) is not None:
+                raise never
             if not self._probing and now >= self._retry_at:
                 self._probing = True
                 return True
             # Wake for the next probe slot, or, while a probe hangs, at the latest when the outage grows too long.
             give_up_at = self.opened_at + self.max_down_s
+            if self.first_contact is not None:
+                give_up_at = min(give_up_at, self.first_contact.deadline)
             wake_at = give_up_at if self._probing else min(self._retry_at, give_up_at)
             with anyio.move_on_after(max(0.0, wake_at - now)):
                 await self._changed.wait()
@@ -130,6 +139,50 @@ class Breaker:
                 self._retry_at = now + self.cooldown_s
         self._changed.set()
         self._changed = anyio.Event()
+
+
+class FirstContact:
+    """Ends a run that has never once reached the API (a wrong base URL, no network, a firewall) after
+    ``limit_s``, long before the breaker's outage limit: a server that never answered is not having an outage.
+
+    A request reaches the API when it gets an answer or at least a connection (a read timeout counts).
+    The gate asks at each failure; the breaker, while it holds requests back, wakes for :attr:`deadline`.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.reached = False
+        self._since: float | None = None  # when the first request that found no connection was sent
+        self._last_error = ""
+
+    @property
+    def deadline(self) -> float:
+        """When the run gives up unless a request connects first (infinity once one has)."""
+        return math.inf if self.reached or self._since is None else self._since + self.limit_s
+
+    def record(self, error: ApiError | None, started_at: float) -> RunAborted | None:
+        """Note how a request sent at *started_at* ended; the reason to stop once none has connected in time."""
+        if self.reached:
+            return None
+        if error is None or error.sent:
+            self.reached = True
+            return None
+        if self._since is None:
+            self._since = started_at
+        self._last_error = error.message
+        return self.expired()
+
+    def expired(self) -> RunAborted | None:
+        """The reason to stop if the deadline has passed with no request reaching the API, else None."""
+        now = anyio.current_time()
+        if now < self.deadline:
+            return None
+        assert self._since is not None
+        return RunAborted(
+            f"no request has reached the API in {now - self._since:.0f} s: {self._last_error} "
+            f"(retry.first_contact_s = {self.limit_s:g}); check --base-url (api.base_url) and the network; "
+            "unsent items are left for the next run"
+        )
 
 
 class Budget:
@@ -207,8 +260,10 @@ class Gate:
         adaptive: bool = True,
         breaker: Breaker | None = None,
         budget: Budget | None = None,
+        first_contact: FirstContact | None = None,
     ) -> None:
         self.max_concurrency = concurrency
+        self.first_contact = first_contact
         self.window = float(concurrency)
         self.adaptive = adaptive
         self.slots = anyio.CapacityLimiter(concurrency)
@@ -330,6 +385,8 @@ class Gate:
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
         self.budget.settle(ticket.reserved_usd, ticket.cost_usd)
+        if not cancelled:
+            self._note_contact(ticket, error)
         kind = error.kind if error is not None else None
         if self.breaker is not None and not cancelled:
             self.breaker.record(outage=kind in _OUTAGE, probe=ticket.probe)
@@ -342,6 +399,13 @@ class Gate:
             self._cut(ticket.started_at)
         elif error is None and not cancelled:
             self._grow()
+
+    def _note_contact(self, ticket: Ticket, error: ApiError | None) -> None:
+        """Stop a run that has never reached the API; let the breaker name what fails."""
+        if self.breaker is not None and error is not None:
+            self.breaker.last_error = error.message
+        if self.first_contact is not None and (never := self.first_contact.record(error, ticket.started_at)):
+            self.stop(never)
 
     def _cut(self, started_at: float) -> None:
         """Multiplicative decrease, at most once per round trip: answers to requests sent before

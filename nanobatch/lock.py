@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import time
@@ -23,6 +24,8 @@ from .errors import ConfigError, LockHeld
 __all__ = ["RunLock", "current_holder"]
 
 LOCK_FILE = ".nanobatch.lock"
+
+logger = logging.getLogger("nanobatch")
 
 
 class RunLock:
@@ -41,11 +44,19 @@ class RunLock:
         except OSError as exc:  # not ours to write: a usage problem, before anything is sent
             raise ConfigError(f"cannot use the output folder {self.path.parent}: {exc.strerror or exc}") from None
         try:
+            told = False
             while not self._try(fd):
                 if not self.wait:
                     raise LockHeld(
                         f"another nanobatch run holds {self.path.parent} ({self.holder(fd)}); "
                         "wait for it to finish, or pass --wait-lock to queue behind it"
+                    )
+                if not told:  # once: a cron log must not fill up with one line per poll
+                    told = True
+                    logger.warning(
+                        "another nanobatch run holds %s (%s); waiting for it to finish (--wait-lock)",
+                        self.path.parent,
+                        self.holder(fd),
                     )
                 await anyio.sleep(self.poll_s)
         except BaseException:

@@ -32,6 +32,7 @@ from ._scratch import scratch_db
 from ._yaml import load_yaml
 from .config import did_you_mean
 from .errors import ManifestError, Problem, not_utf8
+from .results import reserved_name_problem
 from .sources import GlobSource, InlineSource, MissingPlaceholder, RawItem, Source, fill, parse_sources, template_fields
 
 __all__ = ["THINKING_LEVELS", "Manifest", "WorkItem", "load_manifest"]
@@ -42,6 +43,7 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
+SYNC_TIERS = ("standard", "flex", "priority")
 # File systems take names of up to 255 bytes; nanobatch may add up to 16 to an output name
 # (".step12-3.webp"). Caught here, a name too long costs nothing; at the write, a paid request.
 _NAME_MAX = 255
@@ -67,6 +69,7 @@ class ItemFields(BaseModel):
     image_size: str | None = None
     response_modalities: list[str] | None = None
     thinking_level: str | None = None
+    tier: str | None = None
     output: str | None = None
     keep_steps: bool | None = None
     resize_inputs: bool | None = None
@@ -103,6 +106,7 @@ class WorkItem:
     image_size: str | None = None
     response_modalities: tuple[str, ...] = ("IMAGE",)
     thinking_level: str | None = None
+    tier: str | None = None  # None: the configured api.tier
     output: str | None = None
     keep_steps: bool = False
     resize_inputs: bool = False
@@ -199,7 +203,7 @@ class Manifest:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
-        output names are also checked not to lead out of it through a symbolic link.
+        output names are also checked not to lead out of it through a symbolic link, nor onto an input.
         """
         problems = _Problems(self.path)
         with contextlib.closing(_Claims()) as claims:
@@ -217,6 +221,7 @@ class Manifest:
         count = requests = images_in = 0
         warned: set[str] = set()
         confine = _Confinement(out_dir) if out_dir is not None else None
+        places = _Places(out_dir) if out_dir is not None else None
         for raw in self._raw_items():
             item, found = self._resolve(raw, check_files=check_files)
             problems.extend(found)
@@ -231,6 +236,8 @@ class Manifest:
                 problems.add(Problem(raw.file, item.id, "output" if item.output else "id", message))
             if confine is not None and item.output is not None and (message := confine.check(item.output)):
                 problems.add(Problem(raw.file, item.id, "output", message))
+            if places is not None and (clash := claims.claim_places(item, places)):
+                problems.add(Problem(raw.file, item.id, *clash))
             if models.lookup(item.model) is None and item.model not in warned:
                 warned.add(item.model)
                 logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", item.model)
@@ -272,6 +279,10 @@ class _Claims:
             "CREATE TABLE ids (id BLOB PRIMARY KEY) WITHOUT ROWID;"
             "CREATE TABLE names (name BLOB PRIMARY KEY, owner TEXT, what TEXT) WITHOUT ROWID;"
             "CREATE TABLE folders (name BLOB, owner TEXT); CREATE INDEX folders_by_name ON folders (name);"
+            # Real places (symbolic links followed) of what items write and of the local inputs in the output
+            # folder, without the image extension: see claim_places().
+            "CREATE TABLE writes (place BLOB PRIMARY KEY, owner TEXT) WITHOUT ROWID;"
+            "CREATE TABLE reads (place BLOB PRIMARY KEY, owner TEXT, path TEXT) WITHOUT ROWID;"
         )
         self._db.execute("BEGIN")  # never committed: the tables are thrown away
 
@@ -310,8 +321,69 @@ class _Claims:
             self._db.execute("INSERT INTO folders VALUES (?, ?)", (key, item.id))
         return None
 
+    def claim_places(self, item: WorkItem, places: _Places) -> tuple[str, str] | None:
+        """The field and problem if *item* would write over an input of the job (its own or another item's),
+        or has an input where an item writes; None if not. A run must never write over what it reads."""
+        db = self._db
+        steps = range(1, len(item.steps)) if item.keep_steps else range(0)
+        field = "output" if item.output else "id"
+        for n, path in enumerate(item.inputs):
+            for place in places.of_input(path):
+                db.execute("INSERT OR IGNORE INTO reads VALUES (?, ?, ?)", (place, item.id, path))
+                row = db.execute("SELECT owner FROM writes WHERE place = ?", (place,)).fetchone()
+                if row is not None:  # an earlier item's (its own: below)
+                    where = "image" if len(item.inputs) == 1 else f"images[{n}]"
+                    return where, f"the image of item {row[0]!r} would be written over this input, {path}"
+        for stem in [item.stem, *(f"{item.stem}.step{n}" for n in steps)]:
+            if (spot := places.of_output(stem)) is None:
+                continue
+            db.execute("INSERT OR IGNORE INTO writes VALUES (?, ?)", (spot, item.id))
+            if row := db.execute("SELECT owner, path FROM reads WHERE place = ?", (spot,)).fetchone():
+                whose = "its own input" if row[0] == item.id else f"an input of item {row[0]!r}"
+                return field, f"its image would be written over {row[1]}, {whose}: choose another output folder or name"
+        return None
+
     def close(self) -> None:
         self._db.close()
+
+
+class _Places:
+    """Where files really are, for :meth:`_Claims.claim_places`: the real folder (symbolic links followed) and
+    the file name without an image extension (an output's extension follows the returned image's type)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        self.root = os.path.realpath(out_dir)
+        self._inside = self.root.rstrip(os.sep) + os.sep
+        self._real: dict[str, str | None] = {}  # by folder: most items share a handful
+
+    def of_output(self, stem: str) -> bytes | None:
+        folder, name = os.path.split(os.path.join(self.out_dir, stem))
+        return self._place(folder, name)
+
+    def of_input(self, path: str) -> list[bytes]:
+        """Where a write would replace the local input *path* or its content: its name, and the file it links
+        to (if it is a symbolic link); only those in the output folder with an image extension (the others are
+        never written)."""
+        if _SCHEME.match(path):
+            return []
+        paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
+        places = []
+        for each in paths:
+            folder, name = os.path.split(each)
+            name, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES and (place := self._place(folder, name)) is not None:
+                places.append(place)
+        return places
+
+    def _place(self, folder: str, name: str) -> bytes | None:
+        if folder not in self._real:
+            if len(self._real) > 10_000:
+                self._real.clear()
+            real = os.path.realpath(folder)
+            self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
+        found = self._real[folder]
+        return None if found is None else _key(os.path.join(found, name))
 
 
 def _key(text: str) -> bytes:
@@ -548,6 +620,7 @@ def _build_item(
         image_size=f.image_size,
         response_modalities=modalities,
         thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
+        tier=f.tier.lower() if f.tier is not None else None,
         output=output,
         keep_steps=bool(f.keep_steps),
         resize_inputs=bool(f.resize_inputs),
@@ -558,8 +631,12 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if f.tier is not None and f.tier.lower() not in SYNC_TIERS:
+        bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(SYNC_TIERS)}")
     if info is None:
         return
+    if f.tier is not None and f.tier.lower() in SYNC_TIERS and f.tier.lower() not in info.tiers:
+        bad("tier", f"{info.id} is not sold in the {f.tier.lower()} tier; choose one of {', '.join(info.tiers)}")
     if f.aspect_ratio is not None and f.aspect_ratio not in info.aspect_ratios:
         choices = ", ".join(info.aspect_ratios)
         bad("aspect_ratio", f"{info.id} does not support {f.aspect_ratio!r}; choose one of {choices}")
@@ -681,4 +758,6 @@ def _output_name(template: str, item_id: str, context: Mapping[str, Any] | None)
         return None, f"the output name {name!r} must stay inside the output folder (no '..')"
     if name.endswith(("/", os.sep)) or os.path.basename(name) in ("", "."):
         return None, f"the output name {name!r} must end with a file name"
+    if message := reserved_name_problem(name):
+        return None, message
     return name, None

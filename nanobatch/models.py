@@ -1,9 +1,13 @@
 """Per-model facts: aspect ratios, image sizes, output tokens, limits and prices.
 
 One table, used by manifest validation, cost estimates, budgets and the
-simulator. ``-preview`` ids share the entry of their base model.
+simulator. ``-preview`` ids share the facts of their base model but keep
+their own lifecycle (see ALIASES).
 
->>> info = lookup("gemini-3.1-flash-image-preview")
+Every fact about the API lives here with its source and the date it was read:
+model ids, lifecycle, limits, and prices per service tier.
+
+>>> info = lookup("gemini-nano-banana-2.1")
 >>> info.output_tokens("2K")
 1680
 """
@@ -13,17 +17,28 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
 from typing import Any
 
 __all__ = [
+    "ALIASES",
     "ASPECT_RATIOS",
+    "DEFAULT_MODEL",
     "MODELS",
+    "TIERS",
+    "Lifecycle",
     "ModelInfo",
     "Pricing",
+    "image_price",
+    "lifecycle",
+    "lifecycle_problem",
+    "live_replacement",
     "lookup",
     "pixel_size",
     "pricing_for",
+    "reported_tier",
     "request_cost_range",
+    "today",
     "usage_cost",
 ]
 
@@ -58,8 +73,29 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Lifecycle:
+    """Where one model id stands: GA, deprecated (with its replacement), shut down (with the date)."""
+
+    ga: date | None = None
+    deprecated: date | None = None
+    shutdown: date | None = None
+    replacement: str | None = None
+    # Known proxies (APIYI) still accept the id after Google shut it down, and map it to a live model.
+    proxies_map: bool = False
+
+    def status(self, day: date | None = None) -> str:
+        """``preview``, ``GA``, ``deprecated`` or ``shut down``, as of *day* (default: :func:`today`)."""
+        day = day or today()
+        if self.shutdown is not None and day >= self.shutdown:
+            return "shut down"
+        if self.deprecated is not None and day >= self.deprecated:
+            return "deprecated"
+        return "GA" if self.ga is not None and day >= self.ga else "preview"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelInfo:
-    """What one model accepts and what it costs."""
+    """What one model accepts, what it costs, where it stands, and where those facts come from."""
 
     id: str
     aspect_ratios: tuple[str, ...]
@@ -68,26 +104,81 @@ class ModelInfo:
     default_size: str
     tokens_per_image: dict[str, int] = field(hash=False)
     max_input_images: int
-    pricing: Pricing
+    pricing: Pricing  # the standard tier; other tiers scale it (TIER_PRICE_FACTORS)
     supports_thinking: bool
+    thinking_levels: tuple[str, ...] = ()
+    lifecycle: Lifecycle = Lifecycle()
+    # The synchronous tiers Google sells this model in (batch is asynchronous, and priced for every model).
+    tiers: tuple[str, ...] = ("standard", "flex", "priority")
+    sources: tuple[str, ...] = ()  # "URL (date read)" for the facts above
 
     def output_tokens(self, image_size: str | None) -> int:
         """Output tokens one image costs at *image_size* (the default size when None)."""
         return self.tokens_per_image.get(image_size or self.default_size, max(self.tokens_per_image.values()))
 
 
+# Where the facts below come from. Dates are when the page was read (or the issue filed).
+_ISSUE = "issue 14 (2026-11-29)"
+_SRC_MODELS = "https://ai.google.dev/gemini-api/docs/models (2026-11-29)"
+_SRC_DEPRECATIONS = "https://ai.google.dev/gemini-api/docs/deprecations (2026-11-29)"
+_SRC_CHANGELOG = "https://ai.google.dev/gemini-api/docs/changelog (2026-11-29)"
+_SRC_LITE = "https://ai.google.dev/gemini-api/docs/models/gemini-3.1-flash-lite-image (2026-11-29)"
+_SRC_NB21_PRICE = "https://github.com/BerriAI/litellm/discussions/44983 (2026-11-29)"
+_SRC_FLASH_TOKENS = (
+    "https://docs.cloud.google.com/vertex-ai/generative-ai/docs/models/gemini/3-1-flash-image (2026-11-29)"
+)
+_SRC_FLASH_PRICE = "https://lumenfall.ai/models/google/gemini-3.1-flash-image-preview/providers (2026-11-29)"
+_SRC_PRO_PRICE = "https://blog.laozhang.ai/ru/posts/nano-banana-pro-api-guide (2026-11-29)"
+SRC_TIERS = "https://ai.google.dev/gemini-api/docs/optimization (2026-11-29)"
+SRC_FLEX = "https://ai.google.dev/gemini-api/docs/flex-inference (2026-11-29)"
+
+_WIDE = (*ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1")  # the 14 ratios of the 3.1 flash line
+
 MODELS: dict[str, ModelInfo] = {
     m.id: m
     for m in (
         ModelInfo(
-            id="gemini-2.5-flash-image",
-            aspect_ratios=ASPECT_RATIOS,
-            image_sizes=(),
+            id="gemini-nano-banana-2.1",
+            aspect_ratios=_WIDE,
+            image_sizes=("1K", "2K", "4K"),  # 512 is refused with a 400
             default_size="1K",
-            tokens_per_image={"1K": 1290},
-            max_input_images=3,
-            pricing=Pricing(input=0.30, output_image=30.0, output_text=2.50),
-            supports_thinking=False,
+            tokens_per_image={"1K": 1120, "2K": 1680, "4K": 2520},
+            max_input_images=14,
+            pricing=Pricing(input=1.50, output_image=30.0, output_text=7.50),
+            supports_thinking=True,
+            thinking_levels=("minimal", "medium", "high"),
+            lifecycle=Lifecycle(ga=date(2026, 10, 6)),
+            sources=(_ISSUE, _SRC_MODELS, _SRC_NB21_PRICE),
+        ),
+        ModelInfo(
+            id="gemini-3.1-flash-image",
+            aspect_ratios=_WIDE,
+            image_sizes=("512", "1K", "2K", "4K"),
+            default_size="1K",
+            tokens_per_image={"512": 747, "1K": 1120, "2K": 1680, "4K": 2520},
+            max_input_images=14,
+            pricing=Pricing(input=0.50, output_image=60.0, output_text=3.0),
+            supports_thinking=True,
+            thinking_levels=("minimal", "high"),
+            # Third-party pages (LiteLLM #44983) name a shutdown on 2026-10-29; Google's pages do not (yet).
+            lifecycle=Lifecycle(
+                ga=date(2026, 5, 28), deprecated=date(2026, 10, 6), replacement="gemini-nano-banana-2.1"
+            ),
+            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_FLASH_TOKENS, _SRC_FLASH_PRICE),
+        ),
+        ModelInfo(
+            id="gemini-3.1-flash-lite-image",
+            aspect_ratios=_WIDE,
+            image_sizes=("1K",),  # 2K and 4K are not supported
+            default_size="1K",
+            tokens_per_image={"1K": 1120},
+            max_input_images=14,
+            pricing=Pricing(input=0.25, output_image=30.0, output_text=1.50),
+            supports_thinking=True,
+            thinking_levels=("minimal", "high"),
+            lifecycle=Lifecycle(ga=date(2026, 6, 30)),
+            tiers=("standard",),  # its model page: Flex and Priority inference not supported
+            sources=(_ISSUE, _SRC_LITE),
         ),
         ModelInfo(
             id="gemini-3-pro-image",
@@ -98,25 +189,120 @@ MODELS: dict[str, ModelInfo] = {
             max_input_images=14,
             pricing=Pricing(input=2.0, output_image=120.0, output_text=12.0),
             supports_thinking=True,
+            thinking_levels=("low", "high"),
+            lifecycle=Lifecycle(ga=date(2026, 5, 28)),
+            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_PRO_PRICE),
         ),
         ModelInfo(
-            id="gemini-3.1-flash-image",
-            aspect_ratios=(*ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1"),
-            image_sizes=("512", "1K", "2K", "4K"),
+            id="gemini-2.5-flash-image",
+            aspect_ratios=ASPECT_RATIOS,
+            image_sizes=(),
             default_size="1K",
-            tokens_per_image={"512": 747, "1K": 1120, "2K": 1680, "4K": 2520},
-            max_input_images=14,
-            pricing=Pricing(input=0.50, output_image=60.0, output_text=3.0),
-            supports_thinking=True,
+            tokens_per_image={"1K": 1290},
+            max_input_images=3,
+            pricing=Pricing(input=0.30, output_image=30.0, output_text=2.50),
+            supports_thinking=False,
+            lifecycle=Lifecycle(
+                ga=date(2025, 10, 2),
+                deprecated=date(2025, 10, 2),
+                shutdown=date(2026, 10, 2),
+                replacement="gemini-nano-banana-2.1",
+            ),  # fmt: skip
+            sources=(_ISSUE, _SRC_DEPRECATIONS),
         ),
     )
 }
 
+# Ids with a lifecycle of their own that share a model's facts: ``-preview`` ids.
+ALIASES: dict[str, tuple[str, Lifecycle]] = {
+    "gemini-3.1-flash-image-preview": (
+        "gemini-3.1-flash-image",
+        Lifecycle(
+            deprecated=date(2026, 5, 28),
+            shutdown=date(2026, 6, 25),
+            replacement="gemini-3.1-flash-image",
+            proxies_map=True,
+        ),
+    ),  # fmt: skip
+    "gemini-3-pro-image-preview": (
+        "gemini-3-pro-image",
+        Lifecycle(
+            deprecated=date(2026, 5, 28), shutdown=date(2026, 6, 25), replacement="gemini-3-pro-image", proxies_map=True
+        ),
+    ),  # fmt: skip
+}
+ALIAS_SOURCES = (_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS)
+
+# What each tier costs, as a share of the standard price. Priority is "75% to 100% more": the upper end,
+# so budgets stay on the safe side (set exact prices under ``pricing:`` per tier).
+TIERS = ("standard", "flex", "priority", "batch")
+TIER_PRICE_FACTORS = {"standard": 1.0, "flex": 0.5, "priority": 2.0, "batch": 0.5}
+# Flex answers take 1-15 minutes; its requests get at least this long.
+FLEX_TIMEOUT_S = 900.0
+DEFAULT_MODEL = "gemini-nano-banana-2.1"
+GOOGLE_HOST = "generativelanguage.googleapis.com"
+
+
+def today() -> date:
+    """The date lifecycle checks use: the one place tests set (``monkeypatch.setattr(models, "today", ...)``)."""
+    return datetime.now(UTC).date()
+
 
 def lookup(model: str) -> ModelInfo | None:
     """The facts for *model* (``-preview`` and ``models/`` forms included), or None if unknown."""
-    name = model.removeprefix("models/").removesuffix("-preview")
-    return MODELS.get(name)
+    name = model.removeprefix("models/")
+    if name in ALIASES:
+        return MODELS[ALIASES[name][0]]
+    return MODELS.get(name.removesuffix("-preview"))
+
+
+def lifecycle(model: str) -> Lifecycle | None:
+    """The lifecycle of this exact id (a ``-preview`` id has its own), or None if unknown."""
+    name = model.removeprefix("models/")
+    if name in ALIASES:
+        return ALIASES[name][1]
+    info = MODELS.get(name)
+    return info.lifecycle if info is not None else None
+
+
+def live_replacement(model: str, day: date | None = None) -> str | None:
+    """The model to use instead of *model*: its replacement, followed while that is itself retired."""
+    current, seen = model, {model}
+    while (
+        (life := lifecycle(current)) is not None
+        and life.replacement
+        and life.status(day) in _RETIRED
+        and life.replacement not in seen
+    ):
+        current = life.replacement
+        seen.add(current)
+    return None if current == model else current
+
+
+_RETIRED = ("deprecated", "shut down")
+
+
+def lifecycle_problem(model: str, base_url: str, day: date | None = None) -> tuple[str, str] | None:
+    """``("error"|"warning", message)`` for a retired *model* sent to *base_url*, or None.
+
+    A shut-down id sent to Google's own endpoint fails there (an error before anything is sent); a
+    proxy maps old ids, so it only gets a warning.
+    """
+    life = lifecycle(model)
+    if life is None:
+        return None
+    status = life.status(day)
+    if status not in ("deprecated", "shut down"):
+        return None
+    use = live_replacement(model, day)
+    hint = f"; use {use}" if use else ""
+    if status == "deprecated":
+        return "warning", f"{model} is deprecated since {life.deprecated}{hint}"
+    at_google = GOOGLE_HOST in base_url
+    if at_google:
+        return "error", f"{model} was shut down at Google on {life.shutdown}{hint}"
+    mapped = " (known proxies still map it)" if life.proxies_map else ""
+    return "warning", f"{model} was shut down at Google on {life.shutdown}{mapped}{hint}"
 
 
 def pixel_size(aspect_ratio: str | None, image_size: str | None) -> tuple[int, int]:
@@ -136,10 +322,15 @@ def pixel_size(aspect_ratio: str | None, image_size: str | None) -> tuple[int, i
 _UNKNOWN_PRICING = Pricing(input=2.0, output_image=120.0, output_text=12.0)  # the dearest known model
 
 
-def pricing_for(model: str, overrides: Mapping[str, Any] | None = None) -> Pricing:
-    """Prices for *model*: the built-in table, with any ``pricing:`` override from the config applied.
+def pricing_for(model: str, overrides: Mapping[str, Any] | None = None, tier: str = "standard") -> Pricing:
+    """Prices for *model* in *tier*: the built-in table, with any ``pricing:`` override from the config applied.
 
-    Unknown models are priced like the dearest known one, so budgets stay on the safe side.
+    An override's top-level prices are the standard tier's (other tiers scale them by TIER_PRICE_FACTORS);
+    its ``flex:`` / ``priority:`` / ``batch:`` entries set that tier's prices outright. Unknown models
+    are priced like the dearest known one, so budgets stay on the safe side.
+
+    >>> pricing_for("gemini-3-pro-image", tier="flex").output_image
+    60.0
     """
     info = lookup(model)
     base = info.pricing if info is not None else _UNKNOWN_PRICING
@@ -149,10 +340,34 @@ def pricing_for(model: str, overrides: Mapping[str, Any] | None = None) -> Prici
         override = overrides.get(name) or overrides.get(name.removesuffix("-preview"))
         if override is None and info is not None:
             override = overrides.get(info.id)
-    if override is None:
-        return base
-    values = override if isinstance(override, Mapping) else override.model_dump()
-    return replace(base, **{k: v for k, v in values.items() if v is not None})
+    values: Mapping[str, Any] = {}
+    if override is not None:
+        values = override if isinstance(override, Mapping) else override.model_dump()
+        base = replace(
+            base, **{k: values[k] for k in ("input", "output_image", "output_text") if values.get(k) is not None}
+        )
+    factor = TIER_PRICE_FACTORS.get(tier, 1.0)
+    priced = Pricing(input=base.input * factor, output_image=base.output_image * factor,
+                     output_text=base.output_text * factor)  # fmt: skip
+    own = values.get(tier) if tier != "standard" else None
+    if own:
+        own = own if isinstance(own, Mapping) else own.model_dump()
+        priced = replace(priced, **{k: v for k, v in own.items() if v is not None})
+    return priced
+
+
+def image_price(info: ModelInfo, size: str, tier: str = "standard") -> float:
+    """US dollars for the output tokens of one image of *size* in *tier* (no input or text)."""
+    return pricing_for(info.id, tier=tier).cost(prompt=0, image_out=info.output_tokens(size), text_out=0)
+
+
+def reported_tier(usage: Mapping[str, Any]) -> str | None:
+    """The tier ``usageMetadata`` says the request ran in (``serviceTier``), lower case; None if not said."""
+    value = usage.get("serviceTier")
+    if not isinstance(value, str):
+        return None
+    tier = value.lower().removeprefix("service_tier_")
+    return tier if tier in TIERS else None
 
 
 def usage_cost(usage: Mapping[str, Any], pricing: Pricing) -> float:

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from nanobatch._report_template import PAGE
 from nanobatch.inputs import is_url
+from nanobatch.results import REPORT_FILE, RESERVED_PREFIX
 
 __all__ = ["write_report"]
 
@@ -78,7 +79,7 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
     summary = _load_summary(folder / "summary.json")
     thumbs = _make_thumbs(_image_paths(folder, records), thumb_px)
     page = _render_page(folder, records, summary, thumbs)
-    target = folder / "report.html"
+    target = folder / REPORT_FILE
     _write_atomic(target, page)
     log.info("wrote %s (%d items)", target, len(records))
     return target
@@ -439,7 +440,8 @@ def _render_page(
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # In nanobatch's own namespace: a run's clean-up takes it if a killed report left it behind.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{RESERVED_PREFIX}-report-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -8,6 +8,7 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import math
@@ -15,9 +16,10 @@ import os
 import signal
 import stat
 import time
+import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +42,7 @@ from .errors import (
     sole_error,
 )
 from .inputs import InputLoader, UrlChecklist
-from .limits import Breaker, Budget, Gate
+from .limits import Breaker, Budget, FirstContact, Gate
 from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
 from .results import SUMMARY_FILE, ResultsIndex, atomic_write, remove_stale_temp_files, reset_journal
@@ -127,10 +129,13 @@ def check_job(
     likely = worst = 0.0
     longest = 0  # steps of the longest item: they go one after another
 
+    lifecycle = _LifecycleCheck(str(manifest.path), settings)
+
     def add_cost(item: WorkItem) -> None:
         nonlocal likely, worst, longest
         longest = max(longest, len(item.steps))
-        pricing = models.pricing_for(item.model, settings.pricing)
+        lifecycle.check(item)
+        pricing = models.pricing_for(item.model, settings.pricing, item.tier or settings.api.tier)
         n_images = len(item.inputs)
         for instruction in item.steps:
             low, high = models.request_cost_range(
@@ -142,7 +147,11 @@ def check_job(
         urls.add(item)
 
     report = manifest.check(visit=add_cost, out_dir=target)
-    problems = report.problems + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+    problems = (
+        report.problems
+        + lifecycle.problems
+        + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+    )
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
@@ -164,6 +173,51 @@ def check_job(
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
     )
+
+
+class _LifecycleCheck:
+    """Retired models and unsold tiers, once per model: a shut-down id sent to Google is a problem (it would
+    fail there), to a proxy (which maps old ids) or when deprecated, a warning naming the replacement."""
+
+    def __init__(self, file: str, settings: Settings) -> None:
+        self.file = file
+        self.base_url = settings.api.base_url
+        self.tier = settings.api.tier
+        self.problems: list[Problem] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._models: set[str] = set()
+
+    def check(self, item: WorkItem) -> None:
+        tier = item.tier or self.tier
+        if (item.model, tier) in self._seen:
+            return
+        self._seen.add((item.model, tier))
+        found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
+        self._models.add(item.model)
+        if found is not None:
+            level, message = found
+            if level == "error":
+                self.problems.append(Problem(self.file, item.id, "model", message))
+            else:
+                logger.warning("%s", message)
+        info = models.lookup(item.model)
+        if item.tier is None and info is not None and tier not in info.tiers:
+            self.problems.append(Problem(
+                self.file, item.id, "tier",
+                f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
+            ))  # fmt: skip
+
+
+def _on_loopback(base_url: str) -> bool:
+    """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
+    proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
@@ -231,7 +285,7 @@ async def run_job(
     target = checked.out_dir
     manifest = manifest.skipping(target)
     api_key = read_api_key(settings)
-    if api_key is None and not simulate and transport is None:
+    if api_key is None and not simulate and transport is None and not _on_loopback(settings.api.base_url):
         raise ConfigError(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"
@@ -241,7 +295,7 @@ async def run_job(
     stats.rpm_limit = settings.limits.requests_per_minute
     stats.concurrency = settings.limits.concurrency
     started = time.time()
-    async with RunLock(target, wait=wait_lock), AsyncExitStack() as stack:
+    async with _holding(target, wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(target))
         orphans = reset_journal(target, index)
         remove_stale_temp_files(target)
@@ -289,7 +343,7 @@ async def run_job(
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )
-        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started)
+        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
         summary["last_run"]["run"] = run_id
         summary["last_run"]["recovered_in_flight"] = len(orphans)
         atomic_write(target / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
@@ -298,6 +352,41 @@ async def run_job(
     return RunSummary(
         out_dir=target, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+
+
+@asynccontextmanager
+async def _holding(target: Path, *, wait: bool, handle_signals: bool) -> AsyncIterator[None]:
+    """Hold *target*'s run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
+    lock = RunLock(target, wait=wait)
+    if wait and handle_signals:
+        await _acquire_interruptibly(lock)
+    else:
+        await lock.__aenter__()
+    try:
+        yield
+    finally:
+        await lock.__aexit__(None, None, None)
+
+
+async def _acquire_interruptibly(lock: RunLock) -> None:
+    """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
+    received: list[signal.Signals] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signal.Signals(signum))
+                    tg.cancel_scope.cancel()  # stops the wait below
+
+            tg.start_soon(watch)
+            await lock.__aenter__()
+            tg.cancel_scope.cancel()
+    if received:
+        await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
+        raise Interrupted(
+            f"interrupted by {received[0].name} while waiting for the run holding {lock.path.parent}; nothing was sent"
+        )
 
 
 def _engine(
@@ -313,6 +402,7 @@ def _engine(
     run_id: str,
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
+    first_contact = FirstContact(retry.first_contact_s)
     gate = Gate(
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
@@ -321,8 +411,10 @@ def _engine(
             threshold=limits.breaker_threshold,
             cooldown_s=limits.breaker_cooldown_s,
             max_down_s=limits.breaker_max_down_s,
+            first_contact=first_contact,
         ),
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
+        first_contact=first_contact,
     )
     policy = RetryPolicy(
         max_attempts=retry.max_attempts,
@@ -341,6 +433,8 @@ def _engine(
         retry=policy,
         timeout_s=settings.api.timeout_s,
         pricing=dict(settings.pricing),
+        tier=settings.api.tier,
+        flex_fallback=limits.flex_fallback,
         concurrency=limits.concurrency,
         force=force,
         retry_failed=retry_failed,
@@ -395,12 +489,13 @@ def _summary(
     index: ResultsIndex,
     gate: Gate,
     started: float,
+    settings_tier: str = "standard",
 ) -> dict[str, Any]:
     folder = index.totals()
     finished = time.time()
     return {
         "job": manifest.name,
-        "manifest": str(manifest.path),
+        "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
         "out_dir": str(out_dir),
         **folder,
         "wall_s": round(finished - started, 3),
@@ -420,6 +515,8 @@ def _summary(
             "retries": dict(stats.retries),
             "tokens": dict(stats.tokens),
             "cost_usd": round(stats.cost_usd, 6),
+            "tier": settings_tier,
+            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
             "spent_usd": round(gate.budget.spent_usd, 6),
             "latency_s": {
                 "p50": _percentile(stats.latencies, 0.5),

@@ -53,3 +53,13 @@ def run_virtual(fn: Callable[[], Awaitable[T]], *, settle_s: float = 0.0) -> T:
 @pytest.fixture
 def virtual() -> Callable[[Callable[[], Awaitable[Any]]], Any]:
     return run_virtual
+
+
+@pytest.fixture
+def before_2_5_flash_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lifecycle checks see a day when gemini-2.5-flash-image (shut down 2026-10-02) still answered."""
+    import datetime
+
+    from nanobatch import models
+
+    monkeypatch.setattr(models, "today", lambda: datetime.date(2026, 9, 1))

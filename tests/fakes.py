@@ -41,7 +41,7 @@ def ok_body(
     return {
         "candidates": [{"content": {"role": "model", "parts": list(parts)}, "finishReason": finish}],
         "usageMetadata": usage or USAGE,
-        "modelVersion": "gemini-3.1-flash-image-preview-11-2026",
+        "modelVersion": "gemini-3.1-flash-image-11-2026",
         "responseId": "resp-1",
         **extra,
     }
@@ -110,7 +110,7 @@ def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
     return path
 
 
-def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image-preview") -> list[Problem]:
+def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image") -> list[Problem]:
     """Every problem `nanobatch validate` would list for the manifest at *path*."""
     try:
         manifest = load_manifest(path, default_model=default_model)

@@ -103,22 +103,25 @@ def raising(exc_type: type[httpx.TransportError], message: str = "boom") -> Hand
 
 
 @pytest.mark.parametrize(
-    ("exc_type", "kind"),
+    ("exc_type", "kind", "sent"),
     [
-        pytest.param(httpx.ReadTimeout, "timeout", id="read-timeout"),
-        pytest.param(httpx.ConnectTimeout, "timeout", id="connect-timeout"),
-        pytest.param(httpx.WriteTimeout, "timeout", id="write-timeout"),
-        pytest.param(httpx.ConnectError, "connection", id="connect-error"),
-        pytest.param(httpx.RemoteProtocolError, "connection", id="remote-protocol-error"),
-        pytest.param(httpx.ReadError, "connection", id="read-error"),
+        pytest.param(httpx.ReadTimeout, "timeout", True, id="read-timeout"),
+        pytest.param(httpx.ConnectTimeout, "timeout", False, id="connect-timeout"),
+        pytest.param(httpx.WriteTimeout, "timeout", True, id="write-timeout"),
+        pytest.param(httpx.ConnectError, "connection", False, id="connect-error"),
+        pytest.param(httpx.RemoteProtocolError, "connection", True, id="remote-protocol-error"),
+        pytest.param(httpx.ReadError, "connection", True, id="read-error"),
     ],
 )
-async def test_transport_failures_are_retryable_api_errors(exc_type: type[httpx.TransportError], kind: str) -> None:
+async def test_transport_failures_are_retryable_api_errors(
+    exc_type: type[httpx.TransportError], kind: str, sent: bool
+) -> None:
     with pytest.raises(ApiError) as info:
         await send(raising(exc_type))
     assert info.value.kind == kind
     assert info.value.retryable is True
     assert info.value.status_code is None
+    assert info.value.sent is sent  # a request that never had a connection cannot have been charged
 
 
 async def test_non_200_goes_through_classification() -> None:
@@ -242,7 +245,7 @@ async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> 
             replies = []
 
             async def one() -> None:
-                replies.append(await client.generate("gemini-3.1-flash-image-preview", body, timeout_s=30))
+                replies.append(await client.generate("gemini-3.1-flash-image", body, timeout_s=30))
 
             async with anyio.create_task_group() as tg:
                 for _ in range(60):

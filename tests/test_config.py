@@ -23,7 +23,7 @@ def test_defaults_without_any_file_or_environment() -> None:
     assert settings.api.api_version == "v1beta"
     assert settings.api.auth == "bearer"
     assert settings.api.api_key_env == "NANOBATCH_API_KEY"
-    assert settings.api.model == "gemini-3.1-flash-image-preview"
+    assert settings.api.model == "gemini-nano-banana-2.1"
     assert settings.api.timeout_s == 300
     assert settings.limits.concurrency == 8
     assert settings.limits.requests_per_minute is None
@@ -54,7 +54,7 @@ pricing:
     assert settings.api.auth == "x-goog-api-key"
     assert settings.limits.concurrency == 3 and settings.limits.requests_per_minute == 10
     assert settings.retry.max_attempts == 2
-    assert settings.api.model == "gemini-3.1-flash-image-preview"  # untouched default
+    assert settings.api.model == "gemini-nano-banana-2.1"  # untouched default
     assert settings.pricing["gemini-3-pro-image"].output_image == 100
     assert settings.pricing["gemini-3-pro-image"].input is None
 

@@ -24,7 +24,7 @@ def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
     (tmp_path / "nanobatch.yaml").write_text(CONFIG)
     items = [{"id": f"sku-{n}", "image": f"images/p{n % 2}.png", "image_size": "512"} for n in range(6)]
-    return write_job(tmp_path, items, model="gemini-3.1-flash-image-preview")
+    return write_job(tmp_path, items, model="gemini-3.1-flash-image")
 
 
 def run(job: Path, config: SimulatorConfig) -> tuple[int, list[dict[str, object]]]:

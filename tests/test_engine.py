@@ -38,7 +38,7 @@ def test_edits_are_saved_with_a_record_each(tmp_path: Path) -> None:
     rec = recs["sku-1"]
     assert rec["status"] == "ok" and rec["outputs"] == ["sku-1.png"] and rec["error"] is None
     assert rec["usage"]["totalTokenCount"] == 2432 and rec["attempts"] == 1 and rec["finish_reason"] == "STOP"
-    assert rec["key"].startswith("sha256:") and rec["model"] == "gemini-3.1-flash-image-preview"
+    assert rec["key"].startswith("sha256:") and rec["model"] == "gemini-nano-banana-2.1"
     assert rec["cost_usd"] > 0 and rec["started_at"].endswith("Z") and rec["finished_at"].endswith("Z")
     summary_file = json.loads((out / "summary.json").read_text())
     assert summary_file["counts"] == {"ok": 2, "failed": 0, "blocked": 0}
@@ -75,7 +75,7 @@ def test_request_carries_instruction_images_and_settings(tmp_path: Path) -> None
     assert parts[0] == {"text": "make the background white"}
     assert [p["inlineData"]["mimeType"] for p in parts[1:]] == ["image/png", "image/png"]
     assert body["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9", "imageSize": "2K"}
-    assert fake.requests[0].url.path == "/v1beta/models/gemini-3.1-flash-image-preview:generateContent"
+    assert fake.requests[0].url.path == "/v1beta/models/gemini-nano-banana-2.1:generateContent"
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ def test_reply_carries_finish_usage_and_ids_verbatim() -> None:
         {
             "candidates": [{"content": {"parts": [inline(PNG)]}, "finishReason": "STOP", "finishMessage": "all good"}],
             "usageMetadata": usage,
-            "modelVersion": "gemini-3.1-flash-image-preview-11-2026",
+            "modelVersion": "gemini-3.1-flash-image-11-2026",
             "responseId": "abc-123",
         }
     ).encode()
@@ -119,7 +119,7 @@ def test_reply_carries_finish_usage_and_ids_verbatim() -> None:
     assert reply.finish_reason == "STOP"
     assert reply.finish_message == "all good"
     assert reply.usage == usage
-    assert reply.model_version == "gemini-3.1-flash-image-preview-11-2026"
+    assert reply.model_version == "gemini-3.1-flash-image-11-2026"
     assert reply.response_id == "abc-123"
     assert reply.block_reason is None
 

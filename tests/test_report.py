@@ -39,7 +39,7 @@ def _usage(prompt: int, out: int, thoughts: int) -> dict[str, int]:
 
 
 def _records(images: Path) -> list[dict[str, Any]]:
-    base = {"model": "gemini-3.1-flash-image-preview", "aspect_ratio": "1:1", "image_size": "2K"}
+    base = {"model": "gemini-3.1-flash-image", "aspect_ratio": "1:1", "image_size": "2K"}
     # fmt: off
     return [
         {  # superseded by the later sku-1001 line

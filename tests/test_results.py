@@ -92,6 +92,18 @@ def test_journal_entries_without_a_result_are_possibly_charged(tmp_path: Path) -
     assert sorted(o["id"] for o in orphaned_requests(tmp_path)) == ["b", "c"]
 
 
+def test_a_settled_request_is_not_possibly_charged_but_an_earlier_unanswered_try_is(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "run1")
+    journal.open()
+    journal.dispatched("a", "k", 1)
+    journal.settled("a", 1)  # an error answer: definite
+    journal.dispatched("b", "k", 1)  # no answer: in doubt, whatever its next try got
+    journal.dispatched("b", "k", 2)
+    journal.settled("b", 2)
+    journal.close()
+    assert [o["id"] for o in orphaned_requests(tmp_path)] == ["b"]
+
+
 def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
     import anyio
 

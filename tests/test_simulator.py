@@ -20,9 +20,12 @@ import nanobatch.simulator as simulator
 from nanobatch.models import INPUT_IMAGE_TOKENS, lookup
 from nanobatch.simulator import SimulatedDrop, SimulatorConfig, create_app
 
-FLASH_31 = "gemini-3.1-flash-image-preview"
-PRO_3 = "gemini-3-pro-image-preview"
+FLASH_31 = "gemini-3.1-flash-image"
+PRO_3 = "gemini-3-pro-image"
 FLASH_25 = "gemini-2.5-flash-image"
+
+# These tests exercise 2.5 flash image (no image sizes, no thinking), live until 2026-10-02.
+pytestmark = pytest.mark.usefixtures("before_2_5_flash_shutdown")
 
 
 def png(size: tuple[int, int] = (48, 32), colour: tuple[int, int, int] = (30, 120, 200)) -> bytes:
@@ -78,7 +81,7 @@ def assert_google_error(response: httpx.Response, code: int, status: str) -> str
 
 def test_public_names_match_all() -> None:
     public = {name for name in dir(simulator) if not name.startswith("_")} - {"annotations"}
-    modules = {"app", "config", "errors", "faults", "imaging", "responses", "server", "validation"}
+    modules = {"app", "batch", "config", "errors", "faults", "files", "imaging", "responses", "server", "validation"}
     assert sorted(simulator.__all__) == simulator.__all__
     assert public - modules == set(simulator.__all__)
 

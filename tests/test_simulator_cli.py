@@ -16,10 +16,10 @@ from PIL import Image
 
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 from nanobatch.simulator import _cli as simulate_cli
-from nanobatch.simulator._cli import FAULT_MIX, parse_fault_rates, parse_latency, simulate
+from nanobatch.simulator._cli import FAULT_MIX, parse_batch_faults, parse_fault_rates, parse_latency, simulate
 from nanobatch.simulator.faults import sample_latency
 
-PATH = "/v1beta/models/gemini-3.1-flash-image-preview:generateContent"
+PATH = "/v1beta/models/gemini-3.1-flash-image:generateContent"
 
 
 def payload() -> dict[str, Any]:
@@ -91,6 +91,20 @@ def test_parse_fault_rates_rejects_nonsense(values: list[str], message: str) -> 
         parse_fault_rates(values)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["failed"], "KIND=RATE"),
+        (["slow=0.1"], "KIND=RATE"),
+        (["expired=2"], "between 0 and 1"),
+        (["failed=0.6", "expired=0.6"], "at most 1"),
+    ],
+)
+def test_parse_batch_faults_rejects_nonsense(values: list[str], message: str) -> None:
+    with pytest.raises(click.BadParameter, match=message):
+        parse_batch_faults(values)
+
+
 def test_latency_models_sample_where_they_should() -> None:
     rng = random.Random(0)
     uniform = SimulatorConfig(latency="uniform", latency_s=3, latency_spread=2)
@@ -127,6 +141,12 @@ def test_simulate_builds_the_config_and_never_prints_the_key(monkeypatch: pytest
         "7",
         "--api-key-env",
         "SIM_KEY",
+        "--batch-latency",
+        "120",
+        "--batch-fault",
+        "failed=0.2,line_error=0.05",
+        "--batch-fault",
+        "lost-create=1",
     ]
     result = CliRunner().invoke(simulate, args)
     assert result.exit_code == 0, result.output
@@ -140,6 +160,8 @@ def test_simulate_builds_the_config_and_never_prints_the_key(monkeypatch: pytest
         100,
         7,
     )
+    assert (config.batch_latency_s, config.batch_rate_failed, config.batch_rate_expired) == (120.0, 0.2, 0.0)
+    assert (config.batch_rate_line_error, config.batch_rate_lost_create) == (0.05, 1.0)
     assert config.api_key == "very-secret-key"
     assert "--base-url http://127.0.0.1:8123" in result.output
     assert "very-secret-key" not in result.output
@@ -191,6 +213,9 @@ def test_run_in_thread_reports_a_port_it_cannot_take() -> None:
         {"rpm_limit": 0},
         {"time_scale": -1},
         {"image_format": "gif"},
+        {"batch_latency_s": -1},
+        {"batch_rate_line_error": 1.5},
+        {"batch_rate_failed": 0.6, "batch_rate_expired": 0.6},
     ],
 )
 def test_config_rejects_impossible_settings(kwargs: dict[str, Any]) -> None:

@@ -14,8 +14,11 @@ from nanobatch.models import pixel_size
 from nanobatch.simulator import SimulatorConfig, create_app
 from nanobatch.simulator.imaging import choose_aspect_ratio, edits_for
 
-FLASH_31 = "gemini-3.1-flash-image-preview"
+FLASH_31 = "gemini-3.1-flash-image"
 TEAL, RED, YELLOW = (20, 140, 150), (210, 30, 40), (250, 200, 0)
+
+# These tests exercise 2.5 flash image (no image sizes, no thinking), live until 2026-10-02.
+pytestmark = pytest.mark.usefixtures("before_2_5_flash_shutdown")
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -81,7 +84,7 @@ def mean(image: Image.Image) -> list[float]:
     [
         (FLASH_31, "16:9", "512"),
         (FLASH_31, "1:4", "512"),
-        ("gemini-3-pro-image-preview", "3:4", "1K"),
+        ("gemini-3-pro-image", "3:4", "1K"),
         ("gemini-2.5-flash-image", "1:1", None),
     ],
 )

@@ -18,7 +18,7 @@ from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes
 from .fakes import manifest_problems as problems
 
-MODEL = "gemini-3.1-flash-image-preview"
+MODEL = "gemini-3.1-flash-image"
 
 
 def job(folder: Path, doc: dict[str, Any], files: dict[str, str] | None = None, images: list[str] = ()) -> Path:

@@ -8,10 +8,10 @@ from typing import Any, TypedDict
 
 import click
 
-from .config import FAULT_KINDS, SimulatorConfig
+from .config import BATCH_FAULT_KINDS, FAULT_KINDS, SimulatorConfig
 from .server import serve
 
-__all__ = ["FAULT_MIX", "LatencyOptions", "parse_fault_rates", "parse_latency", "simulate"]
+__all__ = ["FAULT_MIX", "LatencyOptions", "parse_batch_faults", "parse_fault_rates", "parse_latency", "simulate"]
 
 # How a bare ``--fault-rate 0.1`` is split across kinds: mostly transient
 # server errors, as seen from a busy model.
@@ -28,6 +28,7 @@ FAULT_MIX: dict[str, float] = {
 }
 _LATENCY_HELP = "SECONDS, uniform:LOW,HIGH or lognormal:MEDIAN,SIGMA (e.g. 0.2, uniform:1,5, lognormal:40,0.5)"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_CLIENT_KEYS = ("NANOBATCH_API_KEY", "GEMINI_API_KEY")  # the variables `nanobatch run` reads a key from by default
 
 
 class LatencyOptions(TypedDict):
@@ -89,6 +90,27 @@ def parse_fault_rates(values: Iterable[str]) -> dict[str, float]:
     return rates
 
 
+def parse_batch_faults(values: Iterable[str]) -> dict[str, float]:
+    """Parse ``--batch-fault KIND=RATE`` values into SimulatorConfig field names (``batch_rate_failed``...).
+
+    >>> parse_batch_faults(["failed=0.1,lost_create=0.5"])
+    {'batch_rate_failed': 0.1, 'batch_rate_lost_create': 0.5}
+    """
+    rates: dict[str, float] = {}
+    for item in (part.strip() for value in values for part in value.split(",")):
+        if not item:
+            continue
+        kind, sep, number = item.partition("=")
+        kind = kind.strip().lower().replace("-", "_")
+        if not sep or kind not in BATCH_FAULT_KINDS:
+            kinds = ", ".join(BATCH_FAULT_KINDS)
+            raise click.BadParameter(f"expected KIND=RATE with KIND one of {kinds}; got {item!r}")
+        rates[f"batch_rate_{kind}"] = _rate(number, item)
+    if rates.get("batch_rate_failed", 0.0) + rates.get("batch_rate_expired", 0.0) > 1.0 + 1e-9:
+        raise click.BadParameter("failed and expired rates must total at most 1: a job ends one way")
+    return rates
+
+
 def _rate(number: str, item: str) -> float:
     try:
         rate = float(number)
@@ -97,6 +119,10 @@ def _rate(number: str, item: str) -> float:
     if not 0.0 <= rate <= 1.0:
         raise click.BadParameter(f"a rate must be between 0 and 1; got {item!r}")
     return rate
+
+
+def _on_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
 
 
 @click.command()
@@ -124,6 +150,22 @@ def _rate(number: str, item: str) -> float:
     callback=lambda _ctx, _param, value: parse_fault_rates(value),
     help=f"A total rate (split in a realistic mix) or KIND=RATE; repeatable. KIND: {', '.join(FAULT_KINDS)}.",
 )
+@click.option(
+    "--batch-latency",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="How long a batch job takes (times --time-scale): pending for a tenth of it, then running, then done.",
+)
+@click.option(
+    "--batch-fault",
+    "batch_faults",
+    multiple=True,
+    metavar="KIND=RATE",
+    callback=lambda _ctx, _param, value: parse_batch_faults(value),
+    help=f"Batch API faults, per job (per line for line_error); repeatable. KIND: {', '.join(BATCH_FAULT_KINDS)}.",
+)
 @click.option("--rpm-limit", type=click.IntRange(min=1), help="Requests per minute before 429 (sliding window).")
 @click.option("--daily-limit", type=click.IntRange(min=1), help="Successful (HTTP 200) requests before a per-day 429.")
 @click.option("--seed", default=0, show_default=True, help="Seed for latencies and faults (same seed, same run).")
@@ -135,6 +177,13 @@ def _rate(number: str, item: str) -> float:
     type=click.Path(exists=True, dir_okay=False),
     help="Answer every image request with this image file (read once) instead of editing the input: for benchmarks.",
 )
+@click.option(
+    "--flex-shed",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Share of flex-tier requests shed with a 503, as Google sheds flex traffic under load.",
+)
 @click.option("--verbose", is_flag=True, help="Log every request (uvicorn access log).")
 def simulate(
     *,
@@ -143,12 +192,15 @@ def simulate(
     latency: LatencyOptions,
     time_scale: float,
     fault_rates: dict[str, float],
+    batch_latency: float,
+    batch_faults: dict[str, float],
     rpm_limit: int | None,
     daily_limit: int | None,
     seed: int,
     api_key_env: str | None,
     image_format: str,
     canned: str | None,
+    flex_shed: float,
     verbose: bool,
 ) -> None:
     """Serve the built-in Gemini simulator (no key, no network, real edited images)."""
@@ -157,7 +209,7 @@ def simulate(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise click.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
-    rates: dict[str, Any] = dict(fault_rates)
+    rates: dict[str, Any] = {**fault_rates, **batch_faults}
     config = SimulatorConfig(
         seed=seed,
         time_scale=time_scale,
@@ -166,15 +218,24 @@ def simulate(
         api_key=api_key,
         image_format=image_format,
         canned=canned,
+        batch_latency_s=batch_latency,
+        flex_shed=flex_shed,
         **latency,
         **rates,
     )
-    if host not in _LOOPBACK and not host.startswith("127."):
+    if not _on_loopback(host):
         click.echo(f"warning: {host} is reachable from other machines; the simulator is meant for loopback", err=True)
-    auth = f" with the key from ${api_key_env}" if api_key_env else ""
+    # The command to type, as it works: `nanobatch run` reads the key from api.api_key_env (NANOBATCH_API_KEY),
+    # else GEMINI_API_KEY; a loopback base URL needs none, and without --api-key-env any key will do.
+    use_key = ""
+    if api_key_env and api_key_env not in _CLIENT_KEYS:
+        use_key = f"NANOBATCH_API_API_KEY_ENV={api_key_env} "
+    elif not api_key_env and not _on_loopback(host):
+        use_key = "NANOBATCH_API_KEY=any "
 
     def ready(url: str) -> None:
-        click.echo(f"Simulator listening on {url}; run: nanobatch run MANIFEST --base-url {url}{auth} (Ctrl-C stops)")
+        command = f"{use_key}nanobatch run MANIFEST --base-url {url}"
+        click.echo(f"Simulator listening on {url}; run: {command} (Ctrl-C stops)")
 
     try:
         serve(config, host, port, verbose=verbose, on_ready=ready)

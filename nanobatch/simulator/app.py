@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -17,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import lookup
+from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
 from ._oauth import TokenIssuer
+from .batch import BatchService
 from .config import SimulatorConfig
 from .errors import (
     RATE_LIMITS_URL,
@@ -49,6 +51,11 @@ _INVALID_TOKEN = (
     "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid "
     "authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
+Endpoint = Callable[[Request], Awaitable[Response]]
+# Unconfirmed wording: Google's flex page says shed requests fail and should be retried or sent at standard.
+FLEX_SHED_MESSAGE = (
+    "The flex tier has no capacity for this request right now. Please retry later or use the standard tier."
+)
 _ERRORS = {
     "503": (503, "The model is overloaded. Please try again later."),
     "500": (
@@ -74,6 +81,28 @@ class SimulatorStats:
     max_in_flight: int = 0
 
 
+def live_model_entries() -> list[dict[str, object]]:
+    """Entries like Google's ``models.list``: every model id that is not shut down, plus a text model."""
+    entries: list[dict[str, object]] = [{
+        "name": "models/gemini-3.5-flash", "displayName": "Gemini 3.5 Flash", "version": "3.5",
+        "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+    }]  # fmt: skip
+    for model_id in (*MODELS, *ALIASES):
+        life = lifecycle(model_id)
+        if life is None or life.status() == "shut down":
+            continue
+        entries.append({
+            "name": f"models/{model_id}",
+            "displayName": model_id.removeprefix("gemini-").replace("-", " ").title(),
+            "version": "001",
+            "inputTokenLimit": 131072 if "lite" not in model_id else 65536,
+            "outputTokenLimit": 32768 if "lite" not in model_id else 4096,
+            "supportedGenerationMethods": ["generateContent", "countTokens", "batchGenerateContent"],
+            "thinking": bool(MODELS[model_id].supports_thinking) if model_id in MODELS else True,
+        })  # fmt: skip
+    return entries
+
+
 class _Dropped(Response):
     """Stands for "no response": the connection was aborted."""
 
@@ -84,25 +113,31 @@ def create_app(
     clock: Callable[[], float] = anyio.current_time,
     sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
 ) -> Starlette:
-    """A Starlette app serving ``POST /{version}/models/{model}:generateContent``.
+    """A Starlette app serving ``POST /{version}/models/{model}:generateContent``, and the Files
+    and Batch APIs (see :mod:`.batch`).
 
     It also serves Vertex AI's path for the same call
     (``/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent``, with an
     OAuth2 bearer token from its own ``POST /token``, or the API key as in Vertex express mode, whose
     ``/v1/publishers/google/models/{model}:generateContent`` it serves too).
 
-    ``app.state.stats`` holds a SimulatorStats. *clock* (read only inside
-    requests) and *sleep* let tests drive time by hand; the defaults follow the
-    event loop, so a virtual clock (trio's MockClock) drives them too.
+    ``app.state.stats`` holds a SimulatorStats, ``app.state.batches`` the batch
+    jobs and files. *clock* (read only inside requests) and *sleep* let tests
+    drive time by hand; the defaults follow the event loop, so a virtual clock
+    (trio's MockClock) drives them too.
 
     >>> import httpx
     >>> client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app()), base_url="http://sim")
     """
     config = config or SimulatorConfig()
     simulator = _Simulator(config, clock, sleep)
+    batches = BatchService(config, compose=simulator.compose, guard=simulator.guard, clock=clock)
     vertex = "/v1/projects/{project}/locations/{location}/publishers/google/models/{target}"
+    # The batch routes come first: "/{version}/models/{target}" would take ":batchGenerateContent" too.
     app = Starlette(
         routes=[
+            *batches.routes(),
+            Route("/{version}/models", simulator.list_models, methods=["GET"]),
             Route("/{version}/models/{target}", simulator.handle, methods=["POST"]),
             Route(vertex, simulator.handle, methods=["POST"]),
             Route("/v1/publishers/google/models/{target}", simulator.handle, methods=["POST"]),  # express mode
@@ -112,6 +147,7 @@ def create_app(
     app.state.config = config
     app.state.stats = simulator.stats
     app.state.tokens = simulator.tokens
+    app.state.batches = batches
     # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
     app.state.abort_connection = None
     return app
@@ -129,6 +165,21 @@ class _Simulator:
         self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
         self._canned = load_canned(config.canned) if config.canned else None
         self.tokens = TokenIssuer(clock)
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /{version}/models``: the live image models (not shut-down ids), paged by ``nextPageToken``."""
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        entries = live_model_entries()
+        try:
+            size = max(1, min(1000, int(request.query_params.get("pageSize", "50"))))
+            start = int(request.query_params.get("pageToken") or 0)
+        except ValueError:
+            return google_error(400, "Invalid page size or page token.")
+        body: dict[str, object] = {"models": entries[start : start + size]}
+        if start + size < len(entries):
+            body["nextPageToken"] = str(start + size)
+        return JSONResponse(body)
 
     async def handle(self, request: Request) -> Response:
         stats = self.stats
@@ -150,6 +201,22 @@ class _Simulator:
             logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
         return response
 
+    def guard(self, endpoint: Endpoint) -> Endpoint:
+        """*endpoint* behind the API key check, counted in the stats (for the Files and Batch APIs)."""
+
+        async def guarded(request: Request) -> Response:
+            self.stats.received += 1
+            version = request.path_params["version"]
+            response = (
+                google_error(404, f"API version {version} is not served here.") if version not in API_VERSIONS
+                else self._check_key(request) or await endpoint(request)
+            )  # fmt: skip
+            self.stats.by_status[response.status_code] += 1
+            logger.debug("%s %s -> %d", request.method, request.url.path, response.status_code)
+            return response
+
+        return guarded
+
     async def _respond(self, request: Request) -> Response:
         version = request.path_params.get("version", "v1")  # Vertex's path has no version segment to vary
         model_id, _, method = request.path_params["target"].partition(":")
@@ -158,7 +225,8 @@ class _Simulator:
         if (denied := self._check_auth(request)) is not None:
             return denied
         model = lookup(model_id)
-        if model is None or version not in API_VERSIONS:
+        life = lifecycle(model_id)
+        if model is None or version not in API_VERSIONS or (life is not None and life.status() == "shut down"):
             return google_error(
                 404,
                 f"models/{model_id} is not found for API version {version}, or is not supported for "
@@ -170,6 +238,9 @@ class _Simulator:
             return google_error(exc.code, exc.message)
         if (refused := self._check_quota(parsed)) is not None:
             return refused
+        if parsed.service_tier == "flex" and self.config.flex_shed and self._rng.random() < self.config.flex_shed:
+            self.stats.faults["flex_shed"] += 1
+            return google_error(503, FLEX_SHED_MESSAGE)
         return await self._generate(request, parsed, draw(self.config, self._rng))
 
     def _check_auth(self, request: Request) -> Response | None:
@@ -237,7 +308,7 @@ class _Simulator:
         if fault == "503":
             return google_error(*_ERRORS[fault])
         if fault == "blocked":
-            return self._ok(*blocked_body(parsed, chance))
+            return self._ok(parsed, *blocked_body(parsed, chance))  # answered at once, without the model's latency
         seconds = chance.latency_s * self.config.time_scale
         if seconds > 0:
             await self._sleep(seconds)
@@ -245,14 +316,27 @@ class _Simulator:
             return google_error(*_ERRORS[fault])
         if fault == "drop":
             return await self._drop(request)
+        try:
+            return self._ok(parsed, *await self.compose(parsed, chance))
+        except InvalidRequest as exc:
+            return google_error(exc.code, exc.message)
+
+    async def compose(self, parsed: ParsedRequest, chance: Draw) -> tuple[dict[str, Any], Usage]:
+        """The 200 body for *parsed*, with the content faults of *chance*; raises InvalidRequest.
+
+        Shared by generateContent and the batch jobs, so a batch line is answered like a request.
+        """
+        fault = chance.fault
+        if fault == "blocked":
+            return blocked_body(parsed, chance)
         if fault == "image_safety":
-            return self._ok(*finish_body(parsed, chance, "IMAGE_SAFETY"))
+            return finish_body(parsed, chance, "IMAGE_SAFETY")
         if fault == "no_image":
-            return self._ok(*finish_body(parsed, chance, "NO_IMAGE"))
+            return finish_body(parsed, chance, "NO_IMAGE")
         if fault == "text_only":
-            return self._ok(*text_body(parsed, chance, TEXT_ONLY_REPLY))
+            return text_body(parsed, chance, TEXT_ONLY_REPLY)
         if "IMAGE" not in parsed.modalities:
-            return self._ok(*text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}"))
+            return text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}")
         rendered = self._canned
         if rendered is None:
             job = functools.partial(
@@ -262,14 +346,14 @@ class _Simulator:
                 seed=chance.image_seed,
                 thought_image=chance.thought_image and parsed.model.supports_thinking,
             )
-            try:
-                rendered = await anyio.to_thread.run_sync(job)
-            except InvalidRequest as exc:
-                return google_error(exc.code, exc.message)
+            rendered = await anyio.to_thread.run_sync(job)
         self.stats.images += 1
-        return self._ok(*image_body(parsed, chance, rendered))
+        return image_body(parsed, chance, rendered)
 
-    def _ok(self, body: dict[str, object], usage: Usage) -> Response:
+    def _ok(self, parsed: ParsedRequest, body: dict[str, Any], usage: Usage) -> Response:
+        metadata = body.get("usageMetadata")
+        if isinstance(metadata, dict):
+            metadata["serviceTier"] = parsed.service_tier.upper()  # which tier served (and billed) it
         if self._daily is not None:
             self._daily.used += 1
         self.stats.tokens += usage.total()

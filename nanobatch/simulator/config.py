@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-__all__ = ["FAULT_KINDS", "LATENCY_MODELS", "SimulatorConfig"]
+__all__ = ["BATCH_FAULT_KINDS", "FAULT_KINDS", "LATENCY_MODELS", "SimulatorConfig"]
 
 LATENCY_MODELS = ("fixed", "uniform", "lognormal")
 
@@ -20,6 +20,9 @@ FAULT_KINDS: dict[str, str] = {
     "text_only": "rate_text_only",
     "blocked": "rate_blocked",
 }
+
+# Batch faults (``--batch-fault KIND=RATE``): per job, except line_error (per line of a job's input).
+BATCH_FAULT_KINDS = ("failed", "expired", "line_error", "lost_create")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +63,16 @@ class SimulatorConfig:
     # An image file to answer every image request with (read once), instead of editing the
     # input with Pillow: for benchmarks, where the simulator's CPU must not be the bottleneck.
     canned: str | None = None
+    # Batch API: a job is pending for its first tenth, then running, then done after this many
+    # simulated seconds (times time_scale). The batch_rate_* chances are drawn per job
+    # (failed, expired, a create whose reply is lost after the job was made) or per line.
+    batch_latency_s: float = 60.0
+    batch_rate_failed: float = 0.0
+    batch_rate_expired: float = 0.0
+    batch_rate_line_error: float = 0.0
+    batch_rate_lost_create: float = 0.0
+    # Share of flex requests shed with a 503 UNAVAILABLE, as Google sheds flex traffic under load.
+    flex_shed: float = 0.0
 
     def __post_init__(self) -> None:
         if self.latency not in LATENCY_MODELS:
@@ -69,8 +82,17 @@ class SimulatorConfig:
         for name, rate in self.fault_rates().items():
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, not {rate}")
+        if not 0.0 <= self.flex_shed <= 1.0:
+            raise ValueError(f"flex_shed must be between 0 and 1, not {self.flex_shed}")
         if sum(self.fault_rates().values()) > 1.0 + 1e-9:
             raise ValueError("fault rates must add up to at most 1")
+        if self.batch_latency_s < 0:
+            raise ValueError("batch_latency_s must not be negative")
+        for kind, rate in self.batch_fault_rates().items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"batch_rate_{kind} must be between 0 and 1, not {rate}")
+        if self.batch_rate_failed + self.batch_rate_expired > 1.0 + 1e-9:
+            raise ValueError("batch_rate_failed and batch_rate_expired must add up to at most 1")
         for name in ("rpm_limit", "daily_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -81,6 +103,10 @@ class SimulatorConfig:
     def fault_rates(self) -> dict[str, float]:
         """Each fault kind's rate, keyed like FAULT_KINDS."""
         return {kind: float(getattr(self, name)) for kind, name in FAULT_KINDS.items()}
+
+    def batch_fault_rates(self) -> dict[str, float]:
+        """Each batch fault kind's rate, keyed like BATCH_FAULT_KINDS."""
+        return {kind: float(getattr(self, f"batch_rate_{kind}")) for kind in BATCH_FAULT_KINDS}
 
     def __repr__(self) -> str:
         # Never show the API key, even in a traceback.

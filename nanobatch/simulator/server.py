@@ -124,7 +124,7 @@ def run_in_thread(
     caller's. Pass *app* (from create_app) to read its ``state.stats``.
 
     >>> with run_in_thread(SimulatorConfig(), port=0) as base_url:  # doctest: +SKIP
-    ...     httpx.post(f"{base_url}/v1beta/models/gemini-2.5-flash-image:generateContent", json=...)
+    ...     httpx.post(f"{base_url}/v1beta/models/gemini-nano-banana-2.1:generateContent", json=...)
     """
     ready = threading.Event()
     server = _server(

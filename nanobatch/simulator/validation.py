@@ -28,7 +28,7 @@ MODALITIES = ("TEXT", "IMAGE")
 # Known JSON names (camelCase; snake_case is accepted too, as by the real API).
 _TOP_FIELDS = frozenset(
     {"contents", "generationConfig", "safetySettings", "systemInstruction", "tools", "toolConfig",
-     "cachedContent", "model", "labels"}
+     "cachedContent", "model", "labels", "serviceTier"}
 )  # fmt: skip
 _GENERATION_FIELDS = frozenset(
     {"responseModalities", "imageConfig", "temperature", "topP", "topK", "candidateCount", "maxOutputTokens",
@@ -70,6 +70,7 @@ class ParsedRequest:
     aspect_ratio: str | None
     image_size: str | None
     modalities: tuple[str, ...]
+    service_tier: str = "standard"  # lower case
 
 
 def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequest:
@@ -116,7 +117,20 @@ def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequ
         aspect_ratio=_aspect_ratio(image_config, model, model_id),
         image_size=_image_size(image_config, model, model_id),
         modalities=_modalities(generation),
+        service_tier=_service_tier(data, model, model_id),
     )
+
+
+def _service_tier(data: dict[str, Any], model: ModelInfo, model_id: str) -> str:
+    value = _get(data, "serviceTier")
+    if value is None:
+        return "standard"
+    tier = str(value).lower().removeprefix("service_tier_")
+    if tier not in ("standard", "flex", "priority"):
+        raise InvalidRequest(f"Invalid value at 'service_tier': {value!r}. Use one of FLEX, STANDARD, PRIORITY.")
+    if tier not in model.tiers:
+        raise InvalidRequest(f"Service tier {tier.upper()} is not supported for models/{model_id}.")
+    return tier
 
 
 def _load_json(body: bytes) -> dict[str, Any]:

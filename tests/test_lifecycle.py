@@ -1,0 +1,162 @@
+"""Today's models: lifecycle warnings and problems, the simulator's model list, ``nanobatch models``, README."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from nanobatch import models
+from nanobatch.catalog import compare_live, model_rows, model_table_markdown, price_table_markdown
+from nanobatch.cli import main
+from nanobatch.client import GeminiClient
+from nanobatch.simulator import create_app
+
+from .fakes import write_job
+
+GOOGLE = "https://generativelanguage.googleapis.com"
+APIYI = "https://api.apiyi.com"
+README = Path(__file__).parent.parent / "README.md"
+
+
+def validate(tmp_path: Path, model: str, base_url: str) -> int:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}], model=model)
+    return main(["validate", str(job), "--base-url", base_url])
+
+
+@pytest.mark.parametrize(
+    ("model", "day", "status"),
+    [
+        pytest.param("gemini-nano-banana-2.1", None, "GA", id="nano-banana-2.1"),
+        pytest.param("gemini-3.1-flash-image", None, "deprecated", id="3.1-flash"),
+        pytest.param("gemini-3.1-flash-image", datetime.date(2026, 10, 5), "GA", id="3.1-flash-before-deprecation"),
+        pytest.param("gemini-2.5-flash-image", None, "shut down", id="2.5-flash"),
+        pytest.param("gemini-3.1-flash-image-preview", None, "shut down", id="preview"),
+        pytest.param("gemini-3.1-flash-image-preview", datetime.date(2026, 6, 24), "deprecated", id="preview-earlier"),
+    ],
+)
+def test_status_follows_the_dates(model: str, day: datetime.date | None, status: str) -> None:
+    life = models.lifecycle(model)
+    assert life is not None and life.status(day or datetime.date(2026, 11, 29)) == status
+
+
+def test_a_deprecated_model_warns_and_names_its_replacement(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert validate(tmp_path, "gemini-3.1-flash-image", GOOGLE) == 0
+    err = capsys.readouterr().err
+    assert "gemini-3.1-flash-image is deprecated since 2026-10-06; use gemini-nano-banana-2.1" in err
+
+
+def test_a_shut_down_id_sent_to_google_is_a_problem_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert validate(tmp_path, "gemini-3.1-flash-image-preview", GOOGLE) == 2
+    err = capsys.readouterr().err
+    assert "shut down at Google on 2026-06-25" in err and "use gemini-nano-banana-2.1" in err
+
+
+def test_a_shut_down_id_sent_to_a_proxy_only_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert validate(tmp_path, "gemini-3-pro-image-preview", APIYI) == 0
+    err = capsys.readouterr().err
+    assert "shut down at Google on 2026-06-25 (known proxies still map it); use gemini-3-pro-image" in err
+
+
+def test_today_comes_from_one_place_tests_can_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "today", lambda: datetime.date(2026, 6, 1))
+    assert validate(tmp_path, "gemini-3.1-flash-image-preview", GOOGLE) == 0  # before its shutdown
+
+
+def test_the_default_model_is_live_at_google() -> None:
+    from nanobatch.config import ApiSettings
+
+    life = models.lifecycle(ApiSettings().model)
+    assert life is not None and life.status(datetime.date(2026, 11, 29)) == "GA"
+
+
+async def _sim(method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://sim") as client:
+        return await client.request(method, path, json=body)
+
+
+def _edit(size: str) -> dict[str, Any]:
+    return {"contents": [{"parts": [{"text": "a lemon"}]}],
+            "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": {"imageSize": size}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model", "size", "code"),
+    [
+        pytest.param("gemini-nano-banana-2.1", "512", 400, id="512-on-nano-banana-2.1"),
+        pytest.param("gemini-nano-banana-2.1", "1K", 200, id="1K-on-nano-banana-2.1"),
+        pytest.param("gemini-3.1-flash-lite-image", "2K", 400, id="2K-on-lite"),
+        pytest.param("gemini-3.1-flash-lite-image", "1K", 200, id="1K-on-lite"),
+        pytest.param("gemini-3.1-flash-image-preview", "1K", 404, id="shut-down-preview"),
+    ],
+)
+def test_the_simulator_knows_each_models_limits(model: str, size: str, code: int) -> None:
+    response = anyio.run(_sim, "POST", f"/v1beta/models/{model}:generateContent", _edit(size))
+    assert response.status_code == code
+    if code == 404:
+        assert response.json()["error"]["status"] == "NOT_FOUND"
+
+
+def test_listing_models_follows_every_page() -> None:
+    async def listing() -> list[dict[str, Any]]:
+        transport = httpx.ASGITransport(app=create_app())
+        async with GeminiClient(base_url="http://sim", api_key=None, transport=transport) as client:
+            return await client.list_models(page_size=2)
+
+    entries = anyio.run(listing)
+    names = {e["name"] for e in entries}
+    assert "models/gemini-nano-banana-2.1" in names and "models/gemini-3.1-flash-image-preview" not in names
+    assert all("batchGenerateContent" in e["supportedGenerationMethods"] for e in entries)
+    found = compare_live(entries)
+    assert found["missing"] == [] and "gemini-nano-banana-2.1" in found["batch"]
+
+
+def test_compare_live_names_unknown_image_models_and_missing_table_models() -> None:
+    listed = [{"name": "models/gemini-9-flash-image", "supportedGenerationMethods": ["generateContent"]},
+              {"name": "models/gemini-nano-banana-2.1", "supportedGenerationMethods": ["generateContent"]}]  # fmt: skip
+    found = compare_live(listed)
+    assert found["unknown"] == ["gemini-9-flash-image"]
+    assert "gemini-3-pro-image" in found["missing"] and "gemini-2.5-flash-image" not in found["missing"]
+    assert found["batch"] == []
+
+
+def test_models_json_has_every_tiers_price(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    rows = {row["id"]: row for row in json.loads(capsys.readouterr().out)["models"]}
+    nb = rows["gemini-nano-banana-2.1"]["image_price_usd"]
+    assert nb["standard"]["1K"] == pytest.approx(0.0336)
+    assert nb["flex"]["1K"] == nb["batch"]["1K"] == pytest.approx(0.0168)
+    assert nb["priority"]["1K"] == pytest.approx(0.0672)
+    assert set(rows["gemini-3.1-flash-lite-image"]["image_price_usd"]) == {"standard", "batch"}
+    assert rows["gemini-2.5-flash-image"]["replacement"] == "gemini-nano-banana-2.1"
+
+
+def test_models_live_compares_with_the_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    with run_in_thread(SimulatorConfig()) as url:
+        assert main(["models", "--live", "--base-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "table models the endpoint no longer lists: none" in out
+    assert "support batchGenerateContent: " in out and "gemini-nano-banana-2.1" in out
+
+
+def test_readme_tables_are_the_codes_tables() -> None:
+    text = README.read_text()
+    day = datetime.date(2026, 11, 29)
+    assert model_table_markdown(day) in text
+    assert price_table_markdown(day) in text
+
+
+def test_every_row_cites_its_sources() -> None:
+    assert all(row["sources"] and all("(20" in s for s in row["sources"]) for row in model_rows())

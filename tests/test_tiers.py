@@ -1,0 +1,152 @@
+"""Service tiers: serviceTier in the body, tier prices in records and budgets, flex shedding and its fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanobatch import models
+from nanobatch.cli import main
+from nanobatch.config import load_settings
+from nanobatch.gemini import build_request
+from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+from .fakes import manifest_problems, write_job
+
+CONFIG = """
+limits: {concurrency: 4, breaker_threshold: 1000}
+retry: {max_attempts: 3, backoff_initial_s: 0.01, backoff_max_s: 0.02, no_image_attempts: 1}
+"""
+
+
+@pytest.mark.parametrize(
+    ("tier", "wire"),
+    [
+        pytest.param(None, None, id="none"),
+        pytest.param("standard", None, id="standard-left-out"),
+        pytest.param("flex", "flex", id="flex"),
+        pytest.param("priority", "priority", id="priority"),
+    ],
+)
+def test_the_tier_is_the_bodys_top_level_service_tier(tier: str | None, wire: str | None) -> None:
+    body = build_request("make it white", service_tier=tier)
+    assert body.get("serviceTier") == wire
+    assert "serviceTier" not in body["generationConfig"]
+
+
+@pytest.fixture(autouse=True)
+def _key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+
+
+def run(
+    tmp_path: Path, config: SimulatorConfig, *args: str, fallback: bool = True, items: Any = None
+) -> tuple[int, Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG.replace("}", f", flex_fallback: {str(fallback).lower()}}}", 1))
+    items = items or [{"id": f"sku-{n}", "image": "images/p.png"} for n in range(4)]
+    job = write_job(tmp_path, items, model="gemini-nano-banana-2.1")
+    out = tmp_path / "out"
+    with run_in_thread(config) as url:
+        code = main(["run", str(job), "--base-url", url, "--out", str(out), "--config",
+                     str(tmp_path / "nanobatch.yaml"), "--quiet", *args])  # fmt: skip
+    return code, out
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_flex_costs_half_of_standard_and_is_recorded(tmp_path: Path) -> None:
+    code, standard_out = run(tmp_path / "a", SimulatorConfig())
+    assert code == 0
+    code, flex_out = run(tmp_path / "b", SimulatorConfig(), "--tier", "flex")
+    assert code == 0
+    standard, flex = records(standard_out), records(flex_out)
+    assert {r["tier"] for r in standard} == {"standard"} and {r["tier"] for r in flex} == {"flex"}
+    assert not any(r["fallback"] for r in flex)
+    assert {r["usage"]["serviceTier"] for r in flex} == {"FLEX"}  # the simulator reports the tier served
+    assert sum(r["cost_usd"] for r in flex) == pytest.approx(sum(r["cost_usd"] for r in standard) / 2, rel=0.01)
+
+
+def test_shed_flex_requests_fall_back_to_standard_visibly(tmp_path: Path) -> None:
+    code, out = run(tmp_path, SimulatorConfig(flex_shed=1.0), "--tier", "flex")
+    assert code == 0
+    found = records(out)
+    assert {r["status"] for r in found} == {"ok"}
+    assert {(r["tier"], r["fallback"]) for r in found} == {("standard", True)}
+    assert all(r["attempts"] == 4 for r in found)  # three tries on flex, then one at standard price
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["last_run"]["fallbacks"] == 4 and summary["last_run"]["tier"] == "flex"
+
+
+def test_without_fallback_a_shed_flex_request_fails_and_nothing_is_paid_at_standard(tmp_path: Path) -> None:
+    code, out = run(tmp_path, SimulatorConfig(flex_shed=1.0), "--tier", "flex", fallback=False)
+    assert code == 1
+    found = records(out)
+    assert {r["status"] for r in found} == {"failed"} and {r["error"]["kind"] for r in found} == {"overloaded"}
+    assert {(r["tier"], r["fallback"]) for r in found} == {("flex", False)}
+    assert json.loads((out / "summary.json").read_text())["last_run"]["fallbacks"] == 0
+
+
+def test_an_items_tier_wins_over_the_configured_one(tmp_path: Path) -> None:
+    items = [{"id": "plain", "image": "images/p.png"}, {"id": "rush", "image": "images/p.png", "tier": "priority"}]
+    code, out = run(tmp_path, SimulatorConfig(), "--tier", "flex", items=items)
+    assert code == 0
+    by_id = {r["id"]: r for r in records(out)}
+    assert by_id["plain"]["tier"] == "flex" and by_id["rush"]["tier"] == "priority"
+    assert by_id["rush"]["cost_usd"] > 3 * by_id["plain"]["cost_usd"]  # 2x standard against 0.5x
+
+
+def test_a_tier_the_model_is_not_sold_in_is_a_manifest_problem(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "tier": "flex"}, {"id": "b", "tier": "cheap"}],
+                    model="gemini-3.1-flash-lite-image")  # fmt: skip
+    problems = {(p.item, p.field): p.message for p in manifest_problems(job)}
+    assert "not sold in the flex tier" in problems[("a", "tier")]
+    assert "not a service tier" in problems[("b", "tier")]
+
+
+def test_pricing_overrides_can_be_set_per_tier(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "pricing:\n  gemini-nano-banana-2.1: {output_image: 40, flex: {output_image: 12}}\n"
+    )
+    pricing = load_settings(tmp_path / "c.yaml", env={}).pricing
+    assert models.pricing_for("gemini-nano-banana-2.1", pricing).output_image == 40
+    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "flex").output_image == 12
+    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "priority").output_image == 80  # scaled standard
+    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "batch").output_image == 20
+
+
+@pytest.mark.parametrize(
+    ("usage", "tier"),
+    [
+        pytest.param({"serviceTier": "FLEX"}, "flex", id="flex"),
+        pytest.param({"serviceTier": "standard"}, "standard", id="lower-case"),
+        pytest.param({"serviceTier": "SERVICE_TIER_PRIORITY"}, "priority", id="enum-prefix"),
+        pytest.param({}, None, id="not-said"),
+        pytest.param({"serviceTier": "gold"}, None, id="unknown"),
+    ],
+)
+def test_the_reported_tier_is_read_from_usage_metadata(usage: dict[str, Any], tier: str | None) -> None:
+    assert models.reported_tier(usage) == tier
+
+
+def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
+    """Asked for flex, served (and billed) at standard: the record says so and costs standard price."""
+    import nanobatch
+
+    from .conftest import run_virtual
+    from .fakes import USAGE, FakeGemini, ok_body
+
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "tier": "flex"}], model="gemini-nano-banana-2.1")
+    served = FakeGemini({"make the background white": [ok_body(usage={**USAGE, "serviceTier": "STANDARD"})]})
+    run_virtual(lambda: nanobatch.run_job(job, transport=served.transport, out_dir=tmp_path / "out"))
+    asked = FakeGemini()
+    run_virtual(lambda: nanobatch.run_job(job, transport=asked.transport, out_dir=tmp_path / "out2"))
+    (billed,), (flex,) = records(tmp_path / "out"), records(tmp_path / "out2")
+    assert json.loads(served.requests[0].content)["serviceTier"] == "flex"
+    assert billed["tier"] == "standard" and flex["tier"] == "flex"
+    assert billed["cost_usd"] == pytest.approx(2 * flex["cost_usd"])
