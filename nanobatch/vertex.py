@@ -11,8 +11,8 @@ Authentication is google-auth's (the ``nanobatch[vertex]`` extra): Application D
 service-account key file. google-auth is synchronous, so tokens are fetched in a worker thread, one refresh
 at a time, a few minutes before they expire. The token never appears in a log, error or record.
 
->>> vertex_url("my-project", "europe-west4", "gemini-2.5-flash-image")
-'https://europe-west4-aiplatform.googleapis.com/v1/projects/my-project/locations/europe-west4/publishers/google/models/gemini-2.5-flash-image:generateContent'
+>>> vertex_url("my-project", "europe-west4", "gemini-3.1-flash-image")
+'https://europe-west4-aiplatform.googleapis.com/v1/projects/my-project/locations/europe-west4/publishers/google/models/gemini-3.1-flash-image:generateContent'
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from nanobatch.vertex import VertexAuth, vertex_express_url, vertex_url
 
 from .fakes import image_bytes, inline
 
-MODEL = "gemini-2.5-flash-image"
+MODEL = "gemini-3.1-flash-image"
 BODY = {
     "contents": [{"role": "user", "parts": [{"text": "make the sky purple"}, inline(image_bytes())]}],
     "generationConfig": {"responseModalities": ["IMAGE"]},
