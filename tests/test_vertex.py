@@ -194,3 +194,21 @@ class _Bearer(httpx.Auth):
     def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
         request.headers["Authorization"] = f"Bearer {self.token}"
         yield request
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [
+        pytest.param({"grant_type": "client_credentials"}, "unsupported_grant_type", id="other-grant"),
+        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "a.b"},
+                     "invalid_grant", id="not-a-jwt"),  # fmt: skip
+        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "e30.e30.c2ln"},
+                     "invalid_grant", id="no-claims"),  # fmt: skip
+    ],
+)
+async def test_the_token_endpoint_refuses_what_google_would(form: dict[str, str], error: str) -> None:
+    app = create_app(SimulatorConfig(seed=3))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
+        answer = await client.post("/token", data=form)
+    assert answer.status_code == 400 and answer.json()["error"] == error
+    assert app.state.tokens.issued == 0
