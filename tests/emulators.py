@@ -84,6 +84,10 @@ def gcs_emulator() -> Iterator[Emulator]:
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     pytest.importorskip("gcsfs")
     server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    import fsspec
+
+    if "extended" in fsspec.get_filesystem_class("gcs").__module__:
+        pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: it would wait 3 x 60 s")
     log = RequestLog()
 
     class Counted(server_mod.RequestHandler):  # type: ignore[misc, name-defined]
