@@ -10,11 +10,12 @@ Their hierarchy::
     │   └── FatalApiError     no request can succeed: stop the run    (exit 3)
     ├── RunAborted            budget reached, circuit open, fatal API (exit 3)
     │   └── TimeLimitReached  limits.max_duration_s ran out           (exit 3)
+    ├── StorageError          a bucket URL cannot be used: url, kind  (exit 2)
     ├── LockHeld              another run holds the output folder     (exit 4)
     └── Interrupted           SIGINT / SIGTERM                        (exit 130)
 
-Errors of other libraries (yaml, OSError, httpx2) are translated where they
-are caught, in ``config``, ``manifest`` and ``client``; nothing else sees them.
+Errors of other libraries (yaml, OSError, httpx2, fsspec) are translated where
+they are caught, in ``config``, ``manifest``, ``client`` and ``storage``; nothing else sees them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "NanobatchError",
     "Problem",
     "RunAborted",
+    "StorageError",
     "TimeLimitReached",
     "UsageError",
     "not_utf8",
@@ -161,6 +163,21 @@ class RunAborted(NanobatchError):
 
 class TimeLimitReached(RunAborted):
     """``limits.max_duration_s`` ran out: nothing new was sent after it."""
+
+
+class StorageError(NanobatchError):
+    """An object in a bucket (``s3://``, ``gs://``, ``az://``) cannot be read or written.
+
+    ``kind`` is a short stable word: ``missing_extra``, ``no_bucket``, ``not_found``, ``denied``,
+    ``unsupported``, ``unreachable``. The message names the URL, never a credential.
+    """
+
+    exit_code = 2
+
+    def __init__(self, url: str, kind: str, message: str) -> None:
+        super().__init__(f"{url}: {message}")
+        self.url = url
+        self.kind = kind
 
 
 class LockHeld(NanobatchError):

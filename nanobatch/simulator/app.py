@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
+from ._oauth import TokenIssuer
 from .batch import BatchService
 from .config import SimulatorConfig
 from .errors import (
@@ -45,6 +46,10 @@ TEXT_ONLY_REPLY = "Sure! Here is the image with the requested change:"
 _UNAUTHENTICATED = (
     "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie or other "
     "valid authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
+)
+_INVALID_TOKEN = (
+    "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid "
+    "authentication credential. See https://developers.google.com/identity/sign-in/web/devconsole-project."
 )
 Endpoint = Callable[[Request], Awaitable[Response]]
 # Unconfirmed wording: Google's flex page says shed requests fail and should be retried or sent at standard.
@@ -111,6 +116,11 @@ def create_app(
     """A Starlette app serving ``POST /{version}/models/{model}:generateContent``, and the Files
     and Batch APIs (see :mod:`.batch`).
 
+    It also serves Vertex AI's path for the same call
+    (``/v1/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent``, with an
+    OAuth2 bearer token from its own ``POST /token``, or the API key as in Vertex express mode, whose
+    ``/v1/publishers/google/models/{model}:generateContent`` it serves too).
+
     ``app.state.stats`` holds a SimulatorStats, ``app.state.batches`` the batch
     jobs and files. *clock* (read only inside requests) and *sleep* let tests
     drive time by hand; the defaults follow the event loop, so a virtual clock
@@ -122,16 +132,21 @@ def create_app(
     config = config or SimulatorConfig()
     simulator = _Simulator(config, clock, sleep)
     batches = BatchService(config, compose=simulator.compose, guard=simulator.guard, clock=clock)
+    vertex = "/v1/projects/{project}/locations/{location}/publishers/google/models/{target}"
     # The batch routes come first: "/{version}/models/{target}" would take ":batchGenerateContent" too.
     app = Starlette(
         routes=[
             *batches.routes(),
             Route("/{version}/models", simulator.list_models, methods=["GET"]),
             Route("/{version}/models/{target}", simulator.handle, methods=["POST"]),
+            Route(vertex, simulator.handle, methods=["POST"]),
+            Route("/v1/publishers/google/models/{target}", simulator.handle, methods=["POST"]),  # express mode
+            Route("/token", simulator.tokens.handle, methods=["POST"]),
         ]
     )
     app.state.config = config
     app.state.stats = simulator.stats
+    app.state.tokens = simulator.tokens
     app.state.batches = batches
     # Set by the uvicorn runner: aborts a client's TCP connection, for "drop" faults.
     app.state.abort_connection = None
@@ -149,6 +164,7 @@ class _Simulator:
         self._rpm = SlidingWindow(config.rpm_limit, 60.0 * config.time_scale, clock) if config.rpm_limit else None
         self._daily = DailyQuota(config.daily_limit) if config.daily_limit else None
         self._canned = load_canned(config.canned) if config.canned else None
+        self.tokens = TokenIssuer(clock)
 
     async def list_models(self, request: Request) -> Response:
         """``GET /{version}/models``: the live image models (not shut-down ids), paged by ``nextPageToken``."""
@@ -202,11 +218,11 @@ class _Simulator:
         return guarded
 
     async def _respond(self, request: Request) -> Response:
-        version = request.path_params["version"]
+        version = request.path_params.get("version", "v1")  # Vertex's path has no version segment to vary
         model_id, _, method = request.path_params["target"].partition(":")
         if method != "generateContent":
             return google_error(404, f"models/{model_id}:{method} is not supported by the simulator")
-        if (denied := self._check_key(request)) is not None:
+        if (denied := self._check_auth(request)) is not None:
             return denied
         model = lookup(model_id)
         life = lifecycle(model_id)
@@ -226,6 +242,15 @@ class _Simulator:
             self.stats.faults["flex_shed"] += 1
             return google_error(503, FLEX_SHED_MESSAGE)
         return await self._generate(request, parsed, draw(self.config, self._rng))
+
+    def _check_auth(self, request: Request) -> Response | None:
+        """On Vertex's path a bearer token must be one /token issued; an API key works as in express mode."""
+        bearer = request.headers.get("authorization", "")
+        if "project" not in request.path_params or bearer[:7].lower() != "bearer ":
+            return self._check_key(request)
+        if self.tokens.valid(bearer[7:].strip()):
+            return None
+        return google_error(401, _INVALID_TOKEN)
 
     def _check_key(self, request: Request) -> Response | None:
         expected = self.config.api_key

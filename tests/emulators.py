@@ -1,0 +1,110 @@
+"""Real storage APIs on loopback for tests: S3 (moto's server) and Cloud Storage (gcp-storage-emulator).
+
+Each server runs in a thread of the test process on a free port and counts the requests it answers,
+so a test can prove what was (not) downloaded. The fixtures in ``tests/test_storage.py`` use these.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+
+@dataclass
+class RequestLog:
+    """Requests a server answered, as "METHOD /path?query", and how many of each."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, method: str, path: str) -> None:
+        with self.lock:
+            self.counts[f"{method} {path}"] += 1
+
+    def method(self, method: str) -> int:
+        with self.lock:
+            return sum(n for key, n in self.counts.items() if key.startswith(method + " "))
+
+    def clear(self) -> None:
+        with self.lock:
+            self.counts.clear()
+
+
+def _counting(app: Callable[..., Iterable[bytes]], log: RequestLog) -> Callable[..., Iterable[bytes]]:
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING", "")
+        log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", "") + (f"?{query}" if query else ""))
+        return app(environ, start_response)
+
+    return wrapped
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Emulator:
+    url: str
+    log: RequestLog
+
+
+def moto_s3() -> Iterator[Emulator]:
+    """moto's S3 server (the WSGI app ``moto_server`` runs) behind a request counter."""
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    from werkzeug.serving import make_server
+
+    log = RequestLog()
+    app = server_mod.DomainDispatcherApplication(server_mod.create_backend_app)
+    server = make_server("127.0.0.1", 0, _counting(app, log), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Emulator(f"http://127.0.0.1:{server.server_port}", log)
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def gcs_emulator() -> Iterator[Emulator]:
+    """gcp-storage-emulator, in memory, its request handler counting what it answers."""
+    # gcsfs reads this once, when imported: with it on, gcsfs 2026 probes each bucket's layout over gRPC,
+    # which an emulator never answers (3 x 60 s).
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    pytest.importorskip("gcsfs")
+    server_mod = pytest.importorskip("gcp_storage_emulator.server")
+    import fsspec
+
+    if "extended" in fsspec.get_filesystem_class("gcs").__module__:
+        pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set: it would wait 3 x 60 s")
+    log = RequestLog()
+
+    class Counted(server_mod.RequestHandler):  # type: ignore[misc, name-defined]
+        def parse_request(self) -> bool:
+            ok: bool = super().parse_request()
+            if ok:
+                log.add(self.command, self.path)
+            return ok
+
+    port = free_port()
+    server = server_mod.create_server("127.0.0.1", port, in_memory=True)
+    original, server_mod.RequestHandler = server_mod.RequestHandler, Counted
+    try:
+        server.start()  # the server thread builds its handler from the module's name
+    finally:
+        server_mod.RequestHandler = original
+    try:
+        yield Emulator(f"http://127.0.0.1:{port}", log)
+    finally:
+        server.stop()

@@ -1,0 +1,214 @@
+"""Vertex AI: URLs, and google-auth service-account tokens fetched from the simulator's OAuth2 endpoint."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from nanobatch.errors import ConfigError, FatalApiError
+from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
+from nanobatch.vertex import VertexAuth, vertex_express_url, vertex_url
+
+from .fakes import image_bytes, inline
+
+MODEL = "gemini-3.1-flash-image"
+BODY = {
+    "contents": [{"role": "user", "parts": [{"text": "make the sky purple"}, inline(image_bytes())]}],
+    "generationConfig": {"responseModalities": ["IMAGE"]},
+}
+
+
+@pytest.mark.parametrize(
+    ("location", "url"),
+    [
+        pytest.param(
+            "global",
+            f"https://aiplatform.googleapis.com/v1/projects/shop-123/locations/global/publishers/google/models/{MODEL}"
+            ":generateContent",
+            id="global",
+        ),
+        pytest.param(
+            "us-central1",
+            "https://us-central1-aiplatform.googleapis.com/v1/projects/shop-123/locations/us-central1/publishers/"
+            f"google/models/{MODEL}:generateContent",
+            id="regional",
+        ),
+    ],
+)
+def test_vertex_url_by_location(location: str, url: str) -> None:
+    assert vertex_url("shop-123", location, MODEL) == url
+
+
+@pytest.mark.parametrize(
+    ("project", "location", "setting"),
+    [
+        pytest.param("", "global", "api.project", id="no-project"),
+        pytest.param("shop/../x", "global", "api.project", id="path-in-project"),
+        pytest.param("shop-123", "US Central", "api.location", id="bad-location"),
+        pytest.param("shop-123", "", "api.location", id="no-location"),
+    ],
+)
+def test_bad_project_or_location_is_a_config_error_naming_the_setting(
+    project: str, location: str, setting: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{setting}: "):
+        vertex_url(project, location, MODEL)
+
+
+@pytest.fixture
+def simulator() -> Iterator[tuple[str, Any]]:
+    app = create_app(SimulatorConfig(seed=3, api_key="express-key"))
+    with run_in_thread(app=app) as base_url:
+        yield base_url, app
+
+
+@pytest.fixture
+def auth_for(tmp_path: Path) -> Iterator[Callable[[str], VertexAuth]]:
+    """VertexAuth from a fresh service-account key file whose token_uri is the given URL."""
+    made: list[VertexAuth] = []
+
+    def make(token_uri: str) -> VertexAuth:
+        made.append(VertexAuth.from_service_account_file(str(_key_file(tmp_path, token_uri))))
+        return made[-1]
+
+    yield make
+    for auth in made:
+        auth.close()
+
+
+def _key_file(folder: Path, token_uri: str) -> Path:
+    """A service-account key file like the one Cloud Console downloads, with a fresh RSA key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "shop-123",
+        "private_key_id": "0123456789abcdef",
+        "private_key": pem,
+        "client_email": "nanobatch@shop-123.iam.gserviceaccount.com",
+        "client_id": "1234567890",
+        "token_uri": token_uri,
+    }
+    path = folder / "key.json"
+    path.write_text(json.dumps(info))
+    return path
+
+
+async def test_a_service_account_token_from_the_token_endpoint_authenticates_vertex_calls(
+    simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth], caplog: pytest.LogCaptureFixture
+) -> None:
+    base_url, app = simulator
+    caplog.set_level(logging.DEBUG, logger="nanobatch")
+    auth = auth_for(f"{base_url}/token")
+    url = vertex_url("shop-123", "europe-west4", MODEL, base_url=base_url)
+
+    async with httpx2.AsyncClient(auth=auth, timeout=30) as client:
+        first = await client.post(url, json=BODY)
+        second = await client.post(url, json=BODY)
+        forged = await client.post(url, json=BODY, auth=_Bearer("ya29.forged"))
+
+    assert first.status_code == 200 and second.status_code == 200, first.text
+    assert first.json()["candidates"][0]["content"]["parts"]
+    assert app.state.tokens.issued == 1  # the token is reused while it is valid
+    assert forged.status_code == 401
+    token = await auth.token()
+    assert token.startswith("ya29.sim-") and token not in caplog.text
+
+
+async def test_a_token_about_to_expire_is_refreshed_before_it_is_sent(
+    simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth]
+) -> None:
+    base_url, app = simulator
+    auth = auth_for(f"{base_url}/token")
+    old = await auth.token()
+    soon = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(seconds=60)
+    auth._credentials.expiry = soon  # as if an hour had passed
+
+    new = await auth.token()
+
+    assert new != old and app.state.tokens.issued == 2
+    assert await auth.token() == new
+
+
+async def test_application_default_credentials_find_the_key_file_named_in_the_environment(
+    simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, app = simulator
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(_key_file(tmp_path, f"{base_url}/token")))
+    auth = VertexAuth.application_default()
+    try:
+        assert (await auth.token()).startswith("ya29.sim-")
+    finally:
+        auth.close()
+    assert app.state.tokens.issued == 1
+
+
+async def test_a_refused_token_request_stops_the_run_without_showing_the_key(
+    simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth]
+) -> None:
+    base_url, _ = simulator
+    auth = auth_for(f"{base_url}/no-such-token-endpoint")
+
+    with pytest.raises(FatalApiError) as caught:
+        await auth.token()
+
+    assert caught.value.kind == "auth"
+    assert "PRIVATE KEY" not in str(caught.value)
+
+
+async def test_express_mode_takes_the_api_key(simulator: tuple[str, Any]) -> None:
+    base_url, _ = simulator
+    vertex = vertex_url("shop-123", "global", MODEL, base_url=base_url)
+    express = vertex_express_url(MODEL, base_url=base_url)
+    key = {"x-goog-api-key": "express-key"}
+    async with httpx2.AsyncClient(timeout=30) as client:
+        answers = [await client.post(url, json=BODY, headers=key) for url in (vertex, express)]
+        keyless = await client.post(express, json=BODY)
+    assert [a.status_code for a in answers] == [200, 200]
+    assert keyless.status_code == 401
+
+
+def test_a_key_file_that_is_not_one_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "key.json"
+    path.write_text('{"type": "service_account"}')
+    with pytest.raises(ConfigError, match=r"key\.json: not a readable service-account key"):
+        VertexAuth.from_service_account_file(str(path))
+
+
+class _Bearer(httpx2.Auth):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(self, request: httpx2.Request) -> Iterator[httpx2.Request]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+@pytest.mark.parametrize(
+    ("form", "error"),
+    [
+        pytest.param({"grant_type": "client_credentials"}, "unsupported_grant_type", id="other-grant"),
+        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "a.b"},
+                     "invalid_grant", id="not-a-jwt"),  # fmt: skip
+        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "e30.e30.c2ln"},
+                     "invalid_grant", id="no-claims"),  # fmt: skip
+    ],
+)
+async def test_the_token_endpoint_refuses_what_google_would(form: dict[str, str], error: str) -> None:
+    app = create_app(SimulatorConfig(seed=3))
+    async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://sim") as client:
+        answer = await client.post("/token", data=form)
+    assert answer.status_code == 400 and answer.json()["error"] == error
+    assert app.state.tokens.issued == 0
