@@ -133,7 +133,13 @@ class Breaker:
 
 
 class Budget:
-    """Spend caps: money and request count. Each request reserves its worst case, then settles the real cost."""
+    """Spend caps: money and request count. Each request reserves its worst case, then settles the real cost.
+
+    The worst case comes from the model table, scaled up to the dearest answer seen so far against its own
+    estimate (long text or thinking can cost more than the table's allowance): once one answer has cost
+    more than its reservation, every later request reserves that much more. So the cap can be passed only
+    by requests already in flight when answers first turn out dearer: at most one request per slot.
+    """
 
     def __init__(self, *, max_cost_usd: float | None, max_requests: int | None) -> None:
         self.max_cost_usd = max_cost_usd
@@ -143,15 +149,21 @@ class Budget:
         self._reserved_usd = 0.0
         self._outstanding = 0
         self._settled: anyio.Event | None = None  # made by a reservation that has to wait
+        self._scale = 1.0  # the dearest answer so far over its estimate, never below 1
 
-    async def reserve(self, worst_case_usd: float) -> None:
-        """Wait until the request fits; raise :class:`RunAborted` when it never can."""
-        while not self.try_reserve(worst_case_usd):
+    def reservation(self, worst_case_usd: float) -> float:
+        """What a request estimated at *worst_case_usd* reserves, given the answers seen so far."""
+        return worst_case_usd * self._scale
+
+    async def reserve(self, worst_case_usd: float) -> float:
+        """Wait until the request fits and return what it reserved; raise :class:`RunAborted` when it never can."""
+        while not self.try_reserve(amount := self.reservation(worst_case_usd)):
             if self._outstanding == 0 or self._out_of_requests:
-                raise RunAborted(self._exhausted_message(worst_case_usd))
+                raise RunAborted(self._exhausted_message(amount))
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()  # in-flight requests usually cost less than reserved
+        return amount
 
     def try_reserve(self, worst_case_usd: float) -> bool:
         """Reserve the request's worst case if it fits now; False (nothing reserved) if not."""
@@ -169,10 +181,13 @@ class Budget:
     def _out_of_requests(self) -> bool:
         return self.max_requests is not None and self.requests >= self.max_requests
 
-    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+    def settle(self, reserved_usd: float, actual_usd: float, *, estimate_usd: float | None = None) -> None:
+        """Give back *reserved_usd*, count *actual_usd*; an answer dearer than *estimate_usd* raises the scale."""
         self._reserved_usd -= reserved_usd
         self._outstanding -= 1
         self.spent_usd += actual_usd
+        if estimate_usd and actual_usd > estimate_usd * self._scale:
+            self._scale = actual_usd / estimate_usd
         if self._settled is not None:  # wake whoever waits for room
             self._settled.set()
             self._settled = None
@@ -194,6 +209,7 @@ class Ticket:
     started_at: float
     probe: bool
     cost_usd: float = 0.0
+    estimate_usd: float = 0.0  # the model table's worst case, before the budget scaled it
 
 
 class Gate:
@@ -278,15 +294,17 @@ class Gate:
             self.slots.acquire_nowait()
         except anyio.WouldBlock:
             return None
-        if not self.budget.try_reserve(worst_case_usd):
+        reserve = self.budget.reservation(worst_case_usd)
+        if not self.budget.try_reserve(reserve):
             self.slots.release()
             return None
-        return Ticket(reserved_usd=worst_case_usd, started_at=now, probe=False)
+        return Ticket(reserved_usd=reserve, started_at=now, probe=False, estimate_usd=worst_case_usd)
 
     async def _admit_waiting(self, worst_case_usd: float) -> Ticket:
         probe = False
         reserved = False
         acquired = False
+        reserve = worst_case_usd
         try:
             with anyio.CancelScope() as scope:
                 self._waiting.add(scope)
@@ -301,7 +319,7 @@ class Gate:
                     # while the breaker was still closed must not slip out after it opened.
                     if self.breaker is not None:
                         probe = await self.breaker.wait()
-                    await self.budget.reserve(worst_case_usd)
+                    reserve = await self.budget.reserve(worst_case_usd)
                     reserved = True
                     await self._wait_pause()
                     if self.rate is not None:
@@ -314,14 +332,16 @@ class Gate:
                 raise Stopped
         except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken
             if reserved:
-                self.budget.settle(worst_case_usd, 0.0)
+                self.budget.settle(reserve, 0.0)
                 self.budget.requests -= 1
             if acquired:
                 self.slots.release()
             if probe and self.breaker is not None:
                 self.breaker.record(outage=True, probe=True)
             raise
-        return Ticket(reserved_usd=worst_case_usd, started_at=anyio.current_time(), probe=probe)
+        return Ticket(
+            reserved_usd=reserve, started_at=anyio.current_time(), probe=probe, estimate_usd=worst_case_usd
+        )
 
     async def _wait_pause(self) -> None:
         # A deadline that later 429s may push back: sleep to it, then look again.
@@ -329,7 +349,7 @@ class Gate:
             await anyio.sleep(delay)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
-        self.budget.settle(ticket.reserved_usd, ticket.cost_usd)
+        self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
         kind = error.kind if error is not None else None
         if self.breaker is not None and not cancelled:
             self.breaker.record(outage=kind in _OUTAGE, probe=ticket.probe)
