@@ -13,6 +13,7 @@ so tests run all of this on trio's virtual clock.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,8 +24,14 @@ from .errors import ApiError, RunAborted
 
 __all__ = ["Budget", "Breaker", "Gate", "RateLimiter", "Stopped", "Ticket"]
 
-# Error kinds that mean "too much traffic": they shrink the concurrency window.
+# Error kinds that may mean "too much traffic". A 429 always shrinks the concurrency window; a server error
+# only when the server asks for a pause (RetryInfo, Retry-After) or when server errors become frequent:
+# a steady few percent of random 5xx is the service's noise, not congestion, and halving the window on
+# each of them kept it near one (8% random 503s held a window of 50 at 2-12).
 _PUSHBACK = frozenset({"rate_limited", "overloaded"})
+_SERVER_ERRORS = frozenset({"overloaded", "server_error", "bad_gateway"})
+_ERROR_RATE_ANSWERS = 32  # the answers the error rate is taken over
+_ERROR_RATE_CUT = 11  # server errors among them (over a third) that mean the service is being overrun
 # Error kinds that mean "the service or the path to it is failing": they count towards the breaker.
 _OUTAGE = frozenset({"connection", "timeout", "server_error", "bad_gateway", "overloaded", "bad_response"})
 
@@ -236,6 +243,7 @@ class Gate:
         self.in_flight = 0
         self.pushbacks = 0
         self._last_cut = -math.inf
+        self._server_errors: deque[bool] = deque(maxlen=_ERROR_RATE_ANSWERS)  # recent answers: a 5xx or not
         self._waiting: set[anyio.CancelScope] = set()
 
     @property
@@ -355,13 +363,20 @@ class Gate:
             self.breaker.record(outage=kind in _OUTAGE, probe=ticket.probe)
         elif self.breaker is not None and ticket.probe:
             self.breaker.record(outage=True, probe=True)
+        if not cancelled:
+            self._server_errors.append(kind in _SERVER_ERRORS)
         if kind in _PUSHBACK:
             self.pushbacks += 1
-            if error is not None and error.retry_after is not None:
+        if error is not None and kind in _PUSHBACK | _SERVER_ERRORS:
+            if error.retry_after is not None:
                 self.pause(error.retry_after)
-            self._cut(ticket.started_at)
+            if kind == "rate_limited" or error.retry_after is not None or self._errors_frequent():
+                self._cut(ticket.started_at)
         elif error is None and not cancelled:
             self._grow()
+
+    def _errors_frequent(self) -> bool:
+        return sum(self._server_errors) >= _ERROR_RATE_CUT
 
     def _cut(self, started_at: float) -> None:
         """Multiplicative decrease, at most once per round trip: answers to requests sent before
