@@ -31,7 +31,7 @@ import _fixtures as fixtures
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("dispatch", "rate", "cpu", "memory", "resume")
+SECTIONS = ("startup", "dispatch", "rate", "cpu", "memory", "resume")
 
 
 def say(text: str) -> None:
@@ -99,6 +99,34 @@ class Bench:
         if done.returncode != 0:
             raise RuntimeError(f"{scenario} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# 0. CLI start-up ---------------------------------------------------------------------------------------
+
+
+def bench_startup(b: Bench) -> None:
+    """Wall time of `nanobatch --help`, `status` and `validate` (a 10-item job), best of 7 fresh processes."""
+    section = "0 startup"
+    say("[0] startup: fresh `python -m nanobatch` processes")
+    manifest = b.catalog(10)
+    out = b.tmp / "out" / "startup"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    commands = {
+        "--help": ["--help"],
+        "status": ["status", str(out)],
+        "validate (10 items)": ["validate", str(manifest), "--out", str(out)],
+    }
+    for name, args in commands.items():
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "nanobatch", *args], cwd=b.tmp, env=env, capture_output=True)
+            times.append(time.perf_counter() - started)
+        best = min(times)
+        b.add(section, f"`nanobatch {name}` start-up", f"**{best:.3f} s** (median {statistics.median(times):.3f} s)",
+              "< 0.25 s", best < 0.25)  # fmt: skip
 
 
 # 1. Dispatch efficiency ------------------------------------------------------------------------------
@@ -373,6 +401,7 @@ def bench_resume(b: Bench) -> None:
 
 
 BENCHES: dict[str, Callable[[Bench], None]] = {
+    "startup": bench_startup,
     "dispatch": bench_dispatch,
     "rate": bench_rate,
     "cpu": bench_cpu,

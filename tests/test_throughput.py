@@ -164,7 +164,7 @@ def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
 
 
 def random_faults(seed: int) -> Any:
-    """A server with 2 s latency that answers 8% of requests with a random 503 or 500; it keeps when it last answered."""
+    """A server with 2 s latency answering 8% of requests with a random 503 or 500; it notes its last answer's time."""
     import random
 
     rng = random.Random(seed)

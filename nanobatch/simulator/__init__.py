@@ -11,10 +11,29 @@ tested and demonstrated without a key or network.
 
 from __future__ import annotations
 
-from .app import SimulatorStats, create_app
+import importlib
+import typing
+
 from .config import FAULT_KINDS, SimulatorConfig
-from .errors import SimulatedDrop
-from .server import run_in_thread, serve
+
+if typing.TYPE_CHECKING:
+    from .app import SimulatorStats, create_app
+    from .errors import SimulatedDrop
+    from .server import run_in_thread, serve
+
+# The app and the server (starlette, uvicorn, Pillow) are imported when first used (PEP 562), so that
+# the CLI, which registers the `simulate` command, starts without them.
+_LAZY = {"SimulatorStats": "app", "create_app": "app", "SimulatedDrop": "errors", "run_in_thread": "server",
+         "serve": "server"}  # fmt: skip
+
+
+def __getattr__(name: str) -> typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nanobatch.simulator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "FAULT_KINDS",

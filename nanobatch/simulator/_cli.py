@@ -9,7 +9,6 @@ from typing import Any, TypedDict
 import click
 
 from .config import FAULT_KINDS, SimulatorConfig
-from .server import serve
 
 __all__ = ["FAULT_MIX", "LatencyOptions", "parse_fault_rates", "parse_latency", "simulate"]
 
@@ -175,6 +174,8 @@ def simulate(
 
     def ready(url: str) -> None:
         click.echo(f"Simulator listening on {url}; run: nanobatch run MANIFEST --base-url {url}{auth} (Ctrl-C stops)")
+
+    from .server import serve  # uvicorn and starlette: loaded only when the simulator really starts
 
     try:
         serve(config, host, port, verbose=verbose, on_ready=ready)

@@ -47,7 +47,7 @@ def _before(first: re.Pattern[str], second: re.Pattern[str], text: str) -> bool:
     return False
 
 
-def _white_background(text: str) -> bool:
+def _asks_white_background(text: str) -> bool:
     return (
         _before(_WORD_WHITE, _WORD_BACKGROUND, text)
         or _before(_BACKGROUND_WORD, _WORD_WHITE_START, text)
@@ -55,14 +55,14 @@ def _white_background(text: str) -> bool:
     )
 
 
+_GRAYSCALE = re.compile(r"black[ -]and[ -]white|\bgr[ae]yscale|\bmonochrome|\bb&w\b", re.I)
 _EDITS: tuple[tuple[str, Callable[[str], bool]], ...] = (
-    ("white_background", _white_background),
+    ("white_background", _asks_white_background),
     ("blur", lambda text: re.search(r"\bblur", text, re.I) is not None),
     ("warm", lambda text: re.search(r"\bwarm", text, re.I) is not None),
     ("cool", lambda text: re.search(r"\bcool", text, re.I) is not None),
     ("grayscale", lambda text: _GRAYSCALE.search(text) is not None),
 )
-_GRAYSCALE = re.compile(r"black[ -]and[ -]white|\bgr[ae]yscale|\bmonochrome|\bb&w\b", re.I)
 _ANALYSIS_EDGE = 160  # background detection runs on a thumbnail this big
 _SIMILAR = 40  # max channel difference that still counts as "background colour"
 
