@@ -56,7 +56,7 @@ class Bench:
     quick: bool
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    catalogs: dict[tuple[int, str], Path] = field(default_factory=dict)
+    catalogs: dict[tuple[int, str, bool], Path] = field(default_factory=dict)
     long_run: tuple[Path, Path] | None = None  # (manifest, output folder) of the long manifest's run
     tiny: Path = field(init=False)
     input: Path = field(init=False)
@@ -67,12 +67,16 @@ class Bench:
         self.input = fixtures.input_jpeg(self.tmp / "input.jpg")
         self.noise = fixtures.noise_png(self.tmp / "noise-2k.png")
 
-    def catalog(self, n: int, image_size: str = "512") -> Path:
-        """A manifest of *n* edit items, made once per (n, size)."""
-        key = (n, image_size)
+    def catalog(self, n: int, image_size: str = "512", *, distinct: bool = False) -> Path:
+        """A manifest of *n* edit items, made once per (n, size, distinct inputs or links to one)."""
+        key = (n, image_size, distinct)
         if key not in self.catalogs:
             self.catalogs[key] = fixtures.write_catalog(
-                self.tmp / f"job-{n}-{image_size}", n, self.input, image_size=image_size
+                self.tmp / f"job-{n}-{image_size}{'-distinct' if distinct else ''}",
+                n,
+                self.input,
+                image_size=image_size,
+                distinct=distinct,
             )
         return self.catalogs[key]
 
@@ -329,21 +333,21 @@ def bench_memory(b: Bench) -> None:
         b.add(section, f"peak RSS, {label}", "; ".join(peaks) + f"; after imports, before the run: {base:.0f} MB")
 
     short_n, long_n = 2000, (20_000 if b.quick else 100_000)
-    say(f"  manifest length: {short_n:,} vs {long_n:,} items, concurrency 8, no latency")
+    say(f"  manifest length: {short_n:,} vs {long_n:,} items, each its own input file, concurrency 8, no latency")
     results = {}
     with SimulatorProcess(latency_s=0, canned=str(b.tiny)) as sim:
         for n in (short_n, long_n):
-            manifest = b.catalog(n)
+            manifest = b.catalog(n, distinct=True)
             out = b.out(f"length-{n}")
             run = b.client("nanobatch", manifest=str(manifest), out_dir=out, base_url=sim.url, concurrency=8)
             _check_complete(run, n)
             results[n] = run
-    b.long_run = (b.catalog(long_n), Path(b.out(f"length-{long_n}")))
+    b.long_run = (b.catalog(long_n, distinct=True), Path(b.out(f"length-{long_n}")))
     short, long = results[short_n]["maxrss_mb"], results[long_n]["maxrss_mb"]
     per_item = (long - short) * 2**20 / (long_n - short_n)
     b.add(
         section,
-        f"peak RSS, manifest of {short_n:,} vs {long_n:,} items (c=8, small answers)",
+        f"peak RSS, manifest of {short_n:,} vs {long_n:,} items, distinct input files (c=8, small answers)",
         f"{short:.0f} MB vs **{long:.0f} MB** (+{long - short:.0f} MB, {per_item:.0f} bytes per extra item); "
         f"run times {results[short_n]['wall_s']:.1f} s and {results[long_n]['wall_s']:.1f} s "
         f"({long_n / results[long_n]['wall_s']:.0f} items/s)",
@@ -362,10 +366,14 @@ def bench_resume(b: Bench) -> None:
         n = 20_000 if b.quick else 100_000
         with SimulatorProcess(latency_s=0, canned=str(b.tiny)) as sim:
             run = b.client(
-                "nanobatch", manifest=str(b.catalog(n)), out_dir=b.out(f"length-{n}"), base_url=sim.url, concurrency=8
+                "nanobatch",
+                manifest=str(b.catalog(n, distinct=True)),
+                out_dir=b.out(f"length-{n}"),
+                base_url=sim.url,
+                concurrency=8,
             )
             _check_complete(run, n)
-        b.long_run = (b.catalog(n), Path(b.out(f"length-{n}")))
+        b.long_run = (b.catalog(n, distinct=True), Path(b.out(f"length-{n}")))
     manifest, out = b.long_run
     records = sum(1 for _ in (out / "results.jsonl").open("rb"))
     size_mb = (out / "results.jsonl").stat().st_size / 1e6
