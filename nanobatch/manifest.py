@@ -502,9 +502,12 @@ def _build_item(
             if isinstance(text, str) and (message := _text_problem(text)):
                 bad(name, message)
     if f.id is None:
-        bad("id", "every item needs an id (letters, digits, '.', '_' and '-')")
+        bad("id", "every item needs an id (ASCII letters, digits, '.', '_' and '-')")
     elif not _ID.fullmatch(f.id):
-        bad("id", f"{f.id!r} is not a valid id: use letters, digits, '.', '_' and '-', not starting with '.' or '-'")
+        bad("id", (
+            f"{f.id!r} is not a valid id: use ASCII letters (a-z, A-Z), digits, '.', '_' and '-', "
+            "not starting with '.' or '-'"
+        ))  # fmt: skip
     if f.image is not None and f.images is not None:
         bad("images", "give either image or images, not both")
     if f.instruction is not None and f.steps is not None:

@@ -64,6 +64,9 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param(ITEM.replace("id: a", "id: a/b"), "a/b", "id", "not a valid id", id="slash-in-id"),
         pytest.param(ITEM.replace("id: a", "id: -a"), "-a", "id", "not starting with", id="id-starts-with-dash"),
         pytest.param(
+            ITEM.replace("id: a", "id: café-1"), "café-1", "id", "use ASCII letters (a-z, A-Z)", id="non-ascii-id"
+        ),
+        pytest.param(
             "defaults:\n  instruction: x\nitems:\n  - image: a.png\n", "#1", "id", "every item needs an id", id="no-id"
         ),
         pytest.param("items:\n  - not a mapping\n", "#1", None, "must be a mapping", id="item-not-a-mapping"),
