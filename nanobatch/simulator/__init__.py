@@ -11,12 +11,12 @@ tested and demonstrated without a key or network.
 
 from __future__ import annotations
 
-import importlib
-import typing
+import importlib as _importlib
+import typing as _typing
 
 from .config import FAULT_KINDS, SimulatorConfig
 
-if typing.TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from .app import SimulatorStats, create_app
     from .errors import SimulatedDrop
     from .server import run_in_thread, serve
@@ -27,13 +27,18 @@ _LAZY = {"SimulatorStats": "app", "create_app": "app", "SimulatedDrop": "errors"
          "serve": "server"}  # fmt: skip
 
 
-def __getattr__(name: str) -> typing.Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'nanobatch.simulator' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "FAULT_KINDS",
