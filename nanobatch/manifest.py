@@ -606,8 +606,11 @@ def _resolve_input(
         if st is None:
             return path, f"image file not found: {path}", 0
         if not stat.S_ISREG(st.st_mode):
-            what = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else "a device"
-            kind = what if not stat.S_ISSOCK(st.st_mode) else "a socket"
+            mode = st.st_mode
+            kind = (
+                "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            )  # fmt: skip
             return path, f"{path} is not a regular file ({kind}); an image must be a file", 0
         size = st.st_size
         if size > models.MAX_INPUT_BYTES and not resize:
