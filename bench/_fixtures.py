@@ -42,11 +42,15 @@ def _save(image: Image.Image, path: Path, fmt: str) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str = "512") -> Path:
+def write_catalog(
+    folder: Path, n: int, source_image: Path, *, image_size: str = "512", distinct: bool = False
+) -> Path:
     """A job of *n* edit items read from a CSV, each with its own input file; returns the manifest.
 
     The inputs are hard links to copies of one small JPEG: every item has a file of its
-    own to stat and read, without writing 100,000 copies.
+    own to stat and read, without writing 100,000 copies. With *distinct*, each item's input
+    is a different 24x24 PNG instead (different bytes, so different digests and work keys,
+    as in a real catalog).
     """
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -55,11 +59,16 @@ def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str =
         csv.write("id\n")
         for number in range(n):
             item_id = f"sku-{number:06d}"
+            csv.write(f"{item_id}\n")
+            if distinct:
+                colour = (number % 256, number // 256 % 256, number // 65536 % 256)
+                # A PNG under the .jpg name the manifest gives: nanobatch reads the type from the bytes.
+                _save(Image.new("RGB", (24, 24), colour), images / f"{item_id}.jpg", "PNG")
+                continue
             source = folder / f"source-{number // _LINKS_PER_FILE}.jpg"  # ext4 allows 65,000 links per file
             if number % _LINKS_PER_FILE == 0:
                 source.write_bytes(data)
             os.link(source, images / f"{item_id}.jpg")
-            csv.write(f"{item_id}\n")
     manifest = folder / "job.yaml"
     manifest.write_text(
         f"name: {folder.name}\n"

@@ -37,7 +37,7 @@ from _peers import bench_peers
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("peers", "dispatch", "rate", "cpu", "memory", "resume")
+SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume")
 README = HERE.parent / "README.md"
 README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
@@ -64,7 +64,7 @@ class Bench:
     quick: bool
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    catalogs: dict[tuple[int, str], Path] = field(default_factory=dict)
+    catalogs: dict[tuple[int, str, bool], Path] = field(default_factory=dict)
     long_run: tuple[Path, Path] | None = None  # (manifest, output folder) of the long manifest's run
     tiny: Path = field(init=False)
     input: Path = field(init=False)
@@ -75,12 +75,16 @@ class Bench:
         self.input = fixtures.input_jpeg(self.tmp / "input.jpg")
         self.noise = fixtures.noise_png(self.tmp / "noise-2k.png")
 
-    def catalog(self, n: int, image_size: str = "512") -> Path:
-        """A manifest of *n* edit items, made once per (n, size)."""
-        key = (n, image_size)
+    def catalog(self, n: int, image_size: str = "512", *, distinct: bool = False) -> Path:
+        """A manifest of *n* edit items, made once per (n, size, distinct inputs or links to one)."""
+        key = (n, image_size, distinct)
         if key not in self.catalogs:
             self.catalogs[key] = fixtures.write_catalog(
-                self.tmp / f"job-{n}-{image_size}", n, self.input, image_size=image_size
+                self.tmp / f"job-{n}-{image_size}{'-distinct' if distinct else ''}",
+                n,
+                self.input,
+                image_size=image_size,
+                distinct=distinct,
             )
         return self.catalogs[key]
 
@@ -107,6 +111,34 @@ class Bench:
         if done.returncode != 0:
             raise RuntimeError(f"{scenario} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# 0. CLI start-up ---------------------------------------------------------------------------------------
+
+
+def bench_startup(b: Bench) -> None:
+    """Wall time of `nanobatch --help`, `status` and `validate` (a 10-item job), best of 7 fresh processes."""
+    section = "0 startup"
+    say("[0] startup: fresh `python -m nanobatch` processes")
+    manifest = b.catalog(10)
+    out = b.tmp / "out" / "startup"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    commands = {
+        "--help": ["--help"],
+        "status": ["status", str(out)],
+        "validate (10 items)": ["validate", str(manifest), "--out", str(out)],
+    }
+    for name, args in commands.items():
+        times = []
+        for _ in range(7):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "nanobatch", *args], cwd=b.tmp, env=env, capture_output=True)
+            times.append(time.perf_counter() - started)
+        best = min(times)
+        b.add(section, f"`nanobatch {name}` start-up", f"**{best:.3f} s** (median {statistics.median(times):.3f} s)",
+              "< 0.25 s", best < 0.25)  # fmt: skip
 
 
 # 1. Dispatch efficiency ------------------------------------------------------------------------------
@@ -309,21 +341,21 @@ def bench_memory(b: Bench) -> None:
         b.add(section, f"peak RSS, {label}", "; ".join(peaks) + f"; after imports, before the run: {base:.0f} MB")
 
     short_n, long_n = 2000, (20_000 if b.quick else 100_000)
-    say(f"  manifest length: {short_n:,} vs {long_n:,} items, concurrency 8, no latency")
+    say(f"  manifest length: {short_n:,} vs {long_n:,} items, each its own input file, concurrency 8, no latency")
     results = {}
     with SimulatorProcess(latency_s=0, canned=str(b.tiny)) as sim:
         for n in (short_n, long_n):
-            manifest = b.catalog(n)
+            manifest = b.catalog(n, distinct=True)
             out = b.out(f"length-{n}")
             run = b.client("nanobatch", manifest=str(manifest), out_dir=out, base_url=sim.url, concurrency=8)
             _check_complete(run, n)
             results[n] = run
-    b.long_run = (b.catalog(long_n), Path(b.out(f"length-{long_n}")))
+    b.long_run = (b.catalog(long_n, distinct=True), Path(b.out(f"length-{long_n}")))
     short, long = results[short_n]["maxrss_mb"], results[long_n]["maxrss_mb"]
     per_item = (long - short) * 2**20 / (long_n - short_n)
     b.add(
         section,
-        f"peak RSS, manifest of {short_n:,} vs {long_n:,} items (c=8, small answers)",
+        f"peak RSS, manifest of {short_n:,} vs {long_n:,} items, distinct input files (c=8, small answers)",
         f"{short:.0f} MB vs **{long:.0f} MB** (+{long - short:.0f} MB, {per_item:.0f} bytes per extra item); "
         f"run times {results[short_n]['wall_s']:.1f} s and {results[long_n]['wall_s']:.1f} s "
         f"({long_n / results[long_n]['wall_s']:.0f} items/s)",
@@ -342,10 +374,14 @@ def bench_resume(b: Bench) -> None:
         n = 20_000 if b.quick else 100_000
         with SimulatorProcess(latency_s=0, canned=str(b.tiny)) as sim:
             run = b.client(
-                "nanobatch", manifest=str(b.catalog(n)), out_dir=b.out(f"length-{n}"), base_url=sim.url, concurrency=8
+                "nanobatch",
+                manifest=str(b.catalog(n, distinct=True)),
+                out_dir=b.out(f"length-{n}"),
+                base_url=sim.url,
+                concurrency=8,
             )
             _check_complete(run, n)
-        b.long_run = (b.catalog(n), Path(b.out(f"length-{n}")))
+        b.long_run = (b.catalog(n, distinct=True), Path(b.out(f"length-{n}")))
     manifest, out = b.long_run
     records = sum(1 for _ in (out / "results.jsonl").open("rb"))
     size_mb = (out / "results.jsonl").stat().st_size / 1e6
@@ -382,6 +418,7 @@ def bench_resume(b: Bench) -> None:
 
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "peers": bench_peers,
+    "startup": bench_startup,
     "dispatch": bench_dispatch,
     "rate": bench_rate,
     "cpu": bench_cpu,

@@ -15,17 +15,18 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
 import click
 
-from .config import Settings, load_settings, read_api_key
-from .engine import RunStats
 from .errors import NanobatchError, sole_error
-from .manifest import load_manifest
-from .progress import LiveProgress, PlainProgress
-from .runner import CheckResult, RunSummary, check_job, run_job
+
+# Each command imports what it needs when it runs: `nanobatch --help`, `status` and `validate` start without
+# the HTTP stack, Pillow, rich or the simulator (uvicorn, starlette).
+if TYPE_CHECKING:
+    from .config import Settings
+    from .progress import LiveProgress, PlainProgress
+    from .runner import CheckResult, RunSummary
 
 __all__ = ["cli", "entrypoint", "main"]
 
@@ -88,6 +89,8 @@ def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
 
 
 def _install_redaction(settings: Settings) -> None:
+    from .config import read_api_key
+
     secret = read_api_key(settings)
     for handler in logging.getLogger("nanobatch").handlers:
         handler.filters[:] = [_Redact(secret)]
@@ -182,6 +185,8 @@ def _settings_options(f: Any) -> Any:
 
 
 def _settings(config_file: str | None, **flags: Any) -> Settings:
+    from .config import load_settings
+
     return load_settings(
         config_file,
         overrides={
@@ -199,6 +204,8 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
 
 
 def _manifest(path: str, settings: Settings, model: str | None) -> Any:
+    from .manifest import load_manifest
+
     manifest = load_manifest(path, default_model=settings.api.model)
     return dataclasses.replace(manifest, model=model) if model else manifest
 
@@ -240,6 +247,11 @@ def run(
     **flags: Any,
 ) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
+    import anyio
+
+    from .engine import RunStats
+    from .runner import check_job, run_job
+
     settings = _settings(config_file, **flags)
     _install_redaction(settings)
     job = _manifest(manifest, settings, flags.get("model"))
@@ -286,6 +298,8 @@ def run(
 
 def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | None:
     """A live display on a terminal, plain lines in logs and cron mail, nothing with --quiet."""
+    from .progress import LiveProgress, PlainProgress
+
     if quiet:
         logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
@@ -305,6 +319,8 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
 @_settings_options
 def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
     """Resolve and check every item, estimate cost and duration; send nothing."""
+    from .runner import check_job
+
     settings = _settings(config_file, **flags)
     _print_check(check_job(_manifest(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
 
@@ -460,6 +476,8 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
     if live:
         settings = _settings(config_file, base_url=base_url)
         _install_redaction(settings)
+        import anyio
+
         result["live"] = compare_live(anyio.run(_list_live, settings))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -494,6 +512,7 @@ def _status_text(row: dict[str, Any]) -> str:
 
 async def _list_live(settings: Settings) -> list[dict[str, Any]]:
     from .client import GeminiClient
+    from .config import read_api_key
 
     api = settings.api
     async with GeminiClient(

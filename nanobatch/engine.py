@@ -101,6 +101,10 @@ class RunStats:
 
 # Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
 _WRITE_QUEUE_BYTES = 32 * 1024 * 1024
+# ... or past this many items: with small answers the bytes alone let tens of thousands of records (a few KB
+# each in Python objects) pile up behind a writer that fsyncs every image, and memory grew with the manifest.
+_WRITE_QUEUE_ITEMS = 1024
+
 # What a shed flex request looks like: overload answers (429 without a daily quota, 503), retried on flex first.
 SHED_KINDS = frozenset({"rate_limited", "overloaded"})
 
@@ -127,16 +131,19 @@ class _Finished:
 
 
 class _WriteQueue:
-    """Finished items on their way to the writer, bounded by their bytes rather than their count.
+    """Finished items on their way to the writer, bounded by their bytes and by their count.
 
     The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
-    small results never make the workers wait, and big ones hold at most ``max_bytes`` in memory
-    (queued or being written; one item bigger than that is let through alone).
+    workers wait only when the writer falls far behind: big results hold at most ``max_bytes`` in memory
+    (queued or being written; one item bigger than that is let through alone), small ones at most
+    ``max_items`` records.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_items: int = _WRITE_QUEUE_ITEMS) -> None:
         self.max_bytes = max_bytes
+        self.max_items = max_items
         self.bytes = 0
+        self.count = 0  # items queued or being written
         self._items: deque[_Finished] = deque()
         self._closed = False  # no more items will come
         self._writing = True  # False: the writer has stopped, items are dropped
@@ -146,12 +153,13 @@ class _WriteQueue:
     async def put(self, finished: _Finished) -> bool:
         """Queue *finished*; False if the writer has stopped (the run is ending with its error)."""
         size = finished.size
-        while self._writing and self.bytes and self.bytes + size > self.max_bytes:
+        while self._writing and self.count and (self.bytes + size > self.max_bytes or self.count >= self.max_items):
             await self._room.wait()
         if not self._writing:
             return False
         self._items.append(finished)
         self.bytes += size
+        self.count += 1
         self._ready.set()
         return True
 
@@ -169,6 +177,7 @@ class _WriteQueue:
     def written(self, batch: list[_Finished]) -> None:
         """The writer is done with *batch*: its bytes make room."""
         self.bytes -= sum(finished.size for finished in batch)
+        self.count -= len(batch)
         self._room.set()
         self._room = anyio.Event()
 
@@ -255,7 +264,7 @@ class Engine:
         # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
         pending = iter(items)
         # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
-        done = _WriteQueue(_WRITE_QUEUE_BYTES)
+        done = _WriteQueue(_WRITE_QUEUE_BYTES, _WRITE_QUEUE_ITEMS)
         self.log.open()
         self.journal.open()
         try:

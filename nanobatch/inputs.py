@@ -27,6 +27,7 @@ from types import TracebackType
 import anyio
 import httpx2
 
+from ._pictures import picture_problem
 from ._retry import RetryPolicy, retrying
 from .errors import ApiError, Problem
 from .gemini import Image, sniff_mime
@@ -336,6 +337,8 @@ def _as_image(name: str, data: bytes, content_type: str | None = None) -> Image:
     if mime not in _ACCEPTED:
         sent = f" (it is {mime})" if mime else f" (the server said {content_type})" if content_type else ""
         raise InputError(f"{name} is not a PNG, JPEG, WEBP or HEIC/HEIF image{sent}")
+    if problem := picture_problem(data):  # never pay for a request the API must refuse
+        raise InputError(f"{name}: {problem}")
     return Image(mime, data)
 
 

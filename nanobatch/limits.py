@@ -25,8 +25,14 @@ from .errors import ApiError, RunAborted
 
 __all__ = ["Budget", "Breaker", "FirstContact", "Gate", "RateLimiter", "Stopped", "Ticket"]
 
-# Error kinds that mean "too much traffic": they shrink the concurrency window.
+# Error kinds that may mean "too much traffic". A 429 always shrinks the concurrency window; a server error
+# only when the server asks for a pause (RetryInfo, Retry-After) or when server errors become frequent:
+# a steady few percent of random 5xx is the service's noise, not congestion, and halving the window on
+# each of them kept it near one (8% random 503s held a window of 50 at 2-12).
 _PUSHBACK = frozenset({"rate_limited", "overloaded"})
+_SERVER_ERRORS = frozenset({"overloaded", "server_error", "bad_gateway"})
+_ERROR_RATE_ANSWERS = 32  # the answers the error rate is taken over
+_ERROR_RATE_CUT = 11  # server errors among them (over a third) that mean the service is being overrun
 # Error kinds that mean "the service or the path to it is failing": they count towards the breaker.
 _OUTAGE = frozenset({"connection", "timeout", "server_error", "bad_gateway", "overloaded", "bad_response"})
 
@@ -212,7 +218,13 @@ class FirstContact:
 
 
 class Budget:
-    """Spend caps: money and request count. Each request reserves its worst case, then settles the real cost."""
+    """Spend caps: money and request count. Each request reserves its worst case, then settles the real cost.
+
+    The worst case comes from the model table, scaled up to the dearest answer seen so far against its own
+    estimate (long text or thinking can cost more than the table's allowance): once one answer has cost
+    more than its reservation, every later request reserves that much more. So the cap can be passed only
+    by requests already in flight when answers first turn out dearer: at most one request per slot.
+    """
 
     def __init__(self, *, max_cost_usd: float | None, max_requests: int | None) -> None:
         self.max_cost_usd = max_cost_usd
@@ -222,15 +234,21 @@ class Budget:
         self._reserved_usd = 0.0
         self._outstanding = 0
         self._settled: anyio.Event | None = None  # made by a reservation that has to wait
+        self._scale = 1.0  # the dearest answer so far over its estimate, never below 1
 
-    async def reserve(self, worst_case_usd: float) -> None:
-        """Wait until the request fits; raise :class:`RunAborted` when it never can."""
-        while not self.try_reserve(worst_case_usd):
+    def reservation(self, worst_case_usd: float) -> float:
+        """What a request estimated at *worst_case_usd* reserves, given the answers seen so far."""
+        return worst_case_usd * self._scale
+
+    async def reserve(self, worst_case_usd: float) -> float:
+        """Wait until the request fits and return what it reserved; raise :class:`RunAborted` when it never can."""
+        while not self.try_reserve(amount := self.reservation(worst_case_usd)):
             if self._outstanding == 0 or self._out_of_requests:
-                raise RunAborted(self._exhausted_message(worst_case_usd))
+                raise RunAborted(self._exhausted_message(amount))
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()  # in-flight requests usually cost less than reserved
+        return amount
 
     def try_reserve(self, worst_case_usd: float) -> bool:
         """Reserve the request's worst case if it fits now; False (nothing reserved) if not."""
@@ -248,10 +266,13 @@ class Budget:
     def _out_of_requests(self) -> bool:
         return self.max_requests is not None and self.requests >= self.max_requests
 
-    def settle(self, reserved_usd: float, actual_usd: float) -> None:
+    def settle(self, reserved_usd: float, actual_usd: float, *, estimate_usd: float | None = None) -> None:
+        """Give back *reserved_usd*, count *actual_usd*; an answer dearer than *estimate_usd* raises the scale."""
         self._reserved_usd -= reserved_usd
         self._outstanding -= 1
         self.spent_usd += actual_usd
+        if estimate_usd and actual_usd > estimate_usd * self._scale:
+            self._scale = actual_usd / estimate_usd
         if self._settled is not None:  # wake whoever waits for room
             self._settled.set()
             self._settled = None
@@ -273,6 +294,7 @@ class Ticket:
     started_at: float
     probe: bool
     cost_usd: float = 0.0
+    estimate_usd: float = 0.0  # the model table's worst case, before the budget scaled it
 
 
 class Gate:
@@ -302,6 +324,7 @@ class Gate:
         self.in_flight = 0
         self.pushbacks = 0
         self._last_cut = -math.inf
+        self._server_errors: deque[bool] = deque(maxlen=_ERROR_RATE_ANSWERS)  # recent answers: a 5xx or not
         self._waiting: set[anyio.CancelScope] = set()
 
     @property
@@ -360,15 +383,17 @@ class Gate:
             self.slots.acquire_nowait()
         except anyio.WouldBlock:
             return None
-        if not self.budget.try_reserve(worst_case_usd):
+        reserve = self.budget.reservation(worst_case_usd)
+        if not self.budget.try_reserve(reserve):
             self.slots.release()
             return None
-        return Ticket(reserved_usd=worst_case_usd, started_at=now, probe=False)
+        return Ticket(reserved_usd=reserve, started_at=now, probe=False, estimate_usd=worst_case_usd)
 
     async def _admit_waiting(self, worst_case_usd: float) -> Ticket:
         probe = False
         reserved = False
         acquired = False
+        reserve = worst_case_usd
         try:
             with anyio.CancelScope() as scope:
                 self._waiting.add(scope)
@@ -383,7 +408,7 @@ class Gate:
                     # while the breaker was still closed must not slip out after it opened.
                     if self.breaker is not None:
                         probe = await self.breaker.wait()
-                    await self.budget.reserve(worst_case_usd)
+                    reserve = await self.budget.reserve(worst_case_usd)
                     reserved = True
                     await self._wait_pause()
                     if self.rate is not None:
@@ -396,14 +421,16 @@ class Gate:
                 raise Stopped
         except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken
             if reserved:
-                self.budget.settle(worst_case_usd, 0.0)
+                self.budget.settle(reserve, 0.0)
                 self.budget.requests -= 1
             if acquired:
                 self.slots.release()
             if probe and self.breaker is not None:
                 self.breaker.record(outage=True, probe=True)
             raise
-        return Ticket(reserved_usd=worst_case_usd, started_at=anyio.current_time(), probe=probe)
+        return Ticket(
+            reserved_usd=reserve, started_at=anyio.current_time(), probe=probe, estimate_usd=worst_case_usd
+        )
 
     async def _wait_pause(self) -> None:
         # A deadline that later 429s may push back: sleep to it, then look again.
@@ -411,7 +438,7 @@ class Gate:
             await anyio.sleep(delay)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
-        self.budget.settle(ticket.reserved_usd, ticket.cost_usd)
+        self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
         if not cancelled:
             self._note_contact(ticket, error)
         kind = error.kind if error is not None else None
@@ -419,11 +446,15 @@ class Gate:
             self.breaker.record(outage=kind in _OUTAGE, probe=ticket.probe)
         elif self.breaker is not None and ticket.probe:
             self.breaker.record(outage=True, probe=True)
+        if not cancelled:
+            self._server_errors.append(kind in _SERVER_ERRORS)
         if kind in _PUSHBACK:
             self.pushbacks += 1
-            if error is not None and error.retry_after is not None:
+        if error is not None and kind in _PUSHBACK | _SERVER_ERRORS:
+            if error.retry_after is not None:
                 self.pause(error.retry_after)
-            self._cut(ticket.started_at)
+            if kind == "rate_limited" or error.retry_after is not None or self._errors_frequent():
+                self._cut(ticket.started_at)
         elif error is None and not cancelled:
             self._grow()
 
@@ -433,6 +464,9 @@ class Gate:
             self.breaker.last_error = error.message
         if self.first_contact is not None and (never := self.first_contact.record(error, ticket.started_at)):
             self.stop(never)
+
+    def _errors_frequent(self) -> bool:
+        return sum(self._server_errors) >= _ERROR_RATE_CUT
 
     def _cut(self, started_at: float) -> None:
         """Multiplicative decrease, at most once per round trip: answers to requests sent before

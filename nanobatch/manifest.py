@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import models
+from ._pictures import file_problem
 from ._scratch import scratch_db
 from ._yaml import load_yaml
 from .config import did_you_mean
@@ -199,22 +201,25 @@ class Manifest:
         check_files: bool = True,
         visit: Callable[[WorkItem], None] | None = None,
         out_dir: Path | None = None,
+        decode: bool = False,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
-        output names are also checked not to lead out of it through a symbolic link, nor onto an input.
+        output names are also checked not to lead out of it through a symbolic link, nor onto an input. With
+        *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode).
         """
         problems = _Problems(self.path)
         with contextlib.closing(_Claims()) as claims:
-            return self._check(problems, claims, check_files=check_files, visit=visit, out_dir=out_dir)
+            files: bool | _PictureCheck = _PictureCheck() if decode and check_files else check_files
+            return self._check(problems, claims, check_files=files, visit=visit, out_dir=out_dir)
 
     def _check(
         self,
         problems: _Problems,
         claims: _Claims,
         *,
-        check_files: bool,
+        check_files: bool | _PictureCheck,
         visit: Callable[[WorkItem], None] | None,
         out_dir: Path | None,
     ) -> CheckReport:
@@ -254,7 +259,9 @@ class Manifest:
         for source in self.sources:
             yield from source.raw_items()
 
-    def _resolve(self, raw: RawItem, *, check_files: bool = True) -> tuple[WorkItem | None, list[Problem]]:
+    def _resolve(
+        self, raw: RawItem, *, check_files: bool | _PictureCheck = True
+    ) -> tuple[WorkItem | None, list[Problem]]:
         if raw.problems or raw.fields is None:
             return None, list(raw.problems)
         fields, problems = _parse_fields(raw.fields, raw.file, raw.label)
@@ -554,7 +561,7 @@ def _given(fields: ItemFields) -> dict[str, Any]:
 
 
 def _build_item(
-    f: ItemFields, manifest: Manifest, raw: RawItem, *, check_files: bool
+    f: ItemFields, manifest: Manifest, raw: RawItem, *, check_files: bool | _PictureCheck
 ) -> tuple[WorkItem | None, list[Problem]]:
     problems: list[Problem] = []
     label = raw.label
@@ -567,9 +574,12 @@ def _build_item(
             if isinstance(text, str) and (message := _text_problem(text)):
                 bad(name, message)
     if f.id is None:
-        bad("id", "every item needs an id (letters, digits, '.', '_' and '-')")
+        bad("id", "every item needs an id (ASCII letters, digits, '.', '_' and '-')")
     elif not _ID.fullmatch(f.id):
-        bad("id", f"{f.id!r} is not a valid id: use letters, digits, '.', '_' and '-', not starting with '.' or '-'")
+        bad("id", (
+            f"{f.id!r} is not a valid id: use ASCII letters (a-z, A-Z), digits, '.', '_' and '-', "
+            "not starting with '.' or '-'"
+        ))  # fmt: skip
     if f.image is not None and f.images is not None:
         bad("images", "give either image or images, not both")
     if f.instruction is not None and f.steps is not None:
@@ -652,9 +662,11 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None, int]:
+def _resolve_input(
+    ref: str, base: str, *, check_files: bool | _PictureCheck, resize: bool = False
+) -> tuple[str, str | None, int]:
     """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and its size
-    (0 when unknown: a URL, or files not checked)."""
+    (0 when unknown: a URL, or files not checked). *check_files* may also read the picture to check it."""
     if not ref.strip():
         return ref, "the image path is empty", 0
     if _SCHEME.match(ref):
@@ -668,8 +680,15 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
             st = os.stat(path)
         except (OSError, ValueError):  # ValueError: a NUL in the path
             st = None
-        if st is None or not stat.S_ISREG(st.st_mode):
+        if st is None:
             return path, f"image file not found: {path}", 0
+        if not stat.S_ISREG(st.st_mode):
+            mode = st.st_mode
+            kind = (
+                "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            )  # fmt: skip
+            return path, f"{path} is not a regular file ({kind}); an image must be a file", 0
         size = st.st_size
         if size > models.MAX_INPUT_BYTES and not resize:
             return (
@@ -681,8 +700,31 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
                 ),
                 size,
             )
+        if isinstance(check_files, _PictureCheck) and (message := check_files(path)):
+            return path, f"{path}: {message}", size
         return path, None, size
     return path, None, 0
+
+
+class _PictureCheck:
+    """Reads a local picture and says why it cannot be decoded; a picture many items share is read once."""
+
+    def __init__(self, remember: int = 256) -> None:
+        self._seen: OrderedDict[str, str | None] = OrderedDict()
+        self._remember = remember
+
+    def __call__(self, path: str) -> str | None:
+        if path in self._seen:
+            self._seen.move_to_end(path)
+            return self._seen[path]
+        try:
+            message = file_problem(path)
+        except OSError as exc:
+            message = f"cannot be read: {exc.strerror or exc}"
+        self._seen[path] = message
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        return message
 
 
 def _template_problems(template: str) -> list[str]:

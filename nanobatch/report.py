@@ -75,8 +75,8 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
             f"{results}: no results.jsonl here. HINT: pass the output folder of a "
             "`nanobatch run` (the one holding results.jsonl)."
         )
-    records = _load_records(results)
     summary = _load_summary(folder / "summary.json")
+    records = _in_manifest_order(_load_records(results), summary)
     thumbs = _make_thumbs(_image_paths(folder, records), thumb_px)
     page = _render_page(folder, records, summary, thumbs)
     target = folder / REPORT_FILE
@@ -105,6 +105,25 @@ def _load_records(path: Path) -> list[Record]:
         if isinstance(rec, dict) and "status" in rec and rec.get("id") is not None:
             latest[str(rec["id"])] = rec
     return list(latest.values())
+
+
+def _in_manifest_order(records: list[Record], summary: Mapping[str, Any]) -> list[Record]:
+    """*records* in the order of the manifest named in ``summary.json`` (items it no longer has go last,
+    in results order); unchanged when there is no readable manifest."""
+    from nanobatch.errors import NanobatchError
+    from nanobatch.manifest import load_manifest
+
+    path = summary.get("manifest")
+    if not isinstance(path, str) or not records:
+        return records
+    try:
+        manifest = load_manifest(path, default_model="gemini-3.1-flash-image")
+        place = {item.id: n for n, item in enumerate(manifest.items(check_files=False, on_problem=lambda _: None))}
+    except (NanobatchError, OSError) as exc:
+        log.info("cards in results order: cannot read the manifest %s (%s)", path, exc)
+        return records
+    last = len(place)
+    return sorted(records, key=lambda rec: place.get(str(rec["id"]), last))  # stable: the rest keep their order
 
 
 def _load_summary(path: Path) -> Mapping[str, Any]:

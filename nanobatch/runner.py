@@ -115,11 +115,14 @@ def check_job(
     out_dir: str | os.PathLike[str] | None = None,
     check_urls: bool = True,
     transport: httpx2.BaseTransport | None = None,
+    check_pictures: bool = True,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
     With *check_urls*, image URLs are asked for their headers (*transport* replaces
-    the network in tests). Raises :class:`ManifestError` listing every problem found.
+    the network in tests). With *check_pictures*, every local picture is read and
+    checked to be decodable (a run leaves that to dispatch, so that a re-run over
+    finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
     """
     manifest, settings = _load(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
@@ -146,7 +149,7 @@ def check_job(
             n_images = 1  # later steps edit the previous output
         urls.add(item)
 
-    report = manifest.check(visit=add_cost, out_dir=target)
+    report = manifest.check(visit=add_cost, out_dir=target, decode=check_pictures)
     problems = (
         report.problems
         + lifecycle.problems
@@ -281,7 +284,7 @@ async def run_job(
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
-    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False)
+    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
     target = checked.out_dir
     manifest = manifest.skipping(target)
     api_key = read_api_key(settings)

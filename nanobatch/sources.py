@@ -27,10 +27,10 @@ import os
 import re
 import string
 import sys
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from .config import did_you_mean
 from .errors import Problem
@@ -57,9 +57,51 @@ _BRACES_HINT = "write {{ and }} for literal braces"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def open_text(path: Path) -> IO[str]:
+def open_text(path: Path) -> Utf8Lines:
     """Open a source file for reading, row by row (tests wrap this to see how much is read)."""
-    return path.open(encoding="utf-8-sig", newline="")
+    return Utf8Lines(path)
+
+
+class NotUtf8Line(ValueError):
+    """A line of a source file holds a byte that is not UTF-8."""
+
+    def __init__(self, line: int, byte: int) -> None:
+        super().__init__(f"line {line} is not UTF-8 text (byte {byte:#04x})")
+        self.line = line
+        self.byte = byte
+
+
+class Utf8Lines:
+    """A source file's lines, each decoded as it is read (a UTF-8 BOM is dropped), so that a byte that is
+    not UTF-8 is reported with its line number rather than an offset in a buffer."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb")
+        self.line = 0
+
+    def __iter__(self) -> Utf8Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self._file.readline()
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        if self.line == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotUtf8Line(self.line, raw[exc.start]) from None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Utf8Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class MissingPlaceholder(KeyError):
@@ -178,16 +220,15 @@ class TableSource:
             rows = self._csv_rows(stream) if self.kind == "csv" else self._jsonl_rows(stream)
             try:
                 yield from rows
-            except UnicodeDecodeError as exc:
-                bad = exc.object[exc.start : exc.start + 1].hex()
-                message = f'not UTF-8 text (byte 0x{bad}): save it as UTF-8 (in Excel: "CSV UTF-8")'
-                yield _broken(str(self.path), None, message)
+            except NotUtf8Line as exc:
+                message = f'{exc}: save the file as UTF-8 (in Excel: "CSV UTF-8")'
+                yield _broken(f"{self.path}:{exc.line}", None, message)
             except RecursionError:
                 yield _broken(str(self.path), None, "a line is nested too deeply to read")
             except OSError as exc:  # the disk or share failed mid-file
                 yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
 
-    def _csv_rows(self, stream: IO[str]) -> Iterator[RawItem]:
+    def _csv_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
         reader = csv.DictReader(stream, delimiter=self.delimiter)
         file = str(self.path)
         try:
@@ -211,6 +252,8 @@ class TableSource:
                 yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
                 return
             where = f"{file}:{reader.line_num}"
+            if not any(value and value.strip() for value in row.values() if isinstance(value, str)) and None not in row:
+                continue  # an empty row (",,", as Excel saves one): skipped like a blank line
             if None in row:
                 extra = len(row[None])
                 message = f"row {reader.line_num} has {extra} more value(s) than the header has columns"
@@ -218,7 +261,7 @@ class TableSource:
                 continue
             yield self._row(row, where, f"row {reader.line_num}")
 
-    def _jsonl_rows(self, stream: IO[str]) -> Iterator[RawItem]:
+    def _jsonl_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
         file = str(self.path)
         for number, line in enumerate(stream, 1):
             if not line.strip():
@@ -237,7 +280,7 @@ class TableSource:
     def _absent_columns(self, header: Sequence[str]) -> list[Problem]:
         """Columns the templates use that the header lacks: reported once, not once per row."""
         problems = []
-        columns = f"(columns: {', '.join(header)})"
+        columns = f"(columns: {', '.join(header)}){self._delimiter_hint(header)}"
         if "id" not in self.templates and "id" not in header:
             message = f"the header (row 1) has no column 'id' {columns}: add one, or write a template: id: \"{{sku}}\""
             problems.append(Problem(f"{self.path}:1", None, "id", message))
@@ -250,6 +293,16 @@ class TableSource:
                     )
                     problems.append(Problem(f"{self.path}:1", None, name, message))
         return problems
+
+    def _delimiter_hint(self, header: Sequence[str]) -> str:
+        """For a header read as one column that another delimiter would split: 'did you mean ...'."""
+        if self.kind != "csv" or len(header) != 1:
+            return ""
+        for candidate in (",", ";", "\t", "|"):
+            if candidate != self.delimiter and candidate in header[0]:
+                shown = "\\t" if candidate == "\t" else candidate
+                return f'; the header is one column: did you mean `delimiter: "{shown}"`?'
+        return ""
 
     def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
         templates = self.templates

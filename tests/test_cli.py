@@ -251,8 +251,8 @@ def test_flags_beat_environment_and_config_file(
                       "budget: {max_cost_usd: 1, max_requests: 2}\n")  # fmt: skip
     monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "5")
     seen = []
-    real = nanobatch.cli.check_job
-    monkeypatch.setattr(nanobatch.cli, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
+    real = nanobatch.runner.check_job  # the CLI imports it when the command runs
+    monkeypatch.setattr(nanobatch.runner, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
     assert main(["validate", str(job), "--config", str(config), flag, value]) == 0
     assert getattr(getattr(seen[0], section), name) == expected
 
@@ -362,3 +362,33 @@ def test_an_output_folder_this_user_cannot_write_is_a_usage_error(
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != shared and real_access(path, mode))
     assert main(["validate", str(job), "--out", str(shared / "out")]) == 2
     assert f"cannot be made: {shared} is not writable by this user" in capsys.readouterr().err
+
+
+def _modules_after(code: str) -> set[str]:
+    """Top-level packages loaded by a fresh interpreter that runs *code*."""
+    probe = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+HEAVY = {"uvicorn", "starlette", "PIL", "pydantic", "httpx2", "rich"}
+
+
+def test_the_cli_starts_without_the_simulator_pillow_pydantic_or_httpx() -> None:
+    assert _modules_after("import nanobatch.cli") & HEAVY == set()
+    assert _modules_after("from nanobatch.cli import main; main(['--help'])") & HEAVY == set()
+
+
+def test_status_and_validate_load_only_what_they_need(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "a poster of a lemon"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    status = _modules_after(f"from nanobatch.cli import main; main({['status', str(out)]!r})")
+    # pydantic only because the manifest is still there: status reads it to count the items left.
+    assert status & HEAVY == {"pydantic"}
+    (out / "summary.json").write_text((out / "summary.json").read_text().replace(str(job), str(tmp_path / "gone.yaml")))
+    status = _modules_after(f"from nanobatch.cli import main; main({['status', str(out)]!r})")
+    assert status & HEAVY == set()
+    args = ["validate", str(job), "--out", str(out)]
+    validate = _modules_after(f"from nanobatch.cli import main; main({args!r})")
+    assert validate & {"uvicorn", "starlette", "PIL"} == set()  # (httpx, for URL checks, brings rich along)

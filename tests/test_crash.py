@@ -134,3 +134,24 @@ def test_status_after_a_crash_counts_requests_that_may_have_been_charged(tmp_pat
     finished = len(lines(out / "results.jsonl"))
     sent = len({json.loads(line)["id"] for line in lines(out / "journal.jsonl") if line.endswith("}")})
     assert info["possibly_charged"] == sent - finished > 0
+
+
+def test_a_simulated_run_with_huge_instructions_answers_them_and_sigterm(tmp_path: Path) -> None:
+    # The in-process simulator shares the client's interpreter: quadratic keyword matching of a 900 KB
+    # instruction held the GIL for minutes, so nothing was answered and the client could not take SIGTERM.
+    # (The limits are hang guards, not timing assertions: a healthy run answers within a second.)
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": "white " * 150_000 + str(n)} for n in range(6)])
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "nanobatch", "run", str(job), "--simulate", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(
+        [*command, "--concurrency", "1", "--grace", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: bool(lines(out / "results.jsonl")) or proc.poll() is not None, limit_s=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) in (0, 130)
+        assert lines(out / "results.jsonl")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

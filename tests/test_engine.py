@@ -512,3 +512,97 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/a.png", "output": "shoes/{id}.png"}])
     assert run(job, FakeGemini()).exit_code == 0
     assert events == [("folder", "shoes"), ("record", "sku-1")]
+
+
+def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(tmp_path: Path) -> None:
+    # Each answer thinks for 30,000 tokens: $0.158 a request, twice the table's worst case for 1K.
+    usage = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "thoughtsTokenCount": 30000}
+    fake = FakeGemini({"make the background white": [ok_body(usage=usage)]})
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(10)])
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 1, "budget.max_cost_usd": 0.55})
+    summary = run(job, fake, settings=settings)
+    spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
+    assert summary.exit_code == 3 and 0.3 < spent <= 0.55
+
+
+def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
+    from nanobatch.engine import _Finished, _WriteQueue
+
+    async def main() -> None:
+        queue = _WriteQueue(32 * 1024 * 1024, 8)  # 32 MB would hold 27,000 records of small answers
+        accepted = 0
+
+        async def worker() -> None:
+            nonlocal accepted
+            for n in range(20):
+                await queue.put(_Finished({"id": f"i{n}"}, [(f"i{n}.png", b"x" * 150)]))
+                accepted += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker)
+            await anyio.sleep(1)
+            assert accepted == 8  # the writer is behind: the worker waits instead of piling records up
+            batch = await queue.take()
+            queue.written(batch)
+            await anyio.sleep(1)
+            assert accepted == 16
+            queue.written(await queue.take())
+            await anyio.sleep(1)
+            queue.written(await queue.take())
+
+    run_virtual(main)
+
+
+def catalog_job(folder: Path, n: int) -> Path:
+    """A manifest whose *n* items come from a CSV (read as a stream), each with its own small PNG."""
+    (folder / "images").mkdir(parents=True)
+    for k in range(n):
+        (folder / "images" / f"i{k:04d}.png").write_bytes(image_bytes((k % 256, k // 256, 90)))
+    (folder / "catalog.csv").write_text("id\n" + "".join(f"i{k:04d}\n" for k in range(n)))
+    job = folder / "job.yaml"
+    job.write_text(
+        "name: job\ndefaults:\n  instruction: make it white\n"
+        "items_from:\n  - csv: catalog.csv\n    image: 'images/{id}.png'\n"
+    )
+    return job
+
+
+class Forgetful(FakeGemini):
+    """Answers every request with a small image and keeps none of them (FakeGemini keeps them all)."""
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, json=ok_body())
+
+
+def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every item has its own picture and a small answer; the disk is slower than the API. Peak memory
+    # (Python's allocations, traced) must not grow with the manifest's length.
+    import time
+    import tracemalloc
+
+    import nanobatch.engine
+
+    real_write = nanobatch.engine.atomic_write
+
+    def slow_write(path: str, data: bytes) -> None:
+        time.sleep(0.0005)
+        real_write(path, data)
+
+    monkeypatch.setattr(nanobatch.engine, "atomic_write", slow_write)
+    monkeypatch.setattr(nanobatch.engine, "_WRITE_QUEUE_ITEMS", 32, raising=False)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 16})
+    peaks = {}
+    for n in (100, 600):
+        folder = tmp_path / str(n)
+        job = catalog_job(folder, n)
+        tracemalloc.start()
+        try:
+            summary = run(job, Forgetful(), settings=settings)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert summary.stats.ok == n
+    per_item = (peaks[600] - peaks[100]) / 500
+    assert per_item < 600, f"{per_item:.0f} bytes of peak memory per extra item"

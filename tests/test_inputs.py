@@ -365,7 +365,7 @@ def test_a_local_picture_too_big_to_send_is_a_manifest_problem(tmp_path: Path) -
     assert "resize_inputs" in problem.message and fake.requests == []
     # With resize_inputs it is fine: it will be downscaled.
     job = write_job(tmp_path, [{"id": "big", "image": "huge.jpg", "resize_inputs": True}])
-    assert nanobatch.check_job(job).items == 1
+    assert nanobatch.check_job(job, check_pictures=False).items == 1  # its bytes are a stand-in, not a picture
 
 
 def test_pictures_too_big_together_are_a_manifest_problem(tmp_path: Path) -> None:
@@ -375,7 +375,7 @@ def test_pictures_too_big_together_are_a_manifest_problem(tmp_path: Path) -> Non
             f.truncate(6 * MB)
     job = write_job(tmp_path, [{"id": "trio", "images": ["a.jpg", "b.jpg", "c.jpg"]}])
     with pytest.raises(ManifestError) as err:
-        nanobatch.check_job(job)
+        nanobatch.check_job(job, check_pictures=False)  # their bytes are stand-ins, not pictures
     (problem,) = err.value.problems
     assert (problem.item, problem.field) == ("trio", "images") and "18.0 MB together" in problem.message
 
@@ -472,3 +472,47 @@ def test_too_many_urls_are_not_checked_at_validation(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
         assert checklist.problems("job.yaml", transport=httpx2.MockTransport(host)) == []
     assert host.requests == [] and "more than 2 distinct image URLs" in caplog.text
+
+
+# --- pictures that cannot be decoded -----------------------------------------------------------------------------
+
+DAMAGED = {
+    "cut.jpg": JPEG[: len(JPEG) * 2 // 3],  # a truncated download
+    "garbage.png": PNG[:33] + bytes(range(256)) * 4,  # a PNG header, then garbage
+    "short.webp": image_bytes(fmt="WEBP")[:-20],
+}
+
+
+def test_validate_finds_pictures_that_cannot_be_decoded(tmp_path: Path) -> None:
+    for name, data in DAMAGED.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "ok.jpg").write_bytes(JPEG)
+    items = [{"id": name.split(".")[0], "image": name} for name in [*DAMAGED, "ok.jpg"]]
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write_job(tmp_path, items))
+    found = {(p.item, p.field) for p in err.value.problems if "cannot be decoded" in p.message}
+    assert found == {("cut", "image"), ("garbage", "image"), ("short", "image")}
+    assert len(err.value.problems) == 3
+
+
+def test_a_run_never_sends_a_picture_that_cannot_be_decoded(tmp_path: Path) -> None:
+    (tmp_path / "cut.jpg").write_bytes(DAMAGED["cut.jpg"])
+    (tmp_path / "ok.jpg").write_bytes(JPEG)
+    job = write_job(tmp_path, [{"id": "cut", "image": "cut.jpg"}, {"id": "ok", "image": "ok.jpg"}])
+    fake = FakeGemini()
+    summary = run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
+    assert summary.exit_code == 1 and len(fake.requests) == 1
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    (cut,) = [r for r in records if r["id"] == "cut"]
+    assert cut["status"] == "failed" and cut["error"]["kind"] == "input" and cut["attempts"] == 0
+    assert "cannot be decoded" in cut["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_an_image_that_is_not_a_regular_file_is_named_so(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "photo.jpg"
+    target.mkdir() if kind == "folder" else os.mkfifo(target)
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write_job(tmp_path, [{"id": "a", "image": "photo.jpg"}]))
+    (problem,) = err.value.problems
+    assert "not a regular file" in problem.message and "not found" not in problem.message

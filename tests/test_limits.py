@@ -269,7 +269,7 @@ def test_pushback_halves_the_window_once_per_round_trip() -> None:
         assert gate.pushbacks == 8
 
         # A request sent after the cut that is pushed back again: that is news, cut again.
-        await send(gate, log, error=overloaded())
+        await send(gate, log, error=rate_limited())
         assert gate.window == 2.0 and gate.slots.total_tokens == 2
 
         for _ in range(5):
@@ -318,6 +318,37 @@ def test_successes_grow_the_window_back_gradually_up_to_the_maximum() -> None:
         assert windows[-1] == 8.0 and gate.slots.total_tokens == 8
         # About one more slot per window's worth of successes: 4 -> 8 takes roughly 4+5+6+7 = 22.
         assert 15 <= windows.index(8.0) <= 30
+
+    run_virtual(main)
+
+
+def test_isolated_server_errors_do_not_shrink_the_window() -> None:
+    async def main() -> None:
+        gate = Gate(concurrency=50)
+        for n in range(200):  # one answer in eight is a 503 or a 500: the service's noise, not congestion
+            error = (overloaded() if n % 16 == 0 else server_error()) if n % 8 == 0 else None
+            await send(gate, Log(), error=error)
+        assert gate.window == 50.0
+
+    run_virtual(main)
+
+
+def test_a_rising_server_error_rate_shrinks_the_window() -> None:
+    async def main() -> None:
+        gate = Gate(concurrency=50)
+        for n in range(32):
+            await send(gate, Log(), error=overloaded() if n % 2 else None)  # half the answers fail
+        assert gate.window < 50.0
+
+    run_virtual(main)
+
+
+def test_a_server_error_that_asks_for_a_pause_shrinks_the_window() -> None:
+    async def main() -> None:
+        gate = Gate(concurrency=8)
+        error = ApiError("HTTP 503", kind="overloaded", status_code=503, retryable=True, retry_after=2.0)
+        await send(gate, Log(), error=error)
+        assert gate.window == 4.0
 
     run_virtual(main)
 

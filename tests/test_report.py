@@ -266,3 +266,19 @@ def test_empty_results_still_renders(tmp_path: Path) -> None:
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert "No items in results.jsonl yet." in page
     assert "No latency data." in page
+
+
+def test_cards_follow_the_manifest_order_not_the_order_items_finished(tmp_path: Path) -> None:
+    from nanobatch.cli import main
+
+    (tmp_path / "job.yaml").write_text(
+        "defaults:\n  instruction: a poster of a lemon\nitems:\n"
+        + "".join(f"  - id: {name}\n" for name in ("zeta", "alpha", "mid", "beta"))
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "job.yaml"), "--simulate", "--out", str(out), "--quiet"]) == 0
+    # Make them finish in another order: the results file lists them as they were written.
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(sorted(lines, key=lambda line: json.loads(line)["id"])) + "\n")
+    page = write_report(out).read_text(encoding="utf-8")
+    assert [i for _, i in CARD_RE.findall(page)] == ["zeta", "alpha", "mid", "beta"]

@@ -15,7 +15,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
-from nanobatch.simulator import _cli as simulate_cli
 from nanobatch.simulator._cli import FAULT_MIX, parse_batch_faults, parse_fault_rates, parse_latency, simulate
 from nanobatch.simulator.faults import sample_latency
 
@@ -122,7 +121,7 @@ def test_simulate_builds_the_config_and_never_prints_the_key(monkeypatch: pytest
         served.update(config=config, host=host, port=port)
         kwargs["on_ready"](f"http://{host}:{port}")
 
-    monkeypatch.setattr(simulate_cli, "serve", fake_serve)
+    monkeypatch.setattr("nanobatch.simulator.server.serve", fake_serve)  # imported by the command when it runs
     monkeypatch.setenv("SIM_KEY", "very-secret-key")
     args = [
         "--port",

@@ -195,3 +195,31 @@ def test_aspect_ratio_defaults_to_the_nearest_supported_one() -> None:
     assert choose_aspect_ratio(None, Image.new("RGB", (1000, 560)), ratios) == "16:9"
     assert choose_aspect_ratio(None, None, ratios) == "1:1"
     assert choose_aspect_ratio("3:4", Image.new("RGB", (1000, 560)), ratios) == "3:4"
+
+
+def test_keyword_matching_agrees_with_the_plain_patterns() -> None:
+    import itertools
+    import re
+
+    old = re.compile(r"white\b.*\bbackground|background\b.*\bwhite|remove the background", re.I)
+    words = ["white", "Background", "off-white", "backgrounds", "whitebackground", "remove the background", "\n", "x"]
+    for n in range(1, 4):
+        for combo in itertools.product(words, repeat=n):
+            text = " ".join(combo)
+            assert ("white_background" in edits_for(text)) == bool(old.search(text)), text
+
+
+def test_a_megabyte_instruction_is_matched_in_linear_time() -> None:
+    # Quadratic matching took ten minutes of a core (holding the GIL, so a `run --simulate` client in the same
+    # process could not even take SIGTERM); linear matching takes well under a second. The bound is a hang guard.
+    import subprocess
+    import sys
+
+    code = "from nanobatch.simulator.imaging import edits_for; print(edits_for('white ' * 200_000 + 'blur'))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "('blur',)"
+
+
+async def test_a_megabyte_instruction_gets_a_captioned_picture() -> None:
+    result = await edit(user("make it pop " * 100_000, product()))  # the caption is cut, with "..."
+    assert result.size == (1024, 1024)

@@ -429,7 +429,38 @@ def test_a_csv_that_is_not_utf8_is_one_clear_problem(tmp_path: Path) -> None:
     path = job(tmp_path, {"items_from": [CSV_SOURCE]}, images=["photos/MUG-1.jpg"])
     (tmp_path / "catalog.csv").write_bytes(b"sku,background\nMUG-1,caf\xe9 white\n")
     (problem,) = problems(path)
-    assert problem.file == str(tmp_path / "catalog.csv") and "not UTF-8 text (byte 0xe9)" in problem.message
+    assert problem.file == f"{tmp_path / 'catalog.csv'}:2" and "line 2 is not UTF-8 text (byte 0xe9)" in problem.message
+
+
+def test_a_jsonl_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
+    lines = [b'{"id": "a", "instruction": "x"}', b'{"id": "b", "instruction": "x"}']
+    lines.append(b'{"id": "c", "instruction": "caf\xe9"}')
+    (tmp_path / "more.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    path = job(tmp_path, {"items_from": [{"jsonl": "more.jsonl"}]})
+    (problem,) = problems(path)
+    assert problem.file == f"{tmp_path / 'more.jsonl'}:3" and "line 3 is not UTF-8 text (byte 0xe9)" in problem.message
+
+
+def test_an_empty_csv_row_is_skipped_like_a_blank_line(tmp_path: Path) -> None:
+    text = CATALOG.replace("\nSNK-2", "\n,,\n\n , ,\nSNK-2") + ",,\n"  # as Excel saves rows it emptied
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": text}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    assert problems(path) == []
+    assert [i.id for i in items(path)] == ["MUG-1", "SNK-2"]
+
+
+@pytest.mark.parametrize(
+    ("text", "delimiter", "hint"),
+    [
+        pytest.param(CATALOG.replace(",", ";"), None, '`delimiter: ";"`', id="semicolons-read-as-commas"),
+        pytest.param(CATALOG, ";", '`delimiter: ","`', id="commas-read-as-semicolons"),
+        pytest.param(CATALOG.replace(",", "\t"), None, '`delimiter: "\\t"`', id="tabs"),
+    ],
+)
+def test_a_wrong_delimiter_gets_a_hint(tmp_path: Path, text: str, delimiter: str | None, hint: str) -> None:
+    source = {**CSV_SOURCE, **({"delimiter": delimiter} if delimiter else {})}
+    path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": text})
+    found = problems(path)
+    assert found and all(f"did you mean {hint}?" in p.message for p in found), found
 
 
 def test_text_that_cannot_be_sent_is_refused_where_it_stands(tmp_path: Path) -> None:

@@ -11,10 +11,34 @@ tested and demonstrated without a key or network.
 
 from __future__ import annotations
 
-from .app import SimulatorStats, create_app
+import importlib as _importlib
+import typing as _typing
+
 from .config import FAULT_KINDS, SimulatorConfig
-from .errors import SimulatedDrop
-from .server import run_in_thread, serve
+
+if _typing.TYPE_CHECKING:
+    from .app import SimulatorStats, create_app
+    from .errors import SimulatedDrop
+    from .server import run_in_thread, serve
+
+# The app and the server (starlette, uvicorn, Pillow) are imported when first used (PEP 562), so that
+# the CLI, which registers the `simulate` command, starts without them.
+_LAZY = {"SimulatorStats": "app", "create_app": "app", "SimulatedDrop": "errors", "run_in_thread": "server",
+         "serve": "server"}  # fmt: skip
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nanobatch.simulator' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "FAULT_KINDS",

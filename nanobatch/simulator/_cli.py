@@ -9,7 +9,6 @@ from typing import Any, TypedDict
 import click
 
 from .config import BATCH_FAULT_KINDS, FAULT_KINDS, SimulatorConfig
-from .server import serve
 
 __all__ = ["FAULT_MIX", "LatencyOptions", "parse_batch_faults", "parse_fault_rates", "parse_latency", "simulate"]
 
@@ -236,6 +235,8 @@ def simulate(
     def ready(url: str) -> None:
         command = f"{use_key}nanobatch run MANIFEST --base-url {url}"
         click.echo(f"Simulator listening on {url}; run: {command} (Ctrl-C stops)")
+
+    from .server import serve  # uvicorn and starlette: loaded only when the simulator really starts
 
     try:
         serve(config, host, port, verbose=verbose, on_ready=ready)

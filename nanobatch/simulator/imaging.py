@@ -16,6 +16,7 @@ import random
 import re
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
@@ -28,12 +29,39 @@ from .validation import InputImage, ParsedRequest
 __all__ = ["Rendered", "choose_aspect_ratio", "edits_for", "load_canned", "render"]
 
 _WHITE = (255, 255, 255)
-_EDITS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("white_background", re.compile(r"white\b.*\bbackground|background\b.*\bwhite|remove the background", re.I)),
-    ("blur", re.compile(r"\bblur", re.I)),
-    ("warm", re.compile(r"\bwarm", re.I)),
-    ("cool", re.compile(r"\bcool", re.I)),
-    ("grayscale", re.compile(r"black[ -]and[ -]white|\bgr[ae]yscale|\bmonochrome|\bb&w\b", re.I)),
+# Every pattern is matched in one pass, in time linear in the instruction: "A ... B" on one line is
+# "the first A ends before some B starts", never a backtracking ``A.*B`` (quadratic: a 1 MB instruction
+# held the GIL, and so a `run --simulate` client in the same process, for ten minutes).
+_WORD_WHITE = re.compile(r"white\b", re.I)
+_WORD_BACKGROUND = re.compile(r"\bbackground", re.I)
+_BACKGROUND_WORD = re.compile(r"background\b", re.I)
+_WORD_WHITE_START = re.compile(r"\bwhite", re.I)
+_REMOVE_BACKGROUND = re.compile(r"remove the background", re.I)
+
+
+def _before(first: re.Pattern[str], second: re.Pattern[str], text: str) -> bool:
+    """True if *second* matches after a match of *first*, on the same line (``first.*second``, linearly)."""
+    for line in text.split("\n"):
+        if (found := first.search(line)) is not None and second.search(line, found.end()) is not None:
+            return True
+    return False
+
+
+def _asks_white_background(text: str) -> bool:
+    return (
+        _before(_WORD_WHITE, _WORD_BACKGROUND, text)
+        or _before(_BACKGROUND_WORD, _WORD_WHITE_START, text)
+        or _REMOVE_BACKGROUND.search(text) is not None
+    )
+
+
+_GRAYSCALE = re.compile(r"black[ -]and[ -]white|\bgr[ae]yscale|\bmonochrome|\bb&w\b", re.I)
+_EDITS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("white_background", _asks_white_background),
+    ("blur", lambda text: re.search(r"\bblur", text, re.I) is not None),
+    ("warm", lambda text: re.search(r"\bwarm", text, re.I) is not None),
+    ("cool", lambda text: re.search(r"\bcool", text, re.I) is not None),
+    ("grayscale", lambda text: _GRAYSCALE.search(text) is not None),
 )
 _ANALYSIS_EDGE = 160  # background detection runs on a thumbnail this big
 _SIMILAR = 40  # max channel difference that still counts as "background colour"
@@ -56,7 +84,7 @@ def edits_for(instruction: str) -> tuple[str, ...]:
     >>> edits_for("Replace the background with pure white, then make it black and white")
     ('white_background', 'grayscale')
     """
-    return tuple(name for name, pattern in _EDITS if pattern.search(instruction))
+    return tuple(name for name, wanted in _EDITS if wanted(instruction))
 
 
 def choose_aspect_ratio(requested: str | None, base: Image.Image | None, ratios: tuple[str, ...]) -> str:
@@ -265,9 +293,13 @@ def _caption(image: Image.Image, text: str) -> None:
     draw = ImageDraw.Draw(image, "RGBA")
     draw.rectangle((0, image.height - band, image.width, image.height), fill=(0, 0, 0, 150))
     limit = image.width * 0.94
+    # No glyph is narrower than an eighth of the font size: more characters than this can never fit. Cutting
+    # first keeps the trimming below short (one character at a time over a 1 MB instruction was quadratic).
+    fits_at_most = int(limit / (size / 8)) + 1
+    cut, text = len(text) > fits_at_most, text[:fits_at_most]
     with _FONT_LOCK:
         font = _font(size)
-        if draw.textlength(text, font=font) > limit:
+        if cut or draw.textlength(text, font=font) > limit:
             while text and draw.textlength(text + "...", font=font) > limit:
                 text = text[:-1]
             text += "..."
