@@ -216,6 +216,7 @@ def check_reply(reply: Reply) -> None:
             f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
             kind="blocked",
             status_code=200,
+            reply=reply,
         )
     if not reply.images:
         detail = said or "no explanation given"
@@ -224,6 +225,7 @@ def check_reply(reply: Reply) -> None:
             kind="no_image",
             status_code=200,
             retryable=True,
+            reply=reply,
         )
 
 

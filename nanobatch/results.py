@@ -1,133 +1,64 @@
-"""The output folder: images, ``results.jsonl``, ``summary.json``, and the index a re-run resumes from.
+"""What an output folder holds so far: its records (:func:`read_records`) and the index a re-run resumes from.
 
-Durability rules: an image is written to a temporary file and renamed into
-place before its record is appended; each record is one line, flushed and
-fsync'ed; ``summary.json`` is replaced atomically. A torn last line (the
-process died mid-write) is skipped with a warning when the file is read.
+Writing into the folder is :mod:`nanobatch.outdir`'s; its names are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import itertools
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
 from ._scratch import scratch_db
-from .lock import LOCK_FILE
+from .outdir import (
+    FOLDER_ERRNOS,
+    JOURNAL_FILE,
+    REPORT_FILE,
+    RESERVED_FILES,
+    RESERVED_PREFIX,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    Journal,
+    ResultsLog,
+    atomic_write,
+    fsync_dir,
+    is_record,
+    move_file,
+    remove_stale_temp_files,
+    reserved_name_problem,
+)
+from .record import TOKEN_FIELDS, ItemRecord
 
 __all__ = [
+    "FOLDER_ERRNOS",
+    "JOURNAL_FILE",
+    "REPORT_FILE",
+    "RESERVED_FILES",
+    "RESERVED_PREFIX",
+    "RESULTS_FILE",
+    "SUMMARY_FILE",
+    "TOKEN_FIELDS",
     "IndexEntry",
+    "Journal",
     "ResultsIndex",
     "ResultsLog",
     "atomic_write",
     "fsync_dir",
     "is_done",
     "move_file",
+    "orphaned_requests",
     "read_records",
+    "remove_stale_temp_files",
     "renamed_files",
     "reserved_name_problem",
 ]
 
 logger = logging.getLogger("nanobatch")
-
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
-JOURNAL_FILE = "journal.jsonl"
-REPORT_FILE = "report.html"
-# nanobatch's own files at the top of the output folder: no output name may use them, as a file or a folder.
-RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FILE, LOCK_FILE})
-# Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
-RESERVED_PREFIX = ".nanobatch"
-# Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
-FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
-TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
-
-
-# Temporary file names: unique within the process (the pid makes them unique across processes), and in
-# nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
-_temp_names = itertools.count()
-_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
-
-
-def reserved_name_problem(name: str) -> str | None:
-    """Why the output name *name* (relative to the output folder) would fall on nanobatch's own files, or None."""
-    parts = name.replace(os.sep, "/").split("/")
-    if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
-        return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
-    if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):
-        return f"the output name {name!r} has a name starting with {RESERVED_PREFIX!r}: nanobatch's own files"
-    return None
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write *data* to *path* so that readers see the old file or the whole new one, never a part.
-
-    Five system calls (open, write, fsync, close, rename), the fewest that keep that promise: the
-    writer thread gives the GIL up at each one, and while the event loop is busy, taking it back
-    is what an image's write mostly costs. Paths are strings (os.path, not pathlib, which interns
-    every name it parses for good).
-    """
-    folder = os.path.dirname(os.fspath(path))
-    # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
-    tmp = os.path.join(folder, f"{RESERVED_PREFIX}-{os.getpid()}-{next(_temp_names)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o666)
-    except FileNotFoundError:  # a subfolder from the output template, not made yet
-        os.makedirs(folder or ".", exist_ok=True)
-        fd = os.open(tmp, flags, 0o666)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def fsync_dir(folder: str | os.PathLike[str]) -> None:
-    """Make the renames and new files in *folder* durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except (OSError, AttributeError):  # O_DIRECTORY does not exist on Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete half-written temporary files a killed run left behind (call with the folder's lock held).
-
-    Only files named as nanobatch names them (``.nanobatch-<pid>-<n>.tmp``, ``.nanobatch-report-*.tmp``), in the output
-    folder's own tree (symbolic links are not followed): nothing of the user's, whatever its name.
-    """
-    removed = 0
-    for folder, _, names in os.walk(out_dir):
-        for name in names:
-            path = os.path.join(folder, name)
-            if _TEMP_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                removed += 1
-    if removed:
-        logger.info("removed %d half-written temporary files left by an interrupted run", removed)
-    return removed
 
 
 def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
@@ -145,20 +76,7 @@ def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
     return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
 
 
-def move_file(src: str, dst: str) -> None:
-    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk)."""
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    try:
-        os.replace(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        with open(src, "rb") as f:
-            atomic_write(dst, f.read())
-        os.unlink(src)
-
-
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
+def read_records(path: Path) -> Iterator[ItemRecord]:
     """Item records from a results file, oldest first; torn or foreign lines are skipped with a warning."""
     if not path.exists():
         return
@@ -171,8 +89,8 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
-            if _is_record(record):
-                yield record
+            if is_record(record):
+                yield ItemRecord.from_json(record)
 
 
 class IndexEntry(NamedTuple):
@@ -215,45 +133,29 @@ _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
 
 
-def record_files(record: dict[str, Any]) -> list[str]:
-    """The files *record* says its item wrote: its outputs, then its kept steps' outputs."""
-    files = [str(name) for name in record.get("outputs") or ()]
-    for step in record.get("steps") or ():
-        if isinstance(step, dict):
-            files += (str(name) for name in step.get("outputs") or ())
-    return files
-
-
-def _owned_rows(records: Iterable[dict[str, Any]]) -> Iterator[tuple[bytes, str]]:
+def _owned_rows(records: Iterable[ItemRecord]) -> Iterator[tuple[bytes, str]]:
     for record in records:
-        item_id = str(record["id"])
-        for name in record_files(record):
-            yield _name_key(name), item_id
+        for name in record.files:
+            yield _name_key(name), record.id
 
 
 def _name_key(name: str) -> bytes:
     return name.replace(os.sep, "/").encode("utf-8", "surrogatepass")
 
 
-def _row(record: dict[str, Any]) -> tuple[Any, ...]:
-    # Hot when a re-run loads 100,000 records: positional, no conversions (nanobatch wrote these lines).
-    usage = record.get("usage") or {}
-    error = record.get("error")
-    stamps = record.get("input_stamps")
+def _row(record: ItemRecord) -> tuple[Any, ...]:
+    stamps = record.input_stamps
     return (
-        str(record["id"]),
-        record["status"],
-        record.get("key"),
-        orjson.dumps(record.get("outputs") or []),
-        usage.get("promptTokenCount", 0),
-        usage.get("candidatesTokenCount", 0),
-        usage.get("thoughtsTokenCount", 0),
-        usage.get("totalTokenCount", 0),
-        record.get("cost_usd") or 0.0,
-        error.get("kind") if isinstance(error, dict) else None,
-        orjson.dumps(list(zip(record.get("inputs") or (), stamps, strict=False))) if stamps else None,
-        record.get("run"),
-        orjson.dumps(record_files(record)) if record.get("steps") else None,  # None: the outputs, no steps
+        record.id,
+        record.status,
+        record.key,
+        orjson.dumps(list(record.outputs)),
+        *record.tokens(),
+        record.cost_usd,
+        record.error.kind if record.error is not None else None,
+        orjson.dumps(list(zip(record.inputs, stamps, strict=False))) if stamps else None,
+        record.run,
+        orjson.dumps(record.files) if record.steps else None,  # None: the outputs, no steps
     )
 
 
@@ -296,7 +198,7 @@ class ResultsIndex:
         count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         return count
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: ItemRecord) -> None:
         self._db.execute(_UPSERT, _row(record))
         self._db.executemany(_OWN, _owned_rows([record]))
 
@@ -332,10 +234,6 @@ class ResultsIndex:
             tuple(str(name) for name in orjson.loads(files)) if files else names,
         )
 
-    def is_done(self, item_id: str, key: str, out_dir: Path) -> bool:
-        """True when the latest record of *item_id* is ``ok`` for exactly this *key* and its files exist."""
-        return is_done(self.get(item_id), key, out_dir)
-
     def totals(self) -> dict[str, Any]:
         db = self._db
         counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
@@ -366,142 +264,12 @@ def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
     )
 
 
-def _is_record(value: Any) -> bool:
-    """Whether a parsed line is an item record (anything else in results.jsonl is skipped)."""
-    return isinstance(value, dict) and "id" in value and "status" in value
-
-
-def _is_record_line(line: bytes) -> bool:
-    try:
-        return _is_record(orjson.loads(line))
-    except orjson.JSONDecodeError:
-        return False
-
-
-class ResultsLog:
-    """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._file: IO[bytes] | None = None
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
-        self._mend_torn_tail()
-
-    def _mend_torn_tail(self) -> None:
-        """Cut off a line torn by a crash mid-write, so that every line of the file stays parseable.
-
-        The torn record was never complete, so its item has no result and will be sent again.
-        """
-        assert self._file is not None
-        with self.path.open("rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(max(0, size - 1))
-            if f.read(1) == b"\n":
-                return
-            keep = 0  # after the last newline, found by reading backwards a block at a time
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                f.seek(start)
-                block = f.read(end - start)
-                if b"\n" in block:
-                    keep = start + block.rfind(b"\n") + 1
-                    break
-                end = start
-            f.seek(keep)
-            if _is_record_line(f.read(size - keep)):
-                # Whole, only its newline missing (an editor, a copy): it counts, so it stays.
-                f.seek(size)
-                f.write(b"\n")
-                logger.info("%s: added the newline missing after the last record", self.path)
-                return
-            logger.warning(
-                "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
-            )
-            f.truncate(keep)
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.append_many([record])
-
-    def append_many(self, records: list[dict[str, Any]]) -> None:
-        """Append *records* in one write and one fsync (group commit): all are durable when this returns.
-
-        A crash mid-write can tear only the last line, which the next :meth:`open` cuts off.
-        """
-        assert self._file is not None, "open() first"
-        self._file.write(b"".join(orjson.dumps(record) + b"\n" for record in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class Journal:
-    """``journal.jsonl``: a line per request, written just before it is sent; one when it got an error
-    answer (settled); and a line naming an item's files, written just before they are.
-
-    A request whose line has no matching result record (same run, same item)
-    and was not settled (an error answer, or no connection at all) was sent and
-    never answered: it may have been charged without a saved result. A file
-    named in the journal is nanobatch's, even when the run died before the
-    record that names it (:func:`reset_journal` carries such lines over).
-    Lines are flushed to the kernel, so they survive the process being killed;
-    they are not fsync'ed (a power cut may lose them).
-    """
-
-    def __init__(self, out_dir: Path, run_id: str) -> None:
-        self.path = out_dir / JOURNAL_FILE
-        self.run_id = run_id
-        self._file: IO[bytes] | None = None
-
-    def open(self) -> None:
-        self._file = self.path.open("ab")
-
-    def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
-        self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
-
-    def settled(self, item_id: str, attempt: int) -> None:
-        """The request *attempt* of *item_id* got a definite answer that is not a result (an HTTP error, or
-        no connection): it is not in doubt, whatever becomes of its item."""
-        self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
-
-    def _write(self, line: dict[str, Any]) -> None:
-        assert self._file is not None, "open() first"
-        self._file.write(orjson.dumps(line) + b"\n")
-        self._file.flush()
-
-    def writing(self, item_id: str, names: list[str]) -> None:
-        """Note that nanobatch is about to write (or move) *item_id*'s files *names*: they are its own."""
-        assert self._file is not None, "open() first"
-        line = {"event": "writing", "run": self.run_id, "id": item_id, "files": names}
-        self._file.write(orjson.dumps(line) + b"\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[dict[str, Any]]:
-    """Requests the journal says were sent whose item has no result from that run (the run died).
-
-    *index* is the folder's loaded :class:`ResultsIndex`, if the caller has it (saves reading the results again).
-    """
+def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
+    """Requests the journal says were sent whose item has no result from that run (the run died); *index* is
+    the folder's loaded :class:`ResultsIndex`."""
     path = out_dir / JOURNAL_FILE
     if not path.exists():
         return []
-    if index is None:
-        with ResultsIndex.load(out_dir) as loaded:
-            return orphaned_requests(out_dir, loaded)
     # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
     open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
     with path.open("rb") as f:
@@ -523,26 +291,7 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex | None = None) -> list[
     return list(orphans.values())
 
 
-def reset_journal(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
-    """Report and clear what a dead run left in flight; called by a new run that holds the lock."""
-    orphans = orphaned_requests(out_dir, index)
-    if orphans:
-        ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
-        logger.warning(
-            "a previous run died with %d requests in flight (items %s): they may have been charged "
-            "without a saved result; they will be sent again",
-            len(orphans),
-            ids,
-        )
-    carried = _adopt_writes(out_dir / JOURNAL_FILE, index)
-    if carried:
-        atomic_write(out_dir / JOURNAL_FILE, b"".join(carried))
-    else:
-        (out_dir / JOURNAL_FILE).unlink(missing_ok=True)
-    return orphans
-
-
-def _adopt_writes(path: Path, index: ResultsIndex) -> list[bytes]:
+def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
     """Files the journal says nanobatch wrote that no record names (the run died between the image and its
     record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
     if not path.exists():

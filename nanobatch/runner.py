@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 import logging
 import math
 import os
 import signal
-import stat
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,9 +41,9 @@ from .errors import (
 )
 from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, FirstContact, Gate
-from .lock import RunLock
 from .manifest import Manifest, WorkItem, load_manifest
-from .results import SUMMARY_FILE, ResultsIndex, atomic_write, remove_stale_temp_files, reset_journal
+from .outdir import OutDir
+from .results import ResultsIndex
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -126,7 +124,7 @@ def check_job(
     """
     manifest, settings = _load(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
-    _check_out_dir(target)
+    OutDir.check(target)
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
     likely = worst = 0.0
@@ -231,29 +229,6 @@ def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
     stats.failures["manifest"] += 1
 
 
-def _check_out_dir(target: Path) -> None:
-    """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
-    for place in (target, *target.parents):
-        try:
-            if place.is_symlink() and not place.exists():
-                raise ConfigError(
-                    f"the output folder {target} cannot be made: {place} is a symbolic link to "
-                    f"{os.readlink(place)}, which does not exist (a disk not mounted?)"
-                )
-            st = place.stat()
-        except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
-            continue
-        except OSError as exc:  # a name too long, a folder we may not enter, ...
-            raise ConfigError(f"the output folder {target} cannot be used: {exc.strerror or exc}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            where = "is a file" if place == target else f"cannot be made: {place} is a file"
-            raise ConfigError(f"the output folder {target} {where}, not a folder")
-        if not os.access(place, os.W_OK | os.X_OK):
-            verb = "is" if place == target else f"cannot be made: {place} is"
-            raise ConfigError(f"the output folder {target} {verb} not writable by this user")
-        return
-
-
 async def run_job(
     manifest: str | os.PathLike[str] | Manifest,
     *,
@@ -285,8 +260,7 @@ async def run_job(
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     manifest, settings = _load(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
-    target = checked.out_dir
-    manifest = manifest.skipping(target)
+    manifest = manifest.skipping(checked.out_dir)
     api_key = read_api_key(settings)
     if api_key is None and not simulate and transport is None and not _on_loopback(settings.api.base_url):
         raise ConfigError(
@@ -298,105 +272,92 @@ async def run_job(
     stats.rpm_limit = settings.limits.requests_per_minute
     stats.concurrency = settings.limits.concurrency
     started = time.time()
-    async with _holding(target, wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
-        index = stack.enter_context(ResultsIndex.load(target))
-        orphans = reset_journal(target, index)
-        remove_stale_temp_files(target)
-        base_url = settings.api.base_url
-        if simulate:
-            from .simulator import SimulatorConfig, run_in_thread
-
-            base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
-            api_key = None
-        client = await stack.enter_async_context(
-            GeminiClient(
-                base_url=base_url,
-                api_key=api_key,
-                auth=settings.api.auth,
-                api_version=settings.api.api_version,
-                max_connections=settings.limits.concurrency,
-                transport=transport,
-            )
-        )
+    run_id = uuid.uuid4().hex[:12]
+    out = OutDir(checked.out_dir, run_id)
+    async with out.hold(wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
+        index = stack.enter_context(ResultsIndex.load(out.path))
+        orphans = out.recover(index)
+        client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
-        run_id = uuid.uuid4().hex[:12]
-        engine = _engine(settings, client, loader, target, index, force, retry_failed, retry_sleep, stats, run_id)
-        logger.info("running %s into %s (%d items)", manifest.path, target, checked.items)
-        try:
-            async with anyio.create_task_group() as tg:
-                if handle_signals:
-                    tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
-                if settings.limits.max_duration_s is not None:
-                    tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
-                # The items the check passed, and no more: rows added to a source since then wait for the next
-                # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
-                await engine.run(
-                    manifest.items(
-                        check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=checked.items
-                    )
-                )
-                tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            if (error := sole_error(group)) is not None:
-                raise error from None  # callers get our error itself, not the task groups' wrapping
-            raise
+        engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
+        logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
+        await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         reason = engine.gate.stop_reason
         if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
             reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
         outcome: Literal["complete", "aborted", "interrupted"] = (
             "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
         )
-        summary = _summary(manifest, target, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
+        summary = _summary(manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
         summary["last_run"]["run"] = run_id
         summary["last_run"]["recovered_in_flight"] = len(orphans)
-        atomic_write(target / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+        out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
     return RunSummary(
-        out_dir=target, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
+        out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
 
 
-@asynccontextmanager
-async def _holding(target: Path, *, wait: bool, handle_signals: bool) -> AsyncIterator[None]:
-    """Hold *target*'s run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
-    lock = RunLock(target, wait=wait)
-    if wait and handle_signals:
-        await _acquire_interruptibly(lock)
-    else:
-        await lock.__aenter__()
-    try:
-        yield
-    finally:
-        await lock.__aexit__(None, None, None)
+async def _client(
+    stack: AsyncExitStack,
+    settings: Settings,
+    api_key: str | None,
+    simulate: bool,
+    transport: httpx2.AsyncBaseTransport | None,
+) -> GeminiClient:
+    """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
+    base_url = settings.api.base_url
+    if simulate:
+        from .simulator import SimulatorConfig, run_in_thread
 
-
-async def _acquire_interruptibly(lock: RunLock) -> None:
-    """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
-    received: list[signal.Signals] = []
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                async for signum in signals:
-                    received.append(signal.Signals(signum))
-                    tg.cancel_scope.cancel()  # stops the wait below
-
-            tg.start_soon(watch)
-            await lock.__aenter__()
-            tg.cancel_scope.cancel()
-    if received:
-        await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
-        raise Interrupted(
-            f"interrupted by {received[0].name} while waiting for the run holding {lock.path.parent}; nothing was sent"
+        base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
+        api_key = None
+    return await stack.enter_async_context(
+        GeminiClient(
+            base_url=base_url,
+            api_key=api_key,
+            auth=settings.api.auth,
+            api_version=settings.api.api_version,
+            max_connections=settings.limits.concurrency,
+            transport=transport,
         )
+    )
+
+
+async def _drive(
+    engine: Engine,
+    manifest: Manifest,
+    settings: Settings,
+    stats: RunStats,
+    limit: int,
+    began: float,
+    handle_signals: bool,
+) -> None:
+    """Run *engine* over the manifest's items, with the signal watcher and the time limit beside it."""
+    try:
+        async with anyio.create_task_group() as tg:
+            if handle_signals:
+                tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+            if settings.limits.max_duration_s is not None:
+                tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
+            # The items the check passed, and no more: rows added to a source since then wait for the next
+            # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
+            await engine.run(
+                manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
+            )
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if (error := sole_error(group)) is not None:
+            raise error from None  # callers get our error itself, not the task groups' wrapping
+        raise
 
 
 def _engine(
     settings: Settings,
     client: GeminiClient,
     loader: InputLoader,
-    target: Path,
+    out: OutDir,
     index: ResultsIndex,
     force: bool,
     retry_failed: bool,
@@ -432,7 +393,7 @@ def _engine(
         client=client,
         inputs=loader,
         gate=gate,
-        out_dir=target,
+        out=out,
         index=index,
         retry=policy,
         timeout_s=settings.api.timeout_s,

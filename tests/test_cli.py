@@ -263,7 +263,7 @@ def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     def disk_full(path: str, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nanobatch.engine.atomic_write", disk_full)
+    monkeypatch.setattr("nanobatch.outdir.write_image", disk_full)
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
     out = tmp_path / "out"
     assert main(["run", str(job), "--simulate", "--out", str(out)]) == 3

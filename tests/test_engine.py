@@ -12,8 +12,10 @@ import httpx2
 import pytest
 
 import nanobatch
+import nanobatch.writer
 from nanobatch.errors import ConfigError, LockHeld, ManifestError, NanobatchError
 from nanobatch.lock import RunLock
+from nanobatch.record import ItemRecord
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, google_error, image_bytes, inline, ok_body, quota_failure, retry_info, write_job
@@ -424,10 +426,10 @@ def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path:
     seen: list[str] = []
 
     class Checking(nanobatch.RunStats):
-        def count(self, record: dict[str, Any]) -> None:
+        def count(self, record: ItemRecord) -> None:
             on_disk = {r["id"] for r in records(out)}
-            assert record["id"] in on_disk and all((out / name).is_file() for name in record["outputs"])
-            seen.append(record["id"])
+            assert record.id in on_disk and all((out / name).is_file() for name in record.outputs)
+            seen.append(record.id)
             super().count(record)
 
     summary = run(
@@ -440,10 +442,10 @@ def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path:
 def test_a_failing_disk_stops_the_run_keeping_what_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import nanobatch.engine
+    import nanobatch.outdir
 
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(30)])
-    real_write = nanobatch.engine.atomic_write
+    real_write = nanobatch.outdir.write_image
     writes = 0
 
     def failing_write(path: Path, data: bytes) -> None:
@@ -453,7 +455,7 @@ def test_a_failing_disk_stops_the_run_keeping_what_was_written(
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(nanobatch.engine, "atomic_write", failing_write)
+    monkeypatch.setattr(nanobatch.outdir, "write_image", failing_write)
     fake = FakeGemini()
     # The writer's error itself, not wrapped in the task groups' ExceptionGroups.
     with pytest.raises(NanobatchError, match="No space left on device"):
@@ -497,17 +499,17 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
 ) -> None:
     # A rename is durable only once its folder is: otherwise a power cut can keep a record whose image is gone.
     events: list[tuple[str, str]] = []
-    real_fsync_dir, real_append = nanobatch.engine.fsync_dir, nanobatch.results.ResultsLog.append_many
+    real_fsync_dir, real_append = nanobatch.writer.fsync_dir, nanobatch.results.ResultsLog.append_many
 
     def fsync_dir(folder: str) -> None:
         events.append(("folder", Path(folder).name))
         real_fsync_dir(folder)
 
-    def append_many(self: nanobatch.results.ResultsLog, batch: list[dict[str, Any]]) -> None:
-        events.extend(("record", record["id"]) for record in batch)
+    def append_many(self: nanobatch.results.ResultsLog, batch: list[ItemRecord]) -> None:
+        events.extend(("record", record.id) for record in batch)
         real_append(self, batch)
 
-    monkeypatch.setattr(nanobatch.engine, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(nanobatch.writer, "fsync_dir", fsync_dir)
     monkeypatch.setattr(nanobatch.results.ResultsLog, "append_many", append_many)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/a.png", "output": "shoes/{id}.png"}])
     assert run(job, FakeGemini()).exit_code == 0
@@ -526,16 +528,16 @@ def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(
 
 
 def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
-    from nanobatch.engine import _Finished, _WriteQueue
+    from nanobatch.writer import Finished, WriteQueue
 
     async def main() -> None:
-        queue = _WriteQueue(32 * 1024 * 1024, 8)  # 32 MB would hold 27,000 records of small answers
+        queue = WriteQueue(32 * 1024 * 1024, 8)  # 32 MB would hold 27,000 records of small answers
         accepted = 0
 
         async def worker() -> None:
             nonlocal accepted
             for n in range(20):
-                await queue.put(_Finished({"id": f"i{n}"}, [(f"i{n}.png", b"x" * 150)]))
+                await queue.put(Finished(ItemRecord(id=f"i{n}", status="ok"), [(f"i{n}.png", b"x" * 150)]))
                 accepted += 1
 
         async with anyio.create_task_group() as tg:
@@ -582,16 +584,16 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
     import time
     import tracemalloc
 
-    import nanobatch.engine
+    import nanobatch.outdir
 
-    real_write = nanobatch.engine.atomic_write
+    real_write = nanobatch.outdir.write_image
 
     def slow_write(path: str, data: bytes) -> None:
         time.sleep(0.0005)
         real_write(path, data)
 
-    monkeypatch.setattr(nanobatch.engine, "atomic_write", slow_write)
-    monkeypatch.setattr(nanobatch.engine, "_WRITE_QUEUE_ITEMS", 32, raising=False)
+    monkeypatch.setattr(nanobatch.outdir, "write_image", slow_write)
+    monkeypatch.setattr(nanobatch.writer, "WRITE_QUEUE_ITEMS", 32)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 16})
     peaks = {}
     for n in (100, 600):

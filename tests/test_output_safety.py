@@ -14,6 +14,7 @@ import pytest
 
 import nanobatch
 import nanobatch.engine
+import nanobatch.outdir
 from nanobatch.cli import main
 from nanobatch.errors import ManifestError
 from nanobatch.status import folder_status
@@ -226,20 +227,20 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
 ) -> None:
     job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(6)])
     out = tmp_path / "out"
-    real_write = nanobatch.engine.atomic_write
+    real_write = nanobatch.outdir.write_image
 
     def write(path: str, data: bytes) -> None:
         if path.endswith("i3.png"):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         real_write(path, data)
 
-    monkeypatch.setattr(nanobatch.engine, "atomic_write", write)
+    monkeypatch.setattr(nanobatch.outdir, "write_image", write)
     summary = run(job, FakeGemini(), out)
     assert (summary.outcome, summary.exit_code, summary.stats.ok, summary.stats.failed) == ("complete", 1, 5, 1)
     failed = latest(out)["i3"]
     assert failed["status"] == "failed" and failed["error"]["kind"] == "write" and failed["cost_usd"] > 0
     assert json.loads((out / "summary.json").read_text())["counts"] == {"ok": 5, "failed": 1, "blocked": 0}
-    monkeypatch.setattr(nanobatch.engine, "atomic_write", real_write)
+    monkeypatch.setattr(nanobatch.outdir, "write_image", real_write)
     fake = FakeGemini()
     assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 1 and (out / "i3.png").is_file()
 

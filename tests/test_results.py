@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 import nanobatch
-from nanobatch.results import Journal, ResultsIndex, ResultsLog, atomic_write, orphaned_requests, read_records
+from nanobatch.record import ItemRecord
+from nanobatch.results import (
+    Journal,
+    ResultsIndex,
+    ResultsLog,
+    atomic_write,
+    is_done,
+    orphaned_requests,
+    read_records,
+)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,11 +40,11 @@ def test_a_torn_last_line_is_skipped_on_read_and_cut_before_appending(
 ) -> None:
     path = tmp_path / "results.jsonl"
     path.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "stat')
-    assert [r["id"] for r in read_records(path)] == ["a"]
+    assert [r.id for r in read_records(path)] == ["a"]
     assert "not valid JSON" in caplog.text
     log = ResultsLog(path)
     log.open()
-    log.append({"id": "c", "status": "ok"})
+    log.append_many([ItemRecord(id="c", status="ok")])
     log.close()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "c"]
 
@@ -46,7 +55,7 @@ def test_a_whole_last_record_without_its_newline_is_kept_not_cut(tmp_path: Path)
     path.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "status": "ok"}')
     log = ResultsLog(path)
     log.open()
-    log.append({"id": "c", "status": "ok"})
+    log.append_many([ItemRecord(id="c", status="ok")])
     log.close()
     assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
 
@@ -60,7 +69,7 @@ def test_the_latest_record_of_an_id_wins(tmp_path: Path) -> None:
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "a.png").write_bytes(b"x")
     index = ResultsIndex.load(tmp_path)
-    assert index.is_done("a", "k1", tmp_path) and not index.is_done("a", "other-key", tmp_path)
+    assert is_done(index.get("a"), "k1", tmp_path) and not is_done(index.get("a"), "other-key", tmp_path)
     totals = index.totals()
     assert totals["counts"] == {"ok": 1, "failed": 0, "blocked": 1}
     assert totals["failures_by_kind"] == {"blocked": 1} and totals["tokens"]["totalTokenCount"] == 10
@@ -89,7 +98,8 @@ def test_journal_entries_without_a_result_are_possibly_charged(tmp_path: Path) -
         journal.dispatched(item, "k", 1)
     journal.close()
     (tmp_path / "results.jsonl").write_text(json.dumps({"id": "a", "run": "run1", "status": "ok"}) + "\n")
-    assert sorted(o["id"] for o in orphaned_requests(tmp_path)) == ["b", "c"]
+    with ResultsIndex.load(tmp_path) as index:
+        assert sorted(o["id"] for o in orphaned_requests(tmp_path, index)) == ["b", "c"]
 
 
 def test_a_settled_request_is_not_possibly_charged_but_an_earlier_unanswered_try_is(tmp_path: Path) -> None:
@@ -101,7 +111,8 @@ def test_a_settled_request_is_not_possibly_charged_but_an_earlier_unanswered_try
     journal.dispatched("b", "k", 2)
     journal.settled("b", 2)
     journal.close()
-    assert [o["id"] for o in orphaned_requests(tmp_path)] == ["b"]
+    with ResultsIndex.load(tmp_path) as index:
+        assert [o["id"] for o in orphaned_requests(tmp_path, index)] == ["b"]
 
 
 def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:

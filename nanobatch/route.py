@@ -1,0 +1,32 @@
+"""Routes: how one request for one step reaches the model and its answer comes back.
+
+The engine prepares the request body, holds the gate, retries, notes the request in the journal and builds the
+record; a :class:`Route` only carries the body there and brings a :class:`~nanobatch.gemini.Reply` back (or raises
+:class:`~nanobatch.errors.ApiError`). The synchronous ``generateContent`` call is the first route; Gemini's Batch
+API (:mod:`nanobatch.batch_api`) is meant to plug in beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .client import GeminiClient
+from .gemini import Reply
+
+__all__ = ["GenerateContent", "Route"]
+
+
+class Route(Protocol):
+    """Sends one step's request body for *model* and returns the answer, whatever way it travels."""
+
+    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply: ...
+
+
+class GenerateContent:
+    """The synchronous route: one ``generateContent`` call per request."""
+
+    def __init__(self, client: GeminiClient) -> None:
+        self.client = client
+
+    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
+        return await self.client.generate(model, body, timeout_s=timeout_s)
