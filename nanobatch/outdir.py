@@ -118,6 +118,12 @@ def write_image(path: str, data: bytes) -> None:
     atomic_write(path, data)
 
 
+def write_report_file(path: Path, data: bytes) -> None:
+    """``report.html``, atomically, readable by all (a report is meant to be shared)."""
+    atomic_write(path, data)
+    os.chmod(path, 0o644)
+
+
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
     """Make the renames and new files in *folder* durable (a no-op where folders cannot be opened)."""
     try:

@@ -9,6 +9,7 @@ field nanobatch does not know is kept in ``extra`` and written back after the kn
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,11 @@ _ITEM_FIELDS = (
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
 _OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from")  # written only when set, in this order
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank *q* quantile (0 < q <= 1) of an ascending, non-empty sequence."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def utc(ts: float) -> str:

@@ -10,14 +10,12 @@ PosixPath('out/spring-catalog/report.html')
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,8 @@ from PIL import Image, ImageOps
 
 from nanobatch._report_template import PAGE
 from nanobatch.inputs import is_url
-from nanobatch.results import REPORT_FILE, RESERVED_PREFIX
+from nanobatch.outdir import REPORT_FILE, write_report_file
+from nanobatch.record import TOKEN_FIELDS, percentile
 
 __all__ = ["write_report"]
 
@@ -39,12 +38,8 @@ log = logging.getLogger("nanobatch.report")
 
 Record = dict[str, Any]
 STATUSES = ("ok", "failed", "blocked")
-_TOKEN_FIELDS = (
-    ("prompt", "promptTokenCount"),
-    ("output", "candidatesTokenCount"),
-    ("thoughts", "thoughtsTokenCount"),
-    ("total", "totalTokenCount"),
-)
+# Labels of the usage fields, in TOKEN_FIELDS' order.
+_TOKEN_FIELDS = tuple(zip(("prompt", "output", "thoughts", "total"), TOKEN_FIELDS, strict=True))
 _MAX_TEXT = 4000  # characters of model text / error message shown per card
 _JPEG_QUALITY = 80
 _e = html.escape
@@ -80,7 +75,7 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
     thumbs = _make_thumbs(_image_paths(folder, records), thumb_px)
     page = _render_page(folder, records, summary, thumbs)
     target = folder / REPORT_FILE
-    _write_atomic(target, page)
+    write_report_file(target, page.encode("utf-8"))
     log.info("wrote %s (%d items)", target, len(records))
     return target
 
@@ -227,11 +222,6 @@ def _flatten(im: Image.Image) -> Image.Image:
 # --------------------------------------------------------------------------- totals
 
 
-def _percentile(ordered: list[float], p: float) -> float:
-    """Nearest-rank percentile of an ascending, non-empty list."""
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
-
-
 def _latencies(records: Iterable[Record]) -> list[tuple[float, str]]:
     pairs = ((_num(r.get("latency_s")), _status(r)) for r in records)
     return [(lat, st) for lat, st in pairs if lat is not None and lat >= 0]
@@ -257,7 +247,7 @@ def _render_totals(records: list[Record], summary: Mapping[str, Any]) -> str:
     cells.append(("cost", _money(sum(costs)) if costs else "—", ""))
     cells += [(f"{name} tokens", f"{tokens[name]:,}", "") for name, _ in _TOKEN_FIELDS]
     for label, value in (("p50", 50), ("p95", 95), ("max", 100)):
-        cells.append((f"latency {label}", _secs(_percentile(lats, value)) if lats else "—", ""))
+        cells.append((f"latency {label}", _secs(percentile(lats, value / 100)) if lats else "—", ""))
     wall = _num(summary.get("wall_s"))
     if wall is not None:
         cells.append(("last run wall time", _secs(wall), ""))
@@ -307,7 +297,7 @@ def _render_histogram(records: list[Record]) -> str:
                 f'height="{h:.1f}"><title>{_e(tip)} ({counts[status]} {status})</title></rect>'
             )
     lats = sorted(lat for lat, _ in points)
-    x50, x95 = (left + min(_percentile(lats, p) / step, n_bins) * bar_w for p in (50, 95))
+    x50, x95 = (left + min(percentile(lats, p / 100) / step, n_bins) * bar_w for p in (50, 95))
     parts += [f'<line class="mark" x1="{x:.1f}" x2="{x:.1f}" y1="4" y2="{base}"/>' for x in (x50, x95)]
     labels = [("p50", x50, "end"), ("p95", x95, "start")] if x95 - x50 >= 30 else [("p50/p95", x95, "start")]
     for label, x, anchor in labels:  # labels sit in a band above the bars, flipped inward at the edges
@@ -455,20 +445,3 @@ def _render_page(
         cards=cards or '<p class="empty">No items in results.jsonl yet.</p>',
         generated=_e(datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace."""
-    # In nanobatch's own namespace: a run's clean-up takes it if a killed report left it behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{RESERVED_PREFIX}-report-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

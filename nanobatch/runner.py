@@ -43,6 +43,7 @@ from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, FirstContact, Gate
 from .manifest import Manifest, WorkItem, load_manifest
 from .outdir import OutDir
+from .record import percentile
 from .results import ResultsIndex
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
@@ -439,10 +440,7 @@ async def _stop_in_time(engine: Engine, began: float, limit_s: float, grace_s: f
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 3)
+    return round(percentile(sorted(values), q), 3) if values else None
 
 
 def _summary(
