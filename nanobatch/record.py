@@ -42,7 +42,7 @@ def utc(ts: float) -> str:
 
 
 def _strs(value: Any) -> tuple[str, ...]:
-    return tuple(str(v) for v in value) if isinstance(value, list | tuple) else ()
+    return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -213,7 +213,7 @@ class ItemRecord:
             input_stamps=_stamps(stamps) if stamps is not None else None,
             finish_message=get("finish_message"),
             moved_from=_strs(get("moved_from")) if "moved_from" in line else None,
-            extra={k: v for k, v in line.items() if k not in _KNOWN},
+            extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
     def failed_write(self, kind: str, message: str) -> ItemRecord:

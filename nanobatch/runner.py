@@ -262,12 +262,7 @@ async def run_job(
     manifest, settings = _load(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
     manifest = manifest.skipping(checked.out_dir)
-    api_key = read_api_key(settings)
-    if api_key is None and not simulate and transport is None and not _on_loopback(settings.api.base_url):
-        raise ConfigError(
-            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
-            "or try the built-in simulator with --simulate"
-        )
+    api_key = _api_key(settings, needed=not simulate and transport is None)
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
     stats.rpm_limit = settings.limits.requests_per_minute
@@ -283,12 +278,7 @@ async def run_job(
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
-        reason = engine.gate.stop_reason
-        if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
-            reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
-        outcome: Literal["complete", "aborted", "interrupted"] = (
-            "interrupted" if isinstance(reason, Interrupted) else "aborted" if reason is not None else "complete"
-        )
+        outcome, reason = _outcome(engine.gate.stop_reason, stats)
         summary = _summary(manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
         summary["last_run"]["run"] = run_id
         summary["last_run"]["recovered_in_flight"] = len(orphans)
@@ -298,6 +288,28 @@ async def run_job(
     return RunSummary(
         out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+
+
+def _api_key(settings: Settings, *, needed: bool) -> str | None:
+    """The API key; ConfigError if there is none and one is *needed* (not for a server on this machine)."""
+    api_key = read_api_key(settings)
+    if api_key is None and needed and not _on_loopback(settings.api.base_url):
+        raise ConfigError(
+            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
+            "or try the built-in simulator with --simulate"
+        )
+    return api_key
+
+
+def _outcome(
+    reason: BaseException | None, stats: RunStats
+) -> tuple[Literal["complete", "aborted", "interrupted"], BaseException | None]:
+    """How the run ended, and why, from the reason its gate stopped (None: it was not stopped)."""
+    if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
+        reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
+    if isinstance(reason, Interrupted):
+        return "interrupted", reason
+    return ("aborted" if reason is not None else "complete"), reason
 
 
 async def _client(
