@@ -74,7 +74,7 @@ class RunStats:
         for name, value in record.usage.items():
             if isinstance(value, int):
                 self.tokens[name] += value
-        self.cost_usd += record.cost_usd
+        self.cost_usd += record.cost_usd or 0.0
         if record.latency_s is not None:
             self.latencies.append(record.latency_s)
         if record.error is not None:

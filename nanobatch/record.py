@@ -42,6 +42,9 @@ def utc(ts: float) -> str:
 
 
 def _strs(value: Any) -> tuple[str, ...]:
+    """Strings from a list of them (or one string, as a hand-edited line may have it)."""
+    if isinstance(value, str):
+        return (value,)
     return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
 
 
@@ -67,7 +70,7 @@ class ErrorInfo:
             return None
         step = value.get("step")
         return cls(
-            kind=str(value.get("kind") or "unknown"),
+            kind=str(value.get("kind") or ""),  # "": the line did not say
             status_code=value.get("status_code") if isinstance(value.get("status_code"), int) else None,
             message=str(value.get("message") or ""),
             step=step if isinstance(step, int) else None,
@@ -121,9 +124,9 @@ class ItemRecord:
     text: str | None = None
     usage: Mapping[str, Any] = field(default_factory=dict)
     steps: tuple[StepRecord, ...] | None = None
-    attempts: int = 0
+    attempts: int | None = None  # None: the line did not say (an old or hand-edited one)
     latency_s: float | None = None
-    cost_usd: float = 0.0
+    cost_usd: float | None = None  # None: the line did not say
     model: str | None = None
     model_version: str | None = None
     response_id: str | None = None
@@ -187,16 +190,16 @@ class ItemRecord:
         usage, steps, stamps = get("usage"), get("steps"), get("input_stamps")
         return cls(
             id=str(line["id"]),
-            status=str(line["status"]),
+            status=str(line["status"] or "unknown"),
             run=get("run"),
             outputs=_strs(get("outputs")),
             finish_reason=get("finish_reason"),
             text=get("text"),
             usage=usage if isinstance(usage, Mapping) else {},
             steps=tuple(s for s in map(StepRecord.from_json, steps) if s) if isinstance(steps, list) else None,
-            attempts=_int(get("attempts")),
+            attempts=get("attempts") if _is_int(get("attempts")) else None,
             latency_s=_float(get("latency_s")),
-            cost_usd=_float(get("cost_usd")) or 0.0,
+            cost_usd=_float(get("cost_usd")),
             model=get("model"),
             model_version=get("model_version"),
             response_id=get("response_id"),
@@ -225,8 +228,12 @@ class ItemRecord:
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return value if _is_int(value) else 0
 
 
 def _float(value: Any) -> float | None:

@@ -30,13 +30,14 @@ from PIL import Image, ImageOps
 from nanobatch._report_template import PAGE
 from nanobatch.inputs import is_url
 from nanobatch.outdir import REPORT_FILE, write_report_file
-from nanobatch.record import TOKEN_FIELDS, percentile
+from nanobatch.record import TOKEN_FIELDS, ItemRecord, percentile
+from nanobatch.results import read_records
 
 __all__ = ["write_report"]
 
 log = logging.getLogger("nanobatch.report")
 
-Record = dict[str, Any]
+Record = ItemRecord
 STATUSES = ("ok", "failed", "blocked")
 # Labels of the usage fields, in TOKEN_FIELDS' order.
 _TOKEN_FIELDS = tuple(zip(("prompt", "output", "thoughts", "total"), TOKEN_FIELDS, strict=True))
@@ -86,19 +87,8 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
 def _load_records(path: Path) -> list[Record]:
     """Latest item record per id, in order of each id's first appearance."""
     latest: dict[str, Record] = {}
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            where = "last line (torn write?)" if lineno == len(lines) else f"line {lineno}"
-            log.warning("%s: skipping invalid JSON on %s", path, where)
-            continue
-        # Event lines (e.g. {"event": "dispatched"}) carry no status: not items.
-        if isinstance(rec, dict) and "status" in rec and rec.get("id") is not None:
-            latest[str(rec["id"])] = rec
+    for rec in read_records(path):
+        latest[rec.id] = rec
     return list(latest.values())
 
 
@@ -118,7 +108,7 @@ def _in_manifest_order(records: list[Record], summary: Mapping[str, Any]) -> lis
         log.info("cards in results order: cannot read the manifest %s (%s)", path, exc)
         return records
     last = len(place)
-    return sorted(records, key=lambda rec: place.get(str(rec["id"]), last))  # stable: the rest keep their order
+    return sorted(records, key=lambda rec: place.get(rec.id, last))  # stable: the rest keep their order
 
 
 def _load_summary(path: Path) -> Mapping[str, Any]:
@@ -154,7 +144,7 @@ def _dict(value: Any) -> Mapping[str, Any]:
 
 
 def _status(rec: Record) -> str:
-    return str(rec.get("status") or "unknown")
+    return rec.status or "unknown"
 
 
 def _local(folder: Path, ref: str) -> Path:
@@ -167,7 +157,7 @@ def _local(folder: Path, ref: str) -> Path:
 
 def _image_paths(folder: Path, records: Iterable[Record]) -> list[Path]:
     """Every distinct local image the cards show (inputs and outputs)."""
-    refs = (r for rec in records for r in _strs(rec.get("inputs")) + _strs(rec.get("outputs")))
+    refs = (r for rec in records for r in [*rec.inputs, *rec.outputs])
     return list(dict.fromkeys(_local(folder, r) for r in refs if not is_url(r)))
 
 
@@ -223,14 +213,14 @@ def _flatten(im: Image.Image) -> Image.Image:
 
 
 def _latencies(records: Iterable[Record]) -> list[tuple[float, str]]:
-    pairs = ((_num(r.get("latency_s")), _status(r)) for r in records)
+    pairs = ((_num(r.latency_s), _status(r)) for r in records)
     return [(lat, st) for lat, st in pairs if lat is not None and lat >= 0]
 
 
 def _token_totals(records: Iterable[Record]) -> dict[str, int]:
     totals = dict.fromkeys((name for name, _ in _TOKEN_FIELDS), 0)
     for rec in records:
-        usage = _dict(rec.get("usage"))
+        usage = rec.usage
         for name, key in _TOKEN_FIELDS:
             totals[name] += int(_num(usage.get(key)) or 0)
     return totals
@@ -239,7 +229,7 @@ def _token_totals(records: Iterable[Record]) -> dict[str, int]:
 def _render_totals(records: list[Record], summary: Mapping[str, Any]) -> str:
     counts = Counter(_status(r) for r in records)
     tokens = _token_totals(records)
-    costs = [c for c in (_num(r.get("cost_usd")) for r in records) if c is not None]
+    costs = [c for c in (_num(r.cost_usd) for r in records) if c is not None]
     lats = sorted(lat for lat, _ in _latencies(records))
     cells: list[tuple[str, str, str]] = [("items", f"{len(records):,}", "")]
     cells += [(s, f"{counts.get(s, 0):,}", s) for s in STATUSES]
@@ -350,16 +340,14 @@ def _render_figure(folder: Path, label: str, refs: list[str], none: str, thumbs:
 
 
 def _render_instructions(rec: Record) -> str:
-    raw_steps = rec.get("steps")
-    steps = [s for s in raw_steps if isinstance(s, dict)] if isinstance(raw_steps, list) else []
-    if steps:
+    if rec.steps:
         items = []
-        for step in steps:
-            reason = step.get("finish_reason")
+        for step in rec.steps:
+            reason = step.finish_reason
             tail = f' <span class="fr">({_e(str(reason))})</span>' if reason else ""
-            items.append(f"<li>{_e(str(step.get('instruction') or ''))}{tail}</li>")
+            items.append(f"<li>{_e(step.instruction)}{tail}</li>")
     else:
-        texts = _strs(rec.get("instructions")) or _strs(rec.get("instruction"))
+        texts = list(rec.instructions) or _strs(rec.extra.get("instruction"))  # an old record's one instruction
         items = [f"<li>{_e(t)}</li>" for t in texts]
     return f'<ol class="instr">{"".join(items)}</ol>' if items else ""
 
@@ -370,40 +358,40 @@ def _clip(text: str) -> str:
 
 def _render_problem(rec: Record) -> str:
     """Error kind/code/message and the model's text; the 'why' of failed and blocked items."""
-    error, text = _dict(rec.get("error")), rec.get("text")
+    error, text = rec.error, rec.text
     text_html = f"<pre>{_e(_clip(text))}</pre>" if isinstance(text, str) and text.strip() else ""
     if _status(rec) == "ok" and not error:
         return f'<div class="text">Model text:{text_html}</div>' if text_html else ""
-    kind = str(error.get("kind") or rec.get("finish_reason") or _status(rec))
-    code = error.get("status_code")
+    kind = str((error.kind if error else None) or rec.finish_reason or _status(rec))
+    code = error.status_code if error else None
     head = f"{kind} (HTTP {code})" if code is not None else kind
-    message = error.get("message")
+    message = error.message if error else None
     msg_html = f"<pre>{_e(_clip(str(message)))}</pre>" if message else ""
     text_part = f"<b>Model text:</b>{text_html}" if text_html else ""
     return f'<div class="problem"><b>{_e(head)}</b>{msg_html}{text_part}</div>'
 
 
 def _render_meta(rec: Record) -> str:
-    usage = _dict(rec.get("usage"))
+    usage = rec.usage
     cells = [(name, _num(usage.get(key))) for name, key in _TOKEN_FIELDS[:3]]
     rows = [(f"{name} tok", f"{int(v):,}") for name, v in cells if v is not None]
-    cost, latency, attempts = _num(rec.get("cost_usd")), _num(rec.get("latency_s")), _num(rec.get("attempts"))
+    cost, latency, attempts = _num(rec.cost_usd), _num(rec.latency_s), _num(rec.attempts)
     rows += [("cost", _money(cost))] if cost is not None else []
     rows += [("latency", _secs(latency))] if latency is not None else []
     rows += [("attempts", f"{int(attempts)}")] if attempts is not None else []
-    for key, label in (("finish_reason", "finish"), ("image_size", "size"), ("aspect_ratio", "ratio")):
-        if rec.get(key):
-            rows.append((label, str(rec[key])))
+    for value, label in ((rec.finish_reason, "finish"), (rec.image_size, "size"), (rec.aspect_ratio, "ratio")):
+        if value:
+            rows.append((label, str(value)))
     body = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in rows)
     return f'<dl class="meta">{body}</dl>' if body else ""
 
 
 def _render_card(folder: Path, rec: Record, thumbs: Mapping[Path, _Thumb | str]) -> str:
-    item_id, status = str(rec.get("id")), _status(rec)
+    item_id, status = rec.id, _status(rec)
     css = status if status in STATUSES else "other"
-    before = _render_figure(folder, "before", _strs(rec.get("inputs")), "no input (text to image)", thumbs)
-    after = _render_figure(folder, "after", _strs(rec.get("outputs")), "no output image", thumbs)
-    model = f' title="{_e(str(rec["model"]))}"' if rec.get("model") else ""
+    before = _render_figure(folder, "before", list(rec.inputs), "no input (text to image)", thumbs)
+    after = _render_figure(folder, "after", list(rec.outputs), "no output image", thumbs)
+    model = f' title="{_e(str(rec.model))}"' if rec.model else ""
     return (
         f'<article class="card {css}" data-status="{_e(status)}" data-id="{_e(item_id)}">'
         f'<header><h3{model}>{_e(item_id)}</h3><span class="badge {css}">{_e(status)}</span></header>'
@@ -423,9 +411,9 @@ def _job_name(folder: Path, summary: Mapping[str, Any]) -> str:
 
 
 def _subtitle(folder: Path, records: list[Record]) -> str:
-    models = sorted({str(r["model"]) for r in records if r.get("model")})
-    starts = sorted(str(r["started_at"]) for r in records if r.get("started_at"))
-    ends = sorted(str(r["finished_at"]) for r in records if r.get("finished_at"))
+    models = sorted({str(r.model) for r in records if r.model})
+    starts = sorted(str(r.started_at) for r in records if r.started_at)
+    ends = sorted(str(r.finished_at) for r in records if r.finished_at)
     parts = [str(folder.resolve()), f"{len(records):,} items"]
     parts += [", ".join(models)] if models else []
     parts += [f"{starts[0] if starts else '?'} → {ends[-1]}"] if ends else []

@@ -151,8 +151,8 @@ def _row(record: ItemRecord) -> tuple[Any, ...]:
         record.key,
         orjson.dumps(list(record.outputs)),
         *record.tokens(),
-        record.cost_usd,
-        record.error.kind if record.error is not None else None,
+        record.cost_usd or 0.0,
+        (record.error.kind or None) if record.error is not None else None,
         orjson.dumps(list(zip(record.inputs, stamps, strict=False))) if stamps else None,
         record.run,
         orjson.dumps(record.files) if record.steps else None,  # None: the outputs, no steps

@@ -29,5 +29,5 @@ def test_an_old_line_is_read_and_written_back_byte_for_byte() -> None:
 
 def test_a_sparse_or_hand_edited_line_takes_defaults_and_keeps_fields_it_does_not_know() -> None:
     record = ItemRecord.from_json({"id": 7, "status": "ok", "attempts": "two", "note": "checked by hand"})
-    assert (record.id, record.attempts, record.cost_usd, record.outputs, record.error) == ("7", 0, 0.0, (), None)
+    assert (record.id, record.attempts, record.cost_usd, record.outputs, record.error) == ("7", None, None, (), None)
     assert record.to_json()["note"] == "checked by hand"
