@@ -372,9 +372,49 @@ class OutDir:
     def is_file(self, name: str) -> bool:
         return os.path.isfile(self.file(name))
 
-    @staticmethod
-    def write_image(path: str, data: bytes) -> None:
-        write_image(path, data)
+    def put(
+        self,
+        files: list[tuple[str, bytes]],
+        moves: list[tuple[str, str]],
+        replaceable: frozenset[str],
+        folders: set[str],
+    ) -> None:
+        """Move one item's done files to their new names and write its new ones (*folders*: those touched, to
+        fsync). Only a file in *replaceable* (nanobatch wrote it for this item) may be replaced; on an error,
+        undo what was done here and raise (FileExistsError for a file that is not the item's)."""
+        undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
+        target = ""
+        try:
+            for old, new in moves:
+                src, dst = self.file(old), self._claim(new, replaceable)
+                target = dst
+                move_file(src, dst)
+                undo.append((dst, src))
+                folders.update((os.path.dirname(src), os.path.dirname(dst)))
+            for name, data in files:
+                target = path = self._claim(name, replaceable)
+                existed = os.path.lexists(path)
+                write_image(path, data)
+                if not existed:
+                    undo.append((path, None))
+                folders.add(os.path.dirname(path))
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and target:
+                exc.filename = target  # the image's name, not its temporary file's
+            for done, origin in reversed(undo):
+                with contextlib.suppress(OSError):
+                    if origin is not None:
+                        os.replace(done, origin)
+                    else:
+                        os.unlink(done)
+            raise
+
+    def _claim(self, name: str, replaceable: frozenset[str]) -> str:
+        """The path of *name*; FileExistsError if something is there that nanobatch did not write for this item."""
+        path = self.file(name)
+        if name not in replaceable and os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
+        return path
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")

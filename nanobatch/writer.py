@@ -5,10 +5,7 @@ It runs outside the workers' cancel scope, so whatever finished is written even 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -16,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from .errors import RunAborted
-from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir, move_file
+from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
 from .record import ItemRecord
 from .results import ResultsIndex
 
@@ -169,7 +166,7 @@ class Writer:
         folders: set[str] = set()
         for finished in batch:
             try:
-                self._put_files(finished, folders)
+                self.out.put(finished.files, finished.moves, finished.replaceable, folders)
                 handled.append(finished)
             except OSError as exc:
                 if exc.errno in FOLDER_ERRNOS:
@@ -183,42 +180,6 @@ class Writer:
         if records := [finished.record for finished in handled if finished.saved]:
             self.out.results.append_many(records)
         return handled, error
-
-    def _put_files(self, finished: Finished, folders: set[str]) -> None:
-        """Move and write one item's files; on an error, undo what it did here and raise."""
-        undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
-        target = ""
-        try:
-            for old, new in finished.moves:
-                src, dst = self.out.file(old), self._claim(new, finished)
-                target = dst
-                move_file(src, dst)
-                undo.append((dst, src))
-                folders.update((os.path.dirname(src), os.path.dirname(dst)))
-            for name, data in finished.files:
-                target = path = self._claim(name, finished)
-                existed = os.path.lexists(path)
-                self.out.write_image(path, data)
-                if not existed:
-                    undo.append((path, None))
-                folders.add(os.path.dirname(path))
-        except OSError as exc:
-            if not isinstance(exc, FileExistsError) and target:
-                exc.filename = target  # the image's name, not its temporary file's
-            for done, origin in reversed(undo):
-                with contextlib.suppress(OSError):
-                    if origin is not None:
-                        os.replace(done, origin)
-                    else:
-                        os.unlink(done)
-            raise
-
-    def _claim(self, name: str, finished: Finished) -> str:
-        """The path of *name*; FileExistsError if something is there that nanobatch did not write for this item."""
-        path = self.out.file(name)
-        if name not in finished.replaceable and os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
-        return path
 
     def _write_failed(self, finished: Finished, exc: OSError) -> Finished:
         """*finished* with a failed record (its image could not be written), or, for a move, not saved."""
