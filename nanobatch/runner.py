@@ -16,7 +16,7 @@ import signal
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,6 @@ from .config import Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
 from .errors import (
     ConfigError,
-    FatalApiError,
     Interrupted,
     ManifestError,
     Problem,
@@ -43,8 +42,8 @@ from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, FirstContact, Gate
 from .manifest import Manifest, WorkItem, load_manifest
 from .outdir import OutDir
-from .record import percentile
 from .results import ResultsIndex
+from .summary import build_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -279,7 +278,9 @@ async def run_job(
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        summary = _summary(manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier)
+        summary = build_summary(
+            manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
+        )
         summary["last_run"]["run"] = run_id
         summary["last_run"]["recovered_in_flight"] = len(orphans)
         out.write_summary(summary)
@@ -449,54 +450,3 @@ async def _stop_in_time(engine: Engine, began: float, limit_s: float, grace_s: f
     )
     reason = f"the time limit was reached (limits.max_duration_s = {limit_s:g}); unsent items are left for the next run"
     engine.stop(TimeLimitReached(reason), grace_s=grace_s)
-
-
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    return round(percentile(sorted(values), q), 3) if values else None
-
-
-def _summary(
-    manifest: Manifest,
-    out_dir: Path,
-    outcome: str,
-    reason: BaseException | None,
-    stats: RunStats,
-    index: ResultsIndex,
-    gate: Gate,
-    started: float,
-    settings_tier: str = "standard",
-) -> dict[str, Any]:
-    folder = index.totals()
-    finished = time.time()
-    return {
-        "job": manifest.name,
-        "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
-        "out_dir": str(out_dir),
-        **folder,
-        "wall_s": round(finished - started, 3),
-        "last_run": {
-            "outcome": outcome,
-            "reason": str(reason) if reason else None,
-            "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
-            "aborted": outcome == "aborted",  # budget, time limit, breaker, full disk, or a fatal API error
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
-            "items": stats.total,
-            "ok": stats.ok,
-            "failed": stats.failed,
-            "blocked": stats.blocked,
-            "skipped": stats.skipped,
-            "requests": stats.requests,
-            "retries": dict(stats.retries),
-            "tokens": dict(stats.tokens),
-            "cost_usd": round(stats.cost_usd, 6),
-            "tier": settings_tier,
-            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
-            "spent_usd": round(gate.budget.spent_usd, 6),
-            "latency_s": {
-                "p50": _percentile(stats.latencies, 0.5),
-                "p95": _percentile(stats.latencies, 0.95),
-                "max": max(stats.latencies, default=None),
-            },
-        },
-    }
