@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,27 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     assert live["running"] and live["in_flight"] == 1 and live["possibly_charged"] == 0
     dead = folder_status(tmp_path)
     assert dead["running"] is None and dead["possibly_charged"] == 1 and dead["possibly_charged_ids"] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param({"id": "a", "status": "ok", "outputs": ["a.png"],
+                      "usage": {"promptTokenCount": 5, "totalTokenCount": 9}, "cost_usd": 0.04, "key": "k", "run": "r", "inputs": ["x.png"], "input_stamps": [[1, 2, "ab"]]},
+                     id="ok"),
+        pytest.param({"id": 7, "status": None}, id="sparse-old"),
+        pytest.param({"id": "m", "status": "ok", "outputs": ["m.png"], "steps": [
+            {"step": 1, "instruction": "i", "outputs": ["m.step1.png"]}, {"step": 2, "instruction": "j"}, "junk"]},
+                     id="multi-step"),
+        pytest.param({"id": "f", "status": "failed", "error": {"kind": "timeout", "message": "m"},
+                      "cost_usd": True, "usage": {"totalTokenCount": "12"}, "outputs": "f.png",
+                      "input_stamps": [["bad"]]}, id="odd-types"),
+        pytest.param({"id": "e", "status": "failed", "error": {"message": "no kind"}, "steps": []}, id="error-no-kind"),
+    ],
+)  # fmt: skip
+def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> None:
+    from nanobatch.record import ItemRecord
+    from nanobatch.results import _line_row, _row
+
+    record = ItemRecord.from_json(line)
+    assert _line_row(line) == (_row(record), record.files)
