@@ -170,7 +170,8 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     "line",
     [
         pytest.param({"id": "a", "status": "ok", "outputs": ["a.png"],
-                      "usage": {"promptTokenCount": 5, "totalTokenCount": 9}, "cost_usd": 0.04, "key": "k", "run": "r", "inputs": ["x.png"], "input_stamps": [[1, 2, "ab"]]},
+                      "usage": {"promptTokenCount": 5, "totalTokenCount": 9}, "cost_usd": 0.04,
+                      "key": "k", "run": "r", "inputs": ["x.png"], "input_stamps": [[1, 2, "ab"]]},
                      id="ok"),
         pytest.param({"id": 7, "status": None}, id="sparse-old"),
         pytest.param({"id": "m", "status": "ok", "outputs": ["m.png"], "steps": [
