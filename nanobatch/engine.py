@@ -37,6 +37,7 @@ from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply,
 from .inputs import MAX_INPUT_BYTES, InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
+from .names import output_names
 from .results import (
     FOLDER_ERRNOS,
     TOKEN_FIELDS,
@@ -552,12 +553,7 @@ class Engine:
             record["finish_message"] = reply.finish_message
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
-        stem = item.stem
-        if step is not None:
-            stem = f"{stem}.step{step}"
-        if len(images) == 1:
-            return [f"{stem}.{images[0].extension}"]
-        return [f"{stem}-{n}.{image.extension}" for n, image in enumerate(images, 1)]
+        return output_names(item, [image.extension for image in images], step=step)
 
     async def _write(self, done: _WriteQueue) -> None:
         """Persist finished items in arrival order, in batches: whatever queued up while the last batch was
