@@ -12,8 +12,11 @@ from typing import Any
 import httpx2
 from PIL import Image as PILImage
 
+import nanobatch
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import load_manifest
+from nanobatch.manifest import Manifest, load_manifest
+
+from .conftest import run_virtual
 
 USAGE = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "totalTokenCount": 2432}
 
@@ -26,11 +29,9 @@ def image_bytes(
     return buf.getvalue()
 
 
-def inline(data: bytes, mime: str = "image/png", *, thought: bool = False) -> dict[str, Any]:
-    part: dict[str, Any] = {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}}
-    if thought:
-        part["thought"] = True
-    return part
+def inline(data: bytes, mime: str = "image/png", **extra: Any) -> dict[str, Any]:
+    """An image part of a reply or request; *extra*: other keys of the part (``thought=True``, ...)."""
+    return {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}, **extra}
 
 
 def ok_body(
@@ -57,8 +58,9 @@ def retry_info(delay: str) -> dict[str, Any]:
     return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
 
 
-def quota_failure(quota_id: str) -> dict[str, Any]:
-    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": quota_id}]}
+def quota_failure(quota_id: str, metric: str | None = None) -> dict[str, Any]:
+    violation = {"quotaId": quota_id} if metric is None else {"quotaId": quota_id, "quotaMetric": metric}
+    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]}
 
 
 Answer = httpx2.Response | dict[str, Any] | Callable[[httpx2.Request], httpx2.Response]
@@ -108,6 +110,21 @@ def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def load(path: Path, default_model: str = "gemini-3.1-flash-image") -> Manifest:
+    return load_manifest(path, default_model=default_model)
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    """The records of results.jsonl in the output folder *out*, in order."""
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run(job: Path, fake: FakeGemini, out: Path | None = None, **options: Any) -> nanobatch.RunSummary:
+    """Run *job* against *fake* on the virtual clock, into *out* (``out`` beside the job if not given)."""
+    options.setdefault("out_dir", out if out is not None else job.parent / "out")
+    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
 
 
 def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image") -> list[Problem]:
