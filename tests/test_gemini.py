@@ -21,10 +21,6 @@ JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"jpeg-pixels"
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"webp-pixels"
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def body(*parts: dict[str, Any], finish: str | None = "STOP", **extra: Any) -> bytes:
     candidate: dict[str, Any] = {"content": {"role": "model", "parts": list(parts)}}
     if finish is not None:
@@ -233,7 +229,9 @@ def test_answer_without_image_is_retryable_no_image_and_keeps_the_models_words(
 
 
 def test_reply_with_an_image_passes() -> None:
-    check_reply(parse_reply(body(inline(PNG))))  # no exception
+    reply = parse_reply(body(inline(PNG)))
+    check_reply(reply)  # accepted: no exception
+    assert [(image.data, image.mime_type) for image in reply.images] == [(PNG, "image/png")]
 
 
 def test_only_a_thought_image_is_no_image() -> None:
