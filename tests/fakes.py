@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -98,13 +99,14 @@ class FakeGemini:
 
 
 def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
-    """A manifest in *folder* with one small PNG per distinct ``image`` name the items use."""
+    """A manifest in *folder* with one small PNG per distinct local ``image`` name the items use that is not
+    there yet (URLs and files already made are left as they are)."""
     import yaml
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for n, item in enumerate(items):
         for name in [item.get("image"), *(item.get("images") or [])]:
-            if name and not (folder / name).exists():
+            if name and "://" not in name and not os.path.lexists(folder / name):
                 (folder / name).write_bytes(image_bytes((40 * n % 255, 90, 160)))
     doc = {"name": "job", "defaults": {"instruction": "make the background white"}, **top, "items": items}
     path = folder / "job.yaml"
