@@ -29,13 +29,25 @@ from pydantic import ValidationError
 
 from ._yaml import load_yaml
 from .build import PictureCheck, build_item
-from .check import CheckReport, check_items
+from .check import MAX_PROBLEMS, CheckReport, check_items
 from .errors import ManifestError, Problem, not_utf8
-from .fields import THINKING_LEVELS, ItemFields, ManifestFields, WorkItem, from_pydantic, parse_fields
-from .names import plain_name_problem, template_problems
+from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, ManifestFields, WorkItem, from_pydantic, parse_fields
+from .names import IMAGE_SUFFIXES, plain_name_problem, template_problems
 from .sources import GlobSource, InlineSource, RawItem, Source, parse_sources
 
-__all__ = ["THINKING_LEVELS", "CheckReport", "Manifest", "WorkItem", "load_manifest"]
+# The manifest's own names, and (as before the split into fields, build, check and names) those of its parts.
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PROBLEMS",
+    "SYNC_TIERS",
+    "THINKING_LEVELS",
+    "CheckReport",
+    "ItemFields",
+    "Manifest",
+    "ManifestFields",
+    "WorkItem",
+    "load_manifest",
+]
 
 logger = logging.getLogger("nanobatch")
 

@@ -528,3 +528,16 @@ def test_merged_keys_may_be_overridden_but_python_tags_are_refused() -> None:
     assert data["item"] == {"instruction": "y", "id": "007"}
     with pytest.raises(yaml.YAMLError):
         _yaml.load_yaml("a: !!python/object/apply:os.system [echo hi]\n")
+
+
+def test_the_longest_name_the_check_allows_fits_every_file_the_engine_names(tmp_path: Path) -> None:
+    from nanobatch.gemini import OUTPUT_EXTENSIONS
+    from nanobatch.names import output_names
+
+    steps = "".join(f"    - step {n}\n" for n in range(1, 13))
+    item = f"  - id: a\n    image: a.png\n    keep_steps: true\n    output: '{{id}}{LONG}.png'\n"
+    text = f"items:\n{item}    steps:\n{steps}"
+    (one,) = load(write(tmp_path, text), MODEL).items()
+    longest = max(OUTPUT_EXTENSIONS, key=len)
+    names = [*output_names(one, [longest] * 9), *output_names(one, [longest] * 3, step=11)]
+    assert max(len(name.encode()) for name in names) <= 255
