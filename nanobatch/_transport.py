@@ -53,6 +53,16 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
             _wrap_streams(pool)
         self._busy = [0] * count
 
+    @property
+    def pools(self) -> int:
+        """How many connection pools requests are spread over."""
+        return len(self._pools)
+
+    @property
+    def in_use(self) -> int:
+        """Requests on their way or answers still being read, over all pools."""
+        return sum(self._busy)
+
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         index = min(range(len(self._pools)), key=self._busy.__getitem__)
         self._busy[index] += 1

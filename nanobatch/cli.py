@@ -522,10 +522,8 @@ async def _list_live(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _add_simulate() -> None:
-    try:
-        from .simulator._cli import simulate
-    except ImportError:  # pragma: no cover - the simulator ships with the package
-        return
+    from .simulator._cli import simulate  # the simulator ships with the package
+
     cli.add_command(simulate)
 
 

@@ -33,6 +33,7 @@ from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply
 from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
+from .names import item_stems, output_names
 from .outdir import OutDir
 from .record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
 from .results import IndexEntry, ResultsIndex, is_done, renamed_files
@@ -273,8 +274,7 @@ class Engine:
 
     def _taken_name(self, item: WorkItem) -> str | None:
         """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
-        stems = [item.stem, *(f"{item.stem}.step{n}" for n in range(1, len(item.steps)) if item.keep_steps)]
-        there = self.out.taken([f"{stem}.{ext}" for stem in stems for ext in OUTPUT_EXTENSIONS])
+        there = self.out.taken([f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS])
         foreign = sorted(set(there) - self.index.owned(item.id, there))
         return self.out.file(foreign[0]) if foreign else None
 
@@ -388,12 +388,7 @@ class Engine:
             self.stats.in_flight = self.gate.in_flight - 1
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
-        stem = item.stem
-        if step is not None:
-            stem = f"{stem}.step{step}"
-        if len(images) == 1:
-            return [f"{stem}.{images[0].extension}"]
-        return [f"{stem}-{n}.{image.extension}" for n, image in enumerate(images, 1)]
+        return output_names(item, [image.extension for image in images], step=step)
 
     def _count(self, finished: Finished) -> None:
         record = finished.record

@@ -14,8 +14,11 @@ Their hierarchy::
     ├── LockHeld              another run holds the output folder     (exit 4)
     └── Interrupted           SIGINT / SIGTERM                        (exit 130)
 
-Errors of other libraries (yaml, OSError, httpx2, fsspec) are translated where
-they are caught, in ``config``, ``manifest``, ``client`` and ``storage``; nothing else sees them.
+Errors of other libraries (yaml, pydantic, OSError, csv, httpx2, Pillow, fsspec,
+google-auth) are translated where they are caught, into these or into a
+:class:`Problem`, in eleven modules: ``config``, ``manifest``, ``sources``, ``lock``,
+``runner``, ``inputs``, ``client``, ``gemini``, ``batch_api``, ``storage`` and ``vertex``;
+nothing else sees them.
 """
 
 from __future__ import annotations

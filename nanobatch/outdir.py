@@ -32,7 +32,15 @@ import anyio
 import orjson
 
 from .errors import ConfigError, Interrupted
-from .lock import LOCK_FILE, RunLock
+from .lock import RunLock
+from .names import (  # output names, reserved ones included, are decided in names.py
+    JOURNAL_FILE,
+    RESERVED_FILES,
+    RESERVED_PREFIX,
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    reserved_name_problem,
+)
 from .record import ItemRecord
 
 if TYPE_CHECKING:
@@ -54,14 +62,6 @@ __all__ = [
 
 logger = logging.getLogger("nanobatch")
 
-RESULTS_FILE = "results.jsonl"
-SUMMARY_FILE = "summary.json"
-JOURNAL_FILE = "journal.jsonl"
-REPORT_FILE = "report.html"
-# nanobatch's own files at the top of the output folder: no output name may use them, as a file or a folder.
-RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FILE, LOCK_FILE})
-# Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
-RESERVED_PREFIX = ".nanobatch"
 # Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
 FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
 
@@ -69,16 +69,6 @@ FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, e
 # nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
 _temp_names = itertools.count()
 _TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
-
-
-def reserved_name_problem(name: str) -> str | None:
-    """Why the output name *name* (relative to the output folder) would fall on nanobatch's own files, or None."""
-    parts = name.replace(os.sep, "/").split("/")
-    if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
-        return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
-    if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):
-        return f"the output name {name!r} has a name starting with {RESERVED_PREFIX!r}: nanobatch's own files"
-    return None
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from .names import step_stem
+
 if TYPE_CHECKING:
     from .gemini import Reply
     from .manifest import WorkItem
@@ -334,7 +336,7 @@ def moved_record(
     if len(item.steps) > 1:
         steps = []
         for number, text in enumerate(item.steps, 1):
-            mark = f"{item.stem}.step{number}"
+            mark = step_stem(item.stem, number)
             names = tuple(new for _, new in moves if new.startswith((mark + ".", mark + "-")))
             steps.append(StepRecord(step=number, instruction=text, outputs=names or None))
     base = build_record(item, tally, run=run, outputs=outputs)

@@ -29,7 +29,8 @@ from PIL import Image, ImageOps
 
 from nanobatch._report_template import PAGE
 from nanobatch.inputs import is_url
-from nanobatch.outdir import REPORT_FILE, write_report_file
+from nanobatch.names import REPORT_FILE
+from nanobatch.outdir import write_report_file
 from nanobatch.record import TOKEN_FIELDS, ItemRecord, percentile
 from nanobatch.results import read_records
 

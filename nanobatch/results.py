@@ -15,14 +15,17 @@ from typing import Any, NamedTuple
 import orjson
 
 from ._scratch import scratch_db
-from .outdir import (
-    FOLDER_ERRNOS,
+from .names import (
     JOURNAL_FILE,
     REPORT_FILE,
     RESERVED_FILES,
     RESERVED_PREFIX,
     RESULTS_FILE,
     SUMMARY_FILE,
+    reserved_name_problem,
+)
+from .outdir import (
+    FOLDER_ERRNOS,
     Journal,
     ResultsLog,
     atomic_write,
@@ -30,7 +33,6 @@ from .outdir import (
     is_record,
     move_file,
     remove_stale_temp_files,
-    reserved_name_problem,
 )
 from .record import TOKEN_FIELDS, ItemRecord, _strs
 from .record import _stamps as _read_stamps

@@ -27,7 +27,7 @@ import os
 import re
 import string
 import sys
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -473,33 +473,56 @@ def _parse_entry(
         problems.append(problem(kind, f"{kind}: must be a file name or pattern, relative to the manifest"))
         return None, problems
     templates = {k: v for k, v in entry.items() if k in item_fields}
+    delimiter = entry.get("delimiter", ",")
+    problems += _entry_template_problems(kind, templates, problem)
+    if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
+        problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
+    if kind == "glob":
+        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
+    path = base_dir / target
+    if not path.is_file():
+        problems.append(problem(kind, f"{kind} file not found: {path}"))
+    source = TableSource(
+        kind=kind,
+        path=path,
+        templates=templates,
+        delimiter=str(delimiter),
+        columns_as_fields=_from_columns(templates, item_fields, default_output),
+    )
+    return source, problems
+
+
+def _entry_template_problems(
+    kind: str, templates: Mapping[str, Any], problem: Callable[[str | None, str], Problem]
+) -> list[Problem]:
+    """What is wrong with a source's field templates: their placeholders, and for a glob, ones it cannot fill."""
+    problems = []
     for name, template in templates.items():
         try:
             _placeholders(template, own_id=True)
         except ValueError as exc:
             problems.append(problem(name, str(exc)))
-    delimiter = entry.get("delimiter", ",")
-    if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
-        problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
-    if kind == "glob":
-        for name, template in templates.items():
-            try:
-                unknown = set(_placeholders(template, own_id=name == "id")) - {"path", "name", "stem"}
-            except ValueError:
-                continue
-            if unknown:
-                message = f"a glob source knows {{path}}, {{name}}, {{stem}} and {{id}}, not {{{min(unknown)}}}"
-                problems.append(problem(name, message))
-        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
-    path = base_dir / target
-    if not path.is_file():
-        problems.append(problem(kind, f"{kind} file not found: {path}"))
+    if kind != "glob":
+        return problems
+    for name, template in templates.items():
+        try:
+            unknown = set(_placeholders(template, own_id=name == "id")) - {"path", "name", "stem"}
+        except ValueError:
+            continue
+        if unknown:
+            message = f"a glob source knows {{path}}, {{name}}, {{stem}} and {{id}}, not {{{min(unknown)}}}"
+            problems.append(problem(name, message))
+    return problems
+
+
+def _from_columns(
+    templates: Mapping[str, Any], item_fields: Collection[str], default_output: str | None
+) -> frozenset[str]:
+    """The item fields a table's columns set: those no template sets, nor a template (or the default output
+    name) reads as data."""
     read = {**templates, "output": templates.get("output", default_output)}  # the output template used
     from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(read)
     for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
         if one in templates or other in templates:
             from_columns -= {one, other}
-    source = TableSource(
-        kind=kind, path=path, templates=templates, delimiter=str(delimiter), columns_as_fields=from_columns
-    )
-    return source, problems
+    return from_columns

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,11 @@ from typing import Any
 import httpx2
 from PIL import Image as PILImage
 
+import nanobatch
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import load_manifest
+from nanobatch.manifest import Manifest, load_manifest
+
+from .conftest import run_virtual
 
 USAGE = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "totalTokenCount": 2432}
 
@@ -26,11 +30,9 @@ def image_bytes(
     return buf.getvalue()
 
 
-def inline(data: bytes, mime: str = "image/png", *, thought: bool = False) -> dict[str, Any]:
-    part: dict[str, Any] = {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}}
-    if thought:
-        part["thought"] = True
-    return part
+def inline(data: bytes, mime: str = "image/png", **extra: Any) -> dict[str, Any]:
+    """An image part of a reply or request; *extra*: other keys of the part (``thought=True``, ...)."""
+    return {"inlineData": {"mimeType": mime, "data": base64.b64encode(data).decode()}, **extra}
 
 
 def ok_body(
@@ -57,8 +59,9 @@ def retry_info(delay: str) -> dict[str, Any]:
     return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
 
 
-def quota_failure(quota_id: str) -> dict[str, Any]:
-    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [{"quotaId": quota_id}]}
+def quota_failure(quota_id: str, metric: str | None = None) -> dict[str, Any]:
+    violation = {"quotaId": quota_id} if metric is None else {"quotaId": quota_id, "quotaMetric": metric}
+    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]}
 
 
 Answer = httpx2.Response | dict[str, Any] | Callable[[httpx2.Request], httpx2.Response]
@@ -96,18 +99,34 @@ class FakeGemini:
 
 
 def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
-    """A manifest in *folder* with one small PNG per distinct ``image`` name the items use."""
+    """A manifest in *folder* with one small PNG per distinct local ``image`` name the items use that is not
+    there yet (URLs and files already made are left as they are)."""
     import yaml
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for n, item in enumerate(items):
         for name in [item.get("image"), *(item.get("images") or [])]:
-            if name and not (folder / name).exists():
+            if name and "://" not in name and not os.path.lexists(folder / name):
                 (folder / name).write_bytes(image_bytes((40 * n % 255, 90, 160)))
     doc = {"name": "job", "defaults": {"instruction": "make the background white"}, **top, "items": items}
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def load(path: Path, default_model: str = "gemini-3.1-flash-image") -> Manifest:
+    return load_manifest(path, default_model=default_model)
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    """The records of results.jsonl in the output folder *out*, in order."""
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run(job: Path, fake: FakeGemini, out: Path | None = None, **options: Any) -> nanobatch.RunSummary:
+    """Run *job* against *fake* on the virtual clock, into *out* (``out`` beside the job if not given)."""
+    options.setdefault("out_dir", out if out is not None else job.parent / "out")
+    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
 
 
 def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image") -> list[Problem]:

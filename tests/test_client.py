@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,6 +14,8 @@ import httpcore2
 import httpx2
 import pytest
 
+import nanobatch.client as client_module
+from nanobatch._transport import ShardedTransport
 from nanobatch.client import GeminiClient
 from nanobatch.errors import ApiError, FatalApiError
 from nanobatch.gemini import build_request
@@ -231,14 +235,27 @@ async def test_undecodable_compressed_body_is_a_retryable_bad_response() -> None
     assert info.value.kind == "bad_response" and info.value.retryable
 
 
-async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> None:
-    from nanobatch._transport import ShardedTransport
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[ShardedTransport]:
+    """The sharded transports GeminiClient builds for itself, in order."""
+    made: list[ShardedTransport] = []
+
+    class Recording(ShardedTransport):
+        def __init__(self, max_connections: int) -> None:
+            super().__init__(max_connections)
+            made.append(self)
+
+    monkeypatch.setattr(client_module, "ShardedTransport", Recording)
+    return made
+
+
+async def test_many_connections_are_spread_over_small_pools_and_all_answer(built: list[ShardedTransport]) -> None:
     from nanobatch.simulator import SimulatorConfig, run_in_thread
 
     with run_in_thread(SimulatorConfig(latency_s=0.05)) as url:
         async with GeminiClient(base_url=url, api_key=None, max_connections=30) as client:
-            transport = client._http._transport
-            assert isinstance(transport, ShardedTransport) and len(transport._pools) == 3
+            (transport,) = built
+            assert transport.pools == 3
             body = {
                 "contents": [{"parts": [{"text": "A lemon"}]}],
                 "generationConfig": {"responseModalities": ["IMAGE"]},
@@ -252,7 +269,7 @@ async def test_many_connections_are_spread_over_small_pools_and_all_answer() -> 
                 for _ in range(60):
                     tg.start_soon(one)
             assert len(replies) == 60 and all(r.images for r in replies)
-            assert transport._busy == [0, 0, 0]  # every connection was handed back
+            assert transport.in_use == 0  # every connection was handed back
 
 
 class RecordingStream(httpcore2.AsyncNetworkStream):
@@ -288,18 +305,63 @@ async def test_a_small_request_leaves_in_one_send_and_a_big_body_uncopied() -> N
     assert inner.sent[1:] == [b"POST / HTTP/1.1\r\n\r\n", big] and inner.sent[2] is big
 
 
-def test_every_pool_sends_through_the_joining_streams() -> None:
-    from nanobatch._transport import ShardedTransport, _Backend
+class FirstReads:
+    """A loopback HTTP server that keeps what the first recv() of each connection got, and answers every
+    request with *answer* once *connections* connections have sent theirs (so that they overlap)."""
 
-    client = GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=4)
-    transport = client._http._transport
-    assert isinstance(transport, ShardedTransport) and len(transport._pools) == 1
-    assert all(isinstance(pool._pool._network_backend, _Backend) for pool in transport._pools)
+    def __init__(self, connections: int, answer: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.first: list[bytes] = []
+        self._all_in = threading.Barrier(connections, timeout=10)
+        self._reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(answer),
+            answer,
+        )
+        self._threads = [threading.Thread(target=self._serve_one, daemon=True) for _ in range(connections)]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve_one(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            self.first.append(conn.recv(1 << 20))
+            self._all_in.wait()
+            conn.sendall(self._reply)
+
+    def close(self) -> None:
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.listener.close()
 
 
-def test_a_proxy_in_the_environment_keeps_httpx_in_charge(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nanobatch._transport import ShardedTransport
+async def test_every_pool_sends_a_small_request_in_one_piece() -> None:
+    """httpcore2 writes a request's head and body apart; each of the pools joins them (see _Stream)."""
+    server = FirstReads(3, json.dumps(OK).encode())
+    transport = ShardedTransport(max_connections=30)  # three pools: three requests at once use one each
+    try:
+        async with GeminiClient(base_url=server.url, api_key=None, transport=transport) as client:
 
+            async def one() -> None:
+                await client.generate("gemini-2.5-flash-image", BODY, timeout_s=30)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(one)
+    finally:
+        server.close()
+    assert len(server.first) == 3
+    for first in server.first:  # the head and the whole body, in the connection's first read
+        head, _, body = first.partition(b"\r\n\r\n")
+        length = next(line for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+        assert head.startswith(b"POST /v1beta/models/") and len(body) == int(length.split(b":")[1]) > 0
+
+
+def test_a_proxy_in_the_environment_keeps_httpx_in_charge(
+    monkeypatch: pytest.MonkeyPatch, built: list[ShardedTransport]
+) -> None:
+    GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
+    assert len(built) == 1  # without a proxy, the client spreads its connections over pools
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    client = GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
-    assert not isinstance(client._http._transport, ShardedTransport)
+    GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
+    assert len(built) == 1  # with one, httpx2 builds its transports (which honour the proxy) itself

@@ -18,16 +18,18 @@ from nanobatch.lock import RunLock
 from nanobatch.record import ItemRecord
 
 from .conftest import run_virtual
-from .fakes import FakeGemini, google_error, image_bytes, inline, ok_body, quota_failure, retry_info, write_job
-
-
-def run(job: Path, fake: FakeGemini, **options: Any) -> nanobatch.RunSummary:
-    options.setdefault("out_dir", job.parent / "out")
-    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+from .fakes import (
+    FakeGemini,
+    google_error,
+    image_bytes,
+    inline,
+    ok_body,
+    quota_failure,
+    records,
+    retry_info,
+    run,
+    write_job,
+)
 
 
 def test_edits_are_saved_with_a_record_each(tmp_path: Path) -> None:

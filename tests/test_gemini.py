@@ -14,17 +14,11 @@ import pytest
 from nanobatch.errors import ApiError, FatalApiError
 from nanobatch.gemini import Image, build_request, check_reply, classify_error, parse_reply, sniff_mime, sum_usage
 
+from .fakes import inline, quota_failure, retry_info
+
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"png-pixels"
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"jpeg-pixels"
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"webp-pixels"
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def inline(data: bytes, mime: str = "image/png", **extra: Any) -> dict[str, Any]:
-    return {"inlineData": {"mimeType": mime, "data": b64(data)}, **extra}
 
 
 def body(*parts: dict[str, Any], finish: str | None = "STOP", **extra: Any) -> bytes:
@@ -235,7 +229,9 @@ def test_answer_without_image_is_retryable_no_image_and_keeps_the_models_words(
 
 
 def test_reply_with_an_image_passes() -> None:
-    check_reply(parse_reply(body(inline(PNG))))  # no exception
+    reply = parse_reply(body(inline(PNG)))
+    check_reply(reply)  # accepted: no exception
+    assert [(image.data, image.mime_type) for image in reply.images] == [(PNG, "image/png")]
 
 
 def test_only_a_thought_image_is_no_image() -> None:
@@ -251,15 +247,6 @@ def google(code: int, status: str, message: str, *details: dict[str, Any]) -> by
     return json.dumps(
         {"error": {"code": code, "message": message, "status": status, "details": list(details)}}
     ).encode()
-
-
-def retry_info(delay: str) -> dict[str, Any]:
-    return {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
-
-
-def quota_failure(quota_id: str, metric: str = "") -> dict[str, Any]:
-    violation = {"quotaId": quota_id, "quotaMetric": metric}
-    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]}
 
 
 def apiyi(code: int, message: str) -> bytes:

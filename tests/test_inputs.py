@@ -24,7 +24,7 @@ from nanobatch.inputs import MB, InputError, InputLoader, UrlChecklist, load_inp
 from nanobatch.manifest import WorkItem
 
 from .conftest import run_virtual
-from .fakes import FakeGemini, image_bytes
+from .fakes import FakeGemini, image_bytes, write_job
 
 PNG = image_bytes()
 JPEG = image_bytes(fmt="JPEG")
@@ -294,14 +294,6 @@ def test_a_file_that_is_not_a_picture_fails(tmp_path: Path) -> None:
 
 
 # --- through a run -----------------------------------------------------------------------------------------------
-
-
-def write_job(folder: Path, items: list[dict[str, Any]]) -> Path:
-    import yaml
-
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump({"defaults": {"instruction": "make it white"}, "items": items}))
-    return path
 
 
 def routed(api: FakeGemini, host: Host) -> httpx2.MockTransport:

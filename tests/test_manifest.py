@@ -16,9 +16,9 @@ import yaml
 import nanobatch
 from nanobatch import sources
 from nanobatch.errors import ManifestError
-from nanobatch.manifest import Manifest, load_manifest
+from nanobatch.manifest import load_manifest
 
-from .fakes import image_bytes
+from .fakes import image_bytes, load
 from .fakes import manifest_problems as problems
 
 MODEL = "gemini-3.1-flash-image-preview"
@@ -31,10 +31,6 @@ def write(folder: Path, text: str, images: tuple[str, ...] = ("a.png", "b.png", 
     path = folder / "job.yaml"
     path.write_text(text)
     return path
-
-
-def load(path: Path) -> Manifest:
-    return load_manifest(path, default_model=MODEL)
 
 
 LONG = "x" * 234  # with "a" and ".png": 239 bytes, the longest file name allowed
@@ -230,13 +226,13 @@ def test_validation_problems(tmp_path: Path, text: str, item: str | None, field:
     ],
 )
 def test_accepted_settings(tmp_path: Path, extra: str, expected: dict[str, Any]) -> None:
-    (item,) = load(write(tmp_path, ITEM + extra)).items()
+    (item,) = load(write(tmp_path, ITEM + extra), MODEL).items()
     assert {name: getattr(item, name) for name in expected} == expected
 
 
 def test_fourteen_references_are_fine_for_gemini_3(tmp_path: Path) -> None:
     text = ITEM.replace("image: a.png", "images: [" + ", ".join(["a.png"] * 14) + "]")
-    (item,) = load(write(tmp_path, text)).items()
+    (item,) = load(write(tmp_path, text), MODEL).items()
     assert len(item.inputs) == 14
 
 
@@ -273,7 +269,7 @@ def test_a_flood_of_problems_is_cut_short_with_a_count(tmp_path: Path) -> None:
 
 def test_unknown_models_are_sent_as_is_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path, ITEM + "    model: gemini-9-image\n    aspect_ratio: '7:3'\n")
-    report = load(path).check()
+    report = load(path, MODEL).check()
     assert report.problems == [] and "unknown model 'gemini-9-image'" in caplog.text
 
 
@@ -343,7 +339,7 @@ def test_a_large_csv_is_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     log = {"read": 0, "closed": 0}
     real_open = sources.open_text
     monkeypatch.setattr(sources, "open_text", lambda p: Watched(real_open(p), log))
-    manifest = load(path)
+    manifest = load(path, MODEL)
     stream = manifest.items()
     first = list(itertools.islice(stream, 3))
     assert [i.id for i in first] == ["SKU-0000000", "SKU-0000001", "SKU-0000002"]
@@ -394,12 +390,12 @@ def test_the_example_jobs_are_valid(tmp_path: Path, name: str, items: int | None
 
 
 def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
-    manifest = load(JOBS / "catalog.yaml")
+    manifest = load(JOBS / "catalog.yaml", MODEL)
     by_id = {item.id: item for item in manifest.items()}
     assert by_id["MUG-1001"].output == "kitchen/MUG-1001.png" and by_id["MUG-1001"].resize_inputs
     assert by_id["SNK-2040"].steps == ("Replace the background with light grey studio; keep the product unchanged",)
     assert all(Path(p).is_file() for item in by_id.values() for p in item.inputs)
-    multistep = {item.id: item for item in load(JOBS / "multistep.yaml").items()}
+    multistep = {item.id: item for item in load(JOBS / "multistep.yaml", MODEL).items()}
     assert len(multistep["sneaker-campaign"].steps) == 3 and multistep["sneaker-campaign"].keep_steps
     assert len(multistep["model-with-logo"].inputs) == 3
 
@@ -532,3 +528,16 @@ def test_merged_keys_may_be_overridden_but_python_tags_are_refused() -> None:
     assert data["item"] == {"instruction": "y", "id": "007"}
     with pytest.raises(yaml.YAMLError):
         _yaml.load_yaml("a: !!python/object/apply:os.system [echo hi]\n")
+
+
+def test_the_longest_name_the_check_allows_fits_every_file_the_engine_names(tmp_path: Path) -> None:
+    from nanobatch.gemini import OUTPUT_EXTENSIONS
+    from nanobatch.names import output_names
+
+    steps = "".join(f"    - step {n}\n" for n in range(1, 13))
+    item = f"  - id: a\n    image: a.png\n    keep_steps: true\n    output: '{{id}}{LONG}.png'\n"
+    text = f"items:\n{item}    steps:\n{steps}"
+    (one,) = load(write(tmp_path, text), MODEL).items()
+    longest = max(OUTPUT_EXTENSIONS, key=len)
+    names = [*output_names(one, [longest] * 9), *output_names(one, [longest] * 3, step=11)]
+    assert max(len(name.encode()) for name in names) <= 255

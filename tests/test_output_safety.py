@@ -19,12 +19,7 @@ from nanobatch.cli import main
 from nanobatch.errors import ManifestError
 from nanobatch.status import folder_status
 
-from .conftest import run_virtual
-from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, write_job
-
-
-def run(job: Path, fake: FakeGemini, out: Path, **options: Any) -> nanobatch.RunSummary:
-    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=out, **options))
+from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, run, write_job
 
 
 def latest(out: Path) -> dict[str, dict[str, Any]]:

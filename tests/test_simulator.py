@@ -20,6 +20,8 @@ import nanobatch.simulator as simulator
 from nanobatch.models import INPUT_IMAGE_TOKENS, lookup
 from nanobatch.simulator import SimulatedDrop, SimulatorConfig, create_app
 
+from .fakes import inline
+
 FLASH_31 = "gemini-3.1-flash-image"
 PRO_3 = "gemini-3-pro-image"
 FLASH_25 = "gemini-2.5-flash-image"
@@ -32,10 +34,6 @@ def png(size: tuple[int, int] = (48, 32), colour: tuple[int, int, int] = (30, 12
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def inline(data: bytes, mime_type: str = "image/png") -> dict[str, Any]:
-    return {"inlineData": {"mimeType": mime_type, "data": base64.b64encode(data).decode()}}
 
 
 def body(text: str = "Make it pop", *images: bytes, size: str | None = "512", **image_config: Any) -> dict[str, Any]:

@@ -11,11 +11,11 @@ import yaml
 
 import nanobatch
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import Manifest, WorkItem, load_manifest
+from nanobatch.manifest import WorkItem
 from nanobatch.sources import fill, template_fields
 
 from .conftest import run_virtual
-from .fakes import FakeGemini, image_bytes
+from .fakes import FakeGemini, image_bytes, load
 from .fakes import manifest_problems as problems
 
 MODEL = "gemini-3.1-flash-image"
@@ -32,10 +32,6 @@ def job(folder: Path, doc: dict[str, Any], files: dict[str, str] | None = None, 
     path = folder / "job.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
-
-
-def load(path: Path) -> Manifest:
-    return load_manifest(path, default_model=MODEL)
 
 
 def items(path: Path) -> list[WorkItem]:

@@ -13,7 +13,7 @@ import httpx2
 import nanobatch
 
 from .conftest import run_virtual
-from .fakes import google_error, ok_body, quota_failure, retry_info, write_job
+from .fakes import google_error, ok_body, quota_failure, records, retry_info, write_job
 
 # The writer's fsyncs run in a thread; let them finish before the virtual clock jumps, or the
 # clock races ahead while the disk works and the writer looks slow in virtual time.
@@ -28,10 +28,6 @@ def run(job: Path, server: Any, overrides: dict[str, Any]) -> nanobatch.RunSumma
         lambda: nanobatch.run_job(job, settings=settings, transport=transport, out_dir=job.parent / "out"),
         settle_s=SETTLE_S,
     )
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 class HiddenRpmServer:

@@ -14,7 +14,7 @@ from nanobatch.config import load_settings
 from nanobatch.gemini import build_request
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
-from .fakes import manifest_problems, write_job
+from .fakes import manifest_problems, records, write_job
 
 CONFIG = """
 limits: {concurrency: 4, breaker_threshold: 1000}
@@ -54,10 +54,6 @@ def run(
         code = main(["run", str(job), "--base-url", url, "--out", str(out), "--config",
                      str(tmp_path / "nanobatch.yaml"), "--quiet", *args])  # fmt: skip
     return code, out
-
-
-def records(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 def test_flex_costs_half_of_standard_and_is_recorded(tmp_path: Path) -> None:
