@@ -103,6 +103,14 @@ class RateLimiter:
             # of the limit's length ever holds more than its share.
             self._sent.append(anyio.current_time())
 
+    def try_acquire(self) -> bool:
+        """Let a request out now if it is time and nobody waits ahead of it; False (nothing taken) if not."""
+        now = anyio.current_time()
+        if self._lock.locked() or self._next > now:
+            return False
+        self._sent.append(now)
+        return True
+
     def defer(self, until: float) -> None:
         """Let no request out before *until* (the server asked for a pause)."""
         self._not_before = max(self._not_before, until)
@@ -277,6 +285,11 @@ class Budget:
             self._settled.set()
             self._settled = None
 
+    def unreserve(self, reserved_usd: float) -> None:
+        """Give back a reservation whose request was never sent: its money and its place in the request count."""
+        self.settle(reserved_usd, 0.0)
+        self.requests -= 1
+
     def _exhausted_message(self, worst_case_usd: float) -> str:
         if self._out_of_requests:
             return f"request budget reached: {self.requests} requests sent (--max-requests {self.max_requests})"
@@ -295,6 +308,108 @@ class Ticket:
     probe: bool
     cost_usd: float = 0.0
     estimate_usd: float = 0.0  # the model table's worst case, before the budget scaled it
+
+
+class _Limit:
+    """One condition a request waits for before it goes out. The gate takes its limits in order and, when
+    admission fails part-way (the run stops, the caller is cancelled), releases those taken, in reverse."""
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        """Take the limit without waiting; False (nothing taken) if that would mean waiting."""
+        return True
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Wait until the limit lets the request through, and take it."""
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back what :meth:`acquire` took, for a request that was not sent."""
+
+
+class _NotStopping(_Limit):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return not self.gate.stopping
+
+    async def acquire(self, ticket: Ticket) -> None:
+        if self.gate.stopping:
+            raise Stopped
+
+
+class _NoPause(_Limit):
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return self.gate.paused_until <= anyio.current_time()
+
+    async def acquire(self, ticket: Ticket) -> None:
+        # A deadline that later 429s may push back: sleep to it, then look again.
+        while (delay := self.gate.paused_until - anyio.current_time()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(delay)
+
+
+class _Slot(_Limit):
+    def __init__(self, slots: anyio.CapacityLimiter) -> None:
+        self.slots = slots
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        try:
+            self.slots.acquire_nowait()  # fails too while others queue for a slot
+        except anyio.WouldBlock:
+            return False
+        return True
+
+    async def acquire(self, ticket: Ticket) -> None:
+        await self.slots.acquire()
+
+    def release(self, ticket: Ticket) -> None:
+        self.slots.release()
+
+
+class _BreakerClosed(_Limit):
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return not self.breaker.is_open
+
+    async def acquire(self, ticket: Ticket) -> None:
+        ticket.probe = await self.breaker.wait()
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket.probe:  # a probe that never went out: the breaker may send another
+            self.breaker.record(outage=True, probe=True)
+
+
+class _BudgetRoom(_Limit):
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        reserve = self.budget.reservation(ticket.estimate_usd)
+        if not self.budget.try_reserve(reserve):
+            return False
+        ticket.reserved_usd = reserve
+        return True
+
+    async def acquire(self, ticket: Ticket) -> None:
+        ticket.reserved_usd = await self.budget.reserve(ticket.estimate_usd)
+
+    def release(self, ticket: Ticket) -> None:
+        self.budget.unreserve(ticket.reserved_usd)
+
+
+class _RateSlot(_Limit):
+    def __init__(self, rate: RateLimiter) -> None:
+        self.rate = rate
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return self.rate.try_acquire()
+
+    async def acquire(self, ticket: Ticket) -> None:
+        await self.rate.acquire()  # a pause also defers the rate limiter's next slot
 
 
 class Gate:
@@ -326,6 +441,18 @@ class Gate:
         self._last_cut = -math.inf
         self._server_errors: deque[bool] = deque(maxlen=_ERROR_RATE_ANSWERS)  # recent answers: a 5xx or not
         self._waiting: set[anyio.CancelScope] = set()
+        # The order requests take the limits in. The breaker is asked only once a slot is held: a request
+        # that queued for a slot while the breaker was still closed must not slip out after it opened.
+        # The pause is looked at again last: one may have begun while the request waited for the others.
+        self._limits: tuple[_Limit, ...] = (
+            _NotStopping(self),
+            _NoPause(self),
+            _Slot(self.slots),
+            *([_BreakerClosed(breaker)] if breaker is not None else []),
+            _BudgetRoom(self.budget),
+            _NoPause(self),
+            *([_RateSlot(self.rate)] if self.rate is not None else []),
+        )
 
     @property
     def stopping(self) -> bool:
@@ -365,54 +492,30 @@ class Gate:
 
     async def _admit(self, worst_case_usd: float) -> Ticket:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled worker writes no journal line
-        ticket = self._admit_now(worst_case_usd)
-        return ticket if ticket is not None else await self._admit_waiting(worst_case_usd)
+        ticket = Ticket(reserved_usd=0.0, started_at=anyio.current_time(), probe=False, estimate_usd=worst_case_usd)
+        if self._admit_now(ticket):
+            return ticket
+        await self._admit_waiting(ticket)
+        ticket.started_at = anyio.current_time()
+        return ticket
 
-    def _admit_now(self, worst_case_usd: float) -> Ticket | None:
-        """Admission without waiting, or None: the usual case, checked in the order the slow path waits in.
+    def _admit_now(self, ticket: Ticket) -> bool:
+        """Take every limit without waiting (the usual case), or none of them and return False."""
+        for taken, limit in enumerate(self._limits):
+            if not limit.try_acquire(ticket):
+                self._release(self._limits[:taken], ticket)
+                return False
+        return True
 
-        Nothing to wait for means: not stopping, no pause, a free slot (none taken ahead of those
-        queued for one), the breaker closed, the budget room, and no rate limit.
-        """
-        now = anyio.current_time()
-        if self.stopping or self.rate is not None or self.paused_until > now:
-            return None
-        if self.breaker is not None and self.breaker.is_open:
-            return None
-        try:
-            self.slots.acquire_nowait()
-        except anyio.WouldBlock:
-            return None
-        reserve = self.budget.reservation(worst_case_usd)
-        if not self.budget.try_reserve(reserve):
-            self.slots.release()
-            return None
-        return Ticket(reserved_usd=reserve, started_at=now, probe=False, estimate_usd=worst_case_usd)
-
-    async def _admit_waiting(self, worst_case_usd: float) -> Ticket:
-        probe = False
-        reserved = False
-        acquired = False
-        reserve = worst_case_usd
+    async def _admit_waiting(self, ticket: Ticket) -> None:
+        taken = 0
         try:
             with anyio.CancelScope() as scope:
                 self._waiting.add(scope)
                 try:
-                    if self.stopping:
-                        scope.cancel()
-                    await anyio.lowlevel.checkpoint_if_cancelled()  # slots.acquire() yields to the loop
-                    await self._wait_pause()
-                    await self.slots.acquire()
-                    acquired = True
-                    # The breaker is asked only once a slot is held: a request that queued for a slot
-                    # while the breaker was still closed must not slip out after it opened.
-                    if self.breaker is not None:
-                        probe = await self.breaker.wait()
-                    reserve = await self.budget.reserve(worst_case_usd)
-                    reserved = True
-                    await self._wait_pause()
-                    if self.rate is not None:
-                        await self.rate.acquire()  # a pause also defers the rate limiter's next slot
+                    for limit in self._limits:
+                        await limit.acquire(ticket)
+                        taken += 1
                 except RunAborted as exc:
                     self.stop(exc)
                 finally:
@@ -420,22 +523,13 @@ class Gate:
             if scope.cancel_called or self.stopping:
                 raise Stopped
         except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken
-            if reserved:
-                self.budget.settle(reserve, 0.0)
-                self.budget.requests -= 1
-            if acquired:
-                self.slots.release()
-            if probe and self.breaker is not None:
-                self.breaker.record(outage=True, probe=True)
+            self._release(self._limits[:taken], ticket)
             raise
-        return Ticket(
-            reserved_usd=reserve, started_at=anyio.current_time(), probe=probe, estimate_usd=worst_case_usd
-        )
 
-    async def _wait_pause(self) -> None:
-        # A deadline that later 429s may push back: sleep to it, then look again.
-        while (delay := self.paused_until - anyio.current_time()) > 0:  # noqa: ASYNC110
-            await anyio.sleep(delay)
+    @staticmethod
+    def _release(limits: tuple[_Limit, ...], ticket: Ticket) -> None:
+        for limit in reversed(limits):
+            limit.release(ticket)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
         self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
