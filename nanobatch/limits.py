@@ -28,7 +28,7 @@ __all__ = ["Budget", "Breaker", "FirstContact", "Gate", "RateLimiter", "Stopped"
 # Error kinds that may mean "too much traffic". A 429 always shrinks the concurrency window; a server error
 # only when the server asks for a pause (RetryInfo, Retry-After) or when server errors become frequent:
 # a steady few percent of random 5xx is the service's noise, not congestion, and halving the window on
-# each of them kept it near one (8% random 503s held a window of 50 at 2-12).
+# each of them kept it near one (bench/RESULTS.md, "Why the code is shaped this way").
 _PUSHBACK = frozenset({"rate_limited", "overloaded"})
 _SERVER_ERRORS = frozenset({"overloaded", "server_error", "bad_gateway"})
 _ERROR_RATE_ANSWERS = 32  # the answers the error rate is taken over
