@@ -20,6 +20,31 @@ _MAX_OVERSHOOT_S = 0.005  # a busier loop wakes later still; waking early costs 
 _ARRIVAL_MARGIN = 1 / 60  # of a window, with bursts: see RateLimiter
 
 
+class _Alarm:
+    """Sleeps until a moment, learning as it goes how late the event loop's timers fire and sleeping that
+    much less, so that evenly spaced requests do not each leave a timer's lateness late. Pays on bench row
+    "2 rate" (bench/RESULTS.md, "Why the code is shaped this way")."""
+
+    def __init__(self) -> None:
+        self.overshoot = 0.0
+
+    async def sleep_until(self, when: float) -> None:
+        delay = when - anyio.current_time()
+        nap = delay - self.overshoot
+        if nap <= 0:
+            # Closer than a sleep's usual lateness: let the loop go round instead. A clock that did
+            # not move meanwhile moves only while every task sleeps (a test's virtual clock): sleep.
+            before = anyio.current_time()
+            await anyio.lowlevel.checkpoint()
+            if anyio.current_time() == before:
+                await anyio.sleep(delay)
+            return
+        wake_at = anyio.current_time() + nap
+        await anyio.sleep(nap)
+        late = min(max(0.0, anyio.current_time() - wake_at), _MAX_OVERSHOOT_S)
+        self.overshoot += 0.2 * (late - self.overshoot)
+
+
 class RateLimiter:
     """At most ``per_minute`` requests in any 60 s, and at most ``burst`` in any ``burst`` intervals of
     ``60 / per_minute`` s. ``burst=1`` (the default) spaces requests evenly; ``burst=per_minute`` lets a
@@ -43,9 +68,7 @@ class RateLimiter:
         self._sent: deque[float] = deque(maxlen=max(count for count, _ in self._windows))
         self._not_before = -math.inf  # a pause the server asked for
         self._lock = anyio.Lock()  # FIFO: waiters leave in arrival order
-        # How late a sleep usually wakes (the event loop's timer granularity, ~1 ms), learnt as we go:
-        # sleeping that much less keeps each request from leaving ~2% late at 1,200 rpm.
-        self._overshoot = 0.0
+        self._alarm = _Alarm()
 
     @property
     def _next(self) -> float:
@@ -60,20 +83,8 @@ class RateLimiter:
     async def acquire(self) -> None:
         async with self._lock:
             # A loop, not one sleep: defer() may move the next slot while we wait for it.
-            while (delay := self._next - anyio.current_time()) > 0:  # noqa: ASYNC110 - waiting for a time
-                nap = delay - self._overshoot
-                if nap <= 0:
-                    # Closer than a sleep's usual lateness: let the loop go round instead. A clock that did
-                    # not move meanwhile moves only while every task sleeps (a test's virtual clock): sleep.
-                    before = anyio.current_time()
-                    await anyio.lowlevel.checkpoint()
-                    if anyio.current_time() == before:
-                        await anyio.sleep(delay)
-                    continue
-                wake_at = anyio.current_time() + nap
-                await anyio.sleep(nap)
-                late = min(max(0.0, anyio.current_time() - wake_at), _MAX_OVERSHOOT_S)
-                self._overshoot += 0.2 * (late - self._overshoot)
+            while (ready := self._next) > anyio.current_time():
+                await self._alarm.sleep_until(ready)
             # Counted from when this request really leaves, never from when it should have: no window
             # of the limit's length ever holds more than its share.
             self._sent.append(anyio.current_time())
