@@ -22,7 +22,7 @@ _ARRIVAL_MARGIN = 1 / 60  # of a window, with bursts: see RateLimiter
 
 class _Alarm:
     """Sleeps until a moment, learning as it goes how late the event loop's timers fire and sleeping that
-    much less, so that evenly spaced requests do not each leave a timer's lateness late. Pays on bench row
+    much less, so that evenly spaced requests do not each leave a timer's lateness late. Kept for bench row
     "2 rate" (bench/RESULTS.md, "Why the code is shaped this way")."""
 
     def __init__(self) -> None:

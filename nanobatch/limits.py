@@ -1,6 +1,6 @@
 """What must agree before a request goes out, in one :class:`Gate`.
 
-In order: the run is not stopping; no server-requested pause is running; a
+In order (stated once, in ``Gate._limits``): the run is not stopping; no server-requested pause is running; a
 concurrency slot is free (its size adapts: halved when the server pushes back,
 grown by one per window of successes); the circuit breaker is closed (or this
 is its probe); the budget can cover the request's worst case; and the rate
