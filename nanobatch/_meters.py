@@ -89,6 +89,14 @@ class RateLimiter:
             # of the limit's length ever holds more than its share.
             self._sent.append(anyio.current_time())
 
+    def try_acquire(self) -> bool:
+        """Let a request out now if it is time and nobody waits ahead of it; False (nothing taken) if not."""
+        now = anyio.current_time()
+        if self._lock.locked() or self._next > now:
+            return False
+        self._sent.append(now)
+        return True
+
     def defer(self, until: float) -> None:
         """Let no request out before *until* (the server asked for a pause)."""
         self._not_before = max(self._not_before, until)

@@ -57,6 +57,10 @@ class _Limit:
     """One condition a request waits for before it goes out. The gate takes its limits in order and, when
     admission fails part-way (the run stops, the caller is cancelled), releases those taken, in reverse."""
 
+    def try_acquire(self, ticket: Ticket) -> bool:
+        """Take the limit without waiting; False (nothing taken) if that would mean waiting."""
+        return True
+
     async def acquire(self, ticket: Ticket) -> None:
         """Wait until the limit lets the request through, and take it."""
 
@@ -68,6 +72,9 @@ class _NotStopping(_Limit):
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
 
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return not self.gate.stopping
+
     async def acquire(self, ticket: Ticket) -> None:
         if self.gate.stopping:
             raise Stopped
@@ -76,6 +83,9 @@ class _NotStopping(_Limit):
 class _NoPause(_Limit):
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return self.gate.paused_until <= anyio.current_time()
 
     async def acquire(self, ticket: Ticket) -> None:
         # A deadline that later 429s may push back: sleep to it, then look again.
@@ -87,6 +97,13 @@ class _Slot(_Limit):
     def __init__(self, slots: anyio.CapacityLimiter) -> None:
         self.slots = slots
 
+    def try_acquire(self, ticket: Ticket) -> bool:
+        try:
+            self.slots.acquire_nowait()  # fails too while others queue for a slot
+        except anyio.WouldBlock:
+            return False
+        return True
+
     async def acquire(self, ticket: Ticket) -> None:
         await self.slots.acquire()
 
@@ -97,6 +114,9 @@ class _Slot(_Limit):
 class _BreakerClosed(_Limit):
     def __init__(self, breaker: Breaker) -> None:
         self.breaker = breaker
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return not self.breaker.is_open
 
     async def acquire(self, ticket: Ticket) -> None:
         ticket.probe = await self.breaker.wait()
@@ -110,6 +130,13 @@ class _BudgetRoom(_Limit):
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
 
+    def try_acquire(self, ticket: Ticket) -> bool:
+        reserve = self.budget.reservation(ticket.estimate_usd)
+        if not self.budget.try_reserve(reserve):
+            return False
+        ticket.reserved_usd = reserve
+        return True
+
     async def acquire(self, ticket: Ticket) -> None:
         ticket.reserved_usd = await self.budget.reserve(ticket.estimate_usd)
 
@@ -120,6 +147,9 @@ class _BudgetRoom(_Limit):
 class _RateSlot(_Limit):
     def __init__(self, rate: RateLimiter) -> None:
         self.rate = rate
+
+    def try_acquire(self, ticket: Ticket) -> bool:
+        return self.rate.try_acquire()
 
     async def acquire(self, ticket: Ticket) -> None:
         await self.rate.acquire()  # a pause also defers the rate limiter's next slot
@@ -205,7 +235,22 @@ class Gate:
 
     async def _admit(self, worst_case_usd: float) -> Ticket:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled worker writes no journal line
-        ticket = Ticket(reserved_usd=0.0, started_at=0.0, probe=False, estimate_usd=worst_case_usd)
+        ticket = Ticket(reserved_usd=0.0, started_at=anyio.current_time(), probe=False, estimate_usd=worst_case_usd)
+        if self._admit_now(ticket):
+            return ticket
+        await self._admit_waiting(ticket)
+        ticket.started_at = anyio.current_time()
+        return ticket
+
+    def _admit_now(self, ticket: Ticket) -> bool:
+        """Take every limit without waiting (the usual case), or none of them and return False."""
+        for taken, limit in enumerate(self._limits):
+            if not limit.try_acquire(ticket):
+                self._release(self._limits[:taken], ticket)
+                return False
+        return True
+
+    async def _admit_waiting(self, ticket: Ticket) -> None:
         taken = 0
         try:
             with anyio.CancelScope() as scope:
@@ -220,12 +265,14 @@ class Gate:
                     self._waiting.discard(scope)
             if scope.cancel_called or self.stopping:
                 raise Stopped
-        except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken, in reverse
-            for limit in reversed(self._limits[:taken]):
-                limit.release(ticket)
+        except BaseException:  # Stopped, or the caller cancelled: give back whatever was taken
+            self._release(self._limits[:taken], ticket)
             raise
-        ticket.started_at = anyio.current_time()
-        return ticket
+
+    @staticmethod
+    def _release(limits: tuple[_Limit, ...], ticket: Ticket) -> None:
+        for limit in reversed(limits):
+            limit.release(ticket)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
         self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
