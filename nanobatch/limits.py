@@ -243,7 +243,8 @@ class Gate:
         return ticket
 
     def _admit_now(self, ticket: Ticket) -> bool:
-        """Take every limit without waiting (the usual case), or none of them and return False."""
+        """Take every limit without waiting (the usual case), or none of them and return False. It skips the
+        waiting path's yields to the loop: kept for bench row "1 dispatch" (bench/RESULTS.md)."""
         for taken, limit in enumerate(self._limits):
             if not limit.try_acquire(ticket):
                 self._release(self._limits[:taken], ticket)
