@@ -85,6 +85,21 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
     """
     backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
     decide = _Decisions(policy, on_retry, backoff)
+
+    # Most calls succeed at once: try without tenacity's bookkeeping (bench/RESULTS.md, "Why the code is shaped
+    # this way"). A failure is handed to tenacity as its first attempt, replayed, so every decision is tenacity's.
+    try:
+        return await call()
+    except Exception as exc:  # cancellation (a BaseException) is never retried: it propagates from here
+        replay: Exception | None = exc
+
+    async def again() -> T:
+        nonlocal replay
+        if replay is not None:
+            first, replay = replay, None
+            raise first
+        return await call()
+
     retryer = AsyncRetrying(
         retry=decide.worth_retrying,
         wait=decide.wait,
@@ -93,7 +108,7 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
         reraise=True,
     )
     try:
-        return await retryer(call)
+        return await retryer(again)
     except ApiError as exc:
         if isinstance(exc, FatalApiError) or exc.retry_after is None or exc.retry_after <= policy.max_server_wait_s:
             raise
