@@ -86,8 +86,8 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
     backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
     decide = _Decisions(policy, on_retry, backoff)
 
-    # Most calls succeed at once: try without tenacity's bookkeeping (kept for bench row "1 dispatch": bench/RESULTS.md).
-    # A failure is handed to tenacity as its first attempt, replayed, so every decision is tenacity's.
+    # Most calls succeed at once: try without tenacity's bookkeeping (kept for bench row "1 dispatch":
+    # bench/RESULTS.md). A failure is handed to tenacity as its first attempt, replayed: every decision is tenacity's.
     try:
         return await call()
     except Exception as exc:  # cancellation (a BaseException) is never retried: it propagates from here
