@@ -550,8 +550,13 @@ temporary folder on the local disk.
 """
 
 
+# A hand-written section of RESULTS.md (the figures behind the code's speed tricks): kept when the tables are rewritten.
+WHY_SECTION = "## Why the code is shaped this way"
+
+
 def write_results(path: Path, b: Bench, elapsed: float) -> str:
     mode = "quick (`--quick`)" if b.quick else "full"
+    old = path.read_text() if path.exists() else ""
     parts = [
         "# Benchmark results",
         "",
@@ -567,6 +572,8 @@ def write_results(path: Path, b: Bench, elapsed: float) -> str:
         *b.notes,
     ]
     text = "\n".join(parts).rstrip() + "\n"
+    if WHY_SECTION in old:
+        text += "\n" + WHY_SECTION + old.split(WHY_SECTION, 1)[1].rstrip() + "\n"
     path.write_text(text)
     return text
 

@@ -46,40 +46,48 @@ class RetryPolicy:
 OnRetry = Callable[[ApiError, float, int], None]
 
 
+@dataclass(slots=True)
+class _Decisions:
+    """tenacity's callbacks for one request: whether to try again, how long to wait first, whom to tell."""
+
+    policy: RetryPolicy
+    on_retry: OnRetry | None
+    backoff: wait_random_exponential
+    no_image_seen: int = 0
+
+    def worth_retrying(self, state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome else None
+        if not isinstance(exc, ApiError) or isinstance(exc, FatalApiError) or not exc.retryable:
+            return False
+        if exc.retry_after is not None and exc.retry_after > self.policy.max_server_wait_s:
+            return False
+        if exc.kind == "no_image":
+            self.no_image_seen += 1
+            return self.no_image_seen <= self.policy.no_image_attempts
+        return state.attempt_number - self.no_image_seen < self.policy.max_attempts
+
+    def wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            return exc.retry_after
+        return float(self.backoff(state))
+
+    def before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if self.on_retry is not None and isinstance(exc, ApiError) and state.next_action is not None:
+            self.on_retry(exc, state.next_action.sleep, state.attempt_number)
+
+
 async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: OnRetry | None = None) -> T:
     """Await ``call()`` until it succeeds or fails in a way not worth retrying; the last error propagates.
 
     A 200 with no image (``no_image``) gets ``policy.no_image_attempts`` extra tries of its own.
     """
-    no_image_seen = 0
-
-    def worth_retrying(state: RetryCallState) -> bool:
-        nonlocal no_image_seen
-        exc = state.outcome.exception() if state.outcome else None
-        if not isinstance(exc, ApiError) or isinstance(exc, FatalApiError) or not exc.retryable:
-            return False
-        if exc.retry_after is not None and exc.retry_after > policy.max_server_wait_s:
-            return False
-        if exc.kind == "no_image":
-            no_image_seen += 1
-            return no_image_seen <= policy.no_image_attempts
-        return state.attempt_number - no_image_seen < policy.max_attempts
-
     backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
+    decide = _Decisions(policy, on_retry, backoff)
 
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, ApiError) and exc.retry_after is not None:
-            return exc.retry_after
-        return float(backoff(state))
-
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if on_retry is not None and isinstance(exc, ApiError) and state.next_action is not None:
-            on_retry(exc, state.next_action.sleep, state.attempt_number)
-
-    # Most calls succeed at once: try without tenacity's bookkeeping (~0.1 ms of event-loop time per call).
-    # A failure is handed to tenacity as its first attempt, replayed, so every decision is tenacity's.
+    # Most calls succeed at once: try without tenacity's bookkeeping (kept for bench row "1 dispatch":
+    # bench/RESULTS.md). A failure is handed to tenacity as its first attempt, replayed: every decision is tenacity's.
     try:
         return await call()
     except Exception as exc:  # cancellation (a BaseException) is never retried: it propagates from here
@@ -93,10 +101,10 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
         return await call()
 
     retryer = AsyncRetrying(
-        retry=worth_retrying,
-        wait=wait,
+        retry=decide.worth_retrying,
+        wait=decide.wait,
+        before_sleep=decide.before_sleep,
         sleep=policy.sleep,
-        before_sleep=before_sleep,
         reraise=True,
     )
     try:

@@ -5,10 +5,9 @@ and every release, so its cost per request grew with the square of the pool's
 size: at 100 connections it was half of nanobatch's CPU per request. httpcore2
 made that pass linear, but it still visits every connection of the pool on each
 request and release (probing each idle one's socket), so pools of ten still
-pay: measured with plain httpx2, 2,000 requests at concurrency 100, 1.31-1.37 ms
-of CPU per request through ten pools against 1.51-1.79 ms through one (see the
-README's performance section). Each pool is httpx2's own transport; this only
-picks one.
+pay (bench row "1 dispatch", its pool-split experiment; figures in
+bench/RESULTS.md, "Why the code is shaped this way"). Each pool is httpx2's own
+transport; this only picks one.
 
 Each pool's network streams are also wrapped (:class:`_Stream`) for the two costs
 httpcore2 adds per request on top of that: it writes a request's head and its
@@ -46,7 +45,7 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
         per_pool = min(per_pool, max_connections)
         count = max(1, -(-max_connections // per_pool))
         limits = httpx2.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        # One TLS context for all pools: each of httpx2's own loads the CA bundle (~20-30 ms apiece).
+        # One TLS context for all pools: each of httpx2's own loads the CA bundle again (bench/RESULTS.md).
         context = httpx2.create_ssl_context()
         self._pools = [httpx2.AsyncHTTPTransport(verify=context, limits=limits) for _ in range(count)]
         for pool in self._pools:

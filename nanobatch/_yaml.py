@@ -1,6 +1,6 @@
 """YAML for manifests and config files: PyYAML's safe loader, made stricter where YAML 1.1 surprises.
 
-Parsed by libyaml (``yaml.CSafeLoader``, about five times faster) where PyYAML was built with it, else by
+Parsed by libyaml (``yaml.CSafeLoader``, faster: bench/RESULTS.md) where PyYAML was built with it, else by
 PyYAML's pure-Python parser; every rule below is applied the same way on both (it lives in the constructor
 and the node walk, which both share).
 

@@ -282,6 +282,12 @@ def run(
         return summary
 
     summary = anyio.run(go)
+    _after_run(summary, write_html=write_html, quiet=quiet)
+    raise SystemExit(summary.exit_code)
+
+
+def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
+    """Write the report if asked, then say how the run went (only why it stopped early, with --quiet)."""
     if write_html:
         from .report import write_report
 
@@ -293,7 +299,6 @@ def run(
         _log_summary(summary)
     else:
         _print_summary(summary)
-    raise SystemExit(summary.exit_code)
 
 
 def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | None:

@@ -187,9 +187,9 @@ def _as_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-# pydantic-core's base64 decoder (Rust): 2.5 ms for an 8 MB string where base64.b64decode takes 10 ms, and it takes
-# the str as it is (b64decode first copies it into bytes). Like the google-genai SDK, which decodes with the same
-# settings, it also takes the URL-safe alphabet and missing padding; anything else is an error.
+# pydantic-core's base64 decoder (Rust): faster than base64.b64decode (bench/RESULTS.md, "Why the code is shaped
+# this way"), and it takes the str as it is (b64decode first copies it into bytes). Like the google-genai SDK, which
+# decodes with the same settings, it also takes the URL-safe alphabet and missing padding; anything else is an error.
 _BASE64 = TypeAdapter(bytes, config=ConfigDict(val_json_bytes="base64"))
 
 
@@ -283,8 +283,8 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
 
 
 def _loads(body: bytes) -> Any:
-    """json.loads, through pydantic-core's parser first (1 ms for an 8 MB answer, where orjson takes 6 and json.loads
-    4); json.loads decides what it refuses (lone surrogates), so the same bodies parse."""
+    """json.loads, through pydantic-core's parser first (the fastest on big answers: bench/RESULTS.md); json.loads
+    decides what it refuses (lone surrogates), so the same bodies parse."""
     try:
         return pydantic_core.from_json(body)
     except ValueError:

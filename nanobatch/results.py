@@ -200,8 +200,8 @@ def _int(value: Any) -> int:
 class ResultsIndex:
     """The latest record of each item id in an output folder.
 
-    Kept in a scratch SQLite table, not in Python objects: a re-run of a 100,000-item
-    catalog holds a few MB of page cache instead of a dictionary over 100 MB.
+    Kept in a scratch SQLite table, not in Python objects, so memory stays flat with the number of
+    records (bench/RESULTS.md, "index load" and the memory rows).
     Use it from one thread (the event loop's); :meth:`close` frees it.
     """
 
@@ -211,8 +211,8 @@ class ResultsIndex:
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
         index = cls()
-        # The index's columns straight from the parsed lines, not through ItemRecord: building 27-field
-        # frozen records made a re-run's start 1.6x slower (bench/RESULTS.md, "index load").
+        # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
+        # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
         rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
