@@ -32,6 +32,7 @@ from .errors import (
     retry_info,
 )
 from .faults import DailyQuota, Draw, SlidingWindow, draw
+from .fetch import fetch_files
 from .imaging import load_canned, render
 from .responses import Usage, blocked_body, finish_body, image_body, text_body
 from .validation import ParsedRequest, parse_request
@@ -234,6 +235,7 @@ class _Simulator:
             )
         try:
             parsed = parse_request(await request.body(), model=model, model_id=model_id)
+            parsed = await fetch_files(parsed)  # fileData URLs on this machine (a pre-signed S3 URL, say)
         except InvalidRequest as exc:
             return google_error(exc.code, exc.message)
         if (refused := self._check_quota(parsed)) is not None:
