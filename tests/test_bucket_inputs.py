@@ -1,0 +1,236 @@
+"""Pictures and sources in buckets, and inputs sent by reference, against moto's S3 server and
+gcp-storage-emulator on loopback (see tests/emulators.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+import nanobatch
+from nanobatch import storage
+from nanobatch.config import load_settings
+from nanobatch.errors import ManifestError
+from nanobatch.runner import check_job
+
+from .fakes import FakeGemini, image_bytes, records, write_job
+from .test_storage import Bucket, bucket, gcs_env, gcs_server, s3_env, s3_server  # noqa: F401 - fixtures
+
+GOOGLE = "https://generativelanguage.googleapis.com"
+
+
+def _run(job: Path, fake: FakeGemini | None = None, **options: Any) -> nanobatch.RunSummary:
+    """Run *job* in real time (storage calls wait on real servers in worker threads)."""
+    options.setdefault("out_dir", job.parent / "out")
+    if fake is not None:
+        options["transport"] = fake.transport
+    return anyio.run(lambda: nanobatch.run_job(job, **options))
+
+
+def _pictures(bucket: Bucket, count: int, folder: str = "in") -> list[bytes]:
+    pictures = [image_bytes((20 * n, 90, 160)) for n in range(count)]
+    fs = storage._filesystem(bucket.url())
+    fs.pipe({f"{bucket.name}/{folder}/{n}.png": data for n, data in enumerate(pictures)})
+    return pictures
+
+
+def _parts(request: httpx2.Request) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = json.loads(request.content)["contents"][0]["parts"][1:]
+    return parts
+
+
+def test_a_job_reads_its_pictures_from_a_bucket_and_a_rerun_downloads_none(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "LIST_THRESHOLD", 5)
+    pictures = _pictures(bucket, 8)
+    job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(8)])
+    fake = FakeGemini()
+    bucket.server.log.clear()
+
+    assert _run(job, fake).exit_code == 0
+
+    sent = {base64.b64decode(_parts(r)[0]["inlineData"]["data"]) for r in fake.requests}
+    assert sent == set(pictures)
+    assert bucket.downloads() == 8
+    bucket.server.log.clear()
+
+    again = _run(job, fake)  # nothing changed: stamps from one listing, not one download
+
+    assert again.stats.skipped == 8 and len(fake.requests) == 8
+    assert bucket.downloads() == 0
+    assert sum(bucket.server.log.counts.values()) <= 2  # a listing (and maybe a bucket check), not 8 HEADs
+
+    storage.put(bucket.url("in/3.png"), image_bytes((1, 2, 3)))  # a new version: only its item is redone
+    third = _run(job, fake)
+    assert (third.stats.ok, third.stats.skipped, len(fake.requests)) == (1, 7, 9)
+
+
+def test_validate_names_the_item_and_field_of_a_missing_object_or_bucket(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pictures(bucket, 1)
+    gone = bucket.url("in/nothing.png").replace(bucket.name, bucket.name + "-gone")
+    job = write_job(tmp_path, [
+        {"id": "fine", "image": bucket.url("in/0.png")},
+        {"id": "missing", "images": [bucket.url("in/0.png"), bucket.url("in/9.png")]},
+        {"id": "no-bucket", "image": gone},
+    ])  # fmt: skip
+
+    with pytest.raises(ManifestError) as caught:
+        check_job(job)
+
+    found = {(p.item, p.field): p.message for p in caught.value.problems}
+    assert set(found) == {("missing", "images[1]"), ("no-bucket", "image")}
+    assert "no such object" in found["missing", "images[1]"]
+    assert "no such bucket" in found["no-bucket", "image"]
+    assert bucket.downloads() == 0
+
+
+def test_a_missing_extra_is_a_problem_before_anything_is_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = storage.importlib.import_module
+
+    def without_s3fs(name: str, *args: Any) -> Any:
+        if name == "s3fs":
+            raise ImportError("No module named 's3fs'")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(storage.importlib, "import_module", without_s3fs)
+    job = write_job(tmp_path, [{"id": "a", "image": "s3://photos/a.png"}])
+    fake = FakeGemini()
+
+    with pytest.raises(ManifestError) as caught:
+        _run(job, fake)
+
+    (problem,) = caught.value.problems
+    assert (problem.item, problem.field) == ("a", "image")
+    assert "pip install 'nanobatch[s3]'" in problem.message
+    assert fake.requests == []
+
+
+def test_items_from_a_csv_and_a_glob_in_a_bucket(bucket: Bucket, tmp_path: Path) -> None:
+    _pictures(bucket, 3)
+    storage.put(bucket.url("lists/catalog.csv"), b"sku,colour\n0,red\n2,blue\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "defaults: {instruction: make it white}\n"
+        "items_from:\n"
+        f"  - csv: {bucket.url('lists/catalog.csv')}\n"
+        '    id: "c{sku}"\n'
+        f'    image: "{bucket.url("in/{sku}.png")}"\n'
+        f'    instruction: "make it {{colour}}"\n'
+        f'  - glob: "{bucket.url("in/*.png")}"\n'
+        '    id: "g{stem}"\n'
+    )
+    fake = FakeGemini()
+
+    assert _run(job, fake).exit_code == 0
+
+    done = {r["id"]: r["inputs"] for r in records(tmp_path / "out")}
+    assert done == {
+        "c0": [bucket.url("in/0.png")], "c2": [bucket.url("in/2.png")],
+        **{f"g{n}": [bucket.url(f"in/{n}.png")] for n in range(3)},
+    }  # fmt: skip
+    assert sorted(fake.instructions()) == ["make it blue", "make it red"] + ["make it white"] * 3
+
+
+def test_a_missing_source_object_is_named_with_its_field(bucket: Bucket, tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"items_from:\n  - csv: {bucket.url('lists/none.csv')}\n")
+
+    with pytest.raises(ManifestError) as caught:
+        check_job(job)
+
+    (problem,) = caught.value.problems
+    assert problem.field == "items_from[0].csv" and "no such object" in problem.message
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_by_reference_sends_a_presigned_url_to_the_gemini_api_and_downloads_nothing(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    pictures = _pictures(bucket, 2)
+    job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(2)])
+    settings = load_settings(env={}, overrides={"api.base_url": GOOGLE, "api.inputs": "by_reference"})
+    fake = FakeGemini()
+    bucket.server.log.clear()
+
+    assert _run(job, fake, settings=settings).exit_code == 0
+
+    assert bucket.downloads() == 0
+    uris = []
+    for request in fake.requests:
+        (part,) = _parts(request)
+        assert part["fileData"]["mimeType"] == "image/png"
+        uris.append(part["fileData"]["fileUri"])
+    assert all(uri.startswith(bucket.server.url) and "Signature=" in uri for uri in uris)
+    assert sorted(httpx2.get(uri).content for uri in uris) == sorted(pictures)  # anyone holding it can fetch it
+
+    again = _run(job, fake, settings=settings)  # the work key is the object's stamp, signed URL or not
+    assert again.stats.skipped == 2
+
+
+@pytest.mark.parametrize(
+    ("base_url", "inputs", "expected"),
+    [
+        pytest.param("https://api.apiyi.com", "auto", "inlineData", id="proxy-auto-inline"),
+        pytest.param("https://api.apiyi.com", "by_reference", "inlineData", id="proxy-falls-back-inline"),
+        pytest.param(GOOGLE, "auto", "inlineData", id="gemini-gs-inline"),
+        pytest.param("https://aiplatform.googleapis.com", "auto", "gs://", id="vertex-gs-uri"),
+    ],
+)
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)
+def test_gs_objects_go_by_uri_only_where_the_endpoint_takes_them(
+    bucket: Bucket, tmp_path: Path, base_url: str, inputs: str, expected: str
+) -> None:
+    _pictures(bucket, 1)
+    job = write_job(tmp_path, [{"id": "a", "image": bucket.url("in/0.png")}])
+    settings = load_settings(env={}, overrides={"api.base_url": base_url, "api.inputs": inputs})
+    fake = FakeGemini()
+    bucket.server.log.clear()
+
+    assert _run(job, fake, settings=settings).exit_code == 0
+
+    (part,) = _parts(fake.requests[0])
+    if expected == "gs://":
+        assert part == {"fileData": {"mimeType": "image/png", "fileUri": bucket.url("in/0.png")}}
+        assert bucket.downloads() == 0
+    else:
+        assert "inlineData" in part and bucket.downloads() == 1
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_the_simulator_fetches_presigned_and_plain_urls_sent_by_reference(
+    bucket: Bucket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _pictures(bucket, 2)
+    signed = storage.presign(bucket.url("in/1.png"), expires_s=600) + "&x=.png"  # a name that tells the type
+    job = write_job(tmp_path, [
+        {"id": "object", "image": bucket.url("in/0.png")},
+        {"id": "url", "image": signed, "inputs": "by_reference"},
+    ], defaults={"instruction": "make it white", "inputs": "auto"})  # fmt: skip
+    bucket.server.log.clear()
+
+    with caplog.at_level(logging.WARNING, logger="nanobatch"):
+        summary = _run(job, simulate=True)
+
+    assert summary.exit_code == 0 and len(records(tmp_path / "out")) == 2
+    signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
+    assert len(signed_gets) == 2  # both fetched by the simulator, through their signed URLs
+    assert bucket.downloads() == 2  # ...and by nothing else
+
+
+def test_an_unknown_input_mode_is_named(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "inputs": "by_url"}])
+
+    with pytest.raises(ManifestError) as caught:
+        check_job(job)
+
+    (problem,) = caught.value.problems
+    assert (problem.item, problem.field) == ("a", "inputs") and "by_reference" in problem.message
