@@ -1,6 +1,8 @@
 """Pictures and sources in buckets, and inputs sent by reference, against moto's S3 server and
 gcp-storage-emulator on loopback (see tests/emulators.py)."""
 
+# ruff: noqa: F811 - the storage fixtures are imported from test_storage, and tests take them by name
+
 from __future__ import annotations
 
 import base64
