@@ -226,6 +226,11 @@ def test_the_simulator_fetches_presigned_and_plain_urls_sent_by_reference(
     signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
     assert len(signed_gets) == 2  # both fetched by the simulator, through their signed URLs
     assert bucket.downloads() == 2  # ...and by nothing else
+    bucket.server.log.clear()
+
+    again = _run(job, simulate=True)  # work keys from the object's stamp and the URL: nothing fetched
+
+    assert again.stats.skipped == 2 and bucket.downloads() == 0
 
 
 def test_an_unknown_input_mode_is_named(tmp_path: Path) -> None:
@@ -236,3 +241,18 @@ def test_an_unknown_input_mode_is_named(tmp_path: Path) -> None:
 
     (problem,) = caught.value.problems
     assert (problem.item, problem.field) == ("a", "inputs") and "by_reference" in problem.message
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(bucket: Bucket, tmp_path: Path) -> None:
+    _pictures(bucket, 1)
+    job = write_job(tmp_path, [
+        {"id": "fine", "image": bucket.url("in/0.png")},
+        {"id": "gone", "image": storage.presign(bucket.url("in/gone.png"), expires_s=600) + "&x=.png"},
+    ], defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
+
+    summary = _run(job, simulate=True)
+
+    assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
+    (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
+    assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
