@@ -75,15 +75,25 @@ class ObjectStamps:
         self.batches = 0
 
     def watch(self, items: Iterable[WorkItem]) -> Iterator[WorkItem]:
+        """*items*, read ahead (at most *batch* of them) only while they have bucket inputs: a manifest of
+        local files is passed through as it is, one item at a time."""
         stream = iter(items)
-        while chunk := list(itertools.islice(stream, self.batch)):
-            for item in chunk:
-                for ref in item.inputs:
-                    if is_bucket_url(ref):
-                        self._uses[ref] += 1
-                        if ref not in self._found and ref not in self._asking:
-                            self._wanted[ref] = None
+        for item in stream:
+            chunk = [item]
+            while self._note(chunk[-1]) and len(chunk) < self.batch and (more := next(stream, None)) is not None:
+                chunk.append(more)
             yield from chunk
+
+    def _note(self, item: WorkItem) -> bool:
+        """Note *item*'s bucket objects; whether it has any."""
+        noted = False
+        for ref in item.inputs:
+            if is_bucket_url(ref):
+                noted = True
+                self._uses[ref] += 1
+                if ref not in self._found and ref not in self._asking:
+                    self._wanted[ref] = None
+        return noted
 
     async def get(self, url: str) -> ObjectStamp:
         """The object's stamp; raises ApiError (kind ``input``) if it is missing or cannot be asked about."""

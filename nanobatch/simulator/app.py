@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
+from ._fetch import fetch_files
 from ._oauth import TokenIssuer
 from .batch import BatchService
 from .config import SimulatorConfig
@@ -32,7 +33,6 @@ from .errors import (
     retry_info,
 )
 from .faults import DailyQuota, Draw, SlidingWindow, draw
-from .fetch import fetch_files
 from .imaging import load_canned, render
 from .responses import Usage, blocked_body, finish_body, image_body, text_body
 from .validation import ParsedRequest, parse_request
