@@ -19,6 +19,7 @@ import nanobatch
 from nanobatch import storage
 from nanobatch.config import load_settings
 from nanobatch.errors import ManifestError
+from nanobatch.report import write_report
 from nanobatch.runner import check_job
 
 from .fakes import FakeGemini, image_bytes, records, write_job
@@ -140,6 +141,8 @@ def test_items_from_a_csv_and_a_glob_in_a_bucket(bucket: Bucket, tmp_path: Path)
         **{f"g{n}": [bucket.url(f"in/{n}.png")] for n in range(3)},
     }  # fmt: skip
     assert sorted(fake.instructions()) == ["make it blue", "make it red"] + ["make it white"] * 3
+    report = write_report(tmp_path / "out").read_text()
+    assert f"remote image<small>{bucket.url('in/0.png')}</small>" in report  # not looked for on disk
 
 
 def test_a_missing_source_object_is_named_with_its_field(bucket: Bucket, tmp_path: Path) -> None:
