@@ -259,3 +259,21 @@ def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(bucket: Bucket, t
     assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
     (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
     assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_validate_names_objects_the_credentials_may_not_read(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pictures(bucket, 2)
+    job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(2)])
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks every signature
+
+    with pytest.raises(ManifestError) as caught:
+        check_job(job)
+
+    found = {(p.item, p.field): p.message for p in caught.value.problems}
+    assert set(found) == {("p0", "image"), ("p1", "image")}
+    assert all("access denied" in message and "AKIATESTING" not in message for message in found.values())
