@@ -277,3 +277,27 @@ def test_validate_names_objects_the_credentials_may_not_read(
     found = {(p.item, p.field): p.message for p in caught.value.problems}
     assert set(found) == {("p0", "image"), ("p1", "image")}
     assert all("access denied" in message and "AKIATESTING" not in message for message in found.values())
+
+
+def test_the_simulator_checks_file_data_parts_like_the_api() -> None:
+    from nanobatch.models import lookup
+    from nanobatch.simulator.errors import InvalidRequest
+    from nanobatch.simulator.validation import parse_request
+
+    model = lookup("gemini-3.1-flash-image")
+    assert model is not None
+
+    def parse(file: dict[str, Any]) -> Any:
+        body = {"contents": [{"parts": [{"text": "make it white"}, {"fileData": file}]}]}
+        return parse_request(json.dumps(body).encode(), model=model, model_id=model.id)
+
+    first = parse({"mimeType": "image/png", "fileUri": "gs://b/a.png"})
+    again = parse({"mime_type": "image/png", "file_uri": "gs://b/a.png"})  # snake_case, as the API accepts
+    other = parse({"mimeType": "image/png", "fileUri": "gs://b/other.png"})
+    (image,) = first.images
+    assert image.uri == "gs://b/a.png"
+    assert image.image.tobytes() == again.images[0].image.tobytes() != other.images[0].image.tobytes()
+    with pytest.raises(InvalidRequest, match="mime_type: required"):
+        parse({"fileUri": "gs://b/a.png"})
+    with pytest.raises(InvalidRequest, match="Unsupported MIME type"):
+        parse({"mimeType": "application/pdf", "fileUri": "gs://b/a.pdf"})
