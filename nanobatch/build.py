@@ -12,9 +12,10 @@ from typing import Any
 from . import models
 from ._pictures import file_problem
 from .errors import Problem
-from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, WorkItem
+from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, ItemFields, WorkItem
 from .names import name_length_problem, output_name, text_problem
 from .sources import RawItem
+from .storage import is_bucket_url
 
 __all__ = ["SCHEME", "PictureCheck", "build_item"]
 
@@ -68,6 +69,7 @@ def build_item(
         output=output,
         keep_steps=bool(f.keep_steps),
         resize_inputs=bool(f.resize_inputs),
+        input_mode=f.inputs.lower() if f.inputs is not None else None,
     ), []
 
 
@@ -124,6 +126,8 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if f.inputs is not None and f.inputs.lower() not in INPUT_MODES:
+        bad("inputs", f"{f.inputs!r} is not a way to send inputs; choose one of {', '.join(INPUT_MODES)}")
     if f.tier is not None and f.tier.lower() not in SYNC_TIERS:
         bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(SYNC_TIERS)}")
     if info is None:
@@ -153,9 +157,12 @@ def _resolve_input(
     if not ref.strip():
         return ref, "the image path is empty", 0
     if SCHEME.match(ref):
-        if ref.lower().startswith(("http://", "https://")):
-            return ref, None, 0
-        return ref, f"cannot fetch {ref}: only http:// and https:// URLs (or local paths) are supported", 0
+        if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
+            return ref, None, 0  # checked by validate (nanobatch.remote), in batches, not one by one here
+        return ref, (
+            f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
+            "are supported"
+        ), 0
     # os.path rather than pathlib: this runs once per input of every item.
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
     if check_files:

@@ -58,6 +58,8 @@ class ApiSettings(_Section):
     timeout_s: float = Field(300.0, gt=0)
     # The service tier of generateContent calls: flex costs half and may be shed, priority costs more.
     tier: Literal["standard", "flex", "priority"] = "standard"
+    # How input pictures are sent: their bytes (inline), or a URL the API fetches itself (see nanobatch.remote).
+    inputs: Literal["inline", "by_reference", "auto"] = "inline"
 
 
 class LimitSettings(_Section):

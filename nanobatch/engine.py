@@ -29,13 +29,14 @@ from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError
-from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply
-from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
+from .gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply
+from .inputs import InputLoader, image_digest, is_remote, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
 from .names import item_stems, output_names
 from .outdir import OutDir
 from .record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
+from .remote import Referrer, endpoint_for
 from .results import IndexEntry, ResultsIndex, is_done, renamed_files
 from .route import GenerateContent, Route
 from .writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
@@ -101,7 +102,7 @@ def _spare_workers(concurrency: int) -> int:
 class _Prepared:
     """An item ready to send: its inputs, and what its record has so far (the work key, the input stamps)."""
 
-    images: list[Image]
+    images: list[Image | FileRef]
     tally: Tally
 
 
@@ -127,6 +128,7 @@ class Engine:
         tier: str = "standard",
         flex_fallback: bool = True,
         route: Route | None = None,
+        referrer: Referrer | None = None,
     ) -> None:
         self.route: Route = route if route is not None else GenerateContent(client)
         self.gate = gate
@@ -144,6 +146,8 @@ class Engine:
         self.work_scope = anyio.CancelScope()
         self.run_id = run_id
         self.inputs = inputs  # the run's downloader and cache
+        # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
+        self.referrer = referrer if referrer is not None else Referrer(endpoint_for(""), "inline")
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
         self.failures = FailureLog(client.where)
@@ -215,12 +219,14 @@ class Engine:
             prepared = await self._prepare(item, tally)
             if not isinstance(prepared, _Prepared):
                 return prepared
-            images = prepared.images
+            sent: list[Image | FileRef] = prepared.images
+            images: list[Image] = []
             for number, instruction in enumerate(item.steps, 1):
                 tally.steps.append(StepRecord(step=number, instruction=instruction))
-                reply = await self._send_step(item, tally, instruction, images)
+                reply = await self._send_step(item, tally, instruction, sent)
                 tally.usages.append(reply.usage)
-                images = list(reply.images)  # the next step edits this step's result
+                images = list(reply.images)
+                sent = [*images]  # the next step edits this step's result
                 if item.keep_steps and number < len(item.steps):
                     names = self._name_outputs(item, images, step=number)
                     tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
@@ -247,30 +253,37 @@ class Engine:
     async def _prepare(self, item: WorkItem, tally: Tally) -> _Prepared | Finished | None:
         """Read *item*'s inputs and find its work key (into *tally*), or the reason it is not sent: skipped
         (None) or its done files moved to new names (a :class:`Finished`). Raises ApiError if it cannot be sent."""
-        # Local inputs are fingerprinted from their stamps first, so done work is skipped unread.
-        # A file hashed here is kept (up to the per-image limit) and not read again to be sent.
+        # Inputs are fingerprinted without reading them first, so done work is skipped unread: local files by
+        # their stamps, bucket objects by their ETag/generation, inputs sent by reference by their URL. A file
+        # hashed here is kept (up to the per-image limit) and not read again to be sent.
         entry = self.index.get(item.id)
         contents: dict[str, bytes] = {}
-        stamps = await local_stamps(
-            item.inputs, entry.stamps if entry else {}, contents=contents, keep_up_to=self._keep_up_to
-        )
-        if stamps is not None:
-            tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
-            tally.key = work_key(item, [stamps[ref][2] for ref in item.inputs])
+        local = [ref for ref in item.inputs if not is_remote(ref)]
+        known = entry.stamps if entry else {}
+        stamps = await local_stamps(local, known, contents=contents, keep_up_to=self._keep_up_to)
+        plan = await self.referrer.plan(item)
+        digests = {**{ref: stamp[2] for ref, stamp in (stamps or {}).items()}, **plan.digests}
+        if all(ref in digests for ref in item.inputs):
+            if stamps is not None and len(local) == len(item.inputs):
+                tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
+            tally.key = work_key(item, [digests[ref] for ref in item.inputs])
             if not self._wanted(entry, tally.key):
                 return self._settled(item, entry, tally)
-        images = await load_inputs(
-            item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
+        inline = [ref for ref in item.inputs if ref not in plan.refs]
+        loaded = await load_inputs(
+            inline, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
         )
-        if stamps is None:
-            tally.key = work_key(item, [image_digest(image) for image in images])
+        read = dict(zip(inline, loaded, strict=True))
+        if not tally.key:  # an http(s) input sent inline: known by its bytes
+            tally.key = work_key(item, [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs])
             if not self._wanted(entry, tally.key):
                 return self._settled(item, entry, tally)
+        images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
         if (taken := self._taken_name(item)) is not None:
             # Found before paying: the answer could not be saved (the writer would refuse it the same way).
             raise ApiError(f"{taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
                            kind="output_exists")  # fmt: skip
-        return _Prepared(images, tally)
+        return _Prepared([images[ref] for ref in item.inputs], tally)
 
     def _taken_name(self, item: WorkItem) -> str | None:
         """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
@@ -295,7 +308,7 @@ class Engine:
         )  # fmt: skip
         return Finished(record, [], replaceable=self.index.owned(item.id, renamed.values()), moves=moves)
 
-    async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image]) -> Reply:
+    async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
         """One step in the item's tier, retried; a flex request still shed after its retries goes out at
         standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
         summary). Returns the answer with its image, or raises ApiError."""
@@ -329,7 +342,7 @@ class Engine:
         item: WorkItem,
         tally: Tally,
         instruction: str,
-        images: list[Image],
+        images: list[Image | FileRef],
         sending: Callable[[], None],
     ) -> Reply:
         """One step in *tier*, retried by the retry policy; each attempt passes the gate and is journaled."""

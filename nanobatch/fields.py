@@ -12,10 +12,11 @@ from .config import did_you_mean
 from .errors import Problem
 from .names import stem_of
 
-__all__ = ["SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "WorkItem", "parse_fields"]
+__all__ = ["INPUT_MODES", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "WorkItem", "parse_fields"]
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
 SYNC_TIERS = ("standard", "flex", "priority")
+INPUT_MODES = ("inline", "by_reference", "auto")
 
 
 class ItemFields(BaseModel):
@@ -37,6 +38,7 @@ class ItemFields(BaseModel):
     output: str | None = None
     keep_steps: bool | None = None
     resize_inputs: bool | None = None
+    inputs: str | None = None  # inline | by_reference | auto (see nanobatch.remote)
 
 
 class ManifestFields(BaseModel):
@@ -54,8 +56,8 @@ class ManifestFields(BaseModel):
 class WorkItem:
     """One unit of work, fully resolved: what to send, in order, and where the result goes.
 
-    ``inputs`` are absolute paths or http(s) URLs; ``steps`` has one instruction per
-    request; ``output`` is the output name relative to the output folder (placeholders
+    ``inputs`` are absolute paths, http(s) URLs or bucket URLs (``s3://``, ``gs://``, ``az://``); ``steps``
+    has one instruction per request; ``output`` is the output name relative to the output folder (placeholders
     filled), or None for ``<id>.<ext>``.
     """
 
@@ -71,6 +73,7 @@ class WorkItem:
     output: str | None = None
     keep_steps: bool = False
     resize_inputs: bool = False
+    input_mode: str | None = None  # the ``inputs`` field: None for the configured api.inputs
 
     @property
     def stem(self) -> str:

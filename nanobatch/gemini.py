@@ -25,6 +25,7 @@ from .errors import ApiError, FatalApiError
 
 __all__ = [
     "BLOCK_REASONS",
+    "FileRef",
     "Image",
     "Reply",
     "build_request",
@@ -72,6 +73,14 @@ class Image:
         return _EXTENSIONS.get(self.mime_type, "bin")
 
 
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """An input the API fetches itself: sent as ``{"fileData": {"mimeType", "fileUri"}}`` instead of its bytes."""
+
+    mime_type: str
+    uri: str
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reply:
     """What a 200 answer carried. ``images`` are the final images only, never thinking drafts."""
@@ -107,7 +116,7 @@ def sniff_mime(data: bytes) -> str | None:
 
 def build_request(
     instruction: str,
-    images: Sequence[Image] = (),
+    images: Sequence[Image | FileRef] = (),
     *,
     response_modalities: Sequence[str] = ("IMAGE",),
     aspect_ratio: str | None = None,
@@ -115,14 +124,18 @@ def build_request(
     thinking_level: str | None = None,
     service_tier: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order.
+    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order (a
+    :class:`FileRef` by its URI, which the API fetches).
 
     *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
     google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
     """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
-        parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
+        if isinstance(image, FileRef):  # the wire shape of google-genai's Part.from_uri
+            parts.append({"fileData": {"mimeType": image.mime_type, "fileUri": image.uri}})
+        else:
+            parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
     generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
     image_config = {k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None}
     if image_config:

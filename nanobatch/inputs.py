@@ -33,6 +33,7 @@ from .errors import ApiError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
 from .models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
+from .storage import is_bucket_url
 
 __all__ = [
     "MAX_DOWNLOAD_BYTES",
@@ -42,6 +43,7 @@ __all__ = [
     "InputLoader",
     "UrlChecklist",
     "check_urls",
+    "is_remote",
     "is_url",
     "load_inputs",
     "FileStamp",
@@ -75,6 +77,11 @@ class InputError(ApiError):
 
 def is_url(ref: str) -> bool:
     return ref[:8].lower().startswith(("http://", "https://"))
+
+
+def is_remote(ref: str) -> bool:
+    """An http(s) URL or a bucket URL: not a local file."""
+    return is_url(ref) or is_bucket_url(ref)
 
 
 class _Cache:
@@ -157,13 +164,13 @@ class InputLoader:
         """
         policy = retry if retry is not None else RetryPolicy()
         known = contents or {}
-        unread = [ref for ref in refs if not is_url(ref) and ref not in known]
+        unread = [ref for ref in refs if not is_remote(ref) and ref not in known]
         read: dict[str, Image | InputError] = {}
         if unread:
             read = await anyio.to_thread.run_sync(self._read_locals, unread, resize)
         images = []
         for ref in refs:  # the first failing input, in order, fails the item (and later URLs are not fetched)
-            if is_url(ref):
+            if is_remote(ref):
                 images.append(await self._fetch(ref, policy))
             elif ref in known:
                 images.append(_as_image(ref, known[ref]))
@@ -260,6 +267,8 @@ class InputLoader:
         return self._http
 
     async def _download(self, url: str) -> Image:
+        if is_bucket_url(url):
+            return await self._get_object(url)
         limit = self.max_download_bytes
         try:
             async with self._client().stream("GET", url) as response:
@@ -282,6 +291,19 @@ class InputLoader:
         except httpx2.TransportError as exc:
             raise InputError(f"downloading {url} failed: {type(exc).__name__}: {exc}", retryable=True) from None
         return _as_image(url, b"".join(chunks), content_type)
+
+    async def _get_object(self, url: str) -> Image:
+        """A bucket object's bytes (one GET, in a worker thread), within the download limit."""
+        from . import storage
+        from .errors import StorageError
+
+        try:
+            data = await anyio.to_thread.run_sync(storage.read_bytes, url)
+        except StorageError as exc:
+            raise InputError(str(exc), retryable=exc.kind == "unreachable") from None
+        if len(data) > self.max_download_bytes:
+            raise InputError(_too_big(url, len(data), self.max_download_bytes, download=True))
+        return _as_image(url, data)
 
 
 async def load_inputs(
@@ -475,7 +497,7 @@ async def local_stamps(
     hand-off. With *contents*, the bytes of each file hashed (if at most *keep_up_to*) are put there, so
     that sending the item does not read it again: the bytes sent are the bytes hashed.
     """
-    if any(is_url(ref) for ref in refs):
+    if any(is_remote(ref) for ref in refs):
         return None
     stamps: dict[str, FileStamp] = {}
     for ref in refs:

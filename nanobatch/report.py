@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from nanobatch._report_template import PAGE
-from nanobatch.inputs import is_url
+from nanobatch.inputs import is_remote
 from nanobatch.names import REPORT_FILE
 from nanobatch.outdir import write_report_file
 from nanobatch.record import TOKEN_FIELDS, ItemRecord, percentile
@@ -159,7 +159,7 @@ def _local(folder: Path, ref: str) -> Path:
 def _image_paths(folder: Path, records: Iterable[Record]) -> list[Path]:
     """Every distinct local image the cards show (inputs and outputs)."""
     refs = (r for rec in records for r in [*rec.inputs, *rec.outputs])
-    return list(dict.fromkeys(_local(folder, r) for r in refs if not is_url(r)))
+    return list(dict.fromkeys(_local(folder, r) for r in refs if not is_remote(r)))
 
 
 def _make_thumbs(paths: list[Path], px: int) -> dict[Path, _Thumb | str]:
@@ -323,7 +323,7 @@ def _render_filters(records: list[Record]) -> str:
 
 
 def _render_image(folder: Path, ref: str, thumbs: Mapping[Path, _Thumb | str]) -> str:
-    if is_url(ref):
+    if is_remote(ref):  # an http(s) or bucket URL: not read for the report
         return f'<div class="ph">remote image<small>{_e(ref)}</small></div>'
     thumb = thumbs.get(_local(folder, ref), "missing")
     if isinstance(thumb, str):

@@ -42,6 +42,7 @@ from .inputs import InputLoader, UrlChecklist
 from .limits import Breaker, Budget, FirstContact, Gate
 from .manifest import Manifest, WorkItem, load_manifest
 from .outdir import OutDir
+from .remote import BucketChecklist, Referrer, endpoint_for
 from .results import ResultsIndex
 from .summary import build_summary
 
@@ -127,6 +128,7 @@ def check_job(
     OutDir.check(target)
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
+    objects = BucketChecklist(str(manifest.path), stat=check_urls)
     likely = worst = 0.0
     longest = 0  # steps of the longest item: they go one after another
 
@@ -146,12 +148,14 @@ def check_job(
             worst += high
             n_images = 1  # later steps edit the previous output
         urls.add(item)
+        objects.add(item)
 
     report = manifest.check(visit=add_cost, out_dir=target, decode=check_pictures)
     problems = (
         report.problems
         + lifecycle.problems
         + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
+        + objects.flush()
     )
     if problems:
         raise ManifestError(problems)
@@ -275,6 +279,10 @@ async def run_job(
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
+        # api.backend (vertex) comes with the Vertex work; until then the host tells.
+        backend = str(getattr(settings.api, "backend", "gemini"))
+        engine.referrer = Referrer(endpoint_for(settings.api.base_url, backend=backend, simulate=simulate),
+                                   settings.api.inputs)  # fmt: skip
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
@@ -357,9 +365,8 @@ async def _drive(
                 tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
             # The items the check passed, and no more: rows added to a source since then wait for the next
             # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
-            await engine.run(
-                manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
-            )
+            items = manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
+            await engine.run(engine.referrer.stamps.watch(items))  # bucket objects stamped in batches, ahead
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if (error := sole_error(group)) is not None:

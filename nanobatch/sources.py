@@ -30,10 +30,11 @@ import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
+from . import storage
 from .config import did_you_mean
-from .errors import Problem
+from .errors import Problem, StorageError
 
 __all__ = [
     "GlobSource",
@@ -57,8 +58,8 @@ _BRACES_HINT = "write {{ and }} for literal braces"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def open_text(path: Path) -> Utf8Lines:
-    """Open a source file for reading, row by row (tests wrap this to see how much is read)."""
+def open_text(path: Path | str) -> Utf8Lines:
+    """Open a source file (or bucket object) for reading, row by row (tests wrap this to see how much is read)."""
     return Utf8Lines(path)
 
 
@@ -75,8 +76,14 @@ class Utf8Lines:
     """A source file's lines, each decoded as it is read (a UTF-8 BOM is dropped), so that a byte that is
     not UTF-8 is reported with its line number rather than an offset in a buffer."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("rb")
+    def __init__(self, path: Path | str) -> None:
+        if isinstance(path, str):  # a bucket URL: read in blocks as the lines are consumed
+            try:
+                self._file: BinaryIO = storage.open_read(path)
+            except StorageError as exc:
+                raise OSError(str(exc).removeprefix(f"{path}: ")) from None
+        else:
+            self._file = path.open("rb")
         self.line = 0
 
     def __iter__(self) -> Utf8Lines:
@@ -204,7 +211,7 @@ class TableSource:
     """A CSV (one item per row, first row the header) or JSONL file (one JSON object per line)."""
 
     kind: str
-    path: Path
+    path: Path | str  # a str is a bucket URL
     templates: dict[str, Any]
     delimiter: str = ","
     # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
@@ -324,6 +331,9 @@ class GlobSource:
     skip_dir: str | None = None  # the run's output folder (absolute): its images are results, not inputs
 
     def raw_items(self) -> Iterator[RawItem]:
+        if storage.is_bucket_url(self.pattern):
+            yield from self._bucket_items()
+            return
         skip = None if self.skip_dir is None else self.skip_dir.rstrip(os.sep) + os.sep
         matches, results = [], 0
         for match in glob.iglob(self.pattern, root_dir=self.base_dir, recursive=True):
@@ -344,13 +354,33 @@ class GlobSource:
                 )
             yield _broken(self.file, "glob", message)
             return
-        templates = dict(self.templates)
-        if "image" not in templates and "images" not in templates:
-            templates["image"] = "{path}"
+        templates = self._templates()
         for match in matches:
             name = os.path.basename(match)  # os.path, not pathlib: pathlib interns every name for good
             values = {"path": match.replace(os.sep, "/"), "name": name, "stem": os.path.splitext(name)[0]}
             yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}")
+
+    def _templates(self) -> dict[str, Any]:
+        templates = dict(self.templates)
+        if "image" not in templates and "images" not in templates:
+            templates["image"] = "{path}"
+        return templates
+
+    def _bucket_items(self) -> Iterator[RawItem]:
+        """One item per object matching a bucket pattern, listed page by page as the items are consumed;
+        ``{path}`` is the object's URL."""
+        templates, found = self._templates(), 0
+        try:
+            for url in storage.iter_glob(self.pattern):
+                found += 1
+                name = url.rsplit("/", 1)[-1]
+                values = {"path": url, "name": name, "stem": os.path.splitext(name)[0]}
+                yield _fill_fields(templates, values, self.file, f"object {url}", default_id="{stem}")
+        except StorageError as exc:
+            yield _broken(self.file, "glob", str(exc))
+            return
+        if not found:
+            yield _broken(self.file, "glob", f"{self.pattern!r} matches no objects")
 
 
 # Never taken from a column of the same name: "id" (the default id template is "{id}" already), "output"
@@ -479,8 +509,14 @@ def _parse_entry(
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
     if kind == "glob":
         return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
-    path = base_dir / target
-    if not path.is_file():
+    path: Path | str = base_dir / target
+    if storage.is_bucket_url(target):
+        path = target
+        try:
+            storage.stat(target)  # one request: a missing bucket, object or extra is named before anything runs
+        except StorageError as exc:
+            problems.append(problem(kind, str(exc)))
+    elif not isinstance(path, Path) or not path.is_file():
         problems.append(problem(kind, f"{kind} file not found: {path}"))
     source = TableSource(
         kind=kind,

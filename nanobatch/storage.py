@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from .errors import StorageError
 
@@ -28,6 +28,7 @@ __all__ = [
     "exists_many",
     "is_bucket_url",
     "iter_glob",
+    "open_read",
     "presign",
     "put",
     "read_bytes",
@@ -162,6 +163,12 @@ def read_bytes(url: str) -> bytes:
     """The whole object."""
     data: bytes = _call(url, lambda fs: fs.cat_file(_path(url)))
     return data
+
+
+def open_read(url: str) -> BinaryIO:
+    """The object as a file read in blocks as it is consumed (a million-row CSV never sits in memory)."""
+    opened: BinaryIO = _call(url, lambda fs: fs.open(_path(url), "rb"))
+    return opened
 
 
 def put(url: str, data: bytes) -> None:

@@ -143,7 +143,8 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param(ITEM.replace("image: a.png", "image: ''"), "a", "image", "empty", id="empty-image"),
         pytest.param(ITEM + "    image: b.png\n", None, None, "the key 'image' is given twice", id="duplicate-key"),
         pytest.param(
-            ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http:// and https://", id="ftp-url"
+            ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http(s):// URLs, bucket URLs",
+            id="ftp-url",
         ),
         pytest.param(ITEM + "    output: final.png\n", "a", "output", "must contain {id}", id="output-without-id"),
         pytest.param(

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
 
+from ._fetch import fetch_files
 from ._oauth import TokenIssuer
 from .batch import BatchService
 from .config import SimulatorConfig
@@ -234,6 +235,7 @@ class _Simulator:
             )
         try:
             parsed = parse_request(await request.body(), model=model, model_id=model_id)
+            parsed = await fetch_files(parsed)  # fileData URLs on this machine (a pre-signed S3 URL, say)
         except InvalidRequest as exc:
             return google_error(exc.code, exc.message)
         if (refused := self._check_quota(parsed)) is not None:

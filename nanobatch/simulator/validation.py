@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import re
@@ -20,7 +21,7 @@ from nanobatch.models import ModelInfo
 
 from .errors import UNPROCESSABLE_IMAGE, InvalidRequest
 
-__all__ = ["MAX_BODY_BYTES", "InputImage", "ParsedRequest", "parse_request"]
+__all__ = ["MAX_BODY_BYTES", "InputImage", "ParsedRequest", "open_image", "parse_request", "stand_in_image"]
 
 MAX_BODY_BYTES = 20 * 1024 * 1024
 MODALITIES = ("TEXT", "IMAGE")
@@ -42,6 +43,7 @@ _PART_FIELDS = frozenset(
      "executableCode", "codeExecutionResult", "videoMetadata", "mediaResolution"}
 )  # fmt: skip
 _BLOB_FIELDS = frozenset({"mimeType", "data"})
+_FILE_FIELDS = frozenset({"mimeType", "fileUri", "displayName"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -51,6 +53,7 @@ class InputImage:
     image: Image.Image
     turn: int
     role: str
+    uri: str | None = None  # a fileData part: the URI the real API would fetch (see app.py for what is)
 
     @property
     def has_alpha(self) -> bool:
@@ -91,7 +94,7 @@ def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequ
         role, parts = _content(content, turn)
         for index, part in enumerate(parts):
             where = f"contents[{turn}].parts[{index}]"
-            text, image = _part(part, where)
+            text, image, uri = _part(part, where)
             if _get(part, "thought") is True:
                 continue  # earlier thoughts are not part of the prompt
             if text is not None:
@@ -99,7 +102,7 @@ def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequ
                 if turn == len(contents) - 1:
                     instruction.append(text)
             if image is not None:
-                images.append(InputImage(image=image, turn=turn, role=role))
+                images.append(InputImage(image=image, turn=turn, role=role, uri=uri))
     if len(images) > model.max_input_images:
         raise InvalidRequest(
             f"Too many input images: {len(images)}. models/{model_id} accepts at most {model.max_input_images}."
@@ -199,26 +202,52 @@ def _content(content: Any, turn: int) -> tuple[str, list[dict[str, Any]]]:
     return role, parts
 
 
-def _part(part: dict[str, Any], where: str) -> tuple[str | None, Image.Image | None]:
+def _part(part: dict[str, Any], where: str) -> tuple[str | None, Image.Image | None, str | None]:
     _check_fields(part, _PART_FIELDS, where)
     text = part.get("text")
     blob = _get(part, "inlineData")
-    if text is not None and blob is not None:
+    file = _get(part, "fileData")
+    if sum(x is not None for x in (text, blob, file)) > 1:
         raise InvalidRequest(f"* GenerateContentRequest.{where}.data: oneof field 'data' is already set.\n")
     if text is not None:
         if not isinstance(text, str):
             raise InvalidRequest(f"Invalid value at '{where}.text' (TYPE_STRING), {text!r}")
-        return text, None
+        return text, None, None
     if blob is not None:
-        return None, _inline_image(blob, f"{where}.inline_data")
+        return None, _inline_image(blob, f"{where}.inline_data"), None
+    if file is not None:
+        uri = _file_uri(file, f"{where}.file_data")
+        return None, stand_in_image(uri), uri
     data_fields = sorted(k for k in part if _camel(k) not in ("thought", "thoughtSignature"))
     if data_fields:
         raise InvalidRequest(
-            f"{where}: the nanobatch simulator accepts only text and inlineData parts, not {', '.join(data_fields)}."
+            f"{where}: the nanobatch simulator accepts only text, inlineData and fileData parts, "
+            f"not {', '.join(data_fields)}."
         )
     raise InvalidRequest(
         f"* GenerateContentRequest.{where}.data: required oneof field 'data' must have one initialized field\n"
     )
+
+
+def _file_uri(file: Any, where: str) -> str:
+    if not isinstance(file, dict):
+        raise InvalidRequest(f"Invalid value at '{where}', expected an object, got {file!r}")
+    _check_fields(file, _FILE_FIELDS, where)
+    mime_type, uri = _get(file, "mimeType"), _get(file, "fileUri")
+    if not isinstance(uri, str) or not uri:
+        raise InvalidRequest(f"* GenerateContentRequest.{where}.file_uri: required field is not set.\n")
+    if not isinstance(mime_type, str) or not mime_type:
+        raise InvalidRequest(f"* GenerateContentRequest.{where}.mime_type: required field is not set.\n")
+    if not mime_type.startswith("image/"):
+        raise InvalidRequest(f"Unsupported MIME type: {mime_type}")
+    return uri
+
+
+def stand_in_image(uri: str) -> Image.Image:
+    """The picture a URI the simulator does not fetch stands for: a plain colour drawn from the URI, so the
+    same URI always gives the same picture."""
+    digest = hashlib.sha256(uri.encode()).digest()
+    return Image.new("RGB", (256, 256), (digest[0], digest[1], digest[2]))
 
 
 def _inline_image(blob: Any, where: str) -> Image.Image:
@@ -232,7 +261,7 @@ def _inline_image(blob: Any, where: str) -> Image.Image:
         raise InvalidRequest(f"Unsupported MIME type: {mime_type}")
     if not isinstance(data, str) or not data:
         raise InvalidRequest(f"* GenerateContentRequest.{where}.data: required field is not set.\n")
-    return _open_image(_b64decode(data, f"{where}.data"))
+    return open_image(_b64decode(data, f"{where}.data"))
 
 
 def _b64decode(data: str, where: str) -> bytes:
@@ -247,7 +276,7 @@ def _b64decode(data: str, where: str) -> bytes:
         raise InvalidRequest(message) from None
 
 
-def _open_image(raw: bytes) -> Image.Image:
+def open_image(raw: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(raw))  # lazy: reads the header only
     except Exception:  # Pillow raises many types (and DecompressionBomb* warnings, maybe as errors)
