@@ -58,6 +58,13 @@ class ApiSettings(_Section):
     timeout_s: float = Field(300.0, gt=0)
     # The service tier of generateContent calls: flex costs half and may be shed, priority costs more.
     tier: Literal["standard", "flex", "priority"] = "standard"
+    # gemini: the Gemini API (or a proxy) at base_url. vertex: Vertex AI in api.project at api.location, with
+    # Application Default Credentials or the service-account key file api.credentials_file (express mode: no
+    # project, the API key instead).
+    backend: Literal["gemini", "vertex"] = "gemini"
+    project: str | None = None
+    location: str = "global"
+    credentials_file: str | None = None
 
 
 class LimitSettings(_Section):
@@ -90,6 +97,7 @@ class BudgetSettings(_Section):
 
 class OutputSettings(_Section):
     dir: str = "out"
+    upload_to: str | None = None  # s3://, gs://, az:// prefix: each finished image is also PUT there
 
 
 class TierPrice(_Section):

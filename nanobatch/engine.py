@@ -28,7 +28,7 @@ from . import models
 from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
-from .errors import ApiError, FatalApiError
+from .errors import ApiError, FatalApiError, StorageError
 from .gemini import OUTPUT_EXTENSIONS, Image, Reply, build_request, check_reply
 from .inputs import InputLoader, image_digest, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
@@ -38,6 +38,7 @@ from .outdir import OutDir
 from .record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
 from .results import IndexEntry, ResultsIndex, is_done, renamed_files
 from .route import GenerateContent, Route
+from .upload import Uploads
 from .writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
 
 __all__ = ["Engine", "RunStats"]
@@ -127,6 +128,7 @@ class Engine:
         tier: str = "standard",
         flex_fallback: bool = True,
         route: Route | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.route: Route = route if route is not None else GenerateContent(client)
         self.gate = gate
@@ -147,6 +149,7 @@ class Engine:
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
         self.failures = FailureLog(client.where)
+        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -202,9 +205,12 @@ class Engine:
                 if not await done.put(finished):
                     report_unsaved([finished])
 
-    def _wanted(self, entry: IndexEntry | None, key: str) -> bool:
+    def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
             return entry is not None and entry.status in ("failed", "blocked")
+        if self.uploads is not None:  # the objects are the outputs that count; their check was batched
+            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
+            return self.force or not done
         return self.force or not is_done(entry, key, self.out.path)
 
     async def _process(self, item: WorkItem) -> Finished | None:
@@ -228,12 +234,24 @@ class Engine:
             outputs = self._name_outputs(item, images)
             files += zip(outputs, (i.data for i in images), strict=True)
             record = build_record(item, tally, run=self.run_id, outputs=outputs)
+            if self.uploads is not None:
+                record = await self._upload(record, files)
         except (Stopped, FatalApiError):
             raise
         except ApiError as exc:
             record = self._failed(item, tally, exc)
             files = []
         return Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
+        """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
+        ``upload``) if one could not be: its images are still written into the output folder."""
+        assert self.uploads is not None
+        try:
+            return replace(record, uploads=await self.uploads.put(files))
+        except StorageError as exc:
+            logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
+            return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
         status = "blocked" if exc.kind == "blocked" else "failed"
@@ -257,14 +275,14 @@ class Engine:
         if stamps is not None:
             tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
             tally.key = work_key(item, [stamps[ref][2] for ref in item.inputs])
-            if not self._wanted(entry, tally.key):
+            if not self._wanted(item, entry, tally.key):
                 return self._settled(item, entry, tally)
         images = await load_inputs(
             item.inputs, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
         )
         if stamps is None:
             tally.key = work_key(item, [image_digest(image) for image in images])
-            if not self._wanted(entry, tally.key):
+            if not self._wanted(item, entry, tally.key):
                 return self._settled(item, entry, tally)
         if (taken := self._taken_name(item)) is not None:
             # Found before paying: the answer could not be saved (the writer would refuse it the same way).
