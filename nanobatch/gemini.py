@@ -247,6 +247,18 @@ _HINTS = {
     "quota_exhausted": "the daily quota will not recover by waiting; run again tomorrow or raise the quota",
     "location": "the API is not available from this location",
 }
+# Vertex AI's answers (its messages name aiplatform, its models "Publisher Model"): the same body shape,
+# but the fix is in Google Cloud credentials and settings, not in an API key.
+_VERTEX_HINTS = {
+    **_HINTS,
+    "auth": "check api.credentials_file, or the Application Default Credentials (gcloud auth application-default "
+    "login, GOOGLE_APPLICATION_CREDENTIALS)",
+    "permission": "the credentials need the Vertex AI User role (roles/aiplatform.user) in api.project, and the "
+    "Vertex AI API enabled there",
+    "not_found": "check the model id, api.project and api.location (not every model is served in every location)",
+    "location": "check that billing and the Vertex AI API are enabled in api.project, and api.location",
+}
+_VERTEX_MARKS = re.compile(r"aiplatform|Publisher Model|vertex-ai", re.IGNORECASE)
 
 
 def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
@@ -267,8 +279,9 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
     elif status_code == 429 and _daily_quota(details):
         fatal_kind = "quota_exhausted"
     if fatal_kind is not None:
+        hints = _VERTEX_HINTS if _from_vertex(message, details) else _HINTS
         return FatalApiError(
-            f"HTTP {status_code}: {message} (hint: {_HINTS[fatal_kind]})", kind=fatal_kind, status_code=status_code
+            f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
         )
     kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
     if status_code >= 500 and status_code not in (501, 505):
@@ -280,6 +293,12 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         retryable=retryable,
         retry_after=retry_after if retryable else None,
     )
+
+
+def _from_vertex(message: str, details: list[dict[str, Any]]) -> bool:
+    """Whether an error body is Vertex AI's: its message or an ErrorInfo's domain names aiplatform."""
+    domains = " ".join(str(d.get("domain", "")) for d in _detail(details, "google.rpc.ErrorInfo"))
+    return bool(_VERTEX_MARKS.search(message) or _VERTEX_MARKS.search(domains))
 
 
 def _loads(body: bytes) -> Any:
@@ -366,11 +385,14 @@ def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
 
 
 def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality."""
+    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality; a word
+    (Vertex AI's ``trafficType``, ``serviceTier``) is kept where every answer said the same."""
     if len(usages) == 1:
         return dict(usages[0])
     total: dict[str, Any] = {}
+    words = {name: value for name, value in usages[0].items() if isinstance(value, str)}
     for usage in usages:
+        words = {name: value for name, value in words.items() if usage.get(name) == value}
         for name, value in usage.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 total[name] = total.get(name, 0) + value
@@ -380,4 +402,4 @@ def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     if isinstance(d, dict) and "modality" in d:
                         by_modality[d["modality"]] = by_modality.get(d["modality"], 0) + int(d.get("tokenCount") or 0)
                 total[name] = [{"modality": m, "tokenCount": n} for m, n in by_modality.items()]
-    return total
+    return total | words
