@@ -15,9 +15,13 @@ from nanobatch import storage
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 
+from . import test_storage
 from .emulators import Emulator
 from .fakes import FakeGemini, records, write_job
-from .test_storage import gcs_env, gcs_server, s3_env, s3_server  # noqa: F401 (fixtures)
+
+# The emulators and their environments, shared with test_storage.
+s3_server, s3_env = test_storage.s3_server, test_storage.s3_env
+gcs_server, gcs_env = test_storage.gcs_server, test_storage.gcs_env
 
 
 def _settings(upload_to: str) -> Settings:
@@ -38,7 +42,8 @@ def _run(job: Path, fake: FakeGemini, out: Path, settings: Settings, **options: 
 
 def _downloads(server: Emulator) -> int:
     """Requests at the Cloud Storage emulator that fetched an object's bytes."""
-    return sum(n for k, n in server.log.counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
+    counts = server.log.counts
+    return sum(n for k, n in counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
 
 
 def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading(
