@@ -287,8 +287,8 @@ _PUBLISHER = "projects/shop-123/locations/global/publishers/google/models/gemini
     ("status", "body", "kind", "hint"),
     [
         pytest.param(429, {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Resource exhausted. Please try "
-                     "again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 "
-                     "for more details."}, "rate_limited", None, id="shared-capacity-429"),  # fmt: skip
+                     "again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/"
+                     "error-code-429 for more details."}, "rate_limited", None, id="shared-capacity-429"),  # fmt: skip
         pytest.param(404, {"code": 404, "status": "NOT_FOUND", "message": f"Publisher Model `{_PUBLISHER}` was not "
                      "found or your project does not have access to it."}, "not_found", "api.location",
                      id="model-not-in-location"),  # fmt: skip
