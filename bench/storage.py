@@ -56,14 +56,13 @@ def rerun(n: int, counts: Counter[str]) -> None:
     import base64
     import io
     import json
+    import logging
     import tempfile
     from pathlib import Path
 
     import anyio
     import httpx2
     from PIL import Image
-
-    import logging
 
     import nanobatch
 
