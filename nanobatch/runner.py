@@ -286,7 +286,7 @@ async def run_job(
     async with out.hold(wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
-        uploads = await _uploads(settings, index, force)
+        uploads = await _uploads(settings, index, out.path, force)
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
@@ -329,13 +329,13 @@ def _outcome(
     return ("aborted" if reason is not None else "complete"), reason
 
 
-async def _uploads(settings: Settings, index: ResultsIndex, force: bool) -> Uploads | None:
+async def _uploads(settings: Settings, index: ResultsIndex, folder: Path, force: bool) -> Uploads | None:
     """``output.upload_to``'s uploads (checked by check_job), knowing which done items lost their objects."""
     if settings.output.upload_to is None:
         return None
     uploads = Uploads(settings.output.upload_to)
     if not force:
-        await uploads.find_gone(index.ok_files())
+        await uploads.find_gone(index.ok_files(), folder)
     return uploads
 
 

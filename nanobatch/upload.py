@@ -3,8 +3,8 @@
 The local output folder stays the source of truth (results.jsonl, journal, lock, summary, report, and a
 copy of every image); the bucket holds the published images. A record lists its objects' URLs in
 ``uploads``; a re-run asks, for all ok items at once (:func:`~nanobatch.storage.exists_many`: a listing of
-the prefix, 1,000 objects a request, nothing downloaded), whether their objects are still there, and sends
-again the items whose objects are gone.
+the prefix, 1,000 objects a request, nothing downloaded), whether their objects are still there: a missing
+object is PUT again from the output folder's copy, and an item whose copy is gone too is sent again.
 
 >>> uploads = Uploads.check("s3://catalog/edited/")  # doctest: +SKIP
 >>> uploads.url("sku-1001.png")  # doctest: +SKIP
@@ -13,9 +13,11 @@ again the items whose objects are gone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -65,14 +67,36 @@ class Uploads:
             raise
         return urls
 
-    async def find_gone(self, done: Iterable[tuple[str, tuple[str, ...]]]) -> None:
+    async def find_gone(self, done: Iterable[tuple[str, tuple[str, ...]]], folder: Path) -> None:
         """Ask, for every (id, file names) of an ok item, whether its objects are there, in one batched check
-        (a worker thread); the ids of items with a missing object go into :attr:`gone`."""
-        wanted = {self.url(name): item_id for item_id, names in done for name in names}
+        (a worker thread). A missing object whose image is still in *folder* is PUT again from it (nothing is
+        sent to the model); the ids of items with an object neither there nor restorable go into :attr:`gone`."""
+        wanted = {self.url(name): (item_id, name) for item_id, names in done for name in names}
         if not wanted:
             return
         found = await anyio.to_thread.run_sync(storage.exists_many, list(wanted))
-        self.gone = frozenset(wanted[url] for url, there in found.items() if not there)
-        if self.gone:
-            logger.warning("%d done items have images missing under %s: they will be sent again",
-                           len(self.gone), self.prefix)  # fmt: skip
+        missing = [url for url, there in found.items() if not there]
+        lost = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
+        self.gone = frozenset(wanted[url][0] for url in lost)
+        if missing:
+            restored = len(missing) - len(lost)
+            logger.warning(
+                "%d images were missing under %s: %d put again from the output folder, %d items will be sent again",
+                len(missing), self.prefix, restored, len(self.gone),
+            )  # fmt: skip
+
+    async def _restore(self, missing: list[str], local: dict[str, Path]) -> list[str]:
+        """PUT each of *missing* from its local copy, 32 at a time; those that have none (or fail)."""
+        lost: list[str] = []
+        limiter = anyio.CapacityLimiter(storage.HEAD_CONCURRENCY)
+
+        def restore(url: str) -> None:
+            try:
+                storage.put(url, local[url].read_bytes())
+            except (OSError, StorageError):
+                lost.append(url)
+
+        async with anyio.create_task_group() as tg:
+            for url in missing:
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync, restore, url, limiter=limiter))
+        return lost

@@ -46,7 +46,7 @@ def _downloads(server: Emulator) -> int:
     return sum(n for k, n in counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
 
 
-def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading(
+def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading_or_paying_twice(
     gcs_env: Emulator, tmp_path: Path
 ) -> None:
     name = _bucket("gs")
@@ -68,10 +68,14 @@ def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading(
     assert _downloads(gcs_env) == 0  # metadata only (a listing from 64 objects on: bench/storage.py)
     assert not [k for k in gcs_env.log.counts if not k.startswith("GET ")]  # nothing written again
 
-    storage._filesystem(f"gs://{name}").rm(f"{name}/edited/sku-1.png")
+    lost = [f"gs://{name}/edited/sku-{n}.png" for n in (1, 2)]
+    storage._filesystem(f"gs://{name}").rm([url.removeprefix("gs://") for url in lost])
+    (out / "sku-2.png").unlink()  # sku-1's image is still in the output folder; sku-2's is gone everywhere
     third = _run(job, fake, out, settings)
     assert third.stats.ok == 1 and third.stats.skipped == 2 and len(fake.requests) == 4
-    assert storage.exists_many([f"gs://{name}/edited/sku-1.png"]) == {f"gs://{name}/edited/sku-1.png": True}
+    assert records(out)[-1]["id"] == "sku-2"  # only sku-2 was sent again
+    assert storage.read_bytes(lost[0]) == (out / "sku-1.png").read_bytes()  # put again from the folder
+    assert storage.read_bytes(lost[1]) == (out / "sku-2.png").read_bytes()
 
 
 def test_an_image_that_cannot_be_uploaded_fails_its_item_and_stays_in_the_folder(
