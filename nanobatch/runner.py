@@ -188,7 +188,8 @@ class _LifecycleCheck:
 
     def __init__(self, file: str, settings: Settings) -> None:
         self.file = file
-        self.base_url = settings.api.base_url
+        # Vertex AI is Google's own endpoint too: a shut-down id fails there, whatever api.base_url says
+        self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
         self.tier = settings.api.tier
         self.backend = settings.api.backend
         self.problems: list[Problem] = []

@@ -331,3 +331,16 @@ def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, t
     assert reply.usage["trafficType"] == traffic and models.reported_tier(reply.usage) == tier
     assert sum_usage([reply.usage, reply.usage])["trafficType"] == traffic  # a multi-step item keeps it
     assert "trafficType" not in sum_usage([reply.usage, {**reply.usage, "trafficType": "OTHER"}])
+
+
+def test_validate_refuses_a_shut_down_model_on_vertex_as_at_google(tmp_path: Path) -> None:
+    import nanobatch
+    from nanobatch.errors import ManifestError
+
+    from .fakes import write_job
+
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "model": "gemini-2.5-flash-image"}])
+    settings = _vertex_settings("https://api.apiyi.com", **{"api.project": "shop-123"})
+
+    with pytest.raises(ManifestError, match="was shut down at Google"):
+        nanobatch.check_job(job, settings=settings, out_dir=tmp_path / "out")
