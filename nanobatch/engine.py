@@ -355,6 +355,7 @@ class Engine:
         body = build_request(
             instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
             image_size=item.image_size, thinking_level=item.thinking_level, service_tier=tier,
+            output_format=item.output_format,
         )  # fmt: skip
         pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(

@@ -37,6 +37,7 @@ class ItemFields(BaseModel):
     output: str | None = None
     keep_steps: bool | None = None
     resize_inputs: bool | None = None
+    output_format: str | None = None  # png | jpeg: Vertex AI's imageConfig.imageOutputOptions
 
 
 class ManifestFields(BaseModel):
@@ -71,6 +72,7 @@ class WorkItem:
     output: str | None = None
     keep_steps: bool = False
     resize_inputs: bool = False
+    output_format: str | None = None  # None: the model's own choice
 
     @property
     def stem(self) -> str:
@@ -88,6 +90,8 @@ class WorkItem:
             "response_modalities": list(self.response_modalities),
             "thinking_level": self.thinking_level,
             "resize_inputs": self.resize_inputs,
+            # only when set, so that the keys of work done before this field existed stay the same
+            **({"output_format": self.output_format} if self.output_format is not None else {}),
         }
 
 

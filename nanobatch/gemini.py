@@ -114,17 +114,24 @@ def build_request(
     image_size: str | None = None,
     thinking_level: str | None = None,
     service_tier: str | None = None,
+    output_format: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of a ``generateContent`` call: the instruction, then each image, in order.
 
     *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
     google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
+    *output_format* ``png`` or ``jpeg`` sets ``imageConfig.imageOutputOptions.mimeType``, which only Vertex AI
+    takes (the SDK refuses it for the Gemini API).
     """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
         parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
     generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
-    image_config = {k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None}
+    image_config: dict[str, Any] = {
+        k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None
+    }
+    if output_format is not None:
+        image_config["imageOutputOptions"] = {"mimeType": f"image/{output_format}"}
     if image_config:
         generation["imageConfig"] = image_config
     if thinking_level is not None:

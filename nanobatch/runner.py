@@ -197,6 +197,11 @@ class _LifecycleCheck:
         self._models: set[str] = set()
 
     def check(self, item: WorkItem) -> None:
+        if item.output_format is not None and self.backend != "vertex":
+            self.problems.append(Problem(
+                self.file, item.id, "output_format",
+                "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own",
+            ))  # fmt: skip
         tier = item.tier or self.tier
         if (item.model, tier) in self._seen:
             return

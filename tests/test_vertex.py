@@ -344,3 +344,28 @@ def test_validate_refuses_a_shut_down_model_on_vertex_as_at_google(tmp_path: Pat
 
     with pytest.raises(ManifestError, match="was shut down at Google"):
         nanobatch.check_job(job, settings=settings, out_dir=tmp_path / "out")
+
+
+async def test_output_format_asks_vertex_for_jpeg_and_is_refused_for_the_gemini_api(
+    simulator: tuple[str, Any], tmp_path: Path
+) -> None:
+    import nanobatch
+    from nanobatch.errors import ManifestError
+
+    from .fakes import records, write_job
+
+    base_url, _ = simulator
+    key = _key_file(tmp_path, f"{base_url}/token")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "output_format": "jpeg"}])
+    vertex = _vertex_settings(base_url, **{"api.project": "shop-123", "api.credentials_file": str(key)})
+
+    summary = await nanobatch.run_job(job, settings=vertex, out_dir=tmp_path / "out")
+
+    assert summary.exit_code == 0 and records(tmp_path / "out")[0]["outputs"] == ["sku-1.jpg"]
+    assert (tmp_path / "out" / "sku-1.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    with pytest.raises(ManifestError) as caught:
+        nanobatch.check_job(job, settings=_vertex_settings(base_url, **{"api.backend": "gemini"}))
+    assert [(p.item, p.field) for p in caught.value.problems] == [("sku-1", "output_format")]
+    job.write_text(job.read_text().replace("output_format: jpeg", "output_format: gif"))
+    with pytest.raises(ManifestError, match="must be png or jpeg"):
+        nanobatch.check_job(job, settings=vertex)
