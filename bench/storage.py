@@ -1,9 +1,13 @@
-"""What a re-run's object checks cost against S3: ``python bench/storage.py [--objects 10000]``.
+"""What a re-run's object checks cost against S3: ``python bench/storage.py [--objects 10000] [--rerun N]``.
 
 Starts moto's S3 server in this process on a loopback port, counting the requests it answers, puts N small
 objects under one prefix, then times and counts ``storage.stat_many`` (the stamps a re-run's work keys need)
 and ``storage.iter_glob``, for N objects in one folder and N spread over folders of 10; then a tenth of them
 one HEAD each, 32 at a time, for comparison.
+
+``--rerun N`` measures a whole job instead: N items run with ``output.upload_to: s3://...`` (a canned
+answer through httpx2.MockTransport: no model, no simulator), then run again; the second run's requests at
+the S3 server are counted (it must download nothing and check the objects in batches).
 Nothing leaves the machine. Needs the dev extra (moto[server], s3fs).
 """
 
@@ -47,15 +51,62 @@ def measure(label: str, counts: Counter[str], fn: Callable[[], object]) -> None:
     sys.stdout.write(f"| {label} | {seconds:.2f} s | {requests} |\n")
 
 
+def rerun(n: int, counts: Counter[str]) -> None:
+    """A job of *n* items uploading to S3, then the same job again: what the second run asks the server."""
+    import base64
+    import io
+    import json
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    import anyio
+    import httpx2
+    from PIL import Image
+
+    import nanobatch
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs each request
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, "PNG")
+    answer = json.dumps({
+        "candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png",
+                                                              "data": base64.b64encode(png.getvalue()).decode()}}]},
+                        "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 1120, "totalTokenCount": 1420},
+    }).encode()  # fmt: skip
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=answer))
+    folder = Path(tempfile.mkdtemp(prefix="nanobatch-bench-"))
+    (folder / "in.png").write_bytes(png.getvalue())
+    items = "".join(f"  - {{id: sku-{i:06}, image: in.png}}\n" for i in range(n))
+    job = folder / "job.yaml"
+    job.write_text(f"name: rerun\ndefaults: {{instruction: make it white}}\nitems:\n{items}")
+    settings = nanobatch.load_settings(overrides={"output.upload_to": "s3://bench/rerun/", "limits.concurrency": 32})
+
+    def run() -> nanobatch.RunSummary:
+        return anyio.run(lambda: nanobatch.run_job(job, settings=settings, transport=transport, out_dir=folder / "out"))
+
+    sys.stdout.write(f"| {n:,} items with output.upload_to | time | requests at the S3 server |\n|---|---|---|\n")
+    measure("first run (each image PUT)", counts, run)
+    summary: list[nanobatch.RunSummary] = []
+    measure("re-run (all done)", counts, lambda: summary.append(run()))
+    sys.stdout.write(f"\nre-run: {summary[0].stats.skipped:,} skipped, {summary[0].stats.requests} sent\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=10_000)
-    n = parser.parse_args().objects
+    parser.add_argument("--rerun", type=int, default=0, help="measure a re-run of a job of this many items")
+    args = parser.parse_args()
+    n = args.objects
     url, counts = start_moto()
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     fs = storage._filesystem("s3://bench")
     fs.mkdir("bench")
+    if args.rerun:
+        rerun(args.rerun, counts)
+        return
     fs.pipe({f"bench/crowded/{i:06}.jpg": b"x" * 64 for i in range(n)})
     fs.pipe({f"bench/spread/{i // 10:05}/{i % 10}.jpg": b"x" * 64 for i in range(n)})
     crowded = [f"s3://bench/crowded/{i:06}.jpg" for i in range(n)]

@@ -53,6 +53,9 @@ def build_item(
         bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
     _check_model_limits(f, models.lookup(model), len(inputs), bad)
     output = _output(f, raw, bad)
+    output_format = (f.output_format or "").lower().replace("jpg", "jpeg") or None
+    if output_format not in (None, "png", "jpeg"):
+        bad("output_format", f"must be png or jpeg, not {f.output_format!r}")
     if problems:
         return None, problems
     assert f.id is not None
@@ -70,6 +73,7 @@ def build_item(
         keep_steps=bool(f.keep_steps),
         resize_inputs=bool(f.resize_inputs),
         input_mode=f.inputs.lower() if f.inputs is not None else None,
+        output_format=output_format,
     ), []
 
 

@@ -41,6 +41,7 @@ def _row(model_id: str, info: models.ModelInfo, life: models.Lifecycle, day: dat
         "max_input_images": info.max_input_images,
         "thinking_levels": list(info.thinking_levels),
         "tiers": [*info.tiers, "batch"],
+        "backends": list(info.backends),  # api.backend values that serve it
         "image_price_usd": {
             tier: {size: round(models.image_price(info, size, tier), 4) for size in info.image_sizes or ("1K",)}
             for tier in models.TIERS
@@ -63,12 +64,12 @@ def _status_cell(row: Mapping[str, Any]) -> str:
 
 def model_table_markdown(day: date | None = None) -> str:
     """README's model table."""
-    lines = ["| id | status | aspect ratios | sizes | max references |", "|---|---|---|---|---|"]
+    lines = ["| id | status | aspect ratios | sizes | max references | backends |", "|---|---|---|---|---|---|"]
     for row in model_rows(day):
         ratios = f"{len(row['aspect_ratios'])}" + (" (incl. 1:4 4:1 1:8 8:1)" if "1:8" in row["aspect_ratios"] else "")
         lines.append(
             f"| `{row['id']}` | {_status_cell(row)} | {ratios} | {' '.join(row['image_sizes'])} | "
-            f"{row['max_input_images']} |"
+            f"{row['max_input_images']} | {' '.join(row['backends'])} |"
         )
     return "\n".join(lines)
 

@@ -494,7 +494,8 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
         )
         click.echo(
             f"{row['id']}: {_status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
-            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; {prices}"
+            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
+            f"served by {', '.join(row['backends'])}; {prices}"
         )
     if live:
         found = result["live"]

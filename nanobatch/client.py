@@ -47,15 +47,20 @@ class GeminiClient:
         api_version: str = "v1beta",
         max_connections: int = 100,
         transport: httpx2.AsyncBaseTransport | None = None,
+        path_prefix: str | None = None,
+        request_auth: httpx2.Auth | None = None,
     ) -> None:
+        """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
+        request (Vertex AI's OAuth2 bearer token)."""
         headers = auth_headers(api_key, auth)
         self._secret = api_key
-        self._prefix = f"/{api_version.strip('/')}/models/"
+        self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
         self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False
+            base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False,
+            auth=request_auth,
         )
         # Where requests go, for messages: no user name, password or query (a key could hide there).
         self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")

@@ -60,6 +60,13 @@ class ApiSettings(_Section):
     tier: Literal["standard", "flex", "priority"] = "standard"
     # How input pictures are sent: their bytes (inline), or a URL the API fetches itself (see nanobatch.remote).
     inputs: Literal["inline", "by_reference", "auto"] = "inline"
+    # gemini: the Gemini API (or a proxy) at base_url. vertex: Vertex AI in api.project at api.location, with
+    # Application Default Credentials or the service-account key file api.credentials_file (express mode: no
+    # project, the API key instead).
+    backend: Literal["gemini", "vertex"] = "gemini"
+    project: str | None = None
+    location: str = "global"
+    credentials_file: str | None = None
 
 
 class LimitSettings(_Section):
@@ -92,6 +99,7 @@ class BudgetSettings(_Section):
 
 class OutputSettings(_Section):
     dir: str = "out"
+    upload_to: str | None = None  # s3://, gs://, az:// prefix: each finished image is also PUT there
 
 
 class TierPrice(_Section):

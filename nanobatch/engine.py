@@ -28,7 +28,7 @@ from . import models
 from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
 from .client import GeminiClient
-from .errors import ApiError, FatalApiError
+from .errors import ApiError, FatalApiError, StorageError
 from .gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply
 from .inputs import InputLoader, image_digest, is_remote, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
@@ -39,6 +39,7 @@ from .record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, move
 from .remote import Referrer, endpoint_for
 from .results import IndexEntry, ResultsIndex, is_done, renamed_files
 from .route import GenerateContent, Route
+from .upload import Uploads
 from .writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
 
 __all__ = ["Engine", "RunStats"]
@@ -129,6 +130,7 @@ class Engine:
         flex_fallback: bool = True,
         route: Route | None = None,
         referrer: Referrer | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self.route: Route = route if route is not None else GenerateContent(client)
         self.gate = gate
@@ -151,6 +153,7 @@ class Engine:
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
         self.failures = FailureLog(client.where)
+        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -206,9 +209,12 @@ class Engine:
                 if not await done.put(finished):
                     report_unsaved([finished])
 
-    def _wanted(self, entry: IndexEntry | None, key: str) -> bool:
+    def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
             return entry is not None and entry.status in ("failed", "blocked")
+        if self.uploads is not None:  # the objects are the outputs that count; their check was batched
+            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
+            return self.force or not done
         return self.force or not is_done(entry, key, self.out.path)
 
     async def _process(self, item: WorkItem) -> Finished | None:
@@ -234,12 +240,24 @@ class Engine:
             outputs = self._name_outputs(item, images)
             files += zip(outputs, (i.data for i in images), strict=True)
             record = build_record(item, tally, run=self.run_id, outputs=outputs)
+            if self.uploads is not None:
+                record = await self._upload(record, files)
         except (Stopped, FatalApiError):
             raise
         except ApiError as exc:
             record = self._failed(item, tally, exc)
             files = []
         return Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
+        """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
+        ``upload``) if one could not be: its images are still written into the output folder."""
+        assert self.uploads is not None
+        try:
+            return replace(record, uploads=await self.uploads.put(files))
+        except StorageError as exc:
+            logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
+            return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
         status = "blocked" if exc.kind == "blocked" else "failed"
@@ -267,7 +285,7 @@ class Engine:
             if stamps is not None and len(local) == len(item.inputs):
                 tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
             tally.key = work_key(item, [digests[ref] for ref in item.inputs])
-            if not self._wanted(entry, tally.key):
+            if not self._wanted(item, entry, tally.key):
                 return self._settled(item, entry, tally)
         inline = [ref for ref in item.inputs if ref not in plan.refs]
         loaded = await load_inputs(
@@ -276,7 +294,7 @@ class Engine:
         read = dict(zip(inline, loaded, strict=True))
         if not tally.key:  # an http(s) input sent inline: known by its bytes
             tally.key = work_key(item, [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs])
-            if not self._wanted(entry, tally.key):
+            if not self._wanted(item, entry, tally.key):
                 return self._settled(item, entry, tally)
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
         if (taken := self._taken_name(item)) is not None:
@@ -350,6 +368,7 @@ class Engine:
         body = build_request(
             instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
             image_size=item.image_size, thinking_level=item.thinking_level, service_tier=tier,
+            output_format=item.output_format,
         )  # fmt: skip
         pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(

@@ -39,6 +39,7 @@ class ItemFields(BaseModel):
     keep_steps: bool | None = None
     resize_inputs: bool | None = None
     inputs: str | None = None  # inline | by_reference | auto (see nanobatch.remote)
+    output_format: str | None = None  # png | jpeg: Vertex AI's imageConfig.imageOutputOptions
 
 
 class ManifestFields(BaseModel):
@@ -74,6 +75,7 @@ class WorkItem:
     keep_steps: bool = False
     resize_inputs: bool = False
     input_mode: str | None = None  # the ``inputs`` field: None for the configured api.inputs
+    output_format: str | None = None  # None: the model's own choice
 
     @property
     def stem(self) -> str:
@@ -91,6 +93,8 @@ class WorkItem:
             "response_modalities": list(self.response_modalities),
             "thinking_level": self.thinking_level,
             "resize_inputs": self.resize_inputs,
+            # only when set, so that the keys of work done before this field existed stay the same
+            **({"output_format": self.output_format} if self.output_format is not None else {}),
         }
 
 

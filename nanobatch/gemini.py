@@ -123,12 +123,15 @@ def build_request(
     image_size: str | None = None,
     thinking_level: str | None = None,
     service_tier: str | None = None,
+    output_format: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of a ``generateContent`` call: the instruction, then each image, in order (a
     :class:`FileRef` by its URI, which the API fetches).
 
     *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
     google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
+    *output_format* ``png`` or ``jpeg`` sets ``imageConfig.imageOutputOptions.mimeType``, which only Vertex AI
+    takes (the SDK refuses it for the Gemini API).
     """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
@@ -137,7 +140,11 @@ def build_request(
         else:
             parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
     generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
-    image_config = {k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None}
+    image_config: dict[str, Any] = {
+        k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None
+    }
+    if output_format is not None:
+        image_config["imageOutputOptions"] = {"mimeType": f"image/{output_format}"}
     if image_config:
         generation["imageConfig"] = image_config
     if thinking_level is not None:
@@ -260,6 +267,18 @@ _HINTS = {
     "quota_exhausted": "the daily quota will not recover by waiting; run again tomorrow or raise the quota",
     "location": "the API is not available from this location",
 }
+# Vertex AI's answers (its messages name aiplatform, its models "Publisher Model"): the same body shape,
+# but the fix is in Google Cloud credentials and settings, not in an API key.
+_VERTEX_HINTS = {
+    **_HINTS,
+    "auth": "check api.credentials_file, or the Application Default Credentials (gcloud auth application-default "
+    "login, GOOGLE_APPLICATION_CREDENTIALS)",
+    "permission": "the credentials need the Vertex AI User role (roles/aiplatform.user) in api.project, and the "
+    "Vertex AI API enabled there",
+    "not_found": "check the model id, api.project and api.location (not every model is served in every location)",
+    "location": "check that billing and the Vertex AI API are enabled in api.project, and api.location",
+}
+_VERTEX_MARKS = re.compile(r"aiplatform|Publisher Model|vertex-ai", re.IGNORECASE)
 
 
 def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
@@ -280,8 +299,9 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
     elif status_code == 429 and _daily_quota(details):
         fatal_kind = "quota_exhausted"
     if fatal_kind is not None:
+        hints = _VERTEX_HINTS if _from_vertex(message, details) else _HINTS
         return FatalApiError(
-            f"HTTP {status_code}: {message} (hint: {_HINTS[fatal_kind]})", kind=fatal_kind, status_code=status_code
+            f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
         )
     kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
     if status_code >= 500 and status_code not in (501, 505):
@@ -293,6 +313,12 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         retryable=retryable,
         retry_after=retry_after if retryable else None,
     )
+
+
+def _from_vertex(message: str, details: list[dict[str, Any]]) -> bool:
+    """Whether an error body is Vertex AI's: its message or an ErrorInfo's domain names aiplatform."""
+    domains = " ".join(str(d.get("domain", "")) for d in _detail(details, "google.rpc.ErrorInfo"))
+    return bool(_VERTEX_MARKS.search(message) or _VERTEX_MARKS.search(domains))
 
 
 def _loads(body: bytes) -> Any:
@@ -379,11 +405,14 @@ def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
 
 
 def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality."""
+    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality; a word
+    (Vertex AI's ``trafficType``, ``serviceTier``) is kept where every answer said the same."""
     if len(usages) == 1:
         return dict(usages[0])
     total: dict[str, Any] = {}
+    words = {name: value for name, value in usages[0].items() if isinstance(value, str)}
     for usage in usages:
+        words = {name: value for name, value in words.items() if usage.get(name) == value}
         for name, value in usage.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 total[name] = total.get(name, 0) + value
@@ -393,4 +422,4 @@ def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     if isinstance(d, dict) and "modality" in d:
                         by_modality[d["modality"]] = by_modality.get(d["modality"], 0) + int(d.get("tokenCount") or 0)
                 total[name] = [{"modality": m, "tokenCount": n} for m, n in by_modality.items()]
-    return total
+    return total | words

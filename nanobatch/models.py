@@ -37,6 +37,7 @@ __all__ = [
     "pixel_size",
     "pricing_for",
     "reported_tier",
+    "served_by",
     "request_cost_range",
     "today",
     "usage_cost",
@@ -110,6 +111,8 @@ class ModelInfo:
     lifecycle: Lifecycle = Lifecycle()
     # The synchronous tiers Google sells this model in (batch is asynchronous, and priced for every model).
     tiers: tuple[str, ...] = ("standard", "flex", "priority")
+    # Where it is served: the Gemini API (AI Studio, and proxies) and/or Vertex AI (api.backend).
+    backends: tuple[str, ...] = ("gemini", "vertex")
     sources: tuple[str, ...] = ()  # "URL (date read)" for the facts above
 
     def output_tokens(self, image_size: str | None) -> int:
@@ -131,6 +134,9 @@ _SRC_FLASH_PRICE = "https://lumenfall.ai/models/google/gemini-3.1-flash-image-pr
 _SRC_PRO_PRICE = "https://blog.laozhang.ai/ru/posts/nano-banana-pro-api-guide (2026-11-29)"
 SRC_TIERS = "https://ai.google.dev/gemini-api/docs/optimization (2026-11-29)"
 SRC_FLEX = "https://ai.google.dev/gemini-api/docs/flex-inference (2026-11-29)"
+# Vertex AI's list of Google models and their endpoints; the two ids it does not list are Gemini API only.
+_SRC_VERTEX = "https://docs.cloud.google.com/vertex-ai/generative-ai/docs/learn/locations (2026-11-29)"
+_GEMINI_ONLY = ("gemini",)
 
 _WIDE = (*ASPECT_RATIOS, "1:4", "4:1", "1:8", "8:1")  # the 14 ratios of the 3.1 flash line
 
@@ -148,7 +154,8 @@ MODELS: dict[str, ModelInfo] = {
             supports_thinking=True,
             thinking_levels=("minimal", "medium", "high"),
             lifecycle=Lifecycle(ga=date(2026, 10, 6)),
-            sources=(_ISSUE, _SRC_MODELS, _SRC_NB21_PRICE),
+            backends=_GEMINI_ONLY,
+            sources=(_ISSUE, _SRC_MODELS, _SRC_NB21_PRICE, _SRC_VERTEX),
         ),
         ModelInfo(
             id="gemini-3.1-flash-image",
@@ -164,7 +171,7 @@ MODELS: dict[str, ModelInfo] = {
             lifecycle=Lifecycle(
                 ga=date(2026, 5, 28), deprecated=date(2026, 10, 6), replacement="gemini-nano-banana-2.1"
             ),
-            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_FLASH_TOKENS, _SRC_FLASH_PRICE),
+            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_FLASH_TOKENS, _SRC_FLASH_PRICE, _SRC_VERTEX),
         ),
         ModelInfo(
             id="gemini-3.1-flash-lite-image",
@@ -178,7 +185,8 @@ MODELS: dict[str, ModelInfo] = {
             thinking_levels=("minimal", "high"),
             lifecycle=Lifecycle(ga=date(2026, 6, 30)),
             tiers=("standard",),  # its model page: Flex and Priority inference not supported
-            sources=(_ISSUE, _SRC_LITE),
+            backends=_GEMINI_ONLY,
+            sources=(_ISSUE, _SRC_LITE, _SRC_VERTEX),
         ),
         ModelInfo(
             id="gemini-3-pro-image",
@@ -191,7 +199,7 @@ MODELS: dict[str, ModelInfo] = {
             supports_thinking=True,
             thinking_levels=("low", "high"),
             lifecycle=Lifecycle(ga=date(2026, 5, 28)),
-            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_PRO_PRICE),
+            sources=(_ISSUE, _SRC_CHANGELOG, _SRC_DEPRECATIONS, _SRC_PRO_PRICE, _SRC_VERTEX),
         ),
         ModelInfo(
             id="gemini-2.5-flash-image",
@@ -208,7 +216,7 @@ MODELS: dict[str, ModelInfo] = {
                 shutdown=date(2026, 10, 2),
                 replacement="gemini-nano-banana-2.1",
             ),  # fmt: skip
-            sources=(_ISSUE, _SRC_DEPRECATIONS),
+            sources=(_ISSUE, _SRC_DEPRECATIONS, _SRC_VERTEX),
         ),
     )
 }
@@ -361,11 +369,23 @@ def image_price(info: ModelInfo, size: str, tier: str = "standard") -> float:
     return pricing_for(info.id, tier=tier).cost(prompt=0, image_out=info.output_tokens(size), text_out=0)
 
 
+def served_by(backend: str) -> list[str]:
+    """The ids of the live models *backend* (``gemini`` or ``vertex``) serves."""
+    return [m.id for m in MODELS.values() if backend in m.backends and m.lifecycle.status() != "shut down"]
+
+
+# Vertex AI's usageMetadata.trafficType (kept verbatim in records), as a tier. PROVISIONED_THROUGHPUT is
+# prepaid capacity: no tier of its own, priced as the tier asked for.
+_TRAFFIC_TIERS = {"ON_DEMAND": "standard", "ON_DEMAND_FLEX": "flex", "ON_DEMAND_PRIORITY": "priority"}
+
+
 def reported_tier(usage: Mapping[str, Any]) -> str | None:
-    """The tier ``usageMetadata`` says the request ran in (``serviceTier``), lower case; None if not said."""
+    """The tier ``usageMetadata`` says the request ran in (``serviceTier``, else Vertex AI's ``trafficType``),
+    lower case; None if not said."""
     value = usage.get("serviceTier")
     if not isinstance(value, str):
-        return None
+        traffic = usage.get("trafficType")
+        return _TRAFFIC_TIERS.get(traffic) if isinstance(traffic, str) else None
     tier = value.lower().removeprefix("service_tier_")
     return tier if tier in TIERS else None
 

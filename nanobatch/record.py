@@ -31,7 +31,7 @@ _ITEM_FIELDS = (
     "cost_usd", "model", "model_version", "response_id", "key", "error", "instructions", "inputs",
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from")  # written only when set, in this order
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "uploads")  # written only when set, in this order
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -145,6 +145,7 @@ class ItemRecord:
     input_stamps: tuple[tuple[int, int, str], ...] | None = None
     finish_message: str | None = None
     moved_from: tuple[str, ...] | None = None
+    uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -178,7 +179,7 @@ class ItemRecord:
             value = getattr(self, name)
             if value is not None:
                 out[name] = [list(v) for v in value] if name == "input_stamps" else (
-                    list(value) if name == "moved_from" else value)  # fmt: skip
+                    list(value) if name in ("moved_from", "uploads") else value)  # fmt: skip
         for name, value in self.extra.items():
             out.setdefault(name, value)
         return out
@@ -218,6 +219,7 @@ class ItemRecord:
             input_stamps=_stamps(stamps) if stamps is not None else None,
             finish_message=get("finish_message"),
             moved_from=_strs(get("moved_from")) if "moved_from" in line else None,
+            uploads=_strs(get("uploads")) if "uploads" in line else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 

@@ -270,6 +270,11 @@ class ResultsIndex:
             tuple(str(name) for name in orjson.loads(files)) if files else names,
         )
 
+    def ok_files(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(id, every file its record wrote) of each item whose latest record is ok."""
+        for item_id, outputs, files in self._db.execute("SELECT id, outputs, files FROM entries WHERE status = 'ok'"):
+            yield item_id, tuple(str(name) for name in orjson.loads(files or outputs))
+
     def totals(self) -> dict[str, Any]:
         db = self._db
         counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())

@@ -28,7 +28,7 @@ import httpx2
 from . import models
 from ._retry import RetryPolicy
 from .client import GeminiClient
-from .config import Settings, load_settings, read_api_key
+from .config import ApiSettings, Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
 from .errors import (
     ConfigError,
@@ -45,6 +45,8 @@ from .outdir import OutDir
 from .remote import BucketChecklist, Referrer, endpoint_for
 from .results import ResultsIndex
 from .summary import build_summary
+from .upload import Uploads
+from .vertex import vertex_auth, vertex_route
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -126,6 +128,10 @@ def check_job(
     manifest, settings = _load(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
     OutDir.check(target)
+    if settings.api.backend == "vertex":
+        vertex_route(settings.api.project, settings.api.location)  # ConfigError for a bad project or location
+    if settings.output.upload_to is not None:
+        Uploads.check(settings.output.upload_to)
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
     objects = BucketChecklist(str(manifest.path), stat=check_urls)
@@ -186,13 +192,20 @@ class _LifecycleCheck:
 
     def __init__(self, file: str, settings: Settings) -> None:
         self.file = file
-        self.base_url = settings.api.base_url
+        # Vertex AI is Google's own endpoint too: a shut-down id fails there, whatever api.base_url says
+        self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
         self.tier = settings.api.tier
+        self.backend = settings.api.backend
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str]] = set()
         self._models: set[str] = set()
 
     def check(self, item: WorkItem) -> None:
+        if item.output_format is not None and self.backend != "vertex":
+            self.problems.append(Problem(
+                self.file, item.id, "output_format",
+                "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own",
+            ))  # fmt: skip
         tier = item.tier or self.tier
         if (item.model, tier) in self._seen:
             return
@@ -206,6 +219,12 @@ class _LifecycleCheck:
             else:
                 logger.warning("%s", message)
         info = models.lookup(item.model)
+        if info is not None and self.backend not in info.backends:
+            self.problems.append(Problem(
+                self.file, item.id, "model",
+                f"api.backend is {self.backend}, which does not serve {item.model}; choose one of "
+                f"{', '.join(models.served_by(self.backend))}",
+            ))  # fmt: skip
         if item.tier is None and info is not None and tier not in info.tiers:
             self.problems.append(Problem(
                 self.file, item.id, "tier",
@@ -265,7 +284,8 @@ async def run_job(
     manifest, settings = _load(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
     manifest = manifest.skipping(checked.out_dir)
-    api_key = _api_key(settings, needed=not simulate and transport is None)
+    oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
+    api_key = None if oauth else _api_key(settings, needed=not simulate and transport is None)
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
     stats.rpm_limit = settings.limits.requests_per_minute
@@ -276,13 +296,13 @@ async def run_job(
     async with out.hold(wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
+        uploads = await _uploads(settings, index, out.path, force)
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
-        # api.backend (vertex) comes with the Vertex work; until then the host tells.
-        backend = str(getattr(settings.api, "backend", "gemini"))
-        engine.referrer = Referrer(endpoint_for(settings.api.base_url, backend=backend, simulate=simulate),
+        engine.referrer = Referrer(endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate),
                                    settings.api.inputs)  # fmt: skip
+        engine.uploads = uploads
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
@@ -321,6 +341,16 @@ def _outcome(
     return ("aborted" if reason is not None else "complete"), reason
 
 
+async def _uploads(settings: Settings, index: ResultsIndex, folder: Path, force: bool) -> Uploads | None:
+    """``output.upload_to``'s uploads (checked by check_job), knowing which done items lost their objects."""
+    if settings.output.upload_to is None:
+        return None
+    uploads = Uploads(settings.output.upload_to)
+    if not force:
+        await uploads.find_gone(index.ok_files(), folder)
+    return uploads
+
+
 async def _client(
     stack: AsyncExitStack,
     settings: Settings,
@@ -329,20 +359,33 @@ async def _client(
     transport: httpx2.AsyncBaseTransport | None,
 ) -> GeminiClient:
     """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
-    base_url = settings.api.base_url
+    api = settings.api
+    base_url = api.base_url
     if simulate:
         from .simulator import SimulatorConfig, run_in_thread
 
         base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
         api_key = None
+    prefix, auth, request_auth = None, api.auth, None
+    if api.backend == "vertex":
+        # api.base_url, when changed from its default, replaces Vertex's host (a proxy, the simulator)
+        custom = base_url if base_url != ApiSettings().base_url else None
+        base_url, prefix = vertex_route(api.project, api.location, base_url=custom)
+        if not simulate:
+            request_auth = vertex_auth(api.project, api.credentials_file, api_key)
+            if request_auth is not None:
+                stack.callback(request_auth.close)
+        auth = "x-goog-api-key"  # express mode's key (with a project, no key is sent)
     return await stack.enter_async_context(
         GeminiClient(
             base_url=base_url,
             api_key=api_key,
-            auth=settings.api.auth,
-            api_version=settings.api.api_version,
+            auth=auth,
+            api_version=api.api_version,
             max_connections=settings.limits.concurrency,
             transport=transport,
+            path_prefix=prefix,
+            request_auth=request_auth,
         )
     )
 

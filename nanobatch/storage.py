@@ -25,6 +25,7 @@ from .errors import StorageError
 
 __all__ = [
     "ObjectStamp",
+    "check_bucket",
     "exists_many",
     "is_bucket_url",
     "iter_glob",
@@ -174,6 +175,13 @@ def open_read(url: str) -> BinaryIO:
 def put(url: str, data: bytes) -> None:
     """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half."""
     _call(url, lambda fs: fs.pipe_file(_path(url), data))
+
+
+def check_bucket(url: str) -> None:
+    """StorageError unless *url*'s bucket exists and can be asked about (the extra installed, credentials taken)."""
+    bucket = _split(url)[1]
+    if not _call(url, lambda fs: fs.exists(bucket)):
+        raise StorageError(url, "no_bucket", f"no such bucket {bucket!r}")
 
 
 def presign(url: str, *, expires_s: int = 3600) -> str:

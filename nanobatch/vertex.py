@@ -28,7 +28,7 @@ import httpx2
 
 from .errors import ConfigError, FatalApiError
 
-__all__ = ["SCOPE", "VertexAuth", "vertex_base_url", "vertex_express_url", "vertex_url"]
+__all__ = ["SCOPE", "VertexAuth", "vertex_auth", "vertex_base_url", "vertex_express_url", "vertex_route", "vertex_url"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -185,3 +185,27 @@ class _Request:
         except httpx2.HTTPError as exc:
             raise exceptions.TransportError(f"{type(exc).__name__} talking to {url}") from None
         return _Response(response)
+
+
+def vertex_route(project: str | None, location: str, *, base_url: str | None = None) -> tuple[str, str]:
+    """(host, path before ``{model}:generateContent``) for ``api.backend: vertex``; express mode without a
+    *project*. *base_url* replaces the host (a proxy, the simulator). ConfigError for a bad project or location."""
+    root = (base_url or vertex_base_url(location)).rstrip("/")
+    if project is None:
+        return root, "/v1/publishers/google/models/"
+    path = vertex_url(project, location, "MODEL", base_url=root)[len(root) :]
+    return root, path.removesuffix("MODEL:generateContent")
+
+
+def vertex_auth(project: str | None, credentials_file: str | None, api_key: str | None) -> VertexAuth | None:
+    """The OAuth2 auth for a *project* (the key file, else Application Default Credentials); None in express
+    mode (no project), which sends the API key instead. ConfigError when neither can work."""
+    if project is None:
+        if not api_key:
+            raise ConfigError(
+                "api.backend: vertex needs api.project (with Google credentials), or an API key for express mode"
+            )
+        return None
+    if credentials_file:
+        return VertexAuth.from_service_account_file(credentials_file)
+    return VertexAuth.application_default()

@@ -212,3 +212,160 @@ async def test_the_token_endpoint_refuses_what_google_would(form: dict[str, str]
         answer = await client.post("/token", data=form)
     assert answer.status_code == 400 and answer.json()["error"] == error
     assert app.state.tokens.issued == 0
+
+
+def _vertex_settings(base_url: str, **more: str) -> Any:
+    from nanobatch.config import load_settings
+
+    values = {"api.backend": "vertex", "api.base_url": base_url, "api.model": MODEL, **more}
+    return load_settings(env={}, overrides=values)
+
+
+async def test_a_job_runs_on_vertex_with_a_service_account_key_file(
+    simulator: tuple[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import nanobatch
+
+    from .fakes import records, write_job
+
+    base_url, app = simulator
+    caplog.set_level(logging.DEBUG, logger="nanobatch")
+    key = _key_file(tmp_path, f"{base_url}/token")
+    settings = _vertex_settings(
+        base_url, **{"api.project": "shop-123", "api.location": "europe-west4", "api.credentials_file": str(key)}
+    )
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
+
+    summary = await nanobatch.run_job(job, settings=settings, out_dir=tmp_path / "out")
+
+    assert summary.exit_code == 0 and summary.stats.ok == 2
+    assert app.state.tokens.issued == 1 and app.state.stats.by_status[200] == 2  # one token for the run
+    assert [r["status"] for r in records(tmp_path / "out")] == ["ok", "ok"]
+    written = b"".join(p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file())
+    assert b"ya29.sim-" not in written and b"ya29.sim-" not in caplog.text.encode()
+
+
+async def test_a_job_runs_in_vertex_express_mode_with_the_api_key(
+    simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nanobatch
+
+    from .fakes import write_job
+
+    base_url, app = simulator
+    monkeypatch.setenv("NANOBATCH_API_KEY", "express-key")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+
+    summary = await nanobatch.run_job(job, settings=_vertex_settings(base_url), out_dir=tmp_path / "out")
+
+    assert summary.exit_code == 0 and app.state.tokens.issued == 0 and app.state.stats.by_status[200] == 1
+
+
+def test_validate_refuses_a_model_vertex_does_not_serve(tmp_path: Path) -> None:
+    import nanobatch
+    from nanobatch.errors import ManifestError
+
+    from .fakes import write_job
+
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "model": "gemini-nano-banana-2.1"}])
+    settings = _vertex_settings("https://aiplatform.googleapis.com", **{"api.project": "shop-123"})
+
+    with pytest.raises(ManifestError) as caught:
+        nanobatch.check_job(job, settings=settings, out_dir=tmp_path / "out")
+
+    (problem,) = caught.value.problems
+    assert (problem.item, problem.field) == ("sku-1", "model")
+    assert "does not serve gemini-nano-banana-2.1" in problem.message and "gemini-3-pro-image" in problem.message
+    gemini = _vertex_settings("https://aiplatform.googleapis.com", **{"api.backend": "gemini"})
+    assert nanobatch.check_job(job, settings=gemini, out_dir=tmp_path / "out").items == 1
+
+
+_PUBLISHER = "projects/shop-123/locations/global/publishers/google/models/gemini-3-pro-image"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "hint"),
+    [
+        pytest.param(429, {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Resource exhausted. Please try "
+                     "again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/"
+                     "error-code-429 for more details."}, "rate_limited", None, id="shared-capacity-429"),  # fmt: skip
+        pytest.param(404, {"code": 404, "status": "NOT_FOUND", "message": f"Publisher Model `{_PUBLISHER}` was not "
+                     "found or your project does not have access to it."}, "not_found", "api.location",
+                     id="model-not-in-location"),  # fmt: skip
+        pytest.param(403, {"code": 403, "status": "PERMISSION_DENIED", "message": "Permission 'aiplatform.endpoints."
+                     f"predict' denied on resource '//aiplatform.googleapis.com/{_PUBLISHER}'"}, "permission",
+                     "roles/aiplatform.user", id="no-iam-role"),  # fmt: skip
+        pytest.param(401, {"code": 401, "status": "UNAUTHENTICATED", "message": "Request had invalid authentication "
+                     "credentials.", "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                     "reason": "ACCESS_TOKEN_EXPIRED", "domain": "aiplatform.googleapis.com"}]}, "auth",
+                     "api.credentials_file", id="token-refused"),  # fmt: skip
+    ],
+)
+def test_vertex_error_bodies_are_classified_with_vertex_hints(
+    status: int, body: dict[str, Any], kind: str, hint: str | None
+) -> None:
+    from nanobatch.gemini import classify_error
+
+    error = classify_error(status, {}, json.dumps([{"error": body}]).encode())  # Vertex may wrap it in a list
+
+    assert error.kind == kind
+    assert isinstance(error, FatalApiError) == (hint is not None)
+    if hint is not None:
+        assert hint in error.message and "API key" not in error.message
+
+
+@pytest.mark.parametrize(
+    ("traffic", "tier"),
+    [("ON_DEMAND", "standard"), ("ON_DEMAND_FLEX", "flex"), ("ON_DEMAND_PRIORITY", "priority"),
+     ("PROVISIONED_THROUGHPUT", None)],
+)  # fmt: skip
+def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, tier: str | None) -> None:
+    from nanobatch import models
+    from nanobatch.gemini import parse_reply, sum_usage
+
+    from .fakes import ok_body
+
+    usage = {"promptTokenCount": 10, "candidatesTokenCount": 1120, "totalTokenCount": 1130, "trafficType": traffic}
+    reply = parse_reply(json.dumps(ok_body(usage=usage)).encode())
+
+    assert reply.usage["trafficType"] == traffic and models.reported_tier(reply.usage) == tier
+    assert sum_usage([reply.usage, reply.usage])["trafficType"] == traffic  # a multi-step item keeps it
+    assert "trafficType" not in sum_usage([reply.usage, {**reply.usage, "trafficType": "OTHER"}])
+
+
+def test_validate_refuses_a_shut_down_model_on_vertex_as_at_google(tmp_path: Path) -> None:
+    import nanobatch
+    from nanobatch.errors import ManifestError
+
+    from .fakes import write_job
+
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "model": "gemini-2.5-flash-image"}])
+    settings = _vertex_settings("https://api.apiyi.com", **{"api.project": "shop-123"})
+
+    with pytest.raises(ManifestError, match="was shut down at Google"):
+        nanobatch.check_job(job, settings=settings, out_dir=tmp_path / "out")
+
+
+async def test_output_format_asks_vertex_for_jpeg_and_is_refused_for_the_gemini_api(
+    simulator: tuple[str, Any], tmp_path: Path
+) -> None:
+    import nanobatch
+    from nanobatch.errors import ManifestError
+
+    from .fakes import records, write_job
+
+    base_url, _ = simulator
+    key = _key_file(tmp_path, f"{base_url}/token")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "output_format": "jpeg"}])
+    vertex = _vertex_settings(base_url, **{"api.project": "shop-123", "api.credentials_file": str(key)})
+
+    summary = await nanobatch.run_job(job, settings=vertex, out_dir=tmp_path / "out")
+
+    assert summary.exit_code == 0 and records(tmp_path / "out")[0]["outputs"] == ["sku-1.jpg"]
+    assert (tmp_path / "out" / "sku-1.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+    with pytest.raises(ManifestError) as caught:
+        nanobatch.check_job(job, settings=_vertex_settings(base_url, **{"api.backend": "gemini"}))
+    assert [(p.item, p.field) for p in caught.value.problems] == [("sku-1", "output_format")]
+    job.write_text(job.read_text().replace("output_format: jpeg", "output_format: gif"))
+    with pytest.raises(ManifestError, match="must be png or jpeg"):
+        nanobatch.check_job(job, settings=vertex)

@@ -344,7 +344,7 @@ class _Simulator:
             job = functools.partial(
                 render,
                 parsed,
-                image_format=self.config.image_format,
+                image_format=parsed.image_format or self.config.image_format,
                 seed=chance.image_seed,
                 thought_image=chance.thought_image and parsed.model.supports_thinking,
             )

@@ -74,6 +74,7 @@ class ParsedRequest:
     image_size: str | None
     modalities: tuple[str, ...]
     service_tier: str = "standard"  # lower case
+    image_format: str | None = None  # png | jpeg from imageConfig.imageOutputOptions.mimeType (Vertex AI's)
 
 
 def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequest:
@@ -121,7 +122,18 @@ def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequ
         image_size=_image_size(image_config, model, model_id),
         modalities=_modalities(generation),
         service_tier=_service_tier(data, model, model_id),
+        image_format=_image_format(image_config),
     )
+
+
+def _image_format(image_config: dict[str, Any]) -> str | None:
+    options = _get(image_config, "imageOutputOptions")
+    mime = _get(options, "mimeType") if isinstance(options, dict) else None
+    if mime is None:
+        return None
+    if mime not in ("image/png", "image/jpeg"):
+        raise InvalidRequest(f"Unsupported output image MIME type: {mime}. Use image/png or image/jpeg.")
+    return str(mime).removeprefix("image/")
 
 
 def _service_tier(data: dict[str, Any], model: ModelInfo, model_id: str) -> str:
