@@ -31,7 +31,7 @@ _ITEM_FIELDS = (
     "cost_usd", "model", "model_version", "response_id", "key", "error", "instructions", "inputs",
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from")  # written only when set, in this order
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "batch")  # written only when set, in this order
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -145,6 +145,7 @@ class ItemRecord:
     input_stamps: tuple[tuple[int, int, str], ...] | None = None
     finish_message: str | None = None
     moved_from: tuple[str, ...] | None = None
+    batch: str | None = None  # the batch job that answered (tier batch)
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -218,6 +219,7 @@ class ItemRecord:
             input_stamps=_stamps(stamps) if stamps is not None else None,
             finish_message=get("finish_message"),
             moved_from=_strs(get("moved_from")) if "moved_from" in line else None,
+            batch=str(get("batch")) if get("batch") else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -262,6 +264,7 @@ class Tally:
     attempts: int = 0
     cost_usd: float = 0.0
     fallback: bool = False
+    batch: str | None = None  # the batch job that answered the latest step
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
     finish_message: str | None = None
@@ -324,6 +327,7 @@ def build_record(
         finished_at=utc(time.time()),
         input_stamps=tally.input_stamps,
         finish_message=tally.finish_message,
+        batch=tally.batch,
     )
 
 

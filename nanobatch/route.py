@@ -3,7 +3,7 @@
 The engine prepares the request body, holds the gate, retries, notes the request in the journal and builds the
 record; a :class:`Route` only carries the body there and brings a :class:`~nanobatch.gemini.Reply` back (or raises
 :class:`~nanobatch.errors.ApiError`). The synchronous ``generateContent`` call is the first route; Gemini's Batch
-API (:mod:`nanobatch.batch_api`) is meant to plug in beside it.
+API is the second (:class:`~nanobatch.batch.BatchRoute`), for items in the batch tier.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ __all__ = ["GenerateContent", "Route"]
 class Route(Protocol):
     """Sends one step's request body for *model* and returns the answer, whatever way it travels."""
 
-    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply: ...
+    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float, key: str = "") -> Reply:
+        """*key* names the request (item, work key, step) the same way in every run: a route that answers
+        later (:class:`~nanobatch.batch.BatchRoute`) finds a request it already took by it."""
+        ...
 
 
 class GenerateContent:
@@ -28,5 +31,5 @@ class GenerateContent:
     def __init__(self, client: GeminiClient) -> None:
         self.client = client
 
-    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
+    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float, key: str = "") -> Reply:
         return await self.client.generate(model, body, timeout_s=timeout_s)
