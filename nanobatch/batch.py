@@ -48,6 +48,7 @@ __all__ = ["BATCH_FOLDER", "BatchOptions", "BatchRoute", "Chunk", "Ledger", "can
 logger = logging.getLogger("nanobatch")
 
 LEDGER_FILE = "batches.jsonl"
+_CREATE_ATTEMPTS = 5
 DEADLINE_KIND = "batch_deadline"  # a step the batch tier gave up on at --batch-deadline: sent online instead
 
 
@@ -367,28 +368,41 @@ class BatchRoute:
                 await self._collect(chunk, job)
         except ApiError as exc:
             logger.warning("batch chunk %s: %s", chunk.id, exc)
-            # Before a create, nothing was paid: its steps fail like requests (and are retried). After one
-            # (or when a create may have happened), the job may still answer: the items wait for the next run.
-            if chunk.job is None and exc.status_code not in (None, 200):
+            # A definite refusal before any job exists: nothing was paid, its steps fail like requests (and are
+            # retried). Otherwise a job may exist or still answer: its items wait for the next run.
+            if chunk.job is None and not exc.retryable and exc.status_code not in (None, 200):
                 self.ledger.note("ended", chunk, state="not submitted")
                 chunk.ended = "not submitted"
                 self._settle(chunk, exc)
             else:
-                self._settle(chunk, Stopped(f"batch job of chunk {chunk.id} is not reachable now"))
+                self._settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
 
     async def _create(self, chunk: Chunk) -> None:
-        """Create *chunk*'s job, unless a create whose reply was lost made it already."""
-        found = await self.client.find(chunk.display)
-        if found:
-            job = found[-1]  # listed newest first: the first create
-            logger.info("batch chunk %s: found its job %s (a create whose reply was lost)", chunk.id, job.name)
-        else:
-            assert chunk.file is not None
-            self.ledger.note("creating", chunk)
-            job = await self.client.create(chunk.model, file_name=chunk.file, display_name=chunk.display)
+        """Create *chunk*'s job, unless a create whose reply was lost made it already (looked up by its
+        display name before every create). A failed create may have made the job: it is looked up again."""
+        wait = self.options.poll_initial_s
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                job = await self._find_or_create(chunk)
+                break
+            except ApiError as exc:
+                if not exc.retryable or attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                logger.info("batch chunk %s: create: %s; looking again in %.0f s", chunk.id, exc, wait)
+                await anyio.sleep(wait)
+                wait = min(wait * 2, self.options.poll_max_s)
         chunk.job = job.name
         self.ledger.note("created", chunk, job=job.name)
         logger.info("batch job %s created for %d requests (chunk %s)", job.name, len(chunk.keys), chunk.id)
+
+    async def _find_or_create(self, chunk: Chunk) -> BatchJob:
+        found = await self.client.find(chunk.display)
+        if found:
+            logger.info("batch chunk %s: found its job %s (a create whose reply was lost)", chunk.id, found[-1].name)
+            return found[-1]  # listed newest first: the first create
+        assert chunk.file is not None
+        self.ledger.note("creating", chunk)
+        return await self.client.create(chunk.model, file_name=chunk.file, display_name=chunk.display)
 
     async def _follow(self, chunk: Chunk) -> BatchJob | None:
         """Poll *chunk*'s job until it is done (None: not waiting for it, see ``wait``)."""
@@ -469,7 +483,12 @@ class BatchRoute:
             logger.info("batch clean-up: %s", exc)
 
     def _settle(self, chunk: Chunk, outcome: BaseException | None) -> None:
+        """Wake *chunk*'s steps: its answers are there, or *outcome* is what each step raises."""
         chunk.outcome = outcome
+        if outcome is not None and not isinstance(outcome, Stopped):
+            for key in chunk.keys:  # a retry of one of them goes into a new chunk
+                if self.by_key.get(key) is chunk:
+                    del self.by_key[key]
         chunk.settled.set()
 
 
