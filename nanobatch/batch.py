@@ -32,16 +32,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import orjson
 
-from .batch_api import BatchClient, BatchJob
 from .errors import ApiError, ConfigError
-from .gemini import Reply
 from .limits import Stopped
 from .names import BATCH_FOLDER
+
+if TYPE_CHECKING:  # `nanobatch status` reads the ledger without loading the HTTP stack
+    from .batch_api import BatchClient, BatchJob
+    from .gemini import Reply
 
 __all__ = ["BATCH_FOLDER", "BatchOptions", "BatchRoute", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +192,7 @@ class Hold:
         if self.after:
             await self.app(scope, receive, swallow)  # done on the server; its reply never reaches the client
         self.reached.set()
-        while not self.release.is_set():
-            await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(self.release.wait)
 
 
 KILL_POINTS = {
@@ -213,8 +212,8 @@ def test_sigkill_at_each_batch_step_then_rerun_pays_once(job: Path, point: str) 
     app.middleware_stack = hold  # type: ignore[assignment]
     env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
     with run_in_thread(app=app) as url:
-        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out",
-                str(job.parent / "out"), "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(job.parent / "out"),
+                "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
         process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert hold.reached.wait(30), "the run never reached the kill point"
@@ -239,8 +238,3 @@ def test_a_lost_create_reply_is_found_again_not_repeated(job: Path) -> None:
         assert cli(job, url) == 0
     assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
     assert len(jobs(app)) == 2
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_threads() -> Iterator[None]:
-    yield
