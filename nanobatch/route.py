@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import anyio
+
 from .client import GeminiClient
 from .gemini import Reply
 
-__all__ = ["GenerateContent", "Route"]
+__all__ = ["Bounded", "GenerateContent", "Route"]
 
 
 class Route(Protocol):
@@ -33,3 +35,16 @@ class GenerateContent:
 
     async def send(self, model: str, body: dict[str, Any], *, timeout_s: float, key: str = "") -> Reply:
         return await self.client.generate(model, body, timeout_s=timeout_s)
+
+
+class Bounded:
+    """*route* with at most *limit* requests in flight. A batch run's gate lets thousands of steps wait in
+    chunks at once; what the batch deadline sends online goes through this, within ``limits.concurrency``."""
+
+    def __init__(self, route: Route, limit: int) -> None:
+        self.route = route
+        self.slots = anyio.CapacityLimiter(limit)
+
+    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float, key: str = "") -> Reply:
+        async with self.slots:
+            return await self.route.send(model, body, timeout_s=timeout_s, key=key)

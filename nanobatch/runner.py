@@ -45,6 +45,7 @@ from .limits import Breaker, Budget, FirstContact, Gate
 from .manifest import Manifest, WorkItem, load_manifest
 from .outdir import OutDir
 from .results import ResultsIndex
+from .route import Bounded
 from .summary import build_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
@@ -294,6 +295,8 @@ async def run_job(
             "batch" in checked.tiers) else None  # fmt: skip
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
         engine.batch_route = batch
+        if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
+            engine.route = Bounded(engine.route, settings.limits.concurrency)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)

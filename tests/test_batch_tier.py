@@ -238,3 +238,18 @@ def test_a_lost_create_reply_is_found_again_not_repeated(job: Path) -> None:
         assert cli(job, url) == 0
     assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
     assert len(jobs(app)) == 2
+
+
+def test_multi_step_items_send_each_next_step_in_a_later_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"hero-{n}", "image": f"images/h{n}.png", "steps": ["one", "two"], "image_size": "512"}
+             for n in range(3)]  # fmt: skip
+    job = write_job(tmp_path, items, model=MODEL)
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    done = records(tmp_path / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == 3
+    assert all(len(r["steps"]) == 2 for r in done)
+    assert [j.counts["request"] for j in jobs(app)] == [3, 3]  # step 1 of each, then step 2 of each
