@@ -347,11 +347,10 @@ def _print_check(result: CheckResult) -> None:
     click.echo(f"  items:     {result.items}")
     click.echo(f"  requests:  {result.requests} (steps counted)")
     click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
-    if result.tiers != {"standard"}:
-        click.echo(
-            f"             about ${result.cost_standard_usd:.2f} at standard prices, "
-            f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
-        )
+    click.echo(
+        f"             about ${result.cost_standard_usd:.2f} at standard prices, "
+        f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
+    )
     click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
     if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
         click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
