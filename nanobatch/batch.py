@@ -170,8 +170,16 @@ async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
 class BatchRoute:
     """Sends steps through Gemini's Batch API (see the module doc). Enter it, then hand it to the engine."""
 
-    def __init__(self, client: BatchClient, folder: Path, run_id: str, options: BatchOptions) -> None:
+    def __init__(
+        self,
+        client: BatchClient,
+        folder: Path,
+        run_id: str,
+        options: BatchOptions,
+        shown: dict[str, tuple[str, int, int]] | None = None,
+    ) -> None:
         self.client = client
+        self.shown = shown if shown is not None else {}  # open jobs for the progress display (RunStats.batch_jobs)
         self.folder = folder
         self.run_id = run_id
         self.options = options
@@ -432,6 +440,7 @@ class BatchRoute:
     def _note_state(self, chunk: Chunk, job: BatchJob) -> None:
         counts = {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
                   "pending": job.pending_count}  # fmt: skip
+        self.shown[chunk.id] = (job.state, job.successful_count + job.failed_count, len(chunk.keys))
         if (job.state, counts) != (chunk.state, chunk.counts):
             chunk.state, chunk.counts = job.state, counts
             self.ledger.note("state", chunk, state=job.state, counts=counts)
@@ -455,6 +464,7 @@ class BatchRoute:
             if name:
                 await self._quietly(self.client.delete_file(name))
         self._index(chunk)
+        self.shown.pop(chunk.id, None)
         self._settle(chunk, None)
 
     async def _abandon(self, chunk: Chunk) -> None:

@@ -67,6 +67,8 @@ class RunStats:
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
     rpm_limit: float | None = None
     fallbacks: int = 0  # flex items finally sent at standard price
+    # The batch tier's jobs not collected yet: chunk -> (state, requests answered, requests), kept by BatchRoute.
+    batch_jobs: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def done(self) -> int:

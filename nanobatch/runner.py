@@ -291,7 +291,7 @@ async def run_job(
         orphans = out.recover(index)
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
-        batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, run_id) if (
+        batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats) if (
             "batch" in checked.tiers) else None  # fmt: skip
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
         engine.batch_route = batch
@@ -322,7 +322,7 @@ async def _batch_route(
     api_key: str | None,
     transport: httpx2.AsyncBaseTransport | None,
     out: OutDir,
-    run_id: str,
+    stats: RunStats,
 ) -> BatchRoute:
     """The batch tier's route, over the same endpoint as *client* (its Batch API checked first)."""
     config = settings.batch
@@ -335,7 +335,8 @@ async def _batch_route(
         linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
         wait=config.wait, deadline_s=config.deadline_s, online_tier=config.fallback_tier,
     )  # fmt: skip
-    return await stack.enter_async_context(BatchRoute(batches, out.batch_folder, run_id, options))
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, options, shown=stats.batch_jobs)
+    return await stack.enter_async_context(route)
 
 
 def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
