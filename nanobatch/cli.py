@@ -481,8 +481,8 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     """Cancel the open batch jobs of OUT_DIR; the next run sends their unanswered items again."""
     import anyio
 
-    from .batch import cancel_jobs
     from .batch_api import BatchClient
+    from .batch_ledger import cancel_jobs
     from .config import read_api_key
 
     settings = _settings(config_file, base_url=base_url)

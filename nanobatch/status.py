@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .batch import open_chunks
+from .batch_ledger import open_chunks
 from .errors import ConfigError, ManifestError, UsageError
 from .lock import LOCK_FILE, current_holder
 from .results import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsIndex, orphaned_requests
