@@ -439,15 +439,18 @@ def _engine(
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
     first_contact = FirstContact(retry.first_contact_s)
-    concurrency = limits.concurrency
-    if settings.api.tier == "batch":  # a step waits in a chunk until its job answers: many wait at once
+    concurrency, batch = limits.concurrency, settings.api.tier == "batch"
+    if batch:  # a step waits in a chunk until its job answers: many wait at once. A job's failed lines
+        # arrive together and say nothing about an outage: no rate limit, adaptive window or breaker.
         concurrency = settings.batch.chunk_requests * settings.batch.open_chunks
     gate = Gate(
         concurrency=concurrency,
-        requests_per_minute=limits.requests_per_minute if settings.api.tier != "batch" else None,
+        requests_per_minute=None if batch else limits.requests_per_minute,
         rpm_burst=limits.rpm_burst,
-        adaptive=limits.adaptive and settings.api.tier != "batch",
-        breaker=Breaker(
+        adaptive=limits.adaptive and not batch,
+        breaker=None
+        if batch
+        else Breaker(
             threshold=limits.breaker_threshold,
             cooldown_s=limits.breaker_cooldown_s,
             max_down_s=limits.breaker_max_down_s,

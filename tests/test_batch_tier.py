@@ -29,7 +29,6 @@ from .fakes import records, write_job
 
 MODEL = "gemini-3.1-flash-image"
 CONFIG = """
-limits: {breaker_threshold: 1000}
 retry: {max_attempts: 3, backoff_initial_s: 0.01, backoff_max_s: 0.05}
 batch: {chunk_requests: 4, linger_s: 0.2, poll_initial_s: 0.05, poll_max_s: 0.2}
 """
