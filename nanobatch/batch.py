@@ -88,6 +88,7 @@ class BatchRoute:
         if all(chunk.closed for chunk in self.chunks.values()):
             self.ledger.path.unlink(missing_ok=True)  # nothing left to follow: the ledger starts afresh
             self.chunks = {}
+        self._sweep()
         self.by_key: dict[str, Chunk] = {}  # requests in a chunk whose answer is still to be used
         for chunk in self.chunks.values():
             if not chunk.closed and chunk.ended is None:
@@ -99,6 +100,19 @@ class BatchRoute:
         self._filling: dict[str, _Filling] = {}
         self._count = sum(1 for chunk in self.chunks.values() if chunk.id.startswith(run_id))
         self._tg: anyio.abc.TaskGroup | None = None
+
+    def _sweep(self) -> None:
+        """Delete what a killed run left in the folder that the ledger does not name: a chunk being filled,
+        a download not finished (everything in this reserved folder is nanobatch's)."""
+        if not self.folder.is_dir():
+            return
+        kept = {self.ledger.path.name}
+        for chunk in self.chunks.values():
+            if not chunk.closed:
+                kept.update(name for name in (chunk.path, chunk.results) if name)
+        for path in self.folder.iterdir():
+            if path.is_file() and path.name not in kept:
+                path.unlink()
 
     async def __aenter__(self) -> BatchRoute:
         await self.check_endpoint()

@@ -252,3 +252,30 @@ def test_multi_step_items_send_each_next_step_in_a_later_batch(tmp_path: Path, m
     assert {r["status"] for r in done} == {"ok"} and len(done) == 3
     assert all(len(r["steps"]) == 2 for r in done)
     assert [j.counts["request"] for j in jobs(app)] == [3, 3]  # step 1 of each, then step 2 of each
+
+
+def test_a_chunk_left_half_written_by_a_kill_is_swept_and_its_items_sent_once(job: Path) -> None:
+    folder = job.parent / "out" / ".nanobatch-batches"
+    folder.mkdir(parents=True)
+    (folder / "dead-0.jsonl").write_bytes(b'{"key": "x", "request": {"contents": []}}\n{"key": "y", "req')
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert sum(j.counts["request"] for j in jobs(app)) == ITEMS
+    assert [p.name for p in folder.iterdir()] == ["batches.jsonl"]
+
+
+def test_an_item_may_choose_the_batch_tier_in_an_online_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": "slow", "image": "images/a.png", "tier": "batch"}, {"id": "now", "image": "images/b.png"}]
+    job = write_job(tmp_path, items, model=MODEL, defaults={"instruction": "white background", "image_size": "512"})
+    app = sim()
+    with run_in_thread(app=app) as url:
+        code = main(["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--quiet",
+                     "--config", str(tmp_path / "nanobatch.yaml")])  # fmt: skip
+    assert code == 0
+    by_id = {r["id"]: r for r in records(tmp_path / "out")}
+    assert by_id["slow"]["tier"] == "batch" and by_id["slow"]["batch"] == jobs(app)[0].name
+    assert by_id["now"]["tier"] == "standard" and "batch" not in by_id["now"]
