@@ -54,6 +54,8 @@ def run_nanobatch(
     rpm: float | None = None,
     rpm_burst: int = 1,
     profile: bool = False,
+    tier: str | None = None,
+    batch: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     import anyio
 
@@ -63,9 +65,11 @@ def run_nanobatch(
         env={},
         overrides={
             "api.base_url": base_url,
+            "api.tier": tier,
             "limits.concurrency": concurrency,
             "limits.requests_per_minute": rpm,
             "limits.rpm_burst": rpm_burst,
+            **{f"batch.{name}": value for name, value in (batch or {}).items()},
         },
     )
     result: dict[str, Any] = {"rss_before_mb": rss_mb(), "startup_s": time.perf_counter() - _PROCESS_START}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -37,7 +38,7 @@ from _peers import bench_peers
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume")
+SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch")
 README = HERE.parent / "README.md"
 README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
@@ -62,6 +63,7 @@ class Bench:
 
     tmp: Path
     quick: bool
+    batch_items: int = 10_000
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     catalogs: dict[tuple[int, str, bool], Path] = field(default_factory=dict)
@@ -416,6 +418,41 @@ def bench_resume(b: Bench) -> None:
         )
 
 
+# 6. The batch tier ------------------------------------------------------------------------------------------
+
+
+def bench_batch(b: Bench) -> None:
+    """Items through --tier batch against the simulator's Batch API (canned answers, a fixed job latency):
+    wall time should be the jobs' latency plus little, peak memory flat in the number of items."""
+    section = "6 batch"
+    latency = 20.0
+    sizes = (max(b.batch_items // 10, 50), b.batch_items)
+    say(f"[6] batch tier: {sizes[0]:,} and {sizes[1]:,} items, chunks of 1,000, job latency {latency:g} s")
+    runs = {}
+    with SimulatorProcess(latency_s=0, canned=str(b.tiny), batch_latency_s=latency) as sim:
+        for n in sizes:
+            run = b.client(
+                "nanobatch", manifest=str(b.catalog(n, distinct=True)), out_dir=b.out(f"batch-{n}"),
+                base_url=sim.url, concurrency=8, tier="batch",
+                batch={"chunk_requests": 1000, "open_chunks": 4, "linger_s": 1.0, "poll_initial_s": 2.0,
+                       "poll_max_s": 5.0},
+            )  # fmt: skip
+            _check_complete(run, n)
+            runs[n] = run
+    small, large = runs[sizes[0]], runs[sizes[1]]
+    b.add(
+        section,
+        f"{sizes[1]:,} items through the batch tier (job latency {latency:g} s, 4 chunks of 1,000 open at once)",
+        f"**{large['wall_s']:.0f} s** wall, {large['cpu_s']:.0f} s CPU; "
+        f"{math.ceil(sizes[1] / 4000)} rounds of jobs would take {math.ceil(sizes[1] / 4000) * latency:.0f} s",
+    )
+    b.add(
+        section,
+        f"peak RSS, batch tier, {sizes[0]:,} vs {sizes[1]:,} items",
+        f"{small['maxrss_mb']:.0f} MB vs **{large['maxrss_mb']:.0f} MB**",
+    )
+
+
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "peers": bench_peers,
     "startup": bench_startup,
@@ -424,6 +461,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "cpu": bench_cpu,
     "memory": bench_memory,
     "resume": bench_resume,
+    "batch": bench_batch,
 }
 
 
@@ -609,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         "--results", default=str(HERE / "RESULTS.md"), help="where to write the table (default: %(default)s)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
+    parser.add_argument("--batch-items", type=int, default=10_000, help="items through the batch tier (batch)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
     if unknown := [s for s in chosen if s not in SECTIONS]:
@@ -617,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nanobatch-bench-"))
     say(f"working in {tmp}")
     try:
-        b = Bench(tmp=tmp, quick=args.quick)
+        b = Bench(tmp=tmp, quick=args.quick, batch_items=args.batch_items)
         for name in SECTIONS:
             if name in chosen:
                 t0 = time.perf_counter()

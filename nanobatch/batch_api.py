@@ -140,6 +140,11 @@ class BatchClient:
             timeout=_TIMEOUT, follow_redirects=False,
         )  # fmt: skip
 
+    @property
+    def where(self) -> str:
+        """The endpoint, for messages."""
+        return str(self._http.base_url)
+
     async def __aenter__(self) -> BatchClient:
         await self._http.__aenter__()
         return self
@@ -221,6 +226,24 @@ class BatchClient:
                             yield self._result(line)
                 if pending.strip():
                     yield self._result(pending)
+
+    async def download(self, file_name: str, path: Path) -> None:
+        """Stream a results file to *path* on disk (written whole, then renamed into place)."""
+        url = f"/download/{self._version}/{_files(file_name)}:download"
+        partial = path.with_name(path.name + ".part")
+        with http_errors(self._secret):
+            async with self._http.stream("GET", url, params={"alt": "media"}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise api_error(response, self._secret)
+                async with await anyio.open_file(partial, "wb") as handle:
+                    async for data in response.aiter_bytes():
+                        await handle.write(data)
+        partial.replace(path)
+
+    def result_line(self, line: bytes) -> ResultLine:
+        """One line of a results file, parsed and classified (see :meth:`results`)."""
+        return self._result(line)
 
     def _result(self, line: bytes) -> ResultLine:
         try:

@@ -132,8 +132,8 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
     if f.inputs is not None and f.inputs.lower() not in INPUT_MODES:
         bad("inputs", f"{f.inputs!r} is not a way to send inputs; choose one of {', '.join(INPUT_MODES)}")
-    if f.tier is not None and f.tier.lower() not in SYNC_TIERS:
-        bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(SYNC_TIERS)}")
+    if f.tier is not None and f.tier.lower() not in models.TIERS:  # the sync tiers, and batch for every model
+        bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(models.TIERS)}")
     if info is None:
         return
     if f.tier is not None and f.tier.lower() in SYNC_TIERS and f.tier.lower() not in info.tiers:

@@ -156,8 +156,9 @@ def _settings_options(f: Any) -> Any:
         click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
         click.option(
             "--tier",
-            type=click.Choice(["standard", "flex", "priority"]),
-            help="Service tier for items that do not name one: flex costs half (and may be shed), priority more.",
+            type=click.Choice(["standard", "flex", "priority", "batch"]),
+            help="Service tier for items that do not name one: flex costs half (and may be shed), priority more; "
+            "batch costs half through the Batch API (answers within 24 h).",
         ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option(
@@ -197,6 +198,8 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
             "limits.requests_per_minute": flags.get("rpm"),
             "limits.grace_s": flags.get("grace"),
             "limits.max_duration_s": flags.get("max_duration"),
+            "batch.wait": False if flags.get("no_wait") else None,
+            "batch.deadline_s": flags.get("batch_deadline"),
             "budget.max_cost_usd": flags.get("max_cost"),
             "budget.max_requests": flags.get("max_requests"),
         },
@@ -223,6 +226,19 @@ def _manifest(path: str, settings: Settings, model: str | None) -> Any:
     help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).",
 )
 @click.option("--wait-lock", is_flag=True, help="If another run holds the output folder, wait for it.")
+@click.option(
+    "--no-wait",
+    "no_wait",
+    is_flag=True,
+    default=None,
+    help="--tier batch: submit the batch jobs and exit; a later run of the same manifest collects them.",
+)
+@click.option(
+    "--batch-deadline",
+    type=Duration(),
+    help="--tier batch: cancel what is not answered this long after the start and send it online "
+    "(batch.fallback_tier), e.g. 6h.",
+)
 @click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
 @click.option(
@@ -336,6 +352,10 @@ def _print_check(result: CheckResult) -> None:
     click.echo(f"  items:     {result.items}")
     click.echo(f"  requests:  {result.requests} (steps counted)")
     click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
+    click.echo(
+        f"             about ${result.cost_standard_usd:.2f} at standard prices, "
+        f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
+    )
     click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
     if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
         click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
@@ -438,6 +458,10 @@ def status(out_dir: str, as_json: bool) -> None:
     )
     for kind, count in info["failures_by_kind"].items():
         click.echo(f"  {kind}: {count}")
+    for job in info.get("batch_jobs", []):
+        counts = ", ".join(f"{job[name]} {name}" for name in ("succeeded", "failed", "pending") if name in job)
+        click.echo(f"batch job {job['job'] or '(not created yet)'}: {job['state']}, {job['requests']} requests"
+                   + (f" ({counts})" if counts else ""))  # fmt: skip
     if info.get("running"):
         click.echo(f"a run is in progress ({info['running']}): {info['in_flight']} requests in flight")
     if info.get("possibly_charged"):
@@ -452,6 +476,31 @@ def status(out_dir: str, as_json: bool) -> None:
             f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
             "(new, failed, blocked, or output missing)"
         )
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file (for the endpoint).")
+@click.option("--base-url", help="API base URL (default: api.base_url).")
+def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
+    """Cancel the open batch jobs of OUT_DIR; the next run sends their unanswered items again."""
+    import anyio
+
+    from .batch_api import BatchClient
+    from .batch_ledger import cancel_jobs
+    from .config import read_api_key
+
+    settings = _settings(config_file, base_url=base_url)
+    _install_redaction(settings)
+    api_key = read_api_key(settings)
+
+    async def go() -> list[str]:
+        async with BatchClient(base_url=settings.api.base_url, api_key=api_key, auth=settings.api.auth,
+                               api_version=settings.api.api_version) as client:  # fmt: skip
+            return await cancel_jobs(Path(out_dir), client)
+
+    names = anyio.run(go)
+    click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
 
 
 @cli.command()

@@ -56,8 +56,9 @@ class ApiSettings(_Section):
     api_key_env: str = "NANOBATCH_API_KEY"
     model: str = models.DEFAULT_MODEL
     timeout_s: float = Field(300.0, gt=0)
-    # The service tier of generateContent calls: flex costs half and may be shed, priority costs more.
-    tier: Literal["standard", "flex", "priority"] = "standard"
+    # The service tier of generateContent calls: flex costs half and may be shed, priority costs more;
+    # batch costs half and goes through the Batch API (answers within 24 h; see the batch section).
+    tier: Literal["standard", "flex", "priority", "batch"] = "standard"
     # How input pictures are sent: their bytes (inline), or a URL the API fetches itself (see nanobatch.remote).
     inputs: Literal["inline", "by_reference", "auto"] = "inline"
     # gemini: the Gemini API (or a proxy) at base_url. vertex: Vertex AI in api.project at api.location, with
@@ -97,6 +98,20 @@ class BudgetSettings(_Section):
     max_requests: int | None = Field(None, ge=1)
 
 
+class BatchSettings(_Section):
+    """The batch tier: chunk sizes (well under the API's 2 GB per file), polling, and the deadline."""
+
+    chunk_requests: int = Field(1000, ge=1)
+    chunk_mb: float = Field(256.0, gt=0, le=1900)
+    linger_s: float = Field(2.0, gt=0)  # seal a chunk when no request came for this long
+    poll_initial_s: float = Field(10.0, gt=0)
+    poll_max_s: float = Field(300.0, gt=0)
+    open_chunks: int = Field(4, ge=1)  # chunks filled or waiting at once (items held in memory meanwhile)
+    wait: bool = True  # run --no-wait: submit, and leave what is not done for the next run
+    deadline_s: float | None = Field(None, ge=0)  # --batch-deadline: then cancel, and send the rest online
+    fallback_tier: Literal["standard", "flex"] = "standard"  # the tier of what goes online at the deadline
+
+
 class OutputSettings(_Section):
     dir: str = "out"
     upload_to: str | None = None  # s3://, gs://, az:// prefix: each finished image is also PUT there
@@ -124,6 +139,7 @@ class Settings(_Section):
     retry: RetrySettings = RetrySettings()
     budget: BudgetSettings = BudgetSettings()
     output: OutputSettings = OutputSettings()
+    batch: BatchSettings = BatchSettings()
     pricing: dict[str, PriceOverride] = {}
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:

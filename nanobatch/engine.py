@@ -23,10 +23,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import orjson
 
 from . import models
 from ._failures import FailureLog
 from ._retry import RetryPolicy, retrying
+from .batch import DEADLINE_KIND, BatchRoute
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, StorageError
 from .gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply
@@ -67,6 +69,8 @@ class RunStats:
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
     rpm_limit: float | None = None
     fallbacks: int = 0  # flex items finally sent at standard price
+    # The batch tier's jobs not collected yet: chunk -> (state, requests answered, requests), kept by BatchRoute.
+    batch_jobs: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
@@ -131,8 +135,10 @@ class Engine:
         route: Route | None = None,
         referrer: Referrer | None = None,
         uploads: Uploads | None = None,
+        batch_route: BatchRoute | None = None,
     ) -> None:
         self.route: Route = route if route is not None else GenerateContent(client)
+        self.batch_route = batch_route  # for items in the batch tier
         self.gate = gate
         self.out = out
         self.index = index
@@ -344,6 +350,12 @@ class Engine:
             except FatalApiError:
                 raise
             except ApiError as exc:
+                if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
+                    # --batch-deadline: not answered in time, so sent online (standard or flex, per config)
+                    tally.fallback = True
+                    self.stats.fallbacks += 1
+                    online = self.batch_route.options.online_tier
+                    return await self._send_in(online, item, tally, instruction, images, sending)
                 if tier != "flex" or not self.flex_fallback or exc.kind not in SHED_KINDS:
                     raise
                 logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
@@ -367,8 +379,8 @@ class Engine:
         tally.tier = tier
         body = build_request(
             instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
-            image_size=item.image_size, thinking_level=item.thinking_level, service_tier=tier,
-            output_format=item.output_format,
+            image_size=item.image_size, thinking_level=item.thinking_level,
+            service_tier=None if tier == "batch" else tier, output_format=item.output_format,
         )  # fmt: skip
         pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(
@@ -381,7 +393,7 @@ class Engine:
         async def attempt() -> Reply:
             async with self.gate.request(worst) as ticket:
                 sending()
-                reply = await self._attempt(item, tally, body, timeout)
+                reply = await self._attempt(item, tally, body, timeout, tier)
                 served = models.reported_tier(reply.usage)
                 if served is not None and served != tier:
                     tally.tier = served
@@ -401,15 +413,25 @@ class Engine:
 
         return await retrying(attempt, self.retry, on_retry=on_retry)
 
-    async def _attempt(self, item: WorkItem, tally: Tally, body: dict[str, Any], timeout_s: float) -> Reply:
-        """One request through the route, noted in the journal just before it goes out."""
+    async def _attempt(self, item: WorkItem, tally: Tally, body: dict[str, Any], timeout_s: float, tier: str) -> Reply:
+        """One request through the tier's route, noted in the journal just before it goes out."""
         tally.attempts += 1
         self.stats.requests += 1
         self.out.journal.dispatched(item.id, tally.key, tally.attempts)
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         try:
-            return await self.route.send(item.model, body, timeout_s=timeout_s)
+            # The same in every run for this item, inputs and step: a batch route finds a request it took by it.
+            key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
+            if tier == "batch" and self.batch_route is not None:
+                try:
+                    reply = await self.batch_route.send(item.model, body, timeout_s=timeout_s, key=key)
+                except Stopped:
+                    self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
+                    raise
+                tally.batch = self.batch_route.job_for(key)
+                return reply
+            return await self.route.send(item.model, body, timeout_s=timeout_s, key=key)
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).

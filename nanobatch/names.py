@@ -41,6 +41,7 @@ REPORT_FILE = "report.html"
 RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FILE, LOCK_FILE})
 # Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
 RESERVED_PREFIX = ".nanobatch"
+BATCH_FOLDER = RESERVED_PREFIX + "-batches"  # the batch tier's chunks, results files and ledger
 
 # An output name ending in one of these has it replaced by the returned image's own type.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})

@@ -34,6 +34,7 @@ import orjson
 from .errors import ConfigError, Interrupted
 from .lock import RunLock
 from .names import (  # output names, reserved ones included, are decided in names.py
+    BATCH_FOLDER,
     JOURNAL_FILE,
     RESERVED_FILES,
     RESERVED_PREFIX,
@@ -350,6 +351,11 @@ class OutDir:
     def close(self) -> None:
         self.results.close()
         self.journal.close()
+
+    @property
+    def batch_folder(self) -> Path:
+        """Where the batch tier keeps its chunks, results files and ledger (:mod:`nanobatch.batch`)."""
+        return self.path / BATCH_FOLDER
 
     def file(self, name: str) -> str:
         """The path of the output name *name* (checked by the manifest to stay inside the folder)."""

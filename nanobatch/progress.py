@@ -45,7 +45,20 @@ def describe(stats: RunStats, rate: float) -> str:
         f"ok {stats.ok} · failed {stats.failed} · blocked {stats.blocked} · skipped {stats.skipped} │ "
         f"in flight {stats.in_flight}{window} · {rate:.0f} req/min{limit} · retries {retries} │ "
         f"{tokens:,} tokens · ${stats.cost_usd:.2f}"
-    )
+    ) + _batch_jobs(stats)
+
+
+def _batch_jobs(stats: RunStats) -> str:
+    """`` │ batch jobs: 2 running, 1 pending (300/3000 answered)``, or nothing without open batch jobs."""
+    jobs = list(stats.batch_jobs.values())
+    if not jobs:
+        return ""
+    states: dict[str, int] = {}
+    for state, _answered, _requests in jobs:
+        states[state] = states.get(state, 0) + 1
+    answered, requests = sum(job[1] for job in jobs), sum(job[2] for job in jobs)
+    listed = ", ".join(f"{count} {state}" for state, count in states.items())
+    return f" │ batch jobs: {listed} ({answered}/{requests} answered)"
 
 
 class LiveProgress:

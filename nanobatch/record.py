@@ -31,7 +31,8 @@ _ITEM_FIELDS = (
     "cost_usd", "model", "model_version", "response_id", "key", "error", "instructions", "inputs",
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "uploads")  # written only when set, in this order
+# Written only when set, in this order.
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "uploads", "batch")
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -146,6 +147,7 @@ class ItemRecord:
     finish_message: str | None = None
     moved_from: tuple[str, ...] | None = None
     uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
+    batch: str | None = None  # the batch job that answered (tier batch)
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -220,6 +222,7 @@ class ItemRecord:
             finish_message=get("finish_message"),
             moved_from=_strs(get("moved_from")) if "moved_from" in line else None,
             uploads=_strs(get("uploads")) if "uploads" in line else None,
+            batch=str(get("batch")) if get("batch") else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -264,6 +267,7 @@ class Tally:
     attempts: int = 0
     cost_usd: float = 0.0
     fallback: bool = False
+    batch: str | None = None  # the batch job that answered the latest step
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
     finish_message: str | None = None
@@ -326,6 +330,7 @@ def build_record(
         finished_at=utc(time.time()),
         input_stamps=tally.input_stamps,
         finish_message=tally.finish_message,
+        batch=tally.batch,
     )
 
 

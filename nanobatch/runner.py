@@ -27,6 +27,8 @@ import httpx2
 
 from . import models
 from ._retry import RetryPolicy
+from .batch import BatchOptions, BatchRoute
+from .batch_api import BatchClient
 from .client import GeminiClient
 from .config import ApiSettings, Settings, load_settings, read_api_key
 from .engine import Engine, RunStats
@@ -44,6 +46,7 @@ from .manifest import Manifest, WorkItem, load_manifest
 from .outdir import OutDir
 from .remote import BucketChecklist, Referrer, endpoint_for
 from .results import ResultsIndex
+from .route import Bounded
 from .summary import build_summary
 from .upload import Uploads
 from .vertex import vertex_auth, vertex_route
@@ -71,6 +74,9 @@ class CheckResult:
     requests_per_minute: float | None
     max_cost_usd: float | None = None
     max_duration_s: float | None = None
+    tiers: frozenset[str] = frozenset()  # the tiers the items go in
+    cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
+    cost_batch_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,23 +141,31 @@ def check_job(
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
     objects = BucketChecklist(str(manifest.path), stat=check_urls)
-    likely = worst = 0.0
+    likely = worst = standard = batch = 0.0
     longest = 0  # steps of the longest item: they go one after another
+    tiers: set[str] = set()
 
     lifecycle = _LifecycleCheck(str(manifest.path), settings)
 
     def add_cost(item: WorkItem) -> None:
-        nonlocal likely, worst, longest
+        nonlocal likely, worst, longest, standard, batch
         longest = max(longest, len(item.steps))
         lifecycle.check(item)
-        pricing = models.pricing_for(item.model, settings.pricing, item.tier or settings.api.tier)
+        tiers.add(item.tier or settings.api.tier)
+        prices = {tier: models.pricing_for(item.model, settings.pricing, tier)
+                  for tier in (item.tier or settings.api.tier, "standard", "batch")}  # fmt: skip
         n_images = len(item.inputs)
         for instruction in item.steps:
-            low, high = models.request_cost_range(
-                item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
-            )
+            costs = {
+                tier: models.request_cost_range(item.model, instruction=instruction, n_images=n_images,
+                                                image_size=item.image_size, pricing=pricing)
+                for tier, pricing in prices.items()
+            }  # fmt: skip
+            low, high = costs[item.tier or settings.api.tier]
             likely += low
             worst += high
+            standard += costs["standard"][0]
+            batch += costs["batch"][0]
             n_images = 1  # later steps edit the previous output
         urls.add(item)
         objects.add(item)
@@ -183,6 +197,9 @@ def check_job(
         requests_per_minute=limits.requests_per_minute,
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
+        tiers=frozenset(tiers),
+        cost_standard_usd=standard,
+        cost_batch_usd=batch,
     )
 
 
@@ -225,7 +242,7 @@ class _LifecycleCheck:
                 f"api.backend is {self.backend}, which does not serve {item.model}; choose one of "
                 f"{', '.join(models.served_by(self.backend))}",
             ))  # fmt: skip
-        if item.tier is None and info is not None and tier not in info.tiers:
+        if item.tier is None and info is not None and tier != "batch" and tier not in info.tiers:
             self.problems.append(Problem(
                 self.file, item.id, "tier",
                 f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
@@ -299,13 +316,20 @@ async def run_job(
         uploads = await _uploads(settings, index, out.path, force)
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
+        batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats) if (
+            "batch" in checked.tiers) else None  # fmt: skip
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
         engine.referrer = Referrer(endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate),
                                    settings.api.inputs)  # fmt: skip
         engine.uploads = uploads
+        engine.batch_route = batch
+        if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
+            engine.route = Bounded(engine.route, settings.limits.concurrency)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
+        if batch is not None:
+            _end_batch(batch, outcome, manifest, out.path)
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
         )
@@ -317,6 +341,40 @@ async def run_job(
     return RunSummary(
         out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+
+
+async def _batch_route(
+    stack: AsyncExitStack,
+    settings: Settings,
+    client: GeminiClient,
+    api_key: str | None,
+    transport: httpx2.AsyncBaseTransport | None,
+    out: OutDir,
+    stats: RunStats,
+) -> BatchRoute:
+    """The batch tier's route, over the same endpoint as *client* (its Batch API checked first)."""
+    config = settings.batch
+    batches = await stack.enter_async_context(
+        BatchClient(base_url=client.where, api_key=api_key, auth=settings.api.auth,
+                    api_version=settings.api.api_version, transport=transport)
+    )  # fmt: skip
+    options = BatchOptions(
+        chunk_requests=config.chunk_requests, chunk_bytes=int(config.chunk_mb * 1024 * 1024),
+        linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
+        wait=config.wait, deadline_s=config.deadline_s, online_tier=config.fallback_tier,
+    )  # fmt: skip
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, options, shown=stats.batch_jobs)
+    return await stack.enter_async_context(route)
+
+
+def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
+    if outcome == "complete":
+        batch.finish()
+    if batch.left_waiting:
+        logger.warning(
+            "%d requests wait in batch jobs: run `nanobatch run %s` again later to collect them "
+            "(`nanobatch status %s` lists the jobs)", batch.left_waiting, manifest.path, out_dir,
+        )  # fmt: skip
 
 
 def _api_key(settings: Settings, *, needed: bool) -> str | None:
@@ -431,12 +489,18 @@ def _engine(
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
     first_contact = FirstContact(retry.first_contact_s)
+    concurrency, batch = limits.concurrency, settings.api.tier == "batch"
+    if batch:  # a step waits in a chunk until its job answers: many wait at once. A job's failed lines
+        # arrive together and say nothing about an outage: no rate limit, adaptive window or breaker.
+        concurrency = settings.batch.chunk_requests * settings.batch.open_chunks
     gate = Gate(
-        concurrency=limits.concurrency,
-        requests_per_minute=limits.requests_per_minute,
+        concurrency=concurrency,
+        requests_per_minute=None if batch else limits.requests_per_minute,
         rpm_burst=limits.rpm_burst,
-        adaptive=limits.adaptive,
-        breaker=Breaker(
+        adaptive=limits.adaptive and not batch,
+        breaker=None
+        if batch
+        else Breaker(
             threshold=limits.breaker_threshold,
             cooldown_s=limits.breaker_cooldown_s,
             max_down_s=limits.breaker_max_down_s,
@@ -464,7 +528,7 @@ def _engine(
         pricing=dict(settings.pricing),
         tier=settings.api.tier,
         flex_fallback=limits.flex_fallback,
-        concurrency=limits.concurrency,
+        concurrency=concurrency,
         force=force,
         retry_failed=retry_failed,
         stats=stats,

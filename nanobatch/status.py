@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .batch_ledger import open_chunks
 from .errors import ConfigError, ManifestError, UsageError
 from .lock import LOCK_FILE, current_holder
 from .results import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsIndex, orphaned_requests
@@ -42,6 +43,10 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
         info["manifest"] = manifest
         info["left"], info["manifest_items"] = _left(Path(manifest), out_dir, index) if manifest else (None, None)
+    info["batch_jobs"] = [
+        {"chunk": c.id, "job": c.job, "state": c.state, "requests": len(c.keys), **c.counts}
+        for c in open_chunks(out_dir)
+    ]
     info["last_run"] = summary.get("last_run") if isinstance(summary, dict) else None
     info["running"] = current_holder(out_dir)
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.

@@ -74,3 +74,10 @@ def test_live_progress_draws_a_bar_with_the_counts() -> None:
     anyio.run(watch)
     screen = buffer.getvalue()
     assert "50/100" in screen and "ok 40" in screen and "$4.50" in screen
+
+
+def test_the_line_shows_open_batch_jobs_with_their_states_and_counts() -> None:
+    stats = RunStats(total=3000)
+    assert "batch" not in describe(stats, 0.0)
+    stats.batch_jobs.update({"r-0": ("running", 250, 1000), "r-1": ("running", 50, 1000), "r-2": ("pending", 0, 1000)})
+    assert describe(stats, 0.0).endswith("│ batch jobs: 2 running, 1 pending (300/3000 answered)")

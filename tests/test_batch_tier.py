@@ -1,0 +1,281 @@
+"""--tier batch end to end: the CLI against the simulator's Batch API over loopback HTTP.
+
+The same output folder as an online run, --no-wait then collect, fallback for failed jobs, the deadline,
+cancel, status, the budget, an endpoint without batch, and real SIGKILLs at each journaled step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+
+from nanobatch.cli import main
+from nanobatch.models import pricing_for, usage_cost
+from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
+
+from .fakes import records, write_job
+
+MODEL = "gemini-3.1-flash-image"
+CONFIG = """
+retry: {max_attempts: 3, backoff_initial_s: 0.01, backoff_max_s: 0.05}
+batch: {chunk_requests: 4, linger_s: 0.2, poll_initial_s: 0.05, poll_max_s: 0.2}
+"""
+ITEMS = 6
+
+
+@pytest.fixture
+def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(ITEMS)]
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def sim(**config: Any) -> Starlette:
+    return create_app(SimulatorConfig(**{"batch_latency_s": 0.3, "seed": 5, **config}))
+
+
+def jobs(app: Starlette) -> list[Any]:
+    return list(app.state.batches._jobs.values())
+
+
+def cli(job: Path, url: str, *args: str, out: str = "out") -> int:
+    argv = ["run", str(job), "--base-url", url, "--out", str(job.parent / out), "--tier", "batch"]
+    return main([*argv, "--config", str(job.parent / "nanobatch.yaml"), "--quiet", *args])
+
+
+def test_a_batch_run_ends_with_the_same_folder_as_an_online_run_at_batch_prices(job: Path) -> None:
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+        online = main(["run", str(job), "--base-url", url, "--out", str(job.parent / "online"), "--quiet",
+                       "--config", str(job.parent / "nanobatch.yaml")])  # fmt: skip
+    assert online == 0
+    out = job.parent / "out"
+    batch, sync = records(out), records(job.parent / "online")
+    assert sorted(r["id"] for r in batch) == sorted(r["id"] for r in sync) == [f"sku-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in batch} == {"ok"}
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (job.parent / "online").glob("*.png"))
+    assert len(jobs(app)) == 2  # 6 requests in chunks of at most 4
+    assert {r["batch"] for r in batch} == {j.name for j in jobs(app)}
+    for record in batch:
+        assert record["tier"] == "batch" and record["usage"]["totalTokenCount"] > 0
+        expected = usage_cost(record["usage"], pricing_for(MODEL, tier="batch"))
+        assert record["cost_usd"] == pytest.approx(expected, abs=1e-6)
+        assert expected == pytest.approx(usage_cost(record["usage"], pricing_for(MODEL)) / 2)
+    assert json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "complete"
+    # Collected: the API's files are deleted, and nothing but the (closed) ledger is left in the batch folder.
+    assert not app.state.batches.files._files
+    assert [p.name for p in (out / ".nanobatch-batches").iterdir()] == ["batches.jsonl"]
+
+
+def test_no_wait_submits_and_exits_and_a_later_run_collects(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = sim(batch_latency_s=2.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert not (job.parent / "out" / "results.jsonl").read_text()  # nothing answered yet
+        assert main(["status", str(job.parent / "out")]) == 0
+        listed = capsys.readouterr().out
+        assert all(f"batch job {j.name}: pending, " in listed for j in jobs(app)) and len(jobs(app)) == 2
+        time.sleep(0.7)
+        assert cli(job, url) == 0  # collects the open jobs; sends nothing again
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert len(jobs(app)) == 2 and app.state.stats.images == ITEMS
+
+
+def test_failed_and_expired_jobs_return_their_items_to_a_later_batch(job: Path) -> None:
+    app = sim(batch_rate_failed=0.4, batch_rate_expired=0.3, seed=11)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url)
+    states = Counter(j.state for j in jobs(app))
+    assert states["failed"] + states["expired"] >= 1  # the seed makes some fail
+    done = records(job.parent / "out")
+    assert code == (0 if {r["status"] for r in done} == {"ok"} else 1)
+    ok = [r for r in done if r["status"] == "ok"]
+    assert len({r["id"] for r in ok}) == len(ok)  # each at most once
+    assert all(j.name in {r["batch"] for r in ok} for j in jobs(app) if j.state == "succeeded")
+
+
+def test_retryable_line_errors_are_retried_in_a_later_batch(job: Path) -> None:
+    app = sim(batch_rate_line_error=0.5, seed=3)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert len(jobs(app)) > 2 and max(r["attempts"] for r in records(job.parent / "out")) > 1
+
+
+def test_the_deadline_cancels_the_jobs_and_sends_the_rest_online(job: Path) -> None:
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--batch-deadline", "1") == 0
+    done = records(job.parent / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == ITEMS
+    assert all(r["fallback"] and r["tier"] == "standard" and r.get("batch") is None for r in done)
+    assert {j.state for j in jobs(app)} == {"cancelled"}
+
+
+def test_cancel_cancels_the_open_jobs_and_the_next_run_sends_their_items_again(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        capsys.readouterr()
+        assert main(["cancel", str(job.parent / "out"), "--base-url", url]) == 0
+        assert "cancelled 2 batch jobs" in capsys.readouterr().out
+        assert {j.state for j in jobs(app)} == {"cancelled"}
+        assert cli(job, url, "--no-wait") == 0  # collects the cancelled jobs, submits their items anew
+    assert len(jobs(app)) == 4 and [j.state for j in jobs(app)].count("pending") == 2
+
+
+def test_the_budget_is_reserved_at_batch_prices_before_a_chunk_goes_out(job: Path) -> None:
+    app = sim()
+    with run_in_thread(app=app) as url:
+        code = cli(job, url, "--max-cost", "0.05")  # a batch image costs about 0.023: two fit, not six
+    done = [r for r in records(job.parent / "out") if r["status"] == "ok"] if (job.parent / "out").exists() else []
+    assert code == 3 and 1 <= len(done) < ITEMS
+    assert sum(r["cost_usd"] for r in done) <= 0.05
+    assert sum(j.counts["request"] for j in jobs(app)) == len(done)  # nothing beyond the budget was submitted
+
+
+def test_dry_run_shows_the_batch_price_next_to_the_standard_one(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(job), "--dry-run", "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "at standard prices" in text and "in the batch tier" in text
+
+
+def test_an_endpoint_without_batch_is_told_before_anything_is_uploaded(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = sim()
+    app.router.routes = [r for r in app.router.routes if "batches" not in getattr(r, "path", "")]
+    with run_in_thread(app=app) as url:
+        code = cli(job, url)
+    error = capsys.readouterr().err
+    assert code != 0 and "Batch API" in error and "--tier flex" in error and url in error
+    assert not app.state.batches.files._files and app.state.stats.images == 0
+
+
+# -- real kills ---------------------------------------------------------------------------------------
+
+
+class Hold:
+    """ASGI middleware: the first request *matching* is held (after the app answered it, with *after*) until
+    released; :attr:`reached` tells the test to kill the client."""
+
+    def __init__(self, app: Any, match: Callable[[str, str], bool], after: bool) -> None:
+        self.app, self.match, self.after = app, match, after
+        self.reached, self.release, self.armed = threading.Event(), threading.Event(), True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import anyio
+
+        if not (self.armed and scope["type"] == "http" and self.match(scope["method"], scope["path"])):
+            return await self.app(scope, receive, send)
+
+        async def swallow(message: Any) -> None:
+            pass
+
+        if self.after:
+            await self.app(scope, receive, swallow)  # done on the server; its reply never reaches the client
+        self.reached.set()
+        await anyio.to_thread.run_sync(self.release.wait)
+
+
+KILL_POINTS = {
+    "chunk written, upload starting": (lambda m, p: p.startswith("/upload/"), False),
+    "uploaded, create sent": (lambda m, p: p.endswith(":batchGenerateContent"), False),
+    "created, its reply lost": (lambda m, p: p.endswith(":batchGenerateContent"), True),
+    "created, polling": (lambda m, p: m == "GET" and p.startswith("/v1beta/batches/"), False),
+    "collected, cleaning up": (lambda m, p: m == "DELETE" and "/files/" in p, False),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_at_each_batch_step_then_rerun_pays_once(job: Path, point: str) -> None:
+    app = sim(batch_latency_s=0.3)
+    match, after = KILL_POINTS[point]
+    hold = Hold(app.middleware_stack or app.build_middleware_stack(), match, after)
+    app.middleware_stack = hold  # type: ignore[assignment]
+    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
+    with run_in_thread(app=app) as url:
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(job.parent / "out"),
+                "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hold.reached.wait(30), "the run never reached the kill point"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.armed = False
+            hold.release.set()
+        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert again.returncode == 0, again.stderr.decode()
+    done = records(job.parent / "out")
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]  # each ok, exactly once
+    assert {r["status"] for r in done} == {"ok"}
+    names = Counter(j.display_name for j in jobs(app))
+    assert set(names.values()) == {1}  # one job per chunk: no create was repeated
+    assert sum(j.counts["request"] for j in jobs(app)) == ITEMS  # no item went into two jobs
+
+
+def test_a_lost_create_reply_is_found_again_not_repeated(job: Path) -> None:
+    app = sim(batch_rate_lost_create=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert len(jobs(app)) == 2
+
+
+def test_multi_step_items_send_each_next_step_in_a_later_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"hero-{n}", "image": f"images/h{n}.png", "steps": ["one", "two"], "image_size": "512"}
+             for n in range(3)]  # fmt: skip
+    job = write_job(tmp_path, items, model=MODEL)
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    done = records(tmp_path / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == 3
+    assert all(len(r["steps"]) == 2 for r in done)
+    assert [j.counts["request"] for j in jobs(app)] == [3, 3]  # step 1 of each, then step 2 of each
+
+
+def test_a_chunk_left_half_written_by_a_kill_is_swept_and_its_items_sent_once(job: Path) -> None:
+    folder = job.parent / "out" / ".nanobatch-batches"
+    folder.mkdir(parents=True)
+    (folder / "dead-0.jsonl").write_bytes(b'{"key": "x", "request": {"contents": []}}\n{"key": "y", "req')
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert sum(j.counts["request"] for j in jobs(app)) == ITEMS
+    assert [p.name for p in folder.iterdir()] == ["batches.jsonl"]
+
+
+def test_an_item_may_choose_the_batch_tier_in_an_online_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": "slow", "image": "images/a.png", "tier": "batch"}, {"id": "now", "image": "images/b.png"}]
+    job = write_job(tmp_path, items, model=MODEL, defaults={"instruction": "white background", "image_size": "512"})
+    app = sim()
+    with run_in_thread(app=app) as url:
+        code = main(["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--quiet",
+                     "--config", str(tmp_path / "nanobatch.yaml")])  # fmt: skip
+    assert code == 0
+    by_id = {r["id"]: r for r in records(tmp_path / "out")}
+    assert by_id["slow"]["tier"] == "batch" and by_id["slow"]["batch"] == jobs(app)[0].name
+    assert by_id["now"]["tier"] == "standard" and "batch" not in by_id["now"]
