@@ -12,6 +12,7 @@ Storage calls are synchronous and run in worker threads.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import mimetypes
@@ -43,7 +44,9 @@ __all__ = [
 logger = logging.getLogger("nanobatch")
 
 BATCH = 1000  # objects stamped together (one listing page)
-PRESIGN_EXPIRES_S = 6 * 3600  # long enough for a flex request's retries; the batch tier may ask for more
+PRESIGN_EXPIRES_S = 6 * 3600  # long enough for a flex request's retries
+# A batch job may wait up to 48 h before the API reads its inputs (then it expires): the URLs outlive that.
+BATCH_PRESIGN_EXPIRES_S = 49 * 3600
 _IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
 
 
@@ -191,9 +194,12 @@ class Plan:
 class Referrer:
     """Decides, per input, whether it goes inline or by reference, and what stands for it in the work key."""
 
-    def __init__(self, endpoint: Endpoint, default: str, stamps: ObjectStamps | None = None) -> None:
+    def __init__(
+        self, endpoint: Endpoint, default: str, stamps: ObjectStamps | None = None, *, batch: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.default = default
+        self.expires_s = BATCH_PRESIGN_EXPIRES_S if batch else PRESIGN_EXPIRES_S
         self.stamps = stamps if stamps is not None else ObjectStamps()
         self._warned: set[str] = set()
 
@@ -235,15 +241,13 @@ class Referrer:
         for ref, file in refs.items():
             if file.uri == "signed":
                 try:
-                    url = await anyio.to_thread.run_sync(_presign, ref)
+                    url = await anyio.to_thread.run_sync(
+                        functools.partial(storage.presign, ref, expires_s=self.expires_s)
+                    )
                 except StorageError as exc:
                     raise storage_error(exc) from None
                 signed[ref] = FileRef(file.mime_type, url)
         return signed
-
-
-def _presign(url: str) -> str:
-    return storage.presign(url, expires_s=PRESIGN_EXPIRES_S)
 
 
 def _mime(ref: str) -> str | None:

@@ -319,8 +319,8 @@ async def run_job(
         batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats) if (
             "batch" in checked.tiers) else None  # fmt: skip
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
-        engine.referrer = Referrer(endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate),
-                                   settings.api.inputs)  # fmt: skip
+        endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
+        engine.referrer = Referrer(endpoint, settings.api.inputs, batch=settings.api.tier == "batch")
         engine.uploads = uploads
         engine.batch_route = batch
         if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency

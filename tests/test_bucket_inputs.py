@@ -8,6 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +303,18 @@ def test_the_simulator_checks_file_data_parts_like_the_api() -> None:
         parse({"fileUri": "gs://b/a.png"})
     with pytest.raises(InvalidRequest, match="Unsupported MIME type"):
         parse({"mimeType": "application/pdf", "fileUri": "gs://b/a.pdf"})
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+@pytest.mark.parametrize(("batch", "hours"), [(False, 6), (True, 49)], ids=["online", "batch"])
+def test_signed_urls_outlive_a_batch_job_that_may_wait_48_hours(bucket: Bucket, batch: bool, hours: int) -> None:
+    from nanobatch.gemini import FileRef
+    from nanobatch.remote import Referrer, endpoint_for
+
+    _pictures(bucket, 1)
+    ref = bucket.url("in/0.png")
+    referrer = Referrer(endpoint_for(GOOGLE), "by_reference", batch=batch)
+    asked_at = time.time()
+    signed = anyio.run(referrer.sign, {ref: FileRef("image/png", "signed")})
+    expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(signed[ref].uri).query)["Expires"][0])
+    assert abs(expires - (asked_at + hours * 3600)) < 600  # the URL's own expiry time, not a measured duration
