@@ -7,7 +7,8 @@ Their hierarchy::
     ├── ConfigError           bad config file or setting              (exit 2)
     ├── ManifestError         bad manifest: file, item, field         (exit 2)
     ├── ApiError              one request failed (kind, status, retryable)
-    │   └── FatalApiError     no request can succeed: stop the run    (exit 3)
+    │   ├── FatalApiError     no request can succeed: stop the run    (exit 3)
+    │   └── InputError        an input picture cannot be loaded: the item fails
     ├── RunAborted            budget reached, circuit open, fatal API (exit 3)
     │   └── TimeLimitReached  limits.max_duration_s ran out           (exit 3)
     ├── StorageError          a bucket URL cannot be used: url, kind  (exit 2)
@@ -30,6 +31,7 @@ __all__ = [
     "ApiError",
     "ConfigError",
     "FatalApiError",
+    "InputError",
     "Interrupted",
     "LockHeld",
     "ManifestError",
@@ -156,6 +158,15 @@ class FatalApiError(ApiError):
     """An answer that means no other request can succeed either (bad key, no such model, daily quota)."""
 
     exit_code = 3
+
+
+class InputError(ApiError):
+    """An input image could not be loaded: the item fails (kind ``input``), nothing is sent."""
+
+    def __init__(
+        self, message: str, *, retryable: bool = False, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, kind="input", retryable=retryable, status_code=status_code, retry_after=retry_after)
 
 
 class RunAborted(NanobatchError):
