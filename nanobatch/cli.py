@@ -391,7 +391,7 @@ def report(out_dir: str) -> None:
 @click.option("--base-url", help="API base URL (for --live).")
 def models_command(live: bool, as_json: bool, config_file: str | None, base_url: str | None) -> None:
     """The model table: status, limits, and the price of one image per size and tier."""
-    from .catalog import compare_live, model_rows
+    from .catalog import compare_live, model_rows, status_text
 
     rows = model_rows()
     result: dict[str, Any] = {"models": rows}
@@ -410,7 +410,7 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
             for tier, by_size in row["image_price_usd"].items()
         )
         click.echo(
-            f"{row['id']}: {_status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
             f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
             f"served by {', '.join(row['backends'])}; {prices}"
         )
@@ -420,17 +420,6 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
         click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
         click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
         click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
-
-
-def _status_text(row: dict[str, Any]) -> str:
-    text = str(row["status"])
-    if row["status"] == "shut down":
-        text += f" at Google since {row['shutdown']}" + (" (proxies map it)" if row["proxies_map"] else "")
-    elif row["status"] == "deprecated":
-        text += f" since {row['deprecated']}"
-    if row["replacement"] and row["status"] in ("deprecated", "shut down"):
-        text += f", use {row['replacement']}"
-    return text
 
 
 async def _list_live(settings: Settings) -> list[dict[str, Any]]:

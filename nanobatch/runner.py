@@ -8,12 +8,10 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
 import os
 import signal
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -25,6 +23,7 @@ import anyio
 import httpx2
 
 from ._job_check import Estimate, LifecycleCheck
+from ._loopback import loopback_url
 from ._retry import RetryPolicy
 from .client import GeminiClient
 from .config import ApiSettings, Settings, load_settings, read_api_key
@@ -167,13 +166,7 @@ def check_job(
 def _on_loopback(base_url: str) -> bool:
     """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
     proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
-    host = urllib.parse.urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_url(base_url)
 
 
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
