@@ -31,7 +31,7 @@ from .errors import ApiError, InputError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
 from .models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
-from .stamps import FileStamp, image_digest, is_remote, is_url, local_stamps, work_key
+from .stamps import FileStamp, image_digest, is_remote, is_url, local_stamps, unreadable, work_key
 from .storage import is_bucket_url
 
 __all__ = [
@@ -180,7 +180,7 @@ class InputLoader:
                     raise InputError(_too_big(path, size, self.max_input_bytes))
                 data = f.read()
         except OSError as exc:
-            raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
+            raise unreadable(path, exc) from None
         return _as_image(path, data)
 
     def _fits(self, refs: Sequence[str], images: list[Image], resize: bool) -> bool:
@@ -277,11 +277,12 @@ class InputLoader:
         """A bucket object's bytes (one GET, in a worker thread), within the download limit."""
         from . import storage
         from .errors import StorageError
+        from .remote import storage_error
 
         try:
             data = await anyio.to_thread.run_sync(storage.read_bytes, url)
         except StorageError as exc:
-            raise InputError(str(exc), retryable=exc.kind == "unreachable") from None
+            raise storage_error(exc) from None
         if len(data) > self.max_download_bytes:
             raise InputError(_too_big(url, len(data), self.max_download_bytes, download=True))
         return _as_image(url, data)

@@ -22,7 +22,7 @@ from .manifest import WorkItem
 from .models import MAX_INPUT_BYTES
 from .storage import is_bucket_url
 
-__all__ = ["FileStamp", "image_digest", "is_remote", "is_url", "local_stamps", "work_key"]
+__all__ = ["FileStamp", "image_digest", "is_remote", "is_url", "local_stamps", "unreadable", "work_key"]
 
 
 def is_url(ref: str) -> bool:
@@ -32,6 +32,11 @@ def is_url(ref: str) -> bool:
 def is_remote(ref: str) -> bool:
     """An http(s) URL or a bucket URL: not a local file."""
     return is_url(ref) or is_bucket_url(ref)
+
+
+def unreadable(path: str, exc: OSError) -> InputError:
+    """A local input picture that cannot be read (to hash or to send) fails its item."""
+    return InputError(f"cannot read input image {path}: {exc.strerror or exc}")
 
 
 # (size, mtime_ns, sha256) of a local file as last seen: the digest is reused while the file is unchanged.
@@ -65,7 +70,7 @@ def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | Non
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
     except OSError as exc:
-        raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
+        raise unreadable(path, exc) from None
     return (st.st_size, st.st_mtime_ns, digest.hexdigest()), data
 
 
