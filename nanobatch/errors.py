@@ -150,9 +150,6 @@ class ApiError(NanobatchError):
         self.retryable = retryable
         self.retry_after = retry_after
 
-    def as_record(self) -> dict[str, object]:
-        return {"kind": self.kind, "status_code": self.status_code, "message": self.message}
-
 
 class FatalApiError(ApiError):
     """An answer that means no other request can succeed either (bad key, no such model, daily quota)."""
