@@ -17,9 +17,10 @@ Their hierarchy::
 
 Errors of other libraries (yaml, pydantic, OSError, csv, httpx2, Pillow, fsspec,
 google-auth) are translated where they are caught, into these or into a
-:class:`Problem`, in eleven modules: ``config``, ``manifest``, ``sources``, ``lock``,
-``runner``, ``inputs``, ``client``, ``gemini``, ``batch_api``, ``storage`` and ``vertex``;
-nothing else sees them.
+:class:`Problem`, in the modules that meet them, chiefly ``config``, ``_yaml``, ``manifest``,
+``sources`` (and ``_lines``), ``build``, ``lock``, ``outdir``, ``writer``, ``runner``, ``inputs`` (and
+``stamps``), ``client``, ``gemini``, ``batch_api``, ``storage``, ``upload`` and ``vertex``; nothing above
+the module that caught one sees it.
 """
 
 from __future__ import annotations
