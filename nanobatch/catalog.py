@@ -12,7 +12,7 @@ from typing import Any
 
 from . import models
 
-__all__ = ["compare_live", "model_rows", "price_table_markdown", "model_table_markdown"]
+__all__ = ["compare_live", "model_rows", "model_table_markdown", "price_table_markdown", "status_text"]
 
 _SIZES = ("512", "1K", "2K", "4K")
 
@@ -51,14 +51,18 @@ def _row(model_id: str, info: models.ModelInfo, life: models.Lifecycle, day: dat
     }
 
 
-def _status_cell(row: Mapping[str, Any]) -> str:
+def status_text(row: Mapping[str, Any], *, cell: bool = False) -> str:
+    """A model's status with its dates and replacement, as ``nanobatch models`` says it ("shut down at Google
+    since 2025-10-31, use X") or, as a *cell* of README's table, shorter ("shut down 2025-10-31 → X")."""
+    since, use = (" ", " → ") if cell else (" since ", ", use ")
     status = str(row["status"])
     if row["status"] == "shut down":
-        status += f" {row['shutdown']}" + (" (proxies map it)" if row["proxies_map"] else "")
+        status += ("" if cell else " at Google") + f"{since}{row['shutdown']}"
+        status += " (proxies map it)" if row["proxies_map"] else ""
     elif row["status"] == "deprecated":
-        status += f" {row['deprecated']}"
+        status += f"{since}{row['deprecated']}"
     if row["replacement"] and row["status"] in ("deprecated", "shut down"):
-        status += f" → {row['replacement']}"
+        status += f"{use}{row['replacement']}"
     return status
 
 
@@ -68,7 +72,7 @@ def model_table_markdown(day: date | None = None) -> str:
     for row in model_rows(day):
         ratios = f"{len(row['aspect_ratios'])}" + (" (incl. 1:4 4:1 1:8 8:1)" if "1:8" in row["aspect_ratios"] else "")
         lines.append(
-            f"| `{row['id']}` | {_status_cell(row)} | {ratios} | {' '.join(row['image_sizes'])} | "
+            f"| `{row['id']}` | {status_text(row, cell=True)} | {ratios} | {' '.join(row['image_sizes'])} | "
             f"{row['max_input_images']} | {' '.join(row['backends'])} |"
         )
     return "\n".join(lines)

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ._cli_print import log_summary as _log_summary
+from ._cli_print import print_check as _print_check
+from ._cli_print import print_summary as _print_summary
 from .errors import NanobatchError, sole_error
 
 # Each command imports what it needs when it runs: `nanobatch --help`, `status` and `validate` start without
@@ -26,7 +29,7 @@ from .errors import NanobatchError, sole_error
 if TYPE_CHECKING:
     from .config import Settings
     from .progress import LiveProgress, PlainProgress
-    from .runner import CheckResult, RunSummary
+    from .runner import RunSummary
 
 __all__ = ["cli", "entrypoint", "main"]
 
@@ -346,96 +349,6 @@ def validate(manifest: str, config_file: str | None, out_dir: str | None, **flag
     _print_check(check_job(_manifest(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
 
 
-def _print_check(result: CheckResult) -> None:
-    rate = f", at most {result.requests_per_minute:g} requests/min" if result.requests_per_minute else ""
-    click.echo(f"{result.manifest}: OK")
-    click.echo(f"  items:     {result.items}")
-    click.echo(f"  requests:  {result.requests} (steps counted)")
-    click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
-    click.echo(
-        f"             about ${result.cost_standard_usd:.2f} at standard prices, "
-        f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
-    )
-    click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
-    if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
-        click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
-    if result.max_duration_s is not None and result.duration_s > result.max_duration_s:
-        click.echo(
-            f"  time:      limit {_duration(result.max_duration_s)}: the run will likely stop before every item "
-            "is done; the next run goes on from there"
-        )
-    click.echo(f"  output:    {result.out_dir}")
-    click.echo("Nothing was sent.")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _print_summary(summary: RunSummary) -> None:
-    stats = summary.stats
-    last = summary.summary["last_run"]
-    err = summary.exit_code != 0
-    click.echo(
-        f"{summary.outcome}: {stats.ok} ok, {stats.failed} failed, {stats.blocked} blocked, "
-        f"{stats.skipped} already done; {stats.requests} requests, ${stats.cost_usd:.4f}",
-        err=err,
-    )
-    if summary.reason:
-        click.echo(f"reason: {summary.reason}", err=True)
-    tokens = last["tokens"]
-    if tokens:
-        click.echo(
-            "tokens: prompt {p}, output {c}, thinking {t}".format(
-                p=tokens.get("promptTokenCount", 0),
-                c=tokens.get("candidatesTokenCount", 0),
-                t=tokens.get("thoughtsTokenCount", 0),
-            )
-        )
-    latency = last["latency_s"]
-    if latency["p50"] is not None:
-        click.echo(f"latency: p50 {latency['p50']:.1f} s, p95 {latency['p95']:.1f} s, max {latency['max']:.1f} s")
-    if stats.retries:
-        click.echo("retries: " + ", ".join(f"{k} {v}" for k, v in stats.retries.most_common()))
-    for kind, count in stats.failures.most_common():
-        examples = ", ".join(stats.failure_examples.get(kind, []))
-        click.echo(f"  {kind}: {count} (e.g. {examples})", err=True)
-    out = summary.out_dir
-    click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
-
-
-def _log_summary(summary: RunSummary) -> None:
-    """The summary as one JSON event (``"event": "summary"``): stderr stays JSON lines, whatever the outcome."""
-    stats = summary.stats
-    last = summary.summary["last_run"]
-    fields = {
-        "event": "summary",
-        "outcome": summary.outcome,
-        "reason": summary.reason,
-        "exit_code": summary.exit_code,
-        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "skipped": stats.skipped},
-        "requests": stats.requests,
-        "cost_usd": round(stats.cost_usd, 6),
-        "tokens": last["tokens"],
-        "latency_s": last["latency_s"],
-        "retries": dict(stats.retries),
-        "failures": {kind: {"count": n, "examples": stats.failure_examples.get(kind, [])}
-                     for kind, n in stats.failures.most_common()},
-        "out_dir": str(summary.out_dir),
-    }  # fmt: skip
-    level = logging.INFO if summary.exit_code == 0 else logging.WARNING
-    logger.log(
-        level,
-        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f",
-        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
-        extra={"fields": fields},
-    )  # fmt: skip
-
-
 @cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON, for scripts.")
@@ -523,7 +436,7 @@ def report(out_dir: str) -> None:
 @click.option("--base-url", help="API base URL (for --live).")
 def models_command(live: bool, as_json: bool, config_file: str | None, base_url: str | None) -> None:
     """The model table: status, limits, and the price of one image per size and tier."""
-    from .catalog import compare_live, model_rows
+    from .catalog import compare_live, model_rows, status_text
 
     rows = model_rows()
     result: dict[str, Any] = {"models": rows}
@@ -542,7 +455,7 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
             for tier, by_size in row["image_price_usd"].items()
         )
         click.echo(
-            f"{row['id']}: {_status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
             f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
             f"served by {', '.join(row['backends'])}; {prices}"
         )
@@ -552,17 +465,6 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
         click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
         click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
         click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
-
-
-def _status_text(row: dict[str, Any]) -> str:
-    text = str(row["status"])
-    if row["status"] == "shut down":
-        text += f" at Google since {row['shutdown']}" + (" (proxies map it)" if row["proxies_map"] else "")
-    elif row["status"] == "deprecated":
-        text += f" since {row['deprecated']}"
-    if row["replacement"] and row["status"] in ("deprecated", "shut down"):
-        text += f", use {row['replacement']}"
-    return text
 
 
 async def _list_live(settings: Settings) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ Their hierarchy::
     ├── ConfigError           bad config file or setting              (exit 2)
     ├── ManifestError         bad manifest: file, item, field         (exit 2)
     ├── ApiError              one request failed (kind, status, retryable)
-    │   └── FatalApiError     no request can succeed: stop the run    (exit 3)
+    │   ├── FatalApiError     no request can succeed: stop the run    (exit 3)
+    │   └── InputError        an input picture cannot be loaded: the item fails
     ├── RunAborted            budget reached, circuit open, fatal API (exit 3)
     │   └── TimeLimitReached  limits.max_duration_s ran out           (exit 3)
     ├── StorageError          a bucket URL cannot be used: url, kind  (exit 2)
@@ -16,9 +17,10 @@ Their hierarchy::
 
 Errors of other libraries (yaml, pydantic, OSError, csv, httpx2, Pillow, fsspec,
 google-auth) are translated where they are caught, into these or into a
-:class:`Problem`, in eleven modules: ``config``, ``manifest``, ``sources``, ``lock``,
-``runner``, ``inputs``, ``client``, ``gemini``, ``batch_api``, ``storage`` and ``vertex``;
-nothing else sees them.
+:class:`Problem`, in the modules that meet them, chiefly ``config``, ``_yaml``, ``manifest``,
+``sources`` (and ``_lines``), ``build``, ``lock``, ``outdir``, ``writer``, ``runner``, ``inputs`` (and
+``stamps``), ``client``, ``gemini``, ``batch_api``, ``storage``, ``upload`` and ``vertex``; nothing above
+the module that caught one sees it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "ApiError",
     "ConfigError",
     "FatalApiError",
+    "InputError",
     "Interrupted",
     "LockHeld",
     "ManifestError",
@@ -148,14 +151,20 @@ class ApiError(NanobatchError):
         self.retryable = retryable
         self.retry_after = retry_after
 
-    def as_record(self) -> dict[str, object]:
-        return {"kind": self.kind, "status_code": self.status_code, "message": self.message}
-
 
 class FatalApiError(ApiError):
     """An answer that means no other request can succeed either (bad key, no such model, daily quota)."""
 
     exit_code = 3
+
+
+class InputError(ApiError):
+    """An input image could not be loaded: the item fails (kind ``input``), nothing is sent."""
+
+    def __init__(
+        self, message: str, *, retryable: bool = False, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, kind="input", retryable=retryable, status_code=status_code, retry_after=retry_after)
 
 
 class RunAborted(NanobatchError):

@@ -6,16 +6,14 @@
   once. Pictures too big to send inline are refused, or downscaled with Pillow
   when the item says ``resize_inputs: true``.
 * :func:`check_urls`, for ``nanobatch validate``: does each URL answer 2xx?
-* :func:`work_key`: a digest of everything that decides an item's output.
+* Local stamps and the work key are ``stamps.py``'s (names re-exported here).
 
 A picture that cannot be loaded fails its item (error kind ``input``), not the run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -29,10 +27,11 @@ import httpx2
 
 from ._pictures import picture_problem
 from ._retry import RetryPolicy, retrying
-from .errors import ApiError, Problem
+from .errors import ApiError, InputError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
 from .models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
+from .stamps import FileStamp, image_digest, is_remote, is_url, local_stamps, unreadable, work_key
 from .storage import is_bucket_url
 
 __all__ = [
@@ -64,24 +63,6 @@ _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
 _CACHE_ENTRIES = 32
 _CACHE_BYTES = 256 * MB
-
-
-class InputError(ApiError):
-    """An input image could not be loaded: the item fails (kind ``input``), nothing is sent."""
-
-    def __init__(
-        self, message: str, *, retryable: bool = False, status_code: int | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message, kind="input", retryable=retryable, status_code=status_code, retry_after=retry_after)
-
-
-def is_url(ref: str) -> bool:
-    return ref[:8].lower().startswith(("http://", "https://"))
-
-
-def is_remote(ref: str) -> bool:
-    """An http(s) URL or a bucket URL: not a local file."""
-    return is_url(ref) or is_bucket_url(ref)
 
 
 class _Cache:
@@ -199,7 +180,7 @@ class InputLoader:
                     raise InputError(_too_big(path, size, self.max_input_bytes))
                 data = f.read()
         except OSError as exc:
-            raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
+            raise unreadable(path, exc) from None
         return _as_image(path, data)
 
     def _fits(self, refs: Sequence[str], images: list[Image], resize: bool) -> bool:
@@ -296,11 +277,12 @@ class InputLoader:
         """A bucket object's bytes (one GET, in a worker thread), within the download limit."""
         from . import storage
         from .errors import StorageError
+        from .remote import storage_error
 
         try:
             data = await anyio.to_thread.run_sync(storage.read_bytes, url)
         except StorageError as exc:
-            raise InputError(str(exc), retryable=exc.kind == "unreachable") from None
+            raise storage_error(exc) from None
         if len(data) > self.max_download_bytes:
             raise InputError(_too_big(url, len(data), self.max_download_bytes, download=True))
         return _as_image(url, data)
@@ -446,83 +428,3 @@ def check_urls(
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             list(pool.map(probe, urls))
     return {url: failed[url] for url in urls if url in failed}
-
-
-# (size, mtime_ns, sha256) of a local file as last seen: the digest is reused while the file is unchanged.
-FileStamp = tuple[int, int, str]
-
-
-def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
-    """*known* if the file still has its size and modification time (a stat, a few microseconds); else None."""
-    if known is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # let the reading path say what is wrong
-    return known if (known[0], known[1]) == (st.st_size, st.st_mtime_ns) else None
-
-
-def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | None]:
-    """The file's stamp, and its bytes when it has at most *keep_up_to* of them (else None)."""
-    data: bytes | None = None
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if 0 < st.st_size <= keep_up_to:
-                data = f.read()
-                digest = hashlib.sha256(data)
-                if len(data) > keep_up_to:
-                    data = None  # it grew while being read
-            else:
-                digest = hashlib.sha256()
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-    except OSError as exc:
-        raise InputError(f"cannot read input image {path}: {exc.strerror or exc}") from None
-    return (st.st_size, st.st_mtime_ns, digest.hexdigest()), data
-
-
-async def local_stamps(
-    refs: Sequence[str],
-    known: Mapping[str, FileStamp],
-    *,
-    contents: dict[str, bytes] | None = None,
-    keep_up_to: int = MAX_INPUT_BYTES,
-) -> dict[str, FileStamp] | None:
-    """Stamps of an item's local input files, reading only those changed since *known*; None if any is a URL.
-
-    This is what lets a nightly re-run over a finished catalog skip every item without reading its pictures:
-    unchanged files cost one stat each, inline; only changed or new files are hashed, in one worker thread
-    hand-off. With *contents*, the bytes of each file hashed (if at most *keep_up_to*) are put there, so
-    that sending the item does not read it again: the bytes sent are the bytes hashed.
-    """
-    if any(is_remote(ref) for ref in refs):
-        return None
-    stamps: dict[str, FileStamp] = {}
-    for ref in refs:
-        if (same := _unchanged(ref, known.get(ref))) is not None:
-            stamps[ref] = same
-    missing = [ref for ref in refs if ref not in stamps]
-    if missing:
-        keep = keep_up_to if contents is not None else 0
-        hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref, keep) for ref in missing})
-        for ref, (stamp, data) in hashed.items():
-            stamps[ref] = stamp
-            if data is not None and contents is not None:
-                contents[ref] = data
-    return stamps
-
-
-def work_key(item: WorkItem, digests: Sequence[str]) -> str:
-    """A digest of everything that decides the item's output: settings, instructions and the inputs' digests.
-
-    *digests* are the SHA-256 of each input's bytes, in order (the file's bytes for a local path,
-    the downloaded bytes for a URL).
-    """
-    doc = {"v": 1, "settings": item.settings(), "inputs": list(digests)}
-    return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-def image_digest(image: Image) -> str:
-    return hashlib.sha256(image.data).hexdigest()

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._templates import MissingPlaceholder, fill, template_fields
 from .lock import LOCK_FILE
 
 if TYPE_CHECKING:
@@ -106,8 +107,6 @@ def text_problem(text: str) -> str | None:
 
 def template_problems(template: str) -> list[str]:
     """Why *template* cannot be an ``output`` name template."""
-    from .sources import template_fields  # here: see output_name()
-
     try:
         names = template_fields(template)
     except ValueError as exc:
@@ -143,10 +142,6 @@ def name_length_problem(name: str) -> str | None:
 
 def output_name(template: str, item_id: str, context: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
     """The output name with ``{id}`` (and, for items from a CSV or JSONL source, any column) filled in."""
-    # Imported here: results.py imports this module for nanobatch's own file names, and `nanobatch status`
-    # must not load sources.py (its config import brings pydantic) when there is no manifest to read.
-    from .sources import MissingPlaceholder, fill
-
     problems = template_problems(template)
     if problems:
         return None, problems[0]

@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 
 from . import storage
-from .errors import ApiError, Problem, StorageError
+from .errors import ApiError, InputError, Problem, StorageError
 from .fields import WorkItem
 from .gemini import FileRef
 from .storage import ObjectStamp, is_bucket_url
@@ -59,9 +59,9 @@ def input_field(item: WorkItem, n: int) -> str:
     return "image" if len(item.inputs) == 1 else f"images[{n}]"
 
 
-def storage_error(exc: StorageError) -> ApiError:
+def storage_error(exc: StorageError) -> InputError:
     """A bucket object that cannot be read fails its item (kind ``input``); only a network failure is retried."""
-    return ApiError(str(exc), kind="input", retryable=exc.kind == "unreachable")
+    return InputError(str(exc), retryable=exc.kind == "unreachable")
 
 
 class ObjectStamps:

@@ -140,10 +140,6 @@ def _strs(value: Any) -> list[str]:
     return []
 
 
-def _dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def _status(rec: Record) -> str:
     return rec.status or "unknown"
 

@@ -308,26 +308,16 @@ def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
     """Requests the journal says were sent whose item has no result from that run (the run died); *index* is
     the folder's loaded :class:`ResultsIndex`."""
-    path = out_dir / JOURNAL_FILE
-    if not path.exists():
-        return []
     # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
     open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
-    with path.open("rb") as f:
-        for line in f:
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue  # torn by the crash it is there to report
-            if not isinstance(entry, dict) or "id" not in entry or entry.get("event") not in ("dispatched", "settled"):
-                continue
-            request = (entry.get("run"), entry["id"], entry.get("attempt"))
-            if entry.get("event") == "settled":
-                open_requests.pop(request, None)
-                continue
-            latest = index.get(entry["id"])
-            if latest is None or latest.run != entry.get("run"):
-                open_requests[request] = entry
+    for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
+        request = (entry.get("run"), entry["id"], entry.get("attempt"))
+        if entry["event"] == "settled":
+            open_requests.pop(request, None)
+            continue
+        latest = index.get(entry["id"])
+        if latest is None or latest.run != entry.get("run"):
+            open_requests[request] = entry
     orphans = {(entry.get("run"), entry["id"]): entry for entry in open_requests.values()}  # one per item and run
     return list(orphans.values())
 
@@ -335,19 +325,25 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]
 def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
     """Files the journal says nanobatch wrote that no record names (the run died between the image and its
     record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
-    if not path.exists():
-        return []
     carried = []
+    for entry in _journal_entries(path, ("writing",)):
+        names = [str(name) for name in entry.get("files") or ()]
+        if unowned := sorted(set(names) - index.owned(entry["id"], names)):
+            index.adopt(entry["id"], unowned)
+            carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
+    return carried
+
+
+def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The journal's entries of the given *events* that name an item (``id``); none when there is no journal.
+    A line torn by the crash the journal is there to report is passed over."""
+    if not path.exists():
+        return
     with path.open("rb") as f:
         for line in f:
             try:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue
-            if not isinstance(entry, dict) or entry.get("event") != "writing" or not isinstance(entry.get("id"), str):
-                continue
-            names = [str(name) for name in entry.get("files") or ()]
-            if unowned := sorted(set(names) - index.owned(entry["id"], names)):
-                index.adopt(entry["id"], unowned)
-                carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
-    return carried
+            if isinstance(entry, dict) and entry.get("event") in events and isinstance(entry.get("id"), str):
+                yield entry

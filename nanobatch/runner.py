@@ -8,13 +8,10 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
-import math
 import os
 import signal
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -25,7 +22,8 @@ from typing import Any, Literal
 import anyio
 import httpx2
 
-from . import models
+from ._job_check import Estimate, LifecycleCheck
+from ._loopback import loopback_url
 from ._retry import RetryPolicy
 from .batch import BatchOptions, BatchRoute
 from .batch_api import BatchClient
@@ -54,10 +52,6 @@ from .vertex import vertex_auth, vertex_route
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
 logger = logging.getLogger("nanobatch")
-
-# For duration estimates only: a typical generateContent image edit.
-TYPICAL_LATENCY_S = 30.0
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckResult:
@@ -141,36 +135,16 @@ def check_job(
     manifest = manifest.skipping(target)
     urls = UrlChecklist()
     objects = BucketChecklist(str(manifest.path), stat=check_urls)
-    likely = worst = standard = batch = 0.0
-    longest = 0  # steps of the longest item: they go one after another
-    tiers: set[str] = set()
+    estimate = Estimate(settings)
+    lifecycle = LifecycleCheck(str(manifest.path), settings)
 
-    lifecycle = _LifecycleCheck(str(manifest.path), settings)
-
-    def add_cost(item: WorkItem) -> None:
-        nonlocal likely, worst, longest, standard, batch
-        longest = max(longest, len(item.steps))
+    def visit(item: WorkItem) -> None:
         lifecycle.check(item)
-        tiers.add(item.tier or settings.api.tier)
-        prices = {tier: models.pricing_for(item.model, settings.pricing, tier)
-                  for tier in (item.tier or settings.api.tier, "standard", "batch")}  # fmt: skip
-        n_images = len(item.inputs)
-        for instruction in item.steps:
-            costs = {
-                tier: models.request_cost_range(item.model, instruction=instruction, n_images=n_images,
-                                                image_size=item.image_size, pricing=pricing)
-                for tier, pricing in prices.items()
-            }  # fmt: skip
-            low, high = costs[item.tier or settings.api.tier]
-            likely += low
-            worst += high
-            standard += costs["standard"][0]
-            batch += costs["batch"][0]
-            n_images = 1  # later steps edit the previous output
+        estimate.add(item)
         urls.add(item)
         objects.add(item)
 
-    report = manifest.check(visit=add_cost, out_dir=target, decode=check_pictures)
+    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures)
     problems = (
         report.problems
         + lifecycle.problems
@@ -180,85 +154,28 @@ def check_job(
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
-    # In rounds of `concurrency` requests (one request still takes a whole latency at concurrency 100), and
-    # no fewer rounds than the longest item has steps.
-    duration = max(math.ceil(report.requests / limits.concurrency), longest) * TYPICAL_LATENCY_S
-    if limits.requests_per_minute:
-        duration = max(duration, report.requests / limits.requests_per_minute * 60)
     return CheckResult(
         manifest=manifest.path,
         out_dir=target,
         items=report.items,
         requests=report.requests,
-        cost_likely_usd=likely,
-        cost_worst_usd=worst,
-        duration_s=duration,
+        cost_likely_usd=estimate.likely,
+        cost_worst_usd=estimate.worst,
+        duration_s=estimate.duration_s(report.requests),
         concurrency=limits.concurrency,
         requests_per_minute=limits.requests_per_minute,
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
-        tiers=frozenset(tiers),
-        cost_standard_usd=standard,
-        cost_batch_usd=batch,
+        tiers=frozenset(estimate.tiers),
+        cost_standard_usd=estimate.standard,
+        cost_batch_usd=estimate.batch,
     )
-
-
-class _LifecycleCheck:
-    """Retired models and unsold tiers, once per model: a shut-down id sent to Google is a problem (it would
-    fail there), to a proxy (which maps old ids) or when deprecated, a warning naming the replacement."""
-
-    def __init__(self, file: str, settings: Settings) -> None:
-        self.file = file
-        # Vertex AI is Google's own endpoint too: a shut-down id fails there, whatever api.base_url says
-        self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
-        self.tier = settings.api.tier
-        self.backend = settings.api.backend
-        self.problems: list[Problem] = []
-        self._seen: set[tuple[str, str]] = set()
-        self._models: set[str] = set()
-
-    def check(self, item: WorkItem) -> None:
-        if item.output_format is not None and self.backend != "vertex":
-            self.problems.append(Problem(
-                self.file, item.id, "output_format",
-                "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own",
-            ))  # fmt: skip
-        tier = item.tier or self.tier
-        if (item.model, tier) in self._seen:
-            return
-        self._seen.add((item.model, tier))
-        found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
-        self._models.add(item.model)
-        if found is not None:
-            level, message = found
-            if level == "error":
-                self.problems.append(Problem(self.file, item.id, "model", message))
-            else:
-                logger.warning("%s", message)
-        info = models.lookup(item.model)
-        if info is not None and self.backend not in info.backends:
-            self.problems.append(Problem(
-                self.file, item.id, "model",
-                f"api.backend is {self.backend}, which does not serve {item.model}; choose one of "
-                f"{', '.join(models.served_by(self.backend))}",
-            ))  # fmt: skip
-        if item.tier is None and info is not None and tier != "batch" and tier not in info.tiers:
-            self.problems.append(Problem(
-                self.file, item.id, "tier",
-                f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
-            ))  # fmt: skip
 
 
 def _on_loopback(base_url: str) -> bool:
     """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
     proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
-    host = urllib.parse.urlsplit(base_url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_url(base_url)
 
 
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:

@@ -24,15 +24,15 @@ import csv
 import glob
 import json
 import os
-import re
-import string
 import sys
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from . import storage
+from ._lines import NotUtf8Line, Utf8Lines
+from ._templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .config import did_you_mean
 from .errors import Problem, StorageError
 
@@ -51,8 +51,6 @@ __all__ = [
 
 SOURCE_KINDS = ("csv", "jsonl", "glob")
 _OPTIONS: dict[str, tuple[str, ...]] = {"csv": ("delimiter",), "jsonl": (), "glob": ()}
-_SOLE = re.compile(r"\{([^{}]+)\}")
-_BRACES_HINT = "write {{ and }} for literal braces"
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -61,112 +59,6 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 def open_text(path: Path | str) -> Utf8Lines:
     """Open a source file (or bucket object) for reading, row by row (tests wrap this to see how much is read)."""
     return Utf8Lines(path)
-
-
-class NotUtf8Line(ValueError):
-    """A line of a source file holds a byte that is not UTF-8."""
-
-    def __init__(self, line: int, byte: int) -> None:
-        super().__init__(f"line {line} is not UTF-8 text (byte {byte:#04x})")
-        self.line = line
-        self.byte = byte
-
-
-class Utf8Lines:
-    """A source file's lines, each decoded as it is read (a UTF-8 BOM is dropped), so that a byte that is
-    not UTF-8 is reported with its line number rather than an offset in a buffer."""
-
-    def __init__(self, path: Path | str) -> None:
-        if isinstance(path, str):  # a bucket URL: read in blocks as the lines are consumed
-            try:
-                self._file: BinaryIO = storage.open_read(path)
-            except StorageError as exc:
-                raise OSError(str(exc).removeprefix(f"{path}: ")) from None
-        else:
-            self._file = path.open("rb")
-        self.line = 0
-
-    def __iter__(self) -> Utf8Lines:
-        return self
-
-    def __next__(self) -> str:
-        raw = self._file.readline()
-        if not raw:
-            raise StopIteration
-        self.line += 1
-        if self.line == 1:
-            raw = raw.removeprefix(b"\xef\xbb\xbf")
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise NotUtf8Line(self.line, raw[exc.start]) from None
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> Utf8Lines:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class MissingPlaceholder(KeyError):
-    """A template names a column the row does not have (or has empty)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class _Values(dict[str, Any]):
-    def __missing__(self, key: str) -> Any:
-        raise MissingPlaceholder(key)
-
-
-def template_fields(template: str) -> list[str]:
-    """The placeholder names in *template*; ValueError, with a hint, when it is malformed.
-
-    >>> template_fields("photos/{sku}.jpg")
-    ['sku']
-    """
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ValueError(f"bad template {template!r}: {exc}; {_BRACES_HINT}") from None
-    names = []
-    for _, name, _, _ in parsed:
-        if name is None:
-            continue
-        if not name or name.isdigit() or any(c in name for c in ".[]"):
-            hint = f"name a column, as in {{sku}}; {_BRACES_HINT}"
-            raise ValueError(f"bad placeholder {{{name}}} in {template!r}: {hint}")
-        names.append(name)
-    return names
-
-
-def fill(template: Any, values: Mapping[str, Any]) -> Any:
-    """*template* with its placeholders filled from *values* (strings, and lists of them, recursively).
-
-    A template that is one placeholder alone keeps a list or boolean value as is (JSONL rows).
-    Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None or "".
-    """
-    if not isinstance(values, _Values):
-        values = _Values({k: v for k, v in values.items() if v not in (None, "")})
-    return _fill(template, values)
-
-
-def _fill(template: Any, present: _Values) -> Any:
-    if isinstance(template, list):
-        return [_fill(part, present) for part in template]
-    if not isinstance(template, str) or ("{" not in template and "}" not in template):
-        return template
-    sole = _SOLE.fullmatch(template)
-    if sole:
-        value = present[sole.group(1)]
-        if isinstance(value, (list, bool)):
-            return value
-    return template.format_map(present)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -296,7 +188,7 @@ class TableSource:
                 if column not in header:
                     message = (
                         f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
-                        f"{columns}{did_you_mean(column, list(header))}; {_BRACES_HINT}"
+                        f"{columns}{did_you_mean(column, list(header))}; {BRACES_HINT}"
                     )
                     problems.append(Problem(f"{self.path}:1", None, name, message))
         return problems
@@ -424,7 +316,7 @@ def _fill_fields(
 
     item_id: Any = None
     # An empty cell is no value: a template that needs it is a problem, not an instruction cut short.
-    present = _Values({k: v for k, v in row.items() if v not in (None, "")})
+    present = Values({k: v for k, v in row.items() if v not in (None, "")})
     try:
         item_id = fill(templates.get("id", default_id), present)
     except MissingPlaceholder as exc:

@@ -371,6 +371,7 @@ def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch
     import builtins
 
     import nanobatch.inputs
+    import nanobatch.stamps
 
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/p{n}.png"} for n in range(5)])
     run(job, FakeGemini())
@@ -385,7 +386,8 @@ def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch
         opened.append(str(self))
         return real_read_bytes(self)
 
-    monkeypatch.setattr(nanobatch.inputs, "open", spy_open, raising=False)
+    for module in (nanobatch.inputs, nanobatch.stamps):  # where pictures are read, and where they are hashed
+        monkeypatch.setattr(module, "open", spy_open, raising=False)
     monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
     summary = run(job, FakeGemini())
     assert summary.stats.skipped == 5

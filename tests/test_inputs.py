@@ -384,6 +384,7 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
     import builtins
 
     import nanobatch.inputs
+    import nanobatch.stamps
 
     pictures = {name: noise((8 + n, 8)) for n, name in enumerate(("a.png", "b.png", "c.png"))}
     for name, data in pictures.items():
@@ -400,7 +401,8 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
         opened.append(self.name)
         return real_read_bytes(self)
 
-    monkeypatch.setattr(nanobatch.inputs, "open", spy_open, raising=False)
+    for module in (nanobatch.inputs, nanobatch.stamps):  # where pictures are read, and where they are hashed
+        monkeypatch.setattr(module, "open", spy_open, raising=False)
     monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
     api = FakeGemini()
     summary = run_virtual(lambda: nanobatch.run_job(job, transport=api.transport, out_dir=tmp_path / "out"))

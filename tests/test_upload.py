@@ -142,7 +142,8 @@ def test_a_whole_job_from_s3_inputs_to_gs_outputs(
     summary = _run(job, fake, out, _settings(f"gs://{target}/edited/"))
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
-    assert [r["uploads"] for r in records(out)] == [[f"gs://{target}/edited/sku-{n}.png"] for n in (1, 2)]
+    uploads = {r["id"]: r["uploads"] for r in records(out)}  # records come in the order items finish
+    assert uploads == {f"sku-{n}": [f"gs://{target}/edited/sku-{n}.png"] for n in (1, 2)}
     s3_env.log.clear()
     gcs_env.log.clear()
     again = _run(job, fake, out, _settings(f"gs://{target}/edited/"))

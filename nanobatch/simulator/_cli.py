@@ -8,6 +8,7 @@ from typing import Any, TypedDict
 
 import click
 
+from .._loopback import loopback_host
 from .config import BATCH_FAULT_KINDS, FAULT_KINDS, SimulatorConfig
 
 __all__ = ["FAULT_MIX", "LatencyOptions", "parse_batch_faults", "parse_fault_rates", "parse_latency", "simulate"]
@@ -26,7 +27,6 @@ FAULT_MIX: dict[str, float] = {
     "blocked": 0.02,
 }
 _LATENCY_HELP = "SECONDS, uniform:LOW,HIGH or lognormal:MEDIAN,SIGMA (e.g. 0.2, uniform:1,5, lognormal:40,0.5)"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _CLIENT_KEYS = ("NANOBATCH_API_KEY", "GEMINI_API_KEY")  # the variables `nanobatch run` reads a key from by default
 
 
@@ -118,10 +118,6 @@ def _rate(number: str, item: str) -> float:
     if not 0.0 <= rate <= 1.0:
         raise click.BadParameter(f"a rate must be between 0 and 1; got {item!r}")
     return rate
-
-
-def _on_loopback(host: str) -> bool:
-    return host in _LOOPBACK or host.startswith("127.")
 
 
 @click.command()
@@ -222,14 +218,14 @@ def simulate(
         **latency,
         **rates,
     )
-    if not _on_loopback(host):
+    if not loopback_host(host):
         click.echo(f"warning: {host} is reachable from other machines; the simulator is meant for loopback", err=True)
     # The command to type, as it works: `nanobatch run` reads the key from api.api_key_env (NANOBATCH_API_KEY),
     # else GEMINI_API_KEY; a loopback base URL needs none, and without --api-key-env any key will do.
     use_key = ""
     if api_key_env and api_key_env not in _CLIENT_KEYS:
         use_key = f"NANOBATCH_API_API_KEY_ENV={api_key_env} "
-    elif not api_key_env and not _on_loopback(host):
+    elif not api_key_env and not loopback_host(host):
         use_key = "NANOBATCH_API_KEY=any "
 
     def ready(url: str) -> None:

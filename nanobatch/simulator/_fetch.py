@@ -5,11 +5,10 @@ machine."""
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import urllib.parse
 
 import httpx2
 
+from .._loopback import loopback_url
 from .errors import InvalidRequest
 from .validation import ParsedRequest, open_image
 
@@ -19,28 +18,15 @@ __all__ = ["fetch_files"]
 CANNOT_FETCH = "Cannot fetch content from the provided URL: {uri} answered HTTP {status}."
 
 
-def _on_loopback(uri: str) -> bool:
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https"):
-        return False
-    host = parts.hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def fetch_files(parsed: ParsedRequest) -> ParsedRequest:
     """*parsed* with the pictures of its loopback fileData URLs fetched; InvalidRequest if one cannot be."""
-    wanted = [image for image in parsed.images if image.uri is not None and _on_loopback(image.uri)]
+    wanted = [image for image in parsed.images if image.uri is not None and loopback_url(image.uri)]
     if not wanted:
         return parsed
     images = list(parsed.images)
     async with httpx2.AsyncClient(timeout=30.0, follow_redirects=True) as client:
         for index, image in enumerate(images):
-            if image.uri is None or not _on_loopback(image.uri):
+            if image.uri is None or not loopback_url(image.uri):
                 continue
             try:
                 response = await client.get(image.uri)

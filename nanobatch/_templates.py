@@ -1,0 +1,77 @@
+"""Field templates of item sources and output names: ``"photos/{sku}.jpg"`` filled from a row's values.
+
+``{{`` and ``}}`` are literal braces; a template that is one placeholder alone keeps a list or boolean value.
+Only the standard library is imported here, so that filling an output name stays cheap to load.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["BRACES_HINT", "MissingPlaceholder", "Values", "fill", "template_fields"]
+
+_SOLE = re.compile(r"\{([^{}]+)\}")
+BRACES_HINT = "write {{ and }} for literal braces"
+
+
+class MissingPlaceholder(KeyError):
+    """A template names a column the row does not have (or has empty)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class Values(dict[str, Any]):
+    """A row's values: a name it lacks raises :class:`MissingPlaceholder`."""
+
+    def __missing__(self, key: str) -> Any:
+        raise MissingPlaceholder(key)
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholder names in *template*; ValueError, with a hint, when it is malformed.
+
+    >>> template_fields("photos/{sku}.jpg")
+    ['sku']
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}; {BRACES_HINT}") from None
+    names = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or any(c in name for c in ".[]"):
+            hint = f"name a column, as in {{sku}}; {BRACES_HINT}"
+            raise ValueError(f"bad placeholder {{{name}}} in {template!r}: {hint}")
+        names.append(name)
+    return names
+
+
+def fill(template: Any, values: Mapping[str, Any]) -> Any:
+    """*template* with its placeholders filled from *values* (strings, and lists of them, recursively).
+
+    A template that is one placeholder alone keeps a list or boolean value as is (JSONL rows).
+    Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None or "".
+    """
+    if not isinstance(values, Values):
+        values = Values({k: v for k, v in values.items() if v not in (None, "")})
+    return _fill(template, values)
+
+
+def _fill(template: Any, present: Values) -> Any:
+    if isinstance(template, list):
+        return [_fill(part, present) for part in template]
+    if not isinstance(template, str) or ("{" not in template and "}" not in template):
+        return template
+    sole = _SOLE.fullmatch(template)
+    if sole:
+        value = present[sole.group(1)]
+        if isinstance(value, (list, bool)):
+            return value
+    return template.format_map(present)
