@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import models
-from .config import Settings
-from .errors import Problem
-from .manifest import WorkItem
+from .config import Settings, load_settings
+from .errors import ManifestError, Problem
+from .manifest import Manifest, WorkItem, load_manifest
+from .outdir import OutDir
+from .stamps import is_url
+from .storage import is_bucket_url
 
-__all__ = ["TYPICAL_LATENCY_S", "Estimate", "LifecycleCheck"]
+if TYPE_CHECKING:
+    import httpx2
+
+    from .inputs import UrlChecklist
+    from .remote import BucketChecklist
+
+__all__ = ["TYPICAL_LATENCY_S", "CheckResult", "Estimate", "LifecycleCheck", "check_job", "resolve_out_dir"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -109,3 +121,128 @@ class LifecycleCheck:
                 self.file, item.id, "tier",
                 f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
             ))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent."""
+
+    manifest: Path
+    out_dir: Path
+    items: int
+    requests: int
+    cost_likely_usd: float
+    cost_worst_usd: float
+    duration_s: float
+    concurrency: int
+    requests_per_minute: float | None
+    max_cost_usd: float | None = None
+    max_duration_s: float | None = None
+    tiers: frozenset[str] = frozenset()  # the tiers the items go in
+    cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
+    cost_batch_usd: float = 0.0
+
+
+def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.PathLike[str] | None) -> Path:
+    """``--out`` wins, then the manifest's ``output_dir``, then ``<output.dir>/<name>``."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if manifest.output_dir is not None:
+        return manifest.output_dir
+    return Path(settings.output.dir) / manifest.name
+
+
+def _load(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
+    settings = settings if settings is not None else load_settings()
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, default_model=settings.api.model)
+    return manifest, settings
+
+
+def check_job(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    check_urls: bool = True,
+    transport: httpx2.BaseTransport | None = None,
+    check_pictures: bool = True,
+) -> CheckResult:
+    """Resolve and check every item and estimate cost and duration; sends nothing.
+
+    With *check_urls*, image URLs are asked for their headers (*transport* replaces
+    the network in tests). With *check_pictures*, every local picture is read and
+    checked to be decodable (a run leaves that to dispatch, so that a re-run over
+    finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
+    """
+    manifest, settings = _load(manifest, settings)
+    target = resolve_out_dir(manifest, settings, out_dir)
+    OutDir.check(target)
+    if settings.api.backend == "vertex":
+        from .vertex import vertex_route
+
+        vertex_route(settings.api.project, settings.api.location)  # ConfigError for a bad project or location
+    if settings.output.upload_to is not None:
+        from .upload import Uploads
+
+        Uploads.check(settings.output.upload_to)
+    manifest = manifest.skipping(target)
+    remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
+    estimate = Estimate(settings)
+    lifecycle = LifecycleCheck(str(manifest.path), settings)
+
+    def visit(item: WorkItem) -> None:
+        lifecycle.check(item)
+        estimate.add(item)
+        remote.add(item)
+
+    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures)
+    problems = report.problems + lifecycle.problems + remote.problems(transport)
+    if problems:
+        raise ManifestError(problems)
+    limits = settings.limits
+    return CheckResult(
+        manifest=manifest.path,
+        out_dir=target,
+        items=report.items,
+        requests=report.requests,
+        cost_likely_usd=estimate.likely,
+        cost_worst_usd=estimate.worst,
+        duration_s=estimate.duration_s(report.requests),
+        concurrency=limits.concurrency,
+        requests_per_minute=limits.requests_per_minute,
+        max_cost_usd=settings.budget.max_cost_usd,
+        max_duration_s=limits.max_duration_s,
+        tiers=frozenset(estimate.tiers),
+        cost_standard_usd=estimate.standard,
+        cost_batch_usd=estimate.batch,
+    )
+
+
+class _RemoteChecks:
+    """The URL and bucket-object checklists, made only once an item has such an input: a manifest of local
+    files is validated without loading the HTTP client or the cloud libraries (``validate`` starts sooner)."""
+
+    def __init__(self, file: str, *, check_urls: bool) -> None:
+        self.file = file
+        self.check_urls = check_urls
+        self.urls: UrlChecklist | None = None
+        self.objects: BucketChecklist | None = None
+
+    def add(self, item: WorkItem) -> None:
+        if self.urls is None and any(is_url(ref) for ref in item.inputs):
+            from .inputs import UrlChecklist
+
+            self.urls = UrlChecklist()
+        if self.objects is None and any(is_bucket_url(ref) for ref in item.inputs):
+            from .remote import BucketChecklist
+
+            self.objects = BucketChecklist(self.file, stat=self.check_urls)
+        if self.urls is not None:
+            self.urls.add(item)
+        if self.objects is not None:
+            self.objects.add(item)
+
+    def problems(self, transport: httpx2.BaseTransport | None) -> list[Problem]:
+        found = self.urls.problems(self.file, transport=transport) if self.urls and self.check_urls else []
+        return found + (self.objects.flush() if self.objects is not None else [])

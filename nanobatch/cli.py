@@ -268,8 +268,9 @@ def run(
     """Run the job in MANIFEST: send every item not already done, write images and results."""
     import anyio
 
+    from ._job_check import check_job
     from .engine import RunStats
-    from .runner import check_job, run_job
+    from .runner import run_job
 
     settings = _settings(config_file, **flags)
     _install_redaction(settings)
@@ -343,7 +344,7 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
 @_settings_options
 def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
     """Resolve and check every item, estimate cost and duration; send nothing."""
-    from .runner import check_job
+    from ._job_check import check_job
 
     settings = _settings(config_file, **flags)
     _print_check(check_job(_manifest(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))

@@ -22,27 +22,26 @@ from typing import Any, Literal
 import anyio
 import httpx2
 
-from ._job_check import Estimate, LifecycleCheck
+from ._job_check import CheckResult, _load, check_job, resolve_out_dir
 from ._loopback import loopback_url
 from ._retry import RetryPolicy
 from .batch import BatchOptions, BatchRoute
 from .batch_api import BatchClient
 from .client import GeminiClient
-from .config import ApiSettings, Settings, load_settings, read_api_key
+from .config import ApiSettings, Settings, read_api_key
 from .engine import Engine, RunStats
 from .errors import (
     ConfigError,
     Interrupted,
-    ManifestError,
     Problem,
     TimeLimitReached,
     sole_error,
 )
-from .inputs import InputLoader, UrlChecklist
+from .inputs import InputLoader
 from .limits import Breaker, Budget, FirstContact, Gate
-from .manifest import Manifest, WorkItem, load_manifest
+from .manifest import Manifest
 from .outdir import OutDir
-from .remote import BucketChecklist, Referrer, endpoint_for
+from .remote import Referrer, endpoint_for
 from .results import ResultsIndex
 from .route import Bounded
 from .summary import build_summary
@@ -52,25 +51,6 @@ from .vertex import vertex_auth, vertex_route
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
 logger = logging.getLogger("nanobatch")
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CheckResult:
-    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent."""
-
-    manifest: Path
-    out_dir: Path
-    items: int
-    requests: int
-    cost_likely_usd: float
-    cost_worst_usd: float
-    duration_s: float
-    concurrency: int
-    requests_per_minute: float | None
-    max_cost_usd: float | None = None
-    max_duration_s: float | None = None
-    tiers: frozenset[str] = frozenset()  # the tiers the items go in
-    cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
-    cost_batch_usd: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,85 +71,6 @@ class RunSummary:
         if self.outcome == "aborted":
             return 3
         return 1 if (self.stats.failed or self.stats.blocked) else 0
-
-
-def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.PathLike[str] | None) -> Path:
-    """``--out`` wins, then the manifest's ``output_dir``, then ``<output.dir>/<name>``."""
-    if out_dir is not None:
-        return Path(out_dir)
-    if manifest.output_dir is not None:
-        return manifest.output_dir
-    return Path(settings.output.dir) / manifest.name
-
-
-def _load(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
-    settings = settings if settings is not None else load_settings()
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest, default_model=settings.api.model)
-    return manifest, settings
-
-
-def check_job(
-    manifest: str | os.PathLike[str] | Manifest,
-    *,
-    settings: Settings | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    check_urls: bool = True,
-    transport: httpx2.BaseTransport | None = None,
-    check_pictures: bool = True,
-) -> CheckResult:
-    """Resolve and check every item and estimate cost and duration; sends nothing.
-
-    With *check_urls*, image URLs are asked for their headers (*transport* replaces
-    the network in tests). With *check_pictures*, every local picture is read and
-    checked to be decodable (a run leaves that to dispatch, so that a re-run over
-    finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
-    """
-    manifest, settings = _load(manifest, settings)
-    target = resolve_out_dir(manifest, settings, out_dir)
-    OutDir.check(target)
-    if settings.api.backend == "vertex":
-        vertex_route(settings.api.project, settings.api.location)  # ConfigError for a bad project or location
-    if settings.output.upload_to is not None:
-        Uploads.check(settings.output.upload_to)
-    manifest = manifest.skipping(target)
-    urls = UrlChecklist()
-    objects = BucketChecklist(str(manifest.path), stat=check_urls)
-    estimate = Estimate(settings)
-    lifecycle = LifecycleCheck(str(manifest.path), settings)
-
-    def visit(item: WorkItem) -> None:
-        lifecycle.check(item)
-        estimate.add(item)
-        urls.add(item)
-        objects.add(item)
-
-    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures)
-    problems = (
-        report.problems
-        + lifecycle.problems
-        + (urls.problems(str(manifest.path), transport=transport) if check_urls else [])
-        + objects.flush()
-    )
-    if problems:
-        raise ManifestError(problems)
-    limits = settings.limits
-    return CheckResult(
-        manifest=manifest.path,
-        out_dir=target,
-        items=report.items,
-        requests=report.requests,
-        cost_likely_usd=estimate.likely,
-        cost_worst_usd=estimate.worst,
-        duration_s=estimate.duration_s(report.requests),
-        concurrency=limits.concurrency,
-        requests_per_minute=limits.requests_per_minute,
-        max_cost_usd=settings.budget.max_cost_usd,
-        max_duration_s=limits.max_duration_s,
-        tiers=frozenset(estimate.tiers),
-        cost_standard_usd=estimate.standard,
-        cost_batch_usd=estimate.batch,
-    )
 
 
 def _on_loopback(base_url: str) -> bool:

@@ -243,6 +243,7 @@ def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
 def test_flags_beat_environment_and_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, section: str, name: str, expected: object
 ) -> None:
+    import nanobatch._job_check
     import nanobatch.cli
 
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
@@ -251,8 +252,9 @@ def test_flags_beat_environment_and_config_file(
                       "budget: {max_cost_usd: 1, max_requests: 2}\n")  # fmt: skip
     monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "5")
     seen = []
-    real = nanobatch.runner.check_job  # the CLI imports it when the command runs
-    monkeypatch.setattr(nanobatch.runner, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
+    checks = nanobatch._job_check
+    real = checks.check_job  # the CLI imports it when the command runs
+    monkeypatch.setattr(checks, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
     assert main(["validate", str(job), "--config", str(config), flag, value]) == 0
     assert getattr(getattr(seen[0], section), name) == expected
 
@@ -391,4 +393,5 @@ def test_status_and_validate_load_only_what_they_need(tmp_path: Path) -> None:
     assert status & HEAVY == set()
     args = ["validate", str(job), "--out", str(out)]
     validate = _modules_after(f"from nanobatch.cli import main; main({args!r})")
-    assert validate & {"uvicorn", "starlette", "PIL"} == set()  # (httpx, for URL checks, brings rich along)
+    # No URL or bucket in the manifest: no HTTP client, no cloud library, no engine.
+    assert validate & {"uvicorn", "starlette", "PIL", "httpx2", "fsspec", "rich"} == set()
