@@ -64,6 +64,9 @@ class GeminiClient:
         )
         # Where requests go, for messages: no user name, password or query (a key could hide there).
         self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
+        # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
+        # every request (bench row "0 peers", small answers; bench/RESULTS.md).
+        self._urls: dict[str, httpx2.URL] = {}
 
     async def __aenter__(self) -> GeminiClient:
         await self._http.__aenter__()
@@ -98,8 +101,10 @@ class GeminiClient:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; faster than json.dumps on big base64 strings: bench/RESULTS.md
         timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
+        if (url := self._urls.get(model)) is None:
+            url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
         with http_errors(self._secret, self.where):
-            response = await self._http.post(f"{self._prefix}{model}:generateContent", content=content, timeout=timeout)
+            response = await self._http.post(url, content=content, timeout=timeout)
         if response.status_code == 200:
             return redact_reply(parse_reply(response.content), self._secret)
         raise api_error(response, self._secret)

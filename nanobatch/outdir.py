@@ -265,11 +265,17 @@ class Journal:
 
     def writing(self, item_id: str, names: list[str]) -> None:
         """Note that nanobatch is about to write (or move) *item_id*'s files *names*: they are its own."""
-        self._write({"event": "writing", "run": self.run_id, "id": item_id, "files": names})
+        self.writing_many([(item_id, names)])
 
-    def _write(self, line: dict[str, Any]) -> None:
+    def writing_many(self, items: list[tuple[str, list[str]]]) -> None:
+        """:meth:`writing` for each (item id, names), in one write to the kernel (a batch of the writer's)."""
+        if items:
+            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": names}
+                          for item_id, names in items))  # fmt: skip
+
+    def _write(self, *lines: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
-        self._file.write(orjson.dumps(line) + b"\n")
+        self._file.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
         self._file.flush()
 
     def close(self) -> None:
