@@ -121,10 +121,7 @@ async def run_job(
     manifest = manifest.skipping(checked.out_dir)
     oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
     api_key = None if oauth else _api_key(settings, needed=not simulate and transport is None)
-    stats = stats if stats is not None else RunStats()
-    stats.total = checked.items
-    stats.rpm_limit = settings.limits.requests_per_minute
-    stats.concurrency = settings.limits.concurrency
+    stats = _stats(stats, checked, settings)
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
     out = OutDir(checked.out_dir, run_id)
@@ -134,15 +131,11 @@ async def run_job(
         uploads = await _uploads(settings, index, out.path, force)
         client = await _client(stack, settings, api_key, simulate, transport)
         loader = await stack.enter_async_context(InputLoader(transport=transport))
-        batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats) if (
-            "batch" in checked.tiers) else None  # fmt: skip
+        batch = await _batch_route(
+            stack, settings, client, None if simulate else api_key, transport, out, stats, checked
+        )
         engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
-        endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
-        engine.referrer = Referrer(endpoint, settings.api.inputs, batch=settings.api.tier == "batch")
-        engine.uploads = uploads
-        engine.batch_route = batch
-        if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
-            engine.route = Bounded(engine.route, settings.limits.concurrency)
+        _attach(engine, settings, simulate=simulate, uploads=uploads, batch=batch)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
@@ -151,14 +144,34 @@ async def run_job(
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
         )
-        summary["last_run"]["run"] = run_id
-        summary["last_run"]["recovered_in_flight"] = len(orphans)
+        summary["last_run"].update(run=run_id, recovered_in_flight=len(orphans))
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
     return RunSummary(
         out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+
+
+def _stats(stats: RunStats | None, checked: CheckResult, settings: Settings) -> RunStats:
+    """The run's live counters (the caller's, if it keeps its own display), sized from the check."""
+    stats = stats if stats is not None else RunStats()
+    stats.total = checked.items
+    stats.rpm_limit = settings.limits.requests_per_minute
+    stats.concurrency = settings.limits.concurrency
+    return stats
+
+
+def _attach(
+    engine: Engine, settings: Settings, *, simulate: bool, uploads: Uploads | None, batch: BatchRoute | None
+) -> None:
+    """What the engine sends through besides the client: inputs by reference, uploads, the batch route."""
+    endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
+    engine.referrer = Referrer(endpoint, settings.api.inputs, batch=settings.api.tier == "batch")
+    engine.uploads = uploads
+    engine.batch_route = batch
+    if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
+        engine.route = Bounded(engine.route, settings.limits.concurrency)
 
 
 async def _batch_route(
@@ -169,8 +182,12 @@ async def _batch_route(
     transport: httpx2.AsyncBaseTransport | None,
     out: OutDir,
     stats: RunStats,
-) -> BatchRoute:
-    """The batch tier's route, over the same endpoint as *client* (its Batch API checked first)."""
+    checked: CheckResult,
+) -> BatchRoute | None:
+    """The batch tier's route, over the same endpoint as *client* (its Batch API checked first); None when no
+    item goes in the batch tier."""
+    if "batch" not in checked.tiers:
+        return None
     config = settings.batch
     batches = await stack.enter_async_context(
         BatchClient(base_url=client.where, api_key=api_key, auth=settings.api.auth,
