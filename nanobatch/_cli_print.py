@@ -4,14 +4,14 @@ or as one JSON log event)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 if TYPE_CHECKING:
     from .runner import CheckResult, RunSummary
 
-__all__ = ["log_summary", "print_check", "print_summary"]
+__all__ = ["log_summary", "print_check", "print_models", "print_summary"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -104,3 +104,25 @@ def log_summary(summary: RunSummary) -> None:
         summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
         extra={"fields": fields},
     )  # fmt: skip
+
+
+def print_models(result: dict[str, Any]) -> None:
+    """``nanobatch models`` as text: a line per model, then what ``--live`` found."""
+    from .catalog import status_text
+
+    for row in result["models"]:
+        prices = "; ".join(
+            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
+            for tier, by_size in row["image_price_usd"].items()
+        )
+        click.echo(
+            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
+            f"served by {', '.join(row['backends'])}; {prices}"
+        )
+    if "live" in result:
+        found = result["live"]
+        click.echo(f"endpoint lists {len(found['listed'])} models")
+        click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
+        click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
+        click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))

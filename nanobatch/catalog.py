@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import models
 
-__all__ = ["compare_live", "model_rows", "model_table_markdown", "price_table_markdown", "status_text"]
+if TYPE_CHECKING:
+    from .config import Settings
+
+__all__ = ["compare_live", "list_live", "model_rows", "model_table_markdown", "price_table_markdown", "status_text"]
 
 _SIZES = ("512", "1K", "2K", "4K")
 
@@ -108,3 +111,15 @@ def compare_live(entries: Iterable[Mapping[str, Any]], day: date | None = None) 
         "missing": sorted(n for n, row in known.items() if n not in listed and row["status"] != "shut down"),
         "batch": sorted(n for n, methods in listed.items() if "batchGenerateContent" in methods and n in known),
     }
+
+
+async def list_live(settings: Settings) -> list[dict[str, Any]]:
+    """What the configured endpoint lists (``GET /{version}/models``, every page), for ``models --live``."""
+    from .client import GeminiClient
+    from .config import read_api_key
+
+    api = settings.api
+    async with GeminiClient(
+        base_url=api.base_url, api_key=read_api_key(settings), auth=api.auth, api_version=api.api_version
+    ) as client:
+        return await client.list_models()

@@ -21,6 +21,7 @@ import click
 
 from ._cli_print import log_summary as _log_summary
 from ._cli_print import print_check as _print_check
+from ._cli_print import print_models as _print_models
 from ._cli_print import print_summary as _print_summary
 from .errors import NanobatchError, sole_error
 
@@ -437,46 +438,19 @@ def report(out_dir: str) -> None:
 @click.option("--base-url", help="API base URL (for --live).")
 def models_command(live: bool, as_json: bool, config_file: str | None, base_url: str | None) -> None:
     """The model table: status, limits, and the price of one image per size and tier."""
-    from .catalog import compare_live, model_rows, status_text
+    from .catalog import compare_live, list_live, model_rows
 
-    rows = model_rows()
-    result: dict[str, Any] = {"models": rows}
+    result: dict[str, Any] = {"models": model_rows()}
     if live:
         settings = _settings(config_file, base_url=base_url)
         _install_redaction(settings)
         import anyio
 
-        result["live"] = compare_live(anyio.run(_list_live, settings))
+        result["live"] = compare_live(anyio.run(list_live, settings))
     if as_json:
         click.echo(json.dumps(result, indent=2))
-        return
-    for row in rows:
-        prices = "; ".join(
-            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
-            for tier, by_size in row["image_price_usd"].items()
-        )
-        click.echo(
-            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
-            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
-            f"served by {', '.join(row['backends'])}; {prices}"
-        )
-    if live:
-        found = result["live"]
-        click.echo(f"endpoint lists {len(found['listed'])} models")
-        click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
-        click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
-        click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
-
-
-async def _list_live(settings: Settings) -> list[dict[str, Any]]:
-    from .client import GeminiClient
-    from .config import read_api_key
-
-    api = settings.api
-    async with GeminiClient(
-        base_url=api.base_url, api_key=read_api_key(settings), auth=api.auth, api_version=api.api_version
-    ) as client:
-        return await client.list_models()
+    else:
+        _print_models(result)
 
 
 def _add_simulate() -> None:
