@@ -613,4 +613,6 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
             tracemalloc.stop()
         assert summary.stats.ok == n
     per_item = (peaks[600] - peaks[100]) / 500
-    assert per_item < 600, f"{per_item:.0f} bytes of peak memory per extra item"
+    # ~150-200 B/item plainly, ~650 under coverage's tracer (its own allocations are traced too); the queue
+    # bounded by bytes alone held 3.9 KB/item, and that is what this must catch.
+    assert per_item < 1500, f"{per_item:.0f} bytes of peak memory per extra item"
