@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import random
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-__all__ = ["first_items", "input_jpeg", "noise_png", "tiny_png", "write_catalog"]
+__all__ = ["answer_json", "first_items", "input_jpeg", "noise_png", "product_jpeg", "tiny_png", "write_catalog"]
 
 MODEL = "gemini-3.1-flash-image"
 _LINKS_PER_FILE = 50_000
@@ -36,15 +38,41 @@ def noise_png(path: Path, edge: int = 2048) -> Path:
     return path
 
 
+def product_jpeg(path: Path, edge: int = 1024) -> Path:
+    """A 1024x1024 JPEG of coloured shapes on white with a little noise: about 70 KB, like an edited product photo."""
+    rng = random.Random(0)
+    image = Image.new("RGB", (edge, edge), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for _ in range(60):
+        x, y = rng.randrange(edge // 5, edge * 4 // 5), rng.randrange(edge // 5, edge * 4 // 5)
+        draw.ellipse(
+            (x - 60, y - 60, x + 60, y + 60), fill=(rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        )
+    noise = Image.frombytes(
+        "RGB", (edge, edge), rng.randbytes(edge * edge * 3).translate(bytes(b & 7 for b in range(256)))
+    )
+    image = ImageChops.add(image.filter(ImageFilter.GaussianBlur(3)), noise)
+    image.save(path, "JPEG", quality=90)
+    return path
+
+
+def answer_json(picture: Path) -> bytes:
+    """A generateContent answer carrying *picture*, with the usageMetadata of a 1K image."""
+    data = base64.b64encode(picture.read_bytes()).decode()
+    part = {"inlineData": {"mimeType": "image/jpeg", "data": data}}
+    usage = {"promptTokenCount": 300, "candidatesTokenCount": 1120, "totalTokenCount": 1420}
+    return json.dumps(
+        {"candidates": [{"content": {"parts": [part]}, "finishReason": "STOP"}], "usageMetadata": usage}
+    ).encode()
+
+
 def _save(image: Image.Image, path: Path, fmt: str) -> None:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     path.write_bytes(buffer.getvalue())
 
 
-def write_catalog(
-    folder: Path, n: int, source_image: Path, *, image_size: str = "512", distinct: bool = False
-) -> Path:
+def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str = "512", distinct: bool = False) -> Path:
     """A job of *n* edit items read from a CSV, each with its own input file; returns the manifest.
 
     The inputs are hard links to copies of one small JPEG: every item has a file of its

@@ -38,7 +38,7 @@ from _peers import bench_peers
 from _server import SimulatorProcess
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch")
+SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets")
 README = HERE.parent / "README.md"
 README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
@@ -453,6 +453,41 @@ def bench_batch(b: Bench) -> None:
     )
 
 
+# 7. Buckets ---------------------------------------------------------------------------------------------
+
+
+def bench_buckets(b: Bench) -> None:
+    """What a re-run's bucket checks cost, counted at moto's S3 server in-process (``bench/storage.py``)."""
+    section = "7 buckets"
+    n = 2000 if b.quick else 10_000
+    say(f"[7] buckets: stamps of {n:,} objects, then a job of {n:,} items uploading to S3 and its re-run")
+    stamps = _storage_rows(["--objects", str(n)])
+    for row in stamps:
+        b.add(section, f"{row['label']} ({n:,} objects in moto's S3)", f"{row['seconds']:.2f} s, {_requests(row)}")
+    first, again = _storage_rows(["--rerun", str(n)])
+    b.add(section, f"{n:,} items with `output.upload_to`, first run", f"{first['seconds']:.1f} s, {_requests(first)}")
+    b.add(
+        section,
+        f"re-run of those {n:,} done items (distinct inputs)",
+        f"**{again['seconds']:.1f} s**, {_requests(again)}; {again['sent']} sent, {again['skipped']:,} skipped",
+        "downloads nothing, lists in batches",
+        again["requests"].get("GET", 0) == 0 and again["sent"] == 0,
+    )
+
+
+def _storage_rows(args: list[str]) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, str(HERE / "storage.py"), *args, "--json"], capture_output=True, text=True, timeout=1800
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/storage.py {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return list(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _requests(row: dict[str, Any]) -> str:
+    return ", ".join(f"{count:,} {kind}" for kind, count in sorted(row["requests"].items())) or "no requests"
+
+
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "peers": bench_peers,
     "startup": bench_startup,
@@ -462,6 +497,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "memory": bench_memory,
     "resume": bench_resume,
     "batch": bench_batch,
+    "buckets": bench_buckets,
 }
 
 
@@ -585,6 +621,16 @@ temporary folder on the local disk.
    records written by nanobatch itself): `ResultsIndex.load` in a fresh process,
    then `run_job` again over the same manifest and folder (nothing to send), and
    a cProfile of that re-run when it takes more than 2 s.
+6. **Batch tier**: 1,000 and 10,000 items (each with its own input picture)
+   through `--tier batch` against the simulator's Batch and Files APIs, with a
+   fixed job latency of 20 s, chunks of 1,000 requests, 4 open at once; peak RSS
+   of each client process.
+7. **Buckets** (`bench/storage.py`, moto's S3 server in the same process,
+   counting what it answers): stamps of 10,000 objects (2,000 with `--quick`)
+   through `storage.stat_many` and `iter_glob`; then a job of as many items,
+   each with its own input picture, whose answers (a 70 KB 1024x1024 JPEG,
+   through `httpx2.MockTransport`) go to `output.upload_to: s3://...`, run
+   twice: the re-run's requests at the server and its time.
 """
 
 

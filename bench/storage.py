@@ -14,6 +14,7 @@ Nothing leaves the machine. Needs the dev extra (moto[server], s3fs).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
@@ -21,6 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import _fixtures as fixtures  # bench/ is on the path when this runs as a script
 
 from nanobatch import storage
 
@@ -42,45 +45,39 @@ def start_moto() -> tuple[str, Counter[str]]:
     return f"http://127.0.0.1:{server.server_port}", counts
 
 
+ROWS: list[dict[str, Any]] = []  # what --json prints: one dict per measured line
+
+
 def measure(label: str, counts: Counter[str], fn: Callable[[], object]) -> None:
     counts.clear()
     started = time.perf_counter()
     fn()
     seconds = time.perf_counter() - started
     requests = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "none"
+    ROWS.append({"label": label, "seconds": seconds, "requests": dict(counts)})
     sys.stdout.write(f"| {label} | {seconds:.2f} s | {requests} |\n")
 
 
 def rerun(n: int, counts: Counter[str]) -> None:
-    """A job of *n* items uploading to S3, then the same job again: what the second run asks the server."""
-    import base64
-    import io
-    import json
+    """A job of *n* items uploading to S3, then the same job again: what the second run asks the server.
+
+    Each item has its own input picture (distinct bytes, so distinct work keys, as in a real catalog); the
+    canned answer is a 1024x1024 JPEG of a product-like picture (about 70 KB), uploaded once per item.
+    """
     import logging
     import tempfile
     from pathlib import Path
 
     import anyio
     import httpx2
-    from PIL import Image
 
     import nanobatch
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs each request
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 30, 30)).save(png, "PNG")
-    answer = json.dumps({
-        "candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png",
-                                                              "data": base64.b64encode(png.getvalue()).decode()}}]},
-                        "finishReason": "STOP"}],
-        "usageMetadata": {"promptTokenCount": 300, "candidatesTokenCount": 1120, "totalTokenCount": 1420},
-    }).encode()  # fmt: skip
-    transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=answer))
     folder = Path(tempfile.mkdtemp(prefix="nanobatch-bench-"))
-    (folder / "in.png").write_bytes(png.getvalue())
-    items = "".join(f"  - {{id: sku-{i:06}, image: in.png}}\n" for i in range(n))
-    job = folder / "job.yaml"
-    job.write_text(f"name: rerun\ndefaults: {{instruction: make it white}}\nitems:\n{items}")
+    answer = fixtures.answer_json(fixtures.product_jpeg(folder / "answer.jpg"))
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=answer))
+    job = fixtures.write_catalog(folder / "job", n, fixtures.input_jpeg(folder / "input.jpg"), distinct=True)
     settings = nanobatch.load_settings(overrides={"output.upload_to": "s3://bench/rerun/", "limits.concurrency": 32})
 
     def run() -> nanobatch.RunSummary:
@@ -90,6 +87,7 @@ def rerun(n: int, counts: Counter[str]) -> None:
     measure("first run (each image PUT)", counts, run)
     summary: list[nanobatch.RunSummary] = []
     measure("re-run (all done)", counts, lambda: summary.append(run()))
+    ROWS[-1]["skipped"], ROWS[-1]["sent"] = summary[0].stats.skipped, summary[0].stats.requests
     sys.stdout.write(f"\nre-run: {summary[0].stats.skipped:,} skipped, {summary[0].stats.requests} sent\n")
 
 
@@ -97,15 +95,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--objects", type=int, default=10_000)
     parser.add_argument("--rerun", type=int, default=0, help="measure a re-run of a job of this many items")
+    parser.add_argument("--json", action="store_true", help="end with one line: the measured rows as JSON")
     args = parser.parse_args()
-    n = args.objects
+    try:
+        measure_all(args.objects, args.rerun)
+    finally:
+        if args.json:
+            sys.stdout.write("\n" + json.dumps(ROWS) + "\n")
+
+
+def measure_all(n: int, rerun_items: int) -> None:
     url, counts = start_moto()
     os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     fs = storage._filesystem("s3://bench")
     fs.mkdir("bench")
-    if args.rerun:
-        rerun(args.rerun, counts)
+    if rerun_items:
+        rerun(rerun_items, counts)
         return
     fs.pipe({f"bench/crowded/{i:06}.jpg": b"x" * 64 for i in range(n)})
     fs.pipe({f"bench/spread/{i // 10:05}/{i % 10}.jpg": b"x" * 64 for i in range(n)})
