@@ -429,7 +429,8 @@ def bench_batch(b: Bench) -> None:
     sizes = (max(b.batch_items // 10, 50), b.batch_items)
     say(f"[6] batch tier: {sizes[0]:,} and {sizes[1]:,} items, chunks of 1,000, job latency {latency:g} s")
     runs = {}
-    with SimulatorProcess(latency_s=0, canned=str(b.tiny), batch_latency_s=latency) as sim:
+    answer = fixtures.product_jpeg(b.tmp / "product-1k.jpg")  # a 70 KB answer: 0.9 GB of result files at 10,000
+    with SimulatorProcess(latency_s=0, canned=str(answer), batch_latency_s=latency) as sim:
         for n in sizes:
             run = b.client(
                 "nanobatch", manifest=str(b.catalog(n, distinct=True)), out_dir=b.out(f"batch-{n}"),
@@ -622,7 +623,8 @@ temporary folder on the local disk.
    then `run_job` again over the same manifest and folder (nothing to send), and
    a cProfile of that re-run when it takes more than 2 s.
 6. **Batch tier**: 1,000 and 10,000 items (each with its own input picture)
-   through `--tier batch` against the simulator's Batch and Files APIs, with a
+   through `--tier batch` against the simulator's Batch and Files APIs, each
+   answer a 70 KB 1024x1024 JPEG (0.9 GB of result files at 10,000), with a
    fixed job latency of 20 s, chunks of 1,000 requests, 4 open at once; peak RSS
    of each client process.
 7. **Buckets** (`bench/storage.py`, moto's S3 server in the same process,
