@@ -349,3 +349,40 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
     # Each waiting item held its request body (its picture inline, in base64) and its picture: 241 KB. Now its
     # task (the coroutines of one step) is most of what it holds: ~12 KB, more under coverage's tracer.
     assert per_item < 32_000, f"{per_item:.0f} bytes held per waiting item"
+
+
+def test_answers_without_an_image_are_sent_again_in_a_later_batch(job: Path) -> None:
+    # A no-image answer is retried: the step's request, on disk in its chunk while it waited, goes out again.
+    app = sim(rate_no_image=0.3, seed=6)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url)
+    done = records(job.parent / "out")
+    assert code == 0
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and max(r["attempts"] for r in done) > 1
+    assert len(jobs(app)) > 2
+
+
+def test_a_chunk_refused_before_its_job_fails_its_items_with_the_refusal(job: Path) -> None:
+    # A definite refusal of the upload (400): nothing was paid; each step fails with that answer, as online.
+    import httpx2
+
+    import nanobatch
+
+    from .conftest import run_virtual
+
+    class RefuseUploads(httpx2.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx2.ASGITransport(app=sim())
+
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            if request.url.path.startswith("/upload/"):
+                error = {"code": 400, "message": "not this file", "status": "INVALID_ARGUMENT"}
+                return httpx2.Response(400, json={"error": error})
+            return await self.inner.handle_async_request(request)
+
+    settings = nanobatch.load_settings(job.parent / "nanobatch.yaml", overrides={"api.tier": "batch"})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, out_dir=job.parent / "out",
+                                                    transport=RefuseUploads()))  # fmt: skip
+    assert summary.stats.failed == ITEMS
+    assert {r["error"]["status_code"] for r in records(job.parent / "out")} == {400}
