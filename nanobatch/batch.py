@@ -2,10 +2,12 @@
 
 The engine sends each step exactly as it does online (same gate, budget, retries, record and writer);
 :class:`BatchRoute` appends the body as a line of the open *chunk* (a JSONL file in the output folder) and the
-step waits until that chunk's job has answered. A chunk is sealed when it is full (``chunk_requests`` lines or
-``chunk_bytes``) or when no request came for ``linger_s``; then one task per chunk uploads it, creates its job,
-polls it (growing intervals) and downloads its results into the folder, and each waiting step gets its own line
-back as a :class:`~nanobatch.gemini.Reply` or :class:`~nanobatch.errors.ApiError`.
+step waits until that chunk's job has answered, holding nothing but its key and chunk (the body is taken from its
+:class:`~nanobatch.route.Request`, and read back from the chunk only with an answer the step may be sent again
+for). A chunk is sealed when it is full (``chunk_requests`` lines or ``chunk_bytes``) or when no request came for
+``linger_s``; then one task per chunk uploads it, creates its job, polls it (growing intervals) and downloads its
+results into the folder, and each waiting step gets its own line back as a :class:`~nanobatch.gemini.Reply` or
+:class:`~nanobatch.errors.ApiError`.
 
 Every step is journaled in ``.nanobatch-batches/batches.jsonl`` (:class:`Ledger`) before and after it happens::
 
@@ -26,7 +28,6 @@ item is left for the next run, which collects it.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from .limits import Stopped
 if TYPE_CHECKING:
     from .batch_api import BatchClient, BatchJob
     from .gemini import Reply
+    from .route import Request
 
 __all__ = ["DEADLINE_KIND", "BatchOptions", "BatchRoute"]
 
@@ -157,15 +159,18 @@ class BatchRoute:
 
     # -- the route ----------------------------------------------------------------------------
 
-    async def send(self, model: str, body: dict[str, Any], *, timeout_s: float, key: str = "") -> Reply:
-        """Put *body* in a chunk (or find it in one already sent) and wait for its job's answer."""
+    async def send(self, model: str, request: Request, *, timeout_s: float, key: str = "") -> Reply:
+        """Put the request in a chunk (or find it in one already sent) and wait for its job's answer. Meanwhile
+        the request is on disk only: its body is taken from *request*, and put back by :meth:`_answer`."""
         if self.past_deadline:
             raise _deadline_error()
         chunk = self.by_key.get(key)
         if chunk is None:
-            chunk = self._add(model, key, body)
+            chunk = self._add(model, key, request.take())
+        else:
+            request.take()  # in a chunk already (a resumed run's): its line there is the request
         await chunk.settled.wait()
-        return self._answer(chunk, key)
+        return self._answer(chunk, key, request)
 
     def job_for(self, key: str) -> str | None:
         """The job that answered the request *key* (for the record's ``batch``)."""
@@ -223,22 +228,27 @@ class BatchRoute:
                 if now - filling.touched >= self.options.linger_s:
                     self._seal(model)
 
-    def _answer(self, chunk: Chunk, key: str) -> Reply:
+    def _answer(self, chunk: Chunk, key: str, request: Request) -> Reply:
+        """*key*'s answer from *chunk*. With an answer the step may be sent again for (an error: retried, or sent
+        online past the deadline; or no image: retried), its body is read back from the chunk into *request*."""
         if chunk.outcome is not None:
-            raise copy.copy(chunk.outcome)
+            if isinstance(chunk.outcome, ApiError):
+                request.body = self._request(chunk, key)
+            raise _again(chunk.outcome)
         if self.by_key.get(key) is chunk:
             del self.by_key[key]  # used: a retry of this request goes into a new chunk
         chunk.served.add(key)
         offset = chunk.offsets.get(key)
-        line = self._line(chunk, offset) if offset is not None else None
+        result = self.client.result_line(self._line(chunk.results, offset)) if offset is not None else None
+        if result is None or result.reply is None or not result.reply.images:
+            request.body = self._request(chunk, key)  # before the chunk's files are deleted
         if set(chunk.keys) <= chunk.served:
             self._close(chunk)
-        if line is None:
+        if result is None:
             raise _deadline_error() if self.past_deadline else ApiError(
                 f"batch job {chunk.job} ended {chunk.state} without answering this request; it goes in a later batch",
                 kind="batch_unanswered", retryable=True,
             )  # fmt: skip
-        result = self.client.result_line(line)
         if chunk.job:
             self.answered_by[key] = chunk.job
         if result.error is not None:
@@ -246,17 +256,32 @@ class BatchRoute:
         assert result.reply is not None
         return result.reply
 
-    def _line(self, chunk: Chunk, offset: int) -> bytes:
-        assert chunk.results is not None
-        with (self.folder / chunk.results).open("rb") as handle:
+    def _line(self, name: str | None, offset: int) -> bytes:
+        assert name is not None
+        with (self.folder / name).open("rb") as handle:
             handle.seek(offset)
             return handle.readline()
 
+    def _request(self, chunk: Chunk, key: str) -> dict[str, Any] | None:
+        """*key*'s request body, read back from *chunk*'s file (indexed once, when first wanted)."""
+        if chunk.requests is None:
+            chunk.requests = self._keys_in(chunk.path)
+        offset = chunk.requests.get(key)
+        if offset is None:
+            return None
+        body = orjson.loads(self._line(chunk.path, offset)).get("request")
+        return body if isinstance(body, dict) else None
+
     def _index(self, chunk: Chunk) -> None:
-        """Where each key's line is in the chunk's results file (read as a stream)."""
-        if chunk.results is None or not (self.folder / chunk.results).exists():
-            return
-        with (self.folder / chunk.results).open("rb") as handle:
+        """Where each key's line is in the chunk's results file."""
+        chunk.offsets = self._keys_in(chunk.results)
+
+    def _keys_in(self, name: str | None) -> dict[str, int]:
+        """Where each key's line is in the folder's JSONL file *name* (read as a stream)."""
+        offsets: dict[str, int] = {}
+        if name is None or not (self.folder / name).exists():
+            return offsets
+        with (self.folder / name).open("rb") as handle:
             offset = 0
             for line in handle:
                 try:
@@ -264,14 +289,16 @@ class BatchRoute:
                 except (orjson.JSONDecodeError, AttributeError):
                     key = None
                 if key is not None:
-                    chunk.offsets[str(key)] = offset
+                    offsets[str(key)] = offset
                 offset += len(line)
+        return offsets
 
     def _close(self, chunk: Chunk) -> None:
         for name in (chunk.path, chunk.results):
             if name:
                 (self.folder / name).unlink(missing_ok=True)
         chunk.closed = True
+        chunk.offsets, chunk.requests, chunk.served = {}, None, set()  # nothing more is asked of it
         self.ledger.note("closed", chunk)
 
     # -- a chunk's life ------------------------------------------------------------------------
@@ -426,6 +453,13 @@ class _Filling:
     handle: IO[bytes]
     size: int = 0
     touched: float = 0.0
+
+
+def _again(outcome: BaseException) -> BaseException:
+    """A copy of *outcome* for one more step to raise (``copy.copy`` cannot remake an ApiError from its args)."""
+    again = type(outcome).__new__(type(outcome), *outcome.args)
+    again.__dict__.update(outcome.__dict__)
+    return again
 
 
 def _deadline_error() -> ApiError:

@@ -31,7 +31,7 @@ from ._retry import RetryPolicy, retrying
 from .batch import DEADLINE_KIND, BatchRoute
 from .client import GeminiClient
 from .errors import ApiError, FatalApiError, StorageError
-from .gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply
+from .gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply, set_service_tier
 from .inputs import InputLoader, image_digest, is_remote, load_inputs, local_stamps, work_key
 from .limits import Gate, Stopped
 from .manifest import WorkItem
@@ -40,7 +40,7 @@ from .outdir import OutDir
 from .record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
 from .remote import Referrer, endpoint_for
 from .results import IndexEntry, ResultsIndex, is_done, renamed_files
-from .route import GenerateContent, Route
+from .route import GenerateContent, Request, Route
 from .upload import Uploads
 from .writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
 
@@ -96,11 +96,12 @@ class RunStats:
 SHED_KINDS = frozenset({"rate_limited", "overloaded"})
 
 
-def _spare_workers(concurrency: int) -> int:
+def _spare_workers(concurrency: int, tier: str) -> int:
     """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
     spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
-    instead of after a worker-thread hand-off. Each holds one item's inputs."""
-    return max(1, concurrency // 8)
+    instead of after a worker-thread hand-off. Each holds one item's inputs. In the batch tier slots free a
+    chunk at a time, when its job answers: spare workers would hold their items' pictures for nothing."""
+    return 1 if tier == "batch" else max(1, concurrency // 8)
 
 
 @dataclass(slots=True)
@@ -176,7 +177,7 @@ class Engine:
                 try:
                     with self.work_scope:
                         async with anyio.create_task_group() as workers:
-                            for _ in range(self.concurrency + _spare_workers(self.concurrency)):
+                            for _ in range(self.concurrency + _spare_workers(self.concurrency, self.tier)):
                                 workers.start_soon(self._work, pending, done)
                 finally:
                     done.close()
@@ -231,14 +232,16 @@ class Engine:
             prepared = await self._prepare(item, tally)
             if not isinstance(prepared, _Prepared):
                 return prepared
-            sent: list[Image | FileRef] = prepared.images
+            sent: list[Image | FileRef] = prepared.images  # handed to each step (see _send_step)
             images: list[Image] = []
             for number, instruction in enumerate(item.steps, 1):
                 tally.steps.append(StepRecord(step=number, instruction=instruction))
+                images = []  # the last step's images are in *sent* alone while this step is sent
                 reply = await self._send_step(item, tally, instruction, sent)
                 tally.usages.append(reply.usage)
                 images = list(reply.images)
                 sent = [*images]  # the next step edits this step's result
+                del reply  # nor is its answer held while the next step waits
                 if item.keep_steps and number < len(item.steps):
                     names = self._name_outputs(item, images, step=number)
                     tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
@@ -335,7 +338,10 @@ class Engine:
     async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
         """One step in the item's tier, retried; a flex request still shed after its retries goes out at
         standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
-        summary). Returns the answer with its image, or raises ApiError."""
+        summary). Returns the answer with its image, or raises ApiError.
+
+        *images* are handed over: a batch step empties the list once its request is built, so that while it waits
+        for its job the pictures are held nowhere and the request only on disk (see :class:`Request`)."""
         sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
 
         def sending() -> None:
@@ -344,9 +350,17 @@ class Engine:
                 sent_at = anyio.current_time()
 
         tier = "standard" if tally.fallback else item.tier or self.tier
+        body = build_request(
+            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
+            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
+        )  # fmt: skip
+        request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
+        del body  # the request holds it alone: a batch route takes it from there
+        if tier == "batch":
+            images.clear()
         try:
             try:
-                return await self._send_in(tier, item, tally, instruction, images, sending)
+                return await self._send_in(tier, item, tally, instruction, request, sending)
             except FatalApiError:
                 raise
             except ApiError as exc:
@@ -355,13 +369,13 @@ class Engine:
                     tally.fallback = True
                     self.stats.fallbacks += 1
                     online = self.batch_route.options.online_tier
-                    return await self._send_in(online, item, tally, instruction, images, sending)
+                    return await self._send_in(online, item, tally, instruction, request, sending)
                 if tier != "flex" or not self.flex_fallback or exc.kind not in SHED_KINDS:
                     raise
                 logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
                 tally.fallback = True
                 self.stats.fallbacks += 1
-                return await self._send_in("standard", item, tally, instruction, images, sending)
+                return await self._send_in("standard", item, tally, instruction, request, sending)
         finally:
             if sent_at is not None:
                 tally.api_s.append(anyio.current_time() - sent_at)
@@ -372,19 +386,15 @@ class Engine:
         item: WorkItem,
         tally: Tally,
         instruction: str,
-        images: list[Image | FileRef],
+        request: Request,
         sending: Callable[[], None],
     ) -> Reply:
         """One step in *tier*, retried by the retry policy; each attempt passes the gate and is journaled."""
         tally.tier = tier
-        body = build_request(
-            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
-            image_size=item.image_size, thinking_level=item.thinking_level,
-            service_tier=None if tier == "batch" else tier, output_format=item.output_format,
-        )  # fmt: skip
+        set_service_tier(request.json(), None if tier == "batch" else tier)
         pricing = models.pricing_for(item.model, self.pricing, tier)
         _, worst = models.request_cost_range(
-            item.model, instruction=instruction, n_images=len(images), image_size=item.image_size, pricing=pricing
+            item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
         )
         timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
         if tier == "flex":
@@ -393,7 +403,7 @@ class Engine:
         async def attempt() -> Reply:
             async with self.gate.request(worst) as ticket:
                 sending()
-                reply = await self._attempt(item, tally, body, timeout, tier)
+                reply = await self._attempt(item, tally, request, timeout, tier)
                 served = models.reported_tier(reply.usage)
                 if served is not None and served != tier:
                     tally.tier = served
@@ -413,7 +423,7 @@ class Engine:
 
         return await retrying(attempt, self.retry, on_retry=on_retry)
 
-    async def _attempt(self, item: WorkItem, tally: Tally, body: dict[str, Any], timeout_s: float, tier: str) -> Reply:
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, tier: str) -> Reply:
         """One request through the tier's route, noted in the journal just before it goes out."""
         tally.attempts += 1
         self.stats.requests += 1
@@ -425,13 +435,13 @@ class Engine:
             key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
             if tier == "batch" and self.batch_route is not None:
                 try:
-                    reply = await self.batch_route.send(item.model, body, timeout_s=timeout_s, key=key)
+                    reply = await self.batch_route.send(item.model, request, timeout_s=timeout_s, key=key)
                 except Stopped:
                     self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
                     raise
                 tally.batch = self.batch_route.job_for(key)
                 return reply
-            return await self.route.send(item.model, body, timeout_s=timeout_s, key=key)
+            return await self.route.send(item.model, request, timeout_s=timeout_s, key=key)
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).

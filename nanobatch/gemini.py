@@ -32,6 +32,7 @@ __all__ = [
     "check_reply",
     "classify_error",
     "parse_reply",
+    "set_service_tier",
     "sniff_mime",
     "sum_usage",
 ]
@@ -150,9 +151,15 @@ def build_request(
     if thinking_level is not None:
         generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+    set_service_tier(body, service_tier)
+    return body
+
+
+def set_service_tier(body: dict[str, Any], service_tier: str | None) -> None:
+    """Make *body* ask for *service_tier* (see :func:`build_request`): standard or None leaves it out."""
+    body.pop("serviceTier", None)
     if service_tier is not None and service_tier != "standard":
         body["serviceTier"] = service_tier.lower()
-    return body
 
 
 def parse_reply(body: bytes) -> Reply:

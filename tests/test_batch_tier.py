@@ -279,3 +279,110 @@ def test_an_item_may_choose_the_batch_tier_in_an_online_run(tmp_path: Path, monk
     by_id = {r["id"]: r for r in records(tmp_path / "out")}
     assert by_id["slow"]["tier"] == "batch" and by_id["slow"]["batch"] == jobs(app)[0].name
     assert by_id["now"]["tier"] == "standard" and "batch" not in by_id["now"]
+
+
+def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every item has its own ~100 KB picture and all of them wait in one job at once. While they wait, each
+    # request is a line of its chunk on disk: memory (Python's allocations, traced) must not grow with the
+    # number of waiting items by more than their keys.
+    import random
+    import tracemalloc
+
+    import httpx2
+    from PIL import Image as PILImage
+
+    import nanobatch
+    from nanobatch.batch_api import BatchClient
+
+    from .conftest import run_virtual
+    from .fakes import image_bytes
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    canned = tmp_path / "answer.png"
+    canned.write_bytes(image_bytes())
+
+    def catalog(folder: Path, n: int) -> Path:
+        (folder / "images").mkdir(parents=True)
+        for k in range(n):  # noise: a PNG as big as its pixels (~97 KB)
+            pixels = random.Random(f"{folder.name}-{k}").randbytes(180 * 180 * 3)
+            PILImage.frombytes("RGB", (180, 180), pixels).save(folder / "images" / f"p{k}.png")
+        items = [{"id": f"sku-{k}", "image": f"images/p{k}.png"} for k in range(n)]
+        return write_job(folder, items, model=MODEL)
+
+    waiting_peak: list[int] = []
+    real_create, real_download = BatchClient.create, BatchClient.download
+
+    async def create(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        job = await real_create(self, *args, **kwargs)
+        tracemalloc.reset_peak()  # from here on, each item waits in the job
+        return job
+
+    async def download(self: BatchClient, *args: Any, **kwargs: Any) -> None:
+        waiting_peak.append(tracemalloc.get_traced_memory()[1])
+        await real_download(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchClient, "create", create)
+    monkeypatch.setattr(BatchClient, "download", download)
+
+    def run(n: int) -> nanobatch.RunSummary:
+        settings = nanobatch.load_settings(overrides={
+            "api.tier": "batch", "batch.chunk_requests": n, "batch.open_chunks": 1, "batch.linger_s": 3600,
+        })  # fmt: skip  # one chunk, sealed when its n-th request is in it: every item waits in the same job
+        app = create_app(SimulatorConfig(batch_latency_s=600, canned=str(canned), time_scale=0))
+        transport = httpx2.ASGITransport(app=app)
+        job = catalog(tmp_path / str(n), n)
+        return run_virtual(lambda: nanobatch.run_job(job, settings=settings, out_dir=job.parent / "out",
+                                                     transport=transport))  # fmt: skip
+
+    run(5)  # untraced: lazy imports and one-off caches count in neither measured run
+    peaks = {}
+    for n in (20, 80):
+        waiting_peak.clear()
+        tracemalloc.start()
+        try:
+            summary = run(n)
+        finally:
+            tracemalloc.stop()
+        assert summary.stats.ok == n and len(waiting_peak) == 1
+        peaks[n] = waiting_peak[0]
+    per_item = (peaks[80] - peaks[20]) / 60
+    # Each waiting item held its request body (its picture inline, in base64) and its picture: 241 KB. Now its
+    # task (the coroutines of one step) is most of what it holds: ~12 KB, more under coverage's tracer.
+    assert per_item < 32_000, f"{per_item:.0f} bytes held per waiting item"
+
+
+def test_answers_without_an_image_are_sent_again_in_a_later_batch(job: Path) -> None:
+    # A no-image answer is retried: the step's request, on disk in its chunk while it waited, goes out again.
+    app = sim(rate_no_image=0.3, seed=6)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url)
+    done = records(job.parent / "out")
+    assert code == 0
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and max(r["attempts"] for r in done) > 1
+    assert len(jobs(app)) > 2
+
+
+def test_a_chunk_refused_before_its_job_fails_its_items_with_the_refusal(job: Path) -> None:
+    # A definite refusal of the upload (400): nothing was paid; each step fails with that answer, as online.
+    import httpx2
+
+    import nanobatch
+
+    from .conftest import run_virtual
+
+    class RefuseUploads(httpx2.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self.inner = httpx2.ASGITransport(app=sim())
+
+        async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+            if request.url.path.startswith("/upload/"):
+                error = {"code": 400, "message": "not this file", "status": "INVALID_ARGUMENT"}
+                return httpx2.Response(400, json={"error": error})
+            return await self.inner.handle_async_request(request)
+
+    settings = nanobatch.load_settings(job.parent / "nanobatch.yaml", overrides={"api.tier": "batch"})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, out_dir=job.parent / "out",
+                                                    transport=RefuseUploads()))  # fmt: skip
+    assert summary.stats.failed == ITEMS
+    assert {r["error"]["status_code"] for r in records(job.parent / "out")} == {400}
