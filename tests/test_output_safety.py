@@ -59,13 +59,16 @@ def test_an_output_folder_holding_the_inputs_is_refused_before_anything_is_sent(
     assert fake.requests == [] and {p.name: p.read_bytes() for p in (tmp_path / "photos").iterdir()} == originals
 
 
+@pytest.mark.parametrize("image", ["img/a.jpg", "linked/a.jpg"], ids=["plain", "through-a-linked-folder"])
 def test_validate_refuses_an_output_template_over_the_inputs_in_the_manifest_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], image: str
 ) -> None:
-    # output_dir: . with output: img/{id}.jpg, where the pictures are img/<id>.jpg: the extension does not matter.
+    # output_dir: . with output: img/{id}.jpg, where the pictures are img/<id>.jpg: the extension does not matter,
+    # nor whether the manifest names the pictures through a linked folder (linked -> img).
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(image_bytes(fmt="JPEG"))
-    job = write_job(tmp_path, [{"id": "a", "image": "img/a.jpg", "output": "img/{id}.jpg"}], output_dir=".")
+    (tmp_path / "linked").symlink_to(tmp_path / "img", target_is_directory=True)
+    job = write_job(tmp_path, [{"id": "a", "image": image, "output": "img/{id}.jpg"}], output_dir=".")
     assert main(["validate", str(job)]) == 2
     assert "item 'a', field 'output': its image would be written over" in capsys.readouterr().err
 
@@ -182,12 +185,20 @@ def test_cleanup_removes_only_nanobatchs_own_temporary_files(tmp_path: Path) -> 
     out = tmp_path / "out"
     (out / "notes").mkdir(parents=True)
     user_files = [out / ".cache.tmp", out / "notes" / ".important.tmp", out / ".a.png.123-4.tmp"]
+    # Named like nanobatch's own, but reached only through a link: another folder's, not the output folder's.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    user_files.append(elsewhere / ".nanobatch-77-1.tmp")
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".nanobatch-77-2.tmp").symlink_to(tmp_path / "kept.txt")
+    user_files.append(tmp_path / "kept.txt")
     for path in user_files:
         path.write_text("mine")
     left = out / "notes" / ".nanobatch-4242-7.tmp"
     left.write_bytes(b"half an image")
     assert run(job, FakeGemini(), out).exit_code == 0
     assert all(path.read_text() == "mine" for path in user_files) and not left.exists()
+    assert (out / ".nanobatch-77-2.tmp").is_symlink()
 
 
 def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +220,8 @@ def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, m
 @pytest.mark.parametrize(
     "output",
     ["results.jsonl/{id}", "summary.json/{id}.png", "journal.jsonl/{id}", "report.html/{id}", ".nanobatch.{id}",
-     ".nanobatch.lock/{id}", "pics/.nanobatch-{id}", "Results.JSONL/{id}"],
+     ".nanobatch.lock/{id}", "pics/.nanobatch-{id}", "Results.JSONL/{id}", "./results.jsonl/{id}",
+     ".//report.html/{id}", "./.nanobatch-batches/{id}"],
 )  # fmt: skip
 def test_output_names_on_nanobatchs_own_files_are_refused(tmp_path: Path, output: str) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "output": output}])
