@@ -229,8 +229,9 @@ def test_output_names_on_nanobatchs_own_files_are_refused(tmp_path: Path, output
     assert (problem.item, problem.field) == ("a", "output") and "nanobatch" in problem.message
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EISDIR, errno.ENAMETOOLONG], ids=errno.errorcode.get)
 def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(6)])
     out = tmp_path / "out"
@@ -238,7 +239,7 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
 
     def write(path: str, data: bytes) -> None:
         if path.endswith("i3.png"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
+            raise OSError(code, os.strerror(code), path)
         real_write(path, data)
 
     monkeypatch.setattr(nanobatch.outdir, "write_image", write)
@@ -311,3 +312,16 @@ def test_a_moved_item_takes_its_kept_steps_along(tmp_path: Path) -> None:
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["sale/s1.png", "sale/s1.step1.png"]
     record = latest(out)["s1"]
     assert record["outputs"] == ["sale/s1.png"] and record["steps"][0]["outputs"] == ["sale/s1.step1.png"]
+
+
+def test_a_done_item_whose_output_template_changed_is_moved_without_paying_again(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}])
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 2
+    before = (out / "a.png").read_bytes()
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: edited/{id}\n"))
+    summary = run(job, fake, out)
+    assert summary.exit_code == 0 and len(fake.requests) == 2 and summary.stats.skipped == 2
+    assert not (out / "a.png").exists() and (out / "edited" / "a.png").read_bytes() == before
+    assert latest(out)["a"]["outputs"] == ["edited/a.png"] and latest(out)["b"]["moved_from"] == ["b.png"]
