@@ -197,13 +197,16 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
     ]
 
 
-@pytest.mark.parametrize("where", ["empty", "/"])
+@pytest.mark.parametrize("where", ["empty", "/", "photos"])
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_status_of_a_folder_no_run_wrote_into_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, as_json: bool
 ) -> None:
     folder = tmp_path / where if where != "/" else Path(where)
     folder.mkdir(exist_ok=True)
+    if where == "photos":  # the user's pictures, with a summary.json of their own: still not an output folder
+        (folder / "a.png").write_bytes(b"\x89PNG")
+        (folder / "summary.json").write_text('{"note": "mine"}')
     assert main(["status", str(folder), *(["--json"] if as_json else [])]) == 2
     captured = capsys.readouterr()
     assert "is not a nanobatch output folder" in captured.err and captured.out == ""
