@@ -520,11 +520,17 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
     assert events == [("folder", "shoes"), ("record", "sku-1")]
 
 
-def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(tmp_path: Path) -> None:
-    # Each answer thinks for 30,000 tokens: $0.158 a request, twice the table's worst case for 1K.
+@pytest.mark.parametrize(
+    "extra", [{}, {"model": "gemini-3-pro-image", "steps": ["crop it", "make the background white"]}],
+    ids=["flash", "pro-two-steps"],
+)  # fmt: skip
+def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(
+    tmp_path: Path, extra: dict[str, Any]
+) -> None:
+    # Each answer thinks for 30,000 tokens: $0.158 a request, twice the table's worst case for 1K (on flash).
     usage = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "thoughtsTokenCount": 30000}
-    fake = FakeGemini({"make the background white": [ok_body(usage=usage)]})
-    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(10)])
+    fake = FakeGemini({text: [ok_body(usage=usage)] for text in ["make the background white", "crop it"]})
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", **extra} for n in range(10)])
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 1, "budget.max_cost_usd": 0.55})
     summary = run(job, fake, settings=settings)
     spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]

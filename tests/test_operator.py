@@ -371,3 +371,27 @@ def test_json_logs_stay_json_when_nothing_runs(
     assert anyio.run(run_while_held) == code
     events = _stderr_events(capsys.readouterr().err)
     assert [e["level"] for e in events if e["level"] == "error"] == ["error"]
+
+
+def test_quiet_says_a_refused_key_once_not_once_per_request_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-not-the-right-one")
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
+    with run_in_thread(SimulatorConfig(api_key="k-0123456789", latency_s=0.05)) as url:
+        argv = ["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--concurrency", "8", "--quiet"]
+        assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: run aborted: HTTP 40") and err.count("error:") == 1
+    assert "k-not-the-right-one" not in err
+
+
+def test_json_logs_stay_json_when_a_budget_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(5)])
+    argv = ["--log-format", "json", "run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--max-requests", "2"]
+    assert main(argv) == 3
+    events = _stderr_events(capsys.readouterr().err)
+    summary = [e for e in events if e.get("event") == "summary"]
+    assert len(summary) == 1 and summary[0]["exit_code"] == 3 and summary[0]["counts"]["ok"] == 2
