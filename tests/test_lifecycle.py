@@ -53,12 +53,26 @@ def test_a_deprecated_model_warns_and_names_its_replacement(
     assert "gemini-3.1-flash-image is deprecated since 2026-10-06; use gemini-nano-banana-2.1" in err
 
 
+@pytest.mark.parametrize(
+    ("model", "base_url", "said"),
+    [
+        ("gemini-3.1-flash-image-preview", GOOGLE, "2026-06-25"),
+        ("gemini-2.5-flash-image", GOOGLE + "/v1beta/", "2026-10-02"),
+        ("gemini-3.1-flash-image-preview", "https://GenerativeLanguage.googleapis.com", "2026-06-25"),
+    ],
+    ids=["preview", "2.5-flash-with-a-path", "host-in-capitals"],
+)
 def test_a_shut_down_id_sent_to_google_is_a_problem_before_anything_is_sent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, base_url: str, said: str
 ) -> None:
-    assert validate(tmp_path, "gemini-3.1-flash-image-preview", GOOGLE) == 2
+    assert validate(tmp_path, model, base_url) == 2
     err = capsys.readouterr().err
-    assert "shut down at Google on 2026-06-25" in err and "use gemini-nano-banana-2.1" in err
+    assert f"shut down at Google on {said}" in err and "use gemini-nano-banana-2.1" in err
+
+
+def test_a_url_that_only_mentions_googles_host_is_a_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert validate(tmp_path, "gemini-3-pro-image-preview", "https://proxy.test/generativelanguage.googleapis.com") == 0
+    assert "known proxies still map it" in capsys.readouterr().err
 
 
 def test_a_shut_down_id_sent_to_a_proxy_only_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,3 +174,20 @@ def test_readme_tables_are_the_codes_tables() -> None:
 
 def test_every_row_cites_its_sources() -> None:
     assert all(row["sources"] and all("(20" in s for s in row["sources"]) for row in model_rows())
+
+
+def test_every_example_to_copy_names_a_model_google_still_serves() -> None:
+    import re
+
+    repo = README.parent
+    blocks = README.read_text().split("\n```")[1::2]  # what is between a line opening a fence and its closing line
+    texts = {"README code blocks": "\n".join(blocks), "config.example.yaml": (repo / "config.example.yaml").read_text()}
+    texts.update({str(p.relative_to(repo)): p.read_text() for p in sorted((repo / "jobs").glob("*.yaml"))})
+    day = datetime.date(2026, 11, 29)
+    model_id = re.compile(r"gemini-(?:nano-banana-\d+(?:\.\d+)*|[0-9a-z.-]*image(?:-preview)?)\b")
+    named = {where: set(model_id.findall(text)) for where, text in texts.items()}
+    assert named["README code blocks"] and named["jobs/example.yaml"]  # the scan sees the examples' models
+    for where, found in named.items():
+        for model in found:
+            life = models.lifecycle(model)
+            assert life is not None and life.status(day) != "shut down", (where, model)
