@@ -57,7 +57,8 @@ def file_problem(path: str) -> str | None:
         tail = f.read()
         mime = sniff_mime(head)
         if mime not in ACCEPTED_TYPES:
-            return f"it is not a PNG, JPEG, WEBP or HEIC/HEIF image ({f'it is {mime}' if mime else 'not a picture by its first bytes'})"
+            what = f"it is {mime}" if mime else "not a picture by its first bytes"
+            return f"it is not a PNG, JPEG, WEBP or HEIC/HEIF image ({what})"
         f.seek(0)
         if mime == "image/jpeg" and not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
             return picture_problem(f.read())

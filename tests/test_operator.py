@@ -113,7 +113,10 @@ def _run_unreachable(
 
 @pytest.mark.parametrize(
     ("failure", "why"),
-    [(_refused_at_the_socket, "connection refused"), (_host_not_found, "host name not found (Name or service not known)")],
+    [
+        (_refused_at_the_socket, "connection refused"),
+        (_host_not_found, "host name not found (Name or service not known)"),
+    ],
     ids=["refused", "host-not-found"],
 )
 def test_an_unreachable_api_is_named_at_once_and_the_run_ends_long_before_the_outage_limit(
@@ -390,7 +393,8 @@ def test_quiet_says_a_refused_key_once_not_once_per_request_in_flight(
 
 def test_json_logs_stay_json_when_a_budget_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(5)])
-    argv = ["--log-format", "json", "run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--max-requests", "2"]
+    argv = ["--log-format", "json", "run", str(job), "--simulate", "--out", str(tmp_path / "out")]
+    argv += ["--max-requests", "2"]
     assert main(argv) == 3
     events = _stderr_events(capsys.readouterr().err)
     summary = [e for e in events if e.get("event") == "summary"]

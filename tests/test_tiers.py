@@ -159,7 +159,8 @@ def test_flex_requests_wait_long_enough_for_a_flex_answer(tmp_path: Path) -> Non
     job = write_job(tmp_path, items, model="gemini-nano-banana-2.1")
     fake = FakeGemini()
     run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
-    read = {json.loads(r.content).get("serviceTier", "standard"): r.extensions["timeout"]["read"] for r in fake.requests}
+    read = {json.loads(r.content).get("serviceTier", "standard"): r.extensions["timeout"]["read"]
+            for r in fake.requests}  # fmt: skip
     assert read == {"flex": models.FLEX_TIMEOUT_S, "standard": 300}
 
 
