@@ -376,7 +376,8 @@ def test_a_whole_run_goes_through_httpx2_and_never_loads_httpx_0_28(tmp_path: An
     probe = (
         "import sys\nfrom nanobatch.cli import main\n"
         f"code = main(['run', {str(job)!r}, '--simulate', '--out', {str(tmp_path / 'out')!r}, '--quiet'])\n"
-        "print(code, sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0].startswith(('httpx', 'httpcore'))}))"
+        "tops = {m.split('.')[0] for m in sys.modules}\n"
+        "print(code, sorted(m for m in tops if m.startswith(('httpx', 'httpcore'))))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split(" ", 1) == ["0", "['httpcore2', 'httpx2']\n"]
