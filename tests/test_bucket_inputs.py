@@ -318,3 +318,27 @@ def test_signed_urls_outlive_a_batch_job_that_may_wait_48_hours(bucket: Bucket, 
     signed = anyio.run(referrer.sign, {ref: FileRef("image/png", "signed")})
     expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(signed[ref].uri).query)["Expires"][0])
     assert abs(expires - (asked_at + hours * 3600)) < 600  # the URL's own expiry time, not a measured duration
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from nanobatch import simulator
+
+    # --simulate's simulator, with batch jobs done in 0.3 s rather than a minute
+    monkeypatch.setattr(simulator, "SimulatorConfig", functools.partial(simulator.SimulatorConfig, batch_latency_s=0.3))
+    _pictures(bucket, 2)
+    job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(2)],
+                    defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
+    overrides = {"api.tier": "batch", "batch.linger_s": 0.1, "batch.poll_initial_s": 0.05, "batch.poll_max_s": 0.2}
+    bucket.server.log.clear()
+
+    summary = _run(job, simulate=True, settings=load_settings(env={}, overrides=overrides))
+
+    done = records(tmp_path / "out")
+    assert summary.exit_code == 0 and {(r["status"], r["tier"]) for r in done} == {("ok", "batch")}
+    signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
+    assert len(signed_gets) == 2 and bucket.downloads() == 2, bucket.server.log.counts  # by the simulator only
