@@ -19,7 +19,7 @@ import pytest
 
 import nanobatch
 from nanobatch import storage
-from nanobatch.config import load_settings
+from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ManifestError
 from nanobatch.report import write_report
 from nanobatch.runner import check_job
@@ -249,16 +249,20 @@ def test_an_unknown_input_mode_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
-def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(bucket: Bucket, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tier", ["standard", "batch"])
+def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
     _pictures(bucket, 1)
     job = write_job(tmp_path, [
         {"id": "fine", "image": bucket.url("in/0.png")},
         {"id": "gone", "image": storage.presign(bucket.url("in/gone.png"), expires_s=600) + "&x=.png"},
     ], defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
 
-    summary = _run(job, simulate=True)
+    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch) if tier == "batch" else None)
 
     assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
+    assert {r["tier"] for r in records(tmp_path / "out")} == {tier}
     (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
     assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
 
@@ -321,22 +325,27 @@ def test_signed_urls_outlive_a_batch_job_that_may_wait_48_hours(bucket: Bucket, 
 
 
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
-def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
-    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _fast_batch(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for --tier batch against --simulate's simulator, its jobs done in 0.3 s rather than a minute."""
     import functools
 
     from nanobatch import simulator
 
-    # --simulate's simulator, with batch jobs done in 0.3 s rather than a minute
     monkeypatch.setattr(simulator, "SimulatorConfig", functools.partial(simulator.SimulatorConfig, batch_latency_s=0.3))
+    overrides = {"api.tier": "batch", "batch.linger_s": 0.1, "batch.poll_initial_s": 0.05, "batch.poll_max_s": 0.2}
+    return load_settings(env={}, overrides=overrides)
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _pictures(bucket, 2)
     job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(2)],
                     defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
-    overrides = {"api.tier": "batch", "batch.linger_s": 0.1, "batch.poll_initial_s": 0.05, "batch.poll_max_s": 0.2}
     bucket.server.log.clear()
 
-    summary = _run(job, simulate=True, settings=load_settings(env={}, overrides=overrides))
+    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch))
 
     done = records(tmp_path / "out")
     assert summary.exit_code == 0 and {(r["status"], r["tier"]) for r in done} == {("ok", "batch")}
