@@ -98,16 +98,24 @@ def test_validate_names_the_item_and_field_of_a_missing_object_or_bucket(
     assert bucket.downloads() == 0
 
 
-def test_a_missing_extra_is_a_problem_before_anything_is_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [("s3://photos/a.png", "s3fs", "s3"), ("gs://photos/a.png", "gcsfs", "gcs"),
+     ("az://photos/a.png", "adlfs", "azure"), ("abfs://photos@acct.dfs.core.windows.net/a.png", "adlfs", "azure")],
+    ids=["s3", "gs", "az", "abfs"],
+)  # fmt: skip
+def test_a_missing_extra_is_a_problem_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
+) -> None:
     real_import = storage.importlib.import_module
 
-    def without_s3fs(name: str, *args: Any) -> Any:
-        if name == "s3fs":
-            raise ImportError("No module named 's3fs'")
+    def without_backend(name: str, *args: Any) -> Any:
+        if name == module:
+            raise ImportError(f"No module named {module!r}")
         return real_import(name, *args)
 
-    monkeypatch.setattr(storage.importlib, "import_module", without_s3fs)
-    job = write_job(tmp_path, [{"id": "a", "image": "s3://photos/a.png"}])
+    monkeypatch.setattr(storage.importlib, "import_module", without_backend)
+    job = write_job(tmp_path, [{"id": "a", "image": url}])
     fake = FakeGemini()
 
     with pytest.raises(ManifestError) as caught:
@@ -115,7 +123,7 @@ def test_a_missing_extra_is_a_problem_before_anything_is_sent(tmp_path: Path, mo
 
     (problem,) = caught.value.problems
     assert (problem.item, problem.field) == ("a", "image")
-    assert "pip install 'nanobatch[s3]'" in problem.message
+    assert f"pip install 'nanobatch[{extra}]'" in problem.message
     assert fake.requests == []
 
 

@@ -150,3 +150,21 @@ def test_a_whole_job_from_s3_inputs_to_gs_outputs(
     assert again.stats.skipped == 2 and len(fake.requests) == 2
     assert _downloads(gcs_env) == 0
     assert not [k for k in s3_env.log.counts if k.startswith(f"GET /{source}/") and "list-type" not in k]
+
+
+def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_without_paying_again(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    name = _bucket("s3")
+    settings = _settings(f"s3://{name}/edited")  # no trailing slash: still a prefix
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert _run(job, fake, out, settings).exit_code == 0
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
+
+    again = _run(job, fake, out, settings)
+
+    assert again.exit_code == 0 and len(fake.requests) == 1
+    record = records(out)[-1]
+    assert record["outputs"] == ["shoes/sku-1.png"] and record["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]
+    assert storage.read_bytes(record["uploads"][0]) == (out / "shoes" / "sku-1.png").read_bytes()
