@@ -168,3 +168,25 @@ def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_withou
     record = records(out)[-1]
     assert record["outputs"] == ["shoes/sku-1.png"] and record["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]
     assert storage.read_bytes(record["uploads"][0]) == (out / "shoes" / "sku-1.png").read_bytes()
+
+
+def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
+    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = _bucket("s3")
+    settings = _settings(f"s3://{name}/edited/")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert _run(job, fake, out, settings).exit_code == 0
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
+
+    def refused(url: str, data: bytes) -> None:
+        raise StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "put", refused)
+        assert _run(job, fake, out, settings).exit_code == 0
+    assert (out / "sku-1.png").is_file() and len(records(out)) == 1  # nothing moved, nothing recorded
+
+    assert _run(job, fake, out, settings).exit_code == 0 and len(fake.requests) == 1  # now it moves, unpaid
+    assert records(out)[-1]["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]
