@@ -129,27 +129,29 @@ def test_a_bad_upload_to_is_a_config_error_before_anything_is_sent(
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize(("src", "dst"), [("s3", "gs"), ("gs", "s3")], ids=["s3-to-gs", "gs-to-s3"])
 def test_a_whole_job_from_s3_inputs_to_gs_outputs(
-    s3_env: Emulator, gcs_env: Emulator, tmp_path: Path
+    s3_env: Emulator, gcs_env: Emulator, tmp_path: Path, src: str, dst: str
 ) -> None:
-    source, target = _bucket("s3"), _bucket("gs")
+    source, target = _bucket(src), _bucket(dst)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
     for n in (1, 2):
-        storage.put(f"s3://{source}/in/{n}.png", (tmp_path / "images" / f"{n}.png").read_bytes())
-    job.write_text(job.read_text().replace("images/", f"s3://{source}/in/"))
+        storage.put(f"{src}://{source}/in/{n}.png", (tmp_path / "images" / f"{n}.png").read_bytes())
+    job.write_text(job.read_text().replace("images/", f"{src}://{source}/in/"))
     out, fake = tmp_path / "out", FakeGemini()
 
-    summary = _run(job, fake, out, _settings(f"gs://{target}/edited/"))
+    summary = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
     uploads = {r["id"]: r["uploads"] for r in records(out)}  # records come in the order items finish
-    assert uploads == {f"sku-{n}": [f"gs://{target}/edited/sku-{n}.png"] for n in (1, 2)}
+    assert uploads == {f"sku-{n}": [f"{dst}://{target}/edited/sku-{n}.png"] for n in (1, 2)}
+    assert all(storage.read_bytes(url) == (out / url.rsplit("/", 1)[1]).read_bytes() for (url,) in uploads.values())
     s3_env.log.clear()
     gcs_env.log.clear()
-    again = _run(job, fake, out, _settings(f"gs://{target}/edited/"))
+    again = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
     assert again.stats.skipped == 2 and len(fake.requests) == 2
-    assert _downloads(gcs_env) == 0
-    assert not [k for k in s3_env.log.counts if k.startswith(f"GET /{source}/") and "list-type" not in k]
+    assert _downloads(gcs_env) == 0  # neither the inputs nor the outputs, whichever side Cloud Storage is on
+    assert not [k for k in s3_env.log.counts if k.startswith("GET /") and "list-type" not in k]
 
 
 def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_without_paying_again(
