@@ -4,7 +4,7 @@
 Pillow's ``verify`` (every chunk's CRC, through IEND); JPEG by its headers, then an
 EOI marker after the main image's start of scan (a truncated file has none; an EXIF
 thumbnail's own EOI, before the scan, does not count); WEBP by the RIFF header's size.
-:func:`file_problem`, on a file (``nanobatch validate``): the same headers, and the
+:func:`file_problem`, on a file (``nanobatch validate``): its type (one Gemini takes), the same headers, and the
 end of the file only (a PNG ends with IEND, a JPEG with EOI), so that checking a
 catalog reads a few kilobytes per picture. HEIC/HEIF are not checked (Pillow cannot read them).
 """
@@ -18,7 +18,10 @@ from typing import BinaryIO
 
 from .gemini import sniff_mime
 
-__all__ = ["file_problem", "picture_problem"]
+__all__ = ["ACCEPTED_TYPES", "file_problem", "picture_problem"]
+
+# What Gemini takes as an input image; anything else is refused before it is sent (and by validate).
+ACCEPTED_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 
 # Markers without a length field: SOI, EOI, RSTn, TEM.
 _STANDALONE = {0xD8, 0xD9, 0x01, *range(0xD0, 0xD8)}
@@ -53,6 +56,9 @@ def file_problem(path: str) -> str | None:
         f.seek(max(0, size - 16))
         tail = f.read()
         mime = sniff_mime(head)
+        if mime not in ACCEPTED_TYPES:
+            what = f"it is {mime}" if mime else "not a picture by its first bytes"
+            return f"it is not a PNG, JPEG, WEBP or HEIC/HEIF image ({what})"
         f.seek(0)
         if mime == "image/jpeg" and not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
             return picture_problem(f.read())

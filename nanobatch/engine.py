@@ -230,6 +230,8 @@ class Engine:
         files: list[tuple[str, bytes]] = []
         try:
             prepared = await self._prepare(item, tally)
+            if isinstance(prepared, Finished) and prepared.moves and self.uploads is not None:
+                return await self._upload_moved(prepared)
             if not isinstance(prepared, _Prepared):
                 return prepared
             sent: list[Image | FileRef] = prepared.images  # handed to each step (see _send_step)
@@ -267,6 +269,24 @@ class Engine:
         except StorageError as exc:
             logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
             return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
+
+    async def _upload_moved(self, finished: Finished) -> Finished | None:
+        """Done work whose files move to new names: PUT them under those names too, so that the record's
+        ``uploads`` follow its ``outputs``; None (left as it was, for the next run) if that cannot be done."""
+        assert self.uploads is not None
+
+        def read(name: str) -> bytes:
+            with open(self.out.file(name), "rb") as f:
+                return f.read()
+
+        try:
+            files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
+            uploads = await self.uploads.put(files)
+        except (OSError, StorageError) as exc:
+            logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
+            self.stats.skipped += 1
+            return None
+        return replace(finished, record=replace(finished.record, uploads=uploads))
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
         status = "blocked" if exc.kind == "blocked" else "failed"

@@ -25,7 +25,7 @@ from types import TracebackType
 import anyio
 import httpx2
 
-from ._pictures import picture_problem
+from ._pictures import ACCEPTED_TYPES, picture_problem
 from ._retry import RetryPolicy, retrying
 from .errors import ApiError, InputError, Problem
 from .gemini import Image, sniff_mime
@@ -58,7 +58,7 @@ MAX_DOWNLOAD_BYTES = 20 * MB
 # validate checks the URLs only when there are at most this many distinct ones.
 URL_CHECK_LIMIT = 2000
 
-_ACCEPTED = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
+_ACCEPTED = ACCEPTED_TYPES
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
 _CACHE_ENTRIES = 32

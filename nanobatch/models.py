@@ -15,6 +15,7 @@ model ids, lifecycle, limits, and prices per service tier.
 from __future__ import annotations
 
 import math
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
@@ -306,8 +307,9 @@ def lifecycle_problem(model: str, base_url: str, day: date | None = None) -> tup
     hint = f"; use {use}" if use else ""
     if status == "deprecated":
         return "warning", f"{model} is deprecated since {life.deprecated}{hint}"
-    at_google = GOOGLE_HOST in base_url
-    if at_google:
+    # The URL's host, not a substring: hosts are case-insensitive, and a proxy's path may mention Google's.
+    host = urllib.parse.urlsplit(base_url if "://" in base_url else f"//{base_url}").hostname
+    if host == GOOGLE_HOST:
         return "error", f"{model} was shut down at Google on {life.shutdown}{hint}"
     mapped = " (known proxies still map it)" if life.proxies_map else ""
     return "warning", f"{model} was shut down at Google on {life.shutdown}{mapped}{hint}"

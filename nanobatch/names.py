@@ -83,7 +83,8 @@ def output_names(item: WorkItem, extensions: Sequence[str], *, step: int | None 
 
 def reserved_name_problem(name: str) -> str | None:
     """Why the output name *name* (relative to the output folder) would fall on nanobatch's own files, or None."""
-    parts = name.replace(os.sep, "/").split("/")
+    # "./results.jsonl/x" and "a//b" name the same files as "results.jsonl/x" and "a/b".
+    parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".")]
     if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
         return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
     if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):

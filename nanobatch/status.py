@@ -16,7 +16,8 @@ from .results import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsIndex, orp
 __all__ = ["folder_status"]
 
 # What a run leaves in its output folder: a folder with none of them is not one (an empty folder, a typo, /).
-_RUN_FILES = (RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, LOCK_FILE)
+# summary.json is a common name: it counts only as nanobatch writes it (an object with "last_run").
+_RUN_FILES = (RESULTS_FILE, JOURNAL_FILE, LOCK_FILE)
 
 
 def folder_status(out_dir: Path) -> dict[str, Any]:
@@ -57,7 +58,13 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
 
 
 def _is_output_folder(folder: Path) -> bool:
-    return any((folder / name).exists() for name in _RUN_FILES)
+    if any((folder / name).exists() for name in _RUN_FILES):
+        return True
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and "last_run" in summary
 
 
 def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:

@@ -133,3 +133,14 @@ def test_a_lost_create_reply_still_made_the_job(client_at: Any) -> None:
         client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "run-9 chunk 0"})
     (found,) = [job for job in client.batches.list() if job.display_name == "run-9 chunk 0"]
     assert found.state.name == "JOB_STATE_PENDING"
+
+
+def test_line_errors_come_back_through_the_sdk_as_status_objects(client_at: Any) -> None:
+    client = client_at(SimulatorConfig(batch_latency_s=0.2, batch_rate_line_error=1.0))
+    uploaded = client.files.upload(file=jsonl(["a", "b"]), config={"mime_type": "application/jsonl"})
+    job = client.batches.create(model=MODEL, src=uploaded.name, config={"display_name": "errors"})
+    done = wait_done(client, job.name)
+    assert done.state.name == "JOB_STATE_SUCCEEDED"  # a job succeeds even when every line failed
+    lines = [json.loads(line) for line in client.files.download(file=done.dest.file_name).splitlines()]
+    assert sorted(line["key"] for line in lines) == ["a", "b"] and not any("response" in line for line in lines)
+    assert all(isinstance(line["error"]["code"], int) and line["error"]["message"] for line in lines)

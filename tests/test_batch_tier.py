@@ -150,17 +150,28 @@ def test_the_budget_is_reserved_at_batch_prices_before_a_chunk_goes_out(job: Pat
     assert sum(j.counts["request"] for j in jobs(app)) == len(done)  # nothing beyond the budget was submitted
 
 
-def test_dry_run_shows_the_batch_price_next_to_the_standard_one(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", str(job), "--dry-run", "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml")]) == 0
+@pytest.mark.parametrize("command", [["run", "--dry-run"], ["validate"]], ids=["dry-run", "validate"])
+def test_dry_run_shows_the_batch_price_next_to_the_standard_one(
+    job: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    argv = [command[0], str(job), *command[1:], "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml")]
+    assert main(argv) == 0
     text = capsys.readouterr().out
     assert "at standard prices" in text and "in the batch tier" in text
 
 
+@pytest.mark.parametrize("answer", [None, 405, 501, 200], ids=["404", "405", "501", "web-page"])
 def test_an_endpoint_without_batch_is_told_before_anything_is_uploaded(
-    job: Path, capsys: pytest.CaptureFixture[str]
+    job: Path, capsys: pytest.CaptureFixture[str], answer: int | None
 ) -> None:
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
     app = sim()
     app.router.routes = [r for r in app.router.routes if "batches" not in getattr(r, "path", "")]
+    if answer is not None:  # a proxy that answers batch calls in its own way
+        page = HTMLResponse("<html><title>API portal</title></html>", status_code=answer)
+        app.router.routes.insert(0, Route("/v1beta/batches", lambda request: page, methods=["GET", "POST"]))
     with run_in_thread(app=app) as url:
         code = cli(job, url)
     error = capsys.readouterr().err
@@ -200,6 +211,7 @@ KILL_POINTS = {
     "created, its reply lost": (lambda m, p: p.endswith(":batchGenerateContent"), True),
     "created, polling": (lambda m, p: m == "GET" and p.startswith("/v1beta/batches/"), False),
     "collected, cleaning up": (lambda m, p: m == "DELETE" and "/files/" in p, False),
+    "succeeded, results downloading": (lambda m, p: m == "GET" and p.startswith("/download/"), False),
 }
 
 
@@ -386,3 +398,52 @@ def test_a_chunk_refused_before_its_job_fails_its_items_with_the_refusal(job: Pa
                                                     transport=RefuseUploads()))  # fmt: skip
     assert summary.stats.failed == ITEMS
     assert {r["error"]["status_code"] for r in records(job.parent / "out")} == {400}
+
+
+def test_a_blocked_answer_in_a_results_file_is_recorded_blocked_as_online(job: Path) -> None:
+    app = sim(rate_blocked=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 1
+    done = records(job.parent / "out")
+    assert {r["status"] for r in done} == {"blocked"} and len(done) == ITEMS
+    assert {r["tier"] for r in done} == {"batch"} and all(r["batch"] for r in done)
+    assert len(jobs(app)) == 2  # blocked is final: not sent again in a later batch
+
+
+def test_the_deadline_may_send_the_rest_online_at_flex_price(job: Path) -> None:
+    config = CONFIG.replace("poll_max_s: 0.2}", "poll_max_s: 0.2, fallback_tier: flex}")
+    (job.parent / "nanobatch.yaml").write_text(config)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--batch-deadline", "1") == 0
+    done = records(job.parent / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == ITEMS
+    assert {(r["tier"], r["fallback"]) for r in done} == {("flex", True)}
+    assert json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]["fallbacks"] == ITEMS
+
+
+def test_chunks_are_cut_by_size_as_well_as_by_count(job: Path) -> None:
+    # Each request inlines a picture of a few hundred bytes; a chunk of at most ~1 KB holds about two.
+    config = CONFIG.replace("chunk_requests: 4", "chunk_requests: 4, chunk_mb: 0.001")
+    (job.parent / "nanobatch.yaml").write_text(config)
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+    assert len(jobs(app)) > 2 and sum(j.counts["request"] for j in jobs(app)) == ITEMS
+
+
+def test_a_nightly_no_wait_run_collects_yesterdays_jobs_and_submits_todays_items(job: Path) -> None:
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        text = job.read_text() + "- id: sku-new\n  image: images/p0.png\n  image_size: '512'\n"
+        job.write_text(text)
+        time.sleep(0.7)  # yesterday's jobs are done
+        assert cli(job, url, "--no-wait") == 0
+        assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
+        assert len(jobs(app)) == 3 and jobs(app)[-1].counts["request"] == 1  # only today's item went out
+        time.sleep(0.7)
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(job.parent / "out")) == [*(f"sku-{n}" for n in range(ITEMS)), "sku-new"]
+    assert len(jobs(app)) == 3

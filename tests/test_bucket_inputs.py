@@ -19,7 +19,7 @@ import pytest
 
 import nanobatch
 from nanobatch import storage
-from nanobatch.config import load_settings
+from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ManifestError
 from nanobatch.report import write_report
 from nanobatch.runner import check_job
@@ -98,16 +98,24 @@ def test_validate_names_the_item_and_field_of_a_missing_object_or_bucket(
     assert bucket.downloads() == 0
 
 
-def test_a_missing_extra_is_a_problem_before_anything_is_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [("s3://photos/a.png", "s3fs", "s3"), ("gs://photos/a.png", "gcsfs", "gcs"),
+     ("az://photos/a.png", "adlfs", "azure"), ("abfs://photos@acct.dfs.core.windows.net/a.png", "adlfs", "azure")],
+    ids=["s3", "gs", "az", "abfs"],
+)  # fmt: skip
+def test_a_missing_extra_is_a_problem_before_anything_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
+) -> None:
     real_import = storage.importlib.import_module
 
-    def without_s3fs(name: str, *args: Any) -> Any:
-        if name == "s3fs":
-            raise ImportError("No module named 's3fs'")
+    def without_backend(name: str, *args: Any) -> Any:
+        if name == module:
+            raise ImportError(f"No module named {module!r}")
         return real_import(name, *args)
 
-    monkeypatch.setattr(storage.importlib, "import_module", without_s3fs)
-    job = write_job(tmp_path, [{"id": "a", "image": "s3://photos/a.png"}])
+    monkeypatch.setattr(storage.importlib, "import_module", without_backend)
+    job = write_job(tmp_path, [{"id": "a", "image": url}])
     fake = FakeGemini()
 
     with pytest.raises(ManifestError) as caught:
@@ -115,7 +123,7 @@ def test_a_missing_extra_is_a_problem_before_anything_is_sent(tmp_path: Path, mo
 
     (problem,) = caught.value.problems
     assert (problem.item, problem.field) == ("a", "image")
-    assert "pip install 'nanobatch[s3]'" in problem.message
+    assert f"pip install 'nanobatch[{extra}]'" in problem.message
     assert fake.requests == []
 
 
@@ -249,16 +257,20 @@ def test_an_unknown_input_mode_is_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
-def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(bucket: Bucket, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tier", ["standard", "batch"])
+def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
     _pictures(bucket, 1)
     job = write_job(tmp_path, [
         {"id": "fine", "image": bucket.url("in/0.png")},
         {"id": "gone", "image": storage.presign(bucket.url("in/gone.png"), expires_s=600) + "&x=.png"},
     ], defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
 
-    summary = _run(job, simulate=True)
+    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch) if tier == "batch" else None)
 
     assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
+    assert {r["tier"] for r in records(tmp_path / "out")} == {tier}
     (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
     assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
 
@@ -318,3 +330,32 @@ def test_signed_urls_outlive_a_batch_job_that_may_wait_48_hours(bucket: Bucket, 
     signed = anyio.run(referrer.sign, {ref: FileRef("image/png", "signed")})
     expires = int(urllib.parse.parse_qs(urllib.parse.urlsplit(signed[ref].uri).query)["Expires"][0])
     assert abs(expires - (asked_at + hours * 3600)) < 600  # the URL's own expiry time, not a measured duration
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def _fast_batch(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for --tier batch against --simulate's simulator, its jobs done in 0.3 s rather than a minute."""
+    import functools
+
+    from nanobatch import simulator
+
+    monkeypatch.setattr(simulator, "SimulatorConfig", functools.partial(simulator.SimulatorConfig, batch_latency_s=0.3))
+    overrides = {"api.tier": "batch", "batch.linger_s": 0.1, "batch.poll_initial_s": 0.05, "batch.poll_max_s": 0.2}
+    return load_settings(env={}, overrides=overrides)
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _pictures(bucket, 2)
+    job = write_job(tmp_path, [{"id": f"p{n}", "image": bucket.url(f"in/{n}.png")} for n in range(2)],
+                    defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
+    bucket.server.log.clear()
+
+    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch))
+
+    done = records(tmp_path / "out")
+    assert summary.exit_code == 0 and {(r["status"], r["tier"]) for r in done} == {("ok", "batch")}
+    signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
+    assert len(signed_gets) == 2 and bucket.downloads() == 2, bucket.server.log.counts  # by the simulator only

@@ -364,3 +364,20 @@ def test_a_proxy_in_the_environment_keeps_httpx_in_charge(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
     assert len(built) == 1  # with one, httpx2 builds its transports (which honour the proxy) itself
+
+
+def test_a_whole_run_goes_through_httpx2_and_never_loads_httpx_0_28(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from .fakes import write_job
+
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "instruction": "a lemon"}])
+    probe = (
+        "import sys\nfrom nanobatch.cli import main\n"
+        f"code = main(['run', {str(job)!r}, '--simulate', '--out', {str(tmp_path / 'out')!r}, '--quiet'])\n"
+        "tops = {m.split('.')[0] for m in sys.modules}\n"
+        "print(code, sorted(m for m in tops if m.startswith(('httpx', 'httpcore'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split(" ", 1) == ["0", "['httpcore2', 'httpx2']\n"]

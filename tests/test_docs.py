@@ -145,3 +145,15 @@ def test_a_base_url_off_this_machine_still_needs_a_key(
 ) -> None:
     assert main(["run", "jobs/example.yaml", "--base-url", "http://api.example.com"]) == 2
     assert "no API key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_the_documented_run_works_with_the_simulator_named_either_way(
+    host: str, checkout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    (command,) = [c for c in readme_simulator_commands() if DOCUMENTED_URL in c]
+    with run_in_thread(SimulatorConfig()) as url:
+        assert run_as_typed(command, monkeypatch, url.replace("127.0.0.1", host)) == 0  # no key set anywhere
+    assert sent_and_ok(checkout / "out" / "example") == (8, 7)

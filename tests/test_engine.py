@@ -520,15 +520,52 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
     assert events == [("folder", "shoes"), ("record", "sku-1")]
 
 
-def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(tmp_path: Path) -> None:
-    # Each answer thinks for 30,000 tokens: $0.158 a request, twice the table's worst case for 1K.
+@pytest.mark.parametrize(
+    "extra", [{}, {"model": "gemini-3-pro-image", "steps": ["crop it", "make the background white"]}],
+    ids=["flash", "pro-two-steps"],
+)  # fmt: skip
+def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(
+    tmp_path: Path, extra: dict[str, Any]
+) -> None:
+    # Each answer thinks for 30,000 tokens: $0.158 a request, twice the table's worst case for 1K (on flash).
     usage = {"promptTokenCount": 1312, "candidatesTokenCount": 1120, "thoughtsTokenCount": 30000}
-    fake = FakeGemini({"make the background white": [ok_body(usage=usage)]})
-    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(10)])
+    fake = FakeGemini({text: [ok_body(usage=usage)] for text in ["make the background white", "crop it"]})
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", **extra} for n in range(10)])
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 1, "budget.max_cost_usd": 0.55})
     summary = run(job, fake, settings=settings)
     spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
     assert summary.exit_code == 3 and 0.3 < spent <= 0.55
+
+
+def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answers of 1 MB at concurrency 4, the writer's queue cut to 4 MB so that it fills early: 16 requests and
+    # 64 peak alike, within about 3x the answers in flight (base64 body, decoded image) plus the queue.
+    import os
+    import tracemalloc
+
+    body = json.dumps(ok_body(inline(b"\x89PNG\r\n\x1a\n" + os.urandom(1_000_000)))).encode()
+
+    class Big(FakeGemini):
+        def __call__(self, request: httpx2.Request) -> httpx2.Response:
+            return httpx2.Response(200, content=body, headers={"content-type": "application/json"})
+
+    monkeypatch.setattr(nanobatch.writer, "WRITE_QUEUE_BYTES", 4 * 1024 * 1024)
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 4})
+    jobs = {n: write_job(tmp_path / str(n), [{"id": f"i{k}", "instruction": "a lemon"} for k in range(n)])
+            for n in (4, 16, 64)}  # fmt: skip
+    run(jobs[4], Big(), settings=settings)  # untraced: lazy imports and one-off caches count in neither run
+    peaks = {}
+    for n in (16, 64):
+        tracemalloc.start()
+        try:
+            assert run(jobs[n], Big(), settings=settings).stats.ok == n
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[64] - peaks[16] < len(body), peaks  # less than one more answer
+    assert peaks[64] < 3 * 4 * len(body) + 4 * 1024 * 1024 + 4_000_000, peaks
 
 
 def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:

@@ -502,11 +502,31 @@ def test_a_run_never_sends_a_picture_that_cannot_be_decoded(tmp_path: Path) -> N
     assert "cannot be decoded" in cut["error"]["message"]
 
 
-@pytest.mark.parametrize("kind", ["folder", "fifo"])
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [(image_bytes(fmt="GIF"), "(it is image/gif)"), (b"hello", "(not a picture by its first bytes)"), (b"", "")],
+    ids=["gif", "text", "empty"],
+)
+def test_validate_refuses_a_picture_the_run_would_refuse_for_its_type(tmp_path: Path, data: bytes, said: str) -> None:
+    (tmp_path / "photo.png").write_bytes(data)
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write_job(tmp_path, [{"id": "a", "image": "photo.png"}]))
+    (problem,) = err.value.problems
+    assert (problem.item, problem.field) == ("a", "image")
+    assert "is not a PNG, JPEG, WEBP or HEIC/HEIF image" in problem.message and said in problem.message
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device", "reference-folder"])
 def test_an_image_that_is_not_a_regular_file_is_named_so(tmp_path: Path, kind: str) -> None:
     target = tmp_path / "photo.jpg"
-    target.mkdir() if kind == "folder" else os.mkfifo(target)
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "device":
+        target.symlink_to("/dev/null")
+    else:
+        target.mkdir()
+    item = {"id": "a", "image": "photo.jpg"} if kind != "reference-folder" else {"id": "a", "images": ["photo.jpg"]}
     with pytest.raises(ManifestError) as err:
-        nanobatch.check_job(write_job(tmp_path, [{"id": "a", "image": "photo.jpg"}]))
+        nanobatch.check_job(write_job(tmp_path, [item]))
     (problem,) = err.value.problems
     assert "not a regular file" in problem.message and "not found" not in problem.message

@@ -45,20 +45,39 @@ def test_status_follows_the_dates(model: str, day: datetime.date | None, status:
     assert life is not None and life.status(day or datetime.date(2026, 11, 29)) == status
 
 
+@pytest.mark.parametrize("command", ["validate", "run"])
 def test_a_deprecated_model_warns_and_names_its_replacement(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    assert validate(tmp_path, "gemini-3.1-flash-image", GOOGLE) == 0
+    if command == "validate":
+        assert validate(tmp_path, "gemini-3.1-flash-image", GOOGLE) == 0
+    else:
+        job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}], model="gemini-3.1-flash-image")
+        assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "gemini-3.1-flash-image is deprecated since 2026-10-06; use gemini-nano-banana-2.1" in err
 
 
+@pytest.mark.parametrize(
+    ("model", "base_url", "said"),
+    [
+        ("gemini-3.1-flash-image-preview", GOOGLE, "2026-06-25"),
+        ("gemini-2.5-flash-image", GOOGLE + "/v1beta/", "2026-10-02"),
+        ("gemini-3.1-flash-image-preview", "https://GenerativeLanguage.googleapis.com", "2026-06-25"),
+    ],
+    ids=["preview", "2.5-flash-with-a-path", "host-in-capitals"],
+)
 def test_a_shut_down_id_sent_to_google_is_a_problem_before_anything_is_sent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, base_url: str, said: str
 ) -> None:
-    assert validate(tmp_path, "gemini-3.1-flash-image-preview", GOOGLE) == 2
+    assert validate(tmp_path, model, base_url) == 2
     err = capsys.readouterr().err
-    assert "shut down at Google on 2026-06-25" in err and "use gemini-nano-banana-2.1" in err
+    assert f"shut down at Google on {said}" in err and "use gemini-nano-banana-2.1" in err
+
+
+def test_a_url_that_only_mentions_googles_host_is_a_proxy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert validate(tmp_path, "gemini-3-pro-image-preview", "https://proxy.test/generativelanguage.googleapis.com") == 0
+    assert "known proxies still map it" in capsys.readouterr().err
 
 
 def test_a_shut_down_id_sent_to_a_proxy_only_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -85,9 +104,10 @@ async def _sim(method: str, path: str, body: dict[str, Any] | None = None) -> ht
         return await client.request(method, path, json=body)
 
 
-def _edit(size: str) -> dict[str, Any]:
+def _edit(size: str, ratio: str | None = None) -> dict[str, Any]:
+    config = {"imageSize": size, **({"aspectRatio": ratio} if ratio else {})}
     return {"contents": [{"parts": [{"text": "a lemon"}]}],
-            "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": {"imageSize": size}}}  # fmt: skip
+            "generationConfig": {"responseModalities": ["IMAGE"], "imageConfig": config}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -98,10 +118,15 @@ def _edit(size: str) -> dict[str, Any]:
         pytest.param("gemini-3.1-flash-lite-image", "2K", 400, id="2K-on-lite"),
         pytest.param("gemini-3.1-flash-lite-image", "1K", 200, id="1K-on-lite"),
         pytest.param("gemini-3.1-flash-image-preview", "1K", 404, id="shut-down-preview"),
+        pytest.param("gemini-2.5-flash-image", "1K", 404, id="shut-down-2.5-flash"),
+        pytest.param("gemini-3.1-flash-lite-image", "4K", 400, id="4K-on-lite"),
+        pytest.param("gemini-nano-banana-2.1", "1K:8:1", 200, id="8:1-on-nano-banana-2.1"),
+        pytest.param("gemini-3-pro-image", "1K:8:1", 400, id="8:1-on-pro"),
     ],
 )
 def test_the_simulator_knows_each_models_limits(model: str, size: str, code: int) -> None:
-    response = anyio.run(_sim, "POST", f"/v1beta/models/{model}:generateContent", _edit(size))
+    size, _, ratio = size.partition(":")
+    response = anyio.run(_sim, "POST", f"/v1beta/models/{model}:generateContent", _edit(size, ratio or None))
     assert response.status_code == code
     if code == 404:
         assert response.json()["error"]["status"] == "NOT_FOUND"
@@ -141,12 +166,20 @@ def test_models_json_has_every_tiers_price(capsys: pytest.CaptureFixture[str]) -
     assert rows["gemini-2.5-flash-image"]["replacement"] == "gemini-nano-banana-2.1"
 
 
-def test_models_live_compares_with_the_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_models_live_compares_with_the_endpoint(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
     from nanobatch.simulator import SimulatorConfig, run_in_thread
 
-    with run_in_thread(SimulatorConfig()) as url:
-        assert main(["models", "--live", "--base-url", url]) == 0
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-0123456789")  # an endpoint that wants a key gets it
+    with run_in_thread(SimulatorConfig(api_key="k-0123456789")) as url:
+        assert main(["models", "--live", "--base-url", url, *(["--json"] if as_json else [])]) == 0
     out = capsys.readouterr().out
+    if as_json:
+        live = json.loads(out)["live"]
+        assert live["missing"] == [] and live["unknown"] == [] and "gemini-nano-banana-2.1" in live["batch"]
+        return
     assert "table models the endpoint no longer lists: none" in out
     assert "support batchGenerateContent: " in out and "gemini-nano-banana-2.1" in out
 
@@ -160,3 +193,29 @@ def test_readme_tables_are_the_codes_tables() -> None:
 
 def test_every_row_cites_its_sources() -> None:
     assert all(row["sources"] and all("(20" in s for s in row["sources"]) for row in model_rows())
+
+
+def test_every_example_to_copy_names_a_model_google_still_serves() -> None:
+    import re
+
+    repo = README.parent
+    blocks = README.read_text().split("\n```")[1::2]  # what is between a line opening a fence and its closing line
+    texts = {"README code blocks": "\n".join(blocks), "config.example.yaml": (repo / "config.example.yaml").read_text()}
+    texts.update({str(p.relative_to(repo)): p.read_text() for p in sorted((repo / "jobs").glob("*.yaml"))})
+    day = datetime.date(2026, 11, 29)
+    model_id = re.compile(r"gemini-(?:nano-banana-\d+(?:\.\d+)*|[0-9a-z.-]*image(?:-preview)?)\b")
+    named = {where: set(model_id.findall(text)) for where, text in texts.items()}
+    assert named["README code blocks"] and named["jobs/example.yaml"]  # the scan sees the examples' models
+    for where, found in named.items():
+        for model in found:
+            life = models.lifecycle(model)
+            assert life is not None and life.status(day) != "shut down", (where, model)
+
+
+def test_readme_token_prices_are_the_codes_prices() -> None:
+    table = README.read_text().split("| model | input | output image | output text/thinking |\n|---|---|---|---|\n")[1]
+    rows = [line.strip("|").split("|") for line in table.split("\n\n", 1)[0].splitlines()]
+    assert {r[0].strip() for r in rows} == {m for m in models.MODELS if not m.endswith("-preview")}
+    for model, *prices in rows:
+        pricing = models.pricing_for(model.strip())
+        assert [float(p) for p in prices] == [pricing.input, pricing.output_image, pricing.output_text], model

@@ -333,11 +333,12 @@ def test_isolated_server_errors_do_not_shrink_the_window() -> None:
     run_virtual(main)
 
 
-def test_a_rising_server_error_rate_shrinks_the_window() -> None:
+@pytest.mark.parametrize("fault", [overloaded, server_error], ids=["503", "500"])
+def test_a_rising_server_error_rate_shrinks_the_window(fault: Callable[[], ApiError]) -> None:
     async def main() -> None:
         gate = Gate(concurrency=50)
         for n in range(32):
-            await send(gate, Log(), error=overloaded() if n % 2 else None)  # half the answers fail
+            await send(gate, Log(), error=fault() if n % 2 else None)  # half the answers fail
         assert gate.window < 50.0
 
     run_virtual(main)

@@ -401,7 +401,7 @@ def test_the_catalog_example_fills_its_templates_from_the_csv() -> None:
     assert len(multistep["model-with-logo"].inputs) == 3
 
 
-IDS = ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off", "2024-01-15")
+IDS = ("00123", "0123", "1_000", "12.50", "1001", "7", "yes", "off", "2024-01-15", "0x1F", "1e3", "0o17", "1.0")
 
 
 @pytest.mark.usefixtures("yaml_parser")
@@ -439,6 +439,11 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
             id="billion-laughs",
         ),
         pytest.param("items: []\nname: x\nname: y\n", "the key 'name' is given twice", id="duplicate-top-level-key"),
+        pytest.param(
+            "items:\n  - id: a\n    instruction: x\n    instruction: y\n",
+            "the key 'instruction' is given twice",
+            id="duplicate-key-in-an-item",
+        ),
     ],
 )
 def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, message: str) -> None:

@@ -45,6 +45,8 @@ def _no_answer(request: httpx2.Request) -> httpx2.Response:
         ),
         pytest.param(google_error(429, "RESOURCE_EXHAUSTED", "Slow down", retry_info("3600s")), id="429-for-an-hour"),
         pytest.param(_refused, id="connection-refused"),
+        pytest.param(google_error(401, "UNAUTHENTICATED", "API key not valid"), id="401"),
+        pytest.param(google_error(500, "INTERNAL", "An internal error has occurred"), id="500-every-time"),
     ],
 )
 def test_requests_that_got_a_definite_answer_are_not_possibly_charged(tmp_path: Path, answer: object) -> None:
@@ -77,9 +79,16 @@ def _refused_at_the_socket(request: httpx2.Request) -> httpx2.Response:
     raise httpx2.ConnectError("All connection attempts failed", request=request) from cause
 
 
-def _run_unreachable(tmp_path: Path, **overrides: object) -> tuple[nanobatch.RunSummary, float, list[str]]:
+def _host_not_found(request: httpx2.Request) -> httpx2.Response:
+    cause = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request) from cause
+
+
+def _run_unreachable(
+    tmp_path: Path, failure: object = _refused_at_the_socket, **overrides: object
+) -> tuple[nanobatch.RunSummary, float, list[str]]:
     job = write_job(tmp_path, [{"id": f"i{n:03d}", "instruction": "edit"} for n in range(200)])
-    fake = FakeGemini({"edit": [_refused_at_the_socket]})
+    fake = FakeGemini({"edit": [failure]})  # type: ignore[list-item]
     settings = nanobatch.load_settings(overrides={"api.base_url": "http://wrong.example:8080/", **overrides})
     warnings: list[str] = []
 
@@ -102,9 +111,19 @@ def _run_unreachable(tmp_path: Path, **overrides: object) -> tuple[nanobatch.Run
     return summary, ended_at, warnings
 
 
-def test_an_unreachable_api_is_named_at_once_and_the_run_ends_long_before_the_outage_limit(tmp_path: Path) -> None:
-    summary, ended_at, warnings = _run_unreachable(tmp_path)
-    where = "cannot connect to http://wrong.example:8080: connection refused"
+@pytest.mark.parametrize(
+    ("failure", "why"),
+    [
+        (_refused_at_the_socket, "connection refused"),
+        (_host_not_found, "host name not found (Name or service not known)"),
+    ],
+    ids=["refused", "host-not-found"],
+)
+def test_an_unreachable_api_is_named_at_once_and_the_run_ends_long_before_the_outage_limit(
+    tmp_path: Path, failure: object, why: str
+) -> None:
+    summary, ended_at, warnings = _run_unreachable(tmp_path, failure)
+    where = f"cannot connect to http://wrong.example:8080: {why}"
     reason = summary.reason or ""
     assert summary.exit_code == 3 and where in reason and "retry.first_contact_s" in reason
     assert 60 <= ended_at < 70  # the default first-contact limit, not limits.breaker_max_down_s (600 s)
@@ -181,13 +200,16 @@ def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptu
     ]
 
 
-@pytest.mark.parametrize("where", ["empty", "/"])
+@pytest.mark.parametrize("where", ["empty", "/", "photos"])
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_status_of_a_folder_no_run_wrote_into_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, as_json: bool
 ) -> None:
-    folder = tmp_path / where if where == "empty" else Path(where)
+    folder = tmp_path / where if where != "/" else Path(where)
     folder.mkdir(exist_ok=True)
+    if where == "photos":  # the user's pictures, with a summary.json of their own: still not an output folder
+        (folder / "a.png").write_bytes(b"\x89PNG")
+        (folder / "summary.json").write_text('{"note": "mine"}')
     assert main(["status", str(folder), *(["--json"] if as_json else [])]) == 2
     captured = capsys.readouterr()
     assert "is not a nanobatch output folder" in captured.err and captured.out == ""
@@ -221,7 +243,10 @@ def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
     assert folder_status(tmp_path / "out")["left"] == 5
 
 
-def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     from nanobatch.lock import RunLock
 
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
@@ -246,14 +271,14 @@ def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(tm
         waiting = read_until(proc.stderr, b"waiting for it").decode()
         assert f"another nanobatch run holds {out} (pid {os.getpid()} on " in waiting and " since " in waiting
         time.sleep(1.2)  # a few more polls of the lock: still one line
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         rest = proc.communicate(timeout=30)[1].decode()
     finally:
         release.set()
         holder.join()
     assert proc.returncode == 130
     assert "waiting for it" not in rest  # said once
-    assert "error: interrupted by SIGTERM while waiting for the run holding" in rest
+    assert f"error: interrupted by {signum.name} while waiting for the run holding" in rest
     assert not (out / "results.jsonl").exists()  # nothing was sent
 
 
@@ -349,3 +374,28 @@ def test_json_logs_stay_json_when_nothing_runs(
     assert anyio.run(run_while_held) == code
     events = _stderr_events(capsys.readouterr().err)
     assert [e["level"] for e in events if e["level"] == "error"] == ["error"]
+
+
+def test_quiet_says_a_refused_key_once_not_once_per_request_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-not-the-right-one")
+    job = write_job(tmp_path, [{"id": f"i{n:02d}", "instruction": f"edit {n}"} for n in range(40)])
+    with run_in_thread(SimulatorConfig(api_key="k-0123456789", latency_s=0.05)) as url:
+        argv = ["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--concurrency", "8", "--quiet"]
+        assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: run aborted: HTTP 40") and err.count("error:") == 1
+    assert "k-not-the-right-one" not in err
+
+
+def test_json_logs_stay_json_when_a_budget_stops_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(5)])
+    argv = ["--log-format", "json", "run", str(job), "--simulate", "--out", str(tmp_path / "out")]
+    argv += ["--max-requests", "2"]
+    assert main(argv) == 3
+    events = _stderr_events(capsys.readouterr().err)
+    summary = [e for e in events if e.get("event") == "summary"]
+    assert len(summary) == 1 and summary[0]["exit_code"] == 3 and summary[0]["counts"]["ok"] == 2

@@ -59,13 +59,16 @@ def test_an_output_folder_holding_the_inputs_is_refused_before_anything_is_sent(
     assert fake.requests == [] and {p.name: p.read_bytes() for p in (tmp_path / "photos").iterdir()} == originals
 
 
+@pytest.mark.parametrize("image", ["img/a.jpg", "linked/a.jpg"], ids=["plain", "through-a-linked-folder"])
 def test_validate_refuses_an_output_template_over_the_inputs_in_the_manifest_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], image: str
 ) -> None:
-    # output_dir: . with output: img/{id}.jpg, where the pictures are img/<id>.jpg: the extension does not matter.
+    # output_dir: . with output: img/{id}.jpg, where the pictures are img/<id>.jpg: the extension does not matter,
+    # nor whether the manifest names the pictures through a linked folder (linked -> img).
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "a.jpg").write_bytes(image_bytes(fmt="JPEG"))
-    job = write_job(tmp_path, [{"id": "a", "image": "img/a.jpg", "output": "img/{id}.jpg"}], output_dir=".")
+    (tmp_path / "linked").symlink_to(tmp_path / "img", target_is_directory=True)
+    job = write_job(tmp_path, [{"id": "a", "image": image, "output": "img/{id}.jpg"}], output_dir=".")
     assert main(["validate", str(job)]) == 2
     assert "item 'a', field 'output': its image would be written over" in capsys.readouterr().err
 
@@ -182,12 +185,20 @@ def test_cleanup_removes_only_nanobatchs_own_temporary_files(tmp_path: Path) -> 
     out = tmp_path / "out"
     (out / "notes").mkdir(parents=True)
     user_files = [out / ".cache.tmp", out / "notes" / ".important.tmp", out / ".a.png.123-4.tmp"]
+    # Named like nanobatch's own, but reached only through a link: another folder's, not the output folder's.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    user_files.append(elsewhere / ".nanobatch-77-1.tmp")
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (out / ".nanobatch-77-2.tmp").symlink_to(tmp_path / "kept.txt")
+    user_files.append(tmp_path / "kept.txt")
     for path in user_files:
         path.write_text("mine")
     left = out / "notes" / ".nanobatch-4242-7.tmp"
     left.write_bytes(b"half an image")
     assert run(job, FakeGemini(), out).exit_code == 0
     assert all(path.read_text() == "mine" for path in user_files) and not left.exists()
+    assert (out / ".nanobatch-77-2.tmp").is_symlink()
 
 
 def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,7 +220,8 @@ def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, m
 @pytest.mark.parametrize(
     "output",
     ["results.jsonl/{id}", "summary.json/{id}.png", "journal.jsonl/{id}", "report.html/{id}", ".nanobatch.{id}",
-     ".nanobatch.lock/{id}", "pics/.nanobatch-{id}", "Results.JSONL/{id}"],
+     ".nanobatch.lock/{id}", "pics/.nanobatch-{id}", "Results.JSONL/{id}", "./results.jsonl/{id}",
+     ".//report.html/{id}", "./.nanobatch-batches/{id}"],
 )  # fmt: skip
 def test_output_names_on_nanobatchs_own_files_are_refused(tmp_path: Path, output: str) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "output": output}])
@@ -217,8 +229,9 @@ def test_output_names_on_nanobatchs_own_files_are_refused(tmp_path: Path, output
     assert (problem.item, problem.field) == ("a", "output") and "nanobatch" in problem.message
 
 
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EISDIR, errno.ENAMETOOLONG], ids=errno.errorcode.get)
 def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(6)])
     out = tmp_path / "out"
@@ -226,7 +239,7 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
 
     def write(path: str, data: bytes) -> None:
         if path.endswith("i3.png"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
+            raise OSError(code, os.strerror(code), path)
         real_write(path, data)
 
     monkeypatch.setattr(nanobatch.outdir, "write_image", write)
@@ -299,3 +312,16 @@ def test_a_moved_item_takes_its_kept_steps_along(tmp_path: Path) -> None:
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["sale/s1.png", "sale/s1.step1.png"]
     record = latest(out)["s1"]
     assert record["outputs"] == ["sale/s1.png"] and record["steps"][0]["outputs"] == ["sale/s1.step1.png"]
+
+
+def test_a_done_item_whose_output_template_changed_is_moved_without_paying_again(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}])
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 2
+    before = (out / "a.png").read_bytes()
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: edited/{id}\n"))
+    summary = run(job, fake, out)
+    assert summary.exit_code == 0 and len(fake.requests) == 2 and summary.stats.skipped == 2
+    assert not (out / "a.png").exists() and (out / "edited" / "a.png").read_bytes() == before
+    assert latest(out)["a"]["outputs"] == ["edited/a.png"] and latest(out)["b"]["moved_from"] == ["b.png"]

@@ -437,9 +437,12 @@ def test_a_jsonl_byte_that_is_not_utf8_names_its_line(tmp_path: Path) -> None:
     assert problem.file == f"{tmp_path / 'more.jsonl'}:3" and "line 3 is not UTF-8 text (byte 0xe9)" in problem.message
 
 
-def test_an_empty_csv_row_is_skipped_like_a_blank_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delimiter", [",", ";"])
+def test_an_empty_csv_row_is_skipped_like_a_blank_line(tmp_path: Path, delimiter: str) -> None:
     text = CATALOG.replace("\nSNK-2", "\n,,\n\n , ,\nSNK-2") + ",,\n"  # as Excel saves rows it emptied
-    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": text}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
+    source = {**CSV_SOURCE, "delimiter": delimiter}
+    text = text.replace(",", delimiter)
+    path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": text}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
     assert problems(path) == []
     assert [i.id for i in items(path)] == ["MUG-1", "SNK-2"]
 
@@ -450,6 +453,7 @@ def test_an_empty_csv_row_is_skipped_like_a_blank_line(tmp_path: Path) -> None:
         pytest.param(CATALOG.replace(",", ";"), None, '`delimiter: ";"`', id="semicolons-read-as-commas"),
         pytest.param(CATALOG, ";", '`delimiter: ","`', id="commas-read-as-semicolons"),
         pytest.param(CATALOG.replace(",", "\t"), None, '`delimiter: "\\t"`', id="tabs"),
+        pytest.param(CATALOG.replace(",", "|"), None, '`delimiter: "|"`', id="pipes"),
     ],
 )
 def test_a_wrong_delimiter_gets_a_hint(tmp_path: Path, text: str, delimiter: str | None, hint: str) -> None:
@@ -481,3 +485,10 @@ def test_an_output_format_spec_the_value_cannot_take_is_a_problem(tmp_path: Path
     path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
     found = problems(path)
     assert {p.field for p in found} == {"output"} and "cannot be filled" in found[0].message
+
+
+def test_a_non_ascii_id_from_a_csv_row_is_named_with_its_row_and_says_ascii(tmp_path: Path) -> None:
+    text = CATALOG.replace("SNK-2", "SNÖ-2")
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": text}, ["photos/MUG-1.jpg", "photos/SNÖ-2.jpg"])
+    (problem,) = problems(path)
+    assert problem.file == f"{tmp_path / 'catalog.csv'}:3" and "ASCII letters" in problem.message

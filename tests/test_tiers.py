@@ -146,3 +146,30 @@ def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
     assert json.loads(served.requests[0].content)["serviceTier"] == "flex"
     assert billed["tier"] == "standard" and flex["tier"] == "flex"
     assert billed["cost_usd"] == pytest.approx(2 * flex["cost_usd"])
+
+
+def test_flex_requests_wait_long_enough_for_a_flex_answer(tmp_path: Path) -> None:
+    """Flex answers take 1-15 minutes: its requests get a read timeout that fits, standard ones keep theirs."""
+    import nanobatch
+
+    from .conftest import run_virtual
+    from .fakes import FakeGemini
+
+    items = [{"id": "a", "image": "images/a.png", "tier": "flex"}, {"id": "b", "image": "images/a.png"}]
+    job = write_job(tmp_path, items, model="gemini-nano-banana-2.1")
+    fake = FakeGemini()
+    run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out"))
+    read = {json.loads(r.content).get("serviceTier", "standard"): r.extensions["timeout"]["read"]
+            for r in fake.requests}  # fmt: skip
+    assert read == {"flex": models.FLEX_TIMEOUT_S, "standard": 300}
+
+
+def test_a_partly_shed_flex_run_counts_exactly_the_items_sent_at_standard_price(tmp_path: Path) -> None:
+    items = [{"id": f"sku-{n}", "image": "images/p.png"} for n in range(12)]
+    code, out = run(tmp_path, SimulatorConfig(flex_shed=0.6, seed=7), "--tier", "flex", items=items)
+    assert code == 0
+    found = records(out)
+    fell_back = [r for r in found if r["fallback"]]
+    assert 0 < len(fell_back) < 12 and {r["tier"] for r in fell_back} == {"standard"}
+    assert {r["tier"] for r in found if not r["fallback"]} == {"flex"}
+    assert json.loads((out / "summary.json").read_text())["last_run"]["fallbacks"] == len(fell_back)

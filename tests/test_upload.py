@@ -129,24 +129,66 @@ def test_a_bad_upload_to_is_a_config_error_before_anything_is_sent(
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize(("src", "dst"), [("s3", "gs"), ("gs", "s3")], ids=["s3-to-gs", "gs-to-s3"])
 def test_a_whole_job_from_s3_inputs_to_gs_outputs(
-    s3_env: Emulator, gcs_env: Emulator, tmp_path: Path
+    s3_env: Emulator, gcs_env: Emulator, tmp_path: Path, src: str, dst: str
 ) -> None:
-    source, target = _bucket("s3"), _bucket("gs")
+    source, target = _bucket(src), _bucket(dst)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
     for n in (1, 2):
-        storage.put(f"s3://{source}/in/{n}.png", (tmp_path / "images" / f"{n}.png").read_bytes())
-    job.write_text(job.read_text().replace("images/", f"s3://{source}/in/"))
+        storage.put(f"{src}://{source}/in/{n}.png", (tmp_path / "images" / f"{n}.png").read_bytes())
+    job.write_text(job.read_text().replace("images/", f"{src}://{source}/in/"))
     out, fake = tmp_path / "out", FakeGemini()
 
-    summary = _run(job, fake, out, _settings(f"gs://{target}/edited/"))
+    summary = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
     uploads = {r["id"]: r["uploads"] for r in records(out)}  # records come in the order items finish
-    assert uploads == {f"sku-{n}": [f"gs://{target}/edited/sku-{n}.png"] for n in (1, 2)}
+    assert uploads == {f"sku-{n}": [f"{dst}://{target}/edited/sku-{n}.png"] for n in (1, 2)}
+    assert all(storage.read_bytes(url) == (out / url.rsplit("/", 1)[1]).read_bytes() for (url,) in uploads.values())
     s3_env.log.clear()
     gcs_env.log.clear()
-    again = _run(job, fake, out, _settings(f"gs://{target}/edited/"))
+    again = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
     assert again.stats.skipped == 2 and len(fake.requests) == 2
-    assert _downloads(gcs_env) == 0
-    assert not [k for k in s3_env.log.counts if k.startswith(f"GET /{source}/") and "list-type" not in k]
+    assert _downloads(gcs_env) == 0  # neither the inputs nor the outputs, whichever side Cloud Storage is on
+    assert not [k for k in s3_env.log.counts if k.startswith("GET /") and "list-type" not in k]
+
+
+def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_without_paying_again(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    name = _bucket("s3")
+    settings = _settings(f"s3://{name}/edited")  # no trailing slash: still a prefix
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert _run(job, fake, out, settings).exit_code == 0
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
+
+    again = _run(job, fake, out, settings)
+
+    assert again.exit_code == 0 and len(fake.requests) == 1
+    record = records(out)[-1]
+    assert record["outputs"] == ["shoes/sku-1.png"] and record["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]
+    assert storage.read_bytes(record["uploads"][0]) == (out / "shoes" / "sku-1.png").read_bytes()
+
+
+def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
+    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = _bucket("s3")
+    settings = _settings(f"s3://{name}/edited/")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert _run(job, fake, out, settings).exit_code == 0
+    job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
+
+    def refused(url: str, data: bytes) -> None:
+        raise StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "put", refused)
+        assert _run(job, fake, out, settings).exit_code == 0
+    assert (out / "sku-1.png").is_file() and len(records(out)) == 1  # nothing moved, nothing recorded
+
+    assert _run(job, fake, out, settings).exit_code == 0 and len(fake.requests) == 1  # now it moves, unpaid
+    assert records(out)[-1]["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]

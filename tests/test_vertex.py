@@ -333,13 +333,15 @@ def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, t
     assert "trafficType" not in sum_usage([reply.usage, {**reply.usage, "trafficType": "OTHER"}])
 
 
-def test_validate_refuses_a_shut_down_model_on_vertex_as_at_google(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["gemini-2.5-flash-image", "gemini-3-pro-image-preview"])
+def test_validate_refuses_a_shut_down_model_on_vertex_as_at_google(tmp_path: Path, model: str) -> None:
     import nanobatch
     from nanobatch.errors import ManifestError
 
     from .fakes import write_job
 
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "model": "gemini-2.5-flash-image"}])
+    # A preview id that proxies still map is refused too: Vertex is Google's own endpoint, whatever its base URL.
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png", "model": model}])
     settings = _vertex_settings("https://api.apiyi.com", **{"api.project": "shop-123"})
 
     with pytest.raises(ManifestError, match="was shut down at Google"):

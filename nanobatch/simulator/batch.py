@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from nanobatch.models import ModelInfo, lookup
 
+from ._fetch import fetch_files
 from .config import SimulatorConfig
 from .errors import InvalidRequest, google_error
 from .faults import Draw, draw
@@ -270,6 +271,7 @@ class BatchService:
             chance_error = _LINE_ERRORS.get(chance.fault or "")
         try:
             parsed = parse_request(json.dumps(request).encode(), model=job.model, model_id=job.model_id)
+            parsed = await fetch_files(parsed)  # as online: fileData URLs on this machine are fetched
             if chance_error is not None:
                 result["error"] = _status(*chance_error)
             else:

@@ -1,0 +1,35 @@
+"""`make bench` runs the peers against the simulator: each peer script, run as bench/_peers.py runs it
+(a fresh process, JSON params in, one JSON line out), saves every image on a small workload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+from .fakes import image_bytes
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize(
+    ("script", "needs"),
+    [("peer_aiohttp.py", "aiohttp"), ("peer_genai.py", "google.genai"), ("peer_httpx2.py", "aiohttp")],
+)
+def test_each_peer_script_saves_every_image_against_the_simulator(tmp_path: Path, script: str, needs: str) -> None:
+    pytest.importorskip(needs)
+    (tmp_path / "in.png").write_bytes(image_bytes())
+    with run_in_thread(SimulatorConfig()) as url:
+        params = {"base_url": url, "n": 4, "concurrency": 2, "input_path": str(tmp_path / "in.png"),
+                  "out_dir": str(tmp_path / "out"), "image_size": "1K"}  # fmt: skip
+        done = subprocess.run([sys.executable, script, json.dumps(params)], cwd=BENCH, capture_output=True,
+                              text=True, timeout=120, check=True)  # fmt: skip
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["requests"] == result["ok"] == 4 and result["failed"] == 0
+    saved = sorted((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 4 and all(p.read_bytes().startswith(b"\x89PNG") for p in saved)
