@@ -11,9 +11,10 @@ import dataclasses
 import logging
 import os
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx2
 import orjson
@@ -22,7 +23,16 @@ from ._transport import ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
-__all__ = ["GeminiClient", "api_error", "auth_headers", "http_errors", "redact", "redact_reply"]
+__all__ = [
+    "ApiClient",
+    "GeminiClient",
+    "api_error",
+    "auth_headers",
+    "http_errors",
+    "public_url",
+    "redact",
+    "redact_reply",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -30,7 +40,47 @@ _CONNECT_TIMEOUT_S = 20.0
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 
 
-class GeminiClient:
+class ApiClient:
+    """What :class:`GeminiClient` and :class:`~nanobatch.batch_api.BatchClient` share: one httpx2 client at
+    *base_url* carrying the key as *auth* says, used as an async context manager, and :attr:`where` to name it
+    in messages (no user name, password or query: a key could hide there)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        auth: str,
+        transport: httpx2.AsyncBaseTransport | None,
+        request_auth: httpx2.Auth | None = None,
+        **options: Any,
+    ) -> None:
+        self._secret = api_key
+        self._http = httpx2.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
+            follow_redirects=False, auth=request_auth, **options,
+        )  # fmt: skip
+        self.where = public_url(self._http.base_url).rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        """The whole base URL, credentials and all: for another client to the same endpoint, never for a message."""
+        return str(self._http.base_url).rstrip("/")
+
+    async def __aenter__(self) -> Self:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._http.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class GeminiClient(ApiClient):
     """An async client for ``POST {base_url}/{api_version}/models/{model}:generateContent``.
 
     >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
@@ -52,33 +102,16 @@ class GeminiClient:
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
         request (Vertex AI's OAuth2 bearer token)."""
-        headers = auth_headers(api_key, auth)
-        self._secret = api_key
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
-        self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False,
-            auth=request_auth,
+        super().__init__(
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
         )
-        # Where requests go, for messages: no user name, password or query (a key could hide there).
-        self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
         self._urls: dict[str, httpx2.URL] = {}
-
-    async def __aenter__(self) -> GeminiClient:
-        await self._http.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._http.__aexit__(exc_type, exc, tb)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
@@ -157,6 +190,22 @@ def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     error.message = redact(error.message, secret)
     error.args = (error.message,)
     return error
+
+
+def public_url(url: str | httpx2.URL) -> str:
+    """*url* fit for a message or a log: without user name, password, query or fragment, where a key or a
+    signature hides (a pre-signed URL's ``X-Amz-Signature``, an Azure SAS ``sig``, a proxy's ``?key=``).
+
+    >>> public_url("https://user:s3cret@proxy.example/v1?key=abc")
+    'https://proxy.example/v1'
+    """
+    text = str(url)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # not a URL as urllib reads them (a bad IPv6 host): cut by hand
+        parts = urllib.parse.SplitResult("", "", text.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2], "", "")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def redact(text: str, secret: str | None) -> str:

@@ -190,7 +190,7 @@ async def _batch_route(
         return None
     config = settings.batch
     batches = await stack.enter_async_context(
-        BatchClient(base_url=client.where, api_key=api_key, auth=settings.api.auth,
+        BatchClient(base_url=client.base_url, api_key=api_key, auth=settings.api.auth,
                     api_version=settings.api.api_version, transport=transport)
     )  # fmt: skip
     options = BatchOptions(
