@@ -25,7 +25,7 @@ import anyio
 import httpx2
 import orjson
 
-from .client import ApiClient, api_error, http_errors, public_url, redact, redact_reply
+from .client import ApiClient, api_error, http_errors, public_url, redact, redact_reply, redact_urls
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
@@ -242,7 +242,7 @@ class BatchClient(ApiClient):
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)
         error = classify_error(http, {}, orjson.dumps({"error": {**status, "code": http}}))
-        error.message = redact(error.message, self._secret)
+        error.message = redact_urls(redact(error.message, self._secret))
         error.args = (error.message,)
         return ResultLine(key=key, error=error)
 

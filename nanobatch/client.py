@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
 import urllib.parse
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ __all__ = [
     "public_url",
     "redact",
     "redact_reply",
+    "redact_urls",
 ]
 
 logger = logging.getLogger("nanobatch")
@@ -156,7 +158,8 @@ def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
-    """Translate httpx's failures to a retryable :class:`ApiError`, the key taken out of the message.
+    """Translate httpx's failures to a retryable :class:`ApiError`, the key (and any URL's query) taken out of
+    the message.
 
     A connection that could not be made names *where* and why, and is marked ``sent=False``: the request
     never left, so it cost nothing.
@@ -165,29 +168,29 @@ def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
         yield
     except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
         raise ApiError(
-            redact(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            _scrub(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
             kind="timeout" if isinstance(exc, httpx2.TimeoutException) else "connection",
             retryable=True,
             sent=False,
         ) from None
     except httpx2.TimeoutException as exc:
         raise ApiError(
-            redact(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
+            _scrub(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
         ) from None
     except httpx2.TransportError as exc:
         raise ApiError(
-            redact(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
+            _scrub(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
         ) from None
     except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
         raise ApiError(
-            redact(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
+            _scrub(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
         ) from None
 
 
 def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     """The classified error for a non-200 *response* (its body already read), without the key."""
     error = classify_error(response.status_code, response.headers, response.content)
-    error.message = redact(error.message, secret)
+    error.message = _scrub(error.message, secret)
     error.args = (error.message,)
     return error
 
@@ -208,8 +211,28 @@ def public_url(url: str | httpx2.URL) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
+def redact_urls(text: str) -> str:
+    """*text* with every URL that carries a user name, password or query shown by :func:`public_url`: what a
+    server or a library says may echo the URL it was asked for, signature and all.
+
+    >>> redact_urls("cannot fetch https://b.example/a.png?X-Amz-Signature=f00d: 403")
+    'cannot fetch https://b.example/a.png: 403'
+    """
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: public_url(m[0]) if "@" in m[0] or "?" in m[0] else m[0], text)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # not the sentence's punctuation
+
+
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    """A message fit to leave this module: no key, no URL's password, query or signature."""
+    return redact_urls(redact(text, secret))
 
 
 def redact_reply(reply: Reply, secret: str | None) -> Reply:

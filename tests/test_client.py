@@ -440,3 +440,21 @@ async def test_the_batch_upload_that_never_starts_names_the_endpoint_without_its
 )
 def test_public_url_keeps_where_and_drops_what_could_be_a_credential(url: str, shown: str) -> None:
     assert client_module.public_url(url) == shown
+
+
+async def test_an_api_error_echoing_a_signed_input_url_keeps_only_its_address() -> None:
+    signed = "https://b.s3.amazonaws.com/a.png?X-Amz-Credential=AKIA%2F&X-Amz-Signature=f00dfeed"
+    said = {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": f"Cannot fetch {signed}."}}
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(400, json=said))
+    async with GeminiClient(base_url="https://api.example", api_key=KEY, transport=transport) as client:
+        with pytest.raises(ApiError) as info:
+            await client.generate("m", BODY, timeout_s=10)
+    assert "Cannot fetch https://b.s3.amazonaws.com/a.png." in info.value.message
+    assert "f00dfeed" not in info.value.message and "AKIA" not in info.value.message
+
+
+def test_a_file_reference_never_shows_its_signed_url_in_a_repr() -> None:
+    from nanobatch.gemini import FileRef
+
+    ref = FileRef("image/png", "https://b.s3.amazonaws.com/a.png?X-Amz-Signature=f00dfeed")
+    assert "f00dfeed" not in repr(ref) and ref.uri.endswith("f00dfeed")
