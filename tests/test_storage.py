@@ -196,11 +196,13 @@ def test_a_missing_extra_says_which_to_install(without_module: Callable[[str], N
         pytest.param(OSError("Forbidden: b/k\nuser lacks storage.objects.get"), "denied", id="gcsfs-forbidden"),
         pytest.param(FileNotFoundError("NoSuchBucket"), "no_bucket", id="s3-no-bucket"),
         pytest.param(OSError("Connection refused https://h/b?X-Amz-Signature=abc"), "unreachable", id="network"),
+        pytest.param(OSError("Connection refused https://AKIA:abc@h/b"), "unreachable", id="network-userinfo"),
     ],
 )
 def test_backend_errors_become_storage_errors(exc: Exception, kind: str) -> None:
     error = storage._translate("s3://b/k", exc)
     assert error.kind == kind and str(error).startswith("s3://b/k: ") and "Signature" not in str(error)
+    assert "abc" not in str(error)
 
 
 @pytest.mark.parametrize(
