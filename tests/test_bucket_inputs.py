@@ -246,6 +246,8 @@ def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(bucket: Bucket, t
     assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
     (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
     assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
+    # The API's message names the URL it could not fetch; the record keeps its address, not its signature.
+    assert "in/gone.png" in failed["error"]["message"] and "Signature" not in failed["error"]["message"]
 
 
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
