@@ -69,16 +69,7 @@ def _rounds(b: Bench, sim: SimulatorProcess, n: int, concurrency: int, size: str
     runs: dict[str, list[dict[str, Any]]] = {"nanobatch": [], **{name: [] for name in PEERS}}
     for rep in range(reps):
         tag = f"{size}-{n}-{rep}"
-        run = b.client(
-            "nanobatch",
-            manifest=str(manifest),
-            out_dir=b.out(f"peers-nb-{tag}"),
-            base_url=sim.url,
-            concurrency=concurrency,
-        )
-        if run["ok"] != n:
-            raise RuntimeError(f"nanobatch: expected {n} ok items, got {run}")
-        runs["nanobatch"].append(run)
+        runs["nanobatch"].append(b.nanobatch(manifest, b.out(f"peers-nb-{tag}"), sim, concurrency, n))
         for name, script in PEERS.items():
             params = dict(base_url=sim.url, n=n, concurrency=concurrency, input_path=str(b.input), image_size=size)
             runs[name].append(run_peer(b, script, out_dir=b.out(f"peers-{script[5:-3]}-{tag}"), **params))

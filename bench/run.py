@@ -114,6 +114,16 @@ class Bench:
             raise RuntimeError(f"{scenario} failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
+    def nanobatch(
+        self, manifest: Path, out_dir: str | Path, sim: SimulatorProcess, concurrency: int, n: int, **params: Any
+    ) -> dict[str, Any]:
+        """One ``nanobatch`` run of *manifest* against *sim*; RuntimeError unless all *n* items came back ok."""
+        params.update(manifest=str(manifest), out_dir=str(out_dir), base_url=sim.url, concurrency=concurrency)
+        run = self.client("nanobatch", **params)
+        if run["ok"] != n:
+            raise RuntimeError(f"nanobatch: expected {n} ok items, got {run}")
+        return run
+
 
 # 0. CLI start-up ---------------------------------------------------------------------------------------
 
@@ -156,15 +166,8 @@ def bench_dispatch(b: Bench) -> None:
         runs = []
         for rep in range(1 if b.quick else 2):
             cpu0 = sim.cpu_s()
-            run = b.client(
-                "nanobatch",
-                manifest=str(manifest),
-                out_dir=b.out(f"dispatch-{rep}"),
-                base_url=sim.url,
-                concurrency=concurrency,
-            )
+            run = b.nanobatch(manifest, b.out(f"dispatch-{rep}"), sim, concurrency, n)
             run["server_cpu_s"] = sim.cpu_s() - cpu0
-            _check_complete(run, n)
             runs.append(run)
         walls = sorted(r["wall_s"] for r in runs)
         wall = statistics.median(walls)
@@ -222,11 +225,6 @@ def bench_dispatch(b: Bench) -> None:
         )
 
 
-def _check_complete(run: dict[str, Any], n: int) -> None:
-    if run["ok"] != n:
-        raise RuntimeError(f"expected {n} ok items, got {run}")
-
-
 # 2. Rate accuracy ----------------------------------------------------------------------------------------
 
 
@@ -238,16 +236,8 @@ def bench_rate(b: Bench) -> None:
     say(f"[2] rate: {n} requests at requests_per_minute={rpm} (~{seconds} s), concurrency {concurrency}")
     with SimulatorProcess(latency_s=0.2, canned=str(b.tiny)) as sim:
         sim.stamps()  # forget earlier arrivals
-        run = b.client(
-            "nanobatch",
-            manifest=str(b.catalog(n)),
-            out_dir=b.out("rate"),
-            base_url=sim.url,
-            concurrency=concurrency,
-            rpm=rpm,
-        )
+        run = b.nanobatch(b.catalog(n), b.out("rate"), sim, concurrency, n, rpm=rpm)
         stamps = sorted(sim.stamps())
-    _check_complete(run, n)
     steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) * 60
     whole = len(stamps) / run["wall_s"] * 60
     worst, start = _worst_window(stamps, window)
@@ -290,14 +280,7 @@ def bench_cpu(b: Bench) -> None:
     section = "3 cpu"
     say(f"[3] cpu: {n} requests answered with a {size_mb:.1f} MB PNG, concurrency {concurrency}")
     with SimulatorProcess(latency_s=0, canned=str(b.noise)) as sim:
-        ours = b.client(
-            "nanobatch",
-            manifest=str(b.catalog(n, "2K")),
-            out_dir=b.out("cpu"),
-            base_url=sim.url,
-            concurrency=concurrency,
-        )
-        _check_complete(ours, n)
+        ours = b.nanobatch(b.catalog(n, "2K"), b.out("cpu"), sim, concurrency, n)
         plain = b.client(
             "minimal",
             base_url=sim.url,
@@ -330,14 +313,7 @@ def bench_memory(b: Bench) -> None:
         with SimulatorProcess(latency_s=0.2, canned=str(canned)) as sim:
             for concurrency in levels:
                 n = 400 if size == "512" else max((2 if b.quick else 3) * concurrency, 24)
-                run = b.client(
-                    "nanobatch",
-                    manifest=str(b.catalog(n, size)),
-                    out_dir=b.out(f"mem-{size}-{concurrency}"),
-                    base_url=sim.url,
-                    concurrency=concurrency,
-                )
-                _check_complete(run, n)
+                run = b.nanobatch(b.catalog(n, size), b.out(f"mem-{size}-{concurrency}"), sim, concurrency, n)
                 peaks.append(f"c={concurrency}: **{run['maxrss_mb']:.0f} MB** ({n} req)")
                 base = run["rss_before_mb"]
         b.add(section, f"peak RSS, {label}", "; ".join(peaks) + f"; after imports, before the run: {base:.0f} MB")
@@ -349,8 +325,7 @@ def bench_memory(b: Bench) -> None:
         for n in (short_n, long_n):
             manifest = b.catalog(n, distinct=True)
             out = b.out(f"length-{n}")
-            run = b.client("nanobatch", manifest=str(manifest), out_dir=out, base_url=sim.url, concurrency=8)
-            _check_complete(run, n)
+            run = b.nanobatch(manifest, out, sim, 8, n)
             results[n] = run
     b.long_run = (b.catalog(long_n, distinct=True), Path(b.out(f"length-{long_n}")))
     short, long = results[short_n]["maxrss_mb"], results[long_n]["maxrss_mb"]
@@ -375,14 +350,7 @@ def bench_resume(b: Bench) -> None:
         say("[5] resume needs the long manifest's output folder: running it first (not measured)")
         n = 20_000 if b.quick else 100_000
         with SimulatorProcess(latency_s=0, canned=str(b.tiny)) as sim:
-            run = b.client(
-                "nanobatch",
-                manifest=str(b.catalog(n, distinct=True)),
-                out_dir=b.out(f"length-{n}"),
-                base_url=sim.url,
-                concurrency=8,
-            )
-            _check_complete(run, n)
+            b.nanobatch(b.catalog(n, distinct=True), b.out(f"length-{n}"), sim, 8, n)
         b.long_run = (b.catalog(n, distinct=True), Path(b.out(f"length-{n}")))
     manifest, out = b.long_run
     records = sum(1 for _ in (out / "results.jsonl").open("rb"))
@@ -433,13 +401,11 @@ def bench_batch(b: Bench) -> None:
     answer = fixtures.product_jpeg(b.tmp / "product-1k.jpg")  # a 70 KB answer: 0.9 GB of result files at 10,000
     with SimulatorProcess(latency_s=0, canned=str(answer), batch_latency_s=latency) as sim:
         for n in sizes:
-            run = b.client(
-                "nanobatch", manifest=str(b.catalog(n, distinct=True)), out_dir=b.out(f"batch-{n}"),
-                base_url=sim.url, concurrency=8, tier="batch",
+            run = b.nanobatch(
+                b.catalog(n, distinct=True), b.out(f"batch-{n}"), sim, 8, n, tier="batch",
                 batch={"chunk_requests": 1000, "open_chunks": 4, "linger_s": 1.0, "poll_initial_s": 2.0,
                        "poll_max_s": 5.0},
             )  # fmt: skip
-            _check_complete(run, n)
             runs[n] = run
     for n in sizes[1:]:
         rounds = math.ceil(n / 4000)

@@ -24,7 +24,15 @@ if TYPE_CHECKING:
     from .inputs import UrlChecklist
     from .remote import BucketChecklist
 
-__all__ = ["TYPICAL_LATENCY_S", "CheckResult", "Estimate", "LifecycleCheck", "check_job", "resolve_out_dir"]
+__all__ = [
+    "TYPICAL_LATENCY_S",
+    "CheckResult",
+    "Estimate",
+    "LifecycleCheck",
+    "check_job",
+    "load_job",
+    "resolve_out_dir",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -152,7 +160,8 @@ def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.Pa
     return Path(settings.output.dir) / manifest.name
 
 
-def _load(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
+def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
+    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
     settings = settings if settings is not None else load_settings()
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, default_model=settings.api.model)
@@ -175,7 +184,7 @@ def check_job(
     checked to be decodable (a run leaves that to dispatch, so that a re-run over
     finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
     """
-    manifest, settings = _load(manifest, settings)
+    manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
     OutDir.check(target)
     if settings.api.backend == "vertex":

@@ -19,14 +19,13 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import anyio
 import httpx2
 import orjson
 
-from .client import api_error, auth_headers, http_errors, redact, redact_reply
+from .client import ApiClient, api_error, http_errors, public_url, redact, redact_reply, redact_urls
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
@@ -114,7 +113,7 @@ def _count(stats: Mapping[str, Any], name: str) -> int:
         return 0
 
 
-class BatchClient:
+class BatchClient(ApiClient):
     """An async client for the Batch and Files APIs at *base_url* (auth as :class:`~nanobatch.client.GeminiClient`).
 
     >>> async with BatchClient(base_url=url, api_key=key) as batches:
@@ -132,30 +131,9 @@ class BatchClient:
         chunk_bytes: int = CHUNK_BYTES,
         transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
-        self._secret = api_key
+        super().__init__(base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT)
         self._version = api_version.strip("/")
         self._chunk_bytes = chunk_bytes
-        self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
-            timeout=_TIMEOUT, follow_redirects=False,
-        )  # fmt: skip
-
-    @property
-    def where(self) -> str:
-        """The endpoint, for messages."""
-        return str(self._http.base_url)
-
-    async def __aenter__(self) -> BatchClient:
-        await self._http.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._http.__aexit__(exc_type, exc, tb)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     # -- files ------------------------------------------------------------------
 
@@ -171,7 +149,7 @@ class BatchClient:
         url = start.headers.get("x-goog-upload-url")
         if not url:
             raise ApiError(
-                f"{self._http.base_url} did not start an upload (no x-goog-upload-url header): it may not offer "
+                f"{self.where} did not start an upload (no x-goog-upload-url header): it may not offer "
                 "the Files API that batches need",
                 kind="bad_response",
             )
@@ -213,7 +191,7 @@ class BatchClient:
     async def results(self, file_name: str) -> AsyncIterator[ResultLine]:
         """The lines of a results file, parsed one at a time as they arrive."""
         url = f"/download/{self._version}/{_files(file_name)}:download"
-        with http_errors(self._secret):
+        with http_errors(self._secret, self.where):
             async with self._http.stream("GET", url, params={"alt": "media"}) as response:
                 if response.status_code != 200:
                     await response.aread()
@@ -231,7 +209,7 @@ class BatchClient:
         """Stream a results file to *path* on disk (written whole, then renamed into place)."""
         url = f"/download/{self._version}/{_files(file_name)}:download"
         partial = path.with_name(path.name + ".part")
-        with http_errors(self._secret):
+        with http_errors(self._secret, self.where):
             async with self._http.stream("GET", url, params={"alt": "media"}) as response:
                 if response.status_code != 200:
                     await response.aread()
@@ -264,7 +242,7 @@ class BatchClient:
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)
         error = classify_error(http, {}, orjson.dumps({"error": {**status, "code": http}}))
-        error.message = redact(error.message, self._secret)
+        error.message = redact_urls(redact(error.message, self._secret))
         error.args = (error.message,)
         return ResultLine(key=key, error=error)
 
@@ -302,7 +280,7 @@ class BatchClient:
         await self._send("DELETE", f"/{self._version}/{_batches(name)}", missing_ok=True)
 
     async def _send(self, method: str, url: str, *, missing_ok: bool = False, **kwargs: Any) -> httpx2.Response:
-        with http_errors(self._secret):
+        with http_errors(self._secret, self.where):
             response = await self._http.request(method, url, **kwargs)
         if response.status_code == 200 or (missing_ok and response.status_code in (403, 404)):
             return response
@@ -317,7 +295,7 @@ def _json(response: httpx2.Response) -> dict[str, Any]:
         data = None
     if not isinstance(data, dict):
         raise ApiError(
-            f"{response.request.method} {response.request.url} answered 200 without a JSON object: "
+            f"{response.request.method} {public_url(response.request.url)} answered 200 without a JSON object: "
             "the endpoint may not offer the Batch API (hint: use --tier flex there)",
             kind="bad_response",
             status_code=200,

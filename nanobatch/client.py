@@ -10,10 +10,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx2
 import orjson
@@ -22,7 +24,17 @@ from ._transport import ShardedTransport
 from .errors import ApiError
 from .gemini import Reply, classify_error, parse_reply
 
-__all__ = ["GeminiClient", "api_error", "auth_headers", "http_errors", "redact", "redact_reply"]
+__all__ = [
+    "ApiClient",
+    "GeminiClient",
+    "api_error",
+    "auth_headers",
+    "http_errors",
+    "public_url",
+    "redact",
+    "redact_reply",
+    "redact_urls",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -30,7 +42,47 @@ _CONNECT_TIMEOUT_S = 20.0
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 
 
-class GeminiClient:
+class ApiClient:
+    """What :class:`GeminiClient` and :class:`~nanobatch.batch_api.BatchClient` share: one httpx2 client at
+    *base_url* carrying the key as *auth* says, used as an async context manager, and :attr:`where` to name it
+    in messages (no user name, password or query: a key could hide there)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        auth: str,
+        transport: httpx2.AsyncBaseTransport | None,
+        request_auth: httpx2.Auth | None = None,
+        **options: Any,
+    ) -> None:
+        self._secret = api_key
+        self._http = httpx2.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
+            follow_redirects=False, auth=request_auth, **options,
+        )  # fmt: skip
+        self.where = public_url(self._http.base_url).rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        """The whole base URL, credentials and all: for another client to the same endpoint, never for a message."""
+        return str(self._http.base_url).rstrip("/")
+
+    async def __aenter__(self) -> Self:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._http.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class GeminiClient(ApiClient):
     """An async client for ``POST {base_url}/{api_version}/models/{model}:generateContent``.
 
     >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
@@ -52,33 +104,16 @@ class GeminiClient:
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
         request (Vertex AI's OAuth2 bearer token)."""
-        headers = auth_headers(api_key, auth)
-        self._secret = api_key
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
-        self._http = httpx2.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, transport=transport, limits=limits, follow_redirects=False,
-            auth=request_auth,
+        super().__init__(
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
         )
-        # Where requests go, for messages: no user name, password or query (a key could hide there).
-        self.where = str(self._http.base_url.copy_with(userinfo=b"", query=None)).rstrip("/")
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
         self._urls: dict[str, httpx2.URL] = {}
-
-    async def __aenter__(self) -> GeminiClient:
-        await self._http.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._http.__aexit__(exc_type, exc, tb)
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
@@ -123,7 +158,8 @@ def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
-    """Translate httpx's failures to a retryable :class:`ApiError`, the key taken out of the message.
+    """Translate httpx's failures to a retryable :class:`ApiError`, the key (and any URL's query) taken out of
+    the message.
 
     A connection that could not be made names *where* and why, and is marked ``sent=False``: the request
     never left, so it cost nothing.
@@ -132,35 +168,71 @@ def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
         yield
     except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
         raise ApiError(
-            redact(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            _scrub(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
             kind="timeout" if isinstance(exc, httpx2.TimeoutException) else "connection",
             retryable=True,
             sent=False,
         ) from None
     except httpx2.TimeoutException as exc:
         raise ApiError(
-            redact(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
+            _scrub(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
         ) from None
     except httpx2.TransportError as exc:
         raise ApiError(
-            redact(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
+            _scrub(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
         ) from None
     except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
         raise ApiError(
-            redact(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
+            _scrub(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
         ) from None
 
 
 def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     """The classified error for a non-200 *response* (its body already read), without the key."""
     error = classify_error(response.status_code, response.headers, response.content)
-    error.message = redact(error.message, secret)
+    error.message = _scrub(error.message, secret)
     error.args = (error.message,)
     return error
 
 
+def public_url(url: str | httpx2.URL) -> str:
+    """*url* fit for a message or a log: without user name, password, query or fragment, where a key or a
+    signature hides (a pre-signed URL's ``X-Amz-Signature``, an Azure SAS ``sig``, a proxy's ``?key=``).
+
+    >>> public_url("https://user:s3cret@proxy.example/v1?key=abc")
+    'https://proxy.example/v1'
+    """
+    text = str(url)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # not a URL as urllib reads them (a bad IPv6 host): cut by hand
+        parts = urllib.parse.SplitResult("", "", text.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2], "", "")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def redact_urls(text: str) -> str:
+    """*text* with every URL that carries a user name, password or query shown by :func:`public_url`: what a
+    server or a library says may echo the URL it was asked for, signature and all.
+
+    >>> redact_urls("cannot fetch https://b.example/a.png?X-Amz-Signature=f00d: 403")
+    'cannot fetch https://b.example/a.png: 403'
+    """
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: public_url(m[0]) if "@" in m[0] or "?" in m[0] else m[0], text)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # not the sentence's punctuation
+
+
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    """A message fit to leave this module: no key, no URL's password, query or signature."""
+    return redact_urls(redact(text, secret))
 
 
 def redact_reply(reply: Reply, secret: str | None) -> Reply:

@@ -92,10 +92,6 @@ class RunStats:
                 examples.append(record.id)
 
 
-# What a shed flex request looks like: overload answers (429 without a daily quota, 503), retried on flex first.
-SHED_KINDS = frozenset({"rate_limited", "overloaded"})
-
-
 def _spare_workers(concurrency: int, tier: str) -> int:
     """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
     spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
@@ -390,7 +386,7 @@ class Engine:
                     self.stats.fallbacks += 1
                     online = self.batch_route.options.online_tier
                     return await self._send_in(online, item, tally, instruction, request, sending)
-                if tier != "flex" or not self.flex_fallback or exc.kind not in SHED_KINDS:
+                if tier != "flex" or not self.flex_fallback or not exc.shed:
                     raise
                 logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
                 tally.fallback = True

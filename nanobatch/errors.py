@@ -151,6 +151,15 @@ class ApiError(NanobatchError):
         self.retryable = retryable
         self.retry_after = retry_after
 
+    @property
+    def shed(self) -> bool:
+        """Whether the server turned the request away for load (a 429 that is not the daily quota, a 503), not
+        for anything in it: how Google sheds flex traffic, so the same request may go through at standard."""
+        return self.kind in _SHED_KINDS
+
+
+_SHED_KINDS = frozenset({"rate_limited", "overloaded"})
+
 
 class FatalApiError(ApiError):
     """An answer that means no other request can succeed either (bad key, no such model, daily quota)."""

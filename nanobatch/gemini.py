@@ -79,7 +79,7 @@ class FileRef:
     """An input the API fetches itself: sent as ``{"fileData": {"mimeType", "fileUri"}}`` instead of its bytes."""
 
     mime_type: str
-    uri: str
+    uri: str = field(repr=False)  # a pre-signed URL's query is a credential: never in a log by way of repr
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

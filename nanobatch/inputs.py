@@ -27,6 +27,7 @@ import httpx2
 
 from ._pictures import ACCEPTED_TYPES, picture_problem
 from ._retry import RetryPolicy, retrying
+from .client import public_url, redact_urls
 from .errors import ApiError, InputError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
@@ -251,27 +252,29 @@ class InputLoader:
         if is_bucket_url(url):
             return await self._get_object(url)
         limit = self.max_download_bytes
+        shown = public_url(url)  # for messages: a signed URL's query is a credential
         try:
             async with self._client().stream("GET", url) as response:
                 if not response.is_success:
-                    raise _status_error(url, response)
+                    raise _status_error(shown, response)
                 length = response.headers.get("content-length", "")
                 if length.isdigit() and int(length) > limit:
-                    raise InputError(_too_big(url, int(length), limit, download=True))
+                    raise InputError(_too_big(shown, int(length), limit, download=True))
                 chunks, size = [], 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     if size > limit:
-                        raise InputError(_too_big(url, size, limit, download=True, at_least=True))
+                        raise InputError(_too_big(shown, size, limit, download=True, at_least=True))
                     chunks.append(chunk)
                 content_type = response.headers.get("content-type")
         except (httpx2.UnsupportedProtocol, httpx2.InvalidURL, httpx2.TooManyRedirects) as exc:
-            raise InputError(f"cannot download {url}: {exc}") from None
+            raise InputError(f"cannot download {shown}: {redact_urls(str(exc))}") from None
         except httpx2.TimeoutException as exc:
-            raise InputError(f"downloading {url} timed out ({type(exc).__name__})", retryable=True) from None
+            raise InputError(f"downloading {shown} timed out ({type(exc).__name__})", retryable=True) from None
         except httpx2.TransportError as exc:
-            raise InputError(f"downloading {url} failed: {type(exc).__name__}: {exc}", retryable=True) from None
-        return _as_image(url, b"".join(chunks), content_type)
+            reason = f"{type(exc).__name__}: {redact_urls(str(exc))}"
+            raise InputError(f"downloading {shown} failed: {reason}", retryable=True) from None
+        return _as_image(shown, b"".join(chunks), content_type)
 
     async def _get_object(self, url: str) -> Image:
         """A bucket object's bytes (one GET, in a worker thread), within the download limit."""
@@ -421,9 +424,9 @@ def check_urls(
                 # HEAD is refused by many image hosts and signed URLs: ask for the body, read only the headers.
                 with client.stream("GET", url) as response:
                     if not response.is_success:
-                        failed[url] = f"{url} answered HTTP {response.status_code}"
+                        failed[url] = f"{public_url(url)} answered HTTP {response.status_code}"
             except httpx2.HTTPError as exc:
-                failed[url] = f"{url} cannot be reached: {type(exc).__name__}: {exc}"
+                failed[url] = f"{public_url(url)} cannot be reached: {type(exc).__name__}: {redact_urls(str(exc))}"
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             list(pool.map(probe, urls))

@@ -22,7 +22,21 @@ if TYPE_CHECKING:
     from .gemini import Reply
     from .manifest import WorkItem
 
-__all__ = ["TOKEN_FIELDS", "ErrorInfo", "ItemRecord", "StepRecord", "Tally", "build_record", "moved_record"]
+__all__ = [
+    "TOKEN_FIELDS",
+    "ErrorInfo",
+    "ItemRecord",
+    "StepRecord",
+    "Tally",
+    "build_record",
+    "files_of",
+    "moved_record",
+    "read_float",
+    "read_stamps",
+    "read_steps",
+    "read_strs",
+    "usage_tokens",
+]
 
 TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
 
@@ -44,8 +58,10 @@ def utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _strs(value: Any) -> tuple[str, ...]:
+def read_strs(value: Any) -> tuple[str, ...]:
     """Strings from a list of them (or one string, as a hand-edited line may have it)."""
+    if type(value) is list:  # as nearly every line has it: one test (read for every field of every record)
+        return tuple(map(str, value))
     if isinstance(value, str):
         return (value,)
     return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
@@ -111,7 +127,7 @@ class StepRecord:
             finish_reason=value.get("finish_reason"),
             text=value.get("text"),
             usage=usage if isinstance(usage, Mapping) else None,
-            outputs=_strs(value["outputs"]) if "outputs" in value else None,
+            outputs=read_strs(value["outputs"]) if "outputs" in value else None,
         )
 
 
@@ -153,15 +169,10 @@ class ItemRecord:
     @property
     def files(self) -> list[str]:
         """Every file this record says its item wrote: its outputs, then its kept steps' outputs."""
-        names = list(self.outputs)
-        for step in self.steps or ():
-            names += step.outputs or ()
-        return names
+        return files_of(self.outputs, self.steps)
 
     def tokens(self) -> tuple[int, int, int, int]:
-        values = (self.usage.get(name, 0) for name in TOKEN_FIELDS)
-        a, b, c, d = (v if isinstance(v, int) else 0 for v in values)
-        return a, b, c, d
+        return usage_tokens(self.usage)
 
     def to_json(self) -> dict[str, Any]:
         """The line's object, fields in nanobatch's order (serialize with orjson)."""
@@ -197,31 +208,31 @@ class ItemRecord:
             id=str(line["id"]),
             status=str(line["status"] or "unknown"),
             run=get("run"),
-            outputs=_strs(get("outputs")),
+            outputs=read_strs(get("outputs")),
             finish_reason=get("finish_reason"),
             text=get("text"),
             usage=usage if isinstance(usage, Mapping) else {},
-            steps=tuple(s for s in map(StepRecord.from_json, steps) if s) if isinstance(steps, list) else None,
+            steps=read_steps(steps),
             attempts=get("attempts") if _is_int(get("attempts")) else None,
-            latency_s=_float(get("latency_s")),
-            cost_usd=_float(get("cost_usd")),
+            latency_s=read_float(get("latency_s")),
+            cost_usd=read_float(get("cost_usd")),
             model=get("model"),
             model_version=get("model_version"),
             response_id=get("response_id"),
             key=get("key"),
             error=ErrorInfo.from_json(get("error")),
-            instructions=_strs(get("instructions")),
-            inputs=_strs(get("inputs")),
+            instructions=read_strs(get("instructions")),
+            inputs=read_strs(get("inputs")),
             aspect_ratio=get("aspect_ratio"),
             image_size=get("image_size"),
             tier=get("tier"),
             fallback=bool(get("fallback")),
             started_at=get("started_at"),
             finished_at=get("finished_at"),
-            input_stamps=_stamps(stamps) if stamps is not None else None,
+            input_stamps=read_stamps(stamps) if stamps is not None else None,
             finish_message=get("finish_message"),
-            moved_from=_strs(get("moved_from")) if "moved_from" in line else None,
-            uploads=_strs(get("uploads")) if "uploads" in line else None,
+            moved_from=read_strs(get("moved_from")) if "moved_from" in line else None,
+            uploads=read_strs(get("uploads")) if "uploads" in line else None,
             batch=str(get("batch")) if get("batch") else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
@@ -243,11 +254,43 @@ def _int(value: Any) -> int:
     return value if _is_int(value) else 0
 
 
-def _float(value: Any) -> float | None:
+# What ItemRecord.from_json reads a line's fields with; the resume index (nanobatch.results) reads the columns it
+# needs with the same functions, without building whole records (bench/RESULTS.md, "index load").
+
+
+def read_steps(value: Any) -> tuple[StepRecord, ...] | None:
+    """The steps of a line (what is not a step dropped); None if it has no list of them."""
+    return tuple(s for s in map(StepRecord.from_json, value) if s) if isinstance(value, list) else None
+
+
+def files_of(outputs: Sequence[str], steps: Sequence[StepRecord] | None) -> list[str]:
+    """Every file a record names: its outputs, then its kept steps' outputs."""
+    names = list(outputs)
+    if steps:
+        for step in steps:
+            names += step.outputs or ()
+    return names
+
+
+def usage_tokens(usage: Any) -> tuple[int, int, int, int]:
+    """The four token counts (:data:`TOKEN_FIELDS`) of a usage mapping; 0 for one missing or not a whole number."""
+    if not isinstance(usage, Mapping):
+        return 0, 0, 0, 0
+    a, b, c, d = map(usage.get, TOKEN_FIELDS)
+    # type() is int, not isinstance: a bool is no count (and JSON has no other int subclass)
+    return (
+        a if type(a) is int else 0,
+        b if type(b) is int else 0,
+        c if type(c) is int else 0,
+        d if type(d) is int else 0,
+    )
+
+
+def read_float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
+def read_stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
     """Input stamps as written; None if unreadable (the files will simply be read again)."""
     try:
         return tuple((int(s[0]), int(s[1]), str(s[2])) for s in value)

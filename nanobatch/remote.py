@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 
 from . import storage
+from .client import public_url
 from .errors import ApiError, InputError, Problem, StorageError
 from .fields import WorkItem
 from .gemini import FileRef
@@ -180,7 +181,7 @@ def endpoint_for(base_url: str, *, backend: str = "gemini", simulate: bool = Fal
         return Endpoint("the simulator", urls=True, gs=True)
     if host == "generativelanguage.googleapis.com":
         return Endpoint("the Gemini API", urls=True, gs=False)
-    return Endpoint(host or base_url, urls=False, gs=False)
+    return Endpoint(host or public_url(base_url), urls=False, gs=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,8 +34,17 @@ from .outdir import (
     move_file,
     remove_stale_temp_files,
 )
-from .record import TOKEN_FIELDS, ItemRecord, _strs
-from .record import _stamps as _read_stamps
+from .record import (
+    TOKEN_FIELDS,
+    ErrorInfo,
+    ItemRecord,
+    files_of,
+    read_float,
+    read_stamps,
+    read_steps,
+    read_strs,
+    usage_tokens,
+)
 
 __all__ = [
     "FOLDER_ERRNOS",
@@ -168,25 +177,25 @@ def _row(record: ItemRecord) -> tuple[Any, ...]:
 
 
 def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
-    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, and the record's files, read from the line
-    itself (tests/test_results.py checks the two agree on old, sparse, multi-step and failed lines)."""
+    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, and the record's files, read from the line with
+    the functions ``from_json`` reads it with, without building the record (tests/test_results.py checks the two
+    agree on old, sparse, multi-step and failed lines)."""
     get = line.get
-    outputs = list(_strs(get("outputs")))
-    steps = [step for step in get("steps") or () if isinstance(step, dict)] if isinstance(get("steps"), list) else []
-    files = outputs + [name for step in steps if "outputs" in step for name in _strs(step["outputs"])]
-    usage, error, cost = get("usage"), get("error"), get("cost_usd")
-    tokens = [usage.get(name, 0) for name in TOKEN_FIELDS] if isinstance(usage, dict) else [0, 0, 0, 0]
-    stamps = get("input_stamps")
-    stamps = _read_stamps(stamps) if stamps is not None else None
+    outputs = read_strs(get("outputs"))
+    steps, error, stamps = get("steps"), get("error"), get("input_stamps")
+    steps = read_steps(steps) if steps is not None else None  # (the calls cost more than the tests: most are null)
+    files = files_of(outputs, steps)
+    error = ErrorInfo.from_json(error) if error is not None else None
+    stamps = read_stamps(stamps) if stamps is not None else None
     row = (
         str(line["id"]),
         str(line["status"] or "unknown"),
         get("key"),
         orjson.dumps(outputs),
-        *(value if isinstance(value, int) and not isinstance(value, bool) else 0 for value in tokens),
-        float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else 0.0,
-        (str(error.get("kind") or "") or None) if isinstance(error, dict) else None,
-        orjson.dumps(list(zip(_strs(get("inputs")), stamps, strict=False))) if stamps else None,
+        *usage_tokens(get("usage")),
+        read_float(get("cost_usd")) or 0.0,
+        (error.kind or None) if error is not None else None,
+        orjson.dumps(list(zip(read_strs(get("inputs")), stamps, strict=False))) if stamps else None,
         get("run"),
         orjson.dumps(files) if steps else None,
     )

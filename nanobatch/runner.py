@@ -22,7 +22,7 @@ from typing import Any, Literal
 import anyio
 import httpx2
 
-from ._job_check import CheckResult, _load, check_job, resolve_out_dir
+from ._job_check import CheckResult, check_job, load_job, resolve_out_dir
 from ._loopback import loopback_url
 from ._retry import RetryPolicy
 from .batch import BatchOptions, BatchRoute
@@ -116,7 +116,7 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    manifest, settings = _load(manifest, settings)
+    manifest, settings = load_job(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
     manifest = manifest.skipping(checked.out_dir)
     oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
@@ -190,7 +190,7 @@ async def _batch_route(
         return None
     config = settings.batch
     batches = await stack.enter_async_context(
-        BatchClient(base_url=client.where, api_key=api_key, auth=settings.api.auth,
+        BatchClient(base_url=client.base_url, api_key=api_key, auth=settings.api.auth,
                     api_version=settings.api.api_version, transport=transport)
     )  # fmt: skip
     options = BatchOptions(

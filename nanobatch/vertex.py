@@ -26,6 +26,7 @@ import anyio
 import anyio.to_thread
 import httpx2
 
+from .client import public_url
 from .errors import ConfigError, FatalApiError
 
 __all__ = ["SCOPE", "VertexAuth", "vertex_auth", "vertex_base_url", "vertex_express_url", "vertex_route", "vertex_url"]
@@ -183,7 +184,7 @@ class _Request:
         try:
             response = self._http.request(method, url, content=body, headers=headers, timeout=timeout or 30.0)
         except httpx2.HTTPError as exc:
-            raise exceptions.TransportError(f"{type(exc).__name__} talking to {url}") from None
+            raise exceptions.TransportError(f"{type(exc).__name__} talking to {public_url(url)}") from None
         return _Response(response)
 
 

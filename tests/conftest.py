@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
+from .emulators import SECRET, Bucket, Emulator, gcs_emulator, moto_s3, new_bucket
+
 T = TypeVar("T")
 
 
@@ -75,3 +77,69 @@ def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         pytest.skip("PyYAML was built without libyaml")
     monkeypatch.setattr(_yaml, "LOADERS", loaders)
     return str(request.param)
+
+
+# --- storage emulators on loopback (tests/emulators.py): one server per test module that asks for it ----------
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[Emulator]:
+    yield from moto_s3()
+
+
+@pytest.fixture(scope="module")
+def gcs_server() -> Iterator[Emulator]:
+    yield from gcs_emulator()
+
+
+@pytest.fixture
+def s3_env(s3_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTING")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)  # the developer's own AWS setup must not leak in
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    return s3_server
+
+
+@pytest.fixture
+def gcs_env(gcs_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.url)
+    # gcsfs 2026 first probes a bucket's layout over gRPC, which an emulator never answers (3 x 60 s).
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    import gcsfs
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    return gcs_server
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request: pytest.FixtureRequest) -> Bucket:
+    server: Emulator = request.getfixturevalue("s3_env" if request.param == "s3" else "gcs_env")
+    found = Bucket(request.param, new_bucket(request.param), server)
+    server.log.clear()
+    return found
+
+
+@pytest.fixture
+def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``without_module("s3fs")``: importing that module fails from then on, as if it were not installed."""
+
+    def hide(missing: str) -> None:
+        import importlib
+
+        real_import = importlib.import_module
+
+        def fake_import(name: str, *args: Any) -> Any:
+            if name == missing:
+                raise ImportError(f"No module named {missing!r}")
+            return real_import(name, *args)
+
+        monkeypatch.setattr(importlib, "import_module", fake_import)
+
+    return hide

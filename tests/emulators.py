@@ -1,7 +1,8 @@
 """Real storage APIs on loopback for tests: S3 (moto's server) and Cloud Storage (gcp-storage-emulator).
 
 Each server runs in a thread of the test process on a free port and counts the requests it answers,
-so a test can prove what was (not) downloaded. The fixtures in ``tests/test_storage.py`` use these.
+so a test can prove what was (not) downloaded. The fixtures in ``tests/conftest.py`` (``s3_env``, ``gcs_env``,
+``bucket``) use these.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -108,3 +110,32 @@ def gcs_emulator() -> Iterator[Emulator]:
         yield Emulator(f"http://127.0.0.1:{port}", log)
     finally:
         server.stop()
+
+
+SECRET = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"  # the S3 emulator's secret key: no message may show it
+
+
+@dataclass
+class Bucket:
+    scheme: str
+    name: str
+    server: Emulator
+
+    def url(self, key: str = "") -> str:
+        return f"{self.scheme}://{self.name}/{key}"
+
+    def downloads(self) -> int:
+        """Requests that fetched an object's bytes (not its metadata, not a listing)."""
+        counts = self.server.log.counts
+        if self.scheme == "s3":
+            return sum(n for k, n in counts.items() if k.startswith(f"GET /{self.name}/") and "list-type" not in k)
+        return sum(n for k, n in counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
+
+
+def new_bucket(scheme: str) -> str:
+    """A new, empty bucket's name at the emulator *scheme*'s environment points to."""
+    from nanobatch import storage
+
+    name = f"nb-{uuid.uuid4().hex[:12]}"
+    storage._filesystem(f"{scheme}://{name}").mkdir(name)
+    return name

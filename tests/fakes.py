@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 from PIL import Image as PILImage
 
@@ -127,6 +128,15 @@ def run(job: Path, fake: FakeGemini, out: Path | None = None, **options: Any) ->
     """Run *job* against *fake* on the virtual clock, into *out* (``out`` beside the job if not given)."""
     options.setdefault("out_dir", out if out is not None else job.parent / "out")
     return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
+
+
+def run_now(job: Path, fake: FakeGemini | None = None, out: Path | None = None, **options: Any) -> nanobatch.RunSummary:
+    """:func:`run` in real time, for jobs whose storage calls wait on real servers (the emulators) in worker
+    threads; without *fake*, *options* say where requests go (``simulate=True``)."""
+    options.setdefault("out_dir", out if out is not None else job.parent / "out")
+    if fake is not None:
+        options["transport"] = fake.transport
+    return anyio.run(lambda: nanobatch.run_job(job, **options))
 
 
 def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image") -> list[Problem]:

@@ -1,8 +1,6 @@
 """Pictures and sources in buckets, and inputs sent by reference, against moto's S3 server and
 gcp-storage-emulator on loopback (see tests/emulators.py)."""
 
-# ruff: noqa: F811 - the storage fixtures are imported from test_storage, and tests take them by name
-
 from __future__ import annotations
 
 import base64
@@ -10,6 +8,7 @@ import json
 import logging
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +16,16 @@ import anyio
 import httpx2
 import pytest
 
-import nanobatch
 from nanobatch import storage
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ManifestError
 from nanobatch.report import write_report
 from nanobatch.runner import check_job
 
-from .fakes import FakeGemini, image_bytes, records, write_job
-from .test_storage import Bucket, bucket, gcs_env, gcs_server, s3_env, s3_server  # noqa: F401 - fixtures
+from .emulators import Bucket
+from .fakes import FakeGemini, image_bytes, records, run_now, write_job
 
 GOOGLE = "https://generativelanguage.googleapis.com"
-
-
-def _run(job: Path, fake: FakeGemini | None = None, **options: Any) -> nanobatch.RunSummary:
-    """Run *job* in real time (storage calls wait on real servers in worker threads)."""
-    options.setdefault("out_dir", job.parent / "out")
-    if fake is not None:
-        options["transport"] = fake.transport
-    return anyio.run(lambda: nanobatch.run_job(job, **options))
 
 
 def _pictures(bucket: Bucket, count: int, folder: str = "in") -> list[bytes]:
@@ -59,21 +49,21 @@ def test_a_job_reads_its_pictures_from_a_bucket_and_a_rerun_downloads_none(
     fake = FakeGemini()
     bucket.server.log.clear()
 
-    assert _run(job, fake).exit_code == 0
+    assert run_now(job, fake).exit_code == 0
 
     sent = {base64.b64decode(_parts(r)[0]["inlineData"]["data"]) for r in fake.requests}
     assert sent == set(pictures)
     assert bucket.downloads() == 8
     bucket.server.log.clear()
 
-    again = _run(job, fake)  # nothing changed: stamps from one listing, not one download
+    again = run_now(job, fake)  # nothing changed: stamps from one listing, not one download
 
     assert again.stats.skipped == 8 and len(fake.requests) == 8
     assert bucket.downloads() == 0
     assert sum(bucket.server.log.counts.values()) <= 2  # a listing (and maybe a bucket check), not 8 HEADs
 
     storage.put(bucket.url("in/3.png"), image_bytes((1, 2, 3)))  # a new version: only its item is redone
-    third = _run(job, fake)
+    third = run_now(job, fake)
     assert (third.stats.ok, third.stats.skipped, len(fake.requests)) == (1, 7, 9)
 
 
@@ -105,21 +95,14 @@ def test_validate_names_the_item_and_field_of_a_missing_object_or_bucket(
     ids=["s3", "gs", "az", "abfs"],
 )  # fmt: skip
 def test_a_missing_extra_is_a_problem_before_anything_is_sent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, module: str, extra: str
+    tmp_path: Path, without_module: Callable[[str], None], url: str, module: str, extra: str
 ) -> None:
-    real_import = storage.importlib.import_module
-
-    def without_backend(name: str, *args: Any) -> Any:
-        if name == module:
-            raise ImportError(f"No module named {module!r}")
-        return real_import(name, *args)
-
-    monkeypatch.setattr(storage.importlib, "import_module", without_backend)
+    without_module(module)
     job = write_job(tmp_path, [{"id": "a", "image": url}])
     fake = FakeGemini()
 
     with pytest.raises(ManifestError) as caught:
-        _run(job, fake)
+        run_now(job, fake)
 
     (problem,) = caught.value.problems
     assert (problem.item, problem.field) == ("a", "image")
@@ -143,7 +126,7 @@ def test_items_from_a_csv_and_a_glob_in_a_bucket(bucket: Bucket, tmp_path: Path)
     )
     fake = FakeGemini()
 
-    assert _run(job, fake).exit_code == 0
+    assert run_now(job, fake).exit_code == 0
 
     done = {r["id"]: r["inputs"] for r in records(tmp_path / "out")}
     assert done == {
@@ -176,7 +159,7 @@ def test_by_reference_sends_a_presigned_url_to_the_gemini_api_and_downloads_noth
     fake = FakeGemini()
     bucket.server.log.clear()
 
-    assert _run(job, fake, settings=settings).exit_code == 0
+    assert run_now(job, fake, settings=settings).exit_code == 0
 
     assert bucket.downloads() == 0
     uris = []
@@ -187,7 +170,7 @@ def test_by_reference_sends_a_presigned_url_to_the_gemini_api_and_downloads_noth
     assert all(uri.startswith(bucket.server.url) and "Signature=" in uri for uri in uris)
     assert sorted(httpx2.get(uri).content for uri in uris) == sorted(pictures)  # anyone holding it can fetch it
 
-    again = _run(job, fake, settings=settings)  # the work key is the object's stamp, signed URL or not
+    again = run_now(job, fake, settings=settings)  # the work key is the object's stamp, signed URL or not
     assert again.stats.skipped == 2
 
 
@@ -210,7 +193,7 @@ def test_gs_objects_go_by_uri_only_where_the_endpoint_takes_them(
     fake = FakeGemini()
     bucket.server.log.clear()
 
-    assert _run(job, fake, settings=settings).exit_code == 0
+    assert run_now(job, fake, settings=settings).exit_code == 0
 
     (part,) = _parts(fake.requests[0])
     if expected == "gs://":
@@ -233,7 +216,7 @@ def test_the_simulator_fetches_presigned_and_plain_urls_sent_by_reference(
     bucket.server.log.clear()
 
     with caplog.at_level(logging.WARNING, logger="nanobatch"):
-        summary = _run(job, simulate=True)
+        summary = run_now(job, simulate=True)
 
     assert summary.exit_code == 0 and len(records(tmp_path / "out")) == 2
     signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
@@ -241,7 +224,7 @@ def test_the_simulator_fetches_presigned_and_plain_urls_sent_by_reference(
     assert bucket.downloads() == 2  # ...and by nothing else
     bucket.server.log.clear()
 
-    again = _run(job, simulate=True)  # work keys from the object's stamp and the URL: nothing fetched
+    again = run_now(job, simulate=True)  # work keys from the object's stamp and the URL: nothing fetched
 
     assert again.stats.skipped == 2 and bucket.downloads() == 0
 
@@ -267,12 +250,14 @@ def test_a_url_the_api_cannot_fetch_fails_its_item_not_the_run(
         {"id": "gone", "image": storage.presign(bucket.url("in/gone.png"), expires_s=600) + "&x=.png"},
     ], defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
 
-    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch) if tier == "batch" else None)
+    summary = run_now(job, simulate=True, settings=_fast_batch(monkeypatch) if tier == "batch" else None)
 
     assert (summary.exit_code, summary.stats.ok, summary.stats.failed) == (1, 1, 1)
     assert {r["tier"] for r in records(tmp_path / "out")} == {tier}
     (failed,) = [r for r in records(tmp_path / "out") if r["status"] == "failed"]
     assert failed["id"] == "gone" and failed["error"]["status_code"] == 400
+    # The API's message names the URL it could not fetch; the record keeps its address, not its signature.
+    assert "in/gone.png" in failed["error"]["message"] and "Signature" not in failed["error"]["message"]
 
 
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
@@ -353,7 +338,7 @@ def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
                     defaults={"instruction": "make it white", "inputs": "by_reference"})  # fmt: skip
     bucket.server.log.clear()
 
-    summary = _run(job, simulate=True, settings=_fast_batch(monkeypatch))
+    summary = run_now(job, simulate=True, settings=_fast_batch(monkeypatch))
 
     done = records(tmp_path / "out")
     assert summary.exit_code == 0 and {(r["status"], r["tier"]) for r in done} == {("ok", "batch")}

@@ -381,3 +381,97 @@ def test_a_whole_run_goes_through_httpx2_and_never_loads_httpx_0_28(tmp_path: An
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.split(" ", 1) == ["0", "['httpcore2', 'httpx2']\n"]
+
+
+# --- where requests go, in messages -------------------------------------------------------------------------------
+
+SECRET_URL = "https://user:s3cret@proxy.example/v1?key=abc"
+
+
+def _refused(request: httpx2.Request) -> httpx2.Response:
+    raise httpx2.ConnectError("connection refused")
+
+
+def _not_json(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, text="<html>a proxy's page</html>")
+
+
+async def _fail_gemini(answer: Handler) -> tuple[str, str]:
+    async with GeminiClient(base_url=SECRET_URL, api_key=KEY, transport=httpx2.MockTransport(answer)) as client:
+        with pytest.raises(ApiError) as info:
+            await client.generate("m", BODY, timeout_s=10)
+    return client.where, info.value.message
+
+
+async def _fail_batch(answer: Handler) -> tuple[str, str]:
+    from nanobatch.batch_api import BatchClient
+
+    async with BatchClient(base_url=SECRET_URL, api_key=KEY, transport=httpx2.MockTransport(answer)) as client:
+        with pytest.raises(ApiError) as info:
+            await client.get("batches/1")
+    return client.where, info.value.message
+
+
+@pytest.mark.parametrize("fail", [_fail_gemini, _fail_batch], ids=["generate", "batch"])
+@pytest.mark.parametrize("answer", [_refused, _not_json], ids=["refused", "html-200"])
+async def test_a_base_url_with_a_password_or_a_query_never_shows_them(
+    fail: Callable[[Handler], Any], answer: Handler
+) -> None:
+    where, message = await fail(answer)
+    assert where == "https://proxy.example/v1"
+    assert "s3cret" not in message and "key=abc" not in message
+    if answer is _refused:
+        assert "cannot connect to https://proxy.example/v1: " in message
+
+
+async def test_the_batch_upload_that_never_starts_names_the_endpoint_without_its_password(tmp_path: Any) -> None:
+    from nanobatch.batch_api import BatchClient
+
+    path = tmp_path / "chunk.jsonl"
+    path.write_bytes(b"{}\n")
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(200, json={}))
+    async with BatchClient(base_url=SECRET_URL, api_key=KEY, transport=transport) as client:
+        with pytest.raises(ApiError) as info:
+            await client.upload(path, display_name="x")
+    assert "https://proxy.example/v1 did not start an upload" in info.value.message
+    assert "s3cret" not in info.value.message and "key=abc" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        pytest.param(SECRET_URL, "https://proxy.example/v1", id="userinfo-and-query"),
+        pytest.param(
+            "https://b.s3.amazonaws.com/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=f00d",
+            "https://b.s3.amazonaws.com/a.png",
+            id="presigned-s3",
+        ),
+        pytest.param(
+            "https://acct.blob.core.windows.net/c/a.png?sv=1&sig=abc%3D",
+            "https://acct.blob.core.windows.net/c/a.png",
+            id="azure-sas",
+        ),
+        pytest.param("s3://bucket/edited/a.png", "s3://bucket/edited/a.png", id="bucket-url"),
+        pytest.param("http://[::1/x?sig=1", "http://[::1/x", id="not-parseable"),
+    ],
+)
+def test_public_url_keeps_where_and_drops_what_could_be_a_credential(url: str, shown: str) -> None:
+    assert client_module.public_url(url) == shown
+
+
+async def test_an_api_error_echoing_a_signed_input_url_keeps_only_its_address() -> None:
+    signed = "https://b.s3.amazonaws.com/a.png?X-Amz-Credential=AKIA%2F&X-Amz-Signature=f00dfeed"
+    said = {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": f"Cannot fetch {signed}."}}
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(400, json=said))
+    async with GeminiClient(base_url="https://api.example", api_key=KEY, transport=transport) as client:
+        with pytest.raises(ApiError) as info:
+            await client.generate("m", BODY, timeout_s=10)
+    assert "Cannot fetch https://b.s3.amazonaws.com/a.png." in info.value.message
+    assert "f00dfeed" not in info.value.message and "AKIA" not in info.value.message
+
+
+def test_a_file_reference_never_shows_its_signed_url_in_a_repr() -> None:
+    from nanobatch.gemini import FileRef
+
+    ref = FileRef("image/png", "https://b.s3.amazonaws.com/a.png?X-Amz-Signature=f00dfeed")
+    assert "f00dfeed" not in repr(ref) and ref.uri.endswith("f00dfeed")

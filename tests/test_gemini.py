@@ -333,6 +333,26 @@ def test_per_minute_quota_is_worth_waiting_for() -> None:
     assert (error.kind, error.retryable, error.retry_after) == ("rate_limited", True, 26.0)
 
 
+@pytest.mark.parametrize(
+    ("status", "raw", "shed"),
+    [
+        pytest.param(503, google(503, "UNAVAILABLE", "The model is overloaded"), True, id="503"),
+        pytest.param(429, google(429, "RESOURCE_EXHAUSTED", "Resource has been exhausted"), True, id="429"),
+        pytest.param(
+            429,
+            google(429, "RESOURCE_EXHAUSTED", "quota", quota_failure("GenerateRequestsPerDayPerProjectPerModel")),
+            False,
+            id="429-daily-quota",
+        ),
+        pytest.param(500, google(500, "INTERNAL", "An internal error has occurred"), False, id="500"),
+        pytest.param(400, google(400, "INVALID_ARGUMENT", "Unsupported image size"), False, id="400"),
+    ],
+)
+def test_only_load_answers_count_as_shedding_a_request(status: int, raw: bytes, shed: bool) -> None:
+    """A flex request turned away for load may go at standard; one wrong in itself, or out of daily quota, not."""
+    assert classify_error(status, NO_HEADERS, raw).shed is shed
+
+
 def test_bad_request_is_final_and_keeps_the_apis_message() -> None:
     raw = google(400, "INVALID_ARGUMENT", "Unsupported image size: 8K. Supported sizes are 1K, 2K, 4K.")
     error = classify_error(400, NO_HEADERS, raw)

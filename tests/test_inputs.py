@@ -127,6 +127,31 @@ def test_a_404_fails_at_once_and_is_remembered_for_the_run() -> None:
     assert URL in messages[0] and "HTTP 404" in messages[0] and messages[1] == messages[0]
 
 
+SIGNED = URL + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=f00dfeed"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(httpx2.Response(403), id="403"),
+        pytest.param(httpx2.Response(200, content=b"<html>not a picture</html>"), id="not-a-picture"),
+        pytest.param(httpx2.TooManyRedirects(f"redirected too often from {SIGNED}"), id="redirects"),
+        pytest.param(httpx2.RemoteProtocolError(f"bad answer for {SIGNED}"), id="transport"),
+    ],
+)
+def test_a_signed_url_that_fails_is_named_without_its_signature(answer: httpx2.Response | Exception) -> None:
+    with pytest.raises(InputError) as err:
+        load(Host({SIGNED: [answer]}), [SIGNED], retry=RetryPolicy(max_attempts=1))
+    assert URL in err.value.message and "f00dfeed" not in err.value.message
+
+
+def test_validate_names_a_failing_signed_url_without_its_signature(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": SIGNED}])
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job, transport=httpx2.MockTransport(Host({SIGNED: [httpx2.Response(403)]})))
+    assert URL in str(err.value) and "f00dfeed" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "first",
     [

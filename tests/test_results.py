@@ -178,9 +178,11 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
             {"step": 1, "instruction": "i", "outputs": ["m.step1.png"]}, {"step": 2, "instruction": "j"}, "junk"]},
                      id="multi-step"),
         pytest.param({"id": "f", "status": "failed", "error": {"kind": "timeout", "message": "m"},
-                      "cost_usd": True, "usage": {"totalTokenCount": "12"}, "outputs": "f.png",
-                      "input_stamps": [["bad"]]}, id="odd-types"),
+                      "cost_usd": True, "usage": {"totalTokenCount": "12", "promptTokenCount": True},
+                      "outputs": "f.png", "input_stamps": [["bad"]]}, id="odd-types"),
         pytest.param({"id": "e", "status": "failed", "error": {"message": "no kind"}, "steps": []}, id="error-no-kind"),
+        pytest.param({"id": "s", "status": "failed", "error": "said in words", "steps": "junk"},
+                     id="error-not-an-object"),
     ],
 )  # fmt: skip
 def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import anyio
 import pytest
 
 import nanobatch
@@ -15,46 +13,23 @@ from nanobatch import storage
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 
-from . import test_storage
-from .emulators import Emulator
-from .fakes import FakeGemini, records, write_job
-
-# The emulators and their environments, shared with test_storage.
-s3_server, s3_env = test_storage.s3_server, test_storage.s3_env
-gcs_server, gcs_env = test_storage.gcs_server, test_storage.gcs_env
+from .emulators import Bucket, Emulator, new_bucket
+from .fakes import FakeGemini, records, run_now, write_job
 
 
 def _settings(upload_to: str) -> Settings:
     return load_settings(env={}, overrides={"output.upload_to": upload_to})
 
 
-def _bucket(scheme: str) -> str:
-    name = f"nb-{uuid.uuid4().hex[:12]}"
-    storage._filesystem(f"{scheme}://{name}").mkdir(name)
-    return name
-
-
-def _run(job: Path, fake: FakeGemini, out: Path, settings: Settings, **options: Any) -> nanobatch.RunSummary:
-    # A real event loop, not the virtual clock: the uploads wait on real sockets in worker threads.
-    return anyio.run(lambda: nanobatch.run_job(job, settings=settings, transport=fake.transport, out_dir=out,
-                                               **options))  # fmt: skip
-
-
-def _downloads(server: Emulator) -> int:
-    """Requests at the Cloud Storage emulator that fetched an object's bytes."""
-    counts = server.log.counts
-    return sum(n for k, n in counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
-
-
 def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading_or_paying_twice(
     gcs_env: Emulator, tmp_path: Path
 ) -> None:
-    name = _bucket("gs")
+    name = new_bucket("gs")
     settings = _settings(f"gs://{name}/edited")
     job = write_job(tmp_path, [{"id": f"sku-{n}", "image": f"images/{n}.png"} for n in range(3)])
     out, fake = tmp_path / "out", FakeGemini()
 
-    first = _run(job, fake, out, settings)
+    first = run_now(job, fake, out, settings=settings)
 
     assert first.exit_code == 0 and len(fake.requests) == 3
     for record in records(out):
@@ -63,15 +38,15 @@ def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading_or_
         assert storage.read_bytes(url) == (out / record["outputs"][0]).read_bytes()  # the local copy stays too
 
     gcs_env.log.clear()
-    again = _run(job, fake, out, settings)
+    again = run_now(job, fake, out, settings=settings)
     assert again.stats.skipped == 3 and len(fake.requests) == 3
-    assert _downloads(gcs_env) == 0  # metadata only (a listing from 64 objects on: bench/storage.py)
+    assert Bucket("gs", name, gcs_env).downloads() == 0  # metadata only (a listing from 64 objects on: bench)
     assert not [k for k in gcs_env.log.counts if not k.startswith("GET ")]  # nothing written again
 
     lost = [f"gs://{name}/edited/sku-{n}.png" for n in (1, 2)]
     storage._filesystem(f"gs://{name}").rm([url.removeprefix("gs://") for url in lost])
     (out / "sku-2.png").unlink()  # sku-1's image is still in the output folder; sku-2's is gone everywhere
-    third = _run(job, fake, out, settings)
+    third = run_now(job, fake, out, settings=settings)
     assert third.stats.ok == 1 and third.stats.skipped == 2 and len(fake.requests) == 4
     assert records(out)[-1]["id"] == "sku-2"  # only sku-2 was sent again
     assert storage.read_bytes(lost[0]) == (out / "sku-1.png").read_bytes()  # put again from the folder
@@ -81,7 +56,7 @@ def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading_or_
 def test_an_image_that_cannot_be_uploaded_fails_its_item_and_stays_in_the_folder(
     s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = _bucket("s3")
+    name = new_bucket("s3")
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     out, fake = tmp_path / "out", FakeGemini()
 
@@ -89,7 +64,7 @@ def test_an_image_that_cannot_be_uploaded_fails_its_item_and_stays_in_the_folder
         raise StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
 
     monkeypatch.setattr(storage, "put", refused)
-    summary = _run(job, fake, out, _settings(f"s3://{name}/x/"))
+    summary = run_now(job, fake, out, settings=_settings(f"s3://{name}/x/"))
 
     (record,) = records(out)
     assert summary.exit_code == 1
@@ -107,21 +82,14 @@ def test_an_image_that_cannot_be_uploaded_fails_its_item_and_stays_in_the_folder
     ],
 )
 def test_a_bad_upload_to_is_a_config_error_before_anything_is_sent(
-    upload_to: str, message: str, s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    upload_to: str, message: str, s3_env: Emulator, tmp_path: Path, without_module: Callable[[str], None]
 ) -> None:
-    real_import = storage.importlib.import_module
-
-    def without_adlfs(module: str, *args: Any) -> Any:
-        if module == "adlfs":
-            raise ImportError("No module named 'adlfs'")
-        return real_import(module, *args)
-
-    monkeypatch.setattr(storage.importlib, "import_module", without_adlfs)
+    without_module("adlfs")
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     fake = FakeGemini()
 
     with pytest.raises(ConfigError, match=rf"^output\.upload_to: .*{message}") as caught:
-        _run(job, fake, tmp_path / "out", _settings(upload_to))
+        run_now(job, fake, tmp_path / "out", settings=_settings(upload_to))
     with pytest.raises(ConfigError, match=message):
         nanobatch.check_job(job, settings=_settings(upload_to), out_dir=tmp_path / "out")
 
@@ -133,14 +101,14 @@ def test_a_bad_upload_to_is_a_config_error_before_anything_is_sent(
 def test_a_whole_job_from_s3_inputs_to_gs_outputs(
     s3_env: Emulator, gcs_env: Emulator, tmp_path: Path, src: str, dst: str
 ) -> None:
-    source, target = _bucket(src), _bucket(dst)
+    source, target = new_bucket(src), new_bucket(dst)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
     for n in (1, 2):
         storage.put(f"{src}://{source}/in/{n}.png", (tmp_path / "images" / f"{n}.png").read_bytes())
     job.write_text(job.read_text().replace("images/", f"{src}://{source}/in/"))
     out, fake = tmp_path / "out", FakeGemini()
 
-    summary = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
+    summary = run_now(job, fake, out, settings=_settings(f"{dst}://{target}/edited/"))
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
     uploads = {r["id"]: r["uploads"] for r in records(out)}  # records come in the order items finish
@@ -148,23 +116,24 @@ def test_a_whole_job_from_s3_inputs_to_gs_outputs(
     assert all(storage.read_bytes(url) == (out / url.rsplit("/", 1)[1]).read_bytes() for (url,) in uploads.values())
     s3_env.log.clear()
     gcs_env.log.clear()
-    again = _run(job, fake, out, _settings(f"{dst}://{target}/edited/"))
+    again = run_now(job, fake, out, settings=_settings(f"{dst}://{target}/edited/"))
     assert again.stats.skipped == 2 and len(fake.requests) == 2
-    assert _downloads(gcs_env) == 0  # neither the inputs nor the outputs, whichever side Cloud Storage is on
+    gs_side = Bucket("gs", source if src == "gs" else target, gcs_env)
+    assert gs_side.downloads() == 0  # neither the inputs nor the outputs, whichever side Cloud Storage is on
     assert not [k for k in s3_env.log.counts if k.startswith("GET /") and "list-type" not in k]
 
 
 def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_without_paying_again(
     s3_env: Emulator, tmp_path: Path
 ) -> None:
-    name = _bucket("s3")
+    name = new_bucket("s3")
     settings = _settings(f"s3://{name}/edited")  # no trailing slash: still a prefix
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     out, fake = tmp_path / "out", FakeGemini()
-    assert _run(job, fake, out, settings).exit_code == 0
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
     job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
 
-    again = _run(job, fake, out, settings)
+    again = run_now(job, fake, out, settings=settings)
 
     assert again.exit_code == 0 and len(fake.requests) == 1
     record = records(out)[-1]
@@ -175,11 +144,11 @@ def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_withou
 def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
     s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = _bucket("s3")
+    name = new_bucket("s3")
     settings = _settings(f"s3://{name}/edited/")
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     out, fake = tmp_path / "out", FakeGemini()
-    assert _run(job, fake, out, settings).exit_code == 0
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
     job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
 
     def refused(url: str, data: bytes) -> None:
@@ -187,8 +156,8 @@ def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
 
     with monkeypatch.context() as patch:
         patch.setattr(storage, "put", refused)
-        assert _run(job, fake, out, settings).exit_code == 0
+        assert run_now(job, fake, out, settings=settings).exit_code == 0
     assert (out / "sku-1.png").is_file() and len(records(out)) == 1  # nothing moved, nothing recorded
 
-    assert _run(job, fake, out, settings).exit_code == 0 and len(fake.requests) == 1  # now it moves, unpaid
+    assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 1  # now it moves, unpaid
     assert records(out)[-1]["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]

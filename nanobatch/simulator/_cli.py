@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any, TypedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypedDict, TypeVar
 
 import click
 
@@ -28,6 +28,9 @@ FAULT_MIX: dict[str, float] = {
 }
 _LATENCY_HELP = "SECONDS, uniform:LOW,HIGH or lognormal:MEDIAN,SIGMA (e.g. 0.2, uniform:1,5, lognormal:40,0.5)"
 _CLIENT_KEYS = ("NANOBATCH_API_KEY", "GEMINI_API_KEY")  # the variables `nanobatch run` reads a key from by default
+
+
+FC = TypeVar("FC", bound=Callable[..., Any])
 
 
 class LatencyOptions(TypedDict):
@@ -71,10 +74,7 @@ def parse_fault_rates(values: Iterable[str]) -> dict[str, float]:
     0.02
     """
     rates: dict[str, float] = {}
-    for item in (part.strip() for value in values for part in value.split(",")):
-        if not item:
-            continue
-        kind, sep, number = item.partition("=")
+    for item, kind, sep, number in _items(values):
         if not sep:
             total = _rate(item, item)
             for mix_kind, share in FAULT_MIX.items():
@@ -96,10 +96,7 @@ def parse_batch_faults(values: Iterable[str]) -> dict[str, float]:
     {'batch_rate_failed': 0.1, 'batch_rate_lost_create': 0.5}
     """
     rates: dict[str, float] = {}
-    for item in (part.strip() for value in values for part in value.split(",")):
-        if not item:
-            continue
-        kind, sep, number = item.partition("=")
+    for item, kind, sep, number in _items(values):
         kind = kind.strip().lower().replace("-", "_")
         if not sep or kind not in BATCH_FAULT_KINDS:
             kinds = ", ".join(BATCH_FAULT_KINDS)
@@ -110,6 +107,13 @@ def parse_batch_faults(values: Iterable[str]) -> dict[str, float]:
     return rates
 
 
+def _items(values: Iterable[str]) -> Iterator[tuple[str, str, str, str]]:
+    """Each comma-separated ``KIND=RATE`` (or bare ``RATE``) of *values*: the item, and its parts around ``=``."""
+    for item in (part.strip() for value in values for part in value.split(",")):
+        if item:
+            yield item, *item.partition("=")
+
+
 def _rate(number: str, item: str) -> float:
     try:
         rate = float(number)
@@ -118,6 +122,15 @@ def _rate(number: str, item: str) -> float:
     if not 0.0 <= rate <= 1.0:
         raise click.BadParameter(f"a rate must be between 0 and 1; got {item!r}")
     return rate
+
+
+def _rates_option(
+    flag: str, name: str, metavar: str, parse: Callable[[Iterable[str]], dict[str, float]], help_text: str
+) -> Callable[[FC], FC]:
+    """A repeatable option of rates, parsed into SimulatorConfig fields by *parse*."""
+    return click.option(
+        flag, name, multiple=True, metavar=metavar, callback=lambda _ctx, _param, value: parse(value), help=help_text
+    )
 
 
 @click.command()
@@ -137,13 +150,12 @@ def _rate(number: str, item: str) -> float:
     type=click.FloatRange(min=0),
     help="Multiply every wait, quota window and retryDelay (0.01 turns 40 s into 0.4 s).",
 )
-@click.option(
+@_rates_option(
     "--fault-rate",
     "fault_rates",
-    multiple=True,
-    metavar="RATE|KIND=RATE",
-    callback=lambda _ctx, _param, value: parse_fault_rates(value),
-    help=f"A total rate (split in a realistic mix) or KIND=RATE; repeatable. KIND: {', '.join(FAULT_KINDS)}.",
+    "RATE|KIND=RATE",
+    parse_fault_rates,
+    f"A total rate (split in a realistic mix) or KIND=RATE; repeatable. KIND: {', '.join(FAULT_KINDS)}.",
 )
 @click.option(
     "--batch-latency",
@@ -153,13 +165,12 @@ def _rate(number: str, item: str) -> float:
     metavar="SECONDS",
     help="How long a batch job takes (times --time-scale): pending for a tenth of it, then running, then done.",
 )
-@click.option(
+@_rates_option(
     "--batch-fault",
     "batch_faults",
-    multiple=True,
-    metavar="KIND=RATE",
-    callback=lambda _ctx, _param, value: parse_batch_faults(value),
-    help=f"Batch API faults, per job (per line for line_error); repeatable. KIND: {', '.join(BATCH_FAULT_KINDS)}.",
+    "KIND=RATE",
+    parse_batch_faults,
+    f"Batch API faults, per job (per line for line_error); repeatable. KIND: {', '.join(BATCH_FAULT_KINDS)}.",
 )
 @click.option("--rpm-limit", type=click.IntRange(min=1), help="Requests per minute before 429 (sliding window).")
 @click.option("--daily-limit", type=click.IntRange(min=1), help="Successful (HTTP 200) requests before a per-day 429.")
