@@ -452,12 +452,12 @@ def test_a_failing_disk_stops_the_run_keeping_what_was_written(
     real_write = nanobatch.outdir.write_image
     writes = 0
 
-    def failing_write(path: Path, data: bytes) -> None:
+    def failing_write(path: str, data: bytes, **options: Any) -> None:
         nonlocal writes
         writes += 1
         if writes > 10:
             raise OSError(28, "No space left on device")
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(nanobatch.outdir, "write_image", failing_write)
     fake = FakeGemini()
@@ -603,7 +603,7 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
         anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, idle_s)
         real_fsync(folder)
 
-    def write_image(path: str, data: bytes) -> None:  # the batch's flush is the slow part, not each image's fsync
+    def write_image(path: str, data: bytes, **options: Any) -> None:  # the flush is the slow part, not each fsync
         with open(path, "wb") as f:
             f.write(data)
 
