@@ -72,13 +72,15 @@ _temp_names = itertools.count()
 _TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, never a part.
 
     Five system calls (open, write, fsync, close, rename), the fewest that keep that promise: the
     writer thread gives the GIL up at each one, and while the event loop is busy, taking it back
     is what an image's write mostly costs. Paths are strings (os.path, not pathlib, which interns
     every name it parses: on CPython 3.12 interned strings are immortal, so each name would stay for good).
+    Without *replace*, anything at *path* when the write ends stays there (FileExistsError), even what
+    appeared while *data* was being written: a link and an unlink instead of the rename (:func:`_name_new_file`).
     """
     folder = os.path.dirname(os.fspath(path))
     # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
@@ -97,16 +99,41 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _name_new_file(tmp, os.fspath(path))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
-def write_image(path: str, data: bytes) -> None:
-    """An image into the output folder, atomically: readers (and a crash) see no part of one."""
-    atomic_write(path, data)
+# link() errors that mean "this file system has no hard links" (FAT, exFAT, some network shares).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _name_new_file(tmp: str, path: str) -> None:
+    """Give the written *tmp* the name *path* unless something is there: a hard link fails where a rename
+    would replace (then *tmp* is removed). Without hard links, a last look just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_image(path: str, data: bytes, *, replace: bool) -> None:
+    """An image into the output folder, atomically: readers (and a crash) see no part of one. Without
+    *replace*, a file that appeared at *path* while the image was written stays, and this raises FileExistsError."""
+    atomic_write(path, data, replace=replace)
 
 
 def write_report_file(path: Path, data: bytes) -> None:
@@ -396,7 +423,7 @@ class OutDir:
             for name, data in files:
                 target = path = self._claim(name, replaceable)
                 existed = os.path.lexists(path)
-                write_image(path, data)
+                write_image(path, data, replace=existed)  # a file that appears meanwhile is not the item's
                 if not existed:
                     undo.append((path, None))
                 folders.add(os.path.dirname(path))

@@ -124,10 +124,13 @@ def records(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run(job: Path, fake: FakeGemini, out: Path | None = None, **options: Any) -> nanobatch.RunSummary:
-    """Run *job* against *fake* on the virtual clock, into *out* (``out`` beside the job if not given)."""
+def run(
+    job: Path, fake: FakeGemini, out: Path | None = None, *, settle_s: float = 0.0, **options: Any
+) -> nanobatch.RunSummary:
+    """Run *job* against *fake* on the virtual clock, into *out* (``out`` beside the job if not given);
+    *settle_s*: as :func:`run_virtual`'s."""
     options.setdefault("out_dir", out if out is not None else job.parent / "out")
-    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options))
+    return run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, **options), settle_s=settle_s)
 
 
 def run_now(job: Path, fake: FakeGemini | None = None, out: Path | None = None, **options: Any) -> nanobatch.RunSummary:

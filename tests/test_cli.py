@@ -262,7 +262,7 @@ def test_flags_beat_environment_and_config_file(
 def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def disk_full(path: str, data: bytes) -> None:
+    def disk_full(path: str, data: bytes, **options: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("nanobatch.outdir.write_image", disk_full)

@@ -139,6 +139,49 @@ def test_the_writer_never_replaces_a_file_that_appeared_while_the_request_was_ou
     assert records["a"]["outputs"] == [] and records["b"]["status"] == "ok"
 
 
+def test_a_file_that_appears_while_the_image_is_being_written_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the writer's last look and before its image is in place (its temporary file written and fsync'ed:
+    # milliseconds on a slow disk), a file is copied in at the same name.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}])
+    out = tmp_path / "out"
+    real_write = nanobatch.outdir.write_image
+
+    def write(path: str, data: bytes, **options: Any) -> None:
+        if path.endswith("a.png"):
+            Path(path).write_bytes(b"copied in by hand")
+        real_write(path, data, **options)
+
+    monkeypatch.setattr(nanobatch.outdir, "write_image", write)
+    assert run(job, FakeGemini(), out).exit_code == 1
+    assert (out / "a.png").read_bytes() == b"copied in by hand" and (out / "b.png").is_file()
+    records = latest(out)
+    assert records["a"]["error"]["kind"] == "output_exists" and str(out / "a.png") in records["a"]["error"]["message"]
+    assert records["b"]["status"] == "ok" and not list(out.glob(".nanobatch-*.tmp"))
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (FAT)"])
+def test_a_new_image_never_takes_a_name_that_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+) -> None:
+    if not hard_links:
+
+        def no_links(src: str, dst: str) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted", src)
+
+        monkeypatch.setattr(os, "link", no_links)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "theirs.png").write_bytes(b"theirs")
+    nanobatch.outdir.write_image(str(folder / "new.png"), b"ours", replace=False)
+    with pytest.raises(FileExistsError) as caught:
+        nanobatch.outdir.write_image(str(folder / "theirs.png"), b"ours", replace=False)
+    assert caught.value.filename == str(folder / "theirs.png")
+    assert (folder / "theirs.png").read_bytes() == b"theirs" and (folder / "new.png").read_bytes() == b"ours"
+    assert sorted(p.name for p in folder.iterdir()) == ["new.png", "theirs.png"]  # no temporary file left
+
+
 def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
     out = tmp_path / "out"
@@ -237,10 +280,10 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
     out = tmp_path / "out"
     real_write = nanobatch.outdir.write_image
 
-    def write(path: str, data: bytes) -> None:
+    def write(path: str, data: bytes, **options: Any) -> None:
         if path.endswith("i3.png"):
             raise OSError(code, os.strerror(code), path)
-        real_write(path, data)
+        real_write(path, data, **options)
 
     monkeypatch.setattr(nanobatch.outdir, "write_image", write)
     summary = run(job, FakeGemini(), out)
