@@ -47,9 +47,13 @@ if TYPE_CHECKING:
     from .gemini import Reply
     from .route import Request
 
-__all__ = ["DEADLINE_KIND", "BatchOptions", "BatchRoute"]
+__all__ = ["DEADLINE_KIND", "LANDING_PLACES", "BatchOptions", "BatchRoute", "Landing"]
 
 logger = logging.getLogger("nanobatch")
+
+# Answers read from results files and not yet with the writer, at most (see Landing): 64 of 1 MB images is
+# 64 MB, and reading them is not what a chunk's collection waits on.
+LANDING_PLACES = 64
 
 _CREATE_ATTEMPTS = 5
 DEADLINE_KIND = "batch_deadline"  # a step the batch tier gave up on at --batch-deadline: sent online instead
@@ -98,6 +102,7 @@ class BatchRoute:
         self.answered_by: dict[str, str] = {}  # request key -> the job that answered it
         self.left_waiting = 0  # steps left in jobs not done (wait=False): the next run collects them
         self.past_deadline = False
+        self.landing = Landing(LANDING_PLACES)
         self._deadline = anyio.Event()
         self._filling: dict[str, _Filling] = {}
         self._count = sum(1 for chunk in self.chunks.values() if chunk.id.startswith(run_id))
@@ -159,9 +164,14 @@ class BatchRoute:
 
     # -- the route ----------------------------------------------------------------------------
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, key: str = "") -> Reply:
+    async def send(
+        self, model: str, request: Request, *, timeout_s: float, key: str = "", holder: str | None = None
+    ) -> Reply:
         """Put the request in a chunk (or find it in one already sent) and wait for its job's answer. Meanwhile
-        the request is on disk only: its body is taken from *request*, and put back by :meth:`_answer`."""
+        the request is on disk only: its body is taken from *request*, and put back by :meth:`_answer`.
+
+        With *holder*, the answer is read only once *holder* holds one of :attr:`landing`'s places, which it
+        keeps until :meth:`Landing.release` (the engine's: once the item's images are with the writer)."""
         if self.past_deadline:
             raise _deadline_error()
         chunk = self.by_key.get(key)
@@ -170,6 +180,8 @@ class BatchRoute:
         else:
             request.take()  # in a chunk already (a resumed run's): its line there is the request
         await chunk.settled.wait()
+        if holder is not None:
+            await self.landing.hold(holder)
         return self._answer(chunk, key, request)
 
     def job_for(self, key: str) -> str | None:
@@ -464,3 +476,23 @@ def _again(outcome: BaseException) -> BaseException:
 
 def _deadline_error() -> ApiError:
     return ApiError("the batch deadline has passed: sent online instead", kind=DEADLINE_KIND)
+
+
+class Landing:
+    """At most *places* batch answers read and not yet handed on. A job answers its chunk's thousand requests
+    at once; read together, each answer would hold its images in memory until the writer takes them."""
+
+    def __init__(self, places: int) -> None:
+        self._limiter = anyio.CapacityLimiter(places)
+        self._holders: set[str] = set()
+
+    async def hold(self, holder: str) -> None:
+        if holder not in self._holders:
+            await self._limiter.acquire_on_behalf_of(holder)
+            self._holders.add(holder)
+
+    def release(self, holder: str) -> None:
+        """*holder*'s answer is handed on (to the writer, or into its next request): its place is free."""
+        if holder in self._holders:
+            self._holders.discard(holder)
+            self._limiter.release_on_behalf_of(holder)

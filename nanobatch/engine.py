@@ -193,24 +193,32 @@ class Engine:
     async def _work(self, items: Iterator[WorkItem], done: WriteQueue) -> None:
         while not self.gate.stopping and (item := next(items, None)) is not None:
             try:
-                finished = await self._process(item)
-            except Stopped:
-                continue  # never sent: left for the next run, not recorded as failed
-            except FatalApiError as exc:
-                # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
-                # the same answer to each other request in flight adds nothing.
-                log = logger.info if self.gate.stopping else logger.warning
-                log("%s: %s; stopping the run", item.id, exc)
-                self.gate.stop(exc)
-                continue
-            if finished is None:
-                # Skipped, maybe without an await (its stamps matched): let the other tasks run.
-                await anyio.lowlevel.checkpoint()
-                continue
-            # Paid for and finished: the hand-off to the writer must survive the grace deadline.
-            with anyio.CancelScope(shield=True):
-                if not await done.put(finished):
-                    report_unsaved([finished])
+                await self._finish(item, done)
+            finally:
+                if self.batch_route is not None:
+                    self.batch_route.landing.release(item.id)  # its answer is the writer's now, or dropped
+
+    async def _finish(self, item: WorkItem, done: WriteQueue) -> None:
+        """Process *item* and hand what it finished to the writer."""
+        try:
+            finished = await self._process(item)
+        except Stopped:
+            return  # never sent: left for the next run, not recorded as failed
+        except FatalApiError as exc:
+            # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
+            # the same answer to each other request in flight adds nothing.
+            log = logger.info if self.gate.stopping else logger.warning
+            log("%s: %s; stopping the run", item.id, exc)
+            self.gate.stop(exc)
+            return
+        if finished is None:
+            # Skipped, maybe without an await (its stamps matched): let the other tasks run.
+            await anyio.lowlevel.checkpoint()
+            return
+        # Paid for and finished: the hand-off to the writer must survive the grace deadline.
+        with anyio.CancelScope(shield=True):
+            if not await done.put(finished):
+                report_unsaved([finished])
 
     def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
@@ -417,6 +425,10 @@ class Engine:
             timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
 
         async def attempt() -> Reply:
+            if self.batch_route is not None:
+                # An earlier answer of this item is in this request now; and a place held while waiting at the
+                # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
+                self.batch_route.landing.release(item.id)
             async with self.gate.request(worst) as ticket:
                 sending()
                 reply = await self._attempt(item, tally, request, timeout, tier)
@@ -451,7 +463,9 @@ class Engine:
             key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
             if tier == "batch" and self.batch_route is not None:
                 try:
-                    reply = await self.batch_route.send(item.model, request, timeout_s=timeout_s, key=key)
+                    reply = await self.batch_route.send(
+                        item.model, request, timeout_s=timeout_s, key=key, holder=item.id
+                    )
                 except Stopped:
                     self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
                     raise

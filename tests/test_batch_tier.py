@@ -344,7 +344,7 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
         transport = httpx2.ASGITransport(app=app)
         job = catalog(tmp_path / str(n), n)
         return run_virtual(lambda: nanobatch.run_job(job, settings=settings, out_dir=job.parent / "out",
-                                                     transport=transport))  # fmt: skip
+                                                     transport=transport), settle_s=0.005)  # fmt: skip
 
     run(5)  # untraced: lazy imports and one-off caches count in neither measured run
     peaks = {}
@@ -361,6 +361,58 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
     # Each waiting item held its request body (its picture inline, in base64) and its picture: 241 KB. Now its
     # task (the coroutines of one step) is most of what it holds: ~12 KB, more under coverage's tracer.
     assert per_item < 32_000, f"{per_item:.0f} bytes held per waiting item"
+
+
+def test_a_job_answering_every_request_at_once_holds_a_few_answers_not_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job answers its whole chunk at once. Were every answer read then, each would hold its ~300 KB image
+    # until the writer, here slower than the answers (a 1 MB write queue), took it: memory would grow with
+    # the chunk. Only a few answers are read at a time; the rest wait in the results file on disk.
+    import random
+    import tracemalloc
+
+    import httpx2
+    from PIL import Image as PILImage
+
+    import nanobatch
+    from nanobatch import batch, writer
+    from nanobatch.batch_api import BatchClient
+
+    from .conftest import run_virtual
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    monkeypatch.setattr(batch, "LANDING_PLACES", 4)
+    monkeypatch.setattr(writer, "WRITE_QUEUE_BYTES", 1 << 20)
+    canned = tmp_path / "answer.png"  # noise: a PNG as big as its pixels (~300 KB)
+    PILImage.frombytes("RGB", (320, 320), random.Random(7).randbytes(320 * 320 * 3)).save(canned)
+    peak: list[int] = []
+    real_download = BatchClient.download
+
+    async def download(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        await real_download(self, *args, **kwargs)
+        tracemalloc.reset_peak()  # the results file is on disk: from here on, its answers are read
+        peak.append(tracemalloc.get_traced_memory()[0])
+
+    monkeypatch.setattr(BatchClient, "download", download)
+    n = 100
+    job = write_job(tmp_path, [{"id": f"sku-{k}", "instruction": "a lemon"} for k in range(n)], model=MODEL)
+    settings = nanobatch.load_settings(overrides={
+        "api.tier": "batch", "batch.chunk_requests": n, "batch.open_chunks": 1, "batch.linger_s": 3600,
+    })  # fmt: skip
+    app = create_app(SimulatorConfig(batch_latency_s=60, canned=str(canned), time_scale=0))
+    transport = httpx2.ASGITransport(app=app)
+    tracemalloc.start()
+    try:
+        summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, out_dir=tmp_path / "out",
+                                                        transport=transport), settle_s=0.005)  # fmt: skip
+        peak.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    assert summary.stats.ok == n and len(peak) == 2
+    grown = peak[1] - peak[0]
+    # Every answer read at once: 39 MB (each image, its line, its base64). Four places and a 1 MB queue: 8 MB.
+    assert grown < 14 << 20, f"{grown / 2**20:.1f} MB more while the answers were read"
 
 
 def test_answers_without_an_image_are_sent_again_in_a_later_batch(job: Path) -> None:
