@@ -173,16 +173,20 @@ def remove_stale_temp_files(out_dir: Path) -> int:
     return removed
 
 
-def move_file(src: str, dst: str) -> None:
-    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk)."""
+def move_file(src: str, dst: str, *, replace: bool = True) -> None:
+    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk). Without
+    *replace*, a file at *dst* stays and this raises FileExistsError (a link and an unlink, as new images)."""
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     try:
-        os.replace(src, dst)
+        if replace:
+            os.replace(src, dst)
+        else:
+            _name_new_file(src, dst)
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
         with open(src, "rb") as f:
-            atomic_write(dst, f.read())
+            atomic_write(dst, f.read(), replace=replace)
         os.unlink(src)
 
 
@@ -417,7 +421,7 @@ class OutDir:
             for old, new in moves:
                 src, dst = self.file(old), self._claim(new, replaceable)
                 target = dst
-                move_file(src, dst)
+                move_file(src, dst, replace=os.path.lexists(dst))  # one that appears meanwhile is not the item's
                 undo.append((dst, src))
                 folders.update((os.path.dirname(src), os.path.dirname(dst)))
             for name, data in files:

@@ -339,6 +339,31 @@ def test_a_move_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
     assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
 
 
+def test_a_move_never_replaces_a_file_that_appears_just_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same re-categorised item, but the file is copied in after the writer's look and before the move.
+    job = catalog(tmp_path, [("s1", "shoes")], output_dir="out")
+    text = job.read_text().replace("instruction:", "output: '{category}/{id}.png'\n    instruction:")
+    job.write_text(text)
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    assert run(job, fake, None).exit_code == 0
+    catalog(tmp_path, [("s1", "sale")], output_dir="out")
+    job.write_text(text)
+    real_move = nanobatch.outdir.move_file
+
+    def move(src: str, dst: str, **options: Any) -> None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        Path(dst).write_bytes(b"copied in by hand")
+        real_move(src, dst, **options)
+
+    monkeypatch.setattr(nanobatch.outdir, "move_file", move)
+    assert run(job, fake, None).exit_code == 1 and len(fake.requests) == 1  # nothing paid for the move
+    assert (out / "sale" / "s1.png").read_bytes() == b"copied in by hand" and (out / "shoes" / "s1.png").is_file()
+    assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
+
+
 def test_a_moved_item_takes_its_kept_steps_along(tmp_path: Path) -> None:
     job = catalog(tmp_path, [("s1", "shoes")], output_dir="out")
     text = job.read_text().replace(
