@@ -201,9 +201,8 @@ def presign(url: str, *, expires_s: int = 3600) -> str:
 def iter_glob(pattern: str) -> Iterator[str]:
     """The URLs of the objects matching *pattern* (``*``, ``?``, ``[..]``, ``**``), in key order, page by page.
 
-    S3 and Cloud Storage are listed lazily (1,000 keys a request, under the pattern's literal prefix, one
-    folder deep unless the pattern reaches deeper), so a million-object prefix never sits in memory; other
-    backends are listed whole.
+    S3, Cloud Storage and Azure are listed lazily (1,000 keys a request, under the pattern's literal prefix,
+    one folder deep unless the pattern reaches deeper), so a million-object prefix never sits in memory.
     """
     scheme, bucket, key_pattern = _split(pattern)
     from fsspec.utils import glob_translate
@@ -223,6 +222,8 @@ def _entries(url: str, scheme: str, bucket: str, prefix: str, *, deep: bool) -> 
         entries = _iter_s3(fs, bucket, prefix, "" if deep else "/")
     elif scheme in ("gs", "gcs"):
         entries = _iter_gcs(fs, bucket, prefix, "" if deep else "/")
+    elif scheme in ("az", "abfs"):
+        entries = _iter_az(fs, bucket, prefix, "" if deep else "/")
     else:
         entries = _iter_other(fs, bucket, prefix)
     while True:
@@ -270,6 +271,36 @@ def _iter_gcs(fs: Any, bucket: str, prefix: str, delimiter: str) -> Iterator[tup
         more["pageToken"] = page["nextPageToken"]
 
 
+def _iter_az(fs: Any, bucket: str, prefix: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    from fsspec.asyn import sync
+
+    async def page(token: str | None) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        container = fs.service_client.get_container_client(bucket)
+        if delimiter:
+            listing = container.walk_blobs(name_starts_with=prefix, delimiter=delimiter, results_per_page=PAGE_SIZE)
+        else:
+            listing = container.list_blobs(name_starts_with=prefix, results_per_page=PAGE_SIZE)
+        pages = listing.by_page(continuation_token=token)
+        found = [
+            (blob.name, {"size": blob.size, "etag": _quoted(blob.etag)})
+            async for blob in await pages.__anext__()
+            if getattr(blob, "size", None) is not None  # not a folder (a BlobPrefix)
+        ]
+        return found, pages.continuation_token
+
+    token: str | None = None
+    while True:
+        found, token = sync(fs.loop, page, token)
+        yield from found
+        if not token:
+            return
+
+
+def _quoted(etag: str) -> str:
+    """An Azure listing's ETag as a metadata request gives it (in quotes), so both make the same stamp."""
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
 def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
     """Each object's stamp, or None where there is no such object; nothing is downloaded.
 
@@ -284,7 +315,7 @@ def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
     found: dict[str, ObjectStamp | None] = {}
     singles: list[str] = []
     for (scheme, bucket), members in by_bucket.items():
-        if len(members) >= LIST_THRESHOLD and scheme in ("s3", "gs", "gcs"):
+        if len(members) >= LIST_THRESHOLD and scheme in ("s3", "gs", "gcs", "az", "abfs"):
             singles.extend(_stat_by_listing(scheme, bucket, members, found))
         else:
             singles.extend(members)

@@ -9,7 +9,17 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-from .emulators import SECRET, Bucket, Emulator, gcs_emulator, moto_s3, new_bucket
+from .emulators import (
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    SECRET,
+    Bucket,
+    Emulator,
+    azurite,
+    gcs_emulator,
+    moto_s3,
+    new_bucket,
+)
 
 T = TypeVar("T")
 
@@ -118,9 +128,32 @@ def gcs_env(gcs_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
     return gcs_server
 
 
-@pytest.fixture(params=["s3", "gs"])
+@pytest.fixture(scope="module")
+def az_server() -> Iterator[Emulator]:
+    yield from azurite()
+
+
+@pytest.fixture
+def az_env(az_server: Emulator, monkeypatch: pytest.MonkeyPatch) -> Emulator:
+    connection = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint={az_server.url};"
+    )
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+    for name in ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)  # the developer's own Azure setup must not leak in
+    import adlfs
+
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    return az_server
+
+
+ENV_FIXTURES = {"s3": "s3_env", "gs": "gcs_env", "az": "az_env"}
+
+
+@pytest.fixture(params=["s3", "gs", "az"])
 def bucket(request: pytest.FixtureRequest) -> Bucket:
-    server: Emulator = request.getfixturevalue("s3_env" if request.param == "s3" else "gcs_env")
+    server: Emulator = request.getfixturevalue(ENV_FIXTURES[request.param])
     found = Bucket(request.param, new_bucket(request.param), server)
     server.log.clear()
     return found

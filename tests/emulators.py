@@ -1,15 +1,20 @@
-"""Real storage APIs on loopback for tests: S3 (moto's server) and Cloud Storage (gcp-storage-emulator).
+"""Real storage APIs on loopback for tests: S3 (moto's server), Cloud Storage (gcp-storage-emulator) and Azure
+Blob Storage (Azurite, from npm: ``make test`` and ``.ci/run`` install it into ``.azurite/``).
 
 Each server runs in a thread of the test process on a free port and counts the requests it answers,
 so a test can prove what was (not) downloaded. The fixtures in ``tests/conftest.py`` (``s3_env``, ``gcs_env``,
-``bucket``) use these.
+``az_env``, ``bucket``) use these.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -112,6 +117,82 @@ def gcs_emulator() -> Iterator[Emulator]:
         server.stop()
 
 
+# Azurite's well-known development account (public, in Microsoft's docs): not a secret, but no message shows it.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURITE_ACCOUNT = "devstoreaccount1"
+
+
+def _azurite_command() -> str | None:
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".azurite")
+    local = os.path.join(here, "node_modules", ".bin", "azurite-blob")
+    return local if os.path.exists(local) else shutil.which("azurite-blob")
+
+
+class AzuriteLog(RequestLog):
+    """Azurite's own record of the requests it answered (its debug log), read as "METHOD /path?query"."""
+
+    _LINE = re.compile(r"RequestMethod=(\w+) RequestURL=http://[^/\s]*(/\S*)")
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.offset = 0
+
+    @property  # type: ignore[override]
+    def counts(self) -> Counter[str]:
+        self._read()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: Counter[str]) -> None:
+        self._counts = value
+
+    def _read(self) -> None:
+        time.sleep(0.05)  # Azurite writes its log a moment after it answers
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for match in self._LINE.finditer(data[:end].decode("utf-8", "replace")):
+            self._counts[f"{match[1]} {match[2]}"] += 1
+
+    def clear(self) -> None:
+        self._read()
+        self._counts.clear()
+
+
+def azurite() -> Iterator[Emulator]:
+    """Azurite's blob service, in memory, on a free port; its debug log counts what it answers."""
+    pytest.importorskip("adlfs")
+    command = _azurite_command()
+    if command is None:
+        pytest.skip("Azurite is not installed (make test installs it with npm into .azurite/)")
+    import tempfile
+
+    import httpx2
+
+    port = free_port()
+    log_path = os.path.join(tempfile.mkdtemp(prefix="azurite-"), "debug.log")
+    process = subprocess.Popen(
+        [command, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence", "--silent",
+         "--skipApiVersionCheck", "--loose", "--debug", log_path],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):  # it starts in well under a second
+        try:
+            httpx2.get(url, timeout=1)
+            break
+        except httpx2.TransportError:
+            time.sleep(0.1)
+    try:
+        yield Emulator(f"{url}/{AZURITE_ACCOUNT}", AzuriteLog(log_path))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 SECRET = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"  # the S3 emulator's secret key: no message may show it
 
 
@@ -129,6 +210,9 @@ class Bucket:
         counts = self.server.log.counts
         if self.scheme == "s3":
             return sum(n for k, n in counts.items() if k.startswith(f"GET /{self.name}/") and "list-type" not in k)
+        if self.scheme == "az":
+            return sum(n for k, n in counts.items() if k.startswith(f"GET /{AZURITE_ACCOUNT}/{self.name}/")
+                       and "comp=" not in k and "restype=" not in k)  # fmt: skip
         return sum(n for k, n in counts.items() if k.startswith("GET ") and ("alt=media" in k or "/download/" in k))
 
 
