@@ -323,26 +323,12 @@ def test_a_done_item_whose_output_name_changed_is_moved_without_paying_again(tmp
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
 
 
-def test_a_move_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
-    job = catalog(tmp_path, [("s1", "shoes")], output_dir="out")
-    text = job.read_text().replace("instruction:", "output: '{category}/{id}.png'\n    instruction:")
-    job.write_text(text)
-    out = tmp_path / "out"
-    fake = FakeGemini()
-    assert run(job, fake, None).exit_code == 0
-    catalog(tmp_path, [("s1", "sale")], output_dir="out")
-    job.write_text(text)
-    (out / "sale").mkdir()
-    (out / "sale" / "s1.png").write_bytes(b"someone else's")
-    assert run(job, fake, None).exit_code == 1 and len(fake.requests) == 1
-    assert (out / "sale" / "s1.png").read_bytes() == b"someone else's" and (out / "shoes" / "s1.png").is_file()
-    assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
-
-
-def test_a_move_never_replaces_a_file_that_appears_just_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("when", ["before the run", "just before the move"])
+def test_a_move_never_replaces_a_file_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    # The same re-categorised item, but the file is copied in after the writer's look and before the move.
+    # A re-categorised item's new name is taken: by a file there before the run, or one copied in after the
+    # writer's look and before its move.
     job = catalog(tmp_path, [("s1", "shoes")], output_dir="out")
     text = job.read_text().replace("instruction:", "output: '{category}/{id}.png'\n    instruction:")
     job.write_text(text)
@@ -351,16 +337,20 @@ def test_a_move_never_replaces_a_file_that_appears_just_before_it(
     assert run(job, fake, None).exit_code == 0
     catalog(tmp_path, [("s1", "sale")], output_dir="out")
     job.write_text(text)
-    real_move = nanobatch.outdir.move_file
+    if when == "before the run":
+        (out / "sale").mkdir()
+        (out / "sale" / "s1.png").write_bytes(b"someone else's")
+    else:
+        real_move = nanobatch.outdir.move_file
 
-    def move(src: str, dst: str, **options: Any) -> None:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        Path(dst).write_bytes(b"copied in by hand")
-        real_move(src, dst, **options)
+        def move(src: str, dst: str, **options: Any) -> None:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            Path(dst).write_bytes(b"someone else's")
+            real_move(src, dst, **options)
 
-    monkeypatch.setattr(nanobatch.outdir, "move_file", move)
+        monkeypatch.setattr(nanobatch.outdir, "move_file", move)
     assert run(job, fake, None).exit_code == 1 and len(fake.requests) == 1  # nothing paid for the move
-    assert (out / "sale" / "s1.png").read_bytes() == b"copied in by hand" and (out / "shoes" / "s1.png").is_file()
+    assert (out / "sale" / "s1.png").read_bytes() == b"someone else's" and (out / "shoes" / "s1.png").is_file()
     assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
 
 
