@@ -1,6 +1,6 @@
 """What an output folder holds so far: its records (:func:`read_records`) and the index a re-run resumes from.
 
-Writing into the folder is :mod:`nanobatch.outdir`'s; its names are re-exported here for older imports.
+Writing into the folder is :mod:`nanobatch.outdir`'s.
 """
 
 from __future__ import annotations
@@ -15,25 +15,8 @@ from typing import Any, NamedTuple
 import orjson
 
 from ._scratch import scratch_db
-from .names import (
-    JOURNAL_FILE,
-    REPORT_FILE,
-    RESERVED_FILES,
-    RESERVED_PREFIX,
-    RESULTS_FILE,
-    SUMMARY_FILE,
-    reserved_name_problem,
-)
-from .outdir import (
-    FOLDER_ERRNOS,
-    Journal,
-    ResultsLog,
-    atomic_write,
-    fsync_dir,
-    is_record,
-    move_file,
-    remove_stale_temp_files,
-)
+from .names import JOURNAL_FILE, RESULTS_FILE
+from .outdir import is_record
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -47,27 +30,12 @@ from .record import (
 )
 
 __all__ = [
-    "FOLDER_ERRNOS",
-    "JOURNAL_FILE",
-    "REPORT_FILE",
-    "RESERVED_FILES",
-    "RESERVED_PREFIX",
-    "RESULTS_FILE",
-    "SUMMARY_FILE",
-    "TOKEN_FIELDS",
     "IndexEntry",
-    "Journal",
     "ResultsIndex",
-    "ResultsLog",
-    "atomic_write",
-    "fsync_dir",
     "is_done",
-    "move_file",
     "orphaned_requests",
     "read_records",
-    "remove_stale_temp_files",
     "renamed_files",
-    "reserved_name_problem",
 ]
 
 logger = logging.getLogger("nanobatch")

@@ -11,7 +11,8 @@ from typing import Any
 from .batch_ledger import open_chunks
 from .errors import ConfigError, ManifestError, UsageError
 from .lock import LOCK_FILE, current_holder
-from .results import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsIndex, orphaned_requests
+from .names import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
+from .results import ResultsIndex, orphaned_requests
 
 __all__ = ["folder_status"]
 

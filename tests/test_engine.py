@@ -12,6 +12,7 @@ import httpx2
 import pytest
 
 import nanobatch
+import nanobatch.outdir
 import nanobatch.writer
 from nanobatch.errors import ConfigError, LockHeld, ManifestError, NanobatchError
 from nanobatch.lock import RunLock
@@ -503,18 +504,18 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
 ) -> None:
     # A rename is durable only once its folder is: otherwise a power cut can keep a record whose image is gone.
     events: list[tuple[str, str]] = []
-    real_fsync_dir, real_append = nanobatch.writer.fsync_dir, nanobatch.results.ResultsLog.append_many
+    real_fsync_dir, real_append = nanobatch.writer.fsync_dir, nanobatch.outdir.ResultsLog.append_many
 
     def fsync_dir(folder: str) -> None:
         events.append(("folder", Path(folder).name))
         real_fsync_dir(folder)
 
-    def append_many(self: nanobatch.results.ResultsLog, batch: list[ItemRecord]) -> None:
+    def append_many(self: nanobatch.outdir.ResultsLog, batch: list[ItemRecord]) -> None:
         events.extend(("record", record.id) for record in batch)
         real_append(self, batch)
 
     monkeypatch.setattr(nanobatch.writer, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(nanobatch.results.ResultsLog, "append_many", append_many)
+    monkeypatch.setattr(nanobatch.outdir.ResultsLog, "append_many", append_many)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/a.png", "output": "shoes/{id}.png"}])
     assert run(job, FakeGemini()).exit_code == 0
     assert events == [("folder", "shoes"), ("record", "sku-1")]

@@ -207,7 +207,7 @@ def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replac
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.results.ResultsLog, "append_many", killed)
+        patch.setattr(nanobatch.outdir.ResultsLog, "append_many", killed)
         with pytest.raises((Killed, BaseExceptionGroup)):
             run(job, FakeGemini(), out)
     assert (out / "a.png").is_file() and not (out / "results.jsonl").read_text()
@@ -253,7 +253,7 @@ def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, m
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", spying_open)
-    nanobatch.results.atomic_write(tmp_path / "x.png", b"data")
+    nanobatch.outdir.atomic_write(tmp_path / "x.png", b"data")
     assert made[0].startswith(".nanobatch-") and made[0].endswith(".tmp")
 
 

@@ -9,16 +9,9 @@ from typing import Any
 import pytest
 
 import nanobatch
+from nanobatch.outdir import Journal, ResultsLog, atomic_write
 from nanobatch.record import ItemRecord
-from nanobatch.results import (
-    Journal,
-    ResultsIndex,
-    ResultsLog,
-    atomic_write,
-    is_done,
-    orphaned_requests,
-    read_records,
-)
+from nanobatch.results import ResultsIndex, is_done, orphaned_requests, read_records
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
