@@ -129,14 +129,20 @@ def _azurite_command() -> str | None:
 
 
 class AzuriteLog(RequestLog):
-    """Azurite's own record of the requests it answered (its debug log), read as "METHOD /path?query"."""
+    """Azurite's own record of the requests it answered (its debug log), read as "METHOD /path?query".
+
+    Azurite writes a line a moment after it answers. Before each reading, a marker request (left out of the
+    counts) is sent and the log read until it shows: every request answered before it is in the counts."""
 
     _LINE = re.compile(r"RequestMethod=(\w+) RequestURL=http://[^/\s]*(/\S*)")
+    _MARK = "/nanobatch-log-mark-"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, url: str) -> None:
         super().__init__()
         self.path = path
+        self.url = url
         self.offset = 0
+        self.marks = 0
 
     @property  # type: ignore[override]
     def counts(self) -> Counter[str]:
@@ -148,14 +154,27 @@ class AzuriteLog(RequestLog):
         self._counts = value
 
     def _read(self) -> None:
-        time.sleep(0.05)  # Azurite writes its log a moment after it answers
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        for match in self._LINE.finditer(data[:end].decode("utf-8", "replace")):
-            self._counts[f"{match[1]} {match[2]}"] += 1
+        import httpx2
+
+        self.marks += 1
+        mark = f"{self._MARK}{self.marks}"
+        httpx2.get(f"{self.url}{mark}", timeout=10)  # 400 or 404: any answer is logged
+        for _ in range(500):
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            end = data.rfind(b"\n") + 1
+            self.offset += end
+            seen = False
+            for match in self._LINE.finditer(data[:end].decode("utf-8", "replace")):
+                if self._MARK in match[2]:
+                    seen = seen or match[2].endswith(mark)
+                    continue
+                self._counts[f"{match[1]} {match[2]}"] += 1
+            if seen:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"Azurite's log never showed the marker request {mark}")
 
     def clear(self) -> None:
         self._read()
@@ -187,7 +206,7 @@ def azurite() -> Iterator[Emulator]:
         except httpx2.TransportError:
             time.sleep(0.1)
     try:
-        yield Emulator(f"{url}/{AZURITE_ACCOUNT}", AzuriteLog(log_path))
+        yield Emulator(f"{url}/{AZURITE_ACCOUNT}", AzuriteLog(log_path, url))
     finally:
         process.terminate()
         process.wait(timeout=10)
