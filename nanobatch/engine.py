@@ -373,7 +373,7 @@ class Engine:
             if sent_at is None:
                 sent_at = anyio.current_time()
 
-        tier = "standard" if tally.fallback else item.tier or self.tier
+        tier = tally.fallback_tier or item.tier or self.tier
         body = build_request(
             instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
             image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
@@ -383,26 +383,29 @@ class Engine:
         if tier == "batch":
             images.clear()
         try:
-            try:
-                return await self._send_in(tier, item, tally, instruction, request, sending)
-            except FatalApiError:
-                raise
-            except ApiError as exc:
-                if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
-                    # --batch-deadline: not answered in time, so sent online (standard or flex, per config)
-                    tally.fallback = True
-                    self.stats.fallbacks += 1
-                    online = self.batch_route.options.online_tier
-                    return await self._send_in(online, item, tally, instruction, request, sending)
-                if tier != "flex" or not self.flex_fallback or not exc.shed:
+            while True:
+                try:
+                    return await self._send_in(tier, item, tally, instruction, request, sending)
+                except FatalApiError:
                     raise
-                logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
-                tally.fallback = True
-                self.stats.fallbacks += 1
-                return await self._send_in("standard", item, tally, instruction, request, sending)
+                except ApiError as exc:
+                    tier = self._fallback_tier(item, tier, exc)
+                    if not tally.fallback:
+                        self.stats.fallbacks += 1
+                    tally.fallback_tier = tier  # the item's later steps go there too
         finally:
             if sent_at is not None:
                 tally.api_s.append(anyio.current_time() - sent_at)
+
+    def _fallback_tier(self, item: WorkItem, tier: str, exc: ApiError) -> str:
+        """Where a step goes after *exc* in *tier*: online (standard or flex, per config) at --batch-deadline;
+        standard for a flex request still shed after its retries, if ``limits.flex_fallback``. Else raises *exc*."""
+        if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
+            return self.batch_route.options.online_tier
+        if tier == "flex" and self.flex_fallback and exc.shed:
+            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
+            return "standard"
+        raise exc
 
     async def _send_in(
         self,

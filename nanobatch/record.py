@@ -309,7 +309,7 @@ class Tally:
     input_stamps: tuple[tuple[int, int, str], ...] | None = None
     attempts: int = 0
     cost_usd: float = 0.0
-    fallback: bool = False
+    fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
     batch: str | None = None  # the batch job that answered the latest step
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
@@ -317,6 +317,10 @@ class Tally:
     steps: list[StepRecord] = field(default_factory=list)
     usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
     api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
+
+    @property
+    def fallback(self) -> bool:
+        return self.fallback_tier is not None
 
     def answered(self, reply: Reply) -> None:
         """Keep what the latest answer said (also when it has no image)."""

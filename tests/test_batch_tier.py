@@ -462,9 +462,14 @@ def test_a_blocked_answer_in_a_results_file_is_recorded_blocked_as_online(job: P
     assert len(jobs(app)) == 2  # blocked is final: not sent again in a later batch
 
 
-def test_the_deadline_may_send_the_rest_online_at_flex_price(job: Path) -> None:
+@pytest.mark.parametrize("steps", [1, 2], ids=["one step", "two steps"])
+def test_the_deadline_may_send_the_rest_online_at_flex_price(job: Path, steps: int) -> None:
+    # Every step after the deadline goes at the fallback tier: step 2 of a two-step item too.
     config = CONFIG.replace("poll_max_s: 0.2}", "poll_max_s: 0.2, fallback_tier: flex}")
     (job.parent / "nanobatch.yaml").write_text(config)
+    if steps == 2:
+        two_steps = job.read_text().replace("  instruction: make the background white\n", "  steps: [crop it, white]\n")
+        job.write_text(two_steps)
     app = sim(batch_latency_s=30.0)
     with run_in_thread(app=app) as url:
         assert cli(job, url, "--batch-deadline", "1") == 0
