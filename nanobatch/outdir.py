@@ -419,35 +419,36 @@ class OutDir:
         target = ""
         try:
             for old, new in moves:
-                src, dst = self.file(old), self._claim(new, replaceable)
-                target = dst
-                move_file(src, dst, replace=os.path.lexists(dst))  # one that appears meanwhile is not the item's
-                undo.append((dst, src))
-                folders.update((os.path.dirname(src), os.path.dirname(dst)))
+                src = self.file(old)
+                target, existed = self._claim(new, replaceable)
+                move_file(src, target, replace=existed)  # one that appears meanwhile is not the item's
+                undo.append((target, src))
+                folders.update((os.path.dirname(src), os.path.dirname(target)))
             for name, data in files:
-                target = path = self._claim(name, replaceable)
-                existed = os.path.lexists(path)
-                write_image(path, data, replace=existed)  # a file that appears meanwhile is not the item's
+                target, existed = self._claim(name, replaceable)
+                write_image(target, data, replace=existed)  # one that appears meanwhile is not the item's
                 if not existed:
-                    undo.append((path, None))
-                folders.add(os.path.dirname(path))
+                    undo.append((target, None))
+                folders.add(os.path.dirname(target))
         except OSError as exc:
             if not isinstance(exc, FileExistsError) and target:
                 exc.filename = target  # the image's name, not its temporary file's
             for done, origin in reversed(undo):
                 with contextlib.suppress(OSError):
                     if origin is not None:
-                        os.replace(done, origin)
+                        move_file(done, origin)  # back, across disks too (a rename could not)
                     else:
                         os.unlink(done)
             raise
 
-    def _claim(self, name: str, replaceable: frozenset[str]) -> str:
-        """The path of *name*; FileExistsError if something is there that nanobatch did not write for this item."""
+    def _claim(self, name: str, replaceable: frozenset[str]) -> tuple[str, bool]:
+        """The path of *name* and whether a file of this item's is there to replace (one look); FileExistsError
+        if something is there that nanobatch did not write for this item."""
         path = self.file(name)
-        if name not in replaceable and os.path.lexists(path):
+        existed = os.path.lexists(path)
+        if existed and name not in replaceable:
             raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
-        return path
+        return path, existed
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")

@@ -383,3 +383,45 @@ def test_a_done_item_whose_output_template_changed_is_moved_without_paying_again
     assert summary.exit_code == 0 and len(fake.requests) == 2 and summary.stats.skipped == 2
     assert not (out / "a.png").exists() and (out / "edited" / "a.png").read_bytes() == before
     assert latest(out)["a"]["outputs"] == ["edited/a.png"] and latest(out)["b"]["moved_from"] == ["b.png"]
+
+
+def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its files go to a folder on another disk (a rename cannot: EXDEV, so they are copied); the item's second
+    # file cannot be moved, so the first goes back where it was: its record, unchanged, still names it.
+    out = nanobatch.outdir.OutDir(tmp_path / "out")
+    (tmp_path / "out" / "old").mkdir(parents=True)
+    (tmp_path / "out" / "old" / "s1.png").write_bytes(b"step 2")
+    (tmp_path / "out" / "old" / "s1.step1.png").write_bytes(b"step 1")
+    real_replace, real_link = os.replace, os.link
+
+    def across(src: Any, dst: Any) -> bool:  # "new" is on another disk than "old"
+        return ("/new/" in str(src)) != ("/new/" in str(dst))
+
+    def replace(src: Any, dst: Any) -> None:
+        if across(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real_replace(src, dst)
+
+    def link(src: Any, dst: Any) -> None:
+        if across(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real_link(src, dst)
+
+    real_write = nanobatch.outdir.atomic_write
+
+    def write(path: Any, data: bytes, **options: Any) -> None:
+        if str(path).endswith("step1.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_write(path, data, **options)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(nanobatch.outdir, "atomic_write", write)
+    moves = [("old/s1.png", "new/s1.png"), ("old/s1.step1.png", "new/s1.step1.png")]
+    with pytest.raises(PermissionError):
+        out.put([], moves, frozenset(), set())
+    assert (tmp_path / "out" / "old" / "s1.png").read_bytes() == b"step 2"
+    assert (tmp_path / "out" / "old" / "s1.step1.png").read_bytes() == b"step 1"
+    assert not (tmp_path / "out" / "new" / "s1.png").exists()
