@@ -203,6 +203,8 @@ class BatchRoute:
         if filling is None:
             filling = self._filling[model] = self._start(model)
         filling.handle.write(line)
+        assert filling.chunk.requests is not None  # a new chunk knows where each of its lines is
+        filling.chunk.requests[key] = filling.size
         filling.size += len(line)
         filling.chunk.keys.append(key)
         filling.touched = anyio.current_time()
@@ -218,7 +220,8 @@ class BatchRoute:
         chunk_id = f"{self.run_id}-{number}"
         self.folder.mkdir(exist_ok=True)
         path = f"{chunk_id}.jsonl"
-        chunk = Chunk(id=chunk_id, model=model, display=f"nanobatch {self.run_id} chunk {number}", path=path, keys=[])
+        display = f"nanobatch {self.run_id} chunk {number}"
+        chunk = Chunk(id=chunk_id, model=model, display=display, path=path, keys=[], requests={})
         return _Filling(chunk=chunk, handle=(self.folder / path).open("wb"))
 
     def _seal(self, model: str) -> None:
@@ -254,7 +257,7 @@ class BatchRoute:
         result = self.client.result_line(self._line(chunk.results, offset)) if offset is not None else None
         if result is None or result.reply is None or not result.reply.images:
             request.body = self._request(chunk, key)  # before the chunk's files are deleted
-        if set(chunk.keys) <= chunk.served:
+        if len(chunk.served) == len(chunk.keys):  # each key once in a chunk: every answer was used
             self._close(chunk)
         if result is None:
             raise _deadline_error() if self.past_deadline else ApiError(
@@ -276,7 +279,7 @@ class BatchRoute:
 
     def _request(self, chunk: Chunk, key: str) -> dict[str, Any] | None:
         """*key*'s request body, read back from *chunk*'s file (indexed once, when first wanted)."""
-        if chunk.requests is None:
+        if chunk.requests is None:  # a chunk written by an earlier run: its file is read once for them
             chunk.requests = self._keys_in(chunk.path)
         offset = chunk.requests.get(key)
         if offset is None:

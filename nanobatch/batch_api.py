@@ -25,9 +25,9 @@ import anyio
 import httpx2
 import orjson
 
-from .client import ApiClient, api_error, http_errors, public_url, redact, redact_reply, redact_urls
+from .client import ApiClient, api_error, http_errors, public_url, redact_reply, scrubbed_error
 from .errors import ApiError
-from .gemini import Reply, classify_error, parse_reply
+from .gemini import Reply, reply_from
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
 
@@ -234,16 +234,14 @@ class BatchClient(ApiClient):
         key = None if data.get("key") is None else str(data["key"])
         if isinstance(data.get("response"), dict):
             try:
-                reply = parse_reply(orjson.dumps(data["response"]))
+                reply = reply_from(data["response"])
             except ApiError as exc:  # one malformed answer is that line's failure, not the file's
                 return ResultLine(key=key, error=exc)
             return ResultLine(key=key, reply=redact_reply(reply, self._secret))
         status = _mapping(data.get("error")) or {"message": "the line has neither a response nor an error"}
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)
-        error = classify_error(http, {}, orjson.dumps({"error": {**status, "code": http}}))
-        error.message = redact_urls(redact(error.message, self._secret))
-        error.args = (error.message,)
+        error = scrubbed_error(http, {}, orjson.dumps({"error": {**status, "code": http}}), self._secret)
         return ResultLine(key=key, error=error)
 
     # -- jobs -------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Chunk:
     settled: anyio.Event = field(default_factory=anyio.Event)
     outcome: BaseException | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # where each key's answer is in the results file
-    requests: dict[str, int] | None = None  # where each key's request is in the chunk file, once one is read back
+    requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
     served: set[str] = field(default_factory=set)
 
     @property

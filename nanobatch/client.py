@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -34,6 +34,7 @@ __all__ = [
     "redact",
     "redact_reply",
     "redact_urls",
+    "scrubbed_error",
 ]
 
 logger = logging.getLogger("nanobatch")
@@ -189,7 +190,13 @@ def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
 
 def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     """The classified error for a non-200 *response* (its body already read), without the key."""
-    error = classify_error(response.status_code, response.headers, response.content)
+    return scrubbed_error(response.status_code, response.headers, response.content, secret)
+
+
+def scrubbed_error(status: int, headers: Mapping[str, str], content: bytes, secret: str | None) -> ApiError:
+    """The classified error for an answer of *status* (:func:`~nanobatch.gemini.classify_error`), its message
+    without the key and without any URL's password, query or signature."""
+    error = classify_error(status, headers, content)
     error.message = _scrub(error.message, secret)
     error.args = (error.message,)
     return error

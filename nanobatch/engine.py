@@ -102,10 +102,9 @@ def _spare_workers(concurrency: int, tier: str) -> int:
 
 @dataclass(slots=True)
 class _Prepared:
-    """An item ready to send: its inputs, and what its record has so far (the work key, the input stamps)."""
+    """An item ready to send: its inputs (its tally, the caller's, has the work key and the input stamps)."""
 
     images: list[Image | FileRef]
-    tally: Tally
 
 
 class Engine:
@@ -334,7 +333,7 @@ class Engine:
             # Found before paying: the answer could not be saved (the writer would refuse it the same way).
             raise ApiError(f"{taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
                            kind="output_exists")  # fmt: skip
-        return _Prepared([images[ref] for ref in item.inputs], tally)
+        return _Prepared([images[ref] for ref in item.inputs])
 
     def _taken_name(self, item: WorkItem) -> str | None:
         """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
@@ -462,9 +461,9 @@ class Engine:
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         try:
-            # The same in every run for this item, inputs and step: a batch route finds a request it took by it.
-            key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
             if tier == "batch" and self.batch_route is not None:
+                # The same in every run for this item, inputs and step: the batch route finds a request it took.
+                key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
                 try:
                     reply = await self.batch_route.send(
                         item.model, request, timeout_s=timeout_s, key=key, holder=item.id
@@ -474,7 +473,7 @@ class Engine:
                     raise
                 tally.batch = self.batch_route.job_for(key)
                 return reply
-            return await self.route.send(item.model, request, timeout_s=timeout_s, key=key)
+            return await self.route.send(item.model, request, timeout_s=timeout_s)
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).

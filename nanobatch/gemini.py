@@ -32,6 +32,7 @@ __all__ = [
     "check_reply",
     "classify_error",
     "parse_reply",
+    "reply_from",
     "set_service_tier",
     "sniff_mime",
     "sum_usage",
@@ -175,6 +176,11 @@ def parse_reply(body: bytes) -> Reply:
         ) from None
     if not isinstance(data, dict):
         raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
+    return reply_from(data)
+
+
+def reply_from(data: dict[str, Any]) -> Reply:
+    """The answer in a parsed ``generateContent`` response (a 200 body, or a batch results line's ``response``)."""
     images: list[Image] = []
     texts: list[str] = []
     candidates = data.get("candidates") or []

@@ -46,10 +46,7 @@ class Request:
 class Route(Protocol):
     """Sends one step's request for *model* and returns the answer, whatever way it travels."""
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, key: str = "") -> Reply:
-        """*key* names the request (item, work key, step) the same way in every run: a route that answers
-        later (:class:`~nanobatch.batch.BatchRoute`) finds a request it already took by it."""
-        ...
+    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply: ...
 
 
 class GenerateContent:
@@ -58,7 +55,7 @@ class GenerateContent:
     def __init__(self, client: GeminiClient) -> None:
         self.client = client
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, key: str = "") -> Reply:
+    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply:
         return await self.client.generate(model, request.json(), timeout_s=timeout_s)
 
 
@@ -70,6 +67,6 @@ class Bounded:
         self.route = route
         self.slots = anyio.CapacityLimiter(limit)
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, key: str = "") -> Reply:
+    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply:
         async with self.slots:
-            return await self.route.send(model, request, timeout_s=timeout_s, key=key)
+            return await self.route.send(model, request, timeout_s=timeout_s)
