@@ -26,12 +26,19 @@ def print_check(result: CheckResult) -> None:
         f"             about ${result.cost_standard_usd:.2f} at standard prices, "
         f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
     )
-    click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
+    if result.duration_s is None:
+        click.echo(
+            f"  duration:  the batch jobs' (most within hours, at most 24 h), {result.concurrency} requests "
+            "in open chunks at once; --batch-deadline sends what is not answered by then online"
+        )
+    else:
+        click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
     if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
         click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
-    if result.max_duration_s is not None and result.duration_s > result.max_duration_s:
+    took, limit = result.duration_s, result.max_duration_s
+    if took is not None and limit is not None and took > limit:
         click.echo(
-            f"  time:      limit {_duration(result.max_duration_s)}: the run will likely stop before every item "
+            f"  time:      limit {_duration(limit)}: the run will likely stop before every item "
             "is done; the next run goes on from there"
         )
     click.echo(f"  output:    {result.out_dir}")

@@ -52,14 +52,13 @@ class Estimate:
     batch: float = 0.0
     longest: int = 0  # steps of the longest item: they go one after another
     tiers: set[str] = field(default_factory=set)
+    _prices: dict[tuple[str, str], models.Pricing] = field(default_factory=dict)
 
     def add(self, item: WorkItem) -> None:
         self.longest = max(self.longest, len(item.steps))
         tier = item.tier or self.settings.api.tier
         self.tiers.add(tier)
-        prices = {
-            name: models.pricing_for(item.model, self.settings.pricing, name) for name in (tier, "standard", "batch")
-        }
+        prices = {name: self._pricing(item.model, name) for name in (tier, "standard", "batch")}
         n_images = len(item.inputs)
         for instruction in item.steps:
             costs = {
@@ -75,13 +74,24 @@ class Estimate:
             self.batch += costs["batch"][0]
             n_images = 1  # later steps edit the previous output
 
-    def duration_s(self, requests: int) -> float:
-        limits = self.settings.limits
+    def _pricing(self, model: str, tier: str) -> models.Pricing:
+        """The prices of *model* in *tier*, looked up once per pair (every item asks)."""
+        key = (model, tier)
+        if key not in self._prices:
+            self._prices[key] = models.pricing_for(model, self.settings.pricing, tier)
+        return self._prices[key]
+
+    def duration_s(self, requests: int) -> float | None:
+        """About how long the run takes online; None in the batch tier, where the jobs' time decides (most
+        within hours, at most 24 h)."""
+        if self.settings.api.tier == "batch":
+            return None
+        concurrency, rpm = self.settings.gate_limits()
         # In rounds of `concurrency` requests (one request still takes a whole latency at concurrency 100), and
         # no fewer rounds than the longest item has steps.
-        duration = max(math.ceil(requests / limits.concurrency), self.longest) * TYPICAL_LATENCY_S
-        if limits.requests_per_minute:
-            duration = max(duration, requests / limits.requests_per_minute * 60)
+        duration = max(math.ceil(requests / concurrency), self.longest) * TYPICAL_LATENCY_S
+        if rpm:
+            duration = max(duration, requests / rpm * 60)
         return duration
 
 
@@ -141,7 +151,7 @@ class CheckResult:
     requests: int
     cost_likely_usd: float
     cost_worst_usd: float
-    duration_s: float
+    duration_s: float | None  # None in the batch tier: the jobs' time decides
     concurrency: int
     requests_per_minute: float | None
     max_cost_usd: float | None = None
@@ -210,6 +220,7 @@ def check_job(
     if problems:
         raise ManifestError(problems)
     limits = settings.limits
+    concurrency, rpm = settings.gate_limits()
     return CheckResult(
         manifest=manifest.path,
         out_dir=target,
@@ -218,8 +229,8 @@ def check_job(
         cost_likely_usd=estimate.likely,
         cost_worst_usd=estimate.worst,
         duration_s=estimate.duration_s(report.requests),
-        concurrency=limits.concurrency,
-        requests_per_minute=limits.requests_per_minute,
+        concurrency=concurrency,
+        requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd,
         max_duration_s=limits.max_duration_s,
         tiers=frozenset(estimate.tiers),

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 import orjson
 
 from .batch_ledger import Chunk, Ledger
@@ -133,7 +134,7 @@ class BatchRoute:
                 logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
                 self._tg.start_soon(self._drive, chunk)
             elif not chunk.closed:
-                self._index(chunk)
+                await self._index(chunk)
                 chunk.settled.set()
         return self
 
@@ -287,9 +288,10 @@ class BatchRoute:
         body = orjson.loads(self._line(chunk.path, offset)).get("request")
         return body if isinstance(body, dict) else None
 
-    def _index(self, chunk: Chunk) -> None:
-        """Where each key's line is in the chunk's results file."""
-        chunk.offsets = self._keys_in(chunk.results)
+    async def _index(self, chunk: Chunk) -> None:
+        """Where each key's line is in the chunk's results file: read in a worker thread (a file of a thousand
+        answers is gigabytes with 2K images), while the run goes on."""
+        chunk.offsets = await anyio.to_thread.run_sync(self._keys_in, chunk.results)
 
     def _keys_in(self, name: str | None) -> dict[str, int]:
         """Where each key's line is in the folder's JSONL file *name* (read as a stream)."""
@@ -419,7 +421,7 @@ class BatchRoute:
         for name in (chunk.file, job.responses_file):
             if name:
                 await self._quietly(self.client.delete_file(name))
-        self._index(chunk)
+        await self._index(chunk)
         self.shown.pop(chunk.id, None)
         self._settle(chunk, None)
 

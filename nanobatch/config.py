@@ -142,6 +142,13 @@ class Settings(_Section):
     batch: BatchSettings = BatchSettings()
     pricing: dict[str, PriceOverride] = {}
 
+    def gate_limits(self) -> tuple[int, float | None]:
+        """The run's concurrency and requests per minute. In the batch tier a step waits in a chunk until its
+        job answers, so every step of the open chunks is let through at once, at no rate: the job paces them."""
+        if self.api.tier == "batch":
+            return self.batch.chunk_requests * self.batch.open_chunks, None
+        return self.limits.concurrency, self.limits.requests_per_minute
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """A copy with dotted ``section.name`` values replaced (None values are ignored)."""
         data = self.model_dump()

@@ -164,7 +164,7 @@ class Engine:
         pending = iter(items)
         # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
         done = WriteQueue()
-        writer = Writer(self.out, self.index, self._count, lambda failure: self.stop(failure, grace_s=0))
+        writer = Writer(self.out, self._count, lambda failure: self.stop(failure, grace_s=0))
         self.out.open()
         try:
             async with anyio.create_task_group() as tg:

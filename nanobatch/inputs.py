@@ -32,6 +32,7 @@ from .errors import ApiError, InputError, Problem
 from .gemini import Image, sniff_mime
 from .manifest import WorkItem
 from .models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
+from .remote import input_field
 from .stamps import FileStamp, image_digest, is_remote, is_url, local_stamps, unreadable, work_key
 from .storage import is_bucket_url
 
@@ -59,7 +60,6 @@ MAX_DOWNLOAD_BYTES = 20 * MB
 # validate checks the URLs only when there are at most this many distinct ones.
 URL_CHECK_LIMIT = 2000
 
-_ACCEPTED = ACCEPTED_TYPES
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
 _CACHE_ENTRIES = 32
@@ -341,7 +341,7 @@ def _too_big(name: str, size: int, limit: int, *, download: bool = False, at_lea
 
 def _as_image(name: str, data: bytes, content_type: str | None = None) -> Image:
     mime = sniff_mime(data)
-    if mime not in _ACCEPTED:
+    if mime not in ACCEPTED_TYPES:
         sent = f" (it is {mime})" if mime else f" (the server said {content_type})" if content_type else ""
         raise InputError(f"{name} is not a PNG, JPEG, WEBP or HEIC/HEIF image{sent}")
     if problem := picture_problem(data):  # never pay for a request the API must refuse
@@ -391,7 +391,7 @@ class UrlChecklist:
             return
         for n, ref in enumerate(item.inputs):
             if is_url(ref) and ref not in self.first_use:
-                self.first_use[ref] = (item.id, "image" if len(item.inputs) == 1 else f"images[{n}]")
+                self.first_use[ref] = (item.id, input_field(item, n))
         if len(self.first_use) > self.limit:
             self.too_many = True
             self.first_use.clear()

@@ -3,8 +3,8 @@
 :class:`OutDir` is checked once (:meth:`OutDir.check`), held with its lock (:meth:`OutDir.hold`), and then
 passed on: the writer puts images through it and appends to its ``results.jsonl``, the workers note
 requests in its ``journal.jsonl``, the runner replaces its ``summary.json``. The rules: nanobatch's own
-files (:data:`RESERVED_FILES`, names starting with :data:`RESERVED_PREFIX`) are never an output name
-(:func:`reserved_name_problem`); a glob never reads the folder's own results (``Manifest.skipping``
+files (``names.RESERVED_FILES``, names starting with ``names.RESERVED_PREFIX``) are never an output name
+(``names.reserved_name_problem``); a glob never reads the folder's own results (``Manifest.skipping``
 hands it :attr:`OutDir.path`).
 
 Durability rules: an image is written to a temporary file and renamed into place before its record is
@@ -36,11 +36,9 @@ from .lock import RunLock
 from .names import (  # output names, reserved ones included, are decided in names.py
     BATCH_FOLDER,
     JOURNAL_FILE,
-    RESERVED_FILES,
     RESERVED_PREFIX,
     RESULTS_FILE,
     SUMMARY_FILE,
-    reserved_name_problem,
 )
 from .record import ItemRecord
 
@@ -49,8 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FOLDER_ERRNOS",
-    "RESERVED_FILES",
-    "RESERVED_PREFIX",
     "Journal",
     "OutDir",
     "ResultsLog",
@@ -58,7 +54,6 @@ __all__ = [
     "fsync_dir",
     "move_file",
     "remove_stale_temp_files",
-    "reserved_name_problem",
 ]
 
 logger = logging.getLogger("nanobatch")
@@ -293,10 +288,6 @@ class Journal:
         """The request *attempt* of *item_id* got a definite answer that is not a result (an HTTP error, or
         no connection): it is not in doubt, whatever becomes of its item."""
         self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
-
-    def writing(self, item_id: str, names: list[str]) -> None:
-        """Note that nanobatch is about to write (or move) *item_id*'s files *names*: they are its own."""
-        self.writing_many([(item_id, names)])
 
     def writing_many(self, items: list[tuple[str, list[str]]]) -> None:
         """:meth:`writing` for each (item id, names), in one write to the kernel (a batch of the writer's)."""

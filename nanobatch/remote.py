@@ -25,10 +25,13 @@ import anyio
 import anyio.to_thread
 
 from . import storage
+from ._pictures import ACCEPTED_TYPES
 from .client import public_url
 from .errors import ApiError, InputError, Problem, StorageError
 from .fields import WorkItem
 from .gemini import FileRef
+from .models import GOOGLE_HOST
+from .stamps import is_url
 from .storage import ObjectStamp, is_bucket_url
 
 __all__ = [
@@ -48,7 +51,6 @@ BATCH = 1000  # objects stamped together (one listing page)
 PRESIGN_EXPIRES_S = 6 * 3600  # long enough for a flex request's retries
 # A batch job may wait up to 48 h before the API reads its inputs (then it expires): the URLs outlive that.
 BATCH_PRESIGN_EXPIRES_S = 49 * 3600
-_IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
 
 
 def object_digest(stamp: ObjectStamp) -> str:
@@ -76,7 +78,6 @@ class ObjectStamps:
         self._uses: Counter[str] = Counter()  # items noted that have not taken their stamp yet
         self._found: dict[str, ObjectStamp | StorageError | None] = {}
         self._asking: dict[str, anyio.Event] = {}
-        self.batches = 0
 
     def watch(self, items: Iterable[WorkItem]) -> Iterator[WorkItem]:
         """*items*, read ahead (at most *batch* of them) only while they have bucket inputs: a manifest of
@@ -125,7 +126,6 @@ class ObjectStamps:
         event = anyio.Event()
         self._asking.update(dict.fromkeys(urls, event))
         try:
-            self.batches += 1
             self._found.update(await anyio.to_thread.run_sync(_stat_all, urls))
         finally:
             for url in urls:
@@ -179,7 +179,7 @@ def endpoint_for(base_url: str, *, backend: str = "gemini", simulate: bool = Fal
         return Endpoint("Vertex AI", urls=True, gs=True)
     if simulate:
         return Endpoint("the simulator", urls=True, gs=True)
-    if host == "generativelanguage.googleapis.com":
+    if host == GOOGLE_HOST:
         return Endpoint("the Gemini API", urls=True, gs=False)
     return Endpoint(host or public_url(base_url), urls=False, gs=False)
 
@@ -220,7 +220,7 @@ class Referrer:
 
     def _uri(self, ref: str, mode: str) -> str | None:
         """The URI the endpoint would fetch *ref* by, or None to send it inline."""
-        bucket, web = is_bucket_url(ref), ref[:8].lower().startswith(("http://", "https://"))
+        bucket, web = is_bucket_url(ref), is_url(ref)
         if not (bucket or web) or _mime(ref) is None:
             return None  # a local file, or a type its name does not tell (the bytes are sniffed instead)
         scheme = ref.split(":", 1)[0].lower()
@@ -257,7 +257,7 @@ def _mime(ref: str) -> str | None:
     mime, _ = mimetypes.guess_type(path.rsplit("/", 1)[-1])
     if mime is None and path.lower().endswith((".heic", ".heif", ".webp")):
         mime = "image/" + path.rsplit(".", 1)[-1].lower()
-    return mime if mime in _IMAGE_TYPES else None
+    return mime if mime in ACCEPTED_TYPES else None
 
 
 class BucketChecklist:
@@ -269,7 +269,6 @@ class BucketChecklist:
         self.batch = batch
         self.first_use: dict[str, tuple[str, str]] = {}  # url -> (item id, field), this batch
         self.problems: list[Problem] = []
-        self.checked = 0
         self._schemes: dict[str, str | None] = {}  # scheme -> what is missing
 
     def add(self, item: WorkItem) -> None:
@@ -298,7 +297,6 @@ class BucketChecklist:
         """Stamp what was gathered; every problem found so far."""
         if self.first_use:
             found = _stat_all(list(self.first_use))
-            self.checked += len(found)
             for url, stamp in found.items():
                 if stamp is None or isinstance(stamp, StorageError):
                     message = str(stamp) if stamp is not None else f"{url}: no such object"

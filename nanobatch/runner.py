@@ -73,12 +73,6 @@ class RunSummary:
         return 1 if (self.stats.failed or self.stats.blocked) else 0
 
 
-def _on_loopback(base_url: str) -> bool:
-    """Whether *base_url* is on this machine (``127.0.0.1``, ``localhost``, ``::1``): a simulator or a local
-    proxy that holds its own key. It may be sent nothing: a key it wants, it asks for (401, a fatal error)."""
-    return loopback_url(base_url)
-
-
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
     """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
     for problem in problems:
@@ -157,8 +151,7 @@ def _stats(stats: RunStats | None, checked: CheckResult, settings: Settings) -> 
     """The run's live counters (the caller's, if it keeps its own display), sized from the check."""
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
-    stats.rpm_limit = settings.limits.requests_per_minute
-    stats.concurrency = settings.limits.concurrency
+    stats.concurrency, stats.rpm_limit = settings.gate_limits()
     return stats
 
 
@@ -215,7 +208,9 @@ def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Pat
 def _api_key(settings: Settings, *, needed: bool) -> str | None:
     """The API key; ConfigError if there is none and one is *needed* (not for a server on this machine)."""
     api_key = read_api_key(settings)
-    if api_key is None and needed and not _on_loopback(settings.api.base_url):
+    # On this machine (a simulator or a local proxy holding its own key), nothing need be sent: a key it wants,
+    # it asks for (401, a fatal error).
+    if api_key is None and needed and not loopback_url(settings.api.base_url):
         raise ConfigError(
             f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
             "or try the built-in simulator with --simulate"
@@ -324,13 +319,12 @@ def _engine(
 ) -> Engine:
     limits, retry = settings.limits, settings.retry
     first_contact = FirstContact(retry.first_contact_s)
-    concurrency, batch = limits.concurrency, settings.api.tier == "batch"
-    if batch:  # a step waits in a chunk until its job answers: many wait at once. A job's failed lines
-        # arrive together and say nothing about an outage: no rate limit, adaptive window or breaker.
-        concurrency = settings.batch.chunk_requests * settings.batch.open_chunks
+    (concurrency, rpm), batch = settings.gate_limits(), settings.api.tier == "batch"
+    # In the batch tier a job's failed lines arrive together and say nothing about an outage: no adaptive
+    # window or breaker either.
     gate = Gate(
         concurrency=concurrency,
-        requests_per_minute=None if batch else limits.requests_per_minute,
+        requests_per_minute=rpm,
         rpm_burst=limits.rpm_burst,
         adaptive=limits.adaptive and not batch,
         breaker=None

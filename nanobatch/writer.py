@@ -15,7 +15,6 @@ import anyio
 from .errors import RunAborted
 from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
 from .record import ItemRecord
-from .results import ResultsIndex
 
 __all__ = ["Finished", "WriteQueue", "Writer"]
 
@@ -123,10 +122,9 @@ class Writer:
     """Persists finished items into *out* and hands each saved one to *count* (in the event loop's thread)."""
 
     def __init__(
-        self, out: OutDir, index: ResultsIndex, count: Callable[[Finished], None], stop: Callable[[BaseException], None]
+        self, out: OutDir, count: Callable[[Finished], None], stop: Callable[[BaseException], None]
     ) -> None:
         self.out = out
-        self.index = index
         self.count = count
         self.stop = stop
 

@@ -160,6 +160,18 @@ def test_dry_run_shows_the_batch_price_next_to_the_standard_one(
     assert "at standard prices" in text and "in the batch tier" in text
 
 
+def test_validate_in_the_batch_tier_gives_no_online_duration_and_no_time_warning(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The batch tier ignores --rpm and limits.concurrency (the jobs pace the run): an estimate from them, and a
+    # --max-duration warning drawn from it, would be made up.
+    argv = ["validate", str(job), "--tier", "batch", "--rpm", "1", "--max-duration", "1m"]
+    assert main([*argv, "--config", str(job.parent / "nanobatch.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "the batch jobs'" in text and "16 requests in open chunks at once" in text  # 4 requests x 4 chunks
+    assert "requests/min" not in text and "time:" not in text
+
+
 @pytest.mark.parametrize("answer", [None, 405, 501, 200], ids=["404", "405", "501", "web-page"])
 def test_an_endpoint_without_batch_is_told_before_anything_is_uploaded(
     job: Path, capsys: pytest.CaptureFixture[str], answer: int | None
