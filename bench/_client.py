@@ -258,7 +258,7 @@ def run_floor(*, base_url: str, n: int, concurrency: int, input_path: str, image
 
 
 def run_load_index(*, out_dir: str) -> dict[str, Any]:
-    from nanobatch.results import ResultsIndex
+    from nanobatch.output.results import ResultsIndex
 
     before = rss_mb()
     wall = time.perf_counter()

@@ -8,6 +8,6 @@ it still saves CPU, less). The plain
 
 from __future__ import annotations
 
-from nanobatch._transport import ShardedTransport as SplitPoolTransport
+from nanobatch.api.transport import ShardedTransport as SplitPoolTransport
 
 __all__ = ["SplitPoolTransport"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import _fixtures as fixtures  # bench/ is on the path when this runs as a script
 
-from nanobatch import storage
+from nanobatch.api import storage
 
 
 def start_moto() -> tuple[str, Counter[str]]:

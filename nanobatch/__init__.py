@@ -13,8 +13,8 @@ import importlib.util
 import typing
 
 if typing.TYPE_CHECKING:
+    from .api.gemini import Image, Reply
     from .config import Settings, load_settings
-    from .engine import RunStats
     from .errors import (
         ApiError,
         ConfigError,
@@ -27,23 +27,27 @@ if typing.TYPE_CHECKING:
         RunAborted,
         UsageError,
     )
-    from .gemini import Image, Reply
-    from .manifest import Manifest, WorkItem, load_manifest
-    from .runner import CheckResult, RunSummary, check_job, run_job
+    from .item import WorkItem
+    from .job.manifest import Manifest, load_manifest
+    from .run.preflight import CheckResult, check_job
+    from .run.runner import RunSummary, run_job
+    from .run.stats import RunStats
 
 # Imported when first used, so that `nanobatch --help` does not load the HTTP stack, pydantic or the
 # simulator (PEP 562): each public name, and the module it lives in.
 _LAZY = {
     **dict.fromkeys(("Settings", "load_settings"), "config"),
-    "RunStats": "engine",
+    "RunStats": "run.stats",
     **dict.fromkeys(
         ("ApiError", "ConfigError", "FatalApiError", "Interrupted", "LockHeld", "ManifestError", "NanobatchError",
          "Problem", "RunAborted", "UsageError"),
         "errors",
     ),
-    **dict.fromkeys(("Image", "Reply"), "gemini"),
-    **dict.fromkeys(("Manifest", "WorkItem", "load_manifest"), "manifest"),
-    **dict.fromkeys(("CheckResult", "RunSummary", "check_job", "run_job"), "runner"),
+    **dict.fromkeys(("Image", "Reply"), "api.gemini"),
+    **dict.fromkeys(("Manifest", "load_manifest"), "job.manifest"),
+    "WorkItem": "item",
+    **dict.fromkeys(("CheckResult", "check_job"), "run.preflight"),
+    **dict.fromkeys(("RunSummary", "run_job"), "run.runner"),
 }  # fmt: skip
 
 
@@ -51,7 +55,7 @@ def __getattr__(name: str) -> typing.Any:
     module = _LAZY.get(name)
     if module is None:
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # a submodule: nanobatch.results, ...
+            return importlib.import_module(f".{name}", __name__)  # a submodule: nanobatch.output.results, ...
         raise AttributeError(f"module 'nanobatch' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .cli import entrypoint
+from .cli.main import entrypoint
 
 if __name__ == "__main__":
     entrypoint()

@@ -24,8 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import models
-from ._yaml import load_yaml
 from .errors import ConfigError, not_utf8
+from .safe_yaml import load_yaml
 
 __all__ = [
     "ApiSettings",
@@ -59,7 +59,7 @@ class ApiSettings(_Section):
     # The service tier of generateContent calls: flex costs half and may be shed, priority costs more;
     # batch costs half and goes through the Batch API (answers within 24 h; see the batch section).
     tier: Literal["standard", "flex", "priority", "batch"] = "standard"
-    # How input pictures are sent: their bytes (inline), or a URL the API fetches itself (see nanobatch.remote).
+    # How input pictures are sent: their bytes (inline), or a URL the API fetches itself (see nanobatch.inputs.remote).
     inputs: Literal["inline", "by_reference", "auto"] = "inline"
     # gemini: the Gemini API (or a proxy) at base_url. vertex: Vertex AI in api.project at api.location, with
     # Application Default Credentials or the service-account key file api.credentials_file (express mode: no

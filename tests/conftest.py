@@ -80,12 +80,12 @@ def before_2_5_flash_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(params=["libyaml", "pure-python"])
 def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a YAML test on both parsers: libyaml's (the default where PyYAML has it) and PyYAML's own."""
-    from nanobatch import _yaml
+    from nanobatch import safe_yaml
 
-    loaders = _yaml.C_LOADERS if request.param == "libyaml" else _yaml.PURE_LOADERS
+    loaders = safe_yaml.C_LOADERS if request.param == "libyaml" else safe_yaml.PURE_LOADERS
     if loaders is None:
         pytest.skip("PyYAML was built without libyaml")
-    monkeypatch.setattr(_yaml, "LOADERS", loaders)
+    monkeypatch.setattr(safe_yaml, "LOADERS", loaders)
     return str(request.param)
 
 

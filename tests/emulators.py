@@ -237,7 +237,7 @@ class Bucket:
 
 def new_bucket(scheme: str) -> str:
     """A new, empty bucket's name at the emulator *scheme*'s environment points to."""
-    from nanobatch import storage
+    from nanobatch.api import storage
 
     name = f"nb-{uuid.uuid4().hex[:12]}"
     storage._filesystem(f"{scheme}://{name}").mkdir(name)

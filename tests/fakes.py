@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 
 import nanobatch
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import Manifest, load_manifest
+from nanobatch.job.manifest import Manifest, load_manifest
 
 from .conftest import run_virtual
 

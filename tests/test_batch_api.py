@@ -12,7 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from nanobatch.batch_api import BatchClient, BatchJob, ResultLine, parse_job
+from nanobatch.api.batch_api import BatchClient, BatchJob, ResultLine, parse_job
 from nanobatch.errors import ApiError, FatalApiError
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 

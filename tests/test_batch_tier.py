@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from starlette.applications import Starlette
 
-from nanobatch.cli import main
+from nanobatch.cli.main import main
 from nanobatch.models import pricing_for, usage_cost
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
@@ -316,7 +316,7 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
     from PIL import Image as PILImage
 
     import nanobatch
-    from nanobatch.batch_api import BatchClient
+    from nanobatch.api.batch_api import BatchClient
 
     from .conftest import run_virtual
     from .fakes import image_bytes
@@ -388,8 +388,9 @@ def test_a_job_answering_every_request_at_once_holds_a_few_answers_not_all(
     from PIL import Image as PILImage
 
     import nanobatch
-    from nanobatch import batch, writer
-    from nanobatch.batch_api import BatchClient
+    from nanobatch.api.batch_api import BatchClient
+    from nanobatch.output import writer
+    from nanobatch.run import batch
 
     from .conftest import run_virtual
 

@@ -16,11 +16,11 @@ import anyio
 import httpx2
 import pytest
 
-from nanobatch import storage
+from nanobatch.api import storage
+from nanobatch.cli.report import write_report
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ManifestError
-from nanobatch.report import write_report
-from nanobatch.runner import check_job
+from nanobatch.run.preflight import check_job
 
 from .emulators import Bucket
 from .fakes import FakeGemini, image_bytes, records, run_now, write_job
@@ -305,8 +305,8 @@ def test_the_simulator_checks_file_data_parts_like_the_api() -> None:
 @pytest.mark.parametrize("bucket", ["s3"], indirect=True)
 @pytest.mark.parametrize(("batch", "hours"), [(False, 6), (True, 49)], ids=["online", "batch"])
 def test_signed_urls_outlive_a_batch_job_that_may_wait_48_hours(bucket: Bucket, batch: bool, hours: int) -> None:
-    from nanobatch.gemini import FileRef
-    from nanobatch.remote import Referrer, endpoint_for
+    from nanobatch.api.gemini import FileRef
+    from nanobatch.inputs.remote import Referrer, endpoint_for
 
     _pictures(bucket, 1)
     ref = bucket.url("in/0.png")

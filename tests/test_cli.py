@@ -13,8 +13,8 @@ import anyio
 import httpx2
 import pytest
 
-from nanobatch.cli import main
-from nanobatch.lock import RunLock
+from nanobatch.cli.main import main
+from nanobatch.output.lock import RunLock
 
 from .fakes import google_error, ok_body, write_job
 
@@ -243,8 +243,8 @@ def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
 def test_flags_beat_environment_and_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, section: str, name: str, expected: object
 ) -> None:
-    import nanobatch._job_check
-    import nanobatch.cli
+    import nanobatch.cli.main
+    import nanobatch.run.preflight
 
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     config = tmp_path / "nanobatch.yaml"
@@ -252,7 +252,7 @@ def test_flags_beat_environment_and_config_file(
                       "budget: {max_cost_usd: 1, max_requests: 2}\n")  # fmt: skip
     monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "5")
     seen = []
-    checks = nanobatch._job_check
+    checks = nanobatch.run.preflight
     real = checks.check_job  # the CLI imports it when the command runs
     monkeypatch.setattr(checks, "check_job", lambda *a, **kw: seen.append(kw["settings"]) or real(*a, **kw))
     assert main(["validate", str(job), "--config", str(config), flag, value]) == 0
@@ -265,7 +265,7 @@ def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     def disk_full(path: str, data: bytes, **options: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nanobatch.outdir.write_image", disk_full)
+    monkeypatch.setattr("nanobatch.output.outdir.write_image", disk_full)
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
     out = tmp_path / "out"
     assert main(["run", str(job), "--simulate", "--out", str(out)]) == 3
@@ -378,8 +378,8 @@ HEAVY = {"uvicorn", "starlette", "PIL", "pydantic", "httpx2", "rich"}
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["simulate", "--help"], ["models", "--help"]])
 def test_the_cli_starts_without_the_simulator_pillow_pydantic_or_httpx(argv: list[str]) -> None:
-    assert _modules_after("import nanobatch.cli") & HEAVY == set()
-    loaded = _modules_after(f"from nanobatch.cli import main; main({argv!r})")
+    assert _modules_after("import nanobatch.cli.main") & HEAVY == set()
+    loaded = _modules_after(f"from nanobatch.cli.main import main; main({argv!r})")
     assert "click" in loaded and loaded & HEAVY == set()  # the probe ran to its end, and loaded none of them
 
 
@@ -387,13 +387,13 @@ def test_status_and_validate_load_only_what_they_need(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "a poster of a lemon"}])
     out = tmp_path / "out"
     assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
-    status = _modules_after(f"from nanobatch.cli import main; main({['status', str(out)]!r})")
+    status = _modules_after(f"from nanobatch.cli.main import main; main({['status', str(out)]!r})")
     # pydantic only because the manifest is still there: status reads it to count the items left.
     assert status & HEAVY == {"pydantic"}
     (out / "summary.json").write_text((out / "summary.json").read_text().replace(str(job), str(tmp_path / "gone.yaml")))
-    status = _modules_after(f"from nanobatch.cli import main; main({['status', str(out)]!r})")
+    status = _modules_after(f"from nanobatch.cli.main import main; main({['status', str(out)]!r})")
     assert status & HEAVY == set()
     args = ["validate", str(job), "--out", str(out)]
-    validate = _modules_after(f"from nanobatch.cli import main; main({args!r})")
+    validate = _modules_after(f"from nanobatch.cli.main import main; main({args!r})")
     # No URL or bucket in the manifest: no HTTP client, no cloud library, no engine.
     assert validate & {"uvicorn", "starlette", "PIL", "httpx2", "fsspec", "rich"} == set()

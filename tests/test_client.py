@@ -14,11 +14,11 @@ import httpcore2
 import httpx2
 import pytest
 
-import nanobatch.client as client_module
-from nanobatch._transport import ShardedTransport
-from nanobatch.client import GeminiClient
+import nanobatch.api.client as client_module
+from nanobatch.api.client import GeminiClient
+from nanobatch.api.gemini import build_request
+from nanobatch.api.transport import ShardedTransport
 from nanobatch.errors import ApiError, FatalApiError
-from nanobatch.gemini import build_request
 
 KEY = "AIzaSy-test-key-0123456789abcdef"
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels"
@@ -289,7 +289,7 @@ class RecordingStream(httpcore2.AsyncNetworkStream):
 
 async def test_a_small_request_leaves_in_one_send_and_a_big_body_uncopied() -> None:
     """httpcore2 writes a request's head and body apart: on loopback each send() costs as much as the rest."""
-    from nanobatch._transport import _Stream
+    from nanobatch.api.transport import _Stream
 
     inner = RecordingStream()
     stream = _Stream(inner)
@@ -374,7 +374,7 @@ def test_a_whole_run_goes_through_httpx2_and_never_loads_httpx_0_28(tmp_path: An
 
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "instruction": "a lemon"}])
     probe = (
-        "import sys\nfrom nanobatch.cli import main\n"
+        "import sys\nfrom nanobatch.cli.main import main\n"
         f"code = main(['run', {str(job)!r}, '--simulate', '--out', {str(tmp_path / 'out')!r}, '--quiet'])\n"
         "tops = {m.split('.')[0] for m in sys.modules}\n"
         "print(code, sorted(m for m in tops if m.startswith(('httpx', 'httpcore'))))"
@@ -404,7 +404,7 @@ async def _fail_gemini(answer: Handler) -> tuple[str, str]:
 
 
 async def _fail_batch(answer: Handler) -> tuple[str, str]:
-    from nanobatch.batch_api import BatchClient
+    from nanobatch.api.batch_api import BatchClient
 
     async with BatchClient(base_url=SECRET_URL, api_key=KEY, transport=httpx2.MockTransport(answer)) as client:
         with pytest.raises(ApiError) as info:
@@ -425,7 +425,7 @@ async def test_a_base_url_with_a_password_or_a_query_never_shows_them(
 
 
 async def test_the_batch_upload_that_never_starts_names_the_endpoint_without_its_password(tmp_path: Any) -> None:
-    from nanobatch.batch_api import BatchClient
+    from nanobatch.api.batch_api import BatchClient
 
     path = tmp_path / "chunk.jsonl"
     path.write_bytes(b"{}\n")
@@ -471,7 +471,7 @@ async def test_an_api_error_echoing_a_signed_input_url_keeps_only_its_address() 
 
 
 def test_a_file_reference_never_shows_its_signed_url_in_a_repr() -> None:
-    from nanobatch.gemini import FileRef
+    from nanobatch.api.gemini import FileRef
 
     ref = FileRef("image/png", "https://b.s3.amazonaws.com/a.png?X-Amz-Signature=f00dfeed")
     assert "f00dfeed" not in repr(ref) and ref.uri.endswith("f00dfeed")

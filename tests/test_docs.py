@@ -21,7 +21,7 @@ from typing import IO
 
 import pytest
 
-from nanobatch.cli import main
+from nanobatch.cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTED_URL = "http://127.0.0.1:8000"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanobatch.cli import main
+from nanobatch.cli.main import main
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
 from .fakes import write_job

@@ -12,11 +12,11 @@ import httpx2
 import pytest
 
 import nanobatch
-import nanobatch.outdir
-import nanobatch.writer
+import nanobatch.output.outdir
+import nanobatch.output.writer
 from nanobatch.errors import ConfigError, LockHeld, ManifestError, NanobatchError
-from nanobatch.lock import RunLock
-from nanobatch.record import ItemRecord
+from nanobatch.output.lock import RunLock
+from nanobatch.output.record import ItemRecord
 
 from .conftest import run_virtual
 from .fakes import (
@@ -371,8 +371,8 @@ def test_output_names(tmp_path: Path, item_id: str, output: str | None, expected
 def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    import nanobatch.inputs
-    import nanobatch.stamps
+    import nanobatch.inputs.load
+    import nanobatch.inputs.stamps
 
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/p{n}.png"} for n in range(5)])
     run(job, FakeGemini())
@@ -387,7 +387,7 @@ def test_a_rerun_over_finished_work_reads_no_picture(tmp_path: Path, monkeypatch
         opened.append(str(self))
         return real_read_bytes(self)
 
-    for module in (nanobatch.inputs, nanobatch.stamps):  # where pictures are read, and where they are hashed
+    for module in (nanobatch.inputs.load, nanobatch.inputs.stamps):  # where pictures are read, and hashed
         monkeypatch.setattr(module, "open", spy_open, raising=False)
     monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
     summary = run(job, FakeGemini())
@@ -447,10 +447,10 @@ def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path:
 def test_a_failing_disk_stops_the_run_keeping_what_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import nanobatch.outdir
+    import nanobatch.output.outdir
 
     job = write_job(tmp_path, [{"id": f"i{n:02d}", "image": "images/a.png"} for n in range(30)])
-    real_write = nanobatch.outdir.write_image
+    real_write = nanobatch.output.outdir.write_image
     writes = 0
 
     def failing_write(path: str, data: bytes, **options: Any) -> None:
@@ -460,7 +460,7 @@ def test_a_failing_disk_stops_the_run_keeping_what_was_written(
             raise OSError(28, "No space left on device")
         real_write(path, data, **options)
 
-    monkeypatch.setattr(nanobatch.outdir, "write_image", failing_write)
+    monkeypatch.setattr(nanobatch.output.outdir, "write_image", failing_write)
     fake = FakeGemini()
     # The writer's error itself, not wrapped in the task groups' ExceptionGroups.
     with pytest.raises(NanobatchError, match="No space left on device"):
@@ -504,18 +504,18 @@ def test_an_image_folder_is_fsynced_before_the_record_pointing_at_it(
 ) -> None:
     # A rename is durable only once its folder is: otherwise a power cut can keep a record whose image is gone.
     events: list[tuple[str, str]] = []
-    real_fsync_dir, real_append = nanobatch.writer.fsync_dir, nanobatch.outdir.ResultsLog.append_many
+    real_fsync_dir, real_append = nanobatch.output.writer.fsync_dir, nanobatch.output.outdir.ResultsLog.append_many
 
     def fsync_dir(folder: str) -> None:
         events.append(("folder", Path(folder).name))
         real_fsync_dir(folder)
 
-    def append_many(self: nanobatch.outdir.ResultsLog, batch: list[ItemRecord]) -> None:
+    def append_many(self: nanobatch.output.outdir.ResultsLog, batch: list[ItemRecord]) -> None:
         events.extend(("record", record.id) for record in batch)
         real_append(self, batch)
 
-    monkeypatch.setattr(nanobatch.writer, "fsync_dir", fsync_dir)
-    monkeypatch.setattr(nanobatch.outdir.ResultsLog, "append_many", append_many)
+    monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", append_many)
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/a.png", "output": "shoes/{id}.png"}])
     assert run(job, FakeGemini()).exit_code == 0
     assert events == [("folder", "shoes"), ("record", "sku-1")]
@@ -552,7 +552,7 @@ def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
         def __call__(self, request: httpx2.Request) -> httpx2.Response:
             return httpx2.Response(200, content=body, headers={"content-type": "application/json"})
 
-    monkeypatch.setattr(nanobatch.writer, "WRITE_QUEUE_BYTES", 4 * 1024 * 1024)
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 4 * 1024 * 1024)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 4})
     jobs = {n: write_job(tmp_path / str(n), [{"id": f"i{k}", "instruction": "a lemon"} for k in range(n)])
             for n in (4, 16, 64)}  # fmt: skip
@@ -570,7 +570,7 @@ def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
 
 
 def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
-    from nanobatch.writer import Finished, WriteQueue
+    from nanobatch.output.writer import Finished, WriteQueue
 
     async def main() -> None:
         queue = WriteQueue(32 * 1024 * 1024, 8)  # 32 MB would hold 27,000 records of small answers
@@ -628,10 +628,10 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
     import anyio.from_thread
     import trio.testing
 
-    import nanobatch.outdir
+    import nanobatch.output.outdir
 
     idle_s = 0.01
-    real_fsync = nanobatch.writer.fsync_dir
+    real_fsync = nanobatch.output.writer.fsync_dir
 
     def slow_disk(folder: str) -> None:
         # A batch is flushed only once the workers have done all they can (every task waiting for idle_s): the
@@ -645,9 +645,9 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
         with open(path, "wb") as f:
             f.write(data)
 
-    monkeypatch.setattr(nanobatch.writer, "fsync_dir", slow_disk)
-    monkeypatch.setattr(nanobatch.outdir, "write_image", write_image)
-    monkeypatch.setattr(nanobatch.writer, "WRITE_QUEUE_ITEMS", 32)
+    monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", slow_disk)
+    monkeypatch.setattr(nanobatch.output.outdir, "write_image", write_image)
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_ITEMS", 32)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 16})
     # settle_s: while every task waits for a thread, the event loop sleeps instead of polling for a clock jump
     # (nothing here sleeps on the clock); polling, it held the GIL the threads needed, for most of the time.

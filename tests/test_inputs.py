@@ -17,11 +17,12 @@ import pytest
 from PIL import Image as Pillow
 
 import nanobatch
-from nanobatch._retry import RetryPolicy
-from nanobatch.errors import ManifestError
-from nanobatch.gemini import Image, sniff_mime
-from nanobatch.inputs import MB, InputError, InputLoader, UrlChecklist, load_inputs
-from nanobatch.manifest import WorkItem
+from nanobatch.api.gemini import Image, sniff_mime
+from nanobatch.api.retry import RetryPolicy
+from nanobatch.errors import InputError, ManifestError
+from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
+from nanobatch.item import WorkItem
+from nanobatch.models import MB
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes, write_job
@@ -408,8 +409,8 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
 ) -> None:
     import builtins
 
-    import nanobatch.inputs
-    import nanobatch.stamps
+    import nanobatch.inputs.load
+    import nanobatch.inputs.stamps
 
     pictures = {name: noise((8 + n, 8)) for n, name in enumerate(("a.png", "b.png", "c.png"))}
     for name, data in pictures.items():
@@ -426,7 +427,7 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
         opened.append(self.name)
         return real_read_bytes(self)
 
-    for module in (nanobatch.inputs, nanobatch.stamps):  # where pictures are read, and where they are hashed
+    for module in (nanobatch.inputs.load, nanobatch.inputs.stamps):  # where pictures are read, and hashed
         monkeypatch.setattr(module, "open", spy_open, raising=False)
     monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
     api = FakeGemini()

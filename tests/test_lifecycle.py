@@ -12,9 +12,9 @@ import httpx2
 import pytest
 
 from nanobatch import models
-from nanobatch.catalog import compare_live, model_rows, model_table_markdown, price_table_markdown
-from nanobatch.cli import main
-from nanobatch.client import GeminiClient
+from nanobatch.api.client import GeminiClient
+from nanobatch.cli.catalog import compare_live, model_rows, model_table_markdown, price_table_markdown
+from nanobatch.cli.main import main
 from nanobatch.simulator import create_app
 
 from .fakes import write_job

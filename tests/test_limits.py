@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 from nanobatch.errors import ApiError, RunAborted
-from nanobatch.limits import Breaker, Budget, Gate, RateLimiter, Stopped
+from nanobatch.run.limits import Gate, Stopped
+from nanobatch.run.meters import Breaker, Budget, RateLimiter
 
 from .conftest import run_virtual as _run_virtual
 
@@ -122,7 +123,7 @@ def acquire_with_timer_errors(monkeypatch: pytest.MonkeyPatch, errors: Iterator[
     async def erring_sleep(seconds: float) -> None:
         await real_sleep(max(0.0, seconds + next(errors)))
 
-    monkeypatch.setattr("nanobatch.limits.anyio.sleep", erring_sleep)
+    monkeypatch.setattr("nanobatch.run.limits.anyio.sleep", erring_sleep)
     times: list[float] = []
 
     async def main() -> None:

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 import nanobatch
-from nanobatch import sources
+from nanobatch import safe_yaml
 from nanobatch.errors import ManifestError
-from nanobatch.manifest import load_manifest
+from nanobatch.job import sources
+from nanobatch.job.manifest import load_manifest
 
 from .fakes import image_bytes, load
 from .fakes import manifest_problems as problems
@@ -508,37 +509,34 @@ def test_distinct_names_and_multi_image_stems_pass(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("yaml_parser")
 def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
-    from nanobatch import _yaml
 
-    monkeypatch.setattr(_yaml, "MAX_VALUES", 1000)  # scaled down: 500 items of 5 values each, no alias
+    monkeypatch.setattr(safe_yaml, "MAX_VALUES", 1000)  # scaled down: 500 items of 5 values each, no alias
     text = "items:\n" + "".join(f"  - {{id: i{n}, instruction: x}}\n" for n in range(500))
-    assert len(_yaml.load_yaml(text)["items"]) == 500
+    assert len(safe_yaml.load_yaml(text)["items"]) == 500
     with pytest.raises(yaml.YAMLError, match="aliases"):
-        _yaml.load_yaml("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+        safe_yaml.load_yaml("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                         "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n")  # fmt: skip
 
 
 def test_manifests_are_parsed_by_libyaml_where_pyyaml_has_it() -> None:
-    from nanobatch import _yaml
 
-    assert _yaml.LOADERS is (_yaml.C_LOADERS if yaml.__with_libyaml__ else _yaml.PURE_LOADERS)
+    assert safe_yaml.LOADERS is (safe_yaml.C_LOADERS if yaml.__with_libyaml__ else safe_yaml.PURE_LOADERS)
     if yaml.__with_libyaml__:
-        assert all(issubclass(loader, yaml.CSafeLoader) for loader in _yaml.LOADERS)
+        assert all(issubclass(loader, yaml.CSafeLoader) for loader in safe_yaml.LOADERS)
 
 
 @pytest.mark.usefixtures("yaml_parser")
 def test_merged_keys_may_be_overridden_but_python_tags_are_refused() -> None:
-    from nanobatch import _yaml
 
-    data = _yaml.load_yaml("base: &b {instruction: x, id: 007}\nitem:\n  <<: *b\n  instruction: y\n")
+    data = safe_yaml.load_yaml("base: &b {instruction: x, id: 007}\nitem:\n  <<: *b\n  instruction: y\n")
     assert data["item"] == {"instruction": "y", "id": "007"}
     with pytest.raises(yaml.YAMLError):
-        _yaml.load_yaml("a: !!python/object/apply:os.system [echo hi]\n")
+        safe_yaml.load_yaml("a: !!python/object/apply:os.system [echo hi]\n")
 
 
 def test_the_longest_name_the_check_allows_fits_every_file_the_engine_names(tmp_path: Path) -> None:
-    from nanobatch.gemini import OUTPUT_EXTENSIONS
-    from nanobatch.names import output_names
+    from nanobatch.api.gemini import OUTPUT_EXTENSIONS
+    from nanobatch.output.names import output_names
 
     steps = "".join(f"    - step {n}\n" for n in range(1, 13))
     item = f"  - id: a\n    image: a.png\n    keep_steps: true\n    output: '{{id}}{LONG}.png'\n"

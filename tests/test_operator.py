@@ -19,8 +19,8 @@ import httpx2
 import pytest
 
 import nanobatch
-from nanobatch.cli import main
-from nanobatch.status import folder_status
+from nanobatch.cli.main import main
+from nanobatch.cli.status import folder_status
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, google_error, ok_body, quota_failure, retry_info, write_job
@@ -138,7 +138,7 @@ def test_the_first_contact_limit_is_configurable(tmp_path: Path) -> None:
 
 def test_an_api_that_answered_once_is_left_to_the_breaker() -> None:
     from nanobatch.errors import ApiError
-    from nanobatch.limits import FirstContact
+    from nanobatch.run.meters import FirstContact
 
     async def go() -> object:
         contact = FirstContact(60)
@@ -173,8 +173,8 @@ def test_the_command_line_names_a_refused_url(
 
 
 def test_repeated_failures_are_told_once_then_summarised(caplog: pytest.LogCaptureFixture) -> None:
-    from nanobatch._failures import FailureLog
     from nanobatch.errors import ApiError
+    from nanobatch.run.failures import FailureLog
 
     refused = ApiError("cannot connect to http://x.test: connection refused", kind="connection", retryable=True)
 
@@ -247,7 +247,7 @@ def test_status_tells_why_the_last_run_stopped_and_how_many_items_are_left(
 def test_waiting_for_the_lock_says_for_whom_once_and_sigterm_ends_it_with_130(
     tmp_path: Path, signum: signal.Signals
 ) -> None:
-    from nanobatch.lock import RunLock
+    from nanobatch.output.lock import RunLock
 
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     out = tmp_path / "out"
@@ -359,7 +359,7 @@ def test_json_logs_stay_json_when_the_run_is_aborted(
 def test_json_logs_stay_json_when_nothing_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int
 ) -> None:
-    from nanobatch.lock import RunLock
+    from nanobatch.output.lock import RunLock
 
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     bad = tmp_path / "bad.yaml"

@@ -13,11 +13,11 @@ import httpx2
 import pytest
 
 import nanobatch
-import nanobatch.engine
-import nanobatch.outdir
-from nanobatch.cli import main
+import nanobatch.output.outdir
+import nanobatch.run.engine
+from nanobatch.cli.main import main
+from nanobatch.cli.status import folder_status
 from nanobatch.errors import ManifestError
-from nanobatch.status import folder_status
 
 from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, run, write_job
 
@@ -146,14 +146,14 @@ def test_a_file_that_appears_while_the_image_is_being_written_is_not_replaced(
     # milliseconds on a slow disk), a file is copied in at the same name.
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "image": "images/b.png"}])
     out = tmp_path / "out"
-    real_write = nanobatch.outdir.write_image
+    real_write = nanobatch.output.outdir.write_image
 
     def write(path: str, data: bytes, **options: Any) -> None:
         if path.endswith("a.png"):
             Path(path).write_bytes(b"copied in by hand")
         real_write(path, data, **options)
 
-    monkeypatch.setattr(nanobatch.outdir, "write_image", write)
+    monkeypatch.setattr(nanobatch.output.outdir, "write_image", write)
     assert run(job, FakeGemini(), out).exit_code == 1
     assert (out / "a.png").read_bytes() == b"copied in by hand" and (out / "b.png").is_file()
     records = latest(out)
@@ -174,9 +174,9 @@ def test_a_new_image_never_takes_a_name_that_is_taken(
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "theirs.png").write_bytes(b"theirs")
-    nanobatch.outdir.write_image(str(folder / "new.png"), b"ours", replace=False)
+    nanobatch.output.outdir.write_image(str(folder / "new.png"), b"ours", replace=False)
     with pytest.raises(FileExistsError) as caught:
-        nanobatch.outdir.write_image(str(folder / "theirs.png"), b"ours", replace=False)
+        nanobatch.output.outdir.write_image(str(folder / "theirs.png"), b"ours", replace=False)
     assert caught.value.filename == str(folder / "theirs.png")
     assert (folder / "theirs.png").read_bytes() == b"theirs" and (folder / "new.png").read_bytes() == b"ours"
     assert sorted(p.name for p in folder.iterdir()) == ["new.png", "theirs.png"]  # no temporary file left
@@ -207,7 +207,7 @@ def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replac
         raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.outdir.ResultsLog, "append_many", killed)
+        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
         with pytest.raises((Killed, BaseExceptionGroup)):
             run(job, FakeGemini(), out)
     assert (out / "a.png").is_file() and not (out / "results.jsonl").read_text()
@@ -253,7 +253,7 @@ def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, m
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", spying_open)
-    nanobatch.outdir.atomic_write(tmp_path / "x.png", b"data")
+    nanobatch.output.outdir.atomic_write(tmp_path / "x.png", b"data")
     assert made[0].startswith(".nanobatch-") and made[0].endswith(".tmp")
 
 
@@ -278,20 +278,20 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
 ) -> None:
     job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(6)])
     out = tmp_path / "out"
-    real_write = nanobatch.outdir.write_image
+    real_write = nanobatch.output.outdir.write_image
 
     def write(path: str, data: bytes, **options: Any) -> None:
         if path.endswith("i3.png"):
             raise OSError(code, os.strerror(code), path)
         real_write(path, data, **options)
 
-    monkeypatch.setattr(nanobatch.outdir, "write_image", write)
+    monkeypatch.setattr(nanobatch.output.outdir, "write_image", write)
     summary = run(job, FakeGemini(), out)
     assert (summary.outcome, summary.exit_code, summary.stats.ok, summary.stats.failed) == ("complete", 1, 5, 1)
     failed = latest(out)["i3"]
     assert failed["status"] == "failed" and failed["error"]["kind"] == "write" and failed["cost_usd"] > 0
     assert json.loads((out / "summary.json").read_text())["counts"] == {"ok": 5, "failed": 1, "blocked": 0}
-    monkeypatch.setattr(nanobatch.outdir, "write_image", real_write)
+    monkeypatch.setattr(nanobatch.output.outdir, "write_image", real_write)
     fake = FakeGemini()
     assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 1 and (out / "i3.png").is_file()
 
@@ -341,14 +341,14 @@ def test_a_move_never_replaces_a_file_it_did_not_write(
         (out / "sale").mkdir()
         (out / "sale" / "s1.png").write_bytes(b"someone else's")
     else:
-        real_move = nanobatch.outdir.move_file
+        real_move = nanobatch.output.outdir.move_file
 
         def move(src: str, dst: str, **options: Any) -> None:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             Path(dst).write_bytes(b"someone else's")
             real_move(src, dst, **options)
 
-        monkeypatch.setattr(nanobatch.outdir, "move_file", move)
+        monkeypatch.setattr(nanobatch.output.outdir, "move_file", move)
     assert run(job, fake, None).exit_code == 1 and len(fake.requests) == 1  # nothing paid for the move
     assert (out / "sale" / "s1.png").read_bytes() == b"someone else's" and (out / "shoes" / "s1.png").is_file()
     assert latest(out)["s1"]["outputs"] == ["shoes/s1.png"]  # its record is as it was
@@ -390,7 +390,7 @@ def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
 ) -> None:
     # Its files go to a folder on another disk (a rename cannot: EXDEV, so they are copied); the item's second
     # file cannot be moved, so the first goes back where it was: its record, unchanged, still names it.
-    out = nanobatch.outdir.OutDir(tmp_path / "out")
+    out = nanobatch.output.outdir.OutDir(tmp_path / "out")
     (tmp_path / "out" / "old").mkdir(parents=True)
     (tmp_path / "out" / "old" / "s1.png").write_bytes(b"step 2")
     (tmp_path / "out" / "old" / "s1.step1.png").write_bytes(b"step 1")
@@ -409,7 +409,7 @@ def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
             raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
         real_link(src, dst)
 
-    real_write = nanobatch.outdir.atomic_write
+    real_write = nanobatch.output.outdir.atomic_write
 
     def write(path: Any, data: bytes, **options: Any) -> None:
         if str(path).endswith("step1.png"):
@@ -418,7 +418,7 @@ def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(nanobatch.outdir, "atomic_write", write)
+    monkeypatch.setattr(nanobatch.output.outdir, "atomic_write", write)
     moves = [("old/s1.png", "new/s1.png"), ("old/s1.step1.png", "new/s1.step1.png")]
     with pytest.raises(PermissionError):
         out.put([], moves, frozenset(), set())

@@ -10,8 +10,8 @@ import anyio
 import pytest
 from rich.console import Console
 
-from nanobatch.engine import RunStats
-from nanobatch.progress import LiveProgress, PlainProgress, describe
+from nanobatch.cli.progress import LiveProgress, PlainProgress, describe
+from nanobatch.run.stats import RunStats
 
 from .conftest import run_virtual
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from nanobatch.record import ErrorInfo, ItemRecord
+from nanobatch.output.record import ErrorInfo, ItemRecord
 
 # A two-step item's line as nanobatch wrote it before records were typed: every field, in its order.
 OLD_LINE = (

@@ -1,4 +1,4 @@
-"""nanobatch.report: report.html from results.jsonl (no browser; see test_report_browser.py)."""
+"""nanobatch.cli.report: report.html from results.jsonl (no browser; see test_report_browser.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from nanobatch.report import write_report
+from nanobatch.cli.report import write_report
 
 CARD_RE = re.compile(r'<article class="card [^"]*" data-status="([^"]*)" data-id="([^"]*)">')
 DATA_URI_RE = re.compile(r'<img src="data:image/jpeg;base64,([A-Za-z0-9+/=]+)"')
@@ -269,7 +269,7 @@ def test_empty_results_still_renders(tmp_path: Path) -> None:
 
 
 def test_cards_follow_the_manifest_order_not_the_order_items_finished(tmp_path: Path) -> None:
-    from nanobatch.cli import main
+    from nanobatch.cli.main import main
 
     (tmp_path / "job.yaml").write_text(
         "defaults:\n  instruction: a poster of a lemon\nitems:\n"

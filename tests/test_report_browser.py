@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from nanobatch.report import write_report
+from nanobatch.cli.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [

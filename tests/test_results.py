@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 import nanobatch
-from nanobatch.outdir import Journal, ResultsLog, atomic_write
-from nanobatch.record import ItemRecord
-from nanobatch.results import ResultsIndex, is_done, orphaned_requests, read_records
+from nanobatch.output.outdir import Journal, ResultsLog, atomic_write
+from nanobatch.output.record import ItemRecord
+from nanobatch.output.results import ResultsIndex, is_done, orphaned_requests, read_records
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +22,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, mo
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nanobatch.results.os.fsync", disk_full)
+    monkeypatch.setattr("nanobatch.output.results.os.fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         atomic_write(target, b"new picture, half written")
     assert target.read_bytes() == b"old picture"
@@ -112,7 +112,7 @@ def test_a_settled_request_is_not_possibly_charged_but_an_earlier_unanswered_try
 def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
     import anyio
 
-    from nanobatch.lock import RunLock
+    from nanobatch.output.lock import RunLock
 
     from .conftest import run_virtual
     from .fakes import FakeGemini, write_job
@@ -141,8 +141,8 @@ def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
 def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     import anyio
 
-    from nanobatch.lock import RunLock
-    from nanobatch.status import folder_status
+    from nanobatch.cli.status import folder_status
+    from nanobatch.output.lock import RunLock
 
     journal = Journal(tmp_path, "run1")
     journal.open()
@@ -179,8 +179,8 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     ],
 )  # fmt: skip
 def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> None:
-    from nanobatch.record import ItemRecord
-    from nanobatch.results import _line_row, _row
+    from nanobatch.output.record import ItemRecord
+    from nanobatch.output.results import _line_row, _row
 
     record = ItemRecord.from_json(line)
     assert _line_row(line) == (_row(record), record.files)

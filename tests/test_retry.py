@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import tenacity.wait
 
-from nanobatch._retry import RetryPolicy, retrying
+from nanobatch.api.retry import RetryPolicy, retrying
 from nanobatch.errors import ApiError, FatalApiError
 
 

@@ -11,8 +11,8 @@ import yaml
 
 import nanobatch
 from nanobatch.errors import ManifestError, Problem
-from nanobatch.manifest import WorkItem
-from nanobatch.sources import fill, template_fields
+from nanobatch.item import WorkItem
+from nanobatch.templates import fill, template_fields
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes, load
@@ -176,12 +176,12 @@ def test_a_sources_items_run_end_to_end(tmp_path: Path) -> None:
 def test_a_source_edited_during_a_run_sends_only_what_the_check_passed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import nanobatch.runner
+    import nanobatch.run.runner
 
     rows = "sku,background\nS1,white\nS2,grey\nS3,blue\n"
     images = ["photos/S1.jpg", "photos/S2.jpg", "photos/S3.jpg", "photos/S9.jpg"]
     path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, images)
-    real_check = nanobatch.runner.check_job
+    real_check = nanobatch.run.runner.check_job
 
     def check_then_edit(*args: Any, **kwargs: Any) -> Any:
         checked = real_check(*args, **kwargs)
@@ -189,7 +189,7 @@ def test_a_source_edited_during_a_run_sends_only_what_the_check_passed(
         (tmp_path / "catalog.csv").write_text("sku,background\nS1,white\nS2,\nS3,blue\nS9,red\nS1,red\n")
         return checked
 
-    monkeypatch.setattr(nanobatch.runner, "check_job", check_then_edit)
+    monkeypatch.setattr(nanobatch.run.runner, "check_job", check_then_edit)
     fake = FakeGemini()
     summary = run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
     # S1 and S3 were checked and are done; the broken S2 is skipped with an error (exit 1); the new rows wait.

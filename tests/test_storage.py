@@ -1,4 +1,4 @@
-"""nanobatch.storage against real S3 and Cloud Storage APIs on loopback (moto's server, gcp-storage-emulator)."""
+"""nanobatch.api.storage against real S3 and Cloud Storage APIs on loopback (moto's server, gcp-storage-emulator)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx2
 import pytest
 
-from nanobatch import storage
+from nanobatch.api import storage
 from nanobatch.errors import StorageError
 
 from .emulators import SECRET, Bucket

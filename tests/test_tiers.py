@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from nanobatch import models
-from nanobatch.cli import main
+from nanobatch.api.gemini import build_request
+from nanobatch.cli.main import main
 from nanobatch.config import load_settings
-from nanobatch.gemini import build_request
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
 from .fakes import manifest_problems, records, write_job

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import nanobatch
-import nanobatch.inputs
-from nanobatch import storage
+import nanobatch.inputs.load
+from nanobatch.api import storage
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 

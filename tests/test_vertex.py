@@ -12,9 +12,9 @@ from typing import Any
 import httpx2
 import pytest
 
+from nanobatch.api.vertex import VertexAuth, vertex_express_url, vertex_url
 from nanobatch.errors import ConfigError, FatalApiError
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
-from nanobatch.vertex import VertexAuth, vertex_express_url, vertex_url
 
 from .fakes import image_bytes, inline
 
@@ -304,7 +304,7 @@ _PUBLISHER = "projects/shop-123/locations/global/publishers/google/models/gemini
 def test_vertex_error_bodies_are_classified_with_vertex_hints(
     status: int, body: dict[str, Any], kind: str, hint: str | None
 ) -> None:
-    from nanobatch.gemini import classify_error
+    from nanobatch.api.gemini import classify_error
 
     error = classify_error(status, {}, json.dumps([{"error": body}]).encode())  # Vertex may wrap it in a list
 
@@ -321,7 +321,7 @@ def test_vertex_error_bodies_are_classified_with_vertex_hints(
 )  # fmt: skip
 def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, tier: str | None) -> None:
     from nanobatch import models
-    from nanobatch.gemini import parse_reply, sum_usage
+    from nanobatch.api.gemini import parse_reply, sum_usage
 
     from .fakes import ok_body
 

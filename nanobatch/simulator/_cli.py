@@ -8,7 +8,7 @@ from typing import Any, TypedDict, TypeVar
 
 import click
 
-from .._loopback import loopback_host
+from ..loopback import loopback_host
 from .config import BATCH_FAULT_KINDS, FAULT_KINDS, SimulatorConfig
 
 __all__ = ["FAULT_MIX", "LatencyOptions", "parse_batch_faults", "parse_fault_rates", "parse_latency", "simulate"]

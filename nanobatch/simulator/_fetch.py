@@ -8,7 +8,7 @@ import dataclasses
 
 import httpx2
 
-from .._loopback import loopback_url
+from ..loopback import loopback_url
 from .errors import InvalidRequest
 from .validation import ParsedRequest, open_image
 

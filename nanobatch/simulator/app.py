@@ -18,20 +18,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import ALIASES, MODELS, lifecycle, lookup
-
+from ..models import ALIASES, MODELS, lifecycle, lookup
 from ._fetch import fetch_files
 from ._oauth import TokenIssuer
 from .batch import BatchService
 from .config import SimulatorConfig
-from .errors import (
-    RATE_LIMITS_URL,
-    InvalidRequest,
-    SimulatedDrop,
-    google_error,
-    quota_failure,
-    retry_info,
-)
+from .errors import RATE_LIMITS_URL, InvalidRequest, SimulatedDrop, google_error, quota_failure, retry_info
 from .faults import DailyQuota, Draw, SlidingWindow, draw
 from .imaging import load_canned, render
 from .responses import Usage, blocked_body, finish_body, image_body, text_body

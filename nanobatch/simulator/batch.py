@@ -25,8 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from nanobatch.models import ModelInfo, lookup
-
+from ..models import ModelInfo, lookup
 from ._fetch import fetch_files
 from .config import SimulatorConfig
 from .errors import InvalidRequest, google_error

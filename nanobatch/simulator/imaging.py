@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
 
-from nanobatch.models import pixel_size
-
+from ..models import pixel_size
 from .errors import UNPROCESSABLE_IMAGE, InvalidRequest
 from .validation import InputImage, ParsedRequest
 

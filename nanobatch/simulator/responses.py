@@ -7,8 +7,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from nanobatch.models import INPUT_IMAGE_TOKENS
-
+from ..models import INPUT_IMAGE_TOKENS
 from .faults import Draw
 from .imaging import Rendered
 from .validation import ParsedRequest

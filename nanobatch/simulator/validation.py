@@ -17,8 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from nanobatch.models import ModelInfo
-
+from ..models import ModelInfo
 from .errors import UNPROCESSABLE_IMAGE, InvalidRequest
 
 __all__ = ["MAX_BODY_BYTES", "InputImage", "ParsedRequest", "open_image", "parse_request", "stand_in_image"]

@@ -1,0 +1,281 @@
+"""HTTP: one ``generateContent`` request through httpx2, errors translated to :class:`ApiError`.
+
+The API key lives here and only here: it goes into a request header and is
+redacted from every message that leaves this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import httpx2
+import orjson
+
+from ..errors import ApiError
+from .gemini import Reply, classify_error, parse_reply
+from .transport import ShardedTransport
+
+__all__ = [
+    "ApiClient",
+    "GeminiClient",
+    "api_error",
+    "auth_headers",
+    "http_errors",
+    "public_url",
+    "redact",
+    "redact_reply",
+    "redact_urls",
+    "scrubbed_error",
+]
+
+logger = logging.getLogger("nanobatch")
+
+_CONNECT_TIMEOUT_S = 20.0
+_WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
+
+
+class ApiClient:
+    """What :class:`GeminiClient` and :class:`~nanobatch.api.batch_api.BatchClient` share: one httpx2 client at
+    *base_url* carrying the key as *auth* says, used as an async context manager, and :attr:`where` to name it
+    in messages (no user name, password or query: a key could hide there)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        auth: str,
+        transport: httpx2.AsyncBaseTransport | None,
+        request_auth: httpx2.Auth | None = None,
+        **options: Any,
+    ) -> None:
+        self._secret = api_key
+        self._http = httpx2.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
+            follow_redirects=False, auth=request_auth, **options,
+        )  # fmt: skip
+        self.where = public_url(self._http.base_url).rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        """The whole base URL, credentials and all: for another client to the same endpoint, never for a message."""
+        return str(self._http.base_url).rstrip("/")
+
+    async def __aenter__(self) -> Self:
+        await self._http.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._http.__aexit__(exc_type, exc, tb)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class GeminiClient(ApiClient):
+    """An async client for ``POST {base_url}/{api_version}/models/{model}:generateContent``.
+
+    >>> async with GeminiClient(base_url="https://generativelanguage.googleapis.com",
+    ...                         api_key=key, auth="x-goog-api-key") as client:
+    ...     reply = await client.generate("gemini-nano-banana-2.1", body, timeout_s=300)
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        auth: str = "bearer",
+        api_version: str = "v1beta",
+        max_connections: int = 100,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        path_prefix: str | None = None,
+        request_auth: httpx2.Auth | None = None,
+    ) -> None:
+        """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
+        request (Vertex AI's OAuth2 bearer token)."""
+        self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
+        limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        if transport is None and not _proxy_configured():
+            transport = ShardedTransport(max_connections)
+        super().__init__(
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
+        )
+        # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
+        # every request (bench row "0 peers", small answers; bench/RESULTS.md).
+        self._urls: dict[str, httpx2.URL] = {}
+
+    async def list_models(self, *, page_size: int = 50, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Every entry of ``GET /{version}/models``, following ``nextPageToken`` across pages."""
+        entries: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(1000):  # a server that never stops paging is not followed forever
+            params: dict[str, Any] = {"pageSize": page_size, **({"pageToken": token} if token else {})}
+            with http_errors(self._secret, self.where):
+                response = await self._http.get(self._prefix.rstrip("/"), params=params, timeout=timeout_s)
+            if response.status_code != 200:
+                raise api_error(response, self._secret)
+            data = orjson.loads(response.content)
+            entries += [m for m in data.get("models", []) if isinstance(m, dict)]
+            token = data.get("nextPageToken") or None
+            if token is None:
+                break
+        return entries
+
+    async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
+        """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
+        content = orjson.dumps(body)  # compact, UTF-8; faster than json.dumps on big base64 strings: bench/RESULTS.md
+        timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
+        if (url := self._urls.get(model)) is None:
+            url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
+        with http_errors(self._secret, self.where):
+            response = await self._http.post(url, content=content, timeout=timeout)
+        if response.status_code == 200:
+            return redact_reply(parse_reply(response.content), self._secret)
+        raise api_error(response, self._secret)
+
+
+def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
+    """The headers every request to the API carries: JSON, our name, and the key as *auth* says."""
+    headers = {"Content-Type": "application/json", "User-Agent": "nanobatch"}
+    if api_key:
+        if auth == "x-goog-api-key":
+            headers["x-goog-api-key"] = api_key
+        else:
+            headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+@contextlib.contextmanager
+def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
+    """Translate httpx's failures to a retryable :class:`ApiError`, the key (and any URL's query) taken out of
+    the message.
+
+    A connection that could not be made names *where* and why, and is marked ``sent=False``: the request
+    never left, so it cost nothing.
+    """
+    try:
+        yield
+    except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
+        raise ApiError(
+            _scrub(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            kind="timeout" if isinstance(exc, httpx2.TimeoutException) else "connection",
+            retryable=True,
+            sent=False,
+        ) from None
+    except httpx2.TimeoutException as exc:
+        raise ApiError(
+            _scrub(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
+        ) from None
+    except httpx2.TransportError as exc:
+        raise ApiError(
+            _scrub(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
+        ) from None
+    except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
+        raise ApiError(
+            _scrub(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
+        ) from None
+
+
+def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
+    """The classified error for a non-200 *response* (its body already read), without the key."""
+    return scrubbed_error(response.status_code, response.headers, response.content, secret)
+
+
+def scrubbed_error(status: int, headers: Mapping[str, str], content: bytes, secret: str | None) -> ApiError:
+    """The classified error for an answer of *status* (:func:`~nanobatch.api.gemini.classify_error`), its message
+    without the key and without any URL's password, query or signature."""
+    error = classify_error(status, headers, content)
+    error.message = _scrub(error.message, secret)
+    error.args = (error.message,)
+    return error
+
+
+def public_url(url: str | httpx2.URL) -> str:
+    """*url* fit for a message or a log: without user name, password, query or fragment, where a key or a
+    signature hides (a pre-signed URL's ``X-Amz-Signature``, an Azure SAS ``sig``, a proxy's ``?key=``).
+
+    >>> public_url("https://user:s3cret@proxy.example/v1?key=abc")
+    'https://proxy.example/v1'
+    """
+    text = str(url)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # not a URL as urllib reads them (a bad IPv6 host): cut by hand
+        parts = urllib.parse.SplitResult("", "", text.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2], "", "")
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def redact_urls(text: str) -> str:
+    """*text* with every URL that carries a user name, password or query shown by :func:`public_url`: what a
+    server or a library says may echo the URL it was asked for, signature and all.
+
+    >>> redact_urls("cannot fetch https://b.example/a.png?X-Amz-Signature=f00d: 403")
+    'cannot fetch https://b.example/a.png: 403'
+    """
+    if "://" not in text:
+        return text
+    return _URL.sub(lambda m: public_url(m[0]) if "@" in m[0] or "?" in m[0] else m[0], text)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # not the sentence's punctuation
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "[redacted]") if secret else text
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    """A message fit to leave this module: no key, no URL's password, query or signature."""
+    return redact_urls(redact(text, secret))
+
+
+def redact_reply(reply: Reply, secret: str | None) -> Reply:
+    """The reply with the key taken out of everything it says in words: a proxy that echoes the
+    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
+    if not secret:
+        return reply
+    # parse_reply made each of these text (or None), whatever a proxy sent.
+    changes: dict[str, Any] = {
+        name: redact(value, secret)
+        for name in _REPLY_TEXT_FIELDS
+        if (value := getattr(reply, name)) is not None and secret in value
+    }
+    usage = orjson.dumps(reply.usage).decode()
+    if secret in usage:
+        changes["usage"] = orjson.loads(redact(usage, secret))
+    return dataclasses.replace(reply, **changes) if changes else reply
+
+
+def _connect_failure(exc: httpx2.HTTPError) -> str:
+    """Why a connection could not be made, in words (``connection refused``), from the OS error beneath *exc*."""
+    if isinstance(exc, httpx2.TimeoutException):
+        return f"no connection within {_CONNECT_TIMEOUT_S:g} s ({type(exc).__name__})"
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror):
+            return f"host name not found ({cause.strerror or cause})"
+        if isinstance(cause, OSError) and isinstance(cause.errno, int) and cause.errno > 0:
+            return os.strerror(cause.errno).lower()  # "connection refused", "network is unreachable"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
+
+
+def _proxy_configured() -> bool:
+    """httpx2 honours *_PROXY variables only for transports it builds itself: keep to one pool then."""
+    return any(name.lower() in ("http_proxy", "https_proxy", "all_proxy") for name in os.environ)

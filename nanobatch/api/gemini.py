@@ -1,0 +1,438 @@
+"""The Gemini ``generateContent`` wire protocol, as pure functions (no I/O).
+
+* :func:`build_request` makes the JSON body for one edit or generation.
+* :func:`parse_reply` turns a 200 body into a :class:`Reply`.
+* :func:`check_reply` says whether a reply is a result, blocked, or imageless.
+* :func:`classify_error` turns any other answer into an :class:`ApiError`,
+  deciding whether it is worth retrying and whether it should stop the run.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic_core
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from ..errors import ApiError, FatalApiError
+
+__all__ = [
+    "BLOCK_REASONS",
+    "FileRef",
+    "Image",
+    "Reply",
+    "build_request",
+    "check_reply",
+    "classify_error",
+    "parse_reply",
+    "reply_from",
+    "set_service_tier",
+    "sniff_mime",
+    "sum_usage",
+]
+
+# finishReason values that mean the output was withheld: retrying will not help.
+BLOCK_REASONS = frozenset(
+    {
+        "SAFETY",
+        "IMAGE_SAFETY",
+        "PROHIBITED_CONTENT",
+        "IMAGE_PROHIBITED_CONTENT",
+        "BLOCKLIST",
+        "SPII",
+        "RECITATION",
+        "IMAGE_RECITATION",
+    }
+)
+
+_EXTENSIONS = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/heic": "heic",
+    "image/heif": "heif",
+}
+# Every extension an answer's image can be saved under ("bin": a type not listed above).
+OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
+
+
+@dataclass(frozen=True, slots=True)
+class Image:
+    """Image bytes and their mime type."""
+
+    mime_type: str
+    data: bytes = field(repr=False)
+
+    @property
+    def extension(self) -> str:
+        return _EXTENSIONS.get(self.mime_type, "bin")
+
+
+@dataclass(frozen=True, slots=True)
+class FileRef:
+    """An input the API fetches itself: sent as ``{"fileData": {"mimeType", "fileUri"}}`` instead of its bytes."""
+
+    mime_type: str
+    uri: str = field(repr=False)  # a pre-signed URL's query is a credential: never in a log by way of repr
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """What a 200 answer carried. ``images`` are the final images only, never thinking drafts."""
+
+    images: tuple[Image, ...] = ()
+    text: str | None = None
+    finish_reason: str | None = None
+    finish_message: str | None = None
+    block_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    model_version: str | None = None
+    response_id: str | None = None
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type from its first bytes: PNG, JPEG, WEBP, HEIC/HEIF, GIF; None if unknown."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"):
+            return "image/heic"
+        if brand in (b"mif1", b"msf1", b"avif"):
+            return "image/avif" if brand == b"avif" else "image/heif"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
+
+
+def build_request(
+    instruction: str,
+    images: Sequence[Image | FileRef] = (),
+    *,
+    response_modalities: Sequence[str] = ("IMAGE",),
+    aspect_ratio: str | None = None,
+    image_size: str | None = None,
+    thinking_level: str | None = None,
+    service_tier: str | None = None,
+    output_format: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of a ``generateContent`` call: the instruction, then each image, in order (a
+    :class:`FileRef` by its URI, which the API fetches).
+
+    *service_tier* ``flex`` or ``priority`` sets the top-level ``serviceTier`` in lower case, as the official
+    google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
+    *output_format* ``png`` or ``jpeg`` sets ``imageConfig.imageOutputOptions.mimeType``, which only Vertex AI
+    takes (the SDK refuses it for the Gemini API).
+    """
+    parts: list[dict[str, Any]] = [{"text": instruction}]
+    for image in images:
+        if isinstance(image, FileRef):  # the wire shape of google-genai's Part.from_uri
+            parts.append({"fileData": {"mimeType": image.mime_type, "fileUri": image.uri}})
+        else:
+            parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
+    generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
+    image_config: dict[str, Any] = {
+        k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None
+    }
+    if output_format is not None:
+        image_config["imageOutputOptions"] = {"mimeType": f"image/{output_format}"}
+    if image_config:
+        generation["imageConfig"] = image_config
+    if thinking_level is not None:
+        generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
+    set_service_tier(body, service_tier)
+    return body
+
+
+def set_service_tier(body: dict[str, Any], service_tier: str | None) -> None:
+    """Make *body* ask for *service_tier* (see :func:`build_request`): standard or None leaves it out."""
+    body.pop("serviceTier", None)
+    if service_tier is not None and service_tier != "standard":
+        body["serviceTier"] = service_tier.lower()
+
+
+def parse_reply(body: bytes) -> Reply:
+    """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``."""
+    try:
+        data = _loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            f"the response body is not valid JSON ({len(body)} bytes; truncated?)",
+            kind="bad_response",
+            status_code=200,
+            retryable=True,
+        ) from None
+    if not isinstance(data, dict):
+        raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
+    return reply_from(data)
+
+
+def reply_from(data: dict[str, Any]) -> Reply:
+    """The answer in a parsed ``generateContent`` response (a 200 body, or a batch results line's ``response``)."""
+    images: list[Image] = []
+    texts: list[str] = []
+    candidates = data.get("candidates") or []
+    first = candidates[0] if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict) else {}
+    content = first.get("content") or {}
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if not isinstance(candidates, list) or not isinstance(content, dict) or not isinstance(parts or [], list):
+        raise ApiError(
+            "the response body is not a generateContent answer", kind="bad_response", status_code=200, retryable=True
+        )
+    for part in parts or []:
+        if not isinstance(part, dict) or part.get("thought"):
+            continue  # thinking parts, images included, are drafts: never the result
+        if isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        inline = part.get("inlineData") or part.get("inline_data")
+        if isinstance(inline, dict) and inline.get("data"):
+            images.append(_decode_image(inline))
+    feedback = data.get("promptFeedback") or {}
+    usage = data.get("usageMetadata")
+    return Reply(
+        images=tuple(images),
+        text="\n".join(texts) if texts else None,
+        finish_reason=_as_text(first.get("finishReason")),
+        finish_message=_as_text(first.get("finishMessage")),
+        block_reason=_as_text(feedback.get("blockReason")) if isinstance(feedback, dict) else None,
+        usage=usage if isinstance(usage, dict) else {},
+        model_version=_as_text(data.get("modelVersion")),
+        response_id=_as_text(data.get("responseId")),
+    )
+
+
+def _as_text(value: Any) -> str | None:
+    """A field Google sends as text, as text even when a proxy sends a number, a list or an object."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+# pydantic-core's base64 decoder (Rust): faster than base64.b64decode (bench/RESULTS.md, "Why the code is shaped
+# this way"), and it takes the str as it is (b64decode first copies it into bytes). Like the google-genai SDK, which
+# decodes with the same settings, it also takes the URL-safe alphabet and missing padding; anything else is an error.
+_BASE64 = TypeAdapter(bytes, config=ConfigDict(val_json_bytes="base64"))
+
+
+def _decode_image(inline: dict[str, Any]) -> Image:
+    data = inline["data"]
+    try:
+        if not isinstance(data, str):
+            raise TypeError(type(data).__name__)
+        raw = _BASE64.validate_strings(data)
+    except (ValidationError, TypeError):
+        raise ApiError("an image in the response is not valid base64", kind="bad_response", retryable=True) from None
+    # Trust the bytes over the label: proxies have been seen to send JPEG labelled PNG.
+    return Image(sniff_mime(raw) or str(inline.get("mimeType") or "application/octet-stream"), raw)
+
+
+def check_reply(reply: Reply) -> None:
+    """Raise if *reply* holds no usable image: ``blocked`` (final) or ``no_image`` (worth another try)."""
+    # Both the finishMessage and the model's own text can explain; keep each one that was sent.
+    said = " / ".join(dict.fromkeys(s for s in (reply.finish_message, reply.text) if s))
+    if reply.block_reason or (reply.finish_reason in BLOCK_REASONS):
+        reason = reply.block_reason or reply.finish_reason
+        detail = said
+        raise ApiError(
+            f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
+            kind="blocked",
+            status_code=200,
+            reply=reply,
+        )
+    if not reply.images:
+        detail = said or "no explanation given"
+        raise ApiError(
+            f"the answer has no image (finishReason {reply.finish_reason}): {detail}",
+            kind="no_image",
+            status_code=200,
+            retryable=True,
+            reply=reply,
+        )
+
+
+# (kind, retryable) for statuses that need no reading of the body.
+_BY_STATUS: dict[int, tuple[str, bool]] = {
+    408: ("timeout", True),
+    429: ("rate_limited", True),
+    500: ("server_error", True),
+    502: ("bad_gateway", True),
+    503: ("overloaded", True),
+    504: ("timeout", True),
+}
+_FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
+_HINTS = {
+    "auth": "check the API key and api.auth (bearer for APIYI, x-goog-api-key for Google)",
+    "permission": "check that the key may use this model and api.auth matches the endpoint",
+    "billing": "add credit or billing to the account",
+    "not_found": "check the model id and api.base_url / api.api_version",
+    "quota_exhausted": "the daily quota will not recover by waiting; run again tomorrow or raise the quota",
+    "location": "the API is not available from this location",
+}
+# Vertex AI's answers (its messages name aiplatform, its models "Publisher Model"): the same body shape,
+# but the fix is in Google Cloud credentials and settings, not in an API key.
+_VERTEX_HINTS = {
+    **_HINTS,
+    "auth": "check api.credentials_file, or the Application Default Credentials (gcloud auth application-default "
+    "login, GOOGLE_APPLICATION_CREDENTIALS)",
+    "permission": "the credentials need the Vertex AI User role (roles/aiplatform.user) in api.project, and the "
+    "Vertex AI API enabled there",
+    "not_found": "check the model id, api.project and api.location (not every model is served in every location)",
+    "location": "check that billing and the Vertex AI API are enabled in api.project, and api.location",
+}
+_VERTEX_MARKS = re.compile(r"aiplatform|Publisher Model|vertex-ai", re.IGNORECASE)
+
+
+def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
+    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page."""
+    data = _json_or_none(body)
+    message, status, details = _error_fields(data)
+    if message is None:
+        message = _plain_message(body)
+    retry_after = _retry_delay(details)
+    if retry_after is None:
+        retry_after = _retry_after_header(headers.get("retry-after"), now=now)
+
+    fatal_kind = _FATAL_STATUS.get(status_code)
+    if status_code == 400 and _mentions_invalid_key(message, details):
+        fatal_kind = "auth"
+    elif status_code == 400 and status == "FAILED_PRECONDITION":
+        fatal_kind = "location"
+    elif status_code == 429 and _daily_quota(details):
+        fatal_kind = "quota_exhausted"
+    if fatal_kind is not None:
+        hints = _VERTEX_HINTS if _from_vertex(message, details) else _HINTS
+        return FatalApiError(
+            f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
+        )
+    kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
+    if status_code >= 500 and status_code not in (501, 505):
+        kind, retryable = _BY_STATUS.get(status_code, ("server_error", True))
+    return ApiError(
+        f"HTTP {status_code}: {message}",
+        kind=kind,
+        status_code=status_code,
+        retryable=retryable,
+        retry_after=retry_after if retryable else None,
+    )
+
+
+def _from_vertex(message: str, details: list[dict[str, Any]]) -> bool:
+    """Whether an error body is Vertex AI's: its message or an ErrorInfo's domain names aiplatform."""
+    domains = " ".join(str(d.get("domain", "")) for d in _detail(details, "google.rpc.ErrorInfo"))
+    return bool(_VERTEX_MARKS.search(message) or _VERTEX_MARKS.search(domains))
+
+
+def _loads(body: bytes) -> Any:
+    """json.loads, through pydantic-core's parser first (the fastest on big answers: bench/RESULTS.md); json.loads
+    decides what it refuses (lone surrogates), so the same bodies parse."""
+    try:
+        return pydantic_core.from_json(body)
+    except ValueError:
+        return json.loads(body)
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+    """(message, status, details) from Google's ``{"error": {...}}`` or APIYI's ``{"status_code", "error"}``."""
+    if isinstance(data, list) and data:  # some Google endpoints wrap the error in a list
+        data = data[0]
+    if not isinstance(data, dict):
+        return None, None, []
+    error = data.get("error")
+    if isinstance(error, str):
+        return error, None, []
+    if not isinstance(error, dict):
+        message = data.get("message")
+        return (str(message) if message else None), None, []
+    details = [d for d in error.get("details") or [] if isinstance(d, dict)]
+    status = error.get("status") or error.get("type") or error.get("code")
+    message = error.get("message")
+    return (str(message) if message else None), (str(status) if status else None), details
+
+
+def _plain_message(body: bytes) -> str:
+    """A short readable message from a non-JSON body (a proxy's HTML page, say)."""
+    text = body.decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        text = title.group(1)
+    text = " ".join(re.sub(r"<[^>]+>", " ", text).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
+
+
+def _detail(details: list[dict[str, Any]], type_suffix: str) -> list[dict[str, Any]]:
+    return [d for d in details if str(d.get("@type", "")).endswith(type_suffix)]
+
+
+def _retry_delay(details: list[dict[str, Any]]) -> float | None:
+    for info in _detail(details, "google.rpc.RetryInfo"):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _retry_after_header(value: str | None, *, now: float | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _daily_quota(details: list[dict[str, Any]]) -> bool:
+    for failure in _detail(details, "google.rpc.QuotaFailure"):
+        for violation in failure.get("violations") or []:
+            names = " ".join(str(violation.get(k, "")) for k in ("quotaId", "quotaMetric", "subject"))
+            if re.search(r"per.?day|daily", names, re.IGNORECASE):
+                return True
+    return False
+
+
+def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
+    reasons = {str(d.get("reason")) for d in _detail(details, "google.rpc.ErrorInfo")}
+    return "API_KEY_INVALID" in reasons or "api key not valid" in message.lower()
+
+
+def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up several ``usageMetadata`` objects: counts field by field, ``*TokensDetails`` by modality; a word
+    (Vertex AI's ``trafficType``, ``serviceTier``) is kept where every answer said the same."""
+    if len(usages) == 1:
+        return dict(usages[0])
+    total: dict[str, Any] = {}
+    words = {name: value for name, value in usages[0].items() if isinstance(value, str)}
+    for usage in usages:
+        words = {name: value for name, value in words.items() if usage.get(name) == value}
+        for name, value in usage.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[name] = total.get(name, 0) + value
+            elif isinstance(value, list) and name.endswith("TokensDetails"):
+                by_modality: dict[str, int] = {d["modality"]: d["tokenCount"] for d in total.get(name, [])}
+                for d in value:
+                    if isinstance(d, dict) and "modality" in d:
+                        by_modality[d["modality"]] = by_modality.get(d["modality"], 0) + int(d.get("tokenCount") or 0)
+                total[name] = [{"modality": m, "tokenCount": n} for m, n in by_modality.items()]
+    return total | words

@@ -1,0 +1,136 @@
+"""What the CLI prints after ``validate`` and ``run``: the check's estimate and the run's summary (as text,
+or as one JSON log event)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from ..run.preflight import CheckResult
+    from ..run.runner import RunSummary
+
+__all__ = ["log_summary", "print_check", "print_models", "print_summary"]
+
+logger = logging.getLogger("nanobatch")
+
+
+def print_check(result: CheckResult) -> None:
+    rate = f", at most {result.requests_per_minute:g} requests/min" if result.requests_per_minute else ""
+    click.echo(f"{result.manifest}: OK")
+    click.echo(f"  items:     {result.items}")
+    click.echo(f"  requests:  {result.requests} (steps counted)")
+    click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
+    click.echo(
+        f"             about ${result.cost_standard_usd:.2f} at standard prices, "
+        f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"
+    )
+    if result.duration_s is None:
+        click.echo(
+            f"  duration:  the batch jobs' (most within hours, at most 24 h), {result.concurrency} requests "
+            "in open chunks at once; --batch-deadline sends what is not answered by then online"
+        )
+    else:
+        click.echo(f"  duration:  about {_duration(result.duration_s)} at concurrency {result.concurrency}{rate}")
+    if result.max_cost_usd is not None and result.cost_worst_usd > result.max_cost_usd:
+        click.echo(f"  budget:    ${result.max_cost_usd:.2f}: the run may stop before every item is done")
+    took, limit = result.duration_s, result.max_duration_s
+    if took is not None and limit is not None and took > limit:
+        click.echo(
+            f"  time:      limit {_duration(limit)}: the run will likely stop before every item "
+            "is done; the next run goes on from there"
+        )
+    click.echo(f"  output:    {result.out_dir}")
+    click.echo("Nothing was sent.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def print_summary(summary: RunSummary) -> None:
+    stats = summary.stats
+    last = summary.summary["last_run"]
+    err = summary.exit_code != 0
+    click.echo(
+        f"{summary.outcome}: {stats.ok} ok, {stats.failed} failed, {stats.blocked} blocked, "
+        f"{stats.skipped} already done; {stats.requests} requests, ${stats.cost_usd:.4f}",
+        err=err,
+    )
+    if summary.reason:
+        click.echo(f"reason: {summary.reason}", err=True)
+    tokens = last["tokens"]
+    if tokens:
+        click.echo(
+            "tokens: prompt {p}, output {c}, thinking {t}".format(
+                p=tokens.get("promptTokenCount", 0),
+                c=tokens.get("candidatesTokenCount", 0),
+                t=tokens.get("thoughtsTokenCount", 0),
+            )
+        )
+    latency = last["latency_s"]
+    if latency["p50"] is not None:
+        click.echo(f"latency: p50 {latency['p50']:.1f} s, p95 {latency['p95']:.1f} s, max {latency['max']:.1f} s")
+    if stats.retries:
+        click.echo("retries: " + ", ".join(f"{k} {v}" for k, v in stats.retries.most_common()))
+    for kind, count in stats.failures.most_common():
+        examples = ", ".join(stats.failure_examples.get(kind, []))
+        click.echo(f"  {kind}: {count} (e.g. {examples})", err=True)
+    out = summary.out_dir
+    click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
+
+
+def log_summary(summary: RunSummary) -> None:
+    """The summary as one JSON event (``"event": "summary"``): stderr stays JSON lines, whatever the outcome."""
+    stats = summary.stats
+    last = summary.summary["last_run"]
+    fields = {
+        "event": "summary",
+        "outcome": summary.outcome,
+        "reason": summary.reason,
+        "exit_code": summary.exit_code,
+        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "skipped": stats.skipped},
+        "requests": stats.requests,
+        "cost_usd": round(stats.cost_usd, 6),
+        "tokens": last["tokens"],
+        "latency_s": last["latency_s"],
+        "retries": dict(stats.retries),
+        "failures": {kind: {"count": n, "examples": stats.failure_examples.get(kind, [])}
+                     for kind, n in stats.failures.most_common()},
+        "out_dir": str(summary.out_dir),
+    }  # fmt: skip
+    level = logging.INFO if summary.exit_code == 0 else logging.WARNING
+    logger.log(
+        level,
+        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f",
+        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
+        extra={"fields": fields},
+    )  # fmt: skip
+
+
+def print_models(result: dict[str, Any]) -> None:
+    """``nanobatch models`` as text: a line per model, then what ``--live`` found."""
+    from .catalog import status_text
+
+    for row in result["models"]:
+        prices = "; ".join(
+            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
+            for tier, by_size in row["image_price_usd"].items()
+        )
+        click.echo(
+            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
+            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
+            f"served by {', '.join(row['backends'])}; {prices}"
+        )
+    if "live" in result:
+        found = result["live"]
+        click.echo(f"endpoint lists {len(found['listed'])} models")
+        click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
+        click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
+        click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))

@@ -1,0 +1,105 @@
+"""Showing a run while it goes: a live rich display on a terminal, plain lines elsewhere.
+
+Both read :class:`~nanobatch.run.engine.RunStats`, which the engine keeps current;
+neither changes the run. The CLI picks one; the library never shows anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import anyio
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+
+from ..run.stats import RunStats
+
+__all__ = ["LiveProgress", "PlainProgress", "describe"]
+
+
+class _Rate:
+    """Requests per minute over the last minute, from samples of the request counter."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def update(self, requests: int) -> float:
+        now = time.monotonic()
+        self._samples.append((now, requests))
+        while len(self._samples) > 2 and now - self._samples[0][0] > 60:
+            self._samples.popleft()
+        first_t, first_n = self._samples[0]
+        return (requests - first_n) / (now - first_t) * 60 if now - first_t >= 1 else 0.0
+
+
+def describe(stats: RunStats, rate: float) -> str:
+    """One line: outcomes, traffic, spend."""
+    limit = f" (limit {stats.rpm_limit:g})" if stats.rpm_limit else ""
+    window = f"/{stats.concurrency:.0f}" if stats.concurrency else ""
+    retries = sum(stats.retries.values())
+    tokens = stats.tokens.get("totalTokenCount", 0)
+    return (
+        f"ok {stats.ok} · failed {stats.failed} · blocked {stats.blocked} · skipped {stats.skipped} │ "
+        f"in flight {stats.in_flight}{window} · {rate:.0f} req/min{limit} · retries {retries} │ "
+        f"{tokens:,} tokens · ${stats.cost_usd:.2f}"
+    ) + _batch_jobs(stats)
+
+
+def _batch_jobs(stats: RunStats) -> str:
+    """`` │ batch jobs: 2 running, 1 pending (300/3000 answered)``, or nothing without open batch jobs."""
+    jobs = list(stats.batch_jobs.values())
+    if not jobs:
+        return ""
+    states: dict[str, int] = {}
+    for state, _answered, _requests in jobs:
+        states[state] = states.get(state, 0) + 1
+    answered, requests = sum(job[1] for job in jobs), sum(job[2] for job in jobs)
+    listed = ", ".join(f"{count} {state}" for state, count in states.items())
+    return f" │ batch jobs: {listed} ({answered}/{requests} answered)"
+
+
+class LiveProgress:
+    """A rich progress bar, redrawn twice a second; log lines print above it, never through it."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+
+    def log_handler(self) -> logging.Handler:
+        return RichHandler(console=self.console, show_path=False, show_time=False, markup=False)
+
+    async def run(self, stats: RunStats) -> None:
+        rate = _Rate()
+        columns = (
+            SpinnerColumn(),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.description}"),
+        )
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task("starting", total=stats.total or None)
+            try:
+                while True:
+                    line = describe(stats, rate.update(stats.requests))
+                    progress.update(task, completed=stats.done, total=stats.total or None, description=line)
+                    await anyio.sleep(0.5)
+            finally:
+                progress.update(task, completed=stats.done, description=describe(stats, rate.update(stats.requests)))
+
+
+class PlainProgress:
+    """A plain line every *interval_s* seconds, for logs and cron mail (no animation, no colour)."""
+
+    def __init__(self, interval_s: float, logger: logging.Logger | None = None) -> None:
+        self.interval_s = interval_s
+        self.logger = logger or logging.getLogger("nanobatch.progress")
+
+    async def run(self, stats: RunStats) -> None:
+        rate = _Rate()
+        while True:
+            await anyio.sleep(self.interval_s)
+            line = describe(stats, rate.update(stats.requests))
+            self.logger.info("progress: %d/%d done │ %s", stats.done, stats.total, line)

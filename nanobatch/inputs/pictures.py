@@ -1,0 +1,114 @@
+"""A cheap check that a picture can be decoded: headers and sizes, never a full decode.
+
+:func:`picture_problem`, on bytes in memory (a picture about to be sent): PNG by
+Pillow's ``verify`` (every chunk's CRC, through IEND); JPEG by its headers, then an
+EOI marker after the main image's start of scan (a truncated file has none; an EXIF
+thumbnail's own EOI, before the scan, does not count); WEBP by the RIFF header's size.
+:func:`file_problem`, on a file (``nanobatch validate``): its type (one Gemini takes), the same headers, and the
+end of the file only (a PNG ends with IEND, a JPEG with EOI), so that checking a
+catalog reads a few kilobytes per picture. HEIC/HEIF are not checked (Pillow cannot read them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from typing import BinaryIO
+
+from ..api.gemini import sniff_mime
+
+__all__ = ["ACCEPTED_TYPES", "file_problem", "picture_problem"]
+
+# What Gemini takes as an input image; anything else is refused before it is sent (and by validate).
+ACCEPTED_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+
+# Markers without a length field: SOI, EOI, RSTn, TEM.
+_STANDALONE = {0xD8, 0xD9, 0x01, *range(0xD0, 0xD8)}
+
+
+def picture_problem(data: bytes) -> str | None:
+    """Why *data* cannot be decoded as the picture it claims to be, or None (also for types not checked)."""
+    mime = sniff_mime(data)
+    if mime == "image/webp":
+        (riff_size,) = struct.unpack("<I", data[4:8])
+        return None if len(data) >= 8 + riff_size else _damaged("WEBP", "the file is shorter than its header says")
+    if problem := _open_problem(data, mime, verify=True):
+        return problem
+    if mime == "image/jpeg" and not _jpeg_scan_ends(data):
+        return _damaged("JPEG", "the image data stops before its end marker")
+    return None
+
+
+_HEAD_BYTES = 64  # enough to tell the type and a WEBP's size
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def file_problem(path: str) -> str | None:
+    """Why the picture at *path* cannot be decoded, reading its first and last bytes only; OSError if unreadable.
+
+    A JPEG that does not end with EOI (data appended after the image, as in motion photos) is read
+    whole and checked like :func:`picture_problem`.
+    """
+    with open(path, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - 16))
+        tail = f.read()
+        mime = sniff_mime(head)
+        if mime not in ACCEPTED_TYPES:
+            what = f"it is {mime}" if mime else "not a picture by its first bytes"
+            return f"it is not a PNG, JPEG, WEBP or HEIC/HEIF image ({what})"
+        f.seek(0)
+        if mime == "image/jpeg" and not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            return picture_problem(f.read())
+        if mime == "image/png" and not tail.endswith(_PNG_END):
+            return _damaged("PNG", "the file stops before its end chunk")
+        if mime == "image/webp" and len(head) >= 8:
+            (riff_size,) = struct.unpack("<I", head[4:8])
+            return None if size >= 8 + riff_size else _damaged("WEBP", "the file is shorter than its header says")
+        return _open_problem(f, mime, verify=False)  # Pillow reads only the headers it needs
+
+
+def _open_problem(source: bytes | BinaryIO, mime: str | None, *, verify: bool) -> str | None:
+    """What Pillow says opening (and, with *verify*, verifying) *source*; None for types not checked."""
+    if mime not in ("image/png", "image/jpeg"):
+        return None
+    from PIL import Image, UnidentifiedImageError  # only when a picture is checked: the CLI starts without Pillow
+
+    kind = "PNG" if mime == "image/png" else "JPEG"
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as picture:
+            if verify:
+                picture.verify()  # PNG: chunk CRCs; JPEG: nothing more than the headers read by open()
+    except UnidentifiedImageError:
+        return _damaged(kind, "its headers cannot be read")
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
+        return _damaged(kind, str(exc) or type(exc).__name__)
+    except Image.DecompressionBombError as exc:
+        return f"it cannot be decoded: {exc}"
+    return None
+
+
+def _damaged(kind: str, detail: str) -> str:
+    return f"it cannot be decoded (a {kind} whose data is damaged or cut short: {detail})"
+
+
+def _jpeg_scan_ends(data: bytes) -> bool:
+    """True if an EOI marker follows the first start-of-scan of the main image (segments walked by length)."""
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xDA:  # start of scan: entropy-coded data, where 0xFF 0xD9 appears only as EOI
+            return data.find(b"\xff\xd9", pos + 2 + length) != -1
+        pos += 2 + length
+    return False

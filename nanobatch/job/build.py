@@ -1,0 +1,222 @@
+"""One :class:`WorkItem` from an item's merged fields: every problem with them, its inputs found and checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .. import models
+from ..api.storage import is_bucket_url
+from ..errors import Problem
+from ..inputs.pictures import file_problem
+from ..item import WorkItem
+from ..output.names import name_length_problem, output_name, text_problem
+from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, ItemFields
+from .sources import RawItem
+
+__all__ = ["SCHEME", "PictureCheck", "build_item"]
+
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_MODALITIES = {"IMAGE", "TEXT"}
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def build_item(
+    f: ItemFields, given: dict[str, Any], raw: RawItem, *, model: str, base: str, check_files: bool | PictureCheck
+) -> tuple[WorkItem | None, list[Problem]]:
+    """The item *f* (merged with the defaults; *given*: its fields that are set) of *raw*, or every problem
+    with it. *model*: the manifest's, for an item that names none; *base*: the folder inputs resolve against.
+    *check_files* may also read the pictures to check them."""
+    problems: list[Problem] = []
+
+    def bad(fld: str | None, message: str) -> None:
+        problems.append(Problem(raw.file, raw.label, fld, message))
+
+    for name, value in given.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (message := text_problem(text)):
+                bad(name, message)
+    steps = _steps(f, bad)
+    model = f.model or model
+    inputs, total = _inputs(f, base, check_files, bad)
+    # Together only: one picture too big is reported once, as itself.
+    if total > models.MAX_TOTAL_INPUT_BYTES and not f.resize_inputs and not problems and len(inputs) > 1:
+        bad("images", (
+            f"the item's pictures take {total / models.MB:.1f} MB together, but one request can carry at most "
+            f"{models.MAX_TOTAL_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale them"
+        ))  # fmt: skip
+    modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
+    if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
+        bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
+    _check_model_limits(f, models.lookup(model), len(inputs), bad)
+    output = _output(f, raw, bad)
+    output_format = (f.output_format or "").lower().replace("jpg", "jpeg") or None
+    if output_format not in (None, "png", "jpeg"):
+        bad("output_format", f"must be png or jpeg, not {f.output_format!r}")
+    if problems:
+        return None, problems
+    assert f.id is not None
+    return WorkItem(
+        id=f.id,
+        model=model,
+        inputs=tuple(inputs),
+        steps=steps,
+        aspect_ratio=f.aspect_ratio,
+        image_size=f.image_size,
+        response_modalities=modalities,
+        thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
+        tier=f.tier.lower() if f.tier is not None else None,
+        output=output,
+        keep_steps=bool(f.keep_steps),
+        resize_inputs=bool(f.resize_inputs),
+        input_mode=f.inputs.lower() if f.inputs is not None else None,
+        output_format=output_format,
+    ), []
+
+
+def _steps(f: ItemFields, bad: Callable[[str | None, str], None]) -> tuple[str, ...]:
+    """The item's instructions, in order; its id and how it gives images and instructions checked."""
+    if f.id is None:
+        bad("id", "every item needs an id (ASCII letters, digits, '.', '_' and '-')")
+    elif not _ID.fullmatch(f.id):
+        bad("id", (
+            f"{f.id!r} is not a valid id: use ASCII letters (a-z, A-Z), digits, '.', '_' and '-', "
+            "not starting with '.' or '-'"
+        ))  # fmt: skip
+    if f.image is not None and f.images is not None:
+        bad("images", "give either image or images, not both")
+    if f.instruction is not None and f.steps is not None:
+        bad("steps", "give either instruction or steps, not both")
+    steps = tuple(f.steps) if f.steps is not None else ((f.instruction,) if f.instruction is not None else ())
+    if not steps or any(not s.strip() for s in steps):
+        bad("instruction", "no instruction: set instruction (or steps) on the item or in defaults")
+    return steps
+
+
+def _inputs(
+    f: ItemFields, base: str, check_files: bool | PictureCheck, bad: Callable[[str | None, str], None]
+) -> tuple[list[str], int]:
+    """The item's inputs, resolved, and their size together (as far as known)."""
+    inputs: list[str] = []
+    total = 0
+    for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
+        fld = "image" if f.image is not None else f"images[{n}]"
+        resolved, message, size = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
+        if message:
+            bad(fld, message)
+        inputs.append(resolved)
+        total += size
+    return inputs, total
+
+
+def _output(f: ItemFields, raw: RawItem, bad: Callable[[str | None, str], None]) -> str | None:
+    """The item's output name, its template filled (None: named after its id); either checked to fit."""
+    output = None
+    if f.output is not None and f.id is not None:
+        output, message = output_name(f.output, f.id, raw.context)
+        if message:
+            bad("output", message)
+        elif output is not None and (message := name_length_problem(output)):
+            bad("output", message)
+    elif f.id is not None and _ID.fullmatch(f.id) and (message := name_length_problem(f.id)):
+        bad("id", f"{message}; give a shorter id, or an output name")
+    return output
+
+
+def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
+    level = f.thinking_level
+    if level is not None and level.lower() not in THINKING_LEVELS:
+        bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if f.inputs is not None and f.inputs.lower() not in INPUT_MODES:
+        bad("inputs", f"{f.inputs!r} is not a way to send inputs; choose one of {', '.join(INPUT_MODES)}")
+    if f.tier is not None and f.tier.lower() not in models.TIERS:  # the sync tiers, and batch for every model
+        bad("tier", f"{f.tier!r} is not a service tier; choose one of {', '.join(models.TIERS)}")
+    if info is None:
+        return
+    if f.tier is not None and f.tier.lower() in SYNC_TIERS and f.tier.lower() not in info.tiers:
+        bad("tier", f"{info.id} is not sold in the {f.tier.lower()} tier; choose one of {', '.join(info.tiers)}")
+    if f.aspect_ratio is not None and f.aspect_ratio not in info.aspect_ratios:
+        choices = ", ".join(info.aspect_ratios)
+        bad("aspect_ratio", f"{info.id} does not support {f.aspect_ratio!r}; choose one of {choices}")
+    if f.image_size is not None:
+        if not info.image_sizes:
+            bad("image_size", f"{info.id} takes no image_size (sending one fails); remove it")
+        elif f.image_size not in info.image_sizes:
+            choices = ", ".join(info.image_sizes)
+            bad("image_size", f"{info.id} does not support {f.image_size!r}; choose one of {choices}")
+    if n_inputs > info.max_input_images:
+        bad("images", f"{n_inputs} images, but {info.id} takes at most {info.max_input_images}")
+    if f.thinking_level is not None and not info.supports_thinking:
+        bad("thinking_level", f"{info.id} has no thinking level; remove it")
+
+
+def _resolve_input(
+    ref: str, base: str, *, check_files: bool | PictureCheck, resize: bool = False
+) -> tuple[str, str | None, int]:
+    """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and its size
+    (0 when unknown: a URL, or files not checked). *check_files* may also read the picture to check it."""
+    if not ref.strip():
+        return ref, "the image path is empty", 0
+    if SCHEME.match(ref):
+        if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
+            return ref, None, 0  # checked by validate (nanobatch.inputs.remote), in batches, not one by one here
+        return ref, (
+            f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
+            "are supported"
+        ), 0
+    # os.path rather than pathlib: this runs once per input of every item.
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
+    if check_files:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # ValueError: a NUL in the path
+            st = None
+        if st is None:
+            return path, f"image file not found: {path}", 0
+        if not stat.S_ISREG(st.st_mode):
+            mode = st.st_mode
+            kind = (
+                "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            )  # fmt: skip
+            return path, f"{path} is not a regular file ({kind}); an image must be a file", 0
+        size = st.st_size
+        if size > models.MAX_INPUT_BYTES and not resize:
+            return (
+                path,
+                (
+                    f"{path} is {size / models.MB:.1f} MB, but an input image can be at most "
+                    f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, "
+                    "or make it smaller"
+                ),
+                size,
+            )
+        if isinstance(check_files, PictureCheck) and (message := check_files(path)):
+            return path, f"{path}: {message}", size
+        return path, None, size
+    return path, None, 0
+
+
+class PictureCheck:
+    """Reads a local picture and says why it cannot be decoded; a picture many items share is read once."""
+
+    def __init__(self, remember: int = 256) -> None:
+        self._seen: OrderedDict[str, str | None] = OrderedDict()
+        self._remember = remember
+
+    def __call__(self, path: str) -> str | None:
+        if path in self._seen:
+            self._seen.move_to_end(path)
+            return self._seen[path]
+        try:
+            message = file_problem(path)
+        except OSError as exc:
+            message = f"cannot be read: {exc.strerror or exc}"
+        self._seen[path] = message
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        return message

@@ -1,0 +1,263 @@
+"""The check of a whole manifest: every problem of every item, and what items would clash over in the output
+folder (ids, output names, inputs written over, names leading out of it)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import models
+from ..errors import Problem
+from ..item import IMAGE_SUFFIXES, WorkItem
+from ..output.names import image_folders, item_stems
+from ..scratch import scratch_db
+from .build import SCHEME
+from .sources import RawItem
+
+__all__ = ["MAX_PROBLEMS", "CheckReport", "check_items"]
+
+logger = logging.getLogger("nanobatch")
+
+# Beyond this many, check() lists no more problems (a broken template in a million-row CSV).
+MAX_PROBLEMS = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckReport:
+    """What :meth:`Manifest.check` found: totals for estimates, and every problem."""
+
+    items: int
+    requests: int
+    problems: list[Problem]
+
+
+class _Claims:
+    """What the items met so far have taken, in a scratch SQLite database (100,000 items do not stay in
+    memory): their ids, and the output names they write (before the extension), so that no item
+    overwrites another's image.
+
+    Output names caught: the same name (``output`` templates that meet), a kept step's name
+    (``shirt.step1``) that is another item's name, and a folder named like another item's image
+    (``b.png/{id}`` beside item ``b``). Not caught: ``<stem>-2`` for a second image in one answer,
+    which no check can foresee. Keys are bytes: text that is not valid UTF-8 is reported elsewhere.
+    """
+
+    def __init__(self) -> None:
+        self._db = scratch_db(
+            "CREATE TABLE ids (id BLOB PRIMARY KEY) WITHOUT ROWID;"
+            "CREATE TABLE names (name BLOB PRIMARY KEY, owner TEXT, what TEXT) WITHOUT ROWID;"
+            "CREATE TABLE folders (name BLOB, owner TEXT); CREATE INDEX folders_by_name ON folders (name);"
+            # Real places (symbolic links followed) of what items write and of the local inputs in the output
+            # folder, without the image extension: see claim_places().
+            "CREATE TABLE writes (place BLOB PRIMARY KEY, owner TEXT) WITHOUT ROWID;"
+            "CREATE TABLE reads (place BLOB PRIMARY KEY, owner TEXT, path TEXT) WITHOUT ROWID;"
+        )
+        self._db.execute("BEGIN")  # never committed: the tables are thrown away
+
+    def add_id(self, item_id: str) -> bool:
+        """Note *item_id*; False if it was already there."""
+        try:
+            self._db.execute("INSERT INTO ids VALUES (?)", (_key(item_id),))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def claim_outputs(self, item: WorkItem) -> str | None:
+        """Note what *item* writes; why it cannot, if another item got there first."""
+        for stem, step in item_stems(item):
+            name = stem.replace(os.sep, "/")
+            what = "its image" if step is None else f"its step {step}"
+            key = _key(name)
+            try:
+                self._db.execute("INSERT INTO names VALUES (?, ?, ?)", (key, item.id, what))
+            except sqlite3.IntegrityError:
+                owner, theirs = self._db.execute("SELECT owner, what FROM names WHERE name = ?", (key,)).fetchone()
+                return f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the other"
+            row = self._db.execute("SELECT owner FROM folders WHERE name = ? LIMIT 1", (key,)).fetchone()
+            if row is not None:
+                return f"{what} would be {name}.<type>, a file where item {row[0]!r} needs a folder"
+        for folder, image in image_folders(item.stem):
+            key = _key(image)
+            row = self._db.execute("SELECT owner FROM names WHERE name = ?", (key,)).fetchone()
+            if row is not None:
+                return f"its folder {folder!r} may be the name of item {row[0]!r}'s image"
+            self._db.execute("INSERT INTO folders VALUES (?, ?)", (key, item.id))
+        return None
+
+    def claim_places(self, item: WorkItem, places: _Places) -> tuple[str, str] | None:
+        """The field and problem if *item* would write over an input of the job (its own or another item's),
+        or has an input where an item writes; None if not. A run must never write over what it reads."""
+        db = self._db
+        field = "output" if item.output else "id"
+        for n, path in enumerate(item.inputs):
+            for place in places.of_input(path):
+                db.execute("INSERT OR IGNORE INTO reads VALUES (?, ?, ?)", (place, item.id, path))
+                row = db.execute("SELECT owner FROM writes WHERE place = ?", (place,)).fetchone()
+                if row is not None:  # an earlier item's (its own: below)
+                    where = "image" if len(item.inputs) == 1 else f"images[{n}]"
+                    return where, f"the image of item {row[0]!r} would be written over this input, {path}"
+        for stem, _ in item_stems(item):
+            if (spot := places.of_output(stem)) is None:
+                continue
+            db.execute("INSERT OR IGNORE INTO writes VALUES (?, ?)", (spot, item.id))
+            if row := db.execute("SELECT owner, path FROM reads WHERE place = ?", (spot,)).fetchone():
+                whose = "its own input" if row[0] == item.id else f"an input of item {row[0]!r}"
+                return field, f"its image would be written over {row[1]}, {whose}: choose another output folder or name"
+        return None
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Places:
+    """Where files really are, for :meth:`_Claims.claim_places`: the real folder (symbolic links followed) and
+    the file name without an image extension (an output's extension follows the returned image's type)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        self.root = os.path.realpath(out_dir)
+        self._inside = self.root.rstrip(os.sep) + os.sep
+        self._real: dict[str, str | None] = {}  # by folder: most items share a handful
+
+    def of_output(self, stem: str) -> bytes | None:
+        folder, name = os.path.split(os.path.join(self.out_dir, stem))
+        return self._place(folder, name)
+
+    def of_input(self, path: str) -> list[bytes]:
+        """Where a write would replace the local input *path* or its content: its name, and the file it links
+        to (if it is a symbolic link); only those in the output folder with an image extension (the others are
+        never written)."""
+        if SCHEME.match(path):
+            return []
+        paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
+        places = []
+        for each in paths:
+            folder, name = os.path.split(each)
+            name, suffix = os.path.splitext(name)
+            if suffix.lower() in IMAGE_SUFFIXES and (place := self._place(folder, name)) is not None:
+                places.append(place)
+        return places
+
+    def _place(self, folder: str, name: str) -> bytes | None:
+        if folder not in self._real:
+            if len(self._real) > 10_000:
+                self._real.clear()
+            real = os.path.realpath(folder)
+            self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
+        found = self._real[folder]
+        return None if found is None else _key(os.path.join(found, name))
+
+
+def _key(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _id_of(raw: RawItem) -> str | None:
+    value = raw.fields.get("id") if raw.fields is not None else None
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+class _Problems:
+    """Every problem up to :data:`MAX_PROBLEMS`, then only a count."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.kept: list[Problem] = []
+        self.found = 0
+
+    def add(self, problem: Problem) -> None:
+        self.found += 1
+        if len(self.kept) < MAX_PROBLEMS:
+            self.kept.append(problem)
+
+    def extend(self, problems: list[Problem]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    def listed(self) -> list[Problem]:
+        if self.found <= len(self.kept):
+            return self.kept
+        more = f"... and {self.found - len(self.kept)} more problems, not listed: fix these and validate again"
+        return [*self.kept, Problem(str(self.path), None, None, more)]
+
+
+class _Confinement:
+    """Whether an output name stays inside the output folder once symbolic links are followed."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.root = out_dir.resolve()
+        self.out_dir = out_dir
+        self.verdicts: dict[str, str | None] = {}  # by parent folder: most items share a handful
+
+    def check(self, name: str) -> str | None:
+        parent = os.path.dirname(name)
+        if not parent:
+            return None
+        if parent not in self.verdicts:
+            if len(self.verdicts) > 10_000:
+                self.verdicts.clear()
+            resolved = (self.root / parent).resolve()
+            inside = resolved == self.root or resolved.is_relative_to(self.root)
+            self.verdicts[parent] = (
+                None
+                if inside
+                else (f"{name!r} leads out of the output folder {self.out_dir} (through a symbolic link to {resolved})")
+            )
+        return self.verdicts[parent]
+
+
+def check_items(
+    path: Path,
+    raw_items: Iterator[RawItem],
+    resolve: Callable[[RawItem], tuple[WorkItem | None, list[Problem]]],
+    *,
+    visit: Callable[[WorkItem], None] | None = None,
+    out_dir: Path | None = None,
+) -> CheckReport:
+    """Resolve each of *raw_items* (of the manifest at *path*) with *resolve*, collecting every problem: each
+    item's own, and what items clash over. Only ids and output names are kept, in a scratch database."""
+    problems = _Problems(path)
+    with contextlib.closing(_Claims()) as claims:
+        count = requests = 0
+        warned: set[str] = set()
+        confine = _Confinement(out_dir) if out_dir is not None else None
+        places = _Places(out_dir) if out_dir is not None else None
+        for raw in raw_items:
+            item, found = resolve(raw)
+            problems.extend(found)
+            # A bad item's id still counts: its duplicate is a problem of its own.
+            item_id = item.id if item is not None else _id_of(raw)
+            if item_id is not None and not claims.add_id(item_id):
+                problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
+                continue
+            if item is None:
+                continue
+            for problem in _clashes(item, raw.file, claims, confine, places):
+                problems.add(problem)
+            if models.lookup(item.model) is None and item.model not in warned:
+                warned.add(item.model)
+                logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", item.model)
+            if visit is not None:
+                visit(item)
+            count += 1
+            requests += len(item.steps)
+    if count == 0 and not problems.found:
+        problems.add(Problem(str(path), None, "items", "the manifest and its sources yield no items"))
+    return CheckReport(items=count, requests=requests, problems=problems.listed())
+
+
+def _clashes(
+    item: WorkItem, file: str, claims: _Claims, confine: _Confinement | None, places: _Places | None
+) -> Iterator[Problem]:
+    """What is wrong with where *item* writes: over another item's output, out of the folder, over an input."""
+    if message := claims.claim_outputs(item):
+        yield Problem(file, item.id, "output" if item.output else "id", message)
+    if confine is not None and item.output is not None and (message := confine.check(item.output)):
+        yield Problem(file, item.id, "output", message)
+    if places is not None and (clash := claims.claim_places(item, places)):
+        yield Problem(file, item.id, *clash)

@@ -1,0 +1,59 @@
+"""A source file's lines, decoded one at a time so that a byte that is not UTF-8 is named by its line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO
+
+from ..api import storage
+from ..errors import StorageError
+
+__all__ = ["NotUtf8Line", "Utf8Lines"]
+
+
+class NotUtf8Line(ValueError):
+    """A line of a source file holds a byte that is not UTF-8."""
+
+    def __init__(self, line: int, byte: int) -> None:
+        super().__init__(f"line {line} is not UTF-8 text (byte {byte:#04x})")
+        self.line = line
+        self.byte = byte
+
+
+class Utf8Lines:
+    """A source file's lines, each decoded as it is read (a UTF-8 BOM is dropped), so that a byte that is
+    not UTF-8 is reported with its line number rather than an offset in a buffer."""
+
+    def __init__(self, path: Path | str) -> None:
+        if isinstance(path, str):  # a bucket URL: read in blocks as the lines are consumed
+            try:
+                self._file: BinaryIO = storage.open_read(path)
+            except StorageError as exc:
+                raise OSError(str(exc).removeprefix(f"{path}: ")) from None
+        else:
+            self._file = path.open("rb")
+        self.line = 0
+
+    def __iter__(self) -> Utf8Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self._file.readline()
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        if self.line == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotUtf8Line(self.line, raw[exc.start]) from None
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Utf8Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""Job manifests: a YAML file -> a validated stream of :class:`WorkItem`.
+
+The YAML document itself is parsed once, but items are resolved one at a time
+as they are consumed, from ``items:`` and then from each ``items_from:`` source
+(CSV, JSONL, glob; see :mod:`nanobatch.job.sources`), which are read as streams:
+no image is read, no request is built and no catalog is loaded whole here. A
+run first walks the whole stream with :meth:`Manifest.check` (which stats each
+input file and collects every problem, not just the first, keeping only the set
+of ids) and sends nothing unless it is clean.
+
+Here: reading the file and its top level, and the stream of items. An item's fields and :class:`WorkItem`
+are in :mod:`nanobatch.job.fields`, building one item in :mod:`nanobatch.job.build`, the whole check in
+:mod:`nanobatch.job.check`, and output names in :mod:`nanobatch.output.names`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from ..errors import ManifestError, Problem, not_utf8
+from ..item import IMAGE_SUFFIXES, WorkItem
+from ..output.names import plain_name_problem, template_problems
+from ..safe_yaml import load_yaml
+from .build import PictureCheck, build_item
+from .check import MAX_PROBLEMS, CheckReport, check_items
+from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, ManifestFields, from_pydantic, parse_fields
+from .sources import GlobSource, InlineSource, RawItem, Source, parse_sources
+
+# The manifest's own names, and (as before the split into fields, build, check and names) those of its parts.
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PROBLEMS",
+    "SYNC_TIERS",
+    "THINKING_LEVELS",
+    "CheckReport",
+    "ItemFields",
+    "Manifest",
+    "ManifestFields",
+    "WorkItem",
+    "load_manifest",
+]
+
+logger = logging.getLogger("nanobatch")
+
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """A loaded manifest. Iterate :meth:`items` for the work, :meth:`check` to validate it all."""
+
+    path: Path
+    name: str
+    model: str
+    output_dir: Path | None
+    defaults: ItemFields
+    sources: tuple[Source, ...] = field(default=(), repr=False)
+    # Worked out once, not once per item: the absolute folder inputs resolve against, the defaults as a dict.
+    _base: str = field(init=False, repr=False, compare=False)
+    _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
+        object.__setattr__(self, "_defaults", _given(self.defaults))
+
+    def skipping(self, out_dir: Path) -> Manifest:
+        """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
+        folder = os.path.abspath(out_dir)
+        sources = tuple(
+            dataclasses.replace(s, skip_dir=folder) if isinstance(s, GlobSource) else s for s in self.sources
+        )
+        return dataclasses.replace(self, sources=sources)
+
+    def items(
+        self,
+        *,
+        check_files: bool = True,
+        on_problem: Callable[[list[Problem]], None] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[WorkItem]:
+        """The work items in manifest order, read lazily; raises :class:`ManifestError` at the first bad one,
+        or, with *on_problem*, hands it the bad item's problems and goes on with the next. *limit*: read no
+        more than that many items (good or bad)."""
+        for raw in itertools.islice(self._raw_items(), limit):
+            item, problems = self._resolve(raw, check_files=check_files)
+            if problems:
+                if on_problem is None:
+                    raise ManifestError(problems)
+                on_problem(problems)
+                continue
+            assert item is not None
+            yield item
+
+    def check(
+        self,
+        *,
+        check_files: bool = True,
+        visit: Callable[[WorkItem], None] | None = None,
+        out_dir: Path | None = None,
+        decode: bool = False,
+    ) -> CheckReport:
+        """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
+
+        Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
+        output names are also checked not to lead out of it through a symbolic link, nor onto an input. With
+        *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode).
+        """
+        files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
+        return check_items(
+            self.path,
+            self._raw_items(),
+            lambda raw: self._resolve(raw, check_files=files),
+            visit=visit,
+            out_dir=out_dir,
+        )
+
+    def _raw_items(self) -> Iterator[RawItem]:
+        for source in self.sources:
+            yield from source.raw_items()
+
+    def _resolve(
+        self, raw: RawItem, *, check_files: bool | PictureCheck = True
+    ) -> tuple[WorkItem | None, list[Problem]]:
+        if raw.problems or raw.fields is None:
+            return None, list(raw.problems)
+        fields, problems = parse_fields(raw.fields, raw.file, raw.label)
+        if fields is None:
+            return None, problems
+        merged = _merge(self._defaults, fields)
+        return build_item(merged, _given(merged), raw, model=self.model, base=self._base, check_files=check_files)
+
+
+def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manifest:
+    """Read and check the top level of a manifest and its sources; items are resolved later, one by one."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    if isinstance(data.get("items_from"), dict):
+        data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
+    try:
+        top = ManifestFields.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError([from_pydantic(file, None, err, ManifestFields) for err in exc.errors()]) from None
+    defaults, problems = parse_fields(top.defaults, file, None, where="defaults")
+    if top.name is not None and (message := plain_name_problem(top.name)):
+        problems.append(Problem(file, None, "name", message))
+    if defaults is not None and defaults.id is not None:
+        problems.append(Problem(file, None, "defaults.id", "defaults cannot set an id"))
+    if defaults is not None and defaults.output is not None:
+        problems += [Problem(file, None, "defaults.output", m) for m in template_problems(defaults.output)]
+    sources: list[Source] = [InlineSource(items=top.items, file=file)] if top.items else []
+    if top.items_from:
+        found, source_problems = parse_sources(
+            top.items_from,
+            manifest_file=file,
+            base_dir=path.parent,
+            item_fields=list(ItemFields.model_fields),
+            default_output=defaults.output if defaults is not None else None,
+        )
+        sources += found
+        problems += source_problems
+    if not top.items and not top.items_from:
+        problems.append(Problem(file, None, "items", "the manifest lists no items: give items:, items_from:, or both"))
+    if problems:
+        raise ManifestError(problems)
+    assert defaults is not None
+    return Manifest(
+        path=path,
+        name=top.name or path.stem,
+        model=top.model or default_model,
+        output_dir=(path.parent / top.output_dir) if top.output_dir else None,
+        defaults=defaults,
+        sources=tuple(sources),
+    )
+
+
+def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
+    data = dict(defaults)
+    own = _given(item)
+    # An item's own image(s) or instruction(s) replace the defaults' as a whole.
+    if "image" in own or "images" in own:
+        data.pop("image", None)
+        data.pop("images", None)
+    if "instruction" in own or "steps" in own:
+        data.pop("instruction", None)
+        data.pop("steps", None)
+    data.update(own)
+    return ItemFields.model_validate(data)
+
+
+def _given(fields: ItemFields) -> dict[str, Any]:
+    return fields.model_dump(exclude_none=True)

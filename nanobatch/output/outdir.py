@@ -1,0 +1,455 @@
+"""The output folder: the one object that writes into it, and the rules about it.
+
+:class:`OutDir` is checked once (:meth:`OutDir.check`), held with its lock (:meth:`OutDir.hold`), and then
+passed on: the writer puts images through it and appends to its ``results.jsonl``, the workers note
+requests in its ``journal.jsonl``, the runner replaces its ``summary.json``. The rules: nanobatch's own
+files (``names.RESERVED_FILES``, names starting with ``names.RESERVED_PREFIX``) are never an output name
+(``names.reserved_name_problem``); a glob never reads the folder's own results (``Manifest.skipping``
+hands it :attr:`OutDir.path`).
+
+Durability rules: an image is written to a temporary file and renamed into place before its record is
+appended; each batch of records is written, flushed and fsync'ed; ``summary.json`` is replaced
+atomically. A torn last line (the process died mid-write) is cut off when the file is opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import orjson
+
+from ..errors import ConfigError, Interrupted
+from .lock import RunLock
+from .names import BATCH_FOLDER, JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
+from .record import ItemRecord, is_record
+
+if TYPE_CHECKING:
+    from .results import ResultsIndex
+
+__all__ = [
+    "FOLDER_ERRNOS",
+    "Journal",
+    "OutDir",
+    "ResultsLog",
+    "atomic_write",
+    "fsync_dir",
+    "move_file",
+    "remove_stale_temp_files",
+]
+
+logger = logging.getLogger("nanobatch")
+
+# Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
+FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
+
+# Temporary file names: unique within the process (the pid makes them unique across processes), and in
+# nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
+_temp_names = itertools.count()
+_TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
+    """Write *data* to *path* so that readers see the old file or the whole new one, never a part.
+
+    Five system calls (open, write, fsync, close, rename), the fewest that keep that promise: the
+    writer thread gives the GIL up at each one, and while the event loop is busy, taking it back
+    is what an image's write mostly costs. Paths are strings (os.path, not pathlib, which interns
+    every name it parses: on CPython 3.12 interned strings are immortal, so each name would stay for good).
+    Without *replace*, anything at *path* when the write ends stays there (FileExistsError), even what
+    appeared while *data* was being written: a link and an unlink instead of the rename (:func:`_name_new_file`).
+    """
+    folder = os.path.dirname(os.fspath(path))
+    # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
+    tmp = os.path.join(folder, f"{RESERVED_PREFIX}-{os.getpid()}-{next(_temp_names)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o666)
+    except FileNotFoundError:  # a subfolder from the output template, not made yet
+        os.makedirs(folder or ".", exist_ok=True)
+        fd = os.open(tmp, flags, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _name_new_file(tmp, os.fspath(path))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# link() errors that mean "this file system has no hard links" (FAT, exFAT, some network shares).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+
+
+def _name_new_file(tmp: str, path: str) -> None:
+    """Give the written *tmp* the name *path* unless something is there: a hard link fails where a rename
+    would replace (then *tmp* is removed). Without hard links, a last look just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_image(path: str, data: bytes, *, replace: bool) -> None:
+    """An image into the output folder, atomically: readers (and a crash) see no part of one. Without
+    *replace*, a file that appeared at *path* while the image was written stays, and this raises FileExistsError."""
+    atomic_write(path, data, replace=replace)
+
+
+def write_report_file(path: Path, data: bytes) -> None:
+    """``report.html``, atomically, readable by all (a report is meant to be shared)."""
+    atomic_write(path, data)
+    os.chmod(path, 0o644)
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make the renames and new files in *folder* durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, AttributeError):  # O_DIRECTORY does not exist on Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(out_dir: Path) -> int:
+    """Delete half-written temporary files a killed run left behind (call with the folder's lock held).
+
+    Only files named as nanobatch names them (``.nanobatch-<pid>-<n>.tmp``, ``.nanobatch-report-*.tmp``), in the output
+    folder's own tree (symbolic links are not followed): nothing of the user's, whatever its name.
+    """
+    removed = 0
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            if _TEMP_NAME.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                removed += 1
+    if removed:
+        logger.info("removed %d half-written temporary files left by an interrupted run", removed)
+    return removed
+
+
+def move_file(src: str, dst: str, *, replace: bool = True) -> None:
+    """Rename *src* to *dst*, making *dst*'s folder; copied where a rename cannot go (another disk). Without
+    *replace*, a file at *dst* stays and this raises FileExistsError (a link and an unlink, as new images)."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    try:
+        if replace:
+            os.replace(src, dst)
+        else:
+            _name_new_file(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with open(src, "rb") as f:
+            atomic_write(dst, f.read(), replace=replace)
+        os.unlink(src)
+
+
+def _is_record_line(line: bytes) -> bool:
+    try:
+        return is_record(orjson.loads(line))
+    except orjson.JSONDecodeError:
+        return False
+
+
+class ResultsLog:
+    """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("ab")
+        self._mend_torn_tail()
+
+    def _mend_torn_tail(self) -> None:
+        """Cut off a line torn by a crash mid-write, so that every line of the file stays parseable.
+
+        The torn record was never complete, so its item has no result and will be sent again.
+        """
+        assert self._file is not None
+        with self.path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(max(0, size - 1))
+            if f.read(1) == b"\n":
+                return
+            keep = 0  # after the last newline, found by reading backwards a block at a time
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                f.seek(start)
+                block = f.read(end - start)
+                if b"\n" in block:
+                    keep = start + block.rfind(b"\n") + 1
+                    break
+                end = start
+            f.seek(keep)
+            if _is_record_line(f.read(size - keep)):
+                # Whole, only its newline missing (an editor, a copy): it counts, so it stays.
+                f.seek(size)
+                f.write(b"\n")
+                logger.info("%s: added the newline missing after the last record", self.path)
+                return
+            logger.warning(
+                "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
+            )
+            f.truncate(keep)
+
+    def append_many(self, records: list[ItemRecord]) -> None:
+        """Append *records* in one write and one fsync (group commit): all are durable when this returns.
+
+        A crash mid-write can tear only the last line, which the next :meth:`open` cuts off.
+        """
+        assert self._file is not None, "open() first"
+        self._file.write(b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Journal:
+    """``journal.jsonl``: a line per request, written just before it is sent; one when it got an error
+    answer (settled); and a line naming an item's files, written just before they are.
+
+    A request whose line has no matching result record (same run, same item)
+    and was not settled (an error answer, or no connection at all) was sent and
+    never answered: it may have been charged without a saved result. A file
+    named in the journal is nanobatch's, even when the run died before the
+    record that names it (:func:`reset_journal` carries such lines over).
+    Lines are flushed to the kernel, so they survive the process being killed;
+    they are not fsync'ed (a power cut may lose them).
+    """
+
+    def __init__(self, out_dir: Path, run_id: str) -> None:
+        self.path = out_dir / JOURNAL_FILE
+        self.run_id = run_id
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> None:
+        self._file = self.path.open("ab")
+
+    def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
+        self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
+
+    def settled(self, item_id: str, attempt: int) -> None:
+        """The request *attempt* of *item_id* got a definite answer that is not a result (an HTTP error, or
+        no connection): it is not in doubt, whatever becomes of its item."""
+        self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
+
+    def writing_many(self, items: list[tuple[str, list[str]]]) -> None:
+        """:meth:`writing` for each (item id, names), in one write to the kernel (a batch of the writer's)."""
+        if items:
+            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": names}
+                          for item_id, names in items))  # fmt: skip
+
+    def _write(self, *lines: dict[str, Any]) -> None:
+        assert self._file is not None, "open() first"
+        self._file.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class OutDir:
+    """One run's output folder. :meth:`check` it, :meth:`hold` it, then every write into it goes through here."""
+
+    def __init__(self, path: Path, run_id: str = "") -> None:
+        self.path = path
+        self.results = ResultsLog(path / RESULTS_FILE)
+        self.journal = Journal(path, run_id)
+
+    @staticmethod
+    def check(target: Path) -> None:
+        """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
+        for place in (target, *target.parents):
+            try:
+                if place.is_symlink() and not place.exists():
+                    raise ConfigError(
+                        f"the output folder {target} cannot be made: {place} is a symbolic link to "
+                        f"{os.readlink(place)}, which does not exist (a disk not mounted?)"
+                    )
+                st = place.stat()
+            except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
+                continue
+            except OSError as exc:  # a name too long, a folder we may not enter, ...
+                raise ConfigError(f"the output folder {target} cannot be used: {exc.strerror or exc}") from None
+            if not stat.S_ISDIR(st.st_mode):
+                where = "is a file" if place == target else f"cannot be made: {place} is a file"
+                raise ConfigError(f"the output folder {target} {where}, not a folder")
+            if not os.access(place, os.W_OK | os.X_OK):
+                verb = "is" if place == target else f"cannot be made: {place} is"
+                raise ConfigError(f"the output folder {target} {verb} not writable by this user")
+            return
+
+    @asynccontextmanager
+    async def hold(self, *, wait: bool, handle_signals: bool) -> AsyncIterator[OutDir]:
+        """Hold the folder's run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
+        lock = RunLock(self.path, wait=wait)
+        if wait and handle_signals:
+            await _acquire_interruptibly(lock)
+        else:
+            await lock.__aenter__()
+        try:
+            yield self
+        finally:
+            await lock.__aexit__(None, None, None)
+
+    def recover(self, index: ResultsIndex) -> list[dict[str, Any]]:
+        """What a dead run left: its requests in flight (reported and returned), its journal's claims on files
+        (carried over), its half-written temporary files (removed). Call with the lock held."""
+        from .results import orphaned_requests, writes_to_adopt
+
+        orphans = orphaned_requests(self.path, index)
+        if orphans:
+            ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
+            logger.warning(
+                "a previous run died with %d requests in flight (items %s): they may have been charged "
+                "without a saved result; they will be sent again",
+                len(orphans),
+                ids,
+            )
+        carried = writes_to_adopt(self.path / JOURNAL_FILE, index)
+        if carried:
+            atomic_write(self.path / JOURNAL_FILE, b"".join(carried))
+        else:
+            (self.path / JOURNAL_FILE).unlink(missing_ok=True)
+        remove_stale_temp_files(self.path)
+        return orphans
+
+    def open(self) -> None:
+        self.results.open()
+        self.journal.open()
+
+    def close(self) -> None:
+        self.results.close()
+        self.journal.close()
+
+    @property
+    def batch_folder(self) -> Path:
+        """Where the batch tier keeps its chunks, results files and ledger (:mod:`nanobatch.run.batch`)."""
+        return self.path / BATCH_FOLDER
+
+    def file(self, name: str) -> str:
+        """The path of the output name *name* (checked by the manifest to stay inside the folder)."""
+        return os.path.join(self.path, name)
+
+    def taken(self, names: list[str]) -> list[str]:
+        """Those of *names* that something is at (a file, a folder, a link)."""
+        return [name for name in names if os.path.lexists(self.file(name))]
+
+    def is_file(self, name: str) -> bool:
+        return os.path.isfile(self.file(name))
+
+    def put(
+        self,
+        files: list[tuple[str, bytes]],
+        moves: list[tuple[str, str]],
+        replaceable: frozenset[str],
+        folders: set[str],
+    ) -> None:
+        """Move one item's done files to their new names and write its new ones (*folders*: those touched, to
+        fsync). Only a file in *replaceable* (nanobatch wrote it for this item) may be replaced; on an error,
+        undo what was done here and raise (FileExistsError for a file that is not the item's)."""
+        undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
+        target = ""
+        try:
+            for old, new in moves:
+                src = self.file(old)
+                target, existed = self._claim(new, replaceable)
+                move_file(src, target, replace=existed)  # one that appears meanwhile is not the item's
+                undo.append((target, src))
+                folders.update((os.path.dirname(src), os.path.dirname(target)))
+            for name, data in files:
+                target, existed = self._claim(name, replaceable)
+                write_image(target, data, replace=existed)  # one that appears meanwhile is not the item's
+                if not existed:
+                    undo.append((target, None))
+                folders.add(os.path.dirname(target))
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError) and target:
+                exc.filename = target  # the image's name, not its temporary file's
+            for done, origin in reversed(undo):
+                with contextlib.suppress(OSError):
+                    if origin is not None:
+                        move_file(done, origin)  # back, across disks too (a rename could not)
+                    else:
+                        os.unlink(done)
+            raise
+
+    def _claim(self, name: str, replaceable: frozenset[str]) -> tuple[str, bool]:
+        """The path of *name* and whether a file of this item's is there to replace (one look); FileExistsError
+        if something is there that nanobatch did not write for this item."""
+        path = self.file(name)
+        existed = os.path.lexists(path)
+        if existed and name not in replaceable:
+            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
+        return path, existed
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+
+
+async def _acquire_interruptibly(lock: RunLock) -> None:
+    """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
+    received: list[signal.Signals] = []
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    received.append(signal.Signals(signum))
+                    tg.cancel_scope.cancel()  # stops the wait below
+
+            tg.start_soon(watch)
+            await lock.__aenter__()
+            tg.cancel_scope.cancel()
+    if received:
+        await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
+        raise Interrupted(
+            f"interrupted by {received[0].name} while waiting for the run holding {lock.path.parent}; nothing was sent"
+        )

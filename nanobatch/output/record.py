@@ -1,0 +1,409 @@
+"""One line of ``results.jsonl``, typed: :class:`ItemRecord` (and :class:`StepRecord` for each step).
+
+Every record an item gets is built here (:func:`build_record`, :func:`moved_record`, :meth:`ItemRecord.failed_write`)
+from what sending it gathered (:class:`Tally`). :meth:`ItemRecord.to_json` writes the fields in the order
+nanobatch has always written them, so a folder written before this module resumes unchanged;
+:meth:`ItemRecord.from_json` reads old and hand-edited lines: a missing field takes its default, and a
+field nanobatch does not know is kept in ``extra`` and written back after the known ones.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .names import step_stem
+
+if TYPE_CHECKING:
+    from ..api.gemini import Reply
+    from ..item import WorkItem
+
+__all__ = [
+    "TOKEN_FIELDS",
+    "ErrorInfo",
+    "ItemRecord",
+    "StepRecord",
+    "Tally",
+    "build_record",
+    "files_of",
+    "is_record",
+    "moved_record",
+    "read_float",
+    "read_stamps",
+    "read_steps",
+    "read_strs",
+    "usage_tokens",
+]
+
+TOKEN_FIELDS = ("promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount", "totalTokenCount")
+
+_ITEM_FIELDS = (
+    "id", "run", "status", "outputs", "finish_reason", "text", "usage", "steps", "attempts", "latency_s",
+    "cost_usd", "model", "model_version", "response_id", "key", "error", "instructions", "inputs",
+    "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
+)  # fmt: skip
+# Written only when set, in this order.
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "uploads", "batch")
+
+
+def is_record(value: Any) -> bool:
+    """Whether a parsed line is an item record (anything else in results.jsonl is skipped)."""
+    return isinstance(value, dict) and "id" in value and "status" in value
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The nearest-rank *q* quantile (0 < q <= 1) of an ascending, non-empty sequence."""
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_strs(value: Any) -> tuple[str, ...]:
+    """Strings from a list of them (or one string, as a hand-edited line may have it)."""
+    if type(value) is list:  # as nearly every line has it: one test (read for every field of every record)
+        return tuple(map(str, value))
+    if isinstance(value, str):
+        return (value,)
+    return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    """Why an item is not ok: ``kind`` (see the README's failure kinds), the HTTP status, the message, and for
+    a multi-step item the step it stopped at (1-based)."""
+
+    kind: str
+    status_code: int | None = None
+    message: str = ""
+    step: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "status_code": self.status_code, "message": self.message}
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+    @classmethod
+    def from_json(cls, value: Any) -> ErrorInfo | None:
+        if not isinstance(value, Mapping):
+            return None
+        step = value.get("step")
+        return cls(
+            kind=str(value.get("kind") or ""),  # "": the line did not say
+            status_code=value.get("status_code") if isinstance(value.get("status_code"), int) else None,
+            message=str(value.get("message") or ""),
+            step=step if isinstance(step, int) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepRecord:
+    """One step of a multi-step item. ``usage`` is None for a step that got no answer (then its
+    ``finish_reason`` and ``text`` are not written); ``outputs`` is None when the step kept no image."""
+
+    step: int
+    instruction: str
+    finish_reason: str | None = None
+    text: str | None = None
+    usage: Mapping[str, Any] | None = None
+    outputs: tuple[str, ...] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"step": self.step, "instruction": self.instruction}
+        if self.usage is not None:
+            out.update(finish_reason=self.finish_reason, text=self.text, usage=dict(self.usage))
+        if self.outputs is not None:
+            out["outputs"] = list(self.outputs)
+        return out
+
+    @classmethod
+    def from_json(cls, value: Any) -> StepRecord | None:
+        if not isinstance(value, Mapping):
+            return None
+        usage = value.get("usage")
+        return cls(
+            step=_int(value.get("step")),
+            instruction=str(value.get("instruction") or ""),
+            finish_reason=value.get("finish_reason"),
+            text=value.get("text"),
+            usage=usage if isinstance(usage, Mapping) else None,
+            outputs=read_strs(value["outputs"]) if "outputs" in value else None,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ItemRecord:
+    """One item's result: a line of ``results.jsonl`` (the README's "Results" section says what each field means)."""
+
+    id: str
+    status: str  # ok | failed | blocked
+    run: str | None = None
+    outputs: tuple[str, ...] = ()
+    finish_reason: str | None = None
+    text: str | None = None
+    usage: Mapping[str, Any] = field(default_factory=dict)
+    steps: tuple[StepRecord, ...] | None = None
+    attempts: int | None = None  # None: the line did not say (an old or hand-edited one)
+    latency_s: float | None = None
+    cost_usd: float | None = None  # None: the line did not say
+    model: str | None = None
+    model_version: str | None = None
+    response_id: str | None = None
+    key: str | None = None
+    error: ErrorInfo | None = None
+    instructions: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()
+    aspect_ratio: str | None = None
+    image_size: str | None = None
+    tier: str | None = None
+    fallback: bool = False
+    started_at: str | None = None
+    finished_at: str | None = None
+    input_stamps: tuple[tuple[int, int, str], ...] | None = None
+    finish_message: str | None = None
+    moved_from: tuple[str, ...] | None = None
+    uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
+    batch: str | None = None  # the batch job that answered (tier batch)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
+
+    @property
+    def files(self) -> list[str]:
+        """Every file this record says its item wrote: its outputs, then its kept steps' outputs."""
+        return files_of(self.outputs, self.steps)
+
+    def tokens(self) -> tuple[int, int, int, int]:
+        return usage_tokens(self.usage)
+
+    def to_json(self) -> dict[str, Any]:
+        """The line's object, fields in nanobatch's order (serialize with orjson)."""
+        out: dict[str, Any] = {}
+        for name in _ITEM_FIELDS:
+            value = getattr(self, name)
+            if name in ("outputs", "instructions", "inputs"):
+                value = list(value)
+            elif name == "usage":
+                value = dict(value)
+            elif name == "steps" and value is not None:
+                value = [step.to_json() for step in value]
+            elif name == "error" and value is not None:
+                value = value.to_json()
+            out[name] = value
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = [list(v) for v in value] if name == "input_stamps" else (
+                    list(value) if name in ("moved_from", "uploads") else value)  # fmt: skip
+        for name, value in self.extra.items():
+            out.setdefault(name, value)
+        return out
+
+    @classmethod
+    def from_json(cls, line: Any) -> ItemRecord:
+        """The record a parsed line holds; ValueError if it is no item record (no ``id`` or ``status``)."""
+        if not isinstance(line, Mapping) or "id" not in line or "status" not in line:
+            raise ValueError("not an item record")
+        get = line.get
+        usage, steps, stamps = get("usage"), get("steps"), get("input_stamps")
+        return cls(
+            id=str(line["id"]),
+            status=str(line["status"] or "unknown"),
+            run=get("run"),
+            outputs=read_strs(get("outputs")),
+            finish_reason=get("finish_reason"),
+            text=get("text"),
+            usage=usage if isinstance(usage, Mapping) else {},
+            steps=read_steps(steps),
+            attempts=get("attempts") if _is_int(get("attempts")) else None,
+            latency_s=read_float(get("latency_s")),
+            cost_usd=read_float(get("cost_usd")),
+            model=get("model"),
+            model_version=get("model_version"),
+            response_id=get("response_id"),
+            key=get("key"),
+            error=ErrorInfo.from_json(get("error")),
+            instructions=read_strs(get("instructions")),
+            inputs=read_strs(get("inputs")),
+            aspect_ratio=get("aspect_ratio"),
+            image_size=get("image_size"),
+            tier=get("tier"),
+            fallback=bool(get("fallback")),
+            started_at=get("started_at"),
+            finished_at=get("finished_at"),
+            input_stamps=read_stamps(stamps) if stamps is not None else None,
+            finish_message=get("finish_message"),
+            moved_from=read_strs(get("moved_from")) if "moved_from" in line else None,
+            uploads=read_strs(get("uploads")) if "uploads" in line else None,
+            batch=str(get("batch")) if get("batch") else None,
+            extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
+        )
+
+    def failed_write(self, kind: str, message: str) -> ItemRecord:
+        """This record turned failed: its images could not be written (its steps keep no outputs either)."""
+        steps = None if self.steps is None else tuple(replace(step, outputs=None) for step in self.steps)
+        return replace(self, status="failed", outputs=(), steps=steps, error=ErrorInfo(kind=kind, message=message))
+
+
+_KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> int:
+    return value if _is_int(value) else 0
+
+
+# What ItemRecord.from_json reads a line's fields with; the resume index (nanobatch.output.results) reads the columns it
+# needs with the same functions, without building whole records (bench/RESULTS.md, "index load").
+
+
+def read_steps(value: Any) -> tuple[StepRecord, ...] | None:
+    """The steps of a line (what is not a step dropped); None if it has no list of them."""
+    return tuple(s for s in map(StepRecord.from_json, value) if s) if isinstance(value, list) else None
+
+
+def files_of(outputs: Sequence[str], steps: Sequence[StepRecord] | None) -> list[str]:
+    """Every file a record names: its outputs, then its kept steps' outputs."""
+    names = list(outputs)
+    if steps:
+        for step in steps:
+            names += step.outputs or ()
+    return names
+
+
+def usage_tokens(usage: Any) -> tuple[int, int, int, int]:
+    """The four token counts (:data:`TOKEN_FIELDS`) of a usage mapping; 0 for one missing or not a whole number."""
+    if not isinstance(usage, Mapping):
+        return 0, 0, 0, 0
+    a, b, c, d = map(usage.get, TOKEN_FIELDS)
+    # type() is int, not isinstance: a bool is no count (and JSON has no other int subclass)
+    return (
+        a if type(a) is int else 0,
+        b if type(b) is int else 0,
+        c if type(c) is int else 0,
+        d if type(d) is int else 0,
+    )
+
+
+def read_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def read_stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
+    """Input stamps as written; None if unreadable (the files will simply be read again)."""
+    try:
+        return tuple((int(s[0]), int(s[1]), str(s[2])) for s in value)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+
+
+@dataclass(slots=True)
+class Tally:
+    """What preparing and sending an item gathered so far, for its record: filled in by the engine and the
+    route, turned into an :class:`ItemRecord` by :func:`build_record`."""
+
+    tier: str
+    started: float = field(default_factory=time.time)
+    key: str | None = None
+    input_stamps: tuple[tuple[int, int, str], ...] | None = None
+    attempts: int = 0
+    cost_usd: float = 0.0
+    fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
+    batch: str | None = None  # the batch job that answered the latest step
+    last: Reply | None = None  # the latest answer (also one without an image)
+    model_version: str | None = None
+    finish_message: str | None = None
+    steps: list[StepRecord] = field(default_factory=list)
+    usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
+    api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
+
+    @property
+    def fallback(self) -> bool:
+        return self.fallback_tier is not None
+
+    def answered(self, reply: Reply) -> None:
+        """Keep what the latest answer said (also when it has no image)."""
+        self.last = reply
+        self.model_version = reply.model_version or self.model_version
+        if reply.finish_message:
+            self.finish_message = reply.finish_message
+        if self.steps:
+            self.steps[-1] = replace(
+                self.steps[-1], finish_reason=reply.finish_reason or reply.block_reason, text=reply.text,
+                usage=reply.usage,
+            )  # fmt: skip
+
+
+def build_record(
+    item: WorkItem,
+    tally: Tally,
+    *,
+    run: str,
+    status: str = "ok",
+    outputs: Sequence[str] = (),
+    error: ErrorInfo | None = None,
+) -> ItemRecord:
+    """The record of an item that was sent (or failed before it was): *tally* says what happened."""
+    from ..api.gemini import sum_usage
+
+    last = tally.last
+    return ItemRecord(
+        id=item.id,
+        run=run,
+        status=status,
+        outputs=tuple(outputs),
+        finish_reason=(last.finish_reason or last.block_reason) if last else None,
+        text=last.text if last else None,
+        usage=sum_usage(list(tally.usages)) if tally.usages else {},
+        steps=tuple(tally.steps) if len(item.steps) > 1 else None,
+        attempts=tally.attempts,
+        # The API's time: retries count, waiting for a slot, the rate limit, the inputs or between steps does
+        # not (that is queueing). None: nothing was sent.
+        latency_s=round(sum(tally.api_s), 3) if tally.api_s else None,
+        cost_usd=round(tally.cost_usd, 6),
+        model=item.model,
+        model_version=tally.model_version,
+        response_id=last.response_id if last else None,
+        key=tally.key,
+        error=error,
+        instructions=tuple(item.steps),
+        inputs=tuple(item.inputs),
+        aspect_ratio=item.aspect_ratio,
+        image_size=item.image_size,
+        tier=tally.tier,
+        fallback=tally.fallback,
+        started_at=utc(tally.started),
+        finished_at=utc(time.time()),
+        input_stamps=tally.input_stamps,
+        finish_message=tally.finish_message,
+        batch=tally.batch,
+    )
+
+
+def moved_record(
+    item: WorkItem, tally: Tally, *, run: str, outputs: Sequence[str], tokens: Sequence[int], cost_usd: float,
+    moves: Sequence[tuple[str, str]],
+) -> ItemRecord:  # fmt: skip
+    """The record of done work whose files move to new names: nothing sent, *cost_usd* paid when it was made."""
+    steps = None
+    if len(item.steps) > 1:
+        steps = []
+        for number, text in enumerate(item.steps, 1):
+            mark = step_stem(item.stem, number)
+            names = tuple(new for _, new in moves if new.startswith((mark + ".", mark + "-")))
+            steps.append(StepRecord(step=number, instruction=text, outputs=names or None))
+    base = build_record(item, tally, run=run, outputs=outputs)
+    return replace(
+        base,
+        usage={name: n for name, n in zip(TOKEN_FIELDS, tokens, strict=True) if n},
+        cost_usd=cost_usd,
+        steps=tuple(steps) if steps is not None else None,
+        moved_from=tuple(old for old, _ in moves),
+    )

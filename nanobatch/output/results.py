@@ -1,0 +1,326 @@
+"""What an output folder holds so far: its records (:func:`read_records`) and the index a re-run resumes from.
+
+Writing into the folder is :mod:`nanobatch.output.outdir`'s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from ..scratch import scratch_db
+from .names import JOURNAL_FILE, RESULTS_FILE
+from .record import (
+    TOKEN_FIELDS,
+    ErrorInfo,
+    ItemRecord,
+    files_of,
+    is_record,
+    read_float,
+    read_stamps,
+    read_steps,
+    read_strs,
+    usage_tokens,
+)
+
+__all__ = [
+    "IndexEntry",
+    "ResultsIndex",
+    "is_done",
+    "orphaned_requests",
+    "read_records",
+    "renamed_files",
+]
+
+logger = logging.getLogger("nanobatch")
+
+
+def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
+    """(old, new) for each file of *entry* (an ok record) whose name follows from an output name other than
+    *stem*: ``<old>.png`` -> ``<stem>.png``, ``<old>-2.png`` -> ``<stem>-2.png``, ``<old>.step1.png`` -> ..."""
+    if not entry.outputs:
+        return []
+    old = os.path.splitext(entry.outputs[0])[0]
+    if len(entry.outputs) > 1:
+        if not old.endswith("-1"):
+            return []  # not a name nanobatch made: leave it be
+        old = old[:-2]
+    if old == stem:
+        return []
+    return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
+
+
+def read_records(path: Path) -> Iterator[ItemRecord]:
+    """Item records from a results file, oldest first; torn or foreign lines are skipped with a warning."""
+    return map(ItemRecord.from_json, _record_lines(path))
+
+
+def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The parsed lines of a results file that are item records (see :func:`read_records`)."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
+                continue
+            if is_record(record):
+                yield record
+
+
+class IndexEntry(NamedTuple):
+    """What a re-run and the summary need from an item's latest record."""
+
+    status: str
+    key: str | None
+    outputs: tuple[str, ...]
+    tokens: tuple[int, int, int, int]
+    cost_usd: float
+    error_kind: str | None
+    # {path: (size, mtime_ns, sha256)} of each local input, so an unchanged file need not be read again.
+    stamps: dict[str, tuple[int, int, str]] = {}  # shared default, never mutated
+    run: str | None = None
+    files: tuple[str, ...] = ()  # every file the record wrote: its outputs and its kept steps' outputs
+
+
+def _stamps(encoded: bytes | None) -> dict[str, tuple[int, int, str]]:
+    """Input stamps as stored by :func:`_row`; empty if unreadable (an old or hand-edited record: the files
+    will simply be read again)."""
+    if not encoded:
+        return {}
+    try:
+        return {str(path): (int(st[0]), int(st[1]), str(st[2])) for path, st in orjson.loads(encoded)}
+    except (orjson.JSONDecodeError, TypeError, ValueError, IndexError):
+        return {}
+
+
+_INDEX_SCHEMA = """
+CREATE TABLE entries (
+    id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, outputs BLOB NOT NULL,
+    prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
+    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB
+) WITHOUT ROWID;
+CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
+"""
+_COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files"
+_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
+_OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
+
+
+def _owned_rows(records: Iterable[ItemRecord]) -> Iterator[tuple[bytes, str]]:
+    for record in records:
+        for name in record.files:
+            yield _name_key(name), record.id
+
+
+def _name_key(name: str) -> bytes:
+    return name.replace(os.sep, "/").encode("utf-8", "surrogatepass")
+
+
+def _row(record: ItemRecord) -> tuple[Any, ...]:
+    stamps = record.input_stamps
+    return (
+        record.id,
+        record.status,
+        record.key,
+        orjson.dumps(list(record.outputs)),
+        *record.tokens(),
+        record.cost_usd or 0.0,
+        (record.error.kind or None) if record.error is not None else None,
+        orjson.dumps(list(zip(record.inputs, stamps, strict=False))) if stamps else None,
+        record.run,
+        orjson.dumps(record.files) if record.steps else None,  # None: the outputs, no steps
+    )
+
+
+def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
+    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, and the record's files, read from the line with
+    the functions ``from_json`` reads it with, without building the record (tests/test_results.py checks the two
+    agree on old, sparse, multi-step and failed lines)."""
+    get = line.get
+    outputs = read_strs(get("outputs"))
+    steps, error, stamps = get("steps"), get("error"), get("input_stamps")
+    steps = read_steps(steps) if steps is not None else None  # (the calls cost more than the tests: most are null)
+    files = files_of(outputs, steps)
+    error = ErrorInfo.from_json(error) if error is not None else None
+    stamps = read_stamps(stamps) if stamps is not None else None
+    row = (
+        str(line["id"]),
+        str(line["status"] or "unknown"),
+        get("key"),
+        orjson.dumps(outputs),
+        *usage_tokens(get("usage")),
+        read_float(get("cost_usd")) or 0.0,
+        (error.kind or None) if error is not None else None,
+        orjson.dumps(list(zip(read_strs(get("inputs")), stamps, strict=False))) if stamps else None,
+        get("run"),
+        orjson.dumps(files) if steps else None,
+    )
+    return row, files
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+class ResultsIndex:
+    """The latest record of each item id in an output folder.
+
+    Kept in a scratch SQLite table, not in Python objects, so memory stays flat with the number of
+    records (bench/RESULTS.md, "index load" and the memory rows).
+    Use it from one thread (the event loop's); :meth:`close` frees it.
+    """
+
+    def __init__(self) -> None:
+        self._db = scratch_db(_INDEX_SCHEMA)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> ResultsIndex:
+        index = cls()
+        # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
+        # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
+        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
+        with index._db:  # one transaction: 100,000 inserts in one go
+            index._db.execute("BEGIN")
+            while chunk := list(itertools.islice(rows, 1000)):
+                index._db.executemany(_UPSERT, (row for row, _ in chunk))
+                index._db.executemany(_OWN, ((_name_key(name), row[0]) for row, files in chunk for name in files))
+        return index
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultsIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        count: int = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        return count
+
+    def add(self, record: ItemRecord) -> None:
+        self._db.execute(_UPSERT, _row(record))
+        self._db.executemany(_OWN, _owned_rows([record]))
+
+    def adopt(self, item_id: str, names: Iterable[str]) -> None:
+        """Count *names* as files nanobatch wrote for *item_id* (the journal says so, though no record does)."""
+        self._db.executemany(_OWN, ((_name_key(name), item_id) for name in names))
+
+    def owned(self, item_id: str, names: Iterable[str]) -> frozenset[str]:
+        """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest):
+        files a new result of that item may replace."""
+        return frozenset(
+            name
+            for name in names
+            if self._db.execute("SELECT id FROM owned WHERE name = ?", (_name_key(name),)).fetchone() == (item_id,)
+        )
+
+    def get(self, item_id: str) -> IndexEntry | None:
+        """The latest record of *item_id*, or None if it has none."""
+        row = self._db.execute(_SELECT, (item_id,)).fetchone()
+        if row is None:
+            return None
+        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run, files = row
+        names = tuple(str(name) for name in orjson.loads(outputs))
+        return IndexEntry(
+            status,
+            key,
+            names,
+            (_int(prompt), _int(candidates), _int(thoughts), _int(total)),
+            cost if isinstance(cost, float) else 0.0,
+            error_kind,
+            _stamps(stamps),
+            run,
+            tuple(str(name) for name in orjson.loads(files)) if files else names,
+        )
+
+    def ok_files(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(id, every file its record wrote) of each item whose latest record is ok."""
+        for item_id, outputs, files in self._db.execute("SELECT id, outputs, files FROM entries WHERE status = 'ok'"):
+            yield item_id, tuple(str(name) for name in orjson.loads(files or outputs))
+
+    def totals(self) -> dict[str, Any]:
+        db = self._db
+        counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
+        items, *sums = db.execute(
+            "SELECT COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), TOTAL(total), TOTAL(cost_usd) "
+            "FROM entries"
+        ).fetchone()
+        by_kind = db.execute(
+            "SELECT COALESCE(error_kind, 'unknown') AS kind, COUNT(*) FROM entries WHERE status != 'ok' "
+            "GROUP BY kind ORDER BY COUNT(*) DESC, kind"
+        )
+        return {
+            "items": items,
+            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
+            "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
+            "cost_usd": round(sums[4], 6),
+            "failures_by_kind": dict(by_kind.fetchall()),
+        }
+
+
+def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
+    """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
+    return (
+        entry is not None
+        and entry.status == "ok"
+        and entry.key == key
+        and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
+    )
+
+
+def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
+    """Requests the journal says were sent whose item has no result from that run (the run died); *index* is
+    the folder's loaded :class:`ResultsIndex`."""
+    # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
+    open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
+    for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
+        request = (entry.get("run"), entry["id"], entry.get("attempt"))
+        if entry["event"] == "settled":
+            open_requests.pop(request, None)
+            continue
+        latest = index.get(entry["id"])
+        if latest is None or latest.run != entry.get("run"):
+            open_requests[request] = entry
+    orphans = {(entry.get("run"), entry["id"]): entry for entry in open_requests.values()}  # one per item and run
+    return list(orphans.values())
+
+
+def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
+    """Files the journal says nanobatch wrote that no record names (the run died between the image and its
+    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
+    carried = []
+    for entry in _journal_entries(path, ("writing",)):
+        names = [str(name) for name in entry.get("files") or ()]
+        if unowned := sorted(set(names) - index.owned(entry["id"], names)):
+            index.adopt(entry["id"], unowned)
+            carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
+    return carried
+
+
+def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The journal's entries of the given *events* that name an item (``id``); none when there is no journal.
+    A line torn by the crash the journal is there to report is passed over."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") in events and isinstance(entry.get("id"), str):
+                yield entry

@@ -1,0 +1,102 @@
+"""``output.upload_to``: each finished image also PUT into a bucket, before its record is written.
+
+The local output folder stays the source of truth (results.jsonl, journal, lock, summary, report, and a
+copy of every image); the bucket holds the published images. A record lists its objects' URLs in
+``uploads``; a re-run asks, for all ok items at once (:func:`~nanobatch.api.storage.exists_many`: a listing of
+the prefix, 1,000 objects a request, nothing downloaded), whether their objects are still there: a missing
+object is PUT again from the output folder's copy, and an item whose copy is gone too is sent again.
+
+>>> uploads = Uploads.check("s3://catalog/edited/")  # doctest: +SKIP
+>>> uploads.url("sku-1001.png")  # doctest: +SKIP
+'s3://catalog/edited/sku-1001.png'
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ..api import storage
+from ..errors import ConfigError, StorageError, sole_error
+
+__all__ = ["Uploads"]
+
+logger = logging.getLogger("nanobatch")
+
+
+class Uploads:
+    """Where an output folder's images are published, and whether the objects of done items are still there."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.gone: frozenset[str] = frozenset()  # ids of ok items whose objects are missing (see find_gone)
+
+    @classmethod
+    def check(cls, prefix: str) -> Uploads:
+        """The uploads for ``output.upload_to`` *prefix*; ConfigError (exit 2, nothing sent) if it is not a
+        bucket URL, its extra is not installed, or its bucket does not exist or cannot be asked about."""
+        if not storage.is_bucket_url(prefix):
+            raise ConfigError(f"output.upload_to: {prefix!r} is not a bucket URL (s3://, gs://, az:// or abfs://)")
+        try:
+            storage.check_bucket(prefix)
+        except StorageError as exc:
+            raise ConfigError(f"output.upload_to: {exc}") from None
+        return cls(prefix)
+
+    def url(self, name: str) -> str:
+        """The object URL of the output name *name* (a path relative to the output folder)."""
+        return self.prefix + name.replace(os.sep, "/")
+
+    async def put(self, files: list[tuple[str, bytes]]) -> tuple[str, ...]:
+        """PUT each file (one request per object, so none is ever seen half-written), all at once in worker
+        threads; their URLs, in order. Raises StorageError if any could not be written."""
+        urls = tuple(self.url(name) for name, _ in files)
+        try:
+            async with anyio.create_task_group() as tg:
+                for url, (_, data) in zip(urls, files, strict=True):
+                    tg.start_soon(anyio.to_thread.run_sync, storage.put, url, data)
+        except BaseExceptionGroup as group:
+            if (error := sole_error(group)) is not None:
+                raise error from None
+            raise
+        return urls
+
+    async def find_gone(self, done: Iterable[tuple[str, tuple[str, ...]]], folder: Path) -> None:
+        """Ask, for every (id, file names) of an ok item, whether its objects are there, in one batched check
+        (a worker thread). A missing object whose image is still in *folder* is PUT again from it (nothing is
+        sent to the model); the ids of items with an object neither there nor restorable go into :attr:`gone`."""
+        wanted = {self.url(name): (item_id, name) for item_id, names in done for name in names}
+        if not wanted:
+            return
+        found = await anyio.to_thread.run_sync(storage.exists_many, list(wanted))
+        missing = [url for url, there in found.items() if not there]
+        lost = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
+        self.gone = frozenset(wanted[url][0] for url in lost)
+        if missing:
+            restored = len(missing) - len(lost)
+            logger.warning(
+                "%d images were missing under %s: %d put again from the output folder, %d items will be sent again",
+                len(missing), self.prefix, restored, len(self.gone),
+            )  # fmt: skip
+
+    async def _restore(self, missing: list[str], local: dict[str, Path]) -> list[str]:
+        """PUT each of *missing* from its local copy, 32 at a time; those that have none (or fail)."""
+        lost: list[str] = []
+        limiter = anyio.CapacityLimiter(storage.HEAD_CONCURRENCY)
+
+        def restore(url: str) -> None:
+            try:
+                storage.put(url, local[url].read_bytes())
+            except (OSError, StorageError):
+                lost.append(url)
+
+        async with anyio.create_task_group() as tg:
+            for url in missing:
+                tg.start_soon(functools.partial(anyio.to_thread.run_sync, restore, url, limiter=limiter))
+        return lost

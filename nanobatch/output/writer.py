@@ -1,0 +1,198 @@
+"""The writer: finished items, in arrival order, into the output folder (images, then their records).
+
+It runs outside the workers' cancel scope, so whatever finished is written even when the run is cut short.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import anyio
+
+from ..errors import RunAborted
+from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
+from .record import ItemRecord
+
+__all__ = ["Finished", "WriteQueue", "Writer"]
+
+logger = logging.getLogger("nanobatch")
+
+# Finished items wait for the writer in memory (a 2K image is ~6 MB): past this many bytes, workers wait for it.
+WRITE_QUEUE_BYTES = 32 * 1024 * 1024
+# ... or past this many items: with small answers the bytes alone let tens of thousands of records (a few KB
+# each in Python objects) pile up behind a writer that fsyncs every image, and memory grew with the manifest.
+WRITE_QUEUE_ITEMS = 1024
+
+NOT_OURS = "exists and is not a file nanobatch wrote for this item"
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    record: ItemRecord
+    files: list[tuple[str, bytes]]
+    # Of the names it writes, those a record of this item says nanobatch wrote: the only files it may replace.
+    replaceable: frozenset[str] = frozenset()
+    moves: list[tuple[str, str]] = field(default_factory=list)  # done work, renamed: (old, new)
+    saved: bool = True  # False: a move that failed; its item keeps its old record and names
+
+    @property
+    def size(self) -> int:
+        return 1024 + sum(len(data) for _, data in self.files)  # 1 KB: about what a record takes
+
+
+class WriteQueue:
+    """Finished items on their way to the writer, bounded by their bytes and by their count.
+
+    The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
+    workers wait only when the writer falls far behind: big results hold at most ``max_bytes`` in memory
+    (queued or being written; one item bigger than that is let through alone), small ones at most
+    ``max_items`` records.
+    """
+
+    def __init__(self, max_bytes: int | None = None, max_items: int | None = None) -> None:
+        self.max_bytes = WRITE_QUEUE_BYTES if max_bytes is None else max_bytes
+        self.max_items = WRITE_QUEUE_ITEMS if max_items is None else max_items
+        self.bytes = 0
+        self.count = 0  # items queued or being written
+        self._items: deque[Finished] = deque()
+        self._closed = False  # no more items will come
+        self._writing = True  # False: the writer has stopped, items are dropped
+        self._ready = anyio.Event()
+        self._room = anyio.Event()
+
+    async def put(self, finished: Finished) -> bool:
+        """Queue *finished*; False if the writer has stopped (the run is ending with its error)."""
+        size = finished.size
+        while self._writing and self.count and (self.bytes + size > self.max_bytes or self.count >= self.max_items):
+            await self._room.wait()
+        if not self._writing:
+            return False
+        self._items.append(finished)
+        self.bytes += size
+        self.count += 1
+        self._ready.set()
+        return True
+
+    async def take(self) -> list[Finished]:
+        """All queued items, oldest first, once there is one; empty when closed and drained."""
+        while not self._items:
+            if self._closed:
+                return []
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        batch = list(self._items)
+        self._items.clear()
+        return batch
+
+    def written(self, batch: list[Finished]) -> None:
+        """The writer is done with *batch*: its bytes make room."""
+        self.bytes -= sum(finished.size for finished in batch)
+        self.count -= len(batch)
+        self._room.set()
+        self._room = anyio.Event()
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.set()
+
+    def stop_writing(self) -> list[Finished]:
+        """No more writing: returns what was still queued, for the caller to report lost."""
+        self._writing = False
+        left = list(self._items)
+        self._items.clear()
+        self._room.set()
+        return left
+
+
+def report_unsaved(lost: list[Finished]) -> None:
+    """Name the finished items whose results could not be written: they were paid for and will be sent
+    again by the next run (which also warns of them, from the journal)."""
+    if lost:
+        ids = ", ".join(finished.record.id for finished in lost[:20])
+        more = f" and {len(lost) - 20} more" if len(lost) > 20 else ""
+        logger.error(
+            "%d finished items could not be saved and will be sent again by the next run: %s%s", len(lost), ids, more
+        )
+
+
+class Writer:
+    """Persists finished items into *out* and hands each saved one to *count* (in the event loop's thread)."""
+
+    def __init__(
+        self, out: OutDir, count: Callable[[Finished], None], stop: Callable[[BaseException], None]
+    ) -> None:
+        self.out = out
+        self.count = count
+        self.stop = stop
+
+    async def run(self, done: WriteQueue) -> None:
+        """Persist finished items in arrival order, in batches: whatever queued up while the last batch was
+        written goes into one thread hand-off and one results.jsonl write + fsync (group commit)."""
+        unsaved: list[Finished] = []
+        try:
+            while batch := await done.take():
+                # First: a run killed before the records must still know them for its own. One write for the
+                # batch, not one per item: each is a system call on the event loop's thread (bench row
+                # "0 peers", small answers).
+                claims = [(f.record.id, [name for name, _ in f.files] + [new for _, new in f.moves]) for f in batch]
+                self.out.journal.writing_many([(item_id, names) for item_id, names in claims if names])
+                try:
+                    handled, error = await anyio.to_thread.run_sync(self._persist, batch)
+                except OSError as exc:
+                    handled, error = [], exc
+                done.written(batch)
+                for finished in handled:
+                    self.count(finished)
+                if error is not None:
+                    unsaved = batch[len(handled) :]
+                    # Exit 3, not 1: a cron wrapper must not take a full disk for "some items failed".
+                    failure = RunAborted(f"cannot write results into {self.out.path}: {error}")
+                    self.stop(failure)
+                    raise failure from error
+        finally:
+            report_unsaved(unsaved + done.stop_writing())
+
+    def _persist(self, batch: list[Finished]) -> tuple[list[Finished], OSError | None]:
+        """Write the batch's images, then the records of the items whose images were all written, in one
+        append. An item whose image cannot be written gets a failed record instead (and is sent again by the
+        next run). Returns the items handled, from the start of the batch (as they are to be counted), and
+        the error that stopped the rest: one no other write would escape (a full disk); an error appending
+        the records propagates (then none of the batch counts)."""
+        handled: list[Finished] = []
+        error = None
+        folders: set[str] = set()
+        for finished in batch:
+            try:
+                self.out.put(finished.files, finished.moves, finished.replaceable, folders)
+                handled.append(finished)
+            except OSError as exc:
+                if exc.errno in FOLDER_ERRNOS:
+                    error = exc
+                    break
+                handled.append(self._write_failed(finished, exc))
+        # The renames are durable only once their folders are: fsync each once per batch, before the
+        # records that point at the images (a power cut must not leave a record without its image).
+        for folder in folders:
+            fsync_dir(folder)
+        if records := [finished.record for finished in handled if finished.saved]:
+            self.out.results.append_many(records)
+        return handled, error
+
+    def _write_failed(self, finished: Finished, exc: OSError) -> Finished:
+        """*finished* with a failed record (its image could not be written), or, for a move, not saved."""
+        item_id = finished.record.id
+        where = str(exc.filename or self.out.path)
+        if isinstance(exc, FileExistsError):
+            kind = "output_exists"
+            message = f"{where} {NOT_OURS}: it was left as it is"
+        else:
+            kind, message = "write", f"cannot write {where}: {exc.strerror or exc}"
+        if finished.moves:
+            logger.error("%s: its files could not be moved to their new names (%s); they stay where they were",
+                         item_id, message)  # fmt: skip
+            return replace(finished, saved=False)
+        logger.error("%s failed: %s; it will be sent again by the next run", item_id, message)
+        return Finished(finished.record.failed_write(kind, message), [])

@@ -1,0 +1,456 @@
+"""The run: work items in, records out.
+
+::
+
+    items --> N workers --finished items--> writer (nanobatch.output.writer)
+              (Gate, Route)                 images, results.jsonl
+
+A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, or the reason it is not sent),
+sends its steps one after another (:meth:`Engine._send_step`: one call per step, whatever :class:`Route`
+carries it), and hands the record (:mod:`nanobatch.output.record`) and images to the writer. Every write into the
+output folder goes through its :class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the
+workers' journal lines (each request is noted just before it is sent). Only fatal errors stop the run; an
+item's failure becomes its record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import orjson
+
+from .. import models
+from ..api.client import GeminiClient
+from ..api.gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply, set_service_tier
+from ..api.retry import RetryPolicy, retrying
+from ..errors import ApiError, FatalApiError, StorageError
+from ..inputs.load import InputLoader, load_inputs
+from ..inputs.remote import Referrer, endpoint_for
+from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
+from ..item import WorkItem
+from ..output.names import item_stems, output_names
+from ..output.outdir import OutDir
+from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
+from ..output.results import IndexEntry, ResultsIndex, is_done, renamed_files
+from ..output.upload import Uploads
+from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
+from .batch import DEADLINE_KIND, BatchRoute
+from .failures import FailureLog
+from .limits import Gate, Stopped
+from .route import GenerateContent, Request, Route
+from .stats import RunStats
+
+__all__ = ["Engine"]
+
+logger = logging.getLogger("nanobatch")
+
+
+def _spare_workers(concurrency: int, tier: str) -> int:
+    """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
+    spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
+    instead of after a worker-thread hand-off. Each holds one item's inputs. In the batch tier slots free a
+    chunk at a time, when its job answers: spare workers would hold their items' pictures for nothing."""
+    return 1 if tier == "batch" else max(1, concurrency // 8)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """An item ready to send: its inputs (its tally, the caller's, has the work key and the input stamps)."""
+
+    images: list[Image | FileRef]
+
+
+class Engine:
+    """Runs work items through one route within one gate, writing into one output folder."""
+
+    def __init__(
+        self,
+        *,
+        client: GeminiClient,
+        gate: Gate,
+        out: OutDir,
+        index: ResultsIndex,
+        retry: RetryPolicy,
+        timeout_s: float,
+        pricing: dict[str, Any],
+        concurrency: int,
+        inputs: InputLoader,
+        force: bool = False,
+        retry_failed: bool = False,
+        stats: RunStats | None = None,
+        run_id: str = "",
+        tier: str = "standard",
+        flex_fallback: bool = True,
+        route: Route | None = None,
+        referrer: Referrer | None = None,
+        uploads: Uploads | None = None,
+        batch_route: BatchRoute | None = None,
+    ) -> None:
+        self.route: Route = route if route is not None else GenerateContent(client)
+        self.batch_route = batch_route  # for items in the batch tier
+        self.gate = gate
+        self.out = out
+        self.index = index
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self.pricing = pricing
+        self.tier = tier
+        self.flex_fallback = flex_fallback
+        self.concurrency = concurrency
+        self.force = force
+        self.retry_failed = retry_failed
+        self.stats = stats or RunStats()
+        self.work_scope = anyio.CancelScope()
+        self.run_id = run_id
+        self.inputs = inputs  # the run's downloader and cache
+        # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
+        self.referrer = referrer if referrer is not None else Referrer(endpoint_for(""), "inline")
+        # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
+        self._keep_up_to = inputs.max_input_bytes
+        self.failures = FailureLog(client.where)
+        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
+
+    async def run(self, items: Iterable[WorkItem]) -> None:
+        """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
+        # The workers take the next item from the iterator themselves: next() runs without an await, so
+        # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
+        pending = iter(items)
+        # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
+        done = WriteQueue()
+        writer = Writer(self.out, self._count, lambda failure: self.stop(failure, grace_s=0))
+        self.out.open()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run, done)
+                try:
+                    with self.work_scope:
+                        async with anyio.create_task_group() as workers:
+                            for _ in range(self.concurrency + _spare_workers(self.concurrency, self.tier)):
+                                workers.start_soon(self._work, pending, done)
+                finally:
+                    done.close()
+        finally:
+            self.out.close()
+
+    def stop(self, reason: BaseException, *, grace_s: float | None = None) -> None:
+        """Send nothing new; cancel requests in flight after *grace_s* (None: let them finish)."""
+        self.gate.stop(reason)
+        if grace_s is not None:
+            self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + grace_s)
+
+    def cancel(self) -> None:
+        """Cancel requests in flight now; what already finished is still written."""
+        self.work_scope.cancel()
+
+    async def _work(self, items: Iterator[WorkItem], done: WriteQueue) -> None:
+        while not self.gate.stopping and (item := next(items, None)) is not None:
+            try:
+                await self._finish(item, done)
+            finally:
+                if self.batch_route is not None:
+                    self.batch_route.landing.release(item.id)  # its answer is the writer's now, or dropped
+
+    async def _finish(self, item: WorkItem, done: WriteQueue) -> None:
+        """Process *item* and hand what it finished to the writer."""
+        try:
+            finished = await self._process(item)
+        except Stopped:
+            return  # never sent: left for the next run, not recorded as failed
+        except FatalApiError as exc:
+            # Told once, as a warning: the reason the run stopped is its outcome (the CLI's one error line);
+            # the same answer to each other request in flight adds nothing.
+            log = logger.info if self.gate.stopping else logger.warning
+            log("%s: %s; stopping the run", item.id, exc)
+            self.gate.stop(exc)
+            return
+        if finished is None:
+            # Skipped, maybe without an await (its stamps matched): let the other tasks run.
+            await anyio.lowlevel.checkpoint()
+            return
+        # Paid for and finished: the hand-off to the writer must survive the grace deadline.
+        with anyio.CancelScope(shield=True):
+            if not await done.put(finished):
+                report_unsaved([finished])
+
+    def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
+        if self.retry_failed:
+            return entry is not None and entry.status in ("failed", "blocked")
+        if self.uploads is not None:  # the objects are the outputs that count; their check was batched
+            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
+            return self.force or not done
+        return self.force or not is_done(entry, key, self.out.path)
+
+    async def _process(self, item: WorkItem) -> Finished | None:
+        """One item, start to end: its record, and the images to write (None: skipped, nothing to write)."""
+        tally = Tally(tier=item.tier or self.tier)
+        files: list[tuple[str, bytes]] = []
+        try:
+            prepared = await self._prepare(item, tally)
+            if isinstance(prepared, Finished) and prepared.moves and self.uploads is not None:
+                return await self._upload_moved(prepared)
+            if not isinstance(prepared, _Prepared):
+                return prepared
+            sent: list[Image | FileRef] = prepared.images  # handed to each step (see _send_step)
+            images: list[Image] = []
+            for number, instruction in enumerate(item.steps, 1):
+                tally.steps.append(StepRecord(step=number, instruction=instruction))
+                images = []  # the last step's images are in *sent* alone while this step is sent
+                reply = await self._send_step(item, tally, instruction, sent)
+                tally.usages.append(reply.usage)
+                images = list(reply.images)
+                sent = [*images]  # the next step edits this step's result
+                del reply  # nor is its answer held while the next step waits
+                if item.keep_steps and number < len(item.steps):
+                    names = self._name_outputs(item, images, step=number)
+                    tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
+                    files += zip(names, (i.data for i in images), strict=True)
+            outputs = self._name_outputs(item, images)
+            files += zip(outputs, (i.data for i in images), strict=True)
+            record = build_record(item, tally, run=self.run_id, outputs=outputs)
+            if self.uploads is not None:
+                record = await self._upload(record, files)
+        except (Stopped, FatalApiError):
+            raise
+        except ApiError as exc:
+            record = self._failed(item, tally, exc)
+            files = []
+        return Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+
+    async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
+        """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
+        ``upload``) if one could not be: its images are still written into the output folder."""
+        assert self.uploads is not None
+        try:
+            return replace(record, uploads=await self.uploads.put(files))
+        except StorageError as exc:
+            logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
+            return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
+
+    async def _upload_moved(self, finished: Finished) -> Finished | None:
+        """Done work whose files move to new names: PUT them under those names too, so that the record's
+        ``uploads`` follow its ``outputs``; None (left as it was, for the next run) if that cannot be done."""
+        assert self.uploads is not None
+
+        def read(name: str) -> bytes:
+            with open(self.out.file(name), "rb") as f:
+                return f.read()
+
+        try:
+            files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
+            uploads = await self.uploads.put(files)
+        except (OSError, StorageError) as exc:
+            logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
+            self.stats.skipped += 1
+            return None
+        return replace(finished, record=replace(finished.record, uploads=uploads))
+
+    def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
+        status = "blocked" if exc.kind == "blocked" else "failed"
+        if isinstance(exc.reply, Reply) and exc.reply.usage:
+            tally.usages.append(exc.reply.usage)  # a withheld answer is billed all the same
+        error = ErrorInfo(kind=exc.kind, status_code=exc.status_code, message=exc.message,
+                          step=len(tally.steps) if len(item.steps) > 1 else None)  # fmt: skip
+        logger.warning("%s %s: %s", item.id, status, exc.message)
+        return build_record(item, tally, run=self.run_id, status=status, error=error)
+
+    async def _prepare(self, item: WorkItem, tally: Tally) -> _Prepared | Finished | None:
+        """Read *item*'s inputs and find its work key (into *tally*), or the reason it is not sent: skipped
+        (None) or its done files moved to new names (a :class:`Finished`). Raises ApiError if it cannot be sent."""
+        # Inputs are fingerprinted without reading them first, so done work is skipped unread: local files by
+        # their stamps, bucket objects by their ETag/generation, inputs sent by reference by their URL. A file
+        # hashed here is kept (up to the per-image limit) and not read again to be sent.
+        entry = self.index.get(item.id)
+        contents: dict[str, bytes] = {}
+        local = [ref for ref in item.inputs if not is_remote(ref)]
+        known = entry.stamps if entry else {}
+        stamps = await local_stamps(local, known, contents=contents, keep_up_to=self._keep_up_to)
+        plan = await self.referrer.plan(item)
+        digests = {**{ref: stamp[2] for ref, stamp in (stamps or {}).items()}, **plan.digests}
+        if all(ref in digests for ref in item.inputs):
+            if stamps is not None and len(local) == len(item.inputs):
+                tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
+            tally.key = work_key(item, [digests[ref] for ref in item.inputs])
+            if not self._wanted(item, entry, tally.key):
+                return self._settled(item, entry, tally)
+        inline = [ref for ref in item.inputs if ref not in plan.refs]
+        loaded = await load_inputs(
+            inline, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
+        )
+        read = dict(zip(inline, loaded, strict=True))
+        if not tally.key:  # an http(s) input sent inline: known by its bytes
+            tally.key = work_key(item, [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs])
+            if not self._wanted(item, entry, tally.key):
+                return self._settled(item, entry, tally)
+        images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
+        if (taken := self._taken_name(item)) is not None:
+            # Found before paying: the answer could not be saved (the writer would refuse it the same way).
+            raise ApiError(f"{taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
+                           kind="output_exists")  # fmt: skip
+        return _Prepared([images[ref] for ref in item.inputs])
+
+    def _taken_name(self, item: WorkItem) -> str | None:
+        """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
+        there = self.out.taken([f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS])
+        foreign = sorted(set(there) - self.index.owned(item.id, there))
+        return self.out.file(foreign[0]) if foreign else None
+
+    def _settled(self, item: WorkItem, entry: IndexEntry | None, tally: Tally) -> Finished | None:
+        """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
+        ``output`` template's column did), its files to move to the new names, with the record to say so."""
+        ok = entry is not None and entry.status == "ok" and entry.key == tally.key
+        moves = renamed_files(entry, item.stem) if entry is not None and ok else []
+        moves = [(old, new) for old, new in moves if self.out.is_file(old)]
+        if entry is None or not moves:
+            self.stats.skipped += 1
+            return None
+        renamed = dict(moves)
+        record = moved_record(
+            item, tally, run=self.run_id, outputs=[renamed.get(name, name) for name in entry.outputs],
+            tokens=entry.tokens, cost_usd=entry.cost_usd,  # what it cost when it was made; this run paid nothing
+            moves=moves,
+        )  # fmt: skip
+        return Finished(record, [], replaceable=self.index.owned(item.id, renamed.values()), moves=moves)
+
+    async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
+        """One step in the item's tier, retried; a flex request still shed after its retries goes out at
+        standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
+        summary). Returns the answer with its image, or raises ApiError.
+
+        *images* are handed over: a batch step empties the list once its request is built, so that while it waits
+        for its job the pictures are held nowhere and the request only on disk (see :class:`Request`)."""
+        sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
+
+        def sending() -> None:
+            nonlocal sent_at
+            if sent_at is None:
+                sent_at = anyio.current_time()
+
+        tier = tally.fallback_tier or item.tier or self.tier
+        body = build_request(
+            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
+            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
+        )  # fmt: skip
+        request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
+        del body  # the request holds it alone: a batch route takes it from there
+        if tier == "batch":
+            images.clear()
+        try:
+            while True:
+                try:
+                    return await self._send_in(tier, item, tally, instruction, request, sending)
+                except FatalApiError:
+                    raise
+                except ApiError as exc:
+                    tier = self._fallback_tier(item, tier, exc)
+                    if not tally.fallback:
+                        self.stats.fallbacks += 1
+                    tally.fallback_tier = tier  # the item's later steps go there too
+        finally:
+            if sent_at is not None:
+                tally.api_s.append(anyio.current_time() - sent_at)
+
+    def _fallback_tier(self, item: WorkItem, tier: str, exc: ApiError) -> str:
+        """Where a step goes after *exc* in *tier*: online (standard or flex, per config) at --batch-deadline;
+        standard for a flex request still shed after its retries, if ``limits.flex_fallback``. Else raises *exc*."""
+        if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
+            return self.batch_route.options.online_tier
+        if tier == "flex" and self.flex_fallback and exc.shed:
+            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
+            return "standard"
+        raise exc
+
+    async def _send_in(
+        self,
+        tier: str,
+        item: WorkItem,
+        tally: Tally,
+        instruction: str,
+        request: Request,
+        sending: Callable[[], None],
+    ) -> Reply:
+        """One step in *tier*, retried by the retry policy; each attempt passes the gate and is journaled."""
+        tally.tier = tier
+        set_service_tier(request.json(), None if tier == "batch" else tier)
+        pricing = models.pricing_for(item.model, self.pricing, tier)
+        _, worst = models.request_cost_range(
+            item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
+        )
+        timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
+        if tier == "flex":
+            timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
+
+        async def attempt() -> Reply:
+            if self.batch_route is not None:
+                # An earlier answer of this item is in this request now; and a place held while waiting at the
+                # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
+                self.batch_route.landing.release(item.id)
+            async with self.gate.request(worst) as ticket:
+                sending()
+                reply = await self._attempt(item, tally, request, timeout, tier)
+                served = models.reported_tier(reply.usage)
+                if served is not None and served != tier:
+                    tally.tier = served
+                ticket.cost_usd = models.usage_cost(
+                    reply.usage,
+                    pricing if served in (None, tier) else models.pricing_for(item.model, self.pricing, served),
+                )
+            tally.cost_usd += ticket.cost_usd
+            tally.answered(reply)
+            check_reply(reply)
+            return reply
+
+        def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
+            self.stats.retries[exc.kind] += 1
+            self.failures.failed(exc)
+            logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
+
+        return await retrying(attempt, self.retry, on_retry=on_retry)
+
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, tier: str) -> Reply:
+        """One request through the tier's route, noted in the journal just before it goes out."""
+        tally.attempts += 1
+        self.stats.requests += 1
+        self.out.journal.dispatched(item.id, tally.key, tally.attempts)
+        self.stats.in_flight = self.gate.in_flight
+        self.stats.concurrency = self.gate.window
+        try:
+            if tier == "batch" and self.batch_route is not None:
+                # The same in every run for this item, inputs and step: the batch route finds a request it took.
+                key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
+                try:
+                    reply = await self.batch_route.send(
+                        item.model, request, timeout_s=timeout_s, key=key, holder=item.id
+                    )
+                except Stopped:
+                    self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
+                    raise
+                tally.batch = self.batch_route.job_for(key)
+                return reply
+            return await self.route.send(item.model, request, timeout_s=timeout_s)
+        except ApiError as exc:
+            # An error answer, or no connection at all, is definite: not "possibly charged". Only a
+            # request with no answer stays open in the journal (and a 200, until its record is written).
+            if not exc.sent or exc.status_code not in (None, 200):
+                self.out.journal.settled(item.id, tally.attempts)
+            raise
+        finally:
+            self.stats.in_flight = self.gate.in_flight - 1
+
+    def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
+        return output_names(item, [image.extension for image in images], step=step)
+
+    def _count(self, finished: Finished) -> None:
+        record = finished.record
+        if not finished.saved:  # a move that failed: the item keeps its old record, and the run exits 1
+            self.stats.failed += 1
+            self.stats.failures["write"] += 1
+            return
+        self.index.add(record)
+        if finished.moves:
+            self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
+        else:
+            self.stats.count(record)

@@ -1,0 +1,123 @@
+"""The batch tier's ledger: ``.nanobatch-batches/batches.jsonl`` in the output folder, one line per step of
+each chunk (see :mod:`nanobatch.run.batch`), and what ``nanobatch status`` and ``cancel`` read from it.
+
+Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import orjson
+
+from ..output.names import BATCH_FOLDER
+
+if TYPE_CHECKING:
+    from ..api.batch_api import BatchClient
+
+__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
+
+LEDGER_FILE = "batches.jsonl"
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One JSONL file of requests and the job that answers it, as the ledger tells it."""
+
+    id: str
+    model: str
+    display: str
+    path: str
+    keys: list[str]
+    file: str | None = None
+    job: str | None = None
+    results: str | None = None
+    ended: str | None = None
+    closed: bool = False
+    state: str = "written"
+    counts: dict[str, int] = field(default_factory=dict)
+    settled: anyio.Event = field(default_factory=anyio.Event)
+    outcome: BaseException | None = None
+    offsets: dict[str, int] = field(default_factory=dict)  # where each key's answer is in the results file
+    requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
+    served: set[str] = field(default_factory=set)
+
+    @property
+    def open(self) -> bool:
+        """Not collected yet: its requests may still be answered (and paid for) by its job."""
+        return not self.closed and self.results is None and self.ended is None
+
+
+class Ledger:
+    """``batches.jsonl``: one line per step of each chunk, flushed before the next step (see the module doc)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / LEDGER_FILE
+        self._file: IO[bytes] | None = None
+
+    def load(self) -> dict[str, Chunk]:
+        chunks: dict[str, Chunk] = {}
+        if not self.path.exists():
+            return chunks
+        with self.path.open("rb") as lines:
+            for line in lines:
+                try:
+                    event = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a line torn by a kill: its step is redone (each is safe to redo)
+                _apply(chunks, event)
+        return chunks
+
+    def note(self, event: str, chunk: Chunk, **fields: Any) -> None:
+        if self._file is None:
+            self.folder.mkdir(exist_ok=True)
+            self._file = self.path.open("ab")
+        self._file.write(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
+    kind, chunk = event.get("event"), chunks.get(str(event.get("chunk")))
+    if kind == "written":
+        chunks[event["chunk"]] = Chunk(id=event["chunk"], model=event["model"], display=event["display"],
+                                       path=event["path"], keys=list(event["keys"]))  # fmt: skip
+    elif chunk is None:
+        return
+    elif kind == "uploaded":
+        chunk.file, chunk.state = event["file"], "uploaded"
+    elif kind == "created":
+        chunk.job, chunk.state = event["job"], "pending"
+    elif kind == "state":
+        chunk.state, chunk.counts = event["state"], dict(event.get("counts") or {})
+    elif kind == "collected":
+        chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
+    elif kind == "ended":
+        chunk.ended = chunk.state = event["state"]
+    elif kind == "closed":
+        chunk.closed = True
+
+
+def open_chunks(out_dir: Path) -> list[Chunk]:
+    """The chunks of *out_dir* whose jobs may still answer (for ``nanobatch status`` and ``cancel``)."""
+    return [chunk for chunk in Ledger(out_dir / BATCH_FOLDER).load().values() if chunk.open]
+
+
+async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
+    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names.
+    The next run finds them cancelled and returns their unanswered items to pending."""
+    cancelled = []
+    for chunk in open_chunks(out_dir):
+        names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
+        for name in names:
+            await client.cancel(name)
+            cancelled.append(name)
+    return cancelled

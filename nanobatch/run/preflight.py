@@ -1,0 +1,269 @@
+"""What ``check_job`` works out item by item beside the manifest's own check: the cost and duration
+estimate, and models that are retired, not served by the backend or not sold in the tier."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import models
+from ..api.storage import is_bucket_url
+from ..config import Settings, load_settings
+from ..errors import ManifestError, Problem
+from ..inputs.stamps import is_url
+from ..item import WorkItem
+from ..job.manifest import Manifest, load_manifest
+from ..output.outdir import OutDir
+
+if TYPE_CHECKING:
+    import httpx2
+
+    from ..inputs.load import UrlChecklist
+    from ..inputs.remote import BucketChecklist
+
+__all__ = [
+    "TYPICAL_LATENCY_S",
+    "CheckResult",
+    "Estimate",
+    "LifecycleCheck",
+    "check_job",
+    "load_job",
+    "resolve_out_dir",
+]
+
+logger = logging.getLogger("nanobatch")
+
+# For duration estimates only: a typical generateContent image edit.
+TYPICAL_LATENCY_S = 30.0
+
+
+@dataclass(slots=True)
+class Estimate:
+    """What ``check_job`` adds up over the items: the likely and worst cost in each item's tier, the likely cost
+    at standard and at batch prices (shown side by side), and how long the run takes."""
+
+    settings: Settings
+    likely: float = 0.0
+    worst: float = 0.0
+    standard: float = 0.0
+    batch: float = 0.0
+    longest: int = 0  # steps of the longest item: they go one after another
+    tiers: set[str] = field(default_factory=set)
+    _prices: dict[tuple[str, str], models.Pricing] = field(default_factory=dict)
+
+    def add(self, item: WorkItem) -> None:
+        self.longest = max(self.longest, len(item.steps))
+        tier = item.tier or self.settings.api.tier
+        self.tiers.add(tier)
+        prices = {name: self._pricing(item.model, name) for name in (tier, "standard", "batch")}
+        n_images = len(item.inputs)
+        for instruction in item.steps:
+            costs = {
+                name: models.request_cost_range(
+                    item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
+                )
+                for name, pricing in prices.items()
+            }
+            low, high = costs[tier]
+            self.likely += low
+            self.worst += high
+            self.standard += costs["standard"][0]
+            self.batch += costs["batch"][0]
+            n_images = 1  # later steps edit the previous output
+
+    def _pricing(self, model: str, tier: str) -> models.Pricing:
+        """The prices of *model* in *tier*, looked up once per pair (every item asks)."""
+        key = (model, tier)
+        if key not in self._prices:
+            self._prices[key] = models.pricing_for(model, self.settings.pricing, tier)
+        return self._prices[key]
+
+    def duration_s(self, requests: int) -> float | None:
+        """About how long the run takes online; None in the batch tier, where the jobs' time decides (most
+        within hours, at most 24 h)."""
+        if self.settings.api.tier == "batch":
+            return None
+        concurrency, rpm = self.settings.gate_limits()
+        # In rounds of `concurrency` requests (one request still takes a whole latency at concurrency 100), and
+        # no fewer rounds than the longest item has steps.
+        duration = max(math.ceil(requests / concurrency), self.longest) * TYPICAL_LATENCY_S
+        if rpm:
+            duration = max(duration, requests / rpm * 60)
+        return duration
+
+
+class LifecycleCheck:
+    """Retired models and unsold tiers, once per model: a shut-down id sent to Google is a problem (it would
+    fail there), to a proxy (which maps old ids) or when deprecated, a warning naming the replacement."""
+
+    def __init__(self, file: str, settings: Settings) -> None:
+        self.file = file
+        # Vertex AI is Google's own endpoint too: a shut-down id fails there, whatever api.base_url says
+        self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
+        self.tier = settings.api.tier
+        self.backend = settings.api.backend
+        self.problems: list[Problem] = []
+        self._seen: set[tuple[str, str]] = set()
+        self._models: set[str] = set()
+
+    def check(self, item: WorkItem) -> None:
+        if item.output_format is not None and self.backend != "vertex":
+            self.problems.append(Problem(
+                self.file, item.id, "output_format",
+                "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own",
+            ))  # fmt: skip
+        tier = item.tier or self.tier
+        if (item.model, tier) in self._seen:
+            return
+        self._seen.add((item.model, tier))
+        found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
+        self._models.add(item.model)
+        if found is not None:
+            level, message = found
+            if level == "error":
+                self.problems.append(Problem(self.file, item.id, "model", message))
+            else:
+                logger.warning("%s", message)
+        info = models.lookup(item.model)
+        if info is not None and self.backend not in info.backends:
+            self.problems.append(Problem(
+                self.file, item.id, "model",
+                f"api.backend is {self.backend}, which does not serve {item.model}; choose one of "
+                f"{', '.join(models.served_by(self.backend))}",
+            ))  # fmt: skip
+        if item.tier is None and info is not None and tier != "batch" and tier not in info.tiers:
+            self.problems.append(Problem(
+                self.file, item.id, "tier",
+                f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
+            ))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckResult:
+    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent."""
+
+    manifest: Path
+    out_dir: Path
+    items: int
+    requests: int
+    cost_likely_usd: float
+    cost_worst_usd: float
+    duration_s: float | None  # None in the batch tier: the jobs' time decides
+    concurrency: int
+    requests_per_minute: float | None
+    max_cost_usd: float | None = None
+    max_duration_s: float | None = None
+    tiers: frozenset[str] = frozenset()  # the tiers the items go in
+    cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
+    cost_batch_usd: float = 0.0
+
+
+def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.PathLike[str] | None) -> Path:
+    """``--out`` wins, then the manifest's ``output_dir``, then ``<output.dir>/<name>``."""
+    if out_dir is not None:
+        return Path(out_dir)
+    if manifest.output_dir is not None:
+        return manifest.output_dir
+    return Path(settings.output.dir) / manifest.name
+
+
+def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
+    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
+    settings = settings if settings is not None else load_settings()
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest, default_model=settings.api.model)
+    return manifest, settings
+
+
+def check_job(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    check_urls: bool = True,
+    transport: httpx2.BaseTransport | None = None,
+    check_pictures: bool = True,
+) -> CheckResult:
+    """Resolve and check every item and estimate cost and duration; sends nothing.
+
+    With *check_urls*, image URLs are asked for their headers (*transport* replaces
+    the network in tests). With *check_pictures*, every local picture is read and
+    checked to be decodable (a run leaves that to dispatch, so that a re-run over
+    finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
+    """
+    manifest, settings = load_job(manifest, settings)
+    target = resolve_out_dir(manifest, settings, out_dir)
+    OutDir.check(target)
+    if settings.api.backend == "vertex":
+        from ..api.vertex import vertex_route
+
+        vertex_route(settings.api.project, settings.api.location)  # ConfigError for a bad project or location
+    if settings.output.upload_to is not None:
+        from ..output.upload import Uploads
+
+        Uploads.check(settings.output.upload_to)
+    manifest = manifest.skipping(target)
+    remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
+    estimate = Estimate(settings)
+    lifecycle = LifecycleCheck(str(manifest.path), settings)
+
+    def visit(item: WorkItem) -> None:
+        lifecycle.check(item)
+        estimate.add(item)
+        remote.add(item)
+
+    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures)
+    problems = report.problems + lifecycle.problems + remote.problems(transport)
+    if problems:
+        raise ManifestError(problems)
+    limits = settings.limits
+    concurrency, rpm = settings.gate_limits()
+    return CheckResult(
+        manifest=manifest.path,
+        out_dir=target,
+        items=report.items,
+        requests=report.requests,
+        cost_likely_usd=estimate.likely,
+        cost_worst_usd=estimate.worst,
+        duration_s=estimate.duration_s(report.requests),
+        concurrency=concurrency,
+        requests_per_minute=rpm,
+        max_cost_usd=settings.budget.max_cost_usd,
+        max_duration_s=limits.max_duration_s,
+        tiers=frozenset(estimate.tiers),
+        cost_standard_usd=estimate.standard,
+        cost_batch_usd=estimate.batch,
+    )
+
+
+class _RemoteChecks:
+    """The URL and bucket-object checklists, made only once an item has such an input: a manifest of local
+    files is validated without loading the HTTP client or the cloud libraries (``validate`` starts sooner)."""
+
+    def __init__(self, file: str, *, check_urls: bool) -> None:
+        self.file = file
+        self.check_urls = check_urls
+        self.urls: UrlChecklist | None = None
+        self.objects: BucketChecklist | None = None
+
+    def add(self, item: WorkItem) -> None:
+        if self.urls is None and any(is_url(ref) for ref in item.inputs):
+            from ..inputs.load import UrlChecklist
+
+            self.urls = UrlChecklist()
+        if self.objects is None and any(is_bucket_url(ref) for ref in item.inputs):
+            from ..inputs.remote import BucketChecklist
+
+            self.objects = BucketChecklist(self.file, stat=self.check_urls)
+        if self.urls is not None:
+            self.urls.add(item)
+        if self.objects is not None:
+            self.objects.add(item)
+
+    def problems(self, transport: httpx2.BaseTransport | None) -> list[Problem]:
+        found = self.urls.problems(self.file, transport=transport) if self.urls and self.check_urls else []
+        return found + (self.objects.flush() if self.objects is not None else [])

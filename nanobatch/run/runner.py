@@ -1,0 +1,391 @@
+"""The library's front door: :func:`run_job` and :func:`check_job`.
+
+Set-up and tear-down around the engine: settings, manifest validation (a bad
+manifest sends nothing), the output folder and its lock, the API key, the
+HTTP client (or the built-in simulator), signals, and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import httpx2
+
+from ..api.batch_api import BatchClient
+from ..api.client import GeminiClient
+from ..api.retry import RetryPolicy
+from ..api.vertex import vertex_auth, vertex_route
+from ..config import ApiSettings, Settings, read_api_key
+from ..errors import ConfigError, Interrupted, Problem, TimeLimitReached, sole_error
+from ..inputs.load import InputLoader
+from ..inputs.remote import Referrer, endpoint_for
+from ..job.manifest import Manifest
+from ..loopback import loopback_url
+from ..output.outdir import OutDir
+from ..output.results import ResultsIndex
+from ..output.upload import Uploads
+from .batch import BatchOptions, BatchRoute
+from .engine import Engine
+from .limits import Gate
+from .meters import Breaker, Budget, FirstContact
+from .preflight import CheckResult, check_job, load_job, resolve_out_dir
+from .route import Bounded
+from .stats import RunStats
+from .summary import build_summary
+
+__all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
+
+logger = logging.getLogger("nanobatch")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSummary:
+    """How a run ended, with its live counters and the folder-wide totals that went into summary.json."""
+
+    out_dir: Path
+    outcome: Literal["complete", "aborted", "interrupted"]
+    reason: str | None
+    stats: RunStats
+    summary: dict[str, Any] = field(repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all ok, 1 some failed or blocked, 3 aborted, 130 interrupted (the CLI's exit codes)."""
+        if self.outcome == "interrupted":
+            return 130
+        if self.outcome == "aborted":
+            return 3
+        return 1 if (self.stats.failed or self.stats.blocked) else 0
+
+
+def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
+    """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
+    for problem in problems:
+        logger.error("%s (changed since the check at the start of the run: skipped)", problem)
+    stats.failed += 1
+    stats.failures["manifest"] += 1
+
+
+async def run_job(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    simulate: bool = False,
+    wait_lock: bool = False,
+    handle_signals: bool = False,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+    stats: RunStats | None = None,
+) -> RunSummary:
+    """Run a job manifest to the end and return how it went.
+
+    The manifest is checked whole before anything is sent (:class:`ManifestError`
+    otherwise). Items already done with the same work key are skipped, so a
+    re-run finishes what is missing. *transport* replaces the network (tests);
+    *simulate* runs against the built-in simulator; *handle_signals* makes
+    SIGINT/SIGTERM stop the run gracefully (the CLI sets it); *retry_sleep*
+    replaces the waiting between retries (tests pass one that returns at once).
+
+    >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
+    >>> summary.stats.ok
+    """
+    began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
+    if force and retry_failed:
+        raise ConfigError("--force and --retry-failed contradict each other: choose one")
+    manifest, settings = load_job(manifest, settings)
+    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
+    manifest = manifest.skipping(checked.out_dir)
+    oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
+    api_key = None if oauth else _api_key(settings, needed=not simulate and transport is None)
+    stats = _stats(stats, checked, settings)
+    started = time.time()
+    run_id = uuid.uuid4().hex[:12]
+    out = OutDir(checked.out_dir, run_id)
+    async with out.hold(wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
+        index = stack.enter_context(ResultsIndex.load(out.path))
+        orphans = out.recover(index)
+        uploads = await _uploads(settings, index, out.path, force)
+        client = await _client(stack, settings, api_key, simulate, transport)
+        loader = await stack.enter_async_context(InputLoader(transport=transport))
+        batch = await _batch_route(
+            stack, settings, client, None if simulate else api_key, transport, out, stats, checked
+        )
+        engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
+        _attach(engine, settings, simulate=simulate, uploads=uploads, batch=batch)
+        logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
+        await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
+        outcome, reason = _outcome(engine.gate.stop_reason, stats)
+        if batch is not None:
+            _end_batch(batch, outcome, manifest, out.path)
+        summary = build_summary(
+            manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
+        )
+        summary["last_run"].update(run=run_id, recovered_in_flight=len(orphans))
+        out.write_summary(summary)
+    if reason is not None:
+        logger.warning("run %s: %s", outcome, reason)
+    return RunSummary(
+        out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
+    )
+
+
+def _stats(stats: RunStats | None, checked: CheckResult, settings: Settings) -> RunStats:
+    """The run's live counters (the caller's, if it keeps its own display), sized from the check."""
+    stats = stats if stats is not None else RunStats()
+    stats.total = checked.items
+    stats.concurrency, stats.rpm_limit = settings.gate_limits()
+    return stats
+
+
+def _attach(
+    engine: Engine, settings: Settings, *, simulate: bool, uploads: Uploads | None, batch: BatchRoute | None
+) -> None:
+    """What the engine sends through besides the client: inputs by reference, uploads, the batch route."""
+    endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
+    engine.referrer = Referrer(endpoint, settings.api.inputs, batch=settings.api.tier == "batch")
+    engine.uploads = uploads
+    engine.batch_route = batch
+    if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
+        engine.route = Bounded(engine.route, settings.limits.concurrency)
+
+
+async def _batch_route(
+    stack: AsyncExitStack,
+    settings: Settings,
+    client: GeminiClient,
+    api_key: str | None,
+    transport: httpx2.AsyncBaseTransport | None,
+    out: OutDir,
+    stats: RunStats,
+    checked: CheckResult,
+) -> BatchRoute | None:
+    """The batch tier's route, over the same endpoint as *client* (its Batch API checked first); None when no
+    item goes in the batch tier."""
+    if "batch" not in checked.tiers:
+        return None
+    config = settings.batch
+    batches = await stack.enter_async_context(
+        BatchClient(base_url=client.base_url, api_key=api_key, auth=settings.api.auth,
+                    api_version=settings.api.api_version, transport=transport)
+    )  # fmt: skip
+    options = BatchOptions(
+        chunk_requests=config.chunk_requests, chunk_bytes=int(config.chunk_mb * 1024 * 1024),
+        linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
+        wait=config.wait, deadline_s=config.deadline_s, online_tier=config.fallback_tier,
+    )  # fmt: skip
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, options, shown=stats.batch_jobs)
+    return await stack.enter_async_context(route)
+
+
+def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
+    if outcome == "complete":
+        batch.finish()
+    if batch.left_waiting:
+        logger.warning(
+            "%d requests wait in batch jobs: run `nanobatch run %s` again later to collect them "
+            "(`nanobatch status %s` lists the jobs)", batch.left_waiting, manifest.path, out_dir,
+        )  # fmt: skip
+
+
+def _api_key(settings: Settings, *, needed: bool) -> str | None:
+    """The API key; ConfigError if there is none and one is *needed* (not for a server on this machine)."""
+    api_key = read_api_key(settings)
+    # On this machine (a simulator or a local proxy holding its own key), nothing need be sent: a key it wants,
+    # it asks for (401, a fatal error).
+    if api_key is None and needed and not loopback_url(settings.api.base_url):
+        raise ConfigError(
+            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
+            "or try the built-in simulator with --simulate"
+        )
+    return api_key
+
+
+def _outcome(
+    reason: BaseException | None, stats: RunStats
+) -> tuple[Literal["complete", "aborted", "interrupted"], BaseException | None]:
+    """How the run ended, and why, from the reason its gate stopped (None: it was not stopped)."""
+    if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
+        reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
+    if isinstance(reason, Interrupted):
+        return "interrupted", reason
+    return ("aborted" if reason is not None else "complete"), reason
+
+
+async def _uploads(settings: Settings, index: ResultsIndex, folder: Path, force: bool) -> Uploads | None:
+    """``output.upload_to``'s uploads (checked by check_job), knowing which done items lost their objects."""
+    if settings.output.upload_to is None:
+        return None
+    uploads = Uploads(settings.output.upload_to)
+    if not force:
+        await uploads.find_gone(index.ok_files(), folder)
+    return uploads
+
+
+async def _client(
+    stack: AsyncExitStack,
+    settings: Settings,
+    api_key: str | None,
+    simulate: bool,
+    transport: httpx2.AsyncBaseTransport | None,
+) -> GeminiClient:
+    """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
+    api = settings.api
+    base_url = api.base_url
+    if simulate:
+        from ..simulator import SimulatorConfig, run_in_thread
+
+        base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
+        api_key = None
+    prefix, auth, request_auth = None, api.auth, None
+    if api.backend == "vertex":
+        # api.base_url, when changed from its default, replaces Vertex's host (a proxy, the simulator)
+        custom = base_url if base_url != ApiSettings().base_url else None
+        base_url, prefix = vertex_route(api.project, api.location, base_url=custom)
+        if not simulate:
+            request_auth = vertex_auth(api.project, api.credentials_file, api_key)
+            if request_auth is not None:
+                stack.callback(request_auth.close)
+        auth = "x-goog-api-key"  # express mode's key (with a project, no key is sent)
+    return await stack.enter_async_context(
+        GeminiClient(
+            base_url=base_url,
+            api_key=api_key,
+            auth=auth,
+            api_version=api.api_version,
+            max_connections=settings.limits.concurrency,
+            transport=transport,
+            path_prefix=prefix,
+            request_auth=request_auth,
+        )
+    )
+
+
+async def _drive(
+    engine: Engine,
+    manifest: Manifest,
+    settings: Settings,
+    stats: RunStats,
+    limit: int,
+    began: float,
+    handle_signals: bool,
+) -> None:
+    """Run *engine* over the manifest's items, with the signal watcher and the time limit beside it."""
+    try:
+        async with anyio.create_task_group() as tg:
+            if handle_signals:
+                tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+            if settings.limits.max_duration_s is not None:
+                tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
+            # The items the check passed, and no more: rows added to a source since then wait for the next
+            # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
+            items = manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
+            await engine.run(engine.referrer.stamps.watch(items))  # bucket objects stamped in batches, ahead
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if (error := sole_error(group)) is not None:
+            raise error from None  # callers get our error itself, not the task groups' wrapping
+        raise
+
+
+def _engine(
+    settings: Settings,
+    client: GeminiClient,
+    loader: InputLoader,
+    out: OutDir,
+    index: ResultsIndex,
+    force: bool,
+    retry_failed: bool,
+    retry_sleep: Callable[[float], Awaitable[None]] | None,
+    stats: RunStats,
+    run_id: str,
+) -> Engine:
+    limits, retry = settings.limits, settings.retry
+    first_contact = FirstContact(retry.first_contact_s)
+    (concurrency, rpm), batch = settings.gate_limits(), settings.api.tier == "batch"
+    # In the batch tier a job's failed lines arrive together and say nothing about an outage: no adaptive
+    # window or breaker either.
+    gate = Gate(
+        concurrency=concurrency,
+        requests_per_minute=rpm,
+        rpm_burst=limits.rpm_burst,
+        adaptive=limits.adaptive and not batch,
+        breaker=None
+        if batch
+        else Breaker(
+            threshold=limits.breaker_threshold,
+            cooldown_s=limits.breaker_cooldown_s,
+            max_down_s=limits.breaker_max_down_s,
+            first_contact=first_contact,
+        ),
+        budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
+        first_contact=first_contact,
+    )
+    policy = RetryPolicy(
+        max_attempts=retry.max_attempts,
+        backoff_initial_s=retry.backoff_initial_s,
+        backoff_max_s=retry.backoff_max_s,
+        no_image_attempts=retry.no_image_attempts,
+        max_server_wait_s=retry.max_server_wait_s,
+        **({"sleep": retry_sleep} if retry_sleep is not None else {}),
+    )
+    return Engine(
+        client=client,
+        inputs=loader,
+        gate=gate,
+        out=out,
+        index=index,
+        retry=policy,
+        timeout_s=settings.api.timeout_s,
+        pricing=dict(settings.pricing),
+        tier=settings.api.tier,
+        flex_fallback=limits.flex_fallback,
+        concurrency=concurrency,
+        force=force,
+        retry_failed=retry_failed,
+        stats=stats,
+        run_id=run_id,
+    )
+
+
+async def _watch_signals(engine: Engine, grace_s: float) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        received = 0
+        async for signum in signals:
+            received += 1
+            if received == 1:
+                logger.warning(
+                    "%s: sending nothing new; waiting up to %g s for %d requests in flight (again to cancel them)",
+                    signal.Signals(signum).name,
+                    grace_s,
+                    engine.gate.in_flight,
+                )
+                engine.stop(Interrupted(f"interrupted by {signal.Signals(signum).name}"), grace_s=grace_s)
+            else:
+                logger.warning("cancelling the requests in flight; finished results are kept")
+                engine.cancel()
+
+
+async def _stop_in_time(engine: Engine, began: float, limit_s: float, grace_s: float) -> None:
+    """At ``began + limit_s``: send nothing new; requests in flight get *grace_s* to finish."""
+    await anyio.sleep_until(began + limit_s)
+    logger.warning(
+        "time limit reached: sending nothing new; waiting up to %g s for %d requests in flight",
+        grace_s,
+        engine.gate.in_flight,
+    )
+    reason = f"the time limit was reached (limits.max_duration_s = {limit_s:g}); unsent items are left for the next run"
+    engine.stop(TimeLimitReached(reason), grace_s=grace_s)

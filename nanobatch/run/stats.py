@@ -1,0 +1,54 @@
+"""A run's live counters: what the progress line, the summary and the run's outcome are read from."""
+
+from __future__ import annotations
+
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..output.record import ItemRecord
+
+__all__ = ["RunStats"]
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Live counters of a run, for progress displays and the summary."""
+
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    blocked: int = 0
+    skipped: int = 0
+    requests: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    failure_examples: dict[str, list[str]] = field(default_factory=dict)
+    tokens: Counter[str] = field(default_factory=Counter)
+    cost_usd: float = 0.0
+    latencies: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes per item, for percentiles
+    in_flight: int = 0
+    concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
+    rpm_limit: float | None = None
+    fallbacks: int = 0  # flex items finally sent at standard price
+    # The batch tier's jobs not collected yet: chunk -> (state, requests answered, requests), kept by BatchRoute.
+    batch_jobs: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.blocked + self.skipped
+
+    def count(self, record: ItemRecord) -> None:
+        setattr(self, record.status, getattr(self, record.status) + 1)
+        for name, value in record.usage.items():
+            if isinstance(value, int):
+                self.tokens[name] += value
+        self.cost_usd += record.cost_usd or 0.0
+        if record.latency_s is not None:
+            self.latencies.append(record.latency_s)
+        if record.error is not None:
+            kind = record.error.kind
+            self.failures[kind] += 1
+            examples = self.failure_examples.setdefault(kind, [])
+            if len(examples) < 5:
+                examples.append(record.id)

@@ -1,0 +1,70 @@
+"""``summary.json``: what a run did, and the folder's totals so far (the README's "Summary" section)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import FatalApiError
+from ..job.manifest import Manifest
+from ..output.record import percentile
+from ..output.results import ResultsIndex
+from .limits import Gate
+from .stats import RunStats
+
+__all__ = ["build_summary"]
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return round(percentile(sorted(values), q), 3) if values else None
+
+
+def build_summary(
+    manifest: Manifest,
+    out_dir: Path,
+    outcome: str,
+    reason: BaseException | None,
+    stats: RunStats,
+    index: ResultsIndex,
+    gate: Gate,
+    started: float,
+    settings_tier: str = "standard",
+) -> dict[str, Any]:
+    """The object written as ``summary.json``: the folder's totals (*index*) and this run's counters (*stats*)."""
+    folder = index.totals()
+    finished = time.time()
+    return {
+        "job": manifest.name,
+        "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
+        "out_dir": str(out_dir),
+        **folder,
+        "wall_s": round(finished - started, 3),
+        "last_run": {
+            "outcome": outcome,
+            "reason": str(reason) if reason else None,
+            "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
+            "aborted": outcome == "aborted",  # budget, time limit, breaker, full disk, or a fatal API error
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "items": stats.total,
+            "ok": stats.ok,
+            "failed": stats.failed,
+            "blocked": stats.blocked,
+            "skipped": stats.skipped,
+            "requests": stats.requests,
+            "retries": dict(stats.retries),
+            "tokens": dict(stats.tokens),
+            "cost_usd": round(stats.cost_usd, 6),
+            "tier": settings_tier,
+            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
+            "spent_usd": round(gate.budget.spent_usd, 6),
+            "latency_s": {
+                "p50": _percentile(stats.latencies, 0.5),
+                "p95": _percentile(stats.latencies, 0.95),
+                "max": max(stats.latencies, default=None),
+            },
+        },
+    }
