@@ -401,18 +401,17 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     """Cancel the open batch jobs of OUT_DIR; the next run sends their unanswered items again."""
     import anyio
 
-    from ..api.batch_api import BatchClient
-    from ..config import read_api_key
+    from ..api.connect import api_key_for, check_offered, connect
     from ..run.ledger import cancel_jobs
 
     settings = _settings(config_file, base_url=base_url)
     _install_redaction(settings)
-    api_key = read_api_key(settings)
+    check_offered(settings, "cancel")  # before any credential is looked for: Vertex has no batch jobs
 
     async def go() -> list[str]:
-        async with BatchClient(base_url=settings.api.base_url, api_key=api_key, auth=settings.api.auth,
-                               api_version=settings.api.api_version) as client:  # fmt: skip
-            return await cancel_jobs(Path(out_dir), client)
+        async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
+            async with connection.batches() as client:
+                return await cancel_jobs(Path(out_dir), client)
 
     names = anyio.run(go)
     click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
