@@ -1,7 +1,9 @@
 """The command line: parse, call the library, print, and map errors to exit codes.
 
 ``main(argv) -> int`` does the work (tests call it); ``entrypoint()`` only
-hands it ``sys.argv``. This is the only module that writes to the terminal.
+hands it ``sys.argv``. The library logs and never prints: what reaches the
+terminal is written by this package (the commands here, ``printing``,
+``progress`` and ``logs``) and by the simulator's own ``simulate`` command.
 """
 
 from __future__ import annotations
