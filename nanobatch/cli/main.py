@@ -282,7 +282,11 @@ def report(out_dir: str) -> None:
 
 
 @cli.command("models")
-@click.option("--live", is_flag=True, help="Also list what the configured endpoint serves, and compare.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Also list what the configured endpoint serves, and compare (not on Vertex AI, which lists none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, for scripts.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file (for --live).")
 @click.option("--base-url", help="API base URL (for --live).")

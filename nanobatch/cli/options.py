@@ -59,7 +59,7 @@ def settings_options(f: Any) -> Any:
             "--tier",
             type=click.Choice(["standard", "flex", "priority", "batch"]),
             help="Service tier for items that do not name one: flex costs half (and may be shed), priority more; "
-            "batch costs half through the Batch API (answers within 24 h).",
+            "batch costs half through the Gemini API's Batch API (answers within 24 h; not on Vertex AI).",
         ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option(
