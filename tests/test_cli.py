@@ -197,6 +197,25 @@ def test_status_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert info["counts"] == {"ok": 1, "failed": 0, "blocked": 0} and info["possibly_charged"] == 0
 
 
+def test_cancel_finds_the_endpoint_in_the_config_file(
+    tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}], model="gemini-3.1-flash-image")
+    app = create_app(SimulatorConfig(api_key=key, batch_latency_s=30.0))
+    with run_in_thread(app=app) as url:
+        config = tmp_path / "nanobatch.yaml"
+        config.write_text(f"api: {{base_url: '{url}'}}\nbatch: {{linger_s: 0.1, poll_initial_s: 0.05}}\n")
+        out = tmp_path / "out"
+        argv = ["run", str(job), "--config", str(config), "--out", str(out), "--tier", "batch", "--no-wait", "-q"]
+        assert main(argv) == 0
+        capsys.readouterr()
+        assert main(["cancel", str(out), "--config", str(config)]) == 0  # no --base-url: the config's
+    assert capsys.readouterr().out.startswith("cancelled 1 batch jobs: batches/")
+    assert [job.state for job in app.state.batches._jobs.values()] == ["cancelled"]
+
+
 def test_a_held_output_folder_exits_4(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     out = tmp_path / "out"

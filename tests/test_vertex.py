@@ -371,3 +371,129 @@ async def test_output_format_asks_vertex_for_jpeg_and_is_refused_for_the_gemini_
     job.write_text(job.read_text().replace("output_format: jpeg", "output_format: gif"))
     with pytest.raises(ManifestError, match="must be png or jpeg"):
         nanobatch.check_job(job, settings=vertex)
+
+
+# -- the commands on a Vertex configuration, against the simulator's Vertex path -----------------------------
+
+
+@pytest.fixture
+def vertex_config(simulator: tuple[str, Any], tmp_path: Path) -> Path:
+    """A config file for Vertex AI in a project, with a service-account key whose token endpoint is the
+    simulator's, as a user writes one (the simulator standing in for Vertex's host)."""
+    base_url, _ = simulator
+    key = _key_file(tmp_path, f"{base_url}/token")
+    api = {"backend": "vertex", "base_url": base_url, "model": MODEL, "project": "shop-123",
+           "location": "europe-west4", "credentials_file": str(key)}  # fmt: skip
+    path = tmp_path / "vertex.yaml"
+    path.write_text("api:\n" + "".join(f"  {name}: {json.dumps(value)}\n" for name, value in api.items()))
+    return path
+
+
+def _vertex_run(config: Path, *args: str) -> tuple[int, Path]:
+    """`nanobatch run` of a one-item job with the Vertex *config*; (exit code, output folder)."""
+    from nanobatch.cli.main import main
+
+    from .fakes import write_job
+
+    job = write_job(config.parent, [{"id": "sku-1", "image": "images/1.png"}])
+    out = config.parent / "out"
+    return main(["run", str(job), "--config", str(config), "--out", str(out), "--quiet", *args]), out
+
+
+def test_status_of_a_vertex_run_reads_the_folder_and_sends_nothing(
+    simulator: tuple[str, Any], vertex_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.cli.main import main
+
+    _, app = simulator
+    code, out = _vertex_run(vertex_config)
+    assert code == 0 and app.state.tokens.issued == 1
+    received = app.state.stats.received
+    capsys.readouterr()
+
+    assert main(["status", str(out)]) == 0
+
+    assert f"{out}: 1 items: 1 ok, 0 failed, 0 blocked" in capsys.readouterr().out
+    assert app.state.stats.received == received and app.state.tokens.issued == 1
+
+
+def test_cancel_on_a_vertex_configuration_says_it_has_no_batch_jobs_and_sends_nothing(
+    simulator: tuple[str, Any], vertex_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.cli.main import main
+
+    _, app = simulator
+    code, out = _vertex_run(vertex_config)
+    assert code == 0
+    received, issued = app.state.stats.received, app.state.tokens.issued
+    capsys.readouterr()
+
+    assert main(["cancel", str(out), "--config", str(vertex_config)]) == 2
+
+    seen = capsys.readouterr()
+    assert seen.out == "" and seen.err.count("\n") == 1
+    assert seen.err.startswith("error: api.backend is vertex, which makes no batch jobs")
+    assert "give cancel the Gemini API configuration" in seen.err
+    assert (app.state.stats.received, app.state.tokens.issued) == (received, issued)
+
+
+def test_the_batch_tier_on_a_vertex_configuration_is_refused_before_anything_is_sent(
+    simulator: tuple[str, Any], vertex_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, app = simulator
+
+    code, _ = _vertex_run(vertex_config, "--tier", "batch")
+
+    assert code == 2
+    assert "--tier batch goes through the Gemini API's Batch API, which Vertex AI does not offer; use --tier flex" in (
+        capsys.readouterr().err
+    )
+    assert app.state.stats.received == 0 and app.state.tokens.issued == 0 and not app.state.batches._jobs
+
+
+@pytest.mark.parametrize("mode", ["project", "express"])
+def test_models_live_on_a_vertex_configuration_exits_2_saying_why(
+    simulator: tuple[str, Any],
+    vertex_config: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    from nanobatch.cli.main import main
+
+    _, app = simulator
+    if mode == "express":  # an API key and no project: the key must not show in what the user sees
+        monkeypatch.setenv("NANOBATCH_API_KEY", "express-key")
+        vertex_config.write_text("".join(line + "\n" for line in vertex_config.read_text().splitlines()
+                                         if "project" not in line and "credentials_file" not in line))  # fmt: skip
+
+    assert main(["models", "--live", "--config", str(vertex_config)]) == 2
+
+    seen = capsys.readouterr()
+    assert seen.out == "" and seen.err.count("\n") == 1
+    assert seen.err.startswith("error: models --live compares with the Gemini API's list of models, and Vertex AI")
+    assert "express-key" not in seen.err
+    assert app.state.stats.received == 0 and app.state.tokens.issued == 0
+
+
+async def test_the_opener_sends_vertex_requests_to_the_project_path_and_shows_no_key(
+    simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanobatch.api.connect import api_key_for, connect
+
+    base_url, app = simulator
+    monkeypatch.setenv("NANOBATCH_API_KEY", "express-key")
+    key = _key_file(tmp_path, f"{base_url}/token")
+    in_project = _vertex_settings(base_url, **{"api.project": "shop-123", "api.credentials_file": str(key)})
+    express = _vertex_settings(base_url)
+
+    assert api_key_for(in_project, needed=True) is None  # the OAuth2 token stands in for the key
+    for settings in (in_project, express):
+        async with connect(settings, api_key=api_key_for(settings, needed=True)) as connection:
+            assert "express-key" not in repr(connection) and base_url not in repr(connection)
+            async with connection.gemini() as client:
+                reply = await client.generate(MODEL, BODY, timeout_s=30)
+            assert reply.images
+            with pytest.raises(ConfigError, match="Vertex AI does not offer"):
+                connection.batches()
+    assert app.state.tokens.issued == 1 and app.state.stats.by_status[200] == 2

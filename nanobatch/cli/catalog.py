@@ -114,12 +114,11 @@ def compare_live(entries: Iterable[Mapping[str, Any]], day: date | None = None) 
 
 
 async def list_live(settings: Settings) -> list[dict[str, Any]]:
-    """What the configured endpoint lists (``GET /{version}/models``, every page), for ``models --live``."""
-    from ..api.client import GeminiClient
-    from ..config import read_api_key
+    """What the configured endpoint lists (``GET /{version}/models``, every page), for ``models --live``;
+    ConfigError on Vertex AI, which has no such list."""
+    from ..api.connect import api_key_for, check_offered, connect
 
-    api = settings.api
-    async with GeminiClient(
-        base_url=api.base_url, api_key=read_api_key(settings), auth=api.auth, api_version=api.api_version
-    ) as client:
-        return await client.list_models()
+    check_offered(settings, "models")
+    async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
+        async with connection.gemini() as client:
+            return await client.list_models()

@@ -1,17 +1,16 @@
 """The command line: parse, call the library, print, and map errors to exit codes.
 
 ``main(argv) -> int`` does the work (tests call it); ``entrypoint()`` only
-hands it ``sys.argv``. This is the only module that writes to the terminal.
+hands it ``sys.argv``. The library logs and never prints: what reaches the
+terminal is written by this package (the commands here, ``printing``,
+``progress`` and ``logs``) and by the simulator's own ``simulate`` command.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import NanobatchError, sole_error
+from .logs import install_redaction, json_logs, setup_logging, show_error
+from .options import Duration, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
 from .printing import print_check as _print_check
 from .printing import print_models as _print_models
@@ -35,69 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["cli", "entrypoint", "main"]
 
 logger = logging.getLogger("nanobatch")
-
-
-class _Redact(logging.Filter):
-    """Defence in depth: no log line may carry the API key, whoever wrote it."""
-
-    def __init__(self, secret: str | None) -> None:
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret and self.secret in record.getMessage():
-            record.msg = record.getMessage().replace(self.secret, "[redacted]")
-            record.args = ()
-        return True
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-                **getattr(record, "fields", {}),  # logger.info(..., extra={"fields": {...}}): structured data
-            }
-        )
-
-
-def _json_logs() -> bool:
-    """Whether stderr is for JSON lines only (``--log-format json``)."""
-    return any(isinstance(h.formatter, _JsonFormatter) for h in logging.getLogger("nanobatch").handlers)
-
-
-def _error(text: str, *, prefix: str = "error: ") -> None:
-    """Tell the operator of an error on stderr: ``error: ...``, or one JSON event with ``--log-format json``."""
-    if _json_logs():
-        logger.error("%s", text)
-    else:
-        click.echo(f"{prefix}{text}", err=True)
-
-
-def _setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("nanobatch: %(levelname)s: %(message)s"))
-    root = logging.getLogger("nanobatch")
-    root.handlers[:] = [handler]
-    root.propagate = False
-    level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    root.setLevel(level)
-    if log_format == "json" and not quiet:
-        root.setLevel(min(level, logging.INFO))  # machines want every event
-
-
-def _install_redaction(settings: Settings) -> None:
-    from ..config import read_api_key
-
-    secret = read_api_key(settings)
-    for handler in logging.getLogger("nanobatch").handlers:
-        handler.filters[:] = [_Redact(secret)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -116,110 +54,12 @@ def cli(verbose: int, log_format: str) -> None:
     Run `nanobatch run MANIFEST --simulate` to try a job against the built-in
     simulator: no key and no network needed.
     """
-    _setup_logging(verbose, False, log_format)
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click (we allow 8.1)
-    """Seconds, or hours, minutes and seconds: ``5400``, ``90m``, ``1h30m``, ``1.5h``, ``45s``."""
-
-    name = "duration"
-    _FORM = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
-        if isinstance(value, (int, float)):
-            seconds = float(value)
-        else:
-            text = str(value).strip().lower()
-            match = self._FORM.fullmatch(text)
-            try:
-                seconds = float(text)
-            except ValueError:
-                if not text or match is None:
-                    self.fail(f"{value!r} is not a duration: give seconds, or e.g. 90m, 4h, 1h30m", param, ctx)
-                hours, minutes, secs = (float(group) if group else 0.0 for group in match.groups())
-                seconds = hours * 3600 + minutes * 60 + secs
-        if not 0 < seconds < math.inf:
-            self.fail(f"{value!r}: the duration must be more than 0 and finite", param, ctx)
-        return seconds
-
-
-def _settings_options(f: Any) -> Any:
-    options = [
-        click.option(
-            "--config",
-            "config_file",
-            type=click.Path(dir_okay=False),
-            help="Config file (default: $NANOBATCH_CONFIG, else ./nanobatch.yaml if present).",
-        ),
-        click.option(
-            "--out",
-            "out_dir",
-            type=click.Path(file_okay=False),
-            help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>).",
-        ),
-        click.option("--model", help="Model id for items that do not name one (overrides the manifest)."),
-        click.option(
-            "--tier",
-            type=click.Choice(["standard", "flex", "priority", "batch"]),
-            help="Service tier for items that do not name one: flex costs half (and may be shed), priority more; "
-            "batch costs half through the Batch API (answers within 24 h).",
-        ),
-        click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
-        click.option(
-            "--rpm",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once).",
-        ),
-        click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
-        click.option(
-            "--max-cost",
-            type=click.FloatRange(min=0, min_open=True),
-            help="Stop before the run could spend more than this many US dollars.",
-        ),
-        click.option("--max-requests", type=click.IntRange(min=1), help="Send at most this many requests."),
-        click.option(
-            "--max-duration",
-            type=Duration(),
-            help="Start no request later than this after the start (e.g. 3600, 90m, 4h, 1h30m); "
-            "requests in flight then get --grace to finish.",
-        ),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def _settings(config_file: str | None, **flags: Any) -> Settings:
-    from ..config import load_settings
-
-    return load_settings(
-        config_file,
-        overrides={
-            "api.model": flags.get("model"),
-            "api.base_url": flags.get("base_url"),
-            "api.tier": flags.get("tier"),
-            "limits.concurrency": flags.get("concurrency"),
-            "limits.requests_per_minute": flags.get("rpm"),
-            "limits.grace_s": flags.get("grace"),
-            "limits.max_duration_s": flags.get("max_duration"),
-            "batch.wait": False if flags.get("no_wait") else None,
-            "batch.deadline_s": flags.get("batch_deadline"),
-            "budget.max_cost_usd": flags.get("max_cost"),
-            "budget.max_requests": flags.get("max_requests"),
-        },
-    )
-
-
-def _manifest(path: str, settings: Settings, model: str | None) -> Any:
-    from ..job.manifest import load_manifest
-
-    manifest = load_manifest(path, default_model=settings.api.model)
-    return dataclasses.replace(manifest, model=model) if model else manifest
+    setup_logging(verbose, False, log_format)
 
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@_settings_options
+@settings_options
 @click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network).")
 @click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed or blocked.")
 @click.option("--force", is_flag=True, help="Redo every item, even those already done.")
@@ -267,19 +107,39 @@ def run(
     **flags: Any,
 ) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
-    import anyio
-
     from ..run.preflight import check_job
-    from ..run.runner import run_job
-    from ..run.stats import RunStats
 
-    settings = _settings(config_file, **flags)
-    _install_redaction(settings)
-    job = _manifest(manifest, settings, flags.get("model"))
+    settings = settings_from(config_file, **flags)
+    install_redaction(settings)
+    job = manifest_from(manifest, settings, flags.get("model"))
     if dry_run:
         _print_check(check_job(job, settings=settings, out_dir=out_dir))
         return
-    display = _display(quiet, progress_interval)
+    summary = _run_shown(
+        _display(quiet, progress_interval), job, settings=settings, out_dir=out_dir, force=force,
+        retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
+    )  # fmt: skip
+    _after_run(summary, write_html=write_html, quiet=quiet)
+    raise SystemExit(summary.exit_code)
+
+
+def _run_shown(
+    display: LiveProgress | PlainProgress | None,
+    job: Any,
+    *,
+    settings: Settings,
+    out_dir: str | None,
+    force: bool,
+    retry_failed: bool,
+    simulate: bool,
+    wait_lock: bool,
+) -> RunSummary:
+    """Run *job* to its end (Ctrl-C stops it gracefully), *display* showing its counters meanwhile."""
+    import anyio
+
+    from ..run.runner import run_job
+    from ..run.stats import RunStats
+
     stats = RunStats()
 
     async def go() -> RunSummary:
@@ -288,23 +148,14 @@ def run(
                 tg.start_soon(display.run, stats)
             try:
                 summary = await run_job(
-                    job,
-                    settings=settings,
-                    out_dir=out_dir,
-                    force=force,
-                    retry_failed=retry_failed,
-                    simulate=simulate,
-                    wait_lock=wait_lock,
-                    handle_signals=True,
-                    stats=stats,
-                )
+                    job, settings=settings, out_dir=out_dir, force=force, retry_failed=retry_failed,
+                    simulate=simulate, wait_lock=wait_lock, handle_signals=True, stats=stats,
+                )  # fmt: skip
             finally:
                 tg.cancel_scope.cancel()
         return summary
 
-    summary = anyio.run(go)
-    _after_run(summary, write_html=write_html, quiet=quiet)
-    raise SystemExit(summary.exit_code)
+    return anyio.run(go)
 
 
 def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
@@ -315,8 +166,8 @@ def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
         logger.info("wrote %s", write_report(summary.out_dir))
     if quiet:
         if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
-            _error(f"run {summary.outcome}: {summary.reason}")
-    elif _json_logs():
+            show_error(f"run {summary.outcome}: {summary.reason}")
+    elif json_logs():
         _log_summary(summary)
     else:
         _print_summary(summary)
@@ -330,7 +181,7 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
         logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
     logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
-    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not _json_logs():
+    if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not json_logs():
         live = LiveProgress()
         root = logging.getLogger("nanobatch")
         handler = live.log_handler()
@@ -342,13 +193,13 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
 
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@_settings_options
+@settings_options
 def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
     """Resolve and check every item, estimate cost and duration; send nothing."""
     from ..run.preflight import check_job
 
-    settings = _settings(config_file, **flags)
-    _print_check(check_job(_manifest(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
+    settings = settings_from(config_file, **flags)
+    _print_check(check_job(manifest_from(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
 
 
 @cli.command()
@@ -401,18 +252,17 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     """Cancel the open batch jobs of OUT_DIR; the next run sends their unanswered items again."""
     import anyio
 
-    from ..api.batch_api import BatchClient
-    from ..config import read_api_key
+    from ..api.connect import api_key_for, check_offered, connect
     from ..run.ledger import cancel_jobs
 
-    settings = _settings(config_file, base_url=base_url)
-    _install_redaction(settings)
-    api_key = read_api_key(settings)
+    settings = settings_from(config_file, base_url=base_url)
+    install_redaction(settings)
+    check_offered(settings, "cancel")  # before any credential is looked for: Vertex has no batch jobs
 
     async def go() -> list[str]:
-        async with BatchClient(base_url=settings.api.base_url, api_key=api_key, auth=settings.api.auth,
-                               api_version=settings.api.api_version) as client:  # fmt: skip
-            return await cancel_jobs(Path(out_dir), client)
+        async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
+            async with connection.batches() as client:
+                return await cancel_jobs(Path(out_dir), client)
 
     names = anyio.run(go)
     click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
@@ -432,7 +282,11 @@ def report(out_dir: str) -> None:
 
 
 @cli.command("models")
-@click.option("--live", is_flag=True, help="Also list what the configured endpoint serves, and compare.")
+@click.option(
+    "--live",
+    is_flag=True,
+    help="Also list what the configured endpoint serves, and compare (not on Vertex AI, which lists none).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, for scripts.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file (for --live).")
 @click.option("--base-url", help="API base URL (for --live).")
@@ -442,8 +296,8 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
 
     result: dict[str, Any] = {"models": model_rows()}
     if live:
-        settings = _settings(config_file, base_url=base_url)
-        _install_redaction(settings)
+        settings = settings_from(config_file, base_url=base_url)
+        install_redaction(settings)
         import anyio
 
         result["live"] = compare_live(anyio.run(list_live, settings))
@@ -469,21 +323,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _error("interrupted", prefix="")
+        show_error("interrupted", prefix="")
         return 130
     except click.ClickException as exc:
-        if _json_logs():
-            _error(exc.format_message())
+        if json_logs():
+            show_error(exc.format_message())
         else:
             exc.show()
         return 2
     except NanobatchError as exc:
-        _error(str(exc))
+        show_error(str(exc))
         return exc.exit_code
     except BaseExceptionGroup as group:  # from a task group: report our error; anything else is a bug
         if (error := sole_error(group)) is None:
             raise
-        _error(str(error))
+        show_error(str(error))
         return error.exit_code
     return 0
 

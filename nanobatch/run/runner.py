@@ -22,16 +22,14 @@ from typing import Any, Literal
 import anyio
 import httpx2
 
-from ..api.batch_api import BatchClient
 from ..api.client import GeminiClient
+from ..api.connect import api_key_for, batch_client, connect
 from ..api.retry import RetryPolicy
-from ..api.vertex import vertex_auth, vertex_route
-from ..config import ApiSettings, Settings, read_api_key
+from ..config import Settings
 from ..errors import ConfigError, Interrupted, Problem, TimeLimitReached, sole_error
 from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.manifest import Manifest
-from ..loopback import loopback_url
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.upload import Uploads
@@ -109,8 +107,7 @@ async def run_job(
     manifest, settings = load_job(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
     manifest = manifest.skipping(checked.out_dir)
-    oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
-    api_key = None if oauth else _api_key(settings, needed=not simulate and transport is None)
+    api_key = api_key_for(settings, needed=not simulate and transport is None)  # before the folder is touched
     stats = _stats(stats, checked, settings)
     started = time.time()
     run_id = uuid.uuid4().hex[:12]
@@ -179,9 +176,8 @@ async def _batch_route(
         return None
     config = settings.batch
     batches = await stack.enter_async_context(
-        BatchClient(base_url=client.base_url, api_key=api_key, auth=settings.api.auth,
-                    api_version=settings.api.api_version, transport=transport)
-    )  # fmt: skip
+        batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)
+    )
     options = BatchOptions(
         chunk_requests=config.chunk_requests, chunk_bytes=int(config.chunk_mb * 1024 * 1024),
         linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
@@ -199,19 +195,6 @@ def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Pat
             "%d requests wait in batch jobs: run `nanobatch run %s` again later to collect them "
             "(`nanobatch status %s` lists the jobs)", batch.left_waiting, manifest.path, out_dir,
         )  # fmt: skip
-
-
-def _api_key(settings: Settings, *, needed: bool) -> str | None:
-    """The API key; ConfigError if there is none and one is *needed* (not for a server on this machine)."""
-    api_key = read_api_key(settings)
-    # On this machine (a simulator or a local proxy holding its own key), nothing need be sent: a key it wants,
-    # it asks for (401, a fatal error).
-    if api_key is None and needed and not loopback_url(settings.api.base_url):
-        raise ConfigError(
-            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
-            "or try the built-in simulator with --simulate"
-        )
-    return api_key
 
 
 def _outcome(
@@ -243,35 +226,10 @@ async def _client(
     transport: httpx2.AsyncBaseTransport | None,
 ) -> GeminiClient:
     """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
-    api = settings.api
-    base_url = api.base_url
-    if simulate:
-        from ..simulator import SimulatorConfig, run_in_thread
-
-        base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
-        api_key = None
-    prefix, auth, request_auth = None, api.auth, None
-    if api.backend == "vertex":
-        # api.base_url, when changed from its default, replaces Vertex's host (a proxy, the simulator)
-        custom = base_url if base_url != ApiSettings().base_url else None
-        base_url, prefix = vertex_route(api.project, api.location, base_url=custom)
-        if not simulate:
-            request_auth = vertex_auth(api.project, api.credentials_file, api_key)
-            if request_auth is not None:
-                stack.callback(request_auth.close)
-        auth = "x-goog-api-key"  # express mode's key (with a project, no key is sent)
-    return await stack.enter_async_context(
-        GeminiClient(
-            base_url=base_url,
-            api_key=api_key,
-            auth=auth,
-            api_version=api.api_version,
-            max_connections=settings.limits.concurrency,
-            transport=transport,
-            path_prefix=prefix,
-            request_auth=request_auth,
-        )
+    connection = await stack.enter_async_context(
+        connect(settings, api_key=api_key, simulate=simulate, transport=transport)
     )
+    return await stack.enter_async_context(connection.gemini())
 
 
 async def _drive(

@@ -1,0 +1,148 @@
+"""Opening the API clients from the settings: where requests go, and with what credentials, decided once.
+
+``run``, ``models --live`` and ``cancel`` open their clients here, so the Gemini API, a proxy, the built-in
+simulator and Vertex AI (``api.backend: vertex``) are told apart in one place: the host and path, whether an
+API key is needed, Vertex's OAuth2 token, and what a Vertex configuration cannot do (the Batch API, a list of
+models), refused in words before anything is sent.
+
+>>> async with connect(settings, api_key=api_key_for(settings, needed=True)) as connection:
+...     async with connection.gemini() as client:
+...         reply = await client.generate(model, body, timeout_s=300)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx2
+
+from ..config import ApiSettings, Settings, read_api_key
+from ..errors import ConfigError
+from ..loopback import loopback_url
+from .batch_api import BatchClient
+from .client import GeminiClient
+from .vertex import vertex_auth, vertex_route
+
+__all__ = ["Connection", "Service", "api_key_for", "batch_client", "check_offered", "connect"]
+
+Service = Literal["batch", "cancel", "models"]
+
+# The Batch API is the Gemini API's (Vertex AI's batch prediction is another product, which nanobatch does not
+# use), and Vertex AI v1 lists no models (its publisher-model list is v1beta1, and names no methods).
+_NOT_ON_VERTEX: dict[str, str] = {
+    "batch": "api.backend is vertex, and --tier batch goes through the Gemini API's Batch API, which Vertex AI "
+    "does not offer; use --tier flex on Vertex for half price online",
+    "cancel": "api.backend is vertex, which makes no batch jobs (the batch tier is the Gemini API's): there is "
+    "nothing to cancel with this configuration; give cancel the Gemini API configuration that ran the batch tier",
+    "models": "models --live compares with the Gemini API's list of models, and Vertex AI (api.backend: vertex) "
+    "has no such list; `nanobatch models` shows the models each backend serves",
+}
+
+
+def check_offered(settings: Settings, service: Service) -> None:
+    """ConfigError, saying why, if the configured backend does not offer *service*: the batch tier's jobs
+    (``batch``, ``cancel``) and the list of models (``models``) are the Gemini API's only."""
+    if settings.api.backend == "vertex":
+        raise ConfigError(_NOT_ON_VERTEX[service])
+
+
+def api_key_for(settings: Settings, *, needed: bool) -> str | None:
+    """The API key to send: None with Vertex AI in a project (its OAuth2 token stands in), else the key from
+    the environment; ConfigError if there is none and one is *needed*, unless the server is on this machine."""
+    if settings.api.backend == "vertex" and settings.api.project is not None:
+        return None
+    api_key = read_api_key(settings)
+    # On this machine (a simulator or a local proxy holding its own key), nothing need be sent: a key it wants,
+    # it asks for (401, a fatal error).
+    if api_key is None and needed and not loopback_url(settings.api.base_url):
+        raise ConfigError(
+            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
+            "or try the built-in simulator with --simulate"
+        )
+    return api_key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connection:
+    """Where the settings send requests, and with what: the clients it makes all go to the same endpoint.
+    Made by :func:`connect`, which closes what it holds (the simulator, the token endpoint's connection)."""
+
+    settings: Settings = field(repr=False)
+    base_url: str = field(repr=False)  # may carry a proxy's user and password: never for a message
+    api_key: str | None = field(repr=False)
+    auth: str
+    path_prefix: str | None = None  # Vertex AI's path before {model}:generateContent
+    request_auth: httpx2.Auth | None = field(default=None, repr=False)  # Vertex AI's OAuth2 bearer token
+    transport: httpx2.AsyncBaseTransport | None = field(default=None, repr=False)  # tests replace the network
+
+    def gemini(self) -> GeminiClient:
+        """A client for ``generateContent`` (and the Gemini API's list of models); enter it to use it."""
+        api = self.settings.api
+        return GeminiClient(
+            base_url=self.base_url,
+            api_key=self.api_key,
+            auth=self.auth,
+            api_version=api.api_version,
+            max_connections=self.settings.limits.concurrency,
+            transport=self.transport,
+            path_prefix=self.path_prefix,
+            request_auth=self.request_auth,
+        )
+
+    def batches(self) -> BatchClient:
+        """A client for the Batch and Files APIs at the same endpoint; ConfigError on Vertex AI."""
+        return batch_client(self.settings, base_url=self.base_url, api_key=self.api_key, transport=self.transport)
+
+
+def batch_client(
+    settings: Settings, *, base_url: str, api_key: str | None, transport: httpx2.AsyncBaseTransport | None = None
+) -> BatchClient:
+    """A client for the Batch and Files APIs at *base_url* (a :class:`Connection`'s, or a client's
+    ``base_url``); ConfigError on Vertex AI, which has no Batch API."""
+    check_offered(settings, "batch")
+    api = settings.api
+    return BatchClient(
+        base_url=base_url, api_key=api_key, auth=api.auth, api_version=api.api_version, transport=transport
+    )
+
+
+@asynccontextmanager
+async def connect(
+    settings: Settings,
+    *,
+    api_key: str | None,
+    simulate: bool = False,
+    transport: httpx2.AsyncBaseTransport | None = None,
+) -> AsyncIterator[Connection]:
+    """The :class:`Connection` the settings describe, sending *api_key* (see :func:`api_key_for`): to the API,
+    to a proxy, to Vertex AI, or to the built-in simulator started for it (*simulate*, no key sent)."""
+    api = settings.api
+    async with AsyncExitStack() as stack:
+        base_url = api.base_url
+        if simulate:
+            from ..simulator import SimulatorConfig, run_in_thread
+
+            base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
+            api_key = None
+        prefix, auth, request_auth = None, api.auth, None
+        if api.backend == "vertex":
+            # api.base_url, when changed from its default, replaces Vertex's host (a proxy, the simulator)
+            custom = base_url if base_url != ApiSettings().base_url else None
+            base_url, prefix = vertex_route(api.project, api.location, base_url=custom)
+            if not simulate:
+                request_auth = vertex_auth(api.project, api.credentials_file, api_key)
+                if request_auth is not None:
+                    stack.callback(request_auth.close)
+            auth = "x-goog-api-key"  # express mode's key (with a project, no key is sent)
+        yield Connection(
+            settings=settings,
+            base_url=base_url,
+            api_key=api_key,
+            auth=auth,
+            path_prefix=prefix,
+            request_auth=request_auth,
+            transport=transport,
+        )
