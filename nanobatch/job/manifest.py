@@ -34,7 +34,8 @@ from ..safe_yaml import load_yaml
 from .build import PictureCheck, build_item
 from .check import MAX_PROBLEMS, CheckReport, check_items
 from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, ManifestFields, from_pydantic, parse_fields
-from .sources import GlobSource, InlineSource, RawItem, Source, parse_sources
+from .items_from import parse_sources
+from .sources import GlobSource, InlineSource, RawItem, Source
 
 # The manifest's own names, and (as before the split into fields, build, check and names) those of its parts.
 __all__ = [
