@@ -54,7 +54,6 @@ __all__ = [
 logger = logging.getLogger("nanobatch")
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     """A loaded manifest. Iterate :meth:`items` for the work, :meth:`check` to validate it all."""
@@ -144,18 +143,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
     """Read and check the top level of a manifest and its sources; items are resolved later, one by one."""
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    data = _read_mapping(path)
     if isinstance(data.get("items_from"), dict):
         data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
     try:
@@ -193,6 +181,24 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
         defaults=defaults,
         sources=tuple(sources),
     )
+
+
+def _read_mapping(path: Path) -> dict[Any, Any]:
+    """The manifest's YAML document, which must be a mapping; raises :class:`ManifestError` if it is not."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    return data
 
 
 def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
