@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,31 +27,16 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ManifestError, Problem, not_utf8
-from ..item import IMAGE_SUFFIXES, WorkItem
+from ..item import WorkItem
 from ..output.names import plain_name_problem, template_problems
 from ..safe_yaml import load_yaml
 from .build import PictureCheck, build_item
-from .check import MAX_PROBLEMS, CheckReport, check_items
-from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, ManifestFields, from_pydantic, parse_fields
+from .check import CheckReport, check_items
+from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
 from .items_from import parse_sources
 from .sources import GlobSource, InlineSource, RawItem, Source
 
-# The manifest's own names, and (as before the split into fields, build, check and names) those of its parts.
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "MAX_PROBLEMS",
-    "SYNC_TIERS",
-    "THINKING_LEVELS",
-    "CheckReport",
-    "ItemFields",
-    "Manifest",
-    "ManifestFields",
-    "WorkItem",
-    "load_manifest",
-]
-
-logger = logging.getLogger("nanobatch")
-
+__all__ = ["Manifest", "load_manifest"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
