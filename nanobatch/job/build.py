@@ -168,7 +168,7 @@ def _resolve_input(
         return ref, "the image path is empty", 0
     if SCHEME.match(ref):
         if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
-            return ref, None, 0  # checked by validate (nanobatch.inputs.remote), in batches, not one by one here
+            return ref, None, 0  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
         return ref, (
             f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
             "are supported"

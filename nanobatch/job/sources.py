@@ -14,7 +14,7 @@ Every source is a stream: a CSV is read row by row through ``csv.DictReader``
 and a JSONL file line by line, so a million-row catalog is never held in
 memory. Each row becomes a :class:`RawItem`: item fields with the placeholders
 filled in, plus any problem met on the way; ``manifest.py`` merges the defaults
-and validates the rest. In templates ``{id}`` is the item's id (outside the
+and ``build.py`` checks the rest. In templates ``{id}`` is the item's id (outside the
 ``id`` template itself), and ``{{``/``}}`` are literal braces. The entries
 above are checked and turned into sources in :mod:`nanobatch.job.items_from`.
 """
@@ -299,7 +299,7 @@ def _fill_fields(
     fields: dict[str, Any] = {"id": item_id}
     for name, template in templates.items():
         if name in ("id", "output"):
-            continue  # the output template is filled last, with the defaults' one (see manifest.py)
+            continue  # the output template is filled last, with the defaults' one (see build.py)
         try:
             fields[name] = fill(template, present)
         except MissingPlaceholder as exc:
