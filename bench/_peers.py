@@ -15,17 +15,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from _bench import HERE, Bench, say
 from _server import SimulatorProcess
-
-if TYPE_CHECKING:
-    from run import Bench
 
 __all__ = ["bench_peers"]
 
-HERE = Path(__file__).resolve().parent
 PEERS = {"aiohttp script": "peer_aiohttp.py", "google-genai SDK": "peer_genai.py", "plain httpx2": "peer_httpx2.py"}
 SECTION = "0 peers"
 SMALL = (2000, 100)  # small answers: requests, concurrency
@@ -38,11 +34,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # google itself missing
         return False
-
-
-def say(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
 
 
 def run_peer(b: Bench, script: str, all_ok: bool = True, **params: Any) -> dict[str, Any]:

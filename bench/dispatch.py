@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from _bench import HERE, Bench, say
 from _peers import SMALL, run_peer
 from _server import SimulatorProcess
-from run import HERE, Bench, say
 
 
 def run_nanobatch(b: Bench, package_dir: str | None, **params: Any) -> dict[str, Any]:

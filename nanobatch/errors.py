@@ -17,10 +17,11 @@ Their hierarchy::
 
 Errors of other libraries (yaml, pydantic, OSError, csv, httpx2, Pillow, fsspec,
 google-auth) are translated where they are caught, into these or into a
-:class:`Problem`, in the modules that meet them, chiefly ``config``, ``_yaml``, ``manifest``,
-``sources`` (and ``_lines``), ``build``, ``lock``, ``outdir``, ``writer``, ``runner``, ``inputs`` (and
-``stamps``), ``client``, ``gemini``, ``batch_api``, ``storage``, ``upload`` and ``vertex``; nothing above
-the module that caught one sees it.
+:class:`Problem`, in the modules that meet them, chiefly ``config``, ``safe_yaml``,
+``job.manifest``, ``job.sources`` (and ``job.lines``), ``job.build``, ``output.lock``, ``output.outdir``,
+``output.writer``, ``output.upload``, ``run.runner``, ``inputs.load`` (and ``inputs.stamps``,
+``inputs.pictures``), ``api.client``, ``api.gemini``, ``api.batch_api``, ``api.storage`` and ``api.vertex``;
+nothing above the module that caught one sees it.
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
 """Many small connection pools instead of one big one.
 
-httpcore 1.0's ``AsyncConnectionPool`` walked every connection on every request
-and every release, so its cost per request grew with the square of the pool's
-size: at 100 connections it was half of nanobatch's CPU per request. httpcore2
-made that pass linear, but it still visits every connection of the pool on each
-request and release (probing each idle one's socket), so pools of ten still
-pay (bench row "1 dispatch", its pool-split experiment; figures in
-bench/RESULTS.md, "Why the code is shaped this way"). Each pool is httpx2's own
-transport; this only picks one.
+httpcore2's ``AsyncConnectionPool`` visits every connection of the pool on each
+request and each release (probing each idle one's socket), so a request costs
+more CPU the bigger the pool: ten pools of ten cost less than one of 100 (bench
+row "1 dispatch", its pool-split experiment; figures in bench/RESULTS.md, "Why
+the code is shaped this way"). Each pool is httpx2's own transport; this only
+picks one.
 
-Each pool's network streams are also wrapped (:class:`_Stream`) for the two costs
-httpcore2 adds per request on top of that: it writes a request's head and its
+Each pool's network streams are also wrapped (:class:`_Stream`) for two more
+costs httpcore2 adds per request: it writes a request's head and its
 body with a send() each (on loopback each send costs as much as the client's
 other work on a small request), and it asks anyio whether an idle connection is
 readable through a path that calls getpeername() every time. The wrapper sends a
@@ -105,7 +103,7 @@ def _wrap_streams(transport: httpx2.AsyncHTTPTransport) -> None:
     backend = getattr(pool, "_network_backend", None)
     if isinstance(backend, httpcore2.AsyncNetworkBackend):
         pool._network_backend = _Backend(backend)  # type: ignore[union-attr]
-    else:  # a later httpx2 moved it: everything still works, at httpcore2's own cost per request
+    else:  # an httpx2 that keeps it elsewhere: everything still works, at httpcore2's own cost per request
         logger.debug("httpx2's connection pool has no network backend to wrap; sending as httpcore2 does")
 
 

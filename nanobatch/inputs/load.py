@@ -6,7 +6,7 @@
   once. Pictures too big to send inline are refused, or downscaled with Pillow
   when the item says ``resize_inputs: true``.
 * :func:`check_urls`, for ``nanobatch validate``: does each URL answer 2xx?
-* Local stamps and the work key are ``stamps.py``'s (names re-exported here).
+* Local stamps and the work key are in :mod:`nanobatch.inputs.stamps`.
 
 A picture that cannot be loaded fails its item (error kind ``input``), not the run.
 """
@@ -34,24 +34,9 @@ from ..item import WorkItem
 from ..models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
 from .pictures import ACCEPTED_TYPES, picture_problem
 from .remote import input_field
-from .stamps import FileStamp, image_digest, is_remote, is_url, local_stamps, unreadable, work_key
+from .stamps import is_remote, is_url, unreadable
 
-__all__ = [
-    "MAX_DOWNLOAD_BYTES",
-    "MAX_INPUT_BYTES",
-    "MAX_TOTAL_INPUT_BYTES",
-    "InputError",
-    "InputLoader",
-    "UrlChecklist",
-    "check_urls",
-    "is_remote",
-    "is_url",
-    "load_inputs",
-    "FileStamp",
-    "image_digest",
-    "local_stamps",
-    "work_key",
-]
+__all__ = ["MAX_DOWNLOAD_BYTES", "InputLoader", "UrlChecklist", "check_urls", "load_inputs"]
 
 logger = logging.getLogger("nanobatch")
 

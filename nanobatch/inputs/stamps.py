@@ -4,7 +4,7 @@
   last run, so that a re-run over a finished catalog skips its items without reading their pictures.
 * :func:`work_key`: a digest of everything that decides an item's output.
 
-Bucket inputs are stamped in ``remote.py``; loading pictures to send is ``inputs.py``'s.
+Bucket inputs are stamped in ``remote.py``; pictures are loaded to be sent in ``load.py``.
 """
 
 from __future__ import annotations

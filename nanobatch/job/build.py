@@ -36,10 +36,7 @@ def build_item(
     def bad(fld: str | None, message: str) -> None:
         problems.append(Problem(raw.file, raw.label, fld, message))
 
-    for name, value in given.items():
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and (message := text_problem(text)):
-                bad(name, message)
+    _check_texts(given, bad)
     steps = _steps(f, bad)
     model = f.model or model
     inputs, total = _inputs(f, base, check_files, bad)
@@ -76,6 +73,14 @@ def build_item(
         input_mode=f.inputs.lower() if f.inputs is not None else None,
         output_format=output_format,
     ), []
+
+
+def _check_texts(given: dict[str, Any], bad: Callable[[str | None, str], None]) -> None:
+    """Every text the item sets, checked to be one a request and a file name can carry."""
+    for name, value in given.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (message := text_problem(text)):
+                bad(name, message)
 
 
 def _steps(f: ItemFields, bad: Callable[[str | None, str], None]) -> tuple[str, ...]:
@@ -163,7 +168,7 @@ def _resolve_input(
         return ref, "the image path is empty", 0
     if SCHEME.match(ref):
         if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
-            return ref, None, 0  # checked by validate (nanobatch.inputs.remote), in batches, not one by one here
+            return ref, None, 0  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
         return ref, (
             f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
             "are supported"

@@ -59,7 +59,7 @@ def parse_fields(
     problems: list[Problem] = []
     for name in ("aspect_ratio", "image_size", "id"):
         value = data.get(name)
-        # id: 1001 and image_size: 512 are fine unquoted (and 16:9 or 00123 stay as written: see _yaml.py).
+        # id: 1001 and image_size: 512 are fine unquoted (and 16:9 or 00123 stay as written: see safe_yaml.py).
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             data[name] = str(value)
     try:

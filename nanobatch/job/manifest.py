@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,31 +27,16 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ManifestError, Problem, not_utf8
-from ..item import IMAGE_SUFFIXES, WorkItem
+from ..item import WorkItem
 from ..output.names import plain_name_problem, template_problems
 from ..safe_yaml import load_yaml
 from .build import PictureCheck, build_item
-from .check import MAX_PROBLEMS, CheckReport, check_items
-from .fields import SYNC_TIERS, THINKING_LEVELS, ItemFields, ManifestFields, from_pydantic, parse_fields
-from .sources import GlobSource, InlineSource, RawItem, Source, parse_sources
+from .check import CheckReport, check_items
+from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
+from .items_from import parse_sources
+from .sources import GlobSource, InlineSource, RawItem, Source
 
-# The manifest's own names, and (as before the split into fields, build, check and names) those of its parts.
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "MAX_PROBLEMS",
-    "SYNC_TIERS",
-    "THINKING_LEVELS",
-    "CheckReport",
-    "ItemFields",
-    "Manifest",
-    "ManifestFields",
-    "WorkItem",
-    "load_manifest",
-]
-
-logger = logging.getLogger("nanobatch")
-
-
+__all__ = ["Manifest", "load_manifest"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
@@ -143,18 +127,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
     """Read and check the top level of a manifest and its sources; items are resolved later, one by one."""
     path = Path(path)
     file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
-    if not isinstance(data, dict):
-        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    data = _read_mapping(path)
     if isinstance(data.get("items_from"), dict):
         data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
     try:
@@ -192,6 +165,24 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
         defaults=defaults,
         sources=tuple(sources),
     )
+
+
+def _read_mapping(path: Path) -> dict[Any, Any]:
+    """The manifest's YAML document, which must be a mapping; raises :class:`ManifestError` if it is not."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
+    return data
 
 
 def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:

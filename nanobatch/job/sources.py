@@ -14,8 +14,9 @@ Every source is a stream: a CSV is read row by row through ``csv.DictReader``
 and a JSONL file line by line, so a million-row catalog is never held in
 memory. Each row becomes a :class:`RawItem`: item fields with the placeholders
 filled in, plus any problem met on the way; ``manifest.py`` merges the defaults
-and validates the rest. In templates ``{id}`` is the item's id (outside the
-``id`` template itself), and ``{{``/``}}`` are literal braces.
+and ``build.py`` checks the rest. In templates ``{id}`` is the item's id (outside the
+``id`` template itself), and ``{{``/``}}`` are literal braces. The entries
+above are checked and turned into sources in :mod:`nanobatch.job.items_from`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,21 +37,7 @@ from ..errors import Problem, StorageError
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .lines import NotUtf8Line, Utf8Lines
 
-__all__ = [
-    "GlobSource",
-    "InlineSource",
-    "MissingPlaceholder",
-    "RawItem",
-    "Source",
-    "TableSource",
-    "fill",
-    "open_text",
-    "parse_sources",
-    "template_fields",
-]
-
-SOURCE_KINDS = ("csv", "jsonl", "glob")
-_OPTIONS: dict[str, tuple[str, ...]] = {"csv": ("delimiter",), "jsonl": (), "glob": ()}
+__all__ = ["GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "open_text", "placeholders"]
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -184,7 +171,7 @@ class TableSource:
             message = f"the header (row 1) has no column 'id' {columns}: add one, or write a template: id: \"{{sku}}\""
             problems.append(Problem(f"{self.path}:1", None, "id", message))
         for name, template in self.templates.items():
-            for column in _placeholders(template, own_id=name == "id"):
+            for column in placeholders(template, own_id=name == "id"):
                 if column not in header:
                     message = (
                         f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
@@ -275,31 +262,14 @@ class GlobSource:
             yield _broken(self.file, "glob", f"{self.pattern!r} matches no objects")
 
 
-# Never taken from a column of the same name: "id" (the default id template is "{id}" already), "output"
-# (a template that must contain {id}), "model" (in a catalog, more often the product's than Gemini's).
-_NOT_FROM_COLUMNS = frozenset({"id", "output", "model"})
-_EITHER_OR = (("image", "images"), ("instruction", "steps"))
-
-
-def _used_by(templates: Mapping[str, Any]) -> set[str]:
-    """The columns the templates read: data for them, not settings of their own."""
-    used: set[str] = set()
-    for name, template in templates.items():
-        try:
-            used.update(_placeholders(template, own_id=name == "id"))
-        except ValueError:
-            continue  # reported with the source's problems
-    return used
-
-
 def _broken(file: str, fld: str | None, message: str) -> RawItem:
     return RawItem(fields=None, file=file, label=None, problems=(Problem(file, None, fld, message),))
 
 
-def _placeholders(template: Any, *, own_id: bool) -> list[str]:
+def placeholders(template: Any, *, own_id: bool) -> list[str]:
     """Column names a template needs; outside the id template, {id} is the item's id, not a column."""
     if isinstance(template, list):
-        return [name for part in template for name in _placeholders(part, own_id=own_id)]
+        return [name for part in template for name in placeholders(part, own_id=own_id)]
     if not isinstance(template, str):
         return []
     return [name for name in template_fields(template) if own_id or name != "id"]
@@ -329,7 +299,7 @@ def _fill_fields(
     fields: dict[str, Any] = {"id": item_id}
     for name, template in templates.items():
         if name in ("id", "output"):
-            continue  # the output template is filled last, with the defaults' one (see manifest.py)
+            continue  # the output template is filled last, with the defaults' one (see build.py)
         try:
             fields[name] = fill(template, present)
         except MissingPlaceholder as exc:
@@ -341,116 +311,3 @@ def _fill_fields(
     if problems:
         return RawItem(fields=None, file=where, label=item_id, problems=tuple(problems))
     return RawItem(fields=fields, file=where, label=item_id, context=row)
-
-
-def parse_sources(
-    entries: list[Any],
-    *,
-    manifest_file: str,
-    base_dir: Path,
-    item_fields: Collection[str],
-    default_output: str | None = None,
-) -> tuple[list[Source], list[Problem]]:
-    """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...).
-
-    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data)."""
-    sources: list[Source] = []
-    problems: list[Problem] = []
-    for index, entry in enumerate(entries):
-        where = f"items_from[{index}]"
-        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields, default_output)
-        problems += found
-        if source is not None and not found:
-            sources.append(source)
-    return sources, problems
-
-
-def _parse_entry(
-    entry: Any,
-    where: str,
-    manifest_file: str,
-    base_dir: Path,
-    item_fields: Collection[str],
-    default_output: str | None,
-) -> tuple[Source | None, list[Problem]]:
-    def problem(fld: str | None, message: str) -> Problem:
-        return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
-
-    if not isinstance(entry, dict):
-        return None, [problem(None, "each source must be a mapping with one of csv:, jsonl: or glob:")]
-    kinds = [k for k in SOURCE_KINDS if k in entry]
-    if len(kinds) != 1:
-        found = f"not {', '.join(kinds)} together" if kinds else "none was given"
-        return None, [problem(None, f"give exactly one of csv:, jsonl: or glob: ({found})")]
-    kind = kinds[0]
-    allowed = [*SOURCE_KINDS, *_OPTIONS[kind], *item_fields]
-    problems = []
-    for key in entry:
-        if key not in allowed:
-            problems.append(problem(str(key), "unknown key" + did_you_mean(str(key), allowed)))
-        elif key in SOURCE_KINDS and key != kind:
-            problems.append(problem(str(key), f"a source reads one thing: {key}: cannot go with {kind}:"))
-    target = entry[kind]
-    if not isinstance(target, str) or not target.strip():
-        problems.append(problem(kind, f"{kind}: must be a file name or pattern, relative to the manifest"))
-        return None, problems
-    templates = {k: v for k, v in entry.items() if k in item_fields}
-    delimiter = entry.get("delimiter", ",")
-    problems += _entry_template_problems(kind, templates, problem)
-    if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
-        problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
-    if kind == "glob":
-        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
-    path: Path | str = base_dir / target
-    if storage.is_bucket_url(target):
-        path = target
-        try:
-            storage.stat(target)  # one request: a missing bucket, object or extra is named before anything runs
-        except StorageError as exc:
-            problems.append(problem(kind, str(exc)))
-    elif not isinstance(path, Path) or not path.is_file():
-        problems.append(problem(kind, f"{kind} file not found: {path}"))
-    source = TableSource(
-        kind=kind,
-        path=path,
-        templates=templates,
-        delimiter=str(delimiter),
-        columns_as_fields=_from_columns(templates, item_fields, default_output),
-    )
-    return source, problems
-
-
-def _entry_template_problems(
-    kind: str, templates: Mapping[str, Any], problem: Callable[[str | None, str], Problem]
-) -> list[Problem]:
-    """What is wrong with a source's field templates: their placeholders, and for a glob, ones it cannot fill."""
-    problems = []
-    for name, template in templates.items():
-        try:
-            _placeholders(template, own_id=True)
-        except ValueError as exc:
-            problems.append(problem(name, str(exc)))
-    if kind != "glob":
-        return problems
-    for name, template in templates.items():
-        try:
-            unknown = set(_placeholders(template, own_id=name == "id")) - {"path", "name", "stem"}
-        except ValueError:
-            continue
-        if unknown:
-            message = f"a glob source knows {{path}}, {{name}}, {{stem}} and {{id}}, not {{{min(unknown)}}}"
-            problems.append(problem(name, message))
-    return problems
-
-
-def _from_columns(
-    templates: Mapping[str, Any], item_fields: Collection[str], default_output: str | None
-) -> frozenset[str]:
-    """The item fields a table's columns set: those no template sets, nor a template (or the default output
-    name) reads as data."""
-    read = {**templates, "output": templates.get("output", default_output)}  # the output template used
-    from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(read)
-    for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
-        if one in templates or other in templates:
-            from_columns -= {one, other}
-    return from_columns

@@ -1,10 +1,10 @@
 """One line of ``results.jsonl``, typed: :class:`ItemRecord` (and :class:`StepRecord` for each step).
 
 Every record an item gets is built here (:func:`build_record`, :func:`moved_record`, :meth:`ItemRecord.failed_write`)
-from what sending it gathered (:class:`Tally`). :meth:`ItemRecord.to_json` writes the fields in the order
-nanobatch has always written them, so a folder written before this module resumes unchanged;
-:meth:`ItemRecord.from_json` reads old and hand-edited lines: a missing field takes its default, and a
-field nanobatch does not know is kept in ``extra`` and written back after the known ones.
+from what sending it gathered (:class:`Tally`). :meth:`ItemRecord.to_json` writes the fields in one fixed
+order, the one results.jsonl files on disk already have, so old and new lines read alike;
+:meth:`ItemRecord.from_json` reads lines of other versions and hand-edited ones: a missing field takes its
+default, and a field nanobatch does not know is kept in ``extra`` and written back after the known ones.
 """
 
 from __future__ import annotations

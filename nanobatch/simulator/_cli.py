@@ -210,11 +210,7 @@ def simulate(
     verbose: bool,
 ) -> None:
     """Serve the built-in Gemini simulator (no key, no network, real edited images)."""
-    api_key = None
-    if api_key_env:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise click.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
+    api_key = _required_key(api_key_env)
     rates: dict[str, Any] = {**fault_rates, **batch_faults}
     config = SimulatorConfig(
         seed=seed,
@@ -231,13 +227,7 @@ def simulate(
     )
     if not loopback_host(host):
         click.echo(f"warning: {host} is reachable from other machines; the simulator is meant for loopback", err=True)
-    # The command to type, as it works: `nanobatch run` reads the key from api.api_key_env (NANOBATCH_API_KEY),
-    # else GEMINI_API_KEY; a loopback base URL needs none, and without --api-key-env any key will do.
-    use_key = ""
-    if api_key_env and api_key_env not in _CLIENT_KEYS:
-        use_key = f"NANOBATCH_API_API_KEY_ENV={api_key_env} "
-    elif not api_key_env and not loopback_host(host):
-        use_key = "NANOBATCH_API_KEY=any "
+    use_key = _key_setting(api_key_env, host)
 
     def ready(url: str) -> None:
         command = f"{use_key}nanobatch run MANIFEST --base-url {url}"
@@ -249,3 +239,24 @@ def simulate(
         serve(config, host, port, verbose=verbose, on_ready=ready)
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _required_key(api_key_env: str | None) -> str | None:
+    """The key requests must carry: the value of *api_key_env*, which must then be set; None: any key."""
+    if not api_key_env:
+        return None
+    api_key = os.environ.get(api_key_env)
+    if not api_key:
+        raise click.BadParameter(f"environment variable {api_key_env} is not set", param_hint="--api-key-env")
+    return api_key
+
+
+def _key_setting(api_key_env: str | None, host: str) -> str:
+    """What to put before ``nanobatch run`` in the command the banner shows, for it to work as typed."""
+    # `nanobatch run` reads the key from api.api_key_env (NANOBATCH_API_KEY), else GEMINI_API_KEY; a loopback
+    # base URL needs none, and without --api-key-env any key will do.
+    if api_key_env and api_key_env not in _CLIENT_KEYS:
+        return f"NANOBATCH_API_API_KEY_ENV={api_key_env} "
+    if not api_key_env and not loopback_host(host):
+        return "NANOBATCH_API_KEY=any "
+    return ""

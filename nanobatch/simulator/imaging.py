@@ -29,8 +29,8 @@ __all__ = ["Rendered", "choose_aspect_ratio", "edits_for", "load_canned", "rende
 
 _WHITE = (255, 255, 255)
 # Every pattern is matched in one pass, in time linear in the instruction: "A ... B" on one line is
-# "the first A ends before some B starts", never a backtracking ``A.*B`` (quadratic: a 1 MB instruction
-# held the GIL, and so a `run --simulate` client in the same process, for ten minutes).
+# "the first A ends before some B starts", never a backtracking ``A.*B``, which is quadratic: a 1 MB instruction
+# would hold the GIL, and so a `run --simulate` client in the same process, for minutes.
 _WORD_WHITE = re.compile(r"white\b", re.I)
 _WORD_BACKGROUND = re.compile(r"\bbackground", re.I)
 _BACKGROUND_WORD = re.compile(r"background\b", re.I)
@@ -293,7 +293,7 @@ def _caption(image: Image.Image, text: str) -> None:
     draw.rectangle((0, image.height - band, image.width, image.height), fill=(0, 0, 0, 150))
     limit = image.width * 0.94
     # No glyph is narrower than an eighth of the font size: more characters than this can never fit. Cutting
-    # first keeps the trimming below short (one character at a time over a 1 MB instruction was quadratic).
+    # first keeps the trimming below short (one character at a time over a 1 MB instruction would be quadratic).
     fits_at_most = int(limit / (size / 8)) + 1
     cut, text = len(text) > fits_at_most, text[:fits_at_most]
     with _FONT_LOCK:

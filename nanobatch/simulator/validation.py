@@ -52,7 +52,7 @@ class InputImage:
     image: Image.Image
     turn: int
     role: str
-    uri: str | None = None  # a fileData part: the URI the real API would fetch (see app.py for what is)
+    uri: str | None = None  # a fileData part: the URI the real API would fetch (see _fetch.py for those fetched)
 
     @property
     def has_alpha(self) -> bool:

@@ -1,0 +1,101 @@
+"""What every benchmark section shares: the work folder and its fixtures, the rows so far, and how a
+client run is started. Below ``run.py``, ``_peers.py`` and ``dispatch.py``, which all use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import _fixtures as fixtures
+from _server import SimulatorProcess
+
+__all__ = ["HERE", "Bench", "Row", "say"]
+
+HERE = Path(__file__).resolve().parent
+
+
+def say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+@dataclass(slots=True)
+class Row:
+    section: str
+    name: str
+    value: str
+    target: str = ""
+    verdict: str = ""  # "met", "MISSED" or "" (no target)
+
+
+@dataclass(slots=True)
+class Bench:
+    """Shared state: the work folder, the fixtures, the mode, the rows so far."""
+
+    tmp: Path
+    quick: bool
+    batch_items: int = 10_000
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    catalogs: dict[tuple[int, str, bool], Path] = field(default_factory=dict)
+    long_run: tuple[Path, Path] | None = None  # (manifest, output folder) of the long manifest's run
+    tiny: Path = field(init=False)
+    input: Path = field(init=False)
+    noise: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tiny = fixtures.tiny_png(self.tmp / "tiny.png")
+        self.input = fixtures.input_jpeg(self.tmp / "input.jpg")
+        self.noise = fixtures.noise_png(self.tmp / "noise-2k.png")
+
+    def catalog(self, n: int, image_size: str = "512", *, distinct: bool = False) -> Path:
+        """A manifest of *n* edit items, made once per (n, size, distinct inputs or links to one)."""
+        key = (n, image_size, distinct)
+        if key not in self.catalogs:
+            self.catalogs[key] = fixtures.write_catalog(
+                self.tmp / f"job-{n}-{image_size}{'-distinct' if distinct else ''}",
+                n,
+                self.input,
+                image_size=image_size,
+                distinct=distinct,
+            )
+        return self.catalogs[key]
+
+    def out(self, name: str) -> str:
+        return str(self.tmp / "out" / name)
+
+    def add(self, section: str, name: str, value: str, target: str = "", met: bool | None = None) -> None:
+        verdict = "" if met is None else ("met" if met else "MISSED")
+        self.rows.append(Row(section, name, value, target, verdict))
+        say(f"  {name}: {value}" + (f"  [{verdict}]" if verdict else ""))
+
+    def client(self, scenario: str, timeout: float = 1200, **params: Any) -> dict[str, Any]:
+        """Run one scenario in a fresh process; returns its JSON result."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+        env["NANOBATCH_API_KEY"] = "bench-not-a-key"  # the simulator takes any key
+        done = subprocess.run(
+            [sys.executable, str(HERE / "_client.py"), scenario, json.dumps(params)],
+            cwd=self.tmp,  # no ./nanobatch.yaml from elsewhere
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{scenario} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    def nanobatch(
+        self, manifest: Path, out_dir: str | Path, sim: SimulatorProcess, concurrency: int, n: int, **params: Any
+    ) -> dict[str, Any]:
+        """One ``nanobatch`` run of *manifest* against *sim*; RuntimeError unless all *n* items came back ok."""
+        params.update(manifest=str(manifest), out_dir=str(out_dir), base_url=sim.url, concurrency=concurrency)
+        run = self.client("nanobatch", **params)
+        if run["ok"] != n:
+            raise RuntimeError(f"nanobatch: expected {n} ok items, got {run}")
+        return run

@@ -1,0 +1,163 @@
+"""A manifest's ``items_from:`` entries -> item sources, and every problem with how they are written.
+
+Unknown keys, templates a source cannot fill and missing files are all found here, before any row is
+read; the rows themselves are read in :mod:`nanobatch.job.sources`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..api import storage
+from ..config import did_you_mean
+from ..errors import Problem, StorageError
+from .sources import GlobSource, Source, TableSource, placeholders
+
+__all__ = ["parse_sources"]
+
+SOURCE_KINDS = ("csv", "jsonl", "glob")
+_OPTIONS: dict[str, tuple[str, ...]] = {"csv": ("delimiter",), "jsonl": (), "glob": ()}
+
+# Never taken from a column of the same name: "id" (the default id template is "{id}" already), "output"
+# (a template that must contain {id}), "model" (in a catalog, more often the product's than Gemini's).
+_NOT_FROM_COLUMNS = frozenset({"id", "output", "model"})
+_EITHER_OR = (("image", "images"), ("instruction", "steps"))
+
+_ProblemAt = Callable[[str | None, str], Problem]
+
+
+def parse_sources(
+    entries: list[Any],
+    *,
+    manifest_file: str,
+    base_dir: Path,
+    item_fields: Collection[str],
+    default_output: str | None = None,
+) -> tuple[list[Source], list[Problem]]:
+    """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...).
+
+    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data)."""
+    sources: list[Source] = []
+    problems: list[Problem] = []
+    for index, entry in enumerate(entries):
+        where = f"items_from[{index}]"
+        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields, default_output)
+        problems += found
+        if source is not None and not found:
+            sources.append(source)
+    return sources, problems
+
+
+def _parse_entry(
+    entry: Any,
+    where: str,
+    manifest_file: str,
+    base_dir: Path,
+    item_fields: Collection[str],
+    default_output: str | None,
+) -> tuple[Source | None, list[Problem]]:
+    def problem(fld: str | None, message: str) -> Problem:
+        return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
+
+    if not isinstance(entry, dict):
+        return None, [problem(None, "each source must be a mapping with one of csv:, jsonl: or glob:")]
+    kinds = [k for k in SOURCE_KINDS if k in entry]
+    if len(kinds) != 1:
+        found = f"not {', '.join(kinds)} together" if kinds else "none was given"
+        return None, [problem(None, f"give exactly one of csv:, jsonl: or glob: ({found})")]
+    kind = kinds[0]
+    problems = _key_problems(entry, kind, item_fields, problem)
+    target = entry[kind]
+    if not isinstance(target, str) or not target.strip():
+        problems.append(problem(kind, f"{kind}: must be a file name or pattern, relative to the manifest"))
+        return None, problems
+    templates = {k: v for k, v in entry.items() if k in item_fields}
+    delimiter = entry.get("delimiter", ",")
+    problems += _entry_template_problems(kind, templates, problem)
+    if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
+        problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
+    if kind == "glob":
+        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
+    path, missing = _table_path(kind, target, base_dir, problem)
+    problems += missing
+    source = TableSource(
+        kind=kind,
+        path=path,
+        templates=templates,
+        delimiter=str(delimiter),
+        columns_as_fields=_from_columns(templates, item_fields, default_output),
+    )
+    return source, problems
+
+
+def _key_problems(entry: dict[Any, Any], kind: str, item_fields: Collection[str], problem: _ProblemAt) -> list[Problem]:
+    """The entry's keys that are neither a field nor an option of its *kind*, or name a second kind."""
+    allowed = [*SOURCE_KINDS, *_OPTIONS[kind], *item_fields]
+    problems = []
+    for key in entry:
+        if key not in allowed:
+            problems.append(problem(str(key), "unknown key" + did_you_mean(str(key), allowed)))
+        elif key in SOURCE_KINDS and key != kind:
+            problems.append(problem(str(key), f"a source reads one thing: {key}: cannot go with {kind}:"))
+    return problems
+
+
+def _table_path(kind: str, target: str, base_dir: Path, problem: _ProblemAt) -> tuple[Path | str, list[Problem]]:
+    """Where a CSV or JSONL source's file is (a str: a bucket URL), and the problem if it is not there."""
+    if storage.is_bucket_url(target):
+        try:
+            storage.stat(target)  # one request: a missing bucket, object or extra is named before anything runs
+        except StorageError as exc:
+            return target, [problem(kind, str(exc))]
+        return target, []
+    path = base_dir / target
+    if not path.is_file():
+        return path, [problem(kind, f"{kind} file not found: {path}")]
+    return path, []
+
+
+def _entry_template_problems(kind: str, templates: Mapping[str, Any], problem: _ProblemAt) -> list[Problem]:
+    """What is wrong with a source's field templates: their placeholders, and for a glob, ones it cannot fill."""
+    problems = []
+    for name, template in templates.items():
+        try:
+            placeholders(template, own_id=True)
+        except ValueError as exc:
+            problems.append(problem(name, str(exc)))
+    if kind != "glob":
+        return problems
+    for name, template in templates.items():
+        try:
+            unknown = set(placeholders(template, own_id=name == "id")) - {"path", "name", "stem"}
+        except ValueError:
+            continue
+        if unknown:
+            message = f"a glob source knows {{path}}, {{name}}, {{stem}} and {{id}}, not {{{min(unknown)}}}"
+            problems.append(problem(name, message))
+    return problems
+
+
+def _from_columns(
+    templates: Mapping[str, Any], item_fields: Collection[str], default_output: str | None
+) -> frozenset[str]:
+    """The item fields a table's columns set: those no template sets, nor a template (or the default output
+    name) reads as data."""
+    read = {**templates, "output": templates.get("output", default_output)}  # the output template used
+    from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(read)
+    for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
+        if one in templates or other in templates:
+            from_columns -= {one, other}
+    return from_columns
+
+
+def _used_by(templates: Mapping[str, Any]) -> set[str]:
+    """The columns the templates read: data for them, not settings of their own."""
+    used: set[str] = set()
+    for name, template in templates.items():
+        try:
+            used.update(placeholders(template, own_id=name == "id"))
+        except ValueError:
+            continue  # reported with the source's problems
+    return used
