@@ -114,19 +114,17 @@ async def connect(
     settings: Settings,
     *,
     api_key: str | None,
-    simulate: bool = False,
+    simulator_url: str | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Connection]:
     """The :class:`Connection` the settings describe, sending *api_key* (see :func:`api_key_for`): to the API,
-    to a proxy, to Vertex AI, or to the built-in simulator started for it (*simulate*, no key sent)."""
+    to a proxy, to Vertex AI, or to the built-in simulator at *simulator_url* (no key, no token sent)."""
     api = settings.api
+    simulate = simulator_url is not None
     async with AsyncExitStack() as stack:
         base_url = api.base_url
-        if simulate:
-            from ..simulator import SimulatorConfig, run_in_thread
-
-            base_url = stack.enter_context(run_in_thread(SimulatorConfig()))
-            api_key = None
+        if simulator_url is not None:
+            base_url, api_key = simulator_url, None
         prefix, auth, request_auth = None, api.auth, None
         if api.backend == "vertex":
             # api.base_url, when changed from its default, replaces Vertex's host (a proxy, the simulator)

@@ -226,8 +226,13 @@ async def _client(
     transport: httpx2.AsyncBaseTransport | None,
 ) -> GeminiClient:
     """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
+    simulator_url = None
+    if simulate:
+        from ..simulator import SimulatorConfig, run_in_thread
+
+        simulator_url = stack.enter_context(run_in_thread(SimulatorConfig()))
     connection = await stack.enter_async_context(
-        connect(settings, api_key=api_key, simulate=simulate, transport=transport)
+        connect(settings, api_key=api_key, simulator_url=simulator_url, transport=transport)
     )
     return await stack.enter_async_context(connection.gemini())
 
