@@ -334,14 +334,7 @@ def _engine(
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
         first_contact=first_contact,
     )
-    policy = RetryPolicy(
-        max_attempts=retry.max_attempts,
-        backoff_initial_s=retry.backoff_initial_s,
-        backoff_max_s=retry.backoff_max_s,
-        no_image_attempts=retry.no_image_attempts,
-        max_server_wait_s=retry.max_server_wait_s,
-        **({"sleep": retry_sleep} if retry_sleep is not None else {}),
-    )
+    policy = RetryPolicy(settings=retry) if retry_sleep is None else RetryPolicy(settings=retry, sleep=retry_sleep)
     return Engine(
         client=client,
         inputs=loader,
