@@ -39,7 +39,7 @@ from .batch import BatchOptions, BatchRoute
 from .engine import Engine
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact
-from .preflight import CheckResult, check_job, load_job, resolve_out_dir
+from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded
 from .stats import RunStats
 from .summary import build_summary
@@ -106,9 +106,8 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    manifest, settings = load_job(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
-    manifest = manifest.skipping(checked.out_dir)
+    manifest, settings = checked.job, checked.settings
     oauth = settings.api.backend == "vertex" and settings.api.project is not None  # Google credentials, no key
     api_key = None if oauth else _api_key(settings, needed=not simulate and transport is None)
     stats = _stats(stats, checked, settings)
