@@ -18,18 +18,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import anyio
 import orjson
 
 from .. import models
-from ..api.client import GeminiClient
 from ..api.gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply, set_service_tier
 from ..api.retry import RetryPolicy, retrying
+from ..config import Settings
 from ..errors import ApiError, FatalApiError, StorageError
 from ..inputs.load import InputLoader, load_inputs
-from ..inputs.remote import Referrer, endpoint_for
+from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..output.names import item_stems, output_names
@@ -41,7 +40,7 @@ from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsav
 from .batch import DEADLINE_KIND, BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
-from .route import GenerateContent, Request, Route
+from .route import Request, Route
 from .stats import RunStats
 
 __all__ = ["Engine"]
@@ -70,49 +69,45 @@ class Engine:
     def __init__(
         self,
         *,
-        client: GeminiClient,
+        settings: Settings,
         gate: Gate,
+        route: Route,
+        batch_route: BatchRoute | None,
+        retry: RetryPolicy,
+        inputs: InputLoader,
+        referrer: Referrer,
+        uploads: Uploads | None,
         out: OutDir,
         index: ResultsIndex,
-        retry: RetryPolicy,
-        timeout_s: float,
-        pricing: dict[str, Any],
-        concurrency: int,
-        inputs: InputLoader,
-        force: bool = False,
-        retry_failed: bool = False,
-        stats: RunStats | None = None,
-        run_id: str = "",
-        tier: str = "standard",
-        flex_fallback: bool = True,
-        route: Route | None = None,
-        referrer: Referrer | None = None,
-        uploads: Uploads | None = None,
-        batch_route: BatchRoute | None = None,
+        force: bool,
+        retry_failed: bool,
+        failures: FailureLog,
+        stats: RunStats,
+        run_id: str,
     ) -> None:
-        self.route: Route = route if route is not None else GenerateContent(client)
+        self.route = route  # for items not in the batch tier
         self.batch_route = batch_route  # for items in the batch tier
         self.gate = gate
-        self.out = out
-        self.index = index
         self.retry = retry
-        self.timeout_s = timeout_s
-        self.pricing = pricing
-        self.tier = tier
-        self.flex_fallback = flex_fallback
-        self.concurrency = concurrency
-        self.force = force
-        self.retry_failed = retry_failed
-        self.stats = stats or RunStats()
-        self.work_scope = anyio.CancelScope()
-        self.run_id = run_id
+        self.tier = settings.api.tier
+        self.timeout_s = settings.api.timeout_s
+        self.pricing = dict(settings.pricing)
+        self.flex_fallback = settings.limits.flex_fallback
+        self.concurrency = settings.gate_limits()[0]
         self.inputs = inputs  # the run's downloader and cache
         # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
-        self.referrer = referrer if referrer is not None else Referrer(endpoint_for(""), "inline")
+        self.referrer = referrer
+        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
+        self.out = out
+        self.index = index
+        self.force = force
+        self.retry_failed = retry_failed
+        self.failures = failures
+        self.stats = stats
+        self.run_id = run_id
+        self.work_scope = anyio.CancelScope()
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
-        self.failures = FailureLog(client.where)
-        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
