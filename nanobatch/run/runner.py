@@ -34,6 +34,7 @@ from ..job.manifest import Manifest
 from ..loopback import loopback_url
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
+from ..output.resume import Resume
 from ..output.upload import Uploads
 from .batch import BatchOptions, BatchRoute
 from .engine import Engine
@@ -197,8 +198,7 @@ async def _engine(
         uploads=uploads,
         out=out,
         index=index,
-        force=options.force,
-        retry_failed=options.retry_failed,
+        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed),
         failures=FailureLog(client.where),
         stats=stats,
         run_id=out.journal.run_id,
