@@ -19,6 +19,7 @@ from PIL import Image as Pillow
 import nanobatch
 from nanobatch.api.gemini import Image, sniff_mime
 from nanobatch.api.retry import RetryPolicy
+from nanobatch.config import RetrySettings
 from nanobatch.errors import InputError, ManifestError
 from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
 from nanobatch.item import WorkItem
@@ -76,7 +77,7 @@ def waits() -> tuple[RetryPolicy, list[float]]:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    return RetryPolicy(max_attempts=4, sleep=sleep), slept
+    return RetryPolicy(settings=RetrySettings(max_attempts=4), sleep=sleep), slept
 
 
 def load(host: Host, refs: list[str], **options: Any) -> list[Image]:
@@ -142,7 +143,7 @@ SIGNED = URL + "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=f00dfeed"
 )
 def test_a_signed_url_that_fails_is_named_without_its_signature(answer: httpx2.Response | Exception) -> None:
     with pytest.raises(InputError) as err:
-        load(Host({SIGNED: [answer]}), [SIGNED], retry=RetryPolicy(max_attempts=1))
+        load(Host({SIGNED: [answer]}), [SIGNED], retry=RetryPolicy(settings=RetrySettings(max_attempts=1)))
     assert URL in err.value.message and "f00dfeed" not in err.value.message
 
 

@@ -11,7 +11,8 @@ import pytest
 import nanobatch
 from nanobatch.output.outdir import Journal, ResultsLog, atomic_write
 from nanobatch.output.record import ItemRecord
-from nanobatch.output.results import ResultsIndex, is_done, orphaned_requests, read_records
+from nanobatch.output.results import ResultsIndex, orphaned_requests, read_records
+from nanobatch.output.resume import is_done
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 import tenacity.wait
 
 from nanobatch.api.retry import RetryPolicy, retrying
+from nanobatch.config import RetrySettings
 from nanobatch.errors import ApiError, FatalApiError
 
 
@@ -34,7 +34,7 @@ class Sleeps(list[float]):
 
 
 def policy(sleeps: Sleeps, **overrides: Any) -> RetryPolicy:
-    return dataclasses.replace(RetryPolicy(sleep=sleeps), **overrides)
+    return RetryPolicy(settings=RetrySettings(**overrides), sleep=sleeps)
 
 
 def overloaded(n: int = 0, retry_after: float | None = None) -> ApiError:

@@ -14,6 +14,7 @@ from typing import TypeVar
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
+from ..config import RetrySettings
 from ..errors import ApiError, FatalApiError
 
 __all__ = ["RetryPolicy", "retrying"]
@@ -25,20 +26,17 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
+_DEFAULTS = RetrySettings()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
-    """How often and how long to retry one request.
+    """How often and how long to retry one request: the ``retry`` settings, and how waiting is done.
 
-    ``sleep`` is how waiting is done; tests pass a function that records the
-    delay and returns at once, or run on a virtual clock.
+    ``sleep``: tests pass a function that records the delay and returns at once, or run on a virtual clock.
     """
 
-    max_attempts: int = 6
-    backoff_initial_s: float = 2.0
-    backoff_max_s: float = 120.0
-    no_image_attempts: int = 2
-    # A server asking for a longer wait than this is out of quota for the day, not busy: stop the run.
-    max_server_wait_s: float = 600.0
+    settings: RetrySettings = _DEFAULTS
     sleep: Callable[[float], Awaitable[None]] = _sleep
 
 
@@ -50,7 +48,7 @@ OnRetry = Callable[[ApiError, float, int], None]
 class _Decisions:
     """tenacity's callbacks for one request: whether to try again, how long to wait first, whom to tell."""
 
-    policy: RetryPolicy
+    settings: RetrySettings
     on_retry: OnRetry | None
     backoff: wait_random_exponential
     no_image_seen: int = 0
@@ -59,12 +57,12 @@ class _Decisions:
         exc = state.outcome.exception() if state.outcome else None
         if not isinstance(exc, ApiError) or isinstance(exc, FatalApiError) or not exc.retryable:
             return False
-        if exc.retry_after is not None and exc.retry_after > self.policy.max_server_wait_s:
+        if exc.retry_after is not None and exc.retry_after > self.settings.max_server_wait_s:
             return False
         if exc.kind == "no_image":
             self.no_image_seen += 1
-            return self.no_image_seen <= self.policy.no_image_attempts
-        return state.attempt_number - self.no_image_seen < self.policy.max_attempts
+            return self.no_image_seen <= self.settings.no_image_attempts
+        return state.attempt_number - self.no_image_seen < self.settings.max_attempts
 
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -81,10 +79,11 @@ class _Decisions:
 async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: OnRetry | None = None) -> T:
     """Await ``call()`` until it succeeds or fails in a way not worth retrying; the last error propagates.
 
-    A 200 with no image (``no_image``) gets ``policy.no_image_attempts`` extra tries of its own.
+    A 200 with no image (``no_image``) gets ``retry.no_image_attempts`` extra tries of its own.
     """
-    backoff = wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s)
-    decide = _Decisions(policy, on_retry, backoff)
+    settings = policy.settings
+    backoff = wait_random_exponential(multiplier=settings.backoff_initial_s, max=settings.backoff_max_s)
+    decide = _Decisions(settings, on_retry, backoff)
 
     # Most calls succeed at once: try without tenacity's bookkeeping (kept for bench row "1 dispatch":
     # bench/RESULTS.md). A failure is handed to tenacity as its first attempt, replayed: every decision is tenacity's.
@@ -110,11 +109,11 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
     try:
         return await retryer(again)
     except ApiError as exc:
-        if isinstance(exc, FatalApiError) or exc.retry_after is None or exc.retry_after <= policy.max_server_wait_s:
+        if isinstance(exc, FatalApiError) or exc.retry_after is None or exc.retry_after <= settings.max_server_wait_s:
             raise
         raise FatalApiError(
             f"{exc.message} (the server asks to wait {exc.retry_after:.0f} s, longer than "
-            f"retry.max_server_wait_s = {policy.max_server_wait_s:g}: the quota will not recover soon)",
+            f"retry.max_server_wait_s = {settings.max_server_wait_s:g}: the quota will not recover soon)",
             kind="quota_exhausted",
             status_code=exc.status_code,
         ) from None

@@ -23,7 +23,7 @@ import os
 import re
 import signal
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -378,17 +378,10 @@ class OutDir:
         """The path of the output name *name* (checked by the manifest to stay inside the folder)."""
         return os.path.join(self.path, name)
 
-    def taken(self, names: list[str]) -> list[str]:
-        """Those of *names* that something is at (a file, a folder, a link)."""
-        return [name for name in names if os.path.lexists(self.file(name))]
-
-    def is_file(self, name: str) -> bool:
-        return os.path.isfile(self.file(name))
-
     def put(
         self,
         files: list[tuple[str, bytes]],
-        moves: list[tuple[str, str]],
+        moves: Sequence[tuple[str, str]],
         replaceable: frozenset[str],
         folders: set[str],
     ) -> None:

@@ -32,28 +32,11 @@ from .record import (
 __all__ = [
     "IndexEntry",
     "ResultsIndex",
-    "is_done",
     "orphaned_requests",
     "read_records",
-    "renamed_files",
 ]
 
 logger = logging.getLogger("nanobatch")
-
-
-def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
-    """(old, new) for each file of *entry* (an ok record) whose name follows from an output name other than
-    *stem*: ``<old>.png`` -> ``<stem>.png``, ``<old>-2.png`` -> ``<stem>-2.png``, ``<old>.step1.png`` -> ..."""
-    if not entry.outputs:
-        return []
-    old = os.path.splitext(entry.outputs[0])[0]
-    if len(entry.outputs) > 1:
-        if not old.endswith("-1"):
-            return []  # not a name nanobatch made: leave it be
-        old = old[:-2]
-    if old == stem:
-        return []
-    return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
 
 
 def read_records(path: Path) -> Iterator[ItemRecord]:
@@ -116,6 +99,7 @@ _COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_
 _UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
+_OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
 
 
 def _owned_rows(records: Iterable[ItemRecord]) -> Iterator[tuple[bytes, str]]:
@@ -228,6 +212,15 @@ class ResultsIndex:
             if self._db.execute("SELECT id FROM owned WHERE name = ?", (_name_key(name),)).fetchone() == (item_id,)
         )
 
+    def owned_under(self, item_id: str, stem: str) -> frozenset[str]:
+        """:meth:`owned` for every name an item with the stem *stem* writes (``<stem>.*``, ``<stem>-*``), in
+        one look: the files its new answer may replace, whatever their number and extensions."""
+        low = _name_key(stem)
+        # "-", "." and "/" are consecutive bytes: the range holds the names that go on with "-" or "."
+        rows = self._db.execute(_OWNED_UNDER, (low + b"-", low + b"/", item_id))
+        # *stem* as given (on Windows a key has "/" for its separators), then the rest of the name
+        return frozenset(stem + name[len(low) :].decode("utf-8", "surrogatepass") for (name,) in rows)
+
     def get(self, item_id: str) -> IndexEntry | None:
         """The latest record of *item_id*, or None if it has none."""
         row = self._db.execute(_SELECT, (item_id,)).fetchone()
@@ -270,16 +263,6 @@ class ResultsIndex:
             "cost_usd": round(sums[4], 6),
             "failures_by_kind": dict(by_kind.fetchall()),
         }
-
-
-def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
-    """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
-    return (
-        entry is not None
-        and entry.status == "ok"
-        and entry.key == key
-        and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
-    )
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:

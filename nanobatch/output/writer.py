@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import anyio
 
@@ -33,9 +33,9 @@ NOT_OURS = "exists and is not a file nanobatch wrote for this item"
 class Finished:
     record: ItemRecord
     files: list[tuple[str, bytes]]
-    # Of the names it writes, those a record of this item says nanobatch wrote: the only files it may replace.
+    # Files a record of this item says nanobatch wrote, from Resume.decide: the only files it may replace.
     replaceable: frozenset[str] = frozenset()
-    moves: list[tuple[str, str]] = field(default_factory=list)  # done work, renamed: (old, new)
+    moves: tuple[tuple[str, str], ...] = ()  # done work, renamed: (old, new)
     saved: bool = True  # False: a move that failed; its item keeps its old record and names
 
     @property

@@ -5,12 +5,12 @@
     items --> N workers --finished items--> writer (nanobatch.output.writer)
               (Gate, Route)                 images, results.jsonl
 
-A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, or the reason it is not sent),
-sends its steps one after another (:meth:`Engine._send_step`: one call per step, whatever :class:`Route`
-carries it), and hands the record (:mod:`nanobatch.output.record`) and images to the writer. Every write into the
-output folder goes through its :class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the
-workers' journal lines (each request is noted just before it is sent). Only fatal errors stop the run; an
-item's failure becomes its record.
+A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, then whether to skip, move or
+send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one after another
+(:meth:`Engine._send_step`: one call per step, whatever :class:`Route` carries it), and hands the record
+(:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
+:class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the workers' journal lines (each
+request is noted just before it is sent). Only fatal errors stop the run; an item's failure becomes its record.
 """
 
 from __future__ import annotations
@@ -18,30 +18,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import anyio
 import orjson
 
 from .. import models
-from ..api.client import GeminiClient
-from ..api.gemini import OUTPUT_EXTENSIONS, FileRef, Image, Reply, build_request, check_reply, set_service_tier
+from ..api.gemini import FileRef, Image, Reply, build_request, check_reply, set_service_tier
 from ..api.retry import RetryPolicy, retrying
+from ..config import Settings
 from ..errors import ApiError, FatalApiError, StorageError
 from ..inputs.load import InputLoader, load_inputs
-from ..inputs.remote import Referrer, endpoint_for
+from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
-from ..output.names import item_stems, output_names
+from ..output.names import output_names
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
-from ..output.results import IndexEntry, ResultsIndex, is_done, renamed_files
+from ..output.results import IndexEntry, ResultsIndex
+from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
 from .batch import DEADLINE_KIND, BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
-from .route import GenerateContent, Request, Route
+from .route import Request, Route
 from .stats import RunStats
 
 __all__ = ["Engine"]
@@ -59,9 +59,11 @@ def _spare_workers(concurrency: int, tier: str) -> int:
 
 @dataclass(slots=True)
 class _Prepared:
-    """An item ready to send: its inputs (its tally, the caller's, has the work key and the input stamps)."""
+    """An item ready to send: its inputs (its tally, the caller's, has the work key and the input stamps), and
+    the files its answer may replace (see :class:`~nanobatch.output.resume.Send`)."""
 
     images: list[Image | FileRef]
+    replaceable: frozenset[str]
 
 
 class Engine:
@@ -70,49 +72,43 @@ class Engine:
     def __init__(
         self,
         *,
-        client: GeminiClient,
+        settings: Settings,
         gate: Gate,
+        route: Route,
+        batch_route: BatchRoute | None,
+        retry: RetryPolicy,
+        inputs: InputLoader,
+        referrer: Referrer,
+        uploads: Uploads | None,
         out: OutDir,
         index: ResultsIndex,
-        retry: RetryPolicy,
-        timeout_s: float,
-        pricing: dict[str, Any],
-        concurrency: int,
-        inputs: InputLoader,
-        force: bool = False,
-        retry_failed: bool = False,
-        stats: RunStats | None = None,
-        run_id: str = "",
-        tier: str = "standard",
-        flex_fallback: bool = True,
-        route: Route | None = None,
-        referrer: Referrer | None = None,
-        uploads: Uploads | None = None,
-        batch_route: BatchRoute | None = None,
+        resume: Resume,
+        failures: FailureLog,
+        stats: RunStats,
+        run_id: str,
     ) -> None:
-        self.route: Route = route if route is not None else GenerateContent(client)
+        self.route = route  # for items not in the batch tier
         self.batch_route = batch_route  # for items in the batch tier
         self.gate = gate
-        self.out = out
-        self.index = index
         self.retry = retry
-        self.timeout_s = timeout_s
-        self.pricing = pricing
-        self.tier = tier
-        self.flex_fallback = flex_fallback
-        self.concurrency = concurrency
-        self.force = force
-        self.retry_failed = retry_failed
-        self.stats = stats or RunStats()
-        self.work_scope = anyio.CancelScope()
-        self.run_id = run_id
+        self.tier = settings.api.tier
+        self.timeout_s = settings.api.timeout_s
+        self.pricing = dict(settings.pricing)
+        self.flex_fallback = settings.limits.flex_fallback
+        self.concurrency = settings.gate_limits()[0]
         self.inputs = inputs  # the run's downloader and cache
         # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
-        self.referrer = referrer if referrer is not None else Referrer(endpoint_for(""), "inline")
+        self.referrer = referrer
+        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
+        self.out = out
+        self.index = index
+        self.resume = resume
+        self.failures = failures
+        self.stats = stats
+        self.run_id = run_id
+        self.work_scope = anyio.CancelScope()
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
-        self.failures = FailureLog(client.where)
-        self.uploads = uploads  # output.upload_to: images also go there, and done means "its objects are there"
 
     async def run(self, items: Iterable[WorkItem]) -> None:
         """Process *items*; returns when all are done or the run was stopped (see ``gate.stop_reason``)."""
@@ -176,24 +172,18 @@ class Engine:
             if not await done.put(finished):
                 report_unsaved([finished])
 
-    def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
-        if self.retry_failed:
-            return entry is not None and entry.status in ("failed", "blocked")
-        if self.uploads is not None:  # the objects are the outputs that count; their check was batched
-            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
-            return self.force or not done
-        return self.force or not is_done(entry, key, self.out.path)
-
     async def _process(self, item: WorkItem) -> Finished | None:
         """One item, start to end: its record, and the images to write (None: skipped, nothing to write)."""
         tally = Tally(tier=item.tier or self.tier)
         files: list[tuple[str, bytes]] = []
+        replaceable: frozenset[str] = frozenset()
         try:
             prepared = await self._prepare(item, tally)
             if isinstance(prepared, Finished) and prepared.moves and self.uploads is not None:
                 return await self._upload_moved(prepared)
             if not isinstance(prepared, _Prepared):
                 return prepared
+            replaceable = prepared.replaceable
             sent: list[Image | FileRef] = prepared.images  # handed to each step (see _send_step)
             images: list[Image] = []
             for number, instruction in enumerate(item.steps, 1):
@@ -218,7 +208,7 @@ class Engine:
         except ApiError as exc:
             record = self._failed(item, tally, exc)
             files = []
-        return Finished(record, files, replaceable=self.index.owned(item.id, (name for name, _ in files)))
+        return Finished(record, files, replaceable=replaceable)
 
     async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
         """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
@@ -270,50 +260,48 @@ class Engine:
         stamps = await local_stamps(local, known, contents=contents, keep_up_to=self._keep_up_to)
         plan = await self.referrer.plan(item)
         digests = {**{ref: stamp[2] for ref, stamp in (stamps or {}).items()}, **plan.digests}
+        send: Send | None = None  # once the work key is known, and the item not skipped or moved
         if all(ref in digests for ref in item.inputs):
             if stamps is not None and len(local) == len(item.inputs):
                 tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
             tally.key = work_key(item, [digests[ref] for ref in item.inputs])
-            if not self._wanted(item, entry, tally.key):
-                return self._settled(item, entry, tally)
+            decision = self.resume.decide(item, entry, tally.key)
+            if not isinstance(decision, Send):
+                return self._settled(item, entry, tally, decision)
+            send = decision
         inline = [ref for ref in item.inputs if ref not in plan.refs]
         loaded = await load_inputs(
             inline, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
         )
         read = dict(zip(inline, loaded, strict=True))
-        if not tally.key:  # an http(s) input sent inline: known by its bytes
+        if send is None:  # an http(s) input sent inline: known by its bytes
             tally.key = work_key(item, [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs])
-            if not self._wanted(item, entry, tally.key):
-                return self._settled(item, entry, tally)
+            decision = self.resume.decide(item, entry, tally.key)
+            if not isinstance(decision, Send):
+                return self._settled(item, entry, tally, decision)
+            send = decision
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
-        if (taken := self._taken_name(item)) is not None:
-            # Found before paying: the answer could not be saved (the writer would refuse it the same way).
-            raise ApiError(f"{taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
+        if send.taken is not None:
+            raise ApiError(f"{send.taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
                            kind="output_exists")  # fmt: skip
-        return _Prepared([images[ref] for ref in item.inputs])
+        return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
 
-    def _taken_name(self, item: WorkItem) -> str | None:
-        """A path where *item*'s image or kept step would go, taken by a file nanobatch did not write for it."""
-        there = self.out.taken([f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS])
-        foreign = sorted(set(there) - self.index.owned(item.id, there))
-        return self.out.file(foreign[0]) if foreign else None
-
-    def _settled(self, item: WorkItem, entry: IndexEntry | None, tally: Tally) -> Finished | None:
-        """An item not to be sent: skipped (None), or, when it is done but its output names changed (an
-        ``output`` template's column did), its files to move to the new names, with the record to say so."""
-        ok = entry is not None and entry.status == "ok" and entry.key == tally.key
-        moves = renamed_files(entry, item.stem) if entry is not None and ok else []
-        moves = [(old, new) for old, new in moves if self.out.is_file(old)]
-        if entry is None or not moves:
+    def _settled(
+        self, item: WorkItem, entry: IndexEntry | None, tally: Tally, decision: Skip | Move
+    ) -> Finished | None:
+        """An item not sent: skipped (None), or its done files to move to the names its ``output`` template now
+        gives (an ``output`` template's column changed), with the record to say so."""
+        if isinstance(decision, Skip):
             self.stats.skipped += 1
             return None
-        renamed = dict(moves)
+        assert entry is not None  # a move is of done work: its record
+        renamed = dict(decision.moves)
         record = moved_record(
             item, tally, run=self.run_id, outputs=[renamed.get(name, name) for name in entry.outputs],
             tokens=entry.tokens, cost_usd=entry.cost_usd,  # what it cost when it was made; this run paid nothing
-            moves=moves,
+            moves=decision.moves,
         )  # fmt: skip
-        return Finished(record, [], replaceable=self.index.owned(item.id, renamed.values()), moves=moves)
+        return Finished(record, [], replaceable=decision.replaceable, moves=decision.moves)
 
     async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
         """One step in the item's tier, retried; a flex request still shed after its retries goes out at

@@ -144,7 +144,8 @@ class LifecycleCheck:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckResult:
-    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent."""
+    """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent. It also carries the job as
+    checked (*settings*, and *job*: the manifest, its globs passing over *out_dir*), which ``run_job`` runs."""
 
     manifest: Path
     out_dir: Path
@@ -160,6 +161,8 @@ class CheckResult:
     tiers: frozenset[str] = frozenset()  # the tiers the items go in
     cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
     cost_batch_usd: float = 0.0
+    settings: Settings = field(repr=False, compare=False)
+    job: Manifest = field(repr=False, compare=False)
 
 
 def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.PathLike[str] | None) -> Path:
@@ -197,15 +200,7 @@ def check_job(
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
-    OutDir.check(target)
-    if settings.api.backend == "vertex":
-        from ..api.vertex import vertex_route
-
-        vertex_route(settings.api.project, settings.api.location)  # ConfigError for a bad project or location
-    if settings.output.upload_to is not None:
-        from ..output.upload import Uploads
-
-        Uploads.check(settings.output.upload_to)
+    _check_settings(settings, target)
     manifest = manifest.skipping(target)
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
     estimate = Estimate(settings)
@@ -220,24 +215,29 @@ def check_job(
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems)
-    limits = settings.limits
     concurrency, rpm = settings.gate_limits()
     return CheckResult(
-        manifest=manifest.path,
-        out_dir=target,
-        items=report.items,
-        requests=report.requests,
-        cost_likely_usd=estimate.likely,
-        cost_worst_usd=estimate.worst,
-        duration_s=estimate.duration_s(report.requests),
-        concurrency=concurrency,
-        requests_per_minute=rpm,
-        max_cost_usd=settings.budget.max_cost_usd,
-        max_duration_s=limits.max_duration_s,
-        tiers=frozenset(estimate.tiers),
-        cost_standard_usd=estimate.standard,
-        cost_batch_usd=estimate.batch,
-    )
+        manifest=manifest.path, out_dir=target, items=report.items, requests=report.requests,
+        cost_likely_usd=estimate.likely, cost_worst_usd=estimate.worst, duration_s=estimate.duration_s(report.requests),
+        concurrency=concurrency, requests_per_minute=rpm,
+        max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
+        tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
+        settings=settings, job=manifest,
+    )  # fmt: skip
+
+
+def _check_settings(settings: Settings, target: Path) -> None:
+    """ConfigError for an output folder, a Vertex AI project or location, or an ``output.upload_to`` that
+    cannot be used."""
+    OutDir.check(target)
+    if settings.api.backend == "vertex":
+        from ..api.vertex import vertex_route
+
+        vertex_route(settings.api.project, settings.api.location)
+    if settings.output.upload_to is not None:
+        from ..output.upload import Uploads
+
+        Uploads.check(settings.output.upload_to)
 
 
 class _RemoteChecks:

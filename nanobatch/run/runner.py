@@ -32,13 +32,15 @@ from ..inputs.remote import Referrer, endpoint_for
 from ..job.manifest import Manifest
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
+from ..output.resume import Resume
 from ..output.upload import Uploads
 from .batch import BatchOptions, BatchRoute
 from .engine import Engine
+from .failures import FailureLog
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact
-from .preflight import CheckResult, check_job, load_job, resolve_out_dir
-from .route import Bounded
+from .preflight import CheckResult, check_job, resolve_out_dir
+from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
 from .summary import build_summary
 
@@ -104,34 +106,32 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    manifest, settings = load_job(manifest, settings)
     checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
-    manifest = manifest.skipping(checked.out_dir)
-    api_key = api_key_for(settings, needed=not simulate and transport is None)  # before the folder is touched
-    stats = _stats(stats, checked, settings)
+    options = _Options(force=force, retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
+                       handle_signals=handle_signals, transport=transport, retry_sleep=retry_sleep)  # fmt: skip
+    return await _run(checked, options, stats, began)
+
+
+async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, began: float) -> RunSummary:
+    """Run the job *checked*: the folder's lock held, its results resumed from, summary.json written at the end."""
+    manifest, settings = checked.job, checked.settings
+    api_key = api_key_for(settings, needed=not options.simulate and options.transport is None)  # before the folder
+    stats = _stats(stats, checked)
     started = time.time()
-    run_id = uuid.uuid4().hex[:12]
-    out = OutDir(checked.out_dir, run_id)
-    async with out.hold(wait=wait_lock, handle_signals=handle_signals), AsyncExitStack() as stack:
+    out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
+    async with out.hold(wait=options.wait_lock, handle_signals=options.handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
-        uploads = await _uploads(settings, index, out.path, force)
-        client = await _client(stack, settings, api_key, simulate, transport)
-        loader = await stack.enter_async_context(InputLoader(transport=transport))
-        batch = await _batch_route(
-            stack, settings, client, None if simulate else api_key, transport, out, stats, checked
-        )
-        engine = _engine(settings, client, loader, out, index, force, retry_failed, retry_sleep, stats, run_id)
-        _attach(engine, settings, simulate=simulate, uploads=uploads, batch=batch)
+        engine, batch = await _engine(stack, checked, options, api_key, out, index, stats)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
-        await _drive(engine, manifest, settings, stats, checked.items, began, handle_signals)
+        await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
         if batch is not None:
             _end_batch(batch, outcome, manifest, out.path)
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
         )
-        summary["last_run"].update(run=run_id, recovered_in_flight=len(orphans))
+        summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
@@ -140,24 +140,67 @@ async def run_job(
     )
 
 
-def _stats(stats: RunStats | None, checked: CheckResult, settings: Settings) -> RunStats:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Options:
+    """How :func:`run_job` was asked to run, for the parts of the run built from it."""
+
+    force: bool
+    retry_failed: bool
+    simulate: bool
+    wait_lock: bool
+    handle_signals: bool
+    transport: httpx2.AsyncBaseTransport | None
+    retry_sleep: Callable[[float], Awaitable[None]] | None
+
+
+def _stats(stats: RunStats | None, checked: CheckResult) -> RunStats:
     """The run's live counters (the caller's, if it keeps its own display), sized from the check."""
     stats = stats if stats is not None else RunStats()
     stats.total = checked.items
-    stats.concurrency, stats.rpm_limit = settings.gate_limits()
+    stats.concurrency, stats.rpm_limit = checked.settings.gate_limits()
     return stats
 
 
-def _attach(
-    engine: Engine, settings: Settings, *, simulate: bool, uploads: Uploads | None, batch: BatchRoute | None
-) -> None:
-    """What the engine sends through besides the client: inputs by reference, uploads, the batch route."""
+async def _engine(
+    stack: AsyncExitStack,
+    checked: CheckResult,
+    options: _Options,
+    api_key: str | None,
+    out: OutDir,
+    index: ResultsIndex,
+    stats: RunStats,
+) -> tuple[Engine, BatchRoute | None]:
+    """The engine, built whole from its parts, and its batch route (None when no item goes in the batch tier)."""
+    settings, simulate, transport = checked.settings, options.simulate, options.transport
+    uploads = await _uploads(settings, index, out.path, options.force)
+    client = await _client(stack, settings, api_key, simulate, transport)
+    loader = await stack.enter_async_context(InputLoader(transport=transport))
+    batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats, checked)
+    batch_tier = settings.api.tier == "batch"
+    route: Route = GenerateContent(client)
+    if batch_tier:  # its gate admits whole chunks: online steps keep limits.concurrency
+        route = Bounded(route, settings.limits.concurrency)
+    retry = RetryPolicy(settings=settings.retry)
+    if options.retry_sleep is not None:
+        retry = RetryPolicy(settings=settings.retry, sleep=options.retry_sleep)
     endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
-    engine.referrer = Referrer(endpoint, settings.api.inputs, batch=settings.api.tier == "batch")
-    engine.uploads = uploads
-    engine.batch_route = batch
-    if settings.api.tier == "batch":  # its gate admits whole chunks: online steps keep limits.concurrency
-        engine.route = Bounded(engine.route, settings.limits.concurrency)
+    engine = Engine(
+        settings=settings,
+        gate=_gate(settings),
+        route=route,
+        batch_route=batch,
+        retry=retry,
+        inputs=loader,
+        referrer=Referrer(endpoint, settings.api.inputs, batch=batch_tier),
+        uploads=uploads,
+        out=out,
+        index=index,
+        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed),
+        failures=FailureLog(client.where),
+        stats=stats,
+        run_id=out.journal.run_id,
+    )
+    return engine, batch
 
 
 async def _batch_route(
@@ -264,24 +307,14 @@ async def _drive(
         raise
 
 
-def _engine(
-    settings: Settings,
-    client: GeminiClient,
-    loader: InputLoader,
-    out: OutDir,
-    index: ResultsIndex,
-    force: bool,
-    retry_failed: bool,
-    retry_sleep: Callable[[float], Awaitable[None]] | None,
-    stats: RunStats,
-    run_id: str,
-) -> Engine:
-    limits, retry = settings.limits, settings.retry
-    first_contact = FirstContact(retry.first_contact_s)
+def _gate(settings: Settings) -> Gate:
+    """The run's gate: its limits, the breaker and the budget."""
+    limits = settings.limits
+    first_contact = FirstContact(settings.retry.first_contact_s)
     (concurrency, rpm), batch = settings.gate_limits(), settings.api.tier == "batch"
     # In the batch tier a job's failed lines arrive together and say nothing about an outage: no adaptive
     # window or breaker either.
-    gate = Gate(
+    return Gate(
         concurrency=concurrency,
         requests_per_minute=rpm,
         rpm_burst=limits.rpm_burst,
@@ -296,31 +329,6 @@ def _engine(
         ),
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
         first_contact=first_contact,
-    )
-    policy = RetryPolicy(
-        max_attempts=retry.max_attempts,
-        backoff_initial_s=retry.backoff_initial_s,
-        backoff_max_s=retry.backoff_max_s,
-        no_image_attempts=retry.no_image_attempts,
-        max_server_wait_s=retry.max_server_wait_s,
-        **({"sleep": retry_sleep} if retry_sleep is not None else {}),
-    )
-    return Engine(
-        client=client,
-        inputs=loader,
-        gate=gate,
-        out=out,
-        index=index,
-        retry=policy,
-        timeout_s=settings.api.timeout_s,
-        pricing=dict(settings.pricing),
-        tier=settings.api.tier,
-        flex_fallback=limits.flex_fallback,
-        concurrency=concurrency,
-        force=force,
-        retry_failed=retry_failed,
-        stats=stats,
-        run_id=run_id,
     )
 
 

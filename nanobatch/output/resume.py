@@ -1,0 +1,111 @@
+"""What a run does with an item its output folder may already hold: skip it, move its files, or send it.
+
+:meth:`Resume.decide` is the one place that reads an item's latest record (its :class:`IndexEntry`) against
+the work key of its inputs and the run's flags (``--force``, ``--retry-failed``, ``output.upload_to``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api.gemini import OUTPUT_EXTENSIONS
+from ..item import WorkItem
+from .names import item_stems
+from .outdir import OutDir
+from .results import IndexEntry, ResultsIndex
+from .upload import Uploads
+
+__all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "renamed_files"]
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """Nothing to do: done already for these inputs (or, with ``--retry-failed``, not a failure)."""
+
+
+SKIP = Skip()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Move:
+    """Done for these inputs, under names its ``output`` template no longer gives: its files move, nothing is sent."""
+
+    moves: tuple[tuple[str, str], ...]  # (old, new), each old file there
+    replaceable: frozenset[str]  # of the new names, those a record of the item says nanobatch wrote
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Send:
+    """To be sent; its answer may replace only *replaceable*: files under its names that a record of the item
+    says nanobatch wrote."""
+
+    replaceable: frozenset[str]
+    # The path of a place its image or a kept step would go, taken by a file nanobatch did not write for it.
+    taken: str | None = None
+
+
+class Resume:
+    """The run's flags and its output folder, asked once per item whether to skip, move or send it."""
+
+    def __init__(
+        self, *, out: OutDir, index: ResultsIndex, uploads: Uploads | None, force: bool, retry_failed: bool
+    ) -> None:
+        self.out = out
+        self.index = index
+        self.uploads = uploads  # the objects are the outputs that count; their check was batched (find_gone)
+        self.force = force
+        self.retry_failed = retry_failed
+
+    def decide(self, item: WorkItem, entry: IndexEntry | None, key: str) -> Skip | Move | Send:
+        """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
+        if self._wanted(item, entry, key):
+            return self._send(item)
+        if entry is None or not (entry.status == "ok" and entry.key == key):
+            return SKIP
+        moves = tuple((old, new) for old, new in renamed_files(entry, item.stem) if os.path.isfile(self.out.file(old)))
+        if not moves:
+            return SKIP
+        return Move(moves=moves, replaceable=self.index.owned(item.id, (new for _, new in moves)))
+
+    def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
+        if self.retry_failed:
+            return entry is not None and entry.status in ("failed", "blocked")
+        if self.uploads is not None:
+            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
+            return self.force or not done
+        return self.force or not is_done(entry, key, self.out.path)
+
+    def _send(self, item: WorkItem) -> Send:
+        # Looked for before paying: an answer that could not be saved (the writer refuses it the same way).
+        replaceable = self.index.owned_under(item.id, item.stem)
+        names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
+        there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
+        foreign = sorted(set(there) - replaceable) if there else None
+        return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None)
+
+
+def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
+    """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
+    return (
+        entry is not None
+        and entry.status == "ok"
+        and entry.key == key
+        and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
+    )
+
+
+def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:
+    """(old, new) for each file of *entry* (an ok record) whose name follows from an output name other than
+    *stem*: ``<old>.png`` -> ``<stem>.png``, ``<old>-2.png`` -> ``<stem>-2.png``, ``<old>.step1.png`` -> ..."""
+    if not entry.outputs:
+        return []
+    old = os.path.splitext(entry.outputs[0])[0]
+    if len(entry.outputs) > 1:
+        if not old.endswith("-1"):
+            return []  # not a name nanobatch made: leave it be
+        old = old[:-2]
+    if old == stem:
+        return []
+    return [(name, stem + name[len(old) :]) for name in entry.files if name[: len(old) + 1] in (old + ".", old + "-")]
