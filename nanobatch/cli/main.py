@@ -403,7 +403,7 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
 
     from ..api.batch_api import BatchClient
     from ..config import read_api_key
-    from ..run.ledger import cancel_jobs
+    from ..run.batch.ledger import cancel_jobs
 
     settings = _settings(config_file, base_url=base_url)
     _install_redaction(settings)

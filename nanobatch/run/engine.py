@@ -38,7 +38,7 @@ from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_reco
 from ..output.results import IndexEntry, ResultsIndex, is_done, renamed_files
 from ..output.upload import Uploads
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
-from .batch import DEADLINE_KIND, BatchRoute
+from .batch.route import DEADLINE_KIND, BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
 from .route import GenerateContent, Request, Route

@@ -35,7 +35,7 @@ from ..loopback import loopback_url
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.upload import Uploads
-from .batch import BatchOptions, BatchRoute
+from .batch.route import BatchOptions, BatchRoute
 from .engine import Engine
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact

@@ -13,10 +13,10 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ..output.names import BATCH_FOLDER
+from ...output.names import BATCH_FOLDER
 
 if TYPE_CHECKING:
-    from ..api.batch_api import BatchClient
+    from ...api.batch_api import BatchClient
 
 __all__ = ["LEDGER_FILE", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
 

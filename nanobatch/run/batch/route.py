@@ -39,14 +39,14 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from ..errors import ApiError, ConfigError
+from ...errors import ApiError, ConfigError
+from ..limits import Stopped
 from .ledger import Chunk, Ledger
-from .limits import Stopped
 
 if TYPE_CHECKING:
-    from ..api.batch_api import BatchClient, BatchJob
-    from ..api.gemini import Reply
-    from .route import Request
+    from ...api.batch_api import BatchClient, BatchJob
+    from ...api.gemini import Reply
+    from ..route import Request
 
 __all__ = ["DEADLINE_KIND", "LANDING_PLACES", "BatchOptions", "BatchRoute", "Landing"]
 
