@@ -357,7 +357,7 @@ class Engine:
         """Where a step goes after *exc* in *tier*: online (standard or flex, per config) at --batch-deadline;
         standard for a flex request still shed after its retries, if ``limits.flex_fallback``. Else raises *exc*."""
         if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
-            return self.batch_route.options.online_tier
+            return self.batch_route.settings.fallback_tier
         if tier == "flex" and self.flex_fallback and exc.shed:
             logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
             return "standard"

@@ -35,7 +35,7 @@ from ..loopback import loopback_url
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.upload import Uploads
-from .batch.route import BatchOptions, BatchRoute
+from .batch.route import BatchRoute
 from .engine import Engine
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact
@@ -177,17 +177,11 @@ async def _batch_route(
     item goes in the batch tier."""
     if "batch" not in checked.tiers:
         return None
-    config = settings.batch
     batches = await stack.enter_async_context(
         BatchClient(base_url=client.base_url, api_key=api_key, auth=settings.api.auth,
                     api_version=settings.api.api_version, transport=transport)
     )  # fmt: skip
-    options = BatchOptions(
-        chunk_requests=config.chunk_requests, chunk_bytes=int(config.chunk_mb * 1024 * 1024),
-        linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
-        wait=config.wait, deadline_s=config.deadline_s, online_tier=config.fallback_tier,
-    )  # fmt: skip
-    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, options, shown=stats.batch_jobs)
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs)
     return await stack.enter_async_context(route)
 
 

@@ -4,7 +4,7 @@ The engine sends each step exactly as it does online (same gate, budget, retries
 :class:`BatchRoute` appends the body as a line of the open *chunk* (a JSONL file in the output folder) and the
 step waits until that chunk's job has answered, holding nothing but its key and chunk (the body is taken from its
 :class:`~nanobatch.run.route.Request`, and read back from the chunk only with an answer the step may be sent again
-for). A chunk is sealed when it is full (``chunk_requests`` lines or ``chunk_bytes``) or when no request came for
+for). A chunk is sealed when it is full (``chunk_requests`` lines or ``chunk_mb``) or when no request came for
 ``linger_s``; then one task per chunk uploads it, creates its job, polls it (growing intervals) and downloads its
 results into the folder, and each waiting step gets its own line back as a :class:`~nanobatch.api.gemini.Reply` or
 :class:`~nanobatch.errors.ApiError`.
@@ -46,9 +46,10 @@ from .ledger import Chunk, Ledger
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
     from ...api.gemini import Reply
+    from ...config import BatchSettings
     from ..route import Request
 
-__all__ = ["DEADLINE_KIND", "LANDING_PLACES", "BatchOptions", "BatchRoute", "Landing"]
+__all__ = ["DEADLINE_KIND", "LANDING_PLACES", "BatchRoute", "Landing"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -60,20 +61,6 @@ _CREATE_ATTEMPTS = 5
 DEADLINE_KIND = "batch_deadline"  # a step the batch tier gave up on at --batch-deadline: sent online instead
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BatchOptions:
-    """How the batch tier splits, waits and falls back (config ``batch:``; defaults well under the API's limits)."""
-
-    chunk_requests: int = 1000
-    chunk_bytes: int = 256 * 1024 * 1024  # the API takes 2 GB per file
-    linger_s: float = 2.0  # seal a chunk when no request came for this long
-    poll_initial_s: float = 10.0
-    poll_max_s: float = 300.0
-    wait: bool = True  # False: submit, and leave what is not done for the next run
-    deadline_s: float | None = None  # from the start of the run: then cancel and send the rest online
-    online_tier: str = "standard"  # the tier of what is sent online at the deadline (standard or flex)
-
-
 class BatchRoute:
     """Sends steps through Gemini's Batch API (see the module doc). Enter it, then hand it to the engine."""
 
@@ -82,14 +69,15 @@ class BatchRoute:
         client: BatchClient,
         folder: Path,
         run_id: str,
-        options: BatchOptions,
+        settings: BatchSettings,
         shown: dict[str, tuple[str, int, int]] | None = None,
     ) -> None:
         self.client = client
         self.shown = shown if shown is not None else {}  # open jobs for the progress display (RunStats.batch_jobs)
         self.folder = folder
         self.run_id = run_id
-        self.options = options
+        self.settings = settings
+        self._chunk_bytes = int(settings.chunk_mb * 1024 * 1024)  # the API takes 2 GB per file
         self.ledger = Ledger(folder)
         self.chunks = self.ledger.load()
         if all(chunk.closed for chunk in self.chunks.values()):
@@ -127,8 +115,8 @@ class BatchRoute:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._seal_idle)
-        if self.options.deadline_s is not None:
-            self._tg.start_soon(self._at_deadline, anyio.current_time() + self.options.deadline_s)
+        if self.settings.deadline_s is not None:
+            self._tg.start_soon(self._at_deadline, anyio.current_time() + self.settings.deadline_s)
         for chunk in self.chunks.values():
             if chunk.open:
                 logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
@@ -198,7 +186,7 @@ class BatchRoute:
     def _add(self, model: str, key: str, body: dict[str, Any]) -> Chunk:
         line = orjson.dumps({"key": key, "request": body}) + b"\n"
         filling = self._filling.get(model)
-        if filling is not None and filling.size + len(line) > self.options.chunk_bytes:
+        if filling is not None and filling.size + len(line) > self._chunk_bytes:
             self._seal(model)
             filling = None
         if filling is None:
@@ -211,7 +199,7 @@ class BatchRoute:
         filling.touched = anyio.current_time()
         self.by_key[key] = filling.chunk
         chunk = filling.chunk
-        if len(chunk.keys) >= self.options.chunk_requests:
+        if len(chunk.keys) >= self.settings.chunk_requests:
             self._seal(model)
         return chunk
 
@@ -238,10 +226,10 @@ class BatchRoute:
 
     async def _seal_idle(self) -> None:
         while True:
-            await anyio.sleep(self.options.linger_s / 2)
+            await anyio.sleep(self.settings.linger_s / 2)
             now = anyio.current_time()
             for model, filling in list(self._filling.items()):
-                if now - filling.touched >= self.options.linger_s:
+                if now - filling.touched >= self.settings.linger_s:
                     self._seal(model)
 
     def _answer(self, chunk: Chunk, key: str, request: Request) -> Reply:
@@ -348,7 +336,7 @@ class BatchRoute:
     async def _create(self, chunk: Chunk) -> None:
         """Create *chunk*'s job, unless a create whose reply was lost made it already (looked up by its
         display name before every create). A failed create may have made the job: it is looked up again."""
-        wait = self.options.poll_initial_s
+        wait = self.settings.poll_initial_s
         for attempt in range(_CREATE_ATTEMPTS):
             try:
                 job = await self._find_or_create(chunk)
@@ -358,7 +346,7 @@ class BatchRoute:
                     raise
                 logger.info("batch chunk %s: create: %s; looking again in %.0f s", chunk.id, exc, wait)
                 await anyio.sleep(wait)
-                wait = min(wait * 2, self.options.poll_max_s)
+                wait = min(wait * 2, self.settings.poll_max_s)
         chunk.job = job.name
         self.ledger.note("created", chunk, job=job.name)
         logger.info("batch job %s created for %d requests (chunk %s)", job.name, len(chunk.keys), chunk.id)
@@ -375,7 +363,7 @@ class BatchRoute:
     async def _follow(self, chunk: Chunk) -> BatchJob | None:
         """Poll *chunk*'s job until it is done (None: not waiting for it, see ``wait``)."""
         assert chunk.job is not None
-        interval = self.options.poll_initial_s
+        interval = self.settings.poll_initial_s
         while True:
             try:
                 job = await self.client.get(chunk.job)
@@ -387,13 +375,13 @@ class BatchRoute:
                 self._note_state(chunk, job)
                 if job.done:
                     return job
-                if not self.options.wait:
+                if not self.settings.wait:
                     self.left_waiting += len(chunk.keys)
                     self._settle(chunk, Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it"))
                     return None
             with anyio.move_on_after(interval):
                 await self._deadline.wait()
-            interval = min(interval * 1.5, self.options.poll_max_s)
+            interval = min(interval * 1.5, self.settings.poll_max_s)
 
     def _note_state(self, chunk: Chunk, job: BatchJob) -> None:
         counts = {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
