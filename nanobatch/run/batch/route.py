@@ -41,13 +41,12 @@ import orjson
 
 from ...errors import ApiError, ConfigError
 from ..limits import Stopped
+from ..route import Answer, Request, Step
 from .ledger import Chunk, Ledger
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
-    from ...api.gemini import Reply
     from ...config import BatchSettings
-    from ..route import Request
 
 __all__ = ["DEADLINE_KIND", "LANDING_PLACES", "BatchRoute", "Landing"]
 
@@ -88,7 +87,6 @@ class BatchRoute:
         for chunk in self.chunks.values():
             if not chunk.closed and chunk.ended is None:
                 self.by_key.update(dict.fromkeys(chunk.keys, chunk))
-        self.answered_by: dict[str, str] = {}  # request key -> the job that answered it
         self.left_waiting = 0  # steps left in jobs not done (wait=False): the next run collects them
         self.past_deadline = False
         self.landing = Landing(LANDING_PLACES)
@@ -153,29 +151,32 @@ class BatchRoute:
 
     # -- the route ----------------------------------------------------------------------------
 
-    async def send(
-        self, model: str, request: Request, *, timeout_s: float, key: str = "", holder: str | None = None
-    ) -> Reply:
+    waits_on_disk = True
+
+    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
         """Put the request in a chunk (or find it in one already sent) and wait for its job's answer. Meanwhile
         the request is on disk only: its body is taken from *request*, and put back by :meth:`_answer`.
 
-        With *holder*, the answer is read only once *holder* holds one of :attr:`landing`'s places, which it
-        keeps until :meth:`Landing.release` (the engine's: once the item's images are with the writer)."""
+        The answer is read only once the step's item holds one of :attr:`landing`'s places, which it keeps
+        until :meth:`release` (the engine's: once the item's images are with the writer)."""
         if self.past_deadline:
             raise _deadline_error()
+        key = step.key
         chunk = self.by_key.get(key)
         if chunk is None:
             chunk = self._add(model, key, request.take())
         else:
             request.take()  # in a chunk already (a resumed run's): its line there is the request
         await chunk.settled.wait()
-        if holder is not None:
-            await self.landing.hold(holder)
+        await self.landing.hold(step.item)
         return self._answer(chunk, key, request)
 
-    def job_for(self, key: str) -> str | None:
-        """The job that answered the request *key* (for the record's ``batch``)."""
-        return self.answered_by.get(key)
+    def release(self, item: str) -> None:
+        self.landing.release(item)
+
+    def fallback_tier(self, exc: ApiError) -> str | None:
+        """Past the deadline, online: standard or flex, per config."""
+        return self.settings.fallback_tier if exc.kind == DEADLINE_KIND else None
 
     def finish(self) -> None:
         """The run went through every item: close the chunks whose answers were all used or are not wanted."""
@@ -232,7 +233,7 @@ class BatchRoute:
                 if now - filling.touched >= self.settings.linger_s:
                     self._seal(model)
 
-    def _answer(self, chunk: Chunk, key: str, request: Request) -> Reply:
+    def _answer(self, chunk: Chunk, key: str, request: Request) -> Answer:
         """*key*'s answer from *chunk*. With an answer the step may be sent again for (an error: retried, or sent
         online past the deadline; or no image: retried), its body is read back from the chunk into *request*."""
         if chunk.outcome is not None:
@@ -253,12 +254,10 @@ class BatchRoute:
                 f"batch job {chunk.job} ended {chunk.state} without answering this request; it goes in a later batch",
                 kind="batch_unanswered", retryable=True,
             )  # fmt: skip
-        if chunk.job:
-            self.answered_by[key] = chunk.job
         if result.error is not None:
             raise result.error
         assert result.reply is not None
-        return result.reply
+        return Answer(reply=result.reply, job=chunk.job or None)
 
     def _line(self, name: str | None, offset: int) -> bytes:
         assert name is not None
