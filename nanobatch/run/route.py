@@ -45,7 +45,7 @@ class Request:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
-    """Which step of which item a request is for."""
+    """Which step of which item a request is for (the batch route knows a request it took by its key)."""
 
     item: str  # the item's id
     work_key: str | None
@@ -70,8 +70,8 @@ class Route(Protocol):
 
     @property
     def waits_on_disk(self) -> bool:
-        """Whether a request waits for its answer on disk (the batch route): the step holds its pictures no
-        longer once the request is built."""
+        """True when a request waits for its answer on disk (the batch route's): the step lets its pictures go
+        once the request is built."""
         ...
 
     async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer: ...
@@ -82,7 +82,7 @@ class Route(Protocol):
         ...
 
     def fallback_tier(self, exc: ApiError) -> str | None:
-        """The tier a step goes on in after *exc* from this route (None: the route has no say)."""
+        """The tier a step is sent in after *exc* from this route (None: the route has no say)."""
         ...
 
 
