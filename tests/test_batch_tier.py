@@ -390,7 +390,7 @@ def test_a_job_answering_every_request_at_once_holds_a_few_answers_not_all(
     import nanobatch
     from nanobatch.api.batch_api import BatchClient
     from nanobatch.output import writer
-    from nanobatch.run import batch
+    from nanobatch.run.batch import landing as batch
 
     from .conftest import run_virtual
 

@@ -253,7 +253,7 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     import anyio
 
     from ..api.connect import api_key_for, check_offered, connect
-    from ..run.ledger import cancel_jobs
+    from ..run.batch.ledger import cancel_jobs
 
     settings = settings_from(config_file, base_url=base_url)
     install_redaction(settings)

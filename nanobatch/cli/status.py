@@ -12,7 +12,7 @@ from ..errors import ConfigError, ManifestError, UsageError
 from ..output.lock import LOCK_FILE, current_holder
 from ..output.names import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.results import ResultsIndex, orphaned_requests
-from ..run.ledger import open_chunks
+from ..run.batch.ledger import open_chunks
 
 __all__ = ["folder_status"]
 

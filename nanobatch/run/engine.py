@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import anyio
-import orjson
 
 from .. import models
 from ..api.gemini import FileRef, Image, Reply, build_request, check_reply, set_service_tier
@@ -38,10 +37,9 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
-from .batch import DEADLINE_KIND, BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
-from .route import Request, Route
+from .route import Request, Route, Step
 from .stats import RunStats
 
 __all__ = ["Engine"]
@@ -75,7 +73,7 @@ class Engine:
         settings: Settings,
         gate: Gate,
         route: Route,
-        batch_route: BatchRoute | None,
+        batch_route: Route | None,
         retry: RetryPolicy,
         inputs: InputLoader,
         referrer: Referrer,
@@ -148,7 +146,7 @@ class Engine:
                 await self._finish(item, done)
             finally:
                 if self.batch_route is not None:
-                    self.batch_route.landing.release(item.id)  # its answer is the writer's now, or dropped
+                    self.batch_route.release(item.id)  # its answer is the writer's now, or dropped
 
     async def _finish(self, item: WorkItem, done: WriteQueue) -> None:
         """Process *item* and hand what it finished to the writer."""
@@ -308,8 +306,9 @@ class Engine:
         standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
         summary). Returns the answer with its image, or raises ApiError.
 
-        *images* are handed over: a batch step empties the list once its request is built, so that while it waits
-        for its job the pictures are held nowhere and the request only on disk (see :class:`Request`)."""
+        *images* are handed over: a step whose route waits on disk (the batch route's) empties the list once its
+        request is built, so that while it waits for its job the pictures are held nowhere and the request only on
+        disk (see :class:`Request`)."""
         sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
 
         def sending() -> None:
@@ -324,16 +323,17 @@ class Engine:
         )  # fmt: skip
         request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
         del body  # the request holds it alone: a batch route takes it from there
-        if tier == "batch":
-            images.clear()
         try:
             while True:
+                route = self.batch_route if tier == "batch" and self.batch_route is not None else self.route
+                if route.waits_on_disk:
+                    images.clear()
                 try:
-                    return await self._send_in(tier, item, tally, instruction, request, sending)
+                    return await self._send_in(tier, route, item, tally, instruction, request, sending)
                 except FatalApiError:
                     raise
                 except ApiError as exc:
-                    tier = self._fallback_tier(item, tier, exc)
+                    tier = self._fallback_tier(item, tier, route, exc)
                     if not tally.fallback:
                         self.stats.fallbacks += 1
                     tally.fallback_tier = tier  # the item's later steps go there too
@@ -341,11 +341,12 @@ class Engine:
             if sent_at is not None:
                 tally.api_s.append(anyio.current_time() - sent_at)
 
-    def _fallback_tier(self, item: WorkItem, tier: str, exc: ApiError) -> str:
-        """Where a step goes after *exc* in *tier*: online (standard or flex, per config) at --batch-deadline;
-        standard for a flex request still shed after its retries, if ``limits.flex_fallback``. Else raises *exc*."""
-        if tier == "batch" and exc.kind == DEADLINE_KIND and self.batch_route is not None:
-            return self.batch_route.options.online_tier
+    def _fallback_tier(self, item: WorkItem, tier: str, route: Route, exc: ApiError) -> str:
+        """Where a step goes after *exc* in *tier*: where *route* says (the batch route: online, standard or flex
+        per config, at --batch-deadline); standard for a flex request still shed after its retries, if
+        ``limits.flex_fallback``. Else raises *exc*."""
+        if (after := route.fallback_tier(exc)) is not None:
+            return after
         if tier == "flex" and self.flex_fallback and exc.shed:
             logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
             return "standard"
@@ -354,13 +355,15 @@ class Engine:
     async def _send_in(
         self,
         tier: str,
+        route: Route,
         item: WorkItem,
         tally: Tally,
         instruction: str,
         request: Request,
         sending: Callable[[], None],
     ) -> Reply:
-        """One step in *tier*, retried by the retry policy; each attempt passes the gate and is journaled."""
+        """One step in *tier* through *route*, retried by the retry policy; each attempt passes the gate and is
+        journaled."""
         tally.tier = tier
         set_service_tier(request.json(), None if tier == "batch" else tier)
         pricing = models.pricing_for(item.model, self.pricing, tier)
@@ -375,10 +378,10 @@ class Engine:
             if self.batch_route is not None:
                 # An earlier answer of this item is in this request now; and a place held while waiting at the
                 # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
-                self.batch_route.landing.release(item.id)
+                self.batch_route.release(item.id)
             async with self.gate.request(worst) as ticket:
                 sending()
-                reply = await self._attempt(item, tally, request, timeout, tier)
+                reply = await self._attempt(item, tally, request, timeout, route)
                 served = models.reported_tier(reply.usage)
                 if served is not None and served != tier:
                     tally.tier = served
@@ -398,27 +401,19 @@ class Engine:
 
         return await retrying(attempt, self.retry, on_retry=on_retry)
 
-    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, tier: str) -> Reply:
-        """One request through the tier's route, noted in the journal just before it goes out."""
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
+        """One request through *route*, noted in the journal just before it goes out."""
         tally.attempts += 1
         self.stats.requests += 1
         self.out.journal.dispatched(item.id, tally.key, tally.attempts)
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
+        step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
         try:
-            if tier == "batch" and self.batch_route is not None:
-                # The same in every run for this item, inputs and step: the batch route finds a request it took.
-                key = orjson.dumps([item.id, tally.key, len(tally.steps)]).decode()
-                try:
-                    reply = await self.batch_route.send(
-                        item.model, request, timeout_s=timeout_s, key=key, holder=item.id
-                    )
-                except Stopped:
-                    self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
-                    raise
-                tally.batch = self.batch_route.job_for(key)
-                return reply
-            return await self.route.send(item.model, request, timeout_s=timeout_s)
+            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
+        except Stopped:
+            self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
+            raise
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).
@@ -427,6 +422,9 @@ class Engine:
             raise
         finally:
             self.stats.in_flight = self.gate.in_flight - 1
+        if answer.job is not None:
+            tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
+        return answer.reply
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
         return output_names(item, [image.extension for image in images], step=step)

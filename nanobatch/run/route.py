@@ -1,10 +1,9 @@
 """Routes: how one request for one step reaches the model and its answer comes back.
 
 The engine prepares the request body (a :class:`Request`), holds the gate, retries, notes the request in the
-journal and builds the record; a :class:`Route` only carries the body there and brings a
-:class:`~nanobatch.api.gemini.Reply` back (or raises :class:`~nanobatch.errors.ApiError`). The synchronous
-``generateContent`` call is the first route; Gemini's Batch API is the second
-(:class:`~nanobatch.run.batch.BatchRoute`), for items in the batch tier.
+journal and builds the record; a :class:`Route` only carries the body there and brings an :class:`Answer` back
+(or raises :class:`~nanobatch.errors.ApiError`). The synchronous ``generateContent`` call is the first route;
+Gemini's Batch API is the second (:class:`~nanobatch.run.batch.route.BatchRoute`), for items in the batch tier.
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
+import orjson
 
 from ..api.client import GeminiClient
 from ..api.gemini import Reply
 from ..errors import ApiError
 
-__all__ = ["Bounded", "GenerateContent", "Request", "Route"]
+__all__ = ["Answer", "Bounded", "GenerateContent", "Request", "Route", "Step"]
 
 
 @dataclass(slots=True, eq=False)
@@ -43,20 +43,65 @@ class Request:
         return body
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """Which step of which item a request is for (the batch route knows a request it took by its key)."""
+
+    item: str  # the item's id
+    work_key: str | None
+    number: int
+
+    @property
+    def key(self) -> str:
+        """The same in every run for this item, inputs and step: the batch route finds a request it took."""
+        return orjson.dumps([self.item, self.work_key, self.number]).decode()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Answer:
+    """What a route brings back for the record."""
+
+    reply: Reply
+    job: str | None = None  # the batch job that answered (the record's ``batch``)
+
+
 class Route(Protocol):
     """Sends one step's request for *model* and returns the answer, whatever way it travels."""
 
-    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply: ...
+    @property
+    def waits_on_disk(self) -> bool:
+        """True when a request waits for its answer on disk (the batch route's): the step lets its pictures go
+        once the request is built."""
+        ...
+
+    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer: ...
+
+    def release(self, item: str) -> None:
+        """*item*'s answer is handed on (to the writer, or into its next request): what the route kept for it
+        is free."""
+        ...
+
+    def fallback_tier(self, exc: ApiError) -> str | None:
+        """The tier a step is sent in after *exc* from this route (None: the route has no say)."""
+        ...
 
 
 class GenerateContent:
     """The synchronous route: one ``generateContent`` call per request."""
 
+    waits_on_disk = False
+
     def __init__(self, client: GeminiClient) -> None:
         self.client = client
 
-    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply:
-        return await self.client.generate(model, request.json(), timeout_s=timeout_s)
+    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
+        return Answer(reply=await self.client.generate(model, request.json(), timeout_s=timeout_s))
+
+    def release(self, item: str) -> None:
+        pass  # nothing is kept once the answer is back
+
+    def fallback_tier(self, exc: ApiError) -> str | None:
+        return None
 
 
 class Bounded:
@@ -67,6 +112,16 @@ class Bounded:
         self.route = route
         self.slots = anyio.CapacityLimiter(limit)
 
-    async def send(self, model: str, request: Request, *, timeout_s: float) -> Reply:
+    @property
+    def waits_on_disk(self) -> bool:
+        return self.route.waits_on_disk
+
+    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
         async with self.slots:
-            return await self.route.send(model, request, timeout_s=timeout_s)
+            return await self.route.send(model, request, timeout_s=timeout_s, step=step)
+
+    def release(self, item: str) -> None:
+        self.route.release(item)
+
+    def fallback_tier(self, exc: ApiError) -> str | None:
+        return self.route.fallback_tier(exc)

@@ -34,7 +34,7 @@ from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
 from ..output.upload import Uploads
-from .batch import BatchOptions, BatchRoute
+from .batch.route import BatchRoute
 from .engine import Engine
 from .failures import FailureLog
 from .limits import Gate
@@ -217,16 +217,10 @@ async def _batch_route(
     item goes in the batch tier."""
     if "batch" not in checked.tiers:
         return None
-    config = settings.batch
     batches = await stack.enter_async_context(
         batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)
     )
-    options = BatchOptions(
-        chunk_requests=config.chunk_requests, chunk_bytes=int(config.chunk_mb * 1024 * 1024),
-        linger_s=config.linger_s, poll_initial_s=config.poll_initial_s, poll_max_s=config.poll_max_s,
-        wait=config.wait, deadline_s=config.deadline_s, online_tier=config.fallback_tier,
-    )  # fmt: skip
-    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, options, shown=stats.batch_jobs)
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs)
     return await stack.enter_async_context(route)
 
 

@@ -1,5 +1,14 @@
-"""The batch tier's ledger: ``.nanobatch-batches/batches.jsonl`` in the output folder, one line per step of
-each chunk (see :mod:`nanobatch.run.batch`), and what ``nanobatch status`` and ``cancel`` read from it.
+"""The batch tier's ledger: ``.nanobatch-batches/batches.jsonl`` in the output folder, and what ``nanobatch
+status`` and ``cancel`` read from it. One line per step of each chunk (see :mod:`nanobatch.run.batch.route`),
+written before and after it happens::
+
+    written {chunk, model, display, path, keys}   the chunk file is complete on disk
+    uploaded {chunk, file}                       the Files API holds it
+    creating {chunk}                             a create is about to be sent
+    created {chunk, job}                         the job exists
+    state {chunk, state, counts}                 the job's state changed (for `nanobatch status`)
+    collected {chunk, results} | ended {chunk, state}   its results are on disk / it ended without any
+    closed {chunk}                               every answer was used; local files deleted
 
 Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
 """
@@ -13,10 +22,10 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ..output.names import BATCH_FOLDER
+from ...output.names import BATCH_FOLDER
 
 if TYPE_CHECKING:
-    from ..api.batch_api import BatchClient
+    from ...api.batch_api import BatchClient
 
 __all__ = ["LEDGER_FILE", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
 

@@ -1,0 +1,106 @@
+"""The batch tier's chunks in the batch folder: which are known, which request key is in which, and reading a
+request or an answer back from their files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import orjson
+
+from .ledger import Chunk, Ledger
+
+__all__ = ["Chunks"]
+
+
+class Chunks:
+    """The chunks whose files are in *folder*: those its *ledger* knows, and those sealed since."""
+
+    def __init__(self, folder: Path, ledger: Ledger) -> None:
+        self.folder = folder
+        self.ledger = ledger
+        self.by_id = ledger.load()
+        if all(chunk.closed for chunk in self.by_id.values()):
+            ledger.path.unlink(missing_ok=True)  # nothing left to follow: the ledger starts afresh
+            self.by_id = {}
+        self._sweep()
+        self.by_key: dict[str, Chunk] = {}  # requests in a chunk whose answer is still to be used
+        for chunk in self.by_id.values():
+            if not chunk.closed and chunk.ended is None:
+                self.by_key.update(dict.fromkeys(chunk.keys, chunk))
+
+    def _sweep(self) -> None:
+        """Delete what a killed run left in the folder that the ledger does not name: a chunk being filled,
+        a download not finished (everything in this reserved folder is nanobatch's)."""
+        if not self.folder.is_dir():
+            return
+        kept = {self.ledger.path.name}
+        for chunk in self.by_id.values():
+            if not chunk.closed:
+                kept.update(name for name in (chunk.path, chunk.results) if name)
+        for path in self.folder.iterdir():
+            if path.is_file() and path.name not in kept:
+                path.unlink()
+
+    # -- reading back ----------------------------------------------------------------------------
+
+    def line(self, name: str | None, offset: int) -> bytes:
+        assert name is not None
+        with (self.folder / name).open("rb") as handle:
+            handle.seek(offset)
+            return handle.readline()
+
+    def request(self, chunk: Chunk, key: str) -> dict[str, Any] | None:
+        """*key*'s request body, read back from *chunk*'s file (indexed once, when first wanted)."""
+        if chunk.requests is None:  # a chunk written by an earlier run: its file is read once for them
+            chunk.requests = self._keys_in(chunk.path)
+        offset = chunk.requests.get(key)
+        if offset is None:
+            return None
+        body = orjson.loads(self.line(chunk.path, offset)).get("request")
+        return body if isinstance(body, dict) else None
+
+    async def index(self, chunk: Chunk) -> None:
+        """Where each key's line is in the chunk's results file: read in a worker thread (a file of a thousand
+        answers is gigabytes with 2K images), while the run goes on."""
+        chunk.offsets = await anyio.to_thread.run_sync(self._keys_in, chunk.results)
+
+    def _keys_in(self, name: str | None) -> dict[str, int]:
+        """Where each key's line is in the folder's JSONL file *name* (read as a stream)."""
+        offsets: dict[str, int] = {}
+        if name is None or not (self.folder / name).exists():
+            return offsets
+        with (self.folder / name).open("rb") as handle:
+            offset = 0
+            for line in handle:
+                try:
+                    key = orjson.loads(line).get("key")
+                except (orjson.JSONDecodeError, AttributeError):
+                    key = None
+                if key is not None:
+                    offsets[str(key)] = offset
+                offset += len(line)
+        return offsets
+
+    # -- done with -------------------------------------------------------------------------------
+
+    def forget(self, chunk: Chunk, key: str) -> None:
+        """*key*'s answer in *chunk* is used or not to be had: a retry of its request goes into a new chunk."""
+        if self.by_key.get(key) is chunk:
+            del self.by_key[key]
+
+    def close(self, chunk: Chunk) -> None:
+        """Delete *chunk*'s files: its answers were all used, or are not wanted."""
+        for name in (chunk.path, chunk.results):
+            if name:
+                (self.folder / name).unlink(missing_ok=True)
+        chunk.closed = True
+        chunk.offsets, chunk.requests, chunk.served = {}, None, set()  # nothing more is asked of it
+        self.ledger.note("closed", chunk)
+
+    def finish(self) -> None:
+        """The run went through every item: close the chunks whose answers were all used or are not wanted."""
+        for chunk in self.by_id.values():
+            if not chunk.closed and not chunk.open:
+                self.close(chunk)

@@ -1,0 +1,179 @@
+"""A sealed chunk's job, from upload to results: one task per chunk uploads it, creates its job (or finds the
+one a lost reply made), polls it at growing intervals and downloads its results into the folder, then wakes
+the chunk's steps. Each step is journaled in the ledger before and after it happens, so a re-run resumes it.
+Past the deadline, jobs not done are cancelled and chunks without a job are not submitted."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ...errors import ApiError
+from ..limits import Stopped
+from .chunks import Chunks
+from .landing import Answers, deadline_error
+from .ledger import Chunk
+
+if TYPE_CHECKING:
+    from ...api.batch_api import BatchClient, BatchJob
+    from ...config import BatchSettings
+
+__all__ = ["Jobs"]
+
+logger = logging.getLogger("nanobatch")
+
+_CREATE_ATTEMPTS = 5
+
+
+class Jobs:
+    """The batch jobs of *chunks*, made and followed with *client*; *shown* is told each open job's state (for
+    the progress display: RunStats.batch_jobs)."""
+
+    def __init__(
+        self,
+        client: BatchClient,
+        chunks: Chunks,
+        answers: Answers,
+        settings: BatchSettings,
+        shown: dict[str, tuple[str, int, int]],
+    ) -> None:
+        self.client = client
+        self.chunks = chunks
+        self.answers = answers
+        self.settings = settings
+        self.shown = shown
+        self.ledger = chunks.ledger
+        self.left_waiting = 0  # steps left in jobs not done (wait=False): the next run collects them
+        self._deadline = anyio.Event()
+
+    async def drive(self, chunk: Chunk) -> None:
+        """Upload, create, poll and collect *chunk*, from wherever its ledger left it."""
+        try:
+            if chunk.job is None:
+                if self.answers.past_deadline:
+                    await self._abandon(chunk)
+                    return
+                if chunk.file is None:
+                    path = self.chunks.folder / chunk.path
+                    chunk.file = await self.client.upload(path, display_name=chunk.display)
+                    self.ledger.note("uploaded", chunk, file=chunk.file)
+                await self._create(chunk)
+            job = await self._follow(chunk)
+            if job is not None:
+                await self._collect(chunk, job)
+        except ApiError as exc:
+            logger.warning("batch chunk %s: %s", chunk.id, exc)
+            # A definite refusal before any job exists: nothing was paid, its steps fail like requests (and are
+            # retried). Otherwise a job may exist or still answer: its items wait for the next run.
+            if chunk.job is None and not exc.retryable and exc.status_code not in (None, 200):
+                self.ledger.note("ended", chunk, state="not submitted")
+                chunk.ended = "not submitted"
+                self.answers.settle(chunk, exc)
+            else:
+                self.answers.settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
+
+    async def _create(self, chunk: Chunk) -> None:
+        """Create *chunk*'s job, unless a create whose reply was lost made it already (looked up by its
+        display name before every create). A failed create may have made the job: it is looked up again."""
+        wait = self.settings.poll_initial_s
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                job = await self._find_or_create(chunk)
+                break
+            except ApiError as exc:
+                if not exc.retryable or attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                logger.info("batch chunk %s: create: %s; looking again in %.0f s", chunk.id, exc, wait)
+                await anyio.sleep(wait)
+                wait = min(wait * 2, self.settings.poll_max_s)
+        chunk.job = job.name
+        self.ledger.note("created", chunk, job=job.name)
+        logger.info("batch job %s created for %d requests (chunk %s)", job.name, len(chunk.keys), chunk.id)
+
+    async def _find_or_create(self, chunk: Chunk) -> BatchJob:
+        found = await self.client.find(chunk.display)
+        if found:
+            logger.info("batch chunk %s: found its job %s (a create whose reply was lost)", chunk.id, found[-1].name)
+            return found[-1]  # listed newest first: the first create
+        assert chunk.file is not None
+        self.ledger.note("creating", chunk)
+        return await self.client.create(chunk.model, file_name=chunk.file, display_name=chunk.display)
+
+    async def _follow(self, chunk: Chunk) -> BatchJob | None:
+        """Poll *chunk*'s job until it is done (None: not waiting for it, see ``wait``)."""
+        assert chunk.job is not None
+        interval = self.settings.poll_initial_s
+        while True:
+            try:
+                job = await self.client.get(chunk.job)
+            except ApiError as exc:
+                if not exc.retryable:
+                    raise
+                logger.info("batch job %s: %s; asking again", chunk.job, exc)
+            else:
+                self._note_state(chunk, job)
+                if job.done:
+                    return job
+                if not self.settings.wait:
+                    self.left_waiting += len(chunk.keys)
+                    waiting = Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it")
+                    self.answers.settle(chunk, waiting)
+                    return None
+            with anyio.move_on_after(interval):
+                await self._deadline.wait()
+            interval = min(interval * 1.5, self.settings.poll_max_s)
+
+    def _note_state(self, chunk: Chunk, job: BatchJob) -> None:
+        counts = {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
+                  "pending": job.pending_count}  # fmt: skip
+        self.shown[chunk.id] = (job.state, job.successful_count + job.failed_count, len(chunk.keys))
+        if (job.state, counts) != (chunk.state, chunk.counts):
+            chunk.state, chunk.counts = job.state, counts
+            self.ledger.note("state", chunk, state=job.state, counts=counts)
+            logger.info("batch job %s: %s (%d of %d answered)", chunk.job, job.state,
+                        job.successful_count + job.failed_count, len(chunk.keys))  # fmt: skip
+
+    async def _collect(self, chunk: Chunk, job: BatchJob) -> None:
+        """Download the results (if any) into the folder, journal it, free the API's files, wake the steps."""
+        if job.responses_file:
+            results = f"{chunk.id}.results.jsonl"
+            await self.client.download(job.responses_file, self.chunks.folder / results)
+            chunk.results = results
+            self.ledger.note("collected", chunk, results=results, state=job.state)
+        else:
+            chunk.ended = job.state
+            self.ledger.note("ended", chunk, state=job.state)
+        if job.state != "succeeded":
+            logger.warning("batch job %s ended %s%s: unanswered items go in a later batch", job.name, job.state,
+                           f" ({job.error})" if job.error else "")  # fmt: skip
+        for name in (chunk.file, job.responses_file):
+            if name:
+                await self._quietly(self.client.delete_file(name))
+        await self.chunks.index(chunk)
+        self.shown.pop(chunk.id, None)
+        self.answers.settle(chunk, None)
+
+    async def _abandon(self, chunk: Chunk) -> None:
+        """Past the deadline, before its create: no job for *chunk* (one found is cancelled)."""
+        for job in await self.client.find(chunk.display):
+            await self._quietly(self.client.cancel(job.name))
+        chunk.ended = "abandoned"
+        self.ledger.note("ended", chunk, state="abandoned")
+        if chunk.file:
+            await self._quietly(self.client.delete_file(chunk.file))
+        self.answers.settle(chunk, deadline_error())
+
+    async def cancel_open(self) -> None:
+        """The deadline has come: each job is polled now, and those not done are cancelled."""
+        self._deadline.set()
+        for chunk in self.chunks.by_id.values():
+            if chunk.open and chunk.job:
+                await self._quietly(self.client.cancel(chunk.job))
+
+    async def _quietly(self, call: Any) -> None:
+        try:
+            await call
+        except ApiError as exc:
+            logger.info("batch clean-up: %s", exc)

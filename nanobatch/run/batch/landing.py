@@ -1,0 +1,106 @@
+"""Landing the batch tier's answers: each step waiting in a chunk gets its own line of the results file back,
+as an :class:`~nanobatch.run.route.Answer` or an error, a few at a time (:class:`Landing`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ...errors import ApiError
+from ..limits import Stopped
+from ..route import Answer, Request
+from .chunks import Chunks
+from .ledger import Chunk
+
+if TYPE_CHECKING:
+    from ...api.batch_api import BatchClient
+
+__all__ = ["DEADLINE_KIND", "LANDING_PLACES", "Answers", "Landing", "deadline_error"]
+
+# Answers read from results files and not yet with the writer, at most (see Landing): 64 of 1 MB images is
+# 64 MB, and reading them is not what a chunk's collection waits on.
+LANDING_PLACES = 64
+
+DEADLINE_KIND = "batch_deadline"  # a step the batch tier gave up on at --batch-deadline: sent online instead
+
+
+class Landing:
+    """At most *places* batch answers read and not yet handed on. A job answers its chunk's thousand requests
+    at once; read together, each answer would hold its images in memory until the writer takes them."""
+
+    def __init__(self, places: int) -> None:
+        self._limiter = anyio.CapacityLimiter(places)
+        self._holders: set[str] = set()
+
+    async def hold(self, holder: str) -> None:
+        if holder not in self._holders:
+            await self._limiter.acquire_on_behalf_of(holder)
+            self._holders.add(holder)
+
+    def release(self, holder: str) -> None:
+        """*holder*'s answer is handed on (to the writer, or into its next request): its place is free."""
+        if holder in self._holders:
+            self._holders.discard(holder)
+            self._limiter.release_on_behalf_of(holder)
+
+
+class Answers:
+    """Wakes the steps of a chunk whose job is done (:meth:`settle`) and hands each its answer (:meth:`land`)."""
+
+    def __init__(self, chunks: Chunks, client: BatchClient) -> None:
+        self.chunks = chunks
+        self.client = client  # reads a results line
+        self.landing = Landing(LANDING_PLACES)
+        self.past_deadline = False  # then what a job did not answer goes online
+
+    async def land(self, chunk: Chunk, key: str, holder: str, request: Request) -> Answer:
+        """*key*'s answer, once *chunk* is settled; it is read only once *holder* holds one of :attr:`landing`'s
+        places, which it keeps until :meth:`Landing.release`."""
+        await chunk.settled.wait()
+        await self.landing.hold(holder)
+        return self._answer(chunk, key, request)
+
+    def _answer(self, chunk: Chunk, key: str, request: Request) -> Answer:
+        """*key*'s answer from *chunk*. With an answer the step may be sent again for (an error: retried, or sent
+        online past the deadline; or no image: retried), its body is read back from the chunk into *request*."""
+        if chunk.outcome is not None:
+            if isinstance(chunk.outcome, ApiError):
+                request.body = self.chunks.request(chunk, key)
+            raise _again(chunk.outcome)
+        self.chunks.forget(chunk, key)  # used: a retry of this request goes into a new chunk
+        chunk.served.add(key)
+        offset = chunk.offsets.get(key)
+        result = self.client.result_line(self.chunks.line(chunk.results, offset)) if offset is not None else None
+        if result is None or result.reply is None or not result.reply.images:
+            request.body = self.chunks.request(chunk, key)  # before the chunk's files are deleted
+        if len(chunk.served) == len(chunk.keys):  # each key once in a chunk: every answer was used
+            self.chunks.close(chunk)
+        if result is None:
+            raise deadline_error() if self.past_deadline else ApiError(
+                f"batch job {chunk.job} ended {chunk.state} without answering this request; it goes in a later batch",
+                kind="batch_unanswered", retryable=True,
+            )  # fmt: skip
+        if result.error is not None:
+            raise result.error
+        assert result.reply is not None
+        return Answer(reply=result.reply, job=chunk.job or None)
+
+    def settle(self, chunk: Chunk, outcome: BaseException | None) -> None:
+        """Wake *chunk*'s steps: its answers are there, or *outcome* is what each step raises."""
+        chunk.outcome = outcome
+        if outcome is not None and not isinstance(outcome, Stopped):
+            for key in chunk.keys:  # a retry of one of them goes into a new chunk
+                self.chunks.forget(chunk, key)
+        chunk.settled.set()
+
+
+def _again(outcome: BaseException) -> BaseException:
+    """A copy of *outcome* for one more step to raise (``copy.copy`` cannot remake an ApiError from its args)."""
+    again = type(outcome).__new__(type(outcome), *outcome.args)
+    again.__dict__.update(outcome.__dict__)
+    return again
+
+
+def deadline_error() -> ApiError:
+    return ApiError("the batch deadline has passed: sent online instead", kind=DEADLINE_KIND)

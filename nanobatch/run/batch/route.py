@@ -1,0 +1,159 @@
+"""The batch tier: Gemini's Batch API as a :class:`~nanobatch.run.route.Route`, crash-safe, at half price.
+
+The engine sends each step exactly as it does online (same gate, budget, retries, record and writer);
+:class:`BatchRoute` appends the body as a line of the open *chunk* (a JSONL file in the output folder) and the
+step waits until that chunk's job has answered, holding nothing but its key and chunk (the body is taken from its
+:class:`~nanobatch.run.route.Request`, and read back from the chunk only with an answer the step may be sent again
+for). A chunk is sealed when it is full (``chunk_requests`` lines or ``chunk_mb``) or when no request came for
+``linger_s``; then one task per chunk uploads it, creates its job, polls it (growing intervals) and downloads its
+results into the folder, and each waiting step gets its own line back as a :class:`~nanobatch.api.gemini.Reply` or
+:class:`~nanobatch.errors.ApiError`.
+
+:class:`BatchRoute` is what the engine talks to. The work is done, in this order, by :class:`~.filling.Filler`
+(writing requests into chunk files), :class:`~.jobs.Jobs` (a chunk's job from upload to results) and
+:class:`~.landing.Answers` (waking a chunk's steps and handing each its answer); :class:`~.chunks.Chunks` knows
+the chunks and reads their files back.
+
+Every step is journaled in ``.nanobatch-batches/batches.jsonl`` before and after it happens (its lines are listed
+in :mod:`nanobatch.run.batch.ledger`).
+
+A re-run reads the ledger first: chunks not yet collected are resumed (uploaded, created or polled), and a step
+whose request key is in one of them waits for that job instead of being sent again. Before any create, jobs are
+looked up by ``displayName`` (``nanobatch <run> chunk <n>``), so a create whose reply was lost is found, not
+repeated. With ``wait=False`` a step whose job is not done yet raises :class:`~nanobatch.run.limits.Stopped`: the
+item is left for the next run, which collects it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ...errors import ApiError, ConfigError
+from ..route import Answer, Request, Step
+from .chunks import Chunks
+from .filling import Filler
+from .jobs import Jobs
+from .landing import DEADLINE_KIND, Answers, deadline_error
+from .ledger import Chunk, Ledger
+
+if TYPE_CHECKING:
+    from ...api.batch_api import BatchClient
+    from ...config import BatchSettings
+
+__all__ = ["BatchRoute"]
+
+logger = logging.getLogger("nanobatch")
+
+
+class BatchRoute:
+    """Sends steps through Gemini's Batch API (see the module doc). Enter it, then hand it to the engine."""
+
+    waits_on_disk = True
+
+    def __init__(
+        self,
+        client: BatchClient,
+        folder: Path,
+        run_id: str,
+        settings: BatchSettings,
+        shown: dict[str, tuple[str, int, int]] | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.chunks = Chunks(folder, Ledger(folder))
+        self.filler = Filler(self.chunks, run_id, settings, sealed=self._start_job)
+        self.answers = Answers(self.chunks, client)
+        self.jobs = Jobs(client, self.chunks, self.answers, settings, shown if shown is not None else {})
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> BatchRoute:
+        await self.check_endpoint()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.filler.seal_idle)
+        if self.settings.deadline_s is not None:
+            self._tg.start_soon(self._at_deadline, anyio.current_time() + self.settings.deadline_s)
+        for chunk in self.chunks.by_id.values():
+            if chunk.open:
+                logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
+                self._tg.start_soon(self.jobs.drive, chunk)
+            elif not chunk.closed:
+                await self.chunks.index(chunk)
+                chunk.settled.set()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self.filler.stop()
+            self.chunks.ledger.close()
+
+    async def check_endpoint(self) -> None:
+        """ConfigError, before anything is uploaded, if the endpoint has no Batch API (most proxies)."""
+        try:
+            async for _job in self.client.jobs(page_size=1):
+                break
+        except ApiError as exc:
+            if exc.kind != "bad_response" and exc.status_code not in (404, 405, 501):
+                raise
+            raise ConfigError(
+                f"{self.client.where} does not offer Gemini's Batch API that --tier batch needs "
+                f"(GET batches: {exc.message}); use --tier flex there for half price online"
+            ) from None
+
+    def _start_job(self, chunk: Chunk) -> None:
+        """A sealed chunk: its job is made and followed in a task of its own."""
+        assert self._tg is not None
+        self._tg.start_soon(self.jobs.drive, chunk)
+
+    async def _at_deadline(self, at: float) -> None:
+        await anyio.sleep_until(at)
+        logger.warning("the batch deadline has come: cancelling open jobs; what they did not answer goes online")
+        self.answers.past_deadline = True
+        self.filler.seal_all()
+        await self.jobs.cancel_open()
+
+    # -- the route ----------------------------------------------------------------------------
+
+    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
+        """Put the request in a chunk (or find it in one already sent) and wait for its job's answer. Meanwhile
+        the request is on disk only: its body is taken from *request*, and put back with an answer the step may
+        be sent again for.
+
+        The answer is read only once the step's item holds a landing place, which it keeps until :meth:`release`
+        (the engine's: once the item's images are with the writer)."""
+        if self.answers.past_deadline:
+            raise deadline_error()
+        key = step.key
+        chunk = self.chunks.by_key.get(key)
+        if chunk is None:
+            chunk = self.filler.add(model, key, request.take())
+        else:
+            request.take()  # in a chunk already (a resumed run's): its line there is the request
+        return await self.answers.land(chunk, key, step.item, request)
+
+    def release(self, item: str) -> None:
+        self.answers.landing.release(item)
+
+    def fallback_tier(self, exc: ApiError) -> str | None:
+        """Past the deadline, online: standard or flex, per config."""
+        return self.settings.fallback_tier if exc.kind == DEADLINE_KIND else None
+
+    @property
+    def left_waiting(self) -> int:
+        """Steps left in jobs not done (``wait=False``): the next run collects them."""
+        return self.jobs.left_waiting
+
+    def finish(self) -> None:
+        """The run went through every item: close the chunks whose answers were all used or are not wanted."""
+        self.chunks.finish()
