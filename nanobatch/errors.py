@@ -20,7 +20,7 @@ google-auth) are translated where they are caught, into these or into a
 :class:`Problem`, in the modules that meet them, chiefly ``config``, ``safe_yaml``,
 ``job.manifest``, ``job.sources`` (and ``job.lines``), ``job.build``, ``output.lock``, ``output.outdir``,
 ``output.writer``, ``output.upload``, ``run.runner``, ``inputs.load`` (and ``inputs.stamps``,
-``inputs.pictures``), ``api.client``, ``api.gemini``, ``api.batch_api``, ``api.storage`` and ``api.vertex``;
+``pictures``), ``api.client``, ``api.gemini``, ``api.batch_api``, ``api.storage`` and ``api.vertex``;
 nothing above the module that caught one sees it.
 """
 

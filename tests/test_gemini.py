@@ -11,8 +11,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from nanobatch.api.gemini import Image, build_request, check_reply, classify_error, parse_reply, sniff_mime, sum_usage
+from nanobatch.api.gemini import Image, build_request, check_reply, classify_error, parse_reply, sum_usage
 from nanobatch.errors import ApiError, FatalApiError
+from nanobatch.pictures import sniff_mime
 
 from .fakes import inline, quota_failure, retry_info
 

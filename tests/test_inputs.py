@@ -17,13 +17,14 @@ import pytest
 from PIL import Image as Pillow
 
 import nanobatch
-from nanobatch.api.gemini import Image, sniff_mime
+from nanobatch.api.gemini import Image
 from nanobatch.api.retry import RetryPolicy
 from nanobatch.config import RetrySettings
 from nanobatch.errors import InputError, ManifestError
 from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
 from nanobatch.item import WorkItem
 from nanobatch.models import MB
+from nanobatch.pictures import sniff_mime
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes, write_job

@@ -536,7 +536,7 @@ def test_merged_keys_may_be_overridden_but_python_tags_are_refused() -> None:
 
 def test_the_longest_name_the_check_allows_fits_every_file_the_engine_names(tmp_path: Path) -> None:
     from nanobatch.api.gemini import OUTPUT_EXTENSIONS
-    from nanobatch.output.names import output_names
+    from nanobatch.names import output_names
 
     steps = "".join(f"    - step {n}\n" for n in range(1, 13))
     item = f"  - id: a\n    image: a.png\n    keep_steps: true\n    output: '{{id}}{LONG}.png'\n"

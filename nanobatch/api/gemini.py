@@ -22,6 +22,7 @@ import pydantic_core
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import ApiError, FatalApiError
+from ..pictures import sniff_mime
 
 __all__ = [
     "BLOCK_REASONS",
@@ -34,7 +35,6 @@ __all__ = [
     "parse_reply",
     "reply_from",
     "set_service_tier",
-    "sniff_mime",
     "sum_usage",
 ]
 
@@ -95,25 +95,6 @@ class Reply:
     usage: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None
     response_id: str | None = None
-
-
-def sniff_mime(data: bytes) -> str | None:
-    """The image type from its first bytes: PNG, JPEG, WEBP, HEIC/HEIF, GIF; None if unknown."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[4:8] == b"ftyp":
-        brand = data[8:12]
-        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"):
-            return "image/heic"
-        if brand in (b"mif1", b"msf1", b"avif"):
-            return "image/avif" if brand == b"avif" else "image/heif"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return None
 
 
 def build_request(

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from ..inputs.stamps import is_remote
-from ..output.names import REPORT_FILE
+from ..names import REPORT_FILE
 from ..output.outdir import write_report_file
 from ..output.record import TOKEN_FIELDS, ItemRecord, percentile
 from ..output.results import read_records

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ManifestError, UsageError
-from ..output.lock import LOCK_FILE, current_holder
-from ..output.names import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..output.lock import current_holder
 from ..output.results import ResultsIndex, orphaned_requests
 from ..run.batch.ledger import open_chunks
 

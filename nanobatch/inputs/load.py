@@ -26,13 +26,13 @@ import anyio
 import httpx2
 
 from ..api.client import public_url, redact_urls
-from ..api.gemini import Image, sniff_mime
+from ..api.gemini import Image
 from ..api.retry import RetryPolicy, retrying
 from ..api.storage import is_bucket_url
 from ..errors import ApiError, InputError, Problem
 from ..item import WorkItem
 from ..models import MAX_INPUT_BYTES, MAX_TOTAL_INPUT_BYTES, MB
-from .pictures import ACCEPTED_TYPES, picture_problem
+from ..pictures import ACCEPTED_TYPES, picture_problem, sniff_mime
 from .remote import input_field
 from .stamps import is_remote, is_url, unreadable
 

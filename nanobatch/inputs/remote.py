@@ -31,7 +31,7 @@ from ..api.storage import ObjectStamp, is_bucket_url
 from ..errors import ApiError, InputError, Problem, StorageError
 from ..item import WorkItem
 from ..models import GOOGLE_HOST
-from .pictures import ACCEPTED_TYPES
+from ..pictures import ACCEPTED_TYPES
 from .stamps import is_url
 
 __all__ = [

@@ -12,9 +12,9 @@ from typing import Any
 from .. import models
 from ..api.storage import is_bucket_url
 from ..errors import Problem
-from ..inputs.pictures import file_problem
 from ..item import WorkItem
-from ..output.names import name_length_problem, output_name, text_problem
+from ..names import name_length_problem, output_name, text_problem
+from ..pictures import file_problem
 from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, ItemFields
 from .sources import RawItem
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import models
 from ..errors import Problem
 from ..item import IMAGE_SUFFIXES, WorkItem
-from ..output.names import image_folders, item_stems
+from ..names import image_folders, item_stems
 from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem

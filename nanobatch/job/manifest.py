@@ -10,7 +10,7 @@ of ids) and sends nothing unless it is clean.
 
 Here: reading the file and its top level, and the stream of items. An item's fields and :class:`WorkItem`
 are in :mod:`nanobatch.job.fields`, building one item in :mod:`nanobatch.job.build`, the whole check in
-:mod:`nanobatch.job.check`, and output names in :mod:`nanobatch.output.names`.
+:mod:`nanobatch.job.check`, and output names in :mod:`nanobatch.names`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from ..errors import ManifestError, Problem, not_utf8
 from ..item import WorkItem
-from ..output.names import plain_name_problem, template_problems
+from ..names import plain_name_problem, template_problems
 from ..safe_yaml import load_yaml
 from .build import PictureCheck, build_item
 from .check import CheckReport, check_items

@@ -20,10 +20,10 @@ from types import TracebackType
 import anyio
 
 from ..errors import ConfigError, LockHeld
+from ..names import LOCK_FILE
 
 __all__ = ["RunLock", "current_holder"]
 
-LOCK_FILE = ".nanobatch.lock"
 
 logger = logging.getLogger("nanobatch")
 

@@ -32,8 +32,8 @@ import anyio
 import orjson
 
 from ..errors import ConfigError, Interrupted
+from ..names import BATCH_FOLDER, JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from .lock import RunLock
-from .names import BATCH_FOLDER, JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from .record import ItemRecord, is_record
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .names import step_stem
+from ..names import step_stem
 
 if TYPE_CHECKING:
     from ..api.gemini import Reply

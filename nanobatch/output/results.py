@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
-from .names import JOURNAL_FILE, RESULTS_FILE
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,

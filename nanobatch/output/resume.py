@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..api.gemini import OUTPUT_EXTENSIONS
 from ..item import WorkItem
-from .names import item_stems
+from ..names import item_stems
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads

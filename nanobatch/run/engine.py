@@ -30,7 +30,7 @@ from ..inputs.load import InputLoader, load_inputs
 from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
-from ..output.names import output_names
+from ..names import output_names
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
 from ..output.results import IndexEntry, ResultsIndex

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ...output.names import BATCH_FOLDER
+from ...names import BATCH_FOLDER
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient

@@ -13,15 +13,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..item import IMAGE_SUFFIXES
-from ..templates import MissingPlaceholder, fill, template_fields
-from .lock import LOCK_FILE
+from .item import IMAGE_SUFFIXES
+from .templates import MissingPlaceholder, fill, template_fields
 
 if TYPE_CHECKING:
-    from ..item import WorkItem
+    from .item import WorkItem
 
 __all__ = [
     "JOURNAL_FILE",
+    "LOCK_FILE",
     "REPORT_FILE",
     "RESERVED_FILES",
     "RESERVED_PREFIX",
@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 RESULTS_FILE = "results.jsonl"
+LOCK_FILE = ".nanobatch.lock"  # one run at a time: see output/lock.py
 SUMMARY_FILE = "summary.json"
 JOURNAL_FILE = "journal.jsonl"
 REPORT_FILE = "report.html"

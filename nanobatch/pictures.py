@@ -1,4 +1,5 @@
-"""A cheap check that a picture can be decoded: headers and sizes, never a full decode.
+"""What a picture is: its type by its first bytes (:func:`sniff_mime`), and a cheap check that it can be
+decoded: headers and sizes, never a full decode. Inputs, the manifest's check and answers all ask here.
 
 :func:`picture_problem`, on bytes in memory (a picture about to be sent): PNG by
 Pillow's ``verify`` (every chunk's CRC, through IEND); JPEG by its headers, then an
@@ -16,15 +17,32 @@ import os
 import struct
 from typing import BinaryIO
 
-from ..api.gemini import sniff_mime
-
-__all__ = ["ACCEPTED_TYPES", "file_problem", "picture_problem"]
+__all__ = ["ACCEPTED_TYPES", "file_problem", "picture_problem", "sniff_mime"]
 
 # What Gemini takes as an input image; anything else is refused before it is sent (and by validate).
 ACCEPTED_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
 
 # Markers without a length field: SOI, EOI, RSTn, TEM.
 _STANDALONE = {0xD8, 0xD9, 0x01, *range(0xD0, 0xD8)}
+
+
+def sniff_mime(data: bytes) -> str | None:
+    """The image type from its first bytes: PNG, JPEG, WEBP, HEIC/HEIF, GIF; None if unknown."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis"):
+            return "image/heic"
+        if brand in (b"mif1", b"msf1", b"avif"):
+            return "image/avif" if brand == b"avif" else "image/heif"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "image/gif"
+    return None
 
 
 def picture_problem(data: bytes) -> str | None:
