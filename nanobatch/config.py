@@ -227,13 +227,38 @@ def _warn_of_unknown_priced_models(settings: Settings) -> None:
 
 
 def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
-    """The API key from ``api.api_key_env``, else ``GEMINI_API_KEY``; None if neither is set."""
+    """The API key from ``api.api_key_env``, else ``GEMINI_API_KEY``; None if neither is set.
+
+    A key goes out in an HTTP header, which carries visible ASCII only: a value with a line break inside (a
+    second key pasted below the first) or a typographic character (an ellipsis copied from a web page) is
+    refused here, with a ConfigError that says where and what, never the value itself.
+    """
     env = os.environ if env is None else env
     for name in (settings.api.api_key_env, FALLBACK_KEY_ENV):
         value = env.get(name, "").strip()
         if value:
+            _check_key(name, value)
             return value
     return None
+
+
+def _check_key(variable: str, key: str) -> None:
+    for position, char in enumerate(key, 1):
+        if not "!" <= char <= "~":
+            raise ConfigError(
+                f"{variable} holds {_char_name(char)} at character {position} of {len(key)}, which no HTTP "
+                "header can carry: set it to the key alone, on one line (the key is not shown here)"
+            )
+
+
+def _char_name(char: str) -> str:
+    if char in "\r\n":
+        return "a line break"
+    if char.isspace():
+        return "a space" if char == " " else "white space"
+    if char.isascii():
+        return f"a control character (U+{ord(char):04X})"
+    return f"a non-ASCII character (U+{ord(char):04X})"
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -42,6 +42,7 @@ __all__ = [
     "request_cost_range",
     "today",
     "usage_cost",
+    "usage_problem",
 ]
 
 ASPECT_RATIOS: tuple[str, ...] = (
@@ -408,6 +409,35 @@ def usage_cost(usage: Mapping[str, Any], pricing: Pricing) -> float:
         image_out = by_kind.get("IMAGE", 0)
         text_out = max(0, candidates - image_out)
     return pricing.cost(prompt=prompt, image_out=image_out, text_out=text_out + thoughts)
+
+
+_REQUIRED_COUNTS = ("promptTokenCount", "candidatesTokenCount")
+_OPTIONAL_COUNTS = ("thoughtsTokenCount", "totalTokenCount")
+
+
+def usage_problem(usage: Mapping[str, Any]) -> str | None:
+    """Why *usage* cannot be priced (missing, partial or invalid token counts), or None if it can.
+
+    A proxy may strip ``usageMetadata`` or send nonsense; an answer priced from it would cost $0 (or less)
+    and let a budget through, so the engine prices such an answer at the request's worst case instead.
+    """
+    if not usage:
+        return "the answer carries no usageMetadata"
+    for name in _REQUIRED_COUNTS + _OPTIONAL_COUNTS:
+        value = usage.get(name)
+        if value is None and name in _OPTIONAL_COUNTS:
+            continue
+        if not _is_count(value):
+            return f"usageMetadata.{name} is {'missing' if value is None else repr(value)}"
+    details = usage.get("candidatesTokensDetails")
+    counts = [d.get("tokenCount", 0) for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+    if not all(map(_is_count, counts)):
+        return "usageMetadata.candidatesTokensDetails holds an invalid tokenCount"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 # Allowance for the model's own text and thinking in a worst-case estimate.

@@ -124,6 +124,31 @@ def test_missing_key_exits_2_and_suggests_the_simulator(tmp_path: Path, capsys: 
     assert "NANOBATCH_API_KEY" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("value", "told"),
+    [
+        pytest.param("sk-live-AAAA1111\n# old key: sk-old-BBBB2222", "a line break", id="a second key below"),
+        pytest.param("sk-live-AAAA1111\u2026", "U+2026", id="a pasted ellipsis"),
+        pytest.param("sk-live-AAAA 1111", "a space", id="a space inside"),
+        pytest.param("sk-live-AAAA\x1b1111", "U+001B", id="a control character"),
+    ],
+)
+def test_a_key_no_header_can_carry_is_refused_before_anything_is_sent_and_never_shown(
+    tmp_path: Path, api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    value: str, told: str,
+) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", value)
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+    code = main(["run", str(job), "--base-url", API, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert api.requests == []
+    assert "NANOBATCH_API_KEY" in err and told in err
+    assert "AAAA" not in err and "BBBB" not in err and "Traceback" not in err
+    assert not (out / "summary.json").exists() or "AAAA" not in (out / "summary.json").read_text()
+
+
 def test_bad_key_exits_3(tmp_path: Path, key: str, api: Api, capsys: pytest.CaptureFixture[str]) -> None:
     api.handler = lambda request: google_error(401, "UNAUTHENTICATED", "bad key")
     job = write_job(tmp_path, [{"id": f"i{n}", "instruction": "x"} for n in range(30)])

@@ -20,6 +20,8 @@ from nanobatch.api.gemini import build_request
 from nanobatch.api.transport import ShardedTransport
 from nanobatch.errors import ApiError, FatalApiError
 
+from .conftest import run_virtual
+
 KEY = "AIzaSy-test-key-0123456789abcdef"
 PNG = b"\x89PNG\r\n\x1a\n" + b"pixels"
 OK = {
@@ -475,3 +477,32 @@ def test_a_file_reference_never_shows_its_signed_url_in_a_repr() -> None:
 
     ref = FileRef("image/png", "https://b.s3.amazonaws.com/a.png?X-Amz-Signature=f00dfeed")
     assert "f00dfeed" not in repr(ref) and ref.uri.endswith("f00dfeed")
+
+
+@pytest.mark.parametrize("bytes_a_second", [1, 64], ids=["trickling past the limit", "slow but in time"])
+def test_an_answer_trickling_in_is_cut_at_the_request_timeout_and_retryable(bytes_a_second: int) -> None:
+    """api.timeout_s bounds the whole request, not each read: one byte a second never ends a 300 s request."""
+    body = json.dumps(OK).encode() + b" " * 600  # JSON allows trailing white space: ~900 bytes in all
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), bytes_a_second):
+            await anyio.sleep(1)
+            yield body[start : start + bytes_a_second]
+
+    async def main() -> tuple[Any, float]:
+        began = anyio.current_time()
+        try:
+            reply: Any = await send(lambda request: httpx2.Response(200, content=trickle()))
+        except ApiError as exc:
+            reply = exc
+        return reply, anyio.current_time() - began
+
+    outcome, took = run_virtual(main)
+    if bytes_a_second == 1:
+        assert isinstance(outcome, ApiError)
+        assert outcome.kind == "timeout" and outcome.retryable
+        assert "300 s" in outcome.message
+        assert took == pytest.approx(300, abs=2)
+    else:
+        assert not isinstance(outcome, ApiError)
+        assert outcome.images

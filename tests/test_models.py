@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from nanobatch.models import (
     pricing_for,
     request_cost_range,
     usage_cost,
+    usage_problem,
 )
 
 
@@ -110,6 +112,33 @@ def test_usage_cost_with_details_splits_image_and_text_and_bills_thinking_as_tex
 
 def test_usage_cost_of_an_empty_usage_is_zero() -> None:
     assert usage_cost({}, FLASH31) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("usage", "said"),
+    [
+        pytest.param({}, "no usageMetadata", id="stripped by a proxy"),
+        pytest.param({"totalTokenCount": 2992}, "promptTokenCount is missing", id="partial"),
+        pytest.param({"promptTokenCount": 1312, "candidatesTokenCount": -1680}, "-1680", id="negative"),
+        pytest.param({"promptTokenCount": "1312", "candidatesTokenCount": 1680}, "'1312'", id="a string"),
+        pytest.param({"promptTokenCount": 1312, "candidatesTokenCount": True}, "True", id="a bool"),
+        pytest.param(
+            {"promptTokenCount": 1, "candidatesTokenCount": 1, "thoughtsTokenCount": -5}, "-5", id="negative thoughts"
+        ),
+        pytest.param(
+            {"promptTokenCount": 1, "candidatesTokenCount": 1, "candidatesTokensDetails": [{"tokenCount": -9}]},
+            "candidatesTokensDetails",
+            id="negative details",
+        ),
+    ],
+)
+def test_usage_that_cannot_be_priced_is_told(usage: dict[str, Any], said: str) -> None:
+    problem = usage_problem(usage)
+    assert problem is not None and said in problem
+
+
+def test_usage_that_can_be_priced_has_no_problem() -> None:
+    assert usage_problem({"promptTokenCount": 0, "candidatesTokenCount": 1680, "totalTokenCount": 1680}) is None
 
 
 def test_pricing_for_known_and_unknown_models() -> None:

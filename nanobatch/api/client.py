@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+import anyio
 import httpx2
 import orjson
 
@@ -139,8 +140,16 @@ class GeminiClient(ApiClient):
         timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         if (url := self._urls.get(model)) is None:
             url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
-        with http_errors(self._secret, self.where):
+        # httpx's timeouts bound each read: an answer trickling a byte at a time would never end. The whole
+        # request, from connecting to its last byte, gets timeout_s.
+        with anyio.move_on_after(timeout_s) as whole, http_errors(self._secret, self.where):
             response = await self._http.post(url, content=content, timeout=timeout)
+        if whole.cancelled_caught:
+            raise ApiError(
+                f"no whole answer within {timeout_s:g} s (api.timeout_s): the answer came too slowly",
+                kind="timeout",
+                retryable=True,
+            )
         if response.status_code == 200:
             return redact_reply(parse_reply(response.content), self._secret)
         raise api_error(response, self._secret)
