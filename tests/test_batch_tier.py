@@ -22,7 +22,7 @@ import pytest
 from starlette.applications import Starlette
 
 from nanobatch.cli.main import main
-from nanobatch.models import pricing_for, usage_cost
+from nanobatch.costs import pricing_for, usage_cost
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
 from .fakes import records, write_job

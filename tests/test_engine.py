@@ -538,6 +538,38 @@ def test_answers_dearer_than_the_estimate_do_not_take_the_run_over_its_cost_cap(
     assert summary.exit_code == 3 and 0.3 < spent <= 0.55
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        pytest.param(None, id="stripped by a proxy"),
+        pytest.param({"totalTokenCount": 2992}, id="partial"),
+        pytest.param({"promptTokenCount": -1312, "candidatesTokenCount": -1120000}, id="negative"),
+        pytest.param({"promptTokenCount": "1312", "candidatesTokenCount": "1120"}, id="strings"),
+    ],
+)
+def test_answers_whose_usage_cannot_be_priced_count_at_the_worst_case_and_the_budget_holds(
+    tmp_path: Path, usage: dict[str, Any] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = ok_body()
+    if usage is None:
+        del body["usageMetadata"]
+    else:
+        body["usageMetadata"] = usage
+    fake = FakeGemini({"make the background white": [body]})
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(6)])
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 1, "budget.max_cost_usd": 0.1})
+    with caplog.at_level(logging.WARNING, logger="nanobatch"):
+        summary = run(job, fake, settings=settings)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert summary.exit_code == 3  # the budget stopped the run: answers were not free
+    assert 0 < len(fake.requests) < 6
+    assert all(r["cost_usd"] > 0.02 for r in records)  # the worst case of a 1K edit, not $0 (or less)
+    spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
+    assert 0 < spent <= 0.1
+    told = [r.getMessage() for r in caplog.records if "worst case" in r.getMessage()]
+    assert len(told) == 1 and "usageMetadata" in told[0]
+
+
 def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

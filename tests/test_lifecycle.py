@@ -11,7 +11,7 @@ import anyio
 import httpx2
 import pytest
 
-from nanobatch import models
+from nanobatch import costs, models
 from nanobatch.api.client import GeminiClient
 from nanobatch.cli.catalog import compare_live, model_rows, model_table_markdown, price_table_markdown
 from nanobatch.cli.main import main
@@ -217,5 +217,5 @@ def test_readme_token_prices_are_the_codes_prices() -> None:
     rows = [line.strip("|").split("|") for line in table.split("\n\n", 1)[0].splitlines()]
     assert {r[0].strip() for r in rows} == {m for m in models.MODELS if not m.endswith("-preview")}
     for model, *prices in rows:
-        pricing = models.pricing_for(model.strip())
+        pricing = costs.pricing_for(model.strip())
         assert [float(p) for p in prices] == [pricing.input, pricing.output_image, pricing.output_text], model

@@ -8,17 +8,8 @@ from typing import Any
 import pytest
 
 from nanobatch.config import PriceOverride, load_settings
-from nanobatch.models import (
-    ASPECT_RATIOS,
-    MODELS,
-    Pricing,
-    lookup,
-    pixel_size,
-    pricing_for,
-    request_cost_range,
-    usage_cost,
-    usage_problem,
-)
+from nanobatch.costs import pricing_for, request_cost_range, usage_cost, usage_problem
+from nanobatch.models import ASPECT_RATIOS, MODELS, Pricing, lookup, pixel_size
 
 
 @pytest.mark.parametrize(

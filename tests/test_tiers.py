@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from nanobatch import models
+from nanobatch import costs, models
 from nanobatch.api.gemini import build_request
 from nanobatch.cli.main import main
 from nanobatch.config import load_settings
@@ -110,10 +110,10 @@ def test_pricing_overrides_can_be_set_per_tier(tmp_path: Path) -> None:
         "pricing:\n  gemini-nano-banana-2.1: {output_image: 40, flex: {output_image: 12}}\n"
     )
     pricing = load_settings(tmp_path / "c.yaml", env={}).pricing
-    assert models.pricing_for("gemini-nano-banana-2.1", pricing).output_image == 40
-    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "flex").output_image == 12
-    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "priority").output_image == 80  # scaled standard
-    assert models.pricing_for("gemini-nano-banana-2.1", pricing, "batch").output_image == 20
+    assert costs.pricing_for("gemini-nano-banana-2.1", pricing).output_image == 40
+    assert costs.pricing_for("gemini-nano-banana-2.1", pricing, "flex").output_image == 12
+    assert costs.pricing_for("gemini-nano-banana-2.1", pricing, "priority").output_image == 80  # scaled standard
+    assert costs.pricing_for("gemini-nano-banana-2.1", pricing, "batch").output_image == 20
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_pricing_overrides_can_be_set_per_tier(tmp_path: Path) -> None:
     ],
 )
 def test_the_reported_tier_is_read_from_usage_metadata(usage: dict[str, Any], tier: str | None) -> None:
-    assert models.reported_tier(usage) == tier
+    assert costs.reported_tier(usage) == tier
 
 
 def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:

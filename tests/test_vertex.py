@@ -320,7 +320,7 @@ def test_vertex_error_bodies_are_classified_with_vertex_hints(
      ("PROVISIONED_THROUGHPUT", None)],
 )  # fmt: skip
 def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, tier: str | None) -> None:
-    from nanobatch import models
+    from nanobatch import costs
     from nanobatch.api.gemini import parse_reply, sum_usage
 
     from .fakes import ok_body
@@ -328,7 +328,7 @@ def test_vertex_traffic_type_is_kept_verbatim_and_read_as_a_tier(traffic: str, t
     usage = {"promptTokenCount": 10, "candidatesTokenCount": 1120, "totalTokenCount": 1130, "trafficType": traffic}
     reply = parse_reply(json.dumps(ok_body(usage=usage)).encode())
 
-    assert reply.usage["trafficType"] == traffic and models.reported_tier(reply.usage) == tier
+    assert reply.usage["trafficType"] == traffic and costs.reported_tier(reply.usage) == tier
     assert sum_usage([reply.usage, reply.usage])["trafficType"] == traffic  # a multi-step item keeps it
     assert "trafficType" not in sum_usage([reply.usage, {**reply.usage, "trafficType": "OTHER"}])
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import date
 from typing import TYPE_CHECKING, Any
 
-from .. import models
+from .. import costs, models
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -46,7 +46,7 @@ def _row(model_id: str, info: models.ModelInfo, life: models.Lifecycle, day: dat
         "tiers": [*info.tiers, "batch"],
         "backends": list(info.backends),  # api.backend values that serve it
         "image_price_usd": {
-            tier: {size: round(models.image_price(info, size, tier), 4) for size in info.image_sizes or ("1K",)}
+            tier: {size: round(costs.image_price(info, size, tier), 4) for size in info.image_sizes or ("1K",)}
             for tier in models.TIERS
             if tier in info.tiers or tier == "batch"
         },

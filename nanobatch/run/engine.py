@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 
-from .. import models
+from .. import costs, models
 from ..api.gemini import FileRef, Image, Reply, build_request, check_reply, set_service_tier
 from ..api.retry import RetryPolicy, retrying
 from ..config import Settings
@@ -30,6 +30,7 @@ from ..inputs.load import InputLoader, load_inputs
 from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
+from ..models import Pricing
 from ..names import output_names
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
@@ -366,8 +367,8 @@ class Engine:
         journaled."""
         tally.tier = tier
         set_service_tier(request.json(), None if tier == "batch" else tier)
-        pricing = models.pricing_for(item.model, self.pricing, tier)
-        _, worst = models.request_cost_range(
+        pricing = costs.pricing_for(item.model, self.pricing, tier)
+        _, worst = costs.request_cost_range(
             item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
         )
         timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
@@ -382,13 +383,7 @@ class Engine:
             async with self.gate.request(worst) as ticket:
                 sending()
                 reply = await self._attempt(item, tally, request, timeout, route)
-                served = models.reported_tier(reply.usage)
-                if served is not None and served != tier:
-                    tally.tier = served
-                ticket.cost_usd = models.usage_cost(
-                    reply.usage,
-                    pricing if served in (None, tier) else models.pricing_for(item.model, self.pricing, served),
-                )
+                ticket.cost_usd = self._price(item, tally, reply, tier, pricing, worst)
             tally.cost_usd += ticket.cost_usd
             tally.answered(reply)
             check_reply(reply)
@@ -400,6 +395,19 @@ class Engine:
             logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
 
         return await retrying(attempt, self.retry, on_retry=on_retry)
+
+    def _price(self, item: WorkItem, tally: Tally, reply: Reply, tier: str, pricing: Pricing, worst: float) -> float:
+        """*reply*'s usage priced in the tier it ran in; *worst* (the request's worst case) if the usage cannot
+        be priced (a proxy that strips it), so that a budget still holds."""
+        served = costs.reported_tier(reply.usage)
+        if served is not None and served != tier:
+            tally.tier = served
+        if (problem := costs.usage_problem(reply.usage)) is not None:
+            self.failures.unpriced(problem, worst)
+            return worst
+        return costs.usage_cost(
+            reply.usage, pricing if served in (None, tier) else costs.pricing_for(item.model, self.pricing, served)
+        )
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
         """One request through *route*, noted in the journal just before it goes out."""

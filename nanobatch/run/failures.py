@@ -1,4 +1,5 @@
-"""Telling the operator what fails while requests are retried: the first failure at once, then summaries.
+"""Telling the operator what fails while requests are retried (the first failure at once, then summaries),
+and answers whose cost their usage cannot tell.
 
 A run that cannot reach its API (a wrong base URL: "connection refused") must
 say so as soon as it starts, not after ten minutes of progress lines; a run of
@@ -69,3 +70,15 @@ class FailureLog:
                 )
             self._repeats.clear()
             self._told_at = now
+
+    def unpriced(self, problem: str, worst_case_usd: float) -> None:
+        """An answer's usage could not be priced: told once a run, as it is likely true of every answer."""
+        if "unpriced" in self._told:
+            return
+        self._told.add("unpriced")
+        logger.warning(
+            "%s: such answers are counted at the request's worst case ($%.4f here), so that --max-cost holds; "
+            "a proxy that strips usageMetadata makes every cost an upper bound",
+            problem,
+            worst_case_usd,
+        )

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import models
+from .. import costs, models
 from ..api.storage import is_bucket_url
 from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
@@ -62,24 +62,24 @@ class Estimate:
         prices = {name: self._pricing(item.model, name) for name in (tier, "standard", "batch")}
         n_images = len(item.inputs)
         for instruction in item.steps:
-            costs = {
-                name: models.request_cost_range(
+            ranges = {
+                name: costs.request_cost_range(
                     item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
                 )
                 for name, pricing in prices.items()
             }
-            low, high = costs[tier]
+            low, high = ranges[tier]
             self.likely += low
             self.worst += high
-            self.standard += costs["standard"][0]
-            self.batch += costs["batch"][0]
+            self.standard += ranges["standard"][0]
+            self.batch += ranges["batch"][0]
             n_images = 1  # later steps edit the previous output
 
     def _pricing(self, model: str, tier: str) -> models.Pricing:
         """The prices of *model* in *tier*, looked up once per pair (every item asks)."""
         key = (model, tier)
         if key not in self._prices:
-            self._prices[key] = models.pricing_for(model, self.settings.pricing, tier)
+            self._prices[key] = costs.pricing_for(model, self.settings.pricing, tier)
         return self._prices[key]
 
     def duration_s(self, requests: int) -> float | None:
