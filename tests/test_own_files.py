@@ -1,5 +1,5 @@
 """nanobatch's own names in the output folder: a file there that nanobatch did not write is never written over,
-and no file is written through a link."""
+no file is written through a link, and another tool's results.jsonl lines are never taken for nanobatch's."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import anyio
 import pytest
 
 from nanobatch.cli.main import main
+from nanobatch.cli.status import folder_status
 from nanobatch.errors import ConfigError
 from nanobatch.output.lock import RunLock
 from nanobatch.output.outdir import Journal, ResultsLog
 from nanobatch.run.batch.ledger import Chunk, Ledger
 
-from .fakes import FakeGemini, run, write_job
+from .fakes import FakeGemini, records, run, write_job
 
 USERS = {  # the user's own files, under nanobatch's names
     "summary.json": '{\n  "total": 3,\n  "last_run": "yesterday"\n}\n',
@@ -182,3 +183,28 @@ def test_a_link_put_there_after_the_check_is_not_written_through(tmp_path: Path)
     with pytest.raises(ConfigError, match="symbolic link"):
         anyio.run(RunLock(out).__aenter__)
     assert target.read_text() == "keep me\nno newline at the end"
+
+
+# Point 12: another tool's results.jsonl lines
+
+
+def test_status_and_the_resume_index_take_only_nanobatchs_records(tmp_path: Path) -> None:
+    items = [{"id": f"i{n}", "image": "images/a.png"} for n in range(6)]
+    job = write_job(tmp_path, items)
+    out = tmp_path / "out"
+    assert run(job, FakeGemini(), out).exit_code == 0
+    theirs = [{"id": "i0", "status": "failed"}, {"id": "x", "status": "ok"}, {"id": "i9", "status": "ok",
+              "outputs": ["i9.png"], "key": "sha256:0", "attempts": 1}]  # fmt: skip
+    with (out / "results.jsonl").open("a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in theirs)
+    info = folder_status(out)
+    assert info["items"] == 6 and info["counts"] == {"ok": 6, "failed": 0, "blocked": 0}
+    # A line that is not nanobatch's makes no file nanobatch's to replace: the user's i9.png stays.
+    (out / "i9.png").write_bytes(b"the user's picture")
+    write_job(tmp_path, [*items, {"id": "i9", "image": "images/a.png"}])
+    fake = FakeGemini()
+    summary = run(job, fake, out)
+    assert summary.exit_code == 1 and fake.requests == [] and summary.stats.skipped == 6
+    assert (out / "i9.png").read_bytes() == b"the user's picture"
+    assert records(out)[-1]["id"] == "i9" and records(out)[-1]["error"]["kind"] == "output_exists"
+    assert folder_status(out)["counts"] == {"ok": 6, "failed": 1, "blocked": 0}
