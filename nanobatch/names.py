@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOURNAL_FILE",
+    "LEDGER_FILE",
     "LOCK_FILE",
     "REPORT_FILE",
     "RESERVED_FILES",
@@ -43,6 +44,7 @@ RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FIL
 # Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
 RESERVED_PREFIX = ".nanobatch"
 BATCH_FOLDER = RESERVED_PREFIX + "-batches"  # the batch tier's chunks, results files and ledger
+LEDGER_FILE = "batches.jsonl"  # the batch tier's ledger, in BATCH_FOLDER (nanobatch.run.batch.ledger)
 
 # File systems take names of up to 255 bytes. What output_names() adds to a stem, ".step12-3.webp" at its
 # longest, fits in SUFFIX_ROOM bytes: caught at the check, a name too long costs nothing; at the write, a paid

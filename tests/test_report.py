@@ -235,7 +235,8 @@ def test_bad_thumb_size_raises(out_dir: Path) -> None:
 def test_written_atomically(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_report(out_dir)
     assert sorted(p.name for p in out_dir.iterdir()) == ["report.html", "results.jsonl", "sku-1001.png"]
-    (out_dir / "report.html").write_text("previous report")
+    previous = '<meta name="generator" content="nanobatch">previous report'  # nanobatch's: the run may replace it
+    (out_dir / "report.html").write_text(previous)
 
     def broken_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
@@ -243,7 +244,7 @@ def test_written_atomically(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_report(out_dir)
-    assert (out_dir / "report.html").read_text() == "previous report"  # never half-written
+    assert (out_dir / "report.html").read_text() == previous  # never half-written
     assert sorted(p.name for p in out_dir.iterdir()) == ["report.html", "results.jsonl", "sku-1001.png"]
 
 

@@ -8,6 +8,7 @@ prints. (filelock does the locking part too, but cannot tell who holds it.)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -21,11 +22,14 @@ import anyio
 
 from ..errors import ConfigError, LockHeld
 from ..names import LOCK_FILE
+from .own import check_own_files, open_own
 
 __all__ = ["RunLock", "current_holder"]
 
 
 logger = logging.getLogger("nanobatch")
+
+_NO_LOCK = frozenset({errno.ENOENT, errno.ELOOP, errno.EMLINK, errno.EINVAL})
 
 
 class RunLock:
@@ -40,9 +44,11 @@ class RunLock:
     async def __aenter__(self) -> RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own(self.path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:  # not ours to write: a usage problem, before anything is sent
-            raise ConfigError(f"cannot use the output folder {self.path.parent}: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"cannot use the output folder {self.path.parent}: {self.path.name}: {exc.strerror or exc}"
+            ) from None
         try:
             told = False
             while not self._try(fd):
@@ -59,8 +65,10 @@ class RunLock:
                         self.holder(fd),
                     )
                 await anyio.sleep(self.poll_s)
+            # Held: no run of nanobatch's is writing it. Another program's file under this name is not emptied.
+            check_own_files(self.path.parent, (LOCK_FILE,))
         except BaseException:
-            os.close(fd)
+            os.close(fd)  # closing drops the lock too
             raise
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -96,10 +104,12 @@ class RunLock:
 
 def current_holder(out_dir: Path) -> str | None:
     """Who holds *out_dir*'s lock right now (``"pid 12 on host since ..."``), or None if no run does."""
-    path = out_dir / LOCK_FILE
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = open_own(out_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno in _NO_LOCK:  # none, or a link or a FIFO there, which no run would lock
+            return None
+        raise
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

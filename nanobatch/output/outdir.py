@@ -4,12 +4,13 @@
 passed on: the writer puts images through it and appends to its ``results.jsonl``, the workers note
 requests in its ``journal.jsonl``, the runner replaces its ``summary.json``. The rules: nanobatch's own
 files (``names.RESERVED_FILES``, names starting with ``names.RESERVED_PREFIX``) are never an output name
-(``names.reserved_name_problem``); a glob never reads the folder's own results (``Manifest.skipping``
-hands it :attr:`OutDir.path`).
+(``names.reserved_name_problem``); a file under those names that nanobatch did not write, or a link there,
+refuses the folder (:mod:`nanobatch.output.own`); a glob never reads the folder's own results
+(``Manifest.skipping`` hands it :attr:`OutDir.path`).
 
 Durability rules: an image is written to a temporary file and renamed into place before its record is
 appended; each batch of records is written, flushed and fsync'ed; ``summary.json`` is replaced
-atomically. A torn last line (the process died mid-write) is cut off when the file is opened.
+atomically. A record torn by a crash mid-write is cut off when the file is opened.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import orjson
 from ..errors import ConfigError, Interrupted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from .lock import RunLock
-from .record import ItemRecord, is_record
+from .own import check_own_files, is_torn_record, open_own
+from .record import ItemRecord
 
 if TYPE_CHECKING:
     from .results import ResultsIndex
@@ -61,7 +63,7 @@ _temp_names = itertools.count()
 _TEMP_NAME = re.compile(re.escape(RESERVED_PREFIX) + r"-[A-Za-z0-9_-]+\.tmp")
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = True, mode: int | None = None) -> None:
     """Write *data* to *path* so that readers see the old file or the whole new one, never a part.
 
     Five system calls (open, write, fsync, close, rename), the fewest that keep that promise: the
@@ -70,6 +72,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = T
     every name it parses: on CPython 3.12 interned strings are immortal, so each name would stay for good).
     Without *replace*, anything at *path* when the write ends stays there (FileExistsError), even what
     appeared while *data* was being written: a link and an unlink instead of the rename (:func:`_name_new_file`).
+    *mode* sets the permissions (default: as a plain open makes them) before the file takes its name.
     """
     folder = os.path.dirname(os.fspath(path))
     # O_EXCL: never another's temp file; the kernel applies the umask to 0o666 (what a plain open makes).
@@ -85,6 +88,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, replace: bool = T
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            if mode is not None:
+                os.fchmod(fd, mode)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -126,9 +131,10 @@ def write_image(path: str, data: bytes, *, replace: bool) -> None:
 
 
 def write_report_file(path: Path, data: bytes) -> None:
-    """``report.html``, atomically, readable by all (a report is meant to be shared)."""
-    atomic_write(path, data)
-    os.chmod(path, 0o644)
+    """``report.html``, atomically, readable by all (a report is meant to be shared); ConfigError, and nothing
+    written, if a file nanobatch did not write is at *path* (``own.check_own_files``)."""
+    check_own_files(path.parent, (path.name,))
+    atomic_write(path, data, mode=0o644)
 
 
 def fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -179,13 +185,6 @@ def move_file(src: str, dst: str, *, replace: bool = True) -> None:
         os.unlink(src)
 
 
-def _is_record_line(line: bytes) -> bool:
-    try:
-        return is_record(orjson.loads(line))
-    except orjson.JSONDecodeError:
-        return False
-
-
 class ResultsLog:
     """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
 
@@ -195,43 +194,40 @@ class ResultsLog:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
-        self._mend_torn_tail()
+        fd = open_own(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        try:
+            self._mend_torn_tail(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._file = os.fdopen(fd, "ab")
 
-    def _mend_torn_tail(self) -> None:
-        """Cut off a line torn by a crash mid-write, so that every line of the file stays parseable.
+    def _mend_torn_tail(self, fd: int) -> None:
+        """End the last line with its newline, so that the next record starts a line of its own; cut it off
+        instead if it is a record torn by a crash mid-write (never complete: its item will be sent again).
 
-        The torn record was never complete, so its item has no result and will be sent again.
+        Only what nanobatch tore is cut: a last line that is whole JSON (a record saved by an editor that
+        drops the final newline) or that nanobatch did not begin (anyone's text) stays as it is.
         """
-        assert self._file is not None
-        with self.path.open("rb+") as f:
-            size = f.seek(0, os.SEEK_END)
-            if size == 0:
-                return
-            f.seek(max(0, size - 1))
-            if f.read(1) == b"\n":
-                return
-            keep = 0  # after the last newline, found by reading backwards a block at a time
-            end = size
-            while end > 0:
-                start = max(0, end - 65536)
-                f.seek(start)
-                block = f.read(end - start)
-                if b"\n" in block:
-                    keep = start + block.rfind(b"\n") + 1
-                    break
-                end = start
-            f.seek(keep)
-            if _is_record_line(f.read(size - keep)):
-                # Whole, only its newline missing (an editor, a copy): it counts, so it stays.
-                f.seek(size)
-                f.write(b"\n")
-                logger.info("%s: added the newline missing after the last record", self.path)
-                return
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        keep = end = size  # after the last newline, found by reading backwards a block at a time
+        while end > 0:
+            start = max(0, end - 65536)
+            block = os.pread(fd, end - start, start)
+            if (at := block.rfind(b"\n")) >= 0:
+                keep = start + at + 1
+                break
+            keep = end = start
+        if is_torn_record(os.pread(fd, size - keep, keep)):
             logger.warning(
                 "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
             )
-            f.truncate(keep)
+            os.ftruncate(fd, keep)
+        else:
+            os.write(fd, b"\n")  # O_APPEND: at the end
+            logger.info("%s: added the newline missing after the last line", self.path)
 
     def append_many(self, records: list[ItemRecord]) -> None:
         """Append *records* in one write and one fsync (group commit): all are durable when this returns.
@@ -268,7 +264,7 @@ class Journal:
         self._file: IO[bytes] | None = None
 
     def open(self) -> None:
-        self._file = self.path.open("ab")
+        self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
 
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
         self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
@@ -305,7 +301,8 @@ class OutDir:
 
     @staticmethod
     def check(target: Path) -> None:
-        """ConfigError if *target* cannot be made a folder: it, or the nearest existing folder above it, is a file."""
+        """ConfigError if *target* cannot be made a folder (it, or the nearest existing folder above it, is a
+        file), or holds files under nanobatch's own names that nanobatch did not write (``own.check_own_files``)."""
         for place in (target, *target.parents):
             try:
                 if place.is_symlink() and not place.exists():
@@ -324,6 +321,8 @@ class OutDir:
             if not os.access(place, os.W_OK | os.X_OK):
                 verb = "is" if place == target else f"cannot be made: {place} is"
                 raise ConfigError(f"the output folder {target} {verb} not writable by this user")
+            if place == target:
+                check_own_files(target)
             return
 
     @asynccontextmanager
@@ -335,6 +334,7 @@ class OutDir:
         else:
             await lock.__aenter__()
         try:
+            check_own_files(self.path)  # again, now that no other run can be writing them
             yield self
         finally:
             await lock.__aexit__(None, None, None)

@@ -16,6 +16,7 @@ import orjson
 
 from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
+from .own import is_own_record
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -40,14 +41,18 @@ logger = logging.getLogger("nanobatch")
 
 
 def read_records(path: Path) -> Iterator[ItemRecord]:
-    """Item records from a results file, oldest first; torn or foreign lines are skipped with a warning."""
-    return map(ItemRecord.from_json, _record_lines(path))
+    """Item records from a results file, oldest first, as the report shows them (any line with an ``id`` and a
+    ``status``); torn lines are skipped with a warning."""
+    return map(ItemRecord.from_json, _record_lines(path, own_only=False))
 
 
-def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The parsed lines of a results file that are item records (see :func:`read_records`)."""
+def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:
+    """The parsed lines of a results file that are item records; with *own_only*, only those nanobatch wrote
+    (``own.is_own_record``): another tool's lines in a results.jsonl it shares neither count (the index, status)
+    nor make a file nanobatch's to replace."""
     if not path.exists():
         return
+    foreign = 0
     with path.open("rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -57,8 +62,17 @@ def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
-            if is_record(record):
+            if is_own_record(record) or not own_only and is_record(record):
                 yield record
+            elif is_record(record):
+                foreign += 1
+    if foreign:
+        logger.warning(
+            "%s: ignoring %d lines that look like item records but were not written by nanobatch (another "
+            "tool's?): they lack the fields nanobatch writes on every record",
+            path,
+            foreign,
+        )
 
 
 class IndexEntry(NamedTuple):
@@ -174,7 +188,7 @@ class ResultsIndex:
         index = cls()
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
+        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE, own_only=True))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):

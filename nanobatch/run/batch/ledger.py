@@ -15,6 +15,7 @@ Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -22,14 +23,13 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ...names import BATCH_FOLDER
+from ...names import BATCH_FOLDER, LEDGER_FILE
+from ...output.own import open_own
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
 
-__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
-
-LEDGER_FILE = "batches.jsonl"
+__all__ = ["Chunk", "Ledger", "cancel_jobs", "open_chunks"]
 
 
 @dataclass(slots=True)
@@ -84,7 +84,7 @@ class Ledger:
     def note(self, event: str, chunk: Chunk, **fields: Any) -> None:
         if self._file is None:
             self.folder.mkdir(exist_ok=True)
-            self._file = self.path.open("ab")
+            self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
         self._file.write(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
         self._file.flush()
 
