@@ -220,8 +220,9 @@ def status(out_dir: str, as_json: bool) -> None:
     tokens = info["tokens"]
     click.echo(
         f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
-        f"thinking {tokens['thoughtsTokenCount']}; cost ${info['cost_usd']:.4f}"
+        f"thinking {tokens['thoughtsTokenCount']}"
     )
+    click.echo(f"cost: ${info['cost_usd']:.4f} for the results held now; ${info['paid_usd']:.4f} paid by all runs")
     for kind, count in info["failures_by_kind"].items():
         click.echo(f"  {kind}: {count}")
     for job in info.get("batch_jobs", []):

@@ -298,7 +298,7 @@ class Engine:
         record = moved_record(
             item, tally, run=self.run_id, outputs=[renamed.get(name, name) for name in entry.outputs],
             tokens=entry.tokens, cost_usd=entry.cost_usd,  # what it cost when it was made; this run paid nothing
-            moves=decision.moves,
+            paid_in=entry.paid_in, moves=decision.moves,
         )  # fmt: skip
         return Finished(record, [], replaceable=decision.replaceable, moves=decision.moves)
 
