@@ -7,13 +7,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
+import nanobatch
 from nanobatch.cli.main import main
 from nanobatch.cli.report import write_report
 from nanobatch.output.results import ResultsIndex
 
-from .fakes import FakeGemini, ok_body, records, run, write_job
+from .fakes import FakeGemini, google_error, ok_body, records, run, write_job
 
 
 def usage(output_tokens: int) -> dict[str, int]:
@@ -91,3 +93,46 @@ def test_a_move_recorded_by_an_older_version_is_not_counted_as_paid_again(tmp_pa
         totals = index.totals()
     assert totals["cost_usd"] == pytest.approx(0.12) and totals["paid_usd"] == pytest.approx(0.14)
     assert (panel(tmp_path)["cost"], panel(tmp_path)["paid by all runs"]) == ("$0.1200", "$0.1400")
+
+
+# --- fallbacks: what was sent at the fallback tier, not what was decided ---------------------------------------
+
+
+def flex_shed() -> FakeGemini:
+    """Every flex request shed (503), every standard one answered."""
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        if json.loads(request.content).get("serviceTier") == "flex":
+            return google_error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+        return httpx2.Response(200, json=ok_body())
+
+    return FakeGemini({text: [answer] for text in ("edit a", "crop it", "make it white", "edit c")})
+
+
+def flex_settings(**overrides: Any) -> nanobatch.Settings:
+    flex = {"api.tier": "flex", "limits.flex_fallback": True, "retry.max_attempts": 2, "limits.concurrency": 1}
+    return nanobatch.load_settings(overrides={**flex, **overrides})
+
+
+def test_a_fallback_the_run_stopped_before_sending_is_not_counted(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "instruction": "edit a"}])
+    fake = flex_shed()
+    # Two tries on flex use up the request budget: the fallback is decided, and never sent.
+    summary = run(job, fake, settings=flex_settings(**{"budget.max_requests": 2}))
+    assert summary.outcome == "aborted" and len(fake.requests) == 2
+    last_run = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]
+    assert (last_run["requests"], last_run["fallbacks"]) == (2, 0) and last_run["fallback_requests"] == 0
+
+
+def test_fallbacks_count_the_items_sent_at_the_fallback_tier_and_their_requests(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "b", "image": "images/b.png", "steps": ["crop it", "make it white"]},
+                               {"id": "c", "image": "images/c.png", "instruction": "edit c"}])  # fmt: skip
+    fake = flex_shed()
+    summary = run(job, fake, settings=flex_settings())
+    assert summary.exit_code == 0
+    tiers = [json.loads(r.content).get("serviceTier", "standard") for r in fake.requests]
+    assert tiers.count("standard") == 3  # b's two steps (the second goes straight there) and c
+    assert {(r["id"], r["tier"], r["fallback"]) for r in records(tmp_path / "out")} == {
+        ("b", "standard", True), ("c", "standard", True)}  # fmt: skip
+    last_run = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]
+    assert (last_run["fallbacks"], last_run["fallback_requests"]) == (2, 3)

@@ -119,8 +119,8 @@ class PaidIn:
     def from_json(cls, value: Any) -> PaidIn | None:
         if not isinstance(value, Mapping):
             return None
-        run = value.get("run")
-        return cls(run=run if isinstance(run, str) else None, cost_usd=read_float(value.get("cost_usd")) or 0.0)
+        run, cost = value.get("run"), read_float(value.get("cost_usd"))
+        return cls(run=run if isinstance(run, str) else None, cost_usd=cost or 0.0)
 
 
 def line_costs(cost_usd: float | None, paid_in: PaidIn | None, moved: bool) -> tuple[float, float]:
@@ -352,6 +352,7 @@ class Tally:
     attempts: int = 0
     cost_usd: float = 0.0
     fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
+    fallback_requests: int = 0  # those of its requests sent there
     batch: str | None = None  # the batch job that answered the latest step
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
@@ -360,9 +361,11 @@ class Tally:
     usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
     api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
 
-    @property
-    def fallback(self) -> bool:
-        return self.fallback_tier is not None
+    def sending(self) -> None:
+        """Count a request of the item about to go out (in its fallback tier, once it has one)."""
+        self.attempts += 1
+        if self.fallback_tier is not None:
+            self.fallback_requests += 1
 
     def answered(self, reply: Reply) -> None:
         """Keep what the latest answer said (also when it has no image)."""
@@ -414,7 +417,7 @@ def build_record(
         aspect_ratio=item.aspect_ratio,
         image_size=item.image_size,
         tier=tally.tier,
-        fallback=tally.fallback,
+        fallback=tally.fallback_requests > 0,  # sent there, not only decided (the run may stop first)
         started_at=utc(tally.started),
         finished_at=utc(time.time()),
         input_stamps=tally.input_stamps,

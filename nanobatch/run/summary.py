@@ -59,7 +59,8 @@ def build_summary(
             "tokens": dict(stats.tokens),
             "cost_usd": round(stats.cost_usd, 6),
             "tier": settings_tier,
-            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
+            "fallbacks": stats.fallbacks,  # items with requests sent in a fallback tier
+            "fallback_requests": stats.fallback_requests,
             "spent_usd": round(gate.budget.spent_usd, 6),
             "latency_s": {
                 "p50": _percentile(stats.latencies, 0.5),
