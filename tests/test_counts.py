@@ -136,3 +136,26 @@ def test_fallbacks_count_the_items_sent_at_the_fallback_tier_and_their_requests(
         ("b", "standard", True), ("c", "standard", True)}  # fmt: skip
     last_run = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]
     assert (last_run["fallbacks"], last_run["fallback_requests"]) == (2, 3)
+
+
+# --- durations: the monotonic clock, whatever the wall clock does ----------------------------------------------
+
+
+@pytest.mark.parametrize("jump_s", [7200.0, -7200.0], ids=["forward 2 h", "back 2 h"])
+def test_a_wall_clock_jump_during_a_run_does_not_change_its_duration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jump_s: float
+) -> None:
+    import time
+
+    real, offset = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        offset[0] = jump_s  # the clock is set (NTP, a VM resumed) while the request is out
+        return httpx2.Response(200, json=ok_body())
+
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "instruction": "edit a"}])
+    assert run(job, FakeGemini({"edit a": [answer]})).exit_code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert 0 <= summary["wall_s"] < 60  # the run took no time on the (virtual) monotonic clock
+    assert summary["last_run"]["started_at"] != summary["last_run"]["finished_at"]  # the stamps are the wall's

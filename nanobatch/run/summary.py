@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from ..errors import FatalApiError
 from ..job.manifest import Manifest
@@ -15,7 +18,27 @@ from ..output.results import ResultsIndex
 from .limits import Gate
 from .stats import RunStats
 
-__all__ = ["build_summary"]
+__all__ = ["RunClock", "build_summary"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunClock:
+    """When a run started: on the wall clock, for the ``started_at`` stamp, and on the event loop's monotonic
+    clock, for its duration (the wall clock may be set, or jump, while a run goes)."""
+
+    wall: float
+    monotonic: float
+
+    @classmethod
+    def now(cls) -> RunClock:
+        return cls(wall=time.time(), monotonic=anyio.current_time())
+
+    def elapsed(self) -> float:
+        return anyio.current_time() - self.monotonic
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
@@ -30,25 +53,24 @@ def build_summary(
     stats: RunStats,
     index: ResultsIndex,
     gate: Gate,
-    started: float,
+    clock: RunClock,
     settings_tier: str = "standard",
 ) -> dict[str, Any]:
     """The object written as ``summary.json``: the folder's totals (*index*) and this run's counters (*stats*)."""
     folder = index.totals()
-    finished = time.time()
     return {
         "job": manifest.name,
         "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
         "out_dir": str(out_dir),
         **folder,
-        "wall_s": round(finished - started, 3),
+        "wall_s": round(clock.elapsed(), 3),
         "last_run": {
             "outcome": outcome,
             "reason": str(reason) if reason else None,
             "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
             "aborted": outcome == "aborted",  # budget, time limit, breaker, full disk, or a fatal API error
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "started_at": _stamp(clock.wall),
+            "finished_at": _stamp(time.time()),
             "items": stats.total,
             "ok": stats.ok,
             "failed": stats.failed,
