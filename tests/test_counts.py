@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
@@ -159,3 +160,36 @@ def test_a_wall_clock_jump_during_a_run_does_not_change_its_duration(
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert 0 <= summary["wall_s"] < 60  # the run took no time on the (virtual) monotonic clock
     assert summary["last_run"]["started_at"] != summary["last_run"]["finished_at"]  # the stamps are the wall's
+
+
+# --- the last run, as status tells it --------------------------------------------------------------------------
+
+
+def test_status_tells_a_run_that_crashed_from_the_one_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.cli.status import folder_status
+    from nanobatch.output.lock import RunLock
+
+    job = write_job(tmp_path, [{"id": n, "image": f"images/{n}.png", "instruction": f"edit {n}"} for n in "ab"])
+    out = tmp_path / "out"
+    budget = nanobatch.load_settings(overrides={"budget.max_requests": 1, "limits.concurrency": 1})
+    assert run(job, FakeGemini(), out, settings=budget).outcome == "aborted"
+    assert "request budget reached" in folder_status(out)["last_run"]["reason"]
+
+    def crash(request: httpx2.Request) -> httpx2.Response:
+        raise MemoryError  # what a bug, or the machine, can do to a run: it ends, and writes no end
+
+    with pytest.raises((MemoryError, BaseExceptionGroup)):
+        run(job, FakeGemini({"edit a": [crash], "edit b": [crash]}), out)
+    last = folder_status(out)["last_run"]
+    assert last["outcome"] == "crashed" and last["reason"] == "ended without a summary: killed or crashed"
+    assert main(["status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "last run: crashed, started " in shown and "reason: ended without a summary: killed or crashed" in shown
+
+    async def while_held() -> dict[str, Any]:
+        async with RunLock(out):
+            return folder_status(out)
+
+    assert anyio.run(while_held)["last_run"]["outcome"] == "running"  # a run holds the folder: not dead

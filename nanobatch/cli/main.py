@@ -235,7 +235,9 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
     last = info.get("last_run")
     if last:
-        click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+        when = f"{last['started_at']} .. {last['finished_at']}" if last.get("finished_at") else (
+            f"started {last.get('started_at')}")  # fmt: skip
+        click.echo(f"last run: {last['outcome']}, {when}")
         if last.get("reason"):
             click.echo(f"  reason: {last['reason']}")
     if info.get("left") is not None:

@@ -41,7 +41,7 @@ from .meters import Breaker, Budget, FirstContact
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import RunClock, build_summary
+from .summary import RunClock, build_summary, started_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -121,6 +121,8 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     async with out.hold(wait=options.wait_lock, handle_signals=options.handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
+        # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
+        out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
         engine, batch = await _engine(stack, checked, options, api_key, out, index, stats)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)

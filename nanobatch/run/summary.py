@@ -1,4 +1,9 @@
-"""``summary.json``: what a run did, and the folder's totals so far (the README's "Summary" section)."""
+"""``summary.json``: what a run did, and the folder's totals so far (the README's "Summary" section).
+
+A run writes it twice: when it takes the folder (:func:`started_summary`: ``last_run.outcome`` is ``started``)
+and when it ends (:func:`build_summary`). One that still says ``started`` once no run holds the folder was
+never ended: the run was killed or crashed (``nanobatch status`` says so).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,22 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ..errors import FatalApiError
-from ..job.manifest import Manifest
 from ..output.record import percentile
-from ..output.results import ResultsIndex
-from .limits import Gate
-from .stats import RunStats
 
-__all__ = ["RunClock", "build_summary"]
+if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
+    from ..job.manifest import Manifest
+    from ..output.results import ResultsIndex
+    from .limits import Gate
+    from .stats import RunStats
+
+__all__ = ["STARTED", "RunClock", "build_summary", "started_summary"]
+
+STARTED = "started"  # the outcome a run's summary has until the run ends
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +52,18 @@ def _stamp(ts: float) -> str:
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(percentile(sorted(values), q), 3) if values else None
+
+
+def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: str, tier: str) -> dict[str, Any]:
+    """What ``summary.json`` says while a run goes, until :func:`build_summary` replaces it: which run, since
+    when. The folder's totals are left out: they are known when the run ends (``status`` counts them now)."""
+    return {
+        "job": manifest.name,
+        "manifest": os.path.abspath(manifest.path),
+        "out_dir": str(out_dir),
+        "last_run": {"run": run_id, "outcome": STARTED, "reason": None, "started_at": _stamp(clock.wall),
+                     "finished_at": None, "tier": tier},
+    }  # fmt: skip
 
 
 def build_summary(
