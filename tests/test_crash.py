@@ -155,3 +155,24 @@ def test_a_simulated_run_with_huge_instructions_answers_them_and_sigterm(tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_status_after_a_sigkill_says_the_run_ended_without_a_summary_not_how_the_one_before_ended(
+    tmp_path: Path, api: str
+) -> None:
+    job = write_job(tmp_path, [{"id": f"sku-{n:03d}", "instruction": f"edit {n}"} for n in range(ITEMS)])
+    out = tmp_path / "out"
+    for signum in (signal.SIGINT, signal.SIGKILL):
+        sent = len(lines(out / "journal.jsonl"))
+        proc = start_run(job, out, api)
+        wait_until(lambda: len(lines(out / "journal.jsonl")) > sent + 2 or proc.poll() is not None)  # noqa: B023 - called at once
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == (130 if signum == signal.SIGINT else -signal.SIGKILL)
+        status = subprocess.run([sys.executable, "-m", "nanobatch", "status", str(out), "--json"],
+                                capture_output=True, text=True, check=True)  # fmt: skip
+        last = json.loads(status.stdout)["last_run"]
+        if signum == signal.SIGINT:
+            assert (last["outcome"], last["reason"]) == ("interrupted", "interrupted by SIGINT")
+    assert (last["outcome"], last["reason"]) == ("crashed", "ended without a summary: killed or crashed")
+    shown = subprocess.run([sys.executable, "-m", "nanobatch", "status", str(out)], capture_output=True, text=True)
+    assert "last run: crashed, started " in shown.stdout and "SIGINT" not in shown.stdout

@@ -308,7 +308,7 @@ def test_a_done_item_whose_output_name_changed_is_moved_without_paying_again(tmp
     fake = FakeGemini()
     assert run(job, fake, None).exit_code == 0 and len(fake.requests) == 3
     before = (out / "shoes" / "s2.png").read_bytes()
-    cost = latest(out)["s2"]["cost_usd"]
+    cost, paid_by = latest(out)["s2"]["cost_usd"], latest(out)["s2"]["run"]
     catalog(tmp_path, [("s1", "shoes"), ("s2", "sale"), ("s3", "hats")], output_dir="out")
     job.write_text(text)
     summary = run(job, fake, None)
@@ -316,7 +316,9 @@ def test_a_done_item_whose_output_name_changed_is_moved_without_paying_again(tmp
     assert not (out / "shoes" / "s2.png").exists() and (out / "sale" / "s2.png").read_bytes() == before
     record = latest(out)["s2"]
     assert record["status"] == "ok" and record["outputs"] == ["sale/s2.png"]
-    assert record["moved_from"] == ["shoes/s2.png"] and record["cost_usd"] == cost
+    # The move paid nothing; what its images cost is kept as a reference to the run that paid for them.
+    assert record["moved_from"] == ["shoes/s2.png"] and record["cost_usd"] == 0
+    assert record["paid_in"] == {"run": paid_by, "cost_usd": cost}
     assert summary.stats.skipped == 3 and summary.stats.cost_usd == 0
     # Done now, under its new name.
     assert run(job, fake, None).stats.skipped == 3 and len(fake.requests) == 3

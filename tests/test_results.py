@@ -183,6 +183,12 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
         pytest.param({"id": "e", "status": "failed", "error": {"message": "no kind"}, "steps": []}, id="error-no-kind"),
         pytest.param({"id": "s", "status": "failed", "error": "said in words", "steps": "junk"},
                      id="error-not-an-object"),
+        pytest.param({"id": "m", "status": "ok", "run": "r2", "outputs": ["new/m.png"], "cost_usd": 0.0,
+                      "moved_from": ["m.png"], "paid_in": {"run": "r1", "cost_usd": 0.07}}, id="moved"),
+        pytest.param({"id": "m", "status": "ok", "run": "r2", "outputs": ["new/m.png"], "cost_usd": 0.07,
+                      "moved_from": ["m.png"]}, id="moved-before-paid-in"),
+        pytest.param({"id": "m", "status": "ok", "moved_from": "m.png", "paid_in": {"run": 3, "cost_usd": "x"}},
+                     id="moved-odd-types"),
     ],
 )  # fmt: skip
 def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> None:
@@ -190,4 +196,4 @@ def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> 
     from nanobatch.output.results import _line_row, _row
 
     record = ItemRecord.from_json(line)
-    assert _line_row(line) == (_row(record), record.files)
+    assert _line_row(line) == (_row(record), record.files, record.costs()[1])

@@ -220,8 +220,9 @@ def status(out_dir: str, as_json: bool) -> None:
     tokens = info["tokens"]
     click.echo(
         f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
-        f"thinking {tokens['thoughtsTokenCount']}; cost ${info['cost_usd']:.4f}"
+        f"thinking {tokens['thoughtsTokenCount']}"
     )
+    click.echo(f"cost: ${info['cost_usd']:.4f} for the results held now; ${info['paid_usd']:.4f} paid by all runs")
     for kind, count in info["failures_by_kind"].items():
         click.echo(f"  {kind}: {count}")
     for job in info.get("batch_jobs", []):
@@ -234,7 +235,9 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
     last = info.get("last_run")
     if last:
-        click.echo(f"last run: {last['outcome']}, {last['started_at']} .. {last['finished_at']}")
+        when = f"{last['started_at']} .. {last['finished_at']}" if last.get("finished_at") else (
+            f"started {last.get('started_at')}")  # fmt: skip
+        click.echo(f"last run: {last['outcome']}, {when}")
         if last.get("reason"):
             click.echo(f"  reason: {last['reason']}")
     if info.get("left") is not None:

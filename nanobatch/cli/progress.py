@@ -7,7 +7,6 @@ neither changes the run. The CLI picks one; the library never shows anything.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 
 import anyio
@@ -21,29 +20,36 @@ __all__ = ["LiveProgress", "PlainProgress", "describe"]
 
 
 class _Rate:
-    """Requests per minute over the last minute, from samples of the request counter."""
+    """Requests sent in the last minute, from samples of the request counter taken from the display's start
+    (made inside the run's event loop: its clock is monotonic)."""
 
-    def __init__(self) -> None:
-        self._samples: deque[tuple[float, int]] = deque()
+    def __init__(self, stats: RunStats) -> None:
+        self._samples: deque[tuple[float, int]] = deque([(anyio.current_time(), stats.requests)])
 
-    def update(self, requests: int) -> float:
-        now = time.monotonic()
+    def update(self, stats: RunStats) -> float | None:
+        """Requests per minute: those sent since the newest sample a minute old (or since the start, in the first
+        minute), over that time or a minute if shorter (a first burst is not a pace). None while the requests sent
+        have no answer yet: 8 in flight for minutes are neither "0 req/min" nor a rate."""
+        now, requests = anyio.current_time(), stats.requests
         self._samples.append((now, requests))
-        while len(self._samples) > 2 and now - self._samples[0][0] > 60:
+        while len(self._samples) > 2 and now - self._samples[1][0] >= 60:
             self._samples.popleft()
+        if 0 < requests <= stats.in_flight:
+            return None
         first_t, first_n = self._samples[0]
-        return (requests - first_n) / (now - first_t) * 60 if now - first_t >= 1 else 0.0
+        return (requests - first_n) / max(now - first_t, 60.0) * 60
 
 
-def describe(stats: RunStats, rate: float) -> str:
-    """One line: outcomes, traffic, spend."""
+def describe(stats: RunStats, rate: float | None) -> str:
+    """One line: outcomes, traffic, spend; *rate* None: the first answers have not come yet."""
     limit = f" (limit {stats.rpm_limit:g})" if stats.rpm_limit else ""
     window = f"/{stats.concurrency:.0f}" if stats.concurrency else ""
     retries = sum(stats.retries.values())
     tokens = stats.tokens.get("totalTokenCount", 0)
+    pace = "req/min: starting" if rate is None else f"{rate:.0f} req/min"
     return (
         f"ok {stats.ok} · failed {stats.failed} · blocked {stats.blocked} · skipped {stats.skipped} │ "
-        f"in flight {stats.in_flight}{window} · {rate:.0f} req/min{limit} · retries {retries} │ "
+        f"in flight {stats.in_flight}{window} · {pace}{limit} · retries {retries} │ "
         f"{tokens:,} tokens · ${stats.cost_usd:.2f}"
     ) + _batch_jobs(stats)
 
@@ -71,7 +77,7 @@ class LiveProgress:
         return RichHandler(console=self.console, show_path=False, show_time=False, markup=False)
 
     async def run(self, stats: RunStats) -> None:
-        rate = _Rate()
+        rate = _Rate(stats)
         columns = (
             SpinnerColumn(),
             MofNCompleteColumn(),
@@ -83,11 +89,11 @@ class LiveProgress:
             task = progress.add_task("starting", total=stats.total or None)
             try:
                 while True:
-                    line = describe(stats, rate.update(stats.requests))
+                    line = describe(stats, rate.update(stats))
                     progress.update(task, completed=stats.done, total=stats.total or None, description=line)
                     await anyio.sleep(0.5)
             finally:
-                progress.update(task, completed=stats.done, description=describe(stats, rate.update(stats.requests)))
+                progress.update(task, completed=stats.done, description=describe(stats, rate.update(stats)))
 
 
 class PlainProgress:
@@ -98,8 +104,8 @@ class PlainProgress:
         self.logger = logger or logging.getLogger("nanobatch.progress")
 
     async def run(self, stats: RunStats) -> None:
-        rate = _Rate()
+        rate = _Rate(stats)  # from now: the requests sent before the first line count
         while True:
             await anyio.sleep(self.interval_s)
-            line = describe(stats, rate.update(stats.requests))
+            line = describe(stats, rate.update(stats))
             self.logger.info("progress: %d/%d done │ %s", stats.done, stats.total, line)

@@ -31,7 +31,7 @@ from ..inputs.stamps import is_remote
 from ..names import REPORT_FILE
 from ..output.outdir import write_report_file
 from ..output.record import TOKEN_FIELDS, ItemRecord, percentile
-from ..output.results import read_records
+from ..output.results import ResultsIndex, read_records
 from .report_page import PAGE
 
 __all__ = ["write_report"]
@@ -73,9 +73,10 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
             "`nanobatch run` (the one holding results.jsonl)."
         )
     summary = _load_summary(folder / "summary.json")
-    records = _in_manifest_order(_load_records(results), summary)
+    latest, totals = _load_records(results)
+    records = _in_manifest_order(latest, summary)
     thumbs = _make_thumbs(_image_paths(folder, records), thumb_px)
-    page = _render_page(folder, records, summary, thumbs)
+    page = _render_page(folder, records, totals, summary, thumbs)
     target = folder / REPORT_FILE
     write_report_file(target, page.encode("utf-8"))
     log.info("wrote %s (%d items)", target, len(records))
@@ -85,12 +86,15 @@ def write_report(out_dir: str | os.PathLike[str], *, thumb_px: int = 256) -> Pat
 # --------------------------------------------------------------------------- reading
 
 
-def _load_records(path: Path) -> list[Record]:
-    """Latest item record per id, in order of each id's first appearance."""
+def _load_records(path: Path) -> tuple[list[Record], dict[str, Any]]:
+    """Latest item record per id, in order of each id's first appearance; and the folder's totals as
+    ``status`` and ``summary.json`` give them (:meth:`ResultsIndex.totals`)."""
     latest: dict[str, Record] = {}
-    for rec in read_records(path):
-        latest[rec.id] = rec
-    return list(latest.values())
+    with ResultsIndex() as index:
+        for rec in read_records(path):
+            latest[rec.id] = rec
+            index.add(rec)
+        return list(latest.values()), index.totals()
 
 
 def _in_manifest_order(records: list[Record], summary: Mapping[str, Any]) -> list[Record]:
@@ -214,25 +218,17 @@ def _latencies(records: Iterable[Record]) -> list[tuple[float, str]]:
     return [(lat, st) for lat, st in pairs if lat is not None and lat >= 0]
 
 
-def _token_totals(records: Iterable[Record]) -> dict[str, int]:
-    totals = dict.fromkeys((name for name, _ in _TOKEN_FIELDS), 0)
-    for rec in records:
-        usage = rec.usage
-        for name, key in _TOKEN_FIELDS:
-            totals[name] += int(_num(usage.get(key)) or 0)
-    return totals
-
-
-def _render_totals(records: list[Record], summary: Mapping[str, Any]) -> str:
+def _render_totals(records: list[Record], totals: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
+    """The panel above the cards: *records*' counts and latencies, the folder's *totals* of cost and tokens."""
     counts = Counter(_status(r) for r in records)
-    tokens = _token_totals(records)
-    costs = [c for c in (_num(r.cost_usd) for r in records) if c is not None]
     lats = sorted(lat for lat, _ in _latencies(records))
     cells: list[tuple[str, str, str]] = [("items", f"{len(records):,}", "")]
     cells += [(s, f"{counts.get(s, 0):,}", s) for s in STATUSES]
     cells += [(s, f"{n:,}", "") for s, n in sorted(counts.items()) if s not in STATUSES]
-    cells.append(("cost", _money(sum(costs)) if costs else "—", ""))
-    cells += [(f"{name} tokens", f"{tokens[name]:,}", "") for name, _ in _TOKEN_FIELDS]
+    said = any(r.cost_usd is not None or r.paid_in is not None for r in records)
+    cells.append(("cost", _money(totals["cost_usd"]) if said else "—", ""))
+    cells.append(("paid by all runs", _money(totals["paid_usd"]) if said else "—", ""))
+    cells += [(f"{name} tokens", f"{totals['tokens'][key]:,}", "") for name, key in _TOKEN_FIELDS]
     for label, value in (("p50", 50), ("p95", 95), ("max", 100)):
         cells.append((f"latency {label}", _secs(percentile(lats, value / 100)) if lats else "—", ""))
     wall = _num(summary.get("wall_s"))
@@ -372,8 +368,12 @@ def _render_meta(rec: Record) -> str:
     usage = rec.usage
     cells = [(name, _num(usage.get(key))) for name, key in _TOKEN_FIELDS[:3]]
     rows = [(f"{name} tok", f"{int(v):,}") for name, v in cells if v is not None]
-    cost, latency, attempts = _num(rec.cost_usd), _num(rec.latency_s), _num(rec.attempts)
-    rows += [("cost", _money(cost))] if cost is not None else []
+    latency, attempts = _num(rec.latency_s), _num(rec.attempts)
+    if rec.cost_usd is not None or rec.paid_in is not None:
+        rows.append(("cost", _money(rec.costs()[0])))
+    if rec.moved_from is not None:  # its images were moved, not made, by this record's run
+        run = rec.paid_in.run if rec.paid_in is not None else None
+        rows.append(("paid in", f"run {run}" if run else "an earlier run"))
     rows += [("latency", _secs(latency))] if latency is not None else []
     rows += [("attempts", f"{int(attempts)}")] if attempts is not None else []
     for value, label in ((rec.finish_reason, "finish"), (rec.image_size, "size"), (rec.aspect_ratio, "ratio")):
@@ -418,13 +418,17 @@ def _subtitle(folder: Path, records: list[Record]) -> str:
 
 
 def _render_page(
-    folder: Path, records: list[Record], summary: Mapping[str, Any], thumbs: Mapping[Path, _Thumb | str]
+    folder: Path,
+    records: list[Record],
+    totals: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    thumbs: Mapping[Path, _Thumb | str],
 ) -> str:
     cards = "\n".join(_render_card(folder, r, thumbs) for r in records)
     return PAGE.substitute(
         title=_e(f"nanobatch report — {_job_name(folder, summary)}"),
         subtitle=_e(_subtitle(folder, records)),
-        totals=_render_totals(records, summary),
+        totals=_render_totals(records, totals, summary),
         histogram=_render_histogram(records),
         filters=_render_filters(records),
         cards=cards or '<p class="empty">No items in results.jsonl yet.</p>',

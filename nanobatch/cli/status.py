@@ -13,6 +13,7 @@ from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.lock import current_holder
 from ..output.results import ResultsIndex, orphaned_requests
 from ..run.batch.ledger import open_chunks
+from ..run.summary import STARTED
 
 __all__ = ["folder_status"]
 
@@ -49,13 +50,23 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         {"chunk": c.id, "job": c.job, "state": c.state, "requests": len(c.keys), **c.counts}
         for c in open_chunks(out_dir)
     ]
-    info["last_run"] = summary.get("last_run") if isinstance(summary, dict) else None
     info["running"] = current_holder(out_dir)
+    info["last_run"] = _last_run(summary.get("last_run") if isinstance(summary, dict) else None, info["running"])
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.
     info["in_flight"] = len(orphans) if info["running"] else 0
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+def _last_run(last: Any, running: str | None) -> Any:
+    """The last run as ``summary.json`` tells it; one whose summary still says it started, while no run holds
+    the folder, never wrote its end: it was killed (SIGKILL, out of memory, a power cut) or crashed."""
+    if not isinstance(last, dict) or last.get("outcome") != STARTED:
+        return last
+    if running:
+        return {**last, "outcome": "running"}
+    return {**last, "outcome": "crashed", "reason": "ended without a summary: killed or crashed"}
 
 
 def _is_output_folder(folder: Path) -> bool:

@@ -26,11 +26,13 @@ __all__ = [
     "TOKEN_FIELDS",
     "ErrorInfo",
     "ItemRecord",
+    "PaidIn",
     "StepRecord",
     "Tally",
     "build_record",
     "files_of",
     "is_record",
+    "line_costs",
     "moved_record",
     "read_float",
     "read_stamps",
@@ -47,7 +49,7 @@ _ITEM_FIELDS = (
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
 # Written only when set, in this order.
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "uploads", "batch")
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch")
 
 
 def is_record(value: Any) -> bool:
@@ -103,6 +105,33 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PaidIn:
+    """Where the images of a moved record were paid for: the run that sent their requests (None: a line that
+    did not say) and what it paid. A reference, not a payment: the moved record's own ``cost_usd`` is 0."""
+
+    run: str | None
+    cost_usd: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run, "cost_usd": self.cost_usd}
+
+    @classmethod
+    def from_json(cls, value: Any) -> PaidIn | None:
+        if not isinstance(value, Mapping):
+            return None
+        run, cost = value.get("run"), read_float(value.get("cost_usd"))
+        return cls(run=run if isinstance(run, str) else None, cost_usd=cost or 0.0)
+
+
+def line_costs(cost_usd: float | None, paid_in: PaidIn | None, moved: bool) -> tuple[float, float]:
+    """(what the requests that made a line's result cost, what its run paid) from its ``cost_usd``, ``paid_in``
+    and whether it has ``moved_from``; every total of cost comes from here. A move pays nothing (lines written
+    before ``paid_in`` existed repeated the moved answer's cost in their ``cost_usd``)."""
+    cost = cost_usd or 0.0
+    return (cost + paid_in.cost_usd if paid_in is not None else cost), (0.0 if moved else cost)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StepRecord:
     """One step of a multi-step item. ``usage`` is None for a step that got no answer (then its
     ``finish_reason`` and ``text`` are not written); ``outputs`` is None when the step kept no image."""
@@ -151,7 +180,7 @@ class ItemRecord:
     steps: tuple[StepRecord, ...] | None = None
     attempts: int | None = None  # None: the line did not say (an old or hand-edited one)
     latency_s: float | None = None
-    cost_usd: float | None = None  # None: the line did not say
+    cost_usd: float | None = None  # what this record's run paid for the item; None: the line did not say
     model: str | None = None
     model_version: str | None = None
     response_id: str | None = None
@@ -168,6 +197,7 @@ class ItemRecord:
     input_stamps: tuple[tuple[int, int, str], ...] | None = None
     finish_message: str | None = None
     moved_from: tuple[str, ...] | None = None
+    paid_in: PaidIn | None = None  # a moved record's: the run that paid for its images, and what it paid
     uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
     batch: str | None = None  # the batch job that answered (tier batch)
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
@@ -179,6 +209,10 @@ class ItemRecord:
 
     def tokens(self) -> tuple[int, int, int, int]:
         return usage_tokens(self.usage)
+
+    def costs(self) -> tuple[float, float]:
+        """(what the requests that made its result cost, what its run paid): see :func:`line_costs`."""
+        return line_costs(self.cost_usd, self.paid_in, self.moved_from is not None)
 
     def to_json(self) -> dict[str, Any]:
         """The line's object, fields in nanobatch's order (serialize with orjson)."""
@@ -197,8 +231,7 @@ class ItemRecord:
         for name in _OPTIONAL_FIELDS:
             value = getattr(self, name)
             if value is not None:
-                out[name] = [list(v) for v in value] if name == "input_stamps" else (
-                    list(value) if name in ("moved_from", "uploads") else value)  # fmt: skip
+                out[name] = _OPTIONAL_JSON[name](value) if name in _OPTIONAL_JSON else value
         for name, value in self.extra.items():
             out.setdefault(name, value)
         return out
@@ -238,6 +271,7 @@ class ItemRecord:
             input_stamps=read_stamps(stamps) if stamps is not None else None,
             finish_message=get("finish_message"),
             moved_from=read_strs(get("moved_from")) if "moved_from" in line else None,
+            paid_in=PaidIn.from_json(get("paid_in")),
             uploads=read_strs(get("uploads")) if "uploads" in line else None,
             batch=str(get("batch")) if get("batch") else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
@@ -250,6 +284,8 @@ class ItemRecord:
 
 
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
+_OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
+                                  "paid_in": PaidIn.to_json}  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
@@ -316,6 +352,7 @@ class Tally:
     attempts: int = 0
     cost_usd: float = 0.0
     fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
+    fallback_requests: int = 0  # those of its requests sent there
     batch: str | None = None  # the batch job that answered the latest step
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
@@ -324,9 +361,11 @@ class Tally:
     usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
     api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
 
-    @property
-    def fallback(self) -> bool:
-        return self.fallback_tier is not None
+    def sending(self) -> None:
+        """Count a request of the item about to go out (in its fallback tier, once it has one)."""
+        self.attempts += 1
+        if self.fallback_tier is not None:
+            self.fallback_requests += 1
 
     def answered(self, reply: Reply) -> None:
         """Keep what the latest answer said (also when it has no image)."""
@@ -378,7 +417,7 @@ def build_record(
         aspect_ratio=item.aspect_ratio,
         image_size=item.image_size,
         tier=tally.tier,
-        fallback=tally.fallback,
+        fallback=tally.fallback_requests > 0,  # sent there, not only decided (the run may stop first)
         started_at=utc(tally.started),
         finished_at=utc(time.time()),
         input_stamps=tally.input_stamps,
@@ -389,9 +428,10 @@ def build_record(
 
 def moved_record(
     item: WorkItem, tally: Tally, *, run: str, outputs: Sequence[str], tokens: Sequence[int], cost_usd: float,
-    moves: Sequence[tuple[str, str]],
+    paid_in: str | None, moves: Sequence[tuple[str, str]],
 ) -> ItemRecord:  # fmt: skip
-    """The record of done work whose files move to new names: nothing sent, *cost_usd* paid when it was made."""
+    """The record of done work whose files move to new names: nothing sent, so it costs nothing; *cost_usd* is
+    what the run *paid_in* paid for its images, kept as a reference (``paid_in``)."""
     steps = None
     if len(item.steps) > 1:
         steps = []
@@ -403,7 +443,8 @@ def moved_record(
     return replace(
         base,
         usage={name: n for name, n in zip(TOKEN_FIELDS, tokens, strict=True) if n},
-        cost_usd=cost_usd,
+        cost_usd=0.0,
+        paid_in=PaidIn(run=paid_in, cost_usd=cost_usd),
         steps=tuple(steps) if steps is not None else None,
         moved_from=tuple(old for old, _ in moves),
     )

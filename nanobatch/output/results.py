@@ -21,8 +21,10 @@ from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
     ItemRecord,
+    PaidIn,
     files_of,
     is_record,
+    line_costs,
     read_float,
     read_stamps,
     read_steps,
@@ -82,12 +84,13 @@ class IndexEntry(NamedTuple):
     key: str | None
     outputs: tuple[str, ...]
     tokens: tuple[int, int, int, int]
-    cost_usd: float
+    cost_usd: float  # what the requests that made its result cost (a moved result: what they cost when sent)
     error_kind: str | None
     # {path: (size, mtime_ns, sha256)} of each local input, so an unchanged file need not be read again.
     stamps: dict[str, tuple[int, int, str]] = {}  # shared default, never mutated
     run: str | None = None
     files: tuple[str, ...] = ()  # every file the record wrote: its outputs and its kept steps' outputs
+    paid_in: str | None = None  # the run that paid for its result (None: not known)
 
 
 def _stamps(encoded: bytes | None) -> dict[str, tuple[int, int, str]]:
@@ -105,12 +108,14 @@ _INDEX_SCHEMA = """
 CREATE TABLE entries (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, outputs BLOB NOT NULL,
     prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
-    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB
+    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT
 ) WITHOUT ROWID;
 CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
 """
-_COLUMNS = "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files"
-_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = (
+    "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files, paid_in"
+)
+_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
 _OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
@@ -127,25 +132,33 @@ def _name_key(name: str) -> bytes:
 
 
 def _row(record: ItemRecord) -> tuple[Any, ...]:
-    stamps = record.input_stamps
+    stamps, paid_in = record.input_stamps, record.paid_in
     return (
         record.id,
         record.status,
         record.key,
         orjson.dumps(list(record.outputs)),
         *record.tokens(),
-        record.cost_usd or 0.0,
+        record.costs()[0],
         (record.error.kind or None) if record.error is not None else None,
         orjson.dumps(list(zip(record.inputs, stamps, strict=False))) if stamps else None,
         record.run,
         orjson.dumps(record.files) if record.steps else None,  # None: the outputs, no steps
+        _paid_in(record.run, paid_in, record.moved_from is not None),
     )
 
 
-def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
-    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, and the record's files, read from the line with
-    the functions ``from_json`` reads it with, without building the record (tests/test_results.py checks the two
-    agree on old, sparse, multi-step and failed lines)."""
+def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool) -> str | None:
+    """The run that paid for a line's result: its own, or a move's ``paid_in`` (unknown for older moves)."""
+    if not moved:
+        return run
+    return paid_in.run if paid_in is not None else None
+
+
+def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str], float]:
+    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, the record's files and what its run paid, read
+    from the line with the functions ``from_json`` reads it with, without building the record
+    (tests/test_results.py checks the two agree on old, sparse, multi-step, failed and moved lines)."""
     get = line.get
     outputs = read_strs(get("outputs"))
     steps, error, stamps = get("steps"), get("error"), get("input_stamps")
@@ -153,19 +166,23 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str]]:
     files = files_of(outputs, steps)
     error = ErrorInfo.from_json(error) if error is not None else None
     stamps = read_stamps(stamps) if stamps is not None else None
+    moved, paid_in = "moved_from" in line, get("paid_in")
+    paid_in = PaidIn.from_json(paid_in) if paid_in is not None else None
+    made, paid = line_costs(read_float(get("cost_usd")), paid_in, moved)
     row = (
         str(line["id"]),
         str(line["status"] or "unknown"),
         get("key"),
         orjson.dumps(outputs),
         *usage_tokens(get("usage")),
-        read_float(get("cost_usd")) or 0.0,
+        made,
         (error.kind or None) if error is not None else None,
         orjson.dumps(list(zip(read_strs(get("inputs")), stamps, strict=False))) if stamps else None,
         get("run"),
         orjson.dumps(files) if steps else None,
+        _paid_in(get("run"), paid_in, moved),
     )
-    return row, files
+    return row, files, paid
 
 
 def _int(value: Any) -> int:
@@ -182,6 +199,7 @@ class ResultsIndex:
 
     def __init__(self) -> None:
         self._db = scratch_db(_INDEX_SCHEMA)
+        self._paid_usd = 0.0  # what every record read or added says its run paid, superseded ones too
 
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
@@ -192,8 +210,9 @@ class ResultsIndex:
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
-                index._db.executemany(_UPSERT, (row for row, _ in chunk))
-                index._db.executemany(_OWN, ((_name_key(name), row[0]) for row, files in chunk for name in files))
+                index._db.executemany(_UPSERT, (row for row, _, _ in chunk))
+                index._db.executemany(_OWN, ((_name_key(name), row[0]) for row, files, _ in chunk for name in files))
+                index._paid_usd += sum(paid for _, _, paid in chunk)
         return index
 
     def close(self) -> None:
@@ -212,6 +231,7 @@ class ResultsIndex:
     def add(self, record: ItemRecord) -> None:
         self._db.execute(_UPSERT, _row(record))
         self._db.executemany(_OWN, _owned_rows([record]))
+        self._paid_usd += record.costs()[1]
 
     def adopt(self, item_id: str, names: Iterable[str]) -> None:
         """Count *names* as files nanobatch wrote for *item_id* (the journal says so, though no record does)."""
@@ -240,7 +260,7 @@ class ResultsIndex:
         row = self._db.execute(_SELECT, (item_id,)).fetchone()
         if row is None:
             return None
-        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run, files = row
+        _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run, files, paid = row
         names = tuple(str(name) for name in orjson.loads(outputs))
         return IndexEntry(
             status,
@@ -252,6 +272,7 @@ class ResultsIndex:
             _stamps(stamps),
             run,
             tuple(str(name) for name in orjson.loads(files)) if files else names,
+            paid,
         )
 
     def ok_files(self) -> Iterator[tuple[str, tuple[str, ...]]]:
@@ -260,6 +281,9 @@ class ResultsIndex:
             yield item_id, tuple(str(name) for name in orjson.loads(files or outputs))
 
     def totals(self) -> dict[str, Any]:
+        """The folder's totals, as ``summary.json``, ``status`` and the report show them: counts, tokens and
+        ``cost_usd`` of each item's latest record (what the results held now cost when they were made), and
+        ``paid_usd``: what every run into the folder paid, each request once (superseded records too, moves not)."""
         db = self._db
         counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
         items, *sums = db.execute(
@@ -275,6 +299,7 @@ class ResultsIndex:
             "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
             "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
             "cost_usd": round(sums[4], 6),
+            "paid_usd": round(self._paid_usd, 6),
             "failures_by_kind": dict(by_kind.fetchall()),
         }
 

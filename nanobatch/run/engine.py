@@ -298,7 +298,7 @@ class Engine:
         record = moved_record(
             item, tally, run=self.run_id, outputs=[renamed.get(name, name) for name in entry.outputs],
             tokens=entry.tokens, cost_usd=entry.cost_usd,  # what it cost when it was made; this run paid nothing
-            moves=decision.moves,
+            paid_in=entry.paid_in, moves=decision.moves,
         )  # fmt: skip
         return Finished(record, [], replaceable=decision.replaceable, moves=decision.moves)
 
@@ -335,8 +335,6 @@ class Engine:
                     raise
                 except ApiError as exc:
                     tier = self._fallback_tier(item, tier, route, exc)
-                    if not tally.fallback:
-                        self.stats.fallbacks += 1
                     tally.fallback_tier = tier  # the item's later steps go there too
         finally:
             if sent_at is not None:
@@ -411,8 +409,8 @@ class Engine:
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
         """One request through *route*, noted in the journal just before it goes out."""
-        tally.attempts += 1
-        self.stats.requests += 1
+        tally.sending()
+        self.stats.sent(tally)
         self.out.journal.dispatched(item.id, tally.key, tally.attempts)
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window

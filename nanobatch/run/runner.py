@@ -11,7 +11,6 @@ import functools
 import logging
 import os
 import signal
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -42,7 +41,7 @@ from .meters import Breaker, Budget, FirstContact
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import build_summary
+from .summary import RunClock, build_summary, started_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -117,11 +116,13 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     manifest, settings = checked.job, checked.settings
     api_key = api_key_for(settings, needed=not options.simulate and options.transport is None)  # before the folder
     stats = _stats(stats, checked)
-    started = time.time()
+    clock = RunClock.now()
     out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
     async with out.hold(wait=options.wait_lock, handle_signals=options.handle_signals), AsyncExitStack() as stack:
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
+        # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
+        out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
         engine, batch = await _engine(stack, checked, options, api_key, out, index, stats)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
@@ -129,7 +130,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         if batch is not None:
             _end_batch(batch, outcome, manifest, out.path)
         summary = build_summary(
-            manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
+            manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
         out.write_summary(summary)

@@ -6,7 +6,7 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..output.record import ItemRecord
+from ..output.record import ItemRecord, Tally
 
 __all__ = ["RunStats"]
 
@@ -30,13 +30,21 @@ class RunStats:
     in_flight: int = 0
     concurrency: float = 0.0  # the adaptive window: lower than the limit while the server pushes back
     rpm_limit: float | None = None
-    fallbacks: int = 0  # flex items finally sent at standard price
+    fallbacks: int = 0  # items with a request sent in a fallback tier (flex shed it, or the batch deadline came)
+    fallback_requests: int = 0  # the requests sent in a fallback tier
     # The batch tier's jobs not collected yet: chunk -> (state, requests answered, requests), kept by BatchRoute.
     batch_jobs: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def done(self) -> int:
         return self.ok + self.failed + self.blocked + self.skipped
+
+    def sent(self, tally: Tally) -> None:
+        """Count a request going out now for the item *tally* follows (after :meth:`Tally.sending`)."""
+        self.requests += 1
+        if tally.fallback_tier is not None:
+            self.fallback_requests += 1
+            self.fallbacks += tally.fallback_requests == 1  # the item's first one
 
     def count(self, record: ItemRecord) -> None:
         setattr(self, record.status, getattr(self, record.status) + 1)

@@ -1,25 +1,69 @@
-"""``summary.json``: what a run did, and the folder's totals so far (the README's "Summary" section)."""
+"""``summary.json``: what a run did, and the folder's totals so far (the README's "Summary" section).
+
+A run writes it twice: when it takes the folder (:func:`started_summary`: ``last_run.outcome`` is ``started``)
+and when it ends (:func:`build_summary`). One that still says ``started`` once no run holds the folder was
+never ended: the run was killed or crashed (``nanobatch status`` says so).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from ..errors import FatalApiError
-from ..job.manifest import Manifest
 from ..output.record import percentile
-from ..output.results import ResultsIndex
-from .limits import Gate
-from .stats import RunStats
 
-__all__ = ["build_summary"]
+if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
+    from ..job.manifest import Manifest
+    from ..output.results import ResultsIndex
+    from .limits import Gate
+    from .stats import RunStats
+
+__all__ = ["STARTED", "RunClock", "build_summary", "started_summary"]
+
+STARTED = "started"  # the outcome a run's summary has until the run ends
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunClock:
+    """When a run started: on the wall clock, for the ``started_at`` stamp, and on the event loop's monotonic
+    clock, for its duration (the wall clock may be set, or jump, while a run goes)."""
+
+    wall: float
+    monotonic: float
+
+    @classmethod
+    def now(cls) -> RunClock:
+        return cls(wall=time.time(), monotonic=anyio.current_time())
+
+    def elapsed(self) -> float:
+        return anyio.current_time() - self.monotonic
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(percentile(sorted(values), q), 3) if values else None
+
+
+def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: str, tier: str) -> dict[str, Any]:
+    """What ``summary.json`` says while a run goes, until :func:`build_summary` replaces it: which run, since
+    when. The folder's totals are left out: they are known when the run ends (``status`` counts them now)."""
+    return {
+        "job": manifest.name,
+        "manifest": os.path.abspath(manifest.path),
+        "out_dir": str(out_dir),
+        "last_run": {"run": run_id, "outcome": STARTED, "reason": None, "started_at": _stamp(clock.wall),
+                     "finished_at": None, "tier": tier},
+    }  # fmt: skip
 
 
 def build_summary(
@@ -30,25 +74,24 @@ def build_summary(
     stats: RunStats,
     index: ResultsIndex,
     gate: Gate,
-    started: float,
+    clock: RunClock,
     settings_tier: str = "standard",
 ) -> dict[str, Any]:
     """The object written as ``summary.json``: the folder's totals (*index*) and this run's counters (*stats*)."""
     folder = index.totals()
-    finished = time.time()
     return {
         "job": manifest.name,
         "manifest": os.path.abspath(manifest.path),  # absolute: `nanobatch status` finds it from anywhere
         "out_dir": str(out_dir),
         **folder,
-        "wall_s": round(finished - started, 3),
+        "wall_s": round(clock.elapsed(), 3),
         "last_run": {
             "outcome": outcome,
             "reason": str(reason) if reason else None,
             "fatal": reason.kind if isinstance(reason, FatalApiError) else None,
             "aborted": outcome == "aborted",  # budget, time limit, breaker, full disk, or a fatal API error
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(finished)),
+            "started_at": _stamp(clock.wall),
+            "finished_at": _stamp(time.time()),
             "items": stats.total,
             "ok": stats.ok,
             "failed": stats.failed,
@@ -59,7 +102,8 @@ def build_summary(
             "tokens": dict(stats.tokens),
             "cost_usd": round(stats.cost_usd, 6),
             "tier": settings_tier,
-            "fallbacks": stats.fallbacks,  # flex items sent at standard price after flex shed them
+            "fallbacks": stats.fallbacks,  # items with requests sent in a fallback tier
+            "fallback_requests": stats.fallback_requests,
             "spent_usd": round(gate.budget.spent_usd, 6),
             "latency_s": {
                 "p50": _percentile(stats.latencies, 0.5),
