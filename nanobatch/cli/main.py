@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import NanobatchError, sole_error
-from .logs import install_redaction, json_logs, setup_logging, show_error
+from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
 from .options import Duration, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
 from .printing import print_check as _print_check
@@ -109,6 +109,8 @@ def run(
     """Run the job in MANIFEST: send every item not already done, write images and results."""
     from ..run.preflight import check_job
 
+    if quiet:
+        quiet_logs()  # before anything is read: a bucket's library may speak while the manifest is loaded
     settings = settings_from(config_file, **flags)
     install_redaction(settings)
     job = manifest_from(manifest, settings, flags.get("model"))
@@ -178,15 +180,11 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
     from .progress import LiveProgress, PlainProgress
 
     if quiet:
-        logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
     logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
     if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not json_logs():
         live = LiveProgress()
-        root = logging.getLogger("nanobatch")
-        handler = live.log_handler()
-        handler.filters[:] = [f for h in root.handlers for f in h.filters]
-        root.handlers[:] = [handler]
+        hand_over(live.log_handler())
         return live
     return PlainProgress(interval_s)
 
@@ -199,6 +197,7 @@ def validate(manifest: str, config_file: str | None, out_dir: str | None, **flag
     from ..run.preflight import check_job
 
     settings = settings_from(config_file, **flags)
+    install_redaction(settings)
     _print_check(check_job(manifest_from(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
 
 
