@@ -161,18 +161,24 @@ def _run_shown(
 
 
 def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
-    """Write the report if asked, then say how the run went (only why it stopped early, with --quiet)."""
+    """Write the report if asked, then say how the run went and where the report is (only why it stopped early,
+    with --quiet)."""
+    written = None
     if write_html:
         from .report import write_report
 
-        logger.info("wrote %s", write_report(summary.out_dir))
+        written = write_report(summary.out_dir)
     if quiet:
         if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
             show_error(f"run {summary.outcome}: {summary.reason}")
     elif json_logs():
         _log_summary(summary)
+        if written is not None:
+            logger.info("wrote %s", written)
     else:
         _print_summary(summary)
+        if written is not None:
+            click.echo(f"report: {written}")
 
 
 def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | None:
