@@ -85,7 +85,7 @@ def status_text(row: Mapping[str, Any], *, cell: bool = False) -> str:
 
 def model_cells(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     """The model table's cells (:data:`MODEL_COLUMNS`), a tuple per row of :func:`model_rows`."""
-    cells = []
+    cells: list[tuple[str, ...]] = []
     for row in rows:
         ratios = f"{len(row['aspect_ratios'])}" + (" (incl. 1:4 4:1 1:8 8:1)" if "1:8" in row["aspect_ratios"] else "")
         cells.append((
@@ -98,7 +98,7 @@ def model_cells(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
 def price_cells(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     """The price table's cells (:data:`PRICE_COLUMNS`): US dollars for one output image, by size and tier, of
     the models still served under their own id."""
-    cells = []
+    cells: list[tuple[str, ...]] = []
     for row in rows:
         if row["status"] == "shut down" or row["id"] not in models.MODELS:
             continue

@@ -116,12 +116,16 @@ def log_summary(summary: RunSummary) -> None:
     )  # fmt: skip
 
 
+# A table to print: its title, its column headings, its rows of cells.
+_Table = tuple[str, tuple[str, ...], list[tuple[str, ...]]]
+
+
 def print_models(result: dict[str, Any]) -> None:
     """``nanobatch models`` for people: the model table and the price table (rich's tables on a terminal, plain
     aligned columns when piped), then what ``--live`` found."""
     from .catalog import MODEL_COLUMNS, PRICE_COLUMNS, model_cells, price_cells
 
-    tables = [
+    tables: list[_Table] = [
         ("Models", MODEL_COLUMNS, model_cells(result["models"])),
         ("Price of one output image, US dollars", PRICE_COLUMNS, price_cells(result["models"])),
     ]
@@ -138,9 +142,6 @@ def print_models(result: dict[str, Any]) -> None:
         click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
         click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
         click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
-
-
-_Table = tuple[str, tuple[str, ...], list[tuple[str, ...]]]
 
 
 def _numbers(column: str) -> bool:
