@@ -57,6 +57,14 @@ def cli(verbose: int, log_format: str) -> None:
     setup_logging(verbose, False, log_format)
 
 
+_skip_bad_inputs = click.option(
+    "--skip-bad-inputs",
+    is_flag=True,
+    help="Leave out (and list) the items whose input pictures cannot be decoded, instead of refusing the job; "
+    "a run reads every picture first and records those items as failed, sending nothing for them.",
+)
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
@@ -85,6 +93,7 @@ def cli(verbose: int, log_format: str) -> None:
 )
 @click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
+@_skip_bad_inputs
 @click.option(
     "--progress-interval",
     type=click.FloatRange(min=1),
@@ -104,6 +113,7 @@ def run(
     write_html: bool,
     quiet: bool,
     progress_interval: float,
+    skip_bad_inputs: bool,
     **flags: Any,
 ) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
@@ -115,11 +125,11 @@ def run(
     install_redaction(settings)
     job = manifest_from(manifest, settings, flags.get("model"))
     if dry_run:
-        _print_check(check_job(job, settings=settings, out_dir=out_dir))
+        _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
         return
     summary = _run_shown(
         _display(quiet, progress_interval), job, settings=settings, out_dir=out_dir, force=force,
-        retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
+        retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock, skip_bad_inputs=skip_bad_inputs,
     )  # fmt: skip
     _after_run(summary, write_html=write_html, quiet=quiet)
     raise SystemExit(summary.exit_code)
@@ -135,6 +145,7 @@ def _run_shown(
     retry_failed: bool,
     simulate: bool,
     wait_lock: bool,
+    skip_bad_inputs: bool,
 ) -> RunSummary:
     """Run *job* to its end (Ctrl-C stops it gracefully), *display* showing its counters meanwhile."""
     import anyio
@@ -152,6 +163,7 @@ def _run_shown(
                 summary = await run_job(
                     job, settings=settings, out_dir=out_dir, force=force, retry_failed=retry_failed,
                     simulate=simulate, wait_lock=wait_lock, handle_signals=True, stats=stats,
+                    skip_bad_inputs=skip_bad_inputs,
                 )  # fmt: skip
             finally:
                 tg.cancel_scope.cancel()
@@ -198,13 +210,15 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
-def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
+@_skip_bad_inputs
+def validate(manifest: str, config_file: str | None, out_dir: str | None, skip_bad_inputs: bool, **flags: Any) -> None:
     """Resolve and check every item, estimate cost and duration; send nothing."""
     from ..run.preflight import check_job
 
     settings = settings_from(config_file, **flags)
     install_redaction(settings)
-    _print_check(check_job(manifest_from(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
+    job = manifest_from(manifest, settings, flags.get("model"))
+    _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
 
 
 @cli.command()

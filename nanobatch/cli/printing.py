@@ -45,6 +45,10 @@ def print_check(result: CheckResult) -> None:
             "is done; the next run goes on from there"
         )
     click.echo(f"  output:    {result.out_dir}")
+    if result.left_out_items:
+        from ..job.check import left_out_text
+
+        click.echo(left_out_text(result.left_out, result.left_out_items))
     click.echo("Nothing was sent.")
 
 
