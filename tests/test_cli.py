@@ -295,6 +295,28 @@ def test_make_demo_says_once_where_the_results_and_the_report_are(tmp_path: Path
     assert "report: out/example/report.html" in told and (tmp_path / "out" / "example" / "report.html").is_file()
 
 
+def test_the_bucket_extras_floor_the_fsspec_family_so_an_old_pip_resolves_at_once() -> None:
+    # pip 23.2 (what `python3 -m venv` brings) walks back through every s3fs/aiobotocore/botocore release when
+    # the extras let it; the floors leave it a release or two. `make` upgrades pip before it installs anyway.
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    repo = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    family = [
+        Requirement(r) for reqs in extras.values() for r in reqs if Requirement(r).name in ("fsspec", "s3fs", "gcsfs")
+    ]
+    assert {r.name for r in family} == {"fsspec", "s3fs", "gcsfs"}
+    for requirement in family:
+        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert floors and min(floors) >= Version("2026.7"), requirement
+    assert all(any(r.startswith(name) for r in extras[extra]) for extra, name in [("s3", "s3fs"), ("gcs", "gcsfs")])
+    recipe = (repo / "Makefile").read_text()
+    assert recipe.index("pip install --quiet --upgrade pip") < recipe.index("pip install --quiet -e")
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "section", "name", "expected"),
     [
