@@ -21,9 +21,9 @@ $(AZURITE):
 	  npm install --silent --no-audit --no-fund --prefix .azurite azurite@3; \
 	else echo "npm not found: the Azure tests (Azurite) will be skipped" >&2; fi
 
+# The run's last lines say where its images, results and report are.
 demo: install
-	$(BIN)/nanobatch run jobs/example.yaml --simulate --force --report; \
-	  code=$$?; echo; echo "Images, results.jsonl, summary.json and report.html are in out/example/"; exit $$code
+	$(BIN)/nanobatch run jobs/example.yaml --simulate --force --report
 
 # Branch coverage with a floor: a change that drops tests for what it adds fails here.
 test: install $(AZURITE)

@@ -90,7 +90,7 @@ class RetrySettings(_Section):
     max_attempts: int = Field(6, ge=1)
     backoff_initial_s: float = Field(2.0, ge=0)
     backoff_max_s: float = Field(120.0, ge=0)
-    no_image_attempts: int = Field(2, ge=0)
+    no_image_attempts: int = Field(2, ge=0)  # a 200 with no image, or one that cannot be decoded: billed
     # A server asking for a longer wait than this is out of quota for the day, not busy: stop the run.
     max_server_wait_s: float = Field(600.0, gt=0)
     first_contact_s: float = Field(60.0, gt=0)  # no request has ever reached the API for this long: stop

@@ -92,12 +92,14 @@ class ConfigError(NanobatchError):
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One thing wrong with a manifest: where it is, and what is wrong."""
+    """One thing wrong with a manifest: where it is, and what is wrong. ``bad_input``: the item's input picture
+    cannot be decoded (the manifest itself is fine), which ``--skip-bad-inputs`` lets a check leave out."""
 
     file: str
     item: str | None
     field: str | None
     message: str
+    bad_input: bool = False
 
     def __str__(self) -> str:
         where = self.file
@@ -113,11 +115,13 @@ class ManifestError(NanobatchError):
 
     exit_code = 2
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], *, hint: str | None = None) -> None:
         self.problems = problems
         lines = [str(p) for p in problems[:50]]
         if len(problems) > 50:
             lines.append(f"... and {len(problems) - 50} more problems")
+        if hint:
+            lines.append(f"hint: {hint}")
         super().__init__("\n".join(lines))
 
 

@@ -38,8 +38,9 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
-    """The CLI configures the "nanobatch" logger for its process; undo that after each test so caplog sees logs."""
-    names = ("nanobatch", "nanobatch.progress")
+    """The CLI configures the "nanobatch" and root loggers (and captures warnings) for its process; undo that
+    after each test so caplog sees logs."""
+    names = ("nanobatch", "nanobatch.progress", "")
     saved = {
         n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names
     }
@@ -49,6 +50,7 @@ def _restore_logging() -> Iterator[None]:
         logger.handlers[:] = handlers
         logger.propagate = propagate
         logger.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def run_virtual(fn: Callable[[], Awaitable[T]], *, settle_s: float = 0.0) -> T:

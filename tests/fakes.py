@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -28,6 +29,17 @@ def image_bytes(
 ) -> bytes:
     buf = io.BytesIO()
     PILImage.new("RGB", size, color).save(buf, fmt)
+    return buf.getvalue()
+
+
+@functools.cache
+def noise_bytes(size: tuple[int, int] = (64, 64), fmt: str = "PNG", *, seed: int = 0) -> bytes:
+    """A real picture of random pixels (it compresses badly: about 3 bytes a pixel as PNG), made once per size."""
+    import random
+
+    pixels = random.Random(seed).randbytes(size[0] * size[1] * 3)
+    buf = io.BytesIO()
+    PILImage.frombytes("RGB", size, pixels).save(buf, fmt)
     return buf.getvalue()
 
 

@@ -440,6 +440,17 @@ def test_answers_without_an_image_are_sent_again_in_a_later_batch(job: Path) -> 
     assert len(jobs(app)) > 2
 
 
+def test_answers_whose_image_cannot_be_decoded_are_sent_again_in_a_later_batch(job: Path) -> None:
+    # As for no image: the step's request, on disk in its chunk while it waited, goes out again.
+    app = sim(rate_bad_image=0.3, seed=6)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url)
+    done = records(job.parent / "out")
+    assert code == 0, done
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and max(r["attempts"] for r in done) > 1
+
+
 def test_a_chunk_refused_before_its_job_fails_its_items_with_the_refusal(job: Path) -> None:
     # A definite refusal of the upload (400): nothing was paid; each step fails with that answer, as online.
     import httpx2

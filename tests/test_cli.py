@@ -270,6 +270,53 @@ def test_run_with_report_writes_the_gallery(tmp_path: Path) -> None:
     assert 'data-id="a"' in html
 
 
+def test_make_demo_says_once_where_the_results_and_the_report_are(tmp_path: Path) -> None:
+    # `make demo` in a copy of the project, its venv a stand-in whose nanobatch is this checkout's (nothing installed).
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_bytes((repo / name).read_bytes())
+    (tmp_path / "jobs").mkdir()
+    for path in (repo / "jobs").rglob("*"):
+        if path.is_file():
+            (tmp_path / "jobs" / path.relative_to(repo / "jobs")).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "jobs" / path.relative_to(repo / "jobs")).write_bytes(path.read_bytes())
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    script = tmp_path / "venv" / "bin" / "nanobatch"
+    script.write_text(f'#!/bin/sh\nPYTHONPATH={repo} exec {sys.executable} -m nanobatch "$@"\n')
+    script.chmod(0o755)
+    (tmp_path / "venv" / ".installed").touch()  # newer than pyproject.toml: make installs nothing
+    done = subprocess.run(["make", "-s", "demo", "VENV=venv"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    told = (done.stdout + done.stderr).lower().splitlines()
+    assert done.returncode == 0, told
+    assert [line for line in told if "images" in line and "out/example" in line] == [
+        "images and results.jsonl in out/example/, summary in out/example/summary.json"
+    ]
+    assert "report: out/example/report.html" in told and (tmp_path / "out" / "example" / "report.html").is_file()
+
+
+def test_the_bucket_extras_floor_the_fsspec_family_so_an_old_pip_resolves_at_once() -> None:
+    # pip 23.2 (what `python3 -m venv` brings) walks back through every s3fs/aiobotocore/botocore release when
+    # the extras let it; the floors leave it a release or two. `make` upgrades pip before it installs anyway.
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    repo = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    family = [
+        Requirement(r) for reqs in extras.values() for r in reqs if Requirement(r).name in ("fsspec", "s3fs", "gcsfs")
+    ]
+    assert {r.name for r in family} == {"fsspec", "s3fs", "gcsfs"}
+    for requirement in family:
+        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert floors and min(floors) >= Version("2026.7"), requirement
+    assert all(any(r.startswith(name) for r in extras[extra]) for extra, name in [("s3", "s3fs"), ("gcs", "gcsfs")])
+    recipe = (repo / "Makefile").read_text()
+    assert recipe.index("pip install --quiet --upgrade pip") < recipe.index("pip install --quiet -e")
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "section", "name", "expected"),
     [

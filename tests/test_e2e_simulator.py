@@ -75,6 +75,7 @@ def test_a_mix_of_transient_faults_is_recovered(job: Path) -> None:
         pytest.param("rate_blocked", "blocked", "blocked", 1, id="prompt-blocked"),
         pytest.param("rate_no_image", "failed", "no_image", 2, id="no-image"),
         pytest.param("rate_text_only", "failed", "no_image", 2, id="text-only"),
+        pytest.param("rate_bad_image", "failed", "bad_image", 2, id="image-cut-short"),
     ],
 )
 def test_each_fault_is_classified(job: Path, fault: str, status: str, kind: str, attempts: int) -> None:
@@ -83,6 +84,8 @@ def test_each_fault_is_classified(job: Path, fault: str, status: str, kind: str,
     assert {(r["status"], r["error"]["kind"], r["attempts"]) for r in records} == {(status, kind, attempts)}  # type: ignore[index]
     if fault == "rate_text_only":
         assert all(r["text"] for r in records)
+    if kind == "bad_image":  # billed, and nothing that cannot be used is saved
+        assert all(r["outputs"] == [] and r["usage"]["totalTokenCount"] > 0 for r in records)  # type: ignore[index]
 
 
 def test_the_servers_rpm_limit_is_respected_and_every_item_ends_ok(job: Path) -> None:

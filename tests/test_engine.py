@@ -24,6 +24,7 @@ from .fakes import (
     google_error,
     image_bytes,
     inline,
+    noise_bytes,
     ok_body,
     quota_failure,
     records,
@@ -115,6 +116,16 @@ def test_request_carries_instruction_images_and_settings(tmp_path: Path) -> None
             id="text-only-retried-then-failed",
         ),
         pytest.param([google_error(500, "INTERNAL", "boom")], "failed", 6, "server_error", id="500-until-max-attempts"),
+        pytest.param(
+            [ok_body(inline(bytes(range(250)) * 20)), ok_body()], "ok", 2, None, id="undecodable-image-then-ok"
+        ),
+        pytest.param(
+            [ok_body(inline(noise_bytes(fmt="JPEG")[:900], "image/jpeg"))],
+            "failed",
+            3,
+            "bad_image",
+            id="jpeg-cut-short-retried-then-failed",
+        ),
     ],
 )
 def test_outcomes_by_answer(tmp_path: Path, answers: list[Any], status: str, attempts: int, kind: str | None) -> None:
@@ -575,10 +586,9 @@ def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
 ) -> None:
     # Answers of 1 MB at concurrency 4, the writer's queue cut to 4 MB so that it fills early: 16 requests and
     # 64 peak alike, within about 3x the answers in flight (base64 body, decoded image) plus the queue.
-    import os
     import tracemalloc
 
-    body = json.dumps(ok_body(inline(b"\x89PNG\r\n\x1a\n" + os.urandom(1_000_000)))).encode()
+    body = json.dumps(ok_body(inline(noise_bytes((578, 578))))).encode()  # a real 1 MB PNG
 
     class Big(FakeGemini):
         def __call__(self, request: httpx2.Request) -> httpx2.Response:

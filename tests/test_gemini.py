@@ -15,9 +15,9 @@ from nanobatch.api.gemini import Image, build_request, check_reply, classify_err
 from nanobatch.errors import ApiError, FatalApiError
 from nanobatch.pictures import sniff_mime
 
-from .fakes import inline, quota_failure, retry_info
+from .fakes import image_bytes, inline, noise_bytes, quota_failure, retry_info
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + b"png-pixels"
+PNG = image_bytes()
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"jpeg-pixels"
 WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"webp-pixels"
 
@@ -233,6 +233,44 @@ def test_reply_with_an_image_passes() -> None:
     reply = parse_reply(body(inline(PNG)))
     check_reply(reply)  # accepted: no exception
     assert [(image.data, image.mime_type) for image in reply.images] == [(PNG, "image/png")]
+
+
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) * 2 // 3]
+
+
+@pytest.mark.parametrize(
+    ("parts", "said"),
+    [
+        pytest.param([inline(bytes(range(256)) * 20)], "not a picture by its first bytes", id="random-bytes-as-png"),
+        pytest.param([inline(b"\x89PNG\r\n\x1a\n" + bytes(5000))], "before its end chunk", id="png-signature-only"),
+        pytest.param([inline(_cut(noise_bytes()))], "before its end chunk", id="png-cut-short"),
+        pytest.param(
+            [inline(_cut(noise_bytes(fmt="JPEG")), "image/jpeg")], "before its end marker", id="jpeg-cut-short"
+        ),
+        pytest.param([inline(PNG), inline(b"<html>502</html>")], "image 2 of 2", id="second-of-two"),
+    ],
+)
+def test_an_image_that_cannot_be_decoded_is_a_retryable_bad_image(parts: list[dict[str, Any]], said: str) -> None:
+    with pytest.raises(ApiError) as info:
+        check_reply(parse_reply(body(*parts)))
+    assert (info.value.kind, info.value.retryable, info.value.status_code) == ("bad_image", True, 200)
+    assert said in info.value.message and "cannot be used" in info.value.message
+    assert info.value.reply is not None  # its usage is billed and recorded all the same
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(image_bytes(fmt="JPEG"), id="jpeg"),
+        pytest.param(image_bytes(fmt="JPEG") + b"\x00\x00\r\n", id="jpeg-with-padding-after-eoi"),
+        pytest.param(image_bytes(fmt="JPEG") + b"appended motion-photo data " * 40, id="jpeg-with-data-appended"),
+        pytest.param(image_bytes(fmt="WEBP"), id="webp"),
+        pytest.param(image_bytes(size=(512, 384)), id="png"),
+    ],
+)
+def test_a_whole_image_of_any_type_passes(data: bytes) -> None:
+    check_reply(parse_reply(body(inline(data, "image/png"))))
 
 
 def test_only_a_thought_image_is_no_image() -> None:

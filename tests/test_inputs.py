@@ -19,6 +19,7 @@ from PIL import Image as Pillow
 import nanobatch
 from nanobatch.api.gemini import Image
 from nanobatch.api.retry import RetryPolicy
+from nanobatch.cli.main import main
 from nanobatch.config import RetrySettings
 from nanobatch.errors import InputError, ManifestError
 from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
@@ -528,6 +529,70 @@ def test_a_run_never_sends_a_picture_that_cannot_be_decoded(tmp_path: Path) -> N
     (cut,) = [r for r in records if r["id"] == "cut"]
     assert cut["status"] == "failed" and cut["error"]["kind"] == "input" and cut["attempts"] == 0
     assert "cannot be decoded" in cut["error"]["message"]
+
+
+def _catalog(tmp_path: Path, extra: list[dict[str, Any]] | None = None) -> Path:
+    """The damaged pictures, a picture of a type Gemini does not take, and two good ones, an item each."""
+    for name, data in {**DAMAGED, "anim.png": image_bytes(fmt="GIF"), "ok.jpg": JPEG, "ok2.png": PNG}.items():
+        (tmp_path / name).write_bytes(data)
+    items = [{"id": name.split(".")[0], "image": name} for name in [*DAMAGED, "anim.png", "ok.jpg", "ok2.png"]]
+    return write_job(tmp_path, items + (extra or []))
+
+
+BAD = ["cut", "garbage", "short", "anim"]
+
+
+def test_validate_says_a_run_would_not_stop_for_pictures_that_cannot_be_decoded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", str(_catalog(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert all(f"item {name!r}" in err for name in BAD)
+    assert "hint: 4 items' input pictures cannot be decoded. A run would not stop for them" in err
+    assert "--skip-bad-inputs" in err
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"]])
+def test_skip_bad_inputs_leaves_those_items_out_and_lists_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    assert main([*command, str(_catalog(tmp_path)), "--skip-bad-inputs"]) == 0
+    out = capsys.readouterr().out
+    assert "items:     6" in out and "requests:  2 (steps counted)" in out  # only the good ones are priced
+    listed = out[out.index("left out 4 items whose input pictures cannot be decoded") :].splitlines()[1:5]
+    assert [line.split("'")[1] for line in listed] == BAD
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_bad_inputs_still_refuses_what_is_wrong_with_the_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An item with a damaged picture and a setting its model does not take, and a picture that is missing.
+    extra = [{"id": "wide", "image": "cut.jpg", "aspect_ratio": "7:3"}, {"id": "gone", "image": "gone.jpg"}]
+    job = _catalog(tmp_path, extra)
+    (tmp_path / "gone.jpg").unlink()
+    assert main(["validate", str(job), "--skip-bad-inputs"]) == 2
+    err = capsys.readouterr().err
+    assert "item 'wide', field 'aspect_ratio'" in err and "item 'gone', field 'image'" in err
+    assert "item 'cut'" not in err and "hint:" not in err
+
+
+def test_a_run_with_skip_bad_inputs_lists_them_first_and_records_them_failed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    job, fake = _catalog(tmp_path), FakeGemini()
+    with caplog.at_level(logging.WARNING, logger="nanobatch"):
+        summary = run_virtual(lambda: nanobatch.run_job(job, transport=fake.transport, out_dir=tmp_path / "out",
+                                                        skip_bad_inputs=True))  # fmt: skip
+    first = caplog.records[0].getMessage()
+    assert first.startswith("left out 4 items whose input pictures cannot be decoded")
+    assert all(f"item {name!r}" in first for name in BAD)
+    assert summary.exit_code == 1 and len(fake.requests) == 2
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
+    assert {i for i, r in records.items() if r["status"] == "ok"} == {"ok", "ok2"}
+    for record in (records[name] for name in BAD):
+        assert (record["status"], record["error"]["kind"], record["attempts"]) == ("failed", "input", 0)
+        assert any(reason in record["error"]["message"] for reason in ("cannot be decoded", "is not a PNG"))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,42 @@ def test_models_json_has_every_tiers_price(capsys: pytest.CaptureFixture[str]) -
     assert nb["priority"]["1K"] == pytest.approx(0.0672)
     assert set(rows["gemini-3.1-flash-lite-image"]["image_price_usd"]) == {"standard", "batch"}
     assert rows["gemini-2.5-flash-image"]["replacement"] == "gemini-nano-banana-2.1"
+
+
+def test_models_piped_prints_the_readme_tables_as_aligned_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[lines.index("Models:") + 1]
+    assert re.split(r"\s{2,}", header) == ["id", "status", "aspect ratios", "sizes", "max references", "backends"]
+    table = lines[lines.index("Models:") + 2 : lines.index("")]
+    by_id = {line.split()[0]: line for line in table}
+    assert set(by_id) >= {row["id"] for row in model_rows()}
+    pro = by_id["gemini-3-pro-image"]
+    assert re.split(r"\s{2,}", pro) == ["gemini-3-pro-image", "GA", "10", "1K 2K 4K", "14", "gemini vertex"]
+    for column in ("status", "sizes", "backends"):  # every cell starts under its heading
+        assert all(line[header.index(column) - 2 : header.index(column)] == "  " for line in by_id.values())
+    prices = lines[lines.index("Price of one output image, US dollars:") + 1 :]
+    assert re.split(r"\s{2,}", prices[0].strip()) == ["model", "tier", "512", "1K", "2K", "4K"]
+    flex = next(line for line in prices if line.startswith("gemini-nano-banana-2.1") and " flex " in line)
+    assert flex.split()[2:] == ["–", "$0.0168", "$0.0252", "$0.0378"]
+    assert len({len(line) for line in prices}) == 1  # amounts aligned to the right, in columns
+
+
+def test_models_on_a_terminal_prints_tables(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERM", "xterm")
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "gemini-3-pro-image " in line and "GA" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")] == [
+        "gemini-3-pro-image", "GA", "10", "1K 2K 4K", "14", "gemini vertex"
+    ]  # fmt: skip
+    assert "Price of one output image" in out and "$0.0168" in out
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,6 +308,52 @@ def _stderr_events(err: str) -> list[dict[str, object]]:
     events = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line of stderr is JSON
     assert all(isinstance(e, dict) and {"time", "level", "message"} <= set(e) for e in events)
     return events
+
+
+BUCKET_WARNING = "Could not determine bucket type for bucket name photos: timed out, falling back to GCSFileSystem"
+
+
+@pytest.mark.filterwarnings("always::FutureWarning")
+@pytest.mark.parametrize("quiet", [False, True], ids=["default", "quiet"])
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_other_libraries_lines_obey_quiet_and_json_and_never_show_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], quiet: bool, log_format: str
+) -> None:
+    # Libraries log through their own loggers while requests run: gcsfs warns for every file it opens.
+    key = "k-0123456789"
+    monkeypatch.setenv("NANOBATCH_API_KEY", key)
+    chatty = logging.getLogger("tests.chatty_library")
+    chatty.setLevel(logging.DEBUG)  # as uvicorn does with its own loggers: its INFO is still not shown
+
+    async def answer(self: httpx2.AsyncHTTPTransport, request: httpx2.Request) -> httpx2.Response:
+        logging.getLogger("gcsfs").warning(BUCKET_WARNING)
+        chatty.info("connect_tcp.started host='api.test'")
+        denied = PermissionError(f"no access with {key}")
+        logging.getLogger("botocore.credentials").error("refreshing credentials with %s failed", key, exc_info=denied)
+        warnings.warn("a default will change in the next release", FutureWarning, stacklevel=1)
+        return httpx2.Response(200, json=ok_body())
+
+    monkeypatch.setattr(httpx2.AsyncHTTPTransport, "handle_async_request", answer)
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(3)])
+    argv = ["--log-format", log_format, "run", str(job), "--base-url", "http://api.test", "--out", str(tmp_path / "o")]
+    assert main(argv + (["--quiet"] if quiet else [])) == 0
+    err = capsys.readouterr().err
+    assert key not in err and "connect_tcp" not in err
+    if log_format == "json":
+        events = _stderr_events(err)
+        by_logger = [(e["logger"], e["level"]) for e in events if e["logger"] != "nanobatch"]
+        warned = [] if quiet else [("gcsfs", "warning"), ("py.warnings", "warning")]
+        assert sorted(set(by_logger)) == sorted([("botocore.credentials", "error"), *warned])
+        assert by_logger.count(("gcsfs", "warning")) == (0 if quiet else 1)  # said for each request, shown once
+        assert "refreshing credentials with [redacted] failed" in {e["message"] for e in events}
+        assert any("PermissionError: no access with [redacted]" in str(e.get("exception")) for e in events)
+    else:
+        lines = err.splitlines()
+        assert "nanobatch: ERROR: botocore.credentials: refreshing credentials with [redacted] failed" in lines
+        assert lines.count(f"nanobatch: WARNING: gcsfs: {BUCKET_WARNING}") == (0 if quiet else 1)
+        assert all(line.startswith("nanobatch: ") for line in lines if "credentials" in line or "bucket" in line)
+        assert ("FutureWarning" in err) is not quiet
+        assert "PermissionError: no access with [redacted]" in lines
 
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])

@@ -126,6 +126,16 @@ async def test_no_image_tries_do_not_use_up_the_attempts_for_other_errors() -> N
     assert info.value.kind == "overloaded"
 
 
+async def test_undecodable_images_share_the_no_image_tries() -> None:
+    # Each is a billed answer that cannot be used: together they get retry.no_image_attempts, not max_attempts.
+    bad = ApiError("the answer's image cannot be used", kind="bad_image", status_code=200, retryable=True)
+    call = Script([no_image(1), bad, bad, "not reached"])
+    with pytest.raises(ApiError) as info:
+        await retrying(call, policy(Sleeps(), max_attempts=6, no_image_attempts=2))
+    assert call.calls == 3 and info.value is bad
+    assert await retrying(Script([bad, overloaded(), "done"]), policy(Sleeps(), max_attempts=2, no_image_attempts=1))
+
+
 async def test_server_retry_delay_is_waited_exactly() -> None:
     sleeps = Sleeps()
     call = Script([overloaded(1, retry_after=45.837906927), overloaded(2, retry_after=26.0), "done"])

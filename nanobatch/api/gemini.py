@@ -2,7 +2,8 @@
 
 * :func:`build_request` makes the JSON body for one edit or generation.
 * :func:`parse_reply` turns a 200 body into a :class:`Reply`.
-* :func:`check_reply` says whether a reply is a result, blocked, or imageless.
+* :func:`check_reply` says whether a reply is a result, blocked, imageless, or carries an image that cannot be
+  decoded (:func:`reply_error`: the same, as a value).
 * :func:`classify_error` turns any other answer into an :class:`ApiError`,
   deciding whether it is worth retrying and whether it should stop the run.
 """
@@ -22,7 +23,7 @@ import pydantic_core
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import ApiError, FatalApiError
-from ..pictures import sniff_mime
+from ..pictures import answer_problem, sniff_mime
 
 __all__ = [
     "BLOCK_REASONS",
@@ -33,6 +34,7 @@ __all__ = [
     "check_reply",
     "classify_error",
     "parse_reply",
+    "reply_error",
     "reply_from",
     "set_service_tier",
     "sum_usage",
@@ -220,13 +222,20 @@ def _decode_image(inline: dict[str, Any]) -> Image:
 
 
 def check_reply(reply: Reply) -> None:
-    """Raise if *reply* holds no usable image: ``blocked`` (final) or ``no_image`` (worth another try)."""
+    """Raise :func:`reply_error`'s error if *reply* holds no usable image."""
+    if (error := reply_error(reply)) is not None:
+        raise error
+
+
+def reply_error(reply: Reply) -> ApiError | None:
+    """Why *reply* holds no usable image, or None: ``blocked`` (final), ``no_image`` or ``bad_image`` (an image
+    that cannot be decoded: a proxy that cut it short, say), both worth another try."""
     # Both the finishMessage and the model's own text can explain; keep each one that was sent.
     said = " / ".join(dict.fromkeys(s for s in (reply.finish_message, reply.text) if s))
     if reply.block_reason or (reply.finish_reason in BLOCK_REASONS):
         reason = reply.block_reason or reply.finish_reason
         detail = said
-        raise ApiError(
+        return ApiError(
             f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
             kind="blocked",
             status_code=200,
@@ -234,13 +243,24 @@ def check_reply(reply: Reply) -> None:
         )
     if not reply.images:
         detail = said or "no explanation given"
-        raise ApiError(
+        return ApiError(
             f"the answer has no image (finishReason {reply.finish_reason}): {detail}",
             kind="no_image",
             status_code=200,
             retryable=True,
             reply=reply,
         )
+    for n, image in enumerate(reply.images, 1):
+        if (problem := answer_problem(image.data)) is not None:
+            which = f"image {n} of {len(reply.images)}" if len(reply.images) > 1 else "image"
+            return ApiError(
+                f"the answer's {which} ({image.mime_type}, {len(image.data)} bytes) cannot be used: {problem}",
+                kind="bad_image",
+                status_code=200,
+                retryable=True,
+                reply=reply,
+            )
+    return None
 
 
 # (kind, retryable) for statuses that need no reading of the body.

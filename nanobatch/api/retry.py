@@ -40,6 +40,10 @@ class RetryPolicy:
     sleep: Callable[[float], Awaitable[None]] = _sleep
 
 
+# A 200 whose answer cannot be used: billed like any answer, so these share the small retry.no_image_attempts
+# budget instead of max_attempts (a model or proxy that keeps answering so would be paid for six times).
+_UNUSABLE_ANSWERS = frozenset({"no_image", "bad_image"})
+
 # Called before each wait with (error, seconds to wait, attempt number just failed).
 OnRetry = Callable[[ApiError, float, int], None]
 
@@ -51,7 +55,7 @@ class _Decisions:
     settings: RetrySettings
     on_retry: OnRetry | None
     backoff: wait_random_exponential
-    no_image_seen: int = 0
+    unusable_seen: int = 0  # answers of _UNUSABLE_ANSWERS' kinds so far
 
     def worth_retrying(self, state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
@@ -59,10 +63,10 @@ class _Decisions:
             return False
         if exc.retry_after is not None and exc.retry_after > self.settings.max_server_wait_s:
             return False
-        if exc.kind == "no_image":
-            self.no_image_seen += 1
-            return self.no_image_seen <= self.settings.no_image_attempts
-        return state.attempt_number - self.no_image_seen < self.settings.max_attempts
+        if exc.kind in _UNUSABLE_ANSWERS:
+            self.unusable_seen += 1
+            return self.unusable_seen <= self.settings.no_image_attempts
+        return state.attempt_number - self.unusable_seen < self.settings.max_attempts
 
     def wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -79,7 +83,8 @@ class _Decisions:
 async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: OnRetry | None = None) -> T:
     """Await ``call()`` until it succeeds or fails in a way not worth retrying; the last error propagates.
 
-    A 200 with no image (``no_image``) gets ``retry.no_image_attempts`` extra tries of its own.
+    A 200 with no image (``no_image``) or one that cannot be decoded (``bad_image``) gets
+    ``retry.no_image_attempts`` extra tries of its own, shared by both.
     """
     settings = policy.settings
     backoff = wait_random_exponential(multiplier=settings.backoff_initial_s, max=settings.backoff_max_s)

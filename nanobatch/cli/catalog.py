@@ -15,9 +15,23 @@ from .. import costs, models
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["compare_live", "list_live", "model_rows", "model_table_markdown", "price_table_markdown", "status_text"]
+__all__ = [
+    "MODEL_COLUMNS",
+    "PRICE_COLUMNS",
+    "compare_live",
+    "list_live",
+    "model_cells",
+    "model_rows",
+    "model_table_markdown",
+    "price_cells",
+    "price_table_markdown",
+    "status_text",
+]
 
 _SIZES = ("512", "1K", "2K", "4K")
+# The two tables ``nanobatch models`` prints and README shows, cell by cell (model_cells, price_cells).
+MODEL_COLUMNS = ("id", "status", "aspect ratios", "sizes", "max references", "backends")
+PRICE_COLUMNS = ("model", "tier", *_SIZES)
 
 
 def model_rows(day: date | None = None) -> list[dict[str, Any]]:
@@ -69,27 +83,43 @@ def status_text(row: Mapping[str, Any], *, cell: bool = False) -> str:
     return status
 
 
+def model_cells(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """The model table's cells (:data:`MODEL_COLUMNS`), a tuple per row of :func:`model_rows`."""
+    cells: list[tuple[str, ...]] = []
+    for row in rows:
+        ratios = f"{len(row['aspect_ratios'])}" + (" (incl. 1:4 4:1 1:8 8:1)" if "1:8" in row["aspect_ratios"] else "")
+        cells.append((
+            row["id"], status_text(row, cell=True), ratios, " ".join(row["image_sizes"]),
+            str(row["max_input_images"]), " ".join(row["backends"]),
+        ))  # fmt: skip
+    return cells
+
+
+def price_cells(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """The price table's cells (:data:`PRICE_COLUMNS`): US dollars for one output image, by size and tier, of
+    the models still served under their own id."""
+    cells: list[tuple[str, ...]] = []
+    for row in rows:
+        if row["status"] == "shut down" or row["id"] not in models.MODELS:
+            continue
+        for tier, prices in row["image_price_usd"].items():
+            cells.append((row["id"], tier, *(f"${prices[s]:.4f}" if s in prices else "–" for s in _SIZES)))
+    return cells
+
+
 def model_table_markdown(day: date | None = None) -> str:
     """README's model table."""
-    lines = ["| id | status | aspect ratios | sizes | max references | backends |", "|---|---|---|---|---|---|"]
-    for row in model_rows(day):
-        ratios = f"{len(row['aspect_ratios'])}" + (" (incl. 1:4 4:1 1:8 8:1)" if "1:8" in row["aspect_ratios"] else "")
-        lines.append(
-            f"| `{row['id']}` | {status_text(row, cell=True)} | {ratios} | {' '.join(row['image_sizes'])} | "
-            f"{row['max_input_images']} | {' '.join(row['backends'])} |"
-        )
-    return "\n".join(lines)
+    return _markdown(MODEL_COLUMNS, model_cells(model_rows(day)))
 
 
 def price_table_markdown(day: date | None = None) -> str:
     """README's price table: US dollars for one output image, by size and tier (live models only)."""
-    lines = ["| model | tier | " + " | ".join(_SIZES) + " |", "|---|---|" + "---|" * len(_SIZES)]
-    for row in model_rows(day):
-        if row["status"] == "shut down" or row["id"] not in models.MODELS:
-            continue
-        for tier, prices in row["image_price_usd"].items():
-            cells = [f"${prices[s]:.4f}" if s in prices else "–" for s in _SIZES]
-            lines.append(f"| `{row['id']}` | {tier} | " + " | ".join(cells) + " |")
+    return _markdown(PRICE_COLUMNS, price_cells(model_rows(day)))
+
+
+def _markdown(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += [f"| `{first}` | " + " | ".join(rest) + " |" for first, *rest in cells]
     return "\n".join(lines)
 
 

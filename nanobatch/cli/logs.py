@@ -1,4 +1,10 @@
-"""Where the CLI's log lines and errors go: stderr, as text or one JSON object per event, the key redacted."""
+"""Where the CLI's log lines and errors go: stderr, as text or one JSON object per event, the key redacted.
+
+One handler writes every line: the ``nanobatch`` loggers' and, on the root logger, every other library's
+(gcsfs, botocore, httpx2, PIL, asyncio, ...) and Python's warnings, so that ``--quiet`` and
+``--log-format json`` hold for all of them. Left alone, those lines would reach stderr bare, through
+Python's last-resort handler.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,19 @@ import click
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["install_redaction", "json_logs", "setup_logging", "show_error"]
+__all__ = ["hand_over", "install_redaction", "json_logs", "quiet_logs", "setup_logging", "show_error"]
 
 logger = logging.getLogger("nanobatch")
+
+# Other libraries speak at WARNING and above: their INFO lines are their own business.
+LIBRARY_LEVEL = logging.WARNING
+# Distinct library warnings remembered so that a repeated one is shown once (gcsfs says the same thing for
+# every file it opens); past this many, repeats are shown again rather than held in memory.
+_SEEN_MAX = 1000
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == "nanobatch" or record.name.startswith("nanobatch.")
 
 
 class _Redact(logging.Filter):
@@ -25,23 +41,64 @@ class _Redact(logging.Filter):
         self.secret = secret
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secret and self.secret in record.getMessage():
+        if not self.secret:
+            return True
+        if self.secret in record.getMessage():
             record.msg = record.getMessage().replace(self.secret, "[redacted]")
             record.args = ()
+        if record.exc_info and not record.exc_text:  # a traceback is written from exc_text once that is set
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and self.secret in record.exc_text:
+            record.exc_text = record.exc_text.replace(self.secret, "[redacted]")
         return True
+
+
+class _Libraries(logging.Filter):
+    """Other libraries' lines at the root logger's level or above (some set their own loggers' levels lower:
+    uvicorn's), each warning once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _ours(record):
+            return True
+        if record.levelno < logging.getLogger().level:
+            return False
+        if record.levelno >= logging.ERROR:
+            return True
+        said = (record.name, record.getMessage())
+        if said in self._seen:
+            return False
+        if len(self._seen) < _SEEN_MAX:
+            self._seen.add(said)
+        return True
+
+
+class _TextFormatter(logging.Formatter):
+    """``nanobatch: WARNING: message``; another library's line names it: ``nanobatch: WARNING: gcsfs: ...``."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        if _ours(record):
+            return super().formatMessage(record)
+        return super().formatMessage(
+            logging.makeLogRecord({**record.__dict__, "message": f"{record.name}: {record.message}"})
+        )
 
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-                **getattr(record, "fields", {}),  # logger.info(..., extra={"fields": {...}}): structured data
-            }
-        )
+        event = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **getattr(record, "fields", {}),  # logger.info(..., extra={"fields": {...}}): structured data
+        }
+        if record.exc_info:  # a library's traceback stays inside its event
+            event["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(event)
 
 
 def json_logs() -> bool:
@@ -58,25 +115,49 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
-    """The nanobatch loggers write to stderr alone: text for people, or one JSON object per event."""
+    """Every log line goes to stderr alone, through one handler: text for people, or one JSON object per event."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("nanobatch: %(levelname)s: %(message)s"))
-    root = logging.getLogger("nanobatch")
-    root.handlers[:] = [handler]
-    root.propagate = False
+        handler.setFormatter(_TextFormatter("nanobatch: %(levelname)s: %(message)s"))
+    handler.addFilter(_Libraries())
+    _install(handler)
+    logging.captureWarnings(True)  # Python's warnings too: as a "py.warnings" line, not a bare one
+    ours = logging.getLogger("nanobatch")
     level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
-    root.setLevel(level)
+    ours.setLevel(level)
+    logging.getLogger().setLevel(logging.ERROR if quiet else LIBRARY_LEVEL)
     if log_format == "json" and not quiet:
-        root.setLevel(min(level, logging.INFO))  # machines want every event
+        ours.setLevel(min(level, logging.INFO))  # machines want every event
+
+
+def quiet_logs() -> None:
+    """Errors only, from nanobatch and every library (``--quiet``)."""
+    for name in ("nanobatch", ""):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def hand_over(handler: logging.Handler) -> None:
+    """Let *handler* (the live display's) write every line from now on, with the filters of the one it replaces
+    (the key redacted, libraries' lines sifted) and libraries' lines named."""
+    handler.filters[:] = [f for h in logging.getLogger("nanobatch").handlers for f in h.filters]
+    handler.setFormatter(_TextFormatter("%(message)s"))
+    _install(handler)
+
+
+def _install(handler: logging.Handler) -> None:
+    """*handler* alone on the nanobatch logger and on the root logger, where every other library's lines go."""
+    ours = logging.getLogger("nanobatch")
+    ours.handlers[:] = [handler]
+    ours.propagate = False  # written once, by the same handler
+    logging.getLogger().handlers[:] = [handler]
 
 
 def install_redaction(settings: Settings) -> None:
-    """Take the API key out of every line the nanobatch loggers write, whoever wrote it."""
+    """Take the API key out of every line written, whoever wrote it (nanobatch or another library)."""
     from ..config import read_api_key
 
     secret = read_api_key(settings)
     for handler in logging.getLogger("nanobatch").handlers:
-        handler.filters[:] = [_Redact(secret)]
+        handler.filters[:] = [f for f in handler.filters if not isinstance(f, _Redact)] + [_Redact(secret)]

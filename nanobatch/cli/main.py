@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import NanobatchError, sole_error
-from .logs import install_redaction, json_logs, setup_logging, show_error
+from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
 from .options import Duration, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
 from .printing import print_check as _print_check
@@ -57,6 +57,14 @@ def cli(verbose: int, log_format: str) -> None:
     setup_logging(verbose, False, log_format)
 
 
+_skip_bad_inputs = click.option(
+    "--skip-bad-inputs",
+    is_flag=True,
+    help="Leave out (and list) the items whose input pictures cannot be decoded, instead of refusing the job; "
+    "a run reads every picture first and records those items as failed, sending nothing for them.",
+)
+
+
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
@@ -85,6 +93,7 @@ def cli(verbose: int, log_format: str) -> None:
 )
 @click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
+@_skip_bad_inputs
 @click.option(
     "--progress-interval",
     type=click.FloatRange(min=1),
@@ -104,20 +113,23 @@ def run(
     write_html: bool,
     quiet: bool,
     progress_interval: float,
+    skip_bad_inputs: bool,
     **flags: Any,
 ) -> None:
     """Run the job in MANIFEST: send every item not already done, write images and results."""
     from ..run.preflight import check_job
 
+    if quiet:
+        quiet_logs()  # before anything is read: a bucket's library may speak while the manifest is loaded
     settings = settings_from(config_file, **flags)
     install_redaction(settings)
     job = manifest_from(manifest, settings, flags.get("model"))
     if dry_run:
-        _print_check(check_job(job, settings=settings, out_dir=out_dir))
+        _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
         return
     summary = _run_shown(
         _display(quiet, progress_interval), job, settings=settings, out_dir=out_dir, force=force,
-        retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
+        retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock, skip_bad_inputs=skip_bad_inputs,
     )  # fmt: skip
     _after_run(summary, write_html=write_html, quiet=quiet)
     raise SystemExit(summary.exit_code)
@@ -133,6 +145,7 @@ def _run_shown(
     retry_failed: bool,
     simulate: bool,
     wait_lock: bool,
+    skip_bad_inputs: bool,
 ) -> RunSummary:
     """Run *job* to its end (Ctrl-C stops it gracefully), *display* showing its counters meanwhile."""
     import anyio
@@ -150,6 +163,7 @@ def _run_shown(
                 summary = await run_job(
                     job, settings=settings, out_dir=out_dir, force=force, retry_failed=retry_failed,
                     simulate=simulate, wait_lock=wait_lock, handle_signals=True, stats=stats,
+                    skip_bad_inputs=skip_bad_inputs,
                 )  # fmt: skip
             finally:
                 tg.cancel_scope.cancel()
@@ -159,18 +173,24 @@ def _run_shown(
 
 
 def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
-    """Write the report if asked, then say how the run went (only why it stopped early, with --quiet)."""
+    """Write the report if asked, then say how the run went and where the report is (only why it stopped early,
+    with --quiet)."""
+    written = None
     if write_html:
         from .report import write_report
 
-        logger.info("wrote %s", write_report(summary.out_dir))
+        written = write_report(summary.out_dir)
     if quiet:
         if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
             show_error(f"run {summary.outcome}: {summary.reason}")
     elif json_logs():
         _log_summary(summary)
+        if written is not None:
+            logger.info("wrote %s", written)
     else:
         _print_summary(summary)
+        if written is not None:
+            click.echo(f"report: {written}")
 
 
 def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | None:
@@ -178,15 +198,11 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
     from .progress import LiveProgress, PlainProgress
 
     if quiet:
-        logging.getLogger("nanobatch").setLevel(logging.ERROR)
         return None
     logging.getLogger("nanobatch.progress").setLevel(logging.INFO)
     if sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and not json_logs():
         live = LiveProgress()
-        root = logging.getLogger("nanobatch")
-        handler = live.log_handler()
-        handler.filters[:] = [f for h in root.handlers for f in h.filters]
-        root.handlers[:] = [handler]
+        hand_over(live.log_handler())
         return live
     return PlainProgress(interval_s)
 
@@ -194,12 +210,15 @@ def _display(quiet: bool, interval_s: float) -> LiveProgress | PlainProgress | N
 @cli.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
-def validate(manifest: str, config_file: str | None, out_dir: str | None, **flags: Any) -> None:
+@_skip_bad_inputs
+def validate(manifest: str, config_file: str | None, out_dir: str | None, skip_bad_inputs: bool, **flags: Any) -> None:
     """Resolve and check every item, estimate cost and duration; send nothing."""
     from ..run.preflight import check_job
 
     settings = settings_from(config_file, **flags)
-    _print_check(check_job(manifest_from(manifest, settings, flags.get("model")), settings=settings, out_dir=out_dir))
+    install_redaction(settings)
+    job = manifest_from(manifest, settings, flags.get("model"))
+    _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
 
 
 @cli.command()

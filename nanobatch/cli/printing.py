@@ -4,6 +4,8 @@ or as one JSON log event)."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -43,6 +45,10 @@ def print_check(result: CheckResult) -> None:
             "is done; the next run goes on from there"
         )
     click.echo(f"  output:    {result.out_dir}")
+    if result.left_out_items:
+        from ..job.check import left_out_text
+
+        click.echo(left_out_text(result.left_out, result.left_out_items))
     click.echo("Nothing was sent.")
 
 
@@ -114,23 +120,62 @@ def log_summary(summary: RunSummary) -> None:
     )  # fmt: skip
 
 
-def print_models(result: dict[str, Any]) -> None:
-    """``nanobatch models`` as text: a line per model, then what ``--live`` found."""
-    from .catalog import status_text
+# A table to print: its title, its column headings, its rows of cells.
+_Table = tuple[str, tuple[str, ...], list[tuple[str, ...]]]
 
-    for row in result["models"]:
-        prices = "; ".join(
-            f"{tier} " + " ".join(f"{size} ${usd:.3f}" for size, usd in by_size.items())
-            for tier, by_size in row["image_price_usd"].items()
-        )
-        click.echo(
-            f"{row['id']}: {status_text(row)}; {len(row['aspect_ratios'])} ratios, sizes "
-            f"{' '.join(row['image_sizes'])}, up to {row['max_input_images']} references; "
-            f"served by {', '.join(row['backends'])}; {prices}"
-        )
+
+def print_models(result: dict[str, Any]) -> None:
+    """``nanobatch models`` for people: the model table and the price table (rich's tables on a terminal, plain
+    aligned columns when piped), then what ``--live`` found."""
+    from .catalog import MODEL_COLUMNS, PRICE_COLUMNS, model_cells, price_cells
+
+    tables: list[_Table] = [
+        ("Models", MODEL_COLUMNS, model_cells(result["models"])),
+        ("Price of one output image, US dollars", PRICE_COLUMNS, price_cells(result["models"])),
+    ]
+    if sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
+        _print_rich_tables(tables)
+    else:
+        for n, (title, columns, cells) in enumerate(tables):
+            click.echo(("\n" if n else "") + f"{title}:")
+            for line in _aligned(columns, cells):
+                click.echo(line)
     if "live" in result:
         found = result["live"]
         click.echo(f"endpoint lists {len(found['listed'])} models")
         click.echo("  image models the table does not know: " + (", ".join(found["unknown"]) or "none"))
         click.echo("  table models the endpoint no longer lists: " + (", ".join(found["missing"]) or "none"))
         click.echo("  support batchGenerateContent: " + (", ".join(found["batch"]) or "none"))
+
+
+def _numbers(column: str) -> bool:
+    """Whether *column* holds amounts, aligned to the right: the price table's sizes."""
+    return column[0].isdigit()
+
+
+def _print_rich_tables(tables: list[_Table]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for title, columns, cells in tables:
+        table = Table(title=title, title_justify="left")
+        for column in columns:
+            table.add_column(column, justify="right" if _numbers(column) else "left")
+        for row in cells:
+            table.add_row(*row)
+        console.print(table)
+
+
+def _aligned(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str]:
+    """*cells* under *columns* as lines of text, each column as wide as its widest cell."""
+    rows = [columns, *cells]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    lines = []
+    for row in rows:
+        padded = [
+            cell.rjust(width) if _numbers(column) else cell.ljust(width)
+            for column, cell, width in zip(columns, row, widths, strict=True)
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return lines

@@ -33,8 +33,8 @@ def build_item(
     *check_files* may also read the pictures to check them."""
     problems: list[Problem] = []
 
-    def bad(fld: str | None, message: str) -> None:
-        problems.append(Problem(raw.file, raw.label, fld, message))
+    def bad(fld: str | None, message: str, bad_input: bool = False) -> None:
+        problems.append(Problem(raw.file, raw.label, fld, message, bad_input))
 
     _check_texts(given, bad)
     steps = _steps(f, bad)
@@ -103,16 +103,19 @@ def _steps(f: ItemFields, bad: Callable[[str | None, str], None]) -> tuple[str, 
 
 
 def _inputs(
-    f: ItemFields, base: str, check_files: bool | PictureCheck, bad: Callable[[str | None, str], None]
+    f: ItemFields, base: str, check_files: bool | PictureCheck, bad: Callable[[str | None, str, bool], None]
 ) -> tuple[list[str], int]:
-    """The item's inputs, resolved, and their size together (as far as known)."""
+    """The item's inputs, resolved, and their size together (as far as known); a local picture that cannot be
+    decoded (when *check_files* reads them) is a bad input."""
     inputs: list[str] = []
     total = 0
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message, size = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
+        resolved, message, size = _resolve_input(ref, base, check_files=bool(check_files), resize=bool(f.resize_inputs))
         if message:
-            bad(fld, message)
+            bad(fld, message, False)
+        elif isinstance(check_files, PictureCheck) and not SCHEME.match(ref) and (verdict := check_files(resolved)):
+            bad(fld, f"{resolved}: {verdict}", True)
         inputs.append(resolved)
         total += size
     return inputs, total
@@ -159,11 +162,9 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(
-    ref: str, base: str, *, check_files: bool | PictureCheck, resize: bool = False
-) -> tuple[str, str | None, int]:
+def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None, int]:
     """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and its size
-    (0 when unknown: a URL, or files not checked). *check_files* may also read the picture to check it."""
+    (0 when unknown: a URL, or files not checked)."""
     if not ref.strip():
         return ref, "the image path is empty", 0
     if SCHEME.match(ref):
@@ -200,8 +201,6 @@ def _resolve_input(
                 ),
                 size,
             )
-        if isinstance(check_files, PictureCheck) and (message := check_files(path)):
-            return path, f"{path}: {message}", size
         return path, None, size
     return path, None, 0
 

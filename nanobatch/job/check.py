@@ -7,8 +7,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import models
@@ -19,7 +19,7 @@ from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
-__all__ = ["MAX_PROBLEMS", "CheckReport", "check_items"]
+__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -29,11 +29,37 @@ MAX_PROBLEMS = 1000
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckReport:
-    """What :meth:`Manifest.check` found: totals for estimates, and every problem."""
+    """What :meth:`Manifest.check` found: totals for estimates, and every problem. With ``skip_bad_inputs``,
+    the items whose only problems are pictures that cannot be decoded are left out: counted in ``items`` (a run
+    goes through them, recording each as failed) but not in ``requests``, their problems in ``left_out``."""
 
     items: int
     requests: int
     problems: list[Problem]
+    left_out: list[Problem] = field(default_factory=list)
+    left_out_items: int = 0
+
+
+def left_out_text(left_out: Sequence[Problem], items: int) -> str:
+    """What to tell of the *items* ``--skip-bad-inputs`` left out: a line, then one per problem (*left_out*)."""
+    lines = [f"left out {items} item{'s' if items != 1 else ''} whose input pictures cannot be decoded (a run "
+             "records each as failed, with the reason, and sends nothing for it):"]  # fmt: skip
+    lines += [f"  {problem}" for problem in left_out]
+    return "\n".join(lines)
+
+
+def bad_input_hint(problems: list[Problem]) -> str | None:
+    """What to tell of *problems* that are pictures which cannot be decoded: a run would not stop for them."""
+    items = len({p.item for p in problems if p.bad_input})
+    if not items:
+        return None
+    if items == 1:
+        said = "1 item's input picture cannot be decoded. A run would not stop for it: it sends the other items and "
+        said += "records this one as failed, sending nothing for it."
+    else:
+        said = f"{items} items' input pictures cannot be decoded. A run would not stop for them: it sends the other "
+        said += "items and records these as failed, sending nothing for them."
+    return said + " With --skip-bad-inputs, validate and run leave such items out, list them and check the rest"
 
 
 class _Claims:
@@ -218,18 +244,22 @@ def check_items(
     *,
     visit: Callable[[WorkItem], None] | None = None,
     out_dir: Path | None = None,
+    skip_bad_inputs: bool = False,
 ) -> CheckReport:
     """Resolve each of *raw_items* (of the manifest at *path*) with *resolve*, collecting every problem: each
-    item's own, and what items clash over. Only ids and output names are kept, in a scratch database."""
-    problems = _Problems(path)
+    item's own, and what items clash over. Only ids and output names are kept, in a scratch database.
+    *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead."""
+    problems, left_out = _Problems(path), _Problems(path)
     with contextlib.closing(_Claims()) as claims:
-        count = requests = 0
+        count = requests = left_items = 0
         warned: set[str] = set()
         confine = _Confinement(out_dir) if out_dir is not None else None
         places = _Places(out_dir) if out_dir is not None else None
         for raw in raw_items:
             item, found = resolve(raw)
-            problems.extend(found)
+            skipped = skip_bad_inputs and bool(found) and all(p.bad_input for p in found)
+            (left_out if skipped else problems).extend(found)
+            left_items += skipped
             # A bad item's id still counts: its duplicate is a problem of its own.
             item_id = item.id if item is not None else _id_of(raw)
             if item_id is not None and not claims.add_id(item_id):
@@ -246,9 +276,12 @@ def check_items(
                 visit(item)
             count += 1
             requests += len(item.steps)
-    if count == 0 and not problems.found:
+    if count + left_items == 0 and not problems.found:
         problems.add(Problem(str(path), None, "items", "the manifest and its sources yield no items"))
-    return CheckReport(items=count, requests=requests, problems=problems.listed())
+    return CheckReport(
+        items=count + left_items, requests=requests, problems=problems.listed(), left_out=left_out.kept,
+        left_out_items=left_items,
+    )  # fmt: skip
 
 
 def _clashes(

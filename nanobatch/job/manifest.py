@@ -91,12 +91,14 @@ class Manifest:
         visit: Callable[[WorkItem], None] | None = None,
         out_dir: Path | None = None,
         decode: bool = False,
+        skip_bad_inputs: bool = False,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
         output names are also checked not to lead out of it through a symbolic link, nor onto an input. With
-        *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode).
+        *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
+        *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems.
         """
         files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
         return check_items(
@@ -105,6 +107,7 @@ class Manifest:
             lambda raw: self._resolve(raw, check_files=files),
             visit=visit,
             out_dir=out_dir,
+            skip_bad_inputs=skip_bad_inputs,
         )
 
     def _raw_items(self) -> Iterator[RawItem]:

@@ -16,6 +16,7 @@ from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
 from ..inputs.stamps import is_url
 from ..item import WorkItem
+from ..job.check import bad_input_hint
 from ..job.manifest import Manifest, load_manifest
 from ..output.outdir import OutDir
 
@@ -161,6 +162,9 @@ class CheckResult:
     tiers: frozenset[str] = frozenset()  # the tiers the items go in
     cost_standard_usd: float = 0.0  # the likely cost of the same work at standard and at batch prices
     cost_batch_usd: float = 0.0
+    # --skip-bad-inputs: the problems of the items left out (pictures that cannot be decoded), and how many
+    left_out: tuple[Problem, ...] = ()
+    left_out_items: int = 0
     settings: Settings = field(repr=False, compare=False)
     job: Manifest = field(repr=False, compare=False)
 
@@ -190,13 +194,15 @@ def check_job(
     check_urls: bool = True,
     transport: httpx2.BaseTransport | None = None,
     check_pictures: bool = True,
+    skip_bad_inputs: bool = False,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
     With *check_urls*, image URLs are asked for their headers (*transport* replaces
     the network in tests). With *check_pictures*, every local picture is read and
     checked to be decodable (a run leaves that to dispatch, so that a re-run over
-    finished work reads no picture). Raises :class:`ManifestError` listing every problem found.
+    finished work reads no picture); *skip_bad_inputs* leaves out the items whose pictures
+    are not (``left_out``). Raises :class:`ManifestError` listing every problem found.
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
@@ -211,10 +217,10 @@ def check_job(
         estimate.add(item)
         remote.add(item)
 
-    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures)
+    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs)
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
-        raise ManifestError(problems)
+        raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
     concurrency, rpm = settings.gate_limits()
     return CheckResult(
         manifest=manifest.path, out_dir=target, items=report.items, requests=report.requests,
@@ -222,7 +228,7 @@ def check_job(
         concurrency=concurrency, requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
         tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
-        settings=settings, job=manifest,
+        left_out=tuple(report.left_out), left_out_items=report.left_out_items, settings=settings, job=manifest,
     )  # fmt: skip
 
 

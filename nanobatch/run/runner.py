@@ -28,6 +28,7 @@ from ..config import Settings
 from ..errors import ConfigError, Interrupted, Problem, TimeLimitReached, sole_error
 from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
+from ..job.check import left_out_text
 from ..job.manifest import Manifest
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
@@ -89,6 +90,7 @@ async def run_job(
     transport: httpx2.AsyncBaseTransport | None = None,
     retry_sleep: Callable[[float], Awaitable[None]] | None = None,
     stats: RunStats | None = None,
+    skip_bad_inputs: bool = False,
 ) -> RunSummary:
     """Run a job manifest to the end and return how it went.
 
@@ -98,6 +100,8 @@ async def run_job(
     *simulate* runs against the built-in simulator; *handle_signals* makes
     SIGINT/SIGTERM stop the run gracefully (the CLI sets it); *retry_sleep*
     replaces the waiting between retries (tests pass one that returns at once).
+    *skip_bad_inputs* reads every local picture first, as ``check_job`` does, and lists those that cannot be
+    decoded instead of refusing the job; their items are recorded as failed, nothing sent for them.
 
     >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
     >>> summary.stats.ok
@@ -105,7 +109,10 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, check_pictures=False)
+    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False,
+                        check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
+    if checked.left_out_items:
+        logger.warning("%s", left_out_text(checked.left_out, checked.left_out_items))
     options = _Options(force=force, retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
                        handle_signals=handle_signals, transport=transport, retry_sleep=retry_sleep)  # fmt: skip
     return await _run(checked, options, stats, began)

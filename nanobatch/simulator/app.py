@@ -8,7 +8,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -342,6 +342,8 @@ class _Simulator:
             )
             rendered = await anyio.to_thread.run_sync(job)
         self.stats.images += 1
+        if fault == "bad_image":
+            rendered = replace(rendered, data=rendered.data[: len(rendered.data) // 2])
         return image_body(parsed, chance, rendered)
 
     def _ok(self, parsed: ParsedRequest, body: dict[str, Any], usage: Usage) -> Response:

@@ -19,6 +19,7 @@ FAULT_KINDS: dict[str, str] = {
     "no_image": "rate_no_image",
     "text_only": "rate_text_only",
     "blocked": "rate_blocked",
+    "bad_image": "rate_bad_image",
 }
 
 # Batch faults (``--batch-fault KIND=RATE``): per job, except line_error (per line of a job's input).
@@ -56,6 +57,8 @@ class SimulatorConfig:
     rate_text_only: float = 0.0
     # 200 with promptFeedback.blockReason and no candidates.
     rate_blocked: float = 0.0
+    # 200 whose image is cut off half way, as a proxy that truncates answers sends it.
+    rate_bad_image: float = 0.0
     rpm_limit: int | None = None
     daily_limit: int | None = None
     api_key: str | None = None

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ...api.gemini import reply_error
 from ...errors import ApiError
 from ..limits import Stopped
 from ..route import Answer, Request
@@ -63,7 +64,7 @@ class Answers:
 
     def _answer(self, chunk: Chunk, key: str, request: Request) -> Answer:
         """*key*'s answer from *chunk*. With an answer the step may be sent again for (an error: retried, or sent
-        online past the deadline; or no image: retried), its body is read back from the chunk into *request*."""
+        online past the deadline; or no usable image: retried), its body is read back from the chunk into *request*."""
         if chunk.outcome is not None:
             if isinstance(chunk.outcome, ApiError):
                 request.body = self.chunks.request(chunk, key)
@@ -72,7 +73,7 @@ class Answers:
         chunk.served.add(key)
         offset = chunk.offsets.get(key)
         result = self.client.result_line(self.chunks.line(chunk.results, offset)) if offset is not None else None
-        if result is None or result.reply is None or not result.reply.images:
+        if result is None or result.reply is None or reply_error(result.reply) is not None:
             request.body = self.chunks.request(chunk, key)  # before the chunk's files are deleted
         if len(chunk.served) == len(chunk.keys):  # each key once in a chunk: every answer was used
             self.chunks.close(chunk)
