@@ -89,7 +89,9 @@ def test_a_move_recorded_by_an_older_version_is_not_counted_as_paid_again(tmp_pa
         {"id": "b", "status": "ok", "run": "r2", "outputs": ["b.png"], "cost_usd": 0.05},
         {"id": "a", "status": "ok", "run": "r2", "outputs": ["new/a.png"], "cost_usd": 0.07, "moved_from": ["a.png"]},
     ]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # Every record nanobatch wrote, then as now, carries these fields (the index takes no line without them).
+    written = [{"attempts": 1, "key": None, "started_at": None, **line} for line in lines]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in written))
     with ResultsIndex.load(tmp_path) as index:
         totals = index.totals()
     assert totals["cost_usd"] == pytest.approx(0.12) and totals["paid_usd"] == pytest.approx(0.14)
