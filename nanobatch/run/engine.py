@@ -36,6 +36,7 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
+from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
 from .route import Route
@@ -73,7 +74,7 @@ class Engine:
         settings: Settings,
         gate: Gate,
         route: Route,
-        batch_route: Route | None,
+        batch_route: BatchRoute | None,
         retry: RetryPolicy,
         inputs: InputLoader,
         referrer: Referrer,
@@ -85,7 +86,7 @@ class Engine:
         stats: RunStats,
         run_id: str,
     ) -> None:
-        self.batch_route = batch_route  # for items in the batch tier
+        self.batch_route = batch_route  # for items in the batch tier, and requests waiting in its jobs
         self.gate = gate
         self.retry = retry
         self.tier = settings.api.tier
@@ -309,6 +310,8 @@ class Engine:
             self.stats.failures["write"] += 1
             return
         self.index.add(record)
+        if self.batch_route is not None:
+            self.batch_route.landed(record.id)  # its batch answers need not be kept any longer
         if finished.moves:
             self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
         else:

@@ -152,6 +152,8 @@ class Jobs:
             if name:
                 await self._quietly(self.client.delete_file(name))
         await self.chunks.index(chunk)
+        if chunk.results:
+            self.ledger.note("indexed", chunk, offsets=chunk.offsets)  # a later run need not read the file for it
         self.shown.pop(chunk.id, None)
         self.answers.settle(chunk, None)
 

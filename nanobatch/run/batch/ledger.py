@@ -8,13 +8,19 @@ written before and after it happens::
     created {chunk, job}                         the job exists
     state {chunk, state, counts}                 the job's state changed (for `nanobatch status`)
     collected {chunk, results} | ended {chunk, state}   its results are on disk / it ended without any
-    closed {chunk}                               every answer was used; local files deleted
+    indexed {chunk, offsets}                     where each key's answer is in the results file
+    closed {chunk}                               every answer is landed or not wanted; local files deleted
+
+A chunk's results file is kept until each answer in it is landed (its item's record written) or no longer
+wanted: an answer a run could not land (its item's next step waits in a later job, or the run was killed) is
+read again by the next run, never paid for again.
 
 Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -23,6 +29,7 @@ import anyio
 import orjson
 
 from ...names import BATCH_FOLDER
+from ...output.outdir import atomic_write
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
@@ -52,7 +59,8 @@ class Chunk:
     outcome: BaseException | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # where each key's answer is in the results file
     requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
-    served: set[str] = field(default_factory=set)
+    indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
+    landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
 
     @property
     def open(self) -> bool:
@@ -61,7 +69,7 @@ class Chunk:
 
 
 class Ledger:
-    """``batches.jsonl``: one line per step of each chunk, flushed before the next step (see the module doc)."""
+    """``batches.jsonl``: one line per step of each chunk, written before the next step (see the module doc)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -82,16 +90,45 @@ class Ledger:
         return chunks
 
     def note(self, event: str, chunk: Chunk, **fields: Any) -> None:
+        """Append one line, written whole to the kernel (unbuffered: nothing is left to flush at close, which a
+        full disk would refuse)."""
         if self._file is None:
-            self.folder.mkdir(exist_ok=True)
-            self._file = self.path.open("ab")
-        self._file.write(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
-        self._file.flush()
+            self._file = self._open()
+        view = memoryview(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
+        while view:
+            view = view[self._file.write(view) or 0 :]
+
+    def _open(self) -> IO[bytes]:
+        self.folder.mkdir(exist_ok=True)
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as last:
+                last.seek(-1, os.SEEK_END)
+                torn = last.read(1) != b"\n"
+        handle = self.path.open("ab", buffering=0)
+        if torn:  # a line cut short by a full disk or a kill: the next one must not be glued to it
+            handle.write(b"\n")
+        return handle
+
+    def compact(self, live: set[str]) -> None:
+        """Rewrite the ledger with the lines of the *live* chunks only: a closed chunk's lines are history, and
+        a folder that always has a job open (nightly --no-wait) would otherwise keep every night's."""
+        with self.path.open("rb") as lines:
+            kept = [line.rstrip(b"\n") + b"\n" for line in lines if _chunk_of(line) in live]
+        atomic_write(self.path, b"".join(kept))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _chunk_of(line: bytes) -> str | None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return str(event.get("chunk")) if isinstance(event, dict) else None
 
 
 def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
@@ -109,6 +146,8 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.state, chunk.counts = event["state"], dict(event.get("counts") or {})
     elif kind == "collected":
         chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
+    elif kind == "indexed":
+        chunk.offsets, chunk.indexed = {str(k): int(v) for k, v in dict(event["offsets"]).items()}, True
     elif kind == "ended":
         chunk.ended = chunk.state = event["state"]
     elif kind == "closed":

@@ -18,7 +18,10 @@ Every step is journaled in ``.nanobatch-batches/batches.jsonl`` before and after
 in :mod:`nanobatch.run.batch.ledger`).
 
 A re-run reads the ledger first: chunks not yet collected are resumed (uploaded, created or polled), and a step
-whose request key is in one of them waits for that job instead of being sent again. Before any create, jobs are
+whose request key is in one of them waits for that job instead of being sent again. A collected chunk's results
+file stays until every answer in it is landed (its item's record written, :meth:`BatchRoute.landed`): an answer
+read by a run that ended before its item did (its next step waits in a later job, or the run was killed) is read
+again by the next run, which goes on from the step after it. Before any create, jobs are
 looked up by ``displayName`` (``nanobatch <run> chunk <n>``), so a create whose reply was lost is found, not
 repeated. With ``wait=False`` a step whose job is not done yet raises :class:`~nanobatch.run.limits.Stopped`: the
 item is left for the next run, which collects it.
@@ -82,9 +85,8 @@ class BatchRoute:
             if chunk.open:
                 logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
                 self._tg.start_soon(self.jobs.drive, chunk)
-            elif not chunk.closed:
-                await self.chunks.index(chunk)
-                chunk.settled.set()
+            else:  # collected: its answers not landed yet are read again
+                self._tg.start_soon(self._reopen, chunk)
         return self
 
     async def __aexit__(
@@ -110,6 +112,10 @@ class BatchRoute:
                 f"{self.client.where} does not offer Gemini's Batch API that --tier batch needs "
                 f"(GET batches: {exc.message}); use --tier flex there for half price online"
             ) from None
+
+    async def _reopen(self, chunk: Chunk) -> None:
+        await self.chunks.index(chunk)
+        chunk.settled.set()
 
     def _start_job(self, chunk: Chunk) -> None:
         """A sealed chunk: its job is made and followed in a task of its own."""
@@ -145,6 +151,10 @@ class BatchRoute:
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
 
+    def landed(self, item: str) -> None:
+        """*item*'s record is written: the answers it read need not be kept for it any longer."""
+        self.answers.landed(item)
+
     def fallback_tier(self, exc: ApiError) -> str | None:
         """Past the deadline, online: standard or flex, per config."""
         return self.settings.fallback_tier if exc.kind == DEADLINE_KIND else None
@@ -155,5 +165,6 @@ class BatchRoute:
         return self.jobs.left_waiting
 
     def finish(self) -> None:
-        """The run went through every item: close the chunks whose answers were all used or are not wanted."""
-        self.chunks.finish()
+        """The run went through every item: close the collected chunks, but those holding answers of items
+        whose next step waits in a job (the next run reads them again)."""
+        self.chunks.finish(kept=self.answers.kept())

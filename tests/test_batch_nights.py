@@ -1,0 +1,122 @@
+"""The batch tier across nights: what a careless cron schedule does to a folder must never pay twice, drop an
+answer, or misreport (issue 22). The CLI against the simulator's Batch API over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanobatch.cli.main import main
+from nanobatch.simulator import run_in_thread
+
+from .fakes import records, write_job
+from .test_batch_tier import CONFIG, MODEL, Hold, cli, jobs, sim
+
+ITEMS = 3
+
+
+def two_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 2, **fields: Any) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"hero-{n}", "image": f"images/h{n}.png", "steps": [f"step {k}" for k in range(1, steps + 1)],
+              "image_size": "512", **fields} for n in range(ITEMS)]  # fmt: skip
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def one_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(6)]
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def plain(job: Path, url: str, *args: str) -> int:
+    """`nanobatch run` as the --no-wait run's message says: no --tier, the config's (standard) tier."""
+    argv = ["run", str(job), "--base-url", url, "--out", str(job.parent / "out"), "--quiet"]
+    return main([*argv, "--config", str(job.parent / "nanobatch.yaml"), *args])
+
+
+def billed(app: Any) -> int:
+    """Requests the simulator answered with an image: what the API bills, online and in batch jobs."""
+    return int(app.state.stats.images)
+
+
+def status_text(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    return capsys.readouterr().out
+
+
+# -- point 1: an answer that arrived is never thrown away ------------------------------------------------
+
+
+@pytest.mark.parametrize(("steps", "fields"), [(2, {}), (3, {"keep_steps": True})], ids=["two steps", "three kept"])
+def test_nightly_no_wait_runs_finish_multi_step_items_paying_each_step_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int, fields: dict[str, Any]
+) -> None:
+    # The README's cron pattern: each night `run --tier batch --no-wait` collects what is done and submits the
+    # rest. Each night one step of each item is answered: the night after, the item goes on from there.
+    job = two_step_job(tmp_path, monkeypatch, steps, **fields)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        for _night in range(steps + 2):  # one more than needed: it sends nothing
+            assert cli(job, url, "--no-wait") == 0
+            time.sleep(0.7)  # the night's jobs are done by the next night
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == steps for r in done)
+    assert all(step["usage"]["totalTokenCount"] > 0 for r in done for step in r["steps"])
+    assert billed(app) == ITEMS * steps and sum(j.counts["request"] for j in jobs(app)) == ITEMS * steps
+    assert len(jobs(app)) == steps  # step 1 of each item, then step 2 of each, ...
+    if fields.get("keep_steps"):
+        out = tmp_path / "out"
+        assert all((out / name).is_file() for r in done for step in r["steps"][:-1] for name in step["outputs"])
+    # Paid for exactly once, and the records say what was paid.
+    total = sum(r["cost_usd"] for r in done)
+    assert total == pytest.approx(json.loads((tmp_path / "out" / "summary.json").read_text())["cost_usd"])
+    assert {p.name for p in (tmp_path / "out" / ".nanobatch-batches").iterdir()} <= {"batches.jsonl"}  # all used
+
+
+def test_a_kill_after_step_one_was_collected_does_not_send_step_one_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILL just as step 2's chunk is created: step 1's answers were read, step 2's are not in yet.
+    job = two_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    creates = Counter[str]()
+
+    def second_create(method: str, path: str) -> bool:
+        if path.endswith(":batchGenerateContent"):
+            creates["seen"] += 1
+            return creates["seen"] == 2
+        return False
+
+    hold = Hold(app.middleware_stack or app.build_middleware_stack(), second_create, after=False)
+    app.middleware_stack = hold  # type: ignore[assignment]
+    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
+    with run_in_thread(app=app) as url:
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(tmp_path / "out"),
+                "--tier", "batch", "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hold.reached.wait(30), "the run never reached step 2's create"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.armed = False
+            hold.release.set()
+        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert again.returncode == 0, again.stderr.decode()
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == 2 for r in done)
+    assert billed(app) == 2 * ITEMS and len(jobs(app)) == 2  # step 1 once, step 2 once
