@@ -120,3 +120,49 @@ def test_a_kill_after_step_one_was_collected_does_not_send_step_one_again(
     assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
     assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == 2 for r in done)
     assert billed(app) == 2 * ITEMS and len(jobs(app)) == 2  # step 1 once, step 2 once
+
+
+# -- point 2: what waits in a job is not sent again by any tier --------------------------------------------
+
+
+def test_a_plain_run_after_no_wait_collects_the_jobs_instead_of_sending_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=1.5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert billed(app) == 0 and len(jobs(app)) == 2
+        assert plain(job, url) == 0  # the jobs are pending: it waits for them
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(6)]
+    assert {r["tier"] for r in done} == {"batch"} and {r["batch"] for r in done} == {j.name for j in jobs(app)}
+    assert billed(app) == 6 and len(jobs(app)) == 2  # nothing went online, nothing in a new job
+    assert "batch job" not in status_text(tmp_path / "out", capsys)  # collected: none left open
+
+
+def test_a_plain_run_collects_step_one_from_its_job_and_sends_step_two_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = two_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert plain(job, url) == 0
+    done = records(tmp_path / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == ITEMS
+    assert {(r["tier"], r["batch"]) for r in done} == {("standard", jobs(app)[0].name)}
+    assert billed(app) == 2 * ITEMS and len(jobs(app)) == 1
+
+
+def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert plain(job, url, "--no-wait") == 0
+        assert billed(app) == 0 and len(jobs(app)) == 2
+    assert not records(tmp_path / "out")
+    assert status_text(tmp_path / "out", capsys).count(": pending, ") == 2

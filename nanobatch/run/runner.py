@@ -34,6 +34,7 @@ from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
 from ..output.upload import Uploads
+from .batch.ledger import answers_to_come
 from .batch.route import BatchRoute
 from .engine import Engine
 from .failures import FailureLog
@@ -214,8 +215,9 @@ async def _batch_route(
     checked: CheckResult,
 ) -> BatchRoute | None:
     """The batch tier's route, over the same endpoint as *client* (its Batch API checked first); None when no
-    item goes in the batch tier."""
-    if "batch" not in checked.tiers:
+    item goes in the batch tier and the folder has no batch job to collect. An online run collects what waits
+    in the folder's jobs too: while a job may still answer a request, it is not sent again."""
+    if "batch" not in checked.tiers and not answers_to_come(out.batch_folder):
         return None
     batches = await stack.enter_async_context(
         batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)

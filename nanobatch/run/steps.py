@@ -1,5 +1,9 @@
 """One step of an item, from its request body to its answer: the tier and route it goes by, the gate, the budget,
-retries, the journal, and what it cost (:class:`Steps`, the engine's)."""
+retries, the journal, and what it cost (:class:`Steps`, the engine's).
+
+A step whose request already waits in a batch job (sent by an earlier run in the batch tier) is collected from
+that job whatever the item's tier is now: while the job may still answer, the request is never sent again.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from ..item import WorkItem
 from ..models import Pricing
 from ..output.outdir import Journal
 from ..output.record import Tally
+from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
 from .route import Request, Route, Step
@@ -28,8 +33,8 @@ logger = logging.getLogger("nanobatch")
 
 
 class Steps:
-    """Sends the steps of a run's items: through *route*, or *batch_route* for those in the batch tier, within
-    *gate*, retried by *retry*."""
+    """Sends the steps of a run's items: through *route*, or *batch_route* for those in the batch tier (and for
+    any step whose request waits in one of its jobs), within *gate*, retried by *retry*."""
 
     def __init__(
         self,
@@ -37,7 +42,7 @@ class Steps:
         settings: Settings,
         gate: Gate,
         route: Route,
-        batch_route: Route | None,
+        batch_route: BatchRoute | None,
         retry: RetryPolicy,
         journal: Journal,
         failures: FailureLog,
@@ -78,6 +83,8 @@ class Steps:
         request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
         del body  # the request holds it alone: a batch route takes it from there
         try:
+            if tier != "batch" and (reply := await self._collect(item, tally, instruction, request, sending)):
+                return reply
             while True:
                 route = self.batch_route if tier == "batch" and self.batch_route is not None else self.route
                 if route.waits_on_disk:
@@ -94,6 +101,27 @@ class Steps:
         finally:
             if sent_at is not None:
                 tally.api_s.append(anyio.current_time() - sent_at)
+
+    async def _collect(
+        self, item: WorkItem, tally: Tally, instruction: str, request: Request, sending: Callable[[], None]
+    ) -> Reply | None:
+        """The answer of the batch job this step's request waits in, though the item is no longer in the batch
+        tier; None if no job holds it, or if its job did not answer it (cancelled, failed, a retryable error):
+        then the step goes in the item's own tier. Waits for the job, as a batch run does (``Stopped`` with
+        ``--no-wait``: the item is left for the next run)."""
+        batch = self.batch_route
+        if batch is None or not batch.holds(Step(item=item.id, work_key=tally.key, number=len(tally.steps))):
+            return None
+        try:
+            return await self._send_in("batch", batch, item, tally, instruction, request, sending, once=True)
+        except FatalApiError:
+            raise
+        except ApiError as exc:
+            if not exc.retryable and batch.fallback_tier(exc) is None:
+                raise  # its answer, final (blocked, refused): the item's outcome, as in the batch tier
+            logger.info("%s: its batch job did not answer it (%s); sending it in the %s tier", item.id,
+                        exc.message, item.tier or self.tier)  # fmt: skip
+            return None
 
     def _fallback_tier(self, item: WorkItem, tier: str, route: Route, exc: ApiError) -> str:
         """Where a step goes after *exc* in *tier*: where *route* says (the batch route: online, standard or flex
@@ -115,9 +143,11 @@ class Steps:
         instruction: str,
         request: Request,
         sending: Callable[[], None],
+        *,
+        once: bool = False,
     ) -> Reply:
-        """One step in *tier* through *route*, retried by the retry policy; each attempt passes the gate and is
-        journaled."""
+        """One step in *tier* through *route*, retried by the retry policy (tried *once*: not retried); each
+        attempt passes the gate and is journaled."""
         tally.tier = tier
         set_service_tier(request.json(), None if tier == "batch" else tier)
         pricing = costs.pricing_for(item.model, self.pricing, tier)
@@ -147,7 +177,7 @@ class Steps:
             self.failures.failed(exc)
             logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
 
-        return await retrying(attempt, self.retry, on_retry=on_retry)
+        return await (attempt() if once else retrying(attempt, self.retry, on_retry=on_retry))
 
     def _price(self, item: WorkItem, tally: Tally, reply: Reply, tier: str, pricing: Pricing, worst: float) -> float:
         """*reply*'s usage priced in the tier it ran in; *worst* (the request's worst case) if the usage cannot

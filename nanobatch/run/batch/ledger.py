@@ -34,7 +34,7 @@ from ...output.outdir import atomic_write
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
 
-__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "cancel_jobs", "open_chunks"]
+__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "answers_to_come", "cancel_jobs", "open_chunks"]
 
 LEDGER_FILE = "batches.jsonl"
 
@@ -152,6 +152,12 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.ended = chunk.state = event["state"]
     elif kind == "closed":
         chunk.closed = True
+
+
+def answers_to_come(folder: Path) -> bool:
+    """Whether the batch *folder* has a chunk not closed: a job that may still answer, or answers on disk not
+    landed yet. Then every run of its output folder, whatever its tier, collects them (nothing is sent twice)."""
+    return any(not chunk.closed for chunk in Ledger(folder).load().values())
 
 
 def open_chunks(out_dir: Path) -> list[Chunk]:

@@ -148,6 +148,11 @@ class BatchRoute:
             request.take()  # in a chunk already (a resumed run's): its line there is the request
         return await self.answers.land(chunk, key, step.item, request)
 
+    def holds(self, step: Step) -> bool:
+        """Whether *step*'s request is in a chunk whose answer is still to be used: its job may still answer it,
+        or its answer is on disk. Then it is never sent again, in any tier: :meth:`send` collects it."""
+        return step.key in self.chunks.by_key
+
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
 
