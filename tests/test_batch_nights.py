@@ -166,3 +166,73 @@ def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
         assert billed(app) == 0 and len(jobs(app)) == 2
     assert not records(tmp_path / "out")
     assert status_text(tmp_path / "out", capsys).count(": pending, ") == 2
+
+
+# -- point 10: a full disk --------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """A chunk file on a disk that fills up after its first line."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.lines = handle, 0
+
+    def write(self, data: bytes) -> int:
+        self.lines += 1
+        if self.lines > 1:
+            raise OSError(28, "No space left on device")
+        return int(self.handle.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+def test_a_full_disk_while_chunks_are_written_aborts_with_exit_3_and_warns_of_no_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.run.batch import filling
+
+    job = one_step_job(tmp_path, monkeypatch)
+    real_open = filling.open_chunk_file
+    monkeypatch.setattr(filling, "open_chunk_file", lambda path: FullDisk(real_open(path)))
+    app = sim()
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 3
+        err = capsys.readouterr().err
+        assert "error: cannot write the batch tier's files into" in err and "No space left on device" in err
+        assert "Traceback" not in err and "ExceptionGroup" not in err
+        assert not app.state.batches.files._files and not jobs(app)  # nothing was uploaded
+        listed = status_text(out, capsys)
+        assert "may have been charged" not in listed and "batch job" not in listed
+        monkeypatch.undo()
+        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        assert cli(job, url) == 0  # room again: every item once
+    assert sorted(r["id"] for r in records(out)) == [f"sku-{n}" for n in range(6)] and billed(app) == 6
+
+
+def test_a_full_disk_while_results_download_aborts_and_the_next_run_collects_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.api.batch_api import BatchClient
+
+    job = one_step_job(tmp_path, monkeypatch)
+
+    async def full(self: BatchClient, file_name: str, path: Path) -> None:
+        path.with_name(path.name + ".part").write_bytes(b'{"key": "half a line')
+        raise OSError(28, "No space left on device")
+
+    real = BatchClient.download
+    monkeypatch.setattr(BatchClient, "download", full)
+    app = sim()
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 3
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "Traceback" not in err
+        listed = status_text(out, capsys)
+        assert "may have been charged" not in listed and listed.count("batch job batches/") == 2
+        monkeypatch.setattr(BatchClient, "download", real)
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(out)) == [f"sku-{n}" for n in range(6)]
+    assert billed(app) == 6 and len(jobs(app)) == 2  # collected, not sent again

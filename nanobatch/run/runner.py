@@ -227,6 +227,8 @@ async def _batch_route(
 
 
 def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
+    if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
+        raise batch.broken
     if outcome == "complete":
         batch.finish()
     if batch.left_waiting:

@@ -23,7 +23,7 @@ from ..output.outdir import Journal
 from ..output.record import Tally
 from .batch.route import BatchRoute
 from .failures import FailureLog
-from .limits import Gate, Stopped
+from .limits import Gate
 from .route import Request, Route, Step
 from .stats import RunStats
 
@@ -193,22 +193,22 @@ class Steps:
         )
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
-        """One request through *route*, noted in the journal just before it goes out."""
+        """One request through *route*, noted in the journal just before it goes out. Not a batch request: the
+        batch ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
         tally.attempts += 1
         self.stats.requests += 1
-        self.journal.dispatched(item.id, tally.key, tally.attempts)
+        journaled = not route.waits_on_disk
+        if journaled:
+            self.journal.dispatched(item.id, tally.key, tally.attempts)
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
         try:
             answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
-        except Stopped:
-            self.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
-            raise
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).
-            if not exc.sent or exc.status_code not in (None, 200):
+            if journaled and (not exc.sent or exc.status_code not in (None, 200)):
                 self.journal.settled(item.id, tally.attempts)
             raise
         finally:

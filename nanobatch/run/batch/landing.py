@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ...errors import ApiError
+from ...errors import ApiError, RunAborted
 from ..limits import Stopped
 from ..route import Answer, Request
 from .chunks import Chunks
@@ -58,6 +58,7 @@ class Answers:
         self.landing = Landing(LANDING_PLACES)
         self.past_deadline = False  # then what a job did not answer goes online
         self.held: dict[str, list[tuple[Chunk, str]]] = {}  # item -> the answers it read and has not landed
+        self.broken: RunAborted | None = None  # the batch folder failed (a full disk): every step raises this
 
     async def land(self, chunk: Chunk, key: str, holder: str, request: Request) -> Answer:
         """*key*'s answer, once *chunk* is settled; it is read only once *holder* holds one of :attr:`landing`'s
@@ -70,6 +71,7 @@ class Answers:
         """*key*'s answer from *chunk*, kept there for *holder* until it is landed. With an answer the step may be
         sent again for (an error: retried, or sent online past the deadline; or no image: retried), its body is
         read back from the chunk into *request*."""
+        self.check()
         if chunk.outcome is not None:
             if isinstance(chunk.outcome, ApiError):
                 request.body = self.chunks.request(chunk, key)
@@ -100,6 +102,18 @@ class Answers:
     def kept(self) -> set[str]:
         """The chunks holding answers read by items not landed (their next step waits in a job)."""
         return {chunk.id for answers in self.held.values() for chunk, _ in answers}
+
+    def check(self) -> None:
+        """Raise what broke the batch folder, if it broke."""
+        if self.broken is not None:
+            raise RunAborted(str(self.broken))
+
+    def break_down(self, reason: RunAborted, chunks: list[Chunk]) -> None:
+        """The batch folder cannot be written (or read): every step waiting in *chunks*, and every step after,
+        raises *reason*; the run stops, and the next one resumes the jobs from the ledger."""
+        self.broken = reason
+        for chunk in chunks:
+            chunk.settled.set()
 
     def settle(self, chunk: Chunk, outcome: BaseException | None) -> None:
         """Wake *chunk*'s steps: its answers are there, or *outcome* is what each step raises."""

@@ -30,13 +30,14 @@ item is left for the next run, which collects it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ...errors import ApiError, ConfigError
+from ...errors import ApiError, ConfigError, RunAborted
 from ..route import Answer, Request, Step
 from .chunks import Chunks
 from .filling import Filler
@@ -68,7 +69,10 @@ class BatchRoute:
     ) -> None:
         self.client = client
         self.settings = settings
-        self.chunks = Chunks(folder, Ledger(folder))
+        try:
+            self.chunks = Chunks(folder, Ledger(folder))
+        except OSError as exc:
+            raise _folder_failed(folder, exc) from None
         self.filler = Filler(self.chunks, run_id, settings, sealed=self._start_job)
         self.answers = Answers(self.chunks, client)
         self.jobs = Jobs(client, self.chunks, self.answers, settings, shown if shown is not None else {})
@@ -78,15 +82,15 @@ class BatchRoute:
         await self.check_endpoint()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self.filler.seal_idle)
+        self._tg.start_soon(self._guarded, self.filler.seal_idle)
         if self.settings.deadline_s is not None:
-            self._tg.start_soon(self._at_deadline, anyio.current_time() + self.settings.deadline_s)
+            self._tg.start_soon(self._guarded, self._at_deadline, anyio.current_time() + self.settings.deadline_s)
         for chunk in self.chunks.by_id.values():
             if chunk.open:
                 logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
-                self._tg.start_soon(self.jobs.drive, chunk)
+                self._tg.start_soon(self._guarded, self.jobs.drive, chunk)
             else:  # collected: its answers not landed yet are read again
-                self._tg.start_soon(self._reopen, chunk)
+                self._tg.start_soon(self._guarded, self._reopen, chunk)
         return self
 
     async def __aexit__(
@@ -97,7 +101,7 @@ class BatchRoute:
         try:
             await self._tg.__aexit__(exc_type, exc, tb)
         finally:
-            self.filler.stop()
+            self.filler.abandon()
             self.chunks.ledger.close()
 
     async def check_endpoint(self) -> None:
@@ -113,6 +117,26 @@ class BatchRoute:
                 f"(GET batches: {exc.message}); use --tier flex there for half price online"
             ) from None
 
+    async def _guarded(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """The route's background *work*; a batch folder that fails it (a full disk) stops the run cleanly."""
+        try:
+            await work(*args)
+        except OSError as exc:
+            self._break(exc)
+
+    def _break(self, exc: OSError) -> RunAborted:
+        """The batch folder failed: every step waiting here, and every later one, raises the reason (exit 3),
+        and nothing more is written. What was sent is in the ledger: the next run resumes it."""
+        if self.answers.broken is None:
+            waiting = [*self.chunks.by_id.values(), *self.filler.abandon()]
+            self.answers.break_down(_folder_failed(self.chunks.folder, exc), waiting)
+        return RunAborted(str(self.answers.broken))
+
+    @property
+    def broken(self) -> RunAborted | None:
+        """Why the batch folder failed, if it did (the run is aborted)."""
+        return self.answers.broken
+
     async def _reopen(self, chunk: Chunk) -> None:
         await self.chunks.index(chunk)
         chunk.settled.set()
@@ -120,7 +144,7 @@ class BatchRoute:
     def _start_job(self, chunk: Chunk) -> None:
         """A sealed chunk: its job is made and followed in a task of its own."""
         assert self._tg is not None
-        self._tg.start_soon(self.jobs.drive, chunk)
+        self._tg.start_soon(self._guarded, self.jobs.drive, chunk)
 
     async def _at_deadline(self, at: float) -> None:
         await anyio.sleep_until(at)
@@ -138,15 +162,19 @@ class BatchRoute:
 
         The answer is read only once the step's item holds a landing place, which it keeps until :meth:`release`
         (the engine's: once the item's images are with the writer)."""
+        self.answers.check()
         if self.answers.past_deadline:
             raise deadline_error()
         key = step.key
-        chunk = self.chunks.by_key.get(key)
-        if chunk is None:
-            chunk = self.filler.add(model, key, request.take())
-        else:
-            request.take()  # in a chunk already (a resumed run's): its line there is the request
-        return await self.answers.land(chunk, key, step.item, request)
+        try:
+            chunk = self.chunks.by_key.get(key)
+            if chunk is None:
+                chunk = self.filler.add(model, key, request.take())
+            else:
+                request.take()  # in a chunk already (a resumed run's): its line there is the request
+            return await self.answers.land(chunk, key, step.item, request)
+        except OSError as exc:
+            raise self._break(exc) from None
 
     def holds(self, step: Step) -> bool:
         """Whether *step*'s request is in a chunk whose answer is still to be used: its job may still answer it,
@@ -158,7 +186,10 @@ class BatchRoute:
 
     def landed(self, item: str) -> None:
         """*item*'s record is written: the answers it read need not be kept for it any longer."""
-        self.answers.landed(item)
+        try:
+            self.answers.landed(item)
+        except OSError as exc:  # a chunk could not be closed: it is, by a later run; this one stops
+            self._break(exc)
 
     def fallback_tier(self, exc: ApiError) -> str | None:
         """Past the deadline, online: standard or flex, per config."""
@@ -172,4 +203,12 @@ class BatchRoute:
     def finish(self) -> None:
         """The run went through every item: close the collected chunks, but those holding answers of items
         whose next step waits in a job (the next run reads them again)."""
-        self.chunks.finish(kept=self.answers.kept())
+        try:
+            self.chunks.finish(kept=self.answers.kept())
+        except OSError as exc:
+            raise self._break(exc) from None
+
+
+def _folder_failed(folder: Path, exc: OSError) -> RunAborted:
+    return RunAborted(f"cannot write the batch tier's files into {folder}: {exc.strerror or exc}; nothing more was "
+                      "sent, and the next run resumes the batch jobs from its ledger")  # fmt: skip
