@@ -236,3 +236,46 @@ def test_a_full_disk_while_results_download_aborts_and_the_next_run_collects_the
         assert cli(job, url) == 0
     assert sorted(r["id"] for r in records(out)) == [f"sku-{n}" for n in range(6)]
     assert billed(app) == 6 and len(jobs(app)) == 2  # collected, not sent again
+
+
+# -- point 12: --no-wait and cancel say what happened -----------------------------------------------------------
+
+
+def test_no_wait_says_how_many_requests_wait_and_how_to_collect_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    out = tmp_path / "out"
+    argv = ["run", str(job), "--out", str(out), "--tier", "batch", "--config", str(tmp_path / "nanobatch.yaml")]
+    with run_in_thread(app=app) as url:
+        assert main([*argv, "--base-url", url, "--no-wait"]) == 0
+        text = capsys.readouterr().out
+        assert "6 requests wait in 2 batch jobs" in text and f"nanobatch run {job}" in text and str(out) in text
+        waiting = json.loads((out / "summary.json").read_text())["last_run"]["batch_waiting"]
+        assert waiting == {"requests": 6, "jobs": [j.name for j in jobs(app)]}
+        assert main(["--log-format", "json", *argv, "--base-url", url, "--no-wait"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    (summary,) = [e for e in events if e.get("event") == "summary"]
+    assert summary["batch_waiting"]["requests"] == 6 and "6 requests wait in 2 batch jobs" in summary["message"]
+
+
+def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert main(["cancel", str(out), "--base-url", url]) == 0
+        listed = status_text(out, capsys)
+        assert listed.count(": cancelled, ") == 2 and ": pending, " not in listed
+        capsys.readouterr()
+        assert main(["status", str(out), "--json"]) == 0
+        assert {j["state"] for j in json.loads(capsys.readouterr().out)["batch_jobs"]} == {"cancelled"}
+        assert plain(job, url) == 0  # the cancelled jobs answered nothing: their items go online now
+    done = records(out)
+    assert {(r["status"], r["tier"]) for r in done} == {("ok", "standard")} and len(done) == 6
+    assert billed(app) == 6 and len(jobs(app)) == 2
+    assert "batch job" not in status_text(out, capsys)

@@ -127,12 +127,13 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        if batch is not None:
-            _end_batch(batch, outcome, manifest, out.path)
+        waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, started, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
+        if waiting is not None:
+            summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
@@ -226,16 +227,21 @@ async def _batch_route(
     return await stack.enter_async_context(route)
 
 
-def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
+def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> dict[str, Any]:
+    """Close what the run is done with; what still waits in batch jobs, for ``summary.json``'s
+    ``last_run.batch_waiting`` (``requests``, ``jobs``)."""
     if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
         raise batch.broken
     if outcome == "complete":
         batch.finish()
-    if batch.left_waiting:
-        logger.warning(
-            "%d requests wait in batch jobs: run `nanobatch run %s` again later to collect them "
-            "(`nanobatch status %s` lists the jobs)", batch.left_waiting, manifest.path, out_dir,
+    waiting = batch.waiting()
+    requests = sum(len(chunk.keys) for chunk in waiting)
+    if requests:
+        logger.info(
+            "%d requests wait in batch jobs: a later `nanobatch run %s` into %s collects them "
+            "(`nanobatch status %s` lists the jobs)", requests, manifest.path, out_dir, out_dir,
         )  # fmt: skip
+    return {"requests": requests, "jobs": [chunk.job for chunk in waiting]}
 
 
 def _outcome(

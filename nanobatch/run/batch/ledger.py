@@ -28,13 +28,14 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from ...errors import ApiError
 from ...names import BATCH_FOLDER
 from ...output.outdir import atomic_write
 
 if TYPE_CHECKING:
-    from ...api.batch_api import BatchClient
+    from ...api.batch_api import BatchClient, BatchJob
 
-__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "answers_to_come", "cancel_jobs", "open_chunks"]
+__all__ = ["LEDGER_FILE", "Chunk", "Ledger", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
 
 LEDGER_FILE = "batches.jsonl"
 
@@ -166,12 +167,36 @@ def open_chunks(out_dir: Path) -> list[Chunk]:
 
 
 async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
-    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names.
-    The next run finds them cancelled and returns their unanswered items to pending."""
+    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names. Each one's
+    state after the cancel is noted in the ledger (``nanobatch status`` shows it); the next run collects them and
+    sends their unanswered items again."""
+    ledger = Ledger(out_dir / BATCH_FOLDER)
     cancelled = []
-    for chunk in open_chunks(out_dir):
-        names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
-        for name in names:
-            await client.cancel(name)
-            cancelled.append(name)
+    try:
+        for chunk in [chunk for chunk in ledger.load().values() if chunk.open]:
+            names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
+            if names and chunk.job is None:
+                ledger.note("created", chunk, job=names[-1])  # the first create's (listed newest first)
+            for name in names:
+                await client.cancel(name)
+                cancelled.append(name)
+                await _note_cancelled(ledger, chunk, client, name)
+    finally:
+        ledger.close()
     return cancelled
+
+
+async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str) -> None:
+    """The job's state once cancelled (``cancelled``, or how it ended if it was done first), into the ledger."""
+    try:
+        job = await client.get(name)
+    except ApiError:
+        ledger.note("state", chunk, state="cancelling", counts=chunk.counts)  # asked: its end is seen next run
+        return
+    ledger.note("state", chunk, state=job.state, counts=job_counts(job))
+
+
+def job_counts(job: BatchJob) -> dict[str, int]:
+    """A job's request counts as the ledger keeps them (and ``nanobatch status`` shows them)."""
+    return {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
+            "pending": job.pending_count}  # fmt: skip

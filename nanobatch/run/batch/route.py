@@ -195,10 +195,10 @@ class BatchRoute:
         """Past the deadline, online: standard or flex, per config."""
         return self.settings.fallback_tier if exc.kind == DEADLINE_KIND else None
 
-    @property
-    def left_waiting(self) -> int:
-        """Steps left in jobs not done (``wait=False``): the next run collects them."""
-        return self.jobs.left_waiting
+    def waiting(self) -> list[Chunk]:
+        """The chunks whose jobs may still answer (left so by ``wait=False``, or not known to be done): the next
+        run of the folder, whatever its tier, collects them."""
+        return [chunk for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]
 
     def finish(self) -> None:
         """The run went through every item: close the collected chunks, but those holding answers of items
