@@ -168,6 +168,22 @@ def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
     assert status_text(tmp_path / "out", capsys).count(": pending, ") == 2
 
 
+
+def test_a_plain_run_at_an_endpoint_without_batch_sends_nothing_while_a_job_may_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+    proxy = sim()  # online only, as most proxies
+    proxy.router.routes = [r for r in proxy.router.routes if "batches" not in getattr(r, "path", "")]
+    with run_in_thread(app=proxy) as elsewhere:
+        capsys.readouterr()
+        assert plain(job, elsewhere) == 2
+    assert "may still answer" in capsys.readouterr().err
+    assert billed(proxy) == 0 and not records(tmp_path / "out")
+
 # -- point 10: a full disk --------------------------------------------------------------------------------
 
 

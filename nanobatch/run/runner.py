@@ -223,7 +223,8 @@ async def _batch_route(
     batches = await stack.enter_async_context(
         batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)
     )
-    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs)
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs,
+                       submits="batch" in checked.tiers)  # fmt: skip
     return await stack.enter_async_context(route)
 
 

@@ -66,9 +66,12 @@ class BatchRoute:
         run_id: str,
         settings: BatchSettings,
         shown: dict[str, tuple[str, int, int]] | None = None,
+        *,
+        submits: bool = True,
     ) -> None:
         self.client = client
         self.settings = settings
+        self.submits = submits  # False: no item is in the batch tier; the route only collects the folder's jobs
         try:
             self.chunks = Chunks(folder, Ledger(folder))
         except OSError as exc:
@@ -79,7 +82,8 @@ class BatchRoute:
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> BatchRoute:
-        await self.check_endpoint()
+        if self.submits or any(chunk.open for chunk in self.chunks.by_id.values()):  # answers on disk need none
+            await self.check_endpoint()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._guarded, self.filler.seal_idle)
@@ -112,6 +116,12 @@ class BatchRoute:
         except ApiError as exc:
             if exc.kind != "bad_response" and exc.status_code not in (404, 405, 501):
                 raise
+            if not self.submits:  # an online run, to collect the folder's jobs
+                raise ConfigError(
+                    f"{self.client.where} does not offer Gemini's Batch API, and this output folder has batch jobs "
+                    "that may still answer (`nanobatch status` lists them): run with the --base-url that made them, "
+                    "so that they are collected, not paid for again"
+                ) from None
             raise ConfigError(
                 f"{self.client.where} does not offer Gemini's Batch API that --tier batch needs "
                 f"(GET batches: {exc.message}); use --tier flex there for half price online"
