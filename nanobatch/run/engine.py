@@ -10,7 +10,8 @@ send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one
 (:class:`~nanobatch.run.steps.Steps`: one call per step, whatever :class:`Route` carries it), and hands the record
 (:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
 :class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the workers' journal lines (each
-request is noted just before it is sent). Only fatal errors stop the run; an item's failure becomes its record.
+online request is noted just before it is sent; the batch ledger notes the batch tier's). Only fatal errors
+stop the run; an item's failure becomes its record.
 """
 
 from __future__ import annotations

@@ -83,7 +83,11 @@ class Steps:
         request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
         del body  # the request holds it alone: a batch route takes it from there
         try:
-            if tier != "batch" and (reply := await self._collect(item, tally, instruction, request, sending)):
+            if (
+                tier != "batch"
+                and self.batch_route is not None  # (no coroutine per online step when there is none)
+                and (reply := await self._collect(item, tally, instruction, request, sending))
+            ):
                 return reply
             while True:
                 route = self.batch_route if tier == "batch" and self.batch_route is not None else self.route
