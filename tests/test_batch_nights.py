@@ -184,6 +184,22 @@ def test_a_plain_run_at_an_endpoint_without_batch_sends_nothing_while_a_job_may_
     assert "may still answer" in capsys.readouterr().err
     assert billed(proxy) == 0 and not records(tmp_path / "out")
 
+
+def test_retry_failed_collects_what_waits_in_a_job_instead_of_dropping_its_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --retry-failed sends only failed items; items answered in a job are not failed, but their answers are paid
+    # for: the run collects them rather than close the job's results with them unread.
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(0.7)
+        assert plain(job, url, "--retry-failed") == 0
+        assert {(r["status"], r["tier"]) for r in records(tmp_path / "out")} == {("ok", "batch")}
+        assert plain(job, url) == 0
+    assert len(records(tmp_path / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
+
 # -- point 10: a full disk --------------------------------------------------------------------------------
 
 

@@ -197,7 +197,8 @@ async def _engine(
         uploads=uploads,
         out=out,
         index=index,
-        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed),
+        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed,
+                      in_batch=batch.has_work if batch is not None else None),  # fmt: skip
         failures=FailureLog(client.where),
         stats=stats,
         run_id=out.journal.run_id,

@@ -48,6 +48,7 @@ from .ledger import Chunk, Ledger
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
     from ...config import BatchSettings
+    from ...item import WorkItem
 
 __all__ = ["BatchRoute"]
 
@@ -190,6 +191,13 @@ class BatchRoute:
         """Whether *step*'s request is in a chunk whose answer is still to be used: its job may still answer it,
         or its answer is on disk. Then it is never sent again, in any tier: :meth:`send` collects it."""
         return step.key in self.chunks.by_key
+
+    def has_work(self, item: WorkItem, work_key: str) -> bool:
+        """Whether a step of *item*'s work (its key) is in a chunk whose answer is still to be used."""
+        by_key = self.chunks.by_key
+        return bool(by_key) and any(
+            Step(item=item.id, work_key=work_key, number=n).key in by_key for n in range(1, len(item.steps) + 1)
+        )
 
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
