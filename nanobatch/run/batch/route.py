@@ -18,13 +18,15 @@ Every step is journaled in ``.nanobatch-batches/batches.jsonl`` before and after
 in :mod:`nanobatch.run.batch.ledger`).
 
 A re-run reads the ledger first: chunks not yet collected are resumed (uploaded, created or polled), and a step
-whose request key is in one of them waits for that job instead of being sent again. A collected chunk's results
-file stays until every answer in it is landed (its item's record written, :meth:`BatchRoute.landed`): an answer
-read by a run that ended before its item did (its next step waits in a later job, or the run was killed) is read
-again by the next run, which goes on from the step after it. Before any create, jobs are
-looked up by ``displayName`` (``nanobatch <run> chunk <n>``), so a create whose reply was lost is found, not
-repeated. With ``wait=False`` a step whose job is not done yet raises :class:`~nanobatch.run.limits.Stopped`: the
-item is left for the next run, which collects it.
+whose request key is in one of them waits for that job instead of being sent again, whatever the run's tier
+(:meth:`BatchRoute.holds`). Before any create, jobs are looked up by ``displayName`` (``nanobatch <run> chunk
+<n>``), so a create whose reply was lost is found, not repeated. With ``wait=False`` a step whose job is not done
+yet raises :class:`~nanobatch.run.limits.Stopped`: the item is left for the next run, which collects it.
+
+A collected chunk's results file stays until every answer in it is landed (its item's record written,
+:meth:`BatchRoute.landed`): an answer read by a run that ended before its item did (its next step waits in a
+later job, or the run was killed) is read again by the next run, which goes on from the step after it. A batch
+folder that cannot be written (a full disk) aborts the run (:class:`~nanobatch.errors.RunAborted`, exit 3).
 """
 
 from __future__ import annotations
