@@ -71,6 +71,8 @@ def print_summary(summary: RunSummary) -> None:
     )
     if summary.reason:
         click.echo(f"reason: {summary.reason}", err=True)
+    if waiting := _waiting(summary):
+        click.echo(waiting)
     tokens = last["tokens"]
     if tokens:
         click.echo(
@@ -92,6 +94,19 @@ def print_summary(summary: RunSummary) -> None:
     click.echo(f"images and results.jsonl in {out}/, summary in {out / 'summary.json'}")
 
 
+def _waiting(summary: RunSummary) -> str | None:
+    """What waits in batch jobs (``--no-wait``), and how it is collected; None if nothing does."""
+    waiting = summary.summary["last_run"].get("batch_waiting") or {}
+    if not waiting.get("requests"):
+        return None
+    out, jobs = summary.out_dir, len(waiting["jobs"])
+    return (
+        f"{waiting['requests']} requests wait in {jobs} batch job{'s' if jobs != 1 else ''} (answered within 24 h, "
+        f"billed then): a later `nanobatch run {summary.summary['manifest']}` into {out} collects them "
+        f"(`nanobatch status {out}` lists the jobs)"
+    )
+
+
 def log_summary(summary: RunSummary) -> None:
     """The summary as one JSON event (``"event": "summary"``): stderr stays JSON lines, whatever the outcome."""
     stats = summary.stats
@@ -111,12 +126,15 @@ def log_summary(summary: RunSummary) -> None:
                      for kind, n in stats.failures.most_common()},
         "out_dir": str(summary.out_dir),
     }  # fmt: skip
+    if "batch_waiting" in last:
+        fields["batch_waiting"] = last["batch_waiting"]
     level = logging.INFO if summary.exit_code == 0 else logging.WARNING
+    waiting = _waiting(summary)
     logger.log(
         level,
-        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f",
+        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f%s",
         summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
-        extra={"fields": fields},
+        f"; {waiting}" if waiting else "", extra={"fields": fields},
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@ the work key of its inputs and the run's flags (``--force``, ``--retry-failed``,
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,8 @@ __all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "renamed_files"]
 
 @dataclass(frozen=True, slots=True)
 class Skip:
-    """Nothing to do: done already for these inputs (or, with ``--retry-failed``, not a failure)."""
+    """Nothing to do: done already for these inputs (or, with ``--retry-failed``, not a failure and not waiting in
+    a batch job)."""
 
 
 SKIP = Skip()
@@ -50,13 +52,22 @@ class Resume:
     """The run's flags and its output folder, asked once per item whether to skip, move or send it."""
 
     def __init__(
-        self, *, out: OutDir, index: ResultsIndex, uploads: Uploads | None, force: bool, retry_failed: bool
+        self,
+        *,
+        out: OutDir,
+        index: ResultsIndex,
+        uploads: Uploads | None,
+        force: bool,
+        retry_failed: bool,
+        in_batch: Callable[[WorkItem, str], bool] | None = None,
     ) -> None:
         self.out = out
         self.index = index
         self.uploads = uploads  # the objects are the outputs that count; their check was batched (find_gone)
         self.force = force
         self.retry_failed = retry_failed
+        # Whether a request of the item's work (its key) waits in the folder's batch jobs, or its answer on disk.
+        self.in_batch = in_batch
 
     def decide(self, item: WorkItem, entry: IndexEntry | None, key: str) -> Skip | Move | Send:
         """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
@@ -71,7 +82,10 @@ class Resume:
 
     def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
-            return entry is not None and entry.status in ("failed", "blocked")
+            if entry is not None and entry.status in ("failed", "blocked"):
+                return True
+            # Not done, and paid for in a batch job: collected, or its answer would be thrown away with the job's.
+            return self.in_batch is not None and not is_done(entry, key, self.out.path) and self.in_batch(item, key)
         if self.uploads is not None:
             done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
             return self.force or not done

@@ -7,30 +7,29 @@
 
 A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, then whether to skip, move or
 send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one after another
-(:meth:`Engine._send_step`: one call per step, whatever :class:`Route` carries it), and hands the record
+(:class:`~nanobatch.run.steps.Steps`: one call per step, whatever :class:`Route` carries it), and hands the record
 (:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
 :class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the workers' journal lines (each
-request is noted just before it is sent). Only fatal errors stop the run; an item's failure becomes its record.
+online request is noted just before it is sent; the batch ledger notes the batch tier's). Only fatal errors
+stop the run; an item's failure becomes its record.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import anyio
 
-from .. import costs, models
-from ..api.gemini import FileRef, Image, Reply, build_request, check_reply, set_service_tier
-from ..api.retry import RetryPolicy, retrying
+from ..api.gemini import FileRef, Image, Reply
+from ..api.retry import RetryPolicy
 from ..config import Settings
 from ..errors import ApiError, FatalApiError, StorageError
 from ..inputs.load import InputLoader, load_inputs
 from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
-from ..models import Pricing
 from ..names import output_names
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
@@ -38,10 +37,12 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
+from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
-from .route import Request, Route, Step
+from .route import Route
 from .stats import RunStats
+from .steps import Steps
 
 __all__ = ["Engine"]
 
@@ -74,7 +75,7 @@ class Engine:
         settings: Settings,
         gate: Gate,
         route: Route,
-        batch_route: Route | None,
+        batch_route: BatchRoute | None,
         retry: RetryPolicy,
         inputs: InputLoader,
         referrer: Referrer,
@@ -86,14 +87,10 @@ class Engine:
         stats: RunStats,
         run_id: str,
     ) -> None:
-        self.route = route  # for items not in the batch tier
-        self.batch_route = batch_route  # for items in the batch tier
+        self.batch_route = batch_route  # for items in the batch tier, and requests waiting in its jobs
         self.gate = gate
         self.retry = retry
         self.tier = settings.api.tier
-        self.timeout_s = settings.api.timeout_s
-        self.pricing = dict(settings.pricing)
-        self.flex_fallback = settings.limits.flex_fallback
         self.concurrency = settings.gate_limits()[0]
         self.inputs = inputs  # the run's downloader and cache
         # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
@@ -105,6 +102,8 @@ class Engine:
         self.failures = failures
         self.stats = stats
         self.run_id = run_id
+        self.steps = Steps(settings=settings, gate=gate, route=route, batch_route=batch_route, retry=retry,
+                           journal=out.journal, failures=failures, stats=stats)  # fmt: skip
         self.work_scope = anyio.CancelScope()
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes
@@ -188,7 +187,7 @@ class Engine:
             for number, instruction in enumerate(item.steps, 1):
                 tally.steps.append(StepRecord(step=number, instruction=instruction))
                 images = []  # the last step's images are in *sent* alone while this step is sent
-                reply = await self._send_step(item, tally, instruction, sent)
+                reply = await self.steps.send(item, tally, instruction, sent)
                 tally.usages.append(reply.usage)
                 images = list(reply.images)
                 sent = [*images]  # the next step edits this step's result
@@ -302,136 +301,6 @@ class Engine:
         )  # fmt: skip
         return Finished(record, [], replaceable=decision.replaceable, moves=decision.moves)
 
-    async def _send_step(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
-        """One step in the item's tier, retried; a flex request still shed after its retries goes out at
-        standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
-        summary). Returns the answer with its image, or raises ApiError.
-
-        *images* are handed over: a step whose route waits on disk (the batch route's) empties the list once its
-        request is built, so that while it waits for its job the pictures are held nowhere and the request only on
-        disk (see :class:`Request`)."""
-        sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
-
-        def sending() -> None:
-            nonlocal sent_at
-            if sent_at is None:
-                sent_at = anyio.current_time()
-
-        tier = tally.fallback_tier or item.tier or self.tier
-        body = build_request(
-            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
-            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
-        )  # fmt: skip
-        request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
-        del body  # the request holds it alone: a batch route takes it from there
-        try:
-            while True:
-                route = self.batch_route if tier == "batch" and self.batch_route is not None else self.route
-                if route.waits_on_disk:
-                    images.clear()
-                try:
-                    return await self._send_in(tier, route, item, tally, instruction, request, sending)
-                except FatalApiError:
-                    raise
-                except ApiError as exc:
-                    tier = self._fallback_tier(item, tier, route, exc)
-                    tally.fallback_tier = tier  # the item's later steps go there too
-        finally:
-            if sent_at is not None:
-                tally.api_s.append(anyio.current_time() - sent_at)
-
-    def _fallback_tier(self, item: WorkItem, tier: str, route: Route, exc: ApiError) -> str:
-        """Where a step goes after *exc* in *tier*: where *route* says (the batch route: online, standard or flex
-        per config, at --batch-deadline); standard for a flex request still shed after its retries, if
-        ``limits.flex_fallback``. Else raises *exc*."""
-        if (after := route.fallback_tier(exc)) is not None:
-            return after
-        if tier == "flex" and self.flex_fallback and exc.shed:
-            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
-            return "standard"
-        raise exc
-
-    async def _send_in(
-        self,
-        tier: str,
-        route: Route,
-        item: WorkItem,
-        tally: Tally,
-        instruction: str,
-        request: Request,
-        sending: Callable[[], None],
-    ) -> Reply:
-        """One step in *tier* through *route*, retried by the retry policy; each attempt passes the gate and is
-        journaled."""
-        tally.tier = tier
-        set_service_tier(request.json(), None if tier == "batch" else tier)
-        pricing = costs.pricing_for(item.model, self.pricing, tier)
-        _, worst = costs.request_cost_range(
-            item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
-        )
-        timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
-        if tier == "flex":
-            timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
-
-        async def attempt() -> Reply:
-            if self.batch_route is not None:
-                # An earlier answer of this item is in this request now; and a place held while waiting at the
-                # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
-                self.batch_route.release(item.id)
-            async with self.gate.request(worst) as ticket:
-                sending()
-                reply = await self._attempt(item, tally, request, timeout, route)
-                ticket.cost_usd = self._price(item, tally, reply, tier, pricing, worst)
-            tally.cost_usd += ticket.cost_usd
-            tally.answered(reply)
-            check_reply(reply)
-            return reply
-
-        def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
-            self.stats.retries[exc.kind] += 1
-            self.failures.failed(exc)
-            logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
-
-        return await retrying(attempt, self.retry, on_retry=on_retry)
-
-    def _price(self, item: WorkItem, tally: Tally, reply: Reply, tier: str, pricing: Pricing, worst: float) -> float:
-        """*reply*'s usage priced in the tier it ran in; *worst* (the request's worst case) if the usage cannot
-        be priced (a proxy that strips it), so that a budget still holds."""
-        served = costs.reported_tier(reply.usage)
-        if served is not None and served != tier:
-            tally.tier = served
-        if (problem := costs.usage_problem(reply.usage)) is not None:
-            self.failures.unpriced(problem, worst)
-            return worst
-        return costs.usage_cost(
-            reply.usage, pricing if served in (None, tier) else costs.pricing_for(item.model, self.pricing, served)
-        )
-
-    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
-        """One request through *route*, noted in the journal just before it goes out."""
-        tally.sending()
-        self.stats.sent(tally)
-        self.out.journal.dispatched(item.id, tally.key, tally.attempts)
-        self.stats.in_flight = self.gate.in_flight
-        self.stats.concurrency = self.gate.window
-        step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
-        try:
-            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
-        except Stopped:
-            self.out.journal.settled(item.id, tally.attempts)  # waits in a batch job its ledger follows
-            raise
-        except ApiError as exc:
-            # An error answer, or no connection at all, is definite: not "possibly charged". Only a
-            # request with no answer stays open in the journal (and a 200, until its record is written).
-            if not exc.sent or exc.status_code not in (None, 200):
-                self.out.journal.settled(item.id, tally.attempts)
-            raise
-        finally:
-            self.stats.in_flight = self.gate.in_flight - 1
-        if answer.job is not None:
-            tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
-        return answer.reply
-
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
         return output_names(item, [image.extension for image in images], step=step)
 
@@ -442,6 +311,8 @@ class Engine:
             self.stats.failures["write"] += 1
             return
         self.index.add(record)
+        if self.batch_route is not None:
+            self.batch_route.landed(record.id)  # its batch answers need not be kept any longer
         if finished.moves:
             self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
         else:

@@ -34,6 +34,7 @@ from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
 from ..output.upload import Uploads
+from .batch.ledger import answers_to_come
 from .batch.route import BatchRoute
 from .engine import Engine
 from .failures import FailureLog
@@ -134,12 +135,13 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        if batch is not None:
-            _end_batch(batch, outcome, manifest, out.path)
+        waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
+        if waiting is not None:
+            summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
@@ -203,7 +205,8 @@ async def _engine(
         uploads=uploads,
         out=out,
         index=index,
-        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed),
+        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed,
+                      in_batch=batch.has_work if batch is not None else None),  # fmt: skip
         failures=FailureLog(client.where),
         stats=stats,
         run_id=out.journal.run_id,
@@ -222,24 +225,33 @@ async def _batch_route(
     checked: CheckResult,
 ) -> BatchRoute | None:
     """The batch tier's route, over the same endpoint as *client* (its Batch API checked first); None when no
-    item goes in the batch tier."""
-    if "batch" not in checked.tiers:
+    item goes in the batch tier and the folder has no batch job to collect. An online run collects what waits
+    in the folder's jobs too: while a job may still answer a request, it is not sent again."""
+    if "batch" not in checked.tiers and not answers_to_come(out.batch_folder):
         return None
     batches = await stack.enter_async_context(
         batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)
     )
-    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs)
+    route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs,
+                       submits="batch" in checked.tiers)  # fmt: skip
     return await stack.enter_async_context(route)
 
 
-def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> None:
+def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> dict[str, Any]:
+    """Close what the run is done with; what still waits in batch jobs, for ``summary.json``'s
+    ``last_run.batch_waiting`` (``requests``, ``jobs``)."""
+    if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
+        raise batch.broken
     if outcome == "complete":
         batch.finish()
-    if batch.left_waiting:
-        logger.warning(
-            "%d requests wait in batch jobs: run `nanobatch run %s` again later to collect them "
-            "(`nanobatch status %s` lists the jobs)", batch.left_waiting, manifest.path, out_dir,
+    waiting = batch.waiting()
+    requests = sum(len(chunk.keys) for chunk in waiting)
+    if requests:
+        logger.info(
+            "%d requests wait in batch jobs: a later `nanobatch run %s` into %s collects them "
+            "(`nanobatch status %s` lists the jobs)", requests, manifest.path, out_dir, out_dir,
         )  # fmt: skip
+    return {"requests": requests, "jobs": [chunk.job for chunk in waiting]}
 
 
 def _outcome(

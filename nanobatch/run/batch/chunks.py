@@ -20,10 +20,12 @@ class Chunks:
     def __init__(self, folder: Path, ledger: Ledger) -> None:
         self.folder = folder
         self.ledger = ledger
-        self.by_id = ledger.load()
-        if all(chunk.closed for chunk in self.by_id.values()):
+        loaded = ledger.load()
+        self.by_id = {chunk.id: chunk for chunk in loaded.values() if not chunk.closed}
+        if not self.by_id:
             ledger.path.unlink(missing_ok=True)  # nothing left to follow: the ledger starts afresh
-            self.by_id = {}
+        elif len(self.by_id) < len(loaded):
+            ledger.compact(set(self.by_id))
         self._sweep()
         self.by_key: dict[str, Chunk] = {}  # requests in a chunk whose answer is still to be used
         for chunk in self.by_id.values():
@@ -63,8 +65,10 @@ class Chunks:
 
     async def index(self, chunk: Chunk) -> None:
         """Where each key's line is in the chunk's results file: read in a worker thread (a file of a thousand
-        answers is gigabytes with 2K images), while the run goes on."""
-        chunk.offsets = await anyio.to_thread.run_sync(self._keys_in, chunk.results)
+        answers is gigabytes with 2K images), while the run goes on; once (the ledger keeps it)."""
+        if not chunk.indexed:
+            chunk.offsets = await anyio.to_thread.run_sync(self._keys_in, chunk.results)
+            chunk.indexed = True
 
     def _keys_in(self, name: str | None) -> dict[str, int]:
         """Where each key's line is in the folder's JSONL file *name* (read as a stream)."""
@@ -90,17 +94,25 @@ class Chunks:
         if self.by_key.get(key) is chunk:
             del self.by_key[key]
 
+    def landed(self, chunk: Chunk, key: str) -> None:
+        """*key*'s answer in *chunk* is landed (its item's record is written): the chunk's files are deleted once
+        every answer in them is."""
+        chunk.landed.add(key)
+        if len(chunk.landed) == len(chunk.keys) and not chunk.closed:  # each key once in a chunk
+            self.close(chunk)
+
     def close(self, chunk: Chunk) -> None:
-        """Delete *chunk*'s files: its answers were all used, or are not wanted."""
+        """Delete *chunk*'s files: its answers were all landed, or are not wanted."""
+        self.ledger.note("closed", chunk)  # first: a file the ledger still names is never missed
         for name in (chunk.path, chunk.results):
             if name:
                 (self.folder / name).unlink(missing_ok=True)
         chunk.closed = True
-        chunk.offsets, chunk.requests, chunk.served = {}, None, set()  # nothing more is asked of it
-        self.ledger.note("closed", chunk)
+        chunk.offsets, chunk.requests, chunk.landed = {}, None, set()  # nothing more is asked of it
 
-    def finish(self) -> None:
-        """The run went through every item: close the chunks whose answers were all used or are not wanted."""
+    def finish(self, kept: set[str]) -> None:
+        """The run went through every item: close the chunks collected, but those in *kept* (holding answers
+        of items whose next step waits in a job)."""
         for chunk in self.by_id.values():
-            if not chunk.closed and not chunk.open:
+            if not chunk.closed and not chunk.open and chunk.id not in kept:
                 self.close(chunk)

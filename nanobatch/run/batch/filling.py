@@ -6,9 +6,11 @@ A chunk is sealed when it is full (``chunk_requests`` lines, or ``chunk_mb``) or
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +22,7 @@ from .ledger import Chunk
 if TYPE_CHECKING:
     from ...config import BatchSettings
 
-__all__ = ["Filler"]
+__all__ = ["Filler", "open_chunk_file"]
 
 
 class Filler:
@@ -45,7 +47,9 @@ class Filler:
             filling = None
         if filling is None:
             filling = self._filling[model] = self._start(model)
-        filling.handle.write(line)
+        view = memoryview(line)
+        while view:  # unbuffered: a short write only on a full disk, whose next write raises
+            view = view[filling.handle.write(view) or 0 :]
         assert filling.chunk.requests is not None  # a new chunk knows where each of its lines is
         filling.chunk.requests[key] = filling.size
         filling.size += len(line)
@@ -65,16 +69,17 @@ class Filler:
         path = f"{chunk_id}.jsonl"
         display = f"nanobatch {self.run_id} chunk {number}"
         chunk = Chunk(id=chunk_id, model=model, display=display, path=path, keys=[], requests={})
-        return _Filling(chunk=chunk, handle=(self.chunks.folder / path).open("wb"))
+        return _Filling(chunk=chunk, handle=open_chunk_file(self.chunks.folder / path))
 
     def _seal(self, model: str) -> None:
         filling = self._filling.pop(model)
-        filling.handle.flush()
-        os.fsync(filling.handle.fileno())
-        filling.handle.close()
         chunk = filling.chunk
+        self.chunks.by_id[chunk.id] = chunk  # known from here on: if the disk fails now, its steps are woken too
+        try:
+            os.fsync(filling.handle.fileno())
+        finally:
+            filling.handle.close()
         self.chunks.ledger.note("written", chunk, model=model, display=chunk.display, path=chunk.path, keys=chunk.keys)
-        self.chunks.by_id[chunk.id] = chunk
         self._sealed(chunk)
 
     async def seal_idle(self) -> None:
@@ -90,10 +95,21 @@ class Filler:
         for model in list(self._filling):
             self._seal(model)
 
-    def stop(self) -> None:
-        """Close the files being filled: never sealed, they are swept away by the next run."""
+    def abandon(self) -> list[Chunk]:
+        """Close the files being filled and return their chunks: never sealed, never sent, their files are swept
+        away by the next run."""
         for filling in self._filling.values():
-            filling.handle.close()
+            with contextlib.suppress(OSError):
+                filling.handle.close()
+        abandoned = [filling.chunk for filling in self._filling.values()]
+        self._filling.clear()
+        return abandoned
+
+
+def open_chunk_file(path: Path) -> IO[bytes]:
+    """A new chunk file, unbuffered: each line goes to the kernel whole, and closing it has nothing left to write
+    (which a full disk would refuse)."""
+    return path.open("wb", buffering=0)
 
 
 @dataclass(slots=True)

@@ -14,7 +14,7 @@ from ...errors import ApiError
 from ..limits import Stopped
 from .chunks import Chunks
 from .landing import Answers, deadline_error
-from .ledger import Chunk
+from .ledger import Chunk, job_counts
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
@@ -45,7 +45,6 @@ class Jobs:
         self.settings = settings
         self.shown = shown
         self.ledger = chunks.ledger
-        self.left_waiting = 0  # steps left in jobs not done (wait=False): the next run collects them
         self._deadline = anyio.Event()
 
     async def drive(self, chunk: Chunk) -> None:
@@ -117,7 +116,6 @@ class Jobs:
                 if job.done:
                     return job
                 if not self.settings.wait:
-                    self.left_waiting += len(chunk.keys)
                     waiting = Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it")
                     self.answers.settle(chunk, waiting)
                     return None
@@ -126,8 +124,7 @@ class Jobs:
             interval = min(interval * 1.5, self.settings.poll_max_s)
 
     def _note_state(self, chunk: Chunk, job: BatchJob) -> None:
-        counts = {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
-                  "pending": job.pending_count}  # fmt: skip
+        counts = job_counts(job)
         self.shown[chunk.id] = (job.state, job.successful_count + job.failed_count, len(chunk.keys))
         if (job.state, counts) != (chunk.state, chunk.counts):
             chunk.state, chunk.counts = job.state, counts
@@ -152,6 +149,8 @@ class Jobs:
             if name:
                 await self._quietly(self.client.delete_file(name))
         await self.chunks.index(chunk)
+        if chunk.results:
+            self.ledger.note("indexed", chunk, offsets=chunk.offsets)  # a later run need not read the file for it
         self.shown.pop(chunk.id, None)
         self.answers.settle(chunk, None)
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ...api.gemini import reply_error
-from ...errors import ApiError
+from ...errors import ApiError, RunAborted
 from ..limits import Stopped
 from ..route import Answer, Request
 from .chunks import Chunks
@@ -47,37 +47,45 @@ class Landing:
 
 
 class Answers:
-    """Wakes the steps of a chunk whose job is done (:meth:`settle`) and hands each its answer (:meth:`land`)."""
+    """Wakes the steps of a chunk whose job is done (:meth:`settle`) and hands each its answer (:meth:`land`).
+
+    An answer read stays in its chunk's results file until its item is landed (:meth:`landed`: its record is
+    written): a run that ends before that (the item's next step waits in a later job, or the run was killed)
+    leaves it there for the next run to read again, so that no step is paid for twice."""
 
     def __init__(self, chunks: Chunks, client: BatchClient) -> None:
         self.chunks = chunks
         self.client = client  # reads a results line
         self.landing = Landing(LANDING_PLACES)
         self.past_deadline = False  # then what a job did not answer goes online
+        self.held: dict[str, list[tuple[Chunk, str]]] = {}  # item -> the answers it read and has not landed
+        self.broken: RunAborted | None = None  # the batch folder failed (a full disk): every step raises this
 
     async def land(self, chunk: Chunk, key: str, holder: str, request: Request) -> Answer:
         """*key*'s answer, once *chunk* is settled; it is read only once *holder* holds one of :attr:`landing`'s
         places, which it keeps until :meth:`Landing.release`."""
         await chunk.settled.wait()
         await self.landing.hold(holder)
-        return self._answer(chunk, key, request)
+        return self._answer(chunk, key, holder, request)
 
-    def _answer(self, chunk: Chunk, key: str, request: Request) -> Answer:
-        """*key*'s answer from *chunk*. With an answer the step may be sent again for (an error: retried, or sent
-        online past the deadline; or no usable image: retried), its body is read back from the chunk into *request*."""
+    def _answer(self, chunk: Chunk, key: str, holder: str, request: Request) -> Answer:
+        """*key*'s answer from *chunk*, kept there for *holder* until it is landed. With an answer the step may be
+        sent again for (an error: retried, or sent online past the deadline; or no image: retried), its body is
+        read back from the chunk into *request*."""
+        self.check()
         if chunk.outcome is not None:
             if isinstance(chunk.outcome, ApiError):
                 request.body = self.chunks.request(chunk, key)
             raise _again(chunk.outcome)
-        self.chunks.forget(chunk, key)  # used: a retry of this request goes into a new chunk
-        chunk.served.add(key)
+        self.chunks.forget(chunk, key)  # read: a retry of this request goes into a new chunk
         offset = chunk.offsets.get(key)
         result = self.client.result_line(self.chunks.line(chunk.results, offset)) if offset is not None else None
         if result is None or result.reply is None or reply_error(result.reply) is not None:
-            request.body = self.chunks.request(chunk, key)  # before the chunk's files are deleted
-        if len(chunk.served) == len(chunk.keys):  # each key once in a chunk: every answer was used
-            self.chunks.close(chunk)
-        if result is None:
+            request.body = self.chunks.request(chunk, key)  # a retry sends it again
+        if result is not None:
+            self.held.setdefault(holder, []).append((chunk, key))
+        else:
+            self.chunks.landed(chunk, key)  # no answer: nothing to keep for it
             raise deadline_error() if self.past_deadline else ApiError(
                 f"batch job {chunk.job} ended {chunk.state} without answering this request; it goes in a later batch",
                 kind="batch_unanswered", retryable=True,
@@ -86,6 +94,27 @@ class Answers:
             raise result.error
         assert result.reply is not None
         return Answer(reply=result.reply, job=chunk.job or None)
+
+    def landed(self, holder: str) -> None:
+        """*holder*'s record is written: the answers it read are no longer kept for it."""
+        for chunk, key in self.held.pop(holder, ()):
+            self.chunks.landed(chunk, key)
+
+    def kept(self) -> set[str]:
+        """The chunks holding answers read by items not landed (their next step waits in a job)."""
+        return {chunk.id for answers in self.held.values() for chunk, _ in answers}
+
+    def check(self) -> None:
+        """Raise what broke the batch folder, if it broke."""
+        if self.broken is not None:
+            raise RunAborted(str(self.broken))
+
+    def break_down(self, reason: RunAborted, chunks: list[Chunk]) -> None:
+        """The batch folder cannot be written (or read): every step waiting in *chunks*, and every step after,
+        raises *reason*; the run stops, and the next one resumes the jobs from the ledger."""
+        self.broken = reason
+        for chunk in chunks:
+            chunk.settled.set()
 
     def settle(self, chunk: Chunk, outcome: BaseException | None) -> None:
         """Wake *chunk*'s steps: its answers are there, or *outcome* is what each step raises."""

@@ -8,7 +8,12 @@ written before and after it happens::
     created {chunk, job}                         the job exists
     state {chunk, state, counts}                 the job's state changed (for `nanobatch status`)
     collected {chunk, results} | ended {chunk, state}   its results are on disk / it ended without any
-    closed {chunk}                               every answer was used; local files deleted
+    indexed {chunk, offsets}                     where each key's answer is in the results file
+    closed {chunk}                               every answer is landed or not wanted; local files deleted
+
+A chunk's results file is kept until each answer in it is landed (its item's record written) or no longer
+wanted: an answer a run could not land (its item's next step waits in a later job, or the run was killed) is
+read again by the next run, never paid for again.
 
 Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
 """
@@ -23,13 +28,15 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from ...errors import ApiError
 from ...names import BATCH_FOLDER, LEDGER_FILE
+from ...output.outdir import atomic_write
 from ...output.own import open_own
 
 if TYPE_CHECKING:
-    from ...api.batch_api import BatchClient
+    from ...api.batch_api import BatchClient, BatchJob
 
-__all__ = ["Chunk", "Ledger", "cancel_jobs", "open_chunks"]
+__all__ = ["Chunk", "Ledger", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
 
 
 @dataclass(slots=True)
@@ -52,7 +59,8 @@ class Chunk:
     outcome: BaseException | None = None
     offsets: dict[str, int] = field(default_factory=dict)  # where each key's answer is in the results file
     requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
-    served: set[str] = field(default_factory=set)
+    indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
+    landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
 
     @property
     def open(self) -> bool:
@@ -61,7 +69,7 @@ class Chunk:
 
 
 class Ledger:
-    """``batches.jsonl``: one line per step of each chunk, flushed before the next step (see the module doc)."""
+    """``batches.jsonl``: one line per step of each chunk, written before the next step (see the module doc)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -82,16 +90,45 @@ class Ledger:
         return chunks
 
     def note(self, event: str, chunk: Chunk, **fields: Any) -> None:
+        """Append one line, written whole to the kernel (unbuffered: nothing is left to flush at close, which a
+        full disk would refuse)."""
         if self._file is None:
-            self.folder.mkdir(exist_ok=True)
-            self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
-        self._file.write(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
-        self._file.flush()
+            self._file = self._open()
+        view = memoryview(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
+        while view:
+            view = view[self._file.write(view) or 0 :]
+
+    def _open(self) -> IO[bytes]:
+        self.folder.mkdir(exist_ok=True)
+        torn = False
+        if self.path.exists() and self.path.stat().st_size:
+            with self.path.open("rb") as last:
+                last.seek(-1, os.SEEK_END)
+                torn = last.read(1) != b"\n"
+        handle = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab", buffering=0)
+        if torn:  # a line cut short by a full disk or a kill: the next one must not be glued to it
+            handle.write(b"\n")
+        return handle
+
+    def compact(self, live: set[str]) -> None:
+        """Rewrite the ledger with the lines of the *live* chunks only: a closed chunk's lines are history, and
+        a folder that always has a job open (nightly --no-wait) would otherwise keep every night's."""
+        with self.path.open("rb") as lines:
+            kept = [line.rstrip(b"\n") + b"\n" for line in lines if _chunk_of(line) in live]
+        atomic_write(self.path, b"".join(kept))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _chunk_of(line: bytes) -> str | None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return str(event.get("chunk")) if isinstance(event, dict) else None
 
 
 def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
@@ -109,10 +146,18 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.state, chunk.counts = event["state"], dict(event.get("counts") or {})
     elif kind == "collected":
         chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
+    elif kind == "indexed":
+        chunk.offsets, chunk.indexed = {str(k): int(v) for k, v in dict(event["offsets"]).items()}, True
     elif kind == "ended":
         chunk.ended = chunk.state = event["state"]
     elif kind == "closed":
         chunk.closed = True
+
+
+def answers_to_come(folder: Path) -> bool:
+    """Whether the batch *folder* has a chunk not closed: a job that may still answer, or answers on disk not
+    landed yet. Then every run of its output folder, whatever its tier, collects them (nothing is sent twice)."""
+    return any(not chunk.closed for chunk in Ledger(folder).load().values())
 
 
 def open_chunks(out_dir: Path) -> list[Chunk]:
@@ -121,12 +166,36 @@ def open_chunks(out_dir: Path) -> list[Chunk]:
 
 
 async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
-    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names.
-    The next run finds them cancelled and returns their unanswered items to pending."""
+    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names. Each one's
+    state after the cancel is noted in the ledger (``nanobatch status`` shows it); the next run collects them and
+    sends their unanswered items again."""
+    ledger = Ledger(out_dir / BATCH_FOLDER)
     cancelled = []
-    for chunk in open_chunks(out_dir):
-        names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
-        for name in names:
-            await client.cancel(name)
-            cancelled.append(name)
+    try:
+        for chunk in [chunk for chunk in ledger.load().values() if chunk.open]:
+            names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
+            if names and chunk.job is None:
+                ledger.note("created", chunk, job=names[-1])  # the first create's (listed newest first)
+            for name in names:
+                await client.cancel(name)
+                cancelled.append(name)
+                await _note_cancelled(ledger, chunk, client, name)
+    finally:
+        ledger.close()
     return cancelled
+
+
+async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str) -> None:
+    """The job's state once cancelled (``cancelled``, or how it ended if it was done first), into the ledger."""
+    try:
+        job = await client.get(name)
+    except ApiError:
+        ledger.note("state", chunk, state="cancelling", counts=chunk.counts)  # asked: its end is seen next run
+        return
+    ledger.note("state", chunk, state=job.state, counts=job_counts(job))
+
+
+def job_counts(job: BatchJob) -> dict[str, int]:
+    """A job's request counts as the ledger keeps them (and ``nanobatch status`` shows them)."""
+    return {"requests": job.request_count, "succeeded": job.successful_count, "failed": job.failed_count,
+            "pending": job.pending_count}  # fmt: skip

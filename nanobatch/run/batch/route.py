@@ -18,22 +18,28 @@ Every step is journaled in ``.nanobatch-batches/batches.jsonl`` before and after
 in :mod:`nanobatch.run.batch.ledger`).
 
 A re-run reads the ledger first: chunks not yet collected are resumed (uploaded, created or polled), and a step
-whose request key is in one of them waits for that job instead of being sent again. Before any create, jobs are
-looked up by ``displayName`` (``nanobatch <run> chunk <n>``), so a create whose reply was lost is found, not
-repeated. With ``wait=False`` a step whose job is not done yet raises :class:`~nanobatch.run.limits.Stopped`: the
-item is left for the next run, which collects it.
+whose request key is in one of them waits for that job instead of being sent again, whatever the run's tier
+(:meth:`BatchRoute.holds`). Before any create, jobs are looked up by ``displayName`` (``nanobatch <run> chunk
+<n>``), so a create whose reply was lost is found, not repeated. With ``wait=False`` a step whose job is not done
+yet raises :class:`~nanobatch.run.limits.Stopped`: the item is left for the next run, which collects it.
+
+A collected chunk's results file stays until every answer in it is landed (its item's record written,
+:meth:`BatchRoute.landed`): an answer read by a run that ended before its item did (its next step waits in a
+later job, or the run was killed) is read again by the next run, which goes on from the step after it. A batch
+folder that cannot be written (a full disk) aborts the run (:class:`~nanobatch.errors.RunAborted`, exit 3).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ...errors import ApiError, ConfigError
+from ...errors import ApiError, ConfigError, RunAborted
 from ..route import Answer, Request, Step
 from .chunks import Chunks
 from .filling import Filler
@@ -44,6 +50,7 @@ from .ledger import Chunk, Ledger
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
     from ...config import BatchSettings
+    from ...item import WorkItem
 
 __all__ = ["BatchRoute"]
 
@@ -62,29 +69,35 @@ class BatchRoute:
         run_id: str,
         settings: BatchSettings,
         shown: dict[str, tuple[str, int, int]] | None = None,
+        *,
+        submits: bool = True,
     ) -> None:
         self.client = client
         self.settings = settings
-        self.chunks = Chunks(folder, Ledger(folder))
+        self.submits = submits  # False: no item is in the batch tier; the route only collects the folder's jobs
+        try:
+            self.chunks = Chunks(folder, Ledger(folder))
+        except OSError as exc:
+            raise _folder_failed(folder, exc) from None
         self.filler = Filler(self.chunks, run_id, settings, sealed=self._start_job)
         self.answers = Answers(self.chunks, client)
         self.jobs = Jobs(client, self.chunks, self.answers, settings, shown if shown is not None else {})
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> BatchRoute:
-        await self.check_endpoint()
+        if self.submits or any(chunk.open for chunk in self.chunks.by_id.values()):  # answers on disk need none
+            await self.check_endpoint()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self.filler.seal_idle)
+        self._tg.start_soon(self._guarded, self.filler.seal_idle)
         if self.settings.deadline_s is not None:
-            self._tg.start_soon(self._at_deadline, anyio.current_time() + self.settings.deadline_s)
+            self._tg.start_soon(self._guarded, self._at_deadline, anyio.current_time() + self.settings.deadline_s)
         for chunk in self.chunks.by_id.values():
             if chunk.open:
                 logger.info("resuming batch chunk %s (%s)", chunk.id, chunk.job or chunk.state)
-                self._tg.start_soon(self.jobs.drive, chunk)
-            elif not chunk.closed:
-                await self.chunks.index(chunk)
-                chunk.settled.set()
+                self._tg.start_soon(self._guarded, self.jobs.drive, chunk)
+            else:  # collected: its answers not landed yet are read again
+                self._tg.start_soon(self._guarded, self._reopen, chunk)
         return self
 
     async def __aexit__(
@@ -95,7 +108,7 @@ class BatchRoute:
         try:
             await self._tg.__aexit__(exc_type, exc, tb)
         finally:
-            self.filler.stop()
+            self.filler.abandon()
             self.chunks.ledger.close()
 
     async def check_endpoint(self) -> None:
@@ -106,15 +119,45 @@ class BatchRoute:
         except ApiError as exc:
             if exc.kind != "bad_response" and exc.status_code not in (404, 405, 501):
                 raise
+            if not self.submits:  # an online run, to collect the folder's jobs
+                raise ConfigError(
+                    f"{self.client.where} does not offer Gemini's Batch API, and this output folder has batch jobs "
+                    "that may still answer (`nanobatch status` lists them): run with the --base-url that made them, "
+                    "so that they are collected, not paid for again"
+                ) from None
             raise ConfigError(
                 f"{self.client.where} does not offer Gemini's Batch API that --tier batch needs "
                 f"(GET batches: {exc.message}); use --tier flex there for half price online"
             ) from None
 
+    async def _guarded(self, work: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """The route's background *work*; a batch folder that fails it (a full disk) stops the run cleanly."""
+        try:
+            await work(*args)
+        except OSError as exc:
+            self._break(exc)
+
+    def _break(self, exc: OSError) -> RunAborted:
+        """The batch folder failed: every step waiting here, and every later one, raises the reason (exit 3),
+        and nothing more is written. What was sent is in the ledger: the next run resumes it."""
+        if self.answers.broken is None:
+            waiting = [*self.chunks.by_id.values(), *self.filler.abandon()]
+            self.answers.break_down(_folder_failed(self.chunks.folder, exc), waiting)
+        return RunAborted(str(self.answers.broken))
+
+    @property
+    def broken(self) -> RunAborted | None:
+        """Why the batch folder failed, if it did (the run is aborted)."""
+        return self.answers.broken
+
+    async def _reopen(self, chunk: Chunk) -> None:
+        await self.chunks.index(chunk)
+        chunk.settled.set()
+
     def _start_job(self, chunk: Chunk) -> None:
         """A sealed chunk: its job is made and followed in a task of its own."""
         assert self._tg is not None
-        self._tg.start_soon(self.jobs.drive, chunk)
+        self._tg.start_soon(self._guarded, self.jobs.drive, chunk)
 
     async def _at_deadline(self, at: float) -> None:
         await anyio.sleep_until(at)
@@ -132,28 +175,60 @@ class BatchRoute:
 
         The answer is read only once the step's item holds a landing place, which it keeps until :meth:`release`
         (the engine's: once the item's images are with the writer)."""
+        self.answers.check()
         if self.answers.past_deadline:
             raise deadline_error()
         key = step.key
-        chunk = self.chunks.by_key.get(key)
-        if chunk is None:
-            chunk = self.filler.add(model, key, request.take())
-        else:
-            request.take()  # in a chunk already (a resumed run's): its line there is the request
-        return await self.answers.land(chunk, key, step.item, request)
+        try:
+            chunk = self.chunks.by_key.get(key)
+            if chunk is None:
+                chunk = self.filler.add(model, key, request.take())
+            else:
+                request.take()  # in a chunk already (a resumed run's): its line there is the request
+            return await self.answers.land(chunk, key, step.item, request)
+        except OSError as exc:
+            raise self._break(exc) from None
+
+    def holds(self, step: Step) -> bool:
+        """Whether *step*'s request is in a chunk whose answer is still to be used: its job may still answer it,
+        or its answer is on disk. Then it is never sent again, in any tier: :meth:`send` collects it."""
+        return step.key in self.chunks.by_key
+
+    def has_work(self, item: WorkItem, work_key: str) -> bool:
+        """Whether a step of *item*'s work (its key) is in a chunk whose answer is still to be used."""
+        by_key = self.chunks.by_key
+        return bool(by_key) and any(
+            Step(item=item.id, work_key=work_key, number=n).key in by_key for n in range(1, len(item.steps) + 1)
+        )
 
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
+
+    def landed(self, item: str) -> None:
+        """*item*'s record is written: the answers it read need not be kept for it any longer."""
+        try:
+            self.answers.landed(item)
+        except OSError as exc:  # a chunk could not be closed: it is, by a later run; this one stops
+            self._break(exc)
 
     def fallback_tier(self, exc: ApiError) -> str | None:
         """Past the deadline, online: standard or flex, per config."""
         return self.settings.fallback_tier if exc.kind == DEADLINE_KIND else None
 
-    @property
-    def left_waiting(self) -> int:
-        """Steps left in jobs not done (``wait=False``): the next run collects them."""
-        return self.jobs.left_waiting
+    def waiting(self) -> list[Chunk]:
+        """The chunks whose jobs may still answer (left so by ``wait=False``, or not known to be done): the next
+        run of the folder, whatever its tier, collects them."""
+        return [chunk for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]
 
     def finish(self) -> None:
-        """The run went through every item: close the chunks whose answers were all used or are not wanted."""
-        self.chunks.finish()
+        """The run went through every item: close the collected chunks, but those holding answers of items
+        whose next step waits in a job (the next run reads them again)."""
+        try:
+            self.chunks.finish(kept=self.answers.kept())
+        except OSError as exc:
+            raise self._break(exc) from None
+
+
+def _folder_failed(folder: Path, exc: OSError) -> RunAborted:
+    return RunAborted(f"cannot write the batch tier's files into {folder}: {exc.strerror or exc}; nothing more was "
+                      "sent, and the next run resumes the batch jobs from its ledger")  # fmt: skip

@@ -1,0 +1,220 @@
+"""One step of an item, from its request body to its answer: the tier and route it goes by, the gate, the budget,
+retries, the journal, and what it cost (:class:`Steps`, the engine's).
+
+A step whose request already waits in a batch job (sent by an earlier run in the batch tier) is collected from
+that job whatever the item's tier is now: while the job may still answer, the request is never sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+
+from .. import costs, models
+from ..api.gemini import FileRef, Image, Reply, build_request, check_reply, set_service_tier
+from ..api.retry import RetryPolicy, retrying
+from ..config import Settings
+from ..errors import ApiError, FatalApiError
+from ..item import WorkItem
+from ..models import Pricing
+from ..output.outdir import Journal
+from ..output.record import Tally
+from .batch.route import BatchRoute
+from .failures import FailureLog
+from .limits import Gate
+from .route import Request, Route, Step
+from .stats import RunStats
+
+__all__ = ["Steps"]
+
+logger = logging.getLogger("nanobatch")
+
+
+class Steps:
+    """Sends the steps of a run's items: through *route*, or *batch_route* for those in the batch tier (and for
+    any step whose request waits in one of its jobs), within *gate*, retried by *retry*."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        gate: Gate,
+        route: Route,
+        batch_route: BatchRoute | None,
+        retry: RetryPolicy,
+        journal: Journal,
+        failures: FailureLog,
+        stats: RunStats,
+    ) -> None:
+        self.route = route
+        self.batch_route = batch_route
+        self.gate = gate
+        self.retry = retry
+        self.journal = journal
+        self.failures = failures
+        self.stats = stats
+        self.tier = settings.api.tier
+        self.timeout_s = settings.api.timeout_s
+        self.pricing = dict(settings.pricing)
+        self.flex_fallback = settings.limits.flex_fallback
+
+    async def send(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
+        """One step in the item's tier, retried; a flex request still shed after its retries goes out at
+        standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
+        summary). Returns the answer with its image, or raises ApiError.
+
+        *images* are handed over: a step whose route waits on disk (the batch route's) empties the list once its
+        request is built, so that while it waits for its job the pictures are held nowhere and the request only on
+        disk (see :class:`Request`)."""
+        sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
+
+        def sending() -> None:
+            nonlocal sent_at
+            if sent_at is None:
+                sent_at = anyio.current_time()
+
+        tier = tally.fallback_tier or item.tier or self.tier
+        body = build_request(
+            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
+            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
+        )  # fmt: skip
+        request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
+        del body  # the request holds it alone: a batch route takes it from there
+        try:
+            if (
+                tier != "batch"
+                and self.batch_route is not None  # (no coroutine per online step when there is none)
+                and (reply := await self._collect(item, tally, instruction, request, sending))
+            ):
+                return reply
+            while True:
+                route = self.batch_route if tier == "batch" and self.batch_route is not None else self.route
+                if route.waits_on_disk:
+                    images.clear()
+                try:
+                    return await self._send_in(tier, route, item, tally, instruction, request, sending)
+                except FatalApiError:
+                    raise
+                except ApiError as exc:
+                    tier = self._fallback_tier(item, tier, route, exc)
+                    tally.fallback_tier = tier  # the item's later steps go there too
+        finally:
+            if sent_at is not None:
+                tally.api_s.append(anyio.current_time() - sent_at)
+
+    async def _collect(
+        self, item: WorkItem, tally: Tally, instruction: str, request: Request, sending: Callable[[], None]
+    ) -> Reply | None:
+        """The answer of the batch job this step's request waits in, though the item is no longer in the batch
+        tier; None if no job holds it, or if its job did not answer it (cancelled, failed, a retryable error):
+        then the step goes in the item's own tier. Waits for the job, as a batch run does (``Stopped`` with
+        ``--no-wait``: the item is left for the next run)."""
+        batch = self.batch_route
+        if batch is None or not batch.holds(Step(item=item.id, work_key=tally.key, number=len(tally.steps))):
+            return None
+        try:
+            return await self._send_in("batch", batch, item, tally, instruction, request, sending, once=True)
+        except FatalApiError:
+            raise
+        except ApiError as exc:
+            if not exc.retryable and batch.fallback_tier(exc) is None:
+                raise  # its answer, final (blocked, refused): the item's outcome, as in the batch tier
+            logger.info("%s: its batch job did not answer it (%s); sending it in the %s tier", item.id,
+                        exc.message, item.tier or self.tier)  # fmt: skip
+            return None
+
+    def _fallback_tier(self, item: WorkItem, tier: str, route: Route, exc: ApiError) -> str:
+        """Where a step goes after *exc* in *tier*: where *route* says (the batch route: online, standard or flex
+        per config, at --batch-deadline); standard for a flex request still shed after its retries, if
+        ``limits.flex_fallback``. Else raises *exc*."""
+        if (after := route.fallback_tier(exc)) is not None:
+            return after
+        if tier == "flex" and self.flex_fallback and exc.shed:
+            logger.warning("%s: flex shed it (%s); sending it at standard price", item.id, exc.message)
+            return "standard"
+        raise exc
+
+    async def _send_in(
+        self,
+        tier: str,
+        route: Route,
+        item: WorkItem,
+        tally: Tally,
+        instruction: str,
+        request: Request,
+        sending: Callable[[], None],
+        *,
+        once: bool = False,
+    ) -> Reply:
+        """One step in *tier* through *route*, retried by the retry policy (tried *once*: not retried); each
+        attempt passes the gate and is journaled."""
+        tally.tier = tier
+        set_service_tier(request.json(), None if tier == "batch" else tier)
+        pricing = costs.pricing_for(item.model, self.pricing, tier)
+        _, worst = costs.request_cost_range(
+            item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
+        )
+        timeout = max(self.timeout_s, 600.0) if item.image_size == "4K" else self.timeout_s
+        if tier == "flex":
+            timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
+
+        async def attempt() -> Reply:
+            if self.batch_route is not None:
+                # An earlier answer of this item is in this request now; and a place held while waiting at the
+                # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
+                self.batch_route.release(item.id)
+            async with self.gate.request(worst) as ticket:
+                sending()
+                reply = await self._attempt(item, tally, request, timeout, route)
+                ticket.cost_usd = self._price(item, tally, reply, tier, pricing, worst)
+            tally.cost_usd += ticket.cost_usd
+            tally.answered(reply)
+            check_reply(reply)
+            return reply
+
+        def on_retry(exc: ApiError, wait: float, attempt_number: int) -> None:
+            self.stats.retries[exc.kind] += 1
+            self.failures.failed(exc)
+            logger.info("%s: attempt %d: %s; retrying in %.1f s", item.id, attempt_number, exc.message, wait)
+
+        return await (attempt() if once else retrying(attempt, self.retry, on_retry=on_retry))
+
+    def _price(self, item: WorkItem, tally: Tally, reply: Reply, tier: str, pricing: Pricing, worst: float) -> float:
+        """*reply*'s usage priced in the tier it ran in; *worst* (the request's worst case) if the usage cannot
+        be priced (a proxy that strips it), so that a budget still holds."""
+        served = costs.reported_tier(reply.usage)
+        if served is not None and served != tier:
+            tally.tier = served
+        if (problem := costs.usage_problem(reply.usage)) is not None:
+            self.failures.unpriced(problem, worst)
+            return worst
+        return costs.usage_cost(
+            reply.usage, pricing if served in (None, tier) else costs.pricing_for(item.model, self.pricing, served)
+        )
+
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
+        """One request through *route*, noted in the journal just before it goes out. Not a batch request: the
+        batch ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
+        tally.sending()
+        self.stats.sent(tally)
+        journaled = not route.waits_on_disk
+        if journaled:
+            self.journal.dispatched(item.id, tally.key, tally.attempts)
+        self.stats.in_flight = self.gate.in_flight
+        self.stats.concurrency = self.gate.window
+        step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
+        try:
+            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
+        except ApiError as exc:
+            # An error answer, or no connection at all, is definite: not "possibly charged". Only a
+            # request with no answer stays open in the journal (and a 200, until its record is written).
+            if journaled and (not exc.sent or exc.status_code not in (None, 200)):
+                self.journal.settled(item.id, tally.attempts)
+            raise
+        finally:
+            self.stats.in_flight = self.gate.in_flight - 1
+        if answer.job is not None:
+            tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
+        return answer.reply

@@ -1,0 +1,313 @@
+"""The batch tier across nights: what a careless cron schedule does to a folder must never pay twice, drop an
+answer, or misreport (issue 22). The CLI against the simulator's Batch API over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanobatch.cli.main import main
+from nanobatch.simulator import run_in_thread
+
+from .fakes import records, write_job
+from .test_batch_tier import CONFIG, MODEL, Hold, cli, jobs, sim
+
+ITEMS = 3
+
+
+def two_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 2, **fields: Any) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"hero-{n}", "image": f"images/h{n}.png", "steps": [f"step {k}" for k in range(1, steps + 1)],
+              "image_size": "512", **fields} for n in range(ITEMS)]  # fmt: skip
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def one_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(6)]
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def plain(job: Path, url: str, *args: str) -> int:
+    """`nanobatch run` as the --no-wait run's message says: no --tier, the config's (standard) tier."""
+    argv = ["run", str(job), "--base-url", url, "--out", str(job.parent / "out"), "--quiet"]
+    return main([*argv, "--config", str(job.parent / "nanobatch.yaml"), *args])
+
+
+def billed(app: Any) -> int:
+    """Requests the simulator answered with an image: what the API bills, online and in batch jobs."""
+    return int(app.state.stats.images)
+
+
+def status_text(out: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    return capsys.readouterr().out
+
+
+# -- point 1: an answer that arrived is never thrown away ------------------------------------------------
+
+
+@pytest.mark.parametrize(("steps", "fields"), [(2, {}), (3, {"keep_steps": True})], ids=["two steps", "three kept"])
+def test_nightly_no_wait_runs_finish_multi_step_items_paying_each_step_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int, fields: dict[str, Any]
+) -> None:
+    # The README's cron pattern: each night `run --tier batch --no-wait` collects what is done and submits the
+    # rest. Each night one step of each item is answered: the night after, the item goes on from there.
+    job = two_step_job(tmp_path, monkeypatch, steps, **fields)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        for _night in range(steps + 2):  # one more than needed: it sends nothing
+            assert cli(job, url, "--no-wait") == 0
+            time.sleep(0.7)  # the night's jobs are done by the next night
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == steps for r in done)
+    assert all(step["usage"]["totalTokenCount"] > 0 for r in done for step in r["steps"])
+    assert billed(app) == ITEMS * steps and sum(j.counts["request"] for j in jobs(app)) == ITEMS * steps
+    assert len(jobs(app)) == steps  # step 1 of each item, then step 2 of each, ...
+    if fields.get("keep_steps"):
+        out = tmp_path / "out"
+        assert all((out / name).is_file() for r in done for step in r["steps"][:-1] for name in step["outputs"])
+    # Paid for exactly once, and the records say what was paid.
+    total = sum(r["cost_usd"] for r in done)
+    assert total == pytest.approx(json.loads((tmp_path / "out" / "summary.json").read_text())["cost_usd"])
+    assert {p.name for p in (tmp_path / "out" / ".nanobatch-batches").iterdir()} <= {"batches.jsonl"}  # all used
+
+
+def test_a_kill_after_step_one_was_collected_does_not_send_step_one_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILL just as step 2's chunk is created: step 1's answers were read, step 2's are not in yet.
+    job = two_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    creates = Counter[str]()
+
+    def second_create(method: str, path: str) -> bool:
+        if path.endswith(":batchGenerateContent"):
+            creates["seen"] += 1
+            return creates["seen"] == 2
+        return False
+
+    hold = Hold(app.middleware_stack or app.build_middleware_stack(), second_create, after=False)
+    app.middleware_stack = hold  # type: ignore[assignment]
+    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
+    with run_in_thread(app=app) as url:
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(tmp_path / "out"),
+                "--tier", "batch", "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hold.reached.wait(30), "the run never reached step 2's create"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.armed = False
+            hold.release.set()
+        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert again.returncode == 0, again.stderr.decode()
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
+    assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == 2 for r in done)
+    assert billed(app) == 2 * ITEMS and len(jobs(app)) == 2  # step 1 once, step 2 once
+
+
+# -- point 2: what waits in a job is not sent again by any tier --------------------------------------------
+
+
+def test_a_plain_run_after_no_wait_collects_the_jobs_instead_of_sending_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=1.5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert billed(app) == 0 and len(jobs(app)) == 2
+        assert plain(job, url) == 0  # the jobs are pending: it waits for them
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(6)]
+    assert {r["tier"] for r in done} == {"batch"} and {r["batch"] for r in done} == {j.name for j in jobs(app)}
+    assert billed(app) == 6 and len(jobs(app)) == 2  # nothing went online, nothing in a new job
+    assert "batch job" not in status_text(tmp_path / "out", capsys)  # collected: none left open
+
+
+def test_a_plain_run_collects_step_one_from_its_job_and_sends_step_two_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = two_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert plain(job, url) == 0
+    done = records(tmp_path / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == ITEMS
+    assert {(r["tier"], r["batch"]) for r in done} == {("standard", jobs(app)[0].name)}
+    assert billed(app) == 2 * ITEMS and len(jobs(app)) == 1
+
+
+def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert plain(job, url, "--no-wait") == 0
+        assert billed(app) == 0 and len(jobs(app)) == 2
+    assert not records(tmp_path / "out")
+    assert status_text(tmp_path / "out", capsys).count(": pending, ") == 2
+
+
+
+def test_a_plain_run_at_an_endpoint_without_batch_sends_nothing_while_a_job_may_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+    proxy = sim()  # online only, as most proxies
+    proxy.router.routes = [r for r in proxy.router.routes if "batches" not in getattr(r, "path", "")]
+    with run_in_thread(app=proxy) as elsewhere:
+        capsys.readouterr()
+        assert plain(job, elsewhere) == 2
+    assert "may still answer" in capsys.readouterr().err
+    assert billed(proxy) == 0 and not records(tmp_path / "out")
+
+
+def test_retry_failed_collects_what_waits_in_a_job_instead_of_dropping_its_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --retry-failed sends only failed items; items answered in a job are not failed, but their answers are paid
+    # for: the run collects them rather than close the job's results with them unread.
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(0.7)
+        assert plain(job, url, "--retry-failed") == 0
+        assert {(r["status"], r["tier"]) for r in records(tmp_path / "out")} == {("ok", "batch")}
+        assert plain(job, url) == 0
+    assert len(records(tmp_path / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
+
+# -- point 10: a full disk --------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """A chunk file on a disk that fills up after its first line."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.lines = handle, 0
+
+    def write(self, data: bytes) -> int:
+        self.lines += 1
+        if self.lines > 1:
+            raise OSError(28, "No space left on device")
+        return int(self.handle.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+def test_a_full_disk_while_chunks_are_written_aborts_with_exit_3_and_warns_of_no_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.run.batch import filling
+
+    job = one_step_job(tmp_path, monkeypatch)
+    real_open = filling.open_chunk_file
+    monkeypatch.setattr(filling, "open_chunk_file", lambda path: FullDisk(real_open(path)))
+    app = sim()
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 3
+        err = capsys.readouterr().err
+        assert "error: cannot write the batch tier's files into" in err and "No space left on device" in err
+        assert "Traceback" not in err and "ExceptionGroup" not in err
+        assert not app.state.batches.files._files and not jobs(app)  # nothing was uploaded
+        listed = status_text(out, capsys)
+        assert "may have been charged" not in listed and "batch job" not in listed
+        monkeypatch.undo()
+        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        assert cli(job, url) == 0  # room again: every item once
+    assert sorted(r["id"] for r in records(out)) == [f"sku-{n}" for n in range(6)] and billed(app) == 6
+
+
+def test_a_full_disk_while_results_download_aborts_and_the_next_run_collects_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.api.batch_api import BatchClient
+
+    job = one_step_job(tmp_path, monkeypatch)
+
+    async def full(self: BatchClient, file_name: str, path: Path) -> None:
+        path.with_name(path.name + ".part").write_bytes(b'{"key": "half a line')
+        raise OSError(28, "No space left on device")
+
+    real = BatchClient.download
+    monkeypatch.setattr(BatchClient, "download", full)
+    app = sim()
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 3
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "Traceback" not in err
+        listed = status_text(out, capsys)
+        assert "may have been charged" not in listed and listed.count("batch job batches/") == 2
+        monkeypatch.setattr(BatchClient, "download", real)
+        assert cli(job, url) == 0
+    assert sorted(r["id"] for r in records(out)) == [f"sku-{n}" for n in range(6)]
+    assert billed(app) == 6 and len(jobs(app)) == 2  # collected, not sent again
+
+
+# -- point 12: --no-wait and cancel say what happened -----------------------------------------------------------
+
+
+def test_no_wait_says_how_many_requests_wait_and_how_to_collect_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    out = tmp_path / "out"
+    argv = ["run", str(job), "--out", str(out), "--tier", "batch", "--config", str(tmp_path / "nanobatch.yaml")]
+    with run_in_thread(app=app) as url:
+        assert main([*argv, "--base-url", url, "--no-wait"]) == 0
+        text = capsys.readouterr().out
+        assert "6 requests wait in 2 batch jobs" in text and f"nanobatch run {job}" in text and str(out) in text
+        waiting = json.loads((out / "summary.json").read_text())["last_run"]["batch_waiting"]
+        assert waiting == {"requests": 6, "jobs": [j.name for j in jobs(app)]}
+        assert main(["--log-format", "json", *argv, "--base-url", url, "--no-wait"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    (summary,) = [e for e in events if e.get("event") == "summary"]
+    assert summary["batch_waiting"]["requests"] == 6 and "6 requests wait in 2 batch jobs" in summary["message"]
+
+
+def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_online(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    out = tmp_path / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        assert main(["cancel", str(out), "--base-url", url]) == 0
+        listed = status_text(out, capsys)
+        assert listed.count(": cancelled, ") == 2 and ": pending, " not in listed
+        capsys.readouterr()
+        assert main(["status", str(out), "--json"]) == 0
+        assert {j["state"] for j in json.loads(capsys.readouterr().out)["batch_jobs"]} == {"cancelled"}
+        assert plain(job, url) == 0  # the cancelled jobs answered nothing: their items go online now
+    done = records(out)
+    assert {(r["status"], r["tier"]) for r in done} == {("ok", "standard")} and len(done) == 6
+    assert billed(app) == 6 and len(jobs(app)) == 2
+    assert "batch job" not in status_text(out, capsys)
