@@ -16,6 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from ...output.own import open_own
 from .chunks import Chunks
 from .ledger import Chunk
 
@@ -109,7 +110,7 @@ class Filler:
 def open_chunk_file(path: Path) -> IO[bytes]:
     """A new chunk file, unbuffered: each line goes to the kernel whole, and closing it has nothing left to write
     (which a full disk would refuse)."""
-    return path.open("wb", buffering=0)
+    return os.fdopen(open_own(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb", buffering=0)  # no link followed
 
 
 @dataclass(slots=True)
