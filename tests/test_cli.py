@@ -295,42 +295,6 @@ def test_make_demo_says_once_where_the_results_and_the_report_are(tmp_path: Path
     assert "report: out/example/report.html" in told and (tmp_path / "out" / "example" / "report.html").is_file()
 
 
-def test_the_bucket_extras_floor_the_fsspec_family_so_an_old_pip_resolves_at_once() -> None:
-    # pip 23.2 (what `python3 -m venv` brings) walks back through every s3fs/aiobotocore/botocore release when
-    # the extras let it; the floors leave it a release or two. `make` upgrades pip before it installs anyway.
-    import tomllib
-
-    from packaging.requirements import Requirement
-    from packaging.version import Version
-
-    repo = Path(__file__).resolve().parents[1]
-    extras = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    family = [
-        Requirement(r) for reqs in extras.values() for r in reqs if Requirement(r).name in ("fsspec", "s3fs", "gcsfs")
-    ]
-    assert {r.name for r in family} == {"fsspec", "s3fs", "gcsfs"}
-    for requirement in family:
-        floors = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
-        assert floors and min(floors) >= Version("2026.7"), requirement
-    assert all(any(r.startswith(name) for r in extras[extra]) for extra, name in [("s3", "s3fs"), ("gcs", "gcsfs")])
-    recipe = (repo / "Makefile").read_text()
-    assert recipe.index("pip install --quiet --upgrade pip") < recipe.index("pip install --quiet -e")
-
-
-@pytest.mark.parametrize(
-    ("flag", "value", "section", "name", "expected"),
-    [
-        pytest.param("--concurrency", "3", "limits", "concurrency", 3, id="concurrency"),
-        pytest.param("--rpm", "90", "limits", "requests_per_minute", 90.0, id="rpm"),
-        pytest.param("--base-url", "http://x.test", "api", "base_url", "http://x.test", id="base-url"),
-        pytest.param("--max-cost", "12.5", "budget", "max_cost_usd", 12.5, id="max-cost"),
-        pytest.param("--max-requests", "40", "budget", "max_requests", 40, id="max-requests"),
-        pytest.param("--max-duration", "1h30m", "limits", "max_duration_s", 5400.0, id="max-duration-h-m"),
-        pytest.param("--max-duration", "90m", "limits", "max_duration_s", 5400.0, id="max-duration-m"),
-        pytest.param("--max-duration", "2.5h", "limits", "max_duration_s", 9000.0, id="max-duration-fraction"),
-        pytest.param("--max-duration", "600", "limits", "max_duration_s", 600.0, id="max-duration-seconds"),
-    ],
-)
 def test_flags_beat_environment_and_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, section: str, name: str, expected: object
 ) -> None:
