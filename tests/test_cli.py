@@ -295,6 +295,20 @@ def test_make_demo_says_once_where_the_results_and_the_report_are(tmp_path: Path
     assert "report: out/example/report.html" in told and (tmp_path / "out" / "example" / "report.html").is_file()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "section", "name", "expected"),
+    [
+        pytest.param("--concurrency", "3", "limits", "concurrency", 3, id="concurrency"),
+        pytest.param("--rpm", "90", "limits", "requests_per_minute", 90.0, id="rpm"),
+        pytest.param("--base-url", "http://x.test", "api", "base_url", "http://x.test", id="base-url"),
+        pytest.param("--max-cost", "12.5", "budget", "max_cost_usd", 12.5, id="max-cost"),
+        pytest.param("--max-requests", "40", "budget", "max_requests", 40, id="max-requests"),
+        pytest.param("--max-duration", "1h30m", "limits", "max_duration_s", 5400.0, id="max-duration-h-m"),
+        pytest.param("--max-duration", "90m", "limits", "max_duration_s", 5400.0, id="max-duration-m"),
+        pytest.param("--max-duration", "2.5h", "limits", "max_duration_s", 9000.0, id="max-duration-fraction"),
+        pytest.param("--max-duration", "600", "limits", "max_duration_s", 600.0, id="max-duration-seconds"),
+    ],
+)
 def test_flags_beat_environment_and_config_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, value: str, section: str, name: str, expected: object
 ) -> None:
