@@ -4,10 +4,6 @@ answer, or misreport (issue 22). The CLI against the simulator's Batch API over 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +15,7 @@ from nanobatch.cli.main import main
 from nanobatch.simulator import run_in_thread
 
 from .fakes import records, write_job
-from .test_batch_tier import CONFIG, MODEL, Hold, cli, jobs, sim
+from .test_batch_tier import CONFIG, MODEL, cli, jobs, kill_at_then_rerun, sim
 
 ITEMS = 3
 
@@ -100,22 +96,7 @@ def test_a_kill_after_step_one_was_collected_does_not_send_step_one_again(
             return creates["seen"] == 2
         return False
 
-    hold = Hold(app.middleware_stack or app.build_middleware_stack(), second_create, after=False)
-    app.middleware_stack = hold  # type: ignore[assignment]
-    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
-    with run_in_thread(app=app) as url:
-        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(tmp_path / "out"),
-                "--tier", "batch", "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]  # fmt: skip
-        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert hold.reached.wait(30), "the run never reached step 2's create"
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-        finally:
-            hold.armed = False
-            hold.release.set()
-        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
-        assert again.returncode == 0, again.stderr.decode()
+    kill_at_then_rerun(app, job, tmp_path / "out", second_create, after=False)
     done = records(tmp_path / "out")
     assert sorted(r["id"] for r in done) == [f"hero-{n}" for n in range(ITEMS)]
     assert {r["status"] for r in done} == {"ok"} and all(len(r["steps"]) == 2 for r in done)

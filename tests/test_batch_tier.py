@@ -217,6 +217,27 @@ class Hold:
         await anyio.to_thread.run_sync(self.release.wait)
 
 
+def kill_at_then_rerun(app: Starlette, job: Path, out: Path, match: Callable[[str, str], bool], after: bool) -> None:
+    """Run ``nanobatch run --tier batch`` on *job* in a process, SIGKILL it when a request *match* (method, path)
+    reaches the simulator (*after*: once the server has done it, its reply lost), then run it again to the end."""
+    hold = Hold(app.middleware_stack or app.build_middleware_stack(), match, after)
+    app.middleware_stack = hold  # type: ignore[assignment]
+    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
+    with run_in_thread(app=app) as url:
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(out),
+                "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert hold.reached.wait(30), "the run never reached the kill point"
+            process.send_signal(signal.SIGKILL)
+            process.wait(10)
+        finally:
+            hold.armed = False
+            hold.release.set()
+        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
+        assert again.returncode == 0, again.stderr.decode()
+
+
 KILL_POINTS = {
     "chunk written, upload starting": (lambda m, p: p.startswith("/upload/"), False),
     "uploaded, create sent": (lambda m, p: p.endswith(":batchGenerateContent"), False),
@@ -231,22 +252,7 @@ KILL_POINTS = {
 def test_sigkill_at_each_batch_step_then_rerun_pays_once(job: Path, point: str) -> None:
     app = sim(batch_latency_s=0.3)
     match, after = KILL_POINTS[point]
-    hold = Hold(app.middleware_stack or app.build_middleware_stack(), match, after)
-    app.middleware_stack = hold  # type: ignore[assignment]
-    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
-    with run_in_thread(app=app) as url:
-        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(job.parent / "out"),
-                "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
-        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert hold.reached.wait(30), "the run never reached the kill point"
-            process.send_signal(signal.SIGKILL)
-            process.wait(10)
-        finally:
-            hold.armed = False
-            hold.release.set()
-        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
-        assert again.returncode == 0, again.stderr.decode()
+    kill_at_then_rerun(app, job, job.parent / "out", match, after)
     done = records(job.parent / "out")
     assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]  # each ok, exactly once
     assert {r["status"] for r in done} == {"ok"}
