@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from ..api.gemini import OUTPUT_EXTENSIONS
 from ..item import WorkItem
@@ -73,7 +74,7 @@ class Resume:
         """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
         if self._wanted(item, entry, key):
             return self._send(item)
-        if entry is None or not (entry.status == "ok" and entry.key == key):
+        if not _ok(entry, key):
             return SKIP
         moves = tuple((old, new) for old, new in renamed_files(entry, item.stem) if os.path.isfile(self.out.file(old)))
         if not moves:
@@ -87,7 +88,7 @@ class Resume:
             # Not done, and paid for in a batch job: collected, or its answer would be thrown away with the job's.
             return self.in_batch is not None and not is_done(entry, key, self.out.path) and self.in_batch(item, key)
         if self.uploads is not None:
-            done = entry is not None and entry.status == "ok" and entry.key == key and item.id not in self.uploads.gone
+            done = _ok(entry, key) and item.id not in self.uploads.gone
             return self.force or not done
         return self.force or not is_done(entry, key, self.out.path)
 
@@ -102,12 +103,12 @@ class Resume:
 
 def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
     """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
-    return (
-        entry is not None
-        and entry.status == "ok"
-        and entry.key == key
-        and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
-    )
+    return _ok(entry, key) and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
+
+
+def _ok(entry: IndexEntry | None, key: str) -> TypeGuard[IndexEntry]:
+    """Whether *entry* (an item's latest record) is ``ok`` for exactly this work *key*."""
+    return entry is not None and entry.status == "ok" and entry.key == key
 
 
 def renamed_files(entry: IndexEntry, stem: str) -> list[tuple[str, str]]:

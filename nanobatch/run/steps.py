@@ -7,6 +7,7 @@ that job whatever the item's tier is now: while the job may still answer, the re
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -57,7 +58,9 @@ class Steps:
         self.stats = stats
         self.tier = settings.api.tier
         self.timeout_s = settings.api.timeout_s
-        self.pricing = dict(settings.pricing)
+        overrides = dict(settings.pricing)
+        # A model's prices in a tier are the same for every step of the run: looked up once per (model, tier).
+        self.prices = functools.cache(lambda model, tier: costs.pricing_for(model, overrides, tier))
         self.flex_fallback = settings.limits.flex_fallback
 
     async def send(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
@@ -152,7 +155,7 @@ class Steps:
         attempt passes the gate and is journaled."""
         tally.tier = tier
         set_service_tier(request.json(), None if tier == "batch" else tier)
-        pricing = costs.pricing_for(item.model, self.pricing, tier)
+        pricing = self.prices(item.model, tier)
         _, worst = costs.request_cost_range(
             item.model, instruction=instruction, n_images=request.images, image_size=item.image_size, pricing=pricing
         )
@@ -191,7 +194,7 @@ class Steps:
             self.failures.unpriced(problem, worst)
             return worst
         return costs.usage_cost(
-            reply.usage, pricing if served in (None, tier) else costs.pricing_for(item.model, self.pricing, served)
+            reply.usage, pricing if served in (None, tier) else self.prices(item.model, served)
         )
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
