@@ -51,8 +51,7 @@ def picture_problem(data: bytes) -> str | None:
     """Why *data* cannot be decoded as the picture it claims to be, or None (also for types not checked)."""
     mime = sniff_mime(data)
     if mime == "image/webp":
-        (riff_size,) = struct.unpack("<I", data[4:8])
-        return None if len(data) >= 8 + riff_size else _damaged("WEBP", "the file is shorter than its header says")
+        return _webp_problem(data, len(data))
     if problem := _open_problem(data, mime, verify=True):
         return problem
     if mime == "image/jpeg" and not _jpeg_scan_ends(data):
@@ -107,8 +106,7 @@ def _ends_problem(
     if mime == "image/png" and not tail.endswith(_PNG_END):
         return _damaged("PNG", "the file stops before its end chunk")
     if mime == "image/webp" and len(head) >= 8:
-        (riff_size,) = struct.unpack("<I", head[4:8])
-        return None if size >= 8 + riff_size else _damaged("WEBP", "the file is shorter than its header says")
+        return _webp_problem(head, size)
     if problem := _open_problem(source, mime, verify=False):  # Pillow reads only the headers it needs
         return problem
     if mime == "image/jpeg" and not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9") and not _jpeg_scan_ends(whole()):
@@ -158,3 +156,9 @@ def _jpeg_scan_ends(data: bytes) -> bool:
             return data.find(b"\xff\xd9", pos + 2 + length) != -1
         pos += 2 + length
     return False
+
+
+def _webp_problem(head: bytes, size: int) -> str | None:
+    """A WEBP of *size* bytes is shorter than its RIFF header (in *head*) says: cut off."""
+    (riff_size,) = struct.unpack("<I", head[4:8])
+    return None if size >= 8 + riff_size else _damaged("WEBP", "the file is shorter than its header says")

@@ -230,7 +230,7 @@ def kill_at_then_rerun(app: Starlette, job: Path, out: Path, match: Callable[[st
         try:
             assert hold.reached.wait(30), "the run never reached the kill point"
             process.send_signal(signal.SIGKILL)
-            process.wait(10)
+            assert process.wait(10) == -signal.SIGKILL  # killed there, not finished on its own
         finally:
             hold.armed = False
             hold.release.set()
