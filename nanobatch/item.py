@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .qa import QaSettings
+
 __all__ = ["IMAGE_SUFFIXES", "WorkItem", "stem_of"]
 
 # An output name ending in one of these has it replaced by the returned image's own type.
@@ -44,6 +46,7 @@ class WorkItem:
     resize_inputs: bool = False
     input_mode: str | None = None  # the ``inputs`` field: None for the configured api.inputs
     output_format: str | None = None  # None: the model's own choice
+    qa: QaSettings | None = None  # the checks its final image must pass (not part of the work key)
 
     @property
     def stem(self) -> str:

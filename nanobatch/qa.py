@@ -1,0 +1,89 @@
+"""Output checks: the ``qa:`` settings (config file, manifest, ``defaults:``, item; the nearest wins, key by key)
+and a check's verdict on one image (:func:`nanobatch.checks.check_image` measures it).
+
+A skeleton of the contract between the settings, the checks and the run; see DESIGN.md's contract additions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["QA_CHECKS", "QaFields", "QaSettings", "Verdict"]
+
+# Every check, in the order verdicts list them.
+QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_subject")
+
+
+class QaFields(BaseModel):
+    """A ``qa:`` mapping as written: every key optional (None: not set here, a farther layer decides)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    background: Literal["white", "any"] | None = None
+    min_fill: float | None = Field(default=None, ge=0.0, le=1.0)
+    min_side: int | None = Field(default=None, ge=1)
+    aspect: bool | None = None
+    changed: bool | None = None
+    same_subject: bool | None = None
+    retries: int | None = Field(default=None, ge=0, le=10)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QaSettings:
+    """The checks one item's final image must pass, resolved."""
+
+    background: str = "any"
+    min_fill: float | None = None
+    min_side: int | None = None
+    aspect: bool = False
+    changed: bool = False
+    same_subject: bool = False
+    retries: int = 1  # new requests for an image that fails, each paid
+
+    @property
+    def active(self) -> bool:
+        """Whether any check is on."""
+        return (
+            self.background != "any"
+            or self.min_fill is not None
+            or self.min_side is not None
+            or self.aspect
+            or self.changed
+            or self.same_subject
+        )
+
+    @classmethod
+    def layered(cls, *layers: QaFields | Mapping[str, Any] | None) -> QaSettings:
+        """The settings from *layers*, farthest first: a later layer's keys win, key by key."""
+        settings = cls()
+        names = {f.name for f in fields(cls)}
+        for layer in layers:
+            if layer is None:
+                continue
+            values = layer.model_dump() if isinstance(layer, QaFields) else dict(layer)
+            settings = replace(settings, **{k: v for k, v in values.items() if k in names and v is not None})
+        return settings
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """What the checks found: ``failed`` names the checks the image failed, ``values`` what each measured."""
+
+    passed: bool
+    failed: tuple[str, ...] = ()
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passed": self.passed, "failed": list(self.failed), "values": dict(self.values)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Verdict:
+        return cls(
+            passed=bool(data.get("passed")),
+            failed=tuple(map(str, data.get("failed") or ())),
+            values=dict(data.get("values") or {}),
+        )
