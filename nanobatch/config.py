@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from . import models
 from .errors import ConfigError, not_utf8
@@ -68,6 +68,22 @@ class ApiSettings(_Section):
     project: str | None = None
     location: str = "global"
     credentials_file: str | None = None
+    # The request body's top-level "store": false keeps Google from logging prompts, pictures and answers (kept up
+    # to 55 days for projects that log by default); true opts in; null leaves the field out, for a proxy that
+    # refuses it. Never sent to Vertex AI, which has no such field (docs/privacy.md).
+    store: bool | None = False
+
+    @field_validator("store")
+    @classmethod
+    def _store_is_gemini_only(cls, store: bool | None, info: ValidationInfo) -> bool | None:
+        # Opting in where nothing can be opted into would leave a user believing requests are logged.
+        if store is True and info.data.get("backend") == "vertex":
+            raise ValueError(
+                "true asks the Gemini API to log requests, but Vertex AI (api.backend: vertex) has no store field "
+                "and is never sent one; its logging is set up in Google Cloud (request-response logging). Set "
+                "api.store: false (the default) or null"
+            )
+        return store
 
 
 class LimitSettings(_Section):
@@ -294,6 +310,8 @@ def _describe(source: str, err: Any, from_env: Mapping[tuple[str, str], str]) ->
         source = f"environment variable {variable}"
     loc = ".".join(str(part) for part in err["loc"])
     message = err["msg"]
+    if err["type"] == "value_error":  # a check of our own: its words, without pydantic's prefix
+        message = message.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown setting" + did_you_mean(str(err["loc"][-1]), _known_names(err["loc"][:-1]))
     return f"{source}: {loc}: {message}"

@@ -23,8 +23,12 @@ __all__ = [
     "ALIASES",
     "ASPECT_RATIOS",
     "DEFAULT_MODEL",
+    "LOG_RETENTION_DAYS",
     "MODELS",
+    "MONEY_ERRORS",
+    "STORE_SOURCES",
     "TIERS",
+    "ErrorShape",
     "Lifecycle",
     "ModelInfo",
     "Pricing",
@@ -243,6 +247,89 @@ TIER_PRICE_FACTORS = {"standard": 1.0, "flex": 0.5, "priority": 2.0, "batch": 0.
 FLEX_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "gemini-nano-banana-2.1"
 GOOGLE_HOST = "generativelanguage.googleapis.com"
+
+
+# -- Privacy: the request's "store" field --------------------------------------------------------------------
+# Paid Gemini API projects made on or after 2026-10-26 store generateContent, streamGenerateContent and
+# batchGenerateContent requests (prompts, pictures, answers) by default, unless a request says store=false;
+# older projects keep their setting (usually off). Free-tier projects have no logs. Logs expire after 55 days
+# unless put in a dataset; a dataset shared with Google may be used to improve its models. google-genai 3.6.1
+# sends GenerateContentConfig.store as the request's top-level "store" (in a batch, inside each line's
+# request; the job itself has no such field) and raises ValueError for it on Vertex AI.
+LOG_RETENTION_DAYS = 55
+STORE_DEFAULT_SINCE = date(2026, 10, 26)
+STORE_SOURCES = (
+    "https://ai.google.dev/gemini-api/docs/changelog, entry of 2026-10-26 (read 2026-12-06)",
+    "https://ai.google.dev/gemini-api/docs/logs-datasets (read 2026-12-06)",
+    "https://ai.google.dev/gemini-api/docs/logs-policy: logs expire after 55 days (read 2026-12-06)",
+    "google-genai 3.6.1 models.py _GenerateContentConfig_to_mldev / _to_vertex, batches.py "
+    "_InlinedRequest_to_mldev (read 2026-12-06)",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorShape:
+    """One answer that says money, not speed, stopped a request: how it looks, and where that was read."""
+
+    kind: str  # the ApiError kind nanobatch gives it (FatalApiError: the run stops, exit 3)
+    status: int  # HTTP status
+    status_word: str | None  # the body's error.status (Google's) or error.code (a one-api/new-api proxy's)
+    message: str
+    sources: tuple[str, ...]
+
+
+# Money-stopped answers: each stops the run at once (exit 3), like a spent per-day quota, with a reason that
+# names it. The simulator answers its fault kinds of the same names with these bodies.
+MONEY_ERRORS: dict[str, ErrorShape] = {
+    "spend_cap": ErrorShape(
+        kind="spend_cap", status=429, status_word="RESOURCE_EXHAUSTED",
+        # The first sentence as users quote it; Google points at https://ai.studio/spend to raise the cap.
+        message="Your project has exceeded its monthly spending cap. Please go to AI Studio at "
+        "https://ai.studio/spend to manage your project spend cap.",
+        sources=(
+            "https://ai.google.dev/gemini-api/docs/billing#project-spend-caps (GA 2026-06-26; read 2026-12-06)",
+            "users' logs quoting the 429, public repositories via code search (read 2026-12-06)",
+        ),
+    ),
+    "spend_rate": ErrorShape(
+        kind="spend_rate", status=429, status_word="RESOURCE_EXHAUSTED",
+        message="You exceeded your spend-based rate limit. Your spending rate has exceeded the allowed limit "
+        "for your account's billing history and tier.",
+        sources=(
+            "https://ai.google.dev/gemini-api/docs/rate-limits, spend-based rate limits: a rolling 10-minute "
+            "window per usage tier (section added 2026-06-23; read 2026-12-06)",
+            "a real body quoted in a public repository's test, via code search (read 2026-12-06)",
+        ),
+    ),
+    "no_credit": ErrorShape(
+        kind="no_credit", status=402, status_word="RESOURCE_EXHAUSTED",
+        message="Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to "
+        "manage your project and billing. Learn more at https://ai.google.dev/gemini-api/docs/billing#prepay.",
+        sources=(
+            "https://discuss.ai.google.dev/t/api-update-depleted-prepay-credits-now-return-http-402-instead-of-"
+            "429/183654 (read 2026-12-06)",
+        ),
+    ),
+    "no_credit_429": ErrorShape(
+        kind="no_credit", status=429, status_word="RESOURCE_EXHAUSTED",
+        message="Your prepayment credits are depleted. Please go to AI Studio at https://ai.studio/projects to "
+        "manage your project and billing.",
+        sources=(
+            "the same message as a 429 before that change: https://github.com/dyad-sh/dyad/issues/3626 "
+            "(2026-06-10), https://github.com/JeffOtano/roni/pull/125 (2026-04-14) (read 2026-12-06)",
+        ),
+    ),
+    "proxy_no_credit": ErrorShape(
+        kind="no_credit", status=403, status_word="insufficient_user_quota",
+        message="user quota is not enough",
+        sources=(
+            "one-api/new-api relay source (the {status_code, error: {message, type, code}} body APIYI answers "
+            "with): 403, code insufficient_user_quota or pre_consume_token_quota_failed (read 2026-12-06)",
+            "https://docs.apiyi.com/en/faq/balance-insufficient: requests fail when the balance cannot cover "
+            "the pre-deducted cost (read 2026-12-06)",
+        ),
+    ),
+}  # fmt: skip
 
 
 def today() -> date:

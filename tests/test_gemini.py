@@ -326,7 +326,7 @@ def test_transient_statuses_are_retryable(status: int, raw: bytes, kind: str) ->
     [
         pytest.param(401, google(401, "UNAUTHENTICATED", "Request had invalid credentials"), "auth",
                      "invalid credentials", id="401"),
-        pytest.param(402, apiyi(402, "insufficient balance"), "billing", "insufficient balance", id="402-apiyi"),
+        pytest.param(402, apiyi(402, "insufficient balance"), "no_credit", "insufficient balance", id="402-apiyi"),
         pytest.param(403, google(403, "PERMISSION_DENIED", "Permission denied on resource"), "permission",
                      "Permission denied", id="403"),
         pytest.param(404, google(404, "NOT_FOUND", "models/gemini-9-image is not found"), "not_found",

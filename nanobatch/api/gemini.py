@@ -24,6 +24,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import ApiError, FatalApiError
 from ..pictures import answer_problem, sniff_mime
+from .causes import HINTS, STORE_REFUSED, VERTEX_HINTS, detail, from_vertex, money_kind, violations
 
 __all__ = [
     "BLOCK_REASONS",
@@ -109,6 +110,7 @@ def build_request(
     thinking_level: str | None = None,
     service_tier: str | None = None,
     output_format: str | None = None,
+    store: bool | None = None,
 ) -> dict[str, Any]:
     """The JSON body of a ``generateContent`` call: the instruction, then each image, in order (a
     :class:`FileRef` by its URI, which the API fetches).
@@ -117,6 +119,8 @@ def build_request(
     google-genai SDK sends it (its ``ServiceTier`` enum values); standard, the default, is left out.
     *output_format* ``png`` or ``jpeg`` sets ``imageConfig.imageOutputOptions.mimeType``, which only Vertex AI
     takes (the SDK refuses it for the Gemini API).
+    *store* sets the top-level ``store`` (whether Google may log the request and its answer), as google-genai
+    sends ``GenerateContentConfig.store`` to the Gemini API; None leaves it out (Vertex AI refuses it).
     """
     parts: list[dict[str, Any]] = [{"text": instruction}]
     for image in images:
@@ -136,6 +140,8 @@ def build_request(
         generation["thinkingConfig"] = {"thinkingLevel": thinking_level}
     body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": generation}
     set_service_tier(body, service_tier)
+    if store is not None:
+        body["store"] = store
     return body
 
 
@@ -273,26 +279,6 @@ _BY_STATUS: dict[int, tuple[str, bool]] = {
     504: ("timeout", True),
 }
 _FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
-_HINTS = {
-    "auth": "check the API key and api.auth (bearer for APIYI, x-goog-api-key for Google)",
-    "permission": "check that the key may use this model and api.auth matches the endpoint",
-    "billing": "add credit or billing to the account",
-    "not_found": "check the model id and api.base_url / api.api_version",
-    "quota_exhausted": "the daily quota will not recover by waiting; run again tomorrow or raise the quota",
-    "location": "the API is not available from this location",
-}
-# Vertex AI's answers (its messages name aiplatform, its models "Publisher Model"): the same body shape,
-# but the fix is in Google Cloud credentials and settings, not in an API key.
-_VERTEX_HINTS = {
-    **_HINTS,
-    "auth": "check api.credentials_file, or the Application Default Credentials (gcloud auth application-default "
-    "login, GOOGLE_APPLICATION_CREDENTIALS)",
-    "permission": "the credentials need the Vertex AI User role (roles/aiplatform.user) in api.project, and the "
-    "Vertex AI API enabled there",
-    "not_found": "check the model id, api.project and api.location (not every model is served in every location)",
-    "location": "check that billing and the Vertex AI API are enabled in api.project, and api.location",
-}
-_VERTEX_MARKS = re.compile(r"aiplatform|Publisher Model|vertex-ai", re.IGNORECASE)
 
 
 def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
@@ -310,10 +296,14 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         fatal_kind = "auth"
     elif status_code == 400 and status == "FAILED_PRECONDITION":
         fatal_kind = "location"
+    elif status_code == 400 and STORE_REFUSED.search(" ".join((message, *violations(details)))):
+        fatal_kind = "store_refused"  # every request carries it: none can succeed
+    elif status_code in (402, 403, 429) and (money := money_kind(message, data)) is not None:
+        fatal_kind = money
     elif status_code == 429 and _daily_quota(details):
         fatal_kind = "quota_exhausted"
     if fatal_kind is not None:
-        hints = _VERTEX_HINTS if _from_vertex(message, details) else _HINTS
+        hints = VERTEX_HINTS if from_vertex(message, details) else HINTS
         return FatalApiError(
             f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
         )
@@ -327,12 +317,6 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         retryable=retryable,
         retry_after=retry_after if retryable else None,
     )
-
-
-def _from_vertex(message: str, details: list[dict[str, Any]]) -> bool:
-    """Whether an error body is Vertex AI's: its message or an ErrorInfo's domain names aiplatform."""
-    domains = " ".join(str(d.get("domain", "")) for d in _detail(details, "google.rpc.ErrorInfo"))
-    return bool(_VERTEX_MARKS.search(message) or _VERTEX_MARKS.search(domains))
 
 
 def _loads(body: bytes) -> Any:
@@ -379,12 +363,9 @@ def _plain_message(body: bytes) -> str:
     return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
 
 
-def _detail(details: list[dict[str, Any]], type_suffix: str) -> list[dict[str, Any]]:
-    return [d for d in details if str(d.get("@type", "")).endswith(type_suffix)]
-
 
 def _retry_delay(details: list[dict[str, Any]]) -> float | None:
-    for info in _detail(details, "google.rpc.RetryInfo"):
+    for info in detail(details, "google.rpc.RetryInfo"):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
         if match:
             return float(match.group(1))
@@ -405,7 +386,7 @@ def _retry_after_header(value: str | None, *, now: float | None) -> float | None
 
 
 def _daily_quota(details: list[dict[str, Any]]) -> bool:
-    for failure in _detail(details, "google.rpc.QuotaFailure"):
+    for failure in detail(details, "google.rpc.QuotaFailure"):
         for violation in failure.get("violations") or []:
             names = " ".join(str(violation.get(k, "")) for k in ("quotaId", "quotaMetric", "subject"))
             if re.search(r"per.?day|daily", names, re.IGNORECASE):
@@ -414,7 +395,7 @@ def _daily_quota(details: list[dict[str, Any]]) -> bool:
 
 
 def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
-    reasons = {str(d.get("reason")) for d in _detail(details, "google.rpc.ErrorInfo")}
+    reasons = {str(d.get("reason")) for d in detail(details, "google.rpc.ErrorInfo")}
     return "API_KEY_INVALID" in reasons or "api key not valid" in message.lower()
 
 

@@ -62,6 +62,8 @@ class Steps:
         # A model's prices in a tier are the same for every step of the run: looked up once per (model, tier).
         self.prices = functools.cache(lambda model, tier: costs.pricing_for(model, overrides, tier))
         self.flex_fallback = settings.limits.flex_fallback
+        # Vertex AI has no "store" field (and refuses one): it is only ever sent to the Gemini API.
+        self.store = settings.api.store if settings.api.backend == "gemini" else None
 
     async def send(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
         """One step in the item's tier, retried; a flex request still shed after its retries goes out at
@@ -82,6 +84,7 @@ class Steps:
         body = build_request(
             instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
             image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
+            store=self.store,
         )  # fmt: skip
         request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
         del body  # the request holds it alone: a batch route takes it from there

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..models import ALIASES, MODELS, lifecycle, lookup
+from ..models import ALIASES, MODELS, MONEY_ERRORS, lifecycle, lookup
 from ._fetch import fetch_files
 from ._oauth import TokenIssuer
 from .batch import BatchService
@@ -72,6 +72,9 @@ class SimulatorStats:
     tokens: int = 0  # sum of the totalTokenCount of every 200
     in_flight: int = 0
     max_in_flight: int = 0
+    # What the top-level "store" said ("true", "false", "absent") in each request answered with a generated
+    # reply, online or a batch line: what a request asked Google to keep.
+    store: Counter[str] = field(default_factory=Counter)
 
 
 def live_model_entries() -> list[dict[str, object]]:
@@ -226,7 +229,9 @@ class _Simulator:
                 "generateContent. Call ListModels to see the list of available models and their supported methods.",
             )
         try:
-            parsed = parse_request(await request.body(), model=model, model_id=model_id)
+            # Vertex AI's paths (no {version}) refuse "store", as Vertex does
+            vertex = "version" not in request.path_params
+            parsed = parse_request(await request.body(), model=model, model_id=model_id, vertex=vertex)
             parsed = await fetch_files(parsed)  # fileData URLs on this machine (a pre-signed S3 URL, say)
         except InvalidRequest as exc:
             return google_error(exc.code, exc.message)
@@ -301,6 +306,9 @@ class _Simulator:
             )
         if fault == "503":
             return google_error(*_ERRORS[fault])
+        if fault in MONEY_ERRORS:  # money, not speed: answered at once, as Google does
+            shape = MONEY_ERRORS[fault]
+            return google_error(shape.status, shape.message, status=shape.status_word)
         if fault == "blocked":
             return self._ok(parsed, *blocked_body(parsed, chance))  # answered at once, without the model's latency
         seconds = chance.latency_s * self.config.time_scale
@@ -321,6 +329,7 @@ class _Simulator:
         Shared by generateContent and the batch jobs, so a batch line is answered like a request.
         """
         fault = chance.fault
+        self.stats.store["absent" if parsed.store is None else str(parsed.store).lower()] += 1
         if fault == "blocked":
             return blocked_body(parsed, chance)
         if fault == "image_safety":

@@ -20,6 +20,10 @@ FAULT_KINDS: dict[str, str] = {
     "text_only": "rate_text_only",
     "blocked": "rate_blocked",
     "bad_image": "rate_bad_image",
+    "spend_cap": "rate_spend_cap",
+    "spend_rate": "rate_spend_rate",
+    "no_credit": "rate_no_credit",
+    "no_credit_429": "rate_no_credit_429",
 }
 
 # Batch faults (``--batch-fault KIND=RATE``): per job, except line_error (per line of a job's input).
@@ -59,6 +63,12 @@ class SimulatorConfig:
     rate_blocked: float = 0.0
     # 200 whose image is cut off half way, as a proxy that truncates answers sends it.
     rate_bad_image: float = 0.0
+    # Money, not speed (shapes in nanobatch.models.MONEY_ERRORS): a 429 for the project's spend cap, a 429 for
+    # the spend-based rate limit, a 402 for prepaid credit used up, and the 429 that said so before the 402.
+    rate_spend_cap: float = 0.0
+    rate_spend_rate: float = 0.0
+    rate_no_credit: float = 0.0
+    rate_no_credit_429: float = 0.0
     rpm_limit: int | None = None
     daily_limit: int | None = None
     api_key: str | None = None

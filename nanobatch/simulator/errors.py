@@ -56,9 +56,11 @@ class SimulatedDrop(httpx2.RemoteProtocolError):
         super().__init__("Server disconnected without sending a response.")
 
 
-def google_error(code: int, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
-    """A response in Google's error format."""
-    error: dict[str, Any] = {"code": code, "message": message, "status": _STATUS.get(code, "UNKNOWN")}
+def google_error(
+    code: int, message: str, details: list[dict[str, Any]] | None = None, *, status: str | None = None
+) -> JSONResponse:
+    """A response in Google's error format (*status*: the word, when not the usual one for *code*)."""
+    error: dict[str, Any] = {"code": code, "message": message, "status": status or _STATUS.get(code, "UNKNOWN")}
     if details:
         error["details"] = details
     return JSONResponse({"error": error}, status_code=code)

@@ -28,8 +28,10 @@ MODALITIES = ("TEXT", "IMAGE")
 # Known JSON names (camelCase; snake_case is accepted too, as by the real API).
 _TOP_FIELDS = frozenset(
     {"contents", "generationConfig", "safetySettings", "systemInstruction", "tools", "toolConfig",
-     "cachedContent", "model", "labels", "serviceTier"}
+     "cachedContent", "model", "labels", "serviceTier", "store"}
 )  # fmt: skip
+# Vertex AI's GenerateContentRequest has no "store" (google-genai refuses it there): an unknown field.
+_VERTEX_TOP_FIELDS = _TOP_FIELDS - {"store"}
 _GENERATION_FIELDS = frozenset(
     {"responseModalities", "imageConfig", "temperature", "topP", "topK", "candidateCount", "maxOutputTokens",
      "seed", "stopSequences", "thinkingConfig", "responseMimeType", "responseSchema", "responseJsonSchema",
@@ -74,14 +76,16 @@ class ParsedRequest:
     modalities: tuple[str, ...]
     service_tier: str = "standard"  # lower case
     image_format: str | None = None  # png | jpeg from imageConfig.imageOutputOptions.mimeType (Vertex AI's)
+    store: bool | None = None  # the top-level "store": may Google log this request (None: not sent)
 
 
-def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequest:
-    """Check *body* for *model* and return its contents, or raise InvalidRequest."""
+def parse_request(body: bytes, *, model: ModelInfo, model_id: str, vertex: bool = False) -> ParsedRequest:
+    """Check *body* for *model* and return its contents, or raise InvalidRequest. *vertex*: as Vertex AI
+    checks it (no ``store`` field)."""
     if len(body) > MAX_BODY_BYTES:
         raise InvalidRequest(f"Request payload size exceeds the limit: {MAX_BODY_BYTES} bytes.")
     data = _load_json(body)
-    _check_fields(data, _TOP_FIELDS, "")
+    _check_fields(data, _VERTEX_TOP_FIELDS if vertex else _TOP_FIELDS, "")
     contents = _get(data, "contents")
     if contents is None or contents == []:
         raise InvalidRequest("* GenerateContentRequest.contents: contents is not specified\n")
@@ -122,7 +126,15 @@ def parse_request(body: bytes, *, model: ModelInfo, model_id: str) -> ParsedRequ
         modalities=_modalities(generation),
         service_tier=_service_tier(data, model, model_id),
         image_format=_image_format(image_config),
+        store=_store(data),
     )
+
+
+def _store(data: dict[str, Any]) -> bool | None:
+    value = data.get("store")
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"Invalid value at 'store' (TYPE_BOOL), {json.dumps(value)}")
+    return value
 
 
 def _image_format(image_config: dict[str, Any]) -> str | None:
