@@ -98,8 +98,13 @@ VERTEX_PATH = f"/v1/projects/shop-123/locations/global/publishers/google/models/
         pytest.param(GEMINI_PATH, True, 200, None, id="gemini-true"),
         pytest.param(GEMINI_PATH, "no", 400, "Invalid value at 'store' (TYPE_BOOL)", id="gemini-not-a-bool"),
         pytest.param(VERTEX_PATH, False, 400, 'Unknown name "store"', id="vertex-refuses-it"),
-        pytest.param(f"/v1/publishers/google/models/{MODEL}:generateContent", True, 400, 'Unknown name "store"',
-                     id="vertex-express-refuses-it"),  # fmt: skip
+        pytest.param(
+            f"/v1/publishers/google/models/{MODEL}:generateContent",
+            True,
+            400,
+            'Unknown name "store"',
+            id="vertex-express-refuses-it",
+        ),  # fmt: skip
     ],
 )
 async def test_the_simulator_takes_store_where_google_does(

@@ -34,7 +34,9 @@ def google_body(shape: ErrorShape) -> bytes:
 
 def apiyi_body(status: int, message: str, code: str) -> bytes:
     """The {status_code, error: {message, type, code}} body of a one-api/new-api proxy (APIYI's shape)."""
-    return json.dumps({"status_code": status, "error": {"message": message, "type": "new_api_error", "code": code}}).encode()
+    return json.dumps(
+        {"status_code": status, "error": {"message": message, "type": "new_api_error", "code": code}}
+    ).encode()
 
 
 GOOGLE_SHAPES = [pytest.param(s, google_body(s), id=name) for name, s in MONEY_ERRORS.items() if s.status != 403]

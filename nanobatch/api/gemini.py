@@ -363,7 +363,6 @@ def _plain_message(body: bytes) -> str:
     return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
 
 
-
 def _retry_delay(details: list[dict[str, Any]]) -> float | None:
     for info in detail(details, "google.rpc.RetryInfo"):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
