@@ -26,6 +26,7 @@ __all__ = [
     "LOG_RETENTION_DAYS",
     "MODELS",
     "MONEY_ERRORS",
+    "STORE_DEFAULT_SINCE",
     "STORE_SOURCES",
     "TIERS",
     "ErrorShape",

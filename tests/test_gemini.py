@@ -49,6 +49,13 @@ def test_text_to_image_request_has_only_the_instruction() -> None:
     assert req["generationConfig"]["responseModalities"] == ["TEXT", "IMAGE"]
 
 
+@pytest.mark.parametrize("store", [False, True, None])
+def test_store_is_a_top_level_field_left_out_when_none(store: bool | None) -> None:
+    body = build_request("x", store=store)
+    assert body.get("store", "absent") == ("absent" if store is None else store)
+    assert "store" not in body["generationConfig"]  # where google-genai puts it: the request, not its config
+
+
 def test_image_config_and_thinking_are_sent_only_when_set() -> None:
     bare = build_request("x")["generationConfig"]
     assert "imageConfig" not in bare and "thinkingConfig" not in bare
