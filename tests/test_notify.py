@@ -97,11 +97,16 @@ def test_a_run_that_cannot_take_its_folder_says_so(tmp_path: Path, monkeypatch: 
         with pytest.raises(nanobatch.LockHeld):
             anyio.run(go)
     [notice] = _notices(server)
-    assert notice["outcome"] == "error" and notice["exit_code"] == 4 and "another nanobatch run holds" in notice["reason"]
+    assert (
+        notice["outcome"] == "error" and notice["exit_code"] == 4 and "another nanobatch run holds" in notice["reason"]
+    )
 
 
 def test_a_failing_webhook_changes_nothing_and_never_shows_its_url(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     job = write_job(tmp_path, _items(2))
     out = tmp_path / "out"
