@@ -139,7 +139,7 @@ def test_a_path_the_collector_would_not_read_is_refused(tmp_path: Path, name: st
     assert fake.requests == []
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(
+def test_the_file_is_readable_by_all_and_a_failed_write_leaves_the_old_one_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "textfile").mkdir()
@@ -147,7 +147,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(
     metrics = metrics_file(str(prom), "job")
     assert metrics is not None
     counts = Counts(items=1, statuses={"ok": 1}, requests={}, tokens={}, cost_usd=0.0, started_at=0.0, duration_s=1)
-    metrics.write(counts)
+    mask = os.umask(0o077)
+    try:
+        metrics.write(counts)
+    finally:
+        os.umask(mask)
+    assert prom.stat().st_mode & 0o777 == 0o644  # node_exporter reads it, as another user
     before = prom.read_text()
 
     def full_disk(fd: int) -> None:

@@ -129,7 +129,7 @@ class MetricsFile:
                 self.last["nanobatch_last_success_timestamp_seconds"] = ending.at
         text = render(self.job, counts, self.last, running=ending is None)
         try:
-            atomic_write(self.path, text.encode())
+            atomic_write(self.path, text.encode(), mode=0o644)  # node_exporter reads it as another user
         except OSError as exc:
             if not self._failing:
                 logger.warning("cannot write the metrics file %s: %s", self.path, exc.strerror or exc)

@@ -32,11 +32,15 @@ class GenAiMetrics:
     nanobatch from the environment, and shut down (its last figures sent) when the run ends."""
 
     def __init__(self, provider: Any, *, backend: str, owned: bool = False) -> None:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
         self.provider = provider
         self.owned = owned
-        meter = provider.get_meter("nanobatch", version("nanobatch"))
+        try:
+            release: str | None = version("nanobatch")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            release = None
+        meter = provider.get_meter("nanobatch", release)
         self.tokens = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Number of input and output tokens used.",
             explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
