@@ -133,3 +133,23 @@ def test_nothing_of_opentelemetry_is_loaded_unless_asked_for(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "NANOBATCH_"))}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_batch_jobs_lines_record_their_tokens_but_no_duration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: InMemoryMetricReader
+) -> None:
+    from nanobatch.cli.main import main
+    from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    config = tmp_path / "nanobatch.yaml"
+    config.write_text("batch: {chunk_requests: 4, linger_s: 0.2, poll_initial_s: 0.05, poll_max_s: 0.2}\n")
+    job = write_job(tmp_path, [{"id": f"sku-{n}", "instruction": f"edit {n}"} for n in range(3)])
+    app = create_app(SimulatorConfig(batch_latency_s=0.3, seed=5))
+    with run_in_thread(app=app) as url:
+        argv = ["run", str(job), "--base-url", url, "--tier", "batch", "--config", str(config), "--quiet"]
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    found = points(reader)
+    tokens = {attrs["gen_ai.token.type"]: p for name, attrs, p in found if name == "gen_ai.client.token.usage"}
+    assert tokens["input"].count == 3 and tokens["output"].count == 3
+    assert [name for name, _, _ in found if name == "gen_ai.client.operation.duration"] == []
