@@ -170,3 +170,18 @@ def test_the_variable_named_by_url_env_is_read_and_a_bad_value_refused_unseen(
         monkeypatch.setenv("CHAT_HOOK", server.url + SECRET_PATH)
         run_now(job, fake, settings=_settings(**{"notify.url_env": "CHAT_HOOK"}))
     assert len(_notices(server)) == 1
+
+
+def test_an_interrupted_run_posts_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from .test_shutdown import run_and_signal
+
+    job = write_job(tmp_path, _items(12))
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + SECRET_PATH)
+        summary = run_and_signal(job, [(15.0, signal.SIGINT)], grace_s=30)
+    assert summary.exit_code == 130
+    [notice] = _notices(server)
+    assert notice["outcome"] == "interrupted" and notice["exit_code"] == 130
+    assert notice["counts"]["ok"] == 8 and notice["text"].endswith("; interrupted: interrupted by SIGINT")
