@@ -16,6 +16,7 @@ import difflib
 import logging
 import os
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -266,8 +267,12 @@ def read_notify_url(settings: Settings, env: Mapping[str, str] | None = None) ->
     value = env.get(variable, "").strip()
     if not value:
         return None
-    scheme, _, rest = value.partition("://")
-    if scheme.lower() not in ("http", "https") or not rest or any(not "!" <= char <= "~" for char in value):
+    try:
+        parts = urllib.parse.urlsplit(value)
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed [ in the host
+        usable = False
+    if not usable or any(not "!" <= char <= "~" for char in value):
         raise ConfigError(
             f"{variable} does not hold an http(s) URL on one line (the value is not shown): set it to the "
             "webhook's URL, or unset it to post nothing at the end of a run"

@@ -65,6 +65,9 @@ async def post_notice(
                     response = await client.post(url, json=dict(notice))
                 except httpx2.HTTPError as exc:
                     problem = f"no answer ({type(exc).__name__})"  # never str(exc): it may hold the URL
+                except (httpx2.InvalidURL, ValueError) as exc:
+                    problem = f"its URL cannot be used ({type(exc).__name__})"
+                    break
                 else:
                     if response.is_success:
                         return True
