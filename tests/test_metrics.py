@@ -191,3 +191,18 @@ def test_a_run_that_cannot_take_the_folder_leaves_the_file_to_the_run_that_holds
     with pytest.raises(nanobatch.LockHeld):
         anyio.run(go)
     assert prom.read_bytes() == before
+
+
+def test_a_run_that_waited_for_the_folder_keeps_the_success_of_the_run_it_waited_for(tmp_path: Path) -> None:
+    from nanobatch.run.metrics import Ending
+
+    prom = tmp_path / "nanobatch.prom"
+    counts = Counts(items=1, statuses={"ok": 1}, requests={}, tokens={}, cost_usd=0.0, started_at=0.0, duration_s=1)
+    waiting = metrics_file(str(prom), "job")  # checked at its start, then waits for the lock (--wait-lock)
+    holding = metrics_file(str(prom), "job")
+    assert waiting is not None and holding is not None
+    holding.write(counts, Ending(exit_code=0, at=1_800_000_000.0))  # the run it waited for succeeds
+    waiting.write(counts, Ending(exit_code=1, at=1_800_003_600.0))
+    samples = read_metrics(prom)
+    assert value(samples, "nanobatch_last_success_timestamp_seconds") == 1_800_000_000
+    assert value(samples, "nanobatch_last_run_timestamp_seconds") == 1_800_003_600

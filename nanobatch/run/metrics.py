@@ -105,23 +105,24 @@ def metrics_file(setting: str | None, job: str) -> MetricsFile | None:
                           "file (a {job} in the path stands for the job's name)")  # fmt: skip
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"{where}: the folder {folder} is not writable by this user")
-    last = {name: float(value) for name, value in _SAMPLE.findall(before or "")}
-    return MetricsFile(path, job, last)
+    return MetricsFile(path, job)
 
 
 class MetricsFile:
-    """One job's textfile, rewritten whole at each :meth:`write`; what the last file said of earlier runs
-    (``nanobatch_last_*``) is carried over until this run ends."""
+    """One job's textfile, rewritten whole at each :meth:`write`; what the file said of earlier runs
+    (``nanobatch_last_*``) when this run first writes it is carried over until this run ends."""
 
-    def __init__(self, path: str, job: str, last: Mapping[str, float]) -> None:
+    def __init__(self, path: str, job: str) -> None:
         self.path = path
         self.job = job
-        self.last = dict(last)
+        self.last: dict[str, float] | None = None  # read at the first write: the folder is this run's by then
         self._failing = False
 
     def write(self, counts: Counts, ending: Ending | None = None) -> None:
         """Replace the file with *counts* (and *ending*, once the run has ended). A failure is logged (once
         while it lasts), never raised: the run goes on without its metrics."""
+        if self.last is None:  # not before: a run that waited for the folder's lock takes what the last one left
+            self.last = _last_runs(self.path)
         if ending is not None:
             self.last["nanobatch_last_run_timestamp_seconds"] = ending.at
             self.last["nanobatch_last_run_exit_code"] = ending.exit_code
@@ -160,6 +161,15 @@ def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool
             shown = ",".join(f"{key}={_quoted(label)}" for key, label in {"job_name": job, **labels}.items())
             lines.append(f"{name}{{{shown}}} {_number(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _last_runs(path: str) -> dict[str, float]:
+    """The ``nanobatch_last_*`` samples of the file at *path* (none if there is none, or it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return {name: float(value) for name, value in _SAMPLE.findall(f.read())}
+    except (OSError, ValueError):
+        return {}
 
 
 def _quoted(value: str) -> str:
