@@ -16,6 +16,7 @@ import difflib
 import logging
 import os
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "ApiSettings",
     "BudgetSettings",
     "LimitSettings",
+    "NotifySettings",
     "OutputSettings",
     "PriceOverride",
     "RetrySettings",
@@ -38,6 +40,7 @@ __all__ = [
     "find_config_file",
     "load_settings",
     "read_api_key",
+    "read_notify_url",
 ]
 
 logger = logging.getLogger("nanobatch")
@@ -134,6 +137,16 @@ class BatchSettings(_Section):
 class OutputSettings(_Section):
     dir: str = "out"
     upload_to: str | None = None  # s3://, gs://, az:// prefix: each finished image is also PUT there
+    # --metrics-file: a Prometheus textfile (node_exporter's textfile collector), ``{job}`` the manifest's name.
+    metrics_file: str | None = None
+
+
+class NotifySettings(_Section):
+    """The end-of-run webhook: the variable holding its URL (a secret, like the key), and how it is posted."""
+
+    url_env: str = "NANOBATCH_NOTIFY_URL"
+    timeout_s: float = Field(10.0, gt=0, le=300)  # all attempts together: the run's exit waits no longer
+    payload: Literal["full", "text"] = "full"  # text: {"text": ...} alone, for chats that refuse other fields
 
 
 class TierPrice(_Section):
@@ -159,6 +172,7 @@ class Settings(_Section):
     budget: BudgetSettings = BudgetSettings()
     output: OutputSettings = OutputSettings()
     batch: BatchSettings = BatchSettings()
+    notify: NotifySettings = NotifySettings()
     pricing: dict[str, PriceOverride] = {}
 
     def gate_limits(self) -> tuple[int, float | None]:
@@ -222,7 +236,7 @@ def load_settings(
                     from_env[(section, name)] = variable
     settings = _validate(data, source=str(path) if path else "environment", from_env=from_env)
     # A misspelt variable must not silently drop a setting (NANOBATCH_BUDGET_MAX_COST: no budget at all).
-    known = {*variables, "NANOBATCH_API_KEY", settings.api.api_key_env}
+    known = {*variables, "NANOBATCH_API_KEY", settings.api.api_key_env, settings.notify.url_env}
     for name in sorted(env):
         if name.startswith("NANOBATCH_") and name not in known:
             raise ConfigError(
@@ -256,6 +270,30 @@ def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> st
             _check_key(name, value)
             return value
     return None
+
+
+def read_notify_url(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The end-of-run webhook's URL from the variable ``notify.url_env`` names; None if it is unset or empty.
+
+    The URL is a secret (a chat webhook's URL is its credential): a value that is no http(s) URL is refused
+    with a ConfigError that names the variable, never the value.
+    """
+    env = os.environ if env is None else env
+    variable = settings.notify.url_env
+    value = env.get(variable, "").strip()
+    if not value:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(value)
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed [ in the host
+        usable = False
+    if not usable or any(not "!" <= char <= "~" for char in value):
+        raise ConfigError(
+            f"{variable} does not hold an http(s) URL on one line (the value is not shown): set it to the "
+            "webhook's URL, or unset it to post nothing at the end of a run"
+        )
+    return value
 
 
 def _check_key(variable: str, key: str) -> None:

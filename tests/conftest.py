@@ -26,9 +26,9 @@ T = TypeVar("T")
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No test sees the developer's keys, config or current folder."""
+    """No test sees the developer's keys, config, OpenTelemetry set-up or current folder."""
     for name in list(os.environ):
-        if name.startswith("NANOBATCH_") or name in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
+        if name.startswith(("NANOBATCH_", "OTEL_")) or name in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
             monkeypatch.delenv(name)
     work = tmp_path / "cwd"
     work.mkdir()

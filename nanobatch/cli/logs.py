@@ -34,22 +34,22 @@ def _ours(record: logging.LogRecord) -> bool:
 
 
 class _Redact(logging.Filter):
-    """Defence in depth: no log line may carry the API key, whoever wrote it."""
+    """Defence in depth: no log line may carry the API key or the notify webhook's URL, whoever wrote it."""
 
-    def __init__(self, secret: str | None) -> None:
+    def __init__(self, *secrets: str | None) -> None:
         super().__init__()
-        self.secret = secret
+        self.secrets = [secret for secret in secrets if secret]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secret:
-            return True
-        if self.secret in record.getMessage():
-            record.msg = record.getMessage().replace(self.secret, "[redacted]")
-            record.args = ()
-        if record.exc_info and not record.exc_text:  # a traceback is written from exc_text once that is set
+        for secret in self.secrets:
+            if secret in record.getMessage():
+                record.msg = record.getMessage().replace(secret, "[redacted]")
+                record.args = ()
+        if self.secrets and record.exc_info and not record.exc_text:  # a traceback is written from exc_text
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text and self.secret in record.exc_text:
-            record.exc_text = record.exc_text.replace(self.secret, "[redacted]")
+        for secret in self.secrets:
+            if record.exc_text and secret in record.exc_text:
+                record.exc_text = record.exc_text.replace(secret, "[redacted]")
         return True
 
 
@@ -155,9 +155,10 @@ def _install(handler: logging.Handler) -> None:
 
 
 def install_redaction(settings: Settings) -> None:
-    """Take the API key out of every line written, whoever wrote it (nanobatch or another library)."""
-    from ..config import read_api_key
+    """Take the API key and the notify webhook's URL out of every line written, whoever wrote it (nanobatch
+    or another library)."""
+    from ..config import read_api_key, read_notify_url
 
-    secret = read_api_key(settings)
+    redact = _Redact(read_api_key(settings), read_notify_url(settings))
     for handler in logging.getLogger("nanobatch").handlers:
-        handler.filters[:] = [f for f in handler.filters if not isinstance(f, _Redact)] + [_Redact(secret)]
+        handler.filters[:] = [f for f in handler.filters if not isinstance(f, _Redact)] + [redact]

@@ -92,6 +92,12 @@ _skip_bad_inputs = click.option(
     "(batch.fallback_tier), e.g. 6h.",
 )
 @click.option("--report", "write_html", is_flag=True, help="Write OUT_DIR/report.html at the end of the run.")
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False),
+    help="Keep a Prometheus textfile (node_exporter's textfile collector; name ending in .prom) of the run's "
+    "counts, cost and last success (output.metrics_file).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
 @_skip_bad_inputs
 @click.option(

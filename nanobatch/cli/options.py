@@ -104,6 +104,7 @@ def settings_from(config_file: str | None, **flags: Any) -> Settings:
             "batch.deadline_s": flags.get("batch_deadline"),
             "budget.max_cost_usd": flags.get("max_cost"),
             "budget.max_requests": flags.get("max_requests"),
+            "output.metrics_file": flags.get("metrics_file"),
         },
     )
 

@@ -40,6 +40,7 @@ from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsav
 from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
+from .observer import Observer
 from .route import Route
 from .stats import RunStats
 from .steps import Steps
@@ -86,6 +87,7 @@ class Engine:
         failures: FailureLog,
         stats: RunStats,
         run_id: str,
+        observer: Observer,
     ) -> None:
         self.batch_route = batch_route  # for items in the batch tier, and requests waiting in its jobs
         self.gate = gate
@@ -102,8 +104,9 @@ class Engine:
         self.failures = failures
         self.stats = stats
         self.run_id = run_id
+        self.observer = observer  # told of each request's end (metrics, OpenTelemetry)
         self.steps = Steps(settings=settings, gate=gate, route=route, batch_route=batch_route, retry=retry,
-                           journal=out.journal, failures=failures, stats=stats)  # fmt: skip
+                           journal=out.journal, failures=failures, stats=stats, observer=observer)  # fmt: skip
         self.work_scope = anyio.CancelScope()
         # Inputs hashed for their work key are kept, up to the per-image limit, so they are not read again.
         self._keep_up_to = inputs.max_input_bytes

@@ -40,6 +40,7 @@ from .engine import Engine
 from .failures import FailureLog
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact
+from .observer import Observer
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
@@ -126,12 +127,18 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     stats = _stats(stats, checked)
     clock = RunClock.now()
     out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
-    async with out.hold(wait=options.wait_lock, handle_signals=options.handle_signals), AsyncExitStack() as stack:
+    observer = Observer.for_run(settings, job=manifest.name, out_dir=out.path, run_id=out.journal.run_id,
+                                stats=stats, clock=clock)  # fmt: skip
+    async with (
+        observer.reporting(),  # a run that ends by an exception is told of too
+        out.hold(wait=options.wait_lock, handle_signals=options.handle_signals),
+        AsyncExitStack() as stack,
+    ):
         index = stack.enter_context(ResultsIndex.load(out.path))
         orphans = out.recover(index)
         # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
         out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
-        engine, batch = await _engine(stack, checked, options, api_key, out, index, stats)
+        engine, batch = await _engine(stack, checked, options, api_key, out, index, stats, observer)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
         await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
@@ -145,9 +152,11 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
-    return RunSummary(
+    result = RunSummary(
         out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
     )
+    await observer.ended(result.outcome, result.exit_code, result.reason)
+    return result
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,6 +188,7 @@ async def _engine(
     out: OutDir,
     index: ResultsIndex,
     stats: RunStats,
+    observer: Observer,
 ) -> tuple[Engine, BatchRoute | None]:
     """The engine, built whole from its parts, and its batch route (None when no item goes in the batch tier)."""
     settings, simulate, transport = checked.settings, options.simulate, options.transport
@@ -210,6 +220,7 @@ async def _engine(
         failures=FailureLog(client.where),
         stats=stats,
         run_id=out.journal.run_id,
+        observer=observer,
     )
     return engine, batch
 
@@ -308,6 +319,7 @@ async def _drive(
         async with anyio.create_task_group() as tg:
             if handle_signals:
                 tg.start_soon(_watch_signals, engine, settings.limits.grace_s)
+            tg.start_soon(engine.observer.refreshing)  # the metrics file, if any
             if settings.limits.max_duration_s is not None:
                 tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
             # The items the check passed, and no more: rows added to a source since then wait for the next

@@ -25,6 +25,7 @@ from ..output.record import Tally
 from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate
+from .observer import Observer
 from .route import Request, Route, Step
 from .stats import RunStats
 
@@ -48,8 +49,10 @@ class Steps:
         journal: Journal,
         failures: FailureLog,
         stats: RunStats,
+        observer: Observer,
     ) -> None:
         self.route = route
+        self.observer = observer
         self.batch_route = batch_route
         self.gate = gate
         self.retry = retry
@@ -211,9 +214,11 @@ class Steps:
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
+        started = anyio.current_time()
         try:
             answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
         except ApiError as exc:
+            self.observer.answered(item.model, started, exc, batch=route.waits_on_disk)
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).
             if journaled and (not exc.sent or exc.status_code not in (None, 200)):
@@ -221,6 +226,7 @@ class Steps:
             raise
         finally:
             self.stats.in_flight = self.gate.in_flight - 1
+        self.observer.answered(item.model, started, answer.reply, batch=route.waits_on_disk)
         if answer.job is not None:
             tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
         return answer.reply

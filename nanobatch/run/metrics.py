@@ -1,0 +1,183 @@
+"""The run's Prometheus textfile (``--metrics-file``, ``output.metrics_file``; docs/observability.md).
+
+node_exporter's textfile collector reads every ``*.prom`` file of its folder each time Prometheus scrapes it, so
+the file is replaced whole, never written in place: a temporary file in the same folder (in nanobatch's reserved
+``.nanobatch-*.tmp`` names, which the collector does not read), renamed over it. A run writes it when it starts,
+every few seconds while it goes and when it ends, however it ends.
+
+The counters are this run's (they start again from 0 at the next run: Prometheus' ``increase()`` and ``rate()``
+take a reset in their stride); ``nanobatch_last_*`` hold across runs: ``nanobatch_last_success_timestamp_seconds``
+is taken over from the file the previous run left, so that a failed run does not hide the last good one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..output.outdir import atomic_write
+
+__all__ = ["Counts", "Ending", "MetricsFile", "metrics_file", "render", "token_kind"]
+
+logger = logging.getLogger("nanobatch")
+
+# The first line of every file nanobatch writes: a file at the path without it is not ours to replace.
+_HEADER = "# nanobatch metrics of job "
+_SAMPLE = re.compile(r"^(nanobatch_last_[a-z_]+)\{[^}]*\} (\S+)$", re.MULTILINE)
+
+# How usageMetadata's token counts are named in the ``kind`` label (others: their name, in snake case).
+_TOKEN_KINDS = {"promptTokenCount": "input", "candidatesTokenCount": "output", "thoughtsTokenCount": "thinking",
+                "cachedContentTokenCount": "cached", "toolUsePromptTokenCount": "tool_use_prompt"}  # fmt: skip
+
+_HELP = {
+    "nanobatch_run_items": ("gauge", "Items of the job this run goes through (those its check passed)."),
+    "nanobatch_items_total": ("counter", "Items this run finished, by status (skipped: done before, nothing sent)."),
+    "nanobatch_requests_total": ("counter", "Requests of this run that ended, by outcome: ok, or the error's kind."),
+    "nanobatch_tokens_total": ("counter", "Tokens of the items this run finished, by kind (input, output, thinking)."),
+    "nanobatch_cost_usd_total": ("counter", "What the items this run finished cost, in US dollars."),
+    "nanobatch_run_in_progress": ("gauge", "1 while the run goes, 0 once it has ended."),
+    "nanobatch_run_start_timestamp_seconds": ("gauge", "When this run started (Unix time)."),
+    "nanobatch_run_duration_seconds": ("gauge", "How long this run has gone, or went."),
+    "nanobatch_last_run_timestamp_seconds": ("gauge", "When the last run that ended, ended (Unix time)."),
+    "nanobatch_last_run_exit_code": ("gauge", "The last ended run's exit code (0 all ok, 1 some items not ok, ...)."),
+    "nanobatch_last_success_timestamp_seconds": ("gauge", "When the last run with exit code 0 ended (Unix time)."),
+}
+
+
+def token_kind(name: str) -> str:
+    """The ``kind`` label of a usageMetadata count: ``promptTokenCount`` -> ``input``."""
+    if name in _TOKEN_KINDS:
+        return _TOKEN_KINDS[name]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name.removesuffix("TokenCount")).lower()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ending:
+    """How a run ended, for the ``nanobatch_last_*`` metrics."""
+
+    exit_code: int
+    at: float  # Unix time
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Counts:
+    """A run's figures at one moment, as the metrics file shows them."""
+
+    items: int
+    statuses: Mapping[str, int]
+    requests: Mapping[str, int]
+    tokens: Mapping[str, int]
+    cost_usd: float
+    started_at: float  # Unix time
+    duration_s: float
+
+
+def metrics_file(setting: str | None, job: str) -> MetricsFile | None:
+    """The run's metrics file (``{job}`` in *setting* is the manifest's name), checked before anything is
+    sent: ConfigError if the collector would not read it, its folder is missing, or a file nanobatch did not
+    write, or another job's, is there."""
+    if not setting:
+        return None
+    path = setting.replace("{job}", job)
+    where = f"the metrics file {path} (output.metrics_file, --metrics-file)"
+    if not path.endswith(".prom"):
+        raise ConfigError(f"{where}: its name must end in .prom, the only files node_exporter's textfile "
+                          "collector reads")  # fmt: skip
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{where}: the folder {folder} does not exist; make it, or give another path")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            before = f.read()
+    except FileNotFoundError:
+        before = None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    if before is not None and not before.startswith(f"{_HEADER}{_quoted(job)}\n"):
+        whose = "another job's" if before.startswith(_HEADER) else "not written by nanobatch"
+        raise ConfigError(f"{where}: the file there is {whose}, and is left as it is: give each job its own "
+                          "file (a {job} in the path stands for the job's name)")  # fmt: skip
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{where}: the folder {folder} is not writable by this user")
+    return MetricsFile(path, job)
+
+
+class MetricsFile:
+    """One job's textfile, rewritten whole at each :meth:`write`; what the file said of earlier runs
+    (``nanobatch_last_*``) when this run first writes it is carried over until this run ends."""
+
+    def __init__(self, path: str, job: str) -> None:
+        self.path = path
+        self.job = job
+        self.last: dict[str, float] | None = None  # read at the first write: the folder is this run's by then
+        self._failing = False
+
+    def write(self, counts: Counts, ending: Ending | None = None) -> None:
+        """Replace the file with *counts* (and *ending*, once the run has ended). A failure is logged (once
+        while it lasts), never raised: the run goes on without its metrics."""
+        if self.last is None:  # not before: a run that waited for the folder's lock takes what the last one left
+            self.last = _last_runs(self.path)
+        if ending is not None:
+            self.last["nanobatch_last_run_timestamp_seconds"] = ending.at
+            self.last["nanobatch_last_run_exit_code"] = ending.exit_code
+            if ending.exit_code == 0:
+                self.last["nanobatch_last_success_timestamp_seconds"] = ending.at
+        text = render(self.job, counts, self.last, running=ending is None)
+        try:
+            atomic_write(self.path, text.encode(), mode=0o644)  # node_exporter reads it as another user
+        except OSError as exc:
+            if not self._failing:
+                logger.warning("cannot write the metrics file %s: %s", self.path, exc.strerror or exc)
+            self._failing = True
+            return
+        self._failing = False
+
+
+def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool) -> str:
+    """The textfile: Prometheus' text exposition format, each sample labelled ``job_name`` with the job's name
+    (not ``job``: Prometheus sets that label to the scrape's own job, node_exporter's, and would rename ours)."""
+    families: dict[str, Iterable[tuple[dict[str, str], float]]] = {
+        "nanobatch_run_items": [({}, counts.items)],
+        "nanobatch_items_total": [({"status": s}, n) for s, n in counts.statuses.items()],
+        "nanobatch_requests_total": [({"outcome": o}, n) for o, n in sorted(counts.requests.items())],
+        "nanobatch_tokens_total": [({"kind": k}, n) for k, n in sorted(counts.tokens.items())],
+        "nanobatch_cost_usd_total": [({}, counts.cost_usd)],
+        "nanobatch_run_in_progress": [({}, int(running))],
+        "nanobatch_run_start_timestamp_seconds": [({}, counts.started_at)],
+        "nanobatch_run_duration_seconds": [({}, counts.duration_s)],
+        **{name: [({}, value)] for name, value in sorted(last.items()) if name in _HELP},
+    }
+    lines = [f"{_HEADER}{_quoted(job)}", f"# written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"]
+    for name, samples in families.items():
+        kind, text = _HELP[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        for labels, value in samples:
+            shown = ",".join(f"{key}={_quoted(label)}" for key, label in {"job_name": job, **labels}.items())
+            lines.append(f"{name}{{{shown}}} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _last_runs(path: str) -> dict[str, float]:
+    """The ``nanobatch_last_*`` samples of the file at *path* (none if there is none, or it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return {name: float(value) for name, value in _SAMPLE.findall(f.read())}
+    except (OSError, ValueError):
+        return {}
+
+
+def _quoted(value: str) -> str:
+    """A label value in the exposition format's quotes and escapes."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value == int(value) and abs(value) < 2**53):
+        return str(int(value))
+    return repr(float(value))

@@ -1,0 +1,157 @@
+"""What a run tells the systems its owner already watches (docs/observability.md): the Prometheus textfile
+(:mod:`.metrics`), OpenTelemetry's GenAI metrics (:mod:`.otel`, with the ``[otel]`` extra) and the end-of-run
+webhook (:mod:`.notify`). Each is optional; with none configured an :class:`Observer` only counts requests.
+
+The runner builds one per run before the output folder is taken (a metrics file or webhook URL that cannot
+be used is a ConfigError before anything is sent), the steps report each request's end to it
+(:meth:`Observer.answered`), and the runner tells it how the run ended (:meth:`Observer.ended`, or
+:meth:`Observer.reporting` for a run that ends by an exception). Nothing it does changes the run's outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..api.gemini import Reply
+from ..config import NotifySettings, Settings, read_notify_url
+from ..errors import ApiError, Interrupted, LockHeld
+from .metrics import Counts, Ending, MetricsFile, metrics_file, token_kind
+from .notify import one_line, post_notice
+from .otel import GenAiMetrics, meter_provider_from_environment
+from .stats import RunStats
+from .summary import RunClock
+
+__all__ = ["STATUSES", "Observer"]
+
+# The item statuses RunStats may count, in the order they are shown; those it does not have are left out.
+STATUSES = ("ok", "failed", "blocked", "rejected", "skipped")
+REFRESH_S = 15.0  # how often the metrics file is rewritten while a run goes
+
+
+class Observer:
+    """One run's metrics file, OpenTelemetry metrics and webhook (each None when not configured)."""
+
+    def __init__(
+        self,
+        *,
+        job: str,
+        tier: str,
+        out_dir: Path,
+        run_id: str,
+        stats: RunStats,
+        clock: RunClock,
+        metrics: MetricsFile | None,
+        otel: GenAiMetrics | None,
+        webhook: str | None,
+        notify: NotifySettings,
+    ) -> None:
+        self.job = job
+        self.tier = tier
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self.stats = stats
+        self.clock = clock
+        self.metrics = metrics
+        self.otel = otel
+        self._webhook = webhook  # a secret: never logged, never in repr
+        self.notify = notify
+        self.requests: Counter[str] = Counter()  # requests that ended, by outcome: ok or the error's kind
+
+    @classmethod
+    def for_run(
+        cls, settings: Settings, *, job: str, out_dir: Path, run_id: str, stats: RunStats, clock: RunClock
+    ) -> Observer:
+        """The run's observer, from *settings* and the environment; ConfigError if its metrics file or webhook
+        URL cannot be used (before anything is sent)."""
+        metrics, webhook = metrics_file(settings.output.metrics_file, job), read_notify_url(settings)
+        found = meter_provider_from_environment(os.environ)  # last: nothing after it may fail
+        return cls(
+            job=job, tier=settings.api.tier, out_dir=out_dir, run_id=run_id, stats=stats, clock=clock,
+            metrics=metrics, webhook=webhook, notify=settings.notify,
+            otel=GenAiMetrics(found[0], backend=settings.api.backend, owned=found[1]) if found else None,
+        )  # fmt: skip
+
+    def answered(self, model: str, started: float, answer: Reply | ApiError, *, batch: bool) -> None:
+        """A request to *model* sent at *started* (the event loop's clock) ended with *answer*; *batch*: it was
+        a batch job's line (whose wait is the job's, not the request's: not timed)."""
+        error = answer.kind if isinstance(answer, ApiError) else None
+        self.requests[error or "ok"] += 1
+        if self.otel is not None:
+            reply = answer.reply if isinstance(answer, ApiError) else answer  # a blocked answer is billed too
+            usage = reply.usage if isinstance(reply, Reply) else None
+            self.otel.record(model, None if batch else anyio.current_time() - started, usage, error)
+
+    async def refreshing(self) -> None:
+        """Rewrite the metrics file now and every :data:`REFRESH_S` seconds (until cancelled)."""
+        while self.metrics is not None:
+            counts = self._counts()
+            await anyio.to_thread.run_sync(self.metrics.write, counts)
+            await anyio.sleep(REFRESH_S)
+
+    async def ended(self, outcome: str, exit_code: int, reason: str | None, *, metrics: bool = True) -> None:
+        """The run ended: the metrics file's last write (unless *metrics* is False), OpenTelemetry's last
+        export and the webhook, each bounded in time; never raises."""
+        now = time.time()
+        if self.metrics is not None and metrics:
+            self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now))
+        async with anyio.create_task_group() as tg:
+            if self.otel is not None:
+                tg.start_soon(anyio.to_thread.run_sync, self.otel.close)  # never raises
+            if self._webhook is not None:
+                notice = self._notice(outcome, exit_code, reason, now)
+                if self.notify.payload == "text":
+                    notice = {"text": notice["text"]}
+                tg.start_soon(lambda: post_notice(self._webhook or "", notice, limit_s=self.notify.timeout_s))
+
+    @asynccontextmanager
+    async def reporting(self) -> AsyncIterator[None]:
+        """Tell of a run that ends by an exception (a full disk, another run holding the folder, a bug) as of
+        any other, then let the exception go on. The folder's metrics file is left to a run holding it."""
+        try:
+            yield
+        except Exception as exc:
+            outcome = "interrupted" if isinstance(exc, Interrupted) else "error"
+            code = getattr(exc, "exit_code", 1)  # as the CLI exits: a bug's traceback exits 1
+            await self.ended(outcome, int(code), str(exc) or type(exc).__name__, metrics=not isinstance(exc, LockHeld))
+            raise
+
+    def _statuses(self) -> dict[str, int]:
+        return {status: getattr(self.stats, status) for status in STATUSES if hasattr(self.stats, status)}
+
+    def _counts(self) -> Counts:
+        tokens = {token_kind(name): n for name, n in self.stats.tokens.items() if name != "totalTokenCount"}
+        return Counts(
+            items=self.stats.total, statuses=self._statuses(), requests=dict(self.requests), tokens=tokens,
+            cost_usd=self.stats.cost_usd, started_at=self.clock.wall, duration_s=self.clock.elapsed(),
+        )  # fmt: skip
+
+    def _notice(self, outcome: str, exit_code: int, reason: str | None, now: float) -> dict[str, Any]:
+        """The webhook's JSON object: the one-line ``text`` and the run's figures."""
+        statuses, duration_s, cost = self._statuses(), self.clock.elapsed(), self.stats.cost_usd
+        stamp = "%Y-%m-%dT%H:%M:%SZ"
+        return {
+            "text": one_line(self.job, outcome, reason, statuses, cost, duration_s),
+            "job": self.job,
+            "outcome": outcome,
+            "exit_code": exit_code,
+            "reason": reason,
+            "counts": {"items": self.stats.total, **statuses},
+            "requests": self.stats.requests,
+            "cost_usd": round(cost, 6),
+            "tier": self.tier,
+            "started_at": time.strftime(stamp, time.gmtime(self.clock.wall)),
+            "finished_at": time.strftime(stamp, time.gmtime(now)),
+            "duration_s": round(duration_s, 3),
+            "out_dir": str(self.out_dir),
+            "run": self.run_id,
+            "host": socket.gethostname(),
+        }
