@@ -13,15 +13,18 @@ is taken over from the file the previous run left, so that a failed run does not
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from ..output.outdir import atomic_write
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = ["Counts", "Ending", "MetricsFile", "metrics_file", "render", "token_kind"]
 
@@ -140,8 +143,10 @@ class MetricsFile:
 
 
 def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool) -> str:
-    """The textfile: Prometheus' text exposition format, each sample labelled ``job_name`` with the job's name
-    (not ``job``: Prometheus sets that label to the scrape's own job, node_exporter's, and would rename ours)."""
+    """The textfile, in Prometheus' text exposition format as prometheus-client writes it, each sample labelled
+    ``job_name`` with the job's name (not ``job``: Prometheus sets that label to the scrape's own job,
+    node_exporter's, and would rename ours). Its first line marks the file as this job's (see
+    :func:`metrics_file`)."""
     families: dict[str, Iterable[tuple[dict[str, str], float]]] = {
         "nanobatch_run_items": [({}, counts.items)],
         "nanobatch_items_total": [({"status": s}, n) for s, n in counts.statuses.items()],
@@ -153,14 +158,31 @@ def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool
         "nanobatch_run_duration_seconds": [({}, counts.duration_s)],
         **{name: [({}, value)] for name, value in sorted(last.items()) if name in _HELP},
     }
-    lines = [f"{_HEADER}{_quoted(job)}", f"# written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"]
-    for name, samples in families.items():
-        kind, text = _HELP[name]
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        for labels, value in samples:
-            shown = ",".join(f"{key}={_quoted(label)}" for key, label in {"job_name": job, **labels}.items())
-            lines.append(f"{name}{{{shown}}} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    # Imported here: a run without a metrics file does not pay for prometheus-client's import (~60 ms).
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(job, families))  # a Collector is anything with collect()
+    head = f"{_HEADER}{_quoted(job)}\n# written {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+    return head + generate_latest(registry).decode()
+
+
+class _Families:
+    """The run's samples as metric families, for prometheus-client's writer."""
+
+    def __init__(self, job: str, families: Mapping[str, Iterable[tuple[dict[str, str], float]]]) -> None:
+        self.job = job
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import Metric
+
+        for name, samples in self.families.items():
+            kind, text = _HELP[name]
+            family = Metric(name.removesuffix("_total") if kind == "counter" else name, text, kind)
+            for labels, value in samples:
+                family.add_sample(name, {"job_name": self.job, **labels}, float(value))
+            yield family
 
 
 def _last_runs(path: str) -> dict[str, float]:
@@ -175,9 +197,3 @@ def _last_runs(path: str) -> dict[str, float]:
 def _quoted(value: str) -> str:
     """A label value in the exposition format's quotes and escapes."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int) or (math.isfinite(value) and value == int(value) and abs(value) < 2**53):
-        return str(int(value))
-    return repr(float(value))
