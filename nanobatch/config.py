@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import models
 from .errors import ConfigError, not_utf8
+from .qa import QaFields
 from .safe_yaml import load_yaml
 
 __all__ = [
@@ -143,6 +144,8 @@ class Settings(_Section):
     budget: BudgetSettings = BudgetSettings()
     output: OutputSettings = OutputSettings()
     batch: BatchSettings = BatchSettings()
+    # The output checks every item's final image must pass, unless its manifest says otherwise (docs/qa.md).
+    qa: QaFields = QaFields()
     pricing: dict[str, PriceOverride] = {}
 
     def gate_limits(self) -> tuple[int, float | None]:
@@ -193,7 +196,7 @@ def load_settings(
     variables = ["NANOBATCH_CONFIG"]
     for section, model in Settings.model_fields.items():
         annotation = model.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, _Section)):
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             continue
         for name in annotation.model_fields:
             variable = f"NANOBATCH_{section}_{name}".upper()

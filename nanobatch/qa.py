@@ -1,7 +1,8 @@
 """Output checks: the ``qa:`` settings (config file, manifest, ``defaults:``, item; the nearest wins, key by key)
 and a check's verdict on one image (:func:`nanobatch.checks.check_image` measures it).
 
-A skeleton of the contract between the settings, the checks and the run; see DESIGN.md's contract additions.
+The contract between the settings, the checks and the run (DESIGN.md's contract additions); every key, its
+default and how each check measures are described in docs/qa.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class QaFields(BaseModel):
 
     background: Literal["white", "any"] | None = None
     min_fill: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_side: int | None = Field(default=None, ge=1)
+    min_side: int | None = Field(default=None, ge=1, le=16384)
     aspect: bool | None = None
     changed: bool | None = None
     same_subject: bool | None = None
