@@ -22,7 +22,6 @@ def stem_of(output: str | None, item_id: str) -> str:
     return output[: -len(suffix)] if suffix.lower() in IMAGE_SUFFIXES else output
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkItem:
     """One unit of work, fully resolved: what to send, in order, and where the result goes.

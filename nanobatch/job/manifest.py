@@ -39,6 +39,7 @@ from .sources import GlobSource, InlineSource, RawItem, Source
 
 __all__ = ["Manifest", "load_manifest"]
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
     """A loaded manifest. Iterate :meth:`items` for the work, :meth:`check` to validate it all."""

@@ -20,6 +20,13 @@ FAULT_KINDS: dict[str, str] = {
     "text_only": "rate_text_only",
     "blocked": "rate_blocked",
     "bad_image": "rate_bad_image",
+    # A 200 with a bad image for the output checks (see simulator/flaws.py).
+    "qa_grey": "rate_qa_grey",
+    "qa_small_subject": "rate_qa_small_subject",
+    "qa_unchanged": "rate_qa_unchanged",
+    "qa_other_product": "rate_qa_other_product",
+    "qa_small_output": "rate_qa_small_output",
+    "qa_wrong_shape": "rate_qa_wrong_shape",
 }
 
 # Batch faults (``--batch-fault KIND=RATE``): per job, except line_error (per line of a job's input).
@@ -59,6 +66,13 @@ class SimulatorConfig:
     rate_blocked: float = 0.0
     # 200 whose image is cut off half way, as a proxy that truncates answers sends it.
     rate_bad_image: float = 0.0
+    # 200s whose image fails an output check (grey background, small subject, ...: simulator/flaws.py).
+    rate_qa_grey: float = 0.0
+    rate_qa_small_subject: float = 0.0
+    rate_qa_unchanged: float = 0.0
+    rate_qa_other_product: float = 0.0
+    rate_qa_small_output: float = 0.0
+    rate_qa_wrong_shape: float = 0.0
     rpm_limit: int | None = None
     daily_limit: int | None = None
     api_key: str | None = None
