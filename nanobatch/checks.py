@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageChops
 
 from .qa import QA_CHECKS, QaSettings, Verdict
 
@@ -38,15 +38,17 @@ CROP_EDGE = 32  # ``same_subject`` compares the subjects' crops, padded square, 
 SAME_SUBJECT_MIN = 0.5  # the least correlation of the two crops that is still the same subject
 ASPECT_SLACK = 0.02  # ``aspect``: allowed error of log(width / height), besides rounding each side to 16 px
 
-Pixels = npt.NDArray[np.int16]
+Pixels = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
 class _Look:
-    """An image decoded small: its pixels, its band's median colour, its subject's mask and box (y0, y1, x0, x1)."""
+    """An image decoded small (and its pixels), its band's median colour, its subject's mask and box (y0, y1, x0,
+    x1; ends excluded)."""
 
+    image: Image.Image
     pixels: Pixels
-    background: Pixels
+    background: tuple[int, int, int]
     mask: npt.NDArray[np.bool_]
     box: tuple[int, int, int, int] | None
 
@@ -95,7 +97,7 @@ def _check_look(
     with Image.open(io.BytesIO(original)) as image:
         before = _look(image)
     if settings.changed:
-        values["changed"] = round(_changed_share(before.pixels, look.pixels), 3)
+        values["changed"] = round(_changed_share(before.image, look.image), 3)
         _fail_if(failed, "changed", values["changed"] < CHANGED_MIN_SHARE)
     if settings.same_subject:
         values["same_subject"] = round(_resemblance(before, look), 3)
@@ -126,10 +128,12 @@ def _look(image: Image.Image) -> _Look:
     factor = max(small.size) // WORK_EDGE
     if factor > 1:
         small = small.reduce(factor)  # a box average: noise and JPEG ringing average out
-    pixels = np.asarray(small, dtype=np.int16)
-    background = np.median(_band(pixels), axis=0).astype(np.int16)
-    mask = _largest_channel(np.abs(pixels - background)) > SUBJECT_DIFF
-    return _Look(pixels=pixels, background=background, mask=mask, box=_box(mask))
+    small.load()
+    pixels = np.asarray(small)
+    red, green, blue = (int(v) for v in np.median(_band(pixels), axis=0))
+    difference = np.asarray(ImageChops.difference(small, Image.new("RGB", small.size, (red, green, blue))))
+    mask = _largest_channel(difference) > SUBJECT_DIFF
+    return _Look(image=small, pixels=pixels, background=(red, green, blue), mask=mask, box=_box(mask))
 
 
 def _band(pixels: Pixels) -> Pixels:
@@ -168,14 +172,15 @@ def _fill(look: _Look) -> float:
     return float(max((y1 - y0) / height, (x1 - x0) / width))
 
 
-def _changed_share(before: Pixels, after: Pixels) -> float:
+def _changed_share(before: Image.Image, after: Image.Image) -> float:
     """The share of pixels that differ noticeably between the two images, at a small common size. The input is
     taken both whole and cropped to the output's shape (the model may have cropped it); the lesser share counts."""
-    target = _resized(after, (COMPARE_EDGE, COMPARE_EDGE))
+    size = (COMPARE_EDGE, COMPARE_EDGE)
+    target = np.asarray(after.resize(size, Image.Resampling.BOX), dtype=np.int16)
     shares = []
-    for framing in (before, _cropped_to(before, after.shape[1] / after.shape[0])):
-        diff = _largest_channel(np.abs(_resized(framing, (COMPARE_EDGE, COMPARE_EDGE)) - target))
-        shares.append(float((diff > CHANGED_DIFF).mean()))
+    for framing in (before, before.crop(_centre_box(before.size, after.width / after.height))):
+        diff = np.abs(np.asarray(framing.resize(size, Image.Resampling.BOX), dtype=np.int16) - target)
+        shares.append(float((_largest_channel(diff) > CHANGED_DIFF).mean()))
     return min(shares)
 
 
@@ -184,6 +189,8 @@ def _resemblance(before: _Look, after: _Look) -> float:
     pixels where either has its subject: the blank both share would make any two products look alike."""
     (first, first_mask), (second, second_mask) = _subject_crop(before), _subject_crop(after)
     where = first_mask | second_mask
+    if not where.any():
+        return 0.0  # neither has a subject (a flat picture): nothing resembles nothing
     first, second = first[where] - first[where].mean(), second[where] - second[where].mean()
     norm = math.sqrt(float((first * first).sum()) * float((second * second).sum()))
     return float((first * second).sum()) / norm if norm > 0 else 0.0
@@ -191,7 +198,7 @@ def _resemblance(before: _Look, after: _Look) -> float:
 
 def _subject_crop(look: _Look) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
     """The subject's box in grey, its background white, in the middle of a white square; and where it is subject."""
-    grey = look.pixels @ np.array([0.299, 0.587, 0.114])
+    grey = np.asarray(look.image.convert("L"), dtype=np.float64)  # a copy: writable
     grey[~look.mask] = 255.0  # every background the same white, so a new background does not count
     y0, y1, x0, x1 = look.box or (0, grey.shape[0], 0, grey.shape[1])
     crop = grey[y0:y1, x0:x1]
@@ -204,21 +211,16 @@ def _subject_crop(look: _Look) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.
     return small, small < 255.0 - SUBJECT_DIFF / 2
 
 
-def _cropped_to(pixels: Pixels, ratio: float) -> Pixels:
-    """The middle of *pixels* with the shape *ratio* (width / height), as a centre crop takes it."""
-    height, width = pixels.shape[:2]
+def _centre_box(size: tuple[int, int], ratio: float) -> tuple[int, int, int, int]:
+    """The middle of an image of *size* with the shape *ratio* (width / height), as a centre crop takes it."""
+    width, height = size
     if width / height > ratio:
         keep = max(1, round(height * ratio))
-        return pixels[:, (width - keep) // 2 : (width - keep) // 2 + keep]
+        return (width - keep) // 2, 0, (width - keep) // 2 + keep, height
     keep = max(1, round(width / ratio))
-    return pixels[(height - keep) // 2 : (height - keep) // 2 + keep]
+    return 0, (height - keep) // 2, width, (height - keep) // 2 + keep
 
 
-def _largest_channel(pixels: Pixels) -> Pixels:
+def _largest_channel(pixels: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Each pixel's largest channel (numpy's ``max(axis=2)`` is ten times slower over three values)."""
-    return np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2])
-
-
-def _resized(pixels: Pixels, size: tuple[int, int]) -> Pixels:
-    image = Image.fromarray(pixels.astype(np.uint8)).resize(size, Image.Resampling.BOX)
-    return np.asarray(image, dtype=np.int16)
+    return np.asarray(np.maximum(np.maximum(pixels[..., 0], pixels[..., 1]), pixels[..., 2]))

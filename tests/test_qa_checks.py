@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from nanobatch.checks import check_image
-from nanobatch.models import MODELS, pixel_size
+from nanobatch.models import MARKETPLACE_RULES, MODELS, pixel_size
 from nanobatch.qa import QA_CHECKS, QaSettings
 from nanobatch.simulator import SimulatorConfig, create_app
 
@@ -206,3 +207,33 @@ def test_checks_give_the_same_verdicts_from_many_threads() -> None:
     expected = verdicts()
     with ThreadPoolExecutor(4) as pool:
         assert all(found == expected for found in pool.map(lambda _: verdicts(), range(8)))
+
+
+def test_the_marketplace_rules_are_facts_with_sources_and_the_checks_can_hold_them() -> None:
+    for rules in MARKETPLACE_RULES.values():
+        assert rules.sources and all(source.startswith("https://") for source in rules.sources)
+        assert any(re.search(r"\(\d{4}-\d{2}-\d{2}\)", source) for source in rules.sources)
+    amazon = MARKETPLACE_RULES["amazon"]
+    settings = QaSettings(background="white", min_fill=amazon.min_fill, min_side=amazon.zoom_long_side)
+    small_on_white = encode(white_product((1200, 1200), (0.15, 0.1, 0.85, 0.9)))  # spans 80% of the height
+    assert check_image(small_on_white, original=None, aspect_ratio=None, settings=settings).failed == ("min_fill",)
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt"),
+    [
+        pytest.param(Image.new("RGB", (1, 1), "white"), "PNG", id="one-pixel"),
+        pytest.param(Image.new("RGB", (16, 16), (200, 30, 30)), "PNG", id="flat-colour"),
+        pytest.param(Image.new("L", (300, 200), 255), "JPEG", id="grey-jpeg"),
+        pytest.param(Image.new("RGBA", (64, 64), (0, 0, 0, 0)), "PNG", id="transparent"),
+        pytest.param(Image.new("P", (64, 64)), "GIF", id="palette"),
+        pytest.param(Image.new("RGB", (3000, 40), "white"), "WEBP", id="webp-strip"),
+        pytest.param(Image.new("CMYK", (100, 100)), "JPEG", id="cmyk"),
+    ],
+)
+def test_any_picture_gets_a_verdict(image: Image.Image, fmt: str) -> None:
+    """Tiny, flat, grey, transparent, palette and CMYK pictures are measured, never a crash or a warning."""
+    picture = encode(image, fmt)
+    verdict = check_image(picture, original=picture, aspect_ratio="1:1", settings=ALL)
+    assert verdict.values["width"] == image.width and "same_subject" in verdict.values
+    assert "changed" in verdict.failed  # the same bytes are never an edit
