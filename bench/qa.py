@@ -80,7 +80,7 @@ def bench_qa(b: Bench) -> None:
     off_ms, on_ms = off["cpu_s"] / n * 1000, on["cpu_s"] / n * 1000
     b.add(
         SECTION,
-        f"run CPU per 2K JPEG answer, qa: on vs off, c={concurrency}",
+        f"run CPU per 2K JPEG answer, the manifest's qa: on vs off, c={concurrency}",
         f"**{on_ms:.1f} ms** vs {off_ms:.1f} ms = **{on_ms / off_ms:.2f}x** (wall {on['wall_s']:.1f} s vs "
         f"{off['wall_s']:.1f} s)",
         "<= 1.2x",

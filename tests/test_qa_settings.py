@@ -162,10 +162,21 @@ def test_validate_and_run_exit_2_before_sending_anything(tmp_path: Path, capsys:
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
-def test_the_config_files_checks_reach_the_items_of_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """validate shows nothing of it, but a bad value from the config file is refused by both commands."""
+def test_a_bad_check_in_the_config_file_stops_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = job(tmp_path, {"items": [{"id": "a", "image": "a.png"}]})
     config = tmp_path / "bad.yaml"
     config.write_text("qa:\n  min_fill: 7\n")
     assert main(["validate", str(path), "--config", str(config)]) == 2
     assert "qa.min_fill" in capsys.readouterr().err
+
+
+def test_a_run_and_the_cli_load_the_manifest_under_the_config_files_checks(tmp_path: Path) -> None:
+    from nanobatch.cli.options import manifest_from
+    from nanobatch.run.preflight import load_job
+
+    path = job(tmp_path, {"qa": {"min_fill": 0.8}, "items": [{"id": "a", "image": "a.png"}]})
+    settings = load_settings(None, env={"NANOBATCH_QA_BACKGROUND": "white"})
+    expected = QaSettings(background="white", min_fill=0.8)
+    manifest, _ = load_job(path, settings)
+    assert next(manifest.items()).qa == expected
+    assert next(manifest_from(str(path), settings, None).items()).qa == expected
