@@ -40,6 +40,18 @@ ASPECT_SLACK = 0.02  # ``aspect``: allowed error of log(width / height), besides
 
 Pixels = npt.NDArray[np.uint8]
 
+# EXIF orientation -> the turn that makes the picture upright (as a viewer, and the model, shows it).
+_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 
 @dataclass(frozen=True, slots=True)
 class _Look:
@@ -124,10 +136,13 @@ def _look(image: Image.Image) -> _Look:
     if image.format == "JPEG" and scale < 1:
         # The decoder takes the smallest DCT scale (1/2..1/8) that keeps half of WORK_EDGE: 2048 -> 256, 1600 -> 200.
         image.draft("RGB", (max(1, round(width * scale / 2)), max(1, round(height * scale / 2))))
+    turn = _UPRIGHT.get(image.getexif().get(_ORIENTATION, 1))  # a phone photo stored sideways
     small = image if image.mode == "RGB" else image.convert("RGB")
     factor = max(small.size) // WORK_EDGE
     if factor > 1:
         small = small.reduce(factor)  # a box average: noise and JPEG ringing average out
+    if turn is not None:
+        small = small.transpose(turn)
     small.load()
     pixels = np.asarray(small)
     red, green, blue = (int(v) for v in np.median(_band(pixels), axis=0))

@@ -237,3 +237,15 @@ def test_any_picture_gets_a_verdict(image: Image.Image, fmt: str) -> None:
     verdict = check_image(picture, original=picture, aspect_ratio="1:1", settings=ALL)
     assert verdict.values["width"] == image.width and "same_subject" in verdict.values
     assert "changed" in verdict.failed  # the same bytes are never an edit
+
+
+def test_an_input_stored_sideways_is_compared_upright() -> None:
+    """A phone photo's EXIF orientation turns it as every viewer (and the model) shows it."""
+    upright = bottle((1200, 900))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show"
+    sideways = encode(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif)
+    output = encode(bottle((1200, 900), (255, 255, 255)), "JPEG", quality=90)
+    settings = QaSettings(same_subject=True, changed=True)
+    verdict = check_image(output, original=sideways, aspect_ratio=None, settings=settings)
+    assert verdict.passed and verdict.values["same_subject"] > 0.9, verdict.values
