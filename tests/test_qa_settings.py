@@ -104,7 +104,8 @@ def test_the_checks_are_not_part_of_the_work_key(tmp_path: Path) -> None:
             'did you mean "same_subject"',
             id="item-key",
         ),
-        pytest.param({"qa": {"min_fill": 1.5}}, None, "qa.min_fill", "less than or equal to 1", id="fill-over-1"),
+        pytest.param({"qa": {"min_fill": 1.5}}, None, "qa.min_fill", "share of the frame, from 0 to 1", id="fill-1.5"),
+        pytest.param({"qa": {"min_fill": 85}}, None, "qa.min_fill", "write 0.85 for 85%", id="fill-percent"),
         pytest.param({"qa": {"background": "grey"}}, None, "qa.background", "'white' or 'any'", id="background"),
         pytest.param(
             {"items": [{"id": "a", "image": "a.png", "qa": {"retries": -1}}]},
@@ -143,7 +144,7 @@ def test_the_config_file_refuses_unknown_checks_with_a_hint(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r'qa\.min_sides: unknown setting \(did you mean "min_side"\?\)'):
         load_settings(config, env={})
     config.write_text("qa:\n  min_fill: -0.1\n")
-    with pytest.raises(ConfigError, match=r"qa\.min_fill: Input should be greater than or equal to 0"):
+    with pytest.raises(ConfigError, match=r"qa\.min_fill: Value error, min_fill is a share of the frame, from 0 to 1"):
         load_settings(config, env={})
 
 
