@@ -1,4 +1,4 @@
-"""nanobatch benchmarks (issues #4, #5 and #15): ``make bench``, or ``python bench/run.py [--quick]``.
+"""nanobatch benchmarks (issues #4, #5, #15 and #23): ``make bench``, or ``python bench/run.py [--quick]``.
 
 Section 0 ("peers", ``_peers.py``) measures nanobatch against the scripts a user would write instead
 (aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into README.md's
@@ -35,8 +35,9 @@ from _peers import SECTION as PEERS_SECTION
 from _peers import bench_peers
 from _report import table, update_readme, write_results
 from _server import SimulatorProcess
+from qa import bench_qa
 
-SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets")
+SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets", "qa")
 README = HERE.parent / "README.md"
 
 
@@ -382,6 +383,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "resume": bench_resume,
     "batch": bench_batch,
     "buckets": bench_buckets,
+    "qa": bench_qa,
 }
 
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from . import models
 from .errors import ConfigError, not_utf8
+from .qa import QaFields
 from .safe_yaml import load_yaml
 
 __all__ = [
@@ -173,6 +174,8 @@ class Settings(_Section):
     output: OutputSettings = OutputSettings()
     batch: BatchSettings = BatchSettings()
     notify: NotifySettings = NotifySettings()
+    # The output checks every item's final image must pass, unless its manifest says otherwise (docs/qa.md).
+    qa: QaFields = QaFields()
     pricing: dict[str, PriceOverride] = {}
 
     def gate_limits(self) -> tuple[int, float | None]:
@@ -223,7 +226,7 @@ def load_settings(
     variables = ["NANOBATCH_CONFIG"]
     for section, model in Settings.model_fields.items():
         annotation = model.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, _Section)):
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             continue
         for name in annotation.model_fields:
             variable = f"NANOBATCH_{section}_{name}".upper()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .qa import QaSettings
+if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `status` (through names) must not
+    from .qa import QaSettings
 
 __all__ = ["IMAGE_SUFFIXES", "WorkItem", "stem_of"]
 
@@ -20,7 +21,6 @@ def stem_of(output: str | None, item_id: str) -> str:
         return item_id
     suffix = os.path.splitext(output)[1]
     return output[: -len(suffix)] if suffix.lower() in IMAGE_SUFFIXES else output
-
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

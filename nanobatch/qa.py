@@ -1,7 +1,8 @@
 """Output checks: the ``qa:`` settings (config file, manifest, ``defaults:``, item; the nearest wins, key by key)
 and a check's verdict on one image (:func:`nanobatch.checks.check_image` measures it).
 
-A skeleton of the contract between the settings, the checks and the run; see DESIGN.md's contract additions.
+The contract between the settings, the checks and the run (DESIGN.md's contract additions); every key, its
+default and how each check measures are described in docs/qa.md.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["QA_CHECKS", "QaFields", "QaSettings", "Verdict"]
 
@@ -24,12 +25,20 @@ class QaFields(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     background: Literal["white", "any"] | None = None
-    min_fill: float | None = Field(default=None, ge=0.0, le=1.0)
-    min_side: int | None = Field(default=None, ge=1)
+    min_fill: float | None = None  # 0..1, checked below
+    min_side: int | None = Field(default=None, ge=1, le=16384)
     aspect: bool | None = None
     changed: bool | None = None
     same_subject: bool | None = None
     retries: int | None = Field(default=None, ge=0, le=10)
+
+    @field_validator("min_fill")
+    @classmethod
+    def _a_share(cls, value: float | None) -> float | None:
+        if value is not None and not 0.0 <= value <= 1.0:
+            hint = f": write {value / 100:g} for {value:g}%" if 1 < value <= 100 else ""
+            raise ValueError(f"min_fill is a share of the frame, from 0 to 1{hint}")
+        return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -56,7 +56,7 @@ def template_fields(template: str) -> list[str]:
 def fill(template: Any, values: Mapping[str, Any]) -> Any:
     """*template* with its placeholders filled from *values* (strings, and lists of them, recursively).
 
-    A template that is one placeholder alone keeps a list or boolean value as is (JSONL rows).
+    A template that is one placeholder alone keeps a list, boolean or mapping value as is (JSONL rows).
     Raises :class:`MissingPlaceholder` for a name *values* lacks or holds as None or "".
     """
     if not isinstance(values, Values):
@@ -72,6 +72,6 @@ def _fill(template: Any, present: Values) -> Any:
     sole = _SOLE.fullmatch(template)
     if sole:
         value = present[sole.group(1)]
-        if isinstance(value, (list, bool)):
+        if isinstance(value, (list, bool, dict)):
             return value
     return template.format_map(present)

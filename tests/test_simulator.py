@@ -79,7 +79,8 @@ def assert_google_error(response: httpx2.Response, code: int, status: str) -> st
 
 def test_public_names_match_all() -> None:
     public = {name for name in dir(simulator) if not name.startswith("_")} - {"annotations"}
-    modules = {"app", "batch", "config", "errors", "faults", "files", "imaging", "responses", "server", "validation"}
+    modules = {"app", "batch", "config", "errors", "faults", "files", "flaws", "imaging", "responses", "server"}
+    modules |= {"validation"}
     assert sorted(simulator.__all__) == simulator.__all__
     assert public - modules == set(simulator.__all__)
 
@@ -369,6 +370,18 @@ async def test_a_seed_replays_the_same_run() -> None:
     assert first == await run_sequence(config)
     assert first != await run_sequence(SimulatorConfig(seed=43, rate_503=0.2, rate_drop=0.1, rate_no_image=0.1))
     assert len({status for status, _, _ in first}) > 1
+
+
+async def test_a_seed_replays_the_same_bad_images_for_the_output_checks() -> None:
+    config = SimulatorConfig(seed=7, rate_qa_grey=0.3, rate_qa_small_subject=0.3)
+    first = await run_sequence(config)
+    assert first == await run_sequence(config)
+    assert len({digest for _, _, digest in first}) > 1  # good and bad images, in the order the seed draws them
+    app = create_app(config)
+    async with client_for(app) as client:
+        for _ in range(3):
+            await generate(client, body("x", png()))
+    assert set(app.state.stats.faults) <= {"qa_grey", "qa_small_subject"} and app.state.stats.faults
 
 
 async def test_latency_is_slept_scaled_by_time_scale() -> None:

@@ -61,6 +61,7 @@ def test_parse_latency_rejects_nonsense(text: str) -> None:
         (["429=0.1", "drop=0.01"], {"rate_429": 0.1, "rate_drop": 0.01}),
         (["503=0.05,image-safety=0.02"], {"rate_503": 0.05, "rate_image_safety": 0.02}),
         (["NO_IMAGE=0.02", "text_only=0.01"], {"rate_no_image": 0.02, "rate_text_only": 0.01}),
+        (["qa_grey=0.1,qa-wrong-shape=0.2"], {"rate_qa_grey": 0.1, "rate_qa_wrong_shape": 0.2}),
     ],
 )
 def test_parse_fault_rates(values: list[str], expected: dict[str, float]) -> None:
@@ -73,6 +74,7 @@ def test_a_bare_fault_rate_is_split_into_a_mix_that_explicit_kinds_override() ->
     assert rates["rate_503"] == pytest.approx(0.1 * FAULT_MIX["503"])
     assert sum(rates.values()) == pytest.approx(0.1 - 0.1 * FAULT_MIX["drop"] + 0.03)
     assert sum(FAULT_MIX.values()) == pytest.approx(1.0)
+    assert not any(name.startswith("rate_qa_") for name in rates)  # bad images for the checks only when asked
     SimulatorConfig(**rates)
 
 

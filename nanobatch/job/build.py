@@ -15,6 +15,7 @@ from ..errors import Problem
 from ..item import WorkItem
 from ..names import name_length_problem, output_name, text_problem
 from ..pictures import file_problem
+from ..qa import QaFields, QaSettings
 from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, ItemFields
 from .sources import RawItem
 
@@ -26,11 +27,12 @@ SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def build_item(
-    f: ItemFields, given: dict[str, Any], raw: RawItem, *, model: str, base: str, check_files: bool | PictureCheck
-) -> tuple[WorkItem | None, list[Problem]]:
+    f: ItemFields, given: dict[str, Any], raw: RawItem, *, model: str, base: str, check_files: bool | PictureCheck,
+    qa: tuple[QaFields, ...] = (),
+) -> tuple[WorkItem | None, list[Problem]]:  # fmt: skip
     """The item *f* (merged with the defaults; *given*: its fields that are set) of *raw*, or every problem
     with it. *model*: the manifest's, for an item that names none; *base*: the folder inputs resolve against.
-    *check_files* may also read the pictures to check them."""
+    *check_files* may also read the pictures to check them. *qa*: the ``qa:`` layers under the item's own."""
     problems: list[Problem] = []
 
     def bad(fld: str | None, message: str, bad_input: bool = False) -> None:
@@ -51,12 +53,11 @@ def build_item(
         bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
     _check_model_limits(f, models.lookup(model), len(inputs), bad)
     output = _output(f, raw, bad)
-    output_format = (f.output_format or "").lower().replace("jpg", "jpeg") or None
-    if output_format not in (None, "png", "jpeg"):
-        bad("output_format", f"must be png or jpeg, not {f.output_format!r}")
+    output_format = _output_format(f, bad)
     if problems:
         return None, problems
     assert f.id is not None
+    checks = QaSettings.layered(*qa, f.qa)  # None when no check is on: the run then decodes nothing
     return WorkItem(
         id=f.id,
         model=model,
@@ -72,7 +73,15 @@ def build_item(
         resize_inputs=bool(f.resize_inputs),
         input_mode=f.inputs.lower() if f.inputs is not None else None,
         output_format=output_format,
+        qa=checks if checks.active else None,
     ), []
+
+
+def _output_format(f: ItemFields, bad: Callable[[str | None, str], None]) -> str | None:
+    output_format = (f.output_format or "").lower().replace("jpg", "jpeg") or None
+    if output_format not in (None, "png", "jpeg"):
+        bad("output_format", f"must be png or jpeg, not {f.output_format!r}")
+    return output_format
 
 
 def _check_texts(given: dict[str, Any], bad: Callable[[str | None, str], None]) -> None:

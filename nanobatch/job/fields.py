@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import did_you_mean
 from ..errors import Problem
+from ..qa import QaFields
 
 __all__ = ["INPUT_MODES", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "parse_fields"]
 
@@ -38,6 +40,7 @@ class ItemFields(BaseModel):
     resize_inputs: bool | None = None
     inputs: str | None = None  # inline | by_reference | auto (see nanobatch.inputs.remote)
     output_format: str | None = None  # png | jpeg: Vertex AI's imageConfig.imageOutputOptions
+    qa: QaFields | None = None  # the output checks (nanobatch.qa): over the manifest's and the config's, key by key
 
 
 class ManifestFields(BaseModel):
@@ -49,6 +52,7 @@ class ManifestFields(BaseModel):
     defaults: dict[str, Any] = {}
     items: list[Any] | None = None
     items_from: list[Any] | None = None
+    qa: QaFields | None = None
 
 
 def parse_fields(
@@ -77,5 +81,22 @@ def from_pydantic(file: str, item: str | None, err: Any, model: type[BaseModel])
     loc = ".".join(str(p) for p in err["loc"])
     message = err["msg"]
     if err["type"] == "extra_forbidden":
-        message = "unknown field" + did_you_mean(str(err["loc"][-1]), list(model.model_fields))
+        message = "unknown field" + did_you_mean(str(err["loc"][-1]), _field_names(model, err["loc"][:-1]))
     return Problem(file, item, loc, message)
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The fields of the model at *loc* inside *model* (``("qa",)``: QaFields'), for a "did you mean"."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        nested = [t for t in (field.annotation, *typing.get_args(field.annotation)) if _is_model(t)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)

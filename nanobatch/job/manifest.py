@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from ..errors import ManifestError, Problem, not_utf8
 from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
+from ..qa import QaFields
 from ..safe_yaml import load_yaml
 from .build import PictureCheck, build_item
 from .check import CheckReport, check_items
@@ -37,6 +38,7 @@ from .items_from import parse_sources
 from .sources import GlobSource, InlineSource, RawItem, Source
 
 __all__ = ["Manifest", "load_manifest"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
@@ -48,6 +50,8 @@ class Manifest:
     output_dir: Path | None
     defaults: ItemFields
     sources: tuple[Source, ...] = field(default=(), repr=False)
+    # The ``qa:`` layers under the defaults' and the items' own, farthest first: the config file's, the manifest's.
+    qa_layers: tuple[QaFields, ...] = ()
     # Worked out once, not once per item: the absolute folder inputs resolve against, the defaults as a dict.
     _base: str = field(init=False, repr=False, compare=False)
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
@@ -123,11 +127,16 @@ class Manifest:
         if fields is None:
             return None, problems
         merged = _merge(self._defaults, fields)
-        return build_item(merged, _given(merged), raw, model=self.model, base=self._base, check_files=check_files)
+        return build_item(
+            merged, _given(merged), raw, model=self.model, base=self._base, check_files=check_files, qa=self.qa_layers
+        )
 
 
-def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manifest:
-    """Read and check the top level of a manifest and its sources; items are resolved later, one by one."""
+def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None) -> Manifest:
+    """Read and check the top level of a manifest and its sources; items are resolved later, one by one.
+
+    *qa* is the config file's ``qa:`` section: the manifest's, its defaults' and each item's own keys win over it.
+    """
     path = Path(path)
     file = str(path)
     data = _read_mapping(path)
@@ -167,6 +176,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str) -> Manife
         output_dir=(path.parent / top.output_dir) if top.output_dir else None,
         defaults=defaults,
         sources=tuple(sources),
+        qa_layers=tuple(layer for layer in (qa, top.qa) if layer is not None),
     )
 
 
@@ -198,6 +208,8 @@ def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
     if "instruction" in own or "steps" in own:
         data.pop("instruction", None)
         data.pop("steps", None)
+    if "qa" in own and "qa" in data:  # key by key: the item's checks over the defaults'
+        own["qa"] = {**data["qa"], **own["qa"]}
     data.update(own)
     return ItemFields.model_validate(data)
 

@@ -182,7 +182,7 @@ def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | N
     """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
     settings = settings if settings is not None else load_settings()
     if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest, default_model=settings.api.model)
+        manifest = load_manifest(manifest, default_model=settings.api.model, qa=settings.qa)
     return manifest, settings
 
 

@@ -25,6 +25,7 @@ from .batch import BatchService
 from .config import SimulatorConfig
 from .errors import RATE_LIMITS_URL, InvalidRequest, SimulatedDrop, google_error, quota_failure, retry_info
 from .faults import DailyQuota, Draw, SlidingWindow, draw
+from .flaws import QA_FLAWS, flaw_in
 from .imaging import load_canned, render
 from .responses import Usage, blocked_body, finish_body, image_body, text_body
 from .validation import ParsedRequest, parse_request
@@ -340,7 +341,9 @@ class _Simulator:
             return text_body(parsed, chance, TEXT_ONLY_REPLY)
         if "IMAGE" not in parsed.modalities:
             return text_body(parsed, chance, f"Here is how I would do it: {parsed.instruction}")
-        rendered = self._canned
+        # A bad image for the output checks: the item's marker, else a drawn fault (rendered even when canned).
+        flaw = flaw_in(parsed.instruction) or (fault if fault in QA_FLAWS else None)
+        rendered = None if flaw else self._canned
         if rendered is None:
             job = functools.partial(
                 render,
@@ -348,6 +351,7 @@ class _Simulator:
                 image_format=parsed.image_format or self.config.image_format,
                 seed=chance.image_seed,
                 thought_image=chance.thought_image and parsed.model.supports_thinking,
+                flaw=flaw,
             )
             rendered = await anyio.to_thread.run_sync(job)
         self.stats.images += 1

@@ -24,6 +24,13 @@ FAULT_KINDS: dict[str, str] = {
     "spend_rate": "rate_spend_rate",
     "no_credit": "rate_no_credit",
     "no_credit_429": "rate_no_credit_429",
+    # A 200 with a bad image for the output checks (see simulator/flaws.py).
+    "qa_grey": "rate_qa_grey",
+    "qa_small_subject": "rate_qa_small_subject",
+    "qa_unchanged": "rate_qa_unchanged",
+    "qa_other_product": "rate_qa_other_product",
+    "qa_small_output": "rate_qa_small_output",
+    "qa_wrong_shape": "rate_qa_wrong_shape",
 }
 
 # Batch faults (``--batch-fault KIND=RATE``): per job, except line_error (per line of a job's input).
@@ -69,6 +76,13 @@ class SimulatorConfig:
     rate_spend_rate: float = 0.0
     rate_no_credit: float = 0.0
     rate_no_credit_429: float = 0.0
+    # 200s whose image fails an output check (grey background, small subject, ...: simulator/flaws.py).
+    rate_qa_grey: float = 0.0
+    rate_qa_small_subject: float = 0.0
+    rate_qa_unchanged: float = 0.0
+    rate_qa_other_product: float = 0.0
+    rate_qa_small_output: float = 0.0
+    rate_qa_wrong_shape: float = 0.0
     rpm_limit: int | None = None
     daily_limit: int | None = None
     api_key: str | None = None

@@ -23,6 +23,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from ..models import pixel_size
 from .errors import UNPROCESSABLE_IMAGE, InvalidRequest
+from .flaws import GREY, other_product, small_subject, wrong_shape
 from .validation import InputImage, ParsedRequest
 
 __all__ = ["Rendered", "choose_aspect_ratio", "edits_for", "load_canned", "render"]
@@ -96,8 +97,11 @@ def choose_aspect_ratio(requested: str | None, base: Image.Image | None, ratios:
     return min(ratios, key=lambda r: abs(math.log(_ratio(r)) - target))
 
 
-def render(request: ParsedRequest, *, image_format: str, seed: int, thought_image: bool) -> Rendered:
-    """Edit (or generate) the image for *request*. CPU-bound: run it in a worker thread."""
+def render(
+    request: ParsedRequest, *, image_format: str, seed: int, thought_image: bool, flaw: str | None = None
+) -> Rendered:
+    """Edit (or generate) the image for *request*, with *flaw* (a QA_FLAWS kind) if given. CPU-bound: run it in
+    a worker thread."""
     base, overlays = _split_inputs(request.images, request.last_turn)
     try:
         base_rgb = _to_rgb(base.image) if base else None
@@ -105,19 +109,34 @@ def render(request: ParsedRequest, *, image_format: str, seed: int, thought_imag
     except (OSError, ValueError, SyntaxError):
         raise InvalidRequest(UNPROCESSABLE_IMAGE) from None
     ratio = choose_aspect_ratio(request.aspect_ratio, base_rgb, request.model.aspect_ratios)
-    size = pixel_size(ratio, request.image_size or request.model.default_size)
+    size = pixel_size(ratio, "512" if flaw == "qa_small_output" else request.image_size or request.model.default_size)
     if base_rgb is None:
         result = _generate(request.instruction, size, seed)
+    elif flaw == "qa_unchanged":
+        result = ImageOps.fit(base_rgb, size, Image.Resampling.BILINEAR)
     else:
         result = _edit(ImageOps.fit(base_rgb, size, Image.Resampling.BILINEAR), overlay_images, request.instruction)
+    result = _flawed(result, flaw, seed)
     thought = _encode(_draft(result), image_format) if thought_image else None
     return Rendered(
         data=_encode(result, image_format),
         mime_type=f"image/{image_format}",
-        size=size,
+        size=result.size,
         aspect_ratio=ratio,
         thought=thought,
     )
+
+
+def _flawed(image: Image.Image, flaw: str | None, seed: int) -> Image.Image:
+    if flaw == "qa_grey":
+        return _white_background(image, GREY)
+    if flaw == "qa_small_subject":
+        return small_subject(image)
+    if flaw == "qa_other_product":
+        return other_product(image, seed)
+    if flaw == "qa_wrong_shape":
+        return wrong_shape(image)
+    return image
 
 
 def load_canned(path: str) -> Rendered:
@@ -186,15 +205,15 @@ def _paste_overlays(image: Image.Image, overlays: list[Image.Image]) -> None:
         image.paste(thumb, pos, thumb)
 
 
-def _white_background(image: Image.Image) -> Image.Image:
-    """Whiten what looks like background: colours close to the border's that touch the border."""
+def _white_background(image: Image.Image, colour: tuple[int, int, int] = _WHITE) -> Image.Image:
+    """Whiten (or paint *colour*) what looks like background: colours close to the border's that touch it."""
     scale = _ANALYSIS_EDGE / max(image.size)
     small = image.resize(
         (max(8, round(image.width * scale)), max(8, round(image.height * scale))), Image.Resampling.BOX
     )
     mask = _connected_to_border(_similar_to_border(small)).filter(ImageFilter.MaxFilter(3))
     mask = mask.resize(image.size, Image.Resampling.BILINEAR).filter(ImageFilter.GaussianBlur(1))
-    return Image.composite(Image.new("RGB", image.size, _WHITE), image, mask)
+    return Image.composite(Image.new("RGB", image.size, colour), image, mask)
 
 
 def _similar_to_border(small: Image.Image) -> Image.Image:
