@@ -25,14 +25,12 @@ __all__ = [
     "ANSWER_TYPES",
     "DEFAULT_MODEL",
     "LOG_RETENTION_DAYS",
-    "MARKETPLACE_RULES",
     "MODELS",
     "MONEY_ERRORS",
     "STORE_DEFAULT_SINCE",
     "STORE_SOURCES",
     "TIERS",
     "ErrorShape",
-    "ImageRules",
     "Lifecycle",
     "ModelInfo",
     "Pricing",
@@ -341,55 +339,6 @@ _SRC_ANSWER_TYPES = (
     "https://github.com/googleapis/python-genai/issues/1824 (2026-12-06)",
 )
 ANSWER_TYPES = {m: "image/png" if m == "gemini-2.5-flash-image" else "image/jpeg" for m in MODELS}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ImageRules:
-    """What one marketplace asks of a product's main image (None: it sets no such rule), and where it says so.
-
-    ``min_fill`` is the share of the frame the product must span (nanobatch.checks measures the larger of its
-    width's and height's share); ``zoom_long_side`` the long side from which shoppers can zoom."""
-
-    marketplace: str
-    min_long_side: int
-    zoom_long_side: int | None = None
-    white_background: bool = False  # pure white, RGB 255, 255, 255
-    min_fill: float | None = None
-    sources: tuple[str, ...] = ()
-
-
-# Amazon's own page (Seller Central help G1881) needs a seller login to read; its rules are quoted the same by
-# the pages below. eBay's and Google's are their own help pages.
-MARKETPLACE_RULES: dict[str, ImageRules] = {
-    r.marketplace: r
-    for r in (
-        ImageRules(
-            marketplace="amazon",
-            min_long_side=500,
-            zoom_long_side=1000,
-            white_background=True,
-            min_fill=0.85,
-            sources=(
-                "https://sellercentral.amazon.com/help/hub/reference/external/G1881 (quoted by the two below)",
-                "https://help.e-tailize.com/en/expanding-the-checklist-to-amazon-nl-1 (2026-12-06)",
-                "https://www.mercatuslab.com/blog/amazon-product-image-requirements/ (2026-12-06)",
-            ),
-        ),
-        ImageRules(
-            marketplace="ebay",
-            min_long_side=500,
-            sources=("https://www.ebay.com/help/policies/listing-policies/picture-policy?id=4370 (2026-12-06)",),
-        ),
-        ImageRules(
-            marketplace="google_merchant",
-            min_long_side=100,  # 250 x 250 for apparel; a white or transparent background is advised, not required
-            sources=(
-                "https://support.google.com/merchants/answer/6324350 (2026-12-06)",
-                "https://sharpfeed.io/docs/fields/image-link (2026-12-06)",
-            ),
-        ),
-    )
-}
 
 
 def today() -> date:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["QA_CHECKS", "QaFields", "QaSettings", "Verdict"]
+__all__ = ["MARKETPLACE_RULES", "QA_CHECKS", "ImageRules", "QaFields", "QaSettings", "Verdict"]
 
 # Every check, in the order verdicts list them.
 QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_subject")
@@ -96,3 +96,53 @@ class Verdict:
             failed=tuple(map(str, data.get("failed") or ())),
             values=dict(data.get("values") or {}),
         )
+
+
+# -- What marketplaces ask of a main image: the figures the checks' thresholds come from ------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageRules:
+    """What one marketplace asks of a product's main image (None: it sets no such rule), and where it says so.
+
+    ``min_fill`` is the share of the frame the product must span (nanobatch.checks measures the larger of its
+    width's and height's share); ``zoom_long_side`` the long side from which shoppers can zoom."""
+
+    marketplace: str
+    min_long_side: int
+    zoom_long_side: int | None = None
+    white_background: bool = False  # pure white, RGB 255, 255, 255
+    min_fill: float | None = None
+    sources: tuple[str, ...] = ()
+
+
+# Amazon's own page (Seller Central help G1881) needs a seller login to read; its rules are quoted the same by
+# the pages below. eBay's and Google's are their own help pages.
+MARKETPLACE_RULES: dict[str, ImageRules] = {
+    r.marketplace: r
+    for r in (
+        ImageRules(
+            marketplace="amazon",
+            min_long_side=500,
+            zoom_long_side=1000,
+            white_background=True,
+            min_fill=0.85,
+            sources=(
+                "https://sellercentral.amazon.com/help/hub/reference/external/G1881 (quoted by the two below)",
+                "https://help.e-tailize.com/en/expanding-the-checklist-to-amazon-nl-1 (2026-12-06)",
+                "https://www.mercatuslab.com/blog/amazon-product-image-requirements/ (2026-12-06)",
+            ),
+        ),
+        ImageRules(
+            marketplace="ebay",
+            min_long_side=500,
+            sources=("https://www.ebay.com/help/policies/listing-policies/picture-policy?id=4370 (2026-12-06)",),
+        ),
+        ImageRules(
+            marketplace="google_merchant",
+            min_long_side=100,  # 250 x 250 for apparel; a white or transparent background is advised, not required
+            sources=(
+                "https://support.google.com/merchants/answer/6324350 (2026-12-06)",
+                "https://sharpfeed.io/docs/fields/image-link (2026-12-06)",
+            ),
+        ),
+    )
+}

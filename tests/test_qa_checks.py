@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from nanobatch.checks import check_image
-from nanobatch.models import MARKETPLACE_RULES, MODELS, pixel_size
-from nanobatch.qa import QA_CHECKS, QaSettings
+from nanobatch.models import MODELS, pixel_size
+from nanobatch.qa import MARKETPLACE_RULES, QA_CHECKS, QaSettings
 from nanobatch.simulator import SimulatorConfig, create_app
 
 MODEL = "gemini-3.1-flash-image"

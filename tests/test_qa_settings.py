@@ -144,7 +144,7 @@ def test_the_config_file_refuses_unknown_checks_with_a_hint(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match=r'qa\.min_sides: unknown setting \(did you mean "min_side"\?\)'):
         load_settings(config, env={})
     config.write_text("qa:\n  min_fill: -0.1\n")
-    with pytest.raises(ConfigError, match=r"qa\.min_fill: Value error, min_fill is a share of the frame, from 0 to 1"):
+    with pytest.raises(ConfigError, match=r"qa\.min_fill: min_fill is a share of the frame, from 0 to 1"):
         load_settings(config, env={})
 
 
