@@ -233,8 +233,10 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     counts = info["counts"]
+    rejected = f", {counts['rejected']} rejected by the output checks" if counts.get("rejected") else ""
     click.echo(
         f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, {counts['blocked']} blocked"
+        + rejected
     )
     tokens = info["tokens"]
     click.echo(
@@ -262,7 +264,7 @@ def status(out_dir: str, as_json: bool) -> None:
     if info.get("left") is not None:
         click.echo(
             f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
-            "(new, failed, blocked, or output missing)"
+            "(new, failed, blocked, rejected, or output missing)"
         )
 
 

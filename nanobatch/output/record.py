@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..names import step_stem
+from ..qa import Verdict
 
 if TYPE_CHECKING:
     from ..api.gemini import Reply
@@ -49,7 +50,7 @@ _ITEM_FIELDS = (
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
 # Written only when set, in this order.
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch")
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa")
 
 
 def is_record(value: Any) -> bool:
@@ -157,7 +158,7 @@ class StepRecord:
             return None
         usage = value.get("usage")
         return cls(
-            step=_int(value.get("step")),
+            step=value["step"] if _is_int(value.get("step")) else 0,
             instruction=str(value.get("instruction") or ""),
             finish_reason=value.get("finish_reason"),
             text=value.get("text"),
@@ -171,7 +172,7 @@ class ItemRecord:
     """One item's result: a line of ``results.jsonl`` (the README's "Results" section says what each field means)."""
 
     id: str
-    status: str  # ok | failed | blocked
+    status: str  # ok | failed | blocked | rejected (its image failed the output checks: see nanobatch.output.verdicts)
     run: str | None = None
     outputs: tuple[str, ...] = ()
     finish_reason: str | None = None
@@ -200,6 +201,7 @@ class ItemRecord:
     paid_in: PaidIn | None = None  # a moved record's: the run that paid for its images, and what it paid
     uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
     batch: str | None = None  # the batch job that answered (tier batch)
+    qa: Verdict | None = None  # the output checks' verdict on its image (an item with qa: settings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -274,6 +276,7 @@ class ItemRecord:
             paid_in=PaidIn.from_json(get("paid_in")),
             uploads=read_strs(get("uploads")) if "uploads" in line else None,
             batch=str(get("batch")) if get("batch") else None,
+            qa=Verdict.from_json(qa) if isinstance(qa := get("qa"), Mapping) else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -285,15 +288,11 @@ class ItemRecord:
 
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
 _OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
-                                  "paid_in": PaidIn.to_json}  # fmt: skip
+                                  "paid_in": PaidIn.to_json, "qa": Verdict.to_json}  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int(value: Any) -> int:
-    return value if _is_int(value) else 0
 
 
 # What ItemRecord.from_json reads a line's fields with; the resume index (nanobatch.output.results) reads the columns it

@@ -296,7 +296,7 @@ class ResultsIndex:
         )
         return {
             "items": items,
-            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
+            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked", "rejected")},
             "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
             "cost_usd": round(sums[4], 6),
             "paid_usd": round(self._paid_usd, 6),
