@@ -101,7 +101,7 @@ class Resume:
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
         if item.qa is not None and item.qa.active:
-            names += map(rejected_name, names)
+            names += [rejected_name(name) for name in names]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
         foreign = sorted(set(there) - replaceable) if there else None
         return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None)
