@@ -59,9 +59,8 @@ def with_qa(monkeypatch: pytest.MonkeyPatch) -> Callable[[QaSettings], None]:
 
 def two_items(tmp_path: Path) -> Path:
     """``good`` (its instruction is answered big: it passes) and ``bad`` (answered small)."""
-    return write_job(
-        tmp_path, [{"id": "good", "image": "images/g.png", "instruction": "big"}, {"id": "bad", "image": "images/b.png"}]
-    )
+    items = [{"id": "good", "image": "images/g.png", "instruction": "big"}, {"id": "bad", "image": "images/b.png"}]
+    return write_job(tmp_path, items)
 
 
 def test_an_image_failing_its_checks_after_its_retries_is_rejected_and_set_aside(
@@ -75,7 +74,8 @@ def test_an_image_failing_its_checks_after_its_retries_is_rejected_and_set_aside
     bad, good = recs["bad"], recs["good"]
     assert summary.exit_code == 1 and summary.stats.rejected == 1 and summary.stats.ok == 1
     assert bad["status"] == "rejected" and bad["outputs"] == ["rejected/bad.png"]
-    assert bad["qa"]["passed"] is False and bad["qa"]["failed"] == ["min_side"] and bad["qa"]["values"]["min_side"] == 16
+    assert bad["qa"]["passed"] is False and bad["qa"]["failed"] == ["min_side"]
+    assert bad["qa"]["values"]["min_side"] == 16
     assert bad["error"]["kind"] == "qa" and "min_side" in bad["error"]["message"]
     assert (out / "rejected" / "bad.png").read_bytes() == image_bytes(size=(16, 16))
     assert not (out / "bad.png").exists()  # never at the folder's top
