@@ -17,6 +17,7 @@ import orjson
 from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
 from .own import is_own_record
+from .reading import read_float, read_stamps, read_strs
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -25,10 +26,7 @@ from .record import (
     files_of,
     is_record,
     line_costs,
-    read_float,
-    read_stamps,
     read_steps,
-    read_strs,
     usage_tokens,
 )
 
