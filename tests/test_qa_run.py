@@ -283,3 +283,55 @@ def test_a_batch_retry_waiting_in_a_job_is_collected_by_the_next_run_not_paid_tw
     done = records(tmp_path / "out")
     assert sorted(r["id"] for r in done) == ["sku-0", "sku-1"] and {r["status"] for r in done} == {"rejected"}
     assert requests_sent(app) == 4 and app.state.stats.images == 4
+
+
+def test_a_link_at_rejected_is_never_written_through(tmp_path: Path, with_qa: Callable[[QaSettings], None]) -> None:
+    with_qa(CHECKED)
+    job = write_job(tmp_path, [{"id": "bad", "image": "images/b.png"}])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "rejected").symlink_to(elsewhere)
+    fake = FakeGemini({EDIT: [SMALL]})
+
+    summary = run(job, fake)
+
+    assert summary.exit_code == 1 and not fake.requests  # refused before anything was paid for
+    assert records(tmp_path / "out")[0]["error"]["kind"] == "output_exists"
+    assert not list(elsewhere.iterdir())
+
+
+class Spy:
+    """check_image, noting the original each call was given."""
+
+    def __init__(self) -> None:
+        self.originals: list[bytes | None] = []
+
+    def __call__(self, output: bytes, *, original: bytes | None, **_: Any) -> Verdict:
+        self.originals.append(original)
+        return Verdict(passed=True)
+
+
+def test_the_checks_that_compare_get_the_input_as_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_qa: Callable[[QaSettings], None]
+) -> None:
+    spy = Spy()
+    monkeypatch.setattr("nanobatch.output.verdicts.check_image", spy)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "t", "image": None}])
+    with_qa(QaSettings(changed=True))
+    run(job, FakeGemini(), tmp_path / "compared")
+    with_qa(QaSettings(min_side=8))  # nothing compares with the input: it is not held for the checks
+    run(job, FakeGemini(), tmp_path / "measured")
+    assert sorted(spy.originals, key=bool) == [None, None, None, (tmp_path / "images" / "a.png").read_bytes()]
+
+
+def test_the_batch_tier_reads_the_input_again_for_the_checks_that_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_qa: Callable[[QaSettings], None]
+) -> None:
+    spy = Spy()
+    monkeypatch.setattr("nanobatch.output.verdicts.check_image", spy)
+    with_qa(QaSettings(changed=True))
+    job = batch_job(tmp_path, monkeypatch, 2)
+    with run_in_thread(app=create_app(SimulatorConfig(batch_latency_s=0.3, seed=5))) as url:
+        assert batch_run(job, url) == 0
+    assert sorted(spy.originals) == sorted((tmp_path / "images" / f"p{n}.png").read_bytes() for n in range(2))

@@ -14,7 +14,7 @@ from typing import TypeGuard
 
 from ..api.gemini import OUTPUT_EXTENSIONS
 from ..item import WorkItem
-from ..names import item_stems, rejected_name
+from ..names import REJECTED_FOLDER, item_stems, rejected_name
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
@@ -94,13 +94,16 @@ class Resume:
 
     def _send(self, item: WorkItem) -> Send:
         # Looked for before paying: an answer that could not be saved (the writer refuses it the same way). An
-        # item with output checks may write under rejected/ instead (nanobatch.output.verdicts).
-        # An earlier run's under rejected/ are replaceable too: an answer that passes deletes them.
+        # item with output checks may write under rejected/ instead (nanobatch.output.verdicts); what an earlier
+        # run set aside there for it is replaceable too (an answer that passes deletes it).
         replaceable = self.index.owned_under(item.id, item.stem) | self.index.owned_under(
             item.id, rejected_name(item.stem)
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
         if item.qa is not None and item.qa.active:
+            folder = self.out.file(REJECTED_FOLDER)
+            if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
+                return Send(replaceable=replaceable, taken=folder)  # never written through, nor replaced
             names += [rejected_name(name) for name in names]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
         foreign = sorted(set(there) - replaceable) if there else None

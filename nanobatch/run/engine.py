@@ -201,7 +201,10 @@ class Engine:
         """Send *item*'s steps, check its final image (``qa:``), and hand back its record and images: those the
         checks refuse under ``rejected/``, never uploaded. Raises ApiError if a step fails."""
         qa = item.qa if item.qa is not None and item.qa.active else None
-        original = _original(prepared.images) if qa is not None and (qa.changed or qa.same_subject) else None
+        # The first input as sent, for the checks that compare the answer with it. Not held in the batch tier,
+        # where an item waits for its job holding no picture: read again for the checks.
+        compared = qa is not None and (qa.changed or qa.same_subject) and _original(prepared.images) is not None
+        original = _original(prepared.images) if compared and tally.tier != "batch" else None
         sent: list[Image | FileRef] = prepared.images  # handed to each step (see Steps.send)
         files: list[tuple[str, bytes]] = []
         images: list[Image] = []
@@ -222,6 +225,7 @@ class Engine:
                 files += zip(names, (i.data for i in images), strict=True)
         verdict = None
         if qa is not None:
+            original = original or (await self._read_again(item) if compared else None)
             images, verdict = await self._verdict(item, tally, images, original, request)
         outputs = self._name_outputs(item, images)
         files += zip(outputs, (i.data for i in images), strict=True)
@@ -277,6 +281,18 @@ class Engine:
             return None
         tally.usages.append(reply.usage)
         return reply
+
+    async def _read_again(self, item: WorkItem) -> bytes | None:
+        """The item's first input read again for the checks (as :meth:`_prepare` read it to be sent); None if it
+        cannot be now: then the checks that compare with it are not measured."""
+        try:
+            (first,) = await load_inputs(
+                item.inputs[:1], resize=item.resize_inputs, loader=self.inputs, retry=self.retry
+            )
+        except ApiError as exc:
+            logger.warning("%s: its input could not be read again for the checks: %s", item.id, exc.message)
+            return None
+        return first.data
 
     async def _check(self, item: WorkItem, images: list[Image], original: bytes | None) -> Verdict:
         """:func:`~nanobatch.output.verdicts.check_images` on *images*, in a worker thread: the event loop goes on
