@@ -69,7 +69,7 @@ _skip_bad_inputs = click.option(
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
 @click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network).")
-@click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed or blocked.")
+@click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed, blocked or rejected.")
 @click.option("--force", is_flag=True, help="Redo every item, even those already done.")
 @click.option("--dry-run", is_flag=True, help="Check everything and estimate cost; send nothing.")
 @click.option(
