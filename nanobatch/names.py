@@ -26,11 +26,13 @@ __all__ = [
     "REPORT_FILE",
     "RESERVED_FILES",
     "RESERVED_PREFIX",
+    "REJECTED_FOLDER",
     "RESULTS_FILE",
     "SUMMARY_FILE",
     "item_stems",
     "output_name",
     "output_names",
+    "rejected_name",
     "reserved_name_problem",
 ]
 
@@ -43,6 +45,8 @@ REPORT_FILE = "report.html"
 RESERVED_FILES = frozenset({RESULTS_FILE, SUMMARY_FILE, JOURNAL_FILE, REPORT_FILE, LOCK_FILE})
 # Names starting with this are nanobatch's anywhere in the output folder (its lock, its temporary files).
 RESERVED_PREFIX = ".nanobatch"
+# Where the images of an item whose answer failed its output checks (``qa:``) go: never at the folder's top.
+REJECTED_FOLDER = "rejected"
 BATCH_FOLDER = RESERVED_PREFIX + "-batches"  # the batch tier's chunks, results files and ledger
 LEDGER_FILE = "batches.jsonl"  # the batch tier's ledger, in BATCH_FOLDER (nanobatch.run.batch.ledger)
 
@@ -51,6 +55,11 @@ LEDGER_FILE = "batches.jsonl"  # the batch tier's ledger, in BATCH_FOLDER (nanob
 # request.
 NAME_MAX = 255
 SUFFIX_ROOM = 16
+
+
+def rejected_name(name: str) -> str:
+    """Where the output name *name* goes when its item is rejected: ``sku-1.png`` -> ``rejected/sku-1.png``."""
+    return f"{REJECTED_FOLDER}/{name}"
 
 
 def step_stem(stem: str, step: int) -> str:
@@ -79,6 +88,8 @@ def reserved_name_problem(name: str) -> str | None:
     parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".")]
     if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
         return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
+    if len(parts) > 1 and parts[0].casefold() == REJECTED_FOLDER:
+        return f"the output name {name!r} is in {REJECTED_FOLDER}/, where nanobatch sets aside what fails the checks"
     if any(part.casefold().startswith(RESERVED_PREFIX) for part in parts):
         return f"the output name {name!r} has a name starting with {RESERVED_PREFIX!r}: nanobatch's own files"
     return None

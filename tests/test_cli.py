@@ -219,7 +219,7 @@ def test_status_reports_counts(tmp_path: Path, capsys: pytest.CaptureFixture[str
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["counts"] == {"ok": 1, "failed": 0, "blocked": 0} and info["possibly_charged"] == 0
+    assert info["counts"] == {"ok": 1, "failed": 0, "blocked": 0, "rejected": 0} and info["possibly_charged"] == 0
 
 
 def test_cancel_finds_the_endpoint_in_the_config_file(

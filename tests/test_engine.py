@@ -47,7 +47,7 @@ def test_edits_are_saved_with_a_record_each(tmp_path: Path) -> None:
     assert rec["key"].startswith("sha256:") and rec["model"] == "gemini-nano-banana-2.1"
     assert rec["cost_usd"] > 0 and rec["started_at"].endswith("Z") and rec["finished_at"].endswith("Z")
     summary_file = json.loads((out / "summary.json").read_text())
-    assert summary_file["counts"] == {"ok": 2, "failed": 0, "blocked": 0}
+    assert summary_file["counts"] == {"ok": 2, "failed": 0, "blocked": 0, "rejected": 0}
     assert summary_file["tokens"]["totalTokenCount"] == 2 * 2432
 
 

@@ -375,7 +375,7 @@ def test_json_logs_stay_json_when_items_fail(
         assert summaries == []
     else:
         assert len(summaries) == 1 and summaries[0]["exit_code"] == 1 and summaries[0]["counts"] == {
-            "ok": 0, "failed": 2, "blocked": 0, "skipped": 0
+            "ok": 0, "failed": 2, "blocked": 0, "rejected": 0, "skipped": 0
         }  # fmt: skip
 
 

@@ -290,7 +290,8 @@ def test_one_items_write_failure_fails_that_item_and_the_run_goes_on(
     assert (summary.outcome, summary.exit_code, summary.stats.ok, summary.stats.failed) == ("complete", 1, 5, 1)
     failed = latest(out)["i3"]
     assert failed["status"] == "failed" and failed["error"]["kind"] == "write" and failed["cost_usd"] > 0
-    assert json.loads((out / "summary.json").read_text())["counts"] == {"ok": 5, "failed": 1, "blocked": 0}
+    counts = json.loads((out / "summary.json").read_text())["counts"]
+    assert counts == {"ok": 5, "failed": 1, "blocked": 0, "rejected": 0}
     monkeypatch.setattr(nanobatch.output.outdir, "write_image", real_write)
     fake = FakeGemini()
     assert run(job, fake, out).exit_code == 0 and len(fake.requests) == 1 and (out / "i3.png").is_file()

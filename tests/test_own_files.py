@@ -198,7 +198,7 @@ def test_status_and_the_resume_index_take_only_nanobatchs_records(tmp_path: Path
     with (out / "results.jsonl").open("a") as f:
         f.writelines(json.dumps(line) + "\n" for line in theirs)
     info = folder_status(out)
-    assert info["items"] == 6 and info["counts"] == {"ok": 6, "failed": 0, "blocked": 0}
+    assert info["items"] == 6 and info["counts"] == {"ok": 6, "failed": 0, "blocked": 0, "rejected": 0}
     # A line that is not nanobatch's makes no file nanobatch's to replace: the user's i9.png stays.
     (out / "i9.png").write_bytes(b"the user's picture")
     write_job(tmp_path, [*items, {"id": "i9", "image": "images/a.png"}])
@@ -207,4 +207,4 @@ def test_status_and_the_resume_index_take_only_nanobatchs_records(tmp_path: Path
     assert summary.exit_code == 1 and fake.requests == [] and summary.stats.skipped == 6
     assert (out / "i9.png").read_bytes() == b"the user's picture"
     assert records(out)[-1]["id"] == "i9" and records(out)[-1]["error"]["kind"] == "output_exists"
-    assert folder_status(out)["counts"] == {"ok": 6, "failed": 1, "blocked": 0}
+    assert folder_status(out)["counts"] == {"ok": 6, "failed": 1, "blocked": 0, "rejected": 0}

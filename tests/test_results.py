@@ -72,7 +72,7 @@ def test_the_latest_record_of_an_id_wins(tmp_path: Path) -> None:
     index = ResultsIndex.load(tmp_path)
     assert is_done(index.get("a"), "k1", tmp_path) and not is_done(index.get("a"), "other-key", tmp_path)
     totals = index.totals()
-    assert totals["counts"] == {"ok": 1, "failed": 0, "blocked": 1}
+    assert totals["counts"] == {"ok": 1, "failed": 0, "blocked": 1, "rejected": 0}
     assert totals["failures_by_kind"] == {"blocked": 1} and totals["tokens"]["totalTokenCount"] == 10
 
 

@@ -69,7 +69,7 @@ _skip_bad_inputs = click.option(
 @click.argument("manifest", type=click.Path(dir_okay=False))
 @settings_options
 @click.option("--simulate", is_flag=True, help="Run against the built-in simulator (no key, no network).")
-@click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed or blocked.")
+@click.option("--retry-failed", is_flag=True, help="Run only items whose latest result is failed, blocked or rejected.")
 @click.option("--force", is_flag=True, help="Redo every item, even those already done.")
 @click.option("--dry-run", is_flag=True, help="Check everything and estimate cost; send nothing.")
 @click.option(
@@ -239,8 +239,10 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     counts = info["counts"]
+    rejected = f", {counts['rejected']} rejected by the output checks" if counts.get("rejected") else ""
     click.echo(
         f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, {counts['blocked']} blocked"
+        + rejected
     )
     tokens = info["tokens"]
     click.echo(
@@ -268,7 +270,7 @@ def status(out_dir: str, as_json: bool) -> None:
     if info.get("left") is not None:
         click.echo(
             f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
-            "(new, failed, blocked, or output missing)"
+            "(new, failed, blocked, rejected, or output missing)"
         )
 
 

@@ -64,8 +64,9 @@ def print_summary(summary: RunSummary) -> None:
     stats = summary.stats
     last = summary.summary["last_run"]
     err = summary.exit_code != 0
+    rejected = f"{stats.rejected} rejected by the output checks, " if stats.rejected else ""
     click.echo(
-        f"{summary.outcome}: {stats.ok} ok, {stats.failed} failed, {stats.blocked} blocked, "
+        f"{summary.outcome}: {stats.ok} ok, {stats.failed} failed, {stats.blocked} blocked, {rejected}"
         f"{stats.skipped} already done; {stats.requests} requests, ${stats.cost_usd:.4f}",
         err=err,
     )
@@ -116,7 +117,8 @@ def log_summary(summary: RunSummary) -> None:
         "outcome": summary.outcome,
         "reason": summary.reason,
         "exit_code": summary.exit_code,
-        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "skipped": stats.skipped},
+        "counts": {"ok": stats.ok, "failed": stats.failed, "blocked": stats.blocked, "rejected": stats.rejected,
+                   "skipped": stats.skipped},  # fmt: skip
         "requests": stats.requests,
         "cost_usd": round(stats.cost_usd, 6),
         "tokens": last["tokens"],
@@ -132,8 +134,9 @@ def log_summary(summary: RunSummary) -> None:
     waiting = _waiting(summary)
     logger.log(
         level,
-        "%s: %d ok, %d failed, %d blocked, %d already done; %d requests, $%.4f%s",
-        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.skipped, stats.requests, stats.cost_usd,
+        "%s: %d ok, %d failed, %d blocked, %d rejected, %d already done; %d requests, $%.4f%s",
+        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.rejected, stats.skipped, stats.requests,
+        stats.cost_usd,
         f"; {waiting}" if waiting else "", extra={"fields": fields},
     )  # fmt: skip
 

@@ -47,8 +47,9 @@ def describe(stats: RunStats, rate: float | None) -> str:
     retries = sum(stats.retries.values())
     tokens = stats.tokens.get("totalTokenCount", 0)
     pace = "req/min: starting" if rate is None else f"{rate:.0f} req/min"
+    rejected = f" · rejected {stats.rejected}" if stats.rejected else ""  # only a run with output checks has any
     return (
-        f"ok {stats.ok} · failed {stats.failed} · blocked {stats.blocked} · skipped {stats.skipped} │ "
+        f"ok {stats.ok} · failed {stats.failed} · blocked {stats.blocked}{rejected} · skipped {stats.skipped} │ "
         f"in flight {stats.in_flight}{window} · {pace}{limit} · retries {retries} │ "
         f"{tokens:,} tokens · ${stats.cost_usd:.2f}"
     ) + _batch_jobs(stats)

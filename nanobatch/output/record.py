@@ -17,10 +17,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..names import step_stem
+from .reading import is_int, read_float, read_stamps, read_strs
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `nanobatch status` and the report do without
     from ..api.gemini import Reply
     from ..item import WorkItem
+    from ..qa import Verdict
 
 __all__ = [
     "TOKEN_FIELDS",
@@ -34,10 +36,7 @@ __all__ = [
     "is_record",
     "line_costs",
     "moved_record",
-    "read_float",
-    "read_stamps",
     "read_steps",
-    "read_strs",
     "usage_tokens",
 ]
 
@@ -49,7 +48,7 @@ _ITEM_FIELDS = (
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
 # Written only when set, in this order.
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch")
+_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa")
 
 
 def is_record(value: Any) -> bool:
@@ -64,15 +63,6 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 def utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def read_strs(value: Any) -> tuple[str, ...]:
-    """Strings from a list of them (or one string, as a hand-edited line may have it)."""
-    if type(value) is list:  # as nearly every line has it: one test (read for every field of every record)
-        return tuple(map(str, value))
-    if isinstance(value, str):
-        return (value,)
-    return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +147,7 @@ class StepRecord:
             return None
         usage = value.get("usage")
         return cls(
-            step=_int(value.get("step")),
+            step=value["step"] if is_int(value.get("step")) else 0,
             instruction=str(value.get("instruction") or ""),
             finish_reason=value.get("finish_reason"),
             text=value.get("text"),
@@ -171,7 +161,7 @@ class ItemRecord:
     """One item's result: a line of ``results.jsonl`` (the README's "Results" section says what each field means)."""
 
     id: str
-    status: str  # ok | failed | blocked
+    status: str  # ok | failed | blocked | rejected (its image failed the output checks: see nanobatch.output.verdicts)
     run: str | None = None
     outputs: tuple[str, ...] = ()
     finish_reason: str | None = None
@@ -200,6 +190,7 @@ class ItemRecord:
     paid_in: PaidIn | None = None  # a moved record's: the run that paid for its images, and what it paid
     uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
     batch: str | None = None  # the batch job that answered (tier batch)
+    qa: Verdict | None = None  # the output checks' verdict on its image (an item with qa: settings)
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -252,7 +243,7 @@ class ItemRecord:
             text=get("text"),
             usage=usage if isinstance(usage, Mapping) else {},
             steps=read_steps(steps),
-            attempts=get("attempts") if _is_int(get("attempts")) else None,
+            attempts=get("attempts") if is_int(get("attempts")) else None,
             latency_s=read_float(get("latency_s")),
             cost_usd=read_float(get("cost_usd")),
             model=get("model"),
@@ -274,6 +265,7 @@ class ItemRecord:
             paid_in=PaidIn.from_json(get("paid_in")),
             uploads=read_strs(get("uploads")) if "uploads" in line else None,
             batch=str(get("batch")) if get("batch") else None,
+            qa=_verdict(qa) if isinstance(qa := get("qa"), Mapping) else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -285,19 +277,17 @@ class ItemRecord:
 
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
 _OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
-                                  "paid_in": PaidIn.to_json}  # fmt: skip
+                                  "paid_in": PaidIn.to_json, "qa": lambda v: v.to_json()}  # fmt: skip
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _verdict(value: Mapping[str, Any]) -> Verdict:
+    from ..qa import Verdict
+
+    return Verdict.from_json(value)
 
 
-def _int(value: Any) -> int:
-    return value if _is_int(value) else 0
-
-
-# What ItemRecord.from_json reads a line's fields with; the resume index (nanobatch.output.results) reads the columns it
-# needs with the same functions, without building whole records (bench/RESULTS.md, "index load").
+# What ItemRecord.from_json reads a line's fields with, besides nanobatch.output.reading's; the resume index reads the
+# columns it needs with the same functions, without building whole records (bench/RESULTS.md, "index load").
 
 
 def read_steps(value: Any) -> tuple[StepRecord, ...] | None:
@@ -326,18 +316,6 @@ def usage_tokens(usage: Any) -> tuple[int, int, int, int]:
         c if type(c) is int else 0,
         d if type(d) is int else 0,
     )
-
-
-def read_float(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def read_stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
-    """Input stamps as written; None if unreadable (the files will simply be read again)."""
-    try:
-        return tuple((int(s[0]), int(s[1]), str(s[2])) for s in value)
-    except (TypeError, ValueError, IndexError, KeyError):
-        return None
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ import orjson
 from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
 from .own import is_own_record
+from .reading import read_float, read_stamps, read_strs
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -25,10 +26,7 @@ from .record import (
     files_of,
     is_record,
     line_costs,
-    read_float,
-    read_stamps,
     read_steps,
-    read_strs,
     usage_tokens,
 )
 
@@ -296,7 +294,7 @@ class ResultsIndex:
         )
         return {
             "items": items,
-            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked")},
+            "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked", "rejected")},
             "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
             "cost_usd": round(sums[4], 6),
             "paid_usd": round(self._paid_usd, 6),

@@ -14,7 +14,7 @@ from typing import TypeGuard
 
 from ..api.gemini import OUTPUT_EXTENSIONS
 from ..item import WorkItem
-from ..names import item_stems
+from ..names import REJECTED_FOLDER, item_stems, rejected_name
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
@@ -83,7 +83,7 @@ class Resume:
 
     def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:
-            if entry is not None and entry.status in ("failed", "blocked"):
+            if entry is not None and entry.status in ("failed", "blocked", "rejected"):
                 return True
             # Not done, and paid for in a batch job: collected, or its answer would be thrown away with the job's.
             return self.in_batch is not None and not is_done(entry, key, self.out.path) and self.in_batch(item, key)
@@ -93,9 +93,18 @@ class Resume:
         return self.force or not is_done(entry, key, self.out.path)
 
     def _send(self, item: WorkItem) -> Send:
-        # Looked for before paying: an answer that could not be saved (the writer refuses it the same way).
-        replaceable = self.index.owned_under(item.id, item.stem)
+        # Looked for before paying: an answer that could not be saved (the writer refuses it the same way). An
+        # item with output checks may write under rejected/ instead (nanobatch.output.verdicts); what an earlier
+        # run set aside there for it is replaceable too (an answer that passes deletes it).
+        replaceable = self.index.owned_under(item.id, item.stem) | self.index.owned_under(
+            item.id, rejected_name(item.stem)
+        )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
+        if item.qa is not None and item.qa.active:
+            folder = self.out.file(REJECTED_FOLDER)
+            if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
+                return Send(replaceable=replaceable, taken=folder)  # never written through, nor replaced
+            names += [rejected_name(name) for name in names]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
         foreign = sorted(set(there) - replaceable) if there else None
         return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None)

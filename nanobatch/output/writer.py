@@ -6,6 +6,7 @@ It runs outside the workers' cancel scope, so whatever finished is written even 
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,6 +38,9 @@ class Finished:
     replaceable: frozenset[str] = frozenset()
     moves: tuple[tuple[str, str], ...] = ()  # done work, renamed: (old, new)
     saved: bool = True  # False: a move that failed; its item keeps its old record and names
+    # Files of this item's to delete once its new ones are written: what an earlier run set aside under rejected/
+    # for it, out of date now (nanobatch.output.verdicts.stale_rejected); each in *replaceable*.
+    drops: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -167,6 +171,7 @@ class Writer:
         for finished in batch:
             try:
                 self.out.put(finished.files, finished.moves, finished.replaceable, folders)
+                self._drop(finished, folders)
                 handled.append(finished)
             except OSError as exc:
                 if exc.errno in FOLDER_ERRNOS:
@@ -180,6 +185,23 @@ class Writer:
         if records := [finished.record for finished in handled if finished.saved]:
             self.out.results.append_many(records)
         return handled, error
+
+    def _drop(self, finished: Finished, folders: set[str]) -> None:
+        """Delete *finished*'s out-of-date files (nanobatch's, for this item: see :attr:`Finished.drops`), before
+        the record that no longer names them; one that cannot be deleted is only told of."""
+        for name in finished.drops:
+            if name not in finished.replaceable:
+                continue  # not known to be nanobatch's: never deleted
+            path = self.out.file(name)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                logger.warning("%s: could not delete %s, which an earlier run set aside: %s", finished.record.id,
+                               path, exc.strerror or exc)  # fmt: skip
+                continue
+            folders.add(os.path.dirname(path))
 
     def _write_failed(self, finished: Finished, exc: OSError) -> Finished:
         """*finished* with a failed record (its image could not be written), or, for a move, not saved."""

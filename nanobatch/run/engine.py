@@ -16,6 +16,7 @@ stop the run; an item's failure becomes its record.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -36,18 +37,27 @@ from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_reco
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
+from ..output.verdicts import check_images, set_aside, stale_rejected
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
+from ..qa import Verdict
 from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
 from .observer import Observer
-from .route import Route
+from .route import Request, Route
 from .stats import RunStats
 from .steps import Steps
 
 __all__ = ["Engine"]
 
 logger = logging.getLogger("nanobatch")
+
+
+def _original(images: list[Image | FileRef]) -> bytes | None:
+    """The item's first input picture as sent (its bytes), for the checks that compare the answer with it; None
+    for a text-to-image item or an input sent by reference."""
+    first = images[0] if images else None
+    return first.data if isinstance(first, Image) else None
 
 
 def _spare_workers(concurrency: int, tier: str) -> int:
@@ -176,7 +186,6 @@ class Engine:
     async def _process(self, item: WorkItem) -> Finished | None:
         """One item, start to end: its record, and the images to write (None: skipped, nothing to write)."""
         tally = Tally(tier=item.tier or self.tier)
-        files: list[tuple[str, bytes]] = []
         replaceable: frozenset[str] = frozenset()
         try:
             prepared = await self._prepare(item, tally)
@@ -185,31 +194,118 @@ class Engine:
             if not isinstance(prepared, _Prepared):
                 return prepared
             replaceable = prepared.replaceable
-            sent: list[Image | FileRef] = prepared.images  # handed to each step (see _send_step)
-            images: list[Image] = []
-            for number, instruction in enumerate(item.steps, 1):
-                tally.steps.append(StepRecord(step=number, instruction=instruction))
-                images = []  # the last step's images are in *sent* alone while this step is sent
-                reply = await self.steps.send(item, tally, instruction, sent)
-                tally.usages.append(reply.usage)
-                images = list(reply.images)
-                sent = [*images]  # the next step edits this step's result
-                del reply  # nor is its answer held while the next step waits
-                if item.keep_steps and number < len(item.steps):
-                    names = self._name_outputs(item, images, step=number)
-                    tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
-                    files += zip(names, (i.data for i in images), strict=True)
-            outputs = self._name_outputs(item, images)
-            files += zip(outputs, (i.data for i in images), strict=True)
-            record = build_record(item, tally, run=self.run_id, outputs=outputs)
-            if self.uploads is not None:
-                record = await self._upload(record, files)
+            return await self._send(item, tally, prepared)
         except (Stopped, FatalApiError):
             raise
         except ApiError as exc:
-            record = self._failed(item, tally, exc)
-            files = []
-        return Finished(record, files, replaceable=replaceable)
+            return Finished(self._failed(item, tally, exc), [], replaceable=replaceable)
+
+    async def _send(self, item: WorkItem, tally: Tally, prepared: _Prepared) -> Finished:
+        """Send *item*'s steps, check its final image (``qa:``), and hand back its record and images: those the
+        checks refuse under ``rejected/``, never uploaded. Raises ApiError if a step fails."""
+        qa = item.qa if item.qa is not None and item.qa.active else None
+        # The first input as sent, for the checks that compare the answer with it. Not held in the batch tier,
+        # where an item waits for its job holding no picture: read again for the checks.
+        compared = qa is not None and (qa.changed or qa.same_subject) and _original(prepared.images) is not None
+        original = _original(prepared.images) if compared and tally.tier != "batch" else None
+        sent: list[Image | FileRef] = prepared.images  # handed to each step (see Steps.send)
+        files: list[tuple[str, bytes]] = []
+        images: list[Image] = []
+        request: Request | None = None  # the last step's, kept to be sent again if the checks refuse its answer
+        for number, instruction in enumerate(item.steps, 1):
+            tally.steps.append(StepRecord(step=number, instruction=instruction))
+            images = []  # the last step's images are in *sent* alone while this step is sent
+            if qa is not None and qa.retries and number == len(item.steps):
+                request = self.steps.request(item, instruction, sent)
+            reply = await self.steps.send(item, tally, instruction, sent, request)
+            tally.usages.append(reply.usage)
+            images = list(reply.images)
+            sent = [*images]  # the next step edits this step's result
+            del reply  # nor is its answer held while the next step waits
+            if item.keep_steps and number < len(item.steps):
+                names = self._name_outputs(item, images, step=number)
+                tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
+                files += zip(names, (i.data for i in images), strict=True)
+        verdict = None
+        if qa is not None:
+            original = original or (await self._read_again(item) if compared else None)
+            images, verdict = await self._verdict(item, tally, images, original, request)
+        outputs = self._name_outputs(item, images)
+        files += zip(outputs, (i.data for i in images), strict=True)
+        record = build_record(item, tally, run=self.run_id, outputs=outputs)
+        if verdict is not None:
+            record, files = set_aside(record, files, verdict)
+        if self.uploads is not None and record.status == "ok":
+            record = await self._upload(record, files)
+        drops = stale_rejected(prepared.replaceable, files) if record.status in ("ok", "rejected") else ()
+        return Finished(record, files, replaceable=prepared.replaceable, drops=drops)
+
+    async def _verdict(
+        self, item: WorkItem, tally: Tally, images: list[Image], original: bytes | None, request: Request | None
+    ) -> tuple[list[Image], Verdict]:
+        """The output checks' verdict on *images* (the item's final answer); an answer they refuse is sent again
+        as a new request (paid, counted in the item's cost and attempts, within the budget), up to
+        ``qa.retries`` times. Returns the last answer's images and their verdict."""
+        assert item.qa is not None
+        verdict = await self._check(item, images, original)
+        tries = 0
+        while not verdict.passed and request is not None and tries < item.qa.retries:
+            tries += 1
+            logger.info("%s: its image failed the checks (%s); sending it again (%d of %d)", item.id,
+                        ", ".join(verdict.failed), tries, item.qa.retries)  # fmt: skip
+            reply = await self._send_again(item, tally, request)
+            if reply is None:
+                break
+            images = list(reply.images)
+            del reply
+            verdict = await self._check(item, images, original)
+        if not verdict.passed:
+            logger.warning("%s rejected: its image failed the checks (%s)", item.id, ", ".join(verdict.failed))
+        return images, verdict
+
+    async def _send_again(self, item: WorkItem, tally: Tally, request: Request) -> Reply | None:
+        """The last step sent again for the output checks; None if it could not be (the item is then rejected
+        with the answer it has): the run is stopping, or the request failed."""
+        try:
+            reply = await self.steps.send_again(item, tally, item.steps[-1], request)
+        except Stopped:
+            if self.batch_route is not None and self.batch_route.holds(Steps.step_of(item, tally, request)):
+                raise  # it waits in a batch job (--no-wait): the next run collects it, nothing paid twice
+            logger.info("%s: not sent again, the run is stopping", item.id)
+            return None
+        except FatalApiError as exc:
+            logger.warning("%s: %s; stopping the run", item.id, exc)
+            self.gate.stop(exc)
+            return None
+        except ApiError as exc:
+            if isinstance(exc.reply, Reply) and exc.reply.usage:
+                tally.usages.append(exc.reply.usage)  # a withheld answer is billed all the same
+            logger.warning("%s: sending it again for the checks failed: %s", item.id, exc.message)
+            return None
+        tally.usages.append(reply.usage)
+        return reply
+
+    async def _read_again(self, item: WorkItem) -> bytes | None:
+        """The item's first input read again for the checks (as :meth:`_prepare` read it to be sent); None if it
+        cannot be now: then the checks that compare with it are not measured."""
+        try:
+            (first,) = await load_inputs(
+                item.inputs[:1], resize=item.resize_inputs, loader=self.inputs, retry=self.retry
+            )
+        except ApiError as exc:
+            logger.warning("%s: its input could not be read again for the checks: %s", item.id, exc.message)
+            return None
+        return first.data
+
+    async def _check(self, item: WorkItem, images: list[Image], original: bytes | None) -> Verdict:
+        """:func:`~nanobatch.output.verdicts.check_images` on *images*, in a worker thread: the event loop goes on
+        sending and writing meanwhile (the one place the checks run)."""
+        assert item.qa is not None
+        check = functools.partial(
+            check_images, [image.data for image in images], original=original, aspect_ratio=item.aspect_ratio,
+            settings=item.qa,
+        )  # fmt: skip
+        return await anyio.to_thread.run_sync(check)
 
     async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
         """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind

@@ -31,6 +31,7 @@ class Request:
 
     body: dict[str, Any] | None
     images: int = 0  # how many images it carries (for the cost estimate; the body may be on disk)
+    again: int = 0  # the n-th new request for the step after answers its output checks refused (0: its own)
 
     def json(self) -> dict[str, Any]:
         if self.body is None:  # taken, and not put back: the route could not read it back from its chunk
@@ -50,10 +51,14 @@ class Step:
     item: str  # the item's id
     work_key: str | None
     number: int
+    again: int = 0  # a new request for an answer the output checks refused (see Request.again): a key of its own
 
     @property
     def key(self) -> str:
-        """The same in every run for this item, inputs and step: the batch route finds a request it took."""
+        """The same in every run for this item, inputs and step: the batch route finds a request it took. A
+        request sent again for the output checks has its own, so that the refused answer is never the one found."""
+        if self.again:
+            return orjson.dumps([self.item, self.work_key, self.number, "qa", self.again]).decode()
         return orjson.dumps([self.item, self.work_key, self.number]).decode()
 
 

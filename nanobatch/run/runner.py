@@ -63,12 +63,12 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 1 some failed or blocked, 3 aborted, 130 interrupted (the CLI's exit codes)."""
+        """0 all ok, 1 some failed, blocked or rejected, 3 aborted, 130 interrupted (the CLI's exit codes)."""
         if self.outcome == "interrupted":
             return 130
         if self.outcome == "aborted":
             return 3
-        return 1 if (self.stats.failed or self.stats.blocked) else 0
+        return 1 if (self.stats.failed or self.stats.blocked or self.stats.rejected) else 0
 
 
 def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:

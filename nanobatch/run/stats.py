@@ -19,6 +19,7 @@ class RunStats:
     ok: int = 0
     failed: int = 0
     blocked: int = 0
+    rejected: int = 0  # images that failed the output checks (qa:), after their retries
     skipped: int = 0
     requests: int = 0
     retries: Counter[str] = field(default_factory=Counter)
@@ -37,7 +38,7 @@ class RunStats:
 
     @property
     def done(self) -> int:
-        return self.ok + self.failed + self.blocked + self.skipped
+        return self.ok + self.failed + self.blocked + self.rejected + self.skipped
 
     def sent(self, tally: Tally) -> None:
         """Count a request going out now for the item *tally* follows (after :meth:`Tally.sending`)."""

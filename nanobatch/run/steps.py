@@ -68,14 +68,28 @@ class Steps:
         # Vertex AI has no "store" field (and refuses one): it is only ever sent to the Gemini API.
         self.store = settings.api.store if settings.api.backend == "gemini" else None
 
-    async def send(self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef]) -> Reply:
+    def request(self, item: WorkItem, instruction: str, images: list[Image | FileRef]) -> Request:
+        """The request of one step of *item*: *instruction* on *images* (sent in each tier tried, with the tier set
+        by :meth:`_send_in`)."""
+        body = build_request(
+            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
+            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
+            store=self.store,
+        )  # fmt: skip
+        return Request(body, images=len(images))
+
+    async def send(
+        self, item: WorkItem, tally: Tally, instruction: str, images: list[Image | FileRef],
+        request: Request | None = None,
+    ) -> Reply:  # fmt: skip
         """One step in the item's tier, retried; a flex request still shed after its retries goes out at
         standard price if ``limits.flex_fallback`` allows (``fallback: true`` in the record, counted in the
         summary). Returns the answer with its image, or raises ApiError.
 
         *images* are handed over: a step whose route waits on disk (the batch route's) empties the list once its
         request is built, so that while it waits for its job the pictures are held nowhere and the request only on
-        disk (see :class:`Request`)."""
+        disk (see :class:`Request`). *request*: the step's, made by :meth:`request` (by the caller that keeps it
+        to :meth:`send_again`); made here from *images* if not given."""
         sent_at: float | None = None  # from the step's first request (the gate let it through) to its last answer
 
         def sending() -> None:
@@ -84,13 +98,8 @@ class Steps:
                 sent_at = anyio.current_time()
 
         tier = tally.fallback_tier or item.tier or self.tier
-        body = build_request(
-            instruction, images, response_modalities=item.response_modalities, aspect_ratio=item.aspect_ratio,
-            image_size=item.image_size, thinking_level=item.thinking_level, output_format=item.output_format,
-            store=self.store,
-        )  # fmt: skip
-        request = Request(body, images=len(images))  # sent in each tier tried, with the tier set by _send_in
-        del body  # the request holds it alone: a batch route takes it from there
+        if request is None:
+            request = self.request(item, instruction, images)  # held here alone: a batch route takes its body
         try:
             if (
                 tier != "batch"
@@ -113,6 +122,20 @@ class Steps:
             if sent_at is not None:
                 tally.api_s.append(anyio.current_time() - sent_at)
 
+    async def send_again(self, item: WorkItem, tally: Tally, instruction: str, request: Request) -> Reply:
+        """The item's last step once more, as a new request (paid, and a request of its own in the batch tier:
+        never the answer already had): its answer failed the output checks. *request* is the one :meth:`send`
+        sent; a batch chunk that took its body gives it back."""
+        if request.body is None and self.batch_route is not None:
+            request.body = self.batch_route.sent_request(self.step_of(item, tally, request))
+        request.again += 1
+        return await self.send(item, tally, instruction, [], request)
+
+    @staticmethod
+    def step_of(item: WorkItem, tally: Tally, request: Request) -> Step:
+        """Which step of which item *request* is (its latest step), for the batch route."""
+        return Step(item=item.id, work_key=tally.key, number=len(tally.steps), again=request.again)
+
     async def _collect(
         self, item: WorkItem, tally: Tally, instruction: str, request: Request, sending: Callable[[], None]
     ) -> Reply | None:
@@ -121,7 +144,7 @@ class Steps:
         then the step goes in the item's own tier. Waits for the job, as a batch run does (``Stopped`` with
         ``--no-wait``: the item is left for the next run)."""
         batch = self.batch_route
-        if batch is None or not batch.holds(Step(item=item.id, work_key=tally.key, number=len(tally.steps))):
+        if batch is None or not batch.holds(self.step_of(item, tally, request)):
             return None
         try:
             return await self._send_in("batch", batch, item, tally, instruction, request, sending, once=True)
@@ -213,7 +236,7 @@ class Steps:
             self.journal.dispatched(item.id, tally.key, tally.attempts)
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
-        step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
+        step = self.step_of(item, tally, request)
         started = anyio.current_time()
         try:
             answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)

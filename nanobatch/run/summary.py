@@ -96,6 +96,7 @@ def build_summary(
             "ok": stats.ok,
             "failed": stats.failed,
             "blocked": stats.blocked,
+            "rejected": stats.rejected,
             "skipped": stats.skipped,
             "requests": stats.requests,
             "retries": dict(stats.retries),

@@ -195,11 +195,26 @@ class BatchRoute:
         return step.key in self.chunks.by_key
 
     def has_work(self, item: WorkItem, work_key: str) -> bool:
-        """Whether a step of *item*'s work (its key) is in a chunk whose answer is still to be used."""
+        """Whether a step of *item*'s work (its key), or a request sent again for its output checks, is in a chunk
+        whose answer is still to be used."""
         by_key = self.chunks.by_key
-        return bool(by_key) and any(
-            Step(item=item.id, work_key=work_key, number=n).key in by_key for n in range(1, len(item.steps) + 1)
-        )
+        if not by_key:
+            return False
+        last, retries = len(item.steps), item.qa.retries if item.qa is not None and item.qa.active else 0
+        steps = [Step(item=item.id, work_key=work_key, number=n) for n in range(1, last + 1)]
+        steps += [Step(item=item.id, work_key=work_key, number=last, again=n) for n in range(1, retries + 1)]
+        return any(step.key in by_key for step in steps)
+
+    def sent_request(self, step: Step) -> dict[str, Any] | None:
+        """The body of *step*'s request, read back from its chunk: its answer is read and not landed yet (the
+        engine sends it again when the output checks refuse the answer). None if no chunk holds it for the item."""
+        for chunk, key in self.answers.held.get(step.item, ()):
+            if key == step.key:
+                try:
+                    return self.chunks.request(chunk, key)
+                except OSError as exc:
+                    raise self._break(exc) from None
+        return None
 
     def release(self, item: str) -> None:
         self.answers.landing.release(item)

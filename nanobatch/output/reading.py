@@ -1,0 +1,36 @@
+"""Reading the fields of a ``results.jsonl`` line as any nanobatch version wrote them, or a hand edited them: what
+:meth:`~nanobatch.output.record.ItemRecord.from_json` and the resume index (:mod:`nanobatch.output.results`) read
+a line with. A value that is not what the field holds reads as its default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["is_int", "read_float", "read_stamps", "read_strs"]
+
+
+def is_int(value: Any) -> bool:
+    """Whether *value* is a whole number (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_strs(value: Any) -> tuple[str, ...]:
+    """Strings from a list of them (or one string, as a hand-edited line may have it)."""
+    if type(value) is list:  # as nearly every line has it: one test (read for every field of every record)
+        return tuple(map(str, value))
+    if isinstance(value, str):
+        return (value,)
+    return tuple(map(str, value)) if isinstance(value, list | tuple) else ()
+
+
+def read_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def read_stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
+    """Input stamps as written; None if unreadable (the files will simply be read again)."""
+    try:
+        return tuple((int(s[0]), int(s[1]), str(s[2])) for s in value)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
