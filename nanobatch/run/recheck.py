@@ -262,10 +262,13 @@ def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSetting
         verdicts.append(check_image(data, original=original, aspect_ratio=item.aspect_ratio, settings=qa))
     if len(verdicts) == 1:
         return verdicts[0]
+    # As the run judges an answer of several images: the values of the first that failed, and which one it is.
     failed = {check for verdict in verdicts for check in verdict.failed}
-    shown = next((verdict for verdict in verdicts if not verdict.passed), verdicts[0])
+    shown = next((n for n, verdict in enumerate(verdicts) if not verdict.passed), 0)
     return Verdict(
-        passed=not failed, failed=tuple(c for c in (*QA_CHECKS, *sorted(failed)) if c in failed), values=shown.values
+        passed=not failed,
+        failed=tuple(c for c in (*QA_CHECKS, *sorted(failed - set(QA_CHECKS))) if c in failed),
+        values={**verdicts[shown].values, "image": shown + 1},
     )
 
 
@@ -353,7 +356,7 @@ def _verdict_record(record: ItemRecord, verdict: Verdict, moves: tuple[tuple[str
 
 
 def _failed_text(verdict: Verdict) -> str:
-    return f"the image failed the output checks {', '.join(verdict.failed)} (nanobatch qa --apply)"
+    return f"the image failed the output checks: {', '.join(verdict.failed)} (found by nanobatch qa --apply)"
 
 
 def _with_verdict(record: ItemRecord, verdict: Verdict) -> ItemRecord:
