@@ -2,8 +2,8 @@
 
 >>> import nanobatch
 >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
->>> summary.exit_code
-0
+>>> summary.stats.ok, summary.stats.rejected, summary.exit_code  # two items rejected by the checks, on purpose
+(7, 2, 1)
 """
 
 from __future__ import annotations
