@@ -191,3 +191,31 @@ def test_the_python_api_returns_the_failing_items(done: tuple[Path, Path]) -> No
     assert [item.id for item in result.failing] == ["b"]
     assert result.failing[0].verdict.failed == ("min_side",) and result.exit_code == 1
     assert result.checked == 2 and result.passed == 1 and not result.applied
+
+
+@needs_qa
+def test_an_image_that_cannot_be_read_is_named_and_fails_the_command(
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job, out = done
+    (out / "b.png").write_bytes(b"not a picture any more")
+    _tighten(job, top={"min_side": 100})
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
+    told = capsys.readouterr()
+    assert "1 images could not be read, not checked: b" in told.out and "b: cannot check its image" in told.err
+    assert records(out)[-1]["id"] == "b" and records(out)[-1]["status"] == "ok"  # nothing recorded for it
+
+
+@needs_qa
+def test_an_input_gone_since_the_run_leaves_out_only_the_checks_that_compare_with_it(done: tuple[Path, Path]) -> None:
+    job, out = done
+    (job.parent / "images" / "a.png").unlink()
+    _tighten(job, top={"changed": True, "min_side": TOO_BIG})
+
+    async def go() -> nanobatch.RecheckResult:
+        return await nanobatch.recheck(job, out_dir=out)
+
+    result = anyio.run(go)
+    by_id = {item.id: item.verdict for item in result.failing}
+    assert by_id["a"].failed == ("min_side",) and "changed" not in by_id["a"].values
+    assert "changed" in by_id["b"].values  # its input is still there: measured
