@@ -163,9 +163,9 @@ def test_json_lists_each_verdict_for_scripts(done: tuple[Path, Path], capsys: py
     _reject_by_hand(out, "b", ["min_fill"])
     assert main(["qa", str(job), "--out", str(out), "--json"]) == 0
     found = json.loads(capsys.readouterr().out)
-    assert found["checked"] == 2 and found["failed"] == 0 and found["applied"] is False
-    assert [item["id"] for item in found["now_passing"]] == ["b"]
-    assert found["now_passing"][0]["status"] == "rejected" and found["now_passing"][0]["passed"] is True
+    assert found["counts"]["checked"] == 2 and found["counts"]["failed"] == 0 and found["applied"] is False
+    assert [item["id"] for item in found["passing_again"]] == ["b"]
+    assert found["passing_again"][0]["status"] == "rejected" and found["passing_again"][0]["passed"] is True
     assert found["exit_code"] == 0
 
 

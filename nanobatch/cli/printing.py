@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -210,7 +211,7 @@ def print_recheck(result: RecheckResult) -> None:
     if result.newly_failing:
         counts += f" ({result.newly_failing} of them recorded ok until now)"
     if result.passing_again:
-        counts += f"; {len(result.passing_again)} rejected before pass now"
+        counts += f"; {len(result.passing_again)} rejected before pass now ({_ids(result.passing_again)})"
     if result.not_done:
         counts += f"; {result.not_done} not done (the next run sends them)"
     click.echo(counts)
@@ -239,6 +240,12 @@ def _print_recorded(result: RecheckResult) -> None:
         click.echo(f"recorded {len(result.recorded)} new verdicts: {', '.join(parts)}{tail}")
     for item_id, why in result.refused:
         click.echo(f"  {item_id}: not recorded: {why}", err=True)
+
+
+def _ids(items: Sequence[Any], most: int = 10) -> str:
+    """The ids of *items*, the first *most* of them."""
+    shown = ", ".join(item.id for item in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _measured(values: dict[str, Any]) -> str:

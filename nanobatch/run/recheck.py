@@ -99,14 +99,17 @@ class RecheckResult:
         return 1 if self.failing or self.unreadable or self.refused else 0
 
     def to_json(self) -> dict[str, Any]:
+        counts = {
+            "checked": self.checked, "passed": self.passed, "failed": len(self.failing),
+            "newly_failed": self.newly_failing, "passing_again": len(self.passing_again), "not_done": self.not_done,
+            "unreadable": len(self.unreadable),
+        }  # fmt: skip
         return {
-            "manifest": str(self.manifest), "out_dir": str(self.out_dir), "checked": self.checked,
-            "passed": self.passed, "failed": len(self.failing), "newly_failed": self.newly_failing,
-            "passing_again": len(self.passing_again), "not_done": self.not_done, "checks_on": self.checks_on,
-            "applied": self.applied, "failing": [item.to_json() for item in self.failing],
-            "now_passing": [item.to_json() for item in self.passing_again], "unreadable": list(self.unreadable),
+            "manifest": str(self.manifest), "out_dir": str(self.out_dir), "checks_on": self.checks_on,
+            "applied": self.applied, "exit_code": self.exit_code, "counts": counts,
+            "failing": [item.to_json() for item in self.failing],
+            "passing_again": [item.to_json() for item in self.passing_again], "unreadable": list(self.unreadable),
             "recorded": list(self.recorded), "refused": [{"id": i, "reason": why} for i, why in self.refused],
-            "exit_code": self.exit_code,
         }  # fmt: skip
 
 
