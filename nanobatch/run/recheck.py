@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 from anyio.abc import ObjectReceiveStream
@@ -209,14 +209,13 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
             for place, item in enumerate(job.items(check_files=False)):
                 entry = index.get(item.id)
                 if _done(entry, target):
-                    assert entry is not None
                     await send.send((place, item, entry))
                 else:
                     found.not_done += 1
     return found.result(job, target)
 
 
-def _done(entry: IndexEntry | None, target: Path) -> bool:
+def _done(entry: IndexEntry | None, target: Path) -> TypeGuard[IndexEntry]:
     """Whether an item's latest record is ok or rejected and names images that are all there."""
     return (
         entry is not None
