@@ -2,8 +2,8 @@
 
 >>> import nanobatch
 >>> summary = await nanobatch.run_job("jobs/example.yaml", simulate=True)
->>> summary.exit_code
-0
+>>> summary.stats.ok, summary.stats.rejected, summary.exit_code  # two items rejected by the checks, on purpose
+(7, 2, 1)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ if typing.TYPE_CHECKING:
     from .item import WorkItem
     from .job.manifest import Manifest, load_manifest
     from .run.preflight import CheckResult, check_job
+    from .run.recheck import RecheckResult, recheck
     from .run.runner import RunSummary, run_job
     from .run.stats import RunStats
 
@@ -48,6 +49,7 @@ _LAZY = {
     "WorkItem": "item",
     **dict.fromkeys(("CheckResult", "check_job"), "run.preflight"),
     **dict.fromkeys(("RunSummary", "run_job"), "run.runner"),
+    **dict.fromkeys(("RecheckResult", "recheck"), "run.recheck"),
 }  # fmt: skip
 
 
@@ -78,6 +80,7 @@ __all__ = [
     "ManifestError",
     "NanobatchError",
     "Problem",
+    "RecheckResult",
     "Reply",
     "RunAborted",
     "RunStats",
@@ -88,6 +91,7 @@ __all__ = [
     "check_job",
     "load_manifest",
     "load_settings",
+    "recheck",
     "run_job",
 ]
 

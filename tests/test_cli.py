@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -293,6 +294,9 @@ def test_make_demo_says_once_where_the_results_and_the_report_are(tmp_path: Path
         "images and results.jsonl in out/example/, summary in out/example/summary.json"
     ]
     assert "report: out/example/report.html" in told and (tmp_path / "out" / "example" / "report.html").is_file()
+    # The checks at work: two items rejected by design, listed again by `nanobatch qa`; the demo still succeeds.
+    assert sorted(os.listdir(tmp_path / "out" / "example" / "rejected")) == ["bottle-small.png", "sneaker-grey.png"]
+    assert "9 checked: 7 pass, 2 fail" in told
 
 
 @pytest.mark.parametrize(

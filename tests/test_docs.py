@@ -109,9 +109,16 @@ def run_as_typed(command: str, monkeypatch: pytest.MonkeyPatch, url: str | None 
     return main(words[1:])
 
 
-def sent_and_ok(out: Path) -> tuple[int, int]:
+def sent_and_ok(out: Path) -> tuple[int, int, int]:
+    """(requests, ok, rejected) of the run into *out*."""
     last_run = json.loads((out / "summary.json").read_text())["last_run"]
-    return last_run["requests"], last_run["ok"]
+    return last_run["requests"], last_run["ok"], last_run["rejected"]
+
+
+# The example job: 9 items, the hero item has two steps; two items end rejected on purpose (their markers make the
+# simulator answer with bad images) after one new request each (qa retries: 1), so the run exits 1.
+EXAMPLE = (12, 7, 2)
+EXAMPLE_EXIT = 1
 
 
 @pytest.mark.parametrize("source", [readme_simulator_commands, example_job_commands], ids=["README", "example.yaml"])
@@ -124,8 +131,8 @@ def test_the_documented_simulator_recipe_works_as_typed(
     assert len(serve) == 1 and len(runs) == 2, documented  # one server, a run against it, a run with --simulate
     simulators.append(Simulator(shlex.split(serve[0])[1:]))
     for command in runs:
-        assert run_as_typed(command, monkeypatch, simulators[0].url) == 0, command  # no key set anywhere
-        assert sent_and_ok(checkout / "out" / "example") == (8, 7), command  # the hero item has two steps
+        assert run_as_typed(command, monkeypatch, simulators[0].url) == EXAMPLE_EXIT, command  # no key set anywhere
+        assert sent_and_ok(checkout / "out" / "example") == EXAMPLE, command
 
 
 @pytest.mark.parametrize("key_env", [None, "SIM_KEY"], ids=["no-key", "own-key"])
@@ -136,8 +143,8 @@ def test_the_command_the_simulator_banner_prints_works_as_typed(
         monkeypatch.setenv(key_env, "the-simulator-key")  # exported in the user's shell, for both commands
     simulator = Simulator(["--api-key-env", key_env] if key_env else [], env=dict(os.environ))
     simulators.append(simulator)
-    assert run_as_typed(simulator.command.replace("MANIFEST", "jobs/example.yaml"), monkeypatch) == 0
-    assert sent_and_ok(checkout / "out" / "example") == (8, 7)
+    assert run_as_typed(simulator.command.replace("MANIFEST", "jobs/example.yaml"), monkeypatch) == EXAMPLE_EXIT
+    assert sent_and_ok(checkout / "out" / "example") == EXAMPLE
 
 
 def test_a_base_url_off_this_machine_still_needs_a_key(
@@ -155,5 +162,5 @@ def test_the_documented_run_works_with_the_simulator_named_either_way(
 
     (command,) = [c for c in readme_simulator_commands() if DOCUMENTED_URL in c]
     with run_in_thread(SimulatorConfig()) as url:
-        assert run_as_typed(command, monkeypatch, url.replace("127.0.0.1", host)) == 0  # no key set anywhere
-    assert sent_and_ok(checkout / "out" / "example") == (8, 7)
+        assert run_as_typed(command, monkeypatch, url.replace("127.0.0.1", host)) == EXAMPLE_EXIT  # no key anywhere
+    assert sent_and_ok(checkout / "out" / "example") == EXAMPLE

@@ -99,11 +99,20 @@ def test_a_wrong_key_aborts_with_exit_3(job: Path) -> None:
     assert code == 3 and records == []
 
 
-@pytest.mark.parametrize("name", ["example.yaml", "catalog.yaml", "multistep.yaml"])
-def test_the_example_jobs_run_against_the_simulator(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "rejected"),
+    [
+        # Its marked items ask the simulator for bad images: the checks set them aside, the run exits 1.
+        pytest.param("example.yaml", {"sneaker-grey": ["background"], "bottle-small": ["min_fill"]}, id="example"),
+        pytest.param("catalog.yaml", {}, id="catalog"),
+        pytest.param("multistep.yaml", {}, id="multistep"),
+    ],
+)
+def test_the_example_jobs_run_against_the_simulator(tmp_path: Path, name: str, rejected: dict[str, list[str]]) -> None:
     manifest = Path(__file__).resolve().parent.parent / "jobs" / name
     out = tmp_path / "out"
-    assert main(["run", str(manifest), "--simulate", "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(manifest), "--simulate", "--out", str(out), "--quiet"]) == (1 if rejected else 0)
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert records and all(r["status"] == "ok" for r in records)
+    assert records and {r["id"]: r["qa"]["failed"] for r in records if r["status"] != "ok"} == rejected
+    assert all(r["status"] in ("ok", "rejected") for r in records)
     assert all((out / name).is_file() for r in records for name in r["outputs"])

@@ -283,3 +283,45 @@ def test_cards_follow_the_manifest_order_not_the_order_items_finished(tmp_path: 
     (out / "results.jsonl").write_text("\n".join(sorted(lines, key=lambda line: json.loads(line)["id"])) + "\n")
     page = write_report(out).read_text(encoding="utf-8")
     assert [i for _, i in CARD_RE.findall(page)] == ["zeta", "alpha", "mid", "beta"]
+
+
+def _checked(tmp_path: Path, pictures: Path) -> Path:
+    """A folder with a rejected item (its image under rejected/, its verdict in its record) and one that passed."""
+    out = tmp_path / "out"
+    (out / "rejected").mkdir(parents=True)
+    shutil.copy(pictures / "spring-catalog" / "sku-1001.png", out / "rejected" / "sku-1.png")
+    shutil.copy(pictures / "spring-catalog" / "sku-1001.png", out / "sku-2.png")
+    source = str(pictures / "images" / "sku-1001.jpg")
+    base = {"attempts": 2, "cost_usd": 0.08, "inputs": [source], "instructions": ["Make the background white"]}
+    lines = [
+        {**base, "id": "sku-1", "status": "rejected", "outputs": ["rejected/sku-1.png"],
+         "error": {"kind": "qa", "status_code": None, "message": "failed the output checks background, min_fill"},
+         "qa": {"passed": False, "failed": ["background", "min_fill"],
+                "values": {"width": 1200, "height": 1600, "background": 0.812, "min_fill": 0.41}}},
+        {**base, "id": "sku-2", "status": "ok", "outputs": ["sku-2.png"],
+         "qa": {"passed": True, "failed": [], "values": {"background": 1.0, "min_fill": 0.93}}},
+    ]  # fmt: skip
+    (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out
+
+
+def test_a_rejected_item_shows_its_failed_checks_and_measures_beside_its_input(tmp_path: Path, pictures: Path) -> None:
+    page = write_report(_checked(tmp_path, pictures)).read_text(encoding="utf-8")
+    card = _card(page, "sku-1")
+    assert 'data-status="rejected"' in card and '<span class="badge rejected">rejected</span>' in card
+    # The failed checks, each with what it measured; then the other measurements.
+    assert "Failed the output checks" in card
+    assert "<li><b>background</b> 0.812" in card and "<li><b>min_fill</b> 0.41" in card
+    assert "also measured: width 1200 · height 1600" in card
+    assert "Set aside under rejected/" in card
+    # Beside its input: both pictures are there, the rejected one from rejected/.
+    assert card.count("<img ") == 2 and "after (rejected)" in card and 'title="rejected/sku-1.png"' in card
+    # Its verdict says why: no error box repeating it.
+    assert 'class="problem"' not in card
+    assert "Passed the output checks: background 1 · min_fill 0.93" in _card(page, "sku-2")
+
+
+def test_rejected_items_have_a_filter_and_a_count(tmp_path: Path, pictures: Path) -> None:
+    page = write_report(_checked(tmp_path, pictures)).read_text(encoding="utf-8")
+    assert re.search(r'data-filter="rejected"[^>]*>rejected \(1\)</button>', page)
+    assert '<dt>rejected</dt><dd class="rejected">1</dd>' in page

@@ -27,7 +27,8 @@ LAUNCH_ARGS = [
     "--disable-sync",
 ]
 pytestmark = pytest.mark.browser
-STATUSES = {"sku-1": "ok", "sku-2": "ok", "sku-3": "failed", "sku-4": "blocked", "sku-5": "ok"}
+STATUSES = {"sku-1": "ok", "sku-2": "ok", "sku-3": "failed", "sku-4": "blocked", "sku-5": "ok", "sku-6": "rejected"}
+VERDICT = {"passed": False, "failed": ["background"], "values": {"background": 0.81, "width": 480, "height": 640}}
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -40,6 +41,9 @@ if not CHROMIUM.exists():
 
 def _record(item_id: str, status: str, n: int, images: Path) -> dict[str, Any]:
     ok = status == "ok"
+    if status == "rejected":  # its image set aside under rejected/, its verdict in its record
+        return {"id": item_id, "status": status, "outputs": [f"rejected/{item_id}.png"], "qa": VERDICT,
+                "inputs": [str(images / f"{item_id}.jpg")], "latency_s": 30.0, "cost_usd": 0.1}  # fmt: skip
     return {
         "id": item_id,
         "status": status,
@@ -59,12 +63,13 @@ def _record(item_id: str, status: str, n: int, images: Path) -> dict[str, Any]:
 def report_path(tmp_path: Path) -> Path:
     images, out = tmp_path / "images", tmp_path / "catalog"
     images.mkdir()
-    out.mkdir()
+    (out / "rejected").mkdir(parents=True)
     lines = []
     for n, (item_id, status) in enumerate(STATUSES.items()):
         Image.linear_gradient("L").resize((640, 480)).convert("RGB").save(images / f"{item_id}.jpg")
-        if status == "ok":
-            Image.new("RGB", (480, 640), (250, 250, 250)).save(out / f"{item_id}.png")
+        if status in ("ok", "rejected"):
+            folder = out / "rejected" if status == "rejected" else out
+            Image.new("RGB", (480, 640), (250, 250, 250)).save(folder / f"{item_id}.png")
         lines.append(json.dumps(_record(item_id, status, n, images)))
     (out / "results.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return write_report(out)
@@ -87,9 +92,10 @@ def test_report_in_chromium(report_path: Path, tmp_path: Path) -> None:
             cards = page.locator("article.card")
             assert cards.count() == len(STATUSES)
             assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
-            assert page.locator("img").count() == 2 * 3 + 2  # ok items: before + after; others: before
+            assert page.locator("img").count() == 2 * 4 + 2  # ok and rejected items: before + after; others: before
+            assert "Failed the output checks" in page.locator('article[data-id="sku-6"]').inner_text()
 
-            for status in ("failed", "blocked", "ok", "all"):
+            for status in ("failed", "blocked", "rejected", "ok", "all"):
                 page.locator(f'button[data-filter="{status}"]').click()
                 visible = page.locator("article.card:visible")
                 expected = sorted(i for i, s in STATUSES.items() if status in ("all", s))

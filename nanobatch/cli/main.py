@@ -24,12 +24,14 @@ from .options import Duration, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
 from .printing import print_check as _print_check
 from .printing import print_models as _print_models
+from .printing import print_recheck as _print_recheck
 from .printing import print_summary as _print_summary
 
 # Each command imports what it needs when it runs: `nanobatch --help`, `status` and `validate` start without
 # the HTTP stack, Pillow, rich or the simulator (uvicorn, starlette).
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..run.recheck import RecheckResult
     from ..run.runner import RunSummary
     from .progress import LiveProgress, PlainProgress
 
@@ -272,6 +274,53 @@ def status(out_dir: str, as_json: bool) -> None:
             f"left: {info['left']} of {info['manifest_items']} items in {info['manifest']} not done "
             "(new, failed, blocked, rejected, or output missing)"
         )
+
+
+@cli.command("qa")
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Config file (default: $NANOBATCH_CONFIG, else ./nanobatch.yaml if present): its qa: is under the manifest's.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Output folder (default: the manifest's output_dir, else <output.dir>/<name>).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON, for scripts.")
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Record the new verdicts: failing items become rejected (images moved under rejected/), rejected ones "
+    "that pass become ok again; the next run sends the rejected items again.",
+)
+@click.option("--wait-lock", is_flag=True, help="--apply: if a run holds the output folder, wait for it.")
+def qa_command(
+    manifest: str, config_file: str | None, out_dir: str | None, as_json: bool, apply: bool, wait_lock: bool
+) -> None:
+    """Check the done items' images again against the manifest's current qa: settings; nothing is sent.
+
+    Exit 0 when every image passes, 1 when some fail.
+    """
+    import anyio
+
+    from ..run.recheck import recheck
+
+    settings = settings_from(config_file)
+    install_redaction(settings)
+
+    async def go() -> RecheckResult:
+        return await recheck(manifest, settings=settings, out_dir=out_dir, apply=apply, wait_lock=wait_lock)
+
+    result = anyio.run(go)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_recheck(result)
+    raise SystemExit(result.exit_code)
 
 
 @cli.command()

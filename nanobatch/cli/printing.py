@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 
 if TYPE_CHECKING:
     from ..run.preflight import CheckResult
+    from ..run.recheck import RecheckResult
     from ..run.runner import RunSummary
 
-__all__ = ["log_summary", "print_check", "print_models", "print_summary"]
+__all__ = ["log_summary", "print_check", "print_models", "print_recheck", "print_summary"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -154,13 +156,7 @@ def print_models(result: dict[str, Any]) -> None:
         ("Models", MODEL_COLUMNS, model_cells(result["models"])),
         ("Price of one output image, US dollars", PRICE_COLUMNS, price_cells(result["models"])),
     ]
-    if sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
-        _print_rich_tables(tables)
-    else:
-        for n, (title, columns, cells) in enumerate(tables):
-            click.echo(("\n" if n else "") + f"{title}:")
-            for line in _aligned(columns, cells):
-                click.echo(line)
+    _print_tables(tables)
     if "live" in result:
         found = result["live"]
         click.echo(f"endpoint lists {len(found['listed'])} models")
@@ -200,3 +196,72 @@ def _aligned(columns: tuple[str, ...], cells: list[tuple[str, ...]]) -> list[str
         ]
         lines.append("  ".join(padded).rstrip())
     return lines
+
+
+def print_recheck(result: RecheckResult) -> None:
+    """``nanobatch qa`` for people: each failing item with its failed checks and what they measured (a rich table
+    on a terminal, aligned columns when piped), then the counts and what was (or would be) recorded."""
+    if result.failing:
+        columns: tuple[str, ...] = ("item", "recorded", "failed checks", "measured")
+        rows: list[tuple[str, ...]] = [
+            (item.id, item.status, ", ".join(item.verdict.failed), _measured(item.verdict.values))
+            for item in result.failing
+        ]
+        _print_tables([("Images that fail the checks now", columns, rows)])
+    if not result.checks_on:
+        click.echo("no check is on: neither the manifest's qa: nor the config file's turns one on")
+    counts = f"{result.checked} checked: {result.passed} pass, {len(result.failing)} fail"
+    if result.newly_failing:
+        counts += f" ({result.newly_failing} of them recorded ok until now)"
+    if result.passing_again:
+        counts += f"; {len(result.passing_again)} rejected before pass now ({_ids(result.passing_again)})"
+    if result.not_done:
+        counts += f"; {result.not_done} not done (the next run sends them)"
+    click.echo(counts)
+    if result.unreadable:
+        click.echo(f"{len(result.unreadable)} images could not be read, not checked: {', '.join(result.unreadable)}")
+    _print_recorded(result)
+
+
+def _print_recorded(result: RecheckResult) -> None:
+    """What ``--apply`` recorded, or what it would."""
+    from ..run.recheck import REJECTED_FOLDER
+
+    turned = result.newly_failing + len(result.passing_again)
+    if not result.applied:
+        if turned:
+            click.echo(f"nothing recorded: --apply records these {turned} new verdicts (the next run then sends "
+                       "the failing items again)")  # fmt: skip
+        return
+    if not result.recorded and not result.refused:
+        click.echo("nothing to record: every verdict is the one recorded")
+    elif result.recorded:
+        rejected = sum(1 for item in result.failing if item.id in result.recorded)
+        parts = [f"{rejected} rejected (images moved under {result.out_dir / REJECTED_FOLDER}/)"] if rejected else []
+        parts += [f"{len(result.recorded) - rejected} ok again"] if len(result.recorded) > rejected else []
+        tail = "; the next run sends the rejected items again" if rejected else ""
+        click.echo(f"recorded {len(result.recorded)} new verdicts: {', '.join(parts)}{tail}")
+    for item_id, why in result.refused:
+        click.echo(f"  {item_id}: not recorded: {why}", err=True)
+
+
+def _ids(items: Sequence[Any], most: int = 10) -> str:
+    """The ids of *items*, the first *most* of them."""
+    shown = ", ".join(item.id for item in items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _measured(values: dict[str, Any]) -> str:
+    """A verdict's values in a line: ``min_side 512, width 512, height 512``."""
+    return ", ".join(f"{name} {f'{v:.3g}' if isinstance(v, float) else v}" for name, v in values.items())
+
+
+def _print_tables(tables: list[_Table]) -> None:
+    """*tables* as rich's tables on a terminal, as aligned columns when piped."""
+    if sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
+        _print_rich_tables(tables)
+        return
+    for n, (title, columns, cells) in enumerate(tables):
+        click.echo(("\n" if n else "") + f"{title}:")
+        for line in _aligned(columns, cells):
+            click.echo(line)

@@ -33,13 +33,14 @@ from ..output.outdir import write_report_file
 from ..output.record import TOKEN_FIELDS, ItemRecord, percentile
 from ..output.results import ResultsIndex, read_records
 from .report_page import PAGE
+from .report_qa import render_verdict
 
 __all__ = ["write_report"]
 
 log = logging.getLogger("nanobatch.report")
 
 Record = ItemRecord
-STATUSES = ("ok", "failed", "blocked")
+STATUSES = ("ok", "rejected", "failed", "blocked")
 # Labels of the usage fields, in TOKEN_FIELDS' order.
 _TOKEN_FIELDS = tuple(zip(("prompt", "output", "thoughts", "total"), TOKEN_FIELDS, strict=True))
 _MAX_TEXT = 4000  # characters of model text / error message shown per card
@@ -387,13 +388,16 @@ def _render_card(folder: Path, rec: Record, thumbs: Mapping[Path, _Thumb | str])
     item_id, status = rec.id, _status(rec)
     css = status if status in STATUSES else "other"
     before = _render_figure(folder, "before", list(rec.inputs), "no input (text to image)", thumbs)
-    after = _render_figure(folder, "after", list(rec.outputs), "no output image", thumbs)
+    label = "after (rejected)" if status == "rejected" else "after"
+    after = _render_figure(folder, label, list(rec.outputs), "no output image", thumbs)
+    qa = render_verdict(rec)  # a rejected item's failed checks say why, instead of its error
     model = f' title="{_e(str(rec.model))}"' if rec.model else ""
     return (
         f'<article class="card {css}" data-status="{_e(status)}" data-id="{_e(item_id)}">'
         f'<header><h3{model}>{_e(item_id)}</h3><span class="badge {css}">{_e(status)}</span></header>'
         f'<div class="pair">{before}{after}</div>'
-        f"{_render_instructions(rec)}{_render_problem(rec)}{_render_meta(rec)}</article>"
+        f"{_render_instructions(rec)}{qa if qa and status == 'rejected' else _render_problem(rec) + qa}"
+        f"{_render_meta(rec)}</article>"
     )
 
 

@@ -14,15 +14,15 @@ __all__ = ["PAGE"]
 _CSS = """
 :root {
   --bg: #f5f6f8; --fg: #1d2430; --muted: #5f6b7a; --card: #fff; --line: #dde1e7;
-  --ok: #1f8a4c; --failed: #c62828; --blocked: #b26a00; --other: #5f6b7a;
-  --ok-bg: #e3f4ea; --failed-bg: #fdecea; --blocked-bg: #fff3e0; --other-bg: #eceff1;
+  --ok: #1f8a4c; --failed: #c62828; --blocked: #b26a00; --rejected: #8e24aa; --other: #5f6b7a;
+  --ok-bg: #e3f4ea; --failed-bg: #fdecea; --blocked-bg: #fff3e0; --rejected-bg: #f3e5f5; --other-bg: #eceff1;
   --accent: #2c5fb8;
 }
 @media (prefers-color-scheme: dark) {
   :root {
     --bg: #14171c; --fg: #e6e9ee; --muted: #9aa4b2; --card: #1d2128; --line: #313843;
-    --ok-bg: #143323; --failed-bg: #3a1717; --blocked-bg: #3a2a10; --other-bg: #2a2f36;
-    --ok: #5fd08c; --failed: #ff7b72; --blocked: #f0b35a; --accent: #7aa7ff;
+    --ok-bg: #143323; --failed-bg: #3a1717; --blocked-bg: #3a2a10; --rejected-bg: #2e1a36; --other-bg: #2a2f36;
+    --ok: #5fd08c; --failed: #ff7b72; --blocked: #f0b35a; --rejected: #d69cf0; --accent: #7aa7ff;
   }
 }
 * { box-sizing: border-box; }
@@ -43,12 +43,13 @@ h1 { font-size: 22px; margin: 0 0 2px; }
 .totals dd.ok { color: var(--ok); }
 .totals dd.failed { color: var(--failed); }
 .totals dd.blocked { color: var(--blocked); }
+.totals dd.rejected { color: var(--rejected); }
 .hist svg { width: 100%; height: auto; display: block; }
 .hist .axis { fill: var(--muted); font-size: 11px; }
 .hist .base { stroke: var(--line); }
 .hist .mark { stroke: var(--muted); stroke-dasharray: 3 3; }
 .hist .ok { fill: var(--ok); } .hist .failed { fill: var(--failed); }
-.hist .blocked { fill: var(--blocked); } .hist .other { fill: var(--other); }
+.hist .blocked { fill: var(--blocked); } .hist .rejected { fill: var(--rejected); } .hist .other { fill: var(--other); }
 .filters { display: flex; flex-wrap: wrap; gap: 8px; margin: 0 0 16px; }
 .filters button {
   font: inherit; cursor: pointer; padding: 6px 14px; border-radius: 999px;
@@ -62,7 +63,7 @@ h1 { font-size: 22px; margin: 0 0 2px; }
 }
 .card[hidden] { display: none; }
 .card.ok { border-left-color: var(--ok); } .card.failed { border-left-color: var(--failed); }
-.card.blocked { border-left-color: var(--blocked); }
+.card.blocked { border-left-color: var(--blocked); } .card.rejected { border-left-color: var(--rejected); }
 .card header { display: flex; align-items: center; justify-content: space-between; gap: 8px; }
 .card h3 { margin: 0; font-size: 15px; word-break: break-all; }
 .badge { font-size: 12px; font-weight: 600; padding: 2px 10px; border-radius: 999px; white-space: nowrap;
@@ -70,6 +71,7 @@ h1 { font-size: 22px; margin: 0 0 2px; }
 .badge.ok { background: var(--ok-bg); color: var(--ok); }
 .badge.failed { background: var(--failed-bg); color: var(--failed); }
 .badge.blocked { background: var(--blocked-bg); color: var(--blocked); }
+.badge.rejected { background: var(--rejected-bg); color: var(--rejected); }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; }
 .pair figure { margin: 0; min-width: 0; }
 .pair figcaption {
@@ -100,6 +102,14 @@ h1 { font-size: 22px; margin: 0 0 2px; }
   font: 12px/1.4 ui-monospace, Menlo, Consolas, monospace;
 }
 .text { font-size: 13px; color: var(--muted); }
+.qa { font-size: 12px; color: var(--muted); overflow-wrap: anywhere; }
+.qa.rejected {
+  background: var(--rejected-bg); color: var(--fg); border-radius: 6px; padding: 8px 10px; font-size: 13px;
+}
+.qa.rejected > b { display: block; color: var(--rejected); }
+.failed-checks { margin: 4px 0 0; padding-left: 18px; }
+.failed-checks small { display: block; color: var(--muted); font-size: 11px; }
+.qa p { margin: 6px 0 0; font-size: 12px; color: var(--muted); }
 .meta { display: grid; grid-template-columns: repeat(auto-fill, minmax(92px, 1fr)); gap: 4px 10px; margin: 0;
   font-size: 12px; border-top: 1px solid var(--line); padding-top: 8px; }
 .meta dt { color: var(--muted); }

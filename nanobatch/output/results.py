@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +33,7 @@ from .record import (
 __all__ = [
     "IndexEntry",
     "ResultsIndex",
+    "latest_records",
     "orphaned_requests",
     "read_records",
 ]
@@ -44,6 +45,16 @@ def read_records(path: Path) -> Iterator[ItemRecord]:
     """Item records from a results file, oldest first, as the report shows them (any line with an ``id`` and a
     ``status``); torn lines are skipped with a warning."""
     return map(ItemRecord.from_json, _record_lines(path, own_only=False))
+
+
+def latest_records(path: Path, ids: Collection[str]) -> dict[str, ItemRecord]:
+    """The latest record nanobatch wrote for each of *ids* in a results file (as the resume index counts them:
+    another tool's lines are passed over), whole; an id with none is left out."""
+    latest: dict[str, dict[str, Any]] = {}
+    for line in _record_lines(path, own_only=True):
+        if (item_id := str(line["id"])) in ids:
+            latest[item_id] = line
+    return {item_id: ItemRecord.from_json(line) for item_id, line in latest.items()}
 
 
 def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:

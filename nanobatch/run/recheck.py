@@ -1,0 +1,381 @@
+"""``nanobatch qa``: the done items' images checked again against the manifest's current ``qa:``; nothing is sent.
+
+For a team that tightens a threshold after a run: :func:`recheck` says which images fail now. With ``apply``, the
+new verdicts are recorded as a run records its own: one new line per item whose verdict changed (results.jsonl is
+append-only, the last line of an id wins), a newly failing item ``rejected`` with its images moved under
+``rejected/``, a rejected one that passes now ``ok`` with its images moved back out; the folder's lock held, only
+files a record names moved, none that nanobatch did not write for the item replaced. The next run then sends the
+rejected items again, like failed ones, and nothing else.
+
+>>> result = await nanobatch.recheck("jobs/example.yaml", apply=True)  # doctest: +SKIP
+>>> [item.id for item in result.failing]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeGuard
+
+import anyio
+from anyio.abc import ObjectReceiveStream
+from PIL import Image as PILImage
+
+from ..checks import check_image
+from ..config import Settings
+from ..errors import InputError, ManifestError, UsageError
+from ..inputs.load import InputLoader
+from ..item import WorkItem
+from ..job.manifest import Manifest
+from ..names import RESULTS_FILE, SUMMARY_FILE
+from ..output.outdir import OutDir, fsync_dir
+from ..output.record import ErrorInfo, ItemRecord, PaidIn
+from ..output.results import IndexEntry, ResultsIndex, latest_records
+from ..qa import QA_CHECKS, QaSettings, Verdict
+from .preflight import load_job, resolve_out_dir
+
+__all__ = ["REJECTED_FOLDER", "RecheckResult", "Rechecked", "recheck", "verdict_of"]
+
+logger = logging.getLogger("nanobatch")
+
+REJECTED_FOLDER = "rejected"  # a rejected item's images: OUT/rejected/<its output name>
+_REJECTED = REJECTED_FOLDER + "/"
+# What reading or decoding an output image may raise: the image is not checked (and is listed as unreadable).
+_UNREADABLE = (OSError, ValueError, PILImage.DecompressionBombError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rechecked:
+    """One done item checked again: its recorded ``status`` (ok or rejected), its images, the new verdict."""
+
+    id: str
+    status: str
+    outputs: tuple[str, ...]
+    verdict: Verdict
+
+    @property
+    def turned(self) -> bool:
+        """Whether the new verdict is not what its record says: an ok item that fails, a rejected one that passes."""
+        return self.verdict.passed != (self.status == "ok")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "outputs": list(self.outputs), **self.verdict.to_json()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecheckResult:
+    """What :func:`recheck` found (and, with ``apply``, recorded). Items are in manifest order."""
+
+    manifest: Path
+    out_dir: Path
+    checked: int  # done items (ok or rejected, their images there) whose images were checked
+    failing: tuple[Rechecked, ...]  # of those, the ones that fail now
+    passing_again: tuple[Rechecked, ...]  # rejected items whose images pass now
+    not_done: int  # the manifest's other items: never run, failed, blocked, or their images gone
+    unreadable: tuple[str, ...] = ()  # done items whose images could not be read: not checked
+    checks_on: bool = False  # whether any check was on for any checked item
+    applied: bool = False
+    recorded: tuple[str, ...] = ()  # with apply: the items given a new record
+    refused: tuple[tuple[str, str], ...] = ()  # with apply: (id, why) the items whose images could not be moved
+
+    @property
+    def passed(self) -> int:
+        return self.checked - len(self.failing)
+
+    @property
+    def newly_failing(self) -> int:
+        """Failing items whose record says ok: those ``apply`` rejects."""
+        return sum(1 for item in self.failing if item.status == "ok")
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every checked image passes (and every verdict to record was recorded), else 1."""
+        return 1 if self.failing or self.unreadable or self.refused else 0
+
+    def to_json(self) -> dict[str, Any]:
+        counts = {
+            "checked": self.checked, "passed": self.passed, "failed": len(self.failing),
+            "newly_failed": self.newly_failing, "passing_again": len(self.passing_again), "not_done": self.not_done,
+            "unreadable": len(self.unreadable),
+        }  # fmt: skip
+        return {
+            "manifest": str(self.manifest), "out_dir": str(self.out_dir), "checks_on": self.checks_on,
+            "applied": self.applied, "exit_code": self.exit_code, "counts": counts,
+            "failing": [item.to_json() for item in self.failing],
+            "passing_again": [item.to_json() for item in self.passing_again], "unreadable": list(self.unreadable),
+            "recorded": list(self.recorded), "refused": [{"id": i, "reason": why} for i, why in self.refused],
+        }  # fmt: skip
+
+
+def verdict_of(record: ItemRecord) -> Verdict | None:
+    """The checks' verdict a record carries (its ``qa`` field), or None."""
+    # getattr: ItemRecord gains its own qa field with the run's checks; until then a line's qa is in extra.
+    value = getattr(record, "qa", None) or record.extra.get("qa")
+    if isinstance(value, Verdict):
+        return value
+    return Verdict.from_json(value) if isinstance(value, Mapping) else None
+
+
+async def recheck(
+    manifest: str | os.PathLike[str] | Manifest,
+    *,
+    settings: Settings | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    apply: bool = False,
+    wait_lock: bool = False,
+) -> RecheckResult:
+    """Check the images of the manifest's done items (ok and rejected) again against its current ``qa:``.
+
+    Nothing is sent. *apply* records the verdicts that changed (see the module's docstring), holding the output
+    folder's lock (*wait_lock*: wait for a run that holds it, else :class:`LockHeld`). Raises
+    :class:`ManifestError` for a bad manifest and :class:`UsageError` for a folder with no results.
+    """
+    job, settings = load_job(manifest, settings)
+    target = resolve_out_dir(job, settings, out_dir)
+    job = job.skipping(target)
+    _check(job, target)
+    if not apply:
+        with ResultsIndex.load(target) as index:
+            return await _recheck(job, target, index)
+    out = OutDir(target, uuid.uuid4().hex[:12])
+    async with out.hold(wait=wait_lock, handle_signals=False):
+        with ResultsIndex.load(out.path) as index:
+            out.recover(index)  # what a dead run left: its claims on files count before any is moved
+            found = await _recheck(job, target, index)
+            return await _apply(out, index, found)
+
+
+def _check(job: Manifest, target: Path) -> None:
+    """ManifestError listing every problem of the manifest, UsageError for a folder without results."""
+    report = job.check(check_files=False, out_dir=target)
+    if report.problems:
+        raise ManifestError(report.problems)
+    if not (target / RESULTS_FILE).is_file():
+        raise UsageError(
+            f"{target}: no {RESULTS_FILE}, so no images to check. HINT: run the job first (nanobatch run "
+            f"{job.path}), or pass the folder it wrote into with --out"
+        )
+
+
+@dataclass(slots=True)
+class _Found:
+    """What the checks found so far, each item with its place in the manifest (workers finish out of order)."""
+
+    failing: list[tuple[int, Rechecked]] = field(default_factory=list)
+    passing_again: list[tuple[int, Rechecked]] = field(default_factory=list)
+    unreadable: list[tuple[int, str]] = field(default_factory=list)
+    checked: int = 0
+    not_done: int = 0
+    checks_on: bool = False
+
+    def add(self, place: int, item: Rechecked) -> None:
+        self.checked += 1
+        if not item.verdict.passed:
+            self.failing.append((place, item))
+        elif item.status != "ok":
+            self.passing_again.append((place, item))
+
+    def result(self, job: Manifest, target: Path) -> RecheckResult:
+        return RecheckResult(
+            manifest=job.path, out_dir=target, checked=self.checked, failing=_ordered(self.failing),
+            passing_again=_ordered(self.passing_again), not_done=self.not_done,
+            unreadable=_ordered(self.unreadable), checks_on=self.checks_on,
+        )  # fmt: skip
+
+
+def _ordered(found: list[tuple[int, Any]]) -> tuple[Any, ...]:
+    return tuple(value for _, value in sorted(found, key=lambda pair: pair[0]))
+
+
+_Work = tuple[int, WorkItem, IndexEntry]
+
+
+async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckResult:
+    """Check every done item of *job* in *target*, a few at a time on worker threads (one per CPU)."""
+    found = _Found()
+    workers = os.cpu_count() or 1
+    send, receive = anyio.create_memory_object_stream[_Work](workers * 2)
+    async with InputLoader() as loader, anyio.create_task_group() as tg:
+        for _ in range(workers):
+            tg.start_soon(_worker, receive.clone(), loader, target, found)
+        receive.close()
+        async with send:
+            for place, item in enumerate(job.items(check_files=False)):
+                entry = index.get(item.id)
+                if _done(entry, target):
+                    await send.send((place, item, entry))
+                else:
+                    found.not_done += 1
+    return found.result(job, target)
+
+
+def _done(entry: IndexEntry | None, target: Path) -> TypeGuard[IndexEntry]:
+    """Whether an item's latest record is ok or rejected and names images that are all there."""
+    return (
+        entry is not None
+        and entry.status in ("ok", "rejected")
+        and bool(entry.outputs)
+        and all(os.path.isfile(os.path.join(target, name)) for name in entry.outputs)
+    )
+
+
+async def _worker(receive: ObjectReceiveStream[_Work], loader: InputLoader, target: Path, found: _Found) -> None:
+    async with receive:
+        async for place, item, entry in receive:
+            qa = item.qa or QaSettings()
+            found.checks_on = found.checks_on or qa.active
+            verdict = Verdict(passed=True)
+            if qa.active:
+                original = await _original(item, loader) if qa.changed or qa.same_subject else None
+                try:
+                    verdict = await anyio.to_thread.run_sync(_judge, target, entry.outputs, item, qa, original)
+                except _UNREADABLE as exc:
+                    logger.warning("%s: cannot check its image: %s", item.id, exc)
+                    found.unreadable.append((place, item.id))
+                    continue
+            found.add(place, Rechecked(id=item.id, status=entry.status, outputs=entry.outputs, verdict=verdict))
+
+
+async def _original(item: WorkItem, loader: InputLoader) -> bytes | None:
+    """The item's first input picture, which ``changed`` and ``same_subject`` compare with; None if it has
+    none, or it cannot be read now (those checks are then not measured, as for an input sent by reference)."""
+    if not item.inputs:
+        return None
+    try:
+        images = await loader.load(item.inputs[:1], resize=item.resize_inputs)
+    except InputError as exc:
+        logger.info("%s: its input cannot be read now (%s): the checks comparing with it are left out", item.id, exc)
+        return None
+    return images[0].data
+
+
+def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSettings, original: bytes | None) -> Verdict:
+    """The verdict on an item's images (in a worker thread): each checked, failing if any fails."""
+    verdicts = []
+    for name in outputs:
+        with open(os.path.join(target, name), "rb") as f:
+            data = f.read()
+        verdicts.append(check_image(data, original=original, aspect_ratio=item.aspect_ratio, settings=qa))
+    if len(verdicts) == 1:
+        return verdicts[0]
+    # As the run judges an answer of several images: the values of the first that failed, and which one it is.
+    failed = {check for verdict in verdicts for check in verdict.failed}
+    shown = next((n for n, verdict in enumerate(verdicts) if not verdict.passed), 0)
+    return Verdict(
+        passed=not failed,
+        failed=tuple(c for c in (*QA_CHECKS, *sorted(failed - set(QA_CHECKS))) if c in failed),
+        values={**verdicts[shown].values, "image": shown + 1},
+    )
+
+
+async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> RecheckResult:
+    """Record the verdicts of *found* that changed (the folder's lock held): move each item's images, then append
+    its new record; an item whose images cannot be moved keeps its record and is listed as ``refused``."""
+    changes = [item for item in (*found.failing, *found.passing_again) if item.turned]
+    if not changes:
+        return replace(found, applied=True)
+    records = await anyio.to_thread.run_sync(latest_records, out.path / RESULTS_FILE, {item.id for item in changes})
+    plans = []
+    for item in changes:
+        rejected = not item.verdict.passed
+        moves = _moves(records[item.id], rejected=rejected)
+        # Under rejected/, only an image a record of this item put there may be replaced (an earlier rejection's;
+        # the index is this thread's only). Back out of it, nothing: the rejection left the names free, so what
+        # is there now, nanobatch did not put there.
+        replaceable = index.owned(item.id, [new for _, new in moves]) if rejected else frozenset[str]()
+        plans.append((item, records[item.id], moves, replaceable))
+    out.open()
+    try:
+        out.journal.writing_many([(item.id, [new for _, new in moves]) for item, _, moves, _ in plans])
+        new_records, refused = await anyio.to_thread.run_sync(_move_and_record, out, plans)
+        for record in new_records:
+            index.add(record)
+        _refresh_summary(out, index)
+    finally:
+        out.close()
+    recorded = tuple(record.id for record in new_records)
+    return replace(found, applied=True, recorded=recorded, refused=tuple(refused))
+
+
+_Plan = tuple[Rechecked, ItemRecord, tuple[tuple[str, str], ...], frozenset[str]]
+
+
+def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord], list[tuple[str, str]]]:
+    """Move each planned item's images (in a worker thread), then append the records of those moved in one write."""
+    new_records, refused, folders = [], [], set[str]()
+    for item, record, moves, replaceable in plans:
+        try:
+            out.put([], moves, replaceable, folders)
+        except OSError as exc:
+            why = f"{exc.filename or out.path}: {exc.strerror or exc}"
+            logger.error("%s: its images stay where they are and its record as it was: %s", item.id, why)
+            refused.append((item.id, why))
+            continue
+        new_records.append(_verdict_record(record, item.verdict, moves, out.journal.run_id))
+    for folder in folders:  # the moves durable before the records that name the new places
+        fsync_dir(folder)
+    if new_records:
+        out.results.append_many(new_records)
+    return new_records, refused
+
+
+def _moves(record: ItemRecord, *, rejected: bool) -> tuple[tuple[str, str], ...]:
+    """(old, new) for each file of *record*: under ``rejected/`` for a rejected item, else back out of it."""
+    if rejected:
+        return tuple((name, _REJECTED + name) for name in record.files if not name.startswith(_REJECTED))
+    return tuple((name, name[len(_REJECTED) :]) for name in record.files if name.startswith(_REJECTED))
+
+
+def _verdict_record(record: ItemRecord, verdict: Verdict, moves: tuple[tuple[str, str], ...], run: str) -> ItemRecord:
+    """*record* with the new *verdict*, its files at their new places: a move, paid for where *record*'s images
+    were (``paid_in``), costing nothing itself."""
+    renamed = dict(moves)
+    steps = record.steps
+    if steps is not None:
+        steps = tuple(
+            replace(s, outputs=tuple(renamed.get(n, n) for n in s.outputs)) if s.outputs else s for s in steps
+        )
+    payer = record.run if record.moved_from is None else (record.paid_in.run if record.paid_in else None)
+    rejected = not verdict.passed
+    if rejected and record.uploads:
+        logger.warning("%s: rejected, but its images were uploaded before: those objects stay", record.id)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    outputs = tuple(renamed.get(n, n) for n in record.outputs)
+    moved = replace(
+        record, run=run, status="rejected" if rejected else "ok", outputs=outputs, steps=steps, attempts=0,
+        latency_s=None, cost_usd=0.0, paid_in=PaidIn(run=payer, cost_usd=record.costs()[0]),
+        moved_from=tuple(old for old, _ in moves), uploads=None if rejected else record.uploads,
+        error=ErrorInfo(kind="qa", message=_failed_text(verdict)) if rejected else None,
+        started_at=now, finished_at=now,
+    )  # fmt: skip
+    return _with_verdict(moved, verdict)
+
+
+def _failed_text(verdict: Verdict) -> str:
+    return f"the image failed the output checks: {', '.join(verdict.failed)} (found by nanobatch qa --apply)"
+
+
+def _with_verdict(record: ItemRecord, verdict: Verdict) -> ItemRecord:
+    """*record* carrying *verdict* as its ``qa``."""
+    # The record's own field once ItemRecord has one (the run's checks bring it); until then a line's qa is kept
+    # in extra. Looked up, not assumed, so that neither version writes the verdict it had before.
+    if any(f.name == "qa" for f in fields(ItemRecord)):
+        own: dict[str, Any] = {"qa": verdict}
+        return replace(record, **own)
+    return replace(record, extra={**record.extra, "qa": verdict.to_json()})
+
+
+def _refresh_summary(out: OutDir, index: ResultsIndex) -> None:
+    """``summary.json``'s folder totals brought up to date with the records just added (its last run untouched)."""
+    try:
+        summary = json.loads((out.path / SUMMARY_FILE).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return
+    if isinstance(summary, dict) and isinstance(summary.get("last_run"), dict):
+        out.write_summary({**summary, **index.totals()})
