@@ -225,7 +225,7 @@ def print_recheck(result: RecheckResult) -> None:
 
 def _print_recorded(result: RecheckResult) -> None:
     """What ``--apply`` recorded, or what it would."""
-    from ..run.recheck import REJECTED_FOLDER
+    from ..names import REJECTED_FOLDER
 
     turned = result.newly_failing + len(result.passing_again)
     if not result.applied:

@@ -7,9 +7,10 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
+from ..names import REJECTED_FOLDER
 from ..output.record import ItemRecord
 from ..qa import QA_CHECKS
-from ..run.recheck import REJECTED_FOLDER, verdict_of
+from ..run.recheck import verdict_of
 
 __all__ = ["render_verdict"]
 

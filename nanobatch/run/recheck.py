@@ -27,25 +27,24 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 from PIL import Image as PILImage
 
-from ..checks import check_image
 from ..config import Settings
 from ..errors import InputError, ManifestError, UsageError
 from ..inputs.load import InputLoader
 from ..item import WorkItem
 from ..job.manifest import Manifest
-from ..names import RESULTS_FILE, SUMMARY_FILE
+from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
 from ..output.outdir import OutDir, fsync_dir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
 from ..output.results import IndexEntry, ResultsIndex, latest_records
-from ..qa import QA_CHECKS, QaSettings, Verdict
+from ..output.verdicts import check_images
+from ..qa import QaSettings, Verdict
 from .preflight import load_job, resolve_out_dir
 
-__all__ = ["REJECTED_FOLDER", "RecheckResult", "Rechecked", "recheck", "verdict_of"]
+__all__ = ["RecheckResult", "Rechecked", "recheck", "verdict_of"]
 
 logger = logging.getLogger("nanobatch")
 
-REJECTED_FOLDER = "rejected"  # a rejected item's images: OUT/rejected/<its output name>
-_REJECTED = REJECTED_FOLDER + "/"
+_REJECTED = REJECTED_FOLDER + "/"  # a rejected item's images: OUT/rejected/<its output name>
 # What reading or decoding an output image may raise: the image is not checked (and is listed as unreadable).
 _UNREADABLE = (OSError, ValueError, PILImage.DecompressionBombError)
 
@@ -257,21 +256,11 @@ async def _original(item: WorkItem, loader: InputLoader) -> bytes | None:
 
 def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSettings, original: bytes | None) -> Verdict:
     """The verdict on an item's images (in a worker thread): each checked, failing if any fails."""
-    verdicts = []
+    images = []
     for name in outputs:
         with open(os.path.join(target, name), "rb") as f:
-            data = f.read()
-        verdicts.append(check_image(data, original=original, aspect_ratio=item.aspect_ratio, settings=qa))
-    if len(verdicts) == 1:
-        return verdicts[0]
-    # As the run judges an answer of several images: the values of the first that failed, and which one it is.
-    failed = {check for verdict in verdicts for check in verdict.failed}
-    shown = next((n for n, verdict in enumerate(verdicts) if not verdict.passed), 0)
-    return Verdict(
-        passed=not failed,
-        failed=tuple(c for c in (*QA_CHECKS, *sorted(failed - set(QA_CHECKS))) if c in failed),
-        values={**verdicts[shown].values, "image": shown + 1},
-    )
+            images.append(f.read())
+    return check_images(images, original=original, aspect_ratio=item.aspect_ratio, settings=qa)
 
 
 async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> RecheckResult:
