@@ -198,23 +198,28 @@ class Steps:
         )
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
-        """One request through *route*, noted in the journal just before it goes out. Not a batch request: the
-        batch ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
+        """One request through *route*, counted and noted in the journal when the route sends it (not while it
+        waits for a slot, nor when it collects an answer an earlier run sent for). Not a batch request: the batch
+        ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
         tally.sending()
-        self.stats.sent(tally)
         journaled = not route.waits_on_disk
-        if journaled:
-            self.journal.dispatched(item.id, tally.key, tally.attempts)
+        attempt = tally.attempts
+
+        def on_send() -> None:
+            self.stats.sent(tally)
+            if journaled:
+                self.journal.dispatched(item.id, tally.key, attempt)
+
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         step = Step(item=item.id, work_key=tally.key, number=len(tally.steps))
         try:
-            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
+            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step, on_send=on_send)
         except ApiError as exc:
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).
             if journaled and (not exc.sent or exc.status_code not in (None, 200)):
-                self.journal.settled(item.id, tally.attempts)
+                self.journal.settled(item.id, attempt)
             raise
         finally:
             self.stats.in_flight = self.gate.in_flight - 1

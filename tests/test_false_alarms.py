@@ -1,0 +1,137 @@
+"""No false alarms (issue 24.5): a warning, a count or an exit code says no more than what happened.
+
+"May have been charged without a saved result" is said only of a request that no batch job, journal line or
+record accounts for; a run counts the requests it sent, not the answers it collects; an exit code tells how the
+items ended. Real processes (SIGKILL) and the simulator over loopback HTTP, as in test_crash and test_batch_tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+
+from nanobatch.cli.main import main
+from nanobatch.simulator import run_in_thread
+
+from .fakes import write_job
+from .test_batch_nights import billed, two_step_job
+from .test_batch_tier import CONFIG, MODEL, Hold, cli, sim
+
+ITEMS = 6
+CHARGED = "may have been charged"
+
+
+@pytest.fixture
+def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
+    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(ITEMS)]
+    return write_job(tmp_path, items, model=MODEL)
+
+
+def nanobatch(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
+    return subprocess.run([sys.executable, "-m", "nanobatch", *args], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def kill_when(app: Starlette, url: str, job: Path, match: Callable[[str, str], bool], *args: str) -> None:
+    """``nanobatch run --tier batch`` *job* in a process, SIGKILLed once a request *match* (method, path) reaches
+    the simulator (held there: the request is on the wire, unanswered)."""
+    hold = Hold(app.middleware_stack or app.build_middleware_stack(), match, after=False)
+    app.middleware_stack = hold  # type: ignore[assignment]
+    argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(job.parent / "out"),
+            "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet", *args]  # fmt: skip
+    process = subprocess.Popen(argv, env={**os.environ, "NANOBATCH_API_KEY": "sim-key"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        assert hold.reached.wait(30), "the run never reached the kill point"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(10) == -signal.SIGKILL
+    finally:
+        hold.armed = False
+        hold.release.set()
+
+
+def status_json(out: Path) -> dict[str, Any]:
+    shown = nanobatch("status", str(out), "--json")
+    assert shown.returncode == 0, shown.stderr
+    return dict(json.loads(shown.stdout))
+
+
+def rerun(job: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return nanobatch("run", str(job), "--base-url", url, "--out", str(job.parent / "out"),
+                     "--config", str(job.parent / "nanobatch.yaml"), *args)  # fmt: skip
+
+
+# -- "may have been charged" ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tier", ["batch", "standard"])
+def test_a_kill_while_items_wait_in_a_batch_job_is_no_charge_alarm_and_the_next_run_collects_them(
+    job: Path, tier: str
+) -> None:
+    app = sim(batch_latency_s=0.5)
+    with run_in_thread(app=app) as url:
+        kill_when(app, url, job, lambda m, p: m == "GET" and p.startswith("/v1beta/batches/"))
+        info = status_json(job.parent / "out")
+        assert info["possibly_charged"] == 0 and info["batch_jobs"]  # the job accounts for its requests
+        again = rerun(job, url, "--tier", tier)
+    assert again.returncode == 0, again.stderr
+    assert CHARGED not in again.stderr and "in flight" not in again.stderr
+    assert billed(app) == ITEMS  # its answers were used, none paid again
+    assert status_json(job.parent / "out")["possibly_charged"] == 0
+
+
+def test_a_kill_with_fallback_steps_queued_for_a_slot_counts_only_the_requests_on_the_wire(job: Path) -> None:
+    # Past the batch deadline every step goes online, limits.concurrency (1 here) at a time: the other five
+    # wait for a slot. A kill then leaves one request that may have been charged, not six.
+    app = sim(batch_latency_s=60.0)
+    with run_in_thread(app=app) as url:
+        generate = ":generateContent"
+        kill_when(app, url, job, lambda m, p: p.endswith(generate), "--batch-deadline", "1", "--concurrency", "1")
+        assert status_json(job.parent / "out")["possibly_charged"] == 1
+        again = rerun(job, url)
+    assert again.returncode == 0, again.stderr
+    assert "a previous run died with 1 requests in flight (items sku-" in again.stderr
+
+
+# -- counts ----------------------------------------------------------------------------------------------
+
+
+def test_each_night_counts_the_requests_it_sent_not_the_answers_it_collects_or_reads_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's cron pattern over two-step items: night 1 submits step 1, night 2 collects it and submits
+    # step 2, night 3 collects step 2 (and reads step 1's kept answers again). Six requests were sent in all.
+    job = two_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    sent = []
+    with run_in_thread(app=app) as url:
+        for _night in range(4):
+            assert cli(job, url, "--no-wait") == 0
+            sent.append(json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["requests"])
+            time.sleep(0.7)  # the night's jobs are done by the next night
+    assert billed(app) == 6
+    assert sent == [3, 3, 0, 0]
+
+
+def test_a_run_after_a_kill_counts_only_the_requests_it_sent(job: Path) -> None:
+    app = sim(batch_latency_s=0.5)
+    with run_in_thread(app=app) as url:
+        kill_when(app, url, job, lambda m, p: m == "GET" and p.startswith("/v1beta/batches/"))
+        waiting = sum(chunk["requests"] for chunk in status_json(job.parent / "out")["batch_jobs"])
+        assert 0 < waiting < ITEMS
+        assert rerun(job, url, "--tier", "batch").returncode == 0
+    assert json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]["requests"] == ITEMS - waiting
+    assert main(["status", str(job.parent / "out")]) == 0
