@@ -135,3 +135,22 @@ def test_a_run_after_a_kill_counts_only_the_requests_it_sent(job: Path) -> None:
         assert rerun(job, url, "--tier", "batch").returncode == 0
     assert json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]["requests"] == ITEMS - waiting
     assert main(["status", str(job.parent / "out")]) == 0
+
+
+def test_the_report_shows_the_items_status_counts_not_another_tools_lines(tmp_path: Path) -> None:
+    from nanobatch.cli.report import write_report
+    from nanobatch.cli.status import folder_status
+
+    from .fakes import FakeGemini, run
+    from .test_report import CARD_RE
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(4)])
+    out = tmp_path / "out"
+    assert run(job, FakeGemini(), out).exit_code == 0
+    theirs = [{"id": "i0", "status": "failed"}, {"id": "x", "status": "ok"}]  # another tool's notes, same file
+    with (out / "results.jsonl").open("a") as f:
+        f.writelines(json.dumps(line) + "\n" for line in theirs)
+    page = write_report(out).read_text()
+    cards = sorted((item, status) for status, item in CARD_RE.findall(page))
+    assert cards == [(f"i{n}", "ok") for n in range(4)]  # i0's own record, not their line; no card for x
+    assert folder_status(out)["items"] == len(cards)

@@ -43,15 +43,16 @@ logger = logging.getLogger("nanobatch")
 
 
 def read_records(path: Path) -> Iterator[ItemRecord]:
-    """Item records from a results file, oldest first, as the report shows them (any line with an ``id`` and a
-    ``status``); torn lines are skipped with a warning."""
-    return map(ItemRecord.from_json, _record_lines(path, own_only=False))
+    """Item records from a results file, oldest first, as the report shows them: those nanobatch wrote, as
+    ``status`` counts them (another tool's lines are passed over with one warning); torn lines are skipped with a
+    warning."""
+    return map(ItemRecord.from_json, _record_lines(path))
 
 
-def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:
-    """The parsed lines of a results file that are item records; with *own_only*, only those nanobatch wrote
-    (``own.is_own_record``): another tool's lines in a results.jsonl it shares neither count (the index, status)
-    nor make a file nanobatch's to replace."""
+def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The parsed lines of a results file that are item records nanobatch wrote (``own.is_own_record``): another
+    tool's lines in a results.jsonl it shares neither count (the index, status, the report) nor make a file
+    nanobatch's to replace."""
     if not path.exists():
         return
     foreign = 0
@@ -64,7 +65,7 @@ def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
-            if is_own_record(record) or not own_only and is_record(record):
+            if is_own_record(record):
                 yield record
             elif is_record(record):
                 foreign += 1
@@ -206,7 +207,7 @@ class ResultsIndex:
         index = cls()
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE, own_only=True))
+        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
