@@ -154,3 +154,21 @@ def test_the_report_shows_the_items_status_counts_not_another_tools_lines(tmp_pa
     cards = sorted((item, status) for status, item in CARD_RE.findall(page))
     assert cards == [(f"i{n}", "ok") for n in range(4)]  # i0's own record, not their line; no card for x
     assert folder_status(out)["items"] == len(cards)
+
+
+# -- exit codes ------------------------------------------------------------------------------------------
+
+
+def test_a_signal_that_came_while_the_last_requests_finished_in_the_grace_time_is_a_complete_run(
+    tmp_path: Path,
+) -> None:
+    # Four items, four workers: all four are in flight when SIGTERM comes (a service stopped, a Ctrl-C) and all
+    # four finish within the grace time. Nothing is left for the next run: exit 0, not 130 ("interrupted").
+    from .test_shutdown import run_and_signal
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "instruction": f"edit {n}"} for n in range(4)])
+    summary = run_and_signal(job, [(5.0, signal.SIGTERM)], grace_s=30)
+    assert summary.stats.ok == 4 and summary.stats.requests == 4
+    assert (summary.exit_code, summary.outcome, summary.reason) == (0, "complete", None)
+    last = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]
+    assert (last["outcome"], last["reason"]) == ("complete", None)
