@@ -116,14 +116,19 @@ def test_each_night_counts_the_requests_it_sent_not_the_answers_it_collects_or_r
     # step 2, night 3 collects step 2 (and reads step 1's kept answers again). Six requests were sent in all.
     job = two_step_job(tmp_path, monkeypatch)
     app = sim(batch_latency_s=0.3)
-    sent = []
+    sent, spent = [], []
     with run_in_thread(app=app) as url:
         for _night in range(4):
             assert cli(job, url, "--no-wait") == 0
-            sent.append(json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["requests"])
+            summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+            sent.append(summary["last_run"]["requests"])
+            spent.append(summary["last_run"]["spent_usd"])
             time.sleep(0.7)  # the night's jobs are done by the next night
     assert billed(app) == 6
     assert sent == [3, 3, 0, 0]
+    # What each night spent: the answers it collected, each once (step 1's, read again on night 3, not again).
+    assert spent[0] == spent[3] == 0 and spent[1] > 0 and spent[2] > 0
+    assert sum(spent) == pytest.approx(summary["paid_usd"], abs=1e-5)
 
 
 def test_a_run_after_a_kill_counts_only_the_requests_it_sent(job: Path) -> None:

@@ -64,6 +64,8 @@ class Answer:
 
     reply: Reply
     job: str | None = None  # the batch job that answered (the record's ``batch``)
+    # False: read again from a batch results file an earlier run collected; that run counted it as spent.
+    spent_now: bool = True
 
 
 class Route(Protocol):

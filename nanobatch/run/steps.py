@@ -25,7 +25,7 @@ from ..output.record import Tally
 from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate
-from .route import Request, Route, Step
+from .route import Answer, Request, Route, Step
 from .stats import RunStats
 
 __all__ = ["Steps"]
@@ -170,9 +170,10 @@ class Steps:
                 self.batch_route.release(item.id)
             async with self.gate.request(worst) as ticket:
                 sending()
-                reply = await self._attempt(item, tally, request, timeout, route)
-                ticket.cost_usd = self._price(item, tally, reply, tier, pricing, worst)
-            tally.cost_usd += ticket.cost_usd
+                answer = await self._attempt(item, tally, request, timeout, route)
+                reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
+                ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
+            tally.cost_usd += cost
             tally.answered(reply)
             check_reply(reply)
             return reply
@@ -197,7 +198,7 @@ class Steps:
             reply.usage, pricing if served in (None, tier) else self.prices(item.model, served)
         )
 
-    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Answer:
         """One request through *route*, counted and noted in the journal when the route sends it (not while it
         waits for a slot, nor when it collects an answer an earlier run sent for). Not a batch request: the batch
         ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
@@ -225,4 +226,4 @@ class Steps:
             self.stats.in_flight = self.gate.in_flight - 1
         if answer.job is not None:
             tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
-        return answer.reply
+        return answer

@@ -61,6 +61,7 @@ class Chunk:
     requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
     indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
     landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
+    collected_before: bool = False  # its results were collected by an earlier run (read from the ledger)
 
     @property
     def open(self) -> bool:
@@ -146,6 +147,7 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.state, chunk.counts = event["state"], dict(event.get("counts") or {})
     elif kind == "collected":
         chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
+        chunk.collected_before = True  # the ledger is loaded as a run starts: that was an earlier run
     elif kind == "indexed":
         chunk.offsets, chunk.indexed = {str(k): int(v) for k, v in dict(event["offsets"]).items()}, True
     elif kind == "ended":
