@@ -103,7 +103,22 @@ def test_a_kill_with_fallback_steps_queued_for_a_slot_counts_only_the_requests_o
         assert status_json(job.parent / "out")["possibly_charged"] == 1
         again = rerun(job, url)
     assert again.returncode == 0, again.stderr
-    assert "a previous run died with 1 requests in flight (items sku-" in again.stderr
+    assert "1 requests sent by a run that ended without saving their results (items sku-" in again.stderr
+
+
+def test_status_counts_each_request_in_doubt_not_each_item(tmp_path: Path) -> None:
+    # A two-step item whose run was killed while step 2 was in flight: step 1's answer was charged too, and
+    # neither result was saved. Two requests, one item.
+    from nanobatch.cli.status import folder_status
+    from nanobatch.output.outdir import Journal
+
+    journal = Journal(tmp_path, "run1")
+    journal.open()
+    journal.dispatched("hero", "k", 1)
+    journal.dispatched("hero", "k", 2)
+    journal.close()
+    info = folder_status(tmp_path)
+    assert (info["possibly_charged"], info["possibly_charged_ids"]) == (2, ["hero"])
 
 
 # -- counts ----------------------------------------------------------------------------------------------
@@ -177,3 +192,18 @@ def test_a_signal_that_came_while_the_last_requests_finished_in_the_grace_time_i
     assert (summary.exit_code, summary.outcome, summary.reason) == (0, "complete", None)
     last = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]
     assert (last["outcome"], last["reason"]) == ("complete", None)
+
+
+# -- warnings --------------------------------------------------------------------------------------------
+
+
+def test_the_deadline_says_once_that_the_rest_goes_online_not_that_it_goes_in_a_later_batch(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        argv = ["run", str(job), "--base-url", url, "--out", str(job.parent / "out"), "--tier", "batch"]
+        assert main([*argv, "--config", str(job.parent / "nanobatch.yaml"), "--batch-deadline", "1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the batch deadline has come") == 1 and "goes online" in err
+    assert "later batch" not in err and "ended cancelled" not in err  # the run cancelled them itself

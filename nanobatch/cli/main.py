@@ -251,7 +251,8 @@ def status(out_dir: str, as_json: bool) -> None:
     if info.get("running"):
         click.echo(f"a run is in progress ({info['running']}): {info['in_flight']} requests in flight")
     if info.get("possibly_charged"):
-        click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
+        click.echo(f"sent by a run that ended without saving their results (may have been charged): "
+                   f"{info['possibly_charged']} requests")  # fmt: skip
     last = info.get("last_run")
     if last:
         when = f"{last['started_at']} .. {last['finished_at']}" if last.get("finished_at") else (

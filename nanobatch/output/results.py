@@ -306,8 +306,9 @@ class ResultsIndex:
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
-    """Requests the journal says were sent whose item has no result from that run (the run died); *index* is
-    the folder's loaded :class:`ResultsIndex`."""
+    """Requests the journal says were sent, not settled by an error answer, whose item has no result from that
+    run (the run died, or stopped before the item's last step); one entry per request; *index* is the folder's
+    loaded :class:`ResultsIndex`."""
     # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
     open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
     for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
@@ -318,8 +319,7 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]
         latest = index.get(entry["id"])
         if latest is None or latest.run != entry.get("run"):
             open_requests[request] = entry
-    orphans = {(entry.get("run"), entry["id"]): entry for entry in open_requests.values()}  # one per item and run
-    return list(orphans.values())
+    return list(open_requests.values())
 
 
 def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
