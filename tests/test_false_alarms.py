@@ -106,6 +106,25 @@ def test_a_kill_with_fallback_steps_queued_for_a_slot_counts_only_the_requests_o
     assert "1 requests sent by a run that ended without saving their results (items sku-" in again.stderr
 
 
+def test_status_after_a_kill_says_which_batch_answers_are_paid_and_wait_to_be_written(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Killed once the first job's answers were downloaded (its files being deleted at the API): paid for, on
+    # disk, no record yet. Status says so (neither "possibly charged" nor nothing); the next run writes them.
+    app = sim(batch_latency_s=0.3)
+    out = job.parent / "out"
+    with run_in_thread(app=app) as url:
+        kill_when(app, url, job, lambda m, p: m == "DELETE" and "/files/" in p)
+        info = status_json(out)
+        kept, waiting = info["batch_answers_kept"], sum(chunk["requests"] for chunk in info["batch_jobs"])
+        assert kept > 0 and kept + waiting == ITEMS and (info["possibly_charged"], info["items"]) == (0, 0)
+        capsys.readouterr()
+        assert main(["status", str(out)]) == 0
+        assert f"batch answers collected (paid) and not written yet: {kept};" in capsys.readouterr().out
+        assert rerun(job, url, "--tier", "batch").returncode == 0
+    assert billed(app) == ITEMS and status_json(out)["batch_answers_kept"] == 0
+
+
 def test_status_counts_each_request_in_doubt_not_each_item(tmp_path: Path) -> None:
     # A two-step item whose run was killed while step 2 was in flight: step 1's answer was charged too, and
     # neither result was saved. Two requests, one item.
