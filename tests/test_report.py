@@ -251,9 +251,9 @@ def test_written_atomically(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_histogram_bins_every_item(tmp_path: Path) -> None:
+    own = {"attempts": 1, "key": None, "started_at": None}  # the fields nanobatch writes on every record
     lines = [
-        json.dumps({"id": f"i{n}", "status": ("ok", "failed", "blocked")[n % 3], "latency_s": n * 1.5,
-                    "attempts": 1, "key": None, "started_at": None})  # fmt: skip
+        json.dumps({"id": f"i{n}", "status": ("ok", "failed", "blocked")[n % 3], "latency_s": n * 1.5, **own})
         for n in range(200)
     ]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")
