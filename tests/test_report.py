@@ -39,7 +39,9 @@ def _usage(prompt: int, out: int, thoughts: int) -> dict[str, int]:
 
 
 def _records(images: Path) -> list[dict[str, Any]]:
-    base = {"model": "gemini-3.1-flash-image", "aspect_ratio": "1:1", "image_size": "2K"}
+    # The fields nanobatch writes on every record (another tool's lines get no card: own.is_own_record).
+    base = {"model": "gemini-3.1-flash-image", "aspect_ratio": "1:1", "image_size": "2K", "key": None,
+            "started_at": None}  # fmt: skip
     # fmt: off
     return [
         {  # superseded by the later sku-1001 line
@@ -78,7 +80,7 @@ def _records(images: Path) -> list[dict[str, Any]]:
                 {"instruction": "Make the light warmer", "finish_reason": "STOP", "outputs": ["hero.png"]},
             ],
         },
-        {"id": "legacy", "status": "ok"},  # an old record with almost nothing in it
+        {"id": "legacy", "status": "ok", "attempts": 1, "key": None, "started_at": None},  # almost nothing in it
     ]
     # fmt: on
 
@@ -249,8 +251,9 @@ def test_written_atomically(out_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_histogram_bins_every_item(tmp_path: Path) -> None:
+    own = {"attempts": 1, "key": None, "started_at": None}  # the fields nanobatch writes on every record
     lines = [
-        json.dumps({"id": f"i{n}", "status": ("ok", "failed", "blocked")[n % 3], "latency_s": n * 1.5})
+        json.dumps({"id": f"i{n}", "status": ("ok", "failed", "blocked")[n % 3], "latency_s": n * 1.5, **own})
         for n in range(200)
     ]
     (tmp_path / "results.jsonl").write_text("\n".join(lines) + "\n")

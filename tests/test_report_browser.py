@@ -52,6 +52,8 @@ def _record(item_id: str, status: str, n: int, images: Path) -> dict[str, Any]:
         "instructions": ["Replace the background with pure white <b>keep</b> the product"],
         "usage": {"promptTokenCount": 1312, "candidatesTokenCount": 1680 if ok else 0, "totalTokenCount": 2992},
         "attempts": 1 + n % 3,
+        "key": None,
+        "started_at": None,
         "latency_s": 20.0 + 17 * n,
         "cost_usd": 0.1 if ok else 0.0,
         "text": None if ok else "I can't help with editing this image.",

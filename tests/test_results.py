@@ -40,7 +40,7 @@ def test_a_torn_last_line_is_skipped_on_read_and_cut_before_appending(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "results.jsonl"
-    path.write_text('{"id": "a", "status": "ok"}\n{"id": "b", "stat')
+    path.write_text('{"id": "a", "status": "ok", "attempts": 1, "key": null, "started_at": null}\n{"id": "b", "stat')
     assert [r.id for r in read_records(path)] == ["a"]
     assert "not valid JSON" in caplog.text
     log = ResultsLog(path)

@@ -260,8 +260,12 @@ def status(out_dir: str, as_json: bool) -> None:
                    + (f" ({counts})" if counts else ""))  # fmt: skip
     if info.get("running"):
         click.echo(f"a run is in progress ({info['running']}): {info['in_flight']} requests in flight")
+    if info.get("batch_answers_kept") and not info.get("running"):
+        click.echo(f"batch answers collected (paid) and not written yet: {info['batch_answers_kept']}; "
+                   "the next run writes them without paying again")  # fmt: skip
     if info.get("possibly_charged"):
-        click.echo(f"in flight when a run died (may have been charged, no result saved): {info['possibly_charged']}")
+        click.echo(f"sent by a run that ended without saving their results (may have been charged): "
+                   f"{info['possibly_charged']} requests")  # fmt: skip
     last = info.get("last_run")
     if last:
         when = f"{last['started_at']} .. {last['finished_at']}" if last.get("finished_at") else (

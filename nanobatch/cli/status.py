@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -12,7 +13,7 @@ from ..errors import ConfigError, ManifestError, UsageError
 from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.lock import current_holder
 from ..output.results import ResultsIndex, orphaned_requests
-from ..run.batch.ledger import open_chunks
+from ..run.batch.ledger import answers_kept, open_chunks
 from ..run.summary import STARTED
 
 __all__ = ["folder_status"]
@@ -42,6 +43,7 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     with ResultsIndex.load(out_dir) as index:
         info = index.totals()
         orphans = orphaned_requests(out_dir, index)
+        info["batch_answers_kept"] = answers_kept(out_dir, functools.partial(_written, index))
         manifest = summary.get("manifest") if isinstance(summary, dict) else None
         manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
         info["manifest"] = manifest
@@ -57,6 +59,12 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+def _written(index: ResultsIndex, item: str, work_key: str | None) -> bool:
+    """Whether *item*'s latest record is of the work *work_key* (a batch answer for it is landed)."""
+    entry = index.get(item)
+    return entry is not None and entry.key == work_key
 
 
 def _last_run(last: Any, running: str | None) -> Any:

@@ -251,7 +251,8 @@ class Journal:
 
     A request whose line has no matching result record (same run, same item)
     and was not settled (an error answer, or no connection at all) was sent and
-    never answered: it may have been charged without a saved result. A file
+    its answer never saved: it may have been charged without a saved result
+    (noted once it goes out; batch requests are in the batch ledger). A file
     named in the journal is nanobatch's, even when the run died before the
     record that names it (:func:`reset_journal` carries such lines over).
     Lines are flushed to the kernel, so they survive the process being killed;
@@ -348,8 +349,8 @@ class OutDir:
         if orphans:
             ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
             logger.warning(
-                "a previous run died with %d requests in flight (items %s): they may have been charged "
-                "without a saved result; they will be sent again",
+                "%d requests sent by a run that ended without saving their results (items %s): they may have "
+                "been charged; the items not done are sent again",
                 len(orphans),
                 ids,
             )

@@ -42,25 +42,26 @@ logger = logging.getLogger("nanobatch")
 
 
 def read_records(path: Path) -> Iterator[ItemRecord]:
-    """Item records from a results file, oldest first, as the report shows them (any line with an ``id`` and a
-    ``status``); torn lines are skipped with a warning."""
-    return map(ItemRecord.from_json, _record_lines(path, own_only=False))
+    """Item records from a results file, oldest first, as the report shows them: those nanobatch wrote, as
+    ``status`` counts them (another tool's lines are passed over with one warning); torn lines are skipped with a
+    warning."""
+    return map(ItemRecord.from_json, _record_lines(path))
 
 
 def latest_records(path: Path, ids: Collection[str]) -> dict[str, ItemRecord]:
     """The latest record nanobatch wrote for each of *ids* in a results file (as the resume index counts them:
     another tool's lines are passed over), whole; an id with none is left out."""
     latest: dict[str, dict[str, Any]] = {}
-    for line in _record_lines(path, own_only=True):
+    for line in _record_lines(path):
         if (item_id := str(line["id"])) in ids:
             latest[item_id] = line
     return {item_id: ItemRecord.from_json(line) for item_id, line in latest.items()}
 
 
-def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:
-    """The parsed lines of a results file that are item records; with *own_only*, only those nanobatch wrote
-    (``own.is_own_record``): another tool's lines in a results.jsonl it shares neither count (the index, status)
-    nor make a file nanobatch's to replace."""
+def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The parsed lines of a results file that are item records nanobatch wrote (``own.is_own_record``): another
+    tool's lines in a results.jsonl it shares neither count (the index, status, the report) nor make a file
+    nanobatch's to replace."""
     if not path.exists():
         return
     foreign = 0
@@ -73,7 +74,7 @@ def _record_lines(path: Path, *, own_only: bool) -> Iterator[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
-            if is_own_record(record) or not own_only and is_record(record):
+            if is_own_record(record):
                 yield record
             elif is_record(record):
                 foreign += 1
@@ -215,7 +216,7 @@ class ResultsIndex:
         index = cls()
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE, own_only=True))
+        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
@@ -314,8 +315,9 @@ class ResultsIndex:
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
-    """Requests the journal says were sent whose item has no result from that run (the run died); *index* is
-    the folder's loaded :class:`ResultsIndex`."""
+    """Requests the journal says were sent, not settled by an error answer, whose item has no result from that
+    run (the run died, or stopped before the item's last step); one entry per request; *index* is the folder's
+    loaded :class:`ResultsIndex`."""
     # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
     open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
     for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
@@ -326,8 +328,7 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]
         latest = index.get(entry["id"])
         if latest is None or latest.run != entry.get("run"):
             open_requests[request] = entry
-    orphans = {(entry.get("run"), entry["id"]): entry for entry in open_requests.values()}  # one per item and run
-    return list(orphans.values())
+    return list(open_requests.values())
 
 
 def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:

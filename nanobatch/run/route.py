@@ -8,6 +8,7 @@ Gemini's Batch API is the second (:class:`~nanobatch.run.batch.route.BatchRoute`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,6 +69,8 @@ class Answer:
 
     reply: Reply
     job: str | None = None  # the batch job that answered (the record's ``batch``)
+    # False: read again from a batch results file an earlier run collected; that run counted it as spent.
+    spent_now: bool = True
 
 
 class Route(Protocol):
@@ -79,7 +82,12 @@ class Route(Protocol):
         once the request is built."""
         ...
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer: ...
+    async def send(
+        self, model: str, request: Request, *, timeout_s: float, step: Step, on_send: Callable[[], None]
+    ) -> Answer:
+        """The answer to *request*; *on_send* is called when this run sends it, just before it goes out (after
+        any wait for a slot), and not at all for a request an earlier run sent whose answer is collected."""
+        ...
 
     def release(self, item: str) -> None:
         """*item*'s answer is handed on (to the writer, or into its next request): what the route kept for it
@@ -99,8 +107,12 @@ class GenerateContent:
     def __init__(self, client: GeminiClient) -> None:
         self.client = client
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
-        return Answer(reply=await self.client.generate(model, request.json(), timeout_s=timeout_s))
+    async def send(
+        self, model: str, request: Request, *, timeout_s: float, step: Step, on_send: Callable[[], None]
+    ) -> Answer:
+        body = request.json()
+        on_send()
+        return Answer(reply=await self.client.generate(model, body, timeout_s=timeout_s))
 
     def release(self, item: str) -> None:
         pass  # nothing is kept once the answer is back
@@ -121,9 +133,11 @@ class Bounded:
     def waits_on_disk(self) -> bool:
         return self.route.waits_on_disk
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
-        async with self.slots:
-            return await self.route.send(model, request, timeout_s=timeout_s, step=step)
+    async def send(
+        self, model: str, request: Request, *, timeout_s: float, step: Step, on_send: Callable[[], None]
+    ) -> Answer:
+        async with self.slots:  # a request waiting here is not sent yet: *on_send* comes once it has a slot
+            return await self.route.send(model, request, timeout_s=timeout_s, step=step, on_send=on_send)
 
     def release(self, item: str) -> None:
         self.route.release(item)

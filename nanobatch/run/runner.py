@@ -269,8 +269,8 @@ def _outcome(
     reason: BaseException | None, stats: RunStats
 ) -> tuple[Literal["complete", "aborted", "interrupted"], BaseException | None]:
     """How the run ended, and why, from the reason its gate stopped (None: it was not stopped)."""
-    if isinstance(reason, TimeLimitReached) and stats.done == stats.total:
-        reason = None  # the limit came, but after the last item had gone out and finished: the run is complete
+    if isinstance(reason, (TimeLimitReached, Interrupted)) and stats.done == stats.total:
+        reason = None  # it came, but after the last item had gone out and finished: the run is complete
     if isinstance(reason, Interrupted):
         return "interrupted", reason
     return ("aborted" if reason is not None else "complete"), reason

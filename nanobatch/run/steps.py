@@ -26,7 +26,7 @@ from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate
 from .observer import Observer
-from .route import Request, Route, Step
+from .route import Answer, Request, Route, Step
 from .stats import RunStats
 
 __all__ = ["Steps"]
@@ -199,9 +199,10 @@ class Steps:
                 self.batch_route.release(item.id)
             async with self.gate.request(worst) as ticket:
                 sending()
-                reply = await self._attempt(item, tally, request, timeout, route)
-                ticket.cost_usd = self._price(item, tally, reply, tier, pricing, worst)
-            tally.cost_usd += ticket.cost_usd
+                answer = await self._attempt(item, tally, request, timeout, route)
+                reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
+                ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
+            tally.cost_usd += cost
             tally.answered(reply)
             check_reply(reply)
             return reply
@@ -226,30 +227,35 @@ class Steps:
             reply.usage, pricing if served in (None, tier) else self.prices(item.model, served)
         )
 
-    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Reply:
-        """One request through *route*, noted in the journal just before it goes out. Not a batch request: the
-        batch ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
+    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Answer:
+        """One request through *route*, counted and noted in the journal when the route sends it (not while it
+        waits for a slot, nor when it collects an answer an earlier run sent for). Not a batch request: the batch
+        ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
         tally.sending()
-        self.stats.sent(tally)
         journaled = not route.waits_on_disk
-        if journaled:
-            self.journal.dispatched(item.id, tally.key, tally.attempts)
+        attempt = tally.attempts
+
+        def on_send() -> None:
+            self.stats.sent(tally)
+            if journaled:
+                self.journal.dispatched(item.id, tally.key, attempt)
+
         self.stats.in_flight = self.gate.in_flight
         self.stats.concurrency = self.gate.window
         step = self.step_of(item, tally, request)
         started = anyio.current_time()
         try:
-            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step)
+            answer = await route.send(item.model, request, timeout_s=timeout_s, step=step, on_send=on_send)
         except ApiError as exc:
             self.observer.answered(item.model, started, exc, batch=route.waits_on_disk)
             # An error answer, or no connection at all, is definite: not "possibly charged". Only a
             # request with no answer stays open in the journal (and a 200, until its record is written).
             if journaled and (not exc.sent or exc.status_code not in (None, 200)):
-                self.journal.settled(item.id, tally.attempts)
+                self.journal.settled(item.id, attempt)
             raise
         finally:
             self.stats.in_flight = self.gate.in_flight - 1
         self.observer.answered(item.model, started, answer.reply, batch=route.waits_on_disk)
         if answer.job is not None:
             tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
-        return answer.reply
+        return answer

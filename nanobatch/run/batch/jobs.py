@@ -143,8 +143,10 @@ class Jobs:
             chunk.ended = job.state
             self.ledger.note("ended", chunk, state=job.state)
         if job.state != "succeeded":
-            logger.warning("batch job %s ended %s%s: unanswered items go in a later batch", job.name, job.state,
-                           f" ({job.error})" if job.error else "")  # fmt: skip
+            # Past the deadline the run cancelled it itself, and said so once: what it did not answer goes online.
+            log = logger.info if self._deadline.is_set() else logger.warning
+            log("batch job %s ended %s%s: what it did not answer is sent again", job.name, job.state,
+                f" ({job.error})" if job.error else "")  # fmt: skip
         for name in (chunk.file, job.responses_file):
             if name:
                 await self._quietly(self.client.delete_file(name))

@@ -93,7 +93,7 @@ class Answers:
         if result.error is not None:
             raise result.error
         assert result.reply is not None
-        return Answer(reply=result.reply, job=chunk.job or None)
+        return Answer(reply=result.reply, job=chunk.job or None, spent_now=not chunk.collected_before)
 
     def landed(self, holder: str) -> None:
         """*holder*'s record is written: the answers it read are no longer kept for it."""

@@ -21,6 +21,7 @@ Kept free of the HTTP stack and pydantic: ``nanobatch status`` loads it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -36,7 +37,7 @@ from ...output.own import open_own
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
 
-__all__ = ["Chunk", "Ledger", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
+__all__ = ["Chunk", "Ledger", "answers_kept", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
 
 
 @dataclass(slots=True)
@@ -61,6 +62,7 @@ class Chunk:
     requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
     indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
     landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
+    collected_before: bool = False  # its results were collected by an earlier run (read from the ledger)
 
     @property
     def open(self) -> bool:
@@ -146,6 +148,7 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.state, chunk.counts = event["state"], dict(event.get("counts") or {})
     elif kind == "collected":
         chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
+        chunk.collected_before = True  # the ledger is loaded as a run starts: that was an earlier run
     elif kind == "indexed":
         chunk.offsets, chunk.indexed = {str(k): int(v) for k, v in dict(event["offsets"]).items()}, True
     elif kind == "ended":
@@ -158,6 +161,19 @@ def answers_to_come(folder: Path) -> bool:
     """Whether the batch *folder* has a chunk not closed: a job that may still answer, or answers on disk not
     landed yet. Then every run of its output folder, whatever its tier, collects them (nothing is sent twice)."""
     return any(not chunk.closed for chunk in Ledger(folder).load().values())
+
+
+def answers_kept(out_dir: Path, written: Callable[[str, str | None], bool]) -> int:
+    """How many answers of *out_dir*'s batch jobs are on disk, collected (and paid for) but not written yet (the
+    run that collected them ended first): the next run writes them without paying again. *written(item, work
+    key)* says whether the item's record for that work is written."""
+    kept = 0
+    for chunk in Ledger(out_dir / BATCH_FOLDER).load().values():
+        if chunk.results is not None and not chunk.closed:
+            for key in chunk.keys:
+                item, work_key, _step = orjson.loads(key)
+                kept += not written(item, work_key)
+    return kept
 
 
 def open_chunks(out_dir: Path) -> list[Chunk]:

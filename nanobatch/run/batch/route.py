@@ -168,8 +168,11 @@ class BatchRoute:
 
     # -- the route ----------------------------------------------------------------------------
 
-    async def send(self, model: str, request: Request, *, timeout_s: float, step: Step) -> Answer:
-        """Put the request in a chunk (or find it in one already sent) and wait for its job's answer. Meanwhile
+    async def send(
+        self, model: str, request: Request, *, timeout_s: float, step: Step, on_send: Callable[[], None]
+    ) -> Answer:
+        """Put the request in a chunk (*on_send*: it is this run's request) or find it in one already sent (an
+        earlier run's, collected: not sent again, nor counted), and wait for its job's answer. Meanwhile
         the request is on disk only: its body is taken from *request*, and put back with an answer the step may
         be sent again for.
 
@@ -183,6 +186,7 @@ class BatchRoute:
             chunk = self.chunks.by_key.get(key)
             if chunk is None:
                 chunk = self.filler.add(model, key, request.take())
+                on_send()
             else:
                 request.take()  # in a chunk already (a resumed run's): its line there is the request
             return await self.answers.land(chunk, key, step.item, request)
