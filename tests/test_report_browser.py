@@ -43,7 +43,8 @@ def _record(item_id: str, status: str, n: int, images: Path) -> dict[str, Any]:
     ok = status == "ok"
     if status == "rejected":  # its image set aside under rejected/, its verdict in its record
         return {"id": item_id, "status": status, "outputs": [f"rejected/{item_id}.png"], "qa": VERDICT,
-                "inputs": [str(images / f"{item_id}.jpg")], "latency_s": 30.0, "cost_usd": 0.1}  # fmt: skip
+                "inputs": [str(images / f"{item_id}.jpg")], "latency_s": 30.0, "cost_usd": 0.1, "attempts": 2,
+                "key": None, "started_at": None}  # fmt: skip
     return {
         "id": item_id,
         "status": status,
