@@ -14,7 +14,7 @@ import pytest
 import nanobatch
 from nanobatch.cli.main import main
 from nanobatch.config import Settings, load_settings
-from nanobatch.errors import ConfigError
+from nanobatch.errors import ConfigError, ManifestError
 from nanobatch.run.notify import duration_text, one_line
 
 from .fakes import FakeGemini, google_error, run_now, write_job
@@ -185,3 +185,17 @@ def test_an_interrupted_run_posts_too(tmp_path: Path, monkeypatch: pytest.Monkey
     [notice] = _notices(server)
     assert notice["outcome"] == "interrupted" and notice["exit_code"] == 130
     assert notice["counts"]["ok"] == 8 and notice["text"].endswith("; interrupted: interrupted by SIGINT")
+
+
+def test_a_run_refused_before_anything_was_sent_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A nightly job whose manifest broke during the day: its owner hears of it that night, not a week later.
+    job = write_job(tmp_path, [{"id": "a", "instruction": "a lemon", "aspect_ratio": "7:3"}])
+    fake = FakeGemini({})
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + SECRET_PATH)
+        with pytest.raises(ManifestError):
+            run_now(job, fake)
+    [notice] = _notices(server)
+    assert notice["outcome"] == "refused" and notice["exit_code"] == 2 and notice["requests"] == 0
+    assert notice["text"].startswith("job: refused, nothing was sent (exit 2): ") and "aspect_ratio" in notice["text"]
+    assert fake.requests == []

@@ -23,14 +23,14 @@ import anyio
 
 from ..api.gemini import Reply
 from ..config import NotifySettings, Settings, read_notify_url
-from ..errors import ApiError, Interrupted, LockHeld
+from ..errors import ApiError, Interrupted, LockHeld, NanobatchError
 from .metrics import Counts, Ending, MetricsFile, metrics_file, token_kind
 from .notify import one_line, post_notice
 from .otel import GenAiMetrics, meter_provider_from_environment
 from .stats import RunStats
 from .summary import RunClock
 
-__all__ = ["STATUSES", "Observer"]
+__all__ = ["STATUSES", "Observer", "tell_refused"]
 
 # The item statuses RunStats may count, in the order they are shown; those it does not have are left out.
 STATUSES = ("ok", "failed", "blocked", "rejected", "skipped")
@@ -155,3 +155,21 @@ class Observer:
             "run": self.run_id,
             "host": socket.gethostname(),
         }
+
+
+async def tell_refused(settings: Settings, job: str, exc: NanobatchError) -> None:
+    """Tell the webhook of a run refused before anything was sent (a manifest or a picture that does not pass
+    the check, exit 2): a cron job's owner learns of a broken manifest the night it breaks. Never raises."""
+    try:
+        url = read_notify_url(settings)
+    except NanobatchError:
+        return  # the variable itself is unusable: the CLI's error says so
+    if url is None:
+        return
+    why = " ".join(str(exc).split())
+    text = f"{job}: refused, nothing was sent (exit {exc.exit_code}): {why[:300]}{'...' if len(why) > 300 else ''}"
+    notice: dict[str, Any] = {"text": text}
+    if settings.notify.payload != "text":
+        notice.update(job=job, outcome="refused", exit_code=exc.exit_code, reason=str(exc), counts={},
+                      requests=0, cost_usd=0.0, tier=settings.api.tier, host=socket.gethostname())  # fmt: skip
+    await post_notice(url, notice, limit_s=settings.notify.timeout_s)

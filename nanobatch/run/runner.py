@@ -25,7 +25,7 @@ from ..api.client import GeminiClient
 from ..api.connect import api_key_for, batch_client, connect
 from ..api.retry import RetryPolicy
 from ..config import Settings
-from ..errors import ConfigError, Interrupted, Problem, TimeLimitReached, sole_error
+from ..errors import ConfigError, Interrupted, NanobatchError, Problem, TimeLimitReached, sole_error
 from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.check import left_out_text
@@ -40,7 +40,7 @@ from .engine import Engine
 from .failures import FailureLog
 from .limits import Gate
 from .meters import Breaker, Budget, FirstContact
-from .observer import Observer
+from .observer import Observer, tell_refused
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
@@ -111,8 +111,13 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False,
-                        check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
+    try:
+        checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False,
+                            check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
+    except NanobatchError as exc:
+        job = manifest.name if isinstance(manifest, Manifest) else Path(manifest).stem
+        await tell_refused(settings or Settings(), job, exc)
+        raise
     if checked.left_out_items:
         logger.warning("%s", left_out_text(checked.left_out, checked.left_out_items))
     options = _Options(force=force, retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
