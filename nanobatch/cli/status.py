@@ -13,7 +13,7 @@ from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.lock import current_holder
 from ..output.results import ResultsIndex, orphaned_requests
 from ..run.batch.ledger import open_chunks
-from ..run.summary import STARTED
+from ..run.summary import STARTED, STATE, file_stamp
 
 __all__ = ["folder_status"]
 
@@ -23,8 +23,12 @@ _RUN_FILES = (RESULTS_FILE, JOURNAL_FILE, LOCK_FILE)
 
 
 def folder_status(out_dir: Path) -> dict[str, Any]:
-    """Counts, tokens, cost and failures by kind from ``results.jsonl``; the last run from ``summary.json``;
-    with the manifest the last run named still there, how many of its items are not done.
+    """Counts, tokens, cost and failures by kind; the last run from ``summary.json``; with the manifest the last
+    run named still there, how many of its items are not done.
+
+    At scale this reads no record and no item: the counts are the summary's while results.jsonl and the
+    manifest's files are as the last run left them (their sizes and mtimes), and the output folder holds no
+    fewer entries; otherwise they are counted again from the records and the manifest.
 
     Raises :class:`UsageError` for a folder no run has written into.
     """
@@ -39,24 +43,83 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         summary = json.loads((out_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = {}
-    with ResultsIndex.load(out_dir) as index:
-        info = index.totals()
-        orphans = orphaned_requests(out_dir, index)
-        manifest = summary.get("manifest") if isinstance(summary, dict) else None
+    summary = summary if isinstance(summary, dict) else {}
+    running = current_holder(out_dir)
+    info = _totals_held(out_dir, summary, running)
+    journal = out_dir / JOURNAL_FILE
+    # The records are read (into the index) only when the summary's totals no longer hold, a run died with
+    # requests in flight (the journal still has lines), or the manifest changed since the summary was written.
+    index = ResultsIndex.load(out_dir) if info is None or _has_lines(journal) else None
+    try:
+        info = index.totals() if info is None and index is not None else info
+        assert info is not None
+        orphans = orphaned_requests(out_dir, index) if index is not None else []
+        manifest = summary.get("manifest")
         manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
         info["manifest"] = manifest
-        info["left"], info["manifest_items"] = _left(Path(manifest), out_dir, index) if manifest else (None, None)
+        left = _left_held(summary, out_dir) if manifest and not running else None
+        if manifest and left is None:
+            index = index if index is not None else ResultsIndex.load(out_dir)
+            left = _left(Path(manifest), out_dir, index)
+        info["left"], info["manifest_items"] = left if left is not None else (None, None)
+    finally:
+        if index is not None:
+            index.close()
     info["batch_jobs"] = [
         {"chunk": c.id, "job": c.job, "state": c.state, "requests": len(c.keys), **c.counts}
         for c in open_chunks(out_dir)
     ]
-    info["running"] = current_holder(out_dir)
-    info["last_run"] = _last_run(summary.get("last_run") if isinstance(summary, dict) else None, info["running"])
+    info["running"] = running
+    info["last_run"] = _last_run(summary.get("last_run"), info["running"])
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.
     info["in_flight"] = len(orphans) if info["running"] else 0
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+# What summary.json holds beside the folder's totals (ResultsIndex.totals()).
+_NOT_TOTALS = frozenset({"job", "manifest", "out_dir", "wall_s", "last_run", STATE})
+
+
+def _totals_held(out_dir: Path, summary: dict[str, Any], running: str | None) -> dict[str, Any] | None:
+    """The folder's totals as the last run's summary gives them, if they still hold: no run holds the folder,
+    and results.jsonl is as that run left it (its size and mtime); else None."""
+    state = summary.get(STATE)
+    if running or not isinstance(state, dict) or state.get("results") is None:
+        return None
+    if state["results"] != file_stamp(str(out_dir / RESULTS_FILE)):
+        return None
+    return {key: value for key, value in summary.items() if key not in _NOT_TOTALS}
+
+
+def _left_held(summary: dict[str, Any], out_dir: Path) -> tuple[int, int] | None:
+    """(items not done, items) of the manifest as the last run's summary counted them, if that still holds:
+    its files unchanged (sizes and mtimes), results.jsonl as the run left it, and no fewer entries in the
+    output folder (a deleted output is work left: then they are counted again)."""
+    state = summary.get(STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("left"), int) or not state.get("sources"):
+        return None
+    if state["sources"][0][0] != summary.get("manifest") or state.get("results") != file_stamp(
+        str(out_dir / RESULTS_FILE)
+    ):
+        return None
+    if any(stamp != file_stamp(path) for path, stamp in state["sources"]):
+        return None
+    try:
+        with os.scandir(out_dir) as entries:
+            if sum(1 for _ in entries) < state.get("entries", 0):
+                return None
+    except OSError:
+        return None
+    return state["left"], state["items"]
+
+
+def _has_lines(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def _last_run(last: Any, running: str | None) -> Any:
@@ -94,9 +157,9 @@ def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:
     return sorted(found)
 
 
-def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int | None, int | None]:
+def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int, int] | None:
     """How many items of the manifest at *path* have no ``ok`` record whose files are all there (new, failed,
-    blocked, output deleted, or no longer valid), and how many it has; Nones if it cannot be read now."""
+    blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now."""
     from ..config import Settings, load_settings
     from ..job.manifest import load_manifest
 
@@ -123,5 +186,5 @@ def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int | None, i
             ):
                 left += 1
     except ManifestError:
-        return None, None
+        return None
     return left, total

@@ -36,7 +36,7 @@ from .build import PictureCheck, build_item
 from .check import CheckReport, check_items
 from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
 from .items_from import parse_sources
-from .sources import GlobSource, InlineSource, RawItem, Source, file_stamp
+from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 
 __all__ = ["Manifest", "load_manifest"]
 
@@ -65,6 +65,17 @@ class Manifest:
             dataclasses.replace(s, skip_dir=folder) if isinstance(s, GlobSource) else s for s in self.sources
         )
         return dataclasses.replace(self, sources=sources)
+
+    def files(self) -> list[str] | None:
+        """The local files its items are read from (the manifest, its CSV and JSONL sources), absolute; None when a
+        glob or a bucket object gives items too (what they give is not told by files' stamps)."""
+        found = [os.path.abspath(self.path)]
+        for source in self.sources:
+            if isinstance(source, GlobSource) or isinstance(source, TableSource) and isinstance(source.path, str):
+                return None
+            if isinstance(source, TableSource):
+                found.append(os.path.abspath(source.path))
+        return found
 
     def items(
         self,

@@ -55,26 +55,42 @@ class Estimate:
     longest: int = 0  # steps of the longest item: they go one after another
     tiers: set[str] = field(default_factory=set)
     _prices: dict[tuple[str, str], models.Pricing] = field(default_factory=dict)
+    _steps: dict[tuple[str, str, str, int, str | None], tuple[float, float, float, float]] = field(
+        default_factory=dict
+    )
 
     def add(self, item: WorkItem) -> None:
         self.longest = max(self.longest, len(item.steps))
         tier = item.tier or self.settings.api.tier
         self.tiers.add(tier)
-        prices = {name: self._pricing(item.model, name) for name in (tier, "standard", "batch")}
         n_images = len(item.inputs)
         for instruction in item.steps:
-            ranges = {
-                name: costs.request_cost_range(
-                    item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
-                )
-                for name, pricing in prices.items()
-            }
-            low, high = ranges[tier]
+            low, high, standard, batch = self._step(item.model, tier, instruction, n_images, item.image_size)
             self.likely += low
             self.worst += high
-            self.standard += ranges["standard"][0]
-            self.batch += ranges["batch"][0]
+            self.standard += standard
+            self.batch += batch
             n_images = 1  # later steps edit the previous output
+
+    def _step(
+        self, model: str, tier: str, instruction: str, n_images: int, image_size: str | None
+    ) -> tuple[float, float, float, float]:
+        """(likely, worst, standard, batch) cost of one request, worked out once per kind of request: most
+        items of a catalog send the same instruction with the same settings."""
+        key = (model, tier, instruction, n_images, image_size)
+        if (known := self._steps.get(key)) is not None:
+            return known
+        ranges = {
+            name: costs.request_cost_range(
+                model, instruction=instruction, n_images=n_images, image_size=image_size,
+                pricing=self._pricing(model, name),
+            )
+            for name in {tier, "standard", "batch"}
+        }  # fmt: skip
+        if len(self._steps) >= 4096:
+            self._steps.clear()
+        self._steps[key] = found = (*ranges[tier], ranges["standard"][0], ranges["batch"][0])
+        return found
 
     def _pricing(self, model: str, tier: str) -> models.Pricing:
         """The prices of *model* in *tier*, looked up once per pair (every item asks)."""

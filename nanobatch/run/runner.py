@@ -43,7 +43,7 @@ from .meters import Breaker, Budget, FirstContact
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import RunClock, build_summary, started_summary
+from .summary import STATE, RunClock, build_summary, folder_state, started_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -140,6 +140,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
+        summary[STATE] = folder_state(manifest, out.path, stats, counted=not options.retry_failed)
         if waiting is not None:
             summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)
