@@ -63,7 +63,7 @@ def write_job(folder: Path, n: int) -> dict[str, Path]:
     """The N-item job in every format, sharing one images/ folder; returns {format: manifest}."""
     ids = [f"sku-{number:07d}" for number in range(n)]
     _link_many(folder / "images", [f"{i}.png" for i in ids], "input")
-    head = f"model: {MODEL}\ndefaults:\n  instruction: {INSTRUCTION}\n  aspect_ratio: \"1:1\"\n"
+    head = f'model: {MODEL}\ndefaults:\n  instruction: {INSTRUCTION}\n  aspect_ratio: "1:1"\n'
     manifests = {}
     with (folder / "job-yaml.yaml").open("w") as f:
         f.write(f"name: scale-{n}\n{head}items:\n")
@@ -76,7 +76,7 @@ def write_job(folder: Path, n: int) -> dict[str, Path]:
         f.write("".join(f'{{"id": "{i}"}}\n' for i in ids))
     for kind, source in (("csv", "catalog.csv"), ("jsonl", "catalog.jsonl")):
         path = folder / f"job-{kind}.yaml"
-        path.write_text(f"name: scale-{n}\n{head}items_from:\n  - {kind}: {source}\n    image: \"images/{{id}}.png\"\n")
+        path.write_text(f'name: scale-{n}\n{head}items_from:\n  - {kind}: {source}\n    image: "images/{{id}}.png"\n')
         manifests[kind] = path
     return manifests
 

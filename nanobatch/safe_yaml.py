@@ -29,35 +29,17 @@ import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import yaml
 from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.events import (
-    AliasEvent,
-    DocumentStartEvent,
-    Event,
-    MappingEndEvent,
-    MappingStartEvent,
-    ScalarEvent,
-    SequenceEndEvent,
-    SequenceStartEvent,
-    StreamEndEvent,
-)
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
-    "C_LOADERS",
-    "LOADERS",
-    "MAX_VALUES",
-    "PURE_LOADERS",
-    "ItemsFound",
-    "StreamedItem",
-    "load_yaml",
-    "read_top",
+    "C_LOADERS", "LOADERS", "MAX_VALUES", "PURE_LOADERS", "ItemsFound", "StreamedItem", "load_yaml", "read_top",
     "stream_items",
-]
+]  # fmt: skip
 
 MAX_VALUES = 5_000_000  # what aliases may add to a document
 _COUNT_UP_TO = 100 * MAX_VALUES  # expansion is counted no further (a billion laughs stops here)
@@ -207,7 +189,7 @@ class StreamedItem:
 
 
 _STR_TAG, _SEQ_TAG, _MAP_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
-_NODE_STARTS = (ScalarEvent, SequenceStartEvent, MappingStartEvent)
+_NODE_STARTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
 
 
 class _Slow(Exception):
@@ -229,25 +211,25 @@ class _Pass:
         self.top_block = False  # whether the document is a block mapping at the left margin
         self.scalars = type(self.loader).yaml_constructors
 
-    def top_keys(self) -> Iterator[tuple[Any, Event | None]]:
+    def top_keys(self) -> Iterator[tuple[Any, Any]]:
         """Each top-level key and the first event of its value (not taken); raises if the document is not a
         mapping, or has a key twice. The caller takes the value (:meth:`value`, :meth:`skip` or its own way)."""
         loader = self.loader
         loader.get_event()  # stream start
-        if loader.check_event(StreamEndEvent):
+        if loader.check_event(yaml.StreamEndEvent):
             yield _NOT_A_MAPPING, None  # an empty document
             return
         loader.get_event()  # document start
-        if not loader.check_event(MappingStartEvent):
+        if not loader.check_event(yaml.MappingStartEvent):
             yield _NOT_A_MAPPING, loader.peek_event()  # the caller reads the value and says what is wrong
             return
-        start = loader.get_event()
+        start: Any = loader.get_event()
         self.top_block = not start.flow_style and start.start_mark.column == 0
         if start.tag not in (None, "!", "tag:yaml.org,2002:map"):
             raise ConstructorError(None, None, f"could not determine a constructor for the tag {start.tag!r}",
                                    start.start_mark)  # fmt: skip
         seen: set[Any] = set()
-        while not loader.check_event(MappingEndEvent):
+        while not loader.check_event(yaml.MappingEndEvent):
             node = self.compose()
             if node.tag == _MERGE_TAG:
                 raise ConstructorError(None, None, "a merge (<<) at the top level of a manifest is not supported",
@@ -264,8 +246,8 @@ class _Pass:
             yield key, loader.peek_event()
         loader.get_event()  # mapping end
         loader.get_event()  # document end
-        if not loader.check_event(StreamEndEvent):
-            event = loader.get_event()
+        if not loader.check_event(yaml.StreamEndEvent):
+            event: Any = loader.get_event()
             raise ComposerError("expected a single document in the stream", start.start_mark,
                                 "but found another document", event.start_mark)  # fmt: skip
 
@@ -317,16 +299,16 @@ class _Pass:
         use them); returns how many entries it has, if a list or mapping."""
         get, depth, entries = self.loader.get_event, 0, 0
         while True:
-            event = get()
+            event: Any = get()
             kind = type(event)
-            if kind is AliasEvent or (kind in _NODE_STARTS and event.anchor is not None):
+            if kind is yaml.AliasEvent or (kind in _NODE_STARTS and event.anchor is not None):
                 node = self.compose(event)
                 if depth == 0:  # the whole node, composed
                     return len(node.value) if isinstance(node, SequenceNode | MappingNode) else 0
                 entries += depth == 1
-            elif kind is ScalarEvent:
+            elif kind is yaml.ScalarEvent:
                 entries += depth == 1
-            elif kind is SequenceStartEvent or kind is MappingStartEvent:
+            elif kind is yaml.SequenceStartEvent or kind is yaml.MappingStartEvent:
                 entries += depth == 1
                 depth += 1
             else:
@@ -334,13 +316,13 @@ class _Pass:
             if depth == 0:
                 return entries
 
-    def compose(self, event: Event | None = None) -> Node:
-        """The next node (starting with *event*, if taken already), as PyYAML's composer builds it (an alias is
+    def compose(self, first: yaml.Event | None = None) -> Node:
+        """The next node (starting with *first*, if taken already), as PyYAML's composer builds it (an alias is
         the anchored node itself)."""
         loader = self.loader
-        event = loader.get_event() if event is None else event
+        event: Any = loader.get_event() if first is None else first
         kind = type(event)
-        if kind is AliasEvent:
+        if kind is yaml.AliasEvent:
             self.aliased = True
             if event.anchor not in self.anchors:
                 raise ComposerError(None, None, f"found undefined alias {event.anchor!r}", event.start_mark)
@@ -350,23 +332,23 @@ class _Pass:
             raise ComposerError(f"found duplicate anchor {anchor!r}; first occurrence",
                                 self.anchors[anchor].start_mark, "second occurrence", event.start_mark)  # fmt: skip
         node: Node
-        if kind is ScalarEvent:
+        if kind is yaml.ScalarEvent:
             tag = loader.resolve(ScalarNode, event.value, event.implicit) if event.tag in (None, "!") else event.tag
             node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
             if anchor is not None:
                 self.anchors[anchor] = node
             return node
-        node_kind = SequenceNode if kind is SequenceStartEvent else MappingNode
+        node_kind = SequenceNode if kind is yaml.SequenceStartEvent else MappingNode
         tag = loader.resolve(node_kind, None, event.implicit) if event.tag in (None, "!") else event.tag
         node = node_kind(tag, [], event.start_mark, None, flow_style=event.flow_style)
         if anchor is not None:
             self.anchors[anchor] = node
         children, get, compose = node.value, loader.get_event, self.compose
         if node_kind is SequenceNode:
-            while type(child := get()) is not SequenceEndEvent:
+            while type(child := get()) is not yaml.SequenceEndEvent:
                 children.append(compose(child))
         else:
-            while type(child := get()) is not MappingEndEvent:
+            while type(child := get()) is not yaml.MappingEndEvent:
                 children.append((compose(child), compose()))
         node.end_mark = child.end_mark
         return node
@@ -392,10 +374,10 @@ def read_top(path: str) -> Any:
             for key, first in reading.top_keys():
                 if key is _NOT_A_MAPPING:
                     return None if first is None else reading.value()
-                if key != "items" or not isinstance(first, SequenceStartEvent):
+                if key != "items" or not isinstance(first, yaml.SequenceStartEvent):
                     data[key] = reading.value()
                     continue
-                line = first.start_mark.line
+                line: int = first.start_mark.line  # type: ignore[union-attr]
                 if reading.top_block and not first.flow_style and _last_at_margin(path, line):
                     data[key] = ItemsFound(count=None, line=line + 1)
                     return data
@@ -420,7 +402,7 @@ def _last_at_margin(path: str, line: int) -> bool:
             start = text.find(b"\n", start) + 1
             if start == 0:
                 return False
-        return _AT_MARGIN.search(text, start) is None  # type: ignore[call-overload]
+        return _AT_MARGIN.search(text, start) is None
 
 
 def stream_items(path: str) -> Iterator[StreamedItem]:
@@ -443,12 +425,12 @@ def _items_of(reading: _Pass) -> Iterator[StreamedItem]:
     for key, first in reading.top_keys():
         if key is _NOT_A_MAPPING:
             return
-        if key != "items" or not isinstance(first, SequenceStartEvent):
+        if key != "items" or not isinstance(first, yaml.SequenceStartEvent):
             reading.skip()
             continue
         loader.get_event()
-        while not loader.check_event(SequenceEndEvent):
-            start = loader.peek_event()
+        while not loader.check_event(yaml.SequenceEndEvent):
+            start: Any = loader.peek_event()
             node = reading.compose()
             try:
                 yield StreamedItem(reading.value(node), None, start.start_mark.line + 1)

@@ -45,26 +45,7 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         summary = {}
     summary = summary if isinstance(summary, dict) else {}
     running = current_holder(out_dir)
-    info = _totals_held(out_dir, summary, running)
-    journal = out_dir / JOURNAL_FILE
-    # The records are read (into the index) only when the summary's totals no longer hold, a run died with
-    # requests in flight (the journal still has lines), or the manifest changed since the summary was written.
-    index = ResultsIndex.load(out_dir) if info is None or _has_lines(journal) else None
-    try:
-        info = index.totals() if info is None and index is not None else info
-        assert info is not None
-        orphans = orphaned_requests(out_dir, index) if index is not None else []
-        manifest = summary.get("manifest")
-        manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
-        info["manifest"] = manifest
-        left = _left_held(summary, out_dir) if manifest and not running else None
-        if manifest and left is None:
-            index = index if index is not None else ResultsIndex.load(out_dir)
-            left = _left(Path(manifest), out_dir, index)
-        info["left"], info["manifest_items"] = left if left is not None else (None, None)
-    finally:
-        if index is not None:
-            index.close()
+    info, orphans = _counts(out_dir, summary, running)
     info["batch_jobs"] = [
         {"chunk": c.id, "job": c.job, "state": c.state, "requests": len(c.keys), **c.counts}
         for c in open_chunks(out_dir)
@@ -76,6 +57,31 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+def _counts(out_dir: Path, summary: dict[str, Any], running: str | None) -> tuple[dict[str, Any], list[Any]]:
+    """The folder's totals, the manifest and its items left, and the requests in doubt (the journal's)."""
+    info = _totals_held(out_dir, summary, running)
+    orphans = _orphans_held(out_dir, summary) if info is not None else None
+    # The records are read (into the index) only when the summary's figures no longer hold: the results or the
+    # journal changed since (a run died, or holds the folder now), or the manifest did (below).
+    index = ResultsIndex.load(out_dir) if info is None or orphans is None else None
+    try:
+        info = index.totals() if info is None and index is not None else info
+        assert info is not None
+        orphans = orphaned_requests(out_dir, index) if index is not None else orphans or []
+        manifest = summary.get("manifest")
+        manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
+        info["manifest"] = manifest
+        left = _left_held(summary, out_dir) if manifest and not running else None
+        if manifest and left is None:
+            index = index if index is not None else ResultsIndex.load(out_dir)
+            left = _left(Path(manifest), out_dir, index)
+        info["left"], info["manifest_items"] = left if left is not None else (None, None)
+    finally:
+        if index is not None:
+            index.close()
+    return info, orphans
 
 
 # What summary.json holds beside the folder's totals (ResultsIndex.totals()).
@@ -115,11 +121,12 @@ def _left_held(summary: dict[str, Any], out_dir: Path) -> tuple[int, int] | None
     return state["left"], state["items"]
 
 
-def _has_lines(path: Path) -> bool:
-    try:
-        return path.stat().st_size > 0
-    except OSError:
-        return False
+def _orphans_held(out_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The requests in doubt as the last run left them, if the journal is still as it left it; else None."""
+    state = summary[STATE]
+    if not isinstance(state.get("orphans"), list) or state.get("journal") != file_stamp(str(out_dir / JOURNAL_FILE)):
+        return None
+    return list(state["orphans"])
 
 
 def _last_run(last: Any, running: str | None) -> Any:

@@ -19,7 +19,7 @@ from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
-__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text"]
+__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text", "raw_id"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -68,7 +68,7 @@ class _Table:
     rows not yet written and looks it up there."""
 
     _BITS = 1 << 24
-    _BATCH = 1000
+    _BATCH = 256
 
     def __init__(self, db: sqlite3.Connection, table: str, columns: str) -> None:
         self._db = db
@@ -227,7 +227,8 @@ def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _id_of(raw: RawItem) -> str | None:
+def raw_id(raw: RawItem) -> str | None:
+    """The id a source gave an item, if it is one (before the item is checked)."""
     value = raw.fields.get("id") if raw.fields is not None else None
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
@@ -305,7 +306,7 @@ def check_items(
             (left_out if skipped else problems).extend(found)
             left_items += skipped
             # A bad item's id still counts: its duplicate is a problem of its own.
-            item_id = item.id if item is not None else _id_of(raw)
+            item_id = item.id if item is not None else raw_id(raw)
             if item_id is not None and not claims.add_id(item_id):
                 problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
                 continue

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,13 @@ from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..safe_yaml import ItemsFound, read_top
 from .build import PictureCheck, build_item
-from .check import CheckReport, check_items
+from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
 from .items_from import parse_sources
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 
 __all__ = ["Manifest", "load_manifest"]
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
@@ -105,19 +106,28 @@ class Manifest:
         out_dir: Path | None = None,
         decode: bool = False,
         skip_bad_inputs: bool = False,
+        trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
         output names are also checked not to lead out of it through a symbolic link, nor onto an input. With
         *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
-        *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems.
+        *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
+        *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
+        those still the same are not read again.
         """
         files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
+
+        def resolve(raw: RawItem) -> tuple[WorkItem | None, list[Problem]]:
+            if trusted is not None and isinstance(files, PictureCheck):
+                files.trust(trusted(raw_id(raw)))
+            return self._resolve(raw, check_files=files)
+
         return check_items(
             self.path,
             self._raw_items(),
-            lambda raw: self._resolve(raw, check_files=files),
+            resolve,
             visit=visit,
             out_dir=out_dir,
             skip_bad_inputs=skip_bad_inputs,

@@ -27,11 +27,12 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError

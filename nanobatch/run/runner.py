@@ -110,7 +110,7 @@ async def run_job(
     began = anyio.current_time()  # --max-duration counts from here: the check and waiting for the lock included
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
-    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False,
+    checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, count_done=False,
                         check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
     if checked.left_out_items:
         logger.warning("%s", left_out_text(checked.left_out, checked.left_out_items))
@@ -140,7 +140,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
-        summary[STATE] = folder_state(manifest, out.path, stats, counted=not options.retry_failed)
+        summary[STATE] = folder_state(manifest, out.path, stats, index, counted=not options.retry_failed)
         if waiting is not None:
             summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import FatalApiError
-from ..names import RESULTS_FILE
+from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..output.record import percentile
 
 if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
@@ -68,12 +68,17 @@ def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: 
     }  # fmt: skip
 
 
-def folder_state(manifest: Manifest, out_dir: Path, stats: RunStats, *, counted: bool) -> dict[str, Any]:
+def folder_state(
+    manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool
+) -> dict[str, Any]:
     """What ``status`` needs to trust the figures of this summary without reading every record and item again:
-    the stamps (size, mtime) of results.jsonl and of the files the manifest's items come from (None: a glob or
-    a bucket gives items too), how many entries the folder holds, the manifest's items and how many of them
-    were not done when the run ended (None when not *counted*: ``--retry-failed`` passes over items without
-    telling whether they are done)."""
+    the stamps (size, mtime) of results.jsonl, of the journal and of the files the manifest's items come from
+    (None: a glob or a bucket gives items too), how many entries the folder holds, the requests the journal
+    leaves in doubt (``orphaned_requests``), the manifest's items and how many of them were not done when the
+    run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
+    done)."""
+    from ..output.results import orphaned_requests
+
     files = manifest.files()
     try:
         with os.scandir(out_dir) as entries:
@@ -82,6 +87,8 @@ def folder_state(manifest: Manifest, out_dir: Path, stats: RunStats, *, counted:
         count = 0
     return {
         "results": file_stamp(str(out_dir / RESULTS_FILE)),
+        "journal": file_stamp(str(out_dir / JOURNAL_FILE)),
+        "orphans": orphaned_requests(out_dir, index),
         "sources": None if files is None else [[path, file_stamp(path)] for path in files],
         "entries": count,
         "items": stats.total,
