@@ -147,3 +147,56 @@ def test_validate_of_a_done_folder_estimates_only_what_is_left(
     printed = capsys.readouterr().out
     assert f"done:      2 already done in {out} (a run skips them); 2 left" in printed
     assert "for what is left" in printed
+
+
+def test_the_index_is_read_again_only_from_where_its_kept_copy_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(results, "MIN_LINES", 3)  # scaled down from 10,000
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)])
+    out = tmp_path / "out"
+    _run(job, out)
+    parsed: list[str] = []
+    real_row = results._line_row
+    monkeypatch.setattr(results, "_line_row", lambda line: parsed.append(line["id"]) or real_row(line))
+
+    def everything() -> tuple[Any, ...]:
+        with results.ResultsIndex.load(out) as index:
+            return index.totals(), {f"i{n}": index.get(f"i{n}") for n in range(6)}
+
+    first = everything()  # every line read, and a copy kept
+    assert len(parsed) == 5 and list((tmp_path / "cache" / "nanobatch" / "index").glob("*.sqlite"))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    moved = json.loads(lines[0]) | {"id": "i5", "cost_usd": 1.25}
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(moved) + "\n")
+    parsed.clear()
+    again = everything()
+    assert parsed == ["i5"]  # the copy, then the one line appended since
+    assert again[0]["items"] == 6 and again[0]["paid_usd"] == pytest.approx(first[0]["paid_usd"] + 1.25)
+    assert again[1] == first[1] | {"i5": again[1]["i5"]} and again[1]["i5"] is not None
+    (out / "results.jsonl").write_text("\n".join(lines[1:]) + "\n")  # rewritten: the copy no longer holds
+    parsed.clear()
+    third = everything()
+    gone = json.loads(lines[0])["id"]
+    assert sorted(parsed) == sorted(f"i{n}" for n in range(5) if f"i{n}" != gone) and third[1][gone] is None
+
+
+def test_no_copy_of_the_index_is_kept_while_its_last_line_is_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(results, "MIN_LINES", 3)
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(4)])
+    out = tmp_path / "out"
+    _run(job, out)
+    text = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(text.rstrip("\n"))  # the last record's newline never written: torn
+    with results.ResultsIndex.load(out) as index:
+        assert len(index) == 4
+    assert not list((tmp_path / "cache").rglob("*.sqlite"))  # a run cuts that line: a copy would hold it
+    (out / "results.jsonl").write_text(text)
+    with results.ResultsIndex.load(out) as index:
+        assert len(index) == 4
+    assert list((tmp_path / "cache").rglob("*.sqlite"))
