@@ -74,17 +74,17 @@ class _Table:
         self._db = db
         self._insert = f"INSERT INTO {table} VALUES ({', '.join('?' * (columns.count(',') + 1))})"
         self._select = f"SELECT {columns} FROM {table} WHERE {columns.split(',')[0]} = ? LIMIT 1"
-        self._bits = bytearray(self._BITS >> 3)
+        self._bits = bytearray()  # made at the first row: a table left empty costs nothing
         self._pending: list[tuple[object, ...]] = []
-
-    def _spots(self, key: bytes) -> tuple[int, int, int]:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
-        return h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF
+        self._rows = 0
 
     def find(self, key: bytes) -> tuple[object, ...] | None:
         """The first row with *key*, or None."""
-        bits = self._bits
-        if not all(bits[spot >> 3] & (1 << (spot & 7)) for spot in self._spots(key)):
+        if not self._rows:
+            return None
+        bits, h = self._bits, hash(key)
+        a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF  # three spots of 24 bits
+        if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
             return None
         self.flush()
         row: tuple[object, ...] | None = self._db.execute(self._select, (key,)).fetchone()
@@ -92,8 +92,12 @@ class _Table:
 
     def add(self, row: tuple[object, ...]) -> None:
         """Add *row* (its first value the key), written with the next batch."""
-        for spot in self._spots(row[0]):  # type: ignore[arg-type]
-            self._bits[spot >> 3] |= 1 << (spot & 7)
+        if not self._bits:
+            self._bits = bytearray(self._BITS >> 3)
+        bits, h = self._bits, hash(row[0])
+        for spot in (h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF):
+            bits[spot >> 3] |= 1 << (spot & 7)
+        self._rows += 1
         self._pending.append(row)
         if len(self._pending) >= self._BATCH:
             self.flush()
@@ -195,6 +199,8 @@ class _Places:
         self._real: dict[str, str | None] = {}  # by folder: most items share a handful
 
     def of_output(self, stem: str) -> bytes | None:
+        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder
+            return self._place(self.out_dir, stem)
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
