@@ -2,7 +2,7 @@
 
 For each size N it writes a job of N items in each format (``items:`` in the YAML manifest itself, a CSV and a
 JSONL source), every item its own input path (hard links to a few tiny PNGs), and measures, each in a fresh
-``python -m nanobatch`` process (wall time and the process's peak RSS, from ``wait4``):
+``nanobatch`` process (wall and CPU time, from ``wait4``, and its peak RSS, ``VmHWM``):
 
 * ``validate`` of the job, nothing done yet, for each format;
 * a done folder: ``results.jsonl`` written for every item (the records a run would write, work keys computed
@@ -121,21 +121,37 @@ def _stamp(path: str, known: dict[tuple[int, int], tuple[int, int, str]]) -> tup
     return known[key]
 
 
+# Runs nanobatch's CLI and, at exit, writes its peak resident set (VmHWM: this process's own, since its exec; a
+# child's ru_maxrss from wait4 starts at its parent's peak on Linux, the bench's own).
+_WRAPPER = """
+import atexit, os, runpy, sys
+def _peak():
+    with open("/proc/self/status") as f, open(os.environ["BENCH_PEAK_FILE"], "w") as out:
+        out.write(next(line for line in f if line.startswith("VmHWM")).split()[1])
+atexit.register(_peak)
+sys.argv = ["nanobatch", *sys.argv[1:]]
+runpy.run_module("nanobatch", run_name="__main__", alter_sys=True)
+"""
+
+
 def measure_rss(args: list[str], cwd: Path) -> dict[str, Any]:
-    """One ``python -m nanobatch ARGS`` process: wall seconds, its own peak RSS (``wait4``), exit code, output."""
+    """One ``nanobatch ARGS`` process: wall seconds, CPU seconds (``wait4``), its peak RSS, exit code, output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "nanobatch", *args], cwd=cwd, env=env, stdout=out, stderr=err)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
+        env["BENCH_PEAK_FILE"] = peak.name
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-c", _WRAPPER, *args], cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        rss_kb = int(peak.read() or 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
     err.seek(0)
     return {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "rss_mb": usage.ru_maxrss / 1024,
+        "rss_mb": rss_kb / 1024,
         "code": process.returncode,
         "out": out.read().decode()[-2000:],
         "err": err.read().decode()[-2000:],
