@@ -15,17 +15,14 @@ and the node walk, which both share).
 * Aliases may not add more than :data:`MAX_VALUES` values to a document (to one item of a streamed
   manifest, or one of its top-level keys), and nesting too deep for Python is an error, not a crash.
 
-A manifest is streamed (:func:`read_top`, :func:`stream_items`): its document is read event by event and
-each item of ``items:`` is composed, checked and constructed on its own, by the same loader, so memory does
-not grow with the number of items. Its other top-level keys (``defaults:``, ``name:``, ...) may come before
-or after ``items:``: :func:`read_top` reads them in a first pass that counts the items without building
-them, and each :func:`stream_items` pass reads the document again up to the end of ``items:``. Nodes with an
-anchor (``&name``) are kept for the rest of the pass, since a later alias may use them.
+A manifest is streamed (:func:`read_top`, :func:`stream_items`): read event by event, each item of ``items:``
+composed, checked and constructed on its own by the same loader, so memory does not grow with the items. Its
+other top-level keys may come before or after ``items:`` (:func:`read_top` says how); each pass reads the
+document again. Anchored nodes (``&name``) are kept for the rest of a pass: a later alias may use them.
 """
 
 from __future__ import annotations
 
-import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -192,8 +189,8 @@ _STR_TAG, _SEQ_TAG, _MAP_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq",
 _NODE_STARTS = (yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent)
 
 
-class _Slow(Exception):
-    """A node the fast reading leaves to PyYAML's constructor."""
+class _Slow(Exception):  # a node the fast reading leaves to PyYAML's constructor
+    pass
 
 
 _NOT_A_MAPPING = object()  # what _Pass.top_keys gives for a document that is not a mapping
@@ -391,18 +388,21 @@ def read_top(path: str) -> Any:
 
 # A line that starts at the left margin with anything but a "-" entry, a comment or nothing: a top-level key
 # may start there (and so may "---" or "...").
-_AT_MARGIN = re.compile(rb"^(?:[^ \t#\r\n-]|-[^ \t\r\n])", re.MULTILINE)
+_AT_MARGIN = re.compile(rb"\n(?:[^ \t#\r\n-]|-[^ \t\r\n])")
 
 
 def _last_at_margin(path: str, line: int) -> bool:
-    """Whether no line from *line* (0-based) on starts at the left margin but with "-" or "#"."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as text:
-        start = 0
+    """Whether no line from *line* (0-based) on starts at the left margin but with "-" or "#" (a scan, in C)."""
+    with open(path, "rb") as f:
         for _ in range(line):
-            start = text.find(b"\n", start) + 1
-            if start == 0:
+            if not f.readline():
                 return False
-        return _AT_MARGIN.search(text, start) is None
+        before = b"\n"  # the end of the block before (1 MiB): a line may start in one and go on in the next
+        while block := f.read(1 << 20):
+            if _AT_MARGIN.search(before + block):
+                return False
+            before = block[-2:]
+        return True
 
 
 def stream_items(path: str) -> Iterator[StreamedItem]:

@@ -57,13 +57,13 @@ def _peak(job: Path, out: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize("kind", ["yaml", "csv"])  # JSONL is read as CSV is, row by row
 def test_checking_ten_times_the_items_holds_no_more_memory_per_item(tmp_path: Path, kind: str) -> None:
-    """validate and run --dry-run (both check_job) keep no item once it is checked: from 2,000 to 20,000 items
-    the peak grows by less than 10 bytes per item (a YAML manifest loaded whole took about 2,500)."""
-    small, small_items = _peak(_catalog(tmp_path / "small", 2000, kind), tmp_path / "small" / "out")
-    big, big_items = _peak(_catalog(tmp_path / "big", 20000, kind), tmp_path / "big" / "out")
-    assert (small_items, big_items) == (2000, 20000)
+    """validate and run --dry-run (both check_job) keep no item once it is checked: from 1,000 to 10,000 items
+    the peak grows by less than 50 bytes per item (a YAML manifest loaded whole took about 2,500)."""
+    small, small_items = _peak(_catalog(tmp_path / "small", 1000, kind), tmp_path / "small" / "out")
+    big, big_items = _peak(_catalog(tmp_path / "big", 10000, kind), tmp_path / "big" / "out")
+    assert (small_items, big_items) == (1000, 10000)
     per_item = (big - small) / (big_items - small_items)
-    assert per_item < 10, f"{per_item:.0f} bytes per item"
+    assert per_item < 50, f"{per_item:.0f} bytes per item"
 
 
 def test_defaults_may_follow_the_items_and_values_stay_as_written(tmp_path: Path) -> None:
