@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -11,7 +12,7 @@ from typing import Any
 from ..errors import ConfigError, ManifestError, UsageError
 from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.lock import current_holder
-from ..output.results import ResultsIndex, orphaned_requests
+from ..output.results import IndexEntry, ResultsIndex, orphaned_requests
 from ..run.batch.ledger import open_chunks
 from ..run.summary import STARTED, STATE, file_stamp
 
@@ -59,28 +60,44 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     return info
 
 
+class _Index:
+    """The folder's resume index, loaded at the first question: while the summary's figures hold, none is asked."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._index: ResultsIndex | None = None
+
+    @property
+    def loaded(self) -> ResultsIndex:
+        if self._index is None:
+            self._index = ResultsIndex.load(self.out_dir)
+        return self._index
+
+    def get(self, item_id: str) -> IndexEntry | None:
+        return self.loaded.get(item_id)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+
+
 def _counts(out_dir: Path, summary: dict[str, Any], running: str | None) -> tuple[dict[str, Any], list[Any]]:
     """The folder's totals, the manifest and its items left, and the requests in doubt (the journal's)."""
     info = _totals_held(out_dir, summary, running)
     orphans = _orphans_held(out_dir, summary) if info is not None else None
     # The records are read (into the index) only when the summary's figures no longer hold: the results or the
     # journal changed since (a run died, or holds the folder now), or the manifest did (below).
-    index = ResultsIndex.load(out_dir) if info is None or orphans is None else None
-    try:
-        info = index.totals() if info is None and index is not None else info
-        assert info is not None
-        orphans = orphaned_requests(out_dir, index) if index is not None else orphans or []
+    index = _Index(out_dir)
+    with contextlib.closing(index):
+        info = index.loaded.totals() if info is None else info
+        orphans = orphaned_requests(out_dir, index.loaded) if orphans is None else orphans
         manifest = summary.get("manifest")
         manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
         info["manifest"] = manifest
         left = _left_held(summary, out_dir) if manifest and not running else None
         if manifest and left is None:
-            index = index if index is not None else ResultsIndex.load(out_dir)
-            left = _left(Path(manifest), out_dir, index)
+            left = _left(Path(manifest), out_dir, index.loaded)
         info["left"], info["manifest_items"] = left if left is not None else (None, None)
-    finally:
-        if index is not None:
-            index.close()
     return info, orphans
 
 
