@@ -1,4 +1,4 @@
-"""nanobatch benchmarks (issues #4, #5, #15 and #23): ``make bench``, or ``python bench/run.py [--quick]``.
+"""nanobatch benchmarks (issues #4, #5, #15, #23 and #25): ``make bench``, or ``python bench/run.py [--quick]``.
 
 Section 0 ("peers", ``_peers.py``) measures nanobatch against the scripts a user would write instead
 (aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into README.md's
@@ -37,7 +37,7 @@ from _report import table, update_readme, write_results
 from _server import SimulatorProcess
 from qa import bench_qa
 
-SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets", "qa")
+SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets", "qa", "scale")
 README = HERE.parent / "README.md"
 
 
@@ -373,6 +373,29 @@ def _requests(row: dict[str, Any]) -> str:
     return ", ".join(f"{count:,} {kind}" for kind, count in sorted(row["requests"].items())) or "no requests"
 
 
+# 8. Catalog scale --------------------------------------------------------------------------------------
+
+
+def bench_scale(b: Bench) -> None:
+    """``validate`` and ``status`` of a catalog, nothing done and all done, in fresh processes (``bench/scale.py``)."""
+    section = "8 scale"
+    sizes = "10000" if b.quick else "10000,100000"
+    say(f"[8] scale: validate and status at {sizes} items (bench/scale.py)")
+    command = [sys.executable, str(HERE / "scale.py"), "--sizes", sizes, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench/scale.py failed:\n{done.stderr[-3000:]}")
+    for row in json.loads(done.stdout.strip().splitlines()[-1]):
+        fmt = f" ({row['format']} manifest)" if row["format"] != "-" else ""
+        command, _, state = row["what"].partition(", ")
+        name = f"`{command}` {row['items']:,} items, {state}{fmt}"
+        limit = 1.0 if row["what"].startswith("status, all") else 5.0 if row["what"].startswith("validate") else None
+        met = None if limit is None or row["items"] != 100_000 else row["wall_s"] < limit
+        target = f"< {limit:g} s at 100,000" if limit is not None else ""
+        b.add(section, name, f"**{row['wall_s']:.2f} s** ({row['cpu_s']:.2f} s CPU), peak RSS {row['rss_mb']} MB",
+              target, met)  # fmt: skip
+
+
 BENCHES: dict[str, Callable[[Bench], None]] = {
     "peers": bench_peers,
     "startup": bench_startup,
@@ -384,6 +407,7 @@ BENCHES: dict[str, Callable[[Bench], None]] = {
     "batch": bench_batch,
     "buckets": bench_buckets,
     "qa": bench_qa,
+    "scale": bench_scale,
 }
 
 

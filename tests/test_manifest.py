@@ -142,7 +142,7 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
             ITEM + "    response_modalities: [TEXT]\n", "a", "response_modalities", "[TEXT, IMAGE]", id="text-only"
         ),
         pytest.param(ITEM.replace("image: a.png", "image: ''"), "a", "image", "empty", id="empty-image"),
-        pytest.param(ITEM + "    image: b.png\n", None, None, "the key 'image' is given twice", id="duplicate-key"),
+        pytest.param(ITEM + "    image: b.png\n", "a", None, "the key 'image' is given twice", id="duplicate-key"),
         pytest.param(
             ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http(s):// URLs, bucket URLs",
             id="ftp-url",

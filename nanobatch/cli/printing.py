@@ -25,8 +25,14 @@ def print_check(result: CheckResult) -> None:
     rate = f", at most {result.requests_per_minute:g} requests/min" if result.requests_per_minute else ""
     click.echo(f"{result.manifest}: OK")
     click.echo(f"  items:     {result.items}")
-    click.echo(f"  requests:  {result.requests} (steps counted)")
-    click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f})")
+    if result.done_items:
+        left = result.items - result.done_items
+        click.echo(f"  done:      {result.done_items} already done in {result.out_dir} (a run skips them); {left} left")
+        click.echo(f"  requests:  {result.left_requests} left (steps counted), of {result.requests}")
+    else:
+        click.echo(f"  requests:  {result.requests} (steps counted)")
+    what = " for what is left" if result.done_items else ""
+    click.echo(f"  cost:      about ${result.cost_likely_usd:.2f} (at most ${result.cost_worst_usd:.2f}){what}")
     click.echo(
         f"             about ${result.cost_standard_usd:.2f} at standard prices, "
         f"${result.cost_batch_usd:.2f} in the batch tier (--tier batch: half price, answers within 24 h)"

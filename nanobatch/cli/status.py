@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -12,9 +13,9 @@ from typing import Any
 from ..errors import ConfigError, ManifestError, UsageError
 from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.lock import current_holder
-from ..output.results import ResultsIndex, orphaned_requests
+from ..output.results import IndexEntry, ResultsIndex, orphaned_requests
 from ..run.batch.ledger import answers_kept, open_chunks
-from ..run.summary import STARTED
+from ..run.summary import STARTED, STATE, file_stamp
 
 __all__ = ["folder_status"]
 
@@ -24,8 +25,12 @@ _RUN_FILES = (RESULTS_FILE, JOURNAL_FILE, LOCK_FILE)
 
 
 def folder_status(out_dir: Path) -> dict[str, Any]:
-    """Counts, tokens, cost and failures by kind from ``results.jsonl``; the last run from ``summary.json``;
-    with the manifest the last run named still there, how many of its items are not done.
+    """Counts, tokens, cost and failures by kind; the last run from ``summary.json``; with the manifest the last
+    run named still there, how many of its items are not done.
+
+    At scale this reads no record and no item: the counts are the summary's while results.jsonl and the
+    manifest's files are as the last run left them (their sizes and mtimes), and the output folder holds no
+    fewer entries; otherwise they are counted again from the records and the manifest.
 
     Raises :class:`UsageError` for a folder no run has written into.
     """
@@ -40,20 +45,15 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         summary = json.loads((out_dir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):
         summary = {}
-    with ResultsIndex.load(out_dir) as index:
-        info = index.totals()
-        orphans = orphaned_requests(out_dir, index)
-        info["batch_answers_kept"] = answers_kept(out_dir, functools.partial(_written, index))
-        manifest = summary.get("manifest") if isinstance(summary, dict) else None
-        manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
-        info["manifest"] = manifest
-        info["left"], info["manifest_items"] = _left(Path(manifest), out_dir, index) if manifest else (None, None)
+    summary = summary if isinstance(summary, dict) else {}
+    running = current_holder(out_dir)
+    info, orphans = _counts(out_dir, summary, running)
     info["batch_jobs"] = [
         {"chunk": c.id, "job": c.job, "state": c.state, "requests": len(c.keys), **c.counts}
         for c in open_chunks(out_dir)
     ]
-    info["running"] = current_holder(out_dir)
-    info["last_run"] = _last_run(summary.get("last_run") if isinstance(summary, dict) else None, info["running"])
+    info["running"] = running
+    info["last_run"] = _last_run(summary.get("last_run"), info["running"])
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.
     info["in_flight"] = len(orphans) if info["running"] else 0
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
@@ -61,10 +61,97 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _written(index: ResultsIndex, item: str, work_key: str | None) -> bool:
+def _written(index: _Index, item: str, work_key: str | None) -> bool:
     """Whether *item*'s latest record is of the work *work_key* (a batch answer for it is landed)."""
     entry = index.get(item)
     return entry is not None and entry.key == work_key
+
+
+class _Index:
+    """The folder's resume index, loaded at the first question: while the summary's figures hold, none is asked."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._index: ResultsIndex | None = None
+
+    @property
+    def loaded(self) -> ResultsIndex:
+        if self._index is None:
+            self._index = ResultsIndex.load(self.out_dir)
+        return self._index
+
+    def get(self, item_id: str) -> IndexEntry | None:
+        return self.loaded.get(item_id)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+
+
+def _counts(out_dir: Path, summary: dict[str, Any], running: str | None) -> tuple[dict[str, Any], list[Any]]:
+    """The folder's totals, the manifest and its items left, and the requests in doubt (the journal's)."""
+    info = _totals_held(out_dir, summary, running)
+    orphans = _orphans_held(out_dir, summary) if info is not None else None
+    # The records are read (into the index) only when the summary's figures no longer hold: the results or the
+    # journal changed since (a run died, or holds the folder now), or the manifest did (below).
+    index = _Index(out_dir)
+    with contextlib.closing(index):
+        info = index.loaded.totals() if info is None else info
+        orphans = orphaned_requests(out_dir, index.loaded) if orphans is None else orphans
+        info["batch_answers_kept"] = answers_kept(out_dir, functools.partial(_written, index))
+        manifest = summary.get("manifest")
+        manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
+        info["manifest"] = manifest
+        left = _left_held(summary, out_dir) if manifest and not running else None
+        if manifest and left is None:
+            left = _left(Path(manifest), out_dir, index.loaded)
+        info["left"], info["manifest_items"] = left if left is not None else (None, None)
+    return info, orphans
+
+
+# What summary.json holds beside the folder's totals (ResultsIndex.totals()).
+_NOT_TOTALS = frozenset({"job", "manifest", "out_dir", "wall_s", "last_run", STATE})
+
+
+def _totals_held(out_dir: Path, summary: dict[str, Any], running: str | None) -> dict[str, Any] | None:
+    """The folder's totals as the last run's summary gives them, if they still hold: no run holds the folder,
+    and results.jsonl is as that run left it (its size and mtime); else None."""
+    state = summary.get(STATE)
+    if running or not isinstance(state, dict) or state.get("results") is None:
+        return None
+    if state["results"] != file_stamp(str(out_dir / RESULTS_FILE)):
+        return None
+    return {key: value for key, value in summary.items() if key not in _NOT_TOTALS}
+
+
+def _left_held(summary: dict[str, Any], out_dir: Path) -> tuple[int, int] | None:
+    """(items not done, items) of the manifest as the last run's summary counted them, if that still holds:
+    its files unchanged (sizes and mtimes), results.jsonl as the run left it, and no fewer entries in the
+    output folder (a deleted output is work left: then they are counted again)."""
+    state = summary.get(STATE)
+    if not isinstance(state, dict) or not isinstance(state.get("left"), int) or not state.get("sources"):
+        return None
+    if state["sources"][0][0] != summary.get("manifest") or state.get("results") != file_stamp(
+        str(out_dir / RESULTS_FILE)
+    ):
+        return None
+    if any(stamp != file_stamp(path) for path, stamp in state["sources"]):
+        return None
+    try:
+        with os.scandir(out_dir) as entries:
+            if sum(1 for _ in entries) < state.get("entries", 0):
+                return None
+    except OSError:
+        return None
+    return state["left"], state["items"]
+
+
+def _orphans_held(out_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The requests in doubt as the last run left them, if the journal is still as it left it; else None."""
+    state = summary[STATE]
+    if not isinstance(state.get("orphans"), list) or state.get("journal") != file_stamp(str(out_dir / JOURNAL_FILE)):
+        return None
+    return list(state["orphans"])
 
 
 def _last_run(last: Any, running: str | None) -> Any:
@@ -102,9 +189,9 @@ def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:
     return sorted(found)
 
 
-def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int | None, int | None]:
+def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int, int] | None:
     """How many items of the manifest at *path* have no ``ok`` record whose files are all there (new, failed,
-    blocked, output deleted, or no longer valid), and how many it has; Nones if it cannot be read now."""
+    blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now."""
     from ..config import Settings, load_settings
     from ..job.manifest import load_manifest
 
@@ -131,5 +218,5 @@ def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int | None, i
             ):
                 left += 1
     except ManifestError:
-        return None, None
+        return None
     return left, total

@@ -6,7 +6,7 @@ import os
 import re
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import models
@@ -214,14 +214,29 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
     return path, None, 0
 
 
+def _same(path: str, stamp: tuple[int, int, str]) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == stamp[:2]
+
+
 class PictureCheck:
     """Reads a local picture and says why it cannot be decoded; a picture many items share is read once."""
 
     def __init__(self, remember: int = 256) -> None:
         self._seen: OrderedDict[str, str | None] = OrderedDict()
         self._remember = remember
+        self._trusted: Mapping[str, tuple[int, int, str]] = {}
+
+    def trust(self, stamps: Mapping[str, tuple[int, int, str]]) -> None:
+        """Pictures with these (size, mtime) stamps decode (they were sent and answered): not read while unchanged."""
+        self._trusted = stamps
 
     def __call__(self, path: str) -> str | None:
+        if (stamp := self._trusted.get(path)) is not None and _same(path, stamp):
+            return None
         if path in self._seen:
             self._seen.move_to_end(path)
             return self._seen[path]

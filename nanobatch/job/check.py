@@ -19,7 +19,7 @@ from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
-__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text"]
+__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text", "raw_id"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -62,10 +62,63 @@ def bad_input_hint(problems: list[Problem]) -> str | None:
     return said + " With --skip-bad-inputs, validate and run leave such items out, list them and check the rest"
 
 
+class _Table:
+    """A table of a scratch database, written in batches: a Bloom filter (2 MiB, whatever the number of rows)
+    tells a key never seen, the usual case, without asking SQLite; only a key it may have seen flushes the
+    rows not yet written and looks it up there."""
+
+    _BITS = 1 << 24
+    _BATCH = 256
+
+    def __init__(self, db: sqlite3.Connection, table: str, columns: str) -> None:
+        self._db = db
+        self._insert = f"INSERT INTO {table} VALUES ({', '.join('?' * (columns.count(',') + 1))})"
+        self._select = f"SELECT {columns} FROM {table} WHERE {columns.split(',')[0]} = ? LIMIT 1"
+        self._bits = bytearray()  # made at the first row: a table left empty costs nothing
+        self._pending: list[tuple[object, ...]] = []
+        self._rows = 0
+
+    def find(self, key: bytes) -> tuple[object, ...] | None:
+        """The first row with *key*, or None."""
+        if not self._rows:
+            return None
+        bits, h = self._bits, hash(key)
+        a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF  # three spots of 24 bits
+        if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
+            return None
+        self.flush()
+        row: tuple[object, ...] | None = self._db.execute(self._select, (key,)).fetchone()
+        return row
+
+    def add(self, row: tuple[object, ...]) -> None:
+        """Add *row* (its first value the key), written with the next batch."""
+        if not self._bits:
+            self._bits = bytearray(self._BITS >> 3)
+        bits, h = self._bits, hash(row[0])
+        for spot in (h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF):
+            bits[spot >> 3] |= 1 << (spot & 7)
+        self._rows += 1
+        self._pending.append(row)
+        if len(self._pending) >= self._BATCH:
+            self.flush()
+
+    def claim(self, row: tuple[object, ...]) -> tuple[object, ...] | None:
+        """Add *row* unless a row has its key already; then that row."""
+        if (found := self.find(row[0])) is not None:  # type: ignore[arg-type]
+            return found
+        self.add(row)
+        return None
+
+    def flush(self) -> None:
+        if self._pending:
+            self._db.executemany(self._insert, self._pending)
+            self._pending.clear()
+
+
 class _Claims:
     """What the items met so far have taken, in a scratch SQLite database (100,000 items do not stay in
-    memory): their ids, and the output names they write (before the extension), so that no item
-    overwrites another's image.
+    memory; each table's Bloom filter, 2 MiB, keeps most lookups away from it): their ids, and the output
+    names they write (before the extension), so that no item overwrites another's image.
 
     Output names caught: the same name (``output`` templates that meet), a kept step's name
     (``shirt.step1``) that is another item's name, and a folder named like another item's image
@@ -84,14 +137,15 @@ class _Claims:
             "CREATE TABLE reads (place BLOB PRIMARY KEY, owner TEXT, path TEXT) WITHOUT ROWID;"
         )
         self._db.execute("BEGIN")  # never committed: the tables are thrown away
+        self._ids = _Table(self._db, "ids", "id")
+        self._names = _Table(self._db, "names", "name, owner, what")
+        self._folders = _Table(self._db, "folders", "name, owner")
+        self._writes = _Table(self._db, "writes", "place, owner")
+        self._reads = _Table(self._db, "reads", "place, owner, path")
 
     def add_id(self, item_id: str) -> bool:
         """Note *item_id*; False if it was already there."""
-        try:
-            self._db.execute("INSERT INTO ids VALUES (?)", (_key(item_id),))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return self._ids.claim((_key(item_id),)) is None
 
     def claim_outputs(self, item: WorkItem) -> str | None:
         """Note what *item* writes; why it cannot, if another item got there first."""
@@ -99,41 +153,35 @@ class _Claims:
             name = stem.replace(os.sep, "/")
             what = "its image" if step is None else f"its step {step}"
             key = _key(name)
-            try:
-                self._db.execute("INSERT INTO names VALUES (?, ?, ?)", (key, item.id, what))
-            except sqlite3.IntegrityError:
-                owner, theirs = self._db.execute("SELECT owner, what FROM names WHERE name = ?", (key,)).fetchone()
+            if (taken := self._names.claim((key, item.id, what))) is not None:
+                _, owner, theirs = taken
                 return f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the other"
-            row = self._db.execute("SELECT owner FROM folders WHERE name = ? LIMIT 1", (key,)).fetchone()
-            if row is not None:
-                return f"{what} would be {name}.<type>, a file where item {row[0]!r} needs a folder"
+            if (row := self._folders.find(key)) is not None:
+                return f"{what} would be {name}.<type>, a file where item {row[1]!r} needs a folder"
         for folder, image in image_folders(item.stem):
             key = _key(image)
-            row = self._db.execute("SELECT owner FROM names WHERE name = ?", (key,)).fetchone()
-            if row is not None:
-                return f"its folder {folder!r} may be the name of item {row[0]!r}'s image"
-            self._db.execute("INSERT INTO folders VALUES (?, ?)", (key, item.id))
+            if (row := self._names.find(key)) is not None:
+                return f"its folder {folder!r} may be the name of item {row[1]!r}'s image"
+            self._folders.add((key, item.id))
         return None
 
     def claim_places(self, item: WorkItem, places: _Places) -> tuple[str, str] | None:
         """The field and problem if *item* would write over an input of the job (its own or another item's),
         or has an input where an item writes; None if not. A run must never write over what it reads."""
-        db = self._db
         field = "output" if item.output else "id"
         for n, path in enumerate(item.inputs):
             for place in places.of_input(path):
-                db.execute("INSERT OR IGNORE INTO reads VALUES (?, ?, ?)", (place, item.id, path))
-                row = db.execute("SELECT owner FROM writes WHERE place = ?", (place,)).fetchone()
-                if row is not None:  # an earlier item's (its own: below)
+                self._reads.claim((place, item.id, path))
+                if (row := self._writes.find(place)) is not None:  # an earlier item's (its own: below)
                     where = "image" if len(item.inputs) == 1 else f"images[{n}]"
-                    return where, f"the image of item {row[0]!r} would be written over this input, {path}"
+                    return where, f"the image of item {row[1]!r} would be written over this input, {path}"
         for stem, _ in item_stems(item):
             if (spot := places.of_output(stem)) is None:
                 continue
-            db.execute("INSERT OR IGNORE INTO writes VALUES (?, ?)", (spot, item.id))
-            if row := db.execute("SELECT owner, path FROM reads WHERE place = ?", (spot,)).fetchone():
-                whose = "its own input" if row[0] == item.id else f"an input of item {row[0]!r}"
-                return field, f"its image would be written over {row[1]}, {whose}: choose another output folder or name"
+            self._writes.claim((spot, item.id))
+            if row := self._reads.find(spot):
+                whose = "its own input" if row[1] == item.id else f"an input of item {row[1]!r}"
+                return field, f"its image would be written over {row[2]}, {whose}: choose another output folder or name"
         return None
 
     def close(self) -> None:
@@ -151,6 +199,8 @@ class _Places:
         self._real: dict[str, str | None] = {}  # by folder: most items share a handful
 
     def of_output(self, stem: str) -> bytes | None:
+        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder
+            return self._place(self.out_dir, stem)
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
@@ -183,7 +233,8 @@ def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _id_of(raw: RawItem) -> str | None:
+def raw_id(raw: RawItem) -> str | None:
+    """The id a source gave an item, if it is one (before the item is checked)."""
     value = raw.fields.get("id") if raw.fields is not None else None
     return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
 
@@ -261,7 +312,7 @@ def check_items(
             (left_out if skipped else problems).extend(found)
             left_items += skipped
             # A bad item's id still counts: its duplicate is a problem of its own.
-            item_id = item.id if item is not None else _id_of(raw)
+            item_id = item.id if item is not None else raw_id(raw)
             if item_id is not None and not claims.add_id(item_id):
                 problems.add(Problem(raw.file, item_id, "id", f"duplicate id {item_id!r}: ids must be unique"))
                 continue

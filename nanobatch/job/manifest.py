@@ -1,9 +1,11 @@
 """Job manifests: a YAML file -> a validated stream of :class:`WorkItem`.
 
-The YAML document itself is parsed once, but items are resolved one at a time
-as they are consumed, from ``items:`` and then from each ``items_from:`` source
-(CSV, JSONL, glob; see :mod:`nanobatch.job.sources`), which are read as streams:
-no image is read, no request is built and no catalog is loaded whole here. A
+Loading reads the YAML document's top level only (``items:`` may come before or
+after ``defaults:``; see :mod:`nanobatch.safe_yaml`). Items are read and resolved
+one at a time as they are consumed, from ``items:`` (the file read again, event by
+event) and then from each ``items_from:`` source (CSV, JSONL, glob; see
+:mod:`nanobatch.job.sources`), all read as streams: no image is read, no request
+is built and no catalog is loaded whole here. A
 run first walks the whole stream with :meth:`Manifest.check` (which stats each
 input file and collects every problem, not just the first, keeping only the set
 of ids) and sends nothing unless it is clean.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +32,12 @@ from ..errors import ManifestError, Problem, not_utf8
 from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
-from ..safe_yaml import load_yaml
+from ..safe_yaml import ItemsFound, read_top
 from .build import PictureCheck, build_item
-from .check import CheckReport, check_items
+from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
 from .items_from import parse_sources
-from .sources import GlobSource, InlineSource, RawItem, Source
+from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 
 __all__ = ["Manifest", "load_manifest"]
 
@@ -68,6 +70,17 @@ class Manifest:
         )
         return dataclasses.replace(self, sources=sources)
 
+    def files(self) -> list[str] | None:
+        """The local files its items are read from (the manifest, its CSV and JSONL sources), absolute; None when a
+        glob or a bucket object gives items too (what they give is not told by files' stamps)."""
+        found = [os.path.abspath(self.path)]
+        for source in self.sources:
+            if isinstance(source, GlobSource) or isinstance(source, TableSource) and isinstance(source.path, str):
+                return None
+            if isinstance(source, TableSource):
+                found.append(os.path.abspath(source.path))
+        return found
+
     def items(
         self,
         *,
@@ -96,19 +109,28 @@ class Manifest:
         out_dir: Path | None = None,
         decode: bool = False,
         skip_bad_inputs: bool = False,
+        trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
         Items are not kept: only their ids, to find duplicates, and those on disk. With *out_dir*,
         output names are also checked not to lead out of it through a symbolic link, nor onto an input. With
         *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
-        *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems.
+        *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
+        *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
+        those still the same are not read again.
         """
         files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
+
+        def resolve(raw: RawItem) -> tuple[WorkItem | None, list[Problem]]:
+            if trusted is not None and isinstance(files, PictureCheck):
+                files.trust(trusted(raw_id(raw)))
+            return self._resolve(raw, check_files=files)
+
         return check_items(
             self.path,
             self._raw_items(),
-            lambda raw: self._resolve(raw, check_files=files),
+            resolve,
             visit=visit,
             out_dir=out_dir,
             skip_bad_inputs=skip_bad_inputs,
@@ -139,7 +161,10 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
     """
     path = Path(path)
     file = str(path)
-    data = _read_mapping(path)
+    data, data_stamp = _read_mapping(path)
+    listed = data.get("items")
+    if isinstance(listed, ItemsFound):  # a list, its items read one by one later
+        data = {**data, "items": []}
     if isinstance(data.get("items_from"), dict):
         data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
     try:
@@ -153,7 +178,8 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
         problems.append(Problem(file, None, "defaults.id", "defaults cannot set an id"))
     if defaults is not None and defaults.output is not None:
         problems += [Problem(file, None, "defaults.output", m) for m in template_problems(defaults.output)]
-    sources: list[Source] = [InlineSource(items=top.items, file=file)] if top.items else []
+    has_items = isinstance(listed, ItemsFound) and listed.count != 0
+    sources: list[Source] = [InlineSource(path=file, file=file, stamp=data_stamp)] if has_items else []
     if top.items_from:
         found, source_problems = parse_sources(
             top.items_from,
@@ -164,7 +190,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
         )
         sources += found
         problems += source_problems
-    if not top.items and not top.items_from:
+    if not has_items and not top.items_from:
         problems.append(Problem(file, None, "items", "the manifest lists no items: give items:, items_from:, or both"))
     if problems:
         raise ManifestError(problems)
@@ -180,22 +206,26 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
     )
 
 
-def _read_mapping(path: Path) -> dict[Any, Any]:
-    """The manifest's YAML document, which must be a mapping; raises :class:`ManifestError` if it is not."""
+def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
+    """The manifest's top level, which must be a mapping (``items:`` as :class:`ItemsFound`), and the file's
+    stamp as read; raises :class:`ManifestError` if it is not."""
     file = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        stamp = file_stamp(file)
+        data = read_top(file)
     except OSError as exc:
         raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
-    try:
-        data = load_yaml(text)
+    except UnicodeDecodeError:
+        try:  # the offset in the whole file, not in the block being read
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError([Problem(file, None, None, not_utf8(exc))]) from None
+        raise
     except yaml.YAMLError as exc:
         raise ManifestError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
     if not isinstance(data, dict):
         raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
-    return data
+    return data, stamp
 
 
 def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:

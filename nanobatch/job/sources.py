@@ -27,17 +27,22 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import yaml
 
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
+from ..safe_yaml import stream_items
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .lines import NotUtf8Line, Utf8Lines
 
-__all__ = ["GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "open_text", "placeholders"]
+__all__ = [
+    "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "file_stamp", "open_text", "placeholders"
+]  # fmt: skip
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -70,19 +75,43 @@ class Source(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InlineSource:
-    """The manifest's own ``items:`` list."""
+    """The manifest's own ``items:`` list, read from the file one item at a time (:func:`safe_yaml.stream_items`)
+    each time the items are wanted. *stamp* is the file's (size, mtime) when its top level was read: a file
+    changed since (edited during a run) is a problem, not a different job half-way."""
 
-    items: list[Any] = field(repr=False)
+    path: str
     file: str
+    stamp: tuple[int, int]
 
     def raw_items(self) -> Iterator[RawItem]:
-        for index, raw in enumerate(self.items):
-            label = f"#{index + 1}"
-            if not isinstance(raw, dict):
-                problem = Problem(self.file, label, None, "an item must be a mapping with at least an id")
-                yield RawItem(fields=None, file=self.file, label=label, problems=(problem,))
-                continue
-            yield RawItem(fields=raw, file=self.file, label=str(raw.get("id", label)))
+        index = 0
+        try:
+            if file_stamp(self.path) != self.stamp:
+                yield _broken(self.file, None, "the manifest changed since it was read: run again")
+                return
+            for index, found in enumerate(stream_items(self.path), 1):  # noqa: B007 (index: for the error below)
+                label = f"#{index}"
+                if found.error is not None:
+                    where = found.id if found.id is not None else label
+                    problem = Problem(self.file, where, None, f"not valid YAML (line {found.line}): {found.error}")
+                    yield RawItem(fields=None, file=self.file, label=where, problems=(problem,))
+                elif not isinstance(found.value, dict):
+                    problem = Problem(self.file, label, None, "an item must be a mapping with at least an id")
+                    yield RawItem(fields=None, file=self.file, label=label, problems=(problem,))
+                else:
+                    yield RawItem(fields=found.value, file=self.file, label=str(found.value.get("id", label)))
+        except yaml.YAMLError as exc:
+            yield _broken(self.file, None, f"not valid YAML after item #{index}: {exc}")
+        except UnicodeDecodeError:
+            yield _broken(self.file, None, "not UTF-8 text: save it as UTF-8")
+        except OSError as exc:
+            yield _broken(self.file, None, f"cannot read the manifest: {exc.strerror or exc}")
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of the file at *path*: it changed if they did."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

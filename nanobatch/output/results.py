@@ -5,6 +5,7 @@ Writing into the folder is :mod:`nanobatch.output.outdir`'s.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -16,6 +17,7 @@ import orjson
 
 from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
+from .index_cache import MIN_LINES, Restored, restore_index, save_index
 from .own import is_own_record
 from .reading import read_float, read_stamps, read_strs
 from .record import (
@@ -58,15 +60,23 @@ def latest_records(path: Path, ids: Collection[str]) -> dict[str, ItemRecord]:
     return {item_id: ItemRecord.from_json(line) for item_id, line in latest.items()}
 
 
-def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
+def _record_lines(
+    path: Path, *, start: Restored | None = None, end: list[Restored] | None = None
+) -> Iterator[dict[str, Any]]:
     """The parsed lines of a results file that are item records nanobatch wrote (``own.is_own_record``): another
     tool's lines in a results.jsonl it shares neither count (the index, status, the report) nor make a file
-    nanobatch's to replace."""
+    nanobatch's to replace. From *start* (where an earlier reading stopped), if given; where this one stopped is
+    put in *end*."""
     if not path.exists():
         return
     foreign = 0
     with path.open("rb") as f:
-        for number, line in enumerate(f, 1):
+        if start is not None:
+            f.seek(start.offset)
+        number = start.lines if start is not None else 0
+        read, line = f.tell(), b"\n"
+        for number, line in enumerate(f, number + 1):  # noqa: B020 (number: the last line, once done)
+            read += len(line)
             if not line.strip():
                 continue
             try:
@@ -78,6 +88,8 @@ def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
             elif is_record(record):
                 foreign += 1
+        if end is not None and line.endswith(b"\n"):  # a line cut short (torn by a crash) is no place to stop at
+            end.append(Restored(offset=read, lines=number, paid_usd=0.0))
     if foreign:
         logger.warning(
             "%s: ignoring %d lines that look like item records but were not written by nanobatch (another "
@@ -122,6 +134,7 @@ CREATE TABLE entries (
 ) WITHOUT ROWID;
 CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
 """
+_INDEX_VERSION = hashlib.sha256(_INDEX_SCHEMA.encode()).hexdigest()[:16]  # a kept copy must have these tables
 _COLUMNS = (
     "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files, paid_in"
 )
@@ -213,16 +226,25 @@ class ResultsIndex:
 
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
+        """The index of *out_dir*'s results: from the copy kept of it (:mod:`nanobatch.output.index_cache`) and
+        the lines appended since, or from every line."""
         index = cls()
+        path = out_dir / RESULTS_FILE
+        start = restore_index(index._db, path, _INDEX_VERSION) if path.exists() else None
+        index._paid_usd = start.paid_usd if start is not None else 0.0
+        end: list[Restored] = []
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = map(_line_row, _record_lines(out_dir / RESULTS_FILE))
+        rows = map(_line_row, _record_lines(path, start=start, end=end))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
                 index._db.executemany(_UPSERT, (row for row, _, _ in chunk))
                 index._db.executemany(_OWN, ((_name_key(name), row[0]) for row, files, _ in chunk for name in files))
                 index._paid_usd += sum(paid for _, _, paid in chunk)
+        if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
+            at = Restored(offset=end[0].offset, lines=end[0].lines, paid_usd=index._paid_usd)
+            save_index(index._db, path, _INDEX_VERSION, at)
         return index
 
     def close(self) -> None:

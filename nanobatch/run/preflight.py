@@ -3,9 +3,11 @@ estimate, and models that are retired, not served by the backend or not sold in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,11 +16,14 @@ from .. import costs, models
 from ..api.storage import is_bucket_url
 from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
-from ..inputs.stamps import is_url
+from ..inputs.stamps import FileStamp, is_remote, is_url, work_key
 from ..item import WorkItem
-from ..job.check import bad_input_hint
+from ..job.check import CheckReport, bad_input_hint
 from ..job.manifest import Manifest, load_manifest
+from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
+from ..output.results import IndexEntry, ResultsIndex
+from ..output.resume import is_done
 
 if TYPE_CHECKING:
     import httpx2
@@ -29,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TYPICAL_LATENCY_S",
     "CheckResult",
+    "DoneWork",
     "Estimate",
     "LifecycleCheck",
     "check_job",
@@ -55,26 +61,40 @@ class Estimate:
     longest: int = 0  # steps of the longest item: they go one after another
     tiers: set[str] = field(default_factory=set)
     _prices: dict[tuple[str, str], models.Pricing] = field(default_factory=dict)
+    _steps: dict[tuple[str, str, str, int, str | None], tuple[float, float, float, float]] = field(default_factory=dict)
 
     def add(self, item: WorkItem) -> None:
         self.longest = max(self.longest, len(item.steps))
         tier = item.tier or self.settings.api.tier
         self.tiers.add(tier)
-        prices = {name: self._pricing(item.model, name) for name in (tier, "standard", "batch")}
         n_images = len(item.inputs)
         for instruction in item.steps:
-            ranges = {
-                name: costs.request_cost_range(
-                    item.model, instruction=instruction, n_images=n_images, image_size=item.image_size, pricing=pricing
-                )
-                for name, pricing in prices.items()
-            }
-            low, high = ranges[tier]
+            low, high, standard, batch = self._step(item.model, tier, instruction, n_images, item.image_size)
             self.likely += low
             self.worst += high
-            self.standard += ranges["standard"][0]
-            self.batch += ranges["batch"][0]
+            self.standard += standard
+            self.batch += batch
             n_images = 1  # later steps edit the previous output
+
+    def _step(
+        self, model: str, tier: str, instruction: str, n_images: int, image_size: str | None
+    ) -> tuple[float, float, float, float]:
+        """(likely, worst, standard, batch) cost of one request, worked out once per kind of request: most
+        items of a catalog send the same instruction with the same settings."""
+        key = (model, tier, instruction, n_images, image_size)
+        if (known := self._steps.get(key)) is not None:
+            return known
+        ranges = {
+            name: costs.request_cost_range(
+                model, instruction=instruction, n_images=n_images, image_size=image_size,
+                pricing=self._pricing(model, name),
+            )
+            for name in {tier, "standard", "batch"}
+        }  # fmt: skip
+        if len(self._steps) >= 128:
+            self._steps.clear()
+        self._steps[key] = found = (*ranges[tier], ranges["standard"][0], ranges["batch"][0])
+        return found
 
     def _pricing(self, model: str, tier: str) -> models.Pricing:
         """The prices of *model* in *tier*, looked up once per pair (every item asks)."""
@@ -152,6 +172,10 @@ class CheckResult:
     out_dir: Path
     items: int
     requests: int
+    # Of those, the items the output folder holds done (a run skips them), and the requests of the others: the
+    # costs and the duration are of what is left.
+    done_items: int = 0
+    left_requests: int = 0
     cost_likely_usd: float
     cost_worst_usd: float
     duration_s: float | None  # None in the batch tier: the jobs' time decides
@@ -195,6 +219,7 @@ def check_job(
     transport: httpx2.BaseTransport | None = None,
     check_pictures: bool = True,
     skip_bad_inputs: bool = False,
+    count_done: bool = True,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
@@ -202,7 +227,9 @@ def check_job(
     the network in tests). With *check_pictures*, every local picture is read and
     checked to be decodable (a run leaves that to dispatch, so that a re-run over
     finished work reads no picture); *skip_bad_inputs* leaves out the items whose pictures
-    are not (``left_out``). Raises :class:`ManifestError` listing every problem found.
+    are not (``left_out``). With *count_done*, the items the output folder holds done (as a run would skip
+    them) are counted, and the estimates are of the rest; their pictures are not read again while unchanged.
+    Raises :class:`ManifestError` listing every problem found.
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
@@ -211,20 +238,32 @@ def check_job(
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
     estimate = Estimate(settings)
     lifecycle = LifecycleCheck(str(manifest.path), settings)
+    done = DoneWork.of(target) if count_done else None
 
     def visit(item: WorkItem) -> None:
         lifecycle.check(item)
-        estimate.add(item)
         remote.add(item)
+        if done is None or not done.add(item):
+            estimate.add(item)
 
-    report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs)
+    with contextlib.closing(done) if done is not None else contextlib.nullcontext():
+        report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
+                                trusted=done.stamps if done is not None else None)  # fmt: skip
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
+    return _result(manifest, target, settings, report, estimate, done)
+
+
+def _result(
+    manifest: Manifest, target: Path, settings: Settings, report: CheckReport, estimate: Estimate, done: DoneWork | None
+) -> CheckResult:
     concurrency, rpm = settings.gate_limits()
+    left = report.requests - (done.requests if done is not None else 0)
     return CheckResult(
         manifest=manifest.path, out_dir=target, items=report.items, requests=report.requests,
-        cost_likely_usd=estimate.likely, cost_worst_usd=estimate.worst, duration_s=estimate.duration_s(report.requests),
+        done_items=done.items if done is not None else 0, left_requests=left,
+        cost_likely_usd=estimate.likely, cost_worst_usd=estimate.worst, duration_s=estimate.duration_s(left),
         concurrency=concurrency, requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
         tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
@@ -244,6 +283,67 @@ def _check_settings(settings: Settings, target: Path) -> None:
         from ..output.upload import Uploads
 
         Uploads.check(settings.output.upload_to)
+
+
+class DoneWork:
+    """The output folder's results, asked for each item of a check whether a run would skip it as done: its
+    latest record ok for the same work (the key, from the stamps of inputs that have not changed since) and
+    its files there. An item with a URL or bucket input counts as done when ok with its files there (its
+    bytes are not fetched to check)."""
+
+    def __init__(self, out_dir: Path, index: ResultsIndex) -> None:
+        self.out_dir = out_dir
+        self.index = index
+        self.items = self.requests = 0
+        self._last: tuple[str | None, IndexEntry | None] = (None, None)
+
+    @classmethod
+    def of(cls, out_dir: Path) -> DoneWork | None:
+        """The results of *out_dir*; None when it has none."""
+        if not (out_dir / RESULTS_FILE).is_file():
+            return None
+        return cls(out_dir, ResultsIndex.load(out_dir))
+
+    def _entry(self, item_id: str | None) -> IndexEntry | None:
+        if item_id is None:
+            return None
+        if self._last[0] != item_id:
+            self._last = (item_id, self.index.get(item_id))
+        return self._last[1]
+
+    def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
+        """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
+        entry = self._entry(item_id)
+        return entry.stamps if entry is not None and entry.status == "ok" else {}
+
+    def add(self, item: WorkItem) -> bool:
+        """Whether *item* is done (then counted)."""
+        entry = self._entry(item.id)
+        if entry is None or entry.status != "ok":
+            return False
+        key = entry.key if any(is_remote(ref) for ref in item.inputs) else self._key(item, entry)
+        if key is None or not is_done(entry, key, self.out_dir):
+            return False
+        self.items += 1
+        self.requests += len(item.steps)
+        return True
+
+    def _key(self, item: WorkItem, entry: IndexEntry) -> str | None:
+        """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
+        digests = []
+        for ref in item.inputs:
+            stamp = entry.stamps.get(ref)
+            try:
+                st = os.stat(ref)
+            except OSError:
+                return None
+            if stamp is None or (st.st_size, st.st_mtime_ns) != stamp[:2]:
+                return None
+            digests.append(stamp[2])
+        return work_key(item, digests)
+
+    def close(self) -> None:
+        self.index.close()
 
 
 class _RemoteChecks:

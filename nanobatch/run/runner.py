@@ -44,7 +44,7 @@ from .observer import Observer, tell_refused
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import RunClock, build_summary, started_summary
+from .summary import STATE, RunClock, build_summary, folder_state, started_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -112,7 +112,7 @@ async def run_job(
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     try:
-        checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False,
+        checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, count_done=False,
                             check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
     except NanobatchError as exc:
         job = manifest.name if isinstance(manifest, Manifest) else Path(manifest).stem
@@ -152,6 +152,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
+        summary[STATE] = folder_state(manifest, out.path, stats, index, counted=not options.retry_failed)
         if waiting is not None:
             summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import FatalApiError
+from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..output.record import percentile
 
 if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
@@ -25,9 +26,10 @@ if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without 
     from .limits import Gate
     from .stats import RunStats
 
-__all__ = ["STARTED", "RunClock", "build_summary", "started_summary"]
+__all__ = ["STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_state", "started_summary"]
 
 STARTED = "started"  # the outcome a run's summary has until the run ends
+STATE = "state"  # summary.json's key for folder_state()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +66,43 @@ def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: 
         "last_run": {"run": run_id, "outcome": STARTED, "reason": None, "started_at": _stamp(clock.wall),
                      "finished_at": None, "tier": tier},
     }  # fmt: skip
+
+
+def folder_state(
+    manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool
+) -> dict[str, Any]:
+    """What ``status`` needs to trust the figures of this summary without reading every record and item again:
+    the stamps (size, mtime) of results.jsonl, of the journal and of the files the manifest's items come from
+    (None: a glob or a bucket gives items too), how many entries the folder holds, the requests the journal
+    leaves in doubt (``orphaned_requests``), the manifest's items and how many of them were not done when the
+    run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
+    done)."""
+    from ..output.results import orphaned_requests
+
+    files = manifest.files()
+    try:
+        with os.scandir(out_dir) as entries:
+            count = sum(1 for _ in entries)
+    except OSError:
+        count = 0
+    return {
+        "results": file_stamp(str(out_dir / RESULTS_FILE)),
+        "journal": file_stamp(str(out_dir / JOURNAL_FILE)),
+        "orphans": orphaned_requests(out_dir, index),
+        "sources": None if files is None else [[path, file_stamp(path)] for path in files],
+        "entries": count,
+        "items": stats.total,
+        "left": stats.total - stats.ok - stats.skipped if counted else None,
+    }
+
+
+def file_stamp(path: str) -> list[int] | None:
+    """[size, mtime_ns] of the file at *path*; None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def build_summary(

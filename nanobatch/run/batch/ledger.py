@@ -171,7 +171,7 @@ def answers_kept(out_dir: Path, written: Callable[[str, str | None], bool]) -> i
     for chunk in Ledger(out_dir / BATCH_FOLDER).load().values():
         if chunk.results is not None and not chunk.closed:
             for key in chunk.keys:
-                item, work_key, _step = orjson.loads(key)
+                item, work_key = orjson.loads(key)[:2]  # [item, key, step] (and "qa", n: a retry)
                 kept += not written(item, work_key)
     return kept
 

@@ -1,0 +1,202 @@
+"""Catalog scale (issue 25): memory flat in the number of items whatever the manifest's format, ``status`` from
+what the last run's summary holds, and ``validate`` estimating only the work a done folder has left."""
+
+from __future__ import annotations
+
+import gc
+import json
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nanobatch
+from nanobatch import pictures
+from nanobatch.cli.main import main
+from nanobatch.cli.status import folder_status
+from nanobatch.output import results
+from nanobatch.run.preflight import check_job
+
+from .fakes import image_bytes, write_job
+
+MODEL = "gemini-3.1-flash-image"
+
+
+def _catalog(folder: Path, n: int, kind: str) -> Path:
+    """A job of *n* items in *kind* (yaml: ``items:`` in the manifest; csv, jsonl: a source), each item its own
+    id and instruction, all sharing one picture."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.png").write_bytes(image_bytes())
+    head = f"name: big\nmodel: {MODEL}\ndefaults:\n  image: a.png\n  aspect_ratio: '1:1'\n"
+    if kind == "yaml":
+        rows = "".join(f"  - id: sku-{i:06d}\n    instruction: make sku {i} white\n" for i in range(n))
+        text = head + "items:\n" + rows
+    else:
+        if kind == "csv":
+            (folder / "rows.csv").write_text("id,what\n" + "".join(f"sku-{i:06d},{i}\n" for i in range(n)))
+        else:
+            lines = "".join(json.dumps({"id": f"sku-{i:06d}", "what": str(i)}) + "\n" for i in range(n))
+            (folder / "rows.jsonl").write_text(lines)
+        text = head + f"items_from:\n  - {kind}: rows.{kind}\n    instruction: make sku {{what}} white\n"
+    (folder / "job.yaml").write_text(text)
+    return folder / "job.yaml"
+
+
+def _peak(job: Path, out: Path) -> tuple[int, int]:
+    """(peak bytes Python held while ``check_job`` went through *job*, its items)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = check_job(job, out_dir=out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak, result.items
+
+
+@pytest.mark.parametrize("kind", ["yaml", "csv"])  # JSONL is read as CSV is, row by row
+def test_checking_ten_times_the_items_holds_no_more_memory_per_item(tmp_path: Path, kind: str) -> None:
+    """validate and run --dry-run (both check_job) keep no item once it is checked: from 1,000 to 10,000 items
+    the peak grows by less than 50 bytes per item (a YAML manifest loaded whole took about 2,500)."""
+    small, small_items = _peak(_catalog(tmp_path / "small", 1000, kind), tmp_path / "small" / "out")
+    big, big_items = _peak(_catalog(tmp_path / "big", 10000, kind), tmp_path / "big" / "out")
+    assert (small_items, big_items) == (1000, 10000)
+    per_item = (big - small) / (big_items - small_items)
+    assert per_item < 50, f"{per_item:.0f} bytes per item"
+
+
+def test_defaults_may_follow_the_items_and_values_stay_as_written(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    (tmp_path / "job.yaml").write_text(
+        "items:\n  - id: 00123\n    image: a.png\n  - {id: b, image: a.png, aspect_ratio: 16:9}\n"
+        "defaults:\n  instruction: make it white\n  aspect_ratio: 4:3\nmodel: " + MODEL + "\n"
+    )
+    manifest = nanobatch.load_manifest(tmp_path / "job.yaml", default_model="gemini-3-pro-image")
+    items = list(manifest.items())
+    assert [(i.id, i.aspect_ratio, i.steps, i.model) for i in items] == [
+        ("00123", "4:3", ("make it white",), MODEL),
+        ("b", "16:9", ("make it white",), MODEL),
+    ]
+
+
+def test_an_item_that_is_not_valid_yaml_is_named_with_its_line_and_the_others_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    (tmp_path / "job.yaml").write_text(
+        "defaults: {instruction: x, image: a.png}\nitems:\n  - id: good\n  - id: twice\n    image: a.png\n"
+        "    image: a.png\n  - !!python/object/apply:os.system [echo hi]\n  - id: good\n"
+    )
+    with pytest.raises(nanobatch.ManifestError) as err:
+        check_job(tmp_path / "job.yaml", out_dir=tmp_path / "out")
+    found = [(p.item, p.field, p.message) for p in err.value.problems]
+    assert [(item, field) for item, field, _ in found] == [("twice", None), ("#3", None), ("good", "id")]
+    assert "line 4" in found[0][2] and "'image' is given twice" in found[0][2]
+    assert "line 7" in found[1][2] and "python/object" in found[1][2]
+
+
+def test_a_manifest_edited_after_it_was_read_is_a_problem_not_another_job(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a"}, {"id": "b"}])
+    manifest = nanobatch.load_manifest(job, default_model=MODEL)
+    job.write_text(job.read_text() + "\n# edited\n")
+    with pytest.raises(nanobatch.ManifestError, match="the manifest changed since it was read"):
+        list(manifest.items())
+
+
+def _run(job: Path, out: Path, *extra: str) -> None:
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet", *extra]) in (0, 1, 3)
+
+
+def test_status_answers_from_the_summary_until_the_results_or_the_manifest_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)])
+    out = tmp_path / "out"
+    _run(job, out, "--max-requests", "3")
+    loads = []
+    real_load = results.ResultsIndex.load.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(results.ResultsIndex, "load", classmethod(lambda cls, d: loads.append(d) or real_load(cls, d)))
+    info = folder_status(out)
+    assert (info["counts"]["ok"], info["left"], info["manifest_items"]) == (3, 2, 5) and loads == []
+    job.write_text(job.read_text().replace("- id: i4\n", "- id: i4\n  instruction: another\n"))
+    assert folder_status(out)["left"] == 2 and len(loads) == 1  # the manifest changed: counted again
+    with (out / "results.jsonl").open("a") as f:  # another tool appends: the summary's totals no longer hold
+        f.write(json.dumps({"note": "not a record"}) + "\n")
+    info = folder_status(out)
+    assert info["counts"]["ok"] == 3 and len(loads) == 2
+
+
+def test_validate_of_a_done_folder_estimates_only_what_is_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items: list[dict[str, Any]] = [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(4)]
+    job = write_job(tmp_path, items)
+    out = tmp_path / "out"
+    _run(job, out)
+    fresh = check_job(write_job(tmp_path / "two", items[2:]), out_dir=tmp_path / "two" / "out")
+    (tmp_path / "images" / "3.png").write_bytes(image_bytes((1, 2, 3)))  # a changed input: work again
+    job.write_text(job.read_text().replace("- id: i2\n", "- id: i2\n  instruction: a new instruction\n"))
+    read = []
+    real = pictures.file_problem
+    monkeypatch.setattr("nanobatch.job.build.file_problem", lambda path: read.append(path) or real(path))
+    result = check_job(job, out_dir=out)
+    assert (result.items, result.done_items, result.requests, result.left_requests) == (4, 2, 4, 2)
+    assert [Path(p).name for p in read] == ["3.png"]  # the only picture not sent and answered as it is now
+    assert result.cost_likely_usd == pytest.approx(fresh.cost_likely_usd, rel=0.05)
+    assert result.cost_likely_usd < 0.6 * check_job(job, out_dir=tmp_path / "elsewhere").cost_likely_usd
+    assert main(["validate", str(job), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"done:      2 already done in {out} (a run skips them); 2 left" in printed
+    assert "for what is left" in printed
+
+
+def test_the_index_is_read_again_only_from_where_its_kept_copy_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(results, "MIN_LINES", 3)  # scaled down from 10,000
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)])
+    out = tmp_path / "out"
+    _run(job, out)
+    parsed: list[str] = []
+    real_row = results._line_row
+    monkeypatch.setattr(results, "_line_row", lambda line: parsed.append(line["id"]) or real_row(line))
+
+    def everything() -> tuple[Any, ...]:
+        with results.ResultsIndex.load(out) as index:
+            return index.totals(), {f"i{n}": index.get(f"i{n}") for n in range(6)}
+
+    first = everything()  # every line read, and a copy kept
+    assert len(parsed) == 5 and list((tmp_path / "cache" / "nanobatch" / "index").glob("*.sqlite"))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    moved = json.loads(lines[0]) | {"id": "i5", "cost_usd": 1.25}
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps(moved) + "\n")
+    parsed.clear()
+    again = everything()
+    assert parsed == ["i5"]  # the copy, then the one line appended since
+    assert again[0]["items"] == 6 and again[0]["paid_usd"] == pytest.approx(first[0]["paid_usd"] + 1.25)
+    assert again[1] == first[1] | {"i5": again[1]["i5"]} and again[1]["i5"] is not None
+    (out / "results.jsonl").write_text("\n".join(lines[1:]) + "\n")  # rewritten: the copy no longer holds
+    parsed.clear()
+    third = everything()
+    gone = json.loads(lines[0])["id"]
+    assert sorted(parsed) == sorted(f"i{n}" for n in range(5) if f"i{n}" != gone) and third[1][gone] is None
+
+
+def test_no_copy_of_the_index_is_kept_while_its_last_line_is_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(results, "MIN_LINES", 3)
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(4)])
+    out = tmp_path / "out"
+    _run(job, out)
+    text = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(text.rstrip("\n"))  # the last record's newline never written: torn
+    with results.ResultsIndex.load(out) as index:
+        assert len(index) == 4
+    assert not list((tmp_path / "cache").rglob("*.sqlite"))  # a run cuts that line: a copy would hold it
+    (out / "results.jsonl").write_text(text)
+    with results.ResultsIndex.load(out) as index:
+        assert len(index) == 4
+    assert list((tmp_path / "cache").rglob("*.sqlite"))
