@@ -22,6 +22,7 @@ import httpx2
 import orjson
 
 from ..errors import ApiError
+from .budget import ByteBudget, Held
 from .gemini import Reply, classify_error, parse_reply
 from .transport import ShardedTransport
 
@@ -42,6 +43,9 @@ logger = logging.getLogger("nanobatch")
 
 _CONNECT_TIMEOUT_S = 20.0
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
+# Answers' bodies read and being decoded at once, in bytes: four 4K answers (32 MB of JSON each). Peak memory per
+# answer is about twice its body (the body, then its image's base64 text, then the image): docs/performance.md.
+ANSWER_BYTES = 128 * 2**20
 
 
 class ApiClient:
@@ -103,9 +107,12 @@ class GeminiClient(ApiClient):
         transport: httpx2.AsyncBaseTransport | None = None,
         path_prefix: str | None = None,
         request_auth: httpx2.Auth | None = None,
+        answer_bytes: int = ANSWER_BYTES,
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
-        request (Vertex AI's OAuth2 bearer token)."""
+        request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
+        (:class:`~nanobatch.api.budget.ByteBudget`)."""
+        self.answers = ByteBudget(answer_bytes)
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
@@ -142,17 +149,64 @@ class GeminiClient(ApiClient):
             url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
         # httpx's timeouts bound each read: an answer trickling a byte at a time would never end. The whole
         # request, from connecting to its last byte, gets timeout_s.
+        reply: Reply | None = None
         with anyio.move_on_after(timeout_s) as whole, http_errors(self._secret, self.where):
-            response = await self._http.post(url, content=content, timeout=timeout)
+            async with self._http.stream("POST", url, content=content, timeout=timeout) as response:
+                if response.status_code == 200:
+                    reply = await self._read_reply(response)
+                else:
+                    await response.aread()
         if whole.cancelled_caught:
             raise ApiError(
                 f"no whole answer within {timeout_s:g} s (api.timeout_s): the answer came too slowly",
                 kind="timeout",
                 retryable=True,
             )
-        if response.status_code == 200:
-            return redact_reply(parse_reply(response.content), self._secret)
+        if reply is not None:
+            return redact_reply(reply, self._secret)
         raise api_error(response, self._secret)
+
+    async def _read_reply(self, response: httpx2.Response) -> Reply:
+        """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
+        joined into a copy), and let go before its images are decoded (see :func:`parse_reply`)."""
+        length = _plain_length(response)
+        async with self.answers.hold(length or 0) as held:
+            body = await _read_body(response, length, held)
+            return parse_reply(body)
+
+
+async def _read_body(response: httpx2.Response, length: int | None, held: Held) -> bytearray:
+    """*response*'s body in one buffer: of *length* bytes, filled in place, or grown as it comes (its bytes
+    held as they arrive) when its length is not known beforehand."""
+    if length is None:
+        grown = bytearray()
+        async for chunk in response.aiter_bytes():
+            held.grow(len(chunk))
+            grown += chunk
+        return grown
+    buffer = bytearray(length)
+    with memoryview(buffer) as view:
+        at = 0
+        async for chunk in response.aiter_bytes():
+            if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
+                raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+    if at != length:
+        raise ApiError("the answer is shorter than it said", kind="bad_response", retryable=True)
+    return buffer
+
+
+def _plain_length(response: httpx2.Response) -> int | None:
+    """The body's length from Content-Length, if it is the body as it is read (no Content-Encoding)."""
+    headers = response.headers
+    if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        return None
+    try:
+        length = int(headers.get("content-length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
 
 
 def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:
