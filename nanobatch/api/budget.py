@@ -7,7 +7,7 @@ buffers (and the server's), which cost this process nothing.
 
 >>> budget = ByteBudget(128 * 2**20)
 >>> async with budget.hold(len_of_body) as held:
-...     ...  # read the body (held.grow(n) for bytes beyond what was announced), then decode it
+...     ...  # read the body (await held.grow(n) for bytes beyond what was announced), then decode it
 """
 
 from __future__ import annotations
@@ -22,51 +22,66 @@ import anyio
 __all__ = ["ByteBudget", "Held"]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Held:
     """Bytes one reader holds of a :class:`ByteBudget`."""
 
     budget: ByteBudget
     size: int
 
-    def grow(self, more: int) -> None:
-        """Hold *more* bytes, without waiting: a body half read is never stopped (two bodies half read, each
-        waiting for the other's bytes, would wait for ever); new bodies wait until the total is back within
-        the budget."""
-        self.size += more
-        self.budget.held += more
-        self.budget.peak = max(self.budget.peak, self.budget.held)
+    async def grow(self, more: int) -> None:
+        """Hold *more* bytes (a body longer than announced, or of unknown length, as it arrives): waits while
+        they do not fit, unless this is the oldest holder. The oldest never waits, so some body is always
+        being read to its end and gives its bytes back: bodies half read never wait for each other for ever."""
+        await self.budget._grow(self, more)
 
 
 class ByteBudget:
-    """At most *limit* bytes held at once, handed out in the order asked; one body bigger than the whole
-    budget is let through alone (nothing else held), so that no answer waits for ever."""
+    """At most *limit* bytes held at once (a body of unknown length, the oldest, may go past it by what is
+    left of it), handed out in the order asked;
+    one body bigger than the whole budget is let through alone (nothing else held), so that no answer waits
+    for ever."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
         self.peak = 0  # the most held at once (for tests and the bench)
         self._waiting: deque[tuple[int, anyio.Event]] = deque()
+        self._holders: dict[Held, None] = {}  # oldest first
+        self._growing = 0  # holders waiting to grow: they go before new bodies
+        self._changed = anyio.Event()
 
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
 
     @asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[Held]:
-        """Hold *size* bytes (at least 1: a body of unknown length waits while the budget is spent) while
-        the block runs, waiting for them first if the budget is spent."""
+        """Hold *size* bytes (at least 1) while the block runs, waiting for them first if they do not fit."""
         size = max(1, size)
-        if not self._waiting and self._fits(size):
+        if not self._waiting and not self._growing and self._fits(size):
             self.held += size
         else:
             await self._wait(size)
         held = Held(self, size)
+        self._holders[held] = None
         try:
             self.peak = max(self.peak, self.held)
             yield held
         finally:
+            del self._holders[held]
             self.held -= held.size
             self._wake()
+
+    async def _grow(self, held: Held, more: int) -> None:
+        while self.held + more > self.limit and next(iter(self._holders)) is not held:
+            self._growing += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._growing -= 1
+        held.size += more
+        self.held += more
+        self.peak = max(self.peak, self.held)
 
     async def _wait(self, size: int) -> None:
         entry = (size, anyio.Event())
@@ -82,7 +97,9 @@ class ByteBudget:
             raise
 
     def _wake(self) -> None:
-        while self._waiting and self._fits(self._waiting[0][0]):
+        self._changed.set()
+        self._changed = anyio.Event()
+        while not self._growing and self._waiting and self._fits(self._waiting[0][0]):
             size, event = self._waiting.popleft()
             self.held += size
             event.set()

@@ -113,6 +113,7 @@ class GeminiClient(ApiClient):
         request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
         (:class:`~nanobatch.api.budget.ByteBudget`)."""
         self.answers = ByteBudget(answer_bytes)
+        self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
@@ -170,8 +171,10 @@ class GeminiClient(ApiClient):
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
         joined into a copy), and let go before its images are decoded (see :func:`parse_reply`)."""
         length = _plain_length(response)
-        async with self.answers.hold(length or 0) as held:
+        # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
+        async with self.answers.hold(self._last_size if length is None else length) as held:
             body = await _read_body(response, length, held)
+            self._last_size = len(body)
             return parse_reply(body)
 
 
@@ -181,7 +184,8 @@ async def _read_body(response: httpx2.Response, length: int | None, held: Held) 
     if length is None:
         grown = bytearray()
         async for chunk in response.aiter_bytes():
-            held.grow(len(chunk))
+            if len(grown) + len(chunk) > held.size:
+                await held.grow(len(grown) + len(chunk) - held.size)
             grown += chunk
         return grown
     buffer = bytearray(length)
