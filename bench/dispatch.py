@@ -37,6 +37,7 @@ from _bench import HERE, Bench, say
 from _server import SimulatorProcess
 
 PEER_SCRIPTS = {"aiohttp": "peer_aiohttp.py", "genai": "peer_genai.py", "httpx2": "peer_httpx2.py"}
+PYCACHE = Path(tempfile.gettempdir()) / "nanobatch-bench-pycache"
 WORKLOADS = {"small": (2000, 100), "2K": (96, 16), "4K": (48, 16)}  # answers, concurrency
 
 
@@ -65,6 +66,12 @@ def _env(package_dir: str | None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_", "GOOGLE_"))}
     env["NANOBATCH_API_KEY"] = "bench-not-a-key"  # the simulator takes any key
     env["PYTHONPATH"] = package_dir or str(HERE.parent)
+    # As installed: pip compiles every module when it installs a package, so a user's process loads bytecode.
+    # With PYTHONDONTWRITEBYTECODE set (some CI and sandboxes do), each of nanobatch's ~70 modules would be
+    # compiled from source in every run (0.3-0.6 s), where a peer script compiles one file. The bytecode goes
+    # to a folder of the bench's own (PYTHONPYCACHEPREFIX), not into the measured trees, made by a warm-up run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
     return env
 
 
@@ -135,23 +142,27 @@ def main() -> None:
     try:
         b = Bench(tmp=tmp, quick=True)
         size = {"small": "512"}.get(args.answers, args.answers)
-        manifest = b.catalog(n, size)
         with SimulatorProcess(latency_s=0.2, canned=str(canned(b, args.answers))) as sim:
+
+            def one(name: str, count: int, out: str) -> dict[str, Any]:
+                if name in PEER_SCRIPTS:
+                    return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
+                                      input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
+                package = args.against if name == "before" else None
+                return run_cli(b, package, manifest=b.catalog(count, size), out=out, url=sim.url,
+                               concurrency=concurrency, n=count, workers=args.workers)  # fmt: skip
+
+            for name in clients:  # warm-up, not counted: the bytecode of everything each client imports
+                one(name, 2, b.out(f"warm-{name}"))
             for rep in range(args.reps):
                 for name in clients if rep % 2 == 0 else clients[::-1]:
                     out = b.out(f"{name}-{rep}")
-                    if name in PEER_SCRIPTS:
-                        run = run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=n, concurrency=concurrency,
-                                         input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
-                    else:
-                        package = args.against if name == "before" else None
-                        run = run_cli(b, package, manifest=manifest, out=out, url=sim.url, concurrency=concurrency,
-                                      n=n, workers=args.workers)  # fmt: skip
+                    run = one(name, n, out)
                     shutil.rmtree(out, ignore_errors=True)
                     runs[name].append(run)
                     say(f"  run {rep} {line(name, [run], n)}")
             if args.profile:
-                prof = run_cli(b, None, manifest=manifest, out=b.out("profile"), url=sim.url,
+                prof = run_cli(b, None, manifest=b.catalog(n, size), out=b.out("profile"), url=sim.url,
                                concurrency=concurrency, n=n, workers=args.workers, profile=True)  # fmt: skip
         say(f"{n} {args.answers} answers, c={concurrency}, whole processes, median (min-max) of {args.reps}:")
         for name in clients:

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -121,6 +121,10 @@ class GeminiClient(ApiClient):
         super().__init__(
             base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
         )
+        # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
+        # proxy (which the client mounts), no redirects followed, no cookies. Half of the client's CPU per
+        # small request (bench/dispatch.py); a signed request (Vertex AI) goes through the client.
+        self._direct = transport if request_auth is None else None
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
         self._urls: dict[str, httpx2.URL] = {}
@@ -152,7 +156,7 @@ class GeminiClient(ApiClient):
         # request, from connecting to its last byte, gets timeout_s.
         reply: Reply | None = None
         with anyio.move_on_after(timeout_s) as whole, http_errors(self._secret, self.where):
-            async with self._http.stream("POST", url, content=content, timeout=timeout) as response:
+            async with self._post(url, content, timeout) as response:
                 if response.status_code == 200:
                     reply = await self._read_reply(response)
                 else:
@@ -166,6 +170,23 @@ class GeminiClient(ApiClient):
         if reply is not None:
             return redact_reply(reply, self._secret)
         raise api_error(response, self._secret)
+
+    @contextlib.asynccontextmanager
+    async def _post(self, url: httpx2.URL, content: bytes, timeout: httpx2.Timeout) -> AsyncIterator[httpx2.Response]:
+        """POST *content* to *url*; the response's body is for the caller to read."""
+        if self._direct is None:
+            async with self._http.stream("POST", url, content=content, timeout=timeout) as response:
+                yield response
+            return
+        request = httpx2.Request(
+            "POST", url, content=content, headers=self._http.headers, extensions={"timeout": timeout.as_dict()}
+        )
+        response = await self._direct.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def _read_reply(self, response: httpx2.Response) -> Reply:
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
