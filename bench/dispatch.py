@@ -14,7 +14,8 @@ the min-max range, and nanobatch's ratios to each peer.
   concurrency 16: CPU per answer and peak RSS.
 
 ``--against DIR``: also run the ``nanobatch`` package found in DIR (``git archive HEAD~1 nanobatch | tar -x -C
-DIR``, or a worktree) in the same turns. ``--workers N``: nanobatch's ``--workers``. ``--profile``: then one
+DIR``, or a worktree) in the same turns. ``--workers 0,2``: nanobatch once with each ``--workers`` (each its
+own client in the turns; the first is the one compared with the peers). ``--profile``: then one
 nanobatch run under cProfile (``python -m cProfile``), the top of it printed.
 """
 
@@ -59,6 +60,7 @@ def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, An
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "maxrss_mb": usage.ru_maxrss / 1024,
             "stdout": out.read().decode(),
+            "stderr": err.read().decode(),
         }
 
 
@@ -80,7 +82,7 @@ def run_cli(
     workers: int | None = None, profile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One whole ``nanobatch run`` process; RuntimeError unless all *n* items are ok in results.jsonl."""
-    command = [sys.executable, *(["-m", "cProfile", "-s", "tottime"] if profile else []), "-m", "nanobatch"]
+    command = [sys.executable, *(["-m", "cProfile", "-s", "tottime"] if profile else []), str(HERE / "_cli.py")]
     command += ["run", str(manifest), "--out", out, "--base-url", url, "--concurrency", str(concurrency), "-q"]
     if workers is not None:
         command += ["--workers", str(workers)]
@@ -90,6 +92,7 @@ def run_cli(
     if ok != n:
         raise RuntimeError(f"nanobatch run: expected {n} ok, got {ok}")
     run["ok"] = ok
+    run.update(json.loads(run["stderr"].strip().splitlines()[-1]))
     return run
 
 
@@ -111,6 +114,11 @@ def line(name: str, runs: list[dict[str, Any]], n: int) -> str:
         f"{name}: wall {statistics.median(walls):.2f} s ({walls[0]:.2f}-{walls[-1]:.2f}), "
         f"CPU {statistics.median(cpus):.2f} ms/answer ({cpus[0]:.2f}-{cpus[-1]:.2f}), "
         f"peak RSS {statistics.median(rss):.0f} MB ({rss[0]:.0f}-{rss[-1]:.0f})"
+        + (
+            f"; main process CPU {statistics.median(r['main_cpu_s'] for r in runs) / n * 1000:.2f} ms/answer"
+            if "main_cpu_s" in runs[0]
+            else ""
+        )
     )
 
 
@@ -130,13 +138,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs of each client, alternating (default 3)")
     parser.add_argument("--peers", default="aiohttp", help="comma-separated: aiohttp, genai, httpx2 (or none)")
     parser.add_argument("--against", help="a folder holding another version's nanobatch package, run in turn")
-    parser.add_argument("--workers", type=int, help="nanobatch's --workers (default: its own default)")
+    parser.add_argument("--workers", help="nanobatch's --workers, comma-separated values (default: its default)")
     parser.add_argument("--profile", action="store_true", help="then one nanobatch run under cProfile")
     args = parser.parse_args()
     n, concurrency = WORKLOADS[args.answers]
     n, concurrency = args.n or n, args.concurrency or concurrency
     peers = [p for p in args.peers.split(",") if p and p != "none"]
-    clients = ["nanobatch", *(["before"] if args.against else []), *peers]
+    workers = {f"nanobatch --workers {w}": int(w) for w in args.workers.split(",")} if args.workers else {}
+    ours = [*(workers or ["nanobatch"])]
+    clients = [*ours, *(["before"] if args.against else []), *peers]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in clients}
     tmp = Path(tempfile.mkdtemp(prefix="nanobatch-dispatch-"))
     try:
@@ -150,7 +160,7 @@ def main() -> None:
                                       input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
                 package = args.against if name == "before" else None
                 return run_cli(b, package, manifest=b.catalog(count, size), out=out, url=sim.url,
-                               concurrency=concurrency, n=count, workers=args.workers)  # fmt: skip
+                               concurrency=concurrency, n=count, workers=workers.get(name))  # fmt: skip
 
             for name in clients:  # warm-up, not counted: the bytecode of everything each client imports
                 one(name, 2, b.out(f"warm-{name}"))
@@ -163,16 +173,16 @@ def main() -> None:
                     say(f"  run {rep} {line(name, [run], n)}")
             if args.profile:
                 prof = run_cli(b, None, manifest=b.catalog(n, size), out=b.out("profile"), url=sim.url,
-                               concurrency=concurrency, n=n, workers=args.workers, profile=True)  # fmt: skip
+                               concurrency=concurrency, n=n, workers=workers.get(ours[0]), profile=True)  # fmt: skip
         say(f"{n} {args.answers} answers, c={concurrency}, whole processes, median (min-max) of {args.reps}:")
         for name in clients:
             say(f"  {line(name, runs[name], n)}")
         for peer in peers:
             for key, what in (("wall_s", "wall"), ("cpu_s", "CPU"), ("maxrss_mb", "peak RSS")):
-                ratio = statistics.median(r[key] for r in runs["nanobatch"]) / statistics.median(
+                ratio = statistics.median(r[key] for r in runs[ours[0]]) / statistics.median(
                     r[key] for r in runs[peer]
                 )
-                say(f"  nanobatch / {peer}, median {what}: {ratio:.3f}x")
+                say(f"  {ours[0]} / {peer}, median {what}: {ratio:.3f}x")
         if args.profile:
             say("\nprofile (main thread):\n" + "\n".join(prof["stdout"].splitlines()[:45]))
     finally:

@@ -172,14 +172,15 @@ class GeminiClient(ApiClient):
         raise api_error(response, self._secret)
 
     @contextlib.asynccontextmanager
-    async def _post(self, url: httpx2.URL, content: bytes, timeout: httpx2.Timeout) -> AsyncIterator[httpx2.Response]:
-        """POST *content* to *url*; the response's body is for the caller to read."""
+    async def _post(self, url: httpx2.URL, content: bytes, limits: httpx2.Timeout) -> AsyncIterator[httpx2.Response]:
+        """POST *content* to *url* under httpx's per-phase time *limits*; the response's body is for the caller
+        to read."""
         if self._direct is None:
-            async with self._http.stream("POST", url, content=content, timeout=timeout) as response:
+            async with self._http.stream("POST", url, content=content, timeout=limits) as response:
                 yield response
             return
         request = httpx2.Request(
-            "POST", url, content=content, headers=self._http.headers, extensions={"timeout": timeout.as_dict()}
+            "POST", url, content=content, headers=self._http.headers, extensions={"timeout": limits.as_dict()}
         )
         response = await self._direct.handle_async_request(request)
         response.request = request
@@ -190,7 +191,7 @@ class GeminiClient(ApiClient):
 
     async def _read_reply(self, response: httpx2.Response) -> Reply:
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
-        joined into a copy), and let go before its images are decoded (see :func:`parse_reply`)."""
+        joined into a copy), and let go before its images are decoded (:func:`~nanobatch.api.gemini.parse_reply`)."""
         length = _plain_length(response)
         # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
         async with self.answers.hold(self._last_size if length is None else length) as held:
