@@ -82,6 +82,8 @@ class LimitSettings(_Section):
     breaker_max_down_s: float = Field(600.0, gt=0)
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
+    # Processes that decode big answers (JSON + base64): one per CPU; 0 decodes them in the run's own process.
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0, le=256)
 
 
 class RetrySettings(_Section):

@@ -23,7 +23,8 @@ import orjson
 
 from ..errors import ApiError
 from .budget import ByteBudget, Held
-from .gemini import Reply, classify_error, parse_reply
+from .decoding import Decoder
+from .gemini import Reply, classify_error
 from .transport import ShardedTransport
 
 __all__ = [
@@ -108,11 +109,14 @@ class GeminiClient(ApiClient):
         path_prefix: str | None = None,
         request_auth: httpx2.Auth | None = None,
         answer_bytes: int = ANSWER_BYTES,
+        workers: int = 0,
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
         request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
-        (:class:`~nanobatch.api.budget.ByteBudget`)."""
+        (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers
+        (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
         self.answers = ByteBudget(answer_bytes)
+        self.decoder = Decoder(workers)
         self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -197,7 +201,7 @@ class GeminiClient(ApiClient):
         async with self.answers.hold(self._last_size if length is None else length) as held:
             body = await _read_body(response, length, held)
             self._last_size = len(body)
-            return parse_reply(body)
+            return await self.decoder.reply(body)
 
 
 async def _read_body(response: httpx2.Response, length: int | None, held: Held) -> bytearray:

@@ -90,6 +90,7 @@ class Connection:
             transport=self.transport,
             path_prefix=self.path_prefix,
             request_auth=self.request_auth,
+            workers=self.settings.limits.workers,
         )
 
     def batches(self) -> BatchClient:
