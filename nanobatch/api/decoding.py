@@ -1,29 +1,39 @@
 """Where answers are decoded: in worker processes (``limits.workers``), or in this one.
 
 A 4K answer is 32 MB of JSON around 24 MB of PNG in base64: parsing and decoding it costs ~100 ms of CPU, and in
-one process every answer waits for that one core. With workers, the event loop reads the body and hands it to
-a worker process (``anyio.to_process``, at most ``workers`` at once), which parses it and decodes the image;
-only the decoded answer comes back. Small answers (under :data:`WORKERS_FROM_BYTES`) are decoded in place: the
-trip to a process and back costs more than decoding them.
+one process every answer waits for that one core. With workers, the body goes into shared memory and a worker
+process (``anyio.to_process``, at most ``workers`` at once) parses it and decodes its images into a second
+block of shared memory; only the answer's small fields come back through the worker's pipe, and the images are
+copied out of shared memory. The event loop's process copies bytes; it does not parse or decode them (a pipe
+would cost it more than decoding: the body pickled and written, the image read back in 64 KB pieces). Small
+answers (under :data:`WORKERS_FROM_BYTES`) are decoded in place: the trip to a worker costs more than they do.
 
-Nothing is written by a worker: the run's writer, in this process, stays the one writer of the output folder,
-so a run killed while answers are in workers has written nothing of them, and the next run sends them again
-as it does any request in flight.
+Nothing is written into the output folder by a worker: the run's writer, in this process, stays its one
+writer, so a run killed while answers are in workers has written nothing of them, and the next run sends them
+again as it does any request in flight. The shared memory is this process's (created and unlinked here; a
+killed run's is removed by Python's resource tracker).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
 
 import anyio
 import anyio.to_process
 
 from ..errors import ApiError
-from .gemini import Reply, parse_reply
+from .gemini import Image, Reply, parse_reply
 
-__all__ = ["WORKERS_FROM_BYTES", "Decoder"]
+__all__ = ["WORKERS_FROM_BYTES", "Decoder", "decode_in_worker"]
 
 WORKERS_FROM_BYTES = 1 << 20  # a 1K answer (~1.5 MB of JSON) and up go to a worker
 
-_Failure = tuple[str, str, "int | None", bool]  # an ApiError's message, kind, status code, retryable
+_Failure = tuple[str, str, "int | None", bool]  # an ApiError's message, kind, status code and retryable
+_Places = list[tuple[str, int, int]]  # each image's mime type, offset and size in the images' block
 
 
 class Decoder:
@@ -37,20 +47,73 @@ class Decoder:
         """*body* parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is consumed."""
         if self._slots is None or len(body) < WORKERS_FROM_BYTES:
             return parse_reply(body)
-        try:
-            outcome = await anyio.to_process.run_sync(decode_in_worker, body, limiter=self._slots)
-        finally:
-            body.clear()  # the worker has its own copy
-        if isinstance(outcome, Reply):
-            return outcome
-        message, kind, status_code, retryable = outcome
-        raise ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
+        size = len(body)
+        with ExitStack() as stack:
+            shared = stack.enter_context(_shared(size))
+            _view(shared)[:size] = body
+            body.clear()
+            # Decoded base64 is 3/4 of its text, which is less than the body.
+            images = stack.enter_context(_shared(size * 3 // 4 + 4))
+            outcome = await anyio.to_process.run_sync(
+                decode_in_worker, shared.name, size, images.name, limiter=self._slots
+            )
+            if isinstance(outcome[0], str):
+                message, kind, status_code, retryable = outcome
+                raise ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
+            reply, places = outcome
+            assert isinstance(reply, Reply) and isinstance(places, list)
+            return dataclasses.replace(
+                reply, images=tuple(Image(mime, bytes(_view(images)[at : at + n])) for mime, at, n in places)
+            )
 
 
-def decode_in_worker(body: bytearray) -> Reply | _Failure:
-    """In a worker process: the reply, or why the body is not one (an exception's own fields: ApiError takes
-    keyword arguments, which pickling an exception does not carry)."""
+@contextmanager
+def _shared(size: int) -> Iterator[SharedMemory]:
+    block = SharedMemory(create=True, size=max(1, size))
     try:
-        return parse_reply(body)
-    except ApiError as exc:
-        return exc.message, exc.kind, exc.status_code, exc.retryable
+        yield block
+    finally:
+        block.close()
+        block.unlink()
+
+
+def decode_in_worker(body_name: str, size: int, images_name: str) -> tuple[Reply, _Places] | _Failure:
+    """In a worker process: parse the body in shared memory *body_name*, put its images one after another into
+    *images_name*; the reply without its images and where they are, or why the body is not a reply (an
+    exception's own fields: ApiError takes keyword arguments, which pickling an exception does not carry)."""
+    body, images = _attach(body_name), _attach(images_name)
+    try:
+        with _view(body)[:size] as view:
+            text = view.tobytes()
+        try:
+            reply = parse_reply(text)
+        except ApiError as exc:
+            return exc.message, exc.kind, exc.status_code, exc.retryable
+        del text
+        places: _Places = []
+        at = 0
+        for image in reply.images:
+            _view(images)[at : at + len(image.data)] = image.data
+            places.append((image.mime_type, at, len(image.data)))
+            at += len(image.data)
+        return dataclasses.replace(reply, images=()), places
+    finally:
+        body.close()
+        images.close()
+
+
+def _view(block: SharedMemory) -> memoryview:
+    assert block.buf is not None  # open until closed
+    return block.buf
+
+
+def _attach(name: str) -> SharedMemory:
+    """A block the run's process made, and will unlink. Before Python 3.13 attaching registers the block with
+    this process's resource tracker too, which would start a tracker process and unlink the block when this
+    worker ends (python/cpython#82300): not here, where the run's process owns it."""
+    register = resource_tracker.register
+    resource_tracker.register = lambda name, rtype: None
+    try:
+        return SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
