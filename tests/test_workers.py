@@ -24,6 +24,7 @@ import pytest
 from PIL import Image as PILImage
 
 import nanobatch.api.decoding as decoding
+from nanobatch.api.batch_api import BatchClient
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
 from nanobatch.api.gemini import build_request
@@ -58,6 +59,7 @@ def broken_here(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("decoded in the run's own process")
 
     monkeypatch.setattr(decoding, "parse_reply", refuse)
+    monkeypatch.setattr(decoding, "reply_from", refuse)
 
 
 def test_a_big_answer_is_decoded_in_a_worker_process(broken_here: None) -> None:
@@ -104,6 +106,22 @@ def test_the_client_decodes_through_its_workers(broken_here: None) -> None:
             return reply
 
     assert anyio.run(main).images[0].data == PICTURE
+
+
+def test_a_big_batch_results_line_is_decoded_in_a_worker_and_keeps_its_key(broken_here: None) -> None:
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PICTURE).decode()}}
+    response = {"candidates": [{"content": {"parts": [part]}, "finishReason": "STOP"}]}
+    line = orjson.dumps({"key": "sku-7", "response": response})
+    cut = orjson.dumps({"key": "sku-8", "response": {"candidates": [{"content": {"parts": [
+        {"inlineData": {"mimeType": "image/png", "data": "not base64!" * 200_000}}]}}]}})  # fmt: skip
+
+    async def main() -> list[Any]:
+        async with BatchClient(base_url="https://api.example.test", api_key="k", workers=1) as api:
+            return [await api.decode_line(line), await api.decode_line(cut)]
+
+    good, bad = anyio.run(main)
+    assert good.key == "sku-7" and good.reply.images[0].data == PICTURE
+    assert bad.key == "sku-8" and bad.error.kind == "bad_response" and bad.error.retryable
 
 
 def test_workers_default_to_one_per_cpu_and_zero_keeps_decoding_in_process() -> None:
