@@ -70,6 +70,11 @@ class ApiSettings(_Section):
     credentials_file: str | None = None
 
 
+def default_workers() -> int:
+    """``limits.workers`` when it is not set: one worker process per CPU."""
+    return os.cpu_count() or 1
+
+
 class LimitSettings(_Section):
     concurrency: int = Field(8, ge=1, le=1000)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -83,7 +88,7 @@ class LimitSettings(_Section):
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
     # Processes that decode big answers (JSON + base64): one per CPU; 0 decodes them in the run's own process.
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=0, le=256)
+    workers: int = Field(default_factory=lambda: default_workers(), ge=0, le=256)
 
 
 class RetrySettings(_Section):

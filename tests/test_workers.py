@@ -24,11 +24,12 @@ import pytest
 from PIL import Image as PILImage
 
 import nanobatch.api.decoding as decoding
+import nanobatch.config
 from nanobatch.api.batch_api import BatchClient
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
 from nanobatch.api.gemini import build_request
-from nanobatch.config import load_settings
+from nanobatch.config import default_workers, load_settings
 from nanobatch.errors import ApiError
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
@@ -124,9 +125,27 @@ def test_a_big_batch_results_line_is_decoded_in_a_worker_and_keeps_its_key(broke
     assert bad.key == "sku-8" and bad.error.kind == "bad_response" and bad.error.retryable
 
 
-def test_workers_default_to_one_per_cpu_and_zero_keeps_decoding_in_process() -> None:
+def test_workers_default_to_one_per_cpu_and_zero_keeps_decoding_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nanobatch.config, "default_workers", default_workers)  # as a user has it (see conftest)
     assert load_settings(env={}).limits.workers == (os.cpu_count() or 1)
     assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "0"}).limits.workers == 0
+
+
+def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise anyio.BrokenWorkerProcess("Error during worker process initialization")
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", broken)
+
+    async def main() -> list[Any]:
+        decoder = Decoder(2)
+        return [await decoder.reply(bytearray(answer(PICTURE))) for _ in range(2)]
+
+    replies = anyio.run(main)
+    assert [reply.images[0].data for reply in replies] == [PICTURE, PICTURE]
+    assert caplog.text.count("worker processes failed") == 1
 
 
 # -- a SIGKILL with answers inside the workers --------------------------------------------------------------

@@ -18,6 +18,7 @@ killed run's is removed by Python's resource tracker).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from multiprocessing import resource_tracker
@@ -32,6 +33,8 @@ from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
 
 __all__ = ["WORKERS_FROM_BYTES", "Decoder", "decode_in_worker"]
+
+logger = logging.getLogger("nanobatch")
 
 WORKERS_FROM_BYTES = 1 << 20  # a 1K answer (~1.5 MB of JSON) and up go to a worker
 
@@ -81,9 +84,15 @@ class Decoder:
                 body.clear()
             # Decoded base64 is 3/4 of its text, which is less than the body.
             images = stack.enter_context(_shared(size * 3 // 4 + 4))
-            outcome: _Outcome = await anyio.to_process.run_sync(
-                decode_in_worker, what, shared.name, size, images.name, limiter=self._slots
-            )
+            try:
+                outcome: _Outcome = await anyio.to_process.run_sync(
+                    decode_in_worker, what, shared.name, size, images.name, limiter=self._slots
+                )
+            except anyio.BrokenWorkerProcess as exc:  # no process could be started, or one died: decode here
+                if self._slots is not None:
+                    logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
+                    self._slots = None
+                outcome = decode_in_worker(what, shared.name, size, images.name)
             if outcome is not None and isinstance(reply := outcome[1], Reply):
                 view = _view(images)
                 pictures = tuple(Image(mime, bytes(view[at : at + n])) for mime, at, n in outcome[2])
