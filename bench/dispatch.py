@@ -179,9 +179,7 @@ def main() -> None:
             say(f"  {line(name, runs[name], n)}")
         for peer in peers:
             for key, what in (("wall_s", "wall"), ("cpu_s", "CPU"), ("maxrss_mb", "peak RSS")):
-                ratio = statistics.median(r[key] for r in runs[ours[0]]) / statistics.median(
-                    r[key] for r in runs[peer]
-                )
+                ratio = statistics.median(r[key] for r in runs[ours[0]]) / statistics.median(r[key] for r in runs[peer])
                 say(f"  {ours[0]} / {peer}, median {what}: {ratio:.3f}x")
         if args.profile:
             say("\nprofile (main thread):\n" + "\n".join(prof["stdout"].splitlines()[:45]))
