@@ -87,8 +87,12 @@ class LimitSettings(_Section):
     breaker_max_down_s: float = Field(600.0, gt=0)
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
-    # Processes that decode big answers (JSON + base64): one per CPU; 0 decodes them in the run's own process.
-    workers: int = Field(default_factory=lambda: default_workers(), ge=0, le=256)
+    # Processes that decode big answers (JSON + base64): None, one per CPU; 0 decodes them in the run's own process.
+    workers: int | None = Field(None, ge=0, le=256)
+
+    def worker_processes(self) -> int:
+        """How many worker processes decode answers: ``workers``, else one per CPU."""
+        return default_workers() if self.workers is None else self.workers
 
 
 class RetrySettings(_Section):

@@ -127,8 +127,8 @@ def test_a_big_batch_results_line_is_decoded_in_a_worker_and_keeps_its_key(broke
 
 def test_workers_default_to_one_per_cpu_and_zero_keeps_decoding_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nanobatch.config, "default_workers", default_workers)  # as a user has it (see conftest)
-    assert load_settings(env={}).limits.workers == (os.cpu_count() or 1)
-    assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "0"}).limits.workers == 0
+    assert load_settings(env={}).limits.worker_processes() == (os.cpu_count() or 1)
+    assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "0"}).limits.worker_processes() == 0
 
 
 def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
