@@ -70,11 +70,6 @@ class ApiSettings(_Section):
     credentials_file: str | None = None
 
 
-def default_workers() -> int:
-    """``limits.workers`` when it is not set: one worker process per CPU."""
-    return os.cpu_count() or 1
-
-
 class LimitSettings(_Section):
     concurrency: int = Field(8, ge=1, le=1000)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -87,12 +82,9 @@ class LimitSettings(_Section):
     breaker_max_down_s: float = Field(600.0, gt=0)
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
-    # Processes that decode big answers (JSON + base64): None, one per CPU; 0 decodes them in the run's own process.
-    workers: int | None = Field(None, ge=0, le=256)
-
-    def worker_processes(self) -> int:
-        """How many worker processes decode answers: ``workers``, else one per CPU."""
-        return default_workers() if self.workers is None else self.workers
+    # Processes that decode big answers (JSON + base64); 0, the default, decodes them in the run's own process:
+    # the run's process still reads every body, which costs it more than workers save it (docs/performance.md).
+    workers: int = Field(0, ge=0, le=256)
 
 
 class RetrySettings(_Section):

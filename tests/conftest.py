@@ -9,8 +9,6 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 
-import nanobatch.config
-
 from .emulators import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
@@ -36,14 +34,6 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     work.mkdir()
     monkeypatch.chdir(work)
     yield
-
-
-@pytest.fixture(autouse=True)
-def _decode_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Answers decoded in the test's process unless a test asks for worker processes (tests/test_workers.py):
-    a worker runs in real time, and most runs here go by trio's virtual clock, which jumps past every timeout
-    while the event loop waits for a real process."""
-    monkeypatch.setattr(nanobatch.config, "default_workers", lambda: 0)
 
 
 @pytest.fixture(autouse=True)

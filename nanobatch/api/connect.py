@@ -90,7 +90,7 @@ class Connection:
             transport=self.transport,
             path_prefix=self.path_prefix,
             request_auth=self.request_auth,
-            workers=self.settings.limits.worker_processes(),
+            workers=self.settings.limits.workers,
         )
 
     def batches(self) -> BatchClient:
@@ -107,7 +107,7 @@ def batch_client(
     api = settings.api
     return BatchClient(
         base_url=base_url, api_key=api_key, auth=api.auth, api_version=api.api_version, transport=transport,
-        workers=settings.limits.worker_processes(),
+        workers=settings.limits.workers,
     )  # fmt: skip
 
 

@@ -65,7 +65,7 @@ def settings_options(f: Any) -> Any:
         click.option(
             "--workers",
             type=click.IntRange(0, 256),
-            help="Processes that decode big answers (default: one per CPU; 0: decode in the run's own process).",
+            help="Processes that decode big answers (default 0: the run's own process decodes them).",
         ),
         click.option(
             "--rpm",
