@@ -127,8 +127,8 @@ class GeminiClient(ApiClient):
             base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
         )
         # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
-        # proxy (which the client mounts), no redirects followed, no cookies: 0.96 against 1.16 ms of CPU per
-        # small request (docs/performance.md). A signed request (Vertex AI) goes through the client.
+        # proxy (which the client mounts), no redirects followed, no cookies: less CPU per small request
+        # (docs/performance.md). A signed request (Vertex AI) goes through the client.
         self._direct = transport if request_auth is None else None
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
