@@ -116,6 +116,7 @@ def line(name: str, runs: list[dict[str, Any]], n: int) -> str:
         f"peak RSS {statistics.median(rss):.0f} MB ({rss[0]:.0f}-{rss[-1]:.0f})"
         + (
             f"; main process CPU {statistics.median(r['main_cpu_s'] for r in runs) / n * 1000:.2f} ms/answer"
+            f" (event loop {statistics.median(r['loop_cpu_s'] for r in runs) / n * 1000:.2f})"
             if "main_cpu_s" in runs[0]
             else ""
         )
