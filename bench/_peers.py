@@ -19,6 +19,7 @@ from typing import Any
 
 from _bench import HERE, Bench, say
 from _server import SimulatorProcess
+from dispatch import PEER_SCRIPTS, canned, line, run_cli, run_script
 
 __all__ = ["bench_peers"]
 
@@ -27,6 +28,7 @@ SECTION = "0 peers"
 SMALL = (2000, 100)  # small answers: requests, concurrency
 QUOTA = (1000, 100, 600, 0.1)  # requests, concurrency, quota per (scaled) minute, the simulator's time scale
 BIG = {"quick": (64, 200, 16, 1), "full": (300, 1000, 16, 2)}  # requests, then nanobatch alone, concurrency, rounds
+HUGE = {"quick": (32, 16, 1), "full": (96, 16, 2)}  # 4K answers: requests, concurrency, rounds
 
 
 def _installed(module: str) -> bool:
@@ -97,8 +99,54 @@ def bench_peers(b: Bench) -> None:
         b.add(SECTION, f"{n:,} small answers, c={concurrency}: {name}", _summary(each, n))
     ratio = _median(runs["nanobatch"], "wall_s") / _median(runs["aiohttp script"], "wall_s")
     b.add(SECTION, "  nanobatch / aiohttp script, median wall", f"**{ratio:.2f}x**", "<= 1.15x", ratio <= 1.15)
+    _whole_processes(b, "small", n, concurrency, reps, peers=("aiohttp",))
     _big_answers(b)
+    n, concurrency, reps = HUGE["quick" if b.quick else "full"]
+    _whole_processes(b, "4K", n, concurrency, reps, peers=("genai", "aiohttp"), workers=(0, os.cpu_count() or 1))
     _quota(b)
+
+
+def _whole_processes(
+    b: Bench, answers: str, n: int, concurrency: int, reps: int, *, peers: tuple[str, ...],
+    workers: tuple[int, ...] = (),
+) -> None:  # fmt: skip
+    """Each client timed as a whole process, start to exit (bench/dispatch.py): ``nanobatch run`` (once per
+    ``--workers`` value given) against the peer scripts, taking turns."""
+    size = {"small": "512"}.get(answers, answers)
+    ours = [f"nanobatch --workers {w}" for w in workers] or ["nanobatch"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*ours, *peers]}
+    say(f"[0] peers, whole processes: {n} {answers} answers, concurrency {concurrency}, {reps} alternating round(s)")
+    with SimulatorProcess(latency_s=0.2, canned=str(canned(b, answers))) as sim:
+
+        def one(name: str, count: int, out: str) -> dict[str, Any]:
+            if name in PEER_SCRIPTS:
+                return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
+                                  input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
+            chosen = dict(zip(ours, workers, strict=True)).get(name)
+            return run_cli(b, None, manifest=b.catalog(count, size), out=out, url=sim.url, concurrency=concurrency,
+                           n=count, workers=chosen)  # fmt: skip
+
+        for name in runs:  # warm-up: the bytecode of what each imports (as a pip install leaves it)
+            one(name, 2, b.out(f"whole-warm-{answers}-{name}"))
+        for rep in range(reps):
+            for name in list(runs) if rep % 2 == 0 else list(runs)[::-1]:
+                runs[name].append(one(name, n, b.out(f"whole-{answers}-{name}-{rep}".replace(" ", ""))))
+    label = "2,000 small answers" if answers == "small" else f"{n} answers of {answers}"
+    for name, each in runs.items():
+        b.add(SECTION, f"{label}, c={concurrency}, whole process: {name}", line(name, each, n).split(": ", 1)[1])
+    first, peer = runs[ours[0]], runs[peers[0]]
+    wall = _median(first, "wall_s") / _median(peer, "wall_s")
+    if answers == "small":
+        b.add(SECTION, f"  {ours[0]} / {peers[0]} script, whole process, median wall", f"**{wall:.2f}x**",
+              "<= 1.05x", wall <= 1.05)  # fmt: skip
+        return
+    rss = _median(first, "maxrss_mb") / _median(peer, "maxrss_mb")
+    b.add(SECTION, f"  {ours[0]} / {peers[0]}, peak RSS", f"**{rss:.2f}x**", "<= 1.0x", rss <= 1.0)
+    for name in ours:
+        per_minute = n / _median(runs[name], "wall_s") * 60
+        main_cpu = _median(runs[name], "main_cpu_s") / n * 1000
+        b.add(SECTION, f"  {name}: answers per minute; the main process's CPU per answer",
+              f"{per_minute:.0f}; {main_cpu:.0f} ms")  # fmt: skip
 
 
 def _big_answers(b: Bench) -> None:

@@ -91,6 +91,16 @@ METHOD = """\
    httpx2 scripts with the OpenAI cookbook's token bucket set to the quota; the
    SDK with its own retries only (it has no rate limit). Each client starts
    after a quiet window; "refused" is what the server saw beyond the items done.
+   **Whole processes** (rows "whole process", `bench/dispatch.py`): each client
+   timed from outside, from its start to its exit, imports included, as a user
+   meets it: `nanobatch run` on the command line (through `bench/_cli.py`, which
+   also reports the CPU of the run's own process apart from its workers')
+   against the peer script; CPU and peak RSS are the kernel's accounting of the
+   reaped child (`wait4`; peak RSS is the largest single process). Small
+   answers as above; 4K answers: 96 (32 with `--quick`) answers of 24 MB (a
+   4096x4096 PNG of noise, 32 MB in base64) at concurrency 16, nanobatch with
+   `--workers 0` and one per CPU. Bytecode is compiled once beforehand (a
+   warm-up run), as a pip install leaves it.
 
 Each client run is a fresh `python bench/_client.py` process; the simulator
 (`nanobatch.simulator.create_app` with `SimulatorConfig(canned=...)`, served by

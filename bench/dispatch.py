@@ -1,14 +1,22 @@
-"""The small-answer dispatch of section 0 alone: nanobatch and the aiohttp script, taking turns.
+"""nanobatch and its peers, each timed as a whole process, taking turns against one simulator.
 
-``python bench/dispatch.py [--reps 3] [--against DIR] [--profile]``: 2,000 requests, 200 ms latency,
-concurrency 100, against one simulator process; each client a fresh process (``_client.py``,
-``peer_aiohttp.py``). Prints every run, then the medians: wall, CPU per request (nanobatch's event-loop
-thread in brackets) and nanobatch's wall over the aiohttp script's. A quicker loop than
-``run.py --only peers`` for changes to the per-request path.
+``python bench/dispatch.py [--answers small|2K|4K] [--reps 3] [--peers aiohttp,genai] [--against DIR] [--profile]``
 
-``--against DIR``: also run the ``nanobatch`` package found in DIR (a copy of the code before a change,
-e.g. ``git archive HEAD~1 nanobatch | tar -x -C DIR``) in the same turns, so both versions meet the same
-busy moments of the machine. ``--profile``: then one nanobatch run under cProfile (event loop thread).
+Each client is one fresh process, timed from outside, from its start to its exit, imports and start-up
+included, as a user meets it: nanobatch is ``python -m nanobatch run MANIFEST ...`` (the command line, not
+``run_job`` in a harness); a peer is its script (``peer_aiohttp.py``, ``peer_genai.py``). Wall is a monotonic
+clock around the child, CPU and peak RSS the kernel's accounting of the reaped child (``wait4``). Runs
+alternate, so a busy moment of the shared machine hits every client alike; the medians are printed with
+the min-max range, and nanobatch's ratios to each peer.
+
+* ``small`` (default): 2,000 answers of 150 bytes at concurrency 100, 200 ms latency: the cost of dispatch.
+* ``2K`` / ``4K``: answers of 5.9 MB / 24 MB (a PNG of 3-bit noise, the size of a real 2K / 4K answer),
+  concurrency 16: CPU per answer and peak RSS.
+
+``--against DIR``: also run the ``nanobatch`` package found in DIR (``git archive HEAD~1 nanobatch | tar -x -C
+DIR``, or a worktree) in the same turns. ``--workers 0,2``: nanobatch once with each ``--workers`` (each its
+own client in the turns; the first is the one compared with the peers). ``--profile``: then one
+nanobatch run under cProfile (``python -m cProfile``), the top of it printed.
 """
 
 from __future__ import annotations
@@ -21,75 +29,161 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import _fixtures as fixtures
 from _bench import HERE, Bench, say
-from _peers import SMALL, run_peer
 from _server import SimulatorProcess
 
+PEER_SCRIPTS = {"aiohttp": "peer_aiohttp.py", "genai": "peer_genai.py", "httpx2": "peer_httpx2.py"}
+PYCACHE = Path(tempfile.gettempdir()) / "nanobatch-bench-pycache"
+WORKLOADS = {"small": (2000, 100), "2K": (96, 16), "4K": (48, 16)}  # answers, concurrency
 
-def run_nanobatch(b: Bench, package_dir: str | None, **params: Any) -> dict[str, Any]:
-    """One ``_client.py nanobatch`` run, with *package_dir* (a folder holding ``nanobatch/``) first on the path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+
+def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run *command* to its end: wall (spawn to reaped), CPU (user + system) and peak RSS of the child, and
+    what it printed (through files: ``communicate`` would reap the child before ``wait4`` reads its usage)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if process.returncode:
+            raise RuntimeError(f"{' '.join(command[:4])} exited {process.returncode}:\n{err.read().decode()[-3000:]}")
+        return {
+            "wall_s": wall,
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "maxrss_mb": usage.ru_maxrss / 1024,
+            "stdout": out.read().decode(),
+            "stderr": err.read().decode(),
+        }
+
+
+def _env(package_dir: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_", "GOOGLE_"))}
     env["NANOBATCH_API_KEY"] = "bench-not-a-key"  # the simulator takes any key
-    if package_dir:
-        env["PYTHONPATH"] = package_dir
-    done = subprocess.run(
-        [sys.executable, str(HERE / "_client.py"), "nanobatch", json.dumps(params)],
-        cwd=b.tmp, env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"nanobatch failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
-    if result["ok"] != params.get("n", SMALL[0]):
-        raise RuntimeError(f"nanobatch: expected {SMALL[0]} ok, got {result}")
-    return result
+    env["PYTHONPATH"] = package_dir or str(HERE.parent)
+    # As installed: pip compiles every module when it installs a package, so a user's process loads bytecode.
+    # With PYTHONDONTWRITEBYTECODE set (some CI and sandboxes do), each of nanobatch's ~70 modules would be
+    # compiled from source in every run (0.3-0.6 s), where a peer script compiles one file. The bytecode goes
+    # to a folder of the bench's own (PYTHONPYCACHEPREFIX), not into the measured trees, made by a warm-up run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    return env
+
+
+def run_cli(
+    b: Bench, package_dir: str | None, *, manifest: Path, out: str, url: str, concurrency: int, n: int,
+    workers: int | None = None, profile: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """One whole ``nanobatch run`` process; RuntimeError unless all *n* items are ok in results.jsonl."""
+    command = [sys.executable, *(["-m", "cProfile", "-s", "tottime"] if profile else []), str(HERE / "_cli.py")]
+    command += ["run", str(manifest), "--out", out, "--base-url", url, "--concurrency", str(concurrency), "-q"]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    run = whole(command, env=_env(package_dir), cwd=b.tmp)
+    with open(Path(out) / "results.jsonl", "rb") as f:
+        ok = sum(b'"status":"ok"' in line or b'"status": "ok"' in line for line in f)
+    if ok != n:
+        raise RuntimeError(f"nanobatch run: expected {n} ok, got {ok}")
+    run["ok"] = ok
+    run.update(json.loads(run["stderr"].strip().splitlines()[-1]))
+    return run
+
+
+def run_script(b: Bench, script: str, **params: Any) -> dict[str, Any]:
+    """One whole peer script process; RuntimeError unless all its items are ok."""
+    run = whole([sys.executable, str(HERE / script), json.dumps(params)], env=_env(None), cwd=b.tmp)
+    inner = json.loads(run["stdout"].strip().splitlines()[-1])
+    if inner["ok"] != params["n"]:
+        raise RuntimeError(f"{script}: expected {params['n']} ok, got {inner}")
+    run["client"] = inner.get("client", script)
+    return run
 
 
 def line(name: str, runs: list[dict[str, Any]], n: int) -> str:
-    wall = statistics.median(r["wall_s"] for r in runs)
-    cpu = statistics.median(r["cpu_s"] for r in runs) / n * 1000
-    main = f" ({statistics.median(r['main_cpu_s'] for r in runs) / n * 1000:.2f})" if "main_cpu_s" in runs[0] else ""
-    return f"{name}: {wall:.2f} s, {cpu:.2f}{main} ms/req"
+    walls = sorted(r["wall_s"] for r in runs)
+    cpus = sorted(r["cpu_s"] / n * 1000 for r in runs)
+    rss = sorted(r["maxrss_mb"] for r in runs)
+    return (
+        f"{name}: wall {statistics.median(walls):.2f} s ({walls[0]:.2f}-{walls[-1]:.2f}), "
+        f"CPU {statistics.median(cpus):.2f} ms/answer ({cpus[0]:.2f}-{cpus[-1]:.2f}), "
+        f"peak RSS {statistics.median(rss):.0f} MB ({rss[0]:.0f}-{rss[-1]:.0f})"
+        + (
+            f"; main process CPU {statistics.median(r['main_cpu_s'] for r in runs) / n * 1000:.2f} ms/answer"
+            f" (event loop {statistics.median(r['loop_cpu_s'] for r in runs) / n * 1000:.2f})"
+            if "main_cpu_s" in runs[0]
+            else ""
+        )
+    )
+
+
+def canned(b: Bench, answers: str) -> Path:
+    if answers == "small":
+        return b.tiny
+    if answers == "2K":
+        return b.noise
+    return fixtures.noise_png(b.tmp / "noise-4k.png", edge=4096)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--answers", choices=tuple(WORKLOADS), default="small")
+    parser.add_argument("--n", type=int, help="answers per run (default: 2,000 small, 96 2K, 48 4K)")
+    parser.add_argument("--concurrency", type=int, help="default: 100 small, 16 big")
     parser.add_argument("--reps", type=int, default=3, help="runs of each client, alternating (default 3)")
+    parser.add_argument("--peers", default="aiohttp", help="comma-separated: aiohttp, genai, httpx2 (or none)")
     parser.add_argument("--against", help="a folder holding another version's nanobatch package, run in turn")
+    parser.add_argument("--workers", help="nanobatch's --workers, comma-separated values (default: its default)")
     parser.add_argument("--profile", action="store_true", help="then one nanobatch run under cProfile")
     args = parser.parse_args()
-    n, concurrency = SMALL
-    tmp = Path(tempfile.mkdtemp(prefix="nanobatch-dispatch-"))
-    clients = ["nanobatch", *(["before"] if args.against else []), "aiohttp"]
+    n, concurrency = WORKLOADS[args.answers]
+    n, concurrency = args.n or n, args.concurrency or concurrency
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    workers = {f"nanobatch --workers {w}": int(w) for w in args.workers.split(",")} if args.workers else {}
+    ours = [*(workers or ["nanobatch"])]
+    clients = [*ours, *(["before"] if args.against else []), *peers]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in clients}
+    tmp = Path(tempfile.mkdtemp(prefix="nanobatch-dispatch-"))
     try:
         b = Bench(tmp=tmp, quick=True)
-        manifest = str(b.catalog(n))
-        with SimulatorProcess(latency_s=0.2, canned=str(b.tiny)) as sim:
+        size = {"small": "512"}.get(args.answers, args.answers)
+        with SimulatorProcess(latency_s=0.2, canned=str(canned(b, args.answers))) as sim:
+
+            def one(name: str, count: int, out: str) -> dict[str, Any]:
+                if name in PEER_SCRIPTS:
+                    return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
+                                      input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
+                package = args.against if name == "before" else None
+                return run_cli(b, package, manifest=b.catalog(count, size), out=out, url=sim.url,
+                               concurrency=concurrency, n=count, workers=workers.get(name))  # fmt: skip
+
+            for name in clients:  # warm-up, not counted: the bytecode of everything each client imports
+                one(name, 2, b.out(f"warm-{name}"))
             for rep in range(args.reps):
                 for name in clients if rep % 2 == 0 else clients[::-1]:
                     out = b.out(f"{name}-{rep}")
-                    if name == "aiohttp":
-                        run = run_peer(b, "peer_aiohttp.py", base_url=sim.url, n=n, concurrency=concurrency,
-                                       input_path=str(b.input), image_size="512", out_dir=out)  # fmt: skip
-                    else:
-                        package = args.against if name == "before" else None
-                        run = run_nanobatch(b, package, manifest=manifest, out_dir=out, base_url=sim.url,
-                                            concurrency=concurrency)  # fmt: skip
+                    run = one(name, n, out)
+                    shutil.rmtree(out, ignore_errors=True)
                     runs[name].append(run)
                     say(f"  run {rep} {line(name, [run], n)}")
             if args.profile:
-                prof = run_nanobatch(b, None, manifest=manifest, out_dir=b.out("profile"), base_url=sim.url,
-                                     concurrency=concurrency, profile=True)  # fmt: skip
-        aiohttp = statistics.median(r["wall_s"] for r in runs["aiohttp"])
-        say(f"median of {args.reps}:")
+                prof = run_cli(b, None, manifest=b.catalog(n, size), out=b.out("profile"), url=sim.url,
+                               concurrency=concurrency, n=n, workers=workers.get(ours[0]), profile=True)  # fmt: skip
+        say(f"{n} {args.answers} answers, c={concurrency}, whole processes, median (min-max) of {args.reps}:")
         for name in clients:
-            ratio = statistics.median(r["wall_s"] for r in runs[name]) / aiohttp
-            say(f"  {line(name, runs[name], n)}" + ("" if name == "aiohttp" else f"; {ratio:.2f}x aiohttp"))
+            say(f"  {line(name, runs[name], n)}")
+        for peer in peers:
+            for key, what in (("wall_s", "wall"), ("cpu_s", "CPU"), ("maxrss_mb", "peak RSS")):
+                ratio = statistics.median(r[key] for r in runs[ours[0]]) / statistics.median(r[key] for r in runs[peer])
+                say(f"  {ours[0]} / {peer}, median {what}: {ratio:.3f}x")
         if args.profile:
-            say(f"\nprofile ({prof['wall_s']:.2f} s under cProfile):\n{prof['profile']}")
+            say("\nprofile (main thread):\n" + "\n".join(prof["stdout"].splitlines()[:45]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

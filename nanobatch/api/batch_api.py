@@ -27,6 +27,7 @@ import orjson
 
 from ..errors import ApiError
 from .client import ApiClient, api_error, http_errors, public_url, redact_reply, scrubbed_error
+from .decoding import Decoder
 from .gemini import Reply, reply_from
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
@@ -130,10 +131,12 @@ class BatchClient(ApiClient):
         api_version: str = "v1beta",
         chunk_bytes: int = CHUNK_BYTES,
         transport: httpx2.AsyncBaseTransport | None = None,
+        workers: int = 0,
     ) -> None:
         super().__init__(base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT)
         self._version = api_version.strip("/")
         self._chunk_bytes = chunk_bytes
+        self.decoder = Decoder(workers)  # big results lines decoded in worker processes
 
     # -- files ------------------------------------------------------------------
 
@@ -222,6 +225,15 @@ class BatchClient(ApiClient):
     def result_line(self, line: bytes) -> ResultLine:
         """One line of a results file, parsed and classified (see :meth:`results`)."""
         return self._result(line)
+
+    async def decode_line(self, line: bytes) -> ResultLine:
+        """:meth:`result_line`, a big answer decoded in a worker process (``limits.workers``)."""
+        if (decoded := await self.decoder.result(line)) is None:
+            return self._result(line)
+        key, reply = decoded
+        if isinstance(reply, ApiError):
+            return ResultLine(key=key, error=reply)
+        return ResultLine(key=key, reply=redact_reply(reply, self._secret))
 
     def _result(self, line: bytes) -> ResultLine:
         try:

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -22,7 +22,9 @@ import httpx2
 import orjson
 
 from ..errors import ApiError
-from .gemini import Reply, classify_error, parse_reply
+from .budget import ByteBudget, Held
+from .decoding import Decoder
+from .gemini import Reply, classify_error
 from .transport import ShardedTransport
 
 __all__ = [
@@ -42,6 +44,10 @@ logger = logging.getLogger("nanobatch")
 
 _CONNECT_TIMEOUT_S = 20.0
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
+# Answers' bodies read and being decoded at once, in bytes: two 4K answers (32 MB of JSON each), eight 2K ones.
+# Peak memory per answer is about twice its body (the body, then its image's base64 text, then the image), and
+# the decoding, not the reading, is what takes time: docs/performance.md.
+ANSWER_BYTES = 64 * 2**20
 
 
 class ApiClient:
@@ -103,9 +109,16 @@ class GeminiClient(ApiClient):
         transport: httpx2.AsyncBaseTransport | None = None,
         path_prefix: str | None = None,
         request_auth: httpx2.Auth | None = None,
+        answer_bytes: int = ANSWER_BYTES,
+        workers: int = 0,
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
-        request (Vertex AI's OAuth2 bearer token)."""
+        request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
+        (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers
+        (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
+        self.answers = ByteBudget(answer_bytes)
+        self.decoder = Decoder(workers)
+        self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
@@ -113,6 +126,10 @@ class GeminiClient(ApiClient):
         super().__init__(
             base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
         )
+        # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
+        # proxy (which the client mounts), no redirects followed, no cookies: less CPU per small request
+        # (docs/performance.md). A signed request (Vertex AI) goes through the client.
+        self._direct = transport if request_auth is None else None
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
         self._urls: dict[str, httpx2.URL] = {}
@@ -142,17 +159,85 @@ class GeminiClient(ApiClient):
             url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
         # httpx's timeouts bound each read: an answer trickling a byte at a time would never end. The whole
         # request, from connecting to its last byte, gets timeout_s.
+        reply: Reply | None = None
         with anyio.move_on_after(timeout_s) as whole, http_errors(self._secret, self.where):
-            response = await self._http.post(url, content=content, timeout=timeout)
+            async with self._post(url, content, timeout) as response:
+                if response.status_code == 200:
+                    reply = await self._read_reply(response)
+                else:
+                    await response.aread()
         if whole.cancelled_caught:
             raise ApiError(
                 f"no whole answer within {timeout_s:g} s (api.timeout_s): the answer came too slowly",
                 kind="timeout",
                 retryable=True,
             )
-        if response.status_code == 200:
-            return redact_reply(parse_reply(response.content), self._secret)
+        if reply is not None:
+            return redact_reply(reply, self._secret)
         raise api_error(response, self._secret)
+
+    @contextlib.asynccontextmanager
+    async def _post(self, url: httpx2.URL, content: bytes, limits: httpx2.Timeout) -> AsyncIterator[httpx2.Response]:
+        """POST *content* to *url* under httpx's per-phase time *limits*; the response's body is for the caller
+        to read."""
+        if self._direct is None:
+            async with self._http.stream("POST", url, content=content, timeout=limits) as response:
+                yield response
+            return
+        request = httpx2.Request(
+            "POST", url, content=content, headers=self._http.headers, extensions={"timeout": limits.as_dict()}
+        )
+        response = await self._direct.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _read_reply(self, response: httpx2.Response) -> Reply:
+        """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
+        joined into a copy), and let go before its images are decoded (:func:`~nanobatch.api.gemini.parse_reply`)."""
+        length = _plain_length(response)
+        # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
+        async with self.answers.hold(self._last_size if length is None else length) as held:
+            body = await _read_body(response, length, held)
+            self._last_size = len(body)
+            return await self.decoder.reply(body)
+
+
+async def _read_body(response: httpx2.Response, length: int | None, held: Held) -> bytearray:
+    """*response*'s body in one buffer: of *length* bytes, filled in place, or grown as it comes (its bytes
+    held as they arrive) when its length is not known beforehand."""
+    if length is None:
+        grown = bytearray()
+        async for chunk in response.aiter_bytes():
+            if len(grown) + len(chunk) > held.size:
+                await held.grow(len(grown) + len(chunk) - held.size)
+            grown += chunk
+        return grown
+    buffer = bytearray(length)
+    with memoryview(buffer) as view:
+        at = 0
+        async for chunk in response.aiter_bytes():
+            if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
+                raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+    if at != length:
+        raise ApiError("the answer is shorter than it said", kind="bad_response", retryable=True)
+    return buffer
+
+
+def _plain_length(response: httpx2.Response) -> int | None:
+    """The body's length from Content-Length, if it is the body as it is read (no Content-Encoding)."""
+    headers = response.headers
+    if headers.get("content-encoding", "identity").lower() not in ("identity", ""):
+        return None
+    try:
+        length = int(headers.get("content-length", ""))
+    except ValueError:
+        return None
+    return length if length >= 0 else None
 
 
 def auth_headers(api_key: str | None, auth: str) -> dict[str, str]:

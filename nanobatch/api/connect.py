@@ -90,6 +90,7 @@ class Connection:
             transport=self.transport,
             path_prefix=self.path_prefix,
             request_auth=self.request_auth,
+            workers=self.settings.limits.workers,
         )
 
     def batches(self) -> BatchClient:
@@ -105,8 +106,9 @@ def batch_client(
     check_offered(settings, "batch")
     api = settings.api
     return BatchClient(
-        base_url=base_url, api_key=api_key, auth=api.auth, api_version=api.api_version, transport=transport
-    )
+        base_url=base_url, api_key=api_key, auth=api.auth, api_version=api.api_version, transport=transport,
+        workers=settings.limits.workers,
+    )  # fmt: skip
 
 
 @asynccontextmanager

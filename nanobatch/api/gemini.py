@@ -152,17 +152,24 @@ def set_service_tier(body: dict[str, Any], service_tier: str | None) -> None:
         body["serviceTier"] = service_tier.lower()
 
 
-def parse_reply(body: bytes) -> Reply:
-    """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``."""
+def parse_reply(body: bytes | bytearray) -> Reply:
+    """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``.
+
+    A bytearray is consumed: emptied once parsed, so that the body is not held beside its images' base64 text
+    and their decoded bytes (a 4K answer: 32 MB of each, then 24 MB)."""
+    size = len(body)
     try:
         data = _loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(
-            f"the response body is not valid JSON ({len(body)} bytes; truncated?)",
+            f"the response body is not valid JSON ({size} bytes; truncated?)",
             kind="bad_response",
             status_code=200,
             retryable=True,
         ) from None
+    finally:
+        if isinstance(body, bytearray):
+            body.clear()
     if not isinstance(data, dict):
         raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
     return reply_from(data)
@@ -319,7 +326,7 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
     )
 
 
-def _loads(body: bytes) -> Any:
+def _loads(body: bytes | bytearray) -> Any:
     """json.loads, through pydantic-core's parser first (the fastest on big answers: bench/RESULTS.md); json.loads
     decides what it refuses (lone surrogates), so the same bodies parse."""
     try:

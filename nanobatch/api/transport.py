@@ -68,13 +68,10 @@ class ShardedTransport(httpx2.AsyncBaseTransport):
         except BaseException:
             self._busy[index] -= 1
             raise
-        # The connection stays busy until the body has been read and closed.
-        return httpx2.Response(
-            response.status_code,
-            headers=response.headers,
-            stream=_Tracked(response.stream, self._busy, index),  # type: ignore[arg-type]
-            extensions=response.extensions,
-        )
+        # The connection stays busy until the body has been read and closed (the same response, its stream
+        # wrapped: a new Response would parse its headers again, per request).
+        response.stream = _Tracked(response.stream, self._busy, index)  # type: ignore[arg-type]
+        return response
 
     async def aclose(self) -> None:
         for pool in self._pools:

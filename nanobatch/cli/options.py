@@ -63,6 +63,11 @@ def settings_options(f: Any) -> Any:
         ),
         click.option("--concurrency", type=click.IntRange(1, 1000), help="Requests in flight at most."),
         click.option(
+            "--workers",
+            type=click.IntRange(0, 256),
+            help="Processes that decode big answers (default 0: the run's own process decodes them).",
+        ),
+        click.option(
             "--rpm",
             type=click.FloatRange(min=0, min_open=True),
             help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once).",
@@ -97,6 +102,7 @@ def settings_from(config_file: str | None, **flags: Any) -> Settings:
             "api.base_url": flags.get("base_url"),
             "api.tier": flags.get("tier"),
             "limits.concurrency": flags.get("concurrency"),
+            "limits.workers": flags.get("workers"),
             "limits.requests_per_minute": flags.get("rpm"),
             "limits.grace_s": flags.get("grace"),
             "limits.max_duration_s": flags.get("max_duration"),

@@ -15,7 +15,7 @@ from .chunks import Chunks
 from .ledger import Chunk
 
 if TYPE_CHECKING:
-    from ...api.batch_api import BatchClient
+    from ...api.batch_api import BatchClient, ResultLine
 
 __all__ = ["DEADLINE_KIND", "LANDING_PLACES", "Answers", "Landing", "deadline_error"]
 
@@ -66,9 +66,12 @@ class Answers:
         places, which it keeps until :meth:`Landing.release`."""
         await chunk.settled.wait()
         await self.landing.hold(holder)
-        return self._answer(chunk, key, holder, request)
+        # Decoded first (a big answer in a worker process), while the key is neither forgotten nor landed.
+        offset = chunk.offsets.get(key) if chunk.outcome is None and self.broken is None else None
+        result = await self.client.decode_line(self.chunks.line(chunk.results, offset)) if offset is not None else None
+        return self._answer(chunk, key, holder, request, result)
 
-    def _answer(self, chunk: Chunk, key: str, holder: str, request: Request) -> Answer:
+    def _answer(self, chunk: Chunk, key: str, holder: str, request: Request, result: ResultLine | None) -> Answer:
         """*key*'s answer from *chunk*, kept there for *holder* until it is landed. With an answer the step may be
         sent again for (an error: retried, or sent online past the deadline; or no image: retried), its body is
         read back from the chunk into *request*."""
@@ -78,8 +81,6 @@ class Answers:
                 request.body = self.chunks.request(chunk, key)
             raise _again(chunk.outcome)
         self.chunks.forget(chunk, key)  # read: a retry of this request goes into a new chunk
-        offset = chunk.offsets.get(key)
-        result = self.client.result_line(self.chunks.line(chunk.results, offset)) if offset is not None else None
         if result is None or result.reply is None or reply_error(result.reply) is not None:
             request.body = self.chunks.request(chunk, key)  # a retry sends it again
         if result is not None:

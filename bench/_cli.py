@@ -1,0 +1,20 @@
+"""``python bench/_cli.py ARGS...``: ``nanobatch ARGS...``, then the CPU of this process alone (not its worker
+processes') and of its event loop's thread as one JSON line on stderr: how much of a run the event loop's
+process does itself."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+from nanobatch.cli.main import main
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    # The event loop runs in the main thread: what the process's other threads (file I/O, hashing) took is the rest.
+    loop = time.thread_time()
+    sys.stderr.write(json.dumps({"main_cpu_s": own.ru_utime + own.ru_stime, "loop_cpu_s": loop}) + "\n")
+    sys.exit(code)

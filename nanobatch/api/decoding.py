@@ -1,0 +1,177 @@
+"""Where answers are decoded (online answers and batch results lines): in worker processes (``limits.workers``),
+or in this one.
+
+A 4K answer is 32 MB of JSON around 24 MB of PNG in base64: parsing and decoding it costs ~100 ms of CPU, and in
+one process every answer waits for that one core. With workers, the body goes into shared memory and a worker
+process (``anyio.to_process``, at most ``workers`` at once) parses it and decodes its images into a second
+block of shared memory; only the answer's small fields come back through the worker's pipe, and the images are
+copied out of shared memory. The event loop's process copies bytes; it does not parse or decode them (a pipe
+would cost it more than decoding: the body pickled and written, the image read back in 64 KB pieces). Small
+answers (under :data:`WORKERS_FROM_BYTES`) are decoded in place: the trip to a worker costs more than they do.
+
+Nothing is written into the output folder by a worker: the run's writer, in this process, stays its one
+writer, so a run killed while answers are in workers has written nothing of them, and the next run sends them
+again as it does any request in flight. The shared memory is this process's (created and unlinked here; a
+killed run's is removed by Python's resource tracker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import anyio
+import anyio.to_process
+import orjson
+
+from ..errors import ApiError
+from .gemini import Image, Reply, parse_reply, reply_from
+
+__all__ = ["WORKERS_FROM_BYTES", "Decoder", "decode_in_worker"]
+
+logger = logging.getLogger("nanobatch")
+
+WORKERS_FROM_BYTES = 1 << 20  # a 1K answer (~1.5 MB of JSON) and up go to a worker
+
+_Failure = tuple[str, str, "int | None", bool]  # an ApiError's message, kind, status code and retryable
+_Places = list[tuple[str, int, int]]  # each image's mime type, offset and size in the images' block
+# From a worker: the answer's key (a batch results line's), and the reply without its images and where they are,
+# or why it is not one; None: not an answer the worker decodes (a results line with an error), for this process.
+_Outcome = tuple[str | None, Reply | _Failure, _Places] | None
+
+
+class Decoder:
+    """Decodes 200 bodies and batch results lines into replies, in up to *workers* processes (0: in this one)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._slots = anyio.CapacityLimiter(workers) if workers > 0 else None
+
+    def _in_place(self, size: int) -> bool:
+        return self._slots is None or size < WORKERS_FROM_BYTES
+
+    async def reply(self, body: bytearray) -> Reply:
+        """A ``generateContent`` body parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is
+        consumed."""
+        if self._in_place(len(body)):
+            return parse_reply(body)
+        outcome = await self._decode("answer", body)
+        assert outcome is not None  # a worker decodes every answer, or says why it is not one
+        reply = _reply(outcome)
+        if isinstance(reply, ApiError):
+            raise reply
+        return reply
+
+    async def result(self, line: bytes) -> tuple[str | None, Reply | ApiError] | None:
+        """A batch results line's key and answer (or why its answer is not one), decoded in a worker; None for
+        a line to parse in this process (a small one, or one without an answer)."""
+        if self._in_place(len(line)):
+            return None
+        outcome = await self._decode("line", line)
+        return None if outcome is None else (outcome[0], _reply(outcome))
+
+    async def _decode(self, what: str, body: bytes | bytearray) -> _Outcome:
+        size = len(body)
+        with ExitStack() as stack:
+            shared = stack.enter_context(_shared(size))
+            _view(shared)[:size] = body
+            if isinstance(body, bytearray):
+                body.clear()
+            # Decoded base64 is 3/4 of its text, which is less than the body.
+            images = stack.enter_context(_shared(size * 3 // 4 + 4))
+            try:
+                outcome: _Outcome = await anyio.to_process.run_sync(
+                    decode_in_worker, what, shared.name, size, images.name, limiter=self._slots
+                )
+            except anyio.BrokenWorkerProcess as exc:  # no process could be started, or one died: decode here
+                if self._slots is not None:
+                    logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
+                    self._slots = None
+                outcome = decode_in_worker(what, shared.name, size, images.name)
+            if outcome is not None and isinstance(reply := outcome[1], Reply):
+                view = _view(images)
+                pictures = tuple(Image(mime, bytes(view[at : at + n])) for mime, at, n in outcome[2])
+                outcome = outcome[0], dataclasses.replace(reply, images=pictures), []
+            return outcome
+
+
+def _reply(outcome: tuple[str | None, Reply | _Failure, _Places]) -> Reply | ApiError:
+    if isinstance(outcome[1], Reply):
+        return outcome[1]
+    message, kind, status_code, retryable = outcome[1]
+    return ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
+
+
+@contextmanager
+def _shared(size: int) -> Iterator[SharedMemory]:
+    block = SharedMemory(create=True, size=max(1, size))
+    try:
+        yield block
+    finally:
+        block.close()
+        block.unlink()
+
+
+def decode_in_worker(what: str, body_name: str, size: int, images_name: str) -> _Outcome:
+    """In a worker process: parse the answer (*what*: ``answer``, a ``generateContent`` body, or ``line``, a batch
+    results line) in shared memory *body_name* and put its images one after another into *images_name*. An
+    error goes back as its fields: ApiError takes keyword arguments, which pickling an exception does not carry."""
+    body, images = _attach(body_name), _attach(images_name)
+    try:
+        with _view(body)[:size] as view:
+            text = view.tobytes()
+        key: str | None = None
+        try:
+            if what == "answer":
+                reply = parse_reply(text)
+            elif (found := _response(text)) is None:
+                return None
+            else:
+                key, response = found
+                reply = reply_from(response)
+        except ApiError as exc:
+            return key, (exc.message, exc.kind, exc.status_code, exc.retryable), []
+        del text
+        places: _Places = []
+        at = 0
+        for image in reply.images:
+            _view(images)[at : at + len(image.data)] = image.data
+            places.append((image.mime_type, at, len(image.data)))
+            at += len(image.data)
+        return key, dataclasses.replace(reply, images=()), places
+    finally:
+        body.close()
+        images.close()
+
+
+def _response(line: bytes) -> tuple[str | None, dict[str, Any]] | None:
+    """A results line's key and its ``response``, if it has one."""
+    try:
+        data = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
+        return None
+    return (None if data.get("key") is None else str(data["key"])), data["response"]
+
+
+def _view(block: SharedMemory) -> memoryview:
+    assert block.buf is not None  # open until closed
+    return block.buf
+
+
+def _attach(name: str) -> SharedMemory:
+    """A block the run's process made, and will unlink. Before Python 3.13 attaching registers the block with
+    this process's resource tracker too, which would start a tracker process and unlink the block when this
+    worker ends (python/cpython#82300): not here, where the run's process owns it."""
+    register = resource_tracker.register
+    resource_tracker.register = lambda name, rtype: None
+    try:
+        return SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register

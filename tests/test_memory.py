@@ -1,0 +1,145 @@
+"""Memory held per answer: each body held once, and the bytes of the answers read at once bounded."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import random
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+
+from nanobatch.api.budget import ByteBudget
+from nanobatch.api.client import GeminiClient
+from nanobatch.api.gemini import build_request
+
+PICTURE = b"\x89PNG\r\n\x1a\n" + random.Random(0).randbytes(3 * 2**20)  # 3 MB, 4 MB in base64
+BODY = orjson.dumps(
+    {
+        "candidates": [
+            {
+                "content": {
+                    "parts": [{"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PICTURE).decode()}}]
+                },
+                "finishReason": "STOP",
+            }
+        ]
+    }
+)
+CHUNK = 64 * 1024
+
+
+class Trickle(httpx2.AsyncByteStream):
+    """A body sent in chunks, letting other tasks run between them, as a socket does; counts the bodies being
+    read at once."""
+
+    reading = 0
+    most = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        Trickle.reading += 1
+        Trickle.most = max(Trickle.most, Trickle.reading)
+        try:
+            for at in range(0, len(BODY), CHUNK):
+                await anyio.lowlevel.checkpoint()
+                yield BODY[at : at + CHUNK]
+        finally:
+            Trickle.reading -= 1
+
+
+def answer(request: httpx2.Request) -> httpx2.Response:
+    headers = {"content-type": "application/json", "content-length": str(len(BODY))}
+    return httpx2.Response(200, headers=headers, stream=Trickle())
+
+
+def chunked(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(200, headers={"content-type": "application/json"}, stream=Trickle())
+
+
+def client(**options: Any) -> GeminiClient:
+    handler = options.pop("handler", answer)
+    return GeminiClient(
+        base_url="https://api.example.test", api_key="k", transport=httpx2.MockTransport(handler), **options
+    )
+
+
+@pytest.fixture(autouse=True)
+def _count() -> None:
+    Trickle.reading = Trickle.most = 0
+
+
+@pytest.mark.parametrize("handler", [answer, chunked], ids=["content-length", "chunked"])
+def test_answers_read_at_once_stay_within_the_byte_budget(handler: Any) -> None:
+    """Sixteen requests in flight, room for three bodies: no more than three are read and decoded at once,
+    and every answer still comes back whole."""
+    budget = 3 * len(BODY)
+
+    async def main() -> list[bytes]:
+        images: list[bytes] = []
+        async with client(answer_bytes=budget, handler=handler) as api:
+
+            async def one() -> None:
+                reply = await api.generate("m", build_request("x"), timeout_s=60)
+                images.append(reply.images[0].data)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(one)
+        # Known lengths are held before the first byte; unknown ones as they come, the oldest one's past it.
+        assert api.answers.peak <= budget + (len(BODY) if handler is chunked else 0)
+        assert api.answers.held == 0
+        return images
+
+    images = anyio.run(main)
+    assert images == [PICTURE] * 16
+    if handler is answer:
+        assert Trickle.most == 3
+
+
+def test_an_answer_is_held_once() -> None:
+    """Reading and decoding one answer holds at most its body and its image's base64 text at a time: no joined
+    copy of the chunks beside them, and the body let go before the image is decoded."""
+
+    async def main() -> int:
+        async with client() as api:
+            tracemalloc.start()
+            try:
+                reply = await api.generate("m", build_request("x"), timeout_s=60)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert reply.images[0].data == PICTURE
+            return peak
+
+    # Body + base64 text: 2.0x the body. Chunks + their join + text + image, as before: 2.75x or more.
+    assert anyio.run(main) < 2.2 * len(BODY)
+
+
+def test_a_body_bigger_than_the_whole_budget_goes_alone() -> None:
+    async def main() -> None:
+        async with client(answer_bytes=len(BODY) // 2) as api, anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(functools.partial(api.generate, "m", build_request("x"), timeout_s=60))
+
+    anyio.run(main)  # finishes: none waits for room that never comes
+    assert Trickle.most == 1
+
+
+def test_a_cancelled_wait_gives_nothing_away() -> None:
+    async def main() -> None:
+        budget = ByteBudget(10)
+        async with budget.hold(8):
+            with anyio.move_on_after(0.01):
+                async with budget.hold(8):
+                    pytest.fail("no room for it")
+            assert budget.held == 8
+        assert budget.held == 0
+        async with budget.hold(10):
+            assert budget.held == 10
+
+    anyio.run(main)

@@ -1,0 +1,220 @@
+"""Worker processes (``limits.workers``): big answers decoded in another process, and the output folder's
+guarantees kept when a run is killed with answers inside them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import orjson
+import pytest
+from PIL import Image as PILImage
+
+import nanobatch.api.decoding as decoding
+from nanobatch.api.batch_api import BatchClient
+from nanobatch.api.client import GeminiClient
+from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
+from nanobatch.api.gemini import build_request
+from nanobatch.config import load_settings
+from nanobatch.errors import ApiError
+from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+from .fakes import write_job
+
+
+def noise_png(edge: int) -> bytes:
+    """A PNG of noise: it does not compress, so *edge* x *edge* pixels take about 3 x edge^2 bytes."""
+    buffer = io.BytesIO()
+    PILImage.frombytes("RGB", (edge, edge), random.Random(edge).randbytes(edge * edge * 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+PICTURE = noise_png(640)  # 1.2 MB, 1.6 MB in base64: past WORKERS_FROM_BYTES
+SMALL = noise_png(16)
+
+
+def answer(picture: bytes) -> bytes:
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(picture).decode()}}
+    return orjson.dumps({"candidates": [{"content": {"parts": [part]}, "finishReason": "STOP"}]})
+
+
+@pytest.fixture
+def broken_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process cannot decode answers: whatever decodes one correctly is another process."""
+
+    def refuse(body: Any) -> Any:
+        raise AssertionError("decoded in the run's own process")
+
+    monkeypatch.setattr(decoding, "parse_reply", refuse)
+    monkeypatch.setattr(decoding, "reply_from", refuse)
+
+
+def test_a_big_answer_is_decoded_in_a_worker_process(broken_here: None) -> None:
+    body = answer(PICTURE)
+    assert len(body) >= WORKERS_FROM_BYTES
+
+    async def main() -> Any:
+        return await Decoder(1).reply(bytearray(body))
+
+    reply = anyio.run(main)
+    assert reply.images[0].data == PICTURE and reply.images[0].mime_type == "image/png"
+
+
+def test_a_small_answer_is_decoded_in_place(broken_here: None) -> None:
+    """A trip to a worker and back costs more than a small answer's decoding."""
+
+    async def main() -> Any:
+        return await Decoder(1).reply(bytearray(answer(SMALL)))
+
+    with pytest.raises(AssertionError, match="own process"):
+        anyio.run(main)
+
+
+def test_a_body_a_worker_cannot_parse_is_a_retryable_bad_response() -> None:
+    body = answer(PICTURE)[:-100]  # cut short
+
+    async def main() -> Any:
+        return await Decoder(1).reply(bytearray(body))
+
+    with pytest.raises(ApiError) as caught:
+        anyio.run(main)
+    assert caught.value.kind == "bad_response" and caught.value.retryable and caught.value.status_code == 200
+
+
+def test_the_client_decodes_through_its_workers(broken_here: None) -> None:
+    body = answer(PICTURE)
+
+    async def main() -> Any:
+        transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=body))
+        async with GeminiClient(base_url="https://api.example.test", api_key="k", transport=transport,
+                                workers=1) as api:  # fmt: skip
+            reply = await api.generate("m", build_request("x"), timeout_s=60)
+            assert api.answers.held == 0
+            return reply
+
+    assert anyio.run(main).images[0].data == PICTURE
+
+
+def test_a_big_batch_results_line_is_decoded_in_a_worker_and_keeps_its_key(broken_here: None) -> None:
+    part = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(PICTURE).decode()}}
+    response = {"candidates": [{"content": {"parts": [part]}, "finishReason": "STOP"}]}
+    line = orjson.dumps({"key": "sku-7", "response": response})
+    cut = orjson.dumps({"key": "sku-8", "response": {"candidates": [{"content": {"parts": [
+        {"inlineData": {"mimeType": "image/png", "data": "not base64!" * 200_000}}]}}]}})  # fmt: skip
+
+    async def main() -> list[Any]:
+        async with BatchClient(base_url="https://api.example.test", api_key="k", workers=1) as api:
+            return [await api.decode_line(line), await api.decode_line(cut)]
+
+    good, bad = anyio.run(main)
+    assert good.key == "sku-7" and good.reply.images[0].data == PICTURE
+    assert bad.key == "sku-8" and bad.error.kind == "bad_response" and bad.error.retryable
+
+
+def test_workers_are_asked_for() -> None:
+    """Off by default: the run's process still reads every body, which costs it more than the workers save it
+    (docs/performance.md); a worker also runs in real time, where tests on trio's virtual clock would jump past
+    every timeout while waiting for it."""
+    assert load_settings(env={}).limits.workers == 0
+    assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "2"}).limits.workers == 2
+
+
+def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise anyio.BrokenWorkerProcess("Error during worker process initialization")
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", broken)
+
+    async def main() -> list[Any]:
+        decoder = Decoder(2)
+        return [await decoder.reply(bytearray(answer(PICTURE))) for _ in range(2)]
+
+    replies = anyio.run(main)
+    assert [reply.images[0].data for reply in replies] == [PICTURE, PICTURE]
+    assert caplog.text.count("worker processes failed") == 1
+
+
+# -- a SIGKILL with answers inside the workers --------------------------------------------------------------
+
+ITEMS = 24
+
+
+@pytest.fixture(scope="module")
+def big_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    canned = tmp_path_factory.mktemp("canned") / "answer.png"
+    canned.write_bytes(PICTURE)
+    config = SimulatorConfig(latency="uniform", latency_s=0.2, latency_spread=0.1, seed=3, canned=str(canned))
+    with run_in_thread(config) as url:
+        yield url
+
+
+def start_run(job: Path, out: Path, api: str, marker: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "NANOBATCH_API_KEY": marker}
+    command = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", api, "--out", str(out),
+               "--concurrency", "6", "--workers", "2", "--quiet"]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes whose environment holds *marker* (the run's and its workers')."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if f"NANOBATCH_API_KEY={marker}".encode() in environ.split(b"\0"):
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exactly_once(
+    tmp_path: Path, big_api: str
+) -> None:
+    job = write_job(tmp_path, [{"id": f"sku-{n:03d}", "image": f"images/p{n % 3}.png"} for n in range(ITEMS)])
+    out = tmp_path / "out"
+    marker = f"sim-key-{os.getpid()}-{time.monotonic_ns()}"
+    for results_before_kill in (1, 6):  # the first answers in the workers, then mid-run
+        before = len(lines(out / "results.jsonl"))
+        proc = start_run(job, out, big_api, marker)
+        deadline = time.monotonic() + 60
+        while len(lines(out / "results.jsonl")) < before + results_before_kill and proc.poll() is None:
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.005)
+        workers = [pid for pid in processes_with(marker) if pid != proc.pid]
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert workers  # the answers in flight were being decoded in worker processes
+        deadline = time.monotonic() + 30  # workers see their pipe close, and end
+        while processes_with(marker):
+            assert time.monotonic() < deadline, "worker processes outlived the run"
+            time.sleep(0.05)
+
+    proc = start_run(job, out, big_api, marker)
+    assert proc.wait(timeout=120) == 0
+    records = [json.loads(line) for line in lines(out / "results.jsonl")]  # every line parses: no torn record
+    ok = Counter(r["id"] for r in records if r["status"] == "ok")
+    assert sorted(ok) == [f"sku-{n:03d}" for n in range(ITEMS)] and set(ok.values()) == {1}
+    for name in ok:
+        assert (out / f"{name}.png").read_bytes() == PICTURE  # whole images, each written once
+    assert not list(out.glob(".*.tmp"))
