@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import pytest
 from PIL import Image as PILImage
 
 import nanobatch
@@ -109,6 +110,17 @@ class FakeGemini:
         if isinstance(answer, httpx2.Response):
             return httpx2.Response(answer.status_code, headers=answer.headers, content=answer.content)
         return httpx2.Response(200, json=answer)
+
+
+def sku_job(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, config: str, n: int, *, model: str, pictures: int | None = None
+) -> Path:
+    """A job of *n* items ``sku-0``... (512 px, a picture each, or *pictures* shared round-robin) beside a config
+    file holding *config*, with the simulator's key set: the set-up of the tests that drive the simulator."""
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (folder / "nanobatch.yaml").write_text(config)
+    items = [{"id": f"sku-{i}", "image": f"images/p{i % (pictures or n)}.png", "image_size": "512"} for i in range(n)]
+    return write_job(folder, items, model=model)
 
 
 def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:

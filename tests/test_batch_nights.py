@@ -14,7 +14,7 @@ import pytest
 from nanobatch.cli.main import main
 from nanobatch.simulator import run_in_thread
 
-from .fakes import records, write_job
+from .fakes import records, sku_job, write_job
 from .test_batch_tier import CONFIG, MODEL, cli, jobs, kill_at_then_rerun, sim
 
 ITEMS = 3
@@ -29,10 +29,7 @@ def two_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int = 2
 
 
 def one_step_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
-    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(6)]
-    return write_job(tmp_path, items, model=MODEL)
+    return sku_job(tmp_path, monkeypatch, CONFIG, 6, model=MODEL)
 
 
 def plain(job: Path, url: str, *args: str) -> int:

@@ -25,7 +25,7 @@ from nanobatch.cli.main import main
 from nanobatch.costs import pricing_for, usage_cost
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
-from .fakes import records, write_job
+from .fakes import records, sku_job, write_job
 
 MODEL = "gemini-3.1-flash-image"
 CONFIG = """
@@ -37,10 +37,7 @@ ITEMS = 6
 
 @pytest.fixture
 def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
-    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(ITEMS)]
-    return write_job(tmp_path, items, model=MODEL)
+    return sku_job(tmp_path, monkeypatch, CONFIG, ITEMS, model=MODEL)
 
 
 def sim(**config: Any) -> Starlette:

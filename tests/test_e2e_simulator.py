@@ -10,7 +10,7 @@ import pytest
 from nanobatch.cli.main import main
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
-from .fakes import write_job
+from .fakes import sku_job
 
 # Fast retries, and a breaker that stays out of the way: these tests are about classification.
 CONFIG = """
@@ -21,10 +21,7 @@ retry: {max_attempts: 4, backoff_initial_s: 0.01, backoff_max_s: 0.05, no_image_
 
 @pytest.fixture
 def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
-    items = [{"id": f"sku-{n}", "image": f"images/p{n % 2}.png", "image_size": "512"} for n in range(6)]
-    return write_job(tmp_path, items, model="gemini-3.1-flash-image")
+    return sku_job(tmp_path, monkeypatch, CONFIG, 6, model="gemini-3.1-flash-image", pictures=2)
 
 
 def run(job: Path, config: SimulatorConfig) -> tuple[int, list[dict[str, object]]]:

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from nanobatch.cli.main import main
 from nanobatch.simulator import run_in_thread
 
-from .fakes import write_job
+from .fakes import sku_job, write_job
 from .test_batch_nights import billed, two_step_job
 from .test_batch_tier import CONFIG, MODEL, Hold, cli, sim
 
@@ -33,10 +33,7 @@ CHARGED = "may have been charged"
 
 @pytest.fixture
 def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(CONFIG)
-    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(ITEMS)]
-    return write_job(tmp_path, items, model=MODEL)
+    return sku_job(tmp_path, monkeypatch, CONFIG, ITEMS, model=MODEL)
 
 
 def nanobatch(*args: str) -> subprocess.CompletedProcess[str]:

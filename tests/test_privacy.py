@@ -16,7 +16,7 @@ from nanobatch.cli.main import main
 from nanobatch.config import load_settings
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
-from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run, write_job
+from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run, sku_job, write_job
 
 MODEL = "gemini-3.1-flash-image"
 BATCH_CONFIG = """
@@ -27,10 +27,7 @@ batch: {chunk_requests: 4, linger_s: 0.2, poll_initial_s: 0.05, poll_max_s: 0.2}
 
 @pytest.fixture
 def job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(BATCH_CONFIG)
-    items = [{"id": f"sku-{n}", "image": f"images/p{n}.png", "image_size": "512"} for n in range(3)]
-    return write_job(tmp_path, items, model=MODEL)
+    return sku_job(tmp_path, monkeypatch, BATCH_CONFIG, 3, model=MODEL)
 
 
 def cli(job: Path, url: str, *args: str) -> int:

@@ -33,7 +33,18 @@ from nanobatch.run.stats import RunStats
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
 from .emulators import Emulator, new_bucket
-from .fakes import FakeGemini, image_bytes, inline, manifest_problems, ok_body, records, run, run_now, write_job
+from .fakes import (
+    FakeGemini,
+    image_bytes,
+    inline,
+    manifest_problems,
+    ok_body,
+    records,
+    run,
+    run_now,
+    sku_job,
+    write_job,
+)
 
 SMALL = ok_body(inline(image_bytes(size=(16, 16))))  # fails min_side 32
 BIG = ok_body(inline(image_bytes(size=(64, 64))))  # passes it
@@ -237,10 +248,7 @@ batch: {chunk_requests: 4, linger_s: 0.2, poll_initial_s: 0.05, poll_max_s: 0.2}
 
 
 def batch_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> Path:
-    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
-    (tmp_path / "nanobatch.yaml").write_text(BATCH_CONFIG)
-    items = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(n)]
-    return write_job(tmp_path, items, model="gemini-3.1-flash-image")
+    return sku_job(tmp_path, monkeypatch, BATCH_CONFIG, n, model="gemini-3.1-flash-image")
 
 
 def batch_run(job: Path, url: str, *args: str) -> int:
