@@ -72,7 +72,7 @@ class _Table:
     (pickled, unlinked at once): a catalog without a clash, the usual case, builds no SQLite index at all."""
 
     _BITS = 1 << 24
-    _BATCH = 4096
+    _BATCH = 256
 
     def __init__(self, db: sqlite3.Connection, table: str, columns: str) -> None:
         self._db = db
