@@ -202,7 +202,6 @@ def test_no_copy_of_the_index_is_kept_while_its_last_line_is_cut_short(
     assert list((tmp_path / "cache").rglob("*.sqlite"))
 
 
-
 def test_a_duplicate_late_in_a_long_catalog_is_found_after_the_first_thousands_were_set_aside(
     tmp_path: Path,
 ) -> None:
@@ -227,9 +226,7 @@ def test_a_damaged_picture_linked_under_many_names_is_a_bad_input_of_each_item(t
     job = write_job(tmp_path, [{"id": n, "image": f"images/{n}.png"} for n in ("a", "b", "c")], model=MODEL)
     with pytest.raises(nanobatch.ManifestError) as err:
         check_job(job, out_dir=tmp_path / "out")
-    assert [(p.item, p.field, p.bad_input) for p in err.value.problems] == [
-        (n, "image", True) for n in ("a", "b", "c")
-    ]
+    assert [(p.item, p.field, p.bad_input) for p in err.value.problems] == [(n, "image", True) for n in ("a", "b", "c")]
     assert all("PNG" in p.message for p in err.value.problems)
 
 

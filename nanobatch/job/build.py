@@ -192,7 +192,7 @@ def _resolve_input(
         return ref, (
             f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
             "are supported"
-        ), None
+        ), None  # fmt: skip
     # os.path rather than pathlib: this runs once per input of every item.
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
     if check_files:
