@@ -4,14 +4,13 @@ Parsed by libyaml (``yaml.CSafeLoader``, faster: bench/RESULTS.md) where PyYAML 
 PyYAML's pure-Python parser; every rule below is applied the same way on both (it lives in the constructor
 and the node walk, which both share).
 
-* Safe: only plain data (mappings, lists, strings, numbers, booleans, null); a
-  ``!!python/...`` tag is an error, as with ``yaml.safe_load``.
+* Safe: only plain data (mappings, lists, strings, numbers, booleans, null); a ``!!python/...`` tag is an
+  error, as with ``yaml.safe_load``.
 * A key written twice in one mapping is an error (the second would silently win).
-* In a manifest, a number whose text YAML 1.1 would change stays the text the
-  user wrote: ``00123`` (octal 83), ``1_000``, ``12:30`` (base 60: 750),
-  ``1.50``, ``0x1A``; so do ``yes``, ``no``, ``on`` and ``off`` (only ``true``
-  and ``false`` are booleans) and dates. An id or a ratio keeps what was written.
-  Config files hold settings, so there numbers stay numbers.
+* In a manifest, a number whose text YAML 1.1 would change stays the text the user wrote: ``00123`` (octal
+  83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``; so do ``yes``, ``no``, ``on`` and ``off`` (only
+  ``true`` and ``false`` are booleans) and dates. An id or a ratio keeps what was written. Config files hold
+  settings, so there numbers stay numbers.
 * Aliases may not add more than :data:`MAX_VALUES` values to a document (to one item of a streamed
   manifest, or one of its top-level keys), and nesting too deep for Python is an error, not a crash.
 
@@ -60,12 +59,9 @@ def _refuse_duplicate_keys(node: MappingNode) -> None:
         if key_node.tag == _MERGE_TAG or not isinstance(key_node, ScalarNode):
             continue  # keys merged in with "<<: *base" may be overridden: that is what merging is for
         if key_node.value in seen:
-            raise ConstructorError(
-                "while reading a mapping",
-                node.start_mark,
-                f"the key {key_node.value!r} is given twice (the second would silently win)",
-                key_node.start_mark,
-            )
+            raise ConstructorError("while reading a mapping", node.start_mark,
+                                   f"the key {key_node.value!r} is given twice (the second would silently win)",
+                                   key_node.start_mark)  # fmt: skip
         seen.add(key_node.value)
 
 
@@ -207,6 +203,8 @@ class _Pass:
         self.aliased = False  # whether the node being read holds an alias
         self.top_block = False  # whether the document is a block mapping at the left margin
         self.scalars = type(self.loader).yaml_constructors
+        resolvers = type(self.loader).yaml_implicit_resolvers
+        self.starts = None if type(self.loader).yaml_path_resolvers or None in resolvers else frozenset(resolvers)
 
     def top_keys(self) -> Iterator[tuple[Any, Any]]:
         """Each top-level key and the first event of its value (not taken); raises if the document is not a
@@ -330,13 +328,16 @@ class _Pass:
                                 self.anchors[anchor].start_mark, "second occurrence", event.start_mark)  # fmt: skip
         node: Node
         if kind is yaml.ScalarEvent:
-            tag = loader.resolve(ScalarNode, event.value, event.implicit) if event.tag in (None, "!") else event.tag
+            tag, value, starts = event.tag, event.value, self.starts
+            if tag in (None, "!"):  # as resolve(): text, if no resolver (by path, for any text, by start) may apply
+                plain = starts is not None and (not event.implicit[0] or value and value[0] not in starts)
+                tag = _STR_TAG if plain else loader.resolve(ScalarNode, value, event.implicit)
             node = ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
             if anchor is not None:
                 self.anchors[anchor] = node
             return node
         node_kind = SequenceNode if kind is yaml.SequenceStartEvent else MappingNode
-        tag = loader.resolve(node_kind, None, event.implicit) if event.tag in (None, "!") else event.tag
+        tag = event.tag if event.tag not in (None, "!") else loader.resolve(node_kind, None, event.implicit)
         node = node_kind(tag, [], event.start_mark, None, flow_style=event.flow_style)
         if anchor is not None:
             self.anchors[anchor] = node

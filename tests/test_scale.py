@@ -200,3 +200,55 @@ def test_no_copy_of_the_index_is_kept_while_its_last_line_is_cut_short(
     with results.ResultsIndex.load(out) as index:
         assert len(index) == 4
     assert list((tmp_path / "cache").rglob("*.sqlite"))
+
+
+def test_a_duplicate_late_in_a_long_catalog_is_found_after_the_first_thousands_were_set_aside(
+    tmp_path: Path,
+) -> None:
+    """What items claim is set aside in a spill file until the first key that may be taken, then looked up in
+    SQLite: an id the last of 5,001 rows repeats from the fourth is still caught, and only it."""
+    job = _catalog(tmp_path, 5000, "csv")
+    with (tmp_path / "rows.csv").open("a") as f:
+        f.write("sku-000003,again\n")
+    with pytest.raises(nanobatch.ManifestError) as err:
+        check_job(job, out_dir=tmp_path / "out")
+    assert [(p.item, p.field, p.message) for p in err.value.problems] == [
+        ("sku-000003", "id", "duplicate id 'sku-000003': ids must be unique")
+    ]
+
+
+def test_a_damaged_picture_linked_under_many_names_is_a_bad_input_of_each_item(tmp_path: Path) -> None:
+    """A picture read once for the items that share its file (hard links): each such item is still told."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(image_bytes()[:-20])  # cut short: no end chunk
+    for name in ("b", "c"):
+        (tmp_path / "images" / f"{name}.png").hardlink_to(tmp_path / "images" / "a.png")
+    job = write_job(tmp_path, [{"id": n, "image": f"images/{n}.png"} for n in ("a", "b", "c")], model=MODEL)
+    with pytest.raises(nanobatch.ManifestError) as err:
+        check_job(job, out_dir=tmp_path / "out")
+    assert [(p.item, p.field, p.bad_input) for p in err.value.problems] == [(n, "image", True) for n in ("a", "b", "c")]
+    assert all("PNG" in p.message for p in err.value.problems)
+
+
+@pytest.mark.parametrize(
+    ("raw", "plain"),
+    [
+        ({"id": "a", "image": "x.png", "instruction": "go", "keep_steps": True, "steps": ["s1", "s2"]}, True),
+        ({"id": 1001, "image_size": 512, "aspect_ratio": 1.5, "images": ["x.png", "y.png"]}, True),
+        ({"id": "a", "keep_steps": "yes", "instruction": None}, False),  # pydantic converts it
+        ({"id": "a", "resize_inputs": 1}, False),
+        ({"id": "a", "qa": {"background": "white"}, "tier": "flex"}, False),
+        ({"id": "a", "imgae": "x.png"}, False),  # pydantic says what is wrong
+        ({"id": "a", "images": ["x.png", 3]}, False),
+    ],
+)
+def test_an_items_fields_are_read_as_pydantic_reads_them(raw: dict[str, Any], plain: bool) -> None:
+    """The usual item is read without pydantic (plain_fields): it gives what ItemFields gives for it; any item
+    it cannot vouch for is left to ItemFields (its conversions, and its errors with a did-you-mean)."""
+    from nanobatch.job.fields import parse_fields, plain_fields
+
+    fast = plain_fields(raw)
+    assert (fast is not None) == plain
+    fields, _ = parse_fields(raw, "job.yaml", "a")
+    if fast is not None:
+        assert fields is not None and fast == fields.model_dump(exclude_none=True)

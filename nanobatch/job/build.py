@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -16,7 +17,7 @@ from ..item import WorkItem
 from ..names import name_length_problem, output_name, text_problem
 from ..pictures import file_problem
 from ..qa import QaFields, QaSettings
-from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, ItemFields
+from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, Merged
 from .sources import RawItem
 
 __all__ = ["SCHEME", "PictureCheck", "build_item"]
@@ -27,7 +28,7 @@ SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def build_item(
-    f: ItemFields, given: dict[str, Any], raw: RawItem, *, model: str, base: str, check_files: bool | PictureCheck,
+    f: Merged, given: dict[str, Any], raw: RawItem, *, model: str, base: str, check_files: bool | PictureCheck,
     qa: tuple[QaFields, ...] = (),
 ) -> tuple[WorkItem | None, list[Problem]]:  # fmt: skip
     """The item *f* (merged with the defaults; *given*: its fields that are set) of *raw*, or every problem
@@ -57,7 +58,7 @@ def build_item(
     if problems:
         return None, problems
     assert f.id is not None
-    checks = QaSettings.layered(*qa, f.qa)  # None when no check is on: the run then decodes nothing
+    checks = _checks((*qa, f.qa))  # None when no check is on: the run then decodes nothing
     return WorkItem(
         id=f.id,
         model=model,
@@ -73,11 +74,17 @@ def build_item(
         resize_inputs=bool(f.resize_inputs),
         input_mode=f.inputs.lower() if f.inputs is not None else None,
         output_format=output_format,
-        qa=checks if checks.active else None,
+        qa=checks,
     ), []
 
 
-def _output_format(f: ItemFields, bad: Callable[[str | None, str], None]) -> str | None:
+@functools.lru_cache(maxsize=64)  # most items share their layers: the config's, the manifest's, the defaults'
+def _checks(layers: tuple[QaFields | None, ...]) -> QaSettings | None:
+    checks = QaSettings.layered(*layers)
+    return checks if checks.active else None
+
+
+def _output_format(f: Merged, bad: Callable[[str | None, str], None]) -> str | None:
     output_format = (f.output_format or "").lower().replace("jpg", "jpeg") or None
     if output_format not in (None, "png", "jpeg"):
         bad("output_format", f"must be png or jpeg, not {f.output_format!r}")
@@ -88,11 +95,12 @@ def _check_texts(given: dict[str, Any], bad: Callable[[str | None, str], None]) 
     """Every text the item sets, checked to be one a request and a file name can carry."""
     for name, value in given.items():
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and (message := text_problem(text)):
+            # Plain ASCII without NUL (isascii: a flag, not a scan) is always fine: most texts ask nothing more.
+            if isinstance(text, str) and ("\x00" in text or not text.isascii()) and (message := text_problem(text)):
                 bad(name, message)
 
 
-def _steps(f: ItemFields, bad: Callable[[str | None, str], None]) -> tuple[str, ...]:
+def _steps(f: Merged, bad: Callable[[str | None, str], None]) -> tuple[str, ...]:
     """The item's instructions, in order; its id and how it gives images and instructions checked."""
     if f.id is None:
         bad("id", "every item needs an id (ASCII letters, digits, '.', '_' and '-')")
@@ -112,7 +120,7 @@ def _steps(f: ItemFields, bad: Callable[[str | None, str], None]) -> tuple[str, 
 
 
 def _inputs(
-    f: ItemFields, base: str, check_files: bool | PictureCheck, bad: Callable[[str | None, str, bool], None]
+    f: Merged, base: str, check_files: bool | PictureCheck, bad: Callable[[str | None, str, bool], None]
 ) -> tuple[list[str], int]:
     """The item's inputs, resolved, and their size together (as far as known); a local picture that cannot be
     decoded (when *check_files* reads them) is a bad input."""
@@ -120,17 +128,17 @@ def _inputs(
     total = 0
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message, size = _resolve_input(ref, base, check_files=bool(check_files), resize=bool(f.resize_inputs))
+        resolved, message, st = _resolve_input(ref, base, check_files=bool(check_files), resize=bool(f.resize_inputs))
         if message:
             bad(fld, message, False)
-        elif isinstance(check_files, PictureCheck) and not SCHEME.match(ref) and (verdict := check_files(resolved)):
+        elif isinstance(check_files, PictureCheck) and st is not None and (verdict := check_files(resolved, st)):
             bad(fld, f"{resolved}: {verdict}", True)
         inputs.append(resolved)
-        total += size
+        total += st.st_size if st is not None else 0
     return inputs, total
 
 
-def _output(f: ItemFields, raw: RawItem, bad: Callable[[str | None, str], None]) -> str | None:
+def _output(f: Merged, raw: RawItem, bad: Callable[[str | None, str], None]) -> str | None:
     """The item's output name, its template filled (None: named after its id); either checked to fit."""
     output = None
     if f.output is not None and f.id is not None:
@@ -144,7 +152,7 @@ def _output(f: ItemFields, raw: RawItem, bad: Callable[[str | None, str], None])
     return output
 
 
-def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
+def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
@@ -171,18 +179,20 @@ def _check_model_limits(f: ItemFields, info: models.ModelInfo | None, n_inputs: 
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
-def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = False) -> tuple[str, str | None, int]:
-    """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and its size
-    (0 when unknown: a URL, or files not checked)."""
+def _resolve_input(
+    ref: str, base: str, *, check_files: bool, resize: bool = False
+) -> tuple[str, str | None, os.stat_result | None]:
+    """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and the file's
+    stat (None when not a file looked at: a URL, or files not checked)."""
     if not ref.strip():
-        return ref, "the image path is empty", 0
+        return ref, "the image path is empty", None
     if SCHEME.match(ref):
         if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
-            return ref, None, 0  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
+            return ref, None, None  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
         return ref, (
             f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
             "are supported"
-        ), 0
+        ), None  # fmt: skip
     # os.path rather than pathlib: this runs once per input of every item.
     path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
     if check_files:
@@ -191,14 +201,14 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
         except (OSError, ValueError):  # ValueError: a NUL in the path
             st = None
         if st is None:
-            return path, f"image file not found: {path}", 0
+            return path, f"image file not found: {path}", None
         if not stat.S_ISREG(st.st_mode):
             mode = st.st_mode
             kind = (
                 "a folder" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode)
                 else "a socket" if stat.S_ISSOCK(mode) else "a device"
             )  # fmt: skip
-            return path, f"{path} is not a regular file ({kind}); an image must be a file", 0
+            return path, f"{path} is not a regular file ({kind}); an image must be a file", None
         size = st.st_size
         if size > models.MAX_INPUT_BYTES and not resize:
             return (
@@ -208,25 +218,18 @@ def _resolve_input(ref: str, base: str, *, check_files: bool, resize: bool = Fal
                     f"{models.MAX_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale it, "
                     "or make it smaller"
                 ),
-                size,
+                st,
             )
-        return path, None, size
-    return path, None, 0
-
-
-def _same(path: str, stamp: tuple[int, int, str]) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == stamp[:2]
+        return path, None, st
+    return path, None, None
 
 
 class PictureCheck:
-    """Reads a local picture and says why it cannot be decoded; a picture many items share is read once."""
+    """Reads a local picture and says why it cannot be decoded; a picture many items share (by its path, or hard
+    links to one file) is read once while its size and times stay the same."""
 
     def __init__(self, remember: int = 256) -> None:
-        self._seen: OrderedDict[str, str | None] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, ...], str | None] = OrderedDict()
         self._remember = remember
         self._trusted: Mapping[str, tuple[int, int, str]] = {}
 
@@ -234,17 +237,19 @@ class PictureCheck:
         """Pictures with these (size, mtime) stamps decode (they were sent and answered): not read while unchanged."""
         self._trusted = stamps
 
-    def __call__(self, path: str) -> str | None:
-        if (stamp := self._trusted.get(path)) is not None and _same(path, stamp):
+    def __call__(self, path: str, st: os.stat_result) -> str | None:
+        """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
+        if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
             return None
-        if path in self._seen:
-            self._seen.move_to_end(path)
-            return self._seen[path]
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return self._seen[key]
         try:
             message = file_problem(path)
         except OSError as exc:
             message = f"cannot be read: {exc.strerror or exc}"
-        self._seen[path] = message
+        self._seen[key] = message
         if len(self._seen) > self._remember:
             self._seen.popitem(last=False)
         return message

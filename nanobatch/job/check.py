@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from .. import models
 from ..errors import Problem
@@ -65,7 +68,8 @@ def bad_input_hint(problems: list[Problem]) -> str | None:
 class _Table:
     """A table of a scratch database, written in batches: a Bloom filter (2 MiB, whatever the number of rows)
     tells a key never seen, the usual case, without asking SQLite; only a key it may have seen flushes the
-    rows not yet written and looks it up there."""
+    rows not yet written and looks it up there. Until the first such key, the batches only go to a spill file
+    (pickled, unlinked at once): a catalog without a clash, the usual case, builds no SQLite index at all."""
 
     _BITS = 1 << 24
     _BATCH = 256
@@ -77,6 +81,8 @@ class _Table:
         self._bits = bytearray()  # made at the first row: a table left empty costs nothing
         self._pending: list[tuple[object, ...]] = []
         self._rows = 0
+        self._spill: IO[bytes] | None = None
+        self._in_db = False  # the rows are in SQLite (from the first key the filter may have seen)
 
     def find(self, key: bytes) -> tuple[object, ...] | None:
         """The first row with *key*, or None."""
@@ -86,9 +92,7 @@ class _Table:
         a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF  # three spots of 24 bits
         if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
             return None
-        self.flush()
-        row: tuple[object, ...] | None = self._db.execute(self._select, (key,)).fetchone()
-        return row
+        return self._lookup(key)
 
     def add(self, row: tuple[object, ...]) -> None:
         """Add *row* (its first value the key), written with the next batch."""
@@ -103,16 +107,60 @@ class _Table:
             self.flush()
 
     def claim(self, row: tuple[object, ...]) -> tuple[object, ...] | None:
-        """Add *row* unless a row has its key already; then that row."""
-        if (found := self.find(row[0])) is not None:  # type: ignore[arg-type]
-            return found
-        self.add(row)
+        """Add *row* unless a row has its key already; then that row. (find and add in one, the key hashed once:
+        this runs for several tables per item.)"""
+        key, h = row[0], hash(row[0])
+        a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF
+        bits = self._bits
+        if not bits:
+            bits = self._bits = bytearray(self._BITS >> 3)
+        elif (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
+            if (found := self._lookup(key)) is not None:  # type: ignore[arg-type]
+                return found
+        bits[a >> 3] |= 1 << (a & 7)
+        bits[b >> 3] |= 1 << (b & 7)
+        bits[c >> 3] |= 1 << (c & 7)
+        self._rows += 1
+        self._pending.append(row)
+        if len(self._pending) >= self._BATCH:
+            self.flush()
         return None
 
     def flush(self) -> None:
-        if self._pending:
+        if not self._pending:
+            return
+        if self._in_db:
             self._db.executemany(self._insert, self._pending)
-            self._pending.clear()
+        else:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile(prefix="nanobatch-")
+            pickle.dump(self._pending, self._spill, pickle.HIGHEST_PROTOCOL)
+        self._pending.clear()
+
+    def _lookup(self, key: bytes) -> tuple[object, ...] | None:
+        if not self._in_db:  # the first key the filter may have seen: the rows so far go into SQLite
+            self._in_db = True
+            if (spill := self._spill) is not None:
+                self._spill = None
+                with spill:
+                    spill.seek(0)
+                    for batch in _batches(spill):
+                        self._db.executemany(self._insert, batch)
+        self.flush()
+        row: tuple[object, ...] | None = self._db.execute(self._select, (key,)).fetchone()
+        return row
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+
+
+def _batches(spill: IO[bytes]) -> Iterator[list[tuple[object, ...]]]:
+    while True:
+        try:
+            yield pickle.load(spill)  # noqa: S301 (this process's own rows, in its own unlinked file)
+        except EOFError:
+            return
 
 
 class _Claims:
@@ -185,6 +233,8 @@ class _Claims:
         return None
 
     def close(self) -> None:
+        for table in (self._ids, self._names, self._folders, self._writes, self._reads):
+            table.close()
         self._db.close()
 
 
@@ -197,6 +247,8 @@ class _Places:
         self.root = os.path.realpath(out_dir)
         self._inside = self.root.rstrip(os.sep) + os.sep
         self._real: dict[str, str | None] = {}  # by folder: most items share a handful
+        # No output folder yet: no input is in it, nor links into it (such a link would dangle: not found)
+        self._exists = os.path.isdir(out_dir)
 
     def of_output(self, stem: str) -> bytes | None:
         if "/" not in stem and os.sep not in stem:  # most names: right in the output folder
@@ -208,7 +260,7 @@ class _Places:
         """Where a write would replace the local input *path* or its content: its name, and the file it links
         to (if it is a symbolic link); only those in the output folder with an image extension (the others are
         never written)."""
-        if SCHEME.match(path):
+        if not self._exists or SCHEME.match(path):
             return []
         paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
         places = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -12,7 +13,10 @@ from ..config import did_you_mean
 from ..errors import Problem
 from ..qa import QaFields
 
-__all__ = ["INPUT_MODES", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "parse_fields"]
+__all__ = [
+    "INPUT_MODES", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "Merged", "merge_given",
+    "parse_fields", "plain_fields",
+]  # fmt: skip
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
 SYNC_TIERS = ("standard", "flex", "priority")
@@ -41,6 +45,75 @@ class ItemFields(BaseModel):
     inputs: str | None = None  # inline | by_reference | auto (see nanobatch.inputs.remote)
     output_format: str | None = None  # png | jpeg: Vertex AI's imageConfig.imageOutputOptions
     qa: QaFields | None = None  # the output checks (nanobatch.qa): over the manifest's and the config's, key by key
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Merged:
+    """An item's fields merged with the defaults, every one checked: what :class:`ItemFields` holds, without
+    pydantic's cost per item (built from :func:`plain_fields` and :func:`merge_given`)."""
+
+    id: str | None = None
+    image: str | None = None
+    images: list[str] | None = None
+    instruction: str | None = None
+    steps: list[str] | None = None
+    model: str | None = None
+    aspect_ratio: str | None = None
+    image_size: str | None = None
+    response_modalities: list[str] | None = None
+    thinking_level: str | None = None
+    tier: str | None = None
+    output: str | None = None
+    keep_steps: bool | None = None
+    resize_inputs: bool | None = None
+    inputs: str | None = None
+    output_format: str | None = None
+    qa: QaFields | None = None
+
+
+# What each field holds, for plain_fields: a value of exactly this type is what pydantic would give unchanged.
+_KINDS: dict[str, type] = {name: str for name in ItemFields.model_fields}
+_KINDS.update(images=list, steps=list, response_modalities=list, keep_steps=bool, resize_inputs=bool)
+del _KINDS["qa"]
+_NUMBERS = ("aspect_ratio", "image_size", "id")  # id: 1001 and image_size: 512 are fine unquoted
+_RANK = {name: n for n, name in enumerate(ItemFields.model_fields)}
+
+
+def plain_fields(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
+    """*raw*'s fields that are set, as :func:`parse_fields` would give them, when each has exactly the type it
+    holds (a text, a list of texts, true or false; a number for the fields in :data:`_NUMBERS`); None when one
+    has not, or is unknown, or is ``qa:`` (then :func:`parse_fields` converts it or says what is wrong)."""
+    given: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None:
+            continue
+        kind, of = _KINDS.get(name), type(value)
+        if of is kind and (of is not list or all(type(v) is str for v in value)):
+            given[name] = value
+        elif name in _NUMBERS and (of is int or of is float):
+            given[name] = str(value)
+        else:
+            return None
+    return given
+
+
+def merge_given(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields set on an item (*own*) over the defaults' (*defaults*), in the order of :class:`ItemFields`'
+    fields, the defaults' first: an item's own image(s) or instruction(s) replace the defaults' as a whole;
+    ``qa:`` (a mapping, when both set it) is merged key by key."""
+    data = dict(defaults)
+    if "image" in own or "images" in own:
+        data.pop("image", None)
+        data.pop("images", None)
+    if "instruction" in own or "steps" in own:
+        data.pop("instruction", None)
+        data.pop("steps", None)
+    for name in sorted(own, key=_RANK.__getitem__):
+        value = own[name]
+        if name == "qa" and isinstance(data.get("qa"), dict):  # key by key: the item's checks over the defaults'
+            value = {**data["qa"], **value}
+        data[name] = value
+    return data
 
 
 class ManifestFields(BaseModel):

@@ -35,7 +35,7 @@ from ..qa import QaFields
 from ..safe_yaml import ItemsFound, read_top
 from .build import PictureCheck, build_item
 from .check import CheckReport, check_items, raw_id
-from .fields import ItemFields, ManifestFields, from_pydantic, parse_fields
+from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .items_from import parse_sources
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 
@@ -57,10 +57,12 @@ class Manifest:
     # Worked out once, not once per item: the absolute folder inputs resolve against, the defaults as a dict.
     _base: str = field(init=False, repr=False, compare=False)
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
+    _plain: dict[str, Any] = field(init=False, repr=False, compare=False)  # the same, qa: as QaFields
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
         object.__setattr__(self, "_defaults", _given(self.defaults))
+        object.__setattr__(self, "_plain", {name: getattr(self.defaults, name) for name in self._defaults})
 
     def skipping(self, out_dir: Path) -> Manifest:
         """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
@@ -145,13 +147,19 @@ class Manifest:
     ) -> tuple[WorkItem | None, list[Problem]]:
         if raw.problems or raw.fields is None:
             return None, list(raw.problems)
-        fields, problems = parse_fields(raw.fields, raw.file, raw.label)
-        if fields is None:
-            return None, problems
-        merged = _merge(self._defaults, fields)
+        own = plain_fields(raw.fields)
+        if own is not None:  # the usual item: texts where texts go, checked without pydantic
+            values = merge_given(self._plain, own)
+        else:
+            fields, problems = parse_fields(raw.fields, raw.file, raw.label)
+            if fields is None:
+                return None, problems
+            merged = ItemFields.model_validate(merge_given(self._defaults, _given(fields)))
+            values = {name: getattr(merged, name) for name in _given(merged)}
         return build_item(
-            merged, _given(merged), raw, model=self.model, base=self._base, check_files=check_files, qa=self.qa_layers
-        )
+            Merged(**values), values, raw, model=self.model, base=self._base, check_files=check_files,
+            qa=self.qa_layers,
+        )  # fmt: skip
 
 
 def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None) -> Manifest:
@@ -226,22 +234,6 @@ def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
     if not isinstance(data, dict):
         raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
     return data, stamp
-
-
-def _merge(defaults: dict[str, Any], item: ItemFields) -> ItemFields:
-    data = dict(defaults)
-    own = _given(item)
-    # An item's own image(s) or instruction(s) replace the defaults' as a whole.
-    if "image" in own or "images" in own:
-        data.pop("image", None)
-        data.pop("images", None)
-    if "instruction" in own or "steps" in own:
-        data.pop("instruction", None)
-        data.pop("steps", None)
-    if "qa" in own and "qa" in data:  # key by key: the item's checks over the defaults'
-        own["qa"] = {**data["qa"], **own["qa"]}
-    data.update(own)
-    return ItemFields.model_validate(data)
 
 
 def _given(fields: ItemFields) -> dict[str, Any]:

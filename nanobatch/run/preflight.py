@@ -357,6 +357,8 @@ class _RemoteChecks:
         self.objects: BucketChecklist | None = None
 
     def add(self, item: WorkItem) -> None:
+        if self.urls is None and self.objects is None and all(ref.startswith(os.sep) for ref in item.inputs):
+            return  # local files only (resolved: absolute), as most items have
         if self.urls is None and any(is_url(ref) for ref in item.inputs):
             from ..inputs.load import UrlChecklist
 
