@@ -25,7 +25,7 @@ from nanobatch.errors import InputError, ManifestError
 from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
 from nanobatch.item import WorkItem
 from nanobatch.models import MB
-from nanobatch.pictures import sniff_mime
+from nanobatch.pictures import picture_problem, sniff_mime
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes, write_job
@@ -529,6 +529,31 @@ def test_a_run_never_sends_a_picture_that_cannot_be_decoded(tmp_path: Path) -> N
     (cut,) = [r for r in records if r["id"] == "cut"]
     assert cut["status"] == "failed" and cut["error"]["kind"] == "input" and cut["attempts"] == 0
     assert "cannot be decoded" in cut["error"]["message"]
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+
+
+def test_a_picture_damaged_inside_is_refused_as_pillow_refuses_it() -> None:
+    """Inputs are checked without Pillow (headers, every PNG chunk's CRC, the JPEG's tables): each byte of a
+    small PNG flipped in turn is refused exactly when Pillow's open and verify refuse it, and so is a JPEG whose
+    quantization table or frame header Pillow cannot read."""
+    good = image_bytes(size=(40, 30))
+    assert picture_problem(good) is None
+    for at in range(8, len(good)):
+        try:
+            with Pillow.open(io.BytesIO(bad := _flipped(good, at))) as picture:
+                picture.verify()
+            pillow_ok = True
+        except Exception:
+            pillow_ok = False
+        assert (picture_problem(bad) is None) == pillow_ok, at
+    jpeg = image_bytes(size=(40, 30), fmt="JPEG")
+    dqt, sof = jpeg.index(b"\xff\xdb") + 4, jpeg.index(b"\xff\xc0") + 4  # a table's size byte, the sample bits
+    assert picture_problem(jpeg) is None
+    for at in (dqt, sof):
+        assert "cannot be decoded" in (picture_problem(_flipped(jpeg, at)) or "")
 
 
 def _catalog(tmp_path: Path, extra: list[dict[str, Any]] | None = None) -> Path:

@@ -324,7 +324,7 @@ def test_the_checks_that_compare_get_the_input_as_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_qa: Callable[[QaSettings], None]
 ) -> None:
     spy = Spy()
-    monkeypatch.setattr("nanobatch.output.verdicts.check_image", spy)
+    monkeypatch.setattr("nanobatch.checks.check_image", spy)
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "t", "image": None}])
     with_qa(QaSettings(changed=True))
     run(job, FakeGemini(), tmp_path / "compared")
@@ -337,7 +337,7 @@ def test_the_batch_tier_reads_the_input_again_for_the_checks_that_compare(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_qa: Callable[[QaSettings], None]
 ) -> None:
     spy = Spy()
-    monkeypatch.setattr("nanobatch.output.verdicts.check_image", spy)
+    monkeypatch.setattr("nanobatch.checks.check_image", spy)
     with_qa(QaSettings(changed=True))
     job = batch_job(tmp_path, monkeypatch, 2)
     with run_in_thread(app=create_app(SimulatorConfig(batch_latency_s=0.3, seed=5))) as url:

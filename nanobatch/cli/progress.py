@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import TYPE_CHECKING
 
 import anyio
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 
 from ..run.stats import RunStats
+
+if TYPE_CHECKING:  # rich (50 ms to import) only for the live display: `run -q` and plain lines start without it
+    from rich.console import Console
 
 __all__ = ["LiveProgress", "PlainProgress", "describe"]
 
@@ -72,12 +73,25 @@ class LiveProgress:
     """A rich progress bar, redrawn twice a second; log lines print above it, never through it."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self.console = console or Console(stderr=True)
 
     def log_handler(self) -> logging.Handler:
+        from rich.logging import RichHandler
+
         return RichHandler(console=self.console, show_path=False, show_time=False, markup=False)
 
     async def run(self, stats: RunStats) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         rate = _Rate(stats)
         columns = (
             SpinnerColumn(),

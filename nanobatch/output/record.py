@@ -9,6 +9,7 @@ default, and a field nanobatch does not know is kept in ``extra`` and written ba
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -62,7 +63,13 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 def utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``2026-12-06T09:30:00Z``: the second of *ts* (rounded to the microsecond first, as datetime does)."""
+    return _utc_second(math.floor(round(ts, 6)))
+
+
+@functools.lru_cache(maxsize=8)  # two stamps per record, mostly of the same few seconds: strftime once a second
+def _utc_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
