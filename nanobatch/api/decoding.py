@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+import functools
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -51,16 +52,23 @@ class Decoder:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._slots = anyio.CapacityLimiter(workers) if workers > 0 else None
+        self.blocks = Blocks(keep=2 * (workers + 1))  # a body's and its images' for each answer at once
 
-    def _in_place(self, size: int) -> bool:
-        return self._slots is None or size < WORKERS_FROM_BYTES
+    def takes(self, size: int) -> bool:
+        """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
+        return self._slots is not None and size >= WORKERS_FROM_BYTES
 
     async def reply(self, body: bytearray) -> Reply:
         """A ``generateContent`` body parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is
         consumed."""
-        if self._in_place(len(body)):
+        if not self.takes(len(body)):
             return parse_reply(body)
-        outcome = await self._decode("answer", body)
+        return await self.read_reply(len(body), functools.partial(_copy, body))
+
+    async def read_reply(self, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> Reply:
+        """The reply in a body of *size* bytes that *fill* writes straight into shared memory (no copy of it in
+        this process), decoded in a worker."""
+        outcome = await self._decode("answer", size, fill)
         assert outcome is not None  # a worker decodes every answer, or says why it is not one
         reply = _reply(outcome)
         if isinstance(reply, ApiError):
@@ -70,34 +78,81 @@ class Decoder:
     async def result(self, line: bytes) -> tuple[str | None, Reply | ApiError] | None:
         """A batch results line's key and answer (or why its answer is not one), decoded in a worker; None for
         a line to parse in this process (a small one, or one without an answer)."""
-        if self._in_place(len(line)):
+        if not self.takes(len(line)):
             return None
-        outcome = await self._decode("line", line)
+        outcome = await self._decode("line", len(line), functools.partial(_copy, line))
         return None if outcome is None else (outcome[0], _reply(outcome))
 
-    async def _decode(self, what: str, body: bytes | bytearray) -> _Outcome:
-        size = len(body)
-        with ExitStack() as stack:
-            shared = stack.enter_context(_shared(size))
-            _view(shared)[:size] = body
-            if isinstance(body, bytearray):
-                body.clear()
-            # Decoded base64 is 3/4 of its text, which is less than the body.
-            images = stack.enter_context(_shared(size * 3 // 4 + 4))
+    async def _decode(self, what: str, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> _Outcome:
+        # Decoded base64 is 3/4 of its text, which is less than the body.
+        with self.blocks.lent(size) as body, self.blocks.lent(size * 3 // 4 + 4) as images:
+            with _view(body)[:size] as view:
+                await fill(view)
             try:
                 outcome: _Outcome = await anyio.to_process.run_sync(
-                    decode_in_worker, what, shared.name, size, images.name, limiter=self._slots
+                    decode_in_worker, what, body.name, size, images.name, limiter=self._slots
                 )
             except anyio.BrokenWorkerProcess as exc:  # no process could be started, or one died: decode here
                 if self._slots is not None:
                     logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
                     self._slots = None
-                outcome = decode_in_worker(what, shared.name, size, images.name)
+                outcome = decode_in_worker(what, body.name, size, images.name)
             if outcome is not None and isinstance(reply := outcome[1], Reply):
                 view = _view(images)
                 pictures = tuple(Image(mime, bytes(view[at : at + n])) for mime, at, n in outcome[2])
                 outcome = outcome[0], dataclasses.replace(reply, images=pictures), []
             return outcome
+
+    def close(self) -> None:
+        """Let go of the shared memory kept for the next answers."""
+        self.blocks.close()
+
+
+async def _copy(data: bytes | bytearray, view: memoryview) -> None:
+    view[:] = data
+    if isinstance(data, bytearray):
+        data.clear()
+
+
+class Blocks:
+    """Blocks of shared memory lent out and kept for the next answers, at most *keep* of them kept.
+
+    A new block costs the run's process more than the copy into it: the kernel zeroes each of its pages on first
+    touch, and unlinking it frees them again (a 4K answer: ~8,000 pages, 70-110 ms of CPU in all). A kept block's
+    pages are there already, and a worker keeps it mapped (:func:`_attach`)."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep = keep
+        self._free: list[SharedMemory] = []
+        self.made = 0  # blocks created (for tests and the bench)
+
+    @contextmanager
+    def lent(self, size: int) -> Iterator[SharedMemory]:
+        """A block of at least *size* bytes, kept for the next answer once the block ends."""
+        fits = [block for block in self._free if block.size >= size]
+        if fits:
+            block = min(fits, key=lambda b: b.size)
+            self._free.remove(block)
+        else:
+            # Room for a slightly bigger answer next time, in whole MiB.
+            block = SharedMemory(create=True, size=-(-max(1, size + size // 8) // 2**20) * 2**20)
+            self.made += 1
+        try:
+            yield block
+        finally:
+            self._free.append(block)
+            while len(self._free) > self._keep:  # the smallest go: the next big answer would not fit in them
+                _drop(min(self._free, key=lambda b: b.size), self._free)
+
+    def close(self) -> None:
+        while self._free:
+            _drop(self._free[-1], self._free)
+
+
+def _drop(block: SharedMemory, free: list[SharedMemory]) -> None:
+    free.remove(block)
+    block.close()
+    block.unlink()
 
 
 def _reply(outcome: tuple[str | None, Reply | _Failure, _Places]) -> Reply | ApiError:
@@ -107,46 +162,46 @@ def _reply(outcome: tuple[str | None, Reply | _Failure, _Places]) -> Reply | Api
     return ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
 
 
-@contextmanager
-def _shared(size: int) -> Iterator[SharedMemory]:
-    block = SharedMemory(create=True, size=max(1, size))
-    try:
-        yield block
-    finally:
-        block.close()
-        block.unlink()
-
-
 def decode_in_worker(what: str, body_name: str, size: int, images_name: str) -> _Outcome:
     """In a worker process: parse the answer (*what*: ``answer``, a ``generateContent`` body, or ``line``, a batch
     results line) in shared memory *body_name* and put its images one after another into *images_name*. An
     error goes back as its fields: ApiError takes keyword arguments, which pickling an exception does not carry."""
-    body, images = _attach(body_name), _attach(images_name)
+    body, images = _attached(body_name), _attached(images_name)
+    with _view(body)[:size] as view:
+        text = view.tobytes()
+    key: str | None = None
     try:
-        with _view(body)[:size] as view:
-            text = view.tobytes()
-        key: str | None = None
-        try:
-            if what == "answer":
-                reply = parse_reply(text)
-            elif (found := _response(text)) is None:
-                return None
-            else:
-                key, response = found
-                reply = reply_from(response)
-        except ApiError as exc:
-            return key, (exc.message, exc.kind, exc.status_code, exc.retryable), []
-        del text
-        places: _Places = []
-        at = 0
-        for image in reply.images:
-            _view(images)[at : at + len(image.data)] = image.data
-            places.append((image.mime_type, at, len(image.data)))
-            at += len(image.data)
-        return key, dataclasses.replace(reply, images=()), places
-    finally:
-        body.close()
-        images.close()
+        if what == "answer":
+            reply = parse_reply(text)
+        elif (found := _response(text)) is None:
+            return None
+        else:
+            key, response = found
+            reply = reply_from(response)
+    except ApiError as exc:
+        return key, (exc.message, exc.kind, exc.status_code, exc.retryable), []
+    del text
+    places: _Places = []
+    at = 0
+    for image in reply.images:
+        _view(images)[at : at + len(image.data)] = image.data
+        places.append((image.mime_type, at, len(image.data)))
+        at += len(image.data)
+    return key, dataclasses.replace(reply, images=()), places
+
+
+_ATTACHED: dict[str, SharedMemory] = {}  # in a worker: the run's blocks, mapped once, the last used last
+_KEEP_ATTACHED = 8
+
+
+def _attached(name: str) -> SharedMemory:
+    """The run's block *name*, kept mapped for the next answer that comes in it (the run's process lends the
+    same blocks again: :class:`Blocks`); the least recently used one is let go beyond :data:`_KEEP_ATTACHED`."""
+    block = _ATTACHED.pop(name, None) or _attach(name)
+    _ATTACHED[name] = block
+    while len(_ATTACHED) > _KEEP_ATTACHED:
+        _ATTACHED.pop(next(iter(_ATTACHED))).close()
+    return block
 
 
 def _response(line: bytes) -> tuple[str | None, dict[str, Any]] | None:

@@ -32,6 +32,10 @@ __all__ = ["ShardedTransport"]
 
 POOL_SIZE = 10
 _JOIN_UP_TO = 64 * 1024  # writes up to this size wait for the next one; bigger ones go out as they are
+# Reads take up to this much of what has arrived: httpcore2 asks for 64 KB, and anyio cuts what asyncio read
+# (up to 256 KB at a time) into pieces that size, copying the rest each time, and each piece then goes through
+# h11 and httpx2 on its own: a 4K answer's 32 MB took ~500 trips instead of ~130 (docs/performance.md).
+_READ_UP_TO = 1 << 20
 
 logger = logging.getLogger("nanobatch")
 
@@ -153,7 +157,7 @@ class _Stream(httpcore2.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         await self._flush()
-        return await self._inner.read(max_bytes, timeout)
+        return await self._inner.read(max(max_bytes, _READ_UP_TO), timeout)
 
     async def aclose(self) -> None:
         self._held = b""
