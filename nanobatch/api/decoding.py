@@ -18,8 +18,8 @@ killed run's is removed by Python's resource tracker).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import resource_tracker
@@ -29,11 +29,12 @@ from typing import Any
 import anyio
 import anyio.to_process
 import orjson
+from anyio.lowlevel import RunVar
 
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
 
-__all__ = ["WORKERS_FROM_BYTES", "Decoder", "decode_in_worker"]
+__all__ = ["WORKERS_FROM_BYTES", "Blocks", "Decoder", "attach", "decode_in_worker", "worker_slots"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -50,13 +51,12 @@ class Decoder:
     """Decodes 200 bodies and batch results lines into replies, in up to *workers* processes (0: in this one)."""
 
     def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._slots = anyio.CapacityLimiter(workers) if workers > 0 else None
+        self.workers = workers  # 0 once they have failed: this process decodes then
         self.blocks = Blocks(keep=2 * (workers + 1))  # a body's and its images' for each answer at once
 
     def takes(self, size: int) -> bool:
         """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
-        return self._slots is not None and size >= WORKERS_FROM_BYTES
+        return self.workers > 0 and size >= WORKERS_FROM_BYTES
 
     async def reply(self, body: bytearray) -> Reply:
         """A ``generateContent`` body parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is
@@ -90,12 +90,12 @@ class Decoder:
                 await fill(view)
             try:
                 outcome: _Outcome = await anyio.to_process.run_sync(
-                    decode_in_worker, what, body.name, size, images.name, limiter=self._slots
+                    decode_in_worker, what, body.name, size, images.name, limiter=worker_slots(self.workers)
                 )
             except anyio.BrokenWorkerProcess as exc:  # no process could be started, or one died: decode here
-                if self._slots is not None:
+                if self.workers:
                     logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
-                    self._slots = None
+                    self.workers = 0
                 outcome = decode_in_worker(what, body.name, size, images.name)
             if outcome is not None and isinstance(reply := outcome[1], Reply):
                 view = _view(images)
@@ -119,7 +119,7 @@ class Blocks:
 
     A new block costs the run's process more than the copy into it: the kernel zeroes each of its pages on first
     touch, and unlinking it frees them again (a 4K answer: ~8,000 pages, 70-110 ms of CPU in all). A kept block's
-    pages are there already, and a worker keeps it mapped (:func:`_attach`)."""
+    pages are there already, and a worker keeps it mapped (:func:`_attached`)."""
 
     def __init__(self, keep: int) -> None:
         self._keep = keep
@@ -153,6 +153,22 @@ def _drop(block: SharedMemory, free: list[SharedMemory]) -> None:
     free.remove(block)
     block.close()
     block.unlink()
+
+
+_SLOTS: RunVar[dict[int, anyio.CapacityLimiter]] = RunVar("nanobatch_worker_slots")
+
+
+def worker_slots(workers: int) -> anyio.CapacityLimiter | None:
+    """The run's one limit of *workers* processes at once, shared by whatever sends work to them (decoding
+    answers, checking images); None for 0 (no workers: the work is done in this process)."""
+    if workers <= 0:
+        return None
+    try:
+        slots = _SLOTS.get()
+    except LookupError:
+        slots = {}
+        _SLOTS.set(slots)
+    return slots.setdefault(workers, anyio.CapacityLimiter(workers))
 
 
 def _reply(outcome: tuple[str | None, Reply | _Failure, _Places]) -> Reply | ApiError:
@@ -197,7 +213,7 @@ _KEEP_ATTACHED = 8
 def _attached(name: str) -> SharedMemory:
     """The run's block *name*, kept mapped for the next answer that comes in it (the run's process lends the
     same blocks again: :class:`Blocks`); the least recently used one is let go beyond :data:`_KEEP_ATTACHED`."""
-    block = _ATTACHED.pop(name, None) or _attach(name)
+    block = _ATTACHED.pop(name, None) or attach(name)
     _ATTACHED[name] = block
     while len(_ATTACHED) > _KEEP_ATTACHED:
         _ATTACHED.pop(next(iter(_ATTACHED))).close()
@@ -220,7 +236,7 @@ def _view(block: SharedMemory) -> memoryview:
     return block.buf
 
 
-def _attach(name: str) -> SharedMemory:
+def attach(name: str) -> SharedMemory:
     """A block the run's process made, and will unlink. Before Python 3.13 attaching registers the block with
     this process's resource tracker too, which would start a tracker process and unlink the block when this
     worker ends (python/cpython#82300): not here, where the run's process owns it."""
