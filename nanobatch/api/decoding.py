@@ -34,11 +34,14 @@ from anyio.lowlevel import RunVar
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
 
-__all__ = ["WORKERS_FROM_BYTES", "Blocks", "Decoder", "attach", "decode_in_worker", "worker_slots"]
+__all__ = ["KEEP_BYTES", "WORKERS_FROM_BYTES", "Blocks", "Decoder", "attach", "decode_in_worker", "worker_slots"]
 
 logger = logging.getLogger("nanobatch")
 
 WORKERS_FROM_BYTES = 1 << 20  # a 1K answer (~1.5 MB of JSON) and up go to a worker
+# Shared memory kept for the next answers (and mapped by each worker): what the answers read and decoded at once
+# use (the client's byte budget, 64 MiB of bodies, and their images), so it does not add to the peak.
+KEEP_BYTES = 256 * 2**20
 
 _Failure = tuple[str, str, "int | None", bool]  # an ApiError's message, kind, status code and retryable
 _Places = list[tuple[str, int, int]]  # each image's mime type, offset and size in the images' block
@@ -52,7 +55,7 @@ class Decoder:
 
     def __init__(self, workers: int) -> None:
         self.workers = workers  # 0 once they have failed: this process decodes then
-        self.blocks = Blocks(keep=2 * (workers + 1))  # a body's and its images' for each answer at once
+        self.blocks = Blocks(KEEP_BYTES)
 
     def takes(self, size: int) -> bool:
         """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
@@ -115,14 +118,14 @@ async def _copy(data: bytes | bytearray, view: memoryview) -> None:
 
 
 class Blocks:
-    """Blocks of shared memory lent out and kept for the next answers, at most *keep* of them kept.
+    """Blocks of shared memory lent out and kept for the next answers, at most *keep* bytes of them.
 
     A new block costs the run's process more than the copy into it: the kernel zeroes each of its pages on first
     touch, and unlinking it frees them again (a 4K answer: ~8,000 pages, 70-110 ms of CPU in all). A kept block's
     pages are there already, and a worker keeps it mapped (:func:`_attached`)."""
 
     def __init__(self, keep: int) -> None:
-        self._keep = keep
+        self._keep = keep  # bytes
         self._free: list[SharedMemory] = []
         self.made = 0  # blocks created (for tests and the bench)
 
@@ -141,7 +144,7 @@ class Blocks:
             yield block
         finally:
             self._free.append(block)
-            while len(self._free) > self._keep:  # the smallest go: the next big answer would not fit in them
+            while sum(b.size for b in self._free) > self._keep:  # the smallest first: big answers don't fit them
                 _drop(min(self._free, key=lambda b: b.size), self._free)
 
     def close(self) -> None:
@@ -207,15 +210,16 @@ def decode_in_worker(what: str, body_name: str, size: int, images_name: str) -> 
 
 
 _ATTACHED: dict[str, SharedMemory] = {}  # in a worker: the run's blocks, mapped once, the last used last
-_KEEP_ATTACHED = 8
+_KEEP_ATTACHED = KEEP_BYTES
 
 
 def _attached(name: str) -> SharedMemory:
     """The run's block *name*, kept mapped for the next answer that comes in it (the run's process lends the
-    same blocks again: :class:`Blocks`); the least recently used one is let go beyond :data:`_KEEP_ATTACHED`."""
+    same blocks again: :class:`Blocks`); the least recently used ones are let go beyond :data:`_KEEP_ATTACHED`
+    bytes (a block the run's process has let go of stays mapped here until then)."""
     block = _ATTACHED.pop(name, None) or attach(name)
     _ATTACHED[name] = block
-    while len(_ATTACHED) > _KEEP_ATTACHED:
+    while len(_ATTACHED) > 1 and sum(b.size for b in _ATTACHED.values()) > _KEEP_ATTACHED:
         _ATTACHED.pop(next(iter(_ATTACHED))).close()
     return block
 
