@@ -26,7 +26,7 @@ from ..errors import ApiError
 from .budget import ByteBudget, Held
 from .decoding import Decoder
 from .gemini import Reply, classify_error
-from .transport import ShardedTransport
+from .transport import ShardedTransport, expect_body
 
 __all__ = [
     "ApiClient",
@@ -232,11 +232,13 @@ async def _read_body(response: httpx2.Response, length: int | None, held: Held) 
 async def _fill(response: httpx2.Response, view: memoryview) -> None:
     """Fill *view* with *response*'s body, exactly as long as it (its Content-Length)."""
     at, length = 0, len(view)
-    async for chunk in response.aiter_bytes():
-        if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
-            raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)
-        view[at : at + len(chunk)] = chunk
-        at += len(chunk)
+    with expect_body(length) as left:  # read in big pieces, not as each few KB arrive
+        async for chunk in response.aiter_bytes():
+            if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
+                raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+            left[0] = length - at
     if at != length:
         raise ApiError("the answer is shorter than it said", kind="bad_response", retryable=True)
 
