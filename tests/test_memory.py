@@ -178,7 +178,7 @@ def trickling_server(pieces: int, piece: int) -> tuple[str, threading.Thread]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_RCVLOWAT holds back epoll on Linux")
 def test_a_big_body_is_read_in_big_pieces_not_as_each_few_kb_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each read of a body costs the event loop a trip through anyio, h11 and httpx2 (a dozen Python calls):
-    a 4 MB answer arriving 16 KB at a time is read in a few pieces of up to 1 MiB, not in ~250."""
+    a 4 MB answer for a worker, arriving 16 KB at a time, is read in a few pieces of up to 1 MiB, not in ~250."""
     reads: list[int] = []
     read = transport._Stream.read
 
@@ -191,7 +191,7 @@ def test_a_big_body_is_read_in_big_pieces_not_as_each_few_kb_arrive(monkeypatch:
     url, server = trickling_server(pieces=len(BODY) // 16384, piece=16384)
 
     async def main() -> Any:
-        async with GeminiClient(base_url=url, api_key="k") as api:
+        async with GeminiClient(base_url=url, api_key="k", workers=1) as api:
             return await api.generate("m", build_request("x"), timeout_s=60)
 
     assert anyio.run(main).images[0].data == PICTURE

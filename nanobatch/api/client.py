@@ -207,7 +207,7 @@ class GeminiClient(ApiClient):
         async with self.answers.hold(self._last_size if length is None else length) as held:
             if length is not None and self.decoder.takes(length):  # read straight into a worker's shared memory
                 self._last_size = length
-                return await self.decoder.read_reply(length, functools.partial(_fill, response))
+                return await self.decoder.read_reply(length, functools.partial(_fill, response, big_pieces=True))
             body = await _read_body(response, length, held)
             self._last_size = len(body)
             return await self.decoder.reply(body)
@@ -229,10 +229,12 @@ async def _read_body(response: httpx2.Response, length: int | None, held: Held) 
     return buffer
 
 
-async def _fill(response: httpx2.Response, view: memoryview) -> None:
-    """Fill *view* with *response*'s body, exactly as long as it (its Content-Length)."""
+async def _fill(response: httpx2.Response, view: memoryview, *, big_pieces: bool = False) -> None:
+    """Fill *view* with *response*'s body, exactly as long as it (its Content-Length); with *big_pieces*, read in
+    pieces of up to 1 MiB, not as each few KB arrive (:func:`~nanobatch.api.transport.expect_body`): less CPU per
+    body, but in this process's own heap the bigger pieces raised peak RSS (docs/performance.md)."""
     at, length = 0, len(view)
-    with expect_body(length) as left:  # read in big pieces, not as each few KB arrive
+    with expect_body(length if big_pieces else 0) as left:
         async for chunk in response.aiter_bytes():
             if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
                 raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)

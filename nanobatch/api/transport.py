@@ -166,7 +166,8 @@ class _Stream(httpcore2.AsyncNetworkStream):
         # Through TLS the socket's bytes are records, some of them already taken into the TLS object while the
         # body's bytes still to come are counted in plain text: waiting for that many could wait for ever.
         self._plain = _CAN_WAIT_FOR_BYTES and inner.get_extra_info("ssl_object") is None
-        _read_more_at_once(inner)
+        self._transport = _asyncio_transport(inner)
+        self._recv_size = getattr(self._transport, "max_size", None)  # asyncio's own, restored after a body
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._timeout = timeout
@@ -188,7 +189,8 @@ class _Stream(httpcore2.AsyncNetworkStream):
         return await self._inner.read(max(max_bytes, _READ_UP_TO), timeout)
 
     def _wait_for(self, low: int) -> None:
-        """Let the socket say it is readable only once *low* bytes have arrived (or it is closed)."""
+        """Let the socket say it is readable only once *low* bytes have arrived (or it is closed), and asyncio
+        take them in one recv(); 1: as it does by default."""
         if low != self._low and self._socket is not None and self._plain:
             try:
                 self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low)
@@ -196,6 +198,8 @@ class _Stream(httpcore2.AsyncNetworkStream):
                 self._plain = False
                 return
             self._low = low
+            if isinstance(self._recv_size, int):  # bigger recv()s only for such a body (peak RSS: docs/performance.md)
+                self._transport.max_size = max(low, self._recv_size)
 
     async def aclose(self) -> None:
         self._held = b""
@@ -214,12 +218,11 @@ class _Stream(httpcore2.AsyncNetworkStream):
         return self._inner.get_extra_info(info)
 
 
-def _read_more_at_once(stream: httpcore2.AsyncNetworkStream) -> None:
-    """Let asyncio's transport under *stream* take up to _READ_UP_TO bytes per recv() (256 KB by default): with
-    a body's bytes waited for in big pieces, it would otherwise read a quarter of them per wake-up."""
-    size = getattr(getattr(getattr(stream, "_stream", None), "_transport", None), "max_size", None)
-    if isinstance(size, int) and size < _READ_UP_TO:
-        stream._stream._transport.max_size = _READ_UP_TO  # type: ignore[attr-defined]
+def _asyncio_transport(stream: httpcore2.AsyncNetworkStream) -> Any:
+    """asyncio's transport under *stream* (httpcore2's anyio stream), whose ``max_size`` is how much one recv()
+    takes (256 KB): with a body's bytes waited for in big pieces, it would read a quarter of them per wake-up.
+    None where there is none (another event loop)."""
+    return getattr(getattr(stream, "_stream", None), "_transport", None)
 
 
 def _readable(sock: socket.socket) -> bool:
