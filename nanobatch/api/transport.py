@@ -35,9 +35,10 @@ __all__ = ["ShardedTransport", "expect_body"]
 
 POOL_SIZE = 10
 _JOIN_UP_TO = 64 * 1024  # writes up to this size wait for the next one; bigger ones go out as they are
-# Reads take up to this much of what has arrived: httpcore2 asks for 64 KB, and anyio cuts what asyncio read
-# (up to 256 KB at a time) into pieces that size, copying the rest each time, and each piece then goes through
-# h11 and httpx2 on its own: a 4K answer's 32 MB took ~500 trips instead of ~130 (docs/performance.md).
+# A big body's reads (:func:`expect_body`) take up to this much of what has arrived: httpcore2 asks for 64 KB,
+# anyio cuts what asyncio read (256 KB at a time) into pieces that size, copying the rest each time, and each
+# piece goes through h11 and httpx2 on its own: a 4K answer's 32 MB took ~500 trips, now ~32
+# (docs/performance.md). Other reads are as httpcore2 asks: bigger pieces in the run's own heap raised its peak RSS.
 _READ_UP_TO = 1 << 20
 # The bytes of a body still to come, while a reader expects them (:func:`expect_body`): a read waits until that
 # many (up to _READ_UP_TO) have arrived (SO_RCVLOWAT), instead of waking for every few KB.
@@ -185,8 +186,9 @@ class _Stream(httpcore2.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         await self._flush()
         left = _BODY_LEFT.get()
-        self._wait_for(min(left[0], _READ_UP_TO) if left is not None and left[0] > _READ_UP_TO // 4 else 1)
-        return await self._inner.read(max(max_bytes, _READ_UP_TO), timeout)
+        big = left is not None and left[0] > _READ_UP_TO // 4
+        self._wait_for(min(left[0], _READ_UP_TO) if big and left is not None else 1)
+        return await self._inner.read(max(max_bytes, _READ_UP_TO) if big else max_bytes, timeout)
 
     def _wait_for(self, low: int) -> None:
         """Let the socket say it is readable only once *low* bytes have arrived (or it is closed), and asyncio
