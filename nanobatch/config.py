@@ -103,8 +103,8 @@ class LimitSettings(_Section):
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
     # Processes that decode big answers (JSON + base64) and run the output checks; 0, the default, does both in
-    # the run's own process: with workers it still reads each body and writes each image, so it spends ~20% less
-    # CPU per 4K answer while the processes together spend ~40% more (docs/performance.md).
+    # the run's own process: with workers it spends about half the CPU per 4K answer, but the processes together
+    # spend ~35% more, for the same wall time on a busy 2-core machine (docs/performance.md).
     workers: int = Field(0, ge=0, le=256)
 
 

@@ -190,9 +190,9 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
 
 
 def test_workers_are_asked_for() -> None:
-    """Off by default: the run's process still reads every body and writes every image, so workers save it ~20%
-    of its CPU per 4K answer for ~40% more in all (docs/performance.md); a worker also runs in real time, where
-    tests on trio's virtual clock would jump past every timeout while waiting for it."""
+    """Off by default: workers save the run's process about half its CPU per 4K answer, for ~35% more in all
+    (docs/performance.md); a worker also runs in real time, where tests on trio's virtual clock would jump past
+    every timeout while waiting for it."""
     assert load_settings(env={}).limits.workers == 0
     assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "2"}).limits.workers == 2
 
