@@ -21,6 +21,7 @@ import anyio.to_process
 import anyio.to_thread
 
 from ..api.decoding import attach, worker_slots
+from ..checks import check_image
 from ..names import REJECTED_FOLDER, rejected_name
 from ..qa import QA_CHECKS, QaSettings, Verdict
 from .record import ErrorInfo, ItemRecord
@@ -103,8 +104,6 @@ def check_images(
     """The verdict on an answer's *images* (CPU only: call it off the event loop): it passes only if each image
     passes. ``failed`` lists every check some image failed; ``values`` are those of the first image that failed
     (of the first image if all passed), with ``"image": n`` when the answer has several."""
-    from ..checks import check_image  # numpy and Pillow (0.2 s to import): only when an answer is checked
-
     verdicts = [check_image(data, original=original, aspect_ratio=aspect_ratio, settings=settings) for data in images]
     if len(verdicts) == 1:
         return verdicts[0]
