@@ -15,7 +15,7 @@ the min-max range, and nanobatch's ratios to each peer.
 
 ``--against DIR``: also run the ``nanobatch`` package found in DIR (``git archive HEAD~1 nanobatch | tar -x -C
 DIR``, or a worktree) in the same turns. ``--workers 0,2``: nanobatch once with each ``--workers`` (each its
-own client in the turns; the first is the one compared with the peers). ``--profile``: then one
+own client in the turns, the other version's too; the first is the one compared with the peers). ``--profile``: then one
 nanobatch run under cProfile (``python -m cProfile``), the top of it printed.
 """
 
@@ -147,7 +147,10 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p and p != "none"]
     workers = {f"nanobatch --workers {w}": int(w) for w in args.workers.split(",")} if args.workers else {}
     ours = [*(workers or ["nanobatch"])]
-    clients = [*ours, *(["before"] if args.against else []), *peers]
+    if args.against:  # the other version with each --workers too
+        workers.update({f"before --workers {w}": w for w in list(workers.values())})
+    before = [name for name in workers if name.startswith("before")] or ["before"]
+    clients = [*ours, *(before if args.against else []), *peers]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in clients}
     tmp = Path(tempfile.mkdtemp(prefix="nanobatch-dispatch-"))
     try:
@@ -159,7 +162,7 @@ def main() -> None:
                 if name in PEER_SCRIPTS:
                     return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
                                       input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
-                package = args.against if name == "before" else None
+                package = args.against if name.startswith("before") else None
                 return run_cli(b, package, manifest=b.catalog(count, size), out=out, url=sim.url,
                                concurrency=concurrency, n=count, workers=workers.get(name))  # fmt: skip
 

@@ -1,5 +1,7 @@
 """The output checks' CPU (issue 23, point 6): ``bench/run.py --only qa``, or ``python bench/qa.py`` for the
-check alone (no runs).
+check alone (no runs), ``python bench/qa.py --workers 0,2 [--reps 3]`` for whole ``nanobatch run`` processes
+with ``qa:`` on and off and each ``--workers``, alternating: the run's own process's CPU per answer, and the
+total (its worker processes' too).
 
 With every check on, a 2K answer must cost at most 1.2x the CPU it costs without them. Measured twice: the
 check alone (``check_image`` on a 2K JPEG, the type the 3.x models answer with, and on the 5.9 MB noise PNG
@@ -10,9 +12,14 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import _fixtures as fixtures
 from _bench import Bench, say
 from _server import SimulatorProcess
 from PIL import Image, ImageDraw, ImageFilter
@@ -59,6 +66,17 @@ def check_ms(answer: bytes, original: bytes, repeat: int) -> float:
     return (time.process_time() - started) / repeat * 1000
 
 
+def catalogs(folder: Path, n: int) -> tuple[Path, Path]:
+    """A manifest of *n* 2K items whose input is the product the answer shows (so ``same_subject`` passes),
+    without and with every check on."""
+    original = folder / "original.jpg"
+    original.write_bytes(jpeg(photo(1600, (176, 196, 222))))
+    off = fixtures.write_catalog(folder / f"job-qa-{n}", n, original, image_size="2K")
+    on = off.with_name("job-qa.yaml")
+    on.write_text(off.read_text() + QA_YAML)
+    return off, on
+
+
 def bench_qa(b: Bench) -> None:
     say("[9] qa: CPU of the output checks on 2K answers")
     answer = b.tmp / "answer-2k.jpg"
@@ -71,9 +89,7 @@ def bench_qa(b: Bench) -> None:
     b.add(SECTION, "check_image, every check on, 2K JPEG answer", f"{alone:.1f} ms CPU ({size_mb:.1f} MB)")
     b.add(SECTION, "check_image, every check on, 5.9 MB 2K PNG answer", f"{worst:.1f} ms CPU (a full PNG decode)")
     n, concurrency = (32 if b.quick else 64), 8
-    manifest = b.catalog(n, "2K")
-    with_qa = manifest.with_name("job-qa.yaml")
-    with_qa.write_text(manifest.read_text() + QA_YAML)
+    manifest, with_qa = catalogs(b.tmp, n)
     with SimulatorProcess(latency_s=0, canned=str(answer)) as sim:
         off = b.nanobatch(manifest, b.out("qa-off"), sim, concurrency, n)
         on = b.nanobatch(with_qa, b.out("qa-on"), sim, concurrency, n)
@@ -97,7 +113,55 @@ def bench_qa(b: Bench) -> None:
     )
 
 
+@contextmanager
+def _removed(folder: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8) -> None:
+    """Whole ``nanobatch run`` processes of *n* 2K JPEG answers, ``qa:`` on and off with each of *workers*,
+    taking turns: medians (min-max) of the run's own process's CPU per answer and of the total."""
+    import statistics
+    import tempfile
+
+    from dispatch import run_cli
+
+    tmp = Path(tempfile.mkdtemp(prefix="nanobatch-qa-"))
+    b = Bench(tmp=tmp, quick=True)
+    answer = tmp / "answer-2k.jpg"
+    answer.write_bytes(jpeg(photo(2048, (255, 255, 255))))
+    off, on = catalogs(tmp, n)
+    runs: dict[tuple[int, str], list[dict[str, float]]] = {(w, q): [] for w in workers for q in ("off", "on")}
+    with SimulatorProcess(latency_s=0.2, canned=str(answer)) as sim, _removed(tmp):
+        for rep in range(reps + 1):  # the first round warms up (bytecode, page cache), not counted
+            for w, q in runs if rep % 2 else reversed(runs):
+                run = run_cli(b, None, manifest=on if q == "on" else off, out=b.out(f"w{w}-{q}-{rep}"), url=sim.url,
+                              concurrency=concurrency, n=n, workers=w)  # fmt: skip
+                if rep:
+                    runs[w, q].append(run)
+
+    def ms(w: int, q: str, key: str) -> str:
+        values = sorted(r[key] / n * 1000 for r in runs[w, q])
+        return f"{statistics.median(values):.1f} ({values[0]:.1f}-{values[-1]:.1f})"
+
+    say(f"{n} 2K JPEG answers, c={concurrency}, whole processes, ms of CPU per answer, median (min-max) of {reps}:")
+    for w, q in runs:
+        say(f"  --workers {w}, qa {q}: run's process {ms(w, q, 'main_cpu_s')}, total {ms(w, q, 'cpu_s')}")
+    for w in workers:
+        main_on, main_off = (statistics.median(r["main_cpu_s"] for r in runs[w, q]) for q in ("on", "off"))
+        total_on, total_off = (statistics.median(r["cpu_s"] for r in runs[w, q]) for q in ("on", "off"))
+        say(f"  --workers {w}: qa on / off, run's process {main_on / main_off:.2f}x, total {total_on / total_off:.2f}x")
+
+
 def main() -> int:
+    if "--workers" in sys.argv:
+        at = sys.argv.index("--workers")
+        reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
+        whole_runs([int(w) for w in sys.argv[at + 1].split(",")], reps)
+        return 0
     original = jpeg(photo(1600, (176, 196, 222)))
     answer = jpeg(photo(2048, (255, 255, 255)))
     buffer = io.BytesIO()

@@ -5,6 +5,10 @@ from __future__ import annotations
 import base64
 import functools
 import random
+import socket
+import sys
+import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +18,7 @@ import httpx2
 import orjson
 import pytest
 
+from nanobatch.api import transport
 from nanobatch.api.budget import ByteBudget
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.gemini import build_request
@@ -143,3 +148,52 @@ def test_a_cancelled_wait_gives_nothing_away() -> None:
             assert budget.held == 10
 
     anyio.run(main)
+
+
+def trickling_server(pieces: int, piece: int) -> tuple[str, threading.Thread]:
+    """A loopback HTTP server answering one request with BODY sent *piece* bytes at a time, a moment apart."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        with listener, listener.accept()[0] as conn:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+                         .split(b":")[1])  # fmt: skip
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY))
+            for at in range(0, len(BODY), piece):
+                conn.sendall(BODY[at : at + piece])
+                time.sleep(0.002 if at // piece < pieces else 0)
+            conn.recv(1)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_RCVLOWAT holds back epoll on Linux")
+def test_a_big_body_is_read_in_big_pieces_not_as_each_few_kb_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of a body costs the event loop a trip through anyio, h11 and httpx2 (a dozen Python calls):
+    a 4 MB answer for a worker, arriving 16 KB at a time, is read in a few pieces of up to 1 MiB, not in ~250."""
+    reads: list[int] = []
+    read = transport._Stream.read
+
+    async def counted(self: Any, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        data = await read(self, max_bytes, timeout)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(transport._Stream, "read", counted)
+    url, server = trickling_server(pieces=len(BODY) // 16384, piece=16384)
+
+    async def main() -> Any:
+        async with GeminiClient(base_url=url, api_key="k", workers=1) as api:
+            return await api.generate("m", build_request("x"), timeout_s=60)
+
+    assert anyio.run(main).images[0].data == PICTURE
+    server.join(timeout=10)
+    assert len(reads) <= 12, reads  # the head, then the body's 4 MB in pieces of up to 1 MiB

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +25,15 @@ import pytest
 from PIL import Image as PILImage
 
 import nanobatch.api.decoding as decoding
+import nanobatch.output.verdicts as verdicts
 from nanobatch.api.batch_api import BatchClient
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
 from nanobatch.api.gemini import build_request
 from nanobatch.config import load_settings
 from nanobatch.errors import ApiError
+from nanobatch.output.verdicts import Checker
+from nanobatch.qa import QaSettings, Verdict
 from nanobatch.simulator import SimulatorConfig, run_in_thread
 
 from .fakes import write_job
@@ -124,8 +128,69 @@ def test_a_big_batch_results_line_is_decoded_in_a_worker_and_keeps_its_key(broke
     assert bad.key == "sku-8" and bad.error.kind == "bad_response" and bad.error.retryable
 
 
+def test_the_run_s_process_holds_no_copy_of_a_body_a_worker_decodes() -> None:
+    """The body goes from the socket straight into shared memory: this process's own allocations while reading
+    and decoding an answer stay below the body's size (the image copied out of the worker's block, 3/4 of it,
+    and the pieces read); reading it into a buffer of its own first took the whole body more."""
+    body = answer(PICTURE)
+
+    async def main() -> tuple[Any, int]:
+        transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=body))
+        async with GeminiClient(base_url="https://api.example.test", api_key="k", transport=transport,
+                                workers=1) as api:  # fmt: skip
+            await api.generate("m", build_request("x"), timeout_s=60)  # the worker started, the blocks made
+            tracemalloc.start()
+            try:
+                reply = await api.generate("m", build_request("x"), timeout_s=60)
+                return reply, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    reply, peak = anyio.run(main)
+    assert reply.images[0].data == PICTURE
+    assert peak < 0.9 * len(body)
+
+
+def test_answers_one_after_another_reuse_the_same_shared_memory() -> None:
+    """A new block of shared memory costs this process more than the copy into it (its pages zeroed on first
+    touch, freed when unlinked): the blocks are kept for the next answers, and let go when the client closes."""
+
+    async def main() -> tuple[int, list[str]]:
+        decoder = Decoder(1)
+        for _ in range(3):
+            assert (await decoder.reply(bytearray(answer(PICTURE)))).images[0].data == PICTURE
+        names = [block.name for block in decoder.blocks._free]
+        decoder.close()
+        return decoder.blocks.made, names
+
+    made, names = anyio.run(main)
+    assert made == 2  # the body's and the images', once
+    for name in names:  # unlinked once closed: nothing left behind in /dev/shm
+        with pytest.raises(FileNotFoundError):
+            decoding.attach(name)
+
+
+def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks decode the image (the most CPU an item with ``qa:`` costs after its answer): with workers,
+    not in the run's process; without, in a thread of it (the same verdict)."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("checked in the run's own process")
+
+    monkeypatch.setattr(verdicts, "check_images", refuse)
+    settings = QaSettings(min_side=600, changed=True)
+
+    async def main(workers: int) -> Verdict:
+        return await Checker(workers).check([PICTURE], original=SMALL, aspect_ratio="1:1", settings=settings)
+
+    verdict = anyio.run(main, 1)
+    assert verdict.passed and verdict.values["min_side"] == 640
+    with pytest.raises(AssertionError, match="own process"):
+        anyio.run(main, 0)
+
+
 def test_workers_are_asked_for() -> None:
-    """Off by default: the run's process still reads every body, which costs it more than the workers save it
+    """Off by default: workers save the run's process about half its CPU per 4K answer, for ~35% more in all
     (docs/performance.md); a worker also runs in real time, where tests on trio's virtual clock would jump past
     every timeout while waiting for it."""
     assert load_settings(env={}).limits.workers == 0
@@ -191,7 +256,8 @@ def processes_with(marker: str) -> list[int]:
 def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exactly_once(
     tmp_path: Path, big_api: str
 ) -> None:
-    job = write_job(tmp_path, [{"id": f"sku-{n:03d}", "image": f"images/p{n % 3}.png"} for n in range(ITEMS)])
+    items = [{"id": f"sku-{n:03d}", "image": f"images/p{n % 3}.png"} for n in range(ITEMS)]
+    job = write_job(tmp_path, items, qa={"min_side": 600, "changed": True})  # checked in the workers too
     out = tmp_path / "out"
     marker = f"sim-key-{os.getpid()}-{time.monotonic_ns()}"
     for results_before_kill in (1, 6):  # the first answers in the workers, then mid-run
@@ -214,6 +280,7 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     assert proc.wait(timeout=120) == 0
     records = [json.loads(line) for line in lines(out / "results.jsonl")]  # every line parses: no torn record
     ok = Counter(r["id"] for r in records if r["status"] == "ok")
+    assert all(r["qa"]["passed"] for r in records if r["status"] == "ok")
     assert sorted(ok) == [f"sku-{n:03d}" for n in range(ITEMS)] and set(ok.values()) == {1}
     for name in ok:
         assert (out / f"{name}.png").read_bytes() == PICTURE  # whole images, each written once

@@ -27,7 +27,6 @@ import orjson
 
 from ..errors import ApiError
 from .client import ApiClient, api_error, http_errors, public_url, redact_reply, scrubbed_error
-from .decoding import Decoder
 from .gemini import Reply, reply_from
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
@@ -133,10 +132,11 @@ class BatchClient(ApiClient):
         transport: httpx2.AsyncBaseTransport | None = None,
         workers: int = 0,
     ) -> None:
-        super().__init__(base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT)
+        super().__init__(
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT, workers=workers
+        )  # big results lines decoded in worker processes
         self._version = api_version.strip("/")
         self._chunk_bytes = chunk_bytes
-        self.decoder = Decoder(workers)  # big results lines decoded in worker processes
 
     # -- files ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -25,7 +26,7 @@ from ..errors import ApiError
 from .budget import ByteBudget, Held
 from .decoding import Decoder
 from .gemini import Reply, classify_error
-from .transport import ShardedTransport
+from .transport import ShardedTransport, expect_body
 
 __all__ = [
     "ApiClient",
@@ -63,8 +64,10 @@ class ApiClient:
         auth: str,
         transport: httpx2.AsyncBaseTransport | None,
         request_auth: httpx2.Auth | None = None,
+        workers: int = 0,
         **options: Any,
     ) -> None:
+        self.decoder = Decoder(workers)  # big answers decoded in *workers* processes (0: in this one)
         self._secret = api_key
         self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
@@ -84,9 +87,11 @@ class ApiClient:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.decoder.close()
         await self._http.__aexit__(exc_type, exc, tb)
 
     async def aclose(self) -> None:
+        self.decoder.close()
         await self._http.aclose()
 
 
@@ -117,15 +122,15 @@ class GeminiClient(ApiClient):
         (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers
         (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
         self.answers = ByteBudget(answer_bytes)
-        self.decoder = Decoder(workers)
         self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
             transport = ShardedTransport(max_connections)
         super().__init__(
-            base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth, limits=limits
-        )
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth,
+            limits=limits, workers=workers,
+        )  # fmt: skip
         # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
         # proxy (which the client mounts), no redirects followed, no cookies: less CPU per small request
         # (docs/performance.md). A signed request (Vertex AI) goes through the client.
@@ -200,6 +205,9 @@ class GeminiClient(ApiClient):
         length = _plain_length(response)
         # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
         async with self.answers.hold(self._last_size if length is None else length) as held:
+            if length is not None and self.decoder.takes(length):  # read straight into a worker's shared memory
+                self._last_size = length
+                return await self.decoder.read_reply(length, functools.partial(_fill, response, big_pieces=True))
             body = await _read_body(response, length, held)
             self._last_size = len(body)
             return await self.decoder.reply(body)
@@ -217,15 +225,24 @@ async def _read_body(response: httpx2.Response, length: int | None, held: Held) 
         return grown
     buffer = bytearray(length)
     with memoryview(buffer) as view:
-        at = 0
+        await _fill(response, view)
+    return buffer
+
+
+async def _fill(response: httpx2.Response, view: memoryview, *, big_pieces: bool = False) -> None:
+    """Fill *view* with *response*'s body, exactly as long as it (its Content-Length); with *big_pieces*, read in
+    pieces of up to 1 MiB, not as each few KB arrive (:func:`~nanobatch.api.transport.expect_body`): less CPU per
+    body, but in this process's own heap the bigger pieces raised peak RSS (docs/performance.md)."""
+    at, length = 0, len(view)
+    with expect_body(length if big_pieces else 0) as left:
         async for chunk in response.aiter_bytes():
             if at + len(chunk) > length:  # h11 enforces Content-Length; this keeps the buffer honest anyway
                 raise ApiError("the answer is longer than it said", kind="bad_response", retryable=True)
             view[at : at + len(chunk)] = chunk
             at += len(chunk)
+            left[0] = length - at
     if at != length:
         raise ApiError("the answer is shorter than it said", kind="bad_response", retryable=True)
-    return buffer
 
 
 def _plain_length(response: httpx2.Response) -> int | None:

@@ -19,19 +19,45 @@ small request in one send() and keeps the socket at hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
-from collections.abc import AsyncIterator, Iterable
+import sys
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import httpcore2
 import httpx2
 
-__all__ = ["ShardedTransport"]
+__all__ = ["ShardedTransport", "expect_body"]
 
 POOL_SIZE = 10
 _JOIN_UP_TO = 64 * 1024  # writes up to this size wait for the next one; bigger ones go out as they are
+# A big body's reads (:func:`expect_body`) take up to this much of what has arrived: httpcore2 asks for 64 KB,
+# anyio cuts what asyncio read (256 KB at a time) into pieces that size, copying the rest each time, and each
+# piece goes through h11 and httpx2 on its own: a 4K answer's 32 MB took ~500 trips, now ~32
+# (docs/performance.md). Other reads are as httpcore2 asks: bigger pieces in the run's own heap raised its peak RSS.
+_READ_UP_TO = 1 << 20
+# The bytes of a body still to come, while a reader expects them (:func:`expect_body`): a read waits until that
+# many (up to _READ_UP_TO) have arrived (SO_RCVLOWAT), instead of waking for every few KB.
+_BODY_LEFT: ContextVar[list[int] | None] = ContextVar("nanobatch_body_left", default=None)
+_CAN_WAIT_FOR_BYTES = sys.platform.startswith("linux")  # where SO_RCVLOWAT holds back poll and epoll too
+
+
+@contextlib.contextmanager
+def expect_body(length: int) -> Iterator[list[int]]:
+    """While the block runs, reads through this module's streams (in this task) wait for the bytes of a body
+    of *length* to arrive in big pieces: keep ``left[0]`` at the bytes not yet read (never more: a read would
+    wait for bytes that never come, until its timeout)."""
+    left = [length]
+    token = _BODY_LEFT.set(left)
+    try:
+        yield left
+    finally:
+        _BODY_LEFT.reset(token)
+
 
 logger = logging.getLogger("nanobatch")
 
@@ -137,6 +163,12 @@ class _Stream(httpcore2.AsyncNetworkStream):
         self._held = b""
         self._timeout: float | None = None
         self._socket: socket.socket | None = inner.get_extra_info("socket")
+        self._low = 1  # the socket's SO_RCVLOWAT
+        # Through TLS the socket's bytes are records, some of them already taken into the TLS object while the
+        # body's bytes still to come are counted in plain text: waiting for that many could wait for ever.
+        self._plain = _CAN_WAIT_FOR_BYTES and inner.get_extra_info("ssl_object") is None
+        self._transport = _asyncio_transport(inner)
+        self._recv_size = getattr(self._transport, "max_size", None)  # asyncio's own, restored after a body
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._timeout = timeout
@@ -153,7 +185,23 @@ class _Stream(httpcore2.AsyncNetworkStream):
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         await self._flush()
-        return await self._inner.read(max_bytes, timeout)
+        left = _BODY_LEFT.get()
+        big = left is not None and left[0] > _READ_UP_TO // 4
+        self._wait_for(min(left[0], _READ_UP_TO) if big and left is not None else 1)
+        return await self._inner.read(max(max_bytes, _READ_UP_TO) if big else max_bytes, timeout)
+
+    def _wait_for(self, low: int) -> None:
+        """Let the socket say it is readable only once *low* bytes have arrived (or it is closed), and asyncio
+        take them in one recv(); 1: as it does by default."""
+        if low != self._low and self._socket is not None and self._plain:
+            try:
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low)
+            except OSError:  # not allowed here: reads wake as bytes come
+                self._plain = False
+                return
+            self._low = low
+            if isinstance(self._recv_size, int):  # bigger recv()s only for such a body (peak RSS: docs/performance.md)
+                self._transport.max_size = max(low, self._recv_size)
 
     async def aclose(self) -> None:
         self._held = b""
@@ -167,8 +215,16 @@ class _Stream(httpcore2.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable" and self._socket is not None:
+            self._wait_for(1)  # an idle connection: any byte (or its close) makes it readable
             return _readable(self._socket)
         return self._inner.get_extra_info(info)
+
+
+def _asyncio_transport(stream: httpcore2.AsyncNetworkStream) -> Any:
+    """asyncio's transport under *stream* (httpcore2's anyio stream), whose ``max_size`` is how much one recv()
+    takes (256 KB): with a body's bytes waited for in big pieces, it would read a quarter of them per wake-up.
+    None where there is none (another event loop)."""
+    return getattr(getattr(stream, "_stream", None), "_transport", None)
 
 
 def _readable(sock: socket.socket) -> bool:

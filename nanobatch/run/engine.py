@@ -16,7 +16,6 @@ stop the run; an item's failure becomes its record.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -37,7 +36,7 @@ from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_reco
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
-from ..output.verdicts import check_images, set_aside, stale_rejected
+from ..output.verdicts import Checker, set_aside, stale_rejected
 from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
 from ..qa import Verdict
 from .batch.route import BatchRoute
@@ -104,6 +103,7 @@ class Engine:
         self.retry = retry
         self.tier = settings.api.tier
         self.concurrency = settings.gate_limits()[0]
+        self.checker = Checker(settings.limits.workers)  # where the output checks run (Engine._check)
         self.inputs = inputs  # the run's downloader and cache
         # What goes by reference, and the stamps of bucket objects (pass the items through referrer.stamps.watch).
         self.referrer = referrer
@@ -298,14 +298,12 @@ class Engine:
         return first.data
 
     async def _check(self, item: WorkItem, images: list[Image], original: bytes | None) -> Verdict:
-        """:func:`~nanobatch.output.verdicts.check_images` on *images*, in a worker thread: the event loop goes on
-        sending and writing meanwhile (the one place the checks run)."""
+        """:func:`~nanobatch.output.verdicts.check_images` on *images*, in a worker process (``limits.workers``)
+        or thread: the event loop goes on sending and writing meanwhile (the one place the checks run)."""
         assert item.qa is not None
-        check = functools.partial(
-            check_images, [image.data for image in images], original=original, aspect_ratio=item.aspect_ratio,
-            settings=item.qa,
-        )  # fmt: skip
-        return await anyio.to_thread.run_sync(check)
+        return await self.checker.check(
+            [image.data for image in images], original=original, aspect_ratio=item.aspect_ratio, settings=item.qa
+        )
 
     async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
         """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
