@@ -252,3 +252,13 @@ def test_an_items_fields_are_read_as_pydantic_reads_them(raw: dict[str, Any], pl
     fields, _ = parse_fields(raw, "job.yaml", "a")
     if fast is not None:
         assert fields is not None and fast == fields.model_dump(exclude_none=True)
+
+
+def test_the_plain_path_holds_every_field_an_item_may_set() -> None:
+    # Merged (pydantic-free, for the usual item) mirrors ItemFields: a field added to one and not the other
+    # would be dropped from plain items, or refused on them.
+    from dataclasses import fields
+
+    from nanobatch.job.fields import ItemFields, Merged
+
+    assert [f.name for f in fields(Merged)] == list(ItemFields.model_fields)

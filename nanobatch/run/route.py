@@ -62,6 +62,12 @@ class Step:
             return orjson.dumps([self.item, self.work_key, self.number, "qa", self.again]).decode()
         return orjson.dumps([self.item, self.work_key, self.number]).decode()
 
+    @classmethod
+    def from_key(cls, key: str) -> Step:
+        """The step a :attr:`key` was made for."""
+        item, work_key, number, *again = orjson.loads(key)
+        return cls(item=item, work_key=work_key, number=number, again=again[1] if again else 0)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Answer:

@@ -33,6 +33,7 @@ from ...errors import ApiError
 from ...names import BATCH_FOLDER, LEDGER_FILE
 from ...output.outdir import atomic_write
 from ...output.own import open_own
+from ..route import Step
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
@@ -171,8 +172,8 @@ def answers_kept(out_dir: Path, written: Callable[[str, str | None], bool]) -> i
     for chunk in Ledger(out_dir / BATCH_FOLDER).load().values():
         if chunk.results is not None and not chunk.closed:
             for key in chunk.keys:
-                item, work_key = orjson.loads(key)[:2]  # [item, key, step] (and "qa", n: a retry)
-                kept += not written(item, work_key)
+                step = Step.from_key(key)
+                kept += not written(step.item, step.work_key)
     return kept
 
 
