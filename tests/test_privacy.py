@@ -12,6 +12,7 @@ import httpx2
 import pytest
 
 import nanobatch
+from nanobatch.api.gemini import classify_error
 from nanobatch.cli.main import main
 from nanobatch.config import load_settings
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
@@ -187,3 +188,25 @@ def test_google_genai_sends_store_and_the_simulator_takes_it() -> None:
         )
     assert any(part.inline_data for part in answer.candidates[0].content.parts)
     assert dict(app.state.stats.store) == {"false": 1}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": 'Unknown name "store"'}},
+                     id="google"),
+        pytest.param({"error": {"message": "Unrecognized request argument supplied: store",
+                                "type": "invalid_request_error"}}, id="openai-style-relay"),
+        pytest.param({"status_code": 400, "error": {"message": "store: Extra inputs are not permitted",
+                                                    "type": "invalid_request_error", "code": "invalid_argument"}},
+                     id="apiyi-pydantic-relay"),
+    ],
+)  # fmt: skip
+def test_each_way_a_proxy_words_refusing_store_points_at_store_null(body: dict[str, Any]) -> None:
+    error = classify_error(400, {}, json.dumps(body).encode())
+    assert error.kind == "store_refused" and "api.store: null" in error.message
+
+
+def test_a_400_that_does_not_name_store_is_an_items_own_failure() -> None:
+    body = {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "The image store is unavailable"}}
+    assert classify_error(400, {}, json.dumps(body).encode()).kind != "store_refused"

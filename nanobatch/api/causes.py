@@ -41,9 +41,14 @@ _MONEY = (
         ),
     ),
 )
-# A 400 naming the request's "store" field: Google's "Unknown name \"store\"", a proxy's "unknown field 'store'".
+# A 400 naming the request's "store" field: Google's "Unknown name \"store\"", a proxy's "unknown field 'store'",
+# an OpenAI-style relay's "Unrecognized request argument supplied: store", pydantic's "store: Extra inputs are not
+# permitted". The field named, or the word store after (or just before) the words that refuse a field.
+_REFUSING = r"unknown|unrecogni[sz]ed|unsupported|unexpected|extra|additional|not (?:allowed|permitted|supported)"
 STORE_REFUSED = re.compile(
-    r"[\"'`]store[\"'`]|\b(?:field|parameter|property|name|key)s?\W{0,3}store\b|\bstore\W{0,3}(?:field|parameter)",
+    r"[\"'`]store[\"'`]|\b(?:field|parameter|property|argument|name|key)s?\W{0,3}store\b"
+    r"|\bstore\W{0,3}(?:field|parameter|argument)"
+    rf"|\b(?:{_REFUSING})\b[^.\n]{{0,60}}\bstore\b|\bstore\b\W{{0,3}}(?:{_REFUSING})\b",
     re.IGNORECASE,
 )
 # Vertex AI's answers (its messages name aiplatform, its models "Publisher Model"): the same body shape,
