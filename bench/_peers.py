@@ -113,7 +113,7 @@ def _whole_processes(
     """Each client timed as a whole process, start to exit (bench/dispatch.py): ``nanobatch run`` (once per
     ``--workers`` value given) against the peer scripts, taking turns."""
     size = {"small": "512"}.get(answers, answers)
-    ours = [f"nanobatch --workers {w}" for w in workers] or ["nanobatch"]
+    ours: dict[str, int | None] = {f"nanobatch --workers {w}": w for w in workers} or {"nanobatch": None}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*ours, *peers]}
     say(f"[0] peers, whole processes: {n} {answers} answers, concurrency {concurrency}, {reps} alternating round(s)")
     with SimulatorProcess(latency_s=0.2, canned=str(canned(b, answers))) as sim:
@@ -122,9 +122,8 @@ def _whole_processes(
             if name in PEER_SCRIPTS:
                 return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
                                   input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
-            chosen = dict(zip(ours, workers, strict=True)).get(name)
             return run_cli(b, None, manifest=b.catalog(count, size), out=out, url=sim.url, concurrency=concurrency,
-                           n=count, workers=chosen)  # fmt: skip
+                           n=count, workers=ours[name])  # fmt: skip
 
         for name in runs:  # warm-up: the bytecode of what each imports (as a pip install leaves it)
             one(name, 2, b.out(f"whole-warm-{answers}-{name}"))
@@ -134,14 +133,15 @@ def _whole_processes(
     label = "2,000 small answers" if answers == "small" else f"{n} answers of {answers}"
     for name, each in runs.items():
         b.add(SECTION, f"{label}, c={concurrency}, whole process: {name}", line(name, each, n).split(": ", 1)[1])
-    first, peer = runs[ours[0]], runs[peers[0]]
+    mine = next(iter(ours))
+    first, peer = runs[mine], runs[peers[0]]
     wall = _median(first, "wall_s") / _median(peer, "wall_s")
     if answers == "small":
-        b.add(SECTION, f"  {ours[0]} / {peers[0]} script, whole process, median wall", f"**{wall:.2f}x**",
+        b.add(SECTION, f"  {mine} / {peers[0]} script, whole process, median wall", f"**{wall:.2f}x**",
               "<= 1.05x", wall <= 1.05)  # fmt: skip
         return
     rss = _median(first, "maxrss_mb") / _median(peer, "maxrss_mb")
-    b.add(SECTION, f"  {ours[0]} / {peers[0]}, peak RSS", f"**{rss:.2f}x**", "<= 1.0x", rss <= 1.0)
+    b.add(SECTION, f"  {mine} / {peers[0]}, peak RSS", f"**{rss:.2f}x**", "<= 1.0x", rss <= 1.0)
     for name in ours:
         per_minute = n / _median(runs[name], "wall_s") * 60
         main_cpu = _median(runs[name], "main_cpu_s") / n * 1000
