@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import orjson
 
-from ..api.client import GeminiClient
-from ..api.gemini import Reply
 from ..errors import ApiError
+
+if TYPE_CHECKING:  # not at run time: status reads batch keys (Step) without loading the HTTP client
+    from ..api.client import GeminiClient
+    from ..api.gemini import Reply
 
 __all__ = ["Answer", "Bounded", "GenerateContent", "Request", "Route", "Step"]
 
