@@ -69,6 +69,7 @@ def check_ms(answer: bytes, original: bytes, repeat: int) -> float:
 def catalogs(folder: Path, n: int) -> tuple[Path, Path]:
     """A manifest of *n* 2K items whose input is the product the answer shows (so ``same_subject`` passes),
     without and with every check on."""
+    folder.mkdir(parents=True, exist_ok=True)
     original = folder / "original.jpg"
     original.write_bytes(jpeg(photo(1600, (176, 196, 222))))
     off = fixtures.write_catalog(folder / f"job-qa-{n}", n, original, image_size="2K")
@@ -122,8 +123,10 @@ def _removed(folder: Path) -> Iterator[None]:
 
 
 def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8) -> None:
-    """Whole ``nanobatch run`` processes of *n* 2K JPEG answers, ``qa:`` on and off with each of *workers*,
-    taking turns: medians (min-max) of the run's own process's CPU per answer and of the total."""
+    """Whole ``nanobatch run`` processes of 2K JPEG answers, ``qa:`` on and off with each of *workers*, taking
+    turns, each of *n* and of 5 *n* items: the per-answer CPU is the difference of the two divided by 4 *n*,
+    so the start-up (imports, the workers' own, the first decode) is counted once, apart, as a night of a
+    catalog meets it. Medians of *reps* for the run's own process and for all processes together."""
     import statistics
     import tempfile
 
@@ -133,27 +136,37 @@ def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8)
     b = Bench(tmp=tmp, quick=True)
     answer = tmp / "answer-2k.jpg"
     answer.write_bytes(jpeg(photo(2048, (255, 255, 255))))
-    off, on = catalogs(tmp, n)
-    runs: dict[tuple[int, str], list[dict[str, float]]] = {(w, q): [] for w in workers for q in ("off", "on")}
+    sizes = (n, 5 * n)
+    jobs = {size: catalogs(tmp / f"n{size}", size) for size in sizes}
+    turns = [(w, q, size) for w in workers for q in ("off", "on") for size in sizes]
+    runs: dict[tuple[int, str, int], list[dict[str, float]]] = {turn: [] for turn in turns}
     with SimulatorProcess(latency_s=0.2, canned=str(answer)) as sim, _removed(tmp):
         for rep in range(reps + 1):  # the first round warms up (bytecode, page cache), not counted
-            for w, q in runs if rep % 2 else reversed(runs):
-                run = run_cli(b, None, manifest=on if q == "on" else off, out=b.out(f"w{w}-{q}-{rep}"), url=sim.url,
-                              concurrency=concurrency, n=n, workers=w)  # fmt: skip
+            for w, q, size in turns if rep % 2 else reversed(turns):
+                run = run_cli(b, None, manifest=jobs[size][q == "on"], out=b.out(f"w{w}-{q}-{size}-{rep}"),
+                              url=sim.url, concurrency=concurrency, n=size, workers=w)  # fmt: skip
                 if rep:
-                    runs[w, q].append(run)
+                    runs[w, q, size].append(run)
 
-    def ms(w: int, q: str, key: str) -> str:
-        values = sorted(r[key] / n * 1000 for r in runs[w, q])
-        return f"{statistics.median(values):.1f} ({values[0]:.1f}-{values[-1]:.1f})"
+    def median(w: int, q: str, size: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs[w, q, size])
 
-    say(f"{n} 2K JPEG answers, c={concurrency}, whole processes, ms of CPU per answer, median (min-max) of {reps}:")
-    for w, q in runs:
-        say(f"  --workers {w}, qa {q}: run's process {ms(w, q, 'main_cpu_s')}, total {ms(w, q, 'cpu_s')}")
+    def per_answer(w: int, q: str, key: str) -> float:  # ms
+        return (median(w, q, sizes[1], key) - median(w, q, sizes[0], key)) / (sizes[1] - sizes[0]) * 1000
+
+    def start(w: int, q: str, key: str) -> float:  # ms
+        return median(w, q, sizes[0], key) * 1000 - per_answer(w, q, key) * sizes[0]
+
+    say(f"2K JPEG answers, c={concurrency}, whole processes of {sizes[0]} and {sizes[1]} items, medians of {reps}:")
     for w in workers:
-        main_on, main_off = (statistics.median(r["main_cpu_s"] for r in runs[w, q]) for q in ("on", "off"))
-        total_on, total_off = (statistics.median(r["cpu_s"] for r in runs[w, q]) for q in ("on", "off"))
-        say(f"  --workers {w}: qa on / off, run's process {main_on / main_off:.2f}x, total {total_on / total_off:.2f}x")
+        for q in ("off", "on"):
+            say(f"  --workers {w}, qa {q}: per answer, run's process {per_answer(w, q, 'main_cpu_s'):.1f} ms, "
+                f"all {per_answer(w, q, 'cpu_s'):.1f} ms; start-up {start(w, q, 'main_cpu_s'):.0f} / "
+                f"{start(w, q, 'cpu_s'):.0f} ms; wall of {sizes[1]} {median(w, q, sizes[1], 'wall_s'):.2f} s")  # fmt: skip
+        main = per_answer(w, "on", "main_cpu_s") / per_answer(w, "off", "main_cpu_s")
+        total = per_answer(w, "on", "cpu_s") / per_answer(w, "off", "cpu_s")
+        wall = median(w, "on", sizes[1], "wall_s") / median(w, "off", sizes[1], "wall_s")
+        say(f"  --workers {w}: qa on / off per answer, run's process {main:.2f}x, all {total:.2f}x; wall {wall:.2f}x")
 
 
 def main() -> int:
