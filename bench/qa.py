@@ -160,9 +160,10 @@ def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8)
     say(f"2K JPEG answers, c={concurrency}, whole processes of {sizes[0]} and {sizes[1]} items, medians of {reps}:")
     for w in workers:
         for q in ("off", "on"):
+            wall = median(w, q, sizes[1], "wall_s")
             say(f"  --workers {w}, qa {q}: per answer, run's process {per_answer(w, q, 'main_cpu_s'):.1f} ms, "
                 f"all {per_answer(w, q, 'cpu_s'):.1f} ms; start-up {start(w, q, 'main_cpu_s'):.0f} / "
-                f"{start(w, q, 'cpu_s'):.0f} ms; wall of {sizes[1]} {median(w, q, sizes[1], 'wall_s'):.2f} s")  # fmt: skip
+                f"{start(w, q, 'cpu_s'):.0f} ms; wall of {sizes[1]} {wall:.2f} s")  # fmt: skip
         main = per_answer(w, "on", "main_cpu_s") / per_answer(w, "off", "main_cpu_s")
         total = per_answer(w, "on", "cpu_s") / per_answer(w, "off", "cpu_s")
         wall = median(w, "on", sizes[1], "wall_s") / median(w, "off", sizes[1], "wall_s")
