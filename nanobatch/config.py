@@ -12,7 +12,6 @@ starts, and lives only in the HTTP client.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import typing
@@ -377,5 +376,7 @@ def _known_names(loc: tuple[Any, ...]) -> list[str]:
 
 def did_you_mean(name: str, choices: list[str]) -> str:
     """``' (did you mean "x"?)'`` when a choice is close to *name*, else ``''``."""
+    import difflib  # (only for a name that is wrong)
+
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""

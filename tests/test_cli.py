@@ -470,3 +470,23 @@ def test_status_and_validate_load_only_what_they_need(tmp_path: Path) -> None:
     validate = _modules_after(f"from nanobatch.cli.main import main; main({args!r})")
     # No URL or bucket in the manifest: no HTTP client, no cloud library, no engine.
     assert validate & {"uvicorn", "starlette", "PIL", "httpx2", "fsspec", "rich"} == set()
+
+
+def test_a_plain_run_loads_nothing_it_does_not_use(tmp_path: Path) -> None:
+    """A run with no output checks, metrics or telemetry, whose requests all succeed at once, loads no retry
+    library, image or array library, progress display, metrics client or simulator: each import is start-up
+    time every run would pay (the whole-process dispatch row of docs/performance.md)."""
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "b", "instruction": "a lemon"}])
+    with run_in_thread(SimulatorConfig()) as url:  # in this process: the run's must not load the simulator
+        args = ["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--quiet"]
+        probe = (
+            f"from nanobatch.cli.main import main\nassert main({args!r}) == 0\nimport sys\n"
+            "print(' '.join(sorted(m for m in sys.modules if '.' not in m or m.startswith('nanobatch.simulator'))))"
+        )
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    loaded = set(done.stdout.split())
+    unused = {"tenacity", "numpy", "PIL", "rich", "prometheus_client", "opentelemetry", "uvicorn", "starlette"}
+    assert "httpx2" in loaded and loaded & unused == set()
+    assert not any(name.startswith("nanobatch.simulator") for name in loaded)

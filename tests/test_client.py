@@ -242,8 +242,8 @@ def built(monkeypatch: pytest.MonkeyPatch) -> list[ShardedTransport]:
     made: list[ShardedTransport] = []
 
     class Recording(ShardedTransport):
-        def __init__(self, max_connections: int) -> None:
-            super().__init__(max_connections)
+        def __init__(self, max_connections: int, **options: Any) -> None:
+            super().__init__(max_connections, **options)
             made.append(self)
 
     monkeypatch.setattr(client_module, "ShardedTransport", Recording)
@@ -366,6 +366,18 @@ def test_a_proxy_in_the_environment_keeps_httpx_in_charge(
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     GeminiClient(base_url="https://example.invalid", api_key=None, max_connections=100)
     assert len(built) == 1  # with one, httpx2 builds its transports (which honour the proxy) itself
+
+
+def test_only_an_https_endpoint_loads_the_certificate_authorities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading the CA bundle costs a run 35-55 ms of CPU: a plain http:// endpoint (the simulator, a proxy on
+    this machine) never needs it."""
+    made: list[object] = []
+    real = httpx2.create_ssl_context
+    monkeypatch.setattr(httpx2, "create_ssl_context", lambda *a, **k: made.append(k) or real(*a, **k))
+    GeminiClient(base_url="http://127.0.0.1:8000", api_key=None)
+    assert made == []
+    GeminiClient(base_url="https://generativelanguage.googleapis.com", api_key="k")
+    assert len(made) == 1  # one context for all the pools
 
 
 def test_a_whole_run_goes_through_httpx2_and_never_loads_httpx_0_28(tmp_path: Any) -> None:

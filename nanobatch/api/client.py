@@ -126,7 +126,7 @@ class GeminiClient(ApiClient):
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not _proxy_configured():
-            transport = ShardedTransport(max_connections)
+            transport = ShardedTransport(max_connections, tls=not base_url.lower().startswith("http://"))
         super().__init__(
             base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth,
             limits=limits, workers=workers,

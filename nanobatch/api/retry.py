@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-from tenacity import AsyncRetrying, RetryCallState, wait_random_exponential
 
 from ..config import RetrySettings
 from ..errors import ApiError, FatalApiError
+
+if TYPE_CHECKING:  # tenacity itself is imported by the first request that fails: most runs never need it
+    from tenacity import RetryCallState, wait_random_exponential
 
 __all__ = ["RetryPolicy", "retrying"]
 
@@ -86,16 +88,18 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_
     A 200 with no image (``no_image``) or one that cannot be decoded (``bad_image``) gets
     ``retry.no_image_attempts`` extra tries of its own, shared by both.
     """
-    settings = policy.settings
-    backoff = wait_random_exponential(multiplier=settings.backoff_initial_s, max=settings.backoff_max_s)
-    decide = _Decisions(settings, on_retry, backoff)
-
     # Most calls succeed at once: try without tenacity's bookkeeping (kept for bench row "1 dispatch":
     # bench/RESULTS.md). A failure is handed to tenacity as its first attempt, replayed: every decision is tenacity's.
     try:
         return await call()
     except Exception as exc:  # cancellation (a BaseException) is never retried: it propagates from here
         replay: Exception | None = exc
+
+    from tenacity import AsyncRetrying, wait_random_exponential
+
+    settings = policy.settings
+    backoff = wait_random_exponential(multiplier=settings.backoff_initial_s, max=settings.backoff_max_s)
+    decide = _Decisions(settings, on_retry, backoff)
 
     async def again() -> T:
         nonlocal replay

@@ -40,7 +40,22 @@ __all__ = ["cli", "entrypoint", "main"]
 logger = logging.getLogger("nanobatch")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The commands; ``simulate`` (the simulator's own, with its settings) is imported only when it is asked
+    for or listed: a run does not pay for loading it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "simulate"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "simulate" and cmd_name not in self.commands:
+            from ..simulator._cli import simulate  # the simulator ships with the package
+
+            self.add_command(simulate)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nanobatch")
 @click.option("-v", "--verbose", count=True, help="More log detail on stderr (-vv for debug).")
 @click.option(
@@ -393,15 +408,6 @@ def models_command(live: bool, as_json: bool, config_file: str | None, base_url:
         click.echo(json.dumps(result, indent=2))
     else:
         _print_models(result)
-
-
-def _add_simulate() -> None:
-    from ..simulator._cli import simulate  # the simulator ships with the package
-
-    cli.add_command(simulate)
-
-
-_add_simulate()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
