@@ -29,7 +29,7 @@ import nanobatch.output.verdicts as verdicts
 from nanobatch.api.batch_api import BatchClient
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
-from nanobatch.api.gemini import build_request
+from nanobatch.api.gemini import Image, build_request
 from nanobatch.config import load_settings
 from nanobatch.errors import ApiError
 from nanobatch.output.verdicts import Checker
@@ -164,7 +164,7 @@ def test_answers_one_after_another_reuse_the_same_shared_memory() -> None:
         return decoder.blocks.made, names
 
     made, names = anyio.run(main)
-    assert made == 2  # the body's and the images', once
+    assert made == 1  # the body's, once (the images go into files)
     for name in names:  # unlinked once closed: nothing left behind in /dev/shm
         with pytest.raises(FileNotFoundError):
             decoding.attach(name)
@@ -181,7 +181,8 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
     settings = QaSettings(min_side=600, changed=True)
 
     async def main(workers: int) -> Verdict:
-        return await Checker(workers).check([PICTURE], original=SMALL, aspect_ratio="1:1", settings=settings)
+        images = [Image("image/png", PICTURE)]
+        return await Checker(workers).check(images, original=SMALL, aspect_ratio="1:1", settings=settings)
 
     verdict = anyio.run(main, 1)
     assert verdict.passed and verdict.values["min_side"] == 640
@@ -217,6 +218,7 @@ def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
 # -- a SIGKILL with answers inside the workers --------------------------------------------------------------
 
 ITEMS = 24
+SPOOLED = ".nanobatch-*-*-*.tmp"  # a worker's temporary file: .nanobatch-<run's pid>-<answer>-<image>.tmp
 
 
 @pytest.fixture(scope="module")
@@ -260,21 +262,28 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     job = write_job(tmp_path, items, qa={"min_side": 600, "changed": True})  # checked in the workers too
     out = tmp_path / "out"
     marker = f"sim-key-{os.getpid()}-{time.monotonic_ns()}"
-    for results_before_kill in (1, 6):  # the first answers in the workers, then mid-run
+    # Killed once a worker has written an answer's image into its temporary file (the writer not done with it),
+    # then mid-run.
+    strays: list[str] = []
+    for results_before_kill in (0, 6):
         before = len(lines(out / "results.jsonl"))
         proc = start_run(job, out, big_api, marker)
         deadline = time.monotonic() + 60
-        while len(lines(out / "results.jsonl")) < before + results_before_kill and proc.poll() is None:
+        while proc.poll() is None and (
+            len(lines(out / "results.jsonl")) < before + results_before_kill
+            or (not results_before_kill and not list(out.glob(SPOOLED)))
+        ):
             assert time.monotonic() < deadline, "the run never reached the kill point"
-            time.sleep(0.005)
+            time.sleep(0.002)
         workers = [pid for pid in processes_with(marker) if pid != proc.pid]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         assert workers  # the answers in flight were being decoded in worker processes
-        deadline = time.monotonic() + 30  # workers see their pipe close, and end
+        deadline = time.monotonic() + 30  # workers die with the run
         while processes_with(marker):
             assert time.monotonic() < deadline, "worker processes outlived the run"
             time.sleep(0.05)
+        strays += [p.name for p in out.glob(SPOOLED)]  # images the workers wrote, not yet in place
 
     proc = start_run(job, out, big_api, marker)
     assert proc.wait(timeout=120) == 0
@@ -284,4 +293,8 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     assert sorted(ok) == [f"sku-{n:03d}" for n in range(ITEMS)] and set(ok.values()) == {1}
     for name in ok:
         assert (out / f"{name}.png").read_bytes() == PICTURE  # whole images, each written once
+    assert strays  # the kills left images in workers' temporary files
+    # The killed runs' temporary files were removed, none was taken for an output, and nothing else is there.
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(("results", "journal",
+                  "summary", ".nanobatch")))  == sorted(f"{name}.png" for name in ok)  # fmt: skip
     assert not list(out.glob(".*.tmp"))

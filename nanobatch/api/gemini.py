@@ -25,6 +25,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from ..errors import ApiError, FatalApiError
 from ..pictures import answer_problem, sniff_mime
 from .causes import HINTS, STORE_REFUSED, VERTEX_HINTS, detail, from_vertex, money_kind, violations
+from .spool import Spooled
 
 __all__ = [
     "BLOCK_REASONS",
@@ -68,14 +69,29 @@ OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
 
 @dataclass(frozen=True, slots=True)
 class Image:
-    """Image bytes and their mime type."""
+    """Image bytes and their mime type; or, for an answer a worker process decoded, the temporary file it wrote
+    them into (*spooled*, :mod:`nanobatch.api.spool`): read from there only when asked for (``data``), and renamed
+    into place by the run's writer."""
 
     mime_type: str
-    data: bytes = field(repr=False)
+    content: bytes = field(default=b"", repr=False)
+    spooled: Spooled | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> bytes:
+        return self.content if self.spooled is None else self.spooled.read()
+
+    @property
+    def size(self) -> int:
+        return len(self.content) if self.spooled is None else self.spooled.size
 
     @property
     def extension(self) -> str:
         return _EXTENSIONS.get(self.mime_type, "bin")
+
+    def problem(self) -> str | None:
+        """Why the image cannot be decoded (:func:`~nanobatch.pictures.answer_problem`), or None."""
+        return answer_problem(self.content) if self.spooled is None else self.spooled.problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +280,10 @@ def reply_error(reply: Reply) -> ApiError | None:
             reply=reply,
         )
     for n, image in enumerate(reply.images, 1):
-        if (problem := answer_problem(image.data)) is not None:
+        if (problem := image.problem()) is not None:
             which = f"image {n} of {len(reply.images)}" if len(reply.images) > 1 else "image"
             return ApiError(
-                f"the answer's {which} ({image.mime_type}, {len(image.data)} bytes) cannot be used: {problem}",
+                f"the answer's {which} ({image.mime_type}, {image.size} bytes) cannot be used: {problem}",
                 kind="bad_image",
                 status_code=200,
                 retryable=True,
