@@ -190,12 +190,42 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
         anyio.run(main, 0)
 
 
-def test_workers_are_asked_for() -> None:
-    """Off by default: workers save the run's process about half its CPU per 4K answer, for ~35% more in all
-    (docs/performance.md); a worker also runs in real time, where tests on trio's virtual clock would jump past
-    every timeout while waiting for it."""
-    assert load_settings(env={}).limits.workers == 0
+def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker costs ~0.25 s of CPU to start: a run of a few big answers (or of small ones only) decodes them in
+    its own process and starts none; past WORKERS_AFTER_BYTES of big answers the rest go to workers, and so do
+    the output checks. A number asks for workers from the first big answer; 0 for none."""
+    assert load_settings(env={}).limits.workers is None
     assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "2"}).limits.workers == 2
+    big = answer(PICTURE)
+    monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 3 * len(big))
+    sent: list[str] = []
+    real = decoding.anyio.to_process.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
+    images = [Image("image/png", PICTURE)]
+    settings = QaSettings(min_side=600)
+
+    async def main() -> None:
+        decoder, checker = Decoder(None), Checker(None)
+        for _ in range(100):
+            assert (await decoder.reply(bytearray(answer(SMALL)))).images[0].data == SMALL
+        for _ in range(3):
+            assert (await decoder.reply(bytearray(big))).images[0].data == PICTURE
+        assert (await checker.check(images, original=None, aspect_ratio=None, settings=settings)).passed
+        assert sent == []  # a small run: no worker started
+        for _ in range(2):
+            assert (await decoder.reply(bytearray(big))).images[0].data == PICTURE
+        assert (await checker.check(images, original=None, aspect_ratio=None, settings=settings)).passed
+        decoder.close()
+
+    anyio.run(main)
+    assert sent == ["decode_in_worker", "decode_in_worker", "check_in_worker"]
 
 
 def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
