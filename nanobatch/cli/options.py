@@ -65,8 +65,7 @@ def settings_options(f: Any) -> Any:
         click.option(
             "--workers",
             type=click.IntRange(0, 256),
-            help="Processes that decode and write big answers (default: one per CPU, once the run has read "
-            "256 MiB of them; 0: the run's own process does it all).",
+            help="Processes that decode and write big answers (default: one per CPU, once needed; 0: none).",
         ),
         click.option(
             "--rpm",
