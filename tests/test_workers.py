@@ -4,6 +4,7 @@ guarantees kept when a run is killed with answers inside them."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -75,6 +76,38 @@ def test_a_big_answer_is_decoded_in_a_worker_process(broken_here: None) -> None:
 
     reply = anyio.run(main)
     assert reply.images[0].data == PICTURE and reply.images[0].mime_type == "image/png"
+
+
+def test_a_worker_writes_the_image_into_a_temporary_file_the_run_owns(tmp_path: Path, broken_here: None) -> None:
+    """The image's bytes never come back to the run's process: the worker writes them into a file of nanobatch's
+    own name in the spool folder (the output folder in a run), which is deleted if nobody takes it."""
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    async def main() -> Any:
+        return await Decoder(1, str(spool)).reply(bytearray(answer(PICTURE)))
+
+    reply = anyio.run(main)
+    (image,) = reply.images
+    assert image.content == b"" and image.spooled is not None and image.size == len(PICTURE)
+    (spooled,) = spool.iterdir()
+    assert spooled.name.startswith(".nanobatch-") and spooled.name.endswith(".tmp")
+    assert spooled.read_bytes() == PICTURE == image.data
+    del reply, image
+    gc.collect()
+    assert not list(spool.iterdir())  # let go of, never renamed into place: deleted
+
+
+def test_an_image_a_worker_cannot_write_is_decoded_in_place(tmp_path: Path) -> None:
+    """A spool folder the worker cannot write into (a full disk, say): the answer, paid for, is decoded here,
+    and the writer meets the error itself (a full disk stops the run, as without workers)."""
+
+    async def main() -> Any:
+        return await Decoder(1, str(tmp_path / "gone")).reply(bytearray(answer(PICTURE)))
+
+    (image,) = anyio.run(main).images
+    assert image.spooled is None and image.data == PICTURE
 
 
 def test_a_small_answer_is_decoded_in_place(broken_here: None) -> None:
