@@ -226,7 +226,7 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
 def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_answers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A worker costs ~0.25 s of CPU to start: a run of a few big answers (or of small ones only) decodes them in
+    """A worker costs ~0.2 s of CPU to start: a run of a few big answers (or of small ones only) decodes them in
     its own process and starts none; past WORKERS_AFTER_BYTES of big answers the rest go to workers, and so do
     the output checks. A number asks for workers from the first big answer; 0 for none."""
     assert load_settings(env={}).limits.workers is None
