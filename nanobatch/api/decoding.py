@@ -12,7 +12,8 @@ worker costs more than they do.
 
 ``limits.workers`` unset (the default) means one worker per CPU, started only once the run has read
 :data:`WORKERS_AFTER_BYTES` of big answers (decoded in place until then): a worker costs ~0.2 s of CPU to
-start, about what two 4K answers cost to decode, so a small run, or one of small answers, starts none. A number starts them with the first big answer; 0 decodes everything in the run's process.
+start, about what two 4K answers cost to decode, so a small run, or one of small answers, starts none. A
+number starts them with the first big answer; 0 decodes everything in the run's process.
 
 The output folder keeps one writer of records: the run's writer renames each temporary file into place and
 appends the record, as it writes an image decoded in place. A run killed while answers are in workers has
