@@ -9,9 +9,9 @@ import resource
 import sys
 import time
 
-from nanobatch.cli.main import main
+if __name__ == "__main__":  # worker processes load this file as __mp_main__: they import nothing of the CLI
+    from nanobatch.cli.main import main
 
-if __name__ == "__main__":
     code = main(sys.argv[1:])
     own = resource.getrusage(resource.RUSAGE_SELF)
     # The event loop runs in the main thread: what the process's other threads (file I/O, hashing) took is the rest.

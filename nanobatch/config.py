@@ -101,10 +101,10 @@ class LimitSettings(_Section):
     breaker_max_down_s: float = Field(600.0, gt=0)
     # A flex request still shed after its retries is sent at standard price (recorded as a fallback).
     flex_fallback: bool = True
-    # Processes that decode big answers (JSON + base64) and run the output checks; 0, the default, does both in
-    # the run's own process: with workers it spends about half the CPU per 4K answer, but the processes together
-    # spend ~35% more, for the same wall time on a busy 2-core machine (docs/performance.md).
-    workers: int = Field(0, ge=0, le=256)
+    # Processes that decode big answers (JSON + base64), write their images and run the output checks. None, the
+    # default: one per CPU, started once the run has read 256 MiB of big answers (nanobatch.api.decoding); 0:
+    # all of it in the run's own process (docs/performance.md has the figures).
+    workers: int | None = Field(None, ge=0, le=256)
 
 
 class RetrySettings(_Section):

@@ -14,6 +14,7 @@ import pytest
 import nanobatch
 import nanobatch.output.outdir
 import nanobatch.output.writer
+from nanobatch.api.gemini import Image
 from nanobatch.errors import ConfigError, LockHeld, ManifestError, NanobatchError
 from nanobatch.output.lock import RunLock
 from nanobatch.output.record import ItemRecord
@@ -621,7 +622,8 @@ def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
         async def worker() -> None:
             nonlocal accepted
             for n in range(20):
-                await queue.put(Finished(ItemRecord(id=f"i{n}", status="ok"), [(f"i{n}.png", b"x" * 150)]))
+                image = Image("image/png", b"x" * 150)
+                await queue.put(Finished(ItemRecord(id=f"i{n}", status="ok"), [(f"i{n}.png", image)]))
                 accepted += 1
 
         async with anyio.create_task_group() as tg:
@@ -683,9 +685,9 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
         anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, idle_s)
         real_fsync(folder)
 
-    def write_image(path: str, data: bytes, **options: Any) -> None:  # the flush is the slow part, not each fsync
+    def write_image(path: str, image: Image, **options: Any) -> None:  # the flush is the slow part, not each fsync
         with open(path, "wb") as f:
-            f.write(data)
+            f.write(image.data)
 
     monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", slow_disk)
     monkeypatch.setattr(nanobatch.output.outdir, "write_image", write_image)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
+import itertools
 import json
 import os
 from pathlib import Path
@@ -15,6 +17,8 @@ import pytest
 import nanobatch
 import nanobatch.output.outdir
 import nanobatch.run.engine
+from nanobatch.api.gemini import Image
+from nanobatch.api.spool import Spooled, spool_name, write_spooled
 from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
 from nanobatch.errors import ManifestError
@@ -161,9 +165,10 @@ def test_a_file_that_appears_while_the_image_is_being_written_is_not_replaced(
     assert records["b"]["status"] == "ok" and not list(out.glob(".nanobatch-*.tmp"))
 
 
+@pytest.mark.parametrize("spooled", [False, True], ids=["in memory", "a worker's temporary file"])
 @pytest.mark.parametrize("hard_links", [True, False], ids=["hard links", "no hard links (FAT)"])
 def test_a_new_image_never_takes_a_name_that_is_taken(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool, spooled: bool
 ) -> None:
     if not hard_links:
 
@@ -174,11 +179,21 @@ def test_a_new_image_never_takes_a_name_that_is_taken(
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "theirs.png").write_bytes(b"theirs")
-    nanobatch.output.outdir.write_image(str(folder / "new.png"), b"ours", replace=False)
+    answers = itertools.count()
+
+    def ours() -> Image:
+        if not spooled:
+            return Image("image/png", b"ours")
+        prefix = spool_name(str(folder), next(answers))  # as a worker process writes an answer's image
+        return Image("image/png", spooled=Spooled(write_spooled(prefix, 0, b"ours"), 4, None))
+
+    nanobatch.output.outdir.write_image(str(folder / "new.png"), ours(), replace=False)
     with pytest.raises(FileExistsError) as caught:
-        nanobatch.output.outdir.write_image(str(folder / "theirs.png"), b"ours", replace=False)
+        nanobatch.output.outdir.write_image(str(folder / "theirs.png"), ours(), replace=False)
     assert caught.value.filename == str(folder / "theirs.png")
     assert (folder / "theirs.png").read_bytes() == b"theirs" and (folder / "new.png").read_bytes() == b"ours"
+    del caught  # its traceback holds the image that was refused: once let go, its temporary file goes too
+    gc.collect()
     assert sorted(p.name for p in folder.iterdir()) == ["new.png", "theirs.png"]  # no temporary file left
 
 

@@ -4,6 +4,7 @@ guarantees kept when a run is killed with answers inside them."""
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import json
 import os
@@ -29,7 +30,7 @@ import nanobatch.output.verdicts as verdicts
 from nanobatch.api.batch_api import BatchClient
 from nanobatch.api.client import GeminiClient
 from nanobatch.api.decoding import WORKERS_FROM_BYTES, Decoder
-from nanobatch.api.gemini import build_request
+from nanobatch.api.gemini import Image, build_request
 from nanobatch.config import load_settings
 from nanobatch.errors import ApiError
 from nanobatch.output.verdicts import Checker
@@ -75,6 +76,38 @@ def test_a_big_answer_is_decoded_in_a_worker_process(broken_here: None) -> None:
 
     reply = anyio.run(main)
     assert reply.images[0].data == PICTURE and reply.images[0].mime_type == "image/png"
+
+
+def test_a_worker_writes_the_image_into_a_temporary_file_the_run_owns(tmp_path: Path, broken_here: None) -> None:
+    """The image's bytes never come back to the run's process: the worker writes them into a file of nanobatch's
+    own name in the spool folder (the output folder in a run), which is deleted if nobody takes it."""
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+
+    async def main() -> Any:
+        return await Decoder(1, str(spool)).reply(bytearray(answer(PICTURE)))
+
+    reply = anyio.run(main)
+    (image,) = reply.images
+    assert image.content == b"" and image.spooled is not None and image.size == len(PICTURE)
+    (spooled,) = spool.iterdir()
+    assert spooled.name.startswith(".nanobatch-") and spooled.name.endswith(".tmp")
+    assert spooled.read_bytes() == PICTURE == image.data
+    del reply, image
+    gc.collect()
+    assert not list(spool.iterdir())  # let go of, never renamed into place: deleted
+
+
+def test_an_image_a_worker_cannot_write_is_decoded_in_place(tmp_path: Path) -> None:
+    """A spool folder the worker cannot write into (a full disk, say): the answer, paid for, is decoded here,
+    and the writer meets the error itself (a full disk stops the run, as without workers)."""
+
+    async def main() -> Any:
+        return await Decoder(1, str(tmp_path / "gone")).reply(bytearray(answer(PICTURE)))
+
+    (image,) = anyio.run(main).images
+    assert image.spooled is None and image.data == PICTURE
 
 
 def test_a_small_answer_is_decoded_in_place(broken_here: None) -> None:
@@ -164,7 +197,7 @@ def test_answers_one_after_another_reuse_the_same_shared_memory() -> None:
         return decoder.blocks.made, names
 
     made, names = anyio.run(main)
-    assert made == 2  # the body's and the images', once
+    assert made == 1  # the body's, once (the images go into files)
     for name in names:  # unlinked once closed: nothing left behind in /dev/shm
         with pytest.raises(FileNotFoundError):
             decoding.attach(name)
@@ -181,7 +214,8 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
     settings = QaSettings(min_side=600, changed=True)
 
     async def main(workers: int) -> Verdict:
-        return await Checker(workers).check([PICTURE], original=SMALL, aspect_ratio="1:1", settings=settings)
+        images = [Image("image/png", PICTURE)]
+        return await Checker(workers).check(images, original=SMALL, aspect_ratio="1:1", settings=settings)
 
     verdict = anyio.run(main, 1)
     assert verdict.passed and verdict.values["min_side"] == 640
@@ -189,12 +223,42 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
         anyio.run(main, 0)
 
 
-def test_workers_are_asked_for() -> None:
-    """Off by default: workers save the run's process about half its CPU per 4K answer, for ~35% more in all
-    (docs/performance.md); a worker also runs in real time, where tests on trio's virtual clock would jump past
-    every timeout while waiting for it."""
-    assert load_settings(env={}).limits.workers == 0
+def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker costs ~0.2 s of CPU to start: a run of a few big answers (or of small ones only) decodes them in
+    its own process and starts none; past WORKERS_AFTER_BYTES of big answers the rest go to workers, and so do
+    the output checks. A number asks for workers from the first big answer; 0 for none."""
+    assert load_settings(env={}).limits.workers is None
     assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "2"}).limits.workers == 2
+    big = answer(PICTURE)
+    monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 3 * len(big))
+    sent: list[str] = []
+    real = decoding.anyio.to_process.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
+    images = [Image("image/png", PICTURE)]
+    settings = QaSettings(min_side=600)
+
+    async def main() -> None:
+        decoder, checker = Decoder(None), Checker(None)
+        for _ in range(100):
+            assert (await decoder.reply(bytearray(answer(SMALL)))).images[0].data == SMALL
+        for _ in range(3):
+            assert (await decoder.reply(bytearray(big))).images[0].data == PICTURE
+        assert (await checker.check(images, original=None, aspect_ratio=None, settings=settings)).passed
+        assert sent == []  # a small run: no worker started
+        for _ in range(2):
+            assert (await decoder.reply(bytearray(big))).images[0].data == PICTURE
+        assert (await checker.check(images, original=None, aspect_ratio=None, settings=settings)).passed
+        decoder.close()
+
+    anyio.run(main)
+    assert sent == ["decode_in_worker", "decode_in_worker", "check_in_worker"]
 
 
 def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
@@ -217,6 +281,7 @@ def test_workers_that_cannot_start_leave_the_decoding_to_the_run(
 # -- a SIGKILL with answers inside the workers --------------------------------------------------------------
 
 ITEMS = 24
+SPOOLED = ".nanobatch-*-*-*.tmp"  # a worker's temporary file: .nanobatch-<run's pid>-<answer>-<image>.tmp
 
 
 @pytest.fixture(scope="module")
@@ -260,21 +325,28 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     job = write_job(tmp_path, items, qa={"min_side": 600, "changed": True})  # checked in the workers too
     out = tmp_path / "out"
     marker = f"sim-key-{os.getpid()}-{time.monotonic_ns()}"
-    for results_before_kill in (1, 6):  # the first answers in the workers, then mid-run
+    # Killed once a worker has written an answer's image into its temporary file (the writer not done with it),
+    # then mid-run.
+    strays: list[str] = []
+    for results_before_kill in (0, 6):
         before = len(lines(out / "results.jsonl"))
         proc = start_run(job, out, big_api, marker)
         deadline = time.monotonic() + 60
-        while len(lines(out / "results.jsonl")) < before + results_before_kill and proc.poll() is None:
+        while proc.poll() is None and (
+            len(lines(out / "results.jsonl")) < before + results_before_kill
+            or (not results_before_kill and not list(out.glob(SPOOLED)))
+        ):
             assert time.monotonic() < deadline, "the run never reached the kill point"
-            time.sleep(0.005)
+            time.sleep(0.002)
         workers = [pid for pid in processes_with(marker) if pid != proc.pid]
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         assert workers  # the answers in flight were being decoded in worker processes
-        deadline = time.monotonic() + 30  # workers see their pipe close, and end
+        deadline = time.monotonic() + 30  # workers die with the run
         while processes_with(marker):
             assert time.monotonic() < deadline, "worker processes outlived the run"
             time.sleep(0.05)
+        strays += [p.name for p in out.glob(SPOOLED)]  # images the workers wrote, not yet in place
 
     proc = start_run(job, out, big_api, marker)
     assert proc.wait(timeout=120) == 0
@@ -284,4 +356,8 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     assert sorted(ok) == [f"sku-{n:03d}" for n in range(ITEMS)] and set(ok.values()) == {1}
     for name in ok:
         assert (out / f"{name}.png").read_bytes() == PICTURE  # whole images, each written once
+    assert strays  # the kills left images in workers' temporary files
+    # The killed runs' temporary files were removed, none was taken for an output, and nothing else is there.
+    assert sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(("results", "journal",
+                  "summary", ".nanobatch")))  == sorted(f"{name}.png" for name in ok)  # fmt: skip
     assert not list(out.glob(".*.tmp"))

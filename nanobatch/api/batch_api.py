@@ -130,11 +130,13 @@ class BatchClient(ApiClient):
         api_version: str = "v1beta",
         chunk_bytes: int = CHUNK_BYTES,
         transport: httpx2.AsyncBaseTransport | None = None,
-        workers: int = 0,
+        workers: int | None = 0,
+        spool: str | None = None,
     ) -> None:
         super().__init__(
-            base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT, workers=workers
-        )  # big results lines decoded in worker processes
+            base_url=base_url, api_key=api_key, auth=auth, transport=transport, timeout=_TIMEOUT, workers=workers,
+            spool=spool,
+        )  # fmt: skip  # big results lines decoded in worker processes, their images written into *spool*
         self._version = api_version.strip("/")
         self._chunk_bytes = chunk_bytes
 

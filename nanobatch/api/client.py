@@ -64,10 +64,12 @@ class ApiClient:
         auth: str,
         transport: httpx2.AsyncBaseTransport | None,
         request_auth: httpx2.Auth | None = None,
-        workers: int = 0,
+        workers: int | None = 0,
+        spool: str | None = None,
         **options: Any,
     ) -> None:
-        self.decoder = Decoder(workers)  # big answers decoded in *workers* processes (0: in this one)
+        # Big answers decoded in *workers* processes (0: in this one), their images written into *spool*.
+        self.decoder = Decoder(workers, spool)
         self._secret = api_key
         self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
@@ -115,12 +117,13 @@ class GeminiClient(ApiClient):
         path_prefix: str | None = None,
         request_auth: httpx2.Auth | None = None,
         answer_bytes: int = ANSWER_BYTES,
-        workers: int = 0,
+        workers: int | None = 0,
+        spool: str | None = None,
     ) -> None:
         """*path_prefix* replaces ``/{api_version}/models/`` (Vertex AI's path); *request_auth* signs each
         request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
-        (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers
-        (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
+        (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers and write their
+        images into *spool*, the output folder (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
         self.answers = ByteBudget(answer_bytes)
         self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
@@ -129,7 +132,7 @@ class GeminiClient(ApiClient):
             transport = ShardedTransport(max_connections, tls=not base_url.lower().startswith("http://"))
         super().__init__(
             base_url=base_url, api_key=api_key, auth=auth, transport=transport, request_auth=request_auth,
-            limits=limits, workers=workers,
+            limits=limits, workers=workers, spool=spool,
         )  # fmt: skip
         # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
         # proxy (which the client mounts), no redirects followed, no cookies: less CPU per small request

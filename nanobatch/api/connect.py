@@ -78,8 +78,9 @@ class Connection:
     request_auth: httpx2.Auth | None = field(default=None, repr=False)  # Vertex AI's OAuth2 bearer token
     transport: httpx2.AsyncBaseTransport | None = field(default=None, repr=False)  # tests replace the network
 
-    def gemini(self) -> GeminiClient:
-        """A client for ``generateContent`` (and the Gemini API's list of models); enter it to use it."""
+    def gemini(self, spool: str | None = None) -> GeminiClient:
+        """A client for ``generateContent`` (and the Gemini API's list of models); enter it to use it. Its worker
+        processes write the images of the answers they decode into *spool* (a run's output folder)."""
         api = self.settings.api
         return GeminiClient(
             base_url=self.base_url,
@@ -91,6 +92,7 @@ class Connection:
             path_prefix=self.path_prefix,
             request_auth=self.request_auth,
             workers=self.settings.limits.workers,
+            spool=spool,
         )
 
     def batches(self) -> BatchClient:
@@ -99,15 +101,20 @@ class Connection:
 
 
 def batch_client(
-    settings: Settings, *, base_url: str, api_key: str | None, transport: httpx2.AsyncBaseTransport | None = None
+    settings: Settings,
+    *,
+    base_url: str,
+    api_key: str | None,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    spool: str | None = None,
 ) -> BatchClient:
     """A client for the Batch and Files APIs at *base_url* (a :class:`Connection`'s, or a client's
-    ``base_url``); ConfigError on Vertex AI, which has no Batch API."""
+    ``base_url``); ConfigError on Vertex AI, which has no Batch API. *spool*: as :meth:`Connection.gemini`'s."""
     check_offered(settings, "batch")
     api = settings.api
     return BatchClient(
         base_url=base_url, api_key=api_key, auth=api.auth, api_version=api.api_version, transport=transport,
-        workers=settings.limits.workers,
+        workers=settings.limits.workers, spool=spool,
     )  # fmt: skip
 
 

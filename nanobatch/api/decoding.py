@@ -1,27 +1,40 @@
 """Where answers are decoded (online answers and batch results lines): in worker processes (``limits.workers``),
 or in this one.
 
-A 4K answer is 32 MB of JSON around 24 MB of PNG in base64: parsing and decoding it costs ~100 ms of CPU, and in
-one process every answer waits for that one core. With workers, the body goes into shared memory and a worker
-process (``anyio.to_process``, at most ``workers`` at once) parses it and decodes its images into a second
-block of shared memory; only the answer's small fields come back through the worker's pipe, and the images are
-copied out of shared memory. The event loop's process copies bytes; it does not parse or decode them (a pipe
-would cost it more than decoding: the body pickled and written, the image read back in 64 KB pieces). Small
-answers (under :data:`WORKERS_FROM_BYTES`) are decoded in place: the trip to a worker costs more than they do.
+A 4K answer is 32 MB of JSON around 24 MB of PNG in base64: parsing and decoding it costs ~100 ms of CPU, and
+writing the image ~30 ms more; in one process every answer waits for that one core. With workers, the body is
+read from the socket straight into shared memory, and a worker process (``anyio.to_process``, at most
+``workers`` at once) parses it, decodes its images and writes each into a temporary file of its own in the
+output folder, fsync'ed (:mod:`nanobatch.api.spool`); only the answer's small fields and the files' names come
+back through the worker's pipe. The event loop's process moves the body's bytes; it does not parse, decode,
+copy or write the image. Small answers (under :data:`WORKERS_FROM_BYTES`) are decoded in place: the trip to a
+worker costs more than they do.
 
-Nothing is written into the output folder by a worker: the run's writer, in this process, stays its one
-writer, so a run killed while answers are in workers has written nothing of them, and the next run sends them
-again as it does any request in flight. The shared memory is this process's (created and unlinked here; a
-killed run's is removed by Python's resource tracker).
+``limits.workers`` unset (the default) means one worker per CPU, started only once the run has read
+:data:`WORKERS_AFTER_BYTES` of big answers (decoded in place until then): a worker costs ~0.2 s of CPU to
+start, about what two 4K answers cost to decode, so a small run, or one of small answers, starts none. A
+number starts them with the first big answer; 0 decodes everything in the run's process.
+
+The output folder keeps one writer of records: the run's writer renames each temporary file into place and
+appends the record, as it writes an image decoded in place. A run killed while answers are in workers has
+written no output and no record of them (at most temporary files, removed by the next run, which sends those
+answers again as it does any request in flight); a worker dies with the run's process (Linux). The shared
+memory is this process's (created and unlinked here; a killed run's is removed by Python's resource tracker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
+import os
+import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -33,33 +46,57 @@ from anyio.lowlevel import RunVar
 
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
+from .spool import Spooled, drop_spooled, spool_name, write_spooled
 
-__all__ = ["KEEP_BYTES", "WORKERS_FROM_BYTES", "Blocks", "Decoder", "attach", "decode_in_worker", "worker_slots"]
+__all__ = [
+    "KEEP_BYTES",
+    "WORKERS_AFTER_BYTES",
+    "WORKERS_FROM_BYTES",
+    "Blocks",
+    "Decoder",
+    "attach",
+    "decode_in_worker",
+    "settle_worker",
+    "worker_slots",
+]
 
 logger = logging.getLogger("nanobatch")
 
 WORKERS_FROM_BYTES = 1 << 20  # a 1K answer (~1.5 MB of JSON) and up go to a worker
-# Shared memory kept for the next answers (and mapped by each worker): what the answers read and decoded at once
-# use (the client's byte budget, 64 MiB of bodies, and their images), so it does not add to the peak.
-KEEP_BYTES = 256 * 2**20
+# With workers unset (one per CPU): big answers read before they start, decoded in place (about eight 4K answers,
+# forty 2K ones): what the workers' start-up costs, so that a run too small to gain from them does not pay it.
+WORKERS_AFTER_BYTES = 256 * 2**20
+# Shared memory kept for the next answers (and mapped by each worker): what the bodies read at once use (the
+# client's byte budget, 64 MiB, in blocks an eighth bigger than each body), so it does not add to the peak.
+KEEP_BYTES = 128 * 2**20
 
 _Failure = tuple[str, str, "int | None", bool]  # an ApiError's message, kind, status code and retryable
-_Places = list[tuple[str, int, int]]  # each image's mime type, offset and size in the images' block
+_Places = list[tuple[str, str, int, "str | None"]]  # each image's mime type, temporary file, size and problem
 # From a worker: the answer's key (a batch results line's), and the reply without its images and where they are,
 # or why it is not one; None: not an answer the worker decodes (a results line with an error), for this process.
 _Outcome = tuple[str | None, Reply | _Failure, _Places] | None
+_Decoded = tuple[str | None, Reply | ApiError] | None
 
 
 class Decoder:
-    """Decodes 200 bodies and batch results lines into replies, in up to *workers* processes (0: in this one)."""
+    """Decodes 200 bodies and batch results lines into replies: in up to *workers* processes (None: one per
+    CPU, once the run has read :data:`WORKERS_AFTER_BYTES` of big answers; 0: in this one), which write the
+    images into temporary files in *spool* (the output folder; default: the system's temporary folder)."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers  # 0 once they have failed: this process decodes then
+    def __init__(self, workers: int | None, spool: str | None = None) -> None:
+        self.workers = workers
+        self.failed = False  # the workers failed: this process decodes from then on
+        if spool is None:
+            import tempfile  # not at start-up: a run gives its output folder
+
+            spool = tempfile.gettempdir()
+        self.spool = spool
         self.blocks = Blocks(KEEP_BYTES)
+        self._answers = itertools.count()  # numbers the answers' temporary files
 
     def takes(self, size: int) -> bool:
         """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
-        return self.workers > 0 and size >= WORKERS_FROM_BYTES
+        return size >= WORKERS_FROM_BYTES and not self.failed and worker_slots(self.workers, size) is not None
 
     async def reply(self, body: bytearray) -> Reply:
         """A ``generateContent`` body parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is
@@ -71,10 +108,9 @@ class Decoder:
     async def read_reply(self, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> Reply:
         """The reply in a body of *size* bytes that *fill* writes straight into shared memory (no copy of it in
         this process), decoded in a worker."""
-        outcome = await self._decode("answer", size, fill)
-        assert outcome is not None  # a worker decodes every answer, or says why it is not one
-        reply = _reply(outcome)
-        if isinstance(reply, ApiError):
+        decoded = await self._decode("answer", size, fill)
+        assert decoded is not None  # a worker decodes every answer, or says why it is not one
+        if isinstance(reply := decoded[1], ApiError):
             raise reply
         return reply
 
@@ -83,32 +119,65 @@ class Decoder:
         a line to parse in this process (a small one, or one without an answer)."""
         if not self.takes(len(line)):
             return None
-        outcome = await self._decode("line", len(line), functools.partial(_copy, line))
-        return None if outcome is None else (outcome[0], _reply(outcome))
+        return await self._decode("line", len(line), functools.partial(_copy, line))
 
-    async def _decode(self, what: str, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> _Outcome:
-        # Decoded base64 is 3/4 of its text, which is less than the body.
-        with self.blocks.lent(size) as body, self.blocks.lent(size * 3 // 4 + 4) as images:
+    async def _decode(self, what: str, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> _Decoded:
+        with self.blocks.lent(size) as body:
             with _view(body)[:size] as view:
                 await fill(view)
+            prefix = spool_name(self.spool, next(self._answers))
+            slots = None if self.failed else worker_slots(self.workers)
             try:
-                outcome: _Outcome = await anyio.to_process.run_sync(
-                    decode_in_worker, what, body.name, size, images.name, limiter=worker_slots(self.workers)
-                )
-            except anyio.BrokenWorkerProcess as exc:  # no process could be started, or one died: decode here
-                if self.workers:
+                if slots is not None:
+                    outcome = await anyio.to_process.run_sync(
+                        decode_in_worker, what, body.name, size, prefix, os.getpid(), limiter=slots
+                    )
+                    return _received(outcome)
+            except (anyio.BrokenWorkerProcess, OSError) as exc:
+                # No process could be started, one died, or it could not write the image: decode here (a full
+                # disk then stops the run at the writer, as without workers).
+                drop_spooled(prefix)
+                if isinstance(exc, anyio.BrokenWorkerProcess) and not self.failed:
                     logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
-                    self.workers = 0
-                outcome = decode_in_worker(what, body.name, size, images.name)
-            if outcome is not None and isinstance(reply := outcome[1], Reply):
-                view = _view(images)
-                pictures = tuple(Image(mime, bytes(view[at : at + n])) for mime, at, n in outcome[2])
-                outcome = outcome[0], dataclasses.replace(reply, images=pictures), []
-            return outcome
+                    self.failed = True
+            except BaseException:
+                drop_spooled(prefix)  # cancelled while waiting for it: what it wrote is nobody's
+                raise
+            with _view(body)[:size] as view:
+                return _decode_text(what, bytearray(view))
 
     def close(self) -> None:
         """Let go of the shared memory kept for the next answers."""
         self.blocks.close()
+
+
+def _received(outcome: _Outcome) -> _Decoded:
+    """A worker's outcome, its images as :class:`~nanobatch.api.spool.Spooled` files this process owns (made at
+    once: nothing is awaited between the worker's answer and here, so no file goes unowned)."""
+    if outcome is None:
+        return None
+    key, reply, places = outcome
+    if not isinstance(reply, Reply):
+        message, kind, status_code, retryable = reply
+        return key, ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
+    images = tuple(Image(mime, spooled=Spooled(path, n, problem)) for mime, path, n, problem in places)
+    return key, dataclasses.replace(reply, images=images)
+
+
+def _decode_text(what: str, text: bytearray) -> _Decoded:
+    """The answer in *text* (consumed): ``answer``, a ``generateContent`` body, or ``line``, a batch results line
+    (None if it carries no answer)."""
+    key: str | None = None
+    try:
+        if what == "answer":
+            return key, parse_reply(text)
+        if (found := _response(text)) is None:
+            return None
+        del text
+        key, response = found
+        return key, reply_from(response)
+    except ApiError as exc:
+        return key, exc
 
 
 async def _copy(data: bytes | bytearray, view: memoryview) -> None:
@@ -158,55 +227,83 @@ def _drop(block: SharedMemory, free: list[SharedMemory]) -> None:
     block.unlink()
 
 
-_SLOTS: RunVar[dict[int, anyio.CapacityLimiter]] = RunVar("nanobatch_worker_slots")
+@dataclass(slots=True)
+class _Pool:
+    """A run's worker processes: at most *slots* at once, in use once *started*."""
+
+    slots: anyio.CapacityLimiter
+    started: bool
+    read: int = 0  # bytes of big answers read before they started
 
 
-def worker_slots(workers: int) -> anyio.CapacityLimiter | None:
+_POOLS: RunVar[dict[int | None, _Pool]] = RunVar("nanobatch_worker_pools")
+
+
+def worker_slots(workers: int | None, read: int = 0) -> anyio.CapacityLimiter | None:
     """The run's one limit of *workers* processes at once, shared by whatever sends work to them (decoding
-    answers, checking images); None for 0 (no workers: the work is done in this process)."""
-    if workers <= 0:
+    answers, checking images); None while they are not to be used: 0, or unset (one per CPU) before the run
+    has read :data:`WORKERS_AFTER_BYTES` of big answers (*read*: the bytes of one more)."""
+    if workers == 0:
         return None
     try:
-        slots = _SLOTS.get()
+        pools = _POOLS.get()
     except LookupError:
-        slots = {}
-        _SLOTS.set(slots)
-    return slots.setdefault(workers, anyio.CapacityLimiter(workers))
+        pools = {}
+        _POOLS.set(pools)
+    if (pool := pools.get(workers)) is None:
+        pool = pools[workers] = _Pool(anyio.CapacityLimiter(workers or os.cpu_count() or 1), workers is not None)
+    if not pool.started and read:
+        pool.read += read
+        pool.started = pool.read > WORKERS_AFTER_BYTES
+    return pool.slots if pool.started else None
 
 
-def _reply(outcome: tuple[str | None, Reply | _Failure, _Places]) -> Reply | ApiError:
-    if isinstance(outcome[1], Reply):
-        return outcome[1]
-    message, kind, status_code, retryable = outcome[1]
-    return ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
-
-
-def decode_in_worker(what: str, body_name: str, size: int, images_name: str) -> _Outcome:
-    """In a worker process: parse the answer (*what*: ``answer``, a ``generateContent`` body, or ``line``, a batch
-    results line) in shared memory *body_name* and put its images one after another into *images_name*. An
-    error goes back as its fields: ApiError takes keyword arguments, which pickling an exception does not carry."""
-    body, images = _attached(body_name), _attached(images_name)
-    with _view(body)[:size] as view:
-        text = view.tobytes()
-    key: str | None = None
-    try:
-        if what == "answer":
-            reply = parse_reply(text)
-        elif (found := _response(text)) is None:
-            return None
-        else:
-            key, response = found
-            reply = reply_from(response)
-    except ApiError as exc:
-        return key, (exc.message, exc.kind, exc.status_code, exc.retryable), []
+def decode_in_worker(what: str, body_name: str, size: int, prefix: str, parent: int) -> _Outcome:
+    """In a worker process (of *parent*, the run's): parse the answer (*what*: ``answer``, a ``generateContent``
+    body, or ``line``, a batch results line) in shared memory *body_name* and write its images into new
+    temporary files ``<prefix>-<k>.tmp``. An error goes back as its fields: ApiError takes keyword arguments,
+    which pickling an exception does not carry. OSError if an image cannot be written (none is left)."""
+    settle_worker(parent)
+    with _view(_attached(body_name))[:size] as view:
+        text = bytearray(view)  # parse_reply empties it once parsed: not held beside the image
+    decoded = _decode_text(what, text)
     del text
+    if decoded is None:
+        return None
+    key, reply = decoded
+    if isinstance(reply, ApiError):
+        return key, (reply.message, reply.kind, reply.status_code, reply.retryable), []
     places: _Places = []
-    at = 0
-    for image in reply.images:
-        _view(images)[at : at + len(image.data)] = image.data
-        places.append((image.mime_type, at, len(image.data)))
-        at += len(image.data)
+    try:
+        for k, image in enumerate(reply.images):
+            path = write_spooled(prefix, k, image.content)
+            places.append((image.mime_type, path, image.size, image.problem()))
+    except BaseException:
+        drop_spooled(prefix)
+        raise
     return key, dataclasses.replace(reply, images=()), places
+
+
+_SETTLED: list[int] = []  # in a worker: the run's process, once settled
+
+
+def settle_worker(parent: int) -> None:
+    """Once per worker process (Linux, glibc): die with the run's process *parent* (its answers are nobody's
+    then: the next run removes their temporary files before any worker of the dead run could write more), and
+    keep big allocations in the heap: each answer allocates ~90 MB (the body's copy, the base64 text, the image),
+    and fresh pages from the kernel, zeroed on first touch and given back when freed, cost ~20 ms an answer."""
+    if _SETTLED or not sys.platform.startswith("linux"):
+        return
+    _SETTLED.append(parent)
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.mallopt(-3, 128 * 2**20)  # M_MMAP_THRESHOLD: allocations below it come from the heap
+        libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: freed memory is kept up to this much
+    if os.getppid() != parent:  # the run ended before the line above could take effect
+        os._exit(0)
 
 
 _ATTACHED: dict[str, SharedMemory] = {}  # in a worker: the run's blocks, mapped once, the last used last
@@ -224,7 +321,7 @@ def _attached(name: str) -> SharedMemory:
     return block
 
 
-def _response(line: bytes) -> tuple[str | None, dict[str, Any]] | None:
+def _response(line: bytes | bytearray) -> tuple[str | None, dict[str, Any]] | None:
     """A results line's key and its ``response``, if it has one."""
     try:
         data = orjson.loads(line)

@@ -65,7 +65,7 @@ def settings_options(f: Any) -> Any:
         click.option(
             "--workers",
             type=click.IntRange(0, 256),
-            help="Processes that decode big answers (default 0: the run's own process decodes them).",
+            help="Processes that decode and write big answers (default: one per CPU, once needed; 0: none).",
         ),
         click.option(
             "--rpm",

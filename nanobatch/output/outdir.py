@@ -39,6 +39,7 @@ from .own import check_own_files, is_torn_record, open_own
 from .record import ItemRecord
 
 if TYPE_CHECKING:
+    from ..api.gemini import Image
     from .results import ResultsIndex
 
 __all__ = [
@@ -124,10 +125,15 @@ def _name_new_file(tmp: str, path: str) -> None:
     os.unlink(tmp)
 
 
-def write_image(path: str, data: bytes, *, replace: bool) -> None:
-    """An image into the output folder, atomically: readers (and a crash) see no part of one. Without
-    *replace*, a file that appeared at *path* while the image was written stays, and this raises FileExistsError."""
-    atomic_write(path, data, replace=replace)
+def write_image(path: str, image: Image, *, replace: bool) -> None:
+    """An image into the output folder, atomically: readers (and a crash) see no part of one; one a worker process
+    wrote (``image.spooled``) is renamed into place. Without *replace*, a file that appeared at *path* while the
+    image was written stays, and this raises FileExistsError."""
+    if image.spooled is None:
+        atomic_write(path, image.content, replace=replace)
+    else:
+        move_file(image.spooled.path, path, replace=replace)
+        image.spooled.taken()
 
 
 def write_report_file(path: Path, data: bytes) -> None:
@@ -221,9 +227,8 @@ class ResultsLog:
                 break
             keep = end = start
         if is_torn_record(os.pread(fd, size - keep, keep)):
-            logger.warning(
-                "%s: removing a line torn by a crash (%d bytes); its item will run again", self.path, size - keep
-            )
+            logger.warning("%s: removing a line torn by a crash (%d bytes); its item will run again", self.path,
+                           size - keep)  # fmt: skip
             os.ftruncate(fd, keep)
         else:
             os.write(fd, b"\n")  # O_APPEND: at the end
@@ -348,12 +353,8 @@ class OutDir:
         orphans = orphaned_requests(self.path, index)
         if orphans:
             ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
-            logger.warning(
-                "%d requests sent by a run that ended without saving their results (items %s): they may have "
-                "been charged; the items not done are sent again",
-                len(orphans),
-                ids,
-            )
+            logger.warning("%d requests sent by a run that ended without saving their results (items %s): they may "
+                           "have been charged; the items not done are sent again", len(orphans), ids)  # fmt: skip
         carried = writes_to_adopt(self.path / JOURNAL_FILE, index)
         if carried:
             atomic_write(self.path / JOURNAL_FILE, b"".join(carried))
@@ -381,7 +382,7 @@ class OutDir:
 
     def put(
         self,
-        files: list[tuple[str, bytes]],
+        files: list[tuple[str, Image]],
         moves: Sequence[tuple[str, str]],
         replaceable: frozenset[str],
         folders: set[str],
@@ -398,9 +399,9 @@ class OutDir:
                 move_file(src, target, replace=existed)  # one that appears meanwhile is not the item's
                 undo.append((target, src))
                 folders.update((os.path.dirname(src), os.path.dirname(target)))
-            for name, data in files:
+            for name, image in files:
                 target, existed = self._claim(name, replaceable)
-                write_image(target, data, replace=existed)  # one that appears meanwhile is not the item's
+                write_image(target, image, replace=existed)  # one that appears meanwhile is not the item's
                 if not existed:
                     undo.append((target, None))
                 folders.add(os.path.dirname(target))

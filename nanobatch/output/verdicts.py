@@ -10,8 +10,8 @@ passes, the images an earlier run set aside for it are deleted (its records say 
 
 from __future__ import annotations
 
-import functools
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from multiprocessing.shared_memory import SharedMemory
@@ -20,7 +20,8 @@ import anyio
 import anyio.to_process
 import anyio.to_thread
 
-from ..api.decoding import attach, worker_slots
+from ..api.decoding import attach, settle_worker, worker_slots
+from ..api.gemini import Image
 from ..names import REJECTED_FOLDER, rejected_name
 from ..qa import QA_CHECKS, QaSettings, Verdict
 from .record import ErrorInfo, ItemRecord
@@ -34,45 +35,54 @@ logger = logging.getLogger("nanobatch")
 
 class Checker:
     """Runs :func:`check_images` off the event loop: in the run's worker processes (``limits.workers``, the
-    same ones that decode answers), or in a thread of this process (0, or workers that failed).
+    same ones that decode answers, once they are in use), or in a thread of this process (0, not yet, or workers
+    that failed).
 
-    In a worker, the checks cost this process only the copy of the images and the original into shared memory
-    and a verdict back through the pipe: with every check on, a 2K JPEG item cost the run's process 2.5 ms more
-    than without, against 12 ms with the checks in its own thread (docs/qa.md, "Speed")."""
+    In a worker, the checks cost this process only the copy of the images in memory and the original into
+    shared memory (an image a worker wrote is read by the worker from its file) and a verdict back through the
+    pipe: with every check on, a 2K JPEG item cost the run's process 2.5 ms more than without, against 12 ms with
+    the checks in its own thread (docs/qa.md, "Speed")."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int | None) -> None:
         self.workers = workers
+        self.failed = False
 
     async def check(
-        self, images: Sequence[bytes], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
+        self, images: Sequence[Image], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
     ) -> Verdict:
-        if self.workers > 0:
+        if not self.failed and (slots := worker_slots(self.workers)) is not None:
             try:
-                return await self._in_worker(images, original, aspect_ratio, settings)
+                return await self._in_worker(images, original, aspect_ratio, settings, slots)
             except anyio.BrokenWorkerProcess as exc:
-                if self.workers:
+                if not self.failed:
                     logger.warning("worker processes failed (%s); images are checked in the run's process", exc)
-                    self.workers = 0
-        check = functools.partial(check_images, images, original=original, aspect_ratio=aspect_ratio,
-                                  settings=settings)  # fmt: skip
+                    self.failed = True
+
+        def check() -> Verdict:
+            return check_images([image.data for image in images], original=original, aspect_ratio=aspect_ratio,
+                                settings=settings)  # fmt: skip
+
         return await anyio.to_thread.run_sync(check)
 
     async def _in_worker(
-        self, images: Sequence[bytes], original: bytes | None, aspect_ratio: str | None, settings: QaSettings
-    ) -> Verdict:
-        parts = [*images, *([original] if original is not None else [])]
+        self, images: Sequence[Image], original: bytes | None, aspect_ratio: str | None, settings: QaSettings,
+        slots: anyio.CapacityLimiter,
+    ) -> Verdict:  # fmt: skip
+        held = [image.content for image in images if image.spooled is None]
+        parts = [*held, *([original] if original is not None else [])]
+        # Each image: its temporary file, or None and its size in the block (the original last, if any).
+        where = [(None if i.spooled is None else i.spooled.path, len(i.content)) for i in images]
+        where += [(None, len(original))] if original is not None else []
         block = SharedMemory(create=True, size=max(1, sum(map(len, parts))))
         try:
             assert block.buf is not None
-            sizes = []
             at = 0
             for data in parts:
                 block.buf[at : at + len(data)] = data
                 at += len(data)
-                sizes.append(len(data))
             return await anyio.to_process.run_sync(
-                check_in_worker, block.name, sizes, original is not None, aspect_ratio, settings,
-                limiter=worker_slots(self.workers),
+                check_in_worker, block.name, where, original is not None, aspect_ratio, settings, os.getpid(),
+                limiter=slots,
             )  # fmt: skip
         finally:
             block.close()
@@ -80,17 +90,23 @@ class Checker:
 
 
 def check_in_worker(
-    name: str, sizes: list[int], has_original: bool, aspect_ratio: str | None, settings: QaSettings
-) -> Verdict:
-    """In a worker process: :func:`check_images` on the images in shared memory *name*, one after another of
-    *sizes*, the last of them the original if *has_original*."""
+    name: str, where: list[tuple[str | None, int]], has_original: bool, aspect_ratio: str | None,
+    settings: QaSettings, parent: int,
+) -> Verdict:  # fmt: skip
+    """In a worker process (of *parent*, the run's): :func:`check_images` on the images *where* says, each a
+    temporary file or the next bytes in shared memory *name*, the last of them the original if *has_original*."""
+    settle_worker(parent)
     block = attach(name)
     try:
         assert block.buf is not None
         parts, at = [], 0
-        for size in sizes:
-            parts.append(bytes(block.buf[at : at + size]))
-            at += size
+        for path, size in where:
+            if path is not None:
+                with open(path, "rb") as f:
+                    parts.append(f.read())
+            else:
+                parts.append(bytes(block.buf[at : at + size]))
+                at += size
     finally:
         block.close()
     original = parts.pop() if has_original else None
@@ -133,8 +149,8 @@ def rejected_record(record: ItemRecord, verdict: Verdict) -> ItemRecord:
 
 
 def set_aside(
-    record: ItemRecord, files: list[tuple[str, bytes]], verdict: Verdict
-) -> tuple[ItemRecord, list[tuple[str, bytes]]]:
+    record: ItemRecord, files: list[tuple[str, Image]], verdict: Verdict
+) -> tuple[ItemRecord, list[tuple[str, Image]]]:
     """*record* and its *files* as the checks' *verdict* has them: an ok record carrying its verdict, or a
     rejected one whose files go under ``rejected/``."""
     if verdict.passed:
@@ -142,7 +158,7 @@ def set_aside(
     return rejected_record(record, verdict), [(rejected_name(name), data) for name, data in files]
 
 
-def stale_rejected(replaceable: Iterable[str], files: Iterable[tuple[str, bytes]]) -> tuple[str, ...]:
+def stale_rejected(replaceable: Iterable[str], files: Iterable[tuple[str, Image]]) -> tuple[str, ...]:
     """Of *replaceable* (files a record of the item says nanobatch wrote), those under ``rejected/`` that the new
     *files* do not replace: what an earlier run set aside for the item, out of date now."""
     new = {name for name, _ in files}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 
+from ..api.gemini import Image
 from ..errors import RunAborted
 from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
 from .record import ItemRecord
@@ -33,7 +34,7 @@ NOT_OURS = "exists and is not a file nanobatch wrote for this item"
 @dataclass(frozen=True, slots=True)
 class Finished:
     record: ItemRecord
-    files: list[tuple[str, bytes]]
+    files: list[tuple[str, Image]]  # each output's name and image (in memory, or a worker's temporary file)
     # Files a record of this item says nanobatch wrote, from Resume.decide: the only files it may replace.
     replaceable: frozenset[str] = frozenset()
     moves: tuple[tuple[str, str], ...] = ()  # done work, renamed: (old, new)
@@ -44,7 +45,8 @@ class Finished:
 
     @property
     def size(self) -> int:
-        return 1024 + sum(len(data) for _, data in self.files)  # 1 KB: about what a record takes
+        # 1 KB: about what a record takes; an image a worker wrote is on disk, not in memory.
+        return 1024 + sum(len(image.content) for _, image in self.files)
 
 
 class WriteQueue:

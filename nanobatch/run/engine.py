@@ -209,7 +209,7 @@ class Engine:
         compared = qa is not None and (qa.changed or qa.same_subject) and _original(prepared.images) is not None
         original = _original(prepared.images) if compared and tally.tier != "batch" else None
         sent: list[Image | FileRef] = prepared.images  # handed to each step (see Steps.send)
-        files: list[tuple[str, bytes]] = []
+        files: list[tuple[str, Image]] = []
         images: list[Image] = []
         request: Request | None = None  # the last step's, kept to be sent again if the checks refuse its answer
         for number, instruction in enumerate(item.steps, 1):
@@ -225,13 +225,13 @@ class Engine:
             if item.keep_steps and number < len(item.steps):
                 names = self._name_outputs(item, images, step=number)
                 tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
-                files += zip(names, (i.data for i in images), strict=True)
+                files += zip(names, images, strict=True)
         verdict = None
         if qa is not None:
             original = original or (await self._read_again(item) if compared else None)
             images, verdict = await self._verdict(item, tally, images, original, request)
         outputs = self._name_outputs(item, images)
-        files += zip(outputs, (i.data for i in images), strict=True)
+        files += zip(outputs, images, strict=True)
         record = build_record(item, tally, run=self.run_id, outputs=outputs)
         if verdict is not None:
             record, files = set_aside(record, files, verdict)
@@ -301,16 +301,16 @@ class Engine:
         """:func:`~nanobatch.output.verdicts.check_images` on *images*, in a worker process (``limits.workers``)
         or thread: the event loop goes on sending and writing meanwhile (the one place the checks run)."""
         assert item.qa is not None
-        return await self.checker.check(
-            [image.data for image in images], original=original, aspect_ratio=item.aspect_ratio, settings=item.qa
-        )
+        return await self.checker.check(images, original=original, aspect_ratio=item.aspect_ratio, settings=item.qa)
 
-    async def _upload(self, record: ItemRecord, files: list[tuple[str, bytes]]) -> ItemRecord:
+    async def _upload(self, record: ItemRecord, files: list[tuple[str, Image]]) -> ItemRecord:
         """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
         ``upload``) if one could not be: its images are still written into the output folder."""
         assert self.uploads is not None
         try:
-            return replace(record, uploads=await self.uploads.put(files))
+            # An image a worker wrote is read back from its temporary file, off the event loop.
+            put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
+            return replace(record, uploads=await self.uploads.put(put))
         except StorageError as exc:
             logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
             return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))

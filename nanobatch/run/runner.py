@@ -199,7 +199,7 @@ async def _engine(
     """The engine, built whole from its parts, and its batch route (None when no item goes in the batch tier)."""
     settings, simulate, transport = checked.settings, options.simulate, options.transport
     uploads = await _uploads(settings, index, out.path, options.force)
-    client = await _client(stack, settings, api_key, simulate, transport)
+    client = await _client(stack, settings, api_key, simulate, transport, os.fspath(out.path))
     loader = await stack.enter_async_context(InputLoader(transport=transport))
     batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats, checked)
     batch_tier = settings.api.tier == "batch"
@@ -247,7 +247,9 @@ async def _batch_route(
     if "batch" not in checked.tiers and not answers_to_come(out.batch_folder):
         return None
     batches = await stack.enter_async_context(
-        batch_client(settings, base_url=client.base_url, api_key=api_key, transport=transport)
+        batch_client(
+            settings, base_url=client.base_url, api_key=api_key, transport=transport, spool=os.fspath(out.path)
+        )
     )
     route = BatchRoute(batches, out.batch_folder, out.journal.run_id, settings.batch, shown=stats.batch_jobs,
                        submits="batch" in checked.tiers)  # fmt: skip
@@ -298,8 +300,10 @@ async def _client(
     api_key: str | None,
     simulate: bool,
     transport: httpx2.AsyncBaseTransport | None,
+    spool: str,
 ) -> GeminiClient:
-    """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*."""
+    """The run's HTTP client: to the API, or to the built-in simulator (*simulate*), closed with *stack*; its
+    worker processes write answers' images into *spool* (the output folder), for the writer to rename."""
     simulator_url = None
     if simulate:
         from ..simulator import SimulatorConfig, run_in_thread
@@ -308,7 +312,7 @@ async def _client(
     connection = await stack.enter_async_context(
         connect(settings, api_key=api_key, simulator_url=simulator_url, transport=transport)
     )
-    return await stack.enter_async_context(connection.gemini())
+    return await stack.enter_async_context(connection.gemini(spool))
 
 
 async def _drive(
