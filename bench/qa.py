@@ -1,5 +1,5 @@
 """The output checks' CPU (issue 23, point 6): ``bench/run.py --only qa``, or ``python bench/qa.py`` for the
-check alone (no runs), ``python bench/qa.py --workers 0,2 [--reps 3]`` for whole ``nanobatch run`` processes
+check alone (no runs), ``python bench/qa.py --workers 0,2,default [--reps 3]`` for whole ``nanobatch run`` processes
 with ``qa:`` on and off and each ``--workers``, alternating: the run's own process's CPU per answer, and the
 total (its worker processes' too).
 
@@ -122,7 +122,7 @@ def _removed(folder: Path) -> Iterator[None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8) -> None:
+def whole_runs(workers: list[int | None], reps: int, n: int = 48, concurrency: int = 8) -> None:
     """Whole ``nanobatch run`` processes of 2K JPEG answers, ``qa:`` on and off with each of *workers*, taking
     turns, each of *n* and of 5 *n* items: the per-answer CPU is the difference of the two divided by 4 *n*,
     so the start-up (imports, the workers' own, the first decode) is counted once, apart, as a night of a
@@ -139,7 +139,7 @@ def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8)
     sizes = (n, 5 * n)
     jobs = {size: catalogs(tmp / f"n{size}", size) for size in sizes}
     turns = [(w, q, size) for w in workers for q in ("off", "on") for size in sizes]
-    runs: dict[tuple[int, str, int], list[dict[str, float]]] = {turn: [] for turn in turns}
+    runs: dict[tuple[int | None, str, int], list[dict[str, float]]] = {turn: [] for turn in turns}
     with SimulatorProcess(latency_s=0.2, canned=str(answer)) as sim, _removed(tmp):
         for rep in range(reps + 1):  # the first round warms up (bytecode, page cache), not counted
             for w, q, size in turns if rep % 2 else reversed(turns):
@@ -148,13 +148,13 @@ def whole_runs(workers: list[int], reps: int, n: int = 48, concurrency: int = 8)
                 if rep:
                     runs[w, q, size].append(run)
 
-    def median(w: int, q: str, size: int, key: str) -> float:
+    def median(w: int | None, q: str, size: int, key: str) -> float:
         return statistics.median(r[key] for r in runs[w, q, size])
 
-    def per_answer(w: int, q: str, key: str) -> float:  # ms
+    def per_answer(w: int | None, q: str, key: str) -> float:  # ms
         return (median(w, q, sizes[1], key) - median(w, q, sizes[0], key)) / (sizes[1] - sizes[0]) * 1000
 
-    def start(w: int, q: str, key: str) -> float:  # ms
+    def start(w: int | None, q: str, key: str) -> float:  # ms
         return median(w, q, sizes[0], key) * 1000 - per_answer(w, q, key) * sizes[0]
 
     say(f"2K JPEG answers, c={concurrency}, whole processes of {sizes[0]} and {sizes[1]} items, medians of {reps}:")
@@ -174,7 +174,8 @@ def main() -> int:
     if "--workers" in sys.argv:
         at = sys.argv.index("--workers")
         reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
-        whole_runs([int(w) for w in sys.argv[at + 1].split(",")], reps)
+        # "default": no --workers flag (limits.workers unset: one per CPU, started once the checks add up)
+        whole_runs([None if w == "default" else int(w) for w in sys.argv[at + 1].split(",")], reps)
         return 0
     original = jpeg(photo(1600, (176, 196, 222)))
     answer = jpeg(photo(2048, (255, 255, 255)))

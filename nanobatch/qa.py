@@ -65,6 +65,12 @@ class QaSettings:
             or self.same_subject
         )
 
+    @property
+    def reads_pixels(self) -> bool:
+        """Whether a check needs the image's pixels (decoded, ~10 ms of CPU for a 2K answer); ``min_side`` and
+        ``aspect`` read its header only (~0.05 ms)."""
+        return self.background != "any" or self.min_fill is not None or self.changed or self.same_subject
+
     @classmethod
     def layered(cls, *layers: QaFields | Mapping[str, Any] | None) -> QaSettings:
         """The settings from *layers*, farthest first: a later layer's keys win, key by key."""

@@ -241,8 +241,9 @@ def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_a
         return await real(func, *args, **kwargs)
 
     monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
+    monkeypatch.setattr(verdicts, "CHECK_BYTES", 0)  # (what the checks weigh themselves: the next test)
     images = [Image("image/png", PICTURE)]
-    settings = QaSettings(min_side=600)
+    settings = QaSettings(min_side=600, min_fill=0.0)
 
     async def main() -> None:
         decoder, checker = Decoder(None), Checker(None)
@@ -259,6 +260,38 @@ def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_a
 
     anyio.run(main)
     assert sent == ["decode_in_worker", "decode_in_worker", "check_in_worker"]
+
+
+def test_a_night_of_checked_small_answers_starts_the_workers_and_header_checks_never_need_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 2K JPEG answer is too small to go to a worker, but checking its pixels costs ~10 ms of CPU: by default
+    the first checks run in a thread, and once they add up to the workers' start-up the rest run in workers.
+    ``min_side`` and ``aspect`` read the header only: a trip to a worker would cost more than they do."""
+    monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 4 * verdicts.CHECK_BYTES)
+    sent: list[str] = []
+    real = decoding.anyio.to_process.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
+    images = [Image("image/png", SMALL)]
+    pixels, header = QaSettings(background="any", min_fill=0.0), QaSettings(min_side=8, aspect=True)
+
+    async def main(workers: int | None, settings: QaSettings, times: int) -> None:
+        checker = Checker(workers)
+        for _ in range(times):
+            assert (await checker.check(images, original=None, aspect_ratio="1:1", settings=settings)).passed
+
+    anyio.run(main, None, pixels, 4)
+    assert sent == []  # a few checks: no worker started for them
+    anyio.run(main, None, pixels, 7)
+    assert sent == ["check_in_worker"] * 3  # from the fifth on: past the start-up's worth (each anyio.run a new run)
+    sent.clear()
+    anyio.run(main, 2, header, 5)
+    assert sent == []  # workers asked for, but a header is read in place
 
 
 def test_workers_that_cannot_start_leave_the_decoding_to_the_run(

@@ -26,17 +26,24 @@ from ..names import REJECTED_FOLDER, rejected_name
 from ..qa import QA_CHECKS, QaSettings, Verdict
 from .record import ErrorInfo, ItemRecord
 
-__all__ = ["QA_KIND", "Checker", "check_images", "check_in_worker", "rejected_record", "set_aside", "stale_rejected"]
+__all__ = [
+    "CHECK_BYTES", "QA_KIND", "Checker", "check_images", "check_in_worker", "rejected_record", "set_aside",
+    "stale_rejected",
+]  # fmt: skip
 
 QA_KIND = "qa"  # the error kind of a rejected item
+# What a check that decodes pixels weighs toward starting the workers (WORKERS_AFTER_BYTES of big answers): its
+# CPU, ~10 ms for a 2K answer with every check on, is about what decoding 3 MiB of an answer's JSON costs.
+CHECK_BYTES = 3 * 2**20
 
 logger = logging.getLogger("nanobatch")
 
 
 class Checker:
     """Runs :func:`check_images` off the event loop: in the run's worker processes (``limits.workers``, the
-    same ones that decode answers, once they are in use), or in a thread of this process (0, not yet, or workers
-    that failed).
+    same ones that decode answers, once they are in use: a run that checks pixels starts them once it has
+    checked a few dozen images), or in a thread of this process (0, not yet, header-only checks, or workers that
+    failed).
 
     In a worker, the checks cost this process only the copy of the images in memory and the original into
     shared memory (an image a worker wrote is read by the worker from its file) and a verdict back through the
@@ -50,7 +57,9 @@ class Checker:
     async def check(
         self, images: Sequence[Image], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
     ) -> Verdict:
-        if not self.failed and (slots := worker_slots(self.workers)) is not None:
+        # Only checks that decode pixels are worth a trip to a worker; each counts toward starting them.
+        slots = worker_slots(self.workers, CHECK_BYTES) if settings.reads_pixels and not self.failed else None
+        if slots is not None:
             try:
                 return await self._in_worker(images, original, aspect_ratio, settings, slots)
             except anyio.BrokenWorkerProcess as exc:
