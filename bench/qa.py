@@ -1,8 +1,7 @@
 """The output checks' CPU (issue 23, point 6): ``bench/run.py --only qa``, or ``python bench/qa.py`` for the
-check alone (no runs), ``python bench/qa.py --workers 0,2,default [--reps 3]`` for whole ``nanobatch run`` processes
-with ``qa:`` on and off and each ``--workers``, alternating: the run's own process's CPU per answer, and the
-total (its worker processes' too).
-
+check alone (no runs), ``python bench/qa.py --workers 0,2,default [--reps 3] [--n 48]`` for whole ``nanobatch
+run`` processes with ``qa:`` on and off and each ``--workers`` (``default``: no flag), alternating: the run's own
+process's CPU per answer, and the total (its worker processes' too), from runs of N and 5 N items.
 With every check on, a 2K answer must cost at most 1.2x the CPU it costs without them. Measured twice: the
 check alone (``check_image`` on a 2K JPEG, the type the 3.x models answer with, and on the 5.9 MB noise PNG
 the other sections use, the worst case), and a whole run of 2K JPEG answers with a manifest's ``qa:`` on and off.
@@ -174,8 +173,9 @@ def main() -> int:
     if "--workers" in sys.argv:
         at = sys.argv.index("--workers")
         reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 48
         # "default": no --workers flag (limits.workers unset: one per CPU, started once the checks add up)
-        whole_runs([None if w == "default" else int(w) for w in sys.argv[at + 1].split(",")], reps)
+        whole_runs([None if w == "default" else int(w) for w in sys.argv[at + 1].split(",")], reps, n)
         return 0
     original = jpeg(photo(1600, (176, 196, 222)))
     answer = jpeg(photo(2048, (255, 255, 255)))
