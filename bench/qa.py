@@ -2,6 +2,7 @@
 check alone (no runs), ``python bench/qa.py --workers 0,2,default [--reps 3] [--n 48]`` for whole ``nanobatch
 run`` processes with ``qa:`` on and off and each ``--workers`` (``default``: no flag), alternating: the run's own
 process's CPU per answer, and the total (its worker processes' too), from runs of N and 5 N items.
+
 With every check on, a 2K answer must cost at most 1.2x the CPU it costs without them. Measured twice: the
 check alone (``check_image`` on a 2K JPEG, the type the 3.x models answer with, and on the 5.9 MB noise PNG
 the other sections use, the worst case), and a whole run of 2K JPEG answers with a manifest's ``qa:`` on and off.
