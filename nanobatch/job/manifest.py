@@ -33,7 +33,7 @@ from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
 from ..safe_yaml import ItemsFound, read_top
-from .build import PictureCheck, build_item
+from .build import PictureCheck, Shapes, build_item, build_plain
 from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .items_from import parse_sources
@@ -58,11 +58,13 @@ class Manifest:
     _base: str = field(init=False, repr=False, compare=False)
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)  # the same, qa: as QaFields
+    _shapes: Shapes = field(init=False, repr=False, compare=False)  # what most items share, checked once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
         object.__setattr__(self, "_defaults", _given(self.defaults))
         object.__setattr__(self, "_plain", {name: getattr(self.defaults, name) for name in self._defaults})
+        object.__setattr__(self, "_shapes", Shapes(self.model, self.qa_layers))
 
     def skipping(self, out_dir: Path) -> Manifest:
         """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
@@ -150,6 +152,8 @@ class Manifest:
         own = plain_fields(raw.fields)
         if own is not None:  # the usual item: texts where texts go, checked without pydantic
             values = merge_given(self._plain, own)
+            if (item := build_plain(values, raw, self._shapes, base=self._base, check_files=check_files)) is not None:
+                return item, []
         else:
             fields, problems = parse_fields(raw.fields, raw.file, raw.label)
             if fields is None:

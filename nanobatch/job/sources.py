@@ -167,7 +167,13 @@ class TableSource:
                 yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
                 return
             where = f"{file}:{reader.line_num}"
-            if not any(value and value.strip() for value in row.values() if isinstance(value, str)) and None not in row:
+            first = row.get(header[0])  # most rows: a value in the first column, and nothing more to look at
+            blank = not (isinstance(first, str) and first.strip())
+            if (
+                blank
+                and not any(value and value.strip() for value in row.values() if isinstance(value, str))
+                and None not in row
+            ):
                 continue  # an empty row (",,", as Excel saves one): skipped like a blank line
             if None in row:
                 extra = len(row[None])
@@ -315,7 +321,10 @@ def _fill_fields(
 
     item_id: Any = None
     # An empty cell is no value: a template that needs it is a problem, not an instruction cut short.
-    present = Values({k: v for k, v in row.items() if v not in (None, "")})
+    values = row.values()
+    present = Values(
+        row if None not in values and "" not in values else {k: v for k, v in row.items() if v not in (None, "")}
+    )
     try:
         item_id = fill(templates.get("id", default_id), present)
     except MissingPlaceholder as exc:

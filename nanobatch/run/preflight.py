@@ -22,8 +22,7 @@ from ..job.check import CheckReport, bad_input_hint
 from ..job.manifest import Manifest, load_manifest
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
-from ..output.results import IndexEntry, ResultsIndex
-from ..output.resume import is_done
+from ..output.results import ResultsIndex
 
 if TYPE_CHECKING:
     import httpx2
@@ -285,6 +284,9 @@ def _check_settings(settings: Settings, target: Path) -> None:
         Uploads.check(settings.output.upload_to)
 
 
+_OkEntry = tuple[str | None, tuple[str, ...], Mapping[str, FileStamp]]  # ResultsIndex.ok_entry's: key, outputs, stamps
+
+
 class DoneWork:
     """The output folder's results, asked for each item of a check whether a run would skip it as done: its
     latest record ok for the same work (the key, from the stamps of inputs that have not changed since) and
@@ -295,7 +297,7 @@ class DoneWork:
         self.out_dir = out_dir
         self.index = index
         self.items = self.requests = 0
-        self._last: tuple[str | None, IndexEntry | None] = (None, None)
+        self._last: tuple[str | None, _OkEntry | None] = (None, None)
 
     @classmethod
     def of(cls, out_dir: Path) -> DoneWork | None:
@@ -304,35 +306,39 @@ class DoneWork:
             return None
         return cls(out_dir, ResultsIndex.load(out_dir))
 
-    def _entry(self, item_id: str | None) -> IndexEntry | None:
+    def _entry(self, item_id: str | None) -> _OkEntry | None:
+        """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
         if item_id is None:
             return None
         if self._last[0] != item_id:
-            self._last = (item_id, self.index.get(item_id))
+            self._last = (item_id, self.index.ok_entry(item_id))
         return self._last[1]
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
         entry = self._entry(item_id)
-        return entry.stamps if entry is not None and entry.status == "ok" else {}
+        return entry[2] if entry is not None else {}
 
     def add(self, item: WorkItem) -> bool:
-        """Whether *item* is done (then counted)."""
+        """Whether *item* is done (then counted): as :func:`~nanobatch.output.resume.is_done` says a run finds it."""
         entry = self._entry(item.id)
-        if entry is None or entry.status != "ok":
+        if entry is None:
             return False
-        key = entry.key if any(is_remote(ref) for ref in item.inputs) else self._key(item, entry)
-        if key is None or not is_done(entry, key, self.out_dir):
+        recorded, outputs, stamps = entry
+        key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
+        if key is None or key != recorded:
+            return False
+        if not all(os.path.isfile(os.path.join(self.out_dir, name)) for name in outputs):
             return False
         self.items += 1
         self.requests += len(item.steps)
         return True
 
-    def _key(self, item: WorkItem, entry: IndexEntry) -> str | None:
+    def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
         digests = []
         for ref in item.inputs:
-            stamp = entry.stamps.get(ref)
+            stamp = stamps.get(ref)
             try:
                 st = os.stat(ref)
             except OSError:
