@@ -114,6 +114,7 @@ class Manifest:
         decode: bool = False,
         skip_bad_inputs: bool = False,
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
+        ahead: Callable[[list[str | None]], None] | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -122,7 +123,8 @@ class Manifest:
         *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
         *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
         *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
-        those still the same are not read again.
+        those still the same are not read again; *ahead* is told the ids of the next few hundred items before they
+        are resolved (so that *trusted* may read their stamps together).
         """
         files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
 
@@ -133,7 +135,7 @@ class Manifest:
 
         return check_items(
             self.path,
-            self._raw_items(),
+            self._raw_items() if ahead is None else _told_ahead(self._raw_items(), ahead),
             resolve,
             visit=visit,
             out_dir=out_dir,
@@ -164,6 +166,13 @@ class Manifest:
             Merged(**values), values, raw, model=self.model, base=self._base, check_files=check_files,
             qa=self.qa_layers,
         )  # fmt: skip
+
+
+def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], None]) -> Iterator[RawItem]:
+    """*raws*, a few hundred at a time, *tell* given their ids before they are handed on."""
+    while chunk := list(itertools.islice(raws, 256)):
+        tell([raw_id(raw) for raw in chunk])
+        yield from chunk
 
 
 def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None) -> Manifest:

@@ -247,7 +247,8 @@ def check_job(
 
     with contextlib.closing(done) if done is not None else contextlib.nullcontext():
         report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
-                                trusted=done.stamps if done is not None else None)  # fmt: skip
+                                trusted=done.stamps if done is not None else None,
+                                ahead=done.ahead if done is not None else None)  # fmt: skip
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
@@ -298,6 +299,8 @@ class DoneWork:
         self.index = index
         self.items = self.requests = 0
         self._last: tuple[str | None, _OkEntry | None] = (None, None)
+        self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
+        self._ahead: dict[str, _OkEntry] = {}
 
     @classmethod
     def of(cls, out_dir: Path) -> DoneWork | None:
@@ -311,8 +314,14 @@ class DoneWork:
         if item_id is None:
             return None
         if self._last[0] != item_id:
-            self._last = (item_id, self.index.ok_entry(item_id))
+            entry = self._ahead.get(item_id) if item_id in self._told else self.index.ok_entry(item_id)
+            self._last = (item_id, entry)
         return self._last[1]
+
+    def ahead(self, ids: list[str | None]) -> None:
+        """The ids of the items a check takes next: their entries are read together."""
+        self._told = {item_id for item_id in ids if item_id is not None}
+        self._ahead = dict(self.index.ok_entries(list(self._told))) if self._told else {}
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
