@@ -306,8 +306,8 @@ def test_an_item_checked_by_its_shape_is_the_item_the_whole_check_makes(
         del given["instruction"]
     raw = RawItem(fields=given, file="job.yaml", label=item_id)
     shapes = Shapes(MODEL, ())
-    for _ in range(2):  # the shape worked out, then known
-        fast = build_plain(given, raw, shapes, base=str(tmp_path), check_files=True)
+    for own in (None, given, given):  # the shape worked out, then known; the defaults' shape, then known
+        fast = build_plain(given, raw, shapes, base=str(tmp_path), check_files=True, own=own)
         item, problems = build_item(Merged(**given), given, raw, model=MODEL, base=str(tmp_path), check_files=True)
         assert fast == item
         assert (fast is None) == bool(problems)
@@ -342,3 +342,17 @@ def test_the_work_key_is_the_digest_of_the_work_as_runs_before_wrote_it(item: Wo
     expected = "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     assert work_key(item, digests) == expected
     assert work_key(item, digests) == expected  # the settings' part kept from the first
+
+
+@pytest.mark.parametrize(
+    "ref", ["a.png", "photos/a.png", ".hidden/a.png", "..a.png", "./a.png", "x/../a.png", "x//a.png", "x/.", "~/a.png",
+            "/abs/x/../a.png", "a/"],
+)  # fmt: skip
+@pytest.mark.parametrize("base", ["/", "/work/job"])
+def test_an_input_path_resolves_as_the_file_system_reads_it(ref: str, base: str) -> None:
+    import os
+
+    from nanobatch.job.build import _resolve_input
+
+    path, _, _ = _resolve_input(ref, base, check_files=False)
+    assert path == os.path.normpath(os.path.join(base, os.path.expanduser(ref)))

@@ -114,10 +114,21 @@ class Shapes:
         self._model = model
         self._qa = qa
         self._known: dict[tuple[tuple[str, Any], ...], _Shape | None] = {}
+        self._defaults: _Shape | None = None  # the shape of the items that set only their own fields, once known
+        self._defaults_known = False
 
-    def get(self, given: Mapping[str, Any]) -> _Shape | None:
-        """The shape of an item whose merged fields that are set are *given*; None: see the class."""
+    def get(self, given: Mapping[str, Any], *, the_defaults: bool = False) -> _Shape | None:
+        """The shape of an item whose merged fields that are set are *given*; None: see the class.
+        *the_defaults*: the item sets none of the fields a shape is made of (its shape is the defaults')."""
+        if the_defaults and self._defaults_known:
+            return self._defaults
         key = tuple((k, tuple(v) if type(v) is list else v) for k, v in given.items() if k not in _OWN_FIELDS)
+        if the_defaults:
+            self._defaults, self._defaults_known = self._get(key), True
+            return self._defaults
+        return self._get(key)
+
+    def _get(self, key: tuple[tuple[str, Any], ...]) -> _Shape | None:
         try:
             return self._known[key]
         except KeyError:
@@ -160,13 +171,14 @@ class Shapes:
 
 
 def build_plain(
-    given: Mapping[str, Any], raw: RawItem, shapes: Shapes, *, base: str, check_files: bool | PictureCheck
-) -> WorkItem | None:
+    given: Mapping[str, Any], raw: RawItem, shapes: Shapes, *, base: str, check_files: bool | PictureCheck,
+    own: Mapping[str, Any] | None = None,
+) -> WorkItem | None:  # fmt: skip
     """The item of *raw* (*given*: its merged fields that are set, each of the type it holds: see
     ``fields.plain_fields``) when it has no problem at all, its shape's fields checked once for all (*shapes*);
     None when it has one, or may have: :func:`build_item` then checks it and says what is wrong. What one
-    accepts, the other does (tests/test_manifest.py holds them to it)."""
-    shape = shapes.get(given)
+    accepts, the other does (tests/test_scale.py holds them to it). *own*: the item's own fields, if known."""
+    shape = shapes.get(given, the_defaults=own is not None and own.keys() <= _OWN_FIELDS)
     item_id = given.get("id")
     if shape is None or type(item_id) is not str or not _ID.fullmatch(item_id):
         return None
@@ -343,7 +355,7 @@ def _resolve_input(
             "are supported"
         ), None  # fmt: skip
     # os.path rather than pathlib: this runs once per input of every item.
-    path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
+    path = _joined(base, ref)
     if check_files:
         try:
             st = os.stat(path)
@@ -371,6 +383,15 @@ def _resolve_input(
             )
         return path, None, st
     return path, None, None
+
+
+def _joined(base: str, ref: str) -> str:
+    """``normpath(join(base, expanduser(ref)))``, *base* being absolute and normal; most references are plain
+    relative paths, which need only the join."""
+    wrapped = f"/{ref}/"
+    if os.sep == "/" and ref[0] not in "~/" and "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
+        return f"{base}{ref}" if base.endswith("/") else f"{base}/{ref}"
+    return os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
 
 
 class PictureCheck:

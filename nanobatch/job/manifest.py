@@ -154,7 +154,8 @@ class Manifest:
         own = plain_fields(raw.fields)
         if own is not None:  # the usual item: texts where texts go, checked without pydantic
             values = merge_given(self._plain, own)
-            if (item := build_plain(values, raw, self._shapes, base=self._base, check_files=check_files)) is not None:
+            item = build_plain(values, raw, self._shapes, base=self._base, check_files=check_files, own=own)
+            if item is not None:
                 return item, []
         else:
             fields, problems = parse_fields(raw.fields, raw.file, raw.label)

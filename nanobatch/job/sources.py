@@ -53,7 +53,7 @@ def open_text(path: Path | str) -> Utf8Lines:
     return Utf8Lines(path)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: one is made per row, and a frozen one costs twice as much
 class RawItem:
     """One item as a source produced it, before defaults and validation.
 
@@ -227,7 +227,7 @@ class TableSource:
 
     def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
         templates = self.templates
-        given = [name for name in self.columns_as_fields if name in row and row[name] not in (None, "")]
+        given = [name for name in self.columns_as_fields.intersection(row) if row[name] not in (None, "")]
         if given:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
