@@ -248,13 +248,14 @@ class _Places:
         self.out_dir = os.path.abspath(out_dir)
         self.root = os.path.realpath(out_dir)
         self._inside = self.root.rstrip(os.sep) + os.sep
+        self._top = os.path.join(self.root, "")  # where a name right in the output folder is: the root, then "/"
         self._real: dict[str, str | None] = {}  # by folder: most items share a handful
         # No output folder yet: no input is in it, nor links into it (such a link would dangle: not found)
         self.exists = os.path.isdir(out_dir)
 
     def of_output(self, stem: str) -> bytes | None:
-        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder
-            return self._place(self.out_dir, stem)
+        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder (its real path known)
+            return _key(self._top + stem)
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
