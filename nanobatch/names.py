@@ -131,6 +131,8 @@ def plain_name_problem(name: str) -> str | None:
 
 def name_length_problem(name: str) -> str | None:
     """Why the file system would refuse *name* (an output name before its extension), or None."""
+    if len(name) <= (NAME_MAX - SUFFIX_ROOM) // 4:  # most names: too short to be too long, in any encoding
+        return None
     *folders, last = name.replace(os.sep, "/").split("/")
     for part in folders:
         if len(part.encode()) > NAME_MAX:
@@ -182,6 +184,8 @@ def _placed(name: str) -> tuple[str | None, str | None]:
 def image_folders(stem: str) -> Iterable[tuple[str, str]]:
     """Each folder on *stem*'s path whose name ends in an image extension, with that name without it: a
     folder ``b.png/`` may be where item ``b`` writes its image."""
+    if "/" not in stem and os.sep not in stem:  # most stems: a name right in the output folder
+        return
     parts = stem.replace(os.sep, "/").split("/")[:-1]
     for depth in range(1, len(parts) + 1):
         folder = "/".join(parts[:depth])

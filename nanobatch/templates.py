@@ -69,9 +69,22 @@ def _fill(template: Any, present: Values) -> Any:
         return [_fill(part, present) for part in template]
     if not isinstance(template, str) or ("{" not in template and "}" not in template):
         return template
-    sole = _SOLE.fullmatch(template)
-    if sole:
-        value = present[sole.group(1)]
+    if template not in _SOLES:
+        if len(_SOLES) >= 4096:
+            _SOLES.clear()
+        sole = _SOLE.fullmatch(template)
+        name = sole.group(1) if sole else None
+        _SOLES[template] = (name, name is not None and not any(c in name for c in ":!.[]"))
+    name, plain = _SOLES[template]
+    if name is not None:
+        value = present[name]
         if isinstance(value, (list, bool, dict)):
             return value
+        if plain and type(value) is str:  # "{name}": what format_map would make of it
+            return value
     return template.format_map(present)
+
+
+# Each template met: the name of its sole placeholder (None: not one placeholder alone), and whether that is a
+# plain name (no conversion, format spec, attribute or index). A catalog's rows fill the same few templates.
+_SOLES: dict[str, tuple[str | None, bool]] = {}

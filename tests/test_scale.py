@@ -15,6 +15,7 @@ import nanobatch
 from nanobatch import pictures
 from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
+from nanobatch.item import WorkItem
 from nanobatch.output import results
 from nanobatch.run.preflight import check_job
 
@@ -262,3 +263,96 @@ def test_the_plain_path_holds_every_field_an_item_may_set() -> None:
     from nanobatch.job.fields import ItemFields, Merged
 
     assert [f.name for f in fields(Merged)] == list(ItemFields.model_fields)
+
+
+_SHAPES = [
+    {},
+    {"output": "white/{id}.jpg", "keep_steps": True, "steps": ["cut out", "white"]},
+    {"images": ["a.png", "b.png"], "tier": "Flex", "thinking_level": "High", "output_format": "JPG"},
+    {"aspect_ratio": "7:3"},  # not a ratio this model makes
+    {"image": "missing.png"},
+    {"image": "a.png", "images": ["a.png"]},
+    {"instruction": "  "},
+    {"instruction": "go", "steps": ["go"]},
+    {"instruction": "caf\udce9"},  # a byte that was not UTF-8
+    {"image": "a\x00.png"},
+    {"output": "../{id}"},
+    {"output": "x" * 300 + "{id}"},
+    {"response_modalities": ["TEXT"]},
+    {"model": "some-model-not-known", "image_size": "9K"},
+    {"images": ["a.png"] * 20},  # more than the model takes
+    {"inputs": "by_reference", "resize_inputs": True, "image_size": "2K"},
+]
+
+
+@pytest.mark.parametrize("item_id", ["sku-1", ".hidden", "x" * 250])
+@pytest.mark.parametrize("fields", _SHAPES)
+def test_an_item_checked_by_its_shape_is_the_item_the_whole_check_makes(
+    tmp_path: Path, fields: dict[str, Any], item_id: str
+) -> None:
+    """Items that share their fields but their id, images and instructions are checked once for what they share
+    (build_plain); such an item is the one build_item makes, and any item with a problem goes to build_item,
+    which names each problem as before."""
+    from nanobatch.job.build import Shapes, build_item, build_plain
+    from nanobatch.job.fields import Merged
+    from nanobatch.job.sources import RawItem
+
+    (tmp_path / "a.png").write_bytes(image_bytes())
+    (tmp_path / "b.png").write_bytes(image_bytes())
+    given = {"id": item_id, "image": "a.png", "instruction": "white background", **fields}
+    if "images" in fields and "image" not in fields:
+        del given["image"]
+    if "steps" in fields and "instruction" not in fields:
+        del given["instruction"]
+    raw = RawItem(fields=given, file="job.yaml", label=item_id)
+    shapes = Shapes(MODEL, ())
+    for own in (None, given, given):  # the shape worked out, then known; the defaults' shape, then known
+        fast = build_plain(given, raw, shapes, base=str(tmp_path), check_files=True, own=own)
+        item, problems = build_item(Merged(**given), given, raw, model=MODEL, base=str(tmp_path), check_files=True)
+        assert fast == item
+        assert (fast is None) == bool(problems)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        WorkItem(id="a", model=MODEL, inputs=("/x/a.png",), steps=("white",)),
+        WorkItem(
+            id="b",
+            model=MODEL,
+            inputs=("/x/a.png", "https://e.com/b.jpg"),
+            steps=("cut", "café"),
+            aspect_ratio="4:3",
+            image_size="2K",
+            thinking_level="high",
+            resize_inputs=True,
+            output_format="jpeg",
+        ),  # fmt: skip
+    ],
+)
+def test_the_work_key_is_the_digest_of_the_work_as_runs_before_wrote_it(item: WorkItem) -> None:
+    """A re-run skips finished work by its key: the key must stay the digest of this document, or every item of
+    every folder already done would be sent (and paid for) again."""
+    import hashlib
+
+    from nanobatch.inputs.stamps import work_key
+
+    digests = ["ab" * 32, "cd" * 32][: len(item.inputs)]
+    doc = {"v": 1, "settings": item.settings(), "inputs": digests}
+    expected = "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    assert work_key(item, digests) == expected
+    assert work_key(item, digests) == expected  # the settings' part kept from the first
+
+
+@pytest.mark.parametrize(
+    "ref", ["a.png", "photos/a.png", ".hidden/a.png", "..a.png", "./a.png", "x/../a.png", "x//a.png", "x/.", "~/a.png",
+            "/abs/x/../a.png", "a/"],
+)  # fmt: skip
+@pytest.mark.parametrize("base", ["/", "/work/job"])
+def test_an_input_path_resolves_as_the_file_system_reads_it(ref: str, base: str) -> None:
+    import os
+
+    from nanobatch.job.build import _resolve_input
+
+    path, _, _ = _resolve_input(ref, base, check_files=False)
+    assert path == os.path.normpath(os.path.join(base, os.path.expanduser(ref)))

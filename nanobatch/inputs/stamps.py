@@ -9,10 +9,12 @@ Bucket inputs are stamped in ``remote.py``; pictures are loaded to be sent in ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import anyio
 
@@ -111,8 +113,25 @@ def work_key(item: WorkItem, digests: Sequence[str]) -> str:
     *digests* are the SHA-256 of each input's bytes, in order (the file's bytes for a local path,
     the downloaded bytes for a URL).
     """
-    doc = {"v": 1, "settings": item.settings(), "inputs": list(digests)}
-    return "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    # json.dumps({"v": 1, "settings": item.settings(), "inputs": [...]}, sort_keys=True), its settings part
+    # written once for every item that shares them (tests/test_resume.py holds the two to the same text).
+    settings = _settings_json(
+        item.model, item.steps, item.aspect_ratio, item.image_size, item.response_modalities, item.thinking_level,
+        item.resize_inputs, item.output_format,
+    )  # fmt: skip
+    doc = '{"inputs": ' + json.dumps(list(digests)) + ', "settings": ' + settings + ', "v": 1}'
+    return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=256)  # most items share their settings: a catalog's few shapes
+def _settings_json(*fields: Any) -> str:
+    model, steps, aspect_ratio, image_size, modalities, thinking_level, resize_inputs, output_format = fields
+    item = WorkItem(
+        id="-", model=model, inputs=(), steps=steps, aspect_ratio=aspect_ratio, image_size=image_size,
+        response_modalities=modalities, thinking_level=thinking_level, resize_inputs=resize_inputs,
+        output_format=output_format,
+    )  # fmt: skip
+    return json.dumps(item.settings(), sort_keys=True)
 
 
 def image_digest(image: Image) -> str:

@@ -8,19 +8,20 @@ import re
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .. import models
 from ..api.storage import is_bucket_url
 from ..errors import Problem
 from ..item import WorkItem
-from ..names import name_length_problem, output_name, text_problem
+from ..names import name_length_problem, output_name, template_problems, text_problem
 from ..pictures import file_problem
 from ..qa import QaFields, QaSettings
 from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, Merged
 from .sources import RawItem
 
-__all__ = ["SCHEME", "PictureCheck", "build_item"]
+__all__ = ["SCHEME", "PictureCheck", "Shapes", "build_item", "build_plain"]
 
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
@@ -76,6 +77,166 @@ def build_item(
         output_format=output_format,
         qa=checks,
     ), []
+
+
+# The fields that differ from item to item in most catalogs: checked for each item by build_plain(); the others
+# (the model, ratios, sizes, the output template, qa: ...) once for every item that shares them (Shapes).
+_OWN_FIELDS = frozenset({"id", "image", "images", "instruction", "steps"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What an item's fields other than :data:`_OWN_FIELDS` make of it, found free of problems."""
+
+    model: str
+    aspect_ratio: str | None
+    image_size: str | None
+    modalities: tuple[str, ...]
+    thinking_level: str | None
+    tier: str | None
+    output: str | None  # the template
+    keep_steps: bool
+    resize_inputs: bool
+    input_mode: str | None
+    output_format: str | None
+    qa: QaSettings | None
+    max_inputs: int | None  # the model's, when known
+
+
+class Shapes:
+    """The shapes of a manifest's items (:class:`_Shape`), each checked once: a catalog's items share a few.
+    A shape with a problem is None, and so is any shape once :data:`LIMIT` are known (then every item of a new
+    shape goes the whole way through :func:`build_item`)."""
+
+    LIMIT = 1024
+
+    def __init__(self, model: str, qa: tuple[QaFields, ...]) -> None:
+        self._model = model
+        self._qa = qa
+        self._known: dict[tuple[tuple[str, Any], ...], _Shape | None] = {}
+        self._defaults: _Shape | None = None  # the shape of the items that set only their own fields, once known
+        self._defaults_known = False
+
+    def get(self, given: Mapping[str, Any], *, the_defaults: bool = False) -> _Shape | None:
+        """The shape of an item whose merged fields that are set are *given*; None: see the class.
+        *the_defaults*: the item sets none of the fields a shape is made of (its shape is the defaults')."""
+        if the_defaults and self._defaults_known:
+            return self._defaults
+        key = tuple((k, tuple(v) if type(v) is list else v) for k, v in given.items() if k not in _OWN_FIELDS)
+        if the_defaults:
+            self._defaults, self._defaults_known = self._get(key), True
+            return self._defaults
+        return self._get(key)
+
+    def _get(self, key: tuple[tuple[str, Any], ...]) -> _Shape | None:
+        try:
+            return self._known[key]
+        except KeyError:
+            pass
+        except TypeError:  # a value that cannot be a key: not a shape this looks after
+            return None
+        if len(self._known) >= self.LIMIT:
+            return None
+        shape = self._known[key] = self._shape(dict(key))
+        return shape
+
+    def _shape(self, shared: dict[str, Any]) -> _Shape | None:
+        problems: list[str | None] = []
+
+        def bad(fld: str | None, message: str, bad_input: bool = False) -> None:
+            problems.append(fld)
+
+        shared = {name: list(v) if type(v) is tuple else v for name, v in shared.items()}
+        _check_texts(shared, bad)
+        f = Merged(**shared, id="a", instruction="a")  # an id and a step that pass: their checks are per item
+        _steps(f, bad)
+        modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
+        if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
+            bad("response_modalities", "")
+        info = models.lookup(f.model or self._model)
+        _check_model_limits(f, info, 0, bad)
+        if f.output is not None and template_problems(f.output):
+            bad("output", "")
+        output_format = _output_format(f, bad)
+        if problems:
+            return None
+        return _Shape(
+            model=f.model or self._model, aspect_ratio=f.aspect_ratio, image_size=f.image_size, modalities=modalities,
+            thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
+            tier=f.tier.lower() if f.tier is not None else None, output=f.output, keep_steps=bool(f.keep_steps),
+            resize_inputs=bool(f.resize_inputs), input_mode=f.inputs.lower() if f.inputs is not None else None,
+            output_format=output_format, qa=_checks((*self._qa, f.qa)),
+            max_inputs=info.max_input_images if info is not None else None,
+        )  # fmt: skip
+
+
+def build_plain(
+    given: Mapping[str, Any], raw: RawItem, shapes: Shapes, *, base: str, check_files: bool | PictureCheck,
+    own: Mapping[str, Any] | None = None,
+) -> WorkItem | None:  # fmt: skip
+    """The item of *raw* (*given*: its merged fields that are set, each of the type it holds: see
+    ``fields.plain_fields``) when it has no problem at all, its shape's fields checked once for all (*shapes*);
+    None when it has one, or may have: :func:`build_item` then checks it and says what is wrong. What one
+    accepts, the other does (tests/test_scale.py holds them to it). *own*: the item's own fields, if known."""
+    shape = shapes.get(given, the_defaults=own is not None and own.keys() <= _OWN_FIELDS)
+    item_id = given.get("id")
+    if shape is None or type(item_id) is not str or not _ID.fullmatch(item_id):
+        return None
+    steps = _plain_steps(given)
+    refs = _plain_refs(given)
+    if steps is None or refs is None:
+        return None
+    inputs, total = [], 0
+    for ref in refs:
+        resolved, message, st = _resolve_input(ref, base, check_files=bool(check_files), resize=shape.resize_inputs)
+        if message or isinstance(check_files, PictureCheck) and st is not None and check_files(resolved, st):
+            return None
+        inputs.append(resolved)
+        total += st.st_size if st is not None else 0
+    if total > models.MAX_TOTAL_INPUT_BYTES and not shape.resize_inputs and len(inputs) > 1:
+        return None
+    if shape.max_inputs is not None and len(inputs) > shape.max_inputs:
+        return None
+    output = None
+    if shape.output is not None:
+        output, message = output_name(shape.output, item_id, raw.context)
+        if message or output is not None and name_length_problem(output):
+            return None
+    elif name_length_problem(item_id):
+        return None
+    return WorkItem(
+        id=item_id, model=shape.model, inputs=tuple(inputs), steps=steps, aspect_ratio=shape.aspect_ratio,
+        image_size=shape.image_size, response_modalities=shape.modalities, thinking_level=shape.thinking_level,
+        tier=shape.tier, output=output, keep_steps=shape.keep_steps, resize_inputs=shape.resize_inputs,
+        input_mode=shape.input_mode, output_format=shape.output_format, qa=shape.qa,
+    )  # fmt: skip
+
+
+def _plain_steps(given: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The item's steps, if :func:`_steps` and :func:`_check_texts` would find nothing wrong with them."""
+    instruction, steps = given.get("instruction"), given.get("steps")
+    if steps is None:
+        if instruction is None:
+            return None
+        steps = (instruction,)
+    elif instruction is not None:
+        return None
+    for step in steps:
+        if not step.strip() or ("\x00" in step or not step.isascii()) and text_problem(step):
+            return None
+    return tuple(steps) if steps else None
+
+
+def _plain_refs(given: Mapping[str, Any]) -> list[str] | None:
+    """The item's image references, if :func:`_check_texts` and :func:`_steps` would find nothing wrong."""
+    image, images = given.get("image"), given.get("images")
+    if image is not None and images is not None:
+        return None
+    refs: list[str] = [image] if image is not None else (images or [])
+    for ref in refs:
+        if ("\x00" in ref or not ref.isascii()) and text_problem(ref):
+            return None
+    return refs
 
 
 @functools.lru_cache(maxsize=64)  # most items share their layers: the config's, the manifest's, the defaults'
@@ -194,7 +355,7 @@ def _resolve_input(
             "are supported"
         ), None  # fmt: skip
     # os.path rather than pathlib: this runs once per input of every item.
-    path = os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
+    path = _joined(base, ref)
     if check_files:
         try:
             st = os.stat(path)
@@ -222,6 +383,15 @@ def _resolve_input(
             )
         return path, None, st
     return path, None, None
+
+
+def _joined(base: str, ref: str) -> str:
+    """``normpath(join(base, expanduser(ref)))``, *base* being absolute and normal; most references are plain
+    relative paths, which need only the join."""
+    wrapped = f"/{ref}/"
+    if os.sep == "/" and ref[0] not in "~/" and "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
+        return f"{base}{ref}" if base.endswith("/") else f"{base}/{ref}"
+    return os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
 
 
 class PictureCheck:

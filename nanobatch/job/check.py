@@ -216,6 +216,8 @@ class _Claims:
     def claim_places(self, item: WorkItem, places: _Places) -> tuple[str, str] | None:
         """The field and problem if *item* would write over an input of the job (its own or another item's),
         or has an input where an item writes; None if not. A run must never write over what it reads."""
+        if not places.exists:  # no output folder yet: no input is in it, so nothing can be written over one
+            return None
         field = "output" if item.output else "id"
         for n, path in enumerate(item.inputs):
             for place in places.of_input(path):
@@ -246,13 +248,14 @@ class _Places:
         self.out_dir = os.path.abspath(out_dir)
         self.root = os.path.realpath(out_dir)
         self._inside = self.root.rstrip(os.sep) + os.sep
+        self._top = os.path.join(self.root, "")  # where a name right in the output folder is: the root, then "/"
         self._real: dict[str, str | None] = {}  # by folder: most items share a handful
         # No output folder yet: no input is in it, nor links into it (such a link would dangle: not found)
-        self._exists = os.path.isdir(out_dir)
+        self.exists = os.path.isdir(out_dir)
 
     def of_output(self, stem: str) -> bytes | None:
-        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder
-            return self._place(self.out_dir, stem)
+        if "/" not in stem and os.sep not in stem:  # most names: right in the output folder (its real path known)
+            return _key(self._top + stem)
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
@@ -260,7 +263,7 @@ class _Places:
         """Where a write would replace the local input *path* or its content: its name, and the file it links
         to (if it is a symbolic link); only those in the output folder with an image extension (the others are
         never written)."""
-        if not self._exists or SCHEME.match(path):
+        if not self.exists or SCHEME.match(path):
             return []
         paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
         places = []

@@ -33,7 +33,7 @@ from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
 from ..safe_yaml import ItemsFound, read_top
-from .build import PictureCheck, build_item
+from .build import PictureCheck, Shapes, build_item, build_plain
 from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .items_from import parse_sources
@@ -58,11 +58,13 @@ class Manifest:
     _base: str = field(init=False, repr=False, compare=False)
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)  # the same, qa: as QaFields
+    _shapes: Shapes = field(init=False, repr=False, compare=False)  # what most items share, checked once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
         object.__setattr__(self, "_defaults", _given(self.defaults))
         object.__setattr__(self, "_plain", {name: getattr(self.defaults, name) for name in self._defaults})
+        object.__setattr__(self, "_shapes", Shapes(self.model, self.qa_layers))
 
     def skipping(self, out_dir: Path) -> Manifest:
         """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
@@ -112,6 +114,7 @@ class Manifest:
         decode: bool = False,
         skip_bad_inputs: bool = False,
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
+        ahead: Callable[[list[str | None]], None] | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -120,7 +123,8 @@ class Manifest:
         *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
         *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
         *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
-        those still the same are not read again.
+        those still the same are not read again; *ahead* is told the ids of the next few hundred items before they
+        are resolved (so that *trusted* may read their stamps together).
         """
         files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
 
@@ -131,7 +135,7 @@ class Manifest:
 
         return check_items(
             self.path,
-            self._raw_items(),
+            self._raw_items() if ahead is None else _told_ahead(self._raw_items(), ahead),
             resolve,
             visit=visit,
             out_dir=out_dir,
@@ -150,6 +154,9 @@ class Manifest:
         own = plain_fields(raw.fields)
         if own is not None:  # the usual item: texts where texts go, checked without pydantic
             values = merge_given(self._plain, own)
+            item = build_plain(values, raw, self._shapes, base=self._base, check_files=check_files, own=own)
+            if item is not None:
+                return item, []
         else:
             fields, problems = parse_fields(raw.fields, raw.file, raw.label)
             if fields is None:
@@ -160,6 +167,13 @@ class Manifest:
             Merged(**values), values, raw, model=self.model, base=self._base, check_files=check_files,
             qa=self.qa_layers,
         )  # fmt: skip
+
+
+def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], None]) -> Iterator[RawItem]:
+    """*raws*, a few hundred at a time, *tell* given their ids before they are handed on."""
+    while chunk := list(itertools.islice(raws, 256)):
+        tell([raw_id(raw) for raw in chunk])
+        yield from chunk
 
 
 def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None) -> Manifest:

@@ -53,7 +53,7 @@ def open_text(path: Path | str) -> Utf8Lines:
     return Utf8Lines(path)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)  # not frozen: one is made per row, and a frozen one costs twice as much
 class RawItem:
     """One item as a source produced it, before defaults and validation.
 
@@ -167,7 +167,13 @@ class TableSource:
                 yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
                 return
             where = f"{file}:{reader.line_num}"
-            if not any(value and value.strip() for value in row.values() if isinstance(value, str)) and None not in row:
+            first = row.get(header[0])  # most rows: a value in the first column, and nothing more to look at
+            blank = not (isinstance(first, str) and first.strip())
+            if (
+                blank
+                and not any(value and value.strip() for value in row.values() if isinstance(value, str))
+                and None not in row
+            ):
                 continue  # an empty row (",,", as Excel saves one): skipped like a blank line
             if None in row:
                 extra = len(row[None])
@@ -221,7 +227,7 @@ class TableSource:
 
     def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
         templates = self.templates
-        given = [name for name in self.columns_as_fields if name in row and row[name] not in (None, "")]
+        given = [name for name in self.columns_as_fields.intersection(row) if row[name] not in (None, "")]
         if given:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
@@ -315,7 +321,10 @@ def _fill_fields(
 
     item_id: Any = None
     # An empty cell is no value: a template that needs it is a problem, not an instruction cut short.
-    present = Values({k: v for k, v in row.items() if v not in (None, "")})
+    values = row.values()
+    present = Values(
+        row if None not in values and "" not in values else {k: v for k, v in row.items() if v not in (None, "")}
+    )
     try:
         item_id = fill(templates.get("id", default_id), present)
     except MissingPlaceholder as exc:

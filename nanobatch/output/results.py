@@ -99,6 +99,9 @@ def _record_lines(
         )
 
 
+FileStamps = tuple[int, int, str]  # an input's (size, mtime_ns, sha256), as inputs.stamps.FileStamp
+
+
 class IndexEntry(NamedTuple):
     """What a re-run and the summary need from an item's latest record."""
 
@@ -140,6 +143,8 @@ _COLUMNS = (
 )
 _UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
+_SELECT_OK = "SELECT key, outputs, stamps FROM entries WHERE id = ? AND status = 'ok'"
+_SELECT_OKS = "SELECT id, key, outputs, stamps FROM entries WHERE id IN ({}) AND status = 'ok'"
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
 _OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
 
@@ -306,6 +311,22 @@ class ResultsIndex:
             tuple(str(name) for name in orjson.loads(files)) if files else names,
             paid,
         )
+
+    def ok_entry(self, item_id: str) -> tuple[str | None, tuple[str, ...], dict[str, FileStamps]] | None:
+        """The work key, outputs and input stamps of *item_id*'s latest record if it is ok; else None (what a
+        check of the manifest asks of each item: less than :meth:`get` reads)."""
+        row = self._db.execute(_SELECT_OK, (item_id,)).fetchone()
+        if row is None:
+            return None
+        return row[0], tuple(str(name) for name in orjson.loads(row[1])), _stamps(row[2])
+
+    def ok_entries(self, ids: list[str]) -> dict[str, tuple[str | None, tuple[str, ...], dict[str, FileStamps]]]:
+        """:meth:`ok_entry` of each of *ids* (at most a few hundred) that has one, in one query."""
+        query = _SELECT_OKS.format(", ".join("?" * len(ids)))
+        return {
+            str(item_id): (key, tuple(str(name) for name in orjson.loads(outputs)), _stamps(stamps))
+            for item_id, key, outputs, stamps in self._db.execute(query, ids)
+        }
 
     def ok_files(self) -> Iterator[tuple[str, tuple[str, ...]]]:
         """(id, every file its record wrote) of each item whose latest record is ok."""

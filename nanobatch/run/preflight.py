@@ -22,8 +22,7 @@ from ..job.check import CheckReport, bad_input_hint
 from ..job.manifest import Manifest, load_manifest
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
-from ..output.results import IndexEntry, ResultsIndex
-from ..output.resume import is_done
+from ..output.results import ResultsIndex
 
 if TYPE_CHECKING:
     import httpx2
@@ -248,7 +247,8 @@ def check_job(
 
     with contextlib.closing(done) if done is not None else contextlib.nullcontext():
         report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
-                                trusted=done.stamps if done is not None else None)  # fmt: skip
+                                trusted=done.stamps if done is not None else None,
+                                ahead=done.ahead if done is not None else None)  # fmt: skip
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
@@ -285,6 +285,9 @@ def _check_settings(settings: Settings, target: Path) -> None:
         Uploads.check(settings.output.upload_to)
 
 
+_OkEntry = tuple[str | None, tuple[str, ...], Mapping[str, FileStamp]]  # ResultsIndex.ok_entry's: key, outputs, stamps
+
+
 class DoneWork:
     """The output folder's results, asked for each item of a check whether a run would skip it as done: its
     latest record ok for the same work (the key, from the stamps of inputs that have not changed since) and
@@ -295,7 +298,9 @@ class DoneWork:
         self.out_dir = out_dir
         self.index = index
         self.items = self.requests = 0
-        self._last: tuple[str | None, IndexEntry | None] = (None, None)
+        self._last: tuple[str | None, _OkEntry | None] = (None, None)
+        self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
+        self._ahead: dict[str, _OkEntry] = {}
 
     @classmethod
     def of(cls, out_dir: Path) -> DoneWork | None:
@@ -304,35 +309,45 @@ class DoneWork:
             return None
         return cls(out_dir, ResultsIndex.load(out_dir))
 
-    def _entry(self, item_id: str | None) -> IndexEntry | None:
+    def _entry(self, item_id: str | None) -> _OkEntry | None:
+        """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
         if item_id is None:
             return None
         if self._last[0] != item_id:
-            self._last = (item_id, self.index.get(item_id))
+            entry = self._ahead.get(item_id) if item_id in self._told else self.index.ok_entry(item_id)
+            self._last = (item_id, entry)
         return self._last[1]
+
+    def ahead(self, ids: list[str | None]) -> None:
+        """The ids of the items a check takes next: their entries are read together."""
+        self._told = {item_id for item_id in ids if item_id is not None}
+        self._ahead = dict(self.index.ok_entries(list(self._told))) if self._told else {}
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
         entry = self._entry(item_id)
-        return entry.stamps if entry is not None and entry.status == "ok" else {}
+        return entry[2] if entry is not None else {}
 
     def add(self, item: WorkItem) -> bool:
-        """Whether *item* is done (then counted)."""
+        """Whether *item* is done (then counted): as :func:`~nanobatch.output.resume.is_done` says a run finds it."""
         entry = self._entry(item.id)
-        if entry is None or entry.status != "ok":
+        if entry is None:
             return False
-        key = entry.key if any(is_remote(ref) for ref in item.inputs) else self._key(item, entry)
-        if key is None or not is_done(entry, key, self.out_dir):
+        recorded, outputs, stamps = entry
+        key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
+        if key is None or key != recorded:
+            return False
+        if not all(os.path.isfile(os.path.join(self.out_dir, name)) for name in outputs):
             return False
         self.items += 1
         self.requests += len(item.steps)
         return True
 
-    def _key(self, item: WorkItem, entry: IndexEntry) -> str | None:
+    def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
         digests = []
         for ref in item.inputs:
-            stamp = entry.stamps.get(ref)
+            stamp = stamps.get(ref)
             try:
                 st = os.stat(ref)
             except OSError:
