@@ -56,6 +56,7 @@ def run_nanobatch(
     profile: bool = False,
     tier: str | None = None,
     batch: dict[str, Any] | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     import anyio
 
@@ -69,6 +70,9 @@ def run_nanobatch(
             "limits.concurrency": concurrency,
             "limits.requests_per_minute": rpm,
             "limits.rpm_burst": rpm_burst,
+            # 0: this process's CPU is all the run's (a worker's would not be counted); the whole-process rows
+            # (bench/dispatch.py) compare worker processes, from outside
+            "limits.workers": workers,
             **{f"batch.{name}": value for name, value in (batch or {}).items()},
         },
     )
