@@ -105,10 +105,10 @@ def test_appended_records_of_every_status_move_the_counts_as_a_full_recount_does
         out,
         {"id": done[0]["id"], "status": "failed", "outputs": [], "run": run,
          "error": {"kind": "server", "message": "boom"}},  # done before: failed now, so left
-        {"id": done[1]["id"], "status": "ok", "run": run, "outputs": [gone]},  # ok again, but its output is gone: still left
+        {"id": done[1]["id"], "status": "ok", "run": run, "outputs": [gone]},  # ok again, its output gone: left
         {"id": done[2]["id"], "status": "blocked", "outputs": [], "run": run,
          "error": {"kind": "safety", "message": "no"}},
-        {"id": done[2]["id"], "status": "ok", "run": run, "outputs": done[2]["outputs"]},  # then ok again: done as before
+        {"id": done[2]["id"], "status": "ok", "run": run, "outputs": done[2]["outputs"]},  # ok again: done
         {"id": "i7", "status": "failed", "outputs": [], "run": run, "error": {"kind": "server", "message": "x"}},
         {"id": "i7", "status": "rejected", "outputs": [], "run": run},
     )  # fmt: skip

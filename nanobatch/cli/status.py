@@ -118,8 +118,8 @@ def _totals_held(out_dir: Path, summary: dict[str, Any], running: str | None) ->
     """The folder's totals as the last run's summary gives them, if they still hold: no run holds the folder,
     and results.jsonl is as that run left it (its size and mtime); else None."""
     state = summary.get(STATE)
-    if running or not isinstance(state, dict) or state.get("results") is None:
-        return None
+    if running or not isinstance(state, dict) or state.get("results") is None or _outcome(summary) == STARTED:
+        return None  # (a run's summary until it ends has no totals, only the state carried from the last one)
     if state["results"] != file_stamp(str(out_dir / RESULTS_FILE)):
         return None
     return {key: value for key, value in summary.items() if key not in _NOT_TOTALS}
@@ -183,6 +183,12 @@ def _orphans_held(out_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]
     if not isinstance(state.get("orphans"), list) or state.get("journal") != file_stamp(str(out_dir / JOURNAL_FILE)):
         return None
     return list(state["orphans"])
+
+
+def _outcome(summary: dict[str, Any]) -> Any:
+    """How the last run ended, as the summary says (``started`` until it ends)."""
+    last = summary.get("last_run")
+    return last.get("outcome") if isinstance(last, dict) else None
 
 
 def _last_run(last: Any, running: str | None) -> Any:

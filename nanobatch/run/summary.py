@@ -101,8 +101,9 @@ def carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, A
         or state.get("sources") != [[path, file_stamp(path)] for path in files]
     ):
         return None
-    runs = state.get("runs") if isinstance(state.get("runs"), list) else []
-    return {**state, "runs": [*runs, run_id]}
+    runs = state["runs"] if isinstance(state.get("runs"), list) else []
+    # Not the journal's requests in doubt: the run has just taken them over (OutDir.recover), the journal anew.
+    return {**{k: v for k, v in state.items() if k not in ("journal", "orphans")}, "runs": [*runs, run_id]}
 
 
 def folder_state(
