@@ -137,9 +137,8 @@ def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[i
     if any(stamp != file_stamp(path) for path, stamp in state["sources"]):
         return None
     try:
-        with os.scandir(out_dir) as entries:
-            if sum(1 for _ in entries) < state.get("entries", 0):
-                return None
+        if len(os.listdir(out_dir)) < state.get("entries", 0):  # (listed in C: a third of counting a scandir)
+            return None
     except OSError:
         return None
     if state.get("results") == file_stamp(str(out_dir / RESULTS_FILE)):

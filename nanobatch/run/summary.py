@@ -119,8 +119,7 @@ def folder_state(
 
     files = manifest.files()
     try:
-        with os.scandir(out_dir) as entries:
-            count = sum(1 for _ in entries)
+        count = len(os.listdir(out_dir))
     except OSError:
         count = 0
     results = file_stamp(str(out_dir / RESULTS_FILE))
