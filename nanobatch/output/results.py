@@ -167,6 +167,10 @@ SELECT e.id, s.status, s.was_at, s.outputs, e.status, e.outputs FROM entries e
 LEFT JOIN (SELECT id, status, was_at, outputs, MIN(at) FROM superseded WHERE at >= ? GROUP BY id) s ON s.id = e.id
 WHERE e.at >= ?
 """
+_TOTALS = (
+    "SELECT status, COALESCE(error_kind, 'unknown'), COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), "
+    "TOTAL(total), TOTAL(cost_usd) FROM entries GROUP BY status, error_kind"
+)
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
 _OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
 
@@ -378,23 +382,21 @@ class ResultsIndex:
         """The folder's totals, as ``summary.json``, ``status`` and the report show them: counts, tokens and
         ``cost_usd`` of each item's latest record (what the results held now cost when they were made), and
         ``paid_usd``: what every run into the folder paid, each request once (superseded records too, moves not)."""
-        db = self._db
-        counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
-        items, *sums = db.execute(
-            "SELECT COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), TOTAL(total), TOTAL(cost_usd) "
-            "FROM entries"
-        ).fetchone()
-        by_kind = db.execute(
-            "SELECT COALESCE(error_kind, 'unknown') AS kind, COUNT(*) FROM entries WHERE status != 'ok' "
-            "GROUP BY kind ORDER BY COUNT(*) DESC, kind"
-        )
+        counts: dict[str, int] = {}
+        by_kind: dict[str, int] = {}
+        sums = [0.0] * 5
+        for status, kind, count, *group in self._db.execute(_TOTALS):  # one pass over the table
+            counts[status] = counts.get(status, 0) + count
+            if status != "ok":
+                by_kind[kind] = by_kind.get(kind, 0) + count
+            sums = [total + part for total, part in zip(sums, group, strict=True)]
         return {
-            "items": items,
+            "items": sum(counts.values()),
             "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked", "rejected")},
             "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
             "cost_usd": round(sums[4], 6),
             "paid_usd": round(self._paid_usd, 6),
-            "failures_by_kind": dict(by_kind.fetchall()),
+            "failures_by_kind": dict(sorted(by_kind.items(), key=lambda kind: (-kind[1], kind[0]))),
         }
 
 
