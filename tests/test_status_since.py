@@ -14,6 +14,7 @@ import nanobatch.run.runner
 from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
 from nanobatch.job import manifest as manifest_module
+from nanobatch.output import results
 
 from .fakes import records, write_job
 
@@ -160,3 +161,22 @@ def test_a_run_of_a_changed_manifest_carries_no_counts_over(
     assert "state" not in json.loads((out / "summary.json").read_text())
     reads = _manifest_reads(monkeypatch)
     assert folder_status(out)["left"] == 0 and len(reads) == 1
+
+
+def test_a_copy_of_the_index_kept_after_the_summary_still_tells_what_each_new_record_replaced(
+    folder: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's kept copy may stop past the summary's count (here every load keeps one): it still holds
+    what the records since replaced, so ``status`` neither reads the manifest nor those records again."""
+    job, out = folder
+    monkeypatch.setattr(results, "MIN_LINES", 1)
+    first = folder_status(out)  # reads the killed run's records, keeps a copy that stops past the summary's count
+    _killed_run(job, out, monkeypatch, "--max-requests", "1", "--force")  # one more, a done item's
+    reads = _manifest_reads(monkeypatch)
+    parsed: list[str] = []
+    real_row = results._line_row
+    monkeypatch.setattr(results, "_line_row", lambda line: parsed.append(line["id"]) or real_row(line))
+    info = folder_status(out)
+    assert reads == [] and len(parsed) == 1  # the one record appended since the copy
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)
+    assert (info["left"], info["counts"]["ok"]) == (first["left"], first["counts"]["ok"]) == (1, 7)
