@@ -153,7 +153,7 @@ def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | No
     file was not only appended to (its first bytes up to the state's size changed: cut, rewritten), or a record
     since came from a run that was not of the state's manifest (``runs``: of items it may not have)."""
     results, digest = state.get("results"), state.get("results_digest")
-    if not isinstance(results, list) or not isinstance(digest, str) or not isinstance(results[0], int):
+    if not isinstance(results, list) or not results or not isinstance(results[0], int) or not isinstance(digest, str):
         return None
     size, path = results[0], out_dir / RESULTS_FILE
     try:

@@ -28,16 +28,7 @@ if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without 
     from .limits import Gate
     from .stats import RunStats
 
-__all__ = [
-    "STARTED",
-    "STATE",
-    "RunClock",
-    "build_summary",
-    "carried_state",
-    "file_stamp",
-    "folder_state",
-    "started_summary",
-]
+__all__ = ["STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_state", "started_summary"]
 
 STARTED = "started"  # the outcome a run's summary has until the run ends
 STATE = "state"  # summary.json's key for folder_state()
@@ -70,7 +61,7 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: str, tier: str) -> dict[str, Any]:
     """What ``summary.json`` says while a run goes, until :func:`build_summary` replaces it: which run, since
     when. The folder's totals are left out: they are known when the run ends (``status`` counts them now).
-    The last summary's ``state`` is kept (:func:`carried_state`), so that ``status`` after this run is killed
+    The last summary's ``state`` is kept (:func:`_carried_state`), so that ``status`` after this run is killed
     counts only the records it appended."""
     summary = {
         "job": manifest.name,
@@ -79,11 +70,11 @@ def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: 
         "last_run": {"run": run_id, "outcome": STARTED, "reason": None, "started_at": _stamp(clock.wall),
                      "finished_at": None, "tier": tier},
     }  # fmt: skip
-    state = carried_state(out_dir, manifest, run_id)
+    state = _carried_state(out_dir, manifest, run_id)
     return summary if state is None else {**summary, STATE: state}
 
 
-def carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, Any] | None:
+def _carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, Any] | None:
     """The ``state`` of the folder's summary as it is, for a run of *manifest* starting now: kept while the
     manifest is the one it counted, its files unchanged, and run *run_id* added to its ``runs`` (the runs since
     whose records are all of that manifest's items); None otherwise."""
@@ -110,7 +101,8 @@ def folder_state(
     manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool
 ) -> dict[str, Any]:
     """What ``status`` needs to trust the figures of this summary without reading every record and item again:
-    the stamps (size, mtime) of results.jsonl, of the journal and of the files the manifest's items come from
+    the stamps (size, mtime) of results.jsonl (and ``results_digest``: its head up to that size, so that records
+    appended later can be counted on their own), of the journal and of the files the manifest's items come from
     (None: a glob or a bucket gives items too), how many entries the folder holds, the requests the journal
     leaves in doubt (``orphaned_requests``), the manifest's items and how many of them were not done when the
     run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
