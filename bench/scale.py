@@ -8,7 +8,9 @@ JSONL source), every item its own input path (hard links to a few tiny PNGs), an
 * a done folder: ``results.jsonl`` written for every item (the records a run would write, work keys computed
   by nanobatch's own functions, outputs hard-linked), then ``run --simulate`` over it (it skips every item,
   writes ``summary.json`` and keeps a copy of the resume index); then ``status`` and ``validate`` of that
-  folder, and ``status`` once another tool appended a line to results.jsonl (the summary no longer holds).
+  folder, ``status`` once another tool appended a line to results.jsonl (the summary no longer holds), and
+  ``status`` after a run was killed (SIGKILL, no summary at its end) once it had appended N/50 records
+  (``run --force``, so the records replace done ones).
 
 Prints a table (``--json``: one JSON list). Nothing leaves the machine. 1,000,000 items take a few minutes and
 about 2 GB of disk (``--sizes 1000000``).
@@ -190,6 +192,32 @@ def bench_size(tmp: Path, n: int, formats: tuple[str, ...], rows: list[dict[str,
     with (out / "results.jsonl").open("a") as f:  # another tool's line: the summary's figures no longer hold
         f.write('{"note": "appended by another tool"}\n')
     row("status, results changed since", "-", ["status", str(out)])
+    appended = killed_run(manifests[done_fmt], out, folder, max(n // 50, 200))
+    say(f"[{n:,}] a run killed after appending {appended:,} records")
+    row(f"status, run killed (+{appended:,} records)", "-", ["status", str(out)])
+
+
+def killed_run(manifest: Path, out: Path, cwd: Path, records: int) -> int:
+    """``run --force --simulate`` over the done folder, killed (SIGKILL: no summary at its end) once it has
+    appended at least *records* records; returns how many it appended."""
+    results = out / "results.jsonl"
+    start = results.stat().st_size
+
+    def appended() -> int:
+        with results.open("rb") as f:
+            f.seek(start)
+            return f.read().count(b"\n")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    args = [sys.executable, "-m", "nanobatch", "run", str(manifest), "--out", str(out), "--simulate", "--force", "-q"]
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None and appended() < records:
+            time.sleep(0.2)
+    finally:
+        process.kill()
+        process.wait()
+    return appended()
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MIN_LINES", "Restored", "restore_index", "save_index"]
+__all__ = ["MIN_LINES", "Restored", "prefix_digest", "restore_index", "save_index"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -43,16 +43,23 @@ def _copy_path(results: Path) -> Path:
     return Path(base) / "index" / f"{hashlib.sha256(real).hexdigest()[:32]}.sqlite"
 
 
-def _fingerprint(results: Path, offset: int, version: str) -> str:
-    """A digest of the file's first and last 64 KiB before *offset*, of *offset*, the file's identity and the
-    *version* of the index's tables."""
-    st = os.stat(results)
-    digest = hashlib.sha256(f"{version}:{st.st_dev}:{st.st_ino}:{offset}:".encode())
-    with results.open("rb") as f:
+def prefix_digest(path: Path, offset: int) -> str:
+    """A digest of *offset* and of the first and the last 64 KiB before it in the file at *path*: while the file
+    is only appended to, it stays the same; a file cut or rewritten (its head or the bytes before *offset*
+    changed) almost always changes it. Raises OSError if the file cannot be read."""
+    digest = hashlib.sha256(f"{offset}:".encode())
+    with path.open("rb") as f:
         digest.update(f.read(min(_WINDOW, offset)))
         f.seek(max(0, offset - _WINDOW))
         digest.update(f.read(offset - max(0, offset - _WINDOW)))
     return digest.hexdigest()
+
+
+def _fingerprint(results: Path, offset: int, version: str) -> str:
+    """:func:`prefix_digest` of *results* at *offset*, with the file's identity and the *version* of the index's
+    tables."""
+    st = os.stat(results)
+    return hashlib.sha256(f"{version}:{st.st_dev}:{st.st_ino}:{prefix_digest(results, offset)}".encode()).hexdigest()
 
 
 def restore_index(db: sqlite3.Connection, results: Path, version: str) -> Restored | None:

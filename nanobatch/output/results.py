@@ -60,13 +60,18 @@ def latest_records(path: Path, ids: Collection[str]) -> dict[str, ItemRecord]:
     return {item_id: ItemRecord.from_json(line) for item_id, line in latest.items()}
 
 
-def _record_lines(
-    path: Path, *, start: Restored | None = None, end: list[Restored] | None = None
-) -> Iterator[dict[str, Any]]:
+def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
     """The parsed lines of a results file that are item records nanobatch wrote (``own.is_own_record``): another
     tool's lines in a results.jsonl it shares neither count (the index, status, the report) nor make a file
-    nanobatch's to replace. From *start* (where an earlier reading stopped), if given; where this one stopped is
-    put in *end*."""
+    nanobatch's to replace."""
+    return (record for _, record in _records_at(path))
+
+
+def _records_at(
+    path: Path, *, start: Restored | None = None, end: list[Restored] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """:func:`_record_lines`, each with the byte offset its line starts at. From *start* (where an earlier
+    reading stopped), if given; where this one stopped is put in *end*."""
     if not path.exists():
         return
     foreign = 0
@@ -76,7 +81,7 @@ def _record_lines(
         number = start.lines if start is not None else 0
         read, line = f.tell(), b"\n"
         for number, line in enumerate(f, number + 1):  # noqa: B020 (number: the last line, once done)
-            read += len(line)
+            at, read = read, read + len(line)
             if not line.strip():
                 continue
             try:
@@ -85,7 +90,7 @@ def _record_lines(
                 logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
                 continue
             if is_own_record(record):
-                yield record
+                yield at, record
             elif is_record(record):
                 foreign += 1
         if end is not None and line.endswith(b"\n"):  # a line cut short (torn by a crash) is no place to stop at
@@ -133,18 +138,39 @@ _INDEX_SCHEMA = """
 CREATE TABLE entries (
     id TEXT PRIMARY KEY, status TEXT NOT NULL, key TEXT, outputs BLOB NOT NULL,
     prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
-    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT
+    cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT, at INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE superseded (at INTEGER NOT NULL, id TEXT NOT NULL, status TEXT, outputs BLOB, run TEXT, was_at INTEGER);
+CREATE TRIGGER supersede BEFORE UPDATE ON entries WHEN NEW.at IS NOT NULL BEGIN
+    INSERT INTO superseded VALUES (NEW.at, OLD.id, OLD.status, OLD.outputs, OLD.run, OLD.at);
+END;
 """
 _INDEX_VERSION = hashlib.sha256(_INDEX_SCHEMA.encode()).hexdigest()[:16]  # a kept copy must have these tables
 _COLUMNS = (
     "id, status, key, outputs, prompt, candidates, thoughts, total, cost_usd, error_kind, stamps, run, files, paid_in"
 )
-_UPSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# `at`: where in results.jsonl the entry's line starts (None: added by a run, not read). A line that replaces
+# an entry read from an earlier one leaves that entry in `superseded` (the trigger), so the index can tell what
+# each item's latest record was before any offset (:meth:`ResultsIndex.changes_since`).
+_UPSERT = (
+    f"INSERT INTO entries ({_COLUMNS}, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO "
+    f"UPDATE SET ({_COLUMNS}, at) = ({', '.join(f'excluded.{c.strip()}' for c in _COLUMNS.split(','))}, excluded.at)"
+)
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
 _SELECT_OK = "SELECT key, outputs, stamps FROM entries WHERE id = ? AND status = 'ok'"
 _SELECT_OKS = "SELECT id, key, outputs, stamps FROM entries WHERE id IN ({}) AND status = 'ok'"
+# Each item with a line at or after an offset: the entry its first such line replaced (the superseded row with
+# the lowest `at` past the offset; SQLite takes the bare columns from that row), and its entry now.
+_CHANGES = """
+SELECT e.id, s.status, s.was_at, s.outputs, e.status, e.outputs FROM entries e
+LEFT JOIN (SELECT id, status, was_at, outputs, MIN(at) FROM superseded WHERE at >= ? GROUP BY id) s ON s.id = e.id
+WHERE e.at >= ?
+"""
+_TOTALS = (
+    "SELECT status, COALESCE(error_kind, 'unknown'), COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), "
+    "TOTAL(total), TOTAL(cost_usd) FROM entries GROUP BY status, error_kind"
+)
 _OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
 _OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
 
@@ -240,13 +266,13 @@ class ResultsIndex:
         end: list[Restored] = []
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = map(_line_row, _record_lines(path, start=start, end=end))
+        rows = ((at, *_line_row(line)) for at, line in _records_at(path, start=start, end=end))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
-                index._db.executemany(_UPSERT, (row for row, _, _ in chunk))
-                index._db.executemany(_OWN, ((_name_key(name), row[0]) for row, files, _ in chunk for name in files))
-                index._paid_usd += sum(paid for _, _, paid in chunk)
+                index._db.executemany(_UPSERT, ((*row, at) for at, row, _, _ in chunk))
+                index._db.executemany(_OWN, ((_name_key(name), row[0]) for _, row, files, _ in chunk for name in files))
+                index._paid_usd += sum(paid for *_, paid in chunk)
         if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
             at = Restored(offset=end[0].offset, lines=end[0].lines, paid_usd=index._paid_usd)
             save_index(index._db, path, _INDEX_VERSION, at)
@@ -266,7 +292,7 @@ class ResultsIndex:
         return count
 
     def add(self, record: ItemRecord) -> None:
-        self._db.execute(_UPSERT, _row(record))
+        self._db.execute(_UPSERT, (*_row(record), None))
         self._db.executemany(_OWN, _owned_rows([record]))
         self._paid_usd += record.costs()[1]
 
@@ -333,27 +359,44 @@ class ResultsIndex:
         for item_id, outputs, files in self._db.execute("SELECT id, outputs, files FROM entries WHERE status = 'ok'"):
             yield item_id, tuple(str(name) for name in orjson.loads(files or outputs))
 
+    def changes_since(self, offset: int) -> Iterator[tuple[str, tuple[str, ...] | None, tuple[str, ...] | None]]:
+        """(id, outputs of its latest record before *offset* in results.jsonl if that was ok, outputs of its latest
+        record now if ok) of each item with a record read at or after *offset* (None: not ok, or none)."""
+        rows = self._db.execute(_CHANGES, (offset, offset))
+        for item_id, before, was_at, before_outputs, status, outputs in rows:
+            was_ok = before == "ok" and (was_at is None or was_at < offset)  # else the item's first line came later
+            yield (
+                str(item_id),
+                tuple(map(str, orjson.loads(before_outputs))) if was_ok else None,
+                tuple(map(str, orjson.loads(outputs))) if status == "ok" else None,
+            )
+
+    def runs_since(self, offset: int) -> frozenset[str | None]:
+        """The runs that wrote the records read at or after *offset* in results.jsonl (None: a record naming none)."""
+        rows = self._db.execute(
+            "SELECT run FROM entries WHERE at >= ? UNION SELECT run FROM superseded WHERE was_at >= ?", (offset, offset)
+        )
+        return frozenset(run for (run,) in rows)
+
     def totals(self) -> dict[str, Any]:
         """The folder's totals, as ``summary.json``, ``status`` and the report show them: counts, tokens and
         ``cost_usd`` of each item's latest record (what the results held now cost when they were made), and
         ``paid_usd``: what every run into the folder paid, each request once (superseded records too, moves not)."""
-        db = self._db
-        counts = dict(db.execute("SELECT status, COUNT(*) FROM entries GROUP BY status").fetchall())
-        items, *sums = db.execute(
-            "SELECT COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), TOTAL(total), TOTAL(cost_usd) "
-            "FROM entries"
-        ).fetchone()
-        by_kind = db.execute(
-            "SELECT COALESCE(error_kind, 'unknown') AS kind, COUNT(*) FROM entries WHERE status != 'ok' "
-            "GROUP BY kind ORDER BY COUNT(*) DESC, kind"
-        )
+        counts: dict[str, int] = {}
+        by_kind: dict[str, int] = {}
+        sums = [0.0] * 5
+        for status, kind, count, *group in self._db.execute(_TOTALS):  # one pass over the table
+            counts[status] = counts.get(status, 0) + count
+            if status != "ok":
+                by_kind[kind] = by_kind.get(kind, 0) + count
+            sums = [total + part for total, part in zip(sums, group, strict=True)]
         return {
-            "items": items,
+            "items": sum(counts.values()),
             "counts": {s: counts.get(s, 0) for s in ("ok", "failed", "blocked", "rejected")},
             "tokens": dict(zip(TOKEN_FIELDS, (int(t) for t in sums[:4]), strict=True)),
             "cost_usd": round(sums[4], 6),
             "paid_usd": round(self._paid_usd, 6),
-            "failures_by_kind": dict(by_kind.fetchall()),
+            "failures_by_kind": dict(sorted(by_kind.items(), key=lambda kind: (-kind[1], kind[0]))),
         }
 
 

@@ -7,6 +7,7 @@ never ended: the run was killed or crashed (``nanobatch status`` says so).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import FatalApiError
-from ..names import JOURNAL_FILE, RESULTS_FILE
+from ..names import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..output.index_cache import prefix_digest
 from ..output.record import percentile
 
 if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
@@ -58,21 +60,49 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
 
 def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: str, tier: str) -> dict[str, Any]:
     """What ``summary.json`` says while a run goes, until :func:`build_summary` replaces it: which run, since
-    when. The folder's totals are left out: they are known when the run ends (``status`` counts them now)."""
-    return {
+    when. The folder's totals are left out: they are known when the run ends (``status`` counts them now).
+    The last summary's ``state`` is kept (:func:`_carried_state`), so that ``status`` after this run is killed
+    counts only the records it appended."""
+    summary = {
         "job": manifest.name,
         "manifest": os.path.abspath(manifest.path),
         "out_dir": str(out_dir),
         "last_run": {"run": run_id, "outcome": STARTED, "reason": None, "started_at": _stamp(clock.wall),
                      "finished_at": None, "tier": tier},
     }  # fmt: skip
+    state = _carried_state(out_dir, manifest, run_id)
+    return summary if state is None else {**summary, STATE: state}
+
+
+def _carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, Any] | None:
+    """The ``state`` of the folder's summary as it is, for a run of *manifest* starting now: kept while the
+    manifest is the one it counted, its files unchanged, and run *run_id* added to its ``runs`` (the runs since
+    whose records are all of that manifest's items); None otherwise."""
+    try:
+        with (out_dir / SUMMARY_FILE).open("rb") as f:
+            state = json.load(f).get(STATE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    files = manifest.files()
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("left"), int)
+        or not isinstance(state.get("results_digest"), str)
+        or files is None
+        or state.get("sources") != [[path, file_stamp(path)] for path in files]
+    ):
+        return None
+    runs = state["runs"] if isinstance(state.get("runs"), list) else []
+    # Not the journal's requests in doubt: the run has just taken them over (OutDir.recover), the journal anew.
+    return {**{k: v for k, v in state.items() if k not in ("journal", "orphans")}, "runs": [*runs, run_id]}
 
 
 def folder_state(
     manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool
 ) -> dict[str, Any]:
     """What ``status`` needs to trust the figures of this summary without reading every record and item again:
-    the stamps (size, mtime) of results.jsonl, of the journal and of the files the manifest's items come from
+    the stamps (size, mtime) of results.jsonl (and ``results_digest``: its head up to that size, so that records
+    appended later can be counted on their own), of the journal and of the files the manifest's items come from
     (None: a glob or a bucket gives items too), how many entries the folder holds, the requests the journal
     leaves in doubt (``orphaned_requests``), the manifest's items and how many of them were not done when the
     run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
@@ -81,12 +111,13 @@ def folder_state(
 
     files = manifest.files()
     try:
-        with os.scandir(out_dir) as entries:
-            count = sum(1 for _ in entries)
+        count = len(os.listdir(out_dir))
     except OSError:
         count = 0
+    results = file_stamp(str(out_dir / RESULTS_FILE))
     return {
-        "results": file_stamp(str(out_dir / RESULTS_FILE)),
+        "results": results,
+        "results_digest": _digest(out_dir / RESULTS_FILE, results),
         "journal": file_stamp(str(out_dir / JOURNAL_FILE)),
         "orphans": orphaned_requests(out_dir, index),
         "sources": None if files is None else [[path, file_stamp(path)] for path in files],
@@ -94,6 +125,14 @@ def folder_state(
         "items": stats.total,
         "left": stats.total - stats.ok - stats.skipped if counted else None,
     }
+
+
+def _digest(path: Path, stamp: list[int] | None) -> str | None:
+    """:func:`prefix_digest` of the results file at *path* up to its size in *stamp*; None if it cannot be read."""
+    try:
+        return prefix_digest(path, stamp[0]) if stamp is not None else None
+    except OSError:
+        return None
 
 
 def file_stamp(path: str) -> list[int] | None:
