@@ -180,3 +180,22 @@ def test_a_copy_of_the_index_kept_after_the_summary_still_tells_what_each_new_re
     assert reads == [] and len(parsed) == 1  # the one record appended since the copy
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
     assert (info["left"], info["counts"]["ok"]) == (first["left"], first["counts"]["ok"]) == (1, 7)
+
+
+def test_nights_that_send_every_item_again_do_not_grow_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each record replaced is kept only past the last count: a catalog sent again every night (``--force``)
+    would otherwise add a row per item per night to the index and to its copy in the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png", "instruction": f"edit {n}"} for n in range(6)])
+    out = tmp_path / "out"
+    for _ in range(4):
+        _run(job, out, "--force")
+    _killed_run(job, out, monkeypatch, "--force", "--max-requests", "2")
+
+    with results.ResultsIndex.load(out) as index:
+        (kept,) = index._db.execute("SELECT COUNT(*) FROM superseded").fetchone()
+    assert kept == 2  # the killed night's two records, which status still needs; none of the 18 before
+    info = folder_status(out)
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)

@@ -12,13 +12,16 @@ SQLite file per results file, and is written only after a load that read at leas
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MIN_LINES", "Restored", "prefix_digest", "restore_index", "save_index"]
+from ..names import SUMMARY_FILE
+
+__all__ = ["MIN_LINES", "Restored", "prefix_digest", "prune_superseded", "restore_index", "save_index"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -107,3 +110,17 @@ def save_index(db: sqlite3.Connection, results: Path, version: str, at: Restored
     except (OSError, sqlite3.Error) as exc:
         logger.debug("no copy of the index of %s kept: %s", results, exc)
         part.unlink(missing_ok=True)
+
+
+def prune_superseded(db: sqlite3.Connection, results: Path) -> None:
+    """Forget what the records before the folder's last count replaced (the ``superseded`` rows of lines before
+    ``state.results`` in its summary.json): ``status`` asks only what changed after that point. Without it the
+    index, and its copy, would grow by a row for every record each night replaces. Nothing is forgotten while
+    the folder has no such summary."""
+    try:
+        with (results.parent / SUMMARY_FILE).open("rb") as f:
+            size = json.load(f)["state"]["results"][0]
+    except (OSError, ValueError, LookupError, TypeError):
+        return
+    if isinstance(size, int):
+        db.execute("DELETE FROM superseded WHERE at < ?", (size,))

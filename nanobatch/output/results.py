@@ -17,7 +17,7 @@ import orjson
 
 from ..names import JOURNAL_FILE, RESULTS_FILE
 from ..scratch import scratch_db
-from .index_cache import MIN_LINES, Restored, restore_index, save_index
+from .index_cache import MIN_LINES, Restored, prune_superseded, restore_index, save_index
 from .own import is_own_record
 from .reading import read_float, read_stamps, read_strs
 from .record import (
@@ -273,6 +273,7 @@ class ResultsIndex:
                 index._db.executemany(_UPSERT, ((*row, at) for at, row, _, _ in chunk))
                 index._db.executemany(_OWN, ((_name_key(name), row[0]) for _, row, files, _ in chunk for name in files))
                 index._paid_usd += sum(paid for *_, paid in chunk)
+        prune_superseded(index._db, path)
         if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
             at = Restored(offset=end[0].offset, lines=end[0].lines, paid_usd=index._paid_usd)
             save_index(index._db, path, _INDEX_VERSION, at)
