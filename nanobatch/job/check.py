@@ -22,7 +22,15 @@ from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
-__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text", "raw_id"]
+__all__ = [
+    "MAX_PROBLEMS",
+    "CheckReport",
+    "bad_input_hint",
+    "check_items",
+    "left_out_text",
+    "raw_id",
+    "warn_unknown_model",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -288,6 +296,10 @@ def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def warn_unknown_model(model: str) -> None:
+    logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", model)
+
+
 def raw_id(raw: RawItem) -> str | None:
     """The id a source gave an item, if it is one (before the item is checked)."""
     value = raw.fields.get("id") if raw.fields is not None else None
@@ -377,7 +389,7 @@ def check_items(
                 problems.add(problem)
             if models.lookup(item.model) is None and item.model not in warned:
                 warned.add(item.model)
-                logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", item.model)
+                warn_unknown_model(item.model)
             if visit is not None:
                 visit(item)
             count += 1
