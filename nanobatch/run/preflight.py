@@ -18,6 +18,7 @@ from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
 from ..inputs.stamps import FileStamp, is_remote, is_url, work_key
 from ..item import WorkItem
+from ..job.build import PictureCheck
 from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
 from ..names import RESULTS_FILE
@@ -64,9 +65,11 @@ class Estimate:
     _steps: dict[tuple[str, str, str, int, str | None], tuple[float, float, float, float]] = field(default_factory=dict)
 
     def add(self, item: WorkItem) -> None:
-        self.longest = max(self.longest, len(item.steps))
+        if len(item.steps) > self.longest:
+            self.longest = len(item.steps)
         tier = item.tier or self.settings.api.tier
-        self.tiers.add(tier)
+        if tier not in self.tiers:
+            self.tiers.add(tier)
         n_images = len(item.inputs)
         for instruction in item.steps:
             low, high, standard, batch = self._step(item.model, tier, instruction, n_images, item.image_size)
@@ -255,7 +258,8 @@ def check_job(
     manifest = manifest.skipping(target)
     basis = check_basis(manifest, settings, target)  # before the files are read
     lifecycle = LifecycleCheck(str(manifest.path), settings)
-    done = DoneWork.of(target) if count_done else None
+    pictures = PictureCheck() if check_pictures else None
+    done = DoneWork.of(target, pictures) if count_done else None
     if done is not None and basis is not None and (held := _held(target, basis, done, lifecycle)) is not None:
         return _result(manifest, target, settings, held, Estimate(settings), done, basis, lifecycle)
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
@@ -270,7 +274,7 @@ def check_job(
     with contextlib.closing(done) if done is not None else contextlib.nullcontext():
         report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
                                 trusted=done.stamps if done is not None else None,
-                                ahead=done.ahead if done is not None else None)  # fmt: skip
+                                ahead=done.ahead if done is not None else None, pictures=pictures)  # fmt: skip
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
@@ -334,20 +338,21 @@ class DoneWork:
     its files there. An item with a URL or bucket input counts as done when ok with its files there (its
     bytes are not fetched to check)."""
 
-    def __init__(self, out_dir: Path, index: ResultsIndex) -> None:
+    def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
         self.out_dir = out_dir
         self.index = index
+        self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
         self.items = self.requests = 0
         self._last: tuple[str | None, _OkEntry | None] = (None, None)
         self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
         self._ahead: dict[str, _OkEntry] = {}
 
     @classmethod
-    def of(cls, out_dir: Path) -> DoneWork | None:
+    def of(cls, out_dir: Path, pictures: PictureCheck | None = None) -> DoneWork | None:
         """The results of *out_dir*; None when it has none."""
         if not (out_dir / RESULTS_FILE).is_file():
             return None
-        return cls(out_dir, ResultsIndex.load(out_dir))
+        return cls(out_dir, ResultsIndex.load(out_dir), pictures)
 
     def _entry(self, item_id: str | None) -> _OkEntry | None:
         """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
@@ -386,8 +391,12 @@ class DoneWork:
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
         digests = []
+        unchanged = self.pictures.unchanged if self.pictures is not None else ()
         for ref in item.inputs:
             stamp = stamps.get(ref)
+            if ref in unchanged:  # the check found it as stamped (its stat just taken)
+                digests.append(stamp[2])  # type: ignore[index]
+                continue
             try:
                 st = os.stat(ref)
             except OSError:
@@ -412,8 +421,12 @@ class _RemoteChecks:
         self.objects: BucketChecklist | None = None
 
     def add(self, item: WorkItem) -> None:
-        if self.urls is None and self.objects is None and all(ref.startswith(os.sep) for ref in item.inputs):
-            return  # local files only (resolved: absolute), as most items have
+        if self.urls is None and self.objects is None:
+            for ref in item.inputs:
+                if not ref.startswith(os.sep):
+                    break
+            else:
+                return  # local files only (resolved: absolute), as most items have
         if self.urls is None and any(is_url(ref) for ref in item.inputs):
             from ..inputs.load import UrlChecklist
 
