@@ -172,7 +172,7 @@ class TableSource:
                 return
             if not cells:
                 continue
-            row: dict[str, Any] = dict(zip(header, cells))
+            row: dict[str, Any] = dict(zip(header, cells, strict=False))  # a short row: filled below
             where = f"{file}:{reader.line_num}"
             if len(cells) != width:
                 if len(cells) > width:
