@@ -98,6 +98,23 @@ def test_an_input_linking_to_where_an_output_goes_is_refused(tmp_path: Path) -> 
     assert (problem.item, problem.field) == ("a", "image") and "item 'b' would be written over" in problem.message
 
 
+def test_an_item_with_an_input_written_over_still_has_its_outputs_checked_against_later_inputs(
+    tmp_path: Path,
+) -> None:
+    # d reads a's image; e reads d's: both are told, though d's own problem came first
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/d.png"):
+        (tmp_path / "out" / name).write_bytes(image_bytes())
+    job = write_job(tmp_path, [
+        {"id": "a", "instruction": "a poster"}, {"id": "d", "image": "out/a.png", "output": "sub/{id}"},
+        {"id": "e", "image": "out/sub/d.png"},
+    ])  # fmt: skip
+    with pytest.raises(ManifestError) as caught:
+        nanobatch.check_job(job, out_dir=tmp_path / "out")
+    told = [(p.item, p.field, p.message.split(" would")[0]) for p in caught.value.problems]
+    assert told == [("d", "image", "the image of item 'a'"), ("e", "image", "the image of item 'd'")]
+
+
 def test_inputs_beside_the_outputs_under_other_names_are_fine(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "output": "{id}-edited.png"}])
     assert nanobatch.check_job(job, out_dir=tmp_path / "images").items == 1

@@ -119,8 +119,15 @@ def work_key(item: WorkItem, digests: Sequence[str]) -> str:
         item.model, item.steps, item.aspect_ratio, item.image_size, item.response_modalities, item.thinking_level,
         item.resize_inputs, item.output_format,
     )  # fmt: skip
-    doc = '{"inputs": ' + json.dumps(list(digests)) + ', "settings": ' + settings + ', "v": 1}'
+    doc = '{"inputs": ' + _json_texts(digests) + ', "settings": ' + settings + ', "v": 1}'
     return "sha256:" + hashlib.sha256(doc.encode()).hexdigest()
+
+
+def _json_texts(texts: Sequence[str]) -> str:
+    """``json.dumps(list(texts))``; written directly for hex digests (letters and digits: nothing to escape)."""
+    if all(text.isascii() and text.isalnum() for text in texts):
+        return "[" + ", ".join(f'"{text}"' for text in texts) + "]"
+    return json.dumps(list(texts))
 
 
 @functools.lru_cache(maxsize=256)  # most items share their settings: a catalog's few shapes

@@ -388,8 +388,8 @@ def _resolve_input(
 def _joined(base: str, ref: str) -> str:
     """``normpath(join(base, expanduser(ref)))``, *base* being absolute and normal; most references are plain
     relative paths, which need only the join."""
-    wrapped = f"/{ref}/"
-    if os.sep == "/" and ref[0] not in "~/" and "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped:
+    # No "~" or "/" first, no "//", no part "." or ".." (nor one starting with ".": more than needed, and cheap)
+    if os.sep == "/" and ref[0] not in "~/." and "//" not in ref and "/." not in ref and ref[-1] != "/":
         return f"{base}{ref}" if base.endswith("/") else f"{base}/{ref}"
     return os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
 
@@ -402,14 +402,18 @@ class PictureCheck:
         self._seen: OrderedDict[tuple[int, ...], str | None] = OrderedDict()
         self._remember = remember
         self._trusted: Mapping[str, tuple[int, int, str]] = {}
+        self.unchanged: set[str] = set()  # the trusted pictures found as stamped since trust(): not read
 
     def trust(self, stamps: Mapping[str, tuple[int, int, str]]) -> None:
         """Pictures with these (size, mtime) stamps decode (they were sent and answered): not read while unchanged."""
         self._trusted = stamps
+        if self.unchanged:
+            self.unchanged = set()
 
     def __call__(self, path: str, st: os.stat_result) -> str | None:
         """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
         if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
+            self.unchanged.add(path)
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if key in self._seen:

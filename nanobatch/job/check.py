@@ -22,7 +22,15 @@ from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
-__all__ = ["MAX_PROBLEMS", "CheckReport", "bad_input_hint", "check_items", "left_out_text", "raw_id"]
+__all__ = [
+    "MAX_PROBLEMS",
+    "CheckReport",
+    "bad_input_hint",
+    "check_items",
+    "left_out_text",
+    "raw_id",
+    "warn_unknown_model",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -83,6 +91,10 @@ class _Table:
         self._rows = 0
         self._spill: IO[bytes] | None = None
         self._in_db = False  # the rows are in SQLite (from the first key the filter may have seen)
+
+    @property
+    def empty(self) -> bool:
+        return not self._rows
 
     def find(self, key: bytes) -> tuple[object, ...] | None:
         """The first row with *key*, or None."""
@@ -190,6 +202,9 @@ class _Claims:
         self._folders = _Table(self._db, "folders", "name, owner")
         self._writes = _Table(self._db, "writes", "place, owner")
         self._reads = _Table(self._db, "reads", "place, owner, path")
+        # How many of the last item's stems claim_outputs() put in the names table (the first, up to a clash):
+        # for those right in the output folder, that table is also the writes table (see claim_places()).
+        self._named = 0
 
     def add_id(self, item_id: str) -> bool:
         """Note *item_id*; False if it was already there."""
@@ -197,7 +212,10 @@ class _Claims:
 
     def claim_outputs(self, item: WorkItem) -> str | None:
         """Note what *item* writes; why it cannot, if another item got there first."""
-        for stem, step in item_stems(item):
+        own = item.stem
+        self._named = 0
+        for stem, step in item_stems(item) if item.keep_steps else ((own, None),):
+            self._named += 1
             name = stem.replace(os.sep, "/")
             what = "its image" if step is None else f"its step {step}"
             key = _key(name)
@@ -206,33 +224,49 @@ class _Claims:
                 return f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the other"
             if (row := self._folders.find(key)) is not None:
                 return f"{what} would be {name}.<type>, a file where item {row[1]!r} needs a folder"
-        for folder, image in image_folders(item.stem):
+        if "/" not in own and os.sep not in own:  # most names: right in the output folder, no folder to claim
+            return None
+        for folder, image in image_folders(own):
             key = _key(image)
             if (row := self._names.find(key)) is not None:
                 return f"its folder {folder!r} may be the name of item {row[1]!r}'s image"
             self._folders.add((key, item.id))
         return None
 
-    def claim_places(self, item: WorkItem, places: _Places) -> tuple[str, str] | None:
-        """The field and problem if *item* would write over an input of the job (its own or another item's),
-        or has an input where an item writes; None if not. A run must never write over what it reads."""
+    def claim_places(self, item: WorkItem, places: _Places) -> list[tuple[str, str]]:
+        """The field and problem if *item* has an input where an item writes, and if it would write over an
+        input of the job (its own or another item's); none if neither. A run must never write over what it
+        reads. Every place of the item is noted, also after a problem: later items are checked against all."""
         if not places.exists:  # no output folder yet: no input is in it, so nothing can be written over one
-            return None
-        field = "output" if item.output else "id"
+            return []
+        found: list[tuple[str, str]] = []
         for n, path in enumerate(item.inputs):
-            for place in places.of_input(path):
+            for place, name in places.of_input(path):
                 self._reads.claim((place, item.id, path))
-                if (row := self._writes.find(place)) is not None:  # an earlier item's (its own: below)
+                row = self._writes.find(place)
+                if row is None and name is not None and (named := self._names.find(name)) and named[1] != item.id:
+                    row = named
+                if row is not None and not found:  # an earlier item's (its own: below)
                     where = "image" if len(item.inputs) == 1 else f"images[{n}]"
-                    return where, f"the image of item {row[1]!r} would be written over this input, {path}"
-        for stem, _ in item_stems(item):
-            if (spot := places.of_output(stem)) is None:
+                    found.append((where, f"the image of item {row[1]!r} would be written over this input, {path}"))
+        written_over = False
+        for n, (stem, _) in enumerate(item_stems(item) if item.keep_steps else ((item.stem, None),)):
+            # A name right in the output folder that claim_outputs() put in the names table has its place there:
+            # an input in the output folder is looked for in it too (above). The others: the writes table.
+            if n >= self._named or "/" in stem or os.sep in stem:
+                if (spot := places.of_output(stem)) is None:
+                    continue
+                self._writes.claim((spot, item.id))
+            elif self._reads.empty:  # no input in the output folder so far
                 continue
-            self._writes.claim((spot, item.id))
-            if row := self._reads.find(spot):
+            else:
+                spot = places.of_output(stem)
+            if not written_over and spot is not None and (row := self._reads.find(spot)):
+                written_over = True
                 whose = "its own input" if row[1] == item.id else f"an input of item {row[1]!r}"
-                return field, f"its image would be written over {row[2]}, {whose}: choose another output folder or name"
-        return None
+                message = f"its image would be written over {row[2]}, {whose}: choose another output folder or name"
+                found.append(("output" if item.output else "id", message))
+        return found
 
     def close(self) -> None:
         for table in (self._ids, self._names, self._folders, self._writes, self._reads):
@@ -259,33 +293,44 @@ class _Places:
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
-    def of_input(self, path: str) -> list[bytes]:
+    def of_input(self, path: str) -> list[tuple[bytes, bytes | None]]:
         """Where a write would replace the local input *path* or its content: its name, and the file it links
         to (if it is a symbolic link); only those in the output folder with an image extension (the others are
-        never written)."""
-        if not self.exists or SCHEME.match(path):
+        never written). Each with its name without the extension when it is right in the output folder (where
+        an output of that name would be written: see :meth:`_Claims.claim_places`), else None."""
+        if not self.exists or path[:1] != os.sep and SCHEME.match(path):
             return []
         paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
         places = []
         for each in paths:
             folder, name = os.path.split(each)
+            if (found := self._real_folder(folder)) is None:  # outside the output folder: most inputs
+                continue
             name, suffix = os.path.splitext(name)
-            if suffix.lower() in IMAGE_SUFFIXES and (place := self._place(folder, name)) is not None:
-                places.append(place)
+            if suffix.lower() in IMAGE_SUFFIXES:
+                places.append((_key(os.path.join(found, name)), _key(name) if found == self.root else None))
         return places
 
     def _place(self, folder: str, name: str) -> bytes | None:
+        found = self._real_folder(folder)
+        return None if found is None else _key(os.path.join(found, name))
+
+    def _real_folder(self, folder: str) -> str | None:
+        """*folder*'s real path if it is the output folder or in it, else None."""
         if folder not in self._real:
             if len(self._real) > 10_000:
                 self._real.clear()
             real = os.path.realpath(folder)
             self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
-        found = self._real[folder]
-        return None if found is None else _key(os.path.join(found, name))
+        return self._real[folder]
 
 
 def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
+
+
+def warn_unknown_model(model: str) -> None:
+    logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", model)
 
 
 def raw_id(raw: RawItem) -> str | None:
@@ -358,7 +403,7 @@ def check_items(
     problems, left_out = _Problems(path), _Problems(path)
     with contextlib.closing(_Claims()) as claims:
         count = requests = left_items = 0
-        warned: set[str] = set()
+        looked: set[str] = set()  # the models looked up
         confine = _Confinement(out_dir) if out_dir is not None else None
         places = _Places(out_dir) if out_dir is not None else None
         for raw in raw_items:
@@ -373,11 +418,12 @@ def check_items(
                 continue
             if item is None:
                 continue
-            for problem in _clashes(item, raw.file, claims, confine, places):
-                problems.add(problem)
-            if models.lookup(item.model) is None and item.model not in warned:
-                warned.add(item.model)
-                logger.warning("unknown model %r: sent as is, without local checks of ratios and sizes", item.model)
+            if clashes := _clashes(item, raw.file, claims, confine, places):
+                problems.extend(clashes)
+            if item.model not in looked:
+                looked.add(item.model)
+                if models.lookup(item.model) is None:
+                    warn_unknown_model(item.model)
             if visit is not None:
                 visit(item)
             count += 1
@@ -392,11 +438,13 @@ def check_items(
 
 def _clashes(
     item: WorkItem, file: str, claims: _Claims, confine: _Confinement | None, places: _Places | None
-) -> Iterator[Problem]:
+) -> list[Problem]:
     """What is wrong with where *item* writes: over another item's output, out of the folder, over an input."""
+    found = []
     if message := claims.claim_outputs(item):
-        yield Problem(file, item.id, "output" if item.output else "id", message)
+        found.append(Problem(file, item.id, "output" if item.output else "id", message))
     if confine is not None and item.output is not None and (message := confine.check(item.output)):
-        yield Problem(file, item.id, "output", message)
-    if places is not None and (clash := claims.claim_places(item, places)):
-        yield Problem(file, item.id, *clash)
+        found.append(Problem(file, item.id, "output", message))
+    if places is not None:
+        found += [Problem(file, item.id, fld, message) for fld, message in claims.claim_places(item, places)]
+    return found

@@ -77,6 +77,7 @@ _KINDS.update(images=list, steps=list, response_modalities=list, keep_steps=bool
 del _KINDS["qa"]
 _NUMBERS = ("aspect_ratio", "image_size", "id")  # id: 1001 and image_size: 512 are fine unquoted
 _RANK = {name: n for n, name in enumerate(ItemFields.model_fields)}
+_ORDERS: dict[tuple[str, ...], list[str]] = {}  # the names an item sets, as given -> in _RANK's order
 
 
 def plain_fields(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
@@ -108,7 +109,12 @@ def merge_given(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str
     if "instruction" in own or "steps" in own:
         data.pop("instruction", None)
         data.pop("steps", None)
-    for name in sorted(own, key=_RANK.__getitem__):
+    names = tuple(own)
+    if (order := _ORDERS.get(names)) is None:  # most items set the same few fields, in the same order
+        if len(_ORDERS) >= 1024:
+            _ORDERS.clear()
+        order = _ORDERS[names] = sorted(names, key=_RANK.__getitem__)
+    for name in order:
         value = own[name]
         if name == "qa" and isinstance(data.get("qa"), dict):  # key by key: the item's checks over the defaults'
             value = {**data["qa"], **value}

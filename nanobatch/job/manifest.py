@@ -115,6 +115,7 @@ class Manifest:
         skip_bad_inputs: bool = False,
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
         ahead: Callable[[list[str | None]], None] | None = None,
+        pictures: PictureCheck | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -124,9 +125,10 @@ class Manifest:
         *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
         *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
         those still the same are not read again; *ahead* is told the ids of the next few hundred items before they
-        are resolved (so that *trusted* may read their stamps together).
+        are resolved (so that *trusted* may read their stamps together); *pictures*: the picture check *decode*
+        reads them with, if the caller keeps it (to ask which trusted ones it found unchanged).
         """
-        files: bool | PictureCheck = PictureCheck() if decode and check_files else check_files
+        files: bool | PictureCheck = (pictures or PictureCheck()) if decode and check_files else check_files
 
         def resolve(raw: RawItem) -> tuple[WorkItem | None, list[Problem]]:
             if trusted is not None and isinstance(files, PictureCheck):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 import yaml
 
 from ..api import storage
@@ -144,10 +145,12 @@ class TableSource:
                 yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
 
     def _csv_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
-        reader = csv.DictReader(stream, delimiter=self.delimiter)
+        # csv.reader, each row zipped with the header, as csv.DictReader makes it (a blank line passed over, a
+        # short row's missing cells None; a long one is a problem) at less cost per row
+        reader = csv.reader(stream, delimiter=self.delimiter)
         file = str(self.path)
         try:
-            header = reader.fieldnames
+            header = next(reader, None)
         except csv.Error as exc:
             yield _broken(file, None, f"not a readable CSV file: {exc}")
             return
@@ -158,28 +161,31 @@ class TableSource:
         if missing:
             yield RawItem(fields=None, file=f"{file}:1", label=None, problems=tuple(missing))
             return
+        width, first_column = len(header), header[0]
         while True:
             try:
-                row = next(reader)
+                cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
                 yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
                 return
+            if not cells:
+                continue
+            row: dict[str, Any] = dict(zip(header, cells, strict=False))  # a short row: filled below
             where = f"{file}:{reader.line_num}"
-            first = row.get(header[0])  # most rows: a value in the first column, and nothing more to look at
-            blank = not (isinstance(first, str) and first.strip())
-            if (
-                blank
-                and not any(value and value.strip() for value in row.values() if isinstance(value, str))
-                and None not in row
+            if len(cells) != width:
+                if len(cells) > width:
+                    extra = len(cells) - width
+                    message = f"row {reader.line_num} has {extra} more value(s) than the header has columns"
+                    yield _broken(where, None, message)
+                    continue
+                row.update(dict.fromkeys(header[len(cells) :]))
+            first = row.get(first_column)  # most rows: a value in the first column, and nothing more to look at
+            if not (isinstance(first, str) and first.strip()) and not any(
+                value and value.strip() for value in row.values() if isinstance(value, str)
             ):
                 continue  # an empty row (",,", as Excel saves one): skipped like a blank line
-            if None in row:
-                extra = len(row[None])
-                message = f"row {reader.line_num} has {extra} more value(s) than the header has columns"
-                yield _broken(where, None, message)
-                continue
             yield self._row(row, where, f"row {reader.line_num}")
 
     def _jsonl_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
@@ -189,7 +195,7 @@ class TableSource:
                 continue
             where = f"{file}:{number}"
             try:
-                row = json.loads(line)
+                row = _json_line(line)
             except ValueError as exc:
                 yield _broken(where, None, f"line {number} is not valid JSON: {exc}")
                 continue
@@ -295,6 +301,24 @@ class GlobSource:
             return
         if not found:
             yield _broken(self.file, "glob", f"{self.pattern!r} matches no objects")
+
+
+def _json_line(line: str) -> Any:
+    """*line* as ``json.loads`` reads it (orjson, faster, where the two agree: a line without numbers with a
+    fraction or exponent, which orjson also makes of integers beyond 64 bits)."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:  # json reads NaN and 1e400, and its message is the one given
+        return json.loads(line)
+    return json.loads(line) if _has_float(value) else value
+
+
+def _has_float(value: Any) -> bool:
+    if type(value) is dict:
+        return any(map(_has_float, value.values()))
+    if type(value) is list:
+        return any(map(_has_float, value))
+    return type(value) is float
 
 
 def _broken(file: str, fld: str | None, message: str) -> RawItem:

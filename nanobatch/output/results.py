@@ -355,6 +355,11 @@ class ResultsIndex:
             for item_id, key, outputs, stamps in self._db.execute(query, ids)
         }
 
+    def every_entry(self) -> Iterator[tuple[str, tuple[str, ...], dict[str, FileStamps]]]:
+        """(status, outputs, input stamps) of every item's latest record."""
+        for status, outputs, stamps in self._db.execute("SELECT status, outputs, stamps FROM entries"):
+            yield status, tuple(str(name) for name in orjson.loads(outputs)), _stamps(stamps)
+
     def ok_files(self) -> Iterator[tuple[str, tuple[str, ...]]]:
         """(id, every file its record wrote) of each item whose latest record is ok."""
         for item_id, outputs, files in self._db.execute("SELECT id, outputs, files FROM entries WHERE status = 'ok'"):

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import costs, models
 from ..api.storage import is_bucket_url
@@ -18,11 +18,13 @@ from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
 from ..inputs.stamps import FileStamp, is_remote, is_url, work_key
 from ..item import WorkItem
-from ..job.check import CheckReport, bad_input_hint
+from ..job.build import PictureCheck
+from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
+from .unchanged import check_basis, held_check
 
 if TYPE_CHECKING:
     import httpx2
@@ -63,9 +65,11 @@ class Estimate:
     _steps: dict[tuple[str, str, str, int, str | None], tuple[float, float, float, float]] = field(default_factory=dict)
 
     def add(self, item: WorkItem) -> None:
-        self.longest = max(self.longest, len(item.steps))
+        if len(item.steps) > self.longest:
+            self.longest = len(item.steps)
         tier = item.tier or self.settings.api.tier
-        self.tiers.add(tier)
+        if tier not in self.tiers:
+            self.tiers.add(tier)
         n_images = len(item.inputs)
         for instruction in item.steps:
             low, high, standard, batch = self._step(item.model, tier, instruction, n_images, item.image_size)
@@ -129,6 +133,21 @@ class LifecycleCheck:
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str]] = set()
         self._models: set[str] = set()
+        self.models: set[str] = set()  # every model the items use
+
+    def still_held(self, used: list[str]) -> bool:
+        """For a check answered from the last run's (:mod:`~nanobatch.run.unchanged`): False if one of the models
+        *used* is now a problem (shut down since), for the whole check to name it with an item; else True, the
+        warnings :meth:`check` and ``check_items`` give for them given."""
+        found = [models.lifecycle_problem(model, self.base_url) for model in used]
+        if any(each is not None and each[0] == "error" for each in found):
+            return False
+        for model, each in zip(used, found, strict=True):
+            if models.lookup(model) is None:
+                warn_unknown_model(model)
+            if each is not None:
+                logger.warning("%s", each[1])
+        return True
 
     def check(self, item: WorkItem) -> None:
         if item.output_format is not None and self.backend != "vertex":
@@ -142,6 +161,7 @@ class LifecycleCheck:
         self._seen.add((item.model, tier))
         found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
         self._models.add(item.model)
+        self.models.add(item.model)
         if found is not None:
             level, message = found
             if level == "error":
@@ -188,6 +208,8 @@ class CheckResult:
     # --skip-bad-inputs: the problems of the items left out (pictures that cannot be decoded), and how many
     left_out: tuple[Problem, ...] = ()
     left_out_items: int = 0
+    # What a later check may rest on while it holds (run.unchanged): check_basis(), items, requests, models used
+    held: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     settings: Settings = field(repr=False, compare=False)
     job: Manifest = field(repr=False, compare=False)
 
@@ -234,10 +256,14 @@ def check_job(
     target = resolve_out_dir(manifest, settings, out_dir)
     _check_settings(settings, target)
     manifest = manifest.skipping(target)
+    basis = check_basis(manifest, settings, target)  # before the files are read
+    lifecycle = LifecycleCheck(str(manifest.path), settings)
+    pictures = PictureCheck() if check_pictures else None
+    done = DoneWork.of(target, pictures) if count_done else None
+    if done is not None and basis is not None and (held := _held(target, basis, done, lifecycle)) is not None:
+        return _result(manifest, target, settings, held, Estimate(settings), done, basis, lifecycle)
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
     estimate = Estimate(settings)
-    lifecycle = LifecycleCheck(str(manifest.path), settings)
-    done = DoneWork.of(target) if count_done else None
 
     def visit(item: WorkItem) -> None:
         lifecycle.check(item)
@@ -248,18 +274,35 @@ def check_job(
     with contextlib.closing(done) if done is not None else contextlib.nullcontext():
         report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
                                 trusted=done.stamps if done is not None else None,
-                                ahead=done.ahead if done is not None else None)  # fmt: skip
+                                ahead=done.ahead if done is not None else None, pictures=pictures)  # fmt: skip
     problems = report.problems + lifecycle.problems + remote.problems(transport)
     if problems:
         raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
-    return _result(manifest, target, settings, report, estimate, done)
+    return _result(manifest, target, settings, report, estimate, done, basis, lifecycle)
+
+
+def _held(target: Path, basis: Mapping[str, Any], done: DoneWork, lifecycle: LifecycleCheck) -> CheckReport | None:
+    """The check of a done folder as the last run's summary holds it, every item done (:mod:`.unchanged`); else
+    None (*done*, then, counts item by item)."""
+    held = held_check(target, basis, done.index.every_entry())
+    if held is None or not lifecycle.still_held(held[2]):
+        return None
+    items, requests, used = held
+    done.items, done.requests = items, requests
+    lifecycle.models.update(used)
+    done.close()
+    return CheckReport(items=items, requests=requests, problems=[])
 
 
 def _result(
-    manifest: Manifest, target: Path, settings: Settings, report: CheckReport, estimate: Estimate, done: DoneWork | None
-) -> CheckResult:
+    manifest: Manifest, target: Path, settings: Settings, report: CheckReport, estimate: Estimate,
+    done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck,
+) -> CheckResult:  # fmt: skip
     concurrency, rpm = settings.gate_limits()
     left = report.requests - (done.requests if done is not None else 0)
+    held = None if basis is None else {
+        **basis, "items": report.items, "requests": report.requests, "models": sorted(lifecycle.models)
+    }  # fmt: skip
     return CheckResult(
         manifest=manifest.path, out_dir=target, items=report.items, requests=report.requests,
         done_items=done.items if done is not None else 0, left_requests=left,
@@ -267,7 +310,8 @@ def _result(
         concurrency=concurrency, requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
         tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
-        left_out=tuple(report.left_out), left_out_items=report.left_out_items, settings=settings, job=manifest,
+        left_out=tuple(report.left_out), left_out_items=report.left_out_items, held=held, settings=settings,
+        job=manifest,
     )  # fmt: skip
 
 
@@ -294,20 +338,21 @@ class DoneWork:
     its files there. An item with a URL or bucket input counts as done when ok with its files there (its
     bytes are not fetched to check)."""
 
-    def __init__(self, out_dir: Path, index: ResultsIndex) -> None:
+    def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
         self.out_dir = out_dir
         self.index = index
+        self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
         self.items = self.requests = 0
         self._last: tuple[str | None, _OkEntry | None] = (None, None)
         self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
         self._ahead: dict[str, _OkEntry] = {}
 
     @classmethod
-    def of(cls, out_dir: Path) -> DoneWork | None:
+    def of(cls, out_dir: Path, pictures: PictureCheck | None = None) -> DoneWork | None:
         """The results of *out_dir*; None when it has none."""
         if not (out_dir / RESULTS_FILE).is_file():
             return None
-        return cls(out_dir, ResultsIndex.load(out_dir))
+        return cls(out_dir, ResultsIndex.load(out_dir), pictures)
 
     def _entry(self, item_id: str | None) -> _OkEntry | None:
         """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
@@ -346,8 +391,12 @@ class DoneWork:
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
         digests = []
+        unchanged = self.pictures.unchanged if self.pictures is not None else ()
         for ref in item.inputs:
             stamp = stamps.get(ref)
+            if ref in unchanged:  # the check found it as stamped (its stat just taken)
+                digests.append(stamp[2])  # type: ignore[index]
+                continue
             try:
                 st = os.stat(ref)
             except OSError:
@@ -372,8 +421,12 @@ class _RemoteChecks:
         self.objects: BucketChecklist | None = None
 
     def add(self, item: WorkItem) -> None:
-        if self.urls is None and self.objects is None and all(ref.startswith(os.sep) for ref in item.inputs):
-            return  # local files only (resolved: absolute), as most items have
+        if self.urls is None and self.objects is None:
+            for ref in item.inputs:
+                if not ref.startswith(os.sep):
+                    break
+            else:
+                return  # local files only (resolved: absolute), as most items have
         if self.urls is None and any(is_url(ref) for ref in item.inputs):
             from ..inputs.load import UrlChecklist
 

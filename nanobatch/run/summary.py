@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,10 +28,11 @@ if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without 
     from .limits import Gate
     from .stats import RunStats
 
-__all__ = ["STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_state", "started_summary"]
+__all__ = ["CHECK", "STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_state", "started_summary"]
 
 STARTED = "started"  # the outcome a run's summary has until the run ends
 STATE = "state"  # summary.json's key for folder_state()
+CHECK = "check"  # folder_state()'s key for what the run's check found and rested on (run.unchanged)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,15 +99,17 @@ def _carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, 
 
 
 def folder_state(
-    manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool
-) -> dict[str, Any]:
+    manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool,
+    check: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What ``status`` needs to trust the figures of this summary without reading every record and item again:
     the stamps (size, mtime) of results.jsonl (and ``results_digest``: its head up to that size, so that records
     appended later can be counted on their own), of the journal and of the files the manifest's items come from
     (None: a glob or a bucket gives items too), how many entries the folder holds, the requests the journal
     leaves in doubt (``orphaned_requests``), the manifest's items and how many of them were not done when the
     run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
-    done)."""
+    done). *check*: what the run's check found and rested on (``CheckResult.held``), for ``validate`` to answer
+    from while it holds (:mod:`nanobatch.run.unchanged`)."""
     from ..output.results import orphaned_requests
 
     files = manifest.files()
@@ -124,6 +127,7 @@ def folder_state(
         "entries": count,
         "items": stats.total,
         "left": stats.total - stats.ok - stats.skipped if counted else None,
+        CHECK: dict(check) if check is not None and counted else None,
     }
 
 

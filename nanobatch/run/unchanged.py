@@ -1,0 +1,134 @@
+"""``validate`` of a done folder that nothing has changed in since its last run, without resolving every item.
+
+A run ends by writing into ``summary.json`` (its ``state``) how many of the manifest's items were not done, and,
+from the check it began with, what that check rested on (:func:`check_basis`: the stamps of the files the items
+come from, a digest of the settings that shape them and their checks), how many items and requests it found and
+the models they use. While every item was done, that basis is the same now, results.jsonl is as the run left it,
+and the folder holds a record of those items only, a check of the manifest would find what the run's found: no
+problem, every item done. What may have changed since is what a run looks at again: each input (its size and
+mtime, as its record stamped it; a regular file, not in the output folder), each output (there, a regular file,
+in the folder), and the models' retirement dates. :func:`held_check` looks at those alone, and at anything else
+says None: the whole check then runs as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..config import Settings
+from ..job.manifest import Manifest
+from ..names import RESULTS_FILE, SUMMARY_FILE
+from .summary import CHECK, STATE, file_stamp
+
+__all__ = ["check_basis", "held_check"]
+
+
+def check_basis(manifest: Manifest, settings: Settings, out_dir: Path) -> dict[str, Any] | None:
+    """What a check of *manifest* into *out_dir* rests on beside the inputs, the outputs and the day: the stamps
+    of the files its items come from, and a digest of what else shapes them and their checks (the settings'
+    ``api`` and ``qa``, the manifest's default model, defaults and ``qa:`` layers, the output folder, the home
+    folder ``~`` names, this version). None when a glob or a bucket gives items (no stamp tells what they
+    give). Taken before the check reads the files."""
+    files = manifest.files()
+    if files is None:
+        return None
+    shaping = {
+        "api": settings.api.model_dump(mode="json"),
+        "qa": settings.qa.model_dump(mode="json"),
+        "model": manifest.model,
+        # as loaded from those files, unless a caller handed in a manifest changed since (run_job takes one)
+        "defaults": manifest.defaults.model_dump(mode="json", exclude_none=True),
+        "qa_layers": [layer.model_dump(mode="json", exclude_none=True) for layer in manifest.qa_layers],
+        "out_dir": os.path.abspath(out_dir),
+        "home": os.path.expanduser("~"),
+        "version": __version__,
+    }
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+    return {"sources": [[path, file_stamp(path)] for path in files], "settings": digest}
+
+
+def held_check(
+    out_dir: Path, basis: Mapping[str, Any], entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]]
+) -> tuple[int, int, list[str]] | None:
+    """(items, requests, models) of the manifest as the last run into *out_dir* checked it, if every item was
+    done then and nothing but what is looked at here could have changed since (see the module); else None.
+    *basis*: :func:`check_basis` now; *entries*: (status, outputs, input stamps) of every record in the folder's
+    index, read only once the rest holds."""
+    try:
+        with open(out_dir / SUMMARY_FILE, "rb") as f:
+            state = json.load(f).get(STATE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(state, dict) or not isinstance(held := state.get(CHECK), dict) or state.get("left") != 0:
+        return None
+    if held.get("settings") != basis["settings"] or not basis["sources"]:
+        return None
+    # The files as the run's check read them, as the run left them, and as they are now
+    if not held.get("sources") == state.get("sources") == basis["sources"]:
+        return None
+    items, requests, models = held.get("items"), held.get("requests"), held.get("models")
+    if state.get("items") != items or not isinstance(requests, int) or not isinstance(models, list):
+        return None
+    if state.get("results") != file_stamp(str(out_dir / RESULTS_FILE)):
+        return None
+    if not isinstance(items, int) or not _all_still_done(out_dir, entries, items):
+        return None
+    return items, requests, [str(model) for model in models]
+
+
+def _all_still_done(
+    out_dir: Path, entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]], items: int
+) -> bool:
+    """Whether the folder holds exactly *items* records, all ok, each with its inputs as it stamped them (local
+    regular files outside the output folder) and its outputs there (regular files inside it)."""
+    inside = _Inside(out_dir)
+    top = os.path.join(out_dir, "")
+    count = 0
+    try:
+        for status, outputs, stamps in entries:
+            count += 1
+            if status != "ok" or not stamps or count > items:  # no stamps: a URL or bucket input, or an old record
+                return False
+            for path, stamp in stamps.items():
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):  # where it leads must not be in the output folder either
+                    st = os.stat(path)
+                    if inside.holds(os.path.dirname(os.path.realpath(path))):
+                        return False
+                if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != tuple(stamp[:2]):
+                    return False
+                if inside.holds(path.rpartition(os.sep)[0] or os.sep):
+                    return False
+            for name in outputs:
+                if not stat.S_ISREG(os.stat(top + name).st_mode):
+                    return False
+                if (folder := os.path.dirname(name)) and not inside.holds(top + folder):
+                    return False
+    except (OSError, ValueError):  # gone, or not readable; ValueError: a NUL in a path
+        return False
+    return count == items
+
+
+class _Inside:
+    """Whether a folder is the output folder or in it, symbolic links followed (once per folder: most items
+    share a handful)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self._root = os.path.realpath(out_dir)
+        self._under = os.path.join(self._root, "")
+        self._known: dict[str, bool] = {}
+
+    def holds(self, folder: str) -> bool:
+        if (known := self._known.get(folder)) is None:
+            if len(self._known) > 10_000:
+                self._known.clear()
+            real = os.path.realpath(folder)
+            known = self._known[folder] = real == self._root or real.startswith(self._under)
+        return known

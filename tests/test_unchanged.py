@@ -1,0 +1,111 @@
+"""``validate`` of a done folder answered from the last run's summary (nanobatch.run.unchanged): only while nothing
+it rests on has changed since; any change is seen, and the whole check says what it finds."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nanobatch import models
+from nanobatch.cli.main import main
+from nanobatch.errors import ManifestError
+from nanobatch.job.manifest import Manifest
+from nanobatch.run.preflight import check_job
+
+from .fakes import image_bytes
+
+N = 4
+
+
+def _job(folder: Path) -> Path:
+    """A job of N items from a CSV source, each its own picture."""
+    (folder / "images").mkdir(parents=True)
+    for n in range(N):
+        (folder / "images" / f"i{n}.png").write_bytes(image_bytes((40 * n, 90, 160)))
+    (folder / "rows.csv").write_text("id,what\n" + "".join(f"i{n},make item {n} white\n" for n in range(N)))
+    (folder / "job.yaml").write_text(
+        "name: job\ndefaults:\n  aspect_ratio: '1:1'\n"
+        "items_from:\n  - csv: rows.csv\n    image: images/{id}.png\n    instruction: '{what}'\n"
+    )
+    return folder / "job.yaml"
+
+
+@pytest.fixture
+def done(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, list[int]]:
+    """(manifest, output folder, the whole checks made since): a job run to its end."""
+    job = _job(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    checks: list[int] = []
+    real = Manifest.check
+    monkeypatch.setattr(Manifest, "check", lambda self, **kw: checks.append(1) or real(self, **kw))
+    return job, out, checks
+
+
+def test_a_folder_unchanged_since_its_run_is_validated_without_reading_its_items(
+    done: tuple[Path, Path, list[int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    job, out, checks = done
+    result = check_job(job, out_dir=out)
+    assert (result.items, result.done_items, result.requests, result.left_requests) == (N, N, N, 0)
+    assert (result.cost_likely_usd, result.cost_worst_usd, result.duration_s) == (0.0, 0.0, 0.0)
+    assert main(["validate", str(job), "--out", str(out)]) == 0
+    assert f"done:      {N} already done in {out} (a run skips them); 0 left" in capsys.readouterr().out
+    assert checks == []
+
+
+def _append_changed_record(out: Path) -> None:
+    """Another record of item i0, as a run writes one, for other work (another key)."""
+    lines = (out / "results.jsonl").read_text().splitlines()
+    record = next(json.loads(line) for line in lines if json.loads(line).get("id") == "i0")
+    with (out / "results.jsonl").open("a") as f:
+        f.write(json.dumps({**record, "key": "sha256:" + "0" * 64}) + "\n")
+
+
+CHANGES: dict[str, tuple[Callable[[Path, Path], Any], list[str], int]] = {
+    # what changes, the command line's extra options, the items still done
+    "the manifest": (lambda job, out: job.write_text(job.read_text().replace("'1:1'", "'4:3'")), [], 0),
+    "its CSV source": (
+        lambda job, out: (job.parent / "rows.csv").write_text(
+            (job.parent / "rows.csv").read_text().replace("make item 2 white", "make item 2 black")
+        ),
+        [],
+        N - 1,
+    ),
+    "the settings": (lambda job, out: None, ["--model", "gemini-3-pro-image"], 0),
+    "results.jsonl": (lambda job, out: _append_changed_record(out), [], N - 1),
+    "an input": (lambda job, out: (job.parent / "images" / "i1.png").write_bytes(image_bytes((1, 2, 3))), [], N - 1),
+    "an output": (lambda job, out: (out / "i3.png").unlink(), [], N - 1),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_any_change_since_the_run_is_seen_by_the_whole_check(
+    done: tuple[Path, Path, list[int]], change: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job, out, checks = done
+    make, options, still_done = CHANGES[change]
+    make(job, out)
+    assert main(["validate", str(job), "--out", str(out), *options]) == 0
+    printed = capsys.readouterr().out
+    assert checks == [1]
+    if still_done:
+        assert f"done:      {still_done} already done in {out} (a run skips them); {N - still_done} left" in printed
+    else:
+        assert "done:" not in printed and f"requests:  {N} (steps counted)" in printed
+
+
+def test_a_model_shut_down_since_the_run_is_a_problem_named_with_an_item(
+    done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, out, checks = done
+    shut = (models.DEFAULT_MODEL, "was shut down at Google")
+    monkeypatch.setattr(models, "lifecycle_problem", lambda model, base_url, day=None: ("error", " ".join(shut)))
+    with pytest.raises(ManifestError) as caught:
+        check_job(job, out_dir=out)
+    assert [(p.item, p.field) for p in caught.value.problems] == [("i0", "model")]
+    assert checks == [1]
