@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import errno
 import gc
-import itertools
 import json
 import os
 from pathlib import Path
@@ -196,12 +195,10 @@ def test_a_new_image_never_takes_a_name_that_is_taken(
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "theirs.png").write_bytes(b"theirs")
-    answers = itertools.count()
-
     def ours() -> Image:
         if not spooled:
             return Image("image/png", b"ours")
-        prefix = spool_name(str(folder), next(answers))  # as a worker process writes an answer's image
+        prefix = spool_name(str(folder))  # as a worker process writes an answer's image
         return Image("image/png", spooled=Spooled(write_spooled(prefix, 0, b"ours"), 4, None))
 
     nanobatch.output.outdir.write_image(str(folder / "new.png"), ours(), replace=False)

@@ -71,12 +71,13 @@ def _append(out: Path, *changes: dict[str, Any]) -> None:
 
 @pytest.fixture
 def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """A job of 8 items, 5 done by a run that ended (its summary written), then a run killed after 2 more."""
+    """A job of 8 items, done by a run that ended (its summary written), then a run sending them again
+    (``--force``) killed after 2."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png", "instruction": f"edit {n}"} for n in range(8)])
     out = tmp_path / "out"
-    _run(job, out, "--max-requests", "5")
-    _killed_run(job, out, monkeypatch, "--max-requests", "2")
+    _run(job, out)
+    _killed_run(job, out, monkeypatch, "--force", "--max-requests", "2")
     assert json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "started"
     return job, out
 
@@ -87,7 +88,7 @@ def test_status_after_a_killed_run_counts_only_its_records_and_agrees_with_a_ful
     _, out = folder
     reads = _manifest_reads(monkeypatch)
     info = folder_status(out)
-    assert (info["counts"]["ok"], info["left"], info["manifest_items"]) == (7, 1, 8)
+    assert (info["counts"]["ok"], info["left"], info["manifest_items"]) == (8, 0, 8)
     assert info["last_run"]["outcome"] == "crashed"
     assert reads == []  # the manifest's 8 items were not resolved again
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
@@ -98,7 +99,7 @@ def test_appended_records_of_every_status_move_the_counts_as_a_full_recount_does
 ) -> None:
     _, out = folder
     run = records(out)[-1]["run"]  # the killed run's: its records are of the manifest's items
-    done = [r for r in records(out) if r["status"] == "ok"]
+    done = [r for r in records(out) if r["status"] == "ok" and r["id"] != "i7"]  # (i7: below)
     gone = done[1]["outputs"][0]
     (out / gone).unlink()
     (out / "extra.txt").write_text("the folder holds as many entries as before")
@@ -149,7 +150,7 @@ def test_records_of_another_run_are_counted_again_in_full(
     info = folder_status(out)
     assert len(reads) == 1
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
-    assert (info["items"], info["left"], info["manifest_items"]) == (8, 1, 8)
+    assert (info["items"], info["left"], info["manifest_items"]) == (9, 0, 8)  # its item counted, not the manifest's
 
 
 def test_a_run_of_a_changed_manifest_carries_no_counts_over(
@@ -179,7 +180,7 @@ def test_a_copy_of_the_index_kept_after_the_summary_still_tells_what_each_new_re
     info = folder_status(out)
     assert reads == [] and len(parsed) == 1  # the one record appended since the copy
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
-    assert (info["left"], info["counts"]["ok"]) == (first["left"], first["counts"]["ok"]) == (1, 7)
+    assert (info["left"], info["counts"]["ok"]) == (first["left"], first["counts"]["ok"]) == (0, 8)
 
 
 def test_nights_that_send_every_item_again_do_not_grow_the_index(
@@ -198,4 +199,27 @@ def test_nights_that_send_every_item_again_do_not_grow_the_index(
         (kept,) = index._db.execute("SELECT COUNT(*) FROM superseded").fetchone()
     assert kept == 2  # the killed night's two records, which status still needs; none of the 18 before
     info = folder_status(out)
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)
+
+
+def test_a_run_cut_short_leaves_no_count_of_items_it_never_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped by ``--max-requests`` (or a deadline, or an abort) never looked at some items: done or not,
+    they are not known from it, so its summary carries no count for ``status`` to trust or to move on from."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png", "instruction": f"edit {n}"} for n in range(8)])
+    out = tmp_path / "out"
+    _run(job, out)
+    _run(job, out, "--force", "--max-requests", "2")  # ended, having reached two items of eight
+    info = folder_status(out)
+    assert (info["left"], info["counts"]["ok"]) == (0, 8)
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)
+
+    for record in records(out)[:3]:  # three outputs deleted: three items left
+        (out / record["outputs"][0]).unlink(missing_ok=True)
+    _run(job, out, "--max-requests", "1")  # makes one again, reaches no further
+    _killed_run(job, out, monkeypatch, "--max-requests", "1")  # one more, then killed
+    info = folder_status(out)
+    assert info["left"] == 1
     assert {key: info[key] for key in _COUNTED} == _recounted(out)

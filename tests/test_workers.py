@@ -99,6 +99,31 @@ def test_a_worker_writes_the_image_into_a_temporary_file_the_run_owns(tmp_path: 
     assert not list(spool.iterdir())  # let go of, never renamed into place: deleted
 
 
+def test_two_decoders_of_one_run_never_share_or_delete_each_others_images(tmp_path: Path) -> None:
+    """A run decodes online answers and batch results with two decoders spooling into the same output folder:
+    each answer's files have a name of their own, and a file already there under the next name (a killed run's
+    of the same pid) is left alone: the answer is decoded here instead, nothing paid for is lost."""
+    from nanobatch.api import spool as spool_module
+
+    spool = tmp_path / "out"
+    spool.mkdir()
+    upcoming = spool_module.spool_name(str(spool))  # the name the next answers would take
+    number = int(upcoming.rsplit("-", 1)[1])
+    there = f"{upcoming.rsplit('-', 1)[0]}-{number + 2}-0.tmp"
+    Path(there).write_bytes(b"not this run's")
+
+    async def main() -> list[Any]:
+        online, batch = Decoder(1, str(spool)), Decoder(1, str(spool))
+        return [await decoder.reply(bytearray(answer(PICTURE))) for decoder in (online, batch, online, batch)]
+
+    replies = anyio.run(main)
+    images = [reply.images[0] for reply in replies]
+    assert all(image.data == PICTURE for image in images)  # every paid answer still whole
+    paths = [image.spooled.path for image in images if image.spooled is not None]
+    assert len(paths) == len(set(paths)) == 3  # three in files of their own; the one whose name was taken, here
+    assert Path(there).read_bytes() == b"not this run's"
+
+
 def test_an_image_a_worker_cannot_write_is_decoded_in_place(tmp_path: Path) -> None:
     """A spool folder the worker cannot write into (a full disk, say): the answer, paid for, is decoded here,
     and the writer meets the error itself (a full disk stops the run, as without workers)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import itertools
 import logging
 import os
 import signal
@@ -92,7 +91,6 @@ class Decoder:
             spool = tempfile.gettempdir()
         self.spool = spool
         self.blocks = Blocks(KEEP_BYTES)
-        self._answers = itertools.count()  # numbers the answers' temporary files
 
     def takes(self, size: int) -> bool:
         """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
@@ -125,7 +123,7 @@ class Decoder:
         with self.blocks.lent(size) as body:
             with _view(body)[:size] as view:
                 await fill(view)
-            prefix = spool_name(self.spool, next(self._answers))
+            prefix = spool_name(self.spool)
             slots = None if self.failed else worker_slots(self.workers)
             try:
                 if slots is not None:
@@ -135,8 +133,10 @@ class Decoder:
                     return _received(outcome)
             except (anyio.BrokenWorkerProcess, OSError) as exc:
                 # No process could be started, one died, or it could not write the image: decode here (a full
-                # disk then stops the run at the writer, as without workers).
-                drop_spooled(prefix)
+                # disk then stops the run at the writer, as without workers). A worker that could not write
+                # removed what it made itself: a file that was there before (O_EXCL refused it) is not ours.
+                if isinstance(exc, anyio.BrokenWorkerProcess):
+                    drop_spooled(prefix)  # the prefix is this answer's alone: what is there, its worker wrote
                 if isinstance(exc, anyio.BrokenWorkerProcess) and not self.failed:
                     logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
                     self.failed = True
@@ -279,7 +279,9 @@ def decode_in_worker(what: str, body_name: str, size: int, prefix: str, parent: 
             path = write_spooled(prefix, k, image.content)
             places.append((image.mime_type, path, image.size, image.problem()))
     except BaseException:
-        drop_spooled(prefix)
+        for _, path, *_ in places:  # only the files this worker made (write_spooled leaves none of its own)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         raise
     return key, dataclasses.replace(reply, images=()), places
 

@@ -12,6 +12,7 @@ image is let go, or when the process ends. A file left by a killed run is remove
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import weakref
 
@@ -20,11 +21,15 @@ from ..names import RESERVED_PREFIX
 __all__ = ["Spooled", "drop_spooled", "spool_name", "write_spooled"]
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# One count for the whole process: a run has several decoders (the online client's, the batch client's) spooling
+# into the same folder, and no two answers may share a name.
+_ANSWERS = itertools.count()
 
 
-def spool_name(folder: str, number: int) -> str:
-    """The prefix of the temporary files of one answer's images: ``<prefix>-<k>.tmp`` for its k-th image."""
-    return os.path.join(folder, f"{RESERVED_PREFIX}-{os.getpid()}-{number}")
+def spool_name(folder: str) -> str:
+    """The prefix, new in this process, of the temporary files of one answer's images: ``<prefix>-<k>.tmp`` for
+    its k-th image."""
+    return os.path.join(folder, f"{RESERVED_PREFIX}-{os.getpid()}-{next(_ANSWERS)}")
 
 
 def write_spooled(prefix: str, k: int, data: bytes) -> str:
