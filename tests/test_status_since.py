@@ -223,3 +223,19 @@ def test_a_run_cut_short_leaves_no_count_of_items_it_never_reached(
     info = folder_status(out)
     assert info["left"] == 1
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
+
+
+def test_a_temporary_file_left_by_a_killed_worker_does_not_hide_a_deleted_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``status`` trusts the last count while the folder holds as many entries: nanobatch's own working files
+    (a killed run's worker leaves its images' temporary files until the next run) are not among them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png", "instruction": f"edit {n}"} for n in range(4)])
+    out = tmp_path / "out"
+    _run(job, out)
+    (out / records(out)[0]["outputs"][0]).unlink()
+    (out / ".nanobatch-99999-0-0.tmp").write_bytes(b"a killed worker's image")
+    info = folder_status(out)
+    assert info["left"] == 1
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)

@@ -16,7 +16,7 @@ from ..output.index_cache import prefix_digest
 from ..output.lock import current_holder
 from ..output.results import IndexEntry, ResultsIndex, orphaned_requests
 from ..run.batch.ledger import answers_kept, open_chunks
-from ..run.summary import STARTED, STATE, file_stamp
+from ..run.summary import STARTED, STATE, file_stamp, folder_entries
 
 __all__ = ["folder_status"]
 
@@ -137,7 +137,7 @@ def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[i
     if any(stamp != file_stamp(path) for path, stamp in state["sources"]):
         return None
     try:
-        if len(os.listdir(out_dir)) < state.get("entries", 0):  # (listed in C: a third of counting a scandir)
+        if folder_entries(out_dir) < state.get("entries", 0):
             return None
     except OSError:
         return None

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ..errors import FatalApiError
-from ..names import JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..names import JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
 from ..output.record import percentile
 
@@ -28,7 +28,10 @@ if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without 
     from .limits import Gate
     from .stats import RunStats
 
-__all__ = ["CHECK", "STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_state", "started_summary"]
+__all__ = [
+    "CHECK", "STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_entries", "folder_state",
+    "started_summary",
+]  # fmt: skip
 
 STARTED = "started"  # the outcome a run's summary has until the run ends
 STATE = "state"  # summary.json's key for folder_state()
@@ -114,7 +117,7 @@ def folder_state(
 
     files = manifest.files()
     try:
-        count = len(os.listdir(out_dir))
+        count = folder_entries(out_dir)
     except OSError:
         count = 0
     results = file_stamp(str(out_dir / RESULTS_FILE))
@@ -137,6 +140,13 @@ def _digest(path: Path, stamp: list[int] | None) -> str | None:
         return prefix_digest(path, stamp[0]) if stamp is not None else None
     except OSError:
         return None
+
+
+def folder_entries(out_dir: Path) -> int:
+    """The entries of the output folder that are not nanobatch's own working files (``.nanobatch*``: the lock,
+    the journal, a worker's temporary images, which come and go): fewer than a summary counted is a file gone.
+    Raises OSError."""
+    return sum(not name.startswith(RESERVED_PREFIX) for name in os.listdir(out_dir))
 
 
 def file_stamp(path: str) -> list[int] | None:
