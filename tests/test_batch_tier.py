@@ -108,9 +108,14 @@ def test_failed_and_expired_jobs_return_their_items_to_a_later_batch(job: Path) 
 def test_retryable_line_errors_are_retried_in_a_later_batch(job: Path) -> None:
     app = sim(batch_rate_line_error=0.5, seed=3)
     with run_in_thread(app=app) as url:
-        assert cli(job, url) == 0
-    assert sorted(r["id"] for r in records(job.parent / "out")) == [f"sku-{n}" for n in range(ITEMS)]
-    assert len(jobs(app)) > 2 and max(r["attempts"] for r in records(job.parent / "out")) > 1
+        code = cli(job, url)
+    done = records(job.parent / "out")
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(ITEMS)]
+    assert len(jobs(app)) > 2 and max(r["attempts"] for r in done) > 1
+    # Which lines fail depends on how the lines fall into jobs (timing): an item may meet the error on each of
+    # its 3 attempts (one in eight), and only then is it failed, for the next run.
+    assert all(r["status"] == "ok" or r["attempts"] == 3 for r in done)
+    assert code == (0 if all(r["status"] == "ok" for r in done) else 1)
 
 
 def test_the_deadline_cancels_the_jobs_and_sends_the_rest_online(job: Path) -> None:
