@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..config import Settings
 from ..job.manifest import Manifest
 from ..names import RESULTS_FILE, SUMMARY_FILE
@@ -48,7 +47,7 @@ def check_basis(manifest: Manifest, settings: Settings, out_dir: Path) -> dict[s
         "qa_layers": [layer.model_dump(mode="json", exclude_none=True) for layer in manifest.qa_layers],
         "out_dir": os.path.abspath(out_dir),
         "home": os.path.expanduser("~"),
-        "version": __version__,
+        "version": _version(),
     }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
     return {"sources": [[path, file_stamp(path)] for path in files], "settings": digest}
@@ -132,3 +131,14 @@ class _Inside:
             real = os.path.realpath(folder)
             known = self._known[folder] = real == self._root or real.startswith(self._under)
         return known
+
+
+def _version() -> str:
+    """nanobatch's installed version (a new one may check items otherwise): from its metadata, not from the
+    package's ``__init__``, which this module stands below."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nanobatch")
+    except PackageNotFoundError:
+        return "unknown"
