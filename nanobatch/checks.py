@@ -75,7 +75,7 @@ def check_image(output: bytes, *, original: bytes | None, aspect_ratio: str | No
     failed: set[str] = set()
     with Image.open(io.BytesIO(output)) as image:
         width, height = image.size
-        look = _look(image) if _needs_pixels(settings, original) else None
+        look = _look(image) if settings.reads_pixels(compares=original is not None) else None
     values.update(width=width, height=height)
     if settings.min_side is not None:
         values["min_side"] = max(width, height)
@@ -87,12 +87,6 @@ def check_image(output: bytes, *, original: bytes | None, aspect_ratio: str | No
     if look is not None:
         _check_look(look, original, settings, values, failed)
     return Verdict(passed=not failed, failed=tuple(c for c in QA_CHECKS if c in failed), values=values)
-
-
-def _needs_pixels(settings: QaSettings, original: bytes | None) -> bool:
-    compares = original is not None and (settings.changed or settings.same_subject)
-    return settings.background != "any" or settings.min_fill is not None or compares  # settings.reads_pixels, less
-    # the comparisons when there is nothing to compare with
 
 
 def _check_look(

@@ -65,11 +65,12 @@ class QaSettings:
             or self.same_subject
         )
 
-    @property
-    def reads_pixels(self) -> bool:
+    def reads_pixels(self, *, compares: bool) -> bool:
         """Whether a check needs the image's pixels (decoded, ~10 ms of CPU for a 2K answer); ``min_side`` and
-        ``aspect`` read its header only (~0.05 ms)."""
-        return self.background != "any" or self.min_fill is not None or self.changed or self.same_subject
+        ``aspect`` read its header only (~0.05 ms). *compares*: whether there is an input to compare with (without
+        one, ``changed`` and ``same_subject`` are not measured)."""
+        compared = compares and (self.changed or self.same_subject)
+        return self.background != "any" or self.min_fill is not None or compared
 
     @classmethod
     def layered(cls, *layers: QaFields | Mapping[str, Any] | None) -> QaSettings:

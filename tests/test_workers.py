@@ -248,8 +248,22 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
         anyio.run(main, 0)
 
 
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions handed to worker processes, in order (they still run there)."""
+    names: list[str] = []
+    real = decoding.anyio.to_process.run_sync
+
+    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
+        names.append(func.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
+    return names
+
+
 def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_answers(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, sent: list[str]
 ) -> None:
     """A worker costs ~0.2 s of CPU to start: a run of a few big answers (or of small ones only) decodes them in
     its own process and starts none; past WORKERS_AFTER_BYTES of big answers the rest go to workers, and so do
@@ -258,14 +272,6 @@ def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_a
     assert load_settings(env={"NANOBATCH_LIMITS_WORKERS": "2"}).limits.workers == 2
     big = answer(PICTURE)
     monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 3 * len(big))
-    sent: list[str] = []
-    real = decoding.anyio.to_process.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(func.__name__)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
     monkeypatch.setattr(verdicts, "CHECK_BYTES", 0)  # (what the checks weigh themselves: the next test)
     images = [Image("image/png", PICTURE)]
     settings = QaSettings(min_side=600, min_fill=0.0)
@@ -288,20 +294,12 @@ def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_a
 
 
 def test_a_night_of_checked_small_answers_starts_the_workers_and_header_checks_never_need_them(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, sent: list[str]
 ) -> None:
     """A 2K JPEG answer is too small to go to a worker, but checking its pixels costs ~10 ms of CPU: by default
     the first checks run in a thread, and once they add up to the workers' start-up the rest run in workers.
     ``min_side`` and ``aspect`` read the header only: a trip to a worker would cost more than they do."""
     monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 4 * verdicts.CHECK_BYTES)
-    sent: list[str] = []
-    real = decoding.anyio.to_process.run_sync
-
-    async def counting(func: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(func.__name__)
-        return await real(func, *args, **kwargs)
-
-    monkeypatch.setattr(decoding.anyio.to_process, "run_sync", counting)
     images = [Image("image/png", SMALL)]
     pixels, header = QaSettings(background="any", min_fill=0.0), QaSettings(min_side=8, aspect=True)
 
@@ -317,6 +315,9 @@ def test_a_night_of_checked_small_answers_starts_the_workers_and_header_checks_n
     sent.clear()
     anyio.run(main, 2, header, 5)
     assert sent == []  # workers asked for, but a header is read in place
+    compare_only = QaSettings(min_side=8, changed=True, same_subject=True)
+    anyio.run(main, 2, compare_only, 3)
+    assert sent == []  # nothing to compare with (a text-to-image item): the header is all there is to read
 
 
 def test_workers_that_cannot_start_leave_the_decoding_to_the_run(

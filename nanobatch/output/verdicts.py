@@ -47,8 +47,8 @@ class Checker:
 
     In a worker, the checks cost this process only the copy of the images in memory and the original into
     shared memory (an image a worker wrote is read by the worker from its file) and a verdict back through the
-    pipe: with every check on, a 2K JPEG item cost the run's process 2.5 ms more than without, against 12 ms with
-    the checks in its own thread (docs/qa.md, "Speed")."""
+    pipe: with every check on, a 2K JPEG answer cost the run's process 1.4 ms more than without, against 12.7 ms
+    with the checks in its own thread (docs/qa.md, "Speed")."""
 
     def __init__(self, workers: int | None) -> None:
         self.workers = workers
@@ -58,7 +58,8 @@ class Checker:
         self, images: Sequence[Image], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
     ) -> Verdict:
         # Only checks that decode pixels are worth a trip to a worker; each counts toward starting them.
-        slots = worker_slots(self.workers, CHECK_BYTES) if settings.reads_pixels and not self.failed else None
+        pixels = settings.reads_pixels(compares=original is not None)
+        slots = worker_slots(self.workers, CHECK_BYTES) if pixels and not self.failed else None
         if slots is not None:
             try:
                 return await self._in_worker(images, original, aspect_ratio, settings, slots)
