@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .item import WorkItem
 
 __all__ = [
+    "FoldersIn",
     "JOURNAL_FILE",
     "LEDGER_FILE",
     "LOCK_FILE",
@@ -192,3 +193,21 @@ def image_folders(stem: str) -> Iterable[tuple[str, str]]:
         suffix = os.path.splitext(folder)[1]
         if suffix.lower() in IMAGE_SUFFIXES:
             yield folder, folder[: -len(suffix)]
+
+
+class FoldersIn:
+    """Which folders are the output folder *out_dir* or in it, symbolic links followed: :meth:`real` gives such a
+    folder's real path, None for one outside (each folder's answer remembered: most items share a handful)."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.root = os.path.realpath(out_dir)
+        self._inside = self.root.rstrip(os.sep) + os.sep
+        self._real: dict[str, str | None] = {}
+
+    def real(self, folder: str) -> str | None:
+        if folder not in self._real:
+            if len(self._real) > 10_000:
+                self._real.clear()
+            real = os.path.realpath(folder)
+            self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
+        return self._real[folder]

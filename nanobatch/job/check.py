@@ -17,7 +17,7 @@ from typing import IO
 from .. import models
 from ..errors import Problem
 from ..item import IMAGE_SUFFIXES, WorkItem
-from ..names import image_folders, item_stems
+from ..names import FoldersIn, image_folders, item_stems
 from ..scratch import scratch_db
 from .build import SCHEME
 from .sources import RawItem
@@ -280,10 +280,9 @@ class _Places:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = os.path.abspath(out_dir)
-        self.root = os.path.realpath(out_dir)
-        self._inside = self.root.rstrip(os.sep) + os.sep
+        self._folders = FoldersIn(out_dir)
+        self.root = self._folders.root
         self._top = os.path.join(self.root, "")  # where a name right in the output folder is: the root, then "/"
-        self._real: dict[str, str | None] = {}  # by folder: most items share a handful
         # No output folder yet: no input is in it, nor links into it (such a link would dangle: not found)
         self.exists = os.path.isdir(out_dir)
 
@@ -304,7 +303,7 @@ class _Places:
         places = []
         for each in paths:
             folder, name = os.path.split(each)
-            if (found := self._real_folder(folder)) is None:  # outside the output folder: most inputs
+            if (found := self._folders.real(folder)) is None:  # outside the output folder: most inputs
                 continue
             name, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES:
@@ -312,17 +311,9 @@ class _Places:
         return places
 
     def _place(self, folder: str, name: str) -> bytes | None:
-        found = self._real_folder(folder)
+        found = self._folders.real(folder)
         return None if found is None else _key(os.path.join(found, name))
 
-    def _real_folder(self, folder: str) -> str | None:
-        """*folder*'s real path if it is the output folder or in it, else None."""
-        if folder not in self._real:
-            if len(self._real) > 10_000:
-                self._real.clear()
-            real = os.path.realpath(folder)
-            self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
-        return self._real[folder]
 
 
 def _key(text: str) -> bytes:

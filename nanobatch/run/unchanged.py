@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Settings
 from ..job.manifest import Manifest
-from ..names import RESULTS_FILE, SUMMARY_FILE
+from ..names import RESULTS_FILE, SUMMARY_FILE, FoldersIn
 from .summary import CHECK, STATE, file_stamp
 
 __all__ = ["check_basis", "held_check"]
@@ -87,7 +87,7 @@ def _all_still_done(
 ) -> bool:
     """Whether the folder holds exactly *items* records, all ok, each with its inputs as it stamped them (local
     regular files outside the output folder) and its outputs there (regular files inside it)."""
-    inside = _Inside(out_dir)
+    inside = FoldersIn(out_dir)
     top = os.path.join(out_dir, "")
     count = 0
     try:
@@ -99,38 +99,20 @@ def _all_still_done(
                 st = os.lstat(path)
                 if stat.S_ISLNK(st.st_mode):  # where it leads must not be in the output folder either
                     st = os.stat(path)
-                    if inside.holds(os.path.dirname(os.path.realpath(path))):
+                    if inside.real(os.path.dirname(os.path.realpath(path))) is not None:
                         return False
                 if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != tuple(stamp[:2]):
                     return False
-                if inside.holds(path.rpartition(os.sep)[0] or os.sep):
+                if inside.real(path.rpartition(os.sep)[0] or os.sep) is not None:
                     return False
             for name in outputs:
                 if not stat.S_ISREG(os.stat(top + name).st_mode):
                     return False
-                if (folder := os.path.dirname(name)) and not inside.holds(top + folder):
+                if (folder := os.path.dirname(name)) and inside.real(top + folder) is None:
                     return False
     except (OSError, ValueError):  # gone, or not readable; ValueError: a NUL in a path
         return False
     return count == items
-
-
-class _Inside:
-    """Whether a folder is the output folder or in it, symbolic links followed (once per folder: most items
-    share a handful)."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self._root = os.path.realpath(out_dir)
-        self._under = os.path.join(self._root, "")
-        self._known: dict[str, bool] = {}
-
-    def holds(self, folder: str) -> bool:
-        if (known := self._known.get(folder)) is None:
-            if len(self._known) > 10_000:
-                self._known.clear()
-            real = os.path.realpath(folder)
-            known = self._known[folder] = real == self._root or real.startswith(self._under)
-        return known
 
 
 def _version() -> str:
