@@ -50,9 +50,7 @@ def build_item(
             f"the item's pictures take {total / models.MB:.1f} MB together, but one request can carry at most "
             f"{models.MAX_TOTAL_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale them"
         ))  # fmt: skip
-    modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
-    if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
-        bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
+    modalities = _modalities(f, bad)
     _check_model_limits(f, models.lookup(model), len(inputs), bad)
     output = _output(f, raw, bad)
     output_format = _output_format(f, bad)
@@ -150,9 +148,7 @@ class Shapes:
         _check_texts(shared, bad)
         f = Merged(**shared, id="a", instruction="a")  # an id and a step that pass: their checks are per item
         _steps(f, bad)
-        modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
-        if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
-            bad("response_modalities", "")
+        modalities = _modalities(f, bad)
         info = models.lookup(f.model or self._model)
         _check_model_limits(f, info, 0, bad)
         if f.output is not None and template_problems(f.output):
@@ -243,6 +239,13 @@ def _plain_refs(given: Mapping[str, Any]) -> list[str] | None:
 def _checks(layers: tuple[QaFields | None, ...]) -> QaSettings | None:
     checks = QaSettings.layered(*layers)
     return checks if checks.active else None
+
+
+def _modalities(f: Merged, bad: Callable[[str | None, str], None]) -> tuple[str, ...]:
+    modalities = tuple(m.upper() for m in (f.response_modalities or ["IMAGE"]))
+    if not set(modalities) <= _MODALITIES or "IMAGE" not in modalities:
+        bad("response_modalities", f"must be [IMAGE] or [TEXT, IMAGE], not {list(modalities)}")
+    return modalities
 
 
 def _output_format(f: Merged, bad: Callable[[str | None, str], None]) -> str | None:
