@@ -1,7 +1,7 @@
 """Manifest, status and validate at catalog scale (issue 25): ``python bench/scale.py [--sizes 10000,100000]``.
 
 For each size N it writes a job of N items in each format (``items:`` in the YAML manifest itself, a CSV and a
-JSONL source), every item its own input path (hard links to a few tiny PNGs), and measures, each in a fresh
+JSONL source), every item its own input file (a tiny PNG of its own pixels), and measures, each in a fresh
 ``nanobatch`` process (wall and CPU time, from ``wait4``, and its peak RSS, ``VmHWM``):
 
 * ``validate`` of the job, nothing done yet, for each format;
@@ -63,10 +63,24 @@ def _link_many(folder: Path, names: list[str], prefix: str) -> None:
         os.link(source, folder / name)
 
 
+def _distinct_pngs(folder: Path, names: list[str]) -> None:
+    """*names* in *folder*, each a file of its own with its own pixels, as a catalog's photos are (a check that
+    reads a picture once per file, not per path, meets each)."""
+    import io
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, name in enumerate(names):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (number % 256, number // 256 % 256, number // 65536 % 256)).save(buffer, "PNG")
+        (folder / name).write_bytes(buffer.getvalue())
+
+
 def write_job(folder: Path, n: int) -> dict[str, Path]:
     """The N-item job in every format, sharing one images/ folder; returns {format: manifest}."""
     ids = [f"sku-{number:07d}" for number in range(n)]
-    _link_many(folder / "images", [f"{i}.png" for i in ids], "input")
+    _distinct_pngs(folder / "images", [f"{i}.png" for i in ids])
     head = f'model: {MODEL}\ndefaults:\n  instruction: {INSTRUCTION}\n  aspect_ratio: "1:1"\n'
     manifests = {}
     with (folder / "job-yaml.yaml").open("w") as f:
