@@ -25,7 +25,7 @@ from nanobatch.errors import InputError, ManifestError
 from nanobatch.inputs.load import InputLoader, UrlChecklist, load_inputs
 from nanobatch.item import WorkItem
 from nanobatch.models import MB
-from nanobatch.pictures import picture_problem, sniff_mime
+from nanobatch.pictures import file_problem, picture_problem, sniff_mime
 
 from .conftest import run_virtual
 from .fakes import FakeGemini, image_bytes, write_job
@@ -554,6 +554,37 @@ def test_a_picture_damaged_inside_is_refused_as_pillow_refuses_it() -> None:
     assert picture_problem(jpeg) is None
     for at in (dqt, sof):
         assert "cannot be decoded" in (picture_problem(_flipped(jpeg, at)) or "")
+
+
+def test_a_file_whose_headers_run_past_its_first_read_is_judged_as_one_whose_headers_do_not(tmp_path: Path) -> None:
+    """A catalog photo's headers can be large (a camera's EXIF, a colour profile of 100 KB or more): a file is
+    judged alike whether its headers end within the first bytes read or far after them, and a damaged header or
+    a cut end is found either way."""
+    import struct
+    import zlib
+
+    png, jpeg = image_bytes(size=(40, 30)), image_bytes(size=(40, 30), fmt="JPEG")
+    text = b"Comment\x00" + os.urandom(150_000).hex().encode()[:150_000]
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    at = png.index(b"IDAT") - 4
+    big_png = png[:at] + chunk + png[at:]
+    app = b"\xff\xe1" + struct.pack(">H", 65_000) + bytes(64_998)  # APP1 segments of the largest size, twice
+    big_jpeg = jpeg[:2] + app + app + jpeg[2:]
+    cases = {
+        "big.png": (big_png, True),
+        "big.jpg": (big_jpeg, True),
+        "big-crc.png": (big_png[: at + 100_000] + b"!" + big_png[at + 100_001 :], False),  # its tEXt's CRC fails
+        "big-cut.jpg": (big_jpeg[: len(big_jpeg) - 200], False),
+        "big-cut.png": (big_png[: len(big_png) - 30], False),
+        "small.png": (png, True),
+    }
+    for name, (data, good) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        if good:
+            with Pillow.open(io.BytesIO(data)) as picture:
+                assert picture.size == (40, 30)  # Pillow opens it, headers and all
+        assert (file_problem(str(tmp_path / name)) is None) == good, name
+        assert (picture_problem(data) is None) == good, name
 
 
 def _catalog(tmp_path: Path, extra: list[dict[str, Any]] | None = None) -> Path:

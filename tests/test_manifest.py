@@ -355,14 +355,19 @@ def test_a_large_csv_is_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_validating_a_large_csv_reads_a_shared_picture_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = big_catalog(tmp_path, 10_000)
     opened: list[str] = []
-    real_open = builtins.open
+    real_open, real_os_open = builtins.open, os.open
 
     def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
         opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
         return real_open(file, *args, **kwargs)
 
+    def os_spy(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", spy)
     monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr(os, "open", os_spy)
     result = nanobatch.check_job(path, out_dir=tmp_path / "out")
     assert (result.items, result.requests) == (10_000, 10_000)
     assert str(tmp_path / "big.csv") in opened and [n for n in opened if n.endswith("photo.jpg")] == [
