@@ -57,9 +57,14 @@ def _peak(job: Path, out: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("kind", ["yaml", "csv"])  # JSONL is read as CSV is, row by row
-def test_checking_ten_times_the_items_holds_no_more_memory_per_item(tmp_path: Path, kind: str) -> None:
+def test_checking_ten_times_the_items_holds_no_more_memory_per_item(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """validate and run --dry-run (both check_job) keep no item once it is checked: from 1,000 to 10,000 items
-    the peak grows by less than 50 bytes per item (a YAML manifest loaded whole took about 2,500)."""
+    the peak grows by less than 50 bytes per item (a YAML manifest loaded whole took about 2,500). Both look at
+    their pictures ahead (the items it holds meanwhile are a bound of their own, not per item)."""
+    monkeypatch.setattr("nanobatch.job.pictures.START_AFTER", 100)  # scaled down with the job, as the chunks are
+    monkeypatch.setattr("nanobatch.job.pictures._CHUNK", 50)
     small, small_items = _peak(_catalog(tmp_path / "small", 1000, kind), tmp_path / "small" / "out")
     big, big_items = _peak(_catalog(tmp_path / "big", 10000, kind), tmp_path / "big" / "out")
     assert (small_items, big_items) == (1000, 10000)
@@ -141,7 +146,7 @@ def test_validate_of_a_done_folder_estimates_only_what_is_left(
     job.write_text(job.read_text().replace("- id: i2\n", "- id: i2\n  instruction: a new instruction\n"))
     read = []
     real = pictures.file_problem
-    monkeypatch.setattr("nanobatch.job.build.file_problem", lambda path: read.append(path) or real(path))
+    monkeypatch.setattr("nanobatch.job.pictures.file_problem", lambda path: read.append(path) or real(path))
     result = check_job(job, out_dir=out)
     assert (result.items, result.done_items, result.requests, result.left_requests) == (4, 2, 4, 2)
     assert [Path(p).name for p in read] == ["3.png"]  # the only picture not sent and answered as it is now

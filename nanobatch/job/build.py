@@ -6,7 +6,6 @@ import functools
 import os
 import re
 import stat
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +15,12 @@ from ..api.storage import is_bucket_url
 from ..errors import Problem
 from ..item import WorkItem
 from ..names import name_length_problem, output_name, template_problems, text_problem
-from ..pictures import file_problem
 from ..qa import QaFields, QaSettings
 from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, Merged
+from .pictures import PictureCheck, Stat
 from .sources import RawItem
 
-__all__ = ["SCHEME", "PictureCheck", "Shapes", "build_item", "build_plain"]
+__all__ = ["SCHEME", "Shapes", "build_item", "build_plain", "local_paths"]
 
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 _MODALITIES = {"IMAGE", "TEXT"}
@@ -184,7 +183,7 @@ def build_plain(
         return None
     inputs, total = [], 0
     for ref in refs:
-        resolved, message, st = _resolve_input(ref, base, check_files=bool(check_files), resize=shape.resize_inputs)
+        resolved, message, st = _resolve_input(ref, base, check_files=check_files, resize=shape.resize_inputs)
         if message or isinstance(check_files, PictureCheck) and st is not None and check_files(resolved, st):
             return None
         inputs.append(resolved)
@@ -292,7 +291,7 @@ def _inputs(
     total = 0
     for n, ref in enumerate([f.image] if f.image is not None else (f.images or [])):
         fld = "image" if f.image is not None else f"images[{n}]"
-        resolved, message, st = _resolve_input(ref, base, check_files=bool(check_files), resize=bool(f.resize_inputs))
+        resolved, message, st = _resolve_input(ref, base, check_files=check_files, resize=bool(f.resize_inputs))
         if message:
             bad(fld, message, False)
         elif isinstance(check_files, PictureCheck) and st is not None and (verdict := check_files(resolved, st)):
@@ -344,10 +343,11 @@ def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int,
 
 
 def _resolve_input(
-    ref: str, base: str, *, check_files: bool, resize: bool = False
-) -> tuple[str, str | None, os.stat_result | None]:
+    ref: str, base: str, *, check_files: bool | PictureCheck, resize: bool = False
+) -> tuple[str, str | None, Stat | None]:
     """An absolute path (against *base*, the manifest's folder) or URL, what is wrong with it, and the file's
-    stat (None when not a file looked at: a URL, or files not checked)."""
+    stat (None when not a file looked at: a URL, or files not checked; taken by *check_files* if it is the
+    picture check, which may have looked ahead)."""
     if not ref.strip():
         return ref, "the image path is empty", None
     if SCHEME.match(ref):
@@ -361,7 +361,7 @@ def _resolve_input(
     path = _joined(base, ref)
     if check_files:
         try:
-            st = os.stat(path)
+            st = check_files.stat(path) if isinstance(check_files, PictureCheck) else os.stat(path)
         except (OSError, ValueError):  # ValueError: a NUL in the path
             st = None
         if st is None:
@@ -388,6 +388,19 @@ def _resolve_input(
     return path, None, None
 
 
+def local_paths(fields: Mapping[str, Any] | None, defaults: Mapping[str, Any], base: str) -> list[str]:
+    """The local files an item's *fields* (or else its *defaults*) name as its pictures, as far as known without
+    checking them: a hint for looking at them ahead (``pictures.looked_ahead``)."""
+    if not fields:
+        return []
+    refs = fields.get("image") or fields.get("images") or defaults.get("image") or defaults.get("images")
+    if type(refs) is str:
+        return [_joined(base, refs)] if refs.strip() and not SCHEME.match(refs) else []
+    if type(refs) is not list:
+        return []
+    return [_joined(base, ref) for ref in refs if isinstance(ref, str) and ref.strip() and not SCHEME.match(ref)]
+
+
 def _joined(base: str, ref: str) -> str:
     """``normpath(join(base, expanduser(ref)))``, *base* being absolute and normal; most references are plain
     relative paths, which need only the join."""
@@ -395,38 +408,3 @@ def _joined(base: str, ref: str) -> str:
     if os.sep == "/" and ref[0] not in "~/." and "//" not in ref and "/." not in ref and ref[-1] != "/":
         return f"{base}{ref}" if base.endswith("/") else f"{base}/{ref}"
     return os.path.normpath(os.path.join(base, os.path.expanduser(ref)))
-
-
-class PictureCheck:
-    """Reads a local picture and says why it cannot be decoded; a picture many items share (by its path, or hard
-    links to one file) is read once while its size and times stay the same."""
-
-    def __init__(self, remember: int = 256) -> None:
-        self._seen: OrderedDict[tuple[int, ...], str | None] = OrderedDict()
-        self._remember = remember
-        self._trusted: Mapping[str, tuple[int, int, str]] = {}
-        self.unchanged: set[str] = set()  # the trusted pictures found as stamped since trust(): not read
-
-    def trust(self, stamps: Mapping[str, tuple[int, int, str]]) -> None:
-        """Pictures with these (size, mtime) stamps decode (they were sent and answered): not read while unchanged."""
-        self._trusted = stamps
-        if self.unchanged:
-            self.unchanged = set()
-
-    def __call__(self, path: str, st: os.stat_result) -> str | None:
-        """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
-        if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
-            self.unchanged.add(path)
-            return None
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            return self._seen[key]
-        try:
-            message = file_problem(path)
-        except OSError as exc:
-            message = f"cannot be read: {exc.strerror or exc}"
-        self._seen[key] = message
-        if len(self._seen) > self._remember:
-            self._seen.popitem(last=False)
-        return message

@@ -33,10 +33,11 @@ from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
 from ..safe_yaml import ItemsFound, read_top
-from .build import PictureCheck, Shapes, build_item, build_plain
+from .build import Shapes, build_item, build_plain, local_paths
 from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .items_from import parse_sources
+from .pictures import PictureCheck, looked_ahead
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 
 __all__ = ["Manifest", "load_manifest"]
@@ -135,9 +136,12 @@ class Manifest:
                 files.trust(trusted(raw_id(raw)))
             return self._resolve(raw, check_files=files)
 
+        raws = self._raw_items() if ahead is None else _told_ahead(self._raw_items(), ahead)
+        if isinstance(files, PictureCheck):
+            raws = looked_ahead(raws, lambda raw: local_paths(raw.fields, self._plain, self._base), files)
         return check_items(
             self.path,
-            self._raw_items() if ahead is None else _told_ahead(self._raw_items(), ahead),
+            raws,
             resolve,
             visit=visit,
             out_dir=out_dir,

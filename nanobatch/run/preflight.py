@@ -18,9 +18,9 @@ from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
 from ..inputs.stamps import FileStamp, is_remote, is_url, work_key
 from ..item import WorkItem
-from ..job.build import PictureCheck
 from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
+from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex

@@ -1,0 +1,187 @@
+"""Local pictures checked as validate meets them (:class:`PictureCheck`), and looked at ahead of it on another
+core (:func:`looked_ahead`): a catalog's stats and headers are read by a second process a few thousand items
+before they are needed, while this one resolves items. What it finds is only a hint: a picture not looked at in
+time, or changed since, is looked at again where it is needed, as without it."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import os
+import stat
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+from ..pictures import file_problem
+
+__all__ = ["PictureCheck", "looked_ahead"]
+
+logger = logging.getLogger("nanobatch")
+
+T = TypeVar("T")
+
+
+class Stat(Protocol):
+    """What is asked of a picture's stat: an :class:`os.stat_result`, or a :class:`Looked`."""
+
+    @property
+    def st_mode(self) -> int: ...
+    @property
+    def st_size(self) -> int: ...
+    @property
+    def st_dev(self) -> int: ...
+    @property
+    def st_ino(self) -> int: ...
+    @property
+    def st_mtime_ns(self) -> int: ...
+    @property
+    def st_ctime_ns(self) -> int: ...
+
+
+class Looked(NamedTuple):
+    """A picture as the other process found it: its stat (the part asked of it), and why it cannot be decoded."""
+
+    st_mode: int
+    st_size: int
+    st_dev: int
+    st_ino: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    problem: str | None
+
+
+START_AFTER = 2048  # items resolved before the other process is started: a small job never starts it
+_CHUNK = 512  # items whose pictures the other process looks at in one go
+_DEPTH = 4  # chunks handed to it ahead of the one being resolved
+
+
+def read_problem(path: str) -> str | None:
+    """Why the picture at *path* cannot be decoded, or None; reading it failed is a problem of its own."""
+    try:
+        return file_problem(path)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+
+
+class PictureCheck:
+    """Reads a local picture and says why it cannot be decoded; a picture many items share (by its path, or hard
+    links to one file) is read once while its size and times stay the same."""
+
+    def __init__(self, remember: int = 256) -> None:
+        self._seen: OrderedDict[tuple[int, ...], str | None] = OrderedDict()
+        self._remember = remember
+        self._trusted: Mapping[str, tuple[int, int, str]] = {}
+        self.unchanged: set[str] = set()  # the trusted pictures found as stamped since trust(): not read
+        self.ahead: dict[str, Looked] = {}  # pictures looked at by looked_ahead(), by path
+
+    def trust(self, stamps: Mapping[str, tuple[int, int, str]]) -> None:
+        """Pictures with these (size, mtime) stamps decode (they were sent and answered): not read while unchanged."""
+        self._trusted = stamps
+        if self.unchanged:
+            self.unchanged = set()
+
+    def stat(self, path: str) -> Stat:
+        """The stat of *path*: as looked at ahead, if it was (OSError, ValueError as :func:`os.stat` raises)."""
+        return self.ahead.get(path) or os.stat(path)
+
+    def __call__(self, path: str, st: Stat) -> str | None:
+        """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
+        if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
+            self.unchanged.add(path)
+            return None
+        key = _key(st)
+        looked = self.ahead.get(path)
+        if looked is not None and _key(looked) == key:
+            return looked.problem  # the other process read it (and those linked to it) once
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return self._seen[key]
+        message = self._seen[key] = read_problem(path)
+        if len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        return message
+
+
+def _key(st: Stat) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def look_at(paths: list[str]) -> list[tuple[Any, ...] | None]:
+    """In the other process: for each of *paths* that is a regular file, its :class:`Looked` fields (a plain
+    tuple: the cheapest to send back). Paths that cannot be stat-ed, and other kinds of file, are left for the
+    check that needs them to say why."""
+    found: list[tuple[Any, ...] | None] = []
+    seen: dict[tuple[int, ...], str | None] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            found.append(None)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            found.append(None)
+            continue
+        key = _key(st)
+        if key not in seen:
+            seen[key] = read_problem(path)
+        found.append((st.st_mode, st.st_size, *key[:2], *key[3:], seen[key]))
+    return found
+
+
+def looked_ahead(
+    things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, cpus: int | None = None
+) -> Iterator[T]:
+    """*things*, in order, their pictures (*paths_of* each: the local files it names, as far as cheaply known)
+    looked at ahead by another process into *pictures*, once :data:`START_AFTER` have gone by without it and
+    if this machine has a second CPU for it (*cpus*: how many it has, if not this process's own count)."""
+    things = iter(things)
+    yield from itertools.islice(things, START_AFTER)
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if cpus < 2 or not (chunk := _next_chunk(things)):
+        yield from things
+        return
+    # Forked when this process has no other thread (the command line's case): it starts at once and needs no
+    # resource tracker left running; else started afresh, so that no other thread's held lock is carried over.
+    alone = sys.platform == "linux" and threading.active_count() == 1
+    context = multiprocessing.get_context("fork" if alone else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        queued: collections.deque[tuple[list[T], list[str], concurrent.futures.Future[Any]]] = collections.deque()
+        try:
+            while True:
+                while chunk and len(queued) < _DEPTH:
+                    paths = [p for thing in chunk for p in paths_of(thing)]
+                    queued.append((chunk, paths, pool.submit(look_at, paths)))
+                    chunk = _next_chunk(things)
+                if not queued:
+                    break
+                ready, paths, future = queued.popleft()
+                pictures.ahead = _looked(paths, future)
+                yield from ready
+        finally:
+            pictures.ahead = {}
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _next_chunk(things: Iterator[T]) -> list[T]:
+    chunk = []
+    for thing in things:
+        chunk.append(thing)
+        if len(chunk) == _CHUNK:
+            break
+    return chunk
+
+
+def _looked(paths: list[str], future: concurrent.futures.Future[Any]) -> dict[str, Looked]:
+    """What the other process found of *paths*, or nothing if it could not look (they are looked at here)."""
+    try:
+        found = future.result()
+    except (concurrent.futures.process.BrokenProcessPool, OSError) as exc:
+        logger.debug("pictures not looked at ahead: %s", exc)
+        return {}
+    return {path: Looked(*fields) for path, fields in zip(paths, found, strict=True) if fields is not None}

@@ -1,0 +1,105 @@
+"""validate's pictures looked at ahead on a second core (issue 25): the problems found are those found without
+it, every picture is still read once, and a picture changed since it was looked at is judged as it is now."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nanobatch
+from nanobatch.errors import ManifestError
+from nanobatch.job import pictures
+from nanobatch.job.pictures import PictureCheck, look_at
+
+from .fakes import image_bytes, write_job
+
+JPEG = image_bytes(fmt="JPEG")
+
+
+def _catalog(tmp_path: Path) -> Path:
+    """60 items: good pictures, cut and garbage ones, missing files, a folder, pictures shared by path and by a
+    hard link, an item with two pictures, and one whose picture comes from the defaults."""
+    items: list[dict[str, Any]] = []
+    for n in range(60):
+        kind = n % 10
+        item: dict[str, Any] = {"id": f"i{n}", "image": f"images/{n}.png"}
+        if kind == 6:
+            item = {"id": f"i{n}"}  # the defaults' picture
+        elif kind == 7:
+            item = {"id": f"i{n}", "images": [f"images/{n}.png", "images/0.png"]}
+        items.append(item)
+    job = write_job(tmp_path, items, defaults={"instruction": "white", "image": "images/8.png"})
+    for n in range(60):
+        path, kind = tmp_path / f"images/{n}.png", n % 10
+        if kind == 1:
+            path.write_bytes(JPEG[: len(JPEG) // 2])  # cut short
+        elif kind == 2:
+            path.write_bytes(image_bytes()[:33] + bytes(range(256)))  # garbage after the header
+        elif kind == 3:
+            path.unlink()  # missing
+        elif kind == 4:
+            path.unlink()
+            path.mkdir()  # a folder
+        elif kind == 5:
+            path.unlink()
+            os.link(tmp_path / "images/0.png", path)
+    return job
+
+
+def _problems(job: Path, out: Path) -> list[tuple[str | None, str | None, str]]:
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job, out_dir=out)
+    return [(p.item, p.field, p.message.replace(str(job.parent), "")) for p in err.value.problems]
+
+
+def test_pictures_looked_at_ahead_give_the_problems_found_without_it_and_are_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _catalog(tmp_path)
+    read: list[str] = []
+    real = pictures.file_problem
+    monkeypatch.setattr(pictures, "file_problem", lambda path: read.append(os.path.basename(path)) or real(path))
+    monkeypatch.setattr(pictures, "START_AFTER", 10**9)
+    alone = _problems(job, tmp_path / "out")
+    # Each picture read once: not the missing ones, folders or hard links to 0.png, nor 6.png (no item names it)
+    assert sorted(read) == sorted(f"{n}.png" for n in range(60) if n % 10 not in (3, 4, 5, 6))
+    read.clear()
+    monkeypatch.setattr(pictures, "START_AFTER", 10)  # scaled down from thousands
+    monkeypatch.setattr(pictures, "_CHUNK", 7)
+    assert _problems(job, tmp_path / "out") == alone
+    # This process read only the first ten items' pictures (and 0.png, which they share); the rest were read in
+    # the other one.
+    assert sorted(read) == ["0.png", "1.png", "2.png", "7.png", "8.png", "9.png"]
+    assert {(item, field) for item, field, _ in alone} >= {("i1", "image"), ("i52", "image"), ("i53", "image")}
+
+
+def _die(paths: list[str]) -> None:
+    os._exit(1)  # the other process dies at its first look
+
+
+def test_pictures_are_looked_at_here_when_the_other_process_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = _catalog(tmp_path)
+    monkeypatch.setattr(pictures, "START_AFTER", 10**9)
+    alone = _problems(job, tmp_path / "out")
+    monkeypatch.setattr(pictures, "START_AFTER", 10)
+    monkeypatch.setattr(pictures, "look_at", _die)
+    assert _problems(job, tmp_path / "out") == alone
+
+
+def test_a_picture_changed_after_it_was_looked_at_is_judged_as_it_is_now(tmp_path: Path) -> None:
+    good, later = tmp_path / "good.png", tmp_path / "later.png"
+    good.write_bytes(image_bytes())
+    later.write_bytes(image_bytes())
+    check = PictureCheck()
+    found = look_at([str(good), str(later), str(tmp_path / "missing.png"), str(tmp_path)])
+    assert found[2:] == [None, None]  # left for the check that needs them to say why
+    looked = zip((good, later), found[:2], strict=True)
+    check.ahead = {str(path): pictures.Looked(*fields) for path, fields in looked if fields}
+    later.write_bytes(JPEG[: len(JPEG) // 2])  # replaced by a cut picture after the look
+    assert check(str(good), check.stat(str(good))) is None
+    assert "cannot be decoded" in (check(str(later), os.stat(later)) or "")
