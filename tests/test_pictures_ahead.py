@@ -103,3 +103,29 @@ def test_a_picture_changed_after_it_was_looked_at_is_judged_as_it_is_now(tmp_pat
     later.write_bytes(JPEG[: len(JPEG) // 2])  # replaced by a cut picture after the look
     assert check(str(good), check.stat(str(good))) is None
     assert "cannot be decoded" in (check(str(later), os.stat(later)) or "")
+
+
+def test_a_done_folder_checked_item_by_item_reads_no_picture_and_looks_up_records_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pictures sent and answered as they are now are not read again, also past the look-ahead's start, and the
+    records of the items coming next are looked up together, not one item at a time."""
+    from nanobatch.cli.main import main
+    from nanobatch.output.results import ResultsIndex
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(30)])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    job.write_text(job.read_text() + "\n# another manifest than the run's: checked item by item\n")
+    monkeypatch.setattr(pictures, "START_AFTER", 5)
+    monkeypatch.setattr(pictures, "_CHUNK", 4)
+    monkeypatch.setattr("nanobatch.job.manifest.TOLD_AHEAD", 3)  # all three scaled down from hundreds
+    read: list[str] = []
+    real = pictures.file_problem
+    monkeypatch.setattr(pictures, "file_problem", lambda path: read.append(path) or real(path))
+    one_by_one: list[str] = []
+    real_entry = ResultsIndex.ok_entry
+    monkeypatch.setattr(ResultsIndex, "ok_entry", lambda self, i: one_by_one.append(i) or real_entry(self, i))
+    result = nanobatch.check_job(job, out_dir=out)
+    assert (result.items, result.done_items, result.left_requests) == (30, 30, 0)
+    assert read == [] and one_by_one == []

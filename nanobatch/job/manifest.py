@@ -42,6 +42,8 @@ from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, fil
 
 __all__ = ["Manifest", "load_manifest"]
 
+TOLD_AHEAD = 256  # items whose ids check(ahead=...) is told of together
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest:
@@ -136,9 +138,11 @@ class Manifest:
                 files.trust(trusted(raw_id(raw)))
             return self._resolve(raw, check_files=files)
 
-        raws = self._raw_items() if ahead is None else _told_ahead(self._raw_items(), ahead)
+        raws = self._raw_items()
         if isinstance(files, PictureCheck):
             raws = looked_ahead(raws, lambda raw: local_paths(raw.fields, self._plain, self._base), files)
+        if ahead is not None:  # told last: what it is told of is what is resolved next
+            raws = _told_ahead(raws, ahead)
         return check_items(
             self.path,
             raws,
@@ -177,7 +181,7 @@ class Manifest:
 
 def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], None]) -> Iterator[RawItem]:
     """*raws*, a few hundred at a time, *tell* given their ids before they are handed on."""
-    while chunk := list(itertools.islice(raws, 256)):
+    while chunk := list(itertools.islice(raws, TOLD_AHEAD)):
         tell([raw_id(raw) for raw in chunk])
         yield from chunk
 
