@@ -16,6 +16,13 @@ from nanobatch.job.pictures import PictureCheck, look_at
 
 from .fakes import image_bytes, write_job
 
+
+@pytest.fixture(autouse=True)
+def forkable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look-ahead forks only a process with no other thread; a test's process may keep an idle one."""
+    monkeypatch.setattr(pictures, "can_fork", lambda: True)
+
+
 JPEG = image_bytes(fmt="JPEG")
 
 
@@ -129,3 +136,19 @@ def test_a_done_folder_checked_item_by_item_reads_no_picture_and_looks_up_record
     result = nanobatch.check_job(job, out_dir=out)
     assert (result.items, result.done_items, result.left_requests) == (30, 30, 0)
     assert read == [] and one_by_one == []
+
+
+def test_no_process_is_forked_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A program with threads of its own gets no look-ahead (a fork would copy their held locks), and none is
+    ever started afresh, which would import its main module again."""
+    import threading
+
+    monkeypatch.undo()  # the real can_fork
+    waiting = threading.Event()
+    thread = threading.Thread(target=waiting.wait)
+    thread.start()
+    try:
+        assert not pictures.can_fork()
+    finally:
+        waiting.set()
+        thread.join()

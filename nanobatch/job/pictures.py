@@ -138,18 +138,16 @@ def looked_ahead(
     things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, cpus: int | None = None
 ) -> Iterator[T]:
     """*things*, in order, their pictures (*paths_of* each: the local files it names, as far as cheaply known)
-    looked at ahead by another process into *pictures*, once :data:`START_AFTER` have gone by without it and
-    if this machine has a second CPU for it (*cpus*: how many it has, if not this process's own count)."""
+    looked at ahead by another process into *pictures*, once :data:`START_AFTER` have gone by without it, if
+    this machine has a second CPU for it (*cpus*: how many it has, if not this process's own count) and this
+    process can be forked (:func:`can_fork`)."""
     things = iter(things)
     yield from itertools.islice(things, START_AFTER)
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    if cpus < 2 or not (chunk := _next_chunk(things)):
+    if cpus < 2 or not can_fork() or not (chunk := _next_chunk(things)):
         yield from things
         return
-    # Forked when this process has no other thread (the command line's case): it starts at once and needs no
-    # resource tracker left running; else started afresh, so that no other thread's held lock is carried over.
-    alone = sys.platform == "linux" and threading.active_count() == 1
-    context = multiprocessing.get_context("fork" if alone else "spawn")
+    context = multiprocessing.get_context("fork")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         queued: collections.deque[tuple[list[T], list[str], concurrent.futures.Future[Any]]] = collections.deque()
         try:
@@ -166,6 +164,14 @@ def looked_ahead(
         finally:
             pictures.ahead = {}
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def can_fork() -> bool:
+    """Whether the other process can be forked: on Linux, and only while this process has no other thread (a
+    lock another thread holds would stay held in the fork). It is never started afresh ("spawn"), since that
+    imports the program's main module again: a script that checks and then runs a job at its top level would
+    run it twice."""
+    return sys.platform == "linux" and threading.active_count() == 1
 
 
 def _next_chunk(things: Iterator[T]) -> list[T]:
