@@ -109,3 +109,57 @@ def test_a_model_shut_down_since_the_run_is_a_problem_named_with_an_item(
         check_job(job, out_dir=out)
     assert [(p.item, p.field) for p in caught.value.problems] == [("i0", "model")]
     assert checks == [1]
+
+
+# --- a run over a done folder ----------------------------------------------------------------------------------
+
+
+def _results(out: Path) -> bytes:
+    return (out / "results.jsonl").read_bytes()
+
+
+def _summary_stats(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "summary.json").read_text())["last_run"])
+
+
+def test_a_run_over_a_folder_unchanged_since_its_run_goes_through_no_item(
+    done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nightly run over finished work sends nothing and resolves no item: the last run's summary answers, as
+    it does validate's; the run's own summary says every item was skipped, and the next night answers alike."""
+    job, out, checks = done
+    went: list[int] = []
+    real = Manifest.items
+    monkeypatch.setattr(Manifest, "items", lambda self, **kw: went.append(1) or real(self, **kw))
+    before = _results(out)
+    for _ in range(2):
+        assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+        stats = _summary_stats(out)
+        assert (stats["items"], stats["skipped"], stats["ok"], stats["requests"]) == (N, N, 0, 0)
+    assert checks == [] and went == [] and _results(out) == before
+    assert check_job(job, out_dir=out).done_items == N
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_run_after_any_change_goes_through_every_item(
+    done: tuple[Path, Path, list[int]], change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, out, checks = done
+    make, options, still_done = CHANGES[change]
+    make(job, out)
+    went: list[int] = []
+    real = Manifest.items
+    monkeypatch.setattr(Manifest, "items", lambda self, **kw: went.append(1) or real(self, **kw))
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet", *options]) == 0
+    stats = _summary_stats(out)
+    assert checks == [1] and went == [1]
+    assert (stats["skipped"], stats["ok"]) == (still_done, N - still_done)
+
+
+@pytest.mark.parametrize("option", ["--force", "--retry-failed"])
+def test_a_run_asked_to_redo_work_goes_through_every_item(done: tuple[Path, Path, list[int]], option: str) -> None:
+    job, out, checks = done
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet", option]) == 0
+    stats = _summary_stats(out)
+    assert checks == [1]
+    assert (stats["skipped"], stats["ok"]) == ((0, N) if option == "--force" else (N, 0))

@@ -30,6 +30,7 @@ from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.check import left_out_text
 from ..job.manifest import Manifest
+from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
@@ -44,7 +45,7 @@ from .observer import Observer, tell_refused
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import STATE, RunClock, build_summary, folder_state, started_summary
+from .summary import STATE, RunClock, build_summary, file_stamp, folder_state, started_summary
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
 
@@ -113,7 +114,8 @@ async def run_job(
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     try:
         checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, count_done=False,
-                            check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs)  # fmt: skip
+                            check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs,
+                            from_summary=not force and not retry_failed)  # fmt: skip
     except NanobatchError as exc:
         job = manifest.name if isinstance(manifest, Manifest) else Path(manifest).stem
         await tell_refused(settings or Settings(), job, exc)
@@ -140,12 +142,17 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         AsyncExitStack() as stack,
     ):
         index = stack.enter_context(ResultsIndex.load(out.path))
+        all_done = _all_done(checked, out.path)  # before this run writes anything
         orphans = out.recover(index)
         # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
         out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
         engine, batch = await _engine(stack, checked, options, api_key, out, index, stats, observer)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
-        await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
+        if all_done:  # every item skipped, as the engine would skip each
+            logger.info("every item is done, and nothing has changed since the last run: nothing to send")
+            stats.skipped = checked.items
+        else:
+            await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
         waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
         summary = build_summary(
@@ -166,6 +173,16 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     )
     await observer.ended(result.outcome, result.exit_code, result.reason)
     return result
+
+
+def _all_done(checked: CheckResult, out_dir: Path) -> bool:
+    """Whether the check found every item done from the last run's summary (nothing it rests on changed since:
+    run.unchanged), and results.jsonl is still as the check found it, now that this run holds the folder. A
+    run that uploads, or in the batch tier (its jobs may want collecting), goes through the items all the same."""
+    settings = checked.settings
+    if checked.done_as_of is None or settings.output.upload_to is not None or settings.api.tier == "batch":
+        return False
+    return file_stamp(str(out_dir / RESULTS_FILE)) == checked.done_as_of
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

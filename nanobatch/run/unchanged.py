@@ -32,15 +32,16 @@ __all__ = ["check_basis", "held_check"]
 def check_basis(manifest: Manifest, settings: Settings, out_dir: Path) -> dict[str, Any] | None:
     """What a check of *manifest* into *out_dir* rests on beside the inputs, the outputs and the day: the stamps
     of the files its items come from, and a digest of what else shapes them and their checks (the settings'
-    ``api`` and ``qa``, the manifest's default model, defaults and ``qa:`` layers, the output folder, the home
-    folder ``~`` names, this version). None when a glob or a bucket gives items (no stamp tells what they
-    give). Taken before the check reads the files."""
+    ``api``, ``qa`` and ``output``, the manifest's default model, defaults and ``qa:`` layers, the output folder,
+    the home folder ``~`` names, this version). None when a glob or a bucket gives items (no stamp tells what
+    they give). Taken before the check reads the files."""
     files = manifest.files()
     if files is None:
         return None
     shaping = {
         "api": settings.api.model_dump(mode="json"),
         "qa": settings.qa.model_dump(mode="json"),
+        "output": settings.output.model_dump(mode="json"),  # where a run puts what is done, and what it uploads
         "model": manifest.model,
         # as loaded from those files, unless a caller handed in a manifest changed since (run_job takes one)
         "defaults": manifest.defaults.model_dump(mode="json", exclude_none=True),

@@ -1,0 +1,95 @@
+"""The work an output folder holds done, as a check counts it: for each item, whether a run would skip it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..inputs.stamps import FileStamp, is_remote, work_key
+from ..item import WorkItem
+from ..job.pictures import PictureCheck
+from ..names import RESULTS_FILE
+from ..output.results import ResultsIndex
+
+__all__ = ["DoneWork"]
+
+_OkEntry = tuple[str | None, tuple[str, ...], Mapping[str, FileStamp]]  # ResultsIndex.ok_entry's: key, outputs, stamps
+
+
+class DoneWork:
+    """The output folder's results, asked for each item of a check whether a run would skip it as done: its
+    latest record ok for the same work (the key, from the stamps of inputs that have not changed since) and
+    its files there. An item with a URL or bucket input counts as done when ok with its files there (its
+    bytes are not fetched to check)."""
+
+    def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
+        self.out_dir = out_dir
+        self.index = index
+        self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
+        self.items = self.requests = 0
+        self._last: tuple[str | None, _OkEntry | None] = (None, None)
+        self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
+        self._ahead: dict[str, _OkEntry] = {}
+
+    @classmethod
+    def of(cls, out_dir: Path, pictures: PictureCheck | None = None) -> DoneWork | None:
+        """The results of *out_dir*; None when it has none."""
+        if not (out_dir / RESULTS_FILE).is_file():
+            return None
+        return cls(out_dir, ResultsIndex.load(out_dir), pictures)
+
+    def _entry(self, item_id: str | None) -> _OkEntry | None:
+        """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
+        if item_id is None:
+            return None
+        if self._last[0] != item_id:
+            entry = self._ahead.get(item_id) if item_id in self._told else self.index.ok_entry(item_id)
+            self._last = (item_id, entry)
+        return self._last[1]
+
+    def ahead(self, ids: list[str | None]) -> None:
+        """The ids of the items a check takes next: their entries are read together."""
+        self._told = {item_id for item_id in ids if item_id is not None}
+        self._ahead = dict(self.index.ok_entries(list(self._told))) if self._told else {}
+
+    def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
+        """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
+        entry = self._entry(item_id)
+        return entry[2] if entry is not None else {}
+
+    def add(self, item: WorkItem) -> bool:
+        """Whether *item* is done (then counted): as :func:`~nanobatch.output.resume.is_done` says a run finds it."""
+        entry = self._entry(item.id)
+        if entry is None:
+            return False
+        recorded, outputs, stamps = entry
+        key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
+        if key is None or key != recorded:
+            return False
+        if not all(os.path.isfile(os.path.join(self.out_dir, name)) for name in outputs):
+            return False
+        self.items += 1
+        self.requests += len(item.steps)
+        return True
+
+    def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
+        """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
+        digests = []
+        unchanged = self.pictures.unchanged if self.pictures is not None else ()
+        for ref in item.inputs:
+            stamp = stamps.get(ref)
+            if ref in unchanged:  # the check found it as stamped (its stat just taken)
+                digests.append(stamp[2])  # type: ignore[index]
+                continue
+            try:
+                st = os.stat(ref)
+            except OSError:
+                return None
+            if stamp is None or (st.st_size, st.st_mtime_ns) != stamp[:2]:
+                return None
+            digests.append(stamp[2])
+        return work_key(item, digests)
+
+    def close(self) -> None:
+        self.index.close()
