@@ -4,7 +4,6 @@ estimate, and models that are retired, not served by the backend or not sold in 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -249,15 +248,13 @@ def check_job(
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
-    With *check_urls*, image URLs are asked for their headers (*transport* replaces
-    the network in tests). With *check_pictures*, every local picture is read and
-    checked to be decodable (a run leaves that to dispatch, so that a re-run over
-    finished work reads no picture); *skip_bad_inputs* leaves out the items whose pictures
+    With *check_urls*, image URLs are asked for their headers (*transport* replaces the network in tests). With
+    *check_pictures*, every local picture is read and checked to be decodable (a run leaves that to dispatch, so
+    that a re-run over finished work reads no picture); *skip_bad_inputs* leaves out the items whose pictures
     are not (``left_out``). With *count_done*, the items the output folder holds done (as a run would skip
     them) are counted, and the estimates are of the rest; their pictures are not read again while unchanged.
-    With *count_done* or *from_summary* (a run's), a done folder that nothing has changed in since its last run
-    is answered from that run's summary (``done_as_of`` says so). Raises :class:`ManifestError` listing every
-    problem found.
+    With it or *from_summary* (a run's), a done folder that nothing has changed in since its last run is
+    answered from that run's summary (``done_as_of``). Raises :class:`ManifestError` listing every problem.
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
@@ -266,13 +263,9 @@ def check_job(
     basis = check_basis(manifest, settings, target)  # before the files are read
     lifecycle = LifecycleCheck(str(manifest.path), settings)
     pictures = PictureCheck() if check_pictures else None
-    done = DoneWork.of(target, pictures) if count_done or from_summary else None
-    if done is not None and basis is not None and (held := _held(target, basis, done, lifecycle)) is not None:
-        result = _result(manifest, target, settings, held, Estimate(settings), done, basis, lifecycle)
-        return dataclasses.replace(result, done_as_of=file_stamp(str(target / RESULTS_FILE)))
-    if done is not None and not count_done:
-        done.close()
-        done = None
+    done, held = _done(target, basis, lifecycle, pictures, count=count_done, from_summary=from_summary)
+    if held is not None:
+        return _result(manifest, target, settings, held, Estimate(settings), done, basis, lifecycle, held=True)
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
     estimate = Estimate(settings)
 
@@ -292,6 +285,21 @@ def check_job(
     return _result(manifest, target, settings, report, estimate, done, basis, lifecycle)
 
 
+def _done(
+    target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, pictures: PictureCheck | None, *,
+    count: bool, from_summary: bool,
+) -> tuple[DoneWork | None, CheckReport | None]:  # fmt: skip
+    """The folder's done work to count the items against (None: not counted: a run's check), and the check as
+    its last run's summary holds it, if it does (then every item is done, counted without going through them)."""
+    done = DoneWork.of(target, pictures) if count or from_summary else None
+    if done is not None and basis is not None and (held := _held(target, basis, done, lifecycle)) is not None:
+        return done, held
+    if done is not None and not count:
+        done.close()
+        done = None
+    return done, None
+
+
 def _held(target: Path, basis: Mapping[str, Any], done: DoneWork, lifecycle: LifecycleCheck) -> CheckReport | None:
     """The check of a done folder as the last run's summary holds it, every item done (:mod:`.unchanged`); else
     None (*done*, then, counts item by item)."""
@@ -307,11 +315,11 @@ def _held(target: Path, basis: Mapping[str, Any], done: DoneWork, lifecycle: Lif
 
 def _result(
     manifest: Manifest, target: Path, settings: Settings, report: CheckReport, estimate: Estimate,
-    done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck,
+    done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, *, held: bool = False,
 ) -> CheckResult:  # fmt: skip
     concurrency, rpm = settings.gate_limits()
     left = report.requests - (done.requests if done is not None else 0)
-    held = None if basis is None else {
+    rests_on = None if basis is None else {
         **basis, "items": report.items, "requests": report.requests, "models": sorted(lifecycle.models)
     }  # fmt: skip
     return CheckResult(
@@ -321,8 +329,8 @@ def _result(
         concurrency=concurrency, requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
         tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
-        left_out=tuple(report.left_out), left_out_items=report.left_out_items, held=held, settings=settings,
-        job=manifest,
+        left_out=tuple(report.left_out), left_out_items=report.left_out_items, held=rests_on, settings=settings,
+        job=manifest, done_as_of=file_stamp(str(target / RESULTS_FILE)) if held else None,
     )  # fmt: skip
 
 
