@@ -163,3 +163,21 @@ def test_a_run_asked_to_redo_work_goes_through_every_item(done: tuple[Path, Path
     stats = _summary_stats(out)
     assert checks == [1]
     assert (stats["skipped"], stats["ok"]) == ((0, N) if option == "--force" else (N, 0))
+
+
+def test_a_run_reads_the_index_for_the_summary_only_once_the_summary_itself_holds(
+    done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual night (something changed: here another record) reads the folder's index once, for the run
+    itself: asking the summary costs nothing then."""
+    from nanobatch.output.results import ResultsIndex
+
+    job, out, _ = done
+    _append_changed_record(out)
+    loads: list[Path] = []
+    real = ResultsIndex.load.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        ResultsIndex, "load", classmethod(lambda cls, folder: loads.append(folder) or real(cls, folder))
+    )
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    assert _summary_stats(out)["ok"] == 1 and len(loads) == 1

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ from ..job.manifest import Manifest, load_manifest
 from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
+from ..output.results import ResultsIndex
 from .done import DoneWork
 from .summary import file_stamp
 from .unchanged import check_basis, held_check
@@ -265,7 +266,7 @@ def check_job(
     pictures = PictureCheck() if check_pictures else None
     done, held = _done(target, basis, lifecycle, pictures, count=count_done, from_summary=from_summary)
     if held is not None:
-        return _result(manifest, target, settings, held, Estimate(settings), done, basis, lifecycle, held=True)
+        return _result(manifest, target, settings, held, Estimate(settings), None, basis, lifecycle, held=True)
     remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
     estimate = Estimate(settings)
 
@@ -289,27 +290,35 @@ def _done(
     target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, pictures: PictureCheck | None, *,
     count: bool, from_summary: bool,
 ) -> tuple[DoneWork | None, CheckReport | None]:  # fmt: skip
-    """The folder's done work to count the items against (None: not counted: a run's check), and the check as
-    its last run's summary holds it, if it does (then every item is done, counted without going through them)."""
-    done = DoneWork.of(target, pictures) if count or from_summary else None
-    if done is not None and basis is not None and (held := _held(target, basis, done, lifecycle)) is not None:
-        return done, held
-    if done is not None and not count:
+    """The folder's done work to count the items against (*count*; None for a run's check), and the check as
+    its last run's summary holds it, if it does (then every item is done, counted without going through them).
+    A run's check (*from_summary* alone) loads the folder's index only once the summary itself holds."""
+    if not count:
+        held = _held(target, basis, lifecycle, _entries(target)) if from_summary else None
+        return None, held
+    done = DoneWork.of(target, pictures)
+    if done is not None and (held := _held(target, basis, lifecycle, done.index.every_entry())) is not None:
         done.close()
-        done = None
+        return None, held
     return done, None
 
 
-def _held(target: Path, basis: Mapping[str, Any], done: DoneWork, lifecycle: LifecycleCheck) -> CheckReport | None:
-    """The check of a done folder as the last run's summary holds it, every item done (:mod:`.unchanged`); else
-    None (*done*, then, counts item by item)."""
-    held = held_check(target, basis, done.index.every_entry())
+def _entries(target: Path) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, Any]]]:
+    with ResultsIndex.load(target) as index:
+        yield from index.every_entry()
+
+
+def _held(
+    target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck,
+    entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]],
+) -> CheckReport | None:  # fmt: skip
+    """The check of a done folder as the last run's summary holds it, every item done (:mod:`.unchanged`; its
+    *entries*: the records' status, outputs and stamps, read only once the rest holds); else None."""
+    held = held_check(target, basis, entries) if basis is not None else None
     if held is None or not lifecycle.still_held(held[2]):
         return None
     items, requests, used = held
-    done.items, done.requests = items, requests
     lifecycle.models.update(used)
-    done.close()
     return CheckReport(items=items, requests=requests, problems=[])
 
 
@@ -318,13 +327,16 @@ def _result(
     done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, *, held: bool = False,
 ) -> CheckResult:  # fmt: skip
     concurrency, rpm = settings.gate_limits()
-    left = report.requests - (done.requests if done is not None else 0)
+    done_items, done_requests = (done.items, done.requests) if done is not None else (0, 0)
+    if held:  # every item done, as the last run's summary holds
+        done_items, done_requests = report.items, report.requests
+    left = report.requests - done_requests
     rests_on = None if basis is None else {
         **basis, "items": report.items, "requests": report.requests, "models": sorted(lifecycle.models)
     }  # fmt: skip
     return CheckResult(
         manifest=manifest.path, out_dir=target, items=report.items, requests=report.requests,
-        done_items=done.items if done is not None else 0, left_requests=left,
+        done_items=done_items, left_requests=left,
         cost_likely_usd=estimate.likely, cost_worst_usd=estimate.worst, duration_s=estimate.duration_s(left),
         concurrency=concurrency, requests_per_minute=rpm,
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
