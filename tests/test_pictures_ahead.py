@@ -3,6 +3,7 @@ it, every picture is still read once, and a picture changed since it was looked 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def test_pictures_looked_at_ahead_give_the_problems_found_without_it_and_are_rea
     assert {(item, field) for item, field, _ in alone} >= {("i1", "image"), ("i52", "image"), ("i53", "image")}
 
 
-def _die(paths: list[str]) -> None:
+def _die(paths: list[str], read: bool) -> None:
     os._exit(1)  # the other process dies at its first look
 
 
@@ -98,25 +99,78 @@ def test_pictures_are_looked_at_here_when_the_other_process_dies(
     assert _problems(job, tmp_path / "out") == alone
 
 
-def test_a_picture_changed_after_it_was_looked_at_is_judged_as_it_is_now(tmp_path: Path) -> None:
-    good, later = tmp_path / "good.png", tmp_path / "later.png"
+def test_the_other_process_stats_and_reads_what_it_is_asked_to_and_leaves_the_rest(tmp_path: Path) -> None:
+    """Its stat stands for the picture's, its verdict for a read of it; asked only to stat (a done folder's
+    pictures are trusted as sent and answered), it reads nothing, and what it did not read is read here."""
+    good, cut = tmp_path / "good.png", tmp_path / "cut.jpg"
     good.write_bytes(image_bytes())
-    later.write_bytes(image_bytes())
-    check = PictureCheck()
-    found = look_at([str(good), str(later), str(tmp_path / "missing.png"), str(tmp_path)])
-    assert found[2:] == [None, None]  # left for the check that needs them to say why
-    looked = zip((good, later), found[:2], strict=True)
-    check.ahead = {str(path): pictures.Looked(*fields) for path, fields in looked if fields}
-    later.write_bytes(JPEG[: len(JPEG) // 2])  # replaced by a cut picture after the look
-    assert check(str(good), check.stat(str(good))) is None
-    assert "cannot be decoded" in (check(str(later), os.stat(later)) or "")
+    cut.write_bytes(JPEG[: len(JPEG) // 2])
+    paths = [str(good), str(cut), str(tmp_path / "missing.png"), str(tmp_path)]
+    for read in (True, False):
+        check = PictureCheck()
+        found = look_at(paths, read)
+        assert found[2:] == [None, None]  # left for the check that needs them to say why
+        check.ahead = {p: pictures.Looked(*fields) for p, fields in zip(paths[:2], found[:2], strict=True) if fields}
+        assert check.stat(str(cut)).st_size == cut.stat().st_size
+        assert [check.ahead[p].read for p in paths[:2]] == [read, read]
+        assert check(str(good), check.stat(str(good))) is None
+        assert "cannot be decoded" in (check(str(cut), check.stat(str(cut))) or "")
+
+
+def _stubborn(parent: int) -> None:  # the look-ahead's own start, then a wait that outlives the test's process
+    pictures._settle(parent)
+    import time
+
+    time.sleep(60)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process *pid* runs (a dead one not reaped yet, a zombie, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux: the kernel kills it (PR_SET_PDEATHSIG)")
+def test_the_other_process_dies_with_validate(tmp_path: Path) -> None:
+    """A validate killed (SIGKILL, out of memory) leaves no process behind holding its output open."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, concurrent.futures, multiprocessing\n"
+        "from tests.test_pictures_ahead import _stubborn\n"
+        "pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('fork'),"
+        " initializer=_stubborn, initargs=(os.getpid(),))\n"
+        "pool.submit(print, 'started')\n"
+        "print(pool._processes and list(pool._processes)[0], flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    parent.stdout.close()
+    for _ in range(500):  # the kernel kills it as its parent dies; a few milliseconds at most
+        if not _alive(child):
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the look-ahead's process outlived validate")
 
 
 def test_a_done_folder_checked_item_by_item_reads_no_picture_and_looks_up_records_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Pictures sent and answered as they are now are not read again, also past the look-ahead's start, and the
-    records of the items coming next are looked up together, not one item at a time."""
+    """Pictures sent and answered as they are now are not read again, also past the look-ahead's start (the
+    other process only stats them), and the records of the items coming next are looked up together."""
     from nanobatch.cli.main import main
     from nanobatch.output.results import ResultsIndex
 
@@ -133,9 +187,15 @@ def test_a_done_folder_checked_item_by_item_reads_no_picture_and_looks_up_record
     one_by_one: list[str] = []
     real_entry = ResultsIndex.ok_entry
     monkeypatch.setattr(ResultsIndex, "ok_entry", lambda self, i: one_by_one.append(i) or real_entry(self, i))
+    asked: list[bool] = []  # whether the other process was asked to read each chunk's pictures (or stat them)
+    real_submit = concurrent.futures.ProcessPoolExecutor.submit
+    monkeypatch.setattr(
+        concurrent.futures.ProcessPoolExecutor, "submit",
+        lambda self, fn, *args: asked.append(args[1]) or real_submit(self, fn, *args),
+    )  # fmt: skip
     result = nanobatch.check_job(job, out_dir=out)
     assert (result.items, result.done_items, result.left_requests) == (30, 30, 0)
-    assert read == [] and one_by_one == []
+    assert read == [] and one_by_one == [] and asked and not any(asked)
 
 
 def test_no_process_is_forked_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:

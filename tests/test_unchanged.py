@@ -181,3 +181,24 @@ def test_a_run_reads_the_index_for_the_summary_only_once_the_summary_itself_hold
     )
     assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
     assert _summary_stats(out)["ok"] == 1 and len(loads) == 1
+
+
+def test_a_run_looks_again_at_the_folder_once_it_holds_it(
+    done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a run waiting for the folder's lock (--wait-lock) finds changed meanwhile is done: an output deleted,
+    an input replaced after its check found every item done."""
+    from nanobatch.output.outdir import OutDir
+
+    job, out, _ = done
+    real_hold = OutDir.hold
+
+    def hold(self: OutDir, **options: Any) -> Any:
+        (out / "i0.png").unlink()
+        (job.parent / "images" / "i1.png").write_bytes(image_bytes((9, 9, 9)))
+        return real_hold(self, **options)
+
+    monkeypatch.setattr(OutDir, "hold", hold)
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    stats = _summary_stats(out)
+    assert (stats["ok"], stats["skipped"]) == (2, N - 2) and (out / "i0.png").is_file()

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import logging
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -43,6 +42,7 @@ import anyio.to_process
 import orjson
 from anyio.lowlevel import RunVar
 
+from ..children import die_with
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
 from .spool import Spooled, drop_spooled, spool_name, write_spooled
@@ -297,15 +297,11 @@ def settle_worker(parent: int) -> None:
     if _SETTLED or not sys.platform.startswith("linux"):
         return
     _SETTLED.append(parent)
-    import ctypes
-
+    libc = die_with(parent)
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        libc.mallopt(-3, 128 * 2**20)  # M_MMAP_THRESHOLD: allocations below it come from the heap
-        libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: freed memory is kept up to this much
-    if os.getppid() != parent:  # the run ended before the line above could take effect
-        os._exit(0)
+        if libc is not None:
+            libc.mallopt(-3, 128 * 2**20)  # M_MMAP_THRESHOLD: allocations below it come from the heap
+            libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: freed memory is kept up to this much
 
 
 _ATTACHED: dict[str, SharedMemory] = {}  # in a worker: the run's blocks, mapped once, the last used last

@@ -140,7 +140,9 @@ class Manifest:
 
         raws = self._raw_items()
         if isinstance(files, PictureCheck):
-            raws = looked_ahead(raws, lambda raw: local_paths(raw.fields, self._plain, self._base), files)
+            # In a done folder most pictures are trusted as sent and answered: only stat-ed ahead, not read
+            raws = looked_ahead(raws, lambda raw: local_paths(raw.fields, self._plain, self._base), files,
+                                read=trusted is None)  # fmt: skip
         if ahead is not None:  # told last: what it is told of is what is resolved next
             raws = _told_ahead(raws, ahead)
         return check_items(

@@ -11,6 +11,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import signal
 import stat
 import sys
 import threading
@@ -18,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from ..children import die_with
 from ..pictures import file_problem
 
 __all__ = ["PictureCheck", "looked_ahead"]
@@ -45,7 +47,8 @@ class Stat(Protocol):
 
 
 class Looked(NamedTuple):
-    """A picture as the other process found it: its stat (the part asked of it), and why it cannot be decoded."""
+    """A picture as the other process found it: its stat (the part asked of it), and, if it read the picture
+    (*read*), why it cannot be decoded."""
 
     st_mode: int
     st_size: int
@@ -53,6 +56,7 @@ class Looked(NamedTuple):
     st_ino: int
     st_mtime_ns: int
     st_ctime_ns: int
+    read: bool
     problem: str | None
 
 
@@ -95,10 +99,9 @@ class PictureCheck:
         if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
             self.unchanged.add(path)
             return None
+        if isinstance(st, Looked) and st.read:
+            return st.problem  # read by the other process (once for the pictures linked to it)
         key = _key(st)
-        looked = self.ahead.get(path)
-        if looked is not None and _key(looked) == key:
-            return looked.problem  # the other process read it (and those linked to it) once
         if key in self._seen:
             self._seen.move_to_end(key)
             return self._seen[key]
@@ -112,10 +115,10 @@ def _key(st: Stat) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def look_at(paths: list[str]) -> list[tuple[Any, ...] | None]:
+def look_at(paths: list[str], read: bool = True) -> list[tuple[Any, ...] | None]:
     """In the other process: for each of *paths* that is a regular file, its :class:`Looked` fields (a plain
-    tuple: the cheapest to send back). Paths that cannot be stat-ed, and other kinds of file, are left for the
-    check that needs them to say why."""
+    tuple: the cheapest to send back), the picture read only if *read*. Paths that cannot be stat-ed, and other
+    kinds of file, are left for the check that needs them to say why."""
     found: list[tuple[Any, ...] | None] = []
     seen: dict[tuple[int, ...], str | None] = {}
     for path in paths:
@@ -128,19 +131,28 @@ def look_at(paths: list[str]) -> list[tuple[Any, ...] | None]:
             found.append(None)
             continue
         key = _key(st)
-        if key not in seen:
+        if read and key not in seen:
             seen[key] = read_problem(path)
-        found.append((st.st_mode, st.st_size, *key[:2], *key[3:], seen[key]))
+        found.append((st.st_mode, st.st_size, *key[:2], *key[3:], read, seen.get(key)))
     return found
 
 
+def _settle(parent: int) -> None:
+    """In the other process, first: die with this one (a killed validate leaves nothing behind holding its
+    output open), and leave Ctrl-C to it (it stops the look-ahead itself)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with(parent)
+
+
 def looked_ahead(
-    things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, cpus: int | None = None
-) -> Iterator[T]:
+    things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, read: bool = True,
+    cpus: int | None = None,
+) -> Iterator[T]:  # fmt: skip
     """*things*, in order, their pictures (*paths_of* each: the local files it names, as far as cheaply known)
-    looked at ahead by another process into *pictures*, once :data:`START_AFTER` have gone by without it, if
-    this machine has a second CPU for it (*cpus*: how many it has, if not this process's own count) and this
-    process can be forked (:func:`can_fork`)."""
+    stat-ed and (if *read*) read ahead by another process into *pictures*, once :data:`START_AFTER` have gone
+    by without it, if this machine has a second CPU for it (*cpus*: how many it has, if not this process's own
+    count) and this process can be forked (:func:`can_fork`). Each chunk's answer is waited for: the verdicts
+    are of the pictures as that process found them, a few thousand items earlier."""
     things = iter(things)
     yield from itertools.islice(things, START_AFTER)
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -148,13 +160,14 @@ def looked_ahead(
         yield from things
         return
     context = multiprocessing.get_context("fork")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_settle, initargs=(os.getpid(),))
+    with pool:
         queued: collections.deque[tuple[list[T], list[str], concurrent.futures.Future[Any]]] = collections.deque()
         try:
             while True:
                 while chunk and len(queued) < _DEPTH:
                     paths = [p for thing in chunk for p in paths_of(thing)]
-                    queued.append((chunk, paths, pool.submit(look_at, paths)))
+                    queued.append((chunk, paths, pool.submit(look_at, paths, read)))
                     chunk = _next_chunk(things)
                 if not queued:
                     break
