@@ -337,6 +337,23 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
         anyio.run(go)
 
 
+def test_a_lock_knows_whether_it_waited_for_another_run(tmp_path: Path) -> None:
+    """What a run that found every item done looks at again depends on it (run.runner._all_done)."""
+    out = tmp_path / "out"
+
+    async def go() -> tuple[bool, bool]:
+        first, waiting = RunLock(out), RunLock(out, wait=True, poll_s=0.01)
+        await first.__aenter__()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiting.__aenter__)  # it finds the folder held, and polls
+            await anyio.sleep(0.05)
+            await first.__aexit__(None, None, None)
+        await waiting.__aexit__(None, None, None)
+        return first.waited, waiting.waited
+
+    assert anyio.run(go) == (False, True)
+
+
 def test_multi_step_items_chain_outputs_and_sum_usage(tmp_path: Path) -> None:
     first, second = image_bytes((10, 10, 10)), image_bytes((250, 250, 250))
     job = write_job(tmp_path, [{"id": "hero", "image": "images/a.png", "steps": ["one", "two"], "keep_steps": True}])

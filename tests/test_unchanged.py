@@ -183,22 +183,24 @@ def test_a_run_reads_the_index_for_the_summary_only_once_the_summary_itself_hold
     assert _summary_stats(out)["ok"] == 1 and len(loads) == 1
 
 
-def test_a_run_looks_again_at_the_folder_once_it_holds_it(
+def test_a_run_that_waited_for_the_folder_looks_at_it_again(
     done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What a run waiting for the folder's lock (--wait-lock) finds changed meanwhile is done: an output deleted,
-    an input replaced after its check found every item done."""
-    from nanobatch.output.outdir import OutDir
+    """What changed while a run waited for another to let the folder go (--wait-lock) is done: an output
+    deleted, an input replaced after its check found every item done."""
+    from nanobatch.output.lock import RunLock
 
     job, out, _ = done
-    real_hold = OutDir.hold
+    real_enter = RunLock.__aenter__
 
-    def hold(self: OutDir, **options: Any) -> Any:
+    async def enter(self: RunLock) -> RunLock:  # as if another run had held it meanwhile
         (out / "i0.png").unlink()
         (job.parent / "images" / "i1.png").write_bytes(image_bytes((9, 9, 9)))
-        return real_hold(self, **options)
+        held = await real_enter(self)
+        self.waited = True
+        return held
 
-    monkeypatch.setattr(OutDir, "hold", hold)
-    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    monkeypatch.setattr(RunLock, "__aenter__", enter)
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet", "--wait-lock"]) == 0
     stats = _summary_stats(out)
     assert (stats["ok"], stats["skipped"]) == (2, N - 2) and (out / "i0.png").is_file()

@@ -39,6 +39,7 @@ class RunLock:
         self.path = out_dir / LOCK_FILE
         self.wait = wait
         self.poll_s = poll_s
+        self.waited = False  # whether another run held it first
         self._fd: int | None = None
 
     async def __aenter__(self) -> RunLock:
@@ -58,7 +59,7 @@ class RunLock:
                         "wait for it to finish, or pass --wait-lock to queue behind it"
                     )
                 if not told:  # once: a cron log must not fill up with one line per poll
-                    told = True
+                    told = self.waited = True
                     logger.warning(
                         "another nanobatch run holds %s (%s); waiting for it to finish (--wait-lock)",
                         self.path.parent,

@@ -235,10 +235,8 @@ class ResultsLog:
             logger.info("%s: added the newline missing after the last line", self.path)
 
     def append_many(self, records: list[ItemRecord]) -> None:
-        """Append *records* in one write and one fsync (group commit): all are durable when this returns.
-
-        A crash mid-write can tear only the last line, which the next :meth:`open` cuts off.
-        """
+        """Append *records* in one write and one fsync (group commit): all are durable when this returns. A
+        crash mid-write can tear only the last line, which the next :meth:`open` cuts off."""
         assert self._file is not None, "open() first"
         self._file.write(b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records))
         self._file.flush()
@@ -304,6 +302,7 @@ class OutDir:
         self.path = path
         self.results = ResultsLog(path / RESULTS_FILE)
         self.journal = Journal(path, run_id)
+        self.waited = False  # whether hold() had to wait for another run to let the folder go
 
     @staticmethod
     def check(target: Path) -> None:
@@ -339,6 +338,7 @@ class OutDir:
             await _acquire_interruptibly(lock)
         else:
             await lock.__aenter__()
+        self.waited = lock.waited
         try:
             check_own_files(self.path)  # again, now that no other run can be writing them
             yield self

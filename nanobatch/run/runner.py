@@ -30,6 +30,7 @@ from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.check import left_out_text
 from ..job.manifest import Manifest
+from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
@@ -44,7 +45,7 @@ from .observer import Observer, tell_refused
 from .preflight import CheckResult, check_job, resolve_out_dir
 from .route import Bounded, GenerateContent, Route
 from .stats import RunStats
-from .summary import STATE, RunClock, build_summary, folder_state, started_summary
+from .summary import STATE, RunClock, build_summary, file_stamp, folder_state, started_summary
 from .unchanged import held_check
 
 __all__ = ["CheckResult", "RunSummary", "check_job", "resolve_out_dir", "run_job"]
@@ -142,7 +143,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         AsyncExitStack() as stack,
     ):
         index = stack.enter_context(ResultsIndex.load(out.path))
-        all_done = _all_done(checked, out.path, index)  # before this run writes anything
+        all_done = _all_done(checked, out, index)  # before this run writes anything
         orphans = out.recover(index)
         # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
         out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
@@ -175,17 +176,20 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     return result
 
 
-def _all_done(checked: CheckResult, out_dir: Path, index: ResultsIndex) -> bool:
+def _all_done(checked: CheckResult, out: OutDir, index: ResultsIndex) -> bool:
     """Whether the check found every item done from the last run's summary (nothing it rests on changed since:
-    run.unchanged), and that still holds now that this run holds the folder (it may have waited for it, with
-    ``--wait-lock``): then there is nothing to send. A run that uploads, or in the batch tier (its jobs may want
-    collecting), goes through the items all the same."""
+    run.unchanged), and that still holds now that this run holds the folder: results.jsonl as the check found
+    it, and if this run had to wait for another to let the folder go (``--wait-lock``), everything the summary
+    rests on looked at again. Then there is nothing to send. A run that uploads, or in the batch tier (its jobs
+    may want collecting), goes through the items all the same."""
     settings = checked.settings
     if checked.done_as_of is None or checked.held is None:
         return False
     if settings.output.upload_to is not None or settings.api.tier == "batch":
         return False
-    return held_check(out_dir, checked.held, index.every_entry()) is not None
+    if out.waited:
+        return held_check(out.path, checked.held, index.every_entry()) is not None
+    return file_stamp(str(out.path / RESULTS_FILE)) == checked.done_as_of
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
