@@ -1,7 +1,8 @@
 """Local pictures checked as validate meets them (:class:`PictureCheck`), and looked at ahead of it on another
 core (:func:`looked_ahead`): a catalog's stats and headers are read by a second process a few thousand items
-before they are needed, while this one resolves items. What it finds is only a hint: a picture not looked at in
-time, or changed since, is looked at again where it is needed, as without it."""
+before they are needed, while this one resolves items. What it finds stands for a look here: its verdicts are
+of the pictures as they were a moment before (a run checks each picture again before it sends it); a picture it
+was not given is looked at here, as without it."""
 
 from __future__ import annotations
 
