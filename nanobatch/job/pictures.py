@@ -18,7 +18,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from ..children import die_with
 from ..pictures import file_problem
@@ -28,23 +28,6 @@ __all__ = ["PictureCheck", "looked_ahead"]
 logger = logging.getLogger("nanobatch")
 
 T = TypeVar("T")
-
-
-class Stat(Protocol):
-    """What is asked of a picture's stat: an :class:`os.stat_result`, or a :class:`Looked`."""
-
-    @property
-    def st_mode(self) -> int: ...
-    @property
-    def st_size(self) -> int: ...
-    @property
-    def st_dev(self) -> int: ...
-    @property
-    def st_ino(self) -> int: ...
-    @property
-    def st_mtime_ns(self) -> int: ...
-    @property
-    def st_ctime_ns(self) -> int: ...
 
 
 class Looked(NamedTuple):
@@ -59,6 +42,9 @@ class Looked(NamedTuple):
     st_ctime_ns: int
     read: bool
     problem: str | None
+
+
+Stat = os.stat_result | Looked  # a picture's stat: taken here, or by the other process
 
 
 START_AFTER = 2048  # items resolved before the other process is started: a small job never starts it
@@ -134,7 +120,9 @@ def look_at(paths: list[str], read: bool = True) -> list[tuple[Any, ...] | None]
         key = _key(st)
         if read and key not in seen:
             seen[key] = read_problem(path)
-        found.append((st.st_mode, st.st_size, *key[:2], *key[3:], read, seen.get(key)))
+        found.append(
+            (st.st_mode, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, read, seen.get(key))
+        )
     return found
 
 
@@ -146,18 +134,15 @@ def _settle(parent: int) -> None:
 
 
 def looked_ahead(
-    things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, read: bool = True,
-    cpus: int | None = None,
-) -> Iterator[T]:  # fmt: skip
+    things: Iterator[T], paths_of: Callable[[T], list[str]], pictures: PictureCheck, *, read: bool = True
+) -> Iterator[T]:
     """*things*, in order, their pictures (*paths_of* each: the local files it names, as far as cheaply known)
     stat-ed and (if *read*) read ahead by another process into *pictures*, once :data:`START_AFTER` have gone
-    by without it, if this machine has a second CPU for it (*cpus*: how many it has, if not this process's own
-    count) and this process can be forked (:func:`can_fork`). Each chunk's answer is waited for: the verdicts
-    are of the pictures as that process found them, a few thousand items earlier."""
+    by without it, if this process can be forked (:func:`can_fork`) onto a second CPU. Each chunk's answer is
+    waited for: the verdicts are of the pictures as that process found them, a few thousand items earlier."""
     things = iter(things)
     yield from itertools.islice(things, START_AFTER)
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-    if cpus < 2 or not can_fork() or not (chunk := _next_chunk(things)):
+    if not can_fork() or not (chunk := _next_chunk(things)):
         yield from things
         return
     context = multiprocessing.get_context("fork")
@@ -181,11 +166,13 @@ def looked_ahead(
 
 
 def can_fork() -> bool:
-    """Whether the other process can be forked: on Linux, and only while this process has no other thread (a
-    lock another thread holds would stay held in the fork). It is never started afresh ("spawn"), since that
-    imports the program's main module again: a script that checks and then runs a job at its top level would
-    run it twice."""
-    return sys.platform == "linux" and threading.active_count() == 1
+    """Whether the other process can be forked: on Linux with a second CPU for it, and only while this process
+    has no other thread (a lock another thread holds would stay held in the fork). It is never started afresh
+    ("spawn"), since that imports the program's main module again: a script that checks and then runs a job at
+    its top level would run it twice."""
+    if sys.platform != "linux" or threading.active_count() != 1:
+        return False
+    return len(os.sched_getaffinity(0)) > 1
 
 
 def _next_chunk(things: Iterator[T]) -> list[T]:
