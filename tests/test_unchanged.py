@@ -204,3 +204,21 @@ def test_a_run_that_waited_for_the_folder_looks_at_it_again(
     assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet", "--wait-lock"]) == 0
     stats = _summary_stats(out)
     assert (stats["ok"], stats["skipped"]) == (2, N - 2) and (out / "i0.png").is_file()
+
+
+def test_an_input_moved_into_the_output_folder_behind_a_link_is_seen_by_the_whole_check(
+    done: tuple[Path, Path, list[int]],
+) -> None:
+    """Its path, size and mtime are as its record stamped them; only where it now lies tells. The summary does
+    not answer for a folder a run would read from; the whole check looks (and finds the item done: it writes
+    elsewhere)."""
+    import os
+
+    job, out, checks = done
+    picture = job.parent / "images" / "i1.png"
+    moved = out / "kept" / "i1-input.png"
+    moved.parent.mkdir()
+    os.rename(picture, moved)  # keeps its size and mtime
+    os.symlink(moved, picture)
+    assert check_job(job, out_dir=out).done_items == N
+    assert checks == [1]

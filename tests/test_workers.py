@@ -293,6 +293,26 @@ def test_by_default_one_worker_per_cpu_starts_once_the_run_has_read_enough_big_a
     assert sent == ["decode_in_worker", "decode_in_worker", "check_in_worker"]
 
 
+def test_answers_read_by_the_client_count_once_toward_starting_the_workers(
+    monkeypatch: pytest.MonkeyPatch, sent: list[str]
+) -> None:
+    """The same, as a run meets it: answers of a known length are asked about once, before they are read; the
+    workers start only once the big answers read add up to WORKERS_AFTER_BYTES, not half of it."""
+    big = answer(PICTURE)
+    monkeypatch.setattr(decoding, "WORKERS_AFTER_BYTES", 3 * len(big))
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(200, content=big))
+
+    async def main() -> None:
+        async with GeminiClient(base_url="https://example.invalid", api_key=None, transport=transport,
+                                workers=None) as client:  # fmt: skip
+            for _ in range(5):
+                reply = await client.generate("m", {"contents": []}, timeout_s=30)
+                assert reply.images[0].data == PICTURE
+
+    anyio.run(main)
+    assert sent == ["decode_in_worker", "decode_in_worker"]  # three read here, then past the line
+
+
 def test_a_night_of_checked_small_answers_starts_the_workers_and_header_checks_never_need_them(
     monkeypatch: pytest.MonkeyPatch, sent: list[str]
 ) -> None:
@@ -420,3 +440,17 @@ def test_sigkill_with_answers_in_workers_then_rerun_ends_with_every_item_ok_exac
     assert sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(("results", "journal",
                   "summary", ".nanobatch")))  == sorted(f"{name}.png" for name in ok)  # fmt: skip
     assert not list(out.glob(".*.tmp"))
+
+
+def test_dropping_a_dead_workers_files_ends_when_their_folder_cannot_be_written(tmp_path: Path) -> None:
+    """Not only when the next file is not there: a spool whose folder became a file (or lost its permissions)
+    must not keep the run's process in a loop on an error path."""
+    import threading
+
+    from nanobatch.api.spool import drop_spooled
+
+    (tmp_path / "afile").write_bytes(b"")
+    dropping = threading.Thread(target=drop_spooled, args=(str(tmp_path / "afile" / ".nanobatch-1-0"),), daemon=True)
+    dropping.start()
+    dropping.join(timeout=30)
+    assert not dropping.is_alive()

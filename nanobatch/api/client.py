@@ -213,7 +213,7 @@ class GeminiClient(ApiClient):
                 return await self.decoder.read_reply(length, functools.partial(_fill, response, big_pieces=True))
             body = await _read_body(response, length, held)
             self._last_size = len(body)
-            return await self.decoder.reply(body)
+            return await self.decoder.reply(body, asked=length is not None)
 
 
 async def _read_body(response: httpx2.Response, length: int | None, held: Held) -> bytearray:

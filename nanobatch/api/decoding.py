@@ -93,13 +93,14 @@ class Decoder:
         self.blocks = Blocks(KEEP_BYTES)
 
     def takes(self, size: int) -> bool:
-        """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`)."""
+        """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`). Asked once
+        per answer: a big one counts toward starting the workers."""
         return size >= WORKERS_FROM_BYTES and not self.failed and worker_slots(self.workers, size) is not None
 
-    async def reply(self, body: bytearray) -> Reply:
+    async def reply(self, body: bytearray, *, asked: bool = False) -> Reply:
         """A ``generateContent`` body parsed (see :func:`~nanobatch.api.gemini.parse_reply`); the bytearray is
-        consumed."""
-        if not self.takes(len(body)):
+        consumed. *asked*: :meth:`takes` said no for it already (it is not asked, nor the answer counted, again)."""
+        if asked or not self.takes(len(body)):
             return parse_reply(body)
         return await self.read_reply(len(body), functools.partial(_copy, body))
 

@@ -59,10 +59,8 @@ def drop_spooled(prefix: str) -> None:
     while True:
         try:
             os.unlink(f"{prefix}-{k}.tmp")
-        except FileNotFoundError:
+        except OSError:  # the last one, or the folder cannot be written: the next run's clean-up removes the rest
             return
-        except OSError:
-            pass
         k += 1
 
 

@@ -15,6 +15,7 @@ from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
 from ..output.lock import current_holder
 from ..output.results import IndexEntry, ResultsIndex, orphaned_requests
+from ..output.resume import outputs_there
 from ..run.batch.ledger import answers_kept, open_chunks
 from ..run.summary import STARTED, STATE, file_stamp, folder_entries
 
@@ -173,7 +174,7 @@ def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | No
 
 def _done(out_dir: Path, outputs: tuple[str, ...] | None) -> bool:
     """Whether an item whose latest record is ok with these *outputs* (None: not ok) is done: its files there."""
-    return outputs is not None and all(os.path.isfile(os.path.join(out_dir, name)) for name in outputs)
+    return outputs is not None and outputs_there(out_dir, outputs)
 
 
 def _orphans_held(out_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]] | None:

@@ -409,8 +409,7 @@ def check_items(
                 continue
             if item is None:
                 continue
-            if clashes := _clashes(item, raw.file, claims, confine, places):
-                problems.extend(clashes)
+            problems.extend(_clashes(item, raw.file, claims, confine, places))
             if item.model not in looked:
                 looked.add(item.model)
                 if models.lookup(item.model) is None:

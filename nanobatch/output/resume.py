@@ -7,7 +7,7 @@ the work key of its inputs and the run's flags (``--force``, ``--retry-failed``,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
@@ -19,7 +19,7 @@ from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
 
-__all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "renamed_files"]
+__all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "outputs_there", "renamed_files"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,12 @@ class Resume:
 
 def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:
     """True when *entry* (an item's latest record) is ``ok`` for exactly this *key* and its files exist."""
-    return _ok(entry, key) and all(os.path.isfile(os.path.join(out_dir, name)) for name in entry.outputs)
+    return _ok(entry, key) and outputs_there(out_dir, entry.outputs)
+
+
+def outputs_there(out_dir: str | Path, outputs: Iterable[str]) -> bool:
+    """Whether each of a record's *outputs* is a file in *out_dir* (a deleted one makes its item work again)."""
+    return all(os.path.isfile(os.path.join(out_dir, name)) for name in outputs)
 
 
 def _ok(entry: IndexEntry | None, key: str) -> TypeGuard[IndexEntry]:

@@ -11,6 +11,7 @@ from ..item import WorkItem
 from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE
 from ..output.results import ResultsIndex
+from ..output.resume import outputs_there
 
 __all__ = ["DoneWork"]
 
@@ -67,7 +68,7 @@ class DoneWork:
         key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
         if key is None or key != recorded:
             return False
-        if not all(os.path.isfile(os.path.join(self.out_dir, name)) for name in outputs):
+        if not outputs_there(self.out_dir, outputs):
             return False
         self.items += 1
         self.requests += len(item.steps)

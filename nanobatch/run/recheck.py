@@ -36,6 +36,7 @@ from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
 from ..output.outdir import OutDir, fsync_dir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
 from ..output.results import IndexEntry, ResultsIndex, latest_records
+from ..output.resume import outputs_there
 from ..output.verdicts import check_images
 from ..qa import QaSettings, Verdict
 from .preflight import load_job, resolve_out_dir
@@ -220,7 +221,7 @@ def _done(entry: IndexEntry | None, target: Path) -> TypeGuard[IndexEntry]:
         entry is not None
         and entry.status in ("ok", "rejected")
         and bool(entry.outputs)
-        and all(os.path.isfile(os.path.join(target, name)) for name in entry.outputs)
+        and outputs_there(target, entry.outputs)
     )
 
 
