@@ -317,6 +317,15 @@ def test_a_template_on_the_source_wins_over_a_column_of_the_same_name(tmp_path: 
     assert item.steps == ("Make MUG-1 white",)
 
 
+def test_a_jsonl_sources_numbers_are_read_as_written(tmp_path: Path) -> None:
+    """An id or column of 20 digits stays those digits (not a float), and a fraction stays that fraction."""
+    text = '{"sku": 18446744073709551617, "w": 0.1}\n{"sku": 42, "w": 2.5e-3}\n'
+    source = {"jsonl": "rows.jsonl", "id": "sku-{sku}", "image": "a.png", "instruction": "weigh {w} kg"}
+    first, second = items(job(tmp_path, {"items_from": [source]}, {"rows.jsonl": text}, ["a.png"]))
+    assert (first.id, first.steps) == ("sku-18446744073709551617", ("weigh 0.1 kg",))
+    assert (second.id, second.steps) == ("sku-42", ("weigh 0.0025 kg",))
+
+
 def test_a_jsonl_row_without_a_key_names_its_line(tmp_path: Path) -> None:
     text = '{"sku": "S1", "background": "white"}\n{"sku": "S2"}\nnot json\n[1, 2]\n'
     source = {"jsonl": "rows.jsonl", **{k: v for k, v in CSV_SOURCE.items() if k != "csv"}}
