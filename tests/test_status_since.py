@@ -5,6 +5,7 @@ records of another manifest's run, are counted again in full."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import nanobatch.run.runner
 from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
 from nanobatch.job import manifest as manifest_module
-from nanobatch.output import results
+from nanobatch.output import index_cache, results
 
 from .fakes import records, write_job
 
@@ -138,6 +139,33 @@ def test_a_results_file_cut_or_rewritten_is_counted_again_in_full(
     reads = _manifest_reads(monkeypatch)
     info = folder_status(out)
     assert len(reads) == 1  # counted again from the manifest
+    assert {key: info[key] for key in _COUNTED} == _recounted(out)
+
+
+def test_a_results_file_replaced_by_one_of_the_same_size_is_counted_again_in_full(
+    folder: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file written anew (as an editor saves one) differs from the counted one in its middle alone, where the
+    digest does not read (scaled down here to 16 bytes at each end): which file it is tells."""
+    _, out = folder
+    monkeypatch.setattr(index_cache, "_WINDOW", 16)
+    summary = json.loads((out / "summary.json").read_text())
+    state = summary["state"]
+    state["results_digest"] = index_cache.prefix_digest(out / "results.jsonl", state["results"][0])  # as if so then
+    (out / "summary.json").write_text(json.dumps(summary))
+    lines = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    middle = len(lines) // 2
+    changed = (
+        lines[middle]
+        .replace('"status":"ok"', '"status":"failed"')
+        .replace('"finish_reason":"STOP"', '"finish_reason":""')
+    )
+    assert changed != lines[middle] and len(changed) == len(lines[middle])
+    (out / "new.jsonl").write_text("".join([*lines[:middle], changed, *lines[middle + 1 :]]))
+    os.replace(out / "new.jsonl", out / "results.jsonl")
+    reads = _manifest_reads(monkeypatch)
+    info = folder_status(out)
+    assert len(reads) == 1
     assert {key: info[key] for key in _COUNTED} == _recounted(out)
 
 

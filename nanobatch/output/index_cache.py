@@ -47,11 +47,13 @@ def _copy_path(results: Path) -> Path:
 
 
 def prefix_digest(path: Path, offset: int) -> str:
-    """A digest of *offset* and of the first and the last 64 KiB before it in the file at *path*: while the file
-    is only appended to, it stays the same; a file cut or rewritten (its head or the bytes before *offset*
-    changed) almost always changes it. Raises OSError if the file cannot be read."""
-    digest = hashlib.sha256(f"{offset}:".encode())
+    """A digest of the file at *path* (which file: its device and inode), of *offset* and of the first and the
+    last 64 KiB before it: while the file is only appended to, it stays the same; a file replaced (by an editor
+    that writes a new one), cut or rewritten (its head or the bytes before *offset* changed) almost always
+    changes it. Raises OSError if the file cannot be read."""
     with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        digest = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{offset}:".encode())
         digest.update(f.read(min(_WINDOW, offset)))
         f.seek(max(0, offset - _WINDOW))
         digest.update(f.read(offset - max(0, offset - _WINDOW)))
@@ -59,10 +61,8 @@ def prefix_digest(path: Path, offset: int) -> str:
 
 
 def _fingerprint(results: Path, offset: int, version: str) -> str:
-    """:func:`prefix_digest` of *results* at *offset*, with the file's identity and the *version* of the index's
-    tables."""
-    st = os.stat(results)
-    return hashlib.sha256(f"{version}:{st.st_dev}:{st.st_ino}:{prefix_digest(results, offset)}".encode()).hexdigest()
+    """:func:`prefix_digest` of *results* at *offset*, with the *version* of the index's tables."""
+    return hashlib.sha256(f"{version}:{prefix_digest(results, offset)}".encode()).hexdigest()
 
 
 def restore_index(db: sqlite3.Connection, results: Path, version: str) -> Restored | None:
