@@ -209,6 +209,7 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
         pytest.param("api:\n\tbase_url: x\n", id="tab-indent"),
         pytest.param("- api\n- limits\n", id="list"),
         pytest.param("just a string\n", id="scalar"),
+        pytest.param("limits:\n  concurrency: !!int many\n", id="a-tag-its-value-does-not-fit"),
     ],
 )
 def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:

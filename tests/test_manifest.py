@@ -16,7 +16,7 @@ import yaml
 import nanobatch
 from nanobatch import safe_yaml
 from nanobatch.errors import ManifestError
-from nanobatch.job import sources
+from nanobatch.job import sources, yaml_stream
 from nanobatch.job.manifest import load_manifest
 
 from .fakes import image_bytes, load
@@ -444,6 +444,13 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
             "expand it by more than 5,000,000 values",
             id="billion-laughs",
         ),
+        pytest.param(
+            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8))
+            + "items:\n  - {id: a, instruction: x, note: *a7}\n",
+            "expand it by more than 5,000,000 values",
+            id="billion-laughs-in-an-item",
+        ),
         pytest.param("items: []\nname: x\nname: y\n", "the key 'name' is given twice", id="duplicate-top-level-key"),
         pytest.param(
             "items:\n  - id: a\n    instruction: x\n    instruction: y\n",
@@ -521,6 +528,47 @@ def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypat
     with pytest.raises(yaml.YAMLError, match="aliases"):
         safe_yaml.load_yaml("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
                         "c: [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n")  # fmt: skip
+
+
+STREAMED_ITEMS = [
+    pytest.param(["- {id: 00123, n: 1_000, t: 12:30, f: 1.50, x: 0x1A, on: yes, d: 2024-01-15, b: true, g: 2.5}\n"],
+                 id="numbers-and-words-as-written"),
+    pytest.param(["- {id: '7', e: '', nothing: ~, list: [a, 1, null, [b]], map: {k: {deep: [1]}}}\n",
+                  "- id: '8'\n  empty:\n  image: \"b.png\"\n"], id="quoted-empty-nested"),
+    pytest.param(["- id: a\n  steps:\n    - |\n      two\n      lines\n    - >-\n      folded\n      text\n"],
+                 id="blocks"),
+    pytest.param(["- just text\n", "- 12\n", "-\n", "- [a, b]\n"], id="items-that-are-not-mappings"),
+    pytest.param(["- &first {id: a, instruction: x}\n", "- *first\n", "- {<<: *first, id: b}\n"],
+                 id="anchor-alias-merge"),
+    pytest.param(["- {id: a, tags: &t [x, y]}\n", "- {id: b, tags: *t}\n"], id="alias-of-an-earlier-items-part"),
+    pytest.param(["- {id: !!str 0012, n: !!int '5', s: ! 12}\n"], id="tags"),
+    pytest.param(["- {id: a, n: 1, id: b}\n", "- {id: c}\n"], id="key-twice"),
+    pytest.param(["- {id: d, [a, b]: c}\n", "- {id: e}\n"], id="key-that-is-a-list"),
+    pytest.param(["- {id: f, x: !!python/object/apply:os.system [echo hi]}\n", "- {id: g}\n"], id="python-tag"),
+    pytest.param(["- {id: h, b: !!int x}\n", "- {id: i}\n"], id="value-the-constructor-refuses"),
+    pytest.param(["- {id: j, note: !custom x}\n", "- {id: k}\n"], id="unknown-tag"),
+]
+
+
+@pytest.mark.usefixtures("yaml_parser")
+@pytest.mark.parametrize("items", STREAMED_ITEMS)
+def test_each_streamed_item_is_what_loading_it_whole_gives(tmp_path: Path, items: list[str]) -> None:
+    """Items are built straight from their events where they can be, else by PyYAML's constructor: either
+    way each one is the value, or the error, that loading the document whole gives (the items before it that
+    load, then it)."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\nitems:\n" + "".join(items) + "model: m\n")
+    streamed = list(yaml_stream.stream_items(str(path)))
+    assert len(streamed) == len(items)
+    good: list[str] = []
+    for text, found in zip(items, streamed, strict=True):
+        try:
+            expected = safe_yaml.load_yaml("items:\n" + "".join([*good, text]))["items"][-1]
+        except yaml.YAMLError as exc:
+            assert found.error is not None and str(getattr(exc, "problem", exc)) in str(found.error)
+            continue
+        good.append(text)
+        assert found.error is None and found.value == expected and type(found.value) is type(expected)
 
 
 def test_manifests_are_parsed_by_libyaml_where_pyyaml_has_it() -> None:

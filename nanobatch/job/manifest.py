@@ -32,13 +32,13 @@ from ..errors import ManifestError, Problem, not_utf8
 from ..item import WorkItem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
-from ..safe_yaml import ItemsFound, read_top
 from .build import Shapes, build_item, build_plain, local_paths
 from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .items_from import parse_sources
 from .pictures import PictureCheck, looked_ahead
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
+from .yaml_stream import ItemsFound, read_top
 
 __all__ = ["Manifest", "load_manifest"]
 

@@ -37,9 +37,9 @@ import yaml
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
-from ..safe_yaml import stream_items
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .lines import NotUtf8Line, Utf8Lines
+from .yaml_stream import stream_items
 
 __all__ = [
     "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "file_stamp", "open_text", "placeholders"
@@ -76,7 +76,7 @@ class Source(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InlineSource:
-    """The manifest's own ``items:`` list, read from the file one item at a time (:func:`safe_yaml.stream_items`)
+    """The manifest's own ``items:`` list, read from the file one item at a time (:func:`yaml_stream.stream_items`)
     each time the items are wanted. *stamp* is the file's (size, mtime) when its top level was read: a file
     changed since (edited during a run) is a problem, not a different job half-way."""
 
