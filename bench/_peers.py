@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from _bench import HERE, Bench, say
+from _bench import HERE, Bench, process_env, say
 from _server import SimulatorProcess
 from dispatch import PEER_SCRIPTS, canned, line, run_cli, run_script
 
@@ -39,7 +39,7 @@ def _installed(module: str) -> bool:
 
 
 def run_peer(b: Bench, script: str, all_ok: bool = True, **params: Any) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_", "GOOGLE_"))}
+    env = process_env()
     done = subprocess.run(
         [sys.executable, str(HERE / script), json.dumps(params)],
         cwd=b.tmp,

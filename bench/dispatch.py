@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import _fixtures as fixtures
-from _bench import HERE, Bench, say
+from _bench import HERE, Bench, process_env, say
 from _server import SimulatorProcess
 
 PEER_SCRIPTS = {"aiohttp": "peer_aiohttp.py", "genai": "peer_genai.py", "httpx2": "peer_httpx2.py"}
-PYCACHE = Path(tempfile.gettempdir()) / "nanobatch-bench-pycache"
 WORKLOADS = {"small": (2000, 100), "2K": (96, 16), "4K": (48, 16)}  # answers, concurrency
 
 
@@ -65,16 +64,7 @@ def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, An
 
 
 def _env(package_dir: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_", "GOOGLE_"))}
-    env["NANOBATCH_API_KEY"] = "bench-not-a-key"  # the simulator takes any key
-    env["PYTHONPATH"] = package_dir or str(HERE.parent)
-    # As installed: pip compiles every module when it installs a package, so a user's process loads bytecode.
-    # With PYTHONDONTWRITEBYTECODE set (some CI and sandboxes do), each of nanobatch's ~70 modules would be
-    # compiled from source in every run (0.3-0.6 s), where a peer script compiles one file. The bytecode goes
-    # to a folder of the bench's own (PYTHONPYCACHEPREFIX), not into the measured trees, made by a warm-up run.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
-    return env
+    return process_env(NANOBATCH_API_KEY="bench-not-a-key", PYTHONPATH=package_dir or str(HERE.parent))
 
 
 def run_cli(

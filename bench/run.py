@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import _fixtures as fixtures
-from _bench import HERE, Bench, say
+from _bench import HERE, Bench, compile_package, process_env, say
 from _peers import SECTION as PEERS_SECTION
 from _peers import bench_peers
 from _report import table, update_readme, write_results
@@ -52,7 +51,8 @@ def bench_startup(b: Bench) -> None:
     out = b.tmp / "out" / "startup"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.jsonl").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    env = process_env()
+    compile_package()
     commands = {
         "--help": ["--help"],
         "status": ["status", str(out)],

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from _bench import compile_package, process_env
 
 HERE = Path(__file__).resolve().parent
 _LINKS = 50_000  # hard links per source file (ext4 allows 65,000)
@@ -154,7 +155,7 @@ runpy.run_module("nanobatch", run_name="__main__", alter_sys=True)
 
 def measure_rss(args: list[str], cwd: Path) -> dict[str, Any]:
     """One ``nanobatch ARGS`` process: wall seconds, CPU seconds (``wait4``), its peak RSS, exit code, output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    env = process_env()
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
         env["BENCH_PEAK_FILE"] = peak.name
@@ -225,7 +226,7 @@ def killed_run(manifest: Path, out: Path, cwd: Path, records: int) -> int:
             f.seek(start)
             return f.read().count(b"\n")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOBATCH_", "GEMINI_"))}
+    env = process_env()
     args = [sys.executable, "-m", "nanobatch", "run", str(manifest), "--out", str(out), "--simulate", "--force", "-q"]
     process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="nanobatch-scale-"))
     os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # the resume index's kept copies, thrown away with the rest
     say(f"working in {tmp}")
+    compile_package()  # as installed: no run compiles nanobatch's modules
     rows: list[dict[str, Any]] = []
     try:
         for n in sizes:
