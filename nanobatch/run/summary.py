@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without 
 
 __all__ = [
     "CHECK", "STARTED", "STATE", "RunClock", "build_summary", "file_stamp", "folder_entries", "folder_state",
-    "started_summary",
+    "last_state", "started_summary",
 ]  # fmt: skip
 
 STARTED = "started"  # the outcome a run's summary has until the run ends
@@ -82,14 +82,10 @@ def _carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, 
     """The ``state`` of the folder's summary as it is, for a run of *manifest* starting now: kept while the
     manifest is the one it counted, its files unchanged, and run *run_id* added to its ``runs`` (the runs since
     whose records are all of that manifest's items); None otherwise."""
-    try:
-        with (out_dir / SUMMARY_FILE).open("rb") as f:
-            state = json.load(f).get(STATE)
-    except (OSError, ValueError, AttributeError):
-        return None
+    state = last_state(out_dir)
     files = manifest.files()
     if (
-        not isinstance(state, dict)
+        state is None
         or not isinstance(state.get("left"), int)
         or not isinstance(state.get("results_digest"), str)
         or files is None
@@ -99,6 +95,17 @@ def _carried_state(out_dir: Path, manifest: Manifest, run_id: str) -> dict[str, 
     runs = state["runs"] if isinstance(state.get("runs"), list) else []
     # Not the journal's requests in doubt: the run has just taken them over (OutDir.recover), the journal anew.
     return {**{k: v for k, v in state.items() if k not in ("journal", "orphans")}, "runs": [*runs, run_id]}
+
+
+def last_state(out_dir: Path) -> dict[str, Any] | None:
+    """The ``state`` (:func:`folder_state`) of the folder's summary.json as the last run wrote it; None if it has
+    none (no summary, one that cannot be read, or one written before this key)."""
+    try:
+        with (out_dir / SUMMARY_FILE).open("rb") as f:
+            state = json.load(f).get(STATE)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def folder_state(

@@ -23,8 +23,8 @@ from typing import Any
 
 from ..config import Settings
 from ..job.manifest import Manifest
-from ..names import RESULTS_FILE, SUMMARY_FILE, FoldersIn
-from .summary import CHECK, STATE, file_stamp
+from ..names import RESULTS_FILE, FoldersIn
+from .summary import CHECK, file_stamp, last_state
 
 __all__ = ["check_basis", "held_check"]
 
@@ -61,12 +61,8 @@ def held_check(
     done then and nothing but what is looked at here could have changed since (see the module); else None.
     *basis*: :func:`check_basis` now; *entries*: (status, outputs, input stamps) of every record in the folder's
     index, read only once the rest holds."""
-    try:
-        with open(out_dir / SUMMARY_FILE, "rb") as f:
-            state = json.load(f).get(STATE)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if not isinstance(state, dict) or not isinstance(held := state.get(CHECK), dict) or state.get("left") != 0:
+    state = last_state(out_dir)
+    if state is None or not isinstance(held := state.get(CHECK), dict) or state.get("left") != 0:
         return None
     if held.get("settings") != basis["settings"] or not basis["sources"]:
         return None
