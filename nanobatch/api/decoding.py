@@ -124,26 +124,26 @@ class Decoder:
         with self.blocks.lent(size) as body:
             with _view(body)[:size] as view:
                 await fill(view)
-            prefix = spool_name(self.spool)
-            slots = None if self.failed else worker_slots(self.workers)
-            try:
-                if slots is not None:
+            if (slots := None if self.failed else worker_slots(self.workers)) is not None:
+                prefix = spool_name(self.spool)
+                try:
                     outcome = await anyio.to_process.run_sync(
                         decode_in_worker, what, body.name, size, prefix, os.getpid(), limiter=slots
                     )
                     return _received(outcome)
-            except (anyio.BrokenWorkerProcess, OSError) as exc:
-                # No process could be started, one died, or it could not write the image: decode here (a full
-                # disk then stops the run at the writer, as without workers). A worker that could not write
-                # removed what it made itself: a file that was there before (O_EXCL refused it) is not ours.
-                if isinstance(exc, anyio.BrokenWorkerProcess):
+                except anyio.BrokenWorkerProcess as exc:  # none could be started, or one died: decode here
                     drop_spooled(prefix)  # the prefix is this answer's alone: what is there, its worker wrote
-                if isinstance(exc, anyio.BrokenWorkerProcess) and not self.failed:
-                    logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
-                    self.failed = True
-            except BaseException:
-                drop_spooled(prefix)  # cancelled while waiting for it: what it wrote is nobody's
-                raise
+                    if not self.failed:
+                        logger.warning("worker processes failed (%s); answers are decoded in the run's process", exc)
+                        self.failed = True
+                except OSError:
+                    # The worker could not write the image: decode here (a full disk then stops the run at the
+                    # writer, as without workers). It removed what it made itself: a file that was there before
+                    # (O_EXCL refused it) is not ours.
+                    pass
+                except BaseException:
+                    drop_spooled(prefix)  # cancelled while waiting for it: what it wrote is nobody's
+                    raise
             with _view(body)[:size] as view:
                 return _decode_text(what, bytearray(view))
 
