@@ -65,7 +65,7 @@ class _Pass:
 
     def __init__(self, stream: IO[str]) -> None:
         self.loader = safe_yaml.LOADERS[True](stream)
-        self.get: Callable[[], Any] = self.loader.get_event  # where compose takes its events (see composed)
+        self.get: Callable[[], Any] = self.loader.get_event  # where compose takes its events (see item)
         self.anchors: dict[str, Node] = {}
         self.known: dict[int, int] = {}  # expanded sizes of anchored nodes, by id (kept alive by self.anchors)
         self.aliased = False  # whether the node being read holds an alias
