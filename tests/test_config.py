@@ -202,6 +202,7 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "c.yaml" not in message  # the file is fine; do not send the user there
 
 
+@pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(
     "text",
     [
@@ -210,6 +211,11 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
         pytest.param("- api\n- limits\n", id="list"),
         pytest.param("just a string\n", id="scalar"),
         pytest.param("limits:\n  concurrency: !!int many\n", id="a-tag-its-value-does-not-fit"),
+        pytest.param("limits:\n  concurrency: !!int ''\n", id="int-of-nothing"),
+        pytest.param("limits:\n  adaptive: !!bool maybe\n", id="bool-of-a-word"),
+        pytest.param("output:\n  dir: !!timestamp soon\n", id="timestamp-of-a-word"),
+        pytest.param("api: !!set [a]\n", id="set-of-a-list"),
+        pytest.param("api: !!set x\n", id="set-of-a-text"),
     ],
 )
 def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:

@@ -457,6 +457,12 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
             "the key 'instruction' is given twice",
             id="duplicate-key-in-an-item",
         ),
+        # A tag on the wrong kind of node, or on a value its constructor cannot read, at the top and in an item
+        pytest.param("items: []\nname: !!set [a]\n", "expected a mapping node", id="set-of-a-list"),
+        pytest.param("items: []\nname: !!set x\n", "expected a mapping node", id="set-of-a-text"),
+        pytest.param("items:\n  - {id: a, note: !!map [a]}\n", "expected a mapping node", id="map-of-a-list-in-item"),
+        pytest.param("items: []\nname: !!int ''\n", "'' cannot be read as int", id="int-of-nothing"),
+        pytest.param("items:\n  - {id: a, n: !!float ''}\n", "'' cannot be read as float", id="float-in-item"),
     ],
 )
 def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, message: str) -> None:
@@ -547,6 +553,8 @@ STREAMED_ITEMS = [
     pytest.param(["- {id: f, x: !!python/object/apply:os.system [echo hi]}\n", "- {id: g}\n"], id="python-tag"),
     pytest.param(["- {id: h, b: !!int x}\n", "- {id: i}\n"], id="value-the-constructor-refuses"),
     pytest.param(["- {id: j, note: !custom x}\n", "- {id: k}\n"], id="unknown-tag"),
+    pytest.param(["- {id: l, note: !!set x, n: !!int ''}\n", "- &m {id: m}\n", "- {id: n, s: !!seq x}\n"],
+                 id="tags-on-values-they-do-not-fit"),  # m, read by the constructor too, has none of l's mistakes
 ]
 
 
