@@ -76,6 +76,13 @@ class ApiSettings(_Section):
     # refuses it. Never sent to Vertex AI, which has no such field (docs/privacy.md).
     store: bool | None = False
 
+    @field_validator("model")
+    @classmethod
+    def _a_model_id(cls, model: str) -> str:
+        if message := models.model_id_problem(model):
+            raise ValueError(message)
+        return model
+
     @field_validator("store")
     @classmethod
     def _store_is_gemini_only(cls, store: bool | None, info: ValidationInfo) -> bool | None:

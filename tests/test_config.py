@@ -184,6 +184,7 @@ def test_unknown_key_far_from_any_setting_has_no_suggestion(tmp_path: Path) -> N
         pytest.param("api:\n  timeout_s: 0\n", "api.timeout_s", id="zero-timeout"),
         pytest.param("budget:\n  max_cost_usd: -1\n", "budget.max_cost_usd", id="negative-budget"),
         pytest.param("limits: 8\n", "limits", id="section-not-a-mapping"),
+        pytest.param('api:\n  model: "gemini\\0"\n', "api.model", id="model-id-a-url-cannot-carry"),
     ],
 )
 def test_bad_value_names_the_file_and_setting(tmp_path: Path, text: str, setting: str) -> None:
