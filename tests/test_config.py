@@ -185,13 +185,18 @@ def test_unknown_key_far_from_any_setting_has_no_suggestion(tmp_path: Path) -> N
         pytest.param("budget:\n  max_cost_usd: -1\n", "budget.max_cost_usd", id="negative-budget"),
         pytest.param("limits: 8\n", "limits", id="section-not-a-mapping"),
         pytest.param('api:\n  model: "gemini\\0"\n', "api.model", id="model-id-a-url-cannot-carry"),
+        pytest.param('api:\n  api_version: "v1\\0"\n', "api.api_version", id="version-a-url-cannot-carry"),
+        pytest.param('api:\n  base_url: "https://s3cret@[proxy.example/v1"\n', "api.base_url", id="base-url-bad-host"),
+        pytest.param('api:\n  base_url: "https://s3cret@proxy.example:port"\n', "api.base_url", id="base-url-bad-port"),
+        pytest.param('api:\n  base_url: "localhost:8000"\n', "api.base_url", id="base-url-without-scheme"),
+        pytest.param('api:\n  base_url: "https://s3cret@proxy.example/\\x01"\n', "api.base_url", id="base-url-ctl"),
     ],
 )
 def test_bad_value_names_the_file_and_setting(tmp_path: Path, text: str, setting: str) -> None:
     config = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
-    assert f"c.yaml: {setting}:" in str(info.value)
+    assert f"c.yaml: {setting}:" in str(info.value) and "s3cret" not in str(info.value)
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
