@@ -11,6 +11,8 @@ and the node walk, which both share).
   83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``; so do ``yes``, ``no``, ``on`` and ``off`` (only
   ``true`` and ``false`` are booleans) and dates. An id or a ratio keeps what was written. Config files hold
   settings, so there numbers stay numbers.
+* A tag on a value it does not fit (``!!int ''``, ``!!bool maybe``, ``!!set [a]``) is a YAML error with its
+  line, whatever PyYAML's constructor raised.
 * Aliases may not add more than :data:`MAX_VALUES` values to a document (to one item of a streamed
   manifest, or one of its top-level keys), and nesting too deep for Python is an error, not a crash.
 
