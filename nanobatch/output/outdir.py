@@ -318,8 +318,9 @@ class OutDir:
                 st = place.stat()
             except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
                 continue
-            except OSError as exc:  # a name too long, a folder we may not enter, ...
-                raise ConfigError(f"the output folder {target} cannot be used: {exc.strerror or exc}") from None
+            except (OSError, ValueError) as exc:  # a name too long, a folder we may not enter, a NUL in the name
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"the output folder {target} cannot be used: {reason}") from None
             if not stat.S_ISDIR(st.st_mode):
                 where = "is a file" if place == target else f"cannot be made: {place} is a file"
                 raise ConfigError(f"the output folder {target} {where}, not a folder")
