@@ -351,9 +351,16 @@ def _char_name(char: str) -> str:
     return f"a non-ASCII character (U+{ord(char):04X})"
 
 
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)  # not a file without end (/dev/zero), read until memory runs out
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: over {_MAX_CONFIG_BYTES:,} bytes: not a config file")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,15 @@ def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text:
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
     assert "broken.yaml" in str(info.value)
+
+
+def test_a_config_file_is_read_only_so_far(tmp_path: Path) -> None:
+    # --config /dev/zero read without end, until memory ran out: a config file is read up to 1 MiB
+    config = write(tmp_path / "big.yaml", "# a comment\n" * 100_000 + "limits:\n  concurrency: 3\n")
+    with pytest.raises(ConfigError, match="big.yaml: over 1,048,576 bytes: not a config file"):
+        load_settings(config, env={})
+    if os.path.exists("/dev/null"):  # an empty file, as ever: no settings
+        assert load_settings("/dev/null", env={}).limits.concurrency == 8
 
 
 def test_key_is_read_from_the_named_variable_first() -> None:
