@@ -472,6 +472,13 @@ def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, me
     assert problem.file == str(tmp_path / "job.yaml") and message in problem.message
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null here")
+def test_a_manifest_that_is_not_a_file_is_refused_before_it_is_read() -> None:
+    # It is read more than once, and to its end: /dev/urandom was read for ever (for its first byte not UTF-8).
+    (problem,) = problems(Path("/dev/null"))
+    assert problem.file == "/dev/null" and "the manifest must be a file" in problem.message
+
+
 def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_bytes(b"name: caf\xe9\nitems: [{id: a, instruction: x}]\n")

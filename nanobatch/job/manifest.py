@@ -254,6 +254,8 @@ def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
     file = str(path)
     try:
         stamp = file_stamp(file)
+        if not os.path.isfile(file):  # read more than once, and to its end: /dev/urandom would be read for ever
+            raise ManifestError([Problem(file, None, None, "the manifest must be a file, not a pipe or device")])
         data = read_top(file)
     except OSError as exc:
         raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None
