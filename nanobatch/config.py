@@ -76,6 +76,36 @@ class ApiSettings(_Section):
     # refuses it. Never sent to Vertex AI, which has no such field (docs/privacy.md).
     store: bool | None = False
 
+    @field_validator("model")
+    @classmethod
+    def _a_model_id(cls, model: str) -> str:
+        if message := models.model_id_problem(model):
+            raise ValueError(message)
+        return model
+
+    @field_validator("base_url")
+    @classmethod
+    def _an_http_url(cls, url: str) -> str:
+        # Every request's URL starts with it: one that cannot be parsed would end the run at its first request.
+        # Never shown: it may carry a proxy's user name and password.
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 (a port that is no number raises ValueError)
+        except ValueError as exc:
+            raise ValueError(f"not a URL ({exc}); the value is not shown") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL with a host, such as https://generativelanguage.googleapis.com")
+        if any(char.isspace() or not char.isprintable() for char in url):
+            raise ValueError("a URL holds no space, line break or control character; the value is not shown")
+        return url
+
+    @field_validator("api_version")
+    @classmethod
+    def _a_path_part(cls, version: str) -> str:
+        if any(char in " ?#" or not char.isprintable() for char in version):
+            raise ValueError(f"{version[:40]!r} cannot be part of a URL path; the API's versions are v1 and v1beta")
+        return version
+
     @field_validator("store")
     @classmethod
     def _store_is_gemini_only(cls, store: bool | None, info: ValidationInfo) -> bool | None:
@@ -321,9 +351,16 @@ def _char_name(char: str) -> str:
     return f"a non-ASCII character (U+{ord(char):04X})"
 
 
+_MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(_MAX_CONFIG_BYTES + 1)  # not a file without end (/dev/zero), read until memory runs out
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: over {_MAX_CONFIG_BYTES:,} bytes: not a config file")
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -38,6 +38,7 @@ __all__ = [
     "lifecycle_problem",
     "live_replacement",
     "lookup",
+    "model_id_problem",
     "pixel_size",
     "served_by",
     "today",
@@ -352,6 +353,15 @@ def lookup(model: str) -> ModelInfo | None:
     if name in ALIASES:
         return MODELS[ALIASES[name][0]]
     return MODELS.get(name.removesuffix("-preview"))
+
+
+def model_id_problem(model: str) -> str | None:
+    """Why *model* cannot be a model id, or None. An id goes into the request's URL path ({model}:generateContent):
+    a control character cannot (the request could not be built), and a space, "?" or "#" would ask another URL."""
+    for char in model:
+        if char in " ?#" or not char.isprintable():
+            return f"{model[:60]!r} is not a model id: it holds {char!r}; model ids look like {DEFAULT_MODEL!r}"
+    return None if model.strip() else "a model id cannot be empty"
 
 
 def lifecycle(model: str) -> Lifecycle | None:

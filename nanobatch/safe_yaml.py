@@ -11,6 +11,8 @@ and the node walk, which both share).
   83), ``1_000``, ``12:30`` (base 60: 750), ``1.50``, ``0x1A``; so do ``yes``, ``no``, ``on`` and ``off`` (only
   ``true`` and ``false`` are booleans) and dates. An id or a ratio keeps what was written. Config files hold
   settings, so there numbers stay numbers.
+* A tag on a value it does not fit (``!!int ''``, ``!!bool maybe``, ``!!set [a]``) is a YAML error with its
+  line, whatever PyYAML's constructor raised.
 * Aliases may not add more than :data:`MAX_VALUES` values to a document (to one item of a streamed
   manifest, or one of its top-level keys), and nesting too deep for Python is an error, not a crash.
 
@@ -19,6 +21,8 @@ A manifest is streamed, item by item, with these loaders and rules: :mod:`nanoba
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from types import GeneratorType
 from typing import Any
 
 import yaml
@@ -39,15 +43,9 @@ def _strict(base: type[Any]) -> type[Any]:
 
     class Loader(base):  # type: ignore[misc]
         def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
-            _refuse_duplicate_keys(node)
+            if isinstance(node, MappingNode):  # else ("!!set [a]") PyYAML's says it expected a mapping
+                _refuse_duplicate_keys(node)
             return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
-
-        def construct_object(self, node: Node, deep: bool = False) -> Any:
-            try:
-                return super().construct_object(node, deep=deep)
-            except ValueError as exc:  # "!!int x": PyYAML's constructor lets int() or float() say it
-                raise ConstructorError(None, None, f"{node.value!r} cannot be read as {node.tag.rsplit(':', 1)[-1]}",
-                                       node.start_mark) from exc  # fmt: skip
 
     return Loader
 
@@ -98,9 +96,47 @@ def _keeping_text(base: type[Any]) -> type[Any]:
 
 
 def _loaders(base: type[Any]) -> tuple[type[Any], type[Any]]:
-    """(config loader, manifest loader) on the parser of *base*."""
+    """(config loader, manifest loader) on the parser of *base*, each constructor of either refusing with a
+    YAML error what it cannot read."""
     plain = _strict(base)
-    return plain, _keeping_text(plain)
+    loaders = plain, _keeping_text(plain)
+    for loader in loaders:
+        for tag, constructor in list(loader.yaml_constructors.items()):
+            loader.add_constructor(tag, _refusing(constructor))
+    return loaders
+
+
+def _refusing(constructor: Any) -> Any:
+    """*constructor*, raising :class:`ConstructorError` (with the node's line) for a value it cannot read, for
+    whatever it raised (PyYAML's own let ``!!int x`` raise ValueError, ``!!int ''`` IndexError, ``!!bool x``
+    KeyError, ``!!timestamp x`` AttributeError), also in the steps a constructor takes later (a generator)."""
+
+    def construct(loader: SafeConstructor, node: Node) -> Any:
+        try:
+            data = constructor(loader, node)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:
+            raise _unreadable(node) from exc
+        return _steps(data, node) if isinstance(data, GeneratorType) else data
+
+    return construct
+
+
+def _steps(steps: Generator[Any, None, None], node: Node) -> Generator[Any, None, None]:
+    try:
+        yield from steps
+    except (yaml.YAMLError, RecursionError):
+        raise
+    except Exception as exc:
+        raise _unreadable(node) from exc
+
+
+def _unreadable(node: Node) -> ConstructorError:
+    what = "a list" if isinstance(node, SequenceNode) else "a mapping"
+    if isinstance(node, ScalarNode):
+        what = repr(node.value)
+    return ConstructorError(None, None, f"{what} cannot be read as {node.tag.rsplit(':', 1)[-1]}", node.start_mark)
 
 
 PURE_LOADERS = _loaders(yaml.SafeLoader)

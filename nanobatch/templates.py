@@ -14,6 +14,7 @@ from typing import Any
 __all__ = ["BRACES_HINT", "MissingPlaceholder", "Values", "fill", "template_fields"]
 
 _SOLE = re.compile(r"\{([^{}]+)\}")
+_NUMBER = re.compile(r"\d+")
 BRACES_HINT = "write {{ and }} for literal braces"
 
 
@@ -43,12 +44,18 @@ def template_fields(template: str) -> list[str]:
     except ValueError as exc:
         raise ValueError(f"bad template {template!r}: {exc}; {BRACES_HINT}") from None
     names = []
-    for _, name, _, _ in parsed:
+    for _, name, spec, _ in parsed:
         if name is None:
             continue
         if not name or name.isdigit() or any(c in name for c in ".[]"):
             hint = f"name a column, as in {{sku}}; {BRACES_HINT}"
             raise ValueError(f"bad placeholder {{{name}}} in {template!r}: {hint}")
+        if spec and ("{" in spec or any(len(number) > 4 for number in _NUMBER.findall(spec))):
+            # A width of a billion would fill memory; one taken from a column ({sku:{width}}) could be anything.
+            raise ValueError(
+                f"bad format {{{name}:{spec}}} in {template!r}: a width or precision is a number up to 9999; "
+                + BRACES_HINT
+            )
         names.append(name)
     return names
 
@@ -82,7 +89,10 @@ def _fill(template: Any, present: Values) -> Any:
             return value
         if plain and type(value) is str:  # "{name}": what format_map would make of it
             return value
-    return template.format_map(present)
+    try:
+        return template.format_map(present)
+    except OverflowError as exc:  # {price:.2f} with an integer of 400 digits, {n:c} with 10**9
+        raise ValueError(str(exc)) from None
 
 
 # Each template met: the name of its sole placeholder (None: not one placeholder alone), and whether that is a

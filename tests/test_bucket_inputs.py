@@ -344,3 +344,24 @@ def test_a_batch_run_sends_bucket_pictures_by_reference_in_its_chunks(
     assert summary.exit_code == 0 and {(r["status"], r["tier"]) for r in done} == {("ok", "batch")}
     signed_gets = [k for k in bucket.server.log.counts if k.startswith("GET ") and "Signature=" in k]
     assert len(signed_gets) == 2 and bucket.downloads() == 2, bucket.server.log.counts  # by the simulator only
+
+
+def test_an_azure_url_with_no_account_to_connect_to_is_a_problem_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    adlfs = pytest.importorskip("adlfs")
+    for name in ("CONNECTION_STRING", "ACCOUNT_NAME", "ACCOUNT_KEY", "SAS_TOKEN"):
+        monkeypatch.delenv(f"AZURE_STORAGE_{name}", raising=False)
+    adlfs.AzureBlobFileSystem.clear_instance_cache()
+    job = write_job(tmp_path, [{"id": "a", "image": "az://photos/a.png"}, {"id": "b", "image": "b.png"}])
+
+    with pytest.raises(ManifestError) as caught:  # adlfs refuses to start: no account, no connection string
+        check_job(job)
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.item, problem.field) == (str(job), "a", "image")
+    assert problem.message.startswith("az://photos/a.png: ValueError:") and "account" in problem.message
+
+    fake = FakeGemini()  # a run (which does not stop for storage it cannot reach) fails that item alone
+    run_now(job, fake)
+    assert sorted((r["id"], r["status"]) for r in records(tmp_path / "out")) == [("a", "failed"), ("b", "ok")]
+    assert len(fake.requests) == 1

@@ -323,7 +323,7 @@ def test_flags_beat_environment_and_config_file(
     config = tmp_path / "nanobatch.yaml"
     config.write_text("limits: {concurrency: 7, requests_per_minute: 10}\napi: {base_url: http://file.test}\n"
                       "budget: {max_cost_usd: 1, max_requests: 2}\n")  # fmt: skip
-    monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "5")
+    monkeypatch.setenv(f"NANOBATCH_{section}_{name}".upper(), "http://env.test" if name == "base_url" else "5")
     seen = []
     checks = nanobatch.run.preflight
     real = checks.check_job  # the CLI imports it when the command runs
@@ -399,6 +399,20 @@ def test_an_output_folder_name_too_long_is_a_usage_error(tmp_path: Path, capsys:
     assert main(["validate", str(job), "--out", str(tmp_path / ("n" * 300))]) == 2
     err = capsys.readouterr().err
     assert "cannot be used: File name too long" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize("where", ["manifest", "config"])
+def test_an_output_folder_with_a_nul_in_its_name_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, where: str
+) -> None:
+    in_manifest = {"output_dir": "out\0put"} if where == "manifest" else {}
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}], **in_manifest)
+    (tmp_path / "c.yaml").write_text('output:\n  dir: "out\\0put"\n' if where == "config" else "")
+    extra = ["--simulate"] if command == "run" else []
+    assert main([command, str(job), "--config", str(tmp_path / "c.yaml"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used: embedded null byte" in err and "Traceback" not in err
 
 
 def test_an_output_folder_behind_a_dangling_link_is_a_usage_error(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -184,13 +185,19 @@ def test_unknown_key_far_from_any_setting_has_no_suggestion(tmp_path: Path) -> N
         pytest.param("api:\n  timeout_s: 0\n", "api.timeout_s", id="zero-timeout"),
         pytest.param("budget:\n  max_cost_usd: -1\n", "budget.max_cost_usd", id="negative-budget"),
         pytest.param("limits: 8\n", "limits", id="section-not-a-mapping"),
+        pytest.param('api:\n  model: "gemini\\0"\n', "api.model", id="model-id-a-url-cannot-carry"),
+        pytest.param('api:\n  api_version: "v1\\0"\n', "api.api_version", id="version-a-url-cannot-carry"),
+        pytest.param('api:\n  base_url: "https://s3cret@[proxy.example/v1"\n', "api.base_url", id="base-url-bad-host"),
+        pytest.param('api:\n  base_url: "https://s3cret@proxy.example:port"\n', "api.base_url", id="base-url-bad-port"),
+        pytest.param('api:\n  base_url: "localhost:8000"\n', "api.base_url", id="base-url-without-scheme"),
+        pytest.param('api:\n  base_url: "https://s3cret@proxy.example/\\x01"\n', "api.base_url", id="base-url-ctl"),
     ],
 )
 def test_bad_value_names_the_file_and_setting(tmp_path: Path, text: str, setting: str) -> None:
     config = write(tmp_path / "c.yaml", text)
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
-    assert f"c.yaml: {setting}:" in str(info.value)
+    assert f"c.yaml: {setting}:" in str(info.value) and "s3cret" not in str(info.value)
 
 
 def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
@@ -202,6 +209,7 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
     assert "c.yaml" not in message  # the file is fine; do not send the user there
 
 
+@pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(
     "text",
     [
@@ -210,6 +218,11 @@ def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
         pytest.param("- api\n- limits\n", id="list"),
         pytest.param("just a string\n", id="scalar"),
         pytest.param("limits:\n  concurrency: !!int many\n", id="a-tag-its-value-does-not-fit"),
+        pytest.param("limits:\n  concurrency: !!int ''\n", id="int-of-nothing"),
+        pytest.param("limits:\n  adaptive: !!bool maybe\n", id="bool-of-a-word"),
+        pytest.param("output:\n  dir: !!timestamp soon\n", id="timestamp-of-a-word"),
+        pytest.param("api: !!set [a]\n", id="set-of-a-list"),
+        pytest.param("api: !!set x\n", id="set-of-a-text"),
     ],
 )
 def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
@@ -217,6 +230,15 @@ def test_unreadable_yaml_is_a_config_error_naming_the_file(tmp_path: Path, text:
     with pytest.raises(ConfigError) as info:
         load_settings(config, env={})
     assert "broken.yaml" in str(info.value)
+
+
+def test_a_config_file_is_read_only_so_far(tmp_path: Path) -> None:
+    # --config /dev/zero read without end, until memory ran out: a config file is read up to 1 MiB
+    config = write(tmp_path / "big.yaml", "# a comment\n" * 100_000 + "limits:\n  concurrency: 3\n")
+    with pytest.raises(ConfigError, match="big.yaml: over 1,048,576 bytes: not a config file"):
+        load_settings(config, env={})
+    if os.path.exists("/dev/null"):  # an empty file, as ever: no settings
+        assert load_settings("/dev/null", env={}).limits.concurrency == 8
 
 
 def test_key_is_read_from_the_named_variable_first() -> None:

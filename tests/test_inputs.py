@@ -487,6 +487,21 @@ def test_validate_checks_each_url_once_by_its_headers(tmp_path: Path) -> None:
     assert host.requests == []
 
 
+def test_validate_names_each_url_that_cannot_be_fetched_as_its_items_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)  # the host name is looked up here, not by a proxy
+    long_name = "https://" + "a" * 64 + ".example/a.png"  # a part of a host name is 63 characters at most
+    job = write_job(tmp_path, [{"id": "a", "image": "http://[::1/a.png"}, {"id": "b", "images": ["b.png", long_name]}])
+    with pytest.raises(ManifestError) as err:  # the real transport: neither URL gets as far as a request
+        nanobatch.check_job(job)
+    found = {(p.item, p.field): p.message for p in err.value.problems}
+    assert list(found) == [("a", "image"), ("b", "images[1]")]
+    assert "http://[::1/a.png is not a URL that can be fetched: Invalid port" in found["a", "image"]
+    assert f"{long_name} is not a URL that can be fetched" in found["b", "images[1]"]
+
+
 def test_too_many_urls_are_not_checked_at_validation(caplog: pytest.LogCaptureFixture) -> None:
     checklist = UrlChecklist(limit=2)
     for n in range(3):

@@ -78,6 +78,8 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
             id="ratio-of-another-model",
         ),
         pytest.param(ITEM + "    image_size: 8K\n", "a", "image_size", "does not support '8K'", id="unsupported-size"),
+        pytest.param(ITEM + '    model: "gemini\\x01"\n', "a", "model", "is not a model id", id="control-in-model"),
+        pytest.param('model: "gemini\\0"\n' + ITEM, None, "model", "is not a model id", id="nul-in-manifest-model"),
         pytest.param(
             ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n",
             "a",
@@ -457,11 +459,24 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
             "the key 'instruction' is given twice",
             id="duplicate-key-in-an-item",
         ),
+        # A tag on the wrong kind of node, or on a value its constructor cannot read, at the top and in an item
+        pytest.param("items: []\nname: !!set [a]\n", "expected a mapping node", id="set-of-a-list"),
+        pytest.param("items: []\nname: !!set x\n", "expected a mapping node", id="set-of-a-text"),
+        pytest.param("items:\n  - {id: a, note: !!map [a]}\n", "expected a mapping node", id="map-of-a-list-in-item"),
+        pytest.param("items: []\nname: !!int ''\n", "'' cannot be read as int", id="int-of-nothing"),
+        pytest.param("items:\n  - {id: a, n: !!float ''}\n", "'' cannot be read as float", id="float-in-item"),
     ],
 )
 def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, message: str) -> None:
     (problem,) = problems(write(tmp_path, text))
     assert problem.file == str(tmp_path / "job.yaml") and message in problem.message
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null here")
+def test_a_manifest_that_is_not_a_file_is_refused_before_it_is_read() -> None:
+    # It is read more than once, and to its end: /dev/urandom was read for ever (for its first byte not UTF-8).
+    (problem,) = problems(Path("/dev/null"))
+    assert problem.file == "/dev/null" and "the manifest must be a file" in problem.message
 
 
 def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
@@ -547,6 +562,8 @@ STREAMED_ITEMS = [
     pytest.param(["- {id: f, x: !!python/object/apply:os.system [echo hi]}\n", "- {id: g}\n"], id="python-tag"),
     pytest.param(["- {id: h, b: !!int x}\n", "- {id: i}\n"], id="value-the-constructor-refuses"),
     pytest.param(["- {id: j, note: !custom x}\n", "- {id: k}\n"], id="unknown-tag"),
+    pytest.param(["- {id: l, note: !!set x, n: !!int ''}\n", "- &m {id: m}\n", "- {id: n, s: !!seq x}\n"],
+                 id="tags-on-values-they-do-not-fit"),  # m, read by the constructor too, has none of l's mistakes
 ]
 
 

@@ -222,6 +222,9 @@ def test_fill(template: Any, values: dict[str, Any], expected: Any) -> None:
         pytest.param("{}", "name a column", id="empty"),
         pytest.param("{0}", "name a column", id="positional"),
         pytest.param("{row.sku}", "name a column", id="attribute"),
+        pytest.param("{sku:>9999999999}.png", "a width or precision is a number up to 9999", id="huge-width"),
+        pytest.param("{price:.99999f}", "a width or precision is a number up to 9999", id="huge-precision"),
+        pytest.param("{sku:{width}}", "a width or precision is a number up to 9999", id="width-from-a-column"),
     ],
 )
 def test_bad_templates_are_refused_with_a_hint(template: str, message: str) -> None:
@@ -494,6 +497,20 @@ def test_an_output_format_spec_the_value_cannot_take_is_a_problem(tmp_path: Path
     path = job(tmp_path, {"items_from": [source]}, {"catalog.csv": CATALOG}, ["photos/MUG-1.jpg", "photos/SNK-2.jpg"])
     found = problems(path)
     assert {p.field for p in found} == {"output"} and "cannot be filled" in found[0].message
+
+
+def test_a_number_too_big_for_the_output_format_spec_is_a_problem_of_its_row(tmp_path: Path) -> None:
+    rows = "".join(json.dumps({"sku": sku, "price": price}) + "\n" for sku, price in [("A1", 9.5), ("A2", 10**400)])
+    source = {"jsonl": "rows.jsonl", "id": "{sku}", "instruction": "x", "output": "{id}-{price:.2f}.png"}
+    (problem,) = problems(job(tmp_path, {"items_from": [source]}, {"rows.jsonl": rows}))
+    assert (problem.file, problem.item, problem.field) == (f"{tmp_path / 'rows.jsonl'}:2", "A2", "output")
+    assert "cannot be filled: int too large to convert to float" in problem.message
+
+
+def test_a_source_file_name_too_long_for_the_file_system_is_a_problem(tmp_path: Path) -> None:
+    name = "x" * 5000 + ".csv"
+    problem = one(problems(job(tmp_path, {"defaults": {"instruction": "x"}, "items_from": [{"csv": name}]})))
+    assert (problem.item, problem.field) == (None, "items_from[0].csv") and "File name too long" in problem.message
 
 
 def test_a_non_ascii_id_from_a_csv_row_is_named_with_its_row_and_says_ascii(tmp_path: Path) -> None:

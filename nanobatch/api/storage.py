@@ -99,7 +99,10 @@ def _filesystem(url: str) -> Any:
         ) from None
     import fsspec
 
-    return fsspec.filesystem(protocol)
+    try:
+        return fsspec.filesystem(protocol)
+    except Exception as exc:  # az:// with no account to connect to: adlfs refuses to start (ValueError)
+        raise _translate(url, exc) from None
 
 
 def _path(url: str) -> str:

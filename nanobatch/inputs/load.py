@@ -47,6 +47,10 @@ URL_CHECK_LIMIT = 2000
 
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
+# What a check of a URL (httpx2, in a thread) raises, before any request, for one that cannot be fetched: one it
+# cannot parse (a bad port, "URL too long"), or whose host the resolver cannot encode (UnicodeError: a part of the
+# name longer than 63 characters).
+_NOT_A_URL = (httpx2.InvalidURL, UnicodeError)
 _CACHE_ENTRIES = 32
 _CACHE_BYTES = 256 * MB
 
@@ -412,6 +416,8 @@ def check_urls(
                         failed[url] = f"{public_url(url)} answered HTTP {response.status_code}"
             except httpx2.HTTPError as exc:
                 failed[url] = f"{public_url(url)} cannot be reached: {type(exc).__name__}: {redact_urls(str(exc))}"
+            except _NOT_A_URL as exc:
+                failed[url] = f"{public_url(url)} is not a URL that can be fetched: {redact_urls(str(exc))}"
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
             list(pool.map(probe, urls))

@@ -316,6 +316,8 @@ def _output(f: Merged, raw: RawItem, bad: Callable[[str | None, str], None]) -> 
 
 
 def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
+    if f.model is not None and (message := models.model_id_problem(f.model)):
+        bad("model", message)
     level = f.thinking_level
     if level is not None and level.lower() not in THINKING_LEVELS:
         bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")

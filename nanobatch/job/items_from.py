@@ -113,7 +113,11 @@ def _table_path(kind: str, target: str, base_dir: Path, problem: _ProblemAt) -> 
             return target, [problem(kind, str(exc))]
         return target, []
     path = base_dir / target
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name too long for the file system, among others
+        return path, [problem(kind, f"cannot read the {kind} file {str(path)[:200]!r}: {exc.strerror or exc}")]
+    if not found:
         return path, [problem(kind, f"{kind} file not found: {path}")]
     return path, []
 

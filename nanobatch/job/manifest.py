@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from ..errors import ManifestError, Problem, not_utf8
 from ..item import WorkItem
+from ..models import model_id_problem
 from ..names import plain_name_problem, template_problems
 from ..qa import QaFields
 from .build import Shapes, build_item, build_plain, local_paths
@@ -195,19 +196,11 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
     """
     path = Path(path)
     file = str(path)
-    data, data_stamp = _read_mapping(path)
-    listed = data.get("items")
-    if isinstance(listed, ItemsFound):  # a list, its items read one by one later
-        data = {**data, "items": []}
-    if isinstance(data.get("items_from"), dict):
-        data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
-    try:
-        top = ManifestFields.model_validate(data)
-    except ValidationError as exc:
-        raise ManifestError([from_pydantic(file, None, err, ManifestFields) for err in exc.errors()]) from None
+    top, listed, data_stamp = _read_top(path)
     defaults, problems = parse_fields(top.defaults, file, None, where="defaults")
-    if top.name is not None and (message := plain_name_problem(top.name)):
-        problems.append(Problem(file, None, "name", message))
+    for name, value, problem_of in (("name", top.name, plain_name_problem), ("model", top.model, model_id_problem)):
+        if value is not None and (message := problem_of(value)):
+            problems.append(Problem(file, None, name, message))
     if defaults is not None and defaults.id is not None:
         problems.append(Problem(file, None, "defaults.id", "defaults cannot set an id"))
     if defaults is not None and defaults.output is not None:
@@ -240,12 +233,29 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
     )
 
 
+def _read_top(path: Path) -> tuple[ManifestFields, Any, tuple[int, int]]:
+    """The manifest's top level as its fields, what its ``items:`` holds (:class:`ItemsFound` for a list), and the
+    file's stamp as read; raises :class:`ManifestError` if it is not a manifest's."""
+    data, stamp = _read_mapping(path)
+    listed = data.get("items")
+    if isinstance(listed, ItemsFound):  # a list, its items read one by one later
+        data = {**data, "items": []}
+    if isinstance(data.get("items_from"), dict):
+        data = {**data, "items_from": [data["items_from"]]}  # one source, written without the list dash
+    try:
+        return ManifestFields.model_validate(data), listed, stamp
+    except ValidationError as exc:
+        raise ManifestError([from_pydantic(str(path), None, err, ManifestFields) for err in exc.errors()]) from None
+
+
 def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
     """The manifest's top level, which must be a mapping (``items:`` as :class:`ItemsFound`), and the file's
     stamp as read; raises :class:`ManifestError` if it is not."""
     file = str(path)
     try:
         stamp = file_stamp(file)
+        if not os.path.isfile(file):  # read more than once, and to its end: /dev/urandom would be read for ever
+            raise ManifestError([Problem(file, None, None, "the manifest must be a file, not a pipe or device")])
         data = read_top(file)
     except OSError as exc:
         raise ManifestError([Problem(file, None, None, f"cannot read the manifest: {exc.strerror or exc}")]) from None

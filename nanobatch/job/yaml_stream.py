@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import GeneratorType
 from typing import IO, Any
 
 import yaml
@@ -130,7 +131,13 @@ class _Pass:
         for anchored in self.anchors.values():
             if (size := sizes.get(id(anchored))) is not None:
                 self.known[id(anchored)] = size
-        return self.loader.construct_document(node)
+        loader = self.loader
+        try:
+            return loader.construct_document(node)
+        except BaseException:  # what it left half built (its steps to come, its nodes under way) is forgotten,
+            loader.state_generators, loader.constructed_objects, loader.recursive_objects = [], {}, {}
+            loader.deep_construct = False  # not run with, nor taken for, the next item's
+            raise
 
     def item(self, first: Any) -> StreamedItem:
         """The item whose first event is *first* (taken already): built from its events where it can be
@@ -193,7 +200,7 @@ class _Pass:
             raise _Slow
         try:
             return construct(self.loader, ScalarNode(tag, value, event.start_mark, event.end_mark, style=event.style))
-        except (ValueError, yaml.YAMLError):  # said, with its line, by the constructor's own reading
+        except yaml.YAMLError:  # said, with its line, by the constructor's own reading
             raise _Slow from None
 
     def _plain(self, node: Node) -> Any:
@@ -206,9 +213,12 @@ class _Pass:
             if (construct := self.scalars.get(tag)) is None:
                 raise _Slow
             try:
-                return construct(self.loader, node)
-            except (ValueError, yaml.YAMLError):  # said, with its line, by the constructor's own reading
+                value = construct(self.loader, node)
+            except yaml.YAMLError:  # said, with its line, by the constructor's own reading
                 raise _Slow from None
+            if isinstance(value, GeneratorType):  # a list's or a mapping's tag on a text ("!!set x"): the same
+                raise _Slow
+            return value
         if kind is SequenceNode and tag == _SEQ_TAG:
             return [self._plain(child) for child in node.value]
         if kind is not MappingNode or tag != _MAP_TAG:

@@ -311,15 +311,14 @@ class OutDir:
         for place in (target, *target.parents):
             try:
                 if place.is_symlink() and not place.exists():
-                    raise ConfigError(
-                        f"the output folder {target} cannot be made: {place} is a symbolic link to "
-                        f"{os.readlink(place)}, which does not exist (a disk not mounted?)"
-                    )
+                    raise ConfigError(f"the output folder {target} cannot be made: {place} is a symbolic link to "
+                                      f"{os.readlink(place)}, which does not exist (a disk not mounted?)")  # fmt: skip
                 st = place.stat()
             except (FileNotFoundError, NotADirectoryError):  # not there (yet): look further up
                 continue
-            except OSError as exc:  # a name too long, a folder we may not enter, ...
-                raise ConfigError(f"the output folder {target} cannot be used: {exc.strerror or exc}") from None
+            except (OSError, ValueError) as exc:  # a name too long, a folder we may not enter, a NUL in it
+                why = getattr(exc, "strerror", None) or exc
+                raise ConfigError(f"the output folder {target} cannot be used: {why}") from None
             if not stat.S_ISDIR(st.st_mode):
                 where = "is a file" if place == target else f"cannot be made: {place} is a file"
                 raise ConfigError(f"the output folder {target} {where}, not a folder")
