@@ -559,6 +559,7 @@ STREAMED_ITEMS = [
     pytest.param(["- {id: !!str 0012, n: !!int '5', s: ! 12}\n"], id="tags"),
     pytest.param(["- {id: a, n: 1, id: b}\n", "- {id: c}\n"], id="key-twice"),
     pytest.param(["- {id: d, [a, b]: c}\n", "- {id: e}\n"], id="key-that-is-a-list"),
+    pytest.param(["- {id: d, 1: a, '1': b}\n", "- {id: e, 2: x, null: y, true: z}\n"], id="keys-that-are-not-text"),
     pytest.param(["- {id: f, x: !!python/object/apply:os.system [echo hi]}\n", "- {id: g}\n"], id="python-tag"),
     pytest.param(["- {id: h, b: !!int x}\n", "- {id: i}\n"], id="value-the-constructor-refuses"),
     pytest.param(["- {id: j, note: !custom x}\n", "- {id: k}\n"], id="unknown-tag"),

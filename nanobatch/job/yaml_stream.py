@@ -179,8 +179,10 @@ class _Pass:
         data: dict[Any, Any] = {}
         while type(event := get()) is not yaml.MappingEndEvent:
             taken.append(event)
-            if type(event) is not yaml.ScalarEvent or (key := self._scalar(event)) in data:
-                raise _Slow  # a key that is a list or a mapping, or given twice: the constructor says so
+            if type(event) is not yaml.ScalarEvent or type(key := self._scalar(event)) is not str or key in data:
+                # A key that is a list, a mapping or not text (1 and '1' are one key to the constructor's check
+                # of keys given twice), or a key given twice: the constructor says what it makes of it.
+                raise _Slow
             taken.append(event := get())
             data[key] = self._scalar(event) if type(event) is yaml.ScalarEvent else self.built(event, taken)
         taken.append(event)
@@ -227,8 +229,7 @@ class _Pass:
         for key_node, value_node in node.value:
             if key_node.tag == MERGE_TAG or type(key_node) is not ScalarNode:
                 raise _Slow
-            key = self._plain(key_node)
-            if key in data:
+            if type(key := self._plain(key_node)) is not str or key in data:  # as in built()
                 raise _Slow
             data[key] = self._plain(value_node)
         return data
