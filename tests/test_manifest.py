@@ -434,22 +434,24 @@ def test_settings_read_numbers_as_yaml_does(tmp_path: Path) -> None:
     assert settings.retry.backoff_initial_s == 0.5
 
 
+# Anchors a0..a7, each ten aliases of the one before: *a7 stands for 10^8 values (a "billion laughs").
+LAUGHS = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8)
+)
+
+
 @pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         pytest.param("items: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply", id="deep"),
         pytest.param(
-            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
-            + "".join(f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8))
-            + "items: []\n",
+            LAUGHS + "items: []\n",
             "expand it by more than 5,000,000 values",
             id="billion-laughs",
         ),
         pytest.param(
-            "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
-            + "".join(f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]\n" for n in range(1, 8))
-            + "items:\n  - {id: a, instruction: x, note: *a7}\n",
+            LAUGHS + "items:\n  - {id: a, instruction: x, note: *a7}\n",
             "expand it by more than 5,000,000 values",
             id="billion-laughs-in-an-item",
         ),
