@@ -198,29 +198,28 @@ class _Pass:
         tag = self.loader.resolve(ScalarNode, value, event.implicit)
         if tag == _STR_TAG:
             return value
-        if (construct := self.scalars.get(tag)) is None:  # a merge key (<<), among others
+        return self._constructed(ScalarNode(tag, value, event.start_mark, event.end_mark, style=event.style))
+
+    def _constructed(self, node: Node) -> Any:
+        """*node* built by its tag's constructor; :class:`_Slow` when there is none (a merge key, <<, among
+        others), when it refuses the value (the constructor's own reading then says so, with its line), or when
+        it would make a list or a mapping of a text ("!!set x")."""
+        if (construct := self.scalars.get(node.tag)) is None:
             raise _Slow
         try:
-            return construct(self.loader, ScalarNode(tag, value, event.start_mark, event.end_mark, style=event.style))
-        except yaml.YAMLError:  # said, with its line, by the constructor's own reading
+            value = construct(self.loader, node)
+        except yaml.YAMLError:
             raise _Slow from None
+        if isinstance(value, GeneratorType):
+            raise _Slow
+        return value
 
     def _plain(self, node: Node) -> Any:
         """*node* (without aliases) as the loader's constructor would make it, for the usual tags; :class:`_Slow`
         for anything else (a merge, a key given twice, another tag), which the constructor itself then reads."""
         tag, kind = node.tag, type(node)
         if kind is ScalarNode:
-            if tag == _STR_TAG:
-                return node.value
-            if (construct := self.scalars.get(tag)) is None:
-                raise _Slow
-            try:
-                value = construct(self.loader, node)
-            except yaml.YAMLError:  # said, with its line, by the constructor's own reading
-                raise _Slow from None
-            if isinstance(value, GeneratorType):  # a list's or a mapping's tag on a text ("!!set x"): the same
-                raise _Slow
-            return value
+            return node.value if tag == _STR_TAG else self._constructed(node)
         if kind is SequenceNode and tag == _SEQ_TAG:
             return [self._plain(child) for child in node.value]
         if kind is not MappingNode or tag != _MAP_TAG:
