@@ -9,6 +9,7 @@ is checked is what is written.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -110,15 +111,16 @@ def text_problem(text: str) -> str | None:
     return None
 
 
-def template_problems(template: str) -> list[str]:
+@functools.lru_cache(maxsize=256)  # asked for every item's name: a catalog has a few templates, not one per item
+def template_problems(template: str) -> tuple[str, ...]:
     """Why *template* cannot be an ``output`` name template."""
     try:
         names = template_fields(template)
     except ValueError as exc:
-        return [str(exc)]
+        return (str(exc),)
     if "id" not in names:
-        return ["the output name must contain {id} so that items do not overwrite each other"]
-    return []
+        return ("the output name must contain {id} so that items do not overwrite each other",)
+    return ()
 
 
 def plain_name_problem(name: str) -> str | None:

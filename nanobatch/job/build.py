@@ -255,8 +255,11 @@ def _output_format(f: Merged, bad: Callable[[str | None, str], None]) -> str | N
 
 
 def _check_texts(given: dict[str, Any], bad: Callable[[str | None, str], None]) -> None:
-    """Every text the item sets, checked to be one a request and a file name can carry."""
+    """Every text the item sets, checked to be one a request and a file name can carry (its model id apart: a URL
+    path carries it, and models.model_id_problem says what it cannot hold, a NUL among others)."""
     for name, value in given.items():
+        if name == "model":
+            continue
         for text in value if isinstance(value, list) else [value]:
             # Plain ASCII without NUL (isascii: a flag, not a scan) is always fine: most texts ask nothing more.
             if isinstance(text, str) and ("\x00" in text or not text.isascii()) and (message := text_problem(text)):
