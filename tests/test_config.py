@@ -187,6 +187,7 @@ def test_unknown_key_far_from_any_setting_has_no_suggestion(tmp_path: Path) -> N
         pytest.param("limits: 8\n", "limits", id="section-not-a-mapping"),
         pytest.param('api:\n  model: "gemini\\0"\n', "api.model", id="model-id-a-url-cannot-carry"),
         pytest.param('api:\n  api_version: "v1\\0"\n', "api.api_version", id="version-a-url-cannot-carry"),
+        pytest.param('api:\n  api_version: "v1?key=x"\n', "api.api_version", id="version-that-asks-another-url"),
         pytest.param('api:\n  base_url: "https://s3cret@[proxy.example/v1"\n', "api.base_url", id="base-url-bad-host"),
         pytest.param('api:\n  base_url: "https://s3cret@proxy.example:port"\n', "api.base_url", id="base-url-bad-port"),
         pytest.param('api:\n  base_url: "localhost:8000"\n', "api.base_url", id="base-url-without-scheme"),

@@ -82,6 +82,7 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param('model: "gemini\\0"\n' + ITEM, None, "model", "is not a model id", id="nul-in-manifest-model"),
         pytest.param(ITEM + '    model: "gemini\\0"\n', "a", "model", "is not a model id", id="nul-in-model-said-once"),
         pytest.param(ITEM + '    model: "gemini 3?"\n', "a", "model", "holds ' '", id="space-in-model"),
+        pytest.param(ITEM + '    model: ""\n', "a", "model", "cannot be empty", id="empty-model"),
         pytest.param(
             ITEM + "    image_size: 2K\n    model: gemini-2.5-flash-image\n",
             "a",
