@@ -21,7 +21,8 @@ A manifest is streamed, item by item, with these loaders and rules: :mod:`nanoba
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+from collections.abc import Generator, Iterator
 from types import GeneratorType
 from typing import Any
 
@@ -102,7 +103,8 @@ def _loaders(base: type[Any]) -> tuple[type[Any], type[Any]]:
     loaders = plain, _keeping_text(plain)
     for loader in loaders:
         for tag, constructor in list(loader.yaml_constructors.items()):
-            loader.add_constructor(tag, _refusing(constructor))
+            if not hasattr(constructor, "refusing"):  # not one the loader it extends has wrapped already
+                loader.add_constructor(tag, _refusing(constructor))
     return loaders
 
 
@@ -112,20 +114,23 @@ def _refusing(constructor: Any) -> Any:
     KeyError, ``!!timestamp x`` AttributeError), also in the steps a constructor takes later (a generator)."""
 
     def construct(loader: SafeConstructor, node: Node) -> Any:
-        try:
+        with _refused(node):
             data = constructor(loader, node)
-        except (yaml.YAMLError, RecursionError):
-            raise
-        except Exception as exc:
-            raise _unreadable(node) from exc
         return _steps(data, node) if isinstance(data, GeneratorType) else data
 
+    construct.refusing = constructor  # type: ignore[attr-defined]
     return construct
 
 
 def _steps(steps: Generator[Any, None, None], node: Node) -> Generator[Any, None, None]:
-    try:
+    with _refused(node):
         yield from steps
+
+
+@contextlib.contextmanager
+def _refused(node: Node) -> Iterator[None]:
+    try:
+        yield
     except (yaml.YAMLError, RecursionError):
         raise
     except Exception as exc:
