@@ -88,15 +88,8 @@ class ApiSettings(_Section):
     def _an_http_url(cls, url: str) -> str:
         # Every request's URL starts with it: one that cannot be parsed would end the run at its first request.
         # Never shown: it may carry a proxy's user name and password.
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # noqa: B018 (a port that is no number raises ValueError)
-        except ValueError as exc:
-            raise ValueError(f"not a URL ({exc}); the value is not shown") from None
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise ValueError("not an http(s) URL with a host, such as https://generativelanguage.googleapis.com")
-        if any(char.isspace() or not char.isprintable() for char in url):
-            raise ValueError("a URL holds no space, line break or control character; the value is not shown")
+        if problem := _http_url_problem(url):
+            raise ValueError(f"{problem}, such as https://generativelanguage.googleapis.com (the value is not shown)")
         return url
 
     @field_validator("api_version")
@@ -308,6 +301,21 @@ def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> st
     return None
 
 
+def _http_url_problem(url: str) -> str | None:
+    """Why *url* is not an http(s) URL with a host, on one line, that a request can be sent to; None if it is.
+    The reason never quotes it: a URL may carry a proxy's password, or be a webhook's secret."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is no number raises ValueError)
+    except ValueError as exc:  # an unclosed [ in the host, a port that is no number
+        return f"not a URL ({exc})"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "not an http(s) URL with a host"
+    if any(char.isspace() or not char.isprintable() for char in url):
+        return "a URL holds no space, line break or control character"
+    return None
+
+
 def read_notify_url(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
     """The end-of-run webhook's URL from the variable ``notify.url_env`` names; None if it is unset or empty.
 
@@ -319,12 +327,7 @@ def read_notify_url(settings: Settings, env: Mapping[str, str] | None = None) ->
     value = env.get(variable, "").strip()
     if not value:
         return None
-    try:
-        parts = urllib.parse.urlsplit(value)
-        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # an unclosed [ in the host
-        usable = False
-    if not usable or any(not "!" <= char <= "~" for char in value):
+    if _http_url_problem(value) is not None:
         raise ConfigError(
             f"{variable} does not hold an http(s) URL on one line (the value is not shown): set it to the "
             "webhook's URL, or unset it to post nothing at the end of a run"

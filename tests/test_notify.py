@@ -13,7 +13,7 @@ import pytest
 
 import nanobatch
 from nanobatch.cli.main import main
-from nanobatch.config import Settings, load_settings
+from nanobatch.config import Settings, load_settings, read_notify_url
 from nanobatch.errors import ConfigError, ManifestError
 from nanobatch.run.notify import duration_text, one_line
 
@@ -154,6 +154,19 @@ def test_text_payload_carries_the_text_alone(tmp_path: Path, monkeypatch: pytest
         run_now(job, FakeGemini(), settings=_settings(**{"notify.payload": "text"}))
     [notice] = _notices(server)
     assert list(notice) == ["text"] and notice["text"].startswith("job: 1 ok, $")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["https://hooks.example:s3cr3t/x", "https://hooks.example/s3cr3t two", "https://[hooks.example/s3cr3t",
+     "ftp://hooks.example/s3cr3t"],
+    ids=["port-no-number", "space", "unclosed-bracket", "not-http"],
+)  # fmt: skip
+def test_a_webhook_url_no_request_could_be_sent_to_is_refused_unseen(value: str) -> None:
+    """The same rule as api.base_url's (one function): what would fail only when the run ends is refused first."""
+    with pytest.raises(ConfigError) as caught:
+        read_notify_url(Settings(), {"NANOBATCH_NOTIFY_URL": value})
+    assert "does not hold an http(s) URL" in str(caught.value) and "s3cr3t" not in str(caught.value)
 
 
 def test_the_variable_named_by_url_env_is_read_and_a_bad_value_refused_unseen(
