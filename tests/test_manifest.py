@@ -478,10 +478,14 @@ def test_hostile_yaml_is_a_clear_error_not_a_crash(tmp_path: Path, text: str, me
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/null"), reason="no /dev/null here")
-def test_a_manifest_that_is_not_a_file_is_refused_before_it_is_read() -> None:
+def test_a_manifest_that_is_not_a_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
     # It is read more than once, and to its end: /dev/urandom was read for ever (for its first byte not UTF-8).
     (problem,) = problems(Path("/dev/null"))
     assert problem.file == "/dev/null" and "the manifest must be a file" in problem.message
+    fifo = tmp_path / "job.yaml"  # what `validate <(make-job)` names: a pipe, read once, then found empty
+    os.mkfifo(fifo)
+    (problem,) = problems(fifo)  # refused without opening it (an open would wait for a writer)
+    assert problem.file == str(fifo) and "the manifest must be a file" in problem.message
 
 
 def test_a_manifest_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
