@@ -1,7 +1,7 @@
 """One measured client run, in a fresh process: ``python bench/_client.py SCENARIO JSON_PARAMS``.
 
 Prints one JSON object: the scenario's numbers plus ``maxrss_mb`` (the peak
-resident set of this process) and ``startup_s`` (interpreter start to the
+resident set of this process since its exec) and ``startup_s`` (interpreter start to the
 moment the scenario began, imports included: kept out of the timed run).
 
 Scenarios:
@@ -25,24 +25,18 @@ from __future__ import annotations
 
 import base64
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _peer import peak_rss_mb, rss_mb
 
 _PROCESS_START = time.perf_counter()
 
 MODEL = "gemini-3.1-flash-image"
 INSTRUCTION = "Replace the background with pure white; keep the product unchanged"
 PATH = f"/v1beta/models/{MODEL}:generateContent"
-
-
-def rss_mb() -> float:
-    """The current resident set, in MB."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
 
 
 def run_nanobatch(
@@ -282,7 +276,7 @@ SCENARIOS = {
 def main() -> None:
     scenario, params = sys.argv[1], json.loads(sys.argv[2])
     result = SCENARIOS[scenario](**params)
-    result["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["maxrss_mb"] = peak_rss_mb()
     sys.stdout.write(json.dumps(result) + "\n")
 
 

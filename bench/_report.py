@@ -95,8 +95,8 @@ METHOD = """\
    timed from outside, from its start to its exit, imports included, as a user
    meets it: `nanobatch run` on the command line (through `bench/_cli.py`, which
    also reports the CPU of the run's own process apart from its workers')
-   against the peer script; CPU and peak RSS are the kernel's accounting of the
-   reaped child (`wait4`; peak RSS is the largest single process). Small
+   against the peer script; CPU is the kernel's accounting of the reaped child
+   (`wait4`), peak RSS the client's main process's own (`VmHWM`). Small
    answers as above; 4K answers: 96 (32 with `--quick`) answers of 24 MB (a
    4096x4096 PNG of noise, 32 MB in base64) at concurrency 16, nanobatch with
    `--workers 0` and one per CPU. Bytecode is compiled once beforehand (a
@@ -136,7 +136,8 @@ temporary folder on the local disk.
    7.9 MB in base64, like a real 2K answer), no latency, concurrency 8 for both;
    the minimal loop is httpx2 + `response.json()` + `base64.b64decode` + a plain
    file write (no fsync, no temporary file, no results line, no journal).
-4. **Memory**: peak RSS (`ru_maxrss`) of each client process, one process per
+4. **Memory**: peak RSS (`VmHWM`, since the process's exec: a child's
+   `ru_maxrss` on Linux starts at the bench's own) of each client process, one process per
    configuration; 400 requests with small answers, 3 x concurrency (at least 24)
    with 6 MB answers, 200 ms latency. Manifest length: the whole manifest goes
    through the engine against the simulator without latency (with `--quick`,

@@ -5,9 +5,9 @@
 Each client is one fresh process, timed from outside, from its start to its exit, imports and start-up
 included, as a user meets it: nanobatch is ``python -m nanobatch run MANIFEST ...`` (the command line, not
 ``run_job`` in a harness); a peer is its script (``peer_aiohttp.py``, ``peer_genai.py``). Wall is a monotonic
-clock around the child, CPU and peak RSS the kernel's accounting of the reaped child (``wait4``). Runs
-alternate, so a busy moment of the shared machine hits every client alike; the medians are printed with
-the min-max range, and nanobatch's ratios to each peer.
+clock around the child, CPU the kernel's accounting of the reaped child (``wait4``), peak RSS the child's own
+(``VmHWM``). Runs alternate, so a busy moment of the shared machine hits every client alike; the medians are
+printed with the min-max range, and nanobatch's ratios to each peer.
 
 * ``small`` (default): 2,000 answers of 150 bytes at concurrency 100, 200 ms latency: the cost of dispatch.
 * ``2K`` / ``4K``: answers of 5.9 MB / 24 MB (a PNG of 3-bit noise, the size of a real 2K / 4K answer),
@@ -42,8 +42,9 @@ WORKLOADS = {"small": (2000, 100), "2K": (96, 16), "4K": (48, 16)}  # answers, c
 
 
 def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run *command* to its end: wall (spawn to reaped), CPU (user + system) and peak RSS of the child, and
-    what it printed (through files: ``communicate`` would reap the child before ``wait4`` reads its usage)."""
+    """Run *command* to its end: wall (spawn to reaped), CPU (user + system) of the child, and what it printed
+    (through files: ``communicate`` would reap the child before ``wait4`` reads its usage). Not its peak RSS:
+    ``wait4``'s starts at this process's own on Linux; the caller takes the peak the child reports of itself."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
@@ -57,7 +58,6 @@ def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, An
         return {
             "wall_s": wall,
             "cpu_s": usage.ru_utime + usage.ru_stime,
-            "maxrss_mb": usage.ru_maxrss / 1024,
             "stdout": out.read().decode(),
             "stderr": err.read().decode(),
         }
@@ -82,7 +82,7 @@ def run_cli(
     if ok != n:
         raise RuntimeError(f"nanobatch run: expected {n} ok, got {ok}")
     run["ok"] = ok
-    run.update(json.loads(run["stderr"].strip().splitlines()[-1]))
+    run.update(json.loads(run["stderr"].strip().splitlines()[-1]))  # and its own peak RSS (see whole)
     return run
 
 
@@ -93,6 +93,7 @@ def run_script(b: Bench, script: str, **params: Any) -> dict[str, Any]:
     if inner["ok"] != params["n"]:
         raise RuntimeError(f"{script}: expected {params['n']} ok, got {inner}")
     run["client"] = inner.get("client", script)
+    run["maxrss_mb"] = inner["maxrss_mb"]  # its own (see whole)
     return run
 
 
