@@ -137,8 +137,8 @@ temporary folder on the local disk.
    the minimal loop is httpx2 + `response.json()` + `base64.b64decode` + a plain
    file write (no fsync, no temporary file, no results line, no journal).
 4. **Memory**: peak RSS (`VmHWM`, since the process's exec: a child's
-   `ru_maxrss` on Linux starts at the bench's own) of each client process, one process per
-   configuration; 400 requests with small answers, 3 x concurrency (at least 24)
+   `ru_maxrss` on Linux starts at the bench's own) of each client process, one
+   process per configuration; 400 requests with small answers, 3 x concurrency (at least 24)
    with 6 MB answers, 200 ms latency. Manifest length: the whole manifest goes
    through the engine against the simulator without latency (with `--quick`,
    20,000 items: too few for the growth to stand out of the noise).
