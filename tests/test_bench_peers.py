@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,3 +34,20 @@ def test_each_peer_script_saves_every_image_against_the_simulator(tmp_path: Path
     assert result["requests"] == result["ok"] == 4 and result["failed"] == 0
     saved = sorted((tmp_path / "out").glob("*.png"))
     assert len(saved) == 4 and all(p.read_bytes().startswith(b"\x89PNG") for p in saved)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_a_client_reports_its_own_peak_memory_not_the_bench_process_s() -> None:
+    """The peak RSS in the bench's rows is each client's: a child of a big bench process reports its own small
+    peak (the kernel's ru_maxrss for that child starts at the parent's, which hid every small client's)."""
+    held = b"x" * (300 << 20)  # the bench process, bigger than any small client
+    child = subprocess.Popen([sys.executable, "-c", "import _peer; print(_peer.peak_rss_mb())"], cwd=BENCH,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert child.stdout is not None
+    with child.stdout:
+        out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    assert child.returncode == 0 and len(held) == 300 << 20
+    assert float(out) < 150, out  # its own: an interpreter and a few modules
+    assert usage.ru_maxrss / 1024 >= 300  # what the bench read before: the parent's peak
