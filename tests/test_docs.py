@@ -164,3 +164,38 @@ def test_the_documented_run_works_with_the_simulator_named_either_way(
     with run_in_thread(SimulatorConfig()) as url:
         assert run_as_typed(command, monkeypatch, url.replace("127.0.0.1", host)) == EXAMPLE_EXIT  # no key anywhere
     assert sent_and_ok(checkout / "out" / "example") == EXAMPLE
+
+
+_FENCED = re.compile(r"^```.*?^```", re.S | re.M)
+_LINK = re.compile(r"\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)\)")  # [text](target), text may hold [brackets]
+
+
+def _anchors(page: Path) -> set[str]:
+    """The #anchors GitHub gives *page*'s headings: lower case, punctuation dropped, spaces as hyphens, a
+    heading's repeats numbered."""
+    found: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in _FENCED.sub("", page.read_text()).splitlines():
+        if heading := re.match(r"#{1,6} (.*)", line):
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            found.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def test_every_link_in_the_manual_leads_to_a_page_and_a_heading_that_exist() -> None:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "RESULTS.md"]
+    broken, checked = [], 0
+    for page in pages:
+        for target in _LINK.findall(_FENCED.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:: not this machine's to check
+                continue
+            checked += 1
+            file, _, anchor = target.partition("#")
+            dest = (page.parent / file).resolve() if file else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert checked >= 40  # the README alone links its reference pages and sections some forty times
+    assert not broken, "\n".join(broken)
