@@ -84,6 +84,32 @@ def test_pictures_looked_at_ahead_give_the_problems_found_without_it_and_are_rea
     assert {(item, field) for item, field, _ in alone} >= {("i1", "image"), ("i52", "image"), ("i53", "image")}
 
 
+def test_an_input_linked_into_the_output_folder_is_found_with_the_pictures_looked_at_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other process says which inputs are symbolic links (this one then does not ask again): an input that
+    is a link to another item's output is the same problem with the look-ahead as without it."""
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(40)],
+                    defaults={"instruction": "white"})  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in range(4, 40, 5):  # i4's picture is the file i3 writes (last night's answer), and so on
+        (out / f"i{n - 1}.png").write_bytes(image_bytes())
+        (tmp_path / f"images/{n}.png").unlink()
+        (tmp_path / f"images/{n}.png").symlink_to(out / f"i{n - 1}.png")
+    asked: list[str] = []
+    real = os.path.islink
+    monkeypatch.setattr(os.path, "islink", lambda path: asked.append(path) or real(path))
+    monkeypatch.setattr(pictures, "START_AFTER", 10**9)
+    alone = _problems(job, out)
+    assert {item for item, _, _ in alone} >= {f"i{n}" for n in range(4, 40, 5)}
+    asked_alone, asked[:] = len(asked), []
+    monkeypatch.setattr(pictures, "START_AFTER", 10)  # scaled down from thousands
+    monkeypatch.setattr(pictures, "_CHUNK", 7)
+    assert _problems(job, out) == alone
+    assert asked_alone >= 40 and len([p for p in asked if "/images/" in p]) == 10  # the first ten items' only
+
+
 def _die(paths: list[str], read: bool) -> None:
     os._exit(1)  # the other process dies at its first look
 

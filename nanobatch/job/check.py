@@ -278,8 +278,9 @@ class _Places:
     """Where files really are, for :meth:`_Claims.claim_places`: the real folder (symbolic links followed) and
     the file name without an image extension (an output's extension follows the returned image's type)."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, is_link: Callable[[str], bool] = os.path.islink) -> None:
         self.out_dir = os.path.abspath(out_dir)
+        self._is_link = is_link
         self._folders = FoldersIn(out_dir)
         self.root = self._folders.root
         self._top = os.path.join(self.root, "")  # where a name right in the output folder is: the root, then "/"
@@ -299,7 +300,7 @@ class _Places:
         an output of that name would be written: see :meth:`_Claims.claim_places`), else None."""
         if not self.exists or path[:1] != os.sep and SCHEME.match(path):
             return []
-        paths = [path, os.path.realpath(path)] if os.path.islink(path) else [path]
+        paths = [path, os.path.realpath(path)] if self._is_link(path) else [path]
         places = []
         for each in paths:
             folder, name = os.path.split(each)
@@ -387,16 +388,18 @@ def check_items(
     visit: Callable[[WorkItem], None] | None = None,
     out_dir: Path | None = None,
     skip_bad_inputs: bool = False,
+    is_link: Callable[[str], bool] = os.path.islink,
 ) -> CheckReport:
     """Resolve each of *raw_items* (of the manifest at *path*) with *resolve*, collecting every problem: each
     item's own, and what items clash over. Only ids and output names are kept, in a scratch database.
-    *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead."""
+    *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead.
+    *is_link*: whether a local input is a symbolic link (the check of what writes could replace asks it)."""
     problems, left_out = _Problems(path), _Problems(path)
     with contextlib.closing(_Claims()) as claims:
         count = requests = left_items = 0
         looked: set[str] = set()  # the models looked up
         confine = _Confinement(out_dir) if out_dir is not None else None
-        places = _Places(out_dir) if out_dir is not None else None
+        places = _Places(out_dir, is_link) if out_dir is not None else None
         for raw in raw_items:
             item, found = resolve(raw)
             skipped = skip_bad_inputs and bool(found) and all(p.bad_input for p in found)

@@ -153,6 +153,7 @@ class Manifest:
             visit=visit,
             out_dir=out_dir,
             skip_bad_inputs=skip_bad_inputs,
+            is_link=files.is_link if isinstance(files, PictureCheck) else os.path.islink,
         )
 
     def _raw_items(self) -> Iterator[RawItem]:

@@ -31,8 +31,9 @@ T = TypeVar("T")
 
 
 class Looked(NamedTuple):
-    """A picture as the other process found it: its stat (the part asked of it), and, if it read the picture
-    (*read*), why it cannot be decoded."""
+    """A picture as the other process found it: its stat (the part asked of it; of the file a symbolic link
+    leads to), and, if it read the picture (*read*), why it cannot be decoded; *link*: whether the path itself
+    is a symbolic link."""
 
     st_mode: int
     st_size: int
@@ -42,6 +43,7 @@ class Looked(NamedTuple):
     st_ctime_ns: int
     read: bool
     problem: str | None
+    link: bool
 
 
 Stat = os.stat_result | Looked  # a picture's stat: taken here, or by the other process
@@ -81,6 +83,11 @@ class PictureCheck:
         """The stat of *path*: as looked at ahead, if it was (OSError, ValueError as :func:`os.stat` raises)."""
         return self.ahead.get(path) or os.stat(path)
 
+    def is_link(self, path: str) -> bool:
+        """Whether *path* is a symbolic link: as looked at ahead, if it was (:func:`os.path.islink`)."""
+        looked = self.ahead.get(path)
+        return looked.link if looked is not None else os.path.islink(path)
+
     def __call__(self, path: str, st: Stat) -> str | None:
         """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
         if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
@@ -110,7 +117,10 @@ def look_at(paths: list[str], read: bool = True) -> list[tuple[Any, ...] | None]
     seen: dict[tuple[int, ...], str | None] = {}
     for path in paths:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # for all but links the stat itself: one system call
+            link = stat.S_ISLNK(st.st_mode)
+            if link:
+                st = os.stat(path)
         except (OSError, ValueError):
             found.append(None)
             continue
@@ -121,7 +131,7 @@ def look_at(paths: list[str], read: bool = True) -> list[tuple[Any, ...] | None]
         if read and key not in seen:
             seen[key] = read_problem(path)
         found.append(
-            (st.st_mode, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, read, seen.get(key))
+            (st.st_mode, st.st_size, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, read, seen.get(key), link)
         )
     return found
 
