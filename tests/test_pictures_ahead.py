@@ -224,6 +224,31 @@ def test_a_done_folder_checked_item_by_item_reads_no_picture_and_looks_up_record
     assert read == [] and one_by_one == [] and asked and not any(asked)
 
 
+def test_a_done_folder_s_outputs_are_stat_ed_ahead_too_and_one_deleted_is_not_counted_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the look-ahead's start, the other process stats a done item's files with its pictures: this one
+    does not look for them again, and an item whose image was deleted is work left, as without it."""
+    from nanobatch.cli.main import main
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(30)])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    job.write_text(job.read_text() + "\n# another manifest than the run's: checked item by item\n")
+    for gone in ("i3", "i12", "i27"):  # one before the look-ahead starts, two after
+        os.unlink(next(out.glob(f"{gone}.*")))
+    monkeypatch.setattr(pictures, "START_AFTER", 5)
+    monkeypatch.setattr(pictures, "_CHUNK", 4)
+    monkeypatch.setattr("nanobatch.job.manifest.TOLD_AHEAD", 3)  # all three scaled down from hundreds
+    looked_for: list[str] = []
+    real = os.path.isfile
+    monkeypatch.setattr(os.path, "isfile", lambda path: (looked_for.append(os.path.basename(path)) or real(path)))
+    result = nanobatch.check_job(job, out_dir=out)
+    assert (result.items, result.done_items, result.left_requests) == (30, 27, 3)
+    here = {name.split(".")[0] for name in looked_for if name.startswith("i")}
+    assert here == {f"i{n}" for n in range(5)} | {"i12", "i27"}  # the first five, and the two not found ahead
+
+
 def test_no_process_is_forked_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """A program with threads of its own gets no look-ahead (a fork would copy their held locks), and none is
     ever started afresh, which would import its main module again."""

@@ -118,7 +118,7 @@ class Manifest:
         decode: bool = False,
         skip_bad_inputs: bool = False,
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
-        ahead: Callable[[list[str | None]], None] | None = None,
+        ahead: Callable[[list[str | None]], Mapping[str, list[str]]] | None = None,
         pictures: PictureCheck | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
@@ -128,24 +128,30 @@ class Manifest:
         *decode*, every local picture is read and checked to be decodable (headers and sizes, no full decode);
         *skip_bad_inputs* leaves out the items whose pictures are not, instead of calling them problems;
         *trusted* gives, for an item's id, the stamps of inputs known to decode (sent and answered before):
-        those still the same are not read again; *ahead* is told the ids of the next few hundred items before they
-        are resolved (so that *trusted* may read their stamps together); *pictures*: the picture check *decode*
-        reads them with, if the caller keeps it (to ask which trusted ones it found unchanged).
+        those still the same are not read again; *ahead* is told the ids of the next few hundred items, a few
+        thousand items before they are resolved (so that *trusted* may read their stamps together), and gives the
+        paths of other files to stat with an item's pictures (a done item's outputs); *pictures*: the picture
+        check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged).
         """
         files: bool | PictureCheck = (pictures or PictureCheck()) if decode and check_files else check_files
 
+        also: dict[str | None, list[str]] = {}  # by item id, as *ahead* gave them, until looked at or resolved
+
         def resolve(raw: RawItem) -> tuple[WorkItem | None, list[Problem]]:
+            also.pop(raw_id(raw), None)
             if trusted is not None and isinstance(files, PictureCheck):
                 files.trust(trusted(raw_id(raw)))
             return self._resolve(raw, check_files=files)
 
+        def paths_of(raw: RawItem) -> list[str]:
+            return local_paths(raw.fields, self._plain, self._base) + also.pop(raw_id(raw), [])
+
         raws = self._raw_items()
+        if ahead is not None:  # told first: its files are looked at with the pictures
+            raws = _told_ahead(raws, lambda ids: also.update(ahead(ids)))
         if isinstance(files, PictureCheck):
             # In a done folder most pictures are trusted as sent and answered: only stat-ed ahead, not read
-            raws = looked_ahead(raws, lambda raw: local_paths(raw.fields, self._plain, self._base), files,
-                                read=trusted is None)  # fmt: skip
-        if ahead is not None:  # told last: what it is told of is what is resolved next
-            raws = _told_ahead(raws, ahead)
+            raws = looked_ahead(raws, paths_of, files, read=trusted is None)
         return check_items(
             self.path,
             raws,
@@ -183,7 +189,7 @@ class Manifest:
         )  # fmt: skip
 
 
-def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], None]) -> Iterator[RawItem]:
+def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], object]) -> Iterator[RawItem]:
     """*raws*, a few hundred at a time, *tell* given their ids before they are handed on."""
     while chunk := list(itertools.islice(raws, TOLD_AHEAD)):
         tell([raw_id(raw) for raw in chunk])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,18 +12,19 @@ from ..item import WorkItem
 from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE
 from ..output.results import ResultsIndex
-from ..output.resume import outputs_there
 
 __all__ = ["DoneWork"]
 
 _OkEntry = tuple[str | None, tuple[str, ...], Mapping[str, FileStamp]]  # ResultsIndex.ok_entry's: key, outputs, stamps
+_TOLD_UP_TO = 16384  # entries kept for items told of and not met yet (an item never met is asked for again)
 
 
 class DoneWork:
     """The output folder's results, asked for each item of a check whether a run would skip it as done: its
     latest record ok for the same work (the key, from the stamps of inputs that have not changed since) and
     its files there. An item with a URL or bucket input counts as done when ok with its files there (its
-    bytes are not fetched to check)."""
+    bytes are not fetched to check). Its files, like its pictures, may have been stat-ed a moment before by the
+    process that looks at pictures ahead (:func:`~nanobatch.job.pictures.looked_ahead`)."""
 
     def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
         self.out_dir = out_dir
@@ -30,8 +32,8 @@ class DoneWork:
         self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
         self.items = self.requests = 0
         self._last: tuple[str | None, _OkEntry | None] = (None, None)
-        self._told: set[str] = set()  # the ids of the items coming next (ahead()), and their ok entries
-        self._ahead: dict[str, _OkEntry] = {}
+        # The items coming next (ahead()), by id: their ok entries (None: not ok), until each is met
+        self._told: OrderedDict[str, _OkEntry | None] = OrderedDict()
 
     @classmethod
     def of(cls, out_dir: Path, pictures: PictureCheck | None = None) -> DoneWork | None:
@@ -45,14 +47,20 @@ class DoneWork:
         if item_id is None:
             return None
         if self._last[0] != item_id:
-            entry = self._ahead.get(item_id) if item_id in self._told else self.index.ok_entry(item_id)
+            entry = self._told.pop(item_id) if item_id in self._told else self.index.ok_entry(item_id)
             self._last = (item_id, entry)
         return self._last[1]
 
-    def ahead(self, ids: list[str | None]) -> None:
-        """The ids of the items a check takes next: their entries are read together."""
-        self._told = {item_id for item_id in ids if item_id is not None}
-        self._ahead = dict(self.index.ok_entries(list(self._told))) if self._told else {}
+    def ahead(self, ids: list[str | None]) -> dict[str, list[str]]:
+        """The ids of the items a check takes next: their entries are read together. Returns the paths of the
+        files each ok one's record wrote, to be stat-ed with its pictures."""
+        told = list({item_id for item_id in ids if item_id is not None})
+        entries = self.index.ok_entries(told) if told else {}
+        for item_id in told:
+            self._told[item_id] = entries.get(item_id)
+        while len(self._told) > _TOLD_UP_TO:
+            self._told.popitem(last=False)
+        return {item_id: [os.path.join(self.out_dir, name) for name in entry[1]] for item_id, entry in entries.items()}
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
@@ -68,10 +76,20 @@ class DoneWork:
         key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
         if key is None or key != recorded:
             return False
-        if not outputs_there(self.out_dir, outputs):
+        if not self._there(outputs):
             return False
         self.items += 1
         self.requests += len(item.steps)
+        return True
+
+    def _there(self, outputs: tuple[str, ...]) -> bool:
+        """Whether each of *outputs* is a file in the output folder (as :func:`~nanobatch.output.resume.outputs_there`
+        says): as looked at ahead, if it was."""
+        looked = self.pictures.ahead if self.pictures is not None else {}
+        for name in outputs:
+            path = os.path.join(self.out_dir, name)
+            if path not in looked and not os.path.isfile(path):
+                return False
         return True
 
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
