@@ -152,15 +152,9 @@ class Manifest:
         if isinstance(files, PictureCheck):
             # In a done folder most pictures are trusted as sent and answered: only stat-ed ahead, not read
             raws = looked_ahead(raws, paths_of, files, read=trusted is None)
-        return check_items(
-            self.path,
-            raws,
-            resolve,
-            visit=visit,
-            out_dir=out_dir,
-            skip_bad_inputs=skip_bad_inputs,
-            is_link=files.is_link if isinstance(files, PictureCheck) else os.path.islink,
-        )
+        is_link = files.is_link if isinstance(files, PictureCheck) else os.path.islink
+        return check_items(self.path, raws, resolve, visit=visit, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs,
+                           is_link=is_link)  # fmt: skip
 
     def _raw_items(self) -> Iterator[RawItem]:
         for source in self.sources:
