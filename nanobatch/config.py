@@ -95,7 +95,7 @@ class ApiSettings(_Section):
     @field_validator("api_version")
     @classmethod
     def _a_path_part(cls, version: str) -> str:
-        if any(char in " ?#" or not char.isprintable() for char in version):
+        if models.not_in_url_path(version) is not None:
             raise ValueError(f"{version[:40]!r} cannot be part of a URL path; the API's versions are v1 and v1beta")
         return version
 

@@ -14,6 +14,7 @@ model ids, lifecycle, limits, and prices per service tier (:mod:`nanobatch.costs
 
 from __future__ import annotations
 
+import functools
 import math
 import urllib.parse
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ __all__ = [
     "live_replacement",
     "lookup",
     "model_id_problem",
+    "not_in_url_path",
     "pixel_size",
     "served_by",
     "today",
@@ -355,12 +357,17 @@ def lookup(model: str) -> ModelInfo | None:
     return MODELS.get(name.removesuffix("-preview"))
 
 
+def not_in_url_path(text: str) -> str | None:
+    """The first character of *text* that cannot stand in a request's URL path as it is, or None: a control
+    character cannot (the request could not be built), and a space, "?" or "#" would ask another URL."""
+    return next((char for char in text if char in " ?#" or not char.isprintable()), None)
+
+
+@functools.lru_cache(maxsize=64)  # asked for every item: a catalog names a few models
 def model_id_problem(model: str) -> str | None:
-    """Why *model* cannot be a model id, or None. An id goes into the request's URL path ({model}:generateContent):
-    a control character cannot (the request could not be built), and a space, "?" or "#" would ask another URL."""
-    for char in model:
-        if char in " ?#" or not char.isprintable():
-            return f"{model[:60]!r} is not a model id: it holds {char!r}; model ids look like {DEFAULT_MODEL!r}"
+    """Why *model* cannot be a model id, or None. An id goes into the request's URL path ({model}:generateContent)."""
+    if (char := not_in_url_path(model)) is not None:
+        return f"{model[:60]!r} is not a model id: it holds {char!r}; model ids look like {DEFAULT_MODEL!r}"
     return None if model.strip() else "a model id cannot be empty"
 
 

@@ -60,7 +60,12 @@ class DoneWork:
             self._told[item_id] = entries.get(item_id)
         while len(self._told) > _TOLD_UP_TO:
             self._told.popitem(last=False)
-        return {item_id: [os.path.join(self.out_dir, name) for name in entry[1]] for item_id, entry in entries.items()}
+        if self.pictures is None:  # a check that reads no pictures looks at nothing ahead
+            return {}
+        return {item_id: [self._path(name) for name in entry[1]] for item_id, entry in entries.items()}
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
@@ -87,7 +92,7 @@ class DoneWork:
         says): as looked at ahead, if it was."""
         looked = self.pictures.ahead if self.pictures is not None else {}
         for name in outputs:
-            path = os.path.join(self.out_dir, name)
+            path = self._path(name)
             if path not in looked and not os.path.isfile(path):
                 return False
         return True
