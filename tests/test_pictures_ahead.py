@@ -236,7 +236,10 @@ def test_a_done_folder_s_outputs_are_stat_ed_ahead_too_and_one_deleted_is_not_co
     assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
     job.write_text(job.read_text() + "\n# another manifest than the run's: checked item by item\n")
     for gone in ("i3", "i12", "i27"):  # one before the look-ahead starts, two after
-        os.unlink(next(out.glob(f"{gone}.*")))
+        image = next(out.glob(f"{gone}.*"))
+        os.unlink(image)
+        if gone == "i27":
+            image.mkdir()  # a folder where the image was is no image either
     monkeypatch.setattr(pictures, "START_AFTER", 5)
     monkeypatch.setattr(pictures, "_CHUNK", 4)
     monkeypatch.setattr("nanobatch.job.manifest.TOLD_AHEAD", 3)  # all three scaled down from hundreds
