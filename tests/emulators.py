@@ -192,7 +192,8 @@ def azurite() -> Iterator[Emulator]:
     import httpx2
 
     port = free_port()
-    log_path = os.path.join(tempfile.mkdtemp(prefix="azurite-"), "debug.log")
+    log_folder = tempfile.mkdtemp(prefix="azurite-")
+    log_path = os.path.join(log_folder, "debug.log")
     process = subprocess.Popen(
         [command, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence", "--silent",
          "--skipApiVersionCheck", "--loose", "--debug", log_path],
@@ -210,6 +211,7 @@ def azurite() -> Iterator[Emulator]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+        shutil.rmtree(log_folder, ignore_errors=True)
 
 
 SECRET = "wJalrXUtnFEMI-not-a-real-secret-K7MDENG"  # the S3 emulator's secret key: no message may show it

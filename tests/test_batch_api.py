@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -125,6 +127,23 @@ async def test_an_upload_whose_last_reply_is_lost_still_names_its_one_file(tmp_p
         name = await client.upload(path, display_name="run-1 chunk 0")
     assert stored_bytes(app, name) == path.read_bytes()
     assert len(transport.chunks()) == last and len(list(app.state.batches.files.folder.iterdir())) == 1
+
+
+async def test_a_simulator_that_stores_no_file_leaves_no_folder_and_one_that_does_removes_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A killed simulator process cannot clean up, so one that was never sent a file must not have made a folder.
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    path = write_jsonl(tmp_path / "chunk.jsonl", [request_line("k")])
+    async with batch_client() as (client, app, transport):
+        assert await client.find("run-1 chunk 0") == [] and list(temp.iterdir()) == []
+        await client.upload(path, display_name="run-1 chunk 0")
+        assert [p.name[:19] for p in temp.iterdir()] == ["nanobatch-sim-files"]
+    del client, app, transport
+    gc.collect()  # the app is gone: its folder goes with it
+    assert list(temp.iterdir()) == []
 
 
 async def test_a_job_goes_pending_running_succeeded_and_its_results_stream_back(tmp_path: Path) -> None:

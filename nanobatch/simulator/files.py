@@ -1,6 +1,6 @@
 """The Files API of the simulator: resumable upload, get, list, delete, download.
 
-Files live on disk in a private temporary folder (removed with the app), so a
+Files live on disk in a private temporary folder (made at the first file, removed with the app), so a
 big batch costs the simulator disk, not memory. The wire format follows the
 google-genai SDK: ``POST /upload/v1beta/files`` with ``X-Goog-Upload-Protocol:
 resumable`` and ``X-Goog-Upload-Command: start`` answers with an
@@ -91,8 +91,16 @@ class FileStore:
         self._lifetime_s = lifetime_s
         self._files: dict[str, StoredFile] = {}
         self._uploads: dict[str, str] = {}  # upload id -> file id
-        self.folder = Path(tempfile.mkdtemp(prefix="nanobatch-sim-files-"))
-        weakref.finalize(self, shutil.rmtree, self.folder, True)
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The store's private folder, made at the first file: a simulator that stores none leaves nothing
+        behind, even when its process is killed."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="nanobatch-sim-files-"))
+            weakref.finalize(self, shutil.rmtree, self._folder, True)
+        return self._folder
 
     # -- the store --------------------------------------------------------------
 
