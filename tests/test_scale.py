@@ -353,6 +353,21 @@ def test_the_work_key_is_the_digest_of_the_work_as_runs_before_wrote_it(item: Wo
 
 
 @pytest.mark.parametrize(
+    "digests", [[], ["ab" * 32], ["ab" * 32, "cd" * 32], [""], ["ab", ""], ['a"b'], ["café"], ["a b"], ["x\\y"]]
+)
+def test_the_work_key_writes_any_digest_list_as_json_does(digests: list[str]) -> None:
+    """The key's inputs part, written by hand for hex digests, is json.dumps's text for every list: else a
+    re-run would not know its own finished work."""
+    import hashlib
+
+    from nanobatch.inputs.stamps import work_key
+
+    item = WorkItem(id="a", model=MODEL, inputs=tuple(f"/x/{i}.png" for i in range(len(digests))), steps=("w",))
+    doc = {"v": 1, "settings": item.settings(), "inputs": digests}
+    assert work_key(item, digests) == "sha256:" + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
     "ref", ["a.png", "photos/a.png", ".hidden/a.png", "..a.png", "./a.png", "x/../a.png", "x//a.png", "x/.", "~/a.png",
             "/abs/x/../a.png", "a/"],
 )  # fmt: skip

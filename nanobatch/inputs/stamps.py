@@ -33,7 +33,7 @@ def is_url(ref: str) -> bool:
 
 def is_remote(ref: str) -> bool:
     """An http(s) URL or a bucket URL: not a local file."""
-    return is_url(ref) or is_bucket_url(ref)
+    return "://" in ref and (is_url(ref) or is_bucket_url(ref))  # a path without "://": the usual input
 
 
 def unreadable(path: str, exc: OSError) -> InputError:
@@ -125,8 +125,9 @@ def work_key(item: WorkItem, digests: Sequence[str]) -> str:
 
 def _json_texts(texts: Sequence[str]) -> str:
     """``json.dumps(list(texts))``; written directly for hex digests (letters and digits: nothing to escape)."""
-    if all(text.isascii() and text.isalnum() for text in texts):
-        return "[" + ", ".join(f'"{text}"' for text in texts) + "]"
+    joined = "".join(texts)
+    if joined.isascii() and joined.isalnum():
+        return '["' + '", "'.join(texts) + '"]'
     return json.dumps(list(texts))
 
 

@@ -345,13 +345,13 @@ class ResultsIndex:
         row = self._db.execute(_SELECT_OK, (item_id,)).fetchone()
         if row is None:
             return None
-        return row[0], tuple(str(name) for name in orjson.loads(row[1])), _stamps(row[2])
+        return row[0], tuple(map(str, orjson.loads(row[1]))), _stamps(row[2])
 
     def ok_entries(self, ids: list[str]) -> dict[str, tuple[str | None, tuple[str, ...], dict[str, FileStamps]]]:
         """:meth:`ok_entry` of each of *ids* (at most a few hundred) that has one, in one query."""
         query = _SELECT_OKS.format(", ".join("?" * len(ids)))
         return {
-            str(item_id): (key, tuple(str(name) for name in orjson.loads(outputs)), _stamps(stamps))
+            str(item_id): (key, tuple(map(str, orjson.loads(outputs))), _stamps(stamps))
             for item_id, key, outputs, stamps in self._db.execute(query, ids)
         }
 

@@ -28,6 +28,7 @@ class DoneWork:
 
     def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
         self.out_dir = out_dir
+        self._in = os.path.join(out_dir, "")  # a name's path: this and the name, as os.path.join gives it
         self.index = index
         self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
         self.items = self.requests = 0
@@ -65,7 +66,7 @@ class DoneWork:
         return {item_id: [self._path(name) for name in entry[1]] for item_id, entry in entries.items()}
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.out_dir, name)
+        return name if name[:1] == os.sep else self._in + name  # os.path.join(out_dir, name), called per item
 
     def stamps(self, item_id: str | None) -> Mapping[str, FileStamp]:
         """The stamps of the inputs of *item_id*'s ok record: pictures unchanged since were sent and answered."""
