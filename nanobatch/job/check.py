@@ -6,19 +6,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
-import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from .. import models
 from ..errors import Problem
 from ..item import IMAGE_SUFFIXES, WorkItem
 from ..names import FoldersIn, image_folders, item_stems
-from ..scratch import scratch_db
+from ..scratch import ScratchTable, scratch_db
 from .build import SCHEME
 from .sources import RawItem
 
@@ -73,108 +69,6 @@ def bad_input_hint(problems: list[Problem]) -> str | None:
     return said + " With --skip-bad-inputs, validate and run leave such items out, list them and check the rest"
 
 
-class _Table:
-    """A table of a scratch database, written in batches: a Bloom filter (2 MiB, whatever the number of rows)
-    tells a key never seen, the usual case, without asking SQLite; only a key it may have seen flushes the
-    rows not yet written and looks it up there. Until the first such key, the batches only go to a spill file
-    (pickled, unlinked at once): a catalog without a clash, the usual case, builds no SQLite index at all."""
-
-    _BITS = 1 << 24
-    _BATCH = 256
-
-    def __init__(self, db: sqlite3.Connection, table: str, columns: str) -> None:
-        self._db = db
-        self._insert = f"INSERT INTO {table} VALUES ({', '.join('?' * (columns.count(',') + 1))})"
-        self._select = f"SELECT {columns} FROM {table} WHERE {columns.split(',')[0]} = ? LIMIT 1"
-        self._bits = bytearray()  # made at the first row: a table left empty costs nothing
-        self._pending: list[tuple[object, ...]] = []
-        self._rows = 0
-        self._spill: IO[bytes] | None = None
-        self._in_db = False  # the rows are in SQLite (from the first key the filter may have seen)
-
-    @property
-    def empty(self) -> bool:
-        return not self._rows
-
-    def find(self, key: bytes) -> tuple[object, ...] | None:
-        """The first row with *key*, or None."""
-        if not self._rows:
-            return None
-        bits, h = self._bits, hash(key)
-        a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF  # three spots of 24 bits
-        if not (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
-            return None
-        return self._lookup(key)
-
-    def add(self, row: tuple[object, ...]) -> None:
-        """Add *row* (its first value the key), written with the next batch."""
-        if not self._bits:
-            self._bits = bytearray(self._BITS >> 3)
-        bits, h = self._bits, hash(row[0])
-        for spot in (h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF):
-            bits[spot >> 3] |= 1 << (spot & 7)
-        self._rows += 1
-        self._pending.append(row)
-        if len(self._pending) >= self._BATCH:
-            self.flush()
-
-    def claim(self, row: tuple[object, ...]) -> tuple[object, ...] | None:
-        """Add *row* unless a row has its key already; then that row. (find and add in one, the key hashed once:
-        this runs for several tables per item.)"""
-        key, h = row[0], hash(row[0])
-        a, b, c = h & 0xFF_FFFF, (h >> 24) & 0xFF_FFFF, (h >> 40) & 0xFF_FFFF
-        bits = self._bits
-        if not bits:
-            bits = self._bits = bytearray(self._BITS >> 3)
-        elif (bits[a >> 3] >> (a & 7)) & (bits[b >> 3] >> (b & 7)) & (bits[c >> 3] >> (c & 7)) & 1:
-            if (found := self._lookup(key)) is not None:  # type: ignore[arg-type]
-                return found
-        bits[a >> 3] |= 1 << (a & 7)
-        bits[b >> 3] |= 1 << (b & 7)
-        bits[c >> 3] |= 1 << (c & 7)
-        self._rows += 1
-        self._pending.append(row)
-        if len(self._pending) >= self._BATCH:
-            self.flush()
-        return None
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        if self._in_db:
-            self._db.executemany(self._insert, self._pending)
-        else:
-            if self._spill is None:
-                self._spill = tempfile.TemporaryFile(prefix="nanobatch-")
-            pickle.dump(self._pending, self._spill, pickle.HIGHEST_PROTOCOL)
-        self._pending.clear()
-
-    def _lookup(self, key: bytes) -> tuple[object, ...] | None:
-        if not self._in_db:  # the first key the filter may have seen: the rows so far go into SQLite
-            self._in_db = True
-            if (spill := self._spill) is not None:
-                self._spill = None
-                with spill:
-                    spill.seek(0)
-                    for batch in _batches(spill):
-                        self._db.executemany(self._insert, batch)
-        self.flush()
-        row: tuple[object, ...] | None = self._db.execute(self._select, (key,)).fetchone()
-        return row
-
-    def close(self) -> None:
-        if self._spill is not None:
-            self._spill.close()
-
-
-def _batches(spill: IO[bytes]) -> Iterator[list[tuple[object, ...]]]:
-    while True:
-        try:
-            yield pickle.load(spill)  # noqa: S301 (this process's own rows, in its own unlinked file)
-        except EOFError:
-            return
-
-
 class _Claims:
     """What the items met so far have taken, in a scratch SQLite database (100,000 items do not stay in
     memory; each table's Bloom filter, 2 MiB, keeps most lookups away from it): their ids, and the output
@@ -197,11 +91,11 @@ class _Claims:
             "CREATE TABLE reads (place BLOB PRIMARY KEY, owner TEXT, path TEXT) WITHOUT ROWID;"
         )
         self._db.execute("BEGIN")  # never committed: the tables are thrown away
-        self._ids = _Table(self._db, "ids", "id")
-        self._names = _Table(self._db, "names", "name, owner, what")
-        self._folders = _Table(self._db, "folders", "name, owner")
-        self._writes = _Table(self._db, "writes", "place, owner")
-        self._reads = _Table(self._db, "reads", "place, owner, path")
+        self._ids = ScratchTable(self._db, "ids", "id")
+        self._names = ScratchTable(self._db, "names", "name, owner, what")
+        self._folders = ScratchTable(self._db, "folders", "name, owner")
+        self._writes = ScratchTable(self._db, "writes", "place, owner")
+        self._reads = ScratchTable(self._db, "reads", "place, owner, path")
         # How many of the last item's stems claim_outputs() put in the names table (the first, up to a clash):
         # for those right in the output folder, that table is also the writes table (see claim_places()).
         self._named = 0
