@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 import nanobatch
+from nanobatch.output.journal import orphaned_requests
 from nanobatch.output.outdir import Journal, ResultsLog, atomic_write
 from nanobatch.output.record import ItemRecord
-from nanobatch.output.results import ResultsIndex, orphaned_requests, read_records
+from nanobatch.output.results import ResultsIndex, read_records
 from nanobatch.output.resume import is_done
 
 

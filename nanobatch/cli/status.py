@@ -13,8 +13,9 @@ from typing import Any
 from ..errors import ConfigError, ManifestError, UsageError
 from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
+from ..output.journal import orphaned_requests
 from ..output.lock import current_holder
-from ..output.results import IndexEntry, ResultsIndex, orphaned_requests
+from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..run.batch.ledger import answers_kept, open_chunks
 from ..run.summary import STARTED, STATE, file_stamp, folder_entries

@@ -347,7 +347,7 @@ class OutDir:
     def recover(self, index: ResultsIndex) -> list[dict[str, Any]]:
         """What a dead run left: its requests in flight (reported and returned), its journal's claims on files
         (carried over), its half-written temporary files (removed). Call with the lock held."""
-        from .results import orphaned_requests, writes_to_adopt
+        from .journal import orphaned_requests, writes_to_adopt
 
         orphans = orphaned_requests(self.path, index)
         if orphans:

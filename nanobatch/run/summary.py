@@ -120,7 +120,7 @@ def folder_state(
     run ended (None when not *counted*: ``--retry-failed`` passes over items without telling whether they are
     done). *check*: what the run's check found and rested on (``CheckResult.held``), for ``validate`` to answer
     from while it holds (:mod:`nanobatch.run.unchanged`)."""
-    from ..output.results import orphaned_requests
+    from ..output.journal import orphaned_requests
 
     files = manifest.files()
     try:

@@ -1,0 +1,59 @@
+"""What the folder's journal (``journal.jsonl``) tells once a run died: the requests it sent that nothing settled,
+and the files it wrote that no record names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..names import JOURNAL_FILE
+from .results import ResultsIndex
+
+__all__ = ["orphaned_requests", "writes_to_adopt"]
+
+
+def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
+    """Requests the journal says were sent, not settled by an error answer, whose item has no result from that
+    run (the run died, or stopped before the item's last step); one entry per request; *index* is the folder's
+    loaded :class:`ResultsIndex`."""
+    # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
+    open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
+    for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
+        request = (entry.get("run"), entry["id"], entry.get("attempt"))
+        if entry["event"] == "settled":
+            open_requests.pop(request, None)
+            continue
+        latest = index.get(entry["id"])
+        if latest is None or latest.run != entry.get("run"):
+            open_requests[request] = entry
+    return list(open_requests.values())
+
+
+def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
+    """Files the journal says nanobatch wrote that no record names (the run died between the image and its
+    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
+    carried = []
+    for entry in _journal_entries(path, ("writing",)):
+        names = [str(name) for name in entry.get("files") or ()]
+        if unowned := sorted(set(names) - index.owned(entry["id"], names)):
+            index.adopt(entry["id"], unowned)
+            carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
+    return carried
+
+
+def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The journal's entries of the given *events* that name an item (``id``); none when there is no journal.
+    A line torn by the crash the journal is there to report is passed over."""
+    if not path.exists():
+        return
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and entry.get("event") in events and isinstance(entry.get("id"), str):
+                yield entry
