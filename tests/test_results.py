@@ -198,3 +198,24 @@ def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> 
 
     record = ItemRecord.from_json(line)
     assert _line_row(line) == (_row(record), record.files, record.costs()[1])
+
+
+def test_records_read_ahead_answer_for_their_items_and_one_added_since_is_read_again() -> None:
+    """A run over a done folder asks the index about each item: the records of a few hundred are read in one
+    query as the items are taken, and a record the run adds meanwhile is the one that counts."""
+    index = ResultsIndex()
+    for name in ("a", "b", "c"):
+        index.add(ItemRecord(id=name, status="ok", key=f"k-{name}"))
+    items = [ItemRecord(id=name, status="ok") for name in ("a", "b", "c", "new")]
+    asked: list[str] = []
+    index._db.set_trace_callback(asked.append)
+    taken = index.read_ahead(items)
+    assert next(taken).id == "a" and len(asked) == 1  # the four read together
+    index.add(ItemRecord(id="b", status="failed", key="k-b"))  # b's answer came back failed since
+    answers = {name: index.get(name) for name in ("a", "b", "c", "new")}
+    assert {name: entry and entry.status for name, entry in answers.items()} == {
+        "a": "ok", "b": "failed", "c": "ok", "new": None
+    }
+    assert [item.id for item in taken] == ["b", "c", "new"]
+    assert sum(text.startswith("SELECT") for text in asked) == 2  # the read ahead, and b's new record
+    assert index.get("a") is not None and sum(text.startswith("SELECT") for text in asked) == 3  # asked again

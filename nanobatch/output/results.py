@@ -9,9 +9,10 @@ import hashlib
 import itertools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
@@ -152,6 +153,9 @@ _UPSERT = (
     f"UPDATE SET ({_COLUMNS}, at) = ({', '.join(f'excluded.{c.strip()}' for c in _COLUMNS.split(','))}, excluded.at)"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
+_SELECT_MANY = f"SELECT {_COLUMNS} FROM entries WHERE id IN ({{}})"
+_AHEAD = 256  # items whose records read_ahead() reads in one query
+_KEPT_AHEAD = 4096  # records read ahead and not asked for yet, at most (the oldest are dropped: asked again)
 _SELECT_OK = "SELECT key, outputs, stamps FROM entries WHERE id = ? AND status = 'ok'"
 _SELECT_OKS = "SELECT id, key, outputs, stamps FROM entries WHERE id IN ({}) AND status = 'ok'"
 # Each item with a line at or after an offset: the entry its first such line replaced (the superseded row with
@@ -233,6 +237,14 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str], float]:
     return row, files, paid
 
 
+class _Identified(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+_HasId = TypeVar("_HasId", bound=_Identified)
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
@@ -248,6 +260,7 @@ class ResultsIndex:
     def __init__(self) -> None:
         self._db = scratch_db(_INDEX_SCHEMA)
         self._paid_usd = 0.0  # what every record read or added says its run paid, superseded ones too
+        self._ahead: OrderedDict[str, tuple[Any, ...] | None] = OrderedDict()  # rows by id (None: no record)
 
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
@@ -287,6 +300,7 @@ class ResultsIndex:
         return count
 
     def add(self, record: ItemRecord) -> None:
+        self._ahead.pop(record.id, None)
         self._db.execute(_UPSERT, (*_row(record), None))
         self._db.executemany(_OWN, _owned_rows([record]))
         self._paid_usd += record.costs()[1]
@@ -313,9 +327,25 @@ class ResultsIndex:
         # *stem* as given (on Windows a key has "/" for its separators), then the rest of the name
         return frozenset(stem + name[len(low) :].decode("utf-8", "surrogatepass") for (name,) in rows)
 
+    def read_ahead(self, items: Iterable[_HasId]) -> Iterator[_HasId]:
+        """*items*, as they are taken: the latest records of each few hundred are read in one query, for
+        :meth:`get` to answer from (a query per item costs several times as much). A record added since is read
+        again."""
+        stream = iter(items)
+        while chunk := list(itertools.islice(stream, _AHEAD)):
+            ids = [item.id for item in chunk]
+            rows = {row[0]: row for row in self._db.execute(_SELECT_MANY.format(", ".join("?" * len(ids))), ids)}
+            self._ahead.update((item_id, rows.get(item_id)) for item_id in ids)
+            while len(self._ahead) > _KEPT_AHEAD:
+                self._ahead.popitem(last=False)
+            yield from chunk
+
     def get(self, item_id: str) -> IndexEntry | None:
         """The latest record of *item_id*, or None if it has none."""
-        row = self._db.execute(_SELECT, (item_id,)).fetchone()
+        if item_id in self._ahead:
+            row = self._ahead.pop(item_id)
+        else:
+            row = self._db.execute(_SELECT, (item_id,)).fetchone()
         if row is None:
             return None
         _, status, key, outputs, prompt, candidates, thoughts, total, cost, error_kind, stamps, run, files, paid = row

@@ -362,7 +362,8 @@ async def _drive(
             # The items the check passed, and no more: rows added to a source since then wait for the next
             # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
             items = manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
-            await engine.run(engine.referrer.stamps.watch(items))  # bucket objects stamped in batches, ahead
+            # Bucket objects stamped, and the items' records read, in batches ahead
+            await engine.run(engine.index.read_ahead(engine.referrer.stamps.watch(items)))
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if (error := sole_error(group)) is not None:
