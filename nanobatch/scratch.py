@@ -3,7 +3,9 @@
 A 100,000-item catalog would otherwise keep 100,000 ids, keys and input stamps in
 Python objects (bench row "4 memory", manifest length, holds it flat). SQLite's private temporary database lives in its
 page cache (capped below) and spills to a file that is unlinked as soon as it is
-opened, so nothing is left behind even when the process is killed.
+opened, so nothing is left behind even when the process is killed. :class:`ScratchTable` puts one table of
+such a database behind a Bloom filter, its rows pickled in batches into an unlinked file of their own until
+lookups make SQLite worth its B-tree.
 """
 
 from __future__ import annotations

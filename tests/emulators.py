@@ -210,7 +210,11 @@ def azurite() -> Iterator[Emulator]:
         yield Emulator(f"{url}/{AZURITE_ACCOUNT}", AzuriteLog(log_path, url))
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         shutil.rmtree(log_folder, ignore_errors=True)
 
 

@@ -214,8 +214,8 @@ def test_no_copy_of_the_index_is_kept_while_its_last_line_is_cut_short(
 def test_a_duplicate_late_in_a_long_catalog_is_found_after_the_first_thousands_were_set_aside(
     tmp_path: Path,
 ) -> None:
-    """What items claim is set aside in a spill file until the first key that may be taken, then looked up in
-    SQLite: an id the last of 5,001 rows repeats from the fourth is still caught, and only it."""
+    """What items claim is set aside in a spill file, where the first keys that may be taken are looked for
+    (later ones in SQLite): an id the last of 5,001 rows repeats from the fourth is still caught, and only it."""
     job = _catalog(tmp_path, 5000, "csv")
     with (tmp_path / "rows.csv").open("a") as f:
         f.write("sku-000003,again\n")
@@ -250,6 +250,27 @@ def test_a_scratch_table_reads_its_rows_set_aside_for_the_first_lookups_and_sqli
     found = [table.claim((b"k%d" % n, "again")) for n in range(0, 1000, 50)]  # past the lookups read from the file
     assert found == [(b"k%d" % n, f"first {n}") for n in range(0, 1000, 50)]
     assert table._db.execute("SELECT COUNT(*) FROM t").fetchone() == (1000,)  # each row once, the first claimant's
+
+
+def test_a_scratch_table_keeps_every_row_and_the_first_of_a_key_through_scans_and_after() -> None:
+    """A scan that finds its row early must leave the spill file where the next batch goes: rows written after
+    it are still found, and of rows sharing a key (a table without a primary key) the first one answers,
+    before and after the rows move into SQLite."""
+    from nanobatch.scratch import ScratchTable, scratch_db
+
+    table = ScratchTable(scratch_db("CREATE TABLE f (k BLOB, v TEXT); CREATE INDEX f_k ON f (k);"), "f", "k, v")
+    for n in range(600):  # two batches written, the rest not yet
+        table.add((b"k%d" % n, "first"))
+    assert table.find(b"k3") == (b"k3", "first")  # found in the first batch written: the scan stops there
+    table.add((b"k3", "second"))
+    for n in range(600, 1200):
+        table.add((b"k%d" % n, "first"))
+    found = [table.find(b"k%d" % n) for n in (300, 599, 900, 1199)]
+    assert found == [(b"k%d" % n, "first") for n in (300, 599, 900, 1199)]
+    for n in range(10, 18):  # keys it holds: past the scans, the rows go into SQLite
+        assert table.find(b"k%d" % n) == (b"k%d" % n, "first")
+    assert table.find(b"k3") == (b"k3", "first") and table.find(b"k700") == (b"k700", "first")
+    assert table._db.execute("SELECT COUNT(*) FROM f").fetchone() == (1201,)
 
 
 def test_a_damaged_picture_linked_under_many_names_is_a_bad_input_of_each_item(tmp_path: Path) -> None:
