@@ -246,7 +246,7 @@ def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int, int] | N
 
     try:
         manifest = load_manifest(path, default_model=model).skipping(out_dir)
-        for item in manifest.items(check_files=False, on_problem=bad):
+        for item in index.read_ahead(manifest.items(check_files=False, on_problem=bad)):
             total += 1
             entry = index.get(item.id)
             if not _done(out_dir, entry.outputs if entry is not None and entry.status == "ok" else None):

@@ -206,7 +206,7 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
             tg.start_soon(_worker, receive.clone(), loader, target, found)
         receive.close()
         async with send:
-            for place, item in enumerate(job.items(check_files=False)):
+            for place, item in enumerate(index.read_ahead(job.items(check_files=False))):
                 entry = index.get(item.id)
                 if _done(entry, target):
                     await send.send((place, item, entry))
