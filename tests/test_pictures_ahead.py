@@ -88,7 +88,8 @@ def test_an_input_linked_into_the_output_folder_is_found_with_the_pictures_looke
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The other process says which inputs are symbolic links (this one then does not ask again): an input that
-    is a link to another item's output is the same problem with the look-ahead as without it."""
+    is a link to another item's output is the same problem with the look-ahead as without it. (Without it, the
+    lstat of the picture's own stat tells.)"""
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(40)],
                     defaults={"instruction": "white"})  # fmt: skip
     out = tmp_path / "out"
@@ -98,16 +99,21 @@ def test_an_input_linked_into_the_output_folder_is_found_with_the_pictures_looke
         (tmp_path / f"images/{n}.png").unlink()
         (tmp_path / f"images/{n}.png").symlink_to(out / f"i{n - 1}.png")
     asked: list[str] = []
-    real = os.path.islink
-    monkeypatch.setattr(os.path, "islink", lambda path: asked.append(path) or real(path))
+    real = os.lstat
+    monkeypatch.setattr(os, "lstat", lambda path, **kw: asked.append(str(path)) or real(path, **kw))
+
+    def pictures_asked() -> set[int]:  # lstat: taken for a stat, to tell a link, or to follow one (realpath)
+        return {int(p.rsplit("/", 1)[1][:-4]) for p in asked if "/images/" in p and p.endswith(".png")}
+
     monkeypatch.setattr(pictures, "START_AFTER", 10**9)
     alone = _problems(job, out)
     assert {item for item, _, _ in alone} >= {f"i{n}" for n in range(4, 40, 5)}
-    asked_alone, asked[:] = len(asked), []
+    asked_alone, asked[:] = len(pictures_asked()), []
     monkeypatch.setattr(pictures, "START_AFTER", 10)  # scaled down from thousands
     monkeypatch.setattr(pictures, "_CHUNK", 7)
     assert _problems(job, out) == alone
-    assert asked_alone >= 40 and len([p for p in asked if "/images/" in p]) == 10  # the first ten items' only
+    # Here: the first ten items' pictures, and where each later link leads (its real path)
+    assert asked_alone == 40 and pictures_asked() == set(range(10)) | set(range(14, 40, 5))
 
 
 def _die(paths: list[str], read: bool) -> None:
@@ -266,3 +272,25 @@ def test_no_process_is_forked_while_another_thread_runs(monkeypatch: pytest.Monk
     finally:
         waiting.set()
         thread.join()
+
+
+def test_a_check_that_reads_no_pictures_asks_once_about_each_and_still_finds_a_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's check reads no picture, but stats each and asks whether it is a symbolic link into the output
+    folder: one lstat answers both for a plain file (it was a stat and an lstat), and a link is still caught."""
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png"} for n in range(6)],
+                    defaults={"instruction": "white"})  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "i4.png").write_bytes(image_bytes())
+    (tmp_path / "images/5.png").unlink()
+    (tmp_path / "images/5.png").symlink_to(out / "i4.png")  # i5's picture is the file i4 writes
+    asked: list[str] = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, _real=real, **kw: asked.append(str(path)) or _real(path, **kw))
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job, out_dir=out, check_pictures=False, count_done=False)
+    assert [(p.item, p.field) for p in err.value.problems] == [("i5", "image")]
+    assert [sum(p.endswith(f"/images/{n}.png") for p in asked) for n in range(5)] == [1] * 5

@@ -133,7 +133,8 @@ class Manifest:
         paths of other files to stat with an item's pictures (a done item's outputs); *pictures*: the picture
         check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged).
         """
-        files: bool | PictureCheck = (pictures or PictureCheck()) if decode and check_files else check_files
+        # Not decoding, the pictures are still stat-ed through one: its lstat also tells which are links
+        files = ((pictures or PictureCheck()) if decode else PictureCheck(read=False)) if check_files else False
 
         also: dict[str | None, list[str]] = {}  # by item id, as *ahead* gave them, until looked at or resolved
 
@@ -149,7 +150,7 @@ class Manifest:
         raws = self._raw_items()
         if ahead is not None:  # told first: its files are looked at with the pictures
             raws = _told_ahead(raws, lambda ids: also.update(ahead(ids)))
-        if isinstance(files, PictureCheck):
+        if isinstance(files, PictureCheck) and files.read:
             # In a done folder most pictures are trusted as sent and answered: only stat-ed ahead, not read
             raws = looked_ahead(raws, paths_of, files, read=trusted is None)
         is_link = files.is_link if isinstance(files, PictureCheck) else os.path.islink

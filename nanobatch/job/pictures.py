@@ -66,9 +66,11 @@ class PictureCheck:
     """Reads a local picture and says why it cannot be decoded; a picture many items share (by its path, or hard
     links to one file) is read once while its size and times stay the same."""
 
-    def __init__(self, remember: int = 256) -> None:
+    def __init__(self, remember: int = 256, *, read: bool = True) -> None:
+        self.read = read  # False: the pictures are only stat-ed (a run's check), none is read
         self._seen: OrderedDict[tuple[int, ...], str | None] = OrderedDict()
         self._remember = remember
+        self._links: dict[str, bool] = {}  # whether each path just stat-ed is a symbolic link, until asked
         self._trusted: Mapping[str, tuple[int, int, str]] = {}
         self.unchanged: set[str] = set()  # the trusted pictures found as stamped since trust(): not read
         self.ahead: dict[str, Looked] = {}  # pictures looked at by looked_ahead(), by path
@@ -80,16 +82,29 @@ class PictureCheck:
             self.unchanged = set()
 
     def stat(self, path: str) -> Stat:
-        """The stat of *path*: as looked at ahead, if it was (OSError, ValueError as :func:`os.stat` raises)."""
-        return self.ahead.get(path) or os.stat(path)
+        """The stat of *path*: as looked at ahead, if it was (OSError, ValueError as :func:`os.stat` raises).
+        Taken here, its lstat also tells :meth:`is_link` (for all but links it is the stat: one system call)."""
+        if (looked := self.ahead.get(path)) is not None:
+            return looked
+        st = os.lstat(path)
+        if len(self._links) >= 64:  # an item's few pictures; more were never asked about
+            self._links.clear()
+        self._links[path] = link = stat.S_ISLNK(st.st_mode)
+        return os.stat(path) if link else st
 
     def is_link(self, path: str) -> bool:
-        """Whether *path* is a symbolic link: as looked at ahead, if it was (:func:`os.path.islink`)."""
-        looked = self.ahead.get(path)
-        return looked.link if looked is not None else os.path.islink(path)
+        """Whether *path* is a symbolic link: as looked at ahead or stat-ed just before, if it was
+        (:func:`os.path.islink`)."""
+        if (looked := self.ahead.get(path)) is not None:
+            return looked.link
+        link = self._links.pop(path, None)
+        return os.path.islink(path) if link is None else link
 
     def __call__(self, path: str, st: Stat) -> str | None:
-        """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None."""
+        """Why the picture at *path* (*st*: its stat, just taken) cannot be decoded, or None (always, unless
+        *read*)."""
+        if not self.read:
+            return None
         if (stamp := self._trusted.get(path)) is not None and (st.st_size, st.st_mtime_ns) == stamp[:2]:
             self.unchanged.add(path)
             return None
