@@ -518,3 +518,29 @@ def test_a_non_ascii_id_from_a_csv_row_is_named_with_its_row_and_says_ascii(tmp_
     path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": text}, ["photos/MUG-1.jpg", "photos/SNÖ-2.jpg"])
     (problem,) = problems(path)
     assert problem.file == f"{tmp_path / 'catalog.csv'}:3" and "ASCII letters" in problem.message
+
+
+def test_a_row_turned_bad_past_where_a_stopped_run_got_to_is_not_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run reads its items (their records) a few hundred ahead of the workers: a row that turned bad since the
+    check is still told only when the run gets there, so a run stopped first (here by its request budget)
+    neither logs it nor counts it as failed."""
+    import nanobatch.run.runner
+
+    skus = [f"S{n:03d}" for n in range(40)]
+    rows = "sku,background\n" + "".join(f"{sku},white\n" for sku in skus)
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, [f"photos/{s}.jpg" for s in skus])
+    real_check = nanobatch.run.runner.check_job
+
+    def check_then_edit(*args: Any, **kwargs: Any) -> Any:
+        checked = real_check(*args, **kwargs)
+        (tmp_path / "catalog.csv").write_text(rows.replace("S030,white", "S030,"))  # row 31 loses its background
+        return checked
+
+    monkeypatch.setattr(nanobatch.run.runner, "check_job", check_then_edit)
+    stopped = nanobatch.load_settings(overrides={"budget.max_requests": 2, "limits.concurrency": 1})
+    summary = run_virtual(
+        lambda: nanobatch.run_job(path, transport=FakeGemini().transport, out_dir=tmp_path / "out", settings=stopped)
+    )
+    assert summary.stats.ok == 2 and summary.stats.failed == 0 and "S030" not in caplog.text

@@ -81,7 +81,7 @@ class ObjectStamps:
 
     def watch(self, items: Iterable[WorkItem]) -> Iterator[WorkItem]:
         """*items*, read ahead (at most *batch* of them) only while they have bucket inputs: a manifest of
-        local files is passed through as it is, one item at a time."""
+        local files is passed through as it is, one item at a time (a run reads ahead for the records anyway)."""
         stream = iter(items)
         for item in stream:
             chunk = [item]

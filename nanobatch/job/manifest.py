@@ -140,7 +140,7 @@ class Manifest:
 
         def resolve(raw: RawItem) -> tuple[WorkItem | None, list[Problem]]:
             also.pop(raw_id(raw), None)
-            if trusted is not None and isinstance(files, PictureCheck):
+            if trusted is not None and isinstance(files, PictureCheck) and files.read:
                 files.trust(trusted(raw_id(raw)))
             return self._resolve(raw, check_files=files)
 

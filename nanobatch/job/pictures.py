@@ -64,7 +64,8 @@ def read_problem(path: str) -> str | None:
 
 class PictureCheck:
     """Reads a local picture and says why it cannot be decoded; a picture many items share (by its path, or hard
-    links to one file) is read once while its size and times stay the same."""
+    links to one file) is read once while its size and times stay the same. With *read* False it reads none:
+    it only stats them (and tells which are symbolic links), for a check that does not decode."""
 
     def __init__(self, remember: int = 256, *, read: bool = True) -> None:
         self.read = read  # False: the pictures are only stat-ed (a run's check), none is read

@@ -7,7 +7,6 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -25,7 +24,7 @@ from ..api.client import GeminiClient
 from ..api.connect import api_key_for, batch_client, connect
 from ..api.retry import RetryPolicy
 from ..config import Settings
-from ..errors import ConfigError, Interrupted, NanobatchError, Problem, TimeLimitReached, sole_error
+from ..errors import ConfigError, Interrupted, NanobatchError, TimeLimitReached, sole_error
 from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.check import left_out_text
@@ -37,6 +36,7 @@ from ..output.resume import Resume
 from ..output.upload import Uploads
 from .batch.ledger import answers_to_come
 from .batch.route import BatchRoute
+from .changed import ChangedRows
 from .engine import Engine
 from .failures import FailureLog
 from .limits import Gate
@@ -71,14 +71,6 @@ class RunSummary:
         if self.outcome == "aborted":
             return 3
         return 1 if (self.stats.failed or self.stats.blocked or self.stats.rejected) else 0
-
-
-def _skip_changed(stats: RunStats, problems: list[Problem]) -> None:
-    """An item that turned bad since the check: skipped, and counted as failed (exit 1), with no record."""
-    for problem in problems:
-        logger.error("%s (changed since the check at the start of the run: skipped)", problem)
-    stats.failed += 1
-    stats.failures["manifest"] += 1
 
 
 async def run_job(
@@ -361,9 +353,10 @@ async def _drive(
                 tg.start_soon(_stop_in_time, engine, began, settings.limits.max_duration_s, settings.limits.grace_s)
             # The items the check passed, and no more: rows added to a source since then wait for the next
             # run (and its check); a row changed into a bad one is skipped, not the end of a paid-for run.
-            items = manifest.items(check_files=False, on_problem=functools.partial(_skip_changed, stats), limit=limit)
-            # Bucket objects stamped, and the items' records read, in batches ahead
-            await engine.run(engine.index.read_ahead(engine.referrer.stamps.watch(items)))
+            changed = ChangedRows(stats)  # a row turned bad since: skipped, told when the workers get there
+            items = changed.read(manifest.items(check_files=False, on_problem=changed.note, limit=limit))
+            # Bucket objects stamped, and the items' records read, in batches ahead of the workers
+            await engine.run(changed.taken(engine.index.read_ahead(engine.referrer.stamps.watch(items))))
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if (error := sole_error(group)) is not None:
