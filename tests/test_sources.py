@@ -544,3 +544,25 @@ def test_a_row_turned_bad_past_where_a_stopped_run_got_to_is_not_counted(
         lambda: nanobatch.run_job(path, transport=FakeGemini().transport, out_dir=tmp_path / "out", settings=stopped)
     )
     assert summary.stats.ok == 2 and summary.stats.failed == 0 and "S030" not in caplog.text
+
+
+def test_a_last_row_turned_bad_is_told_once_the_run_has_taken_every_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The other side of reading ahead: a row past the last item a finished run sent is still told and counted."""
+    import nanobatch.run.runner
+
+    rows = "sku,background\nS1,white\nS2,grey\nS3,blue\n"
+    path = job(tmp_path, {"items_from": [CSV_SOURCE]}, {"catalog.csv": rows}, ["photos/S1.jpg", "photos/S2.jpg",
+                                                                                "photos/S3.jpg"])  # fmt: skip
+    real_check = nanobatch.run.runner.check_job
+
+    def check_then_edit(*args: Any, **kwargs: Any) -> Any:
+        checked = real_check(*args, **kwargs)
+        (tmp_path / "catalog.csv").write_text(rows.replace("S3,blue", "S3,"))  # the last row loses its background
+        return checked
+
+    monkeypatch.setattr(nanobatch.run.runner, "check_job", check_then_edit)
+    summary = run_virtual(lambda: nanobatch.run_job(path, transport=FakeGemini().transport, out_dir=tmp_path / "out"))
+    assert summary.stats.ok == 2 and summary.stats.failures == {"manifest": 1} and summary.exit_code == 1
+    assert "item 'S3'" in caplog.text and "changed since the check" in caplog.text
