@@ -10,7 +10,8 @@ JSONL source), every item its own input file (a tiny PNG of its own pixels), and
   through every item (no summary yet; it skips each, writes ``summary.json`` and keeps a copy of the resume
   index), the second is answered from that summary; then ``status`` and ``validate`` of that
   folder (for the manifest the run used, the last run's summary may answer; the others are checked item by
-  item), ``status`` once another tool appended a line to results.jsonl (the summary no longer holds), and
+  item), then ``validate`` and ``run`` once 1% more rows were appended to the catalog (only those are checked
+  and sent), ``status`` once another tool appended a line to results.jsonl (the summary no longer holds), and
   ``status`` after a run was killed (SIGKILL, no summary at its end) once it had appended N/50 records
   (``run --force``, so the records replace done ones).
 
@@ -99,6 +100,15 @@ def write_job(folder: Path, n: int) -> dict[str, Path]:
         path.write_text(f'name: scale-{n}\n{head}items_from:\n  - {kind}: {source}\n    image: "images/{{id}}.png"\n')
         manifests[kind] = path
     return manifests
+
+
+def grow(folder: Path, fmt: str, n: int, more: int) -> None:
+    """Rows appended to the job's *fmt* catalog of *n* rows, as a nightly export adds new products: *more*
+    items, each its own new input file."""
+    ids = [f"sku-{number:07d}" for number in range(n, n + more)]
+    _distinct_pngs(folder / "images", [f"{i}.png" for i in ids])
+    with (folder / f"catalog.{fmt}").open("a") as f:
+        f.write("".join(f"{i}\n" if fmt == "csv" else f'{{"id": "{i}"}}\n' for i in ids))
 
 
 def write_done(manifest: Path, out: Path) -> int:
@@ -207,6 +217,12 @@ def bench_size(tmp: Path, n: int, formats: tuple[str, ...], rows: list[dict[str,
     for fmt in formats:  # the run's own manifest may be answered from its summary; the others check every item
         what = "validate, all done, as its run left it" if fmt == done_fmt else "validate, all done"
         row(what, fmt, ["validate", str(manifests[fmt]), "--out", str(out)])
+    if done_fmt in ("csv", "jsonl"):  # the catalog grows by 1%: its old rows rest on the last run's check
+        more = max(n // 100, 10)
+        grow(folder, done_fmt, n, more)
+        check = ["validate", str(manifests[done_fmt]), "--out", str(out)]
+        row(f"validate, catalog grown by {more:,} rows", done_fmt, check)
+        row(f"run, catalog grown by {more:,} rows", done_fmt, rerun)
     with (out / "results.jsonl").open("a") as f:  # another tool's line: the summary's figures no longer hold
         f.write('{"note": "appended by another tool"}\n')
     row("status, results changed since", "-", ["status", str(out)])

@@ -283,11 +283,13 @@ def check_items(
     out_dir: Path | None = None,
     skip_bad_inputs: bool = False,
     is_link: Callable[[str], bool] = os.path.islink,
+    empty_ok: bool = False,
 ) -> CheckReport:
     """Resolve each of *raw_items* (of the manifest at *path*) with *resolve*, collecting every problem: each
     item's own, and what items clash over. Only ids and output names are kept, in a scratch database.
     *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead.
-    *is_link*: whether a local input is a symbolic link (the check of what writes could replace asks it)."""
+    *is_link*: whether a local input is a symbolic link (the check of what writes could replace asks it).
+    *empty_ok*: yielding no item is no problem."""
     problems, left_out = _Problems(path), _Problems(path)
     with contextlib.closing(_Claims()) as claims:
         count = requests = left_items = 0
@@ -315,7 +317,7 @@ def check_items(
                 visit(item)
             count += 1
             requests += len(item.steps)
-    if count + left_items == 0 and not problems.found:
+    if count + left_items == 0 and not problems.found and not empty_ok:
         problems.add(Problem(str(path), None, "items", "the manifest and its sources yield no items"))
     return CheckReport(
         items=count + left_items, requests=requests, problems=problems.listed(), left_out=left_out.kept,

@@ -49,6 +49,11 @@ class Utf8Lines:
         except UnicodeDecodeError as exc:
             raise NotUtf8Line(self.line, raw[exc.start]) from None
 
+    def skip_to(self, offset: int, line: int) -> None:
+        """Go on reading at byte *offset* (the start of a line), *line* lines having been read before it."""
+        self._file.seek(offset)
+        self.line = line
+
     def close(self) -> None:
         self._file.close()
 

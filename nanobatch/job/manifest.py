@@ -78,6 +78,17 @@ class Manifest:
         )
         return dataclasses.replace(self, sources=sources)
 
+    def since(self, starts: Mapping[str, tuple[int, int]]) -> Manifest:
+        """This manifest with only the rows appended to its CSV and JSONL sources since a run's check: each
+        source named in *starts* (by absolute path: the byte and the line its new rows start at) read from there
+        on, and no other source, nor ``items:``."""
+        sources = tuple(
+            dataclasses.replace(source, start=starts[path][0], lines=starts[path][1])
+            for source in self.sources
+            if isinstance(source, TableSource) and (path := os.path.abspath(source.path)) in starts
+        )
+        return dataclasses.replace(self, sources=sources)
+
     def files(self) -> list[str] | None:
         """The local files its items are read from (the manifest, its CSV and JSONL sources), absolute; None when a
         glob or a bucket object gives items too (what they give is not told by files' stamps)."""
@@ -120,6 +131,7 @@ class Manifest:
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
         ahead: Callable[[list[str | None]], Mapping[str, list[str]]] | None = None,
         pictures: PictureCheck | None = None,
+        empty_ok: bool = False,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -131,7 +143,8 @@ class Manifest:
         those still the same are not read again; *ahead* is told the ids of the next few hundred items, a few
         thousand items before they are resolved (so that *trusted* may read their stamps together), and gives the
         paths of other files to stat with an item's pictures (a done item's outputs); *pictures*: the picture
-        check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged).
+        check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged);
+        *empty_ok*: no item is no problem (the rows appended to a catalog since a run's check may give none).
         """
         # Not decoding, the pictures are still stat-ed through one: its lstat also tells which are links
         files = ((pictures or PictureCheck()) if decode else PictureCheck(read=False)) if check_files else False
@@ -155,7 +168,7 @@ class Manifest:
             raws = looked_ahead(raws, paths_of, files, read=trusted is None)
         is_link = files.is_link if isinstance(files, PictureCheck) else os.path.islink
         return check_items(self.path, raws, resolve, visit=visit, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs,
-                           is_link=is_link)  # fmt: skip
+                           is_link=is_link, empty_ok=empty_ok)  # fmt: skip
 
     def _raw_items(self) -> Iterator[RawItem]:
         for source in self.sources:

@@ -125,6 +125,10 @@ class TableSource:
     delimiter: str = ","
     # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
     columns_as_fields: frozenset[str] = frozenset()
+    # Rows from this byte on (a local file's), the *lines* before it passed over (a CSV's header still read):
+    # those appended since a run's check (Manifest.since).
+    start: int = 0
+    lines: int = 0
 
     def raw_items(self) -> Iterator[RawItem]:
         try:
@@ -133,6 +137,8 @@ class TableSource:
             yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
             return
         with stream:
+            if self.kind == "jsonl" and self.start:
+                stream.skip_to(self.start, self.lines)
             rows = self._csv_rows(stream) if self.kind == "csv" else self._jsonl_rows(stream)
             try:
                 yield from rows
@@ -144,7 +150,7 @@ class TableSource:
             except OSError as exc:  # the disk or share failed mid-file
                 yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
 
-    def _csv_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
+    def _csv_rows(self, stream: Utf8Lines) -> Iterator[RawItem]:
         # csv.reader, each row zipped with the header, as csv.DictReader makes it (a blank line passed over, a
         # short row's missing cells None; a long one is a problem) at less cost per row
         reader = csv.reader(stream, delimiter=self.delimiter)
@@ -162,22 +168,28 @@ class TableSource:
             yield RawItem(fields=None, file=f"{file}:1", label=None, problems=tuple(missing))
             return
         width, first_column = len(header), header[0]
+        skipped = 0  # lines passed over: a row's number is the reader's line number and these
+        if self.start:
+            stream.skip_to(self.start, self.lines)
+            skipped = self.lines - reader.line_num
         while True:
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield _broken(f"{file}:{reader.line_num}", None, f"row {reader.line_num} is not valid CSV: {exc}")
+                number = reader.line_num + skipped
+                yield _broken(f"{file}:{number}", None, f"row {number} is not valid CSV: {exc}")
                 return
             if not cells:
                 continue
             row: dict[str, Any] = dict(zip(header, cells, strict=False))  # a short row: filled below
-            where = f"{file}:{reader.line_num}"
+            number = reader.line_num + skipped
+            where = f"{file}:{number}"
             if len(cells) != width:
                 if len(cells) > width:
                     extra = len(cells) - width
-                    message = f"row {reader.line_num} has {extra} more value(s) than the header has columns"
+                    message = f"row {number} has {extra} more value(s) than the header has columns"
                     yield _broken(where, None, message)
                     continue
                 row.update(dict.fromkeys(header[len(cells) :]))
@@ -186,11 +198,11 @@ class TableSource:
                 value and value.strip() for value in row.values() if isinstance(value, str)
             ):
                 continue  # an empty row (",,", as Excel saves one): skipped like a blank line
-            yield self._row(row, where, f"row {reader.line_num}")
+            yield self._row(row, where, f"row {number}")
 
     def _jsonl_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
         file = str(self.path)
-        for number, line in enumerate(stream, 1):
+        for number, line in enumerate(stream, self.lines + 1 if self.start else 1):
             if not line.strip():
                 continue
             where = f"{file}:{number}"

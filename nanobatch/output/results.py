@@ -327,6 +327,11 @@ class ResultsIndex:
         # *stem* as given (on Windows a key has "/" for its separators), then the rest of the name
         return frozenset(stem + name[len(low) :].decode("utf-8", "surrogatepass") for (name,) in rows)
 
+    def owns_between(self, low: str, high: str) -> bool:
+        """Whether a file nanobatch wrote for any item has a name from *low* up to, not including, *high*."""
+        keys = (_name_key(low), _name_key(high))
+        return self._db.execute("SELECT 1 FROM owned WHERE name >= ? AND name < ? LIMIT 1", keys).fetchone() is not None
+
     def read_ahead(self, items: Iterable[_HasId]) -> Iterator[_HasId]:
         """*items*, as they are taken: the latest records of each few hundred are read in one query, for
         :meth:`get` to answer from (a query per item costs several times as much). A record added since is read

@@ -10,10 +10,10 @@ from pathlib import Path
 from ..inputs.stamps import FileStamp, is_remote, work_key
 from ..item import WorkItem
 from ..job.pictures import PictureCheck
-from ..names import RESULTS_FILE
+from ..names import RESULTS_FILE, FoldersIn, item_stems
 from ..output.results import ResultsIndex
 
-__all__ = ["DoneWork"]
+__all__ = ["DoneWork", "NewRows"]
 
 _OkEntry = tuple[str | None, tuple[str, ...], Mapping[str, FileStamp]]  # ResultsIndex.ok_entry's: key, outputs, stamps
 _TOLD_UP_TO = 16384  # entries kept for items told of and not met yet (an item never met is asked for again)
@@ -118,3 +118,44 @@ class DoneWork:
 
     def close(self) -> None:
         self.index.close()
+
+
+class NewRows:
+    """The items of the rows appended to a catalog since the last run's check, which holds for the rest
+    (:mod:`~nanobatch.run.unchanged`), as the check of those rows alone meets them: whether one may clash with a
+    done item, which the whole check would tell. One may when its id is a done item's, a file the folder's
+    items were given (any run's) is named as its images or a folder of theirs could be (``<stem>-``,
+    ``<stem>.``, ``<stem>/``; ``<folder>``, ``<folder>-``, ``<folder>.``, and the same for a folder's name
+    without its extension), or it reads a picture in the output folder. Most new rows are new products, and
+    meet none of these: a row that does has the whole check run."""
+
+    def __init__(self, done: DoneWork) -> None:
+        self.index = done.index
+        self._inside = FoldersIn(done.out_dir)
+        self.may_clash = False
+
+    def add(self, item: WorkItem) -> None:
+        if not self.may_clash:
+            self.may_clash = (
+                self.index.get(item.id) is not None
+                or any(map(self._named, item_stems(item)))
+                or any(self._in_folder(ref) for ref in item.inputs if not is_remote(ref))
+            )
+
+    def _in_folder(self, ref: str) -> bool:
+        """Whether the picture *ref*, or the file it links to, is in the output folder."""
+        real = self._inside.real
+        return real(os.path.dirname(ref)) is not None or real(os.path.dirname(os.path.realpath(ref))) is not None
+
+    def _named(self, stem_step: tuple[str, int | None]) -> bool:
+        stem = stem_step[0].replace(os.sep, "/")
+        # "-", "." and "/" are consecutive characters, then "0": [stem-, stem0) holds the names going on with them
+        if self.index.owns_between(stem + "-", stem + "0"):
+            return True
+        parts = stem.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):  # a file named as a folder of its images, or ending "<image>.png"
+            folder = "/".join(parts[:depth])
+            base = os.path.splitext(folder)[0]
+            if self.index.owns_between(folder, folder + "/") or self.index.owns_between(base + "-", base + "0"):
+                return True
+        return False

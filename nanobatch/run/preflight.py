@@ -4,6 +4,7 @@ estimate, and models that are retired, not served by the backend or not sold in 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -24,9 +25,9 @@ from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
-from .done import DoneWork
+from .done import DoneWork, NewRows
 from .summary import file_stamp
-from .unchanged import check_basis, held_check
+from .unchanged import Held, check_basis, held_check
 
 if TYPE_CHECKING:
     import httpx2
@@ -214,6 +215,8 @@ class CheckResult:
     held: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
     # When every item was found done from the last run's summary (run.unchanged): results.jsonl's stamp then
     done_as_of: list[int] | None = field(default=None, repr=False, compare=False)
+    # And if those of rows appended since were not (done_items: the others): where those rows start
+    rows_since: Mapping[str, tuple[int, int]] | None = field(default=None, repr=False, compare=False)
     settings: Settings = field(repr=False, compare=False)
     job: Manifest = field(repr=False, compare=False)
 
@@ -261,46 +264,90 @@ def check_job(
     target = resolve_out_dir(manifest, settings, out_dir)
     _check_settings(settings, target)
     manifest = manifest.skipping(target)
+    how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
+               skip_bad_inputs=skip_bad_inputs, count_done=count_done, from_summary=from_summary)  # fmt: skip
+    result = _check(manifest, settings, target, how, grown=True)
+    if result is None:  # a row appended since the last run may clash with a done item: the whole check says
+        result = _check(manifest, settings, target, how, grown=False)
+        assert result is not None
+    return result
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _How:
+    """How :func:`check_job` was asked to check."""
+
+    check_urls: bool
+    transport: httpx2.BaseTransport | None
+    check_pictures: bool
+    skip_bad_inputs: bool
+    count_done: bool
+    from_summary: bool
+
+
+def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, grown: bool) -> CheckResult | None:
+    """:func:`check_job` of *manifest* into *target*. With *grown*, rows appended to its catalog since the last
+    run's check, which holds for the rest (:mod:`.unchanged`), are checked alone: None if one may clash with a
+    done item (:class:`~.done.NewRows`)."""
     basis = check_basis(manifest, settings, target)  # before the files are read
     lifecycle = LifecycleCheck(str(manifest.path), settings)
-    pictures = PictureCheck() if check_pictures else None
-    done, held = _done(target, basis, lifecycle, pictures, count=count_done, from_summary=from_summary)
-    if held is not None:
-        return _result(manifest, target, settings, held, Estimate(settings), None, basis, lifecycle, held=True)
-    remote = _RemoteChecks(str(manifest.path), check_urls=check_urls)
+    pictures = PictureCheck() if how.check_pictures else None
+    done, held = _done(target, basis, lifecycle, pictures, count=how.count_done, from_summary=how.from_summary,
+                       grown=grown)  # fmt: skip
+    if held is not None and not held.starts:
+        report = CheckReport(items=held.items, requests=held.requests, problems=[])
+        return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
+    remote = _RemoteChecks(str(manifest.path), check_urls=how.check_urls)
     estimate = Estimate(settings)
+    new = NewRows(done) if held is not None and done is not None else None
 
     def visit(item: WorkItem) -> None:
         lifecycle.check(item)
         remote.add(item)
-        if done is None or not done.add(item):
+        if new is not None:
+            new.add(item)
+        if new is not None or done is None or not done.add(item):
             estimate.add(item)
 
     with contextlib.closing(done) if done is not None else contextlib.nullcontext():
-        report = manifest.check(visit=visit, out_dir=target, decode=check_pictures, skip_bad_inputs=skip_bad_inputs,
-                                trusted=done.stamps if done is not None else None,
-                                ahead=done.ahead if done is not None else None, pictures=pictures)  # fmt: skip
-    problems = report.problems + lifecycle.problems + remote.problems(transport)
+        if new is None or held is None:
+            report = manifest.check(visit=visit, out_dir=target, decode=how.check_pictures,
+                                    skip_bad_inputs=how.skip_bad_inputs, trusted=done.stamps if done else None,
+                                    ahead=done.ahead if done else None, pictures=pictures)  # fmt: skip
+        else:
+            report = manifest.since(held.starts).check(visit=visit, out_dir=target, decode=how.check_pictures,
+                                                       skip_bad_inputs=how.skip_bad_inputs, pictures=pictures,
+                                                       empty_ok=True)  # fmt: skip
+    if new is not None and new.may_clash:
+        return None
+    problems = report.problems + lifecycle.problems + remote.problems(how.transport)
     if problems:
-        raise ManifestError(problems, hint=None if skip_bad_inputs else bad_input_hint(problems))
-    return _result(manifest, target, settings, report, estimate, done, basis, lifecycle)
+        raise ManifestError(problems, hint=None if how.skip_bad_inputs else bad_input_hint(problems))
+    return _result(manifest, target, settings, report, estimate, done, basis, lifecycle, held=held)
 
 
 def _done(
     target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, pictures: PictureCheck | None, *,
-    count: bool, from_summary: bool,
-) -> tuple[DoneWork | None, CheckReport | None]:  # fmt: skip
+    count: bool, from_summary: bool, grown: bool,
+) -> tuple[DoneWork | None, Held | None]:  # fmt: skip
     """The folder's done work to count the items against (*count*; None for a run's check), and the check as
-    its last run's summary holds it, if it does (then every item is done, counted without going through them).
-    A run's check (*from_summary* alone) loads the folder's index only once the summary itself holds."""
+    its last run's summary holds it, if it does: every item done, counted without going through them, but for
+    the rows appended since, if *grown* allows them (then the done work is given, its items those held, for its
+    index). A run's check (*from_summary* alone) loads the folder's index only once the summary itself holds."""
     if not count:
-        held = _held(target, basis, lifecycle, _entries(target)) if from_summary else None
-        return None, held
-    done = DoneWork.of(target, pictures)
-    if done is not None and (held := _held(target, basis, lifecycle, done.index.every_entry())) is not None:
+        held = _held(target, basis, lifecycle, _entries(target), grown) if from_summary else None
+        done = DoneWork.of(target) if held is not None and held.starts else None
+    else:
+        done = DoneWork.of(target, pictures)
+        held = _held(target, basis, lifecycle, done.index.every_entry(), grown) if done is not None else None
+    if held is not None and held.starts and done is None:
+        return None, None  # (no results file after all)
+    if held is not None and not held.starts and done is not None:
         done.close()
         return None, held
-    return done, None
+    if held is not None and done is not None:
+        done.items, done.requests = held.items, held.requests
+    return done, held
 
 
 def _entries(target: Path) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, Any]]]:
@@ -310,26 +357,30 @@ def _entries(target: Path) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, 
 
 def _held(
     target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck,
-    entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]],
-) -> CheckReport | None:  # fmt: skip
-    """The check of a done folder as the last run's summary holds it, every item done (:mod:`.unchanged`; its
-    *entries*: the records' status, outputs and stamps, read only once the rest holds); else None."""
+    entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]], grown: bool,
+) -> Held | None:  # fmt: skip
+    """The check of a done folder as the last run's summary holds it, every item done but those of rows
+    appended since, if *grown* allows any (:mod:`.unchanged`; its *entries*: the records' status, outputs and
+    stamps, read only once the rest holds); else None."""
     held = held_check(target, basis, entries) if basis is not None else None
-    if held is None or not lifecycle.still_held(held[2]):
+    if held is None or held.starts and not grown or not lifecycle.still_held(held.models):
         return None
-    items, requests, used = held
-    lifecycle.models.update(used)
-    return CheckReport(items=items, requests=requests, problems=[])
+    lifecycle.models.update(held.models)
+    return held
 
 
 def _result(
     manifest: Manifest, target: Path, settings: Settings, report: CheckReport, estimate: Estimate,
-    done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, *, held: bool = False,
+    done: DoneWork | None, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, *, held: Held | None = None,
 ) -> CheckResult:  # fmt: skip
+    """The result of the check; with *held*, the last run's summary held for every item (*report* counts them),
+    or for all but those of rows appended since (*report* counts those, *done* the rest)."""
     concurrency, rpm = settings.gate_limits()
     done_items, done_requests = (done.items, done.requests) if done is not None else (0, 0)
-    if held:  # every item done, as the last run's summary holds
+    if held is not None and not held.starts:  # every item done, as the last run's summary holds
         done_items, done_requests = report.items, report.requests
+    elif held is not None:  # and the rows appended since
+        report = dataclasses.replace(report, items=report.items + held.items, requests=report.requests + held.requests)
     left = report.requests - done_requests
     rests_on = None if basis is None else {
         **basis, "items": report.items, "requests": report.requests, "models": sorted(lifecycle.models)
@@ -342,7 +393,8 @@ def _result(
         max_cost_usd=settings.budget.max_cost_usd, max_duration_s=settings.limits.max_duration_s,
         tiers=frozenset(estimate.tiers), cost_standard_usd=estimate.standard, cost_batch_usd=estimate.batch,
         left_out=tuple(report.left_out), left_out_items=report.left_out_items, held=rests_on, settings=settings,
-        job=manifest, done_as_of=file_stamp(str(target / RESULTS_FILE)) if held else None,
+        job=manifest, done_as_of=file_stamp(str(target / RESULTS_FILE)) if held is not None else None,
+        rows_since=held.starts if held is not None else None,
     )  # fmt: skip
 
 

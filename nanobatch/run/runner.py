@@ -135,17 +135,20 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         AsyncExitStack() as stack,
     ):
         index = stack.enter_context(ResultsIndex.load(out.path))
-        all_done = _all_done(checked, out, index)  # before this run writes anything
+        rows, left = _to_send(checked, out, index)  # before this run writes anything
         orphans = out.recover(index)
         # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
         out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
         engine, batch = await _engine(stack, checked, options, api_key, out, index, stats, observer)
         logger.info("running %s into %s (%d items)", manifest.path, out.path, checked.items)
-        if all_done:  # every item skipped, as the engine would skip each
+        stats.skipped = checked.items - left  # skipped as the engine would skip each
+        if not left:
             logger.info("every item is done, and nothing has changed since the last run: nothing to send")
-            stats.skipped = checked.items
         else:
-            await _drive(engine, manifest, settings, stats, checked.items, began, options.handle_signals)
+            if stats.skipped:
+                logger.info("%d items done as the last run left them: going through the %d of rows added since",
+                            stats.skipped, left)  # fmt: skip
+            await _drive(engine, rows, settings, stats, left, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
         waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
         summary = build_summary(
@@ -168,20 +171,28 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     return result
 
 
-def _all_done(checked: CheckResult, out: OutDir, index: ResultsIndex) -> bool:
-    """Whether the check found every item done from the last run's summary (nothing it rests on changed since:
-    run.unchanged), and that still holds now that this run holds the folder: results.jsonl as the check found
-    it, and if this run had to wait for another to let the folder go (``--wait-lock``), everything the summary
-    rests on looked at again. Then there is nothing to send. A run that uploads, or in the batch tier (its jobs
-    may want collecting), goes through the items all the same."""
-    settings = checked.settings
+def _to_send(checked: CheckResult, out: OutDir, index: ResultsIndex) -> tuple[Manifest, int]:
+    """The items this run goes through (a manifest, and how many): all of the job's, unless the check found them
+    done from the last run's summary (nothing it rests on changed since: run.unchanged), but for those of rows
+    appended to its catalog since, and that still holds now that this run holds the folder: results.jsonl as
+    the check found it, and if this run had to wait for another to let the folder go (``--wait-lock``),
+    everything the summary rests on looked at again. Then only those rows' items (none: nothing to send). A run
+    that uploads, or in the batch tier (its jobs may want collecting), goes through every item all the same."""
+    manifest, settings = checked.job, checked.settings
+    every = (manifest, checked.items)
     if checked.done_as_of is None or checked.held is None:
-        return False
+        return every
     if settings.output.upload_to is not None or settings.api.tier == "batch":
-        return False
+        return every
+    starts = checked.rows_since or {}
     if out.waited:
-        return held_check(out.path, checked.held, index.every_entry()) is not None
-    return file_stamp(str(out.path / RESULTS_FILE)) == checked.done_as_of
+        held = held_check(out.path, checked.held, index.every_entry())
+        if held is None or held.starts and held.starts != starts:
+            return every
+        starts = held.starts  # none: the run that held the folder did the rest
+    elif file_stamp(str(out.path / RESULTS_FILE)) != checked.done_as_of:
+        return every
+    return (manifest.since(starts), checked.items - checked.done_items) if starts else (manifest, 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

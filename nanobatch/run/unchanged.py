@@ -1,14 +1,21 @@
-"""``validate`` of a done folder that nothing has changed in since its last run, without resolving every item.
+"""``validate`` of a done folder that nothing has changed in since its last run, without resolving every item;
+and of one whose CSV or JSONL catalog has only had rows appended since, resolving only those.
 
 A run ends by writing into ``summary.json`` (its ``state``) how many of the manifest's items were not done, and,
-from the check it began with, what that check rested on (:func:`check_basis`: the stamps of the files the items
-come from, a digest of the settings that shape them and their checks), how many items and requests it found and
-the models they use. While every item was done, that basis is the same now, results.jsonl is as the run left it,
-and the folder holds a record of those items only, a check of the manifest would find what the run's found: no
-problem, every item done. What may have changed since is what a run looks at again: each input (its size and
-mtime, as its record stamped it; a regular file, not in the output folder), each output (there, a regular file,
-in the folder), and the models' retirement dates. :func:`held_check` looks at those alone, and at anything else
-says None: the whole check then runs as before.
+from the check it began with, what that check rested on (:func:`check_basis`: the stamps and contents of the
+files the items come from, a digest of the settings that shape them and their checks), how many items and
+requests it found and the models they use. While every item was done, that basis is the same now (the files'
+bytes, whatever their stamps say), results.jsonl is as the run left it, and the folder holds a record of those
+items only, a check of the manifest would find what the run's found: no problem, every item done. What may have
+changed since is what a run looks at again: each input (its size and mtime, as its record stamped it; a regular
+file, not in the output folder), each output (there, a regular file, in the folder), and the models' retirement
+dates. :func:`held_check` looks at those alone, and at anything else says None: the whole check then runs as
+before.
+
+A catalog that grows each night keeps its old rows byte for byte and adds rows at its end. Where a CSV or JSONL
+source's first bytes are still those the run's check read, and those ended a row (a line end, and in a CSV
+outside any quotes), the check holds for the items they give, and :class:`Held` says where each source's new
+rows start: only those are resolved and checked (``Manifest.since``).
 """
 
 from __future__ import annotations
@@ -18,15 +25,31 @@ import json
 import os
 import stat
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Settings
 from ..job.manifest import Manifest
+from ..job.sources import TableSource
 from ..names import RESULTS_FILE, FoldersIn
 from .summary import CHECK, file_stamp, last_state
 
-__all__ = ["check_basis", "held_check"]
+__all__ = ["Held", "check_basis", "held_check"]
+
+_BLOCK = 1 << 20  # bytes of a source read at a time for its digest
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The manifest as the last run into a folder checked it, every item done then and still done: its *items*,
+    *requests* and the *models* they use; *starts*, for each source with rows appended since (by absolute path),
+    the byte and the line its new rows start at (none: nothing new, the whole check holds)."""
+
+    items: int
+    requests: int
+    models: list[str]
+    starts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def check_basis(manifest: Manifest, settings: Settings, out_dir: Path) -> dict[str, Any] | None:
@@ -51,23 +74,46 @@ def check_basis(manifest: Manifest, settings: Settings, out_dir: Path) -> dict[s
         "version": _version(),
     }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
-    return {"sources": [[path, file_stamp(path)] for path in files], "settings": digest}
+    stamps = [(path, file_stamp(path)) for path in files]
+    tables = {os.path.abspath(each.path): each.kind for each in manifest.sources if isinstance(each, TableSource)}
+    contents = [_contents(path, stamp[0], tables.get(path)) if stamp else None for path, stamp in stamps]
+    return {"sources": [list(each) for each in stamps], "contents": contents, "settings": digest}
+
+
+def _contents(path: str, size: int, kind: str | None) -> list[Any] | None:
+    """[size, lines, digest, whether rows may be appended after them] of the first *size* bytes of the file at
+    *path* (its size when stamped: bytes written since are not counted); None if it cannot be read. Rows may
+    follow a CSV or JSONL (*kind*) that ends a line, and in a CSV, outside quotes (an even number of them)."""
+    digest, lines, quotes, last, left = hashlib.sha256(), 0, 0, b"", size
+    try:
+        with open(path, "rb") as f:
+            while left > 0 and (block := f.read(min(_BLOCK, left))):
+                digest.update(block)
+                lines += block.count(b"\n")
+                quotes += block.count(b'"') if kind == "csv" else 0
+                last, left = block[-1:], left - len(block)
+    except OSError:
+        return None
+    return [size - left, lines, digest.hexdigest(), kind is not None and last == b"\n" and quotes % 2 == 0]
 
 
 def held_check(
     out_dir: Path, basis: Mapping[str, Any], entries: Iterable[tuple[str, tuple[str, ...], Mapping[str, Any]]]
-) -> tuple[int, int, list[str]] | None:
-    """(items, requests, models) of the manifest as the last run into *out_dir* checked it, if every item was
-    done then and nothing but what is looked at here could have changed since (see the module); else None.
-    *basis*: :func:`check_basis` now; *entries*: (status, outputs, input stamps) of every record in the folder's
-    index, read only once the rest holds."""
+) -> Held | None:
+    """The manifest as the last run into *out_dir* checked it, if every item was done then and nothing but what
+    is looked at here could have changed since, or rows appended to its CSV and JSONL sources (see the module);
+    else None. *basis*: :func:`check_basis` now; *entries*: (status, outputs, input stamps) of every record in
+    the folder's index, read only once the rest holds."""
     state = last_state(out_dir)
     if state is None or not isinstance(held := state.get(CHECK), dict) or state.get("left") != 0:
         return None
     if held.get("settings") != basis["settings"] or not basis["sources"]:
         return None
-    # The files as the run's check read them, as the run left them, and as they are now
-    if not held.get("sources") == state.get("sources") == basis["sources"]:
+    # The files as the run's check read them are as the run left them, and now the same, or grown
+    if held.get("sources") != state.get("sources"):
+        return None
+    starts = {} if held["sources"] == basis["sources"] else _starts(held, basis)
+    if starts is None:
         return None
     items, requests, models = held.get("items"), held.get("requests"), held.get("models")
     if state.get("items") != items or not isinstance(requests, int) or not isinstance(models, list):
@@ -76,7 +122,30 @@ def held_check(
         return None
     if not isinstance(items, int) or not _all_still_done(out_dir, entries, items):
         return None
-    return items, requests, [str(model) for model in models]
+    return Held(items, requests, [str(model) for model in models], starts)
+
+
+def _starts(held: Mapping[str, Any], basis: Mapping[str, Any]) -> dict[str, tuple[int, int]] | None:
+    """Where each source's rows appended since the *held* check start (byte, line), for those grown; None if a
+    file is not the same as then, nor grown by rows alone."""
+    paths = [path for path, _ in basis["sources"]]
+    then, now = held.get("contents"), basis["contents"]
+    if not isinstance(then, list) or len(then) != len(now) or [path for path, _ in held["sources"]] != paths:
+        return None
+    starts = {}
+    for path, before, after in zip(paths, then, now, strict=True):
+        if before == after and after is not None:  # the same bytes, though saved again
+            continue
+        if not (isinstance(before, list) and len(before) == 4 and before[3] is True and after is not None):
+            return None
+        size, lines, digest, _ = before
+        if not (isinstance(size, int) and isinstance(lines, int) and after[0] > size):
+            return None
+        head = _contents(path, size, None)
+        if head is None or head[:3] != [size, lines, digest]:
+            return None
+        starts[path] = (size, lines)
+    return starts
 
 
 def _all_still_done(
