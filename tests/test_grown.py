@@ -107,6 +107,22 @@ def test_a_run_sends_only_the_rows_appended_since_and_the_next_night_holds(done:
     assert (result.items, result.done_items, done.checks, done.resolved) == (N + 2, N + 2, checks, [])
 
 
+def test_status_counts_the_rows_appended_since_and_reads_no_other(done: Done) -> None:
+    """The usual state of a folder between the nightly export and the nightly run."""
+    from nanobatch.cli.status import folder_status
+
+    done.append(_row(done.kind, N), _row(done.kind, N + 1))
+    info = folder_status(done.out)
+    assert (info["left"], info["manifest_items"], done.resolved) == (2, N + 2, [f"i{N}", f"i{N + 1}"])
+    summary = (done.out / "summary.json").read_text()  # counted from every record and item: the same
+    (done.out / "summary.json").write_text(json.dumps({k: v for k, v in json.loads(summary).items() if k != "state"}))
+    assert (folder_status(done.out)["left"], folder_status(done.out)["manifest_items"]) == (2, N + 2)
+    (done.out / "summary.json").write_text(summary)
+    _edit_first_row(done)  # an old row changed: every item counted again
+    done.resolved.clear()
+    assert (folder_status(done.out)["left"], len(done.resolved)) == (2, N + 2)
+
+
 def test_a_problem_in_an_appended_row_names_its_line(done: Done) -> None:
     done.append(_row(done.kind, N), _row(done.kind, 9))  # images/i9.png does not exist
     with pytest.raises(ManifestError) as caught:

@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..output.lock import current_holder
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..run.batch.ledger import answers_kept, open_chunks
-from ..run.summary import STARTED, STATE, file_stamp, folder_entries
+from ..run.summary import CHECK, STARTED, STATE, file_stamp, folder_entries
 
 __all__ = ["folder_status"]
 
@@ -129,24 +130,43 @@ def _totals_held(out_dir: Path, summary: dict[str, Any], running: str | None) ->
 
 def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[int, int] | None:
     """(items not done, items) of the manifest as the last run's summary counted them, if that still holds: its
-    files unchanged (sizes and mtimes) and no fewer entries in the output folder (a deleted output is work
-    left); with the records appended to results.jsonl since (:func:`_left_since`). None: count them again."""
+    files unchanged (sizes and mtimes; or the same bytes, or rows appended to a CSV or JSONL source since the
+    run's check, whose items are counted and added) and no fewer entries in the output folder (a deleted
+    output is work left); with the records appended to results.jsonl since (:func:`_left_since`). None: count
+    them again."""
     state = summary.get(STATE)
     if not isinstance(state, dict) or not isinstance(state.get("left"), int) or not state.get("sources"):
         return None
     if state["sources"][0][0] != summary.get("manifest"):
         return None
+    starts: dict[str, tuple[int, int]] | None = {}
     if any(stamp != file_stamp(path) for path, stamp in state["sources"]):
-        return None
+        starts = _rows_since(state)
+        if starts is None:
+            return None
     try:
         if folder_entries(out_dir) < state.get("entries", 0):
             return None
     except OSError:
         return None
-    if state.get("results") == file_stamp(str(out_dir / RESULTS_FILE)):
-        return state["left"], state["items"]
-    left = _left_since(state, out_dir, index)
-    return (left, state["items"]) if left is not None else None
+    left = state["left"]
+    if state.get("results") != file_stamp(str(out_dir / RESULTS_FILE)):
+        left = _left_since(state, out_dir, index)
+        if left is None:
+            return None
+    new = _left(Path(state["sources"][0][0]), out_dir, index.loaded, starts) if starts else (0, 0)
+    return (left + new[0], state["items"] + new[1]) if new is not None else None
+
+
+def _rows_since(state: dict[str, Any]) -> dict[str, tuple[int, int]] | None:
+    """Where rows appended to the manifest's sources since the last run's check start (none: the same bytes
+    saved again), as :mod:`nanobatch.run.unchanged` finds them; None if its files changed otherwise."""
+    from ..run.unchanged import rows_since
+
+    held = state.get(CHECK)
+    if not isinstance(held, dict) or held.get("sources") != state["sources"]:  # changed while the run went
+        return None
+    return rows_since(held)
 
 
 def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | None:
@@ -227,9 +247,12 @@ def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:
     return sorted(found)
 
 
-def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int, int] | None:
+def _left(
+    path: Path, out_dir: Path, index: ResultsIndex, starts: Mapping[str, tuple[int, int]] | None = None
+) -> tuple[int, int] | None:
     """How many items of the manifest at *path* have no ``ok`` record whose files are all there (new, failed,
-    blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now."""
+    blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now. With
+    *starts*, those of the rows appended to its sources since a run's check alone (``Manifest.since``)."""
     from ..config import Settings, load_settings
     from ..job.manifest import load_manifest
 
@@ -246,6 +269,7 @@ def _left(path: Path, out_dir: Path, index: ResultsIndex) -> tuple[int, int] | N
 
     try:
         manifest = load_manifest(path, default_model=model).skipping(out_dir)
+        manifest = manifest.since(starts) if starts else manifest
         for item in index.read_ahead(manifest.items(check_files=False, on_problem=bad)):
             total += 1
             entry = index.get(item.id)

@@ -35,7 +35,7 @@ from ..job.sources import TableSource
 from ..names import RESULTS_FILE, FoldersIn
 from .summary import CHECK, file_stamp, last_state
 
-__all__ = ["Held", "check_basis", "held_check"]
+__all__ = ["Held", "check_basis", "held_check", "rows_since"]
 
 _BLOCK = 1 << 20  # bytes of a source read at a time for its digest
 
@@ -125,6 +125,18 @@ def held_check(
     return Held(items, requests, [str(model) for model in models], starts)
 
 
+def rows_since(held: Mapping[str, Any]) -> dict[str, tuple[int, int]] | None:
+    """Where the rows appended since the *held* check (a summary's ``state.check``) start in each of its files
+    grown since (none: none grew), their contents read now; None if a file is not the same, nor grown by rows
+    alone (for ``status``, which looks at nothing else the check rested on)."""
+    sources = held.get("sources")
+    if not isinstance(sources, list) or not all(isinstance(each, list) and len(each) == 2 for each in sources):
+        return None
+    stamps = [(str(path), file_stamp(str(path))) for path, _ in sources]
+    now = [_contents(path, stamp[0], None) if stamp else None for path, stamp in stamps]
+    return _starts(held, {"sources": [list(each) for each in stamps], "contents": now})
+
+
 def _starts(held: Mapping[str, Any], basis: Mapping[str, Any]) -> dict[str, tuple[int, int]] | None:
     """Where each source's rows appended since the *held* check start (byte, line), for those grown; None if a
     file is not the same as then, nor grown by rows alone."""
@@ -134,12 +146,12 @@ def _starts(held: Mapping[str, Any], basis: Mapping[str, Any]) -> dict[str, tupl
         return None
     starts = {}
     for path, before, after in zip(paths, then, now, strict=True):
-        if before == after and after is not None:  # the same bytes, though saved again
-            continue
-        if not (isinstance(before, list) and len(before) == 4 and before[3] is True and after is not None):
+        if not (isinstance(before, list) and len(before) == 4 and after is not None):
             return None
-        size, lines, digest, _ = before
-        if not (isinstance(size, int) and isinstance(lines, int) and after[0] > size):
+        if before[:3] == after[:3]:  # the same bytes, though saved again
+            continue
+        size, lines, digest, appendable = before
+        if not (appendable is True and isinstance(size, int) and isinstance(lines, int) and after[0] > size):
             return None
         head = _contents(path, size, None)
         if head is None or head[:3] != [size, lines, digest]:
