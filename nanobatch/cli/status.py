@@ -131,9 +131,9 @@ def _totals_held(out_dir: Path, summary: dict[str, Any], running: str | None) ->
 def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[int, int] | None:
     """(items not done, items) of the manifest as the last run's summary counted them, if that still holds: its
     files unchanged (sizes and mtimes; or the same bytes, or rows appended to a CSV or JSONL source since the
-    run's check, whose items are counted and added) and no fewer entries in the output folder (a deleted
-    output is work left); with the records appended to results.jsonl since (:func:`_left_since`). None: count
-    them again."""
+    run's check, whose items are counted and added while results.jsonl is as the run left it) and no fewer
+    entries in the output folder (a deleted output is work left); with the records appended to results.jsonl
+    since (:func:`_left_since`). None: count them again."""
     state = summary.get(STATE)
     if not isinstance(state, dict) or not isinstance(state.get("left"), int) or not state.get("sources"):
         return None
@@ -151,6 +151,8 @@ def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[i
         return None
     left = state["left"]
     if state.get("results") != file_stamp(str(out_dir / RESULTS_FILE)):
+        if starts:  # a record appended since may be of a new row's item, which is counted below
+            return None
         left = _left_since(state, out_dir, index)
         if left is None:
             return None
