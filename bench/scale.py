@@ -8,12 +8,12 @@ JSONL source), every item its own input file (a tiny PNG of its own pixels), and
 * a done folder: ``results.jsonl`` written for every item (the records a run would write, work keys computed
   by nanobatch's own functions, outputs hard-linked), then ``run --simulate`` over it twice: the first goes
   through every item (no summary yet; it skips each, writes ``summary.json`` and keeps a copy of the resume
-  index), the second is answered from that summary; then ``status`` and ``validate`` of that
-  folder (for the manifest the run used, the last run's summary may answer; the others are checked item by
-  item), then ``run`` once 10 rows and ``validate`` once 1% more rows were appended to the catalog (only those
-  are checked and sent), ``status`` once another tool appended a line to results.jsonl (the summary no longer
-  holds), and ``status`` after a run was killed (SIGKILL, no summary at its end) once it had appended N/50 records
-  (``run --force``, so the records replace done ones).
+  index), the second is answered from that summary; then ``status`` and ``validate`` of that folder (for the
+  manifest the run used, the last run's summary may answer; the others are checked item by item), then
+  ``run`` once 10 rows and ``validate`` once 1% more rows were appended to the catalog (only those are
+  checked and sent; the 1% taken away again after), ``status`` once another tool appended a line to
+  results.jsonl (the summary no longer holds), and ``status`` after a run was killed (SIGKILL, no summary at
+  its end) once it had appended N/50 records (``run --force``, so the records replace done ones).
 
 Prints a table (``--json``: one JSON list). Nothing leaves the machine. 1,000,000 items take a few minutes and
 about 2 GB of disk (``--sizes 1000000``).
@@ -223,9 +223,13 @@ def bench_size(tmp: Path, n: int, formats: tuple[str, ...], rows: list[dict[str,
         grow(folder, done_fmt, n, 10)
         row("run, catalog grown by 10 rows", done_fmt, rerun)
         more = max(n // 100, 10)
+        catalog = folder / f"catalog.{done_fmt}"
+        before = catalog.stat()
         grow(folder, done_fmt, n + 10, more)
         check = ["validate", str(manifests[done_fmt]), "--out", str(out)]
         row(f"validate, catalog grown by {more:,} rows", done_fmt, check)
+        os.truncate(catalog, before.st_size)  # as the last run left it, for the rows below
+        os.utime(catalog, ns=(before.st_atime_ns, before.st_mtime_ns))
     with (out / "results.jsonl").open("a") as f:  # another tool's line: the summary's figures no longer hold
         f.write('{"note": "appended by another tool"}\n')
     row("status, results changed since", "-", ["status", str(out)])
