@@ -20,7 +20,7 @@ import anyio
 from ..errors import FatalApiError
 from ..names import JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
-from ..output.record import percentile
+from ..output.record import unsorted_percentile
 
 if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
     from ..job.manifest import Manifest
@@ -59,7 +59,7 @@ def _stamp(ts: float) -> str:
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
-    return round(percentile(sorted(values), q), 3) if values else None
+    return round(unsorted_percentile(values, q), 3) if values else None
 
 
 def started_summary(manifest: Manifest, out_dir: Path, clock: RunClock, run_id: str, tier: str) -> dict[str, Any]:
