@@ -126,6 +126,30 @@ def test_reply_carries_finish_usage_and_ids_verbatim() -> None:
     assert reply.block_reason is None
 
 
+def test_answers_parsed_keep_nothing_of_theirs_once_dropped() -> None:
+    """A run parses one answer per item: what is unique to each (its responseId) is not kept by the JSON parser's
+    string cache once the answer is gone (it was: up to 16,384 strings, about 1 MB by the 16,000th item)."""
+    import gc
+    import tracemalloc
+
+    def raw(n: int) -> bytes:
+        answer = {"candidates": [{"content": {"parts": [inline(PNG)]}, "finishReason": "STOP"}],
+                  "usageMetadata": {"promptTokenCount": 10}, "responseId": f"response-{n:08d}"}  # fmt: skip
+        return json.dumps(answer).encode()
+
+    parse_reply(raw(0))  # (the keys, which every answer shares, may be cached)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(1, 20_001):
+            parse_reply(raw(n))
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000
+
+
 def test_prompt_block_has_no_candidates_and_keeps_the_reason() -> None:
     raw = json.dumps(
         {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": {"promptTokenCount": 9}}

@@ -347,7 +347,7 @@ def _loads(body: bytes | bytearray) -> Any:
     """json.loads, through pydantic-core's parser first (the fastest on big answers: bench/RESULTS.md); json.loads
     decides what it refuses (lone surrogates), so the same bodies parse."""
     try:
-        return pydantic_core.from_json(body)
+        return pydantic_core.from_json(body, cache_strings="keys")  # a value cached (responseId) would be kept
     except ValueError:
         return json.loads(body)
 
