@@ -191,6 +191,18 @@ def test_a_new_row_that_may_clash_with_a_done_item_has_the_whole_check_say_so(do
     assert done.checks == 2 and len(done.resolved) == 1 + N + 1  # the new row alone, then the whole manifest
 
 
+@pytest.mark.parametrize("clashes", [False, True])
+def test_a_warning_is_given_once_whether_or_not_the_whole_check_is_run(
+    done: Done, clashes: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    done.job.write_text(done.job.read_text().replace("name: job\n", "name: job\nmodel: gemini-3.1-flash-image\n"))
+    assert main(["run", str(done.job), "--simulate", "--out", str(done.out), "--quiet"]) == 0
+    done.append(_row(done.kind, 0 if clashes else N))  # i0: a done item's id
+    capsys.readouterr()
+    assert main(["validate", str(done.job), "--out", str(done.out)]) == (2 if clashes else 0)
+    assert capsys.readouterr().err.count("gemini-3.1-flash-image is deprecated") == 1
+
+
 def test_a_last_row_without_its_line_end_then_continued_has_the_whole_check_run(done: Done) -> None:
     """Bytes appended to a source whose last row had no line end may change that row: the whole check reads it."""
     _cut_last_line_end(done)

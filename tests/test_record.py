@@ -40,7 +40,7 @@ def test_a_runs_latency_percentiles_are_the_sorted_ones_without_a_sorted_copy() 
     import tracemalloc
     from array import array
 
-    from nanobatch.output.record import percentile, unsorted_percentile
+    from nanobatch.percentiles import percentile, unsorted_percentile
 
     rng = random.Random(7)
     shapes = {

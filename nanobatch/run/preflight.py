@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import costs, models
-from ..api.storage import is_bucket_url
 from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
-from ..inputs.stamps import is_url
 from ..item import WorkItem
 from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
@@ -26,14 +24,13 @@ from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from .done import DoneWork, NewRows
+from .remote_checks import RemoteChecks
 from .summary import file_stamp
 from .unchanged import Held, check_basis, held_check
 
 if TYPE_CHECKING:
     import httpx2
 
-    from ..inputs.load import UrlChecklist
-    from ..inputs.remote import BucketChecklist
 
 __all__ = [
     "TYPICAL_LATENCY_S",
@@ -150,6 +147,7 @@ class LifecycleCheck:
                 warn_unknown_model(model)
             if each is not None:
                 logger.warning("%s", each[1])
+        self._models.update(used)  # told of: the items of rows appended since are not told again
         return True
 
     def check(self, item: WorkItem) -> None:
@@ -266,11 +264,32 @@ def check_job(
     manifest = manifest.skipping(target)
     how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
                skip_bad_inputs=skip_bad_inputs, count_done=count_done, from_summary=from_summary)  # fmt: skip
-    result = _check(manifest, settings, target, how, grown=True)
-    if result is None:  # a row appended since the last run may clash with a done item: the whole check says
+    with _warnings_held() as warnings:
+        result = _check(manifest, settings, target, how, grown=True)
+        if result is None:  # a row appended since the last run may clash with a done item: the whole check says
+            warnings.clear()  # (and gives them again)
+    if result is None:
         result = _check(manifest, settings, target, how, grown=False)
         assert result is not None
     return result
+
+
+@contextlib.contextmanager
+def _warnings_held() -> Iterator[list[logging.LogRecord]]:
+    """What is logged meanwhile, held, and told at the end unless the list is emptied."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(hold)
+        for record in held:
+            logger.handle(record)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,7 +316,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     if held is not None and not held.starts:
         report = CheckReport(items=held.items, requests=held.requests, problems=[])
         return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
-    remote = _RemoteChecks(str(manifest.path), check_urls=how.check_urls)
+    remote = RemoteChecks(str(manifest.path), check_urls=how.check_urls)
     estimate = Estimate(settings)
     new = NewRows(done) if held is not None and done is not None else None
 
@@ -410,38 +429,3 @@ def _check_settings(settings: Settings, target: Path) -> None:
         from ..output.upload import Uploads
 
         Uploads.check(settings.output.upload_to)
-
-
-class _RemoteChecks:
-    """The URL and bucket-object checklists, made only once an item has such an input: a manifest of local
-    files is validated without loading the HTTP client or the cloud libraries (``validate`` starts sooner)."""
-
-    def __init__(self, file: str, *, check_urls: bool) -> None:
-        self.file = file
-        self.check_urls = check_urls
-        self.urls: UrlChecklist | None = None
-        self.objects: BucketChecklist | None = None
-
-    def add(self, item: WorkItem) -> None:
-        if self.urls is None and self.objects is None:
-            for ref in item.inputs:
-                if not ref.startswith(os.sep):
-                    break
-            else:
-                return  # local files only (resolved: absolute), as most items have
-        if self.urls is None and any(is_url(ref) for ref in item.inputs):
-            from ..inputs.load import UrlChecklist
-
-            self.urls = UrlChecklist()
-        if self.objects is None and any(is_bucket_url(ref) for ref in item.inputs):
-            from ..inputs.remote import BucketChecklist
-
-            self.objects = BucketChecklist(self.file, stat=self.check_urls)
-        if self.urls is not None:
-            self.urls.add(item)
-        if self.objects is not None:
-            self.objects.add(item)
-
-    def problems(self, transport: httpx2.BaseTransport | None) -> list[Problem]:
-        found = self.urls.problems(self.file, transport=transport) if self.urls and self.check_urls else []
-        return found + (self.objects.flush() if self.objects is not None else [])

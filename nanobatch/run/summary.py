@@ -20,7 +20,7 @@ import anyio
 from ..errors import FatalApiError
 from ..names import JOURNAL_FILE, RESERVED_PREFIX, RESULTS_FILE, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
-from ..output.record import unsorted_percentile
+from ..percentiles import unsorted_percentile
 
 if TYPE_CHECKING:  # only their types: `nanobatch status` reads STARTED without loading a run's machinery
     from ..job.manifest import Manifest
