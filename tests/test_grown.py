@@ -130,6 +130,21 @@ def test_status_counts_the_rows_appended_since_and_reads_no_other(done: Done) ->
     assert (folder_status(done.out)["left"], len(done.resolved)) == (1, N + 2)
 
 
+def test_a_run_after_rows_were_appended_loads_the_index_once_for_its_check_and_once_for_itself(
+    done: Done, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanobatch.output.results import ResultsIndex
+
+    done.append(_row(done.kind, N))
+    loads: list[Path] = []
+    real = ResultsIndex.load.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        ResultsIndex, "load", classmethod(lambda cls, folder: loads.append(folder) or real(cls, folder))
+    )
+    assert main(["run", str(done.job), "--simulate", "--out", str(done.out), "--quiet"]) == 0
+    assert done.last_run()["ok"] == 1 and len(loads) == 2
+
+
 def test_a_problem_in_an_appended_row_names_its_line(done: Done) -> None:
     done.append(_row(done.kind, N), _row(done.kind, 9))  # images/i9.png does not exist
     with pytest.raises(ManifestError) as caught:

@@ -354,8 +354,11 @@ def _done(
     the rows appended since, if *grown* allows them (then the done work is given, its items those held, for its
     index). A run's check (*from_summary* alone) loads the folder's index only once the summary itself holds."""
     if not count:
-        held = _held(target, basis, lifecycle, _entries(target), grown) if from_summary else None
-        done = DoneWork.of(target) if held is not None and held.starts else None
+        loaded: list[ResultsIndex] = []  # the index, if the summary held far enough for its entries to be read
+        held = _held(target, basis, lifecycle, _entries(target, loaded), grown) if from_summary else None
+        done = DoneWork(target, loaded[0]) if held is not None and held.starts and loaded else None
+        if done is None and loaded:
+            loaded[0].close()
     else:
         done = DoneWork.of(target, pictures)
         held = _held(target, basis, lifecycle, done.index.every_entry(), grown) if done is not None else None
@@ -369,9 +372,10 @@ def _done(
     return done, held
 
 
-def _entries(target: Path) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, Any]]]:
-    with ResultsIndex.load(target) as index:
-        yield from index.every_entry()
+def _entries(target: Path, loaded: list[ResultsIndex]) -> Iterator[tuple[str, tuple[str, ...], Mapping[str, Any]]]:
+    """The entries of *target*'s index, loaded (into *loaded*, for the caller to close) once the first is asked."""
+    loaded.append(index := ResultsIndex.load(target))
+    yield from index.every_entry()
 
 
 def _held(
