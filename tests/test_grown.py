@@ -271,3 +271,39 @@ def test_a_csv_left_inside_quotes_then_continued_has_the_whole_check_run(
         f.write('and square"\n')
     result = check_job(job, out_dir=tmp_path / "out")
     assert (result.items, result.done_items, resolved) == (2, 1, ["i0", "i1"])
+
+
+def test_of_a_manifest_with_its_own_items_and_two_sources_only_the_grown_sources_new_rows_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "images").mkdir()
+    for name in ["own", "a0", "a1", "b0", "b1", "b2"]:
+        (tmp_path / "images" / f"{name}.png").write_bytes(image_bytes((len(name) * 40, 90, 160)))
+    (tmp_path / "a.csv").write_text("id\na0\n")
+    (tmp_path / "b.jsonl").write_text('{"id": "b0"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "name: job\ndefaults:\n  instruction: make it white\n"
+        "items:\n  - id: own\n    image: images/own.png\n"
+        "items_from:\n  - csv: a.csv\n    image: images/{id}.png\n  - jsonl: b.jsonl\n    image: images/{id}.png\n"
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    resolved: list[str] = []
+    real = Manifest._resolve
+
+    def counted(manifest: Manifest, raw: Any, **kw: Any) -> Any:
+        resolved.append(str((raw.fields or {}).get("id")))
+        return real(manifest, raw, **kw)
+
+    monkeypatch.setattr(Manifest, "_resolve", counted)
+    with (tmp_path / "b.jsonl").open("a") as f:
+        f.write('{"id": "b1"}\n{"id": "b2"}\n')
+    result = check_job(job, out_dir=out)
+    assert (result.items, result.done_items, resolved) == (5, 3, ["b1", "b2"])
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    with (tmp_path / "a.csv").open("a") as f:  # now the other source
+        f.write("a1\n")
+    resolved.clear()
+    result = check_job(job, out_dir=out)
+    assert (result.items, result.done_items, resolved) == (6, 5, ["a1"])
