@@ -207,15 +207,21 @@ def test_a_new_row_that_may_clash_with_a_done_item_has_the_whole_check_say_so(do
 
 
 @pytest.mark.parametrize("clashes", [False, True])
+@pytest.mark.parametrize("warning", ["deprecated", "unknown"])
 def test_a_warning_is_given_once_whether_or_not_the_whole_check_is_run(
-    done: Done, clashes: bool, capsys: pytest.CaptureFixture[str]
+    done: Done, clashes: bool, warning: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    done.job.write_text(done.job.read_text().replace("name: job\n", "name: job\nmodel: gemini-3.1-flash-image\n"))
+    from nanobatch import models
+
+    if warning == "deprecated":
+        done.job.write_text(done.job.read_text().replace("name: job\n", "name: job\nmodel: gemini-3.1-flash-image\n"))
     assert main(["run", str(done.job), "--simulate", "--out", str(done.out), "--quiet"]) == 0
+    if warning == "unknown":  # as a proxy's own model id is: sent as is
+        monkeypatch.setattr(models, "lookup", lambda model: None)
     done.append(_row(done.kind, 0 if clashes else N))  # i0: a done item's id
     capsys.readouterr()
     assert main(["validate", str(done.job), "--out", str(done.out)]) == (2 if clashes else 0)
-    assert capsys.readouterr().err.count("gemini-3.1-flash-image is deprecated") == 1
+    assert capsys.readouterr().err.count("is deprecated" if warning == "deprecated" else "unknown model") == 1
 
 
 def test_a_last_row_without_its_line_end_then_continued_has_the_whole_check_run(done: Done) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,16 +284,17 @@ def check_items(
     skip_bad_inputs: bool = False,
     is_link: Callable[[str], bool] = os.path.islink,
     empty_ok: bool = False,
+    models_told: Iterable[str] = (),
 ) -> CheckReport:
     """Resolve each of *raw_items* (of the manifest at *path*) with *resolve*, collecting every problem: each
     item's own, and what items clash over. Only ids and output names are kept, in a scratch database.
     *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead.
     *is_link*: whether a local input is a symbolic link (the check of what writes could replace asks it).
-    *empty_ok*: yielding no item is no problem."""
+    *empty_ok*: yielding no item is no problem. *models_told*: models already told of (not warned of again)."""
     problems, left_out = _Problems(path), _Problems(path)
     with contextlib.closing(_Claims()) as claims:
         count = requests = left_items = 0
-        looked: set[str] = set()  # the models looked up
+        looked: set[str] = set(models_told)  # the models looked up
         confine = _Confinement(out_dir) if out_dir is not None else None
         places = _Places(out_dir, is_link) if out_dir is not None else None
         for raw in raw_items:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,7 @@ class Manifest:
         ahead: Callable[[list[str | None]], Mapping[str, list[str]]] | None = None,
         pictures: PictureCheck | None = None,
         empty_ok: bool = False,
+        models_told: Iterable[str] = (),
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -144,7 +145,8 @@ class Manifest:
         thousand items before they are resolved (so that *trusted* may read their stamps together), and gives the
         paths of other files to stat with an item's pictures (a done item's outputs); *pictures*: the picture
         check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged);
-        *empty_ok*: no item is no problem (the rows appended to a catalog since a run's check may give none).
+        *empty_ok*: no item is no problem (the rows appended to a catalog since a run's check may give none);
+        *models_told*: models already told of, not warned of again.
         """
         # Not decoding, the pictures are still stat-ed through one: its lstat also tells which are links
         files = ((pictures or PictureCheck()) if decode else PictureCheck(read=False)) if check_files else False
@@ -168,7 +170,7 @@ class Manifest:
             raws = looked_ahead(raws, paths_of, files, read=trusted is None)
         is_link = files.is_link if isinstance(files, PictureCheck) else os.path.islink
         return check_items(self.path, raws, resolve, visit=visit, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs,
-                           is_link=is_link, empty_ok=empty_ok)  # fmt: skip
+                           is_link=is_link, empty_ok=empty_ok, models_told=models_told)  # fmt: skip
 
     def _raw_items(self) -> Iterator[RawItem]:
         for source in self.sources:
