@@ -131,8 +131,7 @@ class Manifest:
         trusted: Callable[[str | None], Mapping[str, tuple[int, int, str]]] | None = None,
         ahead: Callable[[list[str | None]], Mapping[str, list[str]]] | None = None,
         pictures: PictureCheck | None = None,
-        empty_ok: bool = False,
-        models_told: Iterable[str] = (),
+        told: Iterable[str] | None = None,
     ) -> CheckReport:
         """Resolve every item, collecting all problems (duplicate ids, missing files, model limits, ...).
 
@@ -145,8 +144,7 @@ class Manifest:
         thousand items before they are resolved (so that *trusted* may read their stamps together), and gives the
         paths of other files to stat with an item's pictures (a done item's outputs); *pictures*: the picture
         check *decode* reads them with, if the caller keeps it (to ask which trusted ones it found unchanged);
-        *empty_ok*: no item is no problem (the rows appended to a catalog since a run's check may give none);
-        *models_told*: models already told of, not warned of again.
+        *told*: of rows appended since a run's check (no item is no problem), the models it told of, not again.
         """
         # Not decoding, the pictures are still stat-ed through one: its lstat also tells which are links
         files = ((pictures or PictureCheck()) if decode else PictureCheck(read=False)) if check_files else False
@@ -170,7 +168,7 @@ class Manifest:
             raws = looked_ahead(raws, paths_of, files, read=trusted is None)
         is_link = files.is_link if isinstance(files, PictureCheck) else os.path.islink
         return check_items(self.path, raws, resolve, visit=visit, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs,
-                           is_link=is_link, empty_ok=empty_ok, models_told=models_told)  # fmt: skip
+                           is_link=is_link, empty_ok=told is not None, models_told=told or ())  # fmt: skip
 
     def _raw_items(self) -> Iterator[RawItem]:
         for source in self.sources:

@@ -336,7 +336,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
         else:
             report = manifest.since(held.starts).check(visit=visit, out_dir=target, decode=how.check_pictures,
                                                        skip_bad_inputs=how.skip_bad_inputs, pictures=pictures,
-                                                       empty_ok=True, models_told=held.models)  # fmt: skip
+                                                       told=held.models)  # fmt: skip
     if new is not None and new.may_clash:
         return None
     problems = report.problems + lifecycle.problems + remote.problems(how.transport)
