@@ -44,6 +44,19 @@ def _job(folder: Path, kind: str) -> Path:
     return folder / "job.yaml"
 
 
+def _resolved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the rows resolved from now on, by a check or a run, in order."""
+    resolved: list[str] = []
+    real = Manifest._resolve
+
+    def counted(manifest: Manifest, raw: Any, **kw: Any) -> Any:
+        resolved.append(str((raw.fields or {}).get("id")))
+        return real(manifest, raw, **kw)
+
+    monkeypatch.setattr(Manifest, "_resolve", counted)
+    return resolved
+
+
 class Done:
     """A job run to its end: its manifest, source and output folder, and what checks resolved since."""
 
@@ -54,19 +67,14 @@ class Done:
         self.out = folder / "out"
         assert main(["run", str(self.job), "--simulate", "--out", str(self.out), "--quiet"]) == 0
         self.checks = 0
-        self.resolved: list[str] = []  # the ids of the rows resolved, by a check or a run
-        check, resolve = Manifest.check, Manifest._resolve
+        self.resolved = _resolved(monkeypatch)
+        check = Manifest.check
 
         def counted_check(manifest: Manifest, **kw: Any) -> Any:
             self.checks += 1
             return check(manifest, **kw)
 
-        def counted_resolve(manifest: Manifest, raw: Any, **kw: Any) -> Any:
-            self.resolved.append(str((raw.fields or {}).get("id")))
-            return resolve(manifest, raw, **kw)
-
         monkeypatch.setattr(Manifest, "check", counted_check)
-        monkeypatch.setattr(Manifest, "_resolve", counted_resolve)
 
     def append(self, *rows: str) -> None:
         with self.source.open("a") as f:
@@ -244,15 +252,7 @@ def _quoted_job(folder: Path, rows: str, monkeypatch: pytest.MonkeyPatch) -> tup
     job = folder / "job.yaml"
     job.write_text("name: job\nitems_from:\n  - csv: rows.csv\n    image: images/{id}.png\n    instruction: '{what}'\n")
     assert main(["run", str(job), "--simulate", "--out", str(folder / "out"), "--quiet"]) == 0
-    resolved: list[str] = []
-    real = Manifest._resolve
-
-    def counted(manifest: Manifest, raw: Any, **kw: Any) -> Any:
-        resolved.append(str((raw.fields or {}).get("id")))
-        return real(manifest, raw, **kw)
-
-    monkeypatch.setattr(Manifest, "_resolve", counted)
-    return job, folder / "rows.csv", resolved
+    return job, folder / "rows.csv", _resolved(monkeypatch)
 
 
 def test_a_csv_with_a_line_end_in_quotes_grows_from_its_last_row(
@@ -295,14 +295,7 @@ def test_of_a_manifest_with_its_own_items_and_two_sources_only_the_grown_sources
     )
     out = tmp_path / "out"
     assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
-    resolved: list[str] = []
-    real = Manifest._resolve
-
-    def counted(manifest: Manifest, raw: Any, **kw: Any) -> Any:
-        resolved.append(str((raw.fields or {}).get("id")))
-        return real(manifest, raw, **kw)
-
-    monkeypatch.setattr(Manifest, "_resolve", counted)
+    resolved = _resolved(monkeypatch)
     with (tmp_path / "b.jsonl").open("a") as f:
         f.write('{"id": "b1"}\n{"id": "b2"}\n')
     result = check_job(job, out_dir=out)
@@ -313,3 +306,44 @@ def test_of_a_manifest_with_its_own_items_and_two_sources_only_the_grown_sources
     resolved.clear()
     result = check_job(job, out_dir=out)
     assert (result.items, result.done_items, resolved) == (6, 5, ["a1"])
+
+
+def test_a_new_row_writing_beside_done_items_in_their_folder_is_checked_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images kept in a folder of their own (output: shop/{id}): the done items' files there are no clash."""
+    job = _job(tmp_path, "csv")
+    job.write_text(job.read_text().replace("output: '{name}{id}'", "output: 'shop/{id}'"))
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    resolved = _resolved(monkeypatch)
+    with (tmp_path / "rows.csv").open("a") as f:
+        f.write(_row("csv", N))
+    result = check_job(job, out_dir=out)
+    assert (result.items, result.done_items, resolved) == (N + 1, N, [f"i{N}"])
+
+
+@pytest.mark.parametrize("meanwhile", ["nothing", "an output deleted"])
+def test_a_run_that_waited_for_the_folder_looks_again_before_it_sends_only_the_new_rows(
+    done: Done, meanwhile: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--wait-lock: what the check found may have changed while another run held the folder."""
+    from nanobatch.output.lock import RunLock
+
+    real_enter = RunLock.__aenter__
+
+    async def enter(self: RunLock) -> RunLock:  # as if another run had held it meanwhile
+        if meanwhile == "an output deleted":
+            (done.out / "pi0.png").unlink()
+        held = await real_enter(self)
+        self.waited = True
+        return held
+
+    monkeypatch.setattr(RunLock, "__aenter__", enter)
+    done.append(_row(done.kind, N))
+    assert main(["run", str(done.job), "--simulate", "--out", str(done.out), "--quiet", "--wait-lock"]) == 0
+    stats = done.last_run()
+    if meanwhile == "nothing":  # the new row alone, resolved by the check and by the run
+        assert (stats["ok"], stats["skipped"], done.resolved) == (1, N, [f"i{N}", f"i{N}"])
+    else:  # every item gone through: the deleted image made again
+        assert (stats["ok"], stats["skipped"]) == (2, N - 1) and (done.out / "pi0.png").is_file()

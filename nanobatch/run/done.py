@@ -126,8 +126,8 @@ class NewRows:
     done item, which the whole check would tell. One may when its id is a done item's, a file the folder's
     items were given (any run's) is named as its images or a folder of theirs could be (``<stem>-``,
     ``<stem>.``, ``<stem>/``; ``<folder>``, ``<folder>-``, ``<folder>.``, and the same for a folder's name
-    without its extension), or it reads a picture in the output folder. Most new rows are new products, and
-    meet none of these: a row that does has the whole check run."""
+    without its extension, but not the files in the folder), or it reads a picture in the output folder. Most
+    new rows are new products, and meet none of these: a row that does has the whole check run."""
 
     def __init__(self, done: DoneWork) -> None:
         self.index = done.index
@@ -153,9 +153,11 @@ class NewRows:
         if self.index.owns_between(stem + "-", stem + "0"):
             return True
         parts = stem.split("/")[:-1]
-        for depth in range(1, len(parts) + 1):  # a file named as a folder of its images, or ending "<image>.png"
-            folder = "/".join(parts[:depth])
+        for depth in range(1, len(parts) + 1):  # a file named as a folder on its way, or that folder less ".png"
+            folder = "/".join(parts[:depth])  # (the files in it are not: the done items beside the new one)
+            if self.index.owns_between(folder, folder + "/"):
+                return True
             base = os.path.splitext(folder)[0]
-            if self.index.owns_between(folder, folder + "/") or self.index.owns_between(base + "-", base + "0"):
+            if base != folder and self.index.owns_between(base + "-", base + "/"):
                 return True
         return False
