@@ -26,7 +26,7 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -137,8 +137,6 @@ class TableSource:
             yield _broken(str(self.path), None, f"cannot read the {self.kind} file: {exc.strerror or exc}")
             return
         with stream:
-            if self.kind == "jsonl" and self.start:
-                stream.skip_to(self.start, self.lines)
             rows = self._csv_rows(stream) if self.kind == "csv" else self._jsonl_rows(stream)
             try:
                 yield from rows
@@ -200,9 +198,11 @@ class TableSource:
                 continue  # an empty row (",,", as Excel saves one): skipped like a blank line
             yield self._row(row, where, f"row {number}")
 
-    def _jsonl_rows(self, stream: Iterable[str]) -> Iterator[RawItem]:
+    def _jsonl_rows(self, stream: Utf8Lines) -> Iterator[RawItem]:
         file = str(self.path)
-        for number, line in enumerate(stream, self.lines + 1 if self.start else 1):
+        if self.start:
+            stream.skip_to(self.start, self.lines)
+        for number, line in enumerate(stream, self.lines + 1):
             if not line.strip():
                 continue
             where = f"{file}:{number}"

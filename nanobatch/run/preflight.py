@@ -354,20 +354,18 @@ def _done(
     the rows appended since, if *grown* allows them (then the done work is given, its items those held, for its
     index). A run's check (*from_summary* alone) loads the folder's index only once the summary itself holds."""
     if not count:
-        loaded: list[ResultsIndex] = []  # the index, if the summary held far enough for its entries to be read
+        loaded: list[ResultsIndex] = []  # the index, once the summary held far enough for its entries to be read
         held = _held(target, basis, lifecycle, _entries(target, loaded), grown) if from_summary else None
-        done = DoneWork(target, loaded[0]) if held is not None and held.starts and loaded else None
-        if done is None and loaded:
-            loaded[0].close()
+        done = DoneWork(target, loaded[0]) if loaded else None
+        kept = held is not None and bool(held.starts)  # a run's check counts no done work but for a grown catalog
     else:
         done = DoneWork.of(target, pictures)
         held = _held(target, basis, lifecycle, done.index.every_entry(), grown) if done is not None else None
-    if held is not None and held.starts and done is None:
-        return None, None  # (no results file after all)
-    if held is not None and not held.starts and done is not None:
+        kept = held is None or bool(held.starts)
+    if done is not None and not kept:
         done.close()
         return None, held
-    if held is not None and done is not None:
+    if held is not None and done is not None:  # a grown catalog: its held items are done
         done.items, done.requests = held.items, held.requests
     return done, held
 
