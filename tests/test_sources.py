@@ -520,12 +520,13 @@ def test_a_non_ascii_id_from_a_csv_row_is_named_with_its_row_and_says_ascii(tmp_
     assert problem.file == f"{tmp_path / 'catalog.csv'}:3" and "ASCII letters" in problem.message
 
 
-def test_a_row_turned_bad_past_where_a_stopped_run_got_to_is_not_counted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("requests", [2, 35])  # stopped before row 31, or after it
+def test_a_row_turned_bad_is_counted_by_a_stopped_run_only_if_it_got_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, requests: int
 ) -> None:
     """A run reads its items (their records) a few hundred ahead of the workers: a row that turned bad since the
     check is still told only when the run gets there, so a run stopped first (here by its request budget)
-    neither logs it nor counts it as failed."""
+    neither logs it nor counts it as failed, and one stopped after it does both."""
     import nanobatch.run.runner
 
     skus = [f"S{n:03d}" for n in range(40)]
@@ -539,11 +540,13 @@ def test_a_row_turned_bad_past_where_a_stopped_run_got_to_is_not_counted(
         return checked
 
     monkeypatch.setattr(nanobatch.run.runner, "check_job", check_then_edit)
-    stopped = nanobatch.load_settings(overrides={"budget.max_requests": 2, "limits.concurrency": 1})
+    stopped = nanobatch.load_settings(overrides={"budget.max_requests": requests, "limits.concurrency": 1})
     summary = run_virtual(
         lambda: nanobatch.run_job(path, transport=FakeGemini().transport, out_dir=tmp_path / "out", settings=stopped)
     )
-    assert summary.stats.ok == 2 and summary.stats.failed == 0 and "S030" not in caplog.text
+    went_past = requests > 30
+    assert summary.stats.ok == requests and summary.stats.failed == went_past
+    assert ("item 'S030'" in caplog.text) == went_past
 
 
 def test_a_last_row_turned_bad_is_told_once_the_run_has_taken_every_item(
