@@ -9,7 +9,6 @@ import hashlib
 import itertools
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -155,7 +154,6 @@ _UPSERT = (
 _SELECT = f"SELECT {_COLUMNS} FROM entries WHERE id = ?"
 _SELECT_MANY = f"SELECT {_COLUMNS} FROM entries WHERE id IN ({{}})"
 _AHEAD = 256  # items whose records read_ahead() reads in one query
-_KEPT_AHEAD = 4096  # records read ahead and not asked for yet, at most (the oldest are dropped: asked again)
 _SELECT_OK = "SELECT key, outputs, stamps FROM entries WHERE id = ? AND status = 'ok'"
 _SELECT_OKS = "SELECT id, key, outputs, stamps FROM entries WHERE id IN ({}) AND status = 'ok'"
 # Each item with a line at or after an offset: the entry its first such line replaced (the superseded row with
@@ -260,7 +258,7 @@ class ResultsIndex:
     def __init__(self) -> None:
         self._db = scratch_db(_INDEX_SCHEMA)
         self._paid_usd = 0.0  # what every record read or added says its run paid, superseded ones too
-        self._ahead: OrderedDict[str, tuple[Any, ...] | None] = OrderedDict()  # rows by id (None: no record)
+        self._ahead: dict[str, tuple[Any, ...] | None] = {}  # the last few hundred rows read ahead, by id
 
     @classmethod
     def load(cls, out_dir: Path) -> ResultsIndex:
@@ -340,9 +338,8 @@ class ResultsIndex:
         while chunk := list(itertools.islice(stream, _AHEAD)):
             ids = [item.id for item in chunk]
             rows = {row[0]: row for row in self._db.execute(_SELECT_MANY.format(", ".join("?" * len(ids))), ids)}
-            self._ahead.update((item_id, rows.get(item_id)) for item_id in ids)
-            while len(self._ahead) > _KEPT_AHEAD:
-                self._ahead.popitem(last=False)
+            # The last batch's: its items were each asked for as taken (one not asked yet is read alone)
+            self._ahead = {item_id: rows.get(item_id) for item_id in ids}
             yield from chunk
 
     def get(self, item_id: str) -> IndexEntry | None:
