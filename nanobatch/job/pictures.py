@@ -87,11 +87,11 @@ class PictureCheck:
         Taken here, its lstat also tells :meth:`is_link` (for all but links it is the stat: one system call)."""
         if (looked := self.ahead.get(path)) is not None:
             return looked
-        st = os.lstat(path)
+        st, link = _stat(path)
         if len(self._links) >= 64:  # an item's few pictures; more were never asked about
             self._links.clear()
-        self._links[path] = link = stat.S_ISLNK(st.st_mode)
-        return os.stat(path) if link else st
+        self._links[path] = link
+        return st
 
     def is_link(self, path: str) -> bool:
         """Whether *path* is a symbolic link: as looked at ahead or stat-ed just before, if it was
@@ -121,6 +121,14 @@ class PictureCheck:
         return message
 
 
+def _stat(path: str) -> tuple[os.stat_result, bool]:
+    """The stat of *path* (of the file a symbolic link leads to), and whether it is a link: for all but links the
+    lstat is the stat, one system call. Raises OSError, and ValueError (a NUL), as :func:`os.stat` does."""
+    st = os.lstat(path)
+    link = stat.S_ISLNK(st.st_mode)
+    return (os.stat(path) if link else st), link
+
+
 def _key(st: Stat) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -133,10 +141,7 @@ def look_at(paths: list[str], read: bool = True) -> list[tuple[Any, ...] | None]
     seen: dict[tuple[int, ...], str | None] = {}
     for path in paths:
         try:
-            st = os.lstat(path)  # for all but links the stat itself: one system call
-            link = stat.S_ISLNK(st.st_mode)
-            if link:
-                st = os.stat(path)
+            st, link = _stat(path)
         except (OSError, ValueError):
             found.append(None)
             continue
