@@ -629,6 +629,79 @@ def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
     assert peaks[64] < 3 * 4 * len(body) + 4 * 1024 * 1024 + 4_000_000, peaks
 
 
+class BigAnswers(FakeGemini):
+    """Answers every request with the same real ~1 MB PNG, keeping no request (FakeGemini keeps them all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = json.dumps(ok_body(inline(noise_bytes((578, 578))))).encode()
+        self.count = 0
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.count += 1
+        return httpx2.Response(200, content=self.body, headers={"content-type": "application/json"})
+
+
+def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float = 0.0) -> None:
+    """Every batch the writer flushes waits until all the run's tasks wait (then *then_s* more of the virtual
+    clock): whatever the machine's speed, answers come back faster than they are written."""
+    import anyio.from_thread
+    import trio.testing
+
+    real_fsync = nanobatch.output.writer.fsync_dir
+
+    def slow_disk(folder: str) -> None:
+        anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.01)
+        if then_s:
+            anyio.from_thread.run(anyio.sleep, then_s)
+        real_fsync(folder)
+
+    monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", slow_disk)
+
+
+def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with_the_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's queue is full and the workers wait to hand it their images: an answer read then would wait
+    # in memory as well, one per request in flight. It is left in its socket until the writer has room, so 16
+    # requests in flight peak as 4 do (before, ~12 more images: 12 MB here, 6 GB at concurrency 100 with 4K).
+    import tracemalloc
+
+    import nanobatch.api.client
+
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)  # two bodies read at once
+    _disk_slower_than_the_api(monkeypatch)
+    fake = BigAnswers()
+    run(write_job(tmp_path / "warm-up", [{"id": "w", "instruction": "a lemon"}]), fake)  # one-off caches
+    peaks = {}
+    for concurrency in (4, 16):
+        settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency})
+        job = write_job(tmp_path / str(concurrency), [{"id": f"i{k}", "instruction": "a lemon"} for k in range(40)])
+        tracemalloc.start()
+        try:
+            assert run(job, fake, settings=settings, settle_s=0.01).stats.ok == 40
+            peaks[concurrency] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[16] - peaks[4] < 2 * 2**20, peaks  # less than two more images
+
+
+def test_an_answer_kept_unread_by_a_slow_disk_is_not_timed_out_and_paid_for_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each flush takes 100 s of the clock, the requests' time limit is 30 s: the answers waiting for the writer
+    # wait outside it, and every item is sent once.
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    _disk_slower_than_the_api(monkeypatch, then_s=100)
+    fake = BigAnswers()
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 8, "api.timeout_s": 30})
+    job = write_job(tmp_path, [{"id": f"i{k}", "instruction": "a lemon"} for k in range(16)])
+    summary = run(job, fake, settings=settings, settle_s=0.01)
+    assert summary.stats.ok == 16 and fake.count == 16
+    assert all(r["attempts"] == 1 for r in records(tmp_path / "out"))
+
+
 def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
     from nanobatch.output.writer import Finished, WriteQueue
 

@@ -10,11 +10,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import re
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -116,7 +117,7 @@ class GeminiClient(ApiClient):
         transport: httpx2.AsyncBaseTransport | None = None,
         path_prefix: str | None = None,
         request_auth: httpx2.Auth | None = None,
-        answer_bytes: int = ANSWER_BYTES,
+        answer_bytes: int | None = None,
         workers: int | None = 0,
         spool: str | None = None,
     ) -> None:
@@ -124,7 +125,10 @@ class GeminiClient(ApiClient):
         request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
         (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers and write their
         images into *spool*, the output folder (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
-        self.answers = ByteBudget(answer_bytes)
+        self.answers = ByteBudget(ANSWER_BYTES if answer_bytes is None else answer_bytes)
+        # Awaited before each body is read, by a run whose writer is behind (the seconds it waited): the answer
+        # stays in the socket instead of in memory (:meth:`nanobatch.output.writer.WriteQueue.room`).
+        self.backlog: Callable[[], Awaitable[float]] | None = None
         self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -171,7 +175,7 @@ class GeminiClient(ApiClient):
         with anyio.move_on_after(timeout_s) as whole, http_errors(self._secret, self.where):
             async with self._post(url, content, timeout) as response:
                 if response.status_code == 200:
-                    reply = await self._read_reply(response)
+                    reply = await self._read_reply(response, whole)
                 else:
                     await response.aread()
         if whole.cancelled_caught:
@@ -202,12 +206,25 @@ class GeminiClient(ApiClient):
         finally:
             await response.aclose()
 
-    async def _read_reply(self, response: httpx2.Response) -> Reply:
+    async def _wait_for_backlog(self, whole: anyio.CancelScope) -> None:
+        """Wait for :attr:`backlog`, outside the request's own time (*whole*'s deadline, moved on by the wait):
+        an answer kept waiting for a slow disk is not one that came too slowly, to be paid for again."""
+        if self.backlog is None:
+            return
+        deadline, whole.deadline = whole.deadline, math.inf
+        waited = 0.0
+        try:
+            waited = await self.backlog()
+        finally:
+            whole.deadline = deadline + waited
+
+    async def _read_reply(self, response: httpx2.Response, whole: anyio.CancelScope) -> Reply:
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
         joined into a copy), and let go before its images are decoded (:func:`~nanobatch.api.gemini.parse_reply`)."""
         length = _plain_length(response)
         # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
         async with self.answers.hold(self._last_size if length is None else length) as held:
+            await self._wait_for_backlog(whole)  # holding its bytes: a body read meanwhile would wait too
             if length is not None and self.decoder.takes(length):  # read straight into a worker's shared memory
                 self._last_size = length
                 return await self.decoder.read_reply(length, functools.partial(_fill, response, big_pieces=True))

@@ -55,7 +55,10 @@ class WriteQueue:
     The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
     workers wait only when the writer falls far behind: big results hold at most ``max_bytes`` in memory
     (queued or being written; one item bigger than that is let through alone), small ones at most
-    ``max_items`` records.
+    ``max_items`` records. A worker waiting to queue its item holds that item's images all the same: while
+    those and the queue's are past ``max_bytes``, :meth:`room` keeps the next answers unread (the client
+    waits on it before reading a body), so a writer behind the API does not leave an answer in memory per
+    request in flight.
     """
 
     def __init__(self, max_bytes: int | None = None, max_items: int | None = None) -> None:
@@ -63,6 +66,7 @@ class WriteQueue:
         self.max_items = WRITE_QUEUE_ITEMS if max_items is None else max_items
         self.bytes = 0
         self.count = 0  # items queued or being written
+        self.waiting = 0  # the bytes of the items waiting to be queued (in put)
         self._items: deque[Finished] = deque()
         self._closed = False  # no more items will come
         self._writing = True  # False: the writer has stopped, items are dropped
@@ -72,8 +76,12 @@ class WriteQueue:
     async def put(self, finished: Finished) -> bool:
         """Queue *finished*; False if the writer has stopped (the run is ending with its error)."""
         size = finished.size
-        while self._writing and self.count and (self.bytes + size > self.max_bytes or self.count >= self.max_items):
-            await self._room.wait()
+        self.waiting += size
+        try:
+            while self._writing and self.count and (self.bytes + size > self.max_bytes or self.count >= self.max_items):
+                await self._room.wait()
+        finally:
+            self.waiting -= size
         if not self._writing:
             return False
         self._items.append(finished)
@@ -81,6 +89,17 @@ class WriteQueue:
         self.count += 1
         self._ready.set()
         return True
+
+    async def room(self) -> float:
+        """Wait while what waits for the writer (queued, being written or waiting to be queued) is past
+        ``max_bytes``: an answer read now would wait in memory too. Returns the seconds waited (0.0 at once,
+        without a checkpoint: this is asked before every answer is read)."""
+        if not self._writing or self.bytes + self.waiting <= self.max_bytes:
+            return 0.0
+        started = anyio.current_time()
+        while self._writing and self.bytes + self.waiting > self.max_bytes:
+            await self._room.wait()
+        return anyio.current_time() - started
 
     async def take(self) -> list[Finished]:
         """All queued items, oldest first, once there is one; empty when closed and drained."""

@@ -97,6 +97,7 @@ class Engine:
         stats: RunStats,
         run_id: str,
         observer: Observer,
+        written: WriteQueue,
     ) -> None:
         self.batch_route = batch_route  # for items in the batch tier, and requests waiting in its jobs
         self.gate = gate
@@ -115,6 +116,9 @@ class Engine:
         self.stats = stats
         self.run_id = run_id
         self.observer = observer  # told of each request's end (metrics, OpenTelemetry)
+        # Finished items on their way to the writer, bounded by bytes: a slow disk slows the workers down instead
+        # of piling images up in memory (and the client reads no answer while it is full: see WriteQueue.room).
+        self.written = written
         self.steps = Steps(settings=settings, gate=gate, route=route, batch_route=batch_route, retry=retry,
                            journal=out.journal, failures=failures, stats=stats, observer=observer)  # fmt: skip
         self.work_scope = anyio.CancelScope()
@@ -126,8 +130,7 @@ class Engine:
         # The workers take the next item from the iterator themselves: next() runs without an await, so
         # one worker at a time, and there is no hand-off from a producer task (one loop iteration per item).
         pending = iter(items)
-        # Bounded by bytes: a slow disk slows the workers down instead of piling images up in memory.
-        done = WriteQueue()
+        done = self.written
         writer = Writer(self.out, self._count, lambda failure: self.stop(failure, grace_s=0))
         self.out.open()
         try:

@@ -34,6 +34,7 @@ from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from ..output.resume import Resume
 from ..output.upload import Uploads
+from ..output.writer import WriteQueue
 from .batch.ledger import answers_to_come
 from .batch.route import BatchRoute
 from .changed import ChangedRows
@@ -234,6 +235,8 @@ async def _engine(
     batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats, checked)
     batch_tier = settings.api.tier == "batch"
     route: Route = GenerateContent(client)
+    written = WriteQueue()
+    client.backlog = written.room  # while the writer is behind, answers wait in their sockets, not in memory
     if batch_tier:  # its gate admits whole chunks: online steps keep limits.concurrency
         route = Bounded(route, settings.limits.concurrency)
     retry = RetryPolicy(settings=settings.retry)
@@ -257,6 +260,7 @@ async def _engine(
         stats=stats,
         run_id=out.journal.run_id,
         observer=observer,
+        written=written,
     )
     return engine, batch
 
