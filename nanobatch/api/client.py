@@ -15,9 +15,9 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import anyio
 import httpx2
@@ -31,6 +31,7 @@ from .transport import ShardedTransport, expect_body
 
 __all__ = [
     "ApiClient",
+    "Backlog",
     "GeminiClient",
     "api_error",
     "auth_headers",
@@ -50,6 +51,15 @@ _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 # Peak memory per answer is about twice its body (the body, then its image's base64 text, then the image), and
 # the decoding, not the reading, is what takes time: docs/performance.md.
 ANSWER_BYTES = 64 * 2**20
+
+
+class Backlog(Protocol):
+    """Where a run's answers go once read (:class:`nanobatch.output.writer.WriteQueue`): :meth:`full` while an
+    answer read now would wait in memory for it; :meth:`room` waits until it is not, and says how long."""
+
+    def full(self) -> bool: ...
+
+    async def room(self) -> float: ...
 
 
 class ApiClient:
@@ -126,9 +136,8 @@ class GeminiClient(ApiClient):
         (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers and write their
         images into *spool*, the output folder (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
         self.answers = ByteBudget(ANSWER_BYTES if answer_bytes is None else answer_bytes)
-        # Awaited before each body is read, by a run whose writer is behind (the seconds it waited): the answer
-        # stays in the socket instead of in memory (:meth:`nanobatch.output.writer.WriteQueue.room`).
-        self.backlog: Callable[[], Awaitable[float]] | None = None
+        # What takes the answers (a run's writer): while it is full, a body is left unread, in its socket.
+        self.backlog: Backlog | None = None
         self._last_size = 0
         self._prefix = path_prefix or f"/{api_version.strip('/')}/models/"
         limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -209,12 +218,12 @@ class GeminiClient(ApiClient):
     async def _wait_for_backlog(self, whole: anyio.CancelScope) -> None:
         """Wait for :attr:`backlog`, outside the request's own time (*whole*'s deadline, moved on by the wait):
         an answer kept waiting for a slow disk is not one that came too slowly, to be paid for again."""
-        if self.backlog is None:
+        if self.backlog is None or not self.backlog.full():
             return
         deadline, whole.deadline = whole.deadline, math.inf
         waited = 0.0
         try:
-            waited = await self.backlog()
+            waited = await self.backlog.room()
         finally:
             whole.deadline = deadline + waited
 

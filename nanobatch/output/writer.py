@@ -90,14 +90,15 @@ class WriteQueue:
         self._ready.set()
         return True
 
+    def full(self) -> bool:
+        """Whether what waits for the writer (queued, being written or waiting to be queued) is past
+        ``max_bytes``: an answer read now would wait in memory too."""
+        return self._writing and self.bytes + self.waiting > self.max_bytes
+
     async def room(self) -> float:
-        """Wait while what waits for the writer (queued, being written or waiting to be queued) is past
-        ``max_bytes``: an answer read now would wait in memory too. Returns the seconds waited (0.0 at once,
-        without a checkpoint: this is asked before every answer is read)."""
-        if not self._writing or self.bytes + self.waiting <= self.max_bytes:
-            return 0.0
+        """Wait until the queue is not :meth:`full`; returns the seconds waited."""
         started = anyio.current_time()
-        while self._writing and self.bytes + self.waiting > self.max_bytes:
+        while self.full():
             await self._room.wait()
         return anyio.current_time() - started
 

@@ -236,7 +236,7 @@ async def _engine(
     batch_tier = settings.api.tier == "batch"
     route: Route = GenerateContent(client)
     written = WriteQueue()
-    client.backlog = written.room  # while the writer is behind, answers wait in their sockets, not in memory
+    client.backlog = written  # while the writer is behind, answers wait in their sockets, not in memory
     if batch_tier:  # its gate admits whole chunks: online steps keep limits.concurrency
         route = Bounded(route, settings.limits.concurrency)
     retry = RetryPolicy(settings=settings.retry)
