@@ -702,6 +702,26 @@ def test_an_answer_kept_unread_by_a_slow_disk_is_not_timed_out_and_paid_for_agai
     assert all(r["attempts"] == 1 for r in records(tmp_path / "out"))
 
 
+def test_answers_kept_unread_by_a_slow_disk_are_read_and_kept_when_the_run_stops_within_its_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The time limit comes at 25 s, with 30 s of grace; the writer's next flush ends at 100 s. The answers kept
+    # unread meanwhile were paid for: at the stop they are read (and wait for the writer, as finished work
+    # does), so each answer the server gave has its record, and none is left to be paid for again.
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    _disk_slower_than_the_api(monkeypatch, then_s=100)
+    fake = BigAnswers()
+    settings = nanobatch.load_settings(
+        overrides={"limits.concurrency": 8, "limits.max_duration_s": 25, "limits.grace_s": 30}
+    )
+    job = write_job(tmp_path, [{"id": f"i{k}", "instruction": "a lemon"} for k in range(40)])
+    summary = run(job, fake, settings=settings, settle_s=0.01)
+    assert summary.outcome == "aborted" and "time limit" in (summary.reason or "")
+    answered = records(tmp_path / "out")
+    assert 8 < fake.count < 40  # answers did wait for the writer, and the stop came before the end
+    assert len(answered) == fake.count and all(r["status"] == "ok" for r in answered)
+
+
 def test_small_results_waiting_for_the_writer_are_bounded_in_number() -> None:
     from nanobatch.output.writer import Finished, WriteQueue
 

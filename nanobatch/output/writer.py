@@ -70,6 +70,7 @@ class WriteQueue:
         self._items: deque[Finished] = deque()
         self._closed = False  # no more items will come
         self._writing = True  # False: the writer has stopped, items are dropped
+        self._letting_in = False  # the run is stopping: answers are read whatever waits (see let_in)
         self._ready = anyio.Event()
         self._room = anyio.Event()
 
@@ -93,7 +94,14 @@ class WriteQueue:
     def full(self) -> bool:
         """Whether what waits for the writer (queued, being written or waiting to be queued) is past
         ``max_bytes``: an answer read now would wait in memory too."""
-        return self._writing and self.bytes + self.waiting > self.max_bytes
+        return self._writing and not self._letting_in and self.bytes + self.waiting > self.max_bytes
+
+    def let_in(self) -> None:
+        """The run is stopping: the answers still coming are paid for, and have only the grace period left to
+        be read in; read them whatever waits for the writer (never :meth:`full` again)."""
+        self._letting_in = True
+        self._room.set()
+        self._room = anyio.Event()
 
     async def room(self) -> float:
         """Wait until the queue is not :meth:`full`; returns the seconds waited."""

@@ -149,6 +149,7 @@ class Engine:
     def stop(self, reason: BaseException, *, grace_s: float | None = None) -> None:
         """Send nothing new; cancel requests in flight after *grace_s* (None: let them finish)."""
         self.gate.stop(reason)
+        self.written.let_in()  # an answer that came back must be read within the grace, not wait for the disk
         if grace_s is not None:
             self.work_scope.deadline = min(self.work_scope.deadline, anyio.current_time() + grace_s)
 
