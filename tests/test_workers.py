@@ -248,6 +248,44 @@ def test_with_workers_the_output_checks_run_in_a_worker(monkeypatch: pytest.Monk
         anyio.run(main, 0)
 
 
+def test_checks_one_after_another_in_a_worker_reuse_the_same_shared_memory() -> None:
+    """Each check in a worker copies the image and the input into shared memory; a new block's pages cost the
+    run's process more than the copy (half of what a 2K JPEG check cost it): one block serves every check, and
+    it is let go when the run ends."""
+    settings = QaSettings(min_side=600, changed=True)
+
+    async def main() -> tuple[list[Verdict], int, list[str]]:
+        checker = Checker(1)
+        images = [Image("image/png", PICTURE)]
+        found = [await checker.check(images, original=SMALL, aspect_ratio="1:1", settings=settings) for _ in range(3)]
+        names = [block.name for block in checker.blocks._free]
+        checker.close()
+        return found, checker.blocks.made, names
+
+    found, made, names = anyio.run(main)
+    assert [(v.passed, v.values["min_side"]) for v in found] == [(True, 640)] * 3
+    assert made == 1
+    for name in names:  # unlinked once closed: nothing left behind in /dev/shm
+        with pytest.raises(FileNotFoundError):
+            decoding.attach(name)
+
+
+def test_a_run_that_checks_in_workers_leaves_no_shared_memory_behind(tmp_path: Path) -> None:
+    """The blocks kept for the next checks are the run's: let go when it ends, not left in /dev/shm."""
+    import nanobatch
+
+    from .fakes import FakeGemini, inline, ok_body
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(3)], qa={"changed": True})
+    settings = load_settings(overrides={"limits.workers": 1})
+    before = set(os.listdir("/dev/shm"))
+    fake = FakeGemini({"make the background white": [ok_body(inline(PICTURE))]})
+    out = tmp_path / "out"
+    summary = anyio.run(lambda: nanobatch.run_job(job, settings=settings, transport=fake.transport, out_dir=out))
+    assert summary.stats.ok == 3
+    assert set(os.listdir("/dev/shm")) <= before
+
+
 @pytest.fixture
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the functions handed to worker processes, in order (they still run there)."""

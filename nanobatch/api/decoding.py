@@ -54,6 +54,7 @@ __all__ = [
     "Blocks",
     "Decoder",
     "attach",
+    "attached",
     "decode_in_worker",
     "settle_worker",
     "worker_slots",
@@ -192,7 +193,7 @@ class Blocks:
 
     A new block costs the run's process more than the copy into it: the kernel zeroes each of its pages on first
     touch, and unlinking it frees them again (a 4K answer: ~8,000 pages, 70-110 ms of CPU in all). A kept block's
-    pages are there already, and a worker keeps it mapped (:func:`_attached`)."""
+    pages are there already, and a worker keeps it mapped (:func:`attached`)."""
 
     def __init__(self, keep: int) -> None:
         self._keep = keep  # bytes
@@ -265,7 +266,7 @@ def decode_in_worker(what: str, body_name: str, size: int, prefix: str, parent: 
     temporary files ``<prefix>-<k>.tmp``. An error goes back as its fields: ApiError takes keyword arguments,
     which pickling an exception does not carry. OSError if an image cannot be written (none is left)."""
     settle_worker(parent)
-    with _view(_attached(body_name))[:size] as view:
+    with _view(attached(body_name))[:size] as view:
         text = bytearray(view)  # parse_reply empties it once parsed: not held beside the image
     decoded = _decode_text(what, text)
     del text
@@ -309,7 +310,7 @@ _ATTACHED: dict[str, SharedMemory] = {}  # in a worker: the run's blocks, mapped
 _KEEP_ATTACHED = KEEP_BYTES
 
 
-def _attached(name: str) -> SharedMemory:
+def attached(name: str) -> SharedMemory:
     """The run's block *name*, kept mapped for the next answer that comes in it (the run's process lends the
     same blocks again: :class:`Blocks`); the least recently used ones are let go beyond :data:`_KEEP_ATTACHED`
     bytes (a block the run's process has let go of stays mapped here until then)."""

@@ -144,6 +144,7 @@ class Engine:
                 finally:
                     done.close()
         finally:
+            self.checker.close()
             self.out.close()
 
     def stop(self, reason: BaseException, *, grace_s: float | None = None) -> None:
