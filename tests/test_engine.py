@@ -687,6 +687,72 @@ def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with
     assert peaks[32] - peaks[4] < 6 * 2**20, peaks  # fewer than 6 more images
 
 
+def test_with_the_output_checks_behind_answers_wait_unread_so_memory_does_not_grow_with_the_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same with the checks behind the API (each waits until the whole run waits): the images waiting for
+    # their checks count toward the writer's queue, so 64 requests in flight peak as 16 do (both more than the
+    # queue, the byte budget and the images checked at once hold), where each held its decoded image.
+    import tracemalloc
+
+    import nanobatch.api.client
+
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)
+    _checks_slower_than_the_api(monkeypatch, refuse_every=0)
+    fake = BigAnswers()
+    peaks = {}
+    for concurrency in (16, 64):
+        settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency})
+        items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(128)]
+        job = write_job(tmp_path / str(concurrency), items, qa={"min_side": 8})
+        tracemalloc.start()
+        try:
+            assert run(job, fake, settings=settings, settle_s=0.01).stats.ok == 128
+            peaks[concurrency] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peaks[64] - peaks[16] < 6 * 2**20, peaks  # fewer than 6 more images
+
+
+def test_images_refused_by_slow_checks_are_sent_again_while_the_queue_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every third image is refused and sent again while the checks are behind and the queue full: an item
+    # waiting for its second answer counts nothing toward the queue, or every item would wait for the others'
+    # images to be written, and the run would never end.
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    checked = _checks_slower_than_the_api(monkeypatch, refuse_every=3)
+    fake = BigAnswers()
+    # A run that waits for itself would hang; the time limit (of the virtual clock) ends it as "aborted" instead.
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 32, "limits.max_duration_s": 3600})
+    items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(64)]
+    job = write_job(tmp_path, items, qa={"min_side": 8, "retries": 2})
+    summary = run(job, fake, settings=settings, settle_s=0.01)
+    assert summary.outcome == "complete", summary.reason
+    assert summary.stats.ok + summary.stats.rejected == 64 and fake.count == len(checked) > 64
+
+
+def _checks_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, refuse_every: int) -> list[int]:
+    """Each output check waits until the whole run waits (then refuses every *refuse_every*-th image, if not 0);
+    returns the list that counts them."""
+    import trio.testing
+
+    from nanobatch.output.verdicts import Checker
+    from nanobatch.qa import Verdict
+
+    checked: list[int] = []
+
+    async def slow_check(self: Checker, images: list[Image], **options: Any) -> Verdict:
+        await trio.testing.wait_all_tasks_blocked(0.01)
+        checked.append(1)
+        refused = bool(refuse_every) and len(checked) % refuse_every == 0
+        return Verdict(passed=not refused, failed=("min_side",) if refused else ())
+
+    monkeypatch.setattr(Checker, "check", slow_check)
+    return checked
+
+
 def test_an_answer_kept_unread_by_a_slow_disk_is_not_timed_out_and_paid_for_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import anyio
@@ -18,7 +19,7 @@ from ..errors import RunAborted
 from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
 from .record import ItemRecord
 
-__all__ = ["Finished", "WriteQueue", "Writer"]
+__all__ = ["Finished", "Holding", "WriteQueue", "Writer"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -49,16 +50,36 @@ class Finished:
         return 1024 + sum(len(image.content) for _, image in self.files)
 
 
+class Holding:
+    """What one item holds on its way to the writer (:meth:`WriteQueue.holding`): :attr:`size` bytes."""
+
+    def __init__(self, queue: WriteQueue) -> None:
+        self._queue = queue
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, size: int) -> None:
+        queue, less = self._queue, size < self._size
+        queue.waiting += size - self._size
+        self._size = size
+        if less:  # maybe no longer full
+            queue.wake()
+
+
 class WriteQueue:
     """Finished items on their way to the writer, bounded by their bytes and by their count.
 
     The writer takes everything queued at once (one thread hand-off and one fsync for all of it), so
     workers wait only when the writer falls far behind: big results hold at most ``max_bytes`` in memory
     (queued or being written; one item bigger than that is let through alone), small ones at most
-    ``max_items`` records. A worker waiting to queue its item holds that item's images all the same: while
-    those and the queue's are past ``max_bytes``, :meth:`room` keeps the next answers unread (the client
-    waits on it before reading a body), so a writer behind the API does not leave an answer in memory per
-    request in flight.
+    ``max_items`` records. An item on its way to the queue holds its images all the same: waiting to be
+    queued, or still being checked or uploaded (:meth:`holding`). While those and the queue's are past
+    ``max_bytes``, :meth:`room` keeps the next answers unread (the client waits on it before reading a body),
+    so a writer, checks or uploads behind the API do not leave an answer in memory per request in flight.
     """
 
     def __init__(self, max_bytes: int | None = None, max_items: int | None = None) -> None:
@@ -66,7 +87,7 @@ class WriteQueue:
         self.max_items = WRITE_QUEUE_ITEMS if max_items is None else max_items
         self.bytes = 0
         self.count = 0  # items queued or being written
-        self.waiting = 0  # the bytes of the items waiting to be queued (in put)
+        self.waiting = 0  # the bytes of the items on their way: waiting to be queued (in put), or held (holding)
         self._items: deque[Finished] = deque()
         self._closed = False  # no more items will come
         self._writing = True  # False: the writer has stopped, items are dropped
@@ -91,6 +112,17 @@ class WriteQueue:
         self._ready.set()
         return True
 
+    @contextmanager
+    def holding(self) -> Iterator[Holding]:
+        """Count the images an item holds on its way to the queue (set :attr:`Holding.size`) until the block
+        ends. Set it to 0 before the item waits for another answer: an answer it waits for must not wait for
+        its own images to be written, nor for other items' doing the same."""
+        hold = Holding(self)
+        try:
+            yield hold
+        finally:
+            hold.size = 0
+
     def full(self) -> bool:
         """Whether what waits for the writer (queued, being written or waiting to be queued) is past
         ``max_bytes``: an answer read now would wait in memory too."""
@@ -100,8 +132,7 @@ class WriteQueue:
         """The run is stopping: the answers still coming are paid for, and have only the grace period left to
         be read in; read them whatever waits for the writer (never :meth:`full` again)."""
         self._letting_in = True
-        self._room.set()
-        self._room = anyio.Event()
+        self.wake()
 
     async def room(self) -> float:
         """Wait until the queue is not :meth:`full`; returns the seconds waited."""
@@ -125,6 +156,10 @@ class WriteQueue:
         """The writer is done with *batch*: its bytes make room."""
         self.bytes -= sum(finished.size for finished in batch)
         self.count -= len(batch)
+        self.wake()
+
+    def wake(self) -> None:
+        """There may be room now: whoever waits for it looks again."""
         self._room.set()
         self._room = anyio.Event()
 

@@ -37,7 +37,7 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.verdicts import Checker, set_aside, stale_rejected
-from ..output.writer import NOT_OURS, Finished, WriteQueue, Writer, report_unsaved
+from ..output.writer import NOT_OURS, Finished, Holding, WriteQueue, Writer, report_unsaved
 from ..qa import Verdict
 from .batch.route import BatchRoute
 from .failures import FailureLog
@@ -57,6 +57,11 @@ def _original(images: list[Image | FileRef]) -> bytes | None:
     for a text-to-image item or an input sent by reference."""
     first = images[0] if images else None
     return first.data if isinstance(first, Image) else None
+
+
+def _in_memory(images: list[Image]) -> int:
+    """The bytes of *images* held in this process (an image a worker wrote is on disk)."""
+    return sum(len(image.content) for image in images)
 
 
 def _spare_workers(concurrency: int, tier: str) -> int:
@@ -232,25 +237,30 @@ class Engine:
                 tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
                 files += zip(names, images, strict=True)
         verdict = None
-        if qa is not None:
-            original = original or (await self._read_again(item) if compared else None)
-            images, verdict = await self._verdict(item, tally, images, original, request)
-        outputs = self._name_outputs(item, images)
-        files += zip(outputs, images, strict=True)
-        record = build_record(item, tally, run=self.run_id, outputs=outputs)
-        if verdict is not None:
-            record, files = set_aside(record, files, verdict)
-        if self.uploads is not None and record.status == "ok":
-            record = await self._upload(record, files)
+        # The answer's images count toward the writer's queue from here (see WriteQueue.holding): while checks
+        # or uploads fall behind the API, the next answers wait unread instead of piling up in memory.
+        with self.written.holding() as hold:
+            hold.size = _in_memory(images)
+            if qa is not None:
+                original = original or (await self._read_again(item) if compared else None)
+                images, verdict = await self._verdict(item, tally, images, original, request, hold)
+            outputs = self._name_outputs(item, images)
+            files += zip(outputs, images, strict=True)
+            record = build_record(item, tally, run=self.run_id, outputs=outputs)
+            if verdict is not None:
+                record, files = set_aside(record, files, verdict)
+            if self.uploads is not None and record.status == "ok":
+                record = await self._upload(record, files)
         drops = stale_rejected(prepared.replaceable, files) if record.status in ("ok", "rejected") else ()
         return Finished(record, files, replaceable=prepared.replaceable, drops=drops)
 
     async def _verdict(
-        self, item: WorkItem, tally: Tally, images: list[Image], original: bytes | None, request: Request | None
-    ) -> tuple[list[Image], Verdict]:
-        """The output checks' verdict on *images* (the item's final answer); an answer they refuse is sent again
-        as a new request (paid, counted in the item's cost and attempts, within the budget), up to
-        ``qa.retries`` times. Returns the last answer's images and their verdict."""
+        self, item: WorkItem, tally: Tally, images: list[Image], original: bytes | None, request: Request | None,
+        hold: Holding,
+    ) -> tuple[list[Image], Verdict]:  # fmt: skip
+        """The output checks' verdict on *images* (the item's final answer, *hold* counting them for the writer);
+        an answer they refuse is sent again as a new request (paid, counted in the item's cost and attempts,
+        within the budget), up to ``qa.retries`` times. Returns the last answer's images and their verdict."""
         assert item.qa is not None
         verdict = await self._check(item, images, original)
         tries = 0
@@ -258,10 +268,13 @@ class Engine:
             tries += 1
             logger.info("%s: its image failed the checks (%s); sending it again (%d of %d)", item.id,
                         ", ".join(verdict.failed), tries, item.qa.retries)  # fmt: skip
+            hold.size = 0  # waiting for an answer: holding nothing the writer's queue waits for (see holding)
             reply = await self._send_again(item, tally, request)
             if reply is None:
+                hold.size = _in_memory(images)
                 break
             images = list(reply.images)
+            hold.size = _in_memory(images)
             del reply
             verdict = await self._check(item, images, original)
         if not verdict.passed:
