@@ -124,8 +124,8 @@ class WriteQueue:
             hold.size = 0
 
     def full(self) -> bool:
-        """Whether what waits for the writer (queued, being written or waiting to be queued) is past
-        ``max_bytes``: an answer read now would wait in memory too."""
+        """Whether what waits for the writer (queued, being written, waiting to be queued, or held on the way:
+        :meth:`holding`) is past ``max_bytes``: an answer read now would wait in memory too."""
         return self._writing and not self._letting_in and self.bytes + self.waiting > self.max_bytes
 
     def let_in(self) -> None:
