@@ -54,11 +54,15 @@ class ByteBudget:
     def _fits(self, size: int) -> bool:
         return self.held == 0 or self.held + size <= self.limit
 
+    def free_for(self, size: int) -> bool:
+        """Whether :meth:`hold` of *size* bytes would hold them at once, without waiting."""
+        return not self._waiting and not self._growing and self._fits(max(1, size))
+
     @asynccontextmanager
     async def hold(self, size: int) -> AsyncIterator[Held]:
         """Hold *size* bytes (at least 1) while the block runs, waiting for them first if they do not fit."""
         size = max(1, size)
-        if not self._waiting and not self._growing and self._fits(size):
+        if self.free_for(size):
             self.held += size
         else:
             await self._wait(size)

@@ -215,25 +215,34 @@ class GeminiClient(ApiClient):
         finally:
             await response.aclose()
 
-    async def _wait_for_backlog(self, whole: anyio.CancelScope) -> None:
-        """Wait for :attr:`backlog`, outside the request's own time (*whole*'s deadline, moved on by the wait):
-        an answer kept waiting for a slow disk is not one that came too slowly, to be paid for again."""
-        if self.backlog is None or not self.backlog.full():
+    @contextlib.asynccontextmanager
+    async def _held(self, size: int, whole: anyio.CancelScope) -> AsyncIterator[Held]:
+        """*size* bytes of the byte budget, and room at :attr:`backlog`, waited for outside the request's own time
+        (*whole*'s deadline, moved on by the wait): the answer is there, its headers read; one kept waiting for
+        the answers before it, or for a slow disk, is not one that came too slowly, to be paid for again."""
+        if self.answers.free_for(size) and (self.backlog is None or not self.backlog.full()):
+            async with self.answers.hold(size) as held:  # the usual case: the deadline is left alone
+                yield held
             return
         deadline, whole.deadline = whole.deadline, math.inf
-        waited = 0.0
+        started = anyio.current_time()
+        waiting = True
         try:
-            waited = await self.backlog.room()
+            async with self.answers.hold(size) as held:
+                if self.backlog is not None:
+                    await self.backlog.room()  # holding its bytes: a body read meanwhile would wait too
+                whole.deadline, waiting = deadline + (anyio.current_time() - started), False
+                yield held
         finally:
-            whole.deadline = deadline + waited
+            if waiting:
+                whole.deadline = deadline + (anyio.current_time() - started)
 
     async def _read_reply(self, response: httpx2.Response, whole: anyio.CancelScope) -> Reply:
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
         joined into a copy), and let go before its images are decoded (:func:`~nanobatch.api.gemini.parse_reply`)."""
         length = _plain_length(response)
         # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
-        async with self.answers.hold(self._last_size if length is None else length) as held:
-            await self._wait_for_backlog(whole)  # holding its bytes: a body read meanwhile would wait too
+        async with self._held(self._last_size if length is None else length, whole) as held:
             if length is not None and self.decoder.takes(length):  # read straight into a worker's shared memory
                 self._last_size = length
                 return await self.decoder.read_reply(length, functools.partial(_fill, response, big_pieces=True))
