@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -671,6 +672,7 @@ def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with
 
     monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
     monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)  # two bodies read at once
+    monkeypatch.setattr(nanobatch.api.client, "BACKLOG_WAIT_S", math.inf)  # the clock jumps while all wait
     _disk_slower_than_the_api(monkeypatch)
     fake = BigAnswers()
     run(write_job(tmp_path / "warm-up", [{"id": "w", "instruction": "a lemon"}]), fake)  # one-off caches
@@ -699,6 +701,7 @@ def test_with_the_output_checks_behind_answers_wait_unread_so_memory_does_not_gr
 
     monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
     monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)
+    monkeypatch.setattr(nanobatch.api.client, "BACKLOG_WAIT_S", math.inf)  # the clock jumps while all wait
     _checks_slower_than_the_api(monkeypatch, refuse_every=0)
     fake = BigAnswers()
     peaks = {}
@@ -728,7 +731,9 @@ def test_images_refused_by_slow_checks_are_sent_again_while_the_queue_is_full(
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 32, "limits.max_duration_s": 3600})
     items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(64)]
     job = write_job(tmp_path, items, qa={"min_side": 8, "retries": 2})
-    summary = run(job, fake, settings=settings, settle_s=0.01)
+    # settle_s: the clock jumps to that limit only once every task has waited 0.5 s of real time, not while a
+    # slow machine's writer thread works
+    summary = run(job, fake, settings=settings, settle_s=0.5)
     assert summary.outcome == "complete", summary.reason
     assert summary.stats.ok + summary.stats.rejected == 64 and fake.count == len(checked) > 64
 
@@ -751,6 +756,39 @@ def _checks_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, refuse_every
 
     monkeypatch.setattr(Checker, "check", slow_check)
     return checked
+
+
+def test_an_answer_waits_unread_for_the_writer_no_longer_than_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A response left unread for long may be dropped by the server or a proxy, and the request sent again is paid
+    # again: past BACKLOG_WAIT_S (here 5 s) an answer is read whatever waits for the writer (each flush 100 s).
+    import nanobatch.api.client
+
+    monkeypatch.setattr(nanobatch.api.client, "BACKLOG_WAIT_S", 5.0)
+    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
+    _disk_slower_than_the_api(monkeypatch, then_s=100)
+    waits: list[float] = []
+    body = BigAnswers().body
+
+    class Timed(httpx2.AsyncByteStream):
+        def __init__(self) -> None:
+            self.answered = anyio.current_time()
+
+        async def __aiter__(self) -> Any:
+            waits.append(anyio.current_time() - self.answered)
+            yield body
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        headers = {"content-type": "application/json", "content-length": str(len(body))}
+        return httpx2.Response(200, headers=headers, stream=Timed())
+
+    settings = nanobatch.load_settings(overrides={"limits.concurrency": 8})
+    job = write_job(tmp_path, [{"id": f"i{k}", "instruction": "a lemon"} for k in range(16)])
+    summary = run(job, FakeGemini({"a lemon": [answer]}), settings=settings, settle_s=0.01)
+    assert summary.stats.ok == 16 and len(waits) == 16
+    assert max(waits) > 4  # some did wait for the writer...
+    assert max(waits) < 6  # ...and none longer than the limit (a flush takes 100 s)
 
 
 @pytest.mark.parametrize("budget", [None, 3 * 2**20], ids=["room-for-all", "room-for-two-answers"])

@@ -51,6 +51,9 @@ _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 # Peak memory per answer is about twice its body (the body, then its image's base64 text, then the image), and
 # the decoding, not the reading, is what takes time: docs/performance.md.
 ANSWER_BYTES = 64 * 2**20
+# An answer waits unread for a run's backlog (see GeminiClient._held) at most this long, then is read anyway:
+# a response stalled for longer may be dropped by the server or a proxy, and a request sent again is paid again.
+BACKLOG_WAIT_S = 60.0
 
 
 class Backlog(Protocol):
@@ -217,9 +220,10 @@ class GeminiClient(ApiClient):
 
     @contextlib.asynccontextmanager
     async def _held(self, size: int, whole: anyio.CancelScope) -> AsyncIterator[Held]:
-        """*size* bytes of the byte budget, and room at :attr:`backlog`, waited for outside the request's own time
-        (*whole*'s deadline, moved on by the wait): the answer is there, its headers read; one kept waiting for
-        the answers before it, or for a slow disk, is not one that came too slowly, to be paid for again."""
+        """*size* bytes of the byte budget, and room at :attr:`backlog` (for at most :data:`BACKLOG_WAIT_S`),
+        both waited for outside the request's own time (*whole*'s deadline, moved on by the wait): the answer is
+        there, its headers read; one kept waiting for the answers before it, or for a slow disk, is not one that
+        came too slowly, to be paid for again. (Waits once its body is read, for a worker process, still count.)"""
         if self.answers.free_for(size) and (self.backlog is None or not self.backlog.full()):
             async with self.answers.hold(size) as held:  # the usual case: the deadline is left alone
                 yield held
@@ -230,7 +234,8 @@ class GeminiClient(ApiClient):
         try:
             async with self.answers.hold(size) as held:
                 if self.backlog is not None:
-                    await self.backlog.room()  # holding its bytes: a body read meanwhile would wait too
+                    with anyio.move_on_after(BACKLOG_WAIT_S):
+                        await self.backlog.room()  # holding its bytes: a body read meanwhile would wait too
                 whole.deadline, waiting = deadline + (anyio.current_time() - started), False
                 yield held
         finally:

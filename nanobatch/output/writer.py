@@ -102,8 +102,11 @@ class WriteQueue:
         try:
             while self._writing and self.count and (self.bytes + size > self.max_bytes or self.count >= self.max_items):
                 await self._room.wait()
-        finally:
+        except BaseException:  # cancelled: its bytes no longer wait, whoever waits for room looks again
             self.waiting -= size
+            self.wake()
+            raise
+        self.waiting -= size
         if not self._writing:
             return False
         self._items.append(finished)
