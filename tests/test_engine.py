@@ -645,7 +645,8 @@ class BigAnswers(FakeGemini):
 
 def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float = 0.0) -> None:
     """Every batch the writer flushes waits until all the run's tasks wait (then *then_s* more of the virtual
-    clock): whatever the machine's speed, answers come back faster than they are written."""
+    clock): whatever the machine's speed, answers come back faster than they are written. (A disk slowed by a
+    timed sleep was not: under coverage the workers no longer outran it, and an unbounded queue passed.)"""
     import anyio.from_thread
     import trio.testing
 
@@ -660,12 +661,11 @@ def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float 
     monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", slow_disk)
 
 
-def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with_the_concurrency(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The writer's queue is full and the workers wait to hand it their images: an answer read then would wait
-    # in memory as well, one per request in flight. It is left in its socket until the writer has room, so 32
-    # requests in flight peak as 4 do: 0.65 MB more here, where it was 31 MB (28 more images of 1 MB).
+def _peaks_by_concurrency(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, concurrencies: tuple[int, int], n: int, **top: Any
+) -> dict[int, int]:
+    """Traced peak memory of a run of *n* items answered by :class:`BigAnswers` at each concurrency, with the
+    writer's queue at 2 MB and the byte budget at two answers; *top*: the manifest's other top-level keys."""
     import tracemalloc
 
     import nanobatch.api.client
@@ -673,19 +673,30 @@ def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with
     monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
     monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)  # two bodies read at once
     monkeypatch.setattr(nanobatch.api.client, "BACKLOG_WAIT_S", math.inf)  # the clock jumps while all wait
-    _disk_slower_than_the_api(monkeypatch)
     fake = BigAnswers()
-    run(write_job(tmp_path / "warm-up", [{"id": "w", "instruction": "a lemon"}]), fake)  # one-off caches
+    run(write_job(folder / "warm-up", [{"id": "w", "instruction": "a lemon"}], **top), fake)  # one-off caches
     peaks = {}
-    for concurrency in (4, 32):
+    for concurrency in concurrencies:
         settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency})
-        job = write_job(tmp_path / str(concurrency), [{"id": f"i{k}", "instruction": "a lemon"} for k in range(64)])
+        items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(n)]
+        job = write_job(folder / str(concurrency), items, **top)
         tracemalloc.start()
         try:
-            assert run(job, fake, settings=settings, settle_s=0.01).stats.ok == 64
+            assert run(job, fake, settings=settings, settle_s=0.01).stats.ok == n
             peaks[concurrency] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
+    return peaks
+
+
+def test_with_the_writer_behind_answers_wait_unread_so_memory_does_not_grow_with_the_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer's queue is full and the workers wait to hand it their images: an answer read then would wait
+    # in memory as well, one per request in flight. It is left in its socket until the writer has room, so 32
+    # requests in flight peak as 4 do: 0.65 MB more here, where it was 31 MB (28 more images of 1 MB).
+    _disk_slower_than_the_api(monkeypatch)
+    peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (4, 32), 64)
     assert peaks[32] - peaks[4] < 6 * 2**20, peaks  # fewer than 6 more images
 
 
@@ -695,26 +706,8 @@ def test_with_the_output_checks_behind_answers_wait_unread_so_memory_does_not_gr
     # The same with the checks behind the API (each waits until the whole run waits): the images waiting for
     # their checks count toward the writer's queue, so 64 requests in flight peak as 16 do (both more than the
     # queue, the byte budget and the images checked at once hold), where each held its decoded image.
-    import tracemalloc
-
-    import nanobatch.api.client
-
-    monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_BYTES", 2 * 2**20)
-    monkeypatch.setattr(nanobatch.api.client, "ANSWER_BYTES", 3 * 2**20)
-    monkeypatch.setattr(nanobatch.api.client, "BACKLOG_WAIT_S", math.inf)  # the clock jumps while all wait
     _checks_slower_than_the_api(monkeypatch, refuse_every=0)
-    fake = BigAnswers()
-    peaks = {}
-    for concurrency in (16, 64):
-        settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency})
-        items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(128)]
-        job = write_job(tmp_path / str(concurrency), items, qa={"min_side": 8})
-        tracemalloc.start()
-        try:
-            assert run(job, fake, settings=settings, settle_s=0.01).stats.ok == 128
-            peaks[concurrency] = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+    peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (16, 64), 128, qa={"min_side": 8})
     assert peaks[64] - peaks[16] < 6 * 2**20, peaks  # fewer than 6 more images
 
 
@@ -889,27 +882,15 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
     # (Python's allocations, traced) must not grow with the manifest's length.
     import tracemalloc
 
-    import anyio.from_thread
-    import trio.testing
-
     import nanobatch.output.outdir
 
-    idle_s = 0.01
-    real_fsync = nanobatch.output.writer.fsync_dir
-
-    def slow_disk(folder: str) -> None:
-        # A batch is flushed only once the workers have done all they can (every task waiting for idle_s): the
-        # disk is slower than the API whatever the machine's load or a tracer's overhead, so a queue that does
-        # not make the workers wait holds the rest of the manifest. (A disk slowed by a timed sleep was not:
-        # under coverage the workers no longer outran it, and the unbounded queue passed.)
-        anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, idle_s)
-        real_fsync(folder)
+    idle_s = 0.01  # as _disk_slower_than_the_api waits
 
     def write_image(path: str, image: Image, **options: Any) -> None:  # the flush is the slow part, not each fsync
         with open(path, "wb") as f:
             f.write(image.data)
 
-    monkeypatch.setattr(nanobatch.output.writer, "fsync_dir", slow_disk)
+    _disk_slower_than_the_api(monkeypatch)  # so a queue that does not make the workers wait holds the manifest
     monkeypatch.setattr(nanobatch.output.outdir, "write_image", write_image)
     monkeypatch.setattr(nanobatch.output.writer, "WRITE_QUEUE_ITEMS", 32)
     settings = nanobatch.load_settings(overrides={"limits.concurrency": 16})

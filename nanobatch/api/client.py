@@ -58,11 +58,11 @@ BACKLOG_WAIT_S = 60.0
 
 class Backlog(Protocol):
     """Where a run's answers go once read (:class:`nanobatch.output.writer.WriteQueue`): :meth:`full` while an
-    answer read now would wait in memory for it; :meth:`room` waits until it is not, and says how long."""
+    answer read now would wait in memory for it; :meth:`room` waits until it is not."""
 
     def full(self) -> bool: ...
 
-    async def room(self) -> float: ...
+    async def room(self) -> None: ...
 
 
 class ApiClient:

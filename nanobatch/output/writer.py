@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -19,7 +19,7 @@ from ..errors import RunAborted
 from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
 from .record import ItemRecord
 
-__all__ = ["Finished", "Holding", "WriteQueue", "Writer"]
+__all__ = ["Finished", "Holding", "WriteQueue", "Writer", "in_memory"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -46,8 +46,13 @@ class Finished:
 
     @property
     def size(self) -> int:
-        # 1 KB: about what a record takes; an image a worker wrote is on disk, not in memory.
-        return 1024 + sum(len(image.content) for _, image in self.files)
+        # 1 KB: about what a record takes
+        return 1024 + in_memory(image for _, image in self.files)
+
+
+def in_memory(images: Iterable[Image]) -> int:
+    """The bytes of *images* held in this process (an image a worker wrote is on disk, not in memory)."""
+    return sum(len(image.content) for image in images)
 
 
 class Holding:
@@ -137,12 +142,10 @@ class WriteQueue:
         self._letting_in = True
         self.wake()
 
-    async def room(self) -> float:
-        """Wait until the queue is not :meth:`full`; returns the seconds waited."""
-        started = anyio.current_time()
+    async def room(self) -> None:
+        """Wait until the queue is not :meth:`full`."""
         while self.full():
             await self._room.wait()
-        return anyio.current_time() - started
 
     async def take(self) -> list[Finished]:
         """All queued items, oldest first, once there is one; empty when closed and drained."""

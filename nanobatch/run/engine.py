@@ -37,7 +37,7 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.verdicts import Checker, set_aside, stale_rejected
-from ..output.writer import NOT_OURS, Finished, Holding, WriteQueue, Writer, report_unsaved
+from ..output.writer import NOT_OURS, Finished, Holding, WriteQueue, Writer, in_memory, report_unsaved
 from ..qa import Verdict
 from .batch.route import BatchRoute
 from .failures import FailureLog
@@ -57,11 +57,6 @@ def _original(images: list[Image | FileRef]) -> bytes | None:
     for a text-to-image item or an input sent by reference."""
     first = images[0] if images else None
     return first.data if isinstance(first, Image) else None
-
-
-def _in_memory(images: list[Image]) -> int:
-    """The bytes of *images* held in this process (an image a worker wrote is on disk)."""
-    return sum(len(image.content) for image in images)
 
 
 def _spare_workers(concurrency: int, tier: str) -> int:
@@ -240,7 +235,7 @@ class Engine:
         # The answer's images count toward the writer's queue from here (see WriteQueue.holding): while checks
         # or uploads fall behind the API, the next answers wait unread instead of piling up in memory.
         with self.written.holding() as hold:
-            hold.size = _in_memory(images)
+            hold.size = in_memory(images)
             if qa is not None:
                 original = original or (await self._read_again(item) if compared else None)
                 images, verdict = await self._verdict(item, tally, images, original, request, hold)
@@ -270,11 +265,10 @@ class Engine:
                         ", ".join(verdict.failed), tries, item.qa.retries)  # fmt: skip
             hold.size = 0  # waiting for an answer: holding nothing the writer's queue waits for (see holding)
             reply = await self._send_again(item, tally, request)
+            images = images if reply is None else list(reply.images)
+            hold.size = in_memory(images)
             if reply is None:
-                hold.size = _in_memory(images)
                 break
-            images = list(reply.images)
-            hold.size = _in_memory(images)
             del reply
             verdict = await self._check(item, images, original)
         if not verdict.passed:
