@@ -49,7 +49,7 @@ class Checker:
 
     In a worker, the checks cost this process only the copy of the images in memory and the original into
     shared memory (an image a worker wrote is read by the worker from its file) and a verdict back through the
-    pipe: with every check on, a 2K JPEG answer cost the run's process 0.7 ms more than without, against 8.4 ms
+    pipe: with every check on, a 2K JPEG answer cost the run's process 0.7-0.8 ms more than without, against 7-8 ms
     with the checks in its own thread (docs/qa.md, "Speed")."""
 
     def __init__(self, workers: int | None) -> None:
