@@ -15,10 +15,12 @@ from typing import Any
 import _fixtures as fixtures
 from _server import SimulatorProcess
 
-__all__ = ["HERE", "Bench", "Row", "compile_package", "process_env", "say"]
+__all__ = ["HERE", "Bench", "Row", "compile_package", "process_env", "say", "user_python"]
 
 HERE = Path(__file__).resolve().parent
 PYCACHE = Path(tempfile.gettempdir()) / "nanobatch-bench-pycache"
+# What ``pip install nanobatch`` and the peers' own packages make, nothing more (created on first use).
+USER_VENV = HERE.parent / ".venv" / "bench-user"
 
 
 def process_env(**extra: str) -> dict[str, str]:
@@ -40,6 +42,33 @@ def compile_package(package_dir: Path = HERE.parent) -> None:
     no measured run compiles it (as pip does when it installs)."""
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(package_dir / "nanobatch")], env=process_env(),
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+def user_python() -> str:
+    """The Python of an environment as a user's install has it, for the whole-process runs: nanobatch's
+    dependencies and the peers' (the ``bench`` extra), none of the ``dev`` extra's test tools. The dev
+    environment has trio (the tests run on its virtual clock), and httpcore2 imports trio whenever it is
+    installed: 50-70 ms more start-up than a user's ``nanobatch run`` pays. nanobatch itself comes from
+    ``PYTHONPATH`` (the checkout, or ``--against DIR``), as the peers' scripts do. Made once, with pip (a
+    package registry must be reachable); without it, this environment's Python, and a note saying so."""
+    import tomllib
+
+    with open(HERE.parent / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    wanted = sorted({*project["dependencies"], *project["optional-dependencies"]["bench"]})
+    python, stamp = USER_VENV / "bin" / "python", USER_VENV / ".installed"
+    if stamp.is_file() and stamp.read_text().splitlines() == wanted:
+        return str(python)
+    say(f"creating {USER_VENV} (nanobatch's dependencies and the peers', as a user installs them) ...")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(USER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *wanted],
+                       check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        say(f"  could not ({exc}): whole processes run in this environment, trio's import included")
+        return sys.executable
+    stamp.write_text("\n".join(wanted) + "\n")
+    return str(python)
 
 
 def say(text: str) -> None:

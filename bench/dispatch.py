@@ -27,14 +27,13 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import _fixtures as fixtures
-from _bench import HERE, Bench, process_env, say
+from _bench import HERE, Bench, process_env, say, user_python
 from _server import SimulatorProcess
 
 PEER_SCRIPTS = {"aiohttp": "peer_aiohttp.py", "genai": "peer_genai.py", "httpx2": "peer_httpx2.py"}
@@ -72,7 +71,7 @@ def run_cli(
     workers: int | None = None, profile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One whole ``nanobatch run`` process; RuntimeError unless all *n* items are ok in results.jsonl."""
-    command = [sys.executable, *(["-m", "cProfile", "-s", "tottime"] if profile else []), str(HERE / "_cli.py")]
+    command = [user_python(), *(["-m", "cProfile", "-s", "tottime"] if profile else []), str(HERE / "_cli.py")]
     command += ["run", str(manifest), "--out", out, "--base-url", url, "--concurrency", str(concurrency), "-q"]
     if workers is not None:
         command += ["--workers", str(workers)]
@@ -88,7 +87,7 @@ def run_cli(
 
 def run_script(b: Bench, script: str, **params: Any) -> dict[str, Any]:
     """One whole peer script process; RuntimeError unless all its items are ok."""
-    run = whole([sys.executable, str(HERE / script), json.dumps(params)], env=_env(None), cwd=b.tmp)
+    run = whole([user_python(), str(HERE / script), json.dumps(params)], env=_env(None), cwd=b.tmp)
     inner = json.loads(run["stdout"].strip().splitlines()[-1])
     if inner["ok"] != params["n"]:
         raise RuntimeError(f"{script}: expected {params['n']} ok, got {inner}")
