@@ -444,6 +444,35 @@ def test_a_first_run_reads_each_local_picture_once_and_sends_the_bytes_it_hashed
     assert sorted(sent) == sorted([[pictures["a.png"]], [pictures["b.png"], pictures["c.png"]]])
 
 
+@pytest.mark.parametrize("over", [0, 1], ids=["inline-limit", "one-byte-over"])
+def test_an_input_gets_the_same_stamp_and_bytes_whether_it_is_read_inline_or_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, over: int
+) -> None:
+    """A small input is read and hashed on the event loop (a thread hand-off costs more than it does), a bigger
+    one in a thread: either way its work key (size, time, sha256) and the bytes sent are those of the file."""
+    import hashlib
+
+    import nanobatch.inputs.stamps as stamps
+
+    data = os.urandom(stamps.INLINE_BYTES + over)
+    path = tmp_path / "input.bin"
+    path.write_bytes(data)
+    handed: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        handed.append(fn)
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    contents: dict[str, bytes] = {}
+    found = anyio.run(lambda: stamps.local_stamps([str(path)], {}, contents=contents))
+    st = path.stat()
+    assert found == {str(path): (len(data), st.st_mtime_ns, hashlib.sha256(data).hexdigest())}
+    assert contents == {str(path): data}
+    assert len(handed) == over  # inline up to the limit, one hand-off past it
+
+
 def test_an_item_fails_on_its_first_unloadable_input_in_order(tmp_path: Path) -> None:
     missing = "https://cdn.example.com/gone.jpg"
     host = Host({missing: [httpx2.Response(404)]})

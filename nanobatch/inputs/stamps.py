@@ -26,6 +26,10 @@ from ..models import MAX_INPUT_BYTES
 
 __all__ = ["FileStamp", "image_digest", "is_remote", "is_url", "local_stamps", "unreadable", "work_key"]
 
+# Files up to this size are read and hashed on the event loop: a thread hand-off costs the loop more (~0.1 ms
+# and a trip of the GIL) than reading and hashing them (~0.04 ms for 64 KiB); bigger ones go to a thread.
+INLINE_BYTES = 64 * 2**10
+
 
 def is_url(ref: str) -> bool:
     return ref[:8].lower().startswith(("http://", "https://"))
@@ -54,6 +58,14 @@ def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
     except OSError:
         return None  # let the reading path say what is wrong
     return known if (known[0], known[1]) == (st.st_size, st.st_mtime_ns) else None
+
+
+def _small(path: str) -> bool:
+    """Whether *path* is a file of at most :data:`INLINE_BYTES` (a stat; False when it cannot be had)."""
+    try:
+        return os.stat(path).st_size <= INLINE_BYTES
+    except OSError:
+        return False  # the thread's reading says what is wrong
 
 
 def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | None]:
@@ -86,9 +98,10 @@ async def local_stamps(
     """Stamps of an item's local input files, reading only those changed since *known*; None if any is a URL.
 
     This is what lets a nightly re-run over a finished catalog skip every item without reading its pictures:
-    unchanged files cost one stat each, inline; only changed or new files are hashed, in one worker thread
-    hand-off. With *contents*, the bytes of each file hashed (if at most *keep_up_to*) are put there, so
-    that sending the item does not read it again: the bytes sent are the bytes hashed.
+    unchanged files cost one stat each, inline; only changed or new files are hashed: inline if each is at most
+    :data:`INLINE_BYTES`, else in one worker thread hand-off. With *contents*, the bytes of each file hashed (if
+    at most *keep_up_to*) are put there, so that sending the item does not read it again: the bytes sent are the
+    bytes hashed.
     """
     if any(is_remote(ref) for ref in refs):
         return None
@@ -99,7 +112,10 @@ async def local_stamps(
     missing = [ref for ref in refs if ref not in stamps]
     if missing:
         keep = keep_up_to if contents is not None else 0
-        hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref, keep) for ref in missing})
+        if all(_small(ref) for ref in missing):
+            hashed = {ref: _file_digest(ref, keep) for ref in missing}
+        else:
+            hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref, keep) for ref in missing})
         for ref, (stamp, data) in hashed.items():
             stamps[ref] = stamp
             if data is not None and contents is not None:
