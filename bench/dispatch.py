@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,15 @@ WORKLOADS = {"small": (2000, 100), "2K": (96, 16), "4K": (48, 16)}  # answers, c
 
 
 def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run *command* to its end: wall (spawn to reaped), CPU (user + system) of the child, and what it printed
-    (through files: ``communicate`` would reap the child before ``wait4`` reads its usage). Not its peak RSS:
-    ``wait4``'s starts at this process's own on Linux; the caller takes the peak the child reports of itself."""
+    """Run *command* to its end: wall (spawn to reaped), CPU (user + system) of the child, the peak of its
+    processes' memory together (``tree_mb``, sampled: :class:`TreeMemory`), and what it printed (through files:
+    ``communicate`` would reap the child before ``wait4`` reads its usage). Not its peak RSS: ``wait4``'s
+    starts at this process's own on Linux; the caller takes the peak the child reports of itself."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
+        with TreeMemory(process.pid) as tree:
+            _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -57,9 +60,57 @@ def whole(command: list[str], *, env: dict[str, str], cwd: Path) -> dict[str, An
         return {
             "wall_s": wall,
             "cpu_s": usage.ru_utime + usage.ru_stime,
+            "tree_mb": tree.peak_mb,
             "stdout": out.read().decode(),
             "stderr": err.read().decode(),
         }
+
+
+class TreeMemory:
+    """The largest memory a process and its descendants (nanobatch's worker processes) held together, sampled
+    every 50 ms from a thread: the sum of their proportional set sizes (``Pss`` in ``smaps_rollup``), so the
+    shared memory that the run and its workers both map (the answers' bodies) and the libraries counts once.
+    Linux only; 0 elsewhere."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self.peak_mb = max(self.peak_mb, sum(map(_pss_mb, _tree(self.pid))))
+
+
+def _tree(pid: int) -> list[int]:
+    """*pid* and its descendants now (what ``/proc/PID/task/*/children`` say)."""
+    found, at = [pid], 0
+    while at < len(found):
+        try:
+            for task in os.listdir(f"/proc/{found[at]}/task"):
+                with open(f"/proc/{found[at]}/task/{task}/children") as f:
+                    found += map(int, f.read().split())
+        except OSError:
+            pass  # it ended meanwhile
+        at += 1
+    return found
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0) / 1024
+    except OSError:
+        return 0.0
 
 
 def _env(package_dir: str | None) -> dict[str, str]:
@@ -100,10 +151,12 @@ def line(name: str, runs: list[dict[str, Any]], n: int) -> str:
     walls = sorted(r["wall_s"] for r in runs)
     cpus = sorted(r["cpu_s"] / n * 1000 for r in runs)
     rss = sorted(r["maxrss_mb"] for r in runs)
+    tree = sorted(r["tree_mb"] for r in runs)
     return (
         f"{name}: wall {statistics.median(walls):.2f} s ({walls[0]:.2f}-{walls[-1]:.2f}), "
         f"CPU {statistics.median(cpus):.2f} ms/answer ({cpus[0]:.2f}-{cpus[-1]:.2f}), "
-        f"peak RSS {statistics.median(rss):.0f} MB ({rss[0]:.0f}-{rss[-1]:.0f})"
+        f"peak RSS {statistics.median(rss):.0f} MB ({rss[0]:.0f}-{rss[-1]:.0f}), all processes' peak PSS "
+        f"{statistics.median(tree):.0f} MB ({tree[0]:.0f}-{tree[-1]:.0f})"
         + (
             f"; main process CPU {statistics.median(r['main_cpu_s'] for r in runs) / n * 1000:.2f} ms/answer"
             f" (event loop {statistics.median(r['loop_cpu_s'] for r in runs) / n * 1000:.2f})"
@@ -172,7 +225,7 @@ def main() -> None:
         for name in clients:
             say(f"  {line(name, runs[name], n)}")
         for peer in peers:
-            for key, what in (("wall_s", "wall"), ("cpu_s", "CPU"), ("maxrss_mb", "peak RSS")):
+            for key, what in (("wall_s", "wall"), ("cpu_s", "CPU"), ("maxrss_mb", "peak RSS"), ("tree_mb", "all PSS")):
                 ratio = statistics.median(r[key] for r in runs[ours[0]]) / statistics.median(r[key] for r in runs[peer])
                 say(f"  {ours[0]} / {peer}, median {what}: {ratio:.3f}x")
         if args.profile:

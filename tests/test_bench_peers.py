@@ -51,3 +51,18 @@ def test_a_client_reports_its_own_peak_memory_not_the_bench_process_s() -> None:
     assert child.returncode == 0 and len(held) == 300 << 20
     assert float(out) < 150, out  # its own: an interpreter and a few modules
     assert usage.ru_maxrss / 1024 >= 300  # what the bench read before: the parent's peak
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Pss is Linux's")
+def test_a_client_s_memory_counts_its_worker_processes_too(tmp_path: Path) -> None:
+    """nanobatch's worker processes hold memory of their own: the whole-process rows add it to the run's
+    (bench/dispatch.py's TreeMemory), so a run with workers is not shown as small as its own process."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from dispatch import whole
+    finally:
+        sys.path.remove(str(BENCH))
+    child = "import time; held = bytearray(200 << 20); held[::4096] = b'x' * len(held[::4096]); time.sleep(1.5)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}], check=True)"
+    run = whole([sys.executable, "-c", parent], env=dict(os.environ), cwd=tmp_path)
+    assert run["tree_mb"] >= 200  # the child's 200 MB, though the process started holds none of it
