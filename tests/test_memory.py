@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import os
 import random
 import socket
 import sys
@@ -79,9 +80,10 @@ def _count() -> None:
 
 
 @pytest.mark.parametrize("handler", [answer, chunked], ids=["content-length", "chunked"])
-def test_answers_read_at_once_stay_within_the_byte_budget(handler: Any) -> None:
+def test_answers_read_at_once_stay_within_the_byte_budget(handler: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sixteen requests in flight, room for three bodies: no more than three are read and decoded at once,
     and every answer still comes back whole."""
+    monkeypatch.setattr("nanobatch.api.client.WORKERS_FROM_BYTES", 1 << 40)  # the bytes alone, not their number
     budget = 3 * len(BODY)
 
     async def main() -> list[bytes]:
@@ -104,6 +106,40 @@ def test_answers_read_at_once_stay_within_the_byte_budget(handler: Any) -> None:
     assert images == [PICTURE] * 16
     if handler is answer:
         assert Trickle.most == 3
+
+
+def test_big_answers_are_read_ahead_no_further_than_one_more_than_can_be_decoded() -> None:
+    """Sixteen big answers in flight and bytes for all of them: with this process decoding them one at a time,
+    two bodies are in hand at once (one decoding, one read and waiting its turn), not sixteen."""
+
+    async def main() -> list[bytes]:
+        images: list[bytes] = []
+        async with client(answer_bytes=16 * len(BODY), workers=0) as api:
+
+            async def one() -> None:
+                reply = await api.generate("m", build_request("x"), timeout_s=60)
+                images.append(reply.images[0].data)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(one)
+        assert api.answers.peak <= 2 * len(BODY) and api.answers.held == api.answers.big == 0
+        return images
+
+    assert anyio.run(main) == [PICTURE] * 16
+    assert Trickle.most == 2
+
+
+def test_with_worker_processes_one_big_answer_more_is_read_ahead_than_there_are_workers() -> None:
+    from nanobatch.api.decoding import WORKERS_AFTER_BYTES, Decoder
+
+    async def main() -> list[int]:
+        lazy = Decoder(None)  # one per CPU, once the run has read WORKERS_AFTER_BYTES of big answers
+        before = lazy.at_once()
+        lazy.takes(WORKERS_AFTER_BYTES + 1)
+        return [Decoder(0).at_once(), Decoder(3).at_once(), before, lazy.at_once()]
+
+    assert anyio.run(main) == [1, 3, 1, os.cpu_count() or 1]
 
 
 def test_an_answer_is_held_once() -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from ..errors import ApiError
 from .budget import ByteBudget, Held
-from .decoding import Decoder
+from .decoding import WORKERS_FROM_BYTES, Decoder
 from .gemini import Reply, classify_error
 from .transport import ShardedTransport, expect_body
 
@@ -138,7 +138,13 @@ class GeminiClient(ApiClient):
         request (Vertex AI's OAuth2 bearer token); *answer_bytes* bounds the answers read and decoded at once
         (:class:`~nanobatch.api.budget.ByteBudget`); *workers* processes decode big answers and write their
         images into *spool*, the output folder (:class:`~nanobatch.api.decoding.Decoder`; 0: this process does)."""
-        self.answers = ByteBudget(ANSWER_BYTES if answer_bytes is None else answer_bytes)
+        # Big bodies (those a worker would decode) are read ahead no further than one more than can be decoded
+        # at once: one waiting its turn is as good as six, and each holds up to 32 MB (docs/performance.md).
+        self.answers = ByteBudget(
+            ANSWER_BYTES if answer_bytes is None else answer_bytes,
+            big_from=WORKERS_FROM_BYTES,
+            most_big=lambda: self.decoder.at_once() + 1,
+        )
         # What takes the answers (a run's writer): while it is full, a body is left unread, in its socket.
         self.backlog: Backlog | None = None
         self._last_size = 0
@@ -232,10 +238,12 @@ class GeminiClient(ApiClient):
         started = anyio.current_time()
         waiting = True
         try:
+            if self.backlog is not None:
+                # Before its bytes are held: an answer waiting for the writer does not keep others waiting for
+                # the budget, so none is left unread much longer than the limit.
+                with anyio.move_on_after(BACKLOG_WAIT_S):
+                    await self.backlog.room()
             async with self.answers.hold(size) as held:
-                if self.backlog is not None:
-                    with anyio.move_on_after(BACKLOG_WAIT_S):
-                        await self.backlog.room()  # holding its bytes: a body read meanwhile would wait too
                 whole.deadline, waiting = deadline + (anyio.current_time() - started), False
                 yield held
         finally:

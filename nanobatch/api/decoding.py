@@ -93,6 +93,12 @@ class Decoder:
         self.spool = spool
         self.blocks = Blocks(KEEP_BYTES)
 
+    def at_once(self) -> int:
+        """How many big answers can be decoded at once now: one per worker once the workers are in use, else
+        one (this process)."""
+        slots = None if self.failed else worker_slots(self.workers)
+        return 1 if slots is None else int(slots.total_tokens)
+
     def takes(self, size: int) -> bool:
         """Whether an answer of *size* bytes goes to a worker (then read it with :meth:`read_reply`). Asked once
         per answer: a big one counts toward starting the workers."""
