@@ -662,10 +662,12 @@ def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float 
 
 
 def _peaks_by_concurrency(
-    folder: Path, monkeypatch: pytest.MonkeyPatch, concurrencies: tuple[int, int], n: int, **top: Any
-) -> dict[int, int]:
+    folder: Path, monkeypatch: pytest.MonkeyPatch, concurrencies: tuple[int, int], n: int,
+    overrides: dict[str, Any] | None = None, **top: Any,
+) -> dict[int, int]:  # fmt: skip
     """Traced peak memory of a run of *n* items answered by :class:`BigAnswers` at each concurrency, with the
-    writer's queue at 2 MB and the byte budget at two answers; *top*: the manifest's other top-level keys."""
+    writer's queue at 2 MB and the byte budget at two answers; *overrides*: more settings; *top*: the
+    manifest's other top-level keys."""
     import tracemalloc
 
     import nanobatch.api.client
@@ -677,7 +679,7 @@ def _peaks_by_concurrency(
     run(write_job(folder / "warm-up", [{"id": "w", "instruction": "a lemon"}], **top), fake)  # one-off caches
     peaks = {}
     for concurrency in concurrencies:
-        settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency})
+        settings = nanobatch.load_settings(overrides={"limits.concurrency": concurrency, **(overrides or {})})
         items = [{"id": f"i{k}", "instruction": "a lemon"} for k in range(n)]
         job = write_job(folder / str(concurrency), items, **top)
         tracemalloc.start()
@@ -708,6 +710,28 @@ def test_with_the_output_checks_behind_answers_wait_unread_so_memory_does_not_gr
     # queue, the byte budget and the images checked at once hold), where each held its decoded image.
     _checks_slower_than_the_api(monkeypatch, refuse_every=0)
     peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (16, 64), 128, qa={"min_side": 8})
+    assert peaks[64] - peaks[16] < 6 * 2**20, peaks  # fewer than 6 more images
+
+
+def test_with_the_uploads_behind_answers_wait_unread_so_memory_does_not_grow_with_the_concurrency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same with output.upload_to behind the API (each PUT waits until the whole run waits): the images an
+    # item holds while its upload runs count toward the writer's queue too.
+    import trio.testing
+
+    import nanobatch.api.storage
+
+    put: list[str] = []
+
+    def slow_put(url: str, data: bytes) -> None:  # in a worker thread, as storage.put runs
+        anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.01)
+        put.append(url)
+
+    monkeypatch.setattr(nanobatch.api.storage, "check_bucket", lambda url: None)
+    monkeypatch.setattr(nanobatch.api.storage, "put", slow_put)
+    peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (16, 64), 128, {"output.upload_to": "s3://catalog/edited/"})
+    assert len(put) == 2 * 128  # every image of both runs
     assert peaks[64] - peaks[16] < 6 * 2**20, peaks  # fewer than 6 more images
 
 
