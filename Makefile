@@ -41,6 +41,7 @@ bench: $(VENV)/.bench
 
 lint: install
 	$(BIN)/ruff check nanobatch tests bench
+	$(BIN)/ruff format --check nanobatch tests bench
 	$(BIN)/mypy
 
 clean:

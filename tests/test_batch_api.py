@@ -191,9 +191,7 @@ async def test_line_errors_come_back_classified_like_online_errors(tmp_path: Pat
     lines = [request_line("good"), {"key": "bad", "request": {"contents": []}}]
     path = write_jsonl(tmp_path / "chunk.jsonl", lines)
     async with batch_client(SimulatorConfig(api_key=KEY, batch_rate_line_error=1.0), clock=clock) as (client, _, _):
-        job = await client.create(
-            MODEL, file_name=await client.upload(path, display_name="x"), display_name="errors"
-        )
+        job = await client.create(MODEL, file_name=await client.upload(path, display_name="x"), display_name="errors")
         clock.now += 60
         done = await client.get(job.name)
         assert done.responses_file is not None

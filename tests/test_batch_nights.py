@@ -146,7 +146,6 @@ def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
     assert status_text(tmp_path / "out", capsys).count(": pending, ") == 2
 
 
-
 def test_a_plain_run_at_an_endpoint_without_batch_sends_nothing_while_a_job_may_answer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -177,6 +176,7 @@ def test_retry_failed_collects_what_waits_in_a_job_instead_of_dropping_its_answe
         assert {(r["status"], r["tier"]) for r in records(tmp_path / "out")} == {("ok", "batch")}
         assert plain(job, url) == 0
     assert len(records(tmp_path / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
+
 
 # -- point 10: a full disk --------------------------------------------------------------------------------
 

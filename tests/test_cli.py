@@ -135,8 +135,12 @@ def test_missing_key_exits_2_and_suggests_the_simulator(tmp_path: Path, capsys: 
     ],
 )
 def test_a_key_no_header_can_carry_is_refused_before_anything_is_sent_and_never_shown(
-    tmp_path: Path, api: Api, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    value: str, told: str,
+    tmp_path: Path,
+    api: Api,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    value: str,
+    told: str,
 ) -> None:
     monkeypatch.setenv("NANOBATCH_API_KEY", value)
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])

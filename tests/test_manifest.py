@@ -149,7 +149,10 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
         pytest.param(ITEM.replace("image: a.png", "image: ''"), "a", "image", "empty", id="empty-image"),
         pytest.param(ITEM + "    image: b.png\n", "a", None, "the key 'image' is given twice", id="duplicate-key"),
         pytest.param(
-            ITEM.replace("a.png", "ftp://example.com/a.png"), "a", "image", "only http(s):// URLs, bucket URLs",
+            ITEM.replace("a.png", "ftp://example.com/a.png"),
+            "a",
+            "image",
+            "only http(s):// URLs, bucket URLs",
             id="ftp-url",
         ),
         pytest.param(ITEM + "    output: final.png\n", "a", "output", "must contain {id}", id="output-without-id"),
@@ -555,15 +558,24 @@ def test_a_big_document_without_aliases_is_not_taken_for_an_alias_bomb(monkeypat
 
 
 STREAMED_ITEMS = [
-    pytest.param(["- {id: 00123, n: 1_000, t: 12:30, f: 1.50, x: 0x1A, on: yes, d: 2024-01-15, b: true, g: 2.5}\n"],
-                 id="numbers-and-words-as-written"),
-    pytest.param(["- {id: '7', e: '', nothing: ~, list: [a, 1, null, [b]], map: {k: {deep: [1]}}}\n",
-                  "- id: '8'\n  empty:\n  image: \"b.png\"\n"], id="quoted-empty-nested"),
-    pytest.param(["- id: a\n  steps:\n    - |\n      two\n      lines\n    - >-\n      folded\n      text\n"],
-                 id="blocks"),
+    pytest.param(
+        ["- {id: 00123, n: 1_000, t: 12:30, f: 1.50, x: 0x1A, on: yes, d: 2024-01-15, b: true, g: 2.5}\n"],
+        id="numbers-and-words-as-written",
+    ),
+    pytest.param(
+        [
+            "- {id: '7', e: '', nothing: ~, list: [a, 1, null, [b]], map: {k: {deep: [1]}}}\n",
+            "- id: '8'\n  empty:\n  image: \"b.png\"\n",
+        ],
+        id="quoted-empty-nested",
+    ),
+    pytest.param(
+        ["- id: a\n  steps:\n    - |\n      two\n      lines\n    - >-\n      folded\n      text\n"], id="blocks"
+    ),
     pytest.param(["- just text\n", "- 12\n", "-\n", "- [a, b]\n"], id="items-that-are-not-mappings"),
-    pytest.param(["- &first {id: a, instruction: x}\n", "- *first\n", "- {<<: *first, id: b}\n"],
-                 id="anchor-alias-merge"),
+    pytest.param(
+        ["- &first {id: a, instruction: x}\n", "- *first\n", "- {<<: *first, id: b}\n"], id="anchor-alias-merge"
+    ),
     pytest.param(["- {id: a, tags: &t [x, y]}\n", "- {id: b, tags: *t}\n"], id="alias-of-an-earlier-items-part"),
     pytest.param(["- {id: !!str 0012, n: !!int '5', s: ! 12}\n"], id="tags"),
     pytest.param(["- {id: a, n: 1, id: b}\n", "- {id: c}\n"], id="key-twice"),
@@ -572,8 +584,10 @@ STREAMED_ITEMS = [
     pytest.param(["- {id: f, x: !!python/object/apply:os.system [echo hi]}\n", "- {id: g}\n"], id="python-tag"),
     pytest.param(["- {id: h, b: !!int x}\n", "- {id: i}\n"], id="value-the-constructor-refuses"),
     pytest.param(["- {id: j, note: !custom x}\n", "- {id: k}\n"], id="unknown-tag"),
-    pytest.param(["- {id: l, note: !!set x, n: !!int ''}\n", "- &m {id: m}\n", "- {id: n, s: !!seq x}\n"],
-                 id="tags-on-values-they-do-not-fit"),  # m, read by the constructor too, has none of l's mistakes
+    pytest.param(
+        ["- {id: l, note: !!set x, n: !!int ''}\n", "- &m {id: m}\n", "- {id: n, s: !!seq x}\n"],
+        id="tags-on-values-they-do-not-fit",
+    ),  # m, read by the constructor too, has none of l's mistakes
 ]
 
 

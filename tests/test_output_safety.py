@@ -195,6 +195,7 @@ def test_a_new_image_never_takes_a_name_that_is_taken(
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "theirs.png").write_bytes(b"theirs")
+
     def ours() -> Image:
         if not spooled:
             return Image("image/png", b"ours")

@@ -251,7 +251,7 @@ def test_a_done_folder_s_outputs_are_stat_ed_ahead_too_and_one_deleted_is_not_co
     monkeypatch.setattr("nanobatch.job.manifest.TOLD_AHEAD", 3)  # all three scaled down from hundreds
     looked_for: list[str] = []
     real = os.path.isfile
-    monkeypatch.setattr(os.path, "isfile", lambda path: (looked_for.append(os.path.basename(path)) or real(path)))
+    monkeypatch.setattr(os.path, "isfile", lambda path: looked_for.append(os.path.basename(path)) or real(path))
     result = nanobatch.check_job(job, out_dir=out)
     assert (result.items, result.done_items, result.left_requests) == (30, 27, 3)
     here = {name.split(".")[0] for name in looked_for if name.startswith("i")}

@@ -295,8 +295,14 @@ def _checked(tmp_path: Path, pictures: Path) -> Path:
     shutil.copy(pictures / "spring-catalog" / "sku-1001.png", out / "rejected" / "sku-1.png")
     shutil.copy(pictures / "spring-catalog" / "sku-1001.png", out / "sku-2.png")
     source = str(pictures / "images" / "sku-1001.jpg")
-    base = {"attempts": 2, "cost_usd": 0.08, "inputs": [source], "instructions": ["Make the background white"],
-            "key": None, "started_at": None}  # the fields nanobatch writes on every record
+    base = {
+        "attempts": 2,
+        "cost_usd": 0.08,
+        "inputs": [source],
+        "instructions": ["Make the background white"],
+        "key": None,
+        "started_at": None,
+    }  # the fields nanobatch writes on every record
     lines = [
         {**base, "id": "sku-1", "status": "rejected", "outputs": ["rejected/sku-1.png"],
          "error": {"kind": "qa", "status_code": None, "message": "failed the output checks background, min_fill"},

@@ -214,7 +214,10 @@ def test_records_read_ahead_answer_for_their_items_and_one_added_since_is_read_a
     index.add(ItemRecord(id="b", status="failed", key="k-b"))  # b's answer came back failed since
     answers = {name: index.get(name) for name in ("a", "b", "c", "new")}
     assert {name: entry and entry.status for name, entry in answers.items()} == {
-        "a": "ok", "b": "failed", "c": "ok", "new": None
+        "a": "ok",
+        "b": "failed",
+        "c": "ok",
+        "new": None,
     }
     assert [item.id for item in taken] == ["b", "c", "new"]
     assert sum(text.startswith("SELECT") for text in asked) == 2  # the read ahead, and b's new record

@@ -200,10 +200,16 @@ class _Bearer(httpx2.Auth):
     ("form", "error"),
     [
         pytest.param({"grant_type": "client_credentials"}, "unsupported_grant_type", id="other-grant"),
-        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "a.b"},
-                     "invalid_grant", id="not-a-jwt"),  # fmt: skip
-        pytest.param({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "e30.e30.c2ln"},
-                     "invalid_grant", id="no-claims"),  # fmt: skip
+        pytest.param(
+            {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "a.b"},
+            "invalid_grant",
+            id="not-a-jwt",
+        ),
+        pytest.param(
+            {"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer", "assertion": "e30.e30.c2ln"},
+            "invalid_grant",
+            id="no-claims",
+        ),
     ],
 )
 async def test_the_token_endpoint_refuses_what_google_would(form: dict[str, str], error: str) -> None:
@@ -286,19 +292,60 @@ _PUBLISHER = "projects/shop-123/locations/global/publishers/google/models/gemini
 @pytest.mark.parametrize(
     ("status", "body", "kind", "hint"),
     [
-        pytest.param(429, {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Resource exhausted. Please try "
-                     "again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/"
-                     "error-code-429 for more details."}, "rate_limited", None, id="shared-capacity-429"),  # fmt: skip
-        pytest.param(404, {"code": 404, "status": "NOT_FOUND", "message": f"Publisher Model `{_PUBLISHER}` was not "
-                     "found or your project does not have access to it."}, "not_found", "api.location",
-                     id="model-not-in-location"),  # fmt: skip
-        pytest.param(403, {"code": 403, "status": "PERMISSION_DENIED", "message": "Permission 'aiplatform.endpoints."
-                     f"predict' denied on resource '//aiplatform.googleapis.com/{_PUBLISHER}'"}, "permission",
-                     "roles/aiplatform.user", id="no-iam-role"),  # fmt: skip
-        pytest.param(401, {"code": 401, "status": "UNAUTHENTICATED", "message": "Request had invalid authentication "
-                     "credentials.", "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                     "reason": "ACCESS_TOKEN_EXPIRED", "domain": "aiplatform.googleapis.com"}]}, "auth",
-                     "api.credentials_file", id="token-refused"),  # fmt: skip
+        pytest.param(
+            429,
+            {
+                "code": 429,
+                "status": "RESOURCE_EXHAUSTED",
+                "message": "Resource exhausted. Please try "
+                "again later. Please refer to https://cloud.google.com/vertex-ai/generative-ai/docs/"
+                "error-code-429 for more details.",
+            },
+            "rate_limited",
+            None,
+            id="shared-capacity-429",
+        ),
+        pytest.param(
+            404,
+            {
+                "code": 404,
+                "status": "NOT_FOUND",
+                "message": f"Publisher Model `{_PUBLISHER}` was not found or your project does not have access to it.",
+            },
+            "not_found",
+            "api.location",
+            id="model-not-in-location",
+        ),
+        pytest.param(
+            403,
+            {
+                "code": 403,
+                "status": "PERMISSION_DENIED",
+                "message": "Permission 'aiplatform.endpoints."
+                f"predict' denied on resource '//aiplatform.googleapis.com/{_PUBLISHER}'",
+            },
+            "permission",
+            "roles/aiplatform.user",
+            id="no-iam-role",
+        ),
+        pytest.param(
+            401,
+            {
+                "code": 401,
+                "status": "UNAUTHENTICATED",
+                "message": "Request had invalid authentication credentials.",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "ACCESS_TOKEN_EXPIRED",
+                        "domain": "aiplatform.googleapis.com",
+                    }
+                ],
+            },
+            "auth",
+            "api.credentials_file",
+            id="token-refused",
+        ),
     ],
 )
 def test_vertex_error_bodies_are_classified_with_vertex_hints(

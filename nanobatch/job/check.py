@@ -210,7 +210,6 @@ class _Places:
         return None if found is None else _key(os.path.join(found, name))
 
 
-
 def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 

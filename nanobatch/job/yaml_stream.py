@@ -30,6 +30,7 @@ from ..safe_yaml import MERGE_TAG, too_deep
 
 __all__ = ["ItemsFound", "StreamedItem", "read_top", "stream_items"]
 
+
 @dataclass(frozen=True, slots=True)
 class ItemsFound:
     """What the first pass learnt of ``items:`` (a list) without building its items: how many, and its line."""

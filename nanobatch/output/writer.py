@@ -196,9 +196,7 @@ def report_unsaved(lost: list[Finished]) -> None:
 class Writer:
     """Persists finished items into *out* and hands each saved one to *count* (in the event loop's thread)."""
 
-    def __init__(
-        self, out: OutDir, count: Callable[[Finished], None], stop: Callable[[BaseException], None]
-    ) -> None:
+    def __init__(self, out: OutDir, count: Callable[[Finished], None], stop: Callable[[BaseException], None]) -> None:
         self.out = out
         self.count = count
         self.stop = stop

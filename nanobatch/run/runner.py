@@ -243,6 +243,9 @@ async def _engine(
     if options.retry_sleep is not None:
         retry = RetryPolicy(settings=settings.retry, sleep=options.retry_sleep)
     endpoint = endpoint_for(settings.api.base_url, backend=settings.api.backend, simulate=simulate)
+    in_batch = batch.has_work if batch is not None else None
+    resume = Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed,
+                    in_batch=in_batch)  # fmt: skip
     engine = Engine(
         settings=settings,
         gate=_gate(settings),
@@ -254,8 +257,7 @@ async def _engine(
         uploads=uploads,
         out=out,
         index=index,
-        resume=Resume(out=out, index=index, uploads=uploads, force=options.force, retry_failed=options.retry_failed,
-                      in_batch=batch.has_work if batch is not None else None),  # fmt: skip
+        resume=resume,
         failures=FailureLog(client.where),
         stats=stats,
         run_id=out.journal.run_id,

@@ -223,9 +223,7 @@ class Steps:
         if (problem := costs.usage_problem(reply.usage)) is not None:
             self.failures.unpriced(problem, worst)
             return worst
-        return costs.usage_cost(
-            reply.usage, pricing if served in (None, tier) else self.prices(item.model, served)
-        )
+        return costs.usage_cost(reply.usage, pricing if served in (None, tier) else self.prices(item.model, served))
 
     async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Answer:
         """One request through *route*, counted and noted in the journal when the route sends it (not while it
