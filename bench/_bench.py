@@ -3,6 +3,7 @@ client run is started. Below ``run.py``, ``_peers.py`` and ``dispatch.py``, whic
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -44,6 +45,7 @@ def compile_package(package_dir: Path = HERE.parent) -> None:
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
 
 
+@functools.cache  # asked by every whole-process run: pyproject.toml is read, and the stamp checked, once
 def user_python() -> str:
     """The Python of an environment as a user's install has it, for the whole-process runs: nanobatch's
     dependencies and the peers' (the ``bench`` extra), none of the ``dev`` extra's test tools. The dev

@@ -87,16 +87,8 @@ def test_answers_read_at_once_stay_within_the_byte_budget(handler: Any, monkeypa
     budget = 3 * len(BODY)
 
     async def main() -> list[bytes]:
-        images: list[bytes] = []
         async with client(answer_bytes=budget, handler=handler) as api:
-
-            async def one() -> None:
-                reply = await api.generate("m", build_request("x"), timeout_s=60)
-                images.append(reply.images[0].data)
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(16):
-                    tg.start_soon(one)
+            images = await _sixteen_at_once(api)
         # Known lengths are held before the first byte; unknown ones as they come, the oldest one's past it.
         assert api.answers.peak <= budget + (len(BODY) if handler is chunked else 0)
         assert api.answers.held == 0
@@ -113,16 +105,8 @@ def test_big_answers_are_read_ahead_no_further_than_one_more_than_can_be_decoded
     two bodies are in hand at once (one decoding, one read and waiting its turn), not sixteen."""
 
     async def main() -> list[bytes]:
-        images: list[bytes] = []
         async with client(answer_bytes=16 * len(BODY), workers=0) as api:
-
-            async def one() -> None:
-                reply = await api.generate("m", build_request("x"), timeout_s=60)
-                images.append(reply.images[0].data)
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(16):
-                    tg.start_soon(one)
+            images = await _sixteen_at_once(api)
         assert api.answers.peak <= 2 * len(BODY) and api.answers.held == api.answers.big == 0
         return images
 
@@ -131,15 +115,38 @@ def test_big_answers_are_read_ahead_no_further_than_one_more_than_can_be_decoded
 
 
 def test_with_worker_processes_one_big_answer_more_is_read_ahead_than_there_are_workers() -> None:
-    from nanobatch.api.decoding import WORKERS_AFTER_BYTES, Decoder
+    """How many big bodies a client lets be read at once: one more than its decoder can decode at once, which
+    is one until worker processes are in use (unset: once the run has read WORKERS_AFTER_BYTES), then one per
+    worker. (No worker is started: the read-ahead follows the number of them, not their work.)"""
+    from nanobatch.api.decoding import WORKERS_AFTER_BYTES
 
     async def main() -> list[int]:
-        lazy = Decoder(None)  # one per CPU, once the run has read WORKERS_AFTER_BYTES of big answers
-        before = lazy.at_once()
-        lazy.takes(WORKERS_AFTER_BYTES + 1)
-        return [Decoder(0).at_once(), Decoder(3).at_once(), before, lazy.at_once()]
+        ahead = []
+        for workers in (0, 3, None):
+            api = client(workers=workers)
+            assert api.answers.most_big is not None
+            ahead.append(api.answers.most_big())
+            if workers is None:
+                api.decoder.takes(WORKERS_AFTER_BYTES + 1)  # the run has read that much: the workers are in use
+                ahead.append(api.answers.most_big())
+            await api.aclose()
+        return ahead
 
-    assert anyio.run(main) == [1, 3, 1, os.cpu_count() or 1]
+    assert anyio.run(main) == [2, 4, 2, (os.cpu_count() or 1) + 1]
+
+
+async def _sixteen_at_once(api: GeminiClient) -> list[bytes]:
+    """Sixteen requests through *api* at once (each answered with BODY); their images, as they came."""
+    images: list[bytes] = []
+
+    async def one() -> None:
+        reply = await api.generate("m", build_request("x"), timeout_s=60)
+        images.append(reply.images[0].data)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(16):
+            tg.start_soon(one)
+    return images
 
 
 def test_an_answer_is_held_once() -> None:

@@ -49,23 +49,12 @@ def unreadable(path: str, exc: OSError) -> InputError:
 FileStamp = tuple[int, int, str]
 
 
-def _unchanged(path: str, known: FileStamp | None) -> FileStamp | None:
-    """*known* if the file still has its size and modification time (a stat, a few microseconds); else None."""
-    if known is None:
+def _stat(path: str) -> os.stat_result | None:
+    """The file's stat (a few microseconds); None when it cannot be had: reading it then says what is wrong."""
+    try:
+        return os.stat(path)
+    except OSError:
         return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # let the reading path say what is wrong
-    return known if (known[0], known[1]) == (st.st_size, st.st_mtime_ns) else None
-
-
-def _small(path: str) -> bool:
-    """Whether *path* is a file of at most :data:`INLINE_BYTES` (a stat; False when it cannot be had)."""
-    try:
-        return os.stat(path).st_size <= INLINE_BYTES
-    except OSError:
-        return False  # the thread's reading says what is wrong
 
 
 def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | None]:
@@ -106,13 +95,18 @@ async def local_stamps(
     if any(is_remote(ref) for ref in refs):
         return None
     stamps: dict[str, FileStamp] = {}
-    for ref in refs:
-        if (same := _unchanged(ref, known.get(ref))) is not None:
-            stamps[ref] = same
-    missing = [ref for ref in refs if ref not in stamps]
+    missing: list[str] = []
+    small = True  # every file to hash is at most INLINE_BYTES
+    for ref in refs:  # one stat each: unchanged (its size and time as known), or to hash, and how
+        st, seen = _stat(ref), known.get(ref)
+        if st is not None and seen is not None and (seen[0], seen[1]) == (st.st_size, st.st_mtime_ns):
+            stamps[ref] = seen
+        else:
+            missing.append(ref)
+            small = small and st is not None and st.st_size <= INLINE_BYTES
     if missing:
         keep = keep_up_to if contents is not None else 0
-        if all(_small(ref) for ref in missing):
+        if small:
             hashed = {ref: _file_digest(ref, keep) for ref in missing}
         else:
             hashed = await anyio.to_thread.run_sync(lambda: {ref: _file_digest(ref, keep) for ref in missing})
