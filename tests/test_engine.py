@@ -631,7 +631,9 @@ def test_peak_memory_with_big_answers_does_not_grow_with_the_number_of_requests(
 
 
 class BigAnswers(FakeGemini):
-    """Answers every request with the same real ~1 MB PNG, keeping no request (FakeGemini keeps them all)."""
+    """Answers every request with the same real ~1 MB PNG, keeping no request (FakeGemini keeps them all). The
+    body comes in pieces, letting the other tasks run between them, as a socket's does: answers read at once
+    overlap, as they do over a network."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -640,7 +642,18 @@ class BigAnswers(FakeGemini):
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
         self.count += 1
-        return httpx2.Response(200, content=self.body, headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json", "content-length": str(len(self.body))}
+        return httpx2.Response(200, headers=headers, stream=_Pieces(self.body))
+
+
+class _Pieces(httpx2.AsyncByteStream):
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    async def __aiter__(self) -> Any:
+        for at in range(0, len(self.body), 256 * 1024):
+            await anyio.lowlevel.checkpoint()
+            yield self.body[at : at + 256 * 1024]
 
 
 def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float = 0.0) -> None:

@@ -238,12 +238,13 @@ class GeminiClient(ApiClient):
         started = anyio.current_time()
         waiting = True
         try:
-            if self.backlog is not None:
-                # Before its bytes are held: an answer waiting for the writer does not keep others waiting for
-                # the budget, so none is left unread much longer than the limit.
-                with anyio.move_on_after(BACKLOG_WAIT_S):
-                    await self.backlog.room()
             async with self.answers.hold(size) as held:
+                if self.backlog is not None:
+                    # Holding its bytes, so that no more answers are read meanwhile than the budget holds; the
+                    # limit counts from the answer's arrival, so a wait for the budget behind answers that wait
+                    # here too does not leave it unread longer.
+                    with anyio.CancelScope(deadline=started + BACKLOG_WAIT_S):
+                        await self.backlog.room()
                 whole.deadline, waiting = deadline + (anyio.current_time() - started), False
                 yield held
         finally:
