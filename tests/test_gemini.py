@@ -11,7 +11,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from nanobatch.api.gemini import Image, build_request, check_reply, classify_error, parse_reply, sum_usage
+from nanobatch.api.causes import classify_error
+from nanobatch.api.gemini import Image, build_request, check_reply, parse_reply, sum_usage
 from nanobatch.errors import ApiError, FatalApiError
 from nanobatch.pictures import sniff_mime
 

@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 import nanobatch
-from nanobatch.api.gemini import classify_error
+from nanobatch.api.causes import classify_error
 from nanobatch.cli.main import main
 from nanobatch.config import load_settings
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from nanobatch.api.gemini import classify_error
+from nanobatch.api.causes import classify_error
 from nanobatch.cli.main import main
 from nanobatch.errors import FatalApiError
 from nanobatch.models import MONEY_ERRORS, ErrorShape

@@ -351,7 +351,7 @@ _PUBLISHER = "projects/shop-123/locations/global/publishers/google/models/gemini
 def test_vertex_error_bodies_are_classified_with_vertex_hints(
     status: int, body: dict[str, Any], kind: str, hint: str | None
 ) -> None:
-    from nanobatch.api.gemini import classify_error
+    from nanobatch.api.causes import classify_error
 
     error = classify_error(status, {}, json.dumps([{"error": body}]).encode())  # Vertex may wrap it in a list
 

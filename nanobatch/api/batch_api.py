@@ -27,7 +27,8 @@ import orjson
 
 from ..errors import ApiError
 from .client import ApiClient, api_error, http_errors, public_url, redact_reply, scrubbed_error
-from .gemini import Reply, reply_from
+from .decoding import Decoded, decode_text
+from .gemini import Reply
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
 
@@ -230,15 +231,17 @@ class BatchClient(ApiClient):
 
     async def decode_line(self, line: bytes) -> ResultLine:
         """:meth:`result_line`, a big answer decoded in a worker process (``limits.workers``)."""
-        if (decoded := await self.decoder.result(line)) is None:
-            return self._result(line)
-        key, reply = decoded
-        if isinstance(reply, ApiError):
-            return ResultLine(key=key, error=reply)
-        return ResultLine(key=key, reply=redact_reply(reply, self._secret))
+        return self._result(line, await self.decoder.result(line))
 
-    def _result(self, line: bytes) -> ResultLine:
-        try:
+    def _result(self, line: bytes, decoded: Decoded = None) -> ResultLine:
+        if decoded is None:  # not decoded in a worker: here, its images from the line's bytes (as a worker does)
+            decoded = decode_text("line", line, len(line))
+        if decoded is not None:
+            key, reply = decoded
+            if isinstance(reply, ApiError):  # one malformed answer is that line's failure, not the file's
+                return ResultLine(key=key, error=reply)
+            return ResultLine(key=key, reply=redact_reply(reply, self._secret))
+        try:  # a line without an answer: why
             data = orjson.loads(line)
         except orjson.JSONDecodeError:
             data = None
@@ -246,12 +249,6 @@ class BatchClient(ApiClient):
             error = ApiError(f"a results line is not a JSON object: {line[:80]!r}", kind="bad_response")
             return ResultLine(key=None, error=error)
         key = None if data.get("key") is None else str(data["key"])
-        if isinstance(data.get("response"), dict):
-            try:
-                reply = reply_from(data["response"])
-            except ApiError as exc:  # one malformed answer is that line's failure, not the file's
-                return ResultLine(key=key, error=exc)
-            return ResultLine(key=key, reply=redact_reply(reply, self._secret))
         status = _mapping(data.get("error")) or {"message": "the line has neither a response nor an error"}
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)

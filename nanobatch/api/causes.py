@@ -1,14 +1,30 @@
 """What an error answer says went wrong, and what to do about it (pure, no I/O): the hint for each fatal
 kind, and the causes read from a body's words: money (a spend cap, the spend-based rate limit, no credit),
-a refused ``store`` field, Vertex AI's marks. :func:`nanobatch.api.gemini.classify_error` uses them.
+a refused ``store`` field, Vertex AI's marks; and :func:`classify_error`, which turns any answer but a 200 into an
+:class:`~nanobatch.errors.ApiError` with them, deciding whether it is worth retrying and whether it stops the run.
 """
 
 from __future__ import annotations
 
+import email.utils
+import json
 import re
+import time
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["HINTS", "STORE_REFUSED", "VERTEX_HINTS", "detail", "from_vertex", "money_kind", "violations"]
+from ..errors import ApiError, FatalApiError
+
+__all__ = [
+    "HINTS",
+    "STORE_REFUSED",
+    "VERTEX_HINTS",
+    "classify_error",
+    "detail",
+    "from_vertex",
+    "money_kind",
+    "violations",
+]
 
 HINTS = {
     "auth": "check the API key and api.auth (bearer for APIYI, x-goog-api-key for Google)",
@@ -92,3 +108,123 @@ def from_vertex(message: str, details: list[dict[str, Any]]) -> bool:
 
 def detail(details: list[dict[str, Any]], type_suffix: str) -> list[dict[str, Any]]:
     return [d for d in details if str(d.get("@type", "")).endswith(type_suffix)]
+
+
+# (kind, retryable) for statuses that need no reading of the body.
+_BY_STATUS: dict[int, tuple[str, bool]] = {
+    408: ("timeout", True),
+    429: ("rate_limited", True),
+    500: ("server_error", True),
+    502: ("bad_gateway", True),
+    503: ("overloaded", True),
+    504: ("timeout", True),
+}
+_FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
+
+
+def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
+    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page."""
+    data = _json_or_none(body)
+    message, status, details = _error_fields(data)
+    if message is None:
+        message = _plain_message(body)
+    retry_after = _retry_delay(details)
+    if retry_after is None:
+        retry_after = _retry_after_header(headers.get("retry-after"), now=now)
+
+    fatal_kind = _FATAL_STATUS.get(status_code)
+    if status_code == 400 and _mentions_invalid_key(message, details):
+        fatal_kind = "auth"
+    elif status_code == 400 and status == "FAILED_PRECONDITION":
+        fatal_kind = "location"
+    elif status_code == 400 and STORE_REFUSED.search(" ".join((message, *violations(details)))):
+        fatal_kind = "store_refused"  # every request carries it: none can succeed
+    elif status_code in (402, 403, 429) and (money := money_kind(message, data)) is not None:
+        fatal_kind = money
+    elif status_code == 429 and _daily_quota(details):
+        fatal_kind = "quota_exhausted"
+    if fatal_kind is not None:
+        hints = VERTEX_HINTS if from_vertex(message, details) else HINTS
+        return FatalApiError(
+            f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
+        )
+    kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
+    if status_code >= 500 and status_code not in (501, 505):
+        kind, retryable = _BY_STATUS.get(status_code, ("server_error", True))
+    return ApiError(
+        f"HTTP {status_code}: {message}",
+        kind=kind,
+        status_code=status_code,
+        retryable=retryable,
+        retry_after=retry_after if retryable else None,
+    )
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+    """(message, status, details) from Google's ``{"error": {...}}`` or APIYI's ``{"status_code", "error"}``."""
+    if isinstance(data, list) and data:  # some Google endpoints wrap the error in a list
+        data = data[0]
+    if not isinstance(data, dict):
+        return None, None, []
+    error = data.get("error")
+    if isinstance(error, str):
+        return error, None, []
+    if not isinstance(error, dict):
+        message = data.get("message")
+        return (str(message) if message else None), None, []
+    details = [d for d in error.get("details") or [] if isinstance(d, dict)]
+    status = error.get("status") or error.get("type") or error.get("code")
+    message = error.get("message")
+    return (str(message) if message else None), (str(status) if status else None), details
+
+
+def _plain_message(body: bytes) -> str:
+    """A short readable message from a non-JSON body (a proxy's HTML page, say)."""
+    text = body.decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+    if title:
+        text = title.group(1)
+    text = " ".join(re.sub(r"<[^>]+>", " ", text).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
+
+
+def _retry_delay(details: list[dict[str, Any]]) -> float | None:
+    for info in detail(details, "google.rpc.RetryInfo"):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _retry_after_header(value: str | None, *, now: float | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _daily_quota(details: list[dict[str, Any]]) -> bool:
+    for failure in detail(details, "google.rpc.QuotaFailure"):
+        for violation in failure.get("violations") or []:
+            names = " ".join(str(violation.get(k, "")) for k in ("quotaId", "quotaMetric", "subject"))
+            if re.search(r"per.?day|daily", names, re.IGNORECASE):
+                return True
+    return False
+
+
+def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
+    reasons = {str(d.get("reason")) for d in detail(details, "google.rpc.ErrorInfo")}
+    return "API_KEY_INVALID" in reasons or "api key not valid" in message.lower()

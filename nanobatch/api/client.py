@@ -25,8 +25,9 @@ import orjson
 
 from ..errors import ApiError
 from .budget import ByteBudget, Held
+from .causes import classify_error
 from .decoding import WORKERS_FROM_BYTES, Decoder
-from .gemini import Reply, classify_error
+from .gemini import Reply
 from .transport import ShardedTransport, expect_body
 
 __all__ = [
@@ -48,7 +49,7 @@ logger = logging.getLogger("nanobatch")
 _CONNECT_TIMEOUT_S = 20.0
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 # Answers' bodies read and being decoded at once, in bytes: two 4K answers (32 MB of JSON each), eight 2K ones.
-# Peak memory per answer is about twice its body (the body, then its image's base64 text, then the image), and
+# Peak memory per answer is its body and its image (decoded from the body's bytes: nanobatch.api.lifting), and
 # the decoding, not the reading, is what takes time: docs/performance.md.
 ANSWER_BYTES = 64 * 2**20
 # An answer waits unread for a run's backlog (see GeminiClient._held) at most this long, then is read anyway:
@@ -253,7 +254,8 @@ class GeminiClient(ApiClient):
 
     async def _read_reply(self, response: httpx2.Response, whole: anyio.CancelScope) -> Reply:
         """A 200 answer, read and decoded within the byte budget; its body is held once (no list of chunks
-        joined into a copy), and let go before its images are decoded (:func:`~nanobatch.api.gemini.parse_reply`)."""
+        joined into a copy), and its images decoded from it, with no text of them made
+        (:func:`~nanobatch.api.gemini.parse_reply`)."""
         length = _plain_length(response)
         # A body of unknown length (compressed, or chunked) is expected to be as big as the last one.
         async with self._held(self._last_size if length is None else length, whole) as held:
@@ -357,7 +359,7 @@ def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
 
 
 def scrubbed_error(status: int, headers: Mapping[str, str], content: bytes, secret: str | None) -> ApiError:
-    """The classified error for an answer of *status* (:func:`~nanobatch.api.gemini.classify_error`), its message
+    """The classified error for an answer of *status* (:func:`~nanobatch.api.causes.classify_error`), its message
     without the key and without any URL's password, query or signature."""
     error = classify_error(status, headers, content)
     error.message = _scrub(error.message, secret)

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from mmap import mmap
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -45,6 +46,7 @@ from anyio.lowlevel import RunVar
 from ..children import die_with
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
+from .lifting import Buffer, Lifted, Unlifted, lift
 from .spool import Spooled, drop_spooled, spool_name, write_spooled
 
 __all__ = [
@@ -52,10 +54,12 @@ __all__ = [
     "WORKERS_AFTER_BYTES",
     "WORKERS_FROM_BYTES",
     "Blocks",
+    "Decoded",
     "Decoder",
     "attach",
     "attached",
     "decode_in_worker",
+    "decode_text",
     "settle_worker",
     "worker_slots",
 ]
@@ -75,7 +79,7 @@ _Places = list[tuple[str, str, int, "str | None"]]  # each image's mime type, te
 # From a worker: the answer's key (a batch results line's), and the reply without its images and where they are,
 # or why it is not one; None: not an answer the worker decodes (a results line with an error), for this process.
 _Outcome = tuple[str | None, Reply | _Failure, _Places] | None
-_Decoded = tuple[str | None, Reply | ApiError] | None
+Decoded = tuple[str | None, Reply | ApiError] | None
 
 
 class Decoder:
@@ -127,7 +131,7 @@ class Decoder:
             return None
         return await self._decode("line", len(line), functools.partial(_copy, line))
 
-    async def _decode(self, what: str, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> _Decoded:
+    async def _decode(self, what: str, size: int, fill: Callable[[memoryview], Awaitable[None]]) -> Decoded:
         with self.blocks.lent(size) as body:
             with _view(body)[:size] as view:
                 await fill(view)
@@ -151,15 +155,14 @@ class Decoder:
                 except BaseException:
                     drop_spooled(prefix)  # cancelled while waiting for it: what it wrote is nobody's
                     raise
-            with _view(body)[:size] as view:
-                return _decode_text(what, bytearray(view))
+            return decode_text(what, _mapped(body), size)
 
     def close(self) -> None:
         """Let go of the shared memory kept for the next answers."""
         self.blocks.close()
 
 
-def _received(outcome: _Outcome) -> _Decoded:
+def _received(outcome: _Outcome) -> Decoded:
     """A worker's outcome, its images as :class:`~nanobatch.api.spool.Spooled` files this process owns (made at
     once: nothing is awaited between the worker's answer and here, so no file goes unowned)."""
     if outcome is None:
@@ -172,18 +175,27 @@ def _received(outcome: _Outcome) -> _Decoded:
     return key, dataclasses.replace(reply, images=images)
 
 
-def _decode_text(what: str, text: bytearray) -> _Decoded:
-    """The answer in *text* (consumed): ``answer``, a ``generateContent`` body, or ``line``, a batch results line
-    (None if it carries no answer)."""
-    key: str | None = None
+def decode_text(what: str, body: Buffer, size: int) -> Decoded:
+    """The answer in the first *size* bytes of *body* (a bytearray is consumed): ``answer``, a ``generateContent``
+    body, or ``line``, a batch results line (None if it carries no answer). Its images are decoded from the
+    body's own bytes (:mod:`~nanobatch.api.lifting`)."""
+    if what == "answer":
+        try:
+            return None, parse_reply(body, size)
+        except ApiError as exc:
+            return None, exc
+    if (lifted := lift(body, size)) is not None:
+        with contextlib.suppress(Unlifted):  # not as plain as it looked: parsed whole below
+            return _result(lifted.text, lifted)
+    return _result(body[:size], None)
+
+
+def _result(text: bytes | bytearray, lifted: Lifted | None) -> Decoded:
+    if (found := _response(text)) is None:
+        return None
+    key, response = found
     try:
-        if what == "answer":
-            return key, parse_reply(text)
-        if (found := _response(text)) is None:
-            return None
-        del text
-        key, response = found
-        return key, reply_from(response)
+        return key, reply_from(response, lifted)
     except ApiError as exc:
         return key, exc
 
@@ -272,10 +284,7 @@ def decode_in_worker(what: str, body_name: str, size: int, prefix: str, parent: 
     temporary files ``<prefix>-<k>.tmp``. An error goes back as its fields: ApiError takes keyword arguments,
     which pickling an exception does not carry. OSError if an image cannot be written (none is left)."""
     settle_worker(parent)
-    with _view(attached(body_name))[:size] as view:
-        text = bytearray(view)  # parse_reply empties it once parsed: not held beside the image
-    decoded = _decode_text(what, text)
-    del text
+    decoded = decode_text(what, _mapped(attached(body_name)), size)  # read where it is: no copy of it here
     if decoded is None:
         return None
     key, reply = decoded
@@ -300,8 +309,9 @@ _SETTLED: list[int] = []  # in a worker: the run's process, once settled
 def settle_worker(parent: int) -> None:
     """Once per worker process (Linux, glibc): die with the run's process *parent* (its answers are nobody's
     then: the next run removes their temporary files before any worker of the dead run could write more), and
-    keep big allocations in the heap: each answer allocates ~90 MB (the body's copy, the base64 text, the image),
-    and fresh pages from the kernel, zeroed on first touch and given back when freed, cost ~20 ms an answer."""
+    keep big allocations in the heap: each answer allocates its image (24 MB at 4K; the body is read where it is,
+    in shared memory), and fresh pages from the kernel, zeroed on first touch and given back when freed, would
+    cost that again on every answer."""
     if _SETTLED or not sys.platform.startswith("linux"):
         return
     _SETTLED.append(parent)
@@ -341,6 +351,13 @@ def _response(line: bytes | bytearray) -> tuple[str | None, dict[str, Any]] | No
 def _view(block: SharedMemory) -> memoryview:
     assert block.buf is not None  # open until closed
     return block.buf
+
+
+def _mapped(block: SharedMemory) -> mmap:
+    """The block's memory as the mmap it is (what :func:`~nanobatch.api.lifting.lift` searches)."""
+    mapped = _view(block).obj
+    assert isinstance(mapped, mmap)
+    return mapped
 
 
 def attach(name: str) -> SharedMemory:

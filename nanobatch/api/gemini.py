@@ -4,17 +4,14 @@
 * :func:`parse_reply` turns a 200 body into a :class:`Reply`.
 * :func:`check_reply` says whether a reply is a result, blocked, imageless, or carries an image that cannot be
   decoded (:func:`reply_error`: the same, as a value).
-* :func:`classify_error` turns any other answer into an :class:`ApiError`,
-  deciding whether it is worth retrying and whether it should stop the run.
+* What any other answer means: :func:`nanobatch.api.causes.classify_error`.
 """
 
 from __future__ import annotations
 
 import base64
-import email.utils
+import contextlib
 import json
-import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,9 +19,9 @@ from typing import Any
 import pydantic_core
 from pydantic_core import SchemaValidator, ValidationError, core_schema
 
-from ..errors import ApiError, FatalApiError
+from ..errors import ApiError
 from ..pictures import answer_problem, sniff_mime
-from .causes import HINTS, STORE_REFUSED, VERTEX_HINTS, detail, from_vertex, money_kind, violations
+from .lifting import Buffer, Lifted, Unlifted, lift
 from .spool import Spooled
 
 __all__ = [
@@ -34,7 +31,6 @@ __all__ = [
     "Reply",
     "build_request",
     "check_reply",
-    "classify_error",
     "parse_reply",
     "reply_error",
     "reply_from",
@@ -168,14 +164,26 @@ def set_service_tier(body: dict[str, Any], service_tier: str | None) -> None:
         body["serviceTier"] = service_tier.lower()
 
 
-def parse_reply(body: bytes | bytearray) -> Reply:
-    """Parse a 200 body. A truncated or malformed body is a retryable ``bad_response``.
+def parse_reply(body: Buffer, size: int | None = None) -> Reply:
+    """Parse a 200 body (its first *size* bytes: a worker's block of shared memory is bigger). A truncated or
+    malformed body is a retryable ``bad_response``.
 
-    A bytearray is consumed: emptied once parsed, so that the body is not held beside its images' base64 text
-    and their decoded bytes (a 4K answer: 32 MB of each, then 24 MB)."""
-    size = len(body)
+    Big images are decoded from the body's own bytes (:mod:`~nanobatch.api.lifting`), never made text; a
+    bytearray is consumed: emptied once its images are decoded."""
+    size = len(body) if size is None else size
     try:
-        data = _loads(body)
+        if (lifted := lift(body, size)) is not None:
+            with contextlib.suppress(Unlifted, ValueError):  # not as plain as it looked: parsed whole below
+                return _reply(_loads(lifted.text), lifted)
+        return _reply(_whole(body, size))
+    finally:
+        if isinstance(body, bytearray):
+            body.clear()
+
+
+def _whole(body: Buffer, size: int) -> Any:
+    try:
+        return _loads(body if isinstance(body, bytes | bytearray) and len(body) == size else body[:size])
     except (ValueError, UnicodeDecodeError):
         raise ApiError(
             f"the response body is not valid JSON ({size} bytes; truncated?)",
@@ -183,16 +191,17 @@ def parse_reply(body: bytes | bytearray) -> Reply:
             status_code=200,
             retryable=True,
         ) from None
-    finally:
-        if isinstance(body, bytearray):
-            body.clear()
+
+
+def _reply(data: Any, lifted: Lifted | None = None) -> Reply:
     if not isinstance(data, dict):
         raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
-    return reply_from(data)
+    return reply_from(data, lifted)
 
 
-def reply_from(data: dict[str, Any]) -> Reply:
-    """The answer in a parsed ``generateContent`` response (a 200 body, or a batch results line's ``response``)."""
+def reply_from(data: dict[str, Any], lifted: Lifted | None = None) -> Reply:
+    """The answer in a parsed ``generateContent`` response (a 200 body, or a batch results line's ``response``);
+    *lifted*: where its images' text was lifted from (:func:`~nanobatch.api.lifting.lift`)."""
     images: list[Image] = []
     texts: list[str] = []
     candidates = data.get("candidates") or []
@@ -210,7 +219,7 @@ def reply_from(data: dict[str, Any]) -> Reply:
             texts.append(part["text"])
         inline = part.get("inlineData") or part.get("inline_data")
         if isinstance(inline, dict) and inline.get("data"):
-            images.append(_decode_image(inline))
+            images.append(_decode_image(inline, lifted))
     feedback = data.get("promptFeedback") or {}
     usage = data.get("usageMetadata")
     return Reply(
@@ -239,12 +248,14 @@ def _as_text(value: Any) -> str | None:
 _BASE64 = SchemaValidator(core_schema.bytes_schema(), core_schema.CoreConfig(val_json_bytes="base64"))
 
 
-def _decode_image(inline: dict[str, Any]) -> Image:
+def _decode_image(inline: dict[str, Any], lifted: Lifted | None) -> Image:
     data = inline["data"]
     try:
         if not isinstance(data, str):
             raise TypeError(type(data).__name__)
-        raw = _BASE64.validate_strings(data)  # type: ignore[arg-type]  # (its stub takes only dicts, its code a str too)
+        raw = lifted.image(data) if lifted is not None else None
+        if raw is None:
+            raw = _BASE64.validate_strings(data)  # type: ignore[arg-type]  # (its stub takes only dicts, its code a str too)
     except (ValidationError, TypeError):
         raise ApiError("an image in the response is not valid base64", kind="bad_response", retryable=True) from None
     # Trust the bytes over the label: proxies have been seen to send JPEG labelled PNG.
@@ -293,56 +304,6 @@ def reply_error(reply: Reply) -> ApiError | None:
     return None
 
 
-# (kind, retryable) for statuses that need no reading of the body.
-_BY_STATUS: dict[int, tuple[str, bool]] = {
-    408: ("timeout", True),
-    429: ("rate_limited", True),
-    500: ("server_error", True),
-    502: ("bad_gateway", True),
-    503: ("overloaded", True),
-    504: ("timeout", True),
-}
-_FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
-
-
-def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
-    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page."""
-    data = _json_or_none(body)
-    message, status, details = _error_fields(data)
-    if message is None:
-        message = _plain_message(body)
-    retry_after = _retry_delay(details)
-    if retry_after is None:
-        retry_after = _retry_after_header(headers.get("retry-after"), now=now)
-
-    fatal_kind = _FATAL_STATUS.get(status_code)
-    if status_code == 400 and _mentions_invalid_key(message, details):
-        fatal_kind = "auth"
-    elif status_code == 400 and status == "FAILED_PRECONDITION":
-        fatal_kind = "location"
-    elif status_code == 400 and STORE_REFUSED.search(" ".join((message, *violations(details)))):
-        fatal_kind = "store_refused"  # every request carries it: none can succeed
-    elif status_code in (402, 403, 429) and (money := money_kind(message, data)) is not None:
-        fatal_kind = money
-    elif status_code == 429 and _daily_quota(details):
-        fatal_kind = "quota_exhausted"
-    if fatal_kind is not None:
-        hints = VERTEX_HINTS if from_vertex(message, details) else HINTS
-        return FatalApiError(
-            f"HTTP {status_code}: {message} (hint: {hints[fatal_kind]})", kind=fatal_kind, status_code=status_code
-        )
-    kind, retryable = _BY_STATUS.get(status_code, ("bad_request", False))
-    if status_code >= 500 and status_code not in (501, 505):
-        kind, retryable = _BY_STATUS.get(status_code, ("server_error", True))
-    return ApiError(
-        f"HTTP {status_code}: {message}",
-        kind=kind,
-        status_code=status_code,
-        retryable=retryable,
-        retry_after=retry_after if retryable else None,
-    )
-
-
 def _loads(body: bytes | bytearray) -> Any:
     """json.loads, through pydantic-core's parser first (the fastest on big answers: bench/RESULTS.md); json.loads
     decides what it refuses (lone surrogates), so the same bodies parse."""
@@ -350,76 +311,6 @@ def _loads(body: bytes | bytearray) -> Any:
         return pydantic_core.from_json(body, cache_strings="keys")  # a value cached (responseId) would be kept
     except ValueError:
         return json.loads(body)
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any]]]:
-    """(message, status, details) from Google's ``{"error": {...}}`` or APIYI's ``{"status_code", "error"}``."""
-    if isinstance(data, list) and data:  # some Google endpoints wrap the error in a list
-        data = data[0]
-    if not isinstance(data, dict):
-        return None, None, []
-    error = data.get("error")
-    if isinstance(error, str):
-        return error, None, []
-    if not isinstance(error, dict):
-        message = data.get("message")
-        return (str(message) if message else None), None, []
-    details = [d for d in error.get("details") or [] if isinstance(d, dict)]
-    status = error.get("status") or error.get("type") or error.get("code")
-    message = error.get("message")
-    return (str(message) if message else None), (str(status) if status else None), details
-
-
-def _plain_message(body: bytes) -> str:
-    """A short readable message from a non-JSON body (a proxy's HTML page, say)."""
-    text = body.decode("utf-8", "replace")
-    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-    if title:
-        text = title.group(1)
-    text = " ".join(re.sub(r"<[^>]+>", " ", text).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or "empty response body")
-
-
-def _retry_delay(details: list[dict[str, Any]]) -> float | None:
-    for info in detail(details, "google.rpc.RetryInfo"):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)s\s*", str(info.get("retryDelay", "")))
-        if match:
-            return float(match.group(1))
-    return None
-
-
-def _retry_after_header(value: str | None, *, now: float | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", value):
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def _daily_quota(details: list[dict[str, Any]]) -> bool:
-    for failure in detail(details, "google.rpc.QuotaFailure"):
-        for violation in failure.get("violations") or []:
-            names = " ".join(str(violation.get(k, "")) for k in ("quotaId", "quotaMetric", "subject"))
-            if re.search(r"per.?day|daily", names, re.IGNORECASE):
-                return True
-    return False
-
-
-def _mentions_invalid_key(message: str, details: list[dict[str, Any]]) -> bool:
-    reasons = {str(d.get("reason")) for d in detail(details, "google.rpc.ErrorInfo")}
-    return "API_KEY_INVALID" in reasons or "api key not valid" in message.lower()
 
 
 def sum_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
