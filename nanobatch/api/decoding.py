@@ -176,8 +176,8 @@ def _received(outcome: _Outcome) -> Decoded:
 
 
 def decode_text(what: str, body: Buffer, size: int) -> Decoded:
-    """The answer in the first *size* bytes of *body* (a bytearray is consumed): ``answer``, a ``generateContent``
-    body, or ``line``, a batch results line (None if it carries no answer). Its images are decoded from the
+    """The answer in the first *size* bytes of *body*: ``answer``, a ``generateContent`` body (a bytearray is
+    consumed), or ``line``, a batch results line (None if it carries no answer). Its images are decoded from the
     body's own bytes (:mod:`~nanobatch.api.lifting`)."""
     if what == "answer":
         try:
@@ -185,8 +185,11 @@ def decode_text(what: str, body: Buffer, size: int) -> Decoded:
         except ApiError as exc:
             return None, exc
     if (lifted := lift(body, size)) is not None:
-        with contextlib.suppress(Unlifted):  # not as plain as it looked: parsed whole below
-            return _result(lifted.text, lifted)
+        with contextlib.suppress(Unlifted):
+            decoded = _result(lifted.text, lifted)
+            if decoded is not None and not isinstance(decoded[1], ApiError):
+                return decoded
+        # Not as plain as it looked, or not an answer: parsed whole, which says why the same way.
     return _result(body[:size], None)
 
 

@@ -173,7 +173,8 @@ def parse_reply(body: Buffer, size: int | None = None) -> Reply:
     size = len(body) if size is None else size
     try:
         if (lifted := lift(body, size)) is not None:
-            with contextlib.suppress(Unlifted, ValueError):  # not as plain as it looked: parsed whole below
+            # Not as plain as it looked, or not an answer: parsed whole below, which says why the same way.
+            with contextlib.suppress(Unlifted, ValueError, RecursionError, ApiError):
                 return _reply(_loads(lifted.text), lifted)
         return _reply(_whole(body, size))
     finally:
@@ -184,7 +185,7 @@ def parse_reply(body: Buffer, size: int | None = None) -> Reply:
 def _whole(body: Buffer, size: int) -> Any:
     try:
         return _loads(body if isinstance(body, bytes | bytearray) and len(body) == size else body[:size])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for json.loads
         raise ApiError(
             f"the response body is not valid JSON ({size} bytes; truncated?)",
             kind="bad_response",
@@ -213,13 +214,19 @@ def reply_from(data: dict[str, Any], lifted: Lifted | None = None) -> Reply:
             "the response body is not a generateContent answer", kind="bad_response", status_code=200, retryable=True
         )
     for part in parts or []:
-        if not isinstance(part, dict) or part.get("thought"):
-            continue  # thinking parts, images included, are drafts: never the result
+        if not isinstance(part, dict):
+            continue
+        inline = part.get("inlineData") or part.get("inline_data")
+        if part.get("thought"):  # thinking parts, images included, are drafts: never the result
+            if lifted is not None and isinstance(inline, dict):
+                lifted.skip(inline.get("data"))
+            continue
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
-        inline = part.get("inlineData") or part.get("inline_data")
         if isinstance(inline, dict) and inline.get("data"):
             images.append(_decode_image(inline, lifted))
+    if lifted is not None:
+        lifted.done()
     feedback = data.get("promptFeedback") or {}
     usage = data.get("usageMetadata")
     return Reply(

@@ -8,13 +8,15 @@ parsed with a placeholder in its place, and the image is decoded from the body's
 0.5 ms for 2K) when the answer's parts are read. No text of the image is ever made.
 
 Only what is plain is lifted: standard base64, padded, with no JSON escape in it, as Google sends it. Anything
-else (URL-safe or unpadded base64, an escaped ``\\/``, a string cut short) is parsed whole, as before, so that
-both ways give the same reply or the same error.
+else is parsed whole, as before, so that both ways give the same reply or the same error: URL-safe or unpadded
+base64, an escaped ``\\/``, a string cut short, a placeholder left unused (a lifted image where the reply keeps
+what was sent, as in the usage), and any error (the whole body says why, in its own order).
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,13 +38,13 @@ _MARK = "\x00nanobatch-lifted-"  # a placeholder's text: a NUL, which base64 nev
 
 
 class Unlifted(Exception):
-    """A lifted image that is not plain base64 after all: parse the body whole instead."""
+    """A lifted image that is not plain base64 after all, or a placeholder left unused: parse the body whole."""
 
 
 @dataclass(frozen=True)
 class Lifted:
     """A body's JSON with each lifted image's text replaced by a placeholder (*text*), and where each image's
-    text is in the body (*spans*, by placeholder)."""
+    text is in the body (*spans*, by placeholder, each used once: :meth:`image` or :meth:`skip`)."""
 
     text: bytes
     body: Buffer
@@ -51,7 +53,7 @@ class Lifted:
     def image(self, data: str) -> bytes | None:
         """The image a placeholder stands for, decoded from the body; None if *data* is not a placeholder.
         :class:`Unlifted` if the text is not plain base64."""
-        span = self.spans.get(data) if data.startswith(_MARK) else None
+        span = self.spans.pop(data, None) if data.startswith(_MARK) else None
         if span is None:
             return None
         with _piece(self.body, *span) as piece:
@@ -64,6 +66,18 @@ class Lifted:
                 raise Unlifted
         return image
 
+    def skip(self, data: object) -> None:
+        """A placeholder in a part that is not read (a thought's draft image): its text is checked all the same,
+        as parsing the body whole would have."""
+        if isinstance(data, str):
+            self.image(data)
+
+    def done(self) -> None:
+        """:class:`Unlifted` if a placeholder was not used: it is somewhere a reply keeps as sent (the usage, a
+        second candidate), where its text must be, not the placeholder."""
+        if self.spans:
+            raise Unlifted
+
 
 def lift(body: Buffer, size: int) -> Lifted | None:
     """The first *size* bytes of *body* with its long images' text lifted out; None if there is none to lift
@@ -71,6 +85,7 @@ def lift(body: Buffer, size: int) -> Lifted | None:
     pieces: list[bytes | bytearray] = []
     spans: dict[str, tuple[int, int]] = {}
     at = searched = 0
+    mark = f"{_MARK}{secrets.token_hex(8)}-"  # not one the body can hold: a placeholder sent is just text
     while (found := _KEY.search(body, searched, size)) is not None:
         start = searched = found.end()
         if not _OPENS.search(body, max(at, start - _LOOK_BACK), found.start()):
@@ -80,9 +95,9 @@ def lift(body: Buffer, size: int) -> Lifted | None:
         # the body is parsed whole. Any other escape fails in Lifted.image.
         if end - start < LIFT_FROM:
             continue  # short, or cut short (-1): parsed with the rest
-        mark = f"{_MARK}{len(spans)}"
-        pieces += (body[at:start], mark.encode().replace(b"\x00", b"\\u0000"))
-        spans[mark] = (start, end)
+        placeholder = f"{mark}{len(spans)}"
+        pieces += (body[at:start], placeholder.encode().replace(b"\x00", b"\\u0000"))
+        spans[placeholder] = (start, end)
         at = searched = end  # the image's text is not searched for keys: it holds none
     if not spans:
         return None
