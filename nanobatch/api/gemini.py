@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pybase64
 import pydantic_core
 from pydantic_core import SchemaValidator, ValidationError, core_schema
 
@@ -139,7 +139,8 @@ def build_request(
         if isinstance(image, FileRef):  # the wire shape of google-genai's Part.from_uri
             parts.append({"fileData": {"mimeType": image.mime_type, "fileUri": image.uri}})
         else:
-            parts.append({"inlineData": {"mimeType": image.mime_type, "data": base64.b64encode(image.data).decode()}})
+            data = pybase64.b64encode_as_string(image.data)  # 0.17 ms for 2 MB; base64.b64encode and decode: 2.7
+            parts.append({"inlineData": {"mimeType": image.mime_type, "data": data}})
     generation: dict[str, Any] = {"responseModalities": list(response_modalities)}
     image_config: dict[str, Any] = {
         k: v for k, v in (("aspectRatio", aspect_ratio), ("imageSize", image_size)) if v is not None
