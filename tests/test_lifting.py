@@ -31,6 +31,7 @@ def image(data: bytes, mime: str = "image/png", *, text: str | None = None, key:
 
 
 STANDARD = base64.b64encode(PNG).decode()
+LIFTING_LEFT = 4096  # what is parsed of a body once its images are lifted out: a few hundred bytes
 BROKEN = "\x01" + STANDARD[1:]  # not base64 (json.dumps escapes it: \u0001)
 # Each body, and what parsing it whole gives: the images' bytes, or the error's kind.
 CASES = {
@@ -108,10 +109,27 @@ def test_an_image_decoded_from_the_body_is_the_one_parsing_it_whole_gives(
     with mmap.mmap(-1, len(body) + 4096) as block:  # a worker's block of shared memory: bigger than the body
         block[: len(body)] = body
         lifted.append(outcome(block, len(body)))
-    monkeypatch.setattr(gemini, "lift", lambda body, size: None)
+    monkeypatch.setattr(lifting, "lift", lambda body, size: None)
     whole = outcome(body)
     assert lifted == [whole] * 3
     assert whole[0] == expected
+
+
+def line_outcome(line: bytes) -> Any:
+    decoded = decoding.decode_text("line", line, len(line))
+    if decoded is None or isinstance(decoded[1], ApiError):
+        return decoded if decoded is None else (decoded[0], decoded[1].kind, str(decoded[1]))
+    return decoded[0], [i.data for i in decoded[1].images], decoded[1].usage
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_batch_results_line_is_decoded_as_parsing_it_whole_decodes_it(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    line = b'{"key": "lamp-01", "response": ' + CASES[case][0] + b"}"
+    lifted = line_outcome(line)
+    monkeypatch.setattr(lifting, "lift", lambda body, size: None)
+    assert lifted == line_outcome(line)
 
 
 def test_what_a_reply_keeps_as_sent_keeps_the_text_not_a_placeholder() -> None:
@@ -163,9 +181,13 @@ def test_decoding_an_answer_makes_no_text_of_its_image() -> None:
 def test_an_answer_with_thought_images_is_not_parsed_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """Drafts are checked where they are, not by falling back to the whole body (its images made text)."""
 
-    def whole(body: lifting.Buffer, size: int) -> None:
-        raise AssertionError("parsed whole")
+    loads = gemini._loads
 
-    monkeypatch.setattr(gemini, "_whole", whole)
+    def whole_or_not(text: bytes | bytearray) -> Any:
+        if len(text) > LIFTING_LEFT:
+            raise AssertionError("parsed whole")
+        return loads(text)
+
+    monkeypatch.setattr(gemini, "_loads", whole_or_not)
     reply = parse_reply(answer({**image(JPEG), "thought": True}, image(PNG), {**image(JPEG), "thought": True}))
     assert [i.data for i in reply.images] == [PNG]

@@ -46,7 +46,7 @@ from anyio.lowlevel import RunVar
 from ..children import die_with
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
-from .lifting import Buffer, Lifted, Unlifted, lift
+from .lifting import Buffer, Lifted, Unlifted, parsed
 from .spool import Spooled, drop_spooled, spool_name, write_spooled
 
 __all__ = [
@@ -184,22 +184,22 @@ def decode_text(what: str, body: Buffer, size: int) -> Decoded:
             return None, parse_reply(body, size)
         except ApiError as exc:
             return None, exc
-    if (lifted := lift(body, size)) is not None:
-        with contextlib.suppress(Unlifted):
-            decoded = _result(lifted.text, lifted)
-            if decoded is not None and not isinstance(decoded[1], ApiError):
-                return decoded
-        # Not as plain as it looked, or not an answer: parsed whole, which says why the same way.
-    return _result(body[:size], None)
+    return parsed(body, size, _result)
 
 
 def _result(text: bytes | bytearray, lifted: Lifted | None) -> Decoded:
+    """The line's key and answer (or why it is not one); None if it has none. With *lifted*, anything but an
+    answer raises instead, so that the whole line says why (:func:`~nanobatch.api.lifting.parsed`)."""
     if (found := _response(text)) is None:
+        if lifted is not None:
+            raise Unlifted
         return None
     key, response = found
     try:
         return key, reply_from(response, lifted)
     except ApiError as exc:
+        if lifted is not None:
+            raise
         return key, exc
 
 

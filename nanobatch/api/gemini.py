@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +21,7 @@ from pydantic_core import SchemaValidator, ValidationError, core_schema
 
 from ..errors import ApiError
 from ..pictures import answer_problem, sniff_mime
-from .lifting import Buffer, Lifted, Unlifted, lift
+from .lifting import Buffer, Lifted, parsed
 from .spool import Spooled
 
 __all__ = [
@@ -173,19 +173,15 @@ def parse_reply(body: Buffer, size: int | None = None) -> Reply:
     bytearray is consumed: emptied once its images are decoded."""
     size = len(body) if size is None else size
     try:
-        if (lifted := lift(body, size)) is not None:
-            # Not as plain as it looked, or not an answer: parsed whole below, which says why the same way.
-            with contextlib.suppress(Unlifted, ValueError, RecursionError, ApiError):
-                return _reply(_loads(lifted.text), lifted)
-        return _reply(_whole(body, size))
+        return parsed(body, size, functools.partial(_reply, size))
     finally:
         if isinstance(body, bytearray):
             body.clear()
 
 
-def _whole(body: Buffer, size: int) -> Any:
+def _reply(size: int, text: bytes | bytearray, lifted: Lifted | None) -> Reply:
     try:
-        return _loads(body if isinstance(body, bytes | bytearray) and len(body) == size else body[:size])
+        data = _loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested too deep for json.loads
         raise ApiError(
             f"the response body is not valid JSON ({size} bytes; truncated?)",
@@ -193,9 +189,6 @@ def _whole(body: Buffer, size: int) -> Any:
             status_code=200,
             retryable=True,
         ) from None
-
-
-def _reply(data: Any, lifted: Lifted | None = None) -> Reply:
     if not isinstance(data, dict):
         raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
     return reply_from(data, lifted)

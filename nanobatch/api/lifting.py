@@ -15,17 +15,20 @@ what was sent, as in the usage), and any error (the whole body says why, in its 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from mmap import mmap
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import pybase64
 
-__all__ = ["LIFT_FROM", "Buffer", "Lifted", "Unlifted", "lift"]
+from ..errors import ApiError
+
+__all__ = ["LIFT_FROM", "Buffer", "Lifted", "Unlifted", "lift", "parsed"]
 
 Buffer: TypeAlias = bytes | bytearray | mmap  # what is lifted from: a body, or the shared memory a worker reads it in
 
@@ -35,13 +38,14 @@ _KEY = re.compile(rb'"data"\s*:\s*"')
 _OPENS = re.compile(rb'"inline_?[dD]ata"\s*:\s*\{[^{}]*\Z')
 _LOOK_BACK = 512  # bytes before a key searched for its object's name
 _MARK = "\x00nanobatch-lifted-"  # a placeholder's text: a NUL, which base64 never holds
+T = TypeVar("T")
 
 
 class Unlifted(Exception):
     """A lifted image that is not plain base64 after all, or a placeholder left unused: parse the body whole."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lifted:
     """A body's JSON with each lifted image's text replaced by a placeholder (*text*), and where each image's
     text is in the body (*spans*, by placeholder, each used once: :meth:`image` or :meth:`skip`)."""
@@ -79,13 +83,22 @@ class Lifted:
             raise Unlifted
 
 
+def parsed(body: Buffer, size: int, parse: Callable[[bytes | bytearray, Lifted | None], T]) -> T:
+    """``parse(text, lifted)`` of the first *size* bytes of *body*, its big images lifted out; or, if none is, or
+    if that raises :class:`Unlifted` or :class:`~nanobatch.errors.ApiError` (not as plain as it looked, or not an
+    answer), ``parse`` of the whole text with *lifted* None, which says why in its own order."""
+    if (lifted := lift(body, size)) is not None:
+        with contextlib.suppress(Unlifted, ApiError):
+            return parse(lifted.text, lifted)
+    return parse(body if isinstance(body, bytes | bytearray) and len(body) == size else body[:size], None)
+
+
 def lift(body: Buffer, size: int) -> Lifted | None:
     """The first *size* bytes of *body* with its long images' text lifted out; None if there is none to lift
     (parse it whole)."""
     pieces: list[bytes | bytearray] = []
     spans: dict[str, tuple[int, int]] = {}
     at = searched = 0
-    mark = f"{_MARK}{secrets.token_hex(8)}-"  # not one the body can hold: a placeholder sent is just text
     while (found := _KEY.search(body, searched, size)) is not None:
         start = searched = found.end()
         if not _OPENS.search(body, max(at, start - _LOOK_BACK), found.start()):
@@ -95,6 +108,8 @@ def lift(body: Buffer, size: int) -> Lifted | None:
         # the body is parsed whole. Any other escape fails in Lifted.image.
         if end - start < LIFT_FROM:
             continue  # short, or cut short (-1): parsed with the rest
+        if not spans:  # a token not one the body can hold: a placeholder it sends is just text
+            mark = f"{_MARK}{secrets.token_hex(8)}-"
         placeholder = f"{mark}{len(spans)}"
         pieces += (body[at:start], placeholder.encode().replace(b"\x00", b"\\u0000"))
         spans[placeholder] = (start, end)
