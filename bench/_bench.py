@@ -96,7 +96,7 @@ class Bench:
     batch_items: int = 10_000
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    catalogs: dict[tuple[int, str, bool], Path] = field(default_factory=dict)
+    catalogs: dict[tuple[int, str, bool, bool], Path] = field(default_factory=dict)
     long_run: tuple[Path, Path] | None = None  # (manifest, output folder) of the long manifest's run
     tiny: Path = field(init=False)
     input: Path = field(init=False)
@@ -107,16 +107,18 @@ class Bench:
         self.input = fixtures.input_jpeg(self.tmp / "input.jpg")
         self.noise = fixtures.noise_png(self.tmp / "noise-2k.png")
 
-    def catalog(self, n: int, image_size: str = "512", *, distinct: bool = False) -> Path:
-        """A manifest of *n* edit items, made once per (n, size, distinct inputs or links to one)."""
-        key = (n, image_size, distinct)
+    def catalog(self, n: int, image_size: str = "512", *, distinct: bool = False, photos: bool = False) -> Path:
+        """A manifest of *n* edit items, made once per (n, size, inputs: distinct, photos, or links to one)."""
+        key = (n, image_size, distinct, photos)
         if key not in self.catalogs:
+            kind = "-photos" if photos else "-distinct" if distinct else ""
             self.catalogs[key] = fixtures.write_catalog(
-                self.tmp / f"job-{n}-{image_size}{'-distinct' if distinct else ''}",
+                self.tmp / f"job-{n}-{image_size}{kind}",
                 n,
                 self.input,
                 image_size=image_size,
                 distinct=distinct,
+                photos=photos,
             )
         return self.catalogs[key]
 

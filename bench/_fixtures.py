@@ -56,6 +56,23 @@ def product_jpeg(path: Path, edge: int = 1024) -> Path:
     return path
 
 
+def photo_jpeg(path: Path, seed: int, edge: int = 1600) -> Path:
+    """A JPEG like a catalog's product photo, its own for each *seed*: 1600 px, about 1 MB (shapes on white under
+    a camera sensor's noise)."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (edge, edge), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        x, y, r = rng.randrange(edge // 5, edge * 4 // 5), rng.randrange(edge // 5, edge * 4 // 5), edge // 12
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=(rng.randrange(256), rng.randrange(256), rng.randrange(256)))
+    noise = Image.frombytes("RGB", (edge, edge), rng.randbytes(edge * edge * 3).translate(_SENSOR))
+    ImageChops.subtract(image, noise).save(path, "JPEG", quality=90)
+    return path
+
+
+_SENSOR = bytes(b & 15 for b in range(256))  # noise of 0-15 levels per channel
+
+
 def answer_json(picture: Path) -> bytes:
     """A generateContent answer carrying *picture*, with the usageMetadata of a 1K image."""
     data = base64.b64encode(picture.read_bytes()).decode()
@@ -72,13 +89,16 @@ def _save(image: Image.Image, path: Path, fmt: str) -> None:
     path.write_bytes(buffer.getvalue())
 
 
-def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str = "512", distinct: bool = False) -> Path:
+def write_catalog(
+    folder: Path, n: int, source_image: Path, *, image_size: str = "512", distinct: bool = False, photos: bool = False
+) -> Path:
     """A job of *n* edit items read from a CSV, each with its own input file; returns the manifest.
 
     The inputs are hard links to copies of one small JPEG: every item has a file of its
     own to stat and read, without writing 100,000 copies. With *distinct*, each item's input
     is a different 24x24 PNG instead (different bytes, so different digests and work keys,
-    as in a real catalog).
+    as in a real catalog). With *photos*, each item's input is a photo of its own, as a catalog's
+    are (:func:`photo_jpeg`, about 1 MB).
     """
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -88,6 +108,9 @@ def write_catalog(folder: Path, n: int, source_image: Path, *, image_size: str =
         for number in range(n):
             item_id = f"sku-{number:06d}"
             csv.write(f"{item_id}\n")
+            if photos:
+                photo_jpeg(images / f"{item_id}.jpg", number)
+                continue
             if distinct:
                 colour = (number % 256, number // 256 % 256, number // 65536 % 256)
                 # A PNG under the .jpg name the manifest gives: nanobatch reads the type from the bytes.

@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--against", help="a folder holding another version's nanobatch package, run in turn")
     parser.add_argument("--workers", help="nanobatch's --workers, comma-separated values (default: its default)")
     parser.add_argument("--profile", action="store_true", help="then one nanobatch run under cProfile")
+    parser.add_argument(
+        "--photos", action="store_true", help="each item's input a ~1 MB photo of its own (peers: the first one)"
+    )
     args = parser.parse_args()
     n, concurrency = WORKLOADS[args.answers]
     n, concurrency = args.n or n, args.concurrency or concurrency
@@ -202,11 +205,13 @@ def main() -> None:
         with SimulatorProcess(latency_s=0.2, canned=str(canned(b, args.answers))) as sim:
 
             def one(name: str, count: int, out: str) -> dict[str, Any]:
+                manifest = b.catalog(count, size, photos=args.photos)
                 if name in PEER_SCRIPTS:
+                    picture = manifest.parent / "images" / "sku-000000.jpg" if args.photos else b.input
                     return run_script(b, PEER_SCRIPTS[name], base_url=sim.url, n=count, concurrency=concurrency,
-                                      input_path=str(b.input), image_size=size, out_dir=out)  # fmt: skip
+                                      input_path=str(picture), image_size=size, out_dir=out)  # fmt: skip
                 package = args.against if name.startswith("before") else None
-                return run_cli(b, package, manifest=b.catalog(count, size), out=out, url=sim.url,
+                return run_cli(b, package, manifest=manifest, out=out, url=sim.url,
                                concurrency=concurrency, n=count, workers=workers.get(name))  # fmt: skip
 
             for name in clients:  # warm-up, not counted: the bytecode of everything each client imports
