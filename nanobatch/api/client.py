@@ -47,6 +47,8 @@ __all__ = [
 logger = logging.getLogger("nanobatch")
 
 _CONNECT_TIMEOUT_S = 20.0
+# orjson's bytes keep what it reserved to escape strings (8 MB for a 0.6 MB body): bodies this big are copied to size.
+_RIGHT_SIZE_FROM = 64 * 2**10
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
 # Answers' bodies read and being decoded at once, in bytes: two 4K answers (32 MB of JSON each), eight 2K ones.
 # Peak memory per answer is its body and its image (decoded from the body's bytes: nanobatch.api.lifting), and
@@ -185,6 +187,8 @@ class GeminiClient(ApiClient):
     async def generate(self, model: str, body: dict[str, Any], *, timeout_s: float) -> Reply:
         """Send one request; return the parsed 200 reply or raise :class:`ApiError` (one attempt, no retry)."""
         content = orjson.dumps(body)  # compact, UTF-8; faster than json.dumps on big base64 strings: bench/RESULTS.md
+        if len(content) > _RIGHT_SIZE_FROM:  # held as long as its answer takes: at its size (see the constant)
+            content = bytes(memoryview(content))
         timeout = httpx2.Timeout(timeout_s, connect=_CONNECT_TIMEOUT_S, write=_WRITE_TIMEOUT_S, pool=None)
         if (url := self._urls.get(model)) is None:
             url = self._urls[model] = self._http.build_request("POST", f"{self._prefix}{model}:generateContent").url
