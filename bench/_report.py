@@ -1,5 +1,5 @@
 """The write-out of ``make bench``: ``bench/RESULTS.md`` (the machine, the table, how each number is
-measured) and the peers' rows in README.md."""
+measured) and the peers' rows in docs/performance.md."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 from _bench import Bench, Row
 from _peers import SECTION as PEERS_SECTION
 
-__all__ = ["table", "update_readme", "write_results"]
+__all__ = ["table", "update_figures", "write_results"]
 
-README_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
+PEERS_MARKERS = ("<!-- bench:peers:start -->", "<!-- bench:peers:end -->")
 
 
 def machine() -> list[tuple[str, str]]:
@@ -188,10 +188,10 @@ def write_results(path: Path, b: Bench, elapsed: float) -> str:
     return text
 
 
-def update_readme(path: Path, b: Bench, elapsed: float) -> bool:
-    """Put the peers' rows between README's markers; False when the markers are not there."""
+def update_figures(path: Path, b: Bench, elapsed: float) -> bool:
+    """Put the peers' rows between the markers in *path* (docs/performance.md); False when they are not there."""
     text = path.read_text()
-    start, end = README_MARKERS
+    start, end = PEERS_MARKERS
     if start not in text or end not in text:
         return False
     mode = "`--quick`" if b.quick else "full"
@@ -200,7 +200,7 @@ def update_readme(path: Path, b: Bench, elapsed: float) -> bool:
         [
             start,
             f"Measured by `make bench` ({mode} run, {time.strftime('%Y-%m-%d')}; machine in "
-            "[`bench/RESULTS.md`](bench/RESULTS.md)):",
+            "[`bench/RESULTS.md`](../bench/RESULTS.md)):",
             "",
             table(rows),
             end,

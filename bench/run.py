@@ -1,8 +1,8 @@
 """nanobatch benchmarks (issues #4, #5, #15, #23 and #25): ``make bench``, or ``python bench/run.py [--quick]``.
 
 Section 0 ("peers", ``_peers.py``) measures nanobatch against the scripts a user would write instead
-(aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into README.md's
-Performance section, between the ``bench:peers`` markers.
+(aiohttp, the google-genai SDK, plain httpx2) in the same run; its rows also go into docs/performance.md's
+"Against the peers", between the ``bench:peers`` markers (the README sums them up).
 
 Every measured run is a fresh client process (``_client.py``) talking over
 loopback HTTP to the simulator in another process (``_server.py``), which
@@ -32,12 +32,12 @@ import _fixtures as fixtures
 from _bench import HERE, Bench, compile_package, process_env, say
 from _peers import SECTION as PEERS_SECTION
 from _peers import bench_peers
-from _report import table, update_readme, write_results
+from _report import table, update_figures, write_results
 from _server import SimulatorProcess
 from qa import bench_qa
 
 SECTIONS = ("peers", "startup", "dispatch", "rate", "cpu", "memory", "resume", "batch", "buckets", "qa", "scale")
-README = HERE.parent / "README.md"
+FIGURES = HERE.parent / "docs" / "performance.md"  # the peers' rows in full (the README sums them up)
 
 
 # 0. CLI start-up ---------------------------------------------------------------------------------------
@@ -439,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - started
     write_results(Path(args.results), b, elapsed)
-    if any(row.section == PEERS_SECTION for row in b.rows) and update_readme(README, b, elapsed):
-        say(f"peers' rows written into {README}")
+    if any(row.section == PEERS_SECTION for row in b.rows) and update_figures(FIGURES, b, elapsed):
+        say(f"peers' rows written into {FIGURES}")
     sys.stdout.write("\n" + table(b.rows) + "\n\n")
     sys.stdout.write(f"{elapsed / 60:.1f} minutes; written to {args.results}\n")
     return 0
