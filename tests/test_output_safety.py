@@ -15,6 +15,7 @@ import pytest
 
 import nanobatch
 import nanobatch.output.outdir
+import nanobatch.output.files
 import nanobatch.run.engine
 from nanobatch.api.gemini import Image
 from nanobatch.api.spool import Spooled, spool_name, write_spooled
@@ -202,9 +203,9 @@ def test_a_new_image_never_takes_a_name_that_is_taken(
         prefix = spool_name(str(folder))  # as a worker process writes an answer's image
         return Image("image/png", spooled=Spooled(write_spooled(prefix, 0, b"ours"), 4, None))
 
-    nanobatch.output.outdir.write_image(str(folder / "new.png"), ours(), replace=False)
+    nanobatch.output.files.write_image(str(folder / "new.png"), ours(), replace=False)
     with pytest.raises(FileExistsError) as caught:
-        nanobatch.output.outdir.write_image(str(folder / "theirs.png"), ours(), replace=False)
+        nanobatch.output.files.write_image(str(folder / "theirs.png"), ours(), replace=False)
     assert caught.value.filename == str(folder / "theirs.png")
     assert (folder / "theirs.png").read_bytes() == b"theirs" and (folder / "new.png").read_bytes() == b"ours"
     del caught  # its traceback holds the image that was refused: once let go, its temporary file goes too
@@ -274,6 +275,22 @@ def test_cleanup_removes_only_nanobatchs_own_temporary_files(tmp_path: Path) -> 
     assert (out / ".nanobatch-77-2.tmp").is_symlink()
 
 
+def test_cleanup_leaves_the_temporary_files_of_another_output_folder_inside_this_one(tmp_path: Path) -> None:
+    # `--out out` beside `out/catalog`, another job's folder, whose run is writing a paid answer into place now:
+    # its temporary file is that run's, and deleting it would lose the answer (and pay for it again).
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    inner = out / "catalog" / "shoes"
+    inner.mkdir(parents=True)
+    (out / "catalog" / ".nanobatch.lock").write_text("{}")
+    theirs = inner / ".nanobatch-4242-7.tmp"
+    theirs.write_bytes(b"another run's answer, on its way to its name")
+    ours = out / ".nanobatch-4242-8.tmp"
+    ours.write_bytes(b"half an image a killed run of this folder left")
+    assert run(job, FakeGemini(), out).exit_code == 0
+    assert theirs.read_bytes() == b"another run's answer, on its way to its name" and not ours.exists()
+
+
 def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[str] = []
     real_open = os.open
@@ -283,7 +300,7 @@ def test_temporary_files_are_named_in_nanobatchs_own_namespace(tmp_path: Path, m
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", spying_open)
-    nanobatch.output.outdir.atomic_write(tmp_path / "x.png", b"data")
+    nanobatch.output.files.atomic_write(tmp_path / "x.png", b"data")
     assert made[0].startswith(".nanobatch-") and made[0].endswith(".tmp")
 
 
@@ -442,7 +459,7 @@ def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
             raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
         real_link(src, dst)
 
-    real_write = nanobatch.output.outdir.atomic_write
+    real_write = nanobatch.output.files.atomic_write
 
     def write(path: Any, data: bytes, **options: Any) -> None:
         if str(path).endswith("step1.png"):
@@ -451,7 +468,7 @@ def test_a_move_across_disks_is_undone_when_a_later_move_of_the_item_fails(
 
     monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(os, "link", link)
-    monkeypatch.setattr(nanobatch.output.outdir, "atomic_write", write)
+    monkeypatch.setattr(nanobatch.output.files, "atomic_write", write)
     moves = [("old/s1.png", "new/s1.png"), ("old/s1.step1.png", "new/s1.step1.png")]
     with pytest.raises(PermissionError):
         out.put([], moves, frozenset(), set())

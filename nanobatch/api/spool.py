@@ -6,7 +6,7 @@ pid and count: ``O_EXCL``, never another's file), in the output folder itself so
 call, and fsyncs it there. The run's process owns the file from then on (:class:`Spooled`): the writer renames it
 into place (:meth:`Spooled.taken`); one that is never taken (an answer refused, a run cut short) is deleted when its
 image is let go, or when the process ends. A file left by a killed run is removed by the next run
-(``outdir.remove_stale_temp_files``), as any half-written temporary file.
+(``files.remove_stale_temp_files``), as any half-written temporary file.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ import anyio
 
 from ..api.gemini import Image
 from ..errors import RunAborted
-from .outdir import FOLDER_ERRNOS, OutDir, fsync_dir
+from .files import fsync_dir
+from .outdir import FOLDER_ERRNOS, OutDir
 from .record import ItemRecord
 
 __all__ = ["Finished", "Holding", "WriteQueue", "Writer", "in_memory"]

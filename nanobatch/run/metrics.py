@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from ..output.outdir import atomic_write
+from ..output.files import atomic_write
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

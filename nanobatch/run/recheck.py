@@ -33,7 +33,8 @@ from ..inputs.load import InputLoader
 from ..item import WorkItem
 from ..job.manifest import Manifest
 from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
-from ..output.outdir import OutDir, fsync_dir
+from ..output.files import fsync_dir
+from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
 from ..output.results import IndexEntry, ResultsIndex, latest_records
 from ..output.resume import outputs_there

@@ -31,7 +31,7 @@ import orjson
 
 from ...errors import ApiError
 from ...names import BATCH_FOLDER, LEDGER_FILE
-from ...output.outdir import atomic_write
+from ...output.files import atomic_write
 from ...output.own import open_own
 from ..route import Step
 
