@@ -14,8 +14,8 @@ import httpx2
 import pytest
 
 import nanobatch
-import nanobatch.output.outdir
 import nanobatch.output.files
+import nanobatch.output.outdir
 import nanobatch.run.engine
 from nanobatch.api.gemini import Image
 from nanobatch.api.spool import Spooled, spool_name, write_spooled

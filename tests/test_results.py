@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 import nanobatch
-from nanobatch.output.journal import orphaned_requests
 from nanobatch.output.files import atomic_write
+from nanobatch.output.journal import orphaned_requests
 from nanobatch.output.outdir import Journal, ResultsLog
 from nanobatch.output.record import ItemRecord
 from nanobatch.output.results import ResultsIndex, read_records
