@@ -198,7 +198,7 @@ def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> 
     from nanobatch.output.results import _line_row, _row
 
     record = ItemRecord.from_json(line)
-    assert _line_row(line) == (_row(record), record.files, record.costs()[1])
+    assert _line_row(line) == (_row(record), (record.files, record.file_stamps), record.costs()[1])
 
 
 def test_records_read_ahead_answer_for_their_items_and_one_added_since_is_read_again() -> None:

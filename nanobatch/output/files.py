@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +19,26 @@ from ..names import LOCK_FILE, RESERVED_PREFIX
 if TYPE_CHECKING:
     from ..api.gemini import Image
 
-__all__ = ["atomic_write", "fsync_dir", "move_file", "remove_stale_temp_files", "write_image"]
+__all__ = [
+    "Owned",
+    "Stamp",
+    "atomic_write",
+    "fsync_dir",
+    "move_file",
+    "remove_stale_temp_files",
+    "stamp_of",
+    "unchanged",
+    "write_image",
+]
 
 logger = logging.getLogger("nanobatch")
+
+# A file as nanobatch left it: its size and modification time (ns). A rename or a link keeps both, so an image
+# keeps its stamp when it takes its name or moves to another; a file put there by someone else, or edited in
+# place, has another. Records and the journal's claims carry the stamps of the files they name.
+Stamp = tuple[int, int]
+# Files a record (or a claim in the journal) of an item says nanobatch wrote for it, with the stamps it left them with.
+Owned = Mapping[str, "Stamp | None"]
 
 # Temporary file names: unique within the process (the pid makes them unique across processes), and in
 # nanobatch's reserved namespace, so that cleaning up after a killed run never takes a file of the user's.
@@ -148,3 +166,18 @@ def move_file(src: str, dst: str, *, replace: bool = True) -> None:
         with open(src, "rb") as f:
             atomic_write(dst, f.read(), replace=replace)
         os.unlink(src)
+
+
+def stamp_of(path: str) -> Stamp | None:
+    """The :data:`Stamp` of the file at *path* (not followed if a link); None if nothing is there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def unchanged(path: str, stamp: Stamp | None) -> bool:
+    """Whether what is at *path* is still the file nanobatch left there with *stamp* (or nothing is there).
+    A stamp of None, a file named by a record from before records kept stamps, is taken on its name alone."""
+    return stamp is None or stamp_of(path) in (None, stamp)

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from ..names import JOURNAL_FILE
+from .files import stamp_of
 from .results import ResultsIndex
 
 __all__ = ["orphaned_requests", "writes_to_adopt"]
@@ -34,13 +35,21 @@ def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]
 
 def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
     """Files the journal says nanobatch wrote that no record names (the run died between the image and its
-    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them."""
+    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them.
+
+    A claim is written before its files: a file is adopted only if the one under its name now has the size
+    claimed (a write that was refused, or never happened, leaves what is there to its owner), with the stamp it
+    has now. A claim without sizes (an older run's) adopts nothing."""
     carried = []
     for entry in _journal_entries(path, ("writing",)):
-        names = [str(name) for name in entry.get("files") or ()]
-        if unowned := sorted(set(names) - index.owned(entry["id"], names)):
-            index.adopt(entry["id"], unowned)
-            carried.append(orjson.dumps({**entry, "files": unowned}) + b"\n")
+        names, sizes = entry.get("files") or (), entry.get("sizes") or ()
+        claimed = dict(zip(map(str, names), sizes, strict=False))
+        owned = index.owned(entry["id"], claimed)
+        found = {name: stamp_of(str(path.parent / name)) for name in claimed if name not in owned}
+        if adopted := {name: stamp for name, stamp in found.items() if stamp and stamp[0] == claimed[name]}:
+            index.adopt(entry["id"], adopted)
+            files = sorted(adopted)
+            carried.append(orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n")
     return carried
 
 

@@ -24,6 +24,7 @@ import signal
 import stat
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ import orjson
 
 from ..errors import ConfigError, Interrupted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
-from .files import atomic_write, move_file, remove_stale_temp_files, write_image
+from .files import Owned, atomic_write, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
 from .lock import RunLock
 from .own import check_own_files, is_torn_record, open_own
 from .record import ItemRecord
@@ -148,11 +149,13 @@ class Journal:
         no connection): it is not in doubt, whatever becomes of its item."""
         self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
 
-    def writing_many(self, items: list[tuple[str, list[str]]]) -> None:
-        """:meth:`writing` for each (item id, names), in one write to the kernel (a batch of the writer's)."""
+    def writing_many(self, items: list[tuple[str, list[tuple[str, int | None]]]]) -> None:
+        """A claim for each (item id, [(name, size)]): the files about to be written or moved there, in one write
+        to the kernel (a batch of the writer's). A later run adopts a claimed file only if the one there has
+        that size (:func:`~nanobatch.output.journal.writes_to_adopt`): a write that was refused claimed nothing."""
         if items:
-            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": names}
-                          for item_id, names in items))  # fmt: skip
+            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": [n for n, _ in files],
+                           "sizes": [s for _, s in files]} for item_id, files in items))  # fmt: skip
 
     def _write(self, *lines: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
@@ -253,12 +256,13 @@ class OutDir:
         self,
         files: list[tuple[str, Image]],
         moves: Sequence[tuple[str, str]],
-        replaceable: frozenset[str],
+        replaceable: Owned,
         folders: set[str],
     ) -> None:
         """Move one item's done files to their new names and write its new ones (*folders*: those touched, to
-        fsync). Only a file in *replaceable* (nanobatch wrote it for this item) may be replaced; on an error,
-        undo what was done here and raise (FileExistsError for a file that is not the item's)."""
+        fsync). Only a file in *replaceable* (nanobatch wrote it for this item), still as it left it, may be
+        replaced; on an error, undo what was done here and raise (FileExistsError for a file that is not the item's,
+        or was changed since)."""
         undo: list[tuple[str, str | None]] = []  # (path, where it was moved from; None: made here)
         target = ""
         try:
@@ -285,13 +289,25 @@ class OutDir:
                         os.unlink(done)
             raise
 
-    def _claim(self, name: str, replaceable: frozenset[str]) -> tuple[str, bool]:
+    def claims(self, files: list[tuple[str, Image]], moves: Sequence[tuple[str, str]]) -> list[tuple[str, int | None]]:
+        """The names :meth:`put` is about to give files, with their sizes (a moved file's as it is now): the
+        journal's claim on them, before they are written."""
+        moved = [(new, stamp[0] if (stamp := stamp_of(self.file(old))) else None) for old, new in moves]
+        return [(name, image.size) for name, image in files] + moved
+
+    def stamped(self, record: ItemRecord) -> ItemRecord:
+        """*record* with the stamp of each file it names, as :meth:`put` just left them."""
+        if not (files := record.files):
+            return record
+        return replace(record, file_stamps=tuple(stamp_of(self.file(name)) for name in files))
+
+    def _claim(self, name: str, replaceable: Owned) -> tuple[str, bool]:
         """The path of *name* and whether a file of this item's is there to replace (one look); FileExistsError
-        if something is there that nanobatch did not write for this item."""
+        if something is there that nanobatch did not write for this item, or that was changed since."""
         path = self.file(name)
         existed = os.path.lexists(path)
-        if existed and name not in replaceable:
-            raise FileExistsError(errno.EEXIST, "already there, and not written by nanobatch for this item", path)
+        if existed and (name not in replaceable or not unchanged(path, replaceable[name])):
+            raise FileExistsError(errno.EEXIST, "already there, and not as nanobatch wrote it for this item", path)
         return path, existed
 
     def write_summary(self, summary: dict[str, Any]) -> None:

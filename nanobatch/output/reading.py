@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["is_int", "read_float", "read_stamps", "read_strs"]
+__all__ = ["is_int", "read_float", "read_file_stamps", "read_stamps", "read_strs"]
 
 
 def is_int(value: Any) -> bool:
@@ -32,5 +32,16 @@ def read_stamps(value: Any) -> tuple[tuple[int, int, str], ...] | None:
     """Input stamps as written; None if unreadable (the files will simply be read again)."""
     try:
         return tuple((int(s[0]), int(s[1]), str(s[2])) for s in value)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+
+
+def read_file_stamps(value: Any, files: int) -> tuple[tuple[int, int] | None, ...] | None:
+    """A record's ``file_stamps`` (one per file it names, each [size, mtime_ns] or null); None if there are none,
+    or not one per file (an old or hand-edited line: its files are then taken on their names)."""
+    if not isinstance(value, list) or len(value) != files:
+        return None
+    try:
+        return tuple(None if s is None else (int(s[0]), int(s[1])) for s in value)
     except (TypeError, ValueError, IndexError, KeyError):
         return None

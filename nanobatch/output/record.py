@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..names import step_stem
-from .reading import is_int, read_float, read_stamps, read_strs
+from .reading import is_int, read_file_stamps, read_float, read_stamps, read_strs
 
 if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `nanobatch status` and the report do without
     from ..api.gemini import Reply
@@ -49,7 +49,9 @@ _ITEM_FIELDS = (
     "aspect_ratio", "image_size", "tier", "fallback", "started_at", "finished_at",
 )  # fmt: skip
 # Written only when set, in this order.
-_OPTIONAL_FIELDS = ("input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa")
+_OPTIONAL_FIELDS = (
+    "input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa", "file_stamps"
+)  # fmt: skip
 
 
 def is_record(value: Any) -> bool:
@@ -193,6 +195,9 @@ class ItemRecord:
     uploads: tuple[str, ...] | None = None  # object URLs of its files (output.upload_to), in the order of files
     batch: str | None = None  # the batch job that answered (tier batch)
     qa: Verdict | None = None  # the output checks' verdict on its image (an item with qa: settings)
+    # Each of :attr:`files` as the writer left it (size, mtime_ns: output.files.Stamp): only a file still so may
+    # be replaced, moved over or deleted by nanobatch. None: a line from before records kept them.
+    file_stamps: tuple[tuple[int, int] | None, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -240,11 +245,11 @@ class ItemRecord:
             id=str(line["id"]),
             status=str(line["status"] or "unknown"),
             run=get("run"),
-            outputs=read_strs(get("outputs")),
+            outputs=(outputs := read_strs(get("outputs"))),
             finish_reason=get("finish_reason"),
             text=get("text"),
             usage=usage if isinstance(usage, Mapping) else {},
-            steps=read_steps(steps),
+            steps=(steps_read := read_steps(steps)),
             attempts=get("attempts") if is_int(get("attempts")) else None,
             latency_s=read_float(get("latency_s")),
             cost_usd=read_float(get("cost_usd")),
@@ -268,6 +273,7 @@ class ItemRecord:
             uploads=read_strs(get("uploads")) if "uploads" in line else None,
             batch=str(get("batch")) if get("batch") else None,
             qa=_verdict(qa) if isinstance(qa := get("qa"), Mapping) else None,
+            file_stamps=read_file_stamps(get("file_stamps"), len(files_of(outputs, steps_read))),
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -279,7 +285,8 @@ class ItemRecord:
 
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
 _OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
-                                  "paid_in": PaidIn.to_json, "qa": lambda v: v.to_json()}  # fmt: skip
+                                  "paid_in": PaidIn.to_json, "qa": lambda v: v.to_json(),
+                                  "file_stamps": lambda v: [None if s is None else list(s) for s in v]}  # fmt: skip
 
 
 def _verdict(value: Mapping[str, Any]) -> Verdict:

@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -17,9 +17,10 @@ import orjson
 
 from ..names import RESULTS_FILE
 from ..scratch import scratch_db
+from .files import Stamp
 from .index_cache import MIN_LINES, Restored, prune_superseded, restore_index, save_index
 from .own import is_own_record
-from .reading import read_float, read_stamps, read_strs
+from .reading import read_file_stamps, read_float, read_stamps, read_strs
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -134,7 +135,7 @@ CREATE TABLE entries (
     prompt INTEGER, candidates INTEGER, thoughts INTEGER, total INTEGER,
     cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT, at INTEGER
 ) WITHOUT ROWID;
-CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL, size INTEGER, mtime INTEGER) WITHOUT ROWID;
 CREATE TABLE superseded (at INTEGER NOT NULL, id TEXT NOT NULL, status TEXT, outputs BLOB, run TEXT, was_at INTEGER);
 CREATE TRIGGER supersede BEFORE UPDATE ON entries WHEN NEW.at IS NOT NULL BEGIN
     INSERT INTO superseded VALUES (NEW.at, OLD.id, OLD.status, OLD.outputs, OLD.run, OLD.at);
@@ -167,14 +168,20 @@ _TOTALS = (
     "SELECT status, COALESCE(error_kind, 'unknown'), COUNT(*), TOTAL(prompt), TOTAL(candidates), TOTAL(thoughts), "
     "TOTAL(total), TOTAL(cost_usd) FROM entries GROUP BY status, error_kind"
 )
-_OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?)"
-_OWNED_UNDER = "SELECT name FROM owned WHERE name >= ? AND name < ? AND id = ?"
+_OWN = "INSERT OR REPLACE INTO owned VALUES (?, ?, ?, ?)"
+_OWNED_UNDER = "SELECT name, size, mtime FROM owned WHERE name >= ? AND name < ? AND id = ?"
 
 
-def _owned_rows(records: Iterable[ItemRecord]) -> Iterator[tuple[bytes, str]]:
-    for record in records:
-        for name in record.files:
-            yield _name_key(name), record.id
+def _owned_rows(
+    item_id: str, files: Sequence[str], stamps: Sequence[Stamp | None] | None
+) -> Iterator[tuple[bytes, str, int | None, int | None]]:
+    """The ``owned`` rows of a record's *files*, each with its stamp (none for a line from before stamps)."""
+    for name, stamp in zip(files, stamps or (None,) * len(files), strict=True):
+        yield _name_key(name), item_id, *(stamp or (None, None))
+
+
+def _stamp(size: int | None, mtime: int | None) -> Stamp | None:
+    return None if size is None or mtime is None else (size, mtime)
 
 
 def _name_key(name: str) -> bytes:
@@ -205,9 +212,12 @@ def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool) -> str | None
     return paid_in.run if paid_in is not None else None
 
 
-def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str], float]:
-    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, the record's files and what its run paid, read
-    from the line with the functions ``from_json`` reads it with, without building the record
+_Files = tuple[list[str], "tuple[Stamp | None, ...] | None"]  # a record's files, and their stamps if it has them
+
+
+def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
+    """What :func:`_row` makes of ``ItemRecord.from_json(line)``, the record's files (with their stamps) and what
+    its run paid, read from the line with the functions ``from_json`` reads it with, without building the record
     (tests/test_results.py checks the two agree on old, sparse, multi-step, failed and moved lines)."""
     get = line.get
     outputs = read_strs(get("outputs"))
@@ -232,7 +242,7 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], list[str], float]:
         orjson.dumps(files) if steps else None,
         _paid_in(get("run"), paid_in, moved),
     )
-    return row, files, paid
+    return row, (files, read_file_stamps(get("file_stamps"), len(files))), paid
 
 
 class _Identified(Protocol):
@@ -276,7 +286,8 @@ class ResultsIndex:
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
                 index._db.executemany(_UPSERT, ((*row, at) for at, row, _, _ in chunk))
-                index._db.executemany(_OWN, ((_name_key(name), row[0]) for _, row, files, _ in chunk for name in files))
+                owned = (own for _, row, files, _ in chunk for own in _owned_rows(row[0], *files))
+                index._db.executemany(_OWN, owned)
                 index._paid_usd += sum(paid for *_, paid in chunk)
         prune_superseded(index._db, path)
         if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
@@ -300,30 +311,33 @@ class ResultsIndex:
     def add(self, record: ItemRecord) -> None:
         self._ahead.pop(record.id, None)
         self._db.execute(_UPSERT, (*_row(record), None))
-        self._db.executemany(_OWN, _owned_rows([record]))
+        self._db.executemany(_OWN, _owned_rows(record.id, record.files, record.file_stamps))
         self._paid_usd += record.costs()[1]
 
-    def adopt(self, item_id: str, names: Iterable[str]) -> None:
-        """Count *names* as files nanobatch wrote for *item_id* (the journal says so, though no record does)."""
-        self._db.executemany(_OWN, ((_name_key(name), item_id) for name in names))
+    def adopt(self, item_id: str, files: Mapping[str, Stamp]) -> None:
+        """Count *files* (names and stamps) as written by nanobatch for *item_id* (the journal says so, though no
+        record does)."""
+        self._db.executemany(_OWN, _owned_rows(item_id, list(files), list(files.values())))
 
-    def owned(self, item_id: str, names: Iterable[str]) -> frozenset[str]:
-        """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest):
-        files a new result of that item may replace."""
-        return frozenset(
-            name
-            for name in names
-            if self._db.execute("SELECT id FROM owned WHERE name = ?", (_name_key(name),)).fetchone() == (item_id,)
-        )
+    def owned(self, item_id: str, names: Iterable[str]) -> dict[str, Stamp | None]:
+        """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest),
+        each with the stamp it left the file with: files a new result of that item may replace while they are
+        still so (:func:`~nanobatch.output.files.unchanged`)."""
+        found = {}
+        for name in names:
+            row = self._db.execute("SELECT id, size, mtime FROM owned WHERE name = ?", (_name_key(name),)).fetchone()
+            if row is not None and row[0] == item_id:
+                found[name] = _stamp(row[1], row[2])
+        return found
 
-    def owned_under(self, item_id: str, stem: str) -> frozenset[str]:
+    def owned_under(self, item_id: str, stem: str) -> dict[str, Stamp | None]:
         """:meth:`owned` for every name an item with the stem *stem* writes (``<stem>.*``, ``<stem>-*``), in
         one look: the files its new answer may replace, whatever their number and extensions."""
         low = _name_key(stem)
         # "-", "." and "/" are consecutive bytes: the range holds the names that go on with "-" or "."
         rows = self._db.execute(_OWNED_UNDER, (low + b"-", low + b"/", item_id))
         # *stem* as given (on Windows a key has "/" for its separators), then the rest of the name
-        return frozenset(stem + name[len(low) :].decode("utf-8", "surrogatepass") for (name,) in rows)
+        return {stem + name[len(low) :].decode("utf-8", "surrogatepass"): _stamp(s, m) for name, s, m in rows}
 
     def owns_between(self, low: str, high: str) -> bool:
         """Whether a file nanobatch wrote for any item has a name from *low* up to, not including, *high*."""

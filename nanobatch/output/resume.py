@@ -15,6 +15,7 @@ from typing import TypeGuard
 from ..api.gemini import OUTPUT_EXTENSIONS
 from ..item import WorkItem
 from ..names import REJECTED_FOLDER, item_stems, rejected_name
+from .files import Owned, unchanged
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
@@ -36,15 +37,15 @@ class Move:
     """Done for these inputs, under names its ``output`` template no longer gives: its files move, nothing is sent."""
 
     moves: tuple[tuple[str, str], ...]  # (old, new), each old file there
-    replaceable: frozenset[str]  # of the new names, those a record of the item says nanobatch wrote
+    replaceable: Owned  # of the new names, those a record of the item says nanobatch wrote
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Send:
     """To be sent; its answer may replace only *replaceable*: files under its names that a record of the item
-    says nanobatch wrote."""
+    says nanobatch wrote, while they are as it left them."""
 
-    replaceable: frozenset[str]
+    replaceable: Owned
     # The path of a place its image or a kept step would go, taken by a file nanobatch did not write for it.
     taken: str | None = None
 
@@ -106,7 +107,7 @@ class Resume:
                 return Send(replaceable=replaceable, taken=folder)  # never written through, nor replaced
             names += [rejected_name(name) for name in names]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
-        foreign = sorted(set(there) - replaceable) if there else None
+        foreign = sorted(n for n in there if n not in replaceable or not unchanged(self.out.file(n), replaceable[n]))
         return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None)
 
 

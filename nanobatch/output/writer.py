@@ -10,13 +10,13 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import anyio
 
 from ..api.gemini import Image
 from ..errors import RunAborted
-from .files import fsync_dir
+from .files import Owned, fsync_dir, unchanged
 from .outdir import FOLDER_ERRNOS, OutDir
 from .record import ItemRecord
 
@@ -30,7 +30,7 @@ WRITE_QUEUE_BYTES = 32 * 1024 * 1024
 # each in Python objects) pile up behind a writer that fsyncs every image, and memory grew with the manifest.
 WRITE_QUEUE_ITEMS = 1024
 
-NOT_OURS = "exists and is not a file nanobatch wrote for this item"
+NOT_OURS = "exists and is not a file nanobatch wrote for this item (or it was changed since)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Finished:
     record: ItemRecord
     files: list[tuple[str, Image]]  # each output's name and image (in memory, or a worker's temporary file)
     # Files a record of this item says nanobatch wrote, from Resume.decide: the only files it may replace.
-    replaceable: frozenset[str] = frozenset()
+    replaceable: Owned = field(default_factory=dict)
     moves: tuple[tuple[str, str], ...] = ()  # done work, renamed: (old, new)
     saved: bool = True  # False: a move that failed; its item keeps its old record and names
     # Files of this item's to delete once its new ones are written: what an earlier run set aside under rejected/
@@ -211,8 +211,8 @@ class Writer:
                 # First: a run killed before the records must still know them for its own. One write for the
                 # batch, not one per item: each is a system call on the event loop's thread (bench row
                 # "0 peers", small answers).
-                claims = [(f.record.id, [name for name, _ in f.files] + [new for _, new in f.moves]) for f in batch]
-                self.out.journal.writing_many([(item_id, names) for item_id, names in claims if names])
+                claims = [(f.record.id, self.out.claims(f.files, f.moves)) for f in batch]
+                self.out.journal.writing_many([(item_id, files) for item_id, files in claims if files])
                 try:
                     handled, error = await anyio.to_thread.run_sync(self._persist, batch)
                 except OSError as exc:
@@ -242,7 +242,7 @@ class Writer:
             try:
                 self.out.put(finished.files, finished.moves, finished.replaceable, folders)
                 self._drop(finished, folders)
-                handled.append(finished)
+                handled.append(replace(finished, record=self.out.stamped(finished.record)))
             except OSError as exc:
                 if exc.errno in FOLDER_ERRNOS:
                     error = exc
@@ -260,9 +260,9 @@ class Writer:
         """Delete *finished*'s out-of-date files (nanobatch's, for this item: see :attr:`Finished.drops`), before
         the record that no longer names them; one that cannot be deleted is only told of."""
         for name in finished.drops:
-            if name not in finished.replaceable:
-                continue  # not known to be nanobatch's: never deleted
             path = self.out.file(name)
+            if name not in finished.replaceable or not unchanged(path, finished.replaceable[name]):
+                continue  # not known to be nanobatch's, or changed since: never deleted
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -31,6 +31,7 @@ from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..names import output_names
+from ..output.files import Owned
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
 from ..output.results import IndexEntry, ResultsIndex
@@ -73,7 +74,7 @@ class _Prepared:
     the files its answer may replace (see :class:`~nanobatch.output.resume.Send`)."""
 
     images: list[Image | FileRef]
-    replaceable: frozenset[str]
+    replaceable: Owned
 
 
 class Engine:
@@ -191,7 +192,7 @@ class Engine:
     async def _process(self, item: WorkItem) -> Finished | None:
         """One item, start to end: its record, and the images to write (None: skipped, nothing to write)."""
         tally = Tally(tier=item.tier or self.tier)
-        replaceable: frozenset[str] = frozenset()
+        replaceable: Owned = {}
         try:
             prepared = await self._prepare(item, tally)
             if isinstance(prepared, Finished) and prepared.moves and self.uploads is not None:
@@ -417,7 +418,7 @@ class Engine:
         record = finished.record
         if not finished.saved:  # a move that failed: the item keeps its old record, and the run exits 1
             self.stats.failed += 1
-            self.stats.failures["write"] += 1
+            self.stats.failure("write", record.id)
             return
         self.index.add(record)
         if self.batch_route is not None:

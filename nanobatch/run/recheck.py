@@ -33,7 +33,7 @@ from ..inputs.load import InputLoader
 from ..item import WorkItem
 from ..job.manifest import Manifest
 from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
-from ..output.files import fsync_dir
+from ..output.files import Owned, fsync_dir
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
 from ..output.results import IndexEntry, ResultsIndex, latest_records
@@ -272,18 +272,18 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
     if not changes:
         return replace(found, applied=True)
     records = await anyio.to_thread.run_sync(latest_records, out.path / RESULTS_FILE, {item.id for item in changes})
-    plans = []
+    plans: list[_Plan] = []
     for item in changes:
         rejected = not item.verdict.passed
         moves = _moves(records[item.id], rejected=rejected)
         # Under rejected/, only an image a record of this item put there may be replaced (an earlier rejection's;
         # the index is this thread's only). Back out of it, nothing: the rejection left the names free, so what
         # is there now, nanobatch did not put there.
-        replaceable = index.owned(item.id, [new for _, new in moves]) if rejected else frozenset[str]()
+        replaceable: Owned = index.owned(item.id, [new for _, new in moves]) if rejected else {}
         plans.append((item, records[item.id], moves, replaceable))
     out.open()
     try:
-        out.journal.writing_many([(item.id, [new for _, new in moves]) for item, _, moves, _ in plans])
+        out.journal.writing_many([(item.id, out.claims([], moves)) for item, _, moves, _ in plans])
         new_records, refused = await anyio.to_thread.run_sync(_move_and_record, out, plans)
         for record in new_records:
             index.add(record)
@@ -294,7 +294,7 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
     return replace(found, applied=True, recorded=recorded, refused=tuple(refused))
 
 
-_Plan = tuple[Rechecked, ItemRecord, tuple[tuple[str, str], ...], frozenset[str]]
+_Plan = tuple[Rechecked, ItemRecord, tuple[tuple[str, str], ...], Owned]
 
 
 def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord], list[tuple[str, str]]]:
@@ -308,7 +308,7 @@ def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord],
             logger.error("%s: its images stay where they are and its record as it was: %s", item.id, why)
             refused.append((item.id, why))
             continue
-        new_records.append(_verdict_record(record, item.verdict, moves, out.journal.run_id))
+        new_records.append(out.stamped(_verdict_record(record, item.verdict, moves, out.journal.run_id)))
     for folder in folders:  # the moves durable before the records that name the new places
         fsync_dir(folder)
     if new_records:

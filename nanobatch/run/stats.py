@@ -56,8 +56,11 @@ class RunStats:
         if record.latency_s is not None:
             self.latencies.append(record.latency_s)
         if record.error is not None:
-            kind = record.error.kind
-            self.failures[kind] += 1
-            examples = self.failure_examples.setdefault(kind, [])
-            if len(examples) < 5:
-                examples.append(record.id)
+            self.failure(record.error.kind, record.id)
+
+    def failure(self, kind: str, item_id: str) -> None:
+        """Count a failure of *kind*, naming *item_id* among its first five examples."""
+        self.failures[kind] += 1
+        examples = self.failure_examples.setdefault(kind, [])
+        if len(examples) < 5:
+            examples.append(item_id)

@@ -1,0 +1,161 @@
+"""Which files are nanobatch's: a name it once wrote is not enough. Each record, and each of the journal's claims
+written before the files, carries what nanobatch left there (``file_stamps``: size and mtime), and a file is
+replaced, moved over, deleted or adopted only while it is still that file: a file of the user's put at a name
+nanobatch vacated, or an output edited in place, stays the user's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nanobatch.output.outdir
+from nanobatch.item import WorkItem
+from nanobatch.job.manifest import Manifest
+from nanobatch.qa import QaSettings
+
+from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run, write_job
+
+SMALL = ok_body(inline(image_bytes(size=(16, 16))))  # fails min_side 32
+BIG = ok_body(inline(image_bytes(size=(64, 64))))
+EDIT = "make the background white"
+MINE = b"the user's own file"
+
+
+def catalog(folder: Path, category: str) -> Path:
+    """One item, sku x, whose output is ``<category>/x.png``."""
+    (folder / "photos").mkdir(exist_ok=True)
+    (folder / "photos" / "x.png").write_bytes(image_bytes((90, 9, 9)))
+    (folder / "catalog.csv").write_text(f"sku,category\nx,{category}\n")
+    path = folder / "job.yaml"
+    path.write_text(
+        "name: job\nitems_from:\n  - csv: catalog.csv\n    id: '{sku}'\n    image: 'photos/{sku}.png'\n"
+        "    output: '{category}/{id}.png'\n    instruction: make the background white\n"
+    )
+    return path
+
+
+@pytest.fixture
+def with_qa(monkeypatch: pytest.MonkeyPatch) -> Callable[[QaSettings], None]:
+    def use(qa: QaSettings) -> None:
+        items = Manifest.items
+
+        def with_settings(self: Manifest, **options: Any) -> Iterator[WorkItem]:
+            for item in items(self, **options):
+                yield dataclasses.replace(item, qa=qa)
+
+        monkeypatch.setattr(Manifest, "items", with_settings)
+
+    return use
+
+
+def test_each_record_says_what_each_file_it_names_was_left_as(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    run(job, FakeGemini())
+    (record,) = records(tmp_path / "out")
+    st = (tmp_path / "out" / "a.png").stat()
+    assert record["outputs"] == ["a.png"] and record["file_stamps"] == [[st.st_size, st.st_mtime_ns]]
+
+
+def test_a_file_of_the_users_at_a_name_nanobatch_moved_away_from_is_not_moved_over(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    assert run(catalog(tmp_path, "shoes"), fake).exit_code == 0
+    assert run(catalog(tmp_path, "hats"), fake).exit_code == 0  # moved: shoes/x.png -> hats/x.png
+    (out / "shoes" / "x.png").write_bytes(MINE)  # the name nanobatch left is the user's now
+
+    summary = run(catalog(tmp_path, "shoes"), fake)
+
+    assert summary.exit_code == 1 and len(fake.requests) == 1
+    assert (out / "shoes" / "x.png").read_bytes() == MINE and (out / "hats" / "x.png").is_file()
+    assert records(out)[-1]["outputs"] == ["hats/x.png"]
+
+
+def test_an_output_edited_in_place_is_not_replaced_when_its_item_is_sent_again(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini())
+    (out / "a.png").write_bytes(MINE)  # retouched by hand
+    job.write_text(job.read_text().replace(EDIT, "make the background grey"))
+    fake = FakeGemini()
+
+    summary = run(job, fake)
+
+    assert summary.exit_code == 1 and fake.requests == []  # found before paying
+    assert records(out)[-1]["error"]["kind"] == "output_exists" and (out / "a.png").read_bytes() == MINE
+
+
+def test_a_refused_write_leaves_no_claim_the_next_run_adopts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The user's file appears while the request is out: the writer refuses it, but its claim was in the
+    # journal already. The next run must not take the user's file for one nanobatch wrote and died before
+    # recording.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    real_claims = nanobatch.output.outdir.OutDir.claims
+
+    def claims(self: nanobatch.output.outdir.OutDir, *args: Any) -> list[tuple[str, int | None]]:
+        (out / "a.png").write_bytes(MINE)
+        return real_claims(self, *args)
+
+    monkeypatch.setattr(nanobatch.output.outdir.OutDir, "claims", claims)
+    assert run(job, FakeGemini()).exit_code == 1
+    monkeypatch.undo()
+    assert '"event":"writing"' in (out / "journal.jsonl").read_text()  # the claim, left by the refusal
+
+    summary = run(job, FakeGemini())
+
+    assert summary.exit_code == 1 and (out / "a.png").read_bytes() == MINE
+    assert records(out)[-1]["error"]["kind"] == "output_exists"
+
+
+def test_a_claimed_file_a_killed_run_put_in_place_is_still_adopted(tmp_path: Path) -> None:
+    # The run died between the image and its record: the file there is the one claimed, and the next run
+    # replaces it when it sends the item again.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    left = image_bytes((1, 2, 3))
+    (out / "a.png").write_bytes(left)
+    claim = {"event": "writing", "run": "dead", "id": "a", "files": ["a.png"], "sizes": [len(left)]}
+    (out / "journal.jsonl").write_text(json.dumps(claim) + "\n")
+
+    assert run(job, FakeGemini()).exit_code == 0
+    assert (out / "a.png").read_bytes() != left and records(out)[-1]["status"] == "ok"
+
+
+def test_a_users_file_where_an_earlier_rejected_image_was_deleted_is_kept(
+    tmp_path: Path, with_qa: Callable[[QaSettings], None]
+) -> None:
+    with_qa(QaSettings(min_side=32, retries=0))
+    job = write_job(tmp_path, [{"id": "x", "image": "images/x.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini({EDIT: [SMALL]}))  # rejected: rejected/x.png
+    run(job, FakeGemini({EDIT: [BIG]}))  # passes: x.png, and rejected/x.png (nanobatch's) deleted
+    assert not (out / "rejected" / "x.png").exists()
+    (out / "rejected" / "x.png").write_bytes(MINE)
+    job.write_text(job.read_text().replace(EDIT, "make it brighter"))
+
+    fake = FakeGemini({"make it brighter": [BIG]})
+
+    summary = run(job, fake)
+
+    # Where its answer would go if refused is taken: refused before paying, as for any file of the user's.
+    assert summary.exit_code == 1 and fake.requests == []
+    assert (out / "rejected" / "x.png").read_bytes() == MINE
+
+
+def test_records_from_before_stamps_still_let_an_item_replace_its_own_files(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini())
+    old = [{k: v for k, v in r.items() if k != "file_stamps"} for r in records(out)]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    (out / "summary.json").unlink()
+    job.write_text(job.read_text().replace(EDIT, "make the background grey"))
+
+    assert run(job, FakeGemini()).exit_code == 0
+    assert records(out)[-1]["status"] == "ok" and records(out)[-1]["outputs"] == ["a.png"]
