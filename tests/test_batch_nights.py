@@ -289,3 +289,24 @@ def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_onli
     assert {(r["status"], r["tier"]) for r in done} == {("ok", "standard")} and len(done) == 6
     assert billed(app) == 6 and len(jobs(app)) == 2
     assert "batch job" not in status_text(out, capsys)
+
+
+def test_past_the_deadline_what_a_job_answered_is_collected_not_sent_online_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1 leaves its jobs (--no-wait); they finish, paid. Night 2's export has two new rows first: they fill
+    # the one chunk it may fill at a time, so the old rows come to the batch route after its deadline. Only
+    # requests in no job may go online then: the old rows' answers are collected.
+    config = CONFIG.replace("chunk_requests: 4", "chunk_requests: 2, open_chunks: 1")
+    job = sku_job(tmp_path, monkeypatch, config, 3, model=MODEL)
+    app = sim(batch_latency_s=0.5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(1.0)  # night 1's jobs are done (nothing timed is asserted)
+        old = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(3)]
+        new = [{"id": f"new-{i}", "image": f"images/n{i}.png", "image_size": "512"} for i in range(2)]
+        write_job(tmp_path, new + old, model=MODEL)
+        assert cli(job, url, "--batch-deadline", "0.5") == 0
+    done = {r["id"]: r for r in records(tmp_path / "out")}
+    assert {done[f"sku-{i}"]["tier"] for i in range(3)} == {"batch"}  # collected from night 1's jobs
+    assert billed(app) == 5  # each of the five items paid once

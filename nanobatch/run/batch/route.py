@@ -179,12 +179,14 @@ class BatchRoute:
         The answer is read only once the step's item holds a landing place, which it keeps until :meth:`release`
         (the engine's: once the item's images are with the writer)."""
         self.answers.check()
-        if self.answers.past_deadline:
-            raise deadline_error()
         key = step.key
         try:
             chunk = self.chunks.by_key.get(key)
             if chunk is None:
+                # Past the deadline only a request in no chunk goes online: one a job holds, or whose answer is
+                # on disk, was paid for (or may be) and is collected, as it is by any run.
+                if self.answers.past_deadline:
+                    raise deadline_error()
                 chunk = self.filler.add(model, key, request.take())
                 on_send()
             else:
