@@ -282,6 +282,22 @@ async def test_every_kind_of_results_line_becomes_a_reply_or_a_classified_error(
     assert garbage.key is None and garbage.error is not None and garbage.error.kind == "bad_response"
 
 
+@pytest.mark.parametrize(("code", "kind"), [(5, "not_found"), (7, "permission"), (16, "auth")])
+async def test_a_results_lines_error_is_that_requests_failure_never_the_runs(code: int, kind: str) -> None:
+    # Online, a 404, 403 or 401 means no request can succeed (a wrong model, key or project): the run stops. In
+    # a results file it is one request's outcome (its input gone, say): its item fails, the others go on, and
+    # no hint about the key or the model id, which were fine for the rest of the job.
+    line = {"key": "k", "error": {"code": code, "message": "Requested entity was not found.", "status": "X"}}
+
+    def files(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, content=json.dumps(line).encode())
+
+    async with BatchClient(base_url="http://api", api_key=KEY, transport=httpx2.MockTransport(files)) as client:
+        (result,) = [line async for line in client.results("files/out")]
+    assert result.error is not None and not isinstance(result.error, FatalApiError)
+    assert result.error.kind == kind and not result.error.retryable and "hint" not in result.error.message
+
+
 async def test_a_proxy_answering_200_with_a_web_page_gets_an_error_naming_the_endpoint() -> None:
     def proxy(request: httpx2.Request) -> httpx2.Response:
         return httpx2.Response(200, text="<html>Welcome to our API portal</html>")

@@ -26,9 +26,10 @@ import httpx2
 import orjson
 
 from ..errors import ApiError
-from .client import ApiClient, api_error, http_errors, public_url, redact_reply, scrubbed_error
+from .client import ApiClient, api_error, http_errors
 from .decoding import Decoded, decode_text
 from .gemini import Reply
+from .redaction import public_url, redact_reply, scrubbed_error
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
 
@@ -252,7 +253,8 @@ class BatchClient(ApiClient):
         status = _mapping(data.get("error")) or {"message": "the line has neither a response nor an error"}
         code = status.get("code")
         http = _RPC_TO_HTTP.get(code if isinstance(code, int) else 13, 500)
-        error = scrubbed_error(http, {}, orjson.dumps({"error": {**status, "code": http}}), self._secret)
+        body = orjson.dumps({"error": {**status, "code": http}})
+        error = scrubbed_error(http, {}, body, self._secret, one_request=True)  # that request's, not the run's
         return ResultLine(key=key, error=error)
 
     # -- jobs -------------------------------------------------------------------

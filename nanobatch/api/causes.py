@@ -122,8 +122,11 @@ _BY_STATUS: dict[int, tuple[str, bool]] = {
 _FATAL_STATUS = {401: "auth", 402: "billing", 403: "permission", 404: "not_found"}
 
 
-def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None) -> ApiError:
-    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page."""
+def classify_error(
+    status_code: int, headers: Mapping[str, str], body: bytes, *, now: float | None = None, one_request: bool = False
+) -> ApiError:
+    """The error for a non-200 answer: Google's body, APIYI's body, or a proxy's HTML page. *one_request*: the
+    error of one request inside a batch job (a results line), which says nothing of the others: never fatal."""
     data = _json_or_none(body)
     message, status, details = _error_fields(data)
     if message is None:
@@ -143,6 +146,8 @@ def classify_error(status_code: int, headers: Mapping[str, str], body: bytes, *,
         fatal_kind = money
     elif status_code == 429 and _daily_quota(details):
         fatal_kind = "quota_exhausted"
+    if fatal_kind is not None and one_request:
+        return ApiError(f"HTTP {status_code}: {message}", kind=fatal_kind, status_code=status_code)
     if fatal_kind is not None:
         hints = VERTEX_HINTS if from_vertex(message, details) else HINTS
         return FatalApiError(

@@ -7,15 +7,12 @@ redacted from every message that leaves this module.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import math
 import os
-import re
 import socket
-import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -25,9 +22,9 @@ import orjson
 
 from ..errors import ApiError
 from .budget import ByteBudget, Held
-from .causes import classify_error
 from .decoding import WORKERS_FROM_BYTES, Decoder
 from .gemini import Reply
+from .redaction import public_url, redact_reply, scrub, scrubbed_error
 from .transport import ShardedTransport, expect_body
 
 __all__ = [
@@ -37,11 +34,6 @@ __all__ = [
     "api_error",
     "auth_headers",
     "http_errors",
-    "public_url",
-    "redact",
-    "redact_reply",
-    "redact_urls",
-    "scrubbed_error",
 ]
 
 logger = logging.getLogger("nanobatch")
@@ -338,94 +330,28 @@ def http_errors(secret: str | None, where: str = "the API") -> Iterator[None]:
         yield
     except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
         raise ApiError(
-            _scrub(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
+            scrub(f"cannot connect to {where}: {_connect_failure(exc)}", secret),
             kind="timeout" if isinstance(exc, httpx2.TimeoutException) else "connection",
             retryable=True,
             sent=False,
         ) from None
     except httpx2.TimeoutException as exc:
         raise ApiError(
-            _scrub(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
+            scrub(f"no answer within the time limit ({type(exc).__name__})", secret), kind="timeout", retryable=True
         ) from None
     except httpx2.TransportError as exc:
         raise ApiError(
-            _scrub(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
+            scrub(f"connection failed: {type(exc).__name__}: {exc}", secret), kind="connection", retryable=True
         ) from None
     except httpx2.DecodingError as exc:  # a body cut off or mangled in its Content-Encoding
         raise ApiError(
-            _scrub(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
+            scrub(f"the response body could not be decoded: {exc}", secret), kind="bad_response", retryable=True
         ) from None
 
 
 def api_error(response: httpx2.Response, secret: str | None) -> ApiError:
     """The classified error for a non-200 *response* (its body already read), without the key."""
     return scrubbed_error(response.status_code, response.headers, response.content, secret)
-
-
-def scrubbed_error(status: int, headers: Mapping[str, str], content: bytes, secret: str | None) -> ApiError:
-    """The classified error for an answer of *status* (:func:`~nanobatch.api.causes.classify_error`), its message
-    without the key and without any URL's password, query or signature."""
-    error = classify_error(status, headers, content)
-    error.message = _scrub(error.message, secret)
-    error.args = (error.message,)
-    return error
-
-
-def public_url(url: str | httpx2.URL) -> str:
-    """*url* fit for a message or a log: without user name, password, query or fragment, where a key or a
-    signature hides (a pre-signed URL's ``X-Amz-Signature``, an Azure SAS ``sig``, a proxy's ``?key=``).
-
-    >>> public_url("https://user:s3cret@proxy.example/v1?key=abc")
-    'https://proxy.example/v1'
-    """
-    text = str(url)
-    try:
-        parts = urllib.parse.urlsplit(text)
-    except ValueError:  # not a URL as urllib reads them (a bad IPv6 host): cut by hand
-        parts = urllib.parse.SplitResult("", "", text.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2], "", "")
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def redact_urls(text: str) -> str:
-    """*text* with every URL that carries a user name, password or query shown by :func:`public_url`: what a
-    server or a library says may echo the URL it was asked for, signature and all.
-
-    >>> redact_urls("cannot fetch https://b.example/a.png?X-Amz-Signature=f00d: 403")
-    'cannot fetch https://b.example/a.png: 403'
-    """
-    if "://" not in text:
-        return text
-    return _URL.sub(lambda m: public_url(m[0]) if "@" in m[0] or "?" in m[0] else m[0], text)
-
-
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # not the sentence's punctuation
-
-
-def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "[redacted]") if secret else text
-
-
-def _scrub(text: str, secret: str | None) -> str:
-    """A message fit to leave this module: no key, no URL's password, query or signature."""
-    return redact_urls(redact(text, secret))
-
-
-def redact_reply(reply: Reply, secret: str | None) -> Reply:
-    """The reply with the key taken out of everything it says in words: a proxy that echoes the
-    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-    if not secret:
-        return reply
-    # parse_reply made each of these text (or None), whatever a proxy sent.
-    changes: dict[str, Any] = {
-        name: redact(value, secret)
-        for name in _REPLY_TEXT_FIELDS
-        if (value := getattr(reply, name)) is not None and secret in value
-    }
-    usage = orjson.dumps(reply.usage).decode()
-    if secret in usage:
-        changes["usage"] = orjson.loads(redact(usage, secret))
-    return dataclasses.replace(reply, **changes) if changes else reply
 
 
 def _connect_failure(exc: httpx2.HTTPError) -> str:
@@ -440,9 +366,6 @@ def _connect_failure(exc: httpx2.HTTPError) -> str:
             return os.strerror(cause.errno).lower()  # "connection refused", "network is unreachable"
         cause = cause.__cause__ or cause.__context__
     return str(exc) or type(exc).__name__
-
-
-_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
 
 
 def _proxy_configured() -> bool:

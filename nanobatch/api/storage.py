@@ -119,7 +119,7 @@ def _translate(url: str, exc: BaseException, fs: Any = None) -> StorageError:
         if "NoSuchBucket" in text or "ContainerNotFound" in text or not _bucket_exists(url, fs):
             return StorageError(url, "no_bucket", f"no such bucket {_split(url)[1]!r}")
         return StorageError(url, "not_found", "no such object")
-    from .client import redact_urls  # httpx2 and all: loaded only on this error path
+    from .redaction import redact_urls  # httpx2 and all: loaded only on this error path
 
     first = _QUERY.sub("", redact_urls(str(exc).splitlines()[0] if str(exc) else ""))[:200]
     return StorageError(url, "unreachable", f"{type(exc).__name__}: {first}".rstrip(": "))

@@ -27,7 +27,7 @@ import anyio.to_thread
 import httpx2
 
 from ..errors import ConfigError, FatalApiError
-from .client import public_url
+from .redaction import public_url
 
 __all__ = ["SCOPE", "VertexAuth", "vertex_auth", "vertex_base_url", "vertex_express_url", "vertex_route", "vertex_url"]
 

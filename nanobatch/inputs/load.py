@@ -25,8 +25,8 @@ from types import TracebackType
 import anyio
 import httpx2
 
-from ..api.client import public_url, redact_urls
 from ..api.gemini import Image
+from ..api.redaction import public_url, redact_urls
 from ..api.retry import RetryPolicy, retrying
 from ..api.storage import is_bucket_url
 from ..errors import ApiError, InputError, Problem

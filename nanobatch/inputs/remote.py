@@ -25,8 +25,8 @@ import anyio
 import anyio.to_thread
 
 from ..api import storage
-from ..api.client import public_url
 from ..api.gemini import FileRef
+from ..api.redaction import public_url
 from ..api.storage import ObjectStamp, is_bucket_url
 from ..errors import ApiError, InputError, Problem, StorageError
 from ..item import WorkItem
