@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import typing
 import urllib.parse
 from collections.abc import Mapping
@@ -91,6 +92,11 @@ class ApiSettings(_Section):
         if problem := _http_url_problem(url):
             raise ValueError(f"{problem}, such as https://generativelanguage.googleapis.com (the value is not shown)")
         return url
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _a_variable_name(cls, name: str) -> str:
+        return _variable_name(name)
 
     @field_validator("api_version")
     @classmethod
@@ -174,6 +180,11 @@ class NotifySettings(_Section):
     url_env: str = "NANOBATCH_NOTIFY_URL"
     timeout_s: float = Field(10.0, gt=0, le=300)  # all attempts together: the run's exit waits no longer
     payload: Literal["full", "text"] = "full"  # text: {"text": ...} alone, for chats that refuse other fields
+
+    @field_validator("url_env")
+    @classmethod
+    def _a_variable_name(cls, name: str) -> str:
+        return _variable_name(name)  # a webhook's URL pasted there would be named in messages
 
 
 class TierPrice(_Section):
@@ -301,14 +312,23 @@ def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> st
     return None
 
 
+def _variable_name(name: str) -> str:
+    """*name*, the name of an environment variable; ValueError that does not show it otherwise: a key pasted
+    where its variable's name goes would be printed by every message that names the variable."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("AIza"):  # (a Gemini key)
+        raise ValueError("must be the name of an environment variable (letters, digits and _), such as "
+                         "NANOBATCH_API_KEY; the value is not shown: is a key pasted there?")  # fmt: skip
+    return name
+
+
 def _http_url_problem(url: str) -> str | None:
     """Why *url* is not an http(s) URL with a host, on one line, that a request can be sent to; None if it is.
     The reason never quotes it: a URL may carry a proxy's password, or be a webhook's secret."""
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (a port that is no number raises ValueError)
-    except ValueError as exc:  # an unclosed [ in the host, a port that is no number
-        return f"not a URL ({exc})"
+    except ValueError:  # an unclosed [ in the host, a port that is no number (urllib's words quote it)
+        return "not a URL (its host or port cannot be read)"
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return "not an http(s) URL with a host"
     if any(char.isspace() or not char.isprintable() for char in url):

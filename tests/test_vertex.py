@@ -127,6 +127,17 @@ async def test_a_service_account_token_from_the_token_endpoint_authenticates_ver
     assert token.startswith("ya29.sim-") and token not in caplog.text
 
 
+async def test_each_access_token_fetched_is_known_to_redaction_from_then_on(
+    simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth]
+) -> None:
+    # A proxy in front of Vertex AI may echo the Authorization header: whatever shape the token has, it is cut.
+    from nanobatch.api.redaction import SECRETS
+
+    base_url, _ = simulator
+    token = await auth_for(f"{base_url}/token").token()
+    assert SECRETS.found_in(f"proxy refused: Authorization: Bearer {token}")
+
+
 async def test_a_token_about_to_expire_is_refreshed_before_it_is_sent(
     simulator: tuple[str, Any], auth_for: Callable[[str], VertexAuth]
 ) -> None:

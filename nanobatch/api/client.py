@@ -24,7 +24,7 @@ from ..errors import ApiError
 from .budget import ByteBudget, Held
 from .decoding import WORKERS_FROM_BYTES, Decoder
 from .gemini import Reply
-from .redaction import public_url, redact_reply, scrub, scrubbed_error
+from .redaction import SECRETS, public_url, redact_reply, scrub, scrubbed_error
 from .transport import ShardedTransport, expect_body
 
 __all__ = [
@@ -80,6 +80,8 @@ class ApiClient:
         # Big answers decoded in *workers* processes (0: in this one), their images written into *spool*.
         self.decoder = Decoder(workers, spool)
         self._secret = api_key
+        SECRETS.add(api_key)  # and what the base URL carries: a proxy's password or ?key= (redaction.py)
+        SECRETS.add_url(base_url)
         self._http = httpx2.AsyncClient(
             base_url=base_url.rstrip("/"), headers=auth_headers(api_key, auth), transport=transport,
             follow_redirects=False, auth=request_auth, **options,

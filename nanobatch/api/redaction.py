@@ -1,22 +1,80 @@
-"""Messages fit to leave nanobatch: no API key, and no URL's user name, password, query or signature, in what an
-error, a log line, a record or the report says (a server, a proxy or a library may echo what it was sent)."""
+"""Messages fit to leave nanobatch: no credential, and no URL's user name, password, query or signature, in what an
+error, a log line, a record or the report says (a server, a proxy or a library may echo what it was sent).
+
+Each credential a request carries is known by :data:`SECRETS` from the moment it is first used: the API key, a
+base URL's password and query values (and the Basic header they make), each Vertex access token as it is fetched,
+the webhook's URL. Every message made from what came back is cut of them *before* it is shortened or quoted, and
+the command line's log filter and error output cut them again. Tokens shaped like Google's access tokens or like
+signed JWTs (a token endpoint may echo the assertion it was sent) are cut whatever they are.
+"""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx2
 import orjson
 
 from ..errors import ApiError
 from .causes import classify_error
-from .gemini import Reply
 
-__all__ = ["public_url", "redact", "redact_reply", "redact_urls", "scrub", "scrubbed_error"]
+if TYPE_CHECKING:  # the command line's log filter uses this module at start-up: nothing heavy at run time
+    import httpx2
+
+    from .gemini import Reply
+
+__all__ = ["SECRETS", "Secrets", "public_url", "redact", "redact_reply", "redact_urls", "scrub", "scrubbed_error"]
+
+MIN_SECRET = 6  # shorter values (a query's "1" or "true") would cut ordinary words out of messages
+_TOKENS = re.compile(
+    r"ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
+    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
+)
+
+
+class Secrets:
+    """The credentials this process sends, to cut out of what it says (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._values: tuple[str, ...] = ()  # longest first: a secret inside another is cut with it
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def add(self, *values: str | None) -> None:
+        new = {value for value in values if value and len(value) >= MIN_SECRET}.difference(self._values)
+        if new:
+            self._values = tuple(sorted({*self._values, *new}, key=len, reverse=True))
+
+    def add_url(self, url: str) -> None:
+        """A URL's password (as written, decoded, with its user name, and as the Basic header sends it) and the
+        values of its query, where a proxy's key hides (``?key=...``)."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            password, user = parts.password, parts.username or ""
+        except ValueError:
+            return
+        if password:
+            pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+            self.add(password, urllib.parse.unquote(password), pair, base64.b64encode(pair.encode()).decode())
+        self.add(*(value for _, value in urllib.parse.parse_qsl(parts.query)))
+        self.add(*(value for value in parts.query.split("&")))
+
+    def found_in(self, text: str) -> bool:
+        return any(value in text for value in self._values)
+
+    def cut(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, "[redacted]")
+        return _TOKENS.sub("[redacted]", text) if ("ya29." in text or "eyJ" in text) else text
+
+
+SECRETS = Secrets()  # the process's: what its clients, its Vertex tokens and its webhook put in
 
 _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
 
@@ -25,7 +83,11 @@ def scrubbed_error(
     status: int, headers: Mapping[str, str], content: bytes, secret: str | None, *, one_request: bool = False
 ) -> ApiError:
     """The classified error for an answer of *status* (:func:`~nanobatch.api.causes.classify_error`), its message
-    without the key and without any URL's password, query or signature."""
+    without the key and without any URL's password, query or signature: the body is cut of them before the
+    message is taken from it (and shortened, which would leave the start of a key)."""
+    text = content.decode("utf-8", "replace")
+    if (secret and secret in text) or SECRETS.found_in(text) or "ya29." in text or "eyJ" in text:
+        content = redact(text, secret).encode()
     error = classify_error(status, headers, content, one_request=one_request)
     error.message = scrub(error.message, secret)
     error.args = (error.message,)
@@ -64,7 +126,8 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # 
 
 
 def redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "[redacted]") if secret else text
+    """*text* without *secret* (a client's key) and anything :data:`SECRETS` knows."""
+    return SECRETS.cut(text.replace(secret, "[redacted]") if secret else text)
 
 
 def scrub(text: str, secret: str | None) -> str:
@@ -75,15 +138,19 @@ def scrub(text: str, secret: str | None) -> str:
 def redact_reply(reply: Reply, secret: str | None) -> Reply:
     """The reply with the key taken out of everything it says in words: a proxy that echoes the
     request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-    if not secret:
+    if not secret and not SECRETS:
         return reply
+
+    def found(text: str) -> bool:
+        return bool(secret and secret in text) or SECRETS.found_in(text)
+
     # parse_reply made each of these text (or None), whatever a proxy sent.
     changes: dict[str, Any] = {
         name: redact(value, secret)
         for name in _REPLY_TEXT_FIELDS
-        if (value := getattr(reply, name)) is not None and secret in value
+        if (value := getattr(reply, name)) is not None and found(value)
     }
     usage = orjson.dumps(reply.usage).decode()
-    if secret in usage:
+    if found(usage):
         changes["usage"] = orjson.loads(redact(usage, secret))
     return dataclasses.replace(reply, **changes) if changes else reply

@@ -27,7 +27,7 @@ import anyio.to_thread
 import httpx2
 
 from ..errors import ConfigError, FatalApiError
-from .redaction import public_url
+from .redaction import SECRETS, public_url, scrub
 
 __all__ = ["SCOPE", "VertexAuth", "vertex_auth", "vertex_base_url", "vertex_express_url", "vertex_route", "vertex_url"]
 
@@ -118,6 +118,7 @@ class VertexAuth(httpx2.Auth):
         async with self._lock:
             if self._needs_refresh():
                 await anyio.to_thread.run_sync(self._refresh)
+                SECRETS.add(str(self._credentials.token))  # cut out of whatever a proxy echoes back
         return str(self._credentials.token)
 
     def _needs_refresh(self) -> bool:
@@ -134,8 +135,10 @@ class VertexAuth(httpx2.Auth):
         try:
             self._credentials.refresh(_Request(self._http))
         except (exceptions.RefreshError, exceptions.TransportError) as exc:
-            # google-auth's message quotes the token endpoint's reply, never the assertion or token
-            raise FatalApiError(f"Vertex: could not get an access token: {exc}", kind="auth") from None
+            # google-auth's message quotes the token endpoint's reply, which may echo the signed assertion
+            raise FatalApiError(
+                f"Vertex: could not get an access token: {scrub(str(exc), None)}", kind="auth"
+            ) from None
         logger.debug("Vertex: access token refreshed, valid until %s UTC", self._credentials.expiry)
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:

@@ -41,16 +41,23 @@ class _Redact(logging.Filter):
         self.secrets = [secret for secret in secrets if secret]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        for secret in self.secrets:
-            if secret in record.getMessage():
-                record.msg = record.getMessage().replace(secret, "[redacted]")
-                record.args = ()
-        if self.secrets and record.exc_info and not record.exc_text:  # a traceback is written from exc_text
+        message = record.getMessage()
+        if (said := _cut(message, self.secrets)) != message:
+            record.msg, record.args = said, ()
+        if record.exc_info and not record.exc_text:  # a traceback is written from exc_text
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        for secret in self.secrets:
-            if record.exc_text and secret in record.exc_text:
-                record.exc_text = record.exc_text.replace(secret, "[redacted]")
+        if record.exc_text:
+            record.exc_text = _cut(record.exc_text, self.secrets)
         return True
+
+
+def _cut(text: str, secrets: list[str]) -> str:
+    """*text* without *secrets* and what the run's clients said they send (``api.redaction.SECRETS``)."""
+    from ..api.redaction import SECRETS
+
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return SECRETS.cut(text)
 
 
 class _Libraries(logging.Filter):
@@ -110,8 +117,10 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
     """Tell the operator of an error on stderr: ``error: ...``, or one JSON event with ``--log-format json``."""
     if json_logs():
         logger.error("%s", text)
-    else:
-        click.echo(f"{prefix}{text}", err=True)
+    else:  # the log filter's cut, as this bypasses it
+        from ..api.redaction import redact_urls
+
+        click.echo(f"{prefix}{redact_urls(_cut(text, []))}", err=True)
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:

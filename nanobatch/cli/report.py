@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from ..api.redaction import public_url
 from ..inputs.stamps import is_remote
 from ..names import REPORT_FILE
 from ..output.outdir import write_report_file
@@ -317,8 +318,8 @@ def _render_filters(records: list[Record]) -> str:
 
 
 def _render_image(folder: Path, ref: str, thumbs: Mapping[Path, _Thumb | str]) -> str:
-    if is_remote(ref):  # an http(s) or bucket URL: not read for the report
-        return f'<div class="ph">remote image<small>{_e(ref)}</small></div>'
+    if is_remote(ref):  # an http(s) or bucket URL: not read for the report, nor shown with a signature
+        return f'<div class="ph">remote image<small>{_e(public_url(ref))}</small></div>'
     thumb = thumbs.get(_local(folder, ref), "missing")
     if isinstance(thumb, str):
         return f'<div class="ph">{_e(thumb)} image<small>{_e(ref)}</small></div>'

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..api.redaction import public_url
 from ..names import step_stem
 from .reading import is_int, read_file_stamps, read_float, read_stamps, read_strs
 
@@ -400,7 +401,7 @@ def build_record(
         key=tally.key,
         error=error,
         instructions=tuple(item.steps),
-        inputs=tuple(item.inputs),
+        inputs=tuple(public_url(ref) if "://" in ref else ref for ref in item.inputs),  # no URL's signature
         aspect_ratio=item.aspect_ratio,
         image_size=item.image_size,
         tier=tally.tier,

@@ -23,6 +23,7 @@ import anyio
 import anyio.to_thread
 
 from ..api import storage
+from ..api.redaction import public_url
 from ..errors import ConfigError, StorageError, sole_error
 
 __all__ = ["Uploads"]
@@ -42,7 +43,9 @@ class Uploads:
         """The uploads for ``output.upload_to`` *prefix*; ConfigError (exit 2, nothing sent) if it is not a
         bucket URL, its extra is not installed, or its bucket does not exist or cannot be asked about."""
         if not storage.is_bucket_url(prefix):
-            raise ConfigError(f"output.upload_to: {prefix!r} is not a bucket URL (s3://, gs://, az:// or abfs://)")
+            # Not shown: what is pasted there may be a signed URL (an Azure SAS container URL, its signature and all).
+            raise ConfigError(f"output.upload_to: {public_url(prefix)!r} is not a bucket URL (s3://, gs://, az:// "
+                              "or abfs://)")  # fmt: skip
         try:
             storage.check_bucket(prefix)
         except StorageError as exc:

@@ -87,12 +87,15 @@ class _Hide(logging.Filter):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        self.url = url
+        # httpx2 logs the URL as it normalised it (host in lower case, :443 left out), not as it was written
+        self.urls = sorted({url, str(httpx2.URL(url))}, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.url in message:
-            record.msg, record.args = message.replace(self.url, "[the notify webhook]"), ()
+        if any(url in message for url in self.urls):
+            for url in self.urls:
+                message = message.replace(url, "[the notify webhook]")
+            record.msg, record.args = message, ()
         return True
 
 

@@ -1,0 +1,142 @@
+"""Every credential a request carries stays out of what nanobatch says, not only the API key: a proxy's password
+(and the Basic header it makes) or ``?key=`` in ``api.base_url``, a Vertex access token, a signed JWT a token
+endpoint echoes, the webhook's URL, a signed URL in the manifest or in ``output.upload_to``; and a key cut in half
+by a shortened message is cut out before it is shortened."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from nanobatch.api.client import GeminiClient
+from nanobatch.api.redaction import SECRETS, scrub
+from nanobatch.cli.main import main
+from nanobatch.errors import ApiError
+from nanobatch.item import WorkItem
+from nanobatch.output.record import Tally, build_record
+from nanobatch.run.notify import _kept_out_of_logs
+
+from .fakes import write_job
+
+BODY = {"contents": [{"parts": [{"text": "x"}]}]}
+
+
+def echo(request: httpx2.Request) -> httpx2.Response:
+    """A proxy that refuses the request and quotes it back, request line and headers."""
+    head = " ".join(
+        f"{name}: {value}" for name, value in sorted(request.headers.items(), key=lambda h: h[0] != "authorization")
+    )
+    return httpx2.Response(400, text=f"proxy refused: POST {request.url.raw_path.decode()} {head}")
+
+
+async def refused(base_url: str, api_key: str | None = None, **options: object) -> ApiError:
+    async with GeminiClient(base_url=base_url, api_key=api_key, transport=httpx2.MockTransport(echo), **options) as c:
+        with pytest.raises(ApiError) as caught:
+            await c.generate("gemini-2.5-flash-image", BODY, timeout_s=30)
+    return caught.value
+
+
+async def test_a_proxys_password_in_the_base_url_is_not_echoed_back_in_any_form() -> None:
+    # httpx2 sends the URL's user name and password as a Basic header (`nanobatch models --live`, the batch
+    # tier's calls): a proxy quoting it back quotes them in base64.
+    base = "https://proxyuser:PROXY-PASSWORD-456@proxy.example/gemini"
+    async with GeminiClient(base_url=base, api_key=None, transport=httpx2.MockTransport(echo)) as client:
+        with pytest.raises(ApiError) as caught:
+            await client.list_models()
+    basic = base64.b64encode(b"proxyuser:PROXY-PASSWORD-456").decode()
+    assert "Basic [redacted]" in caught.value.message
+    assert "PROXY-PASSWORD-456" not in caught.value.message and basic not in caught.value.message
+
+
+async def test_a_proxys_key_in_the_base_urls_query_is_not_echoed_back_in_a_request_line() -> None:
+    error = await refused("https://proxy.example/gemini?key=PROXY-QUERY-KEY-123")
+    assert "proxy refused: POST" in error.message and "PROXY-QUERY-KEY-123" not in error.message
+
+
+async def test_a_bearer_token_the_client_sent_is_not_echoed_back() -> None:
+    token = "ya29.a0-SECRET-ACCESS-TOKEN-abcdef123456"
+
+    class Bearer(httpx2.Auth):  # as Vertex AI's auth sends its token
+        def auth_flow(self, request: httpx2.Request):  # type: ignore[no-untyped-def]
+            SECRETS.add(token)
+            request.headers["Authorization"] = f"Bearer {token}"
+            yield request
+
+    error = await refused("https://proxy.example", request_auth=Bearer())
+    assert "SECRET-ACCESS-TOKEN" not in error.message and "[redacted]" in error.message
+
+
+async def test_a_key_at_the_cut_of_a_shortened_message_leaves_no_part_of_itself() -> None:
+    key = "sk-LIVE-0123456789abcdefghijklmnopqrstuv"
+    for pad in range(150, 200, 7):  # wherever the 200-character cut falls within the key
+        page = f"{'x' * pad} Authorization: Bearer {key} was refused"
+
+        def proxy(request: httpx2.Request, page: str = page) -> httpx2.Response:
+            return httpx2.Response(403, text=page)
+
+        async with GeminiClient(base_url="https://p.example", api_key=key, transport=httpx2.MockTransport(proxy)) as c:
+            with pytest.raises(ApiError) as caught:
+                await c.generate("gemini-2.5-flash-image", BODY, timeout_s=30)
+        assert "sk-LIVE-0123" not in caught.value.message
+
+
+def test_a_signed_jwt_or_an_access_token_is_cut_from_any_message() -> None:
+    jwt = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJzYUBwLmlhbSJ9.c2lnbmF0dXJlLW9mLXRoZS1hc3NlcnRpb24"
+    said = scrub(f"invalid_grant: bad request: assertion={jwt}&grant_type=jwt-bearer; token ya29.c.b0AXv0zTOKEN", None)
+    assert "eyJ" not in said and "ya29." not in said and "invalid_grant" in said
+
+
+@pytest.mark.parametrize("field", ["api_key_env", "base_url"])
+def test_a_key_pasted_in_the_wrong_setting_is_refused_without_being_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    key = "AIzaSyPASTED0KEY0123456789abcdefghijk"
+    value = key if field == "api_key_env" else f"https://proxy.example:{key}/v1"
+    (tmp_path / "nanobatch.yaml").write_text(f"api:\n  {field}: {value}\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    assert main(["validate", str(job), "--config", str(tmp_path / "nanobatch.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"api.{field}" in err and "PASTED0KEY" not in err
+
+
+def test_a_signed_upload_to_is_refused_without_its_signature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    sas = "https://acct.blob.core.windows.net/out?sv=2024&sig=SAS-SIGNATURE-SECRET%3D"
+    (tmp_path / "nanobatch.yaml").write_text(f"output:\n  upload_to: '{sas}'\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    assert main(["run", str(job), "--simulate", "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "output.upload_to" in err and "SAS-SIGNATURE" not in err
+
+
+def test_a_signed_image_url_is_recorded_and_reported_without_its_signature(tmp_path: Path) -> None:
+    url = "https://photos.example/a.jpg?X-Amz-Credential=AKIA&X-Amz-Signature=PRESIGNED-SIG-0badc0ffee"
+    item = WorkItem(id="a", model="gemini-3.1-flash-image", inputs=(url, "http://u:USERINFO-PASS@h.example/b.png"),
+                    steps=("make it white",))  # fmt: skip
+    record = build_record(item, Tally(tier="standard"), run="r", status="failed")
+    assert record.inputs == ("https://photos.example/a.jpg", "http://h.example/b.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    # A line an earlier version wrote, signature and all: the report does not show it either.
+    line = {**record.to_json(), "inputs": [url]}
+    (out / "results.jsonl").write_text(json.dumps(line) + "\n")
+    assert main(["report", str(out)]) == 0
+    assert "PRESIGNED-SIG" not in (out / "report.html").read_text()
+
+
+def test_the_webhooks_url_is_kept_out_of_the_http_librarys_log_lines_as_it_writes_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "https://Hooks.Example.com:443/services/T000/B000/WEBHOOK-TOKEN-2"
+    caplog.set_level(logging.INFO, logger="httpx2")
+    with _kept_out_of_logs(url):
+        logging.getLogger("httpx2").info('HTTP Request: POST %s "HTTP/1.1 200 OK"', httpx2.URL(url))
+    assert "WEBHOOK-TOKEN" not in caplog.text and "[the notify webhook]" in caplog.text
+    assert json.dumps(caplog.messages)  # (the lines are there)
