@@ -310,3 +310,62 @@ def test_past_the_deadline_what_a_job_answered_is_collected_not_sent_online_agai
     done = {r["id"]: r for r in records(tmp_path / "out")}
     assert {done[f"sku-{i}"]["tier"] for i in range(3)} == {"batch"}  # collected from night 1's jobs
     assert billed(app) == 5  # each of the five items paid once
+
+
+def test_the_results_and_the_ledgers_word_for_them_are_on_disk_before_the_apis_copy_is_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After the delete, the folder holds the only copy of paid answers: a power cut must not take them.
+    import os
+
+    from nanobatch.api.batch_api import BatchClient
+
+    events: list[str] = []
+    real_fsync, real_delete = os.fsync, BatchClient.delete_file
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    async def delete_file(self: BatchClient, name: str) -> None:
+        events.append("delete " + name)
+        await real_delete(self, name)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(BatchClient, "delete_file", delete_file)
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim()
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 0
+    deletes = [n for n, e in enumerate(events) if e.startswith("delete ")]
+    assert deletes
+    for n in deletes:  # the last two things made durable before each: the chunk's results, then its ledger line
+        synced = [e for e in events[:n] if e.startswith("fsync ") and e != "fsync .nanobatch-batches"]
+        assert synced[-1] == "fsync batches.jsonl" and synced[-2].endswith(".results.jsonl")
+
+
+def test_a_job_still_running_after_its_deadline_cancel_is_asked_about_at_the_poll_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real cancel of a RUNNING job takes a while: until the job ends it is polled as before the deadline, not
+    # in a loop with no pause (thousands of GETs a second against the API's quota).
+    asked = Counter[str]()
+    app = sim(batch_latency_s=1.5)
+    inner = app.build_middleware_stack()
+
+    async def slow_cancel(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith(":cancel"):
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+            )
+            await send({"type": "http.response.body", "body": b"{}"})  # accepted; the job runs on
+            return
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith("/v1beta/batches/"):
+            asked["get"] += 1
+        await inner(scope, receive, send)
+
+    app.middleware_stack = slow_cancel  # type: ignore[assignment]
+    job = one_step_job(tmp_path, monkeypatch)
+    with run_in_thread(app=app) as url:
+        cli(job, url, "--batch-deadline", "0.3")
+    assert 0 < asked["get"] < 100  # poll_max_s 0.2 over ~1.5 s, for two jobs; with no pause, thousands

@@ -6,11 +6,14 @@ Past the deadline, jobs not done are cancelled and chunks without a job are not 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ...errors import ApiError
+from ...output.files import fsync_dir
 from ..limits import Stopped
 from .chunks import Chunks
 from .landing import Answers, deadline_error
@@ -119,8 +122,11 @@ class Jobs:
                     waiting = Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it")
                     self.answers.settle(chunk, waiting)
                     return None
-            with anyio.move_on_after(interval):
-                await self._deadline.wait()
+            if self._deadline.is_set():  # (its wait would return at once: a job still running after its cancel)
+                await anyio.sleep(interval)
+            else:
+                with anyio.move_on_after(interval):
+                    await self._deadline.wait()
             interval = min(interval * 1.5, self.settings.poll_max_s)
 
     def _note_state(self, chunk: Chunk, job: BatchJob) -> None:
@@ -137,6 +143,8 @@ class Jobs:
         if job.responses_file:
             results = f"{chunk.id}.results.jsonl"
             await self.client.download(job.responses_file, self.chunks.folder / results)
+            # On disk before the API's copy is deleted below: paid answers, with no other copy after that.
+            await anyio.to_thread.run_sync(_durable, self.chunks.folder / results)
             chunk.results = results
             self.ledger.note("collected", chunk, results=results, state=job.state)
         else:
@@ -178,3 +186,10 @@ class Jobs:
             await call
         except ApiError as exc:
             logger.info("batch clean-up: %s", exc)
+
+
+def _durable(path: Path) -> None:
+    """*path*'s bytes and its name on disk (fsync of the file, then of its folder)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)

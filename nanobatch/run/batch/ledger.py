@@ -94,12 +94,14 @@ class Ledger:
 
     def note(self, event: str, chunk: Chunk, **fields: Any) -> None:
         """Append one line, written whole to the kernel (unbuffered: nothing is left to flush at close, which a
-        full disk would refuse)."""
+        full disk would refuse); on disk before the API's own copy of what it says goes (:data:`_DURABLE`)."""
         if self._file is None:
             self._file = self._open()
         view = memoryview(orjson.dumps({"event": event, "chunk": chunk.id, **fields}) + b"\n")
         while view:
             view = view[self._file.write(view) or 0 :]
+        if event in _DURABLE:
+            os.fsync(self._file.fileno())
 
     def _open(self) -> IO[bytes]:
         self.folder.mkdir(exist_ok=True)
@@ -132,6 +134,11 @@ def _chunk_of(line: bytes) -> str | None:
     except orjson.JSONDecodeError:
         return None
     return str(event.get("chunk")) if isinstance(event, dict) else None
+
+
+# Lines written just before the run deletes the API's files they stand for (a power cut must not leave the
+# ledger saying less than the API has forgotten): on disk before the next step.
+_DURABLE = frozenset({"created", "collected", "ended"})
 
 
 def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
