@@ -369,3 +369,53 @@ def test_a_job_still_running_after_its_deadline_cancel_is_asked_about_at_the_pol
     with run_in_thread(app=app) as url:
         cli(job, url, "--batch-deadline", "0.3")
     assert 0 < asked["get"] < 100  # poll_max_s 0.2 over ~1.5 s, for two jobs; with no pause, thousands
+
+
+def test_an_answer_whose_item_left_the_manifest_for_a_night_is_kept_and_collected_when_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tonight's export misses sku-0, whose answer night 1's job gave (paid). The run that goes through the rest
+    # keeps it (it names how many it keeps); tomorrow sku-0 is back and its answer collected, not paid again.
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
+    items = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(3)]
+    app = sim(batch_latency_s=0.5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(1.0)  # the job is done (nothing timed is asserted)
+        write_job(tmp_path, items[1:], model=MODEL)
+        assert cli(job, url) == 0
+        write_job(tmp_path, items, model=MODEL)
+        assert cli(job, url) == 0
+    done = {r["id"]: r for r in records(tmp_path / "out")}
+    assert sorted(done) == ["sku-0", "sku-1", "sku-2"] and done["sku-0"]["batch"] == jobs(app)[0].name
+    assert billed(app) == 3 and len(jobs(app)) == 1
+
+
+def test_an_answer_whose_image_could_not_be_written_is_kept_and_written_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file of the user's appears at sku-0's name while its job runs: the answer is read, its image refused
+    # (output_exists). Once the file is moved away, the next run writes the answer it has, paying nothing.
+    import nanobatch.output.outdir
+
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
+    out = tmp_path / "out"
+    real_put = nanobatch.output.outdir.OutDir.put
+
+    def put(self: nanobatch.output.outdir.OutDir, files: Any, *args: Any) -> None:
+        if any(name == "sku-0.png" for name, _ in files):
+            (out / "sku-0.png").write_bytes(b"the user's own")
+        real_put(self, files, *args)
+
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        monkeypatch.setattr(nanobatch.output.outdir.OutDir, "put", put)
+        assert cli(job, url) == 1
+        monkeypatch.undo()
+        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        assert any((r.get("error") or {}).get("kind") == "output_exists" for r in records(out))
+        (out / "sku-0.png").unlink()
+        assert cli(job, url) == 0
+    latest = {r["id"]: r for r in records(out)}
+    assert latest["sku-0"]["status"] == "ok" and (out / "sku-0.png").read_bytes() != b"the user's own"
+    assert billed(app) == 3 and len(jobs(app)) == 1

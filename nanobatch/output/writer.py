@@ -30,6 +30,8 @@ WRITE_QUEUE_BYTES = 32 * 1024 * 1024
 # each in Python objects) pile up behind a writer that fsyncs every image, and memory grew with the manifest.
 WRITE_QUEUE_ITEMS = 1024
 
+# The error kinds of a record whose answer could not be saved (its images not written): see Writer._write_failed.
+UNSAVED_KINDS = frozenset({"output_exists", "write"})
 NOT_OURS = "exists and is not a file nanobatch wrote for this item (or it was changed since)"
 
 
@@ -286,5 +288,6 @@ class Writer:
             logger.error("%s: its files could not be moved to their new names (%s); they stay where they were",
                          item_id, message)  # fmt: skip
             return replace(finished, saved=False)
-        logger.error("%s failed: %s; it will be sent again by the next run", item_id, message)
+        logger.error("%s failed: %s; the next run tries it again (a batch answer it read is kept for that)", item_id,
+                     message)  # fmt: skip
         return Finished(finished.record.failed_write(kind, message), [])

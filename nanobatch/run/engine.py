@@ -38,7 +38,7 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
 from ..output.verdicts import Checker, set_aside, stale_rejected
-from ..output.writer import NOT_OURS, Finished, Holding, WriteQueue, Writer, in_memory, report_unsaved
+from ..output.writer import NOT_OURS, UNSAVED_KINDS, Finished, Holding, WriteQueue, Writer, in_memory, report_unsaved
 from ..qa import Verdict
 from .batch.route import BatchRoute
 from .failures import FailureLog
@@ -421,9 +421,15 @@ class Engine:
             self.stats.failure("write", record.id)
             return
         self.index.add(record)
-        if self.batch_route is not None:
+        if self.batch_route is not None and not _unsaved(record):
             self.batch_route.landed(record.id)  # its batch answers need not be kept any longer
         if finished.moves:
             self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
         else:
             self.stats.count(record)
+
+
+def _unsaved(record: ItemRecord) -> bool:
+    """Whether *record* says its answer's images could not be written (the writer's failure): a batch answer it
+    read is kept for the next run, which writes it without paying again."""
+    return record.status == "failed" and record.error is not None and record.error.kind in UNSAVED_KINDS

@@ -3,6 +3,8 @@ request or an answer back from their files."""
 
 from __future__ import annotations
 
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,11 @@ import orjson
 
 from .ledger import Chunk, Ledger
 
-__all__ = ["Chunks"]
+__all__ = ["KEEP_UNUSED_S", "Chunks"]
+
+# How long a collected answer no run has asked for is kept (its item failed before its step, or was not in the
+# manifest): paid for, it is collected by the run that sends its item again, not paid for twice.
+KEEP_UNUSED_S = 14 * 86400
 
 
 class Chunks:
@@ -110,9 +116,28 @@ class Chunks:
         chunk.closed = True
         chunk.offsets, chunk.requests, chunk.landed = {}, None, set()  # nothing more is asked of it
 
-    def finish(self, kept: set[str]) -> None:
+    def finish(self, kept: set[str]) -> int:
         """The run went through every item: close the chunks collected, but those in *kept* (holding answers
-        of items whose next step waits in a job)."""
+        of items whose next step waits in a job, or whose image could not be written) and those holding
+        answers no item of this run asked for (it failed before its step, or left the manifest for a night),
+        for :data:`KEEP_UNUSED_S` after their collection: each is paid for, and the run that sends its item
+        again collects it. Returns how many such answers are kept."""
+        unused = Counter(chunk.id for chunk in self.by_key.values())  # answers no item of this run read
+        now, kept_unused = time.time(), 0
         for chunk in self.by_id.values():
-            if not chunk.closed and not chunk.open and chunk.id not in kept:
-                self.close(chunk)
+            if chunk.closed or chunk.open or chunk.id in kept:
+                continue
+            if unused[chunk.id] and now - self._collected_at(chunk) < KEEP_UNUSED_S:
+                kept_unused += unused[chunk.id]
+                continue
+            self.close(chunk)
+        return kept_unused
+
+    def _collected_at(self, chunk: Chunk) -> float:
+        """When *chunk* was collected: as its ledger line says, or (an older ledger's) when its file was written."""
+        if chunk.collected_at is not None:
+            return chunk.collected_at
+        try:
+            return (self.folder / str(chunk.results)).stat().st_mtime
+        except OSError:
+            return 0.0

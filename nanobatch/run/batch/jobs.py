@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,8 +146,8 @@ class Jobs:
             await self.client.download(job.responses_file, self.chunks.folder / results)
             # On disk before the API's copy is deleted below: paid answers, with no other copy after that.
             await anyio.to_thread.run_sync(_durable, self.chunks.folder / results)
-            chunk.results = results
-            self.ledger.note("collected", chunk, results=results, state=job.state)
+            chunk.results, chunk.collected_at = results, time.time()
+            self.ledger.note("collected", chunk, results=results, state=job.state, at=round(chunk.collected_at))
         else:
             chunk.ended = job.state
             self.ledger.note("ended", chunk, state=job.state)

@@ -64,6 +64,7 @@ class Chunk:
     indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
     landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
     collected_before: bool = False  # its results were collected by an earlier run (read from the ledger)
+    collected_at: float | None = None  # when (Unix time; None: a ledger from before it said, or not collected)
 
     @property
     def open(self) -> bool:
@@ -157,6 +158,7 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
     elif kind == "collected":
         chunk.results, chunk.state = event["results"], event.get("state", "succeeded")
         chunk.collected_before = True  # the ledger is loaded as a run starts: that was an earlier run
+        chunk.collected_at = float(event["at"]) if isinstance(event.get("at"), int | float) else None
     elif kind == "indexed":
         chunk.offsets, chunk.indexed = {str(k): int(v) for k, v in dict(event["offsets"]).items()}, True
     elif kind == "ended":

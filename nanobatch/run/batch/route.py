@@ -41,7 +41,7 @@ import anyio
 
 from ...errors import ApiError, ConfigError, RunAborted
 from ..route import Answer, Request, Step
-from .chunks import Chunks
+from .chunks import KEEP_UNUSED_S, Chunks
 from .filling import Filler
 from .jobs import Jobs
 from .landing import DEADLINE_KIND, Answers, deadline_error
@@ -245,9 +245,12 @@ class BatchRoute:
         """The run went through every item: close the collected chunks, but those holding answers of items
         whose next step waits in a job (the next run reads them again)."""
         try:
-            self.chunks.finish(kept=self.answers.kept())
+            unused = self.chunks.finish(kept=self.answers.kept())
         except OSError as exc:
             raise self._break(exc) from None
+        if unused:
+            logger.info("%d paid batch answers of items this run did not send are kept in %s (up to %d days) for "
+                        "the run that sends them", unused, self.chunks.folder, KEEP_UNUSED_S // 86400)  # fmt: skip
 
 
 def _folder_failed(folder: Path, exc: OSError) -> RunAborted:
