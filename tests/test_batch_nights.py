@@ -419,3 +419,26 @@ def test_an_answer_whose_image_could_not_be_written_is_kept_and_written_by_the_n
     latest = {r["id"]: r for r in records(out)}
     assert latest["sku-0"]["status"] == "ok" and (out / "sku-0.png").read_bytes() != b"the user's own"
     assert billed(app) == 3 and len(jobs(app)) == 1
+
+
+def test_a_job_whose_results_are_gone_is_said_lost_once_and_its_items_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The cron paused over a long weekend: the API deleted the job's results file (it keeps them 48 hours).
+    # The answers are lost; waiting for them would leave the items undone for ever, with every run exiting 0.
+    import anyio
+
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(0.6)
+        (first,) = jobs(app)
+        anyio.run(app.state.batches._advance, first)  # done, its answers given (and billed)
+        app.state.batches.files.remove(first.output_file.removeprefix("files/"))
+        capsys.readouterr()
+        argv = ["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--tier", "batch"]
+        assert main([*argv, "--config", str(tmp_path / "nanobatch.yaml")]) == 0
+    assert "can no longer be read" in capsys.readouterr().err
+    assert {r["status"] for r in records(tmp_path / "out")} == {"ok"} and len(records(tmp_path / "out")) == 3
+    assert billed(app) == 6 and len(jobs(app)) == 2  # paid again: unavoidable once the answers are gone

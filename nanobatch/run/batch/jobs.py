@@ -74,8 +74,22 @@ class Jobs:
                 self.ledger.note("ended", chunk, state="not submitted")
                 chunk.ended = "not submitted"
                 self.answers.settle(chunk, exc)
+            elif chunk.job is not None and exc.status_code == 404:
+                self._lost(chunk, exc)
             else:
                 self.answers.settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
+
+    def _lost(self, chunk: Chunk, exc: ApiError) -> None:
+        """*chunk*'s job, or its results file, is gone from the API (deleted, or past the 48 hours the API keeps a
+        results file): its answers, paid for if it succeeded, cannot be had. Said once, loudly; its steps are sent
+        again (and paid again), rather than wait for ever for answers no run can collect."""
+        logger.error("batch job %s of chunk %s can no longer be read (%s): the answers it gave, if any, are lost; "
+                     "its %d requests are sent again", chunk.job, chunk.id, exc.message, len(chunk.keys))  # fmt: skip
+        self.ledger.note("ended", chunk, state="lost")
+        chunk.ended = chunk.state = "lost"
+        lost = ApiError(f"batch job {chunk.job} can no longer be read: its answer is lost; sent again",
+                        kind="batch_lost", retryable=True)  # fmt: skip
+        self.answers.settle(chunk, lost)
 
     async def _create(self, chunk: Chunk) -> None:
         """Create *chunk*'s job, unless a create whose reply was lost made it already (looked up by its
