@@ -159,3 +159,41 @@ def test_records_from_before_stamps_still_let_an_item_replace_its_own_files(tmp_
 
     assert run(job, FakeGemini()).exit_code == 0
     assert records(out)[-1]["status"] == "ok" and records(out)[-1]["outputs"] == ["a.png"]
+
+
+def test_a_link_under_rejected_out_of_the_output_folder_is_never_written_through(
+    tmp_path: Path, with_qa: Callable[[QaSettings], None]
+) -> None:
+    # No template names rejected/, so the manifest's check never looked there: the run does, before paying.
+    with_qa(QaSettings(min_side=32, retries=0))
+    job = write_job(tmp_path, [{"id": "x", "image": "images/x.png", "output": "cat/{id}.png"}])
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "x.png").write_bytes(MINE)
+    (tmp_path / "out" / "rejected").mkdir(parents=True)
+    (tmp_path / "out" / "rejected" / "cat").symlink_to(archive, target_is_directory=True)
+    fake = FakeGemini({EDIT: [SMALL]})
+
+    summary = run(job, fake)
+
+    assert summary.exit_code == 1 and fake.requests == []
+    assert "leads out of the output folder" in records(tmp_path / "out")[-1]["error"]["message"]
+    assert sorted(p.name for p in archive.iterdir()) == ["x.png"] and (archive / "x.png").read_bytes() == MINE
+
+
+def test_a_folder_swapped_for_a_link_out_of_the_output_folder_is_not_written_moved_or_deleted_through(
+    tmp_path: Path,
+) -> None:
+    # Between the run's look and its write, a folder on the way becomes a link to the user's archive.
+    from nanobatch.api.gemini import Image
+
+    out = nanobatch.output.outdir.OutDir(tmp_path / "out")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "old.png").write_bytes(MINE)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cat").symlink_to(archive, target_is_directory=True)
+    for files, moves in [([("cat/x.png", Image("image/png", b"ours"))], []), ([], [("cat/old.png", "new.png")])]:
+        with pytest.raises(PermissionError):
+            out.put(files, moves, {}, set())
+    assert sorted(p.name for p in archive.iterdir()) == ["old.png"] and not (tmp_path / "out" / "new.png").exists()

@@ -252,6 +252,21 @@ class OutDir:
         """The path of the output name *name* (checked by the manifest to stay inside the folder)."""
         return os.path.join(self.path, name)
 
+    def escapes(self, name: str) -> bool:
+        """Whether *name*'s folder leads out of the output folder through a symbolic link, as it is now (one put
+        there since the manifest was checked, or under ``rejected/``, which no template names)."""
+        inside = os.path.realpath(self.path)
+        folder = os.path.realpath(os.path.dirname(self.file(name)))
+        return folder != inside and not folder.startswith(inside + os.sep)
+
+    def placed(self, name: str) -> str:
+        """:meth:`file`, for a file about to be written, moved or deleted there: PermissionError if its folder
+        leads out of the output folder (nothing outside it is ever written, moved or deleted)."""
+        if self.escapes(name):
+            raise PermissionError(errno.EACCES, "its folder leads out of the output folder through a symbolic link",
+                                  self.file(name))  # fmt: skip
+        return self.file(name)
+
     def put(
         self,
         files: list[tuple[str, Image]],
@@ -267,7 +282,7 @@ class OutDir:
         target = ""
         try:
             for old, new in moves:
-                src = self.file(old)
+                src = self.placed(old)
                 target, existed = self._claim(new, replaceable)
                 move_file(src, target, replace=existed)  # one that appears meanwhile is not the item's
                 undo.append((target, src))
@@ -304,7 +319,7 @@ class OutDir:
     def _claim(self, name: str, replaceable: Owned) -> tuple[str, bool]:
         """The path of *name* and whether a file of this item's is there to replace (one look); FileExistsError
         if something is there that nanobatch did not write for this item, or that was changed since."""
-        path = self.file(name)
+        path = self.placed(name)
         existed = os.path.lexists(path)
         if existed and (name not in replaceable or not unchanged(path, replaceable[name])):
             raise FileExistsError(errno.EEXIST, "already there, and not as nanobatch wrote it for this item", path)

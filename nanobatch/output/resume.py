@@ -48,6 +48,7 @@ class Send:
     replaceable: Owned
     # The path of a place its image or a kept step would go, taken by a file nanobatch did not write for it.
     taken: str | None = None
+    why: str | None = None  # why it is taken, if not a file there (a folder on the way that leads out of the folder)
 
 
 class Resume:
@@ -106,9 +107,18 @@ class Resume:
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
                 return Send(replaceable=replaceable, taken=folder)  # never written through, nor replaced
             names += [rejected_name(name) for name in names]
+        # A folder on the way that leads out of the output folder (looked at once per folder); or a file, a folder
+        # or a link there that is not the item's as nanobatch left it.
+        escapes = {
+            folder: self.out.escapes(os.path.join(folder, "x")) for folder in {os.path.dirname(n) for n in names}
+        }
+        outside = [name for name in names if escapes[os.path.dirname(name)]]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
-        foreign = sorted(n for n in there if n not in replaceable or not unchanged(self.out.file(n), replaceable[n]))
-        return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None)
+        foreign = outside + sorted(
+            n for n in there if n not in replaceable or not unchanged(self.out.file(n), replaceable[n])
+        )
+        why = "is in a folder that leads out of the output folder through a symbolic link" if outside else None
+        return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None, why=why)
 
 
 def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:

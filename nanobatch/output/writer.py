@@ -263,6 +263,8 @@ class Writer:
         the record that no longer names them; one that cannot be deleted is only told of."""
         for name in finished.drops:
             path = self.out.file(name)
+            if self.out.escapes(name):
+                continue  # through a link out of the output folder: never deleted
             if name not in finished.replaceable or not unchanged(path, finished.replaceable[name]):
                 continue  # not known to be nanobatch's, or changed since: never deleted
             try:

@@ -390,7 +390,8 @@ class Engine:
             send = decision
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
         if send.taken is not None:
-            raise ApiError(f"{send.taken} {NOT_OURS}: nothing was sent (move it away, or change the output name)",
+            why = send.why or NOT_OURS
+            raise ApiError(f"{send.taken} {why}: nothing was sent (move it away, or change the output name)",
                            kind="output_exists")  # fmt: skip
         return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
 
