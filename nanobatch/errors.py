@@ -195,7 +195,8 @@ class StorageError(NanobatchError):
     """An object in a bucket (``s3://``, ``gs://``, ``az://``) cannot be read or written.
 
     ``kind`` is a short stable word: ``missing_extra``, ``no_bucket``, ``not_found``, ``denied``,
-    ``unsupported``, ``unreachable``. The message names the URL, never a credential.
+    ``unsupported``, ``unreachable``, ``exists`` (a conditional create found an object there). The message
+    names the URL, never a credential.
     """
 
     exit_code = 2

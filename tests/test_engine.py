@@ -737,7 +737,7 @@ def test_with_the_uploads_behind_answers_wait_unread_so_memory_does_not_grow_wit
 
     put: list[str] = []
 
-    def slow_put(url: str, data: bytes) -> None:  # in a worker thread, as storage.put runs
+    def slow_put(url: str, data: bytes, **options: object) -> None:  # in a worker thread, as storage.put runs
         anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.01)
         put.append(url)
 

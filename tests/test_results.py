@@ -13,7 +13,8 @@ from nanobatch.output.files import atomic_write
 from nanobatch.output.journal import orphaned_requests
 from nanobatch.output.outdir import Journal, ResultsLog
 from nanobatch.output.record import ItemRecord
-from nanobatch.output.results import ResultsIndex, read_records
+from nanobatch.output.record_lines import read_records
+from nanobatch.output.results import ResultsIndex
 from nanobatch.output.resume import is_done
 
 
@@ -198,7 +199,11 @@ def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> 
     from nanobatch.output.results import _line_row, _row
 
     record = ItemRecord.from_json(line)
-    assert _line_row(line) == (_row(record), (record.files, record.file_stamps), record.costs()[1])
+    assert _line_row(line) == (
+        _row(record),
+        (record.files, record.file_stamps, record.uploads or ()),
+        record.costs()[1],
+    )
 
 
 def test_records_read_ahead_answer_for_their_items_and_one_added_since_is_read_again() -> None:

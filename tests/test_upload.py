@@ -60,7 +60,7 @@ def test_an_image_that_cannot_be_uploaded_fails_its_item_and_stays_in_the_folder
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     out, fake = tmp_path / "out", FakeGemini()
 
-    def refused(url: str, data: bytes) -> None:
+    def refused(url: str, data: bytes, **options: object) -> None:
         raise StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
 
     monkeypatch.setattr(storage, "put", refused)
@@ -151,7 +151,7 @@ def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
     assert run_now(job, fake, out, settings=settings).exit_code == 0
     job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
 
-    def refused(url: str, data: bytes) -> None:
+    def refused(url: str, data: bytes, **options: object) -> None:
         raise StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
 
     with monkeypatch.context() as patch:
@@ -161,3 +161,47 @@ def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
 
     assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 1  # now it moves, unpaid
     assert records(out)[-1]["uploads"] == [f"s3://{name}/edited/shoes/sku-1.png"]
+
+
+def test_an_object_nanobatch_did_not_put_there_is_never_replaced_and_nothing_is_paid_for_it(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    # A shop's published image already at the item's object name (upload_to pointed at a populated prefix).
+    name = new_bucket("s3")
+    theirs = f"s3://{name}/edited/sku-1.png"
+    storage.put(theirs, b"the shop's published image")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+
+    summary = run_now(job, fake, out, settings=_settings(f"s3://{name}/edited/"))
+
+    assert summary.exit_code == 1 and len(fake.requests) == 1  # sku-1 was looked for before paying
+    failed = next(r for r in records(out) if r["id"] == "sku-1")
+    assert failed["error"]["kind"] == "upload" and theirs in failed["error"]["message"]
+    assert storage.read_bytes(theirs) == b"the shop's published image"
+    assert storage.read_bytes(f"s3://{name}/edited/sku-2.png") == (out / "sku-2.png").read_bytes()
+
+
+def test_an_object_that_appears_while_the_request_is_out_is_not_replaced(s3_env: Emulator, tmp_path: Path) -> None:
+    name = new_bucket("s3")
+    url = f"s3://{name}/edited/sku-1.png"
+    storage.put(url, b"first")
+    with pytest.raises(StorageError) as caught:
+        storage.put(url, b"second", replace=False)  # the conditional create, in the same request
+    assert caught.value.kind == "exists" and storage.read_bytes(url) == b"first"
+    storage.put(url, b"third")  # an object a record says nanobatch put there is replaced
+    assert storage.read_bytes(url) == b"third"
+
+
+def test_a_changed_item_replaces_the_object_nanobatch_put_there_for_it(s3_env: Emulator, tmp_path: Path) -> None:
+    name = new_bucket("s3")
+    settings = _settings(f"s3://{name}/edited/")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    fake = FakeGemini()
+
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
+
+    assert len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"

@@ -113,6 +113,10 @@ def _path(url: str) -> str:
 def _translate(url: str, exc: BaseException, fs: Any = None) -> StorageError:
     """A backend's error as a StorageError naming *url*; asks whether the bucket exists only when unsure."""
     text = f"{type(exc).__name__} {exc}"
+    if isinstance(exc, FileExistsError) or re.search(
+        r"PreconditionFailed|\b412\b|BlobAlreadyExists|ConditionNotMet", text
+    ):
+        return StorageError(url, "exists", "an object is already there")
     if isinstance(exc, PermissionError) or re.search(r"AccessDenied|Forbidden|\b403\b|AuthorizationFailure", text):
         return StorageError(url, "denied", "access denied: the credentials in use may not read or write this")
     if isinstance(exc, FileNotFoundError) or re.search(r"NoSuch|\b404\b|NotFound", text):
@@ -177,9 +181,26 @@ def open_read(url: str) -> BinaryIO:
     return opened
 
 
-def put(url: str, data: bytes) -> None:
-    """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half."""
-    _call(url, lambda fs: fs.pipe_file(_path(url), data))
+def put(url: str, data: bytes, *, replace: bool = True) -> None:
+    """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half.
+    Without *replace*, only if no object is there, in the same request (S3 ``If-None-Match: *``, Cloud Storage
+    ``ifGenerationMatch=0``, Azure ``If-None-Match: *``): StorageError of kind ``exists`` if one is."""
+
+    def pipe(fs: Any) -> None:
+        if replace:
+            fs.pipe_file(_path(url), data)
+        elif _split(url)[0] in ("az", "abfs"):
+            fs.pipe_file(_path(url), data, overwrite=False)  # adlfs's way of asking
+        else:
+            fs.pipe_file(_path(url), data, mode="create")
+
+    try:
+        _call(url, pipe)
+    except StorageError as exc:
+        if exc.kind != "exists":
+            raise
+        raise StorageError(url, "exists", "an object is already there, and no record says nanobatch put it there: "
+                           "it was left as it is") from None  # fmt: skip
 
 
 def check_bucket(url: str) -> None:

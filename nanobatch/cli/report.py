@@ -32,7 +32,8 @@ from ..inputs.stamps import is_remote
 from ..names import REPORT_FILE
 from ..output.outdir import write_report_file
 from ..output.record import TOKEN_FIELDS, ItemRecord
-from ..output.results import ResultsIndex, read_records
+from ..output.record_lines import read_records
+from ..output.results import ResultsIndex
 from ..percentiles import percentile
 from .report_page import PAGE
 from .report_qa import render_verdict

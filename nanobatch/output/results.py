@@ -9,7 +9,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -19,7 +19,6 @@ from ..names import RESULTS_FILE
 from ..scratch import scratch_db
 from .files import Stamp
 from .index_cache import MIN_LINES, Restored, prune_superseded, restore_index, save_index
-from .own import is_own_record
 from .reading import read_file_stamps, read_float, read_stamps, read_strs
 from .record import (
     TOKEN_FIELDS,
@@ -27,76 +26,15 @@ from .record import (
     ItemRecord,
     PaidIn,
     files_of,
-    is_record,
     line_costs,
     read_steps,
     usage_tokens,
 )
+from .record_lines import records_at
 
-__all__ = ["IndexEntry", "ResultsIndex", "latest_records", "read_records"]
+__all__ = ["IndexEntry", "ResultsIndex"]
 
 logger = logging.getLogger("nanobatch")
-
-
-def read_records(path: Path) -> Iterator[ItemRecord]:
-    """Item records from a results file, oldest first, as the report shows them: those nanobatch wrote, as
-    ``status`` counts them (another tool's lines are passed over with one warning); torn lines are skipped with a
-    warning."""
-    return map(ItemRecord.from_json, _record_lines(path))
-
-
-def latest_records(path: Path, ids: Collection[str]) -> dict[str, ItemRecord]:
-    """The latest record nanobatch wrote for each of *ids* in a results file (as the resume index counts them:
-    another tool's lines are passed over), whole; an id with none is left out."""
-    latest: dict[str, dict[str, Any]] = {}
-    for line in _record_lines(path):
-        if (item_id := str(line["id"])) in ids:
-            latest[item_id] = line
-    return {item_id: ItemRecord.from_json(line) for item_id, line in latest.items()}
-
-
-def _record_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The parsed lines of a results file that are item records nanobatch wrote (``own.is_own_record``): another
-    tool's lines in a results.jsonl it shares neither count (the index, status, the report) nor make a file
-    nanobatch's to replace."""
-    return (record for _, record in _records_at(path))
-
-
-def _records_at(
-    path: Path, *, start: Restored | None = None, end: list[Restored] | None = None
-) -> Iterator[tuple[int, dict[str, Any]]]:
-    """:func:`_record_lines`, each with the byte offset its line starts at. From *start* (where an earlier
-    reading stopped), if given; where this one stopped is put in *end*."""
-    if not path.exists():
-        return
-    foreign = 0
-    with path.open("rb") as f:
-        if start is not None:
-            f.seek(start.offset)
-        number = start.lines if start is not None else 0
-        read, line = f.tell(), b"\n"
-        for number, line in enumerate(f, number + 1):  # noqa: B020 (number: the last line, once done)
-            at, read = read, read + len(line)
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                logger.warning("%s: line %d is not valid JSON (torn by a crash?); ignoring it", path, number)
-                continue
-            if is_own_record(record):
-                yield at, record
-            elif is_record(record):
-                foreign += 1
-        if end is not None and line.endswith(b"\n"):  # a line cut short (torn by a crash) is no place to stop at
-            end.append(Restored(offset=read, lines=number, paid_usd=0.0))
-    if foreign:
-        logger.warning(
-            "%s: ignoring %d lines that look like item records but were not written by nanobatch (another "
-            "tool's?): they lack the fields nanobatch writes on every record",
-            path,
-            foreign,
-        )
 
 
 FileStamps = tuple[int, int, str]  # an input's (size, mtime_ns, sha256), as inputs.stamps.FileStamp
@@ -136,6 +74,7 @@ CREATE TABLE entries (
     cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT, at INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL, size INTEGER, mtime INTEGER) WITHOUT ROWID;
+CREATE TABLE uploaded (url TEXT PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE superseded (at INTEGER NOT NULL, id TEXT NOT NULL, status TEXT, outputs BLOB, run TEXT, was_at INTEGER);
 CREATE TRIGGER supersede BEFORE UPDATE ON entries WHEN NEW.at IS NOT NULL BEGIN
     INSERT INTO superseded VALUES (NEW.at, OLD.id, OLD.status, OLD.outputs, OLD.run, OLD.at);
@@ -212,7 +151,9 @@ def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool) -> str | None
     return paid_in.run if paid_in is not None else None
 
 
-_Files = tuple[list[str], "tuple[Stamp | None, ...] | None"]  # a record's files, and their stamps if it has them
+# A record's files, their stamps if it has them, and its objects' URLs (output.upload_to).
+_Files = tuple[list[str], "tuple[Stamp | None, ...] | None", tuple[str, ...]]
+_UPLOADED = "INSERT OR REPLACE INTO uploaded VALUES (?, ?)"
 
 
 def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
@@ -242,7 +183,8 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
         orjson.dumps(files) if steps else None,
         _paid_in(get("run"), paid_in, moved),
     )
-    return row, (files, read_file_stamps(get("file_stamps"), len(files))), paid
+    uploads = read_strs(get("uploads")) if "uploads" in line else ()
+    return row, (files, read_file_stamps(get("file_stamps"), len(files)), uploads), paid
 
 
 class _Identified(Protocol):
@@ -281,13 +223,14 @@ class ResultsIndex:
         end: list[Restored] = []
         # The index's columns straight from the parsed lines, not through ItemRecord: building the frozen
         # records made a re-run's start much slower (bench/RESULTS.md, "Why the code is shaped this way").
-        rows = ((at, *_line_row(line)) for at, line in _records_at(path, start=start, end=end))
+        rows = ((at, *_line_row(line)) for at, line in records_at(path, start=start, end=end))
         with index._db:  # one transaction: 100,000 inserts in one go
             index._db.execute("BEGIN")
             while chunk := list(itertools.islice(rows, 1000)):
                 index._db.executemany(_UPSERT, ((*row, at) for at, row, _, _ in chunk))
-                owned = (own for _, row, files, _ in chunk for own in _owned_rows(row[0], *files))
+                owned = (own for _, row, (names, stamps, _), _ in chunk for own in _owned_rows(row[0], names, stamps))
                 index._db.executemany(_OWN, owned)
+                index._db.executemany(_UPLOADED, ((u, row[0]) for _, row, (*_, ups), _ in chunk for u in ups))
                 index._paid_usd += sum(paid for *_, paid in chunk)
         prune_superseded(index._db, path)
         if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
@@ -312,6 +255,7 @@ class ResultsIndex:
         self._ahead.pop(record.id, None)
         self._db.execute(_UPSERT, (*_row(record), None))
         self._db.executemany(_OWN, _owned_rows(record.id, record.files, record.file_stamps))
+        self._db.executemany(_UPLOADED, ((url, record.id) for url in record.uploads or ()))
         self._paid_usd += record.costs()[1]
 
     def adopt(self, item_id: str, files: Mapping[str, Stamp]) -> None:
@@ -329,6 +273,12 @@ class ResultsIndex:
             if row is not None and row[0] == item_id:
                 found[name] = _stamp(row[1], row[2])
         return found
+
+    def uploaded(self, item_id: str, urls: Iterable[str]) -> frozenset[str]:
+        """Those of *urls* whose objects a record of *item_id* says nanobatch put there (``uploads``): the only
+        objects in ``output.upload_to`` a new result of that item may replace."""
+        find = "SELECT id FROM uploaded WHERE url = ?"
+        return frozenset(url for url in urls if self._db.execute(find, (url,)).fetchone() == (item_id,))
 
     def owned_under(self, item_id: str, stem: str) -> dict[str, Stamp | None]:
         """:meth:`owned` for every name an item with the stem *stem* writes (``<stem>.*``, ``<stem>-*``), in

@@ -49,6 +49,7 @@ class Send:
     # The path of a place its image or a kept step would go, taken by a file nanobatch did not write for it.
     taken: str | None = None
     why: str | None = None  # why it is taken, if not a file there (a folder on the way that leads out of the folder)
+    uploads: tuple[str, ...] = ()  # with output.upload_to: the names its images would be uploaded under
 
 
 class Resume:
@@ -102,10 +103,11 @@ class Resume:
             item.id, rejected_name(item.stem)
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
+        uploads = tuple(names) if self.uploads is not None else ()
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
-                return Send(replaceable=replaceable, taken=folder)  # never written through, nor replaced
+                return Send(replaceable=replaceable, taken=folder, uploads=uploads)  # never written through
             names += [rejected_name(name) for name in names]
         # A folder on the way that leads out of the output folder (looked at once per folder); or a file, a folder
         # or a link there that is not the item's as nanobatch left it.
@@ -118,7 +120,8 @@ class Resume:
             n for n in there if n not in replaceable or not unchanged(self.out.file(n), replaceable[n])
         )
         why = "is in a folder that leads out of the output folder through a symbolic link" if outside else None
-        return Send(replaceable=replaceable, taken=self.out.file(foreign[0]) if foreign else None, why=why)
+        taken = self.out.file(foreign[0]) if foreign else None
+        return Send(replaceable=replaceable, taken=taken, why=why, uploads=uploads)
 
 
 def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:

@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from ..api import storage
 from ..api.redaction import public_url
-from ..errors import ConfigError, StorageError, sole_error
+from ..errors import ApiError, ConfigError, StorageError, sole_error
 
 __all__ = ["Uploads"]
 
@@ -56,19 +56,44 @@ class Uploads:
         """The object URL of the output name *name* (a path relative to the output folder)."""
         return self.prefix + name.replace(os.sep, "/")
 
-    async def put(self, files: list[tuple[str, bytes]]) -> tuple[str, ...]:
+    async def put(self, files: list[tuple[str, bytes]], replaceable: frozenset[str] = frozenset()) -> tuple[str, ...]:
         """PUT each file (one request per object, so none is ever seen half-written), all at once in worker
-        threads; their URLs, in order. Raises StorageError if any could not be written."""
+        threads; their URLs, in order. An object already there is replaced only if its URL is in *replaceable*
+        (a record of the item says nanobatch put it there). Raises StorageError if any could not be written."""
         urls = tuple(self.url(name) for name, _ in files)
+
+        def put(url: str, data: bytes) -> None:
+            storage.put(url, data, replace=url in replaceable)
+
         try:
             async with anyio.create_task_group() as tg:
                 for url, (_, data) in zip(urls, files, strict=True):
-                    tg.start_soon(anyio.to_thread.run_sync, storage.put, url, data)
+                    tg.start_soon(anyio.to_thread.run_sync, put, url, data)
         except BaseExceptionGroup as group:
             if (error := sole_error(group)) is not None:
                 raise error from None
             raise
         return urls
+
+    async def free(self, names: list[str], ours: frozenset[str]) -> None:
+        """ApiError (kind ``upload``) if an object nanobatch did not put there (*ours*: those a record of the item
+        says it did) is at one of *names*: the upload would refuse to replace it, after its answer was paid for."""
+        try:
+            taken = await anyio.to_thread.run_sync(self.taken, names, ours)
+        except StorageError as exc:
+            raise ApiError(f"cannot look in output.upload_to: {exc}", kind="upload") from None
+        if taken is not None:
+            raise ApiError(f"{taken}: an object is already there, and no record says nanobatch put it there: "
+                           "nothing was sent (move it away, or change output.upload_to or the output name)",
+                           kind="upload")  # fmt: skip
+
+    def taken(self, names: list[str], ours: frozenset[str]) -> str | None:
+        """The URL of the first object already at one of *names* that nanobatch did not put there for the item
+        (*ours*: those a record of it says it did), asked about all at once; None if there is none. Blocking
+        (HEAD requests): call it in a worker thread. StorageError if the bucket cannot be asked."""
+        urls = [self.url(name) for name in names]
+        found = storage.exists_many(url for url in urls if url not in ours)
+        return next((url for url in urls if found.get(url)), None)
 
     async def find_gone(self, done: Iterable[tuple[str, tuple[str, ...]]], folder: Path) -> None:
         """Ask, for every (id, file names) of an ok item, whether its objects are there, in one batched check
@@ -94,8 +119,8 @@ class Uploads:
         limiter = anyio.CapacityLimiter(storage.HEAD_CONCURRENCY)
 
         def restore(url: str) -> None:
-            try:
-                storage.put(url, local[url].read_bytes())
+            try:  # it was missing: one that appeared since is not replaced
+                storage.put(url, local[url].read_bytes(), replace=False)
             except (OSError, StorageError):
                 lost.append(url)
 

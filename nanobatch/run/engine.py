@@ -323,7 +323,8 @@ class Engine:
         try:
             # An image a worker wrote is read back from its temporary file, off the event loop.
             put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
-            return replace(record, uploads=await self.uploads.put(put))
+            ours = self.index.uploaded(record.id, [self.uploads.url(name) for name, _ in put])
+            return replace(record, uploads=await self.uploads.put(put, ours))
         except StorageError as exc:
             logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
             return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
@@ -339,7 +340,8 @@ class Engine:
 
         try:
             files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
-            uploads = await self.uploads.put(files)
+            ours = self.index.uploaded(finished.record.id, [self.uploads.url(name) for name, _ in files])
+            uploads = await self.uploads.put(files, ours)
         except (OSError, StorageError) as exc:
             logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
             self.stats.skipped += 1
@@ -389,6 +391,9 @@ class Engine:
                 return self._settled(item, entry, tally, decision)
             send = decision
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
+        if self.uploads is not None and send.taken is None and send.uploads:  # looked for before paying
+            urls = [self.uploads.url(name) for name in send.uploads]
+            await self.uploads.free(list(send.uploads), self.index.uploaded(item.id, urls))
         if send.taken is not None:
             why = send.why or NOT_OURS
             raise ApiError(f"{send.taken} {why}: nothing was sent (move it away, or change the output name)",

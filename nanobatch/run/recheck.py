@@ -36,7 +36,8 @@ from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
 from ..output.files import Owned, fsync_dir
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
-from ..output.results import IndexEntry, ResultsIndex, latest_records
+from ..output.record_lines import latest_records
+from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..output.verdicts import check_images
 from ..qa import QaSettings, Verdict
