@@ -91,6 +91,10 @@ class ApiSettings(_Section):
         # Never shown: it may carry a proxy's user name and password.
         if problem := _http_url_problem(url):
             raise ValueError(f"{problem}, such as https://generativelanguage.googleapis.com (the value is not shown)")
+        if urllib.parse.urlsplit(url).query:  # every request's path would land inside the query
+            raise ValueError("holds a query (?...), which requests cannot add their path to; a proxy's key goes in "
+                             "the variable api.api_key_env names, and api.auth says how it is sent (the value is "
+                             "not shown)")  # fmt: skip
         return url
 
     @field_validator("api_key_env")

@@ -140,3 +140,26 @@ def test_the_webhooks_url_is_kept_out_of_the_http_librarys_log_lines_as_it_write
         logging.getLogger("httpx2").info('HTTP Request: POST %s "HTTP/1.1 200 OK"', httpx2.URL(url))
     assert "WEBHOOK-TOKEN" not in caplog.text and "[the notify webhook]" in caplog.text
     assert json.dumps(caplog.messages)  # (the lines are there)
+
+
+async def test_a_proxys_user_name_and_password_in_the_base_url_are_sent_with_each_request() -> None:
+    seen: list[httpx2.Request] = []
+
+    def proxy(request: httpx2.Request) -> httpx2.Response:
+        seen.append(request)
+        return httpx2.Response(200, json={"candidates": [{"content": {"parts": [{"text": "x"}]}}]})
+
+    base = "https://proxyuser:PROXY-PASSWORD-456@proxy.example/gemini"
+    async with GeminiClient(base_url=base, api_key=None, transport=httpx2.MockTransport(proxy)) as client:
+        await client.generate("gemini-2.5-flash-image", BODY, timeout_s=30)
+    basic = base64.b64encode(b"proxyuser:PROXY-PASSWORD-456").decode()
+    assert seen[0].headers["authorization"] == f"Basic {basic}"
+
+
+def test_a_base_url_with_a_query_is_refused_without_being_shown() -> None:
+    from nanobatch.config import load_settings
+    from nanobatch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, overrides={"api.base_url": "https://proxy.example/gemini?key=PROXY-QUERY-KEY-123"})
+    assert "holds a query" in str(caught.value) and "PROXY-QUERY-KEY" not in str(caught.value)

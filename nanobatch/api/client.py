@@ -155,8 +155,9 @@ class GeminiClient(ApiClient):
         )  # fmt: skip
         # Straight to the transport when nothing of httpx2's client is needed between: no request signing, no
         # proxy (which the client mounts), no redirects followed, no cookies: less CPU per small request
-        # (docs/performance.md). A signed request (Vertex AI) goes through the client.
-        self._direct = transport if request_auth is None else None
+        # (docs/performance.md). A signed request (Vertex AI), or one to a proxy whose user name and password
+        # the base URL holds (the client sends them as Basic auth), goes through the client.
+        self._direct = transport if request_auth is None and not self._http.base_url.userinfo else None
         # Each model's full URL, joined to the base URL once: httpx2 parses and joins a relative path again on
         # every request (bench row "0 peers", small answers; bench/RESULTS.md).
         self._urls: dict[str, httpx2.URL] = {}
