@@ -176,6 +176,7 @@ class OutDir:
         self.results = ResultsLog(path / RESULTS_FILE)
         self.journal = Journal(path, run_id)
         self.waited = False  # whether hold() had to wait for another run to let the folder go
+        self._real: str | None = None  # its real path (escapes)
 
     @staticmethod
     def check(target: Path) -> None:
@@ -254,10 +255,14 @@ class OutDir:
 
     def escapes(self, name: str) -> bool:
         """Whether *name*'s folder leads out of the output folder through a symbolic link, as it is now (one put
-        there since the manifest was checked, or under ``rejected/``, which no template names)."""
-        inside = os.path.realpath(self.path)
-        folder = os.path.realpath(os.path.dirname(self.file(name)))
-        return folder != inside and not folder.startswith(inside + os.sep)
+        there since the manifest was checked, or under ``rejected/``, which no template names). A name at the
+        folder's top costs nothing to ask about."""
+        if not (folder := os.path.dirname(name)):
+            return False
+        if self._real is None:  # the folder itself, held by the run: resolved once
+            self._real = os.path.realpath(self.path)
+        real = os.path.realpath(self.file(folder))
+        return real != self._real and not real.startswith(self._real + os.sep)
 
     def placed(self, name: str) -> str:
         """:meth:`file`, for a file about to be written, moved or deleted there: PermissionError if its folder
