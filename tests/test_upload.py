@@ -14,7 +14,7 @@ from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 
 from .emulators import Bucket, Emulator, new_bucket
-from .fakes import FakeGemini, records, run_now, write_job
+from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run_now, write_job
 
 
 def _settings(upload_to: str) -> Settings:
@@ -166,12 +166,14 @@ def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
 def test_an_object_nanobatch_did_not_put_there_is_never_replaced_and_nothing_is_paid_for_it(
     s3_env: Emulator, tmp_path: Path
 ) -> None:
-    # A shop's published image already at the item's object name (upload_to pointed at a populated prefix).
+    # A shop's published image already at the item's object name (upload_to pointed at a populated prefix),
+    # under the type the item's model answers with (the facts table: JPEG for the 3.x models).
     name = new_bucket("s3")
-    theirs = f"s3://{name}/edited/sku-1.png"
+    theirs = f"s3://{name}/edited/sku-1.jpg"
     storage.put(theirs, b"the shop's published image")
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}, {"id": "sku-2", "image": "images/2.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
+    out = tmp_path / "out"
+    fake = FakeGemini({"make the background white": [ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))] * 2})
 
     summary = run_now(job, fake, out, settings=_settings(f"s3://{name}/edited/"))
 
@@ -179,7 +181,7 @@ def test_an_object_nanobatch_did_not_put_there_is_never_replaced_and_nothing_is_
     failed = next(r for r in records(out) if r["id"] == "sku-1")
     assert failed["error"]["kind"] == "upload" and theirs in failed["error"]["message"]
     assert storage.read_bytes(theirs) == b"the shop's published image"
-    assert storage.read_bytes(f"s3://{name}/edited/sku-2.png") == (out / "sku-2.png").read_bytes()
+    assert storage.read_bytes(f"s3://{name}/edited/sku-2.jpg") == (out / "sku-2.jpg").read_bytes()
 
 
 def test_an_object_that_appears_while_the_request_is_out_is_not_replaced(s3_env: Emulator, tmp_path: Path) -> None:

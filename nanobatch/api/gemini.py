@@ -31,6 +31,7 @@ __all__ = [
     "Reply",
     "build_request",
     "check_reply",
+    "extension_of",
     "parse_reply",
     "reply_error",
     "reply_from",
@@ -63,6 +64,11 @@ _EXTENSIONS = {
 OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
 
 
+def extension_of(mime_type: str) -> str:
+    """The file extension an image of *mime_type* is saved under (``bin`` for a type not listed)."""
+    return _EXTENSIONS.get(mime_type, "bin")
+
+
 @dataclass(frozen=True, slots=True)
 class Image:
     """Image bytes and their mime type; or, for an answer a worker process decoded, the temporary file it wrote
@@ -83,7 +89,7 @@ class Image:
 
     @property
     def extension(self) -> str:
-        return _EXTENSIONS.get(self.mime_type, "bin")
+        return extension_of(self.mime_type)
 
     def problem(self) -> str | None:
         """Why the image cannot be decoded (:func:`~nanobatch.pictures.answer_problem`), or None."""

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
 
-from ..api.gemini import OUTPUT_EXTENSIONS
+from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
+from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, item_stems, rejected_name
 from .files import Owned, unchanged
 from .outdir import OutDir
@@ -103,7 +104,12 @@ class Resume:
             item.id, rejected_name(item.stem)
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
-        uploads = tuple(names) if self.uploads is not None else ()
+        # The names its images will most likely be uploaded under, by the type its model answers with (PNG or
+        # JPEG for a model the facts table does not know): one HEAD each before paying. An answer of another
+        # type is still never PUT over an object (a conditional create), though it was paid for.
+        mime = f"image/{item.output_format}" if item.output_format else ANSWER_TYPES.get(item.model)
+        expected = {extension_of(mime)} if mime else {"png", "jpg"}
+        uploads = tuple(n for n in names if n.rpartition(".")[2] in expected) if self.uploads is not None else ()
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
