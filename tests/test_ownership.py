@@ -197,3 +197,42 @@ def test_a_folder_swapped_for_a_link_out_of_the_output_folder_is_not_written_mov
         with pytest.raises(PermissionError):
             out.put(files, moves, {}, set())
     assert sorted(p.name for p in archive.iterdir()) == ["old.png"] and not (tmp_path / "out" / "new.png").exists()
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_run_that_died_after_replacing_the_items_own_file_leaves_it_the_items_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The item's instruction changed: its new image replaced its old one, and the run died before the record.
+    # The record's stamp is the old file's; the journal's claim says the new one is nanobatch's.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini())
+    job.write_text(job.read_text().replace(EDIT, "make the background grey"))
+
+    def killed(self: Any, records: list[Any]) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
+        with pytest.raises((Killed, BaseExceptionGroup)):
+            run(job, FakeGemini({"make the background grey": [BIG]}))
+    fake = FakeGemini({"make the background grey": [BIG]})
+
+    assert run(job, fake).exit_code == 0
+    assert len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"
+
+
+def test_a_retouched_output_is_not_moved_when_its_output_name_changes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    run(catalog(tmp_path, "shoes"), fake)
+    (out / "shoes" / "x.png").write_bytes(MINE)  # retouched by hand
+
+    summary = run(catalog(tmp_path, "hats"), fake)
+
+    assert (out / "shoes" / "x.png").read_bytes() == MINE and not (out / "hats" / "x.png").exists()
+    assert len(fake.requests) == 1 and records(out)[-1]["outputs"] == ["shoes/x.png"] and summary.exit_code in (0, 1)

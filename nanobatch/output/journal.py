@@ -39,14 +39,16 @@ def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
 
     A claim is written before its files: a file is adopted only if the one under its name now has the size
     claimed (a write that was refused, or never happened, leaves what is there to its owner), with the stamp it
-    has now. A claim without sizes (an older run's) adopts nothing."""
+    has now; so is a file of the item's that the dead run replaced (its record's stamp is the old file's). A
+    claim without sizes (an older run's) adopts nothing."""
     carried = []
     for entry in _journal_entries(path, ("writing",)):
         names, sizes = entry.get("files") or (), entry.get("sizes") or ()
         claimed = dict(zip(map(str, names), sizes, strict=False))
         owned = index.owned(entry["id"], claimed)
-        found = {name: stamp_of(str(path.parent / name)) for name in claimed if name not in owned}
-        if adopted := {name: stamp for name, stamp in found.items() if stamp and stamp[0] == claimed[name]}:
+        found = {name: stamp_of(str(path.parent / name)) for name in claimed}
+        fresh = {name: stamp for name, stamp in found.items() if name not in owned or owned[name] not in (None, stamp)}
+        if adopted := {name: stamp for name, stamp in fresh.items() if stamp and stamp[0] == claimed[name]}:
             index.adopt(entry["id"], adopted)
             files = sorted(adopted)
             carried.append(orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n")

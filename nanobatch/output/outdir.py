@@ -288,6 +288,8 @@ class OutDir:
         try:
             for old, new in moves:
                 src = self.placed(old)
+                if old in replaceable and not unchanged(src, replaceable[old]):  # retouched: it is the user's now
+                    raise FileExistsError(errno.EEXIST, "was changed since nanobatch wrote it: not moved", src)
                 target, existed = self._claim(new, replaceable)
                 move_file(src, target, replace=existed)  # one that appears meanwhile is not the item's
                 undo.append((target, src))

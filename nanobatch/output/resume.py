@@ -6,6 +6,7 @@ the work key of its inputs and the run's flags (``--force``, ``--retry-failed``,
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
 
 __all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "outputs_there", "renamed_files"]
+
+logger = logging.getLogger("nanobatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,12 @@ class Resume:
         moves = tuple((old, new) for old, new in renamed_files(entry, item.stem) if os.path.isfile(self.out.file(old)))
         if not moves:
             return SKIP
-        return Move(moves=moves, replaceable=self.index.owned(item.id, (new for _, new in moves)))
+        owned = self.index.owned(item.id, [old for old, _ in moves])
+        if changed := [old for old, _ in moves if not unchanged(self.out.file(old), owned.get(old, (-1, -1)))]:
+            logger.warning("%s: its files keep their old names: %s was changed since nanobatch wrote it (or is not "
+                           "nanobatch's)", item.id, self.out.file(changed[0]))  # fmt: skip
+            return SKIP
+        return Move(moves=moves, replaceable={**owned, **self.index.owned(item.id, (new for _, new in moves))})
 
     def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:

@@ -280,7 +280,8 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
         # Under rejected/, only an image a record of this item put there may be replaced (an earlier rejection's;
         # the index is this thread's only). Back out of it, nothing: the rejection left the names free, so what
         # is there now, nanobatch did not put there.
-        replaceable: Owned = index.owned(item.id, [new for _, new in moves]) if rejected else {}
+        # A source is moved only while it is as nanobatch left it (a retouched image is the user's now).
+        replaceable: Owned = index.owned(item.id, [old for old, _ in moves] + [new for _, new in moves if rejected])
         plans.append((item, records[item.id], moves, replaceable))
     out.open()
     try:
