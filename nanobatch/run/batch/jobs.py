@@ -74,14 +74,12 @@ class Jobs:
                 self.ledger.note("ended", chunk, state="not submitted")
                 chunk.ended = "not submitted"
                 self.answers.settle(chunk, exc)
-            elif chunk.job is not None and exc.status_code == 404:
-                self._lost(chunk, exc)
             else:
                 self.answers.settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
 
     def _lost(self, chunk: Chunk, exc: ApiError) -> None:
-        """*chunk*'s job, or its results file, is gone from the API (deleted, or past the 48 hours the API keeps a
-        results file): its answers, paid for if it succeeded, cannot be had. Said once, loudly; its steps are sent
+        """*chunk*'s job is done but its results file is gone from the API (deleted, or past the 48 hours the API
+        keeps one): its answers, paid for, cannot be had. Said once, loudly; its steps are sent
         again (and paid again), rather than wait for ever for answers no run can collect."""
         logger.error("batch job %s of chunk %s can no longer be read (%s): the answers it gave, if any, are lost; "
                      "its %d requests are sent again", chunk.job, chunk.id, exc.message, len(chunk.keys))  # fmt: skip
@@ -157,7 +155,15 @@ class Jobs:
         """Download the results (if any) into the folder, journal it, free the API's files, wake the steps."""
         if job.responses_file:
             results = f"{chunk.id}.results.jsonl"
-            await self.client.download(job.responses_file, self.chunks.folder / results)
+            try:
+                await self.client.download(job.responses_file, self.chunks.folder / results)
+            except ApiError as exc:
+                if exc.status_code != 404:
+                    raise
+                # The job is there and done (just asked), its results file gone: the answers are lost. (A job
+                # itself not found proves less: another key or project may be in use; its items wait.)
+                self._lost(chunk, exc)
+                return
             # On disk before the API's copy is deleted below: paid answers, with no other copy after that.
             await anyio.to_thread.run_sync(_durable, self.chunks.folder / results)
             chunk.results, chunk.collected_at = results, time.time()
