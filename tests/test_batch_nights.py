@@ -442,3 +442,33 @@ def test_a_job_whose_results_are_gone_is_said_lost_once_and_its_items_sent_again
     assert "can no longer be read" in capsys.readouterr().err
     assert {r["status"] for r in records(tmp_path / "out")} == {"ok"} and len(records(tmp_path / "out")) == 3
     assert billed(app) == 6 and len(jobs(app)) == 2  # paid again: unavoidable once the answers are gone
+
+
+def test_answers_landed_by_an_earlier_run_are_not_collected_again_by_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sku-0's image could not be written, so its chunk is kept; sku-1 and sku-2 were landed from it. A later
+    # --force must send those two again, not hand their old answers back (nor count their cost twice).
+    import nanobatch.output.outdir
+
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
+    out = tmp_path / "out"
+    real_put = nanobatch.output.outdir.OutDir.put
+
+    def put(self: nanobatch.output.outdir.OutDir, files: Any, *args: Any) -> None:
+        if any(name == "sku-0.png" for name, _ in files):
+            (out / "sku-0.png").write_bytes(b"the user's own")
+        real_put(self, files, *args)
+
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        monkeypatch.setattr(nanobatch.output.outdir.OutDir, "put", put)
+        assert cli(job, url) == 1
+        monkeypatch.undo()
+        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        (out / "sku-0.png").unlink()
+        assert cli(job, url, "--force") == 0
+    latest = {r["id"]: r for r in records(out)}
+    first_job = jobs(app)[0].name
+    assert latest["sku-1"]["batch"] != first_job and latest["sku-2"]["batch"] != first_job  # sent again
+    assert billed(app) == 5  # sku-0's unwritten answer used once; sku-1 and sku-2 paid for again, as forced

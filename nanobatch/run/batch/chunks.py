@@ -35,8 +35,8 @@ class Chunks:
         self._sweep()
         self.by_key: dict[str, Chunk] = {}  # requests in a chunk whose answer is still to be used
         for chunk in self.by_id.values():
-            if not chunk.closed and chunk.ended is None:
-                self.by_key.update(dict.fromkeys(chunk.keys, chunk))
+            if not chunk.closed and chunk.ended is None:  # (an answer landed by an earlier run is not used again)
+                self.by_key.update((key, chunk) for key in chunk.keys if key not in chunk.landed)
 
     def _sweep(self) -> None:
         """Delete what a killed run left in the folder that the ledger does not name: a chunk being filled,
@@ -131,6 +131,9 @@ class Chunks:
                 kept_unused += unused[chunk.id]
                 continue
             self.close(chunk)
+        for chunk in self.by_id.values():  # what stays: which of its answers are landed, never to be used again
+            if not chunk.closed and chunk.landed:
+                self.ledger.note("landed", chunk, keys=sorted(chunk.landed))
         return kept_unused
 
     def _collected_at(self, chunk: Chunk) -> float:

@@ -165,6 +165,8 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.ended = chunk.state = event["state"]
     elif kind == "closed":
         chunk.closed = True
+    elif kind == "landed":
+        chunk.landed.update(str(key) for key in event.get("keys") or ())
 
 
 def answers_to_come(folder: Path) -> bool:
