@@ -215,3 +215,23 @@ def test_a_changed_item_replaces_the_object_nanobatch_put_there_for_it(s3_env: E
     assert run_now(job, fake, out, settings=settings).exit_code == 0
 
     assert len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"
+
+
+def test_an_answer_of_another_type_than_expected_is_paid_for_once_not_every_night(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    # The facts table says JPEG; this answer is PNG, and a shop's object is at the .png name. The first night
+    # pays and the conditional create refuses the upload; the record keeps its names, so the next night looks
+    # there before paying and sends nothing.
+    name = new_bucket("s3")
+    theirs = f"s3://{name}/edited/sku-1.png"
+    storage.put(theirs, b"the shop's published image")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    settings = _settings(f"s3://{name}/edited/")
+
+    for _ in range(2):
+        assert run_now(job, fake, out, settings=settings).exit_code == 1
+
+    assert len(fake.requests) == 1 and storage.read_bytes(theirs) == b"the shop's published image"
+    assert [r["error"]["kind"] for r in records(out)] == ["upload", "upload"]

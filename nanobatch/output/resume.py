@@ -80,7 +80,7 @@ class Resume:
     def decide(self, item: WorkItem, entry: IndexEntry | None, key: str) -> Skip | Move | Send:
         """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
         if self._wanted(item, entry, key):
-            return self._send(item)
+            return self._send(item, entry)
         if not _ok(entry, key):
             return SKIP
         moves = tuple((old, new) for old, new in renamed_files(entry, item.stem) if os.path.isfile(self.out.file(old)))
@@ -104,7 +104,7 @@ class Resume:
             return self.force or not done
         return self.force or not is_done(entry, key, self.out.path)
 
-    def _send(self, item: WorkItem) -> Send:
+    def _send(self, item: WorkItem, entry: IndexEntry | None) -> Send:
         # Looked for before paying: an answer that could not be saved (the writer refuses it the same way). An
         # item with output checks may write under rejected/ instead (nanobatch.output.verdicts); what an earlier
         # run set aside there for it is replaceable too (an answer that passes deletes it).
@@ -113,10 +113,12 @@ class Resume:
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
         # The names its images will most likely be uploaded under, by the type its model answers with (PNG or
-        # JPEG for a model the facts table does not know): one HEAD each before paying. An answer of another
-        # type is still never PUT over an object (a conditional create), though it was paid for.
+        # JPEG for a model the facts table does not know) and the types of its last answer: one HEAD each before
+        # paying. An answer of another type is never PUT over an object (a conditional create), though it was
+        # paid for; its record keeps its names, so the next run looks there too and does not pay again.
         mime = f"image/{item.output_format}" if item.output_format else ANSWER_TYPES.get(item.model)
         expected = {extension_of(mime)} if mime else {"png", "jpg"}
+        expected.update(name.rpartition(".")[2] for name in (entry.outputs if entry is not None else ()))
         uploads = tuple(n for n in names if n.rpartition(".")[2] in expected) if self.uploads is not None else ()
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
