@@ -235,3 +235,63 @@ def test_an_answer_of_another_type_than_expected_is_paid_for_once_not_every_nigh
 
     assert len(fake.requests) == 1 and storage.read_bytes(theirs) == b"the shop's published image"
     assert [r["error"]["kind"] for r in records(out)] == ["upload", "upload"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_an_object_a_killed_run_put_before_its_record_is_still_the_items(
+    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Killed between the PUT and the record: the journal's claim (URL and size) makes the object the item's
+    # again, so the next run sends the item and replaces it, instead of refusing it for ever.
+    import nanobatch.output.outdir
+
+    name = new_bucket("s3")
+    settings = _settings(f"s3://{name}/edited/")
+    jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+
+    def killed(self: object, records: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
+        with pytest.raises((Killed, BaseExceptionGroup)):
+            run_now(job, FakeGemini({"make the background white": [jpeg]}), out, settings=settings)
+    assert storage.read_bytes(f"s3://{name}/edited/sku-1.jpg")  # PUT, and no record of it
+
+    summary = run_now(job, FakeGemini({"make the background white": [jpeg]}), out, settings=settings)
+
+    assert summary.exit_code == 0 and records(out)[-1]["uploads"] == [f"s3://{name}/edited/sku-1.jpg"]
+
+
+def test_an_object_that_landed_when_another_of_its_items_puts_failed_is_still_the_items(
+    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = new_bucket("s3")
+    settings = _settings(f"s3://{name}/edited/")
+    jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
+    item = {"id": "hero", "image": "images/1.png", "keep_steps": True, "steps": ["crop it", "make it white"]}
+    job = write_job(tmp_path, [item])
+    out = tmp_path / "out"
+    real_put = storage.put
+
+    def flaky(url: str, data: bytes, **options: object) -> None:
+        if url.endswith("hero.step1.jpg"):
+            raise StorageError(url, "unreachable", "ConnectionError: reset")
+        real_put(url, data, **options)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "put", flaky)
+        assert (
+            run_now(job, FakeGemini({"crop it": [jpeg], "make it white": [jpeg]}), out, settings=settings).exit_code
+            == 1
+        )
+    assert storage.read_bytes(f"s3://{name}/edited/hero.jpg")  # landed; the record failed without uploads
+
+    fake = FakeGemini({"crop it": [jpeg], "make it white": [jpeg]})
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    assert records(out)[-1]["status"] == "ok" and len(fake.requests) == 2

@@ -13,7 +13,7 @@ from ..names import JOURNAL_FILE
 from .files import stamp_of
 from .results import ResultsIndex
 
-__all__ = ["orphaned_requests", "writes_to_adopt"]
+__all__ = ["orphaned_requests", "uploads_to_adopt", "writes_to_adopt"]
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
@@ -53,6 +53,21 @@ def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
             files = sorted(adopted)
             carried.append(orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n")
     return carried
+
+
+def uploads_to_adopt(path: Path, index: ResultsIndex) -> tuple[list[bytes], list[tuple[str, str, int]]]:
+    """The journal's claims on objects in ``output.upload_to`` that no record names (the run died between the
+    PUT and the record, or one PUT of an item failed after another landed): their lines, to keep until a record
+    names them, and each (item id, URL, size claimed), for the run to adopt once it sees an object of that
+    size there (:meth:`~nanobatch.output.upload.Uploads.adopt`)."""
+    carried, claims = [], []
+    for entry in _journal_entries(path, ("uploading",)):
+        urls, sizes = [str(url) for url in entry.get("urls") or ()], entry.get("sizes") or ()
+        recorded = index.uploaded(entry["id"], urls)
+        if unrecorded := [(url, size) for url, size in zip(urls, sizes, strict=False) if url not in recorded]:
+            carried.append(orjson.dumps(entry) + b"\n")
+            claims += [(entry["id"], url, int(size)) for url, size in unrecorded]
+    return carried, claims
 
 
 def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:

@@ -149,6 +149,12 @@ class Journal:
         no connection): it is not in doubt, whatever becomes of its item."""
         self._write({"event": "settled", "run": self.run_id, "id": item_id, "attempt": attempt})
 
+    def uploading(self, item_id: str, objects: list[tuple[str, int]]) -> None:
+        """A claim on objects (URL, size) about to be PUT to ``output.upload_to`` for *item_id*: a run that dies
+        before their record leaves them for the next to adopt (:func:`~nanobatch.output.journal.uploads_to_adopt`)."""
+        self._write({"event": "uploading", "run": self.run_id, "id": item_id, "urls": [u for u, _ in objects],
+                     "sizes": [s for _, s in objects]})  # fmt: skip
+
     def writing_many(self, items: list[tuple[str, list[tuple[str, int | None]]]]) -> None:
         """A claim for each (item id, [(name, size)]): the files about to be written or moved there, in one write
         to the kernel (a batch of the writer's). A later run adopts a claimed file only if the one there has
@@ -177,6 +183,7 @@ class OutDir:
         self.journal = Journal(path, run_id)
         self.waited = False  # whether hold() had to wait for another run to let the folder go
         self._real: str | None = None  # its real path (escapes)
+        self.upload_claims: list[tuple[str, str, int]] = []  # (item, URL, size) a dead run's journal claims (recover)
 
     @staticmethod
     def check(target: Path) -> None:
@@ -221,7 +228,7 @@ class OutDir:
     def recover(self, index: ResultsIndex) -> list[dict[str, Any]]:
         """What a dead run left: its requests in flight (reported and returned), its journal's claims on files
         (carried over), its half-written temporary files (removed). Call with the lock held."""
-        from .journal import orphaned_requests, writes_to_adopt
+        from .journal import orphaned_requests, uploads_to_adopt, writes_to_adopt
 
         orphans = orphaned_requests(self.path, index)
         if orphans:
@@ -229,6 +236,8 @@ class OutDir:
             logger.warning("%d requests sent by a run that ended without saving their results (items %s): they may "
                            "have been charged; the items not done are sent again", len(orphans), ids)  # fmt: skip
         carried = writes_to_adopt(self.path / JOURNAL_FILE, index)
+        uploads, self.upload_claims = uploads_to_adopt(self.path / JOURNAL_FILE, index)
+        carried += uploads
         if carried:
             atomic_write(self.path / JOURNAL_FILE, b"".join(carried))
         else:

@@ -274,6 +274,10 @@ class ResultsIndex:
                 found[name] = _stamp(row[1], row[2])
         return found
 
+    def adopt_uploads(self, item_id: str, urls: Iterable[str]) -> None:
+        """Count *urls* as objects nanobatch put there for *item_id* (the journal says so, and they are there)."""
+        self._db.executemany(_UPLOADED, ((url, item_id) for url in urls))
+
     def uploaded(self, item_id: str, urls: Iterable[str]) -> frozenset[str]:
         """Those of *urls* whose objects a record of *item_id* says nanobatch put there (``uploads``): the only
         objects in ``output.upload_to`` a new result of that item may replace."""

@@ -25,6 +25,7 @@ import anyio.to_thread
 from ..api import storage
 from ..api.redaction import public_url
 from ..errors import ApiError, ConfigError, StorageError, sole_error
+from .results import ResultsIndex
 
 __all__ = ["Uploads"]
 
@@ -74,6 +75,16 @@ class Uploads:
                 raise error from None
             raise
         return urls
+
+    async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex) -> None:
+        """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's if one of that size
+        is there: the run PUT it and died before its record. Any other object there stays someone else's."""
+        if not claims:
+            return
+        found = await anyio.to_thread.run_sync(storage.stat_many, [url for _, url, _ in claims])
+        for item_id, url, size in claims:
+            if (stamp := found.get(url)) is not None and stamp.size == size:
+                index.adopt_uploads(item_id, [url])
 
     async def free(self, names: list[str], ours: frozenset[str]) -> None:
         """ApiError (kind ``upload``) if an object nanobatch did not put there (*ours*: those a record of the item

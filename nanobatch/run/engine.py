@@ -324,6 +324,7 @@ class Engine:
             # An image a worker wrote is read back from its temporary file, off the event loop.
             put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
             ours = self.index.uploaded(record.id, [self.uploads.url(name) for name, _ in put])
+            self.out.journal.uploading(record.id, [(self.uploads.url(name), len(data)) for name, data in put])
             return replace(record, uploads=await self.uploads.put(put, ours))
         except StorageError as exc:
             logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
@@ -341,6 +342,7 @@ class Engine:
         try:
             files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
             ours = self.index.uploaded(finished.record.id, [self.uploads.url(name) for name, _ in files])
+            self.out.journal.uploading(finished.record.id, [(self.uploads.url(n), len(d)) for n, d in files])
             uploads = await self.uploads.put(files, ours)
         except (OSError, StorageError) as exc:
             logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)

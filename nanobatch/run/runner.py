@@ -229,7 +229,7 @@ async def _engine(
 ) -> tuple[Engine, BatchRoute | None]:
     """The engine, built whole from its parts, and its batch route (None when no item goes in the batch tier)."""
     settings, simulate, transport = checked.settings, options.simulate, options.transport
-    uploads = await _uploads(settings, index, out.path, options.force)
+    uploads = await _uploads(settings, index, out, options.force)
     client = await _client(stack, settings, api_key, simulate, transport, os.fspath(out.path))
     loader = await stack.enter_async_context(InputLoader(transport=transport))
     batch = await _batch_route(stack, settings, client, None if simulate else api_key, transport, out, stats, checked)
@@ -320,13 +320,15 @@ def _outcome(
     return ("aborted" if reason is not None else "complete"), reason
 
 
-async def _uploads(settings: Settings, index: ResultsIndex, folder: Path, force: bool) -> Uploads | None:
-    """``output.upload_to``'s uploads (checked by check_job), knowing which done items lost their objects."""
+async def _uploads(settings: Settings, index: ResultsIndex, out: OutDir, force: bool) -> Uploads | None:
+    """``output.upload_to``'s uploads (checked by check_job), knowing which objects a dead run PUT for its items
+    and which done items lost their objects."""
     if settings.output.upload_to is None:
         return None
     uploads = Uploads(settings.output.upload_to)
+    await uploads.adopt(out.upload_claims, index)
     if not force:
-        await uploads.find_gone(index.ok_files(), folder)
+        await uploads.find_gone(index.ok_files(), out.path)
     return uploads
 
 
