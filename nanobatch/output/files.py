@@ -24,6 +24,7 @@ __all__ = [
     "Stamp",
     "atomic_write",
     "fsync_dir",
+    "is_ours",
     "move_file",
     "remove_stale_temp_files",
     "stamp_of",
@@ -175,6 +176,12 @@ def stamp_of(path: str) -> Stamp | None:
     except FileNotFoundError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def is_ours(owned: Owned, name: str, path: str) -> bool:
+    """Whether the file *name* (at *path*) is one nanobatch wrote for the item that *owned* belongs to, as it left
+    it: the one rule for replacing, moving over, moving away or deleting a file of the output folder."""
+    return name in owned and unchanged(path, owned[name])
 
 
 def unchanged(path: str, stamp: Stamp | None) -> bool:

@@ -33,7 +33,7 @@ import orjson
 
 from ..errors import ConfigError, Interrupted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
-from .files import Owned, atomic_write, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
+from .files import Owned, atomic_write, is_ours, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
 from .lock import RunLock
 from .own import check_own_files, is_torn_record, open_own
 from .record import ItemRecord
@@ -337,7 +337,7 @@ class OutDir:
         if something is there that nanobatch did not write for this item, or that was changed since."""
         path = self.placed(name)
         existed = os.path.lexists(path)
-        if existed and (name not in replaceable or not unchanged(path, replaceable[name])):
+        if existed and not is_ours(replaceable, name, path):
             raise FileExistsError(errno.EEXIST, "already there, and not as nanobatch wrote it for this item", path)
         return path, existed
 

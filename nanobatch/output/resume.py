@@ -17,7 +17,7 @@ from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, item_stems, rejected_name
-from .files import Owned, unchanged
+from .files import Owned, is_ours
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
@@ -87,7 +87,7 @@ class Resume:
         if not moves:
             return SKIP
         owned = self.index.owned(item.id, [old for old, _ in moves])
-        if changed := [old for old, _ in moves if not unchanged(self.out.file(old), owned.get(old, (-1, -1)))]:
+        if changed := [old for old, _ in moves if not is_ours(owned, old, self.out.file(old))]:
             logger.warning("%s: its files keep their old names: %s was changed since nanobatch wrote it (or is not "
                            "nanobatch's)", item.id, self.out.file(changed[0]))  # fmt: skip
             return SKIP
@@ -112,14 +112,7 @@ class Resume:
             item.id, rejected_name(item.stem)
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
-        # The names its images will most likely be uploaded under, by the type its model answers with (PNG or
-        # JPEG for a model the facts table does not know) and the types of its last answer: one HEAD each before
-        # paying. An answer of another type is never PUT over an object (a conditional create), though it was
-        # paid for; its record keeps its names, so the next run looks there too and does not pay again.
-        mime = f"image/{item.output_format}" if item.output_format else ANSWER_TYPES.get(item.model)
-        expected = {extension_of(mime)} if mime else {"png", "jpg"}
-        expected.update(name.rpartition(".")[2] for name in (entry.outputs if entry is not None else ()))
-        uploads = tuple(n for n in names if n.rpartition(".")[2] in expected) if self.uploads is not None else ()
+        uploads = _upload_names(item, entry, names) if self.uploads is not None else ()
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
@@ -132,12 +125,21 @@ class Resume:
         }
         outside = [name for name in names if escapes[os.path.dirname(name)]]
         there = [name for name in names if os.path.lexists(self.out.file(name))]  # a file, a folder, a link
-        foreign = outside + sorted(
-            n for n in there if n not in replaceable or not unchanged(self.out.file(n), replaceable[n])
-        )
+        foreign = outside + sorted(n for n in there if not is_ours(replaceable, n, self.out.file(n)))
         why = "is in a folder that leads out of the output folder through a symbolic link" if outside else None
         taken = self.out.file(foreign[0]) if foreign else None
         return Send(replaceable=replaceable, taken=taken, why=why, uploads=uploads)
+
+
+def _upload_names(item: WorkItem, entry: IndexEntry | None, names: list[str]) -> tuple[str, ...]:
+    """Of *names*, those its images will most likely be uploaded under, by the type its model answers with (PNG
+    or JPEG for a model the facts table does not know) and the types of its last answer: one HEAD each before
+    paying. An answer of another type is never PUT over an object (a conditional create), though it was paid
+    for; its record keeps its names, so the next run looks there too and does not pay again."""
+    mime = f"image/{item.output_format}" if item.output_format else ANSWER_TYPES.get(item.model)
+    expected = {extension_of(mime)} if mime else {"png", "jpg"}
+    expected.update(name.rpartition(".")[2] for name in (entry.outputs if entry is not None else ()))
+    return tuple(name for name in names if name.rpartition(".")[2] in expected)
 
 
 def is_done(entry: IndexEntry | None, key: str, out_dir: Path) -> bool:

@@ -16,7 +16,7 @@ import anyio
 
 from ..api.gemini import Image
 from ..errors import RunAborted
-from .files import Owned, fsync_dir, unchanged
+from .files import Owned, fsync_dir, is_ours
 from .outdir import FOLDER_ERRNOS, OutDir
 from .record import ItemRecord
 
@@ -265,7 +265,7 @@ class Writer:
             path = self.out.file(name)
             if self.out.escapes(name):
                 continue  # through a link out of the output folder: never deleted
-            if name not in finished.replaceable or not unchanged(path, finished.replaceable[name]):
+            if not is_ours(finished.replaceable, name, path):
                 continue  # not known to be nanobatch's, or changed since: never deleted
             try:
                 os.unlink(path)
