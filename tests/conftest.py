@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -8,6 +9,10 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
+
+from nanobatch.item import WorkItem
+from nanobatch.job.manifest import Manifest
+from nanobatch.qa import QaSettings
 
 from .emulators import (
     AZURITE_ACCOUNT,
@@ -178,3 +183,19 @@ def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         monkeypatch.setattr(importlib, "import_module", fake_import)
 
     return hide
+
+
+@pytest.fixture
+def with_qa(monkeypatch: pytest.MonkeyPatch) -> Callable[[QaSettings], None]:
+    """Give every item of the manifests run from now on these ``qa:`` settings."""
+
+    def use(qa: QaSettings) -> None:
+        items = Manifest.items
+
+        def with_settings(self: Manifest, **options: Any) -> Iterator[WorkItem]:
+            for item in items(self, **options):
+                yield dataclasses.replace(item, qa=qa)
+
+        monkeypatch.setattr(Manifest, "items", with_settings)
+
+    return use

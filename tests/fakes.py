@@ -173,3 +173,7 @@ def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image")
     except ManifestError as exc:
         return exc.problems
     return manifest.check().problems
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""

@@ -391,28 +391,33 @@ def test_an_answer_whose_item_left_the_manifest_for_a_night_is_kept_and_collecte
     assert billed(app) == 3 and len(jobs(app)) == 1
 
 
+def cli_while_a_users_file_appears(job: Path, url: str, name: str) -> int:
+    """:func:`cli`, while a file of the user's appears at the output name *name* just before the writer puts the
+    item's image there (after its answer was read, and paid for)."""
+    import nanobatch.output.outdir
+
+    out, real_put = job.parent / "out", nanobatch.output.outdir.OutDir.put
+
+    def put(self: nanobatch.output.outdir.OutDir, files: Any, *args: Any) -> None:
+        if any(each == name for each, _ in files):
+            (out / name).write_bytes(b"the user's own")
+        real_put(self, files, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nanobatch.output.outdir.OutDir, "put", put)
+        return cli(job, url)
+
+
 def test_an_answer_whose_image_could_not_be_written_is_kept_and_written_by_the_next_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A file of the user's appears at sku-0's name while its job runs: the answer is read, its image refused
     # (output_exists). Once the file is moved away, the next run writes the answer it has, paying nothing.
-    import nanobatch.output.outdir
-
     job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
     out = tmp_path / "out"
-    real_put = nanobatch.output.outdir.OutDir.put
-
-    def put(self: nanobatch.output.outdir.OutDir, files: Any, *args: Any) -> None:
-        if any(name == "sku-0.png" for name, _ in files):
-            (out / "sku-0.png").write_bytes(b"the user's own")
-        real_put(self, files, *args)
-
     app = sim(batch_latency_s=0.3)
     with run_in_thread(app=app) as url:
-        monkeypatch.setattr(nanobatch.output.outdir.OutDir, "put", put)
-        assert cli(job, url) == 1
-        monkeypatch.undo()
-        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        assert cli_while_a_users_file_appears(job, url, "sku-0.png") == 1
         assert any((r.get("error") or {}).get("kind") == "output_exists" for r in records(out))
         (out / "sku-0.png").unlink()
         assert cli(job, url) == 0
@@ -449,23 +454,11 @@ def test_answers_landed_by_an_earlier_run_are_not_collected_again_by_force(
 ) -> None:
     # sku-0's image could not be written, so its chunk is kept; sku-1 and sku-2 were landed from it. A later
     # --force must send those two again, not hand their old answers back (nor count their cost twice).
-    import nanobatch.output.outdir
-
     job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
     out = tmp_path / "out"
-    real_put = nanobatch.output.outdir.OutDir.put
-
-    def put(self: nanobatch.output.outdir.OutDir, files: Any, *args: Any) -> None:
-        if any(name == "sku-0.png" for name, _ in files):
-            (out / "sku-0.png").write_bytes(b"the user's own")
-        real_put(self, files, *args)
-
     app = sim(batch_latency_s=0.3)
     with run_in_thread(app=app) as url:
-        monkeypatch.setattr(nanobatch.output.outdir.OutDir, "put", put)
-        assert cli(job, url) == 1
-        monkeypatch.undo()
-        monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+        assert cli_while_a_users_file_appears(job, url, "sku-0.png") == 1
         (out / "sku-0.png").unlink()
         assert cli(job, url, "--force") == 0
     latest = {r["id"]: r for r in records(out)}

@@ -23,7 +23,7 @@ from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
 from nanobatch.errors import ManifestError
 
-from .fakes import FakeGemini, google_error, image_bytes, inline, manifest_problems, ok_body, run, write_job
+from .fakes import FakeGemini, Killed, google_error, image_bytes, inline, manifest_problems, ok_body, run, write_job
 
 
 def latest(out: Path) -> dict[str, dict[str, Any]]:
@@ -222,10 +222,6 @@ def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(
     new = image_bytes((1, 2, 3))
     fake = FakeGemini({"make the background white": [ok_body(inline(new))]})
     assert run(job, fake, out).exit_code == 0 and (out / "a.png").read_bytes() == new
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing after it runs."""
 
 
 def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replace(

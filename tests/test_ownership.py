@@ -5,20 +5,17 @@ nanobatch vacated, or an output edited in place, stays the user's."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import nanobatch.output.outdir
-from nanobatch.item import WorkItem
-from nanobatch.job.manifest import Manifest
 from nanobatch.qa import QaSettings
 
-from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run, write_job
+from .fakes import FakeGemini, Killed, image_bytes, inline, ok_body, records, run, write_job
 
 SMALL = ok_body(inline(image_bytes(size=(16, 16))))  # fails min_side 32
 BIG = ok_body(inline(image_bytes(size=(64, 64))))
@@ -37,20 +34,6 @@ def catalog(folder: Path, category: str) -> Path:
         "    output: '{category}/{id}.png'\n    instruction: make the background white\n"
     )
     return path
-
-
-@pytest.fixture
-def with_qa(monkeypatch: pytest.MonkeyPatch) -> Callable[[QaSettings], None]:
-    def use(qa: QaSettings) -> None:
-        items = Manifest.items
-
-        def with_settings(self: Manifest, **options: Any) -> Iterator[WorkItem]:
-            for item in items(self, **options):
-                yield dataclasses.replace(item, qa=qa)
-
-        monkeypatch.setattr(Manifest, "items", with_settings)
-
-    return use
 
 
 def test_each_record_says_what_each_file_it_names_was_left_as(tmp_path: Path) -> None:
@@ -197,10 +180,6 @@ def test_a_folder_swapped_for_a_link_out_of_the_output_folder_is_not_written_mov
         with pytest.raises(PermissionError):
             out.put(files, moves, {}, set())
     assert sorted(p.name for p in archive.iterdir()) == ["old.png"] and not (tmp_path / "out" / "new.png").exists()
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing after it runs."""
 
 
 def test_a_run_that_died_after_replacing_the_items_own_file_leaves_it_the_items_to_replace(

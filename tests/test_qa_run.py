@@ -8,10 +8,9 @@ on an answer smaller than asked for (the fake's 16 px, the simulator's 512 px).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from nanobatch.cli.main import main
 from nanobatch.cli.progress import describe
 from nanobatch.cli.status import folder_status
 from nanobatch.costs import pricing_for, request_cost_range
-from nanobatch.item import WorkItem
-from nanobatch.job.manifest import Manifest
 from nanobatch.output.record import ItemRecord
 from nanobatch.output.verdicts import check_images
 from nanobatch.qa import QaSettings, Verdict
@@ -50,22 +47,6 @@ SMALL = ok_body(inline(image_bytes(size=(16, 16))))  # fails min_side 32
 BIG = ok_body(inline(image_bytes(size=(64, 64))))  # passes it
 CHECKED = QaSettings(min_side=32, retries=1)
 EDIT = "make the background white"
-
-
-@pytest.fixture
-def with_qa(monkeypatch: pytest.MonkeyPatch) -> Callable[[QaSettings], None]:
-    """Give every item of the manifests run from now on these ``qa:`` settings."""
-
-    def use(qa: QaSettings) -> None:
-        items = Manifest.items
-
-        def with_settings(self: Manifest, **options: Any) -> Iterator[WorkItem]:
-            for item in items(self, **options):
-                yield dataclasses.replace(item, qa=qa)
-
-        monkeypatch.setattr(Manifest, "items", with_settings)
-
-    return use
 
 
 def two_items(tmp_path: Path) -> Path:

@@ -14,7 +14,7 @@ from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 
 from .emulators import Bucket, Emulator, new_bucket
-from .fakes import FakeGemini, image_bytes, inline, ok_body, records, run_now, write_job
+from .fakes import FakeGemini, Killed, image_bytes, inline, ok_body, records, run_now, write_job
 
 
 def _settings(upload_to: str) -> Settings:
@@ -235,10 +235,6 @@ def test_an_answer_of_another_type_than_expected_is_paid_for_once_not_every_nigh
 
     assert len(fake.requests) == 1 and storage.read_bytes(theirs) == b"the shop's published image"
     assert [r["error"]["kind"] for r in records(out)] == ["upload", "upload"]
-
-
-class Killed(BaseException):
-    """Stands for SIGKILL: nothing after it runs."""
 
 
 def test_an_object_a_killed_run_put_before_its_record_is_still_the_items(
