@@ -465,3 +465,26 @@ def test_answers_landed_by_an_earlier_run_are_not_collected_again_by_force(
     first_job = jobs(app)[0].name
     assert latest["sku-1"]["batch"] != first_job and latest["sku-2"]["batch"] != first_job  # sent again
     assert billed(app) == 5  # sku-0's unwritten answer used once; sku-1 and sku-2 paid for again, as forced
+
+
+def test_an_answer_no_run_asked_for_is_let_go_once_it_is_older_than_the_keeping_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same night without sku-0, but its answer was collected more than 14 days before: the results file is
+    # deleted (disk is not held for ever for a row a catalog dropped), and sku-0 is paid for again if it returns.
+    import nanobatch.run.batch.chunks
+
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
+    items = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(3)]
+    app = sim(batch_latency_s=0.5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(1.0)
+        write_job(tmp_path, items[1:], model=MODEL)
+        monkeypatch.setattr(nanobatch.run.batch.chunks, "KEEP_UNUSED_S", -1.0)  # any age is past it
+        assert cli(job, url) == 0
+        kept = sorted(p.name for p in (tmp_path / "out" / ".nanobatch-batches").iterdir())
+        write_job(tmp_path, items, model=MODEL)
+        assert cli(job, url) == 0
+    assert not [name for name in kept if name.endswith(".results.jsonl")]
+    assert billed(app) == 4 and len(jobs(app)) == 2
