@@ -737,12 +737,14 @@ def test_with_the_uploads_behind_answers_wait_unread_so_memory_does_not_grow_wit
 
     put: list[str] = []
 
-    def slow_put(url: str, data: bytes, **options: object) -> None:  # in a worker thread, as storage.put runs
-        anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.01)
+    def slow_put(url: str, data: bytes, **options: object) -> nanobatch.api.storage.ObjectStamp:
+        anyio.from_thread.run(trio.testing.wait_all_tasks_blocked, 0.01)  # in a worker thread, as storage.put runs
         put.append(url)
+        return nanobatch.api.storage.ObjectStamp(url, len(data), '"etag"')
 
     monkeypatch.setattr(nanobatch.api.storage, "check_bucket", lambda url: None)
     monkeypatch.setattr(nanobatch.api.storage, "exists_many", lambda urls: dict.fromkeys(urls, False))
+    monkeypatch.setattr(nanobatch.api.storage, "stat_many", lambda urls: dict.fromkeys(urls))
     monkeypatch.setattr(nanobatch.api.storage, "put", slow_put)
     peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (16, 64), 128, {"output.upload_to": "s3://catalog/edited/"})
     assert len(put) == 2 * 128  # every image of both runs

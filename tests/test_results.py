@@ -192,6 +192,10 @@ def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
                       "moved_from": ["m.png"]}, id="moved-before-paid-in"),
         pytest.param({"id": "m", "status": "ok", "moved_from": "m.png", "paid_in": {"run": 3, "cost_usd": "x"}},
                      id="moved-odd-types"),
+        pytest.param({"id": "u", "status": "ok", "outputs": ["u.jpg"], "uploads": ["s3://b/u.jpg"],
+                      "upload_stamps": [[12, '"9b2c"']]}, id="uploaded"),
+        pytest.param({"id": "u", "status": "ok", "outputs": ["u.jpg", "v.jpg"], "uploads": ["s3://b/u.jpg", "s3://b/v"],
+                      "upload_stamps": [[12, '"9b2c"']]}, id="uploaded-stamps-not-one-per-url"),
     ],
 )  # fmt: skip
 def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> None:
@@ -199,9 +203,11 @@ def test_the_index_reads_a_line_as_it_reads_its_record(line: dict[str, Any]) -> 
     from nanobatch.output.results import _line_row, _row
 
     record = ItemRecord.from_json(line)
+    uploads = record.uploads or ()
+    objects = list(zip(uploads, record.upload_stamps or [None] * len(uploads), strict=True))
     assert _line_row(line) == (
         _row(record),
-        (record.files, record.file_stamps, record.uploads or ()),
+        (record.files, record.file_stamps, objects),
         record.costs()[1],
     )
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 
+import anyio
 import pytest
 
 import nanobatch
@@ -12,6 +14,7 @@ import nanobatch.inputs.load
 from nanobatch.api import storage
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
+from nanobatch.output.upload import Uploads
 
 from .emulators import Bucket, Emulator, new_bucket
 from .fakes import FakeGemini, Killed, image_bytes, inline, ok_body, records, run_now, write_job
@@ -275,10 +278,10 @@ def test_an_object_that_landed_when_another_of_its_items_puts_failed_is_still_th
     out = tmp_path / "out"
     real_put = storage.put
 
-    def flaky(url: str, data: bytes, **options: object) -> None:
+    def flaky(url: str, data: bytes, **options: object) -> storage.ObjectStamp:
         if url.endswith("hero.step1.jpg"):
             raise StorageError(url, "unreachable", "ConnectionError: reset")
-        real_put(url, data, **options)  # type: ignore[arg-type]
+        return real_put(url, data, **options)  # type: ignore[arg-type]
 
     with monkeypatch.context() as patch:
         patch.setattr(storage, "put", flaky)
@@ -291,3 +294,58 @@ def test_an_object_that_landed_when_another_of_its_items_puts_failed_is_still_th
     fake = FakeGemini({"crop it": [jpeg], "make it white": [jpeg]})
     assert run_now(job, fake, out, settings=settings).exit_code == 0
     assert records(out)[-1]["status"] == "ok" and len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("bucket", ["s3", "gs", "az"], indirect=True)
+def test_an_object_someone_replaced_after_nanobatch_put_it_is_left_as_it_is_and_nothing_is_paid(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    # The shop retouched a published image in the bucket; the item's instruction then changed. The record keeps
+    # the size and ETag/generation the object was PUT with, so the new answer is not paid for, let alone PUT.
+    settings = _settings(bucket.url("edited/"))
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    url = records(out)[0]["uploads"][0]
+    assert records(out)[0]["upload_stamps"] == [list(astuple(storage.stat(url))[1:])]
+    storage.put(url, b"retouched by the shop")
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+
+    summary = run_now(job, fake, out, settings=settings)
+
+    assert summary.exit_code == 1 and len(fake.requests) == 1  # looked at before paying
+    error = records(out)[-1]["error"]
+    assert error["kind"] == "upload" and "replaced since" in error["message"] and url in error["message"]
+    assert storage.read_bytes(url) == b"retouched by the shop"
+
+
+@pytest.mark.parametrize("bucket", ["s3", "gs", "az"], indirect=True)
+def test_an_object_replaced_while_the_request_is_out_is_not_replaced_again(bucket: Bucket) -> None:
+    uploads = Uploads(bucket.url("edited/"))
+    (url,), (stamp,) = anyio.run(uploads.put, [("sku-1.png", b"first")])
+    assert anyio.run(uploads.put, [("sku-1.png", b"second")], {url: stamp})[0] == (url,)  # still as put: replaced
+    storage.put(url, b"the shop's")
+
+    with pytest.raises(StorageError) as caught:
+        anyio.run(uploads.put, [("sku-1.png", b"third")], {url: stamp})
+
+    assert caught.value.kind == "exists" and storage.read_bytes(url) == b"the shop's"
+
+
+@pytest.mark.parametrize("bucket", ["gs", "az"], indirect=True)  # S3's ETag is the bytes' MD5: the same again
+def test_an_object_put_back_from_the_folder_is_still_the_items_on_later_nights(bucket: Bucket, tmp_path: Path) -> None:
+    # A published object deleted by mistake is PUT again from the folder's copy: a new generation (ETag), which the
+    # journal keeps until a record does, so a later change of the item replaces it instead of refusing it.
+    settings = _settings(bucket.url("edited/"))
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    url = records(out)[0]["uploads"][0]
+    storage._filesystem(url).rm(url.split("://", 1)[1])
+    assert run_now(job, fake, out, settings=settings).stats.skipped == 1 and storage.read_bytes(url)  # put back
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+
+    summary = run_now(job, fake, out, settings=settings)
+
+    assert summary.exit_code == 0 and len(fake.requests) == 2
+    assert storage.read_bytes(url) == (out / "sku-1.png").read_bytes()

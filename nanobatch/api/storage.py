@@ -181,26 +181,28 @@ def open_read(url: str) -> BinaryIO:
     return opened
 
 
-def put(url: str, data: bytes, *, replace: bool = True) -> None:
-    """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half.
+def put(url: str, data: bytes, *, replace: bool = True) -> ObjectStamp:
+    """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half;
+    the stamp of the object written, from the PUT's answer (a HEAD only where a backend gives none).
     Without *replace*, only if no object is there, in the same request (S3 ``If-None-Match: *``, Cloud Storage
     ``ifGenerationMatch=0``, Azure ``If-None-Match: *``): StorageError of kind ``exists`` if one is."""
 
-    def pipe(fs: Any) -> None:
+    def pipe(fs: Any) -> Any:
         if replace:
-            fs.pipe_file(_path(url), data)
-        elif _split(url)[0] in ("az", "abfs"):
-            fs.pipe_file(_path(url), data, overwrite=False)  # adlfs's way of asking
-        else:
-            fs.pipe_file(_path(url), data, mode="create")
+            return fs.pipe_file(_path(url), data)
+        if _split(url)[0] in ("az", "abfs"):
+            return fs.pipe_file(_path(url), data, overwrite=False)  # adlfs's way of asking
+        return fs.pipe_file(_path(url), data, mode="create")
 
     try:
-        _call(url, pipe)
+        answer = _call(url, pipe)
     except StorageError as exc:
         if exc.kind != "exists":
             raise
         raise StorageError(url, "exists", "an object is already there, and no record says nanobatch put it there: "
                            "it was left as it is") from None  # fmt: skip
+    written = _stamp(url, {**answer, "size": len(data)}) if isinstance(answer, dict) else None
+    return written if written is not None and written.version else stat(url)
 
 
 def check_bucket(url: str) -> None:

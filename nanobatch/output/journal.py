@@ -13,7 +13,7 @@ from ..names import JOURNAL_FILE
 from .files import stamp_of
 from .results import ResultsIndex
 
-__all__ = ["orphaned_requests", "uploads_to_adopt", "writes_to_adopt"]
+__all__ = ["orphaned_requests", "restores_to_adopt", "uploads_to_adopt", "writes_to_adopt"]
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
@@ -68,6 +68,24 @@ def uploads_to_adopt(path: Path, index: ResultsIndex) -> tuple[list[bytes], list
             carried.append(orjson.dumps(entry) + b"\n")
             claims += [(entry["id"], url, int(size)) for url, size in unrecorded]
     return carried, claims
+
+
+def restores_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
+    """The journal's objects put again from the folder's copy (``restored``): each counted with its new stamp
+    while the item's record still names the one it replaced; their lines, to keep until a record names another
+    (the item was made again, and its new object replaced the restored one)."""
+    carried = []
+    for entry in _journal_entries(path, ("restored",)):
+        try:
+            url, was, now = str(entry["url"]), (int(entry["was"][0]), str(entry["was"][1])), entry["now"]
+            now = (int(now[0]), str(now[1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+        recorded = index.uploaded(entry["id"], [url]).get(url)
+        if recorded in (was, now):
+            index.adopt_uploads(entry["id"], {url: now})
+            carried.append(orjson.dumps(entry) + b"\n")
+    return carried
 
 
 def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:

@@ -139,7 +139,8 @@ class Journal:
         self._file: IO[bytes] | None = None
 
     def open(self) -> None:
-        self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+        if self._file is None:  # opened early by a line written before the engine starts (restored)
+            self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
 
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
         self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
@@ -154,6 +155,13 @@ class Journal:
         before their record leaves them for the next to adopt (:func:`~nanobatch.output.journal.uploads_to_adopt`)."""
         self._write({"event": "uploading", "run": self.run_id, "id": item_id, "urls": [u for u, _ in objects],
                      "sizes": [s for _, s in objects]})  # fmt: skip
+
+    def restored(self, item_id: str, url: str, was: tuple[int, str], now: tuple[int, str]) -> None:
+        """A done item's missing object PUT again from the folder's copy: it is now *now* (size, version), no more
+        the *was* its record keeps. A later run counts it so while the record still says *was*
+        (:func:`~nanobatch.output.journal.restores_to_adopt`), until a new record of the item names it."""
+        self.open()
+        self._write({"event": "restored", "run": self.run_id, "id": item_id, "url": url, "was": was, "now": now})
 
     def writing_many(self, items: list[tuple[str, list[tuple[str, int | None]]]]) -> None:
         """A claim for each (item id, [(name, size)]): the files about to be written or moved there, in one write
@@ -223,12 +231,13 @@ class OutDir:
             check_own_files(self.path)  # again, now that no other run can be writing them
             yield self
         finally:
+            self.close()  # if the run ended before its engine could (closing twice is harmless)
             await lock.__aexit__(None, None, None)
 
     def recover(self, index: ResultsIndex) -> list[dict[str, Any]]:
         """What a dead run left: its requests in flight (reported and returned), its journal's claims on files
         (carried over), its half-written temporary files (removed). Call with the lock held."""
-        from .journal import orphaned_requests, uploads_to_adopt, writes_to_adopt
+        from .journal import orphaned_requests, restores_to_adopt, uploads_to_adopt, writes_to_adopt
 
         orphans = orphaned_requests(self.path, index)
         if orphans:
@@ -237,7 +246,7 @@ class OutDir:
                            "have been charged; the items not done are sent again", len(orphans), ids)  # fmt: skip
         carried = writes_to_adopt(self.path / JOURNAL_FILE, index)
         uploads, self.upload_claims = uploads_to_adopt(self.path / JOURNAL_FILE, index)
-        carried += uploads
+        carried += uploads + restores_to_adopt(self.path / JOURNAL_FILE, index)
         if carried:
             atomic_write(self.path / JOURNAL_FILE, b"".join(carried))
         else:

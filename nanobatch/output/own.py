@@ -49,7 +49,7 @@ _RECORD_MARK = ("id", "status", "attempts", "key", "started_at")
 # How nanobatch's lines begin, as orjson writes them and as json.dumps did: a line torn by a crash is a prefix.
 _RECORD_STARTS = (b'{"id":"', b'{"id": "')
 _JOURNAL_STARTS = (b'{"event":"', b'{"event": "')
-_JOURNAL_EVENTS = frozenset({"dispatched", "settled", "writing", "uploading"})
+_JOURNAL_EVENTS = frozenset({"dispatched", "settled", "writing", "uploading", "restored"})
 _REPORT_MARK = b'<meta name="generator" content="nanobatch">'  # in the head of every report.html version
 
 
@@ -158,8 +158,8 @@ OWN_FILES = (
     OwnFile(
         name=JOURNAL_FILE, head=65536, empty=True,
         test=lambda head: _first_line(head, _is_journal_line, _JOURNAL_STARTS),
-        mark='nanobatch\'s lines are {"event": "dispatched" | "settled" | "writing" | "uploading", "run": ..., '
-        '"id": ...}',
+        mark='nanobatch\'s lines are {"event": "dispatched" | "settled" | "writing" | "uploading" | "restored", '
+        '"run": ..., "id": ...}',
     ),
     OwnFile(
         name=SUMMARY_FILE, head=4 << 20, empty=False, test=lambda head: _json(head, _is_summary),

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["is_int", "read_float", "read_file_stamps", "read_stamps", "read_strs"]
+__all__ = ["UploadStamp", "is_int", "read_float", "read_file_stamps", "read_stamps", "read_strs", "read_upload_stamps"]
+
+UploadStamp = tuple[int, str]  # an object's (size, ETag or generation) as nanobatch PUT it (api.storage.ObjectStamp)
 
 
 def is_int(value: Any) -> bool:
@@ -43,5 +45,16 @@ def read_file_stamps(value: Any, files: int) -> tuple[tuple[int, int] | None, ..
         return None
     try:
         return tuple(None if s is None else (int(s[0]), int(s[1])) for s in value)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return None
+
+
+def read_upload_stamps(value: Any, uploads: int) -> tuple[UploadStamp | None, ...] | None:
+    """A record's ``upload_stamps`` (one per URL in ``uploads``, each [size, version] or null); None if there are
+    none, or not one per URL (an old or hand-edited line: its objects are then taken on their URLs)."""
+    if not isinstance(value, list) or len(value) != uploads:
+        return None
+    try:
+        return tuple(None if s is None else (int(s[0]), str(s[1])) for s in value)
     except (TypeError, ValueError, IndexError, KeyError):
         return None

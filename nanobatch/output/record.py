@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..api.redaction import public_url
 from ..names import step_stem
-from .reading import is_int, read_file_stamps, read_float, read_stamps, read_strs
+from .reading import UploadStamp, is_int, read_file_stamps, read_float, read_stamps, read_strs, read_upload_stamps
 
 if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `nanobatch status` and the report do without
     from ..api.gemini import Reply
@@ -51,7 +51,7 @@ _ITEM_FIELDS = (
 )  # fmt: skip
 # Written only when set, in this order.
 _OPTIONAL_FIELDS = (
-    "input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa", "file_stamps"
+    "input_stamps", "finish_message", "moved_from", "paid_in", "uploads", "batch", "qa", "file_stamps", "upload_stamps"
 )  # fmt: skip
 
 
@@ -199,6 +199,8 @@ class ItemRecord:
     # Each of :attr:`files` as the writer left it (size, mtime_ns: output.files.Stamp): only a file still so may
     # be replaced, moved over or deleted by nanobatch. None: a line from before records kept them.
     file_stamps: tuple[tuple[int, int] | None, ...] | None = None
+    # Each of :attr:`uploads` as nanobatch PUT it (size, ETag/generation): only an object still so is replaced.
+    upload_stamps: tuple[UploadStamp | None, ...] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # fields of a newer or hand-edited line, kept as read
 
     @property
@@ -271,10 +273,11 @@ class ItemRecord:
             finish_message=get("finish_message"),
             moved_from=read_strs(get("moved_from")) if "moved_from" in line else None,
             paid_in=PaidIn.from_json(get("paid_in")),
-            uploads=read_strs(get("uploads")) if "uploads" in line else None,
+            uploads=(uploads := read_strs(get("uploads")) if "uploads" in line else None),
             batch=str(get("batch")) if get("batch") else None,
             qa=_verdict(qa) if isinstance(qa := get("qa"), Mapping) else None,
             file_stamps=read_file_stamps(get("file_stamps"), len(files_of(outputs, steps_read))),
+            upload_stamps=read_upload_stamps(get("upload_stamps"), len(uploads)) if uploads else None,
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
@@ -287,7 +290,8 @@ class ItemRecord:
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
 _OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
                                   "paid_in": PaidIn.to_json, "qa": lambda v: v.to_json(),
-                                  "file_stamps": lambda v: [None if s is None else list(s) for s in v]}  # fmt: skip
+                                  "file_stamps": lambda v: [None if s is None else list(s) for s in v],
+                                  "upload_stamps": lambda v: [None if s is None else list(s) for s in v]}  # fmt: skip
 
 
 def _verdict(value: Mapping[str, Any]) -> Verdict:

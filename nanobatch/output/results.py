@@ -19,7 +19,7 @@ from ..names import RESULTS_FILE
 from ..scratch import scratch_db
 from .files import Stamp
 from .index_cache import MIN_LINES, Restored, prune_superseded, restore_index, save_index
-from .reading import read_file_stamps, read_float, read_stamps, read_strs
+from .reading import UploadStamp, read_file_stamps, read_float, read_stamps, read_strs, read_upload_stamps
 from .record import (
     TOKEN_FIELDS,
     ErrorInfo,
@@ -74,7 +74,7 @@ CREATE TABLE entries (
     cost_usd REAL NOT NULL, error_kind TEXT, stamps BLOB, run TEXT, files BLOB, paid_in TEXT, at INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE owned (name BLOB PRIMARY KEY, id TEXT NOT NULL, size INTEGER, mtime INTEGER) WITHOUT ROWID;
-CREATE TABLE uploaded (url TEXT PRIMARY KEY, id TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE uploaded (url TEXT PRIMARY KEY, id TEXT NOT NULL, size INTEGER, version TEXT) WITHOUT ROWID;
 CREATE TABLE superseded (at INTEGER NOT NULL, id TEXT NOT NULL, status TEXT, outputs BLOB, run TEXT, was_at INTEGER);
 CREATE TRIGGER supersede BEFORE UPDATE ON entries WHEN NEW.at IS NOT NULL BEGIN
     INSERT INTO superseded VALUES (NEW.at, OLD.id, OLD.status, OLD.outputs, OLD.run, OLD.at);
@@ -152,8 +152,19 @@ def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool) -> str | None
 
 
 # A record's files, their stamps if it has them, and its objects' URLs (output.upload_to).
-_Files = tuple[list[str], "tuple[Stamp | None, ...] | None", tuple[str, ...]]
-_UPLOADED = "INSERT OR REPLACE INTO uploaded VALUES (?, ?)"
+_Files = tuple[list[str], "tuple[Stamp | None, ...] | None", "list[tuple[str, UploadStamp | None]]"]
+_UPLOADED = "INSERT OR REPLACE INTO uploaded VALUES (?, ?, ?, ?)"
+
+
+def _uploaded_rows(item_id: str, objects: Iterable[tuple[str, UploadStamp | None]]) -> Iterator[tuple[Any, ...]]:
+    """The ``uploaded`` rows of an item's objects, each with its stamp (none for a line from before stamps)."""
+    for url, stamp in objects:
+        yield url, item_id, *(stamp or (None, None))
+
+
+def _objects(uploads: Sequence[str] | None, stamps: Sequence[UploadStamp | None] | None) -> list[tuple[str, Any]]:
+    """A record's (URL, stamp) pairs."""
+    return list(zip(uploads or (), stamps or (None,) * len(uploads or ()), strict=True))
 
 
 def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
@@ -184,7 +195,8 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
         _paid_in(get("run"), paid_in, moved),
     )
     uploads = read_strs(get("uploads")) if "uploads" in line else ()
-    return row, (files, read_file_stamps(get("file_stamps"), len(files)), uploads), paid
+    objects = _objects(uploads, read_upload_stamps(get("upload_stamps"), len(uploads)) if uploads else None)
+    return row, (files, read_file_stamps(get("file_stamps"), len(files)), objects), paid
 
 
 class _Identified(Protocol):
@@ -230,7 +242,9 @@ class ResultsIndex:
                 index._db.executemany(_UPSERT, ((*row, at) for at, row, _, _ in chunk))
                 owned = (own for _, row, (names, stamps, _), _ in chunk for own in _owned_rows(row[0], names, stamps))
                 index._db.executemany(_OWN, owned)
-                index._db.executemany(_UPLOADED, ((u, row[0]) for _, row, (*_, ups), _ in chunk for u in ups))
+                index._db.executemany(
+                    _UPLOADED, (u for _, row, (*_, ups), _ in chunk for u in _uploaded_rows(row[0], ups))
+                )
                 index._paid_usd += sum(paid for *_, paid in chunk)
         prune_superseded(index._db, path)
         if end and end[0].lines - (start.lines if start is not None else 0) >= MIN_LINES:
@@ -255,7 +269,7 @@ class ResultsIndex:
         self._ahead.pop(record.id, None)
         self._db.execute(_UPSERT, (*_row(record), None))
         self._db.executemany(_OWN, _owned_rows(record.id, record.files, record.file_stamps))
-        self._db.executemany(_UPLOADED, ((url, record.id) for url in record.uploads or ()))
+        self._db.executemany(_UPLOADED, _uploaded_rows(record.id, _objects(record.uploads, record.upload_stamps)))
         self._paid_usd += record.costs()[1]
 
     def adopt(self, item_id: str, files: Mapping[str, Stamp]) -> None:
@@ -274,15 +288,22 @@ class ResultsIndex:
                 found[name] = _stamp(row[1], row[2])
         return found
 
-    def adopt_uploads(self, item_id: str, urls: Iterable[str]) -> None:
-        """Count *urls* as objects nanobatch put there for *item_id* (the journal says so, and they are there)."""
-        self._db.executemany(_UPLOADED, ((url, item_id) for url in urls))
+    def adopt_uploads(self, item_id: str, objects: Mapping[str, UploadStamp]) -> None:
+        """Count *objects* (URLs and stamps) as put there by nanobatch for *item_id* (the journal says so, and
+        they are there)."""
+        self._db.executemany(_UPLOADED, _uploaded_rows(item_id, objects.items()))
 
-    def uploaded(self, item_id: str, urls: Iterable[str]) -> frozenset[str]:
-        """Those of *urls* whose objects a record of *item_id* says nanobatch put there (``uploads``): the only
-        objects in ``output.upload_to`` a new result of that item may replace."""
-        find = "SELECT id FROM uploaded WHERE url = ?"
-        return frozenset(url for url in urls if self._db.execute(find, (url,)).fetchone() == (item_id,))
+    def uploaded(self, item_id: str, urls: Iterable[str]) -> dict[str, UploadStamp | None]:
+        """Those of *urls* whose objects a record of *item_id* says nanobatch put there (``uploads``), each with the
+        stamp it was put with (None: a record from before stamps): the only objects in ``output.upload_to`` a new
+        result of that item may replace, and only while each is still so."""
+        find = "SELECT id, size, version FROM uploaded WHERE url = ?"
+        found = {url: self._db.execute(find, (url,)).fetchone() for url in urls}
+        return {
+            url: None if row[1] is None else (int(row[1]), str(row[2]))
+            for url, row in found.items()
+            if row is not None and row[0] == item_id
+        }
 
     def owned_under(self, item_id: str, stem: str) -> dict[str, Stamp | None]:
         """:meth:`owned` for every name an item with the stem *stem* writes (``<stem>.*``, ``<stem>-*``), in

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -25,11 +26,18 @@ import anyio.to_thread
 from ..api import storage
 from ..api.redaction import public_url
 from ..errors import ApiError, ConfigError, StorageError, sole_error
+from .reading import UploadStamp
 from .results import ResultsIndex
+
+if TYPE_CHECKING:
+    from .outdir import Journal
 
 __all__ = ["Uploads"]
 
 logger = logging.getLogger("nanobatch")
+
+NOT_OURS = "an object is already there, and no record says nanobatch put it there"
+CHANGED = "the object nanobatch put there was replaced since (its size or version changed)"
 
 
 class Uploads:
@@ -57,14 +65,27 @@ class Uploads:
         """The object URL of the output name *name* (a path relative to the output folder)."""
         return self.prefix + name.replace(os.sep, "/")
 
-    async def put(self, files: list[tuple[str, bytes]], replaceable: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    async def put(
+        self, files: list[tuple[str, bytes]], ours: Mapping[str, UploadStamp | None] | None = None
+    ) -> tuple[tuple[str, ...], tuple[UploadStamp, ...]]:
         """PUT each file (one request per object, so none is ever seen half-written), all at once in worker
-        threads; their URLs, in order. An object already there is replaced only if its URL is in *replaceable*
-        (a record of the item says nanobatch put it there). Raises StorageError if any could not be written."""
+        threads; their URLs and the stamps they were written with, in order. An object already there is replaced
+        only if it is one of *ours* (a record of the item says nanobatch put it there) and still as it was put
+        (its size and ETag/generation; an older record's, without a stamp, on its URL alone). Raises StorageError
+        if any could not be written, or one is there that nanobatch may not replace (kind ``exists``)."""
+        ours = ours or {}
         urls = tuple(self.url(name) for name, _ in files)
+        stamps: dict[str, UploadStamp] = {}
 
         def put(url: str, data: bytes) -> None:
-            storage.put(url, data, replace=url in replaceable)
+            replace = url in ours
+            if (recorded := ours.get(url)) is not None:
+                now = storage.stat_many([url])[url]  # one HEAD: is it still the object nanobatch put there?
+                if now is not None and (now.size, now.version) != recorded:
+                    raise StorageError(url, "exists", f"{CHANGED}: it was left as it is")
+                replace = now is not None  # gone since: put back only if no one else's appears meanwhile
+            written = storage.put(url, data, replace=replace)
+            stamps[url] = (written.size, written.version)
 
         try:
             async with anyio.create_task_group() as tg:
@@ -74,68 +95,87 @@ class Uploads:
             if (error := sole_error(group)) is not None:
                 raise error from None
             raise
-        return urls
+        return urls, tuple(stamps[url] for url in urls)
 
     async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex) -> None:
-        """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's if one of that size
-        is there: the run PUT it and died before its record. Any other object there stays someone else's."""
+        """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's, with the stamp it has
+        now, if one of that size is there: the run PUT it and died before its record. Any other object there
+        stays someone else's."""
         if not claims:
             return
         found = await anyio.to_thread.run_sync(storage.stat_many, [url for _, url, _ in claims])
         for item_id, url, size in claims:
             if (stamp := found.get(url)) is not None and stamp.size == size:
-                index.adopt_uploads(item_id, [url])
+                index.adopt_uploads(item_id, {url: (stamp.size, stamp.version)})
 
-    async def free(self, names: list[str], ours: frozenset[str]) -> None:
-        """ApiError (kind ``upload``) if an object nanobatch did not put there (*ours*: those a record of the item
-        says it did) is at one of *names*: the upload would refuse to replace it, after its answer was paid for."""
+    async def free(self, names: list[str], ours: Mapping[str, UploadStamp | None]) -> None:
+        """ApiError (kind ``upload``) if an object nanobatch may not replace is at one of *names*: one it did not
+        put there (*ours*: those a record of the item says it did, with their stamps), or one of those changed
+        since. The upload would refuse to replace it, after its answer was paid for."""
         try:
             taken = await anyio.to_thread.run_sync(self.taken, names, ours)
         except StorageError as exc:
             raise ApiError(f"cannot look in output.upload_to: {exc}", kind="upload") from None
         if taken is not None:
-            raise ApiError(f"{taken}: an object is already there, and no record says nanobatch put it there: "
-                           "nothing was sent (move it away, or change output.upload_to or the output name)",
-                           kind="upload")  # fmt: skip
+            url, why = taken
+            raise ApiError(f"{url}: {why}: nothing was sent (move it away, or change output.upload_to or the output "
+                           "name)", kind="upload")  # fmt: skip
 
-    def taken(self, names: list[str], ours: frozenset[str]) -> str | None:
-        """The URL of the first object already at one of *names* that nanobatch did not put there for the item
-        (*ours*: those a record of it says it did), asked about all at once; None if there is none. Blocking
-        (HEAD requests): call it in a worker thread. StorageError if the bucket cannot be asked."""
+    def taken(self, names: list[str], ours: Mapping[str, UploadStamp | None]) -> tuple[str, str] | None:
+        """The URL of the first object at one of *names* that nanobatch may not replace for the item, and why;
+        None if there is none. All are asked about at once, except those *ours* knows only by URL (a record from
+        before stamps). Blocking (HEAD requests): call it in a worker thread. StorageError if the bucket cannot
+        be asked."""
         urls = [self.url(name) for name in names]
-        found = storage.exists_many(url for url in urls if url not in ours)
-        return next((url for url in urls if found.get(url)), None)
+        found = storage.stat_many(url for url in urls if url not in ours or ours[url] is not None)
+        for url in urls:
+            if (now := found.get(url)) is None:
+                continue
+            if url not in ours:
+                return url, NOT_OURS
+            if (now.size, now.version) != ours[url]:
+                return url, CHANGED
+        return None
 
-    async def find_gone(self, done: Iterable[tuple[str, tuple[str, ...]]], folder: Path) -> None:
+    async def find_gone(
+        self, done: Iterable[tuple[str, tuple[str, ...]]], folder: Path, index: ResultsIndex, journal: Journal
+    ) -> None:
         """Ask, for every (id, file names) of an ok item, whether its objects are there, in one batched check
         (a worker thread). A missing object whose image is still in *folder* is PUT again from it (nothing is
-        sent to the model); the ids of items with an object neither there nor restorable go into :attr:`gone`."""
+        sent to the model; the *journal* keeps its new stamp); the ids of items with an object neither there
+        nor restorable go into :attr:`gone`."""
         wanted = {self.url(name): (item_id, name) for item_id, names in done for name in names}
         if not wanted:
             return
         found = await anyio.to_thread.run_sync(storage.exists_many, list(wanted))
         missing = [url for url, there in found.items() if not there]
-        lost = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
-        self.gone = frozenset(wanted[url][0] for url in lost)
+        restored = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
+        for url, now in restored.items():
+            item_id = wanted[url][0]
+            if (was := index.uploaded(item_id, [url]).get(url)) is not None:
+                journal.restored(item_id, url, was, now)
+                index.adopt_uploads(item_id, {url: now})
+        self.gone = frozenset(wanted[url][0] for url in missing if url not in restored)
         if missing:
-            restored = len(missing) - len(lost)
             logger.warning(
                 "%d images were missing under %s: %d put again from the output folder, %d items will be sent again",
-                len(missing), self.prefix, restored, len(self.gone),
+                len(missing), self.prefix, len(restored), len(self.gone),
             )  # fmt: skip
 
-    async def _restore(self, missing: list[str], local: dict[str, Path]) -> list[str]:
-        """PUT each of *missing* from its local copy, 32 at a time; those that have none (or fail)."""
-        lost: list[str] = []
+    async def _restore(self, missing: list[str], local: dict[str, Path]) -> dict[str, UploadStamp]:
+        """PUT each of *missing* from its local copy, 32 at a time; the stamps of those put (not those that have
+        no copy, or failed)."""
+        restored: dict[str, UploadStamp] = {}
         limiter = anyio.CapacityLimiter(storage.HEAD_CONCURRENCY)
 
         def restore(url: str) -> None:
             try:  # it was missing: one that appeared since is not replaced
-                storage.put(url, local[url].read_bytes(), replace=False)
+                written = storage.put(url, local[url].read_bytes(), replace=False)
             except (OSError, StorageError):
-                lost.append(url)
+                return
+            restored[url] = (written.size, written.version)
 
         async with anyio.create_task_group() as tg:
             for url in missing:
                 tg.start_soon(functools.partial(anyio.to_thread.run_sync, restore, url, limiter=limiter))
-        return lost
+        return restored

@@ -325,7 +325,8 @@ class Engine:
             put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
             ours = self.index.uploaded(record.id, [self.uploads.url(name) for name, _ in put])
             self.out.journal.uploading(record.id, [(self.uploads.url(name), len(data)) for name, data in put])
-            return replace(record, uploads=await self.uploads.put(put, ours))
+            urls, stamps = await self.uploads.put(put, ours)
+            return replace(record, uploads=urls, upload_stamps=stamps)
         except StorageError as exc:
             logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
             return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
@@ -343,12 +344,12 @@ class Engine:
             files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
             ours = self.index.uploaded(finished.record.id, [self.uploads.url(name) for name, _ in files])
             self.out.journal.uploading(finished.record.id, [(self.uploads.url(n), len(d)) for n, d in files])
-            uploads = await self.uploads.put(files, ours)
+            uploads, stamps = await self.uploads.put(files, ours)
         except (OSError, StorageError) as exc:
             logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
             self.stats.skipped += 1
             return None
-        return replace(finished, record=replace(finished.record, uploads=uploads))
+        return replace(finished, record=replace(finished.record, uploads=uploads, upload_stamps=stamps))
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
         status = "blocked" if exc.kind == "blocked" else "failed"

@@ -344,6 +344,7 @@ def _verdict_record(record: ItemRecord, verdict: Verdict, moves: tuple[tuple[str
         record, run=run, status="rejected" if rejected else "ok", outputs=outputs, steps=steps, attempts=0,
         latency_s=None, cost_usd=0.0, paid_in=PaidIn(run=payer, cost_usd=record.costs()[0]),
         moved_from=tuple(old for old, _ in moves), uploads=None if rejected else record.uploads,
+        upload_stamps=None if rejected else record.upload_stamps,
         error=ErrorInfo(kind="qa", message=_failed_text(verdict)) if rejected else None,
         started_at=now, finished_at=now,
     )  # fmt: skip

@@ -328,7 +328,7 @@ async def _uploads(settings: Settings, index: ResultsIndex, out: OutDir, force: 
     uploads = Uploads(settings.output.upload_to)
     await uploads.adopt(out.upload_claims, index)
     if not force:
-        await uploads.find_gone(index.ok_files(), out.path)
+        await uploads.find_gone(index.ok_files(), out.path, index, out.journal)
     return uploads
 
 
