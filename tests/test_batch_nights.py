@@ -270,6 +270,30 @@ def test_no_wait_says_how_many_requests_wait_and_how_to_collect_them(
     assert summary["batch_waiting"]["requests"] == 6 and "6 requests wait in 2 batch jobs" in summary["message"]
 
 
+def test_a_run_that_waits_but_cannot_read_its_jobs_does_not_end_as_if_all_were_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The jobs were made (and will be billed), but asking about them is refused: the items are neither done nor
+    # failed. A cron line that waits must not read exit 0 (and a metrics file no "last success") that night.
+    from nanobatch.api.batch_api import BatchClient
+    from nanobatch.errors import ApiError
+
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.5)
+    real = BatchClient.get
+
+    async def refused(self: BatchClient, name: str) -> Any:
+        raise ApiError("403 PERMISSION_DENIED: the caller cannot read this batch", kind="forbidden", status_code=403)
+
+    with run_in_thread(app=app) as url:
+        monkeypatch.setattr(BatchClient, "get", refused)
+        assert cli(job, url) == 1
+        assert "6 requests are left in batch jobs this run was to wait for" in capsys.readouterr().err
+        monkeypatch.setattr(BatchClient, "get", real)
+        assert cli(job, url) == 0  # the next night collects them
+    assert len(records(job.parent / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
+
+
 def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_online(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -63,15 +63,17 @@ class RunSummary:
     reason: str | None
     stats: RunStats
     summary: dict[str, Any] = field(repr=False)
+    unfollowed: int = 0  # requests left in batch jobs a run that waits could not follow to their end
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 1 some failed, blocked or rejected, 3 aborted, 130 interrupted (the CLI's exit codes)."""
+        """0 all ok, 1 some failed, blocked or rejected (or left in batch jobs the run was to wait for), 3 aborted,
+        130 interrupted (the CLI's exit codes)."""
         if self.outcome == "interrupted":
             return 130
         if self.outcome == "aborted":
             return 3
-        return 1 if (self.stats.failed or self.stats.blocked or self.stats.rejected) else 0
+        return 1 if (self.stats.failed or self.stats.blocked or self.stats.rejected or self.unfollowed) else 0
 
 
 async def run_job(
@@ -165,9 +167,9 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
-    result = RunSummary(
-        out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats, summary=summary
-    )
+    unfollowed = _unfollowed(waiting, settings.batch.wait and outcome == "complete")
+    result = RunSummary(out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats,
+                        summary=summary, unfollowed=unfollowed)  # fmt: skip
     await observer.ended(result.outcome, result.exit_code, result.reason)
     return result
 
@@ -307,6 +309,15 @@ def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Pat
             "(`nanobatch status %s` lists the jobs)", requests, manifest.path, out_dir, out_dir,
         )  # fmt: skip
     return {"requests": requests, "jobs": [chunk.job for chunk in waiting]}
+
+
+def _unfollowed(waiting: dict[str, Any] | None, waited: bool) -> int:
+    """Requests left in batch jobs by a run that *waited* for them (it could not read a job): said, and counted."""
+    unfollowed = int(waiting["requests"]) if waiting is not None and waited else 0
+    if unfollowed:
+        logger.error("%d requests are left in batch jobs this run was to wait for, but could not follow to their "
+                     "end (the warnings above say why): the next run collects them", unfollowed)  # fmt: skip
+    return unfollowed
 
 
 def _outcome(
