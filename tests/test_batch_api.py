@@ -339,3 +339,27 @@ def test_parse_job(operation: dict[str, Any], expected: BatchJob) -> None:
 
 def test_result_lines_are_values() -> None:
     assert ResultLine(key="a") == ResultLine(key="a", reply=None, error=None)
+
+
+async def test_a_results_file_that_quotes_the_key_reaches_the_disk_without_it(tmp_path: Path) -> None:
+    # A proxy's error line that quotes the request's key: the file is kept on disk for days (the batch folder);
+    # the key must not be in it, even where the download's pieces split it in two.
+    line = {"key": "k", "error": {"code": 7, "message": f"key {KEY} has no balance left", "status": "X"}}
+    body = (json.dumps(line) + "\n").encode() * 3
+    at = body.index(KEY.encode()) + 3
+
+    class Split(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for piece in (body[:at], body[at:]):
+                yield piece
+
+    def files(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, stream=Split())
+
+    async with BatchClient(base_url="http://api", api_key=KEY, transport=httpx2.MockTransport(files)) as client:
+        await client.download("files/out", tmp_path / "out.jsonl")
+    written = (tmp_path / "out.jsonl").read_bytes()
+    assert KEY.encode() not in written and written.count(b"has no balance left") == 3
+    assert [json.loads(text)["error"]["message"] for text in written.splitlines()] == [
+        "key [redacted] has no balance left"
+    ] * 3

@@ -29,7 +29,7 @@ from ..errors import ApiError
 from .client import ApiClient, api_error, http_errors
 from .decoding import Decoded, decode_text
 from .gemini import Reply
-from .redaction import public_url, redact_reply, scrubbed_error
+from .redaction import StreamCut, public_url, redact_reply, scrubbed_error
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
 
@@ -213,9 +213,11 @@ class BatchClient(ApiClient):
                     yield self._result(pending)
 
     async def download(self, file_name: str, path: Path) -> None:
-        """Stream a results file to *path* on disk (written whole, then renamed into place)."""
+        """Stream a results file to *path* on disk (written whole, then renamed into place), without the key: an
+        answer that quotes it (a proxy's error line) does not put it into the output folder."""
         url = f"/download/{self._version}/{_files(file_name)}:download"
         partial = path.with_name(path.name + ".part")
+        cut = StreamCut(self._secret)
         with http_errors(self._secret, self.where):
             async with self._http.stream("GET", url, params={"alt": "media"}) as response:
                 if response.status_code != 200:
@@ -223,7 +225,8 @@ class BatchClient(ApiClient):
                     raise api_error(response, self._secret)
                 async with await anyio.open_file(partial, "wb") as handle:
                     async for data in response.aiter_bytes():
-                        await handle.write(data)
+                        await handle.write(cut.feed(data))
+                    await handle.write(cut.end())
         partial.replace(path)
 
     def result_line(self, line: bytes) -> ResultLine:

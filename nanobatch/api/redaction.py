@@ -27,7 +27,17 @@ if TYPE_CHECKING:  # the command line's log filter uses this module at start-up:
 
     from .gemini import Reply
 
-__all__ = ["SECRETS", "Secrets", "public_url", "redact", "redact_reply", "redact_urls", "scrub", "scrubbed_error"]
+__all__ = [
+    "SECRETS",
+    "Secrets",
+    "StreamCut",
+    "public_url",
+    "redact",
+    "redact_reply",
+    "redact_urls",
+    "scrub",
+    "scrubbed_error",
+]
 
 MIN_SECRET = 6  # shorter values (a query's "1" or "true") would cut ordinary words out of messages
 _TOKENS = re.compile(
@@ -64,6 +74,10 @@ class Secrets:
         self.add(*(value for _, value in urllib.parse.parse_qsl(parts.query)))
         self.add(*(value for value in parts.query.split("&")))
 
+    @property
+    def values(self) -> tuple[str, ...]:
+        return self._values
+
     def found_in(self, text: str) -> bool:
         return any(value in text for value in self._values)
 
@@ -75,6 +89,36 @@ class Secrets:
 
 
 SECRETS = Secrets()  # the process's: what its clients, its Vertex tokens and its webhook put in
+
+
+class StreamCut:
+    """*secret* (a client's key) and what :data:`SECRETS` knows cut out of bytes that come in pieces (a batch
+    results file as it downloads, before it reaches the disk): one split between two pieces is cut too, by
+    holding back the last bytes of each piece until the next (fewer than the longest secret's length)."""
+
+    def __init__(self, secret: str | None) -> None:
+        values = {*SECRETS.values, *((secret,) if secret else ())}
+        self._values = tuple(value.encode() for value in sorted(values, key=len, reverse=True))
+        self._hold = max(map(len, self._values), default=1) - 1
+        self._held = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What of *data* (and the bytes held back before it) can be written now."""
+        if not self._values:
+            return data
+        data = self._held + data
+        for value in self._values:
+            if value in data:
+                data = data.replace(value, b"[redacted]")
+        keep = max(len(data) - self._hold, 0)
+        self._held = data[keep:]
+        return data[:keep]
+
+    def end(self) -> bytes:
+        """The bytes held back, once the last piece has been fed."""
+        held, self._held = self._held, b""
+        return held
+
 
 _REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
 
