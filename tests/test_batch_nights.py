@@ -288,10 +288,25 @@ def test_a_run_that_waits_but_cannot_read_its_jobs_does_not_end_as_if_all_were_d
     with run_in_thread(app=app) as url:
         monkeypatch.setattr(BatchClient, "get", refused)
         assert cli(job, url) == 1
-        assert "6 requests are left in batch jobs this run was to wait for" in capsys.readouterr().err
+        assert "6 requests are left in batch jobs this run could not follow to their end" in capsys.readouterr().err
         monkeypatch.setattr(BatchClient, "get", real)
         assert cli(job, url) == 0  # the next night collects them
     assert len(records(job.parent / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
+
+
+def test_a_job_no_item_of_the_run_asks_about_does_not_fail_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1 leaves its jobs; the manifest's instruction changes: the new work goes online, and the old job, still
+    # running, is nobody's to wait for tonight (it is left for a later run to collect, not counted as a failure).
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+        assert plain(job, url) == 0
+    done = records(job.parent / "out")
+    assert len(done) == 6 and {r["tier"] for r in done} == {"standard"} and len(jobs(app)) == 2
 
 
 def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_online(

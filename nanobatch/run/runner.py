@@ -154,6 +154,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
             await _drive(engine, rows, settings, stats, left, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
         waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
+        unfollowed = _unfollowed(batch.unfollowed() if batch is not None and outcome == "complete" else 0)
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
         )
@@ -167,7 +168,6 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         out.write_summary(summary)
     if reason is not None:
         logger.warning("run %s: %s", outcome, reason)
-    unfollowed = _unfollowed(waiting, settings.batch.wait and outcome == "complete")
     result = RunSummary(out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats,
                         summary=summary, unfollowed=unfollowed)  # fmt: skip
     await observer.ended(result.outcome, result.exit_code, result.reason)
@@ -311,13 +311,13 @@ def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Pat
     return {"requests": requests, "jobs": [chunk.job for chunk in waiting]}
 
 
-def _unfollowed(waiting: dict[str, Any] | None, waited: bool) -> int:
-    """Requests left in batch jobs by a run that *waited* for them (it could not read a job): said, and counted."""
-    unfollowed = int(waiting["requests"]) if waiting is not None and waited else 0
-    if unfollowed:
-        logger.error("%d requests are left in batch jobs this run was to wait for, but could not follow to their "
-                     "end (the warnings above say why): the next run collects them", unfollowed)  # fmt: skip
-    return unfollowed
+def _unfollowed(requests: int) -> int:
+    """*requests* left in batch jobs the run tried to follow to their end and could not (it could not read a job):
+    said, and counted."""
+    if requests:
+        logger.error("%d requests are left in batch jobs this run could not follow to their end (the warnings above "
+                     "say why): the next run collects them", requests)  # fmt: skip
+    return requests
 
 
 def _outcome(

@@ -50,6 +50,7 @@ class Jobs:
         self.shown = shown
         self.ledger = chunks.ledger
         self._deadline = anyio.Event()
+        self.unfollowed: set[str] = set()  # chunks whose job this run tried to follow and could not (an error)
 
     async def drive(self, chunk: Chunk) -> None:
         """Upload, create, poll and collect *chunk*, from wherever its ledger left it."""
@@ -75,6 +76,7 @@ class Jobs:
                 chunk.ended = "not submitted"
                 self.answers.settle(chunk, exc)
             else:
+                self.unfollowed.add(chunk.id)
                 self.answers.settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
 
     def _lost(self, chunk: Chunk, exc: ApiError) -> None:

@@ -241,6 +241,11 @@ class BatchRoute:
         run of the folder, whatever its tier, collects them."""
         return [chunk for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]
 
+    def unfollowed(self) -> int:
+        """Requests in the jobs this run was to follow and could not, for an error (not those ``wait=False``
+        leaves, nor jobs no item of this run asked about): still open, for the next run to collect."""
+        return sum(len(c.keys) for c in self.waiting() if c.id in self.jobs.unfollowed)
+
     def finish(self) -> None:
         """The run went through every item: close the collected chunks, but those holding answers of items
         whose next step waits in a job (the next run reads them again)."""
