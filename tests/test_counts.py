@@ -195,3 +195,37 @@ def test_status_tells_a_run_that_crashed_from_the_one_before_it(
             return folder_status(out)
 
     assert anyio.run(while_held)["last_run"]["outcome"] == "running"  # a run holds the folder: not dead
+
+
+def test_a_stop_rule_between_the_steps_of_an_item_keeps_what_was_paid_on_the_books(tmp_path: Path) -> None:
+    # --max-requests 2 lets steps 1 and 2 of a three-step item go out, then stops the run: those two answers were
+    # billed, so the folder's paid_usd, status and the item's record must say so (the item is failed, kind
+    # "stopped", and the next run sends it again).
+    item = {"id": "hero", "image": "images/h.png", "steps": ["crop it", "make it white", "add a shadow"]}
+    job = write_job(tmp_path, [item])
+    out = tmp_path / "out"
+    budget = nanobatch.load_settings(overrides={"budget.max_requests": 2, "limits.concurrency": 1})
+
+    summary = run(job, FakeGemini(), out, settings=budget)
+
+    assert summary.outcome == "aborted" and summary.exit_code == 3
+    (record,) = records(out)
+    assert record["status"] == "failed" and record["error"]["kind"] == "stopped" and record["error"]["step"] == 3
+    assert record["cost_usd"] > 0 and len(record["steps"]) == 3
+    folder = json.loads((out / "summary.json").read_text())
+    assert folder["paid_usd"] == pytest.approx(record["cost_usd"]) and folder["counts"]["failed"] == 1
+
+
+def test_a_fatal_answer_to_a_later_step_keeps_the_earlier_steps_cost_and_stops_the_run(tmp_path: Path) -> None:
+    item = {"id": "hero", "image": "images/h.png", "steps": ["crop it", "make it white"]}
+    job = write_job(tmp_path, [item, {"id": "next", "image": "images/n.png", "instruction": "make it blue"}])
+    out = tmp_path / "out"
+    key_revoked = google_error(401, "UNAUTHENTICATED", "API key not valid")
+    fake = FakeGemini({"make it white": [key_revoked]})
+
+    summary = run(job, fake, out, settings=nanobatch.load_settings(overrides={"limits.concurrency": 1}))
+
+    assert summary.exit_code == 3 and len(fake.requests) == 2  # the run stopped: "next" was not sent
+    (record,) = records(out)
+    assert record["error"]["step"] == 2 and record["cost_usd"] > 0
+    assert json.loads((out / "summary.json").read_text())["paid_usd"] == pytest.approx(record["cost_usd"])

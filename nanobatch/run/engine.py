@@ -9,9 +9,8 @@ A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, the
 send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one after another
 (:class:`~nanobatch.run.steps.Steps`: one call per step, whatever :class:`Route` carries it), and hands the record
 (:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
-:class:`~nanobatch.output.outdir.OutDir`: the writer's images and records, and the workers' journal lines (each
-online request is noted just before it is sent; the batch ledger notes the batch tier's). Only fatal errors
-stop the run; an item's failure becomes its record.
+:class:`~nanobatch.output.outdir.OutDir` (images, records, journal lines). Only fatal errors stop the run; an
+item's failure becomes its record, and so does one stopped between steps that were paid for.
 """
 
 from __future__ import annotations
@@ -201,8 +200,12 @@ class Engine:
                 return prepared
             replaceable = prepared.replaceable
             return await self._send(item, tally, prepared)
-        except (Stopped, FatalApiError):
-            raise
+        except (Stopped, FatalApiError) as exc:
+            if not tally.usages or self.batch_route is not None:  # nothing paid, or answers kept in batch jobs
+                raise
+            if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
+                self.gate.stop(exc)
+            return Finished(self._failed(item, tally, exc), [], replaceable=replaceable)
         except ApiError as exc:
             return Finished(self._failed(item, tally, exc), [], replaceable=replaceable)
 
@@ -351,7 +354,9 @@ class Engine:
             return None
         return replace(finished, record=replace(finished.record, uploads=uploads, upload_stamps=stamps))
 
-    def _failed(self, item: WorkItem, tally: Tally, exc: ApiError) -> ItemRecord:
+    def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
+        if isinstance(exc, Stopped):  # between the steps of an item: those sent were paid for
+            exc = ApiError(f"the run stopped ({self.gate.stop_reason}) before this step was sent", kind="stopped")
         status = "blocked" if exc.kind == "blocked" else "failed"
         if isinstance(exc.reply, Reply) and exc.reply.usage:
             tally.usages.append(exc.reply.usage)  # a withheld answer is billed all the same
