@@ -50,7 +50,7 @@ FALLBACK_KEY_ENV = "GEMINI_API_KEY"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ApiSettings(_Section):
@@ -105,7 +105,7 @@ class ApiSettings(_Section):
     @field_validator("api_version")
     @classmethod
     def _a_path_part(cls, version: str) -> str:
-        if models.not_in_url_path(version) is not None:
+        if models.not_in_url_path(version) is not None or version.strip("/") in ("", ".", "..") or "/" in version:
             raise ValueError(f"{version[:40]!r} cannot be part of a URL path; the API's versions are v1 and v1beta")
         return version
 

@@ -117,12 +117,27 @@ class ManifestError(NanobatchError):
 
     def __init__(self, problems: list[Problem], *, hint: str | None = None) -> None:
         self.problems = problems
-        lines = [str(p) for p in problems[:50]]
-        if len(problems) > 50:
-            lines.append(f"... and {len(problems) - 50} more problems")
+        lines = _problem_lines(problems)
         if hint:
             lines.append(f"hint: {hint}")
         super().__init__("\n".join(lines))
+
+
+def _problem_lines(problems: list[Problem], *, most: int = 50, same: int = 3) -> list[str]:
+    """A line per problem, up to *most*; the same problem (field and message) of many items (a setting that every
+    row of a source shares, from ``defaults:`` or its ``items_from:`` entry) shown *same* times, then counted."""
+    times: dict[tuple[str | None, str], int] = {}
+    lines = []
+    for problem in problems:
+        key = (problem.field, problem.message)
+        times[key] = times.get(key, 0) + 1
+        if times[key] <= same:
+            lines.append(str(problem))
+    lines += [f"... and {n - same} more items with the same problem in field {field!r}: {message[:100]}"
+              for (field, message), n in times.items() if n > same]  # fmt: skip
+    if len(lines) > most:
+        lines[most:] = [f"... and {len(lines) - most} more problems"]
+    return lines
 
 
 class ApiError(NanobatchError):

@@ -368,6 +368,8 @@ def model_id_problem(model: str) -> str | None:
     """Why *model* cannot be a model id, or None. An id goes into the request's URL path ({model}:generateContent)."""
     if (char := not_in_url_path(model)) is not None:
         return f"{model[:60]!r} is not a model id: it holds {char!r}; model ids look like {DEFAULT_MODEL!r}"
+    if model.startswith("models/"):  # the API's resource name, as a model listing shows it: the path has it already
+        return f"write {model.removeprefix('models/')[:60]!r}, without 'models/' (the request's path adds it)"
     return None if model.strip() else "a model id cannot be empty"
 
 

@@ -22,7 +22,7 @@ QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_su
 class QaFields(BaseModel):
     """A ``qa:`` mapping as written: every key optional (None: not set here, a farther layer decides)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     background: Literal["white", "any"] | None = None
     min_fill: float | None = None  # 0..1, checked below

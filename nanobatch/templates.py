@@ -81,7 +81,8 @@ def _fill(template: Any, present: Values) -> Any:
             _SOLES.clear()
         sole = _SOLE.fullmatch(template)
         name = sole.group(1) if sole else None
-        _SOLES[template] = (name, name is not None and not any(c in name for c in ":!.[]"))
+        plain = name is not None and not any(c in name for c in ":!.[]")
+        _SOLES[template] = (name if plain else None, plain)  # "{n:>10}" alone is formatted, as in a sentence
     name, plain = _SOLES[template]
     if name is not None:
         value = present[name]
@@ -95,6 +96,6 @@ def _fill(template: Any, present: Values) -> Any:
         raise ValueError(str(exc)) from None
 
 
-# Each template met: the name of its sole placeholder (None: not one placeholder alone), and whether that is a
-# plain name (no conversion, format spec, attribute or index). A catalog's rows fill the same few templates.
+# Each template met: the name of its sole placeholder (None: not one plain placeholder alone: no conversion, format
+# spec, attribute or index), and whether it is one. A catalog's rows fill the same few templates.
 _SOLES: dict[str, tuple[str | None, bool]] = {}

@@ -111,6 +111,29 @@ def test_bad_manifest_exits_2_naming_file_item_and_field(tmp_path: Path, capsys:
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "option", [["--progress-interval", "nan"], ["--max-cost", "nan"], ["--rpm", "inf"], ["--grace", "nan"]]
+)
+def test_a_number_option_that_is_not_finite_exits_2_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: list[str]
+) -> None:
+    # NaN passes any range check (it compares false both ways): --progress-interval nan once crashed the run
+    # after its first request had gone out.
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out), *option]) == 2
+    assert "is not a finite number" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_written_as_the_apis_resource_name_is_refused_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}], model="models/gemini-3-pro-image")
+    out = tmp_path / "out"
+    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 2
+    assert "write 'gemini-3-pro-image', without 'models/'" in capsys.readouterr().err and not out.exists()
+
+
 def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     config = tmp_path / "nanobatch.yaml"

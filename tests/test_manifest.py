@@ -57,6 +57,16 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
             id="unknown-defaults-key",
         ),
         pytest.param(ITEM.replace("a.png", "missing.png"), "a", "image", "image file not found", id="missing-image"),
+        pytest.param(
+            ITEM.replace("image: a.png", "image: 'a.png '"),
+            "a",
+            "image",
+            "a.png ' (its name begins or ends with white space)",
+            id="image-name-ending-in-a-space",
+        ),
+        pytest.param(
+            ITEM + "    model: models/gemini-3-pro-image\n", "a", "model", "without 'models/'", id="models-prefix"
+        ),
         pytest.param(ITEM + "  - id: a\n    image: b.png\n", "a", "id", "duplicate id 'a'", id="duplicate-id"),
         pytest.param(ITEM.replace("id: a", "id: a/b"), "a/b", "id", "not a valid id", id="slash-in-id"),
         pytest.param(ITEM.replace("id: a", "id: -a"), "-a", "id", "not starting with", id="id-starts-with-dash"),

@@ -206,3 +206,14 @@ def test_a_run_that_waited_for_the_folder_keeps_the_success_of_the_run_it_waited
     samples = read_metrics(prom)
     assert value(samples, "nanobatch_last_success_timestamp_seconds") == 1_800_000_000
     assert value(samples, "nanobatch_last_run_timestamp_seconds") == 1_800_003_600
+
+
+def test_validate_refuses_a_metrics_file_the_run_would_refuse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `validate` checks what `run` checks: a missing folder is named before the night, not at its start.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/1.png"}])
+    config = tmp_path / "nanobatch.yaml"
+    config.write_text(f"output:\n  metrics_file: {tmp_path / 'missing' / 'catalog.prom'}\n")
+    assert main(["validate", str(job), "--config", str(config)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -181,3 +181,24 @@ def test_a_run_and_the_cli_load_the_manifest_under_the_config_files_checks(tmp_p
     manifest, _ = load_job(path, settings)
     assert next(manifest.items()).qa == expected
     assert next(manifest_from(str(path), settings, None).items()).qa == expected
+
+
+def test_a_min_side_no_image_of_the_items_size_can_reach_is_refused_before_anything_is_paid(tmp_path: Path) -> None:
+    # Every 1K answer would be rejected, and each of its retries paid for: a check no answer can pass.
+    items = [
+        {"id": "a", "image": "a.png", "image_size": "1K", "aspect_ratio": "1:1"},
+        {"id": "b", "image": "a.png", "image_size": "4K"},
+    ]
+    problems = manifest_problems(job(tmp_path, {"model": MODEL, "qa": {"min_side": 4000}, "items": items}))
+    assert [(p.item, p.field) for p in problems] == [("a", "qa.min_side")]
+    assert "at most about 1024 px" in problems[0].message and "ask for image_size 4K" in problems[0].message
+
+
+def test_the_worst_cost_counts_every_retry_the_checks_may_pay_for(tmp_path: Path) -> None:
+    import nanobatch
+
+    doc: dict[str, object] = {"model": MODEL, "items": [{"id": "a", "image": "a.png"}]}
+    plain = nanobatch.check_job(job(tmp_path, doc), out_dir=tmp_path / "out")
+    checked = nanobatch.check_job(job(tmp_path, {**doc, "qa": {"min_side": 500, "retries": 3}}), out_dir=tmp_path / "o")
+    assert checked.cost_likely_usd == plain.cost_likely_usd
+    assert checked.cost_worst_usd == pytest.approx(4 * plain.cost_worst_usd)  # the request, then 3 more

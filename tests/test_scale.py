@@ -117,7 +117,7 @@ def test_status_answers_from_the_summary_until_the_results_or_the_manifest_chang
 ) -> None:
     items: list[dict[str, Any]] = [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)]
     for item in items[3:]:  # two items whose image can never pass: rejected, left for the next run
-        item["qa"] = {"min_side": 16384}
+        item["qa"] = {"min_side": 2800}  # the simulator answers 1K (1:1); a 1K image of 8:1 could pass
     job = write_job(tmp_path, items)
     out = tmp_path / "out"
     _run(job, out)  # a run that reached every item (one cut short leaves no count: test_status_since.py)

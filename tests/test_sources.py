@@ -208,6 +208,8 @@ def test_a_source_edited_during_a_run_sends_only_what_the_check_passed(
         pytest.param("{refs}", {"refs": ["a", "b"]}, ["a", "b"], id="lone-placeholder-keeps-a-list"),
         pytest.param(["{a}", "x"], {"a": "1"}, ["1", "x"], id="list-of-templates"),
         pytest.param(True, {}, True, id="not-a-template"),
+        pytest.param("{n:>5}", {"n": "ab"}, "   ab", id="lone-placeholder-with-a-format-spec"),
+        pytest.param("{n!r}", {"n": "ab"}, "'ab'", id="lone-placeholder-with-a-conversion"),
     ],
 )
 def test_fill(template: Any, values: dict[str, Any], expected: Any) -> None:
@@ -569,3 +571,46 @@ def test_a_last_row_turned_bad_is_told_once_the_run_has_taken_every_item(
     summary = run_virtual(lambda: nanobatch.run_job(path, transport=FakeGemini().transport, out_dir=tmp_path / "out"))
     assert summary.stats.ok == 2 and summary.stats.failures == {"manifest": 1} and summary.exit_code == 1
     assert "item 'S3'" in caplog.text and "changed since the check" in caplog.text
+
+
+def test_a_column_or_key_like_a_misspelt_field_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    # Passed over as data, "Image" would have the row sent without its picture (paid, as a text-to-image request),
+    # and "instrction" would have it sent with the defaults' instruction.
+    files = {
+        "c.csv": "id,Image,name,title,price\nA1,photos/a.jpg,Mug,Big mug,9\n",
+        "j.jsonl": '{"id": "B1", "image": "photos/a.jpg", "instrction": "Make it blue", "color": "red"}\n'
+        '{"id": "B2", "image": "photos/a.jpg", "instruction": "Make it red"}\n',
+    }
+    doc = {"defaults": {"instruction": "Remove the sticker"}, "items_from": [{"csv": "c.csv"}, {"jsonl": "j.jsonl"}]}
+    found = problems(job(tmp_path, doc, files, ["photos/a.jpg"]))
+    assert [(Path(p.file).name, p.field) for p in found] == [("c.csv:1", "Image"), ("j.jsonl:1", "instrction")]
+    assert "did you mean 'image'?" in found[0].message and "did you mean 'instruction'?" in found[1].message
+
+
+def test_a_column_like_a_field_that_a_template_reads_or_beside_that_field_is_data(tmp_path: Path) -> None:
+    rows = "id,Image,image,instructions,name\nA1,x,photos/a.jpg,Make it blue,Mug\n"
+    source = {"csv": "c.csv", "instruction": "{instructions}, keep the {name}"}
+    (item,) = items(job(tmp_path, {"items_from": [source]}, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert item.steps == ("Make it blue, keep the Mug",) and item.inputs == (str(tmp_path / "photos/a.jpg"),)
+
+
+def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path) -> None:
+    # csv rows as dicts keep the last one: the first picture would be dropped without a word.
+    rows = "id,image,instruction,image\nX1,photos/a.jpg,Make it blue,logo.png\n"
+    (problem,) = problems(job(tmp_path, {"items_from": [{"csv": "c.csv"}]}, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert problem.file.endswith("c.csv:1") and problem.field == "image" and "twice" in problem.message
+
+
+def test_a_setting_every_row_shares_is_reported_a_few_times_then_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A misspelt check on the items_from entry is every row's problem: 1,000 rows must not print 1,000 lines.
+    rows = "id,image\n" + "".join(f"S{n},photos/a.jpg\n" for n in range(40))
+    source = {"csv": "c.csv", "instruction": "x", "qa": {"min_fil": 0.5}}
+    path = job(tmp_path, {"items_from": [source]}, {"c.csv": rows}, ["photos/a.jpg"])
+    from nanobatch.cli.main import main
+
+    assert main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all("field 'qa.min_fil'" in line for line in lines)
+    assert lines[-1].startswith("... and 37 more items with the same problem in field 'qa.min_fil'")

@@ -20,7 +20,7 @@ import click
 
 from ..errors import NanobatchError, sole_error
 from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
-from .options import Duration, manifest_from, settings_from, settings_options
+from .options import Duration, Finite, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
 from .printing import print_check as _print_check
 from .printing import print_models as _print_models
@@ -91,7 +91,7 @@ _skip_bad_inputs = click.option(
 @click.option("--dry-run", is_flag=True, help="Check everything and estimate cost; send nothing.")
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="On Ctrl-C/SIGTERM, seconds to let requests in flight finish (default 30).",
 )
 @click.option("--wait-lock", is_flag=True, help="If another run holds the output folder, wait for it.")
@@ -119,7 +119,7 @@ _skip_bad_inputs = click.option(
 @_skip_bad_inputs
 @click.option(
     "--progress-interval",
-    type=click.FloatRange(min=1),
+    type=Finite(min=1),
     default=30,
     show_default=True,
     help="Seconds between plain progress lines when stderr is not a terminal.",

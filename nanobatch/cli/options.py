@@ -12,7 +12,7 @@ import click
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Duration", "manifest_from", "settings_from", "settings_options"]
+__all__ = ["Duration", "Finite", "manifest_from", "settings_from", "settings_options"]
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click (we allow 8.1)
@@ -37,6 +37,17 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
         if not 0 < seconds < math.inf:
             self.fail(f"{value!r}: the duration must be more than 0 and finite", param, ctx)
         return seconds
+
+
+class Finite(click.FloatRange):
+    """A :class:`click.FloatRange` that takes no ``nan`` or ``inf``: a NaN passes every range check (it compares
+    false both ways), and an interval or a cap of ``inf`` is no setting at all."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def settings_options(f: Any) -> Any:
@@ -69,13 +80,13 @@ def settings_options(f: Any) -> Any:
         ),
         click.option(
             "--rpm",
-            type=click.FloatRange(min=0, min_open=True),
+            type=Finite(min=0, min_open=True),
             help="Requests per minute at most, in any 60 s (limits.rpm_burst: how many may leave at once).",
         ),
         click.option("--base-url", help="API base URL, e.g. https://generativelanguage.googleapis.com."),
         click.option(
             "--max-cost",
-            type=click.FloatRange(min=0, min_open=True),
+            type=Finite(min=0, min_open=True),
             help="Stop before the run could spend more than this many US dollars.",
         ),
         click.option("--max-requests", type=click.IntRange(min=1), help="Send at most this many requests."),

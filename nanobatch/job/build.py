@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -50,13 +51,15 @@ def build_item(
             f"{models.MAX_TOTAL_INPUT_BYTES // models.MB} MB: set resize_inputs: true to downscale them"
         ))  # fmt: skip
     modalities = _modalities(f, bad)
-    _check_model_limits(f, models.lookup(model), len(inputs), bad)
+    info = models.lookup(model)
+    _check_model_limits(f, info, len(inputs), bad)
+    checks = _checks((*qa, f.qa))  # None when no check is on: the run then decodes nothing
+    _check_reachable(checks, f, info, bad)
     output = _output(f, raw, bad)
     output_format = _output_format(f, bad)
     if problems:
         return None, problems
     assert f.id is not None
-    checks = _checks((*qa, f.qa))  # None when no check is on: the run then decodes nothing
     return WorkItem(
         id=f.id,
         model=model,
@@ -150,6 +153,8 @@ class Shapes:
         modalities = _modalities(f, bad)
         info = models.lookup(f.model or self._model)
         _check_model_limits(f, info, 0, bad)
+        checks = _checks((*self._qa, f.qa))
+        _check_reachable(checks, f, info, bad)
         if f.output is not None and template_problems(f.output):
             bad("output", "")
         output_format = _output_format(f, bad)
@@ -160,7 +165,7 @@ class Shapes:
             thinking_level=f.thinking_level.lower() if f.thinking_level is not None else None,
             tier=f.tier.lower() if f.tier is not None else None, output=f.output, keep_steps=bool(f.keep_steps),
             resize_inputs=bool(f.resize_inputs), input_mode=f.inputs.lower() if f.inputs is not None else None,
-            output_format=output_format, qa=_checks((*self._qa, f.qa)),
+            output_format=output_format, qa=checks,
             max_inputs=info.max_input_images if info is not None else None,
         )  # fmt: skip
 
@@ -347,6 +352,31 @@ def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int,
         bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
+def _not_found(path: str, why: str | None) -> str:
+    """Why the picture at *path* cannot be read, its name shown so that white space at an end can be seen."""
+    spaced = path != path.strip()
+    shown = f"{path!r} (its name begins or ends with white space)" if spaced else path
+    return f"image file not found: {shown}" if why is None else f"cannot read the image {shown}: {why}"
+
+
+def _check_reachable(checks: QaSettings | None, f: Merged, info: models.ModelInfo | None, bad: Any) -> None:
+    """A ``qa.min_side`` that no image of the item's size can reach: every answer would be rejected, and each
+    retry paid for. (The sizes are the facts table's, rounded: 5% of leeway.)"""
+    if checks is None or checks.min_side is None or info is None:
+        return
+    ratios = (f.aspect_ratio,) if f.aspect_ratio else info.aspect_ratios
+
+    def longest(size: str) -> int:
+        return max((max(models.pixel_size(ratio, size)) for ratio in ratios), default=0)
+
+    size = f.image_size or info.default_size
+    if (edge := longest(size)) and checks.min_side > edge * 1.05:
+        larger = [other for other in info.image_sizes if longest(other) * 1.05 >= checks.min_side]
+        ask = f"ask for image_size {larger[0]}, or lower qa.min_side" if larger else "lower qa.min_side"
+        bad("qa.min_side", f"{checks.min_side} px: {info.id}'s {size} images are at most about {edge} px on their "
+                           f"longest side, so every image would be rejected (each retry paid); {ask}")  # fmt: skip
+
+
 def _resolve_input(
     ref: str, base: str, *, check_files: bool | PictureCheck, resize: bool = False
 ) -> tuple[str, str | None, Stat | None]:
@@ -365,12 +395,15 @@ def _resolve_input(
     # os.path rather than pathlib: this runs once per input of every item.
     path = _joined(base, ref)
     if check_files:
+        why = None
         try:
             st = check_files.stat(path) if isinstance(check_files, PictureCheck) else os.stat(path)
-        except (OSError, ValueError):  # ValueError: a NUL in the path
+        except OSError as exc:  # not there, or a name too long, a loop of links, a folder not searchable
+            st, why = None, None if exc.errno == errno.ENOENT else exc.strerror
+        except ValueError:  # a NUL in the path
             st = None
         if st is None:
-            return path, f"image file not found: {path}", None
+            return path, _not_found(path, why), None
         if not stat.S_ISREG(st.st_mode):
             mode = st.st_mode
             kind = (

@@ -26,7 +26,7 @@ INPUT_MODES = ("inline", "by_reference", "auto")
 class ItemFields(BaseModel):
     """Every field an item (or ``defaults:``, or an ``items_from:`` source) may set."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: str | None = None
     image: str | None = None
@@ -123,7 +123,7 @@ def merge_given(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str
 
 
 class ManifestFields(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str | None = None
     model: str | None = None

@@ -88,6 +88,7 @@ def _parse_entry(
         templates=templates,
         delimiter=str(delimiter),
         columns_as_fields=_from_columns(templates, item_fields, default_output),
+        read_columns=frozenset(_used_by({**templates, "output": templates.get("output", default_output)})),
     )
     return source, problems
 

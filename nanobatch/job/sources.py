@@ -21,13 +21,14 @@ above are checked and turned into sources in :mod:`nanobatch.job.items_from`.
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
+from .fields import ItemFields
 from .lines import NotUtf8Line, Utf8Lines
 from .yaml_stream import stream_items
 
@@ -102,7 +104,8 @@ class InlineSource:
                 else:
                     yield RawItem(fields=found.value, file=self.file, label=str(found.value.get("id", label)))
         except yaml.YAMLError as exc:
-            yield _broken(self.file, None, f"not valid YAML after item #{index}: {exc}")
+            where = f"after item #{index}" if index else "at or before the first item"
+            yield _broken(self.file, None, f"not valid YAML {where}: {exc}")
         except UnicodeDecodeError:
             yield _broken(self.file, None, "not UTF-8 text: save it as UTF-8")
         except OSError as exc:
@@ -115,6 +118,10 @@ def file_stamp(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+_ALL_FIELDS = frozenset(ItemFields.model_fields)
+MISNAMED_CUTOFF = 0.8  # "imgae", "Image", "instrction", "aspectratio" are taken for fields; "name", "title" not
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TableSource:
     """A CSV (one item per row, first row the header) or JSONL file (one JSON object per line)."""
@@ -125,6 +132,7 @@ class TableSource:
     delimiter: str = ","
     # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
     columns_as_fields: frozenset[str] = frozenset()
+    read_columns: frozenset[str] = frozenset()  # the columns the templates (and the default output name) read
     # Rows from this byte on (a local file's), the *lines* before it passed over (a CSV's header still read):
     # those appended since a run's check (Manifest.since).
     start: int = 0
@@ -161,7 +169,7 @@ class TableSource:
         if not header:
             yield _broken(file, "id", "the CSV file is empty: its first row must name the columns")
             return
-        missing = self._absent_columns(header)
+        missing = _repeated(header, f"{file}:1") or self._absent_columns(header) + self._misnamed(header, f"{file}:1")
         if missing:
             yield RawItem(fields=None, file=f"{file}:1", label=None, problems=tuple(missing))
             return
@@ -200,6 +208,7 @@ class TableSource:
 
     def _jsonl_rows(self, stream: Utf8Lines) -> Iterator[RawItem]:
         file = str(self.path)
+        seen: dict[tuple[str, ...], list[Problem]] = {}  # the misnamed keys of each set of keys met
         if self.start:
             stream.skip_to(self.start, self.lines)
         for number, line in enumerate(stream, self.lines + 1):
@@ -213,6 +222,14 @@ class TableSource:
                 continue
             if not isinstance(row, dict):
                 yield _broken(where, None, f"line {number} is not a JSON object")
+                continue
+            keys = tuple(row)
+            if (misnamed := seen.get(keys)) is None:
+                misnamed = seen[keys] = self._misnamed(keys, where)
+            if misnamed:
+                yield RawItem(
+                    fields=None, file=where, label=None, problems=tuple(replace(p, file=where) for p in misnamed)
+                )
                 continue
             yield self._row(row, where, f"line {number}")
 
@@ -231,6 +248,24 @@ class TableSource:
                         f"{columns}{did_you_mean(column, list(header))}; {BRACES_HINT}"
                     )
                     problems.append(Problem(f"{self.path}:1", None, name, message))
+        return problems
+
+    def _misnamed(self, columns: Sequence[str], where: str) -> list[Problem]:
+        """Columns (JSONL keys) that look like a misspelt item field ("imgae", "Image", "instrction") where that
+        field is not given: each would be passed over as data, and the item sent without it (paid for, and
+        wrong). A column a template reads is data, whatever its name."""
+        import difflib  # (only for a name that is not a field)
+
+        problems = []
+        fields = sorted(self.columns_as_fields)
+        for column in columns:
+            if column in self.columns_as_fields or column in self.read_columns or column in _ALL_FIELDS:
+                continue
+            close = difflib.get_close_matches(column.lower(), fields, n=1, cutoff=MISNAMED_CUTOFF)
+            if close and close[0] not in columns:
+                message = (f"{column!r} is not an item field and no template reads it: did you mean {close[0]!r}? "
+                           f"Rename it (or read it in a template, as \"{{{column}}}\", if it is data)")  # fmt: skip
+                problems.append(Problem(where, None, column, message))
         return problems
 
     def _delimiter_hint(self, header: Sequence[str]) -> str:
@@ -332,6 +367,12 @@ def _may_be_big_int(value: Any) -> bool:
     if type(value) is list:
         return any(map(_may_be_big_int, value))
     return type(value) is float and abs(value) >= 2**63
+
+
+def _repeated(header: Sequence[str], where: str) -> list[Problem]:
+    """A CSV header's columns named twice: a row would keep only the last one's value (its other picture lost)."""
+    twice = sorted(column for column, times in collections.Counter(header).items() if times > 1)
+    return [Problem(where, None, column, f"the header (row 1) names the column {column!r} twice") for column in twice]
 
 
 def _broken(file: str, fld: str | None, message: str) -> RawItem:

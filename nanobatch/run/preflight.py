@@ -70,7 +70,7 @@ class Estimate:
         tier = item.tier or self.settings.api.tier
         if tier not in self.tiers:
             self.tiers.add(tier)
-        n_images = len(item.inputs)
+        n_images, high = len(item.inputs), 0.0
         for instruction in item.steps:
             low, high, standard, batch = self._step(item.model, tier, instruction, n_images, item.image_size)
             self.likely += low
@@ -78,6 +78,8 @@ class Estimate:
             self.standard += standard
             self.batch += batch
             n_images = 1  # later steps edit the previous output
+        if item.qa is not None and item.qa.retries:
+            self.worst += high * item.qa.retries  # at most: every image rejected, its last step sent again each time
 
     def _step(
         self, model: str, tier: str, instruction: str, n_images: int, image_size: str | None
@@ -260,7 +262,7 @@ def check_job(
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
-    _check_settings(settings, target)
+    _check_settings(settings, target, manifest.name)
     manifest = manifest.skipping(target)
     how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
                skip_bad_inputs=skip_bad_inputs, count_done=count_done, from_summary=from_summary)  # fmt: skip
@@ -419,10 +421,14 @@ def _result(
     )  # fmt: skip
 
 
-def _check_settings(settings: Settings, target: Path) -> None:
-    """ConfigError for an output folder, a Vertex AI project or location, or an ``output.upload_to`` that
-    cannot be used."""
+def _check_settings(settings: Settings, target: Path, job: str) -> None:
+    """ConfigError for an output folder, a Vertex AI project or location, an ``output.upload_to`` or an
+    ``output.metrics_file`` (of the job *job*) that cannot be used."""
     OutDir.check(target)
+    if settings.output.metrics_file:
+        from .metrics import metrics_file
+
+        metrics_file(settings.output.metrics_file, job)
     if settings.api.backend == "vertex":
         from ..api.vertex import vertex_route
 
