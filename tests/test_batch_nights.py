@@ -309,6 +309,27 @@ def test_a_job_no_item_of_the_run_asks_about_does_not_fail_the_run(
     assert len(done) == 6 and {r["tier"] for r in done} == {"standard"} and len(jobs(app)) == 2
 
 
+def test_a_done_job_no_item_asks_about_is_collected_not_left_pending_for_ever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Night 1 leaves its jobs; the instruction changes; night 2 sends the new work online, and no item waits for
+    # the old jobs. Once they are done, a complete run collects them: their paid answers are kept on disk (for a
+    # run that asks for them), the API's files deleted, and status stops calling them pending.
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim()
+    out = job.parent / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+        time.sleep(1.0)  # the old jobs are done (nothing timed is asserted)
+        assert plain(job, url) == 0
+        capsys.readouterr()
+        assert main(["status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "batch job" not in shown and "not written yet: 6;" in shown
+    assert not app.state.batches.files._files and billed(app) == 12  # the API's copies deleted; nothing paid again
+
+
 def test_after_cancel_status_says_cancelled_and_a_plain_run_sends_the_items_online(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -282,7 +282,8 @@ def status(out_dir: str, as_json: bool) -> None:
         click.echo(f"a run is in progress ({info['running']}): {info['in_flight']} requests in flight")
     if info.get("batch_answers_kept") and not info.get("running"):
         click.echo(f"batch answers collected (paid) and not written yet: {info['batch_answers_kept']}; "
-                   "the next run writes them without paying again")  # fmt: skip
+                   "a run that asks for them writes them without paying again (kept up to 14 days; those of items "
+                   "changed since are not asked for)")  # fmt: skip
     if info.get("possibly_charged"):
         click.echo(f"sent by a run that ended without saving their results (may have been charged): "
                    f"{info['possibly_charged']} requests")  # fmt: skip

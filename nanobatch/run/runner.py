@@ -153,7 +153,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
                             stats.skipped, left)  # fmt: skip
             await _drive(engine, rows, settings, stats, left, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        waiting = _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
+        waiting = await _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
         unfollowed = _unfollowed(batch.unfollowed() if batch is not None and outcome == "complete" else 0)
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
@@ -294,9 +294,10 @@ async def _batch_route(
     return await stack.enter_async_context(route)
 
 
-def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> dict[str, Any]:
-    """Close what the run is done with; what still waits in batch jobs, for ``summary.json``'s
-    ``last_run.batch_waiting`` (``requests``, ``jobs``)."""
+async def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> dict[str, Any]:
+    """Collect the jobs that are done, close what the run is done with; what still waits, for the summary."""
+    if outcome == "complete" and batch.broken is None:
+        await batch.collect_done()
     if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
         raise batch.broken
     if outcome == "complete":
@@ -312,8 +313,7 @@ def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Pat
 
 
 def _unfollowed(requests: int) -> int:
-    """*requests* left in batch jobs the run tried to follow to their end and could not (it could not read a job):
-    said, and counted."""
+    """*requests* left in batch jobs the run tried to follow and could not (it could not read a job): said."""
     if requests:
         logger.error("%d requests are left in batch jobs this run could not follow to their end (the warnings above "
                      "say why): the next run collects them", requests)  # fmt: skip

@@ -51,6 +51,7 @@ class Jobs:
         self.ledger = chunks.ledger
         self._deadline = anyio.Event()
         self.unfollowed: set[str] = set()  # chunks whose job this run tried to follow and could not (an error)
+        self._collecting: dict[str, anyio.Lock] = {}  # one collection of a chunk at a time (see collect_done)
 
     async def drive(self, chunk: Chunk) -> None:
         """Upload, create, poll and collect *chunk*, from wherever its ledger left it."""
@@ -153,8 +154,26 @@ class Jobs:
             logger.info("batch job %s: %s (%d of %d answered)", chunk.job, job.state,
                         job.successful_count + job.failed_count, len(chunk.keys))  # fmt: skip
 
+    async def collect_done(self) -> None:
+        """Each open job asked about now, and those done collected: at the end of a complete run, the jobs no item
+        of it waited for (an earlier night's, whose items changed or left the manifest) are not left "pending"
+        for ever, their paid answers kept on the API's side only until it deletes them."""
+        for chunk, name in [(chunk, chunk.job) for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]:
+            try:
+                job = await self.client.get(name)
+                self._note_state(chunk, job)
+                if job.done:
+                    await self._collect(chunk, job)
+            except ApiError as exc:
+                logger.info("batch job %s: %s; the next run collects it", chunk.job, exc)
+
     async def _collect(self, chunk: Chunk, job: BatchJob) -> None:
         """Download the results (if any) into the folder, journal it, free the API's files, wake the steps."""
+        async with self._collecting.setdefault(chunk.id, anyio.Lock()):
+            if chunk.open:  # not collected meanwhile by the other of its follow and collect_done
+                await self._collect_now(chunk, job)
+
+    async def _collect_now(self, chunk: Chunk, job: BatchJob) -> None:
         if job.responses_file:
             results = f"{chunk.id}.results.jsonl"
             try:

@@ -241,6 +241,15 @@ class BatchRoute:
         run of the folder, whatever its tier, collects them."""
         return [chunk for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]
 
+    async def collect_done(self, limit_s: float = 300.0) -> None:
+        """At the end of a complete run: the folder's jobs that are done now collected (see Jobs.collect_done), for
+        at most *limit_s* (what is not by then is left for the next run)."""
+        try:
+            with anyio.move_on_after(limit_s):
+                await self.jobs.collect_done()
+        except OSError as exc:
+            raise self._break(exc) from None
+
     def unfollowed(self) -> int:
         """Requests in the jobs this run was to follow and could not, for an error (not those ``wait=False``
         leaves, nor jobs no item of this run asked about): still open, for the next run to collect."""
