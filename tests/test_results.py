@@ -148,6 +148,45 @@ def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
     assert summary.exit_code == 0 and finished_at >= 60
 
 
+def test_a_run_that_waited_past_its_time_limit_for_one_that_did_everything_is_complete(tmp_path: Path) -> None:
+    # Checked while another run held the folder (its summary not written yet), this run queues (--wait-lock) and
+    # gets the folder after its --max-duration: the holder did every item, so this run is complete, exit 0, not
+    # "aborted" with a false "unsent items are left" in the summary the holder left.
+    import anyio
+
+    from nanobatch.output.lock import RunLock
+
+    from .conftest import run_virtual
+    from .fakes import FakeGemini, run, write_job
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", "instruction": "x"} for n in range(20)])
+    out = tmp_path / "out"
+    assert run(job, FakeGemini(), out).exit_code == 0
+    ended = (out / "summary.json").read_text()
+    fake = FakeGemini()
+    limited = nanobatch.load_settings(overrides={"limits.max_duration_s": 2})
+
+    async def go() -> nanobatch.RunSummary:
+        async with anyio.create_task_group() as tg:
+            held = anyio.Event()
+
+            async def holder() -> None:
+                async with RunLock(out):
+                    started = {k: v for k, v in json.loads(ended).items() if k != "state"}  # as while it runs
+                    (out / "summary.json").write_text(json.dumps(started))
+                    held.set()
+                    await anyio.sleep(60)
+                    (out / "summary.json").write_text(ended)  # its end: every item done
+
+            tg.start_soon(holder)
+            await held.wait()
+            return await nanobatch.run_job(job, settings=limited, transport=fake.transport, out_dir=out, wait_lock=True)
+
+    summary = run_virtual(go)
+    assert summary.exit_code == 0 and summary.outcome == "complete" and summary.stats.skipped == 20
+    assert not fake.requests and json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "complete"
+
+
 def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     import anyio
 

@@ -183,17 +183,15 @@ def _to_send(checked: CheckResult, out: OutDir, index: ResultsIndex) -> tuple[Ma
     that uploads, or in the batch tier (its jobs may want collecting), goes through every item all the same."""
     manifest, settings = checked.job, checked.settings
     every = (manifest, checked.items)
-    if checked.done_as_of is None or checked.held is None:
-        return every
-    if settings.output.upload_to is not None or settings.api.tier == "batch":
+    if checked.held is None or settings.output.upload_to is not None or settings.api.tier == "batch":
         return every
     starts = checked.rows_since or {}
-    if out.waited:
+    if out.waited:  # also when the check found the folder mid-run: the run it waited for may have done it all
         held = held_check(out.path, checked.held, index.every_entry())
         if held is None or held.starts and held.starts != starts:
             return every
         starts = held.starts  # none: the run that held the folder did the rest
-    elif file_stamp(str(out.path / RESULTS_FILE)) != checked.done_as_of:
+    elif checked.done_as_of is None or file_stamp(str(out.path / RESULTS_FILE)) != checked.done_as_of:
         return every
     return (manifest.since(starts), checked.items - checked.done_items) if starts else (manifest, 0)
 
