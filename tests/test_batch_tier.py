@@ -145,6 +145,20 @@ def test_cancel_cancels_the_open_jobs_and_the_next_run_sends_their_items_again(
     assert len(jobs(app)) == 4 and [j.state for j in jobs(app)].count("pending") == 2
 
 
+def test_cancel_says_which_jobs_had_ended_before_it_asked(job: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = sim(batch_latency_s=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(1.5)  # the jobs are done (nothing timed is asserted)
+        capsys.readouterr()
+        assert main(["cancel", str(job.parent / "out"), "--base-url", url]) == 0
+        said = capsys.readouterr().out
+        ended = said.count("(succeeded)")  # (one done before the --no-wait run ended was collected by it)
+        assert said.startswith(f"cancelled 0 batch jobs\n{ended} had already ended: ") and ended >= 1
+        assert cli(job, url) == 0  # their answers collected, nothing sent again
+    assert app.state.stats.images == ITEMS and len(records(job.parent / "out")) == ITEMS
+
+
 def test_the_budget_is_reserved_at_batch_prices_before_a_chunk_goes_out(job: Path) -> None:
     app = sim()
     with run_in_thread(app=app) as url:

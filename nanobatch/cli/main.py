@@ -363,13 +363,16 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     install_redaction(settings)
     check_offered(settings, "cancel")  # before any credential is looked for: Vertex has no batch jobs
 
-    async def go() -> list[str]:
+    async def go() -> list[tuple[str, str]]:
         async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
             async with connection.batches() as client:
                 return await cancel_jobs(Path(out_dir), client)
 
-    names = anyio.run(go)
+    found = anyio.run(go)
+    names = [name for name, state in found if state not in ("succeeded", "failed", "expired")]
     click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
+    if ended := [f"{name} ({state})" for name, state in found if name not in names]:
+        click.echo(f"{len(ended)} had already ended: {', '.join(ended)}; the next run collects their answers")
 
 
 @cli.command()

@@ -193,12 +193,12 @@ def open_chunks(out_dir: Path) -> list[Chunk]:
     return [chunk for chunk in Ledger(out_dir / BATCH_FOLDER).load().values() if chunk.open]
 
 
-async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
-    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns their names. Each one's
-    state after the cancel is noted in the ledger (``nanobatch status`` shows it); the next run collects them and
-    sends their unanswered items again."""
+async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str]]:
+    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns each one's name and state
+    after the cancel (``succeeded``: it was done first), noted in the ledger (``nanobatch status`` shows it); the
+    next run collects them and sends their unanswered items again."""
     ledger = Ledger(out_dir / BATCH_FOLDER)
-    cancelled = []
+    cancelled: list[tuple[str, str]] = []
     try:
         for chunk in [chunk for chunk in ledger.load().values() if chunk.open]:
             names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
@@ -206,21 +206,21 @@ async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[str]:
                 ledger.note("created", chunk, job=names[-1])  # the first create's (listed newest first)
             for name in names:
                 await client.cancel(name)
-                cancelled.append(name)
-                await _note_cancelled(ledger, chunk, client, name)
+                cancelled.append((name, await _note_cancelled(ledger, chunk, client, name)))
     finally:
         ledger.close()
     return cancelled
 
 
-async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str) -> None:
+async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str) -> str:
     """The job's state once cancelled (``cancelled``, or how it ended if it was done first), into the ledger."""
     try:
         job = await client.get(name)
     except ApiError:
         ledger.note("state", chunk, state="cancelling", counts=chunk.counts)  # asked: its end is seen next run
-        return
+        return "cancelling"
     ledger.note("state", chunk, state=job.state, counts=job_counts(job))
+    return job.state
 
 
 def job_counts(job: BatchJob) -> dict[str, int]:
