@@ -127,17 +127,15 @@ def _problem_lines(problems: list[Problem], *, most: int = 50, same: int = 3) ->
     """A line per problem, up to *most*; the same problem (field and message) of many items (a setting that every
     row of a source shares, from ``defaults:`` or its ``items_from:`` entry) shown *same* times, then counted."""
     times: dict[tuple[str | None, str], int] = {}
-    lines = []
+    shown = []
     for problem in problems:
         key = (problem.field, problem.message)
         times[key] = times.get(key, 0) + 1
         if times[key] <= same:
-            lines.append(str(problem))
-    lines += [f"... and {n - same} more items with the same problem in field {field!r}: {message[:100]}"
-              for (field, message), n in times.items() if n > same]  # fmt: skip
-    if len(lines) > most:
-        lines[most:] = [f"... and {len(lines) - most} more problems"]
-    return lines
+            shown.append(str(problem))
+    lines = shown[:most] + ([f"... and {len(shown) - most} more problems"] if len(shown) > most else [])
+    return lines + [f"... and {n - same} more items with the same problem in field {field!r}: {message[:100]}"
+                    for (field, message), n in times.items() if n > same][:most]  # fmt: skip
 
 
 class ApiError(NanobatchError):

@@ -229,3 +229,24 @@ def test_a_fatal_answer_to_a_later_step_keeps_the_earlier_steps_cost_and_stops_t
     (record,) = records(out)
     assert record["error"]["step"] == 2 and record["cost_usd"] > 0
     assert json.loads((out / "summary.json").read_text())["paid_usd"] == pytest.approx(record["cost_usd"])
+
+
+def test_a_time_limit_that_cuts_an_item_between_its_steps_still_ends_the_run_aborted(tmp_path: Path) -> None:
+    # The limit came after the last item had gone out, but before its second step: the run did not finish it, so
+    # it is aborted (exit 3, the reason kept), not "complete" for an item recorded as stopped.
+    import httpx2 as _httpx2
+
+    from .conftest import run_virtual
+
+    job = write_job(tmp_path, [{"id": "hero", "image": "images/h.png", "steps": ["crop it", "make it white"]}])
+    fake = FakeGemini()
+
+    class Slow(_httpx2.AsyncBaseTransport):
+        async def handle_async_request(self, request: _httpx2.Request) -> _httpx2.Response:
+            await anyio.sleep(20)  # virtual time: step 2 would start after the limit
+            return await fake.transport.handle_async_request(request)
+
+    settings = nanobatch.load_settings(overrides={"limits.max_duration_s": 10, "limits.concurrency": 1})
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=Slow(), out_dir=tmp_path / "o"))
+    assert (summary.outcome, summary.exit_code) == ("aborted", 3) and "time limit" in str(summary.reason)
+    assert records(tmp_path / "o")[0]["error"]["kind"] == "stopped"

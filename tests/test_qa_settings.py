@@ -202,3 +202,10 @@ def test_the_worst_cost_counts_every_retry_the_checks_may_pay_for(tmp_path: Path
     checked = nanobatch.check_job(job(tmp_path, {**doc, "qa": {"min_side": 500, "retries": 3}}), out_dir=tmp_path / "o")
     assert checked.cost_likely_usd == plain.cost_likely_usd
     assert checked.cost_worst_usd == pytest.approx(4 * plain.cost_worst_usd)  # the request, then 3 more
+
+
+@pytest.mark.parametrize("ratio", ["16/9", "1:0", "16:9:1", "-1:1"])
+def test_a_ratio_no_model_takes_is_named_with_min_side_set_not_a_crash(tmp_path: Path, ratio: str) -> None:
+    items = [{"id": "a", "image": "a.png", "aspect_ratio": ratio}]
+    problems = manifest_problems(job(tmp_path, {"model": MODEL, "qa": {"min_side": 1000}, "items": items}))
+    assert [(p.item, p.field) for p in problems] == [("a", "aspect_ratio")]

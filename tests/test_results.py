@@ -187,6 +187,35 @@ def test_a_run_that_waited_past_its_time_limit_for_one_that_did_everything_is_co
     assert not fake.requests and json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "complete"
 
 
+def test_a_forced_run_that_waited_for_the_folder_still_redoes_every_item(tmp_path: Path) -> None:
+    import anyio
+
+    from nanobatch.output.lock import RunLock
+
+    from .conftest import run_virtual
+    from .fakes import FakeGemini, run, write_job
+
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", "instruction": "x"} for n in range(5)])
+    out = tmp_path / "out"
+    assert run(job, FakeGemini(), out).exit_code == 0
+    fake = FakeGemini()
+
+    async def go() -> nanobatch.RunSummary:
+        async with anyio.create_task_group() as tg:
+            held = anyio.Event()
+
+            async def holder() -> None:
+                async with RunLock(out):
+                    held.set()
+                    await anyio.sleep(5)
+
+            tg.start_soon(holder)
+            await held.wait()
+            return await nanobatch.run_job(job, transport=fake.transport, out_dir=out, wait_lock=True, force=True)
+
+    assert run_virtual(go).exit_code == 0 and len(fake.requests) == 5  # --force: sent again, waited or not
+
+
 def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:
     import anyio
 

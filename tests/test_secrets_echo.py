@@ -163,3 +163,15 @@ def test_a_base_url_with_a_query_is_refused_without_being_shown() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(env={}, overrides={"api.base_url": "https://proxy.example/gemini?key=PROXY-QUERY-KEY-123"})
     assert "holds a query" in str(caught.value) and "PROXY-QUERY-KEY" not in str(caught.value)
+
+
+def test_a_short_secret_is_not_cut_out_of_a_downloaded_pictures_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A results file is mostly base64 image data: a short query value (6 characters) could be spelled there by
+    # chance, and cutting it would damage a picture. The key (and any secret of 12 or more) is cut everywhere.
+    from nanobatch.api.redaction import StreamCut
+
+    monkeypatch.setattr(SECRETS, "_values", ("sk-LIVE-0123456789abcdef", "Zm9vYm"))
+    line = b'{"data": "QUJDZm9vYmFy", "error": "no credit for sk-LIVE-0123456789abcdef"}\n'
+    cut = StreamCut(None)
+    written = cut.feed(line[:40]) + cut.feed(line[40:]) + cut.end()
+    assert written == line.replace(b"sk-LIVE-0123456789abcdef", b"[redacted]")

@@ -601,6 +601,13 @@ def test_a_csv_header_that_names_a_column_twice_is_refused(tmp_path: Path) -> No
     assert problem.file.endswith("c.csv:1") and problem.field == "image" and "twice" in problem.message
 
 
+def test_repeated_columns_no_item_reads_are_data_as_excel_saves_them(tmp_path: Path) -> None:
+    # Excel's trailing empty column names, two "notes" columns, and "Tier" or "QA" columns of the catalog's own.
+    rows = "id,image,instruction,notes,notes,Tier,QA,,\nX1,photos/a.jpg,Make it blue,a,b,gold,ok,,\n"
+    (item,) = items(job(tmp_path, {"items_from": [{"csv": "c.csv"}]}, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert item.steps == ("Make it blue",) and item.tier is None and item.qa is None
+
+
 def test_a_setting_every_row_shares_is_reported_a_few_times_then_counted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

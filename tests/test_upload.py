@@ -349,3 +349,61 @@ def test_an_object_put_back_from_the_folder_is_still_the_items_on_later_nights(b
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
     assert storage.read_bytes(url) == (out / "sku-1.png").read_bytes()
+
+
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # a new generation for each PUT, whatever the bytes
+def test_an_own_object_replaced_by_a_run_that_died_before_its_record_is_still_the_items(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A changed item's new image replaced its object, and the run was killed before the record: the record keeps
+    # the old version, the journal's claim (URL, size) says the new one is nanobatch's. Not refused for ever.
+    import nanobatch.output.outdir
+
+    settings = _settings(bucket.url("edited/"))
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+
+    def killed(self: object, records: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
+        with pytest.raises((Killed, BaseExceptionGroup)):
+            run_now(job, FakeGemini(), out, settings=settings)
+    fake = FakeGemini()
+
+    summary = run_now(job, fake, out, settings=settings)
+
+    assert summary.exit_code == 0 and len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"
+
+
+@pytest.mark.parametrize("bucket", ["gs"], indirect=True)
+def test_an_own_object_replaced_when_another_put_of_the_item_failed_is_still_the_items(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(bucket.url("edited/"))
+    jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
+    item = {"id": "hero", "image": "images/1.png", "keep_steps": True, "steps": ["crop it", "make it white"]}
+    job = write_job(tmp_path, [item])
+    out = tmp_path / "out"
+
+    def answers() -> FakeGemini:
+        return FakeGemini({"crop it": [jpeg], "make it white": [jpeg], "make it grey": [jpeg]})
+
+    assert run_now(job, answers(), out, settings=settings).exit_code == 0
+    job.write_text(job.read_text().replace("make it white", "make it grey"))
+    real_put = storage.put
+
+    def flaky(url: str, data: bytes, **options: object) -> storage.ObjectStamp:
+        if url.endswith("hero.step1.jpg"):
+            raise StorageError(url, "unreachable", "ConnectionError: reset")
+        return real_put(url, data, **options)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "put", flaky)
+        assert run_now(job, answers(), out, settings=settings).exit_code == 1  # hero.jpg replaced, no record of it
+    fake = answers()
+
+    assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 2

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 MIN_SECRET = 6  # shorter values (a query's "1" or "true") would cut ordinary words out of messages
+STREAM_MIN_SECRET = 12  # in a downloaded results file (see StreamCut)
 _TOKENS = re.compile(
     r"ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
@@ -97,7 +98,9 @@ class StreamCut:
     holding back the last bytes of each piece until the next (fewer than the longest secret's length)."""
 
     def __init__(self, secret: str | None) -> None:
-        values = {*SECRETS.values, *((secret,) if secret else ())}
+        # Not the shortest: a results file is mostly base64 image data, where 6 characters that happen to spell a
+        # short query value would be cut out of a picture; 12 or more never do by chance (64**12 spellings).
+        values = {value for value in (*SECRETS.values, secret or "") if len(value) >= STREAM_MIN_SECRET}
         self._values = tuple(value.encode() for value in sorted(values, key=len, reverse=True))
         self._hold = max(map(len, self._values), default=1) - 1
         self._held = b""

@@ -362,8 +362,8 @@ def _not_found(path: str, why: str | None) -> str:
 def _check_reachable(checks: QaSettings | None, f: Merged, info: models.ModelInfo | None, bad: Any) -> None:
     """A ``qa.min_side`` that no image of the item's size can reach: every answer would be rejected, and each
     retry paid for. (The sizes are the facts table's, rounded: 5% of leeway.)"""
-    if checks is None or checks.min_side is None or info is None:
-        return
+    if checks is None or checks.min_side is None or info is None or f.aspect_ratio not in (None, *info.aspect_ratios):
+        return  # (a ratio the model does not take is its own problem)
     ratios = (f.aspect_ratio,) if f.aspect_ratio else info.aspect_ratios
 
     def longest(size: str) -> int:

@@ -120,6 +120,9 @@ def file_stamp(path: str) -> tuple[int, int]:
 
 _ALL_FIELDS = frozenset(ItemFields.model_fields)
 MISNAMED_CUTOFF = 0.8  # "imgae", "Image", "instrction", "aspectratio" are taken for fields; "name", "title" not
+# The fields whose loss changes what is sent (and paid for): a column like one of them is most likely it. ("Tier"
+# or "QA" columns are a catalog's own data as often as not: renamed to the field, they would change the run.)
+_SENT_FIELDS = frozenset({"image", "images", "instruction", "steps", "aspect_ratio", "image_size"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +172,8 @@ class TableSource:
         if not header:
             yield _broken(file, "id", "the CSV file is empty: its first row must name the columns")
             return
-        missing = _repeated(header, f"{file}:1") or self._absent_columns(header) + self._misnamed(header, f"{file}:1")
+        missing = self._repeated(header, f"{file}:1") or self._absent_columns(header)
+        missing += self._misnamed(header, f"{file}:1")
         if missing:
             yield RawItem(fields=None, file=f"{file}:1", label=None, problems=tuple(missing))
             return
@@ -250,6 +254,13 @@ class TableSource:
                     problems.append(Problem(f"{self.path}:1", None, name, message))
         return problems
 
+    def _repeated(self, header: Sequence[str], where: str) -> list[Problem]:
+        """Columns the items read (a field, or read by a template) that the header names twice: a row would keep
+        the last one's value only (its other picture lost). Others may repeat (Excel's empty names, two notes)."""
+        used = self.columns_as_fields | self.read_columns
+        twice = sorted(name for name, times in collections.Counter(header).items() if times > 1 and name in used)
+        return [Problem(where, None, name, f"the header (row 1) names the column {name!r} twice") for name in twice]
+
     def _misnamed(self, columns: Sequence[str], where: str) -> list[Problem]:
         """Columns (JSONL keys) that look like a misspelt item field ("imgae", "Image", "instrction") where that
         field is not given: each would be passed over as data, and the item sent without it (paid for, and
@@ -257,7 +268,7 @@ class TableSource:
         import difflib  # (only for a name that is not a field)
 
         problems = []
-        fields = sorted(self.columns_as_fields)
+        fields = sorted(self.columns_as_fields & _SENT_FIELDS)
         for column in columns:
             if column in self.columns_as_fields or column in self.read_columns or column in _ALL_FIELDS:
                 continue
@@ -367,12 +378,6 @@ def _may_be_big_int(value: Any) -> bool:
     if type(value) is list:
         return any(map(_may_be_big_int, value))
     return type(value) is float and abs(value) >= 2**63
-
-
-def _repeated(header: Sequence[str], where: str) -> list[Problem]:
-    """A CSV header's columns named twice: a row would keep only the last one's value (its other picture lost)."""
-    twice = sorted(column for column, times in collections.Counter(header).items() if times > 1)
-    return [Problem(where, None, column, f"the header (row 1) names the column {column!r} twice") for column in twice]
 
 
 def _broken(file: str, fld: str | None, message: str) -> RawItem:

@@ -56,17 +56,19 @@ def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
 
 
 def uploads_to_adopt(path: Path, index: ResultsIndex) -> tuple[list[bytes], list[tuple[str, str, int]]]:
-    """The journal's claims on objects in ``output.upload_to`` that no record names (the run died between the
-    PUT and the record, or one PUT of an item failed after another landed): their lines, to keep until a record
-    names them, and each (item id, URL, size claimed), for the run to adopt once it sees an object of that
-    size there (:meth:`~nanobatch.output.upload.Uploads.adopt`)."""
+    """The journal's claims on objects in ``output.upload_to``: each (item id, URL, size claimed), for the run to
+    adopt once it sees an object of that size there (:meth:`~nanobatch.output.upload.Uploads.adopt`): one no
+    record names (the run died between the PUT and the record, or one PUT of an item failed after another
+    landed), or one a record names at an older version (a replacing PUT whose record was never written). Also
+    the lines of those no record names, kept until one does."""
     carried, claims = [], []
     for entry in _journal_entries(path, ("uploading",)):
         urls, sizes = [str(url) for url in entry.get("urls") or ()], entry.get("sizes") or ()
         recorded = index.uploaded(entry["id"], urls)
-        if unrecorded := [(url, size) for url, size in zip(urls, sizes, strict=False) if url not in recorded]:
+        claimed = list(zip(urls, sizes, strict=False))
+        if any(url not in recorded for url, _ in claimed):
             carried.append(orjson.dumps(entry) + b"\n")
-            claims += [(entry["id"], url, int(size)) for url, size in unrecorded]
+        claims += [(entry["id"], url, int(size)) for url, size in claimed]
     return carried, claims
 
 

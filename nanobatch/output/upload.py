@@ -97,16 +97,24 @@ class Uploads:
             raise
         return urls, tuple(stamps[url] for url in urls)
 
-    async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex) -> None:
+    async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex, journal: Journal) -> None:
         """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's, with the stamp it has
-        now, if one of that size is there: the run PUT it and died before its record. Any other object there
-        stays someone else's."""
+        now, if one of that size is there: the run PUT it and died before its record. One a record names at an
+        older version (a replacing PUT never recorded) keeps its new version in the *journal* (``restored``)
+        until a record does. Any other object there stays someone else's."""
         if not claims:
             return
-        found = await anyio.to_thread.run_sync(storage.stat_many, [url for _, url, _ in claims])
+        found = await anyio.to_thread.run_sync(storage.stat_many, list({url for _, url, _ in claims}))
         for item_id, url, size in claims:
-            if (stamp := found.get(url)) is not None and stamp.size == size:
-                index.adopt_uploads(item_id, {url: (stamp.size, stamp.version)})
+            if (stamp := found.get(url)) is None or stamp.size != size:
+                continue
+            now, recorded = (stamp.size, stamp.version), index.uploaded(item_id, [url])
+            was = recorded.get(url)
+            if url in recorded and was in (None, now):
+                continue  # as the record says (or a record from before stamps, which trusts the URL)
+            if was is not None:
+                journal.restored(item_id, url, was, now)
+            index.adopt_uploads(item_id, {url: now})
 
     async def free(self, names: list[str], ours: Mapping[str, UploadStamp | None]) -> None:
         """ApiError (kind ``upload``) if an object nanobatch may not replace is at one of *names*: one it did not

@@ -138,7 +138,7 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         AsyncExitStack() as stack,
     ):
         index = stack.enter_context(ResultsIndex.load(out.path))
-        rows, left = _to_send(checked, out, index)  # before this run writes anything
+        rows, left = _to_send(checked, out, index, options.force or options.retry_failed)  # before any write
         orphans = out.recover(index)
         # Replaced at the end: one that still says "started" tells `status` this run was killed or crashed.
         out.write_summary(started_summary(manifest, out.path, clock, out.journal.run_id, settings.api.tier))
@@ -153,7 +153,8 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
                             stats.skipped, left)  # fmt: skip
             await _drive(engine, rows, settings, stats, left, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        waiting = await _end_batch(batch, outcome, manifest, out.path) if batch is not None else None
+        ends = began + (settings.limits.max_duration_s or float("inf"))  # (collecting done jobs: within it too)
+        waiting = await _end_batch(batch, outcome, manifest, out.path, ends) if batch is not None else None
         unfollowed = _unfollowed(batch.unfollowed() if batch is not None and outcome == "complete" else 0)
         summary = build_summary(
             manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
@@ -174,17 +175,16 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     return result
 
 
-def _to_send(checked: CheckResult, out: OutDir, index: ResultsIndex) -> tuple[Manifest, int]:
+def _to_send(checked: CheckResult, out: OutDir, index: ResultsIndex, redo: bool) -> tuple[Manifest, int]:
     """The items this run goes through (a manifest, and how many): all of the job's, unless the check found them
-    done from the last run's summary (nothing it rests on changed since: run.unchanged), but for those of rows
-    appended to its catalog since, and that still holds now that this run holds the folder: results.jsonl as
-    the check found it, and if this run had to wait for another to let the folder go (``--wait-lock``),
-    everything the summary rests on looked at again. Then only those rows' items (none: nothing to send). A run
-    that uploads, or in the batch tier (its jobs may want collecting), goes through every item all the same."""
+    done from the last run's summary (run.unchanged) but for rows appended since, and that still holds now that
+    this run holds the folder (results.jsonl as the check found it; after a ``--wait-lock`` wait, all the summary
+    rests on looked at again): then only those rows' items. A run that uploads, or in the batch tier (its jobs
+    may want collecting), goes through every item all the same."""
     manifest, settings = checked.job, checked.settings
     every = (manifest, checked.items)
-    if checked.held is None or settings.output.upload_to is not None or settings.api.tier == "batch":
-        return every
+    if redo or checked.held is None or settings.output.upload_to is not None or settings.api.tier == "batch":
+        return every  # (redo: --force or --retry-failed)
     starts = checked.rows_since or {}
     if out.waited:  # also when the check found the folder mid-run: the run it waited for may have done it all
         held = held_check(out.path, checked.held, index.every_entry())
@@ -292,10 +292,10 @@ async def _batch_route(
     return await stack.enter_async_context(route)
 
 
-async def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path) -> dict[str, Any]:
+async def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path, ends: float) -> dict[str, Any]:
     """Collect the jobs that are done, close what the run is done with; what still waits, for the summary."""
     if outcome == "complete" and batch.broken is None:
-        await batch.collect_done()
+        await batch.collect_done(min(300.0, ends - anyio.current_time()))
     if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
         raise batch.broken
     if outcome == "complete":
@@ -322,8 +322,9 @@ def _outcome(
     reason: BaseException | None, stats: RunStats
 ) -> tuple[Literal["complete", "aborted", "interrupted"], BaseException | None]:
     """How the run ended, and why, from the reason its gate stopped (None: it was not stopped)."""
-    if isinstance(reason, (TimeLimitReached, Interrupted)) and stats.done == stats.total:
-        reason = None  # it came, but after the last item had gone out and finished: the run is complete
+    late = stats.done == stats.total and not stats.failures["stopped"]  # every item finished (none cut short)
+    if isinstance(reason, (TimeLimitReached, Interrupted)) and late:
+        reason = None  # it came after the last item had gone out and finished: the run is complete
     if isinstance(reason, Interrupted):
         return "interrupted", reason
     return ("aborted" if reason is not None else "complete"), reason
@@ -335,7 +336,7 @@ async def _uploads(settings: Settings, index: ResultsIndex, out: OutDir, force: 
     if settings.output.upload_to is None:
         return None
     uploads = Uploads(settings.output.upload_to)
-    await uploads.adopt(out.upload_claims, index)
+    await uploads.adopt(out.upload_claims, index, out.journal)
     if not force:
         await uploads.find_gone(index.ok_files(), out.path, index, out.journal)
     return uploads

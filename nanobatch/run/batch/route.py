@@ -244,6 +244,8 @@ class BatchRoute:
     async def collect_done(self, limit_s: float = 300.0) -> None:
         """At the end of a complete run: the folder's jobs that are done now collected (see Jobs.collect_done), for
         at most *limit_s* (what is not by then is left for the next run)."""
+        if limit_s <= 0:  # the run's time limit has come: the next run collects them
+            return
         try:
             with anyio.move_on_after(limit_s):
                 await self.jobs.collect_done()
@@ -251,9 +253,9 @@ class BatchRoute:
             raise self._break(exc) from None
 
     def unfollowed(self) -> int:
-        """Requests in the jobs this run was to follow and could not, for an error (not those ``wait=False``
-        leaves, nor jobs no item of this run asked about): still open, for the next run to collect."""
-        return sum(len(c.keys) for c in self.waiting() if c.id in self.jobs.unfollowed)
+        """Requests in the chunks this run was to follow and could not, for an error (a job it could not read, or
+        make: not those ``wait=False`` leaves, nor jobs no item of this run asked about): still open."""
+        return sum(len(c.keys) for c in self.chunks.by_id.values() if c.open and c.id in self.jobs.unfollowed)
 
     def finish(self) -> None:
         """The run went through every item: close the collected chunks, but those holding answers of items
