@@ -407,3 +407,21 @@ def test_an_own_object_replaced_when_another_put_of_the_item_failed_is_still_the
     fake = answers()
 
     assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 2
+
+
+@pytest.mark.parametrize("bucket", ["s3", "az"], indirect=True)  # gcsfs asks for no generation but 0
+def test_an_object_replaced_between_the_last_look_and_the_put_is_not_replaced(
+    bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The last look saw the object nanobatch put; the shop's replacement landed just after it: the PUT itself asks
+    # for the version it saw (If-Match), and the cloud refuses it.
+    uploads = Uploads(bucket.url("edited/"))
+    (url,), (stamp,) = anyio.run(uploads.put, [("sku-1.png", b"first")])
+    storage.put(url, b"the shop's")
+    monkeypatch.setattr(storage, "stat_many", lambda urls: {u: storage.ObjectStamp(u, *stamp) for u in urls})
+
+    with pytest.raises(StorageError) as caught:
+        anyio.run(uploads.put, [("sku-1.png", b"second")], {url: stamp})
+
+    assert caught.value.kind == "exists" and "replaced since" in str(caught.value)
+    assert storage.read_bytes(url) == b"the shop's"

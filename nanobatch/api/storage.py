@@ -114,7 +114,7 @@ def _translate(url: str, exc: BaseException, fs: Any = None) -> StorageError:
     """A backend's error as a StorageError naming *url*; asks whether the bucket exists only when unsure."""
     text = f"{type(exc).__name__} {exc}"
     if isinstance(exc, FileExistsError) or re.search(
-        r"PreconditionFailed|\b412\b|BlobAlreadyExists|ConditionNotMet", text
+        r"PreconditionFailed|\b412\b|BlobAlreadyExists|ConditionNotMet|pre-conditions you specified did not hold", text
     ):
         return StorageError(url, "exists", "an object is already there")
     if isinstance(exc, PermissionError) or re.search(r"AccessDenied|Forbidden|\b403\b|AuthorizationFailure", text):
@@ -181,16 +181,25 @@ def open_read(url: str) -> BinaryIO:
     return opened
 
 
-def put(url: str, data: bytes, *, replace: bool = True) -> ObjectStamp:
+def put(url: str, data: bytes, *, replace: bool = True, version: str | None = None) -> ObjectStamp:
     """Write *data* as the object at *url* in one PUT, so readers see the old object or the new one, never half;
     the stamp of the object written, from the PUT's answer (a HEAD only where a backend gives none).
     Without *replace*, only if no object is there, in the same request (S3 ``If-None-Match: *``, Cloud Storage
-    ``ifGenerationMatch=0``, Azure ``If-None-Match: *``): StorageError of kind ``exists`` if one is."""
+    ``ifGenerationMatch=0``, Azure ``If-None-Match: *``): StorageError of kind ``exists`` if one is. With
+    *version* (an ETag), only over the object of that version, in the same request on S3 and Azure
+    (``If-Match``; gcsfs asks no such precondition: there the caller's last look is all)."""
+    scheme = _split(url)[0]
 
     def pipe(fs: Any) -> Any:
+        if version is not None and scheme == "s3":
+            return fs.pipe_file(_path(url), data, IfMatch=version)
+        if version is not None and scheme in ("az", "abfs"):
+            from azure.core import MatchConditions
+
+            return fs.pipe_file(_path(url), data, etag=version, match_condition=MatchConditions.IfNotModified)
         if replace:
             return fs.pipe_file(_path(url), data)
-        if _split(url)[0] in ("az", "abfs"):
+        if scheme in ("az", "abfs"):
             return fs.pipe_file(_path(url), data, overwrite=False)  # adlfs's way of asking
         return fs.pipe_file(_path(url), data, mode="create")
 
@@ -199,8 +208,11 @@ def put(url: str, data: bytes, *, replace: bool = True) -> ObjectStamp:
     except StorageError as exc:
         if exc.kind != "exists":
             raise
-        raise StorageError(url, "exists", "an object is already there, and no record says nanobatch put it there: "
-                           "it was left as it is") from None  # fmt: skip
+        if version is not None:
+            why = "the object nanobatch put there was replaced since"
+        else:
+            why = "an object is already there, and no record says nanobatch put it there"
+        raise StorageError(url, "exists", f"{why}: it was left as it is") from None
     written = _stamp(url, {**answer, "size": len(data)}) if isinstance(answer, dict) else None
     return written if written is not None and written.version else stat(url)
 

@@ -78,13 +78,14 @@ class Uploads:
         stamps: dict[str, UploadStamp] = {}
 
         def put(url: str, data: bytes) -> None:
-            replace = url in ours
+            replace, version = url in ours, None
             if (recorded := ours.get(url)) is not None:
                 now = storage.stat_many([url])[url]  # one HEAD: is it still the object nanobatch put there?
                 if now is not None and (now.size, now.version) != recorded:
                     raise StorageError(url, "exists", f"{CHANGED}: it was left as it is")
                 replace = now is not None  # gone since: put back only if no one else's appears meanwhile
-            written = storage.put(url, data, replace=replace)
+                version = recorded[1] if now is not None else None  # and the PUT asks for it (S3, Azure)
+            written = storage.put(url, data, replace=replace, version=version)
             stamps[url] = (written.size, written.version)
 
         try:
