@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,12 @@ def sku_job(
     file holding *config*, with the simulator's key set: the set-up of the tests that drive the simulator."""
     monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
     (folder / "nanobatch.yaml").write_text(config)
-    items = [{"id": f"sku-{i}", "image": f"images/p{i % (pictures or n)}.png", "image_size": "512"} for i in range(n)]
-    return write_job(folder, items, model=model)
+    return write_job(folder, sku_items(n, pictures), model=model)
+
+
+def sku_items(n: int, pictures: int | None = None) -> list[dict[str, Any]]:
+    """The items of :func:`sku_job` (to write its manifest again, with rows left out or back)."""
+    return [{"id": f"sku-{i}", "image": f"images/p{i % (pictures or n)}.png", "image_size": "512"} for i in range(n)]
 
 
 def write_job(folder: Path, items: list[dict[str, Any]], **top: Any) -> Path:
@@ -177,3 +182,18 @@ def manifest_problems(path: Path, default_model: str = "gemini-3.1-flash-image")
 
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
+
+
+@contextlib.contextmanager
+def killed_before_the_records() -> Iterator[None]:
+    """The run inside dies (:class:`Killed`) just as it would append its records: what it wrote or PUT before
+    stays, and no record names it."""
+    from nanobatch.output.outdir import ResultsLog
+
+    def killed(self: ResultsLog, records: object) -> None:
+        raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ResultsLog, "append_many", killed)
+        with pytest.raises((Killed, BaseExceptionGroup)):
+            yield

@@ -14,7 +14,7 @@ import pytest
 from nanobatch.cli.main import main
 from nanobatch.simulator import run_in_thread
 
-from .fakes import records, sku_job, write_job
+from .fakes import records, sku_items, sku_job, write_job
 from .test_batch_tier import CONFIG, MODEL, cli, jobs, kill_at_then_rerun, sim
 
 ITEMS = 3
@@ -437,18 +437,23 @@ def test_an_answer_whose_item_left_the_manifest_for_a_night_is_kept_and_collecte
     # Tonight's export misses sku-0, whose answer night 1's job gave (paid). The run that goes through the rest
     # keeps it (it names how many it keeps); tomorrow sku-0 is back and its answer collected, not paid again.
     job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
-    items = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(3)]
     app = sim(batch_latency_s=0.5)
     with run_in_thread(app=app) as url:
-        assert cli(job, url, "--no-wait") == 0
-        time.sleep(1.0)  # the job is done (nothing timed is asserted)
-        write_job(tmp_path, items[1:], model=MODEL)
+        night_one_then_an_export_without_sku0(job, url)
         assert cli(job, url) == 0
-        write_job(tmp_path, items, model=MODEL)
+        write_job(tmp_path, sku_items(3), model=MODEL)
         assert cli(job, url) == 0
     done = {r["id"]: r for r in records(tmp_path / "out")}
     assert sorted(done) == ["sku-0", "sku-1", "sku-2"] and done["sku-0"]["batch"] == jobs(app)[0].name
     assert billed(app) == 3 and len(jobs(app)) == 1
+
+
+def night_one_then_an_export_without_sku0(job: Path, url: str) -> None:
+    """Night 1 leaves its job (``--no-wait``), which then answers every row (paid); tonight's export of the
+    three SKUs of :func:`sku_job` misses sku-0."""
+    assert cli(job, url, "--no-wait") == 0
+    time.sleep(1.0)  # the job is done (nothing timed is asserted)
+    write_job(job.parent, sku_items(3)[1:], model=MODEL)
 
 
 def cli_while_a_users_file_appears(job: Path, url: str, name: str) -> int:
@@ -535,16 +540,13 @@ def test_an_answer_no_run_asked_for_is_let_go_once_it_is_older_than_the_keeping_
     import nanobatch.run.batch.chunks
 
     job = sku_job(tmp_path, monkeypatch, CONFIG, 3, model=MODEL)
-    items = [{"id": f"sku-{i}", "image": f"images/p{i}.png", "image_size": "512"} for i in range(3)]
     app = sim(batch_latency_s=0.5)
     with run_in_thread(app=app) as url:
-        assert cli(job, url, "--no-wait") == 0
-        time.sleep(1.0)
-        write_job(tmp_path, items[1:], model=MODEL)
+        night_one_then_an_export_without_sku0(job, url)
         monkeypatch.setattr(nanobatch.run.batch.chunks, "KEEP_UNUSED_S", -1.0)  # any age is past it
         assert cli(job, url) == 0
         kept = sorted(p.name for p in (tmp_path / "out" / ".nanobatch-batches").iterdir())
-        write_job(tmp_path, items, model=MODEL)
+        write_job(tmp_path, sku_items(3), model=MODEL)
         assert cli(job, url) == 0
     assert not [name for name in kept if name.endswith(".results.jsonl")]
     assert billed(app) == 4 and len(jobs(app)) == 2

@@ -23,7 +23,17 @@ from nanobatch.cli.main import main
 from nanobatch.cli.status import folder_status
 from nanobatch.errors import ManifestError
 
-from .fakes import FakeGemini, Killed, google_error, image_bytes, inline, manifest_problems, ok_body, run, write_job
+from .fakes import (
+    FakeGemini,
+    google_error,
+    image_bytes,
+    inline,
+    killed_before_the_records,
+    manifest_problems,
+    ok_body,
+    run,
+    write_job,
+)
 
 
 def latest(out: Path) -> dict[str, dict[str, Any]]:
@@ -224,19 +234,12 @@ def test_the_writer_replaces_its_own_earlier_output_even_after_a_failed_attempt(
     assert run(job, fake, out).exit_code == 0 and (out / "a.png").read_bytes() == new
 
 
-def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replace(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_image_whose_run_died_before_its_record_is_still_nanobatchs_to_replace(tmp_path: Path) -> None:
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
     out = tmp_path / "out"
 
-    def killed(self: Any, records: list[dict[str, Any]]) -> None:
-        raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
-        with pytest.raises((Killed, BaseExceptionGroup)):
-            run(job, FakeGemini(), out)
+    with killed_before_the_records():
+        run(job, FakeGemini(), out)
     assert (out / "a.png").is_file() and not (out / "results.jsonl").read_text()
     new = image_bytes((7, 7, 7))
     for _ in range(2):  # and again after a run that failed it: the journal keeps the name until a record has it

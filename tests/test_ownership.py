@@ -15,7 +15,7 @@ import pytest
 import nanobatch.output.outdir
 from nanobatch.qa import QaSettings
 
-from .fakes import FakeGemini, Killed, image_bytes, inline, ok_body, records, run, write_job
+from .fakes import FakeGemini, image_bytes, inline, killed_before_the_records, ok_body, records, run, write_job
 
 SMALL = ok_body(inline(image_bytes(size=(16, 16))))  # fails min_side 32
 BIG = ok_body(inline(image_bytes(size=(64, 64))))
@@ -182,9 +182,7 @@ def test_a_folder_swapped_for_a_link_out_of_the_output_folder_is_not_written_mov
     assert sorted(p.name for p in archive.iterdir()) == ["old.png"] and not (tmp_path / "out" / "new.png").exists()
 
 
-def test_a_run_that_died_after_replacing_the_items_own_file_leaves_it_the_items_to_replace(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_run_that_died_after_replacing_the_items_own_file_leaves_it_the_items_to_replace(tmp_path: Path) -> None:
     # The item's instruction changed: its new image replaced its old one, and the run died before the record.
     # The record's stamp is the old file's; the journal's claim says the new one is nanobatch's.
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
@@ -192,13 +190,8 @@ def test_a_run_that_died_after_replacing_the_items_own_file_leaves_it_the_items_
     run(job, FakeGemini())
     job.write_text(job.read_text().replace(EDIT, "make the background grey"))
 
-    def killed(self: Any, records: list[Any]) -> None:
-        raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
-        with pytest.raises((Killed, BaseExceptionGroup)):
-            run(job, FakeGemini({"make the background grey": [BIG]}))
+    with killed_before_the_records():
+        run(job, FakeGemini({"make the background grey": [BIG]}))
     fake = FakeGemini({"make the background grey": [BIG]})
 
     assert run(job, fake).exit_code == 0

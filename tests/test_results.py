@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +120,18 @@ def test_a_settled_request_is_not_possibly_charged_but_an_earlier_unanswered_try
         assert [o["id"] for o in orphaned_requests(tmp_path, index)] == ["b"]
 
 
-def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
+def run_behind_a_holder(
+    job: Path, out: Path, fake: Any, *, hold_s: float, as_it_runs: Callable[[], None] = lambda: None,
+    at_its_end: Callable[[], None] = lambda: None, **options: Any,
+) -> tuple[float, nanobatch.RunSummary]:  # fmt: skip
+    """A ``--wait-lock`` run of *job* into *out* (answered by *fake*), on the virtual clock, started while another
+    run holds the folder for *hold_s*: *as_it_runs* is done once it holds it, *at_its_end* just before it lets
+    go. Returns when the run ended, and how."""
     import anyio
 
     from nanobatch.output.lock import RunLock
 
     from .conftest import run_virtual
-    from .fakes import FakeGemini, write_job
-
-    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
-    out = tmp_path / "out"
 
     async def go() -> tuple[float, nanobatch.RunSummary]:
         async with anyio.create_task_group() as tg:
@@ -136,15 +139,24 @@ def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
 
             async def holder() -> None:
                 async with RunLock(out):
+                    as_it_runs()
                     held.set()
-                    await anyio.sleep(60)
+                    await anyio.sleep(hold_s)
+                    at_its_end()
 
             tg.start_soon(holder)
             await held.wait()
-            summary = await nanobatch.run_job(job, transport=FakeGemini().transport, out_dir=out, wait_lock=True)
+            summary = await nanobatch.run_job(job, transport=fake.transport, out_dir=out, wait_lock=True, **options)
             return anyio.current_time(), summary
 
-    finished_at, summary = run_virtual(go)
+    return run_virtual(go)
+
+
+def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
+    from .fakes import FakeGemini, write_job
+
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    finished_at, summary = run_behind_a_holder(job, tmp_path / "out", FakeGemini(), hold_s=60)
     assert summary.exit_code == 0 and finished_at >= 60
 
 
@@ -152,68 +164,35 @@ def test_a_run_that_waited_past_its_time_limit_for_one_that_did_everything_is_co
     # Checked while another run held the folder (its summary not written yet), this run queues (--wait-lock) and
     # gets the folder after its --max-duration: the holder did every item, so this run is complete, exit 0, not
     # "aborted" with a false "unsent items are left" in the summary the holder left.
-    import anyio
-
-    from nanobatch.output.lock import RunLock
-
-    from .conftest import run_virtual
     from .fakes import FakeGemini, run, write_job
 
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", "instruction": "x"} for n in range(20)])
     out = tmp_path / "out"
     assert run(job, FakeGemini(), out).exit_code == 0
     ended = (out / "summary.json").read_text()
+    started = {k: v for k, v in json.loads(ended).items() if k != "state"}  # as a run's summary reads while it runs
     fake = FakeGemini()
     limited = nanobatch.load_settings(overrides={"limits.max_duration_s": 2})
 
-    async def go() -> nanobatch.RunSummary:
-        async with anyio.create_task_group() as tg:
-            held = anyio.Event()
+    _, summary = run_behind_a_holder(
+        job, out, fake, hold_s=60, settings=limited,
+        as_it_runs=lambda: (out / "summary.json").write_text(json.dumps(started)),
+        at_its_end=lambda: (out / "summary.json").write_text(ended),  # every item done
+    )  # fmt: skip
 
-            async def holder() -> None:
-                async with RunLock(out):
-                    started = {k: v for k, v in json.loads(ended).items() if k != "state"}  # as while it runs
-                    (out / "summary.json").write_text(json.dumps(started))
-                    held.set()
-                    await anyio.sleep(60)
-                    (out / "summary.json").write_text(ended)  # its end: every item done
-
-            tg.start_soon(holder)
-            await held.wait()
-            return await nanobatch.run_job(job, settings=limited, transport=fake.transport, out_dir=out, wait_lock=True)
-
-    summary = run_virtual(go)
     assert summary.exit_code == 0 and summary.outcome == "complete" and summary.stats.skipped == 20
     assert not fake.requests and json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "complete"
 
 
 def test_a_forced_run_that_waited_for_the_folder_still_redoes_every_item(tmp_path: Path) -> None:
-    import anyio
-
-    from nanobatch.output.lock import RunLock
-
-    from .conftest import run_virtual
     from .fakes import FakeGemini, run, write_job
 
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", "instruction": "x"} for n in range(5)])
     out = tmp_path / "out"
     assert run(job, FakeGemini(), out).exit_code == 0
     fake = FakeGemini()
-
-    async def go() -> nanobatch.RunSummary:
-        async with anyio.create_task_group() as tg:
-            held = anyio.Event()
-
-            async def holder() -> None:
-                async with RunLock(out):
-                    held.set()
-                    await anyio.sleep(5)
-
-            tg.start_soon(holder)
-            await held.wait()
-            return await nanobatch.run_job(job, transport=fake.transport, out_dir=out, wait_lock=True, force=True)
-
-    assert run_virtual(go).exit_code == 0 and len(fake.requests) == 5  # --force: sent again, waited or not
+    _, summary = run_behind_a_holder(job, out, fake, hold_s=5, force=True)
+    assert summary.exit_code == 0 and len(fake.requests) == 5  # --force: sent again, waited or not
 
 
 def test_status_tells_a_live_run_from_a_dead_one(tmp_path: Path) -> None:

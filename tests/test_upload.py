@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -17,7 +19,31 @@ from nanobatch.errors import ConfigError, StorageError
 from nanobatch.output.upload import Uploads
 
 from .emulators import Bucket, Emulator, new_bucket
-from .fakes import FakeGemini, Killed, image_bytes, inline, ok_body, records, run_now, write_job
+from .fakes import (
+    FakeGemini,
+    image_bytes,
+    inline,
+    killed_before_the_records,
+    ok_body,
+    records,
+    run_now,
+    write_job,
+)
+
+
+@contextlib.contextmanager
+def puts_failing_for(suffix: str) -> Iterator[None]:
+    """Inside, each PUT of an object whose URL ends with *suffix* fails (a connection reset); the others land."""
+    real_put = storage.put
+
+    def flaky(url: str, data: bytes, **options: Any) -> storage.ObjectStamp:
+        if url.endswith(suffix):
+            raise StorageError(url, "unreachable", "ConnectionError: reset")
+        return real_put(url, data, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(storage, "put", flaky)
+        yield
 
 
 def _settings(upload_to: str) -> Settings:
@@ -240,58 +266,59 @@ def test_an_answer_of_another_type_than_expected_is_paid_for_once_not_every_nigh
     assert [r["error"]["kind"] for r in records(out)] == ["upload", "upload"]
 
 
+@pytest.mark.parametrize(("bucket", "changed"), [("s3", False), ("gs", True)], indirect=["bucket"])
 def test_an_object_a_killed_run_put_before_its_record_is_still_the_items(
-    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: Bucket, tmp_path: Path, changed: bool
 ) -> None:
     # Killed between the PUT and the record: the journal's claim (URL and size) makes the object the item's
-    # again, so the next run sends the item and replaces it, instead of refusing it for ever.
-    import nanobatch.output.outdir
-
-    name = new_bucket("s3")
-    settings = _settings(f"s3://{name}/edited/")
+    # again, so the next run sends the item and replaces it, instead of refusing it for ever. *changed*: the item
+    # was done before, and the PUT replaced its own object (on gs a new generation, whatever the bytes), which
+    # its record names at the old version.
+    settings = _settings(bucket.url("edited/"))
     jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
     job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
     out = tmp_path / "out"
 
-    def killed(self: object, records: object) -> None:
-        raise Killed
+    def answers() -> FakeGemini:
+        return FakeGemini({"make the background white": [jpeg], "make the background grey": [jpeg]})
 
-    with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
-        with pytest.raises((Killed, BaseExceptionGroup)):
-            run_now(job, FakeGemini({"make the background white": [jpeg]}), out, settings=settings)
-    assert storage.read_bytes(f"s3://{name}/edited/sku-1.jpg")  # PUT, and no record of it
+    if changed:
+        assert run_now(job, answers(), out, settings=settings).exit_code == 0
+        job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    with killed_before_the_records():
+        run_now(job, answers(), out, settings=settings)
+    assert storage.read_bytes(bucket.url("edited/sku-1.jpg"))  # PUT, and no record of it
+    fake = answers()
 
-    summary = run_now(job, FakeGemini({"make the background white": [jpeg]}), out, settings=settings)
+    summary = run_now(job, fake, out, settings=settings)
 
-    assert summary.exit_code == 0 and records(out)[-1]["uploads"] == [f"s3://{name}/edited/sku-1.jpg"]
+    assert summary.exit_code == 0 and len(fake.requests) == 1
+    assert records(out)[-1]["uploads"] == [bucket.url("edited/sku-1.jpg")]
 
 
+@pytest.mark.parametrize(("bucket", "changed"), [("s3", False), ("gs", True)], indirect=["bucket"])
 def test_an_object_that_landed_when_another_of_its_items_puts_failed_is_still_the_items(
-    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: Bucket, tmp_path: Path, changed: bool
 ) -> None:
-    name = new_bucket("s3")
-    settings = _settings(f"s3://{name}/edited/")
+    # hero.jpg lands, hero.step1.jpg's PUT fails: the record fails without uploads, and the next run makes the
+    # item and replaces hero.jpg. *changed*: the item was done before, and hero.jpg replaced its own object.
+    settings = _settings(bucket.url("edited/"))
     jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
     item = {"id": "hero", "image": "images/1.png", "keep_steps": True, "steps": ["crop it", "make it white"]}
     job = write_job(tmp_path, [item])
     out = tmp_path / "out"
-    real_put = storage.put
 
-    def flaky(url: str, data: bytes, **options: object) -> storage.ObjectStamp:
-        if url.endswith("hero.step1.jpg"):
-            raise StorageError(url, "unreachable", "ConnectionError: reset")
-        return real_put(url, data, **options)  # type: ignore[arg-type]
+    def answers() -> FakeGemini:
+        return FakeGemini({"crop it": [jpeg], "make it white": [jpeg], "make it grey": [jpeg]})
 
-    with monkeypatch.context() as patch:
-        patch.setattr(storage, "put", flaky)
-        assert (
-            run_now(job, FakeGemini({"crop it": [jpeg], "make it white": [jpeg]}), out, settings=settings).exit_code
-            == 1
-        )
-    assert storage.read_bytes(f"s3://{name}/edited/hero.jpg")  # landed; the record failed without uploads
+    if changed:
+        assert run_now(job, answers(), out, settings=settings).exit_code == 0
+        job.write_text(job.read_text().replace("make it white", "make it grey"))
+    with puts_failing_for("hero.step1.jpg"):
+        assert run_now(job, answers(), out, settings=settings).exit_code == 1
+    assert storage.read_bytes(bucket.url("edited/hero.jpg"))  # landed; the record failed without uploads
+    fake = answers()
 
-    fake = FakeGemini({"crop it": [jpeg], "make it white": [jpeg]})
     assert run_now(job, fake, out, settings=settings).exit_code == 0
     assert records(out)[-1]["status"] == "ok" and len(fake.requests) == 2
 
@@ -351,64 +378,6 @@ def test_an_object_put_back_from_the_folder_is_still_the_items_on_later_nights(b
     assert storage.read_bytes(url) == (out / "sku-1.png").read_bytes()
 
 
-@pytest.mark.parametrize("bucket", ["gs"], indirect=True)  # a new generation for each PUT, whatever the bytes
-def test_an_own_object_replaced_by_a_run_that_died_before_its_record_is_still_the_items(
-    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A changed item's new image replaced its object, and the run was killed before the record: the record keeps
-    # the old version, the journal's claim (URL, size) says the new one is nanobatch's. Not refused for ever.
-    import nanobatch.output.outdir
-
-    settings = _settings(bucket.url("edited/"))
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out = tmp_path / "out"
-    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
-
-    def killed(self: object, records: object) -> None:
-        raise Killed
-
-    with monkeypatch.context() as patch:
-        patch.setattr(nanobatch.output.outdir.ResultsLog, "append_many", killed)
-        with pytest.raises((Killed, BaseExceptionGroup)):
-            run_now(job, FakeGemini(), out, settings=settings)
-    fake = FakeGemini()
-
-    summary = run_now(job, fake, out, settings=settings)
-
-    assert summary.exit_code == 0 and len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"
-
-
-@pytest.mark.parametrize("bucket", ["gs"], indirect=True)
-def test_an_own_object_replaced_when_another_put_of_the_item_failed_is_still_the_items(
-    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = _settings(bucket.url("edited/"))
-    jpeg = ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))
-    item = {"id": "hero", "image": "images/1.png", "keep_steps": True, "steps": ["crop it", "make it white"]}
-    job = write_job(tmp_path, [item])
-    out = tmp_path / "out"
-
-    def answers() -> FakeGemini:
-        return FakeGemini({"crop it": [jpeg], "make it white": [jpeg], "make it grey": [jpeg]})
-
-    assert run_now(job, answers(), out, settings=settings).exit_code == 0
-    job.write_text(job.read_text().replace("make it white", "make it grey"))
-    real_put = storage.put
-
-    def flaky(url: str, data: bytes, **options: object) -> storage.ObjectStamp:
-        if url.endswith("hero.step1.jpg"):
-            raise StorageError(url, "unreachable", "ConnectionError: reset")
-        return real_put(url, data, **options)  # type: ignore[arg-type]
-
-    with monkeypatch.context() as patch:
-        patch.setattr(storage, "put", flaky)
-        assert run_now(job, answers(), out, settings=settings).exit_code == 1  # hero.jpg replaced, no record of it
-    fake = answers()
-
-    assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 2
-
-
 @pytest.mark.parametrize("bucket", ["s3", "az"], indirect=True)  # gcsfs asks for no generation but 0
 def test_an_object_replaced_between_the_last_look_and_the_put_is_not_replaced(
     bucket: Bucket, monkeypatch: pytest.MonkeyPatch
@@ -425,3 +394,25 @@ def test_an_object_replaced_between_the_last_look_and_the_put_is_not_replaced(
 
     assert caught.value.kind == "exists" and "replaced since" in str(caught.value)
     assert storage.read_bytes(url) == b"the shop's"
+
+
+def test_objects_put_under_a_new_upload_to_are_the_items_when_they_change_later(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    # upload_to moves to a new prefix: the done images are PUT there from the folder's copies, and no record names
+    # those objects (the records keep their old URLs). They are nanobatch's all the same: a later change of the
+    # item replaces its object there instead of refusing it as someone else's.
+    name = new_bucket("s3")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, FakeGemini(), out, settings=_settings(f"s3://{name}/old/")).exit_code == 0
+    moved = _settings(f"s3://{name}/new/")
+    assert run_now(job, FakeGemini(), out, settings=moved).stats.skipped == 1
+    assert storage.read_bytes(f"s3://{name}/new/sku-1.png") == (out / "sku-1.png").read_bytes()
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    fake = FakeGemini()
+
+    summary = run_now(job, fake, out, settings=moved)
+
+    assert summary.exit_code == 0 and len(fake.requests) == 1
+    assert records(out)[-1]["uploads"] == [f"s3://{name}/new/sku-1.png"]

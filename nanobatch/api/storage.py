@@ -72,6 +72,11 @@ class ObjectStamp:
         """A short string that changes whenever the object does (for work keys)."""
         return f"{self.size}:{self.version}"
 
+    @property
+    def pair(self) -> tuple[int, str]:
+        """(size, version): what a record keeps of an object nanobatch put (``upload_stamps``)."""
+        return self.size, self.version
+
 
 def is_bucket_url(value: str) -> bool:
     """True for ``s3://``, ``gs://``, ``az://``, ``abfs://`` URLs (local paths and http(s) are not)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -13,81 +13,111 @@ from ..names import JOURNAL_FILE
 from .files import stamp_of
 from .results import ResultsIndex
 
-__all__ = ["orphaned_requests", "restores_to_adopt", "uploads_to_adopt", "writes_to_adopt"]
+__all__ = ["Recovered", "orphaned_requests", "recover"]
+
+
+class Recovered(NamedTuple):
+    """What a dead run's journal leaves, read in one pass (:func:`recover`)."""
+
+    orphans: list[dict[str, Any]]  # its requests in doubt (see orphaned_requests)
+    carried: list[bytes]  # its claim lines to keep, until a record names what they claim
+    upload_claims: list[tuple[str, str, int]]  # (item id, URL, size) for Uploads.adopt
+
+
+def recover(path: Path, index: ResultsIndex) -> Recovered:
+    """The journal at *path*, read once: its requests in doubt, its claims on files (adopted into *index* where
+    the file is there as claimed) and on objects in ``output.upload_to`` (for the run to adopt once it looks)."""
+    doubt, carried, claims = _InDoubt(index), [], []
+    for entry in _journal_entries(path, ("dispatched", "settled", "writing", "uploading", "restored")):
+        event = entry["event"]
+        if event in ("dispatched", "settled"):
+            doubt.see(entry)
+            continue
+        if event == "writing":
+            line = _write_claim(entry, path.parent, index)
+        elif event == "uploading":
+            line, claimed = _upload_claim(entry, index)
+            claims += claimed
+        else:
+            line = _restore_claim(entry, index)
+        if line is not None:
+            carried.append(line)
+    return Recovered(list(doubt.open.values()), carried, claims)
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
     """Requests the journal says were sent, not settled by an error answer, whose item has no result from that
     run (the run died, or stopped before the item's last step); one entry per request; *index* is the folder's
     loaded :class:`ResultsIndex`."""
-    # Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded.
-    open_requests: dict[tuple[Any, str, Any], dict[str, Any]] = {}
+    doubt = _InDoubt(index)
     for entry in _journal_entries(out_dir / JOURNAL_FILE, ("dispatched", "settled")):
+        doubt.see(entry)
+    return list(doubt.open.values())
+
+
+class _InDoubt:
+    """Requests in doubt, by (run, id, attempt): sent, not settled by an error answer, their item not recorded."""
+
+    def __init__(self, index: ResultsIndex) -> None:
+        self.index = index
+        self.open: dict[tuple[Any, str, Any], dict[str, Any]] = {}
+
+    def see(self, entry: dict[str, Any]) -> None:
         request = (entry.get("run"), entry["id"], entry.get("attempt"))
         if entry["event"] == "settled":
-            open_requests.pop(request, None)
-            continue
-        latest = index.get(entry["id"])
+            self.open.pop(request, None)
+            return
+        latest = self.index.get(entry["id"])
         if latest is None or latest.run != entry.get("run"):
-            open_requests[request] = entry
-    return list(open_requests.values())
+            self.open[request] = entry
 
 
-def writes_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
-    """Files the journal says nanobatch wrote that no record names (the run died between the image and its
-    record): made *index*'s, so they may be replaced; returns their lines, to keep until a record names them.
-
-    A claim is written before its files: a file is adopted only if the one under its name now has the size
+def _write_claim(entry: dict[str, Any], folder: Path, index: ResultsIndex) -> bytes | None:
+    """A claim on files nanobatch was about to write that no record names (the run died between the image and
+    its record): each made *index*'s, so that it may be replaced, if the file now under its name has the size
     claimed (a write that was refused, or never happened, leaves what is there to its owner), with the stamp it
-    has now; so is a file of the item's that the dead run replaced (its record's stamp is the old file's). A
-    claim without sizes (an older run's) adopts nothing."""
-    carried = []
-    for entry in _journal_entries(path, ("writing",)):
-        names, sizes = entry.get("files") or (), entry.get("sizes") or ()
-        claimed = dict(zip(map(str, names), sizes, strict=False))
-        owned = index.owned(entry["id"], claimed)
-        found = {name: stamp_of(str(path.parent / name)) for name in claimed}
-        fresh = {name: stamp for name, stamp in found.items() if name not in owned or owned[name] not in (None, stamp)}
-        if adopted := {name: stamp for name, stamp in fresh.items() if stamp and stamp[0] == claimed[name]}:
-            index.adopt(entry["id"], adopted)
-            files = sorted(adopted)
-            carried.append(orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n")
-    return carried
+    has now; so is a file of the item's that the dead run replaced (its record's stamp is the old file's). The
+    line to keep until a record names them; a claim without sizes (an older run's) adopts nothing."""
+    names, sizes = entry.get("files") or (), entry.get("sizes") or ()
+    claimed = dict(zip(map(str, names), sizes, strict=False))
+    owned = index.owned(entry["id"], claimed)
+    found = {name: stamp_of(str(folder / name)) for name in claimed}
+    fresh = {name: stamp for name, stamp in found.items() if name not in owned or owned[name] not in (None, stamp)}
+    if not (adopted := {name: stamp for name, stamp in fresh.items() if stamp and stamp[0] == claimed[name]}):
+        return None
+    index.adopt(entry["id"], adopted)
+    files = sorted(adopted)
+    return orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n"
 
 
-def uploads_to_adopt(path: Path, index: ResultsIndex) -> tuple[list[bytes], list[tuple[str, str, int]]]:
-    """The journal's claims on objects in ``output.upload_to``: each (item id, URL, size claimed), for the run to
-    adopt once it sees an object of that size there (:meth:`~nanobatch.output.upload.Uploads.adopt`): one no
-    record names (the run died between the PUT and the record, or one PUT of an item failed after another
-    landed), or one a record names at an older version (a replacing PUT whose record was never written). Also
-    the lines of those no record names, kept until one does."""
-    carried, claims = [], []
-    for entry in _journal_entries(path, ("uploading",)):
-        urls, sizes = [str(url) for url in entry.get("urls") or ()], entry.get("sizes") or ()
-        recorded = index.uploaded(entry["id"], urls)
-        claimed = list(zip(urls, sizes, strict=False))
-        if any(url not in recorded for url, _ in claimed):
-            carried.append(orjson.dumps(entry) + b"\n")
-        claims += [(entry["id"], url, int(size)) for url, size in claimed]
-    return carried, claims
+def _upload_claim(entry: dict[str, Any], index: ResultsIndex) -> tuple[bytes | None, list[tuple[str, str, int]]]:
+    """A claim on objects nanobatch was about to PUT to ``output.upload_to``: each (item id, URL, size claimed),
+    for the run to adopt once it sees an object of that size there (:meth:`~nanobatch.output.upload.Uploads.adopt`),
+    unless the claiming run's record settled them; and the line, kept while a record does not name them all (the
+    run died between the PUT and the record, or one PUT of the item failed after another landed)."""
+    latest = index.get(entry["id"])
+    if latest is not None and latest.status == "ok" and latest.run == entry.get("run"):
+        return None, []  # settled: the claiming run's record names each object at the version it PUT
+    urls, sizes = [str(url) for url in entry.get("urls") or ()], entry.get("sizes") or ()
+    recorded = index.uploaded(entry["id"], urls)
+    claimed = list(zip(urls, sizes, strict=False))
+    line = orjson.dumps(entry) + b"\n" if any(url not in recorded for url, _ in claimed) else None
+    return line, [(entry["id"], url, int(size)) for url, size in claimed]
 
 
-def restores_to_adopt(path: Path, index: ResultsIndex) -> list[bytes]:
-    """The journal's objects put again from the folder's copy (``restored``): each counted with its new stamp
-    while the item's record still names the one it replaced; their lines, to keep until a record names another
-    (the item was made again, and its new object replaced the restored one)."""
-    carried = []
-    for entry in _journal_entries(path, ("restored",)):
-        try:
-            url, was, now = str(entry["url"]), (int(entry["was"][0]), str(entry["was"][1])), entry["now"]
-            now = (int(now[0]), str(now[1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            continue
-        recorded = index.uploaded(entry["id"], [url]).get(url)
-        if recorded in (was, now):
-            index.adopt_uploads(entry["id"], {url: now})
-            carried.append(orjson.dumps(entry) + b"\n")
-    return carried
+def _restore_claim(entry: dict[str, Any], index: ResultsIndex) -> bytes | None:
+    """An object nanobatch put that no record names as it is (``restored``: put back from the folder's copy, or
+    adopted from a dead run's claim): counted with its new stamp while the records still name the one it
+    replaced (or none); the line, to keep until a record names another (the item was made again)."""
+    try:
+        url, was, now = str(entry["url"]), entry["was"], entry["now"]
+        was, now = None if was is None else (int(was[0]), str(was[1])), (int(now[0]), str(now[1]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if index.uploaded(entry["id"], [url]).get(url) not in (was, now):  # (None: no record names it with a stamp)
+        return None
+    index.adopt_uploads(entry["id"], {url: now})
+    return orjson.dumps(entry) + b"\n"
 
 
 def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, Any]]:

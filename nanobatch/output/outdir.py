@@ -152,21 +152,22 @@ class Journal:
 
     def uploading(self, item_id: str, objects: list[tuple[str, int]]) -> None:
         """A claim on objects (URL, size) about to be PUT to ``output.upload_to`` for *item_id*: a run that dies
-        before their record leaves them for the next to adopt (:func:`~nanobatch.output.journal.uploads_to_adopt`)."""
+        before their record leaves them for the next to adopt (:func:`~nanobatch.output.journal.recover`)."""
         self._write({"event": "uploading", "run": self.run_id, "id": item_id, "urls": [u for u, _ in objects],
                      "sizes": [s for _, s in objects]})  # fmt: skip
 
-    def restored(self, item_id: str, url: str, was: tuple[int, str], now: tuple[int, str]) -> None:
-        """A done item's missing object PUT again from the folder's copy: it is now *now* (size, version), no more
-        the *was* its record keeps. A later run counts it so while the record still says *was*
-        (:func:`~nanobatch.output.journal.restores_to_adopt`), until a new record of the item names it."""
+    def restored(self, item_id: str, url: str, was: tuple[int, str] | None, now: tuple[int, str]) -> None:
+        """An object of *item_id*'s that nanobatch put, no record names as it is (put back from the folder's copy,
+        or PUT by a run that died before its record): it is now *now* (size, version), not the *was* a record
+        keeps (None: no record names it). A later run counts it so while the records still say *was*
+        (:func:`~nanobatch.output.journal.recover`), until a new record of the item names it."""
         self.open()
         self._write({"event": "restored", "run": self.run_id, "id": item_id, "url": url, "was": was, "now": now})
 
     def writing_many(self, items: list[tuple[str, list[tuple[str, int | None]]]]) -> None:
         """A claim for each (item id, [(name, size)]): the files about to be written or moved there, in one write
         to the kernel (a batch of the writer's). A later run adopts a claimed file only if the one there has
-        that size (:func:`~nanobatch.output.journal.writes_to_adopt`): a write that was refused claimed nothing."""
+        that size (:func:`~nanobatch.output.journal.recover`): a write that was refused claimed nothing."""
         if items:
             self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": [n for n, _ in files],
                            "sizes": [s for _, s in files]} for item_id, files in items))  # fmt: skip
@@ -237,16 +238,13 @@ class OutDir:
     def recover(self, index: ResultsIndex) -> list[dict[str, Any]]:
         """What a dead run left: its requests in flight (reported and returned), its journal's claims on files
         (carried over), its half-written temporary files (removed). Call with the lock held."""
-        from .journal import orphaned_requests, restores_to_adopt, uploads_to_adopt, writes_to_adopt
+        from .journal import recover
 
-        orphans = orphaned_requests(self.path, index)
+        orphans, carried, self.upload_claims = recover(self.path / JOURNAL_FILE, index)  # one pass over it
         if orphans:
             ids = ", ".join(sorted({o["id"] for o in orphans})[:10])
             logger.warning("%d requests sent by a run that ended without saving their results (items %s): they may "
                            "have been charged; the items not done are sent again", len(orphans), ids)  # fmt: skip
-        carried = writes_to_adopt(self.path / JOURNAL_FILE, index)
-        uploads, self.upload_claims = uploads_to_adopt(self.path / JOURNAL_FILE, index)
-        carried += uploads + restores_to_adopt(self.path / JOURNAL_FILE, index)
         if carried:
             atomic_write(self.path / JOURNAL_FILE, b"".join(carried))
         else:

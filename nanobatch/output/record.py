@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -288,10 +288,16 @@ class ItemRecord:
 
 
 _KNOWN = frozenset((*_ITEM_FIELDS, *_OPTIONAL_FIELDS))
+
+
+def _pairs_json(pairs: Iterable[tuple[Any, Any] | None]) -> list[list[Any] | None]:
+    """``file_stamps`` or ``upload_stamps`` as a line holds them (reading.read_file_stamps and read_upload_stamps)."""
+    return [None if pair is None else list(pair) for pair in pairs]
+
+
 _OPTIONAL_JSON: dict[str, Any] = {"input_stamps": lambda v: [list(s) for s in v], "moved_from": list, "uploads": list,
                                   "paid_in": PaidIn.to_json, "qa": lambda v: v.to_json(),
-                                  "file_stamps": lambda v: [None if s is None else list(s) for s in v],
-                                  "upload_stamps": lambda v: [None if s is None else list(s) for s in v]}  # fmt: skip
+                                  "file_stamps": _pairs_json, "upload_stamps": _pairs_json}  # fmt: skip
 
 
 def _verdict(value: Mapping[str, Any]) -> Verdict:

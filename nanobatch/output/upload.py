@@ -32,7 +32,7 @@ from .results import ResultsIndex
 if TYPE_CHECKING:
     from .outdir import Journal
 
-__all__ = ["Uploads"]
+__all__ = ["Uploads", "keep_version"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -81,12 +81,11 @@ class Uploads:
             replace, version = url in ours, None
             if (recorded := ours.get(url)) is not None:
                 now = storage.stat_many([url])[url]  # one HEAD: is it still the object nanobatch put there?
-                if now is not None and (now.size, now.version) != recorded:
+                if now is not None and now.pair != recorded:
                     raise StorageError(url, "exists", f"{CHANGED}: it was left as it is")
                 replace = now is not None  # gone since: put back only if no one else's appears meanwhile
                 version = recorded[1] if now is not None else None  # and the PUT asks for it (S3, Azure)
-            written = storage.put(url, data, replace=replace, version=version)
-            stamps[url] = (written.size, written.version)
+            stamps[url] = storage.put(url, data, replace=replace, version=version).pair
 
         try:
             async with anyio.create_task_group() as tg:
@@ -100,22 +99,14 @@ class Uploads:
 
     async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex, journal: Journal) -> None:
         """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's, with the stamp it has
-        now, if one of that size is there: the run PUT it and died before its record. One a record names at an
-        older version (a replacing PUT never recorded) keeps its new version in the *journal* (``restored``)
-        until a record does. Any other object there stays someone else's."""
+        now, if one of that size is there: the run PUT it and died before its record (see :func:`keep_version`).
+        Any other object there stays someone else's."""
         if not claims:
             return
         found = await anyio.to_thread.run_sync(storage.stat_many, list({url for _, url, _ in claims}))
         for item_id, url, size in claims:
-            if (stamp := found.get(url)) is None or stamp.size != size:
-                continue
-            now, recorded = (stamp.size, stamp.version), index.uploaded(item_id, [url])
-            was = recorded.get(url)
-            if url in recorded and was in (None, now):
-                continue  # as the record says (or a record from before stamps, which trusts the URL)
-            if was is not None:
-                journal.restored(item_id, url, was, now)
-            index.adopt_uploads(item_id, {url: now})
+            if (stamp := found.get(url)) is not None and stamp.size == size:
+                keep_version(index, journal, item_id, url, stamp.pair)
 
     async def free(self, names: list[str], ours: Mapping[str, UploadStamp | None]) -> None:
         """ApiError (kind ``upload``) if an object nanobatch may not replace is at one of *names*: one it did not
@@ -142,7 +133,7 @@ class Uploads:
                 continue
             if url not in ours:
                 return url, NOT_OURS
-            if (now.size, now.version) != ours[url]:
+            if now.pair != ours[url]:
                 return url, CHANGED
         return None
 
@@ -160,10 +151,7 @@ class Uploads:
         missing = [url for url, there in found.items() if not there]
         restored = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
         for url, now in restored.items():
-            item_id = wanted[url][0]
-            if (was := index.uploaded(item_id, [url]).get(url)) is not None:
-                journal.restored(item_id, url, was, now)
-                index.adopt_uploads(item_id, {url: now})
+            keep_version(index, journal, wanted[url][0], url, now)
         self.gone = frozenset(wanted[url][0] for url in missing if url not in restored)
         if missing:
             logger.warning(
@@ -179,12 +167,23 @@ class Uploads:
 
         def restore(url: str) -> None:
             try:  # it was missing: one that appeared since is not replaced
-                written = storage.put(url, local[url].read_bytes(), replace=False)
+                restored[url] = storage.put(url, local[url].read_bytes(), replace=False).pair
             except (OSError, StorageError):
                 return
-            restored[url] = (written.size, written.version)
 
         async with anyio.create_task_group() as tg:
             for url in missing:
                 tg.start_soon(functools.partial(anyio.to_thread.run_sync, restore, url, limiter=limiter))
         return restored
+
+
+def keep_version(index: ResultsIndex, journal: Journal, item_id: str, url: str, now: UploadStamp) -> None:
+    """*now* is the object nanobatch put at *url* for *item_id* (put back from the folder's copy, or PUT by a run
+    that died before its record): counted so, and, unless a record says so already, noted in the *journal*
+    (``restored``) until a record names it (:func:`~nanobatch.output.journal.recover`). A record from
+    before stamps trusts the URL as it is."""
+    recorded = index.uploaded(item_id, [url])
+    if url in recorded and recorded[url] in (None, now):
+        return
+    journal.restored(item_id, url, recorded.get(url), now)
+    index.adopt_uploads(item_id, {url: now})

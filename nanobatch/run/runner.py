@@ -295,7 +295,7 @@ async def _batch_route(
 async def _end_batch(batch: BatchRoute, outcome: str, manifest: Manifest, out_dir: Path, ends: float) -> dict[str, Any]:
     """Collect the jobs that are done, close what the run is done with; what still waits, for the summary."""
     if outcome == "complete" and batch.broken is None:
-        await batch.collect_done(min(300.0, ends - anyio.current_time()))
+        await batch.collect_done(ends - anyio.current_time())
     if batch.broken is not None:  # the batch folder failed (a full disk) where no step was left to say so
         raise batch.broken
     if outcome == "complete":

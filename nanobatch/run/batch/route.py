@@ -57,6 +57,9 @@ __all__ = ["BatchRoute"]
 logger = logging.getLogger("nanobatch")
 
 
+COLLECT_AT_END_S = 300.0  # at most this long collecting, at a run's end, the jobs no item of it waited for
+
+
 class BatchRoute:
     """Sends steps through Gemini's Batch API (see the module doc). Enter it, then hand it to the engine."""
 
@@ -241,13 +244,13 @@ class BatchRoute:
         run of the folder, whatever its tier, collects them."""
         return [chunk for chunk in self.chunks.by_id.values() if chunk.open and chunk.job]
 
-    async def collect_done(self, limit_s: float = 300.0) -> None:
+    async def collect_done(self, limit_s: float) -> None:
         """At the end of a complete run: the folder's jobs that are done now collected (see Jobs.collect_done), for
-        at most *limit_s* (what is not by then is left for the next run)."""
-        if limit_s <= 0:  # the run's time limit has come: the next run collects them
+        at most *limit_s* (what is left of the run's time) and COLLECT_AT_END_S: the rest is the next run's."""
+        if limit_s <= 0:  # the run's time limit has come
             return
         try:
-            with anyio.move_on_after(limit_s):
+            with anyio.move_on_after(min(limit_s, COLLECT_AT_END_S)):
                 await self.jobs.collect_done()
         except OSError as exc:
             raise self._break(exc) from None
