@@ -393,9 +393,19 @@ def exists_many(urls: Iterable[str]) -> dict[str, bool]:
 
 
 def _stat_or_none(url: str) -> ObjectStamp | None:
+    """The object's stamp, None if there is none, from one metadata request where the backend allows: S3's HEAD
+    alone, not s3fs's info (a HEAD, then a listing to see whether the key is a folder), and no question whether
+    the bucket exists (the run asked when it started). Asked for each item a run is about to send."""
+    scheme, bucket, key = _split(url)
+    fs = _filesystem(url)
     try:
-        return stat(url)
-    except StorageError as exc:
-        if exc.kind == "not_found":
-            return None
-        raise
+        if scheme == "s3":
+            found = fs.call_s3("head_object", Bucket=bucket, Key=key)
+            return ObjectStamp(url=url, size=int(found["ContentLength"]), version=str(found["ETag"]))
+        fs.invalidate_cache(_path(url))
+        info: dict[str, Any] = fs.info(_path(url))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise _translate(url, exc) from None  # (without *fs*: no bucket probe)
+    return None if info.get("type") == "directory" else _stamp(url, info)
