@@ -649,3 +649,11 @@ def test_the_longest_name_the_check_allows_fits_every_file_the_engine_names(tmp_
     longest = max(OUTPUT_EXTENSIONS, key=len)
     names = [*output_names(one, [longest] * 9), *output_names(one, [longest] * 3, step=11)]
     assert max(len(name.encode()) for name in names) <= 255
+
+
+def test_a_picture_that_cannot_be_looked_at_says_why_not_only_not_found(tmp_path: Path) -> None:
+    # A name longer than the file system takes is "File name too long", not a file that is missing.
+    path = write(tmp_path, ITEM.replace("a.png", "x" * 300 + ".png"))
+    (problem,) = problems(path)
+    assert problem.field == "image" and "cannot read the image" in problem.message
+    assert "name too long" in problem.message.lower()

@@ -621,3 +621,20 @@ def test_a_setting_every_row_shares_is_reported_a_few_times_then_counted(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all("field 'qa.min_fil'" in line for line in lines)
     assert lines[-1].startswith("... and 37 more items with the same problem in field 'qa.min_fil'")
+
+
+def test_a_column_a_template_reads_named_twice_is_refused(tmp_path: Path) -> None:
+    rows = "sku,photo,photo\nX1,photos/a.jpg,photos/b.jpg\n"
+    source = {"csv": "c.csv", "id": "{sku}", "image": "{photo}", "instruction": "x"}
+    (problem,) = problems(job(tmp_path, {"items_from": [source]}, {"c.csv": rows}, ["photos/a.jpg", "photos/b.jpg"]))
+    assert problem.field == "photo" and "twice" in problem.message
+
+
+def test_a_flood_of_problems_counts_what_it_does_not_show(tmp_path: Path) -> None:
+    from nanobatch.errors import ManifestError
+
+    distinct = [Problem("job.yaml", f"i{n}", "image", f"image file not found: {n}.png") for n in range(60)]
+    same = [Problem("job.yaml", f"s{n}", "qa.min_fil", "unknown field") for n in range(10)]
+    lines = str(ManifestError(distinct + same)).splitlines()
+    assert lines[50] == "... and 13 more problems"  # 60 distinct and 3 of the repeated one shown at most 50
+    assert lines[51] == "... and 7 more items with the same problem in field 'qa.min_fil': unknown field"

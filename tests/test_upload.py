@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import astuple
 from pathlib import Path
@@ -292,7 +293,7 @@ def test_an_object_a_killed_run_put_before_its_record_is_still_the_items(
 
     summary = run_now(job, fake, out, settings=settings)
 
-    assert summary.exit_code == 0 and len(fake.requests) == 1
+    assert summary.exit_code == 0 and len(fake.requests) == 1 and records(out)[-1]["status"] == "ok"
     assert records(out)[-1]["uploads"] == [bucket.url("edited/sku-1.jpg")]
 
 
@@ -370,12 +371,51 @@ def test_an_object_put_back_from_the_folder_is_still_the_items_on_later_nights(b
     url = records(out)[0]["uploads"][0]
     storage._filesystem(url).rm(url.split("://", 1)[1])
     assert run_now(job, fake, out, settings=settings).stats.skipped == 1 and storage.read_bytes(url)  # put back
+    assert run_now(job, fake, out, settings=settings).stats.skipped == 1  # a night with nothing to do: kept still
     job.write_text(job.read_text().replace("make the background white", "make the background grey"))
 
     summary = run_now(job, fake, out, settings=settings)
 
     assert summary.exit_code == 0 and len(fake.requests) == 2
     assert storage.read_bytes(url) == (out / "sku-1.png").read_bytes()
+
+
+def test_an_own_object_adopted_from_a_dead_runs_claim_stays_the_items_on_the_nights_after(
+    gcs_env: Emulator, tmp_path: Path
+) -> None:
+    # The dead run's PUT replaced the item's object (a new generation); the next night adopts it, but does not
+    # make the item (--retry-failed: the item is not failed). The journal keeps the version that night adopted,
+    # so the night after, the changed item replaces its object instead of refusing it as replaced by someone.
+    settings = _settings(f"gs://{new_bucket('gs')}/edited/")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    with killed_before_the_records():
+        run_now(job, FakeGemini(), out, settings=settings)
+    assert run_now(job, FakeGemini(), out, settings=settings, retry_failed=True).exit_code == 0
+    fake = FakeGemini()
+
+    assert run_now(job, fake, out, settings=settings).exit_code == 0 and len(fake.requests) == 1
+
+
+def test_an_object_whose_record_is_from_before_upload_stamps_is_replaced_on_its_url(
+    s3_env: Emulator, tmp_path: Path
+) -> None:
+    # A folder written by an older nanobatch: its records name their objects without stamps. A changed item
+    # replaces its own object, as it did then, instead of refusing it.
+    settings = _settings(f"s3://{new_bucket('s3')}/edited/")
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
+    old = [{k: v for k, v in record.items() if k != "upload_stamps"} for record in records(out)]
+    (out / "results.jsonl").write_text("".join(json.dumps(record) + "\n" for record in old))
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    fake = FakeGemini()
+
+    summary = run_now(job, fake, out, settings=settings)
+
+    assert summary.exit_code == 0 and len(fake.requests) == 1 and records(out)[-1]["upload_stamps"]
 
 
 @pytest.mark.parametrize("bucket", ["s3", "az"], indirect=True)  # gcsfs asks for no generation but 0
@@ -416,3 +456,18 @@ def test_objects_put_under_a_new_upload_to_are_the_items_when_they_change_later(
 
     assert summary.exit_code == 0 and len(fake.requests) == 1
     assert records(out)[-1]["uploads"] == [f"s3://{name}/new/sku-1.png"]
+
+
+def test_the_look_before_paying_is_one_request_per_name_on_s3(s3_env: Emulator, tmp_path: Path) -> None:
+    # Asked for each item about to be sent: one HEAD, not s3fs's HEAD then a listing (is the key a folder?), nor a
+    # question whether the bucket exists (asked once, at the start). A catalog's first night made three requests
+    # per item before its PUT.
+    bucket = Bucket("s3", new_bucket("s3"), s3_env)
+    job = write_job(tmp_path, [{"id": f"sku-{n}", "image": f"images/{n}.png"} for n in range(3)])
+    s3_env.log.clear()
+
+    assert run_now(job, FakeGemini(), tmp_path / "out", settings=_settings(bucket.url("edited/"))).exit_code == 0
+
+    heads = {key: n for key, n in s3_env.log.counts.items() if key.startswith(f"HEAD /{bucket.name}/edited/")}
+    assert sorted(heads.values()) == [1, 1, 1]  # one per item's name (its model answers JPEG)
+    assert not [key for key in s3_env.log.counts if "prefix=edited%2Fsku" in key]  # no listing per name
