@@ -743,8 +743,8 @@ def test_with_the_uploads_behind_answers_wait_unread_so_memory_does_not_grow_wit
         return nanobatch.api.storage.ObjectStamp(url, len(data), '"etag"')
 
     monkeypatch.setattr(nanobatch.api.storage, "check_bucket", lambda url: None)
-    monkeypatch.setattr(nanobatch.api.storage, "exists_many", lambda urls: dict.fromkeys(urls, False))
-    monkeypatch.setattr(nanobatch.api.storage, "stat_many", lambda urls: dict.fromkeys(urls))
+    monkeypatch.setattr(nanobatch.api.storage, "exists_many", lambda urls, **_: dict.fromkeys(urls, False))
+    monkeypatch.setattr(nanobatch.api.storage, "stat_many", lambda urls, **_: dict.fromkeys(urls))
     monkeypatch.setattr(nanobatch.api.storage, "put", slow_put)
     peaks = _peaks_by_concurrency(tmp_path, monkeypatch, (16, 64), 128, {"output.upload_to": "s3://catalog/edited/"})
     assert len(put) == 2 * 128  # every image of both runs

@@ -427,7 +427,7 @@ def test_an_object_replaced_between_the_last_look_and_the_put_is_not_replaced(
     uploads = Uploads(bucket.url("edited/"))
     (url,), (stamp,) = anyio.run(uploads.put, [("sku-1.png", b"first")])
     storage.put(url, b"the shop's")
-    monkeypatch.setattr(storage, "stat_many", lambda urls: {u: storage.ObjectStamp(u, *stamp) for u in urls})
+    monkeypatch.setattr(storage, "stat_many", lambda urls, **_: {u: storage.ObjectStamp(u, *stamp) for u in urls})
 
     with pytest.raises(StorageError) as caught:
         anyio.run(uploads.put, [("sku-1.png", b"second")], {url: stamp})

@@ -344,8 +344,10 @@ def _quoted(etag: str) -> str:
     return etag if etag.startswith('"') else f'"{etag}"'
 
 
-def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
-    """Each object's stamp, or None where there is no such object; nothing is downloaded.
+def stat_many(urls: Iterable[str], *, buckets_checked: bool = False) -> dict[str, ObjectStamp | None]:
+    """Each object's stamp, or None where there is no such object; nothing is downloaded. StorageError (kind
+    ``no_bucket``) for a missing object whose bucket does not exist, asked once per bucket with a missing object,
+    unless *buckets_checked* (``output.upload_to``'s, checked when the run started).
 
     Where many of the objects share a bucket, the folder holding them all is listed (1,000 stamps a
     request); a listing that turns out to hold far more than was asked about stops early, and what it
@@ -364,7 +366,17 @@ def stat_many(urls: Iterable[str]) -> dict[str, ObjectStamp | None]:
             singles.extend(members)
     with ThreadPoolExecutor(max_workers=HEAD_CONCURRENCY) as pool:
         found.update(zip(singles, pool.map(_stat_or_none, singles), strict=True))
+    if not buckets_checked:
+        _check_buckets_of([url for url in singles if found[url] is None])
     return found
+
+
+def _check_buckets_of(missing: list[str]) -> None:
+    """StorageError (``no_bucket``) if the bucket of one of the *missing* objects does not exist: one question
+    per bucket (a HEAD answers 404 alike for an object and its bucket)."""
+    for url in {(_split(url)[0], _split(url)[1]): url for url in missing}.values():
+        if not _bucket_exists(url, _filesystem(url)):
+            raise StorageError(url, "no_bucket", f"no such bucket {_split(url)[1]!r}")
 
 
 def _stat_by_listing(scheme: str, bucket: str, members: set[str], found: dict[str, ObjectStamp | None]) -> list[str]:
@@ -387,15 +399,15 @@ def _stat_by_listing(scheme: str, bucket: str, members: set[str], found: dict[st
     return []
 
 
-def exists_many(urls: Iterable[str]) -> dict[str, bool]:
+def exists_many(urls: Iterable[str], *, buckets_checked: bool = False) -> dict[str, bool]:
     """Whether each object exists (see :func:`stat_many`), for checking a re-run's uploads."""
-    return {url: stamp is not None for url, stamp in stat_many(urls).items()}
+    return {url: stamp is not None for url, stamp in stat_many(urls, buckets_checked=buckets_checked).items()}
 
 
 def _stat_or_none(url: str) -> ObjectStamp | None:
     """The object's stamp, None if there is none, from one metadata request where the backend allows: S3's HEAD
     alone, not s3fs's info (a HEAD, then a listing to see whether the key is a folder), and no question whether
-    the bucket exists (the run asked when it started). Asked for each item a run is about to send."""
+    its bucket exists (see :func:`stat_many`). Asked for each item a run that uploads is about to send."""
     scheme, bucket, key = _split(url)
     fs = _filesystem(url)
     try:

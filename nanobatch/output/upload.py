@@ -80,7 +80,9 @@ class Uploads:
         def put(url: str, data: bytes) -> None:
             replace, version = url in ours, None
             if (recorded := ours.get(url)) is not None:
-                now = storage.stat_many([url])[url]  # one HEAD: is it still the object nanobatch put there?
+                now = storage.stat_many([url], buckets_checked=True)[
+                    url
+                ]  # one HEAD: is it still the object nanobatch put there?
                 if now is not None and now.pair != recorded:
                     raise StorageError(url, "exists", f"{CHANGED}: it was left as it is")
                 replace = now is not None  # gone since: put back only if no one else's appears meanwhile
@@ -103,7 +105,9 @@ class Uploads:
         Any other object there stays someone else's."""
         if not claims:
             return
-        found = await anyio.to_thread.run_sync(storage.stat_many, list({url for _, url, _ in claims}))
+        found = await anyio.to_thread.run_sync(
+            functools.partial(storage.stat_many, buckets_checked=True), list({url for _, url, _ in claims})
+        )
         for item_id, url, size in claims:
             if (stamp := found.get(url)) is not None and stamp.size == size:
                 keep_version(index, journal, item_id, url, stamp.pair)
@@ -127,7 +131,7 @@ class Uploads:
         before stamps). Blocking (HEAD requests): call it in a worker thread. StorageError if the bucket cannot
         be asked."""
         urls = [self.url(name) for name in names]
-        found = storage.stat_many(url for url in urls if url not in ours or ours[url] is not None)
+        found = storage.stat_many((u for u in urls if u not in ours or ours[u] is not None), buckets_checked=True)
         for url in urls:
             if (now := found.get(url)) is None:
                 continue
@@ -147,7 +151,9 @@ class Uploads:
         wanted = {self.url(name): (item_id, name) for item_id, names in done for name in names}
         if not wanted:
             return
-        found = await anyio.to_thread.run_sync(storage.exists_many, list(wanted))
+        found = await anyio.to_thread.run_sync(
+            functools.partial(storage.exists_many, buckets_checked=True), list(wanted)
+        )
         missing = [url for url, there in found.items() if not there]
         restored = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
         for url, now in restored.items():
