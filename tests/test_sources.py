@@ -638,3 +638,50 @@ def test_a_flood_of_problems_counts_what_it_does_not_show(tmp_path: Path) -> Non
     lines = str(ManifestError(distinct + same)).splitlines()
     assert lines[50] == "... and 13 more problems"  # 60 distinct and 3 of the repeated one shown at most 50
     assert lines[51] == "... and 7 more items with the same problem in field 'qa.min_fil': unknown field"
+
+
+# A row whose photo is missing is not a text-to-image request: sent, it would be paid for a picture made from the
+# instruction alone ("make the background white"), and recorded ok.
+@pytest.mark.parametrize(
+    ("name", "rows", "field"),
+    [
+        ("c.csv", "id,image\nA1,photos/a.jpg\nA2,\n", "image"),
+        ("c.csv", "id,images,image\nA1,,photos/a.jpg\nA2,,\n", "image"),  # A1: one of the two is enough
+        ("j.jsonl", '{"id": "A1", "image": "photos/a.jpg"}\n{"id": "A2", "image": null}\n', "image"),
+        ("j.jsonl", '{"id": "A1", "image": "photos/a.jpg"}\n{"id": "A2", "images": []}\n', "images"),
+        ("j.jsonl", '{"id": "A1", "image": "photos/a.jpg"}\n{"id": "A2", "image": ""}\n', "image"),
+    ],
+)
+def test_a_row_that_leaves_its_picture_empty_is_refused_before_anything_is_sent(
+    tmp_path: Path, name: str, rows: str, field: str
+) -> None:
+    kind = "jsonl" if name.endswith(".jsonl") else "csv"
+    doc = {"defaults": {"instruction": "Make the background white"}, "items_from": [{kind: name}]}
+    path = job(tmp_path, doc, {name: rows}, ["photos/a.jpg"])
+    fake = FakeGemini()
+    with pytest.raises(ManifestError) as err:
+        run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
+    (problem,) = err.value.problems
+    line = 3 if kind == "csv" else 2  # a CSV's row 1 is its header
+    assert (Path(problem.file).name, problem.item, problem.field) == (f"{name}:{line}", "A2", field)
+    assert "no picture" in problem.message and fake.requests == []
+
+
+@pytest.mark.parametrize("given", [[], None])
+def test_an_item_in_the_manifest_with_an_empty_images_list_is_refused(tmp_path: Path, given: Any) -> None:
+    doc = {"defaults": {"instruction": "Make it blue"}, "items": [{"id": "X1", "images": given}]}
+    (problem,) = problems(job(tmp_path, doc))
+    assert (problem.item, problem.field) == ("X1", "images") and "text-to-image" in problem.message
+
+
+def test_an_empty_picture_cell_takes_the_defaults_picture_when_they_give_one(tmp_path: Path) -> None:
+    doc = {"defaults": {"image": "photos/a.jpg"}, "items_from": [{"csv": "c.csv"}]}
+    rows = "id,image,instruction\nA1,photos/b.jpg,Make it blue\nA2,,Make it red\n"
+    first, second = items(job(tmp_path, doc, {"c.csv": rows}, ["photos/a.jpg", "photos/b.jpg"]))
+    assert first.inputs == (str(tmp_path / "photos/b.jpg"),) and second.inputs == (str(tmp_path / "photos/a.jpg"),)
+
+
+def test_a_table_without_a_picture_column_is_still_text_to_image(tmp_path: Path) -> None:
+    rows = "id,instruction\nP1,A poster of a lemon on a blue table\n"
+    (item,) = items(job(tmp_path, {"items_from": [{"csv": "c.csv"}]}, {"c.csv": rows}))
+    assert item.inputs == () and item.steps == ("A poster of a lemon on a blue table",)

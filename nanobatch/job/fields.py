@@ -14,11 +14,12 @@ from ..errors import Problem
 from ..qa import QaFields
 
 __all__ = [
-    "INPUT_MODES", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "Merged", "merge_given",
-    "parse_fields", "plain_fields",
+    "INPUT_MODES", "PICTURE_FIELDS", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "Merged",
+    "merge_given", "parse_fields", "plain_fields", "without_empty_pictures",
 ]  # fmt: skip
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
+PICTURE_FIELDS = frozenset({"image", "images"})
 SYNC_TIERS = ("standard", "flex", "priority")
 INPUT_MODES = ("inline", "by_reference", "auto")
 
@@ -96,6 +97,17 @@ def plain_fields(raw: Mapping[Any, Any]) -> dict[str, Any] | None:
         else:
             return None
     return given
+
+
+def without_empty_pictures(raw: dict[str, Any], defaults: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """*raw* without the picture fields it gives no value (null, "" or [], as an empty CSV cell is read), and
+    the first such field when no picture is left, nor in the *defaults*: the item names a place for its picture
+    and leaves it empty (a row whose photo is missing), which is not asking for a text-to-image request."""
+    empty = [name for name in ("image", "images") if name in raw and raw[name] in (None, "", [])]
+    if not empty:
+        return raw, None
+    kept = {name: value for name, value in raw.items() if name not in empty}
+    return kept, None if kept.keys() & PICTURE_FIELDS or defaults.keys() & PICTURE_FIELDS else empty[0]
 
 
 def merge_given(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ..qa import QaFields
 from .build import Shapes, build_item, build_plain, local_paths
 from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
+from .fields import without_empty_pictures as without_empty
 from .items_from import parse_sources
 from .pictures import PictureCheck, looked_ahead
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
@@ -179,14 +180,23 @@ class Manifest:
     ) -> tuple[WorkItem | None, list[Problem]]:
         if raw.problems or raw.fields is None:
             return None, list(raw.problems)
-        own = plain_fields(raw.fields)
+        given = raw.fields
+        if "image" in given or "images" in given:
+            given, empty = without_empty(given, self._defaults)
+            if empty is not None:
+                return None, [Problem(raw.file, raw.label, empty, (
+                    f"no picture: {empty} is empty (and the defaults give none), so the item would be sent as a "
+                    "text-to-image request, paid for a new picture made from the instruction alone; give its "
+                    f"picture, or leave {empty} out for text-to-image"
+                ))]  # fmt: skip
+        own = plain_fields(given)
         if own is not None:  # the usual item: texts where texts go, checked without pydantic
             values = merge_given(self._plain, own)
             item = build_plain(values, raw, self._shapes, base=self._base, check_files=check_files, own=own)
             if item is not None:
                 return item, []
         else:
-            fields, problems = parse_fields(raw.fields, raw.file, raw.label)
+            fields, problems = parse_fields(given, raw.file, raw.label)
             if fields is None:
                 return None, problems
             merged = ItemFields.model_validate(merge_given(self._defaults, _given(fields)))

@@ -39,7 +39,7 @@ from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
-from .fields import ItemFields
+from .fields import PICTURE_FIELDS, ItemFields
 from .lines import NotUtf8Line, Utf8Lines
 from .yaml_stream import stream_items
 
@@ -295,7 +295,13 @@ class TableSource:
         if given:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
-        return _fill_fields(templates, row, where, row_name, default_id="{id}")
+        raw = _fill_fields(templates, row, where, row_name, default_id="{id}")
+        if raw.fields is not None:
+            for name in self.columns_as_fields.intersection(PICTURE_FIELDS):
+                if name in row and row[name] in (None, ""):
+                    # An empty cell where the pictures go is no picture: said (Manifest._resolve), not passed over.
+                    raw.fields[name] = None
+        return raw
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
