@@ -9,8 +9,10 @@ is checked is what is written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ __all__ = [
     "REJECTED_FOLDER",
     "RESULTS_FILE",
     "SUMMARY_FILE",
+    "folds_case",
     "item_stems",
     "output_name",
     "output_names",
@@ -213,3 +216,31 @@ class FoldersIn:
             real = os.path.realpath(folder)
             self._real[folder] = real if real == self.root or real.startswith(self._inside) else None
         return self._real[folder]
+
+
+def folds_case(folder: str | os.PathLike[str]) -> bool:
+    """Whether names that differ only in case are one file in *folder* (or, while it does not exist, in the
+    nearest folder above it), as on macOS and Windows by default: there ``SKU-1.png`` is ``sku-1.png``.
+
+    Told by a name already there whose other case is looked up (one stat; on a file system that tells case, no
+    file answers to it, or another does); in a folder with no such name, by a file of nanobatch's own made
+    and removed at once. A folder nanobatch may not write to tells nothing: False."""
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path):
+        if (parent := os.path.dirname(path)) == path:
+            return False
+        path = parent
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for n, entry in enumerate(entries):
+            if (other := entry.name.swapcase()) != entry.name:
+                try:
+                    return os.path.samestat(os.lstat(entry.path), os.lstat(os.path.join(path, other)))
+                except OSError:
+                    return False  # no file answers to the other case
+            if n >= 100:
+                break
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f"{RESERVED_PREFIX}-case-", suffix=".tmp", dir=path) as probe:
+            return os.path.exists(os.path.join(path, os.path.basename(probe.name).upper()))
+    except OSError:
+        return False

@@ -657,3 +657,52 @@ def test_a_picture_that_cannot_be_looked_at_says_why_not_only_not_found(tmp_path
     (problem,) = problems(path)
     assert problem.field == "image" and "cannot read the image" in problem.message
     assert "name too long" in problem.message.lower()
+
+
+CASE_ONLY = "defaults:\n  instruction: x\nitems:\n  - {id: SKU-1, image: a.png}\n  - {id: sku-1, image: b.png}\n"
+
+
+def test_ids_that_differ_only_in_case_are_two_items_where_the_folder_tells_case(tmp_path: Path) -> None:
+    report = nanobatch.check_job(write(tmp_path, CASE_ONLY), out_dir=tmp_path / "out")
+    assert report.items == 2  # (a problem would have raised ManifestError)
+
+
+def test_ids_that_differ_only_in_case_are_refused_where_the_folder_does_not_tell_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On macOS and Windows SKU-1.png is sku-1.png: the second answer, paid, could not be written.
+    import nanobatch.job.check
+
+    asked: list[str] = []
+    monkeypatch.setattr(nanobatch.job.check, "folds_case", lambda folder: asked.append(str(folder)) or True)
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write(tmp_path, CASE_ONLY), out_dir=tmp_path / "out")
+    (problem,) = err.value.problems
+    assert (problem.item, problem.field) == ("sku-1", "id") and asked == [str(tmp_path / "out")]
+    assert "as is its image of item 'SKU-1'" in problem.message and "upper from lower case" in problem.message
+
+
+def _folding_lstat(real: Any) -> Any:
+    """os.lstat as a file system that does not tell case answers, over a folder whose names are lower case."""
+    return lambda path: real(os.path.join(os.path.dirname(path), os.path.basename(path).lower()))
+
+
+def test_a_folder_that_does_not_tell_case_is_told_by_a_name_already_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanobatch import names
+
+    (tmp_path / "photo.png").write_bytes(b"x")
+    assert not names.folds_case(tmp_path)  # this file system tells case: PHOTO.PNG is no file
+    (tmp_path / "PHOTO.png").write_bytes(b"y")
+    assert not names.folds_case(tmp_path)  # nor when both are there: two files
+    (tmp_path / "PHOTO.png").unlink()
+    monkeypatch.setattr(names.os, "lstat", _folding_lstat(os.lstat))
+    assert names.folds_case(tmp_path / "out" / "night-1")  # not made yet: the folder it would be made in
+
+
+def test_an_empty_folder_is_told_by_a_file_of_nanobatchs_own_that_does_not_stay(tmp_path: Path) -> None:
+    from nanobatch import names
+
+    (tmp_path / "out").mkdir()
+    assert not names.folds_case(tmp_path / "out") and list((tmp_path / "out").iterdir()) == []

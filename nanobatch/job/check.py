@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from .. import models
 from ..errors import Problem
 from ..item import IMAGE_SUFFIXES, WorkItem
-from ..names import FoldersIn, image_folders, item_stems
+from ..names import FoldersIn, folds_case, image_folders, item_stems
 from ..scratch import ScratchTable, scratch_db
 from .build import SCHEME
 from .sources import RawItem
@@ -80,7 +81,8 @@ class _Claims:
     which no check can foresee. Keys are bytes: text that is not valid UTF-8 is reported elsewhere.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: Callable[[str], bytes]) -> None:
+        self._key = key  # of a name: _key, or _folded_key where names that differ only in case are one file
         self._db = scratch_db(
             "CREATE TABLE ids (id BLOB PRIMARY KEY) WITHOUT ROWID;"
             "CREATE TABLE names (name BLOB PRIMARY KEY, owner TEXT, what TEXT) WITHOUT ROWID;"
@@ -112,16 +114,20 @@ class _Claims:
             self._named += 1
             name = stem.replace(os.sep, "/")
             what = "its image" if step is None else f"its step {step}"
-            key = _key(name)
+            key = self._key(name)
             if (taken := self._names.claim((key, item.id, what))) is not None:
                 _, owner, theirs = taken
-                return f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the other"
+                told = "" if self._key is _key else " (this folder does not tell upper from lower case in names)"
+                return (
+                    f"{what} would be {name}.<type>, as is {theirs} of item {owner!r}: one would overwrite the "
+                    f"other{told}"
+                )
             if (row := self._folders.find(key)) is not None:
                 return f"{what} would be {name}.<type>, a file where item {row[1]!r} needs a folder"
         if "/" not in own and os.sep not in own:  # most names: right in the output folder, no folder to claim
             return None
         for folder, image in image_folders(own):
-            key = _key(image)
+            key = self._key(image)
             if (row := self._names.find(key)) is not None:
                 return f"its folder {folder!r} may be the name of item {row[1]!r}'s image"
             self._folders.add((key, item.id))
@@ -172,7 +178,8 @@ class _Places:
     """Where files really are, for :meth:`_Claims.claim_places`: the real folder (symbolic links followed) and
     the file name without an image extension (an output's extension follows the returned image's type)."""
 
-    def __init__(self, out_dir: Path, is_link: Callable[[str], bool] = os.path.islink) -> None:
+    def __init__(self, out_dir: Path, is_link: Callable[[str], bool], key: Callable[[str], bytes]) -> None:
+        self._key = key
         self.out_dir = os.path.abspath(out_dir)
         self._is_link = is_link
         self._folders = FoldersIn(out_dir)
@@ -183,7 +190,7 @@ class _Places:
 
     def of_output(self, stem: str) -> bytes | None:
         if "/" not in stem and os.sep not in stem:  # most names: right in the output folder (its real path known)
-            return _key(self._top + stem)
+            return self._key(self._top + stem)
         folder, name = os.path.split(os.path.join(self.out_dir, stem))
         return self._place(folder, name)
 
@@ -202,16 +209,22 @@ class _Places:
                 continue
             name, suffix = os.path.splitext(name)
             if suffix.lower() in IMAGE_SUFFIXES:
-                places.append((_key(os.path.join(found, name)), _key(name) if found == self.root else None))
+                places.append((self._key(os.path.join(found, name)), self._key(name) if found == self.root else None))
         return places
 
     def _place(self, folder: str, name: str) -> bytes | None:
         found = self._folders.real(folder)
-        return None if found is None else _key(os.path.join(found, name))
+        return None if found is None else self._key(os.path.join(found, name))
 
 
 def _key(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
+
+
+def _folded_key(text: str) -> bytes:
+    """*text*'s key where names that differ only in case (or in how an accent is encoded: macOS) are one file."""
+    folded = text.lower() if text.isascii() else unicodedata.normalize("NFC", text).casefold()
+    return folded.encode("utf-8", "surrogatepass")
 
 
 def warn_unknown_model(model: str) -> None:
@@ -290,12 +303,12 @@ def check_items(
     *skip_bad_inputs*: an item whose only problems are pictures that cannot be decoded is left out instead.
     *is_link*: whether a local input is a symbolic link (the check of what writes could replace asks it).
     *empty_ok*: yielding no item is no problem. *models_told*: models already told of (not warned of again)."""
-    problems, left_out = _Problems(path), _Problems(path)
-    with contextlib.closing(_Claims()) as claims:
+    problems, left_out, key = _Problems(path), _Problems(path), _folded_key if out_dir and folds_case(out_dir) else _key
+    with contextlib.closing(_Claims(key)) as claims:
         count = requests = left_items = 0
         looked: set[str] = set(models_told)  # the models looked up
         confine = _Confinement(out_dir) if out_dir is not None else None
-        places = _Places(out_dir, is_link) if out_dir is not None else None
+        places = _Places(out_dir, is_link, key) if out_dir is not None else None
         for raw in raw_items:
             item, found = resolve(raw)
             skipped = skip_bad_inputs and bool(found) and all(p.bad_input for p in found)
