@@ -232,7 +232,8 @@ def folds_case(folder: str | os.PathLike[str]) -> bool:
         path = parent
     with contextlib.suppress(OSError), os.scandir(path) as entries:
         for n, entry in enumerate(entries):
-            if (other := entry.name.swapcase()) != entry.name:
+            # ASCII only: every such file system folds A-Z (not all fold the rest alike: "ß" and "SS")
+            if entry.name.isascii() and (other := entry.name.swapcase()) != entry.name:
                 try:
                     return os.path.samestat(os.lstat(entry.path), os.lstat(os.path.join(path, other)))
                 except OSError:

@@ -306,7 +306,7 @@ def test_the_checks_that_compare_get_the_input_as_sent(
 ) -> None:
     spy = Spy()
     monkeypatch.setattr("nanobatch.checks.check_image", spy)
-    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "t", "image": None}])
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}, {"id": "t"}])
     with_qa(QaSettings(changed=True))
     run(job, FakeGemini(), tmp_path / "compared")
     with_qa(QaSettings(min_side=8))  # nothing compares with the input: it is not held for the checks
