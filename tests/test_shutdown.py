@@ -125,3 +125,16 @@ def test_a_time_limit_that_comes_after_the_last_item_went_out_is_a_complete_run(
     summary = run_for(job, max_duration_s=5, grace_s=30)
     # All 4 went out at t=0 and were answered at t=10, within the grace: nothing is left for a next run.
     assert summary.exit_code == 0 and summary.outcome == "complete" and summary.stats.ok == 4
+
+
+def test_a_signal_while_a_step_is_in_flight_lets_it_finish_sends_no_next_step_and_keeps_its_cost(
+    tmp_path: Path,
+) -> None:
+    # Step 1 of each item is in flight at t=5 when the signal comes: it finishes (paid), step 2 is not sent. The
+    # items are failed, kind "stopped", with step 1's cost on the books, and the run ends interrupted, not aborted.
+    items = [{"id": f"h{n}", "image": f"images/h{n}.png", "steps": ["crop it", "make it white"]} for n in range(2)]
+    summary = run_and_signal(write_job(tmp_path, items), [(5.0, signal.SIGINT)], grace_s=30)
+    assert (summary.outcome, summary.exit_code) == ("interrupted", 130) and summary.stats.requests == 2
+    done = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["error"]["kind"], r["error"]["step"]) for r in done] == [("failed", "stopped", 2)] * 2
+    assert all(r["cost_usd"] > 0 for r in done)
