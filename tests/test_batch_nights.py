@@ -550,3 +550,29 @@ def test_an_answer_no_run_asked_for_is_let_go_once_it_is_older_than_the_keeping_
         assert cli(job, url) == 0
     assert not [name for name in kept if name.endswith(".results.jsonl")]
     assert billed(app) == 4 and len(jobs(app)) == 2
+
+
+def test_a_run_that_cannot_make_its_jobs_for_a_passing_error_ends_exit_1_and_the_next_makes_them_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The create is answered 503 through every attempt: a job may or may not exist, so the items neither fail
+    # (a retry could pay twice) nor are done. The night must not read as a success; the next one finds or makes
+    # the jobs, and each request is paid once.
+    from nanobatch.api.batch_api import BatchClient
+    from nanobatch.errors import ApiError
+
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim()
+    real = BatchClient.create
+
+    async def unavailable(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        raise ApiError("503 UNAVAILABLE: the service is busy", kind="unavailable", status_code=503, retryable=True)
+
+    with run_in_thread(app=app) as url:
+        monkeypatch.setattr(BatchClient, "create", unavailable)
+        assert cli(job, url) == 1
+        assert "6 requests are left in batch jobs this run could not follow to their end" in capsys.readouterr().err
+        assert not (job.parent / "out" / "results.jsonl").exists() or records(job.parent / "out") == []
+        monkeypatch.setattr(BatchClient, "create", real)
+        assert cli(job, url) == 0
+    assert len(records(job.parent / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
