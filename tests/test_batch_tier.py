@@ -553,3 +553,36 @@ def test_a_nightly_no_wait_run_collects_yesterdays_jobs_and_submits_todays_items
         assert cli(job, url) == 0
     assert sorted(r["id"] for r in records(job.parent / "out")) == [*(f"sku-{n}" for n in range(ITEMS)), "sku-new"]
     assert len(jobs(app)) == 3
+
+
+@pytest.mark.parametrize("ended", [False, True], ids=["refused while running", "refused as already ended"])
+def test_a_cancel_refused_for_one_job_still_cancels_the_others_and_says_which(
+    job: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, ended: bool
+) -> None:
+    # An API may refuse to cancel a job (one that ended since a run last looked, or for a passing error): the
+    # operator stopping the spend must still have every other job cancelled, and be told which one was not.
+    from nanobatch.api.batch_api import BatchClient
+    from nanobatch.errors import ApiError
+
+    app = sim(batch_latency_s=30.0)
+    real = BatchClient.cancel
+    refused: list[str] = []
+
+    async def refuse_the_first(self: BatchClient, name: str) -> None:
+        if not refused:
+            refused.append(name)
+            if ended:  # it ended (expired) before the cancel came
+                next(j for j in jobs(app) if j.name == name).state = "expired"
+            raise ApiError("400 FAILED_PRECONDITION: the job cannot be cancelled", kind="bad_request", status_code=400)
+        await real(self, name)
+
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        monkeypatch.setattr(BatchClient, "cancel", refuse_the_first)
+        capsys.readouterr()
+        code = main(["cancel", str(job.parent / "out"), "--base-url", url])
+    said = capsys.readouterr()
+    (other,) = [j for j in jobs(app) if j.name != refused[0]]
+    assert other.state == "cancelled" and f"cancelled 1 batch jobs: {other.name}" in said.out
+    assert code == (0 if ended else 1) and (f"1 had already ended: {refused[0]} (expired)" in said.out) == ended
+    assert (f"batch job {refused[0]} (pending) was not cancelled: 400 FAILED_PRECONDITION" in said.err) != ended

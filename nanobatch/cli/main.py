@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import NanobatchError, sole_error
+from ..errors import ApiError, NanobatchError, sole_error
 from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
 from .options import Duration, Finite, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
@@ -363,16 +363,21 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     install_redaction(settings)
     check_offered(settings, "cancel")  # before any credential is looked for: Vertex has no batch jobs
 
-    async def go() -> list[tuple[str, str]]:
+    async def go() -> list[tuple[str, str, ApiError | None]]:
         async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
             async with connection.batches() as client:
                 return await cancel_jobs(Path(out_dir), client)
 
     found = anyio.run(go)
-    names = [name for name, state in found if state not in ("succeeded", "failed", "expired")]
+    ended = [f"{name} ({state})" for name, state, _ in found if state in ("succeeded", "failed", "expired")]
+    names = [name for name, state, refused in found if refused is None and f"{name} ({state})" not in ended]
     click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
-    if ended := [f"{name} ({state})" for name, state in found if name not in names]:
+    if ended:
         click.echo(f"{len(ended)} had already ended: {', '.join(ended)}; the next run collects their answers")
+    if refused := [(name, state, exc) for name, state, exc in found if exc is not None]:
+        for name, state, exc in refused:
+            click.echo(f"error: batch job {name} ({state}) was not cancelled: {exc.message}", err=True)
+        raise SystemExit(1)  # like a run whose items did not all succeed: the rest was done
 
 
 @cli.command()

@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from ...api.batch_api import DONE_STATES
 from ...errors import ApiError
 from ...names import BATCH_FOLDER, LEDGER_FILE
 from ...output.files import atomic_write
@@ -193,30 +194,40 @@ def open_chunks(out_dir: Path) -> list[Chunk]:
     return [chunk for chunk in Ledger(out_dir / BATCH_FOLDER).load().values() if chunk.open]
 
 
-async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str]]:
+async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str, ApiError | None]]:
     """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns each one's name and state
-    after the cancel (``succeeded``: it was done first), noted in the ledger (``nanobatch status`` shows it); the
-    next run collects them and sends their unanswered items again."""
+    after the cancel (``succeeded``: it was done first), noted in the ledger (``nanobatch status`` shows it), and
+    the error that refused the cancel of one still running; the next run collects them and sends their unanswered
+    items again. A cancel refused (a job that ended since a run last saw it, which an API may refuse to cancel; a
+    passing error) does not keep the other jobs from being cancelled."""
     ledger = Ledger(out_dir / BATCH_FOLDER)
-    cancelled: list[tuple[str, str]] = []
+    cancelled: list[tuple[str, str, ApiError | None]] = []
     try:
         for chunk in [chunk for chunk in ledger.load().values() if chunk.open]:
             names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
             if names and chunk.job is None:
                 ledger.note("created", chunk, job=names[-1])  # the first create's (listed newest first)
             for name in names:
-                await client.cancel(name)
-                cancelled.append((name, await _note_cancelled(ledger, chunk, client, name)))
+                refused = None
+                try:
+                    await client.cancel(name)
+                except ApiError as exc:
+                    refused = exc
+                state = await _note_cancelled(ledger, chunk, client, name, asked=refused is None)
+                cancelled.append((name, state, refused if state not in DONE_STATES else None))
     finally:
         ledger.close()
     return cancelled
 
 
-async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str) -> str:
-    """The job's state once cancelled (``cancelled``, or how it ended if it was done first), into the ledger."""
+async def _note_cancelled(ledger: Ledger, chunk: Chunk, client: BatchClient, name: str, *, asked: bool) -> str:
+    """The job's state once cancelled (``cancelled``, or how it ended if it was done first), into the ledger;
+    *asked*: whether the cancel was taken (else the state is only looked at, and noted if it can be read)."""
     try:
         job = await client.get(name)
     except ApiError:
+        if not asked:
+            return chunk.state or "unknown"
         ledger.note("state", chunk, state="cancelling", counts=chunk.counts)  # asked: its end is seen next run
         return "cancelling"
     ledger.note("state", chunk, state=job.state, counts=job_counts(job))
