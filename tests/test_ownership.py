@@ -72,6 +72,24 @@ def test_an_output_edited_in_place_is_not_replaced_when_its_item_is_sent_again(t
     assert records(out)[-1]["error"]["kind"] == "output_exists" and (out / "a.png").read_bytes() == MINE
 
 
+def test_an_output_edited_in_place_to_the_same_size_is_not_replaced_either(tmp_path: Path) -> None:
+    # The run that wrote a.png left its claim in the journal; its own record settled it. An edit that keeps the
+    # size (a byte changed) must not make the claim adopt the user's file as one nanobatch wrote.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini())
+    edited = bytearray((out / "a.png").read_bytes())
+    edited[-20] ^= 0xFF
+    (out / "a.png").write_bytes(edited)  # retouched by hand: same size, new modification time
+    job.write_text(job.read_text().replace(EDIT, "make the background grey"))
+    fake = FakeGemini()
+
+    summary = run(job, fake)
+
+    assert summary.exit_code == 1 and fake.requests == [] and (out / "a.png").read_bytes() == edited
+    assert records(out)[-1]["error"]["kind"] == "output_exists"
+
+
 def test_a_refused_write_leaves_no_claim_the_next_run_adopts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The user's file appears while the request is out: the writer refuses it, but its claim was in the
     # journal already. The next run must not take the user's file for one nanobatch wrote and died before

@@ -77,7 +77,12 @@ def _write_claim(entry: dict[str, Any], folder: Path, index: ResultsIndex) -> by
     its record): each made *index*'s, so that it may be replaced, if the file now under its name has the size
     claimed (a write that was refused, or never happened, leaves what is there to its owner), with the stamp it
     has now; so is a file of the item's that the dead run replaced (its record's stamp is the old file's). The
-    line to keep until a record names them; a claim without sizes (an older run's) adopts nothing."""
+    line to keep until a record names them; a claim without sizes (an older run's) adopts nothing, and nor does
+    one the claiming run's own record settled: that record names the files with the stamps they were left with,
+    so one edited since (even to the same size) is the user's."""
+    latest = index.get(entry["id"])
+    if latest is not None and latest.run == entry.get("run"):
+        return None
     names, sizes = entry.get("files") or (), entry.get("sizes") or ()
     claimed = dict(zip(map(str, names), sizes, strict=False))
     owned = index.owned(entry["id"], claimed)

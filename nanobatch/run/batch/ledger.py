@@ -29,7 +29,6 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ...api.batch_api import DONE_STATES
 from ...errors import ApiError
 from ...names import BATCH_FOLDER, LEDGER_FILE
 from ...output.files import atomic_write
@@ -200,6 +199,8 @@ async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str
     the error that refused the cancel of one still running; the next run collects them and sends their unanswered
     items again. A cancel refused (a job that ended since a run last saw it, which an API may refuse to cancel; a
     passing error) does not keep the other jobs from being cancelled."""
+    from ...api.batch_api import DONE_STATES  # not at the top: status reads the ledger without the HTTP stack
+
     ledger = Ledger(out_dir / BATCH_FOLDER)
     cancelled: list[tuple[str, str, ApiError | None]] = []
     try:
