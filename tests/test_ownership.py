@@ -226,3 +226,37 @@ def test_a_retouched_output_is_not_moved_when_its_output_name_changes(tmp_path: 
 
     assert (out / "shoes" / "x.png").read_bytes() == MINE and not (out / "hats" / "x.png").exists()
     assert len(fake.requests) == 1 and records(out)[-1]["outputs"] == ["shoes/x.png"] and summary.exit_code in (0, 1)
+
+
+def test_files_moved_by_a_run_killed_before_its_records_are_the_items_not_paid_for_again(tmp_path: Path) -> None:
+    # The output template changed: the run moved shoes/x.png to hats/x.png and died before the record saying so.
+    # The record still names shoes/x.png; the file at hats/x.png is the one it names (its stamp): done, not sent.
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    run(catalog(tmp_path, "shoes"), fake)
+    made = (out / "shoes" / "x.png").read_bytes()
+    with killed_before_the_records():
+        run(catalog(tmp_path, "hats"), fake)
+    assert not (out / "shoes" / "x.png").exists() and records(out)[-1]["outputs"] == ["shoes/x.png"]
+
+    summary = run(catalog(tmp_path, "hats"), fake)
+
+    assert summary.exit_code == 0 and len(fake.requests) == 1 and summary.stats.skipped == 1
+    assert records(out)[-1]["outputs"] == ["hats/x.png"] and (out / "hats" / "x.png").read_bytes() == made
+    assert run(catalog(tmp_path, "hats"), fake).stats.skipped == 1 and len(records(out)) == 2  # settled
+
+
+def test_a_file_at_the_new_name_that_is_not_the_moved_one_is_not_taken_for_it(tmp_path: Path) -> None:
+    # The old file is gone (deleted by the user) and a file of the user's is at the new name: not the item's file
+    # (another stamp), so the item is sent, and the user's file is left alone (output_exists, nothing paid).
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    run(catalog(tmp_path, "shoes"), fake)
+    (out / "shoes" / "x.png").unlink()
+    (out / "hats").mkdir()
+    (out / "hats" / "x.png").write_bytes(MINE)
+
+    summary = run(catalog(tmp_path, "hats"), fake)
+
+    assert summary.exit_code == 1 and len(fake.requests) == 1 and (out / "hats" / "x.png").read_bytes() == MINE
+    assert records(out)[-1]["error"]["kind"] == "output_exists"

@@ -219,3 +219,23 @@ def test_an_input_gone_since_the_run_leaves_out_only_the_checks_that_compare_wit
     by_id = {item.id: item.verdict for item in result.failing}
     assert by_id["a"].failed == ("min_side",) and "changed" not in by_id["a"].values
     assert "changed" in by_id["b"].values  # its input is still there: measured
+
+
+@needs_qa
+def test_an_apply_killed_before_its_records_leaves_the_next_run_nothing_to_pay_for(done: tuple[Path, Path]) -> None:
+    # --apply moved a.png under rejected/ and died before the record saying so: the records still call a ok, at
+    # a.png. The next run finds the file there as nanobatch left it and puts it back where the record says,
+    # sending nothing; --apply, run again, sets it aside for good.
+    from tests.fakes import killed_before_the_records
+
+    job, out = done
+    paid = json.loads((out / "summary.json").read_text())["paid_usd"]
+    _tighten(job, a={"min_side": TOO_BIG})
+    with killed_before_the_records():
+        main(["qa", str(job), "--out", str(out), "--apply"])
+    assert (out / "rejected" / "a.png").is_file() and records(out)[-1]["status"] == "ok"
+    _tighten(job)  # the threshold set back
+
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["paid_usd"] == paid
+    assert (out / "a.png").is_file() and not (out / "rejected" / "a.png").exists()

@@ -303,6 +303,8 @@ class OutDir:
         target = ""
         try:
             for old, new in moves:
+                if old == new:
+                    continue  # moved there by a run that died before its record
                 src = self.placed(old)
                 if old in replaceable and not unchanged(src, replaceable[old]):  # retouched: it is the user's now
                     raise FileExistsError(errno.EEXIST, "was changed since nanobatch wrote it: not moved", src)

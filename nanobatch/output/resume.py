@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeGuard
 
@@ -17,7 +17,7 @@ from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, item_stems, rejected_name
-from .files import Owned, is_ours
+from .files import Owned, is_ours, stamp_of
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
 from .upload import Uploads
@@ -40,8 +40,15 @@ SKIP = Skip()
 class Move:
     """Done for these inputs, under names its ``output`` template no longer gives: its files move, nothing is sent."""
 
-    moves: tuple[tuple[str, str], ...]  # (old, new), each old file there
+    moves: tuple[tuple[str, str], ...]  # (old, new): the record's name, the one the item's files now take
     replaceable: Owned  # of the new names, those a record of the item says nanobatch wrote
+    # Where a file is now, if not under its old name: moved by a run that died before its record (see _moved_to).
+    at: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> tuple[tuple[str, str], ...]:
+        """The moves to make on disk: (where the file is, its new name); the same name twice if it is there."""
+        return tuple((self.at.get(old, old), new) for old, new in self.moves)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,19 +86,43 @@ class Resume:
 
     def decide(self, item: WorkItem, entry: IndexEntry | None, key: str) -> Skip | Move | Send:
         """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
-        if self._wanted(item, entry, key):
+        wanted = self._wanted(item, entry, key)
+        if self.force or not _ok(entry, key):
+            return self._send(item, entry) if wanted else SKIP
+        renamed = dict(renamed_files(entry, item.stem))
+        # Done files a run moved, dying before its record, are looked for only where one is missing.
+        look = wanted or not all(os.path.isfile(self.out.file(old)) for old in renamed)
+        at = self._moved_to(item, entry, renamed) if look else {}
+        if wanted and not at:
             return self._send(item, entry)
-        if not _ok(entry, key):
-            return SKIP
-        moves = tuple((old, new) for old, new in renamed_files(entry, item.stem) if os.path.isfile(self.out.file(old)))
+        at = at or {}
+        moves = tuple((old, new) for old, new in renamed.items() if os.path.isfile(self.out.file(at.get(old, old))))
+        moves += tuple((old, old) for old in at if old not in renamed)  # back from rejected/
         if not moves:
             return SKIP
         owned = self.index.owned(item.id, [old for old, _ in moves])
-        if changed := [old for old, _ in moves if not is_ours(owned, old, self.out.file(old))]:
+        if changed := [old for old, _ in moves if not is_ours(owned, old, self.out.file(at.get(old, old)))]:
             logger.warning("%s: its files keep their old names: %s was changed since nanobatch wrote it (or is not "
-                           "nanobatch's)", item.id, self.out.file(changed[0]))  # fmt: skip
+                           "nanobatch's)", item.id, self.out.file(at.get(changed[0], changed[0])))  # fmt: skip
             return SKIP
-        return Move(moves=moves, replaceable={**owned, **self.index.owned(item.id, (new for _, new in moves))})
+        new_names = self.index.owned(item.id, (new for _, new in moves))
+        return Move(moves=moves, replaceable={**owned, **new_names}, at=at)
+
+    def _moved_to(self, item: WorkItem, entry: IndexEntry, renamed: Mapping[str, str]) -> dict[str, str] | None:
+        """Where the files of *entry* (an ok record) that are not under its names are, each as nanobatch left it,
+        when a run that moved them died before its record: under the names the item's ``output`` template gives
+        now, or under ``rejected/`` (a ``nanobatch qa --apply``). None if one is nowhere so (the item is sent)."""
+        if all(os.path.isfile(self.out.file(name)) for name in entry.files):
+            return {}
+        owned, at = self.index.owned(item.id, entry.files), {}
+        for name in entry.files:
+            if not os.path.isfile(self.out.file(name)):
+                places = [place for place in (renamed.get(name), rejected_name(name)) if place is not None]
+                found = [p for p in places if owned.get(name) and stamp_of(self.out.file(p)) == owned[name]]
+                if not found:
+                    return None
+                at[name] = found[0]
+        return at
 
     def _wanted(self, item: WorkItem, entry: IndexEntry | None, key: str) -> bool:
         if self.retry_failed:

@@ -423,7 +423,7 @@ class Engine:
             tokens=entry.tokens, cost_usd=entry.cost_usd,  # what it cost when it was made; this run paid nothing
             paid_in=entry.paid_in, moves=decision.moves,
         )  # fmt: skip
-        return Finished(record, [], replaceable=decision.replaceable, moves=decision.moves)
+        return Finished(record, [], replaceable=decision.replaceable, moves=decision.paths)
 
     def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
         return output_names(item, [image.extension for image in images], step=step)
