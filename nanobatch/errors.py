@@ -26,6 +26,7 @@ nothing above the module that caught one sees it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "RunAborted",
     "StorageError",
     "TimeLimitReached",
+    "without_userinfo",
     "UsageError",
     "not_utf8",
     "sole_error",
@@ -215,9 +217,22 @@ class StorageError(NanobatchError):
     exit_code = 2
 
     def __init__(self, url: str, kind: str, message: str) -> None:
+        url = without_userinfo(url)
         super().__init__(f"{url}: {message}")
         self.url = url
         self.kind = kind
+
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+
+
+def without_userinfo(url: str) -> str:
+    """*url* without the user name and password it may carry (``s3://id:secret@bucket/...``): fit for a message.
+
+    >>> without_userinfo("s3://AKIA:s3cret@bucket/a.jpg")
+    's3://bucket/a.jpg'
+    """
+    return _USERINFO.sub(r"\1", url) if "@" in url else url
 
 
 class LockHeld(NanobatchError):

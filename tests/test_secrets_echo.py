@@ -21,7 +21,7 @@ from nanobatch.item import WorkItem
 from nanobatch.output.record import Tally, build_record
 from nanobatch.run.notify import _kept_out_of_logs
 
-from .fakes import write_job
+from .fakes import manifest_problems, write_job
 
 BODY = {"contents": [{"parts": [{"text": "x"}]}]}
 
@@ -175,3 +175,39 @@ def test_a_short_secret_is_not_cut_out_of_a_downloaded_pictures_data(monkeypatch
     cut = StreamCut(None)
     written = cut.feed(line[:40]) + cut.feed(line[40:]) + cut.end()
     assert written == line.replace(b"sk-LIVE-0123456789abcdef", b"[redacted]")
+
+
+PASSWORD = "BucketPassw0rd-SECRET"
+
+
+@pytest.mark.parametrize(
+    ("where", "manifest", "config"),
+    [
+        ("image", {"image": f"s3://AKIAEXAMPLE:{PASSWORD}@bucket/a.jpg"}, ""),
+        ("image", {"image": f"ftp://user:{PASSWORD}@host.example/a.jpg"}, ""),  # not a scheme we fetch either
+        ("output.upload_to", {}, f"output:\n  upload_to: 'gs://user:{PASSWORD}@bucket/edited/'\n"),
+        ("items_from", {"items_from": [{"csv": f"az://acct:{PASSWORD}@container/c.csv"}]}, ""),
+    ],
+    ids=["item picture", "other scheme", "upload_to", "source"],
+)
+def test_a_user_name_and_password_in_a_bucket_url_are_refused_without_being_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str,
+    manifest: dict[str, object], config: str,
+) -> None:  # fmt: skip
+    # Clouds take their credentials from their SDK's own places; one written into the URL would be written into
+    # every record, report and log line that names the URL (and the bucket's library would warn with it).
+    monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
+    (tmp_path / "nanobatch.yaml").write_text(config)
+    item = {"id": "a", "image": "images/a.png", **{k: v for k, v in manifest.items() if k == "image"}}
+    top = {k: v for k, v in manifest.items() if k != "image"}
+    job = write_job(tmp_path, [] if "items_from" in top else [item], **top)
+    argv = [str(job), "--config", str(tmp_path / "nanobatch.yaml")]
+    assert main(["validate", *argv]) == 2
+    assert main(["run", *argv, "--simulate", "--quiet", "--log-format", "json"]) == 2
+    said = capsys.readouterr().err
+    assert where in said and PASSWORD not in said and not (tmp_path / "out").exists()
+    reason = "only http(s):// URLs" if "ftp://" in str(manifest) else "carries no user name or password"
+    assert reason in said
+    if where == "image":  # the problem itself, before any log line is cut, does not carry it either
+        (problem,) = manifest_problems(job)
+        assert PASSWORD not in problem.message

@@ -27,6 +27,7 @@ __all__ = [
     "ObjectStamp",
     "check_bucket",
     "exists_many",
+    "USERINFO_REFUSED",
     "is_bucket_url",
     "iter_glob",
     "open_read",
@@ -78,6 +79,12 @@ class ObjectStamp:
         return self.size, self.version
 
 
+USERINFO_REFUSED = (
+    "a bucket URL carries no user name or password (they would be written where the URL is): give the cloud's "
+    "credentials as its SDK reads them (environment variables, a profile, a service account)"
+)
+
+
 def is_bucket_url(value: str) -> bool:
     """True for ``s3://``, ``gs://``, ``az://``, ``abfs://`` URLs (local paths and http(s) are not)."""
     match = _URL.match(value)
@@ -89,6 +96,8 @@ def _split(url: str) -> tuple[str, str, str]:
     match = _URL.match(url)
     if not match or match["scheme"].lower() not in _BACKENDS:
         raise StorageError(url, "unsupported", "not a bucket URL (s3://, gs://, az:// or abfs://)")
+    if "@" in match["bucket"]:
+        raise StorageError(url, "unsupported", USERINFO_REFUSED)
     return match["scheme"].lower(), match["bucket"], match["key"] or ""
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import models
-from ..api.storage import is_bucket_url
-from ..errors import Problem
+from ..api.storage import USERINFO_REFUSED, is_bucket_url
+from ..errors import Problem, without_userinfo
 from ..item import WorkItem
 from ..names import name_length_problem, output_name, template_problems, text_problem
 from ..qa import QaFields, QaSettings
@@ -386,11 +386,13 @@ def _resolve_input(
     if not ref.strip():
         return ref, "the image path is empty", None
     if SCHEME.match(ref):
+        if is_bucket_url(ref) and "@" in ref.partition("://")[2].split("/", 1)[0]:
+            return ref, f"{without_userinfo(ref)}: {USERINFO_REFUSED}", None
         if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
             return ref, None, None  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
         return ref, (
-            f"cannot fetch {ref}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) and local paths "
-            "are supported"
+            f"cannot fetch {without_userinfo(ref)}: only http(s):// URLs, bucket URLs (s3://, gs://, az://, abfs://) "
+            "and local paths are supported"
         ), None  # fmt: skip
     # os.path rather than pathlib: this runs once per input of every item.
     path = _joined(base, ref)
