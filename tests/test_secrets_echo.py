@@ -211,3 +211,43 @@ def test_a_user_name_and_password_in_a_bucket_url_are_refused_without_being_show
     if where == "image":  # the problem itself, before any log line is cut, does not carry it either
         (problem,) = manifest_problems(job)
         assert PASSWORD not in problem.message
+
+
+PASTED = "AIzaSyPASTED0KEY0123456789abcdefghijk"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "item"),
+    [
+        ({"instruction": f"make it white {PASTED}"}, "instruction", "a"),
+        ({"steps": ["crop it", f"key={PASTED}"]}, "instruction", "a"),
+        ({"output": f"{PASTED}/{{id}}.png"}, "output", "a"),
+        ({"id": PASTED}, "id", None),  # the problem names no item: its name is the key
+    ],
+    ids=["instruction", "a step", "output", "id"],
+)
+def test_the_api_key_pasted_into_an_item_is_refused_before_it_is_sent_or_written_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fields: dict[str, object],
+    field: str, item: str | None,
+) -> None:  # fmt: skip
+    # It would go to the model in the request, and into results.jsonl, the report and the lines naming the item.
+    monkeypatch.setenv("NANOBATCH_API_KEY", PASTED)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", **fields}])
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert PASTED not in err and f"field '{field}': holds the API key" in err
+    assert ("item 'a'" in err) == (item == "a")
+
+
+def test_a_json_events_structured_data_is_cut_of_the_key_like_its_message(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nanobatch.cli.logs import install_redaction, setup_logging
+    from nanobatch.config import load_settings
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", PASTED)
+    setup_logging(0, False, "json")
+    install_redaction(load_settings())
+    logging.getLogger("nanobatch").info("summary %s", PASTED, extra={"fields": {"examples": [f"x{PASTED}"]}})
+    (event,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert event["examples"] == ["x[redacted]"] and PASTED not in event["message"]

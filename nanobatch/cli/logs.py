@@ -48,6 +48,10 @@ class _Redact(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = _cut(record.exc_text, self.secrets)
+        if fields := getattr(record, "fields", None):  # a JSON event's structured data (ids, messages) too
+            text = json.dumps(fields)
+            if (cut := _cut(text, self.secrets)) != text:
+                record.fields = json.loads(cut)
         return True
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import costs, models
-from ..config import Settings, load_settings
-from ..errors import ManifestError, Problem
+from ..config import Settings, load_settings, read_api_key
+from ..errors import ConfigError, ManifestError, Problem
 from ..item import WorkItem
 from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
@@ -24,6 +24,7 @@ from ..names import RESULTS_FILE
 from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from .done import DoneWork, NewRows
+from .pasted_key import PastedKey
 from .remote_checks import RemoteChecks
 from .summary import file_stamp
 from .unchanged import Held, check_basis, held_check
@@ -319,11 +320,12 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
         report = CheckReport(items=held.items, requests=held.requests, problems=[])
         return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
     remote = RemoteChecks(str(manifest.path), check_urls=how.check_urls)
-    estimate = Estimate(settings)
+    estimate, pasted = Estimate(settings), PastedKey(str(manifest.path), _key_or_none(settings))
     new = NewRows(done) if held is not None and done is not None else None
 
     def visit(item: WorkItem) -> None:
         lifecycle.check(item)
+        pasted.check(item)
         remote.add(item)
         if new is not None:
             new.add(item)
@@ -341,10 +343,18 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
                                                        told=held.models)  # fmt: skip
     if new is not None and new.may_clash:
         return None
-    problems = report.problems + lifecycle.problems + remote.problems(how.transport)
+    problems = report.problems + lifecycle.problems + pasted.problems + remote.problems(how.transport)
     if problems:
         raise ManifestError(problems, hint=None if how.skip_bad_inputs else bad_input_hint(problems))
     return _result(manifest, target, settings, report, estimate, done, basis, lifecycle, held=held)
+
+
+def _key_or_none(settings: Settings) -> str | None:
+    """The API key, to look for in the items; None when there is none (or one the run will refuse itself)."""
+    try:
+        return read_api_key(settings)
+    except ConfigError:
+        return None
 
 
 def _done(
