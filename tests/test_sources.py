@@ -685,3 +685,20 @@ def test_a_table_without_a_picture_column_is_still_text_to_image(tmp_path: Path)
     rows = "id,instruction\nP1,A poster of a lemon on a blue table\n"
     (item,) = items(job(tmp_path, {"items_from": [{"csv": "c.csv"}]}, {"c.csv": rows}))
     assert item.inputs == () and item.steps == ("A poster of a lemon on a blue table",)
+
+
+def test_nan_in_a_jsonl_line_is_no_value_as_pandas_means_it_and_infinity_is_refused(tmp_path: Path) -> None:
+    # Python's json.dumps writes a pandas missing value as NaN: it must not go out as the text "nan".
+    lines = (
+        '{"id": "A1", "image": "photos/a.jpg", "instruction": NaN, "background": "grey"}\n'
+        '{"id": "A2", "image": "photos/a.jpg", "background": NaN}\n'
+    )
+    doc = {"defaults": {"instruction": "Make the background white"}, "items_from": [{"jsonl": "j.jsonl"}]}
+    first, second = items(job(tmp_path, doc, {"j.jsonl": lines}, ["photos/a.jpg"]))
+    assert first.steps == second.steps == ("Make the background white",)  # the defaults', as for null
+    doc["items_from"] = [{"jsonl": "j.jsonl", "instruction": "Put it on {background}"}]
+    (problem,) = problems(job(tmp_path, doc, {"j.jsonl": lines}))
+    assert (Path(problem.file).name, problem.item) == ("j.jsonl:2", "A2")
+    assert "no value for column 'background'" in problem.message
+    (problem,) = problems(job(tmp_path, doc, {"j.jsonl": lines.replace("NaN}", "Infinity}")}))
+    assert Path(problem.file).name == "j.jsonl:2" and "Infinity is not JSON" in problem.message

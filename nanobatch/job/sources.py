@@ -298,7 +298,7 @@ class TableSource:
         raw = _fill_fields(templates, row, where, row_name, default_id="{id}")
         if raw.fields is not None:
             for name in self.columns_as_fields.intersection(PICTURE_FIELDS):
-                if name in row and row[name] in (None, ""):
+                if name in row and row[name] in (None, "") and name not in raw.fields:
                     # An empty cell where the pictures go is no picture: said (Manifest._resolve), not passed over.
                     raw.fields[name] = None
         return raw
@@ -369,12 +369,20 @@ class GlobSource:
 
 def _json_line(line: str) -> Any:
     """*line* as ``json.loads`` reads it (orjson, faster, where the two agree: everywhere but integers beyond 64
-    bits, which orjson makes floats of)."""
+    bits, which orjson makes floats of), but for ``NaN``: not JSON, though Python's ``json.dumps`` writes a
+    missing value (pandas' NaN) so; read as no value, like ``null``, not as the text "nan". ``Infinity`` is
+    refused."""
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:  # json reads NaN and 1e400, and its message is the one given
-        return json.loads(line)
+        return json.loads(line, parse_constant=_constant)
     return json.loads(line) if _may_be_big_int(value) else value
+
+
+def _constant(name: str) -> None:
+    if name == "NaN":
+        return None
+    raise ValueError(f"{name} is not JSON (nor a value an item field takes)")
 
 
 def _may_be_big_int(value: Any) -> bool:
