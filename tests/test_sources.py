@@ -702,3 +702,38 @@ def test_nan_in_a_jsonl_line_is_no_value_as_pandas_means_it_and_infinity_is_refu
     assert "no value for column 'background'" in problem.message
     (problem,) = problems(job(tmp_path, doc, {"j.jsonl": lines.replace("NaN}", "Infinity}")}))
     assert Path(problem.file).name == "j.jsonl:2" and "Infinity is not JSON" in problem.message
+
+
+# A template under defaults: is filled by each row of a source, as defaults' output always was; sent as written, an
+# instruction "Replace the background with {background}" was paid for and recorded ok.
+def test_a_defaults_template_is_filled_by_each_row_for_a_field_the_row_does_not_give(tmp_path: Path) -> None:
+    rows = "sku,photo,background,instruction\nA1,photos/a.jpg,grey,\nA2,photos/a.jpg,blue,Crop it tight\n"
+    doc = {"defaults": {"instruction": "Replace the background with {background}"},
+           "items_from": [{"csv": "c.csv", "id": "{sku}", "image": "{photo}"}]}  # fmt: skip
+    first, second = items(job(tmp_path, doc, {"c.csv": rows}, ["photos/a.jpg"]))
+    assert first.steps == ("Replace the background with grey",)  # its instruction cell is empty
+    assert second.steps == ("Crop it tight",)  # its own wins, as over any default
+
+
+def test_a_defaults_template_reading_a_column_the_table_lacks_is_refused_at_its_header(tmp_path: Path) -> None:
+    doc = {"defaults": {"instruction": "Replace the background with {backgroud}"}, "items_from": [{"csv": "c.csv"}]}
+    (problem,) = problems(
+        job(tmp_path, doc, {"c.csv": "id,image,background\nA1,photos/a.jpg,grey\n"}, ["photos/a.jpg"])
+    )
+    assert (Path(problem.file).name, problem.field) == ("c.csv:1", "instruction")
+    assert "the defaults' instruction uses {backgroud}" in problem.message and '"background"?' in problem.message
+
+
+def test_a_glob_fills_a_defaults_template_it_can_and_refuses_one_it_cannot(tmp_path: Path) -> None:
+    doc = {"defaults": {"instruction": "Edit {stem}"}, "items_from": [{"glob": "photos/*.jpg"}]}
+    (item,) = items(job(tmp_path, doc, {}, ["photos/a.jpg"]))
+    assert item.steps == ("Edit a",)
+    doc["defaults"] = {"instruction": "Replace the background with {background}"}
+    (problem,) = problems(job(tmp_path, doc, {}, ["photos/a.jpg"]))
+    assert problem.field == "items_from[0].instruction" and "a glob source cannot fill" in problem.message
+
+
+def test_braces_doubled_under_defaults_are_braces_for_a_row_too(tmp_path: Path) -> None:
+    doc = {"defaults": {"instruction": "Print {{SALE}} on {color} paper"}, "items_from": [{"csv": "c.csv"}]}
+    (item,) = items(job(tmp_path, doc, {"c.csv": "id,image,color\nA1,photos/a.jpg,red\n"}, ["photos/a.jpg"]))
+    assert item.steps == ("Print {SALE} on red paper",)

@@ -13,7 +13,7 @@ from typing import Any
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
-from .sources import GlobSource, Source, TableSource, placeholders
+from .sources import COUNTERPART, GlobSource, Source, TableSource, placeholders
 
 __all__ = ["parse_sources"]
 
@@ -24,6 +24,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {"csv": ("delimiter",), "jsonl": (), "glo
 # (a template that must contain {id}), "model" (in a catalog, more often the product's than Gemini's).
 _NOT_FROM_COLUMNS = frozenset({"id", "output", "model"})
 _EITHER_OR = (("image", "images"), ("instruction", "steps"))
+_GLOB_NAMES = frozenset({"path", "name", "stem"})
 
 _ProblemAt = Callable[[str | None, str], Problem]
 
@@ -35,15 +36,20 @@ def parse_sources(
     base_dir: Path,
     item_fields: Collection[str],
     default_output: str | None = None,
+    default_templates: Mapping[str, Any] | None = None,
 ) -> tuple[list[Source], list[Problem]]:
     """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...).
 
-    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data)."""
+    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data), and
+    *default_templates* the other fields of ``defaults:`` that read columns: a row fills them too, for a field
+    it gives no value (nor its source a template)."""
     sources: list[Source] = []
     problems: list[Problem] = []
     for index, entry in enumerate(entries):
         where = f"items_from[{index}]"
-        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields, default_output)
+        source, found = _parse_entry(
+            entry, where, manifest_file, base_dir, item_fields, default_output, default_templates or {}
+        )
         problems += found
         if source is not None and not found:
             sources.append(source)
@@ -57,6 +63,7 @@ def _parse_entry(
     base_dir: Path,
     item_fields: Collection[str],
     default_output: str | None,
+    default_templates: Mapping[str, Any],
 ) -> tuple[Source | None, list[Problem]]:
     def problem(fld: str | None, message: str) -> Problem:
         return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
@@ -78,7 +85,10 @@ def _parse_entry(
     problems += _entry_template_problems(kind, templates, problem)
     if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
+    defaults, unfilled = _defaults_for(kind, templates, default_templates, problem)
+    problems += unfilled
     if kind == "glob":
+        templates = {**defaults, **templates}
         return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
     path, missing = _table_path(kind, target, base_dir, problem)
     problems += missing
@@ -86,11 +96,33 @@ def _parse_entry(
         kind=kind,
         path=path,
         templates=templates,
+        defaults=defaults,
         delimiter=str(delimiter),
-        columns_as_fields=_from_columns(templates, item_fields, default_output),
-        read_columns=frozenset(_used_by({**templates, "output": templates.get("output", default_output)})),
+        columns_as_fields=_from_columns(templates, item_fields, default_output, defaults),
+        read_columns=frozenset(_used_by({**defaults, **templates, "output": templates.get("output", default_output)})),
     )
     return source, problems
+
+
+def _defaults_for(
+    kind: str, templates: Mapping[str, Any], default_templates: Mapping[str, Any], problem: _ProblemAt
+) -> tuple[dict[str, Any], list[Problem]]:
+    """The defaults' templates a source of *kind* fills: for the fields (and their counterparts) it has none for
+    (of a glob, no picture: it gives its own); and, for a glob, one that reads what a file cannot fill."""
+    defaults = {
+        k: v for k, v in default_templates.items() if k not in templates and COUNTERPART.get(k) not in templates
+    }
+    if kind != "glob":
+        return defaults, []
+    defaults = {k: v for k, v in defaults.items() if k not in ("image", "images")}
+    problems = []
+    for name, template in defaults.items():
+        if unknown := set(placeholders(template, own_id=False)) - _GLOB_NAMES:
+            problems.append(problem(name, (
+                f"the defaults' {name} reads {{{min(unknown)}}}, which a glob source cannot fill (it knows {{path}}, "
+                f"{{name}}, {{stem}} and {{id}}): give this source its own {name}"
+            )))  # fmt: skip
+    return defaults, problems
 
 
 def _key_problems(entry: dict[Any, Any], kind: str, item_fields: Collection[str], problem: _ProblemAt) -> list[Problem]:
@@ -145,11 +177,12 @@ def _entry_template_problems(kind: str, templates: Mapping[str, Any], problem: _
 
 
 def _from_columns(
-    templates: Mapping[str, Any], item_fields: Collection[str], default_output: str | None
-) -> frozenset[str]:
+    templates: Mapping[str, Any], item_fields: Collection[str], default_output: str | None,
+    defaults: Mapping[str, Any],
+) -> frozenset[str]:  # fmt: skip
     """The item fields a table's columns set: those no template sets, nor a template (or the default output
-    name) reads as data."""
-    read = {**templates, "output": templates.get("output", default_output)}  # the output template used
+    name, or another of the defaults' templates) reads as data."""
+    read = {**defaults, **templates, "output": templates.get("output", default_output)}  # the templates used
     from_columns = frozenset(item_fields) - _NOT_FROM_COLUMNS - set(templates) - _used_by(read)
     for one, other in _EITHER_OR:  # a template for images rules out an "image" column, and so on
         if one in templates or other in templates:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import collections
 import csv
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
 import yaml
 
 from ..api import storage
@@ -40,11 +38,12 @@ from ..config import did_you_mean
 from ..errors import Problem, StorageError
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .fields import PICTURE_FIELDS, ItemFields
-from .lines import NotUtf8Line, Utf8Lines
+from .lines import NotUtf8Line, Utf8Lines, json_line
 from .yaml_stream import stream_items
 
 __all__ = [
-    "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "file_stamp", "open_text", "placeholders"
+    "COUNTERPART", "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "file_stamp", "open_text",
+    "placeholders",
 ]  # fmt: skip
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
@@ -122,6 +121,7 @@ _ALL_FIELDS = frozenset(ItemFields.model_fields)
 MISNAMED_CUTOFF = 0.8  # "imgae", "Image", "instrction", "aspectratio" are taken for fields; "name", "title" not
 # The fields whose loss changes what is sent (and paid for): a column like one of them is most likely it. ("Tier"
 # or "QA" columns are a catalog's own data as often as not: renamed to the field, they would change the run.)
+COUNTERPART = {"image": "images", "images": "image", "instruction": "steps", "steps": "instruction"}
 _SENT_FIELDS = frozenset({"image", "images", "instruction", "steps", "aspect_ratio", "image_size"})
 
 
@@ -133,6 +133,9 @@ class TableSource:
     path: Path | str  # a str is a bucket URL
     templates: dict[str, Any]
     delimiter: str = ","
+    # The defaults' templates (fields that read columns) for the fields the source has no template for: a row fills
+    # each one for which it gives no value (nor for its counterpart: images for image, steps for instruction).
+    defaults: dict[str, Any] = field(default_factory=dict)
     # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
     columns_as_fields: frozenset[str] = frozenset()
     read_columns: frozenset[str] = frozenset()  # the columns the templates (and the default output name) read
@@ -220,7 +223,7 @@ class TableSource:
                 continue
             where = f"{file}:{number}"
             try:
-                row = _json_line(line)
+                row = json_line(line)
             except ValueError as exc:
                 yield _broken(where, None, f"line {number} is not valid JSON: {exc}")
                 continue
@@ -244,11 +247,14 @@ class TableSource:
         if "id" not in self.templates and "id" not in header:
             message = f"the header (row 1) has no column 'id' {columns}: add one, or write a template: id: \"{{sku}}\""
             problems.append(Problem(f"{self.path}:1", None, "id", message))
-        for name, template in self.templates.items():
+        # The defaults' templates too, for a field no column may give (a row that gives it does not fill them)
+        unread = {k: v for k, v in self.defaults.items() if k not in header and COUNTERPART.get(k) not in header}
+        for name, template in {**unread, **self.templates}.items():
             for column in placeholders(template, own_id=name == "id"):
                 if column not in header:
+                    who = "the template" if name in self.templates else f"the defaults' {name}"
                     message = (
-                        f"the template uses {{{column}}}, but the header (row 1) has no column {column!r} "
+                        f"{who} uses {{{column}}}, but the header (row 1) has no column {column!r} "
                         f"{columns}{did_you_mean(column, list(header))}; {BRACES_HINT}"
                     )
                     problems.append(Problem(f"{self.path}:1", None, name, message))
@@ -292,6 +298,9 @@ class TableSource:
     def _row(self, row: Mapping[str, Any], where: str, row_name: str) -> RawItem:
         templates = self.templates
         given = [name for name in self.columns_as_fields.intersection(row) if row[name] not in (None, "")]
+        if self.defaults:
+            taken = {*given, *(COUNTERPART.get(name) for name in given)}
+            templates = {**{k: v for k, v in self.defaults.items() if k not in taken}, **templates}
         if given:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
@@ -365,33 +374,6 @@ class GlobSource:
             return
         if not found:
             yield _broken(self.file, "glob", f"{self.pattern!r} matches no objects")
-
-
-def _json_line(line: str) -> Any:
-    """*line* as ``json.loads`` reads it (orjson, faster, where the two agree: everywhere but integers beyond 64
-    bits, which orjson makes floats of), but for ``NaN``: not JSON, though Python's ``json.dumps`` writes a
-    missing value (pandas' NaN) so; read as no value, like ``null``, not as the text "nan". ``Infinity`` is
-    refused."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:  # json reads NaN and 1e400, and its message is the one given
-        return json.loads(line, parse_constant=_constant)
-    return json.loads(line) if _may_be_big_int(value) else value
-
-
-def _constant(name: str) -> None:
-    if name == "NaN":
-        return None
-    raise ValueError(f"{name} is not JSON (nor a value an item field takes)")
-
-
-def _may_be_big_int(value: Any) -> bool:
-    """Whether *value* holds a float as big as an integer orjson would not keep (``0.5`` is read alike)."""
-    if type(value) is dict:
-        return any(map(_may_be_big_int, value.values()))
-    if type(value) is list:
-        return any(map(_may_be_big_int, value))
-    return type(value) is float and abs(value) >= 2**63
 
 
 def _broken(file: str, fld: str | None, message: str) -> RawItem:
