@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `status` (through names) must not
     from .qa import QaSettings
 
-__all__ = ["IMAGE_SUFFIXES", "WorkItem", "stem_of"]
+__all__ = ["IMAGE_SUFFIXES", "WorkItem", "looks_like_picture", "stem_of"]
 
 # An output name ending in one of these has it replaced by the returned image's own type.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".gif"})
@@ -67,3 +67,11 @@ class WorkItem:
             # only when set, so that the keys of work done before this field existed stay the same
             **({"output_format": self.output_format} if self.output_format is not None else {}),
         }
+
+
+def looks_like_picture(value: str) -> bool:
+    """Whether *value* reads as a picture's file name or URL: an image extension ends it (a URL's query apart)."""
+    if "." not in value:
+        return False
+    path = value.strip().split("?", 1)[0].split("#", 1)[0] if "://" in value else value.strip()
+    return os.path.splitext(path)[1].lower() in IMAGE_SUFFIXES

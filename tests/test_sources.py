@@ -737,3 +737,34 @@ def test_braces_doubled_under_defaults_are_braces_for_a_row_too(tmp_path: Path) 
     doc = {"defaults": {"instruction": "Print {{SALE}} on {color} paper"}, "items_from": [{"csv": "c.csv"}]}
     (item,) = items(job(tmp_path, doc, {"c.csv": "id,image,color\nA1,photos/a.jpg,red\n"}, ["photos/a.jpg"]))
     assert item.steps == ("Print {SALE} on red paper",)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "column"),
+    [
+        ("c.csv", "id,img,instruction\nA1,photos/a.jpg,Make it white\n", "img"),
+        ("c.csv", "id,photo_url,instruction\nA1,https://cdn.example/a.JPG?w=2000,Make it white\n", "photo_url"),
+        ("j.jsonl", '{"id": "A1", "picture": "photos/a.png", "instruction": "Make it white"}\n', "picture"),
+    ],
+)
+def test_a_column_that_names_pictures_under_another_name_is_refused_not_sent_as_text_to_image(
+    tmp_path: Path, name: str, rows: str, column: str
+) -> None:
+    # Not close to "image" by spelling ("img", "photo_url"): its values tell what it holds.
+    kind = "jsonl" if name.endswith(".jsonl") else "csv"
+    (problem,) = problems(job(tmp_path, {"items_from": [{kind: name}]}, {name: rows}, ["photos/a.jpg"]))
+    assert (problem.item, problem.field) == ("A1", column) and "text-to-image" in problem.message
+    assert f'image: "{{{column}}}"' in problem.message
+
+
+def test_a_picture_name_in_a_table_whose_items_have_pictures_or_that_a_template_reads_is_data(tmp_path: Path) -> None:
+    rows = "id,image,thumbnail,title\nA1,photos/a.jpg,thumbs/a.jpg,Poster.png\n"
+    (item,) = items(job(tmp_path, {"defaults": {"instruction": "x"}, "items_from": [{"csv": "c.csv"}]},
+                        {"c.csv": rows}, ["photos/a.jpg"]))  # fmt: skip
+    assert item.inputs == (str(tmp_path / "photos/a.jpg"),)
+    doc = {"defaults": {"image": "photos/a.jpg"}, "items_from": [{"csv": "t.csv"}]}  # the defaults' picture
+    (item,) = items(job(tmp_path, doc, {"t.csv": "id,instruction,ref\nP1,A poster,old.png\n"}))
+    assert item.inputs == (str(tmp_path / "photos/a.jpg"),)
+    doc = {"items_from": [{"csv": "t.csv", "instruction": "A poster like {ref}"}]}  # read: data
+    (item,) = items(job(tmp_path, doc, {"t.csv": "id,ref\nP1,old.png\n"}))
+    assert item.inputs == () and item.steps == ("A poster like old.png",)

@@ -6,9 +6,10 @@ read; the rows themselves are read in :mod:`nanobatch.job.sources`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..api import storage
 from ..config import did_you_mean
@@ -35,25 +36,40 @@ def parse_sources(
     manifest_file: str,
     base_dir: Path,
     item_fields: Collection[str],
-    default_output: str | None = None,
-    default_templates: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> tuple[list[Source], list[Problem]]:
     """The ``items_from:`` entries as sources, and every problem with them (unknown keys, bad templates, ...).
 
-    *default_output* is the ``defaults:`` output template, which rows fill too (its columns stay data), and
-    *default_templates* the other fields of ``defaults:`` that read columns: a row fills them too, for a field
-    it gives no value (nor its source a template)."""
+    *defaults* are the fields ``defaults:`` sets: its ``output`` template, which rows fill too (its columns stay
+    data), and any other field that reads columns, which a row fills for a field it gives no value."""
+    given = _Defaults.of(defaults or {})
     sources: list[Source] = []
     problems: list[Problem] = []
     for index, entry in enumerate(entries):
         where = f"items_from[{index}]"
-        source, found = _parse_entry(
-            entry, where, manifest_file, base_dir, item_fields, default_output, default_templates or {}
-        )
+        source, found = _parse_entry(entry, where, manifest_file, base_dir, item_fields, given)
         problems += found
         if source is not None and not found:
             sources.append(source)
     return sources, problems
+
+
+class _Defaults(NamedTuple):
+    """What a source needs of ``defaults:``."""
+
+    output: str | None  # its output template
+    templates: dict[str, Any]  # its other fields that read columns
+    pictures: bool  # whether it gives every item a picture
+
+    @classmethod
+    def of(cls, defaults: Mapping[str, Any]) -> _Defaults:
+        templates = {}
+        for name, value in defaults.items():
+            if name not in ("id", "output", "qa"):
+                with contextlib.suppress(ValueError):  # a malformed one is plain text (as under items:)
+                    if placeholders(value, own_id=False):
+                        templates[name] = value
+        return cls(defaults.get("output"), templates, bool(defaults.keys() & {"image", "images"}))
 
 
 def _parse_entry(
@@ -62,8 +78,7 @@ def _parse_entry(
     manifest_file: str,
     base_dir: Path,
     item_fields: Collection[str],
-    default_output: str | None,
-    default_templates: Mapping[str, Any],
+    given: _Defaults,
 ) -> tuple[Source | None, list[Problem]]:
     def problem(fld: str | None, message: str) -> Problem:
         return Problem(manifest_file, None, f"{where}.{fld}" if fld else where, message)
@@ -85,7 +100,7 @@ def _parse_entry(
     problems += _entry_template_problems(kind, templates, problem)
     if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
-    defaults, unfilled = _defaults_for(kind, templates, default_templates, problem)
+    defaults, unfilled = _defaults_for(kind, templates, given.templates, problem)
     problems += unfilled
     if kind == "glob":
         templates = {**defaults, **templates}
@@ -98,8 +113,10 @@ def _parse_entry(
         templates=templates,
         defaults=defaults,
         delimiter=str(delimiter),
-        columns_as_fields=_from_columns(templates, item_fields, default_output, defaults),
-        read_columns=frozenset(_used_by({**defaults, **templates, "output": templates.get("output", default_output)})),
+        columns_as_fields=_from_columns(templates, item_fields, given.output, defaults),
+        read_columns=frozenset(_used_by({**defaults, **templates, "output": templates.get("output", given.output)})),
+        # No template and no default gives a picture: only an image (or images) column may
+        unpictured=not given.pictures and not templates.keys() & {"image", "images"},
     )
     return source, problems
 

@@ -17,7 +17,6 @@ are in :mod:`nanobatch.job.fields`, building one item in :mod:`nanobatch.job.bui
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os
@@ -40,7 +39,7 @@ from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_giv
 from .fields import without_empty_pictures as without_empty
 from .items_from import parse_sources
 from .pictures import PictureCheck, looked_ahead
-from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp, placeholders
+from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 from .yaml_stream import ItemsFound, read_top
 
 __all__ = ["Manifest", "load_manifest"]
@@ -239,8 +238,7 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
             manifest_file=file,
             base_dir=path.parent,
             item_fields=list(ItemFields.model_fields),
-            default_output=defaults.output if defaults is not None else None,
-            default_templates=_templated(defaults),
+            defaults=_given(defaults) if defaults is not None else None,
         )
         sources += found
         problems += source_problems
@@ -297,17 +295,6 @@ def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
     if not isinstance(data, dict):
         raise ManifestError([Problem(file, None, None, "a manifest must be a mapping with items: or items_from:")])
     return data, stamp
-
-
-def _templated(defaults: ItemFields | None) -> dict[str, Any]:
-    """The fields of *defaults* (but its output) that read columns: a row of a source fills them too."""
-    found = {}
-    for name, value in _given(defaults).items() if defaults is not None else ():
-        if name not in ("id", "output", "qa"):
-            with contextlib.suppress(ValueError):  # a malformed one is a plain text (as for items: lists)
-                if placeholders(value, own_id=False):
-                    found[name] = value
-    return found
 
 
 def _given(fields: ItemFields) -> dict[str, Any]:

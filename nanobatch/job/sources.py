@@ -36,6 +36,7 @@ import yaml
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
+from ..item import looks_like_picture
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .fields import PICTURE_FIELDS, ItemFields
 from .lines import NotUtf8Line, Utf8Lines, json_line
@@ -139,6 +140,7 @@ class TableSource:
     # Item fields a column (or JSONL key) of the same name gives, where the source has no template for them.
     columns_as_fields: frozenset[str] = frozenset()
     read_columns: frozenset[str] = frozenset()  # the columns the templates (and the default output name) read
+    unpictured: bool = False  # no template nor default gives a picture: a row's only one is an image(s) column
     # Rows from this byte on (a local file's), the *lines* before it passed over (a CSV's header still read):
     # those appended since a run's check (Manifest.since).
     start: int = 0
@@ -310,7 +312,21 @@ class TableSource:
                 if name in row and row[name] in (None, "") and name not in raw.fields:
                     # An empty cell where the pictures go is no picture: said (Manifest._resolve), not passed over.
                     raw.fields[name] = None
+            if self.unpictured and not raw.fields.keys() & PICTURE_FIELDS and (column := self._pictures_in(row)):
+                return RawItem(fields=None, file=where, label=raw.label, problems=(Problem(where, raw.label, column, (
+                    f"the column {column!r} names a picture ({str(row[column])[:80]!r}), but no field reads it: the "
+                    f"row would go out without it, as a paid text-to-image request; name the column image, or write "
+                    f'image: "{{{column}}}" (or read it in a template, if it is data)'
+                )),))  # fmt: skip
         return raw
+
+    def _pictures_in(self, row: Mapping[str, Any]) -> str | None:
+        """The first column of *row* no template reads whose value is a picture's name or URL (``img``,
+        ``photo_url``): what a table meant as its pictures, under a name that is not a field's."""
+        for name, value in row.items():
+            if type(value) is str and name not in self.read_columns and looks_like_picture(value):
+                return name
+        return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
