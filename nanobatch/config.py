@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from . import models
 from .errors import ConfigError, not_utf8
-from .qa import QaFields
+from .qa import QaFields, no_bool_numbers
 from .safe_yaml import load_yaml
 
 __all__ = [
@@ -51,6 +51,7 @@ FALLBACK_KEY_ENV = "GEMINI_API_KEY"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _numbers = field_validator("*", mode="before")(classmethod(no_bool_numbers))
 
 
 class ApiSettings(_Section):

@@ -7,11 +7,12 @@ default and how each check measures are described in docs/qa.md.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = ["MARKETPLACE_RULES", "QA_CHECKS", "ImageRules", "QaFields", "QaSettings", "Verdict"]
 
@@ -19,10 +20,21 @@ __all__ = ["MARKETPLACE_RULES", "QA_CHECKS", "ImageRules", "QaFields", "QaSettin
 QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_subject")
 
 
+def no_bool_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """For a before-validator of *model*'s fields: ``true``/``false`` (``yes``/``no`` in a config file) where a
+    number goes is refused, not read as 1 or 0 (``concurrency: yes`` was 1 at night, ``min_fill: true`` 100%)."""
+    if type(value) is bool and info.field_name is not None:
+        kinds = typing.get_args(annotation := model.model_fields[info.field_name].annotation) or (annotation,)
+        if bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError(f"a number, not {str(value).lower()}")
+    return value
+
+
 class QaFields(BaseModel):
     """A ``qa:`` mapping as written: every key optional (None: not set here, a farther layer decides)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _numbers = field_validator("*", mode="before")(classmethod(no_bool_numbers))
 
     background: Literal["white", "any"] | None = None
     min_fill: float | None = None  # 0..1, checked below

@@ -327,3 +327,28 @@ def test_a_priced_model_that_looks_like_a_typo_is_warned_about(
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "'gemini-3.1-flash-imag' is not a known model" in warned[0]
     assert 'did you mean "gemini-3.1-flash-image' in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "setting"),
+    [
+        ("limits:\n  concurrency: true\n", "limits.concurrency"),  # was 1
+        ("budget:\n  max_requests: yes\n", "budget.max_requests"),  # yes is true in a config file: was 1
+        ("limits:\n  workers: no\n", "limits.workers"),  # was 0
+        ("budget:\n  max_cost_usd: true\n", "budget.max_cost_usd"),  # was $1
+        ("qa:\n  min_fill: true\n", "qa.min_fill"),  # was 1.0: every image short of filling the frame rejected
+    ],
+)
+def test_true_or_false_where_a_number_goes_is_refused_not_read_as_1_or_0(
+    tmp_path: Path, text: str, setting: str
+) -> None:
+    path = tmp_path / "nanobatch.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert f"{setting}: a number, not " in str(err.value)
+
+
+def test_a_number_from_the_environment_is_still_read_from_its_text() -> None:
+    settings = load_settings(env={"NANOBATCH_LIMITS_CONCURRENCY": "12", "NANOBATCH_BUDGET_MAX_COST_USD": "2.5"})
+    assert settings.limits.concurrency == 12 and settings.budget.max_cost_usd == 2.5
