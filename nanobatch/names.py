@@ -32,6 +32,7 @@ __all__ = [
     "RESERVED_PREFIX",
     "REJECTED_FOLDER",
     "RESULTS_FILE",
+    "SUFFIX_ROOM",
     "SUMMARY_FILE",
     "folds_case",
     "item_stems",

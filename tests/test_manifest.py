@@ -706,3 +706,13 @@ def test_an_empty_folder_is_told_by_a_file_of_nanobatchs_own_that_does_not_stay(
 
     (tmp_path / "out").mkdir()
     assert not names.folds_case(tmp_path / "out") and list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_output_path_longer_than_the_file_system_takes_is_refused_though_each_name_fits(tmp_path: Path) -> None:
+    # 18 folders of 250 bytes: each name fits, the path does not. Caught at the write, it was paid for, every night.
+    folder = "d" * 250
+    text = f"items:\n  - {{id: a, image: a.png, instruction: x, output: '{'/'.join([folder] * 18)}/{{id}}.png'}}\n"
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(write(tmp_path, text), out_dir=tmp_path / "out")
+    (problem,) = err.value.problems
+    assert problem.field == "output" and "bytes this file system takes in a path" in problem.message

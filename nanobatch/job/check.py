@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import models
 from ..errors import Problem
 from ..item import IMAGE_SUFFIXES, WorkItem
-from ..names import FoldersIn, folds_case, image_folders, item_stems
+from ..names import SUFFIX_ROOM, FoldersIn, folds_case, image_folders, item_stems
 from ..scratch import ScratchTable, scratch_db
 from .build import SCHEME
 from .sources import RawItem
@@ -268,11 +268,15 @@ class _Confinement:
         self.root = out_dir.resolve()
         self.out_dir = out_dir
         self.verdicts: dict[str, str | None] = {}  # by parent folder: most items share a handful
+        self.path_max = _path_max(self.root)
 
     def check(self, name: str) -> str | None:
         parent = os.path.dirname(name)
         if not parent:
             return None
+        # Each name fits (name_length_problem), but together they may not: the write would fail, after paying
+        if len(name) > 200 and len(os.fsencode(os.path.join(self.root, name))) + SUFFIX_ROOM >= self.path_max:
+            return f"its path would be longer than the {self.path_max} bytes this file system takes in a path"
         if parent not in self.verdicts:
             if len(self.verdicts) > 10_000:
                 self.verdicts.clear()
@@ -284,6 +288,16 @@ class _Confinement:
                 else (f"{name!r} leads out of the output folder {self.out_dir} (through a symbolic link to {resolved})")
             )
         return self.verdicts[parent]
+
+
+def _path_max(folder: Path) -> int:
+    """The longest path the file system of *folder* (or of the nearest folder above it that exists) takes."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_PATH_MAX")
+    except (AttributeError, OSError, ValueError):  # Windows has no pathconf
+        return 4096
 
 
 def check_items(
