@@ -250,3 +250,21 @@ def test_a_time_limit_that_cuts_an_item_between_its_steps_still_ends_the_run_abo
     summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=Slow(), out_dir=tmp_path / "o"))
     assert (summary.outcome, summary.exit_code) == ("aborted", 3) and "time limit" in str(summary.reason)
     assert records(tmp_path / "o")[0]["error"]["kind"] == "stopped"
+
+
+def test_billed_answers_without_an_image_before_a_stop_rule_stay_on_the_books(tmp_path: Path) -> None:
+    # Each answer is a 200 with text and no image: billed, and retried. --max-requests 2 stops the run before the
+    # item's third attempt: no step succeeded, but two answers were paid for, so the item's record (failed, kind
+    # "stopped") carries them, and the folder's paid_usd counts them.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    text_only = ok_body({"text": "I cannot edit this picture."})
+    fake = FakeGemini({"make the background white": [text_only, text_only, text_only]})
+    budget = nanobatch.load_settings(overrides={"budget.max_requests": 2, "limits.concurrency": 1})
+
+    summary = run(job, fake, out, settings=budget)
+
+    assert summary.exit_code == 3 and len(fake.requests) == 2
+    (record,) = records(out)
+    assert (record["status"], record["error"]["kind"]) == ("failed", "stopped") and record["cost_usd"] > 0
+    assert json.loads((out / "summary.json").read_text())["paid_usd"] == pytest.approx(record["cost_usd"])

@@ -201,7 +201,8 @@ class Engine:
             replaceable = prepared.replaceable
             return await self._send(item, tally, prepared)
         except (Stopped, FatalApiError) as exc:
-            if not tally.usages or self.batch_route is not None:  # nothing paid, or answers kept in batch jobs
+            # Nothing paid (an answer without an image is billed too), or its answers kept in batch jobs
+            if not (tally.usages or tally.cost_usd) or self.batch_route is not None and tally.batch is not None:
                 raise
             if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
                 self.gate.stop(exc)

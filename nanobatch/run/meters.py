@@ -278,8 +278,8 @@ class Budget:
 
     def _exhausted_message(self, worst_case_usd: float) -> str:
         if self._out_of_requests:
-            return f"request budget reached: {self.requests} requests sent (--max-requests {self.max_requests})"
+            return f"request budget reached: {self.requests} requests sent (budget.max_requests = {self.max_requests})"
         return (
             f"cost budget reached: ${self.spent_usd:.4f} spent, the next request could cost up to "
-            f"${worst_case_usd:.4f} (--max-cost {self.max_cost_usd:g})"
+            f"${worst_case_usd:.4f} (budget.max_cost_usd = {self.max_cost_usd:g})"
         )
