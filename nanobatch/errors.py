@@ -43,6 +43,7 @@ __all__ = [
     "RunAborted",
     "StorageError",
     "TimeLimitReached",
+    "has_userinfo",
     "without_userinfo",
     "UsageError",
     "not_utf8",
@@ -223,16 +224,26 @@ class StorageError(NanobatchError):
         self.kind = kind
 
 
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#@]*@")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@]*)@")
 
 
 def without_userinfo(url: str) -> str:
     """*url* without the user name and password it may carry (``s3://id:secret@bucket/...``): fit for a message.
+    An ``abfs://container@account...`` URL keeps its container (no password has no colon).
 
     >>> without_userinfo("s3://AKIA:s3cret@bucket/a.jpg")
     's3://bucket/a.jpg'
     """
-    return _USERINFO.sub(r"\1", url) if "@" in url else url
+    if "@" not in url or (match := _USERINFO.match(url)) is None:
+        return url
+    if match[1].lower().startswith("abfs") and ":" not in match[2]:
+        return url
+    return url[: match.end(1)] + url[match.end() :]
+
+
+def has_userinfo(url: str) -> bool:
+    """Whether *url* carries a user name or password (see :func:`without_userinfo`)."""
+    return without_userinfo(url) != url
 
 
 class LockHeld(NanobatchError):

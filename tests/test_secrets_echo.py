@@ -185,10 +185,11 @@ PASSWORD = "BucketPassw0rd-SECRET"
     [
         ("image", {"image": f"s3://AKIAEXAMPLE:{PASSWORD}@bucket/a.jpg"}, ""),
         ("image", {"image": f"ftp://user:{PASSWORD}@host.example/a.jpg"}, ""),  # not a scheme we fetch either
+        ("image", {"image": f"abfs://container:{PASSWORD}@acct.dfs.core.windows.net/a.jpg"}, ""),
         ("output.upload_to", {}, f"output:\n  upload_to: 'gs://user:{PASSWORD}@bucket/edited/'\n"),
         ("items_from", {"items_from": [{"csv": f"az://acct:{PASSWORD}@container/c.csv"}]}, ""),
     ],
-    ids=["item picture", "other scheme", "upload_to", "source"],
+    ids=["item picture", "other scheme", "abfs", "upload_to", "source"],
 )
 def test_a_user_name_and_password_in_a_bucket_url_are_refused_without_being_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, where: str,

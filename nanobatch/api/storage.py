@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
-from ..errors import StorageError
+from ..errors import StorageError, has_userinfo
 
 __all__ = [
     "ObjectStamp",
@@ -96,7 +96,7 @@ def _split(url: str) -> tuple[str, str, str]:
     match = _URL.match(url)
     if not match or match["scheme"].lower() not in _BACKENDS:
         raise StorageError(url, "unsupported", "not a bucket URL (s3://, gs://, az:// or abfs://)")
-    if "@" in match["bucket"]:
+    if "@" in match["bucket"] and has_userinfo(url):
         raise StorageError(url, "unsupported", USERINFO_REFUSED)
     return match["scheme"].lower(), match["bucket"], match["key"] or ""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import models
 from ..api.storage import USERINFO_REFUSED, is_bucket_url
-from ..errors import Problem, without_userinfo
+from ..errors import Problem, has_userinfo, without_userinfo
 from ..item import WorkItem
 from ..names import name_length_problem, output_name, template_problems, text_problem
 from ..qa import QaFields, QaSettings
@@ -386,7 +386,7 @@ def _resolve_input(
     if not ref.strip():
         return ref, "the image path is empty", None
     if SCHEME.match(ref):
-        if is_bucket_url(ref) and "@" in ref.partition("://")[2].split("/", 1)[0]:
+        if is_bucket_url(ref) and has_userinfo(ref):
             return ref, f"{without_userinfo(ref)}: {USERINFO_REFUSED}", None
         if ref.lower().startswith(("http://", "https://")) or is_bucket_url(ref):
             return ref, None, None  # checked by validate in batches (inputs.load, inputs.remote), not one by one here
