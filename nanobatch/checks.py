@@ -23,17 +23,19 @@ from PIL import Image, ImageChops
 
 from .qa import QA_CHECKS, QaSettings, Verdict
 
-__all__ = ["WORK_EDGE", "check_image"]
+__all__ = ["WORK_EDGE", "check_image", "eight_bit"]
 
 WORK_EDGE = 256  # the checks measure a copy with a long side of WORK_EDGE / 2 to WORK_EDGE pixels
 BAND = 0.02  # the border band: this share of the width at the left and right, of the height at top and bottom
-WHITE_LEVEL = 250  # a band pixel is white when each of its channels is at least this (255 less JPEG noise)
+WHITE_LEVEL = 250  # the band is white when its median pixel's channels are at least this (255 less JPEG noise)
+OFF_WHITE = 242  # and a band pixel is off white when a channel is below this (noise stays above it, shadows not)
 BAND_OFF_SHARE = 0.02  # the share of the band's pixels that may be off white (a stray shadow, a watermark)
 SUBJECT_DIFF = 32  # a pixel is subject when a channel differs this much from the band's median colour
 SUBJECT_MIN_PIXELS = 2  # a row or column belongs to the subject's box when it has at least this many such pixels
 COMPARE_EDGE = 64  # ``changed`` compares the two images at this size
-CHANGED_DIFF = 24  # a pixel has changed when a channel differs this much (at COMPARE_EDGE)
-CHANGED_MIN_SHARE = 0.03  # an output with fewer changed pixels than this share is the input handed back
+CHANGED_DIFF = 6  # a pixel has changed when a channel differs more than this (at COMPARE_EDGE): 249 -> 255 does
+CHANGED_EDGE = 16  # a pixel next to one this different in either image is an edge: left out of ``changed``
+CHANGED_MIN_SHARE = 0.005  # an output with fewer changed pixels than this share is the input handed back
 CROP_EDGE = 32  # ``same_subject`` compares the subjects' crops, padded square, at this size
 SAME_SUBJECT_MIN = 0.5  # the least correlation of the two crops that is still the same subject
 ASPECT_SLACK = 0.02  # ``aspect``: allowed error of log(width / height), besides rounding each side to 16 px
@@ -74,7 +76,7 @@ def check_image(output: bytes, *, original: bytes | None, aspect_ratio: str | No
     values: dict[str, Any] = {}
     failed: set[str] = set()
     with Image.open(io.BytesIO(output)) as image:
-        width, height = image.size
+        width, height = _upright_size(image)
         look = _look(image) if settings.reads_pixels(compares=original is not None) else None
     values.update(width=width, height=height)
     if settings.min_side is not None:
@@ -82,7 +84,7 @@ def check_image(output: bytes, *, original: bytes | None, aspect_ratio: str | No
         _fail_if(failed, "min_side", max(width, height) < settings.min_side)
     if settings.aspect and aspect_ratio is not None:
         error = abs(math.log(width / height) - math.log(_ratio(aspect_ratio)))
-        values["aspect"] = round(width / height, 4)
+        values["aspect"] = round(width / height, 3)
         _fail_if(failed, "aspect", error > ASPECT_SLACK + 8 / width + 8 / height)
     if look is not None:
         _check_look(look, original, settings, values, failed)
@@ -95,7 +97,7 @@ def _check_look(
     if settings.background == "white":
         share, level = _band_white(look.pixels)
         values.update(background=round(share, 3), background_level=round(level, 1))
-        _fail_if(failed, "background", share < 1 - BAND_OFF_SHARE)
+        _fail_if(failed, "background", share < 1 - BAND_OFF_SHARE or level < WHITE_LEVEL)
     if settings.min_fill is not None:
         values["min_fill"] = round(_fill(look), 3)
         _fail_if(failed, "min_fill", values["min_fill"] < settings.min_fill)
@@ -132,8 +134,8 @@ def _look(image: Image.Image) -> _Look:
         # The decoder takes the smallest DCT scale (1/2..1/8) that keeps half of WORK_EDGE: 2048 -> 256, 1600 -> 200.
         image.draft("RGB", (max(1, round(width * scale / 2)), max(1, round(height * scale / 2))))
     turn = _UPRIGHT.get(image.getexif().get(_ORIENTATION, 1))  # a phone photo stored sideways
-    small = image if image.mode == "RGB" else image.convert("RGB")
-    factor = max(small.size) // WORK_EDGE
+    small = image if image.mode == "RGB" else _rgb(image)
+    factor = -(-max(small.size) // WORK_EDGE)  # (rounded up: 767 px -> 3, to 256)
     if factor > 1:
         small = small.reduce(factor)  # a box average: noise and JPEG ringing average out
     if turn is not None:
@@ -144,6 +146,32 @@ def _look(image: Image.Image) -> _Look:
     difference = np.asarray(ImageChops.difference(small, Image.new("RGB", small.size, (red, green, blue))))
     mask = _largest_channel(difference) > SUBJECT_DIFF
     return _Look(image=small, pixels=pixels, background=(red, green, blue), mask=mask, box=_box(mask))
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """*image*, a 16- or 32-bit grey one scaled to 8 bits (``L``): Pillow's own convert clips such values at 255,
+    which turns a 16-bit picture all white. Others are returned as they are."""
+    if image.mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return image
+    grey = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(grey.max()), 255.0)
+    return Image.fromarray(np.clip(grey * (255.0 / top), 0, 255).astype(np.uint8), "L")
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """*image* in RGB: a 16- or 32-bit grey scaled (:func:`eight_bit`), and what is transparent black (a
+    transparent pixel is no white background, whatever colour it keeps under it)."""
+    image = eight_bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown: turned by its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def _band(pixels: Pixels) -> Pixels:
@@ -167,10 +195,12 @@ def _box(mask: npt.NDArray[np.bool_]) -> tuple[int, int, int, int] | None:
 
 
 def _band_white(pixels: Pixels) -> tuple[float, float]:
-    """The share of the band's pixels that are white, and the band's median brightness (its darkest channel)."""
+    """The share of the band's pixels that are white but for noise, and the band's median brightness (its
+    darkest channel): noise keeps a white band's median at white and its pixels near it, whatever the picture's
+    size (a small one is averaged less), while a grey backdrop moves the median, and a shadow the pixels."""
     band = _band(pixels)
     darkest = np.minimum(np.minimum(band[:, 0], band[:, 1]), band[:, 2])
-    return float((darkest >= WHITE_LEVEL).mean()), float(np.median(darkest))
+    return float((darkest >= OFF_WHITE).mean()), float(np.median(darkest))
 
 
 def _fill(look: _Look) -> float:
@@ -183,15 +213,29 @@ def _fill(look: _Look) -> float:
 
 
 def _changed_share(before: Image.Image, after: Image.Image) -> float:
-    """The share of pixels that differ noticeably between the two images, at a small common size. The input is
-    taken both whole and cropped to the output's shape (the model may have cropped it); the lesser share counts."""
+    """The share of pixels that differ noticeably between the two images, at a small common size, edges left out
+    (an outline falls on other pixels once resized from another size: a copy of the input would differ there).
+    The input is taken both whole and cropped to the output's shape (the model may have cropped it); the lesser
+    share counts."""
     size = (COMPARE_EDGE, COMPARE_EDGE)
     target = np.asarray(after.resize(size, Image.Resampling.BOX), dtype=np.int16)
+    flat = _edges(target) <= CHANGED_EDGE
     shares = []
     for framing in (before, before.crop(_centre_box(before.size, after.width / after.height))):
-        diff = np.abs(np.asarray(framing.resize(size, Image.Resampling.BOX), dtype=np.int16) - target)
-        shares.append(float((_largest_channel(diff) > CHANGED_DIFF).mean()))
+        source = np.asarray(framing.resize(size, Image.Resampling.BOX), dtype=np.int16)
+        changed = _largest_channel(np.abs(source - target)) > CHANGED_DIFF
+        shares.append(float((changed & flat & (_edges(source) <= CHANGED_EDGE)).mean()))
     return min(shares)
+
+
+def _edges(pixels: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
+    """Each pixel's largest difference (in any channel) from its four neighbours."""
+    across = _largest_channel(np.abs(pixels[:, 1:] - pixels[:, :-1]))
+    down = _largest_channel(np.abs(pixels[1:] - pixels[:-1]))
+    edges = np.zeros(pixels.shape[:2], dtype=np.int16)
+    for view, step in ((edges[:, 1:], across), (edges[:, :-1], across), (edges[1:], down), (edges[:-1], down)):
+        np.maximum(view, step, out=view)
+    return edges
 
 
 def _resemblance(before: _Look, after: _Look) -> float:

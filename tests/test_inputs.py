@@ -273,6 +273,19 @@ def test_resize_inputs_keeps_transparency_as_png(tmp_path: Path) -> None:
         assert picture.mode == "RGBA"
 
 
+def test_resize_inputs_keeps_a_16_bit_grey_scan_what_it_shows_not_a_white_page(tmp_path: Path) -> None:
+    # Converted to RGB as it is, every 16-bit value above 255 clips to white: a blank page, sent and paid for.
+    scan = Pillow.frombytes("I;16", (256, 256), os.urandom(256 * 256 * 2))  # grain over the whole range
+    buffer = io.BytesIO()
+    scan.save(buffer, "PNG")
+    assert len(buffer.getvalue()) > 20_000
+    (image,) = load(Host({}), [local(tmp_path, "scan.png", buffer.getvalue())], max_input_bytes=20_000, resize=True)
+    with Pillow.open(io.BytesIO(image.data)) as picture:
+        grey = picture.convert("L")
+    mean = sum(count * value for value, count in enumerate(grey.histogram())) / (grey.width * grey.height)
+    assert 64 < mean < 192  # its grain, centred on mid-grey: not white
+
+
 def test_resize_inputs_applies_to_downloads_too() -> None:
     host = Host({URL: [noise((64, 64))]})
     (image,) = load(host, [URL], max_input_bytes=4000, resize=True)

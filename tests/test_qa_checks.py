@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -249,3 +250,53 @@ def test_an_input_stored_sideways_is_compared_upright() -> None:
     settings = QaSettings(same_subject=True, changed=True)
     verdict = check_image(output, original=sideways, aspect_ratio=None, settings=settings)
     assert verdict.passed and verdict.values["same_subject"] > 0.9, verdict.values
+
+
+# -- pictures as catalogs have them (each case: a verdict a catalog manager would contest)
+
+
+@pytest.mark.parametrize("grey", [232, 240, 245, 248])
+def test_a_light_grey_studio_backdrop_made_white_is_an_edit_not_the_input_handed_back(grey: int) -> None:
+    # "Studio white" is often RGB 232-248: its turn to pure white changes each channel by 7-23 levels, which a
+    # threshold of 24 took for no change at all (every such item paid a retry, then was rejected).
+    original = encode(bottle((1600, 1600), (grey, grey, grey)), "JPEG", quality=90)
+    edited = encode(bottle((1024, 1024), (255, 255, 255)), "JPEG", quality=90)
+    verdict = check_image(edited, original=original, aspect_ratio=None, settings=QaSettings(changed=True))
+    assert verdict.passed and verdict.values["changed"] > 0.3
+
+
+def test_a_transparent_png_answer_is_not_a_white_background_whatever_colour_its_pixels_keep() -> None:
+    pixels = np.asarray(bottle((800, 800), (255, 255, 255)).convert("RGBA")).copy()
+    pixels[(pixels[..., :3] == 255).all(axis=2), 3] = 0  # the backdrop transparent, its pixels still white
+    rgba = Image.fromarray(pixels, "RGBA")
+    verdict = check_image(encode(rgba), original=None, aspect_ratio=None, settings=QaSettings(background="white"))
+    assert verdict.failed == ("background",) and verdict.values["background"] == 0.0
+
+
+def test_a_16_bit_grey_input_is_compared_as_it_looks_not_as_a_blank_white_page() -> None:
+    grey = np.asarray(bottle((1200, 1200), (255, 255, 255)).convert("L")).astype(np.uint16) * 257
+    sixteen = Image.fromarray(grey)  # mode I;16, as a scanner saves it
+    output = encode(bottle((1024, 1024), (255, 255, 255)), "JPEG", quality=90)
+    verdict = check_image(output, original=encode(sixteen), aspect_ratio=None, settings=QaSettings(same_subject=True))
+    assert verdict.passed and verdict.values["same_subject"] > 0.9
+
+
+@pytest.mark.parametrize("side", [511, 767, 1024])
+def test_noise_on_a_white_background_is_judged_alike_whatever_the_pictures_size(side: int) -> None:
+    pixels = np.asarray(bottle((side, side), (255, 255, 255))).astype(np.float64)
+    backdrop = (pixels == 255).all(axis=2)
+    pixels[backdrop] = 253 + np.random.default_rng(0).normal(0, 2.5, (int(backdrop.sum()), 3))
+    noisy = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    verdict = check_image(encode(noisy), original=None, aspect_ratio=None, settings=QaSettings(background="white"))
+    assert verdict.passed, verdict.values
+    grey = bottle((side, side), (246, 246, 246))  # a backdrop that is not white, at any size
+    verdict = check_image(encode(grey), original=None, aspect_ratio=None, settings=QaSettings(background="white"))
+    assert verdict.failed == ("background",)
+
+
+def test_an_answer_stored_sideways_is_measured_as_it_is_shown() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: stored 1536 x 1024, shown 1024 x 1536
+    stored = encode(bottle((1024, 1536), (255, 255, 255)).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
+    verdict = check_image(stored, original=None, aspect_ratio="2:3", settings=QaSettings(aspect=True))
+    assert verdict.passed and (verdict.values["width"], verdict.values["height"]) == (1024, 1536)

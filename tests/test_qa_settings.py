@@ -191,7 +191,13 @@ def test_a_min_side_no_image_of_the_items_size_can_reach_is_refused_before_anyth
     ]
     problems = manifest_problems(job(tmp_path, {"model": MODEL, "qa": {"min_side": 4000}, "items": items}))
     assert [(p.item, p.field) for p in problems] == [("a", "qa.min_side")]
-    assert "at most about 1024 px" in problems[0].message and "ask for image_size 4K" in problems[0].message
+    assert "at most 1024 px" in problems[0].message and "ask for image_size 4K" in problems[0].message
+    # Just past the edge is out of reach too: a 1:1 1K image is 1024 px exactly (1070 was let through)
+    items = [{"id": "a", "image": "a.png", "image_size": "1K", "aspect_ratio": "1:1", "qa": {"min_side": 1025}}]
+    (problem,) = manifest_problems(job(tmp_path, {"model": MODEL, "items": items}))
+    assert problem.field == "qa.min_side" and "ask for image_size 2K" in problem.message
+    items[0]["qa"] = {"min_side": 1024}
+    assert manifest_problems(job(tmp_path, {"model": MODEL, "items": items})) == []
 
 
 def test_the_worst_cost_counts_every_retry_the_checks_may_pay_for(tmp_path: Path) -> None:

@@ -343,9 +343,12 @@ def _downscale(name: str, image: Image, limit: int) -> Image:
     from PIL import Image as Pillow
     from PIL import ImageOps, UnidentifiedImageError
 
+    from ..checks import eight_bit  # (numpy: only where a picture is downscaled)
+
     try:
         with Pillow.open(io.BytesIO(image.data)) as opened:
             picture = ImageOps.exif_transpose(opened)  # re-encoding drops EXIF: apply the rotation first
+            picture = eight_bit(picture)  # a 16-bit grey: converted as it is, it would be all white
             alpha = picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info
             picture = picture.convert("RGBA" if alpha else "RGB")
     except (UnidentifiedImageError, OSError, ValueError, Pillow.DecompressionBombError) as exc:

@@ -361,7 +361,7 @@ def _not_found(path: str, why: str | None) -> str:
 
 def _check_reachable(checks: QaSettings | None, f: Merged, info: models.ModelInfo | None, bad: Any) -> None:
     """A ``qa.min_side`` that no image of the item's size can reach: every answer would be rejected, and each
-    retry paid for. (The sizes are the facts table's, rounded: 5% of leeway.)"""
+    retry paid for. (The sizes are the facts table's: never below the API's, for any ratio.)"""
     if checks is None or checks.min_side is None or info is None or f.aspect_ratio not in (None, *info.aspect_ratios):
         return  # (a ratio the model does not take is its own problem)
     ratios = (f.aspect_ratio,) if f.aspect_ratio else info.aspect_ratios
@@ -370,10 +370,10 @@ def _check_reachable(checks: QaSettings | None, f: Merged, info: models.ModelInf
         return max((max(models.pixel_size(ratio, size)) for ratio in ratios), default=0)
 
     size = f.image_size or info.default_size
-    if (edge := longest(size)) and checks.min_side > edge * 1.05:
-        larger = [other for other in info.image_sizes if longest(other) * 1.05 >= checks.min_side]
+    if (edge := longest(size)) and checks.min_side > edge:
+        larger = [other for other in info.image_sizes if longest(other) >= checks.min_side]
         ask = f"ask for image_size {larger[0]}, or lower qa.min_side" if larger else "lower qa.min_side"
-        bad("qa.min_side", f"{checks.min_side} px: {info.id}'s {size} images are at most about {edge} px on their "
+        bad("qa.min_side", f"{checks.min_side} px: {info.id}'s {size} images are at most {edge} px on their "
                            f"longest side, so every image would be rejected (each retry paid); {ask}")  # fmt: skip
 
 
