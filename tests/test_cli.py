@@ -374,6 +374,30 @@ def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     assert "Traceback" not in err and "ExceptionGroup" not in err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no file size limit to set")
+def test_results_jsonl_refused_by_the_disk_mid_run_aborts_with_exit_3_and_json_lines_only(tmp_path: Path) -> None:
+    # A real refusal by the kernel (a file size limit: EFBIG, as ENOSPC would), met by results.jsonl once its
+    # records outgrow the images: the run must abort (exit 3) with one error, not end "failed" in a traceback.
+    import resource
+
+    items = [{"id": f"i{n:02d}", "image": "images/a.png", "instruction": "make it white"} for n in range(40)]
+    job = write_job(tmp_path, items, model="gemini-3.1-flash-lite-image")
+    limit = 24_000  # an image (about 20 KB) fits; results.jsonl (about 1 KB a record) does not, past ~23 items
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    metrics = tmp_path / "metrics" / "job.prom"
+    metrics.parent.mkdir()
+    argv = [sys.executable, "-m", "nanobatch", "--log-format", "json", "run", str(job), "--simulate", "--out",
+            str(tmp_path / "out"), "--concurrency", "2", "--metrics-file", str(metrics)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, preexec_fn=small_files)  # noqa: PLW1509
+    events = [json.loads(line) for line in done.stderr.splitlines()]  # JSON lines only: no traceback
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert any("cannot write results" in e["message"] and "File too large" in e["message"] for e in events)
+    assert re.search(r"nanobatch_last_run_exit_code\{[^}]*\} 3\b", metrics.read_text())  # what alerts read
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-5m", "1d", "inf", "h"])
 def test_a_bad_duration_is_a_usage_error_naming_the_flag(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str

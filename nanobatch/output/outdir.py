@@ -62,6 +62,16 @@ def write_report_file(path: Path, data: bytes) -> None:
     atomic_write(path, data, mode=0o644)
 
 
+def write_all(file: IO[bytes], data: bytes) -> None:
+    """*data* written to the unbuffered *file* in full (one system call, as a rule), or OSError: nothing is
+    kept in a buffer for a later write or the close to try again (and fail again, a full disk's error twice)."""
+    view = memoryview(data)
+    while view:
+        if not (written := file.write(view)):
+            raise OSError(errno.EIO, "the file took none of the bytes written to it")
+        view = view[written:]
+
+
 class ResultsLog:
     """Append-only ``results.jsonl``: one record per line, flushed and fsync'ed before the next."""
 
@@ -77,7 +87,7 @@ class ResultsLog:
         except BaseException:
             os.close(fd)
             raise
-        self._file = os.fdopen(fd, "ab")
+        self._file = os.fdopen(fd, "ab", buffering=0)  # no buffer: a write the disk refused is not tried again
 
     def _mend_torn_tail(self, fd: int) -> None:
         """End the last line with its newline, so that the next record starts a line of its own; cut it off
@@ -109,8 +119,7 @@ class ResultsLog:
         """Append *records* in one write and one fsync (group commit): all are durable when this returns. A
         crash mid-write can tear only the last line, which the next :meth:`open` cuts off."""
         assert self._file is not None, "open() first"
-        self._file.write(b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records))
-        self._file.flush()
+        write_all(self._file, b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records))
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
@@ -140,7 +149,7 @@ class Journal:
 
     def open(self) -> None:
         if self._file is None:  # opened early by a line written before the engine starts (restored)
-            self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab")
+            self._file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab", buffering=0)
 
     def dispatched(self, item_id: str, key: str | None, attempt: int) -> None:
         self._write({"event": "dispatched", "run": self.run_id, "id": item_id, "key": key, "attempt": attempt})
@@ -174,8 +183,7 @@ class Journal:
 
     def _write(self, *lines: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
-        self._file.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-        self._file.flush()
+        write_all(self._file, b"".join(orjson.dumps(line) + b"\n" for line in lines))
 
     def close(self) -> None:
         if self._file is not None:
