@@ -11,6 +11,7 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import nanobatch
 from nanobatch.cli.main import main
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError
@@ -189,6 +190,33 @@ def test_a_run_that_cannot_take_the_folder_leaves_the_file_to_the_run_that_holds
             await nanobatch.run_job(job, transport=FakeGemini().transport, out_dir=out, settings=_settings(prom))
 
     with pytest.raises(nanobatch.LockHeld):
+        anyio.run(go)
+    assert prom.read_bytes() == before
+
+
+def test_a_run_stopped_while_it_waits_for_the_folder_leaves_the_file_to_the_run_that_holds_it(tmp_path: Path) -> None:
+    # Its time limit comes while it waits (--wait-lock): it never held the folder, and must not write
+    # "last run: exit 3, not in progress" over the live run's file (an alert on that would fire at once).
+    import anyio
+
+    from nanobatch.errors import TimeLimitReached
+    from nanobatch.output.lock import RunLock
+
+    job = write_job(tmp_path, _items(1))
+    prom, out = tmp_path / "nanobatch.prom", tmp_path / "out"
+    assert run(job, FakeGemini(), settings=_settings(prom)).exit_code == 0
+    before = prom.read_bytes()
+    limited = _settings(prom).model_copy(
+        update={"limits": _settings(prom).limits.model_copy(update={"max_duration_s": 1})}
+    )
+
+    async def go() -> None:
+        async with RunLock(out):
+            await nanobatch.run_job(
+                job, transport=FakeGemini().transport, out_dir=out, settings=limited, wait_lock=True
+            )
+
+    with pytest.raises(TimeLimitReached):
         anyio.run(go)
     assert prom.read_bytes() == before
 

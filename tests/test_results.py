@@ -160,28 +160,27 @@ def test_wait_lock_queues_behind_the_holder(tmp_path: Path) -> None:
     assert summary.exit_code == 0 and finished_at >= 60
 
 
-def test_a_run_that_waited_past_its_time_limit_for_one_that_did_everything_is_complete(tmp_path: Path) -> None:
-    # Checked while another run held the folder (its summary not written yet), this run queues (--wait-lock) and
-    # gets the folder after its --max-duration: the holder did every item, so this run is complete, exit 0, not
-    # "aborted" with a false "unsent items are left" in the summary the holder left.
+def test_a_run_whose_time_limit_comes_while_it_waits_for_the_folder_ends_then_sending_nothing(
+    tmp_path: Path,
+) -> None:
+    # --max-duration counts the wait for the lock: a holder that hangs must not keep tonight's run waiting past
+    # its window. It ends at its limit (exit 3, nothing sent), and leaves the holder's summary and metrics alone.
+    from nanobatch.errors import TimeLimitReached
+
     from .fakes import FakeGemini, run, write_job
 
     job = write_job(tmp_path, [{"id": f"i{n}", "image": f"images/{n}.png", "instruction": "x"} for n in range(20)])
     out = tmp_path / "out"
     assert run(job, FakeGemini(), out).exit_code == 0
     ended = (out / "summary.json").read_text()
-    started = {k: v for k, v in json.loads(ended).items() if k != "state"}  # as a run's summary reads while it runs
     fake = FakeGemini()
     limited = nanobatch.load_settings(overrides={"limits.max_duration_s": 2})
 
-    _, summary = run_behind_a_holder(
-        job, out, fake, hold_s=60, settings=limited,
-        as_it_runs=lambda: (out / "summary.json").write_text(json.dumps(started)),
-        at_its_end=lambda: (out / "summary.json").write_text(ended),  # every item done
-    )  # fmt: skip
+    with pytest.raises(BaseExceptionGroup) as caught:  # (the holder's task group around it)
+        run_behind_a_holder(job, out, fake, hold_s=3600, settings=limited)
+    assert caught.group_contains(TimeLimitReached, match="while another run held")
 
-    assert summary.exit_code == 0 and summary.outcome == "complete" and summary.stats.skipped == 20
-    assert not fake.requests and json.loads((out / "summary.json").read_text())["last_run"]["outcome"] == "complete"
+    assert not fake.requests and (out / "summary.json").read_text() == ended
 
 
 def test_a_forced_run_that_waited_for_the_folder_still_redoes_every_item(tmp_path: Path) -> None:

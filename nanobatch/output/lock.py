@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -20,7 +21,7 @@ from types import TracebackType
 
 import anyio
 
-from ..errors import ConfigError, LockHeld
+from ..errors import ConfigError, LockHeld, TimeLimitReached
 from ..names import LOCK_FILE
 from .own import check_own_files, open_own
 
@@ -35,10 +36,11 @@ _NO_LOCK = frozenset({errno.ENOENT, errno.ELOOP, errno.EMLINK, errno.EINVAL})
 class RunLock:
     """``async with RunLock(out_dir):`` holds the folder for this process, or raises :class:`LockHeld`."""
 
-    def __init__(self, out_dir: Path, *, wait: bool = False, poll_s: float = 0.5) -> None:
+    def __init__(self, out_dir: Path, *, wait: bool = False, poll_s: float = 0.5, deadline: float = math.inf) -> None:
         self.path = out_dir / LOCK_FILE
         self.wait = wait
         self.poll_s = poll_s
+        self.deadline = deadline  # (anyio's clock) a wait that reaches it ends the run: its time limit came
         self.waited = False  # whether another run held it first
         self._fd: int | None = None
 
@@ -65,7 +67,12 @@ class RunLock:
                         self.path.parent,
                         self.holder(fd),
                     )
-                await anyio.sleep(self.poll_s)
+                if (left := self.deadline - anyio.current_time()) <= 0:
+                    raise TimeLimitReached(
+                        f"the time limit came while another run held {self.path.parent} ({self.holder(fd)}): "
+                        "nothing was sent"
+                    )
+                await anyio.sleep(min(self.poll_s, left))
             # Held: no run of nanobatch's is writing it. Another program's file under this name is not emptied.
             check_own_files(self.path.parent, (LOCK_FILE,))
         except BaseException:

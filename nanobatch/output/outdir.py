@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -199,6 +200,7 @@ class OutDir:
         self.results = ResultsLog(path / RESULTS_FILE)
         self.journal = Journal(path, run_id)
         self.waited = False  # whether hold() had to wait for another run to let the folder go
+        self.held = False  # whether hold() took the folder (a run that did not leaves its metrics file alone)
         self._real: str | None = None  # its real path (escapes)
         self.upload_claims: list[tuple[str, str, int]] = []  # (item, URL, size) a dead run's journal claims (recover)
 
@@ -228,14 +230,15 @@ class OutDir:
             return
 
     @asynccontextmanager
-    async def hold(self, *, wait: bool, handle_signals: bool) -> AsyncIterator[OutDir]:
-        """Hold the folder's run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run."""
-        lock = RunLock(self.path, wait=wait)
+    async def hold(self, *, wait: bool, handle_signals: bool, deadline: float = math.inf) -> AsyncIterator[OutDir]:
+        """Hold the folder's run lock; with *handle_signals*, SIGINT or SIGTERM while waiting for it ends the run, as
+        does reaching *deadline* (anyio's clock: the run's time limit)."""
+        lock = RunLock(self.path, wait=wait, deadline=deadline)
         if wait and handle_signals:
             await _acquire_interruptibly(lock)
         else:
             await lock.__aenter__()
-        self.waited = lock.waited
+        self.waited, self.held = lock.waited, True
         try:
             check_own_files(self.path)  # again, now that no other run can be writing them
             yield self

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -113,15 +113,17 @@ class Observer:
                 tg.start_soon(lambda: post_notice(self._webhook or "", notice, limit_s=self.notify.timeout_s))
 
     @asynccontextmanager
-    async def reporting(self) -> AsyncIterator[None]:
+    async def reporting(self, held: Callable[[], bool] = lambda: True) -> AsyncIterator[None]:
         """Tell of a run that ends by an exception (a full disk, another run holding the folder, a bug) as of
-        any other, then let the exception go on. The folder's metrics file is left to a run holding it."""
+        any other, then let the exception go on. The folder's metrics file is left to a run holding it: not
+        written by one that never *held* it (it found the folder held, or was stopped while waiting for it)."""
         try:
             yield
         except Exception as exc:
             outcome = "interrupted" if isinstance(exc, Interrupted) else "error"
             code = getattr(exc, "exit_code", 1)  # as the CLI exits: a bug's traceback exits 1
-            await self.ended(outcome, int(code), str(exc) or type(exc).__name__, metrics=not isinstance(exc, LockHeld))
+            ours = held() and not isinstance(exc, LockHeld)
+            await self.ended(outcome, int(code), str(exc) or type(exc).__name__, metrics=ours)
             raise
 
     def _statuses(self) -> dict[str, int]:

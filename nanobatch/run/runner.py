@@ -8,6 +8,7 @@ HTTP client (or the built-in simulator), signals, and ``summary.json``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import uuid
@@ -132,9 +133,10 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
     out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
     observer = Observer.for_run(settings, job=manifest.name, out_dir=out.path, run_id=out.journal.run_id,
                                 stats=stats, clock=clock)  # fmt: skip
+    ends = began + (settings.limits.max_duration_s or math.inf)  # waiting for the lock, collecting done jobs: within
     async with (
-        observer.reporting(),  # a run that ends by an exception is told of too
-        out.hold(wait=options.wait_lock, handle_signals=options.handle_signals),
+        observer.reporting(lambda: out.held),  # a run that ends by an exception is told of too
+        out.hold(wait=options.wait_lock, handle_signals=options.handle_signals, deadline=ends),
         AsyncExitStack() as stack,
     ):
         index = stack.enter_context(ResultsIndex.load(out.path))
@@ -153,7 +155,6 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
                             stats.skipped, left)  # fmt: skip
             await _drive(engine, rows, settings, stats, left, began, options.handle_signals)
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
-        ends = began + (settings.limits.max_duration_s or float("inf"))  # (collecting done jobs: within it too)
         waiting = await _end_batch(batch, outcome, manifest, out.path, ends) if batch is not None else None
         unfollowed = _unfollowed(batch.unfollowed() if batch is not None and outcome == "complete" else 0)
         summary = build_summary(
