@@ -212,3 +212,26 @@ def test_a_run_refused_before_anything_was_sent_says_why(tmp_path: Path, monkeyp
     assert notice["outcome"] == "refused" and notice["exit_code"] == 2 and notice["requests"] == 0
     assert notice["text"].startswith("job: refused, nothing was sent (exit 2): ") and "aspect_ratio" in notice["text"]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("name: job\nitems: [\n", "YAML"),  # edited during the day, left half-written
+        ("name: job\nmodle: x\nitems:\n  - {id: a, instruction: x}\n", "modle"),  # a top-level key misspelt
+    ],
+    ids=["broken YAML", "unknown top-level key"],
+)
+def test_a_run_whose_manifest_cannot_be_read_at_all_is_heard_of_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, said: str
+) -> None:
+    from nanobatch.cli.main import main
+
+    job = tmp_path / "nightly.yaml"
+    job.write_text(text)
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + SECRET_PATH)
+        assert main(["run", str(job), "--simulate", "--out", str(tmp_path / "out"), "--quiet"]) == 2
+        assert main(["run", str(job), "--dry-run", "--out", str(tmp_path / "out"), "--quiet"]) == 2  # no post
+    [notice] = _notices(server)
+    assert notice["outcome"] == "refused" and notice["job"] == "nightly" and said in notice["text"]

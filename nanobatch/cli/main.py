@@ -146,7 +146,12 @@ def run(
         quiet_logs()  # before anything is read: a bucket's library may speak while the manifest is loaded
     settings = settings_from(config_file, **flags)
     install_redaction(settings)
-    job = manifest_from(manifest, settings, flags.get("model"))
+    try:
+        job = manifest_from(manifest, settings, flags.get("model"))
+    except NanobatchError as exc:  # (a YAML error, an unknown top-level key): the webhook hears of it too
+        if not dry_run:
+            _tell_refused(settings, manifest, exc)
+        raise
     if dry_run:
         _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
         return
@@ -156,6 +161,15 @@ def run(
     )  # fmt: skip
     _after_run(summary, write_html=write_html, quiet=quiet)
     raise SystemExit(summary.exit_code)
+
+
+def _tell_refused(settings: Settings, manifest: str, exc: NanobatchError) -> None:
+    """The notify webhook told of a run refused before its manifest could be read (named by its file)."""
+    import anyio
+
+    from ..run.observer import tell_refused
+
+    anyio.run(tell_refused, settings, Path(manifest).stem, exc)
 
 
 def _run_shown(
