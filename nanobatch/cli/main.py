@@ -222,13 +222,13 @@ def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
         from .report import write_report
 
         written = write_report(summary.out_dir)
-    if quiet:
-        if summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
-            show_error(f"run {summary.outcome}: {summary.reason}")
-    elif json_logs():
+    if json_logs():  # the summary event, --quiet or not: what a log collector keeps of the night
         _log_summary(summary)
         if written is not None:
             logger.info("wrote %s", written)
+    if quiet or json_logs():
+        if quiet and summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
+            show_error(f"run {summary.outcome}: {summary.reason}")
     else:
         _print_summary(summary)
         if written is not None:

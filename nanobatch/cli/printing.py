@@ -140,13 +140,18 @@ def log_summary(summary: RunSummary) -> None:
         fields["batch_waiting"] = last["batch_waiting"]
     level = logging.INFO if summary.exit_code == 0 else logging.WARNING
     waiting = _waiting(summary)
-    logger.log(
-        level,
+    record = logger.makeRecord(
+        logger.name, level, __file__, 0,
         "%s: %d ok, %d failed, %d blocked, %d rejected, %d already done; %d requests, $%.4f%s",
-        summary.outcome, stats.ok, stats.failed, stats.blocked, stats.rejected, stats.skipped, stats.requests,
-        stats.cost_usd,
-        f"; {waiting}" if waiting else "", extra={"fields": fields},
+        (summary.outcome, stats.ok, stats.failed, stats.blocked, stats.rejected, stats.skipped, stats.requests,
+         stats.cost_usd, f"; {waiting}" if waiting else ""),
+        None, extra={"fields": fields},
     )  # fmt: skip
+    # Written with --quiet too: the one event a log collector keeps of a night (its level says how it went)
+    for handler in logger.handlers if not logger.isEnabledFor(level) else ():
+        handler.handle(record)
+    if logger.isEnabledFor(level):
+        logger.handle(record)
 
 
 # A table to print: its title, its column headings, its rows of cells.
