@@ -245,3 +245,18 @@ def test_validate_refuses_a_metrics_file_the_run_would_refuse(
     config.write_text(f"output:\n  metrics_file: {tmp_path / 'missing' / 'catalog.prom'}\n")
     assert main(["validate", str(job), "--config", str(config)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_last_success_survives_a_failed_run_whatever_the_jobs_name_holds(tmp_path: Path) -> None:
+    # A name is a label value: "}" and quotes inside it broke the reading of the previous file's samples.
+    from nanobatch.run.metrics import Ending
+
+    prom = tmp_path / "nanobatch.prom"
+    counts = Counts(items=1, statuses={"ok": 1}, requests={}, tokens={}, cost_usd=0.0, started_at=0.0, duration_s=1)
+    name = 'spring}cat "sale" \\ 2027'
+    first, second = metrics_file(str(prom), name), metrics_file(str(prom), name)
+    assert first is not None and second is not None
+    first.write(counts, Ending(exit_code=0, at=1_800_000_000.0))
+    second.write(counts, Ending(exit_code=1, at=1_800_003_600.0))
+    (family,) = [f for f in text_string_to_metric_families(prom.read_text()) if f.name.startswith("nanobatch_last_s")]
+    assert [(s.labels["job_name"], s.value) for s in family.samples] == [(name, 1_800_000_000)]

@@ -252,3 +252,16 @@ def test_a_json_events_structured_data_is_cut_of_the_key_like_its_message(
     logging.getLogger("nanobatch").info("summary %s", PASTED, extra={"fields": {"examples": [f"x{PASTED}"]}})
     (event,) = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert event["examples"] == ["x[redacted]"] and PASTED not in event["message"]
+
+
+def test_a_one_letter_test_key_cuts_nothing_out_of_the_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cut from the answer's words, "k" took every k: usageMetadata's "promptTokenCount" was lost, and the item
+    # priced at its worst case.
+    from nanobatch.simulator import run_in_thread
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    with run_in_thread() as url:  # the key sent, as to a real endpoint
+        assert main(["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert record["usage"]["promptTokenCount"] > 0 and "[redacted]" not in json.dumps(record)

@@ -173,8 +173,9 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]*[^\s\"'<>.,:;)\]]")  # 
 
 
 def redact(text: str, secret: str | None) -> str:
-    """*text* without *secret* (a client's key) and anything :data:`SECRETS` knows."""
-    return SECRETS.cut(text.replace(secret, "[redacted]") if secret else text)
+    """*text* without *secret* (a client's key, unless shorter than :data:`MIN_SECRET`: a test key ``k`` would cut
+    every ``k`` out of the answer, ``promptTokenCount`` too) and anything :data:`SECRETS` knows."""
+    return SECRETS.cut(text.replace(secret, "[redacted]") if secret and len(secret) >= MIN_SECRET else text)
 
 
 def scrub(text: str, secret: str | None) -> str:

@@ -38,7 +38,9 @@ class _Redact(logging.Filter):
 
     def __init__(self, *secrets: str | None) -> None:
         super().__init__()
-        self.secrets = [secret for secret in secrets if secret]
+        from ..api.redaction import MIN_SECRET
+
+        self.secrets = [secret for secret in secrets if secret and len(secret) >= MIN_SECRET]  # (see redact)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

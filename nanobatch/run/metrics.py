@@ -32,7 +32,6 @@ logger = logging.getLogger("nanobatch")
 
 # The first line of every file nanobatch writes: a file at the path without it is not ours to replace.
 _HEADER = "# nanobatch metrics of job "
-_SAMPLE = re.compile(r"^(nanobatch_last_[a-z_]+)\{[^}]*\} (\S+)$", re.MULTILINE)
 
 # How usageMetadata's token counts are named in the ``kind`` label (others: their name, in snake case).
 _TOKEN_KINDS = {"promptTokenCount": "input", "candidatesTokenCount": "output", "thoughtsTokenCount": "thinking",
@@ -186,12 +185,16 @@ class _Families:
 
 
 def _last_runs(path: str) -> dict[str, float]:
-    """The ``nanobatch_last_*`` samples of the file at *path* (none if there is none, or it cannot be read)."""
+    """The ``nanobatch_last_*`` samples of the file at *path* (none if there is none, or it cannot be read), read
+    by prometheus-client's own parser (a job's name in a label may hold any character, ``}`` too)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return {name: float(value) for name, value in _SAMPLE.findall(f.read())}
+            families = list(text_string_to_metric_families(f.read()))
     except (OSError, ValueError):
         return {}
+    return {s.name: s.value for family in families for s in family.samples if s.name.startswith("nanobatch_last_")}
 
 
 def _quoted(value: str) -> str:
