@@ -235,3 +235,30 @@ def test_a_run_whose_manifest_cannot_be_read_at_all_is_heard_of_too(
         assert main(["run", str(job), "--dry-run", "--out", str(tmp_path / "out"), "--quiet"]) == 2  # no post
     [notice] = _notices(server)
     assert notice["outcome"] == "refused" and notice["job"] == "nightly" and said in notice["text"]
+
+
+def test_a_run_whose_time_limit_comes_while_it_waits_for_the_folder_posts_aborted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The waiting run ends at its limit, exit 3: the webhook says so (it said "error", exit 1, "unhandled errors in
+    # a TaskGroup", the signal watcher's wrapping around the time limit).
+    from nanobatch.errors import TimeLimitReached
+    from nanobatch.output.lock import RunLock
+
+    from .conftest import run_virtual
+
+    job = write_job(tmp_path, _items(1))
+    out = tmp_path / "out"
+    limited = load_settings(env={}, overrides={"limits.max_duration_s": 1})
+
+    async def go() -> None:
+        async with RunLock(out):
+            await nanobatch.run_job(job, settings=limited, transport=FakeGemini().transport, out_dir=out,
+                                    wait_lock=True, handle_signals=True)  # fmt: skip
+
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + SECRET_PATH)
+        with pytest.raises(TimeLimitReached):
+            run_virtual(go)
+    [notice] = _notices(server)
+    assert (notice["outcome"], notice["exit_code"]) == ("aborted", 3) and "while another run held" in notice["reason"]

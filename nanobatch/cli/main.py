@@ -22,6 +22,7 @@ from ..errors import ApiError, NanobatchError, sole_error
 from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
 from .options import Duration, Finite, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
+from .printing import print_cancelled as _print_cancelled
 from .printing import print_check as _print_check
 from .printing import print_models as _print_models
 from .printing import print_recheck as _print_recheck
@@ -115,7 +116,7 @@ _skip_bad_inputs = click.option(
     help="Keep a Prometheus textfile (node_exporter's textfile collector; name ending in .prom) of the run's "
     "counts, cost and last success (output.metrics_file).",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress display and no summary; errors only.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only: no progress, no summary (JSON logs: its event).")
 @_skip_bad_inputs
 @click.option(
     "--progress-interval",
@@ -150,7 +151,9 @@ def run(
         job = manifest_from(manifest, settings, flags.get("model"))
     except NanobatchError as exc:  # (a YAML error, an unknown top-level key): the webhook hears of it too
         if not dry_run:
-            _tell_refused(settings, manifest, exc)
+            from ..run.observer import tell_refused_now
+
+            tell_refused_now(settings, Path(manifest).stem, exc)
         raise
     if dry_run:
         _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
@@ -161,15 +164,6 @@ def run(
     )  # fmt: skip
     _after_run(summary, write_html=write_html, quiet=quiet)
     raise SystemExit(summary.exit_code)
-
-
-def _tell_refused(settings: Settings, manifest: str, exc: NanobatchError) -> None:
-    """The notify webhook told of a run refused before its manifest could be read (named by its file)."""
-    import anyio
-
-    from ..run.observer import tell_refused
-
-    anyio.run(tell_refused, settings, Path(manifest).stem, exc)
 
 
 def _run_shown(
@@ -382,15 +376,7 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
             async with connection.batches() as client:
                 return await cancel_jobs(Path(out_dir), client)
 
-    found = anyio.run(go)
-    ended = [f"{name} ({state})" for name, state, _ in found if state in ("succeeded", "failed", "expired")]
-    names = [name for name, state, refused in found if refused is None and f"{name} ({state})" not in ended]
-    click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
-    if ended:
-        click.echo(f"{len(ended)} had already ended: {', '.join(ended)}; the next run collects their answers")
-    if refused := [(name, state, exc) for name, state, exc in found if exc is not None]:
-        for name, state, exc in refused:
-            click.echo(f"error: batch job {name} ({state}) was not cancelled: {exc.message}", err=True)
+    if not _print_cancelled(anyio.run(go)):
         raise SystemExit(1)  # like a run whose items did not all succeed: the rest was done
 
 

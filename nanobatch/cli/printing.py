@@ -12,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from ..errors import ApiError
     from ..run.preflight import CheckResult
     from ..run.recheck import RecheckResult
     from ..run.runner import RunSummary
 
-__all__ = ["log_summary", "print_check", "print_models", "print_recheck", "print_summary"]
+__all__ = ["log_summary", "print_cancelled", "print_check", "print_models", "print_recheck", "print_summary"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -276,3 +277,17 @@ def _print_tables(tables: list[_Table]) -> None:
         click.echo(("\n" if n else "") + f"{title}:")
         for line in _aligned(columns, cells):
             click.echo(line)
+
+
+def print_cancelled(found: list[tuple[str, str, ApiError | None]]) -> bool:
+    """What ``nanobatch cancel`` did with each job (name, state after, the API's refusal): whether every one
+    still running was cancelled."""
+    ended = [f"{name} ({state})" for name, state, _ in found if state in ("succeeded", "failed", "expired")]
+    names = [name for name, state, refused in found if refused is None and f"{name} ({state})" not in ended]
+    click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
+    if ended:
+        click.echo(f"{len(ended)} had already ended: {', '.join(ended)}; the next run collects their answers")
+    refused = [(name, state, exc) for name, state, exc in found if exc is not None]
+    for name, state, exc in refused:
+        click.echo(f"error: batch job {name} ({state}) was not cancelled: {exc.message}", err=True)
+    return not refused

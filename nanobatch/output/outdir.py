@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ..errors import ConfigError, Interrupted
+from ..errors import ConfigError, Interrupted, NanobatchError
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
 from .files import Owned, atomic_write, is_ours, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
 from .lock import RunLock
@@ -368,6 +368,7 @@ class OutDir:
 async def _acquire_interruptibly(lock: RunLock) -> None:
     """Wait for *lock*; a SIGINT or SIGTERM meanwhile raises :class:`Interrupted` (nothing was sent)."""
     received: list[signal.Signals] = []
+    failed: NanobatchError | None = None
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
 
@@ -377,8 +378,13 @@ async def _acquire_interruptibly(lock: RunLock) -> None:
                     tg.cancel_scope.cancel()  # stops the wait below
 
             tg.start_soon(watch)
-            await lock.__aenter__()
+            try:
+                await lock.__aenter__()
+            except NanobatchError as exc:  # its time limit came: said as itself, not in the task group's wrapping
+                failed = exc
             tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
     if received:
         await lock.__aexit__(None, None, None)  # taken just as the signal came: let it go (a no-op otherwise)
         raise Interrupted(

@@ -23,14 +23,14 @@ import anyio
 
 from ..api.gemini import Reply
 from ..config import NotifySettings, Settings, read_notify_url
-from ..errors import ApiError, Interrupted, LockHeld, NanobatchError
+from ..errors import ApiError, Interrupted, LockHeld, NanobatchError, RunAborted
 from .metrics import Counts, Ending, MetricsFile, metrics_file, token_kind
 from .notify import one_line, post_notice
 from .otel import GenAiMetrics, meter_provider_from_environment
 from .stats import RunStats
 from .summary import RunClock
 
-__all__ = ["STATUSES", "Observer", "tell_refused"]
+__all__ = ["STATUSES", "Observer", "tell_refused", "tell_refused_now"]
 
 # The item statuses RunStats may count, in the order they are shown; those it does not have are left out.
 STATUSES = ("ok", "failed", "blocked", "rejected", "skipped")
@@ -120,7 +120,9 @@ class Observer:
         try:
             yield
         except Exception as exc:
-            outcome = "interrupted" if isinstance(exc, Interrupted) else "error"
+            outcome = (
+                "interrupted" if isinstance(exc, Interrupted) else "aborted" if isinstance(exc, RunAborted) else "error"
+            )
             code = getattr(exc, "exit_code", 1)  # as the CLI exits: a bug's traceback exits 1
             ours = held() and not isinstance(exc, LockHeld)
             await self.ended(outcome, int(code), str(exc) or type(exc).__name__, metrics=ours)
@@ -175,3 +177,8 @@ async def tell_refused(settings: Settings, job: str, exc: NanobatchError) -> Non
         notice.update(job=job, outcome="refused", exit_code=exc.exit_code, reason=str(exc), counts={},
                       requests=0, cost_usd=0.0, tier=settings.api.tier, host=socket.gethostname())  # fmt: skip
     await post_notice(url, notice, limit_s=settings.notify.timeout_s)
+
+
+def tell_refused_now(settings: Settings, job: str, exc: NanobatchError) -> None:
+    """:func:`tell_refused`, from code that is not async (the command line, whose manifest could not be read)."""
+    anyio.run(tell_refused, settings, job, exc)
