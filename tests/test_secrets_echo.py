@@ -21,7 +21,7 @@ from nanobatch.item import WorkItem
 from nanobatch.output.record import Tally, build_record
 from nanobatch.run.notify import _kept_out_of_logs
 
-from .fakes import manifest_problems, write_job
+from .fakes import image_bytes, manifest_problems, write_job
 
 BODY = {"contents": [{"parts": [{"text": "x"}]}]}
 
@@ -265,3 +265,16 @@ def test_a_one_letter_test_key_cuts_nothing_out_of_the_answers(tmp_path: Path, m
         assert main(["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--quiet"]) == 0
     (record,) = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert record["usage"]["promptTokenCount"] > 0 and "[redacted]" not in json.dumps(record)
+
+
+def test_the_api_key_pasted_into_a_catalog_row_is_named_by_its_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a million-row export, "the manifest" is no place to look: the row is.
+    monkeypatch.setenv("NANOBATCH_API_KEY", PASTED)
+    job = write_job(tmp_path, [], items_from=[{"csv": "c.csv"}])
+    (tmp_path / "images" / "a.png").write_bytes(image_bytes())
+    (tmp_path / "c.csv").write_text(f"id,image,instruction\nA1,images/a.png,x\nA2,images/a.png,note {PASTED}\n")
+    assert main(["validate", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert "c.csv:3: item 'A2', field 'instruction': holds the API key" in err and PASTED not in err

@@ -305,7 +305,7 @@ def check_items(
     raw_items: Iterator[RawItem],
     resolve: Callable[[RawItem], tuple[WorkItem | None, list[Problem]]],
     *,
-    visit: Callable[[WorkItem], None] | None = None,
+    visit: Callable[[WorkItem, str], None] | None = None,
     out_dir: Path | None = None,
     skip_bad_inputs: bool = False,
     is_link: Callable[[str], bool] = os.path.islink,
@@ -341,7 +341,7 @@ def check_items(
                 if models.lookup(item.model) is None:
                     warn_unknown_model(item.model)
             if visit is not None:
-                visit(item)
+                visit(item, raw.file)
             count += 1
             requests += len(item.steps)
     if count + left_items == 0 and not problems.found and not empty_ok:

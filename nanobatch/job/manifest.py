@@ -125,7 +125,7 @@ class Manifest:
         self,
         *,
         check_files: bool = True,
-        visit: Callable[[WorkItem], None] | None = None,
+        visit: Callable[[WorkItem, str], None] | None = None,
         out_dir: Path | None = None,
         decode: bool = False,
         skip_bad_inputs: bool = False,

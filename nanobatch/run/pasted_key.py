@@ -16,12 +16,12 @@ class PastedKey:
     key would go to the model in the request and into ``results.jsonl``, the report and the log lines that
     name the item. Each is a problem; none names the key, and one in an id names no item either."""
 
-    def __init__(self, file: str, key: str | None) -> None:
-        self.file = file
+    def __init__(self, key: str | None) -> None:
         self.key = key if key is not None and len(key) >= MIN_KEY else None
         self.problems: list[Problem] = []
 
-    def check(self, item: WorkItem) -> None:
+    def check(self, item: WorkItem, file: str) -> None:
+        """*item*, from *file* (the manifest, or a source's row: ``catalog.csv:12``)."""
         if (key := self.key) is None:
             return
         fld = "id" if key in item.id else "output" if item.output is not None and key in item.output else None
@@ -31,4 +31,4 @@ class PastedKey:
             fld = next(("image" for ref in item.inputs if key in ref), None)
         if fld is not None:
             message = "holds the API key: take it out (it would be sent to the model and written into the records)"
-            self.problems.append(Problem(self.file, None if fld == "id" else item.id, fld, message))
+            self.problems.append(Problem(file, None if fld == "id" else item.id, fld, message))

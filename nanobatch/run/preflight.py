@@ -320,12 +320,12 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
         report = CheckReport(items=held.items, requests=held.requests, problems=[])
         return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
     remote = RemoteChecks(str(manifest.path), check_urls=how.check_urls)
-    estimate, pasted = Estimate(settings), PastedKey(str(manifest.path), _key_or_none(settings))
+    estimate, pasted = Estimate(settings), PastedKey(_key_or_none(settings))
     new = NewRows(done) if held is not None and done is not None else None
 
-    def visit(item: WorkItem) -> None:
+    def visit(item: WorkItem, file: str) -> None:
         lifecycle.check(item)
-        pasted.check(item)
+        pasted.check(item, file)
         remote.add(item)
         if new is not None:
             new.add(item)
