@@ -471,3 +471,31 @@ def test_the_look_before_paying_is_one_request_per_name_on_s3(s3_env: Emulator, 
     heads = {key: n for key, n in s3_env.log.counts.items() if key.startswith(f"HEAD /{bucket.name}/edited/")}
     assert sorted(heads.values()) == [1, 1, 1]  # one per item's name (its model answers JPEG)
     assert not [key for key in s3_env.log.counts if "prefix=edited%2Fsku" in key]  # no listing per name
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+@pytest.mark.parametrize("how", ["retouched", "a link out of the folder"])
+def test_a_missing_object_is_put_back_only_from_the_items_own_copy_as_nanobatch_left_it(
+    bucket: Bucket, tmp_path: Path, how: str
+) -> None:
+    # Putting a deleted object back publishes the folder's copy: not a file the user retouched since, nor one a
+    # link there leads to (outside the folder: anything). The item cannot be made again without replacing the
+    # user's file either, so it fails output_exists, nothing paid, and the bucket stays without it.
+    settings = _settings(bucket.url("edited/"))
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out, fake = tmp_path / "out", FakeGemini()
+    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    url = records(out)[0]["uploads"][0]
+    storage._filesystem(url).rm(url.split("://", 1)[1])
+    copy = out / "sku-1.png"
+    copy.unlink()
+    if how == "retouched":
+        copy.write_bytes(b"the user's retouch")
+    else:
+        (tmp_path / "outside.txt").write_bytes(b"not for publishing")
+        copy.symlink_to(tmp_path / "outside.txt")
+
+    summary = run_now(job, fake, out, settings=settings)
+
+    assert summary.exit_code == 1 and len(fake.requests) == 1 and records(out)[-1]["error"]["kind"] == "output_exists"
+    assert not storage._filesystem(url).exists(url.split("://", 1)[1])

@@ -26,6 +26,7 @@ import anyio.to_thread
 from ..api import storage
 from ..api.redaction import public_url
 from ..errors import ApiError, ConfigError, StorageError, sole_error
+from .files import is_ours
 from .reading import UploadStamp
 from .results import ResultsIndex
 
@@ -155,7 +156,8 @@ class Uploads:
             functools.partial(storage.exists_many, buckets_checked=True), list(wanted)
         )
         missing = [url for url, there in found.items() if not there]
-        restored = await self._restore(missing, {url: folder / wanted[url][1] for url in missing})
+        copies = {url: path for url in missing if (path := _own_copy(index, folder, *wanted[url])) is not None}
+        restored = await self._restore(list(copies), copies)
         for url, now in restored.items():
             keep_version(index, journal, wanted[url][0], url, now)
         self.gone = frozenset(wanted[url][0] for url in missing if url not in restored)
@@ -181,6 +183,17 @@ class Uploads:
             for url in missing:
                 tg.start_soon(functools.partial(anyio.to_thread.run_sync, restore, url, limiter=limiter))
         return restored
+
+
+def _own_copy(index: ResultsIndex, folder: Path, item_id: str, name: str) -> Path | None:
+    """The item's file *name* in *folder*, if it is the one nanobatch wrote for it, as it left it (its record's
+    stamp), in the folder itself (no symbolic link): what may be published again. Not a file retouched since (the
+    user's now), nor one reached through a link (perhaps outside the folder)."""
+    path = folder / name
+    inside = os.path.join(os.path.realpath(folder), "")
+    if os.path.islink(path) or not os.path.realpath(path).startswith(inside):
+        return None
+    return path if is_ours(index.owned(item_id, [name]), name, str(path)) else None
 
 
 def keep_version(index: ResultsIndex, journal: Journal, item_id: str, url: str, now: UploadStamp) -> None:
