@@ -499,3 +499,24 @@ def test_a_missing_object_is_put_back_only_from_the_items_own_copy_as_nanobatch_
 
     assert summary.exit_code == 1 and len(fake.requests) == 1 and records(out)[-1]["error"]["kind"] == "output_exists"
     assert not storage._filesystem(url).exists(url.split("://", 1)[1])
+
+
+def test_an_upload_to_the_credentials_may_not_use_is_said_so_not_called_missing(
+    s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bucket is there, the credentials in use are refused (403): "no such bucket" sent the operator looking
+    # for a typo.
+    name = new_bucket("s3")
+    fs = storage._filesystem(f"s3://{name}")
+    real = fs.call_s3
+
+    def forbidden(method: str, *args: Any, **kwargs: Any) -> Any:
+        if method == "head_bucket":
+            raise PermissionError("An error occurred (403) when calling the HeadBucket operation: Forbidden")
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "call_s3", forbidden)
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    with pytest.raises(ConfigError, match=r"^output\.upload_to: .*access denied") as caught:
+        nanobatch.check_job(job, settings=_settings(f"s3://{name}/edited/"), out_dir=tmp_path / "out")
+    assert "no such bucket" not in str(caught.value)

@@ -233,9 +233,18 @@ def put(url: str, data: bytes, *, replace: bool = True, version: str | None = No
 
 def check_bucket(url: str) -> None:
     """StorageError unless *url*'s bucket exists and can be asked about (the extra installed, credentials taken)."""
-    bucket = _split(url)[1]
-    if not _call(url, lambda fs: fs.exists(bucket)):
-        raise StorageError(url, "no_bucket", f"no such bucket {bucket!r}")
+    scheme, bucket, _ = _split(url)
+    if scheme == "s3":  # one HEAD, whose refusal is told as such (fsspec's exists() takes a 403 for "none")
+        try:
+            _filesystem(url).call_s3("head_bucket", Bucket=bucket)
+            return
+        except Exception as exc:  # noqa: BLE001 - translated: denied, unreachable, or no bucket
+            error = _translate(url, exc)
+        if error.kind not in ("not_found", "no_bucket"):
+            raise error
+    elif _call(url, lambda fs: fs.exists(bucket)):
+        return
+    raise StorageError(url, "no_bucket", f"no such bucket {bucket!r}")
 
 
 def presign(url: str, *, expires_s: int = 3600) -> str:
