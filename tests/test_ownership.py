@@ -260,3 +260,23 @@ def test_a_file_at_the_new_name_that_is_not_the_moved_one_is_not_taken_for_it(tm
 
     assert summary.exit_code == 1 and len(fake.requests) == 1 and (out / "hats" / "x.png").read_bytes() == MINE
     assert records(out)[-1]["error"]["kind"] == "output_exists"
+
+
+def test_an_answer_of_several_images_one_of_whose_names_is_taken_is_paid_for_once_not_every_night(
+    tmp_path: Path,
+) -> None:
+    # lamp's answer holds two images, lamp-1.png and lamp-2.png; a file of the user's is at lamp-1.png. The first
+    # night pays and is refused (no check can foresee a second image). Its failed record names no file, so the
+    # next nights look at the numbered names too: refused before paying, the user's file kept.
+    job = write_job(tmp_path, [{"id": "lamp", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lamp-1.png").write_bytes(MINE)
+    two = ok_body(inline(image_bytes((1, 2, 3))), inline(image_bytes((4, 5, 6))))
+    fake = FakeGemini({EDIT: [two, two, two]})
+
+    assert run(job, fake, out).exit_code == 1 and len(fake.requests) == 1
+    assert run(job, fake, out).exit_code == 1 and run(job, fake, out).exit_code == 1
+
+    assert len(fake.requests) == 1 and (out / "lamp-1.png").read_bytes() == MINE
+    assert records(out)[-1]["error"]["kind"] == "output_exists" and records(out)[-1]["cost_usd"] == 0

@@ -520,3 +520,23 @@ def test_an_upload_to_the_credentials_may_not_use_is_said_so_not_called_missing(
     with pytest.raises(ConfigError, match=r"^output\.upload_to: .*access denied") as caught:
         nanobatch.check_job(job, settings=_settings(f"s3://{name}/edited/"), out_dir=tmp_path / "out")
     assert "no such bucket" not in str(caught.value)
+
+
+@pytest.mark.parametrize("bucket", ["s3"], indirect=True)
+def test_an_answer_of_several_images_one_of_whose_objects_is_taken_is_paid_for_once(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    # Someone's object at edited/lamp-1.png: the first night's two-image answer is refused there (paid); the next
+    # nights look at the numbered names before paying, and send nothing.
+    from .fakes import image_bytes, inline, ok_body
+
+    settings = _settings(bucket.url("edited/"))
+    storage.put(bucket.url("edited/lamp-1.png"), b"theirs", replace=False)
+    job = write_job(tmp_path, [{"id": "lamp", "image": "images/a.png"}], model="gemini-3-pro-image")
+    two = ok_body(inline(image_bytes((1, 2, 3))), inline(image_bytes((4, 5, 6))))
+    out, fake = tmp_path / "out", FakeGemini({"make the background white": [two, two, two]})
+
+    for _ in range(3):
+        assert run_now(job, fake, out, settings=settings).exit_code == 1
+
+    assert len(fake.requests) == 1 and storage.read_bytes(bucket.url("edited/lamp-1.png")) == b"theirs"

@@ -143,7 +143,13 @@ class Resume:
             item.id, rejected_name(item.stem)
         )
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
-        uploads = _upload_names(item, entry, names) if self.uploads is not None else ()
+        numbered: list[str] = []
+        if entry is not None and entry.error_kind in ("output_exists", "upload"):
+            # Its last answer could not be saved, perhaps under the name of a second image (<stem>-1, -2, ...), of any
+            # type: its failed record names no file, so those are looked at too, or each night pays to be refused
+            numbered = [f"{s}-{n}.{ext}" for s, _ in item_stems(item) for n in _NUMBERED for ext in OUTPUT_EXTENSIONS]
+        uploads = (*_upload_names(item, entry, names), *numbered) if self.uploads is not None else ()
+        names += numbered
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
@@ -160,6 +166,9 @@ class Resume:
         why = "is in a folder that leads out of the output folder through a symbolic link" if outside else None
         taken = self.out.file(foreign[0]) if foreign else None
         return Send(replaceable=replaceable, taken=taken, why=why, uploads=uploads)
+
+
+_NUMBERED = range(1, 5)  # an answer's images looked at, by number, for an item whose last answer was refused
 
 
 def _upload_names(item: WorkItem, entry: IndexEntry | None, names: list[str]) -> tuple[str, ...]:
