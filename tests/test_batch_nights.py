@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from nanobatch.cli.main import main
+from nanobatch.errors import ApiError
 from nanobatch.simulator import run_in_thread
 
 from .fakes import records, sku_items, sku_job, write_job
@@ -268,30 +269,6 @@ def test_no_wait_says_how_many_requests_wait_and_how_to_collect_them(
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
     (summary,) = [e for e in events if e.get("event") == "summary"]
     assert summary["batch_waiting"]["requests"] == 6 and "6 requests wait in 2 batch jobs" in summary["message"]
-
-
-def test_a_run_that_waits_but_cannot_read_its_jobs_does_not_end_as_if_all_were_done(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # The jobs were made (and will be billed), but asking about them is refused: the items are neither done nor
-    # failed. A cron line that waits must not read exit 0 (and a metrics file no "last success") that night.
-    from nanobatch.api.batch_api import BatchClient
-    from nanobatch.errors import ApiError
-
-    job = one_step_job(tmp_path, monkeypatch)
-    app = sim(batch_latency_s=0.5)
-    real = BatchClient.get
-
-    async def refused(self: BatchClient, name: str) -> Any:
-        raise ApiError("403 PERMISSION_DENIED: the caller cannot read this batch", kind="forbidden", status_code=403)
-
-    with run_in_thread(app=app) as url:
-        monkeypatch.setattr(BatchClient, "get", refused)
-        assert cli(job, url) == 1
-        assert "6 requests are left in batch jobs this run could not follow to their end" in capsys.readouterr().err
-        monkeypatch.setattr(BatchClient, "get", real)
-        assert cli(job, url) == 0  # the next night collects them
-    assert len(records(job.parent / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2
 
 
 def test_a_job_no_item_of_the_run_asks_about_does_not_fail_the_run(
@@ -552,27 +529,35 @@ def test_an_answer_no_run_asked_for_is_let_go_once_it_is_older_than_the_keeping_
     assert billed(app) == 4 and len(jobs(app)) == 2
 
 
-def test_a_run_that_cannot_make_its_jobs_for_a_passing_error_ends_exit_1_and_the_next_makes_them_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+# Asking about the jobs is refused (403: they were made, and will be billed), or making them is answered 503
+# through every attempt (a job may or may not exist): the items are neither done nor failed (a retry could pay
+# twice). A cron line that waits must not read exit 0 (and a metrics file no "last success") that night; the
+# next night collects or makes the jobs, and each request is paid once.
+REFUSALS = {
+    "get": ApiError("403 PERMISSION_DENIED: the caller cannot read this batch", kind="forbidden", status_code=403),
+    "create": ApiError("503 UNAVAILABLE: the service is busy", kind="unavailable", status_code=503, retryable=True),
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSALS), ids=["jobs it cannot read", "jobs it cannot make"])
+def test_a_run_that_waits_but_cannot_follow_its_jobs_ends_exit_1_and_the_next_night_pays_each_request_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], refused: str
 ) -> None:
-    # The create is answered 503 through every attempt: a job may or may not exist, so the items neither fail
-    # (a retry could pay twice) nor are done. The night must not read as a success; the next one finds or makes
-    # the jobs, and each request is paid once.
     from nanobatch.api.batch_api import BatchClient
-    from nanobatch.errors import ApiError
 
     job = one_step_job(tmp_path, monkeypatch)
-    app = sim()
-    real = BatchClient.create
+    app = sim(batch_latency_s=0.5)
+    real = getattr(BatchClient, refused)
 
-    async def unavailable(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
-        raise ApiError("503 UNAVAILABLE: the service is busy", kind="unavailable", status_code=503, retryable=True)
+    async def refuse(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        raise REFUSALS[refused]
 
     with run_in_thread(app=app) as url:
-        monkeypatch.setattr(BatchClient, "create", unavailable)
+        monkeypatch.setattr(BatchClient, refused, refuse)
         assert cli(job, url) == 1
         assert "6 requests are left in batch jobs this run could not follow to their end" in capsys.readouterr().err
-        assert not (job.parent / "out" / "results.jsonl").exists() or records(job.parent / "out") == []
-        monkeypatch.setattr(BatchClient, "create", real)
-        assert cli(job, url) == 0
+        if refused == "create":
+            assert not (job.parent / "out" / "results.jsonl").exists() or records(job.parent / "out") == []
+        monkeypatch.setattr(BatchClient, refused, real)
+        assert cli(job, url) == 0  # the next night collects them (or makes their jobs)
     assert len(records(job.parent / "out")) == 6 and billed(app) == 6 and len(jobs(app)) == 2

@@ -640,6 +640,12 @@ def test_a_flood_of_problems_counts_what_it_does_not_show(tmp_path: Path) -> Non
     assert lines[51] == "... and 7 more items with the same problem in field 'qa.min_fil': unknown field"
 
 
+def table_job(tmp_path: Path, name: str, rows: str, **doc: Any) -> Path:
+    """A job whose items are the *rows* of the CSV or JSONL file *name* (by its extension), photos/a.jpg there."""
+    kind = "jsonl" if name.endswith(".jsonl") else "csv"
+    return job(tmp_path, {**doc, "items_from": [{kind: name}]}, {name: rows}, ["photos/a.jpg"])
+
+
 # A row whose photo is missing is not a text-to-image request: sent, it would be paid for a picture made from the
 # instruction alone ("make the background white"), and recorded ok.
 @pytest.mark.parametrize(
@@ -655,14 +661,12 @@ def test_a_flood_of_problems_counts_what_it_does_not_show(tmp_path: Path) -> Non
 def test_a_row_that_leaves_its_picture_empty_is_refused_before_anything_is_sent(
     tmp_path: Path, name: str, rows: str, field: str
 ) -> None:
-    kind = "jsonl" if name.endswith(".jsonl") else "csv"
-    doc = {"defaults": {"instruction": "Make the background white"}, "items_from": [{kind: name}]}
-    path = job(tmp_path, doc, {name: rows}, ["photos/a.jpg"])
+    path = table_job(tmp_path, name, rows, defaults={"instruction": "Make the background white"})
     fake = FakeGemini()
     with pytest.raises(ManifestError) as err:
         run_virtual(lambda: nanobatch.run_job(path, transport=fake.transport, out_dir=tmp_path / "out"))
     (problem,) = err.value.problems
-    line = 3 if kind == "csv" else 2  # a CSV's row 1 is its header
+    line = 3 if name.endswith(".csv") else 2  # a CSV's row 1 is its header
     assert (Path(problem.file).name, problem.item, problem.field) == (f"{name}:{line}", "A2", field)
     assert "no picture" in problem.message and fake.requests == []
 
@@ -751,8 +755,7 @@ def test_a_column_that_names_pictures_under_another_name_is_refused_not_sent_as_
     tmp_path: Path, name: str, rows: str, column: str
 ) -> None:
     # Not close to "image" by spelling ("img", "photo_url"): its values tell what it holds.
-    kind = "jsonl" if name.endswith(".jsonl") else "csv"
-    (problem,) = problems(job(tmp_path, {"items_from": [{kind: name}]}, {name: rows}, ["photos/a.jpg"]))
+    (problem,) = problems(table_job(tmp_path, name, rows))
     assert (problem.item, problem.field) == ("A1", column) and "text-to-image" in problem.message
     assert f'image: "{{{column}}}"' in problem.message
 

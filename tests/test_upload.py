@@ -51,6 +51,21 @@ def _settings(upload_to: str) -> Settings:
     return load_settings(env={}, overrides={"output.upload_to": upload_to})
 
 
+def night_one(tmp_path: Path, upload_to: str, fake: FakeGemini | None = None) -> tuple[Path, Path, Settings]:
+    """A one-item job (sku-1) run once into tmp_path/out with *upload_to*, its first night a success: (job, output
+    folder, settings)."""
+    settings = _settings(upload_to)
+    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
+    out = tmp_path / "out"
+    assert run_now(job, fake or FakeGemini(), out, settings=settings).exit_code == 0
+    return job, out, settings
+
+
+def change_instruction(job: Path) -> None:
+    """The manifest's instruction changed: its items are new work."""
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+
+
 def test_images_go_to_the_bucket_and_a_rerun_checks_them_without_downloading_or_paying_twice(
     gcs_env: Emulator, tmp_path: Path
 ) -> None:
@@ -157,10 +172,8 @@ def test_an_item_whose_output_name_changed_is_uploaded_under_its_new_name_withou
     s3_env: Emulator, tmp_path: Path
 ) -> None:
     name = new_bucket("s3")
-    settings = _settings(f"s3://{name}/edited")  # no trailing slash: still a prefix
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
-    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, f"s3://{name}/edited", fake)  # no trailing slash: still a prefix
     job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
 
     again = run_now(job, fake, out, settings=settings)
@@ -175,10 +188,8 @@ def test_a_rename_whose_upload_fails_leaves_the_item_as_it_was_for_the_next_run(
     s3_env: Emulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = new_bucket("s3")
-    settings = _settings(f"s3://{name}/edited/")
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
-    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, f"s3://{name}/edited/", fake)
     job.write_text(job.read_text().replace("defaults:\n", "defaults:\n  output: shoes/{id}\n"))
 
     def refused(url: str, data: bytes, **options: object) -> None:
@@ -235,11 +246,8 @@ def test_a_new_object_in_cloud_storage_is_asked_for_only_if_there_is_none(bucket
 
 def test_a_changed_item_replaces_the_object_nanobatch_put_there_for_it(s3_env: Emulator, tmp_path: Path) -> None:
     name = new_bucket("s3")
-    settings = _settings(f"s3://{name}/edited/")
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out = tmp_path / "out"
-    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    job, out, settings = night_one(tmp_path, f"s3://{name}/edited/")
+    change_instruction(job)
     fake = FakeGemini()
 
     assert run_now(job, fake, out, settings=settings).exit_code == 0
@@ -285,7 +293,7 @@ def test_an_object_a_killed_run_put_before_its_record_is_still_the_items(
 
     if changed:
         assert run_now(job, answers(), out, settings=settings).exit_code == 0
-        job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+        change_instruction(job)
     with killed_before_the_records():
         run_now(job, answers(), out, settings=settings)
     assert storage.read_bytes(bucket.url("edited/sku-1.jpg"))  # PUT, and no record of it
@@ -330,14 +338,12 @@ def test_an_object_someone_replaced_after_nanobatch_put_it_is_left_as_it_is_and_
 ) -> None:
     # The shop retouched a published image in the bucket; the item's instruction then changed. The record keeps
     # the size and ETag/generation the object was PUT with, so the new answer is not paid for, let alone PUT.
-    settings = _settings(bucket.url("edited/"))
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
-    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, bucket.url("edited/"), fake)
     url = records(out)[0]["uploads"][0]
     assert records(out)[0]["upload_stamps"] == [list(astuple(storage.stat(url))[1:])]
     storage.put(url, b"retouched by the shop")
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    change_instruction(job)
 
     summary = run_now(job, fake, out, settings=settings)
 
@@ -364,15 +370,13 @@ def test_an_object_replaced_while_the_request_is_out_is_not_replaced_again(bucke
 def test_an_object_put_back_from_the_folder_is_still_the_items_on_later_nights(bucket: Bucket, tmp_path: Path) -> None:
     # A published object deleted by mistake is PUT again from the folder's copy: a new generation (ETag), which the
     # journal keeps until a record does, so a later change of the item replaces it instead of refusing it.
-    settings = _settings(bucket.url("edited/"))
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
-    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, bucket.url("edited/"), fake)
     url = records(out)[0]["uploads"][0]
     storage._filesystem(url).rm(url.split("://", 1)[1])
     assert run_now(job, fake, out, settings=settings).stats.skipped == 1 and storage.read_bytes(url)  # put back
     assert run_now(job, fake, out, settings=settings).stats.skipped == 1  # a night with nothing to do: kept still
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    change_instruction(job)
 
     summary = run_now(job, fake, out, settings=settings)
 
@@ -386,11 +390,8 @@ def test_an_own_object_adopted_from_a_dead_runs_claim_stays_the_items_on_the_nig
     # The dead run's PUT replaced the item's object (a new generation); the next night adopts it, but does not
     # make the item (--retry-failed: the item is not failed). The journal keeps the version that night adopted,
     # so the night after, the changed item replaces its object instead of refusing it as replaced by someone.
-    settings = _settings(f"gs://{new_bucket('gs')}/edited/")
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out = tmp_path / "out"
-    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    job, out, settings = night_one(tmp_path, f"gs://{new_bucket('gs')}/edited/")
+    change_instruction(job)
     with killed_before_the_records():
         run_now(job, FakeGemini(), out, settings=settings)
     assert run_now(job, FakeGemini(), out, settings=settings, retry_failed=True).exit_code == 0
@@ -404,13 +405,10 @@ def test_an_object_whose_record_is_from_before_upload_stamps_is_replaced_on_its_
 ) -> None:
     # A folder written by an older nanobatch: its records name their objects without stamps. A changed item
     # replaces its own object, as it did then, instead of refusing it.
-    settings = _settings(f"s3://{new_bucket('s3')}/edited/")
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out = tmp_path / "out"
-    assert run_now(job, FakeGemini(), out, settings=settings).exit_code == 0
+    job, out, settings = night_one(tmp_path, f"s3://{new_bucket('s3')}/edited/")
     old = [{k: v for k, v in record.items() if k != "upload_stamps"} for record in records(out)]
     (out / "results.jsonl").write_text("".join(json.dumps(record) + "\n" for record in old))
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    change_instruction(job)
     fake = FakeGemini()
 
     summary = run_now(job, fake, out, settings=settings)
@@ -449,7 +447,7 @@ def test_objects_put_under_a_new_upload_to_are_the_items_when_they_change_later(
     moved = _settings(f"s3://{name}/new/")
     assert run_now(job, FakeGemini(), out, settings=moved).stats.skipped == 1
     assert storage.read_bytes(f"s3://{name}/new/sku-1.png") == (out / "sku-1.png").read_bytes()
-    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    change_instruction(job)
     fake = FakeGemini()
 
     summary = run_now(job, fake, out, settings=moved)
@@ -481,10 +479,8 @@ def test_a_missing_object_is_put_back_only_from_the_items_own_copy_as_nanobatch_
     # Putting a deleted object back publishes the folder's copy: not a file the user retouched since, nor one a
     # link there leads to (outside the folder: anything). The item cannot be made again without replacing the
     # user's file either, so it fails output_exists, nothing paid, and the bucket stays without it.
-    settings = _settings(bucket.url("edited/"))
-    job = write_job(tmp_path, [{"id": "sku-1", "image": "images/1.png"}])
-    out, fake = tmp_path / "out", FakeGemini()
-    assert run_now(job, fake, out, settings=settings).exit_code == 0
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, bucket.url("edited/"), fake)
     url = records(out)[0]["uploads"][0]
     storage._filesystem(url).rm(url.split("://", 1)[1])
     copy = out / "sku-1.png"
