@@ -308,10 +308,9 @@ class TableSource:
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
         raw = _fill_fields(templates, row, where, row_name, default_id="{id}")
         if raw.fields is not None:
-            for name in self.columns_as_fields.intersection(PICTURE_FIELDS):
-                if name in row and row[name] in (None, "") and name not in raw.fields:
-                    # An empty cell where the pictures go is no picture: said (Manifest._resolve), not passed over.
-                    raw.fields[name] = None
+            for name in ("image", "images"):  # an empty cell where the pictures go: said (Manifest._resolve)
+                if name in self.columns_as_fields and row.get(name, 0) in (None, "") and name not in raw.fields:
+                    raw.fields[name] = None  # (a picture that is not there, not passed over)
             if self.unpictured and not raw.fields.keys() & PICTURE_FIELDS and (column := self._pictures_in(row)):
                 return RawItem(fields=None, file=where, label=raw.label, problems=(Problem(where, raw.label, column, (
                     f"the column {column!r} names a picture ({str(row[column])[:80]!r}), but no field reads it: the "

@@ -26,7 +26,7 @@ import anyio.to_thread
 from ..api import storage
 from ..api.redaction import public_url
 from ..errors import ApiError, ConfigError, StorageError, sole_error
-from .files import is_ours
+from .files import Owned, is_ours
 from .reading import UploadStamp
 from .results import ResultsIndex
 
@@ -156,7 +156,9 @@ class Uploads:
             functools.partial(storage.exists_many, buckets_checked=True), list(wanted)
         )
         missing = [url for url, there in found.items() if not there]
-        copies = {url: path for url in missing if (path := _own_copy(index, folder, *wanted[url])) is not None}
+        # Each one's stamp from its record (the index: on this thread), then the folder looked at in a worker thread
+        stamps = {url: index.owned(wanted[url][0], [wanted[url][1]]) for url in missing}
+        copies = await anyio.to_thread.run_sync(_own_copies, folder, {url: wanted[url][1] for url in missing}, stamps)
         restored = await self._restore(list(copies), copies)
         for url, now in restored.items():
             keep_version(index, journal, wanted[url][0], url, now)
@@ -185,15 +187,21 @@ class Uploads:
         return restored
 
 
-def _own_copy(index: ResultsIndex, folder: Path, item_id: str, name: str) -> Path | None:
-    """The item's file *name* in *folder*, if it is the one nanobatch wrote for it, as it left it (its record's
-    stamp), in the folder itself (no symbolic link): what may be published again. Not a file retouched since (the
-    user's now), nor one reached through a link (perhaps outside the folder)."""
-    path = folder / name
+def _own_copies(folder: Path, names: Mapping[str, str], owned: Mapping[str, Owned]) -> dict[str, Path]:
+    """Of the files *names* (by URL) in *folder*, those that are the ones nanobatch wrote for their items, as it left
+    them (*owned*: each one's record's stamp), in the folder itself (no symbolic link): what may be published again.
+    Not a file retouched since (the user's now), nor one reached through a link (perhaps outside the folder)."""
     inside = os.path.join(os.path.realpath(folder), "")
-    if os.path.islink(path) or not os.path.realpath(path).startswith(inside):
-        return None
-    return path if is_ours(index.owned(item_id, [name]), name, str(path)) else None
+    copies = {}
+    for url, name in names.items():
+        path = folder / name
+        if (
+            not os.path.islink(path)
+            and os.path.realpath(path).startswith(inside)
+            and is_ours(owned[url], name, str(path))
+        ):
+            copies[url] = path
+    return copies
 
 
 def keep_version(index: ResultsIndex, journal: Journal, item_id: str, url: str, now: UploadStamp) -> None:
