@@ -141,6 +141,9 @@ def test_cancel_cancels_the_open_jobs_and_the_next_run_sends_their_items_again(
         assert main(["cancel", str(job.parent / "out"), "--base-url", url]) == 0
         assert "cancelled 2 batch jobs" in capsys.readouterr().out
         assert {j.state for j in jobs(app)} == {"cancelled"}
+        assert main(["cancel", str(job.parent / "out"), "--base-url", url]) == 0  # again: nothing left to cancel
+        said = capsys.readouterr().out
+        assert said.startswith("cancelled 0 batch jobs\n2 had already ended: ") and said.count("(cancelled)") == 2
         assert cli(job, url, "--no-wait") == 0  # collects the cancelled jobs, submits their items anew
     assert len(jobs(app)) == 4 and [j.state for j in jobs(app)].count("pending") == 2
 

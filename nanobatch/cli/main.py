@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import ApiError, NanobatchError, sole_error
+from ..errors import NanobatchError, sole_error
 from .logs import hand_over, install_redaction, json_logs, quiet_logs, setup_logging, show_error
 from .options import Duration, Finite, manifest_from, settings_from, settings_options
 from .printing import log_summary as _log_summary
@@ -365,13 +365,13 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     import anyio
 
     from ..api.connect import api_key_for, check_offered, connect
-    from ..run.batch.ledger import cancel_jobs
+    from ..run.batch.ledger import Cancel, cancel_jobs
 
     settings = settings_from(config_file, base_url=base_url)
     install_redaction(settings)
     check_offered(settings, "cancel")  # before any credential is looked for: Vertex has no batch jobs
 
-    async def go() -> list[tuple[str, str, ApiError | None]]:
+    async def go() -> list[Cancel]:
         async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:
             async with connection.batches() as client:
                 return await cancel_jobs(Path(out_dir), client)

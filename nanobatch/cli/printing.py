@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from ..errors import ApiError
+    from ..run.batch.ledger import Cancel
     from ..run.preflight import CheckResult
     from ..run.recheck import RecheckResult
     from ..run.runner import RunSummary
@@ -279,15 +279,16 @@ def _print_tables(tables: list[_Table]) -> None:
             click.echo(line)
 
 
-def print_cancelled(found: list[tuple[str, str, ApiError | None]]) -> bool:
-    """What ``nanobatch cancel`` did with each job (name, state after, the API's refusal): whether every one
-    still running was cancelled."""
-    ended = [f"{name} ({state})" for name, state, _ in found if state in ("succeeded", "failed", "expired")]
-    names = [name for name, state, refused in found if refused is None and f"{name} ({state})" not in ended]
+def print_cancelled(found: list[Cancel]) -> bool:
+    """What ``nanobatch cancel`` did with each job: whether every one still running was cancelled."""
+    ended = [job for job in found if job.ended_before or job.state in ("succeeded", "failed", "expired")]
+    names = [job.name for job in found if job.refused is None and job not in ended]
     click.echo(f"cancelled {len(names)} batch jobs" + (f": {', '.join(names)}" if names else ""))
     if ended:
-        click.echo(f"{len(ended)} had already ended: {', '.join(ended)}; the next run collects their answers")
-    refused = [(name, state, exc) for name, state, exc in found if exc is not None]
-    for name, state, exc in refused:
-        click.echo(f"error: batch job {name} ({state}) was not cancelled: {exc.message}", err=True)
+        said = ", ".join(f"{job.name} ({job.state})" for job in ended)
+        click.echo(f"{len(ended)} had already ended: {said}; the next run collects their answers")
+    refused = [job for job in found if job.refused is not None]
+    for job in refused:
+        assert job.refused is not None
+        click.echo(f"error: batch job {job.name} ({job.state}) was not cancelled: {job.refused.message}", err=True)
     return not refused

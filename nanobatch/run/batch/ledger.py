@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import orjson
@@ -38,7 +38,7 @@ from ..route import Step
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient, BatchJob
 
-__all__ = ["Chunk", "Ledger", "answers_kept", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
+__all__ = ["Cancel", "Chunk", "Ledger", "answers_kept", "answers_to_come", "cancel_jobs", "job_counts", "open_chunks"]
 
 
 @dataclass(slots=True)
@@ -193,18 +193,30 @@ def open_chunks(out_dir: Path) -> list[Chunk]:
     return [chunk for chunk in Ledger(out_dir / BATCH_FOLDER).load().values() if chunk.open]
 
 
-async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str, ApiError | None]]:
-    """Cancel the open jobs of *out_dir* (also one whose create reply was lost); returns each one's name and state
-    after the cancel (``succeeded``: it was done first), noted in the ledger (``nanobatch status`` shows it), and
-    the error that refused the cancel of one still running; the next run collects them and sends their unanswered
-    items again. A cancel refused (a job that ended since a run last saw it, which an API may refuse to cancel; a
-    passing error) does not keep the other jobs from being cancelled."""
+class Cancel(NamedTuple):
+    """What ``nanobatch cancel`` did with one job."""
+
+    name: str
+    state: str  # after the cancel, noted in the ledger (``succeeded``: it was done first)
+    refused: ApiError | None  # the error that refused the cancel of a job still running
+    ended_before: bool = False  # an earlier cancel or run saw it end: not asked again
+
+
+async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[Cancel]:
+    """Cancel the open jobs of *out_dir* (also one whose create reply was lost), each noted in the ledger
+    (``nanobatch status`` shows it); the next run collects them and sends their unanswered items again. A cancel
+    refused (a job that ended since a run last saw it, which an API may refuse to cancel; a passing error) does
+    not keep the other jobs from being cancelled. A job the ledger says ended (cancelled by an earlier
+    ``cancel``) is not asked again."""
     from ...api.batch_api import DONE_STATES  # not at the top: status reads the ledger without the HTTP stack
 
     ledger = Ledger(out_dir / BATCH_FOLDER)
-    cancelled: list[tuple[str, str, ApiError | None]] = []
+    cancelled: list[Cancel] = []
     try:
         for chunk in [chunk for chunk in ledger.load().values() if chunk.open]:
+            if chunk.job and chunk.state in DONE_STATES:
+                cancelled.append(Cancel(chunk.job, chunk.state, None, ended_before=True))
+                continue
             names = [chunk.job] if chunk.job else [job.name for job in await client.find(chunk.display)]
             if names and chunk.job is None:
                 ledger.note("created", chunk, job=names[-1])  # the first create's (listed newest first)
@@ -215,7 +227,7 @@ async def cancel_jobs(out_dir: Path, client: BatchClient) -> list[tuple[str, str
                 except ApiError as exc:
                     refused = exc
                 state = await _note_cancelled(ledger, chunk, client, name, asked=refused is None)
-                cancelled.append((name, state, refused if state not in DONE_STATES else None))
+                cancelled.append(Cancel(name, state, refused if state not in DONE_STATES else None))
     finally:
         ledger.close()
     return cancelled
