@@ -15,6 +15,7 @@ import pytest
 import nanobatch
 import nanobatch.inputs.load
 from nanobatch.api import storage
+from nanobatch.cli.main import main
 from nanobatch.config import Settings, load_settings
 from nanobatch.errors import ConfigError, StorageError
 from nanobatch.output.upload import Uploads
@@ -536,3 +537,21 @@ def test_an_answer_of_several_images_one_of_whose_objects_is_taken_is_paid_for_o
         assert run_now(job, fake, out, settings=settings).exit_code == 1
 
     assert len(fake.requests) == 1 and storage.read_bytes(bucket.url("edited/lamp-1.png")) == b"theirs"
+
+
+def test_an_item_whose_local_copy_alone_was_deleted_is_done_for_validate_and_status_as_for_the_run(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A catalog that deletes its local copies once they are published: a run finds the objects and sends nothing,
+    # so validate and status must not count such an item as work left (nor estimate its cost).
+    job, out, settings = night_one(tmp_path, bucket.url("edited/"))
+    (out / "sku-1.png").unlink()
+
+    checked = nanobatch.check_job(job, settings=settings, out_dir=out, count_done=True)
+    monkeypatch.setenv("NANOBATCH_OUTPUT_UPLOAD_TO", bucket.url("edited/"))  # where status finds the run's settings
+    assert main(["status", str(out), "--json"]) == 0
+    fake = FakeGemini()
+
+    assert checked.done_items == 1 and checked.left_requests == 0
+    assert json.loads(capsys.readouterr().out)["left"] == 0
+    assert run_now(job, fake, out, settings=settings).stats.skipped == 1 and not fake.requests

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ManifestError, UsageError
 from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
@@ -20,6 +20,10 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..run.batch.ledger import answers_kept, open_chunks
 from ..run.summary import CHECK, STARTED, STATE, file_stamp, folder_entries
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..output.upload import Uploads
 
 __all__ = ["folder_status"]
 
@@ -189,15 +193,38 @@ def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | No
     if not index.loaded.runs_since(size) <= frozenset(runs if isinstance(runs, list) else ()):
         return None
     left: int = state["left"]
-    for _, before, now in index.loaded.changes_since(size):
+    done: functools.partial[bool] | None = None
+    for item_id, before, now in index.loaded.changes_since(size):
+        done = done or functools.partial(_done, out_dir, index.loaded, _uploads(_settings().output.upload_to))
         # Done then if its record was ok: the state counted the files there, as the folder holds as many entries.
-        left += (before is not None) - _done(out_dir, now)
+        left += (before is not None) - done(item_id, now)
     return left
 
 
-def _done(out_dir: Path, outputs: tuple[str, ...] | None) -> bool:
-    """Whether an item whose latest record is ok with these *outputs* (None: not ok) is done: its files there."""
-    return outputs is not None and outputs_there(out_dir, outputs)
+def _done(
+    out_dir: Path, index: ResultsIndex, uploads: Uploads | None, item_id: str, outputs: tuple[str, ...] | None
+) -> bool:
+    """Whether an item whose latest record is ok with these *outputs* (None: not ok) is done: its files there, or
+    its objects in ``output.upload_to`` (*uploads*), as a run finds it."""
+    if outputs is None:
+        return False
+    return outputs_there(out_dir, outputs) or uploads is not None and uploads.holds(index, item_id, outputs)
+
+
+def _settings() -> Settings:
+    """The settings a run started here would find (its config file search), for the items and the uploads."""
+    from ..config import Settings, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError:
+        return Settings()
+
+
+def _uploads(prefix: str | None) -> Uploads | None:
+    from ..output.upload import Uploads
+
+    return Uploads(prefix) if prefix is not None else None
 
 
 def _orphans_held(out_dir: Path, summary: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -255,13 +282,10 @@ def _left(
     """How many items of the manifest at *path* have no ``ok`` record whose files are all there (new, failed,
     blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now. With
     *starts*, those of the rows appended to its sources since a run's check alone (``Manifest.since``)."""
-    from ..config import Settings, load_settings
     from ..job.manifest import load_manifest
 
-    try:
-        model = load_settings().api.model  # the same search as a run's, for items that name no model
-    except ConfigError:
-        model = Settings().api.model
+    settings = _settings()  # the same search as a run's, for items that name no model
+    done = functools.partial(_done, out_dir, index, _uploads(settings.output.upload_to))
     left = total = 0
 
     def bad(_problems: object) -> None:
@@ -270,12 +294,12 @@ def _left(
         total += 1
 
     try:
-        manifest = load_manifest(path, default_model=model).skipping(out_dir)
+        manifest = load_manifest(path, default_model=settings.api.model).skipping(out_dir)
         manifest = manifest.since(starts) if starts else manifest
         for item in index.read_ahead(manifest.items(check_files=False, on_problem=bad)):
             total += 1
             entry = index.get(item.id)
-            if not _done(out_dir, entry.outputs if entry is not None and entry.status == "ok" else None):
+            if not done(item.id, entry.outputs if entry is not None and entry.status == "ok" else None):
                 left += 1
     except ManifestError:
         return None

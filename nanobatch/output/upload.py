@@ -66,6 +66,12 @@ class Uploads:
         """The object URL of the output name *name* (a path relative to the output folder)."""
         return self.prefix + name.replace(os.sep, "/")
 
+    def holds(self, index: ResultsIndex, item_id: str, outputs: Iterable[str]) -> bool:
+        """Whether a record of *item_id* put each of *outputs* here: a run finds such an item done, its local
+        copies deleted or not (it lists the bucket, :meth:`find_gone`; this assumes the objects are still there)."""
+        urls = [self.url(name) for name in outputs]
+        return len(index.uploaded(item_id, urls)) == len(urls)
+
     async def put(
         self, files: list[tuple[str, bytes]], ours: Mapping[str, UploadStamp | None] | None = None
     ) -> tuple[tuple[str, ...], tuple[UploadStamp, ...]]:

@@ -12,6 +12,7 @@ from ..item import WorkItem
 from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE, FoldersIn, item_stems
 from ..output.results import ResultsIndex
+from ..output.upload import Uploads
 
 __all__ = ["DoneWork", "NewRows"]
 
@@ -26,22 +27,26 @@ class DoneWork:
     bytes are not fetched to check). Its files, like its pictures, may have been stat-ed a moment before by the
     process that looks at pictures ahead (:func:`~nanobatch.job.pictures.looked_ahead`)."""
 
-    def __init__(self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, index: ResultsIndex, pictures: PictureCheck | None = None, upload_to: str | None = None
+    ) -> None:
         self.out_dir = out_dir
         self._in = os.path.join(out_dir, "")  # a name's path: this and the name, as os.path.join gives it
         self.index = index
         self.pictures = pictures  # the check's, if it reads pictures: it tells which it found as stamped
         self.items = self.requests = 0
+        self.uploads = Uploads(upload_to) if upload_to is not None else None  # an item done there is done
         self._last: tuple[str | None, _OkEntry | None] = (None, None)
         # The items coming next (ahead()), by id: their ok entries (None: not ok), until each is met
         self._told: OrderedDict[str, _OkEntry | None] = OrderedDict()
 
     @classmethod
-    def of(cls, out_dir: Path, pictures: PictureCheck | None = None) -> DoneWork | None:
-        """The results of *out_dir*; None when it has none."""
+    def of(cls, out_dir: Path, pictures: PictureCheck | None = None, upload_to: str | None = None) -> DoneWork | None:
+        """The results of *out_dir* (its images uploaded to *upload_to*, ``output.upload_to``); None when it has
+        none."""
         if not (out_dir / RESULTS_FILE).is_file():
             return None
-        return cls(out_dir, ResultsIndex.load(out_dir), pictures)
+        return cls(out_dir, ResultsIndex.load(out_dir), pictures, upload_to)
 
     def _entry(self, item_id: str | None) -> _OkEntry | None:
         """The key, outputs and input stamps of *item_id*'s latest record, if it is ok (asked once per item)."""
@@ -82,7 +87,7 @@ class DoneWork:
         key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
         if key is None or key != recorded:
             return False
-        if not self._there(outputs):
+        if not self._there(outputs) and not self._uploaded(item.id, outputs):
             return False
         self.items += 1
         self.requests += len(item.steps)
@@ -97,6 +102,10 @@ class DoneWork:
             if path not in looked and not os.path.isfile(path):
                 return False
         return True
+
+    def _uploaded(self, item_id: str | None, outputs: tuple[str, ...]) -> bool:
+        """Whether a record of *item_id* put each of *outputs* in ``output.upload_to``, as a run counts it done."""
+        return self.uploads is not None and item_id is not None and self.uploads.holds(self.index, item_id, outputs)
 
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""

@@ -315,7 +315,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     lifecycle = LifecycleCheck(str(manifest.path), settings)
     pictures = PictureCheck() if how.check_pictures else None
     done, held = _done(target, basis, lifecycle, pictures, count=how.count_done, from_summary=how.from_summary,
-                       grown=grown)  # fmt: skip
+                       grown=grown, upload_to=settings.output.upload_to)  # fmt: skip
     if held is not None and not held.starts:
         report = CheckReport(items=held.items, requests=held.requests, problems=[])
         return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
@@ -359,7 +359,7 @@ def _key_or_none(settings: Settings) -> str | None:
 
 def _done(
     target: Path, basis: Mapping[str, Any] | None, lifecycle: LifecycleCheck, pictures: PictureCheck | None, *,
-    count: bool, from_summary: bool, grown: bool,
+    count: bool, from_summary: bool, grown: bool, upload_to: str | None,
 ) -> tuple[DoneWork | None, Held | None]:  # fmt: skip
     """The folder's done work to count the items against (*count*; None for a run's check), and the check as
     its last run's summary holds it, if it does: every item done, counted without going through them, but for
@@ -371,7 +371,7 @@ def _done(
         done = DoneWork(target, loaded[0]) if loaded else None
         kept = held is not None and bool(held.starts)  # a run's check counts no done work but for a grown catalog
     else:
-        done = DoneWork.of(target, pictures)
+        done = DoneWork.of(target, pictures, upload_to)
         held = _held(target, basis, lifecycle, done.index.every_entry(), grown) if done is not None else None
         kept = held is None or bool(held.starts)
     if done is not None and not kept:
