@@ -555,3 +555,35 @@ def test_an_item_whose_local_copy_alone_was_deleted_is_done_for_validate_and_sta
     assert checked.done_items == 1 and checked.left_requests == 0
     assert json.loads(capsys.readouterr().out)["left"] == 0
     assert run_now(job, fake, out, settings=settings).stats.skipped == 1 and not fake.requests
+
+
+def test_an_uploaded_image_rejected_later_by_qa_apply_is_said_still_published_and_replaced_once_one_passes(
+    bucket: Bucket, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The team tightens a threshold after a night that published its images: --apply sets the image aside, and
+    # must not pretend it was never uploaded. The object is left for the shop (it may be live), and the card,
+    # the command and the record say where it is; the next image that passes replaces it.
+    from nanobatch.cli.report import write_report
+
+    fake = FakeGemini()
+    job, out, settings = night_one(tmp_path, bucket.url("edited/"), fake)
+    url = records(out)[0]["uploads"][0]
+    published = storage.read_bytes(url)
+    job.write_text(job.read_text() + "qa: {min_side: 2800}\n")
+    capsys.readouterr()
+
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
+
+    said = capsys.readouterr().out
+    assert f"1 objects of items rejected now were uploaded before and stay in output.upload_to until the next " \
+           f"run's image passes: {url}" in said  # fmt: skip
+    assert records(out)[-1]["status"] == "rejected" and records(out)[-1]["uploads"] == [url]
+    assert storage.read_bytes(url) == published and (out / "rejected" / "sku-1.png").is_file()
+    card = write_report(out).read_text()
+    assert f"uploaded before it was rejected, still at {url}" in card and "never uploaded" not in card
+    job.write_text(job.read_text().replace("min_side: 2800", "min_side: 8"))
+    other = FakeGemini({"make the background white": [ok_body(inline(image_bytes((10, 20, 30))))]})
+
+    assert run_now(job, other, out, settings=settings).exit_code == 0
+    assert records(out)[-1]["status"] == "ok" and storage.read_bytes(url) == (out / "sku-1.png").read_bytes()
+    assert storage.read_bytes(url) != published

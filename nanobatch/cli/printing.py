@@ -231,7 +231,8 @@ def print_recheck(result: RecheckResult) -> None:
         counts += f"; {result.not_done} not done (the next run sends them)"
     click.echo(counts)
     if result.unreadable:
-        click.echo(f"{len(result.unreadable)} images could not be read, not checked: {', '.join(result.unreadable)}")
+        click.echo(f"{len(result.unreadable)} items not checked (an image or its input cannot be read): "
+                   f"{', '.join(result.unreadable)}")  # fmt: skip
     _print_recorded(result)
 
 
@@ -250,9 +251,15 @@ def _print_recorded(result: RecheckResult) -> None:
     elif result.recorded:
         rejected = sum(1 for item in result.failing if item.id in result.recorded)
         parts = [f"{rejected} rejected (images moved under {result.out_dir / REJECTED_FOLDER}/)"] if rejected else []
-        parts += [f"{len(result.recorded) - rejected} ok again"] if len(result.recorded) > rejected else []
+        back = sum(1 for item in result.moved_back if item.id in result.recorded)
+        again = len(result.recorded) - rejected - back
+        parts += [f"{again} ok again"] if again else []
+        parts += [f"{back} ok, put back where a qa --apply that did not finish had moved them"] if back else []
         tail = "; the next run sends the rejected items again" if rejected else ""
         click.echo(f"recorded {len(result.recorded)} new verdicts: {', '.join(parts)}{tail}")
+    if result.published:
+        click.echo(f"{len(result.published)} objects of items rejected now were uploaded before and stay in "
+                   f"output.upload_to until the next run's image passes: {', '.join(result.published)}")  # fmt: skip
     for item_id, why in result.refused:
         click.echo(f"  {item_id}: not recorded: {why}", err=True)
 

@@ -41,11 +41,12 @@ def render_verdict(rec: ItemRecord) -> str:
         for check in verdict.failed
     )
     rest = _values(verdict.values, skip=verdict.failed)
-    where = (
-        f"Set aside under {REJECTED_FOLDER}/, never uploaded; the next run sends it again."
-        if rec.status == "rejected"
-        else ""
-    )
+    where = ""
+    if rec.status == "rejected":
+        where = f"Set aside under {REJECTED_FOLDER}/, never uploaded; the next run sends it again."
+    if rec.status == "rejected" and rec.uploads:  # uploaded by a run, rejected since by nanobatch qa --apply
+        where = (f"Set aside under {REJECTED_FOLDER}/; uploaded before it was rejected, still at "
+                 f"{', '.join(rec.uploads)} until the next run's image passes.")  # fmt: skip
     return (
         f'<div class="qa rejected"><b>Failed the output checks</b><ul class="failed-checks">{failed}</ul>'
         + (f'<p class="measured">also measured: {rest}</p>' if rest else "")

@@ -13,6 +13,7 @@ rejected items again, like failed ones, and nothing else.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from ..inputs.load import InputLoader
 from ..item import WorkItem
 from ..job.manifest import Manifest
 from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
-from ..output.files import Owned, fsync_dir
+from ..output.files import Owned, fsync_dir, stamp_of
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, PaidIn
 from ..output.record_lines import latest_records
@@ -60,11 +61,18 @@ class Rechecked:
     status: str
     outputs: tuple[str, ...]
     verdict: Verdict
+    # (name, where it is) of each file a ``qa --apply`` that died before its records moved (see _where)
+    moved: tuple[tuple[str, str], ...] = ()
 
     @property
     def turned(self) -> bool:
         """Whether the new verdict is not what its record says: an ok item that fails, a rejected one that passes."""
         return self.verdict.passed != (self.status == "ok")
+
+    @property
+    def to_record(self) -> bool:
+        """Whether ``apply`` records it: its verdict turned, or its files are not where its record says."""
+        return self.turned or bool(self.moved)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "outputs": list(self.outputs), **self.verdict.to_json()}
@@ -81,10 +89,12 @@ class RecheckResult:
     passing_again: tuple[Rechecked, ...]  # rejected items whose images pass now
     not_done: int  # the manifest's other items: never run, failed, blocked, or their images gone
     unreadable: tuple[str, ...] = ()  # done items whose images could not be read: not checked
-    checks_on: bool = False  # whether any check was on for any checked item
+    moved_back: tuple[Rechecked, ...] = ()  # ok items that pass, whose files a dead --apply moved (apply puts back)
+    checks_on: bool = False  # whether any check is on for any item of the manifest
     applied: bool = False
     recorded: tuple[str, ...] = ()  # with apply: the items given a new record
     refused: tuple[tuple[str, str], ...] = ()  # with apply: (id, why) the items whose images could not be moved
+    published: tuple[str, ...] = ()  # with apply: the object URLs of items rejected now that a run uploaded before
 
     @property
     def passed(self) -> int:
@@ -104,7 +114,7 @@ class RecheckResult:
         counts = {
             "checked": self.checked, "passed": self.passed, "failed": len(self.failing),
             "newly_failed": self.newly_failing, "passing_again": len(self.passing_again), "not_done": self.not_done,
-            "unreadable": len(self.unreadable),
+            "unreadable": len(self.unreadable), "moved_back": len(self.moved_back),
         }  # fmt: skip
         return {
             "manifest": str(self.manifest), "out_dir": str(self.out_dir), "checks_on": self.checks_on,
@@ -112,6 +122,7 @@ class RecheckResult:
             "failing": [item.to_json() for item in self.failing],
             "passing_again": [item.to_json() for item in self.passing_again], "unreadable": list(self.unreadable),
             "recorded": list(self.recorded), "refused": [{"id": i, "reason": why} for i, why in self.refused],
+            "still_published": list(self.published),
         }  # fmt: skip
 
 
@@ -171,6 +182,7 @@ class _Found:
 
     failing: list[tuple[int, Rechecked]] = field(default_factory=list)
     passing_again: list[tuple[int, Rechecked]] = field(default_factory=list)
+    moved_back: list[tuple[int, Rechecked]] = field(default_factory=list)
     unreadable: list[tuple[int, str]] = field(default_factory=list)
     checked: int = 0
     not_done: int = 0
@@ -182,11 +194,13 @@ class _Found:
             self.failing.append((place, item))
         elif item.status != "ok":
             self.passing_again.append((place, item))
+        elif item.moved:
+            self.moved_back.append((place, item))
 
     def result(self, job: Manifest, target: Path) -> RecheckResult:
         return RecheckResult(
             manifest=job.path, out_dir=target, checked=self.checked, failing=_ordered(self.failing),
-            passing_again=_ordered(self.passing_again), not_done=self.not_done,
+            passing_again=_ordered(self.passing_again), not_done=self.not_done, moved_back=_ordered(self.moved_back),
             unreadable=_ordered(self.unreadable), checks_on=self.checks_on,
         )  # fmt: skip
 
@@ -195,7 +209,7 @@ def _ordered(found: list[tuple[int, Any]]) -> tuple[Any, ...]:
     return tuple(value for _, value in sorted(found, key=lambda pair: pair[0]))
 
 
-_Work = tuple[int, WorkItem, IndexEntry]
+_Work = tuple[int, WorkItem, IndexEntry, tuple[tuple[str, str], ...]]
 
 
 async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckResult:
@@ -209,83 +223,117 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
         receive.close()
         async with send:
             for place, item in enumerate(index.read_ahead(job.items(check_files=False))):
+                found.checks_on = found.checks_on or item.qa is not None and item.qa.active
                 entry = index.get(item.id)
-                if _done(entry, target):
-                    await send.send((place, item, entry))
+                moved = _where(entry, item.id, target, index) if _done(entry) else None
+                if entry is not None and moved is not None:
+                    await send.send((place, item, entry, moved))
                 else:
                     found.not_done += 1
     return found.result(job, target)
 
 
-def _done(entry: IndexEntry | None, target: Path) -> TypeGuard[IndexEntry]:
-    """Whether an item's latest record is ok or rejected and names images that are all there."""
-    return (
-        entry is not None
-        and entry.status in ("ok", "rejected")
-        and bool(entry.outputs)
-        and outputs_there(target, entry.outputs)
-    )
+def _done(entry: IndexEntry | None) -> TypeGuard[IndexEntry]:
+    """Whether an item's latest record is ok or rejected with images."""
+    return entry is not None and entry.status in ("ok", "rejected") and bool(entry.outputs)
+
+
+def _where(entry: IndexEntry, item_id: str, target: Path, index: ResultsIndex) -> tuple[tuple[str, str], ...] | None:
+    """(name, where it is) of each of the record's files that is not at its name but where a ``qa --apply`` that
+    died before its records moved it (under ``rejected/``, or back out), as nanobatch left it; None if one is
+    nowhere so (the item is not done: the next run sends it)."""
+    files = entry.files or entry.outputs
+    if outputs_there(target, files):
+        return ()
+    owned, moved = index.owned(item_id, files), []
+    for name in files:
+        if not os.path.isfile(os.path.join(target, name)):
+            there = name[len(_REJECTED) :] if name.startswith(_REJECTED) else _REJECTED + name
+            if owned.get(name) is None or stamp_of(os.path.join(target, there)) != owned[name]:
+                return None
+            moved.append((name, there))
+    return tuple(moved)
 
 
 async def _worker(receive: ObjectReceiveStream[_Work], loader: InputLoader, target: Path, found: _Found) -> None:
     async with receive:
-        async for place, item, entry in receive:
+        async for place, item, entry, moved in receive:
             qa = item.qa or QaSettings()
-            found.checks_on = found.checks_on or qa.active
             verdict = Verdict(passed=True)
             if qa.active:
-                original = await _original(item, loader) if qa.changed or qa.same_subject else None
+                original, gone = await _original(item, loader) if qa.changed or qa.same_subject else (None, None)
                 try:
-                    verdict = await anyio.to_thread.run_sync(_judge, target, entry.outputs, item, qa, original)
+                    at = dict(moved)
+                    images = tuple(at.get(name, name) for name in entry.outputs)
+                    verdict = await anyio.to_thread.run_sync(_judge, target, images, item, qa, original)
                 except _UNREADABLE as exc:
-                    logger.warning("%s: cannot check its image: %s", item.id, exc)
+                    logger.warning("%s: not checked: %s", item.id, exc)
                     found.unreadable.append((place, item.id))
                     continue
-            found.add(place, Rechecked(id=item.id, status=entry.status, outputs=entry.outputs, verdict=verdict))
+                if gone is not None and verdict.passed and entry.status != "ok":
+                    # Rejected, perhaps as another product: passing only the checks it could measure is no pass.
+                    logger.warning("%s: not checked: it passes all but the checks that compare it with its input, "
+                                   "which cannot be read now (%s): it stays rejected", item.id, gone)  # fmt: skip
+                    found.unreadable.append((place, item.id))
+                    continue
+            found.add(place, Rechecked(id=item.id, status=entry.status, outputs=entry.outputs, verdict=verdict,
+                                       moved=moved))  # fmt: skip
 
 
-async def _original(item: WorkItem, loader: InputLoader) -> bytes | None:
-    """The item's first input picture, which ``changed`` and ``same_subject`` compare with; None if it has
-    none, or it cannot be read now (those checks are then not measured, as for an input sent by reference)."""
+async def _original(item: WorkItem, loader: InputLoader) -> tuple[bytes | None, InputError | None]:
+    """The item's first input picture, which ``changed`` and ``same_subject`` compare with (None if it has none:
+    those checks are then not measured, as at the run), and why it cannot be read now, if it cannot (then those
+    checks are left out too, and a rejected item cannot pass)."""
     if not item.inputs:
-        return None
+        return None, None
     try:
         images = await loader.load(item.inputs[:1], resize=item.resize_inputs)
     except InputError as exc:
-        logger.info("%s: its input cannot be read now (%s): the checks comparing with it are left out", item.id, exc)
-        return None
-    return images[0].data
+        logger.warning("%s: its input cannot be read now (%s): the checks comparing with it are left out", item.id,
+                       exc)  # fmt: skip
+        return None, exc
+    return images[0].data, None
 
 
 def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSettings, original: bytes | None) -> Verdict:
-    """The verdict on an item's images (in a worker thread): each checked, failing if any fails."""
+    """The verdict on an item's images (in a worker thread): each checked, failing if any fails. Raises OSError
+    (or ValueError) naming the image that cannot be read or decoded."""
     images = []
     for name in outputs:
-        with open(os.path.join(target, name), "rb") as f:
+        path = os.path.join(target, name)
+        with open(path, "rb") as f:
             images.append(f.read())
+        try:
+            PILImage.open(io.BytesIO(images[-1])).close()  # its header: which image cannot be decoded
+        except _UNREADABLE:
+            raise OSError(f"{path}: not an image that can be decoded") from None
     return check_images(images, original=original, aspect_ratio=item.aspect_ratio, settings=qa)
 
 
 async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> RecheckResult:
     """Record the verdicts of *found* that changed (the folder's lock held): move each item's images, then append
     its new record; an item whose images cannot be moved keeps its record and is listed as ``refused``."""
-    changes = [item for item in (*found.failing, *found.passing_again) if item.turned]
+    changes = [item for item in (*found.failing, *found.passing_again, *found.moved_back) if item.to_record]
     if not changes:
         return replace(found, applied=True)
     records = await anyio.to_thread.run_sync(latest_records, out.path / RESULTS_FILE, {item.id for item in changes})
     plans: list[_Plan] = []
     for item in changes:
         rejected = not item.verdict.passed
-        moves = _moves(records[item.id], rejected=rejected)
+        places = _places(records[item.id], rejected=rejected)
+        at = dict(item.moved)
+        moves = tuple((at.get(name, name), new) for name, new in places.items() if at.get(name, name) != new)
         # Under rejected/, only an image a record of this item put there may be replaced (an earlier rejection's;
         # the index is this thread's only). Back out of it, nothing: the rejection left the names free, so what
         # is there now, nanobatch did not put there.
-        # A source is moved only while it is as nanobatch left it (a retouched image is the user's now).
-        replaceable: Owned = index.owned(item.id, [old for old, _ in moves] + [new for _, new in moves if rejected])
-        plans.append((item, records[item.id], moves, replaceable))
+        # A source is moved only while it is as nanobatch left it (a retouched image is the user's now): one a
+        # dead --apply moved, as it left the file it moved.
+        owned = index.owned(item.id, [*places] + [new for _, new in moves if rejected])
+        replaceable: Owned = {**owned, **{there: owned.get(name) for name, there in item.moved}}
+        plans.append((item, records[item.id], places, moves, replaceable))
     out.open()
     try:
-        out.journal.writing_many([(item.id, out.claims([], moves)) for item, _, moves, _ in plans])
+        out.journal.writing_many([(item.id, out.claims([], moves)) for item, _, _, moves, _ in plans])
         new_records, refused = await anyio.to_thread.run_sync(_move_and_record, out, plans)
         for record in new_records:
             index.add(record)
@@ -293,16 +341,17 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
     finally:
         out.close()
     recorded = tuple(record.id for record in new_records)
-    return replace(found, applied=True, recorded=recorded, refused=tuple(refused))
+    published = tuple(url for r in new_records if r.status == "rejected" for url in r.uploads or ())
+    return replace(found, applied=True, recorded=recorded, refused=tuple(refused), published=published)
 
 
-_Plan = tuple[Rechecked, ItemRecord, tuple[tuple[str, str], ...], Owned]
+_Plan = tuple[Rechecked, ItemRecord, dict[str, str], tuple[tuple[str, str], ...], Owned]
 
 
 def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord], list[tuple[str, str]]]:
     """Move each planned item's images (in a worker thread), then append the records of those moved in one write."""
     new_records, refused, folders = [], [], set[str]()
-    for item, record, moves, replaceable in plans:
+    for item, record, places, moves, replaceable in plans:
         try:
             out.put([], moves, replaceable, folders)
         except OSError as exc:
@@ -310,7 +359,7 @@ def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord],
             logger.error("%s: its images stay where they are and its record as it was: %s", item.id, why)
             refused.append((item.id, why))
             continue
-        new_records.append(out.stamped(_verdict_record(record, item.verdict, moves, out.journal.run_id)))
+        new_records.append(out.stamped(_verdict_record(record, item.verdict, places, moves, out.journal.run_id)))
     for folder in folders:  # the moves durable before the records that name the new places
         fsync_dir(folder)
     if new_records:
@@ -318,17 +367,18 @@ def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord],
     return new_records, refused
 
 
-def _moves(record: ItemRecord, *, rejected: bool) -> tuple[tuple[str, str], ...]:
-    """(old, new) for each file of *record*: under ``rejected/`` for a rejected item, else back out of it."""
+def _places(record: ItemRecord, *, rejected: bool) -> dict[str, str]:
+    """Where each file of *record* goes: under ``rejected/`` for a rejected item, else out of it."""
     if rejected:
-        return tuple((name, _REJECTED + name) for name in record.files if not name.startswith(_REJECTED))
-    return tuple((name, name[len(_REJECTED) :]) for name in record.files if name.startswith(_REJECTED))
+        return {name: name if name.startswith(_REJECTED) else _REJECTED + name for name in record.files}
+    return {name: name.removeprefix(_REJECTED) for name in record.files}
 
 
-def _verdict_record(record: ItemRecord, verdict: Verdict, moves: tuple[tuple[str, str], ...], run: str) -> ItemRecord:
-    """*record* with the new *verdict*, its files at their new places: a move, paid for where *record*'s images
-    were (``paid_in``), costing nothing itself."""
-    renamed = dict(moves)
+def _verdict_record(
+    record: ItemRecord, verdict: Verdict, renamed: dict[str, str], moves: tuple[tuple[str, str], ...], run: str
+) -> ItemRecord:
+    """*record* with the new *verdict*, its files at their new places (*renamed*, by *moves*): a move, paid for
+    where *record*'s images were (``paid_in``), costing nothing itself."""
     steps = record.steps
     if steps is not None:
         steps = tuple(
@@ -337,14 +387,15 @@ def _verdict_record(record: ItemRecord, verdict: Verdict, moves: tuple[tuple[str
     payer = record.run if record.moved_from is None else (record.paid_in.run if record.paid_in else None)
     rejected = not verdict.passed
     if rejected and record.uploads:
-        logger.warning("%s: rejected, but its images were uploaded before: those objects stay", record.id)
+        logger.warning("%s: rejected, but its images were uploaded before: %s stays (nanobatch deletes no object a "
+                       "shop may serve; the next run's image replaces it once it passes)", record.id,
+                       ", ".join(record.uploads))  # fmt: skip
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     outputs = tuple(renamed.get(n, n) for n in record.outputs)
     moved = replace(
         record, run=run, status="rejected" if rejected else "ok", outputs=outputs, steps=steps, attempts=0,
         latency_s=None, cost_usd=0.0, paid_in=PaidIn(run=payer, cost_usd=record.costs()[0]),
-        moved_from=tuple(old for old, _ in moves), uploads=None if rejected else record.uploads,
-        upload_stamps=None if rejected else record.upload_stamps,
+        moved_from=tuple(old for old, _ in moves), uploads=record.uploads, upload_stamps=record.upload_stamps,
         error=ErrorInfo(kind="qa", message=_failed_text(verdict)) if rejected else None,
         started_at=now, finished_at=now,
     )  # fmt: skip
