@@ -95,6 +95,14 @@ async def test_each_bad_image_the_simulator_is_asked_for_fails_its_check(
     assert list(verdict.failed) == [c for c in QA_CHECKS if c in fails]  # in QA_CHECKS order
 
 
+@pytest.mark.parametrize("ratio", ["1:4", "8:1", "16:9"])
+async def test_a_small_output_is_512_px_on_its_long_side_at_every_shape(ratio: str) -> None:
+    # The 512 tier of a long shape is 1,024 px long (1:4 is 256 x 1024): not what "small output" is to test.
+    output = await simulate(INPUT, f"{WHITE} [simulate qa_small_output]", ratio=ratio)
+    verdict = check_image(output, original=None, aspect_ratio=ratio, settings=QaSettings(min_side=1000, aspect=True))
+    assert max(verdict.values["width"], verdict.values["height"]) == 512 and verdict.failed == ("min_side",)
+
+
 @pytest.mark.parametrize(("flaw", "fails"), FLAWS)
 async def test_a_fault_rate_draws_the_same_bad_images(flaw: str, fails: set[str]) -> None:
     output = await simulate(INPUT, WHITE, ratio="1:1", **{f"rate_{flaw}": 1.0})

@@ -110,6 +110,8 @@ def render(
         raise InvalidRequest(UNPROCESSABLE_IMAGE) from None
     ratio = choose_aspect_ratio(request.aspect_ratio, base_rgb, request.model.aspect_ratios)
     size = pixel_size(ratio, "512" if flaw == "qa_small_output" else request.image_size or request.model.default_size)
+    if flaw == "qa_small_output":  # 512 px on the long side (the 512 tier's 1:4 is 256 x 1024), of the same shape
+        size = (max(1, round(size[0] * 512 / max(size))), max(1, round(size[1] * 512 / max(size))))
     if base_rgb is None:
         result = _generate(request.instruction, size, seed)
     elif flaw == "qa_unchanged":
