@@ -306,3 +306,24 @@ def test_an_apply_killed_before_its_records_is_finished_by_the_next_apply(
     if set_back:
         assert "1 ok, put back where a qa --apply that did not finish had moved them" in said
     assert _sent_by_next_run(job, out) == ([] if set_back else ["a"])
+
+
+@needs_qa
+def test_apply_records_the_checks_a_still_rejected_image_fails_now(
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rejected for its background and its size; the background check turned off since: its record, its error and
+    # its card must name the check it fails now, not the one no longer asked.
+    job, out = done
+    _reject_by_hand(out, "a", ["background", "min_side"])
+    _tighten(job, top={"min_side": TOO_BIG}, b={"min_side": 100})
+    capsys.readouterr()
+
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
+
+    last = records(out)[-1]
+    assert last["id"] == "a" and last["status"] == "rejected" and last["qa"]["failed"] == ["min_side"]
+    assert last["outputs"] == ["rejected/a.png"] and "min_side" in last["error"]["message"]
+    assert "1 still rejected, for the checks they fail now" in capsys.readouterr().out
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
+    assert "nothing to record" in capsys.readouterr().out

@@ -249,13 +249,15 @@ def _print_recorded(result: RecheckResult) -> None:
     if not result.recorded and not result.refused:
         click.echo("nothing to record: every verdict is the one recorded")
     elif result.recorded:
-        rejected = sum(1 for item in result.failing if item.id in result.recorded)
+        rejected = sum(1 for item in result.failing if item.id in result.recorded and item.status == "ok")
+        still = sum(1 for item in result.failing if item.id in result.recorded and item.status != "ok")
         parts = [f"{rejected} rejected (images moved under {result.out_dir / REJECTED_FOLDER}/)"] if rejected else []
+        parts += [f"{still} still rejected, for the checks they fail now"] if still else []
         back = sum(1 for item in result.moved_back if item.id in result.recorded)
-        again = len(result.recorded) - rejected - back
+        again = len(result.recorded) - rejected - still - back
         parts += [f"{again} ok again"] if again else []
         parts += [f"{back} ok, put back where a qa --apply that did not finish had moved them"] if back else []
-        tail = "; the next run sends the rejected items again" if rejected else ""
+        tail = "; the next run sends the rejected items again" if rejected or still else ""
         click.echo(f"recorded {len(result.recorded)} new verdicts: {', '.join(parts)}{tail}")
     if result.published:
         click.echo(f"{len(result.published)} objects of items rejected now were uploaded before and stay in "

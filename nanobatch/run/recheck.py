@@ -314,9 +314,15 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
     """Record the verdicts of *found* that changed (the folder's lock held): move each item's images, then append
     its new record; an item whose images cannot be moved keeps its record and is listed as ``refused``."""
     changes = [item for item in (*found.failing, *found.passing_again, *found.moved_back) if item.to_record]
+    # Still rejected, maybe for other checks now (a threshold loosened, another tightened): its verdict refreshed.
+    still = [item for item in found.failing if not item.to_record]
+    if not changes and not still:
+        return replace(found, applied=True)
+    wanted = {item.id for item in (*changes, *still)}
+    records = await anyio.to_thread.run_sync(latest_records, out.path / RESULTS_FILE, wanted)
+    changes += [item for item in still if _failed_of(records[item.id]) != item.verdict.failed]
     if not changes:
         return replace(found, applied=True)
-    records = await anyio.to_thread.run_sync(latest_records, out.path / RESULTS_FILE, {item.id for item in changes})
     plans: list[_Plan] = []
     for item in changes:
         rejected = not item.verdict.passed
@@ -365,6 +371,11 @@ def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord],
     if new_records:
         out.results.append_many(new_records)
     return new_records, refused
+
+
+def _failed_of(record: ItemRecord) -> tuple[str, ...] | None:
+    verdict = verdict_of(record)
+    return verdict.failed if verdict is not None else None
 
 
 def _places(record: ItemRecord, *, rejected: bool) -> dict[str, str]:
