@@ -327,3 +327,21 @@ def test_apply_records_the_checks_a_still_rejected_image_fails_now(
     assert "1 still rejected, for the checks they fail now" in capsys.readouterr().out
     assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
     assert "nothing to record" in capsys.readouterr().out
+
+
+@needs_qa
+def test_an_item_whose_work_changed_since_is_not_done_for_qa_as_for_validate(
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its instruction edited after the run: the next run makes it anew, so its old image is neither checked nor
+    # set aside (a record for an image about to be replaced), and qa counts it where validate does.
+    job, out = done
+    _tighten(job, top={"min_side": TOO_BIG})
+    job.write_text(job.read_text().replace("id: a\n", "id: a\n  instruction: make it sepia\n", 1))
+    capsys.readouterr()
+
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
+
+    assert "1 checked: 0 pass, 1 fail (1 of them recorded ok until now); 1 not done" in capsys.readouterr().out
+    assert [r["id"] for r in records(out)[2:]] == ["b"] and (out / "a.png").is_file()
+    assert nanobatch.check_job(job, out_dir=out).done_items == 0  # validate: a is work left (b rejected now)

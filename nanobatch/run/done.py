@@ -84,8 +84,7 @@ class DoneWork:
         if entry is None:
             return False
         recorded, outputs, stamps = entry
-        key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
-        if key is None or key != recorded:
+        if not self.same_work(item, recorded, stamps):
             return False
         if not self._there(outputs) and not self._uploaded(item.id, outputs):
             return False
@@ -106,6 +105,12 @@ class DoneWork:
     def _uploaded(self, item_id: str | None, outputs: tuple[str, ...]) -> bool:
         """Whether a record of *item_id* put each of *outputs* in ``output.upload_to``, as a run counts it done."""
         return self.uploads is not None and item_id is not None and self.uploads.holds(self.index, item_id, outputs)
+
+    def same_work(self, item: WorkItem, recorded: str | None, stamps: Mapping[str, FileStamp]) -> bool:
+        """Whether *item* is still the work a record of key *recorded* and input *stamps* did (an item with a URL
+        or bucket input is, its bytes not fetched to tell)."""
+        key = recorded if any(map(is_remote, item.inputs)) else self._key(item, stamps)
+        return key is not None and key == recorded
 
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
         """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""

@@ -31,6 +31,7 @@ from PIL import Image as PILImage
 from ..config import Settings
 from ..errors import InputError, ManifestError, UsageError
 from ..inputs.load import InputLoader
+from ..inputs.stamps import is_remote
 from ..item import WorkItem
 from ..job.manifest import Manifest
 from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
@@ -42,6 +43,7 @@ from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..output.verdicts import check_images
 from ..qa import QaSettings, Verdict
+from .done import DoneWork
 from .preflight import load_job, resolve_out_dir
 
 __all__ = ["RecheckResult", "Rechecked", "recheck", "verdict_of"]
@@ -87,7 +89,7 @@ class RecheckResult:
     checked: int  # done items (ok or rejected, their images there) whose images were checked
     failing: tuple[Rechecked, ...]  # of those, the ones that fail now
     passing_again: tuple[Rechecked, ...]  # rejected items whose images pass now
-    not_done: int  # the manifest's other items: never run, failed, blocked, or their images gone
+    not_done: int  # the manifest's other items: never run, failed, blocked, changed since, or their images gone
     unreadable: tuple[str, ...] = ()  # done items whose images could not be read: not checked
     moved_back: tuple[Rechecked, ...] = ()  # ok items that pass, whose files a dead --apply moved (apply puts back)
     checks_on: bool = False  # whether any check is on for any item of the manifest
@@ -215,6 +217,7 @@ _Work = tuple[int, WorkItem, IndexEntry, tuple[tuple[str, str], ...]]
 async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckResult:
     """Check every done item of *job* in *target*, a few at a time on worker threads (one per CPU)."""
     found = _Found()
+    work = DoneWork(target, index)  # (not closed: the index is the caller's)
     workers = os.cpu_count() or 1
     send, receive = anyio.create_memory_object_stream[_Work](workers * 2)
     async with InputLoader() as loader, anyio.create_task_group() as tg:
@@ -225,7 +228,9 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
             for place, item in enumerate(index.read_ahead(job.items(check_files=False))):
                 found.checks_on = found.checks_on or item.qa is not None and item.qa.active
                 entry = index.get(item.id)
-                moved = _where(entry, item.id, target, index) if _done(entry) else None
+                moved = None
+                if _done(entry) and not _changed(work, item, entry):
+                    moved = _where(entry, item.id, target, index)
                 if entry is not None and moved is not None:
                     await send.send((place, item, entry, moved))
                 else:
@@ -236,6 +241,14 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
 def _done(entry: IndexEntry | None) -> TypeGuard[IndexEntry]:
     """Whether an item's latest record is ok or rejected with images."""
     return entry is not None and entry.status in ("ok", "rejected") and bool(entry.outputs)
+
+
+def _changed(work: DoneWork, item: WorkItem, entry: IndexEntry) -> bool:
+    """Whether *item* is other work than its record's now (its instruction, settings or an input changed): the
+    next run sends it again. An input gone since is no new work: its image is checked as far as it can be."""
+    if work.same_work(item, entry.key, entry.stamps):
+        return False
+    return all(os.path.exists(ref) for ref in item.inputs if not is_remote(ref))
 
 
 def _where(entry: IndexEntry, item_id: str, target: Path, index: ResultsIndex) -> tuple[tuple[str, str], ...] | None:
