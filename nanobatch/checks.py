@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, UnidentifiedImageError
 
-from .qa import QA_CHECKS, QaSettings, Verdict
+from .qa import NOT_MEASURED, QA_CHECKS, QaSettings, UndecodableImage, Verdict
 
 __all__ = ["WORK_EDGE", "check_image", "eight_bit"]
 
@@ -41,6 +41,8 @@ SAME_SUBJECT_MIN = 0.5  # the least correlation of the two crops that is still t
 ASPECT_SLACK = 0.02  # ``aspect``: allowed error of log(width / height), besides rounding each side to 16 px
 
 Pixels = npt.NDArray[np.uint8]
+# What decoding an image may raise (Pillow's UnidentifiedImageError is an OSError; a broken PNG chunk, SyntaxError)
+_UNDECODABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 # EXIF orientation -> the turn that makes the picture upright (as a viewer, and the model, shows it).
 _ORIENTATION = 0x0112
@@ -72,12 +74,17 @@ def check_image(output: bytes, *, original: bytes | None, aspect_ratio: str | No
     text-to-image item or an input sent by reference: ``changed`` and ``same_subject`` are then not measured),
     *aspect_ratio* the requested one (``"16:9"``) or None (``aspect`` is then not measured).
 
-    Raises OSError (or ValueError) for bytes Pillow cannot decode."""
+    Raises :class:`~nanobatch.qa.UndecodableImage` for an *output* Pillow cannot decode; an *original* it cannot
+    decode (a HEIC photo) leaves ``changed`` and ``same_subject`` out, named in ``values["not_measured"]``."""
     values: dict[str, Any] = {}
     failed: set[str] = set()
-    with Image.open(io.BytesIO(output)) as image:
-        width, height = _upright_size(image)
-        look = _look(image) if settings.reads_pixels(compares=original is not None) else None
+    try:
+        with Image.open(io.BytesIO(output)) as image:
+            width, height = _upright_size(image)
+            look = _look(image) if settings.reads_pixels(compares=original is not None) else None
+    except _UNDECODABLE as exc:
+        said = str(exc) if not isinstance(exc, UnidentifiedImageError) else "not an image type Pillow reads"
+        raise UndecodableImage(f"it cannot be decoded: {said}") from None
     values.update(width=width, height=height)
     if settings.min_side is not None:
         values["min_side"] = max(width, height)
@@ -103,8 +110,12 @@ def _check_look(
         _fail_if(failed, "min_fill", values["min_fill"] < settings.min_fill)
     if original is None or not (settings.changed or settings.same_subject):
         return
-    with Image.open(io.BytesIO(original)) as image:
-        before = _look(image)
+    try:
+        with Image.open(io.BytesIO(original)) as image:
+            before = _look(image)
+    except _UNDECODABLE:
+        values[NOT_MEASURED] = [c for c in ("changed", "same_subject") if getattr(settings, c)]
+        return
     if settings.changed:
         values["changed"] = round(_changed_share(before.image, look.image), 3)
         _fail_if(failed, "changed", values["changed"] < CHANGED_MIN_SHARE)

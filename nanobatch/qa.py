@@ -14,7 +14,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-__all__ = ["MARKETPLACE_RULES", "QA_CHECKS", "ImageRules", "QaFields", "QaSettings", "Verdict"]
+__all__ = [
+    "MARKETPLACE_RULES",
+    "NOT_MEASURED",
+    "QA_CHECKS",
+    "ImageRules",
+    "QaFields",
+    "QaSettings",
+    "UndecodableImage",
+    "Verdict",
+]
 
 # Every check, in the order verdicts list them.
 QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_subject")
@@ -95,6 +104,15 @@ class QaSettings:
             values = layer.model_dump() if isinstance(layer, QaFields) else dict(layer)
             settings = replace(settings, **{k: v for k, v in values.items() if k in names and v is not None})
         return settings
+
+
+# A verdict's value naming the checks that compare with the input, left out when the input cannot be decoded here
+# (a HEIC photo the API takes, Pillow not): a rejected item must not pass on the others (nanobatch qa).
+NOT_MEASURED = "not_measured"
+
+
+class UndecodableImage(ValueError):
+    """An answer's image the checks cannot decode (the answer is then no usable image: ``bad_image``)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

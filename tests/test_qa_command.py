@@ -223,14 +223,24 @@ def test_an_input_gone_since_the_run_leaves_out_only_the_checks_that_compare_wit
 
 
 @needs_qa
+@pytest.mark.parametrize("input_now", ["gone", "undecodable"])
 def test_a_rejected_image_whose_input_is_gone_stays_rejected_it_is_not_passed_on_the_checks_left(
-    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, input_now: str
 ) -> None:
-    # Rejected as another product; its input archived since: the checks that compare with it cannot be measured,
-    # and passing the rest must not bring a wrong product back into the catalog.
+    # Rejected as another product; its input archived since (or in a type Pillow cannot read): the checks that
+    # compare with it cannot be measured, and passing the rest must not bring a wrong product back to the catalog.
     job, out = done
     _reject_by_hand(out, "a", ["same_subject"])
-    (job.parent / "images" / "a.png").unlink()
+    picture = job.parent / "images" / "a.png"
+    if input_now == "gone":
+        picture.unlink()
+    else:  # a HEIC photo, say, which the API took and Pillow cannot read
+        heic = b"\x00\x00\x00\x18ftypheic" + bytes(64)
+
+        async def undecodable(item: Any, loader: Any) -> tuple[bytes, None]:
+            return heic, None
+
+        monkeypatch.setattr("nanobatch.run.recheck._original", undecodable)
     _tighten(job, top={"same_subject": True, "changed": True})
 
     assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1

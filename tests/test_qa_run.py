@@ -332,3 +332,44 @@ def test_a_batch_key_reads_back_as_the_step_it_was_made_for_a_qa_retry_too() -> 
 
     for step in (Step(item="sku-1", work_key="sha256:ab", number=2), Step(item="x", work_key=None, number=1, again=3)):
         assert Step.from_key(step.key) == step
+
+
+HEIC = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an iPhone photo's first bytes
+
+
+def test_an_input_the_checks_cannot_decode_leaves_out_only_the_checks_that_compare_with_it(
+    tmp_path: Path, with_qa: Callable[[QaSettings], None]
+) -> None:
+    # The API takes HEIC photos; Pillow does not read them. The run must not die with every answer paid for and
+    # none recorded: the checks that compare with the input are left out (said so), the others still hold.
+    job = write_job(tmp_path, [{"id": "phone", "image": "images/p.heic"}, {"id": "studio", "image": "images/s.png"}])
+    (tmp_path / "images" / "p.heic").write_bytes(HEIC)
+    with_qa(QaSettings(changed=True, min_side=32, retries=0))
+    fake = FakeGemini({EDIT: [BIG]})
+
+    summary = run(job, fake)
+
+    recs = {r["id"]: r for r in records(tmp_path / "out")}
+    assert summary.exit_code == 0 and len(fake.requests) == 2
+    assert recs["phone"]["status"] == "ok" and recs["phone"]["qa"]["values"]["not_measured"] == ["changed"]
+    assert recs["phone"]["qa"]["values"]["min_side"] == 64 and "changed" not in recs["phone"]["qa"]["values"]
+    assert "not_measured" not in recs["studio"]["qa"]["values"] and "changed" in recs["studio"]["qa"]["values"]
+
+
+def test_an_answer_the_checks_cannot_decode_fails_its_item_and_the_others_are_kept(
+    tmp_path: Path, with_qa: Callable[[QaSettings], None]
+) -> None:
+    # Its PNG is whole at both ends, its pixel data damaged in the middle: only a full decode finds that.
+    png = bytearray(image_bytes(size=(64, 64)))
+    middle = png.index(b"IDAT") + 8
+    png[middle : middle + 8] = b"\xff" * 8
+    with_qa(QaSettings(min_side=32, retries=0))
+    fake = FakeGemini({"big": [BIG], EDIT: [ok_body(inline(bytes(png)))]})
+
+    summary = run(two_items(tmp_path), fake)
+
+    recs = {r["id"]: r for r in records(tmp_path / "out")}
+    assert summary.exit_code == 1 and recs["good"]["status"] == "ok"
+    assert recs["bad"]["status"] == "failed" and recs["bad"]["error"]["kind"] == "bad_image"
+    assert "failed the output checks: it cannot be decoded" in recs["bad"]["error"]["message"]
+    assert recs["bad"]["cost_usd"] > 0  # paid for: counted

@@ -21,8 +21,9 @@ import anyio.to_thread
 
 from ..api.decoding import Blocks, attached, settle_worker, worker_slots
 from ..api.gemini import Image
+from ..errors import ApiError
 from ..names import REJECTED_FOLDER, rejected_name
-from ..qa import QA_CHECKS, QaSettings, Verdict
+from ..qa import QA_CHECKS, QaSettings, UndecodableImage, Verdict
 from .record import ErrorInfo, ItemRecord
 
 __all__ = [
@@ -64,6 +65,17 @@ class Checker:
         self.blocks.close()
 
     async def check(
+        self, images: Sequence[Image], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
+    ) -> Verdict:
+        """The verdict on *images*. Raises ApiError (``bad_image``, as for an answer whose image cannot be used)
+        when one cannot be decoded: the item fails with what it cost, and the next run sends it again."""
+        try:
+            return await self._check(images, original=original, aspect_ratio=aspect_ratio, settings=settings)
+        except UndecodableImage as exc:
+            raise ApiError(f"the answer's image failed the output checks: {exc}", kind="bad_image",
+                           status_code=200) from None  # fmt: skip
+
+    async def _check(
         self, images: Sequence[Image], *, original: bytes | None, aspect_ratio: str | None, settings: QaSettings
     ) -> Verdict:
         # Only checks that decode pixels are worth a trip to a worker; each counts toward starting them.

@@ -42,7 +42,7 @@ from ..output.record_lines import latest_records
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..output.verdicts import check_images
-from ..qa import QaSettings, Verdict
+from ..qa import NOT_MEASURED, QaSettings, Verdict
 from .done import DoneWork
 from .preflight import load_job, resolve_out_dir
 
@@ -283,10 +283,11 @@ async def _worker(receive: ObjectReceiveStream[_Work], loader: InputLoader, targ
                     logger.warning("%s: not checked: %s", item.id, exc)
                     found.unreadable.append((place, item.id))
                     continue
-                if gone is not None and verdict.passed and entry.status != "ok":
+                unmeasured = gone or ("it cannot be decoded" if NOT_MEASURED in verdict.values else None)
+                if unmeasured is not None and verdict.passed and entry.status != "ok":
                     # Rejected, perhaps as another product: passing only the checks it could measure is no pass.
                     logger.warning("%s: not checked: it passes all but the checks that compare it with its input, "
-                                   "which cannot be read now (%s): it stays rejected", item.id, gone)  # fmt: skip
+                                   "which cannot be read now (%s): it stays rejected", item.id, unmeasured)  # fmt: skip
                     found.unreadable.append((place, item.id))
                     continue
             found.add(place, Rechecked(id=item.id, status=entry.status, outputs=entry.outputs, verdict=verdict,
