@@ -118,7 +118,7 @@ def test_apply_puts_a_rejected_image_that_passes_now_back_and_the_next_run_sends
 ) -> None:
     job, out = done
     _reject_by_hand(out, "a", ["background"])
-    # The manifest turns no check on now: the rejected image passes.
+    _tighten(job, top={"min_side": 100})  # the background no longer asked for: the rejected image passes
     assert main(["qa", str(job), "--out", str(out), "--apply"]) == 0
     assert "1 ok again" in capsys.readouterr().out
     assert (out / "a.png").is_file() and not (out / "rejected" / "a.png").exists()
@@ -133,6 +133,7 @@ def test_apply_never_replaces_a_file_nanobatch_did_not_write(
 ) -> None:
     job, out = done
     _reject_by_hand(out, "a", ["background"])
+    _tighten(job, top={"min_side": 100})
     (out / "a.png").write_bytes(b"the user's own picture")
     lines = len(records(out))
     assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1
@@ -303,7 +304,7 @@ def test_an_apply_killed_before_its_records_is_finished_by_the_next_apply(
         main(["qa", str(job), "--out", str(out), "--apply"])
     assert (out / "rejected" / "a.png").is_file() and records(out)[-1]["status"] == "ok"
     if set_back:
-        _tighten(job)
+        _tighten(job, a={"min_side": 100})
     capsys.readouterr()
 
     assert main(["qa", str(job), "--out", str(out), "--apply"]) == (0 if set_back else 1)
@@ -316,6 +317,21 @@ def test_an_apply_killed_before_its_records_is_finished_by_the_next_apply(
     if set_back:
         assert "1 ok, put back where a qa --apply that did not finish had moved them" in said
     assert _sent_by_next_run(job, out) == ([] if set_back else ["a"])
+
+
+def test_apply_with_no_check_on_records_nothing_and_puts_no_rejected_image_back(
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The checks were in a config file this --apply was not given: every image would pass, every rejected one
+    # would come back among the good ones (and be uploaded by the next run). Nothing is recorded.
+    job, out = done
+    _reject_by_hand(out, "a", ["background"])
+    lines = len(records(out))
+
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 0
+
+    assert "nothing recorded: with no check on, --apply would pass every image" in capsys.readouterr().out
+    assert len(records(out)) == lines and (out / "rejected" / "a.png").is_file() and not (out / "a.png").exists()
 
 
 @needs_qa

@@ -246,7 +246,10 @@ def _print_recorded(result: RecheckResult) -> None:
             click.echo(f"nothing recorded: --apply records these {turned} new verdicts (the next run then sends "
                        "the failing items again)")  # fmt: skip
         return
-    if not result.recorded and not result.refused:
+    if not result.checks_on:
+        click.echo("nothing recorded: with no check on, --apply would pass every image (and put back those set "
+                   "aside); turn a check on, or pass the config file that holds qa: (--config)")  # fmt: skip
+    elif not result.recorded and not result.refused:
         click.echo("nothing to record: every verdict is the one recorded")
     elif result.recorded:
         rejected = sum(1 for item in result.failing if item.id in result.recorded and item.status == "ok")

@@ -327,6 +327,8 @@ def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSetting
 async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> RecheckResult:
     """Record the verdicts of *found* that changed (the folder's lock held): move each item's images, then append
     its new record; an item whose images cannot be moved keeps its record and is listed as ``refused``."""
+    if not found.checks_on:  # nothing to judge by (a config file holding qa: not passed?): every image passes
+        return replace(found, applied=True)
     changes = [item for item in (*found.failing, *found.passing_again, *found.moved_back) if item.to_record]
     # Still rejected, maybe for other checks now (a threshold loosened, another tightened): its verdict refreshed.
     still = [item for item in found.failing if not item.to_record]
