@@ -145,7 +145,7 @@ def _look(image: Image.Image) -> _Look:
         # The decoder takes the smallest DCT scale (1/2..1/8) that keeps half of WORK_EDGE: 2048 -> 256, 1600 -> 200.
         image.draft("RGB", (max(1, round(width * scale / 2)), max(1, round(height * scale / 2))))
     turn = _UPRIGHT.get(image.getexif().get(_ORIENTATION, 1))  # a phone photo stored sideways
-    small = image if image.mode == "RGB" else _rgb(image)
+    small = image if image.mode == "RGB" and "transparency" not in image.info else _rgb(image)
     factor = -(-max(small.size) // WORK_EDGE)  # (rounded up: 767 px -> 3, to 256)
     if factor > 1:
         small = small.reduce(factor)  # a box average: noise and JPEG ringing average out

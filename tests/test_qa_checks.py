@@ -273,11 +273,18 @@ def test_a_light_grey_studio_backdrop_made_white_is_an_edit_not_the_input_handed
     assert verdict.passed and verdict.values["changed"] > 0.3
 
 
-def test_a_transparent_png_answer_is_not_a_white_background_whatever_colour_its_pixels_keep() -> None:
-    pixels = np.asarray(bottle((800, 800), (255, 255, 255)).convert("RGBA")).copy()
-    pixels[(pixels[..., :3] == 255).all(axis=2), 3] = 0  # the backdrop transparent, its pixels still white
-    rgba = Image.fromarray(pixels, "RGBA")
-    verdict = check_image(encode(rgba), original=None, aspect_ratio=None, settings=QaSettings(background="white"))
+@pytest.mark.parametrize("kind", ["alpha", "colour key"])
+def test_a_transparent_png_answer_is_not_a_white_background_whatever_colour_its_pixels_keep(kind: str) -> None:
+    photo = bottle((800, 800), (255, 255, 255))
+    if kind == "alpha":
+        pixels = np.asarray(photo.convert("RGBA")).copy()
+        pixels[(pixels[..., :3] == 255).all(axis=2), 3] = 0  # the backdrop transparent, its pixels still white
+        data = encode(Image.fromarray(pixels, "RGBA"))
+    else:  # an RGB PNG whose white is its transparent colour (a tRNS chunk): no alpha channel at all
+        buffer = io.BytesIO()
+        photo.save(buffer, "PNG", transparency=(255, 255, 255))
+        data = buffer.getvalue()
+    verdict = check_image(data, original=None, aspect_ratio=None, settings=QaSettings(background="white"))
     assert verdict.failed == ("background",) and verdict.values["background"] == 0.0
 
 
