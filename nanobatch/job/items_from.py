@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
+from .fields import parse_fields
 from .sources import COUNTERPART, GlobSource, Source, TableSource, placeholders
 
 __all__ = ["parse_sources"]
@@ -98,6 +99,10 @@ def _parse_entry(
     templates = {k: v for k, v in entry.items() if k in item_fields}
     delimiter = entry.get("delimiter", ",")
     problems += _entry_template_problems(kind, templates, problem)
+    # The fields that read no column are the same for every row: checked once, here, not row after row.
+    constant = {k: v for k, v in templates.items() if k != "id" and not _reads_columns(v)}
+    if wrong := parse_fields(constant, manifest_file, None, where=where)[1]:
+        return None, problems + wrong
     if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
     defaults, unfilled = _defaults_for(kind, templates, given.templates, problem)
@@ -119,6 +124,12 @@ def _parse_entry(
         unpictured=not given.pictures and not templates.keys() & {"image", "images"},
     )
     return source, problems
+
+
+def _reads_columns(template: Any) -> bool:
+    with contextlib.suppress(ValueError):  # a malformed template is reported as such
+        return bool(placeholders(template, own_id=True))
+    return True
 
 
 def _defaults_for(
