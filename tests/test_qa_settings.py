@@ -121,6 +121,9 @@ def test_the_checks_are_not_part_of_the_work_key(tmp_path: Path) -> None:
             "greater than or equal to 1",
             id="min-side-0",
         ),
+        # aspect checks the shape against the item's aspect_ratio; a ratio written here is a misunderstanding
+        pytest.param({"qa": {"aspect": "16:9"}}, None, "qa.aspect", "true or false, not '16:9'", id="aspect-ratio"),
+        pytest.param({"qa": {"changed": 1}}, None, "qa.changed", "true or false, not 1", id="changed-1"),
     ],
 )
 def test_bad_checks_are_problems_naming_file_item_and_field(
@@ -149,8 +152,9 @@ def test_the_config_file_refuses_unknown_checks_with_a_hint(tmp_path: Path) -> N
 
 
 def test_the_environment_sets_a_check(tmp_path: Path) -> None:
-    settings = load_settings(None, env={"NANOBATCH_QA_MIN_SIDE": "1000", "NANOBATCH_QA_BACKGROUND": "white"})
-    assert settings.qa.min_side == 1000 and settings.qa.background == "white"
+    env = {"NANOBATCH_QA_MIN_SIDE": "1000", "NANOBATCH_QA_BACKGROUND": "white", "NANOBATCH_QA_CHANGED": "true"}
+    settings = load_settings(None, env=env)
+    assert settings.qa.min_side == 1000 and settings.qa.background == "white" and settings.qa.changed is True
 
 
 def test_validate_and_run_exit_2_before_sending_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -171,6 +171,8 @@ def parse_fields(
 def from_pydantic(file: str, item: str | None, err: Any, model: type[BaseModel]) -> Problem:
     loc = ".".join(str(p) for p in err["loc"])
     message = err["msg"]
+    if err["type"] == "value_error":  # a check of our own: its words, without pydantic's prefix
+        message = message.removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "unknown field" + did_you_mean(str(err["loc"][-1]), _field_names(model, err["loc"][:-1]))
     return Problem(file, item, loc, message)
