@@ -256,9 +256,22 @@ def _resemblance(before: _Look, after: _Look) -> float:
     where = first_mask | second_mask
     if not where.any():
         return 0.0  # neither has a subject (a flat picture): nothing resembles nothing
+    # And the pixels next to them: a plain product (a rod, a cable) is one shade inside, so only its outline
+    # against the blank tells its shape; without it the correlation is of noise.
+    where = _grown(where)
     first, second = first[where] - first[where].mean(), second[where] - second[where].mean()
     norm = math.sqrt(float((first * first).sum()) * float((second * second).sum()))
     return float((first * second).sum()) / norm if norm > 0 else 0.0
+
+
+def _grown(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """*mask* and its pixels' four neighbours."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
 
 
 def _subject_crop(look: _Look) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:

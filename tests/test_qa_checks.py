@@ -315,3 +315,22 @@ def test_an_answer_stored_sideways_is_measured_as_it_is_shown() -> None:
     stored = encode(bottle((1024, 1536), (255, 255, 255)).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
     verdict = check_image(stored, original=None, aspect_ratio="2:3", settings=QaSettings(aspect=True))
     assert verdict.passed and (verdict.values["width"], verdict.values["height"]) == (1024, 1536)
+
+
+@pytest.mark.parametrize("width", [16, 44, 68, 116])
+def test_a_thin_plain_product_is_the_same_subject_on_a_new_background(width: int) -> None:
+    # A rod, a cable, a plain pencil: one shade inside, only its outline tells its shape. Measured over the
+    # subject alone, the correlation was of noise (-1.0 for the same rod at most widths).
+    def rod(edge: int, background: tuple[int, int, int]) -> Image.Image:
+        image = Image.new("RGB", (edge, edge), background)
+        x0 = edge // 2 - width * edge // 4096
+        ImageDraw.Draw(image).rectangle((x0, edge // 20, x0 + width * edge // 2048, edge * 19 // 20), fill=(40, 40, 50))
+        return image
+
+    output = encode(rod(2048, (255, 255, 255)), "JPEG", quality=90)
+    verdict = check_image(output, original=encode(rod(1600, (225, 225, 225)), "JPEG", quality=90), aspect_ratio=None,
+                          settings=QaSettings(same_subject=True))  # fmt: skip
+    assert verdict.passed and verdict.values["same_subject"] > 0.8
+    other = check_image(encode(bottle((2048, 2048), (255, 255, 255))), original=encode(rod(1600, (225, 225, 225))),
+                        aspect_ratio=None, settings=QaSettings(same_subject=True))  # fmt: skip
+    assert other.failed == ("same_subject",)  # a bottle where the rod was is still another product
