@@ -368,10 +368,13 @@ def test_a_full_disk_aborts_with_exit_3_and_one_clear_error(
     monkeypatch.setattr("nanobatch.output.outdir.write_image", disk_full)
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
     out = tmp_path / "out"
-    assert main(["run", str(job), "--simulate", "--out", str(out)]) == 3
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 3
     err = capsys.readouterr().err
-    assert f"error: cannot write results into {out}: [Errno 28] No space left on device" in err
+    assert f"error: run aborted: cannot write results into {out}: [Errno 28] No space left on device" in err
     assert "Traceback" not in err and "ExceptionGroup" not in err
+    # The summary says how the run ended (it said "started": status called the run killed or crashed).
+    last = json.loads((out / "summary.json").read_text())["last_run"]
+    assert last["outcome"] == "aborted" and "No space left on device" in last["reason"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no file size limit to set")
@@ -395,6 +398,7 @@ def test_results_jsonl_refused_by_the_disk_mid_run_aborts_with_exit_3_and_json_l
     events = [json.loads(line) for line in done.stderr.splitlines()]  # JSON lines only: no traceback
     assert done.returncode == 3, done.stderr[-2000:]
     assert any("cannot write results" in e["message"] and "File too large" in e["message"] for e in events)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["outcome"] == "aborted"
     assert re.search(r"nanobatch_last_run_exit_code\{[^}]*\} 3\b", metrics.read_text())  # what alerts read
 
 
@@ -555,3 +559,25 @@ def test_a_plain_run_loads_nothing_it_does_not_use(tmp_path: Path) -> None:
     unused = {"tenacity", "numpy", "PIL", "rich", "prometheus_client", "opentelemetry", "uvicorn", "starlette"}
     assert "httpx2" in loaded and loaded & unused == set()
     assert not any(name.startswith("nanobatch.simulator") for name in loaded)
+
+
+def test_a_summary_that_cannot_be_written_aborts_with_exit_3_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nanobatch.output.outdir as outdir
+
+    real = outdir.atomic_write
+
+    def full_at_the_end(path: Path, data: bytes) -> None:
+        if path.name == "summary.json" and b'"started"' not in data:  # the disk fills up before the run's end
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(outdir, "atomic_write", full_at_the_end)
+    job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
+    out = tmp_path / "out"
+
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 3
+
+    err = capsys.readouterr().err
+    assert f"cannot write summary.json into {out}" in err and "Traceback" not in err

@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
-from ..errors import ConfigError, Interrupted, NanobatchError
+from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
 from .files import Owned, atomic_write, is_ours, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
 from .lock import RunLock
@@ -362,7 +362,11 @@ class OutDir:
         return path, existed
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+        """Raises :class:`RunAborted` (exit 3) if it cannot be written (a full disk)."""
+        try:
+            atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+        except OSError as exc:
+            raise RunAborted(f"cannot write {SUMMARY_FILE} into {self.path}: {exc}") from exc
 
 
 async def _acquire_interruptibly(lock: RunLock) -> None:

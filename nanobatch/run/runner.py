@@ -25,7 +25,7 @@ from ..api.client import GeminiClient
 from ..api.connect import api_key_for, batch_client, connect
 from ..api.retry import RetryPolicy
 from ..config import Settings
-from ..errors import ConfigError, Interrupted, NanobatchError, TimeLimitReached, sole_error
+from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted, TimeLimitReached, sole_error
 from ..inputs.load import InputLoader
 from ..inputs.remote import Referrer, endpoint_for
 from ..job.check import left_out_text
@@ -365,15 +365,11 @@ async def _client(
 
 
 async def _drive(
-    engine: Engine,
-    manifest: Manifest,
-    settings: Settings,
-    stats: RunStats,
-    limit: int,
-    began: float,
+    engine: Engine, manifest: Manifest, settings: Settings, stats: RunStats, limit: int, began: float,
     handle_signals: bool,
-) -> None:
-    """Run *engine* over the manifest's items, with the signal watcher and the time limit beside it."""
+) -> None:  # fmt: skip
+    """Run *engine* over the manifest's items, with the signal watcher and the time limit beside it. The writer's
+    abort (a full disk) ends it as a stop rule does: the run's outcome, and its summary, say so."""
     try:
         async with anyio.create_task_group() as tg:
             if handle_signals:
@@ -390,6 +386,8 @@ async def _drive(
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if (error := sole_error(group)) is not None:
+            if isinstance(error, RunAborted) and error is engine.gate.stop_reason:
+                return
             raise error from None  # callers get our error itself, not the task groups' wrapping
         raise
 
