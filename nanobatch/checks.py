@@ -226,17 +226,28 @@ def _fill(look: _Look) -> float:
 def _changed_share(before: Image.Image, after: Image.Image) -> float:
     """The share of pixels that differ noticeably between the two images, at a small common size, edges left out
     (an outline falls on other pixels once resized from another size: a copy of the input would differ there).
-    The input is taken both whole and cropped to the output's shape (the model may have cropped it); the lesser
-    share counts."""
+    The input is taken whole, cropped to the output's shape (the model may have cropped it), and whole against
+    the middle of the output of its own shape (the model may have padded it, letterboxed); the least share
+    counts."""
     size = (COMPARE_EDGE, COMPARE_EDGE)
-    target = np.asarray(after.resize(size, Image.Resampling.BOX), dtype=np.int16)
-    flat = _edges(target) <= CHANGED_EDGE
+    framings = [
+        (before, after),
+        (before.crop(_centre_box(before.size, after.width / after.height)), after),
+        (before, after.crop(_centre_box(after.size, before.width / before.height))),
+    ]
     shares = []
-    for framing in (before, before.crop(_centre_box(before.size, after.width / after.height))):
-        source = np.asarray(framing.resize(size, Image.Resampling.BOX), dtype=np.int16)
+    for source_image, target_image in framings[: 3 if _shape(before) != _shape(after) else 1]:
+        source = np.asarray(source_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
+        target = np.asarray(target_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
         changed = _largest_channel(np.abs(source - target)) > CHANGED_DIFF
-        shares.append(float((changed & flat & (_edges(source) <= CHANGED_EDGE)).mean()))
+        flat = (_edges(target) <= CHANGED_EDGE) & (_edges(source) <= CHANGED_EDGE)
+        shares.append(float((changed & flat).mean()))
     return min(shares)
+
+
+def _shape(image: Image.Image) -> float:
+    """*image*'s width / height, to two decimals (a few pixels' rounding is the same shape)."""
+    return round(image.width / image.height, 2)
 
 
 def _edges(pixels: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from nanobatch.checks import check_image
 from nanobatch.models import MODELS, pixel_size
@@ -334,3 +334,15 @@ def test_a_thin_plain_product_is_the_same_subject_on_a_new_background(width: int
     other = check_image(encode(bottle((2048, 2048), (255, 255, 255))), original=encode(rod(1600, (225, 225, 225))),
                         aspect_ratio=None, settings=QaSettings(same_subject=True))  # fmt: skip
     assert other.failed == ("same_subject",)  # a bottle where the rod was is still another product
+
+
+@pytest.mark.parametrize("ratio", ["16:9", "9:16"])
+async def test_the_input_handed_back_letterboxed_to_another_shape_is_not_changed(ratio: str) -> None:
+    # Asked for 16:9 of a square photo, the model may pad the input instead of editing it: still a hand-back.
+    w, h = (1024, 576) if ratio == "16:9" else (576, 1024)
+    padded = ImageOps.pad(Image.open(io.BytesIO(INPUT)), (w, h), color=(255, 255, 255))
+    verdict = check_image(encode(padded, "JPEG", quality=90), original=INPUT, aspect_ratio=ratio,
+                          settings=QaSettings(changed=True))  # fmt: skip
+    assert verdict.failed == ("changed",)
+    edited = await simulate(INPUT, WHITE, ratio=ratio)  # a real edit of the same shape change still counts
+    assert check_image(edited, original=INPUT, aspect_ratio=ratio, settings=QaSettings(changed=True)).passed
