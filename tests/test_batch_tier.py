@@ -589,3 +589,22 @@ def test_a_cancel_refused_for_one_job_still_cancels_the_others_and_says_which(
     assert other.state == "cancelled" and f"cancelled 1 batch jobs: {other.name}" in said.out
     assert code == (0 if ended else 1) and (f"1 had already ended: {refused[0]} (expired)" in said.out) == ended
     assert (f"batch job {refused[0]} (pending) was not cancelled: 400 FAILED_PRECONDITION" in said.err) != ended
+
+
+@pytest.mark.parametrize("cap", [["--max-requests", "1"], ["--max-cost", "0.03"]])
+def test_a_budget_does_not_hold_back_answers_an_earlier_night_paid_for(job: Path, cap: list[str]) -> None:
+    # Night 1 (--no-wait) put every item in batch jobs; night 2 has a small budget. Landing those answers sends
+    # nothing and pays nothing more: the budget must neither count them as requests nor stop before they land
+    # (it stopped after the first, "request budget reached: 1 requests sent" though none was sent).
+    app = sim(batch_latency_s=0.05)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        submitted = sum(j.counts["request"] for j in jobs(app))
+
+        assert cli(job, url, *cap) == 0
+
+    assert submitted == ITEMS and sum(j.counts["request"] for j in jobs(app)) == ITEMS  # nothing sent again
+    done = records(job.parent / "out")
+    assert sorted(r["id"] for r in done if r["status"] == "ok") == [f"sku-{n}" for n in range(ITEMS)]
+    last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
+    assert last["outcome"] == "complete" and last["requests"] == 0

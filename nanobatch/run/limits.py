@@ -51,6 +51,7 @@ class Ticket:
     probe: bool
     cost_usd: float = 0.0
     estimate_usd: float = 0.0  # the model table's worst case, before the budget scaled it
+    budgeted: bool = True  # False: an answer collected from an earlier run's batch job, sent by none of this run
 
 
 class _Limit:
@@ -131,6 +132,8 @@ class _BudgetRoom(_Limit):
         self.budget = budget
 
     def try_acquire(self, ticket: Ticket) -> bool:
+        if not ticket.budgeted:
+            return True
         reserve = self.budget.reservation(ticket.estimate_usd)
         if not self.budget.try_reserve(reserve):
             return False
@@ -138,10 +141,12 @@ class _BudgetRoom(_Limit):
         return True
 
     async def acquire(self, ticket: Ticket) -> None:
-        ticket.reserved_usd = await self.budget.reserve(ticket.estimate_usd)
+        if ticket.budgeted:
+            ticket.reserved_usd = await self.budget.reserve(ticket.estimate_usd)
 
     def release(self, ticket: Ticket) -> None:
-        self.budget.unreserve(ticket.reserved_usd)
+        if ticket.budgeted:
+            self.budget.unreserve(ticket.reserved_usd)
 
 
 class _RateSlot(_Limit):
@@ -215,9 +220,12 @@ class Gate:
             self.rate.defer(self.paused_until)
 
     @asynccontextmanager
-    async def request(self, worst_case_usd: float = 0.0) -> AsyncIterator[Ticket]:
-        """Wait for admission, then hold a slot while the body of the ``async with`` sends the request."""
-        ticket = await self._admit(worst_case_usd)
+    async def request(self, worst_case_usd: float = 0.0, *, collect: bool = False) -> AsyncIterator[Ticket]:
+        """Wait for admission, then hold a slot while the body of the ``async with`` sends the request. *collect*:
+        it sends nothing, it collects an answer an earlier run's batch job holds: that was paid for whatever
+        this run's budget says, so the budget neither holds it back nor counts it as a request (its cost counts
+        as spent)."""
+        ticket = await self._admit(worst_case_usd, budgeted=not collect)
         self.in_flight += 1
         try:
             yield ticket
@@ -233,9 +241,10 @@ class Gate:
             self.in_flight -= 1
             self.slots.release()
 
-    async def _admit(self, worst_case_usd: float) -> Ticket:
+    async def _admit(self, worst_case_usd: float, *, budgeted: bool) -> Ticket:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled worker writes no journal line
-        ticket = Ticket(reserved_usd=0.0, started_at=anyio.current_time(), probe=False, estimate_usd=worst_case_usd)
+        ticket = Ticket(reserved_usd=0.0, started_at=anyio.current_time(), probe=False, estimate_usd=worst_case_usd,
+                        budgeted=budgeted)  # fmt: skip
         if self._admit_now(ticket):
             return ticket
         await self._admit_waiting(ticket)
@@ -276,7 +285,10 @@ class Gate:
             limit.release(ticket)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
-        self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
+        if ticket.budgeted:
+            self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
+        else:
+            self.budget.spent_usd += ticket.cost_usd
         if not cancelled:
             self._note_contact(ticket, error)
         kind = error.kind if error is not None else None

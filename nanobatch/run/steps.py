@@ -193,11 +193,13 @@ class Steps:
             timeout = max(timeout, models.FLEX_TIMEOUT_S)  # flex answers take 1-15 minutes
 
         async def attempt() -> Reply:
+            collect = False  # an answer an earlier run's job holds: paid for, not sent again (see Gate.request)
             if self.batch_route is not None:
                 # An earlier answer of this item is in this request now; and a place held while waiting at the
                 # gate could wait for ever on steps that hold the gate's slots and wait for a place to land.
                 self.batch_route.release(item.id)
-            async with self.gate.request(worst) as ticket:
+                collect = route is self.batch_route and self.batch_route.holds(self.step_of(item, tally, request))
+            async with self.gate.request(worst, collect=collect) as ticket:
                 sending()
                 answer = await self._attempt(item, tally, request, timeout, route)
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
