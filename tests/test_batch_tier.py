@@ -608,3 +608,24 @@ def test_a_budget_does_not_hold_back_answers_an_earlier_night_paid_for(job: Path
     assert sorted(r["id"] for r in done if r["status"] == "ok") == [f"sku-{n}" for n in range(ITEMS)]
     last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
     assert last["outcome"] == "complete" and last["requests"] == 0
+
+
+def test_status_counts_a_paid_answer_kept_for_an_item_whose_file_was_taken(
+    job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A file of yours at sku-1.png when its batch answer lands: the item fails (output_exists) and its answer is
+    # kept, paid for. status said none was kept (the failed record is of the same work), hiding that money.
+    app = sim(batch_latency_s=0.05)
+    out = job.parent / "out"
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        (out / "sku-1.png").write_bytes(b"mine")
+        assert cli(job, url) == 1
+        capsys.readouterr()
+        assert main(["status", str(out), "--json"]) == 0
+        kept = json.loads(capsys.readouterr().out)["batch_answers_kept"]
+        (out / "sku-1.png").unlink()
+        assert cli(job, url) == 0  # written now, from the answer kept
+
+    assert kept == 1 and [r["status"] for r in records(out) if r["id"] == "sku-1"] == ["failed", "ok"]
+    assert sum(j.counts["request"] for j in jobs(app)) == ITEMS  # paid once

@@ -18,6 +18,7 @@ from ..output.journal import orphaned_requests
 from ..output.lock import current_holder
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
+from ..output.writer import UNSAVED_KINDS
 from ..run.batch.ledger import answers_kept, open_chunks
 from ..run.summary import CHECK, STARTED, STATE, file_stamp, folder_entries
 
@@ -70,9 +71,11 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
 
 
 def _written(index: _Index, item: str, work_key: str | None) -> bool:
-    """Whether *item*'s latest record is of the work *work_key* (a batch answer for it is landed)."""
+    """Whether *item*'s latest record is of the work *work_key* and wrote its answer (a batch answer for it is
+    landed): not one whose images could not be saved (a file of yours at its name), which keeps the answer."""
     entry = index.get(item)
-    return entry is not None and entry.key == work_key
+    unsaved = entry is not None and entry.status == "failed" and entry.error_kind in UNSAVED_KINDS
+    return entry is not None and entry.key == work_key and not unsaved
 
 
 class _Index:
