@@ -10,7 +10,6 @@ from typing import Any
 from ..names import REJECTED_FOLDER
 from ..output.record import ItemRecord
 from ..qa import QA_CHECKS
-from ..run.recheck import verdict_of
 
 __all__ = ["render_verdict"]
 
@@ -29,7 +28,7 @@ _MEASURES = {
 def render_verdict(rec: ItemRecord) -> str:
     """The card's part about the output checks: for a rejected item, which failed and what they measured; for one
     that passed, what they measured; "" for a record without a verdict."""
-    verdict = verdict_of(rec)
+    verdict = rec.qa
     if verdict is None:
         return ""
     if verdict.passed:

@@ -99,9 +99,7 @@ def _parse_entry(
     templates = {k: v for k, v in entry.items() if k in item_fields}
     delimiter = entry.get("delimiter", ",")
     problems += _entry_template_problems(kind, templates, problem)
-    # The fields that read no column are the same for every row: checked once, here, not row after row.
-    constant = {k: v for k, v in templates.items() if k != "id" and not _reads_columns(v)}
-    if wrong := parse_fields(constant, manifest_file, None, where=where)[1]:
+    if wrong := _shared_problems(templates, manifest_file, where):
         return None, problems + wrong
     if kind == "csv" and (not isinstance(delimiter, str) or len(delimiter) != 1):
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
@@ -124,6 +122,13 @@ def _parse_entry(
         unpictured=not given.pictures and not templates.keys() & {"image", "images"},
     )
     return source, problems
+
+
+def _shared_problems(templates: Mapping[str, Any], manifest_file: str, where: str) -> list[Problem]:
+    """What is wrong with the source's fields that read no column: the same for every row, so told once, here
+    (``items_from[0].qa.min_fil``), not row after row."""
+    constant = {k: v for k, v in templates.items() if k != "id" and not _reads_columns(v)}
+    return parse_fields(constant, manifest_file, None, where=where)[1]
 
 
 def _reads_columns(template: Any) -> bool:

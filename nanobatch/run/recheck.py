@@ -19,8 +19,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -46,7 +45,7 @@ from ..qa import NOT_MEASURED, QaSettings, Verdict
 from .done import DoneWork
 from .preflight import load_job, resolve_out_dir
 
-__all__ = ["RecheckResult", "Rechecked", "recheck", "verdict_of"]
+__all__ = ["RecheckResult", "Rechecked", "recheck"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -126,15 +125,6 @@ class RecheckResult:
             "recorded": list(self.recorded), "refused": [{"id": i, "reason": why} for i, why in self.refused],
             "still_published": list(self.published),
         }  # fmt: skip
-
-
-def verdict_of(record: ItemRecord) -> Verdict | None:
-    """The checks' verdict a record carries (its ``qa`` field), or None."""
-    # getattr: ItemRecord gains its own qa field with the run's checks; until then a line's qa is in extra.
-    value = getattr(record, "qa", None) or record.extra.get("qa")
-    if isinstance(value, Verdict):
-        return value
-    return Verdict.from_json(value) if isinstance(value, Mapping) else None
 
 
 async def recheck(
@@ -390,8 +380,7 @@ def _move_and_record(out: OutDir, plans: list[_Plan]) -> tuple[list[ItemRecord],
 
 
 def _failed_of(record: ItemRecord) -> tuple[str, ...] | None:
-    verdict = verdict_of(record)
-    return verdict.failed if verdict is not None else None
+    return record.qa.failed if record.qa is not None else None
 
 
 def _places(record: ItemRecord, *, rejected: bool) -> dict[str, str]:
@@ -426,21 +415,11 @@ def _verdict_record(
         error=ErrorInfo(kind="qa", message=_failed_text(verdict)) if rejected else None,
         started_at=now, finished_at=now,
     )  # fmt: skip
-    return _with_verdict(moved, verdict)
+    return replace(moved, qa=verdict)
 
 
 def _failed_text(verdict: Verdict) -> str:
     return f"the image failed the output checks: {', '.join(verdict.failed)} (found by nanobatch qa --apply)"
-
-
-def _with_verdict(record: ItemRecord, verdict: Verdict) -> ItemRecord:
-    """*record* carrying *verdict* as its ``qa``."""
-    # The record's own field once ItemRecord has one (the run's checks bring it); until then a line's qa is kept
-    # in extra. Looked up, not assumed, so that neither version writes the verdict it had before.
-    if any(f.name == "qa" for f in fields(ItemRecord)):
-        own: dict[str, Any] = {"qa": verdict}
-        return replace(record, **own)
-    return replace(record, extra={**record.extra, "qa": verdict.to_json()})
 
 
 def _refresh_summary(out: OutDir, index: ResultsIndex) -> None:
