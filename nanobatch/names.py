@@ -185,6 +185,8 @@ def _placed(name: str) -> tuple[str | None, str | None]:
         return None, f"the output name {name!r} must end with a file name"
     if message := reserved_name_problem(name):
         return None, message
+    if "//" in name or "./" in name:  # "a/./x.png" and "a//x.png" are a/x.png: one name for one file, or two
+        name = "/".join(part for part in name.replace(os.sep, "/").split("/") if part not in ("", "."))  # clash
     return name, None
 
 
