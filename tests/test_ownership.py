@@ -280,3 +280,45 @@ def test_an_answer_of_several_images_one_of_whose_names_is_taken_is_paid_for_onc
 
     assert len(fake.requests) == 1 and (out / "lamp-1.png").read_bytes() == MINE
     assert records(out)[-1]["error"]["kind"] == "output_exists" and records(out)[-1]["cost_usd"] == 0
+
+
+EDIT = "make the background white"
+THREE = ok_body(*(inline(image_bytes((60 * n, 90, 160))) for n in range(3)))
+
+
+def test_a_new_image_deletes_the_earlier_images_of_its_item_it_does_not_replace(tmp_path: Path) -> None:
+    # Three images once (a-1 to a-3.png), one now (a.jpg): a folder synced to a shop would publish all four.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini({EDIT: [THREE]}))
+    (out / "a-2.png").write_bytes(b"retouched by hand")  # the user's now: never deleted
+    (out / "a-9.png").write_bytes(b"a file of yours")
+
+    run(job, FakeGemini({EDIT: [ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))]}), force=True)
+
+    assert sorted(p.name for p in out.glob("a*.*")) == ["a-2.png", "a-9.png", "a.jpg"]
+    assert records(out)[-1]["outputs"] == ["a.jpg"]
+
+
+def test_a_rejected_new_edit_leaves_the_items_earlier_image_where_it_was(
+    tmp_path: Path, with_qa: Callable[[QaSettings], None]
+) -> None:
+    # The catalog keeps the image it had while the new edit is set aside; kept steps stay in any case.
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "steps": ["one", "two"], "keep_steps": True}])
+    out = tmp_path / "out"
+    run(job, FakeGemini())
+    with_qa(QaSettings(min_side=32, retries=0))  # the fake's 16 px answers fail it
+
+    assert run(job, FakeGemini(), force=True).exit_code == 1
+
+    assert (out / "a.png").is_file() and (out / "rejected" / "a.png").is_file() and (out / "a.step1.png").is_file()
+
+
+def test_steps_kept_by_an_earlier_run_stay_when_keep_steps_is_turned_off(tmp_path: Path) -> None:
+    steps = {"id": "a", "image": "images/a.png", "steps": ["one", "two"]}
+    out = tmp_path / "out"
+    run(write_job(tmp_path, [{**steps, "keep_steps": True}]), FakeGemini())
+
+    run(write_job(tmp_path, [steps]), FakeGemini(), force=True)
+
+    assert (out / "a.step1.png").is_file() and (out / "a.png").is_file()

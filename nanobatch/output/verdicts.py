@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -28,7 +29,7 @@ from .record import ErrorInfo, ItemRecord
 
 __all__ = [
     "CHECK_BYTES", "QA_KIND", "Checker", "check_images", "check_in_worker", "rejected_record", "set_aside",
-    "stale_rejected",
+    "out_of_date",
 ]  # fmt: skip
 
 QA_KIND = "qa"  # the error kind of a rejected item
@@ -182,9 +183,20 @@ def set_aside(
     return rejected_record(record, verdict), [(rejected_name(name), data) for name, data in files]
 
 
-def stale_rejected(replaceable: Iterable[str], files: Iterable[tuple[str, Image]]) -> tuple[str, ...]:
-    """Of *replaceable* (files a record of the item says nanobatch wrote), those under ``rejected/`` that the new
-    *files* do not replace: what an earlier run set aside for the item, out of date now."""
+def out_of_date(replaceable: Iterable[str], files: Iterable[tuple[str, Image]], *, ok: bool) -> tuple[str, ...]:
+    """Of *replaceable* (files a record of the item says nanobatch wrote, under its name), those the new *files*
+    do not replace: what an earlier run set aside for the item under ``rejected/``; and once the item is *ok*,
+    its earlier images of another type or number (``a-1.png`` to ``a-3.png`` for a new ``a.png``), which a folder
+    synced to a shop would publish beside it. Kept steps (``a.step1.png``) stay; so does the image of an earlier
+    edit while the new one is rejected: the catalog keeps the image it had."""
     new = {name for name, _ in files}
     prefix = REJECTED_FOLDER + "/"
-    return tuple(sorted(name for name in replaceable if name.startswith(prefix) and name not in new))
+    return tuple(
+        sorted(
+            name for name in replaceable
+            if name not in new and (name.startswith(prefix) or ok and not _KEPT_STEP.search(name))
+        )
+    )  # fmt: skip
+
+
+_KEPT_STEP = re.compile(r"\.step[0-9]+\.[^./]+$")  # names.step_stem's, with its extension

@@ -43,8 +43,9 @@ class Finished:
     replaceable: Owned = field(default_factory=dict)
     moves: tuple[tuple[str, str], ...] = ()  # done work, renamed: (old, new)
     saved: bool = True  # False: a move that failed; its item keeps its old record and names
-    # Files of this item's to delete once its new ones are written: what an earlier run set aside under rejected/
-    # for it, out of date now (nanobatch.output.verdicts.stale_rejected); each in *replaceable*.
+    # Files of this item's to delete once its new ones are written, out of date now: what an earlier run set aside
+    # under rejected/ for it, its earlier images of another type or number (nanobatch.output.verdicts.out_of_date);
+    # each in *replaceable*.
     drops: tuple[str, ...] = ()
 
     @property
@@ -272,7 +273,7 @@ class Writer:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                logger.warning("%s: could not delete %s, which an earlier run set aside: %s", finished.record.id,
+                logger.warning("%s: could not delete %s, which an earlier run wrote: %s", finished.record.id,
                                path, exc.strerror or exc)  # fmt: skip
                 continue
             folders.add(os.path.dirname(path))

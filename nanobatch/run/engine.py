@@ -10,8 +10,7 @@ send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one
 (:class:`~nanobatch.run.steps.Steps`: one call per step, whatever :class:`Route` carries it), and hands the record
 (:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
 :class:`~nanobatch.output.outdir.OutDir` (images, records, journal lines). Only fatal errors stop the run; an
-item's failure becomes its record, and so does one stopped between steps that were paid for.
-"""
+item's failure becomes its record, and so does one stopped between steps that were paid for."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_reco
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
 from ..output.upload import Uploads
-from ..output.verdicts import Checker, set_aside, stale_rejected
+from ..output.verdicts import Checker, out_of_date, set_aside
 from ..output.writer import NOT_OURS, UNSAVED_KINDS, Finished, Holding, WriteQueue, Writer, in_memory, report_unsaved
 from ..qa import Verdict
 from .batch.route import BatchRoute
@@ -251,7 +250,8 @@ class Engine:
                 record, files = set_aside(record, files, verdict)
             if self.uploads is not None and record.status == "ok":
                 record = await self._upload(record, files)
-        drops = stale_rejected(prepared.replaceable, files) if record.status in ("ok", "rejected") else ()
+        done = record.status in ("ok", "rejected")
+        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok") if done else ()
         return Finished(record, files, replaceable=prepared.replaceable, drops=drops)
 
     async def _verdict(
