@@ -260,3 +260,20 @@ def test_the_last_success_survives_a_failed_run_whatever_the_jobs_name_holds(tmp
     second.write(counts, Ending(exit_code=1, at=1_800_003_600.0))
     (family,) = [f for f in text_string_to_metric_families(prom.read_text()) if f.name.startswith("nanobatch_last_s")]
     assert [(s.labels["job_name"], s.value) for s in family.samples] == [(name, 1_800_000_000)]
+
+
+def test_a_file_another_jobs_run_took_meanwhile_is_left_to_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Two jobs started at once with the same file: both checks found none. The one that writes second must not
+    # replace the other's file every 15 s (jobB's metrics vanished, both runs exiting 0).
+    job = write_job(tmp_path, _items(2))
+    prom = tmp_path / "shared.prom"
+    theirs = '# nanobatch metrics of job "jobB"\nnanobatch_run_in_progress{job_name="jobB"} 1.0\n'
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        prom.write_text(theirs)  # jobB's run, writing its file meanwhile
+        return httpx2.Response(200, json=ok_body())
+
+    fake = FakeGemini({f"edit {i}": [answer] for i in range(2)})
+    assert run(job, fake, settings=_settings(prom), settle_s=0.05).exit_code == 0
+    assert prom.read_text() == theirs
+    assert sum("is another job's now" in r.getMessage() for r in caplog.records) == 1  # said once

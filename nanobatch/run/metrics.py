@@ -119,10 +119,13 @@ class MetricsFile:
         self.job = job
         self.last: dict[str, float] | None = None  # read at the first write: the folder is this run's by then
         self._failing = False
+        self._theirs = False  # another job's run took the file since the check
 
     def write(self, counts: Counts, ending: Ending | None = None) -> None:
         """Replace the file with *counts* (and *ending*, once the run has ended). A failure is logged (once
         while it lasts), never raised: the run goes on without its metrics."""
+        if not self._still_ours():
+            return
         if self.last is None:  # not before: a run that waited for the folder's lock takes what the last one left
             self.last = _last_runs(self.path)
         if ending is not None:
@@ -139,6 +142,23 @@ class MetricsFile:
             self._failing = True
             return
         self._failing = False
+
+    def _still_ours(self) -> bool:
+        """Whether the file is this job's, or none is there: another job's run that started with this one, given
+        the same file, may have written it since the check (which found none); it is left as it is, and this run
+        goes on without its metrics, said once."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.readline()
+        except OSError:
+            return True  # none there (or unreadable: the write says why)
+        if head.decode("utf-8", "replace") == f"{_HEADER}{_quoted(self.job)}\n":
+            return True
+        if not self._theirs:
+            logger.warning("the metrics file %s is another job's now (a run of it started with this one): it is "
+                           "left as it is, and this run writes none: give each job a file", self.path)  # fmt: skip
+        self._theirs = True
+        return False
 
 
 def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool) -> str:
