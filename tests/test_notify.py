@@ -262,3 +262,30 @@ def test_a_run_whose_time_limit_comes_while_it_waits_for_the_folder_posts_aborte
             run_virtual(go)
     [notice] = _notices(server)
     assert (notice["outcome"], notice["exit_code"]) == ("aborted", 3) and "while another run held" in notice["reason"]
+
+
+@pytest.mark.parametrize("missing", ["api key", "vertex credentials"])
+def test_a_run_refused_for_its_credentials_is_heard_of_and_leaves_no_started_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    # The key's variable gone from the cron's environment, or a broken service-account file: the night fails at
+    # once (exit 2); its owner must hear of it, and status must not call it a crash ("started", never ended).
+    job = write_job(tmp_path, [{"id": "a", "instruction": "a lemon"}])
+    out = tmp_path / "out"
+    config = tmp_path / "nanobatch.yaml"
+    monkeypatch.delenv("NANOBATCH_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    if missing == "api key":
+        config.write_text("api: {base_url: 'https://proxy.example.test'}\n")
+        said = "no API key"
+    else:
+        (tmp_path / "key.json").write_text("{}")
+        config.write_text(f"api: {{backend: vertex, project: shop-123, credentials_file: '{tmp_path / 'key.json'}'}}\n")
+        said = "not a readable service-account key"
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + SECRET_PATH)
+        argv = ["run", str(job), "--config", str(config), "--model", "gemini-3-pro-image", "--out", str(out), "--quiet"]
+        assert main(argv) == 2
+    [notice] = _notices(server)
+    assert notice["outcome"] == "refused" and notice["exit_code"] == 2 and said in notice["text"]
+    assert not (out / "summary.json").exists()

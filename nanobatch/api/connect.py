@@ -65,6 +65,18 @@ def api_key_for(settings: Settings, *, needed: bool) -> str | None:
     return api_key
 
 
+def credentials_for(settings: Settings, *, simulate: bool, needed: bool) -> str | None:
+    """:func:`api_key_for`, once what :func:`connect` will ask of Vertex AI (its project and location, its
+    credentials) is known to be there: a ConfigError now, before a run takes its folder, not once it holds it."""
+    api_key = api_key_for(settings, needed=needed)
+    api = settings.api
+    if api.backend == "vertex" and not simulate:
+        vertex_route(api.project, api.location, base_url=None)
+        if (auth := vertex_auth(api.project, api.credentials_file, api_key)) is not None:
+            auth.close()
+    return api_key
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Connection:
     """Where the settings send requests, and with what: the clients it makes all go to the same endpoint.

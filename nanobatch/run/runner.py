@@ -22,7 +22,7 @@ import anyio
 import httpx2
 
 from ..api.client import GeminiClient
-from ..api.connect import api_key_for, batch_client, connect
+from ..api.connect import batch_client, connect, credentials_for
 from ..api.retry import RetryPolicy
 from ..config import Settings
 from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted, TimeLimitReached, sole_error
@@ -113,6 +113,8 @@ async def run_job(
         checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, count_done=False,
                             check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs,
                             from_summary=not force and not retry_failed)  # fmt: skip
+        # Before the folder: a refusal (no key, no Google credentials) is told as one, and leaves no summary
+        api_key = credentials_for(checked.settings, simulate=simulate, needed=not simulate and transport is None)
     except NanobatchError as exc:
         job = manifest.name if isinstance(manifest, Manifest) else Path(manifest).stem
         await tell_refused(settings or Settings(), job, exc)
@@ -121,13 +123,14 @@ async def run_job(
         logger.warning("%s", left_out_text(checked.left_out, checked.left_out_items))
     options = _Options(force=force, retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
                        handle_signals=handle_signals, transport=transport, retry_sleep=retry_sleep)  # fmt: skip
-    return await _run(checked, options, stats, began)
+    return await _run(checked, options, stats, began, api_key)
 
 
-async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, began: float) -> RunSummary:
+async def _run(
+    checked: CheckResult, options: _Options, stats: RunStats | None, began: float, api_key: str | None
+) -> RunSummary:
     """Run the job *checked*: the folder's lock held, its results resumed from, summary.json written at the end."""
     manifest, settings = checked.job, checked.settings
-    api_key = api_key_for(settings, needed=not options.simulate and options.transport is None)  # before the folder
     stats = _stats(stats, checked)
     clock = RunClock.now()
     out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
