@@ -16,19 +16,22 @@ class Receiver:
     url: str = ""
     statuses: list[int] = field(default_factory=lambda: [200])
     posts: list[tuple[str, bytes]] = field(default_factory=list)
+    answer: threading.Event | None = None  # if given, each POST is answered only once it is set (a hung hook)
 
     def bodies(self, path: str | None = None) -> list[bytes]:
         return [body for at, body in self.posts if path is None or at == path]
 
 
 @contextmanager
-def receiver(*statuses: int) -> Iterator[Receiver]:
-    kept = Receiver(statuses=list(statuses or (200,)))
+def receiver(*statuses: int, answer: threading.Event | None = None) -> Iterator[Receiver]:
+    kept = Receiver(statuses=list(statuses or (200,)), answer=answer)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             kept.posts.append((self.path, body))
+            if kept.answer is not None:
+                kept.answer.wait()
             status = kept.statuses.pop(0) if len(kept.statuses) > 1 else kept.statuses[0]
             self.send_response(status)
             self.send_header("Content-Length", "2")
@@ -45,5 +48,7 @@ def receiver(*statuses: int) -> Iterator[Receiver]:
     try:
         yield kept
     finally:
+        if answer is not None:
+            answer.set()  # a held POST lets the server stop
         server.shutdown()
         server.server_close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +291,31 @@ def test_a_run_refused_for_its_credentials_is_heard_of_and_leaves_no_started_sum
     [notice] = _notices(server)
     assert notice["outcome"] == "refused" and notice["exit_code"] == 2 and said in notice["text"]
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_signal_while_the_webhook_is_told_leaves_the_finished_run_as_it_ended(tmp_path: Path) -> None:
+    # A systemd stop that lands while a slow hook is posted to: the run was complete, and must exit 0 with its
+    # summary printed (it died by the signal, exit 143, printing nothing; the metrics already said 0).
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    job = write_job(tmp_path, _items(2))
+    hung = threading.Event()
+    with receiver(answer=hung) as server:
+        env = {**os.environ, "NANOBATCH_NOTIFY_URL": server.url + SECRET_PATH, "NANOBATCH_NOTIFY_TIMEOUT_S": "120"}
+        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--simulate", "--out", str(tmp_path / "out")]
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            for _ in range(600):  # until the hook is being told (the run has ended)
+                if server.posts or process.poll() is not None:
+                    break
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            out, err = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 0, err[-2000:]
+    assert "complete: 2 ok" in out and "the end-of-run notices were cut short" in err

@@ -10,7 +10,9 @@ be used is a ConfigError before anything is sent), the steps report each request
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -35,6 +37,8 @@ __all__ = ["STATUSES", "Observer", "tell_refused", "tell_refused_now"]
 # The item statuses RunStats may count, in the order they are shown; those it does not have are left out.
 STATUSES = ("ok", "failed", "blocked", "rejected", "skipped")
 REFRESH_S = 15.0  # how often the metrics file is rewritten while a run goes
+
+logger = logging.getLogger("nanobatch")
 
 
 class Observer:
@@ -97,20 +101,27 @@ class Observer:
             await anyio.to_thread.run_sync(self.metrics.write, counts)
             await anyio.sleep(REFRESH_S)
 
-    async def ended(self, outcome: str, exit_code: int, reason: str | None, *, metrics: bool = True) -> None:
+    async def ended(
+        self, outcome: str, exit_code: int, reason: str | None, *, metrics: bool = True, signals: bool = False
+    ) -> None:
         """The run ended: the metrics file's last write (unless *metrics* is False), OpenTelemetry's last
-        export and the webhook, each bounded in time; never raises."""
+        export and the webhook, each bounded in time; never raises. With *signals*, a SIGINT or SIGTERM meanwhile
+        cuts the notices short: the run has ended, and ends as it did (a signal here killed it, exit 143)."""
         now = time.time()
         if self.metrics is not None and metrics:
             self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now))
-        async with anyio.create_task_group() as tg:
-            if self.otel is not None:
-                tg.start_soon(anyio.to_thread.run_sync, self.otel.close)  # never raises
-            if self._webhook is not None:
-                notice = self._notice(outcome, exit_code, reason, now)
-                if self.notify.payload == "text":
-                    notice = {"text": notice["text"]}
-                tg.start_soon(lambda: post_notice(self._webhook or "", notice, limit_s=self.notify.timeout_s))
+        async with anyio.create_task_group() as outer:
+            if signals:
+                outer.start_soon(_cut_short_by_a_signal, outer.cancel_scope)
+            async with anyio.create_task_group() as tg:
+                if self.otel is not None:
+                    tg.start_soon(anyio.to_thread.run_sync, self.otel.close)  # never raises
+                if self._webhook is not None:
+                    notice = self._notice(outcome, exit_code, reason, now)
+                    if self.notify.payload == "text":
+                        notice = {"text": notice["text"]}
+                    tg.start_soon(lambda: post_notice(self._webhook or "", notice, limit_s=self.notify.timeout_s))
+            outer.cancel_scope.cancel()
 
     @asynccontextmanager
     async def reporting(self, held: Callable[[], bool] = lambda: True) -> AsyncIterator[None]:
@@ -159,6 +170,14 @@ class Observer:
             "run": self.run_id,
             "host": socket.gethostname(),
         }
+
+
+async def _cut_short_by_a_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+        async for signum in received:
+            logger.warning("%s: the end-of-run notices were cut short", signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 async def tell_refused(settings: Settings, job: str, exc: NanobatchError) -> None:

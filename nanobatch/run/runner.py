@@ -175,7 +175,7 @@ async def _run(
         logger.warning("run %s: %s", outcome, reason)
     result = RunSummary(out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats,
                         summary=summary, unfollowed=unfollowed)  # fmt: skip
-    await observer.ended(result.outcome, result.exit_code, result.reason)
+    await observer.ended(result.outcome, result.exit_code, result.reason, signals=options.handle_signals)
     return result
 
 
