@@ -91,6 +91,22 @@ def test_a_signed_jwt_or_an_access_token_is_cut_from_any_message() -> None:
     assert "eyJ" not in said and "ya29." not in said and "invalid_grant" in said
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("setting", ["api: {store: KEY}", "api: {backend: vertex, project: KEY}"])
+def test_a_config_error_quoting_a_value_never_shows_the_key_pasted_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, setting: str,
+    log_format: str,
+) -> None:  # fmt: skip
+    # The config is read before the settings name the key's variable: what a message quotes is cut all the same.
+    monkeypatch.setenv("NANOBATCH_API_KEY", PASTED)
+    (tmp_path / "nanobatch.yaml").write_text(setting.replace("KEY", PASTED) + "\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    argv = ["--log-format", log_format, "validate", str(job), "--config", str(tmp_path / "nanobatch.yaml")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "api." in captured.err and PASTED not in captured.err + captured.out
+
+
 @pytest.mark.parametrize("field", ["api_key_env", "base_url"])
 def test_a_key_pasted_in_the_wrong_setting_is_refused_without_being_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
@@ -224,8 +240,9 @@ PASTED = "AIzaSyPASTED0KEY0123456789abcdefghijk"
         ({"steps": ["crop it", f"key={PASTED}"]}, "instruction", "a"),
         ({"output": f"{PASTED}/{{id}}.png"}, "output", "a"),
         ({"id": PASTED}, "id", None),  # the problem names no item: its name is the key
+        ({"model": PASTED}, "model", "a"),  # it would go into the request's URL, which proxies log
     ],
-    ids=["instruction", "a step", "output", "id"],
+    ids=["instruction", "a step", "output", "id", "model"],
 )
 def test_the_api_key_pasted_into_an_item_is_refused_before_it_is_sent_or_written_down(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, fields: dict[str, object],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -126,7 +127,13 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
     else:  # the log filter's cut, as this bypasses it
         from ..api.redaction import redact_urls
 
-        click.echo(f"{prefix}{redact_urls(_cut(text, []))}", err=True)
+        click.echo(f"{prefix}{redact_urls(_cut(text, _environment_keys()))}", err=True)
+
+
+def _environment_keys() -> list[str]:
+    """The API keys in the environment's usual variables, known before the settings are (which may name another
+    variable: :func:`install_redaction` takes that one too)."""
+    return [key for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY") if (key := os.environ.get(name, "").strip())]
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
@@ -137,6 +144,8 @@ def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
     else:
         handler.setFormatter(_TextFormatter("nanobatch: %(levelname)s: %(message)s"))
     handler.addFilter(_Libraries())
+    if keys := _environment_keys():  # from the first line: a config error may quote a value the key was pasted in
+        handler.addFilter(_Redact(*keys))
     _install(handler)
     logging.captureWarnings(True)  # Python's warnings too: as a "py.warnings" line, not a bare one
     ours = logging.getLogger("nanobatch")

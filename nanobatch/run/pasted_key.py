@@ -12,9 +12,10 @@ MIN_KEY = 16
 
 
 class PastedKey:
-    """Items that hold the API key in their id, an instruction, the output name or a picture's reference: the
-    key would go to the model in the request and into ``results.jsonl``, the report and the log lines that
-    name the item. Each is a problem; none names the key, and one in an id names no item either."""
+    """Items that hold the API key in their id, an instruction, the output name, a picture's reference or the
+    model id: the key would go to the model in the request (the model id in its URL, which proxies log) and
+    into ``results.jsonl``, the report and the log lines that name the item. Each is a problem; none names the
+    key, and one in an id names no item either."""
 
     def __init__(self, key: str | None) -> None:
         self.key = key if key is not None and len(key) >= MIN_KEY else None
@@ -29,6 +30,8 @@ class PastedKey:
             fld = next(("instruction" for step in item.steps if key in step), None)
         if fld is None:
             fld = next(("image" for ref in item.inputs if key in ref), None)
+        if fld is None and key in item.model:  # the item's own, or the manifest's, --model's or api.model's
+            fld = "model"
         if fld is not None:
             message = "holds the API key: take it out (it would be sent to the model and written into the records)"
             self.problems.append(Problem(file, None if fld == "id" else item.id, fld, message))
