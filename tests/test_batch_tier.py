@@ -6,6 +6,7 @@ cancel, status, the budget, an endpoint without batch, and real SIGKILLs at each
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -629,3 +630,24 @@ def test_status_counts_a_paid_answer_kept_for_an_item_whose_file_was_taken(
 
     assert kept == 1 and [r["status"] for r in records(out) if r["id"] == "sku-1"] == ["failed", "ok"]
     assert sum(j.counts["request"] for j in jobs(app)) == ITEMS  # paid once
+
+
+def test_a_no_wait_night_leaving_requests_in_jobs_is_no_success_for_the_alert(job: Path) -> None:
+    # The README's alert fires when nanobatch_last_success_timestamp_seconds gets old: a --no-wait night whose
+    # items all wait in batch jobs (or whose jobs fail every night, their items put in new ones) must not move it.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = job.parent / "job.prom"
+
+    def last_success() -> float | None:
+        samples = [s for f in text_string_to_metric_families(prom.read_text()) for s in f.samples]
+        return next((s.value for s in samples if s.name == "nanobatch_last_success_timestamp_seconds"), None)
+
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait", "--metrics-file", str(prom)) == 0
+        assert last_success() is None
+        batches = app.state.batches
+        batches.config = dataclasses.replace(batches.config, batch_latency_s=0.0)  # (the jobs answer now)
+        assert cli(job, url, "--metrics-file", str(prom)) == 0  # collects every answer: the job is done
+    assert last_success() is not None

@@ -48,7 +48,10 @@ _HELP = {
     "nanobatch_run_duration_seconds": ("gauge", "How long this run has gone, or went."),
     "nanobatch_last_run_timestamp_seconds": ("gauge", "When the last run that ended, ended (Unix time)."),
     "nanobatch_last_run_exit_code": ("gauge", "The last ended run's exit code (0 all ok, 1 some items not ok, ...)."),
-    "nanobatch_last_success_timestamp_seconds": ("gauge", "When the last run with exit code 0 ended (Unix time)."),
+    "nanobatch_last_success_timestamp_seconds": (
+        "gauge",
+        "When the last run with exit code 0 and nothing left in batch jobs ended (Unix time).",
+    ),
 }
 
 
@@ -65,6 +68,7 @@ class Ending:
 
     exit_code: int
     at: float  # Unix time
+    waiting: bool = False  # requests left waiting in batch jobs (--no-wait): no success yet, whatever the exit code
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,7 +135,7 @@ class MetricsFile:
         if ending is not None:
             self.last["nanobatch_last_run_timestamp_seconds"] = ending.at
             self.last["nanobatch_last_run_exit_code"] = ending.exit_code
-            if ending.exit_code == 0:
+            if ending.exit_code == 0 and not ending.waiting:
                 self.last["nanobatch_last_success_timestamp_seconds"] = ending.at
         text = render(self.job, counts, self.last, running=ending is None)
         try:

@@ -109,7 +109,7 @@ class Observer:
         cuts the notices short: the run has ended, and ends as it did (a signal here killed it, exit 143)."""
         now = time.time()
         if self.metrics is not None and metrics:
-            self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now))
+            self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now, waiting=bool(self.stats.batch_jobs)))
         async with anyio.create_task_group() as outer:
             if signals:
                 outer.start_soon(_cut_short_by_a_signal, outer.cancel_scope)
