@@ -277,3 +277,22 @@ def test_a_file_another_jobs_run_took_meanwhile_is_left_to_it(tmp_path: Path, ca
     assert run(job, fake, settings=_settings(prom), settle_s=0.05).exit_code == 0
     assert prom.read_text() == theirs
     assert sum("is another job's now" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
+def test_the_counters_add_up_over_the_jobs_runs_so_a_short_run_is_not_lost(tmp_path: Path) -> None:
+    # Two nights shorter than a scrape interval, each spending the same: restarted from 0 each run, Prometheus saw
+    # 0.077 then 0.077, no reset, and increase() counted the second night as nothing.
+    job = write_job(tmp_path, _items(2))
+    prom = tmp_path / "job.prom"
+    first = run(job, FakeGemini(), settings=_settings(prom), settle_s=0.05)
+    after_one = read_metrics(prom)
+
+    second = run(job, FakeGemini({"edit 1": [google_error(500, "INTERNAL", "boom")]}), settings=_settings(prom),
+                 settle_s=0.05, force=True)  # fmt: skip
+
+    after_two = read_metrics(prom)
+    assert value(after_two, "nanobatch_items_total", status="ok") == 3  # 2, then 1 more
+    assert value(after_two, "nanobatch_items_total", status="failed") == 1
+    assert value(after_two, "nanobatch_cost_usd_total") == pytest.approx(first.stats.cost_usd + second.stats.cost_usd)
+    assert value(after_two, "nanobatch_cost_usd_total") > value(after_one, "nanobatch_cost_usd_total")  # type: ignore[operator]
+    assert value(after_two, "nanobatch_run_items") == 2  # a gauge: this run's

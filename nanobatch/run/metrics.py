@@ -5,9 +5,10 @@ the file is replaced whole, never written in place: a temporary file in the same
 ``.nanobatch-*.tmp`` names, which the collector does not read), renamed over it. A run writes it when it starts,
 every few seconds while it goes and when it ends, however it ends.
 
-The counters are this run's (they start again from 0 at the next run: Prometheus' ``increase()`` and ``rate()``
-take a reset in their stride); ``nanobatch_last_*`` hold across runs: ``nanobatch_last_success_timestamp_seconds``
-is taken over from the file the previous run left, so that a failed run does not hide the last good one.
+The counters are the job's, over its runs: each run adds its own to what the file the previous run left says
+(a run shorter than a scrape interval, its counters restarted from 0, would otherwise look like no run at all to
+``increase()``, a night's spend lost). ``nanobatch_last_*`` hold across runs too:
+``nanobatch_last_success_timestamp_seconds`` is taken over, so that a failed run does not hide the last good one.
 """
 
 from __future__ import annotations
@@ -39,10 +40,19 @@ _TOKEN_KINDS = {"promptTokenCount": "input", "candidatesTokenCount": "output", "
 
 _HELP = {
     "nanobatch_run_items": ("gauge", "Items of the job this run goes through (those its check passed)."),
-    "nanobatch_items_total": ("counter", "Items this run finished, by status (skipped: done before, nothing sent)."),
-    "nanobatch_requests_total": ("counter", "Requests of this run that ended, by outcome: ok, or the error's kind."),
-    "nanobatch_tokens_total": ("counter", "Tokens of the items this run finished, by kind (input, output, thinking)."),
-    "nanobatch_cost_usd_total": ("counter", "What the items this run finished cost, in US dollars."),
+    "nanobatch_items_total": (
+        "counter",
+        "Items the job's runs finished, by status (skipped: done before, nothing sent).",
+    ),
+    "nanobatch_requests_total": (
+        "counter",
+        "Requests of the job's runs that ended, by outcome: ok, or the error's kind.",
+    ),
+    "nanobatch_tokens_total": (
+        "counter",
+        "Tokens of the items the job's runs finished, by kind (input, output, thinking).",
+    ),
+    "nanobatch_cost_usd_total": ("counter", "What the items the job's runs finished cost, in US dollars."),
     "nanobatch_run_in_progress": ("gauge", "1 while the run goes, 0 once it has ended."),
     "nanobatch_run_start_timestamp_seconds": ("gauge", "When this run started (Unix time)."),
     "nanobatch_run_duration_seconds": ("gauge", "How long this run has gone, or went."),
@@ -122,6 +132,7 @@ class MetricsFile:
         self.path = path
         self.job = job
         self.last: dict[str, float] | None = None  # read at the first write: the folder is this run's by then
+        self.before: dict[_Sample, float] = {}  # the counters as the earlier runs left them, then
         self._failing = False
         self._theirs = False  # another job's run took the file since the check
 
@@ -131,13 +142,13 @@ class MetricsFile:
         if not self._still_ours():
             return
         if self.last is None:  # not before: a run that waited for the folder's lock takes what the last one left
-            self.last = _last_runs(self.path)
+            self.last, self.before = _earlier_runs(self.path)
         if ending is not None:
             self.last["nanobatch_last_run_timestamp_seconds"] = ending.at
             self.last["nanobatch_last_run_exit_code"] = ending.exit_code
             if ending.exit_code == 0 and not ending.waiting:
                 self.last["nanobatch_last_success_timestamp_seconds"] = ending.at
-        text = render(self.job, counts, self.last, running=ending is None)
+        text = render(self.job, counts, self.last, running=ending is None, before=self.before)
         try:
             atomic_write(self.path, text.encode(), mode=0o644)  # node_exporter reads it as another user
         except OSError as exc:
@@ -165,11 +176,13 @@ class MetricsFile:
         return False
 
 
-def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool) -> str:
+def render(
+    job: str, counts: Counts, last: Mapping[str, float], *, running: bool, before: Mapping[_Sample, float] | None = None
+) -> str:
     """The textfile, in Prometheus' text exposition format as prometheus-client writes it, each sample labelled
     ``job_name`` with the job's name (not ``job``: Prometheus sets that label to the scrape's own job,
-    node_exporter's, and would rename ours). Its first line marks the file as this job's (see
-    :func:`metrics_file`)."""
+    node_exporter's, and would rename ours), each counter what *before* (the earlier runs') says plus this run's.
+    Its first line marks the file as this job's (see :func:`metrics_file`)."""
     families: dict[str, Iterable[tuple[dict[str, str], float]]] = {
         "nanobatch_run_items": [({}, counts.items)],
         "nanobatch_items_total": [({"status": s}, n) for s, n in counts.statuses.items()],
@@ -181,6 +194,9 @@ def render(job: str, counts: Counts, last: Mapping[str, float], *, running: bool
         "nanobatch_run_duration_seconds": [({}, counts.duration_s)],
         **{name: [({}, value)] for name, value in sorted(last.items()) if name in _HELP},
     }
+    for name, (kind, _) in _HELP.items():
+        if kind == "counter":
+            families[name] = _added(name, families.get(name, ()), before or {})
     # Imported here: a run without a metrics file does not pay for prometheus-client's import (~60 ms).
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -208,17 +224,37 @@ class _Families:
             yield family
 
 
-def _last_runs(path: str) -> dict[str, float]:
-    """The ``nanobatch_last_*`` samples of the file at *path* (none if there is none, or it cannot be read), read
-    by prometheus-client's own parser (a job's name in a label may hold any character, ``}`` too)."""
+_Sample = tuple[str, tuple[tuple[str, str], ...]]  # a sample's name and labels (but job_name)
+
+
+def _added(
+    name: str, samples: Iterable[tuple[dict[str, str], float]], before: Mapping[_Sample, float]
+) -> list[tuple[dict[str, str], float]]:
+    """The counter *name*'s *samples* (this run's), each plus its value in *before*; and those only *before* has."""
+    now = {(name, tuple(sorted(labels.items()))): value for labels, value in samples}
+    keys = [*now, *(key for key in before if key[0] == name and key not in now)]
+    return [(dict(key[1]), now.get(key, 0.0) + before.get(key, 0.0)) for key in keys]
+
+
+def _earlier_runs(path: str) -> tuple[dict[str, float], dict[_Sample, float]]:
+    """The ``nanobatch_last_*`` samples of the file at *path*, and its counters' (none if there is none, or it
+    cannot be read), read by prometheus-client's own parser (a job's name in a label may hold any character)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             families = list(text_string_to_metric_families(f.read()))
     except (OSError, ValueError):
-        return {}
-    return {s.name: s.value for family in families for s in family.samples if s.name.startswith("nanobatch_last_")}
+        return {}, {}
+    samples = [s for family in families for s in family.samples]
+    last = {s.name: s.value for s in samples if s.name.startswith("nanobatch_last_")}
+    counters = {name for name, (kind, _) in _HELP.items() if kind == "counter"}
+    before = {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "job_name"))): s.value
+        for s in samples
+        if s.name in counters
+    }
+    return last, before
 
 
 def _quoted(value: str) -> str:
