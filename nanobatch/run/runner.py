@@ -122,15 +122,14 @@ async def run_job(
     if checked.left_out_items:
         logger.warning("%s", left_out_text(checked.left_out, checked.left_out_items))
     options = _Options(force=force, retry_failed=retry_failed, simulate=simulate, wait_lock=wait_lock,
-                       handle_signals=handle_signals, transport=transport, retry_sleep=retry_sleep)  # fmt: skip
-    return await _run(checked, options, stats, began, api_key)
+                       handle_signals=handle_signals, transport=transport, retry_sleep=retry_sleep,
+                       api_key=api_key)  # fmt: skip
+    return await _run(checked, options, stats, began)
 
 
-async def _run(
-    checked: CheckResult, options: _Options, stats: RunStats | None, began: float, api_key: str | None
-) -> RunSummary:
+async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, began: float) -> RunSummary:
     """Run the job *checked*: the folder's lock held, its results resumed from, summary.json written at the end."""
-    manifest, settings = checked.job, checked.settings
+    manifest, settings, api_key = checked.job, checked.settings, options.api_key
     stats = _stats(stats, checked)
     clock = RunClock.now()
     out = OutDir(checked.out_dir, uuid.uuid4().hex[:12])
@@ -211,6 +210,7 @@ class _Options:
     handle_signals: bool
     transport: httpx2.AsyncBaseTransport | None
     retry_sleep: Callable[[float], Awaitable[None]] | None
+    api_key: str | None  # found before the folder was taken (credentials_for)
 
 
 def _stats(stats: RunStats | None, checked: CheckResult) -> RunStats:
