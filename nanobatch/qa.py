@@ -31,19 +31,21 @@ QA_CHECKS = ("background", "min_fill", "min_side", "aspect", "changed", "same_su
 
 def no_bool_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
     """For a before-validator of *model*'s fields: ``true``/``false`` (``yes``/``no`` in a config file) where a
-    number goes is refused, not read as 1 or 0 (``concurrency: yes`` was 1 at night, ``min_fill: true`` 100%);
-    and where a yes-or-no goes, a number or any other word is refused as such (``aspect: "16:9"``, ``changed:
-    1``), the words of an environment variable (``true``, ``yes``, ``on``, ``1``, and their opposites) aside."""
-    if info.field_name is None or value is None:
-        return value
-    kinds = typing.get_args(annotation := model.model_fields[info.field_name].annotation) or (annotation,)
-    numbers = int in kinds or float in kinds
-    if type(value) is bool and bool not in kinds and numbers:
-        raise ValueError(f"a number, not {str(value).lower()}")
-    said = type(value) is bool or isinstance(value, str) and value.lower() in _YES_NO
-    if bool in kinds and not numbers and not said:
-        raise ValueError(f"true or false, not {value!r}")
+    number goes is refused, not read as 1 or 0 (``concurrency: yes`` was 1 at night, ``min_fill: true`` 100%)."""
+    if type(value) is bool and info.field_name is not None:
+        kinds = typing.get_args(annotation := model.model_fields[info.field_name].annotation) or (annotation,)
+        if bool not in kinds and (int in kinds or float in kinds):
+            raise ValueError(f"a number, not {str(value).lower()}")
     return value
+
+
+def yes_or_no(value: Any) -> Any:
+    """For a before-validator of the checks' on/off fields: a number or any other word is refused as such
+    (``aspect: "16:9"``, ``changed: 1``), the words of an environment variable (``true``, ``yes``, ``on``, ``1``
+    and their opposites) aside: the checks are new, and no file that loaded before is refused by it."""
+    if value is None or type(value) is bool or isinstance(value, str) and value.lower() in _YES_NO:
+        return value
+    raise ValueError(f"true or false, not {value!r}")
 
 
 _YES_NO = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})  # as an environment variable says it
@@ -54,6 +56,7 @@ class QaFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     _numbers = field_validator("*", mode="before")(classmethod(no_bool_numbers))
+    _yes_no = field_validator("aspect", "changed", "same_subject", mode="before")(staticmethod(yes_or_no))
 
     background: Literal["white", "any"] | None = None
     min_fill: float | None = None  # 0..1, checked below

@@ -352,3 +352,11 @@ def test_true_or_false_where_a_number_goes_is_refused_not_read_as_1_or_0(
 def test_a_number_from_the_environment_is_still_read_from_its_text() -> None:
     settings = load_settings(env={"NANOBATCH_LIMITS_CONCURRENCY": "12", "NANOBATCH_BUDGET_MAX_COST_USD": "2.5"})
     assert settings.limits.concurrency == 12 and settings.budget.max_cost_usd == 2.5
+
+
+def test_a_yes_or_no_setting_written_as_0_or_y_still_loads_as_before() -> None:
+    # The checks' strict yes-or-no is theirs: a config file that loaded before must load the same after an upgrade.
+    from nanobatch.config import Settings
+
+    loaded = Settings.model_validate({"limits": {"adaptive": 0}, "batch": {"wait": "y"}})
+    assert loaded.limits.adaptive is False and loaded.batch.wait is True

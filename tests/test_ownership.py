@@ -314,11 +314,15 @@ def test_a_rejected_new_edit_leaves_the_items_earlier_image_where_it_was(
     assert (out / "a.png").is_file() and (out / "rejected" / "a.png").is_file() and (out / "a.step1.png").is_file()
 
 
-def test_steps_kept_by_an_earlier_run_stay_when_keep_steps_is_turned_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("images", [1, 2])
+def test_steps_kept_by_an_earlier_run_stay_when_keep_steps_is_turned_off(tmp_path: Path, images: int) -> None:
     steps = {"id": "a", "image": "images/a.png", "steps": ["one", "two"]}
     out = tmp_path / "out"
-    run(write_job(tmp_path, [{**steps, "keep_steps": True}]), FakeGemini())
+    step_one = ok_body(*(inline(image_bytes((60 * n, 90, 160))) for n in range(images)))
+    run(write_job(tmp_path, [{**steps, "keep_steps": True}]), FakeGemini({"one": [step_one]}))
+    kept = sorted(p.name for p in out.glob("a.step1*"))
 
     run(write_job(tmp_path, [steps]), FakeGemini(), force=True)
 
-    assert (out / "a.step1.png").is_file() and (out / "a.png").is_file()
+    assert kept == (["a.step1.png"] if images == 1 else ["a.step1-1.png", "a.step1-2.png"])
+    assert sorted(p.name for p in out.glob("a.step1*")) == kept and (out / "a.png").is_file()

@@ -295,3 +295,13 @@ def test_the_api_key_pasted_into_a_catalog_row_is_named_by_its_row(
     assert main(["validate", str(job)]) == 2
     err = capsys.readouterr().err
     assert "c.csv:3: item 'A2', field 'instruction': holds the API key" in err and PASTED not in err
+
+
+def test_a_short_test_key_in_the_environment_leaves_error_messages_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "e" as a local proxy's dummy key: cut from the message, it read "noth[redacted]r[redacted].yaml".
+    monkeypatch.setenv("NANOBATCH_API_KEY", "e")
+    assert main(["validate", str(tmp_path / "nothere.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "nothere.yaml" in err and "[redacted]" not in err

@@ -133,7 +133,10 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
 def _environment_keys() -> list[str]:
     """The API keys in the environment's usual variables, known before the settings are (which may name another
     variable: :func:`install_redaction` takes that one too)."""
-    return [key for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY") if (key := os.environ.get(name, "").strip())]
+    from ..api.redaction import MIN_SECRET  # shorter ("sim-key" is not; "e" is) would cut letters out of words
+
+    keys = (os.environ.get(name, "").strip() for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY"))
+    return [key for key in keys if len(key) >= MIN_SECRET]
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:

@@ -199,4 +199,4 @@ def out_of_date(replaceable: Iterable[str], files: Iterable[tuple[str, Image]], 
     )  # fmt: skip
 
 
-_KEPT_STEP = re.compile(r"\.step[0-9]+\.[^./]+$")  # names.step_stem's, with its extension
+_KEPT_STEP = re.compile(r"\.step[0-9]+(-[0-9]+)?\.[^./]+$")  # names.step_stem's, numbered if several, and a type
