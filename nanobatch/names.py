@@ -38,6 +38,7 @@ __all__ = [
     "item_stems",
     "output_name",
     "output_names",
+    "plain_path",
     "rejected_name",
     "reserved_name_problem",
 ]
@@ -185,9 +186,16 @@ def _placed(name: str) -> tuple[str | None, str | None]:
         return None, f"the output name {name!r} must end with a file name"
     if message := reserved_name_problem(name):
         return None, message
-    if "//" in name or "./" in name:  # "a/./x.png" and "a//x.png" are a/x.png: one name for one file, or two
-        name = "/".join(part for part in name.replace(os.sep, "/").split("/") if part not in ("", "."))  # clash
-    return name, None
+    return plain_path(name), None  # one name for one file: else two items naming it would not be seen to clash
+
+
+def plain_path(name: str) -> str:
+    """*name* (a path in the output folder) with "/" between its parts and no empty or "." part: "a/./x.png" and
+    "a//x.png" are "a/x.png", as the file system finds them."""
+    name = name.replace(os.sep, "/")
+    if "//" not in name and "./" not in name:
+        return name
+    return "/".join(part for part in name.split("/") if part not in ("", "."))
 
 
 def image_folders(stem: str) -> Iterable[tuple[str, str]]:

@@ -326,3 +326,21 @@ def test_steps_kept_by_an_earlier_run_stay_when_keep_steps_is_turned_off(tmp_pat
 
     assert kept == (["a.step1.png"] if images == 1 else ["a.step1-1.png", "a.step1-2.png"])
     assert sorted(p.name for p in out.glob("a.step1*")) == kept and (out / "a.png").is_file()
+
+
+def test_an_item_recorded_under_a_dotted_name_before_names_were_plain_is_still_its_own(tmp_path: Path) -> None:
+    # "sub/./{id}.png" was recorded as written; its files are now named plainly, sub/a.png. Its file must still be
+    # the item's: skipped while done, replaced once its instruction changes (not refused as a file of yours).
+    out = tmp_path / "out"
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "output": "sub/./{id}.png"}])
+    fake = FakeGemini()
+    run(job, fake)
+    results = out / "results.jsonl"
+    results.write_text(results.read_text().replace('"sub/a.png"', '"sub/./a.png"'))  # as an older version wrote it
+    assert '"sub/./a.png"' in results.read_text()
+
+    assert run(job, fake).exit_code == 0 and len(fake.requests) == 1
+    job.write_text(job.read_text().replace("make the background white", "make the background grey"))
+    assert run(job, fake).exit_code == 0 and len(fake.requests) == 2
+
+    assert records(out)[-1]["status"] == "ok" and records(out)[-1]["outputs"] == ["sub/a.png"]

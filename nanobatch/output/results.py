@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import orjson
 
-from ..names import RESULTS_FILE
+from ..names import RESULTS_FILE, plain_path
 from ..scratch import scratch_db
 from .files import Stamp
 from .index_cache import MIN_LINES, Restored, prune_superseded, restore_index, save_index
@@ -124,7 +123,8 @@ def _stamp(size: int | None, mtime: int | None) -> Stamp | None:
 
 
 def _name_key(name: str) -> bytes:
-    return name.replace(os.sep, "/").encode("utf-8", "surrogatepass")
+    """*name*'s key in the index: plain (a record from before names were made plain may say "a/./x.png")."""
+    return plain_path(name).encode("utf-8", "surrogatepass")
 
 
 def _row(record: ItemRecord) -> tuple[Any, ...]:
