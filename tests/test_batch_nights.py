@@ -485,10 +485,12 @@ def test_a_job_whose_results_are_gone_is_said_lost_once_and_its_items_sent_again
         app.state.batches.files.remove(first.output_file.removeprefix("files/"))
         capsys.readouterr()
         argv = ["run", str(job), "--base-url", url, "--out", str(tmp_path / "out"), "--tier", "batch"]
-        assert main([*argv, "--config", str(tmp_path / "nanobatch.yaml")]) == 0
+        prom = tmp_path / "job.prom"
+        assert main([*argv, "--config", str(tmp_path / "nanobatch.yaml"), "--metrics-file", str(prom)]) == 0
     assert "can no longer be read" in capsys.readouterr().err
     assert {r["status"] for r in records(tmp_path / "out")} == {"ok"} and len(records(tmp_path / "out")) == 3
     assert billed(app) == 6 and len(jobs(app)) == 2  # paid again: unavoidable once the answers are gone
+    assert "nanobatch_last_success_timestamp_seconds{" in prom.read_text()  # a clean night: a success
 
 
 def test_answers_landed_by_an_earlier_run_are_not_collected_again_by_force(

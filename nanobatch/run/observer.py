@@ -102,14 +102,16 @@ class Observer:
             await anyio.sleep(REFRESH_S)
 
     async def ended(
-        self, outcome: str, exit_code: int, reason: str | None, *, metrics: bool = True, signals: bool = False
-    ) -> None:
-        """The run ended: the metrics file's last write (unless *metrics* is False), OpenTelemetry's last
-        export and the webhook, each bounded in time; never raises. With *signals*, a SIGINT or SIGTERM meanwhile
-        cuts the notices short: the run has ended, and ends as it did (a signal here killed it, exit 143)."""
+        self, outcome: str, exit_code: int, reason: str | None, *, metrics: bool = True, signals: bool = False,
+        waiting: bool = False,
+    ) -> None:  # fmt: skip
+        """The run ended (*waiting*: leaving requests in batch jobs, ``--no-wait``): the metrics file's last write
+        (unless *metrics* is False), OpenTelemetry's last export and the webhook, each bounded in time; never
+        raises. With *signals*, a SIGINT or SIGTERM meanwhile cuts the notices short: the run has ended, and ends
+        as it did (a signal here killed it, exit 143)."""
         now = time.time()
         if self.metrics is not None and metrics:
-            self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now, waiting=bool(self.stats.batch_jobs)))
+            self.metrics.write(self._counts(), Ending(exit_code=exit_code, at=now, waiting=waiting))
         async with anyio.create_task_group() as outer:
             if signals:
                 outer.start_soon(_cut_short_by_a_signal, outer.cancel_scope)

@@ -159,9 +159,8 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         outcome, reason = _outcome(engine.gate.stop_reason, stats)
         waiting = await _end_batch(batch, outcome, manifest, out.path, ends) if batch is not None else None
         unfollowed = _unfollowed(batch.unfollowed() if batch is not None and outcome == "complete" else 0)
-        summary = build_summary(
-            manifest, out.path, outcome, reason, stats, index, engine.gate, clock, settings.api.tier
-        )
+        summary = build_summary(manifest, out.path, outcome, reason, stats, index, engine.gate, clock,
+                                settings.api.tier)  # fmt: skip
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
         # Items left are counted only when the run reached every item: one cut short (--max-requests, a
         # deadline, an abort) leaves unreached items that may be done, and --retry-failed passes over items.
@@ -174,7 +173,8 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         logger.warning("run %s: %s", outcome, reason)
     result = RunSummary(out_dir=out.path, outcome=outcome, reason=str(reason) if reason else None, stats=stats,
                         summary=summary, unfollowed=unfollowed)  # fmt: skip
-    await observer.ended(result.outcome, result.exit_code, result.reason, signals=options.handle_signals)
+    await observer.ended(result.outcome, result.exit_code, result.reason, signals=options.handle_signals,
+                         waiting=bool(waiting and waiting["requests"]))  # fmt: skip
     return result
 
 
