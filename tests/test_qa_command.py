@@ -371,3 +371,19 @@ def test_an_item_whose_work_changed_since_is_not_done_for_qa_as_for_validate(
     assert "1 checked: 0 pass, 1 fail (1 of them recorded ok until now); 1 not done" in capsys.readouterr().out
     assert [r["id"] for r in records(out)[2:]] == ["b"] and (out / "a.png").is_file()
     assert nanobatch.check_job(job, out_dir=out).done_items == 0  # validate: a is work left (b rejected now)
+
+
+@needs_qa
+def test_an_item_whose_input_was_only_touched_is_checked(
+    done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A sync tool rewrote the photo with the same bytes: a run finds the item done (it hashes the file again), so
+    # qa must check it too, or a failing image is never set aside (it said "not done", and the run sent nothing).
+    job, out = done
+    _tighten(job, top={"min_side": TOO_BIG})
+    picture = job.parent / "images" / "a.png"
+    os.utime(picture, ns=(picture.stat().st_atime_ns, picture.stat().st_mtime_ns + 10**9))
+
+    assert main(["qa", str(job), "--out", str(out)]) == 1
+
+    assert "2 checked: 0 pass, 2 fail" in capsys.readouterr().out
