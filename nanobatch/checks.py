@@ -226,23 +226,37 @@ def _fill(look: _Look) -> float:
 def _changed_share(before: Image.Image, after: Image.Image) -> float:
     """The share of pixels that differ noticeably between the two images, at a small common size, edges left out
     (an outline falls on other pixels once resized from another size: a copy of the input would differ there).
-    The input is taken whole, cropped to the output's shape (the model may have cropped it), and whole against
-    the middle of the output of its own shape (the model may have padded it, letterboxed); the least share
+    The input is taken whole, cropped to the output's shape (the model may have cropped it), and, when the rest
+    of the output is one flat colour, whole against the middle of the output of its own shape (the model may
+    have padded it, letterboxed; sides painted with new content, outpainting, are an edit); the least share
     counts."""
     size = (COMPARE_EDGE, COMPARE_EDGE)
-    framings = [
-        (before, after),
-        (before.crop(_centre_box(before.size, after.width / after.height)), after),
-        (before, after.crop(_centre_box(after.size, before.width / before.height))),
-    ]
+    framings = [(before, after)]
+    if _shape(before) != _shape(after):
+        middle = _centre_box(after.size, before.width / before.height)
+        framings.append((before.crop(_centre_box(before.size, after.width / after.height)), after))
+        if _padding_flat(np.asarray(after), middle):
+            framings.append((before, after.crop(middle)))
     shares = []
-    for source_image, target_image in framings[: 3 if _shape(before) != _shape(after) else 1]:
+    for source_image, target_image in framings:
         source = np.asarray(source_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
         target = np.asarray(target_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
         changed = _largest_channel(np.abs(source - target)) > CHANGED_DIFF
         flat = (_edges(target) <= CHANGED_EDGE) & (_edges(source) <= CHANGED_EDGE)
         shares.append(float((changed & flat).mean()))
     return min(shares)
+
+
+def _padding_flat(pixels: Pixels, middle: tuple[int, int, int, int]) -> bool:
+    """Whether the output's *pixels* outside its *middle* box (left, top, right, bottom) are one colour, but for
+    noise: bars a letterbox pads with, not an extension painted in."""
+    x0, y0, x1, y1 = middle
+    parts = [pixels[:, :x0], pixels[:, x1:]] if x1 - x0 < pixels.shape[1] else [pixels[:y0], pixels[y1:]]
+    rest = np.concatenate([part.reshape(-1, 3) for part in parts]).astype(np.int16)
+    if rest.size == 0:
+        return False
+    off = _largest_channel(np.abs(rest - np.median(rest, axis=0).astype(np.int16))) > CHANGED_EDGE
+    return float(off.mean()) <= BAND_OFF_SHARE
 
 
 def _shape(image: Image.Image) -> float:

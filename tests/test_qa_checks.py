@@ -346,3 +346,10 @@ async def test_the_input_handed_back_letterboxed_to_another_shape_is_not_changed
     assert verdict.failed == ("changed",)
     edited = await simulate(INPUT, WHITE, ratio=ratio)  # a real edit of the same shape change still counts
     assert check_image(edited, original=INPUT, aspect_ratio=ratio, settings=QaSettings(changed=True)).passed
+    # Outpainting: the input kept in the middle, the sides painted with new content (a scene going on), is an edit.
+    extended = Image.linear_gradient("L").resize((w, h)).convert("RGB")
+    side = min(w, h)
+    extended.paste(Image.open(io.BytesIO(INPUT)).resize((side, side)), ((w - side) // 2, (h - side) // 2))
+    verdict = check_image(encode(extended, "JPEG", quality=90), original=INPUT, aspect_ratio=ratio,
+                          settings=QaSettings(changed=True))  # fmt: skip
+    assert verdict.passed, verdict.values
