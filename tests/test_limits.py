@@ -733,3 +733,26 @@ def test_a_hanging_probe_does_not_delay_giving_up() -> None:
         return stopped_at
 
     assert run_virtual(main) == pytest.approx(30, abs=0.01)
+
+
+def test_a_collection_passes_a_spent_budget_but_a_request_it_turns_into_takes_its_share() -> None:
+    # An earlier night's batch answer is collected whatever tonight's budget says; if its job failed meanwhile,
+    # the route sends the request anew: that one is paid tonight, so it must fit, and count, like any other.
+    async def main() -> tuple[Gate, bool]:
+        gate = Gate(concurrency=2, budget=Budget(max_cost_usd=1.0, max_requests=2))
+        async with gate.request(0.8) as ticket:  # one request of tonight's, settled at 0.8
+            ticket.cost_usd = 0.8
+        async with gate.request(0.8, collect=True) as collected:  # collected: no room needed, not a request
+            collected.cost_usd = 0.6
+        assert gate.budget.requests == 1 and not gate.stopping
+        refused = False
+        async with gate.request(0.5, collect=True) as again:
+            try:
+                gate.budget_late(again)  # its job failed: sent anew, it would take the spend past 1.0
+            except Stopped:
+                refused = True
+        return gate, refused
+
+    gate, refused = run_virtual(main)
+    assert refused and gate.stopping and isinstance(gate.stop_reason, RunAborted)
+    assert gate.budget.spent_usd == pytest.approx(1.4) and gate.budget.requests == 1

@@ -241,6 +241,18 @@ class Gate:
             self.in_flight -= 1
             self.slots.release()
 
+    def budget_late(self, ticket: Ticket) -> None:
+        """Reserve the budget now for *ticket*, admitted to collect an earlier run's answer, whose route sends a
+        request after all (the job failed meanwhile: its request goes into a new one). Raises :class:`Stopped`
+        (the run stopping at its budget) if it does not fit."""
+        if ticket.budgeted:
+            return
+        reserve = self.budget.reservation(ticket.estimate_usd)
+        if not self.budget.try_reserve(reserve):
+            self.stop(RunAborted(self.budget.exhausted_message(reserve)))
+            raise Stopped
+        ticket.reserved_usd, ticket.budgeted = reserve, True
+
     async def _admit(self, worst_case_usd: float, *, budgeted: bool) -> Ticket:
         await anyio.lowlevel.checkpoint_if_cancelled()  # a cancelled worker writes no journal line
         ticket = Ticket(reserved_usd=0.0, started_at=anyio.current_time(), probe=False, estimate_usd=worst_case_usd,

@@ -238,7 +238,7 @@ class Budget:
         """Wait until the request fits and return what it reserved; raise :class:`RunAborted` when it never can."""
         while not self.try_reserve(amount := self.reservation(worst_case_usd)):
             if self._outstanding == 0 or self._out_of_requests:
-                raise RunAborted(self._exhausted_message(amount))
+                raise RunAborted(self.exhausted_message(amount))
             if self._settled is None:
                 self._settled = anyio.Event()
             await self._settled.wait()  # in-flight requests usually cost less than reserved
@@ -276,7 +276,7 @@ class Budget:
         self.settle(reserved_usd, 0.0)
         self.requests -= 1
 
-    def _exhausted_message(self, worst_case_usd: float) -> str:
+    def exhausted_message(self, worst_case_usd: float) -> str:
         if self._out_of_requests:
             return f"request budget reached: {self.requests} requests sent (budget.max_requests = {self.max_requests})"
         return (

@@ -24,7 +24,7 @@ from ..output.outdir import Journal
 from ..output.record import Tally
 from .batch.route import BatchRoute
 from .failures import FailureLog
-from .limits import Gate
+from .limits import Gate, Ticket
 from .observer import Observer
 from .route import Answer, Request, Route, Step
 from .stats import RunStats
@@ -201,7 +201,7 @@ class Steps:
                 collect = route is self.batch_route and self.batch_route.holds(self.step_of(item, tally, request))
             async with self.gate.request(worst, collect=collect) as ticket:
                 sending()
-                answer = await self._attempt(item, tally, request, timeout, route)
+                answer = await self._attempt(item, tally, request, timeout, route, ticket)
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
             tally.cost_usd += cost
@@ -227,15 +227,19 @@ class Steps:
             return worst
         return costs.usage_cost(reply.usage, pricing if served in (None, tier) else self.prices(item.model, served))
 
-    async def _attempt(self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route) -> Answer:
+    async def _attempt(
+        self, item: WorkItem, tally: Tally, request: Request, timeout_s: float, route: Route, ticket: Ticket
+    ) -> Answer:
         """One request through *route*, counted and noted in the journal when the route sends it (not while it
-        waits for a slot, nor when it collects an answer an earlier run sent for). Not a batch request: the batch
-        ledger accounts for each from its chunk to its answer, so none is in doubt ("possibly charged")."""
+        waits for a slot, nor when it collects an answer an earlier run sent for: then *ticket* takes its budget
+        only if the route sends after all). Not a batch request: the batch ledger accounts for each from its
+        chunk to its answer, so none is in doubt ("possibly charged")."""
         tally.sending()
         journaled = not route.waits_on_disk
         attempt = tally.attempts
 
         def on_send() -> None:
+            self.gate.budget_late(ticket)  # (nothing, for a ticket admitted to send)
             self.stats.sent(tally)
             if journaled:
                 self.journal.dispatched(item.id, tally.key, attempt)

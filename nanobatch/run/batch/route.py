@@ -190,8 +190,8 @@ class BatchRoute:
                 # on disk, was paid for (or may be) and is collected, as it is by any run.
                 if self.answers.past_deadline:
                     raise deadline_error()
+                on_send()  # (first: it may refuse, the run's budget spent)
                 chunk = self.filler.add(model, key, request.take())
-                on_send()
             else:
                 request.take()  # in a chunk already (a resumed run's): its line there is the request
             return await self.answers.land(chunk, key, step.item, request)
