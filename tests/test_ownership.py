@@ -344,3 +344,18 @@ def test_an_item_recorded_under_a_dotted_name_before_names_were_plain_is_still_i
     assert run(job, fake).exit_code == 0 and len(fake.requests) == 2
 
     assert records(out)[-1]["status"] == "ok" and records(out)[-1]["outputs"] == ["sub/a.png"]
+
+
+def test_an_earlier_image_named_by_a_record_from_before_stamps_is_never_deleted(tmp_path: Path) -> None:
+    # Such a record names its files without their size and time: a file of yours put there since cannot be told
+    # from nanobatch's, so it is not deleted (it may still be replaced by the item's own new image of that name).
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    out = tmp_path / "out"
+    run(job, FakeGemini({EDIT: [THREE]}))
+    results = out / "results.jsonl"
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "file_stamps"}) + "\n" for r in lines))
+
+    run(job, FakeGemini({EDIT: [ok_body(inline(image_bytes(fmt="JPEG"), "image/jpeg"))]}), force=True)
+
+    assert sorted(p.name for p in out.glob("a*.*")) == ["a-1.png", "a-2.png", "a-3.png", "a.jpg"]

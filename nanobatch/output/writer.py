@@ -266,8 +266,8 @@ class Writer:
             path = self.out.file(name)
             if self.out.escapes(name):
                 continue  # through a link out of the output folder: never deleted
-            if not is_ours(finished.replaceable, name, path):
-                continue  # not known to be nanobatch's, or changed since: never deleted
+            if finished.replaceable.get(name) is None or not is_ours(finished.replaceable, name, path):
+                continue  # not known to be nanobatch's (a record from before stamps names it alone), or changed
             try:
                 os.unlink(path)
             except FileNotFoundError:
