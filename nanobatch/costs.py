@@ -95,20 +95,24 @@ _REQUIRED_COUNTS = ("promptTokenCount", "candidatesTokenCount")
 _OPTIONAL_COUNTS = ("thoughtsTokenCount", "totalTokenCount")
 
 
-def usage_problem(usage: Mapping[str, Any]) -> str | None:
+def usage_problem(usage: Mapping[str, Any], *, imaged: bool = True) -> str | None:
     """Why *usage* cannot be priced (missing, partial or invalid token counts), or None if it can.
 
     A proxy may strip ``usageMetadata`` or send nonsense; an answer priced from it would cost $0 (or less)
-    and let a budget through, so the engine prices such an answer at the request's worst case instead.
+    and let a budget through, so the engine prices such an answer at the request's worst case instead. Google
+    leaves a count of 0 out: an answer with no image (*imaged* False: blocked, refused, text only) may have no
+    ``candidatesTokenCount``, and is priced from its prompt; one with an image must have a count above 0.
     """
     if not usage:
         return "the answer carries no usageMetadata"
     for name in _REQUIRED_COUNTS + _OPTIONAL_COUNTS:
         value = usage.get(name)
-        if value is None and name in _OPTIONAL_COUNTS:
+        if value is None and (name in _OPTIONAL_COUNTS or name == "candidatesTokenCount" and not imaged):
             continue
         if not _is_count(value):
             return f"usageMetadata.{name} is {'missing' if value is None else repr(value)}"
+    if imaged and usage.get("candidatesTokenCount") == 0:
+        return "usageMetadata.candidatesTokenCount is 0 for an answer with an image"
     details = usage.get("candidatesTokensDetails")
     counts = [d.get("tokenCount", 0) for d in details if isinstance(d, dict)] if isinstance(details, list) else []
     if not all(map(_is_count, counts)):

@@ -953,3 +953,40 @@ def test_memory_per_item_stays_flat_with_a_slow_disk_and_distinct_inputs(
     # ~150-300 B/item, plainly or under coverage; a queue bounded by bytes alone holds ~4 KB/item, and that is
     # what this must catch.
     assert per_item < 1500, f"{per_item:.0f} bytes of peak memory per extra item"
+
+
+PROMPT_ONLY = {"promptTokenCount": 1300, "totalTokenCount": 1300}  # Google leaves a count of 0 out
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        pytest.param(ok_body({"text": "I can't"}, finish="IMAGE_SAFETY", usage=PROMPT_ONLY), "blocked", id="blocked"),
+        pytest.param(ok_body({"text": "Here is"}, usage=PROMPT_ONLY), "no_image", id="no-image"),
+    ],
+)
+def test_an_answer_without_output_tokens_is_priced_from_its_prompt_not_at_the_worst_case(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: dict[str, Any], kind: str
+) -> None:
+    # A blocked prompt has no candidatesTokenCount at all: priced at the worst case (30x its price), it ran a
+    # night's --max-cost out early and told of "a proxy that strips usageMetadata".
+    from nanobatch.costs import pricing_for, usage_cost
+
+    job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
+    run(job, FakeGemini({"make the background white": [answer]}))
+    rec = records(tmp_path / "out")[0]
+    assert rec["error"]["kind"] == kind
+    each = usage_cost(PROMPT_ONLY, pricing_for(rec["model"]))  # each attempt (an answer with no image is retried)
+    assert rec["cost_usd"] == pytest.approx(rec["attempts"] * each, abs=1e-6)
+    assert not [r for r in caplog.records if "usageMetadata" in r.getMessage()]
+
+
+def test_an_image_whose_output_tokens_are_0_is_priced_at_the_worst_case(tmp_path: Path) -> None:
+    # A proxy that zeroes the count: the image was made, and paid for; priced at $0 output, it let a budget through.
+    job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
+    zero = {"promptTokenCount": 1300, "candidatesTokenCount": 0, "totalTokenCount": 1300}
+    run(job, FakeGemini({"make the background white": [ok_body(usage=zero)]}))
+    from nanobatch.costs import pricing_for, usage_cost
+
+    rec = records(tmp_path / "out")[0]
+    assert rec["status"] == "ok" and rec["cost_usd"] > 10 * usage_cost(zero, pricing_for(rec["model"]))

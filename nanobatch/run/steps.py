@@ -222,7 +222,7 @@ class Steps:
         served = costs.reported_tier(reply.usage)
         if served is not None and served != tier:
             tally.tier = served
-        if (problem := costs.usage_problem(reply.usage)) is not None:
+        if (problem := costs.usage_problem(reply.usage, imaged=bool(reply.images))) is not None:
             self.failures.unpriced(problem, worst)
             return worst
         return costs.usage_cost(reply.usage, pricing if served in (None, tier) else self.prices(item.model, served))
