@@ -990,3 +990,17 @@ def test_an_image_whose_output_tokens_are_0_is_priced_at_the_worst_case(tmp_path
 
     rec = records(tmp_path / "out")[0]
     assert rec["status"] == "ok" and rec["cost_usd"] > 10 * usage_cost(zero, pricing_for(rec["model"]))
+
+
+def test_answers_whose_body_broke_count_against_the_budget_at_their_worst_case(tmp_path: Path) -> None:
+    # A proxy cutting 200 answers short: each was made and billed, its usage unread. Counted as $0 they were
+    # retried six times each past --max-cost (30 requests sent for a $0.10 budget, "spent $0.00").
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)])
+    cut = httpx2.Response(200, content=json.dumps(ok_body())[:200].encode())
+    fake = FakeGemini({"make the background white": [cut]})
+    settings = nanobatch.load_settings(overrides={"budget.max_cost_usd": 0.10, "limits.concurrency": 1})
+
+    summary = run(job, fake, settings=settings)
+
+    spent = summary.summary["last_run"]["spent_usd"]
+    assert summary.exit_code == 3 and 0 < spent <= 0.10 and len(fake.requests) < 5

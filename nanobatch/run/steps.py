@@ -201,7 +201,14 @@ class Steps:
                 collect = route is self.batch_route and self.batch_route.holds(self.step_of(item, tally, request))
             async with self.gate.request(worst, collect=collect) as ticket:
                 sending()
-                answer = await self._attempt(item, tally, request, timeout, route, ticket)
+                try:
+                    answer = await self._attempt(item, tally, request, timeout, route, ticket)
+                except ApiError as exc:
+                    if exc.kind == "bad_response" and not collect:  # a 200 whose body broke: made, billed, unpriced
+                        self.failures.unpriced(f"an answer could not be read ({exc.message})", worst)
+                        ticket.cost_usd = worst
+                        tally.cost_usd += worst
+                    raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
             tally.cost_usd += cost
