@@ -138,10 +138,17 @@ ITEM = "defaults:\n  instruction: make it white\nitems:\n  - id: a\n    image: a
             id="thinking-on-2.5",
         ),
         pytest.param(
+            ITEM + "    thinking_level: minimal\n    model: gemini-3-pro-image\n",
+            "a",
+            "thinking_level",
+            "'minimal' is not a thinking level of gemini-3-pro-image; choose one of low, high",
+            id="a-level-another-model-takes",  # the API's 400, item after item
+        ),
+        pytest.param(
             ITEM + "    thinking_level: extreme\n",
             "a",
             "thinking_level",
-            "choose one of minimal, low, medium, high",
+            "is not a thinking level of",
             id="unknown-thinking-level",
         ),
         pytest.param(ITEM + "    images: [b.png]\n", "a", "images", "either image or images", id="image-and-images"),
@@ -228,9 +235,9 @@ def test_validation_problems(tmp_path: Path, text: str, item: str | None, field:
     [
         pytest.param("    thinking_level: HIGH\n", {"thinking_level": "high"}, id="thinking-level-any-case"),
         pytest.param(
-            "    thinking_level: minimal\n    model: gemini-3-pro-image\n",
-            {"thinking_level": "minimal"},
-            id="minimal-on-3-pro",
+            "    thinking_level: low\n    model: gemini-3-pro-image\n",
+            {"thinking_level": "low"},
+            id="low-on-3-pro",
         ),
         pytest.param(
             "    aspect_ratio: '1:8'\n    image_size: 512\n",

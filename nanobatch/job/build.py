@@ -17,7 +17,7 @@ from ..errors import Problem, has_userinfo, without_userinfo
 from ..item import WorkItem
 from ..names import name_length_problem, output_name, template_problems, text_problem
 from ..qa import QaFields, QaSettings
-from .fields import INPUT_MODES, SYNC_TIERS, THINKING_LEVELS, Merged
+from .fields import INPUT_MODES, SYNC_TIERS, Merged, thinking_problem
 from .pictures import PictureCheck, Stat
 from .sources import RawItem
 
@@ -326,9 +326,8 @@ def _output(f: Merged, raw: RawItem, bad: Callable[[str | None, str], None]) -> 
 def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int, bad: Any) -> None:
     if f.model is not None and (message := models.model_id_problem(f.model)):
         bad("model", message)
-    level = f.thinking_level
-    if level is not None and level.lower() not in THINKING_LEVELS:
-        bad("thinking_level", f"{level!r} is not a thinking level; choose one of {', '.join(THINKING_LEVELS)}")
+    if f.thinking_level is not None and (message := thinking_problem(f.thinking_level, info)):
+        bad("thinking_level", message)
     if f.inputs is not None and f.inputs.lower() not in INPUT_MODES:
         bad("inputs", f"{f.inputs!r} is not a way to send inputs; choose one of {', '.join(INPUT_MODES)}")
     if f.tier is not None and f.tier.lower() not in models.TIERS:  # the sync tiers, and batch for every model
@@ -348,8 +347,6 @@ def _check_model_limits(f: Merged, info: models.ModelInfo | None, n_inputs: int,
             bad("image_size", f"{info.id} does not support {f.image_size!r}; choose one of {choices}")
     if n_inputs > info.max_input_images:
         bad("images", f"{n_inputs} images, but {info.id} takes at most {info.max_input_images}")
-    if f.thinking_level is not None and not info.supports_thinking:
-        bad("thinking_level", f"{info.id} has no thinking level; remove it")
 
 
 def _not_found(path: str, why: str | None) -> str:

@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..config import did_you_mean
 from ..errors import Problem
+from ..models import ModelInfo
 from ..qa import QaFields
 
 __all__ = [
     "INPUT_MODES", "PICTURE_FIELDS", "SYNC_TIERS", "THINKING_LEVELS", "ItemFields", "ManifestFields", "Merged",
-    "merge_given", "parse_fields", "plain_fields", "without_empty_pictures",
+    "merge_given", "parse_fields", "plain_fields", "thinking_problem", "without_empty_pictures",
 ]  # fmt: skip
 
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
@@ -193,3 +194,14 @@ def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def thinking_problem(level: str, info: ModelInfo | None) -> str | None:
+    """Why *level* is no thinking level of the model *info* (None: one the facts table does not know, which may
+    take any), or None: the API answers a level its model does not take with a 400, item after item."""
+    if info is not None and not info.supports_thinking:
+        return f"{info.id} has no thinking level; remove it"
+    levels = info.thinking_levels if info is not None and info.thinking_levels else THINKING_LEVELS
+    if level.lower() in levels:
+        return None
+    return f"{level!r} is not a thinking level{f' of {info.id}' if info else ''}; choose one of {', '.join(levels)}"
