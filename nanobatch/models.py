@@ -374,11 +374,12 @@ def model_id_problem(model: str) -> str | None:
 
 
 def lifecycle(model: str) -> Lifecycle | None:
-    """The lifecycle of this exact id (a ``-preview`` id has its own), or None if unknown."""
+    """The lifecycle of this exact id (a ``-preview`` id has its own), or None if unknown. A ``-preview`` id the
+    table does not list lives no longer than its model's id: a preview is never served past its GA model."""
     name = model.removeprefix("models/")
     if name in ALIASES:
         return ALIASES[name][1]
-    info = MODELS.get(name)
+    info = MODELS.get(name) or MODELS.get(name.removesuffix("-preview"))
     return info.lifecycle if info is not None else None
 
 

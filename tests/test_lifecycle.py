@@ -65,8 +65,9 @@ def test_a_deprecated_model_warns_and_names_its_replacement(
         ("gemini-3.1-flash-image-preview", GOOGLE, "2026-06-25"),
         ("gemini-2.5-flash-image", GOOGLE + "/v1beta/", "2026-10-02"),
         ("gemini-3.1-flash-image-preview", "https://GenerativeLanguage.googleapis.com", "2026-06-25"),
+        ("gemini-2.5-flash-image-preview", GOOGLE, "2026-10-02"),  # not listed: no longer served than its model
     ],
-    ids=["preview", "2.5-flash-with-a-path", "host-in-capitals"],
+    ids=["preview", "2.5-flash-with-a-path", "host-in-capitals", "unlisted-preview-of-a-shut-down-model"],
 )
 def test_a_shut_down_id_sent_to_google_is_a_problem_before_anything_is_sent(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], model: str, base_url: str, said: str
