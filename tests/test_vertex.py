@@ -40,6 +40,12 @@ BODY = {
             f"google/models/{MODEL}:generateContent",
             id="regional",
         ),
+        pytest.param(
+            "eu",  # a multi-region: "eu-aiplatform.googleapis.com" does not exist (google-genai's own URL)
+            "https://aiplatform.eu.rep.googleapis.com/v1/projects/shop-123/locations/eu/publishers/"
+            f"google/models/{MODEL}:generateContent",
+            id="multi-region",
+        ),
     ],
 )
 def test_vertex_url_by_location(location: str, url: str) -> None:
@@ -555,3 +561,23 @@ async def test_the_opener_sends_vertex_requests_to_the_project_path_and_shows_no
             with pytest.raises(ConfigError, match="Vertex AI does not offer"):
                 connection.batches()
     assert app.state.tokens.issued == 1 and app.state.stats.by_status[200] == 2
+
+
+async def test_the_credentials_quota_project_is_sent_as_google_auth_sends_it() -> None:
+    # gcloud's user credentials name the project billed for the calls: google-auth's apply() and google-genai send
+    # it as x-goog-user-project; without it Vertex may refuse them, or count another project's quota.
+    import datetime
+
+    from google.oauth2.credentials import Credentials
+
+    expiry = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + datetime.timedelta(hours=1)
+    user = Credentials(token="ya29.user-token", quota_project_id="billing-456", expiry=expiry)
+    auth = VertexAuth(user)
+    seen: list[httpx2.Headers] = []
+    transport = httpx2.MockTransport(lambda request: seen.append(request.headers) or httpx2.Response(200, json={}))
+    try:
+        async with httpx2.AsyncClient(transport=transport, auth=auth) as client:
+            await client.post("https://aiplatform.googleapis.com/v1/x", json={})
+    finally:
+        auth.close()
+    assert seen[0]["x-goog-user-project"] == "billing-456" and seen[0]["authorization"].startswith("Bearer ")

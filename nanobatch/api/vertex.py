@@ -40,10 +40,17 @@ _LOCATION = re.compile(r"^[a-z]+(?:-[a-z0-9]+)*$")
 
 
 def vertex_base_url(location: str) -> str:
-    """``https://aiplatform.googleapis.com`` for ``global``, else the regional host."""
+    """``https://aiplatform.googleapis.com`` for ``global``, ``aiplatform.us.rep.googleapis.com`` for a
+    multi-region (``us``, ``eu``: as google-genai 3.6.1 builds it, ``_MULTI_REGIONAL_LOCATIONS``), else the
+    regional host (``us-central1-aiplatform.googleapis.com``)."""
     _check("api.location", location, _LOCATION, "a Vertex location such as 'global' or 'us-central1'")
+    if location in _MULTI_REGIONS:
+        return f"https://aiplatform.{location}.rep.googleapis.com"
     host = "aiplatform.googleapis.com" if location == "global" else f"{location}-aiplatform.googleapis.com"
     return f"https://{host}"
+
+
+_MULTI_REGIONS = frozenset({"us", "eu"})
 
 
 def vertex_url(project: str, location: str, model: str, *, base_url: str | None = None) -> str:
@@ -143,6 +150,10 @@ class VertexAuth(httpx2.Auth):
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
         request.headers["Authorization"] = f"Bearer {await self.token()}"
+        # A user's credentials (gcloud's) name the project billed and whose quota counts, as google-auth's own
+        # apply() and google-genai send it; without it Vertex may refuse them, or bill another project.
+        if quota_project := getattr(self._credentials, "quota_project_id", None):
+            request.headers["x-goog-user-project"] = str(quota_project)
         response = yield request
         if response.status_code == 401:  # revoked or expired early: one fresh token, one more try
             self._credentials.token = None
