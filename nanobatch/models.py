@@ -383,8 +383,9 @@ def lifecycle(model: str) -> Lifecycle | None:
     return info.lifecycle if info is not None else None
 
 
-def live_replacement(model: str, day: date | None = None) -> str | None:
-    """The model to use instead of *model*: its replacement, followed while that is itself retired."""
+def live_replacement(model: str, day: date | None = None, backend: str | None = None) -> str | None:
+    """The model to use instead of *model*: its replacement, followed while that is itself retired; None if that
+    is not served by *backend* (``vertex``: some models are the Gemini API's alone)."""
     current, seen = model, {model}
     while (
         (life := lifecycle(current)) is not None
@@ -394,13 +395,16 @@ def live_replacement(model: str, day: date | None = None) -> str | None:
     ):
         current = life.replacement
         seen.add(current)
-    return None if current == model else current
+    info = lookup(current)
+    return None if current == model or backend and info is not None and backend not in info.backends else current
 
 
 _RETIRED = ("deprecated", "shut down")
 
 
-def lifecycle_problem(model: str, base_url: str, day: date | None = None) -> tuple[str, str] | None:
+def lifecycle_problem(
+    model: str, base_url: str, day: date | None = None, backend: str | None = None
+) -> tuple[str, str] | None:
     """``("error"|"warning", message)`` for a retired *model* sent to *base_url*, or None.
 
     A shut-down id sent to Google's own endpoint fails there (an error before anything is sent); a
@@ -412,7 +416,7 @@ def lifecycle_problem(model: str, base_url: str, day: date | None = None) -> tup
     status = life.status(day)
     if status not in ("deprecated", "shut down"):
         return None
-    use = live_replacement(model, day)
+    use = live_replacement(model, day, backend)
     hint = f"; use {use}" if use else ""
     if status == "deprecated":
         return "warning", f"{model} is deprecated since {life.deprecated}{hint}"

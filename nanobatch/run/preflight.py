@@ -133,6 +133,7 @@ class LifecycleCheck:
         self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
         self.tier = settings.api.tier
         self.backend = settings.api.backend
+        self._where = (self.base_url, None, self.backend)  # lifecycle_problem's: its hint a model served there
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str]] = set()
         self._models: set[str] = set()
@@ -142,7 +143,7 @@ class LifecycleCheck:
         """For a check answered from the last run's (:mod:`~nanobatch.run.unchanged`): False if one of the models
         *used* is now a problem (shut down since), for the whole check to name it with an item; else True, the
         warnings :meth:`check` and ``check_items`` give for them given."""
-        found = [models.lifecycle_problem(model, self.base_url) for model in used]
+        found = [models.lifecycle_problem(model, self.base_url, backend=self.backend) for model in used]
         if any(each is not None and each[0] == "error" for each in found):
             return False
         for model, each in zip(used, found, strict=True):
@@ -163,7 +164,7 @@ class LifecycleCheck:
         if (item.model, tier) in self._seen:
             return
         self._seen.add((item.model, tier))
-        found = None if item.model in self._models else models.lifecycle_problem(item.model, self.base_url)
+        found = None if item.model in self._models else models.lifecycle_problem(item.model, *self._where)
         self._models.add(item.model)
         self.models.add(item.model)
         if found is not None:
