@@ -33,7 +33,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, mo
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("nanobatch.output.results.os.fsync", disk_full)
+    monkeypatch.setattr("nanobatch.output.files.os.fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         atomic_write(target, b"new picture, half written")
     assert target.read_bytes() == b"old picture"
