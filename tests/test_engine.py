@@ -1004,3 +1004,14 @@ def test_answers_whose_body_broke_count_against_the_budget_at_their_worst_case(t
 
     spent = summary.summary["last_run"]["spent_usd"]
     assert summary.exit_code == 3 and 0 < spent <= 0.10 and len(fake.requests) < 5
+
+
+def test_a_proxys_page_with_status_200_is_said_as_such_and_not_counted_as_a_paid_answer(tmp_path: Path) -> None:
+    # A CDN's challenge page in place of the answer: no answer was made, so none is paid; its title is the message.
+    job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])
+    page = httpx2.Response(200, content=b"<!DOCTYPE html><html><head><title>Just a moment...</title></head></html>")
+    summary = run(job, FakeGemini({"make the background white": [page]}))
+    rec = records(tmp_path / "out")[0]
+    assert rec["status"] == "failed" and rec["error"]["kind"] == "bad_gateway"
+    assert "Just a moment..." in rec["error"]["message"] and rec["cost_usd"] == 0
+    assert summary.summary["last_run"]["spent_usd"] == 0

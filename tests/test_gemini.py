@@ -176,7 +176,6 @@ def test_several_final_images_are_all_kept_in_order() -> None:
     "raw",
     [
         pytest.param(body(inline(PNG))[:-40], id="truncated"),
-        pytest.param(b"<html><body>gateway</body></html>", id="html"),
         pytest.param(b"", id="empty"),
         pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
         pytest.param(b"[1, 2, 3]", id="not-an-object"),
@@ -192,6 +191,13 @@ def test_malformed_200_is_a_retryable_bad_response(raw: bytes) -> None:
     assert info.value.kind == "bad_response"
     assert info.value.retryable is True
     assert not isinstance(info.value, FatalApiError)
+
+
+def test_a_page_with_status_200_is_a_retryable_bad_gateway_named_by_its_title() -> None:
+    # A proxy's (or a CDN's) page made no answer: not a bad_response, which counts as a paid answer unread.
+    with pytest.raises(ApiError) as info:
+        parse_reply(b"<html><head><title>502 Bad Gateway</title></head><body>gateway</body></html>")
+    assert info.value.kind == "bad_gateway" and info.value.retryable and "502 Bad Gateway" in info.value.message
 
 
 # --- check_reply -----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ __all__ = [
     "detail",
     "from_vertex",
     "money_kind",
+    "plain_message",
     "violations",
 ]
 
@@ -130,7 +131,7 @@ def classify_error(
     data = _json_or_none(body)
     message, status, details = _error_fields(data)
     if message is None:
-        message = _plain_message(body)
+        message = plain_message(body)
     retry_after = _retry_delay(details)
     if retry_after is None:
         retry_after = _retry_after_header(headers.get("retry-after"), now=now)
@@ -190,7 +191,7 @@ def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any
     return (str(message) if message else None), (str(status) if status else None), details
 
 
-def _plain_message(body: bytes) -> str:
+def plain_message(body: bytes) -> str:
     """A short readable message from a non-JSON body (a proxy's HTML page, say)."""
     text = body.decode("utf-8", "replace")
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)

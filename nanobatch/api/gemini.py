@@ -21,6 +21,7 @@ from pydantic_core import SchemaValidator, ValidationError, core_schema
 
 from ..errors import ApiError
 from ..pictures import answer_problem, sniff_mime
+from .causes import plain_message
 from .lifting import Buffer, Lifted, parsed
 from .spool import Spooled
 
@@ -189,6 +190,9 @@ def _reply(size: int, text: bytes | bytearray, lifted: Lifted | None) -> Reply:
     try:
         data = _loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested too deep for json.loads
+        if bytes(text[:64]).lstrip().startswith(b"<"):  # a proxy's page (a CDN's challenge): no answer was made
+            raise ApiError(f"a page, not an answer, came back with status 200: {plain_message(bytes(text[:4096]))}",
+                           kind="bad_gateway", status_code=200, retryable=True) from None  # fmt: skip
         raise ApiError(
             f"the response body is not valid JSON ({size} bytes; truncated?)",
             kind="bad_response",
