@@ -559,3 +559,19 @@ def test_an_image_in_url_safe_or_unpadded_base64_is_decoded_as_the_sdk_does() ->
         body = json.dumps({"candidates": [{"content": {"parts": [{"inlineData": {"data": text}}]}}]}).encode()
         (image,) = parse_reply(body).images
         assert image.data == png and image.mime_type == "image/png"
+
+
+def test_a_redirect_stops_the_run_naming_where_it_points_without_its_query() -> None:
+    # A base URL that moved (http to https, a new host): every request would fail item by item as "HTTP 307: {}".
+    headers = {"location": "https://new.proxy.example/v1beta/models/m:generateContent?key=SECRET-KEY-123"}
+    error = classify_error(307, headers, b"{}")
+    assert isinstance(error, FatalApiError) and error.kind == "redirect"
+    assert "https://new.proxy.example/v1beta/models/m:generateContent" in error.message
+    assert "SECRET-KEY-123" not in error.message and "api.base_url" in error.message
+
+
+def test_an_openai_style_model_not_found_stops_the_run_as_googles_404_does() -> None:
+    body = json.dumps({"error": {"message": "The model `gemini-x` does not exist", "type": "invalid_request_error",
+                                 "code": "model_not_found"}}).encode()  # fmt: skip
+    error = classify_error(400, {}, body)
+    assert isinstance(error, FatalApiError) and error.kind == "not_found"

@@ -10,6 +10,7 @@ import email.utils
 import json
 import re
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,8 @@ HINTS = {
     "a usage tier",
     "no_credit": "the account's prepaid credit is used up: top it up (AI Studio's Billing page, or the proxy's "
     "console), then run again",
+    "redirect": "api.base_url answers with a redirect: set it to the address it points to (nanobatch follows "
+    "none, as that would carry the key elsewhere)",
     "store_refused": 'this endpoint refuses the request body\'s "store" field: set api.store: null (or '
     "NANOBATCH_API_STORE=null) to leave it out; the project's own logging setting then applies",
 }
@@ -137,7 +140,11 @@ def classify_error(
         retry_after = _retry_after_header(headers.get("retry-after"), now=now)
 
     fatal_kind = _FATAL_STATUS.get(status_code)
-    if status_code == 400 and _mentions_invalid_key(message, details):
+    if 300 <= status_code < 400:  # every request is sent there, and none is followed: it would take the key along
+        fatal_kind, message = "redirect", f"{message}; it points to {_where(headers.get('location'))}"
+    elif _code(data) in ("model_not_found", "invalid_model"):  # an OpenAI-style proxy's 400 for a model it lacks
+        fatal_kind = "not_found"
+    elif status_code == 400 and _mentions_invalid_key(message, details):
         fatal_kind = "auth"
     elif status_code == 400 and status == "FAILED_PRECONDITION":
         fatal_kind = "location"
@@ -189,6 +196,20 @@ def _error_fields(data: Any) -> tuple[str | None, str | None, list[dict[str, Any
     status = error.get("status") or error.get("type") or error.get("code")
     message = error.get("message")
     return (str(message) if message else None), (str(status) if status else None), details
+
+
+def _code(data: Any) -> str | None:
+    """An OpenAI-style error body's ``error.code`` (``model_not_found``), if it has one."""
+    error = data.get("error") if isinstance(data, dict) else None
+    return str(error["code"]) if isinstance(error, dict) and error.get("code") is not None else None
+
+
+def _where(location: str | None) -> str:
+    """A redirect's target without its query (where a key may ride), or that it names none."""
+    if not location:
+        return "no address"
+    parts = urllib.parse.urlsplit(location)
+    return f"{parts.scheme}://{parts.hostname}{parts.path}" if parts.hostname else parts.path or "no address"
 
 
 def plain_message(body: bytes) -> str:
