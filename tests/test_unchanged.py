@@ -104,7 +104,9 @@ def test_a_model_shut_down_since_the_run_is_a_problem_named_with_an_item(
 ) -> None:
     job, out, checks = done
     shut = (models.DEFAULT_MODEL, "was shut down at Google")
-    monkeypatch.setattr(models, "lifecycle_problem", lambda model, base_url, day=None: ("error", " ".join(shut)))
+    monkeypatch.setattr(
+        models, "lifecycle_problem", lambda model, base_url, day=None, backend=None: ("error", " ".join(shut))
+    )
     with pytest.raises(ManifestError) as caught:
         check_job(job, out_dir=out)
     assert [(p.item, p.field) for p in caught.value.problems] == [("i0", "model")]

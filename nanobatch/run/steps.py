@@ -169,17 +169,9 @@ class Steps:
         raise exc
 
     async def _send_in(
-        self,
-        tier: str,
-        route: Route,
-        item: WorkItem,
-        tally: Tally,
-        instruction: str,
-        request: Request,
-        sending: Callable[[], None],
-        *,
-        once: bool = False,
-    ) -> Reply:
+        self, tier: str, route: Route, item: WorkItem, tally: Tally, instruction: str, request: Request,
+        sending: Callable[[], None], *, once: bool = False,
+    ) -> Reply:  # fmt: skip
         """One step in *tier* through *route*, retried by the retry policy (tried *once*: not retried); each
         attempt passes the gate and is journaled."""
         tally.tier = tier
