@@ -115,7 +115,7 @@ def _counts(out_dir: Path, summary: dict[str, Any], running: str | None) -> tupl
         info["manifest"] = manifest
         left = _left_held(summary, out_dir, index) if manifest else None
         if manifest and left is None:
-            left = _left(Path(manifest), out_dir, index.loaded)
+            left = _left(Path(manifest), out_dir, index.loaded, upload_to=_upload_to(summary.get(STATE)))
         info["left"], info["manifest_items"] = left if left is not None else (None, None)
     return info, orphans
 
@@ -163,7 +163,7 @@ def _left_held(summary: dict[str, Any], out_dir: Path, index: _Index) -> tuple[i
         left = _left_since(state, out_dir, index)
         if left is None:
             return None
-    new = _left(Path(state["sources"][0][0]), out_dir, index.loaded, starts) if starts else (0, 0)
+    new = _left(Path(state["sources"][0][0]), out_dir, index.loaded, starts, _upload_to(state)) if starts else (0, 0)
     return (left + new[0], state["items"] + new[1]) if new is not None else None
 
 
@@ -198,7 +198,7 @@ def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | No
     left: int = state["left"]
     done: functools.partial[bool] | None = None
     for item_id, before, now in index.loaded.changes_since(size):
-        done = done or functools.partial(_done, out_dir, index.loaded, _uploads(_settings().output.upload_to))
+        done = done or functools.partial(_done, out_dir, index.loaded, _uploads(_upload_to(state)))
         # Done then if its record was ok: the state counted the files there, as the folder holds as many entries.
         left += (before is not None) - done(item_id, now)
     return left
@@ -222,6 +222,14 @@ def _settings() -> Settings:
         return load_settings()
     except ConfigError:
         return Settings()
+
+
+def _upload_to(state: Any) -> str | None:
+    """``output.upload_to`` as the last run had it (its summary's state says, whatever --config it was given),
+    else as a run started here would find it."""
+    if isinstance(state, dict) and "upload_to" in state:
+        return state["upload_to"] if isinstance(state["upload_to"], str) else None
+    return _settings().output.upload_to
 
 
 def _uploads(prefix: str | None) -> Uploads | None:
@@ -280,15 +288,16 @@ def _output_folders_in(folder: Path, limit: int = 3) -> list[str]:
 
 
 def _left(
-    path: Path, out_dir: Path, index: ResultsIndex, starts: Mapping[str, tuple[int, int]] | None = None
-) -> tuple[int, int] | None:
+    path: Path, out_dir: Path, index: ResultsIndex, starts: Mapping[str, tuple[int, int]] | None = None,
+    upload_to: str | None = None,
+) -> tuple[int, int] | None:  # fmt: skip
     """How many items of the manifest at *path* have no ``ok`` record whose files are all there (new, failed,
     blocked, output deleted, or no longer valid), and how many it has; None if it cannot be read now. With
     *starts*, those of the rows appended to its sources since a run's check alone (``Manifest.since``)."""
     from ..job.manifest import load_manifest
 
     settings = _settings()  # the same search as a run's, for items that name no model
-    done = functools.partial(_done, out_dir, index, _uploads(settings.output.upload_to))
+    done = functools.partial(_done, out_dir, index, _uploads(upload_to))
     left = total = 0
 
     def bad(_problems: object) -> None:

@@ -162,10 +162,10 @@ async def _run(checked: CheckResult, options: _Options, stats: RunStats | None, 
         summary = build_summary(manifest, out.path, outcome, reason, stats, index, engine.gate, clock,
                                 settings.api.tier)  # fmt: skip
         summary["last_run"].update(run=out.journal.run_id, recovered_in_flight=len(orphans))
-        # Items left are counted only when the run reached every item: one cut short (--max-requests, a
-        # deadline, an abort) leaves unreached items that may be done, and --retry-failed passes over items.
+        # Items left are counted only when the run reached every item (nor cut short, nor --retry-failed)
         counted = not options.retry_failed and stats.done == stats.total
-        summary[STATE] = folder_state(manifest, out.path, stats, index, counted=counted, check=checked.held)
+        summary[STATE] = folder_state(manifest, out.path, stats, index, counted=counted, check=checked.held,
+                                      upload_to=settings.output.upload_to)  # fmt: skip
         if waiting is not None:
             summary["last_run"]["batch_waiting"] = waiting
         out.write_summary(summary)

@@ -110,7 +110,7 @@ def last_state(out_dir: Path) -> dict[str, Any] | None:
 
 def folder_state(
     manifest: Manifest, out_dir: Path, stats: RunStats, index: ResultsIndex, *, counted: bool,
-    check: Mapping[str, Any] | None = None,
+    check: Mapping[str, Any] | None = None, upload_to: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """What ``status`` needs to trust the figures of this summary without reading every record and item again:
     the stamps (size, mtime) of results.jsonl (and ``results_digest``: its head up to that size, so that records
@@ -138,6 +138,7 @@ def folder_state(
         "items": stats.total,
         "left": stats.total - stats.ok - stats.skipped if counted else None,
         CHECK: dict(check) if check is not None and counted else None,
+        "upload_to": upload_to,  # where the run published: status counts an item whose objects are there as done
     }
 
 
