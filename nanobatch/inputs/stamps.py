@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..item import WorkItem
 from ..models import MAX_INPUT_BYTES
 
-__all__ = ["FileStamp", "image_digest", "is_remote", "is_url", "local_stamps", "unreadable", "work_key"]
+__all__ = ["FileStamp", "file_digest", "image_digest", "is_remote", "is_url", "local_stamps", "unreadable", "work_key"]
 
 # Files up to this size are read and hashed on the event loop: a thread hand-off costs the loop more (~0.1 ms
 # and a trip of the GIL) than reading and hashing them (~0.04 ms for 64 KiB); bigger ones go to a thread.
@@ -75,6 +75,11 @@ def _file_digest(path: str, keep_up_to: int = 0) -> tuple[FileStamp, bytes | Non
     except OSError as exc:
         raise unreadable(path, exc) from None
     return (st.st_size, st.st_mtime_ns, digest.hexdigest()), data
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of the file at *path*, as a stamp holds it. Raises :class:`InputError` if it cannot be read."""
+    return _file_digest(path)[0][2]
 
 
 async def local_stamps(

@@ -7,7 +7,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..inputs.stamps import FileStamp, is_remote, work_key
+from ..errors import InputError
+from ..inputs.stamps import FileStamp, file_digest, is_remote, work_key
 from ..item import WorkItem
 from ..job.pictures import PictureCheck
 from ..names import RESULTS_FILE, FoldersIn, item_stems
@@ -113,7 +114,9 @@ class DoneWork:
         return key is not None and key == recorded
 
     def _key(self, item: WorkItem, stamps: Mapping[str, FileStamp]) -> str | None:
-        """The work key of *item*, from the digests its record stamped its inputs with; None if one changed."""
+        """The work key of *item*, from the digests its record stamped its inputs with; None if one changed. A file
+        only touched (its size the same, its time not: a sync tool) is hashed again, as a run does: the same bytes
+        are the same work."""
         digests = []
         unchanged = self.pictures.unchanged if self.pictures is not None else ()
         for ref in item.inputs:
@@ -123,9 +126,11 @@ class DoneWork:
                 continue
             try:
                 st = os.stat(ref)
-            except OSError:
-                return None
-            if stamp is None or (st.st_size, st.st_mtime_ns) != stamp[:2]:
+                if stamp is None or st.st_size != stamp[0]:
+                    return None
+                if st.st_mtime_ns != stamp[1] and file_digest(ref) != stamp[2]:
+                    return None
+            except (OSError, InputError):
                 return None
             digests.append(stamp[2])
         return work_key(item, digests)

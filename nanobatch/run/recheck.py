@@ -30,7 +30,7 @@ from PIL import Image as PILImage
 from ..config import Settings
 from ..errors import InputError, ManifestError, UsageError
 from ..inputs.load import InputLoader
-from ..inputs.stamps import is_remote, local_stamps, work_key
+from ..inputs.stamps import is_remote
 from ..item import WorkItem
 from ..job.manifest import Manifest
 from ..names import REJECTED_FOLDER, RESULTS_FILE, SUMMARY_FILE
@@ -219,7 +219,7 @@ async def _recheck(job: Manifest, target: Path, index: ResultsIndex) -> RecheckR
                 found.checks_on = found.checks_on or item.qa is not None and item.qa.active
                 entry = index.get(item.id)
                 moved = None
-                if _done(entry) and not await _changed(work, item, entry):
+                if _done(entry) and not _changed(work, item, entry):
                     moved = _where(entry, item.id, target, index)
                 if entry is not None and moved is not None:
                     await send.send((place, item, entry, moved))
@@ -233,23 +233,13 @@ def _done(entry: IndexEntry | None) -> TypeGuard[IndexEntry]:
     return entry is not None and entry.status in ("ok", "rejected") and bool(entry.outputs)
 
 
-async def _changed(work: DoneWork, item: WorkItem, entry: IndexEntry) -> bool:
-    """Whether *item* is other work than its record's now (its instruction, settings or an input's bytes changed):
-    the next run sends it again. An input gone since is no new work (its image is checked as far as it can be),
-    nor one touched, its bytes the same (hashed again, as a run does)."""
-    if work.same_work(item, entry.key, entry.stamps):
-        return False
-    if _an_input_gone(item):
-        return False
-    try:
-        stamps = await local_stamps(item.inputs, entry.stamps)
-    except InputError:
-        return False
-    return stamps is None or work_key(item, [stamps[ref][2] for ref in item.inputs]) != entry.key
-
-
-def _an_input_gone(item: WorkItem) -> bool:
-    return not all(os.path.exists(ref) for ref in item.inputs if not is_remote(ref))
+def _changed(work: DoneWork, item: WorkItem, entry: IndexEntry) -> bool:
+    """Whether *item* is other work than its record's now (its instruction, settings or an input's bytes changed,
+    as :class:`DoneWork` tells): the next run sends it again. An input gone since is no new work: its image is
+    checked as far as it can be."""
+    return not work.same_work(item, entry.key, entry.stamps) and all(
+        os.path.exists(ref) for ref in item.inputs if not is_remote(ref)
+    )
 
 
 def _where(entry: IndexEntry, item_id: str, target: Path, index: ResultsIndex) -> tuple[tuple[str, str], ...] | None:
