@@ -237,13 +237,19 @@ def _changed_share(before: Image.Image, after: Image.Image) -> float:
         framings.append((before.crop(_centre_box(before.size, after.width / after.height)), after))
         if _padding_flat(np.asarray(after), middle):
             framings.append((before, after.crop(middle)))
+    small: dict[int, tuple[npt.NDArray[np.int16], npt.NDArray[np.bool_]]] = {}  # each image's, made once
+
+    def compared(image: Image.Image) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.bool_]]:
+        if id(image) not in small:  # its pixels at the common size, and where they are not an edge
+            pixels = np.asarray(image.resize(size, Image.Resampling.BOX), dtype=np.int16)
+            small[id(image)] = pixels, _edges(pixels) <= CHANGED_EDGE
+        return small[id(image)]
+
     shares = []
     for source_image, target_image in framings:
-        source = np.asarray(source_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
-        target = np.asarray(target_image.resize(size, Image.Resampling.BOX), dtype=np.int16)
+        (source, source_flat), (target, target_flat) = compared(source_image), compared(target_image)
         changed = _largest_channel(np.abs(source - target)) > CHANGED_DIFF
-        flat = (_edges(target) <= CHANGED_EDGE) & (_edges(source) <= CHANGED_EDGE)
-        shares.append(float((changed & flat).mean()))
+        shares.append(float((changed & source_flat & target_flat).mean()))
     return min(shares)
 
 

@@ -220,10 +220,9 @@ def _after_run(summary: RunSummary, *, write_html: bool, quiet: bool) -> None:
         _log_summary(summary)
         if written is not None:
             logger.info("wrote %s", written)
-    if quiet or json_logs():
-        if quiet and summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
-            show_error(f"run {summary.outcome}: {summary.reason}")
-    else:
+    if quiet and summary.reason:  # --quiet still says why a run stopped early: that is an error for cron mail
+        show_error(f"run {summary.outcome}: {summary.reason}")
+    elif not quiet and not json_logs():
         _print_summary(summary)
         if written is not None:
             click.echo(f"report: {written}")

@@ -148,11 +148,9 @@ def log_summary(summary: RunSummary) -> None:
          stats.cost_usd, f"; {waiting}" if waiting else ""),
         None, extra={"fields": fields},
     )  # fmt: skip
-    # Written with --quiet too: the one event a log collector keeps of a night (its level says how it went)
-    for handler in logger.handlers if not logger.isEnabledFor(level) else ():
+    # To the command line's own handlers, --quiet or not: the one event a log collector keeps of a night
+    for handler in logger.handlers:
         handler.handle(record)
-    if logger.isEnabledFor(level):
-        logger.handle(record)
 
 
 # A table to print: its title, its column headings, its rows of cells.

@@ -13,7 +13,6 @@ rejected items again, like failed ones, and nothing else.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,7 +24,6 @@ from typing import Any, TypeGuard
 
 import anyio
 from anyio.abc import ObjectReceiveStream
-from PIL import Image as PILImage
 
 from ..config import Settings
 from ..errors import InputError, ManifestError, UsageError
@@ -41,7 +39,7 @@ from ..output.record_lines import latest_records
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import outputs_there
 from ..output.verdicts import check_images
-from ..qa import NOT_MEASURED, QaSettings, Verdict
+from ..qa import NOT_MEASURED, QaSettings, UndecodableImage, Verdict
 from .done import DoneWork
 from .preflight import load_job, resolve_out_dir
 
@@ -50,8 +48,6 @@ __all__ = ["RecheckResult", "Rechecked", "recheck"]
 logger = logging.getLogger("nanobatch")
 
 _REJECTED = REJECTED_FOLDER + "/"  # a rejected item's images: OUT/rejected/<its output name>
-# What reading or decoding an output image may raise: the image is not checked (and is listed as unreadable).
-_UNREADABLE = (OSError, ValueError, PILImage.DecompressionBombError)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -270,7 +266,7 @@ async def _worker(receive: ObjectReceiveStream[_Work], loader: InputLoader, targ
                     at = dict(moved)
                     images = tuple(at.get(name, name) for name in entry.outputs)
                     verdict = await anyio.to_thread.run_sync(_judge, target, images, item, qa, original)
-                except _UNREADABLE as exc:
+                except OSError as exc:  # read, or decoded (_judge): not checked, listed as unreadable
                     logger.warning("%s: not checked: %s", item.id, exc)
                     found.unreadable.append((place, item.id))
                     continue
@@ -303,16 +299,15 @@ async def _original(item: WorkItem, loader: InputLoader) -> tuple[bytes | None, 
 def _judge(target: Path, outputs: tuple[str, ...], item: WorkItem, qa: QaSettings, original: bytes | None) -> Verdict:
     """The verdict on an item's images (in a worker thread): each checked, failing if any fails. Raises OSError
     (or ValueError) naming the image that cannot be read or decoded."""
+    paths = [os.path.join(target, name) for name in outputs]
     images = []
-    for name in outputs:
-        path = os.path.join(target, name)
+    for path in paths:
         with open(path, "rb") as f:
             images.append(f.read())
-        try:
-            PILImage.open(io.BytesIO(images[-1])).close()  # its header: which image cannot be decoded
-        except _UNREADABLE:
-            raise OSError(f"{path}: not an image that can be decoded") from None
-    return check_images(images, original=original, aspect_ratio=item.aspect_ratio, settings=qa)
+    try:
+        return check_images(images, original=original, aspect_ratio=item.aspect_ratio, settings=qa)
+    except UndecodableImage as exc:  # (named by its file: the checks see bytes)
+        raise OSError(f"{', '.join(paths)}: not an image that can be decoded ({exc})") from None
 
 
 async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> RecheckResult:
