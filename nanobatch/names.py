@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ __all__ = [
     "SUFFIX_ROOM",
     "SUMMARY_FILE",
     "folds_case",
+    "is_kept_step",
     "item_stems",
     "output_name",
     "output_names",
@@ -74,6 +76,14 @@ def step_stem(stem: str, step: int) -> str:
     return f"{stem}.step{step}"
 
 
+def is_kept_step(name: str) -> bool:
+    """Whether the file *name* is a kept step's image (:func:`step_stem`'s, numbered if several, and a type)."""
+    return _KEPT_STEP.search(name) is not None
+
+
+_KEPT_STEP = re.compile(r"\.step[0-9]+(-[0-9]+)?\.[^./]+$")
+
+
 def item_stems(item: WorkItem) -> list[tuple[str, int | None]]:
     """The stems *item* writes, each with its step (None: the final image): its image, then each kept step."""
     stem = item.stem
@@ -92,7 +102,7 @@ def output_names(item: WorkItem, extensions: Sequence[str], *, step: int | None 
 def reserved_name_problem(name: str) -> str | None:
     """Why the output name *name* (relative to the output folder) would fall on nanobatch's own files, or None."""
     # "./results.jsonl/x" and "a//b" name the same files as "results.jsonl/x" and "a/b".
-    parts = [part for part in name.replace(os.sep, "/").split("/") if part not in ("", ".")]
+    parts = plain_path(name).split("/")
     if len(parts) > 1 and parts[0].casefold() in RESERVED_FILES:
         return f"the output name {name!r} would put a folder where nanobatch keeps its own file {parts[0]}"
     if len(parts) > 1 and parts[0].casefold() == REJECTED_FOLDER:

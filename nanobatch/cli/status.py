@@ -196,9 +196,8 @@ def _left_since(state: dict[str, Any], out_dir: Path, index: _Index) -> int | No
     if not index.loaded.runs_since(size) <= frozenset(runs if isinstance(runs, list) else ()):
         return None
     left: int = state["left"]
-    done: functools.partial[bool] | None = None
+    done = functools.partial(_done, out_dir, index.loaded, _uploads(_upload_to(state)))
     for item_id, before, now in index.loaded.changes_since(size):
-        done = done or functools.partial(_done, out_dir, index.loaded, _uploads(_upload_to(state)))
         # Done then if its record was ok: the state counted the files there, as the folder holds as many entries.
         left += (before is not None) - done(item_id, now)
     return left

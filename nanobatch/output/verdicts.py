@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ import anyio.to_thread
 from ..api.decoding import Blocks, attached, settle_worker, worker_slots
 from ..api.gemini import Image
 from ..errors import ApiError
-from ..names import REJECTED_FOLDER, rejected_name
+from ..names import REJECTED_FOLDER, is_kept_step, rejected_name
 from ..qa import QA_CHECKS, QaSettings, UndecodableImage, Verdict
 from .record import ErrorInfo, ItemRecord
 
@@ -194,9 +193,6 @@ def out_of_date(replaceable: Iterable[str], files: Iterable[tuple[str, Image]], 
     return tuple(
         sorted(
             name for name in replaceable
-            if name not in new and (name.startswith(prefix) or ok and not _KEPT_STEP.search(name))
+            if name not in new and (name.startswith(prefix) or ok and not is_kept_step(name))
         )
     )  # fmt: skip
-
-
-_KEPT_STEP = re.compile(r"\.step[0-9]+(-[0-9]+)?\.[^./]+$")  # names.step_stem's, numbered if several, and a type

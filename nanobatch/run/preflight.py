@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -129,11 +130,11 @@ class LifecycleCheck:
 
     def __init__(self, file: str, settings: Settings) -> None:
         self.file = file
-        # Vertex AI is Google's own endpoint too: a shut-down id fails there, whatever api.base_url says
-        self.base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
         self.tier = settings.api.tier
         self.backend = settings.api.backend
-        self._where = (self.base_url, None, self.backend)  # lifecycle_problem's: its hint a model served there
+        # A retired model's problem where it goes (Vertex AI is Google's own, whatever api.base_url says)
+        base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
+        self._problem = functools.partial(models.lifecycle_problem, base_url=base_url, backend=self.backend)
         self.problems: list[Problem] = []
         self._seen: set[tuple[str, str]] = set()
         self._models: set[str] = set()
@@ -143,7 +144,7 @@ class LifecycleCheck:
         """For a check answered from the last run's (:mod:`~nanobatch.run.unchanged`): False if one of the models
         *used* is now a problem (shut down since), for the whole check to name it with an item; else True, the
         warnings :meth:`check` and ``check_items`` give for them given."""
-        found = [models.lifecycle_problem(model, self.base_url, backend=self.backend) for model in used]
+        found = [self._problem(model) for model in used]
         if any(each is not None and each[0] == "error" for each in found):
             return False
         for model, each in zip(used, found, strict=True):
@@ -156,15 +157,13 @@ class LifecycleCheck:
 
     def check(self, item: WorkItem) -> None:
         if item.output_format is not None and self.backend != "vertex":
-            self.problems.append(Problem(
-                self.file, item.id, "output_format",
-                "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own",
-            ))  # fmt: skip
+            why = "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own"
+            self.problems.append(Problem(self.file, item.id, "output_format", why))
         tier = item.tier or self.tier
         if (item.model, tier) in self._seen:
             return
         self._seen.add((item.model, tier))
-        found = None if item.model in self._models else models.lifecycle_problem(item.model, *self._where)
+        found = None if item.model in self._models else self._problem(item.model)
         self._models.add(item.model)
         self.models.add(item.model)
         if found is not None:
