@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from starlette.applications import Starlette
 
@@ -651,3 +652,48 @@ def test_a_no_wait_night_leaving_requests_in_jobs_is_no_success_for_the_alert(jo
         batches.config = dataclasses.replace(batches.config, batch_latency_s=0.0)  # (the jobs answer now)
         assert cli(job, url, "--metrics-file", str(prom)) == 0  # collects every answer: the job is done
     assert last_success() is not None
+
+
+def test_a_request_the_budget_refuses_as_it_is_sent_never_joins_a_chunk(tmp_path: Path) -> None:
+    # A step admitted to collect an earlier night's answer whose job failed meanwhile is sent anew: its budget is
+    # taken as it goes (Gate.budget_late, through on_send), and when it does not fit the request must not be in a
+    # chunk, which would be sealed and paid past the cap (a chunk is sealed as its last line is written).
+    from nanobatch.config import BatchSettings
+    from nanobatch.run.batch.route import BatchRoute
+    from nanobatch.run.limits import Stopped
+    from nanobatch.run.route import Request, Step
+
+    route = BatchRoute(object(), tmp_path / "batches", "r1", BatchSettings(chunk_requests=1))  # type: ignore[arg-type]
+    sealed: list[str] = []
+    route.filler._sealed = lambda chunk: sealed.append(chunk.id)
+
+    def refuse() -> None:
+        raise Stopped
+
+    async def main() -> None:
+        step = Step(item="sku-1", work_key="w", number=1)
+        with pytest.raises(Stopped):
+            await route.send(MODEL, Request(body={"contents": []}), timeout_s=1.0, step=step, on_send=refuse)
+
+    anyio.run(main)
+    assert sealed == [] and route.chunks.by_key == {} and not list((tmp_path / "batches").glob("r1-*"))
+
+
+def test_requests_sent_again_when_a_job_fails_during_the_run_stop_at_the_budget_before_joining_a_new_job(
+    job: Path,
+) -> None:
+    # Night 1 (--no-wait) put every item in jobs that fail while night 2 waits for them: their requests go into
+    # new jobs, paid again, so under --max-requests 3 only three may (a chunk of 4 would be sealed and sent as its
+    # fourth line is written). The failed jobs' requests were never charged, and are not counted.
+    app = sim(batch_latency_s=0.5, batch_rate_failed=1.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        first = [j.name for j in jobs(app)]
+        batches = app.state.batches
+        batches.config = dataclasses.replace(batches.config, batch_rate_failed=0.0, batch_latency_s=0.05)
+        assert cli(job, url, "--max-requests", "3") == 3  # aborted at its budget
+
+    again = [j for j in jobs(app) if j.name not in first]
+    assert {j.state for j in jobs(app) if j.name in first} == {"failed"}
+    assert sum(j.counts["request"] for j in again) == 3
+    assert [r["status"] for r in records(job.parent / "out")].count("ok") == 3
