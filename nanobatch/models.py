@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "LOG_RETENTION_DAYS",
     "MODELS",
+    "MOST_IMAGE_TOKENS",
     "MONEY_ERRORS",
     "STORE_DEFAULT_SINCE",
     "STORE_SOURCES",
@@ -130,6 +131,10 @@ _SRC_DEPRECATIONS = "https://ai.google.dev/gemini-api/docs/deprecations (2026-11
 _SRC_CHANGELOG = "https://ai.google.dev/gemini-api/docs/changelog (2026-11-29)"
 _SRC_LITE = "https://ai.google.dev/gemini-api/docs/models/gemini-3.1-flash-lite-image (2026-11-29)"
 _SRC_NB21_PRICE = "https://github.com/BerriAI/litellm/discussions/44983 (2026-11-29)"
+# 4K: the pricing page's per-image figure ($0.113 at $30 per million image tokens: 3,780 tokens, not 3.1 flash's
+# 2,520), as public code citing the page (read there 2026-10-07) and resellers' pages quote it; the page itself was
+# not readable here on 2026-12-07. The larger figure is kept: a budget reserves the worst case.
+_SRC_NB21_4K = "https://ai.google.dev/gemini-api/docs/pricing, 4K at $0.113, as quoted by code citing it (2026-12-07)"
 _SRC_FLASH_TOKENS = (
     "https://docs.cloud.google.com/vertex-ai/generative-ai/docs/models/gemini/3-1-flash-image (2026-11-29)"
 )
@@ -151,14 +156,14 @@ MODELS: dict[str, ModelInfo] = {
             aspect_ratios=_WIDE,
             image_sizes=("1K", "2K", "4K"),  # 512 is refused with a 400
             default_size="1K",
-            tokens_per_image={"1K": 1120, "2K": 1680, "4K": 2520},
+            tokens_per_image={"1K": 1120, "2K": 1680, "4K": 3780},
             max_input_images=14,
             pricing=Pricing(input=1.50, output_image=30.0, output_text=7.50),
             supports_thinking=True,
             thinking_levels=("minimal", "medium", "high"),
             lifecycle=Lifecycle(ga=date(2026, 10, 6)),
             backends=_GEMINI_ONLY,
-            sources=(_ISSUE, _SRC_MODELS, _SRC_NB21_PRICE, _SRC_VERTEX),
+            sources=(_ISSUE, _SRC_MODELS, _SRC_NB21_PRICE, _SRC_NB21_4K, _SRC_VERTEX),
         ),
         ModelInfo(
             id="gemini-3.1-flash-image",
@@ -215,6 +220,8 @@ MODELS: dict[str, ModelInfo] = {
             supports_thinking=False,
             lifecycle=Lifecycle(
                 ga=date(2025, 10, 2),
+                # The deprecations page gives its release and shutdown dates, not the day the shutdown was announced:
+                # deprecated from its release (it matters only for days before the shutdown, long past).
                 deprecated=date(2025, 10, 2),
                 shutdown=date(2026, 10, 2),
                 replacement="gemini-nano-banana-2.1",
@@ -251,14 +258,16 @@ TIER_PRICE_FACTORS = {"standard": 1.0, "flex": 0.5, "priority": 2.0, "batch": 0.
 # Flex answers take 1-15 minutes; its requests get at least this long.
 FLEX_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "gemini-nano-banana-2.1"
+# A model the table does not know (a proxy's id) is estimated at the most any known model's image costs in tokens.
+MOST_IMAGE_TOKENS = max(t for m in MODELS.values() for t in m.tokens_per_image.values())
 GOOGLE_HOST = "generativelanguage.googleapis.com"
 
 
 # -- Privacy: the request's "store" field --------------------------------------------------------------------
 # Paid Gemini API projects made on or after 2026-10-26 store generateContent, streamGenerateContent and
 # batchGenerateContent requests (prompts, pictures, answers) by default, unless a request says store=false;
-# older projects keep their setting (usually off). Free-tier projects have no logs. Logs expire after 55 days
-# unless put in a dataset; a dataset shared with Google may be used to improve its models. google-genai 3.6.1
+# older projects keep their setting (usually off). Free-tier projects have no logs. Logs expire after 55 days (by
+# default) unless put in a dataset; a dataset shared with Google may be used to improve its models. google-genai 3.6.1
 # sends GenerateContentConfig.store as the request's top-level "store" (in a batch, inside each line's
 # request; the job itself has no such field) and raises ValueError for it on Vertex AI.
 LOG_RETENTION_DAYS = 55
@@ -266,7 +275,7 @@ STORE_DEFAULT_SINCE = date(2026, 10, 26)
 STORE_SOURCES = (
     "https://ai.google.dev/gemini-api/docs/changelog, entry of 2026-10-26 (read 2026-12-06)",
     "https://ai.google.dev/gemini-api/docs/logs-datasets (read 2026-12-06)",
-    "https://ai.google.dev/gemini-api/docs/logs-policy: logs expire after 55 days (read 2026-12-06)",
+    "https://ai.google.dev/gemini-api/docs/logs-policy: by default, logs expire after 55 days (read 2026-12-06)",
     "google-genai 3.6.1 models.py _GenerateContentConfig_to_mldev / _to_vertex, batches.py "
     "_InlinedRequest_to_mldev (read 2026-12-06)",
 )

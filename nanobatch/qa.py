@@ -188,10 +188,15 @@ MARKETPLACE_RULES: dict[str, ImageRules] = {
         ),
         ImageRules(
             marketplace="google_merchant",
-            min_long_side=100,  # 250 x 250 for apparel; a white or transparent background is advised, not required
+            # 500 x 500 (both sides) from 2027-01-31, announced 2026-04-14 with warnings since; until then 100 x 100,
+            # 250 x 250 for apparel. A white or transparent background is advised, not required.
+            min_long_side=500,
             sources=(
                 "https://support.google.com/merchants/answer/6324350 (2026-12-06)",
                 "https://sharpfeed.io/docs/fields/image-link (2026-12-06)",
+                "https://emberfeed.com/specs/google-merchant-image-requirements-2026 (2026-12-07)",
+                "https://noticemesenpai.com/news/google-merchant-center-500x500-image-rule-ai-upscale-2027/"
+                " (2026-12-07)",
             ),
         ),
     )

@@ -185,7 +185,7 @@ def test_models_piped_prints_the_readme_tables_as_aligned_columns(capsys: pytest
     prices = lines[lines.index("Price of one output image, US dollars:") + 1 :]
     assert re.split(r"\s{2,}", prices[0].strip()) == ["model", "tier", "512", "1K", "2K", "4K"]
     flex = next(line for line in prices if line.startswith("gemini-nano-banana-2.1") and " flex " in line)
-    assert flex.split()[2:] == ["–", "$0.0168", "$0.0252", "$0.0378"]
+    assert flex.split()[2:] == ["–", "$0.0168", "$0.0252", "$0.0567"]
     assert len({len(line) for line in prices}) == 1  # amounts aligned to the right, in columns
 
 

@@ -51,6 +51,8 @@ def test_per_model_facts_match_the_published_limits() -> None:
     assert flash25.output_tokens(None) == 1290
     assert [pro3.output_tokens(s) for s in ("1K", "2K", "4K")] == [1120, 1120, 2000]
     assert [flash31.output_tokens(s) for s in ("512", "1K", "2K", "4K")] == [747, 1120, 1680, 2520]
+    # 2.1's 4K image is $0.113 at $30 per million tokens: 3,780 tokens, half as many again as 3.1 flash's
+    assert [MODELS["gemini-nano-banana-2.1"].output_tokens(s) for s in ("1K", "2K", "4K")] == [1120, 1680, 3780]
     assert flash31.output_tokens(None) == flash31.output_tokens(flash31.default_size)
 
 
@@ -137,6 +139,17 @@ def test_pricing_for_known_and_unknown_models() -> None:
     assert pricing_for("gemini-3-pro-image-preview") == MODELS["gemini-3-pro-image"].pricing
     dearest = max((m.pricing for m in MODELS.values()), key=lambda p: p.output_image)
     assert pricing_for("gemini-9-image") == dearest  # unknown: budgets stay on the safe side
+
+
+def test_an_unknown_models_worst_case_covers_the_dearest_image_any_known_model_makes() -> None:
+    # A proxy's own id is reserved for as the most a known model's image can cost: its largest image in tokens
+    # (2.1's 4K, 3,780) at the dearest rate, not a smaller model's 4K.
+    _, worst = request_cost_range("my-proxy-image", instruction="white background", n_images=1, image_size="4K",
+                                  pricing=pricing_for("my-proxy-image"))  # fmt: skip
+    known = [pricing_for(m.id).cost(prompt=0, image_out=m.output_tokens(s), text_out=0)
+             for m in MODELS.values() for s in m.tokens_per_image]  # fmt: skip
+    biggest = max(t for m in MODELS.values() for t in m.tokens_per_image.values())
+    assert worst >= max(known) and worst >= pricing_for("my-proxy-image").cost(prompt=0, image_out=biggest, text_out=0)
 
 
 @pytest.mark.parametrize(
