@@ -62,10 +62,11 @@ def image_price(info: ModelInfo, size: str, tier: str = "standard") -> float:
 _TRAFFIC_TIERS = {"ON_DEMAND": "standard", "ON_DEMAND_FLEX": "flex", "ON_DEMAND_PRIORITY": "priority"}
 
 
-def reported_tier(usage: Mapping[str, Any]) -> str | None:
-    """The tier ``usageMetadata`` says the request ran in (``serviceTier``, else Vertex AI's ``trafficType``),
-    lower case; None if not said."""
-    value = usage.get("serviceTier")
+def reported_tier(usage: Mapping[str, Any], header: str | None = None) -> str | None:
+    """The tier the answer says the request ran in, lower case; None if not said: the Gemini API's
+    ``x-gemini-service-tier`` *header*, else ``usageMetadata.serviceTier`` (a proxy's), else Vertex AI's
+    ``trafficType``. A value that names no tier (a proxy's "paid") says nothing."""
+    value = header if header and header.lower().removeprefix("service_tier_") in TIERS else usage.get("serviceTier")
     if not isinstance(value, str):
         traffic = usage.get("trafficType")
         return _TRAFFIC_TIERS.get(traffic) if isinstance(traffic, str) else None

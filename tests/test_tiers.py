@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 from nanobatch import costs, models
@@ -64,7 +65,6 @@ def test_flex_costs_half_of_standard_and_is_recorded(tmp_path: Path) -> None:
     standard, flex = records(standard_out), records(flex_out)
     assert {r["tier"] for r in standard} == {"standard"} and {r["tier"] for r in flex} == {"flex"}
     assert not any(r["fallback"] for r in flex)
-    assert {r["usage"]["serviceTier"] for r in flex} == {"FLEX"}  # the simulator reports the tier served
     assert sum(r["cost_usd"] for r in flex) == pytest.approx(sum(r["cost_usd"] for r in standard) / 2, rel=0.01)
 
 
@@ -130,7 +130,34 @@ def test_the_reported_tier_is_read_from_usage_metadata(usage: dict[str, Any], ti
     assert costs.reported_tier(usage) == tier
 
 
-def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
+def test_a_header_naming_no_tier_leaves_the_usage_to_say() -> None:
+    assert costs.reported_tier({"serviceTier": "FLEX"}, "paid") == "flex"  # a proxy's own header value
+    assert costs.reported_tier({}, "PRIORITY") == "priority" and costs.reported_tier({}, None) is None
+
+
+def test_priority_requests_served_at_standard_are_recorded_and_priced_at_standard(tmp_path: Path) -> None:
+    # Past the project's priority limit the Gemini API serves a priority request at standard, and says so only in
+    # its x-gemini-service-tier header: priced at priority, each image would be recorded at twice what it cost.
+    code, priority_out = run(tmp_path / "a", SimulatorConfig(), "--tier", "priority")
+    assert code == 0
+    code, served_out = run(tmp_path / "b", SimulatorConfig(rate_priority_standard=1.0), "--tier", "priority")
+    assert code == 0
+    priority, served = records(priority_out), records(served_out)
+    assert {r["tier"] for r in priority} == {"priority"} and {r["tier"] for r in served} == {"standard"}
+    assert sum(r["cost_usd"] for r in served) == pytest.approx(sum(r["cost_usd"] for r in priority) / 2, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("usage", "headers"),
+    [
+        pytest.param({"serviceTier": "STANDARD"}, {}, id="a proxy's usageMetadata"),
+        pytest.param({}, {"x-gemini-service-tier": "standard"}, id="the Gemini API's header"),
+        pytest.param({"serviceTier": "FLEX"}, {"x-gemini-service-tier": "standard"}, id="the header wins"),
+    ],
+)
+def test_cost_follows_the_tier_the_answer_reports(
+    tmp_path: Path, usage: dict[str, str], headers: dict[str, str]
+) -> None:
     """Asked for flex, served (and billed) at standard: the record says so and costs standard price."""
     import nanobatch
 
@@ -138,7 +165,8 @@ def test_cost_follows_the_tier_the_answer_reports(tmp_path: Path) -> None:
     from .fakes import USAGE, FakeGemini, ok_body
 
     job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "tier": "flex"}], model="gemini-nano-banana-2.1")
-    served = FakeGemini({"make the background white": [ok_body(usage={**USAGE, "serviceTier": "STANDARD"})]})
+    answer = httpx2.Response(200, json=ok_body(usage={**USAGE, **usage}), headers=headers)
+    served = FakeGemini({"make the background white": [answer]})
     run_virtual(lambda: nanobatch.run_job(job, transport=served.transport, out_dir=tmp_path / "out"))
     asked = FakeGemini()
     run_virtual(lambda: nanobatch.run_job(job, transport=asked.transport, out_dir=tmp_path / "out2"))

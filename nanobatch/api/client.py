@@ -7,6 +7,7 @@ redacted from every message that leaves this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -39,6 +40,9 @@ __all__ = [
 logger = logging.getLogger("nanobatch")
 
 _CONNECT_TIMEOUT_S = 20.0
+# Where the Gemini API says which tier served an answer (https://ai.google.dev/gemini-api/docs/priority-inference,
+# read 2026-12-07): "standard" for a priority request past priority's limit, served and billed at standard.
+SERVED_TIER_HEADER = "x-gemini-service-tier"
 # orjson's bytes keep what it reserved to escape strings (8 MB for a 0.6 MB body): bodies this big are copied to size.
 _RIGHT_SIZE_FROM = 64 * 2**10
 _WRITE_TIMEOUT_S = 120.0  # a request with 14 reference images is tens of MB
@@ -194,6 +198,8 @@ class GeminiClient(ApiClient):
             async with self._post(url, content, timeout) as response:
                 if response.status_code == 200:
                     reply = await self._read_reply(response, whole)
+                    if said := response.headers.get(SERVED_TIER_HEADER):
+                        reply = dataclasses.replace(reply, served_tier=said)
                 else:
                     await response.aread()
         if whole.cancelled_caught:

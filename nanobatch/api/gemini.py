@@ -117,6 +117,9 @@ class Reply:
     usage: dict[str, Any] = field(default_factory=dict)
     model_version: str | None = None
     response_id: str | None = None
+    # The tier the Gemini API says served it, in its x-gemini-service-tier header (a priority request past
+    # priority's limit is served, and billed, at standard); None where no header said (Vertex AI: usage's trafficType).
+    served_tier: str | None = None
 
 
 def build_request(

@@ -218,7 +218,7 @@ class Steps:
     def _price(self, item: WorkItem, tally: Tally, reply: Reply, tier: str, pricing: Pricing, worst: float) -> float:
         """*reply*'s usage priced in the tier it ran in; *worst* (the request's worst case) if the usage cannot
         be priced (a proxy that strips it), so that a budget still holds."""
-        served = costs.reported_tier(reply.usage)
+        served = costs.reported_tier(reply.usage, reply.served_tier)
         if served is not None and served != tier:
             tally.tier = served
         if (problem := costs.usage_problem(reply.usage, imaged=bool(reply.images))) is not None:

@@ -319,8 +319,9 @@ class _Simulator:
             return google_error(*_ERRORS[fault])
         if fault == "drop":
             return await self._drop(request)
+        served = "standard" if fault == "priority_standard" and parsed.service_tier == "priority" else None
         try:
-            return self._ok(parsed, *await self.compose(parsed, chance))
+            return self._ok(parsed, *await self.compose(parsed, chance), served=served)
         except InvalidRequest as exc:
             return google_error(exc.code, exc.message)
 
@@ -359,14 +360,13 @@ class _Simulator:
             rendered = replace(rendered, data=rendered.data[: len(rendered.data) // 2])
         return image_body(parsed, chance, rendered)
 
-    def _ok(self, parsed: ParsedRequest, body: dict[str, Any], usage: Usage) -> Response:
-        metadata = body.get("usageMetadata")
-        if isinstance(metadata, dict):
-            metadata["serviceTier"] = parsed.service_tier.upper()  # which tier served (and billed) it
+    def _ok(self, parsed: ParsedRequest, body: dict[str, Any], usage: Usage, *, served: str | None = None) -> Response:
         if self._daily is not None:
             self._daily.used += 1
         self.stats.tokens += usage.total()
-        return JSONResponse(body)
+        # Which tier served (and billed) it, where the Gemini API says so: a priority request past priority's limit
+        # is served at standard (docs/simulator.md).
+        return JSONResponse(body, headers={"x-gemini-service-tier": served or parsed.service_tier})
 
     async def _drop(self, request: Request) -> Response:
         """Abort the TCP connection (uvicorn), or raise SimulatedDrop (in-process)."""

@@ -24,6 +24,8 @@ FAULT_KINDS: dict[str, str] = {
     "spend_rate": "rate_spend_rate",
     "no_credit": "rate_no_credit",
     "no_credit_429": "rate_no_credit_429",
+    # A priority request served at standard (priority's limit passed), as its x-gemini-service-tier header says.
+    "priority_standard": "rate_priority_standard",
     # A 200 with a bad image for the output checks (see simulator/flaws.py).
     "qa_grey": "rate_qa_grey",
     "qa_small_subject": "rate_qa_small_subject",
@@ -76,6 +78,7 @@ class SimulatorConfig:
     rate_spend_rate: float = 0.0
     rate_no_credit: float = 0.0
     rate_no_credit_429: float = 0.0
+    rate_priority_standard: float = 0.0
     # 200s whose image fails an output check (grey background, small subject, ...: simulator/flaws.py).
     rate_qa_grey: float = 0.0
     rate_qa_small_subject: float = 0.0
