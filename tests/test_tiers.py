@@ -201,3 +201,23 @@ def test_a_partly_shed_flex_run_counts_exactly_the_items_sent_at_standard_price(
     assert 0 < len(fell_back) < 12 and {r["tier"] for r in fell_back} == {"standard"}
     assert {r["tier"] for r in found if not r["fallback"]} == {"flex"}
     assert json.loads((out / "summary.json").read_text())["last_run"]["fallbacks"] == len(fell_back)
+
+
+def test_google_genai_reads_the_tier_that_served_it_where_google_documents_it() -> None:
+    """The official SDK (code we did not write) asks for priority, and reads a downgrade to standard as Google's
+    priority-inference page shows: in the answer's x-gemini-service-tier header, which the simulator sends."""
+    genai = pytest.importorskip("google.genai")
+    types = pytest.importorskip("google.genai.types")
+    from .fakes import image_bytes
+
+    said = []
+    for rate in (0.0, 1.0):
+        with run_in_thread(SimulatorConfig(seed=6, rate_priority_standard=rate)) as url:
+            client = genai.Client(api_key="sim-key", http_options=types.HttpOptions(base_url=url))
+            answer = client.models.generate_content(
+                model="gemini-nano-banana-2.1",
+                contents=[types.Part.from_bytes(data=image_bytes(), mime_type="image/png"), "make the sky purple"],
+                config=types.GenerateContentConfig(response_modalities=["IMAGE"], service_tier="priority"),
+            )
+        said.append(answer.sdk_http_response.headers.get("x-gemini-service-tier"))
+    assert said == ["priority", "standard"]
