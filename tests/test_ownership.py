@@ -6,6 +6,7 @@ nanobatch vacated, or an output edited in place, stays the user's."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,47 @@ def test_a_file_at_the_new_name_that_is_not_the_moved_one_is_not_taken_for_it(tm
     summary = run(catalog(tmp_path, "hats"), fake)
 
     assert summary.exit_code == 1 and len(fake.requests) == 1 and (out / "hats" / "x.png").read_bytes() == MINE
+    assert records(out)[-1]["error"]["kind"] == "output_exists"
+
+
+def test_a_copy_of_the_image_at_the_new_name_whose_move_was_refused_stays_the_users(tmp_path: Path) -> None:
+    # The output name changed and the user had a copy of the image at the new name (cp -p: its size and time
+    # too): the move is refused and no record says so. The next run took the copy for the file the run claimed
+    # to move, and replaced it with nanobatch's image, or deleted it.
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    run(catalog(tmp_path, "shoes"), fake)
+    (out / "hats").mkdir()
+    st = (out / "shoes" / "x.png").stat()
+    mine = (out / "shoes" / "x.png").read_bytes()[:-4] + b"mine"  # the user's bytes, of the image's size
+    (out / "hats" / "x.png").write_bytes(mine)
+    os.utime(out / "hats" / "x.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(catalog(tmp_path, "hats"), fake).exit_code == 1  # refused: the user's file is there
+
+    summary = run(catalog(tmp_path, "hats"), fake)
+
+    assert (out / "hats" / "x.png").read_bytes() == mine and (out / "shoes" / "x.png").is_file()
+    assert summary.exit_code == 1 and len(fake.requests) == 1  # refused again, nothing paid
+
+
+def test_a_moved_files_claim_is_kept_only_by_the_file_it_moved(tmp_path: Path) -> None:
+    # A run claimed to move shoes/x.png to hats/x.png and died. The file at hats/x.png is the one moved only with
+    # the stamp it had (a rename keeps it): a copy of the same size, written since, is the user's.
+    out = tmp_path / "out"
+    fake = FakeGemini()
+    run(catalog(tmp_path, "shoes"), fake)
+    moved = out / "shoes" / "x.png"
+    st = moved.stat()
+    (out / "hats").mkdir()
+    claim = {"event": "writing", "run": "dead", "id": "x", "files": ["hats/x.png"], "sizes": [st.st_size],
+             "stamps": [[st.st_size, st.st_mtime_ns]]}  # fmt: skip
+    (out / "journal.jsonl").write_text(json.dumps(claim) + "\n")
+    moved.unlink()
+    (out / "hats" / "x.png").write_bytes(MINE.ljust(st.st_size, b"."))
+
+    summary = run(catalog(tmp_path, "hats"), fake)
+
+    assert summary.exit_code == 1 and (out / "hats" / "x.png").read_bytes() == MINE.ljust(st.st_size, b".")
     assert records(out)[-1]["error"]["kind"] == "output_exists"
 
 

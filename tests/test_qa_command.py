@@ -143,6 +143,30 @@ def test_apply_never_replaces_a_file_nanobatch_did_not_write(
     assert len(records(out)) == lines and records(out)[-1]["status"] == "rejected"
 
 
+@needs_qa
+def test_a_users_copy_where_apply_was_refused_is_never_taken_for_the_image_it_would_have_moved(
+    done: tuple[Path, Path],
+) -> None:
+    # The user keeps a copy of a's first edit (cp -p) under rejected/ where --apply would put it: the move is
+    # refused and no record says so. A later run, the threshold set back and the edit changed, took the copy for
+    # the image --apply claimed to move there and deleted it as a's out-of-date rejected image.
+    job, out = done
+    (out / "rejected").mkdir()
+    st = (out / "a.png").stat()
+    copy = out / "rejected" / "a.png"
+    copy.write_bytes((out / "a.png").read_bytes())
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _tighten(job, a={"min_side": TOO_BIG})
+    assert main(["qa", str(job), "--out", str(out), "--apply"]) == 1  # refused: a file is there
+
+    doc = yaml.safe_load(job.read_text())
+    doc["items"] = [{**item, "instruction": "blur the background"} for item in _items()]
+    job.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["run", str(job), "--simulate", "--out", str(out), "--quiet"]) == 0
+
+    assert copy.is_file() and copy.read_bytes() != (out / "a.png").read_bytes()
+
+
 def test_apply_refuses_a_folder_a_run_holds_and_changes_nothing(
     done: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from ..names import JOURNAL_FILE
-from .files import stamp_of
+from .files import Stamp, stamp_of
 from .results import ResultsIndex
 
 __all__ = ["Recovered", "orphaned_requests", "recover"]
@@ -25,16 +25,20 @@ class Recovered(NamedTuple):
 
 
 def recover(path: Path, index: ResultsIndex) -> Recovered:
-    """The journal at *path*, read once: its requests in doubt, its claims on files (adopted into *index* where
-    the file is there as claimed) and on objects in ``output.upload_to`` (for the run to adopt once it looks)."""
+    """The journal at *path*: its requests in doubt, its claims on files (adopted into *index* where the file is
+    there as claimed, unless their run withdrew them) and on objects in ``output.upload_to`` (for the run to adopt
+    once it looks)."""
     doubt, carried, claims = _InDoubt(index), [], []
+    withdrawn = _withdrawals(path)
     for entry in _journal_entries(path, ("dispatched", "settled", "writing", "uploading", "restored")):
         event = entry["event"]
         if event in ("dispatched", "settled"):
             doubt.see(entry)
             continue
         if event == "writing":
-            line = _write_claim(entry, path.parent, index)
+            # (withdrawn by its own run: its move was refused, and what is there is still its owner's)
+            withdrew = (entry.get("run"), entry["id"]) in withdrawn
+            line = None if withdrew else _write_claim(entry, path.parent, index)
         elif event == "uploading":
             line, claimed = _upload_claim(entry, index)
             claims += claimed
@@ -43,6 +47,18 @@ def recover(path: Path, index: ResultsIndex) -> Recovered:
         if line is not None:
             carried.append(line)
     return Recovered(list(doubt.open.values()), carried, claims)
+
+
+def _withdrawals(path: Path) -> set[tuple[Any, str]]:
+    """(run, item id) of each claim its run withdrew (a run writes an item once): the journal is read through once
+    more rather than held (a night's has a line per request), and only the lines that withdraw are parsed."""
+    found: set[tuple[Any, str]] = set()
+    if path.exists():
+        with path.open("rb") as f:
+            for line in f:
+                if b'"event":"withdrawn"' in line and isinstance(entry := _parsed(line), dict):
+                    found.add((entry.get("run"), str(entry.get("id"))))
+    return found
 
 
 def orphaned_requests(out_dir: Path, index: ResultsIndex) -> list[dict[str, Any]]:
@@ -85,14 +101,29 @@ def _write_claim(entry: dict[str, Any], folder: Path, index: ResultsIndex) -> by
         return None
     names, sizes = entry.get("files") or (), entry.get("sizes") or ()
     claimed = dict(zip(map(str, names), sizes, strict=False))
+    moved: dict[str, Stamp] = {
+        str(n): (int(s[0]), int(s[1]))
+        for n, s in zip(names, entry.get("stamps") or (), strict=False)
+        if isinstance(s, list) and len(s) == 2
+    }
     owned = index.owned(entry["id"], claimed)
     found = {name: stamp_of(str(folder / name)) for name in claimed}
     fresh = {name: stamp for name, stamp in found.items() if name not in owned or owned[name] not in (None, stamp)}
-    if not (adopted := {name: stamp for name, stamp in fresh.items() if stamp and stamp[0] == claimed[name]}):
+    adopted = {
+        name: stamp for name, stamp in fresh.items() if stamp and _as_claimed(stamp, claimed[name], moved.get(name))
+    }
+    if not adopted:
         return None
     index.adopt(entry["id"], adopted)
     files = sorted(adopted)
-    return orjson.dumps({**entry, "files": files, "sizes": [claimed[n] for n in files]}) + b"\n"
+    kept = {"files": files, "sizes": [claimed[n] for n in files], "stamps": [moved.get(n) for n in files]}
+    return orjson.dumps({**entry, **kept}) + b"\n"
+
+
+def _as_claimed(found: Stamp, size: Any, moved: Stamp | None) -> bool:
+    """Whether the file *found* there is the one claimed: a moved file by the stamp it had (a rename keeps it: a
+    copy of it, or another file of its size, is not it), a written one by its *size*."""
+    return found == moved if moved is not None else found[0] == size
 
 
 def _upload_claim(entry: dict[str, Any], index: ResultsIndex) -> tuple[bytes | None, list[tuple[str, str, int]]]:
@@ -132,9 +163,13 @@ def _journal_entries(path: Path, events: tuple[str, ...]) -> Iterator[dict[str, 
         return
     with path.open("rb") as f:
         for line in f:
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
+            entry = _parsed(line)
             if isinstance(entry, dict) and entry.get("event") in events and isinstance(entry.get("id"), str):
                 yield entry
+
+
+def _parsed(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None

@@ -23,7 +23,7 @@ import math
 import os
 import signal
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -34,7 +34,17 @@ import orjson
 
 from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
-from .files import Owned, atomic_write, is_ours, move_file, remove_stale_temp_files, stamp_of, unchanged, write_image
+from .files import (
+    Owned,
+    Stamp,
+    atomic_write,
+    is_ours,
+    move_file,
+    remove_stale_temp_files,
+    stamp_of,
+    unchanged,
+    write_image,
+)
 from .lock import RunLock
 from .own import check_own_files, is_torn_record, open_own
 from .record import ItemRecord
@@ -51,6 +61,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nanobatch")
+
+# A claim on one file: its name, its size (None: a moved file that was not there), and a moved file's stamp.
+Claim = tuple[str, "int | None", "Stamp | None"]
 
 # Errors that no other item's write would escape: the run stops (exit 3) rather than pay for more answers.
 FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE})
@@ -174,13 +187,22 @@ class Journal:
         self.open()
         self._write({"event": "restored", "run": self.run_id, "id": item_id, "url": url, "was": was, "now": now})
 
-    def writing_many(self, items: list[tuple[str, list[tuple[str, int | None]]]]) -> None:
-        """A claim for each (item id, [(name, size)]): the files about to be written or moved there, in one write
-        to the kernel (a batch of the writer's). A later run adopts a claimed file only if the one there has
-        that size (:func:`~nanobatch.output.journal.recover`): a write that was refused claimed nothing."""
+    def writing_many(self, items: list[tuple[str, list[Claim]]]) -> None:
+        """A claim for each (item id, [(name, size, stamp)]): the files about to be written or moved there, in one
+        write to the kernel (a batch of the writer's). A later run adopts a claimed file only if the one there has
+        that size, and for a moved file that stamp (a rename keeps it; a copy of it, or a file of the same size,
+        is not the file moved): :func:`~nanobatch.output.journal.recover`. A claim whose write or move was then
+        refused is :meth:`withdrawn`."""
         if items:
-            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": [n for n, _ in files],
-                           "sizes": [s for _, s in files]} for item_id, files in items))  # fmt: skip
+            self._write(*({"event": "writing", "run": self.run_id, "id": item_id, "files": [n for n, _, _ in files],
+                           "sizes": [s for _, s, _ in files], "stamps": [t for _, _, t in files]}
+                          for item_id, files in items))  # fmt: skip
+
+    def withdrawn(self, item_ids: Iterable[str]) -> None:
+        """This run's claims for *item_ids* were not carried out (their moves were refused) and no record says so:
+        what is at the names they claimed stays its owner's."""
+        if lines := [{"event": "withdrawn", "run": self.run_id, "id": item_id} for item_id in item_ids]:
+            self._write(*lines)
 
     def _write(self, *lines: dict[str, Any]) -> None:
         assert self._file is not None, "open() first"
@@ -340,11 +362,11 @@ class OutDir:
                         os.unlink(done)
             raise
 
-    def claims(self, files: list[tuple[str, Image]], moves: Sequence[tuple[str, str]]) -> list[tuple[str, int | None]]:
-        """The names :meth:`put` is about to give files, with their sizes (a moved file's as it is now): the
-        journal's claim on them, before they are written."""
-        moved = [(new, stamp[0] if (stamp := stamp_of(self.file(old))) else None) for old, new in moves]
-        return [(name, image.size) for name, image in files] + moved
+    def claims(self, files: list[tuple[str, Image]], moves: Sequence[tuple[str, str]]) -> list[Claim]:
+        """The names :meth:`put` is about to give files, with their sizes, and a moved file's stamp as it is now:
+        the journal's claim on them, before they are written."""
+        stamps = [(new, stamp_of(self.file(old))) for old, new in moves]
+        return [(name, image.size, None) for name, image in files] + [(n, s[0] if s else None, s) for n, s in stamps]
 
     def stamped(self, record: ItemRecord) -> ItemRecord:
         """*record* with the stamp of each file it names, as :meth:`put` just left them."""

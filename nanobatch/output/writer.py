@@ -221,6 +221,9 @@ class Writer:
                 except OSError as exc:
                     handled, error = [], exc
                 done.written(batch)
+                # A move refused writes no record: its claim is withdrawn, or the next run would take a file of
+                # the claimed size there (a copy of the image) for the one it moved.
+                self.out.journal.withdrawn(f.record.id for f in handled if not f.saved)
                 for finished in handled:
                     self.count(finished)
                 if error is not None:

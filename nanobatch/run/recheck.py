@@ -343,6 +343,7 @@ async def _apply(out: OutDir, index: ResultsIndex, found: RecheckResult) -> Rech
     try:
         out.journal.writing_many([(item.id, out.claims([], moves)) for item, _, _, moves, _ in plans])
         new_records, refused = await anyio.to_thread.run_sync(_move_and_record, out, plans)
+        out.journal.withdrawn(item_id for item_id, _ in refused)  # (no record says their moves were refused)
         for record in new_records:
             index.add(record)
         _refresh_summary(out, index)
