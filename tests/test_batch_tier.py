@@ -697,3 +697,15 @@ def test_requests_sent_again_when_a_job_fails_during_the_run_stop_at_the_budget_
     assert {j.state for j in jobs(app) if j.name in first} == {"failed"}
     assert sum(j.counts["request"] for j in again) == 3
     assert [r["status"] for r in records(job.parent / "out")].count("ok") == 3
+
+
+def test_a_no_wait_night_submits_no_more_than_its_budget_allows(job: Path) -> None:
+    # --no-wait leaves each submitted job to the next night: its requests are paid when it answers all the same.
+    # Their budget was handed back as each chunk went out, so the next chunk took it again: under --max-cost
+    # 0.03 a night submitted every item, for several times the cap.
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url, "--no-wait", "--max-cost", "0.03")
+    submitted = sum(j.counts["request"] for j in jobs(app))
+    last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
+    assert code == 3 and 0 < submitted < ITEMS and last["spent_usd"] <= 0.03

@@ -1006,6 +1006,27 @@ def test_answers_whose_body_broke_count_against_the_budget_at_their_worst_case(t
     assert summary.exit_code == 3 and 0 < spent <= 0.10 and len(fake.requests) < 5
 
 
+@pytest.mark.parametrize("lost", [httpx2.ReadTimeout, httpx2.RemoteProtocolError], ids=["timed out", "dropped"])
+def test_requests_sent_whose_answer_never_came_count_against_the_budget_at_their_worst_case(
+    tmp_path: Path, lost: type[httpx2.TransportError]
+) -> None:
+    # Each request went out and no answer came back: the model may have made (and billed) every image. Counted
+    # as $0 they were retried past --max-cost (20 requests for a $0.10 budget, "spent $0.00").
+    job = write_job(tmp_path, [{"id": f"i{n}", "image": "images/a.png"} for n in range(5)])
+
+    def never_answered(request: httpx2.Request) -> httpx2.Response:
+        raise lost("no answer", request=request)
+
+    fake = FakeGemini({"make the background white": [never_answered]})
+    settings = nanobatch.load_settings(overrides={"budget.max_cost_usd": 0.10, "limits.concurrency": 1})
+
+    summary = run(job, fake, settings=settings)
+
+    spent = summary.summary["last_run"]["spent_usd"]
+    assert summary.exit_code == 3 and 0 < spent <= 0.10 and len(fake.requests) < 10
+    assert all(r["cost_usd"] == 0 for r in records(tmp_path / "out"))  # the records keep only what is known
+
+
 def test_a_proxys_page_with_status_200_is_said_as_such_and_not_counted_as_a_paid_answer(tmp_path: Path) -> None:
     # A CDN's challenge page in place of the answer: no answer was made, so none is paid; its title is the message.
     job = write_job(tmp_path, [{"id": "one", "image": "images/a.png"}])

@@ -736,8 +736,9 @@ def test_a_hanging_probe_does_not_delay_giving_up() -> None:
 
 
 def test_a_collection_passes_a_spent_budget_but_a_request_it_turns_into_takes_its_share() -> None:
-    # An earlier night's batch answer is collected whatever tonight's budget says; if its job failed meanwhile,
-    # the route sends the request anew: that one is paid tonight, so it must fit, and count, like any other.
+    # An earlier night's batch answer is collected whatever tonight's budget says (the night that submitted it
+    # counted it); if its job failed meanwhile, the route sends the request anew: that one is paid tonight, so it
+    # must fit, and count, like any other.
     async def main() -> tuple[Gate, bool]:
         gate = Gate(concurrency=2, budget=Budget(max_cost_usd=1.0, max_requests=2))
         async with gate.request(0.8) as ticket:  # one request of tonight's, settled at 0.8
@@ -755,4 +756,4 @@ def test_a_collection_passes_a_spent_budget_but_a_request_it_turns_into_takes_it
 
     gate, refused = run_virtual(main)
     assert refused and gate.stopping and isinstance(gate.stop_reason, RunAborted)
-    assert gate.budget.spent_usd == pytest.approx(1.4) and gate.budget.requests == 1
+    assert gate.budget.spent_usd == pytest.approx(0.8) and gate.budget.requests == 1

@@ -39,7 +39,12 @@ _OUTAGE = frozenset({"connection", "timeout", "server_error", "bad_gateway", "ov
 
 
 class Stopped(Exception):  # noqa: N818 - a signal, not a failure
-    """The run is stopping: the request was not sent and its item stays unrecorded."""
+    """The run is stopping: the request was not sent, or (*committed*) it is in a batch job this run leaves for
+    the next to collect, paid for all the same; its item stays unrecorded."""
+
+    def __init__(self, *args: object, committed: bool = False) -> None:
+        super().__init__(*args)
+        self.committed = committed
 
 
 @dataclass(slots=True)
@@ -52,6 +57,7 @@ class Ticket:
     cost_usd: float = 0.0
     estimate_usd: float = 0.0  # the model table's worst case, before the budget scaled it
     budgeted: bool = True  # False: an answer collected from an earlier run's batch job, sent by none of this run
+    sent: bool = False  # the route sent the request (online: it went out; batch: it joined a chunk)
 
 
 class _Limit:
@@ -222,9 +228,9 @@ class Gate:
     @asynccontextmanager
     async def request(self, worst_case_usd: float = 0.0, *, collect: bool = False) -> AsyncIterator[Ticket]:
         """Wait for admission, then hold a slot while the body of the ``async with`` sends the request. *collect*:
-        it sends nothing, it collects an answer an earlier run's batch job holds: that was paid for whatever
-        this run's budget says, so the budget neither holds it back nor counts it as a request (its cost counts
-        as spent)."""
+        it sends nothing, it collects an answer an earlier run's batch job holds: the run that submitted it counted
+        it against its own budget (at its worst case, a --no-wait run's: :class:`Stopped` *committed*), so this
+        run's budget neither holds it back nor counts it, as a request or as spent."""
         ticket = await self._admit(worst_case_usd, budgeted=not collect)
         self.in_flight += 1
         try:
@@ -232,7 +238,11 @@ class Gate:
         except ApiError as exc:
             self._settle(ticket, exc)
             raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Stopped) and exc.committed and ticket.budgeted:
+                # Submitted, to be paid when its job answers: its worst case stays spent, or each chunk of a
+                # --no-wait night would hand its budget to the next and the cap would bound nothing.
+                ticket.cost_usd = max(ticket.cost_usd, ticket.reserved_usd)
             self._settle(ticket, None, cancelled=True)
             raise
         else:
@@ -297,10 +307,8 @@ class Gate:
             limit.release(ticket)
 
     def _settle(self, ticket: Ticket, error: ApiError | None, *, cancelled: bool = False) -> None:
-        if ticket.budgeted:
+        if ticket.budgeted:  # (a collected answer was counted by the run that submitted it)
             self.budget.settle(ticket.reserved_usd, ticket.cost_usd, estimate_usd=ticket.estimate_usd)
-        else:
-            self.budget.spent_usd += ticket.cost_usd
         if not cancelled:
             self._note_contact(ticket, error)
         kind = error.kind if error is not None else None

@@ -200,6 +200,10 @@ class Steps:
                         self.failures.unpriced(f"an answer could not be read ({exc.message})", worst)
                         ticket.cost_usd = worst
                         tally.cost_usd += worst
+                    elif ticket.sent and exc.sent and exc.status_code is None and route is not self.batch_route:
+                        # Sent, and no answer came (it took too long, the connection dropped): the model may have
+                        # made the image, and billed it. The cap counts it so; the record, only what is known.
+                        ticket.cost_usd = worst
                     raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
@@ -239,6 +243,7 @@ class Steps:
 
         def on_send() -> None:
             self.gate.budget_late(ticket)  # (nothing, for a ticket admitted to send)
+            ticket.sent = True
             self.stats.sent(tally)
             if journaled:
                 self.journal.dispatched(item.id, tally.key, attempt)
