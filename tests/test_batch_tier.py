@@ -709,3 +709,37 @@ def test_a_no_wait_night_submits_no_more_than_its_budget_allows(job: Path) -> No
     submitted = sum(j.counts["request"] for j in jobs(app))
     last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
     assert code == 3 and 0 < submitted < ITEMS and last["spent_usd"] <= 0.03
+
+
+def test_every_paid_batch_answer_is_in_the_records_across_nights_that_stop_early(job: Path) -> None:
+    # Answers without an image are paid; the step is sent again, under the same key, in a later job. A --no-wait
+    # night that read such an answer and stopped before the item's record left both jobs holding the key: the next
+    # night took only the later one, and the first answer, paid, was in no record (its file deleted).
+    app = sim(batch_latency_s=0.05, rate_no_image=0.5, seed=3)
+    with run_in_thread(app=app) as url:
+        for _ in range(8):
+            cli(job, url, "--no-wait")
+            time.sleep(0.1)
+        assert cli(job, url) == 0
+
+    answered = sum(j.counts["successful"] for j in jobs(app))
+    done = records(job.parent / "out")
+    assert sorted(r["id"] for r in done if r["status"] == "ok") == [f"sku-{n}" for n in range(ITEMS)]
+    assert sum(r["attempts"] for r in done) == answered  # each paid answer counted once, none dropped
+
+
+def test_answers_landed_by_a_night_that_stopped_at_its_budget_are_not_recorded_again(job: Path) -> None:
+    # The second night lands the answers the first night's jobs gave, then stops at its budget before sending the
+    # retries some need. The answers it landed were noted as landed only by a night that went to the end: the
+    # third night read them again, as new, into a second record each (paid_usd counting them twice).
+    app = sim(batch_latency_s=0.05, rate_blocked=0.4, rate_no_image=0.4, seed=5)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        time.sleep(0.1)
+        assert cli(job, url, "--max-cost", "0.0001") == 3
+        cli(job, url)
+
+    done = records(job.parent / "out")
+    answered = sum(j.counts["successful"] for j in jobs(app))
+    seen = [(r["id"], r.get("batch"), r["status"]) for r in done if r.get("batch")]
+    assert len(seen) == len(set(seen)) and sum(r["attempts"] for r in done) == answered

@@ -34,9 +34,19 @@ class Chunks:
             ledger.compact(set(self.by_id))
         self._sweep()
         self.by_key: dict[str, Chunk] = {}  # requests in a chunk whose answer is still to be used
-        for chunk in self.by_id.values():
+        # Later chunks holding the same key, in order: a step whose answer (paid: no image, say) was read by a run
+        # that stopped before its item's record was sent again in a later chunk. The next run reads them in the
+        # same order, each answer counted in the item's cost, none dropped for the last.
+        self._later: dict[str, list[Chunk]] = {}
+        for chunk in self.by_id.values():  # (in the order they were written)
             if not chunk.closed and chunk.ended is None:  # (an answer landed by an earlier run is not used again)
-                self.by_key.update((key, chunk) for key in chunk.keys if key not in chunk.landed)
+                for key in chunk.keys:
+                    if key in chunk.landed:
+                        continue
+                    if key in self.by_key:
+                        self._later.setdefault(key, []).append(chunk)
+                    else:
+                        self.by_key[key] = chunk
 
     def _sweep(self) -> None:
         """Delete what a killed run left in the folder that the ledger does not name: a chunk being filled,
@@ -96,9 +106,15 @@ class Chunks:
     # -- done with -------------------------------------------------------------------------------
 
     def forget(self, chunk: Chunk, key: str) -> None:
-        """*key*'s answer in *chunk* is used or not to be had: a retry of its request goes into a new chunk."""
+        """*key*'s answer in *chunk* is used or not to be had: the step's next request is the one a later chunk
+        holds, if one does, else a retry of it goes into a new chunk."""
         if self.by_key.get(key) is chunk:
-            del self.by_key[key]
+            if later := self._later.get(key):
+                self.by_key[key] = later.pop(0)
+                if not later:
+                    del self._later[key]
+            else:
+                del self.by_key[key]
 
     def landed(self, chunk: Chunk, key: str) -> None:
         """*key*'s answer in *chunk* is landed (its item's record is written): the chunk's files are deleted once
@@ -122,7 +138,8 @@ class Chunks:
         answers no item of this run asked for (it failed before its step, or left the manifest for a night),
         for :data:`KEEP_UNUSED_S` after their collection: each is paid for, and the run that sends its item
         again collects it. Returns how many such answers are kept."""
-        unused = Counter(chunk.id for chunk in self.by_key.values())  # answers no item of this run read
+        # answers no item of this run read
+        unused = Counter(chunk.id for chunk in [*self.by_key.values(), *(c for cs in self._later.values() for c in cs)])
         now, kept_unused = time.time(), 0
         for chunk in self.by_id.values():
             if chunk.closed or chunk.open or chunk.id in kept:

@@ -97,9 +97,16 @@ class Answers:
         return Answer(reply=result.reply, job=chunk.job or None, spent_now=not chunk.collected_before)
 
     def landed(self, holder: str) -> None:
-        """*holder*'s record is written: the answers it read are no longer kept for it."""
+        """*holder*'s record is written: the answers it read are no longer kept for it, and the ledger says so at
+        once: a run that ends early (its budget, a signal, a kill) must not leave them for the next to read
+        again, as if new, into a second record."""
+        by_chunk: dict[str, tuple[Chunk, list[str]]] = {}
         for chunk, key in self.held.pop(holder, ()):
+            by_chunk.setdefault(chunk.id, (chunk, []))[1].append(key)
             self.chunks.landed(chunk, key)
+        for chunk, keys in by_chunk.values():
+            if not chunk.closed:
+                self.chunks.ledger.note("landed", chunk, keys=keys)
 
     def kept(self) -> set[str]:
         """The chunks holding answers read by items not landed (their next step waits in a job)."""
