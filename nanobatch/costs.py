@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from .models import INPUT_IMAGE_TOKENS, MOST_IMAGE_TOKENS, TIER_PRICE_FACTORS, TIERS, ModelInfo, Pricing, lookup
+from .models import INPUT_IMAGE_TOKENS, MODELS, TIER_PRICE_FACTORS, TIERS, ModelInfo, Pricing, lookup
 
 __all__ = ["image_price", "pricing_for", "reported_tier", "request_cost_range", "usage_cost", "usage_problem"]
 
@@ -125,6 +125,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+# A model the table does not know (a proxy's id) is estimated at the most any known model's image costs in tokens.
+_MOST_IMAGE_TOKENS = max(t for m in MODELS.values() for t in m.tokens_per_image.values())
 # Allowance for the model's own text and thinking in a worst-case estimate.
 _TEXT_ALLOWANCE_TOKENS = 1000
 
@@ -135,7 +137,7 @@ def request_cost_range(
     """(likely, worst case) US dollars for one request; the worst case is what a budget reserves."""
     prompt = len(instruction) // 4 + 8 + n_images * INPUT_IMAGE_TOKENS
     info = lookup(model)
-    image_tokens = info.output_tokens(image_size) if info is not None else MOST_IMAGE_TOKENS
+    image_tokens = info.output_tokens(image_size) if info is not None else _MOST_IMAGE_TOKENS
     likely = pricing.cost(prompt=prompt, image_out=image_tokens, text_out=0)
     worst = pricing.cost(prompt=prompt * 2, image_out=image_tokens, text_out=_TEXT_ALLOWANCE_TOKENS)
     return likely, worst

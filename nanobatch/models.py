@@ -27,7 +27,6 @@ __all__ = [
     "DEFAULT_MODEL",
     "LOG_RETENTION_DAYS",
     "MODELS",
-    "MOST_IMAGE_TOKENS",
     "MONEY_ERRORS",
     "STORE_DEFAULT_SINCE",
     "STORE_SOURCES",
@@ -131,9 +130,7 @@ _SRC_DEPRECATIONS = "https://ai.google.dev/gemini-api/docs/deprecations (2026-11
 _SRC_CHANGELOG = "https://ai.google.dev/gemini-api/docs/changelog (2026-11-29)"
 _SRC_LITE = "https://ai.google.dev/gemini-api/docs/models/gemini-3.1-flash-lite-image (2026-11-29)"
 _SRC_NB21_PRICE = "https://github.com/BerriAI/litellm/discussions/44983 (2026-11-29)"
-# 4K: the pricing page's per-image figure ($0.113 at $30 per million image tokens: 3,780 tokens, not 3.1 flash's
-# 2,520), as public code citing the page (read there 2026-10-07) and resellers' pages quote it; the page itself was
-# not readable here on 2026-12-07. The larger figure is kept: a budget reserves the worst case.
+# 4K: the pricing page's $0.113 (3,780 tokens at $30/M), quoted by code citing it (read there 2026-10-07)
 _SRC_NB21_4K = "https://ai.google.dev/gemini-api/docs/pricing, 4K at $0.113, as quoted by code citing it (2026-12-07)"
 _SRC_FLASH_TOKENS = (
     "https://docs.cloud.google.com/vertex-ai/generative-ai/docs/models/gemini/3-1-flash-image (2026-11-29)"
@@ -220,8 +217,7 @@ MODELS: dict[str, ModelInfo] = {
             supports_thinking=False,
             lifecycle=Lifecycle(
                 ga=date(2025, 10, 2),
-                # The deprecations page gives its release and shutdown dates, not the day the shutdown was announced:
-                # deprecated from its release (it matters only for days before the shutdown, long past).
+                # (its release: the deprecations page does not say when the shutdown was announced)
                 deprecated=date(2025, 10, 2),
                 shutdown=date(2026, 10, 2),
                 replacement="gemini-nano-banana-2.1",
@@ -258,8 +254,6 @@ TIER_PRICE_FACTORS = {"standard": 1.0, "flex": 0.5, "priority": 2.0, "batch": 0.
 # Flex answers take 1-15 minutes; its requests get at least this long.
 FLEX_TIMEOUT_S = 900.0
 DEFAULT_MODEL = "gemini-nano-banana-2.1"
-# A model the table does not know (a proxy's id) is estimated at the most any known model's image costs in tokens.
-MOST_IMAGE_TOKENS = max(t for m in MODELS.values() for t in m.tokens_per_image.values())
 GOOGLE_HOST = "generativelanguage.googleapis.com"
 
 

@@ -633,6 +633,39 @@ def test_status_counts_a_paid_answer_kept_for_an_item_whose_file_was_taken(
     assert sum(j.counts["request"] for j in jobs(app)) == ITEMS  # paid once
 
 
+def test_an_answer_kept_for_an_item_whose_file_was_taken_is_paid_once_in_paid_usd(
+    job: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file of yours appears at sku-1.png just as its answer is written: the failed record (output_exists) says
+    # what its run paid for the answer, kept; the record that writes it later paid nothing more and refers to it
+    # (paid_in). Both counted it, and paid_usd said more than was billed.
+    from nanobatch.output.outdir import OutDir
+
+    app = sim(batch_latency_s=0.05)
+    out = job.parent / "out"
+    real = OutDir.claims
+
+    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
+        if any(name == "sku-1.png" for name, _ in files):
+            (out / "sku-1.png").write_bytes(b"mine")
+        return real(self, files, moves)
+
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--no-wait") == 0
+        monkeypatch.setattr(OutDir, "claims", taken)
+        assert cli(job, url) == 1
+        monkeypatch.undo()
+        (out / "sku-1.png").unlink()
+        assert cli(job, url) == 0
+    failed, made = [r for r in records(out) if r["id"] == "sku-1"]
+    assert failed["error"]["kind"] == "output_exists" and failed["cost_usd"] > 0 and made["cost_usd"] == 0
+    assert made["paid_in"] == {"run": failed["run"], "cost_usd": failed["cost_usd"]}
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    billed = sum(r["cost_usd"] for r in records(out) if r["id"] != "sku-1") + failed["cost_usd"]
+    assert json.loads(capsys.readouterr().out)["paid_usd"] == pytest.approx(billed)
+
+
 def test_a_no_wait_night_leaving_requests_in_jobs_is_no_success_for_the_alert(job: Path) -> None:
     # The README's alert fires when nanobatch_last_success_timestamp_seconds gets old: a --no-wait night whose
     # items all wait in batch jobs (or whose jobs fail every night, their items put in new ones) must not move it.

@@ -18,7 +18,7 @@ from nanobatch.api.redaction import SECRETS, scrub
 from nanobatch.cli.main import main
 from nanobatch.errors import ApiError
 from nanobatch.item import WorkItem
-from nanobatch.output.record import Tally, build_record
+from nanobatch.output.tally import Tally, build_record
 from nanobatch.run.notify import _kept_out_of_logs
 
 from .fakes import image_bytes, manifest_problems, write_job

@@ -1,7 +1,7 @@
 """One line of ``results.jsonl``, typed: :class:`ItemRecord` (and :class:`StepRecord` for each step).
 
-Every record an item gets is built here (:func:`build_record`, :func:`moved_record`, :meth:`ItemRecord.failed_write`)
-from what sending it gathered (:class:`Tally`). :meth:`ItemRecord.to_json` writes the fields in one fixed
+Every record an item gets is built from what sending it gathered (:mod:`~nanobatch.output.tally`), or turned
+failed here (:meth:`ItemRecord.failed_write`). :meth:`ItemRecord.to_json` writes the fields in one fixed
 order, the one results.jsonl files on disk already have, so old and new lines read alike;
 :meth:`ItemRecord.from_json` reads lines of other versions and hand-edited ones: a missing field takes its
 default, and a field nanobatch does not know is kept in ``extra`` and written back after the known ones.
@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ..api.redaction import public_url
-from ..names import step_stem
 from .reading import UploadStamp, is_int, read_file_stamps, read_float, read_stamps, read_strs, read_upload_stamps
 
 if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `nanobatch status` and the report do without
-    from ..api.gemini import Reply
-    from ..item import WorkItem
     from ..qa import Verdict
 
 __all__ = [
@@ -32,12 +27,9 @@ __all__ = [
     "ItemRecord",
     "PaidIn",
     "StepRecord",
-    "Tally",
-    "build_record",
     "files_of",
     "is_record",
     "line_costs",
-    "moved_record",
     "read_steps",
     "usage_tokens",
 ]
@@ -335,114 +327,4 @@ def usage_tokens(usage: Any) -> tuple[int, int, int, int]:
         b if type(b) is int else 0,
         c if type(c) is int else 0,
         d if type(d) is int else 0,
-    )
-
-
-@dataclass(slots=True)
-class Tally:
-    """What preparing and sending an item gathered so far, for its record: filled in by the engine and the
-    route, turned into an :class:`ItemRecord` by :func:`build_record`."""
-
-    tier: str
-    started: float = field(default_factory=time.time)
-    key: str | None = None
-    input_stamps: tuple[tuple[int, int, str], ...] | None = None
-    attempts: int = 0
-    cost_usd: float = 0.0
-    fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
-    fallback_requests: int = 0  # those of its requests sent there
-    batch: str | None = None  # the batch job that answered the latest step
-    last: Reply | None = None  # the latest answer (also one without an image)
-    model_version: str | None = None
-    finish_message: str | None = None
-    steps: list[StepRecord] = field(default_factory=list)
-    usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
-    api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
-
-    def sending(self) -> None:
-        """Count a request of the item about to go out (in its fallback tier, once it has one)."""
-        self.attempts += 1
-        if self.fallback_tier is not None:
-            self.fallback_requests += 1
-
-    def answered(self, reply: Reply) -> None:
-        """Keep what the latest answer said (also when it has no image)."""
-        self.last = reply
-        self.model_version = reply.model_version or self.model_version
-        if reply.finish_message:
-            self.finish_message = reply.finish_message
-        if self.steps:
-            self.steps[-1] = replace(
-                self.steps[-1], finish_reason=reply.finish_reason or reply.block_reason, text=reply.text,
-                usage=reply.usage,
-            )  # fmt: skip
-
-
-def build_record(
-    item: WorkItem,
-    tally: Tally,
-    *,
-    run: str,
-    status: str = "ok",
-    outputs: Sequence[str] = (),
-    error: ErrorInfo | None = None,
-) -> ItemRecord:
-    """The record of an item that was sent (or failed before it was): *tally* says what happened."""
-    from ..api.gemini import sum_usage
-
-    last = tally.last
-    return ItemRecord(
-        id=item.id,
-        run=run,
-        status=status,
-        outputs=tuple(outputs),
-        finish_reason=(last.finish_reason or last.block_reason) if last else None,
-        text=last.text if last else None,
-        usage=sum_usage(list(tally.usages)) if tally.usages else {},
-        steps=tuple(tally.steps) if len(item.steps) > 1 else None,
-        attempts=tally.attempts,
-        # The API's time: retries count, waiting for a slot, the rate limit, the inputs or between steps does
-        # not (that is queueing). None: nothing was sent.
-        latency_s=round(sum(tally.api_s), 3) if tally.api_s else None,
-        cost_usd=round(tally.cost_usd, 6),
-        model=item.model,
-        model_version=tally.model_version,
-        response_id=last.response_id if last else None,
-        key=tally.key,
-        error=error,
-        instructions=tuple(item.steps),
-        inputs=tuple(public_url(ref) if "://" in ref else ref for ref in item.inputs),  # no URL's signature
-        aspect_ratio=item.aspect_ratio,
-        image_size=item.image_size,
-        tier=tally.tier,
-        fallback=tally.fallback_requests > 0,  # sent there, not only decided (the run may stop first)
-        started_at=utc(tally.started),
-        finished_at=utc(time.time()),
-        input_stamps=tally.input_stamps,
-        finish_message=tally.finish_message,
-        batch=tally.batch,
-    )
-
-
-def moved_record(
-    item: WorkItem, tally: Tally, *, run: str, outputs: Sequence[str], tokens: Sequence[int], cost_usd: float,
-    paid_in: str | None, moves: Sequence[tuple[str, str]],
-) -> ItemRecord:  # fmt: skip
-    """The record of done work whose files move to new names: nothing sent, so it costs nothing; *cost_usd* is
-    what the run *paid_in* paid for its images, kept as a reference (``paid_in``)."""
-    steps = None
-    if len(item.steps) > 1:
-        steps = []
-        for number, text in enumerate(item.steps, 1):
-            mark = step_stem(item.stem, number)
-            names = tuple(new for _, new in moves if new.startswith((mark + ".", mark + "-")))
-            steps.append(StepRecord(step=number, instruction=text, outputs=names or None))
-    base = build_record(item, tally, run=run, outputs=outputs)
-    return replace(
-        base,
-        usage={name: n for name, n in zip(TOKEN_FIELDS, tokens, strict=True) if n},
-        cost_usd=0.0,
-        paid_in=PaidIn(run=paid_in, cost_usd=cost_usd),
-        steps=tuple(steps) if steps is not None else None,
-        moved_from=tuple(old for old, _ in moves),
     )

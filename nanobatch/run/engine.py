@@ -5,12 +5,11 @@
     items --> N workers --finished items--> writer (nanobatch.output.writer)
               (Gate, Route)                 images, results.jsonl
 
-A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, then whether to skip, move or
-send it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one after another
-(:class:`~nanobatch.run.steps.Steps`: one call per step, whatever :class:`Route` carries it), and hands the record
-(:mod:`nanobatch.output.record`) and images to the writer. Every write into the output folder goes through its
-:class:`~nanobatch.output.outdir.OutDir` (images, records, journal lines). Only fatal errors stop the run; an
-item's failure becomes its record, and so does one stopped between steps that were paid for."""
+A worker prepares an item (:meth:`Engine._prepare`: its inputs and work key, then whether to skip, move or send
+it, asked of :class:`~nanobatch.output.resume.Resume`), sends its steps one after another (:class:`~.steps.Steps`:
+one call per step, whatever :class:`Route` carries it), and hands the record (:mod:`nanobatch.output.tally`) and
+images to the writer, through whose :class:`~nanobatch.output.outdir.OutDir` every write goes. Only fatal errors
+stop the run; an item's failure becomes its record, and so does one stopped between steps that were paid for."""
 
 from __future__ import annotations
 
@@ -31,9 +30,10 @@ from ..item import WorkItem
 from ..names import output_names
 from ..output.files import Owned
 from ..output.outdir import OutDir
-from ..output.record import ErrorInfo, ItemRecord, StepRecord, Tally, build_record, moved_record
+from ..output.record import ErrorInfo, ItemRecord, StepRecord
 from ..output.results import IndexEntry, ResultsIndex
 from ..output.resume import Move, Resume, Send, Skip
+from ..output.tally import Tally, build_record, moved_record
 from ..output.upload import Uploads
 from ..output.verdicts import Checker, out_of_date, set_aside
 from ..output.writer import NOT_OURS, UNSAVED_KINDS, Finished, Holding, WriteQueue, Writer, in_memory, report_unsaved
@@ -376,6 +376,7 @@ class Engine:
         contents: dict[str, bytes] = {}
         local = [ref for ref in item.inputs if not is_remote(ref)]
         known = entry.stamps if entry else {}
+        tally.paid_before = (entry.run, entry.cost_usd) if entry and entry.error_kind in UNSAVED_KINDS else None
         stamps = await local_stamps(local, known, contents=contents, keep_up_to=self._keep_up_to)
         plan = await self.referrer.plan(item)
         digests = {**{ref: stamp[2] for ref, stamp in (stamps or {}).items()}, **plan.digests}
@@ -404,9 +405,8 @@ class Engine:
             urls = [self.uploads.url(name) for name in send.uploads]
             await self.uploads.free(list(send.uploads), self.index.uploaded(item.id, urls))
         if send.taken is not None:
-            why = send.why or NOT_OURS
-            raise ApiError(f"{send.taken} {why}: nothing was sent (move it away, or change the output name)",
-                           kind="output_exists")  # fmt: skip
+            why = f"{send.taken} {send.why or NOT_OURS}: nothing was sent (move it away, or change the output name)"
+            raise ApiError(why, kind="output_exists")
         return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
 
     def _settled(

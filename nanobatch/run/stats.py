@@ -6,7 +6,8 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..output.record import ItemRecord, Tally
+from ..output.record import ItemRecord
+from ..output.tally import Tally
 
 __all__ = ["RunStats"]
 

@@ -21,7 +21,7 @@ from ..errors import ApiError, FatalApiError
 from ..item import WorkItem
 from ..models import Pricing
 from ..output.outdir import Journal
-from ..output.record import Tally
+from ..output.tally import Tally
 from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Ticket
@@ -168,6 +168,20 @@ class Steps:
             return "standard"
         raise exc
 
+    def _charge_unread(
+        self, exc: ApiError, ticket: Ticket, tally: Tally, worst: float, *, collect: bool, online: bool
+    ) -> None:
+        """What a request that got no answer to read costs, at its worst case: a 200 whose body broke (made, billed,
+        unpriced: the record counts it too); one sent online that got no answer at all (it took too long, the
+        connection dropped: the model may have made the image, and billed it; the cap counts it so, the record
+        only what is known)."""
+        if exc.kind == "bad_response" and not collect:
+            self.failures.unpriced(f"an answer could not be read ({exc.message})", worst)
+            ticket.cost_usd = worst
+            tally.cost_usd += worst
+        elif online and ticket.sent and exc.sent and exc.status_code is None:
+            ticket.cost_usd = worst
+
     async def _send_in(
         self, tier: str, route: Route, item: WorkItem, tally: Tally, instruction: str, request: Request,
         sending: Callable[[], None], *, once: bool = False,
@@ -196,17 +210,13 @@ class Steps:
                 try:
                     answer = await self._attempt(item, tally, request, timeout, route, ticket)
                 except ApiError as exc:
-                    if exc.kind == "bad_response" and not collect:  # a 200 whose body broke: made, billed, unpriced
-                        self.failures.unpriced(f"an answer could not be read ({exc.message})", worst)
-                        ticket.cost_usd = worst
-                        tally.cost_usd += worst
-                    elif ticket.sent and exc.sent and exc.status_code is None and route is not self.batch_route:
-                        # Sent, and no answer came (it took too long, the connection dropped): the model may have
-                        # made the image, and billed it. The cap counts it so; the record, only what is known.
-                        ticket.cost_usd = worst
+                    self._charge_unread(
+                        exc, ticket, tally, worst, collect=collect, online=route is not self.batch_route
+                    )
                     raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
+                tally.reread_usd += 0.0 if answer.spent_now else cost
             tally.cost_usd += cost
             tally.answered(reply)
             check_reply(reply)
