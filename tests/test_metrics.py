@@ -247,6 +247,17 @@ def test_validate_refuses_a_metrics_file_the_run_would_refuse(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_link_at_the_metrics_files_path_is_refused_not_replaced(tmp_path: Path) -> None:
+    # Each write replaces the file whole: a link there (to the collector's folder) became a plain file, the link
+    # gone and its target never written.
+    (tmp_path / "collector").mkdir()
+    link = tmp_path / "link.prom"
+    link.symlink_to(tmp_path / "collector" / "a.prom")
+    with pytest.raises(ConfigError, match="it is a link"):
+        metrics_file(str(link), "job")
+    assert link.is_symlink()
+
+
 def test_the_last_success_survives_a_failed_run_whatever_the_jobs_name_holds(tmp_path: Path) -> None:
     # A name is a label value: "}" and quotes inside it broke the reading of the previous file's samples.
     from nanobatch.run.metrics import Ending

@@ -106,6 +106,9 @@ def metrics_file(setting: str | None, job: str) -> MetricsFile | None:
         raise ConfigError(f"{where}: its name must end in .prom, the only files node_exporter's textfile "
                           "collector reads")  # fmt: skip
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.islink(path):  # each write replaces the file: it would replace the link, not write where it points
+        raise ConfigError(f"{where}: it is a link, which nanobatch would replace with a file: give the path it "
+                          f"points to ({os.path.realpath(path)})")  # fmt: skip
     if not os.path.isdir(folder):
         raise ConfigError(f"{where}: the folder {folder} does not exist; make it, or give another path")
     try:
