@@ -776,3 +776,37 @@ def test_answers_landed_by_a_night_that_stopped_at_its_budget_are_not_recorded_a
     answered = sum(j.counts["successful"] for j in jobs(app))
     seen = [(r["id"], r.get("batch"), r["status"]) for r in done if r.get("batch")]
     assert len(seen) == len(set(seen)) and sum(r["attempts"] for r in done) == answered
+
+
+def test_the_ledger_is_on_disk_before_a_job_that_bills_its_requests_is_created(
+    job: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A power cut after the create, with the ledger's lines still in the page cache only, left a run that knew no
+    # chunk: it swept the chunk's file and sent its items again, paid twice. The ledger is flushed to disk first.
+    import nanobatch.run.batch.ledger as ledger_module
+    from nanobatch.api.batch_api import BatchClient
+
+    order: list[str] = []
+    real_create, real_fsync = BatchClient.create, ledger_module.os.fsync
+
+    async def create(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        order.append("create")
+        return await real_create(self, *args, **kwargs)
+
+    def fsync(fd: int) -> None:
+        order.append("fsync")
+        real_fsync(fd)
+
+    real_note = ledger_module.Ledger.note
+
+    def note(self: Any, event: str, *args: Any, **kwargs: Any) -> None:
+        order.append(event)
+        real_note(self, event, *args, **kwargs)
+
+    monkeypatch.setattr(BatchClient, "create", create)
+    monkeypatch.setattr(ledger_module.os, "fsync", fsync)
+    monkeypatch.setattr(ledger_module.Ledger, "note", note)
+    with run_in_thread(app=sim(batch_latency_s=0.05)) as url:
+        assert cli(job, url) == 0
+    creates = [n for n, step in enumerate(order) if step == "create"]
+    assert creates and all(order[n - 2 : n] == ["creating", "fsync"] for n in creates)

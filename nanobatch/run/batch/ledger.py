@@ -137,9 +137,11 @@ def _chunk_of(line: bytes) -> str | None:
     return str(event.get("chunk")) if isinstance(event, dict) else None
 
 
-# Lines written just before the run deletes the API's files they stand for (a power cut must not leave the
-# ledger saying less than the API has forgotten): on disk before the next step.
-_DURABLE = frozenset({"created", "collected", "ended"})
+# Lines on disk before the next step: "creating" (and with it the chunk's "written" and "uploaded" before it),
+# before a job that bills its requests may exist: a power cut that lost it would leave a run that knows no chunk,
+# which sweeps the file and sends its items again, paid twice; and the lines written just before the run deletes
+# the API's files they stand for (the ledger must not say less than the API has forgotten).
+_DURABLE = frozenset({"creating", "created", "collected", "ended"})
 
 
 def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
