@@ -157,9 +157,11 @@ def test_each_night_counts_the_requests_it_sent_not_the_answers_it_collects_or_r
             time.sleep(0.7)  # the night's jobs are done by the next night
     assert billed(app) == 6
     assert sent == [3, 3, 0, 0]
-    # What each night spent: the answers it collected, each once (step 1's, read again on night 3, not again).
-    assert spent[0] == spent[3] == 0 and spent[1] > 0 and spent[2] > 0
-    assert sum(spent) == pytest.approx(summary["paid_usd"], abs=1e-5)
+    # What each night spent against its budget: the requests it submitted, at their worst case (they are paid
+    # when their jobs answer), not the answers it collected (counted by the night that submitted them), nor those
+    # read again (step 1's, on night 3).
+    assert spent[0] > 0 and spent[1] > 0 and spent[2] == spent[3] == 0
+    assert sum(spent) >= summary["paid_usd"] > 0
 
 
 def test_a_run_after_a_kill_counts_only_the_requests_it_sent(job: Path) -> None:
