@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import anyio
 import httpx2
 import pytest
 
@@ -305,3 +306,75 @@ def test_a_short_test_key_in_the_environment_leaves_error_messages_whole(
     assert main(["validate", str(tmp_path / "nothere.yaml")]) == 2
     err = capsys.readouterr().err
     assert "nothere.yaml" in err and "[redacted]" not in err
+
+
+# Every credential the settings lead to is known from the moment they are read (SECRETS.learn), and cut at each
+# way out of the process: the webhook's body, results.jsonl, summary.json, the errors shown on stderr.
+
+KEY = "AIzaSyKNOWN0KEY0123456789abcdefghijklmn"
+
+
+def test_a_refused_runs_notice_never_carries_the_key_a_manifest_value_quotes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The problem quotes the value ("does not support '<key>'"): the terminal showed [redacted], the webhook the key.
+    from nanobatch import run_job
+    from nanobatch.errors import ManifestError
+
+    from .receiver import receiver
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "aspect_ratio": KEY}])
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + "/hook")
+        with pytest.raises(ManifestError):
+            anyio.run(lambda: run_job(job, simulate=True, out_dir=tmp_path / "out"))
+    (body,) = server.bodies("/hook")
+    notice = json.loads(body)
+    assert "aspect_ratio" in notice["text"] and "aspect_ratio" in notice["reason"]
+    assert KEY not in body.decode() and "[redacted]" in notice["reason"]
+
+
+def test_a_notices_text_is_cut_of_the_key_before_it_is_shortened() -> None:
+    # A chat's text takes 300 characters of the reason: a key at the cut left its start there, past any later cut.
+    from nanobatch.run.notify import one_line
+
+    SECRETS.add(KEY)
+    line = one_line("nightly", "aborted", f"{'x' * 285} refused {KEY}", {"ok": 0}, 0.0, 1.0)
+    assert KEY[:6] not in line and line.endswith("...")
+
+
+def test_the_records_and_the_summary_are_cut_of_a_known_secret_as_they_are_written(tmp_path: Path) -> None:
+    # The last net: whatever message reached a record or the summary without being cut is cut as it is written.
+    from nanobatch.output.outdir import OutDir
+    from nanobatch.output.record import ErrorInfo
+
+    SECRETS.add(KEY, 'sk-with-"quotes"-and\\slash')
+    item = WorkItem(id="a", model="gemini-3.1-flash-image", inputs=(), steps=("make it white",))
+    said = f'no credit on {KEY} (sk-with-"quotes"-and\\slash)'
+    error = ErrorInfo(kind="auth", status_code=401, message=said)
+    record = build_record(item, Tally(tier="standard"), run="r", status="failed", error=error)
+    out = OutDir(tmp_path / "out", "r")
+    out.results.open()
+    out.results.append_many([record])
+    out.results.close()
+    out.write_summary({"last_run": {"reason": said}})
+    (line,) = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert json.loads(line)["error"]["message"] == "no credit on [redacted] ([redacted])"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["last_run"]["reason"] == "no credit on [redacted] ([redacted])"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_key_in_a_variable_of_its_own_is_never_shown_by_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, log_format: str
+) -> None:
+    # api.api_key_env: MY_KEY. The error output cut the usual variables' keys alone, and what a client had learnt:
+    # a check that refuses the job builds none.
+    monkeypatch.setenv("MY_KEY", KEY)
+    (tmp_path / "nanobatch.yaml").write_text("api:\n  api_key_env: MY_KEY\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "image_size": KEY}])
+    argv = ["--log-format", log_format, "validate", str(job), "--config", str(tmp_path / "nanobatch.yaml")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "field 'image_size'" in captured.err and KEY not in captured.err + captured.out

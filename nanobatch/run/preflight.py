@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import costs, models
+from ..api.redaction import SECRETS
 from ..config import Settings, load_settings, read_api_key
 from ..errors import ConfigError, ManifestError, Problem
 from ..item import WorkItem
@@ -232,8 +233,10 @@ def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.Pa
 
 
 def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
-    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
+    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given),
+    whose credentials :data:`~nanobatch.api.redaction.SECRETS` knows from here on (before the manifest is read)."""
     settings = settings if settings is not None else load_settings()
+    SECRETS.learn(settings)
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, default_model=settings.api.model, qa=settings.qa)
     return manifest, settings
