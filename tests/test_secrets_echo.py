@@ -378,3 +378,63 @@ def test_a_key_in_a_variable_of_its_own_is_never_shown_by_an_error(
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "field 'image_size'" in captured.err and KEY not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("pad", [0, 150, 165])  # the title's 200-character cut after the key, or in it
+def test_a_page_that_came_back_with_200_is_told_without_the_key_in_its_title(pad: int) -> None:
+    from nanobatch.api.gemini import parse_reply
+
+    SECRETS.add(KEY)  # as the settings made it known
+    page = f"<html><head><title>{'x' * pad} Access check for Bearer {KEY}</title></head></html>"
+    with pytest.raises(ApiError) as caught:
+        parse_reply(bytearray(page.encode()))
+    assert caught.value.kind == "bad_gateway" and "a page, not an answer" in caught.value.message
+    assert KEY[:6] not in caught.value.message
+
+
+def test_a_worker_processs_message_is_cut_of_the_key_in_the_runs_process() -> None:
+    # A big answer is decoded in a worker process, which knows no secret: its message is cut where it lands.
+    from nanobatch.api.decoding import _received
+
+    SECRETS.add(KEY)
+    decoded = _received(("k", (f"a page, not an answer, came back with status 200: Bearer {KEY}", "bad_gateway", 200,
+                                True), ()))  # fmt: skip
+    assert decoded is not None and isinstance(error := decoded[1], ApiError)
+    assert KEY not in error.message and error.message.endswith("Bearer [redacted]") and error.retryable
+
+
+def test_an_images_mime_type_echoing_the_key_is_told_without_it() -> None:
+    from nanobatch.api.gemini import Image, Reply, reply_error
+
+    SECRETS.add(KEY)
+    error = reply_error(Reply(images=(Image(f"image/Bearer_{KEY}", b"not a picture"),), finish_reason="STOP"))
+    assert error is not None and error.kind == "bad_image"
+    assert KEY not in error.message and "image/Bearer_[redacted]" in error.message
+
+
+def test_a_proxy_echoing_the_key_in_a_200_answer_leaves_it_out_of_the_records_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .fakes import FakeGemini, inline, ok_body, records, run
+
+    def page(request: httpx2.Request) -> httpx2.Response:
+        title = f"Access check for {request.headers['authorization']}"
+        return httpx2.Response(200, text=f"<html><title>{title}</title></html>", headers={"content-type": "text/html"})
+
+    def mime(request: httpx2.Request) -> httpx2.Response:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx2.Response(200, json=ok_body(inline(b"not a picture", mime=f"image/{key}")))
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    monkeypatch.setenv("NANOBATCH_RETRY_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("NANOBATCH_RETRY_NO_IMAGE_ATTEMPTS", "0")
+    items = [{"id": "page", "instruction": "page"}, {"id": "mime", "instruction": "mime"}]
+    job = write_job(tmp_path, items)
+    summary = run(job, FakeGemini({"page": [page], "mime": [mime]}))
+    assert summary.exit_code == 1
+    errors = {record["id"]: record["error"] for record in records(tmp_path / "out")}
+    assert errors["page"]["kind"] == "bad_gateway" and "Bearer [redacted]" in errors["page"]["message"]
+    assert errors["mime"]["kind"] == "bad_image" and "image/[redacted]" in errors["mime"]["message"]
+    assert main(["report", str(tmp_path / "out")]) == 0
+    for name in ("results.jsonl", "report.html", "summary.json"):
+        assert KEY not in (tmp_path / "out" / name).read_text()

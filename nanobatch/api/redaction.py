@@ -13,13 +13,12 @@ echo the assertion it was sent) are cut whatever they are.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -30,7 +29,6 @@ if TYPE_CHECKING:  # the command line's log filter uses this module at start-up:
     import httpx2
 
     from ..config import Settings
-    from .gemini import Reply
 
 __all__ = [
     "SECRETS",
@@ -38,7 +36,6 @@ __all__ = [
     "StreamCut",
     "public_url",
     "redact",
-    "redact_reply",
     "redact_urls",
     "scrub",
     "scrubbed_error",
@@ -161,9 +158,6 @@ class StreamCut:
         return held
 
 
-_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
-
-
 def scrubbed_error(
     status: int, headers: Mapping[str, str], content: bytes, secret: str | None, *, one_request: bool = False
 ) -> ApiError:
@@ -219,24 +213,3 @@ def redact(text: str, secret: str | None) -> str:
 def scrub(text: str, secret: str | None) -> str:
     """A message fit to leave this module: no key, no URL's password, query or signature."""
     return redact_urls(redact(text, secret))
-
-
-def redact_reply(reply: Reply, secret: str | None) -> Reply:
-    """The reply with the key taken out of everything it says in words: a proxy that echoes the
-    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-    if not secret and not SECRETS:
-        return reply
-
-    def found(text: str) -> bool:
-        return bool(secret and secret in text) or SECRETS.found_in(text)
-
-    # parse_reply made each of these text (or None), whatever a proxy sent.
-    changes: dict[str, Any] = {
-        name: redact(value, secret)
-        for name in _REPLY_TEXT_FIELDS
-        if (value := getattr(reply, name)) is not None and found(value)
-    }
-    usage = orjson.dumps(reply.usage).decode()
-    if found(usage):
-        changes["usage"] = orjson.loads(redact(usage, secret))
-    return dataclasses.replace(reply, **changes) if changes else reply
