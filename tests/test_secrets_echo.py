@@ -438,3 +438,50 @@ def test_a_proxy_echoing_the_key_in_a_200_answer_leaves_it_out_of_the_records_an
     assert main(["report", str(tmp_path / "out")]) == 0
     for name in ("results.jsonl", "report.html", "summary.json"):
         assert KEY not in (tmp_path / "out" / name).read_text()
+
+
+@pytest.mark.parametrize(
+    ("top", "argv", "field"),
+    [
+        ({"name": KEY}, [], "name"),
+        ({"name": f"nightly-{KEY}"}, [], "name"),
+        ({"output_dir": f"out/{KEY}"}, [], "output_dir"),
+        ({}, ["--out", f"out/{KEY}"], "--out"),
+    ],
+    ids=["name", "in the name", "output_dir", "--out"],
+)
+def test_the_api_key_pasted_as_the_jobs_name_or_folder_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, top: dict[str, str],
+    argv: list[str], field: str,
+) -> None:  # fmt: skip
+    # It would name the output folder, and go into summary.json, the metrics file's labels and the webhook's notice.
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}], **top)
+    assert main(["validate", str(job), *argv]) == 2
+    assert main(["run", str(job), "--simulate", "--quiet", *argv]) == 2
+    captured = capsys.readouterr()
+    assert f"field '{field}': holds the API key" in captured.err and KEY not in captured.err + captured.out
+    assert not (tmp_path / "out").exists() and not Path("out").exists()  # (beside the manifest, or in the cwd)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Zk8f3PqLx92MvT0aBcDeFgHiJkLmNoPq", "a3f29c0b7d4e5f61a3f29c0b7d4e5f61", "SK0123456789ABCDEFGHIJKLMN"],
+    ids=["mixed case", "hex", "capitals and digits"],
+)
+def test_a_key_without_dashes_pasted_as_the_keys_variable_is_refused_unseen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    # Taken for a name, it was echoed by "no API key: set the environment variable <key>".
+    (tmp_path / "nanobatch.yaml").write_text(f"api:\n  api_key_env: {value}\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    assert main(["run", str(job), "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "api.api_key_env" in err and "is a key pasted there?" in err and value not in err
+
+
+@pytest.mark.parametrize("name", ["MY_KEY", "NANOBATCH_PROD_KEY", "my_key", "_KEY2", "GEMINI_KEY_2026_11_PROJECT"])
+def test_variable_names_are_still_taken(name: str) -> None:
+    from nanobatch.config import load_settings
+
+    assert load_settings(env={}, overrides={"api.api_key_env": name}).api.api_key_env == name
