@@ -42,6 +42,16 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
 
 
 @pytest.fixture(autouse=True)
+def _no_secrets_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test starts with the credentials an earlier one made known (``api.redaction.SECRETS`` is the process's):
+    a test of a leak would pass because another test's client had learnt its key."""
+    from nanobatch.api.redaction import SECRETS
+
+    monkeypatch.setattr(SECRETS, "_values", ())
+    monkeypatch.setattr(SECRETS, "_json", ())
+
+
+@pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """The CLI configures the "nanobatch" and root loggers (and captures warnings) for its process; undo that
     after each test so caplog sees logs."""

@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+import anyio
 import httpx2
 import pytest
 
@@ -305,3 +306,182 @@ def test_a_short_test_key_in_the_environment_leaves_error_messages_whole(
     assert main(["validate", str(tmp_path / "nothere.yaml")]) == 2
     err = capsys.readouterr().err
     assert "nothere.yaml" in err and "[redacted]" not in err
+
+
+# Every credential the settings lead to is known from the moment they are read (SECRETS.learn), and cut at each
+# way out of the process: the webhook's body, results.jsonl, summary.json, the errors shown on stderr.
+
+KEY = "AIzaSyKNOWN0KEY0123456789abcdefghijklmn"
+
+
+def test_a_refused_runs_notice_never_carries_the_key_a_manifest_value_quotes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The problem quotes the value ("does not support '<key>'"): the terminal showed [redacted], the webhook the key.
+    from nanobatch import run_job
+    from nanobatch.errors import ManifestError
+
+    from .receiver import receiver
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "aspect_ratio": KEY}])
+    with receiver() as server:
+        monkeypatch.setenv("NANOBATCH_NOTIFY_URL", server.url + "/hook")
+        with pytest.raises(ManifestError):
+            anyio.run(lambda: run_job(job, simulate=True, out_dir=tmp_path / "out"))
+    (body,) = server.bodies("/hook")
+    notice = json.loads(body)
+    assert "aspect_ratio" in notice["text"] and "aspect_ratio" in notice["reason"]
+    assert KEY not in body.decode() and "[redacted]" in notice["reason"]
+
+
+def test_a_notices_text_is_cut_of_the_key_before_it_is_shortened() -> None:
+    # A chat's text takes 300 characters of the reason: a key at the cut left its start there, past any later cut.
+    from nanobatch.run.notify import one_line
+
+    SECRETS.add(KEY)
+    line = one_line("nightly", "aborted", f"{'x' * 285} refused {KEY}", {"ok": 0}, 0.0, 1.0)
+    assert KEY[:6] not in line and line.endswith("...")
+
+
+def test_the_records_and_the_summary_are_cut_of_a_known_secret_as_they_are_written(tmp_path: Path) -> None:
+    # The last net: whatever message reached a record or the summary without being cut is cut as it is written.
+    from nanobatch.output.outdir import OutDir
+    from nanobatch.output.record import ErrorInfo
+
+    SECRETS.add(KEY, 'sk-with-"quotes"-and\\slash')
+    item = WorkItem(id="a", model="gemini-3.1-flash-image", inputs=(), steps=("make it white",))
+    said = f'no credit on {KEY} (sk-with-"quotes"-and\\slash)'
+    error = ErrorInfo(kind="auth", status_code=401, message=said)
+    record = build_record(item, Tally(tier="standard"), run="r", status="failed", error=error)
+    out = OutDir(tmp_path / "out", "r")
+    out.results.open()
+    out.results.append_many([record])
+    out.results.close()
+    out.write_summary({"last_run": {"reason": said}})
+    (line,) = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
+    assert json.loads(line)["error"]["message"] == "no credit on [redacted] ([redacted])"
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["last_run"]["reason"] == "no credit on [redacted] ([redacted])"
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_key_in_a_variable_of_its_own_is_never_shown_by_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, log_format: str
+) -> None:
+    # api.api_key_env: MY_KEY. The error output cut the usual variables' keys alone, and what a client had learnt:
+    # a check that refuses the job builds none.
+    monkeypatch.setenv("MY_KEY", KEY)
+    (tmp_path / "nanobatch.yaml").write_text("api:\n  api_key_env: MY_KEY\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "image_size": KEY}])
+    argv = ["--log-format", log_format, "validate", str(job), "--config", str(tmp_path / "nanobatch.yaml")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "field 'image_size'" in captured.err and KEY not in captured.err + captured.out
+
+
+@pytest.mark.parametrize("pad", [0, 150, 165])  # the title's 200-character cut after the key, or in it
+def test_a_page_that_came_back_with_200_is_told_without_the_key_in_its_title(pad: int) -> None:
+    from nanobatch.api.gemini import parse_reply
+
+    SECRETS.add(KEY)  # as the settings made it known
+    page = f"<html><head><title>{'x' * pad} Access check for Bearer {KEY}</title></head></html>"
+    with pytest.raises(ApiError) as caught:
+        parse_reply(bytearray(page.encode()))
+    assert caught.value.kind == "bad_gateway" and "a page, not an answer" in caught.value.message
+    assert KEY[:6] not in caught.value.message
+
+
+def test_a_worker_processs_message_is_cut_of_the_key_in_the_runs_process() -> None:
+    # A big answer is decoded in a worker process, which knows no secret: its message is cut where it lands.
+    from nanobatch.api.decoding import _received
+
+    SECRETS.add(KEY)
+    decoded = _received(("k", (f"a page, not an answer, came back with status 200: Bearer {KEY}", "bad_gateway", 200,
+                                True), ()))  # fmt: skip
+    assert decoded is not None and isinstance(error := decoded[1], ApiError)
+    assert KEY not in error.message and error.message.endswith("Bearer [redacted]") and error.retryable
+
+
+def test_an_images_mime_type_echoing_the_key_is_told_without_it() -> None:
+    from nanobatch.api.gemini import Image, Reply, reply_error
+
+    SECRETS.add(KEY)
+    error = reply_error(Reply(images=(Image(f"image/Bearer_{KEY}", b"not a picture"),), finish_reason="STOP"))
+    assert error is not None and error.kind == "bad_image"
+    assert KEY not in error.message and "image/Bearer_[redacted]" in error.message
+
+
+def test_a_proxy_echoing_the_key_in_a_200_answer_leaves_it_out_of_the_records_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .fakes import FakeGemini, inline, ok_body, records, run
+
+    def page(request: httpx2.Request) -> httpx2.Response:
+        title = f"Access check for {request.headers['authorization']}"
+        return httpx2.Response(200, text=f"<html><title>{title}</title></html>", headers={"content-type": "text/html"})
+
+    def mime(request: httpx2.Request) -> httpx2.Response:
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx2.Response(200, json=ok_body(inline(b"not a picture", mime=f"image/{key}")))
+
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    monkeypatch.setenv("NANOBATCH_RETRY_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("NANOBATCH_RETRY_NO_IMAGE_ATTEMPTS", "0")
+    items = [{"id": "page", "instruction": "page"}, {"id": "mime", "instruction": "mime"}]
+    job = write_job(tmp_path, items)
+    summary = run(job, FakeGemini({"page": [page], "mime": [mime]}))
+    assert summary.exit_code == 1
+    errors = {record["id"]: record["error"] for record in records(tmp_path / "out")}
+    assert errors["page"]["kind"] == "bad_gateway" and "Bearer [redacted]" in errors["page"]["message"]
+    assert errors["mime"]["kind"] == "bad_image" and "image/[redacted]" in errors["mime"]["message"]
+    assert main(["report", str(tmp_path / "out")]) == 0
+    for name in ("results.jsonl", "report.html", "summary.json"):
+        assert KEY not in (tmp_path / "out" / name).read_text()
+
+
+@pytest.mark.parametrize(
+    ("top", "argv", "field"),
+    [
+        ({"name": KEY}, [], "name"),
+        ({"name": f"nightly-{KEY}"}, [], "name"),
+        ({"output_dir": f"out/{KEY}"}, [], "output_dir"),
+        ({}, ["--out", f"out/{KEY}"], "--out"),
+    ],
+    ids=["name", "in the name", "output_dir", "--out"],
+)
+def test_the_api_key_pasted_as_the_jobs_name_or_folder_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, top: dict[str, str],
+    argv: list[str], field: str,
+) -> None:  # fmt: skip
+    # It would name the output folder, and go into summary.json, the metrics file's labels and the webhook's notice.
+    monkeypatch.setenv("NANOBATCH_API_KEY", KEY)
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}], **top)
+    assert main(["validate", str(job), *argv]) == 2
+    assert main(["run", str(job), "--simulate", "--quiet", *argv]) == 2
+    captured = capsys.readouterr()
+    assert f"field '{field}': holds the API key" in captured.err and KEY not in captured.err + captured.out
+    assert not (tmp_path / "out").exists() and not Path("out").exists()  # (beside the manifest, or in the cwd)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Zk8f3PqLx92MvT0aBcDeFgHiJkLmNoPq", "a3f29c0b7d4e5f61a3f29c0b7d4e5f61", "SK0123456789ABCDEFGHIJKLMN"],
+    ids=["mixed case", "hex", "capitals and digits"],
+)
+def test_a_key_without_dashes_pasted_as_the_keys_variable_is_refused_unseen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    # Taken for a name, it was echoed by "no API key: set the environment variable <key>".
+    (tmp_path / "nanobatch.yaml").write_text(f"api:\n  api_key_env: {value}\n")
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+    assert main(["run", str(job), "--config", str(tmp_path / "nanobatch.yaml"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "api.api_key_env" in err and "is a key pasted there?" in err and value not in err
+
+
+@pytest.mark.parametrize("name", ["MY_KEY", "NANOBATCH_PROD_KEY", "my_key", "_KEY2", "GEMINI_KEY_2026_11_PROJECT"])
+def test_variable_names_are_still_taken(name: str) -> None:
+    from nanobatch.config import load_settings
+
+    assert load_settings(env={}, overrides={"api.api_key_env": name}).api.api_key_env == name

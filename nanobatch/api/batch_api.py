@@ -28,8 +28,8 @@ import orjson
 from ..errors import ApiError
 from .client import ApiClient, api_error, http_errors
 from .decoding import Decoded, decode_text
-from .gemini import Reply
-from .redaction import StreamCut, public_url, redact_reply, scrubbed_error
+from .gemini import Reply, redact_reply
+from .redaction import StreamCut, public_url, scrubbed_error
 
 __all__ = ["BatchClient", "BatchJob", "ResultLine", "parse_job"]
 

@@ -24,8 +24,8 @@ import orjson
 from ..errors import ApiError
 from .budget import ByteBudget, Held
 from .decoding import WORKERS_FROM_BYTES, Decoder
-from .gemini import Reply
-from .redaction import SECRETS, public_url, redact_reply, scrub, scrubbed_error
+from .gemini import Reply, redact_reply
+from .redaction import SECRETS, public_url, scrub, scrubbed_error
 from .transport import ShardedTransport, expect_body
 
 __all__ = [

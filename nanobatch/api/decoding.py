@@ -47,6 +47,7 @@ from ..children import die_with
 from ..errors import ApiError
 from .gemini import Image, Reply, parse_reply, reply_from
 from .lifting import Buffer, Lifted, Unlifted, parsed
+from .redaction import scrub
 from .spool import Spooled, drop_spooled, spool_name, write_spooled
 
 __all__ = [
@@ -169,8 +170,8 @@ def _received(outcome: _Outcome) -> Decoded:
         return None
     key, reply, places = outcome
     if not isinstance(reply, Reply):
-        message, kind, status_code, retryable = reply
-        return key, ApiError(message, kind=kind, status_code=status_code, retryable=retryable)
+        message, kind, status_code, retryable = reply  # (a worker knows no secret: this process cuts them)
+        return key, ApiError(scrub(message, None), kind=kind, status_code=status_code, retryable=retryable)
     images = tuple(Image(mime, spooled=Spooled(path, n, problem)) for mime, path, n, problem in places)
     return key, dataclasses.replace(reply, images=images)
 

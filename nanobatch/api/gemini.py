@@ -2,19 +2,25 @@
 
 * :func:`build_request` makes the JSON body for one edit or generation.
 * :func:`parse_reply` turns a 200 body into a :class:`Reply`.
+* :func:`redact_reply` takes every credential out of a reply's words.
 * :func:`check_reply` says whether a reply is a result, blocked, imageless, or carries an image that cannot be
   decoded (:func:`reply_error`: the same, as a value).
 * What any other answer means: :func:`nanobatch.api.causes.classify_error`.
+
+An error's message made from what the server sent (a proxy's page, an image's mime type, the model's words) is
+cut of every credential :data:`~nanobatch.api.redaction.SECRETS` knows: a proxy may echo the request.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pybase64
 import pydantic_core
 from pydantic_core import SchemaValidator, ValidationError, core_schema
@@ -23,6 +29,7 @@ from ..errors import ApiError
 from ..pictures import answer_problem, sniff_mime
 from .causes import plain_message
 from .lifting import Buffer, Lifted, parsed
+from .redaction import SECRETS, redact, redact_urls, scrub
 from .spool import Spooled
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "check_reply",
     "extension_of",
     "parse_reply",
+    "redact_reply",
     "reply_error",
     "reply_from",
     "set_service_tier",
@@ -194,7 +202,7 @@ def _reply(size: int, text: bytes | bytearray, lifted: Lifted | None) -> Reply:
         data = _loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested too deep for json.loads
         if bytes(text[:64]).lstrip().startswith(b"<"):  # a proxy's page (a CDN's challenge): no answer was made
-            raise ApiError(f"a page, not an answer, came back with status 200: {plain_message(bytes(text[:4096]))}",
+            raise ApiError(f"a page, not an answer, came back with status 200: {_page_said(text)}",
                            kind="bad_gateway", status_code=200, retryable=True) from None  # fmt: skip
         raise ApiError(
             f"the response body is not valid JSON ({size} bytes; truncated?)",
@@ -205,6 +213,16 @@ def _reply(size: int, text: bytes | bytearray, lifted: Lifted | None) -> Reply:
     if not isinstance(data, dict):
         raise ApiError("the response body is not a JSON object", kind="bad_response", status_code=200, retryable=True)
     return reply_from(data, lifted)
+
+
+_PAGE_READ = 4096  # bytes of a page its message is taken from
+
+
+def _page_said(page: bytes | bytearray) -> str:
+    """What a page says (its title, or its first words), without a credential: cut before it is shortened, which
+    would leave the start of a key at the cut."""
+    text = redact(bytes(page[: 2 * _PAGE_READ]).decode("utf-8", "replace"), None)
+    return redact_urls(plain_message(text.encode()[:_PAGE_READ]))
 
 
 def reply_from(data: dict[str, Any], lifted: Lifted | None = None) -> Reply:
@@ -246,6 +264,30 @@ def reply_from(data: dict[str, Any], lifted: Lifted | None = None) -> Reply:
         model_version=_as_text(data.get("modelVersion")),
         response_id=_as_text(data.get("responseId")),
     )
+
+
+_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
+
+
+def redact_reply(reply: Reply, secret: str | None) -> Reply:
+    """The reply with the key taken out of everything it says in words: a proxy that echoes the
+    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
+    if not secret and not SECRETS:
+        return reply
+
+    def found(text: str) -> bool:
+        return bool(secret and secret in text) or SECRETS.found_in(text)
+
+    # parse_reply made each of these text (or None), whatever a proxy sent.
+    changes: dict[str, Any] = {
+        name: redact(value, secret)
+        for name in _REPLY_TEXT_FIELDS
+        if (value := getattr(reply, name)) is not None and found(value)
+    }
+    usage = orjson.dumps(reply.usage).decode()
+    if found(usage):
+        changes["usage"] = orjson.loads(redact(usage, secret))
+    return dataclasses.replace(reply, **changes) if changes else reply
 
 
 def _as_text(value: Any) -> str | None:
@@ -291,7 +333,7 @@ def reply_error(reply: Reply) -> ApiError | None:
         reason = reply.block_reason or reply.finish_reason
         detail = said
         return ApiError(
-            f"the model withheld the output ({reason}){': ' + detail if detail else ''}",
+            scrub(f"the model withheld the output ({reason}){': ' + detail if detail else ''}", None),
             kind="blocked",
             status_code=200,
             reply=reply,
@@ -299,7 +341,7 @@ def reply_error(reply: Reply) -> ApiError | None:
     if not reply.images:
         detail = said or "no explanation given"
         return ApiError(
-            f"the answer has no image (finishReason {reply.finish_reason}): {detail}",
+            scrub(f"the answer has no image (finishReason {reply.finish_reason}): {detail}", None),
             kind="no_image",
             status_code=200,
             retryable=True,
@@ -308,8 +350,8 @@ def reply_error(reply: Reply) -> ApiError | None:
     for n, image in enumerate(reply.images, 1):
         if (problem := image.problem()) is not None:
             which = f"image {n} of {len(reply.images)}" if len(reply.images) > 1 else "image"
-            return ApiError(
-                f"the answer's {which} ({image.mime_type}, {image.size} bytes) cannot be used: {problem}",
+            return ApiError(  # a proxy's mime type is its own words
+                scrub(f"the answer's {which} ({image.mime_type}, {image.size} bytes) cannot be used: {problem}", None),
                 kind="bad_image",
                 status_code=200,
                 retryable=True,

@@ -1,21 +1,24 @@
 """Messages fit to leave nanobatch: no credential, and no URL's user name, password, query or signature, in what an
 error, a log line, a record or the report says (a server, a proxy or a library may echo what it was sent).
 
-Each credential a request carries is known by :data:`SECRETS` from the moment it is first used: the API key, a
-base URL's password and query values (and the Basic header they make), each Vertex access token as it is fetched,
-the webhook's URL. Every message made from what came back is cut of them *before* it is shortened or quoted, and
-the command line's log filter and error output cut them again. Tokens shaped like Google's access tokens or like
-signed JWTs (a token endpoint may echo the assertion it was sent) are cut whatever they are.
+Each credential is known by :data:`SECRETS` from the moment the settings that lead to it are read
+(:meth:`Secrets.learn`: the API key, a base URL's password and query values and the Basic header they make, the
+webhook's URL), or, for one fetched later, as it is fetched (each Vertex access token). Every message made from
+what came back is cut of them *before* it is shortened or quoted, and each way out of the process cuts them
+again: the command line's log filter and error output, the webhook's body, ``results.jsonl`` and ``summary.json``
+(:meth:`Secrets.cut_json`). Tokens shaped like Google's access tokens or like signed JWTs (a token endpoint may
+echo the assertion it was sent) are cut whatever they are.
 """
 
 from __future__ import annotations
 
 import base64
-import dataclasses
+import json
+import os
 import re
 import urllib.parse
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -25,7 +28,7 @@ from .causes import classify_error
 if TYPE_CHECKING:  # the command line's log filter uses this module at start-up: nothing heavy at run time
     import httpx2
 
-    from .gemini import Reply
+    from ..config import Settings
 
 __all__ = [
     "SECRETS",
@@ -33,7 +36,6 @@ __all__ = [
     "StreamCut",
     "public_url",
     "redact",
-    "redact_reply",
     "redact_urls",
     "scrub",
     "scrubbed_error",
@@ -45,6 +47,7 @@ _TOKENS = re.compile(
     r"ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
     r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
 )
+_TOKEN_BYTES = re.compile(_TOKENS.pattern.encode())
 
 
 class Secrets:
@@ -52,6 +55,7 @@ class Secrets:
 
     def __init__(self) -> None:
         self._values: tuple[str, ...] = ()  # longest first: a secret inside another is cut with it
+        self._json: tuple[bytes, ...] = ()  # the same, as JSON writes them inside a string (see cut_json)
 
     def __bool__(self) -> bool:
         return bool(self._values)
@@ -60,6 +64,23 @@ class Secrets:
         new = {value for value in values if value and len(value) >= MIN_SECRET}.difference(self._values)
         if new:
             self._values = tuple(sorted({*self._values, *new}, key=len, reverse=True))
+            # orjson writes UTF-8, json.dumps \u escapes; both escape " and \ (a key may hold them)
+            forms = {form for value in self._values for form in (orjson.dumps(value), json.dumps(value).encode())}
+            self._json = tuple(sorted((form[1:-1] for form in forms), key=len, reverse=True))
+
+    def learn(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
+        """Know the credentials *settings* lead to as soon as they are read, before anything is checked, sent or
+        told: the key in the variable ``api.api_key_env`` names (and in ``GEMINI_API_KEY``, its fallback), what
+        ``api.base_url`` carries, and the webhook's URL in the variable ``notify.url_env`` names. A value the
+        settings would refuse is known all the same: the refusal does not show it, but a later message might."""
+        from ..config import FALLBACK_KEY_ENV  # (not at start-up: the log filter imports this module)
+
+        env = os.environ if env is None else env
+        self.add(*(env.get(name, "").strip() for name in (settings.api.api_key_env, FALLBACK_KEY_ENV)))
+        self.add_url(settings.api.base_url)
+        if hook := env.get(settings.notify.url_env, "").strip():
+            self.add(hook)
+            self.add_url(hook)
 
     def add_url(self, url: str) -> None:
         """A URL's password (as written, decoded, with its user name, and as the Basic header sends it) and the
@@ -88,8 +109,22 @@ class Secrets:
                 text = text.replace(value, "[redacted]")
         return _TOKENS.sub("[redacted]", text) if ("ya29." in text or "eyJ" in text) else text
 
+    def cut_json(self, data: bytes) -> bytes:
+        """*data*, serialized JSON (a batch of ``results.jsonl`` lines, ``summary.json``, the webhook's body), with
+        every secret cut out of the strings it holds, as JSON wrote them: looked for once, cut only where found.
 
-SECRETS = Secrets()  # the process's: what its clients, its Vertex tokens and its webhook put in
+        >>> secrets = Secrets()
+        >>> secrets.add("sk-live-0123456789")
+        >>> secrets.cut_json(b'{"error": "no credit on sk-live-0123456789"}')
+        b'{"error": "no credit on [redacted]"}'
+        """
+        if any(form in data for form in self._json):
+            for form in self._json:
+                data = data.replace(form, b"[redacted]")
+        return _TOKEN_BYTES.sub(b"[redacted]", data) if (b"ya29." in data or b"eyJ" in data) else data
+
+
+SECRETS = Secrets()  # the process's: what its settings lead to, its clients and its Vertex tokens put in
 
 
 class StreamCut:
@@ -121,9 +156,6 @@ class StreamCut:
         """The bytes held back, once the last piece has been fed."""
         held, self._held = self._held, b""
         return held
-
-
-_REPLY_TEXT_FIELDS = ("text", "finish_reason", "finish_message", "block_reason", "model_version", "response_id")
 
 
 def scrubbed_error(
@@ -181,24 +213,3 @@ def redact(text: str, secret: str | None) -> str:
 def scrub(text: str, secret: str | None) -> str:
     """A message fit to leave this module: no key, no URL's password, query or signature."""
     return redact_urls(redact(text, secret))
-
-
-def redact_reply(reply: Reply, secret: str | None) -> Reply:
-    """The reply with the key taken out of everything it says in words: a proxy that echoes the
-    request ("low balance on <key>") must not put the key into results.jsonl or the report."""
-    if not secret and not SECRETS:
-        return reply
-
-    def found(text: str) -> bool:
-        return bool(secret and secret in text) or SECRETS.found_in(text)
-
-    # parse_reply made each of these text (or None), whatever a proxy sent.
-    changes: dict[str, Any] = {
-        name: redact(value, secret)
-        for name in _REPLY_TEXT_FIELDS
-        if (value := getattr(reply, name)) is not None and found(value)
-    }
-    usage = orjson.dumps(reply.usage).decode()
-    if found(usage):
-        changes["usage"] = orjson.loads(redact(usage, secret))
-    return dataclasses.replace(reply, **changes) if changes else reply

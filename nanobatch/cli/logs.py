@@ -132,7 +132,7 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
 
 def _environment_keys() -> list[str]:
     """The API keys in the environment's usual variables, known before the settings are (which may name another
-    variable: :func:`install_redaction` takes that one too)."""
+    variable: :func:`install_redaction` has ``SECRETS`` learn that one too)."""
     from ..api.redaction import MIN_SECRET  # shorter ("sim-key" is not; "e" is) would cut letters out of words
 
     keys = (os.environ.get(name, "").strip() for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY"))
@@ -183,9 +183,12 @@ def _install(handler: logging.Handler) -> None:
 
 def install_redaction(settings: Settings) -> None:
     """Take the API key and the notify webhook's URL out of every line written, whoever wrote it (nanobatch
-    or another library)."""
+    or another library), and out of every error shown (:func:`show_error`): ``api.redaction.SECRETS`` knows them
+    from here on, whatever variable the settings name."""
+    from ..api.redaction import SECRETS
     from ..config import read_api_key, read_notify_url
 
+    SECRETS.learn(settings)  # first: reading them may refuse a value, and the refusal is shown
     redact = _Redact(read_api_key(settings), read_notify_url(settings))
     for handler in logging.getLogger("nanobatch").handlers:
         handler.filters[:] = [f for f in handler.filters if not isinstance(f, _Redact)] + [redact]

@@ -10,7 +10,8 @@ refuses the folder (:mod:`nanobatch.output.own`); a glob never reads the folder'
 
 Durability rules: an image is written to a temporary file and renamed into place before its record is
 appended; each batch of records is written, flushed and fsync'ed; ``summary.json`` is replaced
-atomically. A record torn by a crash mid-write is cut off when the file is opened.
+atomically. A record torn by a crash mid-write is cut off when the file is opened. Neither file takes a
+credential: what :data:`~nanobatch.api.redaction.SECRETS` knows is cut out of each as it is written.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 import anyio
 import orjson
 
+from ..api.redaction import SECRETS
 from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted
 from ..names import BATCH_FOLDER, JOURNAL_FILE, RESULTS_FILE, SUMMARY_FILE
 from .files import (
@@ -133,7 +135,8 @@ class ResultsLog:
         """Append *records* in one write and one fsync (group commit): all are durable when this returns. A
         crash mid-write can tear only the last line, which the next :meth:`open` cuts off."""
         assert self._file is not None, "open() first"
-        write_all(self._file, b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records))
+        lines = b"".join(orjson.dumps(record.to_json()) + b"\n" for record in records)
+        write_all(self._file, SECRETS.cut_json(lines))  # (a server's words: its messages are cut, this is the last net)
         os.fsync(self._file.fileno())
 
     def close(self) -> None:
@@ -386,7 +389,7 @@ class OutDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Raises :class:`RunAborted` (exit 3) if it cannot be written (a full disk)."""
         try:
-            atomic_write(self.path / SUMMARY_FILE, json.dumps(summary, indent=2).encode() + b"\n")
+            atomic_write(self.path / SUMMARY_FILE, SECRETS.cut_json(json.dumps(summary, indent=2).encode()) + b"\n")
         except OSError as exc:
             raise RunAborted(f"cannot write {SUMMARY_FILE} into {self.path}: {exc}") from exc
 

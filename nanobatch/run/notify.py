@@ -5,7 +5,8 @@ Its ``text`` is one line, what chat incoming-webhooks (Slack, Google Chat, Teams
 for scripts. The URL is a secret, like the API key (a chat webhook's URL is all it takes to post there): it
 is never logged, printed or written, and the warning of a webhook that fails calls it "the notify webhook".
 A failing webhook is retried within ``notify.timeout_s``, then given up on: it never changes the run's exit
-code, nor keeps it waiting longer.
+code, nor keeps it waiting longer. No credential goes out in a notice: a reason quoting one (a manifest's value the
+key was pasted in) is cut of it before it is shortened, and the whole body again as it is posted.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from typing import Any
 
 import anyio
 import httpx2
+import orjson
 
-__all__ = ["duration_text", "one_line", "post_notice"]
+from ..api.redaction import SECRETS
+
+__all__ = ["duration_text", "one_line", "post_notice", "reason_line"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -47,22 +51,30 @@ def one_line(
     counts += [f"{n:,} {_WORDS.get(status, status)}" for status, n in statuses.items() if status != "ok" and n]
     line = f"{job}: {', '.join(counts)}, ${cost_usd:,.2f}, {duration_text(duration_s)}"
     if outcome != "complete":
-        why = " ".join((reason or "no reason given").split())
-        line += f"; {outcome}: {why[:_REASON_MAX] + ('...' if len(why) > _REASON_MAX else '')}"
+        line += f"; {outcome}: {reason_line(reason)}"
     return line
+
+
+def reason_line(reason: str | None) -> str:
+    """*reason* on one line, without a credential (cut before the line is shortened: a key at the cut would
+    leave its start), shortened for a chat's text."""
+    why = " ".join(SECRETS.cut(reason or "no reason given").split())
+    return why[:_REASON_MAX] + ("..." if len(why) > _REASON_MAX else "")
 
 
 async def post_notice(
     url: str, notice: Mapping[str, Any], *, limit_s: float, transport: httpx2.AsyncBaseTransport | None = None
 ) -> bool:
     """POST *notice* to *url*, retried (no answer, 429, 5xx) until *limit_s* seconds have passed; True once
-    it was taken (2xx). A failure is logged as a warning, without the URL, and never raised."""
+    it was taken (2xx). A failure is logged as a warning, without the URL, and never raised. No credential
+    :data:`~nanobatch.api.redaction.SECRETS` knows is posted, wherever in *notice* it was."""
     problem = "no answer"
+    body, headers = SECRETS.cut_json(orjson.dumps(dict(notice))), {"Content-Type": "application/json"}
     with anyio.move_on_after(limit_s), _kept_out_of_logs(url):
         async with httpx2.AsyncClient(transport=transport, timeout=limit_s, follow_redirects=False) as client:
             for attempt in itertools.count():
                 try:
-                    response = await client.post(url, json=dict(notice))
+                    response = await client.post(url, content=body, headers=headers)
                 except httpx2.HTTPError as exc:
                     problem = f"no answer ({type(exc).__name__})"  # never str(exc): it may hold the URL
                 except (httpx2.InvalidURL, ValueError) as exc:

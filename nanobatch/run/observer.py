@@ -27,7 +27,7 @@ from ..api.gemini import Reply
 from ..config import NotifySettings, Settings, read_notify_url
 from ..errors import ApiError, Interrupted, LockHeld, NanobatchError, RunAborted
 from .metrics import Counts, Ending, MetricsFile, metrics_file, token_kind
-from .notify import one_line, post_notice
+from .notify import one_line, post_notice, reason_line
 from .otel import GenAiMetrics, meter_provider_from_environment
 from .stats import RunStats
 from .summary import RunClock
@@ -191,8 +191,7 @@ async def tell_refused(settings: Settings, job: str, exc: NanobatchError) -> Non
         return  # the variable itself is unusable: the CLI's error says so
     if url is None:
         return
-    why = " ".join(str(exc).split())
-    text = f"{job}: refused, nothing was sent (exit {exc.exit_code}): {why[:300]}{'...' if len(why) > 300 else ''}"
+    text = f"{job}: refused, nothing was sent (exit {exc.exit_code}): {reason_line(str(exc))}"
     notice: dict[str, Any] = {"text": text}
     if settings.notify.payload != "text":
         notice.update(job=job, outcome="refused", exit_code=exc.exit_code, reason=str(exc), counts={},

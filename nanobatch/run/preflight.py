@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import costs, models
-from ..config import Settings, load_settings, read_api_key
-from ..errors import ConfigError, ManifestError, Problem
+from ..api.redaction import SECRETS
+from ..config import Settings, load_settings
+from ..errors import ManifestError, Problem
 from ..item import WorkItem
 from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
 from ..job.manifest import Manifest, load_manifest
@@ -232,8 +233,10 @@ def resolve_out_dir(manifest: Manifest, settings: Settings, out_dir: str | os.Pa
 
 
 def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | None) -> tuple[Manifest, Settings]:
-    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
+    """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given),
+    whose credentials :data:`~nanobatch.api.redaction.SECRETS` knows from here on (before the manifest is read)."""
     settings = settings if settings is not None else load_settings()
+    SECRETS.learn(settings)
     if not isinstance(manifest, Manifest):
         manifest = load_manifest(manifest, default_model=settings.api.model, qa=settings.qa)
     return manifest, settings
@@ -263,6 +266,7 @@ def check_job(
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
+    PastedKey.of(settings).check_job(manifest, target, out_given=out_dir is not None)  # before either is used
     _check_settings(settings, target, manifest.name)
     manifest = manifest.skipping(target)
     how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
@@ -320,7 +324,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
         report = CheckReport(items=held.items, requests=held.requests, problems=[])
         return _result(manifest, target, settings, report, Estimate(settings), None, basis, lifecycle, held=held)
     remote = RemoteChecks(str(manifest.path), check_urls=how.check_urls)
-    estimate, pasted = Estimate(settings), PastedKey(_key_or_none(settings))
+    estimate, pasted = Estimate(settings), PastedKey.of(settings)
     new = NewRows(done) if held is not None and done is not None else None
 
     def visit(item: WorkItem, file: str) -> None:
@@ -347,14 +351,6 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     if problems:
         raise ManifestError(problems, hint=None if how.skip_bad_inputs else bad_input_hint(problems))
     return _result(manifest, target, settings, report, estimate, done, basis, lifecycle, held=held)
-
-
-def _key_or_none(settings: Settings) -> str | None:
-    """The API key, to look for in the items; None when there is none (or one the run will refuse itself)."""
-    try:
-        return read_api_key(settings)
-    except ConfigError:
-        return None
 
 
 def _done(
