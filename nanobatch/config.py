@@ -319,11 +319,12 @@ def read_api_key(settings: Settings, env: Mapping[str, str] | None = None) -> st
 
 def _variable_name(name: str) -> str:
     """*name*, the name of an environment variable; ValueError that does not show it otherwise: a key pasted
-    where its variable's name goes would be printed by every message that names the variable. A name is in one
-    case (``NANOBATCH_API_KEY``, ``my_key``); a key mixes both, or is a long run of letters and digits (hex)."""
-    one_case = re.fullmatch(r"[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*", name)
-    if not one_case or ("_" not in name and len(name) >= 20 and any(char.isdigit() for char in name)):
-        raise ValueError("must be the name of an environment variable (capital letters, digits and _), such as "
+    where its variable's name goes would be printed by every message that names the variable. A key is a long
+    run with no _ that mixes cases or holds digits (``AIza...``, hex); a name is short, or split by _
+    (``NANOBATCH_API_KEY``, ``GeminiKey``)."""
+    keyish = len(name) >= 20 and "_" not in name and (not (name.isupper() or name.islower()) or not name.isalpha())
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name.startswith("AIza") or keyish:
+        raise ValueError("must be the name of an environment variable (letters, digits and _), such as "
                          "NANOBATCH_API_KEY; the value is not shown: is a key pasted there?")  # fmt: skip
     return name
 

@@ -480,7 +480,9 @@ def test_a_key_without_dashes_pasted_as_the_keys_variable_is_refused_unseen(
     assert "api.api_key_env" in err and "is a key pasted there?" in err and value not in err
 
 
-@pytest.mark.parametrize("name", ["MY_KEY", "NANOBATCH_PROD_KEY", "my_key", "_KEY2", "GEMINI_KEY_2026_11_PROJECT"])
+@pytest.mark.parametrize(
+    "name", ["MY_KEY", "NANOBATCH_PROD_KEY", "my_key", "_KEY2", "GEMINI_KEY_2026_11_PROJECT", "GeminiKey", "ShopKey2"]
+)
 def test_variable_names_are_still_taken(name: str) -> None:
     from nanobatch.config import load_settings
 
