@@ -256,6 +256,7 @@ def test_key_is_read_from_the_named_variable_first() -> None:
 
 
 def test_default_key_variable_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NANOBATCH_API_KEY")
     settings = load_settings(env={})
     monkeypatch.setenv("GEMINI_API_KEY", "fallback")
     assert read_api_key(settings) == "fallback"

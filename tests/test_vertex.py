@@ -545,7 +545,8 @@ def test_models_live_on_a_vertex_configuration_exits_2_saying_why(
 async def test_the_opener_sends_vertex_requests_to_the_project_path_and_shows_no_key(
     simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nanobatch.api.connect import api_key_for, connect
+    from nanobatch.api.connect import connect
+    from nanobatch.api.credentials import api_key_for
 
     base_url, app = simulator
     monkeypatch.setenv("NANOBATCH_API_KEY", "express-key")

@@ -188,6 +188,8 @@ def check_job(
     skip_bad_inputs: bool = False,
     count_done: bool = True,
     from_summary: bool = False,
+    simulate: bool = False,
+    key_needed: bool | None = None,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
@@ -197,11 +199,15 @@ def check_job(
     are not (``left_out``). With *count_done*, the items the output folder holds done (as a run would skip
     them) are counted, and the estimates are of the rest; their pictures are not read again while unchanged.
     With it or *from_summary* (a run's), a done folder that nothing has changed in since its last run is
-    answered from that run's summary (``done_as_of``). Raises :class:`ManifestError` listing every problem.
+    answered from that run's summary (``done_as_of``). The settings are checked first, as a run checks them
+    (:mod:`.presend`): the API key is needed (*key_needed*, by default unless *simulate*: the built-in simulator
+    takes no key, nor Google credentials). Raises :class:`ConfigError` for a setting that cannot be used, then
+    :class:`ManifestError` listing every problem of the items.
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
-    check_settings(settings, target, manifest.name)
+    needed = not simulate if key_needed is None else key_needed
+    check_settings(settings, target, manifest.name, simulate=simulate, key_needed=needed)
     manifest = manifest.skipping(target)
     how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
                skip_bad_inputs=skip_bad_inputs, count_done=count_done, from_summary=from_summary)  # fmt: skip

@@ -5,24 +5,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..api.credentials import check_credentials
 from ..config import Settings
 from ..output.outdir import OutDir
 
 __all__ = ["check_settings"]
 
 
-def check_settings(settings: Settings, target: Path, job: str) -> None:
-    """ConfigError for an output folder, a Vertex AI project or location, an ``output.upload_to`` or an
-    ``output.metrics_file`` (of the job *job*) that cannot be used."""
+def check_settings(
+    settings: Settings, target: Path, job: str, *, simulate: bool = False, key_needed: bool = True
+) -> None:
+    """ConfigError for the first setting that cannot be used, in this order: the output folder, an
+    ``output.metrics_file`` (of the job *job*), the API key (if *key_needed*) and Vertex AI's project, location
+    and credentials (none with *simulate*: the built-in simulator takes neither), and ``output.upload_to``
+    (last: its bucket is asked whether it is there)."""
     OutDir.check(target)
     if settings.output.metrics_file:
         from .metrics import metrics_file
 
         metrics_file(settings.output.metrics_file, job)
-    if settings.api.backend == "vertex":
-        from ..api.vertex import vertex_route
-
-        vertex_route(settings.api.project, settings.api.location)
+    check_credentials(settings, simulate=simulate, needed=key_needed)
     if settings.output.upload_to is not None:
         from ..output.upload import Uploads
 
