@@ -226,8 +226,13 @@ class Settings(_Section):
     def written_at(self, key: str) -> str:
         """Where the value of the setting *key* (``api.model``, ``qa.min_side``) was written, to begin a message
         about that value with: ``nanobatch.yaml: api.model``, ``environment variable NANOBATCH_API_MODEL``,
-        ``--model``; or ``api.model (not set: the built-in default)``."""
-        return self._written.get(key) or f"{key} (not set: the built-in default)"
+        ``--model``; ``api.model (not set: the built-in default)``; or ``api.model`` (set by a program)."""
+        if (place := self._written.get(key)) is not None:
+            return place
+        section, _, name = key.partition(".")
+        default = type(self).model_fields[section].default
+        unset = getattr(getattr(self, section), name, None) == getattr(default, name, None)
+        return f"{key} (not set: the built-in default)" if unset else key
 
     def gate_limits(self) -> tuple[int, float | None]:
         """The run's concurrency and requests per minute. In the batch tier a step waits in a chunk until its

@@ -10,6 +10,7 @@ import pytest
 from nanobatch.config import Settings, load_settings, read_api_key
 from nanobatch.config_file import find_config_file
 from nanobatch.errors import ConfigError
+from nanobatch.qa import QaFields
 
 KEY = "sk-secret-0123456789"
 
@@ -84,6 +85,7 @@ def test_each_setting_knows_where_its_value_was_written_for_messages_to_name_it(
         "command line: limits.concurrency"
     )
     assert settings.with_overrides({}).written_at("qa.min_side") == f"{config}: qa.min_side"  # kept in a copy
+    assert Settings(qa=QaFields(min_side=900)).written_at("qa.min_side") == "qa.min_side"  # a program's own
 
 
 def test_environment_beats_the_file(tmp_path: Path) -> None:
