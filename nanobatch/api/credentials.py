@@ -14,15 +14,22 @@ from ..config import Settings, read_api_key
 from ..errors import ConfigError
 from ..loopback import loopback_url
 
-__all__ = ["Service", "api_key_for", "check_credentials", "check_offered", "credentials_for"]
+__all__ = [
+    "Service",
+    "api_key_for",
+    "check_credentials",
+    "check_offered",
+    "credentials_for",
+    "not_offered",
+]
 
 Service = Literal["batch", "cancel", "models"]
 
 # The Batch API is the Gemini API's (Vertex AI's batch prediction is another product, which nanobatch does not
 # use), and Vertex AI v1 lists no models (its publisher-model list is v1beta1, and names no methods).
 _NOT_ON_VERTEX: dict[str, str] = {
-    "batch": "api.backend is vertex, and --tier batch goes through the Gemini API's Batch API, which Vertex AI "
-    "does not offer; use --tier flex on Vertex for half price online",
+    "batch": "the batch tier goes through the Gemini API's Batch API, which Vertex AI (api.backend: vertex) does "
+    "not offer; use the flex tier on Vertex for half price online",
     "cancel": "api.backend is vertex, which makes no batch jobs (the batch tier is the Gemini API's): there is "
     "nothing to cancel with this configuration; give cancel the Gemini API configuration that ran the batch tier",
     "models": "models --live compares with the Gemini API's list of models, and Vertex AI (api.backend: vertex) "
@@ -30,11 +37,17 @@ _NOT_ON_VERTEX: dict[str, str] = {
 }
 
 
-def check_offered(settings: Settings, service: Service) -> None:
-    """ConfigError, saying why, if the configured backend does not offer *service*: the batch tier's jobs
+def not_offered(backend: str, service: Service) -> str | None:
+    """Why *backend* (``api.backend``) does not offer *service*, or None if it does: the batch tier's jobs
     (``batch``, ``cancel``) and the list of models (``models``) are the Gemini API's only."""
-    if settings.api.backend == "vertex":
-        raise ConfigError(_NOT_ON_VERTEX[service])
+    return _NOT_ON_VERTEX[service] if backend == "vertex" else None
+
+
+def check_offered(settings: Settings, service: Service) -> None:
+    """ConfigError, saying why, if the configured backend does not offer *service* (:func:`not_offered`).
+    (``check_job`` finds the batch tier's refusal first, where the tier was written.)"""
+    if (why := not_offered(settings.api.backend, service)) is not None:
+        raise ConfigError(why)
 
 
 def api_key_for(settings: Settings, *, needed: bool) -> str | None:

@@ -133,5 +133,5 @@ def manifest_from(path: str, settings: Settings, model: str | None) -> Any:
     """The manifest at *path*, with *model* (``--model``) for the items that name none."""
     from ..job.manifest import load_manifest
 
-    manifest = load_manifest(path, default_model=settings.api.model, qa=settings.qa)
+    manifest = load_manifest(path, default_model=settings.api.model, qa=settings.qa, written=settings.written_at)
     return dataclasses.replace(manifest, model=model) if model else manifest

@@ -21,6 +21,7 @@ from ..item import WorkItem
 from ..job.check import CheckReport, bad_input_hint
 from ..job.manifest import Manifest, load_manifest
 from ..job.pictures import PictureCheck
+from ..job.sources import RawItem
 from ..names import RESULTS_FILE
 from ..output.results import ResultsIndex
 from .done import DoneWork, NewRows
@@ -173,7 +174,9 @@ def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | N
     """The manifest (loaded from its path unless given loaded) and the settings (the config files' unless given)."""
     settings = settings if settings is not None else load_settings()
     if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest, default_model=settings.api.model, qa=settings.qa)
+        manifest = load_manifest(
+            manifest, default_model=settings.api.model, qa=settings.qa, written=settings.written_at
+        )
     return manifest, settings
 
 
@@ -256,7 +259,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     run's check, which holds for the rest (:mod:`.unchanged`), are checked alone: None if one may clash with a
     done item (:class:`~.done.NewRows`)."""
     basis = check_basis(manifest, settings, target)  # before the files are read
-    lifecycle = LifecycleCheck(str(manifest.path), settings)
+    lifecycle = LifecycleCheck(manifest, settings)
     pictures = PictureCheck() if how.check_pictures else None
     done, held = _done(target, basis, lifecycle, pictures, count=how.count_done, from_summary=how.from_summary,
                        grown=grown, upload_to=settings.output.upload_to)  # fmt: skip
@@ -267,9 +270,9 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     estimate, pasted = Estimate(settings), PastedKey(_key_or_none(settings))
     new = NewRows(done) if held is not None and done is not None else None
 
-    def visit(item: WorkItem, file: str) -> None:
-        lifecycle.check(item)
-        pasted.check(item, file)
+    def visit(item: WorkItem, raw: RawItem) -> None:
+        lifecycle.check(item, raw)
+        pasted.check(item, raw.file)
         remote.add(item)
         if new is not None:
             new.add(item)
