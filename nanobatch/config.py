@@ -18,16 +18,14 @@ import re
 import typing
 import urllib.parse
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
 from . import models
-from .errors import ConfigError, not_utf8
+from .config_file import find_config_file, read_config_file
+from .errors import ConfigError
 from .qa import QaFields, no_bool_numbers
-from .safe_yaml import load_yaml
 
 __all__ = [
     "ApiSettings",
@@ -38,7 +36,6 @@ __all__ = [
     "PriceOverride",
     "RetrySettings",
     "Settings",
-    "find_config_file",
     "load_settings",
     "read_api_key",
     "read_notify_url",
@@ -219,6 +216,23 @@ class Settings(_Section):
     # The output checks every item's final image must pass, unless its manifest says otherwise (docs/qa.md).
     qa: QaFields = QaFields()
     pricing: dict[str, PriceOverride] = {}
+    # Where each value set was written ("api.model": "nanobatch.yaml: api.model"): see written_at()
+    _written: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any) -> None:
+        if isinstance(context, dict) and "written" in context:  # (load_settings' and with_overrides')
+            self._written = dict(context["written"])
+
+    def written_at(self, key: str) -> str:
+        """Where the value of the setting *key* (``api.model``, ``qa.min_side``) was written, to begin a message
+        about that value with: ``nanobatch.yaml: api.model``, ``environment variable NANOBATCH_API_MODEL``,
+        ``--model``; ``api.model (not set: the built-in default)``; or ``api.model`` (set by a program)."""
+        if (place := self._written.get(key)) is not None:
+            return place
+        section, _, name = key.partition(".")
+        default = type(self).model_fields[section].default
+        unset = getattr(getattr(self, section), name, None) == getattr(default, name, None)
+        return f"{key} (not set: the built-in default)" if unset else key
 
     def gate_limits(self) -> tuple[int, float | None]:
         """The run's concurrency and requests per minute. In the batch tier a step waits in a chunk until its
@@ -227,25 +241,17 @@ class Settings(_Section):
             return self.batch.chunk_requests * self.batch.open_chunks, None
         return self.limits.concurrency, self.limits.requests_per_minute
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
-        """A copy with dotted ``section.name`` values replaced (None values are ignored)."""
-        data = self.model_dump()
+    def with_overrides(self, overrides: Mapping[str, Any], flags: Mapping[str, str] | None = None) -> Settings:
+        """A copy with dotted ``section.name`` values replaced (None values are ignored); *flags* names the
+        command-line option each was given with (``{"api.tier": "--tier"}``), for a message about its value."""
+        data, written = self.model_dump(), dict(self._written)
         for dotted, value in overrides.items():
             if value is None:
                 continue
             section, name = dotted.split(".", 1)
             data[section][name] = value
-        return _validate(data, source="command line")
-
-
-def find_config_file(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
-    """``--config`` if given, else ``$NANOBATCH_CONFIG``, else ``./nanobatch.yaml`` if it exists."""
-    if explicit is not None:
-        return Path(explicit)
-    if env.get("NANOBATCH_CONFIG"):
-        return Path(env["NANOBATCH_CONFIG"])
-    local = Path("nanobatch.yaml")
-    return local if local.is_file() else None
+            written[dotted] = (flags or {}).get(dotted) or f"command line: {dotted}"
+        return _validate(data, source="command line", written=written)
 
 
 def load_settings(
@@ -253,17 +259,22 @@ def load_settings(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Build the settings from defaults, the config file, the environment and *overrides*.
+    """Build the settings from defaults, the config file, the environment and *overrides*, each value's place
+    remembered (:meth:`Settings.written_at`).
 
-    *overrides* are command-line values keyed ``"section.name"``; None means "not given".
+    *overrides* are command-line values keyed ``"section.name"``; None means "not given"; *flags*: the options
+    they were given with.
 
     >>> load_settings(env={}, overrides={"limits.concurrency": 4}).limits.concurrency
     4
     """
     env = os.environ if env is None else env
     path = find_config_file(config_file, env)
-    data: dict[str, Any] = _read_config_file(path) if path is not None else {}
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    written = {f"{section}.{name}": f"{path}: {section}.{name}" for section, values in data.items()
+               if isinstance(values, dict) for name in values}  # fmt: skip
     from_env: dict[tuple[str, str], str] = {}
     variables = ["NANOBATCH_CONFIG"]
     for section, model in Settings.model_fields.items():
@@ -279,7 +290,10 @@ def load_settings(
                 if isinstance(section_data, dict):
                     section_data[name] = None if value.lower() in ("null", "none") else value
                     from_env[(section, name)] = variable
-    settings = _validate(data, source=str(path) if path else "environment", from_env=from_env)
+    written.update(
+        {f"{section}.{name}": f"environment variable {variable}" for (section, name), variable in from_env.items()}
+    )
+    settings = _validate(data, source=str(path) if path else "environment", from_env=from_env, written=written)
     # A misspelt variable must not silently drop a setting (NANOBATCH_BUDGET_MAX_COST: no budget at all).
     known = {*variables, "NANOBATCH_API_KEY", settings.api.api_key_env, settings.notify.url_env}
     for name in sorted(env):
@@ -289,7 +303,7 @@ def load_settings(
                 "unset it, or correct its name"
             )
     _warn_of_unknown_priced_models(settings)
-    return settings.with_overrides(overrides or {})
+    return settings.with_overrides(overrides or {}, flags)
 
 
 def _warn_of_unknown_priced_models(settings: Settings) -> None:
@@ -382,35 +396,14 @@ def _char_name(char: str) -> str:
     return f"a non-ASCII character (U+{ord(char):04X})"
 
 
-_MAX_CONFIG_BYTES = 1 << 20
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
+def _validate(
+    data: dict[str, Any], *, source: str, from_env: Mapping[tuple[str, str], str] | None = None,
+    written: Mapping[str, str] | None = None,
+) -> Settings:  # fmt: skip
+    """*from_env* maps the (section, name) of values taken from the environment to their variable; *written*, each
+    value set to where it was written (:meth:`Settings.written_at`)."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_CONFIG_BYTES + 1)  # not a file without end (/dev/zero), read until memory runs out
-        if len(raw) > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: over {_MAX_CONFIG_BYTES:,} bytes: not a config file")
-        text = raw.decode("utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: {not_utf8(exc)}") from None
-    try:
-        data = load_yaml(text, as_written=False)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the config file must be a mapping of sections (api, limits, ...)")
-    return {section: value for section, value in data.items() if value is not None}  # "pricing:" alone = empty
-
-
-def _validate(data: dict[str, Any], *, source: str, from_env: Mapping[tuple[str, str], str] | None = None) -> Settings:
-    """*from_env* maps the (section, name) of values taken from the environment to their variable."""
-    try:
-        return Settings.model_validate(data)
+        return Settings.model_validate(data, context={"written": written or {}})
     except ValidationError as exc:
         raise ConfigError("\n".join(_describe(source, err, from_env or {}) for err in exc.errors())) from None
 

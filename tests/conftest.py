@@ -29,12 +29,17 @@ from .emulators import (
 T = TypeVar("T")
 
 
+TEST_KEY = "test-key-0123456789"  # what every test finds in NANOBATCH_API_KEY, unless it sets or removes it
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """No test sees the developer's keys, config, OpenTelemetry set-up or current folder."""
+    """No test sees the developer's keys, config, OpenTelemetry set-up or current folder. Each finds a key of
+    its own (:data:`TEST_KEY`), as a user's shell holds one: ``validate`` refuses a job with no key to send."""
     for name in list(os.environ):
         if name.startswith(("NANOBATCH_", "OTEL_")) or name in ("GEMINI_API_KEY", "GOOGLE_API_KEY"):
             monkeypatch.delenv(name)
+    monkeypatch.setenv("NANOBATCH_API_KEY", TEST_KEY)
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)

@@ -142,7 +142,10 @@ def test_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert 'did you mean "concurrency"' in capsys.readouterr().err
 
 
-def test_missing_key_exits_2_and_suggests_the_simulator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_key_exits_2_and_suggests_the_simulator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NANOBATCH_API_KEY")
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     assert main(["run", str(job), "--base-url", API]) == 2
     assert "NANOBATCH_API_KEY" in capsys.readouterr().err

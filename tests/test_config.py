@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nanobatch.config import Settings, find_config_file, load_settings, read_api_key
+from nanobatch.config import Settings, load_settings, read_api_key
+from nanobatch.config_file import find_config_file
 from nanobatch.errors import ConfigError
+from nanobatch.qa import QaFields
 
 KEY = "sk-secret-0123456789"
 
@@ -66,6 +68,24 @@ pricing:
 )
 def test_empty_file_means_defaults(tmp_path: Path, text: str) -> None:
     assert load_settings(write(tmp_path / "c.yaml", text), env={}) == Settings()
+
+
+def test_each_setting_knows_where_its_value_was_written_for_messages_to_name_it(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yaml", "api:\n  model: gemini-3-pro-image\n  tier: flex\nqa:\n  min_side: 900\n")
+    env = {"NANOBATCH_API_TIER": "priority", "NANOBATCH_LIMITS_CONCURRENCY": "4"}
+
+    settings = load_settings(config, env=env, overrides={"api.model": "gemini-3.1-flash-image", "api.base_url": None},
+                             flags={"api.model": "--model", "api.base_url": "--base-url"})  # fmt: skip
+
+    assert settings.written_at("api.model") == "--model"  # a flag beats the file, as its value does
+    assert settings.written_at("api.tier") == "environment variable NANOBATCH_API_TIER"
+    assert settings.written_at("qa.min_side") == f"{config}: qa.min_side"
+    assert settings.written_at("api.base_url") == "api.base_url (not set: the built-in default)"  # (None: not given)
+    assert settings.with_overrides({"limits.concurrency": 2}).written_at("limits.concurrency") == (
+        "command line: limits.concurrency"
+    )
+    assert settings.with_overrides({}).written_at("qa.min_side") == f"{config}: qa.min_side"  # kept in a copy
+    assert Settings(qa=QaFields(min_side=900)).written_at("qa.min_side") == "qa.min_side"  # a program's own
 
 
 def test_environment_beats_the_file(tmp_path: Path) -> None:
@@ -256,6 +276,7 @@ def test_key_is_read_from_the_named_variable_first() -> None:
 
 
 def test_default_key_variable_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NANOBATCH_API_KEY")
     settings = load_settings(env={})
     monkeypatch.setenv("GEMINI_API_KEY", "fallback")
     assert read_api_key(settings) == "fallback"

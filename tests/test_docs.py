@@ -148,8 +148,9 @@ def test_the_command_the_simulator_banner_prints_works_as_typed(
 
 
 def test_a_base_url_off_this_machine_still_needs_a_key(
-    tmp_path: Path, checkout: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, checkout: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("NANOBATCH_API_KEY")
     assert main(["run", "jobs/example.yaml", "--base-url", "http://api.example.com"]) == 2
     assert "no API key" in capsys.readouterr().err
 

@@ -320,7 +320,8 @@ def test_a_bad_manifest_sends_nothing(tmp_path: Path) -> None:
     assert fake.requests == [] and not (tmp_path / "out").exists()
 
 
-def test_no_key_is_a_config_error_before_anything_happens(tmp_path: Path) -> None:
+def test_no_key_is_a_config_error_before_anything_happens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NANOBATCH_API_KEY")
     job = write_job(tmp_path, [{"id": "a", "instruction": "x"}])
     with pytest.raises(ConfigError, match="NANOBATCH_API_KEY"):
         anyio.run(lambda: nanobatch.run_job(job, out_dir=tmp_path / "out"))

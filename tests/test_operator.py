@@ -349,11 +349,48 @@ def test_other_libraries_lines_obey_quiet_and_json_and_never_show_the_key(
         assert any("PermissionError: no access with [redacted]" in str(e.get("exception")) for e in events)
     else:
         lines = err.splitlines()
-        assert "nanobatch: ERROR: botocore.credentials: refreshing credentials with [redacted] failed" in lines
+        # The exception in the line, its traceback left for -vv
+        assert ("nanobatch: ERROR: botocore.credentials: refreshing credentials with [redacted] failed "
+                "(PermissionError: no access with [redacted])") in lines and "Traceback" not in err  # fmt: skip
         assert lines.count(f"nanobatch: WARNING: gcsfs: {BUCKET_WARNING}") == (0 if quiet else 1)
         assert all(line.startswith("nanobatch: ") for line in lines if "credentials" in line or "bucket" in line)
         assert ("FutureWarning" in err) is not quiet
-        assert "PermissionError: no access with [redacted]" in lines
+
+
+@pytest.mark.parametrize("verbose", [[], ["-v"], ["-vv"]], ids=["default", "v", "vv"])
+def test_a_bucket_library_s_tracebacks_stay_off_stderr_below_vv_beside_the_clean_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], verbose: list[str]
+) -> None:
+    import gcsfs
+    import gcsfs.retry
+
+    # gcsfs gives up on a bucket it cannot reach with logger.exception(): aiohttp's frames, for each request
+    async def at_once(delay: float) -> None:
+        return None
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", type("NoWait", (), {"sleep": staticmethod(at_once)}))  # its retries
+    with socket.socket() as closed:  # a loopback port no one listens on: refused at once, no network
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    monkeypatch.setenv("NANOBATCH_API_KEY", "k-0123456789")
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    config = tmp_path / "c.yaml"
+    config.write_text("output:\n  upload_to: gs://photos/edited/\n")
+    job = write_job(tmp_path, [{"id": "a", "instruction": "edit"}])
+
+    assert main([*verbose, "validate", str(job), "--config", str(config)]) == 2
+
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("error: output.upload_to: gs://photos/edited/: ") and "Cannot connect" in lines[-1]
+    told = [line for line in lines if line.startswith("nanobatch: ERROR: gcsfs: ")]
+    assert told and all("Cannot connect to host 127.0.0.1" in line for line in told)
+    if verbose == ["-vv"]:
+        assert "Traceback (most recent call last):" in lines
+    else:  # a line each, nothing else
+        assert all(line.startswith(("nanobatch: ", "error: ")) for line in lines), lines
 
 
 @pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])

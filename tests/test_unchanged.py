@@ -99,7 +99,7 @@ def test_any_change_since_the_run_is_seen_by_the_whole_check(
         assert "done:" not in printed and f"requests:  {N} (steps counted)" in printed
 
 
-def test_a_model_shut_down_since_the_run_is_a_problem_named_with_an_item(
+def test_a_model_shut_down_since_the_run_is_a_problem_named_where_it_was_written(
     done: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job, out, checks = done
@@ -109,7 +109,10 @@ def test_a_model_shut_down_since_the_run_is_a_problem_named_with_an_item(
     )
     with pytest.raises(ManifestError) as caught:
         check_job(job, out_dir=out)
-    assert [(p.item, p.field) for p in caught.value.problems] == [("i0", "model")]
+    # The items' model is the settings' (the built-in default): named there, once, not with the first item
+    assert [(p.file, p.item, p.field) for p in caught.value.problems] == [
+        ("api.model (not set: the built-in default)", None, None)
+    ]
     assert checks == [1]
 
 

@@ -511,8 +511,9 @@ def test_the_batch_tier_on_a_vertex_configuration_is_refused_before_anything_is_
     code, _ = _vertex_run(vertex_config, "--tier", "batch")
 
     assert code == 2
-    assert "--tier batch goes through the Gemini API's Batch API, which Vertex AI does not offer; use --tier flex" in (
-        capsys.readouterr().err
+    assert capsys.readouterr().err == (  # the tier named where it was written: the option
+        "error: --tier: the batch tier goes through the Gemini API's Batch API, which Vertex AI (api.backend: vertex) "
+        "does not offer; use the flex tier on Vertex for half price online\n"
     )
     assert app.state.stats.received == 0 and app.state.tokens.issued == 0 and not app.state.batches._jobs
 
@@ -545,7 +546,8 @@ def test_models_live_on_a_vertex_configuration_exits_2_saying_why(
 async def test_the_opener_sends_vertex_requests_to_the_project_path_and_shows_no_key(
     simulator: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nanobatch.api.connect import api_key_for, connect
+    from nanobatch.api.connect import connect
+    from nanobatch.api.credentials import api_key_for
 
     base_url, app = simulator
     monkeypatch.setenv("NANOBATCH_API_KEY", "express-key")
@@ -560,7 +562,7 @@ async def test_the_opener_sends_vertex_requests_to_the_project_path_and_shows_no
             async with connection.gemini() as client:
                 reply = await client.generate(MODEL, BODY, timeout_s=30)
             assert reply.images
-            with pytest.raises(ConfigError, match="Vertex AI does not offer"):
+            with pytest.raises(ConfigError, match=r"Vertex AI \(api.backend: vertex\) does not offer"):
                 connection.batches()
     assert app.state.tokens.issued == 1 and app.state.stats.by_status[200] == 2
 

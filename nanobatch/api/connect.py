@@ -1,11 +1,11 @@
 """Opening the API clients from the settings: where requests go, and with what credentials, decided once.
 
 ``run``, ``models --live`` and ``cancel`` open their clients here, so the Gemini API, a proxy, the built-in
-simulator and Vertex AI (``api.backend: vertex``) are told apart in one place: the host and path, whether an
-API key is needed, Vertex's OAuth2 token, and what a Vertex configuration cannot do (the Batch API, a list of
-models), refused in words before anything is sent.
+simulator and Vertex AI (``api.backend: vertex``) are told apart in one place: the host and path, and Vertex's
+OAuth2 token. Whether the credentials are there, and what a Vertex configuration cannot do (the Batch API, a
+list of models), is :mod:`.credentials`', refused in words before anything is sent.
 
->>> async with connect(settings, api_key=api_key_for(settings, needed=True)) as connection:
+>>> async with connect(settings, api_key=credentials_for(settings, simulate=False, needed=True)) as connection:
 ...     async with connection.gemini() as client:
 ...         reply = await client.generate(model, body, timeout_s=300)
 """
@@ -15,66 +15,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
 
 import httpx2
 
-from ..config import ApiSettings, Settings, read_api_key
-from ..errors import ConfigError
-from ..loopback import loopback_url
+from ..config import ApiSettings, Settings
 from .batch_api import BatchClient
 from .client import GeminiClient
+from .credentials import check_offered
 from .vertex import vertex_auth, vertex_route
 
-__all__ = ["Connection", "Service", "api_key_for", "batch_client", "check_offered", "connect"]
-
-Service = Literal["batch", "cancel", "models"]
-
-# The Batch API is the Gemini API's (Vertex AI's batch prediction is another product, which nanobatch does not
-# use), and Vertex AI v1 lists no models (its publisher-model list is v1beta1, and names no methods).
-_NOT_ON_VERTEX: dict[str, str] = {
-    "batch": "api.backend is vertex, and --tier batch goes through the Gemini API's Batch API, which Vertex AI "
-    "does not offer; use --tier flex on Vertex for half price online",
-    "cancel": "api.backend is vertex, which makes no batch jobs (the batch tier is the Gemini API's): there is "
-    "nothing to cancel with this configuration; give cancel the Gemini API configuration that ran the batch tier",
-    "models": "models --live compares with the Gemini API's list of models, and Vertex AI (api.backend: vertex) "
-    "has no such list; `nanobatch models` shows the models each backend serves",
-}
-
-
-def check_offered(settings: Settings, service: Service) -> None:
-    """ConfigError, saying why, if the configured backend does not offer *service*: the batch tier's jobs
-    (``batch``, ``cancel``) and the list of models (``models``) are the Gemini API's only."""
-    if settings.api.backend == "vertex":
-        raise ConfigError(_NOT_ON_VERTEX[service])
-
-
-def api_key_for(settings: Settings, *, needed: bool) -> str | None:
-    """The API key to send: None with Vertex AI in a project (its OAuth2 token stands in), else the key from
-    the environment; ConfigError if there is none and one is *needed*, unless the server is on this machine."""
-    if settings.api.backend == "vertex" and settings.api.project is not None:
-        return None
-    api_key = read_api_key(settings)
-    # On this machine (a simulator or a local proxy holding its own key), nothing need be sent: a key it wants,
-    # it asks for (401, a fatal error).
-    if api_key is None and needed and not loopback_url(settings.api.base_url):
-        raise ConfigError(
-            f"no API key: set the environment variable {settings.api.api_key_env} (or GEMINI_API_KEY), "
-            "or try the built-in simulator with --simulate"
-        )
-    return api_key
-
-
-def credentials_for(settings: Settings, *, simulate: bool, needed: bool) -> str | None:
-    """:func:`api_key_for`, once what :func:`connect` will ask of Vertex AI (its project and location, its
-    credentials) is known to be there: a ConfigError now, before a run takes its folder, not once it holds it."""
-    api_key = api_key_for(settings, needed=needed)
-    api = settings.api
-    if api.backend == "vertex" and not simulate:
-        vertex_route(api.project, api.location, base_url=None)
-        if (auth := vertex_auth(api.project, api.credentials_file, api_key)) is not None:
-            auth.close()
-    return api_key
+__all__ = ["Connection", "batch_client", "connect"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,8 +88,8 @@ async def connect(
     simulator_url: str | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[Connection]:
-    """The :class:`Connection` the settings describe, sending *api_key* (see :func:`api_key_for`): to the API,
-    to a proxy, to Vertex AI, or to the built-in simulator at *simulator_url* (no key, no token sent)."""
+    """The :class:`Connection` the settings describe, sending *api_key* (:func:`~.credentials.credentials_for`):
+    to the API, to a proxy, to Vertex AI, or to the built-in simulator at *simulator_url* (no key, no token sent)."""
     api = settings.api
     simulate = simulator_url is not None
     async with AsyncExitStack() as stack:

@@ -29,7 +29,16 @@ import httpx2
 from ..errors import ConfigError, FatalApiError
 from .redaction import SECRETS, public_url, scrub
 
-__all__ = ["SCOPE", "VertexAuth", "vertex_auth", "vertex_base_url", "vertex_express_url", "vertex_route", "vertex_url"]
+__all__ = [
+    "SCOPE",
+    "VertexAuth",
+    "check_vertex_auth",
+    "vertex_auth",
+    "vertex_base_url",
+    "vertex_express_url",
+    "vertex_route",
+    "vertex_url",
+]
 
 logger = logging.getLogger("nanobatch")
 
@@ -97,12 +106,7 @@ class VertexAuth(httpx2.Auth):
     @classmethod
     def from_service_account_file(cls, path: str, *, http: httpx2.Client | None = None) -> VertexAuth:
         """Credentials from a service-account key file (JSON)."""
-        service_account = _google_auth("google.oauth2.service_account")
-        try:
-            credentials = service_account.Credentials.from_service_account_file(path, scopes=[SCOPE])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"api.credentials_file: {path}: not a readable service-account key ({exc})") from None
-        return cls(credentials, http=http)
+        return cls(_service_account(path), http=http)
 
     @classmethod
     def application_default(cls, *, http: httpx2.Client | None = None) -> VertexAuth:
@@ -161,6 +165,16 @@ class VertexAuth(httpx2.Auth):
             yield request
 
 
+def _service_account(path: str) -> Any:
+    """google-auth's credentials from the service-account key file at *path*, read here (no token is fetched);
+    ConfigError if it is not one."""
+    service_account = _google_auth("google.oauth2.service_account")
+    try:
+        return service_account.Credentials.from_service_account_file(path, scopes=[SCOPE])
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"api.credentials_file: {path}: not a readable service-account key ({exc})") from None
+
+
 def _google_auth(module: str) -> Any:
     import importlib
 
@@ -215,12 +229,21 @@ def vertex_route(project: str | None, location: str, *, base_url: str | None = N
 def vertex_auth(project: str | None, credentials_file: str | None, api_key: str | None) -> VertexAuth | None:
     """The OAuth2 auth for a *project* (the key file, else Application Default Credentials); None in express
     mode (no project), which sends the API key instead. ConfigError when neither can work."""
+    check_vertex_auth(project, credentials_file, api_key)
     if project is None:
-        if not api_key:
-            raise ConfigError(
-                "api.backend: vertex needs api.project (with Google credentials), or an API key for express mode"
-            )
         return None
     if credentials_file:
         return VertexAuth.from_service_account_file(credentials_file)
     return VertexAuth.application_default()
+
+
+def check_vertex_auth(project: str | None, credentials_file: str | None, api_key: str | None) -> None:
+    """ConfigError for what :func:`vertex_auth` refuses that this machine can tell alone: express mode (no
+    *project*) without an API key, a key file that is no service-account key (read, no token fetched).
+    Application Default Credentials are not looked for: google-auth may ask the metadata server for them."""
+    if project is None and not api_key:
+        raise ConfigError(
+            "api.backend: vertex needs api.project (with Google credentials), or an API key for express mode"
+        )
+    if project is not None and credentials_file:
+        _service_account(credentials_file)

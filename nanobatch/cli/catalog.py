@@ -146,7 +146,8 @@ def compare_live(entries: Iterable[Mapping[str, Any]], day: date | None = None) 
 async def list_live(settings: Settings) -> list[dict[str, Any]]:
     """What the configured endpoint lists (``GET /{version}/models``, every page), for ``models --live``;
     ConfigError on Vertex AI, which has no such list."""
-    from ..api.connect import api_key_for, check_offered, connect
+    from ..api.connect import connect
+    from ..api.credentials import api_key_for, check_offered
 
     check_offered(settings, "models")
     async with connect(settings, api_key=api_key_for(settings, needed=False)) as connection:

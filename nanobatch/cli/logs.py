@@ -69,17 +69,22 @@ def _cut(text: str, secrets: list[str]) -> str:
 
 class _Libraries(logging.Filter):
     """Other libraries' lines at the root logger's level or above (some set their own loggers' levels lower:
-    uvicorn's), each warning once."""
+    uvicorn's), each warning once. Without *tracebacks* (below -vv), a line that carries one keeps only its
+    last line, the exception itself: gcsfs logs each request it gives up on with a page of aiohttp's frames,
+    above the error nanobatch then tells in one line."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tracebacks: bool = False) -> None:
         super().__init__()
         self._seen: set[tuple[str, str]] = set()
+        self._tracebacks = tracebacks
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _ours(record):
             return True
         if record.levelno < logging.getLogger().level:
             return False
+        if not self._tracebacks and (record.exc_info or record.exc_text or record.stack_info):
+            _without_traceback(record)
         if record.levelno >= logging.ERROR:
             return True
         said = (record.name, record.getMessage())
@@ -88,6 +93,18 @@ class _Libraries(logging.Filter):
         if len(self._seen) < _SEEN_MAX:
             self._seen.add(said)
         return True
+
+
+def _without_traceback(record: logging.LogRecord) -> None:
+    """*record* told in one line: its message, and the exception's own line (its traceback's last) if the message
+    does not already say it; the rest is for -vv."""
+    message = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    last = (record.exc_text or "").strip().rsplit("\n", 1)[-1]
+    said = last.split(": ", 1)[-1]
+    record.msg = f"{message} ({last})" if said and said not in message else message
+    record.args, record.exc_info, record.exc_text, record.stack_info = (), None, None, None
 
 
 class _TextFormatter(logging.Formatter):
@@ -146,7 +163,8 @@ def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("nanobatch: %(levelname)s: %(message)s"))
-    handler.addFilter(_Libraries())
+    # Their tracebacks: at -vv, or inside a JSON event (one line either way), for a collector to keep
+    handler.addFilter(_Libraries(tracebacks=verbose > 1 or log_format == "json"))
     if keys := _environment_keys():  # from the first line: a config error may quote a value the key was pasted in
         handler.addFilter(_Redact(*keys))
     _install(handler)

@@ -155,8 +155,9 @@ def run(
 
             tell_refused_now(settings, Path(manifest).stem, exc)
         raise
-    if dry_run:
-        _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs))
+    if dry_run:  # what the run would refuse: with --simulate, no key nor Google credentials are needed
+        _print_check(check_job(job, settings=settings, out_dir=out_dir, skip_bad_inputs=skip_bad_inputs,
+                               simulate=simulate))  # fmt: skip
         return
     summary = _run_shown(
         _display(quiet, progress_interval), job, settings=settings, out_dir=out_dir, force=force,
@@ -363,7 +364,8 @@ def cancel(out_dir: str, config_file: str | None, base_url: str | None) -> None:
     """Cancel the open batch jobs of OUT_DIR; the next run sends their unanswered items again."""
     import anyio
 
-    from ..api.connect import api_key_for, check_offered, connect
+    from ..api.connect import connect
+    from ..api.credentials import api_key_for, check_offered
     from ..run.batch.ledger import Cancel, cancel_jobs
 
     settings = settings_from(config_file, base_url=base_url)

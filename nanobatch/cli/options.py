@@ -106,29 +106,32 @@ def settings_from(config_file: str | None, **flags: Any) -> Settings:
     """The settings from the config file and the environment, the command's *flags* over them."""
     from ..config import load_settings
 
-    return load_settings(
-        config_file,
-        overrides={
-            "api.model": flags.get("model"),
-            "api.base_url": flags.get("base_url"),
-            "api.tier": flags.get("tier"),
-            "limits.concurrency": flags.get("concurrency"),
-            "limits.workers": flags.get("workers"),
-            "limits.requests_per_minute": flags.get("rpm"),
-            "limits.grace_s": flags.get("grace"),
-            "limits.max_duration_s": flags.get("max_duration"),
-            "batch.wait": False if flags.get("no_wait") else None,
-            "batch.deadline_s": flags.get("batch_deadline"),
-            "budget.max_cost_usd": flags.get("max_cost"),
-            "budget.max_requests": flags.get("max_requests"),
-            "output.metrics_file": flags.get("metrics_file"),
-        },
-    )
+    overrides = {setting: flags.get(name) for setting, name in _FLAGS.items()}
+    overrides["batch.wait"] = False if flags.get("no_wait") else None
+    named = {setting: "--" + name.replace("_", "-") for setting, name in {**_FLAGS, "batch.wait": "no_wait"}.items()}
+    return load_settings(config_file, overrides=overrides, flags=named)
+
+
+# The settings the command-line options give, and the options' names as click passes them
+_FLAGS = {
+    "api.model": "model",
+    "api.base_url": "base_url",
+    "api.tier": "tier",
+    "limits.concurrency": "concurrency",
+    "limits.workers": "workers",
+    "limits.requests_per_minute": "rpm",
+    "limits.grace_s": "grace",
+    "limits.max_duration_s": "max_duration",
+    "batch.deadline_s": "batch_deadline",
+    "budget.max_cost_usd": "max_cost",
+    "budget.max_requests": "max_requests",
+    "output.metrics_file": "metrics_file",
+}
 
 
 def manifest_from(path: str, settings: Settings, model: str | None) -> Any:
     """The manifest at *path*, with *model* (``--model``) for the items that name none."""
     from ..job.manifest import load_manifest
 
-    manifest = load_manifest(path, default_model=settings.api.model, qa=settings.qa)
+    manifest = load_manifest(path, default_model=settings.api.model, qa=settings.qa, written=settings.written_at)
     return dataclasses.replace(manifest, model=model) if model else manifest

@@ -238,14 +238,20 @@ def raw_id(raw: RawItem) -> str | None:
 
 
 class _Problems:
-    """Every problem up to :data:`MAX_PROBLEMS`, then only a count."""
+    """Every problem up to :data:`MAX_PROBLEMS`, then only a count; one with a value many items inherit (told
+    where it was written, no item named: see ``job.origins``) once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.kept: list[Problem] = []
         self.found = 0
+        self._shared: set[Problem] = set()
 
     def add(self, problem: Problem) -> None:
+        if problem.item is None:
+            if problem in self._shared:
+                return
+            self._shared.add(problem)
         self.found += 1
         if len(self.kept) < MAX_PROBLEMS:
             self.kept.append(problem)
@@ -305,7 +311,7 @@ def check_items(
     raw_items: Iterator[RawItem],
     resolve: Callable[[RawItem], tuple[WorkItem | None, list[Problem]]],
     *,
-    visit: Callable[[WorkItem, str], None] | None = None,
+    visit: Callable[[WorkItem, RawItem], None] | None = None,
     out_dir: Path | None = None,
     skip_bad_inputs: bool = False,
     is_link: Callable[[str], bool] = os.path.islink,
@@ -341,7 +347,7 @@ def check_items(
                 if models.lookup(item.model) is None:
                     warn_unknown_model(item.model)
             if visit is not None:
-                visit(item, raw.file)
+                visit(item, raw)
             count += 1
             requests += len(item.steps)
     if count + left_items == 0 and not problems.found and not empty_ok:

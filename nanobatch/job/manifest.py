@@ -38,6 +38,7 @@ from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .fields import without_empty_pictures as without_empty
 from .items_from import parse_sources
+from .origins import Origins
 from .pictures import PictureCheck, looked_ahead
 from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
 from .yaml_stream import ItemsFound, read_top
@@ -59,17 +60,26 @@ class Manifest:
     sources: tuple[Source, ...] = field(default=(), repr=False)
     # The ``qa:`` layers under the defaults' and the items' own, farthest first: the config file's, the manifest's.
     qa_layers: tuple[QaFields, ...] = ()
+    # Where the values its items do not set themselves were written (see problem_at)
+    origins: Origins = field(repr=False, compare=False)
     # Worked out once, not once per item: the absolute folder inputs resolve against, the defaults as a dict.
     _base: str = field(init=False, repr=False, compare=False)
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)  # the same, qa: as QaFields
     _shapes: Shapes = field(init=False, repr=False, compare=False)  # what most items share, checked once
+    _inherited: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)  # (see _inherited_problems)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
         object.__setattr__(self, "_defaults", _given(self.defaults))
         object.__setattr__(self, "_plain", {name: getattr(self.defaults, name) for name in self._defaults})
         object.__setattr__(self, "_shapes", Shapes(self.model, self.qa_layers))
+        object.__setattr__(self, "_inherited", self._inherited_problems())
+
+    def problem_at(self, raw: RawItem, item: str | None, field: str, message: str) -> Problem:
+        """The problem *message* with the value of the item's *field*, told where that value was written: on the
+        item (*raw*, its id *item*), in ``defaults:``, at the top level, or in the settings (:mod:`.origins`)."""
+        return self.origins.problem(raw, item, field, message, model=self.model)
 
     def skipping(self, out_dir: Path) -> Manifest:
         """This manifest with its globs blind to *out_dir*: a run's results are not the next run's inputs."""
@@ -125,7 +135,7 @@ class Manifest:
         self,
         *,
         check_files: bool = True,
-        visit: Callable[[WorkItem, str], None] | None = None,
+        visit: Callable[[WorkItem, RawItem], None] | None = None,
         out_dir: Path | None = None,
         decode: bool = False,
         skip_bad_inputs: bool = False,
@@ -201,10 +211,29 @@ class Manifest:
                 return None, problems
             merged = ItemFields.model_validate(merge_given(self._defaults, _given(fields)))
             values = {name: getattr(merged, name) for name in _given(merged)}
-        return build_item(
+        item, problems = build_item(
             Merged(**values), values, raw, model=self.model, base=self._base, check_files=check_files,
             qa=self.qa_layers,
         )  # fmt: skip
+        return item, [self._placed(raw, problem) for problem in problems]
+
+    def _inherited_problems(self) -> frozenset[tuple[str, str]]:
+        """The problems (field, message) of an item that sets nothing of its own (but an id and, if the defaults
+        give none, an instruction): those of the values every item inherits, which only those items have whose
+        own fields leave them as they are (an item's image_size may make the config's qa.min_side reachable)."""
+        values = {"id": "item", **self._plain}
+        if "instruction" not in values and "steps" not in values:
+            values["instruction"] = "edit"
+        raw = RawItem(fields={}, file=str(self.path), label=None)
+        _, problems = build_item(Merged(**values), values, raw, model=self.model, base=self._base, check_files=False,
+                                 qa=self.qa_layers)  # fmt: skip
+        return frozenset((problem.field, problem.message) for problem in problems if problem.field)
+
+    def _placed(self, raw: RawItem, problem: Problem) -> Problem:
+        """*problem*, told where the value it is about was written when it is one of the inherited values'."""
+        if problem.field is None or (problem.field, problem.message) not in self._inherited:
+            return problem
+        return self.problem_at(raw, problem.item, problem.field, problem.message)
 
 
 def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], object]) -> Iterator[RawItem]:
@@ -214,10 +243,15 @@ def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], obje
         yield from chunk
 
 
-def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None) -> Manifest:
+def load_manifest(
+    path: str | os.PathLike[str], *, default_model: str, qa: QaFields | None = None,
+    written: Callable[[str], str] | None = None,
+) -> Manifest:  # fmt: skip
     """Read and check the top level of a manifest and its sources; items are resolved later, one by one.
 
     *qa* is the config file's ``qa:`` section: the manifest's, its defaults' and each item's own keys win over it.
+    *written* tells where a setting was written (``Settings.written_at``), for a problem with *default_model* or
+    *qa* to be told there (:meth:`Manifest.problem_at`).
     """
     path = Path(path)
     file = str(path)
@@ -255,6 +289,9 @@ def load_manifest(path: str | os.PathLike[str], *, default_model: str, qa: QaFie
         defaults=defaults,
         sources=tuple(sources),
         qa_layers=tuple(layer for layer in (qa, top.qa) if layer is not None),
+        origins=Origins(
+            file=file, defaults=_given(defaults), model=top.model, settings=written, qa=frozenset(_given_qa(top.qa))
+        ),  # fmt: skip
     )
 
 
@@ -297,5 +334,9 @@ def _read_mapping(path: Path) -> tuple[dict[Any, Any], tuple[int, int]]:
     return data, stamp
 
 
-def _given(fields: ItemFields) -> dict[str, Any]:
+def _given(fields: ItemFields | QaFields) -> dict[str, Any]:
     return fields.model_dump(exclude_none=True)
+
+
+def _given_qa(qa: QaFields | None) -> dict[str, Any]:
+    return _given(qa) if qa is not None else {}

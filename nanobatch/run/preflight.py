@@ -1,11 +1,11 @@
-"""What ``check_job`` works out item by item beside the manifest's own check: the cost and duration
-estimate, and models that are retired, not served by the backend or not sold in the tier."""
+"""``check_job``: the settings checked (:mod:`.presend`), then every item, and what it works out item by item
+beside the manifest's own check: the cost and duration estimate, and the models and tiers the items use
+(:mod:`.lifecycle`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -19,14 +19,16 @@ from ..api.redaction import SECRETS
 from ..config import Settings, load_settings
 from ..errors import ManifestError, Problem
 from ..item import WorkItem
-from ..job.check import CheckReport, bad_input_hint, warn_unknown_model
+from ..job.check import CheckReport, bad_input_hint
 from ..job.manifest import Manifest, load_manifest
 from ..job.pictures import PictureCheck
+from ..job.sources import RawItem
 from ..names import RESULTS_FILE
-from ..output.outdir import OutDir
 from ..output.results import ResultsIndex
 from .done import DoneWork, NewRows
+from .lifecycle import LifecycleCheck
 from .pasted_key import PastedKey
+from .presend import check_settings
 from .remote_checks import RemoteChecks
 from .summary import file_stamp
 from .unchanged import Held, check_basis, held_check
@@ -40,7 +42,6 @@ __all__ = [
     "CheckResult",
     "DoneWork",
     "Estimate",
-    "LifecycleCheck",
     "check_job",
     "load_job",
     "resolve_out_dir",
@@ -125,68 +126,6 @@ class Estimate:
         return duration
 
 
-class LifecycleCheck:
-    """Retired models and unsold tiers, once per model: a shut-down id sent to Google is a problem (it would
-    fail there), to a proxy (which maps old ids) or when deprecated, a warning naming the replacement."""
-
-    def __init__(self, file: str, settings: Settings) -> None:
-        self.file = file
-        self.tier = settings.api.tier
-        self.backend = settings.api.backend
-        # A retired model's problem where it goes (Vertex AI is Google's own, whatever api.base_url says)
-        base_url = settings.api.base_url if settings.api.backend == "gemini" else models.GOOGLE_HOST
-        self._problem = functools.partial(models.lifecycle_problem, base_url=base_url, backend=self.backend)
-        self.problems: list[Problem] = []
-        self._seen: set[tuple[str, str]] = set()
-        self._models: set[str] = set()
-        self.models: set[str] = set()  # every model the items use
-
-    def still_held(self, used: list[str]) -> bool:
-        """For a check answered from the last run's (:mod:`~nanobatch.run.unchanged`): False if one of the models
-        *used* is now a problem (shut down since), for the whole check to name it with an item; else True, the
-        warnings :meth:`check` and ``check_items`` give for them given."""
-        found = [self._problem(model) for model in used]
-        if any(each is not None and each[0] == "error" for each in found):
-            return False
-        for model, each in zip(used, found, strict=True):
-            if models.lookup(model) is None:
-                warn_unknown_model(model)
-            if each is not None:
-                logger.warning("%s", each[1])
-        self._models.update(used)  # told of: the items of rows appended since are not told again
-        return True
-
-    def check(self, item: WorkItem) -> None:
-        if item.output_format is not None and self.backend != "vertex":
-            why = "only Vertex AI (api.backend: vertex) takes an output format; the Gemini API answers in its own"
-            self.problems.append(Problem(self.file, item.id, "output_format", why))
-        tier = item.tier or self.tier
-        if (item.model, tier) in self._seen:
-            return
-        self._seen.add((item.model, tier))
-        found = None if item.model in self._models else self._problem(item.model)
-        self._models.add(item.model)
-        self.models.add(item.model)
-        if found is not None:
-            level, message = found
-            if level == "error":
-                self.problems.append(Problem(self.file, item.id, "model", message))
-            else:
-                logger.warning("%s", message)
-        info = models.lookup(item.model)
-        if info is not None and self.backend not in info.backends:
-            self.problems.append(Problem(
-                self.file, item.id, "model",
-                f"api.backend is {self.backend}, which does not serve {item.model}; choose one of "
-                f"{', '.join(models.served_by(self.backend))}",
-            ))  # fmt: skip
-        if item.tier is None and info is not None and tier != "batch" and tier not in info.tiers:
-            self.problems.append(Problem(
-                self.file, item.id, "tier",
-                f"api.tier is {tier}, but {info.id} is not sold in that tier; choose one of {', '.join(info.tiers)}",
-            ))  # fmt: skip
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckResult:
     """What ``nanobatch validate`` reports: sizes and estimates; nothing was sent. It also carries the job as
@@ -238,7 +177,9 @@ def load_job(manifest: str | os.PathLike[str] | Manifest, settings: Settings | N
     settings = settings if settings is not None else load_settings()
     SECRETS.learn(settings)
     if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest, default_model=settings.api.model, qa=settings.qa)
+        manifest = load_manifest(
+            manifest, default_model=settings.api.model, qa=settings.qa, written=settings.written_at
+        )
     return manifest, settings
 
 
@@ -253,6 +194,8 @@ def check_job(
     skip_bad_inputs: bool = False,
     count_done: bool = True,
     from_summary: bool = False,
+    simulate: bool = False,
+    key_needed: bool | None = None,
 ) -> CheckResult:
     """Resolve and check every item and estimate cost and duration; sends nothing.
 
@@ -262,12 +205,16 @@ def check_job(
     are not (``left_out``). With *count_done*, the items the output folder holds done (as a run would skip
     them) are counted, and the estimates are of the rest; their pictures are not read again while unchanged.
     With it or *from_summary* (a run's), a done folder that nothing has changed in since its last run is
-    answered from that run's summary (``done_as_of``). Raises :class:`ManifestError` listing every problem.
+    answered from that run's summary (``done_as_of``). The settings are checked first, as a run checks them
+    (:mod:`.presend`): the API key is needed (*key_needed*, by default unless *simulate*: the built-in simulator
+    takes no key, nor Google credentials). Raises :class:`ConfigError` for a setting that cannot be used, then
+    :class:`ManifestError` listing every problem of the items.
     """
     manifest, settings = load_job(manifest, settings)
     target = resolve_out_dir(manifest, settings, out_dir)
     PastedKey.of(settings).check_job(manifest, target, out_given=out_dir is not None)  # before either is used
-    _check_settings(settings, target, manifest.name)
+    needed = not simulate if key_needed is None else key_needed
+    check_settings(settings, target, manifest.name, simulate=simulate, key_needed=needed)
     manifest = manifest.skipping(target)
     how = _How(check_urls=check_urls, transport=transport, check_pictures=check_pictures,
                skip_bad_inputs=skip_bad_inputs, count_done=count_done, from_summary=from_summary)  # fmt: skip
@@ -316,7 +263,7 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     run's check, which holds for the rest (:mod:`.unchanged`), are checked alone: None if one may clash with a
     done item (:class:`~.done.NewRows`)."""
     basis = check_basis(manifest, settings, target)  # before the files are read
-    lifecycle = LifecycleCheck(str(manifest.path), settings)
+    lifecycle = LifecycleCheck(manifest, settings)
     pictures = PictureCheck() if how.check_pictures else None
     done, held = _done(target, basis, lifecycle, pictures, count=how.count_done, from_summary=how.from_summary,
                        grown=grown, upload_to=settings.output.upload_to)  # fmt: skip
@@ -327,9 +274,9 @@ def _check(manifest: Manifest, settings: Settings, target: Path, how: _How, *, g
     estimate, pasted = Estimate(settings), PastedKey.of(settings)
     new = NewRows(done) if held is not None and done is not None else None
 
-    def visit(item: WorkItem, file: str) -> None:
-        lifecycle.check(item)
-        pasted.check(item, file)
+    def visit(item: WorkItem, raw: RawItem) -> None:
+        lifecycle.check(item, raw)
+        pasted.check(item, raw.file)
         remote.add(item)
         if new is not None:
             new.add(item)
@@ -425,21 +372,3 @@ def _result(
         job=manifest, done_as_of=file_stamp(str(target / RESULTS_FILE)) if held is not None else None,
         rows_since=held.starts if held is not None else None,
     )  # fmt: skip
-
-
-def _check_settings(settings: Settings, target: Path, job: str) -> None:
-    """ConfigError for an output folder, a Vertex AI project or location, an ``output.upload_to`` or an
-    ``output.metrics_file`` (of the job *job*) that cannot be used."""
-    OutDir.check(target)
-    if settings.output.metrics_file:
-        from .metrics import metrics_file
-
-        metrics_file(settings.output.metrics_file, job)
-    if settings.api.backend == "vertex":
-        from ..api.vertex import vertex_route
-
-        vertex_route(settings.api.project, settings.api.location)
-    if settings.output.upload_to is not None:
-        from ..output.upload import Uploads
-
-        Uploads.check(settings.output.upload_to)

@@ -22,7 +22,8 @@ import anyio
 import httpx2
 
 from ..api.client import GeminiClient
-from ..api.connect import batch_client, connect, credentials_for
+from ..api.connect import batch_client, connect
+from ..api.credentials import credentials_for
 from ..api.retry import RetryPolicy
 from ..config import Settings
 from ..errors import ConfigError, Interrupted, NanobatchError, RunAborted, TimeLimitReached, sole_error
@@ -110,11 +111,13 @@ async def run_job(
     if force and retry_failed:
         raise ConfigError("--force and --retry-failed contradict each other: choose one")
     try:
+        needed = not simulate and transport is None  # a key (tests' transports need none)
+        # The settings checked as validate checks them (run.presend), then the items
         checked = check_job(manifest, settings=settings, out_dir=out_dir, check_urls=False, count_done=False,
-                            check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs,
-                            from_summary=not force and not retry_failed)  # fmt: skip
-        # Before the folder: a refusal (no key, no Google credentials) is told as one, and leaves no summary
-        api_key = credentials_for(checked.settings, simulate=simulate, needed=not simulate and transport is None)
+                            check_pictures=skip_bad_inputs, skip_bad_inputs=skip_bad_inputs, simulate=simulate,
+                            key_needed=needed, from_summary=not force and not retry_failed)  # fmt: skip
+        # Before the folder: a refusal (no Google credentials found) is told as one, and leaves no summary
+        api_key = credentials_for(checked.settings, simulate=simulate, needed=needed)
     except NanobatchError as exc:
         job = manifest.name if isinstance(manifest, Manifest) else Path(manifest).stem
         await tell_refused(settings or Settings(), job, exc)
@@ -402,19 +405,14 @@ def _gate(settings: Settings) -> Gate:
     (concurrency, rpm), batch = settings.gate_limits(), settings.api.tier == "batch"
     # In the batch tier a job's failed lines arrive together and say nothing about an outage: no adaptive
     # window or breaker either.
+    breaker = None if batch else Breaker(threshold=limits.breaker_threshold, cooldown_s=limits.breaker_cooldown_s,
+                                         max_down_s=limits.breaker_max_down_s, first_contact=first_contact)  # fmt: skip
     return Gate(
         concurrency=concurrency,
         requests_per_minute=rpm,
         rpm_burst=limits.rpm_burst,
         adaptive=limits.adaptive and not batch,
-        breaker=None
-        if batch
-        else Breaker(
-            threshold=limits.breaker_threshold,
-            cooldown_s=limits.breaker_cooldown_s,
-            max_down_s=limits.breaker_max_down_s,
-            first_contact=first_contact,
-        ),
+        breaker=breaker,
         budget=Budget(max_cost_usd=settings.budget.max_cost_usd, max_requests=settings.budget.max_requests),
         first_contact=first_contact,
     )
