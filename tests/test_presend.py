@@ -45,6 +45,11 @@ def _vertex(credentials_file: str) -> str:
             "error: no API key: set the environment variable NANOBATCH_API_KEY (or GEMINI_API_KEY)",
             id="no-key-for-a-remote-api",
         ),
+        pytest.param(  # httpx would send them as "Authorization: Basic", the key's Bearer header dropped
+            "api:\n  base_url: https://shop:s3cret-pass@proxy.example/v1\n", True,
+            "error: api.base_url holds a user name and password, which would be sent in place of the key",
+            id="basic-auth-in-the-url-with-a-bearer-key",
+        ),
     ],
 )  # fmt: skip
 def test_validate_and_dry_run_refuse_the_settings_a_run_refuses_in_the_same_words(

@@ -8,6 +8,7 @@ google-auth.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Literal
 
 from ..config import Settings, read_api_key
@@ -73,6 +74,11 @@ def check_credentials(settings: Settings, *, simulate: bool, needed: bool) -> No
     token fetched). ``check_job`` asks it, so ``validate`` and ``run --dry-run`` refuse what a run would."""
     api_key = api_key_for(settings, needed=needed)
     api = settings.api
+    if api_key is not None and api.auth == "bearer" and "@" in urllib.parse.urlsplit(api.base_url).netloc:
+        # httpx sends a URL's user name and password as "Authorization: Basic", in place of the key's header
+        raise ConfigError("api.base_url holds a user name and password, which would be sent in place of the key "
+                          "(both go in the Authorization header): set api.auth: x-goog-api-key, or take them out "
+                          "of the URL (the value is not shown)")  # fmt: skip
     if api.backend == "vertex" and not simulate:
         from .vertex import check_vertex_auth, vertex_route
 
