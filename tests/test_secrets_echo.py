@@ -487,3 +487,33 @@ def test_variable_names_are_still_taken(name: str) -> None:
     from nanobatch.config import load_settings
 
     assert load_settings(env={}, overrides={"api.api_key_env": name}).api.api_key_env == name
+
+
+@pytest.mark.parametrize(
+    ("item_id", "base_url"),
+    [
+        pytest.param("freya29.summer-dress-collection", None, id="an id with ya29. inside"),
+        pytest.param("a", "http://shop:images@{host}", id="a short proxy password in the inputs' paths"),
+    ],
+)
+def test_the_records_last_cut_never_touches_what_finds_an_items_work_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, item_id: str, base_url: str | None
+) -> None:
+    # Every record is cut once more as it is written: a token pattern inside an id, or a proxy's short password
+    # that is also a folder's name, turned the record's id, outputs or inputs into "[redacted]", and the item,
+    # never found done, was sent (and paid for) again every night.
+    from nanobatch.simulator import SimulatorConfig, run_in_thread
+
+    from .fakes import records
+
+    job = write_job(tmp_path, [{"id": item_id, "image": "images/a.png"}])
+    out = tmp_path / "out"
+    with run_in_thread(SimulatorConfig()) as url:
+        where = url if base_url is None else base_url.format(host=url.removeprefix("http://"))
+        argv = ["run", str(job), "--base-url", where, "--out", str(out), "--quiet"]
+        monkeypatch.setenv("NANOBATCH_API_AUTH", "x-goog-api-key")
+        assert main(argv) == 0
+        assert main(argv) == 0
+    (record,) = records(out)  # the second run found it done: one record, one payment
+    assert record["id"] == item_id and record["inputs"] == [str(tmp_path / "images" / "a.png")]
+    assert (out / record["outputs"][0]).is_file()

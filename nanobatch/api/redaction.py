@@ -43,11 +43,13 @@ __all__ = [
 
 MIN_SECRET = 6  # shorter values (a query's "1" or "true") would cut ordinary words out of messages
 STREAM_MIN_SECRET = 12  # in a downloaded results file (see StreamCut)
-_TOKENS = re.compile(
-    r"ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
-    r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
+_TOKENS = re.compile(  # (not inside a word: an item's id "freya29.summer-dress" is no token)
+    r"(?<![A-Za-z0-9])ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
+    r"|(?<![A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
 )
-_TOKEN_BYTES = re.compile(_TOKENS.pattern.encode())
+# In a whole record (ids, file names, inputs: what finds its work again), only a token as long as real ones are:
+# a record cut wrongly is an item sent, and paid for, again.
+_TOKEN_BYTES = re.compile(_TOKENS.pattern.replace("{8,}", "{24,}", 1).encode())
 
 
 class Secrets:
@@ -65,7 +67,10 @@ class Secrets:
         if new:
             self._values = tuple(sorted({*self._values, *new}, key=len, reverse=True))
             # orjson writes UTF-8, json.dumps \u escapes; both escape " and \ (a key may hold them)
-            forms = {form for value in self._values for form in (orjson.dumps(value), json.dumps(value).encode())}
+            # (in a whole record only a value as long as STREAM_MIN_SECRET: a short one, a proxy's password, could
+            # be part of an id or a file's name; the messages that could quote it are cut of it as they are made)
+            long = (value for value in self._values if len(value) >= STREAM_MIN_SECRET)
+            forms = {form for value in long for form in (orjson.dumps(value), json.dumps(value).encode())}
             self._json = tuple(sorted((form[1:-1] for form in forms), key=len, reverse=True))
 
     def learn(self, settings: Settings, env: Mapping[str, str] | None = None) -> None:
