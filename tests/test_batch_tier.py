@@ -810,3 +810,86 @@ def test_the_ledger_is_on_disk_before_a_job_that_bills_its_requests_is_created(
         assert cli(job, url) == 0
     creates = [n for n, step in enumerate(order) if step == "create"]
     assert creates and all(order[n - 2 : n] == ["creating", "fsync"] for n in creates)
+
+
+def test_a_waiting_night_stopped_by_its_time_limit_counts_what_it_submitted(job: Path) -> None:
+    # --max-duration stops a night whose jobs are still running: their requests are paid when they answer. Its
+    # steps were cancelled and their budget handed back, so no night counted them (the next one collects them).
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        code = cli(job, url, "--max-duration", "1", "--grace", "0.2", "--max-cost", "1")
+    submitted = sum(j.counts["request"] for j in jobs(app))
+    last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
+    assert code == 3 and submitted == ITEMS and last["spent_usd"] > 0
+
+
+def _taken_at_write(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file of the user's appears at sku-1.png just as its answer is written (the writer refuses it)."""
+    from nanobatch.output.outdir import OutDir
+
+    real = OutDir.claims
+
+    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
+        if any(name == "sku-1.png" for name, _ in files):
+            (out / "sku-1.png").write_bytes(b"mine")
+        return real(self, files, moves)
+
+    monkeypatch.setattr(OutDir, "claims", taken)
+
+
+def _paid_usd(out: Path, capsys: pytest.CaptureFixture[str]) -> float:
+    capsys.readouterr()
+    assert main(["status", str(out), "--json"]) == 0
+    return float(json.loads(capsys.readouterr().out)["paid_usd"])
+
+
+def test_a_kept_answer_is_paid_once_whatever_nights_failed_on_it_meanwhile(
+    job: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1's record paid for sku-1's answer (kept: its file was in the way). Night 2, the file still there,
+    # recorded output_exists at $0; night 3 wrote the answer and paid for it again, as the latest record, night 2's,
+    # had paid nothing. The answer's ledger line says which record paid for it.
+    app = sim(batch_latency_s=0.05)
+    out = job.parent / "out"
+    with run_in_thread(app=app) as url:
+        _taken_at_write(out, monkeypatch)
+        assert cli(job, url) == 1
+        monkeypatch.undo()
+        assert cli(job, url) == 1  # the file is still there: nothing read, nothing paid
+        (out / "sku-1.png").unlink()
+        assert cli(job, url) == 0
+    first, _, made = [r for r in records(out) if r["id"] == "sku-1"]
+    assert made["cost_usd"] == 0 and made["paid_in"] == {"run": first["run"], "cost_usd": first["cost_usd"]}
+    billed = sum(r["cost_usd"] for r in records(out) if r["id"] != "sku-1") + first["cost_usd"]
+    assert _paid_usd(out, capsys) == pytest.approx(billed)
+
+
+def test_a_new_answer_after_a_kept_one_is_paid_in_full(
+    job: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sku-1's first answer was kept (its file in the way); its instruction changed, and the new request's answer
+    # was collected by a night sku-1 was left out of. When sku-1 came back, that new answer was taken for the kept
+    # one (the item's latest record had failed so), referred to night 1's record, and paid for by no record.
+    from .fakes import sku_items
+
+    app = sim(batch_latency_s=0.05)
+    out = job.parent / "out"
+    items = sku_items(ITEMS)
+    changed = [dict(i, instruction="make the background grey") if i["id"] == "sku-1" else i for i in items]
+    with run_in_thread(app=app) as url:
+        _taken_at_write(out, monkeypatch)
+        assert cli(job, url) == 1
+        monkeypatch.undo()
+        (out / "sku-1.png").unlink()
+        write_job(job.parent, changed, model=MODEL)
+        batches = app.state.batches
+        batches.config = dataclasses.replace(batches.config, batch_latency_s=30.0)
+        assert cli(job, url, "--no-wait") == 0  # sku-1's new request waits in a job
+        batches.config = dataclasses.replace(batches.config, batch_latency_s=0.0)
+        write_job(job.parent, [i for i in items if i["id"] != "sku-1"], model=MODEL)
+        assert cli(job, url) == 0  # collects the job; no item of this night reads sku-1's answer
+        write_job(job.parent, changed, model=MODEL)
+        assert cli(job, url) == 0
+    first, made = (r for r in records(out) if r["id"] == "sku-1")
+    assert made["status"] == "ok" and made["cost_usd"] > 0 and made.get("paid_in") is None
+    assert _paid_usd(out, capsys) == pytest.approx(sum(r["cost_usd"] for r in records(out)))

@@ -39,10 +39,16 @@ class Tally:
     steps: list[StepRecord] = field(default_factory=list)
     usages: list[Mapping[str, Any]] = field(default_factory=list)  # of the answers the item is billed for
     api_s: list[float] = field(default_factory=list)  # per step: from its first request to its last answer
-    reread_usd: float = 0.0  # of its answers read again from a batch results file an earlier run collected
-    # The run whose record paid for those already, and what it paid: its images could not be written, and its
-    # answer was kept.
-    paid_before: tuple[str | None, float] | None = None
+    # What of its cost a record of an earlier run counted already (a batch answer kept, its image not written
+    # then), and that run: this record refers to it (``paid_in``) rather than count it again.
+    paid_in_usd: float = 0.0
+    paid_by: str | None = None
+
+    def counted_before(self, run: str | None, cost_usd: float) -> None:
+        """An answer costing *cost_usd* that the record of *run* counted already (None: none did)."""
+        if run is not None:
+            self.paid_in_usd += cost_usd
+            self.paid_by = run
 
     def sending(self) -> None:
         """Count a request of the item about to go out (in its fallback tier, once it has one)."""
@@ -77,9 +83,7 @@ def build_record(
 
     last = tally.last
     # Answers an earlier record paid for (its write failed, the answer kept): referred to, not paid again.
-    paid = None
-    if tally.paid_before is not None and (already := min(tally.reread_usd, tally.paid_before[1])) > 0:
-        paid = PaidIn(run=tally.paid_before[0], cost_usd=round(already, 6))
+    paid = PaidIn(run=tally.paid_by, cost_usd=round(tally.paid_in_usd, 6)) if tally.paid_by else None
     return ItemRecord(
         id=item.id,
         run=run,
@@ -93,7 +97,7 @@ def build_record(
         # The API's time: retries count, waiting for a slot, the rate limit, the inputs or between steps does
         # not (that is queueing). None: nothing was sent.
         latency_s=round(sum(tally.api_s), 3) if tally.api_s else None,
-        cost_usd=max(0.0, round(tally.cost_usd - (paid.cost_usd if paid else 0.0), 6)),
+        cost_usd=max(0.0, round(tally.cost_usd - tally.paid_in_usd, 6)),
         paid_in=paid,
         model=item.model,
         model_version=tally.model_version,

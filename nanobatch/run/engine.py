@@ -376,7 +376,6 @@ class Engine:
         contents: dict[str, bytes] = {}
         local = [ref for ref in item.inputs if not is_remote(ref)]
         known = entry.stamps if entry else {}
-        tally.paid_before = (entry.run, entry.cost_usd) if entry and entry.error_kind in UNSAVED_KINDS else None
         stamps = await local_stamps(local, known, contents=contents, keep_up_to=self._keep_up_to)
         plan = await self.referrer.plan(item)
         digests = {**{ref: stamp[2] for ref, stamp in (stamps or {}).items()}, **plan.digests}
@@ -436,8 +435,8 @@ class Engine:
             self.stats.failure("write", record.id)
             return
         self.index.add(record)
-        if self.batch_route is not None and not _unsaved(record):
-            self.batch_route.landed(record.id)  # its batch answers need not be kept any longer
+        if self.batch_route is not None:  # its batch answers are landed, or kept (its images were not written)
+            self.batch_route.recorded(record.id, self.run_id, kept=_unsaved(record))
         if finished.moves:
             self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
         else:

@@ -35,6 +35,8 @@ class Request:
     body: dict[str, Any] | None
     images: int = 0  # how many images it carries (for the cost estimate; the body may be on disk)
     again: int = 0  # the n-th new request for the step after answers its output checks refused (0: its own)
+    # In a sealed batch chunk when its step stopped waiting: it goes out, and is paid, whatever becomes of this run.
+    committed: bool = False
 
     def json(self) -> dict[str, Any]:
         if self.body is None:  # taken, and not put back: the route could not read it back from its chunk
@@ -79,6 +81,7 @@ class Answer:
     job: str | None = None  # the batch job that answered (the record's ``batch``)
     # False: read again from a batch results file an earlier run collected; that run counted it as spent.
     spent_now: bool = True
+    paid_by: str | None = None  # the run whose record counted this answer's cost already (its write had failed)
 
 
 class Route(Protocol):

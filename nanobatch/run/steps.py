@@ -214,9 +214,13 @@ class Steps:
                         exc, ticket, tally, worst, collect=collect, online=route is not self.batch_route
                     )
                     raise
+                except BaseException:  # stopped or cancelled: a request that went out is paid all the same
+                    if request.committed or ticket.sent and route is not self.batch_route:
+                        ticket.cost_usd = max(ticket.cost_usd, ticket.reserved_usd)
+                    raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
-                tally.reread_usd += 0.0 if answer.spent_now else cost
+                tally.counted_before(answer.paid_by, cost)
             tally.cost_usd += cost
             tally.answered(reply)
             check_reply(reply)

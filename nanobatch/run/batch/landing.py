@@ -94,7 +94,17 @@ class Answers:
         if result.error is not None:
             raise result.error
         assert result.reply is not None
-        return Answer(reply=result.reply, job=chunk.job or None, spent_now=not chunk.collected_before)
+        return Answer(reply=result.reply, job=chunk.job or None, spent_now=not chunk.collected_before,
+                      paid_by=chunk.counted.get(key))  # fmt: skip
+
+    def counted(self, holder: str, run: str) -> None:
+        """*holder*'s record, of run *run*, counted (and paid) the answers it read, but its images could not be
+        written: they are kept for the next run, whose record refers to that one for them (``paid_in``) rather
+        than count them again. Noted in the ledger, by the first such run only."""
+        for chunk, key in self.held.get(holder, ()):
+            if key not in chunk.counted and not chunk.closed:
+                chunk.counted[key] = run
+                self.chunks.ledger.note("counted", chunk, keys=[key], run=run)
 
     def landed(self, holder: str) -> None:
         """*holder*'s record is written: the answers it read are no longer kept for it, and the ledger says so at

@@ -63,6 +63,8 @@ class Chunk:
     requests: dict[str, int] | None = None  # where each key's request is in the chunk file (None: not read yet)
     indexed: bool = False  # offsets is known (from the ledger: a results file is not read twice for it)
     landed: set[str] = field(default_factory=set)  # keys whose answers are landed: no longer kept for them
+    # keys whose answers a record counted (and paid) already, and its run: kept, its image not written
+    counted: dict[str, str] = field(default_factory=dict)
     collected_before: bool = False  # its results were collected by an earlier run (read from the ledger)
     collected_at: float | None = None  # when (Unix time; None: a ledger from before it said, or not collected)
 
@@ -169,6 +171,9 @@ def _apply(chunks: dict[str, Chunk], event: dict[str, Any]) -> None:
         chunk.closed = True
     elif kind == "landed":
         chunk.landed.update(str(key) for key in event.get("keys") or ())
+    elif kind == "counted":
+        for key in event.get("keys") or ():
+            chunk.counted.setdefault(str(key), str(event.get("run")))
 
 
 def answers_to_come(folder: Path) -> bool:

@@ -194,7 +194,11 @@ class BatchRoute:
                 chunk = self.filler.add(model, key, request.take())
             else:
                 request.take()  # in a chunk already (a resumed run's): its line there is the request
-            return await self.answers.land(chunk, key, step.item, request)
+            try:
+                return await self.answers.land(chunk, key, step.item, request)
+            except BaseException:  # stopped, cancelled: a sealed chunk goes out (now or by the next run), paid
+                request.committed = chunk.id in self.chunks.by_id
+                raise
         except OSError as exc:
             raise self._break(exc) from None
 
@@ -228,10 +232,14 @@ class BatchRoute:
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
 
-    def landed(self, item: str) -> None:
-        """*item*'s record is written: the answers it read need not be kept for it any longer."""
+    def recorded(self, item: str, run: str, *, kept: bool) -> None:
+        """*item*'s record (of *run*) is written: the answers it read need not be kept for it any longer; or, *kept*
+        (its images could not be written), they are, for the next run, noted as counted by this record."""
         try:
-            self.answers.landed(item)
+            if kept:
+                self.answers.counted(item, run)
+            else:
+                self.answers.landed(item)
         except OSError as exc:  # a chunk could not be closed: it is, by a later run; this one stops
             self._break(exc)
 
