@@ -66,12 +66,11 @@ def reported_tier(usage: Mapping[str, Any], header: str | None = None) -> str | 
     """The tier the answer says the request ran in, lower case; None if not said: the Gemini API's
     ``x-gemini-service-tier`` *header*, else ``usageMetadata.serviceTier`` (a proxy's), else Vertex AI's
     ``trafficType``. A value that names no tier (a proxy's "paid") says nothing."""
-    value = header if header and header.lower().removeprefix("service_tier_") in TIERS else usage.get("serviceTier")
-    if not isinstance(value, str):
-        traffic = usage.get("trafficType")
-        return _TRAFFIC_TIERS.get(traffic) if isinstance(traffic, str) else None
-    tier = value.lower().removeprefix("service_tier_")
-    return tier if tier in TIERS else None
+    for value in (header, usage.get("serviceTier")):
+        if isinstance(value, str) and (tier := value.lower().removeprefix("service_tier_")) in TIERS:
+            return tier
+    traffic = usage.get("trafficType")
+    return _TRAFFIC_TIERS.get(traffic) if isinstance(traffic, str) else None
 
 
 def usage_cost(usage: Mapping[str, Any], pricing: Pricing) -> float:

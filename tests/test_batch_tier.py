@@ -712,12 +712,12 @@ def test_a_request_the_budget_refuses_as_it_is_sent_never_joins_a_chunk(tmp_path
     assert sealed == [] and route.chunks.by_key == {} and not list((tmp_path / "batches").glob("r1-*"))
 
 
-def test_requests_sent_again_when_a_job_fails_during_the_run_stop_at_the_budget_before_joining_a_new_job(
+def test_requests_of_jobs_that_fail_during_the_night_are_sent_again_within_max_requests(
     job: Path,
 ) -> None:
     # Night 1 (--no-wait) put every item in jobs that fail while night 2 waits for them: their requests go into
-    # new jobs, paid again, so under --max-requests 3 only three may (a chunk of 4 would be sealed and sent as its
-    # fourth line is written). The failed jobs' requests were never charged, and are not counted.
+    # new jobs, paid again, so under --max-requests 3 only three may. The failed jobs' requests were never charged,
+    # and are not counted. (The order in the route, budget before chunk, is the unit test's above.)
     app = sim(batch_latency_s=0.5, batch_rate_failed=1.0)
     with run_in_thread(app=app) as url:
         assert cli(job, url, "--no-wait") == 0

@@ -67,11 +67,12 @@ def api_key_for(settings: Settings, *, needed: bool) -> str | None:
     return api_key
 
 
-def check_credentials(settings: Settings, *, simulate: bool, needed: bool) -> None:
-    """ConfigError for what :func:`credentials_for` refuses that this machine can tell without the network: no
-    API key where one is *needed* (:func:`api_key_for`), or one no header can carry; Vertex AI's project or
-    location that cannot be, express mode without a key, a key file that is no service-account key (read, no
-    token fetched). ``check_job`` asks it, so ``validate`` and ``run --dry-run`` refuse what a run would."""
+def check_credentials(settings: Settings, *, simulate: bool, needed: bool) -> str | None:
+    """The API key to send (:func:`api_key_for`), or ConfigError for what :func:`credentials_for` refuses that
+    this machine can tell without the network: no API key where one is *needed*, or one no header can carry;
+    Vertex AI's project or location that cannot be, express mode without a key, a key file that is no
+    service-account key (read, no token fetched). ``check_job`` asks it, so ``validate`` and ``run --dry-run``
+    refuse what a run would."""
     api_key = api_key_for(settings, needed=needed)
     api = settings.api
     if api_key is not None and api.auth == "bearer" and "@" in urllib.parse.urlsplit(api.base_url).netloc:
@@ -84,6 +85,7 @@ def check_credentials(settings: Settings, *, simulate: bool, needed: bool) -> No
 
         vertex_route(api.project, api.location, base_url=None)
         check_vertex_auth(api.project, api.credentials_file, api_key)
+    return api_key
 
 
 def credentials_for(settings: Settings, *, simulate: bool, needed: bool) -> str | None:
@@ -91,8 +93,7 @@ def credentials_for(settings: Settings, *, simulate: bool, needed: bool) -> str 
     credentials) is known to be there: a ConfigError now, before a run takes its folder, not once it holds it.
     Beyond :func:`check_credentials`, it looks for Application Default Credentials (Vertex AI in a project,
     no key file), which google-auth may ask the metadata server for."""
-    check_credentials(settings, simulate=simulate, needed=needed)
-    api_key = api_key_for(settings, needed=needed)
+    api_key = check_credentials(settings, simulate=simulate, needed=needed)
     api = settings.api
     if api.backend == "vertex" and not simulate:
         from .vertex import vertex_auth

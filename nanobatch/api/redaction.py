@@ -43,13 +43,21 @@ __all__ = [
 
 MIN_SECRET = 6  # shorter values (a query's "1" or "true") would cut ordinary words out of messages
 STREAM_MIN_SECRET = 12  # in a downloaded results file (see StreamCut)
-_TOKENS = re.compile(  # (not inside a word: an item's id "freya29.summer-dress" is no token)
-    r"(?<![A-Za-z0-9])ya29\.[A-Za-z0-9_.-]{8,}"  # a Google OAuth access token
-    r"|(?<![A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # a JWT: header.payload.signature
-)
+
+
+def _tokens(access_token_min: int) -> str:
+    """Tokens cut whatever they are, not inside a word (an item's id "freya29.summer-dress" is no token): a Google
+    OAuth access token with at least *access_token_min* characters after ``ya29.``, and a signed JWT."""
+    return (
+        rf"(?<![A-Za-z0-9])ya29\.[A-Za-z0-9_.-]{{{access_token_min},}}"
+        r"|(?<![A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"  # header.payload.signature
+    )
+
+
+_TOKENS = re.compile(_tokens(8))
 # In a whole record (ids, file names, inputs: what finds its work again), only a token as long as real ones are:
 # a record cut wrongly is an item sent, and paid for, again.
-_TOKEN_BYTES = re.compile(_TOKENS.pattern.replace("{8,}", "{24,}", 1).encode())
+_TOKEN_BYTES = re.compile(_tokens(24).encode())
 
 
 class Secrets:

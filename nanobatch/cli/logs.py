@@ -35,35 +35,27 @@ def _ours(record: logging.LogRecord) -> bool:
 
 
 class _Redact(logging.Filter):
-    """Defence in depth: no log line may carry the API key or the notify webhook's URL, whoever wrote it."""
-
-    def __init__(self, *secrets: str | None) -> None:
-        super().__init__()
-        from ..api.redaction import MIN_SECRET
-
-        self.secrets = [secret for secret in secrets if secret and len(secret) >= MIN_SECRET]  # (see redact)
+    """Defence in depth: no log line may carry a credential ``api.redaction.SECRETS`` knows (the API key, the
+    notify webhook's URL, ...), whoever wrote it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if (said := _cut(message, self.secrets)) != message:
+        if (said := _cut(message)) != message:
             record.msg, record.args = said, ()
         if record.exc_info and not record.exc_text:  # a traceback is written from exc_text
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = _cut(record.exc_text, self.secrets)
+            record.exc_text = _cut(record.exc_text)
         if fields := getattr(record, "fields", None):  # a JSON event's structured data (ids, messages) too
             text = json.dumps(fields)
-            if (cut := _cut(text, self.secrets)) != text:
+            if (cut := _cut(text)) != text:
                 record.fields = json.loads(cut)
         return True
 
 
-def _cut(text: str, secrets: list[str]) -> str:
-    """*text* without *secrets* and what the run's clients said they send (``api.redaction.SECRETS``)."""
+def _cut(text: str) -> str:
     from ..api.redaction import SECRETS
 
-    for secret in secrets:
-        text = text.replace(secret, "[redacted]")
     return SECRETS.cut(text)
 
 
@@ -144,16 +136,7 @@ def show_error(text: str, *, prefix: str = "error: ") -> None:
     else:  # the log filter's cut, as this bypasses it
         from ..api.redaction import redact_urls
 
-        click.echo(f"{prefix}{redact_urls(_cut(text, _environment_keys()))}", err=True)
-
-
-def _environment_keys() -> list[str]:
-    """The API keys in the environment's usual variables, known before the settings are (which may name another
-    variable: :func:`install_redaction` has ``SECRETS`` learn that one too)."""
-    from ..api.redaction import MIN_SECRET  # shorter ("sim-key" is not; "e" is) would cut letters out of words
-
-    keys = (os.environ.get(name, "").strip() for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY"))
-    return [key for key in keys if len(key) >= MIN_SECRET]
+        click.echo(f"{prefix}{redact_urls(_cut(text))}", err=True)
 
 
 def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
@@ -165,8 +148,12 @@ def setup_logging(verbose: int, quiet: bool, log_format: str) -> None:
         handler.setFormatter(_TextFormatter("nanobatch: %(levelname)s: %(message)s"))
     # Their tracebacks: at -vv, or inside a JSON event (one line either way), for a collector to keep
     handler.addFilter(_Libraries(tracebacks=verbose > 1 or log_format == "json"))
-    if keys := _environment_keys():  # from the first line: a config error may quote a value the key was pasted in
-        handler.addFilter(_Redact(*keys))
+    # From the first line: a config error may quote a value the key was pasted in. The keys in the environment's
+    # usual variables are known before the settings are (which may name another: install_redaction).
+    from ..api.redaction import SECRETS
+
+    SECRETS.add(*(os.environ.get(name, "").strip() for name in ("NANOBATCH_API_KEY", "GEMINI_API_KEY")))
+    handler.addFilter(_Redact())
     _install(handler)
     logging.captureWarnings(True)  # Python's warnings too: as a "py.warnings" line, not a bare one
     ours = logging.getLogger("nanobatch")
@@ -207,6 +194,5 @@ def install_redaction(settings: Settings) -> None:
     from ..config import read_api_key, read_notify_url
 
     SECRETS.learn(settings)  # first: reading them may refuse a value, and the refusal is shown
-    redact = _Redact(read_api_key(settings), read_notify_url(settings))
-    for handler in logging.getLogger("nanobatch").handlers:
-        handler.filters[:] = [f for f in handler.filters if not isinstance(f, _Redact)] + [redact]
+    read_api_key(settings)  # (a value that cannot be used is refused here, before anything is read)
+    read_notify_url(settings)

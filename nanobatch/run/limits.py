@@ -39,12 +39,8 @@ _OUTAGE = frozenset({"connection", "timeout", "server_error", "bad_gateway", "ov
 
 
 class Stopped(Exception):  # noqa: N818 - a signal, not a failure
-    """The run is stopping: the request was not sent, or (*committed*) it is in a batch job this run leaves for
-    the next to collect, paid for all the same; its item stays unrecorded."""
-
-    def __init__(self, *args: object, committed: bool = False) -> None:
-        super().__init__(*args)
-        self.committed = committed
+    """The run is stopping: the request was not sent (or is in a batch job this run leaves for the next to collect)
+    and its item stays unrecorded."""
 
 
 @dataclass(slots=True)
@@ -229,8 +225,8 @@ class Gate:
     async def request(self, worst_case_usd: float = 0.0, *, collect: bool = False) -> AsyncIterator[Ticket]:
         """Wait for admission, then hold a slot while the body of the ``async with`` sends the request. *collect*:
         it sends nothing, it collects an answer an earlier run's batch job holds: the run that submitted it counted
-        it against its own budget (at its worst case, a --no-wait run's: :class:`Stopped` *committed*), so this
-        run's budget neither holds it back nor counts it, as a request or as spent."""
+        it against its own budget (at its worst case, if it left the job to the next run), so this run's budget
+        neither holds it back nor counts it, as a request or as spent."""
         ticket = await self._admit(worst_case_usd, budgeted=not collect)
         self.in_flight += 1
         try:
@@ -238,11 +234,7 @@ class Gate:
         except ApiError as exc:
             self._settle(ticket, exc)
             raise
-        except BaseException as exc:
-            if isinstance(exc, Stopped) and exc.committed and ticket.budgeted:
-                # Submitted, to be paid when its job answers: its worst case stays spent, or each chunk of a
-                # --no-wait night would hand its budget to the next and the cap would bound nothing.
-                ticket.cost_usd = max(ticket.cost_usd, ticket.reserved_usd)
+        except BaseException:
             self._settle(ticket, None, cancelled=True)
             raise
         else:

@@ -169,18 +169,26 @@ class Steps:
         raise exc
 
     def _charge_unread(
-        self, exc: ApiError, ticket: Ticket, tally: Tally, worst: float, *, collect: bool, online: bool
+        self, exc: BaseException, request: Request, ticket: Ticket, tally: Tally, worst: float, *, online: bool
     ) -> None:
         """What a request that got no answer to read costs, at its worst case: a 200 whose body broke (made, billed,
-        unpriced: the record counts it too); one sent online that got no answer at all (it took too long, the
-        connection dropped: the model may have made the image, and billed it; the cap counts it so, the record
-        only what is known)."""
-        if exc.kind == "bad_response" and not collect:
+        unpriced: the record counts it too); one that went out and got no answer at all (online: it took too long,
+        the connection dropped, the run stopped; batch: it is in a sealed chunk, which goes out, now or with the
+        next run): the model may have made the image, and billed it; the cap counts it so, the record only what
+        is known. (Not an answer collected from an earlier run's job: that run counted it.)"""
+        if not ticket.budgeted:
+            return
+        if isinstance(exc, ApiError) and exc.kind == "bad_response":
             self.failures.unpriced(f"an answer could not be read ({exc.message})", worst)
             ticket.cost_usd = worst
             tally.cost_usd += worst
-        elif online and ticket.sent and exc.sent and exc.status_code is None:
-            ticket.cost_usd = worst
+            return
+        if isinstance(exc, ApiError):  # an error answer is definite; no answer at all is not
+            unanswered = online and ticket.sent and exc.sent and exc.status_code is None
+        else:  # stopped or cancelled
+            unanswered = request.committed or online and ticket.sent
+        if unanswered:
+            ticket.cost_usd = max(worst, ticket.reserved_usd)
 
     async def _send_in(
         self, tier: str, route: Route, item: WorkItem, tally: Tally, instruction: str, request: Request,
@@ -209,14 +217,8 @@ class Steps:
                 sending()
                 try:
                     answer = await self._attempt(item, tally, request, timeout, route, ticket)
-                except ApiError as exc:
-                    self._charge_unread(
-                        exc, ticket, tally, worst, collect=collect, online=route is not self.batch_route
-                    )
-                    raise
-                except BaseException:  # stopped or cancelled: a request that went out is paid all the same
-                    if request.committed or ticket.sent and route is not self.batch_route:
-                        ticket.cost_usd = max(ticket.cost_usd, ticket.reserved_usd)
+                except BaseException as exc:  # an error answer, none, or the run stopping
+                    self._charge_unread(exc, request, ticket, tally, worst, online=route is not self.batch_route)
                     raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it

@@ -116,12 +116,17 @@ class Chunks:
             else:
                 del self.by_key[key]
 
-    def landed(self, chunk: Chunk, key: str) -> None:
-        """*key*'s answer in *chunk* is landed (its item's record is written): the chunk's files are deleted once
-        every answer in them is."""
-        chunk.landed.add(key)
-        if len(chunk.landed) == len(chunk.keys) and not chunk.closed:  # each key once in a chunk
+    def landed(self, chunk: Chunk, keys: list[str]) -> None:
+        """*keys*' answers in *chunk* are landed (their items' records are written, or there is none): the ledger
+        says so at once, so that a run that ends early (its budget, a signal, a kill) leaves none for the next to
+        read again, as if new, into a second record; the chunk's files are deleted once every answer in them is."""
+        chunk.landed.update(keys)
+        if chunk.closed:
+            return
+        if len(chunk.landed) == len(chunk.keys):  # each key once in a chunk
             self.close(chunk)
+        else:
+            self.ledger.note("landed", chunk, keys=keys)
 
     def close(self, chunk: Chunk) -> None:
         """Delete *chunk*'s files: its answers were all landed, or are not wanted."""
@@ -148,9 +153,6 @@ class Chunks:
                 kept_unused += unused[chunk.id]
                 continue
             self.close(chunk)
-        for chunk in self.by_id.values():  # what stays: which of its answers are landed, never to be used again
-            if not chunk.closed and chunk.landed:
-                self.ledger.note("landed", chunk, keys=sorted(chunk.landed))
         return kept_unused
 
     def _collected_at(self, chunk: Chunk) -> float:

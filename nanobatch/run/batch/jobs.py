@@ -78,8 +78,7 @@ class Jobs:
                 self.answers.settle(chunk, exc)
             else:
                 self.unfollowed.add(chunk.id)
-                unknown = Stopped(f"the batch job of chunk {chunk.id} is not known to be done", committed=True)
-                self.answers.settle(chunk, unknown)
+                self.answers.settle(chunk, Stopped(f"the batch job of chunk {chunk.id} is not known to be done"))
 
     def _lost(self, chunk: Chunk, exc: ApiError) -> None:
         """*chunk*'s job is done but its results file is gone from the API (deleted, or past the 48 hours the API
@@ -136,7 +135,7 @@ class Jobs:
                 if job.done:
                     return job
                 if not self.settings.wait:
-                    waiting = Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it", committed=True)
+                    waiting = Stopped(f"batch job {chunk.job} is {job.state}: the next run collects it")
                     self.answers.settle(chunk, waiting)
                     return None
             if self._deadline.is_set():  # (its wait would return at once: a job still running after its cancel)

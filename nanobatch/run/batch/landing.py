@@ -86,7 +86,7 @@ class Answers:
         if result is not None:
             self.held.setdefault(holder, []).append((chunk, key))
         else:
-            self.chunks.landed(chunk, key)  # no answer: nothing to keep for it
+            self.chunks.landed(chunk, [key])  # no answer: nothing to keep for it
             raise deadline_error() if self.past_deadline else ApiError(
                 f"batch job {chunk.job} ended {chunk.state} without answering this request; it goes in a later batch",
                 kind="batch_unanswered", retryable=True,
@@ -107,16 +107,12 @@ class Answers:
                 self.chunks.ledger.note("counted", chunk, keys=[key], run=run)
 
     def landed(self, holder: str) -> None:
-        """*holder*'s record is written: the answers it read are no longer kept for it, and the ledger says so at
-        once: a run that ends early (its budget, a signal, a kill) must not leave them for the next to read
-        again, as if new, into a second record."""
+        """*holder*'s record is written: the answers it read are no longer kept for it (one ledger line a chunk)."""
         by_chunk: dict[str, tuple[Chunk, list[str]]] = {}
         for chunk, key in self.held.pop(holder, ()):
             by_chunk.setdefault(chunk.id, (chunk, []))[1].append(key)
-            self.chunks.landed(chunk, key)
         for chunk, keys in by_chunk.values():
-            if not chunk.closed:
-                self.chunks.ledger.note("landed", chunk, keys=keys)
+            self.chunks.landed(chunk, keys)
 
     def kept(self) -> set[str]:
         """The chunks holding answers read by items not landed (their next step waits in a job)."""

@@ -9,6 +9,9 @@ written before and after it happens::
     state {chunk, state, counts}                 the job's state changed (for `nanobatch status`)
     collected {chunk, results} | ended {chunk, state}   its results are on disk / it ended without any
     indexed {chunk, offsets}                     where each key's answer is in the results file
+    landed {chunk, keys}                         these answers are in records (never read again)
+    counted {chunk, keys, run}                   these answers are in a record of *run* that could not write
+                                                 their images (kept; the record that writes them refers to it)
     closed {chunk}                               every answer is landed or not wanted; local files deleted
 
 A chunk's results file is kept until each answer in it is landed (its item's record written) or no longer

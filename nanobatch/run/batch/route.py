@@ -182,7 +182,7 @@ class BatchRoute:
         The answer is read only once the step's item holds a landing place, which it keeps until :meth:`release`
         (the engine's: once the item's images are with the writer)."""
         self.answers.check()
-        key = step.key
+        key, request.committed = step.key, False
         try:
             chunk = self.chunks.by_key.get(key)
             if chunk is None:
