@@ -56,7 +56,10 @@ def start_run(job: Path, out: Path, api: str) -> subprocess.Popen[bytes]:
 
 
 def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+    try:  # (not exists() then read: a run starting deletes an empty journal, and makes it again as it sends)
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
 
 
 def wait_until(condition, limit_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
