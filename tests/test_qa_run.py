@@ -117,8 +117,10 @@ def test_the_cost_cap_holds_with_retries_and_every_paid_answer_is_recorded(
     spent = json.loads((tmp_path / "out" / "summary.json").read_text())["last_run"]["spent_usd"]
     assert summary.exit_code == 3 and len(fake.requests) == 6 and spent == pytest.approx(6 * price) and spent <= cap
     assert sum(r["cost_usd"] for r in done) == pytest.approx(spent)  # nothing paid went unrecorded
-    # The items stopped between their retries are recorded rejected, with what they paid for.
-    assert len(done) == 2 and {r["status"] for r in done} == {"rejected"} and sum(r["attempts"] for r in done) == 6
+    # The items stopped between their retries are recorded rejected, with what they paid for. (How the six
+    # requests fall among the items is the scheduler's: an item's answer is checked off the event loop,
+    # and the next item's request may take the slot meanwhile.)
+    assert {r["status"] for r in done} == {"rejected"} and sum(r["attempts"] for r in done) == 6
 
 
 def test_a_rejected_image_is_never_uploaded(

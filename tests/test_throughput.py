@@ -175,29 +175,32 @@ def test_breaker_gives_up_on_an_api_that_stays_down(tmp_path: Path) -> None:
 
 
 def random_faults(seed: int) -> Any:
-    """A server with 2 s latency answering 8% of requests with a random 503 or 500; it notes its last answer's time."""
+    """A server with 2 s latency answering 8% of requests with a random 503 or 500; it notes when each answer left."""
     import random
 
     rng = random.Random(seed)
 
     async def server(request: httpx2.Request) -> httpx2.Response:
         await anyio.sleep(2.0)
-        server.last_answer = anyio.current_time()  # type: ignore[attr-defined]
+        server.answered.append(anyio.current_time())  # type: ignore[attr-defined]
         if rng.random() < 0.08:
             return google_error(rng.choice([500, 503]), "UNAVAILABLE", "try again later")
         return httpx2.Response(200, json=ok_body())
 
+    server.answered = []  # type: ignore[attr-defined]
     return server
 
 
 def test_random_server_errors_keep_the_window_open(tmp_path: Path) -> None:
-    # Isolated faults are not congestion: adaptive concurrency must go about as fast as a fixed window
-    # (halving the window on each 503 took 33.6 s where the fixed window took 19.1 s).
+    # Isolated faults are not congestion: adaptive concurrency must go as fast as a fixed window
+    # (halving the window on each 503 took 33.6 s where the fixed window took 19.1 s). The run's last
+    # answers are a few items' retries, whose waits are jittered; the window shows in when nine answers
+    # in ten have come.
     took = {}
     for adaptive in (True, False):
         job = write_job(tmp_path / str(adaptive), [{"id": f"i{n:03d}", "instruction": f"e{n}"} for n in range(500)])
         server = random_faults(seed=12)
         summary = run(job, server, {"limits.concurrency": 50, "limits.adaptive": adaptive})
         assert summary.exit_code == 0 and summary.stats.ok == 500
-        took[adaptive] = server.last_answer
-    assert took[True] <= 1.15 * took[False], took
+        took[adaptive] = sorted(server.answered)[len(server.answered) * 9 // 10]
+    assert took[True] <= 1.05 * took[False], took
