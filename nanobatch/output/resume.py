@@ -17,6 +17,7 @@ from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, item_stems, rejected_name
+from .carried import STEPS_FOLDER, Carried, carried_step
 from .files import Owned, is_ours, stamp_of
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
@@ -61,6 +62,7 @@ class Send:
     taken: str | None = None
     why: str | None = None  # why it is taken, if not a file there (a folder on the way that leads out of the folder)
     uploads: tuple[str, ...] = ()  # with output.upload_to: the names its images would be uploaded under
+    carried: Carried | None = None  # the steps earlier runs answered, which it goes on from
 
 
 class Resume:
@@ -88,13 +90,13 @@ class Resume:
         """What to do with *item*, whose inputs have the work key *key* and whose latest record is *entry*."""
         wanted = self._wanted(item, entry, key)
         if self.force or not _ok(entry, key):
-            return self._send(item, entry) if wanted else SKIP
+            return self._send(item, entry, key) if wanted else SKIP
         renamed = dict(renamed_files(entry, item.stem))
         # Done files a run moved, dying before its record, are looked for only where one is missing.
         look = wanted or not all(os.path.isfile(self.out.file(old)) for old in renamed)
         at = self._moved_to(item, entry, renamed) if look else {}
         if wanted and not at:
-            return self._send(item, entry)
+            return self._send(item, entry, key)
         at = at or {}
         moves = tuple((old, new) for old, new in renamed.items() if os.path.isfile(self.out.file(at.get(old, old))))
         moves += tuple((old, old) for old in at if old not in renamed)  # back from rejected/
@@ -135,13 +137,17 @@ class Resume:
             return self.force or not done
         return self.force or not is_done(entry, key, self.out.path)
 
-    def _send(self, item: WorkItem, entry: IndexEntry | None) -> Send:
+    def _send(self, item: WorkItem, entry: IndexEntry | None, key: str) -> Send:
         # Looked for before paying: an answer that could not be saved (the writer refuses it the same way). An
         # item with output checks may write under rejected/ instead (nanobatch.output.verdicts); what an earlier
-        # run set aside there for it is replaceable too (an answer that passes deletes it).
-        replaceable = self.index.owned_under(item.id, item.stem) | self.index.owned_under(
-            item.id, rejected_name(item.stem)
-        )
+        # run set aside there for it is replaceable too (an answer that passes deletes it), and so is the image
+        # of a step it was stopped after (nanobatch.output.carried).
+        kept = self.index.owned_under(item.id, f"{STEPS_FOLDER}/{item.stem}")
+        replaceable = {
+            **self.index.owned_under(item.id, item.stem), **self.index.owned_under(item.id, rejected_name(item.stem)),
+            **kept,
+        }  # fmt: skip
+        carried = None if self.force else carried_step(item, entry, key, kept, self.out)
         names = [f"{stem}.{ext}" for stem, _ in item_stems(item) for ext in OUTPUT_EXTENSIONS]
         numbered: list[str] = []
         if entry is not None and entry.error_kind in ("output_exists", "upload"):
@@ -153,7 +159,7 @@ class Resume:
         if item.qa is not None and item.qa.active:
             folder = self.out.file(REJECTED_FOLDER)
             if os.path.islink(folder) or os.path.lexists(folder) and not os.path.isdir(folder):
-                return Send(replaceable=replaceable, taken=folder, uploads=uploads)  # never written through
+                return Send(replaceable=replaceable, taken=folder, uploads=uploads, carried=carried)  # not through it
             names += [rejected_name(name) for name in names]
         # A folder on the way that leads out of the output folder (looked at once per folder); or a file, a folder
         # or a link there that is not the item's as nanobatch left it.
@@ -165,7 +171,7 @@ class Resume:
         foreign = outside + sorted(n for n in there if not is_ours(replaceable, n, self.out.file(n)))
         why = "is in a folder that leads out of the output folder through a symbolic link" if outside else None
         taken = self.out.file(foreign[0]) if foreign else None
-        return Send(replaceable=replaceable, taken=taken, why=why, uploads=uploads)
+        return Send(replaceable=replaceable, taken=taken, why=why, uploads=uploads, carried=carried)
 
 
 _NUMBERED = range(1, 5)  # an answer's images looked at, by number, for an item whose last answer was refused

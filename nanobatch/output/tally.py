@@ -13,7 +13,7 @@ from ..names import step_stem
 from .record import TOKEN_FIELDS, ErrorInfo, ItemRecord, PaidIn, StepRecord, utc
 
 if TYPE_CHECKING:
-    from ..api.gemini import Reply
+    from ..api.gemini import Image, Reply
     from ..item import WorkItem
 
 __all__ = ["Tally", "build_record", "moved_record"]
@@ -43,12 +43,21 @@ class Tally:
     # then), and that run: this record refers to it (``paid_in``) rather than count it again.
     paid_in_usd: float = 0.0
     paid_by: str | None = None
+    # The latest step before the last that answered with images (its number, its images): kept on disk if the
+    # item is cut off before its last step (nanobatch.output.carried). And the usage of the steps an earlier
+    # run answered, which this item goes on from.
+    carried: tuple[int, list[Image]] | None = None
+    earlier: Mapping[str, Any] | None = None
 
     def counted_before(self, run: str | None, cost_usd: float) -> None:
         """An answer costing *cost_usd* that the record of *run* counted already (None: none did)."""
         if run is not None:
             self.paid_in_usd += cost_usd
             self.paid_by = run
+
+    def paid_now(self) -> bool:
+        """Whether this run paid for any of the item's answers (an answer without an image is billed too)."""
+        return bool(self.usages) or self.cost_usd > self.paid_in_usd
 
     def sending(self) -> None:
         """Count a request of the item about to go out (in its fallback tier, once it has one)."""
@@ -84,6 +93,7 @@ def build_record(
     last = tally.last
     # Answers an earlier record paid for (its write failed, the answer kept): referred to, not paid again.
     paid = PaidIn(run=tally.paid_by, cost_usd=round(tally.paid_in_usd, 6)) if tally.paid_by else None
+    usages = [tally.earlier, *tally.usages] if tally.earlier else tally.usages  # with steps an earlier run answered
     return ItemRecord(
         id=item.id,
         run=run,
@@ -91,7 +101,7 @@ def build_record(
         outputs=tuple(outputs),
         finish_reason=(last.finish_reason or last.block_reason) if last else None,
         text=last.text if last else None,
-        usage=sum_usage(list(tally.usages)) if tally.usages else {},
+        usage=sum_usage(usages) if usages else {},
         steps=tuple(tally.steps) if len(item.steps) > 1 else None,
         attempts=tally.attempts,
         # The API's time: retries count, waiting for a slot, the rate limit, the inputs or between steps does

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,10 +29,13 @@ from ..api.redaction import public_url
 from ..errors import ApiError, ConfigError, StorageError, sole_error
 from .files import Owned, is_ours
 from .reading import UploadStamp
+from .record import ErrorInfo, ItemRecord
 from .results import ResultsIndex
 
 if TYPE_CHECKING:
-    from .outdir import Journal
+    from ..api.gemini import Image
+    from .outdir import Journal, OutDir
+    from .writer import Finished
 
 __all__ = ["Uploads", "keep_version"]
 
@@ -105,6 +109,40 @@ class Uploads:
                 raise error from None
             raise
         return urls, tuple(stamps[url] for url in urls)
+
+    async def publish(
+        self, record: ItemRecord, files: list[tuple[str, Image]], index: ResultsIndex, journal: Journal
+    ) -> ItemRecord:
+        """*record* with its objects' URLs, once each of its *files* is PUT; a failed record (kind ``upload``) if
+        one could not be: its images are still written into the output folder."""
+        try:
+            # An image a worker wrote is read back from its temporary file, off the event loop.
+            put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
+            ours = index.uploaded(record.id, [self.url(name) for name, _ in put])
+            journal.uploading(record.id, [(self.url(name), len(data)) for name, data in put])
+            urls, stamps = await self.put(put, ours)
+            return replace(record, uploads=urls, upload_stamps=stamps)
+        except StorageError as exc:
+            logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
+            return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
+
+    async def publish_moved(self, finished: Finished, index: ResultsIndex, out: OutDir) -> Finished | None:
+        """Done work whose files move to new names: PUT them under those names too, so that the record's
+        ``uploads`` follow its ``outputs``; None (left as it was, for the next run) if that cannot be done."""
+
+        def read(name: str) -> bytes:
+            with open(out.file(name), "rb") as f:
+                return f.read()
+
+        try:
+            files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
+            ours = index.uploaded(finished.record.id, [self.url(name) for name, _ in files])
+            out.journal.uploading(finished.record.id, [(self.url(n), len(d)) for n, d in files])
+            uploads, stamps = await self.put(files, ours)
+        except (OSError, StorageError) as exc:
+            logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
+            return None
+        return replace(finished, record=replace(finished.record, uploads=uploads, upload_stamps=stamps))
 
     async def adopt(self, claims: list[tuple[str, str, int]], index: ResultsIndex, journal: Journal) -> None:
         """Count each claimed object (item, URL, size: a dead run's journal) as nanobatch's, with the stamp it has

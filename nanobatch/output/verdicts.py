@@ -24,6 +24,7 @@ from ..api.gemini import Image
 from ..errors import ApiError
 from ..names import REJECTED_FOLDER, is_kept_step, rejected_name
 from ..qa import QA_CHECKS, QaSettings, UndecodableImage, Verdict
+from .carried import is_carried
 from .record import ErrorInfo, ItemRecord
 
 __all__ = [
@@ -182,17 +183,23 @@ def set_aside(
     return rejected_record(record, verdict), [(rejected_name(name), data) for name, data in files]
 
 
-def out_of_date(replaceable: Iterable[str], files: Iterable[tuple[str, Image]], *, ok: bool) -> tuple[str, ...]:
+def out_of_date(
+    replaceable: Iterable[str], files: Iterable[tuple[str, Image]], *, ok: bool, done: bool = True
+) -> tuple[str, ...]:
     """Of *replaceable* (files a record of the item says nanobatch wrote, under its name), those the new *files*
-    do not replace: what an earlier run set aside for the item under ``rejected/``; and once the item is *ok*,
-    its earlier images of another type or number (``a-1.png`` to ``a-3.png`` for a new ``a.png``), which a folder
-    synced to a shop would publish beside it. Kept steps (``a.step1.png``) stay; so does the image of an earlier
-    edit while the new one is rejected: the catalog keeps the image it had."""
+    do not replace: the image of a step a stopped run kept for it (``.nanobatch-steps/``: see
+    :mod:`nanobatch.output.carried`); once the item is *done* (ok or rejected), what an earlier run set aside
+    under ``rejected/`` for it; and once it is *ok*, its earlier images of another type or number (``a-1.png``
+    to ``a-3.png`` for a new ``a.png``), which a folder synced to a shop would publish beside it. Kept steps
+    (``a.step1.png``) stay; so does the image of an earlier edit while the new one is rejected: the catalog
+    keeps the image it had."""
     new = {name for name, _ in files}
     prefix = REJECTED_FOLDER + "/"
     return tuple(
         sorted(
             name for name in replaceable
-            if name not in new and (name.startswith(prefix) or ok and not is_kept_step(name))
+            if name not in new and (
+                is_carried(name) or done and (name.startswith(prefix) or ok and not is_kept_step(name))
+            )
         )
     )  # fmt: skip

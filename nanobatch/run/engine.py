@@ -22,12 +22,13 @@ import anyio
 from ..api.gemini import FileRef, Image, Reply
 from ..api.retry import RetryPolicy
 from ..config import Settings
-from ..errors import ApiError, FatalApiError, StorageError
+from ..errors import ApiError, FatalApiError
 from ..inputs.load import InputLoader, load_inputs
 from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..names import output_names
+from ..output.carried import Carried, carry, go_on
 from ..output.files import Owned
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord
@@ -73,6 +74,7 @@ class _Prepared:
 
     images: list[Image | FileRef]
     replaceable: Owned
+    carried: Carried | None = None  # the steps earlier runs answered, which it goes on from
 
 
 class Engine:
@@ -194,20 +196,22 @@ class Engine:
         try:
             prepared = await self._prepare(item, tally)
             if isinstance(prepared, Finished) and prepared.moves and self.uploads is not None:
-                return await self._upload_moved(prepared)
+                moved = await self.uploads.publish_moved(prepared, self.index, self.out)
+                self.stats.skipped += moved is None  # left as it was, for the next run
+                return moved
             if not isinstance(prepared, _Prepared):
                 return prepared
             replaceable = prepared.replaceable
             return await self._send(item, tally, prepared)
         except (Stopped, FatalApiError) as exc:
-            # Nothing paid (an answer without an image is billed too), or its answers kept in batch jobs
-            if not (tally.usages or tally.cost_usd) or self.batch_route is not None and tally.batch is not None:
+            # Nothing paid by this run, or its answers kept in batch jobs
+            if not tally.paid_now() or self.batch_route is not None and tally.batch is not None:
                 raise
             if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
                 self.gate.stop(exc)
-            return Finished(self._failed(item, tally, exc), [], replaceable=replaceable)
+            return self._failed_item(item, tally, exc, replaceable)
         except ApiError as exc:
-            return Finished(self._failed(item, tally, exc), [], replaceable=replaceable)
+            return self._failed_item(item, tally, exc, replaceable)
 
     async def _send(self, item: WorkItem, tally: Tally, prepared: _Prepared) -> Finished:
         """Send *item*'s steps, check its final image (``qa:``), and hand back its record and images: those the
@@ -221,7 +225,10 @@ class Engine:
         files: list[tuple[str, Image]] = []
         images: list[Image] = []
         request: Request | None = None  # the last step's, kept to be sent again if the checks refuse its answer
-        for number, instruction in enumerate(item.steps, 1):
+        start = 0  # the steps answered by earlier runs (nanobatch.output.carried)
+        if prepared.carried is not None and (kept := await go_on(item, tally, prepared.carried, self.out)):
+            sent, start = [*kept], prepared.carried.step
+        for number, instruction in enumerate(item.steps[start:], start + 1):
             tally.steps.append(StepRecord(step=number, instruction=instruction))
             images = []  # the last step's images are in *sent* alone while this step is sent
             if qa is not None and qa.retries and number == len(item.steps):
@@ -230,6 +237,8 @@ class Engine:
             tally.usages.append(reply.usage)
             images = list(reply.images)
             sent = [*images]  # the next step edits this step's result
+            if number < len(item.steps):
+                tally.carried = (number, images)  # kept on disk if the item is cut off before its last step
             del reply  # nor is its answer held while the next step waits
             if item.keep_steps and number < len(item.steps):
                 names = self._name_outputs(item, images, step=number)
@@ -249,9 +258,9 @@ class Engine:
             if verdict is not None:
                 record, files = set_aside(record, files, verdict)
             if self.uploads is not None and record.status == "ok":
-                record = await self._upload(record, files)
+                record = await self.uploads.publish(record, files, self.index, self.out.journal)
         done = record.status in ("ok", "rejected")
-        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok") if done else ()
+        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok", done=done)
         return Finished(record, files, replaceable=prepared.replaceable, drops=drops)
 
     async def _verdict(
@@ -320,40 +329,12 @@ class Engine:
         assert item.qa is not None
         return await self.checker.check(images, original=original, aspect_ratio=item.aspect_ratio, settings=item.qa)
 
-    async def _upload(self, record: ItemRecord, files: list[tuple[str, Image]]) -> ItemRecord:
-        """*record* with its objects' URLs, once each file is PUT to ``output.upload_to``; a failed record (kind
-        ``upload``) if one could not be: its images are still written into the output folder."""
-        assert self.uploads is not None
-        try:
-            # An image a worker wrote is read back from its temporary file, off the event loop.
-            put = await anyio.to_thread.run_sync(lambda: [(name, image.data) for name, image in files])
-            ours = self.index.uploaded(record.id, [self.uploads.url(name) for name, _ in put])
-            self.out.journal.uploading(record.id, [(self.uploads.url(name), len(data)) for name, data in put])
-            urls, stamps = await self.uploads.put(put, ours)
-            return replace(record, uploads=urls, upload_stamps=stamps)
-        except StorageError as exc:
-            logger.error("%s failed: %s; its images are kept in the output folder", record.id, exc)
-            return replace(record, status="failed", error=ErrorInfo(kind="upload", message=str(exc)))
-
-    async def _upload_moved(self, finished: Finished) -> Finished | None:
-        """Done work whose files move to new names: PUT them under those names too, so that the record's
-        ``uploads`` follow its ``outputs``; None (left as it was, for the next run) if that cannot be done."""
-        assert self.uploads is not None
-
-        def read(name: str) -> bytes:
-            with open(self.out.file(name), "rb") as f:
-                return f.read()
-
-        try:
-            files = [(new, await anyio.to_thread.run_sync(read, old)) for old, new in finished.moves]
-            ours = self.index.uploaded(finished.record.id, [self.uploads.url(name) for name, _ in files])
-            self.out.journal.uploading(finished.record.id, [(self.uploads.url(n), len(d)) for n, d in files])
-            uploads, stamps = await self.uploads.put(files, ours)
-        except (OSError, StorageError) as exc:
-            logger.error("%s: its files keep their old names (%s); the next run tries again", finished.record.id, exc)
-            self.stats.skipped += 1
-            return None
-        return replace(finished, record=replace(finished.record, uploads=uploads, upload_stamps=stamps))
+    def _failed_item(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped, replaceable: Owned) -> Finished:
+        """*item*'s failure: its record, and the image of the latest step it answered before its last (kept for
+        the next run to go on from)."""
+        record, files = carry(item, tally, self._failed(item, tally, exc))
+        drops = out_of_date(replaceable, files, ok=False, done=False)
+        return Finished(record, files, replaceable=replaceable, drops=drops)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
         if isinstance(exc, Stopped):  # between the steps of an item: those sent were paid for
@@ -406,7 +387,7 @@ class Engine:
         if send.taken is not None:
             why = f"{send.taken} {send.why or NOT_OURS}: nothing was sent (move it away, or change the output name)"
             raise ApiError(why, kind="output_exists")
-        return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
+        return _Prepared([images[ref] for ref in item.inputs], send.replaceable, send.carried)
 
     def _settled(
         self, item: WorkItem, entry: IndexEntry | None, tally: Tally, decision: Skip | Move

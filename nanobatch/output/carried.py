@@ -1,0 +1,110 @@
+"""A multi-step item cut off between its steps keeps its latest step's image, and the next run goes on from there.
+
+A night stopped by ``--max-cost``, ``--max-duration``, a signal or an error between an item's steps has paid for
+the steps that answered. Their images were the input of the next step: the image of the latest one is written
+under ``.nanobatch-steps/`` (nanobatch's own folder: never an output, never uploaded) and named in the step's
+``outputs`` of the item's failed record. The next run with the same work (``key``) reads it back and sends only
+the steps after it (:class:`Carried`, found by :func:`carried_step`); the record it writes refers to what the
+earlier runs paid (``paid_in``), so ``paid_usd`` counts each step once. The file is deleted once the item has a
+newer one, or a record that names none (:func:`~nanobatch.output.verdicts.out_of_date`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import anyio.to_thread
+
+from ..api.gemini import Image
+from ..names import RESERVED_PREFIX, output_names
+from ..pictures import sniff_mime
+from .files import Owned, is_ours
+from .record import TOKEN_FIELDS, ItemRecord, StepRecord
+
+if TYPE_CHECKING:
+    from ..item import WorkItem
+    from .outdir import OutDir
+    from .results import IndexEntry
+    from .tally import Tally
+
+__all__ = ["STEPS_FOLDER", "Carried", "carried_step", "carry", "go_on", "is_carried"]
+
+logger = logging.getLogger("nanobatch")
+
+STEPS_FOLDER = RESERVED_PREFIX + "-steps"  # a stopped item's latest step's image, until the item goes on
+_STEP_OF = re.compile(r"\.step([0-9]+)(?:-[0-9]+)?\.[^./]+$")
+_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "heic": "image/heic", "heif": "image/heif"}
+
+
+def is_carried(name: str) -> bool:
+    """Whether the file *name* (relative to the output folder) is a stopped item's step image."""
+    return name.startswith(STEPS_FOLDER + "/")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Carried:
+    """Steps 1 to *step* of an item, answered by earlier runs: their last image is in *files*; *cost_usd* and
+    *tokens* are what those runs paid for them, and *run* the latest of those runs."""
+
+    step: int
+    files: tuple[str, ...]
+    run: str | None
+    cost_usd: float
+    tokens: tuple[int, int, int, int]
+
+
+def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owned, out: OutDir) -> Carried | None:
+    """The steps of *item* its latest record (*entry*) kept for this work *key*, if their image is on disk as
+    nanobatch left it (*owned*: the item's files under :data:`STEPS_FOLDER`); else None (sent from step 1)."""
+    if entry is None or entry.status == "ok" or entry.key != key or len(item.steps) < 2 or item.keep_steps:
+        return None
+    files = tuple(name for name in entry.files if is_carried(name))
+    steps = {int(match[1]) for name in files if (match := _STEP_OF.search(name))}
+    if len(steps) != 1 or not 0 < (step := steps.pop()) < len(item.steps):
+        return None
+    if not all(is_ours(owned, name, out.file(name)) for name in files):
+        logger.warning("%s: the image of its step %d was changed since nanobatch kept it: sent from its first "
+                       "step", item.id, step)  # fmt: skip
+        return None
+    return Carried(step=step, files=files, run=entry.run, cost_usd=entry.cost_usd, tokens=entry.tokens)
+
+
+async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> list[Image] | None:
+    """The images *item* goes on from (its step ``carried.step + 1`` edits them), with *tally* told what the
+    earlier runs answered and paid; None (and *tally* untouched) if they cannot be read."""
+
+    def read() -> list[Image]:
+        images = []
+        for name in carried.files:
+            with open(out.file(name), "rb") as handle:
+                data = handle.read()
+            images.append(Image(sniff_mime(data) or _TYPES.get(name.rpartition(".")[2], "image/png"), data))
+        return images
+
+    try:
+        images = await anyio.to_thread.run_sync(read)
+    except OSError as exc:
+        logger.warning("%s: the image of its step %d could not be read (%s): sent from its first step",
+                       item.id, carried.step, exc)  # fmt: skip
+        return None
+    tally.steps = [StepRecord(step=n, instruction=text) for n, text in enumerate(item.steps[: carried.step], 1)]
+    tally.earlier = {name: n for name, n in zip(TOKEN_FIELDS, carried.tokens, strict=True) if n}
+    tally.cost_usd += carried.cost_usd
+    tally.counted_before(carried.run, carried.cost_usd)
+    tally.carried = (carried.step, images)
+    logger.info("%s: goes on from its step %d, answered by run %s", item.id, carried.step, carried.run)
+    return images
+
+
+def carry(item: WorkItem, tally: Tally, record: ItemRecord) -> tuple[ItemRecord, list[tuple[str, Image]]]:
+    """*record* (of *item*, cut off between its steps) naming the image of its latest step answered, and that
+    image under :data:`STEPS_FOLDER`, to be written with it; *record* alone if no step before the last answered."""
+    if tally.carried is None or item.keep_steps or not record.steps:
+        return record, []
+    step, images = tally.carried
+    names = [f"{STEPS_FOLDER}/{name}" for name in output_names(item, [image.extension for image in images], step=step)]
+    steps = tuple(replace(s, outputs=tuple(names)) if s.step == step else s for s in record.steps)
+    return replace(record, steps=steps), list(zip(names, images, strict=True))

@@ -1,0 +1,109 @@
+"""A multi-step item cut off between its steps goes on, in the next run, from the step it paid for."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import nanobatch
+
+from .fakes import FakeGemini, google_error, image_bytes, inline, ok_body, records, run, write_job
+
+STEPS = ["crop it", "make it white", "add a shadow"]
+HERO = {"id": "hero", "image": "images/h.png", "steps": STEPS}
+KEPT = "out/.nanobatch-steps/hero.step2.png"
+STEP_2 = image_bytes((10, 200, 10))  # what "make it white" answers: the image step 3 must edit
+
+
+def sent_image(request: Any) -> bytes:
+    """The image a request carries."""
+    parts = json.loads(request.content)["contents"][0]["parts"]
+    return base64.b64decode(next(p["inlineData"]["data"] for p in parts if "inlineData" in p))
+
+
+def capped(n: int) -> nanobatch.Settings:
+    return nanobatch.load_settings(overrides={"budget.max_requests": n, "limits.concurrency": 1})
+
+
+def folder(out: Path) -> dict[str, Any]:
+    return dict(json.loads((out / "summary.json").read_text()))
+
+
+def stopped_after_step_2(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    job = write_job(tmp_path, [HERO])
+    run(job, FakeGemini({"make it white": [ok_body(inline(STEP_2))]}), tmp_path / "out", settings=capped(2))
+    (record,) = records(tmp_path / "out")
+    return job, record
+
+
+def test_a_night_stopped_between_steps_keeps_the_latest_steps_image_beside_its_failed_record(tmp_path: Path) -> None:
+    _, record = stopped_after_step_2(tmp_path)
+    assert (record["status"], record["error"]["kind"], record["error"]["step"]) == ("failed", "stopped", 3)
+    assert record["steps"][1]["outputs"] == [".nanobatch-steps/hero.step2.png"] and record["outputs"] == []
+    assert (tmp_path / KEPT).read_bytes() == STEP_2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".png") == []  # nothing published
+
+
+def test_the_next_night_sends_only_the_steps_left_and_pays_each_step_once(tmp_path: Path) -> None:
+    job, first = stopped_after_step_2(tmp_path)
+    fake = FakeGemini()
+
+    summary = run(job, fake, tmp_path / "out")
+
+    assert summary.exit_code == 0 and fake.instructions() == ["add a shadow"]
+    assert sent_image(fake.requests[0]) == STEP_2  # it edits what step 2 answered, not the input
+    done = records(tmp_path / "out")[-1]
+    assert (done["status"], done["outputs"]) == ("ok", ["hero.png"]) and len(done["steps"]) == 3
+    # The record counts what this night paid (step 3), and refers to the night that paid steps 1 and 2.
+    assert done["paid_in"] == {"run": first["run"], "cost_usd": first["cost_usd"]}
+    assert done["cost_usd"] == pytest.approx(first["cost_usd"] / 2)
+    assert done["usage"]["totalTokenCount"] == 3 * 2432  # the item's whole usage, over its three steps
+    assert folder(tmp_path / "out")["paid_usd"] == pytest.approx(first["cost_usd"] * 3 / 2)  # three steps, once each
+    assert not (tmp_path / KEPT).exists()  # done: the kept step is nanobatch's to delete, and it does
+
+
+def test_a_night_stopped_twice_goes_on_from_where_the_second_one_stopped(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [HERO])
+    out = tmp_path / "out"
+    fakes = [FakeGemini(), FakeGemini(), FakeGemini()]
+    run(job, fakes[0], out, settings=capped(1))
+    run(job, fakes[1], out, settings=capped(1))
+    assert (out / ".nanobatch-steps/hero.step2.png").exists() and not (out / ".nanobatch-steps/hero.step1.png").exists()
+    run(job, fakes[2], out)
+
+    assert [f.instructions() for f in fakes] == [["crop it"], ["make it white"], ["add a shadow"]]
+    lines = records(out)
+    assert [r["status"] for r in lines] == ["failed", "failed", "ok"]
+    assert [r["cost_usd"] for r in lines] == pytest.approx([lines[0]["cost_usd"]] * 3)  # each night paid one step
+    assert lines[2]["paid_in"] == {"run": lines[1]["run"], "cost_usd": pytest.approx(2 * lines[0]["cost_usd"])}
+    assert folder(out)["paid_usd"] == pytest.approx(3 * lines[0]["cost_usd"])
+
+
+def test_a_fatal_answer_to_a_later_step_keeps_the_step_before_it(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [HERO])
+    revoked = google_error(401, "UNAUTHENTICATED", "API key not valid")
+    run(job, FakeGemini({"add a shadow": [revoked]}), tmp_path / "out", settings=capped(10))
+    fake = FakeGemini()
+    assert run(job, fake, tmp_path / "out").exit_code == 0 and fake.instructions() == ["add a shadow"]
+
+
+@pytest.mark.parametrize("change", ["the work", "the kept image", "--force"])
+def test_a_kept_step_is_used_only_for_the_same_work_as_nanobatch_left_it(tmp_path: Path, change: str) -> None:
+    job, _ = stopped_after_step_2(tmp_path)
+    force = False
+    if change == "the work":
+        job = write_job(tmp_path, [{**HERO, "steps": [*STEPS[:2], "add a soft shadow"]}])
+    elif change == "the kept image":
+        (tmp_path / KEPT).write_bytes(image_bytes((1, 2, 3)))  # someone's retouch: not nanobatch's any more
+    else:
+        force = True
+    fake = FakeGemini()
+
+    assert run(job, fake, tmp_path / "out", force=force).exit_code == 0
+    assert len(fake.instructions()) == 3  # sent from its first step
+    # The kept image is deleted with the record that no longer names it, unless it is not as nanobatch left it.
+    assert (tmp_path / KEPT).exists() == (change == "the kept image")
