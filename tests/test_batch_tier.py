@@ -133,6 +133,38 @@ def test_the_deadline_cancels_the_jobs_and_sends_the_rest_online(job: Path) -> N
     assert {j.state for j in jobs(app)} == {"cancelled"}
 
 
+def test_a_step_sent_online_at_the_deadline_is_paid_once_when_the_night_stops_before_the_next_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Step 1 is answered in its batch job; step 2's job never answers, so at the deadline it goes online (paid);
+    # then the request budget stops the night before step 3. The next night must not pay for step 2 again.
+    item = {"id": "hero", "image": "images/h.png", "image_size": "512", "steps": ["crop", "white", "shadow"]}
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 0, model=MODEL)
+    write_job(tmp_path, [item], model=MODEL)
+    app = sim()
+    made = app.state.batches._new_job
+
+    def only_the_first_job_answers(*args: Any) -> Any:
+        new = made(*args)
+        if len(jobs(app)) > 1:
+            new.created_at += 1e6  # still pending at the deadline: cancelled, its step sent online
+        return new
+
+    app.state.batches._new_job = only_the_first_job_answers
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--batch-deadline", "2", "--max-requests", "3") == 3
+        (stopped,) = records(tmp_path / "out")
+        assert (stopped["error"]["kind"], stopped["error"]["step"]) == ("stopped", 3)
+        assert stopped["steps"][1]["outputs"] == [".nanobatch-steps/hero.step2.png"]
+        assert cli(job, url, "--batch-deadline", "2") == 0
+    assert app.state.stats.images == 3  # each step answered once: step 2 was not sent again
+    done = records(tmp_path / "out")[-1]
+    assert done["status"] == "ok" and done["paid_in"]["run"] == stopped["run"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["paid_usd"] == pytest.approx(
+        stopped["cost_usd"] + done["cost_usd"]
+    )
+
+
 def test_cancel_cancels_the_open_jobs_and_the_next_run_sends_their_items_again(
     job: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -33,6 +33,7 @@ class Tally:
     fallback_tier: str | None = None  # where the item's steps go after a fallback (flex shed, batch deadline)
     fallback_requests: int = 0  # those of its requests sent there
     batch: str | None = None  # the batch job that answered the latest step
+    answered_in_batch: bool = False  # the latest answer came from a batch job (kept there for the next run)
     last: Reply | None = None  # the latest answer (also one without an image)
     model_version: str | None = None
     finish_message: str | None = None

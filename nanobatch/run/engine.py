@@ -204,8 +204,9 @@ class Engine:
             replaceable = prepared.replaceable
             return await self._send(item, tally, prepared)
         except (Stopped, FatalApiError) as exc:
-            # Nothing paid by this run, or its answers kept in batch jobs
-            if not tally.paid_now() or self.batch_route is not None and tally.batch is not None:
+            # Nothing paid by this run, or its latest answer kept in a batch job (the next run reads it there); an
+            # answer online (past the deadline) is kept by the record (nanobatch.output.carried)
+            if not tally.paid_now() or self.batch_route is not None and tally.answered_in_batch:
                 raise
             if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
                 self.gate.stop(exc)

@@ -280,6 +280,7 @@ class Steps:
         finally:
             self.stats.in_flight = self.gate.in_flight - 1
         self.observer.answered(item.model, started, answer.reply, batch=route.waits_on_disk)
+        tally.answered_in_batch = answer.job is not None
         if answer.job is not None:
             tally.batch = answer.job  # the batch job that answered; an online answer leaves the last one
         return answer
