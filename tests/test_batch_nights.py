@@ -349,6 +349,36 @@ def test_past_the_deadline_what_a_job_answered_is_collected_not_sent_online_agai
     assert billed(app) == 5  # each of the five items paid once
 
 
+def test_a_job_whose_create_reply_was_lost_is_collected_when_the_next_night_finds_it_past_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1 is killed once its create reached the API (the job exists, its reply lost). Night 2 comes to that
+    # chunk after its deadline: the job it finds by name has answered (paid); those answers are collected, and
+    # nothing is sent online again.
+    from nanobatch.run.batch.jobs import Jobs
+
+    from .test_batch_tier import KILL_POINTS, kill_at
+
+    drive = Jobs.drive
+
+    async def past_the_deadline(self: Jobs, chunk: Any) -> None:
+        self.answers.past_deadline = True  # the deadline came before this chunk was looked at
+        await drive(self, chunk)
+
+    job = one_step_job(tmp_path, monkeypatch)
+    app = sim(batch_latency_s=0.3)
+    with run_in_thread(app=app) as url:
+        kill_at(app, url, job, tmp_path / "out", *KILL_POINTS["created, its reply lost"])
+        time.sleep(0.5)  # the job has answered (nothing timed is asserted)
+        monkeypatch.setattr(Jobs, "drive", past_the_deadline)
+        assert cli(job, url, "--batch-deadline", "600") == 0
+    done = records(tmp_path / "out")
+    assert sorted(r["id"] for r in done) == [f"sku-{n}" for n in range(6)] and {r["status"] for r in done} == {"ok"}
+    assert billed(app) == 6  # each item paid once: the found job's answers were not sent online again
+    # The found job's items are batch answers; a chunk no job was made for went online (past the deadline).
+    assert len(jobs(app)) == 1 and any(r["tier"] == "batch" for r in done)
+
+
 def test_the_results_and_the_ledgers_word_for_them_are_on_disk_before_the_apis_copy_is_deleted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

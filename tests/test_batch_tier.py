@@ -276,22 +276,32 @@ class Hold:
 def kill_at_then_rerun(app: Starlette, job: Path, out: Path, match: Callable[[str, str], bool], after: bool) -> None:
     """Run ``nanobatch run --tier batch`` on *job* in a process, SIGKILL it when a request *match* (method, path)
     reaches the simulator (*after*: once the server has done it, its reply lost), then run it again to the end."""
+    with run_in_thread(app=app) as url:
+        argv = kill_at(app, url, job, out, match, after)
+        again = subprocess.run(
+            argv, env={**os.environ, "NANOBATCH_API_KEY": "sim-key"}, capture_output=True, timeout=60
+        )
+        assert again.returncode == 0, again.stderr.decode()
+
+
+def kill_at(
+    app: Starlette, url: str, job: Path, out: Path, match: Callable[[str, str], bool], after: bool
+) -> list[str]:
+    """The first half of :func:`kill_at_then_rerun`, against the simulator at *url*: the killed run's command."""
     hold = Hold(app.middleware_stack or app.build_middleware_stack(), match, after)
     app.middleware_stack = hold  # type: ignore[assignment]
     env = {**os.environ, "NANOBATCH_API_KEY": "sim-key"}
-    with run_in_thread(app=app) as url:
-        argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(out),
-                "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
-        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert hold.reached.wait(30), "the run never reached the kill point"
-            process.send_signal(signal.SIGKILL)
-            assert process.wait(10) == -signal.SIGKILL  # killed there, not finished on its own
-        finally:
-            hold.armed = False
-            hold.release.set()
-        again = subprocess.run(argv, env=env, capture_output=True, timeout=60)
-        assert again.returncode == 0, again.stderr.decode()
+    argv = [sys.executable, "-m", "nanobatch", "run", str(job), "--base-url", url, "--out", str(out),
+            "--tier", "batch", "--config", str(job.parent / "nanobatch.yaml"), "--quiet"]  # fmt: skip
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert hold.reached.wait(30), "the run never reached the kill point"
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(10) == -signal.SIGKILL  # killed there, not finished on its own
+    finally:
+        hold.armed = False
+        hold.release.set()
+    return argv
 
 
 KILL_POINTS = {

@@ -56,10 +56,9 @@ class Jobs:
     async def drive(self, chunk: Chunk) -> None:
         """Upload, create, poll and collect *chunk*, from wherever its ledger left it."""
         try:
+            if chunk.job is None and self.answers.past_deadline and await self._abandon(chunk):
+                return
             if chunk.job is None:
-                if self.answers.past_deadline:
-                    await self._abandon(chunk)
-                    return
                 if chunk.file is None:
                     path = self.chunks.folder / chunk.path
                     chunk.file = await self.client.upload(path, display_name=chunk.display)
@@ -206,15 +205,28 @@ class Jobs:
         self.shown.pop(chunk.id, None)
         self.answers.settle(chunk, None)
 
-    async def _abandon(self, chunk: Chunk) -> None:
-        """Past the deadline, before its create: no job for *chunk* (one found is cancelled)."""
-        for job in await self.client.find(chunk.display):
-            await self._quietly(self.client.cancel(job.name))
+    async def _abandon(self, chunk: Chunk) -> bool:
+        """Past the deadline, before its create: no job is made for *chunk*, whose steps go online (True). But a
+        job a create whose reply was lost made is found (False): it is cancelled if still running, and followed
+        like any job at the deadline, so that what it answered (paid) is collected, not sent online again."""
+        found = await self.client.find(chunk.display)
+        if found:
+            job = found[-1]  # listed newest first: the first create
+            chunk.job = job.name
+            self.ledger.note("created", chunk, job=job.name)
+            logger.info("batch chunk %s: found its job %s past the deadline: collecting what it answered", chunk.id,
+                        job.name)  # fmt: skip
+            for other in found[:-1]:  # (a second create of the same chunk: never followed, so cancelled)
+                await self._quietly(self.client.cancel(other.name))
+            if not job.done:
+                await self._quietly(self.client.cancel(job.name))
+            return False
         chunk.ended = "abandoned"
         self.ledger.note("ended", chunk, state="abandoned")
         if chunk.file:
             await self._quietly(self.client.delete_file(chunk.file))
         self.answers.settle(chunk, deadline_error())
+        return True
 
     async def cancel_open(self) -> None:
         """The deadline has come: each job is polled now, and those not done are cancelled."""
