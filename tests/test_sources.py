@@ -362,16 +362,26 @@ def test_row_problems_are_all_listed_by_validate(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("setting", "field"),
-    [({"qa": {"min_fil": 0.3}}, "items_from[0].qa.min_fil"), ({"image_size": ["1K"]}, "items_from[0].image_size")],
+    [
+        ({"qa": {"min_fil": 0.3}}, "items_from[0].qa.min_fil"),
+        ({"image_size": ["1K"]}, "items_from[0].image_size"),
+        # Values of the right type that the model or the tiers refuse: checked with each item, told once all the same
+        ({"image_size": "8K"}, "items_from[0].image_size"),
+        ({"tier": "flexx"}, "items_from[0].tier"),
+        ({"aspect_ratio": "7:3"}, "items_from[0].aspect_ratio"),
+        ({"qa": {"min_side": 99999}}, "items_from[0].qa.min_side"),
+    ],
 )
+@pytest.mark.parametrize("kind", ["jsonl", "glob"])
 def test_a_bad_setting_of_a_source_is_named_once_where_it_is_written_not_on_each_row(
-    tmp_path: Path, setting: dict[str, Any], field: str
+    tmp_path: Path, setting: dict[str, Any], field: str, kind: str
 ) -> None:
     # A typo in the manifest's items_from entry: every row inherits it, but it is one mistake, in the manifest.
-    rows = "".join(f'{{"id": "r{n}", "image": "photos/a.jpg"}}\n' for n in range(50))
-    doc = {"defaults": {"instruction": "x"}, "items_from": [{"jsonl": "rows.jsonl", **setting}]}
+    rows = "".join(f'{{"id": "r{n}", "image": "photos/a{n}.jpg"}}\n' for n in range(50))
+    source = {"jsonl": "rows.jsonl"} if kind == "jsonl" else {"glob": "photos/*.jpg"}
+    doc = {"defaults": {"instruction": "x"}, "items_from": [{**source, **setting}]}
     with pytest.raises(ManifestError) as err:
-        nanobatch.check_job(job(tmp_path, doc, {"rows.jsonl": rows}, ["photos/a.jpg"]))
+        nanobatch.check_job(job(tmp_path, doc, {"rows.jsonl": rows}, [f"photos/a{n}.jpg" for n in range(50)]))
     (problem,) = err.value.problems
     assert Path(problem.file).name == "job.yaml" and problem.item is None and problem.field == field
 

@@ -15,7 +15,7 @@ from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
 from .fields import parse_fields
-from .sources import COUNTERPART, GlobSource, Source, TableSource, placeholders
+from .sources import COUNTERPART, GlobSource, Shared, Source, TableSource, placeholders
 
 __all__ = ["parse_sources"]
 
@@ -105,9 +105,13 @@ def _parse_entry(
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
     defaults, unfilled = _defaults_for(kind, templates, given.templates, problem)
     problems += unfilled
+    shared = Shared(where, frozenset(_constant(templates)))
     if kind == "glob":
         templates = {**defaults, **templates}
-        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates), problems
+        glob_source = GlobSource(
+            pattern=target, base_dir=base_dir, file=manifest_file, templates=templates, shared=shared
+        )
+        return glob_source, problems
     path, missing = _table_path(kind, target, base_dir, problem)
     problems += missing
     source = TableSource(
@@ -120,6 +124,7 @@ def _parse_entry(
         read_columns=frozenset(_used_by({**defaults, **templates, "output": templates.get("output", given.output)})),
         # No template and no default gives a picture: only an image (or images) column may
         unpictured=not given.pictures and not templates.keys() & {"image", "images"},
+        shared=shared,
     )
     return source, problems
 
@@ -127,8 +132,12 @@ def _parse_entry(
 def _shared_problems(templates: Mapping[str, Any], manifest_file: str, where: str) -> list[Problem]:
     """What is wrong with the source's fields that read no column: the same for every row, so told once, here
     (``items_from[0].qa.min_fil``), not row after row."""
-    constant = {k: v for k, v in templates.items() if k != "id" and not _reads_columns(v)}
-    return parse_fields(constant, manifest_file, None, where=where)[1]
+    return parse_fields(_constant(templates), manifest_file, None, where=where)[1]
+
+
+def _constant(templates: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a source gives each row itself, reading no column (not its id: each row's own)."""
+    return {k: v for k, v in templates.items() if k != "id" and not _reads_columns(v)}
 
 
 def _reads_columns(template: Any) -> bool:

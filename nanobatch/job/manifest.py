@@ -230,8 +230,12 @@ class Manifest:
         return frozenset((problem.field, problem.message) for problem in problems if problem.field)
 
     def _placed(self, raw: RawItem, problem: Problem) -> Problem:
-        """*problem*, told where the value it is about was written when it is one of the inherited values'."""
-        if problem.field is None or (problem.field, problem.message) not in self._inherited:
+        """*problem*, told where the value it is about was written when it is one of the inherited values', or one
+        its ``items_from:`` entry gives every row itself (``items_from[0].tier``)."""
+        if problem.field is None:
+            return problem
+        shared = raw.shared is not None and problem.field.partition(".")[0].partition("[")[0] in raw.shared.names
+        if not shared and (problem.field, problem.message) not in self._inherited:
             return problem
         return self.problem_at(raw, problem.item, problem.field, problem.message)
 

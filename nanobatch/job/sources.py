@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import yaml
 
@@ -43,8 +43,8 @@ from .lines import NotUtf8Line, Utf8Lines, json_line
 from .yaml_stream import stream_items
 
 __all__ = [
-    "COUNTERPART", "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "file_stamp", "open_text",
-    "placeholders",
+    "COUNTERPART", "GlobSource", "InlineSource", "RawItem", "Shared", "Source", "TableSource", "file_stamp",
+    "open_text", "placeholders",
 ]  # fmt: skip
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
@@ -54,6 +54,14 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 def open_text(path: Path | str) -> Utf8Lines:
     """Open a source file (or bucket object) for reading, row by row (tests wrap this to see how much is read)."""
     return Utf8Lines(path)
+
+
+class Shared(NamedTuple):
+    """The fields an ``items_from:`` entry (*where*: ``items_from[0]``) gives every row itself, reading no column:
+    a problem with one is the same for each row, so it is told once, there (``job.origins``)."""
+
+    where: str
+    names: frozenset[str]
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: one is made per row, and a frozen one costs twice as much
@@ -70,6 +78,7 @@ class RawItem:
     label: str | None
     context: Mapping[str, Any] | None = None
     problems: tuple[Problem, ...] = ()
+    shared: Shared | None = None  # its source's own fields that read no column (one object for all its rows)
 
 
 class Source(Protocol):
@@ -145,6 +154,7 @@ class TableSource:
     # those appended since a run's check (Manifest.since).
     start: int = 0
     lines: int = 0
+    shared: Shared | None = None
 
     def raw_items(self) -> Iterator[RawItem]:
         try:
@@ -307,6 +317,7 @@ class TableSource:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
         raw = _fill_fields(templates, row, where, row_name, default_id="{id}")
+        raw.shared = self.shared
         if raw.fields is not None:
             for name in ("image", "images"):  # an empty cell where the pictures go: said (Manifest._resolve)
                 if name in self.columns_as_fields and row.get(name, 0) in (None, "") and name not in raw.fields:
@@ -337,6 +348,7 @@ class GlobSource:
     file: str
     templates: dict[str, Any]
     skip_dir: str | None = None  # the run's output folder (absolute): its images are results, not inputs
+    shared: Shared | None = None
 
     def raw_items(self) -> Iterator[RawItem]:
         if storage.is_bucket_url(self.pattern):
@@ -366,7 +378,12 @@ class GlobSource:
         for match in matches:
             name = os.path.basename(match)  # os.path, not pathlib: pathlib interns every name for good
             values = {"path": match.replace(os.sep, "/"), "name": name, "stem": os.path.splitext(name)[0]}
-            yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}")
+            yield self._item(templates, values, f"file {match}")
+
+    def _item(self, templates: Mapping[str, Any], values: Mapping[str, str], name: str) -> RawItem:
+        raw = _fill_fields(templates, values, self.file, name, default_id="{stem}")
+        raw.shared = self.shared
+        return raw
 
     def _templates(self) -> dict[str, Any]:
         templates = dict(self.templates)
@@ -383,7 +400,7 @@ class GlobSource:
                 found += 1
                 name = url.rsplit("/", 1)[-1]
                 values = {"path": url, "name": name, "stem": os.path.splitext(name)[0]}
-                yield _fill_fields(templates, values, self.file, f"object {url}", default_id="{stem}")
+                yield self._item(templates, values, f"object {url}")
         except StorageError as exc:
             yield _broken(self.file, "glob", str(exc))
             return
