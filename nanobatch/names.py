@@ -33,6 +33,7 @@ __all__ = [
     "RESERVED_PREFIX",
     "REJECTED_FOLDER",
     "RESULTS_FILE",
+    "STEPS_FOLDER",
     "SUFFIX_ROOM",
     "SUMMARY_FILE",
     "folds_case",
@@ -57,6 +58,7 @@ RESERVED_PREFIX = ".nanobatch"
 # Where the images of an item whose answer failed its output checks (``qa:``) go: never at the folder's top.
 REJECTED_FOLDER = "rejected"
 BATCH_FOLDER = RESERVED_PREFIX + "-batches"  # the batch tier's chunks, results files and ledger
+STEPS_FOLDER = RESERVED_PREFIX + "-steps"  # a stopped item's latest step's image (nanobatch.output.carried)
 LEDGER_FILE = "batches.jsonl"  # the batch tier's ledger, in BATCH_FOLDER (nanobatch.run.batch.ledger)
 
 # File systems take names of up to 255 bytes. What output_names() adds to a stem, ".step12-3.webp" at its

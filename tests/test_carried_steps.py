@@ -107,3 +107,14 @@ def test_a_kept_step_is_used_only_for_the_same_work_as_nanobatch_left_it(tmp_pat
     assert len(fake.instructions()) == 3  # sent from its first step
     # The kept image is deleted with the record that no longer names it, unless it is not as nanobatch left it.
     assert (tmp_path / KEPT).exists() == (change == "the kept image")
+
+
+def test_status_says_how_many_stopped_items_go_on_from_a_step_already_paid_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.cli.main import main
+
+    stopped_after_step_2(tmp_path)
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out")]) == 0
+    assert "  stopped: 1 (1 go on from a step already paid for)\n" in capsys.readouterr().out

@@ -270,10 +270,8 @@ def status(out_dir: str, as_json: bool) -> None:
         return
     counts = info["counts"]
     rejected = f", {counts['rejected']} rejected by the output checks" if counts.get("rejected") else ""
-    click.echo(
-        f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, {counts['blocked']} blocked"
-        + rejected
-    )
+    click.echo(f"{out_dir}: {info['items']} items: {counts['ok']} ok, {counts['failed']} failed, "
+               f"{counts['blocked']} blocked{rejected}")  # fmt: skip
     tokens = info["tokens"]
     click.echo(
         f"tokens: prompt {tokens['promptTokenCount']}, output {tokens['candidatesTokenCount']}, "
@@ -281,7 +279,8 @@ def status(out_dir: str, as_json: bool) -> None:
     )
     click.echo(f"cost: ${info['cost_usd']:.4f} for the results held now; ${info['paid_usd']:.4f} paid by all runs")
     for kind, count in info["failures_by_kind"].items():
-        click.echo(f"  {kind}: {count}")
+        kept = info["steps_kept"] if kind == "stopped" else 0  # (multi-step items: see output/carried.py)
+        click.echo(f"  {kind}: {count}" + (f" ({kept} go on from a step already paid for)" if kept else ""))
     for job in info.get("batch_jobs", []):
         counts = ", ".join(f"{job[name]} {name}" for name in ("succeeded", "failed", "pending") if name in job)
         click.echo(f"batch job {job['job'] or '(not created yet)'}: {job['state']}, {job['requests']} requests"

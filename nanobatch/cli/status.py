@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ManifestError, UsageError
-from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, STEPS_FOLDER, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
 from ..output.journal import orphaned_requests
 from ..output.lock import current_holder
@@ -62,12 +62,18 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         for c in open_chunks(out_dir)
     ]
     info["running"] = running
+    info["steps_kept"] = _steps_kept(out_dir)
     info["last_run"] = _last_run(summary.get("last_run"), info["running"])
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.
     info["in_flight"] = len(orphans) if info["running"] else 0
     info["possibly_charged"] = 0 if info["running"] else len(orphans)
     info["possibly_charged_ids"] = [] if info["running"] else sorted({o["id"] for o in orphans})
     return info
+
+
+def _steps_kept(out_dir: Path) -> int:
+    """How many images of steps stopped items go on from are kept (:mod:`nanobatch.output.carried`)."""
+    return sum(len(files) for _, _, files in os.walk(out_dir / STEPS_FOLDER))
 
 
 def _written(index: _Index, item: str, work_key: str | None) -> bool:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 
 from ..api.gemini import Image
-from ..names import RESERVED_PREFIX, output_names
+from ..names import STEPS_FOLDER, output_names
 from ..pictures import sniff_mime
 from .files import Owned, is_ours
 from .record import TOKEN_FIELDS, ItemRecord, StepRecord
@@ -30,11 +30,10 @@ if TYPE_CHECKING:
     from .results import IndexEntry
     from .tally import Tally
 
-__all__ = ["STEPS_FOLDER", "Carried", "carried_step", "carry", "go_on", "is_carried"]
+__all__ = ["Carried", "carried_step", "carry", "go_on", "is_carried"]
 
 logger = logging.getLogger("nanobatch")
 
-STEPS_FOLDER = RESERVED_PREFIX + "-steps"  # a stopped item's latest step's image, until the item goes on
 _STEP_OF = re.compile(r"\.step([0-9]+)(?:-[0-9]+)?\.[^./]+$")
 _TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "heic": "image/heic", "heif": "image/heif"}
 

@@ -16,8 +16,8 @@ from typing import TypeGuard
 from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
-from ..names import REJECTED_FOLDER, item_stems, rejected_name
-from .carried import STEPS_FOLDER, Carried, carried_step
+from ..names import REJECTED_FOLDER, STEPS_FOLDER, item_stems, rejected_name
+from .carried import Carried, carried_step
 from .files import Owned, is_ours, stamp_of
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
