@@ -76,12 +76,28 @@ def _restore_logging() -> Iterator[None]:
 def run_virtual(fn: Callable[[], Awaitable[T]], *, settle_s: float = 0.0) -> T:
     """Run *fn* on trio's virtual clock: sleeps take no real time, and time only moves when all tasks wait.
 
-    A task waiting for a worker thread (file writes) counts as waiting; *settle_s* is how much real time
-    the clock lets such threads have before it jumps, for tests where an early jump would change the outcome.
+    Work handed to a thread (file writes, fsyncs, reading pictures) runs on the event loop's own thread here,
+    so however long it takes in real time, the clock cannot jump while it works: on a loaded machine an fsync
+    of 60 ms would otherwise let the clock skip a rewrite of the metrics file, or a request's turn. A task
+    waiting for a worker process (``limits.workers``) counts as waiting; *settle_s* is how much real time the
+    clock lets such processes have before it jumps, for tests where an early jump would change the outcome.
     """
+    from unittest import mock
+
     from trio.testing import MockClock
 
-    return anyio.run(fn, backend="trio", backend_options={"clock": MockClock(autojump_threshold=settle_s)})
+    async def on_this_thread(func: Callable[..., T], *args: Any, **_options: Any) -> T:
+        await anyio.lowlevel.checkpoint()
+        return func(*args)
+
+    clock = MockClock(autojump_threshold=settle_s)
+    if not INLINE_THREADS:  # (a test whose thread calls back into the loop: anyio.from_thread)
+        return anyio.run(fn, backend="trio", backend_options={"clock": clock})
+    with mock.patch("anyio.to_thread.run_sync", on_this_thread):
+        return anyio.run(fn, backend="trio", backend_options={"clock": clock})
+
+
+INLINE_THREADS = True  # see run_virtual; a test sets it False (monkeypatch) for work that must run in a thread
 
 
 @pytest.fixture

@@ -138,7 +138,7 @@ def test_a_plain_no_wait_run_leaves_pending_jobs_waiting_and_sends_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = one_step_job(tmp_path, monkeypatch)
-    app = sim(batch_latency_s=30.0)
+    app = sim(batch_latency_s=300.0)  # "pending" for a tenth of it: 30 s, not 3, on a slow machine
     with run_in_thread(app=app) as url:
         assert cli(job, url, "--no-wait") == 0
         assert plain(job, url, "--no-wait") == 0

@@ -133,6 +133,34 @@ def test_the_deadline_cancels_the_jobs_and_sends_the_rest_online(job: Path) -> N
     assert {j.state for j in jobs(app)} == {"cancelled"}
 
 
+@pytest.mark.parametrize("call", ["upload", "create"])
+def test_a_deadline_that_comes_while_a_chunk_is_uploaded_or_created_is_kept(
+    job: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    # The second chunk's upload (or create) is on its way when the deadline comes: its job must not be made, or
+    # must be cancelled, and its items go online, instead of the run waiting 30 s past its deadline for them.
+    from nanobatch.api.batch_api import BatchClient
+
+    real = getattr(BatchClient, call)
+    calls = 0
+
+    async def slow_second(self: BatchClient, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await anyio.sleep(1.5)  # past the deadline (1 s)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BatchClient, call, slow_second)
+    app = sim(batch_latency_s=30.0)
+    with run_in_thread(app=app) as url:
+        assert cli(job, url, "--batch-deadline", "1") == 0
+    done = records(job.parent / "out")
+    assert {r["status"] for r in done} == {"ok"} and len(done) == ITEMS
+    assert all(r["fallback"] and r["tier"] == "standard" for r in done)
+    assert {j.state for j in jobs(app)} == {"cancelled"}
+
+
 def test_a_step_sent_online_at_the_deadline_is_paid_once_when_the_night_stops_before_the_next_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,7 +196,7 @@ def test_a_step_sent_online_at_the_deadline_is_paid_once_when_the_night_stops_be
 def test_cancel_cancels_the_open_jobs_and_the_next_run_sends_their_items_again(
     job: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    app = sim(batch_latency_s=30.0)
+    app = sim(batch_latency_s=300.0)  # "pending" for a tenth of it: 30 s, not 3, on a slow machine
     with run_in_thread(app=app) as url:
         assert cli(job, url, "--no-wait") == 0
         capsys.readouterr()
@@ -377,10 +405,14 @@ def test_an_item_may_choose_the_batch_tier_in_an_online_run(tmp_path: Path, monk
     assert by_id["now"]["tier"] == "standard" and "batch" not in by_id["now"]
 
 
-def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("steps", [1, 2], ids=["one step", "the second step"])
+def test_waiting_items_hold_their_key_not_their_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, steps: int
+) -> None:
     # Every item has its own ~100 KB picture and all of them wait in one job at once. While they wait, each
     # request is a line of its chunk on disk: memory (Python's allocations, traced) must not grow with the
-    # number of waiting items by more than their keys.
+    # number of waiting items by more than their keys. At a second step, not by the first step's answer (as
+    # big as the picture) either.
     import random
     import tracemalloc
 
@@ -391,18 +423,19 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
     from nanobatch.api.batch_api import BatchClient
 
     from .conftest import run_virtual
-    from .fakes import image_bytes
+    from .fakes import image_bytes, noise_bytes
 
     monkeypatch.setenv("NANOBATCH_API_KEY", "sim-key")
     canned = tmp_path / "answer.png"
-    canned.write_bytes(image_bytes())
+    canned.write_bytes(image_bytes() if steps == 1 else noise_bytes((180, 180)))
 
     def catalog(folder: Path, n: int) -> Path:
         (folder / "images").mkdir(parents=True)
         for k in range(n):  # noise: a PNG as big as its pixels (~97 KB)
             pixels = random.Random(f"{folder.name}-{k}").randbytes(180 * 180 * 3)
             PILImage.frombytes("RGB", (180, 180), pixels).save(folder / "images" / f"p{k}.png")
-        items = [{"id": f"sku-{k}", "image": f"images/p{k}.png"} for k in range(n)]
+        edits = {"instruction": "make it white"} if steps == 1 else {"steps": ["crop it", "make it white"]}
+        items = [{"id": f"sku-{k}", "image": f"images/p{k}.png", **edits} for k in range(n)]
         return write_job(folder, items, model=MODEL)
 
     waiting_peak: list[int] = []
@@ -414,7 +447,10 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
         return job
 
     async def download(self: BatchClient, *args: Any, **kwargs: Any) -> None:
-        waiting_peak.append(tracemalloc.get_traced_memory()[1])
+        # (At the second step, what is held as the job answers: the peak would count the simulator's own answers,
+        # made in this process, as big as the pictures.)
+        current, peak = tracemalloc.get_traced_memory()
+        waiting_peak.append(peak if steps == 1 else current)
         await real_download(self, *args, **kwargs)
 
     monkeypatch.setattr(BatchClient, "create", create)
@@ -439,8 +475,8 @@ def test_waiting_items_hold_their_key_not_their_request(tmp_path: Path, monkeypa
             summary = run(n)
         finally:
             tracemalloc.stop()
-        assert summary.stats.ok == n and len(waiting_peak) == 1
-        peaks[n] = waiting_peak[0]
+        assert summary.stats.ok == n and len(waiting_peak) == steps
+        peaks[n] = waiting_peak[-1]
     per_item = (peaks[80] - peaks[20]) / 60
     # Each waiting item held its request body (its picture inline, in base64) and its picture: 241 KB. Now its
     # task (the coroutines of one step) is most of what it holds: ~12 KB, more under coverage's tracer.
@@ -611,7 +647,7 @@ def test_a_cancel_refused_for_one_job_still_cancels_the_others_and_says_which(
     from nanobatch.api.batch_api import BatchClient
     from nanobatch.errors import ApiError
 
-    app = sim(batch_latency_s=30.0)
+    app = sim(batch_latency_s=300.0)  # "pending" for a tenth of it: 30 s, not 3, on a slow machine
     real = BatchClient.cancel
     refused: list[str] = []
 
@@ -859,7 +895,7 @@ def test_a_waiting_night_stopped_by_its_time_limit_counts_what_it_submitted(job:
     # steps were cancelled and their budget handed back, so no night counted them (the next one collects them).
     app = sim(batch_latency_s=30.0)
     with run_in_thread(app=app) as url:
-        code = cli(job, url, "--max-duration", "1", "--grace", "0.2", "--max-cost", "1")
+        code = cli(job, url, "--max-duration", "3", "--grace", "0.2", "--max-cost", "1")  # both chunks in
     submitted = sum(j.counts["request"] for j in jobs(app))
     last = json.loads((job.parent / "out" / "summary.json").read_text())["last_run"]
     assert code == 3 and submitted == ITEMS and last["spent_usd"] > 0

@@ -118,3 +118,62 @@ def test_status_says_how_many_stopped_items_go_on_from_a_step_already_paid_for(
     capsys.readouterr()
     assert main(["status", str(tmp_path / "out")]) == 0
     assert "  stopped: 1 (1 go on from a step already paid for)\n" in capsys.readouterr().out
+
+
+def test_a_time_limit_whose_grace_runs_out_during_a_later_step_keeps_the_steps_paid_for(tmp_path: Path) -> None:
+    # Each step takes 10 s; the limit at 25 s with 2 s of grace cancels step 3 in flight: steps 1 and 2 were paid.
+    import anyio
+    import httpx2
+
+    from .conftest import run_virtual
+
+    job = write_job(tmp_path, [HERO])
+    fake = FakeGemini()
+
+    async def slow(request: httpx2.Request) -> httpx2.Response:
+        await anyio.sleep(10)
+        return fake(request)
+
+    settings = nanobatch.load_settings(overrides={"limits.max_duration_s": 25, "limits.grace_s": 2})
+    out = tmp_path / "out"
+    transport = httpx2.MockTransport(slow)
+    summary = run_virtual(lambda: nanobatch.run_job(job, settings=settings, transport=transport, out_dir=out))
+    assert summary.exit_code == 3 and len(fake.requests) == 2  # (step 3 was cancelled before it was answered)
+    (record,) = records(out)
+    assert (record["error"]["kind"], record["error"]["step"]) == ("stopped", 3) and record["cost_usd"] > 0
+    assert (tmp_path / KEPT).is_file()
+    again = FakeGemini()
+    assert run(job, again, out).exit_code == 0 and again.instructions() == ["add a shadow"]
+
+
+def test_a_night_refused_before_it_sends_still_keeps_the_step_for_the_night_after(tmp_path: Path) -> None:
+    # Night 2 finds a file of the user's where the item's image goes: nothing is sent, and its record must still
+    # name the kept step and what it cost, or night 3 (the file moved away) pays for steps 1 and 2 again.
+    job, first = stopped_after_step_2(tmp_path)
+    (tmp_path / "out" / "hero.png").write_bytes(b"mine")
+    refused = FakeGemini()
+    assert run(job, refused, tmp_path / "out").exit_code == 1 and not refused.requests
+    second = records(tmp_path / "out")[-1]
+    assert second["error"]["kind"] == "output_exists" and second["steps"][1]["outputs"] == [KEPT[4:]]
+    assert second["paid_in"]["cost_usd"] == pytest.approx(first["cost_usd"]) and second["cost_usd"] == 0
+    (tmp_path / "out" / "hero.png").unlink()
+    third = FakeGemini()
+    assert run(job, third, tmp_path / "out").exit_code == 0 and third.instructions() == ["add a shadow"]
+    assert folder(tmp_path / "out")["paid_usd"] == pytest.approx(first["cost_usd"] * 3 / 2)
+
+
+def test_a_new_output_name_for_the_same_work_goes_on_from_the_kept_step(tmp_path: Path) -> None:
+    job, _ = stopped_after_step_2(tmp_path)
+    job = write_job(tmp_path, [{**HERO, "output": "shop/{id}"}])
+    fake = FakeGemini()
+    assert run(job, fake, tmp_path / "out").exit_code == 0 and fake.instructions() == ["add a shadow"]
+    assert (tmp_path / "out/shop/hero.png").is_file() and not (tmp_path / KEPT).exists()
+
+
+def test_a_keep_steps_item_cut_off_writes_the_step_images_its_record_names(tmp_path: Path) -> None:
+    job = write_job(tmp_path, [{**HERO, "keep_steps": True}])
+    run(job, FakeGemini({"make it white": [ok_body(inline(STEP_2))]}), tmp_path / "out", settings=capped(2))
+    (record,) = records(tmp_path / "out")
+    named = [name for step in record["steps"] for name in step.get("outputs") or []]
+    assert named == ["hero.step1.png", "hero.step2.png"]
+    assert (tmp_path / "out/hero.step2.png").read_bytes() == STEP_2 and all(record["file_stamps"])

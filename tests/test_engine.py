@@ -664,6 +664,9 @@ def _disk_slower_than_the_api(monkeypatch: pytest.MonkeyPatch, *, then_s: float 
     import anyio.from_thread
     import trio.testing
 
+    from . import conftest
+
+    monkeypatch.setattr(conftest, "INLINE_THREADS", False)  # the writer's thread waits for the loop's tasks
     real_fsync = nanobatch.output.writer.fsync_dir
 
     def slow_disk(folder: str) -> None:
@@ -736,6 +739,9 @@ def test_with_the_uploads_behind_answers_wait_unread_so_memory_does_not_grow_wit
 
     import nanobatch.api.storage
 
+    from . import conftest
+
+    monkeypatch.setattr(conftest, "INLINE_THREADS", False)  # each PUT's thread waits for the loop's tasks
     put: list[str] = []
 
     def slow_put(url: str, data: bytes, **options: object) -> nanobatch.api.storage.ObjectStamp:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .results import IndexEntry
     from .tally import Tally
 
-__all__ = ["Carried", "carried_step", "carry", "go_on", "is_carried"]
+__all__ = ["Carried", "carried_step", "carry", "go_on", "is_carried", "let_go", "take_over"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -57,7 +57,8 @@ class Carried:
 
 def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owned, out: OutDir) -> Carried | None:
     """The steps of *item* its latest record (*entry*) kept for this work *key*, if their image is on disk as
-    nanobatch left it (*owned*: the item's files under :data:`STEPS_FOLDER`); else None (sent from step 1)."""
+    nanobatch left it (*owned*: those of the record's files a record of the item says nanobatch wrote); else None
+    (sent from step 1). A kept image is not an output: its name need not follow the item's output name."""
     if entry is None or entry.status == "ok" or entry.key != key or len(item.steps) < 2 or item.keep_steps:
         return None
     files = tuple(name for name in entry.files if is_carried(name))
@@ -71,9 +72,27 @@ def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owne
     return Carried(step=step, files=files, run=entry.run, cost_usd=entry.cost_usd, tokens=entry.tokens)
 
 
+def take_over(item: WorkItem, tally: Tally, carried: Carried) -> None:
+    """*tally* told what the earlier runs answered and paid for *item*, as soon as its run means to go on from
+    there: any record of it from here on (a failure before a request, too) names the kept image and what it cost."""
+    tally.steps = [StepRecord(step=n, instruction=text) for n, text in enumerate(item.steps[: carried.step], 1)]
+    tally.earlier = {name: n for name, n in zip(TOKEN_FIELDS, carried.tokens, strict=True) if n}
+    tally.cost_usd += carried.cost_usd
+    tally.counted_before(carried.run, carried.cost_usd)
+    tally.kept = carried
+
+
+def let_go(tally: Tally, carried: Carried) -> None:
+    """Undo :func:`take_over`: the item is sent from its first step."""
+    tally.steps, tally.earlier, tally.kept = [], None, None
+    tally.cost_usd -= carried.cost_usd
+    tally.paid_in_usd -= carried.cost_usd
+    tally.paid_by = None
+
+
 async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> list[Image] | None:
-    """The images *item* goes on from (its step ``carried.step + 1`` edits them), with *tally* told what the
-    earlier runs answered and paid; None (and *tally* untouched) if they cannot be read."""
+    """The images *item* goes on from (its step ``carried.step + 1`` edits them); None, with *tally* as if it had
+    kept nothing, if they cannot be read."""
 
     def read() -> list[Image]:
         images = []
@@ -88,22 +107,27 @@ async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> 
     except OSError as exc:
         logger.warning("%s: the image of its step %d could not be read (%s): sent from its first step",
                        item.id, carried.step, exc)  # fmt: skip
+        let_go(tally, carried)
         return None
-    tally.steps = [StepRecord(step=n, instruction=text) for n, text in enumerate(item.steps[: carried.step], 1)]
-    tally.earlier = {name: n for name, n in zip(TOKEN_FIELDS, carried.tokens, strict=True) if n}
-    tally.cost_usd += carried.cost_usd
-    tally.counted_before(carried.run, carried.cost_usd)
-    tally.carried = (carried.step, images)
     logger.info("%s: goes on from its step %d, answered by run %s", item.id, carried.step, carried.run)
     return images
 
 
 def carry(item: WorkItem, tally: Tally, record: ItemRecord) -> tuple[ItemRecord, list[tuple[str, Image]]]:
-    """*record* (of *item*, cut off between its steps) naming the image of its latest step answered, and that
-    image under :data:`STEPS_FOLDER`, to be written with it; *record* alone if no step before the last answered."""
-    if tally.carried is None or item.keep_steps or not record.steps:
+    """*record* (of *item*, cut off before its last step answered) naming the image of its latest step answered,
+    and that image under :data:`STEPS_FOLDER`, to be written with it if this run answered it (one an earlier run
+    kept is named where it is); *record* alone if no step before the last answered."""
+    if item.keep_steps or not record.steps:
         return record, []
-    step, images = tally.carried
-    names = [f"{STEPS_FOLDER}/{name}" for name in output_names(item, [image.extension for image in images], step=step)]
-    steps = tuple(replace(s, outputs=tuple(names)) if s.step == step else s for s in record.steps)
-    return replace(record, steps=steps), list(zip(names, images, strict=True))
+    files: list[tuple[str, Image]] = []
+    if tally.carried is not None and tally.carried[1]:  # (a batch step emptied its list: its answer is in the job)
+        step, images = tally.carried[0], [image for image in tally.carried[1] if isinstance(image, Image)]
+        extensions = [image.extension for image in images]
+        names = tuple(f"{STEPS_FOLDER}/{name}" for name in output_names(item, extensions, step=step))
+        files = list(zip(names, images, strict=True))
+    elif tally.kept is not None:
+        step, names = tally.kept.step, tally.kept.files
+    else:
+        return record, []
+    steps = tuple(replace(s, outputs=names) if s.step == step else s for s in record.steps)
+    return replace(record, steps=steps), files

@@ -17,7 +17,7 @@ from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, STEPS_FOLDER, item_stems, rejected_name
-from .carried import Carried, carried_step
+from .carried import Carried, carried_step, is_carried
 from .files import Owned, is_ours, stamp_of
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
@@ -142,7 +142,8 @@ class Resume:
         # item with output checks may write under rejected/ instead (nanobatch.output.verdicts); what an earlier
         # run set aside there for it is replaceable too (an answer that passes deletes it), and so is the image
         # of a step it was stopped after (nanobatch.output.carried).
-        kept = self.index.owned_under(item.id, f"{STEPS_FOLDER}/{item.stem}")
+        kept = self.index.owned_under(item.id, f"{STEPS_FOLDER}/{item.stem}")  # and where the latest record kept
+        kept.update(self.index.owned(item.id, [name for name in entry.files if is_carried(name)] if entry else []))
         replaceable = {
             **self.index.owned_under(item.id, item.stem), **self.index.owned_under(item.id, rejected_name(item.stem)),
             **kept,

@@ -13,8 +13,9 @@ from ..names import step_stem
 from .record import TOKEN_FIELDS, ErrorInfo, ItemRecord, PaidIn, StepRecord, utc
 
 if TYPE_CHECKING:
-    from ..api.gemini import Image, Reply
+    from ..api.gemini import FileRef, Image, Reply
     from ..item import WorkItem
+    from .carried import Carried
 
 __all__ = ["Tally", "build_record", "moved_record"]
 
@@ -47,8 +48,11 @@ class Tally:
     # The latest step before the last that answered with images (its number, its images): kept on disk if the
     # item is cut off before its last step (nanobatch.output.carried). And the usage of the steps an earlier
     # run answered, which this item goes on from.
-    carried: tuple[int, list[Image]] | None = None
+    carried: tuple[int, list[Image | FileRef]] | None = None
     earlier: Mapping[str, Any] | None = None
+    kept: Carried | None = None  # the steps an earlier run answered and kept, which the item goes on from
+    # With keep_steps: each step's images, written with the record (outputs it names) however the item ends.
+    step_files: list[tuple[str, Image]] = field(default_factory=list)
 
     def counted_before(self, run: str | None, cost_usd: float) -> None:
         """An answer costing *cost_usd* that the record of *run* counted already (None: none did)."""
@@ -67,8 +71,9 @@ class Tally:
             self.fallback_requests += 1
 
     def answered(self, reply: Reply) -> None:
-        """Keep what the latest answer said (also when it has no image)."""
-        self.last = reply
+        """Keep what the latest answer said (also when it has no image): its words, not its images, which the
+        next step or the writer holds (a batch step waiting for its job holds none)."""
+        self.last = replace(reply, images=()) if reply.images else reply
         self.model_version = reply.model_version or self.model_version
         if reply.finish_message:
             self.finish_message = reply.finish_message

@@ -28,7 +28,7 @@ from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..names import output_names
-from ..output.carried import Carried, carry, go_on
+from ..output.carried import carry, go_on, take_over
 from ..output.files import Owned
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord
@@ -74,7 +74,6 @@ class _Prepared:
 
     images: list[Image | FileRef]
     replaceable: Owned
-    carried: Carried | None = None  # the steps earlier runs answered, which it goes on from
 
 
 class Engine:
@@ -213,6 +212,14 @@ class Engine:
             return self._failed_item(item, tally, exc, replaceable)
         except ApiError as exc:
             return self._failed_item(item, tally, exc, replaceable)
+        except anyio.get_cancelled_exc_class():
+            # The grace ran out with a step in flight: the steps the item paid for are recorded all the same.
+            if tally.paid_now() and not (self.batch_route is not None and tally.answered_in_batch):
+                finished = self._failed_item(item, tally, Stopped(), replaceable)
+                with anyio.CancelScope(shield=True):
+                    if not await self.written.put(finished):
+                        report_unsaved([finished])
+            raise
 
     async def _send(self, item: WorkItem, tally: Tally, prepared: _Prepared) -> Finished:
         """Send *item*'s steps, check its final image (``qa:``), and hand back its record and images: those the
@@ -223,12 +230,11 @@ class Engine:
         compared = qa is not None and (qa.changed or qa.same_subject) and _original(prepared.images) is not None
         original = _original(prepared.images) if compared and tally.tier != "batch" else None
         sent: list[Image | FileRef] = prepared.images  # handed to each step (see Steps.send)
-        files: list[tuple[str, Image]] = []
         images: list[Image] = []
         request: Request | None = None  # the last step's, kept to be sent again if the checks refuse its answer
         start = 0  # the steps answered by earlier runs (nanobatch.output.carried)
-        if prepared.carried is not None and (kept := await go_on(item, tally, prepared.carried, self.out)):
-            sent, start = [*kept], prepared.carried.step
+        if tally.kept is not None and (kept := await go_on(item, tally, tally.kept, self.out)):
+            sent, start = [*kept], tally.kept.step
         for number, instruction in enumerate(item.steps[start:], start + 1):
             tally.steps.append(StepRecord(step=number, instruction=instruction))
             images = []  # the last step's images are in *sent* alone while this step is sent
@@ -238,13 +244,13 @@ class Engine:
             tally.usages.append(reply.usage)
             images = list(reply.images)
             sent = [*images]  # the next step edits this step's result
-            if number < len(item.steps):
-                tally.carried = (number, images)  # kept on disk if the item is cut off before its last step
+            if number < len(item.steps):  # kept on disk if the item is cut off before its last step (a step that
+                tally.carried = (number, sent)  # waits in a batch job empties *sent*: its answer is kept there)
             del reply  # nor is its answer held while the next step waits
             if item.keep_steps and number < len(item.steps):
                 names = self._name_outputs(item, images, step=number)
                 tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
-                files += zip(names, images, strict=True)
+                tally.step_files += zip(names, images, strict=True)
         verdict = None
         # The answer's images count toward the writer's queue from here (see WriteQueue.holding): while checks
         # or uploads fall behind the API, the next answers wait unread instead of piling up in memory.
@@ -254,7 +260,7 @@ class Engine:
                 original = original or (await self._read_again(item) if compared else None)
                 images, verdict = await self._verdict(item, tally, images, original, request, hold)
             outputs = self._name_outputs(item, images)
-            files += zip(outputs, images, strict=True)
+            files = [*tally.step_files, *zip(outputs, images, strict=True)]
             record = build_record(item, tally, run=self.run_id, outputs=outputs)
             if verdict is not None:
                 record, files = set_aside(record, files, verdict)
@@ -334,17 +340,19 @@ class Engine:
         """*item*'s failure: its record, and the image of the latest step it answered before its last (kept for
         the next run to go on from)."""
         record, files = carry(item, tally, self._failed(item, tally, exc))
+        files = [*tally.step_files, *files]  # (keep_steps: the steps' images are outputs the record names)
         drops = out_of_date(replaceable, files, ok=False, done=False)
         return Finished(record, files, replaceable=replaceable, drops=drops)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
         if isinstance(exc, Stopped):  # between the steps of an item: those sent were paid for
-            exc = ApiError(f"the run stopped ({self.gate.stop_reason}) before this step was sent", kind="stopped")
+            exc = ApiError(f"the run stopped ({self.gate.stop_reason}) before this step was answered", kind="stopped")
         status = "blocked" if exc.kind == "blocked" else "failed"
         if isinstance(exc.reply, Reply) and exc.reply.usage:
             tally.usages.append(exc.reply.usage)  # a withheld answer is billed all the same
+        step = max(len(tally.steps), tally.kept.step + 1 if tally.kept else 0)  # the first one not answered
         error = ErrorInfo(kind=exc.kind, status_code=exc.status_code, message=exc.message,
-                          step=len(tally.steps) if len(item.steps) > 1 else None)  # fmt: skip
+                          step=step if len(item.steps) > 1 else None)  # fmt: skip
         logger.warning("%s %s: %s", item.id, status, exc.message)
         return build_record(item, tally, run=self.run_id, status=status, error=error)
 
@@ -370,6 +378,8 @@ class Engine:
             if not isinstance(decision, Send):
                 return self._settled(item, entry, tally, decision)
             send = decision
+            if send.carried is not None:  # from here on, a record of it names the kept image and what it cost
+                take_over(item, tally, send.carried)
         inline = [ref for ref in item.inputs if ref not in plan.refs]
         loaded = await load_inputs(
             inline, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
@@ -381,6 +391,8 @@ class Engine:
             if not isinstance(decision, Send):
                 return self._settled(item, entry, tally, decision)
             send = decision
+            if send.carried is not None:  # from here on, a record of it names the kept image and what it cost
+                take_over(item, tally, send.carried)
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
         if self.uploads is not None and send.taken is None and send.uploads:  # looked for before paying
             urls = [self.uploads.url(name) for name in send.uploads]
@@ -388,7 +400,7 @@ class Engine:
         if send.taken is not None:
             why = f"{send.taken} {send.why or NOT_OURS}: nothing was sent (move it away, or change the output name)"
             raise ApiError(why, kind="output_exists")
-        return _Prepared([images[ref] for ref in item.inputs], send.replaceable, send.carried)
+        return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
 
     def _settled(
         self, item: WorkItem, entry: IndexEntry | None, tally: Tally, decision: Skip | Move

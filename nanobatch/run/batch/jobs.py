@@ -56,14 +56,8 @@ class Jobs:
     async def drive(self, chunk: Chunk) -> None:
         """Upload, create, poll and collect *chunk*, from wherever its ledger left it."""
         try:
-            if chunk.job is None and self.answers.past_deadline and await self._abandon(chunk):
+            if chunk.job is None and not await self._submit(chunk):
                 return
-            if chunk.job is None:
-                if chunk.file is None:
-                    path = self.chunks.folder / chunk.path
-                    chunk.file = await self.client.upload(path, display_name=chunk.display)
-                    self.ledger.note("uploaded", chunk, file=chunk.file)
-                await self._create(chunk)
             job = await self._follow(chunk)
             if job is not None:
                 await self._collect(chunk, job)
@@ -90,6 +84,24 @@ class Jobs:
         lost = ApiError(f"batch job {chunk.job} can no longer be read: its answer is lost; sent again",
                         kind="batch_lost", retryable=True)  # fmt: skip
         self.answers.settle(chunk, lost)
+
+    async def _submit(self, chunk: Chunk) -> bool:
+        """Upload *chunk* and create its job; False if the deadline came first (no job: its steps go online). The
+        deadline may come while either is on its way: then no job is created, and one just created is cancelled
+        (:meth:`cancel_open` knew no job of it yet), so that the run does not wait for it past its deadline."""
+        if self.answers.past_deadline and await self._abandon(chunk):
+            return False
+        if chunk.job is None and chunk.file is None:
+            path = self.chunks.folder / chunk.path
+            chunk.file = await self.client.upload(path, display_name=chunk.display)
+            self.ledger.note("uploaded", chunk, file=chunk.file)
+            if self.answers.past_deadline and await self._abandon(chunk):
+                return False
+        if chunk.job is None:
+            await self._create(chunk)
+            if self._deadline.is_set() and chunk.job is not None:
+                await self._quietly(self.client.cancel(chunk.job))
+        return True
 
     async def _create(self, chunk: Chunk) -> None:
         """Create *chunk*'s job, unless a create whose reply was lost made it already (looked up by its
