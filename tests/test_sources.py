@@ -386,6 +386,25 @@ def test_a_bad_setting_of_a_source_is_named_once_where_it_is_written_not_on_each
     assert Path(problem.file).name == "job.yaml" and problem.item is None and problem.field == field
 
 
+def test_a_problem_that_depends_on_a_row_or_on_a_value_written_elsewhere_is_not_moved_to_the_source(
+    tmp_path: Path,
+) -> None:
+    # The entry sets qa.retries, the manifest's top level an unreachable qa.min_side: told at qa.min_side. And a
+    # min_side the entry sets is out of reach only for the rows whose image_size column is small: told at the rows.
+    rows = '{"id": "small", "image": "photos/a.jpg", "image_size": "1K"}\n'
+    rows += '{"id": "big", "image": "photos/a.jpg", "image_size": "4K"}\n'
+    doc = {"qa": {"min_side": 9000}, "defaults": {"instruction": "x"},
+           "items_from": [{"jsonl": "rows.jsonl", "qa": {"retries": 1}}]}  # fmt: skip
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job(tmp_path, doc, {"rows.jsonl": rows}, ["photos/a.jpg"]))
+    assert {problem.field for problem in err.value.problems} == {"qa.min_side"}
+    doc = {"defaults": {"instruction": "x"}, "items_from": [{"jsonl": "rows.jsonl", "qa": {"min_side": 3000}}]}
+    with pytest.raises(ManifestError) as err:
+        nanobatch.check_job(job(tmp_path, doc, {"rows.jsonl": rows}, ["photos/a.jpg"]))
+    (problem,) = err.value.problems
+    assert (problem.file.endswith("rows.jsonl:1"), problem.item, problem.field) == (True, "small", "qa.min_side")
+
+
 def test_ids_must_be_unique_across_items_and_sources(tmp_path: Path) -> None:
     doc = {"defaults": {"instruction": "x"}, "items": [{"id": "a"}], "items_from": [{"glob": "*.png"}]}
     problem = one(problems(job(tmp_path, doc, images=["a.png"])))

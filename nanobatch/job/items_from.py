@@ -105,7 +105,7 @@ def _parse_entry(
         problems.append(problem("delimiter", "the delimiter must be one character, such as ',' or ';'"))
     defaults, unfilled = _defaults_for(kind, templates, given.templates, problem)
     problems += unfilled
-    shared = Shared(where, frozenset(_constant(templates)))
+    shared = Shared(where, _constant(templates))
     if kind == "glob":
         templates = {**defaults, **templates}
         glob_source = GlobSource(

@@ -40,7 +40,7 @@ from .fields import without_empty_pictures as without_empty
 from .items_from import parse_sources
 from .origins import Origins
 from .pictures import PictureCheck, looked_ahead
-from .sources import GlobSource, InlineSource, RawItem, Source, TableSource, file_stamp
+from .sources import GlobSource, InlineSource, RawItem, Shared, Source, TableSource, file_stamp
 from .yaml_stream import ItemsFound, read_top
 
 __all__ = ["Manifest", "load_manifest"]
@@ -68,6 +68,7 @@ class Manifest:
     _plain: dict[str, Any] = field(init=False, repr=False, compare=False)  # the same, qa: as QaFields
     _shapes: Shapes = field(init=False, repr=False, compare=False)  # what most items share, checked once
     _inherited: frozenset[tuple[str, str]] = field(init=False, repr=False, compare=False)  # (see _inherited_problems)
+    _shared: dict[str, frozenset[tuple[str, str]]] = field(init=False, repr=False, compare=False)  # per entry
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_base", os.path.abspath(self.path.parent))
@@ -75,6 +76,7 @@ class Manifest:
         object.__setattr__(self, "_plain", {name: getattr(self.defaults, name) for name in self._defaults})
         object.__setattr__(self, "_shapes", Shapes(self.model, self.qa_layers))
         object.__setattr__(self, "_inherited", self._inherited_problems())
+        object.__setattr__(self, "_shared", {})
 
     def problem_at(self, raw: RawItem, item: str | None, field: str, message: str) -> Problem:
         """The problem *message* with the value of the item's *field*, told where that value was written: on the
@@ -231,13 +233,35 @@ class Manifest:
 
     def _placed(self, raw: RawItem, problem: Problem) -> Problem:
         """*problem*, told where the value it is about was written when it is one of the inherited values', or one
-        its ``items_from:`` entry gives every row itself (``items_from[0].tier``)."""
+        its ``items_from:`` entry gives every row itself and every row has (``items_from[0].tier``)."""
         if problem.field is None:
             return problem
-        shared = raw.shared is not None and problem.field.partition(".")[0].partition("[")[0] in raw.shared.names
-        if not shared and (problem.field, problem.message) not in self._inherited:
+        about, shared = (problem.field, problem.message), raw.shared
+        # The entry's own value, a problem an item of its fields alone has, and a row that adds no setting of its
+        # own (a column's image_size or model may be what the value does not fit: then it is told at the row).
+        if shared is not None and shared.writes(problem.field) and about in self._shared_problems(shared):
+            if raw.fields is not None and all(k in _ROW_OWN or k in shared.fields for k in raw.fields):
+                return Problem(str(self.path), None, f"{shared.where}.{problem.field}", problem.message)
+        if about not in self._inherited:
             return problem
         return self.problem_at(raw, problem.item, problem.field, problem.message)
+
+    def _shared_problems(self, shared: Shared) -> frozenset[tuple[str, str]]:
+        """The problems (field, message) of a row that an ``items_from:`` entry gives nothing but its own fields
+        that read no column: those every row of it has (a problem that depends on a row's own values is not)."""
+        if (found := self._shared.get(shared.where)) is None:
+            fields = {"id": "item", **shared.fields}
+            if not {"instruction", "steps"} & {*fields, *self._plain}:
+                fields["instruction"] = "edit"
+            raw = RawItem(fields=fields, file=str(self.path), label=None)
+            _, problems = self._resolve(raw, check_files=False)
+            found = self._shared[shared.where] = frozenset((p.field, p.message) for p in problems if p.field)
+        return found
+
+
+# A row's own fields, not settings: a problem with a setting an items_from: entry gives is every row's only when
+# the row adds no setting of its own.
+_ROW_OWN = frozenset({"id", "image", "images", "instruction", "steps", "output"})
 
 
 def _told_ahead(raws: Iterator[RawItem], tell: Callable[[list[str | None]], object]) -> Iterator[RawItem]:

@@ -43,7 +43,7 @@ class Origins:
         (its own ``model:``, unless ``--model`` replaced it)."""
         name, _, key = field.partition(".")
         name = name.partition("[")[0]
-        if raw.shared is not None and name in raw.shared.names:  # the items_from: entry's own, for every row
+        if raw.shared is not None and raw.shared.writes(field):  # the items_from: entry's own, for every row
             return Problem(self.file, None, f"{raw.shared.where}.{field}", message)
         if _sets(raw.fields, name, key):
             return Problem(raw.file, item, field, message)

@@ -57,11 +57,20 @@ def open_text(path: Path | str) -> Utf8Lines:
 
 
 class Shared(NamedTuple):
-    """The fields an ``items_from:`` entry (*where*: ``items_from[0]``) gives every row itself, reading no column:
-    a problem with one is the same for each row, so it is told once, there (``job.origins``)."""
+    """The fields an ``items_from:`` entry (*where*: ``items_from[0]``) gives every row itself, reading no column
+    (*fields*, as written): a problem with one of them that is the same for each row is told once, there."""
 
     where: str
-    names: frozenset[str]
+    fields: Mapping[str, Any]
+
+    def writes(self, field: str) -> bool:
+        """Whether the entry itself gives *field* (``tier``, ``images[0]``, ``qa.min_side``) its value."""
+        name, _, key = field.partition(".")
+        name = name.partition("[")[0]
+        if name == "qa" and key:
+            qa = self.fields.get("qa")
+            return isinstance(qa, Mapping) and qa.get(key) is not None
+        return self.fields.get(name) is not None
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: one is made per row, and a frozen one costs twice as much
