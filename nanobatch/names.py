@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FoldersIn",
     "JOURNAL_FILE",
+    "KEPT_STEP",
     "LEDGER_FILE",
     "LOCK_FILE",
     "REPORT_FILE",
@@ -80,10 +81,10 @@ def step_stem(stem: str, step: int) -> str:
 
 def is_kept_step(name: str) -> bool:
     """Whether the file *name* is a kept step's image (:func:`step_stem`'s, numbered if several, and a type)."""
-    return _KEPT_STEP.search(name) is not None
+    return KEPT_STEP.search(name) is not None
 
 
-_KEPT_STEP = re.compile(r"\.step[0-9]+(-[0-9]+)?\.[^./]+$")
+KEPT_STEP = re.compile(r"\.step([0-9]+)(?:-[0-9]+)?\.[^./]+$")  # what output_names adds to a kept step's stem
 
 
 def item_stems(item: WorkItem) -> list[tuple[str, int | None]]:

@@ -117,7 +117,7 @@ def test_status_says_how_many_stopped_items_go_on_from_a_step_already_paid_for(
     stopped_after_step_2(tmp_path)
     capsys.readouterr()
     assert main(["status", str(tmp_path / "out")]) == 0
-    assert "  stopped: 1 (1 go on from a step already paid for)\n" in capsys.readouterr().out
+    assert "  stopped: 1\n  1 of them go on from a step already paid for (its image kept)\n" in capsys.readouterr().out
 
 
 def test_a_time_limit_whose_grace_runs_out_during_a_later_step_keeps_the_steps_paid_for(tmp_path: Path) -> None:

@@ -279,8 +279,9 @@ def status(out_dir: str, as_json: bool) -> None:
     )
     click.echo(f"cost: ${info['cost_usd']:.4f} for the results held now; ${info['paid_usd']:.4f} paid by all runs")
     for kind, count in info["failures_by_kind"].items():
-        kept = info["steps_kept"] if kind == "stopped" else 0  # (multi-step items: see output/carried.py)
-        click.echo(f"  {kind}: {count}" + (f" ({kept} go on from a step already paid for)" if kept else ""))
+        click.echo(f"  {kind}: {count}")
+    if info["steps_kept"]:  # (multi-step items cut off between steps: see output/carried.py)
+        click.echo(f"  {info['steps_kept']} of them go on from a step already paid for (its image kept)")
     for job in info.get("batch_jobs", []):
         counts = ", ".join(f"{job[name]} {name}" for name in ("succeeded", "failed", "pending") if name in job)
         click.echo(f"batch job {job['job'] or '(not created yet)'}: {job['state']}, {job['requests']} requests"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ManifestError, UsageError
-from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, STEPS_FOLDER, SUMMARY_FILE
+from ..names import JOURNAL_FILE, KEPT_STEP, LOCK_FILE, RESULTS_FILE, STEPS_FOLDER, SUMMARY_FILE
 from ..output.index_cache import prefix_digest
 from ..output.journal import orphaned_requests
 from ..output.lock import current_holder
@@ -72,8 +72,12 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
 
 
 def _steps_kept(out_dir: Path) -> int:
-    """How many images of steps stopped items go on from are kept (:mod:`nanobatch.output.carried`)."""
-    return sum(len(files) for _, _, files in os.walk(out_dir / STEPS_FOLDER))
+    """How many items have the image of a step they go on from kept (:mod:`nanobatch.output.carried`): one per
+    item, whatever number of images its step answered with."""
+    return len(
+        {os.path.join(folder, KEPT_STEP.sub("", name)) for folder, _, files in os.walk(out_dir / STEPS_FOLDER)
+         for name in files if KEPT_STEP.search(name)}
+    )  # fmt: skip
 
 
 def _written(index: _Index, item: str, work_key: str | None) -> bool:

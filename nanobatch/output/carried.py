@@ -12,14 +12,13 @@ newer one, or a record that names none (:func:`~nanobatch.output.verdicts.out_of
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
 from ..api.gemini import Image
-from ..names import STEPS_FOLDER, output_names
+from ..names import KEPT_STEP, STEPS_FOLDER, output_names
 from ..pictures import sniff_mime
 from .files import Owned, is_ours
 from .record import TOKEN_FIELDS, ItemRecord, StepRecord
@@ -34,7 +33,6 @@ __all__ = ["Carried", "carried_step", "carry", "go_on", "is_carried", "let_go", 
 
 logger = logging.getLogger("nanobatch")
 
-_STEP_OF = re.compile(r"\.step([0-9]+)(?:-[0-9]+)?\.[^./]+$")
 _TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "heic": "image/heic", "heif": "image/heif"}
 
 
@@ -62,7 +60,7 @@ def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owne
     if entry is None or entry.status == "ok" or entry.key != key or len(item.steps) < 2 or item.keep_steps:
         return None
     files = tuple(name for name in entry.files if is_carried(name))
-    steps = {int(match[1]) for name in files if (match := _STEP_OF.search(name))}
+    steps = {int(match[1]) for name in files if (match := KEPT_STEP.search(name))}
     if len(steps) != 1 or not 0 < (step := steps.pop()) < len(item.steps):
         return None
     if not all(is_ours(owned, name, out.file(name)) for name in files):
