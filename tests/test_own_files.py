@@ -154,15 +154,17 @@ def test_a_dangling_lock_link_is_not_followed_to_make_a_file(tmp_path: Path) -> 
     assert fake.requests == [] and not (tmp_path / "made-elsewhere").exists()
 
 
-def test_a_linked_batch_folder_refuses_the_folder(tmp_path: Path) -> None:
-    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png"}])
+@pytest.mark.parametrize("name", [".nanobatch-batches", ".nanobatch-steps"])
+def test_a_linked_folder_of_nanobatch_refuses_the_folder_before_anything_is_paid(tmp_path: Path, name: str) -> None:
+    job = write_job(tmp_path, [{"id": "a", "image": "images/a.png", "steps": ["crop it", "make it white"]}])
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()
     elsewhere.mkdir()
-    (out / ".nanobatch-batches").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(ConfigError, match=r"\.nanobatch-batches is a symbolic link"):
-        run(job, FakeGemini(), out)
-    assert list(elsewhere.iterdir()) == []
+    (out / name).symlink_to(elsewhere, target_is_directory=True)
+    fake = FakeGemini()
+    with pytest.raises(ConfigError, match=rf"\{name} is a symbolic link"):
+        run(job, fake, out)
+    assert list(elsewhere.iterdir()) == [] and fake.requests == []
 
 
 def test_a_link_put_there_after_the_check_is_not_written_through(tmp_path: Path) -> None:

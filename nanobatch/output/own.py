@@ -27,7 +27,16 @@ from typing import Any
 import orjson
 
 from ..errors import ConfigError
-from ..names import BATCH_FOLDER, JOURNAL_FILE, LEDGER_FILE, LOCK_FILE, REPORT_FILE, RESULTS_FILE, SUMMARY_FILE
+from ..names import (
+    BATCH_FOLDER,
+    JOURNAL_FILE,
+    LEDGER_FILE,
+    LOCK_FILE,
+    REPORT_FILE,
+    RESULTS_FILE,
+    STEPS_FOLDER,
+    SUMMARY_FILE,
+)  # fmt: skip
 
 __all__ = [
     "OWN_FILES",
@@ -182,26 +191,30 @@ _LEDGER = OwnFile(
 )  # fmt: skip
 
 
-def _batch_folder_problem(folder: str | os.PathLike[str]) -> str | None:
-    path = os.path.join(folder, BATCH_FOLDER)
+def _own_folder_problem(folder: str | os.PathLike[str], name: str, holds: str) -> str | None:
+    """What is wrong with nanobatch's own folder *name* in *folder* (where it keeps *holds*), if anything."""
+    path = os.path.join(folder, name)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        return f"{BATCH_FOLDER} cannot be read ({exc.strerror or exc})"
+        return f"{name} cannot be read ({exc.strerror or exc})"
     if stat.S_ISLNK(st.st_mode):
-        return f"{BATCH_FOLDER} is a symbolic link (to {os.readlink(path)}): nanobatch never writes through one"
+        return f"{name} is a symbolic link (to {os.readlink(path)}): nanobatch never writes through one"
     if not stat.S_ISDIR(st.st_mode):
-        return f"{BATCH_FOLDER} is not a folder (nanobatch keeps its batch jobs' files in it)"
-    return _LEDGER.problem(folder)
+        return f"{name} is not a folder (nanobatch keeps {holds} in it)"
+    return _LEDGER.problem(folder) if name == BATCH_FOLDER else None
+
+
+_OWN_FOLDERS = ((BATCH_FOLDER, "its batch jobs' files"), (STEPS_FOLDER, "the images of steps its items go on from"))
 
 
 def check_own_files(folder: Path, names: tuple[str, ...] | None = None) -> None:
     """ConfigError naming each file under nanobatch's names in *folder* (*names*: those of :data:`OWN_FILES`
     to look at; all, and the batch folder, by default) that nanobatch did not write, or that is a link."""
     if names is None:
-        problems = [own.problem(folder) for own in OWN_FILES] + [_batch_folder_problem(folder)]
+        problems = [own.problem(folder) for own in OWN_FILES] + [_own_folder_problem(folder, *f) for f in _OWN_FOLDERS]
     else:
         problems = [_BY_NAME[name].problem(folder) for name in names]
     found = [problem for problem in problems if problem is not None]
