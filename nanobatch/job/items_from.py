@@ -15,7 +15,8 @@ from ..api import storage
 from ..config import did_you_mean
 from ..errors import Problem, StorageError
 from .fields import parse_fields
-from .sources import COUNTERPART, GlobSource, Shared, Source, TableSource, placeholders
+from .shared import Shared
+from .sources import COUNTERPART, GlobSource, Source, TableSource, placeholders
 
 __all__ = ["parse_sources"]
 
@@ -108,25 +109,30 @@ def _parse_entry(
     shared = Shared(where, _constant(templates))
     if kind == "glob":
         templates = {**defaults, **templates}
-        glob_source = GlobSource(
-            pattern=target, base_dir=base_dir, file=manifest_file, templates=templates, shared=shared
-        )
-        return glob_source, problems
+        return GlobSource(pattern=target, base_dir=base_dir, file=manifest_file, templates=templates, shared=shared), (
+            problems
+        )  # fmt: skip
     path, missing = _table_path(kind, target, base_dir, problem)
-    problems += missing
-    source = TableSource(
+    source = _table_source(kind, path, templates, defaults, str(delimiter), item_fields, given, shared)
+    return source, problems + missing
+
+
+def _table_source(
+    kind: str, path: Path | str, templates: dict[str, Any], defaults: dict[str, Any], delimiter: str,
+    item_fields: Collection[str], given: _Defaults, shared: Shared,
+) -> TableSource:  # fmt: skip
+    return TableSource(
         kind=kind,
         path=path,
         templates=templates,
         defaults=defaults,
-        delimiter=str(delimiter),
+        delimiter=delimiter,
         columns_as_fields=_from_columns(templates, item_fields, given.output, defaults),
         read_columns=frozenset(_used_by({**defaults, **templates, "output": templates.get("output", given.output)})),
         # No template and no default gives a picture: only an image (or images) column may
         unpictured=not given.pictures and not templates.keys() & {"image", "images"},
         shared=shared,
     )
-    return source, problems
 
 
 def _shared_problems(templates: Mapping[str, Any], manifest_file: str, where: str) -> list[Problem]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -11,7 +12,7 @@ import orjson
 from ..api import storage
 from ..errors import StorageError
 
-__all__ = ["NotUtf8Line", "Utf8Lines", "json_line"]
+__all__ = ["NotUtf8Line", "Utf8Lines", "file_stamp", "json_line"]
 
 
 class NotUtf8Line(ValueError):
@@ -92,3 +93,9 @@ def _may_be_big_int(value: Any) -> bool:
     if type(value) is list:
         return any(map(_may_be_big_int, value))
     return type(value) is float and abs(value) >= 2**63
+
+
+def file_stamp(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of the file at *path*: it changed if they did."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

@@ -38,9 +38,11 @@ from .check import CheckReport, check_items, raw_id
 from .fields import ItemFields, ManifestFields, Merged, from_pydantic, merge_given, parse_fields, plain_fields
 from .fields import without_empty_pictures as without_empty
 from .items_from import parse_sources
+from .lines import file_stamp
 from .origins import Origins
 from .pictures import PictureCheck, looked_ahead
-from .sources import GlobSource, InlineSource, RawItem, Shared, Source, TableSource, file_stamp
+from .shared import Shared
+from .sources import GlobSource, InlineSource, RawItem, Source, TableSource
 from .yaml_stream import ItemsFound, read_top
 
 __all__ = ["Manifest", "load_manifest"]

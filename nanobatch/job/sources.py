@@ -29,7 +29,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
@@ -39,12 +39,14 @@ from ..errors import Problem, StorageError
 from ..item import looks_like_picture
 from ..templates import BRACES_HINT, MissingPlaceholder, Values, fill, template_fields
 from .fields import PICTURE_FIELDS, ItemFields
-from .lines import NotUtf8Line, Utf8Lines, json_line
+from .lines import NotUtf8Line, Utf8Lines, file_stamp, json_line
 from .yaml_stream import stream_items
 
+if TYPE_CHECKING:
+    from .shared import Shared
+
 __all__ = [
-    "COUNTERPART", "GlobSource", "InlineSource", "RawItem", "Shared", "Source", "TableSource", "file_stamp",
-    "open_text", "placeholders",
+    "COUNTERPART", "GlobSource", "InlineSource", "RawItem", "Source", "TableSource", "open_text", "placeholders",
 ]  # fmt: skip
 
 # Catalog exports carry long descriptions; the csv module's default cap is 128 KB per field.
@@ -54,23 +56,6 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 def open_text(path: Path | str) -> Utf8Lines:
     """Open a source file (or bucket object) for reading, row by row (tests wrap this to see how much is read)."""
     return Utf8Lines(path)
-
-
-class Shared(NamedTuple):
-    """The fields an ``items_from:`` entry (*where*: ``items_from[0]``) gives every row itself, reading no column
-    (*fields*, as written): a problem with one of them that is the same for each row is told once, there."""
-
-    where: str
-    fields: Mapping[str, Any]
-
-    def writes(self, field: str) -> bool:
-        """Whether the entry itself gives *field* (``tier``, ``images[0]``, ``qa.min_side``) its value."""
-        name, _, key = field.partition(".")
-        name = name.partition("[")[0]
-        if name == "qa" and key:
-            qa = self.fields.get("qa")
-            return isinstance(qa, Mapping) and qa.get(key) is not None
-        return self.fields.get(name) is not None
 
 
 @dataclass(slots=True, kw_only=True)  # not frozen: one is made per row, and a frozen one costs twice as much
@@ -128,12 +113,6 @@ class InlineSource:
             yield _broken(self.file, None, "not UTF-8 text: save it as UTF-8")
         except OSError as exc:
             yield _broken(self.file, None, f"cannot read the manifest: {exc.strerror or exc}")
-
-
-def file_stamp(path: str) -> tuple[int, int]:
-    """(size, mtime_ns) of the file at *path*: it changed if they did."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
 
 
 _ALL_FIELDS = frozenset(ItemFields.model_fields)
@@ -325,8 +304,7 @@ class TableSource:
         if given:
             # An "image" or "instruction" column is that field, as "{image}" would be (a JSONL list stays a list).
             templates = {**templates, **{name: f"{{{name}}}" for name in given}}
-        raw = _fill_fields(templates, row, where, row_name, default_id="{id}")
-        raw.shared = self.shared
+        raw = _fill_fields(templates, row, where, row_name, default_id="{id}", shared=self.shared)
         if raw.fields is not None:
             for name in ("image", "images"):  # an empty cell where the pictures go: said (Manifest._resolve)
                 if name in self.columns_as_fields and row.get(name, 0) in (None, "") and name not in raw.fields:
@@ -387,12 +365,7 @@ class GlobSource:
         for match in matches:
             name = os.path.basename(match)  # os.path, not pathlib: pathlib interns every name for good
             values = {"path": match.replace(os.sep, "/"), "name": name, "stem": os.path.splitext(name)[0]}
-            yield self._item(templates, values, f"file {match}")
-
-    def _item(self, templates: Mapping[str, Any], values: Mapping[str, str], name: str) -> RawItem:
-        raw = _fill_fields(templates, values, self.file, name, default_id="{stem}")
-        raw.shared = self.shared
-        return raw
+            yield _fill_fields(templates, values, self.file, f"file {match}", default_id="{stem}", shared=self.shared)
 
     def _templates(self) -> dict[str, Any]:
         templates = dict(self.templates)
@@ -409,7 +382,8 @@ class GlobSource:
                 found += 1
                 name = url.rsplit("/", 1)[-1]
                 values = {"path": url, "name": name, "stem": os.path.splitext(name)[0]}
-                yield self._item(templates, values, f"object {url}")
+                where = f"object {url}"
+                yield _fill_fields(templates, values, self.file, where, default_id="{stem}", shared=self.shared)
         except StorageError as exc:
             yield _broken(self.file, "glob", str(exc))
             return
@@ -431,8 +405,9 @@ def placeholders(template: Any, *, own_id: bool) -> list[str]:
 
 
 def _fill_fields(
-    templates: Mapping[str, Any], row: Mapping[str, Any], where: str, row_name: str, *, default_id: str
-) -> RawItem:
+    templates: Mapping[str, Any], row: Mapping[str, Any], where: str, row_name: str, *, default_id: str,
+    shared: Shared | None = None,
+) -> RawItem:  # fmt: skip
     problems: list[Problem] = []
 
     def missing(fld: str, name: str) -> None:
@@ -467,5 +442,5 @@ def _fill_fields(
     if "output" in templates:
         fields["output"] = templates["output"]
     if problems:
-        return RawItem(fields=None, file=where, label=item_id, problems=tuple(problems))
-    return RawItem(fields=fields, file=where, label=item_id, context=row)
+        return RawItem(fields=None, file=where, label=item_id, problems=tuple(problems), shared=shared)
+    return RawItem(fields=fields, file=where, label=item_id, context=row, shared=shared)

@@ -12,7 +12,7 @@ newer one, or a record that names none (:func:`~nanobatch.output.verdicts.out_of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import anyio.to_thread
@@ -22,14 +22,14 @@ from ..names import KEPT_STEP, STEPS_FOLDER, output_names
 from ..pictures import sniff_mime
 from .files import Owned, is_ours
 from .record import TOKEN_FIELDS, ItemRecord, StepRecord
+from .tally import Carried, Tally
 
 if TYPE_CHECKING:
     from ..item import WorkItem
     from .outdir import OutDir
     from .results import IndexEntry
-    from .tally import Tally
 
-__all__ = ["Carried", "carried_step", "carry", "go_on", "is_carried", "let_go", "take_over"]
+__all__ = ["carried_step", "carry", "go_on", "is_carried", "let_go", "take_over"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -39,18 +39,6 @@ _TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "heic":
 def is_carried(name: str) -> bool:
     """Whether the file *name* (relative to the output folder) is a stopped item's step image."""
     return name.startswith(STEPS_FOLDER + "/")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Carried:
-    """Steps 1 to *step* of an item, answered by earlier runs: their last image is in *files*; *cost_usd* and
-    *tokens* are what those runs paid for them, and *run* the latest of those runs."""
-
-    step: int
-    files: tuple[str, ...]
-    run: str | None
-    cost_usd: float
-    tokens: tuple[int, int, int, int]
 
 
 def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owned, out: OutDir) -> Carried | None:

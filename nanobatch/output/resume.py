@@ -17,10 +17,11 @@ from ..api.gemini import OUTPUT_EXTENSIONS, extension_of
 from ..item import WorkItem
 from ..models import ANSWER_TYPES
 from ..names import REJECTED_FOLDER, STEPS_FOLDER, item_stems, rejected_name
-from .carried import Carried, carried_step, is_carried
+from .carried import carried_step, is_carried
 from .files import Owned, is_ours, stamp_of
 from .outdir import OutDir
 from .results import IndexEntry, ResultsIndex
+from .tally import Carried
 from .upload import Uploads
 
 __all__ = ["SKIP", "Move", "Resume", "Send", "Skip", "is_done", "outputs_there", "renamed_files"]

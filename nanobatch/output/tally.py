@@ -15,9 +15,20 @@ from .record import TOKEN_FIELDS, ErrorInfo, ItemRecord, PaidIn, StepRecord, utc
 if TYPE_CHECKING:
     from ..api.gemini import FileRef, Image, Reply
     from ..item import WorkItem
-    from .carried import Carried
 
-__all__ = ["Tally", "build_record", "moved_record"]
+__all__ = ["Carried", "Tally", "build_record", "moved_record"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Carried:
+    """Steps 1 to *step* of an item, answered by earlier runs: their last image is in *files*; *cost_usd* and
+    *tokens* are what those runs paid for them, and *run* the latest of those runs."""
+
+    step: int
+    files: tuple[str, ...]
+    run: str | None
+    cost_usd: float
+    tokens: tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
