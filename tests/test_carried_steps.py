@@ -177,3 +177,29 @@ def test_a_keep_steps_item_cut_off_writes_the_step_images_its_record_names(tmp_p
     named = [name for step in record["steps"] for name in step.get("outputs") or []]
     assert named == ["hero.step1.png", "hero.step2.png"]
     assert (tmp_path / "out/hero.step2.png").read_bytes() == STEP_2 and all(record["file_stamps"])
+
+
+def test_a_file_of_yours_that_appears_as_the_image_is_written_does_not_lose_the_kept_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 2 answers step 3, and a file of the user's appears at hero.png just before the write: refused (never
+    # overwritten). Its failed record must still name the kept step, or night 3 pays for steps 1 and 2 again.
+    from nanobatch.output.outdir import OutDir
+
+    job, first = stopped_after_step_2(tmp_path)
+    real = OutDir.claims
+
+    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
+        if any(name == "hero.png" for name, _ in files):
+            (tmp_path / "out" / "hero.png").write_bytes(b"mine")
+        return real(self, files, moves)
+
+    monkeypatch.setattr(OutDir, "claims", taken)
+    assert run(job, FakeGemini(), tmp_path / "out").exit_code == 1
+    monkeypatch.setattr(OutDir, "claims", real)
+    second = records(tmp_path / "out")[-1]
+    assert second["error"]["kind"] == "output_exists" and second["steps"][1]["outputs"] == [KEPT[4:]]
+    assert (tmp_path / "out" / "hero.png").read_bytes() == b"mine"
+    (tmp_path / "out" / "hero.png").unlink()
+    third = FakeGemini()
+    assert run(job, third, tmp_path / "out").exit_code == 0 and third.instructions() == ["add a shadow"]

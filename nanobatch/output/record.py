@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..names import KEPT_STEP
 from .reading import UploadStamp, is_int, read_file_stamps, read_float, read_stamps, read_strs, read_upload_stamps
 
 if TYPE_CHECKING:  # nanobatch.qa loads pydantic, which `nanobatch status` and the report do without
@@ -273,9 +274,14 @@ class ItemRecord:
             extra={} if _KNOWN.issuperset(line) else {k: v for k, v in line.items() if k not in _KNOWN},
         )
 
-    def failed_write(self, kind: str, message: str) -> ItemRecord:
-        """This record turned failed: its images could not be written (its steps keep no outputs either)."""
-        steps = None if self.steps is None else tuple(replace(step, outputs=None) for step in self.steps)
+    def failed_write(self, kind: str, message: str, *, kept: Sequence[str] = ()) -> ItemRecord:
+        """This record turned failed: its images could not be written (its steps keep no outputs either), but
+        for *kept*: the image of the step an earlier run kept for the item to go on from, still there."""
+        at: dict[int, tuple[str, ...]] = {}
+        for name in kept:
+            if match := KEPT_STEP.search(name):
+                at[int(match[1])] = (*at.get(int(match[1]), ()), name)
+        steps = None if self.steps is None else tuple(replace(step, outputs=at.get(step.step)) for step in self.steps)
         return replace(self, status="failed", outputs=(), steps=steps, error=ErrorInfo(kind=kind, message=message))
 
 

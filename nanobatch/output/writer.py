@@ -16,6 +16,7 @@ import anyio
 
 from ..api.gemini import Image
 from ..errors import RunAborted
+from .carried import is_carried
 from .files import Owned, fsync_dir, is_ours
 from .outdir import FOLDER_ERRNOS, OutDir
 from .record import ItemRecord
@@ -296,4 +297,6 @@ class Writer:
             return replace(finished, saved=False)
         logger.error("%s failed: %s; the next run tries it again (a batch answer it read is kept for that)", item_id,
                      message)  # fmt: skip
-        return Finished(finished.record.failed_write(kind, message), [])
+        # The image of a step the item goes on from, not deleted (its drop came after the write): named again.
+        kept = [n for n in finished.drops if is_carried(n) and is_ours(finished.replaceable, n, self.out.file(n))]
+        return Finished(self.out.stamped(finished.record.failed_write(kind, message, kept=kept)), [])
