@@ -203,3 +203,12 @@ def test_a_file_of_yours_that_appears_as_the_image_is_written_does_not_lose_the_
     (tmp_path / "out" / "hero.png").unlink()
     third = FakeGemini()
     assert run(job, third, tmp_path / "out").exit_code == 0 and third.instructions() == ["add a shadow"]
+
+
+def test_paid_in_names_the_night_that_paid_not_one_that_failed_again_at_no_cost(tmp_path: Path) -> None:
+    job, first = stopped_after_step_2(tmp_path)
+    refused = google_error(400, "INVALID_ARGUMENT", "Request contains an invalid argument.")
+    run(job, FakeGemini({"add a shadow": [refused]}), tmp_path / "out")  # a 400 is not billed
+    assert records(tmp_path / "out")[-1]["cost_usd"] == 0
+    assert run(job, FakeGemini(), tmp_path / "out").exit_code == 0
+    assert records(tmp_path / "out")[-1]["paid_in"] == {"run": first["run"], "cost_usd": first["cost_usd"]}

@@ -55,7 +55,7 @@ def carried_step(item: WorkItem, entry: IndexEntry | None, key: str, owned: Owne
         logger.warning("%s: the image of its step %d was changed since nanobatch kept it: sent from its first "
                        "step", item.id, step)  # fmt: skip
         return None
-    return Carried(step=step, files=files, run=entry.run, cost_usd=entry.cost_usd, tokens=entry.tokens)
+    return Carried(step=step, files=files, run=entry.paid_in or entry.run, cost_usd=entry.cost_usd, tokens=entry.tokens)
 
 
 def take_over(item: WorkItem, tally: Tally, carried: Carried) -> None:

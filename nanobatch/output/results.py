@@ -140,13 +140,15 @@ def _row(record: ItemRecord) -> tuple[Any, ...]:
         orjson.dumps(list(zip(record.inputs, stamps, strict=False))) if stamps else None,
         record.run,
         orjson.dumps(record.files) if record.steps else None,  # None: the outputs, no steps
-        _paid_in(record.run, paid_in, record.moved_from is not None),
+        _paid_in(record.run, paid_in, record.moved_from is not None, record.costs()[1]),
     )
 
 
-def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool) -> str | None:
-    """The run that paid for a line's result: its own, or a move's ``paid_in`` (unknown for older moves)."""
-    if not moved:
+def _paid_in(run: str | None, paid_in: PaidIn | None, moved: bool, paid: float) -> str | None:
+    """The run that paid for a line's result: its own; a move's ``paid_in`` (unknown for older moves); or, for a
+    line whose run paid nothing for it (a step kept by an earlier run, that run failing again at no cost), the
+    run its ``paid_in`` names."""
+    if not moved and (paid or paid_in is None):
         return run
     return paid_in.run if paid_in is not None else None
 
@@ -192,7 +194,7 @@ def _line_row(line: dict[str, Any]) -> tuple[tuple[Any, ...], _Files, float]:
         orjson.dumps(list(zip(read_strs(get("inputs")), stamps, strict=False))) if stamps else None,
         get("run"),
         orjson.dumps(files) if steps else None,
-        _paid_in(get("run"), paid_in, moved),
+        _paid_in(get("run"), paid_in, moved, paid),
     )
     uploads = read_strs(get("uploads")) if "uploads" in line else ()
     objects = _objects(uploads, read_upload_stamps(get("upload_stamps"), len(uploads)) if uploads else None)

@@ -341,7 +341,8 @@ class Engine:
         the next run to go on from)."""
         record, files = carry(item, tally, self._failed(item, tally, exc))
         files = [*tally.step_files, *files]  # (keep_steps: the steps' images are outputs the record names)
-        drops = out_of_date(replaceable, files, ok=False, done=False)
+        named = set(record.files)  # (a kept step it goes on from is named again, not written again)
+        drops = tuple(name for name in out_of_date(replaceable, files, ok=False, done=False) if name not in named)
         return Finished(record, files, replaceable=replaceable, drops=drops)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
