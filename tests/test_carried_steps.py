@@ -11,7 +11,20 @@ import pytest
 
 import nanobatch
 
-from .fakes import FakeGemini, google_error, image_bytes, inline, ok_body, records, run, write_job
+from .emulators import Emulator, new_bucket
+from .fakes import (
+    FakeGemini,
+    google_error,
+    image_bytes,
+    inline,
+    killed_before_the_records,
+    ok_body,
+    records,
+    run,
+    run_now,
+    write_job,
+)  # fmt: skip
+from .test_upload import puts_failing_for
 
 STEPS = ["crop it", "make it white", "add a shadow"]
 HERO = {"id": "hero", "image": "images/h.png", "steps": STEPS}
@@ -212,3 +225,44 @@ def test_paid_in_names_the_night_that_paid_not_one_that_failed_again_at_no_cost(
     assert records(tmp_path / "out")[-1]["cost_usd"] == 0
     assert run(job, FakeGemini(), tmp_path / "out").exit_code == 0
     assert records(tmp_path / "out")[-1]["paid_in"] == {"run": first["run"], "cost_usd": first["cost_usd"]}
+
+
+def test_an_upload_that_fails_on_the_night_that_goes_on_keeps_the_kept_step(gcs_env: Emulator, tmp_path: Path) -> None:
+    upload = {"output.upload_to": f"gs://{new_bucket('gs')}/edited", "limits.concurrency": 1}
+    job = write_job(tmp_path, [HERO])
+    out = tmp_path / "out"
+    settings = nanobatch.load_settings(env={}, overrides=upload)
+    run_now(
+        job, FakeGemini(), out, settings=nanobatch.load_settings(env={}, overrides={**upload, "budget.max_requests": 2})
+    )
+    assert records(out)[-1]["steps"][1]["outputs"] == [KEPT[4:]]
+    second = FakeGemini()
+    with puts_failing_for("hero.png"):  # night 2 answers step 3; its PUT fails (kind upload)
+        run_now(job, second, out, settings=settings)
+    assert second.instructions() == ["add a shadow"]
+    assert records(out)[-1]["error"]["kind"] == "upload" and (tmp_path / KEPT).is_file()
+    third = FakeGemini()
+    run_now(job, third, out, settings=settings)
+    assert third.instructions() == ["add a shadow"]  # steps 1 and 2 were paid by night 1, never answered again
+
+
+def test_a_night_killed_between_its_image_and_its_record_does_not_lose_the_kept_step(tmp_path: Path) -> None:
+    job, _ = stopped_after_step_2(tmp_path)
+    second = FakeGemini()
+    with killed_before_the_records():  # night 2 answers step 3, writes hero.png, dies before its record
+        run(job, second, tmp_path / "out")
+    third = FakeGemini()
+    run(job, third, tmp_path / "out")
+    # kill -9 may cost the step in flight (step 3, as for any item); steps 1 and 2 were paid by night 1
+    assert third.instructions() == ["add a shadow"]
+
+
+def test_a_nights_token_counts_are_what_it_used_not_the_steps_earlier_nights_paid(tmp_path: Path) -> None:
+    job, first = stopped_after_step_2(tmp_path)
+    refused = FakeGemini()
+    (tmp_path / "out" / "hero.png").write_bytes(b"mine")
+    run(job, refused, tmp_path / "out")  # night 2 sends nothing (a file of yours at hero.png)
+    assert not refused.requests
+    (tmp_path / "out" / "hero.png").unlink()
+    run(job, FakeGemini(), tmp_path / "out")  # night 3 sends step 3
+    assert folder(tmp_path / "out")["last_run"]["tokens"]["totalTokenCount"] == 2432  # one request's

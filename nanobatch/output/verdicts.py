@@ -184,16 +184,17 @@ def set_aside(
 
 
 def out_of_date(
-    replaceable: Iterable[str], files: Iterable[tuple[str, Image]], *, ok: bool, done: bool = True
-) -> tuple[str, ...]:
+    replaceable: Iterable[str], files: Iterable[tuple[str, Image]], *, ok: bool, done: bool = True,
+    named: Iterable[str] = (),
+) -> tuple[str, ...]:  # fmt: skip
     """Of *replaceable* (files a record of the item says nanobatch wrote, under its name), those the new *files*
     do not replace: the image of a step a stopped run kept for it (``.nanobatch-steps/``: see
     :mod:`nanobatch.output.carried`); once the item is *done* (ok or rejected), what an earlier run set aside
     under ``rejected/`` for it; and once it is *ok*, its earlier images of another type or number (``a-1.png``
     to ``a-3.png`` for a new ``a.png``), which a folder synced to a shop would publish beside it. Kept steps
     (``a.step1.png``) stay; so does the image of an earlier edit while the new one is rejected: the catalog
-    keeps the image it had."""
-    new = {name for name, _ in files}
+    keeps the image it had. A file the new record still *names* (a kept step, named again) is never out of date."""
+    new = {name for name, _ in files} | set(named)
     prefix = REJECTED_FOLDER + "/"
     return tuple(
         sorted(

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import anyio
 
@@ -48,6 +49,7 @@ class Finished:
     # under rejected/ for it, its earlier images of another type or number (nanobatch.output.verdicts.out_of_date);
     # each in *replaceable*.
     drops: tuple[str, ...] = ()
+    earlier: Mapping[str, Any] | None = None  # the usage of steps an earlier run answered, in the record's usage
 
     @property
     def size(self) -> int:
@@ -248,7 +250,7 @@ class Writer:
         for finished in batch:
             try:
                 self.out.put(finished.files, finished.moves, finished.replaceable, folders)
-                self._drop(finished, folders)
+                self._drop(finished, folders, kept=False)
                 handled.append(replace(finished, record=self.out.stamped(finished.record)))
             except OSError as exc:
                 if exc.errno in FOLDER_ERRNOS:
@@ -261,12 +263,19 @@ class Writer:
             fsync_dir(folder)
         if records := [finished.record for finished in handled if finished.saved]:
             self.out.results.append_many(records)
+        # A kept step's image goes only once the record that no longer names it is written (a run killed before
+        # it leaves the record that does, and the image it names).
+        for finished in handled:
+            if finished.saved:
+                self._drop(finished, set(), kept=True)
         return handled, error
 
-    def _drop(self, finished: Finished, folders: set[str]) -> None:
+    def _drop(self, finished: Finished, folders: set[str], *, kept: bool) -> None:
         """Delete *finished*'s out-of-date files (nanobatch's, for this item: see :attr:`Finished.drops`), before
         the record that no longer names them; one that cannot be deleted is only told of."""
         for name in finished.drops:
+            if is_carried(name) != kept:
+                continue
             path = self.out.file(name)
             if self.out.escapes(name):
                 continue  # through a link out of the output folder: never deleted

@@ -267,8 +267,11 @@ class Engine:
             if self.uploads is not None and record.status == "ok":
                 record = await self.uploads.publish(record, files, self.index, self.out.journal)
         done = record.status in ("ok", "rejected")
-        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok", done=done)
-        return Finished(record, files, replaceable=prepared.replaceable, drops=drops)
+        if not done:  # its upload failed: the step it goes on from stays named and kept, as in _failed_item
+            record, carried = carry(item, tally, record)
+            files += carried
+        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok", done=done, named=record.files)
+        return Finished(record, files, replaceable=prepared.replaceable, drops=drops, earlier=tally.earlier)
 
     async def _verdict(
         self, item: WorkItem, tally: Tally, images: list[Image], original: bytes | None, request: Request | None,
@@ -341,9 +344,8 @@ class Engine:
         the next run to go on from)."""
         record, files = carry(item, tally, self._failed(item, tally, exc))
         files = [*tally.step_files, *files]  # (keep_steps: the steps' images are outputs the record names)
-        named = set(record.files)  # (a kept step it goes on from is named again, not written again)
-        drops = tuple(name for name in out_of_date(replaceable, files, ok=False, done=False) if name not in named)
-        return Finished(record, files, replaceable=replaceable, drops=drops)
+        drops = out_of_date(replaceable, files, ok=False, done=False, named=record.files)
+        return Finished(record, files, replaceable=replaceable, drops=drops, earlier=tally.earlier)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
         if isinstance(exc, Stopped):  # between the steps of an item: those sent were paid for
@@ -435,7 +437,7 @@ class Engine:
         if finished.moves:
             self.stats.skipped += 1  # done work under new names: nothing sent, nothing paid
         else:
-            self.stats.count(record)
+            self.stats.count(record, finished.earlier)
 
 
 def _unsaved(record: ItemRecord) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..output.record import ItemRecord
 from ..output.tally import Tally
@@ -48,11 +50,12 @@ class RunStats:
             self.fallback_requests += 1
             self.fallbacks += tally.fallback_requests == 1  # the item's first one
 
-    def count(self, record: ItemRecord) -> None:
+    def count(self, record: ItemRecord, earlier: Mapping[str, Any] | None = None) -> None:
+        """Count *record*, less the tokens of *earlier*: steps an earlier run answered, which its usage holds."""
         setattr(self, record.status, getattr(self, record.status) + 1)
         for name, value in record.usage.items():
             if isinstance(value, int):
-                self.tokens[name] += value
+                self.tokens[name] += value - (earlier or {}).get(name, 0)
         self.cost_usd += record.cost_usd or 0.0
         if record.latency_s is not None:
             self.latencies.append(record.latency_s)
