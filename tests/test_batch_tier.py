@@ -133,6 +133,51 @@ def test_the_deadline_cancels_the_jobs_and_sends_the_rest_online(job: Path) -> N
     assert {j.state for j in jobs(app)} == {"cancelled"}
 
 
+def _blocking(app: Any, instruction: str) -> None:
+    """The simulator's batch jobs answer *instruction*'s request blocked (once), every other one as usual."""
+    service = app.state.batches
+    real = service._answer
+    done: list[bool] = []
+
+    async def answer(job: Any, raw: bytes) -> Any:
+        text = json.loads(raw)["request"]["contents"][0]["parts"][0]["text"]
+        if text != instruction or done:
+            return await real(job, raw)
+        done.append(True)
+        config = service.config
+        service.config = dataclasses.replace(config, rate_blocked=1.0)
+        try:
+            return await real(job, raw)
+        finally:
+            service.config = config
+
+    service._answer = answer
+
+
+def test_a_batch_step_answered_before_a_later_step_fails_is_not_paid_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1, --tier batch: step 1 answered by its job, step 2 answered blocked. Its failed record lands step 1's
+    # answer (the job's results go), so step 1's image is read back from them and kept, as online: night 2 pays
+    # for steps 2 and 3 only.
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 0, model=MODEL)
+    write_job(
+        tmp_path,
+        [{"id": "hero", "image": "images/h.png", "image_size": "512", "steps": ["crop", "white", "shadow"]}],
+        model=MODEL,
+    )
+    app = sim()
+    _blocking(app, "white")
+    with run_in_thread(app=app) as url:
+        assert cli(job, url) == 1
+        (first,) = records(tmp_path / "out")
+        assert (first["status"], first["error"]["step"]) == ("blocked", 2) and first["cost_usd"] > 0
+        made = app.state.stats.images
+        assert cli(job, url) == 0
+    assert first["steps"][0]["outputs"] == [".nanobatch-steps/hero.step1.png"]
+    assert app.state.stats.images - made == 2  # steps 2 and 3: step 1 was answered and paid on night 1
+
+
 @pytest.mark.parametrize("call", ["upload", "create"])
 def test_a_deadline_that_comes_while_a_chunk_is_uploaded_or_created_is_kept(
     job: Path, monkeypatch: pytest.MonkeyPatch, call: str

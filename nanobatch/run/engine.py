@@ -43,7 +43,7 @@ from .batch.route import BatchRoute
 from .failures import FailureLog
 from .limits import Gate, Stopped
 from .observer import Observer
-from .route import Request, Route
+from .route import Request, Route, Step
 from .stats import RunStats
 from .steps import Steps
 
@@ -209,14 +209,14 @@ class Engine:
                 raise
             if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
                 self.gate.stop(exc)
-            return self._failed_item(item, tally, exc, replaceable)
+            return await self._failed_item(item, tally, exc, replaceable)
         except ApiError as exc:
-            return self._failed_item(item, tally, exc, replaceable)
+            return await self._failed_item(item, tally, exc, replaceable)
         except anyio.get_cancelled_exc_class():
             # The grace ran out with a step in flight: the steps the item paid for are recorded all the same.
             if tally.paid_now() and not (self.batch_route is not None and tally.answered_in_batch):
-                finished = self._failed_item(item, tally, Stopped(), replaceable)
                 with anyio.CancelScope(shield=True):
+                    finished = await self._failed_item(item, tally, Stopped(), replaceable)
                     if not await self.written.put(finished):
                         report_unsaved([finished])
             raise
@@ -339,9 +339,12 @@ class Engine:
         assert item.qa is not None
         return await self.checker.check(images, original=original, aspect_ratio=item.aspect_ratio, settings=item.qa)
 
-    def _failed_item(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped, replaceable: Owned) -> Finished:
+    async def _failed_item(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped, replaceable: Owned) -> Finished:
         """*item*'s failure: its record, and the image of the latest step it answered before its last (kept for
-        the next run to go on from)."""
+        the next run to go on from; read again from its batch job's results if a step waiting there let it go)."""
+        if self.batch_route is not None and tally.carried is not None and not tally.carried[1]:
+            step = Step(item=item.id, work_key=tally.key, number=tally.carried[0])
+            tally.carried = (step.number, [*await self.batch_route.images_of(step)])
         record, files = carry(item, tally, self._failed(item, tally, exc))
         files = [*tally.step_files, *files]  # (keep_steps: the steps' images are outputs the record names)
         drops = out_of_date(replaceable, files, ok=False, done=False, named=record.files)

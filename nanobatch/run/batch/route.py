@@ -49,6 +49,7 @@ from .ledger import Chunk, Ledger
 
 if TYPE_CHECKING:
     from ...api.batch_api import BatchClient
+    from ...api.gemini import Image
     from ...config import BatchSettings
     from ...item import WorkItem
 
@@ -228,6 +229,18 @@ class BatchRoute:
                 except OSError as exc:
                     raise self._break(exc) from None
         return None
+
+    async def images_of(self, step: Step) -> list[Image]:
+        """The images of *step*'s answer, read again from its chunk's results (kept there until its item's record
+        is written): a failed item keeps the image of its latest step (:mod:`nanobatch.output.carried`)."""
+        for chunk, key in self.answers.held.get(step.item, ()):
+            if key == step.key and chunk.results and (offset := chunk.offsets.get(key)) is not None:
+                try:
+                    result = await self.client.decode_line(self.chunks.line(chunk.results, offset))
+                except OSError as exc:
+                    raise self._break(exc) from None
+                return list(result.reply.images) if result.reply is not None else []
+        return []
 
     def release(self, item: str) -> None:
         self.answers.landing.release(item)
