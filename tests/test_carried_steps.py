@@ -266,3 +266,18 @@ def test_a_nights_token_counts_are_what_it_used_not_the_steps_earlier_nights_pai
     (tmp_path / "out" / "hero.png").unlink()
     run(job, FakeGemini(), tmp_path / "out")  # night 3 sends step 3
     assert folder(tmp_path / "out")["last_run"]["tokens"]["totalTokenCount"] == 2432  # one request's
+
+
+def test_status_does_not_count_a_kept_image_no_record_goes_on_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nanobatch.cli.main import main
+
+    job, _ = stopped_after_step_2(tmp_path)
+    (tmp_path / KEPT).write_bytes(image_bytes((1, 2, 3)))  # retouched: nanobatch leaves it where it is
+    assert run(job, FakeGemini(), tmp_path / "out").exit_code == 0  # sent from step 1, done
+    assert records(tmp_path / "out")[-1]["status"] == "ok" and (tmp_path / KEPT).exists()
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "out"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["ok"] == 1 and info["steps_kept"] == 0  # every item is done: none goes on from a step

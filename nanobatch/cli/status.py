@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ManifestError, UsageError
-from ..names import JOURNAL_FILE, KEPT_STEP, LOCK_FILE, RESULTS_FILE, STEPS_FOLDER, SUMMARY_FILE
+from ..names import JOURNAL_FILE, LOCK_FILE, RESULTS_FILE, STEPS_FOLDER, SUMMARY_FILE
+from ..output.files import is_ours
 from ..output.index_cache import prefix_digest
 from ..output.journal import orphaned_requests
 from ..output.lock import current_holder
@@ -62,7 +63,6 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
         for c in open_chunks(out_dir)
     ]
     info["running"] = running
-    info["steps_kept"] = _steps_kept(out_dir)
     info["last_run"] = _last_run(summary.get("last_run"), info["running"])
     # While a run holds the folder, its unanswered requests are simply in flight, not lost.
     info["in_flight"] = len(orphans) if info["running"] else 0
@@ -71,13 +71,19 @@ def folder_status(out_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _steps_kept(out_dir: Path) -> int:
-    """How many items have the image of a step they go on from kept (:mod:`nanobatch.output.carried`): one per
-    item, whatever number of images its step answered with."""
-    return len(
-        {os.path.join(folder, KEPT_STEP.sub("", name)) for folder, _, files in os.walk(out_dir / STEPS_FOLDER)
-         for name in files if KEPT_STEP.search(name)}
-    )  # fmt: skip
+def _steps_kept(out_dir: Path, index: _Index) -> int:
+    """How many items go on from a step's image kept for them (:mod:`nanobatch.output.carried`): their latest
+    record names it, and it is as nanobatch left it (not one a retouch left behind)."""
+    items: set[str] = set()
+    for folder, _, files in os.walk(out_dir / STEPS_FOLDER):
+        for name in files:
+            path = os.path.join(folder, name)
+            kept = os.path.relpath(path, out_dir).replace(os.sep, "/")
+            if (owner := index.loaded.owner(kept)) is not None and is_ours({kept: owner[1]}, kept, path):
+                entry = index.get(owner[0])
+                if entry is not None and entry.status != "ok" and kept in entry.files:
+                    items.add(owner[0])
+    return len(items)
 
 
 def _written(index: _Index, item: str, work_key: str | None) -> bool:
@@ -120,6 +126,7 @@ def _counts(out_dir: Path, summary: dict[str, Any], running: str | None) -> tupl
         info = index.loaded.totals() if info is None else info
         orphans = orphaned_requests(out_dir, index.loaded) if orphans is None else orphans
         info["batch_answers_kept"] = answers_kept(out_dir, functools.partial(_written, index))
+        info["steps_kept"] = _steps_kept(out_dir, index)
         manifest = summary.get("manifest")
         manifest = manifest if isinstance(manifest, str) and os.path.isfile(manifest) else None
         info["manifest"] = manifest

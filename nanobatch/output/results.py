@@ -283,12 +283,12 @@ class ResultsIndex:
         """Those of *names* that a record of *item_id* says nanobatch wrote (any run's, not only the latest),
         each with the stamp it left the file with: files a new result of that item may replace while they are
         still so (:func:`~nanobatch.output.files.unchanged`)."""
-        found = {}
-        for name in names:
-            row = self._db.execute("SELECT id, size, mtime FROM owned WHERE name = ?", (_name_key(name),)).fetchone()
-            if row is not None and row[0] == item_id:
-                found[name] = _stamp(row[1], row[2])
-        return found
+        return {name: owner[1] for name in names if (owner := self.owner(name)) is not None and owner[0] == item_id}
+
+    def owner(self, name: str) -> tuple[str, Stamp | None] | None:
+        """The item a record says nanobatch wrote the file *name* for, and the file's stamp then; None if none."""
+        row = self._db.execute("SELECT id, size, mtime FROM owned WHERE name = ?", (_name_key(name),)).fetchone()
+        return (row[0], _stamp(row[1], row[2])) if row is not None else None
 
     def adopt_uploads(self, item_id: str, objects: Mapping[str, UploadStamp]) -> None:
         """Count *objects* (URLs and stamps) as put there by nanobatch for *item_id* (the journal says so, and
