@@ -462,11 +462,11 @@ def test_a_record_counts_only_once_its_line_is_on_disk_after_its_image(tmp_path:
     seen: list[str] = []
 
     class Checking(nanobatch.RunStats):
-        def count(self, record: ItemRecord) -> None:
+        def count(self, record: ItemRecord, earlier: Any = None) -> None:
             on_disk = {r["id"] for r in records(out)}
             assert record.id in on_disk and all((out / name).is_file() for name in record.outputs)
             seen.append(record.id)
-            super().count(record)
+            super().count(record, earlier)
 
     summary = run(
         job, FakeGemini(), stats=Checking(), settings=nanobatch.load_settings(overrides={"limits.concurrency": 8})

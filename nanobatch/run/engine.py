@@ -41,7 +41,7 @@ from ..output.writer import NOT_OURS, UNSAVED_KINDS, Finished, Holding, WriteQue
 from ..qa import Verdict
 from .batch.route import BatchRoute
 from .failures import FailureLog
-from .limits import Gate, Stopped
+from .limits import Gate, Stopped, spare_workers
 from .observer import Observer
 from .route import Request, Route, Step
 from .stats import RunStats
@@ -57,14 +57,6 @@ def _original(images: list[Image | FileRef]) -> bytes | None:
     for a text-to-image item or an input sent by reference."""
     first = images[0] if images else None
     return first.data if isinstance(first, Image) else None
-
-
-def _spare_workers(concurrency: int, tier: str) -> int:
-    """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
-    spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
-    instead of after a worker-thread hand-off. Each holds one item's inputs. In the batch tier slots free a
-    chunk at a time, when its job answers: spare workers would hold their items' pictures for nothing."""
-    return 1 if tier == "batch" else max(1, concurrency // 8)
 
 
 @dataclass(slots=True)
@@ -139,7 +131,7 @@ class Engine:
                 try:
                     with self.work_scope:
                         async with anyio.create_task_group() as workers:
-                            for _ in range(self.concurrency + _spare_workers(self.concurrency, self.tier)):
+                            for _ in range(self.concurrency + spare_workers(self.concurrency, self.tier)):
                                 workers.start_soon(self._work, pending, done)
                 finally:
                     done.close()
@@ -266,12 +258,19 @@ class Engine:
                 record, files = set_aside(record, files, verdict)
             if self.uploads is not None and record.status == "ok":
                 record = await self.uploads.publish(record, files, self.index, self.out.journal)
+        return self._finished(item, tally, record, files, prepared.replaceable)
+
+    def _finished(
+        self, item: WorkItem, tally: Tally, record: ItemRecord, files: list[tuple[str, Image]], replaceable: Owned
+    ) -> Finished:  # fmt: skip
+        """*record* and its *files* for the writer, with the files of the item's they make out of date. A record
+        not done (failed: a step, an upload) keeps the image of the step the item goes on from."""
         done = record.status in ("ok", "rejected")
-        if not done:  # its upload failed: the step it goes on from stays named and kept, as in _failed_item
+        if not done:
             record, carried = carry(item, tally, record)
-            files += carried
-        drops = out_of_date(prepared.replaceable, files, ok=record.status == "ok", done=done, named=record.files)
-        return Finished(record, files, replaceable=prepared.replaceable, drops=drops, earlier=tally.earlier)
+            files = [*files, *carried]
+        drops = out_of_date(replaceable, files, ok=record.status == "ok", done=done, named=record.files)
+        return Finished(record, files, replaceable=replaceable, drops=drops, earlier=tally.earlier)
 
     async def _verdict(
         self, item: WorkItem, tally: Tally, images: list[Image], original: bytes | None, request: Request | None,
@@ -345,10 +344,8 @@ class Engine:
         if self.batch_route is not None and tally.carried is not None and not tally.carried[1]:
             step = Step(item=item.id, work_key=tally.key, number=tally.carried[0])
             tally.carried = (step.number, [*await self.batch_route.images_of(step)])
-        record, files = carry(item, tally, self._failed(item, tally, exc))
-        files = [*tally.step_files, *files]  # (keep_steps: the steps' images are outputs the record names)
-        drops = out_of_date(replaceable, files, ok=False, done=False, named=record.files)
-        return Finished(record, files, replaceable=replaceable, drops=drops, earlier=tally.earlier)
+        # (keep_steps: the steps' images are outputs the record names)
+        return self._finished(item, tally, self._failed(item, tally, exc), [*tally.step_files], replaceable)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
         if isinstance(exc, Stopped):  # between the steps of an item: those sent were paid for

@@ -24,7 +24,7 @@ import anyio
 from ..errors import ApiError, RunAborted
 from .meters import Breaker, Budget, FirstContact, RateLimiter
 
-__all__ = ["Budget", "Breaker", "FirstContact", "Gate", "RateLimiter", "Stopped", "Ticket"]
+__all__ = ["Budget", "Breaker", "FirstContact", "Gate", "RateLimiter", "Stopped", "Ticket", "spare_workers"]
 
 # Error kinds that may mean "too much traffic". A 429 always shrinks the concurrency window; a server error
 # only when the server asks for a pause (RetryInfo, Retry-After) or when server errors become frequent:
@@ -345,3 +345,11 @@ class Gate:
             return
         self.window = min(float(self.max_concurrency), self.window + 1.0 / self.window)
         self.slots.total_tokens = max(1, int(self.window))
+
+
+def spare_workers(concurrency: int, tier: str) -> int:
+    """Workers beyond the concurrency limit. The gate still lets at most ``concurrency`` requests out; the
+    spare workers read their next item's inputs while all slots are busy, so a freed slot is taken at once
+    instead of after a worker-thread hand-off. Each holds one item's inputs. In the batch tier slots free a
+    chunk at a time, when its job answers: spare workers would hold their items' pictures for nothing."""
+    return 1 if tier == "batch" else max(1, concurrency // 8)
