@@ -11,6 +11,7 @@ import pytest
 
 import nanobatch
 
+from .conftest import run_virtual
 from .emulators import Emulator, new_bucket
 from .fakes import (
     FakeGemini,
@@ -137,8 +138,6 @@ def test_a_time_limit_whose_grace_runs_out_during_a_later_step_keeps_the_steps_p
     # Each step takes 10 s; the limit at 25 s with 2 s of grace cancels step 3 in flight: steps 1 and 2 were paid.
     import anyio
     import httpx2
-
-    from .conftest import run_virtual
 
     job = write_job(tmp_path, [HERO])
     fake = FakeGemini()
@@ -281,3 +280,29 @@ def test_status_does_not_count_a_kept_image_no_record_goes_on_from(
     assert main(["status", str(tmp_path / "out"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["counts"]["ok"] == 1 and info["steps_kept"] == 0  # every item is done: none goes on from a step
+
+
+def test_an_input_that_cannot_be_downloaded_for_a_night_does_not_lose_the_kept_step(tmp_path: Path) -> None:
+    import httpx2
+
+    from .test_inputs import Host, routed
+
+    url = "https://cdn.example.com/h.png"
+    picture = image_bytes((9, 9, 9))
+    job = write_job(tmp_path, [{**HERO, "image": url}])
+    out = tmp_path / "out"
+
+    def night(answer: Any, **options: Any) -> FakeGemini:
+        api = FakeGemini()
+        host = Host({url: [answer]})
+        run_virtual(lambda: nanobatch.run_job(job, transport=routed(api, host), out_dir=out, **options))
+        return api
+
+    night(picture, settings=capped(2))
+    first = records(out)[-1]
+    assert first["steps"][1]["outputs"] == [KEPT[4:]]
+    assert not night(httpx2.Response(404)).requests  # night 2: the CDN does not have it for a while; nothing sent
+    second = records(out)[-1]
+    assert second["steps"][1]["outputs"] == [KEPT[4:]] and second["paid_in"]["cost_usd"] == first["cost_usd"]
+    third = night(picture)  # night 3: back, the same bytes: the same work
+    assert third.instructions() == ["add a shadow"]  # steps 1 and 2 were paid by night 1

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .outdir import OutDir
     from .results import IndexEntry
 
-__all__ = ["carried_step", "carry", "go_on", "is_carried", "let_go", "take_over"]
+__all__ = ["carried_step", "carry", "go_on", "is_carried", "keep_known", "let_go", "take_over"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -66,6 +66,16 @@ def take_over(item: WorkItem, tally: Tally, carried: Carried) -> None:
     tally.cost_usd += carried.cost_usd
     tally.counted_before(carried.run, carried.cost_usd)
     tally.kept = carried
+
+
+def keep_known(item: WorkItem, tally: Tally, entry: IndexEntry | None, owned: Owned, out: OutDir) -> None:
+    """*item* failed before its work was known (an input that could not be read): the step its latest record
+    (*entry*) kept stays named, with what it cost, and the record keeps that record's work key, so a later run
+    whose inputs turn out the same goes on from there (one whose inputs changed does not)."""
+    if entry is not None and entry.key is not None and tally.key is None and tally.kept is None:
+        if (carried := carried_step(item, entry, entry.key, owned, out)) is not None:
+            take_over(item, tally, carried)
+            tally.key = entry.key
 
 
 def let_go(tally: Tally, carried: Carried) -> None:

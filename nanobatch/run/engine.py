@@ -28,7 +28,7 @@ from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..names import output_names
-from ..output.carried import carry, go_on, take_over
+from ..output.carried import carry, go_on, keep_known, take_over
 from ..output.files import Owned
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord
@@ -341,6 +341,8 @@ class Engine:
     async def _failed_item(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped, replaceable: Owned) -> Finished:
         """*item*'s failure: its record, and the image of the latest step it answered before its last (kept for
         the next run to go on from; read again from its batch job's results if a step waiting there let it go)."""
+        if tally.key is None and (entry := self.index.get(item.id)) is not None:  # (its inputs could not be read)
+            keep_known(item, tally, entry, self.index.owned(item.id, entry.files), self.out)
         if self.batch_route is not None and tally.carried is not None and not tally.carried[1]:
             step = Step(item=item.id, work_key=tally.key, number=tally.carried[0])
             tally.carried = (step.number, [*await self.batch_route.images_of(step)])
