@@ -306,3 +306,23 @@ def test_an_input_that_cannot_be_downloaded_for_a_night_does_not_lose_the_kept_s
     assert second["steps"][1]["outputs"] == [KEPT[4:]] and second["paid_in"]["cost_usd"] == first["cost_usd"]
     third = night(picture)  # night 3: back, the same bytes: the same work
     assert third.instructions() == ["add a shadow"]  # steps 1 and 2 were paid by night 1
+
+
+def test_a_retouched_kept_image_does_not_make_every_later_stop_pay_its_steps_again(tmp_path: Path) -> None:
+    # A kept image retouched is left where it is, and the item is sent from step 1. Night 2 is stopped after step 2
+    # again: its step 2 is kept under a free name beside the retouch (the record says stopped, not output_exists),
+    # and night 3 goes on from it.
+    job, first = stopped_after_step_2(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / KEPT).write_bytes(image_bytes((1, 2, 3)))  # retouched
+    second = FakeGemini()
+    run(job, second, out, settings=capped(2))
+    assert second.instructions() == ["crop it", "make it white"]
+    stopped = records(out)[-1]
+    third = FakeGemini()
+    run(job, third, out)
+    assert stopped["error"]["kind"] == "stopped" and stopped["steps"][1]["outputs"] == [
+        ".nanobatch-steps/hero~1.step2.png"
+    ]
+    assert (tmp_path / KEPT).read_bytes() == image_bytes((1, 2, 3))  # the retouch, left as it is
+    assert third.instructions() == ["add a shadow"]  # night 2 paid steps 1 and 2

@@ -11,7 +11,10 @@ newer one, or a record that names none (:func:`~nanobatch.output.verdicts.out_of
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from .outdir import OutDir
     from .results import IndexEntry
 
-__all__ = ["carried_step", "carry", "go_on", "is_carried", "keep_known", "let_go", "take_over"]
+__all__ = ["carried_step", "carry", "go_on", "is_carried", "keep_known", "let_go", "take_over", "taken_in"]
 
 logger = logging.getLogger("nanobatch")
 
@@ -109,17 +112,20 @@ async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> 
     return images
 
 
-def carry(item: WorkItem, tally: Tally, record: ItemRecord) -> tuple[ItemRecord, list[tuple[str, Image]]]:
+def carry(
+    item: WorkItem, tally: Tally, record: ItemRecord, *, taken: Callable[[str], bool] = lambda name: False
+) -> tuple[ItemRecord, list[tuple[str, Image]]]:  # fmt: skip
     """*record* (of *item*, cut off before its last step answered) naming the image of its latest step answered,
     and that image under :data:`STEPS_FOLDER`, to be written with it if this run answered it (one an earlier run
-    kept is named where it is); *record* alone if no step before the last answered."""
+    kept is named where it is); *record* alone if no step before the last answered. A name *taken* (a file there
+    nanobatch may not replace: a retouch left where it is) gives way to ``<stem>~1.step<n>.<ext>``, ..."""
     if item.keep_steps or not record.steps:
         return record, []
     files: list[tuple[str, Image]] = []
     if tally.carried is not None and tally.carried[1]:  # (a batch step emptied its list: its answer is in the job)
         step, images = tally.carried[0], [image for image in tally.carried[1] if isinstance(image, Image)]
-        extensions = [image.extension for image in images]
-        names = tuple(f"{STEPS_FOLDER}/{name}" for name in output_names(item, extensions, step=step))
+        plain = output_names(item, [image.extension for image in images], step=step)
+        names = next(n for k in itertools.count() if not any(map(taken, n := _kept_names(plain, k))))
         files = list(zip(names, images, strict=True))
     elif tally.kept is not None:
         step, names = tally.kept.step, tally.kept.files
@@ -127,3 +133,17 @@ def carry(item: WorkItem, tally: Tally, record: ItemRecord) -> tuple[ItemRecord,
         return record, []
     steps = tuple(replace(s, outputs=names) if s.step == step else s for s in record.steps)
     return replace(record, steps=steps), files
+
+
+def _kept_names(names: list[str], k: int) -> tuple[str, ...]:
+    """*names* (a step's output names) under :data:`STEPS_FOLDER`, the *k*-th free ones (0: as they are)."""
+    kept = []
+    for name in names:
+        at = match.start() if (match := KEPT_STEP.search(name)) else len(name)
+        kept.append(f"{STEPS_FOLDER}/{name[:at]}{f'~{k}' if k else ''}{name[at:]}")
+    return tuple(kept)
+
+
+def taken_in(out: OutDir, replaceable: Owned) -> Callable[[str], bool]:
+    """Whether a kept image's name in *out* holds a file nanobatch may not replace for the item (*replaceable*)."""
+    return lambda name: os.path.lexists(path := out.file(name)) and not is_ours(replaceable, name, path)

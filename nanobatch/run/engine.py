@@ -28,7 +28,7 @@ from ..inputs.remote import Referrer
 from ..inputs.stamps import image_digest, is_remote, local_stamps, work_key
 from ..item import WorkItem
 from ..names import output_names
-from ..output.carried import carry, go_on, keep_known, take_over
+from ..output.carried import carry, go_on, keep_known, take_over, taken_in
 from ..output.files import Owned
 from ..output.outdir import OutDir
 from ..output.record import ErrorInfo, ItemRecord, StepRecord
@@ -267,7 +267,7 @@ class Engine:
         not done (failed: a step, an upload) keeps the image of the step the item goes on from."""
         done = record.status in ("ok", "rejected")
         if not done:
-            record, carried = carry(item, tally, record)
+            record, carried = carry(item, tally, record, taken=taken_in(self.out, replaceable))
             files = [*files, *carried]
         drops = out_of_date(replaceable, files, ok=record.status == "ok", done=done, named=record.files)
         return Finished(record, files, replaceable=replaceable, drops=drops, earlier=tally.earlier)
