@@ -178,6 +178,43 @@ def test_a_batch_step_answered_before_a_later_step_fails_is_not_paid_again(
     assert app.state.stats.images - made == 2  # steps 2 and 3: step 1 was answered and paid on night 1
 
 
+def test_a_final_step_collected_from_a_batch_job_is_not_counted_twice_in_paid_in_and_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Night 1 (online) stops after step 2. Night 2 (--tier batch) gets step 3 from its job, but a file of yours
+    # appears at hero.png: output_exists, the answer kept in the job (counted by night 2). Night 3 collects it
+    # (pays nothing) and goes on from the kept step 2, whose Carried cost/tokens already include night 2's step 3.
+    from nanobatch.output.outdir import OutDir
+
+    job = sku_job(tmp_path, monkeypatch, CONFIG, 0, model=MODEL)
+    item = {"id": "hero", "image": "images/h.png", "image_size": "512", "steps": ["crop", "white", "shadow"]}
+    write_job(tmp_path, [item], model=MODEL)
+    out = tmp_path / "out"
+    app = sim()
+    real = OutDir.claims
+
+    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
+        if any(name == "hero.png" for name, _ in files):
+            (out / "hero.png").write_bytes(b"mine")
+        return real(self, files, moves)
+
+    with run_in_thread(app=app) as url:
+        main(["run", str(job), "--base-url", url, "--out", str(out), "--config", str(tmp_path / "nanobatch.yaml"),
+              "--quiet", "--max-requests", "2", "--concurrency", "1"])  # fmt: skip
+        monkeypatch.setattr(OutDir, "claims", taken)
+        cli(job, url)
+        monkeypatch.setattr(OutDir, "claims", real)
+        (out / "hero.png").unlink()
+        made = app.state.stats.images
+        assert cli(job, url) == 0
+    first, second, third = records(out)
+    assert app.state.stats.images == made  # night 3 paid nothing: its step 3 came from night 2's job
+    paid = json.loads((out / "summary.json").read_text())["paid_usd"]
+    assert third["paid_in"]["cost_usd"] == pytest.approx(paid)  # what earlier nights paid: each step once
+    # night 2's record already holds the three steps' tokens (steps 1-2 from night 1, step 3 its own answer)
+    assert third["usage"]["totalTokenCount"] == second["usage"]["totalTokenCount"]
+
+
 @pytest.mark.parametrize("call", ["upload", "create"])
 def test_a_deadline_that_comes_while_a_chunk_is_uploaded_or_created_is_kept(
     job: Path, monkeypatch: pytest.MonkeyPatch, call: str

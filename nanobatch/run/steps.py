@@ -7,6 +7,7 @@ that job whatever the item's tier is now: while the job may still answer, the re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -222,6 +223,9 @@ class Steps:
                     raise
                 reply, cost = answer.reply, self._price(item, tally, answer.reply, tier, pricing, worst)
                 ticket.cost_usd = cost if answer.spent_now else 0.0  # the run that collected it spent it
+                if tally.kept is not None and answer.paid_by is not None and answer.paid_by == tally.kept.run:
+                    # Counted by the very record the item goes on from: its cost and tokens are in the tally already.
+                    cost, reply = 0.0, dataclasses.replace(reply, usage={})
                 tally.counted_before(answer.paid_by, cost)
             tally.cost_usd += cost
             tally.answered(reply)
