@@ -185,6 +185,24 @@ class Killed(BaseException):
 
 
 @contextlib.contextmanager
+def taken_at_write(out: Path, name: str) -> Iterator[None]:
+    """Inside: a file of the user's appears at *name* in the output folder *out* just as nanobatch is about to
+    write an image there (the writer refuses it: ``output_exists``)."""
+    from nanobatch.output.outdir import OutDir
+
+    real = OutDir.claims
+
+    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
+        if any(written == name for written, _ in files):
+            (out / name).write_bytes(b"mine")
+        return real(self, files, moves)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(OutDir, "claims", taken)
+        yield
+
+
+@contextlib.contextmanager
 def killed_before_the_records() -> Iterator[None]:
     """The run inside dies (:class:`Killed`) just as it would append its records: what it wrote or PUT before
     stays, and no record names it."""

@@ -28,7 +28,7 @@ from nanobatch.cli.main import main
 from nanobatch.costs import pricing_for, usage_cost
 from nanobatch.simulator import SimulatorConfig, create_app, run_in_thread
 
-from .fakes import records, sku_job, write_job
+from .fakes import records, sku_job, taken_at_write, write_job
 
 MODEL = "gemini-3.1-flash-image"
 CONFIG = """
@@ -184,26 +184,16 @@ def test_a_final_step_collected_from_a_batch_job_is_not_counted_twice_in_paid_in
     # Night 1 (online) stops after step 2. Night 2 (--tier batch) gets step 3 from its job, but a file of yours
     # appears at hero.png: output_exists, the answer kept in the job (counted by night 2). Night 3 collects it
     # (pays nothing) and goes on from the kept step 2, whose Carried cost/tokens already include night 2's step 3.
-    from nanobatch.output.outdir import OutDir
-
     job = sku_job(tmp_path, monkeypatch, CONFIG, 0, model=MODEL)
     item = {"id": "hero", "image": "images/h.png", "image_size": "512", "steps": ["crop", "white", "shadow"]}
     write_job(tmp_path, [item], model=MODEL)
     out = tmp_path / "out"
     app = sim()
-    real = OutDir.claims
-
-    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
-        if any(name == "hero.png" for name, _ in files):
-            (out / "hero.png").write_bytes(b"mine")
-        return real(self, files, moves)
-
     with run_in_thread(app=app) as url:
         main(["run", str(job), "--base-url", url, "--out", str(out), "--config", str(tmp_path / "nanobatch.yaml"),
               "--quiet", "--max-requests", "2", "--concurrency", "1"])  # fmt: skip
-        monkeypatch.setattr(OutDir, "claims", taken)
-        cli(job, url)
-        monkeypatch.setattr(OutDir, "claims", real)
+        with taken_at_write(out, "hero.png"):
+            cli(job, url)
         (out / "hero.png").unlink()
         made = app.state.stats.images
         assert cli(job, url) == 0
@@ -799,22 +789,12 @@ def test_an_answer_kept_for_an_item_whose_file_was_taken_is_paid_once_in_paid_us
     # A file of yours appears at sku-1.png just as its answer is written: the failed record (output_exists) says
     # what its run paid for the answer, kept; the record that writes it later paid nothing more and refers to it
     # (paid_in). Both counted it, and paid_usd said more than was billed.
-    from nanobatch.output.outdir import OutDir
-
     app = sim(batch_latency_s=0.05)
     out = job.parent / "out"
-    real = OutDir.claims
-
-    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
-        if any(name == "sku-1.png" for name, _ in files):
-            (out / "sku-1.png").write_bytes(b"mine")
-        return real(self, files, moves)
-
     with run_in_thread(app=app) as url:
         assert cli(job, url, "--no-wait") == 0
-        monkeypatch.setattr(OutDir, "claims", taken)
-        assert cli(job, url) == 1
-        monkeypatch.undo()
+        with taken_at_write(out, "sku-1.png"):
+            assert cli(job, url) == 1
         (out / "sku-1.png").unlink()
         assert cli(job, url) == 0
     failed, made = [r for r in records(out) if r["id"] == "sku-1"]
@@ -983,20 +963,6 @@ def test_a_waiting_night_stopped_by_its_time_limit_counts_what_it_submitted(job:
     assert code == 3 and submitted == ITEMS and last["spent_usd"] > 0
 
 
-def _taken_at_write(out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file of the user's appears at sku-1.png just as its answer is written (the writer refuses it)."""
-    from nanobatch.output.outdir import OutDir
-
-    real = OutDir.claims
-
-    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
-        if any(name == "sku-1.png" for name, _ in files):
-            (out / "sku-1.png").write_bytes(b"mine")
-        return real(self, files, moves)
-
-    monkeypatch.setattr(OutDir, "claims", taken)
-
-
 def _paid_usd(out: Path, capsys: pytest.CaptureFixture[str]) -> float:
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
@@ -1012,9 +978,8 @@ def test_a_kept_answer_is_paid_once_whatever_nights_failed_on_it_meanwhile(
     app = sim(batch_latency_s=0.05)
     out = job.parent / "out"
     with run_in_thread(app=app) as url:
-        _taken_at_write(out, monkeypatch)
-        assert cli(job, url) == 1
-        monkeypatch.undo()
+        with taken_at_write(out, "sku-1.png"):
+            assert cli(job, url) == 1
         assert cli(job, url) == 1  # the file is still there: nothing read, nothing paid
         (out / "sku-1.png").unlink()
         assert cli(job, url) == 0
@@ -1037,9 +1002,8 @@ def test_a_new_answer_after_a_kept_one_is_paid_in_full(
     items = sku_items(ITEMS)
     changed = [dict(i, instruction="make the background grey") if i["id"] == "sku-1" else i for i in items]
     with run_in_thread(app=app) as url:
-        _taken_at_write(out, monkeypatch)
-        assert cli(job, url) == 1
-        monkeypatch.undo()
+        with taken_at_write(out, "sku-1.png"):
+            assert cli(job, url) == 1
         (out / "sku-1.png").unlink()
         write_job(job.parent, changed, model=MODEL)
         batches = app.state.batches

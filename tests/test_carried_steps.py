@@ -23,8 +23,9 @@ from .fakes import (
     records,
     run,
     run_now,
+    taken_at_write,
     write_job,
-)  # fmt: skip
+)
 from .test_upload import puts_failing_for
 
 STEPS = ["crop it", "make it white", "add a shadow"]
@@ -196,19 +197,9 @@ def test_a_file_of_yours_that_appears_as_the_image_is_written_does_not_lose_the_
 ) -> None:
     # Night 2 answers step 3, and a file of the user's appears at hero.png just before the write: refused (never
     # overwritten). Its failed record must still name the kept step, or night 3 pays for steps 1 and 2 again.
-    from nanobatch.output.outdir import OutDir
-
     job, first = stopped_after_step_2(tmp_path)
-    real = OutDir.claims
-
-    def taken(self: OutDir, files: list[Any], moves: Any) -> Any:
-        if any(name == "hero.png" for name, _ in files):
-            (tmp_path / "out" / "hero.png").write_bytes(b"mine")
-        return real(self, files, moves)
-
-    monkeypatch.setattr(OutDir, "claims", taken)
-    assert run(job, FakeGemini(), tmp_path / "out").exit_code == 1
-    monkeypatch.setattr(OutDir, "claims", real)
+    with taken_at_write(tmp_path / "out", "hero.png"):
+        assert run(job, FakeGemini(), tmp_path / "out").exit_code == 1
     second = records(tmp_path / "out")[-1]
     assert second["error"]["kind"] == "output_exists" and second["steps"][1]["outputs"] == [KEPT[4:]]
     assert (tmp_path / "out" / "hero.png").read_bytes() == b"mine"
