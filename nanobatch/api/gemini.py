@@ -46,6 +46,7 @@ __all__ = [
     "reply_from",
     "set_service_tier",
     "sum_usage",
+    "type_of",
 ]
 
 # finishReason values that mean the output was withheld: retrying will not help.
@@ -76,6 +77,11 @@ OUTPUT_EXTENSIONS = (*dict.fromkeys(_EXTENSIONS.values()), "bin")
 def extension_of(mime_type: str) -> str:
     """The file extension an image of *mime_type* is saved under (``bin`` for a type not listed)."""
     return _EXTENSIONS.get(mime_type, "bin")
+
+
+def type_of(extension: str) -> str:
+    """The mime type of an image saved under *extension* by :func:`extension_of` (``bin``: unknown)."""
+    return next((mime for mime, ext in _EXTENSIONS.items() if ext == extension), "application/octet-stream")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from ..api.gemini import Image
+from ..api.gemini import Image, type_of
 from ..names import KEPT_STEP, STEPS_FOLDER, output_names
 from ..pictures import sniff_mime
 from .files import Owned, is_ours
-from .record import TOKEN_FIELDS, ItemRecord, StepRecord
+from .record import ItemRecord, StepRecord
 from .tally import Carried, Tally
 
 if TYPE_CHECKING:
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["carried_step", "carry", "go_on", "is_carried", "keep_known", "let_go", "take_over", "taken_in"]
 
 logger = logging.getLogger("nanobatch")
-
-_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "heic": "image/heic", "heif": "image/heif"}
 
 
 def is_carried(name: str) -> bool:
@@ -65,9 +63,6 @@ def take_over(item: WorkItem, tally: Tally, carried: Carried) -> None:
     """*tally* told what the earlier runs answered and paid for *item*, as soon as its run means to go on from
     there: any record of it from here on (a failure before a request, too) names the kept image and what it cost."""
     tally.steps = [StepRecord(step=n, instruction=text) for n, text in enumerate(item.steps[: carried.step], 1)]
-    tally.earlier = {name: n for name, n in zip(TOKEN_FIELDS, carried.tokens, strict=True) if n}
-    tally.cost_usd += carried.cost_usd
-    tally.counted_before(carried.run, carried.cost_usd)
     tally.kept = carried
 
 
@@ -81,12 +76,9 @@ def keep_known(item: WorkItem, tally: Tally, entry: IndexEntry | None, owned: Ow
             tally.key = entry.key
 
 
-def let_go(tally: Tally, carried: Carried) -> None:
+def let_go(tally: Tally) -> None:
     """Undo :func:`take_over`: the item is sent from its first step."""
-    tally.steps, tally.earlier, tally.kept = [], None, None
-    tally.cost_usd -= carried.cost_usd
-    tally.paid_in_usd -= carried.cost_usd
-    tally.paid_by = None
+    tally.steps, tally.kept = [], None
 
 
 async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> list[Image] | None:
@@ -98,7 +90,7 @@ async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> 
         for name in carried.files:
             with open(out.file(name), "rb") as handle:
                 data = handle.read()
-            images.append(Image(sniff_mime(data) or _TYPES.get(name.rpartition(".")[2], "image/png"), data))
+            images.append(Image(sniff_mime(data) or type_of(name.rpartition(".")[2]), data))
         return images
 
     try:
@@ -106,7 +98,7 @@ async def go_on(item: WorkItem, tally: Tally, carried: Carried, out: OutDir) -> 
     except OSError as exc:
         logger.warning("%s: the image of its step %d could not be read (%s): sent from its first step",
                        item.id, carried.step, exc)  # fmt: skip
-        let_go(tally, carried)
+        let_go(tally)
         return None
     logger.info("%s: goes on from its step %d, answered by run %s", item.id, carried.step, carried.run)
     return images

@@ -57,11 +57,11 @@ class Tally:
     paid_in_usd: float = 0.0
     paid_by: str | None = None
     # The latest step before the last that answered with images (its number, its images): kept on disk if the
-    # item is cut off before its last step (nanobatch.output.carried). And the usage of the steps an earlier
-    # run answered, which this item goes on from.
+    # item is cut off before its last step (nanobatch.output.carried).
     carried: tuple[int, list[Image | FileRef]] | None = None
-    earlier: Mapping[str, Any] | None = None
-    kept: Carried | None = None  # the steps an earlier run answered and kept, which the item goes on from
+    # The steps earlier runs answered and kept, which the item goes on from: their cost and tokens are not in
+    # this tally's, and its record refers to them (paid_in, and its usage adds theirs).
+    kept: Carried | None = None
     # With keep_steps: each step's images, written with the record (outputs it names) however the item ends.
     step_files: list[tuple[str, Image]] = field(default_factory=list)
 
@@ -70,6 +70,22 @@ class Tally:
         if run is not None:
             self.paid_in_usd += cost_usd
             self.paid_by = run
+
+    @property
+    def earlier(self) -> dict[str, int] | None:
+        """The usage of the steps an earlier run answered and kept (:attr:`kept`), or None."""
+        if self.kept is None:
+            return None
+        return {name: n for name, n in zip(TOKEN_FIELDS, self.kept.tokens, strict=True) if n}
+
+    def paid_before(self) -> PaidIn | None:
+        """What of the item's cost earlier runs' records paid, referred to (``paid_in``), not paid again: answers
+        they counted (a batch answer kept, its image not written then), and the steps they kept, which it went on
+        from; with the latest of those runs."""
+        kept = self.kept
+        run = self.paid_by or (kept.run if kept is not None else None)
+        usd = self.paid_in_usd + (kept.cost_usd if kept is not None else 0.0)
+        return PaidIn(run=run, cost_usd=round(usd, 6)) if run else None
 
     def paid_now(self) -> bool:
         """Whether this run paid for any of the item's answers (an answer without an image is billed too)."""
@@ -108,9 +124,7 @@ def build_record(
     from ..api.gemini import sum_usage
 
     last = tally.last
-    # Answers an earlier record paid for (its write failed, the answer kept): referred to, not paid again.
-    paid = PaidIn(run=tally.paid_by, cost_usd=round(tally.paid_in_usd, 6)) if tally.paid_by else None
-    usages = [tally.earlier, *tally.usages] if tally.earlier else tally.usages  # with steps an earlier run answered
+    usages = [earlier, *tally.usages] if (earlier := tally.earlier) else tally.usages
     return ItemRecord(
         id=item.id,
         run=run,
@@ -125,7 +139,7 @@ def build_record(
         # not (that is queueing). None: nothing was sent.
         latency_s=round(sum(tally.api_s), 3) if tally.api_s else None,
         cost_usd=max(0.0, round(tally.cost_usd - tally.paid_in_usd, 6)),
-        paid_in=paid,
+        paid_in=tally.paid_before(),
         model=item.model,
         model_version=tally.model_version,
         response_id=last.response_id if last else None,

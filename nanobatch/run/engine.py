@@ -197,7 +197,7 @@ class Engine:
         except (Stopped, FatalApiError) as exc:
             # Nothing paid by this run, or its latest answer kept in a batch job (the next run reads it there); an
             # answer online (past the deadline) is kept by the record (nanobatch.output.carried)
-            if not tally.paid_now() or self.batch_route is not None and tally.answered_in_batch:
+            if not tally.paid_now() or tally.answered_in_batch:
                 raise
             if isinstance(exc, FatalApiError):  # a step after others were paid for: recorded with their cost
                 self.gate.stop(exc)
@@ -206,7 +206,7 @@ class Engine:
             return await self._failed_item(item, tally, exc, replaceable)
         except anyio.get_cancelled_exc_class():
             # The grace ran out with a step in flight: the steps the item paid for are recorded all the same.
-            if tally.paid_now() and not (self.batch_route is not None and tally.answered_in_batch):
+            if tally.paid_now() and not tally.answered_in_batch:
                 with anyio.CancelScope(shield=True):
                     finished = await self._failed_item(item, tally, Stopped(), replaceable)
                     if not await self.written.put(finished):
@@ -240,7 +240,7 @@ class Engine:
                 tally.carried = (number, sent)  # waits in a batch job empties *sent*: its answer is kept there)
             del reply  # nor is its answer held while the next step waits
             if item.keep_steps and number < len(item.steps):
-                names = self._name_outputs(item, images, step=number)
+                names = output_names(item, [image.extension for image in images], step=number)
                 tally.steps[-1] = replace(tally.steps[-1], outputs=tuple(names))
                 tally.step_files += zip(names, images, strict=True)
         verdict = None
@@ -251,7 +251,7 @@ class Engine:
             if qa is not None:
                 original = original or (await self._read_again(item) if compared else None)
                 images, verdict = await self._verdict(item, tally, images, original, request, hold)
-            outputs = self._name_outputs(item, images)
+            outputs = output_names(item, [image.extension for image in images])
             files = [*tally.step_files, *zip(outputs, images, strict=True)]
             record = build_record(item, tally, run=self.run_id, outputs=outputs)
             if verdict is not None:
@@ -346,7 +346,6 @@ class Engine:
         if self.batch_route is not None and tally.carried is not None and not tally.carried[1]:
             step = Step(item=item.id, work_key=tally.key, number=tally.carried[0])
             tally.carried = (step.number, [*await self.batch_route.images_of(step)])
-        # (keep_steps: the steps' images are outputs the record names)
         return self._finished(item, tally, self._failed(item, tally, exc), [*tally.step_files], replaceable)
 
     def _failed(self, item: WorkItem, tally: Tally, exc: ApiError | Stopped) -> ItemRecord:
@@ -378,26 +377,19 @@ class Engine:
         if all(ref in digests for ref in item.inputs):
             if stamps is not None and len(local) == len(item.inputs):
                 tally.input_stamps = tuple(stamps[ref] for ref in item.inputs)
-            tally.key = work_key(item, [digests[ref] for ref in item.inputs])
-            decision = self.resume.decide(item, entry, tally.key)
-            if not isinstance(decision, Send):
-                return self._settled(item, entry, tally, decision)
-            send = decision
-            if send.carried is not None:  # from here on, a record of it names the kept image and what it cost
-                take_over(item, tally, send.carried)
+            if not isinstance(decided := self._decide(item, entry, tally, [digests[r] for r in item.inputs]), Send):
+                return decided
+            send = decided
         inline = [ref for ref in item.inputs if ref not in plan.refs]
         loaded = await load_inputs(
             inline, resize=item.resize_inputs, loader=self.inputs, retry=self.retry, contents=contents
         )
         read = dict(zip(inline, loaded, strict=True))
         if send is None:  # an http(s) input sent inline: known by its bytes
-            tally.key = work_key(item, [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs])
-            decision = self.resume.decide(item, entry, tally.key)
-            if not isinstance(decision, Send):
-                return self._settled(item, entry, tally, decision)
-            send = decision
-            if send.carried is not None:  # from here on, a record of it names the kept image and what it cost
-                take_over(item, tally, send.carried)
+            found = [digests.get(ref) or image_digest(read[ref]) for ref in item.inputs]
+            if not isinstance(decided := self._decide(item, entry, tally, found), Send):
+                return decided
+            send = decided
         images: dict[str, Image | FileRef] = {**read, **await self.referrer.sign(plan.refs)}
         if self.uploads is not None and send.taken is None and send.uploads:  # looked for before paying
             urls = [self.uploads.url(name) for name in send.uploads]
@@ -406,6 +398,19 @@ class Engine:
             why = f"{send.taken} {send.why or NOT_OURS}: nothing was sent (move it away, or change the output name)"
             raise ApiError(why, kind="output_exists")
         return _Prepared([images[ref] for ref in item.inputs], send.replaceable)
+
+    def _decide(
+        self, item: WorkItem, entry: IndexEntry | None, tally: Tally, digests: list[str]
+    ) -> Send | Finished | None:
+        """Send *item*, whose inputs have *digests* (its work key into *tally*), taking over the steps an earlier run
+        kept (a record of it names them from here on); or what :meth:`_settled` makes of a skip or a move."""
+        tally.key = work_key(item, digests)
+        decision = self.resume.decide(item, entry, tally.key)
+        if not isinstance(decision, Send):
+            return self._settled(item, entry, tally, decision)
+        if decision.carried is not None:
+            take_over(item, tally, decision.carried)
+        return decision
 
     def _settled(
         self, item: WorkItem, entry: IndexEntry | None, tally: Tally, decision: Skip | Move
@@ -423,9 +428,6 @@ class Engine:
             paid_in=entry.paid_in, moves=decision.moves,
         )  # fmt: skip
         return Finished(record, [], replaceable=decision.replaceable, moves=decision.paths)
-
-    def _name_outputs(self, item: WorkItem, images: list[Image], *, step: int | None = None) -> list[str]:
-        return output_names(item, [image.extension for image in images], step=step)
 
     def _count(self, finished: Finished) -> None:
         record = finished.record
