@@ -317,3 +317,15 @@ def test_a_retouched_kept_image_does_not_make_every_later_stop_pay_its_steps_aga
     ]
     assert (tmp_path / KEPT).read_bytes() == image_bytes((1, 2, 3))  # the retouch, left as it is
     assert third.instructions() == ["add a shadow"]  # night 2 paid steps 1 and 2
+
+
+def test_a_kept_image_deleted_by_hand_sends_the_item_from_its_first_step_and_refers_to_no_earlier_night(
+    tmp_path: Path,
+) -> None:
+    job, first = stopped_after_step_2(tmp_path)
+    (tmp_path / KEPT).unlink()
+    fake = FakeGemini()
+    assert run(job, fake, tmp_path / "out").exit_code == 0 and len(fake.instructions()) == 3
+    done = records(tmp_path / "out")[-1]
+    assert done.get("paid_in") is None and done["cost_usd"] == pytest.approx(first["cost_usd"] * 3 / 2)
+    assert done["usage"]["totalTokenCount"] == 3 * 2432  # this night's three steps, nothing of the earlier one
